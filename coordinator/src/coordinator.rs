@@ -1,0 +1,440 @@
+//! Coordinating a client request (Dynamo §4.5, "Execution of get() and put()").
+//!
+//! Any node accepts a request. If it is not in the key's preference list it
+//! forwards the request to the first replica that answers; otherwise it
+//! coordinates:
+//!
+//! - **put**: apply the write locally, minting a new dot ([`ReplicaRequest::Update`]),
+//!   then send the resulting clock to the other N-1 replicas in parallel
+//!   ([`ReplicaRequest::Sync`]) and answer once W replicas (itself included)
+//!   hold it. The remaining sends carry on after the answer, until the request
+//!   deadline, so every reachable replica gets the write.
+//! - **get**: ask all N replicas for their clock, answer once R have replied,
+//!   with the causal merge of those replies: every concurrent value, and a
+//!   context covering all of them.
+//!
+//! When W (or R) cannot be met before the deadline the answer is a quorum
+//! error naming who answered and who did not. Dynamo does not roll a write
+//! back: the replicas that did acknowledge keep it, and the error says so.
+//!
+//! Time comes from tokio's clock, which scenario tests pause and advance, and
+//! the network is the [`Transport`] trait; the counting itself is the
+//! sans-I/O [`QuorumTracker`].
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+use ringkv_core::context::CausalContext;
+use ringkv_core::dvv::{Clock, Payload, VersionVector};
+use ringkv_core::wire::{
+    ErrorKind, ErrorReply, GetReply, GetRequest, PutReply, PutRequest, ReplicaRequest, Request,
+    Response,
+};
+use ringkv_core::{NodeId, Transport, TransportError};
+use ringkv_ring::Ring;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::quorum::{QuorumState, QuorumTracker, ReplicaAnswer};
+
+/// The default per-request deadline.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u32 = 2000;
+/// The default largest value a node accepts.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
+/// The longest deadline a client may ask for; bounds how long in-flight
+/// replica sends can outlive their request.
+pub const REQUEST_TIMEOUT_MS_MAX: u32 = 60_000;
+
+/// Limits a coordinator enforces on every request.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub max_value_bytes: usize,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+/// Coordinates client requests for one node.
+pub struct Coordinator<T> {
+    id: NodeId,
+    cluster_id: u64,
+    ring: RwLock<Arc<Ring>>,
+    transport: Arc<T>,
+    config: CoordinatorConfig,
+}
+
+impl<T: Transport> Coordinator<T> {
+    pub fn new(
+        id: NodeId,
+        cluster_id: u64,
+        ring: Arc<Ring>,
+        transport: Arc<T>,
+        config: CoordinatorConfig,
+    ) -> Self {
+        Coordinator {
+            id,
+            cluster_id,
+            ring: RwLock::new(ring),
+            transport,
+            config,
+        }
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// The ring placement currently uses.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the ring after a membership change.
+    pub fn set_ring(&self, ring: Arc<Ring>) {
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+    }
+
+    pub fn transport(&self) -> &Arc<T> {
+        &self.transport
+    }
+
+    /// Serves a client's put (or delete).
+    pub async fn put(&self, request: PutRequest) -> Response {
+        let start = Instant::now();
+        let op = if request.payload == Payload::Tombstone {
+            "delete"
+        } else {
+            "put"
+        };
+        let response = self.put_inner(request, start).await;
+        record_metrics(op, &response, start);
+        response
+    }
+
+    /// Serves a client's get.
+    pub async fn get(&self, request: GetRequest) -> Response {
+        let start = Instant::now();
+        let response = self.get_inner(request, start).await;
+        record_metrics("get", &response, start);
+        response
+    }
+
+    async fn put_inner(&self, request: PutRequest, start: Instant) -> Response {
+        if let Payload::Value(v) = &request.payload {
+            if v.len() > self.config.max_value_bytes {
+                return invalid(format!(
+                    "value is {} bytes; this node accepts at most {} (--max-value-bytes)",
+                    v.len(),
+                    self.config.max_value_bytes
+                ));
+            }
+        }
+        let deadline = match deadline(start, request.timeout_ms) {
+            Ok(d) => d,
+            Err(e) => return e,
+        };
+        let ring = self.ring();
+        let required = match request.w.required(ring.replicas()) {
+            Ok(k) => k,
+            Err(e) => return invalid(format!("w: {e}")),
+        };
+        let context = match &request.context {
+            None => VersionVector::new(),
+            Some(token) => match CausalContext::decode_for(token, self.cluster_id, &request.key) {
+                Ok(vv) => vv,
+                Err(e) => return invalid(e.message),
+            },
+        };
+        let pref = ring.preference_list(&request.key);
+        let is_replica = pref.contains(&self.id);
+        if !is_replica && !request.forwarded {
+            let mut forwarded = request;
+            forwarded.forwarded = true;
+            return self
+                .forward(&pref.replicas, Request::Put(forwarded), deadline)
+                .await;
+        }
+
+        // Mint the new version locally first: the dot must come from a node
+        // that has every earlier dot of its own for this key.
+        let mint = ReplicaRequest::Update {
+            key: request.key.clone(),
+            context,
+            payload: request.payload,
+        };
+        let clock = match self.call(&self.id, Request::Replica(mint), deadline).await {
+            Ok(Response::Clock(Some(clock))) => clock,
+            Ok(Response::Error(e)) => return Response::Error(e),
+            Ok(other) => return internal(format!("local replica answered {other:?}")),
+            Err(reason) => return unavailable(format!("could not write locally: {reason}")),
+        };
+        let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
+        if is_replica {
+            tracker.record(
+                &self.id,
+                ReplicaAnswer::Ok {
+                    latency_us: elapsed_us(start),
+                },
+            );
+        }
+        let others: Vec<NodeId> = pref
+            .replicas
+            .iter()
+            .filter(|n| **n != self.id)
+            .cloned()
+            .collect();
+        let sync = Request::Replica(ReplicaRequest::Sync {
+            key: request.key.clone(),
+            clock: clock.clone(),
+        });
+        self.fan_out(&others, sync, &mut tracker, start, deadline, |_, response| {
+            match response {
+                Response::Clock(_) => Ok(()),
+                other => Err(reply_error(other)),
+            }
+        })
+        .await;
+
+        match tracker.state() {
+            QuorumState::Reached => Response::Put(PutReply {
+                context: CausalContext::new(self.cluster_id, &request.key, clock.context())
+                    .encode(),
+                receipt: tracker.receipt(&self.id),
+            }),
+            _ => {
+                let stored: Vec<&str> = tracker.succeeded().map(|n| n.as_str()).collect();
+                let mut message = format!("write quorum not reached: {}", tracker.failure_summary());
+                if !stored.is_empty() {
+                    message.push_str(&format!(
+                        "; the value may be stored on {} (writes are not rolled back)",
+                        stored.join(", ")
+                    ));
+                }
+                Response::Error(ErrorReply {
+                    kind: ErrorKind::QuorumNotReached,
+                    message,
+                    receipt: Some(tracker.receipt(&self.id)),
+                })
+            }
+        }
+    }
+
+    async fn get_inner(&self, request: GetRequest, start: Instant) -> Response {
+        let deadline = match deadline(start, request.timeout_ms) {
+            Ok(d) => d,
+            Err(e) => return e,
+        };
+        let ring = self.ring();
+        if request.local {
+            return self.get_local(&request.key, start, deadline).await;
+        }
+        let required = match request.r.required(ring.replicas()) {
+            Ok(k) => k,
+            Err(e) => return invalid(format!("r: {e}")),
+        };
+        let pref = ring.preference_list(&request.key);
+        if !pref.contains(&self.id) && !request.forwarded {
+            let mut forwarded = request;
+            forwarded.forwarded = true;
+            return self
+                .forward(&pref.replicas, Request::Get(forwarded), deadline)
+                .await;
+        }
+        let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
+        let mut merged = Clock::new();
+        let read = Request::Replica(ReplicaRequest::Read {
+            key: request.key.clone(),
+        });
+        self.fan_out(
+            &pref.replicas,
+            read,
+            &mut tracker,
+            start,
+            deadline,
+            |_, response| match response {
+                Response::Clock(clock) => {
+                    if let Some(clock) = clock {
+                        merged.sync(&clock);
+                    }
+                    Ok(())
+                }
+                other => Err(reply_error(other)),
+            },
+        )
+        .await;
+        match tracker.state() {
+            QuorumState::Reached => self.get_reply(&request.key, &merged, &tracker),
+            _ => Response::Error(ErrorReply {
+                kind: ErrorKind::QuorumNotReached,
+                message: format!("read quorum not reached: {}", tracker.failure_summary()),
+                receipt: Some(tracker.receipt(&self.id)),
+            }),
+        }
+    }
+
+    async fn get_local(&self, key: &[u8], start: Instant, deadline: Instant) -> Response {
+        let mut tracker = QuorumTracker::new([self.id.clone()], 1);
+        let read = Request::Replica(ReplicaRequest::Read { key: key.to_vec() });
+        match self.call(&self.id, read, deadline).await {
+            Ok(Response::Clock(clock)) => {
+                tracker.record(
+                    &self.id,
+                    ReplicaAnswer::Ok {
+                        latency_us: elapsed_us(start),
+                    },
+                );
+                self.get_reply(key, &clock.unwrap_or_default(), &tracker)
+            }
+            Ok(Response::Error(e)) => Response::Error(e),
+            Ok(other) => internal(format!("local replica answered {other:?}")),
+            Err(reason) => unavailable(format!("could not read locally: {reason}")),
+        }
+    }
+
+    fn get_reply(&self, key: &[u8], merged: &Clock, tracker: &QuorumTracker) -> Response {
+        Response::Get(GetReply {
+            values: merged.values().map(<[u8]>::to_vec).collect(),
+            context: CausalContext::new(self.cluster_id, key, merged.context()).encode(),
+            receipt: tracker.receipt(&self.id),
+        })
+    }
+
+    /// Sends `request` to every node in `targets` at once and records each
+    /// answer in `tracker` until it is decided or the deadline passes.
+    ///
+    /// Each send runs in its own task, bounded by the deadline, so sends that
+    /// have not finished when the quorum is decided still reach their
+    /// replicas; their answers then go nowhere.
+    async fn fan_out(
+        &self,
+        targets: &[NodeId],
+        request: Request,
+        tracker: &mut QuorumTracker,
+        start: Instant,
+        deadline: Instant,
+        mut on_reply: impl FnMut(&NodeId, Response) -> Result<(), String>,
+    ) {
+        // Even when the tracker is already decided (W=1 met by the local
+        // write), every target still gets the request.
+        let (tx, mut rx) = mpsc::channel(targets.len().max(1));
+        for node in targets {
+            let tx = tx.clone();
+            let node = node.clone();
+            let transport = self.transport.clone();
+            let request = request.clone();
+            tokio::spawn(async move {
+                let result = tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
+                let latency_us = elapsed_us(start);
+                // The receiver is gone once the quorum is decided; that is fine.
+                let _ = tx.send((node, result, latency_us)).await;
+            });
+        }
+        drop(tx);
+        while tracker.state() == QuorumState::Waiting {
+            tokio::select! {
+                message = rx.recv() => {
+                    let Some((node, result, latency_us)) = message else { break };
+                    let answer = match result {
+                        Err(_elapsed) => ReplicaAnswer::Timeout { latency_us },
+                        Ok(Err(e)) => ReplicaAnswer::Error { latency_us, reason: transport_reason(&e) },
+                        Ok(Ok(response)) => match on_reply(&node, response) {
+                            Ok(()) => ReplicaAnswer::Ok { latency_us },
+                            Err(reason) => ReplicaAnswer::Error { latency_us, reason },
+                        },
+                    };
+                    tracker.record(&node, answer);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracker.expire(elapsed_us(start));
+                }
+            }
+        }
+    }
+
+    /// Hands a request to the first replica that answers.
+    async fn forward(&self, replicas: &[NodeId], request: Request, deadline: Instant) -> Response {
+        let mut failures = Vec::new();
+        for node in replicas {
+            match self.call(node, request.clone(), deadline).await {
+                Ok(response) => return response,
+                Err(reason) => failures.push(format!("{node} ({reason})")),
+            }
+        }
+        counter!("ringkv_forward_failures_total").increment(1);
+        unavailable(format!(
+            "no replica of this key could be reached to coordinate it: {}",
+            failures.join(", ")
+        ))
+    }
+
+    async fn call(&self, node: &NodeId, request: Request, deadline: Instant) -> Result<Response, String> {
+        match tokio::time::timeout_at(deadline, self.transport.call(node, request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(transport_reason(&e)),
+            Err(_) => Err("timed out".to_string()),
+        }
+    }
+}
+
+fn deadline(start: Instant, timeout_ms: u32) -> Result<Instant, Response> {
+    if timeout_ms == 0 || timeout_ms > REQUEST_TIMEOUT_MS_MAX {
+        return Err(invalid(format!(
+            "timeout of {timeout_ms} ms is out of range; use 1..={REQUEST_TIMEOUT_MS_MAX}"
+        )));
+    }
+    Ok(start + Duration::from_millis(u64::from(timeout_ms)))
+}
+
+fn elapsed_us(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+fn transport_reason(e: &TransportError) -> String {
+    match e {
+        TransportError::Unreachable { reason, .. } => format!("unreachable: {reason}"),
+        TransportError::UnknownNode { .. } => "not a known member".to_string(),
+        TransportError::Protocol { reason, .. } => format!("protocol error: {reason}"),
+    }
+}
+
+fn reply_error(response: Response) -> String {
+    match response {
+        Response::Error(e) => e.message,
+        other => format!("unexpected reply {other:?}"),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Response {
+    Response::error(ErrorKind::InvalidRequest, message)
+}
+
+fn unavailable(message: impl Into<String>) -> Response {
+    Response::error(ErrorKind::Unavailable, message)
+}
+
+fn internal(message: impl Into<String>) -> Response {
+    Response::error(ErrorKind::Internal, message)
+}
+
+fn record_metrics(op: &'static str, response: &Response, start: Instant) {
+    let result = match response {
+        Response::Error(e) => match e.kind {
+            ErrorKind::QuorumNotReached => "quorum_failed",
+            ErrorKind::InvalidRequest => "invalid",
+            _ => "error",
+        },
+        _ => "ok",
+    };
+    counter!("ringkv_requests_total", "op" => op, "result" => result).increment(1);
+    histogram!("ringkv_request_seconds", "op" => op).record(start.elapsed().as_secs_f64());
+}

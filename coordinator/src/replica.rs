@@ -1,0 +1,228 @@
+//! The replica side of a request: apply a write or merge a clock into the
+//! local store, one key at a time.
+//!
+//! This is where a node's stored versions change, and the only place. Every
+//! change is a read-modify-write of the key's [`Clock`] under a per-key lock
+//! (striped, so memory stays bounded), which is why concurrent writes of one
+//! key through one node never lose a sibling: the second writer reads what the
+//! first wrote.
+
+use std::sync::Mutex;
+
+use ringkv_core::dvv::{Clock, Payload, VersionVector};
+use ringkv_core::hash::stable_hash64;
+use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
+use ringkv_core::NodeId;
+
+/// Number of lock stripes. More stripes, less false sharing between keys;
+/// each is one word of memory.
+const LOCK_STRIPES: usize = 1024;
+
+/// The default limit on siblings per key.
+pub const DEFAULT_MAX_SIBLINGS: usize = 100;
+
+/// Durable storage of clocks by key. Implementations must have made a `put`
+/// durable (at least in the write-ahead log) before returning.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError>;
+    fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError>;
+}
+
+/// A storage failure, as a store reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage failed: {reason}")]
+    Io { reason: String },
+    #[error("stored version of a key is corrupt: {reason}")]
+    Corrupt { reason: String },
+}
+
+/// Why a replica refused or failed an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "key already has {siblings} concurrent values (the limit is {limit}); \
+         read it and write with the returned --context to resolve them"
+    )]
+    TooManySiblings { siblings: usize, limit: usize },
+}
+
+/// Applies replica operations to a [`Store`].
+pub struct ReplicaService<S> {
+    id: NodeId,
+    store: S,
+    locks: Box<[Mutex<()>]>,
+    max_siblings: usize,
+}
+
+impl<S: Store> ReplicaService<S> {
+    pub fn new(id: NodeId, store: S, max_siblings: usize) -> Self {
+        ReplicaService {
+            id,
+            store,
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            max_siblings,
+        }
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The coordinator's write: supersede what `context` covers and add
+    /// `payload` under a new dot of this node. Returns the new clock.
+    pub fn update(
+        &self,
+        key: &[u8],
+        context: &VersionVector,
+        payload: Payload,
+    ) -> Result<Clock, ReplicaError> {
+        let _guard = self.lock(key);
+        let mut clock = self.store.get(key)?.unwrap_or_default();
+        let siblings = clock.sibling_count_after_update(context);
+        if siblings > self.max_siblings {
+            return Err(ReplicaError::TooManySiblings {
+                siblings: siblings - 1,
+                limit: self.max_siblings,
+            });
+        }
+        clock.update(context, payload, &self.id);
+        self.store.put(key, &clock)?;
+        Ok(clock)
+    }
+
+    /// Merges a clock from another replica. Returns whether anything changed.
+    pub fn sync(&self, key: &[u8], incoming: &Clock) -> Result<bool, ReplicaError> {
+        let _guard = self.lock(key);
+        let current = self.store.get(key)?;
+        let mut merged = current.clone().unwrap_or_default();
+        merged.sync(incoming);
+        if current.as_ref() == Some(&merged) {
+            return Ok(false);
+        }
+        self.store.put(key, &merged)?;
+        Ok(true)
+    }
+
+    pub fn read(&self, key: &[u8]) -> Result<Option<Clock>, ReplicaError> {
+        Ok(self.store.get(key)?)
+    }
+
+    /// Serves one replica request.
+    pub fn handle(&self, request: ReplicaRequest) -> Response {
+        let result = match request {
+            ReplicaRequest::Update {
+                key,
+                context,
+                payload,
+            } => self.update(&key, &context, payload).map(Some),
+            ReplicaRequest::Sync { key, clock } => self.sync(&key, &clock).map(|_| None),
+            ReplicaRequest::Read { key } => self.read(&key),
+        };
+        match result {
+            Ok(clock) => Response::Clock(clock),
+            Err(e @ ReplicaError::TooManySiblings { .. }) => {
+                Response::error(ErrorKind::InvalidRequest, e.to_string())
+            }
+            Err(e) => Response::error(ErrorKind::Internal, format!("{}: {e}", self.id)),
+        }
+    }
+
+    fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = (stable_hash64(key) % LOCK_STRIPES as u64) as usize;
+        // A poisoned stripe only means another request panicked while holding
+        // it; the store itself is still consistent, so keep serving.
+        self.locks[stripe]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// An in-memory [`Store`] for tests and the simulator.
+#[derive(Default)]
+pub struct MemStore {
+    map: dashmap::DashMap<Vec<u8>, Clock>,
+}
+
+impl MemStore {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl Store for MemStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
+        Ok(self.map.get(key).map(|c| c.clone()))
+    }
+    fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
+        self.map.insert(key.to_vec(), clock.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn service(max_siblings: usize) -> ReplicaService<MemStore> {
+        ReplicaService::new(NodeId::new("a").unwrap(), MemStore::default(), max_siblings)
+    }
+
+    #[test]
+    fn blind_writes_past_the_sibling_limit_are_refused() {
+        let s = service(2);
+        let blind = VersionVector::new();
+        s.update(b"k", &blind, Payload::Value(b"1".to_vec())).unwrap();
+        s.update(b"k", &blind, Payload::Value(b"2".to_vec())).unwrap();
+        let err = s
+            .update(b"k", &blind, Payload::Value(b"3".to_vec()))
+            .unwrap_err();
+        assert_eq!(err, ReplicaError::TooManySiblings { siblings: 2, limit: 2 });
+        assert_eq!(s.read(b"k").unwrap().unwrap().sibling_count(), 2, "nothing written");
+        // A write with the full context resolves them.
+        let ctx = s.read(b"k").unwrap().unwrap().context();
+        let clock = s.update(b"k", &ctx, Payload::Value(b"4".to_vec())).unwrap();
+        assert_eq!(clock.sibling_count(), 1);
+    }
+
+    #[test]
+    fn concurrent_blind_writes_on_one_node_keep_every_sibling() {
+        let s = Arc::new(service(10_000));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let v = format!("{t}-{i}").into_bytes();
+                        s.update(b"k", &VersionVector::new(), Payload::Value(v)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(s.read(b"k").unwrap().unwrap().sibling_count(), 400);
+    }
+
+    #[test]
+    fn sync_reports_whether_it_changed_anything() {
+        let a = service(10);
+        let clock = a
+            .update(b"k", &VersionVector::new(), Payload::Value(b"v".to_vec()))
+            .unwrap();
+        let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
+        assert!(b.sync(b"k", &clock).unwrap());
+        assert!(!b.sync(b"k", &clock).unwrap());
+    }
+}

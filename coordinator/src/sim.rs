@@ -1,0 +1,318 @@
+//! A simulated network for deterministic scenario tests.
+//!
+//! [`SimNetwork`] delivers [`Request`]s between in-process nodes and can crash
+//! nodes, partition pairs of nodes, delay links and drop messages. Drops come
+//! from a seeded generator and delays from tokio's clock, so a test run under
+//! `tokio::time::pause` replays exactly. A lost message is not an error the
+//! sender sees: like a dead QUIC peer, it simply never answers, and the
+//! coordinator's deadline decides. Every send is written to a log that tests
+//! can read as the story of the scenario (`n1 -> n3 Sync (dropped: n3 is down)`).
+//!
+//! [`SimCluster`] puts N coordinators with in-memory replicas on such a
+//! network.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ringkv_core::consistency::Consistency;
+use ringkv_core::dvv::Payload;
+use ringkv_core::wire::{GetRequest, PutRequest, ReplicaRequest, Request, Response};
+use ringkv_core::{NodeId, Transport, TransportError};
+use ringkv_ring::Ring;
+
+use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::replica::{MemStore, ReplicaService};
+
+/// What a simulated node does with a request.
+pub trait SimHandler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        request: Request,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + '_>>;
+}
+
+#[derive(Default)]
+struct SimState {
+    handlers: HashMap<NodeId, Arc<dyn SimHandler>>,
+    down: HashSet<NodeId>,
+    partitions: HashSet<(NodeId, NodeId)>,
+    /// One-way delay per directed link.
+    delays: HashMap<(NodeId, NodeId), Duration>,
+    drop_per_million: u32,
+    rng: u64,
+    log: Vec<String>,
+}
+
+/// The network. Cheap to clone; clones share state.
+#[derive(Clone, Default)]
+pub struct SimNetwork {
+    state: Arc<Mutex<SimState>>,
+}
+
+impl SimNetwork {
+    /// A network whose random drops follow `seed`.
+    pub fn new(seed: u64) -> Self {
+        let net = SimNetwork::default();
+        net.with(|s| s.rng = seed | 1);
+        net
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut SimState) -> R) -> R {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn register(&self, node: NodeId, handler: Arc<dyn SimHandler>) {
+        self.with(|s| s.handlers.insert(node, handler));
+    }
+
+    /// The transport `node` sends through.
+    pub fn transport(&self, node: NodeId) -> SimTransport {
+        SimTransport {
+            from: node,
+            net: self.clone(),
+        }
+    }
+
+    /// Crashes `node`: it neither receives nor answers until [`up`](Self::up).
+    pub fn down(&self, node: &NodeId) {
+        self.with(|s| s.down.insert(node.clone()));
+    }
+
+    pub fn up(&self, node: &NodeId) {
+        self.with(|s| s.down.remove(node));
+    }
+
+    /// Cuts the link between `a` and `b` both ways.
+    pub fn partition(&self, a: &NodeId, b: &NodeId) {
+        self.with(|s| s.partitions.insert(ordered(a, b)));
+    }
+
+    pub fn heal(&self) {
+        self.with(|s| s.partitions.clear());
+    }
+
+    /// Sets the one-way delay from `from` to `to`.
+    pub fn delay(&self, from: &NodeId, to: &NodeId, delay: Duration) {
+        self.with(|s| s.delays.insert((from.clone(), to.clone()), delay));
+    }
+
+    /// Drops each message with this probability, drawn from the seed.
+    pub fn drop_rate(&self, probability: f64) {
+        self.with(|s| s.drop_per_million = (probability.clamp(0.0, 1.0) * 1e6) as u32);
+    }
+
+    /// The log of sends so far, and clears it.
+    pub fn take_log(&self) -> Vec<String> {
+        self.with(|s| std::mem::take(&mut s.log))
+    }
+
+    /// Decides the fate of a message; `Err` holds why it is lost.
+    fn route(&self, from: &NodeId, to: &NodeId, what: &str) -> Result<Duration, ()> {
+        self.with(|s| {
+            let lost = if s.down.contains(to) {
+                Some(format!("{to} is down"))
+            } else if s.down.contains(from) {
+                Some(format!("{from} is down"))
+            } else if s.partitions.contains(&ordered(from, to)) {
+                Some("partitioned".to_string())
+            } else if s.drop_per_million > 0 && next_random(&mut s.rng) % 1_000_000 < u64::from(s.drop_per_million) {
+                Some("random drop".to_string())
+            } else {
+                None
+            };
+            match lost {
+                Some(why) => {
+                    s.log.push(format!("{from} -> {to} {what} (dropped: {why})"));
+                    Err(())
+                }
+                None => {
+                    if from != to {
+                        s.log.push(format!("{from} -> {to} {what}"));
+                    }
+                    Ok(s.delays.get(&(from.clone(), to.clone())).copied().unwrap_or_default())
+                }
+            }
+        })
+    }
+}
+
+fn ordered(a: &NodeId, b: &NodeId) -> (NodeId, NodeId) {
+    if a <= b {
+        (a.clone(), b.clone())
+    } else {
+        (b.clone(), a.clone())
+    }
+}
+
+/// xorshift64*: tiny, seeded, and the same on every platform.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+fn label(request: &Request) -> &'static str {
+    match request {
+        Request::Put(_) => "Put",
+        Request::Get(_) => "Get",
+        Request::Status => "Status",
+        Request::Join(_) => "Join",
+        Request::Ping => "Ping",
+        Request::Replica(ReplicaRequest::Update { .. }) => "Update",
+        Request::Replica(ReplicaRequest::Sync { .. }) => "Sync",
+        Request::Replica(ReplicaRequest::Read { .. }) => "Read",
+    }
+}
+
+/// One node's view of the [`SimNetwork`].
+#[derive(Clone)]
+pub struct SimTransport {
+    from: NodeId,
+    net: SimNetwork,
+}
+
+impl Transport for SimTransport {
+    async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
+        let what = label(&request);
+        let Ok(delay) = self.net.route(&self.from, to, what) else {
+            return std::future::pending().await;
+        };
+        let handler = self
+            .net
+            .with(|s| s.handlers.get(to).cloned())
+            .ok_or_else(|| TransportError::UnknownNode { node: to.clone() })?;
+        tokio::time::sleep(delay).await;
+        // A node that crashed while the message was in flight never sees it.
+        if self.net.with(|s| s.down.contains(to)) {
+            return std::future::pending().await;
+        }
+        let response = handler.handle(request).await;
+        let Ok(back) = self.net.route(to, &self.from, &format!("{what} reply")) else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep(back).await;
+        Ok(response)
+    }
+}
+
+/// A simulated node: an in-memory replica and a coordinator.
+pub struct SimNode {
+    pub replica: Arc<ReplicaService<MemStore>>,
+    pub coordinator: Arc<Coordinator<SimTransport>>,
+}
+
+impl SimHandler for SimNode {
+    fn handle(
+        &self,
+        request: Request,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + '_>> {
+        Box::pin(async move {
+            match request {
+                Request::Put(p) => self.coordinator.put(p).await,
+                Request::Get(g) => self.coordinator.get(g).await,
+                Request::Replica(r) => self.replica.handle(r),
+                Request::Ping => Response::Pong,
+                other => Response::error(
+                    ringkv_core::wire::ErrorKind::InvalidRequest,
+                    format!("{} is not simulated", label(&other)),
+                ),
+            }
+        })
+    }
+}
+
+/// N simulated nodes `n1..` on one ring and one network.
+pub struct SimCluster {
+    pub net: SimNetwork,
+    pub nodes: Vec<(NodeId, Arc<SimNode>)>,
+    pub ring: Arc<Ring>,
+}
+
+/// The cluster id simulated nodes use in context tokens.
+pub const SIM_CLUSTER_ID: u64 = 0x51;
+
+impl SimCluster {
+    /// `nodes` nodes named `n1..`, replicating `replicas` times, 16 vnodes each.
+    pub fn new(nodes: usize, replicas: usize, seed: u64) -> Self {
+        Self::with_limits(nodes, replicas, seed, 100)
+    }
+
+    pub fn with_limits(nodes: usize, replicas: usize, seed: u64, max_siblings: usize) -> Self {
+        let net = SimNetwork::new(seed);
+        let ids: Vec<NodeId> = (1..=nodes)
+            .map(|i| NodeId::new(format!("n{i}")).expect("valid id"))
+            .collect();
+        let ring = Arc::new(Ring::new(ids.iter().map(|n| (n.clone(), 16)), replicas).expect("valid ring"));
+        let nodes = ids
+            .into_iter()
+            .map(|id| {
+                let node = Arc::new(SimNode {
+                    replica: Arc::new(ReplicaService::new(id.clone(), MemStore::default(), max_siblings)),
+                    coordinator: Arc::new(Coordinator::new(
+                        id.clone(),
+                        SIM_CLUSTER_ID,
+                        ring.clone(),
+                        Arc::new(net.transport(id.clone())),
+                        CoordinatorConfig::default(),
+                    )),
+                });
+                net.register(id.clone(), node.clone());
+                (id, node)
+            })
+            .collect();
+        SimCluster { net, nodes, ring }
+    }
+
+    pub fn id(&self, name: &str) -> NodeId {
+        NodeId::new(name).expect("valid id")
+    }
+
+    pub fn node(&self, name: &str) -> &Arc<SimNode> {
+        &self
+            .nodes
+            .iter()
+            .find(|(id, _)| id.as_str() == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+            .1
+    }
+
+    /// A put sent by a client to `via` (the client itself is never cut off).
+    pub async fn put(&self, via: &str, key: &str, value: &str, w: Consistency, context: Option<String>) -> Response {
+        self.node(via)
+            .coordinator
+            .put(PutRequest {
+                key: key.as_bytes().to_vec(),
+                payload: Payload::Value(value.as_bytes().to_vec()),
+                context,
+                w,
+                timeout_ms: 2000,
+                forwarded: false,
+            })
+            .await
+    }
+
+    pub async fn get(&self, via: &str, key: &str, r: Consistency) -> Response {
+        self.node(via)
+            .coordinator
+            .get(GetRequest {
+                key: key.as_bytes().to_vec(),
+                r,
+                local: false,
+                timeout_ms: 2000,
+                forwarded: false,
+            })
+            .await
+    }
+
+    /// The values `node` holds locally for `key`, sorted.
+    pub fn local_values(&self, node: &str, key: &str) -> Vec<String> {
+        let clock = self.node(node).replica.read(key.as_bytes()).expect("mem store");
+        let mut values: Vec<String> = clock
+            .map(|c| c.values().map(|v| String::from_utf8_lossy(v).into_owned()).collect())
+            .unwrap_or_default();
+        values.sort();
+        values
+    }
+}

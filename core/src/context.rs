@@ -1,0 +1,185 @@
+//! The causal context a client carries between a read and its next write.
+//!
+//! Dynamo hands the client an opaque "context" with every read and expects it
+//! back on the write that follows, so the store can tell which versions the
+//! write supersedes. ringkv's context is a [`VersionVector`] wrapped in a
+//! versioned, base64url token. The token also names the cluster and the key it
+//! was read from: a context replayed against another cluster, or against
+//! another key, would silently supersede versions the client never saw, so
+//! such tokens are rejected.
+//!
+//! Format v1 (all integers little-endian):
+//! `0x01 | cluster_id u64 | key_fingerprint u64 | count u16 | count × (id_len u8 | id | counter u64)`.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+use crate::dvv::VersionVector;
+use crate::error::InvalidInput;
+use crate::hash::stable_hash64;
+use crate::node_id::NodeId;
+
+const TOKEN_VERSION: u8 = 1;
+/// More entries than any cluster has nodes; bounds what a token can make us allocate.
+const TOKEN_ENTRIES_MAX: usize = 4096;
+
+/// A decoded context token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CausalContext {
+    pub cluster_id: u64,
+    pub key_fingerprint: u64,
+    pub version_vector: VersionVector,
+}
+
+impl CausalContext {
+    pub fn new(cluster_id: u64, key: &[u8], version_vector: VersionVector) -> Self {
+        CausalContext {
+            cluster_id,
+            key_fingerprint: stable_hash64(key),
+            version_vector,
+        }
+    }
+
+    /// The opaque token handed to clients.
+    pub fn encode(&self) -> String {
+        let mut out = Vec::with_capacity(19 + self.version_vector.len() * 16);
+        out.push(TOKEN_VERSION);
+        out.extend_from_slice(&self.cluster_id.to_le_bytes());
+        out.extend_from_slice(&self.key_fingerprint.to_le_bytes());
+        out.extend_from_slice(&(self.version_vector.len() as u16).to_le_bytes());
+        for (node, counter) in self.version_vector.iter() {
+            out.push(node.as_str().len() as u8);
+            out.extend_from_slice(node.as_str().as_bytes());
+            out.extend_from_slice(&counter.to_le_bytes());
+        }
+        URL_SAFE_NO_PAD.encode(out)
+    }
+
+    /// Parses a token without checking whom it belongs to.
+    pub fn decode(token: &str) -> Result<Self, InvalidInput> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token.trim())
+            .map_err(|e| InvalidInput::new(format!("context token is not base64url: {e}")))?;
+        let mut r = Reader { bytes: &bytes };
+        let version = r.u8()?;
+        if version != TOKEN_VERSION {
+            return Err(InvalidInput::new(format!(
+                "context token has version {version}; this node understands version {TOKEN_VERSION}"
+            )));
+        }
+        let cluster_id = r.u64()?;
+        let key_fingerprint = r.u64()?;
+        let count = r.u16()? as usize;
+        if count > TOKEN_ENTRIES_MAX {
+            return Err(InvalidInput::new("context token has too many entries"));
+        }
+        let mut pairs = Vec::with_capacity(count);
+        let mut previous: Option<NodeId> = None;
+        for _ in 0..count {
+            let len = r.u8()? as usize;
+            let id = std::str::from_utf8(r.take(len)?)
+                .map_err(|_| InvalidInput::new("context token has a node id that is not UTF-8"))?;
+            let node = NodeId::new(id)
+                .map_err(|e| InvalidInput::new(format!("context token: {e}")))?;
+            let counter = r.u64()?;
+            if counter == 0 || previous.as_ref().is_some_and(|p| *p >= node) {
+                return Err(InvalidInput::new("context token is corrupt"));
+            }
+            previous = Some(node.clone());
+            pairs.push((node, counter));
+        }
+        if !r.bytes.is_empty() {
+            return Err(InvalidInput::new(
+                "context token has trailing bytes; was it copied whole?",
+            ));
+        }
+        Ok(CausalContext {
+            cluster_id,
+            key_fingerprint,
+            version_vector: VersionVector::from_pairs(pairs),
+        })
+    }
+
+    /// Parses a token and checks it was issued by `cluster_id` for `key`.
+    pub fn decode_for(token: &str, cluster_id: u64, key: &[u8]) -> Result<VersionVector, InvalidInput> {
+        let ctx = Self::decode(token)?;
+        if ctx.cluster_id != cluster_id {
+            return Err(InvalidInput::new(
+                "context token was issued by another cluster; read the key from this cluster first",
+            ));
+        }
+        if ctx.key_fingerprint != stable_hash64(key) {
+            return Err(InvalidInput::new(
+                "context token was issued for a different key; use the context from a read of this key",
+            ));
+        }
+        Ok(ctx.version_vector)
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], InvalidInput> {
+        if self.bytes.len() < n {
+            return Err(InvalidInput::new("context token is truncated"));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, InvalidInput> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, InvalidInput> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, InvalidInput> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vv(pairs: &[(&str, u64)]) -> VersionVector {
+        VersionVector::from_pairs(pairs.iter().map(|(n, c)| (NodeId::new(*n).unwrap(), *c)))
+    }
+
+    #[test]
+    fn round_trips_and_checks_owner() {
+        let ctx = CausalContext::new(7, b"k", vv(&[("n1", 3), ("n2", 1)]));
+        let token = ctx.encode();
+        assert_eq!(CausalContext::decode(&token).unwrap(), ctx);
+        assert_eq!(CausalContext::decode_for(&token, 7, b"k").unwrap(), ctx.version_vector);
+        let foreign = CausalContext::decode_for(&token, 8, b"k").unwrap_err();
+        assert!(foreign.message.contains("another cluster"), "{foreign}");
+        let other_key = CausalContext::decode_for(&token, 7, b"j").unwrap_err();
+        assert!(other_key.message.contains("different key"), "{other_key}");
+    }
+
+    #[test]
+    fn malformed_tokens_are_named() {
+        assert!(CausalContext::decode("!!!").unwrap_err().message.contains("base64url"));
+        assert!(CausalContext::decode("AQ").unwrap_err().message.contains("truncated"));
+        let v9 = URL_SAFE_NO_PAD.encode([9u8; 19]);
+        assert!(CausalContext::decode(&v9).unwrap_err().message.contains("version 9"));
+        let mut long = URL_SAFE_NO_PAD
+            .decode(CausalContext::new(1, b"k", vv(&[("n1", 1)])).encode())
+            .unwrap();
+        long.push(0);
+        let err = CausalContext::decode(&URL_SAFE_NO_PAD.encode(long)).unwrap_err();
+        assert!(err.message.contains("trailing"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = CausalContext::decode(&URL_SAFE_NO_PAD.encode(bytes));
+        }
+    }
+}

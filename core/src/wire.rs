@@ -1,0 +1,400 @@
+//! The messages nodes and clients exchange, and their validated encoding.
+//!
+//! Every message is an rkyv archive. Bytes from the network are checked with
+//! bytecheck before they are read (a malformed or hostile frame becomes an
+//! error, never a panic or an out-of-bounds read), then deserialised and
+//! checked once more for what the type system cannot say: key length, node
+//! id syntax, clock invariants. Protocol versioning is the QUIC ALPN string
+//! ([`ALPN`]); a change to these types that is not backwards compatible must
+//! change it.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+use crate::consistency::Consistency;
+use crate::dvv::{Clock, Payload, VersionVector};
+use crate::error::InvalidInput;
+use crate::node_id::NodeId;
+
+/// The application protocol negotiated on every QUIC connection.
+pub const ALPN: &[u8] = b"ringkv/1";
+/// The longest key accepted, in bytes.
+pub const KEY_MAX_BYTES: usize = 1024;
+/// The largest frame read off a stream. Bounds memory per request; a value is
+/// limited far below this by the node's `--max-value-bytes`.
+pub const FRAME_MAX_BYTES: usize = 256 * 1024 * 1024;
+
+/// A request to a node, from a client or a peer.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Request {
+    /// Write (or, with a tombstone, delete) a key; coordinated by a replica.
+    Put(PutRequest),
+    Get(GetRequest),
+    /// The cluster's members as this node sees them.
+    Status,
+    /// A node asks to be added to the cluster.
+    Join(JoinRequest),
+    /// Replica-level operations sent by a coordinator.
+    Replica(ReplicaRequest),
+    Ping,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct PutRequest {
+    pub key: Vec<u8>,
+    pub payload: Payload,
+    /// The context token of the read this write follows; `None` for a blind write.
+    pub context: Option<String>,
+    pub w: Consistency,
+    pub timeout_ms: u32,
+    /// Set by a node that forwarded the request to a replica, so that a
+    /// disagreement about placement cannot forward it in circles.
+    pub forwarded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct GetRequest {
+    pub key: Vec<u8>,
+    pub r: Consistency,
+    /// Read only the contacted node's own store, without a quorum.
+    pub local: bool,
+    pub timeout_ms: u32,
+    pub forwarded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JoinRequest {
+    pub member: Member,
+    pub replicas: u32,
+    /// The cluster the joiner already belongs to, if it has been in one.
+    pub cluster_id: Option<u64>,
+}
+
+/// One node as the membership list records it.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    /// `HOST:PORT` where the node listens.
+    pub addr: String,
+    pub vnodes: u32,
+}
+
+/// What a coordinator asks of each replica.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ReplicaRequest {
+    /// Sent by a coordinator to itself: apply the client's write and mint a
+    /// new dot. Replies with the resulting clock, which is then replicated.
+    Update {
+        key: Vec<u8>,
+        context: VersionVector,
+        payload: Payload,
+    },
+    /// Merge this clock into the local one. Replies with `Clock(None)`.
+    Sync { key: Vec<u8>, clock: Clock },
+    /// Replies with the local clock of the key, if any.
+    Read { key: Vec<u8> },
+}
+
+/// A node's answer.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Response {
+    Put(PutReply),
+    Get(GetReply),
+    Status(StatusReply),
+    Joined(JoinReply),
+    Clock(Option<Clock>),
+    Pong,
+    Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct PutReply {
+    pub context: String,
+    pub receipt: Receipt,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct GetReply {
+    /// Live values; tombstones are not values. Empty: the key is not found.
+    pub values: Vec<Vec<u8>>,
+    pub context: String,
+    pub receipt: Receipt,
+}
+
+/// Which replicas a request reached and how each fared: the quorum receipt.
+#[derive(Debug, Clone, PartialEq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Receipt {
+    pub coordinator: Option<NodeId>,
+    pub replicas: Vec<ReplicaOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ReplicaOutcome {
+    pub node: NodeId,
+    pub outcome: Outcome,
+    pub latency_us: u64,
+    /// Why it failed, for `error` outcomes.
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Outcome {
+    Ok,
+    Error,
+    Timeout,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct StatusReply {
+    pub node: NodeId,
+    pub replicas: u32,
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub addr: String,
+    pub up: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JoinReply {
+    pub cluster_id: u64,
+    pub replicas: u32,
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// For quorum failures: who answered and who did not.
+    pub receipt: Option<Receipt>,
+}
+
+/// What kind of failure an [`ErrorReply`] is, so callers can react (and the
+/// CLI can choose its exit status) without parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ErrorKind {
+    /// The request itself is wrong; retrying will not help.
+    InvalidRequest,
+    /// Fewer replicas than required answered in time.
+    QuorumNotReached,
+    /// The node cannot serve the request now (e.g. no replica reachable).
+    Unavailable,
+    /// A join that would break the cluster (id taken, N differs).
+    Refused,
+    Internal,
+}
+
+impl Response {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Response::Error(ErrorReply {
+            kind,
+            message: message.into(),
+            receipt: None,
+        })
+    }
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes is larger than the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame: {reason}")]
+    Malformed { reason: String },
+    #[error("invalid message: {0}")]
+    Invalid(#[from] InvalidInput),
+}
+
+/// Encodes a request for the wire.
+pub fn encode_request(request: &Request) -> AlignedVec {
+    rkyv::to_bytes::<rancor::Error>(request).expect("serialising to memory cannot fail")
+}
+
+/// Encodes a response for the wire.
+pub fn encode_response(response: &Response) -> AlignedVec {
+    rkyv::to_bytes::<rancor::Error>(response).expect("serialising to memory cannot fail")
+}
+
+/// Checks and decodes a request frame.
+pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
+    let request: Request = decode(bytes)?;
+    request.validate()?;
+    Ok(request)
+}
+
+/// Checks and decodes a response frame.
+pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
+    let response: Response = decode(bytes)?;
+    response.validate()?;
+    Ok(response)
+}
+
+fn decode<T>(bytes: &[u8]) -> Result<T, DecodeError>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    if bytes.len() > FRAME_MAX_BYTES {
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: FRAME_MAX_BYTES,
+        });
+    }
+    // rkyv reads archives in place and needs them aligned; a frame read off a
+    // stream into a plain Vec may not be.
+    let aligned;
+    let bytes = if (bytes.as_ptr() as usize) % 16 == 0 {
+        bytes
+    } else {
+        let mut copy = AlignedVec::<16>::with_capacity(bytes.len());
+        copy.extend_from_slice(bytes);
+        aligned = copy;
+        &aligned[..]
+    };
+    rkyv::from_bytes::<T, rancor::Error>(bytes).map_err(|e| DecodeError::Malformed {
+        reason: e.to_string(),
+    })
+}
+
+/// Validates a key's length.
+pub fn validate_key(key: &[u8]) -> Result<(), InvalidInput> {
+    if key.is_empty() {
+        return Err(InvalidInput::new("key is empty"));
+    }
+    if key.len() > KEY_MAX_BYTES {
+        return Err(InvalidInput::new(format!(
+            "key is {} bytes long; the limit is {KEY_MAX_BYTES} bytes",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn validate_node_id(id: &NodeId) -> Result<(), InvalidInput> {
+    NodeId::new(id.as_str()).map(|_| ())
+}
+
+impl Request {
+    /// Checks what bytecheck cannot: lengths, syntax, clock invariants.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        match self {
+            Request::Put(p) => validate_key(&p.key),
+            Request::Get(g) => validate_key(&g.key),
+            Request::Status | Request::Ping => Ok(()),
+            Request::Join(j) => {
+                validate_node_id(&j.member.id)?;
+                if j.replicas == 0 {
+                    return Err(InvalidInput::new("join request has replicas = 0"));
+                }
+                Ok(())
+            }
+            Request::Replica(ReplicaRequest::Update { key, context, .. }) => {
+                validate_key(key)?;
+                context.validate()?;
+                context.iter().try_for_each(|(n, _)| validate_node_id(n))
+            }
+            Request::Replica(ReplicaRequest::Sync { key, clock }) => {
+                validate_key(key)?;
+                validate_clock(clock)
+            }
+            Request::Replica(ReplicaRequest::Read { key }) => validate_key(key),
+        }
+    }
+}
+
+impl Response {
+    /// Checks what bytecheck cannot on a peer's answer.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        match self {
+            Response::Clock(Some(clock)) => validate_clock(clock),
+            Response::Joined(j) => j.members.iter().try_for_each(|m| validate_node_id(&m.id)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn validate_clock(clock: &Clock) -> Result<(), InvalidInput> {
+    clock.validate()?;
+    clock.context().iter().try_for_each(|(n, _)| validate_node_id(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn put() -> Request {
+        Request::Put(PutRequest {
+            key: b"k".to_vec(),
+            payload: Payload::Value(b"v".to_vec()),
+            context: None,
+            w: Consistency::Quorum,
+            timeout_ms: 2000,
+            forwarded: false,
+        })
+    }
+
+    #[test]
+    fn round_trips() {
+        let bytes = encode_request(&put());
+        assert_eq!(decode_request(&bytes).unwrap(), put());
+    }
+
+    #[test]
+    fn misaligned_frames_decode() {
+        let bytes = encode_request(&put());
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(decode_request(&shifted[1..]).unwrap(), put());
+    }
+
+    #[test]
+    fn truncated_and_garbage_frames_are_errors() {
+        let bytes = encode_request(&put());
+        for cut in 0..bytes.len() {
+            assert!(decode_request(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(decode_request(&[0xff; 64]).is_err());
+    }
+
+    #[test]
+    fn semantic_checks_run_after_bytecheck() {
+        let mut p = put();
+        if let Request::Put(p) = &mut p {
+            p.key.clear();
+        }
+        let err = decode_request(&encode_request(&p)).unwrap_err();
+        assert!(err.to_string().contains("key is empty"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(flip in 0usize..4096, with in any::<u8>()) {
+            let mut bytes = encode_request(&put()).to_vec();
+            let i = flip % bytes.len();
+            bytes[i] ^= with;
+            let _ = decode_request(&bytes);
+        }
+    }
+}

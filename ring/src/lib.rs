@@ -1,0 +1,156 @@
+//! Placement: which nodes hold a key (Dynamo §4.2, §4.3).
+//!
+//! Nodes sit on a consistent-hash ring as *virtual nodes* (several positions
+//! per node, so load spreads evenly and a joining or leaving node takes or
+//! gives a little from everyone). A key's **preference list** is the first N
+//! distinct nodes the ring yields for it; the nodes after those are its
+//! **fallbacks**, in order, for the sloppy quorum to use when a preferred node
+//! is down.
+//!
+//! The ring is [`consistent_hash_ring`]'s. Its candidate walk visits a key's
+//! nodes by re-hashing the key position, skipping nodes already chosen, so the
+//! order is a pure function of the key and the member set.
+//!
+//! ## Architecture invariant
+//! This crate does no I/O, spawns nothing and reads no clock. Placement must
+//! be identical on every node, across restarts and across builds: keys and
+//! node ids are hashed as raw bytes with [`ringkv_core::hash`]'s stable hash,
+//! never through `std::hash::Hash` of a Rust type, and golden tests pin the
+//! result.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use ringkv_core::hash::StableHasher;
+use ringkv_core::NodeId;
+
+/// The default number of virtual nodes per node.
+pub const DEFAULT_VNODES: u32 = 64;
+
+/// Errors building a ring.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    #[error("replication factor N must be at least 1")]
+    ZeroReplicas,
+    #[error("node {node} has 0 virtual nodes; it would own no keys")]
+    ZeroVnodes { node: NodeId },
+    #[error("node {node} appears twice in the member list")]
+    DuplicateNode { node: NodeId },
+}
+
+/// The nodes responsible for one key, in ring order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferenceList {
+    /// The first `min(N, members)` distinct nodes: the key's replicas.
+    pub replicas: Vec<NodeId>,
+    /// Every other node, in the order the sloppy quorum should try them.
+    pub fallbacks: Vec<NodeId>,
+}
+
+impl PreferenceList {
+    pub fn contains(&self, node: &NodeId) -> bool {
+        self.replicas.contains(node)
+    }
+}
+
+/// A ring of virtual nodes with a replication factor.
+#[derive(Clone)]
+pub struct Ring {
+    inner: consistent_hash_ring::Ring<RingNode, BuildStableHasher>,
+    replicas: usize,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("nodes", &self.inner.len())
+            .field("vnodes", &self.inner.vnodes())
+            .field("replicas", &self.replicas)
+            .finish()
+    }
+}
+
+impl Ring {
+    /// Builds a ring of `members` (node, virtual node count) replicating each
+    /// key `replicas` times.
+    pub fn new(
+        members: impl IntoIterator<Item = (NodeId, u32)>,
+        replicas: usize,
+    ) -> Result<Self, RingError> {
+        if replicas == 0 {
+            return Err(RingError::ZeroReplicas);
+        }
+        let mut inner = consistent_hash_ring::RingBuilder::new(BuildStableHasher).build();
+        for (node, vnodes) in members {
+            if vnodes == 0 {
+                return Err(RingError::ZeroVnodes { node });
+            }
+            if !inner.insert_weight(RingNode(node.clone()), vnodes as usize) {
+                return Err(RingError::DuplicateNode { node });
+            }
+        }
+        Ok(Ring { inner, replicas })
+    }
+
+    /// The replication factor N.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// The number of distinct nodes.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    /// The key's replicas and fallbacks.
+    pub fn preference_list(&self, key: &[u8]) -> PreferenceList {
+        let mut all = self.inner.replicas(RingKey(key)).map(|n| n.0.clone());
+        let replicas: Vec<NodeId> = all.by_ref().take(self.replicas).collect();
+        PreferenceList {
+            replicas,
+            fallbacks: all.collect(),
+        }
+    }
+
+    /// The first node of the key's preference list.
+    pub fn primary(&self, key: &[u8]) -> Option<&NodeId> {
+        self.inner.try_get(RingKey(key)).map(|n| &n.0)
+    }
+}
+
+/// A node on the ring, hashed as the raw bytes of its id.
+#[derive(Clone, PartialEq, Eq)]
+struct RingNode(NodeId);
+
+impl Hash for RingNode {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(self.0.as_str().as_bytes());
+    }
+}
+
+/// A key, hashed as its raw bytes.
+struct RingKey<'a>(&'a [u8]);
+
+impl Hash for RingKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(self.0);
+    }
+}
+
+/// Gives the ring the stable hasher instead of the default FNV, whose integer
+/// hashing follows the host's endianness.
+#[derive(Clone, Copy, Default)]
+struct BuildStableHasher;
+
+impl BuildHasher for BuildStableHasher {
+    type Hasher = StableHasher;
+    fn build_hasher(&self) -> StableHasher {
+        StableHasher::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+fn ids(names: &[&str]) -> Vec<NodeId> {
+    names.iter().map(|n| NodeId::new(*n).unwrap()).collect()
+}
+
+fn five_node_ring(vnodes: u32) -> Ring {
+    Ring::new(
+        ids(&["n1", "n2", "n3", "n4", "n5"]).into_iter().map(|n| (n, vnodes)),
+        3,
+    )
+    .unwrap()
+}
+
+fn names(list: &[NodeId]) -> Vec<&str> {
+    list.iter().map(|n| n.as_str()).collect()
+}
+
+/// Golden placement: if this changes, a rolling upgrade would move keys to
+/// nodes that do not hold them. Change it only with a migration story.
+#[test]
+fn placement_is_pinned() {
+    let ring = five_node_ring(DEFAULT_VNODES);
+    let golden: &[(&str, [&str; 3])] = GOLDEN;
+    for (key, expected) in golden {
+        let list = ring.preference_list(key.as_bytes());
+        assert_eq!(names(&list.replicas), expected.to_vec(), "key {key:?}");
+        assert_eq!(list.fallbacks.len(), 2);
+    }
+}
+
+const GOLDEN: &[(&str, [&str; 3])] = &[
+    ("a", ["n4", "n5", "n2"]),
+    ("b", ["n4", "n1", "n5"]),
+    ("user:42", ["n3", "n1", "n2"]),
+    ("key-0", ["n1", "n2", "n4"]),
+    ("key-1", ["n3", "n4", "n1"]),
+    ("key-999", ["n5", "n1", "n3"]),
+    ("\u{1F600}", ["n4", "n1", "n2"]),
+];
+
+#[test]
+fn longest_key_placement_is_pinned() {
+    let ring = five_node_ring(DEFAULT_VNODES);
+    let list = ring.preference_list("x".repeat(1024).as_bytes());
+    assert_eq!(names(&list.replicas), ["n3", "n5", "n1"]);
+}
+
+#[test]
+fn placement_ignores_member_order() {
+    let a = five_node_ring(16);
+    let b = Ring::new(
+        ids(&["n5", "n3", "n1", "n4", "n2"]).into_iter().map(|n| (n, 16)),
+        3,
+    )
+    .unwrap();
+    for i in 0..1000 {
+        let key = format!("key-{i}");
+        assert_eq!(a.preference_list(key.as_bytes()), b.preference_list(key.as_bytes()));
+    }
+}
+
+#[test]
+fn a_million_keys_spread_within_15_to_25_percent() {
+    let ring = five_node_ring(64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut owned: HashMap<NodeId, usize> = HashMap::new();
+    let total = 1_000_000;
+    let mut key = [0u8; 16];
+    for _ in 0..total {
+        rng.fill(&mut key);
+        *owned.entry(ring.primary(&key).unwrap().clone()).or_default() += 1;
+    }
+    assert_eq!(owned.len(), 5);
+    for (node, count) in owned {
+        let share = count as f64 / total as f64;
+        assert!((0.15..=0.25).contains(&share), "{node} owns {share:.3}");
+    }
+}
+
+#[test]
+fn small_clusters_use_every_node() {
+    let ring = Ring::new(ids(&["a", "b"]).into_iter().map(|n| (n, 8)), 3).unwrap();
+    let list = ring.preference_list(b"k");
+    assert_eq!(list.replicas.len(), 2);
+    assert!(list.fallbacks.is_empty());
+}
+
+#[test]
+fn bad_rings_are_refused() {
+    assert_eq!(Ring::new(Vec::new(), 0).unwrap_err(), RingError::ZeroReplicas);
+    let dup = Ring::new(ids(&["a", "a"]).into_iter().map(|n| (n, 8)), 3).unwrap_err();
+    assert_eq!(dup.to_string(), "node a appears twice in the member list");
+    assert!(matches!(
+        Ring::new(ids(&["a"]).into_iter().map(|n| (n, 0)), 1),
+        Err(RingError::ZeroVnodes { .. })
+    ));
+}
+
+proptest! {
+    #[test]
+    fn preference_lists_are_distinct_and_cover_the_ring(key in prop::collection::vec(any::<u8>(), 1..64)) {
+        let ring = five_node_ring(32);
+        let list = ring.preference_list(&key);
+        prop_assert_eq!(list.replicas.len(), 3);
+        prop_assert_eq!(Some(&list.replicas[0]), ring.primary(&key));
+        let mut all: Vec<NodeId> = list.replicas.iter().chain(&list.fallbacks).cloned().collect();
+        all.sort();
+        all.dedup();
+        prop_assert_eq!(all.len(), 5);
+    }
+}
