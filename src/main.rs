@@ -1,1 +1,91 @@
-fn main() {}
+//! `ringkv`: run a node or a local cluster, and talk to one.
+//!
+//! This is the binary's edge: arguments are parsed and validated here, errors
+//! become one `error:` line on stderr and an exit status that scripts can
+//! rely on (see [`Exit`]).
+
+mod args;
+mod client_cmd;
+mod output;
+mod server_cmd;
+
+use clap::Parser;
+
+use args::{Cli, Command};
+
+/// Exit statuses, part of the CLI contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    /// `get`: the key has no value.
+    NotFound = 1,
+    /// Bad usage or invalid input; nothing was written.
+    Usage = 2,
+    /// R or W replicas did not answer in time.
+    Quorum = 3,
+    /// The node could not be reached.
+    Unreachable = 4,
+    /// The node failed internally.
+    Internal = 5,
+}
+
+/// A failure with the exit status it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Failure {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(Exit::Internal as i32);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Node(a) => server_cmd::node(a).await,
+            Command::Cluster(a) => server_cmd::cluster(a).await,
+            Command::Demo(a) => server_cmd::demo(a).await,
+            Command::Put(a) => client_cmd::put(a).await,
+            Command::Get(a) => client_cmd::get(a).await,
+            Command::Delete(a) => client_cmd::delete(a).await,
+            Command::Status(a) => client_cmd::status(a).await,
+        }
+    });
+    // Background tasks (connections being closed) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(Exit::Ok) => {}
+        Ok(exit) => std::process::exit(exit as i32),
+        Err(f) => {
+            eprintln!("error: {}", f.message.replace('\n', " "));
+            std::process::exit(f.exit as i32);
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

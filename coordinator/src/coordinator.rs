@@ -197,12 +197,17 @@ impl<T: Transport> Coordinator<T> {
             key: request.key.clone(),
             clock: clock.clone(),
         });
-        self.fan_out(&others, sync, &mut tracker, start, deadline, |_, response| {
-            match response {
+        self.fan_out(
+            &others,
+            sync,
+            &mut tracker,
+            start,
+            deadline,
+            |_, response| match response {
                 Response::Clock(_) => Ok(()),
                 other => Err(reply_error(other)),
-            }
-        })
+            },
+        )
         .await;
 
         match tracker.state() {
@@ -213,7 +218,8 @@ impl<T: Transport> Coordinator<T> {
             }),
             _ => {
                 let stored: Vec<&str> = tracker.succeeded().map(|n| n.as_str()).collect();
-                let mut message = format!("write quorum not reached: {}", tracker.failure_summary());
+                let mut message =
+                    format!("write quorum not reached: {}", tracker.failure_summary());
                 if !stored.is_empty() {
                     message.push_str(&format!(
                         "; the value may be stored on {} (writes are not rolled back)",
@@ -333,7 +339,8 @@ impl<T: Transport> Coordinator<T> {
             let transport = self.transport.clone();
             let request = request.clone();
             tokio::spawn(async move {
-                let result = tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
+                let result =
+                    tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
                 let latency_us = elapsed_us(start);
                 // The receiver is gone once the quorum is decided; that is fine.
                 let _ = tx.send((node, result, latency_us)).await;
@@ -377,7 +384,12 @@ impl<T: Transport> Coordinator<T> {
         ))
     }
 
-    async fn call(&self, node: &NodeId, request: Request, deadline: Instant) -> Result<Response, String> {
+    async fn call(
+        &self,
+        node: &NodeId,
+        request: Request,
+        deadline: Instant,
+    ) -> Result<Response, String> {
         match tokio::time::timeout_at(deadline, self.transport.call(node, request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(transport_reason(&e)),

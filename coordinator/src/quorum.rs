@@ -199,7 +199,11 @@ mod tests {
         let mut t = tracker(2);
         assert_eq!(t.record(&n("a"), OK), QuorumState::Waiting);
         assert_eq!(t.record(&n("c"), OK), QuorumState::Reached);
-        assert_eq!(t.receipt(&n("a")).replicas.len(), 2, "pending b is not in the receipt");
+        assert_eq!(
+            t.receipt(&n("a")).replicas.len(),
+            2,
+            "pending b is not in the receipt"
+        );
     }
 
     #[test]
@@ -208,7 +212,10 @@ mod tests {
         assert_eq!(t.record(&n("a"), err()), QuorumState::Waiting);
         assert_eq!(t.record(&n("b"), err()), QuorumState::Failed);
         let summary = t.failure_summary();
-        assert!(summary.starts_with("0 of 2 required replicas answered"), "{summary}");
+        assert!(
+            summary.starts_with("0 of 2 required replicas answered"),
+            "{summary}"
+        );
         assert!(summary.contains("a (disk full)"), "{summary}");
         assert!(summary.contains("c (no answer)"), "{summary}");
     }

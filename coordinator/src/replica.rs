@@ -28,6 +28,15 @@ pub trait Store: Send + Sync + 'static {
     fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError>;
 }
 
+impl<S: Store> Store for std::sync::Arc<S> {
+    fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
+        (**self).get(key)
+    }
+    fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
+        (**self).put(key, clock)
+    }
+}
+
 /// A storage failure, as a store reports it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -182,13 +191,25 @@ mod tests {
     fn blind_writes_past_the_sibling_limit_are_refused() {
         let s = service(2);
         let blind = VersionVector::new();
-        s.update(b"k", &blind, Payload::Value(b"1".to_vec())).unwrap();
-        s.update(b"k", &blind, Payload::Value(b"2".to_vec())).unwrap();
+        s.update(b"k", &blind, Payload::Value(b"1".to_vec()))
+            .unwrap();
+        s.update(b"k", &blind, Payload::Value(b"2".to_vec()))
+            .unwrap();
         let err = s
             .update(b"k", &blind, Payload::Value(b"3".to_vec()))
             .unwrap_err();
-        assert_eq!(err, ReplicaError::TooManySiblings { siblings: 2, limit: 2 });
-        assert_eq!(s.read(b"k").unwrap().unwrap().sibling_count(), 2, "nothing written");
+        assert_eq!(
+            err,
+            ReplicaError::TooManySiblings {
+                siblings: 2,
+                limit: 2
+            }
+        );
+        assert_eq!(
+            s.read(b"k").unwrap().unwrap().sibling_count(),
+            2,
+            "nothing written"
+        );
         // A write with the full context resolves them.
         let ctx = s.read(b"k").unwrap().unwrap().context();
         let clock = s.update(b"k", &ctx, Payload::Value(b"4".to_vec())).unwrap();
@@ -204,7 +225,8 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..50 {
                         let v = format!("{t}-{i}").into_bytes();
-                        s.update(b"k", &VersionVector::new(), Payload::Value(v)).unwrap();
+                        s.update(b"k", &VersionVector::new(), Payload::Value(v))
+                            .unwrap();
                     }
                 })
             })

@@ -116,21 +116,27 @@ impl SimNetwork {
                 Some(format!("{from} is down"))
             } else if s.partitions.contains(&ordered(from, to)) {
                 Some("partitioned".to_string())
-            } else if s.drop_per_million > 0 && next_random(&mut s.rng) % 1_000_000 < u64::from(s.drop_per_million) {
+            } else if s.drop_per_million > 0
+                && next_random(&mut s.rng) % 1_000_000 < u64::from(s.drop_per_million)
+            {
                 Some("random drop".to_string())
             } else {
                 None
             };
             match lost {
                 Some(why) => {
-                    s.log.push(format!("{from} -> {to} {what} (dropped: {why})"));
+                    s.log
+                        .push(format!("{from} -> {to} {what} (dropped: {why})"));
                     Err(())
                 }
                 None => {
                     if from != to {
                         s.log.push(format!("{from} -> {to} {what}"));
                     }
-                    Ok(s.delays.get(&(from.clone(), to.clone())).copied().unwrap_or_default())
+                    Ok(s.delays
+                        .get(&(from.clone(), to.clone()))
+                        .copied()
+                        .unwrap_or_default())
                 }
             }
         })
@@ -244,12 +250,17 @@ impl SimCluster {
         let ids: Vec<NodeId> = (1..=nodes)
             .map(|i| NodeId::new(format!("n{i}")).expect("valid id"))
             .collect();
-        let ring = Arc::new(Ring::new(ids.iter().map(|n| (n.clone(), 16)), replicas).expect("valid ring"));
+        let ring =
+            Arc::new(Ring::new(ids.iter().map(|n| (n.clone(), 16)), replicas).expect("valid ring"));
         let nodes = ids
             .into_iter()
             .map(|id| {
                 let node = Arc::new(SimNode {
-                    replica: Arc::new(ReplicaService::new(id.clone(), MemStore::default(), max_siblings)),
+                    replica: Arc::new(ReplicaService::new(
+                        id.clone(),
+                        MemStore::default(),
+                        max_siblings,
+                    )),
                     coordinator: Arc::new(Coordinator::new(
                         id.clone(),
                         SIM_CLUSTER_ID,
@@ -279,7 +290,14 @@ impl SimCluster {
     }
 
     /// A put sent by a client to `via` (the client itself is never cut off).
-    pub async fn put(&self, via: &str, key: &str, value: &str, w: Consistency, context: Option<String>) -> Response {
+    pub async fn put(
+        &self,
+        via: &str,
+        key: &str,
+        value: &str,
+        w: Consistency,
+        context: Option<String>,
+    ) -> Response {
         self.node(via)
             .coordinator
             .put(PutRequest {
@@ -308,9 +326,17 @@ impl SimCluster {
 
     /// The values `node` holds locally for `key`, sorted.
     pub fn local_values(&self, node: &str, key: &str) -> Vec<String> {
-        let clock = self.node(node).replica.read(key.as_bytes()).expect("mem store");
+        let clock = self
+            .node(node)
+            .replica
+            .read(key.as_bytes())
+            .expect("mem store");
         let mut values: Vec<String> = clock
-            .map(|c| c.values().map(|v| String::from_utf8_lossy(v).into_owned()).collect())
+            .map(|c| {
+                c.values()
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         values.sort();
         values

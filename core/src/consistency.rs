@@ -87,7 +87,11 @@ mod tests {
 
     #[test]
     fn bad_levels_are_named() {
-        assert!("0".parse::<Consistency>().unwrap_err().message.contains("0"));
+        assert!("0"
+            .parse::<Consistency>()
+            .unwrap_err()
+            .message
+            .contains("0"));
         assert!("most"
             .parse::<Consistency>()
             .unwrap_err()

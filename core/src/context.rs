@@ -79,8 +79,8 @@ impl CausalContext {
             let len = r.u8()? as usize;
             let id = std::str::from_utf8(r.take(len)?)
                 .map_err(|_| InvalidInput::new("context token has a node id that is not UTF-8"))?;
-            let node = NodeId::new(id)
-                .map_err(|e| InvalidInput::new(format!("context token: {e}")))?;
+            let node =
+                NodeId::new(id).map_err(|e| InvalidInput::new(format!("context token: {e}")))?;
             let counter = r.u64()?;
             if counter == 0 || previous.as_ref().is_some_and(|p| *p >= node) {
                 return Err(InvalidInput::new("context token is corrupt"));
@@ -101,7 +101,11 @@ impl CausalContext {
     }
 
     /// Parses a token and checks it was issued by `cluster_id` for `key`.
-    pub fn decode_for(token: &str, cluster_id: u64, key: &[u8]) -> Result<VersionVector, InvalidInput> {
+    pub fn decode_for(
+        token: &str,
+        cluster_id: u64,
+        key: &[u8],
+    ) -> Result<VersionVector, InvalidInput> {
         let ctx = Self::decode(token)?;
         if ctx.cluster_id != cluster_id {
             return Err(InvalidInput::new(
@@ -134,10 +138,14 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16, InvalidInput> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, InvalidInput> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 }
 
@@ -155,7 +163,10 @@ mod tests {
         let ctx = CausalContext::new(7, b"k", vv(&[("n1", 3), ("n2", 1)]));
         let token = ctx.encode();
         assert_eq!(CausalContext::decode(&token).unwrap(), ctx);
-        assert_eq!(CausalContext::decode_for(&token, 7, b"k").unwrap(), ctx.version_vector);
+        assert_eq!(
+            CausalContext::decode_for(&token, 7, b"k").unwrap(),
+            ctx.version_vector
+        );
         let foreign = CausalContext::decode_for(&token, 8, b"k").unwrap_err();
         assert!(foreign.message.contains("another cluster"), "{foreign}");
         let other_key = CausalContext::decode_for(&token, 7, b"j").unwrap_err();
@@ -164,10 +175,19 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_named() {
-        assert!(CausalContext::decode("!!!").unwrap_err().message.contains("base64url"));
-        assert!(CausalContext::decode("AQ").unwrap_err().message.contains("truncated"));
+        assert!(CausalContext::decode("!!!")
+            .unwrap_err()
+            .message
+            .contains("base64url"));
+        assert!(CausalContext::decode("AQ")
+            .unwrap_err()
+            .message
+            .contains("truncated"));
         let v9 = URL_SAFE_NO_PAD.encode([9u8; 19]);
-        assert!(CausalContext::decode(&v9).unwrap_err().message.contains("version 9"));
+        assert!(CausalContext::decode(&v9)
+            .unwrap_err()
+            .message
+            .contains("version 9"));
         let mut long = URL_SAFE_NO_PAD
             .decode(CausalContext::new(1, b"k", vv(&[("n1", 1)])).encode())
             .unwrap();

@@ -200,13 +200,16 @@ impl Clock {
     /// The live siblings, newest first within each node.
     pub fn siblings(&self) -> impl Iterator<Item = Sibling<'_>> {
         self.entries.iter().flat_map(|e| {
-            e.payloads.iter().enumerate().map(move |(age, payload)| Sibling {
-                dot: Dot {
-                    node: e.node.clone(),
-                    counter: e.counter - age as u64,
-                },
-                payload,
-            })
+            e.payloads
+                .iter()
+                .enumerate()
+                .map(move |(age, payload)| Sibling {
+                    dot: Dot {
+                        node: e.node.clone(),
+                        counter: e.counter - age as u64,
+                    },
+                    payload,
+                })
         })
     }
 
@@ -250,7 +253,9 @@ impl Clock {
         for entry in &mut self.entries {
             let seen = context.get(&entry.node);
             let live = entry.counter.saturating_sub(seen);
-            entry.payloads.truncate(live.min(usize::MAX as u64) as usize);
+            entry
+                .payloads
+                .truncate(live.min(usize::MAX as u64) as usize);
             entry.counter = entry.counter.max(seen);
         }
         for (node, counter) in context.iter() {

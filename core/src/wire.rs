@@ -65,7 +65,8 @@ pub struct GetRequest {
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct JoinRequest {
     pub member: Member,
-    pub replicas: u32,
+    /// The N the joiner was started with; `None` adopts the cluster's.
+    pub replicas: Option<u32>,
     /// The cluster the joiner already belongs to, if it has been in one.
     pub cluster_id: Option<u64>,
 }
@@ -271,6 +272,18 @@ where
     })
 }
 
+/// Encodes a clock for storage (the same rkyv format as on the wire).
+pub fn encode_clock(clock: &Clock) -> AlignedVec {
+    rkyv::to_bytes::<rancor::Error>(clock).expect("serialising to memory cannot fail")
+}
+
+/// Checks and decodes a stored clock.
+pub fn decode_clock(bytes: &[u8]) -> Result<Clock, DecodeError> {
+    let clock: Clock = decode(bytes)?;
+    validate_clock(&clock)?;
+    Ok(clock)
+}
+
 /// Validates a key's length.
 pub fn validate_key(key: &[u8]) -> Result<(), InvalidInput> {
     if key.is_empty() {
@@ -298,8 +311,11 @@ impl Request {
             Request::Status | Request::Ping => Ok(()),
             Request::Join(j) => {
                 validate_node_id(&j.member.id)?;
-                if j.replicas == 0 {
+                if j.replicas == Some(0) {
                     return Err(InvalidInput::new("join request has replicas = 0"));
+                }
+                if j.member.vnodes == 0 {
+                    return Err(InvalidInput::new("join request has vnodes = 0"));
                 }
                 Ok(())
             }
@@ -330,7 +346,10 @@ impl Response {
 
 fn validate_clock(clock: &Clock) -> Result<(), InvalidInput> {
     clock.validate()?;
-    clock.context().iter().try_for_each(|(n, _)| validate_node_id(n))
+    clock
+        .context()
+        .iter()
+        .try_for_each(|(n, _)| validate_node_id(n))
 }
 
 #[cfg(test)]

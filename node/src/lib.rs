@@ -1,1 +1,25 @@
-//! placeholder
+//! A ringkv node: everything that touches the outside world.
+//!
+//! - [`storage`]: RocksDB, the durable store of clocks and metadata.
+//! - [`tls`]: certificates and QUIC/TLS configuration, in one place.
+//! - [`quic`]: request/response framing on QUIC streams, the peer connection
+//!   pool and the client connection.
+//! - [`membership`]: joining, announcing and remembering the cluster.
+//! - [`server`]: starting a node and routing requests to the coordinator,
+//!   the local replica and membership.
+//!
+//! ## Architecture invariant
+//! Only this crate knows QUIC and RocksDB. Protocol decisions (quorums,
+//! merging, placement) are made in `coordinator`, `core` and `ring`; the code
+//! here moves bytes and stores them.
+
+pub mod error;
+pub mod membership;
+pub mod quic;
+pub mod server;
+pub mod storage;
+pub mod tls;
+
+pub use error::NodeError;
+pub use quic::{CallError, Client};
+pub use server::{Node, NodeConfig, NodeHandle};

@@ -11,7 +11,9 @@ fn ids(names: &[&str]) -> Vec<NodeId> {
 
 fn five_node_ring(vnodes: u32) -> Ring {
     Ring::new(
-        ids(&["n1", "n2", "n3", "n4", "n5"]).into_iter().map(|n| (n, vnodes)),
+        ids(&["n1", "n2", "n3", "n4", "n5"])
+            .into_iter()
+            .map(|n| (n, vnodes)),
         3,
     )
     .unwrap()
@@ -55,13 +57,18 @@ fn longest_key_placement_is_pinned() {
 fn placement_ignores_member_order() {
     let a = five_node_ring(16);
     let b = Ring::new(
-        ids(&["n5", "n3", "n1", "n4", "n2"]).into_iter().map(|n| (n, 16)),
+        ids(&["n5", "n3", "n1", "n4", "n2"])
+            .into_iter()
+            .map(|n| (n, 16)),
         3,
     )
     .unwrap();
     for i in 0..1000 {
         let key = format!("key-{i}");
-        assert_eq!(a.preference_list(key.as_bytes()), b.preference_list(key.as_bytes()));
+        assert_eq!(
+            a.preference_list(key.as_bytes()),
+            b.preference_list(key.as_bytes())
+        );
     }
 }
 
@@ -74,7 +81,9 @@ fn a_million_keys_spread_within_15_to_25_percent() {
     let mut key = [0u8; 16];
     for _ in 0..total {
         rng.fill(&mut key);
-        *owned.entry(ring.primary(&key).unwrap().clone()).or_default() += 1;
+        *owned
+            .entry(ring.primary(&key).unwrap().clone())
+            .or_default() += 1;
     }
     assert_eq!(owned.len(), 5);
     for (node, count) in owned {
@@ -93,7 +102,10 @@ fn small_clusters_use_every_node() {
 
 #[test]
 fn bad_rings_are_refused() {
-    assert_eq!(Ring::new(Vec::new(), 0).unwrap_err(), RingError::ZeroReplicas);
+    assert_eq!(
+        Ring::new(Vec::new(), 0).unwrap_err(),
+        RingError::ZeroReplicas
+    );
     let dup = Ring::new(ids(&["a", "a"]).into_iter().map(|n| (n, 8)), 3).unwrap_err();
     assert_eq!(dup.to_string(), "node a appears twice in the member list");
     assert!(matches!(

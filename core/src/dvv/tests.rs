@@ -21,8 +21,14 @@ fn node(i: usize) -> NodeId {
 enum Op {
     /// Write at replica `at` with the context of replica `ctx_of`'s clock,
     /// of a remembered past context, or none (a blind write).
-    Write { at: usize, ctx: CtxSource },
-    Sync { from: usize, to: usize },
+    Write {
+        at: usize,
+        ctx: CtxSource,
+    },
+    Sync {
+        from: usize,
+        to: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -74,9 +80,7 @@ impl Model {
                         let _ = k;
                         VersionVector::new()
                     }
-                    CtxSource::Past(k) => {
-                        self.past_contexts[k % self.past_contexts.len()].clone()
-                    }
+                    CtxSource::Past(k) => self.past_contexts[k % self.past_contexts.len()].clone(),
                 };
                 // A client only holds contexts it read from some replica, and
                 // a coordinator only coordinates after reading its own state,
@@ -99,8 +103,11 @@ impl Model {
     /// The siblings replica `i` must hold according to the oracle.
     fn expected_live(&self, i: usize) -> BTreeSet<Dot> {
         let known = self.replicas[i].context();
-        let known_writes: Vec<(&Dot, &VersionVector)> =
-            self.writes.iter().filter(|(d, _)| known.covers(d)).collect();
+        let known_writes: Vec<(&Dot, &VersionVector)> = self
+            .writes
+            .iter()
+            .filter(|(d, _)| known.covers(d))
+            .collect();
         known_writes
             .iter()
             .filter(|(d, _)| !known_writes.iter().any(|(_, ctx)| ctx.covers(d)))

@@ -1,0 +1,256 @@
+//! Quorum scenarios over the simulated network.
+//!
+//! Every test runs on tokio's paused clock: delays and deadlines elapse
+//! instantly and in a fixed order, so the outcome and the message log are the
+//! same on every run. Each test reads as a story: set up the cluster, break
+//! something, send a request, check the answer and what crossed the network.
+
+use std::time::Duration;
+
+use ringkv_coordinator::sim::SimCluster;
+use ringkv_core::wire::{ErrorKind, Outcome, Response};
+use ringkv_core::Consistency::{self, All, Count, One, Quorum};
+
+/// A key whose preference list in a 3-node cluster is every node; which node
+/// comes first does not matter for these scenarios.
+const KEY: &str = "user:42";
+
+fn ok_context(r: &Response) -> String {
+    match r {
+        Response::Put(p) => p.context.clone(),
+        Response::Get(g) => g.context.clone(),
+        other => panic!("expected success, got {other:?}"),
+    }
+}
+
+fn values(r: &Response) -> Vec<String> {
+    match r {
+        Response::Get(g) => {
+            let mut v: Vec<String> = g
+                .values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+        other => panic!("expected a get reply, got {other:?}"),
+    }
+}
+
+fn error(r: &Response) -> (ErrorKind, String) {
+    match r {
+        Response::Error(e) => (e.kind, e.message.clone()),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_r_and_w_succeeds_when_all_replicas_are_up() {
+    let c = SimCluster::new(3, 3, 1);
+    for w in 1..=3 {
+        for r in 1..=3 {
+            let key = format!("k-{w}-{r}");
+            let put = c.put("n1", &key, "v", Count(w), None).await;
+            ok_context(&put);
+            assert_eq!(
+                values(&c.get("n2", &key, Count(r)).await),
+                ["v"],
+                "w={w} r={r}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_replica_down_quorum_writes_and_reads_succeed() {
+    let c = SimCluster::new(3, 3, 1);
+    c.net.down(&c.id("n3"));
+    let put = c.put("n1", KEY, "v", Quorum, None).await;
+    ok_context(&put);
+    let log = c.net.take_log();
+    assert!(log.contains(&"n1 -> n2 Sync".to_string()), "{log:?}");
+    assert!(
+        log.contains(&"n1 -> n3 Sync (dropped: n3 is down)".to_string()),
+        "{log:?}"
+    );
+    assert_eq!(values(&c.get("n2", KEY, Quorum).await), ["v"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_replicas_down_quorum_write_fails_after_the_deadline() {
+    let c = SimCluster::new(3, 3, 1);
+    c.net.down(&c.id("n2"));
+    c.net.down(&c.id("n3"));
+    let started = tokio::time::Instant::now();
+    let put = c.put("n1", KEY, "v", Quorum, None).await;
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(2000),
+        "waits for the whole deadline"
+    );
+    let (kind, message) = error(&put);
+    assert_eq!(kind, ErrorKind::QuorumNotReached);
+    assert!(
+        message.starts_with("write quorum not reached: 1 of 2 required replicas answered"),
+        "{message}"
+    );
+    assert!(
+        message.contains("n2 (timed out)") && message.contains("n3 (timed out)"),
+        "{message}"
+    );
+    assert!(message.contains("may be stored on n1"), "{message}");
+    // Dynamo does not roll back: the coordinator keeps its copy.
+    assert_eq!(c.local_values("n1", KEY), ["v"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_all_fails_and_read_all_fails_with_one_replica_down() {
+    let c = SimCluster::new(3, 3, 1);
+    ok_context(&c.put("n1", KEY, "v", Quorum, None).await);
+    c.net.down(&c.id("n2"));
+    let (kind, message) = error(&c.put("n1", KEY, "w", All, None).await);
+    assert_eq!(kind, ErrorKind::QuorumNotReached);
+    assert!(
+        message.contains("2 of 3 required replicas answered"),
+        "{message}"
+    );
+    let (kind, message) = error(&c.get("n1", KEY, All).await);
+    assert_eq!(kind, ErrorKind::QuorumNotReached);
+    assert!(
+        message.starts_with("read quorum not reached: 2 of 3"),
+        "{message}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_after_the_deadline_changes_nothing() {
+    let c = SimCluster::new(3, 3, 1);
+    // n3 answers, but only after 2.5 s: past the 2 s deadline.
+    c.net
+        .delay(&c.id("n1"), &c.id("n3"), Duration::from_millis(1250));
+    c.net
+        .delay(&c.id("n3"), &c.id("n1"), Duration::from_millis(1250));
+    let put = c.put("n1", KEY, "v", All, None).await;
+    let receipt = match &put {
+        Response::Error(e) => e.receipt.clone().expect("quorum errors carry a receipt"),
+        other => panic!("expected a quorum error, got {other:?}"),
+    };
+    let n3 = receipt
+        .replicas
+        .iter()
+        .find(|r| r.node.as_str() == "n3")
+        .unwrap();
+    assert_eq!(n3.outcome, Outcome::Timeout);
+    // The late send still lands on n3 (nothing is rolled back), but the
+    // client's answer was decided at the deadline.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(c.local_values("n3", KEY), ["v"]);
+    assert!(matches!(put, Response::Error(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn w1_answers_without_waiting_for_slow_replicas_but_they_still_get_the_write() {
+    let c = SimCluster::new(3, 3, 1);
+    c.net
+        .delay(&c.id("n1"), &c.id("n2"), Duration::from_millis(300));
+    c.net
+        .delay(&c.id("n1"), &c.id("n3"), Duration::from_millis(300));
+    let started = tokio::time::Instant::now();
+    let put = c.put("n1", KEY, "v", One, None).await;
+    ok_context(&put);
+    assert!(started.elapsed() < Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(c.local_values("n2", KEY), ["v"]);
+    assert_eq!(c.local_values("n3", KEY), ["v"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn blind_writes_through_two_coordinators_become_siblings_and_a_context_resolves_them() {
+    let c = SimCluster::new(3, 3, 1);
+    ok_context(&c.put("n1", KEY, "left", All, None).await);
+    ok_context(&c.put("n2", KEY, "right", All, None).await);
+    let read = c.get("n3", KEY, Quorum).await;
+    assert_eq!(values(&read), ["left", "right"]);
+    ok_context(
+        &c.put("n3", KEY, "merged", Quorum, Some(ok_context(&read)))
+            .await,
+    );
+    assert_eq!(values(&c.get("n1", KEY, All).await), ["merged"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partitioned_coordinator_keeps_both_sides_of_a_conflict() {
+    let c = SimCluster::new(3, 3, 1);
+    let first = c.put("n1", KEY, "v0", All, None).await;
+    let ctx = ok_context(&first);
+    // n1 is cut off from n2 and n3; both sides update from the same context.
+    c.net.partition(&c.id("n1"), &c.id("n2"));
+    c.net.partition(&c.id("n1"), &c.id("n3"));
+    ok_context(&c.put("n1", KEY, "from-n1", One, Some(ctx.clone())).await);
+    ok_context(&c.put("n2", KEY, "from-n2", Quorum, Some(ctx)).await);
+    c.net.heal();
+    assert_eq!(values(&c.get("n1", KEY, All).await), ["from-n1", "from-n2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_non_replica_forwards_to_the_preference_list() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = c.ring.preference_list(KEY.as_bytes()).fallbacks[0].clone();
+    let put = c.put(outsider.as_str(), KEY, "v", All, None).await;
+    let receipt = match put {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[0]));
+    assert_eq!(receipt.replicas.len(), 3);
+    assert!(
+        c.local_values(outsider.as_str(), KEY).is_empty(),
+        "the outsider stores nothing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_requests_are_refused_before_anything_is_written() {
+    let c = SimCluster::with_limits(3, 3, 1, 2);
+    let (kind, message) = error(&c.put("n1", KEY, "v", Count(4), None).await);
+    assert_eq!(kind, ErrorKind::InvalidRequest);
+    assert!(message.contains("N=3"), "{message}");
+    let (kind, message) = error(
+        &c.put("n1", KEY, "v", Quorum, Some("not-a-token!".into()))
+            .await,
+    );
+    assert_eq!(kind, ErrorKind::InvalidRequest);
+    assert!(message.contains("base64url"), "{message}");
+    assert!(c.local_values("n1", KEY).is_empty());
+
+    // The sibling limit refuses a third blind write.
+    ok_context(&c.put("n1", KEY, "a", All, None).await);
+    ok_context(&c.put("n1", KEY, "b", All, None).await);
+    let (kind, message) = error(&c.put("n1", KEY, "c", All, None).await);
+    assert_eq!(kind, ErrorKind::InvalidRequest);
+    assert!(message.contains("limit is 2"), "{message}");
+    assert_eq!(c.local_values("n2", KEY), ["a", "b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn random_drops_replay_exactly_from_the_seed() {
+    async fn run(seed: u64) -> (Vec<String>, Vec<bool>) {
+        let c = SimCluster::new(3, 3, seed);
+        c.net.drop_rate(0.3);
+        let mut outcomes = Vec::new();
+        for i in 0..20 {
+            let r = c
+                .put("n1", &format!("k{i}"), "v", Consistency::All, None)
+                .await;
+            outcomes.push(matches!(r, Response::Put(_)));
+        }
+        (c.net.take_log(), outcomes)
+    }
+    let (log_a, out_a) = run(7).await;
+    let (log_b, out_b) = run(7).await;
+    assert_eq!(log_a, log_b);
+    assert_eq!(out_a, out_b);
+    assert!(out_a.contains(&true) && out_a.contains(&false), "{out_a:?}");
+}

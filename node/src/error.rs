@@ -1,0 +1,35 @@
+//! Errors a node reports when it cannot start or serve.
+
+use std::path::PathBuf;
+
+/// Why a node could not start or keep running. Each variant names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(
+        "data dir {path} is in use by another running ringkv node \
+         (RocksDB holds its LOCK file); stop that node or choose another --data-dir"
+    )]
+    DataDirInUse { path: PathBuf },
+    #[error("cannot open the store in {path}: {reason}")]
+    Storage { path: PathBuf, reason: String },
+    #[error("storage failed: {reason}")]
+    StorageIo { reason: String },
+    #[error("data dir {path} belongs to node {stored:?}, not {given:?}; start it with --id {stored} or use another --data-dir")]
+    IdMismatch {
+        path: PathBuf,
+        stored: String,
+        given: String,
+    },
+    #[error("this node's cluster replicates every key {cluster} times, but --replicas {given} was given; restart without --replicas or with --replicas {cluster}")]
+    ReplicasMismatch { cluster: usize, given: usize },
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("could not join the cluster: {reason}")]
+    Join { reason: String },
+    #[error("the cluster refused this node: {reason}")]
+    JoinRefused { reason: String },
+    #[error("invalid configuration: {reason}")]
+    Config { reason: String },
+    #[error("TLS setup failed: {reason}")]
+    Tls { reason: String },
+}

@@ -1,0 +1,294 @@
+//! Who is in the cluster, remembered across restarts.
+//!
+//! A new node joins by sending [`Request::Join`] to a seed; the seed checks
+//! that the node's id is not taken by another address and that it agrees on
+//! N, adds it, and answers with the whole member list and the cluster id. The
+//! new node then announces itself to every member it learned of, so all of
+//! them add it (a seed serialises joins, so of two nodes joining at once the
+//! second learns of the first and announces to it). Every node stores the
+//! cluster record (id, N, members) in its `meta` column family, so a restart,
+//! even of every node at once, needs no seeds: the node announces itself to
+//! the members it remembers.
+//!
+//! Gossip, failure detection and data movement on membership change come with
+//! later work; for now the member list only grows.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use ringkv_core::wire::{
+    decode_response, encode_response, ErrorKind, JoinReply, JoinRequest, Member, Response,
+};
+use ringkv_core::NodeId;
+use ringkv_ring::Ring;
+
+use crate::error::NodeError;
+use crate::storage::Storage;
+
+const META_NODE_ID: &str = "node_id";
+const META_CLUSTER: &str = "cluster";
+
+/// The cluster as this node knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterRecord {
+    pub cluster_id: u64,
+    pub replicas: usize,
+    pub members: BTreeMap<NodeId, Member>,
+}
+
+impl ClusterRecord {
+    pub fn ring(&self) -> Result<Ring, NodeError> {
+        Ring::new(
+            self.members.values().map(|m| (m.id.clone(), m.vnodes)),
+            self.replicas,
+        )
+        .map_err(|e| NodeError::Config {
+            reason: e.to_string(),
+        })
+    }
+
+    fn reply(&self) -> JoinReply {
+        JoinReply {
+            cluster_id: self.cluster_id,
+            replicas: self.replicas as u32,
+            members: self.members.values().cloned().collect(),
+        }
+    }
+}
+
+/// Membership state, shared by the server and the transport.
+pub struct Membership {
+    me: Member,
+    storage: Arc<Storage>,
+    /// `None` until this node has formed or joined a cluster.
+    record: RwLock<Option<ClusterRecord>>,
+}
+
+impl Membership {
+    /// Loads what `storage` remembers and checks it against this start's
+    /// flags: the data dir must belong to this node id, and an explicit
+    /// `--replicas` must match the cluster's N.
+    pub fn load(
+        storage: Arc<Storage>,
+        me: Member,
+        replicas_flag: Option<usize>,
+    ) -> Result<Self, NodeError> {
+        match storage.meta_get(META_NODE_ID)? {
+            Some(stored) => {
+                let stored = String::from_utf8_lossy(&stored).into_owned();
+                if stored != me.id.as_str() {
+                    return Err(NodeError::IdMismatch {
+                        path: storage.path().to_path_buf(),
+                        stored,
+                        given: me.id.to_string(),
+                    });
+                }
+            }
+            None => storage.meta_put(META_NODE_ID, me.id.as_str().as_bytes())?,
+        }
+        let mut record = match storage.meta_get(META_CLUSTER)? {
+            None => None,
+            Some(bytes) => match decode_response(&bytes) {
+                Ok(Response::Joined(reply)) => Some(record_from(reply)),
+                _ => {
+                    return Err(NodeError::Storage {
+                        path: storage.path().to_path_buf(),
+                        reason: "the stored cluster record is corrupt".into(),
+                    })
+                }
+            },
+        };
+        if let (Some(r), Some(given)) = (&record, replicas_flag) {
+            if r.replicas != given {
+                return Err(NodeError::ReplicasMismatch {
+                    cluster: r.replicas,
+                    given,
+                });
+            }
+        }
+        // A restart may come with a new address (e.g. port 0 in tests).
+        if let Some(r) = &mut record {
+            r.members.insert(me.id.clone(), me.clone());
+        }
+        let membership = Membership {
+            me,
+            storage,
+            record: RwLock::new(record),
+        };
+        if let Some(r) = membership.record() {
+            membership.persist(&r)?;
+        }
+        Ok(membership)
+    }
+
+    pub fn me(&self) -> &Member {
+        &self.me
+    }
+
+    /// The cluster record, once this node is in a cluster.
+    pub fn record(&self) -> Option<ClusterRecord> {
+        self.record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forms a new one-node cluster.
+    pub fn form(&self, cluster_id: u64, replicas: usize) -> Result<ClusterRecord, NodeError> {
+        let record = ClusterRecord {
+            cluster_id,
+            replicas,
+            members: BTreeMap::from([(self.me.id.clone(), self.me.clone())]),
+        };
+        self.persist(&record)?;
+        *self.record.write().unwrap_or_else(|p| p.into_inner()) = Some(record.clone());
+        Ok(record)
+    }
+
+    /// Adopts what a seed (or an announced-to member) answered. Returns the
+    /// new record and whether it changed.
+    pub fn adopt(&self, reply: JoinReply) -> Result<(ClusterRecord, bool), NodeError> {
+        let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
+        let mut record = match guard.clone() {
+            Some(mine) if mine.cluster_id != reply.cluster_id => {
+                return Err(NodeError::JoinRefused {
+                    reason: format!(
+                        "the seed belongs to cluster {:016x}, but this node's data dir belongs to cluster {:016x}",
+                        reply.cluster_id, mine.cluster_id
+                    ),
+                })
+            }
+            Some(mine) => mine,
+            None => ClusterRecord {
+                cluster_id: reply.cluster_id,
+                replicas: reply.replicas as usize,
+                members: BTreeMap::new(),
+            },
+        };
+        let before = record.clone();
+        for m in reply.members {
+            // Our own entry is authoritative about ourselves.
+            if m.id != self.me.id {
+                record.members.insert(m.id.clone(), m);
+            }
+        }
+        record.members.insert(self.me.id.clone(), self.me.clone());
+        let changed = before != record;
+        if changed {
+            self.persist(&record)?;
+            *guard = Some(record.clone());
+        }
+        Ok((record, changed))
+    }
+
+    /// Serves another node's join or announcement. Returns the answer and,
+    /// when the member list changed, the new record.
+    pub fn handle_join(&self, join: JoinRequest) -> (Response, Option<ClusterRecord>) {
+        let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
+        let Some(record) = guard.as_mut() else {
+            return (
+                Response::error(
+                    ErrorKind::Unavailable,
+                    format!("{} is not in a cluster yet", self.me.id),
+                ),
+                None,
+            );
+        };
+        if let Some(cluster_id) = join.cluster_id {
+            if cluster_id != record.cluster_id {
+                return (
+                    Response::error(
+                        ErrorKind::Refused,
+                        format!(
+                            "{} belongs to another cluster ({:016x}) than {} ({:016x})",
+                            join.member.id, cluster_id, self.me.id, record.cluster_id
+                        ),
+                    ),
+                    None,
+                );
+            }
+        }
+        if let Some(replicas) = join.replicas {
+            if replicas as usize != record.replicas {
+                return (
+                    Response::error(
+                        ErrorKind::Refused,
+                        format!(
+                            "the cluster replicates every key {} times, but {} was started with --replicas {replicas}",
+                            record.replicas, join.member.id
+                        ),
+                    ),
+                    None,
+                );
+            }
+        }
+        if let Some(existing) = record.members.get(&join.member.id) {
+            if existing.addr != join.member.addr && join.cluster_id.is_none() {
+                return (
+                    Response::error(
+                        ErrorKind::Refused,
+                        format!(
+                            "node id {} is already a member at {}; give the new node another --id",
+                            join.member.id, existing.addr
+                        ),
+                    ),
+                    None,
+                );
+            }
+        }
+        let changed = record.members.get(&join.member.id) != Some(&join.member);
+        if changed {
+            let mut next = record.clone();
+            next.members.insert(join.member.id.clone(), join.member);
+            if let Err(e) = self.persist(&next) {
+                return (Response::error(ErrorKind::Internal, e.to_string()), None);
+            }
+            *record = next;
+        }
+        let reply = Response::Joined(record.reply());
+        (reply, changed.then(|| record.clone()))
+    }
+
+    /// The address of member `id`.
+    pub fn addr_of(&self, id: &NodeId) -> Option<SocketAddr> {
+        let guard = self.record.read().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()?
+            .members
+            .get(id)
+            .and_then(|m| m.addr.parse().ok())
+    }
+
+    /// A join request describing this node.
+    pub fn join_request(&self, replicas_flag: Option<usize>) -> JoinRequest {
+        let record = self.record();
+        JoinRequest {
+            member: self.me.clone(),
+            replicas: record
+                .as_ref()
+                .map(|r| r.replicas as u32)
+                .or(replicas_flag.map(|r| r as u32)),
+            cluster_id: record.map(|r| r.cluster_id),
+        }
+    }
+
+    fn persist(&self, record: &ClusterRecord) -> Result<(), NodeError> {
+        self.storage.meta_put(
+            META_CLUSTER,
+            &encode_response(&Response::Joined(record.reply())),
+        )
+    }
+}
+
+fn record_from(reply: JoinReply) -> ClusterRecord {
+    ClusterRecord {
+        cluster_id: reply.cluster_id,
+        replicas: reply.replicas as usize,
+        members: reply
+            .members
+            .into_iter()
+            .map(|m| (m.id.clone(), m))
+            .collect(),
+    }
+}

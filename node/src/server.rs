@@ -1,0 +1,483 @@
+//! A running node: storage, membership, the QUIC endpoint and the request
+//! router that ties them to the coordinator.
+//!
+//! [`Node::start`] opens the store, binds the endpoint, serves requests and
+//! forms or joins the cluster; it returns a [`NodeHandle`] whose
+//! [`shutdown`](NodeHandle::shutdown) stops accepting work, closes
+//! connections and waits for the accept loop to end. The router is thin:
+//! client requests go to the [`Coordinator`], replica requests to the local
+//! [`ReplicaService`], membership requests to [`Membership`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ringkv_coordinator::coordinator::{Coordinator, CoordinatorConfig};
+use ringkv_coordinator::replica::ReplicaService;
+use ringkv_core::wire::{
+    ErrorKind, JoinRequest, Member, NodeStatus, ReplicaRequest, Request, Response, StatusReply,
+};
+use ringkv_core::{NodeId, Transport};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::NodeError;
+use crate::membership::{ClusterRecord, Membership};
+use crate::quic::{serve_connection, CallError, PeerPool};
+use crate::storage::Storage;
+use crate::tls;
+
+/// The default N for a new cluster.
+pub const DEFAULT_REPLICAS: usize = 3;
+/// How long a status probe waits for each peer.
+const STATUS_PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a node keeps trying to reach its seeds before giving up.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for a peer's QUIC handshake.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Everything a node is started with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub seeds: Vec<SocketAddr>,
+    /// N for a new cluster; `None` adopts the cluster's (or 3 for a new one).
+    pub replicas: Option<usize>,
+    pub vnodes: u32,
+    pub sync: bool,
+    pub max_value_bytes: usize,
+    pub max_siblings: usize,
+    pub join_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// A config with defaults for everything but identity and place.
+    pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf) -> Self {
+        NodeConfig {
+            id,
+            listen,
+            data_dir,
+            seeds: Vec::new(),
+            replicas: None,
+            vnodes: ringkv_ring::DEFAULT_VNODES,
+            sync: false,
+            max_value_bytes: ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES,
+            max_siblings: ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS,
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
+        }
+    }
+
+    fn validate(&self) -> Result<(), NodeError> {
+        let bad = |reason: &str| {
+            Err(NodeError::Config {
+                reason: reason.to_string(),
+            })
+        };
+        if self.replicas == Some(0) {
+            return bad("--replicas must be at least 1");
+        }
+        if self.vnodes == 0 {
+            return bad("--vnodes must be at least 1");
+        }
+        if self.max_siblings == 0 {
+            return bad("--max-siblings must be at least 1");
+        }
+        if self.listen.ip().is_unspecified() {
+            return bad("--listen needs the address peers reach this node at, not 0.0.0.0 or [::]");
+        }
+        Ok(())
+    }
+}
+
+/// The local replica, as the transport and the router call it.
+pub struct LocalReplica {
+    replica: Arc<ReplicaService<Arc<Storage>>>,
+}
+
+impl LocalReplica {
+    async fn handle(&self, request: ReplicaRequest) -> Response {
+        if self.replica.store().is_sync() {
+            // An fsync takes milliseconds: keep it off the async workers.
+            let replica = self.replica.clone();
+            tokio::task::spawn_blocking(move || replica.handle(request))
+                .await
+                .unwrap_or_else(|e| Response::error(ErrorKind::Internal, e.to_string()))
+        } else {
+            self.replica.handle(request)
+        }
+    }
+}
+
+/// The network as this node's coordinator sees it: QUIC to peers, a direct
+/// call to itself.
+pub struct QuicTransport {
+    me: NodeId,
+    local: Arc<LocalReplica>,
+    membership: Arc<Membership>,
+    pool: PeerPool,
+}
+
+impl QuicTransport {
+    async fn call_addr(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
+        self.pool.call(addr, request).await
+    }
+}
+
+impl Transport for QuicTransport {
+    async fn call(
+        &self,
+        to: &NodeId,
+        request: Request,
+    ) -> Result<Response, ringkv_core::TransportError> {
+        if *to == self.me {
+            return Ok(match request {
+                Request::Replica(r) => self.local.handle(r).await,
+                Request::Ping => Response::Pong,
+                _ => Response::error(ErrorKind::Internal, "only replica requests go to self"),
+            });
+        }
+        let addr = self
+            .membership
+            .addr_of(to)
+            .ok_or_else(|| ringkv_core::TransportError::UnknownNode { node: to.clone() })?;
+        self.pool
+            .call(addr, &request)
+            .await
+            .map_err(|e| ringkv_core::TransportError::Unreachable {
+                node: to.clone(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+struct NodeInner {
+    id: NodeId,
+    membership: Arc<Membership>,
+    transport: Arc<QuicTransport>,
+    local: Arc<LocalReplica>,
+    coordinator_config: CoordinatorConfig,
+    /// Set once the node is in a cluster; client requests wait for it.
+    coordinator: OnceLock<Arc<Coordinator<QuicTransport>>>,
+}
+
+impl NodeInner {
+    async fn handle(self: Arc<Self>, request: Request) -> Response {
+        match request {
+            Request::Put(p) => match self.coordinator.get() {
+                Some(c) => c.put(p).await,
+                None => joining(&self.id),
+            },
+            Request::Get(g) => match self.coordinator.get() {
+                Some(c) => c.get(g).await,
+                None => joining(&self.id),
+            },
+            Request::Replica(r) => self.local.handle(r).await,
+            Request::Ping => Response::Pong,
+            Request::Join(j) => {
+                let (response, changed) = self.membership.handle_join(j);
+                if let Some(record) = changed {
+                    self.install(&record);
+                }
+                response
+            }
+            Request::Status => self.status().await,
+        }
+    }
+
+    /// Puts a (new) cluster record into effect.
+    fn install(&self, record: &ClusterRecord) {
+        let ring = match record.ring() {
+            Ok(ring) => Arc::new(ring),
+            Err(e) => {
+                tracing::error!(error = %e, "membership produced an invalid ring");
+                return;
+            }
+        };
+        metrics::gauge!("ringkv_members").set(record.members.len() as f64);
+        match self.coordinator.get() {
+            Some(c) => c.set_ring(ring),
+            None => {
+                let coordinator = Arc::new(Coordinator::new(
+                    self.id.clone(),
+                    record.cluster_id,
+                    ring,
+                    self.transport.clone(),
+                    self.coordinator_config.clone(),
+                ));
+                if self.coordinator.set(coordinator).is_err() {
+                    // Raced with another install: update that one instead.
+                    if let (Some(c), Ok(ring)) = (self.coordinator.get(), record.ring()) {
+                        c.set_ring(Arc::new(ring));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn status(&self) -> Response {
+        let Some(record) = self.membership.record() else {
+            return joining(&self.id);
+        };
+        // Probe every peer at once so one dead peer costs one timeout, not one each.
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, member) in record.members.values().enumerate() {
+            let transport = self.transport.clone();
+            let (id, me) = (member.id.clone(), self.id.clone());
+            probes.spawn(async move {
+                let up = id == me
+                    || matches!(
+                        tokio::time::timeout(
+                            STATUS_PING_TIMEOUT,
+                            transport.call(&id, Request::Ping)
+                        )
+                        .await,
+                        Ok(Ok(Response::Pong))
+                    );
+                (i, up)
+            });
+        }
+        let mut up = vec![false; record.members.len()];
+        while let Some(Ok((i, alive))) = probes.join_next().await {
+            up[i] = alive;
+        }
+        Response::Status(StatusReply {
+            node: self.id.clone(),
+            replicas: record.replicas as u32,
+            nodes: record
+                .members
+                .values()
+                .zip(up)
+                .map(|(m, up)| NodeStatus {
+                    id: m.id.clone(),
+                    addr: m.addr.clone(),
+                    up,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn joining(id: &NodeId) -> Response {
+    Response::error(
+        ErrorKind::Unavailable,
+        format!("{id} is still joining the cluster; retry shortly"),
+    )
+}
+
+/// A started node.
+pub struct Node;
+
+/// Controls a running node.
+pub struct NodeHandle {
+    id: NodeId,
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    shutdown: watch::Sender<bool>,
+    accept_loop: JoinHandle<()>,
+    inner: Arc<NodeInner>,
+}
+
+impl NodeHandle {
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    /// The address the node serves on (with the real port if 0 was asked).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The cluster as this node sees it.
+    pub fn cluster(&self) -> Option<ClusterRecord> {
+        self.inner.membership.record()
+    }
+
+    /// Stops accepting requests, closes every connection and waits for the
+    /// accept loop to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close(0u32.into(), b"shutting down");
+        let _ = self.accept_loop.await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    /// Resolves when the node is asked to stop (or its accept loop dies).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.accept_loop).await;
+    }
+}
+
+impl Node {
+    /// Starts a node and returns once it is serving and in a cluster.
+    pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+        config.validate()?;
+        let storage = Arc::new(Storage::open(&config.data_dir, config.sync)?);
+
+        let mut endpoint =
+            quinn::Endpoint::server(tls::server_config()?, config.listen).map_err(|e| {
+                NodeError::Listen {
+                    addr: config.listen.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+        endpoint.set_default_client_config(tls::client_config());
+        let addr = endpoint.local_addr().map_err(|e| NodeError::Listen {
+            addr: config.listen.to_string(),
+            reason: e.to_string(),
+        })?;
+
+        let me = Member {
+            id: config.id.clone(),
+            addr: addr.to_string(),
+            vnodes: config.vnodes,
+        };
+        let membership = Arc::new(Membership::load(storage.clone(), me, config.replicas)?);
+        let replica = Arc::new(ReplicaService::new(
+            config.id.clone(),
+            storage.clone(),
+            config.max_siblings,
+        ));
+        let local = Arc::new(LocalReplica { replica });
+        let transport = Arc::new(QuicTransport {
+            me: config.id.clone(),
+            local: local.clone(),
+            membership: membership.clone(),
+            pool: PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT),
+        });
+        let inner = Arc::new(NodeInner {
+            id: config.id.clone(),
+            membership: membership.clone(),
+            transport,
+            local,
+            coordinator_config: CoordinatorConfig {
+                max_value_bytes: config.max_value_bytes,
+            },
+            coordinator: OnceLock::new(),
+        });
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let accept_loop = tokio::spawn(accept_loop(endpoint.clone(), inner.clone(), shutdown_rx));
+        let handle = NodeHandle {
+            id: config.id.clone(),
+            addr,
+            endpoint,
+            shutdown,
+            accept_loop,
+            inner: inner.clone(),
+        };
+
+        let result = form_or_join(&inner, &config).await;
+        if let Err(e) = result {
+            handle.shutdown().await;
+            return Err(e);
+        }
+        tracing::info!(node = %config.id, %addr, "serving");
+        Ok(handle)
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    inner: Arc<NodeInner>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => serve_connection(conn, move |request| inner.clone().handle(request)).await,
+                        Err(e) => tracing::debug!(error = %e, "handshake failed"),
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Puts the node in a cluster: the one it remembers, the one its seeds are
+/// in, or a new one.
+async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(), NodeError> {
+    let membership = &inner.membership;
+    if let Some(record) = membership.record() {
+        inner.install(&record);
+        announce(inner, &record).await;
+        return Ok(());
+    }
+    if config.seeds.is_empty() {
+        let replicas = config.replicas.unwrap_or(DEFAULT_REPLICAS);
+        let record = membership.form(rand::random(), replicas)?;
+        inner.install(&record);
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + config.join_timeout;
+    let request = Request::Join(membership.join_request(config.replicas));
+    let mut failures: Vec<String>;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        failures = Vec::new();
+        for seed in &config.seeds {
+            match inner.transport.call_addr(*seed, &request).await {
+                Ok(Response::Joined(reply)) => {
+                    let (record, _) = membership.adopt(reply)?;
+                    inner.install(&record);
+                    announce(inner, &record).await;
+                    return Ok(());
+                }
+                Ok(Response::Error(e)) if e.kind == ErrorKind::Refused => {
+                    return Err(NodeError::JoinRefused { reason: e.message })
+                }
+                Ok(Response::Error(e)) => failures.push(format!("{seed}: {}", e.message)),
+                Ok(other) => failures.push(format!("{seed}: unexpected answer {other:?}")),
+                Err(e) => failures.push(format!("{seed}: {e}")),
+            }
+        }
+        if tokio::time::Instant::now() + backoff > deadline {
+            return Err(NodeError::Join {
+                reason: format!(
+                    "no seed answered within {} s: {}",
+                    config.join_timeout.as_secs(),
+                    failures.join("; ")
+                ),
+            });
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Tells every other member about this node (and learns whom they know).
+/// Best effort: a member that is down learns of us when it asks later.
+async fn announce(inner: &Arc<NodeInner>, record: &ClusterRecord) {
+    let request = Request::Join(JoinRequest {
+        member: inner.membership.me().clone(),
+        replicas: Some(record.replicas as u32),
+        cluster_id: Some(record.cluster_id),
+    });
+    for member in record.members.values() {
+        if member.id == inner.id {
+            continue;
+        }
+        let Ok(addr) = member.addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        match inner.transport.call_addr(addr, &request).await {
+            Ok(Response::Joined(reply)) => match inner.membership.adopt(reply) {
+                Ok((record, true)) => inner.install(&record),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(peer = %member.id, error = %e, "announce refused"),
+            },
+            Ok(Response::Error(e)) => {
+                tracing::warn!(peer = %member.id, error = %e.message, "announce refused")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?"),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The command line, as clap sees it. Help texts are written to teach: each
+//! says what the option does to the request and what the default means.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ringkv_core::Consistency;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringkv",
+    version,
+    about = "A Dynamo-style leaderless key-value store",
+    long_about = "A Dynamo-style leaderless key-value store.\n\n\
+        Keys are placed on a consistent-hash ring and replicated to N nodes. Every request \
+        chooses how many replicas must answer: reads wait for R, writes for W (a number, or \
+        one, quorum, all). With R + W > N a read sees the latest acknowledged write.\n\n\
+        Concurrent writes are never silently dropped: they come back as siblings with a causal \
+        context, and a write carrying that context replaces them.\n\n\
+        Quick start:\n  ringkv cluster                 # 3 nodes on 127.0.0.1:7000-7002, N=3\n  \
+        ringkv put greeting hello      # in another terminal\n  ringkv get greeting -r all\n\n\
+        Exit status: 0 ok, 1 key not found, 2 bad usage or input, 3 quorum not reached or \
+        timed out, 4 node unreachable, 5 internal node error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (tracing syntax, e.g. `info` or `ringkv_node=debug`); logs go to stderr.
+    #[arg(long, global = true, env = "RINGKV_LOG", default_value = "warn")]
+    pub log: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one node (a replica and coordinator) until Ctrl-C.
+    Node(NodeArgs),
+    /// Run a local development cluster in this process until Ctrl-C.
+    Cluster(ClusterArgs),
+    /// Start a throwaway 3-node cluster and show reads and writes at each consistency level.
+    Demo(DemoArgs),
+    /// Write a value.
+    Put(PutArgs),
+    /// Read a key's value(s).
+    Get(GetArgs),
+    /// Delete a key (writes a tombstone).
+    Delete(DeleteArgs),
+    /// Show the cluster's members as one node sees them.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// This node's name on the ring and in version vectors; must stay the same across restarts.
+    #[arg(long)]
+    pub id: String,
+    /// Address to serve QUIC on (UDP), which peers and clients use to reach this node.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Where RocksDB keeps this node's data and its record of the cluster.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// A running member to join through (repeatable). Not needed on restart: the node remembers its cluster.
+    #[arg(long = "seed", value_name = "HOST:PORT")]
+    pub seeds: Vec<String>,
+    /// Replicas per key (N) for a new cluster. Joining nodes adopt the cluster's N; giving a different one is an error.
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<usize>,
+    /// Virtual nodes on the ring; more spread load more evenly.
+    #[arg(long, value_name = "V", default_value_t = ringkv_ring::DEFAULT_VNODES)]
+    pub vnodes: u32,
+    /// Fsync the write-ahead log before acknowledging each write (group commit). Without it, writes survive a process crash but not power loss.
+    #[arg(long)]
+    pub sync: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// How long to keep trying the seeds before giving up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub join_timeout_s: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Largest value accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES)]
+    pub max_value_bytes: usize,
+    /// Most concurrent values (siblings) a key may hold; further blind writes are refused until a write with a context resolves them.
+    #[arg(long, value_name = "COUNT", default_value_t = ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS)]
+    pub max_siblings: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// How many nodes to run.
+    #[arg(long, value_name = "K", default_value_t = 3)]
+    pub nodes: usize,
+    /// Where the nodes keep their data (one subdirectory each). Default: a directory under the system temp dir, reused across runs.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Node i listens on 127.0.0.1:BASE_PORT+i-1.
+    #[arg(long, value_name = "PORT", default_value_t = 7000)]
+    pub base_port: u16,
+    /// Replicas per key (N).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub replicas: usize,
+    /// Fsync before acknowledging writes.
+    #[arg(long)]
+    pub sync: bool,
+    /// Serve Prometheus metrics (of all nodes together) on this address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The node to send the request to; any node will do, it forwards to the key's replicas.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "RINGKV_NODE",
+        default_value = "127.0.0.1:7000"
+    )]
+    pub node: String,
+    /// Print the result as JSON (for scripts).
+    #[arg(long)]
+    pub json: bool,
+    /// Give up on reaching the node after this long.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct PutArgs {
+    pub key: String,
+    /// The value; `-` or absent reads it from stdin (binary-safe).
+    pub value: Option<String>,
+    /// Replicas that must acknowledge: 1..=N, one, quorum or all.
+    #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
+    pub w: Consistency,
+    /// The context token from a previous get: the write replaces the values that read saw. Without it the write is blind and may add a sibling.
+    #[arg(long, value_name = "TOKEN")]
+    pub context: Option<String>,
+    /// Deadline for the whole request.
+    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub timeout_ms: u32,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    pub key: String,
+    /// Replicas that must answer: 1..=N, one, quorum or all.
+    #[arg(short = 'r', long = "r", value_name = "R", default_value = "quorum", value_parser = parse_consistency)]
+    pub r: Consistency,
+    /// Read only the contacted node's own copy, without a quorum (for operators and tests).
+    #[arg(long)]
+    pub local: bool,
+    /// Deadline for the whole request.
+    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub timeout_ms: u32,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    pub key: String,
+    /// Replicas that must acknowledge the tombstone.
+    #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
+    pub w: Consistency,
+    /// The context token from a previous get. Without it, ringkv first reads the key (R=quorum) and deletes what that read saw.
+    #[arg(long, value_name = "TOKEN")]
+    pub context: Option<String>,
+    /// Deadline for the whole request.
+    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub timeout_ms: u32,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+fn parse_consistency(s: &str) -> Result<Consistency, String> {
+    s.parse::<Consistency>().map_err(|e| e.message)
+}

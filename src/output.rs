@@ -1,0 +1,111 @@
+//! What the client commands print: JSON for scripts, short lines for people.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ringkv_core::wire::{GetReply, Receipt, StatusReply};
+use serde_json::{json, Value};
+
+pub fn print_json(value: &Value) {
+    println!("{value}");
+}
+
+/// The quorum receipt: the coordinator and each replica's outcome and latency.
+pub fn receipt_json(receipt: &Receipt) -> Value {
+    json!({
+        "coordinator": receipt.coordinator.as_ref().map(|c| c.to_string()),
+        "replicas": receipt.replicas.iter().map(|r| {
+            let mut o = json!({
+                "id": r.node.to_string(),
+                "outcome": r.outcome.as_str(),
+                "latency_ms": r.latency_us as f64 / 1000.0,
+            });
+            if let Some(detail) = &r.detail {
+                o["detail"] = json!(detail);
+            }
+            o
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn receipt_line(receipt: &Receipt) -> String {
+    let replicas: Vec<String> = receipt
+        .replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {:.2} ms",
+                r.node,
+                r.outcome.as_str(),
+                r.latency_us as f64 / 1000.0
+            )
+        })
+        .collect();
+    format!(
+        "coordinator {}: {}",
+        receipt
+            .coordinator
+            .as_ref()
+            .map(|c| c.as_str())
+            .unwrap_or("?"),
+        replicas.join(", ")
+    )
+}
+
+/// Output of a successful put or delete.
+pub fn written(context: &str, receipt: &Receipt, json: bool, verb: &str) {
+    if json {
+        print_json(&json!({ "context": context, "receipt": receipt_json(receipt) }));
+    } else {
+        println!("{verb} ({})", receipt_line(receipt));
+        println!("context: {context}");
+    }
+}
+
+/// `get --json`: values as UTF-8 strings, or all as base64 if any is not UTF-8.
+pub fn get_json(reply: &GetReply) -> Value {
+    let all_utf8 = reply.values.iter().all(|v| std::str::from_utf8(v).is_ok());
+    let values: Vec<String> = reply
+        .values
+        .iter()
+        .map(|v| {
+            if all_utf8 {
+                String::from_utf8_lossy(v).into_owned()
+            } else {
+                STANDARD.encode(v)
+            }
+        })
+        .collect();
+    let mut out = json!({
+        "values": values,
+        "context": reply.context,
+        "receipt": receipt_json(&reply.receipt),
+    });
+    if !all_utf8 {
+        out["encoding"] = json!("base64");
+    }
+    out
+}
+
+pub fn status(reply: &StatusReply, json: bool) {
+    if json {
+        print_json(&json!({
+            "node": reply.node.to_string(),
+            "replicas": reply.replicas,
+            "nodes": reply.nodes.iter().map(|n| json!({
+                "id": n.id.to_string(),
+                "addr": n.addr,
+                "state": if n.up { "up" } else { "down" },
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("cluster seen from {} (N={})", reply.node, reply.replicas);
+        for n in &reply.nodes {
+            println!(
+                "  {:<12} {:<22} {}",
+                n.id.as_str(),
+                n.addr,
+                if n.up { "up" } else { "down" }
+            );
+        }
+    }
+}

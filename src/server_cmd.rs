@@ -1,0 +1,392 @@
+//! `node`, `cluster` and `demo`: commands that run nodes in this process.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use ringkv_core::dvv::Payload;
+use ringkv_core::wire::{GetRequest, PutRequest, Request, Response};
+use ringkv_core::{Consistency, NodeId};
+use ringkv_node::{Client, Node, NodeConfig, NodeError, NodeHandle};
+use serde_json::json;
+
+use crate::args::{ClusterArgs, DemoArgs, NodeArgs};
+use crate::{Exit, Failure};
+
+pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
+    let id = NodeId::new(args.id).map_err(|e| Failure::new(Exit::Usage, format!("--id: {e}")))?;
+    let listen = resolve("--listen", &args.listen)?;
+    let seeds = args
+        .seeds
+        .iter()
+        .map(|s| resolve("--seed", s))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(addr) = &args.metrics {
+        install_metrics(addr)?;
+    }
+    let mut config = NodeConfig::new(id, listen, args.data_dir);
+    config.seeds = seeds;
+    config.replicas = args.replicas;
+    config.vnodes = args.vnodes;
+    config.sync = args.sync;
+    config.max_value_bytes = args.limits.max_value_bytes;
+    config.max_siblings = args.limits.max_siblings;
+    config.join_timeout = Duration::from_secs(args.join_timeout_s);
+    let handle = Node::start(config).await.map_err(node_failure)?;
+    println!("node {} serving on {}", handle.id(), handle.addr());
+    wait_for_signal().await;
+    eprintln!("shutting down");
+    handle.shutdown().await;
+    Ok(Exit::Ok)
+}
+
+pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
+    if args.nodes == 0 {
+        return Err(Failure::new(Exit::Usage, "--nodes must be at least 1"));
+    }
+    if args.replicas == 0 {
+        return Err(Failure::new(Exit::Usage, "--replicas must be at least 1"));
+    }
+    if args.base_port as usize + args.nodes > usize::from(u16::MAX) + 1 {
+        return Err(Failure::new(
+            Exit::Usage,
+            "--base-port + --nodes runs past port 65535",
+        ));
+    }
+    if let Some(addr) = &args.metrics {
+        install_metrics(addr)?;
+    }
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("ringkv-cluster-{}", args.base_port)));
+    let nodes = start_local_cluster(
+        args.nodes,
+        args.replicas,
+        args.base_port,
+        &data_dir,
+        args.sync,
+    )
+    .await?;
+    println!(
+        "ringkv cluster: {} nodes, N={}, data in {}",
+        nodes.len(),
+        args.replicas,
+        data_dir.display()
+    );
+    for n in &nodes {
+        println!("  {:<4} {}", n.id().as_str(), n.addr());
+    }
+    println!("try: ringkv put hello world && ringkv get hello   (Ctrl-C stops the cluster)");
+    wait_for_signal().await;
+    eprintln!("shutting down");
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(Exit::Ok)
+}
+
+/// Starts `count` nodes `n1..` on 127.0.0.1; port 0 picks free ports.
+async fn start_local_cluster(
+    count: usize,
+    replicas: usize,
+    base_port: u16,
+    data_dir: &std::path::Path,
+    sync: bool,
+) -> Result<Vec<NodeHandle>, Failure> {
+    let mut nodes: Vec<NodeHandle> = Vec::with_capacity(count);
+    for i in 0..count {
+        let id = NodeId::new(format!("n{}", i + 1)).expect("valid id");
+        let port = if base_port == 0 {
+            0
+        } else {
+            base_port + i as u16
+        };
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut config = NodeConfig::new(id.clone(), listen, data_dir.join(id.as_str()));
+        config.replicas = Some(replicas);
+        config.sync = sync;
+        if let Some(first) = nodes.first() {
+            config.seeds = vec![first.addr()];
+        }
+        match Node::start(config).await {
+            Ok(handle) => nodes.push(handle),
+            Err(e) => {
+                for n in nodes {
+                    n.shutdown().await;
+                }
+                return Err(node_failure(e));
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+/// The main demonstration until the bench replaces it: a throwaway 3-node
+/// cluster, then reads and writes at each consistency level, siblings and a
+/// delete, with what each cost.
+pub async fn demo(args: DemoArgs) -> Result<Exit, Failure> {
+    let dir = std::env::temp_dir().join(format!("ringkv-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let nodes = start_local_cluster(3, 3, 0, &dir, false).await?;
+    let result = run_demo(&nodes, args.json).await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+const DEMO_OPS: usize = 300;
+
+async fn run_demo(nodes: &[NodeHandle], json_out: bool) -> Result<Exit, Failure> {
+    let say = |line: String| {
+        if !json_out {
+            println!("{line}");
+        }
+    };
+    say(format!(
+        "Started 3 nodes (N=3) on {}",
+        nodes
+            .iter()
+            .map(|n| n.addr().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let clients = connect_all(nodes).await?;
+    let mut levels = Vec::new();
+    say(format!(
+        "\n{DEMO_OPS} puts then {DEMO_OPS} gets per level, one client, 100-byte values:"
+    ));
+    say(format!(
+        "{:<8} {:>12} {:>12} {:>12} {:>12}",
+        "level", "put p50 ms", "put p99 ms", "get p50 ms", "get p99 ms"
+    ));
+    for level in [Consistency::One, Consistency::Quorum, Consistency::All] {
+        let value = vec![b'x'; 100];
+        let mut put_us = Vec::with_capacity(DEMO_OPS);
+        let mut get_us = Vec::with_capacity(DEMO_OPS);
+        for i in 0..DEMO_OPS {
+            let key = format!("demo:{level}:{i}");
+            let started = Instant::now();
+            expect_ok(
+                clients[i % 3]
+                    .call(&put_request(
+                        &key,
+                        Payload::Value(value.clone()),
+                        level,
+                        None,
+                    ))
+                    .await,
+            )?;
+            put_us.push(started.elapsed().as_micros() as u64);
+        }
+        for i in 0..DEMO_OPS {
+            let key = format!("demo:{level}:{i}");
+            let started = Instant::now();
+            expect_ok(clients[(i + 1) % 3].call(&get_request(&key, level)).await)?;
+            get_us.push(started.elapsed().as_micros() as u64);
+        }
+        let (p50p, p99p, p50g, p99g) = (
+            pct(&mut put_us, 50),
+            pct(&mut put_us, 99),
+            pct(&mut get_us, 50),
+            pct(&mut get_us, 99),
+        );
+        say(format!(
+            "{:<8} {:>12.3} {:>12.3} {:>12.3} {:>12.3}",
+            level.to_string(),
+            p50p,
+            p99p,
+            p50g,
+            p99g
+        ));
+        levels.push(json!({"level": level.to_string(), "put_p50_ms": p50p, "put_p99_ms": p99p, "get_p50_ms": p50g, "get_p99_ms": p99g}));
+    }
+
+    say("\nTwo blind writes of one key through different nodes are concurrent:".to_string());
+    let key = "demo:cart";
+    expect_ok(
+        clients[0]
+            .call(&put_request(
+                key,
+                Payload::Value(b"milk".to_vec()),
+                Consistency::All,
+                None,
+            ))
+            .await,
+    )?;
+    expect_ok(
+        clients[1]
+            .call(&put_request(
+                key,
+                Payload::Value(b"eggs".to_vec()),
+                Consistency::All,
+                None,
+            ))
+            .await,
+    )?;
+    let (siblings, context) = read_values(&clients[2], key).await?;
+    say(format!(
+        "  get -> {} siblings: {}",
+        siblings.len(),
+        siblings.join(", ")
+    ));
+    expect_ok(
+        clients[2]
+            .call(&put_request(
+                key,
+                Payload::Value(b"milk,eggs".to_vec()),
+                Consistency::Quorum,
+                Some(context),
+            ))
+            .await,
+    )?;
+    let (resolved, context) = read_values(&clients[0], key).await?;
+    say(format!(
+        "  put with that get's context -> {}",
+        resolved.join(", ")
+    ));
+    expect_ok(
+        clients[0]
+            .call(&put_request(
+                key,
+                Payload::Tombstone,
+                Consistency::Quorum,
+                Some(context),
+            ))
+            .await,
+    )?;
+    let (after_delete, _) = read_values(&clients[1], key).await?;
+    say(format!(
+        "  delete with context -> get finds {} values",
+        after_delete.len()
+    ));
+
+    for c in clients {
+        c.close().await;
+    }
+    if json_out {
+        println!(
+            "{}",
+            json!({"levels": levels, "siblings": siblings, "resolved": resolved, "after_delete": after_delete})
+        );
+    }
+    Ok(Exit::Ok)
+}
+
+async fn connect_all(nodes: &[NodeHandle]) -> Result<Vec<Client>, Failure> {
+    let mut clients = Vec::new();
+    for n in nodes {
+        clients.push(
+            Client::connect(n.addr(), Duration::from_secs(3))
+                .await
+                .map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?,
+        );
+    }
+    Ok(clients)
+}
+
+fn put_request(key: &str, payload: Payload, w: Consistency, context: Option<String>) -> Request {
+    Request::Put(PutRequest {
+        key: key.as_bytes().to_vec(),
+        payload,
+        context,
+        w,
+        timeout_ms: 2000,
+        forwarded: false,
+    })
+}
+
+fn get_request(key: &str, r: Consistency) -> Request {
+    Request::Get(GetRequest {
+        key: key.as_bytes().to_vec(),
+        r,
+        local: false,
+        timeout_ms: 2000,
+        forwarded: false,
+    })
+}
+
+async fn read_values(client: &Client, key: &str) -> Result<(Vec<String>, String), Failure> {
+    match expect_ok(client.call(&get_request(key, Consistency::Quorum)).await)? {
+        Response::Get(g) => {
+            let mut values: Vec<String> = g
+                .values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
+            values.sort();
+            Ok((values, g.context))
+        }
+        other => Err(Failure::new(
+            Exit::Internal,
+            format!("unexpected answer {other:?}"),
+        )),
+    }
+}
+
+fn expect_ok(result: Result<Response, ringkv_node::CallError>) -> Result<Response, Failure> {
+    match result {
+        Ok(Response::Error(e)) => Err(Failure::new(Exit::Quorum, e.message)),
+        Ok(r) => Ok(r),
+        Err(e) => Err(Failure::new(Exit::Unreachable, e.to_string())),
+    }
+}
+
+/// The `p`th percentile of `samples` (microseconds), in milliseconds.
+fn pct(samples: &mut [u64], p: usize) -> f64 {
+    samples.sort_unstable();
+    let i = ((samples.len() * p).div_ceil(100))
+        .saturating_sub(1)
+        .min(samples.len() - 1);
+    samples[i] as f64 / 1000.0
+}
+
+fn resolve(flag: &str, addr: &str) -> Result<SocketAddr, Failure> {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            Failure::new(
+                Exit::Usage,
+                format!("{flag} {addr:?} is not an address; use HOST:PORT"),
+            )
+        })
+}
+
+fn install_metrics(addr: &str) -> Result<(), Failure> {
+    let addr = resolve("--metrics", addr)?;
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| Failure::new(Exit::Usage, format!("cannot serve metrics on {addr}: {e}")))
+}
+
+fn node_failure(e: NodeError) -> Failure {
+    let exit = match e {
+        NodeError::Join { .. } => Exit::Unreachable,
+        NodeError::StorageIo { .. } => Exit::Internal,
+        _ => Exit::Usage,
+    };
+    Failure::new(exit, e.to_string())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
