@@ -1,0 +1,263 @@
+//! A harness for end-to-end tests: real `ringkv node` processes on loopback.
+//!
+//! Each test gets its own loopback address (127.0.x.y, derived from the test
+//! name), so tests never fight over ports, and a lock so only one cluster
+//! runs at a time on a small machine. Readiness is the node's own "serving"
+//! line on stdout, waited for with a deadline; nothing sleeps for luck.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// How long a node may take to start and join.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn ringkv() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringkv"));
+    cmd.env_remove("RINGKV_NODE").env("RINGKV_LOG", "warn");
+    cmd
+}
+
+/// A loopback address unique to `test`.
+pub fn loopback_for(test: &str) -> Ipv4Addr {
+    let h = ringkv_core::hash::stable_hash64(test.as_bytes());
+    Ipv4Addr::new(
+        127,
+        1 + (h % 250) as u8,
+        ((h >> 8) % 250) as u8 + 1,
+        ((h >> 16) % 250) as u8 + 1,
+    )
+}
+
+/// A UDP port free on `ip` right now.
+pub fn free_port(ip: Ipv4Addr) -> u16 {
+    UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct NodeProc {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    pub dir: tempfile::TempDir,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// Starts `count` nodes `n1..`, N=`replicas`, each given `extra` flags.
+    pub fn start(test: &str, count: usize, replicas: usize, extra: &[&str]) -> Cluster {
+        let lock = ONE_CLUSTER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let ip = loopback_for(test);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            dir,
+            _lock: lock,
+        };
+        for i in 1..=count {
+            let id = format!("n{i}");
+            let mut node_extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            node_extra.extend(["--replicas".to_string(), replicas.to_string()]);
+            let node = NodeProc {
+                addr: SocketAddr::from((ip, free_port(ip))),
+                data_dir: cluster.dir.path().join(&id),
+                id,
+                extra: node_extra,
+                child: None,
+            };
+            cluster.nodes.push(node);
+            let seeds = if i == 1 {
+                vec![]
+            } else {
+                vec![cluster.nodes[0].addr()]
+            };
+            cluster.launch(i - 1, &seeds).expect("node starts");
+        }
+        cluster
+    }
+
+    /// Starts node `i` (0-based) with `seeds`; waits until it serves.
+    pub fn launch(&mut self, i: usize, seeds: &[String]) -> Result<(), String> {
+        let node = &self.nodes[i];
+        let mut cmd = ringkv();
+        cmd.args([
+            "node",
+            "--id",
+            &node.id,
+            "--listen",
+            &node.addr(),
+            "--data-dir",
+        ])
+        .arg(&node.data_dir)
+        .args(&node.extra);
+        for s in seeds {
+            cmd.args(["--seed", s]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("serving on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        match rx.recv_timeout(START_DEADLINE) {
+            Ok(()) => {
+                self.nodes[i].child = Some(child);
+                Ok(())
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                Err(format!(
+                    "node {} did not start: {}",
+                    self.nodes[i].id,
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Restarts node `i` with no seeds: it must remember its cluster.
+    pub fn restart(&mut self, i: usize) {
+        self.launch(i, &[]).expect("node restarts");
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        self.nodes[i].addr()
+    }
+
+    /// Runs the CLI against node `i`.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Output {
+        run(ringkv().args(args).args(["--node", &self.addr(i)]))
+    }
+
+    /// Runs the CLI against node `i` with `stdin` as input.
+    pub fn cli_stdin(&self, i: usize, args: &[&str], stdin: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = ringkv()
+            .args(args)
+            .args(["--node", &self.addr(i)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Polls `check` until it holds or `deadline` passes.
+    pub fn eventually(&self, deadline: Duration, what: &str, mut check: impl FnMut() -> bool) {
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("not within {deadline:?}: {what}");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Parses `--json` output.
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): stdout {:?} stderr {:?}",
+            stdout(o),
+            stderr(o)
+        )
+    })
+}
+
+/// Asserts the exit status, showing the output if it differs.
+#[track_caller]
+pub fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// The sorted values of a `get --json`.
+pub fn values(o: &Output) -> Vec<String> {
+    let mut v: Vec<String> = json(o)["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn context(o: &Output) -> String {
+    json(o)["context"].as_str().unwrap().to_string()
+}

@@ -1,0 +1,180 @@
+//! Every bad input gets a clear error, a non-zero exit, and writes nothing.
+
+mod common;
+
+use common::*;
+use ringkv_core::{CausalContext, NodeId, VersionVector};
+
+#[test]
+fn bad_requests_exit_2_and_write_nothing() {
+    let c = Cluster::start("bad_requests_exit_2", 3, 3, &["--max-value-bytes", "1024"]);
+
+    let o = c.cli(0, &["put", "", "v"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).starts_with("error: key is empty"),
+        "{}",
+        stderr(&o)
+    );
+
+    let long_key = "k".repeat(1025);
+    let o = c.cli(0, &["put", &long_key, "v"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("1025 bytes long; the limit is 1024"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = c.cli_stdin(0, &["put", "big"], &vec![b'x'; 1025]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("value is 1025 bytes; this node accepts at most 1024"),
+        "{}",
+        stderr(&o)
+    );
+    assert_exit(&c.cli(1, &["get", "big", "-r", "all"]), 1);
+
+    for (flag, level, needle) in [
+        ("-w", "0", "0 would wait for no replica"),
+        ("-w", "4", "N=3"),
+        ("-w", "many", "not a number"),
+        ("-r", "0", "0 would wait for no replica"),
+        ("-r", "7", "N=3"),
+    ] {
+        let cmd = if flag == "-w" { "put" } else { "get" };
+        let mut args = vec![cmd, "k"];
+        if cmd == "put" {
+            args.push("v");
+        }
+        args.extend([flag, level]);
+        let o = c.cli(0, &args);
+        assert_exit(&o, 2);
+        assert!(
+            stderr(&o).contains(needle),
+            "{flag} {level}: {}",
+            stderr(&o)
+        );
+    }
+    assert_exit(&c.cli(1, &["get", "k", "-r", "all"]), 1);
+
+    let o = c.cli(0, &["put", "k", "v", "--context", "%%%not-base64"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("context token is not base64url"),
+        "{}",
+        stderr(&o)
+    );
+
+    let foreign = CausalContext::new(
+        0x1234,
+        b"k",
+        VersionVector::from_pairs([(NodeId::new("n1").unwrap(), 1)]),
+    )
+    .encode();
+    let o = c.cli(0, &["put", "k", "v", "--context", &foreign]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("issued by another cluster"),
+        "{}",
+        stderr(&o)
+    );
+
+    let other_key = context(&c.cli(0, &["get", "other", "--json"]));
+    let o = c.cli(0, &["put", "k", "v", "--context", &other_key]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("issued for a different key"),
+        "{}",
+        stderr(&o)
+    );
+    assert_exit(&c.cli(1, &["get", "k", "-r", "all"]), 1);
+}
+
+#[test]
+fn unreachable_or_malformed_node_addresses() {
+    let o = run(ringkv().args(["get", "k", "--node", "not an address"]));
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("is not an address"), "{}", stderr(&o));
+
+    let ip = loopback_for("unreachable_or_malformed_node_addresses");
+    let nobody = format!("{ip}:{}", free_port(ip));
+    let o = run(ringkv().args(["get", "k", "--node", &nobody, "--connect-timeout-ms", "500"]));
+    assert_exit(&o, 4);
+    assert!(
+        stderr(&o).starts_with(&format!("error: cannot reach node {nobody}")),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bad_node_starts_are_refused() {
+    let mut c = Cluster::start("bad_node_starts_are_refused", 2, 2, &[]);
+    let ip = match c.nodes[0].addr.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("{other}"),
+    };
+    let node = |id: &str, dir: &std::path::Path, extra: &[&str]| {
+        let listen = format!("{ip}:{}", free_port(ip));
+        run(ringkv()
+            .args(["node", "--id", id, "--listen", &listen, "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .args(["--join-timeout-s", "5"]))
+    };
+
+    let o = node("n9", &c.dir.path().join("zero"), &["--replicas", "0"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("--replicas must be at least 1"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = node("bad id", &c.dir.path().join("badid"), &[]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("--id"), "{}", stderr(&o));
+
+    // n2 already exists at another address.
+    let seed = c.addr(0);
+    let o = node("n2", &c.dir.path().join("dup"), &["--seed", &seed]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("node id n2 is already a member at"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = node(
+        "n7",
+        &c.dir.path().join("n7"),
+        &["--seed", &seed, "--replicas", "5"],
+    );
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("replicates every key 2 times"),
+        "{}",
+        stderr(&o)
+    );
+
+    // n1's data dir while n1 runs.
+    let held = c.nodes[0].data_dir.clone();
+    let o = node("n1", &held, &[]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("is in use by another running ringkv node"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A data dir that belongs to another id.
+    c.kill(1);
+    let o = node("n5", &c.nodes[1].data_dir.clone(), &[]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("belongs to node \"n2\""),
+        "{}",
+        stderr(&o)
+    );
+}
