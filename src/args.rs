@@ -46,6 +46,36 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Show the cluster's members as one node sees them.
     Status(StatusArgs),
+    /// Measure put and get latency and throughput (closed loop).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Nodes of a running cluster, comma-separated. Default: start an embedded 3-node cluster (N=3) on loopback.
+    #[arg(long, value_name = "ADDR,...", value_delimiter = ',')]
+    pub cluster: Vec<String>,
+    /// Concurrent clients, each with its own connection, spread over the nodes.
+    #[arg(long, value_name = "C", default_value_t = 32)]
+    pub concurrency: usize,
+    /// How long the put phase and then the get phase each run.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub duration_s: u64,
+    /// Size of each written value.
+    #[arg(long, value_name = "BYTES", default_value_t = 100)]
+    pub value_bytes: usize,
+    /// Number of distinct keys written and read.
+    #[arg(long, value_name = "COUNT", default_value_t = 10_000)]
+    pub keys: u64,
+    /// Read consistency.
+    #[arg(short = 'r', long = "r", value_name = "R", default_value = "quorum", value_parser = parse_consistency)]
+    pub r: Consistency,
+    /// Write consistency.
+    #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
+    pub w: Consistency,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -5,6 +5,7 @@
 //! rely on (see [`Exit`]).
 
 mod args;
+mod bench_cmd;
 mod client_cmd;
 mod output;
 mod server_cmd;
@@ -67,6 +68,7 @@ fn main() {
             Command::Get(a) => client_cmd::get(a).await,
             Command::Delete(a) => client_cmd::delete(a).await,
             Command::Status(a) => client_cmd::status(a).await,
+            Command::Bench(a) => bench_cmd::bench(a).await,
         }
     });
     // Background tasks (connections being closed) must not hold the exit.

@@ -85,7 +85,7 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
 }
 
 /// Starts `count` nodes `n1..` on 127.0.0.1; port 0 picks free ports.
-async fn start_local_cluster(
+pub async fn start_local_cluster(
     count: usize,
     replicas: usize,
     base_port: u16,

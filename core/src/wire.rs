@@ -259,7 +259,7 @@ where
     // rkyv reads archives in place and needs them aligned; a frame read off a
     // stream into a plain Vec may not be.
     let aligned;
-    let bytes = if (bytes.as_ptr() as usize) % 16 == 0 {
+    let bytes = if (bytes.as_ptr() as usize).is_multiple_of(16) {
         bytes
     } else {
         let mut copy = AlignedVec::<16>::with_capacity(bytes.len());
