@@ -168,6 +168,16 @@ pub struct Target {
     pub connect_timeout_ms: u64,
 }
 
+/// Options every key request takes.
+#[derive(Args, Debug, Clone)]
+pub struct RequestOpts {
+    /// Deadline for the whole request, replicas included.
+    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub timeout_ms: u32,
+    #[command(flatten)]
+    pub target: Target,
+}
+
 #[derive(Args, Debug)]
 pub struct PutArgs {
     pub key: String,
@@ -179,11 +189,8 @@ pub struct PutArgs {
     /// The context token from a previous get: the write replaces the values that read saw. Without it the write is blind and may add a sibling.
     #[arg(long, value_name = "TOKEN")]
     pub context: Option<String>,
-    /// Deadline for the whole request.
-    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=60_000))]
-    pub timeout_ms: u32,
     #[command(flatten)]
-    pub target: Target,
+    pub request: RequestOpts,
 }
 
 #[derive(Args, Debug)]
@@ -195,11 +202,8 @@ pub struct GetArgs {
     /// Read only the contacted node's own copy, without a quorum (for operators and tests).
     #[arg(long)]
     pub local: bool,
-    /// Deadline for the whole request.
-    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=60_000))]
-    pub timeout_ms: u32,
     #[command(flatten)]
-    pub target: Target,
+    pub request: RequestOpts,
 }
 
 #[derive(Args, Debug)]
@@ -208,14 +212,11 @@ pub struct DeleteArgs {
     /// Replicas that must acknowledge the tombstone.
     #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
     pub w: Consistency,
-    /// The context token from a previous get. Without it, ringkv first reads the key (R=quorum) and deletes what that read saw.
+    /// The context token from a previous get. Without it, ringkv first reads the key (R=quorum) and deletes what that read saw; the read and the delete each get --timeout-ms.
     #[arg(long, value_name = "TOKEN")]
     pub context: Option<String>,
-    /// Deadline for the whole request.
-    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=60_000))]
-    pub timeout_ms: u32,
     #[command(flatten)]
-    pub target: Target,
+    pub request: RequestOpts,
 }
 
 #[derive(Args, Debug)]

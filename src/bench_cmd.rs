@@ -13,7 +13,10 @@ use crate::{Exit, Failure};
 
 pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if args.concurrency == 0 {
-        return Err(Failure::new(Exit::Usage, "--concurrency must be at least 1"));
+        return Err(Failure::new(
+            Exit::Usage,
+            "--concurrency must be at least 1",
+        ));
     }
     if args.duration_s == 0 {
         return Err(Failure::new(Exit::Usage, "--duration-s must be at least 1"));
@@ -52,7 +55,11 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             config.w,
             config.value_bytes,
             args.duration_s,
-            if embedded.is_empty() { "the given cluster" } else { "an embedded 3-node cluster" }
+            if embedded.is_empty() {
+                "the given cluster"
+            } else {
+                "an embedded 3-node cluster"
+            }
         );
     }
     let result = ringkv_bench::run(&config).await;
@@ -62,9 +69,15 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     let _ = std::fs::remove_dir_all(&embedded_dir);
     let report = result.map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
     if args.json {
-        println!("{}", json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes}));
+        println!(
+            "{}",
+            json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes})
+        );
     } else {
-        println!("{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}", "op", "ops/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors");
+        println!(
+            "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "op", "ops/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+        );
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
             println!(
                 "{:<4} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7}",

@@ -33,13 +33,13 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
         payload: Payload::Value(value),
         context: args.context,
         w: args.w,
-        timeout_ms: args.timeout_ms,
+        timeout_ms: args.request.timeout_ms,
         forwarded: false,
     });
-    let response = send(&args.target, &request).await?;
+    let response = send(&args.request.target, &request).await?;
     match response {
         Response::Put(reply) => {
-            output::written(&reply.context, &reply.receipt, args.target.json, "stored");
+            output::written(&reply, args.request.target.json, "stored");
             Ok(Exit::Ok)
         }
         other => Err(unexpected(other)),
@@ -48,19 +48,19 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
 
 pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
     validate_key(args.key.as_bytes()).map_err(|e| Failure::new(Exit::Usage, e.message))?;
-    let client = connect(&args.target).await?;
+    let client = connect(&args.request.target).await?;
     let reply = read(
         &client,
         args.key.as_bytes(),
         args.r,
         args.local,
-        args.timeout_ms,
+        args.request.timeout_ms,
     )
     .await;
     client.close().await;
     let reply = reply?;
     let found = !reply.values.is_empty();
-    if args.target.json {
+    if args.request.target.json {
         output::print_json(&output::get_json(&reply));
     } else if found {
         let mut stdout = std::io::stdout().lock();
@@ -85,7 +85,7 @@ pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
 
 pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
     validate_key(args.key.as_bytes()).map_err(|e| Failure::new(Exit::Usage, e.message))?;
-    let client = connect(&args.target).await?;
+    let client = connect(&args.request.target).await?;
     let result = async {
         let context = match args.context {
             Some(token) => token,
@@ -95,7 +95,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
                     args.key.as_bytes(),
                     Consistency::Quorum,
                     false,
-                    args.timeout_ms,
+                    args.request.timeout_ms,
                 )
                 .await?
                 .context
@@ -106,7 +106,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
             payload: Payload::Tombstone,
             context: Some(context),
             w: args.w,
-            timeout_ms: args.timeout_ms,
+            timeout_ms: args.request.timeout_ms,
             forwarded: false,
         });
         call(&client, &request).await
@@ -115,7 +115,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
     client.close().await;
     match result? {
         Response::Put(reply) => {
-            output::written(&reply.context, &reply.receipt, args.target.json, "deleted");
+            output::written(&reply, args.request.target.json, "deleted");
             Ok(Exit::Ok)
         }
         other => Err(unexpected(other)),

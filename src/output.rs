@@ -2,7 +2,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use ringkv_core::wire::{GetReply, Receipt, StatusReply};
+use ringkv_core::wire::{GetReply, PutReply, Receipt, StatusReply};
 use serde_json::{json, Value};
 
 pub fn print_json(value: &Value) {
@@ -52,12 +52,22 @@ fn receipt_line(receipt: &Receipt) -> String {
 }
 
 /// Output of a successful put or delete.
-pub fn written(context: &str, receipt: &Receipt, json: bool, verb: &str) {
+pub fn written(reply: &PutReply, json: bool, verb: &str) {
     if json {
-        print_json(&json!({ "context": context, "receipt": receipt_json(receipt) }));
+        print_json(&json!({
+            "context": reply.context,
+            "siblings": reply.siblings,
+            "receipt": receipt_json(&reply.receipt),
+        }));
     } else {
-        println!("{verb} ({})", receipt_line(receipt));
-        println!("context: {context}");
+        println!("{verb} ({})", receipt_line(&reply.receipt));
+        if reply.siblings > 1 {
+            println!(
+                "the key now has {} concurrent values; get it to see and resolve them",
+                reply.siblings
+            );
+        }
+        println!("context: {}", reply.context);
     }
 }
 

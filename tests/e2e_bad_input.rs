@@ -170,11 +170,21 @@ fn bad_node_starts_are_refused() {
 
     // A data dir that belongs to another id.
     c.kill(1);
-    let o = node("n5", &c.nodes[1].data_dir.clone(), &[]);
+    let n2_dir = c.nodes[1].data_dir.clone();
+    let o = node("n5", &n2_dir, &[]);
     assert_exit(&o, 2);
     assert!(
         stderr(&o).contains("belongs to node \"n2\""),
         "{}",
         stderr(&o)
+    );
+
+    // n2 restarted with another N than its cluster's.
+    let o = node("n2", &n2_dir, &["--replicas", "3"]);
+    assert_exit(&o, 2);
+    let msg = stderr(&o);
+    assert!(
+        msg.contains("replicates every key 2 times, but --replicas 3 was given"),
+        "{msg}"
     );
 }

@@ -70,7 +70,12 @@ fn every_node_killed_after_write_all_restarts_with_every_value() {
         for node in 0..3 {
             let local = c.cli(node, &["get", key, "--local", "--json"]);
             assert_exit(&local, 0);
-            assert_eq!(values(&local), vec![expected.as_str()], "{key} on n{}", node + 1);
+            assert_eq!(
+                values(&local),
+                vec![expected.as_str()],
+                "{key} on n{}",
+                node + 1
+            );
         }
     }
     // And the restarted cluster serves quorum requests again.

@@ -169,14 +169,20 @@ impl<T: Transport> Coordinator<T> {
         // that has every earlier dot of its own for this key.
         let mint = ReplicaRequest::Update {
             key: request.key.clone(),
-            context,
+            context: context.clone(),
             payload: request.payload,
         };
         let clock = match self.call(&self.id, Request::Replica(mint), deadline).await {
             Ok(Response::Clock(Some(clock))) => clock,
             Ok(Response::Error(e)) => return Response::Error(e),
             Ok(other) => return internal(format!("local replica answered {other:?}")),
-            Err(reason) => return unavailable(format!("could not write locally: {reason}")),
+            Err(reason) => {
+                return unavailable(format!(
+                    "the coordinator's own write did not complete ({reason}); \
+                     the value may be stored on {} only",
+                    self.id
+                ))
+            }
         };
         let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
         if is_replica {
@@ -210,10 +216,19 @@ impl<T: Transport> Coordinator<T> {
         )
         .await;
 
+        // Hand back a context covering the new clock only if the client has
+        // seen all of it: with concurrent siblings left, a context covering
+        // them would let the next write discard values nobody read.
+        let siblings = clock.sibling_count();
+        let reply_context = if siblings == 1 {
+            clock.context()
+        } else {
+            context
+        };
         match tracker.state() {
             QuorumState::Reached => Response::Put(PutReply {
-                context: CausalContext::new(self.cluster_id, &request.key, clock.context())
-                    .encode(),
+                context: CausalContext::new(self.cluster_id, &request.key, reply_context).encode(),
+                siblings: siblings as u32,
                 receipt: tracker.receipt(&self.id),
             }),
             _ => {
@@ -369,10 +384,28 @@ impl<T: Transport> Coordinator<T> {
     }
 
     /// Hands a request to the first replica that answers.
-    async fn forward(&self, replicas: &[NodeId], request: Request, deadline: Instant) -> Response {
+    ///
+    /// Each attempt gets an equal share of the time left, so a dead first
+    /// replica cannot use up the deadline, and the forwarded request carries
+    /// the remaining time so the replica gives up before we do.
+    async fn forward(
+        &self,
+        replicas: &[NodeId],
+        mut request: Request,
+        deadline: Instant,
+    ) -> Response {
         let mut failures = Vec::new();
-        for node in replicas {
-            match self.call(node, request.clone(), deadline).await {
+        for (i, node) in replicas.iter().enumerate() {
+            let now = Instant::now();
+            if now >= deadline {
+                failures.push(format!("{node} (no time left)"));
+                continue;
+            }
+            let share = (deadline - now) / (replicas.len() - i) as u32;
+            let attempt_deadline = now + share;
+            let remaining_ms = share.saturating_sub(FORWARD_MARGIN).as_millis().max(1);
+            set_timeout_ms(&mut request, remaining_ms.min(u128::from(u32::MAX)) as u32);
+            match self.call(node, request.clone(), attempt_deadline).await {
                 Ok(response) => return response,
                 Err(reason) => failures.push(format!("{node} ({reason})")),
             }
@@ -395,6 +428,18 @@ impl<T: Transport> Coordinator<T> {
             Ok(Err(e)) => Err(transport_reason(&e)),
             Err(_) => Err("timed out".to_string()),
         }
+    }
+}
+
+/// Time kept back from a forwarded request's deadline so its answer (even a
+/// quorum error) can travel back before the forwarder gives up.
+const FORWARD_MARGIN: Duration = Duration::from_millis(20);
+
+fn set_timeout_ms(request: &mut Request, timeout_ms: u32) {
+    match request {
+        Request::Put(p) => p.timeout_ms = timeout_ms,
+        Request::Get(g) => g.timeout_ms = timeout_ms,
+        _ => {}
     }
 }
 

@@ -111,8 +111,8 @@ impl QuorumTracker {
         &self.answers
     }
 
-    /// The receipt clients see. Replicas still pending when the request
-    /// completed are listed with outcome `None` (still in flight).
+    /// The receipt clients see. Replicas still in flight when the request
+    /// completed are left out: they have no outcome yet.
     pub fn receipt(&self, coordinator: &NodeId) -> Receipt {
         Receipt {
             coordinator: Some(coordinator.clone()),

@@ -9,8 +9,9 @@
 
 use std::sync::Mutex;
 
-use ringkv_core::dvv::{Clock, Payload, VersionVector};
+use ringkv_core::dvv::{Clock, Payload, VersionVector, CLOCK_ENTRIES_MAX};
 use ringkv_core::hash::stable_hash64;
+use ringkv_core::wire::CLOCK_MAX_BYTES;
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
 use ringkv_core::NodeId;
 
@@ -56,10 +57,27 @@ pub enum ReplicaError {
          read it and write with the returned --context to resolve them"
     )]
     TooManySiblings { siblings: usize, limit: usize },
+    #[error(
+        "the context claims {claimed} writes by {actor}, which has made only {made} to this key; \
+         it was not issued for this key's current history"
+    )]
+    ImpossibleContext {
+        actor: NodeId,
+        claimed: u64,
+        made: u64,
+    },
+    #[error(
+        "the key's versions would take about {bytes} bytes, over the {limit}-byte limit; \
+         read it and write with the returned --context to resolve its siblings"
+    )]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("the key's history would name {actors} actors, over the limit of {limit}")]
+    TooManyActors { actors: usize, limit: usize },
 }
 
 /// Applies replica operations to a [`Store`].
 pub struct ReplicaService<S> {
+    /// The actor this replica mints dots under (see [`NodeId::actor`]).
     id: NodeId,
     store: S,
     locks: Box<[Mutex<()>]>,
@@ -94,6 +112,18 @@ impl<S: Store> ReplicaService<S> {
     ) -> Result<Clock, ReplicaError> {
         let _guard = self.lock(key);
         let mut clock = self.store.get(key)?.unwrap_or_default();
+        // This node holds every dot it minted for the key (it writes its own
+        // dots first, and a node that may have lost some runs as a new
+        // actor), so a context claiming more of our writes is not a context
+        // of this key's history; obeying it would supersede our future writes.
+        let (claimed, made) = (context.get(&self.id), clock.counter(&self.id));
+        if claimed > made {
+            return Err(ReplicaError::ImpossibleContext {
+                actor: self.id.clone(),
+                claimed,
+                made,
+            });
+        }
         let siblings = clock.sibling_count_after_update(context);
         if siblings > self.max_siblings {
             return Err(ReplicaError::TooManySiblings {
@@ -102,6 +132,19 @@ impl<S: Store> ReplicaService<S> {
             });
         }
         clock.update(context, payload, &self.id);
+        if clock.entry_count() > CLOCK_ENTRIES_MAX {
+            return Err(ReplicaError::TooManyActors {
+                actors: clock.entry_count(),
+                limit: CLOCK_ENTRIES_MAX,
+            });
+        }
+        let bytes = clock.approx_size();
+        if bytes > CLOCK_MAX_BYTES {
+            return Err(ReplicaError::TooLarge {
+                bytes,
+                limit: CLOCK_MAX_BYTES,
+            });
+        }
         self.store.put(key, &clock)?;
         Ok(clock)
     }
@@ -136,10 +179,10 @@ impl<S: Store> ReplicaService<S> {
         };
         match result {
             Ok(clock) => Response::Clock(clock),
-            Err(e @ ReplicaError::TooManySiblings { .. }) => {
-                Response::error(ErrorKind::InvalidRequest, e.to_string())
+            Err(e @ ReplicaError::Store(_)) => {
+                Response::error(ErrorKind::Internal, format!("{}: {e}", self.id))
             }
-            Err(e) => Response::error(ErrorKind::Internal, format!("{}: {e}", self.id)),
+            Err(e) => Response::error(ErrorKind::InvalidRequest, e.to_string()),
         }
     }
 
@@ -235,6 +278,36 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(s.read(b"k").unwrap().unwrap().sibling_count(), 400);
+    }
+
+    #[test]
+    fn a_context_claiming_writes_this_actor_never_made_is_refused() {
+        let s = service(10);
+        let forged = VersionVector::from_pairs([(NodeId::new("a").unwrap(), u64::MAX / 2)]);
+        let err = s.update(b"k", &forged, Payload::Tombstone).unwrap_err();
+        assert!(
+            matches!(err, ReplicaError::ImpossibleContext { made: 0, .. }),
+            "{err}"
+        );
+        assert!(s.read(b"k").unwrap().is_none(), "nothing written");
+    }
+
+    #[test]
+    fn a_key_may_not_grow_past_the_size_limit() {
+        let s = service(1000);
+        let big = vec![0u8; 4 * 1024 * 1024];
+        let mut result = Ok(Clock::new());
+        for _ in 0..20 {
+            result = s.update(b"k", &VersionVector::new(), Payload::Value(big.clone()));
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(
+            matches!(result, Err(ReplicaError::TooLarge { .. })),
+            "{result:?}"
+        );
+        assert!(s.read(b"k").unwrap().unwrap().approx_size() <= CLOCK_MAX_BYTES);
     }
 
     #[test]

@@ -20,8 +20,8 @@ use crate::hash::stable_hash64;
 use crate::node_id::NodeId;
 
 const TOKEN_VERSION: u8 = 1;
-/// More entries than any cluster has nodes; bounds what a token can make us allocate.
-const TOKEN_ENTRIES_MAX: usize = 4096;
+/// Bounds what a token can make us allocate; a clock never has more entries.
+const TOKEN_ENTRIES_MAX: usize = crate::dvv::CLOCK_ENTRIES_MAX;
 
 /// A decoded context token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +82,10 @@ impl CausalContext {
             let node =
                 NodeId::new(id).map_err(|e| InvalidInput::new(format!("context token: {e}")))?;
             let counter = r.u64()?;
-            if counter == 0 || previous.as_ref().is_some_and(|p| *p >= node) {
+            if counter == 0
+                || counter > crate::dvv::COUNTER_MAX
+                || previous.as_ref().is_some_and(|p| *p >= node)
+            {
                 return Err(InvalidInput::new("context token is corrupt"));
             }
             previous = Some(node.clone());

@@ -41,6 +41,14 @@
 use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
+/// The most entries (actors) a clock or context may have. Each node adds one
+/// actor per epoch; a key whose history names more actors than this is refused
+/// rather than allowed to grow every token and frame without bound.
+pub const CLOCK_ENTRIES_MAX: usize = 1024;
+/// Counters above this are refused as implausible, so `counter + 1` can never
+/// overflow whatever a peer or a token claims.
+pub const COUNTER_MAX: u64 = u64::MAX / 2;
+
 /// One write event: the `counter`-th write of a key coordinated by `node`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Dot {
@@ -130,8 +138,23 @@ impl VersionVector {
                 ));
             }
         }
-        if self.entries.iter().any(|(_, c)| *c == 0) {
-            return Err(InvalidInput::new("version vector has a zero counter"));
+        if self
+            .entries
+            .iter()
+            .any(|(_, c)| *c == 0 || *c > COUNTER_MAX)
+        {
+            return Err(InvalidInput::new(
+                "version vector has a zero or implausibly large counter",
+            ));
+        }
+        if self.entries.len() > CLOCK_ENTRIES_MAX {
+            return Err(InvalidInput::new(format!(
+                "version vector names {} actors; the limit is {CLOCK_ENTRIES_MAX}",
+                self.entries.len()
+            )));
+        }
+        for (node, _) in &self.entries {
+            NodeId::new(node.as_str())?;
         }
         Ok(())
     }
@@ -215,6 +238,33 @@ impl Clock {
 
     pub fn sibling_count(&self) -> usize {
         self.entries.iter().map(|e| e.payloads.len()).sum()
+    }
+
+    /// How many of `node`'s events this clock knows.
+    pub fn counter(&self, node: &NodeId) -> u64 {
+        self.find(node)
+            .map(|i| self.entries[i].counter)
+            .unwrap_or(0)
+    }
+
+    /// The number of actors the clock names.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// An upper estimate of the encoded size in bytes, for size limits.
+    pub fn approx_size(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| {
+                96 + e.node.as_str().len()
+                    + e.payloads
+                        .iter()
+                        .map(|p| 16 + p.value().map_or(0, <[u8]>::len))
+                        .sum::<usize>()
+            })
+            .sum::<usize>()
+            + 64
     }
 
     /// The live values, leaving out tombstones.
@@ -340,7 +390,20 @@ impl Clock {
                 return Err(InvalidInput::new("clock entries are not sorted and unique"));
             }
         }
+        if self.entries.len() > CLOCK_ENTRIES_MAX {
+            return Err(InvalidInput::new(format!(
+                "clock names {} actors; the limit is {CLOCK_ENTRIES_MAX}",
+                self.entries.len()
+            )));
+        }
         for e in &self.entries {
+            NodeId::new(e.node.as_str())?;
+            if e.counter > COUNTER_MAX {
+                return Err(InvalidInput::new(format!(
+                    "clock entry for {} has an implausible counter {}",
+                    e.node, e.counter
+                )));
+            }
             if e.payloads.len() as u64 > e.counter {
                 return Err(InvalidInput::new(format!(
                     "clock entry for {} has {} siblings but only {} events",

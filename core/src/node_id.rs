@@ -9,8 +9,11 @@ use std::fmt;
 
 use crate::error::InvalidInput;
 
-/// The longest node id accepted, in bytes.
+/// The longest id accepted anywhere, in bytes (node names and actor ids).
 pub const NODE_ID_MAX_BYTES: usize = 64;
+/// The longest name a node may be started with: leaves room for the
+/// `.epoch` suffix of its actor id.
+pub const NODE_NAME_MAX_BYTES: usize = 40;
 
 /// The name of one ringkv node, e.g. `n1`.
 ///
@@ -47,6 +50,18 @@ impl NodeId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The actor id this node mints version-vector dots under during one
+    /// *epoch* of its data: `name.epoch` in hex.
+    ///
+    /// A node's dots are unique only while it remembers every dot it minted.
+    /// A node whose data dir was wiped, or that may have lost the tail of an
+    /// unsynced WAL, starts a new epoch, so its new dots can never collide
+    /// with dots it minted before (the scheme Riak uses for vnode ids).
+    pub fn actor(&self, epoch: u32) -> NodeId {
+        debug_assert!(self.0.len() <= NODE_NAME_MAX_BYTES);
+        NodeId(format!("{}.{epoch:08x}", self.0))
     }
 }
 

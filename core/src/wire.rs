@@ -20,9 +20,12 @@ use crate::node_id::NodeId;
 pub const ALPN: &[u8] = b"ringkv/1";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
-/// The largest frame read off a stream. Bounds memory per request; a value is
-/// limited far below this by the node's `--max-value-bytes`.
-pub const FRAME_MAX_BYTES: usize = 256 * 1024 * 1024;
+/// The largest a key's stored versions may grow (all siblings together);
+/// writes that would exceed it are refused.
+pub const CLOCK_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// The largest frame read off a stream: a whole clock plus room for the
+/// envelope. Bounds memory per request.
+pub const FRAME_MAX_BYTES: usize = CLOCK_MAX_BYTES + 1024 * 1024;
 
 /// A request to a node, from a client or a peer.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -110,7 +113,12 @@ pub enum Response {
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct PutReply {
+    /// Covers exactly what this write superseded plus the write itself when
+    /// the write left a single value; when concurrent values remain, it is
+    /// the context the client sent (read to see and resolve them).
     pub context: String,
+    /// How many concurrent values the key has after this write.
+    pub siblings: u32,
     pub receipt: Receipt,
 }
 
@@ -310,19 +318,14 @@ impl Request {
             Request::Get(g) => validate_key(&g.key),
             Request::Status | Request::Ping => Ok(()),
             Request::Join(j) => {
-                validate_node_id(&j.member.id)?;
                 if j.replicas == Some(0) {
                     return Err(InvalidInput::new("join request has replicas = 0"));
                 }
-                if j.member.vnodes == 0 {
-                    return Err(InvalidInput::new("join request has vnodes = 0"));
-                }
-                Ok(())
+                validate_member(&j.member)
             }
             Request::Replica(ReplicaRequest::Update { key, context, .. }) => {
                 validate_key(key)?;
-                context.validate()?;
-                context.iter().try_for_each(|(n, _)| validate_node_id(n))
+                context.validate()
             }
             Request::Replica(ReplicaRequest::Sync { key, clock }) => {
                 validate_key(key)?;
@@ -338,18 +341,35 @@ impl Response {
     pub fn validate(&self) -> Result<(), InvalidInput> {
         match self {
             Response::Clock(Some(clock)) => validate_clock(clock),
-            Response::Joined(j) => j.members.iter().try_for_each(|m| validate_node_id(&m.id)),
+            Response::Joined(j) => {
+                if j.replicas == 0 {
+                    return Err(InvalidInput::new("join reply has replicas = 0"));
+                }
+                j.members.iter().try_for_each(validate_member)
+            }
             _ => Ok(()),
         }
     }
 }
 
 fn validate_clock(clock: &Clock) -> Result<(), InvalidInput> {
-    clock.validate()?;
-    clock
-        .context()
-        .iter()
-        .try_for_each(|(n, _)| validate_node_id(n))
+    clock.validate()
+}
+
+fn validate_member(m: &Member) -> Result<(), InvalidInput> {
+    validate_node_id(&m.id)?;
+    if m.vnodes == 0 {
+        return Err(InvalidInput::new(format!("member {} has 0 vnodes", m.id)));
+    }
+    m.addr
+        .parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| {
+            InvalidInput::new(format!(
+                "member {} has address {:?}, not IP:PORT",
+                m.id, m.addr
+            ))
+        })
 }
 
 #[cfg(test)]

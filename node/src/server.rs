@@ -85,6 +85,15 @@ impl NodeConfig {
         if self.max_siblings == 0 {
             return bad("--max-siblings must be at least 1");
         }
+        if self.id.as_str().len() > ringkv_core::node_id::NODE_NAME_MAX_BYTES {
+            return Err(NodeError::Config {
+                reason: format!(
+                    "--id is {} bytes long; node names may be at most {} bytes",
+                    self.id.as_str().len(),
+                    ringkv_core::node_id::NODE_NAME_MAX_BYTES
+                ),
+            });
+        }
         if self.listen.ip().is_unspecified() {
             return bad("--listen needs the address peers reach this node at, not 0.0.0.0 or [::]");
         }
@@ -155,6 +164,9 @@ impl Transport for QuicTransport {
 
 struct NodeInner {
     id: NodeId,
+    storage: Arc<Storage>,
+    /// Serialises ring installs so an older member list never replaces a newer one.
+    install_lock: std::sync::Mutex<()>,
     membership: Arc<Membership>,
     transport: Arc<QuicTransport>,
     local: Arc<LocalReplica>,
@@ -187,8 +199,15 @@ impl NodeInner {
         }
     }
 
-    /// Puts a (new) cluster record into effect.
-    fn install(&self, record: &ClusterRecord) {
+    /// Puts the newest cluster record into effect. Whoever calls, the ring
+    /// is built from membership's current record under a lock, so two
+    /// concurrent installs cannot leave an older ring in place.
+    fn install(&self, _changed: &ClusterRecord) {
+        let _guard = self.install_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(record) = self.membership.record() else {
+            return;
+        };
+        let record = &record;
         let ring = match record.ring() {
             Ok(ring) => Arc::new(ring),
             Err(e) => {
@@ -207,12 +226,8 @@ impl NodeInner {
                     self.transport.clone(),
                     self.coordinator_config.clone(),
                 ));
-                if self.coordinator.set(coordinator).is_err() {
-                    // Raced with another install: update that one instead.
-                    if let (Some(c), Ok(ring)) = (self.coordinator.get(), record.ring()) {
-                        c.set_ring(Arc::new(ring));
-                    }
-                }
+                // Installs are serialised, so nobody else can have set it.
+                let _ = self.coordinator.set(coordinator);
             }
         }
     }
@@ -302,6 +317,9 @@ impl NodeHandle {
         self.endpoint.close(0u32.into(), b"shutting down");
         let _ = self.accept_loop.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Err(e) = self.inner.storage.mark_clean_shutdown() {
+            tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
+        }
     }
 
     /// Resolves when the node is asked to stop (or its accept loop dies).
@@ -335,8 +353,9 @@ impl Node {
             vnodes: config.vnodes,
         };
         let membership = Arc::new(Membership::load(storage.clone(), me, config.replicas)?);
+        let epoch = storage.begin_epoch()?;
         let replica = Arc::new(ReplicaService::new(
-            config.id.clone(),
+            config.id.actor(epoch),
             storage.clone(),
             config.max_siblings,
         ));
@@ -349,6 +368,8 @@ impl Node {
         });
         let inner = Arc::new(NodeInner {
             id: config.id.clone(),
+            storage: storage.clone(),
+            install_lock: std::sync::Mutex::new(()),
             membership: membership.clone(),
             transport,
             local,

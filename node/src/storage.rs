@@ -103,6 +103,46 @@ impl Storage {
     }
 }
 
+const META_EPOCH: &str = "epoch";
+const META_CLEAN_SHUTDOWN: &str = "clean_shutdown";
+const META_LAST_RUN_SYNCED: &str = "last_run_synced";
+
+impl Storage {
+    /// Chooses the epoch this run mints dots under (see `NodeId::actor`) and
+    /// marks the run as started.
+    ///
+    /// The previous epoch is kept only if every dot minted under it is
+    /// certainly on disk: the last run shut down cleanly (and flushed its
+    /// WAL), or it fsynced every write. A fresh data dir, or a crash of a run
+    /// without `--sync` (whose WAL tail a power loss could have taken), starts
+    /// a new epoch.
+    pub fn begin_epoch(&self) -> Result<u32, NodeError> {
+        let previous = self
+            .meta_get(META_EPOCH)?
+            .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+            .map(u32::from_le_bytes);
+        let clean = self.meta_get(META_CLEAN_SHUTDOWN)?.as_deref() == Some(&[1]);
+        let synced = self.meta_get(META_LAST_RUN_SYNCED)?.as_deref() == Some(&[1]);
+        let epoch = match previous {
+            Some(e) if clean || synced => e,
+            _ => rand::random(),
+        };
+        self.meta_put(META_EPOCH, &epoch.to_le_bytes())?;
+        self.meta_put(META_LAST_RUN_SYNCED, &[u8::from(self.sync)])?;
+        self.meta_put(META_CLEAN_SHUTDOWN, &[0])?;
+        Ok(epoch)
+    }
+
+    /// Makes every acknowledged write durable and records a clean shutdown,
+    /// so the next run may keep this epoch.
+    pub fn mark_clean_shutdown(&self) -> Result<(), NodeError> {
+        self.db.flush_wal(true).map_err(|e| NodeError::StorageIo {
+            reason: e.to_string(),
+        })?;
+        self.meta_put(META_CLEAN_SHUTDOWN, &[1])
+    }
+}
+
 impl Store for Storage {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
         let cf = self
@@ -159,6 +199,27 @@ mod tests {
         let s = Storage::open(dir.path(), true).unwrap();
         assert_eq!(s.get(b"k").unwrap(), Some(clock));
         assert_eq!(s.get(b"missing").unwrap(), None);
+    }
+
+    #[test]
+    fn the_epoch_survives_only_clean_or_synced_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Storage::open(dir.path(), false)
+            .unwrap()
+            .begin_epoch()
+            .unwrap();
+        // That run crashed (no clean shutdown) without --sync: new epoch.
+        let s = Storage::open(dir.path(), false).unwrap();
+        let second = s.begin_epoch().unwrap();
+        assert_ne!(first, second);
+        s.mark_clean_shutdown().unwrap();
+        drop(s);
+        let s = Storage::open(dir.path(), true).unwrap();
+        assert_eq!(s.begin_epoch().unwrap(), second, "clean shutdown keeps it");
+        drop(s);
+        // A crashed --sync run lost nothing: same epoch.
+        let s = Storage::open(dir.path(), false).unwrap();
+        assert_eq!(s.begin_epoch().unwrap(), second);
     }
 
     #[test]

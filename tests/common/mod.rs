@@ -17,6 +17,13 @@ use std::time::{Duration, Instant};
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// Held by every test that runs nodes, so clusters never share the 2 cores.
+pub fn serial() -> MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
 /// How long a node may take to start and join.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -191,16 +198,21 @@ impl Cluster {
     }
 
     /// Polls `check` until it holds or `deadline` passes.
-    pub fn eventually(&self, deadline: Duration, what: &str, mut check: impl FnMut() -> bool) {
-        let until = Instant::now() + deadline;
-        while Instant::now() < until {
-            if check() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("not within {deadline:?}: {what}");
+    pub fn eventually(&self, deadline: Duration, what: &str, check: impl FnMut() -> bool) {
+        eventually(deadline, what, check)
     }
+}
+
+/// Polls `check` every 50 ms until it holds; fails the test after `deadline`.
+pub fn eventually(deadline: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("not within {deadline:?}: {what}");
 }
 
 impl Drop for Cluster {

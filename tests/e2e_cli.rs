@@ -1,0 +1,136 @@
+//! The commands a new user meets first: `demo`, `cluster`, `--help`, and the
+//! metrics endpoint.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn demo_shows_levels_siblings_resolution_and_delete() {
+    let _serial = serial();
+    let o = run(ringkv().args(["demo", "--json"]));
+    assert_exit(&o, 0);
+    let j = json(&o);
+    let levels: Vec<&str> = j["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["level"].as_str().unwrap())
+        .collect();
+    assert_eq!(levels, ["one", "quorum", "all"]);
+    for l in j["levels"].as_array().unwrap() {
+        for op in ["put", "get"] {
+            let p50 = l[format!("{op}_p50_ms")].as_f64().unwrap();
+            let p99 = l[format!("{op}_p99_ms")].as_f64().unwrap();
+            assert!(p50 <= p99, "{l}");
+        }
+    }
+    assert_eq!(j["siblings"], serde_json::json!(["eggs", "milk"]));
+    assert_eq!(j["resolved"], serde_json::json!(["milk,eggs"]));
+    assert_eq!(j["after_delete"], serde_json::json!([]));
+}
+
+#[test]
+fn cluster_command_serves_until_terminated() {
+    let _serial = serial();
+    let ip = std::net::Ipv4Addr::LOCALHOST;
+    // Three consecutive free ports; retry a few bases if one is taken.
+    let base = (0..20)
+        .map(|_| free_port(ip))
+        .find(|&p| p < 65000 && (1..3).all(|i| std::net::UdpSocket::bind((ip, p + i)).is_ok()))
+        .expect("three free ports");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = ringkv()
+        .args(["cluster", "--base-port", &base.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut banner = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+        let done = line.starts_with("try:");
+        banner.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        banner
+            .iter()
+            .any(|l| l.contains(&format!("127.0.0.1:{}", base + 2))),
+        "{banner:?}"
+    );
+    let node = format!("127.0.0.1:{}", base + 1);
+    assert_exit(
+        &run(ringkv().args(["put", "k", "v", "-w", "all", "--node", &node])),
+        0,
+    );
+    let got = run(ringkv()
+        .args(["get", "k", "--json"])
+        .env("RINGKV_NODE", format!("127.0.0.1:{base}")));
+    assert_eq!(values(&got), ["v"]);
+
+    // SIGTERM: a clean shutdown with exit 0.
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn help_teaches_and_unknown_flags_exit_2() {
+    let o = run(ringkv().args(["put", "--help"]));
+    assert_exit(&o, 0);
+    let help = stdout(&o);
+    assert!(help.contains("one, quorum or all"), "{help}");
+    assert!(help.contains("--context"), "{help}");
+    let o = run(ringkv().args(["get", "k", "--no-such-flag"]));
+    assert_exit(&o, 2);
+}
+
+#[test]
+fn metrics_endpoint_counts_requests() {
+    let ip = loopback_for("metrics_endpoint_counts_requests");
+    let metrics_port = {
+        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let metrics = format!("{ip}:{metrics_port}");
+    let c = Cluster::start(
+        "metrics_endpoint_counts_requests",
+        1,
+        1,
+        &["--metrics", &metrics],
+    );
+    assert_exit(&c.cli(0, &["put", "k", "v", "-w", "1"]), 0);
+    let mut body = String::new();
+    c.eventually(Duration::from_secs(10), "metrics show the put", || {
+        body.clear();
+        let Ok(mut s) = TcpStream::connect(&metrics) else {
+            return false;
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        let _ = s.read_to_string(&mut body);
+        body.contains("ringkv_requests_total")
+    });
+    assert!(body.contains("op=\"put\""), "{body}");
+}
