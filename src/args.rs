@@ -64,9 +64,6 @@ pub struct BenchArgs {
     /// Size of each written value.
     #[arg(long, value_name = "BYTES", default_value_t = 100)]
     pub value_bytes: usize,
-    /// Number of distinct keys written and read.
-    #[arg(long, value_name = "COUNT", default_value_t = 10_000)]
-    pub keys: u64,
     /// Read consistency.
     #[arg(short = 'r', long = "r", value_name = "R", default_value = "quorum", value_parser = parse_consistency)]
     pub r: Consistency,

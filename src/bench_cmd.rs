@@ -21,9 +21,6 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if args.duration_s == 0 {
         return Err(Failure::new(Exit::Usage, "--duration-s must be at least 1"));
     }
-    if args.keys == 0 {
-        return Err(Failure::new(Exit::Usage, "--keys must be at least 1"));
-    }
     let embedded_dir = std::env::temp_dir().join(format!("ringkv-bench-{}", std::process::id()));
     let (targets, embedded) = if args.cluster.is_empty() {
         let _ = std::fs::remove_dir_all(&embedded_dir);
@@ -42,7 +39,6 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         concurrency: args.concurrency,
         phase_duration: Duration::from_secs(args.duration_s),
         value_bytes: args.value_bytes,
-        keys: args.keys,
         r: args.r,
         w: args.w,
         request_timeout_ms: 2000,

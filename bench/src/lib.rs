@@ -2,9 +2,11 @@
 //!
 //! [`run`] drives a closed loop: `concurrency` clients, each with its own QUIC
 //! connection to one of the target nodes (round-robin), each issuing its next
-//! request as soon as the previous one is answered. A put phase writes the key
-//! space, then a get phase reads it back, each for a fixed duration, so put
-//! and get latencies and throughputs are measured separately. Latencies go into
+//! request as soon as the previous one is answered. A put phase inserts new
+//! keys (unique to the run and the client, so no put ever creates a sibling
+//! and the figures measure quorum writes, not sibling growth), then a get
+//! phase reads those keys back; each runs for a fixed duration, so put and get
+//! latencies and throughputs are measured separately. Latencies go into
 //! HdrHistograms (microsecond resolution, 3 significant digits).
 //!
 //! This is the seed of `ringkv bench`; workloads, open-loop load, emulated
@@ -27,8 +29,6 @@ pub struct LoadConfig {
     /// How long each phase (put, then get) runs.
     pub phase_duration: Duration,
     pub value_bytes: usize,
-    /// Keys are `bench:0 .. bench:{keys-1}`.
-    pub keys: u64,
     pub r: Consistency,
     pub w: Consistency,
     pub request_timeout_ms: u32,
@@ -97,8 +97,9 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
             })?;
         clients.push(std::sync::Arc::new(client));
     }
-    let put = phase(config, &clients, Op::Put).await;
-    let get = phase(config, &clients, Op::Get).await;
+    let run_id: u32 = rand_run_id();
+    let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await;
+    let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await;
     for c in clients {
         if let Ok(c) = std::sync::Arc::try_unwrap(c) {
             c.close().await;
@@ -107,21 +108,41 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
     Ok(Report { put, get })
 }
 
-async fn phase(config: &LoadConfig, clients: &[std::sync::Arc<Client>], op: Op) -> PhaseReport {
+/// A run id from the clock: distinct between runs against one cluster.
+fn rand_run_id() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (nanos.as_nanos() as u32) ^ std::process::id().rotate_left(16)
+}
+
+/// Runs one phase. Puts insert `bench:{run}:{worker}:{i}` for i = 0, 1, …
+/// and report how many each worker wrote; gets cycle through those keys.
+async fn phase(
+    config: &LoadConfig,
+    clients: &[std::sync::Arc<Client>],
+    op: Op,
+    run_id: u32,
+    written: &[u64],
+) -> (PhaseReport, Vec<u64>) {
     let started = Instant::now();
     let deadline = started + config.phase_duration;
     let mut workers = tokio::task::JoinSet::new();
     for (worker, client) in clients.iter().enumerate() {
         let client = client.clone();
         let config = config.clone();
+        let readable = written.get(worker).copied().unwrap_or(0).max(1);
         workers.spawn(async move {
             let mut hist = new_histogram();
             let (mut ops, mut errors) = (0u64, 0u64);
             let value = vec![b'v'; config.value_bytes];
-            // Workers walk the key space from different offsets.
-            let mut next = worker as u64 * (config.keys / config.concurrency.max(1) as u64);
+            let mut next = 0u64;
             while Instant::now() < deadline {
-                let key = format!("bench:{}", next % config.keys).into_bytes();
+                let i = match op {
+                    Op::Put => next,
+                    Op::Get => next % readable,
+                };
+                let key = format!("bench:{run_id:08x}:{worker}:{i}").into_bytes();
                 next += 1;
                 let request = match op {
                     Op::Put => Request::Put(PutRequest {
@@ -149,7 +170,7 @@ async fn phase(config: &LoadConfig, clients: &[std::sync::Arc<Client>], op: Op) 
                     _ => errors += 1,
                 }
             }
-            (ops, errors, hist)
+            (worker, ops, errors, hist)
         });
     }
     let mut report = PhaseReport {
@@ -158,13 +179,15 @@ async fn phase(config: &LoadConfig, clients: &[std::sync::Arc<Client>], op: Op) 
         elapsed: Duration::ZERO,
         latency_us: new_histogram(),
     };
-    while let Some(Ok((ops, errors, hist))) = workers.join_next().await {
+    let mut written_now = vec![0u64; clients.len()];
+    while let Some(Ok((worker, ops, errors, hist))) = workers.join_next().await {
         report.ops += ops;
         report.errors += errors;
+        written_now[worker] = ops;
         let _ = report.latency_us.add(&hist);
     }
     report.elapsed = started.elapsed();
-    report
+    (report, written_now)
 }
 
 fn new_histogram() -> Histogram<u64> {
