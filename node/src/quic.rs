@@ -212,3 +212,43 @@ impl Client {
         let _ = tokio::time::timeout(Duration::from_millis(200), self.endpoint.wait_idle()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{Node, NodeConfig};
+    use ringkv_core::NodeId;
+
+    /// Many requests to one peer share one connection (a stream each); the
+    /// pool never opens a connection per request.
+    #[tokio::test]
+    async fn the_peer_pool_reuses_one_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let node = Node::start(NodeConfig::new(
+            NodeId::new("n1").unwrap(),
+            listen,
+            dir.path().into(),
+        ))
+        .await
+        .unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config());
+        let pool = std::sync::Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
+        let first = pool.connection(node.addr()).await.unwrap().stable_id();
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let (pool, addr) = (pool.clone(), node.addr());
+            calls.spawn(async move { pool.call(addr, &Request::Ping).await });
+        }
+        while let Some(result) = calls.join_next().await {
+            assert!(matches!(result.unwrap(), Ok(Response::Pong)));
+        }
+        assert_eq!(pool.connections.len(), 1);
+        assert_eq!(
+            pool.connection(node.addr()).await.unwrap().stable_id(),
+            first
+        );
+        node.shutdown().await;
+    }
+}
