@@ -199,6 +199,9 @@ pub struct GetArgs {
     /// Read only the contacted node's own copy, without a quorum (for operators and tests).
     #[arg(long)]
     pub local: bool,
+    /// Answer only after replicas this read found stale have been repaired. Read repair otherwise runs in the background after the answer.
+    #[arg(long)]
+    pub wait_repair: bool,
     #[command(flatten)]
     pub request: RequestOpts,
 }

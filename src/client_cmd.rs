@@ -54,6 +54,7 @@ pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
         args.key.as_bytes(),
         args.r,
         args.local,
+        args.wait_repair,
         args.request.timeout_ms,
     )
     .await;
@@ -94,6 +95,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
                     &client,
                     args.key.as_bytes(),
                     Consistency::Quorum,
+                    false,
                     false,
                     args.request.timeout_ms,
                 )
@@ -137,12 +139,14 @@ async fn read(
     key: &[u8],
     r: Consistency,
     local: bool,
+    wait_repair: bool,
     timeout_ms: u32,
 ) -> Result<ringkv_core::wire::GetReply, Failure> {
     let request = Request::Get(GetRequest {
         key: key.to_vec(),
         r,
         local,
+        wait_repair,
         timeout_ms,
         forwarded: false,
     });

@@ -301,6 +301,7 @@ fn get_request(key: &str, r: Consistency) -> Request {
         key: key.as_bytes().to_vec(),
         r,
         local: false,
+        wait_repair: false,
         timeout_ms: 2000,
         forwarded: false,
     })

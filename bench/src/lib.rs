@@ -157,6 +157,7 @@ async fn phase(
                         key,
                         r: config.r,
                         local: false,
+                        wait_repair: false,
                         timeout_ms: config.request_timeout_ms,
                         forwarded: false,
                     }),

@@ -32,9 +32,17 @@ use ringkv_core::wire::{
     Response,
 };
 use ringkv_core::{NodeId, Transport, TransportError};
+use ringkv_repair::read_repair::{repair_now, stale_replicas, ReadRepairQueue, RepairJob};
 use ringkv_ring::Ring;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+/// Answers still arriving from a fan-out after its quorum was decided.
+type LateReplies = mpsc::Receiver<(
+    NodeId,
+    Result<Result<Response, TransportError>, tokio::time::error::Elapsed>,
+    u64,
+)>;
 
 use crate::quorum::{QuorumState, QuorumTracker, ReplicaAnswer};
 
@@ -67,9 +75,17 @@ pub struct Coordinator<T> {
     ring: RwLock<Arc<Ring>>,
     transport: Arc<T>,
     config: CoordinatorConfig,
+    /// Where reads hand stale replicas for repair; `None` disables read repair.
+    read_repair: Option<ReadRepairQueue>,
 }
 
 impl<T: Transport> Coordinator<T> {
+    /// Enables read repair through `queue`.
+    pub fn with_read_repair(mut self, queue: ReadRepairQueue) -> Self {
+        self.read_repair = Some(queue);
+        self
+    }
+
     pub fn new(
         id: NodeId,
         cluster_id: u64,
@@ -83,6 +99,7 @@ impl<T: Transport> Coordinator<T> {
             ring: RwLock::new(ring),
             transport,
             config,
+            read_repair: None,
         }
     }
 
@@ -273,33 +290,76 @@ impl<T: Transport> Coordinator<T> {
         }
         let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
         let mut merged = Clock::new();
+        let mut replies: Vec<(NodeId, Option<Clock>)> = Vec::new();
         let read = Request::Replica(ReplicaRequest::Read {
             key: request.key.clone(),
         });
-        self.fan_out(
-            &pref.replicas,
-            read,
-            &mut tracker,
-            start,
-            deadline,
-            |_, response| match response {
-                Response::Clock(clock) => {
-                    if let Some(clock) = clock {
-                        merged.sync(&clock);
+        let late = self
+            .fan_out(
+                &pref.replicas,
+                read,
+                &mut tracker,
+                start,
+                deadline,
+                |node, response| match response {
+                    Response::Clock(clock) => {
+                        if let Some(clock) = &clock {
+                            merged.sync(clock);
+                        }
+                        replies.push((node.clone(), clock));
+                        Ok(())
                     }
-                    Ok(())
-                }
-                other => Err(reply_error(other)),
-            },
-        )
-        .await;
+                    other => Err(reply_error(other)),
+                },
+            )
+            .await;
         match tracker.state() {
-            QuorumState::Reached => self.get_reply(&request.key, &merged, &tracker),
+            QuorumState::Reached => {
+                let reply = self.get_reply(&request.key, &merged, &tracker);
+                self.read_repair(
+                    request.key,
+                    merged,
+                    replies,
+                    late,
+                    deadline,
+                    request.wait_repair,
+                )
+                .await;
+                reply
+            }
             _ => Response::Error(ErrorReply {
                 kind: ErrorKind::QuorumNotReached,
                 message: format!("read quorum not reached: {}", tracker.failure_summary()),
                 receipt: Some(tracker.receipt(&self.id)),
             }),
+        }
+    }
+
+    /// Repairs the replicas this read found stale (Dynamo's read repair).
+    ///
+    /// Replicas that answer after the quorum count too, so this first waits
+    /// for the rest of the answers (never past the request deadline). By
+    /// default that wait and the repair happen after the client has its
+    /// answer: in a task bounded by the deadline that hands the repair to the
+    /// node's bounded [`ReadRepairQueue`]. With `wait`, both happen before
+    /// answering.
+    async fn read_repair(
+        &self,
+        key: Vec<u8>,
+        merged: Clock,
+        replies: Vec<(NodeId, Option<Clock>)>,
+        late: LateReplies,
+        deadline: Instant,
+        wait: bool,
+    ) {
+        let finish = collect_repair(key, merged, replies, late, deadline);
+        if wait {
+            let job = finish.await;
+            repair_now(self.transport.as_ref(), &job).await;
+        } else if let Some(queue) = self.read_repair.clone() {
+            tokio::spawn(async move {
+                queue.offer(finish.await);
+            });
         }
     }
 
@@ -336,6 +396,7 @@ impl<T: Transport> Coordinator<T> {
     /// Each send runs in its own task, bounded by the deadline, so sends that
     /// have not finished when the quorum is decided still reach their
     /// replicas; their answers then go nowhere.
+    /// Returns the answers still to come, for callers that want them.
     async fn fan_out(
         &self,
         targets: &[NodeId],
@@ -344,7 +405,7 @@ impl<T: Transport> Coordinator<T> {
         start: Instant,
         deadline: Instant,
         mut on_reply: impl FnMut(&NodeId, Response) -> Result<(), String>,
-    ) {
+    ) -> LateReplies {
         // Even when the tracker is already decided (W=1 met by the local
         // write), every target still gets the request.
         let (tx, mut rx) = mpsc::channel(targets.len().max(1));
@@ -381,6 +442,7 @@ impl<T: Transport> Coordinator<T> {
                 }
             }
         }
+        rx
     }
 
     /// Hands a request to the first replica that answers.
@@ -428,6 +490,31 @@ impl<T: Transport> Coordinator<T> {
             Ok(Err(e)) => Err(transport_reason(&e)),
             Err(_) => Err("timed out".to_string()),
         }
+    }
+}
+
+/// Waits (until `deadline` at most) for the read answers still to come, then
+/// decides which replicas need the merged clock.
+async fn collect_repair(
+    key: Vec<u8>,
+    mut merged: Clock,
+    mut replies: Vec<(NodeId, Option<Clock>)>,
+    mut late: LateReplies,
+    deadline: Instant,
+) -> RepairJob {
+    while let Ok(Some((node, result, _))) = tokio::time::timeout_at(deadline, late.recv()).await {
+        if let Ok(Ok(Response::Clock(clock))) = result {
+            if let Some(clock) = &clock {
+                merged.sync(clock);
+            }
+            replies.push((node, clock));
+        }
+    }
+    let targets = stale_replicas(&merged, &replies);
+    RepairJob {
+        key,
+        clock: merged,
+        targets,
     }
 }
 

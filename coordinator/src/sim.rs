@@ -23,6 +23,7 @@ use ringkv_ring::Ring;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::replica::{MemStore, ReplicaService};
+use ringkv_repair::read_repair::{ReadRepairQueue, DEFAULT_QUEUE_CAPACITY};
 
 /// What a simulated node does with a request.
 pub trait SimHandler: Send + Sync + 'static {
@@ -234,6 +235,8 @@ pub struct SimCluster {
     pub net: SimNetwork,
     pub nodes: Vec<(NodeId, Arc<SimNode>)>,
     pub ring: Arc<Ring>,
+    /// Keeps the read-repair workers running for the cluster's lifetime.
+    _repair_shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// The cluster id simulated nodes use in context tokens.
@@ -252,28 +255,42 @@ impl SimCluster {
             .collect();
         let ring =
             Arc::new(Ring::new(ids.iter().map(|n| (n.clone(), 16)), replicas).expect("valid ring"));
+        let (shutdown, _) = tokio::sync::watch::channel(false);
         let nodes = ids
             .into_iter()
             .map(|id| {
+                let transport = Arc::new(net.transport(id.clone()));
+                let (queue, _worker) = ReadRepairQueue::start(
+                    transport.clone(),
+                    DEFAULT_QUEUE_CAPACITY,
+                    shutdown.subscribe(),
+                );
+                let coordinator = Coordinator::new(
+                    id.clone(),
+                    SIM_CLUSTER_ID,
+                    ring.clone(),
+                    transport,
+                    CoordinatorConfig::default(),
+                )
+                .with_read_repair(queue);
                 let node = Arc::new(SimNode {
                     replica: Arc::new(ReplicaService::new(
                         id.clone(),
                         MemStore::default(),
                         max_siblings,
                     )),
-                    coordinator: Arc::new(Coordinator::new(
-                        id.clone(),
-                        SIM_CLUSTER_ID,
-                        ring.clone(),
-                        Arc::new(net.transport(id.clone())),
-                        CoordinatorConfig::default(),
-                    )),
+                    coordinator: Arc::new(coordinator),
                 });
                 net.register(id.clone(), node.clone());
                 (id, node)
             })
             .collect();
-        SimCluster { net, nodes, ring }
+        SimCluster {
+            net,
+            nodes,
+            ring,
+            _repair_shutdown: shutdown,
+        }
     }
 
     pub fn id(&self, name: &str) -> NodeId {
@@ -312,12 +329,24 @@ impl SimCluster {
     }
 
     pub async fn get(&self, via: &str, key: &str, r: Consistency) -> Response {
+        self.get_with(via, key, r, false).await
+    }
+
+    /// A get that, with `wait_repair`, answers only after read repair.
+    pub async fn get_with(
+        &self,
+        via: &str,
+        key: &str,
+        r: Consistency,
+        wait_repair: bool,
+    ) -> Response {
         self.node(via)
             .coordinator
             .get(GetRequest {
                 key: key.as_bytes().to_vec(),
                 r,
                 local: false,
+                wait_repair,
                 timeout_ms: 2000,
                 forwarded: false,
             })

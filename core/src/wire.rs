@@ -61,6 +61,9 @@ pub struct GetRequest {
     pub r: Consistency,
     /// Read only the contacted node's own store, without a quorum.
     pub local: bool,
+    /// Answer only after stale replicas this read found have been repaired
+    /// (read repair normally runs after the answer).
+    pub wait_repair: bool,
     pub timeout_ms: u32,
     pub forwarded: bool,
 }

@@ -19,6 +19,7 @@ use ringkv_core::wire::{
     ErrorKind, JoinRequest, Member, NodeStatus, ReplicaRequest, Request, Response, StatusReply,
 };
 use ringkv_core::{NodeId, Transport};
+use ringkv_repair::read_repair::{self, ReadRepairQueue};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -173,6 +174,7 @@ struct NodeInner {
     coordinator_config: CoordinatorConfig,
     /// Set once the node is in a cluster; client requests wait for it.
     coordinator: OnceLock<Arc<Coordinator<QuicTransport>>>,
+    read_repair: ReadRepairQueue,
 }
 
 impl NodeInner {
@@ -219,13 +221,16 @@ impl NodeInner {
         match self.coordinator.get() {
             Some(c) => c.set_ring(ring),
             None => {
-                let coordinator = Arc::new(Coordinator::new(
-                    self.id.clone(),
-                    record.cluster_id,
-                    ring,
-                    self.transport.clone(),
-                    self.coordinator_config.clone(),
-                ));
+                let coordinator = Arc::new(
+                    Coordinator::new(
+                        self.id.clone(),
+                        record.cluster_id,
+                        ring,
+                        self.transport.clone(),
+                        self.coordinator_config.clone(),
+                    )
+                    .with_read_repair(self.read_repair.clone()),
+                );
                 // Installs are serialised, so nobody else can have set it.
                 let _ = self.coordinator.set(coordinator);
             }
@@ -292,6 +297,7 @@ pub struct NodeHandle {
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     accept_loop: JoinHandle<()>,
+    repair_worker: JoinHandle<()>,
     inner: Arc<NodeInner>,
 }
 
@@ -316,6 +322,7 @@ impl NodeHandle {
         let _ = self.shutdown.send(true);
         self.endpoint.close(0u32.into(), b"shutting down");
         let _ = self.accept_loop.await;
+        let _ = self.repair_worker.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Err(e) = self.inner.storage.mark_clean_shutdown() {
             tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
@@ -366,6 +373,12 @@ impl Node {
             membership: membership.clone(),
             pool: PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT),
         });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (read_repair, repair_worker) = ReadRepairQueue::start(
+            transport.clone(),
+            read_repair::DEFAULT_QUEUE_CAPACITY,
+            shutdown_rx.clone(),
+        );
         let inner = Arc::new(NodeInner {
             id: config.id.clone(),
             storage: storage.clone(),
@@ -377,9 +390,9 @@ impl Node {
                 max_value_bytes: config.max_value_bytes,
             },
             coordinator: OnceLock::new(),
+            read_repair,
         });
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let accept_loop = tokio::spawn(accept_loop(endpoint.clone(), inner.clone(), shutdown_rx));
         let handle = NodeHandle {
             id: config.id.clone(),
@@ -387,6 +400,7 @@ impl Node {
             endpoint,
             shutdown,
             accept_loop,
+            repair_worker,
             inner: inner.clone(),
         };
 

@@ -1,9 +1,11 @@
-//! Convergence (Dynamo §4.6–§4.7): read repair, hinted handoff and Merkle-tree
-//! anti-entropy.
+//! Convergence (Dynamo §4.6–§4.7): read repair now; hinted handoff and
+//! Merkle-tree anti-entropy to come.
 //!
-//! Not built yet. Replicas that miss a write today converge only when a later
-//! write supersedes it; read repair (a bounded queue, never a detached task),
-//! durable hints for the sloppy quorum, and Merkle-tree exchange arrive with
-//! their issues. Like `coordinator`, this crate will be sans-I/O protocol
-//! logic over the `Transport` and `Store` traits; the node wires it to QUIC
-//! and RocksDB.
+//! Like `coordinator`, this crate decides in plain code and acts only through
+//! the `Transport` trait; the node wires it to QUIC. Every background loop
+//! here is bounded (a fixed-capacity queue, a per-send timeout), observable
+//! (metrics) and stops when told to.
+
+pub mod read_repair;
+
+pub use read_repair::{stale_replicas, ReadRepairQueue, RepairJob};

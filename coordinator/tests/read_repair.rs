@@ -1,0 +1,112 @@
+//! Read repair over the simulated network: a read brings the replicas it
+//! found stale up to date, after answering (or before, when asked).
+
+use std::time::Duration;
+
+use ringkv_coordinator::sim::SimCluster;
+use ringkv_core::wire::Response;
+use ringkv_core::Consistency::{Count, Quorum};
+
+const KEY: &str = "user:42";
+
+fn assert_ok(r: &Response) {
+    assert!(matches!(r, Response::Put(_) | Response::Get(_)), "{r:?}");
+}
+
+/// n3 misses a write while down, then comes back.
+async fn cluster_with_stale_n3() -> SimCluster {
+    let c = SimCluster::new(3, 3, 1);
+    c.net.down(&c.id("n3"));
+    assert_ok(&c.put("n1", KEY, "v", Quorum, None).await);
+    c.net.up(&c.id("n3"));
+    assert!(c.local_values("n3", KEY).is_empty());
+    c.net.take_log();
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quorum_read_repairs_the_replica_that_missed_the_write() {
+    let c = cluster_with_stale_n3().await;
+    assert_ok(&c.get("n2", KEY, Quorum).await);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(c.local_values("n3", KEY), ["v"]);
+    let log = c.net.take_log();
+    assert!(log.contains(&"n2 -> n3 Sync".to_string()), "{log:?}");
+    assert!(
+        !log.contains(&"n2 -> n1 Sync".to_string()),
+        "n1 was current: {log:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_answering_after_the_quorum_is_repaired_too() {
+    let c = cluster_with_stale_n3().await;
+    // n3's answer arrives 600 ms late, long after R=2 was met.
+    c.net
+        .delay(&c.id("n1"), &c.id("n3"), Duration::from_millis(300));
+    c.net
+        .delay(&c.id("n3"), &c.id("n1"), Duration::from_millis(300));
+    let started = tokio::time::Instant::now();
+    assert_ok(&c.get("n1", KEY, Count(2)).await);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "the client did not wait"
+    );
+    assert!(c.local_values("n3", KEY).is_empty(), "not repaired yet");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(c.local_values("n3", KEY), ["v"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_repair_answers_only_after_repairing() {
+    let c = cluster_with_stale_n3().await;
+    assert_ok(&c.get_with("n1", KEY, Quorum, true).await);
+    assert_eq!(c.local_values("n3", KEY), ["v"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reads_of_current_replicas_send_no_repairs() {
+    let c = SimCluster::new(3, 3, 1);
+    assert_ok(&c.put("n1", KEY, "v", Count(3), None).await);
+    c.net.take_log();
+    assert_ok(&c.get_with("n2", KEY, Quorum, true).await);
+    let log = c.net.take_log();
+    assert!(log.iter().all(|l| !l.contains("Sync")), "{log:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missed_delete_is_repaired_as_a_tombstone() {
+    let c = SimCluster::new(3, 3, 1);
+    assert_ok(&c.put("n1", KEY, "v", Count(3), None).await);
+    let context = match c.get("n1", KEY, Quorum).await {
+        Response::Get(g) => g.context,
+        other => panic!("{other:?}"),
+    };
+    c.net.down(&c.id("n3"));
+    let delete = c
+        .node("n1")
+        .coordinator
+        .put(ringkv_core::wire::PutRequest {
+            key: KEY.as_bytes().to_vec(),
+            payload: ringkv_core::Payload::Tombstone,
+            context: Some(context),
+            w: Quorum,
+            timeout_ms: 2000,
+            forwarded: false,
+        })
+        .await;
+    assert_ok(&delete);
+    c.net.up(&c.id("n3"));
+    assert_eq!(
+        c.local_values("n3", KEY),
+        ["v"],
+        "n3 still has the deleted value"
+    );
+    assert_ok(&c.get_with("n2", KEY, Quorum, true).await);
+    assert!(
+        c.local_values("n3", KEY).is_empty(),
+        "the tombstone reached n3"
+    );
+    let clock = c.node("n3").replica.read(KEY.as_bytes()).unwrap().unwrap();
+    assert_eq!(clock.sibling_count(), 1, "one tombstone, no value");
+}

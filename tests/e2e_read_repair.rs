@@ -1,0 +1,27 @@
+//! Read repair with real processes: a replica that missed a write while it
+//! was down gets it from the first quorum read after it returns.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn a_quorum_read_repairs_a_restarted_replica_within_2_seconds() {
+    let mut c = Cluster::start("a_quorum_read_repairs", 3, 3, &[]);
+    c.kill(2);
+    assert_exit(
+        &c.cli(0, &["put", "k", "v", "-w", "2", "--timeout-ms", "1000"]),
+        0,
+    );
+    c.restart(2);
+    let local = c.cli(2, &["get", "k", "--local"]);
+    assert_exit(&local, 1);
+
+    assert_exit(&c.cli(1, &["get", "k", "-r", "quorum"]), 0);
+    c.eventually(Duration::from_secs(2), "n3 repaired by the read", || {
+        c.cli(2, &["get", "k", "--local"]).status.code() == Some(0)
+    });
+    assert_eq!(values(&c.cli(2, &["get", "k", "--local", "--json"])), ["v"]);
+}
