@@ -44,6 +44,7 @@ type LateReplies = mpsc::Receiver<(
     u64,
 )>;
 
+use crate::failure::FailureDetector;
 use crate::quorum::{QuorumState, QuorumTracker, ReplicaAnswer};
 
 /// The default per-request deadline.
@@ -77,9 +78,17 @@ pub struct Coordinator<T> {
     config: CoordinatorConfig,
     /// Where reads hand stale replicas for repair; `None` disables read repair.
     read_repair: Option<ReadRepairQueue>,
+    /// Told every replica's outcome, so requests double as failure probes.
+    detector: Option<Arc<FailureDetector>>,
 }
 
 impl<T: Transport> Coordinator<T> {
+    /// Feeds every replica outcome to `detector`.
+    pub fn with_failure_detector(mut self, detector: Arc<FailureDetector>) -> Self {
+        self.detector = Some(detector);
+        self
+    }
+
     /// Enables read repair through `queue`.
     pub fn with_read_repair(mut self, queue: ReadRepairQueue) -> Self {
         self.read_repair = Some(queue);
@@ -100,6 +109,7 @@ impl<T: Transport> Coordinator<T> {
             transport,
             config,
             read_repair: None,
+            detector: None,
         }
     }
 
@@ -427,6 +437,10 @@ impl<T: Transport> Coordinator<T> {
             tokio::select! {
                 message = rx.recv() => {
                     let Some((node, result, latency_us)) = message else { break };
+                    if let Some(detector) = &self.detector {
+                        // Any answer, even an error reply, shows the node is alive.
+                        detector.record(&node, matches!(result, Ok(Ok(_))), Instant::now());
+                    }
                     let answer = match result {
                         Err(_elapsed) => ReplicaAnswer::Timeout { latency_us },
                         Ok(Err(e)) => ReplicaAnswer::Error { latency_us, reason: transport_reason(&e) },

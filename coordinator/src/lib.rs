@@ -7,6 +7,7 @@
 //! - [`replica`]: applying writes and merges to a [`replica::Store`] under a
 //!   per-key lock.
 //! - [`coordinator`]: fan-out, deadlines, forwarding, merging reads.
+//! - [`failure`]: the failure detector (timeouts with back-off, time passed in).
 //! - [`sim`]: the simulated network and cluster for scenario tests.
 //!
 //! ## Architecture invariant
@@ -15,6 +16,7 @@
 //! pause.
 
 pub mod coordinator;
+pub mod failure;
 pub mod quorum;
 pub mod replica;
 pub mod sim;

@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ringkv_coordinator::coordinator::{Coordinator, CoordinatorConfig};
+use ringkv_coordinator::failure::{probe_round, DetectorConfig, FailureDetector};
 use ringkv_coordinator::replica::ReplicaService;
 use ringkv_core::wire::{
     ErrorKind, JoinRequest, Member, NodeStatus, ReplicaRequest, Request, Response, StatusReply,
@@ -31,8 +32,6 @@ use crate::tls;
 
 /// The default N for a new cluster.
 pub const DEFAULT_REPLICAS: usize = 3;
-/// How long a status probe waits for each peer.
-const STATUS_PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a node keeps trying to reach its seeds before giving up.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for a peer's QUIC handshake.
@@ -175,6 +174,7 @@ struct NodeInner {
     /// Set once the node is in a cluster; client requests wait for it.
     coordinator: OnceLock<Arc<Coordinator<QuicTransport>>>,
     read_repair: ReadRepairQueue,
+    detector: Arc<FailureDetector>,
 }
 
 impl NodeInner {
@@ -229,7 +229,8 @@ impl NodeInner {
                         self.transport.clone(),
                         self.coordinator_config.clone(),
                     )
-                    .with_read_repair(self.read_repair.clone()),
+                    .with_read_repair(self.read_repair.clone())
+                    .with_failure_detector(self.detector.clone()),
                 );
                 // Installs are serialised, so nobody else can have set it.
                 let _ = self.coordinator.set(coordinator);
@@ -237,46 +238,56 @@ impl NodeInner {
         }
     }
 
+    /// The members and whether this node's failure detector believes each
+    /// is up.
     async fn status(&self) -> Response {
         let Some(record) = self.membership.record() else {
             return joining(&self.id);
         };
-        // Probe every peer at once so one dead peer costs one timeout, not one each.
-        let mut probes = tokio::task::JoinSet::new();
-        for (i, member) in record.members.values().enumerate() {
-            let transport = self.transport.clone();
-            let (id, me) = (member.id.clone(), self.id.clone());
-            probes.spawn(async move {
-                let up = id == me
-                    || matches!(
-                        tokio::time::timeout(
-                            STATUS_PING_TIMEOUT,
-                            transport.call(&id, Request::Ping)
-                        )
-                        .await,
-                        Ok(Ok(Response::Pong))
-                    );
-                (i, up)
-            });
-        }
-        let mut up = vec![false; record.members.len()];
-        while let Some(Ok((i, alive))) = probes.join_next().await {
-            up[i] = alive;
-        }
         Response::Status(StatusReply {
             node: self.id.clone(),
             replicas: record.replicas as u32,
             nodes: record
                 .members
                 .values()
-                .zip(up)
-                .map(|(m, up)| NodeStatus {
+                .map(|m| NodeStatus {
                     id: m.id.clone(),
                     addr: m.addr.clone(),
-                    up,
+                    up: m.id == self.id || self.detector.is_up(&m.id),
                 })
                 .collect(),
         })
+    }
+}
+
+/// How often the probe loop wakes to see which peers are due.
+const PROBE_TICK: Duration = Duration::from_millis(250);
+
+/// Probes peers for the failure detector until shutdown. One round at a
+/// time, each bounded by the probe timeout.
+async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(PROBE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let Some(record) = inner.membership.record() else {
+            continue;
+        };
+        let peers: Vec<NodeId> = record
+            .members
+            .keys()
+            .filter(|id| **id != inner.id)
+            .cloned()
+            .collect();
+        for (peer, up) in probe_round(&inner.detector, &inner.transport, &peers).await {
+            tracing::info!(%peer, state = if up { "up" } else { "down" }, "peer state changed");
+            metrics::counter!("ringkv_peer_state_changes_total", "to" => if up { "up" } else { "down" }).increment(1);
+        }
+        let down = peers.iter().filter(|p| !inner.detector.is_up(p)).count();
+        metrics::gauge!("ringkv_peers_down").set(down as f64);
     }
 }
 
@@ -298,6 +309,7 @@ pub struct NodeHandle {
     shutdown: watch::Sender<bool>,
     accept_loop: JoinHandle<()>,
     repair_worker: JoinHandle<()>,
+    prober: JoinHandle<()>,
     inner: Arc<NodeInner>,
 }
 
@@ -323,6 +335,7 @@ impl NodeHandle {
         self.endpoint.close(0u32.into(), b"shutting down");
         let _ = self.accept_loop.await;
         let _ = self.repair_worker.await;
+        let _ = self.prober.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Err(e) = self.inner.storage.mark_clean_shutdown() {
             tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
@@ -391,7 +404,9 @@ impl Node {
             },
             coordinator: OnceLock::new(),
             read_repair,
+            detector: Arc::new(FailureDetector::new(DetectorConfig::default())),
         });
+        let prober = tokio::spawn(probe_loop(inner.clone(), shutdown_rx.clone()));
 
         let accept_loop = tokio::spawn(accept_loop(endpoint.clone(), inner.clone(), shutdown_rx));
         let handle = NodeHandle {
@@ -401,6 +416,7 @@ impl Node {
             shutdown,
             accept_loop,
             repair_worker,
+            prober,
             inner: inner.clone(),
         };
 
