@@ -347,12 +347,13 @@ impl<T: Transport> Coordinator<T> {
 
     /// Repairs the replicas this read found stale (Dynamo's read repair).
     ///
-    /// Replicas that answer after the quorum count too, so this first waits
-    /// for the rest of the answers (never past the request deadline). By
-    /// default that wait and the repair happen after the client has its
-    /// answer: in a task bounded by the deadline that hands the repair to the
-    /// node's bounded [`ReadRepairQueue`]. With `wait`, both happen before
-    /// answering.
+    /// Replicas that answer shortly after the quorum count too, so this first
+    /// waits for the rest of the answers, for at most [`REPAIR_COLLECT_GRACE`]
+    /// and never past the request deadline. By default that wait and the
+    /// repair happen after the client has its answer, in a task (at most
+    /// `COLLECTING_MAX` at once, or the read skips repair) that hands the job
+    /// to the node's bounded [`ReadRepairQueue`]. With `wait`, both happen
+    /// before answering, within the deadline.
     async fn read_repair(
         &self,
         key: Vec<u8>,
@@ -362,13 +363,22 @@ impl<T: Transport> Coordinator<T> {
         deadline: Instant,
         wait: bool,
     ) {
-        let finish = collect_repair(key, merged, replies, late, deadline);
+        let Some(queue) = self.read_repair.clone() else {
+            return;
+        };
+        let until = deadline.min(Instant::now() + REPAIR_COLLECT_GRACE);
+        let finish = collect_repair(key, merged, replies, late, until);
         if wait {
-            let job = finish.await;
-            repair_now(self.transport.as_ref(), &job).await;
-        } else if let Some(queue) = self.read_repair.clone() {
+            let transport = self.transport.clone();
+            let _ = tokio::time::timeout_at(deadline, async move {
+                let job = finish.await;
+                repair_now(&transport, &job).await;
+            })
+            .await;
+        } else if let Some(permit) = queue.begin_collecting() {
             tokio::spawn(async move {
                 queue.offer(finish.await);
+                drop(permit);
             });
         }
     }
@@ -438,8 +448,15 @@ impl<T: Transport> Coordinator<T> {
                 message = rx.recv() => {
                     let Some((node, result, latency_us)) = message else { break };
                     if let Some(detector) = &self.detector {
-                        // Any answer, even an error reply, shows the node is alive.
-                        detector.record(&node, matches!(result, Ok(Ok(_))), Instant::now());
+                        // Any answer, even an error reply, shows the node is
+                        // alive; a transport failure counts against it. A
+                        // timeout does not: the deadline is the client's
+                        // choice, and the probes judge slowness fairly.
+                        match &result {
+                            Ok(Ok(_)) => { detector.record(&node, true, Instant::now()); }
+                            Ok(Err(_)) => { detector.record(&node, false, Instant::now()); }
+                            Err(_) => {}
+                        }
                     }
                     let answer = match result {
                         Err(_elapsed) => ReplicaAnswer::Timeout { latency_us },
@@ -507,16 +524,16 @@ impl<T: Transport> Coordinator<T> {
     }
 }
 
-/// Waits (until `deadline` at most) for the read answers still to come, then
+/// Waits (until `until` at most) for the read answers still to come, then
 /// decides which replicas need the merged clock.
 async fn collect_repair(
     key: Vec<u8>,
     mut merged: Clock,
     mut replies: Vec<(NodeId, Option<Clock>)>,
     mut late: LateReplies,
-    deadline: Instant,
+    until: Instant,
 ) -> RepairJob {
-    while let Ok(Some((node, result, _))) = tokio::time::timeout_at(deadline, late.recv()).await {
+    while let Ok(Some((node, result, _))) = tokio::time::timeout_at(until, late.recv()).await {
         if let Ok(Ok(Response::Clock(clock))) = result {
             if let Some(clock) = &clock {
                 merged.sync(clock);
@@ -531,6 +548,10 @@ async fn collect_repair(
         targets,
     }
 }
+
+/// How long a read keeps listening for answers after its quorum, so that
+/// slower replicas can be judged for read repair.
+const REPAIR_COLLECT_GRACE: Duration = Duration::from_millis(500);
 
 /// Time kept back from a forwarded request's deadline so its answer (even a
 /// quorum error) can travel back before the forwarder gives up.

@@ -145,6 +145,17 @@ impl PeerPool {
         Ok(conn)
     }
 
+    /// Closes and drops the connection to `addr`, so the next call dials
+    /// afresh. Used when a peer is judged down: a restarted peer cannot be
+    /// reached over its predecessor's connection.
+    pub async fn disconnect(&self, addr: SocketAddr) {
+        if let Some(slot) = self.connections.get(&addr).map(|s| s.clone()) {
+            if let Some(conn) = slot.lock().await.take() {
+                conn.close(0u32.into(), b"peer judged down");
+            }
+        }
+    }
+
     async fn forget(&self, addr: SocketAddr, dead: &quinn::Connection) {
         if let Some(slot) = self.connections.get(&addr).map(|s| s.clone()) {
             let mut slot = slot.lock().await;

@@ -130,6 +130,13 @@ pub struct QuicTransport {
 }
 
 impl QuicTransport {
+    /// Drops the pooled connection to `node` (see [`PeerPool::disconnect`]).
+    async fn disconnect(&self, node: &NodeId) {
+        if let Some(addr) = self.membership.addr_of(node) {
+            self.pool.disconnect(addr).await;
+        }
+    }
+
     async fn call_addr(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
         self.pool.call(addr, request).await
     }
@@ -284,6 +291,9 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
             .collect();
         for (peer, up) in probe_round(&inner.detector, &inner.transport, &peers).await {
             tracing::info!(%peer, state = if up { "up" } else { "down" }, "peer state changed");
+            if !up {
+                inner.transport.disconnect(&peer).await;
+            }
             metrics::counter!("ringkv_peer_state_changes_total", "to" => if up { "up" } else { "down" }).increment(1);
         }
         let down = peers.iter().filter(|p| !inner.detector.is_up(p)).count();

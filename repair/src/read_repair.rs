@@ -22,6 +22,9 @@ use tokio::task::JoinHandle;
 
 /// Repairs waiting to be sent, at most.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+/// Reads whose late answers may be awaited at once for repair; a read that
+/// finds none free skips repair (and counts it).
+const COLLECTING_MAX: usize = 1024;
 /// How long one repair send may take before it counts as failed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -43,18 +46,27 @@ pub fn stale_replicas(merged: &Clock, replies: &[(NodeId, Option<Clock>)]) -> Ve
         .collect()
 }
 
-/// Sends `job`'s clock to each of its targets, now. Returns how many failed.
-pub async fn repair_now<T: Transport>(transport: &T, job: &RepairJob) -> usize {
-    let mut failed = 0;
+/// Sends `job`'s clock to all its targets at once, each send bounded by a
+/// timeout. Returns how many failed.
+pub async fn repair_now<T: Transport>(transport: &Arc<T>, job: &RepairJob) -> usize {
+    let mut sends = tokio::task::JoinSet::new();
     for target in &job.targets {
+        let transport = transport.clone();
+        let target = target.clone();
         let request = Request::Replica(ReplicaRequest::Sync {
             key: job.key.clone(),
             clock: job.clock.clone(),
         });
-        let ok = matches!(
-            tokio::time::timeout(SEND_TIMEOUT, transport.call(target, request)).await,
-            Ok(Ok(Response::Clock(_)))
-        );
+        sends.spawn(async move {
+            let ok = matches!(
+                tokio::time::timeout(SEND_TIMEOUT, transport.call(&target, request)).await,
+                Ok(Ok(Response::Clock(_)))
+            );
+            (target, ok)
+        });
+    }
+    let mut failed = 0;
+    while let Some(Ok((target, ok))) = sends.join_next().await {
         if ok {
             counter!("ringkv_read_repairs_sent_total").increment(1);
         } else {
@@ -78,6 +90,7 @@ pub struct RepairJob {
 #[derive(Clone)]
 pub struct ReadRepairQueue {
     tx: mpsc::Sender<RepairJob>,
+    collecting: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReadRepairQueue {
@@ -92,18 +105,36 @@ impl ReadRepairQueue {
         let (tx, mut rx) = mpsc::channel::<RepairJob>(capacity.max(1));
         let worker = tokio::spawn(async move {
             loop {
+                // Shutdown first: once asked to stop, queued repairs are left
+                // to the next read or to anti-entropy.
                 tokio::select! {
+                    biased;
+                    // Only `true` is ever sent; a dropped sender also means stop.
+                    _ = shutdown.changed() => break,
                     job = rx.recv() => {
                         let Some(job) = job else { break };
                         gauge!("ringkv_read_repair_queue_depth").set(rx.len() as f64);
-                        repair_now(transport.as_ref(), &job).await;
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.changed() => break,
+                            _ = repair_now(&transport, &job) => {}
+                        }
                     }
-                    // Only `true` is ever sent; a dropped sender also means stop.
-                    _ = shutdown.changed() => break,
                 }
             }
         });
-        (ReadRepairQueue { tx }, worker)
+        let collecting = Arc::new(tokio::sync::Semaphore::new(COLLECTING_MAX));
+        (ReadRepairQueue { tx, collecting }, worker)
+    }
+
+    /// A permit to wait for a read's late answers, if fewer than
+    /// [`COLLECTING_MAX`] reads are already waiting; `None` means skip repair.
+    pub fn begin_collecting(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.collecting.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            counter!("ringkv_read_repairs_dropped_total").increment(1);
+        }
+        permit
     }
 
     /// Queues a repair; returns false (and counts it) if the queue is full.
