@@ -1,0 +1,157 @@
+//! Concurrent writers through different coordinators while a replica is
+//! killed and restarted: no acknowledged write is lost.
+//!
+//! Blind writers add values; read-modify-write writers read a key and write
+//! with the read's context, superseding what they read. At the end every
+//! acknowledged value must be either still there, or superseded by a write
+//! that read it. Dynamo never rolls a write back, so a read-modify-write that
+//! failed its quorum may still have been stored and superseded what it read;
+//! such attempts count as superseding too.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use ringkv_core::wire::{GetRequest, PutRequest, Request, Response};
+use ringkv_core::{Consistency, Payload};
+use ringkv_node::Client;
+
+const KEYS: usize = 12;
+
+#[derive(Default)]
+struct Ledger {
+    acknowledged: Vec<(String, String)>,
+    superseded: HashMap<String, HashSet<String>>,
+}
+
+fn put(key: &str, value: String, context: Option<String>) -> Request {
+    Request::Put(PutRequest {
+        key: key.as_bytes().to_vec(),
+        payload: Payload::Value(value.into_bytes()),
+        context,
+        w: Consistency::Count(2),
+        timeout_ms: 1000,
+        forwarded: false,
+    })
+}
+
+fn get(key: &str, r: Consistency) -> Request {
+    Request::Get(GetRequest {
+        key: key.as_bytes().to_vec(),
+        r,
+        local: false,
+        wait_repair: false,
+        timeout_ms: 2000,
+        forwarded: false,
+    })
+}
+
+fn strings(values: &[Vec<u8>]) -> HashSet<String> {
+    values
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+async fn writer(
+    id: usize,
+    addr: SocketAddr,
+    read_modify_write: bool,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
+    let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
+    let mut seq = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let key = format!("k{}", (seq * 7 + id) % KEYS);
+        let value = format!("w{id}-{seq}");
+        let context = if read_modify_write {
+            let Ok(Response::Get(read)) = client.call(&get(&key, Consistency::Count(2))).await
+            else {
+                continue;
+            };
+            // Whatever happens to the write, it may supersede what it read.
+            ledger
+                .lock()
+                .unwrap()
+                .superseded
+                .entry(key.clone())
+                .or_default()
+                .extend(strings(&read.values));
+            Some(read.context)
+        } else {
+            None
+        };
+        if let Ok(Response::Put(_)) = client.call(&put(&key, value.clone(), context)).await {
+            ledger.lock().unwrap().acknowledged.push((key, value));
+        }
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_write_is_lost_across_a_kill_and_restart() {
+    let mut c = Cluster::start("no_acknowledged_write_is_lost", 3, 3, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    // Writers coordinate through n1 and n2; n3 is the one that dies.
+    let mut writers = Vec::new();
+    for id in 0..4 {
+        let addr = c.nodes[id % 2].addr;
+        writers.push(tokio::spawn(writer(
+            id,
+            addr,
+            id >= 2,
+            stop.clone(),
+            ledger.clone(),
+        )));
+    }
+    // The workload's schedule, not an assertion: write, kill, write, restart, write.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::task::block_in_place(|| c.kill(2));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::task::block_in_place(|| c.restart(2));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    let ledger = ledger.lock().unwrap();
+    assert!(
+        ledger.acknowledged.len() > 50,
+        "too little work to mean anything: {}",
+        ledger.acknowledged.len()
+    );
+    let reader = Client::connect(c.nodes[2].addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut finals: HashMap<String, HashSet<String>> = HashMap::new();
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let Response::Get(read) = reader.call(&get(&key, Consistency::All)).await.unwrap() else {
+            panic!("read of {key} at r=all failed");
+        };
+        finals.insert(key, strings(&read.values));
+    }
+    let empty = HashSet::new();
+    let lost: Vec<&(String, String)> = ledger
+        .acknowledged
+        .iter()
+        .filter(|(k, v)| {
+            !finals[k].contains(v) && !ledger.superseded.get(k).unwrap_or(&empty).contains(v)
+        })
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    eprintln!(
+        "{} acknowledged writes, none lost",
+        ledger.acknowledged.len()
+    );
+    reader.close().await;
+}
