@@ -3,13 +3,15 @@
 # `ringkv node` processes on loopback (N=3), then `ringkv bench` against it,
 # several runs per setting so medians can be taken.
 #
-#   bench/loopback.sh [RUNS] [DURATION_S]
+#   bench/loopback.sh [RUNS] [DURATION_S]            # concurrency 1 and 32, all nodes up
+#   bench/loopback.sh [RUNS] [DURATION_S] one-down   # concurrency 1 against n1,n2: all up, then n3 killed
 #
 # Needs a release build: cargo build --release --bin ringkv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 duration=${2:-10}
+mode=${3:-throughput}
 bin="${CARGO_TARGET_DIR:-target}/release/ringkv"
 [ -x "$bin" ] || { echo "build first: cargo build --release --bin ringkv" >&2; exit 2; }
 
@@ -32,9 +34,23 @@ start n3 7102 127.0.0.1:7100
 cluster=127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-for concurrency in 1 32; do
+run_bench() { # label cluster concurrency
   for run in $(seq "$runs"); do
-    echo "== concurrency $concurrency, run $run: $bin bench --cluster $cluster --concurrency $concurrency --duration-s $duration -r 2 -w 2 --value-bytes 100"
-    "$bin" bench --cluster "$cluster" --concurrency "$concurrency" --duration-s "$duration" -r 2 -w 2 --value-bytes 100 2>/dev/null
+    echo "== $1, concurrency $3, run $run: ringkv bench --cluster $2 --concurrency $3 --duration-s $duration -r 2 -w 2 --value-bytes 100"
+    "$bin" bench --cluster "$2" --concurrency "$3" --duration-s "$duration" -r 2 -w 2 --value-bytes 100 2>/dev/null
   done
-done
+}
+if [ "$mode" = one-down ]; then
+  # Clients talk to n1 and n2 only, so the same clients run before and after.
+  run_bench "all up" 127.0.0.1:7100,127.0.0.1:7101 1
+  kill -9 "${pids[2]}"
+  for _ in $(seq 100); do
+    "$bin" status --node 127.0.0.1:7100 --json | grep -q '"id":"n3","state":"down"' && break
+    sleep 0.1
+  done
+  run_bench "n3 killed" 127.0.0.1:7100,127.0.0.1:7101 1
+else
+  for concurrency in 1 32; do
+    run_bench "all up" "$cluster" "$concurrency"
+  done
+fi
