@@ -10,8 +10,11 @@
 //! even of every node at once, needs no seeds: the node announces itself to
 //! the members it remembers.
 //!
-//! Gossip, failure detection and data movement on membership change come with
-//! later work; for now the member list only grows.
+//! Every 5 s each node also announces itself to one random live member and
+//! merges that member's list into its own (see `server::exchange_membership`),
+//! so a member that was unreachable while another node joined still learns of
+//! it. Data movement on membership change, and leaving, come with later work;
+//! for now the member list only grows.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -270,11 +270,13 @@ impl NodeInner {
 /// How often the probe loop wakes to see which peers are due.
 const PROBE_TICK: Duration = Duration::from_millis(250);
 
-/// Probes peers for the failure detector until shutdown. One round at a
-/// time, each bounded by the probe timeout.
+/// Probes peers for the failure detector, and every few seconds exchanges
+/// the member list with one peer, until shutdown. One round at a time, each
+/// bounded by the probe or announce timeout.
 async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(PROBE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_exchange = tokio::time::Instant::now() + MEMBERSHIP_EXCHANGE_INTERVAL;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -298,6 +300,10 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
         }
         let down = peers.iter().filter(|p| !inner.detector.is_up(p)).count();
         metrics::gauge!("ringkv_peers_down").set(down as f64);
+        if tokio::time::Instant::now() >= next_exchange {
+            exchange_membership(&inner).await;
+            next_exchange = tokio::time::Instant::now() + MEMBERSHIP_EXCHANGE_INTERVAL;
+        }
     }
 }
 
@@ -514,31 +520,64 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
 }
 
 /// Tells every other member about this node (and learns whom they know).
-/// Best effort: a member that is down learns of us when it asks later.
+/// Best effort: a member that misses it learns of us from the periodic
+/// membership exchange.
 async fn announce(inner: &Arc<NodeInner>, record: &ClusterRecord) {
+    for member in record.members.values() {
+        if member.id != inner.id {
+            announce_to(inner, record, member).await;
+        }
+    }
+}
+
+/// How long one announcement may take.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a node exchanges its member list with one random member, so a
+/// member that missed a join (unreachable at the time) still learns of it.
+const MEMBERSHIP_EXCHANGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Announces this node to `member` and adopts whatever members it knows.
+async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Member) {
     let request = Request::Join(JoinRequest {
         member: inner.membership.me().clone(),
         replicas: Some(record.replicas as u32),
         cluster_id: Some(record.cluster_id),
     });
-    for member in record.members.values() {
-        if member.id == inner.id {
-            continue;
-        }
-        let Ok(addr) = member.addr.parse::<SocketAddr>() else {
-            continue;
-        };
-        match inner.transport.call_addr(addr, &request).await {
-            Ok(Response::Joined(reply)) => match inner.membership.adopt(reply) {
-                Ok((record, true)) => inner.install(&record),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(peer = %member.id, error = %e, "announce refused"),
-            },
-            Ok(Response::Error(e)) => {
-                tracing::warn!(peer = %member.id, error = %e.message, "announce refused")
+    let Ok(addr) = member.addr.parse::<SocketAddr>() else {
+        return;
+    };
+    match tokio::time::timeout(ANNOUNCE_TIMEOUT, inner.transport.call_addr(addr, &request)).await {
+        Ok(Ok(Response::Joined(reply))) => match inner.membership.adopt(reply) {
+            Ok((record, true)) => {
+                tracing::info!(peer = %member.id, members = record.members.len(), "learned new members");
+                inner.install(&record);
             }
             Ok(_) => {}
-            Err(e) => tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?"),
+            Err(e) => tracing::warn!(peer = %member.id, error = %e, "announce refused"),
+        },
+        Ok(Ok(Response::Error(e))) => {
+            tracing::warn!(peer = %member.id, error = %e.message, "announce refused")
         }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?"),
+        Err(_) => tracing::debug!(peer = %member.id, "announce timed out"),
     }
+}
+
+/// One round of the membership exchange: announce to one random member
+/// believed up.
+async fn exchange_membership(inner: &Arc<NodeInner>) {
+    let Some(record) = inner.membership.record() else {
+        return;
+    };
+    let peers: Vec<&Member> = record
+        .members
+        .values()
+        .filter(|m| m.id != inner.id && inner.detector.is_up(&m.id))
+        .collect();
+    if peers.is_empty() {
+        return;
+    }
+    let pick = peers[rand::random::<usize>() % peers.len()];
+    announce_to(inner, &record, pick).await;
 }

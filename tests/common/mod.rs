@@ -160,6 +160,41 @@ impl Cluster {
         }
     }
 
+    /// Adds node `n{len+1}` (same flags as the others) and starts it with `seeds`.
+    pub fn add_node(&mut self, seeds: &[String]) {
+        let i = self.nodes.len();
+        let first = &self.nodes[0];
+        let ip = match first.addr.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            other => panic!("{other}"),
+        };
+        let id = format!("n{}", i + 1);
+        let node = NodeProc {
+            addr: SocketAddr::from((ip, free_port(ip))),
+            data_dir: self.dir.path().join(&id),
+            id,
+            extra: first.extra.clone(),
+            child: None,
+        };
+        self.nodes.push(node);
+        self.launch(i, seeds).expect("node starts");
+    }
+
+    /// Sends `signal` (e.g. "STOP", "CONT") to node `i`'s process.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i]
+            .child
+            .as_ref()
+            .expect("running")
+            .id()
+            .to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal} {pid}");
+    }
+
     /// kill -9.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
@@ -218,6 +253,15 @@ pub fn eventually(deadline: Duration, what: &str, mut check: impl FnMut() -> boo
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_some() {
+                // A stopped process must be resumed to die cleanly.
+                let _ = Command::new("kill")
+                    .args([
+                        "-CONT",
+                        &self.nodes[i].child.as_ref().unwrap().id().to_string(),
+                    ])
+                    .status();
+            }
             self.kill(i);
         }
     }
