@@ -286,25 +286,11 @@ async fn connect_all(nodes: &[NodeHandle]) -> Result<Vec<Client>, Failure> {
 }
 
 fn put_request(key: &str, payload: Payload, w: Consistency, context: Option<String>) -> Request {
-    Request::Put(PutRequest {
-        key: key.as_bytes().to_vec(),
-        payload,
-        context,
-        w,
-        timeout_ms: 2000,
-        forwarded: false,
-    })
+    Request::Put(PutRequest::new(key, payload, w, context))
 }
 
 fn get_request(key: &str, r: Consistency) -> Request {
-    Request::Get(GetRequest {
-        key: key.as_bytes().to_vec(),
-        r,
-        local: false,
-        wait_repair: false,
-        timeout_ms: 2000,
-        forwarded: false,
-    })
+    Request::Get(GetRequest::new(key, r))
 }
 
 async fn read_values(client: &Client, key: &str) -> Result<(Vec<String>, String), Failure> {

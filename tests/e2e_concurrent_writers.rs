@@ -31,24 +31,18 @@ struct Ledger {
 
 fn put(key: &str, value: String, context: Option<String>) -> Request {
     Request::Put(PutRequest {
-        key: key.as_bytes().to_vec(),
-        payload: Payload::Value(value.into_bytes()),
-        context,
-        w: Consistency::Count(2),
         timeout_ms: 1000,
-        forwarded: false,
+        ..PutRequest::new(
+            key,
+            Payload::Value(value.into_bytes()),
+            Consistency::Count(2),
+            context,
+        )
     })
 }
 
 fn get(key: &str, r: Consistency) -> Request {
-    Request::Get(GetRequest {
-        key: key.as_bytes().to_vec(),
-        r,
-        local: false,
-        wait_repair: false,
-        timeout_ms: 2000,
-        forwarded: false,
-    })
+    Request::Get(GetRequest::new(key, r))
 }
 
 fn strings(values: &[Vec<u8>]) -> HashSet<String> {

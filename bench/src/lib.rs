@@ -146,20 +146,12 @@ async fn phase(
                 next += 1;
                 let request = match op {
                     Op::Put => Request::Put(PutRequest {
-                        key,
-                        payload: Payload::Value(value.clone()),
-                        context: None,
-                        w: config.w,
                         timeout_ms: config.request_timeout_ms,
-                        forwarded: false,
+                        ..PutRequest::new(key, Payload::Value(value.clone()), config.w, None)
                     }),
                     Op::Get => Request::Get(GetRequest {
-                        key,
-                        r: config.r,
-                        local: false,
-                        wait_repair: false,
                         timeout_ms: config.request_timeout_ms,
-                        forwarded: false,
+                        ..GetRequest::new(key, config.r)
                     }),
                 };
                 let sent = Instant::now();

@@ -47,8 +47,7 @@ type LateReplies = mpsc::Receiver<(
 use crate::failure::FailureDetector;
 use crate::quorum::{QuorumState, QuorumTracker, ReplicaAnswer};
 
-/// The default per-request deadline.
-pub const DEFAULT_REQUEST_TIMEOUT_MS: u32 = 2000;
+pub use ringkv_core::wire::DEFAULT_REQUEST_TIMEOUT_MS;
 /// The default largest value a node accepts.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
 /// The longest deadline a client may ask for; bounds how long in-flight

@@ -317,14 +317,12 @@ impl SimCluster {
     ) -> Response {
         self.node(via)
             .coordinator
-            .put(PutRequest {
-                key: key.as_bytes().to_vec(),
-                payload: Payload::Value(value.as_bytes().to_vec()),
-                context,
+            .put(PutRequest::new(
+                key,
+                Payload::Value(value.as_bytes().to_vec()),
                 w,
-                timeout_ms: 2000,
-                forwarded: false,
-            })
+                context,
+            ))
             .await
     }
 
@@ -343,12 +341,8 @@ impl SimCluster {
         self.node(via)
             .coordinator
             .get(GetRequest {
-                key: key.as_bytes().to_vec(),
-                r,
-                local: false,
                 wait_repair,
-                timeout_ms: 2000,
-                forwarded: false,
+                ..GetRequest::new(key, r)
             })
             .await
     }

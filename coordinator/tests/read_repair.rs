@@ -87,14 +87,12 @@ async fn a_missed_delete_is_repaired_as_a_tombstone() {
     let delete = c
         .node("n1")
         .coordinator
-        .put(ringkv_core::wire::PutRequest {
-            key: KEY.as_bytes().to_vec(),
-            payload: ringkv_core::Payload::Tombstone,
-            context: Some(context),
-            w: Quorum,
-            timeout_ms: 2000,
-            forwarded: false,
-        })
+        .put(ringkv_core::wire::PutRequest::new(
+            KEY,
+            ringkv_core::Payload::Tombstone,
+            Quorum,
+            Some(context),
+        ))
         .await;
     assert_ok(&delete);
     c.net.up(&c.id("n3"));

@@ -55,6 +55,43 @@ pub struct PutRequest {
     pub forwarded: bool,
 }
 
+/// The deadline a request gets when the client does not choose one.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u32 = 2000;
+
+impl PutRequest {
+    /// A client's write with the default deadline (a delete when `payload`
+    /// is a tombstone).
+    pub fn new(
+        key: impl Into<Vec<u8>>,
+        payload: Payload,
+        w: Consistency,
+        context: Option<String>,
+    ) -> Self {
+        PutRequest {
+            key: key.into(),
+            payload,
+            context,
+            w,
+            timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            forwarded: false,
+        }
+    }
+}
+
+impl GetRequest {
+    /// A client's quorum read with the default deadline.
+    pub fn new(key: impl Into<Vec<u8>>, r: Consistency) -> Self {
+        GetRequest {
+            key: key.into(),
+            r,
+            local: false,
+            wait_repair: false,
+            timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            forwarded: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct GetRequest {
     pub key: Vec<u8>,
