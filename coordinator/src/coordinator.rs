@@ -116,10 +116,6 @@ impl<T: Transport> Coordinator<T> {
         &self.id
     }
 
-    pub fn cluster_id(&self) -> u64 {
-        self.cluster_id
-    }
-
     /// The ring placement currently uses.
     pub fn ring(&self) -> Arc<Ring> {
         self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -128,10 +124,6 @@ impl<T: Transport> Coordinator<T> {
     /// Replaces the ring after a membership change.
     pub fn set_ring(&self, ring: Arc<Ring>) {
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
-    }
-
-    pub fn transport(&self) -> &Arc<T> {
-        &self.transport
     }
 
     /// Serves a client's put (or delete).

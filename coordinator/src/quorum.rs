@@ -53,10 +53,6 @@ impl QuorumTracker {
         }
     }
 
-    pub fn required(&self) -> usize {
-        self.required
-    }
-
     /// Records `node`'s answer. Answers from unknown nodes, second answers
     /// and answers after [`expire`](Self::expire) are ignored.
     pub fn record(&mut self, node: &NodeId, answer: ReplicaAnswer) -> QuorumState {
@@ -105,10 +101,6 @@ impl QuorumTracker {
             .iter()
             .filter(|(_, a)| matches!(a, ReplicaAnswer::Ok { .. }))
             .map(|(n, _)| n)
-    }
-
-    pub fn answers(&self) -> &[(NodeId, ReplicaAnswer)] {
-        &self.answers
     }
 
     /// The receipt clients see. Replicas still in flight when the request

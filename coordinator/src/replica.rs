@@ -202,15 +202,6 @@ pub struct MemStore {
     map: dashmap::DashMap<Vec<u8>, Clock>,
 }
 
-impl MemStore {
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
 impl Store for MemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
         Ok(self.map.get(key).map(|c| c.clone()))

@@ -138,20 +138,20 @@ impl Membership {
     }
 
     /// Forms a new one-node cluster.
-    pub fn form(&self, cluster_id: u64, replicas: usize) -> Result<ClusterRecord, NodeError> {
+    pub fn form(&self, cluster_id: u64, replicas: usize) -> Result<(), NodeError> {
         let record = ClusterRecord {
             cluster_id,
             replicas,
             members: BTreeMap::from([(self.me.id.clone(), self.me.clone())]),
         };
         self.persist(&record)?;
-        *self.record.write().unwrap_or_else(|p| p.into_inner()) = Some(record.clone());
-        Ok(record)
+        *self.record.write().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        Ok(())
     }
 
-    /// Adopts what a seed (or an announced-to member) answered. Returns the
-    /// new record and whether it changed.
-    pub fn adopt(&self, reply: JoinReply) -> Result<(ClusterRecord, bool), NodeError> {
+    /// Adopts what a seed (or an announced-to member) answered. Returns
+    /// whether the member list changed.
+    pub fn adopt(&self, reply: JoinReply) -> Result<bool, NodeError> {
         let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
         let mut record = match guard.clone() {
             Some(mine) if mine.cluster_id != reply.cluster_id => {
@@ -180,14 +180,14 @@ impl Membership {
         let changed = before != record;
         if changed {
             self.persist(&record)?;
-            *guard = Some(record.clone());
+            *guard = Some(record);
         }
-        Ok((record, changed))
+        Ok(changed)
     }
 
-    /// Serves another node's join or announcement. Returns the answer and,
-    /// when the member list changed, the new record.
-    pub fn handle_join(&self, join: JoinRequest) -> (Response, Option<ClusterRecord>) {
+    /// Serves another node's join or announcement. Returns the answer and
+    /// whether the member list changed.
+    pub fn handle_join(&self, join: JoinRequest) -> (Response, bool) {
         let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
         let Some(record) = guard.as_mut() else {
             return (
@@ -195,7 +195,7 @@ impl Membership {
                     ErrorKind::Unavailable,
                     format!("{} is not in a cluster yet", self.me.id),
                 ),
-                None,
+                false,
             );
         };
         if let Some(cluster_id) = join.cluster_id {
@@ -208,7 +208,7 @@ impl Membership {
                             join.member.id, cluster_id, self.me.id, record.cluster_id
                         ),
                     ),
-                    None,
+                    false,
                 );
             }
         }
@@ -222,7 +222,7 @@ impl Membership {
                             record.replicas, join.member.id
                         ),
                     ),
-                    None,
+                    false,
                 );
             }
         }
@@ -236,7 +236,7 @@ impl Membership {
                             join.member.id, existing.addr
                         ),
                     ),
-                    None,
+                    false,
                 );
             }
         }
@@ -245,12 +245,12 @@ impl Membership {
             let mut next = record.clone();
             next.members.insert(join.member.id.clone(), join.member);
             if let Err(e) = self.persist(&next) {
-                return (Response::error(ErrorKind::Internal, e.to_string()), None);
+                return (Response::error(ErrorKind::Internal, e.to_string()), false);
             }
             *record = next;
         }
         let reply = Response::Joined(record.reply());
-        (reply, changed.then(|| record.clone()))
+        (reply, changed)
     }
 
     /// The address of member `id`.

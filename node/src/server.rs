@@ -199,8 +199,8 @@ impl NodeInner {
             Request::Ping => Response::Pong,
             Request::Join(j) => {
                 let (response, changed) = self.membership.handle_join(j);
-                if let Some(record) = changed {
-                    self.install(&record);
+                if changed {
+                    self.install();
                 }
                 response
             }
@@ -211,12 +211,11 @@ impl NodeInner {
     /// Puts the newest cluster record into effect. Whoever calls, the ring
     /// is built from membership's current record under a lock, so two
     /// concurrent installs cannot leave an older ring in place.
-    fn install(&self, _changed: &ClusterRecord) {
+    fn install(&self) {
         let _guard = self.install_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(record) = self.membership.record() else {
             return;
         };
-        let record = &record;
         let ring = match record.ring() {
             Ok(ring) => Arc::new(ring),
             Err(e) => {
@@ -339,11 +338,6 @@ impl NodeHandle {
         self.addr
     }
 
-    /// The cluster as this node sees it.
-    pub fn cluster(&self) -> Option<ClusterRecord> {
-        self.inner.membership.record()
-    }
-
     /// Stops accepting requests, closes every connection and waits for the
     /// accept loop to finish.
     pub async fn shutdown(self) {
@@ -356,11 +350,6 @@ impl NodeHandle {
         if let Err(e) = self.inner.storage.mark_clean_shutdown() {
             tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
         }
-    }
-
-    /// Resolves when the node is asked to stop (or its accept loop dies).
-    pub async fn wait(&mut self) {
-        let _ = (&mut self.accept_loop).await;
     }
 }
 
@@ -473,14 +462,14 @@ async fn accept_loop(
 async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(), NodeError> {
     let membership = &inner.membership;
     if let Some(record) = membership.record() {
-        inner.install(&record);
+        inner.install();
         announce(inner, &record).await;
         return Ok(());
     }
     if config.seeds.is_empty() {
         let replicas = config.replicas.unwrap_or(DEFAULT_REPLICAS);
-        let record = membership.form(rand::random(), replicas)?;
-        inner.install(&record);
+        membership.form(rand::random(), replicas)?;
+        inner.install();
         return Ok(());
     }
     let deadline = tokio::time::Instant::now() + config.join_timeout;
@@ -492,9 +481,11 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
         for seed in &config.seeds {
             match inner.transport.call_addr(*seed, &request).await {
                 Ok(Response::Joined(reply)) => {
-                    let (record, _) = membership.adopt(reply)?;
-                    inner.install(&record);
-                    announce(inner, &record).await;
+                    membership.adopt(reply)?;
+                    inner.install();
+                    if let Some(record) = membership.record() {
+                        announce(inner, &record).await;
+                    }
                     return Ok(());
                 }
                 Ok(Response::Error(e)) if e.kind == ErrorKind::Refused => {
@@ -548,11 +539,11 @@ async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Me
     };
     match tokio::time::timeout(ANNOUNCE_TIMEOUT, inner.transport.call_addr(addr, &request)).await {
         Ok(Ok(Response::Joined(reply))) => match inner.membership.adopt(reply) {
-            Ok((record, true)) => {
-                tracing::info!(peer = %member.id, members = record.members.len(), "learned new members");
-                inner.install(&record);
+            Ok(true) => {
+                tracing::info!(peer = %member.id, "learned new members");
+                inner.install();
             }
-            Ok(_) => {}
+            Ok(false) => {}
             Err(e) => tracing::warn!(peer = %member.id, error = %e, "announce refused"),
         },
         Ok(Ok(Response::Error(e))) => {

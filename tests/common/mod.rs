@@ -65,9 +65,6 @@ impl NodeProc {
     pub fn addr(&self) -> String {
         self.addr.to_string()
     }
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
 }
 
 pub struct Cluster {
