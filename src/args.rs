@@ -106,6 +106,22 @@ pub struct NodeArgs {
     /// How long to keep trying the seeds before giving up.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub join_timeout_s: u64,
+    #[command(flatten)]
+    pub hints: HintArgs,
+}
+
+/// Hinted handoff (the sloppy quorum's memory).
+#[derive(Args, Debug, Clone)]
+pub struct HintArgs {
+    /// Store no hints for other nodes, and do not send writes to fallbacks when a replica is down: writes then need W of the key's own replicas. Hints already held are still delivered.
+    #[arg(long)]
+    pub no_hints: bool,
+    /// The hint window: a hint whose newest write is older than this is dropped (and counted); anti-entropy repairs what it would have. Default: 3 hours.
+    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::hints::DEFAULT_HINT_TTL_S, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hint_ttl_s: u64,
+    /// Most hints held for any one node; past it, writes for that node go to the next fallback.
+    #[arg(long, value_name = "COUNT", default_value_t = ringkv_repair::hints::DEFAULT_MAX_HINTS_PER_TARGET, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_hints_per_target: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -186,6 +202,9 @@ pub struct PutArgs {
     /// The context token from a previous get: the write replaces the values that read saw. Without it the write is blind and may add a sibling.
     #[arg(long, value_name = "TOKEN")]
     pub context: Option<String>,
+    /// Count only the key's own preference-list nodes toward W (Riak's PW): no fallback stands in for a node that is down, so the request fails rather than use a sloppy quorum.
+    #[arg(long)]
+    pub strict: bool,
     #[command(flatten)]
     pub request: RequestOpts,
 }
@@ -196,6 +215,9 @@ pub struct GetArgs {
     /// Replicas that must answer: 1..=N, one, quorum or all.
     #[arg(short = 'r', long = "r", value_name = "R", default_value = "quorum", value_parser = parse_consistency)]
     pub r: Consistency,
+    /// Count only the key's own preference-list nodes toward R (Riak's PR): no fallback stands in for a node that is down, so the request fails rather than use a sloppy quorum.
+    #[arg(long)]
+    pub strict: bool,
     /// Read only the contacted node's own copy, without a quorum (for operators and tests).
     #[arg(long)]
     pub local: bool,
@@ -215,6 +237,9 @@ pub struct DeleteArgs {
     /// The context token from a previous get. Without it, ringkv first reads the key (R=quorum) and deletes what that read saw; the read and the delete each get --timeout-ms.
     #[arg(long, value_name = "TOKEN")]
     pub context: Option<String>,
+    /// Count only the key's own preference-list nodes toward W (Riak's PW): no fallback stands in for a node that is down, so the request fails rather than use a sloppy quorum.
+    #[arg(long)]
+    pub strict: bool,
     #[command(flatten)]
     pub request: RequestOpts,
 }

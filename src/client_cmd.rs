@@ -33,6 +33,7 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
         payload: Payload::Value(value),
         context: args.context,
         w: args.w,
+        strict: args.strict,
         timeout_ms: args.request.timeout_ms,
         forwarded: false,
     });
@@ -52,10 +53,13 @@ pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
     let reply = read(
         &client,
         args.key.as_bytes(),
-        args.r,
-        args.local,
-        args.wait_repair,
-        args.request.timeout_ms,
+        ReadOpts {
+            r: args.r,
+            strict: args.strict,
+            local: args.local,
+            wait_repair: args.wait_repair,
+            timeout_ms: args.request.timeout_ms,
+        },
     )
     .await;
     client.close().await;
@@ -94,10 +98,13 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
                 read(
                     &client,
                     args.key.as_bytes(),
-                    Consistency::Quorum,
-                    false,
-                    false,
-                    args.request.timeout_ms,
+                    ReadOpts {
+                        r: Consistency::Quorum,
+                        strict: args.strict,
+                        local: false,
+                        wait_repair: false,
+                        timeout_ms: args.request.timeout_ms,
+                    },
                 )
                 .await?
                 .context
@@ -108,6 +115,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
             payload: Payload::Tombstone,
             context: Some(context),
             w: args.w,
+            strict: args.strict,
             timeout_ms: args.request.timeout_ms,
             forwarded: false,
         });
@@ -134,20 +142,27 @@ pub async fn status(args: StatusArgs) -> Result<Exit, Failure> {
     }
 }
 
-async fn read(
-    client: &Client,
-    key: &[u8],
+/// How a read is asked for.
+struct ReadOpts {
     r: Consistency,
+    strict: bool,
     local: bool,
     wait_repair: bool,
     timeout_ms: u32,
+}
+
+async fn read(
+    client: &Client,
+    key: &[u8],
+    opts: ReadOpts,
 ) -> Result<ringkv_core::wire::GetReply, Failure> {
     let request = Request::Get(GetRequest {
         key: key.to_vec(),
-        r,
-        local,
-        wait_repair,
-        timeout_ms,
+        r: opts.r,
+        strict: opts.strict,
+        local: opts.local,
+        wait_repair: opts.wait_repair,
+        timeout_ms: opts.timeout_ms,
         forwarded: false,
     });
     match call(client, &request).await? {

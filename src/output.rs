@@ -22,6 +22,9 @@ pub fn receipt_json(receipt: &Receipt) -> Value {
             if let Some(detail) = &r.detail {
                 o["detail"] = json!(detail);
             }
+            if let Some(owner) = &r.hint_for {
+                o["hint_for"] = json!(owner.to_string());
+            }
             o
         }).collect::<Vec<_>>(),
     })
@@ -32,8 +35,12 @@ fn receipt_line(receipt: &Receipt) -> String {
         .replicas
         .iter()
         .map(|r| {
+            let stand_in = match &r.hint_for {
+                Some(owner) => format!(" (for {owner})"),
+                None => String::new(),
+            };
             format!(
-                "{} {} {:.2} ms",
+                "{}{stand_in} {} {:.2} ms",
                 r.node,
                 r.outcome.as_str(),
                 r.latency_us as f64 / 1000.0
@@ -105,13 +112,21 @@ pub fn status(reply: &StatusReply, json: bool) {
                 "id": n.id.to_string(),
                 "addr": n.addr,
                 "state": if n.up { "up" } else { "down" },
+                "hints_pending": n.hints_pending,
             })).collect::<Vec<_>>(),
         }));
     } else {
         println!("cluster seen from {} (N={})", reply.node, reply.replicas);
+        println!(
+            "  {:<12} {:<22} {:<5} hints pending",
+            "node", "address", "state"
+        );
         for n in &reply.nodes {
+            let hints = n
+                .hints_pending
+                .map_or_else(|| "?".to_string(), |h| h.to_string());
             println!(
-                "  {:<12} {:<22} {}",
+                "  {:<12} {:<22} {:<5} {hints}",
                 n.id.as_str(),
                 n.addr,
                 if n.up { "up" } else { "down" }

@@ -31,6 +31,9 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.max_value_bytes = args.limits.max_value_bytes;
     config.max_siblings = args.limits.max_siblings;
     config.join_timeout = Duration::from_secs(args.join_timeout_s);
+    config.hints = !args.hints.no_hints;
+    config.hint_ttl = Duration::from_secs(args.hints.hint_ttl_s);
+    config.max_hints_per_target = args.hints.max_hints_per_target;
     let handle = Node::start(config).await.map_err(node_failure)?;
     println!("node {} serving on {}", handle.id(), handle.addr());
     wait_for_signal().await;

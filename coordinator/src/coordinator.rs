@@ -21,6 +21,7 @@
 //! the network is the [`Transport`] trait; the counting itself is the
 //! sans-I/O [`QuorumTracker`].
 
+use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -58,12 +59,16 @@ pub const REQUEST_TIMEOUT_MS_MAX: u32 = 60_000;
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub max_value_bytes: usize,
+    /// Whether writes may go to fallbacks, as hints, when a replica is down
+    /// (the sloppy quorum). Off with `--no-hints`; reads still use fallbacks.
+    pub hinted_handoff: bool,
 }
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            hinted_handoff: true,
         }
     }
 }
@@ -211,19 +216,27 @@ impl<T: Transport> Coordinator<T> {
                 },
             );
         }
-        let others: Vec<NodeId> = pref
-            .replicas
-            .iter()
-            .filter(|n| **n != self.id)
-            .cloned()
-            .collect();
         let sync = Request::Replica(ReplicaRequest::Sync {
             key: request.key.clone(),
             clock: clock.clone(),
         });
+        let hint = |owner: &NodeId| {
+            Request::Replica(ReplicaRequest::Hint {
+                owner: owner.clone(),
+                key: request.key.clone(),
+                clock: clock.clone(),
+            })
+        };
+        let sloppy = !request.strict && self.config.hinted_handoff;
+        let mut stand_ins = StandIns {
+            candidates: self.healthy_fallbacks(&pref.fallbacks),
+            request_for: sloppy.then_some(&hint as &(dyn Fn(&NodeId) -> Request + Sync)),
+            after: stand_in_after(start, deadline),
+        };
+        let targets = self.plan(&pref.replicas, &sync, &mut stand_ins, &mut tracker);
         self.fan_out(
-            &others,
-            sync,
+            targets,
+            stand_ins,
             &mut tracker,
             start,
             deadline,
@@ -294,11 +307,26 @@ impl<T: Transport> Coordinator<T> {
         let mut replies: Vec<(NodeId, Option<Clock>)> = Vec::new();
         let read = Request::Replica(ReplicaRequest::Read {
             key: request.key.clone(),
+            hint_for: None,
         });
+        let read_for = |owner: &NodeId| {
+            Request::Replica(ReplicaRequest::Read {
+                key: request.key.clone(),
+                hint_for: Some(owner.clone()),
+            })
+        };
+        let mut stand_ins = StandIns {
+            candidates: self.healthy_fallbacks(&pref.fallbacks),
+            request_for: (!request.strict)
+                .then_some(&read_for as &(dyn Fn(&NodeId) -> Request + Sync)),
+            after: stand_in_after(start, deadline),
+        };
+        let targets = self.plan(&pref.replicas, &read, &mut stand_ins, &mut tracker);
+        let owners = &pref.replicas;
         let late = self
             .fan_out(
-                &pref.replicas,
-                read,
+                targets,
+                stand_ins,
                 &mut tracker,
                 start,
                 deadline,
@@ -307,7 +335,11 @@ impl<T: Transport> Coordinator<T> {
                         if let Some(clock) = &clock {
                             merged.sync(clock);
                         }
-                        replies.push((node.clone(), clock));
+                        // A stand-in's copy counts for the answer, but only
+                        // owners are judged (and repaired) by read repair.
+                        if owners.contains(node) {
+                            replies.push((node.clone(), clock));
+                        }
                         Ok(())
                     }
                     other => Err(reply_error(other)),
@@ -318,9 +350,12 @@ impl<T: Transport> Coordinator<T> {
             QuorumState::Reached => {
                 let reply = self.get_reply(&request.key, &merged, &tracker);
                 self.read_repair(
-                    request.key,
-                    merged,
-                    replies,
+                    ReadOutcome {
+                        key: request.key,
+                        owners: pref.replicas,
+                        merged,
+                        replies,
+                    },
                     late,
                     deadline,
                     request.wait_repair,
@@ -347,9 +382,7 @@ impl<T: Transport> Coordinator<T> {
     /// before answering, within the deadline.
     async fn read_repair(
         &self,
-        key: Vec<u8>,
-        merged: Clock,
-        replies: Vec<(NodeId, Option<Clock>)>,
+        read: ReadOutcome,
         late: LateReplies,
         deadline: Instant,
         wait: bool,
@@ -358,7 +391,7 @@ impl<T: Transport> Coordinator<T> {
             return;
         };
         let until = deadline.min(Instant::now() + REPAIR_COLLECT_GRACE);
-        let finish = collect_repair(key, merged, replies, late, until);
+        let finish = collect_repair(read, late, until);
         if wait {
             let transport = self.transport.clone();
             let _ = tokio::time::timeout_at(deadline, async move {
@@ -376,7 +409,10 @@ impl<T: Transport> Coordinator<T> {
 
     async fn get_local(&self, key: &[u8], start: Instant, deadline: Instant) -> Response {
         let mut tracker = QuorumTracker::new([self.id.clone()], 1);
-        let read = Request::Replica(ReplicaRequest::Read { key: key.to_vec() });
+        let read = Request::Replica(ReplicaRequest::Read {
+            key: key.to_vec(),
+            hint_for: None,
+        });
         match self.call(&self.id, read, deadline).await {
             Ok(Response::Clock(clock)) => {
                 tracker.record(
@@ -401,17 +437,70 @@ impl<T: Transport> Coordinator<T> {
         })
     }
 
-    /// Sends `request` to every node in `targets` at once and records each
-    /// answer in `tracker` until it is decided or the deadline passes.
+    /// Whether the failure detector believes `node` is up (everyone is,
+    /// without a detector).
+    fn is_healthy(&self, node: &NodeId) -> bool {
+        self.detector.as_ref().is_none_or(|d| d.is_up(node))
+    }
+
+    /// The fallbacks believed up, in ring order: the sloppy quorum's stand-ins.
+    fn healthy_fallbacks(&self, fallbacks: &[NodeId]) -> VecDeque<NodeId> {
+        fallbacks
+            .iter()
+            .filter(|n| **n != self.id && self.is_healthy(n))
+            .cloned()
+            .collect()
+    }
+
+    /// Chooses who first gets `request`: every preference-list node except
+    /// this one, but a node believed down is replaced up front by a stand-in
+    /// (when stand-ins are allowed and one is left). The tracker learns of
+    /// stand-ins before the owner's slot is marked as not contacted.
+    fn plan(
+        &self,
+        replicas: &[NodeId],
+        request: &Request,
+        stand_ins: &mut StandIns<'_>,
+        tracker: &mut QuorumTracker,
+    ) -> Vec<(NodeId, Request)> {
+        let mut targets = Vec::with_capacity(replicas.len());
+        for owner in replicas {
+            if *owner == self.id && matches!(request, Request::Replica(ReplicaRequest::Sync { .. }))
+            {
+                continue; // the coordinator's own write is already done
+            }
+            if !self.is_healthy(owner) {
+                if let Some(send) = stand_ins.next_for(owner, tracker) {
+                    tracker.record(
+                        owner,
+                        ReplicaAnswer::Error {
+                            latency_us: 0,
+                            reason: "believed down; not contacted".to_string(),
+                        },
+                    );
+                    targets.push(send);
+                    continue;
+                }
+            }
+            targets.push((owner.clone(), request.clone()));
+        }
+        targets
+    }
+
+    /// Sends each target its request at once and records each answer in
+    /// `tracker` until it is decided or the deadline passes.
     ///
-    /// Each send runs in its own task, bounded by the deadline, so sends that
-    /// have not finished when the quorum is decided still reach their
-    /// replicas; their answers then go nowhere.
-    /// Returns the answers still to come, for callers that want them.
+    /// A node that fails (unreachable, or an error other than a refusal of
+    /// the request itself) and leaves its slot uncovered gets a stand-in
+    /// from `stand_ins`; so do owners that have not answered at all by
+    /// `stand_ins.after`. Each send runs in its own task, bounded by the
+    /// deadline, so sends still running when the quorum is decided still
+    /// reach their nodes. Returns the answers still to come, for callers
+    /// that want them.
     async fn fan_out(
         &self,
-        targets: &[NodeId],
-        request: Request,
+        targets: Vec<(NodeId, Request)>,
+        mut stand_ins: StandIns<'_>,
         tracker: &mut QuorumTracker,
         start: Instant,
         deadline: Instant,
@@ -419,12 +508,11 @@ impl<T: Transport> Coordinator<T> {
     ) -> LateReplies {
         // Even when the tracker is already decided (W=1 met by the local
         // write), every target still gets the request.
-        let (tx, mut rx) = mpsc::channel(targets.len().max(1));
-        for node in targets {
+        let capacity = targets.len() + stand_ins.candidates.len();
+        let (tx, mut rx) = mpsc::channel(capacity.max(1));
+        let dispatch = |node: NodeId, request: Request| {
             let tx = tx.clone();
-            let node = node.clone();
             let transport = self.transport.clone();
-            let request = request.clone();
             tokio::spawn(async move {
                 let result =
                     tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
@@ -432,8 +520,11 @@ impl<T: Transport> Coordinator<T> {
                 // The receiver is gone once the quorum is decided; that is fine.
                 let _ = tx.send((node, result, latency_us)).await;
             });
+        };
+        for (node, request) in targets {
+            dispatch(node, request);
         }
-        drop(tx);
+        let mut waited_for_silent = stand_ins.request_for.is_none();
         while tracker.state() == QuorumState::Waiting {
             tokio::select! {
                 message = rx.recv() => {
@@ -449,15 +540,37 @@ impl<T: Transport> Coordinator<T> {
                             Err(_) => {}
                         }
                     }
-                    let answer = match result {
-                        Err(_elapsed) => ReplicaAnswer::Timeout { latency_us },
-                        Ok(Err(e)) => ReplicaAnswer::Error { latency_us, reason: transport_reason(&e) },
-                        Ok(Ok(response)) => match on_reply(&node, response) {
-                            Ok(()) => ReplicaAnswer::Ok { latency_us },
-                            Err(reason) => ReplicaAnswer::Error { latency_us, reason },
-                        },
+                    let (answer, replaceable) = match result {
+                        Err(_elapsed) => (ReplicaAnswer::Timeout { latency_us }, false),
+                        Ok(Err(e)) => (ReplicaAnswer::Error { latency_us, reason: transport_reason(&e) }, true),
+                        Ok(Ok(response)) => {
+                            // A refusal of the request itself would be refused
+                            // by a stand-in too.
+                            let replaceable = !matches!(&response, Response::Error(e) if e.kind == ErrorKind::InvalidRequest);
+                            match on_reply(&node, response) {
+                                Ok(()) => (ReplicaAnswer::Ok { latency_us }, false),
+                                Err(reason) => (ReplicaAnswer::Error { latency_us, reason }, replaceable),
+                            }
+                        }
                     };
+                    if replaceable {
+                        if let Some(owner) = tracker.owner_of(&node).cloned() {
+                            if tracker.slot_uncovered_without(&owner, &node) {
+                                if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
+                                    dispatch(stand_in, request);
+                                }
+                            }
+                        }
+                    }
                     tracker.record(&node, answer);
+                }
+                _ = tokio::time::sleep_until(stand_ins.after), if !waited_for_silent => {
+                    waited_for_silent = true;
+                    for owner in tracker.silent_owners() {
+                        if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
+                            dispatch(stand_in, request);
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracker.expire(elapsed_us(start));
@@ -479,6 +592,9 @@ impl<T: Transport> Coordinator<T> {
         deadline: Instant,
     ) -> Response {
         let mut failures = Vec::new();
+        // Nodes believed down go last (stable: ring order otherwise).
+        let mut replicas = replicas.to_vec();
+        replicas.sort_by_key(|n| !self.is_healthy(n));
         for (i, node) in replicas.iter().enumerate() {
             let now = Instant::now();
             if now >= deadline {
@@ -515,21 +631,32 @@ impl<T: Transport> Coordinator<T> {
     }
 }
 
+/// What a quorum read found, for read repair.
+struct ReadOutcome {
+    key: Vec<u8>,
+    /// The preference list: only these are judged and repaired.
+    owners: Vec<NodeId>,
+    merged: Clock,
+    replies: Vec<(NodeId, Option<Clock>)>,
+}
+
 /// Waits (until `until` at most) for the read answers still to come, then
 /// decides which replicas need the merged clock.
-async fn collect_repair(
-    key: Vec<u8>,
-    mut merged: Clock,
-    mut replies: Vec<(NodeId, Option<Clock>)>,
-    mut late: LateReplies,
-    until: Instant,
-) -> RepairJob {
+async fn collect_repair(read: ReadOutcome, mut late: LateReplies, until: Instant) -> RepairJob {
+    let ReadOutcome {
+        key,
+        owners,
+        mut merged,
+        mut replies,
+    } = read;
     while let Ok(Some((node, result, _))) = tokio::time::timeout_at(until, late.recv()).await {
         if let Ok(Ok(Response::Clock(clock))) = result {
             if let Some(clock) = &clock {
                 merged.sync(clock);
             }
-            replies.push((node, clock));
+            if owners.contains(&node) {
+                replies.push((node, clock));
+            }
         }
     }
     let targets = stale_replicas(&merged, &replies);
@@ -539,6 +666,44 @@ async fn collect_repair(
         targets,
     }
 }
+
+/// The fallbacks a fan-out may still use, and what to send them.
+struct StandIns<'a> {
+    /// Fallbacks believed up and not yet used, in ring order.
+    candidates: VecDeque<NodeId>,
+    /// The request a stand-in for an owner gets; `None` when stand-ins are
+    /// not allowed (`--strict`, or writes with `--no-hints`).
+    request_for: Option<&'a (dyn Fn(&NodeId) -> Request + Sync)>,
+    /// When owners that have not answered at all get a stand-in too.
+    after: Instant,
+}
+
+impl StandIns<'_> {
+    /// The next fallback for `owner`, registered with `tracker`, and its request.
+    fn next_for(
+        &mut self,
+        owner: &NodeId,
+        tracker: &mut QuorumTracker,
+    ) -> Option<(NodeId, Request)> {
+        let request_for = self.request_for?;
+        while let Some(candidate) = self.candidates.pop_front() {
+            if tracker.add_stand_in(owner, candidate.clone()) {
+                return Some((candidate, request_for(owner)));
+            }
+        }
+        None
+    }
+}
+
+/// When a replica that has not answered at all gets a stand-in: a quarter
+/// of the request's time, at most [`STAND_IN_AFTER_MAX`].
+fn stand_in_after(start: Instant, deadline: Instant) -> Instant {
+    start + ((deadline - start) / 4).min(STAND_IN_AFTER_MAX)
+}
+
+/// The longest a coordinator waits for a silent replica before also asking
+/// a fallback; a node down but not yet detected costs at most this much.
+const STAND_IN_AFTER_MAX: Duration = Duration::from_millis(500);
 
 /// How long a read keeps listening for answers after its quorum, so that
 /// slower replicas can be judged for read repair.

@@ -29,49 +29,137 @@ pub enum ReplicaAnswer {
     Timeout { latency_us: u64 },
 }
 
-/// Tracks the answers of a fixed set of replicas until `required` succeed.
+/// One node asked, and for which preference-list slot.
+#[derive(Debug, Clone)]
+struct Entry {
+    node: NodeId,
+    /// Index of the preference-list node this answer counts for.
+    slot: usize,
+    /// Set for a fallback standing in for that slot's owner.
+    hint_for: Option<NodeId>,
+    answer: ReplicaAnswer,
+}
+
+/// Tracks the answers for the preference list's nodes until `required` of
+/// them are satisfied.
 ///
-/// Invariants: each replica's answer is recorded at most once (the first
-/// wins); once expired, nothing changes.
+/// Each preference-list node is a *slot*. A slot is satisfied when its owner
+/// answers, or when a fallback standing in for it does (Dynamo's sloppy
+/// quorum); it counts once however many of them answer. The tracker itself
+/// never chooses stand-ins: the coordinator adds them with
+/// [`add_stand_in`](Self::add_stand_in).
+///
+/// Invariants: each node's answer is recorded at most once (the first wins);
+/// once expired, nothing changes; a node is in at most one slot.
 #[derive(Debug, Clone)]
 pub struct QuorumTracker {
     required: usize,
-    answers: Vec<(NodeId, ReplicaAnswer)>,
+    slots: usize,
+    entries: Vec<Entry>,
     expired: bool,
 }
 
 impl QuorumTracker {
-    /// `replicas` are the nodes asked; `required` of them must succeed.
+    /// `replicas` are the preference-list nodes; `required` slots must succeed.
     pub fn new(replicas: impl IntoIterator<Item = NodeId>, required: usize) -> Self {
+        let entries: Vec<Entry> = replicas
+            .into_iter()
+            .enumerate()
+            .map(|(slot, node)| Entry {
+                node,
+                slot,
+                hint_for: None,
+                answer: ReplicaAnswer::Pending,
+            })
+            .collect();
         QuorumTracker {
             required,
-            answers: replicas
-                .into_iter()
-                .map(|n| (n, ReplicaAnswer::Pending))
-                .collect(),
+            slots: entries.len(),
+            entries,
             expired: false,
         }
+    }
+
+    /// Adds `stand_in` as a fallback for `owner`'s slot, pending. Returns
+    /// false (and changes nothing) if `owner` has no slot, the tracker has
+    /// expired, or `stand_in` is already asked.
+    pub fn add_stand_in(&mut self, owner: &NodeId, stand_in: NodeId) -> bool {
+        if self.expired || self.entries.iter().any(|e| e.node == stand_in) {
+            return false;
+        }
+        let Some(slot) = self
+            .entries
+            .iter()
+            .find(|e| e.node == *owner && e.hint_for.is_none())
+            .map(|e| e.slot)
+        else {
+            return false;
+        };
+        self.entries.push(Entry {
+            node: stand_in,
+            slot,
+            hint_for: Some(owner.clone()),
+            answer: ReplicaAnswer::Pending,
+        });
+        true
+    }
+
+    /// The owner `node` answers for: itself, or the node it stands in for.
+    pub fn owner_of(&self, node: &NodeId) -> Option<&NodeId> {
+        let entry = self.entries.iter().find(|e| e.node == *node)?;
+        Some(entry.hint_for.as_ref().unwrap_or(&entry.node))
+    }
+
+    /// Whether `owner`'s slot has neither a success nor anyone else still
+    /// pending besides `except`: a failure of `except` leaves it uncovered.
+    pub fn slot_uncovered_without(&self, owner: &NodeId, except: &NodeId) -> bool {
+        let Some(slot) = self.slot_of_owner(owner) else {
+            return false;
+        };
+        !self.entries.iter().any(|e| {
+            e.slot == slot
+                && (matches!(e.answer, ReplicaAnswer::Ok { .. })
+                    || (e.answer == ReplicaAnswer::Pending && e.node != *except))
+        })
+    }
+
+    /// Owners whose slot has had no answer at all yet and no stand-in.
+    pub fn silent_owners(&self) -> Vec<NodeId> {
+        (0..self.slots)
+            .filter(|slot| {
+                let mut in_slot = self.entries.iter().filter(|e| e.slot == *slot);
+                in_slot.clone().count() == 1 && in_slot.all(|e| e.answer == ReplicaAnswer::Pending)
+            })
+            .map(|slot| self.entries[slot].node.clone())
+            .collect()
+    }
+
+    fn slot_of_owner(&self, owner: &NodeId) -> Option<usize> {
+        self.entries
+            .iter()
+            .find(|e| e.node == *owner && e.hint_for.is_none())
+            .map(|e| e.slot)
     }
 
     /// Records `node`'s answer. Answers from unknown nodes, second answers
     /// and answers after [`expire`](Self::expire) are ignored.
     pub fn record(&mut self, node: &NodeId, answer: ReplicaAnswer) -> QuorumState {
         if !self.expired {
-            if let Some((_, slot)) = self.answers.iter_mut().find(|(n, _)| n == node) {
-                if *slot == ReplicaAnswer::Pending {
-                    *slot = answer;
+            if let Some(e) = self.entries.iter_mut().find(|e| e.node == *node) {
+                if e.answer == ReplicaAnswer::Pending {
+                    e.answer = answer;
                 }
             }
         }
         self.state()
     }
 
-    /// The deadline passed: every pending replica timed out.
+    /// The deadline passed: every pending node timed out.
     pub fn expire(&mut self, latency_us: u64) -> QuorumState {
         if !self.expired {
-            for (_, slot) in &mut self.answers {
-                if *slot == ReplicaAnswer::Pending {
-                    *slot = ReplicaAnswer::Timeout { latency_us };
+            for e in &mut self.entries {
+                if e.answer == ReplicaAnswer::Pending {
+                    e.answer = ReplicaAnswer::Timeout { latency_us };
                 }
             }
             self.expired = true;
@@ -79,13 +167,23 @@ impl QuorumTracker {
         self.state()
     }
 
+    /// Satisfied slots, and slots still pending (not satisfied, someone asked).
+    fn slot_counts(&self) -> (usize, usize) {
+        let mut ok = 0;
+        let mut pending = 0;
+        for slot in 0..self.slots {
+            let answers = || self.entries.iter().filter(|e| e.slot == slot);
+            if answers().any(|e| matches!(e.answer, ReplicaAnswer::Ok { .. })) {
+                ok += 1;
+            } else if answers().any(|e| e.answer == ReplicaAnswer::Pending) {
+                pending += 1;
+            }
+        }
+        (ok, pending)
+    }
+
     pub fn state(&self) -> QuorumState {
-        let ok = self.succeeded().count();
-        let pending = self
-            .answers
-            .iter()
-            .filter(|(_, a)| *a == ReplicaAnswer::Pending)
-            .count();
+        let (ok, pending) = self.slot_counts();
         if ok >= self.required {
             QuorumState::Reached
         } else if ok + pending < self.required {
@@ -95,12 +193,12 @@ impl QuorumTracker {
         }
     }
 
-    /// The replicas that succeeded.
+    /// The nodes that succeeded, stand-ins included.
     pub fn succeeded(&self) -> impl Iterator<Item = &NodeId> {
-        self.answers
+        self.entries
             .iter()
-            .filter(|(_, a)| matches!(a, ReplicaAnswer::Ok { .. }))
-            .map(|(n, _)| n)
+            .filter(|e| matches!(e.answer, ReplicaAnswer::Ok { .. }))
+            .map(|e| &e.node)
     }
 
     /// The receipt clients see. Replicas still in flight when the request
@@ -109,10 +207,10 @@ impl QuorumTracker {
         Receipt {
             coordinator: Some(coordinator.clone()),
             replicas: self
-                .answers
+                .entries
                 .iter()
-                .filter_map(|(node, answer)| {
-                    let (outcome, latency_us, detail) = match answer {
+                .filter_map(|e| {
+                    let (outcome, latency_us, detail) = match &e.answer {
                         ReplicaAnswer::Pending => return None,
                         ReplicaAnswer::Ok { latency_us } => (Outcome::Ok, *latency_us, None),
                         ReplicaAnswer::Error { latency_us, reason } => {
@@ -123,10 +221,11 @@ impl QuorumTracker {
                         }
                     };
                     Some(ReplicaOutcome {
-                        node: node.clone(),
+                        node: e.node.clone(),
                         outcome,
                         latency_us,
                         detail,
+                        hint_for: e.hint_for.clone(),
                     })
                 })
                 .collect(),
@@ -136,26 +235,28 @@ impl QuorumTracker {
     /// A sentence for a failed request: how many answered of how many were
     /// required, and what happened to the others.
     pub fn failure_summary(&self) -> String {
-        let ok: Vec<&str> = self.succeeded().map(|n| n.as_str()).collect();
+        let (ok, _) = self.slot_counts();
         let failed: Vec<String> = self
-            .answers
+            .entries
             .iter()
-            .filter_map(|(n, a)| match a {
-                ReplicaAnswer::Ok { .. } => None,
-                ReplicaAnswer::Pending => Some(format!("{n} (no answer)")),
-                ReplicaAnswer::Timeout { .. } => Some(format!("{n} (timed out)")),
-                ReplicaAnswer::Error { reason, .. } => Some(format!("{n} ({reason})")),
+            .filter_map(|e| {
+                let n = match &e.hint_for {
+                    Some(owner) => format!("{} for {owner}", e.node),
+                    None => e.node.to_string(),
+                };
+                match &e.answer {
+                    ReplicaAnswer::Ok { .. } => None,
+                    ReplicaAnswer::Pending => Some(format!("{n} (no answer)")),
+                    ReplicaAnswer::Timeout { .. } => Some(format!("{n} (timed out)")),
+                    ReplicaAnswer::Error { reason, .. } => Some(format!("{n} ({reason})")),
+                }
             })
             .collect();
-        let mut s = format!(
-            "{} of {} required replicas answered",
-            ok.len(),
-            self.required
-        );
-        if self.answers.len() < self.required {
+        let mut s = format!("{ok} of {} required replicas answered", self.required);
+        if self.slots < self.required {
             s.push_str(&format!(
                 " (only {} nodes hold this key's replicas)",
-                self.answers.len()
+                self.slots
             ));
         }
         if !failed.is_empty() {
@@ -222,6 +323,52 @@ mod tests {
         assert_eq!(t.record(&n("c"), OK), QuorumState::Failed);
         assert_eq!(t.succeeded().count(), 1);
         assert!(t.failure_summary().contains("b (timed out)"));
+    }
+
+    #[test]
+    fn a_stand_in_satisfies_its_owners_slot_once() {
+        let mut t = tracker(3);
+        assert!(t.add_stand_in(&n("c"), n("d")));
+        assert!(!t.add_stand_in(&n("c"), n("d")), "already asked");
+        assert!(!t.add_stand_in(&n("x"), n("e")), "x has no slot");
+        assert_eq!(t.owner_of(&n("d")), Some(&n("c")));
+        t.record(&n("a"), OK);
+        t.record(&n("b"), OK);
+        assert_eq!(t.state(), QuorumState::Waiting);
+        assert_eq!(t.record(&n("c"), err()), QuorumState::Waiting, "d pending");
+        assert_eq!(t.record(&n("d"), OK), QuorumState::Reached);
+        let receipt = t.receipt(&n("a"));
+        let d = receipt.replicas.iter().find(|r| r.node == n("d")).unwrap();
+        assert_eq!(d.hint_for, Some(n("c")));
+    }
+
+    #[test]
+    fn an_owner_and_its_stand_in_count_as_one() {
+        let mut t = tracker(3);
+        t.add_stand_in(&n("c"), n("d"));
+        t.record(&n("a"), OK);
+        t.record(&n("c"), OK);
+        t.record(&n("d"), OK);
+        assert_eq!(t.state(), QuorumState::Waiting, "b's slot is still open");
+        assert!(t.failure_summary().starts_with("2 of 3"));
+        assert_eq!(t.record(&n("b"), err()), QuorumState::Failed);
+    }
+
+    #[test]
+    fn uncovered_and_silent_slots() {
+        let mut t = tracker(2);
+        assert_eq!(t.silent_owners(), [n("a"), n("b"), n("c")]);
+        t.record(&n("a"), OK);
+        t.add_stand_in(&n("b"), n("d"));
+        assert_eq!(t.silent_owners(), [n("c")]);
+        assert!(!t.slot_uncovered_without(&n("b"), &n("b")), "d covers b");
+        assert!(
+            !t.slot_uncovered_without(&n("b"), &n("d")),
+            "b itself is pending"
+        );
+        t.record(&n("b"), err());
+        assert!(t.slot_uncovered_without(&n("b"), &n("d")));
+        assert!(!t.slot_uncovered_without(&n("a"), &n("a")), "a succeeded");
     }
 
     #[test]

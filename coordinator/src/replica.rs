@@ -7,13 +7,14 @@
 //! key through one node never lose a sibling: the second writer reads what the
 //! first wrote.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ringkv_core::dvv::{Clock, Payload, VersionVector, CLOCK_ENTRIES_MAX};
 use ringkv_core::hash::stable_hash64;
 use ringkv_core::wire::CLOCK_MAX_BYTES;
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
 use ringkv_core::NodeId;
+use ringkv_repair::hints::{HintError, HintStore};
 
 /// Number of lock stripes. More stripes, less false sharing between keys;
 /// each is one word of memory.
@@ -52,6 +53,8 @@ pub enum StoreError {
 pub enum ReplicaError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Hint(#[from] HintError),
     #[error(
         "key already has {siblings} concurrent values (the limit is {limit}); \
          read it and write with the returned --context to resolve them"
@@ -82,6 +85,8 @@ pub struct ReplicaService<S> {
     store: S,
     locks: Box<[Mutex<()>]>,
     max_siblings: usize,
+    /// Where hinted writes for other nodes go; `None` refuses them (`--no-hints`).
+    hints: Option<Arc<dyn HintStore>>,
 }
 
 impl<S: Store> ReplicaService<S> {
@@ -91,7 +96,14 @@ impl<S: Store> ReplicaService<S> {
             store,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             max_siblings,
+            hints: None,
         }
+    }
+
+    /// Accepts hinted writes for other nodes into `hints`.
+    pub fn with_hints(mut self, hints: Arc<dyn HintStore>) -> Self {
+        self.hints = Some(hints);
+        self
     }
 
     pub fn id(&self) -> &NodeId {
@@ -166,6 +178,31 @@ impl<S: Store> ReplicaService<S> {
         Ok(self.store.get(key)?)
     }
 
+    /// A fallback's read for `owner`: its own copy merged with the hint it
+    /// holds for the owner.
+    pub fn read_for(&self, key: &[u8], owner: &NodeId) -> Result<Option<Clock>, ReplicaError> {
+        let own = self.store.get(key)?;
+        let hinted = match &self.hints {
+            Some(hints) => hints.read(owner, key)?,
+            None => None,
+        };
+        Ok(match (own, hinted) {
+            (Some(mut own), Some(hinted)) => {
+                own.sync(&hinted);
+                Some(own)
+            }
+            (own, hinted) => own.or(hinted),
+        })
+    }
+
+    /// Holds a write for `owner`, which is down (sloppy quorum).
+    pub fn hint(&self, owner: &NodeId, key: &[u8], clock: &Clock) -> Result<(), ReplicaError> {
+        match &self.hints {
+            Some(hints) => Ok(hints.store(owner, key, clock)?),
+            None => Err(HintError::Disabled.into()),
+        }
+    }
+
     /// Serves one replica request.
     pub fn handle(&self, request: ReplicaRequest) -> Response {
         let result = match request {
@@ -175,12 +212,26 @@ impl<S: Store> ReplicaService<S> {
                 payload,
             } => self.update(&key, &context, payload).map(Some),
             ReplicaRequest::Sync { key, clock } => self.sync(&key, &clock).map(|_| None),
-            ReplicaRequest::Read { key } => self.read(&key),
+            ReplicaRequest::Read {
+                key,
+                hint_for: None,
+            } => self.read(&key),
+            ReplicaRequest::Read {
+                key,
+                hint_for: Some(owner),
+            } => self.read_for(&key, &owner),
+            ReplicaRequest::Hint { owner, key, clock } => {
+                self.hint(&owner, &key, &clock).map(|()| None)
+            }
         };
         match result {
             Ok(clock) => Response::Clock(clock),
             Err(e @ ReplicaError::Store(_)) => {
                 Response::error(ErrorKind::Internal, format!("{}: {e}", self.id))
+            }
+            // The coordinator may ask another fallback.
+            Err(e @ ReplicaError::Hint(_)) => {
+                Response::error(ErrorKind::Unavailable, format!("{}: {e}", self.id))
             }
             Err(e) => Response::error(ErrorKind::InvalidRequest, e.to_string()),
         }
@@ -215,7 +266,6 @@ impl Store for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn service(max_siblings: usize) -> ReplicaService<MemStore> {
         ReplicaService::new(NodeId::new("a").unwrap(), MemStore::default(), max_siblings)

@@ -17,12 +17,15 @@ use std::time::Duration;
 
 use ringkv_core::consistency::Consistency;
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{GetRequest, PutRequest, ReplicaRequest, Request, Response};
+use ringkv_core::wire::{GetRequest, NodeStats, PutRequest, ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_ring::Ring;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::failure::{probe_round, DetectorConfig, FailureDetector};
 use crate::replica::{MemStore, ReplicaService};
+use ringkv_repair::handoff::{self, HandoffConfig};
+use ringkv_repair::hints::{HintBook, HintConfig, MemHintBackend, WallClock};
 use ringkv_repair::read_repair::{ReadRepairQueue, DEFAULT_QUEUE_CAPACITY};
 
 /// What a simulated node does with a request.
@@ -160,16 +163,22 @@ fn next_random(state: &mut u64) -> u64 {
     state.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
-fn label(request: &Request) -> &'static str {
+fn label(request: &Request) -> String {
     match request {
-        Request::Put(_) => "Put",
-        Request::Get(_) => "Get",
-        Request::Status => "Status",
-        Request::Join(_) => "Join",
-        Request::Ping => "Ping",
-        Request::Replica(ReplicaRequest::Update { .. }) => "Update",
-        Request::Replica(ReplicaRequest::Sync { .. }) => "Sync",
-        Request::Replica(ReplicaRequest::Read { .. }) => "Read",
+        Request::Put(_) => "Put".into(),
+        Request::Get(_) => "Get".into(),
+        Request::Status => "Status".into(),
+        Request::Stats => "Stats".into(),
+        Request::Join(_) => "Join".into(),
+        Request::Ping => "Ping".into(),
+        Request::Replica(ReplicaRequest::Update { .. }) => "Update".into(),
+        Request::Replica(ReplicaRequest::Sync { .. }) => "Sync".into(),
+        Request::Replica(ReplicaRequest::Read { hint_for: None, .. }) => "Read".into(),
+        Request::Replica(ReplicaRequest::Read {
+            hint_for: Some(owner),
+            ..
+        }) => format!("Read for {owner}"),
+        Request::Replica(ReplicaRequest::Hint { owner, .. }) => format!("Hint for {owner}"),
     }
 }
 
@@ -183,7 +192,7 @@ pub struct SimTransport {
 impl Transport for SimTransport {
     async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
         let what = label(&request);
-        let Ok(delay) = self.net.route(&self.from, to, what) else {
+        let Ok(delay) = self.net.route(&self.from, to, &what) else {
             return std::future::pending().await;
         };
         let handler = self
@@ -204,10 +213,12 @@ impl Transport for SimTransport {
     }
 }
 
-/// A simulated node: an in-memory replica and a coordinator.
+/// A simulated node: an in-memory replica, its hints and a coordinator.
 pub struct SimNode {
     pub replica: Arc<ReplicaService<MemStore>>,
     pub coordinator: Arc<Coordinator<SimTransport>>,
+    pub hints: Arc<HintBook<MemHintBackend>>,
+    pub detector: Arc<FailureDetector>,
 }
 
 impl SimHandler for SimNode {
@@ -221,6 +232,9 @@ impl SimHandler for SimNode {
                 Request::Get(g) => self.coordinator.get(g).await,
                 Request::Replica(r) => self.replica.handle(r),
                 Request::Ping => Response::Pong,
+                Request::Stats => Response::Stats(NodeStats {
+                    hints_pending: self.hints.pending_total(),
+                }),
                 other => Response::error(
                     ringkv_core::wire::ErrorKind::InvalidRequest,
                     format!("{} is not simulated", label(&other)),
@@ -235,20 +249,60 @@ pub struct SimCluster {
     pub net: SimNetwork,
     pub nodes: Vec<(NodeId, Arc<SimNode>)>,
     pub ring: Arc<Ring>,
-    /// Keeps the read-repair workers running for the cluster's lifetime.
-    _repair_shutdown: tokio::sync::watch::Sender<bool>,
+    /// Keeps the background workers (read repair, handoff, probes) running
+    /// for the cluster's lifetime.
+    _shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// The cluster id simulated nodes use in context tokens.
 pub const SIM_CLUSTER_ID: u64 = 0x51;
 
+/// How a [`SimCluster`] is built.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub max_siblings: usize,
+    /// Whether writes may go to fallbacks as hints.
+    pub hinted_handoff: bool,
+    pub hint_ttl: Duration,
+    /// Run each node's failure-detector probe loop. Off, a node learns of
+    /// failures only from request outcomes, and unanswered requests do not
+    /// count, so nothing is ever judged down.
+    pub probes: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            max_siblings: 100,
+            hinted_handoff: true,
+            hint_ttl: Duration::from_secs(ringkv_repair::hints::DEFAULT_HINT_TTL_S),
+            probes: false,
+        }
+    }
+}
+
+/// How often simulated probe loops run.
+const SIM_PROBE_TICK: Duration = Duration::from_millis(250);
+
 impl SimCluster {
     /// `nodes` nodes named `n1..`, replicating `replicas` times, 16 vnodes each.
     pub fn new(nodes: usize, replicas: usize, seed: u64) -> Self {
-        Self::with_limits(nodes, replicas, seed, 100)
+        Self::with_options(nodes, replicas, seed, SimOptions::default())
     }
 
     pub fn with_limits(nodes: usize, replicas: usize, seed: u64, max_siblings: usize) -> Self {
+        Self::with_options(
+            nodes,
+            replicas,
+            seed,
+            SimOptions {
+                max_siblings,
+                ..SimOptions::default()
+            },
+        )
+    }
+
+    pub fn with_options(nodes: usize, replicas: usize, seed: u64, options: SimOptions) -> Self {
         let net = SimNetwork::new(seed);
         let ids: Vec<NodeId> = (1..=nodes)
             .map(|i| NodeId::new(format!("n{i}")).expect("valid id"))
@@ -256,8 +310,11 @@ impl SimCluster {
         let ring =
             Arc::new(Ring::new(ids.iter().map(|n| (n.clone(), 16)), replicas).expect("valid ring"));
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        // Wall time for hints: tokio's (pausable) clock from a fixed origin.
+        let origin = tokio::time::Instant::now();
+        let now_ms: WallClock = Arc::new(move || 1_000_000 + origin.elapsed().as_millis() as u64);
         let nodes = ids
-            .into_iter()
+            .iter()
             .map(|id| {
                 let transport = Arc::new(net.transport(id.clone()));
                 let (queue, _worker) = ReadRepairQueue::start(
@@ -265,32 +322,74 @@ impl SimCluster {
                     DEFAULT_QUEUE_CAPACITY,
                     shutdown.subscribe(),
                 );
+                let detector = Arc::new(FailureDetector::new(DetectorConfig::default()));
+                let hints = Arc::new(
+                    HintBook::open(
+                        MemHintBackend::default(),
+                        HintConfig {
+                            ttl_ms: options.hint_ttl.as_millis() as u64,
+                            ..HintConfig::default()
+                        },
+                        now_ms.clone(),
+                    )
+                    .expect("an empty in-memory book opens"),
+                );
                 let coordinator = Coordinator::new(
                     id.clone(),
                     SIM_CLUSTER_ID,
                     ring.clone(),
-                    transport,
-                    CoordinatorConfig::default(),
+                    transport.clone(),
+                    CoordinatorConfig {
+                        hinted_handoff: options.hinted_handoff,
+                        ..CoordinatorConfig::default()
+                    },
                 )
-                .with_read_repair(queue);
+                .with_read_repair(queue)
+                .with_failure_detector(detector.clone());
+                let up = detector.clone();
+                handoff::start(
+                    hints.clone(),
+                    transport.clone(),
+                    Arc::new(move |n: &NodeId| up.is_up(n)),
+                    HandoffConfig::for_ttl(options.hint_ttl),
+                    shutdown.subscribe(),
+                );
+                if options.probes {
+                    let peers: Vec<NodeId> = ids.iter().filter(|p| *p != id).cloned().collect();
+                    tokio::spawn(probe_loop(
+                        detector.clone(),
+                        transport.clone(),
+                        peers,
+                        shutdown.subscribe(),
+                    ));
+                }
                 let node = Arc::new(SimNode {
-                    replica: Arc::new(ReplicaService::new(
-                        id.clone(),
-                        MemStore::default(),
-                        max_siblings,
-                    )),
+                    replica: Arc::new(
+                        ReplicaService::new(id.clone(), MemStore::default(), options.max_siblings)
+                            .with_hints(hints.clone()),
+                    ),
                     coordinator: Arc::new(coordinator),
+                    hints,
+                    detector,
                 });
                 net.register(id.clone(), node.clone());
-                (id, node)
+                (id.clone(), node)
             })
             .collect();
         SimCluster {
             net,
             nodes,
             ring,
-            _repair_shutdown: shutdown,
+            _shutdown: shutdown,
         }
+    }
+
+    /// Hints held by every node, in total.
+    pub fn hints_pending(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|(_, n)| n.hints.pending_total())
+            .sum()
     }
 
     pub fn id(&self, name: &str) -> NodeId {
@@ -363,5 +462,22 @@ impl SimCluster {
             .unwrap_or_default();
         values.sort();
         values
+    }
+}
+
+/// A simulated node's probe loop, like the real node's.
+async fn probe_loop(
+    detector: Arc<FailureDetector>,
+    transport: Arc<SimTransport>,
+    peers: Vec<NodeId>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(SIM_PROBE_TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        probe_round(&detector, &transport, &peers).await;
     }
 }

@@ -40,6 +40,8 @@ pub enum Request {
     /// Replica-level operations sent by a coordinator.
     Replica(ReplicaRequest),
     Ping,
+    /// This node's own counters (hints held, ...), for `status`.
+    Stats,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -49,6 +51,9 @@ pub struct PutRequest {
     /// The context token of the read this write follows; `None` for a blind write.
     pub context: Option<String>,
     pub w: Consistency,
+    /// Count only the preference list's own nodes toward W (Riak's PW):
+    /// no fallback stands in for a node that is down.
+    pub strict: bool,
     pub timeout_ms: u32,
     /// Set by a node that forwarded the request to a replica, so that a
     /// disagreement about placement cannot forward it in circles.
@@ -72,6 +77,7 @@ impl PutRequest {
             payload,
             context,
             w,
+            strict: false,
             timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             forwarded: false,
         }
@@ -84,6 +90,7 @@ impl GetRequest {
         GetRequest {
             key: key.into(),
             r,
+            strict: false,
             local: false,
             wait_repair: false,
             timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
@@ -96,6 +103,8 @@ impl GetRequest {
 pub struct GetRequest {
     pub key: Vec<u8>,
     pub r: Consistency,
+    /// Count only the preference list's own nodes toward R (Riak's PR).
+    pub strict: bool,
     /// Read only the contacted node's own store, without a quorum.
     pub local: bool,
     /// Answer only after stale replicas this read found have been repaired
@@ -135,8 +144,20 @@ pub enum ReplicaRequest {
     },
     /// Merge this clock into the local one. Replies with `Clock(None)`.
     Sync { key: Vec<u8>, clock: Clock },
-    /// Replies with the local clock of the key, if any.
-    Read { key: Vec<u8> },
+    /// Replies with the local clock of the key, if any. With `hint_for`, the
+    /// node is a fallback standing in for that owner, and the answer also
+    /// merges the hint it holds for the owner.
+    Read {
+        key: Vec<u8>,
+        hint_for: Option<NodeId>,
+    },
+    /// Sloppy quorum: hold this clock durably for `owner`, which is down,
+    /// and hand it over when the owner is back. Replies with `Clock(None)`.
+    Hint {
+        owner: NodeId,
+        key: Vec<u8>,
+        clock: Clock,
+    },
 }
 
 /// A node's answer.
@@ -148,7 +169,15 @@ pub enum Response {
     Joined(JoinReply),
     Clock(Option<Clock>),
     Pong,
+    Stats(NodeStats),
     Error(ErrorReply),
+}
+
+/// A node's own counters.
+#[derive(Debug, Clone, PartialEq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct NodeStats {
+    /// Hints this node holds for other nodes.
+    pub hints_pending: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -184,6 +213,8 @@ pub struct ReplicaOutcome {
     pub latency_us: u64,
     /// Why it failed, for `error` outcomes.
     pub detail: Option<String>,
+    /// Set when this node was a fallback standing in for that owner.
+    pub hint_for: Option<NodeId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -215,6 +246,8 @@ pub struct NodeStatus {
     pub id: NodeId,
     pub addr: String,
     pub up: bool,
+    /// Hints the node holds for others; `None` when it could not be asked.
+    pub hints_pending: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -356,7 +389,7 @@ impl Request {
         match self {
             Request::Put(p) => validate_key(&p.key),
             Request::Get(g) => validate_key(&g.key),
-            Request::Status | Request::Ping => Ok(()),
+            Request::Status | Request::Ping | Request::Stats => Ok(()),
             Request::Join(j) => {
                 if j.replicas == Some(0) {
                     return Err(InvalidInput::new("join request has replicas = 0"));
@@ -371,7 +404,15 @@ impl Request {
                 validate_key(key)?;
                 validate_clock(clock)
             }
-            Request::Replica(ReplicaRequest::Read { key }) => validate_key(key),
+            Request::Replica(ReplicaRequest::Read { key, hint_for }) => {
+                validate_key(key)?;
+                hint_for.as_ref().map_or(Ok(()), validate_node_id)
+            }
+            Request::Replica(ReplicaRequest::Hint { owner, key, clock }) => {
+                validate_node_id(owner)?;
+                validate_key(key)?;
+                validate_clock(clock)
+            }
         }
     }
 }
@@ -423,6 +464,7 @@ mod tests {
             payload: Payload::Value(b"v".to_vec()),
             context: None,
             w: Consistency::Quorum,
+            strict: false,
             timeout_ms: 2000,
             forwarded: false,
         })

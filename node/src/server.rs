@@ -17,9 +17,12 @@ use ringkv_coordinator::coordinator::{Coordinator, CoordinatorConfig};
 use ringkv_coordinator::failure::{probe_round, DetectorConfig, FailureDetector};
 use ringkv_coordinator::replica::ReplicaService;
 use ringkv_core::wire::{
-    ErrorKind, JoinRequest, Member, NodeStatus, ReplicaRequest, Request, Response, StatusReply,
+    ErrorKind, JoinRequest, Member, NodeStats, NodeStatus, ReplicaRequest, Request, Response,
+    StatusReply,
 };
 use ringkv_core::{NodeId, Transport};
+use ringkv_repair::handoff::{self, HandoffConfig};
+use ringkv_repair::hints::{self, HintBook, HintConfig};
 use ringkv_repair::read_repair::{self, ReadRepairQueue};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -51,6 +54,11 @@ pub struct NodeConfig {
     pub max_value_bytes: usize,
     pub max_siblings: usize,
     pub join_timeout: Duration,
+    /// Store hints for other nodes and send writes to fallbacks (`--no-hints` turns it off).
+    pub hints: bool,
+    /// The hint window: hints whose newest write is older are dropped.
+    pub hint_ttl: Duration,
+    pub max_hints_per_target: u64,
 }
 
 impl NodeConfig {
@@ -67,6 +75,9 @@ impl NodeConfig {
             max_value_bytes: ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES,
             max_siblings: ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
+            hints: true,
+            hint_ttl: Duration::from_secs(hints::DEFAULT_HINT_TTL_S),
+            max_hints_per_target: hints::DEFAULT_MAX_HINTS_PER_TARGET,
         }
     }
 
@@ -84,6 +95,12 @@ impl NodeConfig {
         }
         if self.max_siblings == 0 {
             return bad("--max-siblings must be at least 1");
+        }
+        if self.hint_ttl.is_zero() {
+            return bad("--hint-ttl-s must be at least 1 (use --no-hints to store none)");
+        }
+        if self.max_hints_per_target == 0 {
+            return bad("--max-hints-per-target must be at least 1 (use --no-hints to store none)");
         }
         if self.id.as_str().len() > ringkv_core::node_id::NODE_NAME_MAX_BYTES {
             return Err(NodeError::Config {
@@ -182,6 +199,7 @@ struct NodeInner {
     coordinator: OnceLock<Arc<Coordinator<QuicTransport>>>,
     read_repair: ReadRepairQueue,
     detector: Arc<FailureDetector>,
+    hints: Arc<HintBook<Arc<Storage>>>,
 }
 
 impl NodeInner {
@@ -205,6 +223,13 @@ impl NodeInner {
                 response
             }
             Request::Status => self.status().await,
+            Request::Stats => Response::Stats(self.stats()),
+        }
+    }
+
+    fn stats(&self) -> NodeStats {
+        NodeStats {
+            hints_pending: self.hints.pending_total(),
         }
     }
 
@@ -244,12 +269,35 @@ impl NodeInner {
         }
     }
 
-    /// The members and whether this node's failure detector believes each
-    /// is up.
+    /// The members, whether this node's failure detector believes each is
+    /// up, and each one's counters (asked of every member believed up, at
+    /// once, each for at most [`STATS_TIMEOUT`]).
     async fn status(&self) -> Response {
         let Some(record) = self.membership.record() else {
             return joining(&self.id);
         };
+        let mut asks = tokio::task::JoinSet::new();
+        for m in record.members.values() {
+            if m.id == self.id || !self.detector.is_up(&m.id) {
+                continue;
+            }
+            let (id, transport) = (m.id.clone(), self.transport.clone());
+            asks.spawn(async move {
+                let answer =
+                    tokio::time::timeout(STATS_TIMEOUT, transport.call(&id, Request::Stats)).await;
+                match answer {
+                    Ok(Ok(Response::Stats(stats))) => (id, Some(stats)),
+                    _ => (id, None),
+                }
+            });
+        }
+        let mut stats = std::collections::HashMap::new();
+        stats.insert(self.id.clone(), self.stats());
+        while let Some(Ok((id, answer))) = asks.join_next().await {
+            if let Some(answer) = answer {
+                stats.insert(id, answer);
+            }
+        }
         Response::Status(StatusReply {
             node: self.id.clone(),
             replicas: record.replicas as u32,
@@ -260,11 +308,15 @@ impl NodeInner {
                     id: m.id.clone(),
                     addr: m.addr.clone(),
                     up: m.id == self.id || self.detector.is_up(&m.id),
+                    hints_pending: stats.get(&m.id).map(|s| s.hints_pending),
                 })
                 .collect(),
         })
     }
 }
+
+/// How long `status` waits for a peer's counters.
+const STATS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How often the probe loop wakes to see which peers are due.
 const PROBE_TICK: Duration = Duration::from_millis(250);
@@ -306,6 +358,14 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch, for hint ages (which must
+/// survive restarts). A clock before 1970 reads as 0.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn joining(id: &NodeId) -> Response {
     Response::error(
         ErrorKind::Unavailable,
@@ -325,6 +385,7 @@ pub struct NodeHandle {
     accept_loop: JoinHandle<()>,
     repair_worker: JoinHandle<()>,
     prober: JoinHandle<()>,
+    handoff: JoinHandle<()>,
     inner: Arc<NodeInner>,
 }
 
@@ -346,6 +407,7 @@ impl NodeHandle {
         let _ = self.accept_loop.await;
         let _ = self.repair_worker.await;
         let _ = self.prober.await;
+        let _ = self.handoff.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Err(e) = self.inner.storage.mark_clean_shutdown() {
             tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
@@ -379,11 +441,25 @@ impl Node {
         };
         let membership = Arc::new(Membership::load(storage.clone(), me, config.replicas)?);
         let epoch = storage.begin_epoch()?;
-        let replica = Arc::new(ReplicaService::new(
-            config.id.actor(epoch),
-            storage.clone(),
-            config.max_siblings,
-        ));
+        let hints = Arc::new(
+            HintBook::open(
+                storage.clone(),
+                HintConfig {
+                    ttl_ms: config.hint_ttl.as_millis() as u64,
+                    max_per_target: config.max_hints_per_target,
+                },
+                Arc::new(unix_ms),
+            )
+            .map_err(|e| NodeError::StorageIo {
+                reason: e.to_string(),
+            })?,
+        );
+        let mut replica =
+            ReplicaService::new(config.id.actor(epoch), storage.clone(), config.max_siblings);
+        if config.hints {
+            replica = replica.with_hints(hints.clone());
+        }
+        let replica = Arc::new(replica);
         let local = Arc::new(LocalReplica { replica });
         let transport = Arc::new(QuicTransport {
             me: config.id.clone(),
@@ -406,12 +482,24 @@ impl Node {
             local,
             coordinator_config: CoordinatorConfig {
                 max_value_bytes: config.max_value_bytes,
+                hinted_handoff: config.hints,
             },
             coordinator: OnceLock::new(),
             read_repair,
             detector: Arc::new(FailureDetector::new(DetectorConfig::default())),
+            hints: hints.clone(),
         });
         let prober = tokio::spawn(probe_loop(inner.clone(), shutdown_rx.clone()));
+        // Hints already held are delivered even with --no-hints: that flag
+        // only stops new ones being stored.
+        let detector = inner.detector.clone();
+        let handoff = handoff::start(
+            hints,
+            inner.transport.clone(),
+            Arc::new(move |n: &NodeId| detector.is_up(n)),
+            HandoffConfig::for_ttl(config.hint_ttl),
+            shutdown_rx.clone(),
+        );
 
         let accept_loop = tokio::spawn(accept_loop(endpoint.clone(), inner.clone(), shutdown_rx));
         let handle = NodeHandle {
@@ -422,6 +510,7 @@ impl Node {
             accept_loop,
             repair_worker,
             prober,
+            handoff,
             inner: inner.clone(),
         };
 

@@ -1,9 +1,10 @@
 //! Durable storage on RocksDB.
 //!
-//! Two column families: `data` maps a key to its [`Clock`] (every sibling and
-//! the causal history, rkyv-encoded), `meta` holds the node's identity and
-//! its record of the cluster. Hints and Merkle state get families of their own
-//! when they arrive.
+//! Three column families: `data` maps a key to its [`Clock`] (every sibling
+//! and the causal history, rkyv-encoded), `hints` holds writes kept for other
+//! nodes that were down (see `ringkv_repair::hints`; apart from `data`, so a
+//! fallback never serves or repairs them as its own), and `meta` holds the
+//! node's identity and its record of the cluster.
 //!
 //! ## Durability
 //! Every `put` goes through RocksDB's write-ahead log before it returns, and
@@ -19,12 +20,14 @@ use std::path::{Path, PathBuf};
 use ringkv_coordinator::replica::{Store, StoreError};
 use ringkv_core::dvv::Clock;
 use ringkv_core::wire::{decode_clock, encode_clock};
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteOptions, DB};
+use ringkv_repair::hints::{HintBackend, HintError};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteOptions, DB};
 
 use crate::error::NodeError;
 
 const CF_DATA: &str = "data";
 const CF_META: &str = "meta";
+const CF_HINTS: &str = "hints";
 
 /// A node's RocksDB database.
 pub struct Storage {
@@ -45,8 +48,8 @@ impl Storage {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
-        let cfs =
-            [CF_DATA, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let cfs = [CF_DATA, CF_META, CF_HINTS]
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
             let reason = e.to_string();
             if reason.contains("LOCK") || reason.contains("lock") {
@@ -177,6 +180,71 @@ impl Store for Storage {
     }
 }
 
+fn hint_io(e: rocksdb::Error) -> HintError {
+    HintError::Backend {
+        reason: e.to_string(),
+    }
+}
+
+/// Hints are written like data: through the WAL, fsynced with `--sync`.
+impl HintBackend for Storage {
+    fn get(&self, id: &[u8]) -> Result<Option<Vec<u8>>, HintError> {
+        let cf = self
+            .db
+            .cf_handle(CF_HINTS)
+            .expect("hints column family exists");
+        self.db.get_cf(cf, id).map_err(hint_io)
+    }
+
+    fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError> {
+        let cf = self
+            .db
+            .cf_handle(CF_HINTS)
+            .expect("hints column family exists");
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.sync);
+        self.db.put_cf_opt(cf, id, value, &opts).map_err(hint_io)
+    }
+
+    fn delete(&self, id: &[u8]) -> Result<(), HintError> {
+        let cf = self
+            .db
+            .cf_handle(CF_HINTS)
+            .expect("hints column family exists");
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.sync);
+        self.db.delete_cf_opt(cf, id, &opts).map_err(hint_io)
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
+        let cf = self
+            .db
+            .cf_handle(CF_HINTS)
+            .expect("hints column family exists");
+        let from = after.unwrap_or(prefix);
+        let mut out = Vec::new();
+        let iter = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(from, Direction::Forward));
+        for item in iter {
+            let (id, value) = item.map_err(hint_io)?;
+            if !id.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            if Some(&id[..]) == after {
+                continue;
+            }
+            out.push((id.into_vec(), value.into_vec()));
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,11 +262,33 @@ mod tests {
         );
         {
             let s = Storage::open(dir.path(), false).unwrap();
-            s.put(b"k", &clock).unwrap();
+            Store::put(&s, b"k", &clock).unwrap();
         }
         let s = Storage::open(dir.path(), true).unwrap();
-        assert_eq!(s.get(b"k").unwrap(), Some(clock));
-        assert_eq!(s.get(b"missing").unwrap(), None);
+        assert_eq!(Store::get(&s, b"k").unwrap(), Some(clock));
+        assert_eq!(Store::get(&s, b"missing").unwrap(), None);
+    }
+
+    #[test]
+    fn hint_scans_stay_in_their_prefix_and_resume_after_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        for id in [&b"\x01a1"[..], b"\x01a2", b"\x01a3", b"\x01b1", b"\x02aa1"] {
+            HintBackend::put(&s, id, b"v").unwrap();
+        }
+        let ids =
+            |page: Vec<(Vec<u8>, Vec<u8>)>| page.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.scan(b"\x01a", None, 10).unwrap()),
+            [b"\x01a1".to_vec(), b"\x01a2".to_vec(), b"\x01a3".to_vec()]
+        );
+        assert_eq!(
+            ids(s.scan(b"\x01a", Some(b"\x01a1"), 1).unwrap()),
+            [b"\x01a2".to_vec()]
+        );
+        HintBackend::delete(&s, b"\x01a2").unwrap();
+        assert_eq!(ids(s.scan(b"", None, 100).unwrap()).len(), 4);
+        assert_eq!(HintBackend::get(&s, b"\x01a2").unwrap(), None);
     }
 
     #[test]

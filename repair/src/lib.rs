@@ -1,11 +1,19 @@
-//! Convergence (Dynamo §4.6–§4.7): read repair now; hinted handoff and
-//! Merkle-tree anti-entropy to come.
+//! Convergence (Dynamo §4.6–§4.7): read repair and hinted handoff; Merkle-tree
+//! anti-entropy to come.
+//!
+//! - [`read_repair`]: who is stale after a read, and the bounded queue that
+//!   repairs them.
+//! - [`hints`]: the hints a fallback holds for owners that were down.
+//! - [`handoff`]: the worker that hands hints back to their owners.
 //!
 //! Like `coordinator`, this crate decides in plain code and acts only through
-//! the `Transport` trait; the node wires it to QUIC. Every background loop
-//! here is bounded (a fixed-capacity queue, a per-send timeout), observable
-//! (metrics) and stops when told to.
+//! the `Transport` trait; the node wires it to QUIC and RocksDB. Every
+//! background loop here is bounded (a fixed-capacity queue, one batch in
+//! flight, a per-send timeout), observable (metrics) and stops when told to.
 
+pub mod handoff;
+pub mod hints;
 pub mod read_repair;
 
+pub use hints::{HintBook, HintError, HintStore};
 pub use read_repair::{stale_replicas, ReadRepairQueue, RepairJob};

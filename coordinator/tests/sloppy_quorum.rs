@@ -1,0 +1,327 @@
+//! Sloppy quorum and hinted handoff over the simulated network (Dynamo §4.6).
+//!
+//! Five nodes, N=3: every key has three preference-list nodes and two
+//! fallbacks. Each story takes a key, names its nodes `owners[0..3]` and
+//! `fallbacks[0..2]`, breaks one of them and checks who stood in, what they
+//! hold, and what happens when the owner returns. Time is paused, so the
+//! failure detector's probes and the handoff worker run in a fixed order.
+
+use std::time::Duration;
+
+use ringkv_coordinator::sim::{SimCluster, SimOptions};
+use ringkv_core::wire::{ErrorKind, Outcome, Receipt, Response};
+use ringkv_core::Consistency::{All, Quorum};
+use ringkv_core::NodeId;
+use ringkv_repair::HintStore;
+
+const KEY: &str = "user:42";
+
+struct Story {
+    c: SimCluster,
+    owners: Vec<String>,
+    fallbacks: Vec<String>,
+}
+
+fn story(options: SimOptions) -> Story {
+    let c = SimCluster::with_options(5, 3, 7, options);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let names = |v: &[NodeId]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    Story {
+        owners: names(&pref.replicas),
+        fallbacks: names(&pref.fallbacks),
+        c,
+    }
+}
+
+fn with_probes() -> SimOptions {
+    SimOptions {
+        probes: true,
+        ..SimOptions::default()
+    }
+}
+
+fn receipt(r: &Response) -> &Receipt {
+    match r {
+        Response::Put(p) => &p.receipt,
+        Response::Get(g) => &g.receipt,
+        Response::Error(e) => e.receipt.as_ref().expect("quorum errors carry a receipt"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn values(r: &Response) -> Vec<String> {
+    match r {
+        Response::Get(g) => {
+            let mut v: Vec<String> = g
+                .values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+        other => panic!("expected a get reply, got {other:?}"),
+    }
+}
+
+/// Who stood in for whom, as the receipt tells it (successful stand-ins only).
+fn stand_ins(r: &Response) -> Vec<(String, String)> {
+    receipt(r)
+        .replicas
+        .iter()
+        .filter(|o| o.outcome == Outcome::Ok)
+        .filter_map(|o| Some((o.node.to_string(), o.hint_for.as_ref()?.to_string())))
+        .collect()
+}
+
+impl Story {
+    fn id(&self, name: &str) -> NodeId {
+        self.c.id(name)
+    }
+
+    /// Waits (in simulated time) until `observer` believes `node` is in
+    /// state `up`, failing after 10 s.
+    async fn until_seen(&self, observer: &str, node: &str, up: bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.c.node(observer).detector.is_up(&self.id(node)) != up {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{observer} never saw {node} as {}",
+                if up { "up" } else { "down" }
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until no node holds a hint, failing after `limit`.
+    async fn until_no_hints(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.c.hints_pending() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} hints still pending",
+                self.c.hints_pending()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn hint(&self, holder: &str, owner: &str) -> Option<Vec<String>> {
+        let clock = self
+            .c
+            .node(holder)
+            .hints
+            .read(&self.id(owner), KEY.as_bytes())
+            .unwrap()?;
+        Some(
+            clock
+                .values()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect(),
+        )
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_goes_to_the_first_healthy_fallback_with_a_hint() {
+    let s = story(with_probes());
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+    s.c.net.take_log();
+
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(stand_ins(&put), [(s.fallbacks[0].clone(), dead.clone())]);
+    let log = s.c.net.take_log();
+    assert!(
+        log.contains(&format!(
+            "{coordinator} -> {} Hint for {dead}",
+            s.fallbacks[0]
+        )),
+        "{log:?}"
+    );
+    assert!(
+        !log.contains(&format!(
+            "{coordinator} -> {dead} Sync (dropped: {dead} is down)"
+        )),
+        "a node believed down is not contacted: {log:?}"
+    );
+    // The fallback holds it as a hint, not as its own data.
+    assert_eq!(s.hint(&s.fallbacks[0], dead), Some(vec!["v".to_string()]));
+    assert!(s.c.local_values(&s.fallbacks[0], KEY).is_empty());
+    // Reads use the first N healthy nodes too, hinted copy included.
+    let get = s.c.get(coordinator, KEY, All).await;
+    assert_eq!(values(&get), ["v"]);
+    assert_eq!(stand_ins(&get), [(s.fallbacks[0].clone(), dead.clone())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_not_yet_known_to_be_down_is_covered_once_it_stays_silent() {
+    // No probes: nothing is judged down, so the coordinator first tries the
+    // dead owner and asks a fallback only when the owner stays silent.
+    let s = story(SimOptions::default());
+    s.c.net.down(&s.id(&s.owners[1]));
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(&s.owners[0], KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(500),
+        "stand-ins are asked after a quarter of the 2 s deadline"
+    );
+    assert_eq!(
+        stand_ins(&put),
+        [(s.fallbacks[0].clone(), s.owners[1].clone())]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_fallback_is_skipped_for_the_next() {
+    let s = story(with_probes());
+    let coordinator = &s.owners[0];
+    s.c.net.down(&s.id(&s.owners[2]));
+    s.c.net.down(&s.id(&s.fallbacks[0]));
+    s.until_seen(coordinator, &s.fallbacks[0], false).await;
+    s.until_seen(coordinator, &s.owners[2], false).await;
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert_eq!(
+        stand_ins(&put),
+        [(s.fallbacks[1].clone(), s.owners[2].clone())]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_requests_count_only_the_preference_list() {
+    let s = story(with_probes());
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+    let mut request = ringkv_core::wire::PutRequest::new(
+        KEY,
+        ringkv_core::dvv::Payload::Value(b"v".to_vec()),
+        All,
+        None,
+    );
+    request.strict = true;
+    let put = s.c.node(coordinator).coordinator.put(request).await;
+    let Response::Error(e) = &put else {
+        panic!("{put:?}")
+    };
+    assert_eq!(e.kind, ErrorKind::QuorumNotReached);
+    assert!(e.message.contains("2 of 3 required"), "{}", e.message);
+    assert!(stand_ins(&put).is_empty());
+    assert_eq!(s.c.hints_pending(), 0, "no hint was stored");
+    // A strict quorum write still succeeds with two of three.
+    let mut request = ringkv_core::wire::PutRequest::new(
+        KEY,
+        ringkv_core::dvv::Payload::Value(b"w".to_vec()),
+        Quorum,
+        None,
+    );
+    request.strict = true;
+    assert!(matches!(
+        s.c.node(coordinator).coordinator.put(request).await,
+        Response::Put(_)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hints_are_handed_to_the_owner_when_it_returns_and_then_deleted() {
+    let s = story(with_probes());
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+    for i in 0..20 {
+        let key = format!("{KEY}-{i}");
+        let put = s.c.put(coordinator, &key, "v", Quorum, None).await;
+        assert!(matches!(put, Response::Put(_)), "{put:?}");
+    }
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    let held = s.c.hints_pending();
+    assert!(held >= 1, "some writes were hinted");
+    assert!(s.c.local_values(dead, KEY).is_empty());
+
+    s.c.net.up(&s.id(dead));
+    // Detection (about 1 s) plus one delivery round.
+    s.until_no_hints(Duration::from_secs(5)).await;
+    assert_eq!(s.c.local_values(dead, KEY), ["v"]);
+    assert_eq!(
+        s.hint(&s.fallbacks[0], dead),
+        None,
+        "deleted after delivery"
+    );
+    let log = s.c.net.take_log();
+    assert!(
+        log.iter()
+            .any(|l| *l == format!("{} -> {dead} Sync", s.fallbacks[0])),
+        "{log:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn hints_past_the_window_are_dropped_and_never_delivered() {
+    let s = story(SimOptions {
+        hint_ttl: Duration::from_secs(10),
+        ..with_probes()
+    });
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(s.c.hints_pending(), 1);
+    // Still held inside the window...
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(s.c.hints_pending(), 1);
+    // ...and swept out after it (the sweep runs every few seconds).
+    s.until_no_hints(Duration::from_secs(10)).await;
+    s.c.net.up(&s.id(dead));
+    s.until_seen(coordinator, dead, true).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        s.c.local_values(dead, KEY).is_empty(),
+        "the expired hint was not delivered (anti-entropy's job now)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_hints_writes_need_the_preference_list() {
+    let s = story(SimOptions {
+        hinted_handoff: false,
+        ..with_probes()
+    });
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Error(_)), "{put:?}");
+    assert!(matches!(
+        s.c.put(coordinator, KEY, "v", Quorum, None).await,
+        Response::Put(_)
+    ));
+    assert_eq!(s.c.hints_pending(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_writes_hinted_for_one_owner_all_reach_it() {
+    let s = story(with_probes());
+    let dead = &s.owners[2];
+    s.c.net.down(&s.id(dead));
+    s.until_seen(&s.owners[0], dead, false).await;
+    s.until_seen(&s.owners[1], dead, false).await;
+    // Two blind writes through different coordinators: siblings.
+    assert!(matches!(
+        s.c.put(&s.owners[0], KEY, "a", All, None).await,
+        Response::Put(_)
+    ));
+    assert!(matches!(
+        s.c.put(&s.owners[1], KEY, "b", All, None).await,
+        Response::Put(_)
+    ));
+    assert_eq!(s.hint(&s.fallbacks[0], dead).map(|v| v.len()), Some(2));
+    s.c.net.up(&s.id(dead));
+    s.until_no_hints(Duration::from_secs(5)).await;
+    assert_eq!(s.c.local_values(dead, KEY), ["a", "b"]);
+}

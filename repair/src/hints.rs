@@ -1,0 +1,459 @@
+//! Hint bookkeeping for hinted handoff (Dynamo §4.6).
+//!
+//! When a key's replica is down, the coordinator writes to a fallback node
+//! instead, with a *hint* naming the intended owner. The fallback keeps hinted
+//! data apart from its own (it does not own the key, so it must not serve or
+//! repair it as its own) and hands it to the owner once the owner is back.
+//!
+//! A [`HintBook`] is that bookkeeping, over any ordered key-value
+//! [`HintBackend`] (a RocksDB column family on a node, a `BTreeMap` in tests):
+//!
+//! - one entry per (owner, key): a second hint for the same key merges into
+//!   the first with the version-vector merge, so a hint never holds less than
+//!   any write it was given;
+//! - a hint is removed only by [`remove_delivered`](HintBook::remove_delivered),
+//!   and only if it still equals what was delivered, so a write merged in
+//!   while the delivery was in flight is delivered next time, not lost;
+//! - at most `max_per_target` hints per owner: past that a new hint is refused
+//!   (the coordinator then tries the next fallback);
+//! - a hint whose newest write is older than the hint window (`ttl_ms`) is
+//!   dropped and counted; anti-entropy repairs what it would have.
+//!
+//! Time comes from a [`WallClock`] passed in, so tests move it by hand.
+//!
+//! Invariant: `pending(owner)` equals the number of entries stored for that
+//! owner (counted at [`open`](HintBook::open), kept by every change).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use metrics::{counter, gauge};
+use ringkv_core::dvv::Clock;
+use ringkv_core::hash::stable_hash64;
+use ringkv_core::wire::{decode_clock, encode_clock};
+use ringkv_core::NodeId;
+
+/// Milliseconds since the Unix epoch, from whatever clock the caller trusts.
+/// Hints outlive restarts, so this must be wall time, not a monotonic clock.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The default hint window: 3 hours.
+pub const DEFAULT_HINT_TTL_S: u64 = 3 * 60 * 60;
+/// The default cap on hints held for one owner.
+pub const DEFAULT_MAX_HINTS_PER_TARGET: u64 = 1_000_000;
+
+const LOCK_STRIPES: usize = 256;
+
+/// Why a hint operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HintError {
+    #[error("hint storage failed: {reason}")]
+    Backend { reason: String },
+    #[error("stored hint is corrupt: {reason}")]
+    Corrupt { reason: String },
+    #[error("already holding {limit} hints for {owner}, the per-target limit")]
+    TargetFull { owner: NodeId, limit: u64 },
+    #[error("this node does not store hints (--no-hints)")]
+    Disabled,
+}
+
+/// Ordered storage for hint entries: byte keys, byte values, durable when a
+/// call returns.
+pub trait HintBackend: Send + Sync + 'static {
+    fn get(&self, id: &[u8]) -> Result<Option<Vec<u8>>, HintError>;
+    fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError>;
+    fn delete(&self, id: &[u8]) -> Result<(), HintError>;
+    /// Up to `limit` entries whose id starts with `prefix` and sorts after
+    /// `after` (from the start of the prefix when `None`), in id order.
+    #[allow(clippy::type_complexity)]
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError>;
+}
+
+impl<B: HintBackend> HintBackend for Arc<B> {
+    fn get(&self, id: &[u8]) -> Result<Option<Vec<u8>>, HintError> {
+        (**self).get(id)
+    }
+    fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError> {
+        (**self).put(id, value)
+    }
+    fn delete(&self, id: &[u8]) -> Result<(), HintError> {
+        (**self).delete(id)
+    }
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
+        (**self).scan(prefix, after, limit)
+    }
+}
+
+/// What a node's replica side needs of hints: hold one, read one.
+pub trait HintStore: Send + Sync {
+    fn store(&self, owner: &NodeId, key: &[u8], clock: &Clock) -> Result<(), HintError>;
+    fn read(&self, owner: &NodeId, key: &[u8]) -> Result<Option<Clock>, HintError>;
+}
+
+/// One hinted write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hint {
+    pub key: Vec<u8>,
+    pub clock: Clock,
+    /// When the newest write in `clock` was hinted (ms since the epoch).
+    pub stored_at_ms: u64,
+}
+
+/// Limits of a [`HintBook`].
+#[derive(Debug, Clone)]
+pub struct HintConfig {
+    pub ttl_ms: u64,
+    pub max_per_target: u64,
+}
+
+impl Default for HintConfig {
+    fn default() -> Self {
+        HintConfig {
+            ttl_ms: DEFAULT_HINT_TTL_S * 1000,
+            max_per_target: DEFAULT_MAX_HINTS_PER_TARGET,
+        }
+    }
+}
+
+/// The hints a node holds for others. See the module docs.
+pub struct HintBook<B> {
+    backend: B,
+    config: HintConfig,
+    now_ms: WallClock,
+    locks: Box<[Mutex<()>]>,
+    pending: Mutex<HashMap<NodeId, u64>>,
+}
+
+/// An entry's id: the owner's length and name, then the key, so one owner's
+/// hints are one contiguous range.
+fn entry_id(owner: &NodeId, key: &[u8]) -> Vec<u8> {
+    let mut id = owner_prefix(owner);
+    id.extend_from_slice(key);
+    id
+}
+
+fn owner_prefix(owner: &NodeId) -> Vec<u8> {
+    let name = owner.as_str().as_bytes();
+    let mut prefix = Vec::with_capacity(1 + name.len());
+    // Node ids are validated to far fewer than 256 bytes.
+    prefix.push(name.len() as u8);
+    prefix.extend_from_slice(name);
+    prefix
+}
+
+fn split_id(id: &[u8]) -> Result<(NodeId, &[u8]), HintError> {
+    let corrupt = |reason: &str| HintError::Corrupt {
+        reason: reason.to_string(),
+    };
+    let (&len, rest) = id.split_first().ok_or_else(|| corrupt("empty hint id"))?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return Err(corrupt("hint id shorter than its owner name"));
+    }
+    let name = std::str::from_utf8(&rest[..len]).map_err(|_| corrupt("owner is not UTF-8"))?;
+    let owner = NodeId::new(name).map_err(|e| corrupt(&e.message))?;
+    Ok((owner, &rest[len..]))
+}
+
+fn encode_hint(clock: &Clock, stored_at_ms: u64) -> Vec<u8> {
+    let clock = encode_clock(clock);
+    let mut value = Vec::with_capacity(8 + clock.len());
+    value.extend_from_slice(&stored_at_ms.to_le_bytes());
+    value.extend_from_slice(&clock);
+    value
+}
+
+fn decode_hint(value: &[u8]) -> Result<(Clock, u64), HintError> {
+    if value.len() < 8 {
+        return Err(HintError::Corrupt {
+            reason: format!("hint record of {} bytes", value.len()),
+        });
+    }
+    let (at, clock) = value.split_at(8);
+    let at = u64::from_le_bytes(at.try_into().expect("8 bytes"));
+    let clock = decode_clock(clock).map_err(|e| HintError::Corrupt {
+        reason: e.to_string(),
+    })?;
+    Ok((clock, at))
+}
+
+impl<B: HintBackend> HintBook<B> {
+    /// Opens the book over `backend`, counting the hints already there.
+    pub fn open(backend: B, config: HintConfig, now_ms: WallClock) -> Result<Self, HintError> {
+        let mut pending: HashMap<NodeId, u64> = HashMap::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = backend.scan(&[], after.as_deref(), 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (id, _) in &page {
+                *pending.entry(split_id(id)?.0).or_default() += 1;
+            }
+        }
+        for (owner, count) in &pending {
+            gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(*count as f64);
+        }
+        Ok(HintBook {
+            backend,
+            config,
+            now_ms,
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            pending: Mutex::new(pending),
+        })
+    }
+
+    pub fn config(&self) -> &HintConfig {
+        &self.config
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        (self.now_ms)()
+    }
+
+    fn lock(&self, id: &[u8]) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = (stable_hash64(id) % LOCK_STRIPES as u64) as usize;
+        self.locks[stripe]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn adjust(&self, owner: &NodeId, delta: i64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let count = pending.entry(owner.clone()).or_default();
+        *count = count.saturating_add_signed(delta);
+        gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(*count as f64);
+        if *count == 0 {
+            pending.remove(owner);
+        }
+    }
+
+    /// Hints held for `owner`.
+    pub fn pending(&self, owner: &NodeId) -> u64 {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.get(owner).copied().unwrap_or(0)
+    }
+
+    /// Hints held for anyone.
+    pub fn pending_total(&self) -> u64 {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.values().sum()
+    }
+
+    /// The owners this node holds hints for.
+    pub fn targets(&self) -> Vec<NodeId> {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut targets: Vec<NodeId> = pending.keys().cloned().collect();
+        targets.sort();
+        targets
+    }
+
+    /// Up to `limit` of `owner`'s hints whose key sorts after `after`.
+    pub fn batch(
+        &self,
+        owner: &NodeId,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Hint>, HintError> {
+        let prefix = owner_prefix(owner);
+        let after = after.map(|key| entry_id(owner, key));
+        self.backend
+            .scan(&prefix, after.as_deref(), limit)?
+            .into_iter()
+            .map(|(id, value)| {
+                let (clock, stored_at_ms) = decode_hint(&value)?;
+                Ok(Hint {
+                    key: id[prefix.len()..].to_vec(),
+                    clock,
+                    stored_at_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether `hint` is past the hint window at `now_ms`.
+    pub fn is_expired(&self, hint: &Hint, now_ms: u64) -> bool {
+        now_ms.saturating_sub(hint.stored_at_ms) > self.config.ttl_ms
+    }
+
+    /// Removes `owner`'s hint for `key` if it still holds exactly
+    /// `delivered` (the owner has acknowledged that clock durably). Returns
+    /// whether it was removed; `false` means a newer write arrived meanwhile
+    /// and the hint stays for the next delivery.
+    pub fn remove_delivered(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        delivered: &Clock,
+    ) -> Result<bool, HintError> {
+        let removed = self.remove_if(owner, key, |clock, _| clock == delivered)?;
+        if removed {
+            counter!("ringkv_hints_delivered_total", "target" => owner.to_string()).increment(1);
+        }
+        Ok(removed)
+    }
+
+    /// Drops `owner`'s hint for `key` if it is past the hint window now.
+    pub fn drop_if_expired(&self, owner: &NodeId, key: &[u8]) -> Result<bool, HintError> {
+        let now = self.now_ms();
+        let ttl = self.config.ttl_ms;
+        let dropped = self.remove_if(owner, key, |_, at| now.saturating_sub(at) > ttl)?;
+        if dropped {
+            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
+                .increment(1);
+        }
+        Ok(dropped)
+    }
+
+    fn remove_if(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        condition: impl FnOnce(&Clock, u64) -> bool,
+    ) -> Result<bool, HintError> {
+        let id = entry_id(owner, key);
+        let _guard = self.lock(&id);
+        let Some(value) = self.backend.get(&id)? else {
+            return Ok(false);
+        };
+        let (clock, at) = decode_hint(&value)?;
+        if !condition(&clock, at) {
+            return Ok(false);
+        }
+        self.backend.delete(&id)?;
+        self.adjust(owner, -1);
+        Ok(true)
+    }
+
+    /// Drops every hint past the window, for owners that may stay away for
+    /// long. Returns how many were dropped.
+    pub fn expire_all(&self) -> Result<u64, HintError> {
+        let now = self.now_ms();
+        let mut dropped = 0;
+        for owner in self.targets() {
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = self.batch(&owner, after.as_deref(), 1024)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.key.clone());
+                for hint in page.iter().filter(|h| self.is_expired(h, now)) {
+                    if self.drop_if_expired(&owner, &hint.key)? {
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        Ok(dropped)
+    }
+}
+
+impl<B: HintBackend> HintStore for HintBook<B> {
+    /// Holds `clock` for `owner`, merged into any hint already held for the key.
+    fn store(&self, owner: &NodeId, key: &[u8], clock: &Clock) -> Result<(), HintError> {
+        let id = entry_id(owner, key);
+        let _guard = self.lock(&id);
+        let existing = match self.backend.get(&id)? {
+            Some(value) => Some(decode_hint(&value)?),
+            None => None,
+        };
+        let is_new = existing.is_none();
+        let merged = match existing {
+            Some((mut held, _)) => {
+                let before = held.clone();
+                held.sync(clock);
+                if held == before {
+                    // Nothing new, so the hint's age stays that of its newest write.
+                    return Ok(());
+                }
+                held
+            }
+            None => {
+                if self.pending(owner) >= self.config.max_per_target {
+                    counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
+                        .increment(1);
+                    return Err(HintError::TargetFull {
+                        owner: owner.clone(),
+                        limit: self.config.max_per_target,
+                    });
+                }
+                clock.clone()
+            }
+        };
+        self.backend
+            .put(&id, &encode_hint(&merged, self.now_ms()))?;
+        if is_new {
+            self.adjust(owner, 1);
+        }
+        counter!("ringkv_hints_stored_total", "target" => owner.to_string()).increment(1);
+        Ok(())
+    }
+
+    fn read(&self, owner: &NodeId, key: &[u8]) -> Result<Option<Clock>, HintError> {
+        match self.backend.get(&entry_id(owner, key))? {
+            Some(value) => Ok(Some(decode_hint(&value)?.0)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A [`HintBackend`] in memory, for tests and the simulator.
+#[derive(Default)]
+pub struct MemHintBackend {
+    map: Mutex<std::collections::BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl HintBackend for MemHintBackend {
+    fn get(&self, id: &[u8]) -> Result<Option<Vec<u8>>, HintError> {
+        Ok(self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned())
+    }
+    fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_vec(), value.to_vec());
+        Ok(())
+    }
+    fn delete(&self, id: &[u8]) -> Result<(), HintError> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
+        use std::ops::Bound;
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let start = match after {
+            Some(a) => Bound::Excluded(a.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        Ok(map
+            .range((start, Bound::Unbounded))
+            .take_while(|(id, _)| id.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proptest::prelude::*;
+use ringkv_core::dvv::{Payload, VersionVector};
+
+use super::*;
+
+fn n(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+/// A clock holding one write of `value` by `actor`.
+fn write(actor: &str, value: &str) -> Clock {
+    let mut c = Clock::new();
+    c.update(
+        &VersionVector::new(),
+        Payload::Value(value.as_bytes().to_vec()),
+        &n(actor),
+    );
+    c
+}
+
+struct Fixture {
+    book: HintBook<Arc<MemHintBackend>>,
+    backend: Arc<MemHintBackend>,
+    now: Arc<AtomicU64>,
+}
+
+fn fixture(config: HintConfig) -> Fixture {
+    let backend = Arc::new(MemHintBackend::default());
+    let now = Arc::new(AtomicU64::new(1_000_000));
+    let clock = now.clone();
+    let book = HintBook::open(
+        backend.clone(),
+        config,
+        Arc::new(move || clock.load(Ordering::SeqCst)),
+    )
+    .unwrap();
+    Fixture { book, backend, now }
+}
+
+#[test]
+fn a_second_hint_for_a_key_merges_into_the_first() {
+    let f = fixture(HintConfig::default());
+    f.book.store(&n("c"), b"k", &write("a", "1")).unwrap();
+    f.book.store(&n("c"), b"k", &write("b", "2")).unwrap();
+    let held = f.book.read(&n("c"), b"k").unwrap().unwrap();
+    assert_eq!(held.sibling_count(), 2, "concurrent hints are both kept");
+    assert_eq!(f.book.pending(&n("c")), 1, "one key, one hint");
+    assert_eq!(f.book.read(&n("d"), b"k").unwrap(), None, "per owner");
+}
+
+#[test]
+fn a_hint_is_removed_only_if_unchanged_since_delivery() {
+    let f = fixture(HintConfig::default());
+    let first = write("a", "1");
+    f.book.store(&n("c"), b"k", &first).unwrap();
+    let delivered = f.book.batch(&n("c"), None, 10).unwrap()[0].clock.clone();
+    // A concurrent write reaches the fallback while the delivery is in flight.
+    f.book.store(&n("c"), b"k", &write("b", "2")).unwrap();
+    assert!(!f.book.remove_delivered(&n("c"), b"k", &delivered).unwrap());
+    assert_eq!(f.book.pending(&n("c")), 1, "the newer write is kept");
+    let current = f.book.read(&n("c"), b"k").unwrap().unwrap();
+    assert!(f.book.remove_delivered(&n("c"), b"k", &current).unwrap());
+    assert_eq!(f.book.pending(&n("c")), 0);
+    assert_eq!(f.book.read(&n("c"), b"k").unwrap(), None);
+}
+
+#[test]
+fn the_per_target_cap_refuses_new_keys_but_merges_known_ones() {
+    let f = fixture(HintConfig {
+        max_per_target: 2,
+        ..HintConfig::default()
+    });
+    f.book.store(&n("c"), b"k1", &write("a", "1")).unwrap();
+    f.book.store(&n("c"), b"k2", &write("a", "1")).unwrap();
+    let err = f.book.store(&n("c"), b"k3", &write("a", "1")).unwrap_err();
+    assert_eq!(
+        err,
+        HintError::TargetFull {
+            owner: n("c"),
+            limit: 2
+        }
+    );
+    f.book.store(&n("c"), b"k1", &write("b", "2")).unwrap();
+    f.book.store(&n("d"), b"k3", &write("a", "1")).unwrap();
+    assert_eq!(f.book.pending(&n("c")), 2);
+    assert_eq!(f.book.pending_total(), 3);
+}
+
+#[test]
+fn hints_past_the_window_are_dropped_and_a_new_write_renews_one() {
+    let f = fixture(HintConfig {
+        ttl_ms: 10_000,
+        ..HintConfig::default()
+    });
+    f.book.store(&n("c"), b"old", &write("a", "1")).unwrap();
+    f.book.store(&n("c"), b"renewed", &write("a", "1")).unwrap();
+    f.now.fetch_add(8_000, Ordering::SeqCst);
+    f.book.store(&n("c"), b"renewed", &write("b", "2")).unwrap();
+    // Re-sending a write already held does not renew the hint.
+    f.book.store(&n("c"), b"old", &write("a", "1")).unwrap();
+    assert_eq!(f.book.expire_all().unwrap(), 0, "nothing is 10 s old yet");
+    f.now.fetch_add(3_000, Ordering::SeqCst);
+    assert_eq!(f.book.expire_all().unwrap(), 1);
+    assert_eq!(f.book.read(&n("c"), b"old").unwrap(), None);
+    assert!(f.book.read(&n("c"), b"renewed").unwrap().is_some());
+    assert_eq!(f.book.pending(&n("c")), 1);
+}
+
+#[test]
+fn reopening_counts_the_hints_already_stored() {
+    let f = fixture(HintConfig::default());
+    for i in 0..2500 {
+        let owner = if i % 5 == 0 { "d" } else { "c" };
+        f.book
+            .store(&n(owner), format!("k{i}").as_bytes(), &write("a", "v"))
+            .unwrap();
+    }
+    let reopened =
+        HintBook::open(f.backend.clone(), HintConfig::default(), Arc::new(|| 0)).unwrap();
+    assert_eq!(reopened.pending(&n("c")), 2000);
+    assert_eq!(reopened.pending(&n("d")), 500);
+    assert_eq!(reopened.targets(), vec![n("c"), n("d")]);
+}
+
+#[test]
+fn batches_page_through_one_owner_only() {
+    let f = fixture(HintConfig::default());
+    for owner in ["c", "cc", "d"] {
+        for i in 0..5 {
+            f.book
+                .store(&n(owner), format!("k{i}").as_bytes(), &write("a", "v"))
+                .unwrap();
+        }
+    }
+    let mut keys = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = f.book.batch(&n("c"), after.as_deref(), 2).unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        keys.extend(page.into_iter().map(|h| String::from_utf8(h.key).unwrap()));
+    }
+    assert_eq!(keys, ["k0", "k1", "k2", "k3", "k4"]);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Store { owner: u8, key: u8, actor: u8 },
+    Deliver { owner: u8, key: u8 },
+    Tick { ms: u16 },
+    Expire,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..3, 0u8..6, 0u8..3).prop_map(|(owner, key, actor)| Op::Store { owner, key, actor }),
+        (0u8..3, 0u8..6).prop_map(|(owner, key)| Op::Deliver { owner, key }),
+        (0u16..4000).prop_map(|ms| Op::Tick { ms }),
+        Just(Op::Expire),
+    ]
+}
+
+proptest! {
+    /// `pending` always equals what the backend holds, and every stored
+    /// write is either still held (merged) or was delivered or expired.
+    #[test]
+    fn pending_counts_match_the_stored_entries(ops in prop::collection::vec(op(), 1..60)) {
+        let f = fixture(HintConfig { ttl_ms: 5_000, max_per_target: 4 });
+        let owners = [n("x"), n("y"), n("z")];
+        for op in ops {
+            match op {
+                Op::Store { owner, key, actor } => {
+                    let clock = write(["a", "b", "c"][actor as usize], "v");
+                    let _ = f.book.store(&owners[owner as usize], &[key], &clock);
+                }
+                Op::Deliver { owner, key } => {
+                    let owner = &owners[owner as usize];
+                    if let Some(held) = f.book.read(owner, &[key]).unwrap() {
+                        prop_assert!(f.book.remove_delivered(owner, &[key], &held).unwrap());
+                    }
+                }
+                Op::Tick { ms } => { f.now.fetch_add(u64::from(ms), Ordering::SeqCst); }
+                Op::Expire => { f.book.expire_all().unwrap(); }
+            }
+            for owner in &owners {
+                let stored = f.book.batch(owner, None, 100).unwrap().len() as u64;
+                prop_assert_eq!(f.book.pending(owner), stored);
+                prop_assert!(stored <= 4, "the cap holds");
+            }
+        }
+    }
+}
