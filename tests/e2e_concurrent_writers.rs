@@ -29,15 +29,10 @@ struct Ledger {
     superseded: HashMap<String, HashSet<String>>,
 }
 
-fn put(key: &str, value: String, context: Option<String>) -> Request {
+fn put(key: &str, value: String, w: Consistency, context: Option<String>) -> Request {
     Request::Put(PutRequest {
         timeout_ms: 1000,
-        ..PutRequest::new(
-            key,
-            Payload::Value(value.into_bytes()),
-            Consistency::Count(2),
-            context,
-        )
+        ..PutRequest::new(key, Payload::Value(value.into_bytes()), w, context)
     })
 }
 
@@ -56,6 +51,7 @@ async fn writer(
     id: usize,
     addr: SocketAddr,
     read_modify_write: bool,
+    w: Consistency,
     stop: Arc<AtomicBool>,
     ledger: Arc<Mutex<Ledger>>,
 ) {
@@ -82,7 +78,7 @@ async fn writer(
         } else {
             None
         };
-        if let Ok(Response::Put(_)) = client.call(&put(&key, value.clone(), context)).await {
+        if let Ok(Response::Put(_)) = client.call(&put(&key, value.clone(), w, context)).await {
             ledger.lock().unwrap().acknowledged.push((key, value));
         }
     }
@@ -91,10 +87,25 @@ async fn writer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_write_is_lost_across_a_kill_and_restart() {
-    let mut c = Cluster::start("no_acknowledged_write_is_lost", 3, 3, &[]);
+    // Three nodes: the dead replica has no stand-in, W=2 is met by the others.
+    scenario("no_acknowledged_write_is_lost", 3, Consistency::Count(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_write_is_lost_when_fallbacks_stand_in() {
+    // Five nodes, W=all: every write for the dead node goes to a fallback
+    // as a hint and reaches the node through handoff after its restart.
+    scenario("no_write_lost_with_fallbacks", 5, Consistency::All).await;
+}
+
+/// Four writers (two blind, two read-modify-write) through n1 and n2 while
+/// the last node is killed and restarted; then checks the ledger.
+async fn scenario(test: &str, nodes: usize, w: Consistency) {
+    let mut c = Cluster::start(test, nodes, 3, &[]);
+    let victim = nodes - 1;
     let stop = Arc::new(AtomicBool::new(false));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    // Writers coordinate through n1 and n2; n3 is the one that dies.
+    // Writers coordinate through n1 and n2; the last node is the one that dies.
     let mut writers = Vec::new();
     for id in 0..4 {
         let addr = c.nodes[id % 2].addr;
@@ -102,15 +113,16 @@ async fn no_acknowledged_write_is_lost_across_a_kill_and_restart() {
             id,
             addr,
             id >= 2,
+            w,
             stop.clone(),
             ledger.clone(),
         )));
     }
     // The workload's schedule, not an assertion: write, kill, write, restart, write.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    tokio::task::block_in_place(|| c.kill(2));
+    tokio::task::block_in_place(|| c.kill(victim));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    tokio::task::block_in_place(|| c.restart(2));
+    tokio::task::block_in_place(|| c.restart(victim));
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -124,7 +136,20 @@ async fn no_acknowledged_write_is_lost_across_a_kill_and_restart() {
         "too little work to mean anything: {}",
         ledger.acknowledged.len()
     );
-    let reader = Client::connect(c.nodes[2].addr, Duration::from_secs(5))
+    if nodes > 3 {
+        // Whatever was hinted reaches the restarted node.
+        tokio::task::block_in_place(|| {
+            c.eventually(Duration::from_secs(10), "every hint delivered", || {
+                let status = json(&c.cli(0, &["status", "--json"]));
+                status["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|n| n["hints_pending"] == 0)
+            })
+        });
+    }
+    let reader = Client::connect(c.nodes[victim].addr, Duration::from_secs(5))
         .await
         .unwrap();
     let mut finals: HashMap<String, HashSet<String>> = HashMap::new();
