@@ -136,6 +136,23 @@ async fn scenario(test: &str, nodes: usize, w: Consistency) {
         "too little work to mean anything: {}",
         ledger.acknowledged.len()
     );
+    let victim_owns: Vec<String> = {
+        let ring = ringkv_ring::Ring::new(
+            (1..=nodes).map(|i| {
+                (
+                    ringkv_core::NodeId::new(format!("n{i}")).unwrap(),
+                    ringkv_ring::DEFAULT_VNODES,
+                )
+            }),
+            3,
+        )
+        .unwrap();
+        let victim_id = ringkv_core::NodeId::new(format!("n{nodes}")).unwrap();
+        (0..KEYS)
+            .map(|k| format!("k{k}"))
+            .filter(|k| ring.preference_list(k.as_bytes()).contains(&victim_id))
+            .collect()
+    };
     if nodes > 3 {
         // Whatever was hinted reaches the restarted node.
         tokio::task::block_in_place(|| {
@@ -169,6 +186,33 @@ async fn scenario(test: &str, nodes: usize, w: Consistency) {
         })
         .collect();
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    if nodes > 3 {
+        // At W=all every acknowledged write was on the victim or in a hint
+        // for it, so after handoff its own copy lacks nothing.
+        let mut local: HashMap<String, HashSet<String>> = HashMap::new();
+        for key in &victim_owns {
+            let read = Request::Get(GetRequest {
+                local: true,
+                ..GetRequest::new(key.as_str(), Consistency::One)
+            });
+            let Response::Get(read) = reader.call(&read).await.unwrap() else {
+                panic!("local read of {key} failed");
+            };
+            local.insert(key.clone(), strings(&read.values));
+        }
+        let missing: Vec<&(String, String)> = ledger
+            .acknowledged
+            .iter()
+            .filter(|(k, v)| {
+                local.get(k).is_some_and(|values| !values.contains(v))
+                    && !ledger.superseded.get(k).unwrap_or(&empty).contains(v)
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "the restarted node lacks acknowledged writes: {missing:?}"
+        );
+    }
     eprintln!(
         "{} acknowledged writes, none lost",
         ledger.acknowledged.len()

@@ -13,6 +13,14 @@
 //!   with the causal merge of those replies: every concurrent value, and a
 //!   context covering all of them.
 //!
+//! **Sloppy quorum** (Dynamo §4.6): R and W count one slot per
+//! preference-list node, and a healthy fallback may fill the slot of a node
+//! that is down, failing, or (for writes) silent for a quarter of the
+//! deadline: the write goes to it as a hint ([`ReplicaRequest::Hint`]), the
+//! read asks it for its hinted copy. A write acknowledged before a replica
+//! failed still gets a stand-in for it, after the answer, until the deadline.
+//! `strict` requests (PW/PR) use no stand-ins.
+//!
 //! When W (or R) cannot be met before the deadline the answer is a quorum
 //! error naming who answered and who did not. Dynamo does not roll a write
 //! back: the replicas that did acknowledge keep it, and the error says so.
@@ -231,21 +239,32 @@ impl<T: Transport> Coordinator<T> {
         let mut stand_ins = StandIns {
             candidates: self.healthy_fallbacks(&pref.fallbacks),
             request_for: sloppy.then_some(&hint as &(dyn Fn(&NodeId) -> Request + Sync)),
+            replace_silent: true,
             after: stand_in_after(start, deadline),
         };
         let targets = self.plan(&pref.replicas, &sync, &mut stand_ins, &mut tracker);
-        self.fan_out(
-            targets,
-            stand_ins,
-            &mut tracker,
-            start,
-            deadline,
-            |_, response| match response {
-                Response::Clock(_) => Ok(()),
-                other => Err(reply_error(other)),
-            },
-        )
-        .await;
+        let (late, candidates) = self
+            .fan_out(
+                targets,
+                stand_ins,
+                &mut tracker,
+                start,
+                deadline,
+                |_, response| match response {
+                    Response::Clock(_) => Ok(()),
+                    other => Err(reply_error(other)),
+                },
+            )
+            .await;
+        if sloppy && tracker.state() == QuorumState::Reached {
+            self.hint_late_failures(
+                late,
+                tracker.clone(),
+                candidates,
+                request.key.clone(),
+                clock.clone(),
+            );
+        }
 
         // Hand back a context covering the new clock only if the client has
         // seen all of it: with concurrent siblings left, a context covering
@@ -319,11 +338,14 @@ impl<T: Transport> Coordinator<T> {
             candidates: self.healthy_fallbacks(&pref.fallbacks),
             request_for: (!request.strict)
                 .then_some(&read_for as &(dyn Fn(&NodeId) -> Request + Sync)),
+            // A slow replica is still the one that has the data: reads wait
+            // for it rather than count a fallback that most likely has none.
+            replace_silent: false,
             after: stand_in_after(start, deadline),
         };
         let targets = self.plan(&pref.replicas, &read, &mut stand_ins, &mut tracker);
         let owners = &pref.replicas;
-        let late = self
+        let (late, _) = self
             .fan_out(
                 targets,
                 stand_ins,
@@ -496,7 +518,7 @@ impl<T: Transport> Coordinator<T> {
     /// `stand_ins.after`. Each send runs in its own task, bounded by the
     /// deadline, so sends still running when the quorum is decided still
     /// reach their nodes. Returns the answers still to come, for callers
-    /// that want them.
+    /// that want them, and the fallbacks not used.
     async fn fan_out(
         &self,
         targets: Vec<(NodeId, Request)>,
@@ -505,7 +527,7 @@ impl<T: Transport> Coordinator<T> {
         start: Instant,
         deadline: Instant,
         mut on_reply: impl FnMut(&NodeId, Response) -> Result<(), String>,
-    ) -> LateReplies {
+    ) -> (LateReplies, VecDeque<NodeId>) {
         // Even when the tracker is already decided (W=1 met by the local
         // write), every target still gets the request.
         let capacity = targets.len() + stand_ins.candidates.len();
@@ -524,7 +546,7 @@ impl<T: Transport> Coordinator<T> {
         for (node, request) in targets {
             dispatch(node, request);
         }
-        let mut waited_for_silent = stand_ins.request_for.is_none();
+        let mut waited_for_silent = stand_ins.request_for.is_none() || !stand_ins.replace_silent;
         while tracker.state() == QuorumState::Waiting {
             tokio::select! {
                 message = rx.recv() => {
@@ -555,7 +577,8 @@ impl<T: Transport> Coordinator<T> {
                     };
                     if replaceable {
                         if let Some(owner) = tracker.owner_of(&node).cloned() {
-                            if tracker.slot_uncovered_without(&owner, &node) {
+                            let owner_gave_up = waited_for_silent && stand_ins.replace_silent;
+                            if tracker.slot_uncovered_without(&owner, &node, owner_gave_up) {
                                 if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
                                     dispatch(stand_in, request);
                                 }
@@ -577,7 +600,72 @@ impl<T: Transport> Coordinator<T> {
                 }
             }
         }
-        rx
+        (rx, stand_ins.candidates)
+    }
+
+    /// After a write's quorum: a replica that then fails (or never answers
+    /// by the deadline) still gets a stand-in holding a hint, so a node that
+    /// died before anyone noticed still receives the write by handoff. Runs
+    /// in a task that ends when the last send of the write has (at most at
+    /// the deadline); each hint it sends is bounded by [`LATE_HINT_TIMEOUT`].
+    fn hint_late_failures(
+        &self,
+        mut late: LateReplies,
+        mut tracker: QuorumTracker,
+        mut candidates: VecDeque<NodeId>,
+        key: Vec<u8>,
+        clock: Clock,
+    ) {
+        let transport = self.transport.clone();
+        let detector = self.detector.clone();
+        tokio::spawn(async move {
+            while let Some((node, result, latency_us)) = late.recv().await {
+                if let (Some(detector), Ok(outcome)) = (&detector, &result) {
+                    detector.record(&node, outcome.is_ok(), Instant::now());
+                }
+                let failed = match &result {
+                    Err(_) | Ok(Err(_)) => true,
+                    Ok(Ok(Response::Error(e))) => e.kind != ErrorKind::InvalidRequest,
+                    Ok(Ok(_)) => false,
+                };
+                if !failed {
+                    tracker.record(&node, ReplicaAnswer::Ok { latency_us });
+                    continue;
+                }
+                let owner = tracker.owner_of(&node).cloned();
+                if let Some(owner) = owner {
+                    if tracker.slot_uncovered_without(&owner, &node, true) {
+                        while let Some(candidate) = candidates.pop_front() {
+                            if !tracker.add_stand_in(&owner, candidate.clone()) {
+                                continue;
+                            }
+                            counter!("ringkv_late_stand_ins_total").increment(1);
+                            let request = Request::Replica(ReplicaRequest::Hint {
+                                owner: owner.clone(),
+                                key: key.clone(),
+                                clock: clock.clone(),
+                            });
+                            let transport = transport.clone();
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(
+                                    LATE_HINT_TIMEOUT,
+                                    transport.call(&candidate, request),
+                                )
+                                .await;
+                            });
+                            break;
+                        }
+                    }
+                }
+                tracker.record(
+                    &node,
+                    ReplicaAnswer::Error {
+                        latency_us,
+                        reason: "failed after the quorum".to_string(),
+                    },
+                );
+            }
+        });
     }
 
     /// Hands a request to the first replica that answers.
@@ -674,6 +762,9 @@ struct StandIns<'a> {
     /// The request a stand-in for an owner gets; `None` when stand-ins are
     /// not allowed (`--strict`, or writes with `--no-hints`).
     request_for: Option<&'a (dyn Fn(&NodeId) -> Request + Sync)>,
+    /// Whether owners silent until `after` get a stand-in (writes) or are
+    /// waited for (reads).
+    replace_silent: bool,
     /// When owners that have not answered at all get a stand-in too.
     after: Instant,
 }
@@ -704,6 +795,9 @@ fn stand_in_after(start: Instant, deadline: Instant) -> Instant {
 /// The longest a coordinator waits for a silent replica before also asking
 /// a fallback; a node down but not yet detected costs at most this much.
 const STAND_IN_AFTER_MAX: Duration = Duration::from_millis(500);
+
+/// How long a hint sent after a write's quorum may take.
+const LATE_HINT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a read keeps listening for answers after its quorum, so that
 /// slower replicas can be judged for read repair.

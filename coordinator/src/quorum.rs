@@ -112,14 +112,23 @@ impl QuorumTracker {
 
     /// Whether `owner`'s slot has neither a success nor anyone else still
     /// pending besides `except`: a failure of `except` leaves it uncovered.
-    pub fn slot_uncovered_without(&self, owner: &NodeId, except: &NodeId) -> bool {
+    /// With `owner_gave_up`, a still-pending owner does not cover its slot
+    /// either (it has already been judged silent).
+    pub fn slot_uncovered_without(
+        &self,
+        owner: &NodeId,
+        except: &NodeId,
+        owner_gave_up: bool,
+    ) -> bool {
         let Some(slot) = self.slot_of_owner(owner) else {
             return false;
         };
         !self.entries.iter().any(|e| {
             e.slot == slot
                 && (matches!(e.answer, ReplicaAnswer::Ok { .. })
-                    || (e.answer == ReplicaAnswer::Pending && e.node != *except))
+                    || (e.answer == ReplicaAnswer::Pending
+                        && e.node != *except
+                        && !(owner_gave_up && e.node == *owner)))
         })
     }
 
@@ -361,14 +370,24 @@ mod tests {
         t.record(&n("a"), OK);
         t.add_stand_in(&n("b"), n("d"));
         assert_eq!(t.silent_owners(), [n("c")]);
-        assert!(!t.slot_uncovered_without(&n("b"), &n("b")), "d covers b");
         assert!(
-            !t.slot_uncovered_without(&n("b"), &n("d")),
+            !t.slot_uncovered_without(&n("b"), &n("b"), false),
+            "d covers b"
+        );
+        assert!(
+            !t.slot_uncovered_without(&n("b"), &n("d"), false),
             "b itself is pending"
         );
+        assert!(
+            t.slot_uncovered_without(&n("b"), &n("d"), true),
+            "unless b was given up on as silent"
+        );
         t.record(&n("b"), err());
-        assert!(t.slot_uncovered_without(&n("b"), &n("d")));
-        assert!(!t.slot_uncovered_without(&n("a"), &n("a")), "a succeeded");
+        assert!(t.slot_uncovered_without(&n("b"), &n("d"), false));
+        assert!(
+            !t.slot_uncovered_without(&n("a"), &n("a"), true),
+            "a succeeded"
+        );
     }
 
     #[test]

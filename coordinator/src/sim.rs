@@ -25,7 +25,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::failure::{probe_round, DetectorConfig, FailureDetector};
 use crate::replica::{MemStore, ReplicaService};
 use ringkv_repair::handoff::{self, HandoffConfig};
-use ringkv_repair::hints::{HintBook, HintConfig, MemHintBackend, WallClock};
+use ringkv_repair::hints::{HintBook, HintConfig, HintError, MemHintBackend, WallClock};
 use ringkv_repair::read_repair::{ReadRepairQueue, DEFAULT_QUEUE_CAPACITY};
 
 /// What a simulated node does with a request.
@@ -219,6 +219,15 @@ pub struct SimNode {
     pub coordinator: Arc<Coordinator<SimTransport>>,
     pub hints: Arc<HintBook<MemHintBackend>>,
     pub detector: Arc<FailureDetector>,
+    refuses_hints: std::sync::atomic::AtomicBool,
+}
+
+impl SimNode {
+    /// From now on, refuse hinted writes as a node with `--no-hints` does.
+    pub fn refuse_hints(&self) {
+        self.refuses_hints
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl SimHandler for SimNode {
@@ -230,6 +239,14 @@ impl SimHandler for SimNode {
             match request {
                 Request::Put(p) => self.coordinator.put(p).await,
                 Request::Get(g) => self.coordinator.get(g).await,
+                Request::Replica(ReplicaRequest::Hint { .. })
+                    if self.refuses_hints.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    Response::error(
+                        ringkv_core::wire::ErrorKind::Unavailable,
+                        HintError::Disabled.to_string(),
+                    )
+                }
                 Request::Replica(r) => self.replica.handle(r),
                 Request::Ping => Response::Pong,
                 Request::Stats => Response::Stats(NodeStats {
@@ -371,6 +388,7 @@ impl SimCluster {
                     coordinator: Arc::new(coordinator),
                     hints,
                     detector,
+                    refuses_hints: Default::default(),
                 });
                 net.register(id.clone(), node.clone());
                 (id.clone(), node)

@@ -177,6 +177,59 @@ async fn a_replica_not_yet_known_to_be_down_is_covered_once_it_stays_silent() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_replica_that_fails_after_the_quorum_still_gets_a_hint() {
+    // No probes: nobody knows the owner is dead. W=quorum is met without
+    // it, and the client has its answer at once...
+    let s = story(SimOptions::default());
+    let dead = &s.owners[2];
+    s.c.net.down(&s.id(dead));
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(&s.owners[0], KEY, "v", Quorum, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert!(started.elapsed() < Duration::from_millis(10));
+    assert_eq!(s.c.hints_pending(), 0);
+    // ...and when the owner's send times out at the deadline, a fallback
+    // is given the write as a hint.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(s.hint(&s.fallbacks[0], dead), Some(vec!["v".to_string()]));
+    s.c.net.up(&s.id(dead));
+    s.until_no_hints(Duration::from_secs(10)).await;
+    assert_eq!(s.c.local_values(dead, KEY), ["v"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reads_wait_for_a_slow_replica_rather_than_ask_a_fallback() {
+    let s = story(SimOptions::default());
+    let coordinator = &s.owners[0];
+    assert!(matches!(
+        s.c.put(coordinator, KEY, "v", All, None).await,
+        Response::Put(_)
+    ));
+    for slow in [&s.owners[1], &s.owners[2]] {
+        s.c.net
+            .delay(&s.id(coordinator), &s.id(slow), Duration::from_millis(800));
+    }
+    s.c.net.take_log();
+    let get = s.c.get(coordinator, KEY, All).await;
+    assert_eq!(values(&get), ["v"]);
+    assert!(stand_ins(&get).is_empty());
+    let log = s.c.net.take_log();
+    assert!(!log.iter().any(|l| l.contains("Read for")), "{log:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stand_in_that_refuses_is_replaced_by_the_next_fallback() {
+    // The first fallback stores no hints; the owner is silent, not known down.
+    let s = story(SimOptions::default());
+    let dead = &s.owners[2];
+    s.c.net.down(&s.id(dead));
+    s.c.node(&s.fallbacks[0]).refuse_hints();
+    let put = s.c.put(&s.owners[0], KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(stand_ins(&put), [(s.fallbacks[1].clone(), dead.clone())]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_dead_fallback_is_skipped_for_the_next() {
     let s = story(with_probes());
     let coordinator = &s.owners[0];

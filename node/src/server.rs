@@ -213,6 +213,14 @@ impl NodeInner {
                 Some(c) => c.get(g).await,
                 None => joining(&self.id),
             },
+            Request::Replica(ReplicaRequest::Hint { owner, .. })
+                if self.membership.addr_of(&owner).is_none() =>
+            {
+                Response::error(
+                    ErrorKind::InvalidRequest,
+                    format!("{owner} is not a member of this cluster; no hint is kept for it"),
+                )
+            }
             Request::Replica(r) => self.local.handle(r).await,
             Request::Ping => Response::Pong,
             Request::Join(j) => {
@@ -293,8 +301,8 @@ impl NodeInner {
         }
         let mut stats = std::collections::HashMap::new();
         stats.insert(self.id.clone(), self.stats());
-        while let Some(Ok((id, answer))) = asks.join_next().await {
-            if let Some(answer) = answer {
+        while let Some(joined) = asks.join_next().await {
+            if let Ok((id, Some(answer))) = joined {
                 stats.insert(id, answer);
             }
         }

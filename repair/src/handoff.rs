@@ -12,19 +12,22 @@
 //! also drops hints past the window, for owners that stay away.
 //!
 //! The worker is bounded (one batch in flight), observable (the hint metrics
-//! of [`HintBook`]) and stops at shutdown between two sends.
+//! of [`HintBook`]) and stops at shutdown between two batches. Its storage
+//! calls run on tokio's blocking pool. A hint the owner refuses as invalid
+//! is dropped and counted, so one bad hint cannot block the rest; a corrupt
+//! record likewise (see [`HintBook::batch`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringkv_core::wire::{ReplicaRequest, Request, Response};
+use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::hints::{HintBackend, HintBook};
+use crate::hints::{HintBackend, HintBook, HintError};
 
 /// Whether the failure detector believes a node is up.
 pub type IsUp = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
@@ -104,7 +107,21 @@ impl DeliverySchedule {
     }
 }
 
-/// Starts the delivery worker. It runs until `shutdown` turns true.
+/// Runs a hint-book call on the blocking pool: each is a RocksDB read or
+/// write, an fsync with `--sync`, which must not stall the async workers.
+async fn blocking<B: HintBackend, R: Send + 'static>(
+    book: &Arc<HintBook<B>>,
+    f: impl FnOnce(&HintBook<B>) -> Result<R, HintError> + Send + 'static,
+) -> Result<R, String> {
+    let book = book.clone();
+    match tokio::task::spawn_blocking(move || f(&book)).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("hint storage task failed: {e}")),
+    }
+}
+
+/// Starts the delivery worker. It runs until `shutdown` turns true, and
+/// stops between two batches (or two sweep pages) when it does.
 pub fn start<T: Transport, B: HintBackend>(
     book: Arc<HintBook<B>>,
     transport: Arc<T>,
@@ -124,10 +141,11 @@ pub fn start<T: Transport, B: HintBackend>(
                 _ = tick.tick() => {}
             }
             if Instant::now() >= next_sweep {
-                match book.expire_all() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(dropped = n, "dropped hints past the hint window"),
-                    Err(e) => tracing::warn!(error = %e, "hint sweep failed"),
+                let sweep = sweep(&book, config.batch_size);
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return,
+                    _ = sweep => {}
                 }
                 next_sweep = Instant::now() + config.sweep_interval;
             }
@@ -158,10 +176,39 @@ pub fn start<T: Transport, B: HintBackend>(
     })
 }
 
+/// Drops hints past the window, owner by owner, page by page; a failure
+/// with one owner does not stop the others.
+async fn sweep<B: HintBackend>(book: &Arc<HintBook<B>>, page: usize) {
+    let mut dropped = 0;
+    for owner in book.targets() {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (o, a) = (owner.clone(), after.take());
+            match blocking(book, move |b| b.expire_page(&o, a.as_deref(), page)).await {
+                Ok((n, next)) => {
+                    dropped += n;
+                    match next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%owner, error = %e, "hint sweep failed");
+                    break;
+                }
+            }
+        }
+    }
+    if dropped > 0 {
+        tracing::info!(dropped, "dropped hints past the hint window");
+    }
+}
+
 /// Delivers every hint held for `owner`, batch by batch. Returns how many
-/// were delivered, or why the round stopped.
+/// were delivered, or why the round stopped. A hint the owner refuses as
+/// invalid (it never will take it) is dropped and counted, not retried.
 async fn deliver_to<T: Transport, B: HintBackend>(
-    book: &HintBook<B>,
+    book: &Arc<HintBook<B>>,
     transport: &Arc<T>,
     owner: &NodeId,
     config: &HandoffConfig,
@@ -169,9 +216,8 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     let mut delivered = 0;
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let batch = book
-            .batch(owner, after.as_deref(), config.batch_size)
-            .map_err(|e| e.to_string())?;
+        let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
+        let batch = blocking(book, move |b| b.batch(&o, a.as_deref(), limit)).await?;
         let Some(last) = batch.last() else {
             return Ok(delivered);
         };
@@ -181,8 +227,8 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         let mut sends = tokio::task::JoinSet::new();
         for hint in batch {
             if book.is_expired(&hint, now_ms) {
-                book.drop_if_expired(owner, &hint.key)
-                    .map_err(|e| e.to_string())?;
+                let (o, key) = (owner.clone(), hint.key);
+                blocking(book, move |b| b.drop_if_expired(&o, &key)).await?;
                 continue;
             }
             let transport = transport.clone();
@@ -200,15 +246,23 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         let sent = sends.len();
         let mut failure = None;
         while let Some(joined) = sends.join_next().await {
-            let Ok((hint, result)) = joined else { continue };
+            let (hint, result) = match joined {
+                Ok(done) => done,
+                Err(e) => {
+                    failure = Some(format!("send task failed: {e}"));
+                    continue;
+                }
+            };
+            let (o, key, clock) = (owner.clone(), hint.key, hint.clock);
             match result {
                 Ok(Ok(Response::Clock(_))) => {
-                    if book
-                        .remove_delivered(owner, &hint.key, &hint.clock)
-                        .map_err(|e| e.to_string())?
-                    {
+                    if blocking(book, move |b| b.remove_delivered(&o, &key, &clock)).await? {
                         delivered += 1;
                     }
+                }
+                Ok(Ok(Response::Error(e))) if e.kind == ErrorKind::InvalidRequest => {
+                    tracing::warn!(%owner, error = %e.message, "owner refused a hint; dropping it");
+                    blocking(book, move |b| b.drop_refused(&o, &key, &clock)).await?;
                 }
                 Ok(Ok(Response::Error(e))) => failure = Some(e.message),
                 Ok(Ok(other)) => failure = Some(format!("unexpected answer {other:?}")),

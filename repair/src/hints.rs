@@ -28,9 +28,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use metrics::{counter, gauge};
-use ringkv_core::dvv::Clock;
+use ringkv_core::dvv::{Clock, CLOCK_ENTRIES_MAX};
 use ringkv_core::hash::stable_hash64;
-use ringkv_core::wire::{decode_clock, encode_clock};
+use ringkv_core::wire::{decode_clock, encode_clock, CLOCK_MAX_BYTES};
 use ringkv_core::NodeId;
 
 /// Milliseconds since the Unix epoch, from whatever clock the caller trusts.
@@ -55,6 +55,8 @@ pub enum HintError {
     TargetFull { owner: NodeId, limit: u64 },
     #[error("this node does not store hints (--no-hints)")]
     Disabled,
+    #[error("the hint for this key would exceed the per-key limits: {reason}")]
+    TooLarge { reason: String },
 }
 
 /// Ordered storage for hint entries: byte keys, byte values, durable when a
@@ -237,6 +239,23 @@ impl<B: HintBackend> HintBook<B> {
         }
     }
 
+    /// Counts one more hint for `owner` if that stays within the cap; the
+    /// check and the increment are one step, so concurrent stores of
+    /// different keys cannot overshoot it.
+    fn reserve(&self, owner: &NodeId) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let count = pending.entry(owner.clone()).or_default();
+        if *count >= self.config.max_per_target {
+            if *count == 0 {
+                pending.remove(owner);
+            }
+            return false;
+        }
+        *count += 1;
+        gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(*count as f64);
+        true
+    }
+
     /// Hints held for `owner`.
     pub fn pending(&self, owner: &NodeId) -> u64 {
         let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -266,18 +285,26 @@ impl<B: HintBackend> HintBook<B> {
     ) -> Result<Vec<Hint>, HintError> {
         let prefix = owner_prefix(owner);
         let after = after.map(|key| entry_id(owner, key));
-        self.backend
-            .scan(&prefix, after.as_deref(), limit)?
-            .into_iter()
-            .map(|(id, value)| {
-                let (clock, stored_at_ms) = decode_hint(&value)?;
-                Ok(Hint {
+        let mut hints = Vec::new();
+        for (id, value) in self.backend.scan(&prefix, after.as_deref(), limit)? {
+            match decode_hint(&value) {
+                Ok((clock, stored_at_ms)) => hints.push(Hint {
                     key: id[prefix.len()..].to_vec(),
                     clock,
                     stored_at_ms,
-                })
-            })
-            .collect()
+                }),
+                // One bad record must not block the owner's other hints:
+                // drop it (anti-entropy repairs what it held) and go on.
+                Err(e) => {
+                    tracing::warn!(%owner, error = %e, "dropping a corrupt hint");
+                    if self.remove_if(owner, &id[prefix.len()..], |_, _| true)? {
+                        counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "corrupt")
+                            .increment(1);
+                    }
+                }
+            }
+        }
+        Ok(hints)
     }
 
     /// Whether `hint` is past the hint window at `now_ms`.
@@ -325,8 +352,12 @@ impl<B: HintBackend> HintBook<B> {
         let Some(value) = self.backend.get(&id)? else {
             return Ok(false);
         };
-        let (clock, at) = decode_hint(&value)?;
-        if !condition(&clock, at) {
+        let keep = match decode_hint(&value) {
+            Ok((clock, at)) => !condition(&clock, at),
+            // Only an unconditional removal (see `batch`) removes a corrupt record.
+            Err(_) => !condition(&Clock::new(), u64::MAX),
+        };
+        if keep {
             return Ok(false);
         }
         self.backend.delete(&id)?;
@@ -334,21 +365,56 @@ impl<B: HintBackend> HintBook<B> {
         Ok(true)
     }
 
-    /// Drops every hint past the window, for owners that may stay away for
-    /// long. Returns how many were dropped.
-    pub fn expire_all(&self) -> Result<u64, HintError> {
+    /// Drops `owner`'s hint for `key` if it still holds `refused`: the owner
+    /// refused it for good (it will never take it), so it is counted and
+    /// left to anti-entropy rather than retried forever.
+    pub fn drop_refused(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        refused: &Clock,
+    ) -> Result<bool, HintError> {
+        let dropped = self.remove_if(owner, key, |clock, _| clock == refused)?;
+        if dropped {
+            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "refused")
+                .increment(1);
+        }
+        Ok(dropped)
+    }
+
+    /// Drops the hints past the window among up to `limit` of `owner`'s
+    /// hints after `after`. Returns how many were dropped and where the next
+    /// page starts (`None`: this owner is done).
+    pub fn expire_page(
+        &self,
+        owner: &NodeId,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(u64, Option<Vec<u8>>), HintError> {
         let now = self.now_ms();
+        let page = self.batch(owner, after, limit)?;
+        let mut dropped = 0;
+        for hint in page.iter().filter(|h| self.is_expired(h, now)) {
+            if self.drop_if_expired(owner, &hint.key)? {
+                dropped += 1;
+            }
+        }
+        Ok((dropped, page.last().map(|h| h.key.clone())))
+    }
+
+    /// Drops every hint past the window, for owners that may stay away for
+    /// long. Returns how many were dropped. (The handoff worker does the
+    /// same page by page, so that it can stop in between.)
+    pub fn expire_all(&self) -> Result<u64, HintError> {
         let mut dropped = 0;
         for owner in self.targets() {
             let mut after: Option<Vec<u8>> = None;
             loop {
-                let page = self.batch(&owner, after.as_deref(), 1024)?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.key.clone());
-                for hint in page.iter().filter(|h| self.is_expired(h, now)) {
-                    if self.drop_if_expired(&owner, &hint.key)? {
-                        dropped += 1;
-                    }
+                let (n, next) = self.expire_page(&owner, after.as_deref(), 1024)?;
+                dropped += n;
+                match next {
+                    Some(next) => after = Some(next),
+                    None => break,
                 }
             }
         }
@@ -376,22 +442,32 @@ impl<B: HintBackend> HintStore for HintBook<B> {
                 }
                 held
             }
-            None => {
-                if self.pending(owner) >= self.config.max_per_target {
-                    counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
-                        .increment(1);
-                    return Err(HintError::TargetFull {
-                        owner: owner.clone(),
-                        limit: self.config.max_per_target,
-                    });
-                }
-                clock.clone()
-            }
+            None => clock.clone(),
         };
-        self.backend
-            .put(&id, &encode_hint(&merged, self.now_ms()))?;
-        if is_new {
-            self.adjust(owner, 1);
+        // The owner would refuse a clock past the per-key limits; better
+        // to refuse it now than to hold a hint that can never be delivered.
+        if merged.entry_count() > CLOCK_ENTRIES_MAX || merged.approx_size() > CLOCK_MAX_BYTES {
+            return Err(HintError::TooLarge {
+                reason: format!(
+                    "{} actors, about {} bytes",
+                    merged.entry_count(),
+                    merged.approx_size()
+                ),
+            });
+        }
+        if is_new && !self.reserve(owner) {
+            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
+                .increment(1);
+            return Err(HintError::TargetFull {
+                owner: owner.clone(),
+                limit: self.config.max_per_target,
+            });
+        }
+        if let Err(e) = self.backend.put(&id, &encode_hint(&merged, self.now_ms())) {
+            if is_new {
+                self.adjust(owner, -1);
+            }
+            return Err(e);
         }
         counter!("ringkv_hints_stored_total", "target" => owner.to_string()).increment(1);
         Ok(())

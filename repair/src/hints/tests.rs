@@ -192,3 +192,33 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_corrupt_record_is_dropped_without_blocking_the_others() {
+    let f = fixture(HintConfig::default());
+    f.book.store(&n("c"), b"a", &write("a", "1")).unwrap();
+    f.book.store(&n("c"), b"z", &write("a", "1")).unwrap();
+    f.backend.put(&entry_id(&n("c"), b"m"), b"garbage").unwrap();
+    let book = HintBook::open(f.backend.clone(), HintConfig::default(), Arc::new(|| 0)).unwrap();
+    assert_eq!(book.pending(&n("c")), 3);
+    let keys: Vec<Vec<u8>> = book
+        .batch(&n("c"), None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.key)
+        .collect();
+    assert_eq!(keys, [b"a".to_vec(), b"z".to_vec()]);
+    assert_eq!(book.pending(&n("c")), 2, "the corrupt one is gone");
+}
+
+#[test]
+fn a_refused_hint_is_dropped_only_if_unchanged() {
+    let f = fixture(HintConfig::default());
+    let first = write("a", "1");
+    f.book.store(&n("c"), b"k", &first).unwrap();
+    f.book.store(&n("c"), b"k", &write("b", "2")).unwrap();
+    assert!(!f.book.drop_refused(&n("c"), b"k", &first).unwrap());
+    let held = f.book.read(&n("c"), b"k").unwrap().unwrap();
+    assert!(f.book.drop_refused(&n("c"), b"k", &held).unwrap());
+    assert_eq!(f.book.pending(&n("c")), 0);
+}
