@@ -49,7 +49,7 @@ run_bench() { # label cluster concurrency [w]
   done
 }
 # Total hints_pending over the nodes n1 can ask.
-hints() { "$bin" status --node 127.0.0.1:7100 --json | grep -o '"hints_pending":[0-9]*' | cut -d: -f2 | paste -sd+ | bc; }
+hints() { "$bin" status --node 127.0.0.1:7100 --json | grep -o '"hints_pending":[0-9][0-9]*' | cut -d: -f2 | paste -sd+ | bc; }
 if [ "$mode" = handoff ]; then
   clients=127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103
   run_bench "all up" "$clients" 1 all
