@@ -1,10 +1,12 @@
-//! Convergence (Dynamo §4.6–§4.7): read repair and hinted handoff; Merkle-tree
-//! anti-entropy to come.
+//! Convergence (Dynamo §4.6–§4.7): read repair, hinted handoff, and the
+//! Merkle trees that anti-entropy will compare.
 //!
 //! - [`read_repair`]: who is stale after a read, and the bounded queue that
 //!   repairs them.
 //! - [`hints`]: the hints a fallback holds for owners that were down.
 //! - [`handoff`]: the worker that hands hints back to their owners.
+//! - [`merkle`]: the hash tree and its diff. Not yet kept by nodes or
+//!   exchanged between them; that is the anti-entropy issue's next step.
 //!
 //! Like `coordinator`, this crate decides in plain code and acts only through
 //! the `Transport` trait; the node wires it to QUIC and RocksDB. Every
@@ -13,6 +15,7 @@
 
 pub mod handoff;
 pub mod hints;
+pub mod merkle;
 pub mod read_repair;
 
 pub use hints::{HintBook, HintError, HintStore};

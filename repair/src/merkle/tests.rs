@@ -1,0 +1,109 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+type Items = BTreeMap<Vec<u8>, u64>;
+
+fn build(items: &Items, leaf_bits: u32) -> MerkleTree {
+    let mut t = MerkleTree::new(leaf_bits).unwrap();
+    for (k, v) in items {
+        t.insert(k, item_hash(k, *v));
+    }
+    t
+}
+
+/// What one side lists for the given leaves.
+fn listing(items: &Items, leaves: &BTreeSet<usize>, leaf_bits: u32) -> Vec<(Vec<u8>, u64)> {
+    items
+        .iter()
+        .filter(|(k, _)| leaves.contains(&leaf_of(k, leaf_bits)))
+        .map(|(k, v)| (k.clone(), item_hash(k, *v)))
+        .collect()
+}
+
+/// The whole exchange between two sides, as the network runs it.
+fn exchange(a: &Items, b: &Items, leaf_bits: u32) -> BTreeSet<Vec<u8>> {
+    let (ta, tb) = (build(a, leaf_bits), build(b, leaf_bits));
+    let leaves: BTreeSet<usize> = ta.differing_leaves(&tb).into_iter().collect();
+    differing_keys(
+        &listing(a, &leaves, leaf_bits),
+        &listing(b, &leaves, leaf_bits),
+    )
+    .into_iter()
+    .collect()
+}
+
+fn truth(a: &Items, b: &Items) -> BTreeSet<Vec<u8>> {
+    a.keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn shapes_are_checked() {
+    assert!(MerkleTree::new(16).is_ok());
+    assert_eq!(
+        MerkleTree::new(6),
+        Err(MerkleError::BadShape { leaf_bits: 6 })
+    );
+    assert!(MerkleTree::new(28).is_err());
+    let t = MerkleTree::new(8).unwrap();
+    assert_eq!(t.depth(), 2);
+    assert_eq!(t, MerkleTree::new(8).unwrap(), "empty trees are equal");
+}
+
+#[test]
+fn identical_sets_need_no_descent_and_one_change_opens_one_leaf() {
+    let items: Items = (0..1000u32)
+        .map(|i| (format!("k{i}").into_bytes(), u64::from(i)))
+        .collect();
+    let a = build(&items, 16);
+    let mut b = build(&items, 16);
+    assert_eq!(a.root(), b.root());
+    assert!(a.differing_leaves(&b).is_empty());
+    b.replace(b"k7", Some(item_hash(b"k7", 7)), Some(item_hash(b"k7", 8)));
+    assert_eq!(a.differing_leaves(&b), [leaf_of(b"k7", 16)]);
+    b.replace(b"k7", Some(item_hash(b"k7", 8)), Some(item_hash(b"k7", 7)));
+    assert_eq!(a, b, "undoing the change restores the tree exactly");
+}
+
+fn items(universe: u8) -> impl Strategy<Value = Items> {
+    prop::collection::btree_map(
+        (0..universe).prop_map(|k| vec![k]),
+        0u64..3,
+        0..universe as usize,
+    )
+}
+
+proptest! {
+    /// Merkle diff finds exactly the differing keys (issue 4, acceptance 4),
+    /// with few leaves so that many keys share one.
+    #[test]
+    fn the_diff_finds_exactly_the_differing_keys(a in items(64), b in items(64), bits in prop::sample::select(vec![0u32, 4, 8])) {
+        prop_assert_eq!(exchange(&a, &b, bits), truth(&a, &b));
+    }
+
+    /// A tree maintained incrementally through any sequence of writes equals
+    /// one built from scratch from the final state.
+    #[test]
+    fn incremental_updates_match_a_rebuild(ops in prop::collection::vec((0u8..32, prop::option::of(0u64..4)), 0..200)) {
+        let mut state: Items = BTreeMap::new();
+        let mut tree = MerkleTree::new(8).unwrap();
+        for (k, v) in ops {
+            let key = vec![k];
+            let old = state.get(&key).map(|o| item_hash(&key, *o));
+            let new = v.map(|v| item_hash(&key, v));
+            tree.replace(&key, old, new);
+            match v {
+                Some(v) => { state.insert(key, v); }
+                None => { state.remove(&key); }
+            }
+        }
+        prop_assert_eq!(&tree, &build(&state, 8));
+        prop_assert_eq!(tree.len(), state.len() as u64);
+    }
+}
