@@ -1,5 +1,6 @@
 //! Read repair with real processes: a replica that missed a write while it
-//! was down gets it from the first quorum read after it returns.
+//! was down gets it from the first quorum read after it returns. Hints are
+//! off (`--no-hints`), so nothing but the read can bring it the value.
 
 mod common;
 
@@ -9,7 +10,7 @@ use common::*;
 
 #[test]
 fn a_quorum_read_repairs_a_restarted_replica_within_2_seconds() {
-    let mut c = Cluster::start("a_quorum_read_repairs", 3, 3, &[]);
+    let mut c = Cluster::start("a_quorum_read_repairs", 3, 3, &["--no-hints"]);
     c.kill(2);
     assert_exit(
         &c.cli(0, &["put", "k", "v", "-w", "2", "--timeout-ms", "1000"]),

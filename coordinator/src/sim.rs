@@ -483,6 +483,22 @@ impl SimCluster {
     }
 }
 
+/// The values of a get reply, sorted, as text; panics on any other reply.
+pub fn get_values(r: &Response) -> Vec<String> {
+    match r {
+        Response::Get(g) => {
+            let mut v: Vec<String> = g
+                .values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+        other => panic!("expected a get reply, got {other:?}"),
+    }
+}
+
 /// A simulated node's probe loop, like the real node's.
 async fn probe_loop(
     detector: Arc<FailureDetector>,

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ringkv_coordinator::sim::SimCluster;
+use ringkv_coordinator::sim::{get_values as values, SimCluster};
 use ringkv_core::wire::{ErrorKind, Outcome, Response};
 use ringkv_core::Consistency::{self, All, Count, One, Quorum};
 
@@ -20,21 +20,6 @@ fn ok_context(r: &Response) -> String {
         Response::Put(p) => p.context.clone(),
         Response::Get(g) => g.context.clone(),
         other => panic!("expected success, got {other:?}"),
-    }
-}
-
-fn values(r: &Response) -> Vec<String> {
-    match r {
-        Response::Get(g) => {
-            let mut v: Vec<String> = g
-                .values
-                .iter()
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect();
-            v.sort();
-            v
-        }
-        other => panic!("expected a get reply, got {other:?}"),
     }
 }
 

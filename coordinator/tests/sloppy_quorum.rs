@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use ringkv_coordinator::sim::{SimCluster, SimOptions};
+use ringkv_coordinator::sim::{get_values as values, SimCluster, SimOptions};
 use ringkv_core::wire::{ErrorKind, Outcome, Receipt, Response};
 use ringkv_core::Consistency::{All, Quorum};
 use ringkv_core::NodeId;
@@ -46,21 +46,6 @@ fn receipt(r: &Response) -> &Receipt {
         Response::Get(g) => &g.receipt,
         Response::Error(e) => e.receipt.as_ref().expect("quorum errors carry a receipt"),
         other => panic!("unexpected {other:?}"),
-    }
-}
-
-fn values(r: &Response) -> Vec<String> {
-    match r {
-        Response::Get(g) => {
-            let mut v: Vec<String> = g
-                .values
-                .iter()
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect();
-            v.sort();
-            v
-        }
-        other => panic!("expected a get reply, got {other:?}"),
     }
 }
 

@@ -70,6 +70,20 @@ impl Storage {
         })
     }
 
+    /// One of the column families opened in [`open`](Self::open).
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("column family {name} is opened with the database"))
+    }
+
+    /// Data and hint writes: through the WAL, fsynced with `--sync`.
+    fn data_write_options(&self) -> WriteOptions {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.sync);
+        opts
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -80,10 +94,7 @@ impl Storage {
     }
 
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, NodeError> {
-        let cf = self
-            .db
-            .cf_handle(CF_META)
-            .expect("meta column family exists");
+        let cf = self.cf(CF_META);
         self.db
             .get_cf(cf, key.as_bytes())
             .map_err(|e| NodeError::StorageIo {
@@ -92,10 +103,7 @@ impl Storage {
     }
 
     pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), NodeError> {
-        let cf = self
-            .db
-            .cf_handle(CF_META)
-            .expect("meta column family exists");
+        let cf = self.cf(CF_META);
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db
@@ -148,10 +156,7 @@ impl Storage {
 
 impl Store for Storage {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
-        let cf = self
-            .db
-            .cf_handle(CF_DATA)
-            .expect("data column family exists");
+        let cf = self.cf(CF_DATA);
         let Some(bytes) = self.db.get_pinned_cf(cf, key).map_err(|e| StoreError::Io {
             reason: e.to_string(),
         })?
@@ -166,12 +171,8 @@ impl Store for Storage {
     }
 
     fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
-        let cf = self
-            .db
-            .cf_handle(CF_DATA)
-            .expect("data column family exists");
-        let mut opts = WriteOptions::default();
-        opts.set_sync(self.sync);
+        let cf = self.cf(CF_DATA);
+        let opts = self.data_write_options();
         self.db
             .put_cf_opt(cf, key, encode_clock(clock), &opts)
             .map_err(|e| StoreError::Io {
@@ -189,30 +190,19 @@ fn hint_io(e: rocksdb::Error) -> HintError {
 /// Hints are written like data: through the WAL, fsynced with `--sync`.
 impl HintBackend for Storage {
     fn get(&self, id: &[u8]) -> Result<Option<Vec<u8>>, HintError> {
-        let cf = self
-            .db
-            .cf_handle(CF_HINTS)
-            .expect("hints column family exists");
+        let cf = self.cf(CF_HINTS);
         self.db.get_cf(cf, id).map_err(hint_io)
     }
 
     fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError> {
-        let cf = self
-            .db
-            .cf_handle(CF_HINTS)
-            .expect("hints column family exists");
-        let mut opts = WriteOptions::default();
-        opts.set_sync(self.sync);
+        let cf = self.cf(CF_HINTS);
+        let opts = self.data_write_options();
         self.db.put_cf_opt(cf, id, value, &opts).map_err(hint_io)
     }
 
     fn delete(&self, id: &[u8]) -> Result<(), HintError> {
-        let cf = self
-            .db
-            .cf_handle(CF_HINTS)
-            .expect("hints column family exists");
-        let mut opts = WriteOptions::default();
-        opts.set_sync(self.sync);
+        let cf = self.cf(CF_HINTS);
+        let opts = self.data_write_options();
         self.db.delete_cf_opt(cf, id, &opts).map_err(hint_io)
     }
 
@@ -222,10 +212,7 @@ impl HintBackend for Storage {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
-        let cf = self
-            .db
-            .cf_handle(CF_HINTS)
-            .expect("hints column family exists");
+        let cf = self.cf(CF_HINTS);
         let from = after.unwrap_or(prefix);
         let mut out = Vec::new();
         let iter = self

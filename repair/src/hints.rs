@@ -297,10 +297,7 @@ impl<B: HintBackend> HintBook<B> {
                 // drop it (anti-entropy repairs what it held) and go on.
                 Err(e) => {
                     tracing::warn!(%owner, error = %e, "dropping a corrupt hint");
-                    if self.remove_if(owner, &id[prefix.len()..], |_, _| true)? {
-                        counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "corrupt")
-                            .increment(1);
-                    }
+                    self.drop_counted(owner, &id[prefix.len()..], "corrupt", |_, _| true)?;
                 }
             }
         }
@@ -329,16 +326,23 @@ impl<B: HintBackend> HintBook<B> {
         Ok(removed)
     }
 
+    /// Drops `owner`'s hint for `key` if it still holds `refused`: the owner
+    /// refused it for good (it will never take it), so it is counted and
+    /// left to anti-entropy rather than retried forever.
+    pub fn drop_refused(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        refused: &Clock,
+    ) -> Result<bool, HintError> {
+        self.drop_counted(owner, key, "refused", |clock, _| clock == refused)
+    }
+
     /// Drops `owner`'s hint for `key` if it is past the hint window now.
     pub fn drop_if_expired(&self, owner: &NodeId, key: &[u8]) -> Result<bool, HintError> {
         let now = self.now_ms();
         let ttl = self.config.ttl_ms;
-        let dropped = self.remove_if(owner, key, |_, at| now.saturating_sub(at) > ttl)?;
-        if dropped {
-            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
-                .increment(1);
-        }
-        Ok(dropped)
+        self.drop_counted(owner, key, "expired", |_, at| now.saturating_sub(at) > ttl)
     }
 
     fn remove_if(
@@ -365,18 +369,17 @@ impl<B: HintBackend> HintBook<B> {
         Ok(true)
     }
 
-    /// Drops `owner`'s hint for `key` if it still holds `refused`: the owner
-    /// refused it for good (it will never take it), so it is counted and
-    /// left to anti-entropy rather than retried forever.
-    pub fn drop_refused(
+    /// Removes a hint if `condition` holds, counting it as dropped for `reason`.
+    fn drop_counted(
         &self,
         owner: &NodeId,
         key: &[u8],
-        refused: &Clock,
+        reason: &'static str,
+        condition: impl FnOnce(&Clock, u64) -> bool,
     ) -> Result<bool, HintError> {
-        let dropped = self.remove_if(owner, key, |clock, _| clock == refused)?;
+        let dropped = self.remove_if(owner, key, condition)?;
         if dropped {
-            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "refused")
+            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => reason)
                 .increment(1);
         }
         Ok(dropped)
