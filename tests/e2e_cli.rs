@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -110,11 +109,7 @@ fn help_teaches_and_unknown_flags_exit_2() {
 #[test]
 fn metrics_endpoint_counts_requests() {
     let ip = loopback_for("metrics_endpoint_counts_requests");
-    let metrics_port = {
-        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let metrics = format!("{ip}:{metrics_port}");
+    let metrics = format!("{ip}:{}", free_tcp_port(ip));
     let c = Cluster::start(
         "metrics_endpoint_counts_requests",
         1,
@@ -124,12 +119,7 @@ fn metrics_endpoint_counts_requests() {
     assert_exit(&c.cli(0, &["put", "k", "v", "-w", "1"]), 0);
     let mut body = String::new();
     c.eventually(Duration::from_secs(10), "metrics show the put", || {
-        body.clear();
-        let Ok(mut s) = TcpStream::connect(&metrics) else {
-            return false;
-        };
-        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-        let _ = s.read_to_string(&mut body);
+        body = scrape(&metrics);
         body.contains("ringkv_requests_total")
     });
     assert!(body.contains("op=\"put\""), "{body}");

@@ -158,11 +158,29 @@ fn restart_n5_and_check(c: &mut Cluster, rt: &tokio::runtime::Runtime, owned: &[
     );
 }
 
+/// The sum over `endpoints` of the sample `name{target="n5"}`.
+fn n5_metric(endpoints: &[String], name: &str) -> f64 {
+    endpoints
+        .iter()
+        .map(|e| sample(&scrape(e), &format!("{name}{{target=\"n5\"}}")).unwrap_or(0.0))
+        .sum()
+}
+
 #[test]
 fn writes_for_a_dead_node_are_hinted_and_handed_off_when_it_returns() {
-    let mut c = Cluster::start("hinted_handoff_basic", 5, 3, &[]);
+    let ports: std::sync::Mutex<Vec<String>> = Default::default();
+    let mut c = Cluster::start_each("hinted_handoff_basic", 5, 3, |_, ip| {
+        let metrics = format!("{ip}:{}", free_tcp_port(ip));
+        ports.lock().unwrap().push(metrics.clone());
+        vec!["--metrics".to_string(), metrics]
+    });
+    // n1..n4: the nodes that will hold hints for n5.
+    let endpoints: Vec<String> = ports.lock().unwrap()[..4].to_vec();
     let rt = runtime();
     let owned = kill_n5_and_write(&mut c, &rt);
+    let n5_owns = owned.len() as f64;
+    assert_eq!(n5_metric(&endpoints, "ringkv_hints_pending"), n5_owns);
+    assert_eq!(n5_metric(&endpoints, "ringkv_hints_stored_total"), n5_owns);
 
     // The fallbacks hold the writes as hints, not as their own data.
     let fallback_of_first =
@@ -171,6 +189,11 @@ fn writes_for_a_dead_node_are_hinted_and_handed_off_when_it_returns() {
     assert_exit(&c.cli(i, &["get", &key(owned[0]), "--local"]), 1);
 
     restart_n5_and_check(&mut c, &rt, &owned);
+    assert_eq!(n5_metric(&endpoints, "ringkv_hints_pending"), 0.0);
+    assert_eq!(
+        n5_metric(&endpoints, "ringkv_hints_delivered_total"),
+        n5_owns
+    );
 }
 
 #[test]

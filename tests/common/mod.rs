@@ -76,6 +76,18 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `count` nodes `n1..`, N=`replicas`, each given `extra` flags.
     pub fn start(test: &str, count: usize, replicas: usize, extra: &[&str]) -> Cluster {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Cluster::start_each(test, count, replicas, |_, _| extra.clone())
+    }
+
+    /// Like [`start`](Self::start), with flags per node: `extra(i, ip)` for
+    /// node `i` (0-based) on loopback address `ip`.
+    pub fn start_each(
+        test: &str,
+        count: usize,
+        replicas: usize,
+        extra: impl Fn(usize, Ipv4Addr) -> Vec<String>,
+    ) -> Cluster {
         let lock = ONE_CLUSTER_AT_A_TIME
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -88,7 +100,7 @@ impl Cluster {
         };
         for i in 1..=count {
             let id = format!("n{i}");
-            let mut node_extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            let mut node_extra = extra(i - 1, ip);
             node_extra.extend(["--replicas".to_string(), replicas.to_string()]);
             let node = NodeProc {
                 addr: SocketAddr::from((ip, free_port(ip))),
@@ -233,6 +245,33 @@ impl Cluster {
     pub fn eventually(&self, deadline: Duration, what: &str, check: impl FnMut() -> bool) {
         eventually(deadline, what, check)
     }
+}
+
+/// The Prometheus text a `--metrics` endpoint serves, or "" if it cannot
+/// be reached.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut body = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        let _ = s.read_to_string(&mut body);
+    }
+    body
+}
+
+/// The value of the sample `name{labels}` in Prometheus text, if present.
+pub fn sample(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+/// A free TCP port on `ip`.
+pub fn free_tcp_port(ip: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` every 50 ms until it holds; fails the test after `deadline`.
