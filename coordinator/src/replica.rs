@@ -15,6 +15,7 @@ use ringkv_core::wire::CLOCK_MAX_BYTES;
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
 use ringkv_core::NodeId;
 use ringkv_repair::hints::{HintError, HintStore};
+use ringkv_repair::trees::ChangeObserver;
 
 /// Number of lock stripes. More stripes, less false sharing between keys;
 /// each is one word of memory.
@@ -87,6 +88,8 @@ pub struct ReplicaService<S> {
     max_siblings: usize,
     /// Where hinted writes for other nodes go; `None` refuses them (`--no-hints`).
     hints: Option<Arc<dyn HintStore>>,
+    /// Told of every stored change, under the key's lock (the anti-entropy trees).
+    observer: Option<Arc<dyn ChangeObserver>>,
 }
 
 impl<S: Store> ReplicaService<S> {
@@ -97,7 +100,15 @@ impl<S: Store> ReplicaService<S> {
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             max_siblings,
             hints: None,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` of every change to a stored key, with the old and
+    /// new versions, in the order the changes are stored.
+    pub fn with_observer(mut self, observer: Arc<dyn ChangeObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Accepts hinted writes for other nodes into `hints`.
@@ -123,7 +134,10 @@ impl<S: Store> ReplicaService<S> {
         payload: Payload,
     ) -> Result<Clock, ReplicaError> {
         let _guard = self.lock(key);
-        let mut clock = self.store.get(key)?.unwrap_or_default();
+        let current = self.store.get(key)?;
+        // Only an observer needs the old version once the new one exists.
+        let old = self.observer.as_ref().and(current.clone());
+        let mut clock = current.unwrap_or_default();
         // This node holds every dot it minted for the key (it writes its own
         // dots first, and a node that may have lost some runs as a new
         // actor), so a context claiming more of our writes is not a context
@@ -158,6 +172,9 @@ impl<S: Store> ReplicaService<S> {
             });
         }
         self.store.put(key, &clock)?;
+        if let Some(observer) = &self.observer {
+            observer.changed(key, old.as_ref(), &clock);
+        }
         Ok(clock)
     }
 
@@ -171,6 +188,9 @@ impl<S: Store> ReplicaService<S> {
             return Ok(false);
         }
         self.store.put(key, &merged)?;
+        if let Some(observer) = &self.observer {
+            observer.changed(key, current.as_ref(), &merged);
+        }
         Ok(true)
     }
 
@@ -349,6 +369,46 @@ mod tests {
             "{result:?}"
         );
         assert!(s.read(b"k").unwrap().unwrap().approx_size() <= CLOCK_MAX_BYTES);
+    }
+
+    /// Records what it is told.
+    #[derive(Default)]
+    struct Changes(Mutex<Vec<(Vec<u8>, Option<Clock>, Clock)>>);
+
+    impl ChangeObserver for Changes {
+        fn changed(&self, key: &[u8], old: Option<&Clock>, new: &Clock) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((key.to_vec(), old.cloned(), new.clone()));
+        }
+    }
+
+    #[test]
+    fn the_observer_sees_every_stored_change_and_nothing_else() {
+        let changes = Arc::new(Changes::default());
+        let a = service(10).with_observer(changes.clone());
+        let first = a
+            .update(b"k", &VersionVector::new(), Payload::Value(b"1".to_vec()))
+            .unwrap();
+        let second = a
+            .update(b"k", &first.context(), Payload::Value(b"2".to_vec()))
+            .unwrap();
+        assert!(!a.sync(b"k", &first).unwrap(), "already known: no change");
+        let _ = a.update(
+            b"k",
+            &VersionVector::from_pairs([(NodeId::new("a").unwrap(), 99)]),
+            Payload::Tombstone,
+        );
+        let seen = changes.0.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [
+                (b"k".to_vec(), None, first.clone()),
+                (b"k".to_vec(), Some(first), second),
+            ],
+            "refused writes and no-op merges are not changes"
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //!   repairs them.
 //! - [`hints`]: the hints a fallback holds for owners that were down.
 //! - [`handoff`]: the worker that hands hints back to their owners.
-//! - [`merkle`]: the hash tree and its diff. Not yet kept by nodes or
-//!   exchanged between them; that is the anti-entropy issue's next step.
+//! - [`merkle`]: the hash tree and its diff.
+//! - [`trees`]: a replica's per-peer trees, kept current by every stored
+//!   change. Not yet created by nodes or exchanged between them; that is
+//!   the anti-entropy issue's next step.
 //!
 //! Like `coordinator`, this crate decides in plain code and acts only through
 //! the `Transport` trait; the node wires it to QUIC and RocksDB. Every
@@ -17,6 +19,7 @@ pub mod handoff;
 pub mod hints;
 pub mod merkle;
 pub mod read_repair;
+pub mod trees;
 
 pub use hints::{HintBook, HintError, HintStore};
 pub use read_repair::{stale_replicas, ReadRepairQueue, RepairJob};
