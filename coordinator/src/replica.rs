@@ -371,9 +371,12 @@ mod tests {
         assert!(s.read(b"k").unwrap().unwrap().approx_size() <= CLOCK_MAX_BYTES);
     }
 
+    /// One change as an observer is told it: key, old and new version.
+    type Change = (Vec<u8>, Option<Clock>, Clock);
+
     /// Records what it is told.
     #[derive(Default)]
-    struct Changes(Mutex<Vec<(Vec<u8>, Option<Clock>, Clock)>>);
+    struct Changes(Mutex<Vec<Change>>);
 
     impl ChangeObserver for Changes {
         fn changed(&self, key: &[u8], old: Option<&Clock>, new: &Clock) {
