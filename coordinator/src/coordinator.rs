@@ -92,6 +92,8 @@ pub struct Coordinator<T> {
     read_repair: Option<ReadRepairQueue>,
     /// Told every replica's outcome, so requests double as failure probes.
     detector: Option<Arc<FailureDetector>>,
+    /// Bounds the tasks that place hints after a write's quorum.
+    late_hint_tasks: Arc<tokio::sync::Semaphore>,
 }
 
 impl<T: Transport> Coordinator<T> {
@@ -122,6 +124,7 @@ impl<T: Transport> Coordinator<T> {
             config,
             read_repair: None,
             detector: None,
+            late_hint_tasks: Arc::new(tokio::sync::Semaphore::new(LATE_HINT_TASKS_MAX)),
         }
     }
 
@@ -514,8 +517,8 @@ impl<T: Transport> Coordinator<T> {
     ///
     /// A node that fails (unreachable, or an error other than a refusal of
     /// the request itself) and leaves its slot uncovered gets a stand-in
-    /// from `stand_ins`; so do owners that have not answered at all by
-    /// `stand_ins.after`. Each send runs in its own task, bounded by the
+    /// from `stand_ins`; for writes (`replace_silent`), so do owners that
+    /// have not answered at all by `stand_ins.after`. Each send runs in its own task, bounded by the
     /// deadline, so sends still running when the quorum is decided still
     /// reach their nodes. Returns the answers still to come, for callers
     /// that want them, and the fallbacks not used.
@@ -606,8 +609,11 @@ impl<T: Transport> Coordinator<T> {
     /// After a write's quorum: a replica that then fails (or never answers
     /// by the deadline) still gets a stand-in holding a hint, so a node that
     /// died before anyone noticed still receives the write by handoff. Runs
-    /// in a task that ends when the last send of the write has (at most at
-    /// the deadline); each hint it sends is bounded by [`LATE_HINT_TIMEOUT`].
+    /// in a task that ends once the write's last send has answered (at the
+    /// deadline at most) and its hints are placed: fallbacks are tried in
+    /// turn, each for at most [`LATE_HINT_TIMEOUT`]. At most
+    /// [`LATE_HINT_TASKS_MAX`] such tasks run at once; past that a write
+    /// skips them (counted), leaving the replica to read repair.
     fn hint_late_failures(
         &self,
         mut late: LateReplies,
@@ -616,54 +622,75 @@ impl<T: Transport> Coordinator<T> {
         key: Vec<u8>,
         clock: Clock,
     ) {
+        let Ok(permit) = self.late_hint_tasks.clone().try_acquire_owned() else {
+            counter!("ringkv_late_hint_tasks_skipped_total").increment(1);
+            return;
+        };
         let transport = self.transport.clone();
         let detector = self.detector.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             while let Some((node, result, latency_us)) = late.recv().await {
                 if let (Some(detector), Ok(outcome)) = (&detector, &result) {
                     detector.record(&node, outcome.is_ok(), Instant::now());
                 }
-                let failed = match &result {
-                    Err(_) | Ok(Err(_)) => true,
-                    Ok(Ok(Response::Error(e))) => e.kind != ErrorKind::InvalidRequest,
-                    Ok(Ok(_)) => false,
+                let (answer, replaceable) = match &result {
+                    Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
+                    Ok(Ok(Response::Error(e))) => (
+                        ReplicaAnswer::Error {
+                            latency_us,
+                            reason: e.message.clone(),
+                        },
+                        e.kind != ErrorKind::InvalidRequest,
+                    ),
+                    Ok(Ok(other)) => (
+                        ReplicaAnswer::Error {
+                            latency_us,
+                            reason: format!("unexpected reply {other:?}"),
+                        },
+                        true,
+                    ),
+                    Err(_) | Ok(Err(_)) => (
+                        ReplicaAnswer::Error {
+                            latency_us,
+                            reason: "failed after the quorum".to_string(),
+                        },
+                        true,
+                    ),
                 };
-                if !failed {
-                    tracker.record(&node, ReplicaAnswer::Ok { latency_us });
-                    continue;
-                }
                 let owner = tracker.owner_of(&node).cloned();
-                if let Some(owner) = owner {
+                if let (true, Some(owner)) = (replaceable, owner) {
                     if tracker.slot_uncovered_without(&owner, &node, true) {
+                        let hint = Request::Replica(ReplicaRequest::Hint {
+                            owner: owner.clone(),
+                            key: key.clone(),
+                            clock: clock.clone(),
+                        });
                         while let Some(candidate) = candidates.pop_front() {
                             if !tracker.add_stand_in(&owner, candidate.clone()) {
                                 continue;
                             }
                             counter!("ringkv_late_stand_ins_total").increment(1);
-                            let request = Request::Replica(ReplicaRequest::Hint {
-                                owner: owner.clone(),
-                                key: key.clone(),
-                                clock: clock.clone(),
-                            });
-                            let transport = transport.clone();
-                            tokio::spawn(async move {
-                                let _ = tokio::time::timeout(
-                                    LATE_HINT_TIMEOUT,
-                                    transport.call(&candidate, request),
-                                )
-                                .await;
-                            });
-                            break;
+                            let sent = tokio::time::timeout(
+                                LATE_HINT_TIMEOUT,
+                                transport.call(&candidate, hint.clone()),
+                            )
+                            .await;
+                            if matches!(sent, Ok(Ok(Response::Clock(_)))) {
+                                tracker.record(&candidate, ReplicaAnswer::Ok { latency_us });
+                                break;
+                            }
+                            tracker.record(
+                                &candidate,
+                                ReplicaAnswer::Error {
+                                    latency_us,
+                                    reason: "late hint failed".to_string(),
+                                },
+                            );
                         }
                     }
                 }
-                tracker.record(
-                    &node,
-                    ReplicaAnswer::Error {
-                        latency_us,
-                        reason: "failed after the quorum".to_string(),
-                    },
-                );
+                tracker.record(&node, answer);
             }
         });
     }
@@ -798,6 +825,9 @@ const STAND_IN_AFTER_MAX: Duration = Duration::from_millis(500);
 
 /// How long a hint sent after a write's quorum may take.
 const LATE_HINT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Writes whose late answers may be watched at once for late hints.
+const LATE_HINT_TASKS_MAX: usize = 1024;
 
 /// How long a read keeps listening for answers after its quorum, so that
 /// slower replicas can be judged for read repair.

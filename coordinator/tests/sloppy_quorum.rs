@@ -183,6 +183,19 @@ async fn a_replica_that_fails_after_the_quorum_still_gets_a_hint() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_late_hint_refused_by_one_fallback_goes_to_the_next() {
+    let s = story(SimOptions::default());
+    let dead = &s.owners[2];
+    s.c.net.down(&s.id(dead));
+    s.c.node(&s.fallbacks[0]).refuse_hints();
+    let put = s.c.put(&s.owners[0], KEY, "v", Quorum, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(s.hint(&s.fallbacks[0], dead), None);
+    assert_eq!(s.hint(&s.fallbacks[1], dead), Some(vec!["v".to_string()]));
+}
+
+#[tokio::test(start_paused = true)]
 async fn reads_wait_for_a_slow_replica_rather_than_ask_a_fallback() {
     let s = story(SimOptions::default());
     let coordinator = &s.owners[0];

@@ -216,9 +216,11 @@ impl NodeInner {
             Request::Replica(ReplicaRequest::Hint { owner, .. })
                 if self.membership.addr_of(&owner).is_none() =>
             {
+                // Unavailable, not invalid: this node may just not have
+                // learned of a new member yet; the coordinator tries another.
                 Response::error(
-                    ErrorKind::InvalidRequest,
-                    format!("{owner} is not a member of this cluster; no hint is kept for it"),
+                    ErrorKind::Unavailable,
+                    format!("{owner} is not a member of this cluster as {} knows it; no hint is kept for it", self.id),
                 )
             }
             Request::Replica(r) => self.local.handle(r).await,

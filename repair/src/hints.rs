@@ -297,7 +297,11 @@ impl<B: HintBackend> HintBook<B> {
                 // drop it (anti-entropy repairs what it held) and go on.
                 Err(e) => {
                     tracing::warn!(%owner, error = %e, "dropping a corrupt hint");
-                    self.drop_counted(owner, &id[prefix.len()..], "corrupt", |_, _| true)?;
+                    // Only if it is still corrupt: a valid hint may have
+                    // replaced it since the scan.
+                    self.drop_counted(owner, &id[prefix.len()..], "corrupt", |held| {
+                        held.is_none()
+                    })?;
                 }
             }
         }
@@ -319,7 +323,9 @@ impl<B: HintBackend> HintBook<B> {
         key: &[u8],
         delivered: &Clock,
     ) -> Result<bool, HintError> {
-        let removed = self.remove_if(owner, key, |clock, _| clock == delivered)?;
+        let removed = self.remove_if(owner, key, |held| {
+            held.is_some_and(|(clock, _)| clock == delivered)
+        })?;
         if removed {
             counter!("ringkv_hints_delivered_total", "target" => owner.to_string()).increment(1);
         }
@@ -335,33 +341,38 @@ impl<B: HintBackend> HintBook<B> {
         key: &[u8],
         refused: &Clock,
     ) -> Result<bool, HintError> {
-        self.drop_counted(owner, key, "refused", |clock, _| clock == refused)
+        self.drop_counted(owner, key, "refused", |held| {
+            held.is_some_and(|(clock, _)| clock == refused)
+        })
     }
 
     /// Drops `owner`'s hint for `key` if it is past the hint window now.
     pub fn drop_if_expired(&self, owner: &NodeId, key: &[u8]) -> Result<bool, HintError> {
         let now = self.now_ms();
         let ttl = self.config.ttl_ms;
-        self.drop_counted(owner, key, "expired", |_, at| now.saturating_sub(at) > ttl)
+        self.drop_counted(owner, key, "expired", |held| {
+            held.is_some_and(|(_, at)| now.saturating_sub(at) > ttl)
+        })
     }
 
+    /// Removes the hint if `condition` holds for what is stored now: the
+    /// clock and its time, or `None` for a record that does not decode.
     fn remove_if(
         &self,
         owner: &NodeId,
         key: &[u8],
-        condition: impl FnOnce(&Clock, u64) -> bool,
+        condition: impl FnOnce(Option<(&Clock, u64)>) -> bool,
     ) -> Result<bool, HintError> {
         let id = entry_id(owner, key);
         let _guard = self.lock(&id);
         let Some(value) = self.backend.get(&id)? else {
             return Ok(false);
         };
-        let keep = match decode_hint(&value) {
-            Ok((clock, at)) => !condition(&clock, at),
-            // Only an unconditional removal (see `batch`) removes a corrupt record.
-            Err(_) => !condition(&Clock::new(), u64::MAX),
+        let remove = match decode_hint(&value) {
+            Ok((clock, at)) => condition(Some((&clock, at))),
+            Err(_) => condition(None),
         };
-        if keep {
+        if !remove {
             return Ok(false);
         }
         self.backend.delete(&id)?;
@@ -375,7 +386,7 @@ impl<B: HintBackend> HintBook<B> {
         owner: &NodeId,
         key: &[u8],
         reason: &'static str,
-        condition: impl FnOnce(&Clock, u64) -> bool,
+        condition: impl FnOnce(Option<(&Clock, u64)>) -> bool,
     ) -> Result<bool, HintError> {
         let dropped = self.remove_if(owner, key, condition)?;
         if dropped {

@@ -43,17 +43,23 @@ pub trait ChangeObserver: Send + Sync {
 pub struct ReplicaTrees {
     me: NodeId,
     leaf_bits: u32,
+    /// Held shared by every change and exclusively by a rebuild, so no
+    /// change lands in trees a rebuild is about to replace.
+    rebuild_lock: RwLock<()>,
     ring: RwLock<Arc<Ring>>,
     trees: RwLock<HashMap<NodeId, Mutex<MerkleTree>>>,
 }
 
 impl ReplicaTrees {
-    /// Empty trees for `me`'s peers on `ring`.
+    /// Empty trees for `me`'s peers on `ring`: right only for an empty
+    /// store. A node with data must [`rebuild`](Self::rebuild) from it
+    /// before the first change is reported.
     pub fn new(me: NodeId, ring: Arc<Ring>, leaf_bits: u32) -> Result<Self, MerkleError> {
         MerkleTree::new(leaf_bits)?;
         let trees = ReplicaTrees {
             me,
             leaf_bits,
+            rebuild_lock: RwLock::new(()),
             ring: RwLock::new(ring.clone()),
             trees: RwLock::new(HashMap::new()),
         };
@@ -73,7 +79,13 @@ impl ReplicaTrees {
 
     /// Replaces the ring and rebuilds every tree from `items`, the store's
     /// whole content. Keys this node does not replicate are skipped.
+    ///
+    /// Changes reported meanwhile wait for the rebuild (so none lands in
+    /// trees about to be replaced), which blocks writes for its duration;
+    /// the scan must not itself wait on the store's key locks. A rebuild
+    /// that lets writes through (log and replay) comes with the node wiring.
     pub fn rebuild(&self, ring: Arc<Ring>, items: impl Iterator<Item = (Vec<u8>, Clock)>) {
+        let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
         let mut fresh: HashMap<NodeId, MerkleTree> = HashMap::new();
         for (key, clock) in items {
@@ -103,6 +115,7 @@ impl ReplicaTrees {
 
 impl ChangeObserver for ReplicaTrees {
     fn changed(&self, key: &[u8], old: Option<&Clock>, new: &Clock) {
+        let _shared = self.rebuild_lock.read().unwrap_or_else(|p| p.into_inner());
         let peers = self.sharing(key);
         if peers.is_empty() {
             return;
