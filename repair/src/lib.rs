@@ -23,3 +23,25 @@ pub mod trees;
 
 pub use hints::{HintBook, HintError, HintStore};
 pub use read_repair::{stale_replicas, ReadRepairQueue, RepairJob};
+
+/// Helpers the crate's unit tests share.
+#[cfg(test)]
+mod test_support {
+    use ringkv_core::dvv::{Clock, Payload, VersionVector};
+    use ringkv_core::NodeId;
+
+    pub fn n(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    /// A clock holding one write of `value` by `actor`.
+    pub fn write(actor: &str, value: &str) -> Clock {
+        let mut c = Clock::new();
+        c.update(
+            &VersionVector::new(),
+            Payload::Value(value.as_bytes().to_vec()),
+            &n(actor),
+        );
+        c
+    }
+}

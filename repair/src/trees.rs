@@ -152,21 +152,7 @@ impl ChangeObserver for ReplicaTrees {
 mod tests {
     use super::*;
     use crate::merkle::leaf_of;
-    use ringkv_core::dvv::{Payload, VersionVector};
-
-    fn n(s: &str) -> NodeId {
-        NodeId::new(s).unwrap()
-    }
-
-    fn write(actor: &str, value: &str) -> Clock {
-        let mut c = Clock::new();
-        c.update(
-            &VersionVector::new(),
-            Payload::Value(value.as_bytes().to_vec()),
-            &n(actor),
-        );
-        c
-    }
+    use crate::test_support::{n, write};
 
     fn ring(nodes: usize) -> Arc<Ring> {
         Arc::new(Ring::new((1..=nodes).map(|i| (n(&format!("n{i}")), 16)), 3).unwrap())

@@ -1,24 +1,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use ringkv_core::dvv::{Payload, VersionVector};
 
 use super::*;
-
-fn n(s: &str) -> NodeId {
-    NodeId::new(s).unwrap()
-}
-
-/// A clock holding one write of `value` by `actor`.
-fn write(actor: &str, value: &str) -> Clock {
-    let mut c = Clock::new();
-    c.update(
-        &VersionVector::new(),
-        Payload::Value(value.as_bytes().to_vec()),
-        &n(actor),
-    );
-    c
-}
+use crate::test_support::{n, write};
 
 struct Fixture {
     book: HintBook<Arc<MemHintBackend>>,
