@@ -245,7 +245,14 @@ impl<T: Transport> Coordinator<T> {
             replace_silent: true,
             after: stand_in_after(start, deadline),
         };
-        let targets = self.plan(&pref.replicas, &sync, &mut stand_ins, &mut tracker);
+        // The coordinator's own write is already done.
+        let others: Vec<NodeId> = pref
+            .replicas
+            .iter()
+            .filter(|n| **n != self.id)
+            .cloned()
+            .collect();
+        let targets = self.plan(&others, &sync, &mut stand_ins, &mut tracker);
         let (late, candidates) = self
             .fan_out(
                 targets,
@@ -477,10 +484,10 @@ impl<T: Transport> Coordinator<T> {
             .collect()
     }
 
-    /// Chooses who first gets `request`: every preference-list node except
-    /// this one, but a node believed down is replaced up front by a stand-in
-    /// (when stand-ins are allowed and one is left). The tracker learns of
-    /// stand-ins before the owner's slot is marked as not contacted.
+    /// Chooses who first gets `request`: each of `replicas`, except that a
+    /// node believed down is replaced up front by a stand-in (when stand-ins
+    /// are allowed and one is left). The tracker learns of stand-ins before
+    /// the owner's slot is marked as not contacted.
     fn plan(
         &self,
         replicas: &[NodeId],
@@ -490,10 +497,6 @@ impl<T: Transport> Coordinator<T> {
     ) -> Vec<(NodeId, Request)> {
         let mut targets = Vec::with_capacity(replicas.len());
         for owner in replicas {
-            if *owner == self.id && matches!(request, Request::Replica(ReplicaRequest::Sync { .. }))
-            {
-                continue; // the coordinator's own write is already done
-            }
             if !self.is_healthy(owner) {
                 if let Some(send) = stand_ins.next_for(owner, tracker) {
                     tracker.record(
@@ -569,9 +572,7 @@ impl<T: Transport> Coordinator<T> {
                         Err(_elapsed) => (ReplicaAnswer::Timeout { latency_us }, false),
                         Ok(Err(e)) => (ReplicaAnswer::Error { latency_us, reason: transport_reason(&e) }, true),
                         Ok(Ok(response)) => {
-                            // A refusal of the request itself would be refused
-                            // by a stand-in too.
-                            let replaceable = !matches!(&response, Response::Error(e) if e.kind == ErrorKind::InvalidRequest);
+                            let replaceable = !is_final_refusal(&response);
                             match on_reply(&node, response) {
                                 Ok(()) => (ReplicaAnswer::Ok { latency_us }, false),
                                 Err(reason) => (ReplicaAnswer::Error { latency_us, reason }, replaceable),
@@ -636,12 +637,12 @@ impl<T: Transport> Coordinator<T> {
                 }
                 let (answer, replaceable) = match &result {
                     Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
-                    Ok(Ok(Response::Error(e))) => (
+                    Ok(Ok(response @ Response::Error(e))) => (
                         ReplicaAnswer::Error {
                             latency_us,
                             reason: e.message.clone(),
                         },
-                        e.kind != ErrorKind::InvalidRequest,
+                        !is_final_refusal(response),
                     ),
                     Ok(Ok(other)) => (
                         ReplicaAnswer::Error {
@@ -864,6 +865,12 @@ fn transport_reason(e: &TransportError) -> String {
         TransportError::UnknownNode { .. } => "not a known member".to_string(),
         TransportError::Protocol { reason, .. } => format!("protocol error: {reason}"),
     }
+}
+
+/// A refusal of the request itself: a stand-in would refuse it too, so it
+/// is not worth asking one.
+fn is_final_refusal(response: &Response) -> bool {
+    matches!(response, Response::Error(e) if e.kind == ErrorKind::InvalidRequest)
 }
 
 fn reply_error(response: Response) -> String {

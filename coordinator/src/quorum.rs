@@ -87,12 +87,7 @@ impl QuorumTracker {
         if self.expired || self.entries.iter().any(|e| e.node == stand_in) {
             return false;
         }
-        let Some(slot) = self
-            .entries
-            .iter()
-            .find(|e| e.node == *owner && e.hint_for.is_none())
-            .map(|e| e.slot)
-        else {
+        let Some(slot) = self.slot_of_owner(owner) else {
             return false;
         };
         self.entries.push(Entry {
