@@ -15,7 +15,9 @@ use ringkv_core::wire::CLOCK_MAX_BYTES;
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
 use ringkv_core::NodeId;
 use ringkv_repair::hints::{HintError, HintStore};
-use ringkv_repair::trees::ChangeObserver;
+use ringkv_repair::anti_entropy::LeafSource;
+use ringkv_repair::merkle::leaf_of;
+use ringkv_repair::trees::{version_digest, ChangeObserver};
 
 /// Number of lock stripes. More stripes, less false sharing between keys;
 /// each is one word of memory.
@@ -29,6 +31,8 @@ pub const DEFAULT_MAX_SIBLINGS: usize = 100;
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError>;
     fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError>;
+    /// Removes the key (a collected tombstone), durably like `put`.
+    fn delete(&self, key: &[u8]) -> Result<(), StoreError>;
 }
 
 impl<S: Store> Store for std::sync::Arc<S> {
@@ -37,6 +41,9 @@ impl<S: Store> Store for std::sync::Arc<S> {
     }
     fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
         (**self).put(key, clock)
+    }
+    fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
+        (**self).delete(key)
     }
 }
 
@@ -171,9 +178,10 @@ impl<S: Store> ReplicaService<S> {
                 limit: CLOCK_MAX_BYTES,
             });
         }
+        let _change = self.observer.as_ref().map(|o| o.begin_change());
         self.store.put(key, &clock)?;
         if let Some(observer) = &self.observer {
-            observer.changed(key, old.as_ref(), &clock);
+            observer.changed(key, old.as_ref(), Some(&clock));
         }
         Ok(clock)
     }
@@ -187,9 +195,27 @@ impl<S: Store> ReplicaService<S> {
         if current.as_ref() == Some(&merged) {
             return Ok(false);
         }
+        let _change = self.observer.as_ref().map(|o| o.begin_change());
         self.store.put(key, &merged)?;
         if let Some(observer) = &self.observer {
-            observer.changed(key, current.as_ref(), &merged);
+            observer.changed(key, current.as_ref(), Some(&merged));
+        }
+        Ok(true)
+    }
+
+    /// Removes `key` if it still holds exactly `expected` (a tombstone that
+    /// every replica was seen to hold; see `ringkv_repair::tombstones`).
+    /// Returns whether it was removed: a write since the check keeps it.
+    pub fn collect_tombstone(&self, key: &[u8], expected: &Clock) -> Result<bool, ReplicaError> {
+        let _lock = self.lock(key);
+        let current = self.store.get(key)?;
+        if current.as_ref() != Some(expected) {
+            return Ok(false);
+        }
+        let _change = self.observer.as_ref().map(|o| o.begin_change());
+        self.store.delete(key)?;
+        if let Some(observer) = &self.observer {
+            observer.changed(key, current.as_ref(), None);
         }
         Ok(true)
     }
@@ -243,6 +269,12 @@ impl<S: Store> ReplicaService<S> {
             ReplicaRequest::Hint { owner, key, clock } => {
                 self.hint(&owner, &key, &clock).map(|()| None)
             }
+            ReplicaRequest::TreeHashes { .. } | ReplicaRequest::LeafItems { .. } => {
+                return Response::error(
+                    ErrorKind::Unavailable,
+                    format!("{} does not take part in anti-entropy", self.id),
+                )
+            }
         };
         match result {
             Ok(clock) => Response::Clock(clock),
@@ -280,6 +312,32 @@ impl Store for MemStore {
     fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
         self.map.insert(key.to_vec(), clock.clone());
         Ok(())
+    }
+    fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.map.remove(key);
+        Ok(())
+    }
+}
+
+impl MemStore {
+    /// Every stored key and its clock (for tree rebuilds in tests).
+    pub fn items(&self) -> Vec<(Vec<u8>, Clock)> {
+        self.map
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+}
+
+/// Lists a leaf by scanning every key: fine for the simulator's few keys.
+impl LeafSource for MemStore {
+    fn leaf_items(&self, leaf: usize, leaf_bits: u32) -> Result<Vec<(Vec<u8>, u64)>, String> {
+        Ok(self
+            .map
+            .iter()
+            .filter(|e| leaf_of(e.key(), leaf_bits) == leaf)
+            .map(|e| (e.key().clone(), version_digest(e.value())))
+            .collect())
     }
 }
 
@@ -372,18 +430,18 @@ mod tests {
     }
 
     /// One change as an observer is told it: key, old and new version.
-    type Change = (Vec<u8>, Option<Clock>, Clock);
+    type Change = (Vec<u8>, Option<Clock>, Option<Clock>);
 
     /// Records what it is told.
     #[derive(Default)]
     struct Changes(Mutex<Vec<Change>>);
 
     impl ChangeObserver for Changes {
-        fn changed(&self, key: &[u8], old: Option<&Clock>, new: &Clock) {
+        fn changed(&self, key: &[u8], old: Option<&Clock>, new: Option<&Clock>) {
             self.0
                 .lock()
                 .unwrap()
-                .push((key.to_vec(), old.cloned(), new.clone()));
+                .push((key.to_vec(), old.cloned(), new.cloned()));
         }
     }
 
@@ -403,12 +461,23 @@ mod tests {
             &VersionVector::from_pairs([(NodeId::new("a").unwrap(), 99)]),
             Payload::Tombstone,
         );
+        let deleted = a
+            .update(b"k", &second.context(), Payload::Tombstone)
+            .unwrap();
+        assert!(
+            !a.collect_tombstone(b"k", &second).unwrap(),
+            "not the current version: kept"
+        );
+        assert!(a.collect_tombstone(b"k", &deleted).unwrap());
+        assert_eq!(a.read(b"k").unwrap(), None);
         let seen = changes.0.lock().unwrap().clone();
         assert_eq!(
             seen,
             [
-                (b"k".to_vec(), None, first.clone()),
-                (b"k".to_vec(), Some(first), second),
+                (b"k".to_vec(), None, Some(first.clone())),
+                (b"k".to_vec(), Some(first), Some(second.clone())),
+                (b"k".to_vec(), Some(second), Some(deleted.clone())),
+                (b"k".to_vec(), Some(deleted), None),
             ],
             "refused writes and no-op merges are not changes"
         );

@@ -24,7 +24,9 @@ use ringkv_ring::Ring;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::failure::{probe_round, DetectorConfig, FailureDetector};
 use crate::replica::{MemStore, ReplicaService};
+use ringkv_repair::anti_entropy::{AntiEntropy, AntiEntropyConfig};
 use ringkv_repair::handoff::{self, HandoffConfig};
+use ringkv_repair::trees::ReplicaTrees;
 use ringkv_repair::hints::{HintBook, HintConfig, HintError, MemHintBackend, WallClock};
 use ringkv_repair::read_repair::{ReadRepairQueue, DEFAULT_QUEUE_CAPACITY};
 
@@ -179,6 +181,11 @@ fn label(request: &Request) -> String {
             ..
         }) => format!("Read for {owner}"),
         Request::Replica(ReplicaRequest::Hint { owner, .. }) => format!("Hint for {owner}"),
+        Request::Replica(ReplicaRequest::TreeHashes { level, .. }) => {
+            format!("TreeHashes level {level}")
+        }
+        Request::Replica(ReplicaRequest::LeafItems { .. }) => "LeafItems".into(),
+        Request::Repair => "Repair".into(),
     }
 }
 
@@ -215,7 +222,8 @@ impl Transport for SimTransport {
 
 /// A simulated node: an in-memory replica, its hints and a coordinator.
 pub struct SimNode {
-    pub replica: Arc<ReplicaService<MemStore>>,
+    pub replica: Arc<ReplicaService<Arc<MemStore>>>,
+    pub anti_entropy: Arc<AntiEntropy<SimTransport>>,
     pub coordinator: Arc<Coordinator<SimTransport>>,
     pub hints: Arc<HintBook<MemHintBackend>>,
     pub detector: Arc<FailureDetector>,
@@ -247,11 +255,21 @@ impl SimHandler for SimNode {
                         HintError::Disabled.to_string(),
                     )
                 }
-                Request::Replica(r) => self.replica.handle(r),
+                Request::Replica(r) => match self.anti_entropy.answer(&r) {
+                    Some(answer) => answer,
+                    None => self.replica.handle(r),
+                },
                 Request::Ping => Response::Pong,
                 Request::Stats => Response::Stats(NodeStats {
                     hints_pending: self.hints.pending_total(),
+                    last_exchange_unix_ms: self.anti_entropy.last_round_unix_ms(),
+                    keys_repaired: self.anti_entropy.keys_repaired(),
                 }),
+                Request::Repair => {
+                    let peers = self.anti_entropy.trees().peers();
+                    let up = self.detector.clone();
+                    Response::Repair(self.anti_entropy.round(&peers, &move |p| up.is_up(p)).await)
+                }
                 other => Response::error(
                     ringkv_core::wire::ErrorKind::InvalidRequest,
                     format!("{} is not simulated", label(&other)),
@@ -297,6 +315,10 @@ impl Default for SimOptions {
         }
     }
 }
+
+/// Simulated nodes keep small trees (256 leaves): their leaf listings scan
+/// every key.
+const SIM_LEAF_BITS: u32 = 8;
 
 /// How often simulated probe loops run.
 const SIM_PROBE_TICK: Duration = Duration::from_millis(250);
@@ -380,11 +402,26 @@ impl SimCluster {
                         shutdown.subscribe(),
                     ));
                 }
+                let store = Arc::new(MemStore::default());
+                let trees = Arc::new(
+                    ReplicaTrees::new(id.clone(), ring.clone(), SIM_LEAF_BITS)
+                        .expect("a valid tree shape"),
+                );
+                trees.rebuild(ring.clone(), std::iter::empty());
+                let anti_entropy = Arc::new(AntiEntropy::new(
+                    trees.clone(),
+                    store.clone(),
+                    transport.clone(),
+                    AntiEntropyConfig::default(),
+                    now_ms.clone(),
+                ));
                 let node = Arc::new(SimNode {
                     replica: Arc::new(
-                        ReplicaService::new(id.clone(), MemStore::default(), options.max_siblings)
-                            .with_hints(hints.clone()),
+                        ReplicaService::new(id.clone(), store, options.max_siblings)
+                            .with_hints(hints.clone())
+                            .with_observer(trees),
                     ),
+                    anti_entropy,
                     coordinator: Arc::new(coordinator),
                     hints,
                     detector,
@@ -462,6 +499,14 @@ impl SimCluster {
                 ..GetRequest::new(key, r)
             })
             .await
+    }
+
+    /// One anti-entropy round run by `node` now, as `ringkv repair` asks it.
+    pub async fn repair(&self, node: &str) -> ringkv_core::wire::RepairReport {
+        match self.node(node).handle(Request::Repair).await {
+            Response::Repair(report) => report,
+            other => panic!("repair on {node} answered {other:?}"),
+        }
     }
 
     /// The values `node` holds locally for `key`, sorted.

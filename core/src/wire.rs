@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/2";
+pub const ALPN: &[u8] = b"ringkv/3";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -42,7 +42,14 @@ pub enum Request {
     Ping,
     /// This node's own counters (hints held, ...), for `status`.
     Stats,
+    /// Run one anti-entropy round against every peer now (`ringkv repair`).
+    Repair,
 }
+
+/// Anti-entropy asks a peer for at most this many tree hashes at once.
+pub const TREE_HASHES_MAX: usize = 4096;
+/// ... and for the keys of at most this many leaves at once.
+pub const LEAVES_PER_REQUEST_MAX: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct PutRequest {
@@ -158,6 +165,29 @@ pub enum ReplicaRequest {
         key: Vec<u8>,
         clock: Clock,
     },
+    /// Anti-entropy descent: the hashes of nodes `indexes` at `level` of the
+    /// Merkle tree this node keeps for `peer` (the keys both hold). Replies
+    /// with `Hashes`, one per index.
+    TreeHashes {
+        peer: NodeId,
+        leaf_bits: u32,
+        level: u32,
+        indexes: Vec<u32>,
+    },
+    /// Anti-entropy listing: every key this node holds with `peer` in these
+    /// leaves, with the digest of its stored version. Replies with `Items`.
+    LeafItems {
+        peer: NodeId,
+        leaf_bits: u32,
+        leaves: Vec<u32>,
+    },
+}
+
+/// A key and the digest of the version a replica stores for it.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct KeyDigest {
+    pub key: Vec<u8>,
+    pub digest: u64,
 }
 
 /// A node's answer.
@@ -170,6 +200,9 @@ pub enum Response {
     Clock(Option<Clock>),
     Pong,
     Stats(NodeStats),
+    Hashes(Vec<u64>),
+    Items(Vec<KeyDigest>),
+    Repair(RepairReport),
     Error(ErrorReply),
 }
 
@@ -178,6 +211,33 @@ pub enum Response {
 pub struct NodeStats {
     /// Hints this node holds for other nodes.
     pub hints_pending: u64,
+    /// When this node last completed an anti-entropy round (ms since the
+    /// Unix epoch); `None` if it has not since it started.
+    pub last_exchange_unix_ms: Option<u64>,
+    /// Keys anti-entropy has repaired since the node started.
+    pub keys_repaired: u64,
+}
+
+/// What one anti-entropy round did (`ringkv repair`).
+#[derive(Debug, Clone, PartialEq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RepairReport {
+    /// Peers the round tried to compare with.
+    pub peers: u32,
+    /// Keys covered by the trees compared (both sides' shared keys).
+    pub keys_compared: u64,
+    /// Keys whose versions differed and were merged on one side or both.
+    pub keys_repaired: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    /// Peers the round could not finish with, and why.
+    pub failures: Vec<PeerFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct PeerFailure {
+    pub peer: NodeId,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -389,7 +449,7 @@ impl Request {
         match self {
             Request::Put(p) => validate_key(&p.key),
             Request::Get(g) => validate_key(&g.key),
-            Request::Status | Request::Ping | Request::Stats => Ok(()),
+            Request::Status | Request::Ping | Request::Stats | Request::Repair => Ok(()),
             Request::Join(j) => {
                 if j.replicas == Some(0) {
                     return Err(InvalidInput::new("join request has replicas = 0"));
@@ -413,6 +473,26 @@ impl Request {
                 validate_key(key)?;
                 validate_clock(clock)
             }
+            Request::Replica(ReplicaRequest::TreeHashes { peer, indexes, .. }) => {
+                validate_node_id(peer)?;
+                if indexes.len() > TREE_HASHES_MAX {
+                    return Err(InvalidInput::new(format!(
+                        "asks for {} tree hashes; the limit is {TREE_HASHES_MAX}",
+                        indexes.len()
+                    )));
+                }
+                Ok(())
+            }
+            Request::Replica(ReplicaRequest::LeafItems { peer, leaves, .. }) => {
+                validate_node_id(peer)?;
+                if leaves.len() > LEAVES_PER_REQUEST_MAX {
+                    return Err(InvalidInput::new(format!(
+                        "asks for {} leaves; the limit is {LEAVES_PER_REQUEST_MAX}",
+                        leaves.len()
+                    )));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -422,6 +502,7 @@ impl Response {
     pub fn validate(&self) -> Result<(), InvalidInput> {
         match self {
             Response::Clock(Some(clock)) => validate_clock(clock),
+            Response::Items(items) => items.iter().try_for_each(|i| validate_key(&i.key)),
             Response::Joined(j) => {
                 if j.replicas == 0 {
                     return Err(InvalidInput::new("join reply has replicas = 0"));

@@ -1,5 +1,5 @@
-//! Convergence (Dynamo §4.6–§4.7): read repair, hinted handoff, and the
-//! Merkle trees that anti-entropy will compare.
+//! Convergence (Dynamo §4.6–§4.7): read repair, hinted handoff, and
+//! Merkle-tree anti-entropy.
 //!
 //! - [`read_repair`]: who is stale after a read, and the bounded queue that
 //!   repairs them.
@@ -7,18 +7,22 @@
 //! - [`handoff`]: the worker that hands hints back to their owners.
 //! - [`merkle`]: the hash tree and its diff.
 //! - [`trees`]: a replica's per-peer trees, kept current by every stored
-//!   change. Not yet created by nodes or exchanged between them; that is
-//!   the anti-entropy issue's next step.
+//!   change and rebuilt from a snapshot without stopping writes.
+//! - [`anti_entropy`]: the exchange of trees between replicas and the
+//!   repair of the keys they disagree on.
+//! - [`tombstones`]: when a delete's tombstone may be collected.
 //!
 //! Like `coordinator`, this crate decides in plain code and acts only through
 //! the `Transport` trait; the node wires it to QUIC and RocksDB. Every
 //! background loop here is bounded (a fixed-capacity queue, one batch in
 //! flight, a per-send timeout), observable (metrics) and stops when told to.
 
+pub mod anti_entropy;
 pub mod handoff;
 pub mod hints;
 pub mod merkle;
 pub mod read_repair;
+pub mod tombstones;
 pub mod trees;
 
 pub use hints::{HintBook, HintError, HintStore};

@@ -12,12 +12,16 @@
 //! [`ReplicaTrees::changed`] (through [`ChangeObserver`]) under the key's
 //! lock, with the old and new clock, so a key's updates reach its trees in
 //! the order they reached the store. After a restart or a membership change
-//! the trees are rebuilt from a scan of the store ([`ReplicaTrees::rebuild`]).
-//!
-//! Not yet done: the exchange between nodes, and wiring into the node.
+//! the trees are rebuilt from a scan of a store snapshot while writes go on
+//! ([`ReplicaTrees::begin_rebuild`], [`build`](ReplicaTrees::build),
+//! [`finish_rebuild`](ReplicaTrees::finish_rebuild)): keys changed during the
+//! scan are remembered, and corrected from the snapshot's and the current
+//! version when the new trees are swapped in. Until the first rebuild is done
+//! the trees are not [ready](ReplicaTrees::is_ready) and take no part in an
+//! exchange.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use ringkv_core::dvv::Clock;
 use ringkv_core::hash::stable_hash64;
@@ -34,42 +38,87 @@ pub fn version_digest(clock: &Clock) -> u64 {
     stable_hash64(&encode_clock(clock))
 }
 
+/// Held by a replica from just before it stores a change until it has
+/// reported it, so that a rebuild never sees a change stored but not yet
+/// reported (see [`ReplicaTrees::finish_rebuild`]).
+pub struct ChangeGuard<'a>(#[allow(dead_code)] Option<RwLockReadGuard<'a, ()>>);
+
+impl ChangeGuard<'_> {
+    /// A guard that guards nothing, for observers without rebuilds.
+    pub fn none() -> Self {
+        ChangeGuard(None)
+    }
+}
+
 /// Told of every change to a stored key, under the key's lock.
 pub trait ChangeObserver: Send + Sync {
-    fn changed(&self, key: &[u8], old: Option<&Clock>, new: &Clock);
+    /// Called before the store is written; the guard is dropped after
+    /// [`changed`](Self::changed).
+    fn begin_change(&self) -> ChangeGuard<'_> {
+        ChangeGuard::none()
+    }
+    /// `new` is `None` when the key was removed (a collected tombstone).
+    fn changed(&self, key: &[u8], old: Option<&Clock>, new: Option<&Clock>);
+}
+
+/// Trees built from a scan, waiting for [`ReplicaTrees::finish_rebuild`].
+pub struct FreshTrees {
+    ring: Arc<Ring>,
+    trees: HashMap<NodeId, MerkleTree>,
 }
 
 /// One node's per-peer trees. See the module docs.
 pub struct ReplicaTrees {
     me: NodeId,
     leaf_bits: u32,
-    /// Held shared by every change and exclusively by a rebuild, so no
-    /// change lands in trees a rebuild is about to replace.
+    /// Held shared by every change (from before its store write until it is
+    /// reported) and exclusively while a rebuild swaps its trees in.
     rebuild_lock: RwLock<()>,
     ring: RwLock<Arc<Ring>>,
     trees: RwLock<HashMap<NodeId, Mutex<MerkleTree>>>,
+    /// While a rebuild scans: the keys changed since it began.
+    touched: Mutex<Option<HashSet<Vec<u8>>>>,
+    /// Whether the trees cover the whole store (false until the first
+    /// rebuild finishes, and during any rebuild).
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl ReplicaTrees {
-    /// Empty trees for `me`'s peers on `ring`: right only for an empty
-    /// store. A node with data must [`rebuild`](Self::rebuild) from it
-    /// before the first change is reported.
+    /// Empty trees for `me`'s peers on `ring`, not [ready](Self::is_ready)
+    /// until a rebuild from the store finishes.
     pub fn new(me: NodeId, ring: Arc<Ring>, leaf_bits: u32) -> Result<Self, MerkleError> {
         MerkleTree::new(leaf_bits)?;
-        let trees = ReplicaTrees {
+        Ok(ReplicaTrees {
             me,
             leaf_bits,
             rebuild_lock: RwLock::new(()),
-            ring: RwLock::new(ring.clone()),
+            ring: RwLock::new(ring),
             trees: RwLock::new(HashMap::new()),
-        };
-        trees.rebuild(ring, std::iter::empty());
-        Ok(trees)
+            touched: Mutex::new(None),
+            ready: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
-    /// The peers that hold `key` with this node (none if this node does not).
-    fn sharing(&self, key: &[u8]) -> Vec<NodeId> {
-        let ring = self.ring.read().unwrap_or_else(|p| p.into_inner()).clone();
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    pub fn leaf_bits(&self) -> u32 {
+        self.leaf_bits
+    }
+
+    /// Whether the trees cover every stored key, so an exchange may trust them.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The ring the trees are partitioned by.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The peers that hold `key` with this node on `ring` (none if this node does not).
+    fn sharing_on(&self, ring: &Ring, key: &[u8]) -> Vec<NodeId> {
         let replicas = ring.preference_list(key).replicas;
         if !replicas.contains(&self.me) {
             return Vec::new();
@@ -77,30 +126,106 @@ impl ReplicaTrees {
         replicas.into_iter().filter(|n| *n != self.me).collect()
     }
 
-    /// Replaces the ring and rebuilds every tree from `items`, the store's
-    /// whole content. Keys this node does not replicate are skipped.
-    ///
-    /// Changes reported meanwhile wait for the rebuild (so none lands in
-    /// trees about to be replaced), which blocks writes for its duration;
-    /// the scan must not itself wait on the store's key locks. A rebuild
-    /// that lets writes through (log and replay) comes with the node wiring.
-    pub fn rebuild(&self, ring: Arc<Ring>, items: impl Iterator<Item = (Vec<u8>, Clock)>) {
+    /// Whether this node and `peer` both replicate `key` on the current ring.
+    pub fn shares_with(&self, key: &[u8], peer: &NodeId) -> bool {
+        self.sharing_on(&self.ring(), key).contains(peer)
+    }
+
+    /// Every other node on the ring (the peers an exchange round visits).
+    pub fn peers(&self) -> Vec<NodeId> {
+        self.ring()
+            .nodes()
+            .into_iter()
+            .filter(|n| *n != self.me)
+            .collect()
+    }
+
+    /// Starts a rebuild: from now on, changed keys are remembered so that
+    /// [`finish_rebuild`](Self::finish_rebuild) can correct what the scan saw.
+    /// Call before taking the store snapshot the scan reads.
+    pub fn begin_rebuild(&self) {
         let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
-        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
-        let mut fresh: HashMap<NodeId, MerkleTree> = HashMap::new();
-        for (key, clock) in items {
-            let item = item_hash(&key, version_digest(&clock));
-            for peer in self.sharing(&key) {
-                fresh
+        self.ready.store(false, std::sync::atomic::Ordering::Release);
+        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Some(HashSet::new());
+    }
+
+    /// Builds trees for `ring` from `(key, version digest)` pairs: the
+    /// scan of a store snapshot. Keys this node does not replicate are
+    /// skipped. Takes no lock; writes go on meanwhile.
+    pub fn build(&self, ring: Arc<Ring>, items: impl Iterator<Item = (Vec<u8>, u64)>) -> FreshTrees {
+        let mut trees: HashMap<NodeId, MerkleTree> = HashMap::new();
+        for (key, digest) in items {
+            let item = item_hash(&key, digest);
+            for peer in self.sharing_on(&ring, &key) {
+                trees
                     .entry(peer)
                     .or_insert_with(|| MerkleTree::new(self.leaf_bits).expect("shape checked"))
                     .insert(&key, item);
             }
         }
+        FreshTrees { ring, trees }
+    }
+
+    /// Swaps `fresh` in, after correcting every key changed since
+    /// [`begin_rebuild`](Self::begin_rebuild): `versions(key)` returns the
+    /// key's digest in the scanned snapshot and its digest now. Changes
+    /// wait meanwhile (for as long as the few touched keys take); none can
+    /// be half done, as each holds its [`ChangeGuard`] from before its
+    /// store write.
+    pub fn finish_rebuild(
+        &self,
+        mut fresh: FreshTrees,
+        versions: impl Fn(&[u8]) -> (Option<u64>, Option<u64>),
+    ) {
+        let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
+        let touched = self
+            .touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        for key in touched {
+            let (scanned, now) = versions(&key);
+            let (scanned, now) = (
+                scanned.map(|d| item_hash(&key, d)),
+                now.map(|d| item_hash(&key, d)),
+            );
+            for peer in self.sharing_on(&fresh.ring, &key) {
+                fresh
+                    .trees
+                    .entry(peer)
+                    .or_insert_with(|| MerkleTree::new(self.leaf_bits).expect("shape checked"))
+                    .replace(&key, scanned, now);
+            }
+        }
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = fresh.ring;
         *self.trees.write().unwrap_or_else(|p| p.into_inner()) = fresh
+            .trees
             .into_iter()
             .map(|(peer, tree)| (peer, Mutex::new(tree)))
             .collect();
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Abandons a rebuild (its scan failed); the trees stay not ready.
+    pub fn abandon_rebuild(&self) {
+        let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
+        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Rebuilds from `items`, the store's whole content, with changes
+    /// waiting throughout: for stores that cannot take a snapshot (the
+    /// in-memory one of tests and the simulator).
+    pub fn rebuild(&self, ring: Arc<Ring>, items: impl Iterator<Item = (Vec<u8>, Clock)>) {
+        let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
+        let fresh = self.build(ring, items.map(|(k, c)| (k, version_digest(&c))));
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = fresh.ring;
+        *self.trees.write().unwrap_or_else(|p| p.into_inner()) = fresh
+            .trees
+            .into_iter()
+            .map(|(peer, tree)| (peer, Mutex::new(tree)))
+            .collect();
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// A copy of the tree kept for `peer` (an empty one if no key is shared yet).
@@ -111,17 +236,52 @@ impl ReplicaTrees {
             None => MerkleTree::new(self.leaf_bits).expect("shape checked"),
         }
     }
+
+    /// The hashes of `indexes` at `level` of `peer`'s tree, without copying it.
+    pub fn hashes(&self, peer: &NodeId, level: usize, indexes: &[usize]) -> Vec<u64> {
+        let trees = self.trees.read().unwrap_or_else(|p| p.into_inner());
+        match trees.get(peer) {
+            Some(tree) => tree
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .level_hashes(level, indexes),
+            None => MerkleTree::new(self.leaf_bits)
+                .expect("shape checked")
+                .level_hashes(level, indexes),
+        }
+    }
+
+    /// Keys in `peer`'s tree.
+    pub fn shared_keys(&self, peer: &NodeId) -> u64 {
+        let trees = self.trees.read().unwrap_or_else(|p| p.into_inner());
+        trees
+            .get(peer)
+            .map_or(0, |t| t.lock().unwrap_or_else(|p| p.into_inner()).len())
+    }
 }
 
 impl ChangeObserver for ReplicaTrees {
-    fn changed(&self, key: &[u8], old: Option<&Clock>, new: &Clock) {
-        let _shared = self.rebuild_lock.read().unwrap_or_else(|p| p.into_inner());
-        let peers = self.sharing(key);
+    fn begin_change(&self) -> ChangeGuard<'_> {
+        ChangeGuard(Some(
+            self.rebuild_lock.read().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
+
+    fn changed(&self, key: &[u8], old: Option<&Clock>, new: Option<&Clock>) {
+        if let Some(touched) = self
+            .touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            touched.insert(key.to_vec());
+        }
+        let peers = self.sharing_on(&self.ring(), key);
         if peers.is_empty() {
             return;
         }
         let old = old.map(|c| item_hash(key, version_digest(c)));
-        let new = Some(item_hash(key, version_digest(new)));
+        let new = new.map(|c| item_hash(key, version_digest(c)));
         for peer in peers {
             // A peer's first shared key creates its tree.
             if !self
@@ -170,7 +330,7 @@ mod tests {
             let clock = write("n1", &format!("v{k}"));
             for r in ring.preference_list(&key).replicas {
                 let i: usize = r.as_str()[1..].parse().unwrap();
-                trees[i - 1].changed(&key, None, &clock);
+                trees[i - 1].changed(&key, None, Some(&clock));
             }
         }
         for a in 0..5 {
@@ -195,7 +355,7 @@ mod tests {
         merged.sync(&new);
         let idx = |r: &NodeId| r.as_str()[1..].parse::<usize>().unwrap() - 1;
         for r in &replicas[..2] {
-            trees[idx(r)].changed(&key, Some(&old), &merged);
+            trees[idx(r)].changed(&key, Some(&old), Some(&merged));
         }
         let (a, c) = (&replicas[0], &replicas[2]);
         let diff = trees[idx(a)]
@@ -218,7 +378,7 @@ mod tests {
         for k in 0..300 {
             let key = format!("k{k}").into_bytes();
             let clock = write("n2", "v");
-            live.changed(&key, None, &clock);
+            live.changed(&key, None, Some(&clock));
             store.push((key, clock));
         }
         let rebuilt = ReplicaTrees::new(me, ring.clone(), 8).unwrap();

@@ -115,6 +115,15 @@ impl Ring {
         }
     }
 
+    /// Every node on the ring, sorted by id.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        // Any key's preference list walks the whole ring once.
+        let list = self.preference_list(b"");
+        let mut nodes: Vec<NodeId> = list.replicas.into_iter().chain(list.fallbacks).collect();
+        nodes.sort();
+        nodes
+    }
+
     /// The first node of the key's preference list.
     pub fn primary(&self, key: &[u8]) -> Option<&NodeId> {
         self.inner.try_get(RingKey(key)).map(|n| &n.0)

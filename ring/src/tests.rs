@@ -101,6 +101,12 @@ fn small_clusters_use_every_node() {
 }
 
 #[test]
+fn nodes_lists_every_member_once_sorted() {
+    let ring = five_node_ring(16);
+    assert_eq!(names(&ring.nodes()), ["n1", "n2", "n3", "n4", "n5"]);
+}
+
+#[test]
 fn bad_rings_are_refused() {
     assert_eq!(
         Ring::new(Vec::new(), 0).unwrap_err(),

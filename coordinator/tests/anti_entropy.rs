@@ -1,0 +1,154 @@
+//! Merkle-tree anti-entropy over the simulated network: replicas that
+//! missed writes converge without any client read, concurrent siblings
+//! survive, deletes stay deleted, and identical replicas exchange only roots.
+
+use std::time::Duration;
+
+use ringkv_coordinator::sim::{SimCluster, SimOptions};
+use ringkv_core::wire::{PutRequest, Response};
+use ringkv_core::Consistency::{Count, Quorum};
+use ringkv_core::Payload;
+use ringkv_repair::tombstones::confirm_collectable;
+
+fn assert_ok(r: &Response) {
+    assert!(matches!(r, Response::Put(_) | Response::Get(_)), "{r:?}");
+}
+
+/// Three nodes, N=3, no hints: only anti-entropy (or a read) can repair.
+fn cluster() -> SimCluster {
+    SimCluster::with_options(
+        3,
+        3,
+        7,
+        SimOptions {
+            hinted_handoff: false,
+            ..SimOptions::default()
+        },
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
+    let c = cluster();
+    c.net.down(&c.id("n3"));
+    for k in 0..50 {
+        assert_ok(&c.put("n1", &format!("k{k}"), &format!("v{k}"), Quorum, None).await);
+    }
+    c.net.up(&c.id("n3"));
+    assert!(c.local_values("n3", "k0").is_empty());
+    c.net.take_log();
+
+    let report = c.repair("n3").await;
+    assert_eq!(report.peers, 2);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.keys_repaired, 50, "{report:?}");
+    for k in 0..50 {
+        assert_eq!(c.local_values("n3", &format!("k{k}")), [format!("v{k}")]);
+    }
+    let log = c.net.take_log();
+    assert!(
+        !log.iter().any(|l| l.contains(" Get") || l.contains(" Put")),
+        "no client request: {log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.starts_with("n3 -> n2") && l.ends_with("Sync")),
+        "n2 was current once n3 had n1's versions: {log:?}"
+    );
+
+    let again = c.repair("n3").await;
+    assert_eq!(again.keys_repaired, 0, "{again:?}");
+    let log = c.net.take_log();
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("TreeHashes") && !l.ends_with("reply"))
+            .count(),
+        2,
+        "identical replicas compare roots only: {log:?}"
+    );
+    assert!(
+        again.bytes_sent + again.bytes_received < 1024,
+        "{again:?}"
+    );
+    assert_eq!(again.keys_compared, 100, "50 keys shared with each peer");
+}
+
+#[tokio::test(start_paused = true)]
+async fn siblings_from_both_sides_of_a_partition_survive() {
+    let c = cluster();
+    let (n1, n2, n3) = (c.id("n1"), c.id("n2"), c.id("n3"));
+    c.net.partition(&n1, &n2);
+    c.net.partition(&n1, &n3);
+    assert_ok(&c.put("n1", "cart", "left", Count(1), None).await);
+    assert_ok(&c.put("n2", "cart", "right", Count(1), None).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(c.local_values("n1", "cart"), ["left"]);
+    assert_eq!(c.local_values("n3", "cart"), ["right"]);
+    c.net.heal();
+
+    let report = c.repair("n1").await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(c.local_values(node, "cart"), ["left", "right"], "{node}");
+    }
+    assert_eq!(c.repair("n2").await.keys_repaired, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_missed_by_a_replica_stays_deleted_through_repair_and_collection() {
+    let c = cluster();
+    assert_ok(&c.put("n1", "gone", "v", Count(3), None).await);
+    let Response::Get(read) = c.get("n1", "gone", Count(3)).await else {
+        panic!("read failed");
+    };
+    c.net.down(&c.id("n3"));
+    let delete = PutRequest::new("gone", Payload::Tombstone, Quorum, Some(read.context));
+    assert_ok(&c.node("n1").coordinator.put(delete).await);
+
+    // The tombstone cannot be collected while n3, which holds the old
+    // value, cannot be asked.
+    let tomb = c.node("n1").replica.read(b"gone").unwrap().unwrap();
+    let t1 = c.net.transport(c.id("n1"));
+    let timeout = Duration::from_millis(500);
+    assert!(!confirm_collectable(&t1, &c.ring, &c.id("n1"), b"gone", &tomb, timeout).await);
+
+    c.net.up(&c.id("n3"));
+    assert_eq!(c.local_values("n3", "gone"), ["v"], "n3 missed the delete");
+    let report = c.repair("n3").await;
+    assert_eq!(report.keys_repaired, 1, "{report:?}");
+    assert!(c.local_values("n3", "gone").is_empty(), "the tombstone won");
+
+    // Now every replica holds it: each collects it in turn.
+    for node in ["n1", "n2", "n3"] {
+        let t = c.net.transport(c.id(node));
+        let ours = c.node(node).replica.read(b"gone").unwrap().unwrap();
+        assert!(
+            confirm_collectable(&t, &c.ring, &c.id(node), b"gone", &ours, timeout).await,
+            "{node} may collect"
+        );
+        assert!(c.node(node).replica.collect_tombstone(b"gone", &ours).unwrap());
+    }
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(c.node(node).replica.read(b"gone").unwrap(), None, "{node}");
+        assert_eq!(c.repair(node).await.keys_repaired, 0);
+    }
+    let Response::Get(after) = c.get("n2", "gone", Count(3)).await else {
+        panic!("read failed");
+    };
+    assert!(after.values.is_empty(), "never comes back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bare_tombstone_is_not_copied_to_a_replica_that_collected_it() {
+    let c = cluster();
+    assert_ok(&c.put("n1", "k", "v", Count(3), None).await);
+    let Response::Get(read) = c.get("n1", "k", Count(3)).await else {
+        panic!("read failed");
+    };
+    let delete = PutRequest::new("k", Payload::Tombstone, Count(3), Some(read.context));
+    assert_ok(&c.node("n1").coordinator.put(delete).await);
+    let tomb = c.node("n1").replica.read(b"k").unwrap().unwrap();
+    assert!(c.node("n1").replica.collect_tombstone(b"k", &tomb).unwrap());
+    let report = c.repair("n2").await;
+    assert_eq!(report.keys_repaired, 0, "{report:?}");
+    assert_eq!(c.node("n1").replica.read(b"k").unwrap(), None);
+}

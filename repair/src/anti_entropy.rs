@@ -1,0 +1,586 @@
+//! Merkle-tree anti-entropy (Dynamo §4.7): two replicas find the keys they
+//! disagree on by exchanging a few hashes, then merge just those keys.
+//!
+//! A round on node A visits every peer B on the ring, one at a time:
+//!
+//! 1. **Descent.** A asks B for the root of the tree B keeps for A
+//!    ([`ReplicaRequest::TreeHashes`]) and compares it with its own tree
+//!    for B (see [`crate::trees`]). Equal roots end the exchange: between
+//!    identical replicas a round costs one small request per peer. Otherwise
+//!    A asks for the children of every differing node, one level at a time,
+//!    so the hashes sent follow the number of differences, not of keys.
+//! 2. **Listing.** For the differing leaves, both sides list `(key, version
+//!    digest)` of the keys they share ([`ReplicaRequest::LeafItems`]; A reads
+//!    its own from a [`LeafSource`], an index kept beside the data), and
+//!    [`differing_keys`] names the keys to repair.
+//! 3. **Repair.** For each such key A reads both versions and sends each side
+//!    the merge of the two (a `Sync`, which merges dotted version vectors:
+//!    concurrent siblings survive, nothing is overwritten). A side whose
+//!    version already is the merge is not written.
+//!
+//! A tombstone is never copied to a replica that lacks the key: deleting
+//! what is not there changes nothing, and it lets a collected tombstone stay
+//! collected (see [`crate::tombstones`]).
+//!
+//! Bounds: one round at a time per node; tree hashes and leaves are asked
+//! for in bounded chunks; at most [`AntiEntropyConfig::concurrency`] keys
+//! are repaired at once, paced to [`AntiEntropyConfig::keys_per_s`] so that
+//! repair never starves client requests. Every call has a timeout. Time for
+//! "last round" comes from a [`WallClock`] passed in; durations from tokio's
+//! clock, so tests can pause it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+use ringkv_core::dvv::Clock;
+use ringkv_core::wire::{
+    encode_request, encode_response, ErrorKind, KeyDigest, PeerFailure, RepairReport,
+    ReplicaRequest, Request, Response, LEAVES_PER_REQUEST_MAX, TREE_HASHES_MAX,
+};
+use ringkv_core::{NodeId, Transport};
+use tokio::time::Instant;
+
+use crate::hints::WallClock;
+use crate::merkle::{differing_keys, MerkleTree, FANOUT_BITS};
+use crate::trees::ReplicaTrees;
+
+/// The default time between two rounds, in seconds (`--anti-entropy-interval-s`).
+pub const DEFAULT_ANTI_ENTROPY_INTERVAL_S: u64 = 60;
+/// The default pace of key repairs, per second.
+pub const DEFAULT_REPAIR_KEYS_PER_S: u32 = 5_000;
+
+/// The `(key, version digest)` pairs a replica stores, by Merkle leaf.
+pub trait LeafSource: Send + Sync + 'static {
+    /// Every stored key in `leaf` of a tree with `2^leaf_bits` leaves, with
+    /// the [`version_digest`](crate::trees::version_digest) of its clock.
+    fn leaf_items(&self, leaf: usize, leaf_bits: u32) -> Result<Vec<(Vec<u8>, u64)>, String>;
+}
+
+/// Tuning of anti-entropy rounds.
+#[derive(Debug, Clone)]
+pub struct AntiEntropyConfig {
+    /// Keys repaired per second at most.
+    pub keys_per_s: u32,
+    /// Keys repaired at once.
+    pub concurrency: usize,
+    /// How long one call to a peer may take.
+    pub call_timeout: Duration,
+    /// How long a round waits for this node's trees to be ready.
+    pub ready_timeout: Duration,
+}
+
+impl Default for AntiEntropyConfig {
+    fn default() -> Self {
+        AntiEntropyConfig {
+            keys_per_s: DEFAULT_REPAIR_KEYS_PER_S,
+            concurrency: 8,
+            call_timeout: Duration::from_secs(5),
+            ready_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why an exchange with one peer did not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AntiEntropyError {
+    #[error("{node}'s Merkle trees are still being built; retry shortly")]
+    NotReady { node: NodeId },
+    #[error("{peer} did not answer: {reason}")]
+    Unreachable { peer: NodeId, reason: String },
+    #[error("{peer} refused: {reason}")]
+    Refused { peer: NodeId, reason: String },
+    #[error("{peer} is believed down; skipped")]
+    Down { peer: NodeId },
+    #[error("reading this node's keys failed: {reason}")]
+    Local { reason: String },
+}
+
+/// A node's anti-entropy: answers peers' tree questions and runs rounds.
+pub struct AntiEntropy<T> {
+    trees: Arc<ReplicaTrees>,
+    leaves: Arc<dyn LeafSource>,
+    transport: Arc<T>,
+    config: AntiEntropyConfig,
+    now_ms: WallClock,
+    round_lock: tokio::sync::Mutex<()>,
+    keys_repaired: AtomicU64,
+    /// 0: no round finished yet.
+    last_round_unix_ms: AtomicU64,
+}
+
+/// Byte and key counts of one exchange, shared by its concurrent repairs.
+#[derive(Default)]
+struct Tally {
+    keys_compared: AtomicU64,
+    keys_repaired: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+impl<T: Transport> AntiEntropy<T> {
+    pub fn new(
+        trees: Arc<ReplicaTrees>,
+        leaves: Arc<dyn LeafSource>,
+        transport: Arc<T>,
+        config: AntiEntropyConfig,
+        now_ms: WallClock,
+    ) -> Self {
+        AntiEntropy {
+            trees,
+            leaves,
+            transport,
+            config,
+            now_ms,
+            round_lock: tokio::sync::Mutex::new(()),
+            keys_repaired: AtomicU64::new(0),
+            last_round_unix_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn trees(&self) -> &Arc<ReplicaTrees> {
+        &self.trees
+    }
+
+    /// Keys repaired by this node's rounds since it started.
+    pub fn keys_repaired(&self) -> u64 {
+        self.keys_repaired.load(Ordering::Relaxed)
+    }
+
+    /// When this node's last round finished, if one has.
+    pub fn last_round_unix_ms(&self) -> Option<u64> {
+        Some(self.last_round_unix_ms.load(Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+
+    /// Answers a peer's `TreeHashes` or `LeafItems`; `None` for any other
+    /// request. Reads storage: call off the async workers.
+    pub fn answer(&self, request: &ReplicaRequest) -> Option<Response> {
+        let me = self.trees.me().clone();
+        let not_ready = || {
+            Response::error(
+                ErrorKind::Unavailable,
+                AntiEntropyError::NotReady { node: me.clone() }.to_string(),
+            )
+        };
+        let bits = self.trees.leaf_bits();
+        let wrong_shape = |theirs: u32| {
+            Response::error(
+                ErrorKind::InvalidRequest,
+                format!("Merkle trees of 2^{theirs} leaves asked of a node that keeps 2^{bits}"),
+            )
+        };
+        Some(match request {
+            ReplicaRequest::TreeHashes {
+                peer,
+                leaf_bits,
+                level,
+                indexes,
+            } => {
+                if *leaf_bits != bits {
+                    return Some(wrong_shape(*leaf_bits));
+                }
+                if !self.trees.is_ready() {
+                    return Some(not_ready());
+                }
+                let depth = bits / FANOUT_BITS;
+                if *level > depth {
+                    return Some(Response::error(
+                        ErrorKind::InvalidRequest,
+                        format!("tree level {level} asked of a tree {depth} levels deep"),
+                    ));
+                }
+                let indexes: Vec<usize> = indexes.iter().map(|i| *i as usize).collect();
+                Response::Hashes(self.trees.hashes(peer, *level as usize, &indexes))
+            }
+            ReplicaRequest::LeafItems {
+                peer,
+                leaf_bits,
+                leaves,
+            } => {
+                if *leaf_bits != bits {
+                    return Some(wrong_shape(*leaf_bits));
+                }
+                if !self.trees.is_ready() {
+                    return Some(not_ready());
+                }
+                if let Some(bad) = leaves.iter().find(|l| (**l as u64) >> bits != 0) {
+                    return Some(Response::error(
+                        ErrorKind::InvalidRequest,
+                        format!("leaf {bad} asked of a tree of 2^{bits} leaves"),
+                    ));
+                }
+                match self.shared_items(peer, leaves) {
+                    Ok(items) => Response::Items(items),
+                    Err(reason) => Response::error(
+                        ErrorKind::Internal,
+                        AntiEntropyError::Local { reason }.to_string(),
+                    ),
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    /// The keys in `leaves` that this node shares with `peer`.
+    fn shared_items(&self, peer: &NodeId, leaves: &[u32]) -> Result<Vec<KeyDigest>, String> {
+        let mut out = Vec::new();
+        for leaf in leaves {
+            for (key, digest) in self.leaves.leaf_items(*leaf as usize, self.trees.leaf_bits())? {
+                if self.trees.shares_with(&key, peer) {
+                    out.push(KeyDigest { key, digest });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One round against `peers` (skipping those `is_up` says are down):
+    /// the report `ringkv repair` prints.
+    pub async fn round(&self, peers: &[NodeId], is_up: &(dyn Fn(&NodeId) -> bool + Sync)) -> RepairReport {
+        let _one_at_a_time = self.round_lock.lock().await;
+        let started = Instant::now();
+        let mut report = RepairReport {
+            peers: peers.len() as u32,
+            ..RepairReport::default()
+        };
+        let ready_by = started + self.config.ready_timeout;
+        while !self.trees.is_ready() && Instant::now() < ready_by {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for peer in peers {
+            let tally = Arc::new(Tally::default());
+            let outcome = if !self.trees.is_ready() {
+                Err(AntiEntropyError::NotReady {
+                    node: self.trees.me().clone(),
+                })
+            } else if !is_up(peer) {
+                Err(AntiEntropyError::Down { peer: peer.clone() })
+            } else {
+                self.exchange(peer, &tally).await
+            };
+            if let Err(e) = outcome {
+                tracing::info!(%peer, error = %e, "anti-entropy exchange did not finish");
+                report.failures.push(PeerFailure {
+                    peer: peer.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            report.keys_compared += tally.keys_compared.load(Ordering::Relaxed);
+            report.keys_repaired += tally.keys_repaired.load(Ordering::Relaxed);
+            report.bytes_sent += tally.bytes_sent.load(Ordering::Relaxed);
+            report.bytes_received += tally.bytes_received.load(Ordering::Relaxed);
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        self.keys_repaired
+            .fetch_add(report.keys_repaired, Ordering::Relaxed);
+        self.last_round_unix_ms
+            .store((self.now_ms)().max(1), Ordering::Relaxed);
+        counter!("ringkv_anti_entropy_rounds_total").increment(1);
+        counter!("ringkv_anti_entropy_keys_repaired_total").increment(report.keys_repaired);
+        counter!("ringkv_anti_entropy_bytes_total", "direction" => "sent").increment(report.bytes_sent);
+        counter!("ringkv_anti_entropy_bytes_total", "direction" => "received")
+            .increment(report.bytes_received);
+        histogram!("ringkv_anti_entropy_round_seconds").record(started.elapsed().as_secs_f64());
+        report
+    }
+
+    /// Calls `peer`, counting the bytes both ways.
+    async fn call(
+        &self,
+        peer: &NodeId,
+        request: Request,
+        tally: &Tally,
+    ) -> Result<Response, AntiEntropyError> {
+        tally
+            .bytes_sent
+            .fetch_add(encode_request(&request).len() as u64, Ordering::Relaxed);
+        let answer = tokio::time::timeout(self.config.call_timeout, self.transport.call(peer, request))
+            .await
+            .map_err(|_| AntiEntropyError::Unreachable {
+                peer: peer.clone(),
+                reason: format!("no answer within {} ms", self.config.call_timeout.as_millis()),
+            })?
+            .map_err(|e| AntiEntropyError::Unreachable {
+                peer: peer.clone(),
+                reason: e.to_string(),
+            })?;
+        tally
+            .bytes_received
+            .fetch_add(encode_response(&answer).len() as u64, Ordering::Relaxed);
+        match answer {
+            Response::Error(e) => Err(AntiEntropyError::Refused {
+                peer: peer.clone(),
+                reason: e.message,
+            }),
+            answer => Ok(answer),
+        }
+    }
+
+    /// `peer`'s hashes of `indexes` at `level`, asked in bounded chunks.
+    async fn their_hashes(
+        &self,
+        peer: &NodeId,
+        level: usize,
+        indexes: &[usize],
+        tally: &Tally,
+    ) -> Result<Vec<u64>, AntiEntropyError> {
+        let mut out = Vec::with_capacity(indexes.len());
+        for chunk in indexes.chunks(TREE_HASHES_MAX) {
+            let request = Request::Replica(ReplicaRequest::TreeHashes {
+                peer: self.trees.me().clone(),
+                leaf_bits: self.trees.leaf_bits(),
+                level: level as u32,
+                indexes: chunk.iter().map(|i| *i as u32).collect(),
+            });
+            match self.call(peer, request, tally).await? {
+                Response::Hashes(h) if h.len() == chunk.len() => out.extend(h),
+                other => return Err(unexpected(peer, &other)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The leaves where this node's tree for `peer` and `peer`'s for this node differ.
+    async fn differing_leaves(&self, peer: &NodeId, tally: &Tally) -> Result<Vec<usize>, AntiEntropyError> {
+        let depth = (self.trees.leaf_bits() / FANOUT_BITS) as usize;
+        let mut frontier = vec![0usize];
+        for level in 0..=depth {
+            let nodes = if level == 0 {
+                frontier.clone()
+            } else {
+                MerkleTree::children_of(&frontier)
+            };
+            let theirs = self.their_hashes(peer, level, &nodes, tally).await?;
+            let mine = self.trees.hashes(peer, level, &nodes);
+            frontier = nodes
+                .into_iter()
+                .zip(mine.into_iter().zip(theirs))
+                .filter(|(_, (m, t))| m != t)
+                .map(|(n, _)| n)
+                .collect();
+            if frontier.is_empty() {
+                break;
+            }
+        }
+        Ok(frontier)
+    }
+
+    /// One exchange with `peer`: descend, list, repair. See the module docs.
+    async fn exchange(&self, peer: &NodeId, tally: &Arc<Tally>) -> Result<(), AntiEntropyError> {
+        tally
+            .keys_compared
+            .store(self.trees.shared_keys(peer), Ordering::Relaxed);
+        let leaves = self.differing_leaves(peer, tally).await?;
+        let started = Instant::now();
+        let mut repaired_or_tried = 0u64;
+        for chunk in leaves.chunks(LEAVES_PER_REQUEST_MAX) {
+            let chunk: Vec<u32> = chunk.iter().map(|l| *l as u32).collect();
+            let request = Request::Replica(ReplicaRequest::LeafItems {
+                peer: self.trees.me().clone(),
+                leaf_bits: self.trees.leaf_bits(),
+                leaves: chunk.clone(),
+            });
+            let theirs = match self.call(peer, request, tally).await? {
+                Response::Items(items) => items,
+                other => return Err(unexpected(peer, &other)),
+            };
+            let mine = self
+                .shared_items(peer, &chunk)
+                .map_err(|reason| AntiEntropyError::Local { reason })?;
+            let pairs = |items: Vec<KeyDigest>| -> Vec<(Vec<u8>, u64)> {
+                items.into_iter().map(|i| (i.key, i.digest)).collect()
+            };
+            let keys = differing_keys(&pairs(mine), &pairs(theirs));
+            let mut inflight = tokio::task::JoinSet::new();
+            for key in keys {
+                // Pace: key i starts no sooner than i / keys_per_s after the first.
+                let due = started
+                    + Duration::from_secs_f64(
+                        repaired_or_tried as f64 / self.config.keys_per_s.max(1) as f64,
+                    );
+                tokio::time::sleep_until(due).await;
+                repaired_or_tried += 1;
+                while inflight.len() >= self.config.concurrency.max(1) {
+                    if let Some(done) = inflight.join_next().await {
+                        done.map_err(|e| AntiEntropyError::Local {
+                            reason: e.to_string(),
+                        })??;
+                    }
+                }
+                let this = RepairTask {
+                    me: self.trees.me().clone(),
+                    peer: peer.clone(),
+                    transport: self.transport.clone(),
+                    tally: tally.clone(),
+                    call_timeout: self.config.call_timeout,
+                };
+                inflight.spawn(async move { this.repair(key).await });
+            }
+            while let Some(done) = inflight.join_next().await {
+                done.map_err(|e| AntiEntropyError::Local {
+                    reason: e.to_string(),
+                })??;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one key's repair needs, owned so it can run as a task.
+struct RepairTask<T> {
+    me: NodeId,
+    peer: NodeId,
+    transport: Arc<T>,
+    tally: Arc<Tally>,
+    call_timeout: Duration,
+}
+
+impl<T: Transport> RepairTask<T> {
+    async fn call(&self, to: &NodeId, request: Request) -> Result<Response, AntiEntropyError> {
+        let counted = *to != self.me;
+        if counted {
+            self.tally
+                .bytes_sent
+                .fetch_add(encode_request(&request).len() as u64, Ordering::Relaxed);
+        }
+        let answer = tokio::time::timeout(self.call_timeout, self.transport.call(to, request))
+            .await
+            .map_err(|_| AntiEntropyError::Unreachable {
+                peer: to.clone(),
+                reason: format!("no answer within {} ms", self.call_timeout.as_millis()),
+            })?
+            .map_err(|e| AntiEntropyError::Unreachable {
+                peer: to.clone(),
+                reason: e.to_string(),
+            })?;
+        if counted {
+            self.tally
+                .bytes_received
+                .fetch_add(encode_response(&answer).len() as u64, Ordering::Relaxed);
+        }
+        match answer {
+            Response::Error(e) => Err(AntiEntropyError::Refused {
+                peer: to.clone(),
+                reason: e.message,
+            }),
+            answer => Ok(answer),
+        }
+    }
+
+    async fn read(&self, from: &NodeId, key: &[u8]) -> Result<Option<Clock>, AntiEntropyError> {
+        let request = Request::Replica(ReplicaRequest::Read {
+            key: key.to_vec(),
+            hint_for: None,
+        });
+        match self.call(from, request).await? {
+            Response::Clock(clock) => Ok(clock),
+            other => Err(unexpected(from, &other)),
+        }
+    }
+
+    async fn sync(&self, to: &NodeId, key: &[u8], clock: &Clock) -> Result<(), AntiEntropyError> {
+        let request = Request::Replica(ReplicaRequest::Sync {
+            key: key.to_vec(),
+            clock: clock.clone(),
+        });
+        match self.call(to, request).await? {
+            Response::Clock(_) => Ok(()),
+            other => Err(unexpected(to, &other)),
+        }
+    }
+
+    /// Sends each side the merge of both versions of `key`, where it differs.
+    async fn repair(self, key: Vec<u8>) -> Result<(), AntiEntropyError> {
+        let mine = self.read(&self.me, &key).await?;
+        let theirs = self.read(&self.peer, &key).await?;
+        let Some(merged) = merge_for_repair(mine.as_ref(), theirs.as_ref()) else {
+            return Ok(());
+        };
+        let mut wrote = false;
+        if mine.as_ref() != Some(&merged) {
+            self.sync(&self.me, &key, &merged).await?;
+            wrote = true;
+        }
+        if theirs.as_ref() != Some(&merged) {
+            self.sync(&self.peer, &key, &merged).await?;
+            wrote = true;
+        }
+        if wrote {
+            self.tally.keys_repaired.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// The version both replicas should hold after a repair, or `None` when
+/// nothing should be written: both absent, or one side holds only a
+/// tombstone the other lacks (see the module docs).
+pub fn merge_for_repair(mine: Option<&Clock>, theirs: Option<&Clock>) -> Option<Clock> {
+    match (mine, theirs) {
+        (None, None) => None,
+        (Some(only), None) | (None, Some(only)) if is_deleted(only) => None,
+        (Some(only), None) | (None, Some(only)) => Some(only.clone()),
+        (Some(a), Some(b)) => {
+            let mut merged = a.clone();
+            merged.sync(b);
+            Some(merged)
+        }
+    }
+}
+
+/// Whether a clock holds no live value: only tombstones (a deleted key).
+pub fn is_deleted(clock: &Clock) -> bool {
+    clock.values().next().is_none()
+}
+
+fn unexpected(peer: &NodeId, answer: &Response) -> AntiEntropyError {
+    AntiEntropyError::Refused {
+        peer: peer.clone(),
+        reason: format!("unexpected answer {}", answer_kind(answer)),
+    }
+}
+
+fn answer_kind(answer: &Response) -> &'static str {
+    match answer {
+        Response::Put(_) => "Put",
+        Response::Get(_) => "Get",
+        Response::Status(_) => "Status",
+        Response::Joined(_) => "Joined",
+        Response::Clock(_) => "Clock",
+        Response::Pong => "Pong",
+        Response::Stats(_) => "Stats",
+        Response::Hashes(_) => "Hashes",
+        Response::Items(_) => "Items",
+        Response::Repair(_) => "Repair",
+        Response::Error(_) => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{n, write};
+    use ringkv_core::dvv::Payload;
+
+    #[test]
+    fn a_repair_merges_siblings_and_never_spreads_a_bare_tombstone() {
+        let (a, b) = (write("n1", "a"), write("n2", "b"));
+        let merged = merge_for_repair(Some(&a), Some(&b)).unwrap();
+        let mut values: Vec<&[u8]> = merged.values().collect();
+        values.sort();
+        assert_eq!(values, [b"a".as_slice(), b"b"], "both siblings kept");
+        assert_eq!(merge_for_repair(Some(&a), None), Some(a.clone()));
+        assert_eq!(merge_for_repair(None, None), None);
+        let mut tomb = a.clone();
+        tomb.update(&a.context(), Payload::Tombstone, &n("n1"));
+        assert!(is_deleted(&tomb) && !is_deleted(&a));
+        assert_eq!(merge_for_repair(Some(&tomb), None), None);
+        assert_eq!(merge_for_repair(None, Some(&tomb)), None);
+        assert_eq!(
+            merge_for_repair(Some(&a), Some(&tomb)),
+            Some(tomb.clone()),
+            "the tombstone supersedes the value it deleted"
+        );
+    }
+}
