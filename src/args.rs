@@ -46,6 +46,8 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Show the cluster's members as one node sees them.
     Status(StatusArgs),
+    /// Run one anti-entropy round on a node now: compare its Merkle trees with every peer's and repair the keys that differ.
+    Repair(RepairArgs),
     /// Measure put and get latency and throughput (closed loop).
     Bench(BenchArgs),
 }
@@ -108,6 +110,19 @@ pub struct NodeArgs {
     pub join_timeout_s: u64,
     #[command(flatten)]
     pub hints: HintArgs,
+    #[command(flatten)]
+    pub anti_entropy: AntiEntropyArgs,
+}
+
+/// Anti-entropy and tombstone collection.
+#[derive(Args, Debug, Clone)]
+pub struct AntiEntropyArgs {
+    /// Seconds between anti-entropy rounds, in which this node compares Merkle trees with every peer and repairs what differs; 0 runs them only on demand (`ringkv repair`).
+    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_ANTI_ENTROPY_INTERVAL_S)]
+    pub anti_entropy_interval_s: u64,
+    /// Keep a delete's tombstone at least this long, and until every replica of the key holds it; then it is collected. Keep it longer than --hint-ttl-s, or an old hint could bring a deleted value back. Default: 1 day.
+    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::tombstones::DEFAULT_TOMBSTONE_GRACE_S, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tombstone_grace_s: u64,
 }
 
 /// Hinted handoff (the sloppy quorum's memory).
@@ -246,6 +261,15 @@ pub struct DeleteArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "The round runs on the node given by --node, against every other member; \
+    each side gets the merge of both versions (concurrent siblings are kept). \
+    Exits 0 when every peer was compared, 4 when some could not be (they are listed).")]
+pub struct RepairArgs {
     #[command(flatten)]
     pub target: Target,
 }

@@ -9,7 +9,7 @@ use ringkv_core::wire::{validate_key, ErrorKind, GetRequest, PutRequest, Request
 use ringkv_core::Consistency;
 use ringkv_node::Client;
 
-use crate::args::{DeleteArgs, GetArgs, PutArgs, StatusArgs, Target};
+use crate::args::{DeleteArgs, GetArgs, PutArgs, RepairArgs, StatusArgs, Target};
 use crate::output;
 use crate::{Exit, Failure};
 
@@ -137,6 +137,20 @@ pub async fn status(args: StatusArgs) -> Result<Exit, Failure> {
         Response::Status(reply) => {
             output::status(&reply, args.target.json);
             Ok(Exit::Ok)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn repair(args: RepairArgs) -> Result<Exit, Failure> {
+    match send(&args.target, &Request::Repair).await? {
+        Response::Repair(report) => {
+            output::repair(&report, args.target.json);
+            Ok(if report.failures.is_empty() {
+                Exit::Ok
+            } else {
+                Exit::Unreachable
+            })
         }
         other => Err(unexpected(other)),
     }

@@ -68,6 +68,7 @@ fn main() {
             Command::Get(a) => client_cmd::get(a).await,
             Command::Delete(a) => client_cmd::delete(a).await,
             Command::Status(a) => client_cmd::status(a).await,
+            Command::Repair(a) => client_cmd::repair(a).await,
             Command::Bench(a) => bench_cmd::bench(a).await,
         }
     });

@@ -2,7 +2,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use ringkv_core::wire::{GetReply, PutReply, Receipt, StatusReply};
+use ringkv_core::wire::{GetReply, PutReply, Receipt, RepairReport, StatusReply};
 use serde_json::{json, Value};
 
 pub fn print_json(value: &Value) {
@@ -113,24 +113,66 @@ pub fn status(reply: &StatusReply, json: bool) {
                 "addr": n.addr,
                 "state": if n.up { "up" } else { "down" },
                 "hints_pending": n.hints_pending,
+                "last_exchange_unix_ms": n.last_exchange_unix_ms,
+                "keys_repaired": n.keys_repaired,
             })).collect::<Vec<_>>(),
         }));
     } else {
         println!("cluster seen from {} (N={})", reply.node, reply.replicas);
         println!(
-            "  {:<12} {:<22} {:<5} hints pending",
-            "node", "address", "state"
+            "  {:<12} {:<22} {:<5} {:<13} {:<19} keys repaired",
+            "node", "address", "state", "hints pending", "last anti-entropy"
         );
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let known = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |h| h.to_string());
         for n in &reply.nodes {
-            let hints = n
-                .hints_pending
-                .map_or_else(|| "?".to_string(), |h| h.to_string());
+            let last = match (n.last_exchange_unix_ms, n.keys_repaired) {
+                (Some(t), _) => format!("{} s ago", now_ms.saturating_sub(t) / 1000),
+                (None, Some(_)) => "never".to_string(),
+                (None, None) => "?".to_string(),
+            };
             println!(
-                "  {:<12} {:<22} {:<5} {hints}",
+                "  {:<12} {:<22} {:<5} {:<13} {:<19} {}",
                 n.id.as_str(),
                 n.addr,
-                if n.up { "up" } else { "down" }
+                if n.up { "up" } else { "down" },
+                known(n.hints_pending),
+                last,
+                known(n.keys_repaired),
             );
+        }
+    }
+}
+
+/// `repair`: what one anti-entropy round did.
+pub fn repair(report: &RepairReport, json: bool) {
+    if json {
+        print_json(&json!({
+            "peers": report.peers,
+            "keys_compared": report.keys_compared,
+            "keys_repaired": report.keys_repaired,
+            "bytes_sent": report.bytes_sent,
+            "bytes_received": report.bytes_received,
+            "duration_ms": report.duration_ms,
+            "failures": report.failures.iter().map(|f| json!({
+                "peer": f.peer.to_string(),
+                "reason": f.reason,
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!(
+            "compared {} keys with {} peers in {} ms: {} repaired, {} bytes sent, {} received",
+            report.keys_compared,
+            report.peers,
+            report.duration_ms,
+            report.keys_repaired,
+            report.bytes_sent,
+            report.bytes_received
+        );
+        for f in &report.failures {
+            println!("  {} not compared: {}", f.peer, f.reason);
         }
     }
 }

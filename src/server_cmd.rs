@@ -34,6 +34,11 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.hints = !args.hints.no_hints;
     config.hint_ttl = Duration::from_secs(args.hints.hint_ttl_s);
     config.max_hints_per_target = args.hints.max_hints_per_target;
+    config.anti_entropy_interval = match args.anti_entropy.anti_entropy_interval_s {
+        0 => None,
+        s => Some(Duration::from_secs(s)),
+    };
+    config.tombstone_grace = Duration::from_secs(args.anti_entropy.tombstone_grace_s);
     let handle = Node::start(config).await.map_err(node_failure)?;
     println!("node {} serving on {}", handle.id(), handle.addr());
     wait_for_signal().await;

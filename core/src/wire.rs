@@ -308,6 +308,11 @@ pub struct NodeStatus {
     pub up: bool,
     /// Hints the node holds for others; `None` when it could not be asked.
     pub hints_pending: Option<u64>,
+    /// When the node last finished an anti-entropy round (ms since the Unix
+    /// epoch); `None` if it has not, or could not be asked.
+    pub last_exchange_unix_ms: Option<u64>,
+    /// Keys its anti-entropy rounds repaired since it started.
+    pub keys_repaired: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

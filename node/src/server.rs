@@ -21,7 +21,12 @@ use ringkv_core::wire::{
     StatusReply,
 };
 use ringkv_core::{NodeId, Transport};
+use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
 use ringkv_repair::handoff::{self, HandoffConfig};
+use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
+use ringkv_repair::tombstones;
+use ringkv_repair::trees::ReplicaTrees;
+use ringkv_ring::Ring;
 use ringkv_repair::hints::{self, HintBook, HintConfig};
 use ringkv_repair::read_repair::{self, ReadRepairQueue};
 use tokio::sync::watch;
@@ -59,6 +64,10 @@ pub struct NodeConfig {
     /// The hint window: hints whose newest write is older are dropped.
     pub hint_ttl: Duration,
     pub max_hints_per_target: u64,
+    /// Time between anti-entropy rounds; `None` runs them only on demand.
+    pub anti_entropy_interval: Option<Duration>,
+    /// How long a tombstone is kept at least (see `ringkv_repair::tombstones`).
+    pub tombstone_grace: Duration,
 }
 
 impl NodeConfig {
@@ -78,6 +87,10 @@ impl NodeConfig {
             hints: true,
             hint_ttl: Duration::from_secs(hints::DEFAULT_HINT_TTL_S),
             max_hints_per_target: hints::DEFAULT_MAX_HINTS_PER_TARGET,
+            anti_entropy_interval: Some(Duration::from_secs(
+                anti_entropy::DEFAULT_ANTI_ENTROPY_INTERVAL_S,
+            )),
+            tombstone_grace: Duration::from_secs(tombstones::DEFAULT_TOMBSTONE_GRACE_S),
         }
     }
 
@@ -110,6 +123,9 @@ impl NodeConfig {
                     ringkv_core::node_id::NODE_NAME_MAX_BYTES
                 ),
             });
+        }
+        if self.tombstone_grace.is_zero() {
+            return bad("--tombstone-grace-s must be at least 1");
         }
         if self.listen.ip().is_unspecified() {
             return bad("--listen needs the address peers reach this node at, not 0.0.0.0 or [::]");
@@ -200,6 +216,9 @@ struct NodeInner {
     read_repair: ReadRepairQueue,
     detector: Arc<FailureDetector>,
     hints: Arc<HintBook<Arc<Storage>>>,
+    anti_entropy: Arc<AntiEntropy<QuicTransport>>,
+    /// The ring each install puts in effect, for the tree rebuilder.
+    ring_tx: watch::Sender<Option<Arc<Ring>>>,
 }
 
 impl NodeInner {
@@ -223,7 +242,19 @@ impl NodeInner {
                     format!("{owner} is not a member of this cluster as {} knows it; no hint is kept for it", self.id),
                 )
             }
+            Request::Replica(
+                r @ (ReplicaRequest::TreeHashes { .. } | ReplicaRequest::LeafItems { .. }),
+            ) => {
+                // Leaf listings read RocksDB: off the async workers.
+                let anti_entropy = self.anti_entropy.clone();
+                tokio::task::spawn_blocking(move || anti_entropy.answer(&r))
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| Response::error(ErrorKind::Internal, "tree answer failed"))
+            }
             Request::Replica(r) => self.local.handle(r).await,
+            Request::Repair => Response::Repair(self.repair_round().await),
             Request::Ping => Response::Pong,
             Request::Join(j) => {
                 let (response, changed) = self.membership.handle_join(j);
@@ -240,7 +271,18 @@ impl NodeInner {
     fn stats(&self) -> NodeStats {
         NodeStats {
             hints_pending: self.hints.pending_total(),
+            last_exchange_unix_ms: self.anti_entropy.last_round_unix_ms(),
+            keys_repaired: self.anti_entropy.keys_repaired(),
         }
+    }
+
+    /// One anti-entropy round against every other member.
+    async fn repair_round(&self) -> ringkv_core::wire::RepairReport {
+        let peers = self.anti_entropy.trees().peers();
+        let detector = self.detector.clone();
+        self.anti_entropy
+            .round(&peers, &move |p: &NodeId| detector.is_up(p))
+            .await
     }
 
     /// Puts the newest cluster record into effect. Whoever calls, the ring
@@ -259,6 +301,7 @@ impl NodeInner {
             }
         };
         metrics::gauge!("ringkv_members").set(record.members.len() as f64);
+        self.ring_tx.send_replace(Some(ring.clone()));
         match self.coordinator.get() {
             Some(c) => c.set_ring(ring),
             None => {
@@ -319,6 +362,8 @@ impl NodeInner {
                     addr: m.addr.clone(),
                     up: m.id == self.id || self.detector.is_up(&m.id),
                     hints_pending: stats.get(&m.id).map(|s| s.hints_pending),
+                    last_exchange_unix_ms: stats.get(&m.id).and_then(|s| s.last_exchange_unix_ms),
+                    keys_repaired: stats.get(&m.id).map(|s| s.keys_repaired),
                 })
                 .collect(),
         })
@@ -368,6 +413,128 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
+/// Rebuilds the Merkle trees from the store for every ring an install puts
+/// in effect (several installs in quick succession give one rebuild), on
+/// the blocking pool, until shutdown.
+async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
+    let mut rings = inner.ring_tx.subscribe();
+    loop {
+        tokio::select! {
+            changed = rings.changed() => if changed.is_err() { break },
+            _ = shutdown.changed() => break,
+        }
+        let Some(ring) = rings.borrow_and_update().clone() else {
+            continue;
+        };
+        let (storage, trees) = (inner.storage.clone(), inner.anti_entropy.trees().clone());
+        let started = std::time::Instant::now();
+        let rebuilt =
+            tokio::task::spawn_blocking(move || storage.rebuild_trees(&trees, ring)).await;
+        match rebuilt {
+            Ok(Ok(keys)) => {
+                let seconds = started.elapsed().as_secs_f64();
+                metrics::histogram!("ringkv_merkle_rebuild_seconds").record(seconds);
+                tracing::info!(keys, seconds, "Merkle trees rebuilt");
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "Merkle tree rebuild failed; anti-entropy is off until the next ring change"),
+            Err(e) => tracing::error!(error = %e, "Merkle tree rebuild panicked"),
+        }
+    }
+}
+
+/// Runs an anti-entropy round every `interval` (never, if `None`) until shutdown.
+async fn anti_entropy_loop(
+    inner: Arc<NodeInner>,
+    interval: Option<Duration>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(interval) = interval else {
+        return;
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        tokio::select! {
+            report = inner.repair_round() => {
+                tracing::debug!(keys_repaired = report.keys_repaired, failures = report.failures.len(), "anti-entropy round");
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Keys checked per tombstone pass at most.
+const TOMBSTONE_PAGE: usize = 256;
+
+/// Collects tombstones past `grace` that every replica holds (see
+/// `ringkv_repair::tombstones`): a page of them every tick, until shutdown.
+async fn tombstone_loop(inner: Arc<NodeInner>, grace: Duration, mut shutdown: watch::Receiver<bool>) {
+    let tick_every = (grace / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resume: Option<Vec<u8>> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let Some(coordinator) = inner.coordinator.get() else {
+            continue;
+        };
+        let ring = coordinator.ring();
+        let cutoff = unix_ms().saturating_sub(grace.as_millis() as u64);
+        let storage = inner.storage.clone();
+        let after = resume.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            storage.tombstones_due(cutoff, after.as_deref(), TOMBSTONE_PAGE)
+        })
+        .await;
+        let (due, next) = match page {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "listing tombstones failed");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        resume = next;
+        for key in due {
+            if *shutdown.borrow() {
+                return;
+            }
+            let replica = inner.local.replica.clone();
+            let Ok(Some(ours)) = replica.read(&key) else {
+                continue;
+            };
+            let may = tombstones::confirm_collectable(
+                &*inner.transport,
+                &ring,
+                &inner.id,
+                &key,
+                &ours,
+                TOMBSTONE_CHECK_TIMEOUT,
+            )
+            .await;
+            metrics::counter!("ringkv_tombstones_checked_total").increment(1);
+            if !may {
+                continue;
+            }
+            let collected =
+                tokio::task::spawn_blocking(move || replica.collect_tombstone(&key, &ours)).await;
+            if let Ok(Ok(true)) = collected {
+                metrics::counter!("ringkv_tombstones_collected_total").increment(1);
+            }
+        }
+    }
+}
+
+/// How long a tombstone check waits for each replica.
+const TOMBSTONE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Wall-clock milliseconds since the Unix epoch, for hint ages (which must
 /// survive restarts). A clock before 1970 reads as 0.
 fn unix_ms() -> u64 {
@@ -396,6 +563,7 @@ pub struct NodeHandle {
     repair_worker: JoinHandle<()>,
     prober: JoinHandle<()>,
     handoff: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
     inner: Arc<NodeInner>,
 }
 
@@ -418,6 +586,9 @@ impl NodeHandle {
         let _ = self.repair_worker.await;
         let _ = self.prober.await;
         let _ = self.handoff.await;
+        for task in self.background {
+            let _ = task.await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Err(e) = self.inner.storage.mark_clean_shutdown() {
             tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
@@ -464,8 +635,23 @@ impl Node {
                 reason: e.to_string(),
             })?,
         );
+        // Until the first install the trees know only this node; the
+        // rebuilder replaces the ring (and fills the trees) at every install.
+        let solo = Arc::new(Ring::new([(config.id.clone(), 1)], 1).map_err(|e| {
+            NodeError::Config {
+                reason: e.to_string(),
+            }
+        })?);
+        let trees = Arc::new(
+            ReplicaTrees::new(config.id.clone(), solo, DEFAULT_LEAF_BITS).map_err(|e| {
+                NodeError::Config {
+                    reason: e.to_string(),
+                }
+            })?,
+        );
         let mut replica =
-            ReplicaService::new(config.id.actor(epoch), storage.clone(), config.max_siblings);
+            ReplicaService::new(config.id.actor(epoch), storage.clone(), config.max_siblings)
+                .with_observer(trees.clone());
         if config.hints {
             replica = replica.with_hints(hints.clone());
         }
@@ -477,6 +663,7 @@ impl Node {
             membership: membership.clone(),
             pool: PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT),
         });
+        let transport_for_repair = transport.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (read_repair, repair_worker) = ReadRepairQueue::start(
             transport.clone(),
@@ -498,7 +685,35 @@ impl Node {
             read_repair,
             detector: Arc::new(FailureDetector::new(DetectorConfig::default())),
             hints: hints.clone(),
+            anti_entropy: Arc::new(AntiEntropy::new(
+                trees.clone(),
+                storage.clone(),
+                transport_for_repair,
+                AntiEntropyConfig::default(),
+                Arc::new(unix_ms),
+            )),
+            ring_tx: watch::channel(None).0,
         });
+        let background = vec![
+            tokio::spawn(rebuild_loop(inner.clone(), shutdown_rx.clone())),
+            tokio::spawn(anti_entropy_loop(
+                inner.clone(),
+                config.anti_entropy_interval,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(tombstone_loop(
+                inner.clone(),
+                config.tombstone_grace,
+                shutdown_rx.clone(),
+            )),
+        ];
+        if config.hints && config.tombstone_grace < config.hint_ttl {
+            tracing::warn!(
+                grace_s = config.tombstone_grace.as_secs(),
+                hint_ttl_s = config.hint_ttl.as_secs(),
+                "--tombstone-grace-s is shorter than the hint window: a hint older than a collected tombstone could bring a deleted value back"
+            );
+        }
         let prober = tokio::spawn(probe_loop(inner.clone(), shutdown_rx.clone()));
         // Hints already held are delivered even with --no-hints: that flag
         // only stops new ones being stored.
@@ -521,6 +736,7 @@ impl Node {
             repair_worker,
             prober,
             handoff,
+            background,
             inner: inner.clone(),
         };
 

@@ -1,10 +1,23 @@
 //! Durable storage on RocksDB.
 //!
-//! Three column families: `data` maps a key to its [`Clock`] (every sibling
-//! and the causal history, rkyv-encoded), `hints` holds writes kept for other
-//! nodes that were down (see `ringkv_repair::hints`; apart from `data`, so a
-//! fallback never serves or repairs them as its own), and `meta` holds the
-//! node's identity and its record of the cluster.
+//! Five column families:
+//! - `data` maps a key to its [`Clock`] (every sibling and the causal
+//!   history, rkyv-encoded);
+//! - `merkle` indexes `data` for anti-entropy: `stable_hash64(key)` (8 bytes,
+//!   big-endian) then the key, mapped to the [`version_digest`] of its clock.
+//!   A Merkle leaf is a range of hash prefixes, so listing a leaf is one
+//!   range read, and rebuilding the trees reads this small index, not the
+//!   values;
+//! - `tombstones` maps each key whose clock holds only tombstones to when it
+//!   was stored (ms since the Unix epoch), so tombstone collection finds
+//!   them without a scan of `data`;
+//! - `hints` holds writes kept for other nodes that were down (see
+//!   `ringkv_repair::hints`; apart from `data`, so a fallback never serves
+//!   or repairs them as its own);
+//! - `meta` holds the node's identity and its record of the cluster.
+//!
+//! Invariant: `merkle` and `tombstones` always match `data`: every change to
+//! a key writes all three in one atomic `WriteBatch`.
 //!
 //! ## Durability
 //! Every `put` goes through RocksDB's write-ahead log before it returns, and
@@ -20,14 +33,22 @@ use std::path::{Path, PathBuf};
 use ringkv_coordinator::replica::{Store, StoreError};
 use ringkv_core::dvv::Clock;
 use ringkv_core::wire::{decode_clock, encode_clock};
+use ringkv_core::hash::stable_hash64;
+use ringkv_repair::anti_entropy::{is_deleted, LeafSource};
 use ringkv_repair::hints::{HintBackend, HintError};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteOptions, DB};
+use ringkv_repair::trees::ReplicaTrees;
+use ringkv_ring::Ring;
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
 use crate::error::NodeError;
 
 const CF_DATA: &str = "data";
 const CF_META: &str = "meta";
 const CF_HINTS: &str = "hints";
+const CF_MERKLE: &str = "merkle";
+const CF_TOMBSTONES: &str = "tombstones";
 
 /// A node's RocksDB database.
 pub struct Storage {
@@ -48,7 +69,7 @@ impl Storage {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
-        let cfs = [CF_DATA, CF_META, CF_HINTS]
+        let cfs = [CF_DATA, CF_META, CF_HINTS, CF_MERKLE, CF_TOMBSTONES]
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
             let reason = e.to_string();
@@ -63,11 +84,13 @@ impl Storage {
                 }
             }
         })?;
-        Ok(Storage {
+        let storage = Storage {
             db,
             path: path.to_path_buf(),
             sync,
-        })
+        };
+        storage.index_existing_data()?;
+        Ok(storage)
     }
 
     /// One of the column families opened in [`open`](Self::open).
@@ -154,6 +177,187 @@ impl Storage {
     }
 }
 
+const META_INDEXED: &str = "merkle_index_v1";
+
+/// The `merkle` index key of a data key: its hash, then itself.
+fn index_key(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&stable_hash64(key).to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// The data key and digest of a `merkle` index entry; `None` if malformed.
+fn parse_index(index: &[u8], value: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let key = index.get(8..)?;
+    let digest = u64::from_le_bytes(value.try_into().ok()?);
+    Some((key.to_vec(), digest))
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 before 1970).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn io(e: rocksdb::Error) -> NodeError {
+    NodeError::StorageIo {
+        reason: e.to_string(),
+    }
+}
+
+impl Storage {
+    /// Adds `key`'s new clock (already encoded) to `batch`, with its index
+    /// and tombstone entries.
+    fn batch_put(&self, batch: &mut WriteBatch, key: &[u8], clock: &Clock, encoded: &[u8]) {
+        batch.put_cf(self.cf(CF_DATA), key, encoded);
+        // The same bytes `version_digest` hashes: one encoding, not two.
+        let digest = stable_hash64(encoded);
+        batch.put_cf(self.cf(CF_MERKLE), index_key(key), digest.to_le_bytes());
+        if is_deleted(clock) {
+            batch.put_cf(self.cf(CF_TOMBSTONES), key, unix_ms().to_le_bytes());
+        } else {
+            batch.delete_cf(self.cf(CF_TOMBSTONES), key);
+        }
+    }
+
+    /// Builds the `merkle` and `tombstones` entries of a data dir written
+    /// before they existed. Runs once; a no-op on a new dir.
+    fn index_existing_data(&self) -> Result<(), NodeError> {
+        if self.meta_get(META_INDEXED)?.as_deref() == Some(&[1]) {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        let mut indexed = 0u64;
+        for item in self.db.iterator_cf(self.cf(CF_DATA), IteratorMode::Start) {
+            let (key, value) = item.map_err(io)?;
+            let Ok(clock) = decode_clock(&value) else {
+                tracing::warn!(key = %String::from_utf8_lossy(&key), "corrupt stored clock left out of the Merkle index");
+                continue;
+            };
+            self.batch_put(&mut batch, &key, &clock, &value);
+            indexed += 1;
+            if batch.len() >= 30_000 {
+                self.db.write(std::mem::take(&mut batch)).map_err(io)?;
+            }
+        }
+        self.db.write(batch).map_err(io)?;
+        if indexed > 0 {
+            tracing::info!(keys = indexed, "indexed existing data for anti-entropy");
+        }
+        self.meta_put(META_INDEXED, &[1])
+    }
+
+    /// Rebuilds `trees` for `ring` from a snapshot of the `merkle` index
+    /// while writes go on (see `ReplicaTrees::finish_rebuild`). Returns the
+    /// number of keys scanned.
+    pub fn rebuild_trees(&self, trees: &ReplicaTrees, ring: std::sync::Arc<Ring>) -> Result<u64, NodeError> {
+        trees.begin_rebuild();
+        let snapshot = self.db.snapshot();
+        let cf = self.cf(CF_MERKLE);
+        let mut failed = None;
+        let mut scanned = 0u64;
+        let items = snapshot
+            .iterator_cf(cf, IteratorMode::Start)
+            .map_while(|item| match item {
+                Ok(entry) => Some(entry),
+                Err(e) => {
+                    failed = Some(e);
+                    None
+                }
+            })
+            .filter_map(|(index, value)| parse_index(&index, &value))
+            .inspect(|_| scanned += 1);
+        let fresh = trees.build(ring, items);
+        if let Some(e) = failed {
+            trees.abandon_rebuild();
+            return Err(io(e));
+        }
+        let digest_in = |read: Option<Vec<u8>>| {
+            read.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(u64::from_le_bytes)
+        };
+        trees.finish_rebuild(fresh, |key| {
+            let index = index_key(key);
+            let then = digest_in(snapshot.get_cf(cf, &index).ok().flatten());
+            let now = digest_in(self.db.get_cf(cf, &index).ok().flatten());
+            (then, now)
+        });
+        Ok(scanned)
+    }
+
+    /// Up to `limit` keys, after `after`, whose tombstone was stored at or
+    /// before `cutoff_unix_ms`; and the last key looked at (to resume from),
+    /// `None` once the end is reached.
+    pub fn tombstones_due(
+        &self,
+        cutoff_unix_ms: u64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>), NodeError> {
+        let cf = self.cf(CF_TOMBSTONES);
+        let mode = match after {
+            Some(a) => IteratorMode::From(a, Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut due = Vec::new();
+        let mut looked = 0;
+        for item in self.db.iterator_cf(cf, mode) {
+            let (key, value) = item.map_err(io)?;
+            if Some(&key[..]) == after {
+                continue;
+            }
+            looked += 1;
+            let stored = <[u8; 8]>::try_from(&value[..]).map(u64::from_le_bytes).unwrap_or(0);
+            if stored <= cutoff_unix_ms {
+                due.push(key.to_vec());
+            }
+            if looked == limit {
+                return Ok((due, Some(key.to_vec())));
+            }
+        }
+        Ok((due, None))
+    }
+}
+
+/// Lists a leaf with one range read of the `merkle` index.
+impl LeafSource for Storage {
+    fn leaf_items(&self, leaf: usize, leaf_bits: u32) -> Result<Vec<(Vec<u8>, u64)>, String> {
+        let leaf_of_hash = |hash: u64| {
+            if leaf_bits == 0 {
+                0
+            } else {
+                (hash >> (64 - leaf_bits)) as usize
+            }
+        };
+        let start = if leaf_bits == 0 {
+            0u64
+        } else {
+            (leaf as u64) << (64 - leaf_bits)
+        };
+        let from = start.to_be_bytes();
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_MERKLE),
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        for item in iter {
+            let (index, value) = item.map_err(|e| e.to_string())?;
+            let Some(hash) = index.get(..8).map(|h| u64::from_be_bytes(h.try_into().expect("8 bytes"))) else {
+                continue;
+            };
+            if leaf_of_hash(hash) != leaf {
+                break;
+            }
+            if let Some(item) = parse_index(&index, &value) {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Store for Storage {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
         let cf = self.cf(CF_DATA);
@@ -171,10 +375,22 @@ impl Store for Storage {
     }
 
     fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
-        let cf = self.cf(CF_DATA);
-        let opts = self.data_write_options();
+        let mut batch = WriteBatch::default();
+        self.batch_put(&mut batch, key, clock, &encode_clock(clock));
         self.db
-            .put_cf_opt(cf, key, encode_clock(clock), &opts)
+            .write_opt(batch, &self.data_write_options())
+            .map_err(|e| StoreError::Io {
+                reason: e.to_string(),
+            })
+    }
+
+    fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_DATA), key);
+        batch.delete_cf(self.cf(CF_MERKLE), index_key(key));
+        batch.delete_cf(self.cf(CF_TOMBSTONES), key);
+        self.db
+            .write_opt(batch, &self.data_write_options())
             .map_err(|e| StoreError::Io {
                 reason: e.to_string(),
             })
