@@ -266,9 +266,11 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "The round runs on the node given by --node, against every other member; \
+#[command(
+    after_help = "The round runs on the node given by --node, against every other member; \
     each side gets the merge of both versions (concurrent siblings are kept). \
-    Exits 0 when every peer was compared, 4 when some could not be (they are listed).")]
+    Exits 0 when every peer was compared, 4 when some could not be (they are listed)."
+)]
 pub struct RepairArgs {
     #[command(flatten)]
     pub target: Target,

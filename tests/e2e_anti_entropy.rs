@@ -111,7 +111,11 @@ fn repair_brings_a_restarted_replica_every_key_without_any_read() {
     // request deadline (2 s); let those attempts end before n3 returns.
     std::thread::sleep(Duration::from_millis(2500));
     c.restart(2);
-    assert_eq!(rt.block_on(missing_locally(c.nodes[2].addr)), KEYS, "n3 missed every write");
+    assert_eq!(
+        rt.block_on(missing_locally(c.nodes[2].addr)),
+        KEYS,
+        "n3 missed every write"
+    );
 
     let first = repair(&c, 2);
     assert_eq!(first["peers"], 2, "{first}");
@@ -122,7 +126,10 @@ fn repair_brings_a_restarted_replica_every_key_without_any_read() {
     assert_eq!(second["keys_repaired"], 0, "{second}");
     assert_eq!(second["keys_compared"], 2 * KEYS, "{second}");
     let bytes = second["bytes_sent"].as_u64().unwrap() + second["bytes_received"].as_u64().unwrap();
-    assert!(bytes < 64 * 1024, "identical replicas exchange roots only: {second}");
+    assert!(
+        bytes < 64 * 1024,
+        "identical replicas exchange roots only: {second}"
+    );
 
     // status reports the round and the keys it repaired.
     let status = json(&c.cli(2, &["status", "--json"]));
@@ -134,7 +141,10 @@ fn repair_brings_a_restarted_replica_every_key_without_any_read() {
         .unwrap()
         .clone();
     assert_eq!(n3["keys_repaired"], KEYS, "{status}");
-    assert!(n3["last_exchange_unix_ms"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        n3["last_exchange_unix_ms"].as_u64().unwrap() > 0,
+        "{status}"
+    );
 }
 
 /// A sample summed over every node's metrics endpoint.
@@ -171,7 +181,10 @@ fn a_delete_missed_by_a_replica_never_comes_back() {
     }
     c.kill(2);
     for k in ["by-repair", "by-read"] {
-        assert_exit(&c.cli(0, &["delete", k, "-w", "quorum", "--timeout-ms", "1000"]), 0);
+        assert_exit(
+            &c.cli(0, &["delete", k, "-w", "quorum", "--timeout-ms", "1000"]),
+            0,
+        );
     }
 
     // Past the grace period the tombstones are checked but kept: n3, which
@@ -186,17 +199,25 @@ fn a_delete_missed_by_a_replica_never_comes_back() {
     for k in ["by-repair", "by-read"] {
         assert_eq!(values(&c.cli(2, &["get", k, "--local", "--json"])), ["old"]);
     }
-    assert_exit(&c.cli(2, &["get", "by-read", "-r", "all", "--wait-repair"]), 1);
+    assert_exit(
+        &c.cli(2, &["get", "by-read", "-r", "all", "--wait-repair"]),
+        1,
+    );
     assert_exit(&c.cli(2, &["get", "by-read", "--local"]), 1);
 
     let report = repair(&c, 2);
-    assert_eq!(report["keys_repaired"], 1, "only by-repair was left: {report}");
+    assert_eq!(
+        report["keys_repaired"], 1,
+        "only by-repair was left: {report}"
+    );
     assert_exit(&c.cli(2, &["get", "by-repair", "--local"]), 1);
 
     // Now every replica holds both tombstones: each node collects them.
-    c.eventually(Duration::from_secs(20), "tombstones collected everywhere", || {
-        total(&endpoints, "ringkv_tombstones_collected_total") >= 6.0
-    });
+    c.eventually(
+        Duration::from_secs(20),
+        "tombstones collected everywhere",
+        || total(&endpoints, "ringkv_tombstones_collected_total") >= 6.0,
+    );
     for i in 0..3 {
         let report = repair(&c, i);
         assert_eq!(report["keys_repaired"], 0, "n{}: {report}", i + 1);
@@ -211,9 +232,11 @@ fn a_delete_missed_by_a_replica_never_comes_back() {
     let report = repair(&c, 0);
     assert_eq!(report["keys_repaired"], 0, "{report}");
     // n2's pooled connection to the old n1 fails once; a retry reconnects.
-    c.eventually(Duration::from_secs(10), "a read through n2 sees no value", || {
-        c.cli(1, &["get", "by-repair", "-r", "all"]).status.code() == Some(1)
-    });
+    c.eventually(
+        Duration::from_secs(10),
+        "a read through n2 sees no value",
+        || c.cli(1, &["get", "by-repair", "-r", "all"]).status.code() == Some(1),
+    );
 }
 
 #[test]
@@ -227,17 +250,35 @@ fn siblings_written_on_both_sides_of_a_split_survive_repair() {
     // Side A: n1 alone.
     c.kill(1);
     c.kill(2);
-    assert_exit(&c.cli(0, &["put", "cart", "left", "-w", "1", "--timeout-ms", "500"]), 0);
+    assert_exit(
+        &c.cli(
+            0,
+            &["put", "cart", "left", "-w", "1", "--timeout-ms", "500"],
+        ),
+        0,
+    );
     // Side B: n2 and n3, without n1.
     c.kill(0);
     c.restart(1);
     c.restart(2);
-    assert_exit(&c.cli(1, &["put", "cart", "right", "-w", "2", "--timeout-ms", "1000"]), 0);
+    assert_exit(
+        &c.cli(
+            1,
+            &["put", "cart", "right", "-w", "2", "--timeout-ms", "1000"],
+        ),
+        0,
+    );
     c.restart(0);
-    assert_eq!(values(&c.cli(0, &["get", "cart", "--local", "--json"])), ["left"]);
+    assert_eq!(
+        values(&c.cli(0, &["get", "cart", "--local", "--json"])),
+        ["left"]
+    );
 
     let report = repair(&c, 0);
-    assert_eq!(report["keys_repaired"], 2, "one key, made whole with each peer: {report}");
+    assert_eq!(
+        report["keys_repaired"], 2,
+        "one key, made whole with each peer: {report}"
+    );
     for i in 0..3 {
         let mut got = values(&c.cli(i, &["get", "cart", "--local", "--json"]));
         got.sort();

@@ -14,8 +14,8 @@ use ringkv_core::hash::stable_hash64;
 use ringkv_core::wire::CLOCK_MAX_BYTES;
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
 use ringkv_core::NodeId;
-use ringkv_repair::hints::{HintError, HintStore};
 use ringkv_repair::anti_entropy::LeafSource;
+use ringkv_repair::hints::{HintError, HintStore};
 use ringkv_repair::merkle::leaf_of;
 use ringkv_repair::trees::{version_digest, ChangeObserver};
 

@@ -26,9 +26,9 @@ use crate::failure::{probe_round, DetectorConfig, FailureDetector};
 use crate::replica::{MemStore, ReplicaService};
 use ringkv_repair::anti_entropy::{AntiEntropy, AntiEntropyConfig};
 use ringkv_repair::handoff::{self, HandoffConfig};
-use ringkv_repair::trees::ReplicaTrees;
 use ringkv_repair::hints::{HintBook, HintConfig, HintError, MemHintBackend, WallClock};
 use ringkv_repair::read_repair::{ReadRepairQueue, DEFAULT_QUEUE_CAPACITY};
+use ringkv_repair::trees::ReplicaTrees;
 
 /// What a simulated node does with a request.
 pub trait SimHandler: Send + Sync + 'static {

@@ -32,7 +32,10 @@ async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
     let c = cluster();
     c.net.down(&c.id("n3"));
     for k in 0..50 {
-        assert_ok(&c.put("n1", &format!("k{k}"), &format!("v{k}"), Quorum, None).await);
+        assert_ok(
+            &c.put("n1", &format!("k{k}"), &format!("v{k}"), Quorum, None)
+                .await,
+        );
     }
     c.net.up(&c.id("n3"));
     assert!(c.local_values("n3", "k0").is_empty());
@@ -51,7 +54,8 @@ async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
         "no client request: {log:?}"
     );
     assert!(
-        !log.iter().any(|l| l.starts_with("n3 -> n2") && l.ends_with("Sync")),
+        !log.iter()
+            .any(|l| l.starts_with("n3 -> n2") && l.ends_with("Sync")),
         "n2 was current once n3 had n1's versions: {log:?}"
     );
 
@@ -65,10 +69,7 @@ async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
         2,
         "identical replicas compare roots only: {log:?}"
     );
-    assert!(
-        again.bytes_sent + again.bytes_received < 1024,
-        "{again:?}"
-    );
+    assert!(again.bytes_sent + again.bytes_received < 1024, "{again:?}");
     assert_eq!(again.keys_compared, 100, "50 keys shared with each peer");
 }
 
@@ -125,7 +126,11 @@ async fn a_delete_missed_by_a_replica_stays_deleted_through_repair_and_collectio
             confirm_collectable(&t, &c.ring, &c.id(node), b"gone", &ours, timeout).await,
             "{node} may collect"
         );
-        assert!(c.node(node).replica.collect_tombstone(b"gone", &ours).unwrap());
+        assert!(c
+            .node(node)
+            .replica
+            .collect_tombstone(b"gone", &ours)
+            .unwrap());
     }
     for node in ["n1", "n2", "n3"] {
         assert_eq!(c.node(node).replica.read(b"gone").unwrap(), None, "{node}");

@@ -23,12 +23,12 @@ use ringkv_core::wire::{
 use ringkv_core::{NodeId, Transport};
 use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
 use ringkv_repair::handoff::{self, HandoffConfig};
+use ringkv_repair::hints::{self, HintBook, HintConfig};
 use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
+use ringkv_repair::read_repair::{self, ReadRepairQueue};
 use ringkv_repair::tombstones;
 use ringkv_repair::trees::ReplicaTrees;
 use ringkv_ring::Ring;
-use ringkv_repair::hints::{self, HintBook, HintConfig};
-use ringkv_repair::read_repair::{self, ReadRepairQueue};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -418,6 +418,9 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
 /// the blocking pool, until shutdown.
 async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut rings = inner.ring_tx.subscribe();
+    // An install may have come before this task first ran: treat the
+    // current ring as new.
+    rings.mark_changed();
     loop {
         tokio::select! {
             changed = rings.changed() => if changed.is_err() { break },
@@ -436,7 +439,9 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
                 metrics::histogram!("ringkv_merkle_rebuild_seconds").record(seconds);
                 tracing::info!(keys, seconds, "Merkle trees rebuilt");
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "Merkle tree rebuild failed; anti-entropy is off until the next ring change"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "Merkle tree rebuild failed; anti-entropy is off until the next ring change")
+            }
             Err(e) => tracing::error!(error = %e, "Merkle tree rebuild panicked"),
         }
     }
@@ -472,7 +477,11 @@ const TOMBSTONE_PAGE: usize = 256;
 
 /// Collects tombstones past `grace` that every replica holds (see
 /// `ringkv_repair::tombstones`): a page of them every tick, until shutdown.
-async fn tombstone_loop(inner: Arc<NodeInner>, grace: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn tombstone_loop(
+    inner: Arc<NodeInner>,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let tick_every = (grace / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -637,11 +646,12 @@ impl Node {
         );
         // Until the first install the trees know only this node; the
         // rebuilder replaces the ring (and fills the trees) at every install.
-        let solo = Arc::new(Ring::new([(config.id.clone(), 1)], 1).map_err(|e| {
-            NodeError::Config {
-                reason: e.to_string(),
-            }
-        })?);
+        let solo =
+            Arc::new(
+                Ring::new([(config.id.clone(), 1)], 1).map_err(|e| NodeError::Config {
+                    reason: e.to_string(),
+                })?,
+            );
         let trees = Arc::new(
             ReplicaTrees::new(config.id.clone(), solo, DEFAULT_LEAF_BITS).map_err(|e| {
                 NodeError::Config {

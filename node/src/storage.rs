@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 
 use ringkv_coordinator::replica::{Store, StoreError};
 use ringkv_core::dvv::Clock;
-use ringkv_core::wire::{decode_clock, encode_clock};
 use ringkv_core::hash::stable_hash64;
+use ringkv_core::wire::{decode_clock, encode_clock};
 use ringkv_repair::anti_entropy::{is_deleted, LeafSource};
 use ringkv_repair::hints::{HintBackend, HintError};
 use ringkv_repair::trees::ReplicaTrees;
@@ -179,6 +179,9 @@ impl Storage {
 
 const META_INDEXED: &str = "merkle_index_v1";
 
+/// Keys whose tombstones are due, and the key to resume after (`None` at the end).
+pub type TombstonePage = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
 /// The `merkle` index key of a data key: its hash, then itself.
 fn index_key(key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + key.len());
@@ -252,7 +255,11 @@ impl Storage {
     /// Rebuilds `trees` for `ring` from a snapshot of the `merkle` index
     /// while writes go on (see `ReplicaTrees::finish_rebuild`). Returns the
     /// number of keys scanned.
-    pub fn rebuild_trees(&self, trees: &ReplicaTrees, ring: std::sync::Arc<Ring>) -> Result<u64, NodeError> {
+    pub fn rebuild_trees(
+        &self,
+        trees: &ReplicaTrees,
+        ring: std::sync::Arc<Ring>,
+    ) -> Result<u64, NodeError> {
         trees.begin_rebuild();
         let snapshot = self.db.snapshot();
         let cf = self.cf(CF_MERKLE);
@@ -295,7 +302,7 @@ impl Storage {
         cutoff_unix_ms: u64,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>), NodeError> {
+    ) -> Result<TombstonePage, NodeError> {
         let cf = self.cf(CF_TOMBSTONES);
         let mode = match after {
             Some(a) => IteratorMode::From(a, Direction::Forward),
@@ -309,7 +316,9 @@ impl Storage {
                 continue;
             }
             looked += 1;
-            let stored = <[u8; 8]>::try_from(&value[..]).map(u64::from_le_bytes).unwrap_or(0);
+            let stored = <[u8; 8]>::try_from(&value[..])
+                .map(u64::from_le_bytes)
+                .unwrap_or(0);
             if stored <= cutoff_unix_ms {
                 due.push(key.to_vec());
             }
@@ -344,7 +353,10 @@ impl LeafSource for Storage {
         );
         for item in iter {
             let (index, value) = item.map_err(|e| e.to_string())?;
-            let Some(hash) = index.get(..8).map(|h| u64::from_be_bytes(h.try_into().expect("8 bytes"))) else {
+            let Some(hash) = index
+                .get(..8)
+                .map(|h| u64::from_be_bytes(h.try_into().expect("8 bytes")))
+            else {
                 continue;
             };
             if leaf_of_hash(hash) != leaf {
@@ -513,6 +525,125 @@ mod tests {
         // A crashed --sync run lost nothing: same epoch.
         let s = Storage::open(dir.path(), false).unwrap();
         assert_eq!(s.begin_epoch().unwrap(), second);
+    }
+
+    fn ring() -> std::sync::Arc<Ring> {
+        let ids = ["n1", "n2", "n3", "n4"].map(|n| (NodeId::new(n).unwrap(), 16));
+        std::sync::Arc::new(Ring::new(ids, 3).unwrap())
+    }
+
+    fn value(v: &str, context: &Clock, actor: &str) -> Clock {
+        let mut c = context.clone();
+        c.update(
+            &context.context(),
+            Payload::Value(v.as_bytes().to_vec()),
+            &NodeId::new(actor).unwrap(),
+        );
+        c
+    }
+
+    #[test]
+    fn the_merkle_and_tombstone_indexes_follow_every_change() {
+        use ringkv_repair::trees::version_digest;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        let mut expected = std::collections::BTreeMap::new();
+        for k in 0..300 {
+            let key = format!("k{k}").into_bytes();
+            let clock = value("v", &Clock::new(), "a");
+            Store::put(&s, &key, &clock).unwrap();
+            expected.insert(key, version_digest(&clock));
+        }
+        // Overwrite one, delete (tombstone) another, remove a third.
+        let newer = value("w", &Store::get(&s, b"k1").unwrap().unwrap(), "b");
+        Store::put(&s, b"k1", &newer).unwrap();
+        expected.insert(b"k1".to_vec(), version_digest(&newer));
+        let mut tomb = Store::get(&s, b"k2").unwrap().unwrap();
+        tomb.update(
+            &tomb.context(),
+            Payload::Tombstone,
+            &NodeId::new("a").unwrap(),
+        );
+        Store::put(&s, b"k2", &tomb).unwrap();
+        expected.insert(b"k2".to_vec(), version_digest(&tomb));
+        Store::delete(&s, b"k3").unwrap();
+        expected.remove(b"k3".as_slice());
+
+        for bits in [0, 4, 8] {
+            let mut listed = std::collections::BTreeMap::new();
+            for leaf in 0..(1usize << bits) {
+                for (key, digest) in s.leaf_items(leaf, bits).unwrap() {
+                    assert_eq!(ringkv_repair::merkle::leaf_of(&key, bits), leaf);
+                    listed.insert(key, digest);
+                }
+            }
+            assert_eq!(listed, expected, "leaf listings with {bits} bits");
+        }
+        let (due, next) = s.tombstones_due(u64::MAX, None, 100).unwrap();
+        assert_eq!((due, next), (vec![b"k2".to_vec()], None));
+        let (due, _) = s.tombstones_due(0, None, 100).unwrap();
+        assert!(due.is_empty(), "not yet past the cutoff");
+        Store::put(&s, b"k2", &value("again", &tomb, "a")).unwrap();
+        assert!(
+            s.tombstones_due(u64::MAX, None, 100).unwrap().0.is_empty(),
+            "written again"
+        );
+    }
+
+    #[test]
+    fn trees_rebuilt_while_writes_go_on_match_a_quiet_rebuild() {
+        use ringkv_coordinator::replica::ReplicaService;
+        use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Storage::open(dir.path(), false).unwrap());
+        let me = NodeId::new("n1").unwrap();
+        let trees =
+            std::sync::Arc::new(ReplicaTrees::new(me.clone(), ring(), DEFAULT_LEAF_BITS).unwrap());
+        let replica = std::sync::Arc::new(
+            ReplicaService::new(me.clone(), s.clone(), 10).with_observer(trees.clone()),
+        );
+        for k in 0..500 {
+            replica
+                .update(
+                    format!("k{k}").as_bytes(),
+                    &Default::default(),
+                    Payload::Value(b"0".to_vec()),
+                )
+                .unwrap();
+        }
+        let writer = {
+            let replica = replica.clone();
+            std::thread::spawn(move || {
+                for i in 0..3000 {
+                    let key = format!("k{}", (i * 7) % 600);
+                    let current = replica.read(key.as_bytes()).unwrap().unwrap_or_default();
+                    replica
+                        .update(
+                            key.as_bytes(),
+                            &current.context(),
+                            Payload::Value(i.to_string().into_bytes()),
+                        )
+                        .unwrap();
+                }
+            })
+        };
+        let mut rebuilds = 0;
+        while !writer.is_finished() || rebuilds == 0 {
+            s.rebuild_trees(&trees, ring()).unwrap();
+            rebuilds += 1;
+        }
+        writer.join().unwrap();
+        assert!(trees.is_ready());
+        let quiet = ReplicaTrees::new(me, ring(), DEFAULT_LEAF_BITS).unwrap();
+        s.rebuild_trees(&quiet, ring()).unwrap();
+        for peer in ["n2", "n3", "n4"] {
+            let peer = NodeId::new(peer).unwrap();
+            assert_eq!(
+                trees.tree_for(&peer),
+                quiet.tree_for(&peer),
+                "{peer} after {rebuilds} rebuilds"
+            );
+        }
     }
 
     #[test]

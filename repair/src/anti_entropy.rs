@@ -226,7 +226,10 @@ impl<T: Transport> AntiEntropy<T> {
     fn shared_items(&self, peer: &NodeId, leaves: &[u32]) -> Result<Vec<KeyDigest>, String> {
         let mut out = Vec::new();
         for leaf in leaves {
-            for (key, digest) in self.leaves.leaf_items(*leaf as usize, self.trees.leaf_bits())? {
+            for (key, digest) in self
+                .leaves
+                .leaf_items(*leaf as usize, self.trees.leaf_bits())?
+            {
                 if self.trees.shares_with(&key, peer) {
                     out.push(KeyDigest { key, digest });
                 }
@@ -237,7 +240,11 @@ impl<T: Transport> AntiEntropy<T> {
 
     /// One round against `peers` (skipping those `is_up` says are down):
     /// the report `ringkv repair` prints.
-    pub async fn round(&self, peers: &[NodeId], is_up: &(dyn Fn(&NodeId) -> bool + Sync)) -> RepairReport {
+    pub async fn round(
+        &self,
+        peers: &[NodeId],
+        is_up: &(dyn Fn(&NodeId) -> bool + Sync),
+    ) -> RepairReport {
         let _one_at_a_time = self.round_lock.lock().await;
         let started = Instant::now();
         let mut report = RepairReport {
@@ -278,7 +285,8 @@ impl<T: Transport> AntiEntropy<T> {
             .store((self.now_ms)().max(1), Ordering::Relaxed);
         counter!("ringkv_anti_entropy_rounds_total").increment(1);
         counter!("ringkv_anti_entropy_keys_repaired_total").increment(report.keys_repaired);
-        counter!("ringkv_anti_entropy_bytes_total", "direction" => "sent").increment(report.bytes_sent);
+        counter!("ringkv_anti_entropy_bytes_total", "direction" => "sent")
+            .increment(report.bytes_sent);
         counter!("ringkv_anti_entropy_bytes_total", "direction" => "received")
             .increment(report.bytes_received);
         histogram!("ringkv_anti_entropy_round_seconds").record(started.elapsed().as_secs_f64());
@@ -295,16 +303,20 @@ impl<T: Transport> AntiEntropy<T> {
         tally
             .bytes_sent
             .fetch_add(encode_request(&request).len() as u64, Ordering::Relaxed);
-        let answer = tokio::time::timeout(self.config.call_timeout, self.transport.call(peer, request))
-            .await
-            .map_err(|_| AntiEntropyError::Unreachable {
-                peer: peer.clone(),
-                reason: format!("no answer within {} ms", self.config.call_timeout.as_millis()),
-            })?
-            .map_err(|e| AntiEntropyError::Unreachable {
-                peer: peer.clone(),
-                reason: e.to_string(),
-            })?;
+        let answer =
+            tokio::time::timeout(self.config.call_timeout, self.transport.call(peer, request))
+                .await
+                .map_err(|_| AntiEntropyError::Unreachable {
+                    peer: peer.clone(),
+                    reason: format!(
+                        "no answer within {} ms",
+                        self.config.call_timeout.as_millis()
+                    ),
+                })?
+                .map_err(|e| AntiEntropyError::Unreachable {
+                    peer: peer.clone(),
+                    reason: e.to_string(),
+                })?;
         tally
             .bytes_received
             .fetch_add(encode_response(&answer).len() as u64, Ordering::Relaxed);
@@ -342,7 +354,11 @@ impl<T: Transport> AntiEntropy<T> {
     }
 
     /// The leaves where this node's tree for `peer` and `peer`'s for this node differ.
-    async fn differing_leaves(&self, peer: &NodeId, tally: &Tally) -> Result<Vec<usize>, AntiEntropyError> {
+    async fn differing_leaves(
+        &self,
+        peer: &NodeId,
+        tally: &Tally,
+    ) -> Result<Vec<usize>, AntiEntropyError> {
         let depth = (self.trees.leaf_bits() / FANOUT_BITS) as usize;
         let mut frontier = vec![0usize];
         for level in 0..=depth {

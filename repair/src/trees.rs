@@ -145,14 +145,19 @@ impl ReplicaTrees {
     /// Call before taking the store snapshot the scan reads.
     pub fn begin_rebuild(&self) {
         let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
-        self.ready.store(false, std::sync::atomic::Ordering::Release);
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Release);
         *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Some(HashSet::new());
     }
 
     /// Builds trees for `ring` from `(key, version digest)` pairs: the
     /// scan of a store snapshot. Keys this node does not replicate are
     /// skipped. Takes no lock; writes go on meanwhile.
-    pub fn build(&self, ring: Arc<Ring>, items: impl Iterator<Item = (Vec<u8>, u64)>) -> FreshTrees {
+    pub fn build(
+        &self,
+        ring: Arc<Ring>,
+        items: impl Iterator<Item = (Vec<u8>, u64)>,
+    ) -> FreshTrees {
         let mut trees: HashMap<NodeId, MerkleTree> = HashMap::new();
         for (key, digest) in items {
             let item = item_hash(&key, digest);
