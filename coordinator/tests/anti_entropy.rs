@@ -157,3 +157,51 @@ async fn a_bare_tombstone_is_not_copied_to_a_replica_that_collected_it() {
     assert_eq!(report.keys_repaired, 0, "{report:?}");
     assert_eq!(c.node("n1").replica.read(b"k").unwrap(), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn malformed_tree_requests_are_refused_without_harm() {
+    use ringkv_coordinator::sim::SimHandler;
+    use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request};
+    let c = cluster();
+    let ask = |r: ReplicaRequest| c.node("n1").handle(Request::Replica(r));
+    let peer = c.id("n2");
+    let refused = |r: Response, what: &str| match r {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest, "{what}: {}", e.message);
+            e.message
+        }
+        other => panic!("{what}: {other:?}"),
+    };
+    let wrong_shape = ask(ReplicaRequest::TreeHashes {
+        peer: peer.clone(),
+        leaf_bits: 12,
+        level: 0,
+        indexes: vec![0],
+    })
+    .await;
+    assert!(refused(wrong_shape, "shape").contains("2^12 leaves"));
+    let too_deep = ask(ReplicaRequest::TreeHashes {
+        peer: peer.clone(),
+        leaf_bits: 8,
+        level: 9,
+        indexes: vec![0],
+    })
+    .await;
+    assert!(refused(too_deep, "level").contains("level 9"));
+    let no_such_leaf = ask(ReplicaRequest::LeafItems {
+        peer: peer.clone(),
+        leaf_bits: 8,
+        leaves: vec![256],
+    })
+    .await;
+    assert!(refused(no_such_leaf, "leaf").contains("leaf 256"));
+    // Indexes past the end of a level read as empty nodes, not a panic.
+    let past_end = ask(ReplicaRequest::TreeHashes {
+        peer,
+        leaf_bits: 8,
+        level: 1,
+        indexes: vec![u32::MAX],
+    })
+    .await;
+    assert_eq!(past_end, Response::Hashes(vec![0]));
+}
