@@ -10,7 +10,9 @@
 #     DURING keys running on n3 (kill n3, write DURING keys, restart, repair
 #     in the background while `ringkv bench` puts through n1 and n2).
 #
-#   bench/anti_entropy.sh [KEYS] [DIVERGENT] [RUNS] [DURING]   # defaults 1000000 100 3 50000
+#   bench/anti_entropy.sh [KEYS] [DIVERGENT] [RUNS] [DURING]   # defaults 1000000 100 3 20000
+#
+# REPAIR_KEYS_PER_S=N in the environment passes --repair-keys-per-s N to the nodes.
 #
 # Needs release builds: cargo build --release --bin ringkv && cargo build --release -p ringkv-bench --bin ringkv-load
 set -euo pipefail
@@ -18,7 +20,9 @@ cd "$(dirname "$0")/.."
 keys=${1:-1000000}
 divergent=${2:-100}
 runs=${3:-3}
-during=${4:-50000}
+during=${4:-20000}
+rate=()
+[ -n "${REPAIR_KEYS_PER_S:-}" ] && rate=(--repair-keys-per-s "$REPAIR_KEYS_PER_S")
 rel="${CARGO_TARGET_DIR:-target}/release"
 bin="$rel/ringkv"
 load="$rel/ringkv-load"
@@ -36,7 +40,7 @@ start() { # id port [seed]
   [ -n "${3:-}" ] && extra=(--seed "$3")
   : > "$dir/$1.out"
   "$bin" --log info node --id "$1" --listen "127.0.0.1:$2" --data-dir "$dir/$1" --replicas 3 \
-    --no-hints --anti-entropy-interval-s 0 "${extra[@]}" >> "$dir/$1.out" 2>&1 &
+    --no-hints --anti-entropy-interval-s 0 "${rate[@]}" "${extra[@]}" >> "$dir/$1.out" 2>&1 &
   pid[$1]=$!
   for _ in $(seq 300); do grep -q "serving on" "$dir/$1.out" 2>/dev/null && return 0; sleep 0.1; done
   echo "node $1 did not start:" >&2; cat "$dir/$1.out" >&2; exit 1

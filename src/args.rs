@@ -120,6 +120,9 @@ pub struct AntiEntropyArgs {
     /// Seconds between anti-entropy rounds, in which this node compares Merkle trees with every peer and repairs what differs; 0 runs them only on demand (`ringkv repair`).
     #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_ANTI_ENTROPY_INTERVAL_S)]
     pub anti_entropy_interval_s: u64,
+    /// Most keys anti-entropy repairs per second, so that a large repair does not crowd out client requests.
+    #[arg(long, value_name = "KEYS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_REPAIR_KEYS_PER_S, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repair_keys_per_s: u32,
     /// Keep a delete's tombstone at least this long, and until every replica of the key holds it; then it is collected. Keep it longer than --hint-ttl-s, or an old hint could bring a deleted value back. Default: 1 day.
     #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::tombstones::DEFAULT_TOMBSTONE_GRACE_S, value_parser = clap::value_parser!(u64).range(1..))]
     pub tombstone_grace_s: u64,

@@ -39,6 +39,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
         s => Some(Duration::from_secs(s)),
     };
     config.tombstone_grace = Duration::from_secs(args.anti_entropy.tombstone_grace_s);
+    config.repair_keys_per_s = args.anti_entropy.repair_keys_per_s;
     let handle = Node::start(config).await.map_err(node_failure)?;
     println!("node {} serving on {}", handle.id(), handle.addr());
     wait_for_signal().await;

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use ringkv_core::dvv::{Clock, Payload, VersionVector, CLOCK_ENTRIES_MAX};
 use ringkv_core::hash::stable_hash64;
-use ringkv_core::wire::CLOCK_MAX_BYTES;
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
+use ringkv_core::wire::{CLOCK_MAX_BYTES, READ_BATCH_REPLY_BYTES};
 use ringkv_core::NodeId;
 use ringkv_repair::anti_entropy::LeafSource;
 use ringkv_repair::hints::{HintError, HintStore};
@@ -269,6 +269,11 @@ impl<S: Store> ReplicaService<S> {
             ReplicaRequest::Hint { owner, key, clock } => {
                 self.hint(&owner, &key, &clock).map(|()| None)
             }
+            ReplicaRequest::ReadBatch { keys } => return self.read_batch(&keys),
+            ReplicaRequest::SyncBatch { items } => items
+                .iter()
+                .try_for_each(|i| self.sync(&i.key, &i.clock).map(|_| ()))
+                .map(|()| None),
             ReplicaRequest::TreeHashes { .. } | ReplicaRequest::LeafItems { .. } => {
                 return Response::error(
                     ErrorKind::Unavailable,
@@ -287,6 +292,26 @@ impl<S: Store> ReplicaService<S> {
             }
             Err(e) => Response::error(ErrorKind::InvalidRequest, e.to_string()),
         }
+    }
+
+    /// The clocks of `keys` in order, stopping once the answer passes
+    /// [`READ_BATCH_REPLY_BYTES`] (the asker asks again for the rest).
+    fn read_batch(&self, keys: &[Vec<u8>]) -> Response {
+        let mut clocks = Vec::with_capacity(keys.len());
+        let mut bytes = 0;
+        for key in keys {
+            if bytes > READ_BATCH_REPLY_BYTES {
+                break;
+            }
+            match self.store.get(key) {
+                Ok(clock) => {
+                    bytes += clock.as_ref().map_or(0, Clock::approx_size) + key.len();
+                    clocks.push(clock);
+                }
+                Err(e) => return Response::error(ErrorKind::Internal, format!("{}: {e}", self.id)),
+            }
+        }
+        Response::Clocks(clocks)
     }
 
     fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {

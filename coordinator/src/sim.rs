@@ -185,6 +185,8 @@ fn label(request: &Request) -> String {
             format!("TreeHashes level {level}")
         }
         Request::Replica(ReplicaRequest::LeafItems { .. }) => "LeafItems".into(),
+        Request::Replica(ReplicaRequest::ReadBatch { .. }) => "ReadBatch".into(),
+        Request::Replica(ReplicaRequest::SyncBatch { .. }) => "SyncBatch".into(),
         Request::Repair => "Repair".into(),
     }
 }

@@ -55,8 +55,14 @@ async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
     );
     assert!(
         !log.iter()
-            .any(|l| l.starts_with("n3 -> n2") && l.ends_with("Sync")),
+            .any(|l| l.starts_with("n3 -> n2") && l.contains("Sync")),
         "n2 was current once n3 had n1's versions: {log:?}"
+    );
+
+    assert_eq!(
+        log.iter().filter(|l| *l == "n3 -> n1 ReadBatch").count(),
+        1,
+        "50 keys read in one batch: {log:?}"
     );
 
     let again = c.repair("n3").await;

@@ -50,6 +50,11 @@ pub enum Request {
 pub const TREE_HASHES_MAX: usize = 4096;
 /// ... and for the keys of at most this many leaves at once.
 pub const LEAVES_PER_REQUEST_MAX: usize = 256;
+/// Keys in one `ReadBatch` or `SyncBatch` at most.
+pub const REPAIR_BATCH_MAX: usize = 256;
+/// A `ReadBatch` answer stops adding clocks past this many bytes; the asker
+/// asks again for the rest.
+pub const READ_BATCH_REPLY_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct PutRequest {
@@ -181,6 +186,20 @@ pub enum ReplicaRequest {
         leaf_bits: u32,
         leaves: Vec<u32>,
     },
+    /// The local clocks of several keys, in order (anti-entropy). Replies
+    /// with `Clocks`, which may stop short of the last keys (see
+    /// [`READ_BATCH_REPLY_BYTES`]).
+    ReadBatch { keys: Vec<Vec<u8>> },
+    /// Merge each clock into the local one (anti-entropy). Replies with
+    /// `Clock(None)` once all are durable.
+    SyncBatch { items: Vec<KeyClock> },
+}
+
+/// A key and a clock for it.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct KeyClock {
+    pub key: Vec<u8>,
+    pub clock: Clock,
 }
 
 /// A key and the digest of the version a replica stores for it.
@@ -201,6 +220,7 @@ pub enum Response {
     Pong,
     Stats(NodeStats),
     Hashes(Vec<u64>),
+    Clocks(Vec<Option<Clock>>),
     Items(Vec<KeyDigest>),
     Repair(RepairReport),
     Error(ErrorReply),
@@ -488,6 +508,17 @@ impl Request {
                 }
                 Ok(())
             }
+            Request::Replica(ReplicaRequest::ReadBatch { keys }) => {
+                check_batch(keys.len())?;
+                keys.iter().try_for_each(|k| validate_key(k))
+            }
+            Request::Replica(ReplicaRequest::SyncBatch { items }) => {
+                check_batch(items.len())?;
+                items.iter().try_for_each(|i| {
+                    validate_key(&i.key)?;
+                    validate_clock(&i.clock)
+                })
+            }
             Request::Replica(ReplicaRequest::LeafItems { peer, leaves, .. }) => {
                 validate_node_id(peer)?;
                 if leaves.len() > LEAVES_PER_REQUEST_MAX {
@@ -508,6 +539,7 @@ impl Response {
         match self {
             Response::Clock(Some(clock)) => validate_clock(clock),
             Response::Items(items) => items.iter().try_for_each(|i| validate_key(&i.key)),
+            Response::Clocks(clocks) => clocks.iter().flatten().try_for_each(validate_clock),
             Response::Joined(j) => {
                 if j.replicas == 0 {
                     return Err(InvalidInput::new("join reply has replicas = 0"));
@@ -517,6 +549,15 @@ impl Response {
             _ => Ok(()),
         }
     }
+}
+
+fn check_batch(len: usize) -> Result<(), InvalidInput> {
+    if len > REPAIR_BATCH_MAX {
+        return Err(InvalidInput::new(format!(
+            "batch of {len} keys; the limit is {REPAIR_BATCH_MAX}"
+        )));
+    }
+    Ok(())
 }
 
 fn validate_clock(clock: &Clock) -> Result<(), InvalidInput> {

@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub anti_entropy_interval: Option<Duration>,
     /// How long a tombstone is kept at least (see `ringkv_repair::tombstones`).
     pub tombstone_grace: Duration,
+    /// The pace of anti-entropy's key repairs.
+    pub repair_keys_per_s: u32,
 }
 
 impl NodeConfig {
@@ -91,6 +93,7 @@ impl NodeConfig {
                 anti_entropy::DEFAULT_ANTI_ENTROPY_INTERVAL_S,
             )),
             tombstone_grace: Duration::from_secs(tombstones::DEFAULT_TOMBSTONE_GRACE_S),
+            repair_keys_per_s: anti_entropy::DEFAULT_REPAIR_KEYS_PER_S,
         }
     }
 
@@ -123,6 +126,9 @@ impl NodeConfig {
                     ringkv_core::node_id::NODE_NAME_MAX_BYTES
                 ),
             });
+        }
+        if self.repair_keys_per_s == 0 {
+            return bad("--repair-keys-per-s must be at least 1");
         }
         if self.tombstone_grace.is_zero() {
             return bad("--tombstone-grace-s must be at least 1");
@@ -472,8 +478,10 @@ async fn anti_entropy_loop(
     }
 }
 
-/// Keys checked per tombstone pass at most.
+/// Tombstones looked at per page, and pages per tick at most: a bounded
+/// pass, resumed at the next tick.
 const TOMBSTONE_PAGE: usize = 256;
+const TOMBSTONE_PAGES_PER_TICK: usize = 16;
 
 /// Collects tombstones past `grace` that every replica holds (see
 /// `ringkv_repair::tombstones`): a page of them every tick, until shutdown.
@@ -496,48 +504,59 @@ async fn tombstone_loop(
         };
         let ring = coordinator.ring();
         let cutoff = unix_ms().saturating_sub(grace.as_millis() as u64);
-        let storage = inner.storage.clone();
-        let after = resume.clone();
-        let page = tokio::task::spawn_blocking(move || {
-            storage.tombstones_due(cutoff, after.as_deref(), TOMBSTONE_PAGE)
-        })
-        .await;
-        let (due, next) = match page {
-            Ok(Ok(page)) => page,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "listing tombstones failed");
-                continue;
-            }
-            Err(_) => continue,
-        };
-        resume = next;
-        for key in due {
-            if *shutdown.borrow() {
-                return;
-            }
-            let replica = inner.local.replica.clone();
-            let Ok(Some(ours)) = replica.read(&key) else {
-                continue;
-            };
-            let may = tombstones::confirm_collectable(
-                &*inner.transport,
-                &ring,
-                &inner.id,
-                &key,
-                &ours,
-                TOMBSTONE_CHECK_TIMEOUT,
-            )
+        // Up to TOMBSTONE_PAGES_PER_TICK pages a tick, then resume there.
+        for _ in 0..TOMBSTONE_PAGES_PER_TICK {
+            let storage = inner.storage.clone();
+            let after = resume.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                storage.tombstones_due(cutoff, after.as_deref(), TOMBSTONE_PAGE)
+            })
             .await;
-            metrics::counter!("ringkv_tombstones_checked_total").increment(1);
-            if !may {
-                continue;
+            let (due, next) = match page {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "listing tombstones failed");
+                    break;
+                }
+                Err(_) => break,
+            };
+            resume = next;
+            for key in due {
+                if *shutdown.borrow() {
+                    return;
+                }
+                collect_if_held_everywhere(&inner, &ring, key).await;
             }
-            let collected =
-                tokio::task::spawn_blocking(move || replica.collect_tombstone(&key, &ours)).await;
-            if let Ok(Ok(true)) = collected {
-                metrics::counter!("ringkv_tombstones_collected_total").increment(1);
+            if resume.is_none() {
+                break;
             }
         }
+    }
+}
+
+/// Removes `key`'s tombstone if every other replica holds it or nothing.
+async fn collect_if_held_everywhere(inner: &Arc<NodeInner>, ring: &Ring, key: Vec<u8>) {
+    let replica = inner.local.replica.clone();
+    let Ok(Some(ours)) = replica.read(&key) else {
+        return;
+    };
+    let may = tombstones::confirm_collectable(
+        &*inner.transport,
+        ring,
+        &inner.id,
+        &key,
+        &ours,
+        TOMBSTONE_CHECK_TIMEOUT,
+    )
+    .await;
+    metrics::counter!("ringkv_tombstones_checked_total").increment(1);
+    if !may {
+        return;
+    }
+    let collected =
+        tokio::task::spawn_blocking(move || replica.collect_tombstone(&key, &ours)).await;
+    if let Ok(Ok(true)) = collected {
+        metrics::counter!("ringkv_tombstones_collected_total").increment(1);
     }
 }
 
@@ -699,7 +718,10 @@ impl Node {
                 trees.clone(),
                 storage.clone(),
                 transport_for_repair,
-                AntiEntropyConfig::default(),
+                AntiEntropyConfig {
+                    keys_per_s: config.repair_keys_per_s,
+                    ..AntiEntropyConfig::default()
+                },
                 Arc::new(unix_ms),
             )),
             ring_tx: watch::channel(None).0,

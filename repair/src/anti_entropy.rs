@@ -13,19 +13,20 @@
 //!    digest)` of the keys they share ([`ReplicaRequest::LeafItems`]; A reads
 //!    its own from a [`LeafSource`], an index kept beside the data), and
 //!    [`differing_keys`] names the keys to repair.
-//! 3. **Repair.** For each such key A reads both versions and sends each side
-//!    the merge of the two (a `Sync`, which merges dotted version vectors:
-//!    concurrent siblings survive, nothing is overwritten). A side whose
-//!    version already is the merge is not written.
+//! 3. **Repair.** In batches of 64 keys, A reads both sides' versions
+//!    ([`ReplicaRequest::ReadBatch`]) and sends each side the merge of the
+//!    two where it differs ([`ReplicaRequest::SyncBatch`], which merges
+//!    dotted version vectors: concurrent siblings survive, nothing is
+//!    overwritten). A side whose version already is the merge is not written.
 //!
 //! A tombstone is never copied to a replica that lacks the key: deleting
 //! what is not there changes nothing, and it lets a collected tombstone stay
 //! collected (see [`crate::tombstones`]).
 //!
-//! Bounds: one round at a time per node; tree hashes and leaves are asked
-//! for in bounded chunks; at most [`AntiEntropyConfig::concurrency`] keys
-//! are repaired at once, paced to [`AntiEntropyConfig::keys_per_s`] so that
-//! repair never starves client requests. Every call has a timeout. Time for
+//! Bounds: one round at a time per node; tree hashes, leaves, reads and
+//! merges are asked for in bounded chunks, one request at a time, and key
+//! repairs are paced to [`AntiEntropyConfig::keys_per_s`] so that repair
+//! never starves client requests. Every call has a timeout. Time for
 //! "last round" comes from a [`WallClock`] passed in; durations from tokio's
 //! clock, so tests can pause it.
 
@@ -36,8 +37,9 @@ use std::time::Duration;
 use metrics::{counter, histogram};
 use ringkv_core::dvv::Clock;
 use ringkv_core::wire::{
-    encode_request, encode_response, ErrorKind, KeyDigest, PeerFailure, RepairReport,
-    ReplicaRequest, Request, Response, LEAVES_PER_REQUEST_MAX, TREE_HASHES_MAX,
+    encode_request, encode_response, ErrorKind, KeyClock, KeyDigest, PeerFailure, RepairReport,
+    ReplicaRequest, Request, Response, LEAVES_PER_REQUEST_MAX, READ_BATCH_REPLY_BYTES,
+    TREE_HASHES_MAX,
 };
 use ringkv_core::{NodeId, Transport};
 use tokio::time::Instant;
@@ -48,8 +50,12 @@ use crate::trees::ReplicaTrees;
 
 /// The default time between two rounds, in seconds (`--anti-entropy-interval-s`).
 pub const DEFAULT_ANTI_ENTROPY_INTERVAL_S: u64 = 60;
-/// The default pace of key repairs, per second.
-pub const DEFAULT_REPAIR_KEYS_PER_S: u32 = 5_000;
+/// The default pace of key repairs, per second. Measured on 2 cores
+/// shared by three nodes and their clients (bench/RESULTS.md): 5,000/s
+/// raised put p99 2.4x during a large repair, 1,000/s kept it within 2x.
+pub const DEFAULT_REPAIR_KEYS_PER_S: u32 = 1_000;
+/// Keys read and merged per request pair.
+const REPAIR_BATCH: usize = 64;
 
 /// The `(key, version digest)` pairs a replica stores, by Merkle leaf.
 pub trait LeafSource: Send + Sync + 'static {
@@ -63,8 +69,6 @@ pub trait LeafSource: Send + Sync + 'static {
 pub struct AntiEntropyConfig {
     /// Keys repaired per second at most.
     pub keys_per_s: u32,
-    /// Keys repaired at once.
-    pub concurrency: usize,
     /// How long one call to a peer may take.
     pub call_timeout: Duration,
     /// How long a round waits for this node's trees to be ready.
@@ -75,7 +79,6 @@ impl Default for AntiEntropyConfig {
     fn default() -> Self {
         AntiEntropyConfig {
             keys_per_s: DEFAULT_REPAIR_KEYS_PER_S,
-            concurrency: 8,
             call_timeout: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(60),
         }
@@ -256,7 +259,7 @@ impl<T: Transport> AntiEntropy<T> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for peer in peers {
-            let tally = Arc::new(Tally::default());
+            let tally = Tally::default();
             let outcome = if !self.trees.is_ready() {
                 Err(AntiEntropyError::NotReady {
                     node: self.trees.me().clone(),
@@ -293,16 +296,20 @@ impl<T: Transport> AntiEntropy<T> {
         report
     }
 
-    /// Calls `peer`, counting the bytes both ways.
+    /// Calls `peer`, counting the bytes both ways (calls to this node itself
+    /// cross no network and are not counted).
     async fn call(
         &self,
         peer: &NodeId,
         request: Request,
         tally: &Tally,
     ) -> Result<Response, AntiEntropyError> {
-        tally
-            .bytes_sent
-            .fetch_add(encode_request(&request).len() as u64, Ordering::Relaxed);
+        let counted = peer != self.trees.me();
+        if counted {
+            tally
+                .bytes_sent
+                .fetch_add(encode_request(&request).len() as u64, Ordering::Relaxed);
+        }
         let answer =
             tokio::time::timeout(self.config.call_timeout, self.transport.call(peer, request))
                 .await
@@ -317,9 +324,11 @@ impl<T: Transport> AntiEntropy<T> {
                     peer: peer.clone(),
                     reason: e.to_string(),
                 })?;
-        tally
-            .bytes_received
-            .fetch_add(encode_response(&answer).len() as u64, Ordering::Relaxed);
+        if counted {
+            tally
+                .bytes_received
+                .fetch_add(encode_response(&answer).len() as u64, Ordering::Relaxed);
+        }
         match answer {
             Response::Error(e) => Err(AntiEntropyError::Refused {
                 peer: peer.clone(),
@@ -327,6 +336,109 @@ impl<T: Transport> AntiEntropy<T> {
             }),
             answer => Ok(answer),
         }
+    }
+
+    /// `node`'s clocks of `keys`, in order, asked again for any the answer
+    /// left out for size.
+    async fn read_batch(
+        &self,
+        node: &NodeId,
+        keys: &[Vec<u8>],
+        tally: &Tally,
+    ) -> Result<Vec<Option<Clock>>, AntiEntropyError> {
+        let mut clocks = Vec::with_capacity(keys.len());
+        while clocks.len() < keys.len() {
+            let request = Request::Replica(ReplicaRequest::ReadBatch {
+                keys: keys[clocks.len()..].to_vec(),
+            });
+            match self.call(node, request, tally).await? {
+                Response::Clocks(got)
+                    if !got.is_empty() && got.len() <= keys.len() - clocks.len() =>
+                {
+                    clocks.extend(got)
+                }
+                other => return Err(unexpected(node, &other)),
+            }
+        }
+        Ok(clocks)
+    }
+
+    /// Merges `items` into `node`'s store, in requests of bounded size.
+    async fn sync_batch(
+        &self,
+        node: &NodeId,
+        items: Vec<KeyClock>,
+        tally: &Tally,
+    ) -> Result<(), AntiEntropyError> {
+        let mut pending = Vec::new();
+        let mut bytes = 0;
+        let mut items = items.into_iter().peekable();
+        while let Some(item) = items.next() {
+            bytes += item.key.len() + item.clock.approx_size();
+            pending.push(item);
+            if bytes >= READ_BATCH_REPLY_BYTES || items.peek().is_none() {
+                let request = Request::Replica(ReplicaRequest::SyncBatch {
+                    items: std::mem::take(&mut pending),
+                });
+                match self.call(node, request, tally).await? {
+                    Response::Clock(None) => {}
+                    other => return Err(unexpected(node, &other)),
+                }
+                bytes = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends each side the merge of both versions of `keys`, where it differs.
+    async fn repair_batch(
+        &self,
+        peer: &NodeId,
+        keys: &[Vec<u8>],
+        tally: &Tally,
+    ) -> Result<(), AntiEntropyError> {
+        let me = self.trees.me();
+        let mine = self.read_batch(me, keys, tally).await?;
+        let theirs = self.read_batch(peer, keys, tally).await?;
+        let (mut to_me, mut to_peer, mut repaired) = (Vec::new(), Vec::new(), 0);
+        for ((key, mine), theirs) in keys.iter().zip(mine).zip(theirs) {
+            let Some(merged) = merge_for_repair(mine.as_ref(), theirs.as_ref()) else {
+                continue;
+            };
+            let (me_stale, peer_stale) = (
+                mine.as_ref() != Some(&merged),
+                theirs.as_ref() != Some(&merged),
+            );
+            if me_stale || peer_stale {
+                repaired += 1;
+            }
+            if me_stale && peer_stale {
+                to_peer.push(KeyClock {
+                    key: key.clone(),
+                    clock: merged.clone(),
+                });
+            } else if peer_stale {
+                to_peer.push(KeyClock {
+                    key: key.clone(),
+                    clock: merged,
+                });
+                continue;
+            }
+            if me_stale {
+                to_me.push(KeyClock {
+                    key: key.clone(),
+                    clock: merged,
+                });
+            }
+        }
+        if !to_me.is_empty() {
+            self.sync_batch(me, to_me, tally).await?;
+        }
+        if !to_peer.is_empty() {
+            self.sync_batch(peer, to_peer, tally).await?;
+        }
+        tally.keys_repaired.fetch_add(repaired, Ordering::Relaxed);
+        Ok(())
     }
 
     /// `peer`'s hashes of `indexes` at `level`, asked in bounded chunks.
@@ -383,7 +495,7 @@ impl<T: Transport> AntiEntropy<T> {
     }
 
     /// One exchange with `peer`: descend, list, repair. See the module docs.
-    async fn exchange(&self, peer: &NodeId, tally: &Arc<Tally>) -> Result<(), AntiEntropyError> {
+    async fn exchange(&self, peer: &NodeId, tally: &Tally) -> Result<(), AntiEntropyError> {
         tally
             .keys_compared
             .store(self.trees.shared_keys(peer), Ordering::Relaxed);
@@ -408,122 +520,17 @@ impl<T: Transport> AntiEntropy<T> {
                 items.into_iter().map(|i| (i.key, i.digest)).collect()
             };
             let keys = differing_keys(&pairs(mine), &pairs(theirs));
-            let mut inflight = tokio::task::JoinSet::new();
-            for key in keys {
-                // Pace: key i starts no sooner than i / keys_per_s after the first.
+            for batch in keys.chunks(REPAIR_BATCH) {
+                // Pace: a batch starts no sooner than its first key is due
+                // at keys_per_s from the exchange's start.
                 let due = started
                     + Duration::from_secs_f64(
                         repaired_or_tried as f64 / self.config.keys_per_s.max(1) as f64,
                     );
                 tokio::time::sleep_until(due).await;
-                repaired_or_tried += 1;
-                while inflight.len() >= self.config.concurrency.max(1) {
-                    if let Some(done) = inflight.join_next().await {
-                        done.map_err(|e| AntiEntropyError::Local {
-                            reason: e.to_string(),
-                        })??;
-                    }
-                }
-                let this = RepairTask {
-                    me: self.trees.me().clone(),
-                    peer: peer.clone(),
-                    transport: self.transport.clone(),
-                    tally: tally.clone(),
-                    call_timeout: self.config.call_timeout,
-                };
-                inflight.spawn(async move { this.repair(key).await });
+                repaired_or_tried += batch.len() as u64;
+                self.repair_batch(peer, batch, tally).await?;
             }
-            while let Some(done) = inflight.join_next().await {
-                done.map_err(|e| AntiEntropyError::Local {
-                    reason: e.to_string(),
-                })??;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What one key's repair needs, owned so it can run as a task.
-struct RepairTask<T> {
-    me: NodeId,
-    peer: NodeId,
-    transport: Arc<T>,
-    tally: Arc<Tally>,
-    call_timeout: Duration,
-}
-
-impl<T: Transport> RepairTask<T> {
-    async fn call(&self, to: &NodeId, request: Request) -> Result<Response, AntiEntropyError> {
-        let counted = *to != self.me;
-        if counted {
-            self.tally
-                .bytes_sent
-                .fetch_add(encode_request(&request).len() as u64, Ordering::Relaxed);
-        }
-        let answer = tokio::time::timeout(self.call_timeout, self.transport.call(to, request))
-            .await
-            .map_err(|_| AntiEntropyError::Unreachable {
-                peer: to.clone(),
-                reason: format!("no answer within {} ms", self.call_timeout.as_millis()),
-            })?
-            .map_err(|e| AntiEntropyError::Unreachable {
-                peer: to.clone(),
-                reason: e.to_string(),
-            })?;
-        if counted {
-            self.tally
-                .bytes_received
-                .fetch_add(encode_response(&answer).len() as u64, Ordering::Relaxed);
-        }
-        match answer {
-            Response::Error(e) => Err(AntiEntropyError::Refused {
-                peer: to.clone(),
-                reason: e.message,
-            }),
-            answer => Ok(answer),
-        }
-    }
-
-    async fn read(&self, from: &NodeId, key: &[u8]) -> Result<Option<Clock>, AntiEntropyError> {
-        let request = Request::Replica(ReplicaRequest::Read {
-            key: key.to_vec(),
-            hint_for: None,
-        });
-        match self.call(from, request).await? {
-            Response::Clock(clock) => Ok(clock),
-            other => Err(unexpected(from, &other)),
-        }
-    }
-
-    async fn sync(&self, to: &NodeId, key: &[u8], clock: &Clock) -> Result<(), AntiEntropyError> {
-        let request = Request::Replica(ReplicaRequest::Sync {
-            key: key.to_vec(),
-            clock: clock.clone(),
-        });
-        match self.call(to, request).await? {
-            Response::Clock(_) => Ok(()),
-            other => Err(unexpected(to, &other)),
-        }
-    }
-
-    /// Sends each side the merge of both versions of `key`, where it differs.
-    async fn repair(self, key: Vec<u8>) -> Result<(), AntiEntropyError> {
-        let mine = self.read(&self.me, &key).await?;
-        let theirs = self.read(&self.peer, &key).await?;
-        let Some(merged) = merge_for_repair(mine.as_ref(), theirs.as_ref()) else {
-            return Ok(());
-        };
-        let mut wrote = false;
-        if mine.as_ref() != Some(&merged) {
-            self.sync(&self.me, &key, &merged).await?;
-            wrote = true;
-        }
-        if theirs.as_ref() != Some(&merged) {
-            self.sync(&self.peer, &key, &merged).await?;
-            wrote = true;
-        }
-        if wrote {
-            self.tally.keys_repaired.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -567,6 +574,7 @@ fn answer_kind(answer: &Response) -> &'static str {
         Response::Pong => "Pong",
         Response::Stats(_) => "Stats",
         Response::Hashes(_) => "Hashes",
+        Response::Clocks(_) => "Clocks",
         Response::Items(_) => "Items",
         Response::Repair(_) => "Repair",
         Response::Error(_) => "Error",

@@ -54,7 +54,12 @@ async fn main() -> ExitCode {
     for worker in 0..args.concurrency.max(1) {
         let addr = args.cluster[worker as usize % args.cluster.len()];
         let (prefix, failed) = (args.prefix.clone(), failed.clone());
-        let (start, count, step, bytes) = (args.start, args.count, args.concurrency.max(1), args.value_bytes);
+        let (start, count, step, bytes) = (
+            args.start,
+            args.count,
+            args.concurrency.max(1),
+            args.value_bytes,
+        );
         tasks.spawn(async move {
             let client = match Client::connect(addr, Duration::from_secs(5)).await {
                 Ok(c) => c,
