@@ -12,6 +12,8 @@
 //! This is the seed of `ringkv bench`; workloads, open-loop load, emulated
 //! regions and staleness measurement build on it.
 
+pub mod workload;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
