@@ -89,7 +89,10 @@ impl FromStr for Workload {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let name = s.trim().to_ascii_lowercase();
-        let name = name.strip_prefix("workload").unwrap_or(&name).trim_start_matches(['-', '_']);
+        let name = name
+            .strip_prefix("workload")
+            .unwrap_or(&name)
+            .trim_start_matches(['-', '_']);
         match name {
             "a" => Ok(Workload::A),
             "b" => Ok(Workload::B),
@@ -189,7 +192,8 @@ impl Zipfian {
         }
         self.zetan = zeta(self.n, n, self.theta, self.zetan);
         self.n = n;
-        self.eta = (1.0 - (2.0 / n as f64).powf(1.0 - self.theta)) / (1.0 - self.zeta2 / self.zetan);
+        self.eta =
+            (1.0 - (2.0 / n as f64).powf(1.0 - self.theta)) / (1.0 - self.zeta2 / self.zetan);
     }
 
     /// The next rank, in `0..n`.
@@ -298,7 +302,13 @@ mod tests {
     #[test]
     fn operation_mixes_follow_the_ycsb_proportions() {
         let mut rng = rng();
-        for workload in [Workload::A, Workload::B, Workload::C, Workload::D, Workload::F] {
+        for workload in [
+            Workload::A,
+            Workload::B,
+            Workload::C,
+            Workload::D,
+            Workload::F,
+        ] {
             let mut counts: HashMap<Op, u32> = HashMap::new();
             let draws = 100_000;
             for _ in 0..draws {
@@ -310,7 +320,11 @@ mod tests {
                 let seen = counts.get(op).copied().unwrap_or(0) as f64 / draws as f64;
                 assert!((seen - p).abs() < 0.01, "{workload} {op:?}: {seen} vs {p}");
             }
-            assert_eq!(counts.len(), workload.mix().len(), "{workload}: no other ops");
+            assert_eq!(
+                counts.len(),
+                workload.mix().len(),
+                "{workload}: no other ops"
+            );
         }
     }
 
@@ -365,7 +379,10 @@ mod tests {
         let recent = (0..10_000)
             .filter(|_| latest.next_existing(&mut rng) >= 1000)
             .count();
-        assert!(recent > 5_000, "the 100 newest of 1,100 records get most reads: {recent}");
+        assert!(
+            recent > 5_000,
+            "the 100 newest of 1,100 records get most reads: {recent}"
+        );
 
         let uniform = KeyChooser::new(KeyDistribution::Uniform, 10);
         let mut seen = [0u32; 10];

@@ -17,6 +17,7 @@ pub mod dvv;
 pub mod error;
 pub mod hash;
 pub mod node_id;
+pub mod regions;
 pub mod transport;
 pub mod wire;
 

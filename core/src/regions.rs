@@ -1,0 +1,385 @@
+//! Emulated regions: the one-way delay, jitter and loss between every pair
+//! of regions, which a transport applies to each message so that a cluster
+//! on one machine behaves like one spread over data centres.
+//!
+//! Kernel `tc netem` needs root and shapes whole interfaces; this lives in
+//! the transport instead, so it works without privileges, per node, for
+//! in-process and real nodes alike. A matrix is read from TOML:
+//!
+//! ```toml
+//! regions = ["us-east", "eu-west"]
+//!
+//! [local]            # between two nodes of one region (default: no delay)
+//! delay_ms = 0.2
+//!
+//! [[link]]           # both directions
+//! between = ["us-east", "eu-west"]
+//! delay_ms = 38      # one-way
+//! jitter_ms = 2      # uniform in ±jitter_ms
+//! loss = 0.001       # probability a message is lost
+//! ```
+//!
+//! Every pair of distinct regions must have a link: a missing pair is an
+//! error rather than a silent zero delay. This module only describes and
+//! samples delays (uniform numbers are passed in, so sampling is
+//! deterministic under a seed); sleeping is the transport's business.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// One direction between two regions.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// One-way delay, in milliseconds.
+    #[serde(default)]
+    pub delay_ms: f64,
+    /// The delay varies uniformly within ± this, in milliseconds (never below 0).
+    #[serde(default)]
+    pub jitter_ms: f64,
+    /// Probability in `[0, 1)` that a message is lost.
+    #[serde(default)]
+    pub loss: f64,
+}
+
+impl Link {
+    pub const NONE: Link = Link {
+        delay_ms: 0.0,
+        jitter_ms: 0.0,
+        loss: 0.0,
+    };
+}
+
+/// Why a latency matrix was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RegionError {
+    #[error("latency matrix is not valid TOML: {reason}")]
+    Syntax { reason: String },
+    #[error("latency matrix names no regions")]
+    NoRegions,
+    #[error("region {region:?} is listed twice")]
+    DuplicateRegion { region: String },
+    #[error("region name {region:?} must be 1-64 characters of letters, digits, '-', '_' or '.'")]
+    BadName { region: String },
+    #[error("link between {a:?} and {b:?} names a region not in `regions`")]
+    UnknownRegionInLink { a: String, b: String },
+    #[error("the link between {a:?} and {b:?} is given twice")]
+    DuplicateLink { a: String, b: String },
+    #[error("no link between {a:?} and {b:?}: every pair of regions needs one")]
+    MissingLink { a: String, b: String },
+    #[error("link {a:?}–{b:?}: {reason}")]
+    BadLink {
+        a: String,
+        b: String,
+        reason: String,
+    },
+    #[error("unknown region {region:?}; the matrix has {known}")]
+    UnknownRegion { region: String, known: String },
+    #[error("unknown preset {name:?}; presets: {presets}")]
+    UnknownPreset { name: String, presets: String },
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatrixFile {
+    regions: Vec<String>,
+    #[serde(default)]
+    local: Option<Link>,
+    #[serde(default)]
+    link: Vec<LinkEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkEntry {
+    between: [String; 2],
+    #[serde(flatten)]
+    link: Link,
+}
+
+/// One-way links between every pair of regions. See the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyMatrix {
+    regions: Vec<String>,
+    local: Link,
+    /// Keyed by the pair in sorted order: links are symmetric.
+    links: BTreeMap<(String, String), Link>,
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
+}
+
+fn check_link(a: &str, b: &str, link: &Link) -> Result<(), RegionError> {
+    let bad = |reason: String| {
+        Err(RegionError::BadLink {
+            a: a.to_string(),
+            b: b.to_string(),
+            reason,
+        })
+    };
+    if !link.delay_ms.is_finite() || link.delay_ms < 0.0 || link.delay_ms > 60_000.0 {
+        return bad(format!(
+            "delay_ms {} must be between 0 and 60000",
+            link.delay_ms
+        ));
+    }
+    if !link.jitter_ms.is_finite() || link.jitter_ms < 0.0 || link.jitter_ms > 60_000.0 {
+        return bad(format!(
+            "jitter_ms {} must be between 0 and 60000",
+            link.jitter_ms
+        ));
+    }
+    if !(0.0..1.0).contains(&link.loss) {
+        return bad(format!("loss {} must be at least 0 and below 1", link.loss));
+    }
+    Ok(())
+}
+
+impl LatencyMatrix {
+    /// Parses and checks a matrix (see the module docs for the format).
+    pub fn parse_toml(text: &str) -> Result<Self, RegionError> {
+        let file: MatrixFile = toml::from_str(text).map_err(|e| RegionError::Syntax {
+            reason: e.to_string().trim().replace('\n', " "),
+        })?;
+        if file.regions.is_empty() {
+            return Err(RegionError::NoRegions);
+        }
+        for (i, r) in file.regions.iter().enumerate() {
+            let valid = !r.is_empty()
+                && r.len() <= 64
+                && r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !valid {
+                return Err(RegionError::BadName { region: r.clone() });
+            }
+            if file.regions[..i].contains(r) {
+                return Err(RegionError::DuplicateRegion { region: r.clone() });
+            }
+        }
+        let local = file.local.unwrap_or(Link::NONE);
+        check_link("local", "local", &local)?;
+        let mut links = BTreeMap::new();
+        for entry in file.link {
+            let [a, b] = entry.between;
+            if !file.regions.contains(&a) || !file.regions.contains(&b) {
+                return Err(RegionError::UnknownRegionInLink { a, b });
+            }
+            check_link(&a, &b, &entry.link)?;
+            if links.insert(pair(&a, &b), entry.link).is_some() {
+                return Err(RegionError::DuplicateLink { a, b });
+            }
+        }
+        for (i, a) in file.regions.iter().enumerate() {
+            for b in &file.regions[i + 1..] {
+                if !links.contains_key(&pair(a, b)) {
+                    return Err(RegionError::MissingLink {
+                        a: a.clone(),
+                        b: b.clone(),
+                    });
+                }
+            }
+        }
+        Ok(LatencyMatrix {
+            regions: file.regions,
+            local,
+            links,
+        })
+    }
+
+    /// A built-in matrix by name (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Result<Self, RegionError> {
+        let text = PRESETS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, text)| *text)
+            .ok_or_else(|| RegionError::UnknownPreset {
+                name: name.to_string(),
+                presets: PRESETS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        Self::parse_toml(text)
+    }
+
+    pub fn regions(&self) -> &[String] {
+        &self.regions
+    }
+
+    /// Fails with the list of known regions if `region` is not one.
+    pub fn check_region(&self, region: &str) -> Result<(), RegionError> {
+        if self.regions.iter().any(|r| r == region) {
+            Ok(())
+        } else {
+            Err(RegionError::UnknownRegion {
+                region: region.to_string(),
+                known: self.regions.join(", "),
+            })
+        }
+    }
+
+    /// The link from `from` to `to`.
+    pub fn link(&self, from: &str, to: &str) -> Result<Link, RegionError> {
+        self.check_region(from)?;
+        self.check_region(to)?;
+        if from == to {
+            return Ok(self.local);
+        }
+        Ok(self.links[&pair(from, to)])
+    }
+
+    /// One message's fate from `from` to `to`, given two uniform numbers in
+    /// `[0, 1)`: `None` if it is lost, else its delay.
+    pub fn sample(
+        &self,
+        from: &str,
+        to: &str,
+        jitter_u: f64,
+        loss_u: f64,
+    ) -> Result<Option<Duration>, RegionError> {
+        let link = self.link(from, to)?;
+        if loss_u < link.loss {
+            return Ok(None);
+        }
+        let ms = (link.delay_ms + link.jitter_ms * (2.0 * jitter_u - 1.0)).max(0.0);
+        Ok(Some(Duration::from_secs_f64(ms / 1000.0)))
+    }
+}
+
+/// Built-in matrices, by name.
+///
+/// `cloud4`: one-way delays between four cloud regions, half the median
+/// round-trip times between AWS us-east-1, us-west-2, eu-west-1 and
+/// ap-south-1 as published by cloudping.co (rounded to the millisecond;
+/// they drift by a few ms over time). Jitter is 2% of the delay, and a
+/// region's own nodes are 0.25 ms apart (one availability zone hop).
+pub const PRESETS: &[(&str, &str)] = &[
+    (
+        "cloud4",
+        r#"
+regions = ["us-east", "us-west", "eu-west", "ap-south"]
+[local]
+delay_ms = 0.25
+[[link]]
+between = ["us-east", "us-west"]
+delay_ms = 34
+jitter_ms = 0.7
+[[link]]
+between = ["us-east", "eu-west"]
+delay_ms = 37
+jitter_ms = 0.7
+[[link]]
+between = ["us-east", "ap-south"]
+delay_ms = 94
+jitter_ms = 1.9
+[[link]]
+between = ["us-west", "eu-west"]
+delay_ms = 62
+jitter_ms = 1.2
+[[link]]
+between = ["us-west", "ap-south"]
+delay_ms = 110
+jitter_ms = 2.2
+[[link]]
+between = ["eu-west", "ap-south"]
+delay_ms = 61
+jitter_ms = 1.2
+"#,
+    ),
+    (
+        "cloud3",
+        r#"
+regions = ["us-east", "us-west", "eu-west"]
+[local]
+delay_ms = 0.25
+[[link]]
+between = ["us-east", "us-west"]
+delay_ms = 34
+jitter_ms = 0.7
+[[link]]
+between = ["us-east", "eu-west"]
+delay_ms = 37
+jitter_ms = 0.7
+[[link]]
+between = ["us-west", "eu-west"]
+delay_ms = 62
+jitter_ms = 1.2
+"#,
+    ),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: &str = r#"
+regions = ["a", "b"]
+[[link]]
+between = ["b", "a"]
+delay_ms = 10
+jitter_ms = 2
+loss = 0.25
+"#;
+
+    #[test]
+    fn links_are_symmetric_and_samples_stay_within_the_jitter() {
+        let m = LatencyMatrix::parse_toml(TWO).unwrap();
+        assert_eq!(m.link("a", "b").unwrap(), m.link("b", "a").unwrap());
+        assert_eq!(m.link("a", "a").unwrap(), Link::NONE);
+        let ms = |u| m.sample("a", "b", u, 0.9).unwrap().unwrap().as_secs_f64() * 1000.0;
+        assert!((ms(0.0) - 8.0).abs() < 1e-9);
+        assert!((ms(0.5) - 10.0).abs() < 1e-9);
+        assert!((ms(0.999_999) - 12.0).abs() < 1e-3);
+        assert_eq!(m.sample("a", "b", 0.5, 0.1).unwrap(), None, "lost");
+    }
+
+    #[test]
+    fn bad_matrices_name_what_is_wrong() {
+        let err = |text: &str| LatencyMatrix::parse_toml(text).unwrap_err().to_string();
+        assert!(err(
+            "regions = [\"a\", \"b\", \"c\"]\n[[link]]\nbetween = [\"a\", \"b\"]\ndelay_ms = 1"
+        )
+        .contains("no link between \"a\" and \"c\""));
+        assert!(err("regions = [\"a\"]\n[[link]]\nbetween = [\"a\", \"x\"]")
+            .contains("not in `regions`"));
+        assert!(err("regions = []").contains("no regions"));
+        assert!(err("regions = [\"a\", \"a\"]").contains("listed twice"));
+        assert!(err("regions = [\"a b\"]").contains("must be 1-64 characters"));
+        assert!(
+            err("regions = [\"a\", \"b\"]\n[[link]]\nbetween = [\"a\", \"b\"]\ndelay_ms = -1")
+                .contains("delay_ms -1")
+        );
+        assert!(
+            err("regions = [\"a\", \"b\"]\n[[link]]\nbetween = [\"a\", \"b\"]\nloss = 1.0")
+                .contains("loss 1")
+        );
+        assert!(err("regions = [\"a\", \"b\"]\n[[link]]\nbetween = [\"a\", \"b\"]\n[[link]]\nbetween = [\"b\", \"a\"]")
+            .contains("given twice"));
+        assert!(err("regions = [\"a\"]\ndelay = 3").contains("not valid TOML"));
+        assert!(err("regions = ").contains("not valid TOML"));
+        let m = LatencyMatrix::parse_toml(TWO).unwrap();
+        assert!(m
+            .link("a", "z")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown region \"z\"; the matrix has a, b"));
+    }
+
+    #[test]
+    fn presets_parse_and_unknown_ones_are_listed() {
+        for (name, _) in PRESETS {
+            let m = LatencyMatrix::preset(name).unwrap();
+            assert!(m.regions().len() >= 3, "{name}");
+        }
+        let m = LatencyMatrix::preset("cloud4").unwrap();
+        assert_eq!(m.link("ap-south", "us-east").unwrap().delay_ms, 94.0);
+        let err = LatencyMatrix::preset("mars").unwrap_err().to_string();
+        assert!(err.contains("presets: cloud4, cloud3"), "{err}");
+    }
+}
