@@ -94,6 +94,9 @@ pub struct NodeArgs {
     /// Replicas per key (N) for a new cluster. Joining nodes adopt the cluster's N; giving a different one is an error.
     #[arg(long, value_name = "N")]
     pub replicas: Option<usize>,
+    /// The region this node is in (a name such as us-east), shown by `status`.
+    #[arg(long, value_name = "NAME")]
+    pub region: Option<String>,
     /// Virtual nodes on the ring; more spread load more evenly.
     #[arg(long, value_name = "V", default_value_t = ringkv_ring::DEFAULT_VNODES)]
     pub vnodes: u32,

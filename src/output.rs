@@ -112,6 +112,7 @@ pub fn status(reply: &StatusReply, json: bool) {
                 "id": n.id.to_string(),
                 "addr": n.addr,
                 "state": if n.up { "up" } else { "down" },
+                "region": n.region,
                 "hints_pending": n.hints_pending,
                 "last_exchange_unix_ms": n.last_exchange_unix_ms,
                 "keys_repaired": n.keys_repaired,

@@ -27,6 +27,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.seeds = seeds;
     config.replicas = args.replicas;
     config.vnodes = args.vnodes;
+    config.region = args.region;
     config.sync = args.sync;
     config.max_value_bytes = args.limits.max_value_bytes;
     config.max_siblings = args.limits.max_siblings;

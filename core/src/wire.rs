@@ -142,6 +142,8 @@ pub struct Member {
     /// `HOST:PORT` where the node listens.
     pub addr: String,
     pub vnodes: u32,
+    /// The node's (possibly emulated) region, if it was given one.
+    pub region: Option<String>,
 }
 
 /// What a coordinator asks of each replica.
@@ -326,6 +328,7 @@ pub struct NodeStatus {
     pub id: NodeId,
     pub addr: String,
     pub up: bool,
+    pub region: Option<String>,
     /// Hints the node holds for others; `None` when it could not be asked.
     pub hints_pending: Option<u64>,
     /// When the node last finished an anti-entropy round (ms since the Unix
@@ -441,6 +444,23 @@ where
 /// Encodes a clock for storage (the same rkyv format as on the wire).
 pub fn encode_clock(clock: &Clock) -> AlignedVec {
     rkyv::to_bytes::<rancor::Error>(clock).expect("serialising to memory cannot fail")
+}
+
+/// Encodes a node's record of its cluster for its data dir. The format is
+/// `JoinReply`'s archive: a change to `JoinReply` or `Member` must change
+/// the key the record is stored under (see `node::membership`).
+pub fn encode_cluster_record(record: &JoinReply) -> AlignedVec {
+    rkyv::to_bytes::<rancor::Error>(record).expect("serialising to memory cannot fail")
+}
+
+/// Checks and decodes a stored cluster record.
+pub fn decode_cluster_record(bytes: &[u8]) -> Result<JoinReply, DecodeError> {
+    let record: JoinReply = decode(bytes)?;
+    if record.replicas == 0 {
+        return Err(InvalidInput::new("cluster record has replicas = 0").into());
+    }
+    record.members.iter().try_for_each(validate_member)?;
+    Ok(record)
 }
 
 /// Checks and decodes a stored clock.
@@ -564,8 +584,27 @@ fn validate_clock(clock: &Clock) -> Result<(), InvalidInput> {
     clock.validate()
 }
 
+/// Checks a region name: 1-64 characters of letters, digits, '-', '_' or '.'.
+pub fn validate_region(region: &str) -> Result<(), InvalidInput> {
+    let valid = !region.is_empty()
+        && region.len() <= 64
+        && region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidInput::new(format!(
+            "region {region:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
 fn validate_member(m: &Member) -> Result<(), InvalidInput> {
     validate_node_id(&m.id)?;
+    if let Some(region) = &m.region {
+        validate_region(region)?;
+    }
     if m.vnodes == 0 {
         return Err(InvalidInput::new(format!("member {} has 0 vnodes", m.id)));
     }

@@ -21,7 +21,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use ringkv_core::wire::{
-    decode_response, encode_response, ErrorKind, JoinReply, JoinRequest, Member, Response,
+    decode_cluster_record, encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member,
+    Response,
 };
 use ringkv_core::NodeId;
 use ringkv_ring::Ring;
@@ -30,7 +31,11 @@ use crate::error::NodeError;
 use crate::storage::Storage;
 
 const META_NODE_ID: &str = "node_id";
-const META_CLUSTER: &str = "cluster";
+/// Where the cluster record lives. Bump the version with any change to
+/// `JoinReply` or `Member`: an archive of another layout cannot be read.
+const META_CLUSTER: &str = "cluster_record_v2";
+/// Where ringkv versions before 0.1's regions kept it (as a `Response`).
+const META_CLUSTER_V1: &str = "cluster";
 
 /// The cluster as this node knows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,13 +96,19 @@ impl Membership {
             None => storage.meta_put(META_NODE_ID, me.id.as_str().as_bytes())?,
         }
         let mut record = match storage.meta_get(META_CLUSTER)? {
+            None if storage.meta_get(META_CLUSTER_V1)?.is_some() => {
+                return Err(NodeError::Storage {
+                    path: storage.path().to_path_buf(),
+                    reason: "this data dir was written by an older ringkv whose cluster record this version cannot read; start the node on a new --data-dir and let anti-entropy refill it".into(),
+                })
+            }
             None => None,
-            Some(bytes) => match decode_response(&bytes) {
-                Ok(Response::Joined(reply)) => Some(record_from(reply)),
-                _ => {
+            Some(bytes) => match decode_cluster_record(&bytes) {
+                Ok(reply) => Some(record_from(reply)),
+                Err(e) => {
                     return Err(NodeError::Storage {
                         path: storage.path().to_path_buf(),
-                        reason: "the stored cluster record is corrupt".into(),
+                        reason: format!("the stored cluster record is corrupt: {e}"),
                     })
                 }
             },
@@ -277,10 +288,8 @@ impl Membership {
     }
 
     fn persist(&self, record: &ClusterRecord) -> Result<(), NodeError> {
-        self.storage.meta_put(
-            META_CLUSTER,
-            &encode_response(&Response::Joined(record.reply())),
-        )
+        self.storage
+            .meta_put(META_CLUSTER, &encode_cluster_record(&record.reply()))
     }
 }
 
@@ -293,5 +302,55 @@ fn record_from(reply: JoinReply) -> ClusterRecord {
             .into_iter()
             .map(|m| (m.id.clone(), m))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me(region: Option<&str>) -> Member {
+        Member {
+            id: NodeId::new("n1").unwrap(),
+            addr: "127.0.0.1:7000".into(),
+            vnodes: 8,
+            region: region.map(String::from),
+        }
+    }
+
+    #[test]
+    fn the_cluster_record_survives_a_restart_with_regions() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+            let m = Membership::load(storage, me(Some("eu-west")), Some(3)).unwrap();
+            m.form(77, 3).unwrap();
+        }
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        let m = Membership::load(storage, me(Some("eu-west")), None).unwrap();
+        let record = m.record().unwrap();
+        assert_eq!((record.cluster_id, record.replicas), (77, 3));
+        assert_eq!(
+            record.members[&NodeId::new("n1").unwrap()]
+                .region
+                .as_deref(),
+            Some("eu-west")
+        );
+    }
+
+    #[test]
+    fn a_record_in_the_old_format_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        storage.meta_put(META_CLUSTER_V1, b"old bytes").unwrap();
+        let err = Membership::load(storage.clone(), me(None), None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("older ringkv"), "{err}");
+        storage.meta_put(META_CLUSTER, b"garbage").unwrap();
+        let err = Membership::load(storage, me(None), None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("corrupt"), "{err}");
     }
 }

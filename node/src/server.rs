@@ -70,6 +70,8 @@ pub struct NodeConfig {
     pub tombstone_grace: Duration,
     /// The pace of anti-entropy's key repairs.
     pub repair_keys_per_s: u32,
+    /// This node's region (`--region`), shown in `status`.
+    pub region: Option<String>,
 }
 
 impl NodeConfig {
@@ -94,6 +96,7 @@ impl NodeConfig {
             )),
             tombstone_grace: Duration::from_secs(tombstones::DEFAULT_TOMBSTONE_GRACE_S),
             repair_keys_per_s: anti_entropy::DEFAULT_REPAIR_KEYS_PER_S,
+            region: None,
         }
     }
 
@@ -126,6 +129,11 @@ impl NodeConfig {
                     ringkv_core::node_id::NODE_NAME_MAX_BYTES
                 ),
             });
+        }
+        if let Some(region) = &self.region {
+            ringkv_core::wire::validate_region(region).map_err(|e| NodeError::Config {
+                reason: format!("--region: {}", e.message),
+            })?;
         }
         if self.repair_keys_per_s == 0 {
             return bad("--repair-keys-per-s must be at least 1");
@@ -367,6 +375,7 @@ impl NodeInner {
                     id: m.id.clone(),
                     addr: m.addr.clone(),
                     up: m.id == self.id || self.detector.is_up(&m.id),
+                    region: m.region.clone(),
                     hints_pending: stats.get(&m.id).map(|s| s.hints_pending),
                     last_exchange_unix_ms: stats.get(&m.id).and_then(|s| s.last_exchange_unix_ms),
                     keys_repaired: stats.get(&m.id).map(|s| s.keys_repaired),
@@ -647,6 +656,7 @@ impl Node {
             id: config.id.clone(),
             addr: addr.to_string(),
             vnodes: config.vnodes,
+            region: config.region.clone(),
         };
         let membership = Arc::new(Membership::load(storage.clone(), me, config.replicas)?);
         let epoch = storage.begin_epoch()?;
