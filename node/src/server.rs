@@ -20,6 +20,7 @@ use ringkv_core::wire::{
     ErrorKind, JoinRequest, Member, NodeStats, NodeStatus, ReplicaRequest, Request, Response,
     StatusReply,
 };
+use ringkv_core::regions::LatencyMatrix;
 use ringkv_core::{NodeId, Transport};
 use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
 use ringkv_repair::handoff::{self, HandoffConfig};
@@ -72,6 +73,9 @@ pub struct NodeConfig {
     pub repair_keys_per_s: u32,
     /// This node's region (`--region`), shown in `status`.
     pub region: Option<String>,
+    /// Emulated delays between regions, applied to this node's calls to
+    /// peers (`--latency-matrix`); needs `region`.
+    pub latency_matrix: Option<Arc<LatencyMatrix>>,
 }
 
 impl NodeConfig {
@@ -97,6 +101,7 @@ impl NodeConfig {
             tombstone_grace: Duration::from_secs(tombstones::DEFAULT_TOMBSTONE_GRACE_S),
             repair_keys_per_s: anti_entropy::DEFAULT_REPAIR_KEYS_PER_S,
             region: None,
+            latency_matrix: None,
         }
     }
 
@@ -133,6 +138,14 @@ impl NodeConfig {
         if let Some(region) = &self.region {
             ringkv_core::wire::validate_region(region).map_err(|e| NodeError::Config {
                 reason: format!("--region: {}", e.message),
+            })?;
+        }
+        if let Some(matrix) = &self.latency_matrix {
+            let Some(region) = &self.region else {
+                return bad("--latency-matrix needs --region: the node's own region");
+            };
+            matrix.check_region(region).map_err(|e| NodeError::Config {
+                reason: format!("--region: {e}"),
             })?;
         }
         if self.repair_keys_per_s == 0 {
@@ -174,6 +187,8 @@ pub struct QuicTransport {
     local: Arc<LocalReplica>,
     membership: Arc<Membership>,
     pool: PeerPool,
+    /// Emulated regions: (the matrix, this node's region).
+    regions: Option<(Arc<LatencyMatrix>, String)>,
 }
 
 impl QuicTransport {
@@ -206,13 +221,40 @@ impl Transport for QuicTransport {
             .membership
             .addr_of(to)
             .ok_or_else(|| ringkv_core::TransportError::UnknownNode { node: to.clone() })?;
-        self.pool
-            .call(addr, &request)
-            .await
-            .map_err(|e| ringkv_core::TransportError::Unreachable {
+        let peer_region = self.regions.as_ref().and_then(|_| self.membership.region_of(to));
+        if let Some(region) = &peer_region {
+            self.emulate_link(region, true).await;
+        }
+        let answer = self.pool.call(addr, &request).await.map_err(|e| {
+            ringkv_core::TransportError::Unreachable {
                 node: to.clone(),
                 reason: e.to_string(),
-            })
+            }
+        })?;
+        if let Some(region) = &peer_region {
+            self.emulate_link(region, false).await;
+        }
+        Ok(answer)
+    }
+}
+
+impl QuicTransport {
+    /// Waits out one emulated leg between this node and a peer in `region`
+    /// (`outbound`: the request; else the answer). A lost message never
+    /// arrives: the caller's deadline ends the wait, as with a real loss.
+    async fn emulate_link(&self, region: &str, outbound: bool) {
+        let Some((matrix, mine)) = &self.regions else {
+            return;
+        };
+        let (from, to) = if outbound { (mine.as_str(), region) } else { (region, mine.as_str()) };
+        let (jitter_u, loss_u): (f64, f64) = (rand::random(), rand::random());
+        match matrix.sample(from, to, jitter_u, loss_u) {
+            Ok(Some(delay)) if !delay.is_zero() => tokio::time::sleep(delay).await,
+            Ok(Some(_)) => {}
+            Ok(None) => std::future::pending::<()>().await,
+            // A peer in a region the matrix lacks: no emulated delay.
+            Err(_) => {}
+        }
     }
 }
 
@@ -701,6 +743,10 @@ impl Node {
             local: local.clone(),
             membership: membership.clone(),
             pool: PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT),
+            regions: config
+                .latency_matrix
+                .clone()
+                .zip(config.region.clone()),
         });
         let transport_for_repair = transport.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
