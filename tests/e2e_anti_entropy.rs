@@ -75,7 +75,9 @@ fn repair(c: &Cluster, i: usize) -> serde_json::Value {
     loop {
         let out = c.cli(i, &["repair", "--json"]);
         if out.status.code() == Some(0) {
-            return json(&out);
+            let report = json(&out);
+            assert_eq!(report["peers"], 2, "every other node compared: {report}");
+            return report;
         }
         assert!(
             std::time::Instant::now() < until,

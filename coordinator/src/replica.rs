@@ -300,12 +300,15 @@ impl<S: Store> ReplicaService<S> {
         let mut clocks = Vec::with_capacity(keys.len());
         let mut bytes = 0;
         for key in keys {
-            if bytes > READ_BATCH_REPLY_BYTES {
-                break;
-            }
             match self.store.get(key) {
                 Ok(clock) => {
-                    bytes += clock.as_ref().map_or(0, Clock::approx_size) + key.len();
+                    let size = clock.as_ref().map_or(0, Clock::approx_size) + key.len();
+                    // Stop before passing the cap; the first clock always
+                    // goes (it fits a frame by the clock size limit).
+                    if !clocks.is_empty() && bytes + size > READ_BATCH_REPLY_BYTES {
+                        break;
+                    }
+                    bytes += size;
                     clocks.push(clock);
                 }
                 Err(e) => return Response::error(ErrorKind::Internal, format!("{}: {e}", self.id)),

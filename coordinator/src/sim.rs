@@ -268,9 +268,8 @@ impl SimHandler for SimNode {
                     keys_repaired: self.anti_entropy.keys_repaired(),
                 }),
                 Request::Repair => {
-                    let peers = self.anti_entropy.trees().peers();
                     let up = self.detector.clone();
-                    Response::Repair(self.anti_entropy.round(&peers, &move |p| up.is_up(p)).await)
+                    Response::Repair(self.anti_entropy.round(&move |p| up.is_up(p)).await)
                 }
                 other => Response::error(
                     ringkv_core::wire::ErrorKind::InvalidRequest,

@@ -245,7 +245,8 @@ pub struct NodeStats {
 pub struct RepairReport {
     /// Peers the round tried to compare with.
     pub peers: u32,
-    /// Keys covered by the trees compared (both sides' shared keys).
+    /// Keys covered by this node's trees for the peers compared (the keys
+    /// it shares with each, summed over the peers).
     pub keys_compared: u64,
     /// Keys whose versions differed and were merged on one side or both.
     pub keys_repaired: u64,

@@ -16,11 +16,11 @@ use std::time::Duration;
 use ringkv_coordinator::coordinator::{Coordinator, CoordinatorConfig};
 use ringkv_coordinator::failure::{probe_round, DetectorConfig, FailureDetector};
 use ringkv_coordinator::replica::ReplicaService;
+use ringkv_core::regions::LatencyMatrix;
 use ringkv_core::wire::{
     ErrorKind, JoinRequest, Member, NodeStats, NodeStatus, ReplicaRequest, Request, Response,
     StatusReply,
 };
-use ringkv_core::regions::LatencyMatrix;
 use ringkv_core::{NodeId, Transport};
 use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
 use ringkv_repair::handoff::{self, HandoffConfig};
@@ -221,7 +221,10 @@ impl Transport for QuicTransport {
             .membership
             .addr_of(to)
             .ok_or_else(|| ringkv_core::TransportError::UnknownNode { node: to.clone() })?;
-        let peer_region = self.regions.as_ref().and_then(|_| self.membership.region_of(to));
+        let peer_region = self
+            .regions
+            .as_ref()
+            .and_then(|_| self.membership.region_of(to));
         if let Some(region) = &peer_region {
             self.emulate_link(region, true).await;
         }
@@ -246,7 +249,11 @@ impl QuicTransport {
         let Some((matrix, mine)) = &self.regions else {
             return;
         };
-        let (from, to) = if outbound { (mine.as_str(), region) } else { (region, mine.as_str()) };
+        let (from, to) = if outbound {
+            (mine.as_str(), region)
+        } else {
+            (region, mine.as_str())
+        };
         let (jitter_u, loss_u): (f64, f64) = (rand::random(), rand::random());
         match matrix.sample(from, to, jitter_u, loss_u) {
             Ok(Some(delay)) if !delay.is_zero() => tokio::time::sleep(delay).await,
@@ -334,10 +341,9 @@ impl NodeInner {
 
     /// One anti-entropy round against every other member.
     async fn repair_round(&self) -> ringkv_core::wire::RepairReport {
-        let peers = self.anti_entropy.trees().peers();
         let detector = self.detector.clone();
         self.anti_entropy
-            .round(&peers, &move |p: &NodeId| detector.is_up(p))
+            .round(&move |p: &NodeId| detector.is_up(p))
             .await
     }
 
@@ -553,7 +559,6 @@ async fn tombstone_loop(
         let Some(coordinator) = inner.coordinator.get() else {
             continue;
         };
-        let ring = coordinator.ring();
         let cutoff = unix_ms().saturating_sub(grace.as_millis() as u64);
         // Up to TOMBSTONE_PAGES_PER_TICK pages a tick, then resume there.
         for _ in 0..TOMBSTONE_PAGES_PER_TICK {
@@ -576,7 +581,9 @@ async fn tombstone_loop(
                 if *shutdown.borrow() {
                     return;
                 }
-                collect_if_held_everywhere(&inner, &ring, key).await;
+                // The ring may change during a long page: read it per key.
+                let ring = coordinator.ring();
+                collect_if_held_everywhere(&inner, &ring, key, cutoff).await;
             }
             if resume.is_none() {
                 break;
@@ -585,12 +592,25 @@ async fn tombstone_loop(
     }
 }
 
-/// Removes `key`'s tombstone if every other replica holds it or nothing.
-async fn collect_if_held_everywhere(inner: &Arc<NodeInner>, ring: &Ring, key: Vec<u8>) {
+/// Removes `key`'s tombstone if it was stored at or before `cutoff` and
+/// every other replica holds it or nothing.
+async fn collect_if_held_everywhere(
+    inner: &Arc<NodeInner>,
+    ring: &Ring,
+    key: Vec<u8>,
+    cutoff: u64,
+) {
     let replica = inner.local.replica.clone();
     let Ok(Some(ours)) = replica.read(&key) else {
         return;
     };
+    // Read after `ours`: a newer tombstone written since the page was
+    // listed has a newer time and waits for its own grace, and one written
+    // after this read fails collect_tombstone's "unchanged" check.
+    match inner.storage.tombstone_stored_at(&key) {
+        Ok(Some(stored)) if stored <= cutoff => {}
+        _ => return,
+    }
     let may = tombstones::confirm_collectable(
         &*inner.transport,
         ring,
@@ -743,10 +763,7 @@ impl Node {
             local: local.clone(),
             membership: membership.clone(),
             pool: PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT),
-            regions: config
-                .latency_matrix
-                .clone()
-                .zip(config.region.clone()),
+            regions: config.latency_matrix.clone().zip(config.region.clone()),
         });
         let transport_for_repair = transport.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -285,13 +285,24 @@ impl Storage {
             read.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
                 .map(u64::from_le_bytes)
         };
-        trees.finish_rebuild(fresh, |key| {
-            let index = index_key(key);
-            let then = digest_in(snapshot.get_cf(cf, &index).ok().flatten());
-            let now = digest_in(self.db.get_cf(cf, &index).ok().flatten());
-            (then, now)
-        });
+        trees
+            .finish_rebuild(fresh, |key| {
+                let index = index_key(key);
+                let then = digest_in(snapshot.get_cf(cf, &index)?);
+                let now = digest_in(self.db.get_cf(cf, &index)?);
+                Ok((then, now))
+            })
+            .map_err(io)?;
         Ok(scanned)
+    }
+
+    /// When `key`'s current tombstone was stored (ms since the Unix epoch);
+    /// `None` if the key holds no tombstone-only clock.
+    pub fn tombstone_stored_at(&self, key: &[u8]) -> Result<Option<u64>, NodeError> {
+        let stored = self.db.get_cf(self.cf(CF_TOMBSTONES), key).map_err(io)?;
+        Ok(stored
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes))
     }
 
     /// Up to `limit` keys, after `after`, whose tombstone was stored at or

@@ -98,6 +98,8 @@ pub enum AntiEntropyError {
     Down { peer: NodeId },
     #[error("reading this node's keys failed: {reason}")]
     Local { reason: String },
+    #[error("{keys} differing keys could not be repaired; the first failure: {first}")]
+    Skipped { keys: u64, first: String },
 }
 
 /// A node's anti-entropy: answers peers' tree questions and runs rounds.
@@ -213,7 +215,7 @@ impl<T: Transport> AntiEntropy<T> {
                         format!("leaf {bad} asked of a tree of 2^{bits} leaves"),
                     ));
                 }
-                match self.shared_items(peer, leaves) {
+                match shared_items(&self.trees, &*self.leaves, peer, leaves) {
                     Ok(items) => Response::Items(items),
                     Err(reason) => Response::error(
                         ErrorKind::Internal,
@@ -225,40 +227,32 @@ impl<T: Transport> AntiEntropy<T> {
         })
     }
 
-    /// The keys in `leaves` that this node shares with `peer`.
-    fn shared_items(&self, peer: &NodeId, leaves: &[u32]) -> Result<Vec<KeyDigest>, String> {
-        let mut out = Vec::new();
-        for leaf in leaves {
-            for (key, digest) in self
-                .leaves
-                .leaf_items(*leaf as usize, self.trees.leaf_bits())?
-            {
-                if self.trees.shares_with(&key, peer) {
-                    out.push(KeyDigest { key, digest });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// One round against `peers` (skipping those `is_up` says are down):
-    /// the report `ringkv repair` prints.
-    pub async fn round(
-        &self,
-        peers: &[NodeId],
-        is_up: &(dyn Fn(&NodeId) -> bool + Sync),
-    ) -> RepairReport {
+    /// One round against every other node on the ring (skipping those
+    /// `is_up` says are down): the report `ringkv repair` prints. Waits for
+    /// this node's trees to be ready first.
+    pub async fn round(&self, is_up: &(dyn Fn(&NodeId) -> bool + Sync)) -> RepairReport {
         let _one_at_a_time = self.round_lock.lock().await;
         let started = Instant::now();
-        let mut report = RepairReport {
-            peers: peers.len() as u32,
-            ..RepairReport::default()
-        };
         let ready_by = started + self.config.ready_timeout;
         while !self.trees.is_ready() && Instant::now() < ready_by {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for peer in peers {
+        let mut report = RepairReport::default();
+        if !self.trees.is_ready() {
+            // Until the first rebuild the trees know no ring, hence no peers.
+            report.failures.push(PeerFailure {
+                peer: self.trees.me().clone(),
+                reason: AntiEntropyError::NotReady {
+                    node: self.trees.me().clone(),
+                }
+                .to_string(),
+            });
+            report.duration_ms = started.elapsed().as_millis() as u64;
+            return report;
+        }
+        let peers = self.trees.peers();
+        report.peers = peers.len() as u32;
+        for peer in &peers {
             let tally = Tally::default();
             let outcome = if !self.trees.is_ready() {
                 Err(AntiEntropyError::NotReady {
@@ -376,7 +370,10 @@ impl<T: Transport> AntiEntropy<T> {
         while let Some(item) = items.next() {
             bytes += item.key.len() + item.clock.approx_size();
             pending.push(item);
-            if bytes >= READ_BATCH_REPLY_BYTES || items.peek().is_none() {
+            // Send before the next item would pass the cap (one big clock
+            // still goes alone: it fits a frame by the clock size limit).
+            let next_bytes = items.peek().map(|n| n.key.len() + n.clock.approx_size());
+            if next_bytes.is_none_or(|n| bytes + n > READ_BATCH_REPLY_BYTES) {
                 let request = Request::Replica(ReplicaRequest::SyncBatch {
                     items: std::mem::take(&mut pending),
                 });
@@ -495,13 +492,20 @@ impl<T: Transport> AntiEntropy<T> {
     }
 
     /// One exchange with `peer`: descend, list, repair. See the module docs.
+    ///
+    /// A batch that fails for any reason but an unreachable peer (a corrupt
+    /// stored clock, a merge the peer refuses) is counted and skipped, so one
+    /// bad key cannot stop the keys after it from being repaired; the
+    /// exchange then ends with an error naming how many keys were skipped.
     async fn exchange(&self, peer: &NodeId, tally: &Tally) -> Result<(), AntiEntropyError> {
         tally
             .keys_compared
             .store(self.trees.shared_keys(peer), Ordering::Relaxed);
         let leaves = self.differing_leaves(peer, tally).await?;
-        let started = Instant::now();
-        let mut repaired_or_tried = 0u64;
+        // Each batch is due batch.len() / keys_per_s after the previous one;
+        // time spent listing is not saved up as credit for a burst.
+        let mut next_batch_at = Instant::now();
+        let (mut skipped, mut first_error) = (0u64, None);
         for chunk in leaves.chunks(LEAVES_PER_REQUEST_MAX) {
             let chunk: Vec<u32> = chunk.iter().map(|l| *l as u32).collect();
             let request = Request::Replica(ReplicaRequest::LeafItems {
@@ -513,27 +517,70 @@ impl<T: Transport> AntiEntropy<T> {
                 Response::Items(items) => items,
                 other => return Err(unexpected(peer, &other)),
             };
-            let mine = self
-                .shared_items(peer, &chunk)
-                .map_err(|reason| AntiEntropyError::Local { reason })?;
+            let mine = self.list_shared(peer, chunk).await?;
             let pairs = |items: Vec<KeyDigest>| -> Vec<(Vec<u8>, u64)> {
                 items.into_iter().map(|i| (i.key, i.digest)).collect()
             };
             let keys = differing_keys(&pairs(mine), &pairs(theirs));
             for batch in keys.chunks(REPAIR_BATCH) {
-                // Pace: a batch starts no sooner than its first key is due
-                // at keys_per_s from the exchange's start.
-                let due = started
+                tokio::time::sleep_until(next_batch_at).await;
+                next_batch_at = next_batch_at.max(Instant::now())
                     + Duration::from_secs_f64(
-                        repaired_or_tried as f64 / self.config.keys_per_s.max(1) as f64,
+                        batch.len() as f64 / self.config.keys_per_s.max(1) as f64,
                     );
-                tokio::time::sleep_until(due).await;
-                repaired_or_tried += batch.len() as u64;
-                self.repair_batch(peer, batch, tally).await?;
+                match self.repair_batch(peer, batch, tally).await {
+                    Ok(()) => {}
+                    Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, keys = batch.len(), "anti-entropy batch skipped");
+                        skipped += batch.len() as u64;
+                        first_error.get_or_insert(e);
+                    }
+                }
             }
         }
-        Ok(())
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err(AntiEntropyError::Skipped {
+                keys: skipped,
+                first: e.to_string(),
+            }),
+        }
     }
+
+    /// This node's keys in `leaves` shared with `peer`, read on the
+    /// blocking pool (it is RocksDB range reads on a node).
+    async fn list_shared(
+        &self,
+        peer: &NodeId,
+        leaves: Vec<u32>,
+    ) -> Result<Vec<KeyDigest>, AntiEntropyError> {
+        let (trees, source, peer) = (self.trees.clone(), self.leaves.clone(), peer.clone());
+        tokio::task::spawn_blocking(move || shared_items(&trees, &*source, &peer, &leaves))
+            .await
+            .map_err(|e| AntiEntropyError::Local {
+                reason: e.to_string(),
+            })?
+            .map_err(|reason| AntiEntropyError::Local { reason })
+    }
+}
+
+/// The keys in `leaves` that `trees`' node shares with `peer`.
+fn shared_items(
+    trees: &ReplicaTrees,
+    source: &dyn LeafSource,
+    peer: &NodeId,
+    leaves: &[u32],
+) -> Result<Vec<KeyDigest>, String> {
+    let mut out = Vec::new();
+    for leaf in leaves {
+        for (key, digest) in source.leaf_items(*leaf as usize, trees.leaf_bits())? {
+            if trees.shares_with(&key, peer) {
+                out.push(KeyDigest { key, digest });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The version both replicas should hold after a repair, or `None` when

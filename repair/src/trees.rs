@@ -81,14 +81,17 @@ pub struct ReplicaTrees {
     /// Whether the trees cover the whole store (false until the first
     /// rebuild finishes, and during any rebuild).
     ready: std::sync::atomic::AtomicBool,
+    /// The tree of a peer with no shared key, built once.
+    empty: MerkleTree,
 }
 
 impl ReplicaTrees {
     /// Empty trees for `me`'s peers on `ring`, not [ready](Self::is_ready)
     /// until a rebuild from the store finishes.
     pub fn new(me: NodeId, ring: Arc<Ring>, leaf_bits: u32) -> Result<Self, MerkleError> {
-        MerkleTree::new(leaf_bits)?;
+        let empty = MerkleTree::new(leaf_bits)?;
         Ok(ReplicaTrees {
+            empty,
             me,
             leaf_bits,
             rebuild_lock: RwLock::new(()),
@@ -177,11 +180,13 @@ impl ReplicaTrees {
     /// wait meanwhile (for as long as the few touched keys take); none can
     /// be half done, as each holds its [`ChangeGuard`] from before its
     /// store write.
-    pub fn finish_rebuild(
+    /// If `versions` fails the rebuild is abandoned (the trees stay not
+    /// ready) and the error returned: a guessed version would corrupt a tree.
+    pub fn finish_rebuild<E>(
         &self,
         mut fresh: FreshTrees,
-        versions: impl Fn(&[u8]) -> (Option<u64>, Option<u64>),
-    ) {
+        versions: impl Fn(&[u8]) -> Result<(Option<u64>, Option<u64>), E>,
+    ) -> Result<(), E> {
         let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
         let touched = self
             .touched
@@ -190,7 +195,7 @@ impl ReplicaTrees {
             .take()
             .unwrap_or_default();
         for key in touched {
-            let (scanned, now) = versions(&key);
+            let (scanned, now) = versions(&key)?;
             let (scanned, now) = (
                 scanned.map(|d| item_hash(&key, d)),
                 now.map(|d| item_hash(&key, d)),
@@ -210,6 +215,7 @@ impl ReplicaTrees {
             .map(|(peer, tree)| (peer, Mutex::new(tree)))
             .collect();
         self.ready.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     /// Abandons a rebuild (its scan failed); the trees stay not ready.
@@ -238,7 +244,7 @@ impl ReplicaTrees {
         let trees = self.trees.read().unwrap_or_else(|p| p.into_inner());
         match trees.get(peer) {
             Some(tree) => tree.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            None => MerkleTree::new(self.leaf_bits).expect("shape checked"),
+            None => self.empty.clone(),
         }
     }
 
@@ -250,9 +256,7 @@ impl ReplicaTrees {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .level_hashes(level, indexes),
-            None => MerkleTree::new(self.leaf_bits)
-                .expect("shape checked")
-                .level_hashes(level, indexes),
+            None => self.empty.level_hashes(level, indexes),
         }
     }
 
