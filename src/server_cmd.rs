@@ -28,6 +28,9 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.replicas = args.replicas;
     config.vnodes = args.vnodes;
     config.region = args.region;
+    if let Some(source) = &args.latency_matrix {
+        config.latency_matrix = Some(std::sync::Arc::new(load_matrix(source)?));
+    }
     config.sync = args.sync;
     config.max_value_bytes = args.limits.max_value_bytes;
     config.max_siblings = args.limits.max_siblings;
@@ -47,6 +50,17 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     eprintln!("shutting down");
     handle.shutdown().await;
     Ok(Exit::Ok)
+}
+
+/// A latency matrix from `preset:NAME` or a TOML file.
+pub fn load_matrix(source: &str) -> Result<ringkv_core::regions::LatencyMatrix, Failure> {
+    use ringkv_core::regions::LatencyMatrix;
+    let bad = |e: String| Failure::new(Exit::Usage, format!("--latency-matrix {source}: {e}"));
+    if let Some(name) = source.strip_prefix("preset:") {
+        return LatencyMatrix::preset(name).map_err(|e| bad(e.to_string()));
+    }
+    let text = std::fs::read_to_string(source).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    LatencyMatrix::parse_toml(&text).map_err(|e| bad(e.to_string()))
 }
 
 pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {

@@ -1,0 +1,120 @@
+//! Emulated regions with real processes: `--latency-matrix` delays every
+//! call between nodes by the matrix, so a write's per-replica latencies in
+//! its receipt are the round trips the matrix predicts.
+
+mod common;
+
+use common::*;
+
+/// One-way delays: a–b 40 ms, a–c 60 ms, b–c 50 ms; no jitter, no loss.
+const MATRIX: &str = r#"
+regions = ["a", "b", "c"]
+[[link]]
+between = ["a", "b"]
+delay_ms = 40
+[[link]]
+between = ["a", "c"]
+delay_ms = 60
+[[link]]
+between = ["b", "c"]
+delay_ms = 50
+"#;
+
+/// The latency (ms) the receipt of `out` reports for `node`.
+fn latency_of(out: &serde_json::Value, node: &str) -> f64 {
+    out["receipt"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == node)
+        .unwrap_or_else(|| panic!("{node} in {out}"))["latency_ms"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn replica_latencies_follow_the_latency_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let matrix = dir.path().join("matrix.toml");
+    std::fs::write(&matrix, MATRIX).unwrap();
+    let matrix = matrix.to_string_lossy().into_owned();
+    let c = Cluster::start_each("replica_latencies_follow", 3, 3, |i, _| {
+        let region = ["a", "b", "c"][i];
+        ["--region", region, "--latency-matrix", &matrix]
+            .map(String::from)
+            .to_vec()
+    });
+    let status = json(&c.cli(0, &["status", "--json"]));
+    let regions: Vec<&str> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["region"].as_str().unwrap())
+        .collect();
+    assert_eq!(regions, ["a", "b", "c"], "{status}");
+
+    // Warm the connections first: handshakes are not part of the emulation.
+    assert_exit(&c.cli(0, &["put", "warm", "x", "-w", "all"]), 0);
+    let mut to_b = Vec::new();
+    let mut to_c = Vec::new();
+    for i in 0..5 {
+        let out = json(&c.cli(0, &["put", &format!("k{i}"), "v", "-w", "all", "--json"]));
+        to_b.push(latency_of(&out, "n2"));
+        to_c.push(latency_of(&out, "n3"));
+    }
+    to_b.sort_by(f64::total_cmp);
+    to_c.sort_by(f64::total_cmp);
+    let (b, c3) = (to_b[2], to_c[2]);
+    // Round trips a→b 80 ms and a→c 120 ms. Generous bounds for CI: the
+    // emulated delay is a floor, and two busy cores add a little.
+    assert!(
+        (80.0..80.0 * 1.25 + 10.0).contains(&b),
+        "n2 median {b} ms: {to_b:?}"
+    );
+    assert!(
+        (120.0..120.0 * 1.25 + 10.0).contains(&c3),
+        "n3 median {c3} ms: {to_c:?}"
+    );
+    assert!(latency_of(&json(&c.cli(0, &["get", "k0", "-r", "1", "--json"])), "n1") < 40.0);
+
+    // A bad matrix is refused before the node starts.
+    std::fs::write(dir.path().join("bad.toml"), "regions = [\"a\", \"b\"]\n").unwrap();
+    let bad = dir.path().join("bad.toml").to_string_lossy().into_owned();
+    let out = run(ringkv().args([
+        "node",
+        "--id",
+        "x",
+        "--listen",
+        "127.0.0.1:1",
+        "--data-dir",
+        &dir.path().join("x").to_string_lossy(),
+        "--region",
+        "a",
+        "--latency-matrix",
+        &bad,
+    ]));
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("no link between \"a\" and \"b\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(ringkv().args([
+        "node",
+        "--id",
+        "x",
+        "--listen",
+        "127.0.0.1:1",
+        "--data-dir",
+        &dir.path().join("x").to_string_lossy(),
+        "--region",
+        "mars",
+        "--latency-matrix",
+        "preset:cloud4",
+    ]));
+    assert!(
+        stderr(&out).contains("unknown region \"mars\""),
+        "{}",
+        stderr(&out)
+    );
+}
