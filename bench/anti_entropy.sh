@@ -82,7 +82,7 @@ echo "== repair on n3 (first round, then a second)"
 repair_n3
 repair_n3
 
-bench() { "$bin" bench --cluster 127.0.0.1:7200,127.0.0.1:7201 --concurrency 4 --duration-s 10 -w 2 -r 2 --value-bytes 100 2>/dev/null | grep -i "put"; }
+bench() { "$bin" bench --workload putget --cluster 127.0.0.1:7200,127.0.0.1:7201 --concurrency 4 --duration-s 10 -w 2 -r 2 --value-bytes 100 2>/dev/null | grep -i "put"; }
 for run in $(seq "$runs"); do
   echo "== run $run: idle"
   bench

@@ -44,8 +44,8 @@ echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -
 run_bench() { # label cluster concurrency [w]
   local w=${4:-2}
   for run in $(seq "$runs"); do
-    echo "== $1, concurrency $3, run $run: ringkv bench --cluster $2 --concurrency $3 --duration-s $duration -r 2 -w $w --value-bytes 100"
-    "$bin" bench --cluster "$2" --concurrency "$3" --duration-s "$duration" -r 2 -w "$w" --value-bytes 100 2>/dev/null
+    echo "== $1, concurrency $3, run $run: ringkv bench --workload putget --cluster $2 --concurrency $3 --duration-s $duration -r 2 -w $w --value-bytes 100"
+    "$bin" bench --workload putget --cluster "$2" --concurrency "$3" --duration-s "$duration" -r 2 -w "$w" --value-bytes 100 2>/dev/null
   done
 }
 # Total hints_pending over the nodes n1 can ask.

@@ -53,28 +53,52 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "With no --cluster, the bench starts 5 nodes in this process (N=3), spread over 3 emulated regions \
+    (the cloud3 preset: us-east, us-west, eu-west, with delays from public AWS inter-region medians), \
+    loads --records keys, then runs the workload once per --consistency setting and prints them side by side.\n\n\
+    Staleness (PBS t-visibility): a prober writes through one node and reads through another t ms after the \
+    acknowledgement; 'fresh@t' is the share of those reads that saw the write.\n\n\
+    --workload putget is the older put-then-get phase benchmark (bench/loopback.sh uses it)."
+)]
 pub struct BenchArgs {
-    /// Nodes of a running cluster, comma-separated. Default: start an embedded 3-node cluster (N=3) on loopback.
+    /// Nodes of a running cluster, comma-separated. Default: start an embedded 5-node cluster (N=3) across 3 emulated regions.
     #[arg(long, value_name = "ADDR,...", value_delimiter = ',')]
     pub cluster: Vec<String>,
+    /// YCSB core workload: a (50% read, 50% update), b (95/5), c (read only), d (read latest, 5% insert), f (read-modify-write); or putget.
+    #[arg(long, value_name = "NAME", default_value = "a")]
+    pub workload: String,
+    /// Records loaded before the run phase.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub records: u64,
+    /// A consistency setting to run (repeatable, comma-separated): one, quorum, all, or r=R,w=W as one setting with a colon, e.g. r=1:w=2. Default: one, quorum and all.
+    #[arg(long, value_name = "SETTING", value_delimiter = ',')]
+    pub consistency: Vec<String>,
     /// Concurrent clients, each with its own connection, spread over the nodes.
-    #[arg(long, value_name = "C", default_value_t = 32)]
+    #[arg(long, value_name = "C", default_value_t = 16)]
     pub concurrency: usize,
-    /// How long the put phase and then the get phase each run.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    /// How long each setting runs (putget: each phase).
+    #[arg(long, value_name = "SECONDS", default_value_t = 6)]
     pub duration_s: u64,
     /// Size of each written value.
-    #[arg(long, value_name = "BYTES", default_value_t = 100)]
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     pub value_bytes: usize,
-    /// Read consistency.
+    /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none.
+    #[arg(
+        long,
+        value_name = "preset:NAME|FILE|none",
+        default_value = "preset:cloud3"
+    )]
+    pub regions: String,
+    /// Read consistency for --workload putget (for YCSB workloads, use --consistency).
     #[arg(short = 'r', long = "r", value_name = "R", default_value = "quorum", value_parser = parse_consistency)]
     pub r: Consistency,
-    /// Write consistency.
+    /// Write consistency for --workload putget.
     #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
     pub w: Consistency,
-    /// Print the results as JSON.
-    #[arg(long)]
-    pub json: bool,
+    /// Write every number and the configuration as JSON to FILE (`-` or no FILE: stdout, instead of the table).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub json: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -1,15 +1,27 @@
-//! `ringkv bench`: closed-loop put and get load against an embedded or a
-//! running cluster.
+//! `ringkv bench`: YCSB workloads at several consistency settings, side by
+//! side, against an embedded cluster spread over emulated regions or a
+//! running one; and the older put-then-get phases (`--workload putget`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressStyle};
+use ringkv_bench::workload::Workload;
+use ringkv_bench::ycsb::{self, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{LoadConfig, PhaseReport};
+use ringkv_core::wire::{Request, Response};
+use ringkv_core::Consistency;
+use ringkv_node::Client;
 use serde_json::json;
 
 use crate::args::BenchArgs;
 use crate::client_cmd::resolve;
-use crate::server_cmd::start_local_cluster;
+use crate::server_cmd::{load_matrix, start_local_cluster, start_local_cluster_with};
 use crate::{Exit, Failure};
+
+/// Nodes and N of the embedded cluster.
+const EMBEDDED_NODES: usize = 5;
+const EMBEDDED_REPLICAS: usize = 3;
 
 pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if args.concurrency == 0 {
@@ -21,6 +33,343 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if args.duration_s == 0 {
         return Err(Failure::new(Exit::Usage, "--duration-s must be at least 1"));
     }
+    if args.workload == "putget" {
+        return putget(args).await;
+    }
+    let workload: Workload =
+        args.workload
+            .parse()
+            .map_err(|e: ringkv_bench::workload::WorkloadError| {
+                Failure::new(Exit::Usage, format!("--workload: {e}"))
+            })?;
+    let settings = parse_settings(&args.consistency)?;
+    let matrix = match args.regions.as_str() {
+        "none" => None,
+        source => Some(Arc::new(load_matrix(source)?)),
+    };
+    let embedded_dir = std::env::temp_dir().join(format!("ringkv-bench-{}", std::process::id()));
+    let (targets, embedded, replicas) = if args.cluster.is_empty() {
+        check_settings(&settings, EMBEDDED_REPLICAS)?;
+        let _ = std::fs::remove_dir_all(&embedded_dir);
+        let regions: Vec<String> = matrix
+            .as_ref()
+            .map(|m| m.regions().iter().take(3).cloned().collect())
+            .unwrap_or_default();
+        let nodes = start_local_cluster_with(
+            EMBEDDED_NODES,
+            EMBEDDED_REPLICAS,
+            0,
+            &embedded_dir,
+            false,
+            |i, config| {
+                if let Some(m) = &matrix {
+                    config.region = Some(regions[i % regions.len()].clone());
+                    config.latency_matrix = Some(m.clone());
+                }
+            },
+        )
+        .await?;
+        (
+            nodes.iter().map(|n| n.addr()).collect::<Vec<_>>(),
+            nodes,
+            EMBEDDED_REPLICAS,
+        )
+    } else {
+        let targets = args
+            .cluster
+            .iter()
+            .map(|a| resolve(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let replicas = cluster_replicas(targets[0]).await?;
+        check_settings(&settings, replicas)?;
+        (targets, Vec::new(), replicas)
+    };
+    // A client sits in its coordinator's region: the matrix's local delay.
+    let client_delay = matrix
+        .as_ref()
+        .and_then(|m| {
+            let r = m.regions().first()?;
+            m.link(r, r).ok()
+        })
+        .map_or(Duration::ZERO, |l| {
+            Duration::from_secs_f64(l.delay_ms / 1000.0)
+        });
+    let config = YcsbConfig {
+        targets,
+        workload,
+        records: args.records,
+        value_bytes: args.value_bytes,
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.duration_s),
+        settings,
+        request_timeout_ms: 2000,
+        seed: 0x5eed,
+        client_delay,
+    };
+    let result = run_all(
+        &config,
+        &args,
+        embedded.is_empty(),
+        replicas,
+        matrix.is_some(),
+    )
+    .await;
+    for n in embedded {
+        n.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&embedded_dir);
+    result
+}
+
+/// Parses `--consistency`: one, quorum, all, a count, or `r=R:w=W`.
+fn parse_settings(raw: &[String]) -> Result<Vec<Setting>, Failure> {
+    if raw.is_empty() {
+        return Ok([Consistency::One, Consistency::Quorum, Consistency::All]
+            .into_iter()
+            .map(|c| Setting { r: c, w: c })
+            .collect());
+    }
+    let level = |s: &str| {
+        s.parse::<Consistency>()
+            .map_err(|e| Failure::new(Exit::Usage, format!("--consistency {s:?}: {}", e.message)))
+    };
+    raw.iter()
+        .map(|item| {
+            if let Some((r, w)) = item.split_once(':') {
+                let (Some(r), Some(w)) = (r.strip_prefix("r="), w.strip_prefix("w=")) else {
+                    return Err(Failure::new(
+                        Exit::Usage,
+                        format!("--consistency {item:?}: write a pair as r=R:w=W, e.g. r=1:w=2"),
+                    ));
+                };
+                Ok(Setting {
+                    r: level(r)?,
+                    w: level(w)?,
+                })
+            } else {
+                let c = level(item)?;
+                Ok(Setting { r: c, w: c })
+            }
+        })
+        .collect()
+}
+
+/// R and W above N cannot be met: refuse before loading anything.
+fn check_settings(settings: &[Setting], replicas: usize) -> Result<(), Failure> {
+    for s in settings {
+        for (name, c) in [("R", s.r), ("W", s.w)] {
+            if let Consistency::Count(n) = c {
+                if n as usize > replicas {
+                    return Err(Failure::new(
+                        Exit::Usage,
+                        format!("--consistency {s}: {name}={n} is above N={replicas}"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// N of a running cluster, from its `status`; an unreachable node is an error.
+async fn cluster_replicas(addr: std::net::SocketAddr) -> Result<usize, Failure> {
+    let unreachable =
+        |e: String| Failure::new(Exit::Unreachable, format!("cannot reach {addr}: {e}"));
+    let client = Client::connect(addr, Duration::from_secs(3))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let answer = client.call(&Request::Status).await;
+    client.close().await;
+    match answer {
+        Ok(Response::Status(s)) => Ok(s.replicas as usize),
+        Ok(other) => Err(unreachable(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(unreachable(e.to_string())),
+    }
+}
+
+fn bar(len: u64, message: String) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
+}
+
+async fn run_all(
+    config: &YcsbConfig,
+    args: &BenchArgs,
+    external: bool,
+    replicas: usize,
+    regions: bool,
+) -> Result<Exit, Failure> {
+    let to_stdout = args.json.as_deref() == Some("-");
+    if !to_stdout {
+        eprintln!(
+            "bench: YCSB-{} on {}, N={replicas}, {} records of {} B, {} clients, {} s per setting{}",
+            config.workload,
+            if external { "the given cluster".to_string() } else { format!("an embedded {EMBEDDED_NODES}-node cluster") },
+            config.records,
+            config.value_bytes,
+            config.concurrency,
+            config.duration.as_secs(),
+            if regions { format!(", emulated regions ({})", args.regions) } else { String::new() },
+        );
+    }
+    let loading = bar(config.records, "load".into());
+    ycsb::load(config, &|done| loading.set_position(done))
+        .await
+        .map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
+    loading.finish_and_clear();
+    let mut reports = Vec::new();
+    let mut records = config.records;
+    for setting in &config.settings {
+        let running = bar(100, format!("run {setting}"));
+        let report = ycsb::run_setting(config, setting, records, &|share| {
+            running.set_position((share * 100.0) as u64)
+        })
+        .await
+        .map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
+        running.finish_and_clear();
+        // Inserts of workload D add records for the next setting.
+        records += report
+            .ops
+            .iter()
+            .filter(|(op, _)| *op == ringkv_bench::workload::Op::Insert)
+            .map(|(_, r)| r.ops)
+            .sum::<u64>();
+        reports.push(report);
+    }
+    let out = report_json(config, args, replicas, &reports);
+    match args.json.as_deref() {
+        Some("-") => println!("{out}"),
+        Some(path) => {
+            std::fs::write(path, format!("{out:#}\n")).map_err(|e| {
+                Failure::new(Exit::Usage, format!("--json {path}: cannot write it: {e}"))
+            })?;
+            print_table(&reports);
+        }
+        None => print_table(&reports),
+    }
+    Ok(Exit::Ok)
+}
+
+fn print_table(reports: &[SettingReport]) {
+    println!(
+        "{:<16} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8}",
+        "setting",
+        "op",
+        "ops/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "errors",
+        "timeouts"
+    );
+    for r in reports {
+        for (op, o) in &r.ops {
+            println!(
+                "{:<16} {:<7} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>7} {:>8}",
+                r.setting.to_string(),
+                op.as_str(),
+                o.ops as f64 / r.elapsed.as_secs_f64(),
+                o.latency_ms(0.5),
+                o.latency_ms(0.95),
+                o.latency_ms(0.99),
+                o.latency_ms(0.999),
+                o.latency_us.max() as f64 / 1000.0,
+                o.errors,
+                o.timeouts
+            );
+        }
+    }
+    println!();
+    let header: Vec<String> = ycsb::STALENESS_T_MS
+        .iter()
+        .map(|t| format!("fresh@{t}ms"))
+        .collect();
+    println!(
+        "{:<16} {:>10} {}",
+        "setting",
+        "siblings",
+        header
+            .iter()
+            .map(|h| format!("{h:>12}"))
+            .collect::<String>()
+    );
+    for r in reports {
+        let siblings = if r.reads == 0 {
+            0.0
+        } else {
+            r.sibling_reads as f64 / r.reads as f64
+        };
+        let fresh: String = r
+            .staleness
+            .iter()
+            .map(|v| {
+                if v.probes == 0 {
+                    format!("{:>12}", "-")
+                } else {
+                    format!("{:>11.1}%", v.fresh_share() * 100.0)
+                }
+            })
+            .collect();
+        println!(
+            "{:<16} {:>9.2}% {fresh}",
+            r.setting.to_string(),
+            siblings * 100.0
+        );
+    }
+}
+
+fn report_json(
+    config: &YcsbConfig,
+    args: &BenchArgs,
+    replicas: usize,
+    reports: &[SettingReport],
+) -> serde_json::Value {
+    json!({
+        "config": {
+            "workload": config.workload.to_string(),
+            "records": config.records,
+            "value_bytes": config.value_bytes,
+            "concurrency": config.concurrency,
+            "duration_s": config.duration.as_secs(),
+            "replicas": replicas,
+            "cluster": if args.cluster.is_empty() { json!(null) } else { json!(args.cluster) },
+            "regions": args.regions,
+        },
+        "settings": reports.iter().map(|r| json!({
+            "setting": r.setting.to_string(),
+            "r": r.setting.r.to_string(),
+            "w": r.setting.w.to_string(),
+            "elapsed_s": r.elapsed.as_secs_f64(),
+            "ops_per_sec": r.ops_per_sec(),
+            "ops": r.ops.iter().map(|(op, o)| (op.as_str().to_string(), json!({
+                "ops": o.ops,
+                "errors": o.errors,
+                "timeouts": o.timeouts,
+                "p50_ms": o.latency_ms(0.5),
+                "p95_ms": o.latency_ms(0.95),
+                "p99_ms": o.latency_ms(0.99),
+                "p999_ms": o.latency_ms(0.999),
+                "max_ms": o.latency_us.max() as f64 / 1000.0,
+            }))).collect::<serde_json::Map<_, _>>(),
+            "reads": r.reads,
+            "sibling_reads": r.sibling_reads,
+            "staleness": r.staleness.iter().map(|v| json!({
+                "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh, "fresh_share": v.fresh_share(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The older benchmark: a put phase of new keys, then a get phase of them.
+async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
     let embedded_dir = std::env::temp_dir().join(format!("ringkv-bench-{}", std::process::id()));
     let (targets, embedded) = if args.cluster.is_empty() {
         let _ = std::fs::remove_dir_all(&embedded_dir);
@@ -43,7 +392,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         w: args.w,
         request_timeout_ms: 2000,
     };
-    if !args.json {
+    if args.json.is_none() {
         eprintln!(
             "bench: {} clients, r={} w={}, {} B values, {} s per phase against {}",
             config.concurrency,
@@ -64,12 +413,15 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     }
     let _ = std::fs::remove_dir_all(&embedded_dir);
     let report = result.map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
-    if args.json {
-        println!(
-            "{}",
-            json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes})
-        );
-    } else {
+    let out = json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes});
+    match args.json.as_deref() {
+        Some("-") => println!("{out}"),
+        Some(path) => std::fs::write(path, format!("{out:#}\n")).map_err(|e| {
+            Failure::new(Exit::Usage, format!("--json {path}: cannot write it: {e}"))
+        })?,
+        None => {}
+    }
+    if args.json.as_deref() != Some("-") {
         println!(
             "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
             "op", "ops/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors"

@@ -116,6 +116,19 @@ pub async fn start_local_cluster(
     data_dir: &std::path::Path,
     sync: bool,
 ) -> Result<Vec<NodeHandle>, Failure> {
+    start_local_cluster_with(count, replicas, base_port, data_dir, sync, |_, _| {}).await
+}
+
+/// Like [`start_local_cluster`], with `configure(i, config)` applied to
+/// node `i`'s config (0-based) before it starts.
+pub async fn start_local_cluster_with(
+    count: usize,
+    replicas: usize,
+    base_port: u16,
+    data_dir: &std::path::Path,
+    sync: bool,
+    configure: impl Fn(usize, &mut NodeConfig),
+) -> Result<Vec<NodeHandle>, Failure> {
     let mut nodes: Vec<NodeHandle> = Vec::with_capacity(count);
     for i in 0..count {
         let id = NodeId::new(format!("n{}", i + 1)).expect("valid id");
@@ -131,6 +144,7 @@ pub async fn start_local_cluster(
         if let Some(first) = nodes.first() {
             config.seeds = vec![first.addr()];
         }
+        configure(i, &mut config);
         match Node::start(config).await {
             Ok(handle) => nodes.push(handle),
             Err(e) => {

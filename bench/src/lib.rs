@@ -13,6 +13,7 @@
 //! regions and staleness measurement build on it.
 
 pub mod workload;
+pub mod ycsb;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -45,6 +46,8 @@ pub enum BenchError {
     NoConcurrency,
     #[error("cannot reach {addr}: {reason}")]
     Unreachable { addr: SocketAddr, reason: String },
+    #[error("{failed} writes of the load phase failed; is every node up?")]
+    LoadFailed { failed: u64 },
 }
 
 /// The outcome of one phase.

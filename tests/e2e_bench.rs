@@ -1,0 +1,90 @@
+//! `ringkv bench` end to end: the embedded cluster across emulated regions,
+//! the JSON report's structure, staleness that follows R+W>N, and bad
+//! input refused before anything is loaded.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("bench.json");
+    let out = run(ringkv().args([
+        "bench",
+        "--workload",
+        "c",
+        "--records",
+        "50",
+        "--duration-s",
+        "8",
+        "--concurrency",
+        "4",
+        "--consistency",
+        "one,quorum",
+        "--json",
+        &report.to_string_lossy(),
+    ]));
+    assert_exit(&out, 0);
+    let table = stdout(&out);
+    assert!(
+        table.contains("fresh@0ms") && table.contains("quorum"),
+        "{table}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["config"]["workload"], "C");
+    assert_eq!(json["config"]["replicas"], 3);
+    assert_eq!(json["config"]["regions"], "preset:cloud3");
+    let settings = json["settings"].as_array().unwrap();
+    let names: Vec<&str> = settings
+        .iter()
+        .map(|s| s["setting"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["one", "quorum"]);
+    for s in settings {
+        let read = &s["ops"]["read"];
+        assert!(read["ops"].as_u64().unwrap() > 0, "{s}");
+        for field in [
+            "p50_ms", "p95_ms", "p99_ms", "p999_ms", "max_ms", "errors", "timeouts",
+        ] {
+            assert!(!read[field].is_null(), "{field} in {s}");
+        }
+        assert_eq!(s["staleness"].as_array().unwrap().len(), 6, "{s}");
+    }
+    // R=1, W=1 across regions: a read right after the write, through
+    // another node, often misses it. R+W>N never does.
+    let at0 = |s: &serde_json::Value| s["staleness"][0].clone();
+    let one = at0(&settings[0]);
+    assert_eq!(one["t_ms"], 0);
+    assert!(one["probes"].as_u64().unwrap() > 0, "{one}");
+    assert!(
+        one["fresh_share"].as_f64().unwrap() < 1.0,
+        "R=W=1 shows staleness at t=0: {one}"
+    );
+    for v in settings[1]["staleness"].as_array().unwrap() {
+        assert_eq!(v["fresh"], v["probes"], "quorum reads are never stale: {v}");
+    }
+    assert!(settings[1]["staleness"][0]["probes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bad_bench_input_is_refused_before_loading() {
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["--workload", "e"], 2, "range scans"),
+        (&["--workload", "zz"], 2, "unknown workload"),
+        (&["--consistency", "4"], 2, "above N=3"),
+        (&["--consistency", "r=1,w=2"], 2, "--consistency"),
+        (&["--regions", "preset:mars"], 2, "unknown preset"),
+        (&["--records", "0"], 2, "records"),
+        (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
+    ];
+    for (args, code, message) in cases {
+        let mut cmd = ringkv();
+        cmd.arg("bench").args(*args);
+        let out = run(&mut cmd);
+        assert_exit(&out, *code);
+        assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
+    }
+}
