@@ -376,3 +376,71 @@ async fn concurrent_writes_hinted_for_one_owner_all_reach_it() {
     s.until_no_hints(Duration::from_secs(5)).await;
     assert_eq!(s.c.local_values(dead, KEY), ["a", "b"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_hinted_for_a_dead_owner_is_handed_off_and_stays_deleted_after_collection() {
+    use ringkv_core::wire::PutRequest;
+    use ringkv_core::Payload;
+    use ringkv_repair::tombstones::confirm_collectable;
+    let s = story(with_probes());
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    let Response::Get(read) = s.c.get(coordinator, KEY, All).await else {
+        panic!("read failed");
+    };
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+    let delete = PutRequest::new(KEY, Payload::Tombstone, Quorum, Some(read.context));
+    let deleted = s.c.node(coordinator).coordinator.put(delete).await;
+    assert!(matches!(deleted, Response::Put(_)), "{deleted:?}");
+    assert!(
+        s.c.hints_pending() >= 1,
+        "the tombstone was hinted for {dead}"
+    );
+    assert_eq!(
+        s.c.local_values(dead, KEY),
+        ["v"],
+        "{dead} missed the delete"
+    );
+
+    s.c.net.up(&s.id(dead));
+    s.until_no_hints(Duration::from_secs(5)).await;
+    assert!(
+        s.c.local_values(dead, KEY).is_empty(),
+        "handoff brought the tombstone"
+    );
+
+    for owner in &s.owners {
+        let ours =
+            s.c.node(owner)
+                .replica
+                .read(KEY.as_bytes())
+                .unwrap()
+                .unwrap();
+        let transport = s.c.net.transport(s.id(owner));
+        let may = confirm_collectable(
+            &transport,
+            &s.c.ring,
+            &s.id(owner),
+            KEY.as_bytes(),
+            &ours,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(may, "{owner} may collect");
+        assert!(s
+            .c
+            .node(owner)
+            .replica
+            .collect_tombstone(KEY.as_bytes(), &ours)
+            .unwrap());
+    }
+    for owner in &s.owners {
+        assert_eq!(s.c.repair(owner).await.keys_repaired, 0, "{owner}");
+    }
+    let Response::Get(after) = s.c.get(coordinator, KEY, All).await else {
+        panic!("read failed");
+    };
+    assert!(after.values.is_empty(), "never comes back");
+}
