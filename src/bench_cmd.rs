@@ -105,6 +105,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         request_timeout_ms: 2000,
         seed: 0x5eed,
         client_delay,
+        key_prefix: format!("{:08x}:", rand::random::<u32>()),
     };
     let result = run_all(
         &config,

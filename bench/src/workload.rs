@@ -274,9 +274,11 @@ impl KeyChooser {
     }
 }
 
-/// The key of record `i`: YCSB's naming, so traces compare with YCSB's.
-pub fn record_key(i: u64) -> String {
-    format!("user{i}")
+/// The key of record `i` in a run's key space `prefix`: YCSB's `user{i}`
+/// naming after the prefix. Each run gets its own prefix, so loading a
+/// second run into the same cluster does not add siblings to the first's keys.
+pub fn record_key(prefix: &str, i: u64) -> String {
+    format!("{prefix}user{i}")
 }
 
 #[cfg(test)]

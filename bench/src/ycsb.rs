@@ -73,6 +73,8 @@ pub struct YcsbConfig {
     pub seed: u64,
     /// Emulated delay each way between a client and its coordinator.
     pub client_delay: Duration,
+    /// Prepended to every record key: one key space per run.
+    pub key_prefix: String,
 }
 
 /// Latencies and counts of one operation type.
@@ -180,6 +182,7 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
     let step = clients.len() as u64;
     for (w, client) in clients.iter().enumerate() {
         let (client, done, failed) = (client.clone(), done.clone(), failed.clone());
+        let prefix = config.key_prefix.clone();
         let (records, value, timeout_ms) = (
             config.records,
             vec![b'v'; config.value_bytes],
@@ -190,7 +193,7 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
                 let put = Request::Put(PutRequest {
                     timeout_ms,
                     ..PutRequest::new(
-                        record_key(i),
+                        record_key(&prefix, i),
                         Payload::Value(value.clone()),
                         Consistency::Quorum,
                         None,
@@ -275,7 +278,7 @@ pub async fn run_setting(
                     Op::Insert => chooser.next_insert(),
                     _ => chooser.next_existing(&mut rng),
                 };
-                let key = record_key(record);
+                let key = record_key(&config.key_prefix, record);
                 let get = Request::Get(GetRequest {
                     timeout_ms: config.request_timeout_ms,
                     ..GetRequest::new(key.clone(), setting.r)

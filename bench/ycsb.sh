@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The speed figures of bench/RESULTS.md: three `ringkv node` processes on
+# loopback (N=3, WAL on, no fsync, no emulated latency), then `ringkv bench`
+# with YCSB workloads at R=W=2, 1 KiB values, 50 clients, several runs each.
+# Prints, per run, the bench table and the CPU time (user+system, all nodes
+# and the client) per operation, from /proc/<pid>/stat.
+#
+#   bench/ycsb.sh [RUNS] [DURATION_S] [WORKLOADS] [CONCURRENCY]   # defaults 3 10 "a c" 50
+#
+# Needs a release build: cargo build --release --bin ringkv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-3}
+duration=${2:-10}
+workloads=${3:-a c}
+clients=${4:-50}
+bin="${CARGO_TARGET_DIR:-target}/release/ringkv"
+[ -x "$bin" ] || { echo "build first: cargo build --release --bin ringkv" >&2; exit 2; }
+
+dir=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+start() { # id port [seed]
+  local extra=()
+  [ -n "${3:-}" ] && extra=(--seed "$3")
+  "$bin" node --id "$1" --listen "127.0.0.1:$2" --data-dir "$dir/$1" --replicas 3 "${extra[@]}" > "$dir/$1.out" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 200); do grep -q "serving on" "$dir/$1.out" 2>/dev/null && return 0; sleep 0.1; done
+  echo "node $1 did not start:" >&2; cat "$dir/$1.out" >&2; exit 1
+}
+start n1 7300
+start n2 7301 127.0.0.1:7300
+start n3 7302 127.0.0.1:7300
+cluster=127.0.0.1:7300,127.0.0.1:7301,127.0.0.1:7302
+tck=$(getconf CLK_TCK)
+# CPU ticks (user + system) of the node processes.
+node_ticks() { local t=0; for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+for w in $workloads; do
+  for run in $(seq "$runs"); do
+    echo "== YCSB-$w run $run: ringkv bench --cluster $cluster --regions none --workload $w --records 10000 --consistency 2 --concurrency $clients --duration-s $duration"
+    before=$(node_ticks)
+    /usr/bin/time -f "client cpu %U %S" -o "$dir/time" "$bin" bench --cluster "$cluster" --regions none --workload "$w" --records 10000 \
+      --consistency 2 --concurrency "$clients" --duration-s "$duration" --json "$dir/run.json" 2>/dev/null | head -3
+    after=$(node_ticks)
+    python3 - "$dir/run.json" "$dir/time" "$before" "$after" "$tck" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+_, _, user, system = open(sys.argv[2]).read().split()
+node_s = (int(sys.argv[4]) - int(sys.argv[3])) / int(sys.argv[5])
+s = report["settings"][0]
+ops = sum(o["ops"] for o in s["ops"].values())
+# The client's CPU covers the load phase too; count the load's writes.
+total_ops = ops + report["config"]["records"]
+cpu = node_s + float(user) + float(system)
+print(f"   {s['ops_per_sec']:.0f} ops/s; CPU {cpu:.1f} s over {total_ops} ops (load + run) = {cpu / total_ops * 1e6:.0f} us/op")
+PY
+  done
+done
