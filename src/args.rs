@@ -77,6 +77,9 @@ pub struct BenchArgs {
     /// Concurrent clients, each with its own connection, spread over the nodes.
     #[arg(long, value_name = "C", default_value_t = 16)]
     pub concurrency: usize,
+    /// Open loop: send this many requests per second in total, on a fixed schedule, and measure latency from when each was due (no coordinated omission). Default: closed loop.
+    #[arg(long, value_name = "OPS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
     /// How long each setting runs (putget: each phase).
     #[arg(long, value_name = "SECONDS", default_value_t = 6)]
     pub duration_s: u64,

@@ -34,6 +34,12 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         return Err(Failure::new(Exit::Usage, "--duration-s must be at least 1"));
     }
     if args.workload == "putget" {
+        if args.rate.is_some() {
+            return Err(Failure::new(
+                Exit::Usage,
+                "--rate works with YCSB workloads, not putget",
+            ));
+        }
         return putget(args).await;
     }
     let workload: Workload =
@@ -106,6 +112,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         seed: 0x5eed,
         client_delay,
         key_prefix: format!("{:08x}:", rand::random::<u32>()),
+        rate_per_s: args.rate,
     };
     let result = run_all(
         &config,
@@ -340,6 +347,8 @@ fn report_json(
             "value_bytes": config.value_bytes,
             "concurrency": config.concurrency,
             "duration_s": config.duration.as_secs(),
+            "rate_per_s": config.rate_per_s,
+            "loop": if config.rate_per_s.is_some() { "open" } else { "closed" },
             "replicas": replicas,
             "cluster": if args.cluster.is_empty() { json!(null) } else { json!(args.cluster) },
             "regions": args.regions,

@@ -78,6 +78,7 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--consistency", "r=1,w=2"], 2, "--consistency"),
         (&["--regions", "preset:mars"], 2, "unknown preset"),
         (&["--records", "0"], 2, "records"),
+        (&["--rate", "0"], 2, "--rate"),
         (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
     ];
     for (args, code, message) in cases {
@@ -87,4 +88,48 @@ fn bad_bench_input_is_refused_before_loading() {
         assert_exit(&out, *code);
         assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
     }
+}
+
+#[test]
+fn an_open_loop_never_sends_faster_than_its_rate() {
+    let out = run(ringkv().args([
+        "bench",
+        "--regions",
+        "none",
+        "--workload",
+        "b",
+        "--records",
+        "20",
+        "--duration-s",
+        "2",
+        "--concurrency",
+        "4",
+        "--consistency",
+        "quorum",
+        "--rate",
+        "100",
+        "--json",
+    ]));
+    assert_exit(&out, 0);
+    let report = json(&out);
+    assert_eq!(report["config"]["loop"], "open");
+    assert_eq!(report["config"]["rate_per_s"], 100);
+    let s = &report["settings"][0];
+    let ops: u64 = s["ops"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|o| {
+            o["ops"].as_u64().unwrap()
+                + o["errors"].as_u64().unwrap()
+                + o["timeouts"].as_u64().unwrap()
+        })
+        .sum();
+    // 100/s for 2 s: at most 200 requests were due (plus one per client at
+    // the start of its schedule), however fast the cluster answers.
+    assert!(
+        ops <= 204,
+        "{ops} requests in an open loop of 100/s for 2 s: {s}"
+    );
+    assert!(ops > 0, "{s}");
 }

@@ -2,8 +2,12 @@
 //! the workload's operation mix for a while and measure latency per
 //! operation type, errors, timeouts, siblings and staleness.
 //!
-//! **Clients.** `concurrency` closed-loop clients, each with its own QUIC
-//! connection to one target (round-robin). With emulated regions, a client
+//! **Clients.** `concurrency` clients, each with its own QUIC connection to
+//! one target (round-robin). In a closed loop a client sends its next
+//! request when the last is answered. In an open loop (`rate_per_s`) each
+//! sends on a fixed schedule, and a request's latency counts from when it
+//! was due, so a stall shows up in every request queued behind it instead of
+//! hiding as fewer requests (coordinated omission). With emulated regions, a client
 //! sits in its coordinator's region, and the latency matrix's local delay
 //! applies to its calls; nodes delay their calls to each other themselves
 //! (`ringkv node --latency-matrix`).
@@ -75,6 +79,9 @@ pub struct YcsbConfig {
     pub client_delay: Duration,
     /// Prepended to every record key: one key space per run.
     pub key_prefix: String,
+    /// Open loop: requests per second over all clients, on a fixed
+    /// schedule whatever the answers' pace. `None`: closed loop.
+    pub rate_per_s: Option<u64>,
 }
 
 /// Latencies and counts of one operation type.
@@ -272,7 +279,20 @@ pub async fn run_setting(
             let mut reports: HashMap<Op, OpReport> = HashMap::new();
             let (mut reads, mut sibling_reads) = (0u64, 0u64);
             let value = vec![b'u'; config.value_bytes];
+            // Open loop: this client's share of the rate, on a fixed schedule.
+            let interval = config
+                .rate_per_s
+                .map(|rate| Duration::from_secs_f64(config.concurrency as f64 / rate as f64));
+            let mut intended = Instant::now();
             while Instant::now() < deadline {
+                if interval.is_some() {
+                    // Sleep until the intended start; when behind, start at
+                    // once and charge the wait to the request's latency.
+                    tokio::time::sleep_until(intended.into()).await;
+                    if intended >= deadline {
+                        break;
+                    }
+                }
                 let op = config.workload.next_op(&mut rng);
                 let record = match op {
                     Op::Insert => chooser.next_insert(),
@@ -283,7 +303,17 @@ pub async fn run_setting(
                     timeout_ms: config.request_timeout_ms,
                     ..GetRequest::new(key.clone(), setting.r)
                 });
-                let sent = Instant::now();
+                // Latency counts from the intended start in an open loop, so
+                // queueing behind a slow request is not hidden (coordinated
+                // omission); from the send in a closed loop.
+                let sent = if interval.is_some() {
+                    intended
+                } else {
+                    Instant::now()
+                };
+                if let Some(interval) = interval {
+                    intended += interval;
+                }
                 let mut outcome = Outcome::Ok(Response::Pong);
                 if matches!(op, Op::Read | Op::ReadModifyWrite) {
                     outcome = call(&client, &get, config.client_delay).await;
