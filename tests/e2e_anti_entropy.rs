@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use ringkv_core::wire::{GetRequest, PutRequest, Request, Response};
-use ringkv_core::{Consistency, Payload};
+use ringkv_core::wire::{GetRequest, Request, Response};
+use ringkv_core::Consistency;
 use ringkv_node::Client;
 
 const KEYS: usize = 10_000;
@@ -26,28 +26,7 @@ fn key(i: usize) -> String {
 
 /// Writes every key at W=quorum through `addr`, `WRITERS` at a time.
 async fn write_all(addr: SocketAddr) {
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..WRITERS {
-        tasks.spawn(async move {
-            let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
-            for i in (w..KEYS).step_by(WRITERS) {
-                let put = Request::Put(PutRequest::new(
-                    key(i),
-                    Payload::Value(format!("v{i}").into_bytes()),
-                    Consistency::Quorum,
-                    None,
-                ));
-                match client.call(&put).await {
-                    Ok(Response::Put(_)) => {}
-                    other => panic!("put {} failed: {other:?}", key(i)),
-                }
-            }
-            client.close().await;
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.unwrap();
-    }
+    write_keys(addr, KEYS, key, Consistency::Quorum, WRITERS).await
 }
 
 /// How many keys `addr` does not hold locally with value `v{i}`.

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use ringkv_core::wire::{GetRequest, PutRequest, Request, Response};
-use ringkv_core::{Consistency, NodeId, Payload};
+use ringkv_core::wire::{GetRequest, Request, Response};
+use ringkv_core::{Consistency, NodeId};
 use ringkv_node::Client;
 use ringkv_ring::Ring;
 
@@ -44,31 +44,9 @@ fn owned_by(ring: &Ring, node: &str) -> Vec<usize> {
         .collect()
 }
 
-/// Writes every key at W=all through `addr`, `WRITERS` at a time; panics
-/// on any failure.
+/// Writes every key at W=all through `addr`, `WRITERS` at a time.
 async fn write_all(addr: SocketAddr) {
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..WRITERS {
-        tasks.spawn(async move {
-            let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
-            for i in (w..KEYS).step_by(WRITERS) {
-                let put = Request::Put(PutRequest::new(
-                    key(i),
-                    Payload::Value(format!("v{i}").into_bytes()),
-                    Consistency::All,
-                    None,
-                ));
-                match client.call(&put).await {
-                    Ok(Response::Put(_)) => {}
-                    other => panic!("put {} at W=all failed: {other:?}", key(i)),
-                }
-            }
-            client.close().await;
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.unwrap();
-    }
+    write_keys(addr, KEYS, key, Consistency::All, WRITERS).await
 }
 
 /// The keys among `keys` that `addr` does not hold locally with value `v{i}`.

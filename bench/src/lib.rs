@@ -85,23 +85,10 @@ enum Op {
 
 /// Runs the put phase, then the get phase.
 pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
-    if config.targets.is_empty() {
-        return Err(BenchError::NoTargets);
-    }
     if config.concurrency == 0 {
         return Err(BenchError::NoConcurrency);
     }
-    let mut clients = Vec::with_capacity(config.concurrency);
-    for i in 0..config.concurrency {
-        let addr = config.targets[i % config.targets.len()];
-        let client = Client::connect(addr, Duration::from_secs(3))
-            .await
-            .map_err(|e| BenchError::Unreachable {
-                addr,
-                reason: e.to_string(),
-            })?;
-        clients.push(std::sync::Arc::new(client));
-    }
+    let clients = connect_clients(&config.targets, config.concurrency).await?;
     let run_id: u32 = rand_run_id();
     let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await;
     let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await;
@@ -111,6 +98,28 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
         }
     }
     Ok(Report { put, get })
+}
+
+/// `count` clients, each with its own connection, round-robin over `targets`.
+pub(crate) async fn connect_clients(
+    targets: &[SocketAddr],
+    count: usize,
+) -> Result<Vec<std::sync::Arc<Client>>, BenchError> {
+    if targets.is_empty() {
+        return Err(BenchError::NoTargets);
+    }
+    let mut clients = Vec::with_capacity(count);
+    for i in 0..count {
+        let addr = targets[i % targets.len()];
+        let client = Client::connect(addr, Duration::from_secs(3))
+            .await
+            .map_err(|e| BenchError::Unreachable {
+                addr,
+                reason: e.to_string(),
+            })?;
+        clients.push(std::sync::Arc::new(client));
+    }
+    Ok(clients)
 }
 
 /// A run id from the clock: distinct between runs against one cluster.

@@ -163,21 +163,7 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 async fn connect_all(config: &YcsbConfig, count: usize) -> Result<Vec<Arc<Client>>, BenchError> {
-    if config.targets.is_empty() {
-        return Err(BenchError::NoTargets);
-    }
-    let mut clients = Vec::with_capacity(count);
-    for i in 0..count {
-        let addr = config.targets[i % config.targets.len()];
-        let client = Client::connect(addr, Duration::from_secs(3))
-            .await
-            .map_err(|e| BenchError::Unreachable {
-                addr,
-                reason: e.to_string(),
-            })?;
-        clients.push(Arc::new(client));
-    }
-    Ok(clients)
+    crate::connect_clients(&config.targets, count).await
 }
 
 /// Writes records `0..records` at W=quorum; `progress(done)` after each.

@@ -353,3 +353,39 @@ pub fn values(o: &Output) -> Vec<String> {
 pub fn context(o: &Output) -> String {
     json(o)["context"].as_str().unwrap().to_string()
 }
+
+/// Writes `key(i) = "v{i}"` for i in `0..keys` through `addr` at `w`,
+/// `writers` clients at a time; panics on any failed write.
+pub async fn write_keys(
+    addr: SocketAddr,
+    keys: usize,
+    key: fn(usize) -> String,
+    w: ringkv_core::Consistency,
+    writers: usize,
+) {
+    use ringkv_core::wire::{PutRequest, Request, Response};
+    let mut tasks = tokio::task::JoinSet::new();
+    for first in 0..writers {
+        tasks.spawn(async move {
+            let client = ringkv_node::Client::connect(addr, Duration::from_secs(5))
+                .await
+                .unwrap();
+            for i in (first..keys).step_by(writers) {
+                let put = Request::Put(PutRequest::new(
+                    key(i),
+                    ringkv_core::Payload::Value(format!("v{i}").into_bytes()),
+                    w,
+                    None,
+                ));
+                match client.call(&put).await {
+                    Ok(Response::Put(_)) => {}
+                    other => panic!("put {} at W={w} failed: {other:?}", key(i)),
+                }
+            }
+            client.close().await;
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+}
