@@ -47,6 +47,7 @@ impl Failure {
 }
 
 fn main() {
+    restore_sigpipe();
     let cli = Cli::parse();
     init_logging(&cli.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -81,6 +82,17 @@ fn main() {
             eprintln!("error: {}", f.message.replace('\n', " "));
             std::process::exit(f.exit as i32);
         }
+    }
+}
+
+/// Lets a closed stdout end the process quietly, as for any Unix tool
+/// (`ringkv bench --json | head`): Rust ignores SIGPIPE, and `println!`
+/// then panics on the broken pipe instead.
+fn restore_sigpipe() {
+    // SAFETY: called first in main, before any thread exists; SIG_DFL is a
+    // valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -124,3 +124,19 @@ fn metrics_endpoint_counts_requests() {
     });
     assert!(body.contains("op=\"put\""), "{body}");
 }
+
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    // The reader (`true`) has exited long before ringkv writes, so the
+    // write meets a closed pipe, as in `ringkv bench --json | head`.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "(sleep 0.3; {} demo) | true",
+            env!("CARGO_BIN_EXE_ringkv")
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

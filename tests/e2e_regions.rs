@@ -118,3 +118,58 @@ fn replica_latencies_follow_the_latency_matrix() {
         stderr(&out)
     );
 }
+
+/// The p50 read latency `report` shows for setting number `i`.
+fn read_p50(report: &serde_json::Value, i: usize) -> f64 {
+    report["settings"][i]["ops"]["read"]["p50_ms"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn each_consistency_settings_median_is_the_round_trip_the_matrix_predicts() {
+    // cloud3: us-east–us-west 34 ms, us-east–eu-west 37 ms one way. With
+    // N=3 on three nodes a client of n1 (us-east) waits for n1 alone at
+    // R=1, the nearer remote region at R=2 (68 ms round trip) and the
+    // farther at R=3 (74 ms).
+    let c = Cluster::start_each("each_settings_median", 3, 3, |i, _| {
+        let region = ["us-east", "us-west", "eu-west"][i];
+        ["--region", region, "--latency-matrix", "preset:cloud3"]
+            .map(String::from)
+            .to_vec()
+    });
+    let out = run(ringkv().args([
+        "bench",
+        "--cluster",
+        &c.addr(0),
+        "--workload",
+        "c",
+        "--records",
+        "20",
+        "--concurrency",
+        "4",
+        "--duration-s",
+        "3",
+        "--consistency",
+        "1,2,3",
+        "--json",
+    ]));
+    assert_exit(&out, 0);
+    let report = json(&out);
+    let (one, two, three) = (
+        read_p50(&report, 0),
+        read_p50(&report, 1),
+        read_p50(&report, 2),
+    );
+    // Generous bounds for a shared CI machine; bench/RESULTS.md records
+    // the tight figures.
+    assert!(one < 10.0, "R=1 is local: {one} ms");
+    assert!(
+        (68.0..68.0 * 1.25).contains(&two),
+        "R=2: {two} ms, predicted 68"
+    );
+    assert!(
+        (74.0..74.0 * 1.25).contains(&three),
+        "R=3: {three} ms, predicted 74"
+    );
+}
