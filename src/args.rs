@@ -99,6 +99,9 @@ pub struct BenchArgs {
     /// Write consistency for --workload putget.
     #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
     pub w: Consistency,
+    /// Draw latency CDFs (one curve per setting and operation) and the staleness curve to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
     /// Write every number and the configuration as JSON to FILE (`-` or no FILE: stdout, instead of the table).
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     pub json: Option<String>,

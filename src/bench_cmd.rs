@@ -250,6 +250,10 @@ async fn run_all(
             .sum::<u64>();
         reports.push(report);
     }
+    if let Some(path) = &args.plot {
+        ringkv_bench::plot::write_svg(path, &reports)
+            .map_err(|e| Failure::new(Exit::Usage, format!("--plot: {e}")))?;
+    }
     let out = report_json(config, args, replicas, &reports);
     match args.json.as_deref() {
         Some("-") => println!("{out}"),

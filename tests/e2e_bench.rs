@@ -10,7 +10,10 @@ use common::*;
 fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("bench.json");
+    let plot = dir.path().join("bench.svg");
     let out = run(ringkv().args([
+        "--log",
+        "error",
         "bench",
         "--workload",
         "c",
@@ -24,8 +27,21 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         "one,quorum",
         "--json",
         &report.to_string_lossy(),
+        "--plot",
+        &plot.to_string_lossy(),
     ]));
     assert_exit(&out, 0);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    for text in [
+        "latency CDF",
+        "staleness",
+        "one read",
+        "quorum read",
+        "<polyline",
+    ] {
+        assert!(svg.contains(text), "{text} in the plot");
+    }
     let table = stdout(&out);
     assert!(
         table.contains("fresh@0ms") && table.contains("quorum"),

@@ -12,6 +12,7 @@
 //! This is the seed of `ringkv bench`; workloads, open-loop load, emulated
 //! regions and staleness measurement build on it.
 
+pub mod plot;
 pub mod workload;
 pub mod ycsb;
 

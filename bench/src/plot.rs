@@ -1,0 +1,136 @@
+//! `ringkv bench --plot FILE.svg`: latency CDFs (one curve per setting and
+//! operation) and the staleness curve (share of fresh reads against the
+//! wait after a write), side by side in one SVG.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::ycsb::SettingReport;
+
+/// Why the plot could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw {path}: {reason}")]
+pub struct PlotError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Points of a latency CDF: (latency ms, cumulative share), from the
+/// histogram's recorded values.
+fn cdf(report: &crate::ycsb::OpReport) -> Vec<(f64, f64)> {
+    let h = &report.latency_us;
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let total = h.len() as f64;
+    let mut seen = 0u64;
+    let mut points = Vec::new();
+    for v in h.iter_recorded() {
+        seen += v.count_at_value();
+        points.push((v.value_iterated_to() as f64 / 1000.0, seen as f64 / total));
+    }
+    points
+}
+
+/// Draws `reports` to `path` as SVG.
+pub fn write_svg(path: &Path, reports: &[SettingReport]) -> Result<(), PlotError> {
+    let fail = |e: &dyn std::fmt::Display| PlotError {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let (left, right) = root.split_horizontally(720);
+
+    let curves: Vec<(String, Vec<(f64, f64)>)> = reports
+        .iter()
+        .flat_map(|r| {
+            r.ops
+                .iter()
+                .map(move |(op, o)| (format!("{} {}", r.setting, op.as_str()), cdf(o)))
+        })
+        .filter(|(_, points)| !points.is_empty())
+        .collect();
+    let max_ms = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(ms, _)| *ms))
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(&left)
+        .caption("latency CDF", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d((0.01f64..max_ms * 1.1).log_scale(), 0f64..1f64)
+        .map_err(|e| fail(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (ms, log)")
+        .y_desc("share of requests")
+        .draw()
+        .map_err(|e| fail(&e))?;
+    for (i, (label, points)) in curves.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|(x, y)| (x.max(0.01), *y)),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| fail(&e))?
+            .label(label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| fail(&e))?;
+
+    let max_t = reports
+        .iter()
+        .flat_map(|r| r.staleness.iter().map(|v| v.t_ms))
+        .max()
+        .unwrap_or(100)
+        .max(1) as f64;
+    let mut stale = ChartBuilder::on(&right)
+        .caption("staleness (PBS t-visibility)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..max_t, 0f64..1.05f64)
+        .map_err(|e| fail(&e))?;
+    stale
+        .configure_mesh()
+        .x_desc("ms after the write's acknowledgement")
+        .y_desc("share of reads that see it")
+        .draw()
+        .map_err(|e| fail(&e))?;
+    for (i, r) in reports.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = r
+            .staleness
+            .iter()
+            .filter(|v| v.probes > 0)
+            .map(|v| (v.t_ms as f64, v.fresh_share()))
+            .collect();
+        stale
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|e| fail(&e))?
+            .label(r.setting.to_string())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+    }
+    stale
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| fail(&e))?;
+    root.present().map_err(|e| fail(&e))
+}
