@@ -10,24 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
-bin="${CARGO_TARGET_DIR:-target}/release/ringkv"
-[ -x "$bin" ] || { echo "build first: cargo build --release --bin ringkv" >&2; exit 2; }
-dir=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-start() { # id port region [seed]
-  local extra=()
-  [ -n "${4:-}" ] && extra=(--seed "$4")
-  "$bin" node --id "$1" --listen "127.0.0.1:$2" --data-dir "$dir/$1" --replicas 3 \
-    --region "$3" --latency-matrix preset:cloud3 "${extra[@]}" > "$dir/$1.out" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 200); do grep -q "serving on" "$dir/$1.out" 2>/dev/null && return 0; sleep 0.1; done
-  echo "node $1 did not start:" >&2; cat "$dir/$1.out" >&2; exit 1
-}
-start n1 7500 us-east
-start n2 7501 us-west 127.0.0.1:7500
-start n3 7502 eu-west 127.0.0.1:7500
+. bench/nodes.sh
+start n1 7500 "" --region us-east --latency-matrix preset:cloud3
+start n2 7501 127.0.0.1:7500 --region us-west --latency-matrix preset:cloud3
+start n3 7502 127.0.0.1:7500 --region eu-west --latency-matrix preset:cloud3
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 for run in $(seq "$runs"); do
   echo "== run $run: ringkv bench --cluster 127.0.0.1:7500 --workload c --records 100 --concurrency 4 --duration-s 5 --consistency 1,2,3 --json"

@@ -14,21 +14,7 @@ runs=${1:-3}
 duration=${2:-10}
 workloads=${3:-a c}
 clients=${4:-50}
-bin="${CARGO_TARGET_DIR:-target}/release/ringkv"
-[ -x "$bin" ] || { echo "build first: cargo build --release --bin ringkv" >&2; exit 2; }
-
-dir=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-start() { # id port [seed]
-  local extra=()
-  [ -n "${3:-}" ] && extra=(--seed "$3")
-  "$bin" node --id "$1" --listen "127.0.0.1:$2" --data-dir "$dir/$1" --replicas 3 "${extra[@]}" > "$dir/$1.out" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 200); do grep -q "serving on" "$dir/$1.out" 2>/dev/null && return 0; sleep 0.1; done
-  echo "node $1 did not start:" >&2; cat "$dir/$1.out" >&2; exit 1
-}
+. bench/nodes.sh
 start n1 7300
 start n2 7301 127.0.0.1:7300
 start n3 7302 127.0.0.1:7300
