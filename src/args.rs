@@ -65,6 +65,9 @@ pub struct BenchArgs {
     /// Nodes of a running cluster, comma-separated. Default: start an embedded 5-node cluster (N=3) across 3 emulated regions.
     #[arg(long, value_name = "ADDR,...", value_delimiter = ',')]
     pub cluster: Vec<String>,
+    /// Run the workload against a Redis-protocol store instead (resp://HOST:PORT, e.g. redis-server or Dynomite), for a side-by-side figure; GET and SET, no consistency settings.
+    #[arg(long, value_name = "resp://HOST:PORT")]
+    pub target: Option<String>,
     /// YCSB core workload: a (50% read, 50% update), b (95/5), c (read only), d (read latest, 5% insert), f (read-modify-write); or putget.
     #[arg(long, value_name = "NAME", default_value = "a")]
     pub workload: String,

@@ -48,6 +48,9 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             .map_err(|e: ringkv_bench::workload::WorkloadError| {
                 Failure::new(Exit::Usage, format!("--workload: {e}"))
             })?;
+    if let Some(target) = &args.target {
+        return resp_bench(workload, target, &args).await;
+    }
     let settings = parse_settings(&args.consistency)?;
     let matrix = match args.regions.as_str() {
         "none" => None,
@@ -113,6 +116,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         client_delay,
         key_prefix: format!("{:08x}:", rand::random::<u32>()),
         rate_per_s: args.rate,
+        resp: false,
     };
     let result = run_all(
         &config,
@@ -129,12 +133,47 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     result
 }
 
+/// The same workload against a RESP server (`--target resp://HOST:PORT`):
+/// the no-replication baseline for comparison with peers.
+async fn resp_bench(workload: Workload, target: &str, args: &BenchArgs) -> Result<Exit, Failure> {
+    let bad = |why: &str| Failure::new(Exit::Usage, format!("--target {target:?}: {why}"));
+    let Some(addr) = target.strip_prefix("resp://") else {
+        return Err(bad("only resp://HOST:PORT targets are supported"));
+    };
+    if !args.cluster.is_empty() || !args.consistency.is_empty() {
+        return Err(bad(
+            "--target replaces --cluster, and a RESP store has no --consistency",
+        ));
+    }
+    let addr = resolve(addr)?;
+    let config = YcsbConfig {
+        targets: vec![addr],
+        workload,
+        records: args.records,
+        value_bytes: args.value_bytes,
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.duration_s),
+        settings: vec![Setting::RESP],
+        request_timeout_ms: 2000,
+        seed: 0x5eed,
+        client_delay: Duration::ZERO,
+        key_prefix: format!("{:08x}:", rand::random::<u32>()),
+        rate_per_s: args.rate,
+        resp: true,
+    };
+    run_all(&config, args, true, 1, false).await
+}
+
 /// Parses `--consistency`: one, quorum, all, a count, or `r=R:w=W`.
 fn parse_settings(raw: &[String]) -> Result<Vec<Setting>, Failure> {
     if raw.is_empty() {
         return Ok([Consistency::One, Consistency::Quorum, Consistency::All]
             .into_iter()
-            .map(|c| Setting { r: c, w: c })
+            .map(|c| Setting {
+                r: c,
+                w: c,
+                resp: false,
+            })
             .collect());
     }
     let level = |s: &str| {
@@ -153,10 +192,15 @@ fn parse_settings(raw: &[String]) -> Result<Vec<Setting>, Failure> {
                 Ok(Setting {
                     r: level(r)?,
                     w: level(w)?,
+                    resp: false,
                 })
             } else {
                 let c = level(item)?;
-                Ok(Setting { r: c, w: c })
+                Ok(Setting {
+                    r: c,
+                    w: c,
+                    resp: false,
+                })
             }
         })
         .collect()
@@ -355,6 +399,7 @@ fn report_json(
             "loop": if config.rate_per_s.is_some() { "open" } else { "closed" },
             "replicas": replicas,
             "cluster": if args.cluster.is_empty() { json!(null) } else { json!(args.cluster) },
+            "target": args.target,
             "regions": args.regions,
         },
         "settings": reports.iter().map(|r| json!({

@@ -149,3 +149,94 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     );
     assert!(ops > 0, "{s}");
 }
+
+/// A toy Redis: GET and SET over RESP on a background thread, enough for
+/// `ringkv bench --target resp://` without a redis-server on the machine.
+fn toy_redis() -> std::net::SocketAddr {
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{Arc, Mutex};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let store: Arc<Mutex<HashMap<Vec<u8>, Vec<u8>>>> = Arc::default();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut out = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let n: usize = line.trim()[1..].parse().unwrap();
+                    let mut args = Vec::new();
+                    for _ in 0..n {
+                        let mut len = String::new();
+                        r.read_line(&mut len).unwrap();
+                        let len: usize = len.trim()[1..].parse().unwrap();
+                        let mut arg = vec![0; len + 2];
+                        r.read_exact(&mut arg).unwrap();
+                        arg.truncate(len);
+                        args.push(arg);
+                    }
+                    let reply = match args[0].as_slice() {
+                        b"SET" => {
+                            store
+                                .lock()
+                                .unwrap()
+                                .insert(args[1].clone(), args[2].clone());
+                            b"+OK\r\n".to_vec()
+                        }
+                        b"GET" => match store.lock().unwrap().get(&args[1]) {
+                            Some(v) => {
+                                [format!("${}\r\n", v.len()).as_bytes(), v, b"\r\n"].concat()
+                            }
+                            None => b"$-1\r\n".to_vec(),
+                        },
+                        _ => b"-ERR unknown command\r\n".to_vec(),
+                    };
+                    out.write_all(&reply).unwrap();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn the_same_workload_runs_against_a_resp_store() {
+    let addr = toy_redis();
+    let out = run(ringkv().args([
+        "bench",
+        "--target",
+        &format!("resp://{addr}"),
+        "--workload",
+        "f",
+        "--records",
+        "50",
+        "--duration-s",
+        "1",
+        "--concurrency",
+        "2",
+        "--json",
+    ]));
+    assert_exit(&out, 0);
+    let report = json(&out);
+    assert_eq!(report["config"]["target"], format!("resp://{addr}"));
+    let s = &report["settings"][0];
+    assert_eq!(s["setting"], "resp");
+    for op in ["read", "rmw"] {
+        assert!(s["ops"][op]["ops"].as_u64().unwrap() > 0, "{op}: {s}");
+        assert_eq!(s["ops"][op]["errors"], 0, "{op}: {s}");
+    }
+    let refused = run(ringkv().args(["bench", "--target", "redis://x:1"]));
+    assert_exit(&refused, 2);
+    assert!(
+        stderr(&refused).contains("resp://HOST:PORT"),
+        "{}",
+        stderr(&refused)
+    );
+}

@@ -13,6 +13,7 @@
 //! regions and staleness measurement build on it.
 
 pub mod plot;
+pub mod resp;
 pub mod workload;
 pub mod ycsb;
 

@@ -39,6 +39,7 @@ use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
 use ringkv_node::Client;
 
+use crate::resp::RespConn;
 use crate::workload::{record_key, KeyChooser, Op, Workload};
 use crate::BenchError;
 
@@ -50,10 +51,24 @@ pub const STALENESS_T_MS: &[u64] = &[0, 1, 5, 10, 50, 100];
 pub struct Setting {
     pub r: Consistency,
     pub w: Consistency,
+    /// A RESP target's single setting (shown as `resp`).
+    pub resp: bool,
+}
+
+impl Setting {
+    /// The one "setting" of a RESP target, which has no R or W.
+    pub const RESP: Setting = Setting {
+        r: Consistency::One,
+        w: Consistency::One,
+        resp: true,
+    };
 }
 
 impl std::fmt::Display for Setting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.resp {
+            return write!(f, "resp");
+        }
         if self.r == self.w {
             write!(f, "{}", self.r)
         } else {
@@ -82,6 +97,9 @@ pub struct YcsbConfig {
     /// Open loop: requests per second over all clients, on a fixed
     /// schedule whatever the answers' pace. `None`: closed loop.
     pub rate_per_s: Option<u64>,
+    /// The target is a RESP server (`targets[0]`), not ringkv nodes:
+    /// `GET`/`SET`, no contexts, no consistency settings, no staleness.
+    pub resp: bool,
 }
 
 /// Latencies and counts of one operation type.
@@ -162,19 +180,134 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-async fn connect_all(config: &YcsbConfig, count: usize) -> Result<Vec<Arc<Client>>, BenchError> {
-    crate::connect_clients(&config.targets, count).await
+/// A connection to the store under test: a ringkv node, or a RESP server
+/// (Redis, Dynomite) for comparison.
+pub(crate) enum Conn {
+    Ringkv(Client),
+    Resp(tokio::sync::Mutex<RespConn>),
+}
+
+/// What a call came to.
+enum Outcome {
+    Read {
+        values: Vec<Vec<u8>>,
+        context: Option<String>,
+    },
+    Written {
+        context: Option<String>,
+    },
+    /// R or W replicas did not answer in time.
+    Timeout,
+    Error,
+}
+
+impl Outcome {
+    fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Read { .. } | Outcome::Written { .. })
+    }
+}
+
+impl Conn {
+    async fn call(&self, request: &Request, delay: Duration) -> Outcome {
+        let Conn::Ringkv(client) = self else {
+            return Outcome::Error;
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let answer = client.call(request).await;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match answer {
+            Ok(Response::Get(g)) => Outcome::Read {
+                values: g.values,
+                context: Some(g.context),
+            },
+            Ok(Response::Put(p)) => Outcome::Written {
+                context: Some(p.context),
+            },
+            Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => Outcome::Timeout,
+            _ => Outcome::Error,
+        }
+    }
+
+    async fn get(&self, key: &str, r: Consistency, timeout_ms: u32, delay: Duration) -> Outcome {
+        match self {
+            Conn::Ringkv(_) => {
+                let get = Request::Get(GetRequest {
+                    timeout_ms,
+                    ..GetRequest::new(key, r)
+                });
+                self.call(&get, delay).await
+            }
+            Conn::Resp(conn) => match conn.lock().await.get(key.as_bytes()).await {
+                Ok(value) => Outcome::Read {
+                    values: value.into_iter().collect(),
+                    context: None,
+                },
+                Err(_) => Outcome::Error,
+            },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        w: Consistency,
+        context: Option<String>,
+        timeout_ms: u32,
+        delay: Duration,
+    ) -> Outcome {
+        match self {
+            Conn::Ringkv(_) => {
+                let put = Request::Put(PutRequest {
+                    timeout_ms,
+                    ..PutRequest::new(key, Payload::Value(value.to_vec()), w, context)
+                });
+                self.call(&put, delay).await
+            }
+            Conn::Resp(conn) => match conn.lock().await.set(key.as_bytes(), value).await {
+                Ok(()) => Outcome::Written { context: None },
+                Err(_) => Outcome::Error,
+            },
+        }
+    }
+}
+
+async fn connect_all(config: &YcsbConfig, count: usize) -> Result<Vec<Arc<Conn>>, BenchError> {
+    if !config.resp {
+        let clients = crate::connect_clients(&config.targets, count).await?;
+        return Ok(clients
+            .into_iter()
+            .map(|c| Arc::new(Conn::Ringkv(Arc::into_inner(c).expect("not shared yet"))))
+            .collect());
+    }
+    let addr = *config.targets.first().ok_or(BenchError::NoTargets)?;
+    let mut conns = Vec::with_capacity(count);
+    for _ in 0..count {
+        let conn = RespConn::connect(addr)
+            .await
+            .map_err(|e| BenchError::Unreachable {
+                addr,
+                reason: e.to_string(),
+            })?;
+        conns.push(Arc::new(Conn::Resp(tokio::sync::Mutex::new(conn))));
+    }
+    Ok(conns)
 }
 
 /// Writes records `0..records` at W=quorum; `progress(done)` after each.
 pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<(), BenchError> {
-    let clients = connect_all(config, config.concurrency.max(1)).await?;
+    let conns = connect_all(config, config.concurrency.max(1)).await?;
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
-    let step = clients.len() as u64;
-    for (w, client) in clients.iter().enumerate() {
-        let (client, done, failed) = (client.clone(), done.clone(), failed.clone());
+    let step = conns.len() as u64;
+    for (w, conn) in conns.iter().enumerate() {
+        let (conn, done, failed) = (conn.clone(), done.clone(), failed.clone());
         let prefix = config.key_prefix.clone();
         let (records, value, timeout_ms) = (
             config.records,
@@ -183,16 +316,18 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
         );
         tasks.spawn(async move {
             for i in (w as u64..records).step_by(step as usize) {
-                let put = Request::Put(PutRequest {
-                    timeout_ms,
-                    ..PutRequest::new(
-                        record_key(&prefix, i),
-                        Payload::Value(value.clone()),
+                let key = record_key(&prefix, i);
+                let outcome = conn
+                    .put(
+                        &key,
+                        &value,
                         Consistency::Quorum,
                         None,
+                        timeout_ms,
+                        Duration::ZERO,
                     )
-                });
-                if !matches!(client.call(&put).await, Ok(Response::Put(_))) {
+                    .await;
+                if !outcome.is_ok() {
                     failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -206,40 +341,18 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
         }
         progress(done.load(std::sync::atomic::Ordering::Relaxed));
     }
-    close_all(clients).await;
+    close_all(conns).await;
     match failed.load(std::sync::atomic::Ordering::Relaxed) {
         0 => Ok(()),
         n => Err(BenchError::LoadFailed { failed: n }),
     }
 }
 
-async fn close_all(clients: Vec<Arc<Client>>) {
-    for c in clients {
-        if let Ok(c) = Arc::try_unwrap(c) {
-            c.close().await;
+async fn close_all(conns: Vec<Arc<Conn>>) {
+    for c in conns {
+        if let Some(Conn::Ringkv(client)) = Arc::into_inner(c) {
+            client.close().await;
         }
-    }
-}
-
-/// What a client call came to.
-enum Outcome {
-    Ok(Response),
-    Timeout,
-    Error,
-}
-
-async fn call(client: &Client, request: &Request, delay: Duration) -> Outcome {
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let answer = client.call(request).await;
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    match answer {
-        Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => Outcome::Timeout,
-        Ok(Response::Error(_)) | Err(_) => Outcome::Error,
-        Ok(ok) => Outcome::Ok(ok),
     }
 }
 
@@ -285,10 +398,6 @@ pub async fn run_setting(
                     _ => chooser.next_existing(&mut rng),
                 };
                 let key = record_key(&config.key_prefix, record);
-                let get = Request::Get(GetRequest {
-                    timeout_ms: config.request_timeout_ms,
-                    ..GetRequest::new(key.clone(), setting.r)
-                });
                 // Latency counts from the intended start in an open loop, so
                 // queueing behind a slow request is not hidden (coordinated
                 // omission); from the send in a closed loop.
@@ -300,37 +409,35 @@ pub async fn run_setting(
                 if let Some(interval) = interval {
                     intended += interval;
                 }
-                let mut outcome = Outcome::Ok(Response::Pong);
+                let (timeout_ms, delay) = (config.request_timeout_ms, config.client_delay);
+                let mut outcome = Outcome::Written { context: None };
                 if matches!(op, Op::Read | Op::ReadModifyWrite) {
-                    outcome = call(&client, &get, config.client_delay).await;
-                    if let Outcome::Ok(Response::Get(reply)) = &outcome {
+                    outcome = client.get(&key, setting.r, timeout_ms, delay).await;
+                    if let Outcome::Read { values, context } = &outcome {
                         reads += 1;
-                        if reply.values.len() > 1 {
+                        if values.len() > 1 {
                             sibling_reads += 1;
                         }
-                        contexts.insert(record, reply.context.clone());
+                        if let Some(context) = context {
+                            contexts.insert(record, context.clone());
+                        }
                     }
                 }
-                if matches!(op, Op::Update | Op::Insert | Op::ReadModifyWrite)
-                    && matches!(outcome, Outcome::Ok(_))
-                {
-                    let put = Request::Put(PutRequest {
-                        timeout_ms: config.request_timeout_ms,
-                        ..PutRequest::new(
-                            key,
-                            Payload::Value(value.clone()),
-                            setting.w,
-                            contexts.get(&record).cloned(),
-                        )
-                    });
-                    outcome = call(&client, &put, config.client_delay).await;
-                    if let Outcome::Ok(Response::Put(reply)) = &outcome {
-                        contexts.insert(record, reply.context.clone());
+                if matches!(op, Op::Update | Op::Insert | Op::ReadModifyWrite) && outcome.is_ok() {
+                    let context = contexts.get(&record).cloned();
+                    outcome = client
+                        .put(&key, &value, setting.w, context, timeout_ms, delay)
+                        .await;
+                    if let Outcome::Written {
+                        context: Some(context),
+                    } = &outcome
+                    {
+                        contexts.insert(record, context.clone());
                     }
                 }
                 let report = reports.entry(op).or_insert_with(OpReport::new);
                 match outcome {
-                    Outcome::Ok(_) => {
+                    Outcome::Read { .. } | Outcome::Written { .. } => {
                         report.ops += 1;
                         let _ = report.latency_us.record(sent.elapsed().as_micros() as u64);
                     }
@@ -345,7 +452,7 @@ pub async fn run_setting(
             (reports, reads, sibling_reads)
         });
     }
-    let prober = if config.targets.len() >= 2 {
+    let prober = if config.targets.len() >= 2 && !config.resp {
         let (config, setting) = (config.clone(), setting.clone());
         Some(tokio::spawn(async move {
             probe_staleness(&config, &setting, deadline).await
@@ -412,6 +519,8 @@ pub async fn probe_staleness(
     ) else {
         return out;
     };
+    let (writer, reader) = (Conn::Ringkv(writer), Conn::Ringkv(reader));
+    let (timeout_ms, delay) = (config.request_timeout_ms, config.client_delay);
     let run: u32 = rand::thread_rng().gen();
     let mut probe = 0u64;
     while Instant::now() < until {
@@ -419,29 +528,20 @@ pub async fn probe_staleness(
         let key = format!("pbs:{run:08x}:{probe}");
         let value = format!("v{probe}").into_bytes();
         probe += 1;
-        let put = Request::Put(PutRequest {
-            timeout_ms: config.request_timeout_ms,
-            ..PutRequest::new(key.clone(), Payload::Value(value.clone()), setting.w, None)
-        });
-        if !matches!(
-            call(&writer, &put, config.client_delay).await,
-            Outcome::Ok(Response::Put(_))
-        ) {
+        let written = writer
+            .put(&key, &value, setting.w, None, timeout_ms, delay)
+            .await;
+        if !written.is_ok() {
             continue;
         }
         tokio::time::sleep(Duration::from_millis(out[slot].t_ms)).await;
-        let get = Request::Get(GetRequest {
-            timeout_ms: config.request_timeout_ms,
-            ..GetRequest::new(key, setting.r)
-        });
-        if let Outcome::Ok(Response::Get(reply)) = call(&reader, &get, config.client_delay).await {
+        if let Outcome::Read { values, .. } = reader.get(&key, setting.r, timeout_ms, delay).await {
             out[slot].probes += 1;
-            if reply.values.contains(&value) {
+            if values.contains(&value) {
                 out[slot].fresh += 1;
             }
         }
     }
-    writer.close().await;
-    reader.close().await;
+    close_all(vec![Arc::new(writer), Arc::new(reader)]).await;
     out
 }

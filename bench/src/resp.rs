@@ -1,0 +1,151 @@
+//! A minimal RESP2 client (the Redis protocol), so `ringkv bench --target
+//! resp://HOST:PORT` runs the same workload against Redis or Dynomite for a
+//! side-by-side figure. Only what the workloads need: `GET` and `SET` on
+//! one connection, one request at a time.
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Why a RESP call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RespError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the server answered with an error: {0}")]
+    Server(String),
+    #[error("malformed reply: {0}")]
+    Protocol(String),
+}
+
+/// The largest bulk string accepted in a reply.
+const BULK_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// A reply, as far as `GET` and `SET` need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Simple(String),
+    Integer(i64),
+    Bulk(Option<Vec<u8>>),
+}
+
+/// Encodes a command as a RESP array of bulk strings.
+pub fn encode(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Reads one reply.
+pub async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result<Reply, RespError> {
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line).await?;
+    if line.is_empty() {
+        return Err(RespError::Protocol("connection closed".into()));
+    }
+    let text = line
+        .strip_suffix(b"\r\n")
+        .ok_or_else(|| RespError::Protocol("a line without CRLF".into()))?;
+    let (kind, rest) = text
+        .split_first()
+        .ok_or_else(|| RespError::Protocol("an empty line".into()))?;
+    let rest = String::from_utf8_lossy(rest).into_owned();
+    match kind {
+        b'+' => Ok(Reply::Simple(rest)),
+        b'-' => Err(RespError::Server(rest)),
+        b':' => rest
+            .parse()
+            .map(Reply::Integer)
+            .map_err(|_| RespError::Protocol(format!("integer {rest:?}"))),
+        b'$' => {
+            let len: i64 = rest
+                .parse()
+                .map_err(|_| RespError::Protocol(format!("bulk length {rest:?}")))?;
+            if len < 0 {
+                return Ok(Reply::Bulk(None));
+            }
+            let len = len as usize;
+            if len > BULK_MAX_BYTES {
+                return Err(RespError::Protocol(format!("bulk of {len} bytes")));
+            }
+            let mut data = vec![0; len + 2];
+            r.read_exact(&mut data).await?;
+            if !data.ends_with(b"\r\n") {
+                return Err(RespError::Protocol("bulk without CRLF".into()));
+            }
+            data.truncate(len);
+            Ok(Reply::Bulk(Some(data)))
+        }
+        other => Err(RespError::Protocol(format!(
+            "reply type {:?}",
+            *other as char
+        ))),
+    }
+}
+
+/// One connection to a RESP server.
+pub struct RespConn {
+    stream: BufReader<TcpStream>,
+}
+
+impl RespConn {
+    pub async fn connect(addr: std::net::SocketAddr) -> Result<Self, RespError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(RespConn {
+            stream: BufReader::new(stream),
+        })
+    }
+
+    async fn call(&mut self, args: &[&[u8]]) -> Result<Reply, RespError> {
+        self.stream.get_mut().write_all(&encode(args)).await?;
+        read_reply(&mut self.stream).await
+    }
+
+    pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, RespError> {
+        match self.call(&[b"GET", key]).await? {
+            Reply::Bulk(value) => Ok(value),
+            other => Err(RespError::Protocol(format!("GET answered {other:?}"))),
+        }
+    }
+
+    pub async fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), RespError> {
+        match self.call(&[b"SET", key, value]).await? {
+            Reply::Simple(ok) if ok == "OK" => Ok(()),
+            other => Err(RespError::Protocol(format!("SET answered {other:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn parse(bytes: &[u8]) -> Result<Reply, RespError> {
+        read_reply(&mut BufReader::new(bytes)).await
+    }
+
+    #[tokio::test]
+    async fn replies_parse_and_bad_ones_are_errors() {
+        assert_eq!(encode(&[b"GET", b"k"]), b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+        assert_eq!(parse(b"+OK\r\n").await.unwrap(), Reply::Simple("OK".into()));
+        assert_eq!(parse(b":42\r\n").await.unwrap(), Reply::Integer(42));
+        assert_eq!(parse(b"$-1\r\n").await.unwrap(), Reply::Bulk(None));
+        assert_eq!(
+            parse(b"$5\r\nhe\r\no\r\n").await.unwrap(),
+            Reply::Bulk(Some(b"he\r\no".to_vec())),
+            "bulk strings are binary-safe"
+        );
+        assert!(
+            matches!(parse(b"-ERR nope\r\n").await, Err(RespError::Server(m)) if m == "ERR nope")
+        );
+        assert!(parse(b"$5\r\nhi\r\n").await.is_err(), "short bulk");
+        assert!(parse(b"$99999999999\r\n").await.is_err(), "oversized bulk");
+        assert!(parse(b"*1\r\n").await.is_err(), "arrays are not expected");
+        assert!(parse(b"+OK").await.is_err(), "no CRLF");
+        assert!(parse(b"").await.is_err(), "closed");
+    }
+}
