@@ -84,11 +84,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             EMBEDDED_REPLICAS,
         )
     } else {
-        let targets = args
-            .cluster
-            .iter()
-            .map(|a| resolve(a))
-            .collect::<Result<Vec<_>, _>>()?;
+        let targets = resolve_cluster(&args.cluster)?;
         let replicas = cluster_replicas(targets[0]).await?;
         check_settings(&settings, replicas)?;
         (targets, Vec::new(), replicas)
@@ -427,6 +423,11 @@ fn report_json(
     })
 }
 
+/// The addresses of `--cluster`.
+fn resolve_cluster(cluster: &[String]) -> Result<Vec<std::net::SocketAddr>, Failure> {
+    cluster.iter().map(|a| resolve(a)).collect()
+}
+
 /// The older benchmark: a put phase of new keys, then a get phase of them.
 async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
     let embedded_dir = std::env::temp_dir().join(format!("ringkv-bench-{}", std::process::id()));
@@ -435,12 +436,7 @@ async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
         let nodes = start_local_cluster(3, 3, 0, &embedded_dir, false).await?;
         (nodes.iter().map(|n| n.addr()).collect(), nodes)
     } else {
-        let targets = args
-            .cluster
-            .iter()
-            .map(|a| resolve(a))
-            .collect::<Result<Vec<_>, _>>()?;
-        (targets, Vec::new())
+        (resolve_cluster(&args.cluster)?, Vec::new())
     };
     let config = LoadConfig {
         targets,

@@ -77,46 +77,33 @@ fn replica_latencies_follow_the_latency_matrix() {
     );
     assert!(latency_of(&json(&c.cli(0, &["get", "k0", "-r", "1", "--json"])), "n1") < 40.0);
 
-    // A bad matrix is refused before the node starts.
+    // A bad matrix, or a region it lacks, is refused before the node starts.
     std::fs::write(dir.path().join("bad.toml"), "regions = [\"a\", \"b\"]\n").unwrap();
     let bad = dir.path().join("bad.toml").to_string_lossy().into_owned();
-    let out = run(ringkv().args([
-        "node",
-        "--id",
-        "x",
-        "--listen",
-        "127.0.0.1:1",
-        "--data-dir",
-        &dir.path().join("x").to_string_lossy(),
-        "--region",
-        "a",
-        "--latency-matrix",
-        &bad,
-    ]));
-    assert_exit(&out, 2);
-    assert!(
-        stderr(&out).contains("no link between \"a\" and \"b\""),
-        "{}",
-        stderr(&out)
-    );
-    let out = run(ringkv().args([
-        "node",
-        "--id",
-        "x",
-        "--listen",
-        "127.0.0.1:1",
-        "--data-dir",
-        &dir.path().join("x").to_string_lossy(),
-        "--region",
-        "mars",
-        "--latency-matrix",
-        "preset:cloud4",
-    ]));
-    assert!(
-        stderr(&out).contains("unknown region \"mars\""),
-        "{}",
-        stderr(&out)
-    );
+    let data_dir = dir.path().join("x").to_string_lossy().into_owned();
+    let start_with = |region: &str, matrix: &str| {
+        run(ringkv().args([
+            "node",
+            "--id",
+            "x",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            &data_dir,
+            "--region",
+            region,
+            "--latency-matrix",
+            matrix,
+        ]))
+    };
+    for (region, matrix, message) in [
+        ("a", bad.as_str(), "no link between \"a\" and \"b\""),
+        ("mars", "preset:cloud4", "unknown region \"mars\""),
+    ] {
+        let out = start_with(region, matrix);
+        assert_exit(&out, 2);
+        assert!(stderr(&out).contains(message), "{}", stderr(&out));
+    }
 }
 
 /// The p50 read latency `report` shows for setting number `i`.
