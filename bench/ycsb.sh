@@ -29,7 +29,7 @@ for w in $workloads; do
     echo "== YCSB-$w run $run: ringkv bench --cluster $cluster --regions none --workload $w --records 10000 --consistency 2 --concurrency $clients --duration-s $duration"
     before=$(node_ticks)
     /usr/bin/time -f "client cpu %U %S" -o "$dir/time" "$bin" bench --cluster "$cluster" --regions none --workload "$w" --records 10000 \
-      --consistency 2 --concurrency "$clients" --duration-s "$duration" --json "$dir/run.json" 2>/dev/null | head -3
+      --consistency 2 --concurrency "$clients" --duration-s "$duration" --json "$dir/run.json" 2>/dev/null | sed -n 1,3p
     after=$(node_ticks)
     python3 - "$dir/run.json" "$dir/time" "$before" "$after" "$tck" <<'PY'
 import json, sys

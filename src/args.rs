@@ -62,7 +62,7 @@ pub enum Command {
     --workload putget is the older put-then-get phase benchmark (bench/loopback.sh uses it)."
 )]
 pub struct BenchArgs {
-    /// Nodes of a running cluster, comma-separated. Default: start an embedded 5-node cluster (N=3) across 3 emulated regions.
+    /// Nodes of a running cluster, comma-separated. Default: start an embedded 5-node cluster (N=3) across emulated regions.
     #[arg(long, value_name = "ADDR,...", value_delimiter = ',')]
     pub cluster: Vec<String>,
     /// Run the workload against a Redis-protocol store instead (resp://HOST:PORT, e.g. redis-server or Dynomite), for a side-by-side figure; GET and SET, no consistency settings.
@@ -89,7 +89,7 @@ pub struct BenchArgs {
     /// Size of each written value.
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     pub value_bytes: usize,
-    /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none.
+    /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none; its five nodes go round-robin over the matrix's regions. Ignored with --cluster (those nodes emulate regions themselves with `ringkv node --latency-matrix`).
     #[arg(
         long,
         value_name = "preset:NAME|FILE|none",

@@ -52,9 +52,14 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         return resp_bench(workload, target, &args).await;
     }
     let settings = parse_settings(&args.consistency)?;
+    // --regions shapes the embedded cluster only: an external cluster's
+    // nodes emulate regions themselves (ringkv node --latency-matrix).
     let matrix = match args.regions.as_str() {
+        _ if !args.cluster.is_empty() => None,
         "none" => None,
-        source => Some(Arc::new(load_matrix(source)?)),
+        source => Some(Arc::new(load_matrix(source).map_err(|e| {
+            Failure::new(e.exit, e.message.replace("--latency-matrix", "--regions"))
+        })?)),
     };
     let embedded_dir = std::env::temp_dir().join(format!("ringkv-bench-{}", std::process::id()));
     let (targets, embedded, replicas) = if args.cluster.is_empty() {
@@ -62,7 +67,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         let _ = std::fs::remove_dir_all(&embedded_dir);
         let regions: Vec<String> = matrix
             .as_ref()
-            .map(|m| m.regions().iter().take(3).cloned().collect())
+            .map(|m| m.regions().to_vec())
             .unwrap_or_default();
         let nodes = start_local_cluster_with(
             EMBEDDED_NODES,
@@ -282,12 +287,7 @@ async fn run_all(
         .map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
         running.finish_and_clear();
         // Inserts of workload D add records for the next setting.
-        records += report
-            .ops
-            .iter()
-            .filter(|(op, _)| *op == ringkv_bench::workload::Op::Insert)
-            .map(|(_, r)| r.ops)
-            .sum::<u64>();
+        records = report.records_after;
         reports.push(report);
     }
     if let Some(path) = &args.plot {
@@ -396,7 +396,7 @@ fn report_json(
             "replicas": replicas,
             "cluster": if args.cluster.is_empty() { json!(null) } else { json!(args.cluster) },
             "target": args.target,
-            "regions": args.regions,
+            "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions) } else { json!(null) },
         },
         "settings": reports.iter().map(|r| json!({
             "setting": r.setting.to_string(),
@@ -417,7 +417,8 @@ fn report_json(
             "reads": r.reads,
             "sibling_reads": r.sibling_reads,
             "staleness": r.staleness.iter().map(|v| json!({
-                "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh, "fresh_share": v.fresh_share(),
+                "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh,
+                "fresh_share": if v.probes == 0 { json!(null) } else { json!(v.fresh_share()) },
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

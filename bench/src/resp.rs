@@ -17,6 +17,9 @@ pub enum RespError {
     Protocol(String),
 }
 
+/// The longest reply header line accepted.
+const LINE_MAX_BYTES: u64 = 4096;
+
 /// The largest bulk string accepted in a reply.
 const BULK_MAX_BYTES: usize = 64 * 1024 * 1024;
 
@@ -42,7 +45,12 @@ pub fn encode(args: &[&[u8]]) -> Vec<u8> {
 /// Reads one reply.
 pub async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result<Reply, RespError> {
     let mut line = Vec::new();
-    r.read_until(b'\n', &mut line).await?;
+    // A header line is short; a server that never ends one gets no more
+    // than this much memory.
+    (&mut *r)
+        .take(LINE_MAX_BYTES)
+        .read_until(b'\n', &mut line)
+        .await?;
     if line.is_empty() {
         return Err(RespError::Protocol("connection closed".into()));
     }
@@ -147,5 +155,7 @@ mod tests {
         assert!(parse(b"*1\r\n").await.is_err(), "arrays are not expected");
         assert!(parse(b"+OK").await.is_err(), "no CRLF");
         assert!(parse(b"").await.is_err(), "closed");
+        let endless = vec![b'+'; 10_000];
+        assert!(parse(&endless).await.is_err(), "an endless line is cut off");
     }
 }

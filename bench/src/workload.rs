@@ -266,11 +266,20 @@ impl KeyChooser {
     /// A new record number for an insert; later choices may pick it.
     pub fn next_insert(&mut self) -> u64 {
         let record = self.records;
-        self.records += 1;
-        if self.distribution == KeyDistribution::Latest {
-            self.zipf.grow_to(self.records);
-        }
+        self.grow_to(record + 1);
         record
+    }
+
+    /// Records `0..records` exist now (inserts by other clients); a no-op
+    /// if that is not more than known.
+    pub fn grow_to(&mut self, records: u64) {
+        if records <= self.records {
+            return;
+        }
+        self.records = records;
+        if self.distribution == KeyDistribution::Latest {
+            self.zipf.grow_to(records);
+        }
     }
 }
 

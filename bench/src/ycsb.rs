@@ -164,6 +164,8 @@ pub struct SettingReport {
     /// Reads that returned more than one value.
     pub sibling_reads: u64,
     pub staleness: Vec<Visibility>,
+    /// Records that exist after the run (the load's plus every insert).
+    pub records_after: u64,
 }
 
 impl SettingReport {
@@ -215,7 +217,13 @@ impl Conn {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let answer = client.call(request).await;
+        // The node answers by its request deadline; a second more, and the
+        // client gives up on it (a dead connection, a hung node).
+        let limit = Duration::from_millis(u64::from(request_timeout(request)) + 1000);
+        let answer = match tokio::time::timeout(limit, client.call(request)).await {
+            Ok(answer) => answer,
+            Err(_) => return Outcome::Timeout,
+        };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -241,13 +249,18 @@ impl Conn {
                 });
                 self.call(&get, delay).await
             }
-            Conn::Resp(conn) => match conn.lock().await.get(key.as_bytes()).await {
-                Ok(value) => Outcome::Read {
-                    values: value.into_iter().collect(),
-                    context: None,
-                },
-                Err(_) => Outcome::Error,
-            },
+            Conn::Resp(conn) => {
+                let limit = Duration::from_millis(u64::from(timeout_ms));
+                let mut conn = conn.lock().await;
+                match tokio::time::timeout(limit, conn.get(key.as_bytes())).await {
+                    Ok(Ok(value)) => Outcome::Read {
+                        values: value.into_iter().collect(),
+                        context: None,
+                    },
+                    Ok(Err(_)) => Outcome::Error,
+                    Err(_) => Outcome::Timeout,
+                }
+            }
         }
     }
 
@@ -269,11 +282,25 @@ impl Conn {
                 });
                 self.call(&put, delay).await
             }
-            Conn::Resp(conn) => match conn.lock().await.set(key.as_bytes(), value).await {
-                Ok(()) => Outcome::Written { context: None },
-                Err(_) => Outcome::Error,
-            },
+            Conn::Resp(conn) => {
+                let limit = Duration::from_millis(u64::from(timeout_ms));
+                let mut conn = conn.lock().await;
+                match tokio::time::timeout(limit, conn.set(key.as_bytes(), value)).await {
+                    Ok(Ok(())) => Outcome::Written { context: None },
+                    Ok(Err(_)) => Outcome::Error,
+                    Err(_) => Outcome::Timeout,
+                }
+            }
         }
+    }
+}
+
+/// The deadline a request carries, in ms.
+fn request_timeout(request: &Request) -> u32 {
+    match request {
+        Request::Get(g) => g.timeout_ms,
+        Request::Put(p) => p.timeout_ms,
+        _ => ringkv_core::wire::DEFAULT_REQUEST_TIMEOUT_MS,
     }
 }
 
@@ -365,15 +392,21 @@ pub async fn run_setting(
     progress: &(dyn Fn(f64) + Sync),
 ) -> Result<SettingReport, BenchError> {
     let clients = connect_all(config, config.concurrency.max(1)).await?;
+    // Built once, outside the timed window: a zipfian over many records
+    // takes a while to set up.
+    let chooser = KeyChooser::new(config.workload.distribution(), records);
+    // Inserts take numbers from one counter, so clients never insert the
+    // same key, and every client's chooser learns of the others' inserts.
+    let next_record = Arc::new(std::sync::atomic::AtomicU64::new(records));
     let started = Instant::now();
     let deadline = started + config.duration;
     let mut tasks = tokio::task::JoinSet::new();
     for (w, client) in clients.iter().enumerate() {
         let client = client.clone();
         let (config, setting) = (config.clone(), setting.clone());
+        let (mut chooser, next_record) = (chooser.clone(), next_record.clone());
         tasks.spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ ((w as u64) << 32));
-            let mut chooser = KeyChooser::new(config.workload.distribution(), records);
             let mut contexts: HashMap<u64, String> = HashMap::new();
             let mut reports: HashMap<Op, OpReport> = HashMap::new();
             let (mut reads, mut sibling_reads) = (0u64, 0u64);
@@ -382,7 +415,12 @@ pub async fn run_setting(
             let interval = config
                 .rate_per_s
                 .map(|rate| Duration::from_secs_f64(config.concurrency as f64 / rate as f64));
-            let mut intended = Instant::now();
+            // Clients' schedules are staggered, so the total is a steady
+            // rate rather than bursts of `concurrency` requests at once.
+            let mut intended = started
+                + interval.map_or(Duration::ZERO, |i| {
+                    i.mul_f64(w as f64 / config.concurrency.max(1) as f64)
+                });
             while Instant::now() < deadline {
                 if interval.is_some() {
                     // Sleep until the intended start; when behind, start at
@@ -394,8 +432,11 @@ pub async fn run_setting(
                 }
                 let op = config.workload.next_op(&mut rng);
                 let record = match op {
-                    Op::Insert => chooser.next_insert(),
-                    _ => chooser.next_existing(&mut rng),
+                    Op::Insert => next_record.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    _ => {
+                        chooser.grow_to(next_record.load(std::sync::atomic::Ordering::Relaxed));
+                        chooser.next_existing(&mut rng)
+                    }
                 };
                 let key = record_key(&config.key_prefix, record);
                 // Latency counts from the intended start in an open loop, so
@@ -444,8 +485,9 @@ pub async fn run_setting(
                     Outcome::Timeout => report.timeouts += 1,
                     Outcome::Error => report.errors += 1,
                 }
-                // Bounded: forget contexts past a few thousand keys.
-                if contexts.len() > 4096 {
+                // Bounded: a context per record up to 100,000 records (past
+                // that, forgetting makes later updates blind: more siblings).
+                if contexts.len() > 100_000 {
                     contexts.clear();
                 }
             }
@@ -492,6 +534,7 @@ pub async fn run_setting(
         reads,
         sibling_reads,
         staleness,
+        records_after: next_record.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 

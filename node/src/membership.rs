@@ -264,13 +264,13 @@ impl Membership {
         (reply, changed)
     }
 
-    /// The address of member `id`.
     /// The region `id` was started with, if any.
     pub fn region_of(&self, id: &NodeId) -> Option<String> {
         let guard = self.record.read().unwrap_or_else(|p| p.into_inner());
         guard.as_ref()?.members.get(id)?.region.clone()
     }
 
+    /// The address of member `id`.
     pub fn addr_of(&self, id: &NodeId) -> Option<SocketAddr> {
         let guard = self.record.read().unwrap_or_else(|p| p.into_inner());
         guard
