@@ -105,19 +105,8 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             Duration::from_secs_f64(l.delay_ms / 1000.0)
         });
     let config = YcsbConfig {
-        targets,
-        workload,
-        records: args.records,
-        value_bytes: args.value_bytes,
-        concurrency: args.concurrency,
-        duration: Duration::from_secs(args.duration_s),
-        settings,
-        request_timeout_ms: 2000,
-        seed: 0x5eed,
         client_delay,
-        key_prefix: format!("{:08x}:", rand::random::<u32>()),
-        rate_per_s: args.rate,
-        resp: false,
+        ..ycsb_config(&args, workload, targets, settings, false)
     };
     let result = run_all(
         &config,
@@ -147,22 +136,33 @@ async fn resp_bench(workload: Workload, target: &str, args: &BenchArgs) -> Resul
         ));
     }
     let addr = resolve(addr)?;
-    let config = YcsbConfig {
-        targets: vec![addr],
+    let config = ycsb_config(args, workload, vec![addr], vec![Setting::RESP], true);
+    run_all(&config, args, true, 1, false).await
+}
+
+/// The run the arguments describe, with no client delay and a fresh key space.
+fn ycsb_config(
+    args: &BenchArgs,
+    workload: Workload,
+    targets: Vec<std::net::SocketAddr>,
+    settings: Vec<Setting>,
+    resp: bool,
+) -> YcsbConfig {
+    YcsbConfig {
+        targets,
         workload,
         records: args.records,
         value_bytes: args.value_bytes,
         concurrency: args.concurrency,
         duration: Duration::from_secs(args.duration_s),
-        settings: vec![Setting::RESP],
+        settings,
         request_timeout_ms: 2000,
         seed: 0x5eed,
         client_delay: Duration::ZERO,
         key_prefix: format!("{:08x}:", rand::random::<u32>()),
         rate_per_s: args.rate,
-        resp: true,
-    };
-    run_all(&config, args, true, 1, false).await
+        resp,
+    }
 }
 
 /// Parses `--consistency`: one, quorum, all, a count, or `r=R:w=W`.

@@ -13,9 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use ringkv_core::wire::{GetRequest, Request, Response};
 use ringkv_core::Consistency;
-use ringkv_node::Client;
 
 const KEYS: usize = 10_000;
 const WRITERS: usize = 8;
@@ -30,21 +28,8 @@ async fn write_all(addr: SocketAddr) {
 }
 
 /// How many keys `addr` does not hold locally with value `v{i}`.
-async fn missing_locally(addr: SocketAddr) -> usize {
-    let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
-    let mut missing = 0;
-    for i in 0..KEYS {
-        let get = Request::Get(GetRequest {
-            local: true,
-            ..GetRequest::new(key(i), Consistency::One)
-        });
-        match client.call(&get).await {
-            Ok(Response::Get(g)) if g.values == [format!("v{i}").into_bytes()] => {}
-            _ => missing += 1,
-        }
-    }
-    client.close().await;
-    missing
+async fn missing_on(addr: SocketAddr) -> usize {
+    missing_locally(addr, 0..KEYS, key).await.len()
 }
 
 /// `ringkv repair --json` on node `i`, retried (within 30 s) while the
@@ -93,7 +78,7 @@ fn repair_brings_a_restarted_replica_every_key_without_any_read() {
     std::thread::sleep(Duration::from_millis(2500));
     c.restart(2);
     assert_eq!(
-        rt.block_on(missing_locally(c.nodes[2].addr)),
+        rt.block_on(missing_on(c.nodes[2].addr)),
         KEYS,
         "n3 missed every write"
     );
@@ -101,7 +86,7 @@ fn repair_brings_a_restarted_replica_every_key_without_any_read() {
     let first = repair(&c, 2);
     assert_eq!(first["peers"], 2, "{first}");
     assert_eq!(first["keys_repaired"], KEYS, "{first}");
-    assert_eq!(rt.block_on(missing_locally(c.nodes[2].addr)), 0);
+    assert_eq!(rt.block_on(missing_on(c.nodes[2].addr)), 0);
 
     let second = repair(&c, 2);
     assert_eq!(second["keys_repaired"], 0, "{second}");

@@ -10,9 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use ringkv_core::wire::{GetRequest, Request, Response};
 use ringkv_core::{Consistency, NodeId};
-use ringkv_node::Client;
 use ringkv_ring::Ring;
 
 const KEYS: usize = 1000;
@@ -49,22 +47,9 @@ async fn write_all(addr: SocketAddr) {
     write_keys(addr, KEYS, key, Consistency::All, WRITERS).await
 }
 
-/// The keys among `keys` that `addr` does not hold locally with value `v{i}`.
-async fn missing_locally(addr: SocketAddr, keys: &[usize]) -> Vec<usize> {
-    let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
-    let mut missing = Vec::new();
-    for &i in keys {
-        let get = Request::Get(GetRequest {
-            local: true,
-            ..GetRequest::new(key(i), Consistency::One)
-        });
-        match client.call(&get).await {
-            Ok(Response::Get(g)) if g.values == [format!("v{i}").into_bytes()] => {}
-            _ => missing.push(i),
-        }
-    }
-    client.close().await;
-    missing
+/// The keys among `keys` that `addr` lacks locally.
+async fn missing_keys(addr: SocketAddr, keys: &[usize]) -> Vec<usize> {
+    missing_locally(addr, keys.iter().copied(), key).await
 }
 
 /// Each node's `hints_pending` as `status --json` through node `via` shows it.
@@ -126,7 +111,7 @@ fn restart_n5_and_check(c: &mut Cluster, rt: &tokio::runtime::Runtime, owned: &[
             pending.iter().all(|(_, h)| *h == Some(0))
         },
     );
-    let missing = rt.block_on(missing_locally(c.nodes[4].addr, owned));
+    let missing = rt.block_on(missing_keys(c.nodes[4].addr, owned));
     assert!(
         missing.is_empty(),
         "n5 lacks {} of its {} keys, e.g. {:?}",

@@ -33,6 +33,21 @@ fn cdf(report: &crate::ycsb::OpReport) -> Vec<(f64, f64)> {
     points
 }
 
+/// The series legend, boxed in the lower right, as both charts draw it.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+}
+
 /// Draws `reports` to `path` as SVG.
 pub fn write_svg(path: &Path, reports: &[SettingReport]) -> Result<(), PlotError> {
     let fail = |e: &dyn std::fmt::Display| PlotError {
@@ -82,13 +97,7 @@ pub fn write_svg(path: &Path, reports: &[SettingReport]) -> Result<(), PlotError
                 PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| fail(&e))?;
+    draw_legend(&mut chart).map_err(|e| fail(&e))?;
 
     let max_t = reports
         .iter()
@@ -125,12 +134,6 @@ pub fn write_svg(path: &Path, reports: &[SettingReport]) -> Result<(), PlotError
                 PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
             });
     }
-    stale
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| fail(&e))?;
+    draw_legend(&mut stale).map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))
 }

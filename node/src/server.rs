@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use crate::error::NodeError;
 use crate::membership::{ClusterRecord, Membership};
 use crate::quic::{serve_connection, CallError, PeerPool};
-use crate::storage::Storage;
+use crate::storage::{unix_ms, Storage};
 use crate::tls;
 
 /// The default N for a new cluster.
@@ -633,14 +633,6 @@ async fn collect_if_held_everywhere(
 
 /// How long a tombstone check waits for each replica.
 const TOMBSTONE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Wall-clock milliseconds since the Unix epoch, for hint ages (which must
-/// survive restarts). A clock before 1970 reads as 0.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 fn joining(id: &NodeId) -> Response {
     Response::error(

@@ -190,15 +190,18 @@ fn index_key(key: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A stored little-endian u64 (a digest or a time); `None` if malformed.
+fn le_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_le_bytes)
+}
+
 /// The data key and digest of a `merkle` index entry; `None` if malformed.
 fn parse_index(index: &[u8], value: &[u8]) -> Option<(Vec<u8>, u64)> {
-    let key = index.get(8..)?;
-    let digest = u64::from_le_bytes(value.try_into().ok()?);
-    Some((key.to_vec(), digest))
+    Some((index.get(8..)?.to_vec(), le_u64(value)?))
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 before 1970).
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -281,15 +284,11 @@ impl Storage {
             trees.abandon_rebuild();
             return Err(io(e));
         }
-        let digest_in = |read: Option<Vec<u8>>| {
-            read.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-                .map(u64::from_le_bytes)
-        };
         trees
             .finish_rebuild(fresh, |key| {
                 let index = index_key(key);
-                let then = digest_in(snapshot.get_cf(cf, &index)?);
-                let now = digest_in(self.db.get_cf(cf, &index)?);
+                let then = snapshot.get_cf(cf, &index)?.as_deref().and_then(le_u64);
+                let now = self.db.get_cf(cf, &index)?.as_deref().and_then(le_u64);
                 Ok((then, now))
             })
             .map_err(io)?;
@@ -300,9 +299,7 @@ impl Storage {
     /// `None` if the key holds no tombstone-only clock.
     pub fn tombstone_stored_at(&self, key: &[u8]) -> Result<Option<u64>, NodeError> {
         let stored = self.db.get_cf(self.cf(CF_TOMBSTONES), key).map_err(io)?;
-        Ok(stored
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_le_bytes))
+        Ok(stored.as_deref().and_then(le_u64))
     }
 
     /// Up to `limit` keys, after `after`, whose tombstone was stored at or
@@ -327,9 +324,7 @@ impl Storage {
                 continue;
             }
             looked += 1;
-            let stored = <[u8; 8]>::try_from(&value[..])
-                .map(u64::from_le_bytes)
-                .unwrap_or(0);
+            let stored = le_u64(&value).unwrap_or(0);
             if stored <= cutoff_unix_ms {
                 due.push(key.to_vec());
             }

@@ -167,7 +167,7 @@ impl ReplicaTrees {
             for peer in self.sharing_on(&ring, &key) {
                 trees
                     .entry(peer)
-                    .or_insert_with(|| MerkleTree::new(self.leaf_bits).expect("shape checked"))
+                    .or_insert_with(|| self.empty.clone())
                     .insert(&key, item);
             }
         }
@@ -204,17 +204,11 @@ impl ReplicaTrees {
                 fresh
                     .trees
                     .entry(peer)
-                    .or_insert_with(|| MerkleTree::new(self.leaf_bits).expect("shape checked"))
+                    .or_insert_with(|| self.empty.clone())
                     .replace(&key, scanned, now);
             }
         }
-        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = fresh.ring;
-        *self.trees.write().unwrap_or_else(|p| p.into_inner()) = fresh
-            .trees
-            .into_iter()
-            .map(|(peer, tree)| (peer, Mutex::new(tree)))
-            .collect();
-        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        self.install(fresh);
         Ok(())
     }
 
@@ -230,6 +224,12 @@ impl ReplicaTrees {
     pub fn rebuild(&self, ring: Arc<Ring>, items: impl Iterator<Item = (Vec<u8>, Clock)>) {
         let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
         let fresh = self.build(ring, items.map(|(k, c)| (k, version_digest(&c))));
+        self.install(fresh);
+    }
+
+    /// Puts `fresh` in place and marks the trees ready. The caller holds
+    /// `rebuild_lock` exclusively.
+    fn install(&self, fresh: FreshTrees) {
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = fresh.ring;
         *self.trees.write().unwrap_or_else(|p| p.into_inner()) = fresh
             .trees
@@ -303,9 +303,7 @@ impl ChangeObserver for ReplicaTrees {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .entry(peer.clone())
-                    .or_insert_with(|| {
-                        Mutex::new(MerkleTree::new(self.leaf_bits).expect("shape checked"))
-                    });
+                    .or_insert_with(|| Mutex::new(self.empty.clone()));
             }
             let trees = self.trees.read().unwrap_or_else(|p| p.into_inner());
             if let Some(tree) = trees.get(&peer) {

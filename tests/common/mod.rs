@@ -389,3 +389,29 @@ pub async fn write_keys(
         done.unwrap();
     }
 }
+
+/// The keys among `keys` that `addr` does not hold locally with the value
+/// `write_keys` gave them (`v{i}`).
+pub async fn missing_locally(
+    addr: SocketAddr,
+    keys: impl IntoIterator<Item = usize>,
+    key: fn(usize) -> String,
+) -> Vec<usize> {
+    use ringkv_core::wire::{GetRequest, Request, Response};
+    let client = ringkv_node::Client::connect(addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut missing = Vec::new();
+    for i in keys {
+        let get = Request::Get(GetRequest {
+            local: true,
+            ..GetRequest::new(key(i), ringkv_core::Consistency::One)
+        });
+        match client.call(&get).await {
+            Ok(Response::Get(g)) if g.values == [format!("v{i}").into_bytes()] => {}
+            _ => missing.push(i),
+        }
+    }
+    client.close().await;
+    missing
+}
