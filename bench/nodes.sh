@@ -5,6 +5,7 @@
 bin="${CARGO_TARGET_DIR:-target}/release/ringkv"
 [ -x "$bin" ] || { echo "build first: cargo build --release --bin ringkv" >&2; exit 2; }
 dir=$(mktemp -d)
+[ -n "${NODE_FLAGS+x}" ] || NODE_FLAGS=()
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
@@ -13,7 +14,7 @@ start() { # id port [seed] [flag...]
   shift 2; [ $# -gt 0 ] && shift
   [ -n "$seed" ] && extra=(--seed "$seed")
   "$bin" node --id "$id" --listen "127.0.0.1:$port" --data-dir "$dir/$id" --replicas 3 \
-    "${extra[@]}" "$@" > "$dir/$id.out" 2>&1 &
+    "${extra[@]}" "${NODE_FLAGS[@]}" "$@" > "$dir/$id.out" 2>&1 &
   pids+=($!)
   for _ in $(seq 200); do grep -q "serving on" "$dir/$id.out" 2>/dev/null && return 0; sleep 0.1; done
   echo "node $id did not start:" >&2; cat "$dir/$id.out" >&2; exit 1

@@ -6,6 +6,8 @@
 # and the client) per operation, from /proc/<pid>/stat.
 #
 #   bench/ycsb.sh [RUNS] [DURATION_S] [WORKLOADS] [CONCURRENCY]   # defaults 3 10 "a c" 50
+#   RINGKV_NODE_FLAGS="" bench/ycsb.sh ...     # other node flags (default --worker-threads 1)
+#   RINGKV_BENCH_FLAGS="--updates context" bench/ycsb.sh ...   # extra bench flags
 #
 # Needs a release build: cargo build --release --bin ringkv
 set -euo pipefail
@@ -14,22 +16,26 @@ runs=${1:-3}
 duration=${2:-10}
 workloads=${3:-a c}
 clients=${4:-50}
+# Node flags: RINGKV_NODE_FLAGS, default one worker thread per node (three
+# nodes and the client share the cores; more threads only preempt each other).
+read -ra NODE_FLAGS <<< "${RINGKV_NODE_FLAGS---worker-threads 1}"
 . bench/nodes.sh
 start n1 7300
 start n2 7301 127.0.0.1:7300
 start n3 7302 127.0.0.1:7300
 cluster=127.0.0.1:7300,127.0.0.1:7301,127.0.0.1:7302
 tck=$(getconf CLK_TCK)
+bench_flags=${RINGKV_BENCH_FLAGS:-}
 # CPU ticks (user + system) of the node processes.
 node_ticks() { local t=0; for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 for w in $workloads; do
   for run in $(seq "$runs"); do
-    echo "== YCSB-$w run $run: ringkv bench --cluster $cluster --regions none --workload $w --records 10000 --consistency 2 --concurrency $clients --duration-s $duration"
+    echo "== YCSB-$w run $run: ringkv bench --cluster $cluster --regions none --workload $w --records 10000 --consistency 2 --concurrency $clients --duration-s $duration $bench_flags (nodes: ${NODE_FLAGS[*]})"
     before=$(node_ticks)
     /usr/bin/time -f "client cpu %U %S" -o "$dir/time" "$bin" bench --cluster "$cluster" --regions none --workload "$w" --records 10000 \
-      --consistency 2 --concurrency "$clients" --duration-s "$duration" --json "$dir/run.json" 2>/dev/null | sed -n 1,3p
+      --consistency 2 --concurrency "$clients" --duration-s "$duration" $bench_flags --json "$dir/run.json" 2>/dev/null | sed -n "1,3p;/^setting  *siblings/,/^$/p"
     after=$(node_ticks)
     python3 - "$dir/run.json" "$dir/time" "$before" "$after" "$tck" <<'PY'
 import json, sys

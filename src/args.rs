@@ -89,6 +89,9 @@ pub struct BenchArgs {
     /// Size of each written value.
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     pub value_bytes: usize,
+    /// How YCSB updates write: overwrite (replace what the coordinating replica holds, like SET; only writes coordinated concurrently by different nodes become siblings) or context (write with the context of the last version this client saw; concurrent updates of hot keys pile up siblings).
+    #[arg(long, value_name = "MODE", default_value = "overwrite", value_parser = ringkv_bench::ycsb::UpdateMode::parse)]
+    pub updates: ringkv_bench::ycsb::UpdateMode,
     /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none; its five nodes go round-robin over the matrix's regions. Ignored with --cluster (those nodes emulate regions themselves with `ringkv node --latency-matrix`).
     #[arg(
         long,
@@ -121,6 +124,9 @@ pub struct NodeArgs {
     /// Where RocksDB keeps this node's data and its record of the cluster.
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// Threads serving requests. Default: one per core. When several nodes share a machine's cores (a test cluster), 1 each avoids threads of different nodes preempting one another.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// A running member to join through (repeatable). Not needed on restart: the node remembers its cluster.
     #[arg(long = "seed", value_name = "HOST:PORT")]
     pub seeds: Vec<String>,
@@ -153,9 +159,12 @@ pub struct NodeArgs {
     pub anti_entropy: AntiEntropyArgs,
 }
 
-/// Anti-entropy and tombstone collection.
+/// Read repair, anti-entropy and tombstone collection.
 #[derive(Args, Debug, Clone)]
 pub struct AntiEntropyArgs {
+    /// Share of quorum reads (0 to 1) that ask every replica instead of only R of them (this node and the fastest peers), so that read repair judges every replica. 1 asks all N always, as Dynamo does; lower is cheaper.
+    #[arg(long, value_name = "SHARE", default_value_t = ringkv_coordinator::coordinator::DEFAULT_READ_REPAIR_CHANCE, value_parser = parse_share)]
+    pub read_repair_chance: f64,
     /// Seconds between anti-entropy rounds, in which this node compares Merkle trees with every peer and repairs what differs; 0 runs them only on demand (`ringkv repair`).
     #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_ANTI_ENTROPY_INTERVAL_S)]
     pub anti_entropy_interval_s: u64,
@@ -257,8 +266,11 @@ pub struct PutArgs {
     #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
     pub w: Consistency,
     /// The context token from a previous get: the write replaces the values that read saw. Without it the write is blind and may add a sibling.
-    #[arg(long, value_name = "TOKEN")]
+    #[arg(long, value_name = "TOKEN", conflicts_with = "overwrite")]
     pub context: Option<String>,
+    /// Replace every value the coordinating replica holds, without reading first (last writer wins there). Values only other replicas hold still come back as siblings.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Count only the key's own preference-list nodes toward W (Riak's PW): no fallback stands in for a node that is down, so the request fails rather than use a sloppy quorum.
     #[arg(long)]
     pub strict: bool,
@@ -320,4 +332,16 @@ pub struct RepairArgs {
 
 fn parse_consistency(s: &str) -> Result<Consistency, String> {
     s.parse::<Consistency>().map_err(|e| e.message)
+}
+
+/// A share from 0 to 1.
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number; use a share from 0 to 1, e.g. 0.1"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside 0..=1"))
+    }
 }

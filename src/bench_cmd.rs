@@ -162,6 +162,7 @@ fn ycsb_config(
         key_prefix: format!("{:08x}:", rand::random::<u32>()),
         rate_per_s: args.rate,
         resp,
+        updates: args.updates,
     }
 }
 
@@ -345,19 +346,24 @@ fn print_table(reports: &[SettingReport]) {
         .map(|t| format!("fresh@{t}ms"))
         .collect();
     println!(
-        "{:<16} {:>10} {}",
+        "{:<16} {:>10} {:>9} {:>9} {}",
         "setting",
         "siblings",
+        "mean/read",
+        "max/read",
         header
             .iter()
             .map(|h| format!("{h:>12}"))
             .collect::<String>()
     );
     for r in reports {
-        let siblings = if r.reads == 0 {
-            0.0
+        let (siblings, mean) = if r.reads == 0 {
+            (0.0, 0.0)
         } else {
-            r.sibling_reads as f64 / r.reads as f64
+            (
+                r.sibling_reads as f64 / r.reads as f64,
+                r.values_read as f64 / r.reads as f64,
+            )
         };
         let fresh: String = r
             .staleness
@@ -371,9 +377,10 @@ fn print_table(reports: &[SettingReport]) {
             })
             .collect();
         println!(
-            "{:<16} {:>9.2}% {fresh}",
+            "{:<16} {:>9.2}% {mean:>9.2} {:>9} {fresh}",
             r.setting.to_string(),
-            siblings * 100.0
+            siblings * 100.0,
+            r.max_siblings
         );
     }
 }
@@ -389,6 +396,7 @@ fn report_json(
             "workload": config.workload.to_string(),
             "records": config.records,
             "value_bytes": config.value_bytes,
+            "updates": config.updates.as_str(),
             "concurrency": config.concurrency,
             "duration_s": config.duration.as_secs(),
             "rate_per_s": config.rate_per_s,
@@ -416,6 +424,8 @@ fn report_json(
             }))).collect::<serde_json::Map<_, _>>(),
             "reads": r.reads,
             "sibling_reads": r.sibling_reads,
+            "values_read": r.values_read,
+            "max_siblings": r.max_siblings,
             "staleness": r.staleness.iter().map(|v| json!({
                 "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh,
                 "fresh_share": if v.probes == 0 { json!(null) } else { json!(v.fresh_share()) },

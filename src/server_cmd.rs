@@ -44,6 +44,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     };
     config.tombstone_grace = Duration::from_secs(args.anti_entropy.tombstone_grace_s);
     config.repair_keys_per_s = args.anti_entropy.repair_keys_per_s;
+    config.read_repair_chance = args.anti_entropy.read_repair_chance;
     let handle = Node::start(config).await.map_err(node_failure)?;
     println!("node {} serving on {}", handle.id(), handle.addr());
     wait_for_signal().await;

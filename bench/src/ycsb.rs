@@ -12,12 +12,18 @@
 //! applies to its calls; nodes delay their calls to each other themselves
 //! (`ringkv node --latency-matrix`).
 //!
-//! **Updates carry contexts.** A blind write in ringkv adds a sibling, so
-//! YCSB's concurrent updates of hot keys would pile up siblings without
-//! end. Each client remembers the context of the last version it saw of a
-//! key (from a read or its own write) and writes with it, as an application
-//! would. Concurrent updates from two clients still make siblings; the next
-//! read sees them (counted as sibling reads) and the next update resolves them.
+//! **Updates.** A blind write in ringkv adds a sibling, so YCSB's updates
+//! (which do not read first) would pile up siblings on hot keys without end.
+//! By default ([`UpdateMode::Overwrite`]) updates and inserts are
+//! overwrites: they supersede whatever the coordinating replica holds, as
+//! `SET` does in Redis or a write in Cassandra; only writes coordinated
+//! concurrently by different nodes become siblings. With
+//! [`UpdateMode::Context`], each client remembers the context of the last
+//! version it saw of a key (from a read or its own write) and writes with it,
+//! as an application using siblings would; concurrent updates from clients
+//! that have not seen each other's writes then stay siblings until a read
+//! and a write resolve them. Read-modify-write (workload F) always writes
+//! with the context of its own read.
 //!
 //! **Staleness (PBS, Bailis et al., "Probabilistically Bounded Staleness
 //! for Practical Partial Quorums", VLDB 2012).** Besides the clients, one
@@ -100,6 +106,36 @@ pub struct YcsbConfig {
     /// The target is a RESP server (`targets[0]`), not ringkv nodes:
     /// `GET`/`SET`, no contexts, no consistency settings, no staleness.
     pub resp: bool,
+    /// How updates and inserts treat the values they replace.
+    pub updates: UpdateMode,
+}
+
+/// How YCSB updates and inserts write (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateMode {
+    /// Supersede every version at the coordinating replica.
+    Overwrite,
+    /// Write with the context of the last version this client saw.
+    Context,
+}
+
+impl UpdateMode {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "overwrite" => Ok(UpdateMode::Overwrite),
+            "context" => Ok(UpdateMode::Context),
+            other => Err(format!(
+                "unknown update mode {other:?}; use overwrite or context"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateMode::Overwrite => "overwrite",
+            UpdateMode::Context => "context",
+        }
+    }
 }
 
 /// Latencies and counts of one operation type.
@@ -154,6 +190,31 @@ impl Visibility {
     }
 }
 
+/// What one client's reads returned.
+#[derive(Debug, Clone, Copy, Default)]
+struct ReadStats {
+    reads: u64,
+    sibling_reads: u64,
+    values: u64,
+    max_values: u64,
+}
+
+impl ReadStats {
+    fn record(&mut self, values: u64) {
+        self.reads += 1;
+        self.sibling_reads += u64::from(values > 1);
+        self.values += values;
+        self.max_values = self.max_values.max(values);
+    }
+
+    fn merge(&mut self, other: &ReadStats) {
+        self.reads += other.reads;
+        self.sibling_reads += other.sibling_reads;
+        self.values += other.values;
+        self.max_values = self.max_values.max(other.max_values);
+    }
+}
+
 /// One setting's results.
 #[derive(Debug, Clone)]
 pub struct SettingReport {
@@ -163,6 +224,10 @@ pub struct SettingReport {
     pub reads: u64,
     /// Reads that returned more than one value.
     pub sibling_reads: u64,
+    /// Values returned over all reads (siblings count one each).
+    pub values_read: u64,
+    /// The most values one read returned.
+    pub max_siblings: u64,
     pub staleness: Vec<Visibility>,
     /// Records that exist after the run (the load's plus every insert).
     pub records_after: u64,
@@ -271,6 +336,7 @@ impl Conn {
         value: &[u8],
         w: Consistency,
         context: Option<String>,
+        overwrite: bool,
         timeout_ms: u32,
         delay: Duration,
     ) -> Outcome {
@@ -278,6 +344,7 @@ impl Conn {
             Conn::Ringkv(_) => {
                 let put = Request::Put(PutRequest {
                     timeout_ms,
+                    overwrite: overwrite && context.is_none(),
                     ..PutRequest::new(key, Payload::Value(value.to_vec()), w, context)
                 });
                 self.call(&put, delay).await
@@ -350,6 +417,7 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
                         &value,
                         Consistency::Quorum,
                         None,
+                        false,
                         timeout_ms,
                         Duration::ZERO,
                     )
@@ -409,7 +477,7 @@ pub async fn run_setting(
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ ((w as u64) << 32));
             let mut contexts: HashMap<u64, String> = HashMap::new();
             let mut reports: HashMap<Op, OpReport> = HashMap::new();
-            let (mut reads, mut sibling_reads) = (0u64, 0u64);
+            let mut read_stats = ReadStats::default();
             let value = vec![b'u'; config.value_bytes];
             // Open loop: this client's share of the rate, on a fixed schedule.
             let interval = config
@@ -455,19 +523,26 @@ pub async fn run_setting(
                 if matches!(op, Op::Read | Op::ReadModifyWrite) {
                     outcome = client.get(&key, setting.r, timeout_ms, delay).await;
                     if let Outcome::Read { values, context } = &outcome {
-                        reads += 1;
-                        if values.len() > 1 {
-                            sibling_reads += 1;
-                        }
+                        read_stats.record(values.len() as u64);
                         if let Some(context) = context {
                             contexts.insert(record, context.clone());
                         }
                     }
                 }
                 if matches!(op, Op::Update | Op::Insert | Op::ReadModifyWrite) && outcome.is_ok() {
-                    let context = contexts.get(&record).cloned();
+                    // Read-modify-write keeps its read's context; plain
+                    // updates and inserts follow the update mode.
+                    let overwrite =
+                        op != Op::ReadModifyWrite && config.updates == UpdateMode::Overwrite;
+                    let context = if overwrite {
+                        None
+                    } else {
+                        contexts.get(&record).cloned()
+                    };
                     outcome = client
-                        .put(&key, &value, setting.w, context, timeout_ms, delay)
+                        .put(
+                            &key, &value, setting.w, context, overwrite, timeout_ms, delay,
+                        )
                         .await;
                     if let Outcome::Written {
                         context: Some(context),
@@ -491,7 +566,7 @@ pub async fn run_setting(
                     contexts.clear();
                 }
             }
-            (reports, reads, sibling_reads)
+            (reports, read_stats)
         });
     }
     let prober = if config.targets.len() >= 2 && !config.resp {
@@ -503,16 +578,15 @@ pub async fn run_setting(
         None
     };
     let mut merged: HashMap<Op, OpReport> = HashMap::new();
-    let (mut reads, mut sibling_reads) = (0, 0);
+    let mut read_stats = ReadStats::default();
     while !tasks.is_empty() {
         tokio::select! {
             done = tasks.join_next() => {
-                if let Some(Ok((reports, r, s))) = done {
+                if let Some(Ok((reports, stats))) = done {
                     for (op, report) in reports {
                         merged.entry(op).or_insert_with(OpReport::new).merge(&report);
                     }
-                    reads += r;
-                    sibling_reads += s;
+                    read_stats.merge(&stats);
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -531,8 +605,10 @@ pub async fn run_setting(
         setting: setting.clone(),
         elapsed,
         ops,
-        reads,
-        sibling_reads,
+        reads: read_stats.reads,
+        sibling_reads: read_stats.sibling_reads,
+        values_read: read_stats.values,
+        max_siblings: read_stats.max_values,
         staleness,
         records_after: next_record.load(std::sync::atomic::Ordering::Relaxed),
     })
@@ -572,7 +648,7 @@ pub async fn probe_staleness(
         let value = format!("v{probe}").into_bytes();
         probe += 1;
         let written = writer
-            .put(&key, &value, setting.w, None, timeout_ms, delay)
+            .put(&key, &value, setting.w, None, false, timeout_ms, delay)
             .await;
         if !written.is_ok() {
             continue;

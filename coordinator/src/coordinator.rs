@@ -9,9 +9,12 @@
 //!   ([`ReplicaRequest::Sync`]) and answer once W replicas (itself included)
 //!   hold it. The remaining sends carry on after the answer, until the request
 //!   deadline, so every reachable replica gets the write.
-//! - **get**: ask all N replicas for their clock, answer once R have replied,
-//!   with the causal merge of those replies: every concurrent value, and a
-//!   context covering all of them.
+//! - **get**: ask R replicas for their clock (itself and the peers that
+//!   answered fastest lately; see [`crate::latency`]), and a spare replica
+//!   when one of them fails or is late; answer once R have replied, with the
+//!   causal merge of those replies: every concurrent value, and a context
+//!   covering all of them. A share of reads (`read_repair_chance`) asks all
+//!   N, as Dynamo always does, so read repair sees every replica.
 //!
 //! **Sloppy quorum** (Dynamo §4.6): R and W count one slot per
 //! preference-list node, and a healthy fallback may fill the slot of a node
@@ -30,6 +33,7 @@
 //! sans-I/O [`QuorumTracker`].
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -54,6 +58,7 @@ type LateReplies = mpsc::Receiver<(
 )>;
 
 use crate::failure::FailureDetector;
+use crate::latency::ReplicaLatency;
 use crate::quorum::{QuorumState, QuorumTracker, ReplicaAnswer};
 
 pub use ringkv_core::wire::DEFAULT_REQUEST_TIMEOUT_MS;
@@ -70,13 +75,20 @@ pub struct CoordinatorConfig {
     /// Whether writes may go to fallbacks, as hints, when a replica is down
     /// (the sloppy quorum). Off with `--no-hints`; reads still use fallbacks.
     pub hinted_handoff: bool,
+    /// The share of quorum reads (0 to 1) that ask every replica rather than
+    /// R of them, so that read repair judges them all.
+    pub read_repair_chance: f64,
 }
+
+/// Cassandra's long-standing default for the same knob.
+pub const DEFAULT_READ_REPAIR_CHANCE: f64 = 0.1;
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             hinted_handoff: true,
+            read_repair_chance: DEFAULT_READ_REPAIR_CHANCE,
         }
     }
 }
@@ -94,6 +106,10 @@ pub struct Coordinator<T> {
     detector: Option<Arc<FailureDetector>>,
     /// Bounds the tasks that place hints after a write's quorum.
     late_hint_tasks: Arc<tokio::sync::Semaphore>,
+    /// Recent latency per peer: who a read asks first.
+    latency: Arc<ReplicaLatency>,
+    /// Quorum reads so far, to pick every `1/read_repair_chance`-th as a full read.
+    reads: AtomicU64,
 }
 
 impl<T: Transport> Coordinator<T> {
@@ -125,6 +141,8 @@ impl<T: Transport> Coordinator<T> {
             read_repair: None,
             detector: None,
             late_hint_tasks: Arc::new(tokio::sync::Semaphore::new(LATE_HINT_TASKS_MAX)),
+            latency: Arc::new(ReplicaLatency::new()),
+            reads: AtomicU64::new(0),
         }
     }
 
@@ -182,6 +200,9 @@ impl<T: Transport> Coordinator<T> {
             Ok(k) => k,
             Err(e) => return invalid(format!("w: {e}")),
         };
+        if request.overwrite && request.context.is_some() {
+            return invalid("an overwrite replaces every version: it takes no context");
+        }
         let context = match &request.context {
             None => VersionVector::new(),
             Some(token) => match CausalContext::decode_for(token, self.cluster_id, &request.key) {
@@ -205,6 +226,7 @@ impl<T: Transport> Coordinator<T> {
             key: request.key.clone(),
             context: context.clone(),
             payload: request.payload,
+            overwrite: request.overwrite,
         };
         let clock = match self.call(&self.id, Request::Replica(mint), deadline).await {
             Ok(Response::Clock(Some(clock))) => clock,
@@ -244,6 +266,8 @@ impl<T: Transport> Coordinator<T> {
             request_for: sloppy.then_some(&hint as &(dyn Fn(&NodeId) -> Request + Sync)),
             replace_silent: true,
             after: stand_in_after(start, deadline),
+            spares: VecDeque::new(),
+            speculate_at: deadline,
         };
         // The coordinator's own write is already done.
         let others: Vec<NodeId> = pref
@@ -344,16 +368,22 @@ impl<T: Transport> Coordinator<T> {
                 hint_for: Some(owner.clone()),
             })
         };
+        let (first, spares) = self.read_order(&pref.replicas, required);
+        let after = stand_in_after(start, deadline);
+        let peers_first: Vec<NodeId> = first.iter().filter(|n| **n != self.id).cloned().collect();
         let mut stand_ins = StandIns {
             candidates: self.healthy_fallbacks(&pref.fallbacks),
             request_for: (!request.strict)
                 .then_some(&read_for as &(dyn Fn(&NodeId) -> Request + Sync)),
             // A slow replica is still the one that has the data: reads wait
-            // for it rather than count a fallback that most likely has none.
+            // for it (and a spare replica) rather than count a fallback that
+            // most likely has none.
             replace_silent: false,
-            after: stand_in_after(start, deadline),
+            after,
+            spares: spares.into_iter().map(|n| (n, read.clone())).collect(),
+            speculate_at: start + self.latency.speculate_after(&peers_first, after - start),
         };
-        let targets = self.plan(&pref.replicas, &read, &mut stand_ins, &mut tracker);
+        let targets = self.plan(&first, &read, &mut stand_ins, &mut tracker);
         let owners = &pref.replicas;
         let (late, _) = self
             .fan_out(
@@ -484,6 +514,39 @@ impl<T: Transport> Coordinator<T> {
             .collect()
     }
 
+    /// Splits a read's owners into those asked at once and spares: itself
+    /// first (no network hop), then healthy peers fastest first, R in all;
+    /// every owner on a full read (R = N, or a `read_repair_chance` turn).
+    fn read_order(&self, owners: &[NodeId], required: usize) -> (Vec<NodeId>, Vec<NodeId>) {
+        if required >= owners.len() || self.full_read_turn() {
+            return (owners.to_vec(), Vec::new());
+        }
+        let mut order: Vec<NodeId> = owners.iter().filter(|n| **n != self.id).cloned().collect();
+        self.latency.rank(&mut order);
+        // Stable: peers believed down go last, otherwise fastest first.
+        order.sort_by_key(|n| !self.is_healthy(n));
+        if owners.contains(&self.id) {
+            order.insert(0, self.id.clone());
+        }
+        let spares = order.split_off(required);
+        (order, spares)
+    }
+
+    /// Whether this read is one of the `read_repair_chance` share that asks
+    /// every replica. Deterministic: every read advances a counter, and a
+    /// read is full when it carries the running share past a whole number.
+    fn full_read_turn(&self) -> bool {
+        let chance = self.config.read_repair_chance;
+        if chance >= 1.0 {
+            return true;
+        }
+        if chance <= 0.0 {
+            return false;
+        }
+        let n = self.reads.fetch_add(1, Ordering::Relaxed) as f64;
+        ((n + 1.0) * chance).floor() > (n * chance).floor()
+    }
+
     /// Chooses who first gets `request`: each of `replicas`, except that a
     /// node believed down is replaced up front by a stand-in (when stand-ins
     /// are allowed and one is left). The tracker learns of stand-ins before
@@ -541,9 +604,16 @@ impl<T: Transport> Coordinator<T> {
         let dispatch = |node: NodeId, request: Request| {
             let tx = tx.clone();
             let transport = self.transport.clone();
+            let latency = (node != self.id).then(|| self.latency.clone());
             tokio::spawn(async move {
+                let sent = Instant::now();
                 let result =
                     tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
+                // Answers and timeouts (as their full wait) rank the peer;
+                // a transport failure says nothing about its speed.
+                if let (Some(latency), Ok(Ok(_)) | Err(_)) = (&latency, &result) {
+                    latency.record(&node, elapsed_us(sent));
+                }
                 let latency_us = elapsed_us(start);
                 // The receiver is gone once the quorum is decided; that is fine.
                 let _ = tx.send((node, result, latency_us)).await;
@@ -579,7 +649,13 @@ impl<T: Transport> Coordinator<T> {
                             }
                         }
                     };
-                    if replaceable {
+                    if replaceable && !stand_ins.spares.is_empty() {
+                        // A spare owner first: it holds the data, a fallback likely not.
+                        if let Some((spare, request)) = stand_ins.spares.pop_front() {
+                            counter!("ringkv_spare_reads_total", "reason" => "failure").increment(1);
+                            dispatch(spare, request);
+                        }
+                    } else if replaceable {
                         if let Some(owner) = tracker.owner_of(&node).cloned() {
                             let owner_gave_up = waited_for_silent && stand_ins.replace_silent;
                             if tracker.slot_uncovered_without(&owner, &node, owner_gave_up) {
@@ -598,6 +674,16 @@ impl<T: Transport> Coordinator<T> {
                             dispatch(stand_in, request);
                         }
                     }
+                }
+                _ = tokio::time::sleep_until(stand_ins.speculate_at), if !stand_ins.spares.is_empty() => {
+                    // Speculative retry: one spare per answer still needed.
+                    let needed = tracker.required().saturating_sub(tracker.satisfied());
+                    for _ in 0..needed {
+                        let Some((spare, request)) = stand_ins.spares.pop_front() else { break };
+                        counter!("ringkv_spare_reads_total", "reason" => "late").increment(1);
+                        dispatch(spare, request);
+                    }
+                    stand_ins.speculate_at = deadline;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracker.expire(elapsed_us(start));
@@ -795,6 +881,10 @@ struct StandIns<'a> {
     replace_silent: bool,
     /// When owners that have not answered at all get a stand-in too.
     after: Instant,
+    /// Owners not asked at first (reads), with their request: asked when an
+    /// asked one fails, or at `speculate_at` when answers are still missing.
+    spares: VecDeque<(NodeId, Request)>,
+    speculate_at: Instant,
 }
 
 impl StandIns<'_> {

@@ -8,6 +8,8 @@
 //!   per-key lock.
 //! - [`coordinator`]: fan-out, deadlines, forwarding, merging reads.
 //! - [`failure`]: the failure detector (timeouts with back-off, time passed in).
+//! - [`latency`]: recent latency per peer, which picks the replicas a read
+//!   asks first and when it asks a spare.
 //! - [`sim`]: the simulated network and cluster for scenario tests.
 //!
 //! ## Architecture invariant
@@ -17,6 +19,7 @@
 
 pub mod coordinator;
 pub mod failure;
+pub mod latency;
 pub mod quorum;
 pub mod replica;
 pub mod sim;

@@ -186,6 +186,16 @@ impl QuorumTracker {
         (ok, pending)
     }
 
+    /// How many slots must succeed.
+    pub fn required(&self) -> usize {
+        self.required
+    }
+
+    /// How many slots have succeeded so far.
+    pub fn satisfied(&self) -> usize {
+        self.slot_counts().0
+    }
+
     pub fn state(&self) -> QuorumState {
         let (ok, pending) = self.slot_counts();
         if ok >= self.required {

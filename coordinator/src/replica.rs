@@ -140,11 +140,28 @@ impl<S: Store> ReplicaService<S> {
         context: &VersionVector,
         payload: Payload,
     ) -> Result<Clock, ReplicaError> {
+        self.update_with(key, payload, |_| context.clone())
+    }
+
+    /// A write that supersedes every version this replica holds for `key`
+    /// (its whole version vector is the context), read under the key lock so
+    /// that no concurrent write slips between the read and the write.
+    pub fn overwrite(&self, key: &[u8], payload: Payload) -> Result<Clock, ReplicaError> {
+        self.update_with(key, payload, Clock::context)
+    }
+
+    fn update_with(
+        &self,
+        key: &[u8],
+        payload: Payload,
+        context_of: impl FnOnce(&Clock) -> VersionVector,
+    ) -> Result<Clock, ReplicaError> {
         let _guard = self.lock(key);
         let current = self.store.get(key)?;
         // Only an observer needs the old version once the new one exists.
         let old = self.observer.as_ref().and(current.clone());
         let mut clock = current.unwrap_or_default();
+        let context = &context_of(&clock);
         // This node holds every dot it minted for the key (it writes its own
         // dots first, and a node that may have lost some runs as a new
         // actor), so a context claiming more of our writes is not a context
@@ -256,7 +273,14 @@ impl<S: Store> ReplicaService<S> {
                 key,
                 context,
                 payload,
-            } => self.update(&key, &context, payload).map(Some),
+                overwrite,
+            } => {
+                if overwrite {
+                    self.overwrite(&key, payload).map(Some)
+                } else {
+                    self.update(&key, &context, payload).map(Some)
+                }
+            }
             ReplicaRequest::Sync { key, clock } => self.sync(&key, &clock).map(|_| None),
             ReplicaRequest::Read {
                 key,

@@ -304,6 +304,8 @@ pub struct SimOptions {
     /// failures only from request outcomes, and unanswered requests do not
     /// count, so nothing is ever judged down.
     pub probes: bool,
+    /// The share of quorum reads that ask every replica.
+    pub read_repair_chance: f64,
 }
 
 impl Default for SimOptions {
@@ -313,6 +315,7 @@ impl Default for SimOptions {
             hinted_handoff: true,
             hint_ttl: Duration::from_secs(ringkv_repair::hints::DEFAULT_HINT_TTL_S),
             probes: false,
+            read_repair_chance: crate::coordinator::DEFAULT_READ_REPAIR_CHANCE,
         }
     }
 }
@@ -381,6 +384,7 @@ impl SimCluster {
                     transport.clone(),
                     CoordinatorConfig {
                         hinted_handoff: options.hinted_handoff,
+                        read_repair_chance: options.read_repair_chance,
                         ..CoordinatorConfig::default()
                     },
                 )

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ringkv_coordinator::sim::SimCluster;
+use ringkv_coordinator::sim::{SimCluster, SimOptions};
 use ringkv_core::wire::Response;
 use ringkv_core::Consistency::{Count, Quorum};
 
@@ -13,9 +13,23 @@ fn assert_ok(r: &Response) {
     assert!(matches!(r, Response::Put(_) | Response::Get(_)), "{r:?}");
 }
 
+/// Every quorum read asks every replica, as in Dynamo: these tests are
+/// about repairing replicas a read did not need for its answer.
+fn full_reads() -> SimCluster {
+    SimCluster::with_options(
+        3,
+        3,
+        1,
+        SimOptions {
+            read_repair_chance: 1.0,
+            ..SimOptions::default()
+        },
+    )
+}
+
 /// n3 misses a write while down, then comes back.
 async fn cluster_with_stale_n3() -> SimCluster {
-    let c = SimCluster::new(3, 3, 1);
+    let c = full_reads();
     c.net.down(&c.id("n3"));
     assert_ok(&c.put("n1", KEY, "v", Quorum, None).await);
     c.net.up(&c.id("n3"));
@@ -67,7 +81,7 @@ async fn wait_repair_answers_only_after_repairing() {
 
 #[tokio::test(start_paused = true)]
 async fn reads_of_current_replicas_send_no_repairs() {
-    let c = SimCluster::new(3, 3, 1);
+    let c = full_reads();
     assert_ok(&c.put("n1", KEY, "v", Count(3), None).await);
     c.net.take_log();
     assert_ok(&c.get_with("n2", KEY, Quorum, true).await);
@@ -77,7 +91,7 @@ async fn reads_of_current_replicas_send_no_repairs() {
 
 #[tokio::test(start_paused = true)]
 async fn a_missed_delete_is_repaired_as_a_tombstone() {
-    let c = SimCluster::new(3, 3, 1);
+    let c = full_reads();
     assert_ok(&c.put("n1", KEY, "v", Count(3), None).await);
     let context = match c.get("n1", KEY, Quorum).await {
         Response::Get(g) => g.context,
@@ -130,7 +144,7 @@ async fn answers_later_than_the_grace_are_not_waited_for() {
 
 #[tokio::test(start_paused = true)]
 async fn repair_keeps_siblings_written_on_both_sides_of_a_partition() {
-    let c = SimCluster::new(3, 3, 1);
+    let c = full_reads();
     c.net.partition(&c.id("n1"), &c.id("n3"));
     c.net.partition(&c.id("n2"), &c.id("n3"));
     assert_ok(&c.put("n1", KEY, "left", Count(2), None).await);

@@ -239,3 +239,42 @@ async fn random_drops_replay_exactly_from_the_seed() {
     assert_eq!(out_a, out_b);
     assert!(out_a.contains(&true) && out_a.contains(&false), "{out_a:?}");
 }
+
+async fn overwrite(c: &SimCluster, via: &str, value: &str, context: Option<String>) -> Response {
+    use ringkv_core::dvv::Payload;
+    use ringkv_core::wire::PutRequest;
+    c.node(via)
+        .coordinator
+        .put(PutRequest {
+            overwrite: true,
+            ..PutRequest::new(KEY, Payload::Value(value.into()), Quorum, context)
+        })
+        .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overwrite_supersedes_every_sibling_its_coordinator_holds() {
+    let c = SimCluster::new(3, 3, 1);
+    ok_context(&c.put("n1", KEY, "a", All, None).await);
+    ok_context(&c.put("n1", KEY, "b", All, None).await);
+    assert_eq!(values(&c.get("n2", KEY, All).await), ["a", "b"]);
+    ok_context(&overwrite(&c, "n2", "c", None).await);
+    assert_eq!(values(&c.get("n3", KEY, All).await), ["c"]);
+    // It refuses a context: an overwrite has no use for one.
+    let (kind, message) = error(&overwrite(&c, "n1", "d", Some("x".into())).await);
+    assert_eq!(kind, ErrorKind::InvalidRequest, "{message}");
+    assert!(message.contains("no context"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn overwrites_on_both_sides_of_a_partition_survive_as_siblings() {
+    let c = SimCluster::new(3, 3, 1);
+    ok_context(&c.put("n1", KEY, "old", All, None).await);
+    // n1 and n2 cannot talk; each reaches n3, which stores both writes.
+    c.net.partition(&c.id("n1"), &c.id("n2"));
+    ok_context(&overwrite(&c, "n1", "left", None).await);
+    ok_context(&overwrite(&c, "n2", "right", None).await);
+    c.net.heal();
+    // Neither coordinator had seen the other's write: both survive.
+    assert_eq!(values(&c.get("n3", KEY, All).await), ["left", "right"]);
+}

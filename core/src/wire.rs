@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/3";
+pub const ALPN: &[u8] = b"ringkv/4";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -62,6 +62,10 @@ pub struct PutRequest {
     pub payload: Payload,
     /// The context token of the read this write follows; `None` for a blind write.
     pub context: Option<String>,
+    /// Supersede every version the coordinating replica holds, as if the
+    /// client had read them all (last writer wins at that replica). Versions
+    /// only other replicas hold still survive as siblings. Excludes `context`.
+    pub overwrite: bool,
     pub w: Consistency,
     /// Count only the preference list's own nodes toward W (Riak's PW):
     /// no fallback stands in for a node that is down.
@@ -88,6 +92,7 @@ impl PutRequest {
             key: key.into(),
             payload,
             context,
+            overwrite: false,
             w,
             strict: false,
             timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
@@ -155,6 +160,8 @@ pub enum ReplicaRequest {
         key: Vec<u8>,
         context: VersionVector,
         payload: Payload,
+        /// Use the local clock's whole version vector as the context.
+        overwrite: bool,
     },
     /// Merge this clock into the local one. Replies with `Clock(None)`.
     Sync { key: Vec<u8>, clock: Clock },
@@ -630,6 +637,7 @@ mod tests {
             key: b"k".to_vec(),
             payload: Payload::Value(b"v".to_vec()),
             context: None,
+            overwrite: false,
             w: Consistency::Quorum,
             strict: false,
             timeout_ms: 2000,

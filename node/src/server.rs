@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub tombstone_grace: Duration,
     /// The pace of anti-entropy's key repairs.
     pub repair_keys_per_s: u32,
+    /// The share of quorum reads that ask every replica (see `CoordinatorConfig`).
+    pub read_repair_chance: f64,
     /// This node's region (`--region`), shown in `status`.
     pub region: Option<String>,
     /// Emulated delays between regions, applied to this node's calls to
@@ -100,6 +102,7 @@ impl NodeConfig {
             )),
             tombstone_grace: Duration::from_secs(tombstones::DEFAULT_TOMBSTONE_GRACE_S),
             repair_keys_per_s: anti_entropy::DEFAULT_REPAIR_KEYS_PER_S,
+            read_repair_chance: ringkv_coordinator::coordinator::DEFAULT_READ_REPAIR_CHANCE,
             region: None,
             latency_matrix: None,
         }
@@ -150,6 +153,9 @@ impl NodeConfig {
         }
         if self.repair_keys_per_s == 0 {
             return bad("--repair-keys-per-s must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.read_repair_chance) {
+            return bad("--read-repair-chance must be a share from 0 to 1");
         }
         if self.tombstone_grace.is_zero() {
             return bad("--tombstone-grace-s must be at least 1");
@@ -774,6 +780,7 @@ impl Node {
             coordinator_config: CoordinatorConfig {
                 max_value_bytes: config.max_value_bytes,
                 hinted_handoff: config.hints,
+                read_repair_chance: config.read_repair_chance,
             },
             coordinator: OnceLock::new(),
             read_repair,
