@@ -1,8 +1,9 @@
 # Sourced by the bench scripts: the release binary, a scratch dir removed on
 # exit with every node started, and `start ID PORT [SEED] [FLAG...]`, which
 # starts a `ringkv node` (N=3) and waits for it to serve. Extra node flags
-# can also come from the NODE_FLAGS array.
-bin="${CARGO_TARGET_DIR:-target}/release/ringkv"
+# can also come from the NODE_FLAGS array. RINGKV_BIN picks another binary
+# (A/B runs of two builds in one session).
+bin="${RINGKV_BIN:-${CARGO_TARGET_DIR:-target}/release/ringkv}"
 [ -x "$bin" ] || { echo "build first: cargo build --release --bin ringkv" >&2; exit 2; }
 dir=$(mktemp -d)
 [ -n "${NODE_FLAGS+x}" ] || NODE_FLAGS=()

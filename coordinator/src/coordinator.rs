@@ -50,12 +50,16 @@ use ringkv_ring::Ring;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Answers still arriving from a fan-out after its quorum was decided.
-type LateReplies = mpsc::Receiver<(
+/// One node's answer in a fan-out (or why there is none), and its latency
+/// since the request began, in microseconds.
+type LateReply = (
     NodeId,
     Result<Result<Response, TransportError>, tokio::time::error::Elapsed>,
     u64,
-)>;
+);
+
+/// Answers still arriving from a fan-out after its quorum was decided.
+type LateReplies = mpsc::Receiver<LateReply>;
 
 use crate::failure::FailureDetector;
 use crate::latency::ReplicaLatency;
@@ -452,6 +456,21 @@ impl<T: Transport> Coordinator<T> {
         let Some(queue) = self.read_repair.clone() else {
             return;
         };
+        let (mut read, mut late) = (read, late);
+        if !wait {
+            // Usually every replica asked has answered by now (a read asks
+            // only R): then judge at once, without a task.
+            loop {
+                match late.try_recv() {
+                    Ok(message) => read.absorb(message),
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        queue.offer(read.into_job());
+                        return;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                }
+            }
+        }
         let until = deadline.min(Instant::now() + REPAIR_COLLECT_GRACE);
         let finish = collect_repair(read, late, until);
         if wait {
@@ -844,28 +863,34 @@ struct ReadOutcome {
 
 /// Waits (until `until` at most) for the read answers still to come, then
 /// decides which replicas need the merged clock.
-async fn collect_repair(read: ReadOutcome, mut late: LateReplies, until: Instant) -> RepairJob {
-    let ReadOutcome {
-        key,
-        owners,
-        mut merged,
-        mut replies,
-    } = read;
-    while let Ok(Some((node, result, _))) = tokio::time::timeout_at(until, late.recv()).await {
+async fn collect_repair(mut read: ReadOutcome, mut late: LateReplies, until: Instant) -> RepairJob {
+    while let Ok(Some(message)) = tokio::time::timeout_at(until, late.recv()).await {
+        read.absorb(message);
+    }
+    read.into_job()
+}
+
+impl ReadOutcome {
+    /// Adds a late answer to what the read found.
+    fn absorb(&mut self, (node, result, _): LateReply) {
         if let Ok(Ok(Response::Clock(clock))) = result {
             if let Some(clock) = &clock {
-                merged.sync(clock);
+                self.merged.sync(clock);
             }
-            if owners.contains(&node) {
-                replies.push((node, clock));
+            if self.owners.contains(&node) {
+                self.replies.push((node, clock));
             }
         }
     }
-    let targets = stale_replicas(&merged, &replies);
-    RepairJob {
-        key,
-        clock: merged,
-        targets,
+
+    /// The replicas found stale, and the merged clock they need.
+    fn into_job(self) -> RepairJob {
+        let targets = stale_replicas(&self.merged, &self.replies);
+        RepairJob {
+            key: self.key,
+            clock: self.merged,
+            targets,
+        }
     }
 }
 
