@@ -132,6 +132,16 @@ fn bad_node_starts_are_refused() {
         stderr(&o)
     );
 
+    for (flag, value, says) in [
+        ("--read-repair-chance", "1.5", "outside 0..=1"),
+        ("--read-repair-chance", "often", "not a number"),
+        ("--worker-threads", "0", "--worker-threads"),
+    ] {
+        let o = node("n9", &c.dir.path().join("flags"), &[flag, value]);
+        assert_exit(&o, 2);
+        assert!(stderr(&o).contains(says), "{flag} {value}: {}", stderr(&o));
+    }
+
     let o = node("bad id", &c.dir.path().join("badid"), &[]);
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("--id"), "{}", stderr(&o));

@@ -53,6 +53,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     assert_eq!(json["config"]["workload"], "C");
     assert_eq!(json["config"]["replicas"], 3);
     assert_eq!(json["config"]["regions"], "preset:cloud3");
+    assert_eq!(json["config"]["updates"], "overwrite");
     let settings = json["settings"].as_array().unwrap();
     let names: Vec<&str> = settings
         .iter()
@@ -68,6 +69,13 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
             assert!(!read[field].is_null(), "{field} in {s}");
         }
         assert_eq!(s["staleness"].as_array().unwrap().len(), 6, "{s}");
+        // Every read of a loaded record returns at least its one value.
+        let (reads, values) = (
+            s["reads"].as_u64().unwrap(),
+            s["values_read"].as_u64().unwrap(),
+        );
+        assert!(reads > 0 && values >= reads, "{s}");
+        assert!(s["max_siblings"].as_u64().unwrap() >= 1, "{s}");
     }
     // R=1, W=1 across regions: a read right after the write, through
     // another node, often misses it. R+W>N never does.
@@ -95,6 +103,7 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--regions", "preset:mars"], 2, "unknown preset"),
         (&["--records", "0"], 2, "records"),
         (&["--rate", "0"], 2, "--rate"),
+        (&["--updates", "blind"], 2, "unknown update mode"),
         (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
     ];
     for (args, code, message) in cases {

@@ -140,3 +140,24 @@ fn a_closed_stdout_ends_the_cli_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn put_overwrite_replaces_the_siblings_its_node_holds() {
+    let c = Cluster::start("put_overwrite", 3, 3, &[]);
+    for v in ["a", "b"] {
+        assert_exit(&c.cli(0, &["put", "k", v, "-w", "all"]), 0);
+    }
+    let mut seen = values(&c.cli(1, &["get", "k", "-r", "all", "--json"]));
+    seen.sort();
+    assert_eq!(seen, ["a", "b"], "two blind writes are siblings");
+    assert_exit(&c.cli(1, &["put", "k", "c", "--overwrite", "-w", "all"]), 0);
+    assert_eq!(
+        values(&c.cli(2, &["get", "k", "-r", "all", "--json"])),
+        ["c"]
+    );
+    // An overwrite takes no context: clap refuses the pair.
+    let ctx = context(&c.cli(0, &["get", "k", "--json"]));
+    let o = c.cli(0, &["put", "k", "d", "--overwrite", "--context", &ctx]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+}

@@ -1,6 +1,8 @@
 //! Read repair with real processes: a replica that missed a write while it
 //! was down gets it from the first quorum read after it returns. Hints are
-//! off (`--no-hints`), so nothing but the read can bring it the value.
+//! off (`--no-hints`), so nothing but the read can bring it the value, and
+//! every quorum read asks all N (`--read-repair-chance 1`): by default a read
+//! asks only R replicas, which need not include the stale one.
 
 mod common;
 
@@ -10,7 +12,12 @@ use common::*;
 
 #[test]
 fn a_quorum_read_repairs_a_restarted_replica_within_2_seconds() {
-    let mut c = Cluster::start("a_quorum_read_repairs", 3, 3, &["--no-hints"]);
+    let mut c = Cluster::start(
+        "a_quorum_read_repairs",
+        3,
+        3,
+        &["--no-hints", "--read-repair-chance", "1"],
+    );
     c.kill(2);
     assert_exit(
         &c.cli(0, &["put", "k", "v", "-w", "2", "--timeout-ms", "1000"]),

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Latency figures of bench/RESULTS.md on three local `ringkv node`s (N=3, WAL
+# on, no fsync, one worker thread each, as in ycsb.sh), R=W=2, 1 KiB values:
+#  1. unloaded: one client, puts then gets, one at a time (putget);
+#  2. loaded: YCSB-A in an open loop at RATE ops/s (half the measured peak),
+#     latency counted from when each request was due.
+#
+#   bench/latency.sh [RATE] [DURATION_S]    # defaults 5000 10
+#
+# Needs a release build: cargo build --release --bin ringkv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rate=${1:-5000}
+duration=${2:-10}
+read -ra NODE_FLAGS <<< "${RINGKV_NODE_FLAGS---worker-threads 1}"
+. bench/nodes.sh
+start n1 7300
+start n2 7301 127.0.0.1:7300
+start n3 7302 127.0.0.1:7300
+cluster=127.0.0.1:7300,127.0.0.1:7301,127.0.0.1:7302
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "== unloaded: ringkv bench --cluster $cluster --workload putget -r 2 -w 2 --concurrency 1 --duration-s $duration"
+"$bin" bench --cluster "$cluster" --workload putget -r 2 -w 2 --concurrency 1 --duration-s "$duration" 2>/dev/null
+echo "== open loop: ringkv bench --cluster $cluster --regions none --workload a --records 10000 --consistency 2 --concurrency 50 --rate $rate --duration-s $duration"
+"$bin" bench --cluster "$cluster" --regions none --workload a --records 10000 --consistency 2 \
+  --concurrency 50 --rate "$rate" --duration-s "$duration" 2>/dev/null | sed -n 1,3p
