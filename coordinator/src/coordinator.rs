@@ -577,24 +577,47 @@ impl<T: Transport> Coordinator<T> {
         stand_ins: &mut StandIns<'_>,
         tracker: &mut QuorumTracker,
     ) -> Vec<(NodeId, Request)> {
-        let mut targets = Vec::with_capacity(replicas.len());
-        for owner in replicas {
-            if !self.is_healthy(owner) {
-                if let Some(send) = stand_ins.next_for(owner, tracker) {
-                    tracker.record(
-                        owner,
-                        ReplicaAnswer::Error {
-                            latency_us: 0,
-                            reason: "believed down; not contacted".to_string(),
-                        },
-                    );
-                    targets.push(send);
-                    continue;
-                }
+        replicas
+            .iter()
+            .map(|owner| self.route(owner, request.clone(), stand_ins, tracker))
+            .collect()
+    }
+
+    /// Where `owner`'s `request` goes: to the owner, or to a stand-in when
+    /// the owner is believed down and one is left.
+    fn route(
+        &self,
+        owner: &NodeId,
+        request: Request,
+        stand_ins: &mut StandIns<'_>,
+        tracker: &mut QuorumTracker,
+    ) -> (NodeId, Request) {
+        if !self.is_healthy(owner) {
+            if let Some(send) = stand_ins.next_for(owner, tracker) {
+                tracker.record(
+                    owner,
+                    ReplicaAnswer::Error {
+                        latency_us: 0,
+                        reason: "believed down; not contacted".to_string(),
+                    },
+                );
+                return send;
             }
-            targets.push((owner.clone(), request.clone()));
         }
-        targets
+        (owner.clone(), request)
+    }
+
+    /// The next spare replica of a read and its request (routed like the
+    /// first targets), counted by `reason`.
+    fn next_spare(
+        &self,
+        stand_ins: &mut StandIns<'_>,
+        tracker: &mut QuorumTracker,
+        reason: &'static str,
+    ) -> Option<(NodeId, Request)> {
+        let (owner, request) = stand_ins.spares.pop_front()?;
+        counter!("ringkv_spare_reads_total", "reason" => reason).increment(1);
+        Some(self.route(&owner, request, stand_ins, tracker))
     }
 
     /// Sends each target its request at once and records each answer in
@@ -670,9 +693,8 @@ impl<T: Transport> Coordinator<T> {
                     };
                     if replaceable && !stand_ins.spares.is_empty() {
                         // A spare owner first: it holds the data, a fallback likely not.
-                        if let Some((spare, request)) = stand_ins.spares.pop_front() {
-                            counter!("ringkv_spare_reads_total", "reason" => "failure").increment(1);
-                            dispatch(spare, request);
+                        if let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "failure") {
+                            dispatch(node, request);
                         }
                     } else if replaceable {
                         if let Some(owner) = tracker.owner_of(&node).cloned() {
@@ -698,9 +720,8 @@ impl<T: Transport> Coordinator<T> {
                     // Speculative retry: one spare per answer still needed.
                     let needed = tracker.required().saturating_sub(tracker.satisfied());
                     for _ in 0..needed {
-                        let Some((spare, request)) = stand_ins.spares.pop_front() else { break };
-                        counter!("ringkv_spare_reads_total", "reason" => "late").increment(1);
-                        dispatch(spare, request);
+                        let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "late") else { break };
+                        dispatch(node, request);
                     }
                     stand_ins.speculate_at = deadline;
                 }

@@ -444,3 +444,40 @@ async fn a_delete_hinted_for_a_dead_owner_is_handed_off_and_stays_deleted_after_
     };
     assert!(after.values.is_empty(), "never comes back");
 }
+
+/// A read asks R owners; when one of them goes silent, the spare it turns
+/// to is believed down, so the spare's slot goes to a fallback at once
+/// rather than to a node known not to answer.
+#[tokio::test(start_paused = true)]
+async fn a_spare_believed_down_is_read_through_a_stand_in() {
+    let s = story(SimOptions::default());
+    let (coord, b, c3) = (&s.owners[0], &s.owners[1], &s.owners[2]);
+    assert_eq!(
+        stand_ins(&s.c.put(coord, KEY, "v", All, None).await),
+        Vec::<(String, String)>::new()
+    );
+    // The coordinator believes `b` down; `c3`, asked first, then dies
+    // unnoticed: the spare `b` is routed to a fallback.
+    let node = s.c.node(coord);
+    let now = tokio::time::Instant::now();
+    node.detector.record(&s.c.id(b), false, now);
+    node.detector.record(&s.c.id(b), false, now);
+    s.c.net.down(&s.c.id(b));
+    s.c.net.down(&s.c.id(c3));
+    s.c.net.take_log();
+    let started = tokio::time::Instant::now();
+    let r = s.c.get(coord, KEY, Quorum).await;
+    assert_eq!(values(&r), ["v"], "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(stand_ins(&r), [(s.fallbacks[0].clone(), b.clone())]);
+    let log = s.c.net.take_log();
+    assert!(
+        !log.iter()
+            .any(|l| l.starts_with(&format!("{coord} -> {b} Read"))),
+        "the owner believed down was not asked: {log:?}"
+    );
+}
