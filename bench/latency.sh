@@ -12,12 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rate=${1:-5000}
 duration=${2:-10}
-read -ra NODE_FLAGS <<< "${RINGKV_NODE_FLAGS---worker-threads 1}"
 . bench/nodes.sh
-start n1 7300
-start n2 7301 127.0.0.1:7300
-start n3 7302 127.0.0.1:7300
-cluster=127.0.0.1:7300,127.0.0.1:7301,127.0.0.1:7302
+start_three
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "== unloaded: ringkv bench --cluster $cluster --workload putget -r 2 -w 2 --concurrency 1 --duration-s $duration"
 "$bin" bench --cluster "$cluster" --workload putget -r 2 -w 2 --concurrency 1 --duration-s "$duration" 2>/dev/null

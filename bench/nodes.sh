@@ -20,3 +20,14 @@ start() { # id port [seed] [flag...]
   for _ in $(seq 200); do grep -q "serving on" "$dir/$id.out" 2>/dev/null && return 0; sleep 0.1; done
   echo "node $id did not start:" >&2; cat "$dir/$id.out" >&2; exit 1
 }
+
+# The speed scripts' cluster: n1..n3 on 127.0.0.1:7300-7302, one worker
+# thread each unless RINGKV_NODE_FLAGS says otherwise (three nodes and the
+# client share the cores; more threads only preempt each other). Sets $cluster.
+start_three() {
+  read -ra NODE_FLAGS <<< "${RINGKV_NODE_FLAGS---worker-threads 1}"
+  start n1 7300
+  start n2 7301 127.0.0.1:7300
+  start n3 7302 127.0.0.1:7300
+  cluster=127.0.0.1:7300,127.0.0.1:7301,127.0.0.1:7302
+}

@@ -16,14 +16,8 @@ runs=${1:-3}
 duration=${2:-10}
 workloads=${3:-a c}
 clients=${4:-50}
-# Node flags: RINGKV_NODE_FLAGS, default one worker thread per node (three
-# nodes and the client share the cores; more threads only preempt each other).
-read -ra NODE_FLAGS <<< "${RINGKV_NODE_FLAGS---worker-threads 1}"
 . bench/nodes.sh
-start n1 7300
-start n2 7301 127.0.0.1:7300
-start n3 7302 127.0.0.1:7300
-cluster=127.0.0.1:7300,127.0.0.1:7301,127.0.0.1:7302
+start_three
 tck=$(getconf CLK_TCK)
 bench_flags=${RINGKV_BENCH_FLAGS:-}
 # CPU ticks (user + system) of the node processes.
