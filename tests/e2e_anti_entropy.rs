@@ -54,14 +54,6 @@ fn repair(c: &Cluster, i: usize) -> serde_json::Value {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn repair_brings_a_restarted_replica_every_key_without_any_read() {
     let mut c = Cluster::start(

@@ -72,14 +72,6 @@ fn total_hints(c: &Cluster, via: usize) -> u64 {
     hints_pending(c, via).iter().filter_map(|(_, h)| *h).sum()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Kills n5, writes every key at W=all through n1, and checks that the
 /// live nodes hold exactly one hint per key n5 owns. Returns those keys.
 fn kill_n5_and_write(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Vec<usize> {

@@ -344,7 +344,7 @@ impl Conn {
             Conn::Ringkv(_) => {
                 let put = Request::Put(PutRequest {
                     timeout_ms,
-                    overwrite: overwrite && context.is_none(),
+                    overwrite,
                     ..PutRequest::new(key, Payload::Value(value.to_vec()), w, context)
                 });
                 self.call(&put, delay).await

@@ -448,15 +448,14 @@ impl<T: Transport> Coordinator<T> {
     /// before answering, within the deadline.
     async fn read_repair(
         &self,
-        read: ReadOutcome,
-        late: LateReplies,
+        mut read: ReadOutcome,
+        mut late: LateReplies,
         deadline: Instant,
         wait: bool,
     ) {
         let Some(queue) = self.read_repair.clone() else {
             return;
         };
-        let (mut read, mut late) = (read, late);
         if !wait {
             // Usually every replica asked has answered by now (a read asks
             // only R): then judge at once, without a task.

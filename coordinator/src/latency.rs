@@ -83,9 +83,10 @@ impl ReplicaLatency {
     /// asked first: [`SPECULATE_FACTOR`] times the slowest one's average, at
     /// least [`SPECULATE_MIN`], at most `cap`.
     pub fn speculate_after(&self, asked: &[NodeId], cap: Duration) -> Duration {
+        let map = self.ewma_us.lock().unwrap_or_else(|p| p.into_inner());
         let slowest_us = asked
             .iter()
-            .filter_map(|n| self.average_us(n))
+            .filter_map(|n| map.get(n).copied())
             .fold(0.0, f64::max);
         Duration::from_micros((slowest_us * SPECULATE_FACTOR) as u64)
             .max(SPECULATE_MIN)

@@ -415,3 +415,12 @@ pub async fn missing_locally(
     client.close().await;
     missing
 }
+
+/// A small runtime for tests that drive a node's client API directly.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
