@@ -271,7 +271,7 @@ impl<T: Transport> Coordinator<T> {
             replace_silent: true,
             after: stand_in_after(start, deadline),
             spares: VecDeque::new(),
-            speculate_at: deadline,
+            speculate_at: None,
         };
         // The coordinator's own write is already done.
         let others: Vec<NodeId> = pref
@@ -385,7 +385,7 @@ impl<T: Transport> Coordinator<T> {
             replace_silent: false,
             after,
             spares: spares.into_iter().map(|n| (n, read.clone())).collect(),
-            speculate_at: start + self.latency.speculate_after(&peers_first, after - start),
+            speculate_at: Some(start + self.latency.speculate_after(&peers_first, after - start)),
         };
         let targets = self.plan(&first, &read, &mut stand_ins, &mut tracker);
         let owners = &pref.replicas;
@@ -715,14 +715,16 @@ impl<T: Transport> Coordinator<T> {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(stand_ins.speculate_at), if !stand_ins.spares.is_empty() => {
+                _ = tokio::time::sleep_until(stand_ins.speculate_at.unwrap_or(deadline)),
+                    if stand_ins.speculate_at.is_some() && !stand_ins.spares.is_empty() => {
                     // Speculative retry: one spare per answer still needed.
                     let needed = tracker.required().saturating_sub(tracker.satisfied());
                     for _ in 0..needed {
                         let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "late") else { break };
                         dispatch(node, request);
                     }
-                    stand_ins.speculate_at = deadline;
+                    // Once: later spares go only to failures.
+                    stand_ins.speculate_at = None;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracker.expire(elapsed_us(start));
@@ -927,9 +929,10 @@ struct StandIns<'a> {
     /// When owners that have not answered at all get a stand-in too.
     after: Instant,
     /// Owners not asked at first (reads), with their request: asked when an
-    /// asked one fails, or at `speculate_at` when answers are still missing.
+    /// asked one fails, or at `speculate_at` (once; `None` for writes) when
+    /// answers are still missing.
     spares: VecDeque<(NodeId, Request)>,
-    speculate_at: Instant,
+    speculate_at: Option<Instant>,
 }
 
 impl StandIns<'_> {
