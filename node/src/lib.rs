@@ -2,7 +2,9 @@
 //!
 //! - [`storage`]: RocksDB, the durable store of clocks and metadata.
 //! - [`tls`]: certificates and QUIC/TLS configuration, in one place.
-//! - [`quic`]: request/response framing on QUIC streams, the peer connection
+//! - [`frame`]: request/response frames on a QUIC stream and the batching
+//!   writer.
+//! - [`quic`]: requests multiplexed on QUIC connections, the peer connection
 //!   pool and the client connection.
 //! - [`membership`]: joining, announcing and remembering the cluster.
 //! - [`server`]: starting a node and routing requests to the coordinator,
@@ -14,6 +16,7 @@
 //! here moves bytes and stores them.
 
 pub mod error;
+pub mod frame;
 pub mod membership;
 pub mod quic;
 pub mod server;

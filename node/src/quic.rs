@@ -1,44 +1,230 @@
-//! Requests over QUIC: one bidirectional stream per request on a long-lived
-//! connection.
+//! Requests over QUIC: framed requests on long-lived streams, answered out
+//! of order by request id (see [`crate::frame`]).
 //!
-//! The caller opens a stream, writes one encoded [`Request`] and finishes its
-//! side; the server reads the whole frame (bounded by [`FRAME_MAX_BYTES`]),
-//! validates it, answers with one encoded [`Response`] and finishes. Streams
-//! are cheap in QUIC, so requests on one connection never wait behind each
-//! other (no head-of-line blocking), and there is no per-request handshake.
+//! Each connection carries one shared stream, a [`Channel`], for the small
+//! requests of the data path (client gets and puts, replica reads, writes
+//! and hints, pings). Frames from concurrent callers leave together, so
+//! under load a packet carries many requests. A request that would hold the
+//! shared stream up (anti-entropy exchanges, batches, membership and admin
+//! calls, or any request over [`SHARED_REQUEST_MAX_BYTES`]) gets a stream of
+//! its own: one frame each way. The server treats both kinds alike: it
+//! reads frames until the stream ends, answers each as soon as its handler
+//! is done, and finishes once every answer is written.
 //!
-//! [`PeerPool`] keeps one connection per peer address and reconnects when a
-//! connection dies; [`Client`] is the single connection a command-line client
-//! or benchmark uses.
+//! [`PeerPool`] keeps one connection (and its channel) per peer address and
+//! reconnects when a connection dies; [`Client`] is the single connection a
+//! command-line client or benchmark uses, shared by any number of
+//! concurrent callers.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use ringkv_core::wire::{
-    decode_request, decode_response, encode_request, encode_response, ErrorKind, Request, Response,
-    FRAME_MAX_BYTES,
+    decode_request, decode_response, encode_request, encode_response, ErrorKind, ReplicaRequest,
+    Request, Response, FRAME_MAX_BYTES,
 };
+use tokio::sync::{oneshot, Semaphore};
 
+use crate::frame::{put_frame, read_frame, FrameError, FrameQueue};
 use crate::tls;
 
-/// Sends one request on `conn` and reads its response.
-pub async fn round_trip(
-    conn: &quinn::Connection,
-    request: &Request,
-) -> Result<Response, CallError> {
+/// The largest request that rides the shared stream; a larger one (a big
+/// value) would delay every request queued behind it.
+pub const SHARED_REQUEST_MAX_BYTES: usize = 64 * 1024;
+/// Requests one stream may have in flight at a node. Beyond it the node stops
+/// reading the stream, and QUIC flow control pushes back on the sender.
+const STREAM_IN_FLIGHT_MAX: u32 = 1024;
+
+/// Whether `request` (encoded in `encoded_bytes`) goes on the shared stream.
+fn rides_shared_stream(request: &Request, encoded_bytes: usize) -> bool {
+    let small_kind = match request {
+        Request::Put(_) | Request::Get(_) | Request::Ping | Request::Status => true,
+        Request::Replica(r) => matches!(
+            r,
+            ReplicaRequest::Update { .. }
+                | ReplicaRequest::Sync { .. }
+                | ReplicaRequest::Read { .. }
+                | ReplicaRequest::Hint { .. }
+        ),
+        Request::Join(_) | Request::Stats | Request::Repair => false,
+    };
+    small_kind && encoded_bytes <= SHARED_REQUEST_MAX_BYTES
+}
+
+/// One long-lived stream shared by concurrent requests. A writer task sends
+/// the queued frames in batches; a reader task hands each response to the
+/// caller waiting for its id.
+///
+/// Invariant: every registered caller gets exactly one answer: its response,
+/// or the error that ended the stream. Dropping the channel finishes the
+/// stream once queued frames are written.
+pub struct Channel {
+    queue: Arc<FrameQueue>,
+    waiting: Arc<Waiting>,
+    next_id: AtomicU64,
+}
+
+type Answer = Result<Response, CallError>;
+
+/// Callers waiting for their response, by request id.
+#[derive(Default)]
+struct Waiting {
+    state: Mutex<WaitingState>,
+}
+
+#[derive(Default)]
+struct WaitingState {
+    callers: HashMap<u64, oneshot::Sender<Answer>>,
+    /// Why the stream ended, once it has: later callers fail at once.
+    ended: Option<CallError>,
+}
+
+impl Waiting {
+    fn register(&self, id: u64) -> Result<oneshot::Receiver<Answer>, CallError> {
+        let mut state = self.state.lock().expect("waiting lock poisoned");
+        if let Some(e) = &state.ended {
+            return Err(e.clone());
+        }
+        let (tx, rx) = oneshot::channel();
+        state.callers.insert(id, tx);
+        Ok(rx)
+    }
+
+    /// Hands `answer` to the caller of `id`, if it is still waiting (one that
+    /// timed out has gone).
+    fn answer(&self, id: u64, answer: Answer) {
+        let caller = self
+            .state
+            .lock()
+            .expect("waiting lock poisoned")
+            .callers
+            .remove(&id);
+        if let Some(caller) = caller {
+            let _ = caller.send(answer);
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.state
+            .lock()
+            .expect("waiting lock poisoned")
+            .callers
+            .remove(&id);
+    }
+
+    fn end(&self, error: CallError) {
+        let callers = {
+            let mut state = self.state.lock().expect("waiting lock poisoned");
+            state.ended = Some(error.clone());
+            std::mem::take(&mut state.callers)
+        };
+        for (_, caller) in callers {
+            let _ = caller.send(Err(error.clone()));
+        }
+    }
+}
+
+/// Removes a caller that stops waiting (its future was dropped, say by a
+/// timeout), so the map does not keep it.
+struct WaitGuard<'a> {
+    waiting: &'a Waiting,
+    id: u64,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.waiting.forget(self.id);
+    }
+}
+
+impl Channel {
+    /// Opens the shared stream on `conn` and starts its writer and reader.
+    pub async fn open(conn: &quinn::Connection) -> Result<Channel, CallError> {
+        let (send, recv) = conn.open_bi().await.map_err(CallError::connection)?;
+        let queue = Arc::new(FrameQueue::new());
+        let waiting = Arc::new(Waiting::default());
+        tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.write_to(send).await }
+        });
+        tokio::spawn(read_answers(recv, waiting.clone(), queue.clone()));
+        Ok(Channel {
+            queue,
+            waiting,
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    /// False once the stream has ended; the owner opens a new one.
+    pub fn is_open(&self) -> bool {
+        !self.queue.is_closed()
+    }
+
+    /// Sends one encoded request and waits for its response.
+    pub async fn call(&self, body: &[u8]) -> Result<Response, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let answer = self.waiting.register(id)?;
+        let _guard = WaitGuard {
+            waiting: &self.waiting,
+            id,
+        };
+        if !self.queue.push(id, body) {
+            return Err(CallError::Stream("the stream has ended".into()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(CallError::Stream("the stream has ended".into())))
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// Reads responses off a channel's stream until it ends, then fails whoever
+/// is still waiting.
+async fn read_answers(mut recv: quinn::RecvStream, waiting: Arc<Waiting>, queue: Arc<FrameQueue>) {
+    let error = loop {
+        match read_frame(&mut recv, FRAME_MAX_BYTES).await {
+            Ok(Some((id, body))) => waiting.answer(
+                id,
+                decode_response(&body).map_err(|e| CallError::Protocol(e.to_string())),
+            ),
+            Ok(None) => break CallError::Stream("the node ended the stream".into()),
+            Err(FrameError::Stream { reason }) => break CallError::Stream(reason),
+            Err(e) => break CallError::Protocol(e.to_string()),
+        }
+    };
+    queue.close();
+    waiting.end(error);
+}
+
+/// Sends one encoded request on a stream of its own and reads its response.
+async fn call_on_own_stream(conn: &quinn::Connection, body: &[u8]) -> Result<Response, CallError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(CallError::connection)?;
-    send.write_all(&encode_request(request))
+    let mut frame = Vec::new();
+    put_frame(&mut frame, 0, body);
+    send.write_all(&frame)
         .await
         .map_err(|e| CallError::Stream(e.to_string()))?;
     send.finish()
         .map_err(|e| CallError::Stream(e.to_string()))?;
-    let bytes = recv
-        .read_to_end(FRAME_MAX_BYTES)
-        .await
-        .map_err(|e| CallError::Stream(e.to_string()))?;
-    decode_response(&bytes).map_err(|e| CallError::Protocol(e.to_string()))
+    match read_frame(&mut recv, FRAME_MAX_BYTES).await {
+        Ok(Some((_, body))) => {
+            decode_response(&body).map_err(|e| CallError::Protocol(e.to_string()))
+        }
+        Ok(None) => Err(CallError::Stream(
+            "the node ended the stream unanswered".into(),
+        )),
+        Err(FrameError::Stream { reason }) => Err(CallError::Stream(reason)),
+        Err(e) => Err(CallError::Protocol(e.to_string())),
+    }
 }
 
 /// Why a request over QUIC failed.
@@ -67,101 +253,178 @@ where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response> + Send + 'static,
 {
-    // Stream concurrency per connection is capped by the transport config
-    // (MAX_CONCURRENT_STREAMS), which bounds the tasks spawned here.
+    // Streams per connection are capped by the transport config
+    // (MAX_CONCURRENT_STREAMS), and requests per stream by
+    // STREAM_IN_FLIGHT_MAX, which bounds the tasks spawned here.
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let handle = handle.clone();
-        tokio::spawn(serve_stream(send, recv, handle));
+        tokio::spawn(serve_stream(send, recv, handle.clone()));
     }
 }
 
-async fn serve_stream<H, F>(mut send: quinn::SendStream, mut recv: quinn::RecvStream, handle: H)
+/// Reads request frames until the stream ends, runs each in a task of its
+/// own, and writes each answer as it is ready.
+async fn serve_stream<H, F>(send: quinn::SendStream, mut recv: quinn::RecvStream, handle: H)
 where
-    H: Fn(Request) -> F,
-    F: std::future::Future<Output = Response>,
+    H: Fn(Request) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response> + Send + 'static,
 {
-    let response = match recv.read_to_end(FRAME_MAX_BYTES).await {
-        Ok(bytes) => match decode_request(&bytes) {
-            Ok(request) => handle(request).await,
-            Err(e) => {
+    let queue = Arc::new(FrameQueue::new());
+    let writer = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.write_to(send).await }
+    });
+    let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT_MAX as usize));
+    loop {
+        let (id, body) = match read_frame(&mut recv, FRAME_MAX_BYTES).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            // The rest of the stream cannot be framed: answer this request
+            // if it has an id, and read no further.
+            Err(e @ (FrameError::TooLong { .. } | FrameError::Truncated { .. })) => {
                 metrics::counter!("ringkv_malformed_frames_total").increment(1);
-                Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}"))
+                let id = match e {
+                    FrameError::TooLong { id, .. } | FrameError::Truncated { id, .. } => id,
+                    _ => unreachable!("matched above"),
+                };
+                let error =
+                    Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}"));
+                queue.push(id, &encode_response(&error));
+                break;
             }
-        },
-        Err(quinn::ReadToEndError::TooLong) => Response::error(
-            ErrorKind::InvalidRequest,
-            format!("request larger than {FRAME_MAX_BYTES} bytes"),
-        ),
-        // The sender reset the stream or the connection died: nobody to answer.
-        Err(_) => return,
-    };
-    if send.write_all(&encode_response(&response)).await.is_ok() {
-        let _ = send.finish();
+            Err(FrameError::TruncatedHeader { .. }) => {
+                metrics::counter!("ringkv_malformed_frames_total").increment(1);
+                break;
+            }
+            // Reset by the sender, or the connection died: nothing to read.
+            Err(FrameError::Stream { .. }) => break,
+        };
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (queue, handle) = (queue.clone(), handle.clone());
+        tokio::spawn(async move {
+            let response = match decode_request(&body) {
+                Ok(request) => handle(request).await,
+                Err(e) => {
+                    metrics::counter!("ringkv_malformed_frames_total").increment(1);
+                    Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}"))
+                }
+            };
+            queue.push(id, &encode_response(&response));
+            drop(permit);
+        });
     }
+    // Answer everything in flight, then finish the stream.
+    let _ = in_flight.acquire_many(STREAM_IN_FLIGHT_MAX).await;
+    queue.close();
+    let _ = writer.await;
 }
 
-/// One connection per peer, opened on first use and replaced when it dies.
+/// One connection per peer, opened on first use and replaced when it dies,
+/// with the shared [`Channel`] on it.
 pub struct PeerPool {
     endpoint: quinn::Endpoint,
-    connections: DashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
+    peers: DashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Peer>>>>,
     connect_timeout: Duration,
+}
+
+struct Peer {
+    conn: quinn::Connection,
+    /// Opened on the first shared-stream request, reopened if it ends while
+    /// the connection lives on.
+    channel: Option<Arc<Channel>>,
+}
+
+impl Peer {
+    async fn channel(&mut self) -> Result<Arc<Channel>, CallError> {
+        match &self.channel {
+            Some(channel) if channel.is_open() => Ok(channel.clone()),
+            _ => {
+                let channel = Arc::new(Channel::open(&self.conn).await?);
+                self.channel = Some(channel.clone());
+                Ok(channel)
+            }
+        }
+    }
 }
 
 impl PeerPool {
     pub fn new(endpoint: quinn::Endpoint, connect_timeout: Duration) -> Self {
         PeerPool {
             endpoint,
-            connections: DashMap::new(),
+            peers: DashMap::new(),
             connect_timeout,
         }
     }
 
     /// Sends `request` to the node at `addr`.
     pub async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
-        let conn = self.connection(addr).await?;
-        let result = round_trip(&conn, request).await;
+        let body = encode_request(request);
+        let shared = rides_shared_stream(request, body.len());
+        let (conn, channel) = self.peer(addr, shared).await?;
+        let result = match channel {
+            Some(channel) => channel.call(&body).await,
+            None => call_on_own_stream(&conn, &body).await,
+        };
         if conn.close_reason().is_some() {
             self.forget(addr, &conn).await;
         }
         result
     }
 
-    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, CallError> {
+    /// The live connection to `addr` (dialled if need be) and, if `shared`,
+    /// its channel.
+    async fn peer(
+        &self,
+        addr: SocketAddr,
+        shared: bool,
+    ) -> Result<(quinn::Connection, Option<Arc<Channel>>), CallError> {
         let slot = self
-            .connections
+            .peers
             .entry(addr)
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
             .clone();
         // Holding the slot's lock while connecting makes concurrent callers
         // share one connection attempt instead of racing several.
         let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+        let live = slot
+            .as_ref()
+            .is_some_and(|peer| peer.conn.close_reason().is_none());
+        if !live {
+            let conn = connect(&self.endpoint, addr, self.connect_timeout).await?;
+            *slot = Some(Peer {
+                conn,
+                channel: None,
+            });
         }
-        let conn = connect(&self.endpoint, addr, self.connect_timeout).await?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        let peer = slot.as_mut().expect("set above");
+        let channel = if shared {
+            Some(peer.channel().await?)
+        } else {
+            None
+        };
+        Ok((peer.conn.clone(), channel))
     }
 
     /// Closes and drops the connection to `addr`, so the next call dials
     /// afresh. Used when a peer is judged down: a restarted peer cannot be
     /// reached over its predecessor's connection.
     pub async fn disconnect(&self, addr: SocketAddr) {
-        if let Some(slot) = self.connections.get(&addr).map(|s| s.clone()) {
-            if let Some(conn) = slot.lock().await.take() {
-                conn.close(0u32.into(), b"peer judged down");
+        if let Some(slot) = self.peers.get(&addr).map(|s| s.clone()) {
+            if let Some(peer) = slot.lock().await.take() {
+                peer.conn.close(0u32.into(), b"peer judged down");
             }
         }
     }
 
     async fn forget(&self, addr: SocketAddr, dead: &quinn::Connection) {
-        if let Some(slot) = self.connections.get(&addr).map(|s| s.clone()) {
+        if let Some(slot) = self.peers.get(&addr).map(|s| s.clone()) {
             let mut slot = slot.lock().await;
             if slot
                 .as_ref()
-                .is_some_and(|c| c.stable_id() == dead.stable_id())
+                .is_some_and(|peer| peer.conn.stable_id() == dead.stable_id())
             {
                 *slot = None;
             }
@@ -187,10 +450,12 @@ async fn connect(
     }
 }
 
-/// A client's connection to one node.
+/// A client's connection to one node, shared by any number of concurrent
+/// callers.
 pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    channel: tokio::sync::Mutex<Option<Arc<Channel>>>,
 }
 
 impl Client {
@@ -205,11 +470,30 @@ impl Client {
             quinn::Endpoint::client(bind).map_err(|e| CallError::Connect(e.to_string()))?;
         endpoint.set_default_client_config(tls::client_config());
         let conn = connect(&endpoint, addr, timeout).await?;
-        Ok(Client { endpoint, conn })
+        Ok(Client {
+            endpoint,
+            conn,
+            channel: tokio::sync::Mutex::new(None),
+        })
     }
 
     pub async fn call(&self, request: &Request) -> Result<Response, CallError> {
-        round_trip(&self.conn, request).await
+        let body = encode_request(request);
+        if !rides_shared_stream(request, body.len()) {
+            return call_on_own_stream(&self.conn, &body).await;
+        }
+        let channel = {
+            let mut slot = self.channel.lock().await;
+            match slot.as_ref() {
+                Some(channel) if channel.is_open() => channel.clone(),
+                _ => {
+                    let channel = Arc::new(Channel::open(&self.conn).await?);
+                    *slot = Some(channel.clone());
+                    channel
+                }
+            }
+        };
+        channel.call(&body).await
     }
 
     /// The raw connection, for tests that send malformed frames.
@@ -222,6 +506,17 @@ impl Client {
         self.conn.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_millis(200), self.endpoint.wait_idle()).await;
     }
+
+    /// Closes many clients at once. Each close waits for its connection to
+    /// drain (a few round trips), so closing 50 one after another took
+    /// seconds of a benchmark's wall time.
+    pub async fn close_all(clients: impl IntoIterator<Item = Client>) {
+        let mut closing = tokio::task::JoinSet::new();
+        for client in clients {
+            closing.spawn(client.close());
+        }
+        while closing.join_next().await.is_some() {}
+    }
 }
 
 #[cfg(test)]
@@ -230,10 +525,10 @@ mod tests {
     use crate::server::{Node, NodeConfig};
     use ringkv_core::NodeId;
 
-    /// Many requests to one peer share one connection (a stream each); the
-    /// pool never opens a connection per request.
+    /// Many requests to one peer share one connection and one stream: 50
+    /// concurrent pings leave in far fewer than 50 packets.
     #[tokio::test]
-    async fn the_peer_pool_reuses_one_connection() {
+    async fn the_peer_pool_shares_one_connection_and_batches_frames() {
         let dir = tempfile::tempdir().unwrap();
         let listen = "127.0.0.1:0".parse().unwrap();
         let node = Node::start(NodeConfig::new(
@@ -245,8 +540,9 @@ mod tests {
         .unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(tls::client_config());
-        let pool = std::sync::Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
-        let first = pool.connection(node.addr()).await.unwrap().stable_id();
+        let pool = Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
+        let (conn, channel) = pool.peer(node.addr(), true).await.unwrap();
+        let (first, datagrams_before) = (conn.stable_id(), conn.stats().udp_tx.datagrams);
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..50 {
             let (pool, addr) = (pool.clone(), node.addr());
@@ -255,11 +551,95 @@ mod tests {
         while let Some(result) = calls.join_next().await {
             assert!(matches!(result.unwrap(), Ok(Response::Pong)));
         }
-        assert_eq!(pool.connections.len(), 1);
-        assert_eq!(
-            pool.connection(node.addr()).await.unwrap().stable_id(),
-            first
-        );
+        let sent = conn.stats().udp_tx.datagrams - datagrams_before;
+        assert!(sent < 25, "50 pings took {sent} datagrams");
+        assert_eq!(pool.peers.len(), 1);
+        let (again, same_channel) = pool.peer(node.addr(), true).await.unwrap();
+        assert_eq!(again.stable_id(), first);
+        assert!(Arc::ptr_eq(&channel.unwrap(), &same_channel.unwrap()));
+        // A request that takes a stream of its own works on the same
+        // connection.
+        assert!(matches!(
+            pool.call(node.addr(), &Request::Stats).await,
+            Ok(Response::Stats(_))
+        ));
         node.shutdown().await;
+    }
+
+    /// A server whose handler answers gets slowly and pings at once.
+    async fn slow_get_server() -> (quinn::Endpoint, SocketAddr) {
+        let endpoint = quinn::Endpoint::server(
+            tls::server_config().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let accepting = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                tokio::spawn(serve_connection(conn, |request| async move {
+                    match request {
+                        Request::Get(_) => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            Response::error(ErrorKind::Internal, "slow")
+                        }
+                        _ => Response::Pong,
+                    }
+                }));
+            }
+        });
+        (endpoint, addr)
+    }
+
+    fn get(key: &str) -> Request {
+        Request::Get(ringkv_core::wire::GetRequest {
+            key: key.as_bytes().to_vec(),
+            r: ringkv_core::Consistency::One,
+            strict: false,
+            local: false,
+            wait_repair: false,
+            timeout_ms: 1000,
+            forwarded: false,
+        })
+    }
+
+    /// Answers on the shared stream come back as they are ready: a ping sent
+    /// after a slow get is answered first.
+    #[tokio::test]
+    async fn a_fast_request_is_not_held_up_behind_a_slow_one() {
+        let (_server, addr) = slow_get_server().await;
+        let client = Arc::new(Client::connect(addr, Duration::from_secs(5)).await.unwrap());
+        let slow = tokio::spawn({
+            let client = client.clone();
+            async move { client.call(&get("k")).await }
+        });
+        tokio::task::yield_now().await;
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            client.call(&Request::Ping).await,
+            Ok(Response::Pong)
+        ));
+        let ping_took = started.elapsed();
+        assert!(!slow.is_finished(), "the ping was answered after the get");
+        assert!(matches!(slow.await.unwrap(), Ok(Response::Error(_))));
+        assert!(ping_took < Duration::from_millis(300));
+    }
+
+    /// A caller that gives up (a timeout) is forgotten; its late answer is
+    /// dropped and the stream goes on serving others.
+    #[tokio::test]
+    async fn a_caller_that_gives_up_leaves_the_stream_usable() {
+        let (_server, addr) = slow_get_server().await;
+        let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), client.call(&get("k"))).await;
+        assert!(gave_up.is_err());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(matches!(
+            client.call(&Request::Ping).await,
+            Ok(Response::Pong)
+        ));
+        let channel = client.channel.lock().await.clone().unwrap();
+        assert!(channel.waiting.state.lock().unwrap().callers.is_empty());
     }
 }

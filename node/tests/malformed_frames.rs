@@ -1,19 +1,53 @@
 //! Garbage on a QUIC stream gets an error reply, never a panic, and the node
-//! keeps serving.
+//! keeps serving. Frames are `[u32 length][u64 id][body]` (see
+//! `ringkv_node::frame`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use ringkv_core::wire::{decode_response, encode_request, ErrorKind, Request, Response};
 use ringkv_core::NodeId;
+use ringkv_node::frame::{put_frame, FRAME_HEADER_BYTES};
 use ringkv_node::{Client, Node, NodeConfig};
 
-async fn raw_exchange(client: &Client, bytes: &[u8]) -> Response {
+/// Sends `bytes` on a stream of their own and returns every answer frame
+/// (id and response) the node writes before finishing the stream.
+async fn raw_exchange(client: &Client, bytes: &[u8]) -> Vec<(u64, Response)> {
     let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     send.finish().unwrap();
     let reply = recv.read_to_end(1 << 20).await.unwrap();
-    decode_response(&reply).unwrap()
+    let mut answers = Vec::new();
+    let mut rest = &reply[..];
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        let id = u64::from_le_bytes(rest[4..12].try_into().unwrap());
+        let body = &rest[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
+        answers.push((id, decode_response(body).unwrap()));
+        rest = &rest[FRAME_HEADER_BYTES + len..];
+    }
+    answers
+}
+
+fn frame(id: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_frame(&mut out, id, body);
+    out
+}
+
+fn assert_malformed(answer: &(u64, Response), id: u64, case: &str) {
+    assert_eq!(answer.0, id, "{case}: answered under the request's id");
+    match &answer.1 {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest, "{case}");
+            assert!(
+                e.message.starts_with("malformed request"),
+                "{case}: {}",
+                e.message
+            );
+        }
+        other => panic!("{case}: expected an error, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -31,30 +65,53 @@ async fn truncated_and_garbage_frames_are_answered_with_errors() {
         .await
         .unwrap();
 
-    let valid = encode_request(&Request::Status);
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("empty", vec![]),
+    let valid = encode_request(&Request::Ping);
+    // Bodies that do not decode: each gets its own error, and the frames
+    // around them are still served.
+    for (case, body) in [
+        ("empty body", vec![]),
         ("garbage", vec![0xde; 97]),
-        ("truncated", valid[..valid.len() / 2].to_vec()),
+        ("truncated body", valid[..valid.len() / 2].to_vec()),
         ("one byte short", valid[..valid.len() - 1].to_vec()),
-    ];
-    for (name, bytes) in cases {
-        match raw_exchange(&client, &bytes).await {
-            Response::Error(e) => {
-                assert_eq!(e.kind, ErrorKind::InvalidRequest, "{name}");
-                assert!(
-                    e.message.starts_with("malformed request"),
-                    "{name}: {}",
-                    e.message
-                );
-            }
-            other => panic!("{name}: expected an error, got {other:?}"),
-        }
+    ] {
+        let mut stream = frame(1, &valid);
+        stream.extend(frame(2, &body));
+        stream.extend(frame(3, &valid));
+        let mut answers = raw_exchange(&client, &stream).await;
+        answers.sort_by_key(|(id, _)| *id);
+        assert_eq!(answers.len(), 3, "{case}");
+        assert!(matches!(answers[0], (1, Response::Pong)), "{case}");
+        assert_malformed(&answers[1], 2, case);
+        assert!(matches!(answers[2], (3, Response::Pong)), "{case}");
     }
+
+    // The stream ends inside a frame's body: that frame is answered with an
+    // error, the one before it normally.
+    let mut stream = frame(1, &valid);
+    stream.extend(&frame(9, &valid)[..FRAME_HEADER_BYTES + 2]);
+    let mut answers = raw_exchange(&client, &stream).await;
+    answers.sort_by_key(|(id, _)| *id);
+    assert_eq!(answers.len(), 2);
+    assert!(matches!(answers[0], (1, Response::Pong)));
+    assert_malformed(&answers[1], 9, "stream ends inside a body");
+
+    // A header announcing more than a frame may hold: refused without
+    // reading (or allocating) the body.
+    let mut huge = Vec::new();
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    huge.extend_from_slice(&5u64.to_le_bytes());
+    let answers = raw_exchange(&client, &huge).await;
+    assert_eq!(answers.len(), 1);
+    assert_malformed(&answers[0], 5, "oversized frame");
+
+    // A stream that ends inside a header, or carries nothing: no request,
+    // no answer, and no harm.
+    assert!(raw_exchange(&client, &valid[..5]).await.is_empty());
+    assert!(raw_exchange(&client, &[]).await.is_empty());
 
     // A stream reset half-way through: nothing to answer, nothing breaks.
     let (mut send, _recv) = client.connection().open_bi().await.unwrap();
-    send.write_all(&valid[..4]).await.unwrap();
+    send.write_all(&frame(1, &valid)[..6]).await.unwrap();
     send.reset(0u32.into()).unwrap();
 
     // The same connection still works.

@@ -1,0 +1,263 @@
+//! Framing of requests and responses on a QUIC stream, and the batching
+//! writer that puts many frames in one packet.
+//!
+//! A stream carries a sequence of frames, each `[u32 body length][u64 request
+//! id][body]` (little-endian), where the body is one rkyv-encoded
+//! [`Request`](ringkv_core::wire::Request) or
+//! [`Response`](ringkv_core::wire::Response). A response carries the id of
+//! its request, so answers on one stream may come back in any order and a
+//! slow request never holds up a fast one behind it.
+//!
+//! Why frames and not a stream per request: a stream costs quinn an open,
+//! an accept, a FIN each way and per-stream state, and every small write on
+//! its own stream went out as its own packet. Frames from many concurrent
+//! requests queued on one [`FrameQueue`] leave in one write, so under load
+//! one packet (and one system call, one encryption) carries many requests.
+//! This is the multiplexing Cassandra's native protocol does with stream ids
+//! on one connection.
+
+use std::sync::Mutex;
+
+use rkyv::util::AlignedVec;
+use tokio::sync::Notify;
+
+/// Bytes before a frame's body: its length and its request id.
+pub const FRAME_HEADER_BYTES: usize = 12;
+
+/// Why a frame could not be read off a stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The header announces a body longer than the reader accepts. The
+    /// stream cannot be resynchronised: nothing after this frame is read.
+    #[error("frame {id} of {len} bytes is larger than {max} bytes")]
+    TooLong { id: u64, len: usize, max: usize },
+    /// The stream ended inside a frame's body.
+    #[error("frame {id} truncated: {read} of {len} bytes before the stream ended")]
+    Truncated { id: u64, read: usize, len: usize },
+    /// The stream ended inside a frame's header: there is no id to answer.
+    #[error("stream ended inside a frame header ({read} of {FRAME_HEADER_BYTES} bytes)")]
+    TruncatedHeader { read: usize },
+    /// The stream failed (reset by the peer, or the connection died).
+    #[error("stream failed: {reason}")]
+    Stream { reason: String },
+}
+
+/// Appends one frame to `buf`.
+pub fn put_frame(buf: &mut Vec<u8>, id: u64, body: &[u8]) {
+    // Bodies are bounded by FRAME_MAX_BYTES (65 MiB) well below u32::MAX;
+    // the reader enforces the bound on the other side.
+    let len = u32::try_from(body.len()).expect("frame bodies are far below 4 GiB");
+    buf.reserve(FRAME_HEADER_BYTES + body.len());
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&id.to_le_bytes());
+    buf.extend_from_slice(body);
+}
+
+/// Reads the next frame: `Ok(None)` when the stream ended cleanly between
+/// frames. The body lands in an aligned buffer, ready for rkyv to check and
+/// read in place.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max_body_bytes: usize,
+) -> Result<Option<(u64, AlignedVec)>, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    let read = read_full(recv, &mut header).await?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if read < FRAME_HEADER_BYTES {
+        return Err(FrameError::TruncatedHeader { read });
+    }
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let id = u64::from_le_bytes(header[4..].try_into().expect("8 bytes"));
+    if len > max_body_bytes {
+        return Err(FrameError::TooLong {
+            id,
+            len,
+            max: max_body_bytes,
+        });
+    }
+    let mut body = AlignedVec::with_capacity(len);
+    body.resize(len, 0);
+    let read = read_full(recv, &mut body).await?;
+    if read < len {
+        return Err(FrameError::Truncated { id, read, len });
+    }
+    Ok(Some((id, body)))
+}
+
+/// Fills `buf` unless the stream ends first; returns how much was read.
+async fn read_full(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<usize, FrameError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match recv.read(&mut buf[filled..]).await {
+            Ok(Some(n)) => filled += n,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(FrameError::Stream {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(filled)
+}
+
+/// Frames waiting to be written to one stream, by one writer task.
+///
+/// Any number of tasks [`push`](FrameQueue::push) frames; the writer takes
+/// everything queued in one [`next_batch`](FrameQueue::next_batch) and writes
+/// it at once. The writer yields to the scheduler once before taking a
+/// batch, so tasks that are ready to run get to add their frames first:
+/// an idle node sends at once, a busy one sends fewer, fuller packets.
+///
+/// Invariant: once closed, `push` refuses and `next_batch` hands out what
+/// was queued before the close, then `None`.
+#[derive(Default)]
+pub struct FrameQueue {
+    state: Mutex<QueueState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl FrameQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues one frame; false if the queue is closed (the stream is gone).
+    pub fn push(&self, id: u64, body: &[u8]) -> bool {
+        {
+            let mut state = self.state.lock().expect("frame queue lock poisoned");
+            if state.closed {
+                return false;
+            }
+            put_frame(&mut state.buf, id, body);
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    /// Refuses further frames; the writer drains what is queued and stops.
+    pub fn close(&self) {
+        self.state.lock().expect("frame queue lock poisoned").closed = true;
+        self.ready.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().expect("frame queue lock poisoned").closed
+    }
+
+    /// Waits for queued frames and swaps them into `batch` (which must be
+    /// empty; its capacity is reused). `false` once closed and drained.
+    pub async fn next_batch(&self, batch: &mut Vec<u8>) -> bool {
+        debug_assert!(batch.is_empty());
+        let mut yielded = false;
+        loop {
+            let queued = {
+                let mut state = self.state.lock().expect("frame queue lock poisoned");
+                if !state.buf.is_empty() && (yielded || state.closed) {
+                    std::mem::swap(&mut state.buf, batch);
+                    return true;
+                }
+                if state.buf.is_empty() && state.closed {
+                    return false;
+                }
+                !state.buf.is_empty()
+            };
+            if queued {
+                // Let tasks that are ready add their frames to this batch.
+                tokio::task::yield_now().await;
+                yielded = true;
+            } else {
+                // A push between the check above and this wait leaves a
+                // permit, so no wake-up is lost.
+                self.ready.notified().await;
+            }
+        }
+    }
+
+    /// Writes batches to `send` until the queue is closed and drained, then
+    /// finishes the stream. Stops early (closing the queue) if the stream
+    /// fails.
+    pub async fn write_to(&self, mut send: quinn::SendStream) {
+        let mut batch = Vec::new();
+        while self.next_batch(&mut batch).await {
+            if send.write_all(&batch).await.is_err() {
+                self.close();
+                return;
+            }
+            batch.clear();
+        }
+        let _ = send.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(mut bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+            let id = u64::from_le_bytes(bytes[4..12].try_into().unwrap());
+            out.push((id, bytes[12..12 + len].to_vec()));
+            bytes = &bytes[12 + len..];
+        }
+        out
+    }
+
+    /// Frames pushed while the writer is busy leave together, in order.
+    #[tokio::test]
+    async fn frames_queued_together_leave_in_one_batch_in_order() {
+        let queue = FrameQueue::new();
+        assert!(queue.push(1, b"one"));
+        assert!(queue.push(2, b""));
+        assert!(queue.push(3, b"three"));
+        let mut batch = Vec::new();
+        assert!(queue.next_batch(&mut batch).await);
+        assert_eq!(
+            frames(&batch),
+            vec![(1, b"one".to_vec()), (2, vec![]), (3, b"three".to_vec())]
+        );
+    }
+
+    /// A frame pushed by another task wakes a waiting writer.
+    #[tokio::test]
+    async fn a_waiting_writer_is_woken_by_a_push() {
+        let queue = std::sync::Arc::new(FrameQueue::new());
+        let writer = {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let mut batch = Vec::new();
+                queue.next_batch(&mut batch).await.then_some(batch)
+            })
+        };
+        tokio::task::yield_now().await;
+        queue.push(7, b"x");
+        let batch = writer.await.unwrap().expect("a batch");
+        assert_eq!(frames(&batch), vec![(7, b"x".to_vec())]);
+    }
+
+    /// After close: pushes are refused, queued frames still drain, then the
+    /// writer is told to stop.
+    #[tokio::test]
+    async fn close_drains_what_was_queued_then_stops() {
+        let queue = FrameQueue::new();
+        queue.push(1, b"a");
+        queue.close();
+        assert!(!queue.push(2, b"b"));
+        assert!(queue.is_closed());
+        let mut batch = Vec::new();
+        assert!(queue.next_batch(&mut batch).await);
+        assert_eq!(frames(&batch), vec![(1, b"a".to_vec())]);
+        batch.clear();
+        assert!(!queue.next_batch(&mut batch).await);
+    }
+}
