@@ -77,9 +77,12 @@ pub struct BenchArgs {
     /// A consistency setting to run (repeatable, comma-separated): one, quorum, all, or r=R,w=W as one setting with a colon, e.g. r=1:w=2. Default: one, quorum and all.
     #[arg(long, value_name = "SETTING", value_delimiter = ',')]
     pub consistency: Vec<String>,
-    /// Concurrent clients, each with its own connection, spread over the nodes.
+    /// Concurrent clients, spread over the nodes.
     #[arg(long, value_name = "C", default_value_t = 16)]
     pub concurrency: usize,
+    /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C or more to give every client its own. Not used with --target resp://, where each client has its own TCP connection.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections: u32,
     /// Open loop: send this many requests per second in total, on a fixed schedule, and measure latency from when each was due (no coordinated omission). Default: closed loop.
     #[arg(long, value_name = "OPS", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,

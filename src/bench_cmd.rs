@@ -61,7 +61,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             Failure::new(e.exit, e.message.replace("--latency-matrix", "--regions"))
         })?)),
     };
-    let embedded_dir = std::env::temp_dir().join(format!("ringkv-bench-{}", std::process::id()));
+    let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
     let (targets, embedded, replicas) = if args.cluster.is_empty() {
         check_settings(&settings, EMBEDDED_REPLICAS)?;
         let _ = std::fs::remove_dir_all(&embedded_dir);
@@ -154,6 +154,7 @@ fn ycsb_config(
         records: args.records,
         value_bytes: args.value_bytes,
         concurrency: args.concurrency,
+        connections_per_target: args.connections as usize,
         duration: Duration::from_secs(args.duration_s),
         settings,
         request_timeout_ms: 2000,
@@ -262,12 +263,13 @@ async fn run_all(
     let to_stdout = args.json.as_deref() == Some("-");
     if !to_stdout {
         eprintln!(
-            "bench: YCSB-{} on {}, N={replicas}, {} records of {} B, {} clients, {} s per setting{}",
+            "bench: YCSB-{} on {}, N={replicas}, {} records of {} B, {} clients{}, {} s per setting{}",
             config.workload,
             if external { "the given cluster".to_string() } else { format!("an embedded {EMBEDDED_NODES}-node cluster") },
             config.records,
             config.value_bytes,
             config.concurrency,
+            if config.resp { String::new() } else { format!(" on {} connection(s) per node", config.connections_per_target) },
             config.duration.as_secs(),
             if regions { format!(", emulated regions ({})", args.regions) } else { String::new() },
         );
@@ -398,6 +400,7 @@ fn report_json(
             "value_bytes": config.value_bytes,
             "updates": config.updates.as_str(),
             "concurrency": config.concurrency,
+            "connections_per_node": if config.resp { json!(null) } else { json!(config.connections_per_target) },
             "duration_s": config.duration.as_secs(),
             "rate_per_s": config.rate_per_s,
             "loop": if config.rate_per_s.is_some() { "open" } else { "closed" },
@@ -441,7 +444,7 @@ fn resolve_cluster(cluster: &[String]) -> Result<Vec<std::net::SocketAddr>, Fail
 
 /// The older benchmark: a put phase of new keys, then a get phase of them.
 async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
-    let embedded_dir = std::env::temp_dir().join(format!("ringkv-bench-{}", std::process::id()));
+    let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
     let (targets, embedded) = if args.cluster.is_empty() {
         let _ = std::fs::remove_dir_all(&embedded_dir);
         let nodes = start_local_cluster(3, 3, 0, &embedded_dir, false).await?;

@@ -94,11 +94,7 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
     let run_id: u32 = rand_run_id();
     let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await;
     let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await;
-    for c in clients {
-        if let Ok(c) = std::sync::Arc::try_unwrap(c) {
-            c.close().await;
-        }
-    }
+    Client::close_all(clients.into_iter().filter_map(std::sync::Arc::into_inner)).await;
     Ok(Report { put, get })
 }
 

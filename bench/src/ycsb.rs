@@ -2,8 +2,11 @@
 //! the workload's operation mix for a while and measure latency per
 //! operation type, errors, timeouts, siblings and staleness.
 //!
-//! **Clients.** `concurrency` clients, each with its own QUIC connection to
-//! one target (round-robin). In a closed loop a client sends its next
+//! **Clients.** `concurrency` clients spread round-robin over the targets.
+//! They share `connections_per_target` QUIC connections to each target, as
+//! the users of one client driver share its connection pool, so requests of
+//! concurrent clients leave in the same packets (RESP clients each have a
+//! TCP connection of their own). In a closed loop a client sends its next
 //! request when the last is answered. In an open loop (`rate_per_s`) each
 //! sends on a fixed schedule, and a request's latency counts from when it
 //! was due, so a stall shows up in every request queued behind it instead of
@@ -91,6 +94,11 @@ pub struct YcsbConfig {
     pub records: u64,
     pub value_bytes: usize,
     pub concurrency: usize,
+    /// QUIC connections to each target that the clients share, as a client
+    /// driver's pool would (requests from many clients then share packets).
+    /// At `concurrency` or more, each client has a connection of its own.
+    /// RESP clients always have their own.
+    pub connections_per_target: usize,
     /// How long each setting's run phase lasts.
     pub duration: Duration,
     pub settings: Vec<Setting>,
@@ -373,11 +381,15 @@ fn request_timeout(request: &Request) -> u32 {
 
 async fn connect_all(config: &YcsbConfig, count: usize) -> Result<Vec<Arc<Conn>>, BenchError> {
     if !config.resp {
-        let clients = crate::connect_clients(&config.targets, count).await?;
-        return Ok(clients
+        // Connections go round-robin over the targets, and client i uses
+        // connection i mod their number: clients still spread evenly.
+        let wanted = config.targets.len() * config.connections_per_target.max(1);
+        let clients = crate::connect_clients(&config.targets, wanted.min(count)).await?;
+        let conns: Vec<Arc<Conn>> = clients
             .into_iter()
             .map(|c| Arc::new(Conn::Ringkv(Arc::into_inner(c).expect("not shared yet"))))
-            .collect());
+            .collect();
+        return Ok((0..count).map(|i| conns[i % conns.len()].clone()).collect());
     }
     let addr = *config.targets.first().ok_or(BenchError::NoTargets)?;
     let mut conns = Vec::with_capacity(count);
@@ -444,11 +456,11 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
 }
 
 async fn close_all(conns: Vec<Arc<Conn>>) {
-    for c in conns {
-        if let Some(Conn::Ringkv(client)) = Arc::into_inner(c) {
-            client.close().await;
-        }
-    }
+    Client::close_all(conns.into_iter().filter_map(|c| match Arc::into_inner(c) {
+        Some(Conn::Ringkv(client)) => Some(client),
+        _ => None,
+    }))
+    .await;
 }
 
 /// Runs `setting` for the configured duration; `progress(elapsed share)`
