@@ -30,7 +30,10 @@ pub const DEFAULT_MAX_SIBLINGS: usize = 100;
 /// durable (at least in the write-ahead log) before returning.
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError>;
-    fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError>;
+    /// Stores `clock` for `key`. `previous` is what the store held for the
+    /// key until now (read under the key's lock), so an implementation can
+    /// skip index upkeep that the change does not need.
+    fn put(&self, key: &[u8], previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError>;
     /// Removes the key (a collected tombstone), durably like `put`.
     fn delete(&self, key: &[u8]) -> Result<(), StoreError>;
 }
@@ -39,8 +42,8 @@ impl<S: Store> Store for std::sync::Arc<S> {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
         (**self).get(key)
     }
-    fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
-        (**self).put(key, clock)
+    fn put(&self, key: &[u8], previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError> {
+        (**self).put(key, previous, clock)
     }
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
         (**self).delete(key)
@@ -196,7 +199,7 @@ impl<S: Store> ReplicaService<S> {
             });
         }
         let _change = self.observer.as_ref().map(|o| o.begin_change());
-        self.store.put(key, &clock)?;
+        self.store.put(key, old.as_ref(), &clock)?;
         if let Some(observer) = &self.observer {
             observer.changed(key, old.as_ref(), Some(&clock));
         }
@@ -213,7 +216,7 @@ impl<S: Store> ReplicaService<S> {
             return Ok(false);
         }
         let _change = self.observer.as_ref().map(|o| o.begin_change());
-        self.store.put(key, &merged)?;
+        self.store.put(key, current.as_ref(), &merged)?;
         if let Some(observer) = &self.observer {
             observer.changed(key, current.as_ref(), Some(&merged));
         }
@@ -361,7 +364,7 @@ impl Store for MemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
         Ok(self.map.get(key).map(|c| c.clone()))
     }
-    fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
+    fn put(&self, key: &[u8], _previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError> {
         self.map.insert(key.to_vec(), clock.clone());
         Ok(())
     }

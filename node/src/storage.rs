@@ -57,6 +57,19 @@ pub struct Storage {
     sync: bool,
 }
 
+/// Per column family options. `data` gets bloom filters: every write reads
+/// the key first (to merge clocks), and a key that is not in the memtable
+/// would otherwise be looked up in every level-0 file in turn.
+fn cf_options(name: &str) -> Options {
+    let mut opts = Options::default();
+    if name == CF_DATA {
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
+    }
+    opts
+}
+
 impl Storage {
     /// Opens (creating if needed) the database in `path`. `sync` makes every
     /// data write fsync the WAL before returning.
@@ -70,7 +83,7 @@ impl Storage {
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
         let cfs = [CF_DATA, CF_META, CF_HINTS, CF_MERKLE, CF_TOMBSTONES]
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
             let reason = e.to_string();
             if reason.contains("LOCK") || reason.contains("lock") {
@@ -216,14 +229,24 @@ fn io(e: rocksdb::Error) -> NodeError {
 impl Storage {
     /// Adds `key`'s new clock (already encoded) to `batch`, with its index
     /// and tombstone entries.
-    fn batch_put(&self, batch: &mut WriteBatch, key: &[u8], clock: &Clock, encoded: &[u8]) {
+    /// Adds `key`'s new clock and its index entries to `batch`. The
+    /// `tombstones` entry exists exactly while the stored clock is deleted,
+    /// so it is removed only when `was_deleted` (the clock it replaces was).
+    fn batch_put(
+        &self,
+        batch: &mut WriteBatch,
+        key: &[u8],
+        clock: &Clock,
+        encoded: &[u8],
+        was_deleted: bool,
+    ) {
         batch.put_cf(self.cf(CF_DATA), key, encoded);
         // The same bytes `version_digest` hashes: one encoding, not two.
         let digest = stable_hash64(encoded);
         batch.put_cf(self.cf(CF_MERKLE), index_key(key), digest.to_le_bytes());
         if is_deleted(clock) {
             batch.put_cf(self.cf(CF_TOMBSTONES), key, unix_ms().to_le_bytes());
-        } else {
+        } else if was_deleted {
             batch.delete_cf(self.cf(CF_TOMBSTONES), key);
         }
     }
@@ -242,7 +265,8 @@ impl Storage {
                 tracing::warn!(key = %String::from_utf8_lossy(&key), "corrupt stored clock left out of the Merkle index");
                 continue;
             };
-            self.batch_put(&mut batch, &key, &clock, &value);
+            // A fresh index: there is no tombstone entry to remove.
+            self.batch_put(&mut batch, &key, &clock, &value, false);
             indexed += 1;
             if batch.len() >= 30_000 {
                 self.db.write(std::mem::take(&mut batch)).map_err(io)?;
@@ -392,9 +416,10 @@ impl Store for Storage {
             })
     }
 
-    fn put(&self, key: &[u8], clock: &Clock) -> Result<(), StoreError> {
+    fn put(&self, key: &[u8], previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        self.batch_put(&mut batch, key, clock, &encode_clock(clock));
+        let was_deleted = previous.is_some_and(is_deleted);
+        self.batch_put(&mut batch, key, clock, &encode_clock(clock), was_deleted);
         self.db
             .write_opt(batch, &self.data_write_options())
             .map_err(|e| StoreError::Io {
@@ -483,7 +508,7 @@ mod tests {
         );
         {
             let s = Storage::open(dir.path(), false).unwrap();
-            Store::put(&s, b"k", &clock).unwrap();
+            Store::put(&s, b"k", None, &clock).unwrap();
         }
         let s = Storage::open(dir.path(), true).unwrap();
         assert_eq!(Store::get(&s, b"k").unwrap(), Some(clock));
@@ -557,20 +582,22 @@ mod tests {
         for k in 0..300 {
             let key = format!("k{k}").into_bytes();
             let clock = value("v", &Clock::new(), "a");
-            Store::put(&s, &key, &clock).unwrap();
+            Store::put(&s, &key, None, &clock).unwrap();
             expected.insert(key, version_digest(&clock));
         }
         // Overwrite one, delete (tombstone) another, remove a third.
-        let newer = value("w", &Store::get(&s, b"k1").unwrap().unwrap(), "b");
-        Store::put(&s, b"k1", &newer).unwrap();
+        let older = Store::get(&s, b"k1").unwrap().unwrap();
+        let newer = value("w", &older, "b");
+        Store::put(&s, b"k1", Some(&older), &newer).unwrap();
         expected.insert(b"k1".to_vec(), version_digest(&newer));
-        let mut tomb = Store::get(&s, b"k2").unwrap().unwrap();
+        let live = Store::get(&s, b"k2").unwrap().unwrap();
+        let mut tomb = live.clone();
         tomb.update(
             &tomb.context(),
             Payload::Tombstone,
             &NodeId::new("a").unwrap(),
         );
-        Store::put(&s, b"k2", &tomb).unwrap();
+        Store::put(&s, b"k2", Some(&live), &tomb).unwrap();
         expected.insert(b"k2".to_vec(), version_digest(&tomb));
         Store::delete(&s, b"k3").unwrap();
         expected.remove(b"k3".as_slice());
@@ -589,7 +616,7 @@ mod tests {
         assert_eq!((due, next), (vec![b"k2".to_vec()], None));
         let (due, _) = s.tombstones_due(0, None, 100).unwrap();
         assert!(due.is_empty(), "not yet past the cutoff");
-        Store::put(&s, b"k2", &value("again", &tomb, "a")).unwrap();
+        Store::put(&s, b"k2", Some(&tomb), &value("again", &tomb, "a")).unwrap();
         assert!(
             s.tombstones_due(u64::MAX, None, 100).unwrap().0.is_empty(),
             "written again"
