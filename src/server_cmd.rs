@@ -159,11 +159,35 @@ pub async fn start_local_cluster_with(
     Ok(nodes)
 }
 
+/// A throwaway data dir for an embedded cluster: `<tmp>/<prefix>-<pid>`.
+/// A run cut short (killed, or ended by SIGPIPE in `ringkv bench | head`)
+/// cannot remove its dir, so the dirs of runs whose process is gone are
+/// removed here first.
+pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(prefix)?.strip_prefix('-'))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    tmp.join(format!("{prefix}-{}", std::process::id()))
+}
+
 /// The main demonstration until the bench replaces it: a throwaway 3-node
 /// cluster, then reads and writes at each consistency level, siblings and a
 /// delete, with what each cost.
 pub async fn demo(args: DemoArgs) -> Result<Exit, Failure> {
-    let dir = std::env::temp_dir().join(format!("ringkv-demo-{}", std::process::id()));
+    let dir = scratch_dir("ringkv-demo");
     let _ = std::fs::remove_dir_all(&dir);
     let nodes = start_local_cluster(3, 3, 0, &dir, false).await?;
     let result = run_demo(&nodes, args.json).await;
@@ -300,9 +324,7 @@ async fn run_demo(nodes: &[NodeHandle], json_out: bool) -> Result<Exit, Failure>
         after_delete.len()
     ));
 
-    for c in clients {
-        c.close().await;
-    }
+    Client::close_all(clients).await;
     if json_out {
         println!(
             "{}",

@@ -13,8 +13,14 @@ use common::*;
 #[test]
 fn demo_shows_levels_siblings_resolution_and_delete() {
     let _serial = serial();
+    // The dir of an earlier demo cut short (its process, with a pid above
+    // any Linux pid_max, is gone): removed by the next demo.
+    let stale = std::env::temp_dir().join("ringkv-demo-4294967295");
+    std::fs::create_dir_all(stale.join("n1")).unwrap();
+    std::fs::write(stale.join("n1/LOG"), "left behind").unwrap();
     let o = run(ringkv().args(["demo", "--json"]));
     assert_exit(&o, 0);
+    assert!(!stale.exists(), "the stale demo dir was not removed");
     let j = json(&o);
     let levels: Vec<&str> = j["levels"]
         .as_array()

@@ -674,8 +674,10 @@ impl NodeHandle {
         self.addr
     }
 
-    /// Stops accepting requests, closes every connection and waits for the
-    /// accept loop to finish.
+    /// Stops accepting requests, closes every connection, waits for the
+    /// background loops, and closes the database once the last request
+    /// handler has let go of it (so the data dir can be removed or reopened
+    /// as soon as this returns).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         self.endpoint.close(0u32.into(), b"shutting down");
@@ -689,6 +691,17 @@ impl NodeHandle {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Err(e) = self.inner.storage.mark_clean_shutdown() {
             tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
+        }
+        // Handlers of the connections just closed end within moments; each
+        // holds the node (and so the database) until it does.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while Arc::strong_count(&self.inner) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if Arc::strong_count(&self.inner) > 1 {
+            tracing::warn!(
+                "request handlers still running at shutdown; the database closes when they end"
+            );
         }
     }
 }

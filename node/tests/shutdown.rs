@@ -1,0 +1,42 @@
+//! A node that has shut down has closed its database: the data dir can be
+//! opened again at once, by a new node in the same process.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ringkv_core::dvv::Payload;
+use ringkv_core::wire::{PutRequest, Request, Response};
+use ringkv_core::{Consistency, NodeId};
+use ringkv_node::{Client, Node, NodeConfig};
+
+fn config(dir: &std::path::Path) -> NodeConfig {
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir.into())
+}
+
+#[tokio::test]
+async fn shutdown_closes_the_database_before_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(config(dir.path())).await.unwrap();
+    // Requests leave connection handlers behind that hold the node.
+    let client = Client::connect(node.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let put = PutRequest::new(
+        b"k".to_vec(),
+        Payload::Value(b"v".to_vec()),
+        Consistency::One,
+        None,
+    );
+    assert!(matches!(
+        client.call(&Request::Put(put)).await.unwrap(),
+        Response::Put(_)
+    ));
+    node.shutdown().await;
+
+    let again = Node::start(config(dir.path()))
+        .await
+        .expect("the data dir is free once shutdown returns");
+    again.shutdown().await;
+    client.close().await;
+}
