@@ -8,6 +8,7 @@
 #   bench/ycsb.sh [RUNS] [DURATION_S] [WORKLOADS] [CONCURRENCY]   # defaults 3 10 "a c" 50
 #   RINGKV_NODE_FLAGS="" bench/ycsb.sh ...     # other node flags (default --worker-threads 1)
 #   RINGKV_BENCH_FLAGS="--updates context" bench/ycsb.sh ...   # extra bench flags
+#   RINGKV_BENCH_FLAGS="--connections 50" bench/ycsb.sh ...   # a connection per client (default: one per node, shared)
 #
 # Needs a release build: cargo build --release --bin ringkv
 set -euo pipefail

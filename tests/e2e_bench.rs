@@ -54,6 +54,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     assert_eq!(json["config"]["replicas"], 3);
     assert_eq!(json["config"]["regions"], "preset:cloud3");
     assert_eq!(json["config"]["updates"], "overwrite");
+    assert_eq!(json["config"]["connections_per_node"], 1);
     let settings = json["settings"].as_array().unwrap();
     let names: Vec<&str> = settings
         .iter()
@@ -104,6 +105,7 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--records", "0"], 2, "records"),
         (&["--rate", "0"], 2, "--rate"),
         (&["--updates", "blind"], 2, "unknown update mode"),
+        (&["--connections", "0"], 2, "--connections"),
         (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
     ];
     for (args, code, message) in cases {
@@ -235,6 +237,8 @@ fn the_same_workload_runs_against_a_resp_store() {
     assert_exit(&out, 0);
     let report = json(&out);
     assert_eq!(report["config"]["target"], format!("resp://{addr}"));
+    // Each RESP client has its own TCP connection: no shared pool.
+    assert!(report["config"]["connections_per_node"].is_null());
     let s = &report["settings"][0];
     assert_eq!(s["setting"], "resp");
     for op in ["read", "rmw"] {
