@@ -23,6 +23,9 @@ use tokio::sync::Notify;
 
 /// Bytes before a frame's body: its length and its request id.
 pub const FRAME_HEADER_BYTES: usize = 12;
+/// A body's buffer grows by at most this much before the bytes for it have
+/// arrived.
+const READ_STEP_BYTES: usize = 64 * 1024;
 
 /// Why a frame could not be read off a stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,11 +80,21 @@ pub async fn read_frame(
             max: max_body_bytes,
         });
     }
-    let mut body = AlignedVec::with_capacity(len);
-    body.resize(len, 0);
-    let read = read_full(recv, &mut body).await?;
-    if read < len {
-        return Err(FrameError::Truncated { id, read, len });
+    // Grow the body as bytes arrive rather than trusting the header with
+    // one allocation: a peer announcing 65 MiB frames on many streams and
+    // sending nothing must not cost 65 MiB a stream.
+    let mut body = AlignedVec::with_capacity(len.min(READ_STEP_BYTES));
+    while body.len() < len {
+        let filled = body.len();
+        body.resize(len.min(filled + READ_STEP_BYTES), 0);
+        let read = read_full(recv, &mut body[filled..]).await?;
+        if filled + read < body.len() {
+            return Err(FrameError::Truncated {
+                id,
+                read: filled + read,
+                len,
+            });
+        }
     }
     Ok(Some((id, body)))
 }

@@ -95,6 +95,24 @@ async fn truncated_and_garbage_frames_are_answered_with_errors() {
     assert!(matches!(answers[0], (1, Response::Pong)));
     assert_malformed(&answers[1], 9, "stream ends inside a body");
 
+    // A large frame cut short: the body is read in steps, and the error
+    // says how much of it came.
+    let mut big = Vec::new();
+    big.extend_from_slice(&(200u32 * 1024).to_le_bytes());
+    big.extend_from_slice(&6u64.to_le_bytes());
+    big.extend(vec![0u8; 100 * 1024]);
+    let answers = raw_exchange(&client, &big).await;
+    assert_eq!(answers.len(), 1);
+    assert_malformed(&answers[0], 6, "large frame cut short");
+    match &answers[0].1 {
+        Response::Error(e) => assert!(
+            e.message.contains("102400 of 204800 bytes"),
+            "{}",
+            e.message
+        ),
+        other => panic!("expected an error, got {other:?}"),
+    }
+
     // A header announcing more than a frame may hold: refused without
     // reading (or allocating) the body.
     let mut huge = Vec::new();
