@@ -161,8 +161,9 @@ impl<S: Store> ReplicaService<S> {
     ) -> Result<Clock, ReplicaError> {
         let _guard = self.lock(key);
         let current = self.store.get(key)?;
-        // Only an observer needs the old version once the new one exists.
-        let old = self.observer.as_ref().and(current.clone());
+        // The store (its tombstone index) and the observer need the old
+        // version once the new one exists.
+        let old = current.clone();
         let mut clock = current.unwrap_or_default();
         let context = &context_of(&clock);
         // This node holds every dot it minted for the key (it writes its own

@@ -19,7 +19,7 @@
 use std::sync::Mutex;
 
 use rkyv::util::AlignedVec;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 /// Bytes before a frame's body: its length and its request id.
 pub const FRAME_HEADER_BYTES: usize = 12;
@@ -135,6 +135,10 @@ pub struct FrameQueue {
 #[derive(Default)]
 struct QueueState {
     buf: Vec<u8>,
+    /// Permits of the frames in `buf`, released once they are written: a
+    /// reader that does not read holds up the server's request budget, not
+    /// just its memory.
+    held: Vec<OwnedSemaphorePermit>,
     closed: bool,
 }
 
@@ -145,12 +149,22 @@ impl FrameQueue {
 
     /// Queues one frame; false if the queue is closed (the stream is gone).
     pub fn push(&self, id: u64, body: &[u8]) -> bool {
+        self.push_frame(id, body, None)
+    }
+
+    /// Queues one frame that keeps `permit` until it has been written.
+    pub fn push_holding(&self, id: u64, body: &[u8], permit: OwnedSemaphorePermit) -> bool {
+        self.push_frame(id, body, Some(permit))
+    }
+
+    fn push_frame(&self, id: u64, body: &[u8], permit: Option<OwnedSemaphorePermit>) -> bool {
         {
             let mut state = self.state.lock().expect("frame queue lock poisoned");
             if state.closed {
                 return false;
             }
             put_frame(&mut state.buf, id, body);
+            state.held.extend(permit);
         }
         self.ready.notify_one();
         true
@@ -167,8 +181,13 @@ impl FrameQueue {
     }
 
     /// Waits for queued frames and swaps them into `batch` (which must be
-    /// empty; its capacity is reused). `false` once closed and drained.
-    pub async fn next_batch(&self, batch: &mut Vec<u8>) -> bool {
+    /// empty; its capacity is reused), and their permits into `held`.
+    /// `false` once closed and drained.
+    pub async fn next_batch(
+        &self,
+        batch: &mut Vec<u8>,
+        held: &mut Vec<OwnedSemaphorePermit>,
+    ) -> bool {
         debug_assert!(batch.is_empty());
         let mut yielded = false;
         loop {
@@ -176,6 +195,7 @@ impl FrameQueue {
                 let mut state = self.state.lock().expect("frame queue lock poisoned");
                 if !state.buf.is_empty() && (yielded || state.closed) {
                     std::mem::swap(&mut state.buf, batch);
+                    std::mem::swap(&mut state.held, held);
                     return true;
                 }
                 if state.buf.is_empty() && state.closed {
@@ -199,13 +219,14 @@ impl FrameQueue {
     /// finishes the stream. Stops early (closing the queue) if the stream
     /// fails.
     pub async fn write_to(&self, mut send: quinn::SendStream) {
-        let mut batch = Vec::new();
-        while self.next_batch(&mut batch).await {
+        let (mut batch, mut held) = (Vec::new(), Vec::new());
+        while self.next_batch(&mut batch, &mut held).await {
             if send.write_all(&batch).await.is_err() {
                 self.close();
                 return;
             }
             batch.clear();
+            held.clear();
         }
         let _ = send.finish();
     }
@@ -234,11 +255,27 @@ mod tests {
         assert!(queue.push(2, b""));
         assert!(queue.push(3, b"three"));
         let mut batch = Vec::new();
-        assert!(queue.next_batch(&mut batch).await);
+        assert!(queue.next_batch(&mut batch, &mut Vec::new()).await);
         assert_eq!(
             frames(&batch),
             vec![(1, b"one".to_vec()), (2, vec![]), (3, b"three".to_vec())]
         );
+    }
+
+    /// A frame's permit stays taken until the writer has the frame's batch
+    /// (and is released when the writer drops it after writing).
+    #[tokio::test]
+    async fn a_frames_permit_is_held_until_its_batch_is_written() {
+        let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let queue = FrameQueue::new();
+        let permit = budget.clone().try_acquire_owned().unwrap();
+        assert!(queue.push_holding(4, b"answer", permit));
+        assert_eq!(budget.available_permits(), 0);
+        let (mut batch, mut held) = (Vec::new(), Vec::new());
+        assert!(queue.next_batch(&mut batch, &mut held).await);
+        assert_eq!(budget.available_permits(), 0, "taken, not yet written");
+        held.clear();
+        assert_eq!(budget.available_permits(), 1);
     }
 
     /// A frame pushed by another task wakes a waiting writer.
@@ -249,7 +286,10 @@ mod tests {
             let queue = queue.clone();
             tokio::spawn(async move {
                 let mut batch = Vec::new();
-                queue.next_batch(&mut batch).await.then_some(batch)
+                queue
+                    .next_batch(&mut batch, &mut Vec::new())
+                    .await
+                    .then_some(batch)
             })
         };
         tokio::task::yield_now().await;
@@ -268,9 +308,9 @@ mod tests {
         assert!(!queue.push(2, b"b"));
         assert!(queue.is_closed());
         let mut batch = Vec::new();
-        assert!(queue.next_batch(&mut batch).await);
+        assert!(queue.next_batch(&mut batch, &mut Vec::new()).await);
         assert_eq!(frames(&batch), vec![(1, b"a".to_vec())]);
         batch.clear();
-        assert!(!queue.next_batch(&mut batch).await);
+        assert!(!queue.next_batch(&mut batch, &mut Vec::new()).await);
     }
 }

@@ -39,6 +39,9 @@ pub const SHARED_REQUEST_MAX_BYTES: usize = 64 * 1024;
 /// reading the stream, and QUIC flow control pushes back on the sender.
 const STREAM_IN_FLIGHT_MAX: u32 = 1024;
 
+/// How long opening a shared stream may wait for the peer's stream credit.
+const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Whether `request` (encoded in `encoded_bytes`) goes on the shared stream.
 fn rides_shared_stream(request: &Request, encoded_bytes: usize) -> bool {
     let small_kind = match request {
@@ -53,6 +56,36 @@ fn rides_shared_stream(request: &Request, encoded_bytes: usize) -> bool {
         Request::Join(_) | Request::Stats | Request::Repair => false,
     };
     small_kind && encoded_bytes <= SHARED_REQUEST_MAX_BYTES
+}
+
+/// The one answer a server owes a request frame. Its permit (the stream's
+/// in-flight budget) is held until the answer is written, and a handler
+/// that panics still answers, with an internal error: on a shared stream
+/// nothing else would ever tell the caller.
+struct OwedAnswer {
+    queue: Arc<FrameQueue>,
+    id: u64,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl OwedAnswer {
+    fn send(mut self, response: &Response) {
+        if let Some(permit) = self.permit.take() {
+            self.queue
+                .push_holding(self.id, &encode_response(response), permit);
+        }
+    }
+}
+
+impl Drop for OwedAnswer {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            metrics::counter!("ringkv_failed_handlers_total").increment(1);
+            let error = Response::error(ErrorKind::Internal, "the request's handler failed");
+            self.queue
+                .push_holding(self.id, &encode_response(&error), permit);
+        }
+    }
 }
 
 /// One long-lived stream shared by concurrent requests. A writer task sends
@@ -143,8 +176,18 @@ impl Drop for WaitGuard<'_> {
 
 impl Channel {
     /// Opens the shared stream on `conn` and starts its writer and reader.
+    /// Gives up after [`OPEN_STREAM_TIMEOUT`]: opening waits for the peer's
+    /// stream credit, and callers wait behind it.
     pub async fn open(conn: &quinn::Connection) -> Result<Channel, CallError> {
-        let (send, recv) = conn.open_bi().await.map_err(CallError::connection)?;
+        let (send, recv) = tokio::time::timeout(OPEN_STREAM_TIMEOUT, conn.open_bi())
+            .await
+            .map_err(|_| {
+                CallError::Stream(format!(
+                    "no stream credit from the node within {} ms",
+                    OPEN_STREAM_TIMEOUT.as_millis()
+                ))
+            })?
+            .map_err(CallError::connection)?;
         let queue = Arc::new(FrameQueue::new());
         let waiting = Arc::new(Waiting::default());
         tokio::spawn({
@@ -303,7 +346,12 @@ where
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let (queue, handle) = (queue.clone(), handle.clone());
+        let answer = OwedAnswer {
+            queue: queue.clone(),
+            id,
+            permit: Some(permit),
+        };
+        let handle = handle.clone();
         tokio::spawn(async move {
             let response = match decode_request(&body) {
                 Ok(request) => handle(request).await,
@@ -312,8 +360,7 @@ where
                     Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}"))
                 }
             };
-            queue.push(id, &encode_response(&response));
-            drop(permit);
+            answer.send(&response);
         });
     }
     // Answer everything in flight, then finish the stream.
@@ -584,6 +631,7 @@ mod tests {
                             tokio::time::sleep(Duration::from_millis(300)).await;
                             Response::error(ErrorKind::Internal, "slow")
                         }
+                        Request::Put(_) => panic!("a handler bug"),
                         _ => Response::Pong,
                     }
                 }));
@@ -624,6 +672,31 @@ mod tests {
         assert!(!slow.is_finished(), "the ping was answered after the get");
         assert!(matches!(slow.await.unwrap(), Ok(Response::Error(_))));
         assert!(ping_took < Duration::from_millis(300));
+    }
+
+    /// A handler that panics still answers its caller (with an internal
+    /// error), and the shared stream goes on serving.
+    #[tokio::test]
+    async fn a_panicking_handler_still_answers() {
+        let (_server, addr) = slow_get_server().await;
+        let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
+        let put = Request::Put(ringkv_core::wire::PutRequest::new(
+            b"k".to_vec(),
+            ringkv_core::dvv::Payload::Value(b"v".to_vec()),
+            ringkv_core::Consistency::One,
+            None,
+        ));
+        let answer = tokio::time::timeout(Duration::from_secs(5), client.call(&put))
+            .await
+            .expect("the caller is answered");
+        match answer {
+            Ok(Response::Error(e)) => assert_eq!(e.kind, ErrorKind::Internal),
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+        assert!(matches!(
+            client.call(&Request::Ping).await,
+            Ok(Response::Pong)
+        ));
     }
 
     /// A caller that gives up (a timeout) is forgotten; its late answer is

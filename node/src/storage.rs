@@ -573,6 +573,28 @@ mod tests {
         c
     }
 
+    /// The `tombstones` entry goes when a live write replaces a tombstone,
+    /// also through a replica with no change observer.
+    #[test]
+    fn a_live_write_over_a_tombstone_clears_its_entry_without_an_observer() {
+        use ringkv_coordinator::replica::ReplicaService;
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Storage::open(dir.path(), false).unwrap());
+        let replica = ReplicaService::new(NodeId::new("a").unwrap(), s.clone(), 10);
+        replica
+            .overwrite(b"k", Payload::Value(b"v".to_vec()))
+            .unwrap();
+        replica.overwrite(b"k", Payload::Tombstone).unwrap();
+        assert_eq!(
+            s.tombstones_due(u64::MAX, None, 10).unwrap().0,
+            vec![b"k".to_vec()]
+        );
+        replica
+            .overwrite(b"k", Payload::Value(b"w".to_vec()))
+            .unwrap();
+        assert!(s.tombstones_due(u64::MAX, None, 10).unwrap().0.is_empty());
+    }
+
     #[test]
     fn the_merkle_and_tombstone_indexes_follow_every_change() {
         use ringkv_repair::trees::version_digest;
