@@ -240,8 +240,7 @@ async fn read_answers(mut recv: quinn::RecvStream, waiting: Arc<Waiting>, queue:
                 decode_response(&body).map_err(|e| CallError::Protocol(e.to_string())),
             ),
             Ok(None) => break CallError::Stream("the node ended the stream".into()),
-            Err(FrameError::Stream { reason }) => break CallError::Stream(reason),
-            Err(e) => break CallError::Protocol(e.to_string()),
+            Err(e) => break e.into(),
         }
     };
     queue.close();
@@ -265,8 +264,7 @@ async fn call_on_own_stream(conn: &quinn::Connection, body: &[u8]) -> Result<Res
         Ok(None) => Err(CallError::Stream(
             "the node ended the stream unanswered".into(),
         )),
-        Err(FrameError::Stream { reason }) => Err(CallError::Stream(reason)),
-        Err(e) => Err(CallError::Protocol(e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -282,6 +280,17 @@ pub enum CallError {
     Protocol(String),
     #[error("cannot connect: {0}")]
     Connect(String),
+}
+
+impl From<FrameError> for CallError {
+    /// A failed stream is the transport's trouble; a badly framed answer is
+    /// the node breaking the protocol.
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Stream { reason } => CallError::Stream(reason),
+            e => CallError::Protocol(e.to_string()),
+        }
+    }
 }
 
 impl CallError {
@@ -384,15 +393,17 @@ struct Peer {
     channel: Option<Arc<Channel>>,
 }
 
-impl Peer {
-    async fn channel(&mut self) -> Result<Arc<Channel>, CallError> {
-        match &self.channel {
-            Some(channel) if channel.is_open() => Ok(channel.clone()),
-            _ => {
-                let channel = Arc::new(Channel::open(&self.conn).await?);
-                self.channel = Some(channel.clone());
-                Ok(channel)
-            }
+/// The open channel in `slot`, or a new one on `conn` in its place.
+async fn open_channel(
+    slot: &mut Option<Arc<Channel>>,
+    conn: &quinn::Connection,
+) -> Result<Arc<Channel>, CallError> {
+    match slot {
+        Some(channel) if channel.is_open() => Ok(channel.clone()),
+        _ => {
+            let channel = Arc::new(Channel::open(conn).await?);
+            *slot = Some(channel.clone());
+            Ok(channel)
         }
     }
 }
@@ -448,7 +459,7 @@ impl PeerPool {
         }
         let peer = slot.as_mut().expect("set above");
         let channel = if shared {
-            Some(peer.channel().await?)
+            Some(open_channel(&mut peer.channel, &peer.conn).await?)
         } else {
             None
         };
@@ -529,17 +540,7 @@ impl Client {
         if !rides_shared_stream(request, body.len()) {
             return call_on_own_stream(&self.conn, &body).await;
         }
-        let channel = {
-            let mut slot = self.channel.lock().await;
-            match slot.as_ref() {
-                Some(channel) if channel.is_open() => channel.clone(),
-                _ => {
-                    let channel = Arc::new(Channel::open(&self.conn).await?);
-                    *slot = Some(channel.clone());
-                    channel
-                }
-            }
-        };
+        let channel = open_channel(&mut *self.channel.lock().await, &self.conn).await?;
         channel.call(&body).await
     }
 
