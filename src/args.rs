@@ -83,7 +83,7 @@ pub struct BenchArgs {
     /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C or more to give every client its own. Not used with --target resp://, where each client has its own TCP connection.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: u32,
-    /// Open loop: send this many requests per second in total, on a fixed schedule, and measure latency from when each was due (no coordinated omission). Default: closed loop.
+    /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). Default: closed loop.
     #[arg(long, value_name = "OPS", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
     /// How long each setting runs (putget: each phase).

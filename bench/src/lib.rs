@@ -12,6 +12,7 @@
 //! This is the seed of `ringkv bench`; workloads, open-loop load, emulated
 //! regions and staleness measurement build on it.
 
+pub mod pacer;
 pub mod plot;
 pub mod resp;
 pub mod workload;
@@ -50,6 +51,8 @@ pub enum BenchError {
     Unreachable { addr: SocketAddr, reason: String },
     #[error("{failed} writes of the load phase failed; is every node up?")]
     LoadFailed { failed: u64 },
+    #[error("cannot start the open loop's pacer thread: {source}")]
+    Pacer { source: std::io::Error },
 }
 
 /// The outcome of one phase.

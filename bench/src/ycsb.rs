@@ -7,10 +7,11 @@
 //! the users of one client driver share its connection pool, so requests of
 //! concurrent clients leave in the same packets (RESP clients each have a
 //! TCP connection of their own). In a closed loop a client sends its next
-//! request when the last is answered. In an open loop (`rate_per_s`) each
-//! sends on a fixed schedule, and a request's latency counts from when it
-//! was due, so a stall shows up in every request queued behind it instead of
-//! hiding as fewer requests (coordinated omission). With emulated regions, a client
+//! request when the last is answered. In an open loop (`rate_per_s`)
+//! requests come due on a fixed schedule ([`crate::pacer`]) and a free
+//! client takes the next; a request's latency counts from when it was due,
+//! so a stall shows up in every request queued behind it instead of hiding
+//! as fewer requests (coordinated omission). With emulated regions, a client
 //! sits in its coordinator's region, and the latency matrix's local delay
 //! applies to its calls; nodes delay their calls to each other themselves
 //! (`ringkv node --latency-matrix`).
@@ -48,6 +49,7 @@ use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
 use ringkv_node::Client;
 
+use crate::pacer::Pacer;
 use crate::resp::RespConn;
 use crate::workload::{record_key, KeyChooser, Op, Workload};
 use crate::BenchError;
@@ -480,9 +482,15 @@ pub async fn run_setting(
     let next_record = Arc::new(std::sync::atomic::AtomicU64::new(records));
     let started = Instant::now();
     let deadline = started + config.duration;
+    let pacer = match config.rate_per_s {
+        Some(rate) => Some(
+            Pacer::start(rate, started, deadline).map_err(|source| BenchError::Pacer { source })?,
+        ),
+        None => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for (w, client) in clients.iter().enumerate() {
-        let client = client.clone();
+        let (client, pacer) = (client.clone(), pacer.clone());
         let (config, setting) = (config.clone(), setting.clone());
         let (mut chooser, next_record) = (chooser.clone(), next_record.clone());
         tasks.spawn(async move {
@@ -491,24 +499,18 @@ pub async fn run_setting(
             let mut reports: HashMap<Op, OpReport> = HashMap::new();
             let mut read_stats = ReadStats::default();
             let value = vec![b'u'; config.value_bytes];
-            // Open loop: this client's share of the rate, on a fixed schedule.
-            let interval = config
-                .rate_per_s
-                .map(|rate| Duration::from_secs_f64(config.concurrency as f64 / rate as f64));
-            // Clients' schedules are staggered, so the total is a steady
-            // rate rather than bursts of `concurrency` requests at once.
-            let mut intended = started
-                + interval.map_or(Duration::ZERO, |i| {
-                    i.mul_f64(w as f64 / config.concurrency.max(1) as f64)
-                });
-            while Instant::now() < deadline {
-                if interval.is_some() {
-                    // Sleep until the intended start; when behind, start at
-                    // once and charge the wait to the request's latency.
-                    tokio::time::sleep_until(intended.into()).await;
-                    if intended >= deadline {
-                        break;
-                    }
+            loop {
+                // Open loop: wait for the next due request; closed loop:
+                // go on at once, until the deadline.
+                let due = match &pacer {
+                    Some(pacer) => match pacer.next().await {
+                        Some(due) => Some(due),
+                        None => break,
+                    },
+                    None => None,
+                };
+                if Instant::now() >= deadline {
+                    break;
                 }
                 let op = config.workload.next_op(&mut rng);
                 let record = match op {
@@ -522,14 +524,7 @@ pub async fn run_setting(
                 // Latency counts from the intended start in an open loop, so
                 // queueing behind a slow request is not hidden (coordinated
                 // omission); from the send in a closed loop.
-                let sent = if interval.is_some() {
-                    intended
-                } else {
-                    Instant::now()
-                };
-                if let Some(interval) = interval {
-                    intended += interval;
-                }
+                let sent = due.unwrap_or_else(Instant::now);
                 let (timeout_ms, delay) = (config.request_timeout_ms, config.client_delay);
                 let mut outcome = Outcome::Written { context: None };
                 if matches!(op, Op::Read | Op::ReadModifyWrite) {

@@ -1,0 +1,118 @@
+//! The open loop's arrival schedule: requests come due at a fixed total
+//! rate whatever the store does, and the clients take them as they come.
+//!
+//! A request's latency counts from when it was due, not from when a client
+//! got to send it, so a stall shows in every request queued behind it
+//! (Tene's coordinated omission). That makes the precision of "when it was
+//! due" part of every figure: tokio's timer fires on whole milliseconds, so
+//! sleeping a client until its due time charged each request up to 1 ms of
+//! timer lateness. The pacer is one plain thread instead, sleeping with the
+//! OS's high-resolution timer (tens of microseconds late on a VM, at most
+//! [`PACER_MIN_SLEEP`] more at high rates) and handing each due time to
+//! whichever client is free. When every client is
+//! busy, due requests wait in the queue and that wait is in their latency.
+//!
+//! Invariants: due times are `start + i / rate` for i = 0, 1, 2, … (no drift
+//! from rounding the interval), all before `deadline`, in order, each
+//! handed out no earlier than it is due and exactly once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Mutex};
+
+/// The pacer's shortest sleep. At high rates it wakes once per this and
+/// hands out every request that came due meanwhile, rather than once per
+/// request: thousands of wake-ups a second cost CPU that the store under
+/// test shares on a small machine. A request is handed out at most this
+/// much (plus the OS's wake-up delay) after it was due, and that lateness
+/// is in its latency.
+pub const PACER_MIN_SLEEP: Duration = Duration::from_micros(250);
+
+/// Hands out due times; cloned into every client.
+#[derive(Clone)]
+pub struct Pacer {
+    due: Arc<Mutex<mpsc::UnboundedReceiver<Instant>>>,
+}
+
+impl Pacer {
+    /// Starts the schedule: `rate_per_s` requests a second from `start`
+    /// until `deadline`. The thread ends at the deadline, or as soon as
+    /// every `Pacer` clone is dropped.
+    pub fn start(rate_per_s: u64, start: Instant, deadline: Instant) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("ringkv-pacer".into())
+            .spawn(move || {
+                for i in 0u64.. {
+                    let after_ns = u128::from(i) * 1_000_000_000 / u128::from(rate_per_s.max(1));
+                    let due = start + Duration::from_nanos(after_ns as u64);
+                    if due >= deadline {
+                        break;
+                    }
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep((due - now).max(PACER_MIN_SLEEP));
+                    }
+                    if tx.send(due).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            due: Arc::new(Mutex::new(rx)),
+        })
+    }
+
+    /// The next due time, once it is due; `None` when the schedule is over.
+    pub async fn next(&self) -> Option<Instant> {
+        self.due.lock().await.recv().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 200 requests a second for 100 ms: 20 due times, 5 ms apart, none
+    /// handed out early, then the end.
+    #[tokio::test]
+    async fn hands_out_each_due_time_once_in_order_and_not_early() {
+        let start = Instant::now() + Duration::from_millis(20);
+        let pacer = Pacer::start(200, start, start + Duration::from_millis(100)).unwrap();
+        let mut got = Vec::new();
+        while let Some(due) = pacer.next().await {
+            assert!(Instant::now() >= due, "handed out before it was due");
+            got.push(due);
+        }
+        assert_eq!(got.len(), 20);
+        for (i, due) in got.iter().enumerate() {
+            assert_eq!(*due, start + Duration::from_millis(5 * i as u64));
+        }
+    }
+
+    /// Clients share one schedule: each due time goes to one of them.
+    #[tokio::test]
+    async fn clients_share_the_schedule() {
+        let start = Instant::now();
+        let pacer = Pacer::start(1000, start, start + Duration::from_millis(50)).unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let pacer = pacer.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(due) = pacer.next().await {
+                    mine.push(due);
+                }
+                mine
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 50);
+    }
+}
