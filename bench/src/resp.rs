@@ -95,22 +95,46 @@ pub async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Result
 }
 
 /// One connection to a RESP server.
+///
+/// RESP matches replies to requests by order alone, so a call that did not
+/// read its whole reply (it failed, or its caller gave up on it and dropped
+/// it) leaves the connection out of step: the next call would read the old
+/// reply as its own. Such a connection is dropped, and the next call opens
+/// a new one.
 pub struct RespConn {
-    stream: BufReader<TcpStream>,
+    addr: std::net::SocketAddr,
+    /// `None` after a call that did not finish cleanly.
+    stream: Option<BufReader<TcpStream>>,
+}
+
+async fn open(addr: std::net::SocketAddr) -> Result<BufReader<TcpStream>, RespError> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(BufReader::new(stream))
 }
 
 impl RespConn {
     pub async fn connect(addr: std::net::SocketAddr) -> Result<Self, RespError> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
         Ok(RespConn {
-            stream: BufReader::new(stream),
+            addr,
+            stream: Some(open(addr).await?),
         })
     }
 
     async fn call(&mut self, args: &[&[u8]]) -> Result<Reply, RespError> {
-        self.stream.get_mut().write_all(&encode(args)).await?;
-        read_reply(&mut self.stream).await
+        // Taken out for the call and put back only once the reply is read
+        // whole (a server's error reply is whole too): cancelled or failed
+        // midway, the connection is gone.
+        let mut stream = match self.stream.take() {
+            Some(stream) => stream,
+            None => open(self.addr).await?,
+        };
+        stream.get_mut().write_all(&encode(args)).await?;
+        let reply = read_reply(&mut stream).await;
+        if matches!(reply, Ok(_) | Err(RespError::Server(_))) {
+            self.stream = Some(stream);
+        }
+        reply
     }
 
     pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, RespError> {
@@ -157,5 +181,48 @@ mod tests {
         assert!(parse(b"").await.is_err(), "closed");
         let endless = vec![b'+'; 10_000];
         assert!(parse(&endless).await.is_err(), "an endless line is cut off");
+    }
+
+    /// A server whose first connection answers its first GET late: the
+    /// caller gives up on it, and the next call must get its own reply,
+    /// not the late one.
+    #[tokio::test]
+    async fn a_call_given_up_on_does_not_hand_its_late_reply_to_the_next() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for connection in 0.. {
+                let (socket, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let mut command = 0;
+                    // Each command is 5 lines for GET (*2, $3, GET, $n, key).
+                    let mut seen = Vec::new();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        seen.push(line);
+                        if seen.len() < 5 {
+                            continue;
+                        }
+                        let key = seen[4].clone();
+                        seen.clear();
+                        if connection == 0 && command == 0 {
+                            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        }
+                        command += 1;
+                        let reply = format!("${}\r\n{key}\r\n", key.len());
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut conn = RespConn::connect(addr).await.unwrap();
+        let late = tokio::time::timeout(std::time::Duration::from_millis(50), conn.get(b"first"));
+        assert!(late.await.is_err(), "the first GET should time out");
+        // Without dropping the connection this read "first"'s reply.
+        assert_eq!(conn.get(b"second").await.unwrap(), Some(b"second".to_vec()));
+        assert_eq!(conn.get(b"third").await.unwrap(), Some(b"third".to_vec()));
     }
 }
