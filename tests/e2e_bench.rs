@@ -47,6 +47,10 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         table.contains("fresh@0ms") && table.contains("quorum"),
         "{table}"
     );
+    assert!(
+        table.contains("CPU per operation (this process: the embedded nodes"),
+        "{table}"
+    );
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
@@ -55,6 +59,10 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     assert_eq!(json["config"]["regions"], "preset:cloud3");
     assert_eq!(json["config"]["updates"], "overwrite");
     assert_eq!(json["config"]["connections_per_node"], 1);
+    assert_eq!(
+        json["config"]["cpu_scope"],
+        "this process: the embedded nodes and the bench's clients"
+    );
     let settings = json["settings"].as_array().unwrap();
     let names: Vec<&str> = settings
         .iter()
@@ -77,6 +85,11 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         );
         assert!(reads > 0 && values >= reads, "{s}");
         assert!(s["max_siblings"].as_u64().unwrap() >= 1, "{s}");
+        // Five nodes and their clients cannot serve a read in no CPU time,
+        // nor take a whole second of it per read.
+        let cpu_us = s["cpu_us_per_op"].as_f64().unwrap();
+        assert!(cpu_us > 1.0 && cpu_us < 1e6, "{s}");
+        assert!(s["cpu_s"].as_f64().unwrap() > 0.0, "{s}");
     }
     // R=1, W=1 across regions: a read right after the write, through
     // another node, often misses it. R+W>N never does.
@@ -239,6 +252,10 @@ fn the_same_workload_runs_against_a_resp_store() {
     assert_eq!(report["config"]["target"], format!("resp://{addr}"));
     // Each RESP client has its own TCP connection: no shared pool.
     assert!(report["config"]["connections_per_node"].is_null());
+    assert_eq!(
+        report["config"]["cpu_scope"],
+        "this process: the bench's clients"
+    );
     let s = &report["settings"][0];
     assert_eq!(s["setting"], "resp");
     for op in ["read", "rmw"] {
