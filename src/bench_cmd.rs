@@ -492,7 +492,7 @@ fn report_json(
             "values_read": r.values_read,
             "max_siblings": r.max_siblings,
             "staleness": r.staleness.iter().map(|v| json!({
-                "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh,
+                "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh, "failed": v.failed,
                 "fresh_share": if v.probes == 0 { json!(null) } else { json!(v.fresh_share()) },
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),

@@ -103,6 +103,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     );
     for v in settings[1]["staleness"].as_array().unwrap() {
         assert_eq!(v["fresh"], v["probes"], "quorum reads are never stale: {v}");
+        assert_eq!(v["failed"], 0, "every node is up: {v}");
     }
     assert!(settings[1]["staleness"][0]["probes"].as_u64().unwrap() > 0);
 }

@@ -185,8 +185,12 @@ impl OpReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Visibility {
     pub t_ms: u64,
+    /// Probes whose write and read both succeeded.
     pub probes: u64,
+    /// Of those, reads that saw the write.
     pub fresh: u64,
+    /// Probes left out because the write or the read failed or timed out.
+    pub failed: u64,
 }
 
 impl Visibility {
@@ -658,14 +662,18 @@ pub async fn probe_staleness(
             .put(&key, &value, setting.w, None, false, timeout_ms, delay)
             .await;
         if !written.is_ok() {
+            out[slot].failed += 1;
             continue;
         }
         tokio::time::sleep(Duration::from_millis(out[slot].t_ms)).await;
-        if let Outcome::Read { values, .. } = reader.get(&key, setting.r, timeout_ms, delay).await {
-            out[slot].probes += 1;
-            if values.contains(&value) {
-                out[slot].fresh += 1;
+        match reader.get(&key, setting.r, timeout_ms, delay).await {
+            Outcome::Read { values, .. } => {
+                out[slot].probes += 1;
+                if values.contains(&value) {
+                    out[slot].fresh += 1;
+                }
             }
+            _ => out[slot].failed += 1,
         }
     }
     close_all(vec![Arc::new(writer), Arc::new(reader)]).await;
