@@ -42,20 +42,47 @@ const STREAM_IN_FLIGHT_MAX: u32 = 1024;
 /// How long opening a shared stream may wait for the peer's stream credit.
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Whether `request` (encoded in `encoded_bytes`) goes on the shared stream.
-fn rides_shared_stream(request: &Request, encoded_bytes: usize) -> bool {
-    let small_kind = match request {
-        Request::Put(_) | Request::Get(_) | Request::Ping | Request::Status => true,
-        Request::Replica(r) => matches!(
-            r,
+/// Which stream a request travels on.
+///
+/// A node's shared streams carry two kinds of request, and they must not
+/// share a stream's in-flight budget. A *leaf* request (a replica read or
+/// write, a hint, a ping) is answered by the receiving node alone. A
+/// *coordinated* one (a client's put or get, also when a node forwards it to
+/// a replica) makes the receiving node call other nodes in turn. On one
+/// stream, forwarded requests filling node B's budget for A's stream while
+/// they wait for B's calls to C, whose budget for B's stream is full of
+/// forwarded requests waiting on calls to A, and so on round a cycle, would
+/// stall every one of them until its deadline. With leaf requests on a
+/// stream of their own, a coordinated request only ever waits for leaf
+/// ones, which wait for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// The shared stream of requests answered without calling anyone.
+    Leaf,
+    /// The shared stream of requests the receiving node coordinates.
+    Coordinated,
+    /// A stream of its own: rare or large requests.
+    Own,
+}
+
+/// The lane of `request` (encoded in `encoded_bytes`).
+fn lane(request: &Request, encoded_bytes: usize) -> Lane {
+    let lane = match request {
+        Request::Put(_) | Request::Get(_) | Request::Status => Lane::Coordinated,
+        Request::Ping => Lane::Leaf,
+        Request::Replica(
             ReplicaRequest::Update { .. }
-                | ReplicaRequest::Sync { .. }
-                | ReplicaRequest::Read { .. }
-                | ReplicaRequest::Hint { .. }
-        ),
-        Request::Join(_) | Request::Stats | Request::Repair => false,
+            | ReplicaRequest::Sync { .. }
+            | ReplicaRequest::Read { .. }
+            | ReplicaRequest::Hint { .. },
+        ) => Lane::Leaf,
+        Request::Replica(_) | Request::Join(_) | Request::Stats | Request::Repair => Lane::Own,
     };
-    small_kind && encoded_bytes <= SHARED_REQUEST_MAX_BYTES
+    if encoded_bytes > SHARED_REQUEST_MAX_BYTES {
+        Lane::Own
+    } else {
+        lane
+    }
 }
 
 /// The one answer a server owes a request frame. Its permit (the stream's
@@ -388,9 +415,10 @@ pub struct PeerPool {
 
 struct Peer {
     conn: quinn::Connection,
-    /// Opened on the first shared-stream request, reopened if it ends while
-    /// the connection lives on.
-    channel: Option<Arc<Channel>>,
+    /// The shared streams of the two lanes, each opened on its first
+    /// request and reopened if it ends while the connection lives on.
+    leaf: Option<Arc<Channel>>,
+    coordinated: Option<Arc<Channel>>,
 }
 
 /// The open channel in `slot`, or a new one on `conn` in its place.
@@ -420,8 +448,7 @@ impl PeerPool {
     /// Sends `request` to the node at `addr`.
     pub async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
         let body = encode_request(request);
-        let shared = rides_shared_stream(request, body.len());
-        let (conn, channel) = self.peer(addr, shared).await?;
+        let (conn, channel) = self.peer(addr, lane(request, body.len())).await?;
         let result = match channel {
             Some(channel) => channel.call(&body).await,
             None => call_on_own_stream(&conn, &body).await,
@@ -432,12 +459,12 @@ impl PeerPool {
         result
     }
 
-    /// The live connection to `addr` (dialled if need be) and, if `shared`,
-    /// its channel.
+    /// The live connection to `addr` (dialled if need be) and the channel
+    /// of `lane` on it (none for [`Lane::Own`]).
     async fn peer(
         &self,
         addr: SocketAddr,
-        shared: bool,
+        lane: Lane,
     ) -> Result<(quinn::Connection, Option<Arc<Channel>>), CallError> {
         let slot = self
             .peers
@@ -454,14 +481,15 @@ impl PeerPool {
             let conn = connect(&self.endpoint, addr, self.connect_timeout).await?;
             *slot = Some(Peer {
                 conn,
-                channel: None,
+                leaf: None,
+                coordinated: None,
             });
         }
         let peer = slot.as_mut().expect("set above");
-        let channel = if shared {
-            Some(open_channel(&mut peer.channel, &peer.conn).await?)
-        } else {
-            None
+        let channel = match lane {
+            Lane::Leaf => Some(open_channel(&mut peer.leaf, &peer.conn).await?),
+            Lane::Coordinated => Some(open_channel(&mut peer.coordinated, &peer.conn).await?),
+            Lane::Own => None,
         };
         Ok((peer.conn.clone(), channel))
     }
@@ -535,9 +563,11 @@ impl Client {
         })
     }
 
+    /// Sends `request`. A client is never called back, so it sends both
+    /// shared lanes on one stream.
     pub async fn call(&self, request: &Request) -> Result<Response, CallError> {
         let body = encode_request(request);
-        if !rides_shared_stream(request, body.len()) {
+        if lane(request, body.len()) == Lane::Own {
             return call_on_own_stream(&self.conn, &body).await;
         }
         let channel = open_channel(&mut *self.channel.lock().await, &self.conn).await?;
@@ -589,7 +619,7 @@ mod tests {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(tls::client_config());
         let pool = Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
-        let (conn, channel) = pool.peer(node.addr(), true).await.unwrap();
+        let (conn, channel) = pool.peer(node.addr(), Lane::Leaf).await.unwrap();
         let (first, datagrams_before) = (conn.stable_id(), conn.stats().udp_tx.datagrams);
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..50 {
@@ -602,9 +632,18 @@ mod tests {
         let sent = conn.stats().udp_tx.datagrams - datagrams_before;
         assert!(sent < 25, "50 pings took {sent} datagrams");
         assert_eq!(pool.peers.len(), 1);
-        let (again, same_channel) = pool.peer(node.addr(), true).await.unwrap();
+        let (again, same_channel) = pool.peer(node.addr(), Lane::Leaf).await.unwrap();
         assert_eq!(again.stable_id(), first);
-        assert!(Arc::ptr_eq(&channel.unwrap(), &same_channel.unwrap()));
+        let channel = channel.unwrap();
+        assert!(Arc::ptr_eq(&channel, &same_channel.unwrap()));
+        // Coordinated requests share the connection but not the stream.
+        let (conn, coordinated) = pool.peer(node.addr(), Lane::Coordinated).await.unwrap();
+        assert_eq!(conn.stable_id(), first);
+        assert!(!Arc::ptr_eq(&channel, &coordinated.unwrap()));
+        assert!(matches!(
+            pool.call(node.addr(), &get("k")).await,
+            Ok(Response::Get(_)) | Ok(Response::Error(_))
+        ));
         // A request that takes a stream of its own works on the same
         // connection.
         assert!(matches!(
@@ -651,6 +690,28 @@ mod tests {
             timeout_ms: 1000,
             forwarded: false,
         })
+    }
+
+    /// Requests that make the receiving node call others never share a
+    /// stream (and its in-flight budget) with those answered alone, whether
+    /// a client sent them or a node forwarded them.
+    #[test]
+    fn coordinated_requests_and_leaf_requests_take_different_lanes() {
+        let mut forwarded = get("k");
+        if let Request::Get(g) = &mut forwarded {
+            g.forwarded = true;
+        }
+        assert_eq!(lane(&get("k"), 100), Lane::Coordinated);
+        assert_eq!(lane(&forwarded, 100), Lane::Coordinated);
+        assert_eq!(lane(&Request::Status, 10), Lane::Coordinated);
+        let read = Request::Replica(ReplicaRequest::Read {
+            key: b"k".to_vec(),
+            hint_for: None,
+        });
+        assert_eq!(lane(&read, 100), Lane::Leaf);
+        assert_eq!(lane(&Request::Ping, 10), Lane::Leaf);
+        assert_eq!(lane(&read, SHARED_REQUEST_MAX_BYTES + 1), Lane::Own);
+        assert_eq!(lane(&Request::Stats, 10), Lane::Own);
     }
 
     /// Answers on the shared stream come back as they are ready: a ping sent
