@@ -29,10 +29,15 @@ use tokio::sync::{mpsc, Mutex};
 /// is in its latency.
 pub const PACER_MIN_SLEEP: Duration = Duration::from_micros(250);
 
+/// Due requests waiting for a free client, at most. Past this the clients
+/// are hopelessly behind (the latencies already say so), and an absurd
+/// `--rate` must not fill memory with due times.
+const PACER_QUEUE_MAX: usize = 65_536;
+
 /// Hands out due times; cloned into every client.
 #[derive(Clone)]
 pub struct Pacer {
-    due: Arc<Mutex<mpsc::UnboundedReceiver<Instant>>>,
+    due: Arc<Mutex<mpsc::Receiver<Instant>>>,
 }
 
 impl Pacer {
@@ -40,7 +45,7 @@ impl Pacer {
     /// until `deadline`. The thread ends at the deadline, or as soon as
     /// every `Pacer` clone is dropped.
     pub fn start(rate_per_s: u64, start: Instant, deadline: Instant) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(PACER_QUEUE_MAX);
         std::thread::Builder::new()
             .name("ringkv-pacer".into())
             .spawn(move || {
@@ -54,7 +59,10 @@ impl Pacer {
                     if due > now {
                         std::thread::sleep((due - now).max(PACER_MIN_SLEEP));
                     }
-                    if tx.send(due).is_err() {
+                    // Blocks while the queue is full; the due times it
+                    // then sends are still the schedule's, so the wait is
+                    // charged to those requests all the same.
+                    if tx.blocking_send(due).is_err() {
                         break;
                     }
                 }
@@ -89,6 +97,24 @@ mod tests {
         for (i, due) in got.iter().enumerate() {
             assert_eq!(*due, start + Duration::from_millis(5 * i as u64));
         }
+    }
+
+    /// Clients far behind a high rate: the queue fills, the pacer waits,
+    /// and every due time still comes out once, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_delays_due_times_but_loses_none() {
+        let start = Instant::now();
+        let pacer = Pacer::start(1_000_000, start, start + Duration::from_millis(100)).unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut count = 0u64;
+        let mut last = None;
+        while let Some(due) = pacer.next().await {
+            assert!(last.is_none_or(|l| l < due), "out of order");
+            last = Some(due);
+            count += 1;
+        }
+        assert!(count as usize > PACER_QUEUE_MAX, "the queue was never full");
+        assert_eq!(count, 100_000);
     }
 
     /// Clients share one schedule: each due time goes to one of them.
