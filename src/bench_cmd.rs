@@ -280,28 +280,20 @@ async fn run_all(
         .map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
     loading.finish_and_clear();
     let mut reports = Vec::new();
-    let mut cpu = Vec::new();
     let mut records = config.records;
     for setting in &config.settings {
         let running = bar(100, format!("run {setting}"));
-        let cpu_before = process_cpu();
         let report = ycsb::run_setting(config, setting, records, &|share| {
             running.set_position((share * 100.0) as u64)
         })
         .await
         .map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
         running.finish_and_clear();
-        cpu.push(
-            cpu_before
-                .zip(process_cpu())
-                .map(|(b, a)| a.saturating_sub(b)),
-        );
         // Inserts of workload D add records for the next setting.
         records = report.records_after;
         reports.push(report);
     }
-    let cpu = CpuReport {
-        per_setting: cpu,
+    let cpu = CpuScope {
         scope: if external {
             "this process: the bench's clients"
         } else {
@@ -326,42 +318,15 @@ async fn run_all(
     Ok(Exit::Ok)
 }
 
-/// CPU time (user and system, all threads) of this process per setting's
-/// run, and what that covers: with an embedded cluster the nodes run here
-/// too, so it is the whole cost of an operation; against a cluster
-/// elsewhere it is the client's share only.
-struct CpuReport {
-    per_setting: Vec<Option<Duration>>,
+/// What the CPU time of this process (per setting, measured over the run)
+/// covers: with an embedded cluster the nodes run here too, so it is the
+/// whole cost of an operation; against a cluster elsewhere it is the
+/// client's share only.
+struct CpuScope {
     scope: &'static str,
 }
 
-impl CpuReport {
-    /// CPU microseconds per request attempted in `report`'s run.
-    fn us_per_op(&self, i: usize, report: &SettingReport) -> Option<f64> {
-        let cpu = self.per_setting.get(i).copied().flatten()?;
-        let attempts: u64 = report
-            .ops
-            .iter()
-            .map(|(_, o)| o.ops + o.errors + o.timeouts)
-            .sum();
-        (attempts > 0).then(|| cpu.as_secs_f64() * 1e6 / attempts as f64)
-    }
-}
-
-/// User plus system CPU time of this process so far (`getrusage`).
-fn process_cpu() -> Option<Duration> {
-    // SAFETY: getrusage only writes the struct we hand it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return None;
-    }
-    let time = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
-    };
-    Some(time(usage.ru_utime) + time(usage.ru_stime))
-}
-
-fn print_table(reports: &[SettingReport], cpu: &CpuReport) {
+fn print_table(reports: &[SettingReport], cpu: &CpuScope) {
     println!(
         "{:<16} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8}",
         "setting",
@@ -394,11 +359,18 @@ fn print_table(reports: &[SettingReport], cpu: &CpuReport) {
     }
     let per_op: Vec<String> = reports
         .iter()
-        .enumerate()
-        .filter_map(|(i, r)| Some(format!("{} {:.0} µs", r.setting, cpu.us_per_op(i, r)?)))
+        .filter_map(|r| Some(format!("{} {:.0} µs", r.setting, r.cpu_us_per_op()?)))
         .collect();
     if !per_op.is_empty() {
         println!("CPU per operation ({}): {}", cpu.scope, per_op.join(", "));
+    }
+    for r in reports {
+        if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
+            println!(
+                "{}: {unsent} requests came due but were never sent (every client was busy to the end): the store fell behind --rate, and the latencies above leave them out",
+                r.setting
+            );
+        }
     }
     println!();
     let header: Vec<String> = ycsb::STALENESS_T_MS
@@ -450,7 +422,7 @@ fn report_json(
     args: &BenchArgs,
     replicas: usize,
     reports: &[SettingReport],
-    cpu: &CpuReport,
+    cpu: &CpuScope,
 ) -> serde_json::Value {
     json!({
         "config": {
@@ -469,14 +441,15 @@ fn report_json(
             "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions) } else { json!(null) },
             "cpu_scope": cpu.scope,
         },
-        "settings": reports.iter().enumerate().map(|(i, r)| json!({
+        "settings": reports.iter().map(|r| json!({
             "setting": r.setting.to_string(),
             "r": r.setting.r.to_string(),
             "w": r.setting.w.to_string(),
             "elapsed_s": r.elapsed.as_secs_f64(),
             "ops_per_sec": r.ops_per_sec(),
-            "cpu_s": cpu.per_setting.get(i).copied().flatten().map(|d| d.as_secs_f64()),
-            "cpu_us_per_op": cpu.us_per_op(i, r),
+            "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
+            "cpu_us_per_op": r.cpu_us_per_op(),
+            "unsent": r.unsent,
             "ops": r.ops.iter().map(|(op, o)| (op.as_str().to_string(), json!({
                 "ops": o.ops,
                 "errors": o.errors,

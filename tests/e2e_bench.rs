@@ -173,6 +173,8 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
         "{ops} requests in an open loop of 100/s for 2 s: {s}"
     );
     assert!(ops > 0, "{s}");
+    // Whatever came due and was not sent is reported, not lost.
+    assert_eq!(ops + s["unsent"].as_u64().unwrap(), 200, "{s}");
 }
 
 /// A toy Redis: GET and SET over RESP on a background thread, enough for

@@ -40,6 +40,20 @@ pub struct LoadConfig {
     pub request_timeout_ms: u32,
 }
 
+/// User plus system CPU time of this process so far, all threads
+/// (`getrusage`); `None` if the OS does not say.
+pub fn process_cpu() -> Option<Duration> {
+    // SAFETY: getrusage only writes the struct it is handed.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    Some(time(usage.ru_utime) + time(usage.ru_stime))
+}
+
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -168,6 +168,11 @@ impl OpReport {
         }
     }
 
+    /// Requests made: answered, failed or timed out.
+    pub fn attempts(&self) -> u64 {
+        self.ops + self.errors + self.timeouts
+    }
+
     fn merge(&mut self, other: &OpReport) {
         self.ops += other.ops;
         self.errors += other.errors;
@@ -234,6 +239,13 @@ impl ReadStats {
 pub struct SettingReport {
     pub setting: Setting,
     pub elapsed: Duration,
+    /// CPU time of this process during the run (see
+    /// [`crate::process_cpu`]); `None` where it cannot be read.
+    pub cpu: Option<Duration>,
+    /// Open loop only: requests that came due but were never sent because
+    /// every client was busy until the end. The latency figures leave them
+    /// out, so any number here means the store fell behind the rate.
+    pub unsent: Option<u64>,
     pub ops: Vec<(Op, OpReport)>,
     pub reads: u64,
     /// Reads that returned more than one value.
@@ -255,6 +267,22 @@ impl SettingReport {
     pub fn ops_per_sec(&self) -> f64 {
         self.total_ops() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// CPU microseconds of this process per request attempted.
+    pub fn cpu_us_per_op(&self) -> Option<f64> {
+        let attempts: u64 = self.ops.iter().map(|(_, o)| o.attempts()).sum();
+        let cpu = self.cpu?;
+        (attempts > 0).then(|| cpu.as_secs_f64() * 1e6 / attempts as f64)
+    }
+}
+
+/// How many requests an open loop at `rate_per_s` has due within
+/// `duration`: those at `i / rate` for every i with that before the end,
+/// as [`Pacer`] schedules them.
+fn due_in(rate_per_s: u64, duration: Duration) -> u64 {
+    let rate = u128::from(rate_per_s.max(1));
+    // i * 1e9 / rate < duration_ns  <=>  i < ceil(duration_ns * rate / 1e9)
+    (duration.as_nanos() * rate).div_ceil(1_000_000_000) as u64
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -485,6 +513,7 @@ pub async fn run_setting(
     // same key, and every client's chooser learns of the others' inserts.
     let next_record = Arc::new(std::sync::atomic::AtomicU64::new(records));
     let started = Instant::now();
+    let cpu_at_start = crate::process_cpu();
     let deadline = started + config.duration;
     let pacer = match config.rate_per_s {
         Some(rate) => Some(
@@ -566,7 +595,11 @@ pub async fn run_setting(
                 match outcome {
                     Outcome::Read { .. } | Outcome::Written { .. } => {
                         report.ops += 1;
-                        let _ = report.latency_us.record(sent.elapsed().as_micros() as u64);
+                        // Beyond the histogram's 60 s bound, count it at the bound
+                        // rather than losing the worst of the tail.
+                        report
+                            .latency_us
+                            .saturating_record(sent.elapsed().as_micros() as u64);
                     }
                     Outcome::Timeout => report.timeouts += 1,
                     Outcome::Error => report.errors += 1,
@@ -605,6 +638,9 @@ pub async fn run_setting(
         progress((started.elapsed().as_secs_f64() / config.duration.as_secs_f64()).min(1.0));
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_at_start
+        .zip(crate::process_cpu())
+        .map(|(before, after)| after.saturating_sub(before));
     let staleness = match prober {
         Some(p) => p.await.unwrap_or_default(),
         None => Vec::new(),
@@ -612,7 +648,13 @@ pub async fn run_setting(
     close_all(clients).await;
     let mut ops: Vec<(Op, OpReport)> = merged.into_iter().collect();
     ops.sort_by_key(|(op, _)| op.as_str());
+    let attempted: u64 = ops.iter().map(|(_, o)| o.attempts()).sum();
+    let unsent = config
+        .rate_per_s
+        .map(|rate| due_in(rate, config.duration).saturating_sub(attempted));
     Ok(SettingReport {
+        cpu,
+        unsent,
         setting: setting.clone(),
         elapsed,
         ops,
@@ -624,6 +666,9 @@ pub async fn run_setting(
         records_after: next_record.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
+
+/// How long the staleness prober waits after a probe failed.
+const PROBE_FAILURE_PAUSE: Duration = Duration::from_millis(50);
 
 /// The staleness prober (see the module docs): writes through the first
 /// target, reads through the second, cycling through [`STALENESS_T_MS`].
@@ -663,6 +708,9 @@ pub async fn probe_staleness(
             .await;
         if !written.is_ok() {
             out[slot].failed += 1;
+            // A cluster refusing writes at once must not make the prober
+            // spin (and load it further).
+            tokio::time::sleep(PROBE_FAILURE_PAUSE).await;
             continue;
         }
         tokio::time::sleep(Duration::from_millis(out[slot].t_ms)).await;
@@ -673,9 +721,29 @@ pub async fn probe_staleness(
                     out[slot].fresh += 1;
                 }
             }
-            _ => out[slot].failed += 1,
+            _ => {
+                out[slot].failed += 1;
+                tokio::time::sleep(PROBE_FAILURE_PAUSE).await;
+            }
         }
     }
     close_all(vec![Arc::new(writer), Arc::new(reader)]).await;
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The count of due requests matches the pacer's schedule: every i
+    /// with i / rate before the end.
+    #[test]
+    fn due_in_counts_the_pacers_schedule() {
+        assert_eq!(due_in(100, Duration::from_secs(2)), 200);
+        // 0, 1/3 and 2/3 of a second.
+        assert_eq!(due_in(3, Duration::from_secs(1)), 3);
+        // 0 ms to 1000 ms inclusive are before 1000.5 ms.
+        assert_eq!(due_in(1000, Duration::from_micros(1_000_500)), 1001);
+        assert_eq!(due_in(200, Duration::from_millis(100)), 20);
+    }
 }

@@ -1,17 +1,17 @@
 //! Requests over QUIC: framed requests on long-lived streams, answered out
 //! of order by request id (see [`crate::frame`]).
 //!
-//! Each connection carries one shared stream, a [`Channel`], for the small
+//! A connection carries shared streams, each a [`Channel`], for the small
 //! requests of the data path (client gets and puts, replica reads, writes
-//! and hints, pings). Frames from concurrent callers leave together, so
-//! under load a packet carries many requests. A request that would hold the
-//! shared stream up (anti-entropy exchanges, batches, membership and admin
+//! and hints, pings): between nodes one per `Lane`, from a client one.
+//! Frames from concurrent callers leave together, so under load a packet
+//! carries many requests. A request that would hold a shared stream up (anti-entropy exchanges, batches, membership and admin
 //! calls, or any request over [`SHARED_REQUEST_MAX_BYTES`]) gets a stream of
 //! its own: one frame each way. The server treats both kinds alike: it
 //! reads frames until the stream ends, answers each as soon as its handler
 //! is done, and finishes once every answer is written.
 //!
-//! [`PeerPool`] keeps one connection (and its channel) per peer address and
+//! [`PeerPool`] keeps one connection (and its channels) per peer address and
 //! reconnects when a connection dies; [`Client`] is the single connection a
 //! command-line client or benchmark uses, shared by any number of
 //! concurrent callers.
