@@ -293,40 +293,33 @@ async fn run_all(
         records = report.records_after;
         reports.push(report);
     }
-    let cpu = CpuScope {
-        scope: if external {
-            "this process: the bench's clients"
-        } else {
-            "this process: the embedded nodes and the bench's clients"
-        },
+    // What the CPU time of this process covers: with an embedded cluster
+    // the nodes run here too, so it is the whole cost of an operation;
+    // against a cluster elsewhere it is the clients' share only.
+    let cpu_scope = if external {
+        "this process: the bench's clients"
+    } else {
+        "this process: the embedded nodes and the bench's clients"
     };
     if let Some(path) = &args.plot {
         ringkv_bench::plot::write_svg(path, &reports)
             .map_err(|e| Failure::new(Exit::Usage, format!("--plot: {e}")))?;
     }
-    let out = report_json(config, args, replicas, &reports, &cpu);
+    let out = report_json(config, args, replicas, &reports, cpu_scope);
     match args.json.as_deref() {
         Some("-") => println!("{out}"),
         Some(path) => {
             std::fs::write(path, format!("{out:#}\n")).map_err(|e| {
                 Failure::new(Exit::Usage, format!("--json {path}: cannot write it: {e}"))
             })?;
-            print_table(&reports, &cpu);
+            print_table(&reports, cpu_scope);
         }
-        None => print_table(&reports, &cpu),
+        None => print_table(&reports, cpu_scope),
     }
     Ok(Exit::Ok)
 }
 
-/// What the CPU time of this process (per setting, measured over the run)
-/// covers: with an embedded cluster the nodes run here too, so it is the
-/// whole cost of an operation; against a cluster elsewhere it is the
-/// client's share only.
-struct CpuScope {
-    scope: &'static str,
-}
-
-fn print_table(reports: &[SettingReport], cpu: &CpuScope) {
+fn print_table(reports: &[SettingReport], cpu_scope: &str) {
     println!(
         "{:<16} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8}",
         "setting",
@@ -362,7 +355,7 @@ fn print_table(reports: &[SettingReport], cpu: &CpuScope) {
         .filter_map(|r| Some(format!("{} {:.0} µs", r.setting, r.cpu_us_per_op()?)))
         .collect();
     if !per_op.is_empty() {
-        println!("CPU per operation ({}): {}", cpu.scope, per_op.join(", "));
+        println!("CPU per operation ({cpu_scope}): {}", per_op.join(", "));
     }
     for r in reports {
         if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
@@ -422,7 +415,7 @@ fn report_json(
     args: &BenchArgs,
     replicas: usize,
     reports: &[SettingReport],
-    cpu: &CpuScope,
+    cpu_scope: &str,
 ) -> serde_json::Value {
     json!({
         "config": {
@@ -439,7 +432,7 @@ fn report_json(
             "cluster": if args.cluster.is_empty() { json!(null) } else { json!(args.cluster) },
             "target": args.target,
             "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions) } else { json!(null) },
-            "cpu_scope": cpu.scope,
+            "cpu_scope": cpu_scope,
         },
         "settings": reports.iter().map(|r| json!({
             "setting": r.setting.to_string(),

@@ -34,6 +34,21 @@ pub const PACER_MIN_SLEEP: Duration = Duration::from_micros(250);
 /// `--rate` must not fill memory with due times.
 const PACER_QUEUE_MAX: usize = 65_536;
 
+/// When the `i`th request is due, after the start: i / rate, computed
+/// afresh for each i so that rounding never accumulates.
+fn due_after(i: u64, rate_per_s: u64) -> Duration {
+    let nanos = u128::from(i) * 1_000_000_000 / u128::from(rate_per_s.max(1));
+    Duration::from_nanos(nanos as u64)
+}
+
+/// How many requests come due within `duration` at `rate_per_s`: every i
+/// whose [`due_after`] is before the end.
+pub fn due_count(rate_per_s: u64, duration: Duration) -> u64 {
+    // i * 1e9 / rate < duration_ns  <=>  i < ceil(duration_ns * rate / 1e9)
+    let rate = u128::from(rate_per_s.max(1));
+    (duration.as_nanos() * rate).div_ceil(1_000_000_000) as u64
+}
+
 /// Hands out due times; cloned into every client.
 #[derive(Clone)]
 pub struct Pacer {
@@ -51,8 +66,7 @@ impl Pacer {
             .name("ringkv-pacer".into())
             .spawn(move || {
                 for i in 0u64.. {
-                    let after_ns = u128::from(i) * 1_000_000_000 / u128::from(rate_per_s.max(1));
-                    let due = start + Duration::from_nanos(after_ns as u64);
+                    let due = start + due_after(i, rate_per_s);
                     if due >= deadline {
                         break;
                     }
@@ -118,6 +132,18 @@ mod tests {
         // holds, so the pacer waited for room at least once.
         assert_eq!(count, 100_000);
         const { assert!(100_000 > PACER_QUEUE_MAX) };
+    }
+
+    /// The count of due requests matches the schedule: every i with
+    /// i / rate before the end.
+    #[test]
+    fn due_count_counts_the_schedule() {
+        assert_eq!(due_count(100, Duration::from_secs(2)), 200);
+        // 0, 1/3 and 2/3 of a second.
+        assert_eq!(due_count(3, Duration::from_secs(1)), 3);
+        // 0 ms to 1000 ms inclusive are before 1000.5 ms.
+        assert_eq!(due_count(1000, Duration::from_micros(1_000_500)), 1001);
+        assert_eq!(due_count(200, Duration::from_millis(100)), 20);
     }
 
     /// Clients share one schedule: each due time goes to one of them.

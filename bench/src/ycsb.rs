@@ -49,7 +49,7 @@ use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
 use ringkv_node::Client;
 
-use crate::pacer::Pacer;
+use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
 use crate::workload::{record_key, KeyChooser, Op, Workload};
 use crate::BenchError;
@@ -268,21 +268,16 @@ impl SettingReport {
         self.total_ops() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
+    /// Requests made in the run: answered, failed or timed out.
+    pub fn attempts(&self) -> u64 {
+        self.ops.iter().map(|(_, o)| o.attempts()).sum()
+    }
+
     /// CPU microseconds of this process per request attempted.
     pub fn cpu_us_per_op(&self) -> Option<f64> {
-        let attempts: u64 = self.ops.iter().map(|(_, o)| o.attempts()).sum();
-        let cpu = self.cpu?;
+        let (cpu, attempts) = (self.cpu?, self.attempts());
         (attempts > 0).then(|| cpu.as_secs_f64() * 1e6 / attempts as f64)
     }
-}
-
-/// How many requests an open loop at `rate_per_s` has due within
-/// `duration`: those at `i / rate` for every i with that before the end,
-/// as [`Pacer`] schedules them.
-fn due_in(rate_per_s: u64, duration: Duration) -> u64 {
-    let rate = u128::from(rate_per_s.max(1));
-    // i * 1e9 / rate < duration_ns  <=>  i < ceil(duration_ns * rate / 1e9)
-    (duration.as_nanos() * rate).div_ceil(1_000_000_000) as u64
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -648,13 +643,9 @@ pub async fn run_setting(
     close_all(clients).await;
     let mut ops: Vec<(Op, OpReport)> = merged.into_iter().collect();
     ops.sort_by_key(|(op, _)| op.as_str());
-    let attempted: u64 = ops.iter().map(|(_, o)| o.attempts()).sum();
-    let unsent = config
-        .rate_per_s
-        .map(|rate| due_in(rate, config.duration).saturating_sub(attempted));
-    Ok(SettingReport {
+    let mut report = SettingReport {
         cpu,
-        unsent,
+        unsent: None,
         setting: setting.clone(),
         elapsed,
         ops,
@@ -664,7 +655,11 @@ pub async fn run_setting(
         max_siblings: read_stats.max_values,
         staleness,
         records_after: next_record.load(std::sync::atomic::Ordering::Relaxed),
-    })
+    };
+    report.unsent = config
+        .rate_per_s
+        .map(|rate| pacer::due_count(rate, config.duration).saturating_sub(report.attempts()));
+    Ok(report)
 }
 
 /// How long the staleness prober waits after a probe failed.
@@ -706,16 +701,14 @@ pub async fn probe_staleness(
         let written = writer
             .put(&key, &value, setting.w, None, false, timeout_ms, delay)
             .await;
-        if !written.is_ok() {
-            out[slot].failed += 1;
-            // A cluster refusing writes at once must not make the prober
-            // spin (and load it further).
-            tokio::time::sleep(PROBE_FAILURE_PAUSE).await;
-            continue;
-        }
-        tokio::time::sleep(Duration::from_millis(out[slot].t_ms)).await;
-        match reader.get(&key, setting.r, timeout_ms, delay).await {
-            Outcome::Read { values, .. } => {
+        let read = if written.is_ok() {
+            tokio::time::sleep(Duration::from_millis(out[slot].t_ms)).await;
+            Some(reader.get(&key, setting.r, timeout_ms, delay).await)
+        } else {
+            None
+        };
+        match read {
+            Some(Outcome::Read { values, .. }) => {
                 out[slot].probes += 1;
                 if values.contains(&value) {
                     out[slot].fresh += 1;
@@ -723,27 +716,12 @@ pub async fn probe_staleness(
             }
             _ => {
                 out[slot].failed += 1;
+                // A cluster refusing requests at once must not make the
+                // prober spin (and load it further).
                 tokio::time::sleep(PROBE_FAILURE_PAUSE).await;
             }
         }
     }
     close_all(vec![Arc::new(writer), Arc::new(reader)]).await;
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The count of due requests matches the pacer's schedule: every i
-    /// with i / rate before the end.
-    #[test]
-    fn due_in_counts_the_pacers_schedule() {
-        assert_eq!(due_in(100, Duration::from_secs(2)), 200);
-        // 0, 1/3 and 2/3 of a second.
-        assert_eq!(due_in(3, Duration::from_secs(1)), 3);
-        // 0 ms to 1000 ms inclusive are before 1000.5 ms.
-        assert_eq!(due_in(1000, Duration::from_micros(1_000_500)), 1001);
-        assert_eq!(due_in(200, Duration::from_millis(100)), 20);
-    }
 }

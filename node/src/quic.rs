@@ -5,9 +5,10 @@
 //! requests of the data path (client gets and puts, replica reads, writes
 //! and hints, pings): between nodes one per `Lane`, from a client one.
 //! Frames from concurrent callers leave together, so under load a packet
-//! carries many requests. A request that would hold a shared stream up (anti-entropy exchanges, batches, membership and admin
-//! calls, or any request over [`SHARED_REQUEST_MAX_BYTES`]) gets a stream of
-//! its own: one frame each way. The server treats both kinds alike: it
+//! carries many requests. A request that would hold a shared stream up
+//! (anti-entropy exchanges, batches, membership and admin calls, or any
+//! request over [`SHARED_REQUEST_MAX_BYTES`]) gets a stream of its own:
+//! one frame each way. The server treats both kinds alike: it
 //! reads frames until the stream ends, answers each as soon as its handler
 //! is done, and finishes once every answer is written.
 //!
