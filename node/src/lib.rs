@@ -1,6 +1,7 @@
 //! A ringkv node: everything that touches the outside world.
 //!
 //! - [`storage`]: RocksDB, the durable store of clocks and metadata.
+//! - [`group_commit`]: one WAL flush for the writes of many requests.
 //! - [`tls`]: certificates and QUIC/TLS configuration, in one place.
 //! - [`frame`]: request/response frames on a QUIC stream and the batching
 //!   writer.
@@ -17,6 +18,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod group_commit;
 pub mod membership;
 pub mod quic;
 pub mod server;

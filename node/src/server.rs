@@ -173,8 +173,12 @@ pub struct LocalReplica {
 }
 
 impl LocalReplica {
+    /// Serves a replica request. One that changed the store is answered
+    /// only once the change is durable: its WAL record flushed, together
+    /// with those of the requests runnable beside it (group commit).
     async fn handle(&self, request: ReplicaRequest) -> Response {
-        if self.replica.store().is_sync() {
+        let changes_store = request.changes_store();
+        let response = if self.replica.store().is_sync() {
             // An fsync takes milliseconds: keep it off the async workers.
             let replica = self.replica.clone();
             tokio::task::spawn_blocking(move || replica.handle(request))
@@ -182,7 +186,13 @@ impl LocalReplica {
                 .unwrap_or_else(|e| Response::error(ErrorKind::Internal, e.to_string()))
         } else {
             self.replica.handle(request)
+        };
+        if changes_store {
+            if let Err(e) = self.replica.store().commit().await {
+                return Response::error(ErrorKind::Internal, format!("{}: {e}", self.replica.id()));
+            }
         }
+        response
     }
 }
 
@@ -633,6 +643,11 @@ async fn collect_if_held_everywhere(
     let collected =
         tokio::task::spawn_blocking(move || replica.collect_tombstone(&key, &ours)).await;
     if let Ok(Ok(true)) = collected {
+        // Nobody waits on this deletion, but it should not sit in the WAL
+        // buffer until the next client write.
+        if let Err(e) = inner.storage.commit().await {
+            tracing::warn!(error = %e, "could not flush a collected tombstone");
+        }
         metrics::counter!("ringkv_tombstones_collected_total").increment(1);
     }
 }
