@@ -26,8 +26,9 @@ const LOCK_STRIPES: usize = 1024;
 /// The default limit on siblings per key.
 pub const DEFAULT_MAX_SIBLINGS: usize = 100;
 
-/// Durable storage of clocks by key. Implementations must have made a `put`
-/// durable (at least in the write-ahead log) before returning.
+/// Durable storage of clocks by key. A `put` is in the write-ahead log when
+/// it returns; an implementation may buffer the log, and then the caller
+/// makes it durable before acknowledging (the node's `Storage::commit`).
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError>;
     /// Stores `clock` for `key`. `previous` is what the store held for the

@@ -204,23 +204,6 @@ pub enum ReplicaRequest {
     SyncBatch { items: Vec<KeyClock> },
 }
 
-impl ReplicaRequest {
-    /// Whether serving this request may change what the replica stores, so
-    /// its answer must wait until the change is durable.
-    pub fn changes_store(&self) -> bool {
-        match self {
-            ReplicaRequest::Update { .. }
-            | ReplicaRequest::Sync { .. }
-            | ReplicaRequest::Hint { .. }
-            | ReplicaRequest::SyncBatch { .. } => true,
-            ReplicaRequest::Read { .. }
-            | ReplicaRequest::TreeHashes { .. }
-            | ReplicaRequest::LeafItems { .. }
-            | ReplicaRequest::ReadBatch { .. } => false,
-        }
-    }
-}
-
 /// A key and a clock for it.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct KeyClock {

@@ -4,9 +4,10 @@
 //! Without `--sync`, a write survives a crash of the process (`kill -9`) once
 //! its write-ahead-log record has been handed to the kernel. RocksDB does
 //! that inside every `DB::write`, one system call per write; under YCSB-A
-//! that call was about 5% of all CPU. A node runs its requests on one worker
-//! thread, so RocksDB's own group commit, which merges writers blocked on
-//! each other in different threads, never has two writers to merge.
+//! that call was about 5% of all CPU. RocksDB's own group commit merges
+//! writers blocked on each other in different threads, but a node's writes
+//! come from async tasks on a few worker threads (one in the bench), which
+//! never block on each other, so it has almost nothing to merge.
 //!
 //! So storage opens RocksDB with `manual_wal_flush`: `DB::write` only
 //! appends to RocksDB's in-process WAL buffer, and a request that wrote calls
@@ -23,10 +24,8 @@
 //! the first `n` writes are in the kernel. A failed flush advances nothing:
 //! every waiter it covered tries again (and, the WAL being broken, fails).
 //!
-//! Reads are not held back: a replica may answer a read with a write whose
-//! record is still in the buffer. That write is not yet acknowledged to
-//! anyone, and a crash in that window loses it like any write that reached
-//! fewer than W replicas.
+//! The node commits after reads too (see `LocalReplica::handle`), so a
+//! replica never answers with a version whose record is still buffered.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

@@ -173,11 +173,13 @@ pub struct LocalReplica {
 }
 
 impl LocalReplica {
-    /// Serves a replica request. One that changed the store is answered
-    /// only once the change is durable: its WAL record flushed, together
-    /// with those of the requests runnable beside it (group commit).
+    /// Serves a replica request, and answers only once everything it wrote
+    /// or read is durable: the WAL records of the writes before it flushed,
+    /// together with those of the requests runnable beside it (group
+    /// commit). Reads wait too: a tombstone check, or a client, must not act
+    /// on a version that a `kill -9` of this replica would then lose. With
+    /// nothing buffered the commit returns at once.
     async fn handle(&self, request: ReplicaRequest) -> Response {
-        let changes_store = request.changes_store();
         let response = if self.replica.store().is_sync() {
             // An fsync takes milliseconds: keep it off the async workers.
             let replica = self.replica.clone();
@@ -187,10 +189,8 @@ impl LocalReplica {
         } else {
             self.replica.handle(request)
         };
-        if changes_store {
-            if let Err(e) = self.replica.store().commit().await {
-                return Response::error(ErrorKind::Internal, format!("{}: {e}", self.replica.id()));
-            }
+        if let Err(e) = self.replica.store().commit().await {
+            return Response::error(ErrorKind::Internal, format!("{}: {e}", self.replica.id()));
         }
         response
     }
@@ -704,9 +704,6 @@ impl NodeHandle {
             let _ = task.await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
-        if let Err(e) = self.inner.storage.mark_clean_shutdown() {
-            tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
-        }
         // Handlers of the connections just closed end within moments; each
         // holds the node (and so the database) until it does.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -714,9 +711,15 @@ impl NodeHandle {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if Arc::strong_count(&self.inner) > 1 {
+            // A handler may still mint a dot, and its record may never be
+            // flushed: the next start must not reuse this epoch.
             tracing::warn!(
-                "request handlers still running at shutdown; the database closes when they end"
+                "request handlers still running at shutdown; the database closes when they end, and the next start begins a new epoch"
             );
+        } else if let Err(e) = self.inner.storage.mark_clean_shutdown() {
+            // The mark is an fsynced write: it flushes every buffered
+            // record before it.
+            tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
         }
     }
 }
@@ -1018,4 +1021,65 @@ async fn exchange_membership(inner: &Arc<NodeInner>) {
     }
     let pick = peers[rand::random::<usize>() % peers.len()];
     announce_to(inner, &record, pick).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringkv_coordinator::replica::Store;
+    use ringkv_core::dvv::{Clock, Payload, VersionVector};
+
+    fn clock(value: &str, actor: &str) -> Clock {
+        let mut clock = Clock::new();
+        clock.update(
+            &VersionVector::new(),
+            Payload::Value(value.as_bytes().to_vec()),
+            &NodeId::new(actor).unwrap(),
+        );
+        clock
+    }
+
+    /// Whatever the request, its answer comes after the flush of every
+    /// write buffered before it: its own, and the ones a read may have seen.
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_replica_answer_waits_for_buffered_writes_to_be_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        let local = LocalReplica {
+            replica: Arc::new(ReplicaService::new(
+                NodeId::new("n1").unwrap(),
+                storage.clone(),
+                8,
+            )),
+        };
+        let requests = [
+            ReplicaRequest::Read {
+                key: b"seen".to_vec(),
+                hint_for: None,
+            },
+            ReplicaRequest::Sync {
+                key: b"synced".to_vec(),
+                clock: clock("s", "n2"),
+            },
+            ReplicaRequest::Update {
+                key: b"updated".to_vec(),
+                context: VersionVector::new(),
+                payload: Payload::Value(b"u".to_vec()),
+                overwrite: false,
+            },
+        ];
+        for request in requests {
+            // A write another request made, still in the WAL buffer.
+            Store::put(&*storage, b"seen", None, &clock("v", "n3")).unwrap();
+            assert_eq!(storage.pending_writes(), 1);
+            let kind = format!("{request:?}");
+            let answer = local.handle(request).await;
+            assert!(matches!(answer, Response::Clock(_)), "{kind}: {answer:?}");
+            assert_eq!(
+                storage.pending_writes(),
+                0,
+                "answered {kind} before the flush"
+            );
+        }
+    }
 }

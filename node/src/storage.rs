@@ -27,8 +27,9 @@
 //! (`manual_wal_flush`), once for all the writes of requests runnable
 //! together ([`crate::group_commit`]). With `--sync` each write flushes and
 //! waits for `fsync` of the WAL itself (RocksDB batches concurrent syncing
-//! writers into one fsync), which additionally survives power loss. Metadata is always written with fsync: it is small and rare, and a
-//! node that forgot its cluster could not restart without seeds.
+//! writers into one fsync), which additionally survives power loss.
+//! Metadata is always written with fsync: it is small and rare, and a node
+//! that forgot its cluster could not restart without seeds.
 
 use std::path::{Path, PathBuf};
 
@@ -65,7 +66,7 @@ pub struct Storage {
 }
 
 /// Buckets of the `data` memtable's hash table (RocksDB's default): 8 MiB
-/// per memtable, allocated lazily by the kernel.
+/// of each new memtable's arena, zeroed when the memtable is created.
 const DATA_MEMTABLE_BUCKETS: usize = 1 << 20;
 
 /// The `data` column family's prefix extractor: the whole key, so that
@@ -77,7 +78,8 @@ fn whole_key(key: &[u8]) -> &[u8] {
 /// Per column family options.
 ///
 /// `data` is only ever read by key (the read before every write, every
-/// replica read), and only listed in full at startup. So its memtable is a
+/// replica read), and listed in full only by the re-indexing at startup
+/// and by each memtable flush (which sorts a copy). So its memtable is a
 /// hash of per-key skip lists instead of one skip list of every version:
 /// with one skip list, finding a key (to read it, or where to insert its
 /// new version) took a cache miss per level, and under YCSB-A those two
@@ -122,8 +124,8 @@ impl Storage {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
-        // The hash memtable of `data` takes one writer at a time; a node's
-        // writes come from one worker thread anyway.
+        // Required by the hash memtable of `data`: one writer inserts at a
+        // time (RocksDB still batches concurrent writers into one group).
         opts.set_allow_concurrent_memtable_write(false);
         // Without fsync, writes only buffer their WAL records and
         // `commit` flushes them for many writes at once.

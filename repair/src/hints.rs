@@ -59,8 +59,9 @@ pub enum HintError {
     TooLarge { reason: String },
 }
 
-/// Ordered storage for hint entries: byte keys, byte values, durable when a
-/// call returns.
+/// Ordered storage for hint entries: byte keys, byte values. Like the
+/// coordinator's `Store`: a write is in the write-ahead log when the call
+/// returns, and made durable before the hint is acknowledged.
 pub trait HintBackend: Send + Sync + 'static {
     fn get(&self, id: &[u8]) -> Result<Option<Vec<u8>>, HintError>;
     fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError>;
