@@ -615,12 +615,7 @@ mod tests {
         let s = Storage::open(dir.path(), false).unwrap();
         s.commit().await.unwrap();
         let before = wal_bytes(dir.path());
-        let mut clock = Clock::new();
-        clock.update(
-            &VersionVector::new(),
-            Payload::Value(vec![7; 4096]),
-            &NodeId::new("a").unwrap(),
-        );
+        let clock = value(&"x".repeat(4096), &Clock::new(), "a");
         Store::put(&s, b"k", None, &clock).unwrap();
         assert_eq!(s.pending_writes(), 1);
         assert!(
@@ -640,12 +635,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::open(dir.path(), true).unwrap();
         let before = wal_bytes(dir.path());
-        let mut clock = Clock::new();
-        clock.update(
-            &VersionVector::new(),
-            Payload::Value(vec![7; 4096]),
-            &NodeId::new("a").unwrap(),
-        );
+        let clock = value(&"x".repeat(4096), &Clock::new(), "a");
         Store::put(&s, b"k", None, &clock).unwrap();
         assert_eq!(s.pending_writes(), 0);
         assert!(wal_bytes(dir.path()) >= before + 4096);
