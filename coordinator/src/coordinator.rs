@@ -159,8 +159,11 @@ impl<T: Transport> Coordinator<T> {
         self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces the ring after a membership change.
+    /// Replaces the ring after a membership change. Latency averages of
+    /// nodes no longer in it are dropped.
     pub fn set_ring(&self, ring: Arc<Ring>) {
+        let members = ring.nodes();
+        self.latency.retain(|node| members.contains(node));
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
     }
 
@@ -1041,4 +1044,41 @@ fn record_metrics(op: &'static str, response: &Response, start: Instant) {
     };
     counter!("ringkv_requests_total", "op" => op, "result" => result).increment(1);
     histogram!("ringkv_request_seconds", "op" => op).record(start.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringkv_core::TransportError;
+
+    /// A network that reaches nobody: this test sends nothing.
+    struct NoNetwork;
+
+    impl Transport for NoNetwork {
+        async fn call(&self, to: &NodeId, _request: Request) -> Result<Response, TransportError> {
+            Err(TransportError::UnknownNode { node: to.clone() })
+        }
+    }
+
+    fn ring(members: &[&str]) -> Arc<Ring> {
+        let members = members.iter().map(|m| (NodeId::new(*m).unwrap(), 8));
+        Arc::new(Ring::new(members, 3).unwrap())
+    }
+
+    #[test]
+    fn a_new_ring_forgets_the_latency_of_nodes_that_left() {
+        let id = |s: &str| NodeId::new(s).unwrap();
+        let coordinator = Coordinator::new(
+            id("a"),
+            1,
+            ring(&["a", "b", "c"]),
+            Arc::new(NoNetwork),
+            CoordinatorConfig::default(),
+        );
+        coordinator.latency.record(&id("b"), 100);
+        coordinator.latency.record(&id("c"), 200);
+        coordinator.set_ring(ring(&["a", "b", "d"]));
+        assert_eq!(coordinator.latency.average_us(&id("b")), Some(100.0));
+        assert_eq!(coordinator.latency.average_us(&id("c")), None, "c left");
+    }
 }

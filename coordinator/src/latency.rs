@@ -60,6 +60,13 @@ impl ReplicaLatency {
         }
     }
 
+    /// Forgets every node `keep` rejects (nodes that left the cluster), so
+    /// the map stays as large as the membership.
+    pub fn retain(&self, keep: impl Fn(&NodeId) -> bool) {
+        let mut map = self.ewma_us.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|node, _| keep(node));
+    }
+
     /// The moving average of `node`, if it ever answered.
     pub fn average_us(&self, node: &NodeId) -> Option<f64> {
         self.ewma_us
