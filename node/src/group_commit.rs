@@ -10,8 +10,8 @@
 //! never block on each other, so it has almost nothing to merge.
 //!
 //! So storage opens RocksDB with `manual_wal_flush`: `DB::write` only
-//! appends to RocksDB's in-process WAL buffer, and a request that wrote calls
-//! [`GroupCommit::commit`] before it is acknowledged. The first request to
+//! appends to RocksDB's in-process WAL buffer, and a replica calls
+//! [`GroupCommit::commit`] before it answers. The first request to
 //! arrive becomes the leader. It yields once, so that every request already
 //! runnable on the node appends its record too, then flushes the buffer once
 //! for all of them. The others wait for a flush that covers their records.
@@ -19,10 +19,18 @@
 //! driven by the async scheduler instead of a timer, so an unloaded node
 //! pays one yield and no delay.
 //!
-//! Invariant: `flushed` only grows, and only to a value of `written` read
+//! Each write is counted twice: `started` before it, `finished` after it
+//! (failed or not). A commit waits until `flushed` reaches `started` as it
+//! was when the commit began, so it covers every write that could have
+//! been visible to the request, its own and, with several worker threads,
+//! one still under way on another thread.
+//!
+//! Invariant: `flushed` only grows, and only to a value of `finished` read
 //! before a successful flush began, so `flushed >= n` means the records of
-//! the first `n` writes are in the kernel. A failed flush advances nothing:
-//! every waiter it covered tries again (and, the WAL being broken, fails).
+//! the first `n` writes to finish are in the kernel; and `flushed >=
+//! started` (as read at some moment) means every write started by then is.
+//! A failed flush advances nothing: every waiter it covered tries again
+//! (and, the WAL being broken, fails).
 //!
 //! The node commits after reads too (see `LocalReplica::handle`), so a
 //! replica never answers with a version whose record is still buffered.
@@ -35,8 +43,10 @@ use tokio::sync::Notify;
 /// so the protocol is tested without RocksDB.
 #[derive(Debug, Default)]
 pub struct GroupCommit {
-    /// Writes whose records are in the buffer (bumped after each write).
-    written: AtomicU64,
+    /// Writes begun (bumped before each write).
+    started: AtomicU64,
+    /// Writes over, their records in the buffer or failed (bumped after).
+    finished: AtomicU64,
     /// Writes whose records a successful flush has handed to the kernel.
     flushed: AtomicU64,
     /// Whether a leader is flushing (or about to).
@@ -63,16 +73,18 @@ impl GroupCommit {
         Self::default()
     }
 
-    /// Records that one more write's WAL record is in the buffer. Call it
-    /// after the write returned, never before.
-    pub fn wrote(&self) {
-        self.written.fetch_add(1, Ordering::AcqRel);
+    /// Runs one write, counted before and after (whatever its outcome).
+    pub fn write<T>(&self, write: impl FnOnce() -> T) -> T {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        let outcome = write();
+        self.finished.fetch_add(1, Ordering::AcqRel);
+        outcome
     }
 
-    /// Writes whose records are buffered but not yet flushed.
+    /// Writes begun but not yet flushed.
     pub fn pending(&self) -> u64 {
-        let written = self.written.load(Ordering::Acquire);
-        written.saturating_sub(self.flushed.load(Ordering::Acquire))
+        let started = self.started.load(Ordering::Acquire);
+        started.saturating_sub(self.flushed.load(Ordering::Acquire))
     }
 
     /// Flushes attempted so far.
@@ -80,11 +92,11 @@ impl GroupCommit {
         self.flushes.load(Ordering::Acquire)
     }
 
-    /// Returns once every write recorded (with [`wrote`](Self::wrote))
-    /// before this call is flushed, running `flush` itself if no flush
-    /// that covers them is under way. An error is the flush's.
+    /// Returns once every write begun (with [`write`](Self::write)) before
+    /// this call is flushed, running `flush` itself if no flush that covers
+    /// them is under way. An error is the flush's.
     pub async fn commit<E>(&self, flush: impl Fn() -> Result<(), E>) -> Result<(), E> {
-        let target = self.written.load(Ordering::Acquire);
+        let target = self.started.load(Ordering::Acquire);
         loop {
             if self.flushed.load(Ordering::Acquire) >= target {
                 return Ok(());
@@ -103,15 +115,18 @@ impl GroupCommit {
                 // Requests that are already runnable write first and join
                 // this flush.
                 tokio::task::yield_now().await;
-                let upto = self.written.load(Ordering::Acquire);
+                let upto = self.finished.load(Ordering::Acquire);
                 let before = self.flushed.load(Ordering::Acquire);
-                self.flushes.fetch_add(1, Ordering::AcqRel);
-                metrics::counter!("ringkv_wal_flushes_total").increment(1);
-                flush()?;
-                self.flushed.fetch_max(upto, Ordering::AcqRel);
-                metrics::histogram!("ringkv_wal_flush_writes")
-                    .record(upto.saturating_sub(before) as f64);
-                return Ok(());
+                if upto > before {
+                    self.flushes.fetch_add(1, Ordering::AcqRel);
+                    metrics::counter!("ringkv_wal_flushes_total").increment(1);
+                    flush()?;
+                    self.flushed.fetch_max(upto, Ordering::AcqRel);
+                    metrics::histogram!("ringkv_wal_flush_writes").record((upto - before) as f64);
+                }
+                // Covered now, unless a write begun before this commit is
+                // still under way on another thread: then go round again.
+                continue;
             }
             notified.await;
         }
@@ -136,8 +151,7 @@ mod tests {
 
     impl Wal {
         fn append(&self, group: &GroupCommit, record: u64) {
-            self.buffer.lock().unwrap().push(record);
-            group.wrote();
+            group.write(|| self.buffer.lock().unwrap().push(record));
         }
         fn flush(&self) -> Result<(), &'static str> {
             self.calls.fetch_add(1, Ordering::SeqCst);
@@ -176,6 +190,49 @@ mod tests {
             "{} flushes for 50 concurrent writes",
             group.flushes()
         );
+    }
+
+    /// With several worker threads, a read can see a write that another
+    /// thread has made but not yet counted as finished; the read's commit
+    /// must wait for that write's record too.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_waits_for_a_write_still_under_way() {
+        let group = Arc::new(GroupCommit::new());
+        let wal = Arc::new(Wal::default());
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (finish_tx, finish_rx) = std::sync::mpsc::channel::<()>();
+        let writer = {
+            let (group, wal) = (group.clone(), wal.clone());
+            std::thread::spawn(move || {
+                group.write(|| {
+                    wal.buffer.lock().unwrap().push(1);
+                    started_tx.send(()).unwrap();
+                    finish_rx.recv().unwrap();
+                })
+            })
+        };
+        started_rx.recv().unwrap();
+        // The record is in the buffer (a read could see it); the write has
+        // not returned yet.
+        let reader = {
+            let (group, wal) = (group.clone(), wal.clone());
+            tokio::spawn(async move { group.commit(|| wal.flush()).await })
+        };
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !reader.is_finished(),
+            "answered before the write it may have seen was flushed"
+        );
+        finish_tx.send(()).unwrap();
+        writer.join().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("the commit ends once the write does")
+            .unwrap()
+            .unwrap();
+        assert_eq!(wal.kernel.lock().unwrap().as_slice(), &[1]);
     }
 
     #[tokio::test(flavor = "current_thread")]

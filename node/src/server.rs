@@ -326,11 +326,16 @@ impl NodeInner {
             ) => {
                 // Leaf listings read RocksDB: off the async workers.
                 let anti_entropy = self.anti_entropy.clone();
-                tokio::task::spawn_blocking(move || anti_entropy.answer(&r))
+                let answer = tokio::task::spawn_blocking(move || anti_entropy.answer(&r))
                     .await
                     .ok()
                     .flatten()
-                    .unwrap_or_else(|| Response::error(ErrorKind::Internal, "tree answer failed"))
+                    .unwrap_or_else(|| Response::error(ErrorKind::Internal, "tree answer failed"));
+                // Like every replica answer, it may reflect buffered writes.
+                match self.storage.commit().await {
+                    Ok(()) => answer,
+                    Err(e) => Response::error(ErrorKind::Internal, format!("{}: {e}", self.id)),
+                }
             }
             Request::Replica(r) => self.local.handle(r).await,
             Request::Repair => Response::Repair(self.repair_round().await),
@@ -877,6 +882,8 @@ impl Node {
 
         let result = form_or_join(&inner, &config).await;
         if let Err(e) = result {
+            // Shutdown waits for every holder of the node but the handle.
+            drop(inner);
             handle.shutdown().await;
             return Err(e);
         }

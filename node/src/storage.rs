@@ -173,17 +173,17 @@ impl Storage {
         &self.path
     }
 
-    /// Notes a data or hint write that returned (its WAL record buffered).
-    fn wrote(&self) {
-        if let Some(group) = &self.group {
-            group.wrote();
+    /// Runs a data or hint write, counted for the group commit.
+    fn counted<T>(&self, write: impl FnOnce() -> T) -> T {
+        match &self.group {
+            Some(group) => group.write(write),
+            None => write(),
         }
     }
 
-    /// Returns once every data and hint write that returned before this
-    /// call is in the kernel (with `--sync`: on disk, which each write
-    /// already waited for). A request that wrote calls this before it is
-    /// acknowledged.
+    /// Returns once every data and hint write begun before this call is in
+    /// the kernel (with `--sync`: on disk, which each write already waited
+    /// for). Every replica answer waits for it (see `LocalReplica::handle`).
     pub async fn commit(&self) -> Result<(), StoreError> {
         match &self.group {
             Some(group) => group
@@ -516,13 +516,10 @@ impl Storage {
     /// Writes a batch of data changes through the WAL (see
     /// [`commit`](Self::commit)).
     fn write_data(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.db
-            .write_opt(batch, &self.data_write_options())
+        self.counted(|| self.db.write_opt(batch, &self.data_write_options()))
             .map_err(|e| StoreError::Io {
                 reason: e.to_string(),
-            })?;
-        self.wrote();
-        Ok(())
+            })
     }
 }
 
@@ -554,17 +551,15 @@ impl HintBackend for Storage {
     fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError> {
         let cf = self.cf(CF_HINTS);
         let opts = self.data_write_options();
-        self.db.put_cf_opt(cf, id, value, &opts).map_err(hint_io)?;
-        self.wrote();
-        Ok(())
+        self.counted(|| self.db.put_cf_opt(cf, id, value, &opts))
+            .map_err(hint_io)
     }
 
     fn delete(&self, id: &[u8]) -> Result<(), HintError> {
         let cf = self.cf(CF_HINTS);
         let opts = self.data_write_options();
-        self.db.delete_cf_opt(cf, id, &opts).map_err(hint_io)?;
-        self.wrote();
-        Ok(())
+        self.counted(|| self.db.delete_cf_opt(cf, id, &opts))
+            .map_err(hint_io)
     }
 
     fn scan(

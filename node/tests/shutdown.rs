@@ -40,3 +40,35 @@ async fn shutdown_closes_the_database_before_it_returns() {
     again.shutdown().await;
     client.close().await;
 }
+
+/// A shutdown that finds no request handler left records itself as clean,
+/// so the next start keeps the epoch (and its actor id). A holder of the
+/// node that outlived shutdown would make every restart a new actor.
+#[tokio::test]
+async fn a_clean_shutdown_lets_the_next_start_keep_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(config(dir.path())).await.unwrap();
+    let client = Client::connect(node.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let put = PutRequest::new(
+        b"k".to_vec(),
+        Payload::Value(b"v".to_vec()),
+        Consistency::One,
+        None,
+    );
+    assert!(matches!(
+        client.call(&Request::Put(put)).await.unwrap(),
+        Response::Put(_)
+    ));
+    node.shutdown().await;
+    client.close().await;
+
+    let storage = ringkv_node::storage::Storage::open(dir.path(), false).unwrap();
+    let used = storage
+        .meta_get("epoch")
+        .unwrap()
+        .expect("the run had an epoch");
+    let next = storage.begin_epoch().unwrap();
+    assert_eq!(next.to_le_bytes().as_slice(), used.as_slice());
+}
