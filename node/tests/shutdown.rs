@@ -7,18 +7,17 @@ use std::time::Duration;
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{PutRequest, Request, Response};
 use ringkv_core::{Consistency, NodeId};
-use ringkv_node::{Client, Node, NodeConfig};
+use ringkv_node::{Client, Node, NodeConfig, NodeHandle};
 
 fn config(dir: &std::path::Path) -> NodeConfig {
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
     NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir.into())
 }
 
-#[tokio::test]
-async fn shutdown_closes_the_database_before_it_returns() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(config(dir.path())).await.unwrap();
-    // Requests leave connection handlers behind that hold the node.
+/// Starts a node in `dir` and writes one key through a client, which
+/// leaves a connection handler behind that holds the node.
+async fn start_and_put(dir: &std::path::Path) -> (NodeHandle, Client) {
+    let node = Node::start(config(dir)).await.unwrap();
     let client = Client::connect(node.addr(), Duration::from_secs(5))
         .await
         .unwrap();
@@ -32,6 +31,13 @@ async fn shutdown_closes_the_database_before_it_returns() {
         client.call(&Request::Put(put)).await.unwrap(),
         Response::Put(_)
     ));
+    (node, client)
+}
+
+#[tokio::test]
+async fn shutdown_closes_the_database_before_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = start_and_put(dir.path()).await;
     node.shutdown().await;
 
     let again = Node::start(config(dir.path()))
@@ -47,20 +53,7 @@ async fn shutdown_closes_the_database_before_it_returns() {
 #[tokio::test]
 async fn a_clean_shutdown_lets_the_next_start_keep_the_epoch() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(config(dir.path())).await.unwrap();
-    let client = Client::connect(node.addr(), Duration::from_secs(5))
-        .await
-        .unwrap();
-    let put = PutRequest::new(
-        b"k".to_vec(),
-        Payload::Value(b"v".to_vec()),
-        Consistency::One,
-        None,
-    );
-    assert!(matches!(
-        client.call(&Request::Put(put)).await.unwrap(),
-        Response::Put(_)
-    ));
+    let (node, client) = start_and_put(dir.path()).await;
     node.shutdown().await;
     client.close().await;
 
