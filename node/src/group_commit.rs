@@ -55,6 +55,10 @@ pub struct GroupCommit {
     done: Notify,
     /// Flushes so far, successful or not.
     flushes: AtomicU64,
+    /// Commits waiting for a write under way on another thread to finish.
+    awaiting_writes: AtomicU64,
+    /// Woken when a write finishes while a commit is waiting for one.
+    write_finished: Notify,
 }
 
 /// Clears `leading` and wakes the waiters however the leader's turn ends,
@@ -77,8 +81,28 @@ impl GroupCommit {
     pub fn write<T>(&self, write: impl FnOnce() -> T) -> T {
         self.started.fetch_add(1, Ordering::AcqRel);
         let outcome = write();
-        self.finished.fetch_add(1, Ordering::AcqRel);
+        // SeqCst here and in `wait_for_writes`: either the waiter sees this
+        // write finished, or this sees the waiter and wakes it.
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        if self.awaiting_writes.load(Ordering::SeqCst) > 0 {
+            self.write_finished.notify_waiters();
+        }
         outcome
+    }
+
+    /// Waits until `target` writes have finished (a write under way on
+    /// another thread, which this cannot speed up).
+    async fn wait_for_writes(&self, target: u64) {
+        while self.finished.load(Ordering::SeqCst) < target {
+            let finished = self.write_finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            self.awaiting_writes.fetch_add(1, Ordering::SeqCst);
+            if self.finished.load(Ordering::SeqCst) < target {
+                finished.await;
+            }
+            self.awaiting_writes.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Writes begun but not yet flushed.
@@ -111,7 +135,7 @@ impl GroupCommit {
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                let _leadership = Leadership(self);
+                let leadership = Leadership(self);
                 // Requests that are already runnable write first and join
                 // this flush.
                 tokio::task::yield_now().await;
@@ -124,8 +148,13 @@ impl GroupCommit {
                     self.flushed.fetch_max(upto, Ordering::AcqRel);
                     metrics::histogram!("ringkv_wal_flush_writes").record((upto - before) as f64);
                 }
-                // Covered now, unless a write begun before this commit is
-                // still under way on another thread: then go round again.
+                if upto < target {
+                    // A write begun before this commit is still under way
+                    // on another thread: let others lead meanwhile, sleep
+                    // until it finishes, then flush again.
+                    drop(leadership);
+                    self.wait_for_writes(target).await;
+                }
                 continue;
             }
             notified.await;
@@ -224,6 +253,11 @@ mod tests {
         assert!(
             !reader.is_finished(),
             "answered before the write it may have seen was flushed"
+        );
+        assert_eq!(
+            group.awaiting_writes.load(Ordering::SeqCst),
+            1,
+            "the commit sleeps until the write finishes (no spinning)"
         );
         finish_tx.send(()).unwrap();
         writer.join().unwrap();
