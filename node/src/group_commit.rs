@@ -53,8 +53,6 @@ pub struct GroupCommit {
     leading: AtomicBool,
     /// Woken when a leader is done, successful or not.
     done: Notify,
-    /// Flushes so far, successful or not.
-    flushes: AtomicU64,
     /// Commits waiting for a write under way on another thread to finish.
     awaiting_writes: AtomicU64,
     /// Woken when a write finishes while a commit is waiting for one.
@@ -111,11 +109,6 @@ impl GroupCommit {
         started.saturating_sub(self.flushed.load(Ordering::Acquire))
     }
 
-    /// Flushes attempted so far.
-    pub fn flushes(&self) -> u64 {
-        self.flushes.load(Ordering::Acquire)
-    }
-
     /// Returns once every write begun (with [`write`](Self::write)) before
     /// this call is flushed, running `flush` itself if no flush that covers
     /// them is under way. An error is the flush's.
@@ -142,7 +135,6 @@ impl GroupCommit {
                 let upto = self.finished.load(Ordering::Acquire);
                 let before = self.flushed.load(Ordering::Acquire);
                 if upto > before {
-                    self.flushes.fetch_add(1, Ordering::AcqRel);
                     metrics::counter!("ringkv_wal_flushes_total").increment(1);
                     flush()?;
                     self.flushed.fetch_max(upto, Ordering::AcqRel);
@@ -165,7 +157,6 @@ impl GroupCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
     use std::sync::{Arc, Mutex};
 
     /// A stand-in WAL: records appended to `buffer`, moved to `kernel` by a
@@ -193,6 +184,15 @@ mod tests {
         }
     }
 
+    /// A commit on its own task, flushing into `wal`.
+    fn spawn_commit(
+        group: &Arc<GroupCommit>,
+        wal: &Arc<Wal>,
+    ) -> tokio::task::JoinHandle<Result<(), &'static str>> {
+        let (group, wal) = (group.clone(), wal.clone());
+        tokio::spawn(async move { group.commit(|| wal.flush()).await })
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn concurrent_writers_share_flushes_and_each_is_flushed_when_acknowledged() {
         let group = Arc::new(GroupCommit::new());
@@ -214,11 +214,8 @@ mod tests {
         assert_eq!(group.pending(), 0);
         // All 50 writers were runnable together: the first one's yield let
         // the other 49 append before its flush.
-        assert!(
-            group.flushes() <= 2,
-            "{} flushes for 50 concurrent writes",
-            group.flushes()
-        );
+        let flushes = wal.calls.load(Ordering::SeqCst);
+        assert!(flushes <= 2, "{flushes} flushes for 50 concurrent writes");
     }
 
     /// With several worker threads, a read can see a write that another
@@ -243,10 +240,7 @@ mod tests {
         started_rx.recv().unwrap();
         // The record is in the buffer (a read could see it); the write has
         // not returned yet.
-        let reader = {
-            let (group, wal) = (group.clone(), wal.clone());
-            tokio::spawn(async move { group.commit(|| wal.flush()).await })
-        };
+        let reader = spawn_commit(&group, &wal);
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
@@ -315,20 +309,14 @@ mod tests {
         wal.append(&group, 1);
         // The leader yields before flushing; dropping it there must hand
         // leadership on.
-        let leader = {
-            let (group, wal) = (group.clone(), wal.clone());
-            tokio::spawn(async move { group.commit(|| wal.flush()).await })
-        };
+        let leader = spawn_commit(&group, &wal);
         tokio::task::yield_now().await;
         assert!(
             group.leading.load(Ordering::SeqCst),
             "the leader is mid-turn"
         );
         leader.abort();
-        let follower = {
-            let (group, wal) = (group.clone(), wal.clone());
-            tokio::spawn(async move { group.commit(|| wal.flush()).await })
-        };
+        let follower = spawn_commit(&group, &wal);
         tokio::time::timeout(std::time::Duration::from_secs(10), follower)
             .await
             .expect("the follower must not wait forever")

@@ -189,10 +189,16 @@ impl LocalReplica {
         } else {
             self.replica.handle(request)
         };
-        if let Err(e) = self.replica.store().commit().await {
-            return Response::error(ErrorKind::Internal, format!("{}: {e}", self.replica.id()));
-        }
-        response
+        once_durable(self.replica.store(), self.replica.id(), response).await
+    }
+}
+
+/// `answer`, once every write it may reflect is durable
+/// ([`Storage::commit`]); an internal error if the WAL cannot be flushed.
+async fn once_durable(storage: &Storage, me: &NodeId, answer: Response) -> Response {
+    match storage.commit().await {
+        Ok(()) => answer,
+        Err(e) => Response::error(ErrorKind::Internal, format!("{me}: {e}")),
     }
 }
 
@@ -332,10 +338,7 @@ impl NodeInner {
                     .flatten()
                     .unwrap_or_else(|| Response::error(ErrorKind::Internal, "tree answer failed"));
                 // Like every replica answer, it may reflect buffered writes.
-                match self.storage.commit().await {
-                    Ok(()) => answer,
-                    Err(e) => Response::error(ErrorKind::Internal, format!("{}: {e}", self.id)),
-                }
+                once_durable(&self.storage, &self.id, answer).await
             }
             Request::Replica(r) => self.local.handle(r).await,
             Request::Repair => Response::Repair(self.repair_round().await),
@@ -1033,8 +1036,11 @@ async fn exchange_membership(inner: &Arc<NodeInner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::wal_bytes;
     use ringkv_coordinator::replica::Store;
     use ringkv_core::dvv::{Clock, Payload, VersionVector};
+    use ringkv_core::wire::PutRequest;
+    use ringkv_core::Consistency;
 
     fn clock(value: &str, actor: &str) -> Clock {
         let mut clock = Clock::new();
@@ -1088,5 +1094,35 @@ mod tests {
                 "answered {kind} before the flush"
             );
         }
+    }
+
+    /// End to end, through a client and the coordinator's call to itself:
+    /// an acknowledged put is in the log file.
+    #[tokio::test]
+    async fn an_acknowledged_put_is_in_the_log_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let config = NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir.path().into());
+        assert!(!config.sync, "the test is about the default, buffered WAL");
+        let node = Node::start(config).await.unwrap();
+        let client = crate::Client::connect(node.addr(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let before = wal_bytes(dir.path());
+        let value = vec![b'v'; 8192];
+        let put = PutRequest::new(b"k".to_vec(), Payload::Value(value), Consistency::One, None);
+        assert!(matches!(
+            client.call(&Request::Put(put)).await.unwrap(),
+            Response::Put(_)
+        ));
+        // Read before shutdown, which flushes anyway.
+        let after = wal_bytes(dir.path());
+        assert!(
+            after >= before + 8192,
+            "acknowledged, yet the log file grew by only {} bytes",
+            after - before
+        );
+        node.shutdown().await;
+        client.close().await;
     }
 }

@@ -59,9 +59,8 @@ const CF_TOMBSTONES: &str = "tombstones";
 pub struct Storage {
     db: DB,
     path: PathBuf,
-    sync: bool,
-    /// The WAL's group commit; `None` with `--sync`, where every write
-    /// flushes (and syncs) its own record.
+    /// The WAL's group commit; `None` exactly with `--sync`, where every
+    /// write flushes (and syncs) its own record.
     group: Option<GroupCommit>,
 }
 
@@ -148,7 +147,6 @@ impl Storage {
         let storage = Storage {
             db,
             path: path.to_path_buf(),
-            sync,
             group: (!sync).then(GroupCommit::new),
         };
         storage.index_existing_data()?;
@@ -165,7 +163,7 @@ impl Storage {
     /// Data and hint writes: through the WAL, fsynced with `--sync`.
     fn data_write_options(&self) -> WriteOptions {
         let mut opts = WriteOptions::default();
-        opts.set_sync(self.sync);
+        opts.set_sync(self.is_sync());
         opts
     }
 
@@ -179,6 +177,15 @@ impl Storage {
             Some(group) => group.write(write),
             None => write(),
         }
+    }
+
+    /// Writes a batch of data changes through the WAL (see
+    /// [`commit`](Self::commit)).
+    fn write_data(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.counted(|| self.db.write_opt(batch, &self.data_write_options()))
+            .map_err(|e| StoreError::Io {
+                reason: e.to_string(),
+            })
     }
 
     /// Returns once every data and hint write begun before this call is in
@@ -203,7 +210,7 @@ impl Storage {
 
     /// Whether data writes fsync before returning.
     pub fn is_sync(&self) -> bool {
-        self.sync
+        self.group.is_none()
     }
 
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, NodeError> {
@@ -252,7 +259,7 @@ impl Storage {
             _ => rand::random(),
         };
         self.meta_put(META_EPOCH, &epoch.to_le_bytes())?;
-        self.meta_put(META_LAST_RUN_SYNCED, &[u8::from(self.sync)])?;
+        self.meta_put(META_LAST_RUN_SYNCED, &[u8::from(self.is_sync())])?;
         self.meta_put(META_CLEAN_SHUTDOWN, &[0])?;
         Ok(epoch)
     }
@@ -512,17 +519,6 @@ impl Store for Storage {
     }
 }
 
-impl Storage {
-    /// Writes a batch of data changes through the WAL (see
-    /// [`commit`](Self::commit)).
-    fn write_data(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.counted(|| self.db.write_opt(batch, &self.data_write_options()))
-            .map_err(|e| StoreError::Io {
-                reason: e.to_string(),
-            })
-    }
-}
-
 impl Drop for Storage {
     /// A clean close leaves nothing in the WAL buffer, acknowledged or not.
     fn drop(&mut self) {
@@ -588,21 +584,22 @@ impl HintBackend for Storage {
     }
 }
 
+/// Bytes in the WAL files of a data dir, as the kernel has them (tests).
+#[cfg(test)]
+pub(crate) fn wal_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use ringkv_core::dvv::{Payload, VersionVector};
     use ringkv_core::NodeId;
-
-    /// Bytes in the WAL files of a data dir, as the kernel has them.
-    fn wal_bytes(dir: &Path) -> u64 {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-            .map(|e| e.metadata().unwrap().len())
-            .sum()
-    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_write_reaches_the_log_file_when_committed_and_not_before() {
