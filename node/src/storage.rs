@@ -3,11 +3,15 @@
 //! Five column families:
 //! - `data` maps a key to its [`Clock`] (every sibling and the causal
 //!   history, rkyv-encoded);
-//! - `merkle` indexes `data` for anti-entropy: `stable_hash64(key)` (8 bytes,
-//!   big-endian) then the key, mapped to the [`version_digest`] of its clock.
-//!   A Merkle leaf is a range of hash prefixes, so listing a leaf is one
-//!   range read, and rebuilding the trees reads this small index, not the
-//!   values;
+//! - `merkle` indexes the keys of `data` for anti-entropy:
+//!   `stable_hash64(key)` (8 bytes, big-endian) then the key. A Merkle leaf
+//!   is a range of hash prefixes, so listing a leaf is one range read of the
+//!   index, then a read of each key's stored clock, whose bytes hash to its
+//!   [`version_digest`]. The entry only says that the key exists: it is
+//!   written when the key is first stored and removed with it, so an
+//!   overwrite, the common write, touches `data` alone. (Data dirs from
+//!   before kept the digest as the entry's value; it is ignored.) Rebuilding
+//!   the trees reads all of `data`;
 //! - `tombstones` maps each key whose clock holds only tombstones to when it
 //!   was stored (ms since the Unix epoch), so tombstone collection finds
 //!   them without a scan of `data`;
@@ -287,14 +291,9 @@ fn index_key(key: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A stored little-endian u64 (a digest or a time); `None` if malformed.
+/// A stored little-endian u64 (a time); `None` if malformed.
 fn le_u64(bytes: &[u8]) -> Option<u64> {
     bytes.try_into().ok().map(u64::from_le_bytes)
-}
-
-/// The data key and digest of a `merkle` index entry; `None` if malformed.
-fn parse_index(index: &[u8], value: &[u8]) -> Option<(Vec<u8>, u64)> {
-    Some((index.get(8..)?.to_vec(), le_u64(value)?))
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 before 1970).
@@ -312,25 +311,25 @@ fn io(e: rocksdb::Error) -> NodeError {
 
 impl Storage {
     /// Adds `key`'s new clock (already encoded) to `batch`, with its index
-    /// and tombstone entries.
-    /// Adds `key`'s new clock and its index entries to `batch`. The
-    /// `tombstones` entry exists exactly while the stored clock is deleted,
-    /// so it is removed only when `was_deleted` (the clock it replaces was).
+    /// entries. `previous` is the clock it replaces, if any. The `merkle`
+    /// entry exists exactly while the key does, so only a new key writes
+    /// one; the `tombstones` entry exists exactly while the stored clock is
+    /// deleted, so it is removed only when the previous clock was.
     fn batch_put(
         &self,
         batch: &mut WriteBatch,
         key: &[u8],
         clock: &Clock,
         encoded: &[u8],
-        was_deleted: bool,
+        previous: Option<&Clock>,
     ) {
         batch.put_cf(self.cf(CF_DATA), key, encoded);
-        // The same bytes `version_digest` hashes: one encoding, not two.
-        let digest = stable_hash64(encoded);
-        batch.put_cf(self.cf(CF_MERKLE), index_key(key), digest.to_le_bytes());
+        if previous.is_none() {
+            batch.put_cf(self.cf(CF_MERKLE), index_key(key), []);
+        }
         if is_deleted(clock) {
             batch.put_cf(self.cf(CF_TOMBSTONES), key, unix_ms().to_le_bytes());
-        } else if was_deleted {
+        } else if previous.is_some_and(is_deleted) {
             batch.delete_cf(self.cf(CF_TOMBSTONES), key);
         }
     }
@@ -352,8 +351,8 @@ impl Storage {
                 tracing::warn!(key = %String::from_utf8_lossy(&key), "corrupt stored clock left out of the Merkle index");
                 continue;
             };
-            // A fresh index: there is no tombstone entry to remove.
-            self.batch_put(&mut batch, &key, &clock, &value, false);
+            // A fresh index: as if every key were new.
+            self.batch_put(&mut batch, &key, &clock, &value, None);
             indexed += 1;
             if batch.len() >= 30_000 {
                 self.db.write(std::mem::take(&mut batch)).map_err(io)?;
@@ -366,9 +365,12 @@ impl Storage {
         self.meta_put(META_INDEXED, &[1])
     }
 
-    /// Rebuilds `trees` for `ring` from a snapshot of the `merkle` index
-    /// while writes go on (see `ReplicaTrees::finish_rebuild`). Returns the
-    /// number of keys scanned.
+    /// Rebuilds `trees` for `ring` from a snapshot of `data` while writes go
+    /// on (see `ReplicaTrees::finish_rebuild`). Returns the number of keys
+    /// scanned.
+    ///
+    /// It reads every stored clock, values included: the digests are not
+    /// kept apart, which would cost every overwrite a second write.
     pub fn rebuild_trees(
         &self,
         trees: &ReplicaTrees,
@@ -376,11 +378,11 @@ impl Storage {
     ) -> Result<u64, NodeError> {
         trees.begin_rebuild();
         let snapshot = self.db.snapshot();
-        let cf = self.cf(CF_MERKLE);
+        let cf = self.cf(CF_DATA);
         let mut failed = None;
         let mut scanned = 0u64;
         let items = snapshot
-            .iterator_cf(cf, IteratorMode::Start)
+            .iterator_cf_opt(cf, total_order(), IteratorMode::Start)
             .map_while(|item| match item {
                 Ok(entry) => Some(entry),
                 Err(e) => {
@@ -388,7 +390,7 @@ impl Storage {
                     None
                 }
             })
-            .filter_map(|(index, value)| parse_index(&index, &value))
+            .map(|(key, stored)| (key.into_vec(), stable_hash64(&stored)))
             .inspect(|_| scanned += 1);
         let fresh = trees.build(ring, items);
         if let Some(e) = failed {
@@ -397,9 +399,8 @@ impl Storage {
         }
         trees
             .finish_rebuild(fresh, |key| {
-                let index = index_key(key);
-                let then = snapshot.get_cf(cf, &index)?.as_deref().and_then(le_u64);
-                let now = self.db.get_cf(cf, &index)?.as_deref().and_then(le_u64);
+                let then = snapshot.get_pinned_cf(cf, key)?.map(|b| stable_hash64(&b));
+                let now = self.db.get_pinned_cf(cf, key)?.map(|b| stable_hash64(&b));
                 Ok((then, now))
             })
             .map_err(io)?;
@@ -447,7 +448,8 @@ impl Storage {
     }
 }
 
-/// Lists a leaf with one range read of the `merkle` index.
+/// Lists a leaf with one range read of the `merkle` index, and a read of
+/// each key's stored clock for its digest.
 impl LeafSource for Storage {
     fn leaf_items(&self, leaf: usize, leaf_bits: u32) -> Result<Vec<(Vec<u8>, u64)>, String> {
         let leaf_of_hash = |hash: u64| {
@@ -469,19 +471,23 @@ impl LeafSource for Storage {
             IteratorMode::From(&from, Direction::Forward),
         );
         for item in iter {
-            let (index, value) = item.map_err(|e| e.to_string())?;
-            let Some(hash) = index
-                .get(..8)
-                .map(|h| u64::from_be_bytes(h.try_into().expect("8 bytes")))
+            let (index, _) = item.map_err(|e| e.to_string())?;
+            let (Some(hash), Some(key)) = (index.get(..8), index.get(8..)) else {
+                continue;
+            };
+            if leaf_of_hash(u64::from_be_bytes(hash.try_into().expect("8 bytes"))) != leaf {
+                break;
+            }
+            // Removed since the index was read: nothing to list.
+            let Some(stored) = self
+                .db
+                .get_pinned_cf(self.cf(CF_DATA), key)
+                .map_err(|e| e.to_string())?
             else {
                 continue;
             };
-            if leaf_of_hash(hash) != leaf {
-                break;
-            }
-            if let Some(item) = parse_index(&index, &value) {
-                out.push(item);
-            }
+            // The bytes `version_digest` hashes: the clock's one encoding.
+            out.push((key.to_vec(), stable_hash64(&stored)));
         }
         Ok(out)
     }
@@ -505,8 +511,7 @@ impl Store for Storage {
 
     fn put(&self, key: &[u8], previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        let was_deleted = previous.is_some_and(is_deleted);
-        self.batch_put(&mut batch, key, clock, &encode_clock(clock), was_deleted);
+        self.batch_put(&mut batch, key, clock, &encode_clock(clock), previous);
         self.write_data(batch)
     }
 
@@ -850,8 +855,21 @@ mod tests {
         }
         writer.join().unwrap();
         assert!(trees.is_ready());
-        let quiet = ReplicaTrees::new(me, ring(), DEFAULT_LEAF_BITS).unwrap();
+        let quiet = ReplicaTrees::new(me.clone(), ring(), DEFAULT_LEAF_BITS).unwrap();
         s.rebuild_trees(&quiet, ring()).unwrap();
+        // And by hand, from each key's clock: the digests a rebuild reads
+        // from the stored bytes are the ones replicas compute from clocks.
+        let by_hand = ReplicaTrees::new(me, ring(), DEFAULT_LEAF_BITS).unwrap();
+        by_hand.begin_rebuild();
+        let items = (0..600).filter_map(|k| {
+            let key = format!("k{k}").into_bytes();
+            let clock = Store::get(&*s, &key).unwrap()?;
+            Some((key, ringkv_repair::trees::version_digest(&clock)))
+        });
+        let fresh = by_hand.build(ring(), items);
+        by_hand
+            .finish_rebuild(fresh, |_| Ok::<_, ()>((None, None)))
+            .unwrap();
         for peer in ["n2", "n3", "n4"] {
             let peer = NodeId::new(peer).unwrap();
             assert_eq!(
@@ -859,6 +877,7 @@ mod tests {
                 quiet.tree_for(&peer),
                 "{peer} after {rebuilds} rebuilds"
             );
+            assert_eq!(quiet.tree_for(&peer), by_hand.tree_for(&peer), "{peer}");
         }
     }
 

@@ -11,7 +11,7 @@
 //!    so the hashes sent follow the number of differences, not of keys.
 //! 2. **Listing.** For the differing leaves, both sides list `(key, version
 //!    digest)` of the keys they share ([`ReplicaRequest::LeafItems`]; A reads
-//!    its own from a [`LeafSource`], an index kept beside the data), and
+//!    its own from a [`LeafSource`], the store listing a leaf's keys), and
 //!    [`differing_keys`] names the keys to repair.
 //! 3. **Repair.** In batches of 64 keys, A reads both sides' versions
 //!    ([`ReplicaRequest::ReadBatch`]) and sends each side the merge of the
