@@ -33,7 +33,8 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError>;
     /// Stores `clock` for `key`. `previous` is what the store held for the
     /// key until now (read under the key's lock), so an implementation can
-    /// skip index upkeep that the change does not need.
+    /// skip index upkeep that the change does not need. It must be exact:
+    /// the node's key index is written only when `previous` is `None`.
     fn put(&self, key: &[u8], previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError>;
     /// Removes the key (a collected tombstone), durably like `put`.
     fn delete(&self, key: &[u8]) -> Result<(), StoreError>;
@@ -388,11 +389,16 @@ impl MemStore {
 
 /// Lists a leaf by scanning every key: fine for the simulator's few keys.
 impl LeafSource for MemStore {
-    fn leaf_items(&self, leaf: usize, leaf_bits: u32) -> Result<Vec<(Vec<u8>, u64)>, String> {
+    fn leaf_items(
+        &self,
+        leaf: usize,
+        leaf_bits: u32,
+        wanted: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, u64)>, String> {
         Ok(self
             .map
             .iter()
-            .filter(|e| leaf_of(e.key(), leaf_bits) == leaf)
+            .filter(|e| leaf_of(e.key(), leaf_bits) == leaf && wanted(e.key()))
             .map(|e| (e.key().clone(), version_digest(e.value())))
             .collect())
     }

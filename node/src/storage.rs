@@ -9,9 +9,9 @@
 //!   index, then a read of each key's stored clock, whose bytes hash to its
 //!   [`version_digest`]. The entry only says that the key exists: it is
 //!   written when the key is first stored and removed with it, so an
-//!   overwrite, the common write, touches `data` alone. (Data dirs from
-//!   before kept the digest as the entry's value; it is ignored.) Rebuilding
-//!   the trees reads all of `data`;
+//!   overwrite, the common write, leaves it alone. (Data dirs from before
+//!   kept the digest as the entry's value; it is ignored.) Rebuilding the
+//!   trees reads all of `data`;
 //! - `tombstones` maps each key whose clock holds only tombstones to when it
 //!   was stored (ms since the Unix epoch), so tombstone collection finds
 //!   them without a scan of `data`;
@@ -21,7 +21,7 @@
 //! - `meta` holds the node's identity and its record of the cluster.
 //!
 //! Invariant: `merkle` and `tombstones` always match `data`: every change to
-//! a key writes all three in one atomic `WriteBatch`.
+//! a key writes what it changes of the three in one atomic `WriteBatch`.
 //!
 //! ## Durability
 //! Every `put` appends to RocksDB's write-ahead log, and a replica
@@ -81,8 +81,8 @@ fn whole_key(key: &[u8]) -> &[u8] {
 /// Per column family options.
 ///
 /// `data` is only ever read by key (the read before every write, every
-/// replica read), and listed in full only by the re-indexing at startup
-/// and by each memtable flush (which sorts a copy). So its memtable is a
+/// replica read), and listed in full only by tree rebuilds, the
+/// re-indexing at startup and each memtable flush (which sorts a copy). So its memtable is a
 /// hash of per-key skip lists instead of one skip list of every version:
 /// with one skip list, finding a key (to read it, or where to insert its
 /// new version) took a cache miss per level, and under YCSB-A those two
@@ -106,12 +106,14 @@ fn cf_options(name: &str) -> Options {
     opts
 }
 
-/// Read options for listing a column family in key order. `data` has a
-/// prefix extractor, and without total order an iterator over it would
-/// only be defined within one key.
+/// Read options for listing a column family in full, in key order. `data`
+/// has a prefix extractor, and without total order an iterator over it
+/// would only be defined within one key. A full listing reads each block
+/// once, so it leaves the block cache to the hot keys.
 fn total_order() -> ReadOptions {
     let mut opts = ReadOptions::default();
     opts.set_total_order_seek(true);
+    opts.fill_cache(false);
     opts
 }
 
@@ -278,7 +280,12 @@ impl Storage {
     }
 }
 
-const META_INDEXED: &str = "merkle_index_v1";
+/// Set once every key of `data` has its `merkle` entry, values unused.
+const META_INDEXED: &str = "merkle_index_v2";
+/// Set by versions whose `merkle` entries held digests. Its keys all have
+/// entries, so it counts as indexed; it is removed so that such a version,
+/// started on this dir again, re-indexes rather than read empty values.
+const META_INDEXED_V1: &str = "merkle_index_v1";
 
 /// Keys whose tombstones are due, and the key to resume after (`None` at the end).
 pub type TombstonePage = (Vec<Vec<u8>>, Option<Vec<u8>>);
@@ -339,6 +346,14 @@ impl Storage {
     fn index_existing_data(&self) -> Result<(), NodeError> {
         if self.meta_get(META_INDEXED)?.as_deref() == Some(&[1]) {
             return Ok(());
+        }
+        if self.meta_get(META_INDEXED_V1)?.as_deref() == Some(&[1]) {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(self.cf(CF_META), META_INDEXED, [1]);
+            batch.delete_cf(self.cf(CF_META), META_INDEXED_V1);
+            let mut opts = WriteOptions::default();
+            opts.set_sync(true);
+            return self.db.write_opt(batch, &opts).map_err(io);
         }
         let mut batch = WriteBatch::default();
         let mut indexed = 0u64;
@@ -451,7 +466,12 @@ impl Storage {
 /// Lists a leaf with one range read of the `merkle` index, and a read of
 /// each key's stored clock for its digest.
 impl LeafSource for Storage {
-    fn leaf_items(&self, leaf: usize, leaf_bits: u32) -> Result<Vec<(Vec<u8>, u64)>, String> {
+    fn leaf_items(
+        &self,
+        leaf: usize,
+        leaf_bits: u32,
+        wanted: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, u64)>, String> {
         let leaf_of_hash = |hash: u64| {
             if leaf_bits == 0 {
                 0
@@ -465,6 +485,9 @@ impl LeafSource for Storage {
             (leaf as u64) << (64 - leaf_bits)
         };
         let from = start.to_be_bytes();
+        // Repair reads these clocks once; they should not evict hot ones.
+        let mut no_fill = ReadOptions::default();
+        no_fill.fill_cache(false);
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(
             self.cf(CF_MERKLE),
@@ -478,10 +501,13 @@ impl LeafSource for Storage {
             if leaf_of_hash(u64::from_be_bytes(hash.try_into().expect("8 bytes"))) != leaf {
                 break;
             }
+            if !wanted(key) {
+                continue;
+            }
             // Removed since the index was read: nothing to list.
             let Some(stored) = self
                 .db
-                .get_pinned_cf(self.cf(CF_DATA), key)
+                .get_pinned_cf_opt(self.cf(CF_DATA), key, &no_fill)
                 .map_err(|e| e.to_string())?
             else {
                 continue;
@@ -654,13 +680,42 @@ mod tests {
         let (from, to) = (vec![0u8; 8], vec![0xffu8; 9]);
         s.db.delete_range_cf(s.cf(CF_MERKLE), from, to).unwrap();
         s.db.delete_cf(s.cf(CF_META), META_INDEXED).unwrap();
-        assert!(s.leaf_items(0, 0).unwrap().is_empty());
+        s.db.delete_cf(s.cf(CF_META), META_INDEXED_V1).unwrap();
+        assert!(s.leaf_items(0, 0, &|_| true).unwrap().is_empty());
         // What `open` does for such a dir, here while every key is still in
         // the (hash) memtable, whose listing needs total order.
         s.index_existing_data().unwrap();
         let listed: std::collections::BTreeMap<_, _> =
-            s.leaf_items(0, 0).unwrap().into_iter().collect();
+            s.leaf_items(0, 0, &|_| true).unwrap().into_iter().collect();
         assert_eq!(listed, expected);
+    }
+
+    /// A dir indexed by a version that kept digests in the index: its keys
+    /// all have entries, so it is not indexed again; the digests are
+    /// ignored; and the old marker goes, so that version would re-index.
+    #[test]
+    fn a_dir_whose_index_held_digests_counts_as_indexed_and_loses_the_old_marker() {
+        use ringkv_repair::trees::version_digest;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        let mut expected = std::collections::BTreeMap::new();
+        for k in 0..50 {
+            let key = format!("k{k}").into_bytes();
+            let clock = value("v", &Clock::new(), "a");
+            Store::put(&s, &key, None, &clock).unwrap();
+            // What that version stored: an 8-byte digest (here a stale one).
+            s.db.put_cf(s.cf(CF_MERKLE), index_key(&key), 7u64.to_le_bytes())
+                .unwrap();
+            expected.insert(key, version_digest(&clock));
+        }
+        s.db.delete_cf(s.cf(CF_META), META_INDEXED).unwrap();
+        s.meta_put(META_INDEXED_V1, &[1]).unwrap();
+        s.index_existing_data().unwrap();
+        assert_eq!(s.meta_get(META_INDEXED).unwrap(), Some(vec![1]));
+        assert_eq!(s.meta_get(META_INDEXED_V1).unwrap(), None);
+        let listed: std::collections::BTreeMap<_, _> =
+            s.leaf_items(0, 0, &|_| true).unwrap().into_iter().collect();
+        assert_eq!(listed, expected, "digests come from the stored clocks");
     }
 
     #[test]
@@ -773,11 +828,17 @@ mod tests {
             Store::put(&s, &key, None, &clock).unwrap();
             expected.insert(key, version_digest(&clock));
         }
-        // Overwrite one, delete (tombstone) another, remove a third.
+        // Overwrite one, delete (tombstone) another, remove a third. The
+        // overwrite leaves k1's index entry as it was (a planted value).
+        let planted = 0xdead_u64.to_le_bytes();
+        s.db.put_cf(s.cf(CF_MERKLE), index_key(b"k1"), planted)
+            .unwrap();
         let older = Store::get(&s, b"k1").unwrap().unwrap();
         let newer = value("w", &older, "b");
         Store::put(&s, b"k1", Some(&older), &newer).unwrap();
         expected.insert(b"k1".to_vec(), version_digest(&newer));
+        let entry = s.db.get_cf(s.cf(CF_MERKLE), index_key(b"k1")).unwrap();
+        assert_eq!(entry.as_deref(), Some(planted.as_slice()), "not rewritten");
         let live = Store::get(&s, b"k2").unwrap().unwrap();
         let mut tomb = live.clone();
         tomb.update(
@@ -793,13 +854,23 @@ mod tests {
         for bits in [0, 4, 8] {
             let mut listed = std::collections::BTreeMap::new();
             for leaf in 0..(1usize << bits) {
-                for (key, digest) in s.leaf_items(leaf, bits).unwrap() {
+                for (key, digest) in s.leaf_items(leaf, bits, &|_| true).unwrap() {
                     assert_eq!(ringkv_repair::merkle::leaf_of(&key, bits), leaf);
                     listed.insert(key, digest);
                 }
             }
             assert_eq!(listed, expected, "leaf listings with {bits} bits");
         }
+        // An entry exactly for each stored key, none left over.
+        let count = |cf| {
+            s.db.iterator_cf_opt(s.cf(cf), total_order(), IteratorMode::Start)
+                .count()
+        };
+        assert_eq!(count(CF_MERKLE), 299);
+        assert_eq!(count(CF_DATA), 299);
+        let not_k1 = |key: &[u8]| key != b"k1";
+        let listed = s.leaf_items(0, 0, &not_k1).unwrap();
+        assert_eq!(listed.len(), 298, "what is not wanted is left out");
         let (due, next) = s.tombstones_due(u64::MAX, None, 100).unwrap();
         assert_eq!((due, next), (vec![b"k2".to_vec()], None));
         let (due, _) = s.tombstones_due(0, None, 100).unwrap();
@@ -832,6 +903,8 @@ mod tests {
                 )
                 .unwrap();
         }
+        // Rebuilds then scan table files as well as the memtable.
+        s.db.flush_cf(s.cf(CF_DATA)).unwrap();
         let writer = {
             let replica = replica.clone();
             std::thread::spawn(move || {

@@ -59,9 +59,16 @@ const REPAIR_BATCH: usize = 64;
 
 /// The `(key, version digest)` pairs a replica stores, by Merkle leaf.
 pub trait LeafSource: Send + Sync + 'static {
-    /// Every stored key in `leaf` of a tree with `2^leaf_bits` leaves, with
-    /// the [`version_digest`](crate::trees::version_digest) of its clock.
-    fn leaf_items(&self, leaf: usize, leaf_bits: u32) -> Result<Vec<(Vec<u8>, u64)>, String>;
+    /// Every stored key in `leaf` of a tree with `2^leaf_bits` leaves that
+    /// is `wanted`, with the [`version_digest`](crate::trees::version_digest)
+    /// of its clock. Keys not wanted are left out before their digest is
+    /// found, which may mean reading the whole clock.
+    fn leaf_items(
+        &self,
+        leaf: usize,
+        leaf_bits: u32,
+        wanted: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<(Vec<u8>, u64)>, String>;
 }
 
 /// Tuning of anti-entropy rounds.
@@ -549,7 +556,8 @@ impl<T: Transport> AntiEntropy<T> {
     }
 
     /// This node's keys in `leaves` shared with `peer`, read on the
-    /// blocking pool (it is RocksDB range reads on a node).
+    /// blocking pool (on a node, a range read of an index and a read of
+    /// each shared key's clock).
     async fn list_shared(
         &self,
         peer: &NodeId,
@@ -572,13 +580,15 @@ fn shared_items(
     peer: &NodeId,
     leaves: &[u32],
 ) -> Result<Vec<KeyDigest>, String> {
+    let shared = |key: &[u8]| trees.shares_with(key, peer);
     let mut out = Vec::new();
     for leaf in leaves {
-        for (key, digest) in source.leaf_items(*leaf as usize, trees.leaf_bits())? {
-            if trees.shares_with(&key, peer) {
-                out.push(KeyDigest { key, digest });
-            }
-        }
+        let items = source.leaf_items(*leaf as usize, trees.leaf_bits(), &shared)?;
+        out.extend(
+            items
+                .into_iter()
+                .map(|(key, digest)| KeyDigest { key, digest }),
+        );
     }
     Ok(out)
 }
