@@ -304,6 +304,8 @@ struct NodeInner {
     anti_entropy: Arc<AntiEntropy<QuicTransport>>,
     /// The ring each install puts in effect, for the tree rebuilder.
     ring_tx: watch::Sender<Option<Arc<Ring>>>,
+    /// Becomes true when the node shuts down.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl NodeInner {
@@ -341,7 +343,7 @@ impl NodeInner {
                 once_durable(&self.storage, &self.id, answer).await
             }
             Request::Replica(r) => self.local.handle(r).await,
-            Request::Repair => Response::Repair(self.repair_round().await),
+            Request::Repair => self.repair_on_request().await,
             Request::Ping => Response::Pong,
             Request::Join(j) => {
                 let (response, changed) = self.membership.handle_join(j);
@@ -360,6 +362,20 @@ impl NodeInner {
             hints_pending: self.hints.pending_total(),
             last_exchange_unix_ms: self.anti_entropy.last_round_unix_ms(),
             keys_repaired: self.anti_entropy.keys_repaired(),
+        }
+    }
+
+    /// A round asked for by a client (`ringkv repair`). Like the periodic
+    /// ones it stops at shutdown, so that it does not hold the node, and
+    /// with it the record of a clean shutdown, for as long as it is paced.
+    async fn repair_on_request(&self) -> Response {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            report = self.repair_round() => Response::Repair(report),
+            _ = shutdown.wait_for(|stop| *stop) => Response::error(
+                ErrorKind::Unavailable,
+                format!("{} is shutting down; the repair round stopped", self.id),
+            ),
         }
     }
 
@@ -836,6 +852,7 @@ impl Node {
                 Arc::new(unix_ms),
             )),
             ring_tx: watch::channel(None).0,
+            shutdown: shutdown_rx.clone(),
         });
         let background = vec![
             tokio::spawn(rebuild_loop(inner.clone(), shutdown_rx.clone())),

@@ -65,3 +65,94 @@ async fn a_clean_shutdown_lets_the_next_start_keep_the_epoch() {
     let next = storage.begin_epoch().unwrap();
     assert_eq!(next.to_le_bytes().as_slice(), used.as_slice());
 }
+
+/// A repair round a client asked for stops at shutdown, so it does not keep
+/// the node held (and the next start in a new epoch) while it is paced.
+#[tokio::test]
+async fn a_repair_round_under_way_stops_at_shutdown() {
+    use ringkv_core::wire::ReplicaRequest;
+    let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let quiet = |id: &str, dir: &std::path::Path| {
+        let mut c = config(dir);
+        c.id = NodeId::new(id).unwrap();
+        c.replicas = Some(2);
+        c.hints = false;
+        c.anti_entropy_interval = None;
+        c.read_repair_chance = 0.0;
+        // One key a second: after its first batch of 64 keys the round
+        // waits a minute for the next.
+        c.repair_keys_per_s = 1;
+        c
+    };
+    let n1 = Node::start(quiet("n1", dir1.path())).await.unwrap();
+    let mut second = quiet("n2", dir2.path());
+    second.seeds = vec![n1.addr()];
+    let n2 = Node::start(second).await.unwrap();
+    n2.shutdown().await;
+
+    // 65 keys that only n1 holds.
+    let keys: Vec<Vec<u8>> = (0..65).map(|i| format!("k{i}").into_bytes()).collect();
+    let to_n1 = Client::connect(n1.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    for key in &keys {
+        let put = PutRequest::new(
+            key.clone(),
+            Payload::Value(b"v".to_vec()),
+            Consistency::One,
+            None,
+        );
+        let answer = to_n1.call(&Request::Put(put)).await.unwrap();
+        assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    }
+
+    let n2 = Node::start(quiet("n2", dir2.path())).await.unwrap();
+    let to_n2 = Client::connect(n2.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let repair = {
+        let client = Client::connect(n2.addr(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        tokio::spawn(async move { client.call(&Request::Repair).await })
+    };
+    // Under way once n2 holds some of the keys (the first batch).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    'wait: loop {
+        for key in &keys {
+            let read = Request::Replica(ReplicaRequest::Read {
+                key: key.clone(),
+                hint_for: None,
+            });
+            if let Response::Clock(Some(_)) = to_n2.call(&read).await.unwrap() {
+                break 'wait;
+            }
+        }
+        if repair.is_finished() {
+            panic!("the round ended early: {:?}", repair.await.unwrap());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the repair never began"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!repair.is_finished(), "the second batch is a minute away");
+
+    n2.shutdown().await;
+    to_n2.close().await;
+    let _ = repair.await;
+    let storage = ringkv_node::storage::Storage::open(dir2.path(), false).unwrap();
+    let used = storage
+        .meta_get("epoch")
+        .unwrap()
+        .expect("the run had an epoch");
+    let next = storage.begin_epoch().unwrap();
+    assert_eq!(
+        next.to_le_bytes().as_slice(),
+        used.as_slice(),
+        "the shutdown was clean: no handler was left holding the node"
+    );
+    n1.shutdown().await;
+    to_n1.close().await;
+}
