@@ -517,8 +517,8 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
 }
 
 /// Rebuilds the Merkle trees from the store for every ring an install puts
-/// in effect (several installs in quick succession give one rebuild), on
-/// the blocking pool, until shutdown.
+/// in effect that places keys differently (several installs in quick
+/// succession give one rebuild), on the blocking pool, until shutdown.
 async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut rings = inner.ring_tx.subscribe();
     // An install may have come before this task first ran: treat the
@@ -533,6 +533,11 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
             continue;
         };
         let (storage, trees) = (inner.storage.clone(), inner.anti_entropy.trees().clone());
+        if trees.is_current_for(&ring) {
+            // The same placement (a member only moved, say): the trees stay
+            // as they are, and in service.
+            continue;
+        }
         let started = std::time::Instant::now();
         let rebuilt =
             tokio::task::spawn_blocking(move || storage.rebuild_trees(&trees, ring)).await;

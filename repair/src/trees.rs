@@ -120,6 +120,14 @@ impl ReplicaTrees {
         self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether the trees are ready and partitioned as `ring` places keys,
+    /// so a rebuild for it would change nothing. A new cluster record that
+    /// only moves a member to another address gives such a ring; rebuilding
+    /// would just take the trees out of service for the scan.
+    pub fn is_current_for(&self, ring: &Ring) -> bool {
+        self.is_ready() && *self.ring() == *ring
+    }
+
     /// The peers that hold `key` with this node on `ring` (none if this node does not).
     fn sharing_on(&self, ring: &Ring, key: &[u8]) -> Vec<NodeId> {
         let replicas = ring.preference_list(key).replicas;
@@ -323,6 +331,20 @@ mod tests {
 
     fn ring(nodes: usize) -> Arc<Ring> {
         Arc::new(Ring::new((1..=nodes).map(|i| (n(&format!("n{i}")), 16)), 3).unwrap())
+    }
+
+    #[test]
+    fn trees_are_current_only_once_ready_and_for_the_same_placement() {
+        let trees = ReplicaTrees::new(n("n1"), ring(5), crate::merkle::DEFAULT_LEAF_BITS).unwrap();
+        assert!(
+            !trees.is_current_for(&ring(5)),
+            "not ready before a rebuild"
+        );
+        trees.rebuild(ring(5), std::iter::empty());
+        assert!(trees.is_current_for(&ring(5)), "an equal ring, built anew");
+        assert!(!trees.is_current_for(&ring(4)));
+        trees.begin_rebuild();
+        assert!(!trees.is_current_for(&ring(5)), "a rebuild under way");
     }
 
     #[test]

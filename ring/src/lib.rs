@@ -53,11 +53,26 @@ impl PreferenceList {
 }
 
 /// A ring of virtual nodes with a replication factor.
+///
+/// Two rings are equal when they place every key alike: the same members
+/// with the same virtual node counts, and the same N. (Placement depends
+/// on nothing else; members' addresses are not part of a ring.)
 #[derive(Clone)]
 pub struct Ring {
     inner: consistent_hash_ring::Ring<RingNode, BuildStableHasher>,
     replicas: usize,
+    /// The members and their virtual node counts, sorted: what placement
+    /// depends on, for equality.
+    members: Vec<(NodeId, u32)>,
 }
+
+impl PartialEq for Ring {
+    fn eq(&self, other: &Self) -> bool {
+        self.replicas == other.replicas && self.members == other.members
+    }
+}
+
+impl Eq for Ring {}
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,6 +95,7 @@ impl Ring {
             return Err(RingError::ZeroReplicas);
         }
         let mut inner = consistent_hash_ring::RingBuilder::new(BuildStableHasher).build();
+        let mut placed = Vec::new();
         for (node, vnodes) in members {
             if vnodes == 0 {
                 return Err(RingError::ZeroVnodes { node });
@@ -87,8 +103,14 @@ impl Ring {
             if !inner.insert_weight(RingNode(node.clone()), vnodes as usize) {
                 return Err(RingError::DuplicateNode { node });
             }
+            placed.push((node, vnodes));
         }
-        Ok(Ring { inner, replicas })
+        placed.sort();
+        Ok(Ring {
+            inner,
+            replicas,
+            members: placed,
+        })
     }
 
     /// The replication factor N.

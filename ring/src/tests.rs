@@ -70,6 +70,27 @@ fn placement_ignores_member_order() {
             b.preference_list(key.as_bytes())
         );
     }
+    assert_eq!(a, b, "rings that place keys alike are equal");
+}
+
+#[test]
+fn rings_differ_when_placement_can() {
+    let base = five_node_ring(16);
+    assert_ne!(base, five_node_ring(8), "virtual nodes");
+    let four = Ring::new(
+        ids(&["n1", "n2", "n3", "n4"]).into_iter().map(|n| (n, 16)),
+        3,
+    )
+    .unwrap();
+    assert_ne!(base, four, "members");
+    let n2 = Ring::new(
+        ids(&["n1", "n2", "n3", "n4", "n5"])
+            .into_iter()
+            .map(|n| (n, 16)),
+        2,
+    )
+    .unwrap();
+    assert_ne!(base, n2, "replicas");
 }
 
 #[test]
