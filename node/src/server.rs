@@ -516,17 +516,26 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
+/// The wait before retrying a failed tree rebuild, doubling up to the most.
+const REBUILD_RETRY_FIRST: Duration = Duration::from_secs(1);
+const REBUILD_RETRY_MOST: Duration = Duration::from_secs(60);
+
 /// Rebuilds the Merkle trees from the store for every ring an install puts
 /// in effect that places keys differently (several installs in quick
-/// succession give one rebuild), on the blocking pool, until shutdown.
+/// succession give one rebuild), on the blocking pool, until shutdown. A
+/// rebuild that fails (a read error) is tried again after a wait that
+/// doubles, from 1 s up to a minute, or at once for a new ring: until one
+/// succeeds the trees are not ready and anti-entropy skips this node.
 async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut rings = inner.ring_tx.subscribe();
     // An install may have come before this task first ran: treat the
     // current ring as new.
     rings.mark_changed();
+    let mut retry_in: Option<Duration> = None;
     loop {
         tokio::select! {
             changed = rings.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {}
             _ = shutdown.changed() => break,
         }
         let Some(ring) = rings.borrow_and_update().clone() else {
@@ -541,17 +550,22 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
         let started = std::time::Instant::now();
         let rebuilt =
             tokio::task::spawn_blocking(move || storage.rebuild_trees(&trees, ring)).await;
-        match rebuilt {
+        let failure = match rebuilt {
             Ok(Ok(keys)) => {
                 let seconds = started.elapsed().as_secs_f64();
                 metrics::histogram!("ringkv_merkle_rebuild_seconds").record(seconds);
                 tracing::info!(keys, seconds, "Merkle trees rebuilt");
+                None
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "Merkle tree rebuild failed; anti-entropy is off until the next ring change")
-            }
-            Err(e) => tracing::error!(error = %e, "Merkle tree rebuild panicked"),
-        }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("the rebuild panicked: {e}")),
+        };
+        retry_in = failure.map(|error| {
+            let wait = retry_in.map_or(REBUILD_RETRY_FIRST, |w| (w * 2).min(REBUILD_RETRY_MOST));
+            metrics::counter!("ringkv_merkle_rebuild_failures_total").increment(1);
+            tracing::error!(%error, retry_in_s = wait.as_secs(), "Merkle tree rebuild failed; anti-entropy skips this node until a rebuild succeeds");
+            wait
+        });
     }
 }
 
@@ -1116,6 +1130,45 @@ mod tests {
                 "answered {kind} before the flush"
             );
         }
+    }
+
+    /// A failed tree rebuild is tried again after a wait, without waiting
+    /// for another ring change, until one succeeds.
+    #[tokio::test]
+    async fn a_failed_tree_rebuild_is_retried_until_it_succeeds() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut first = NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir1.path().into());
+        first.replicas = Some(2);
+        let n1 = Node::start(first).await.unwrap();
+        let trees = n1.inner.anti_entropy.trees().clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !trees.is_ready() {
+            assert!(tokio::time::Instant::now() < deadline, "no first rebuild");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The rebuild for the ring with n2 fails twice before one succeeds.
+        n1.inner.storage.failing_rebuilds.store(2, SeqCst);
+        let mut second = NodeConfig::new(NodeId::new("n2").unwrap(), listen, dir2.path().into());
+        second.seeds = vec![n1.addr()];
+        let n2 = Node::start(second).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ring = n1.inner.ring_tx.borrow().clone().unwrap();
+            if ring.len() == 2 && trees.is_current_for(&ring) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the trees never recovered ({} injected failures left)",
+                n1.inner.storage.failing_rebuilds.load(SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(n1.inner.storage.failing_rebuilds.load(SeqCst), 0);
+        n2.shutdown().await;
+        n1.shutdown().await;
     }
 
     /// End to end, through a client and the coordinator's call to itself:

@@ -66,6 +66,9 @@ pub struct Storage {
     /// The WAL's group commit; `None` exactly with `--sync`, where every
     /// write flushes (and syncs) its own record.
     group: Option<GroupCommit>,
+    /// Tests: this many tree rebuilds fail, as a read error would.
+    #[cfg(test)]
+    pub(crate) failing_rebuilds: std::sync::atomic::AtomicU32,
 }
 
 /// Buckets of the `data` memtable's hash table (RocksDB's default): 8 MiB
@@ -154,6 +157,8 @@ impl Storage {
             db,
             path: path.to_path_buf(),
             group: (!sync).then(GroupCommit::new),
+            #[cfg(test)]
+            failing_rebuilds: Default::default(),
         };
         storage.index_existing_data()?;
         Ok(storage)
@@ -392,6 +397,21 @@ impl Storage {
         ring: std::sync::Arc<Ring>,
     ) -> Result<u64, NodeError> {
         trees.begin_rebuild();
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            let take = |n: u32| n.checked_sub(1);
+            if self
+                .failing_rebuilds
+                .fetch_update(SeqCst, SeqCst, take)
+                .is_ok()
+            {
+                trees.abandon_rebuild();
+                return Err(NodeError::StorageIo {
+                    reason: "injected read error".to_string(),
+                });
+            }
+        }
         let snapshot = self.db.snapshot();
         let cf = self.cf(CF_DATA);
         let mut failed = None;
