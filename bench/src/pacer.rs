@@ -42,7 +42,7 @@ fn due_after(i: u64, rate_per_s: u64) -> Duration {
 }
 
 /// How many requests come due within `duration` at `rate_per_s`: every i
-/// whose [`due_after`] is before the end.
+/// whose `due_after` is before the end.
 pub fn due_count(rate_per_s: u64, duration: Duration) -> u64 {
     // i * 1e9 / rate < duration_ns  <=>  i < ceil(duration_ns * rate / 1e9)
     let rate = u128::from(rate_per_s.max(1));

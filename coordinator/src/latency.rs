@@ -87,7 +87,7 @@ impl ReplicaLatency {
     }
 
     /// How long after a read began its spares are asked, given the peers it
-    /// asked first: [`SPECULATE_FACTOR`] times the slowest one's average, at
+    /// asked first: `SPECULATE_FACTOR` times the slowest one's average, at
     /// least [`SPECULATE_MIN`], at most `cap`.
     pub fn speculate_after(&self, asked: &[NodeId], cap: Duration) -> Duration {
         let map = self.ewma_us.lock().unwrap_or_else(|p| p.into_inner());

@@ -204,7 +204,7 @@ impl Drop for WaitGuard<'_> {
 
 impl Channel {
     /// Opens the shared stream on `conn` and starts its writer and reader.
-    /// Gives up after [`OPEN_STREAM_TIMEOUT`]: opening waits for the peer's
+    /// Gives up after `OPEN_STREAM_TIMEOUT`: opening waits for the peer's
     /// stream credit, and callers wait behind it.
     pub async fn open(conn: &quinn::Connection) -> Result<Channel, CallError> {
         let (send, recv) = tokio::time::timeout(OPEN_STREAM_TIMEOUT, conn.open_bi())

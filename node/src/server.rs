@@ -306,6 +306,9 @@ struct NodeInner {
     ring_tx: watch::Sender<Option<Arc<Ring>>>,
     /// Becomes true when the node shuts down.
     shutdown: watch::Receiver<bool>,
+    /// Tests: rings the tree rebuilder has taken up (rebuilt or skipped).
+    #[cfg(test)]
+    rings_considered: std::sync::atomic::AtomicU32,
 }
 
 impl NodeInner {
@@ -523,9 +526,10 @@ const REBUILD_RETRY_MOST: Duration = Duration::from_secs(60);
 /// Rebuilds the Merkle trees from the store for every ring an install puts
 /// in effect that places keys differently (several installs in quick
 /// succession give one rebuild), on the blocking pool, until shutdown. A
-/// rebuild that fails (a read error) is tried again after a wait that
-/// doubles, from 1 s up to a minute, or at once for a new ring: until one
-/// succeeds the trees are not ready and anti-entropy skips this node.
+/// rebuild that fails (a read error, or a panic) is tried again after a
+/// wait that doubles, from 1 s up to a minute, or at once for a new ring:
+/// until one succeeds the trees are not ready and anti-entropy skips this
+/// node.
 async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut rings = inner.ring_tx.subscribe();
     // An install may have come before this task first ran: treat the
@@ -534,17 +538,24 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
     let mut retry_in: Option<Duration> = None;
     loop {
         tokio::select! {
+            // A scan can take seconds: never start one once shutdown is due.
+            biased;
+            _ = shutdown.changed() => break,
             changed = rings.changed() => if changed.is_err() { break },
             _ = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {}
-            _ = shutdown.changed() => break,
         }
         let Some(ring) = rings.borrow_and_update().clone() else {
             continue;
         };
         let (storage, trees) = (inner.storage.clone(), inner.anti_entropy.trees().clone());
+        #[cfg(test)]
+        inner
+            .rings_considered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if trees.is_current_for(&ring) {
             // The same placement (a member only moved, say): the trees stay
             // as they are, and in service.
+            retry_in = None;
             continue;
         }
         let started = std::time::Instant::now();
@@ -872,6 +883,8 @@ impl Node {
             )),
             ring_tx: watch::channel(None).0,
             shutdown: shutdown_rx.clone(),
+            #[cfg(test)]
+            rings_considered: Default::default(),
         });
         let background = vec![
             tokio::spawn(rebuild_loop(inner.clone(), shutdown_rx.clone())),
@@ -1130,6 +1143,62 @@ mod tests {
                 "answered {kind} before the flush"
             );
         }
+    }
+
+    /// A member that comes back at another address changes the cluster
+    /// record but not where keys go: the other nodes keep their trees, in
+    /// service, instead of rebuilding them.
+    #[tokio::test]
+    async fn a_member_at_a_new_address_costs_no_tree_rebuild() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut first = NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir1.path().into());
+        first.replicas = Some(2);
+        let n1 = Node::start(first).await.unwrap();
+        let mut second = NodeConfig::new(NodeId::new("n2").unwrap(), listen, dir2.path().into());
+        second.seeds = vec![n1.addr()];
+        let n2 = Node::start(second).await.unwrap();
+        let trees = n1.inner.anti_entropy.trees().clone();
+        let two_nodes = |n1: &NodeHandle| {
+            let ring = n1.inner.ring_tx.borrow().clone().unwrap();
+            ring.len() == 2 && trees.is_current_for(&ring)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !two_nodes(&n1) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no trees for n1 and n2"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let old_addr = n2.addr();
+        n2.shutdown().await;
+        let (rebuilds, considered) = (
+            n1.inner.storage.rebuilds_started.load(SeqCst),
+            n1.inner.rings_considered.load(SeqCst),
+        );
+        // Port 0: n2 comes back at another port, and tells n1.
+        let n2 = Node::start(NodeConfig::new(
+            NodeId::new("n2").unwrap(),
+            listen,
+            dir2.path().into(),
+        ))
+        .await
+        .unwrap();
+        assert_ne!(n2.addr(), old_addr);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while n1.inner.rings_considered.load(SeqCst) == considered {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "n1 never installed n2's new address"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(n1.inner.storage.rebuilds_started.load(SeqCst), rebuilds);
+        assert!(two_nodes(&n1), "the trees stayed in service");
+        n2.shutdown().await;
+        n1.shutdown().await;
     }
 
     /// A failed tree rebuild is tried again after a wait, without waiting

@@ -7,7 +7,7 @@
 //!   `stable_hash64(key)` (8 bytes, big-endian) then the key. A Merkle leaf
 //!   is a range of hash prefixes, so listing a leaf is one range read of the
 //!   index, then a read of each key's stored clock, whose bytes hash to its
-//!   [`version_digest`]. The entry only says that the key exists: it is
+//!   [`version_digest`](ringkv_repair::trees::version_digest). The entry only says that the key exists: it is
 //!   written when the key is first stored and removed with it, so an
 //!   overwrite, the common write, leaves it alone. (Data dirs from before
 //!   kept the digest as the entry's value; it is ignored.) Rebuilding the
@@ -69,6 +69,9 @@ pub struct Storage {
     /// Tests: this many tree rebuilds fail, as a read error would.
     #[cfg(test)]
     pub(crate) failing_rebuilds: std::sync::atomic::AtomicU32,
+    /// Tests: tree rebuilds begun.
+    #[cfg(test)]
+    pub(crate) rebuilds_started: std::sync::atomic::AtomicU32,
 }
 
 /// Buckets of the `data` memtable's hash table (RocksDB's default): 8 MiB
@@ -159,6 +162,8 @@ impl Storage {
             group: (!sync).then(GroupCommit::new),
             #[cfg(test)]
             failing_rebuilds: Default::default(),
+            #[cfg(test)]
+            rebuilds_started: Default::default(),
         };
         storage.index_existing_data()?;
         Ok(storage)
@@ -397,6 +402,13 @@ impl Storage {
         ring: std::sync::Arc<Ring>,
     ) -> Result<u64, NodeError> {
         trees.begin_rebuild();
+        let mut guard = AbandonUnlessFinished {
+            trees,
+            finished: false,
+        };
+        #[cfg(test)]
+        self.rebuilds_started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         #[cfg(test)]
         {
             use std::sync::atomic::Ordering::SeqCst;
@@ -406,7 +418,6 @@ impl Storage {
                 .fetch_update(SeqCst, SeqCst, take)
                 .is_ok()
             {
-                trees.abandon_rebuild();
                 return Err(NodeError::StorageIo {
                     reason: "injected read error".to_string(),
                 });
@@ -429,7 +440,6 @@ impl Storage {
             .inspect(|_| scanned += 1);
         let fresh = trees.build(ring, items);
         if let Some(e) = failed {
-            trees.abandon_rebuild();
             return Err(io(e));
         }
         trees
@@ -439,6 +449,7 @@ impl Storage {
                 Ok((then, now))
             })
             .map_err(io)?;
+        guard.finished = true;
         Ok(scanned)
     }
 
@@ -480,6 +491,22 @@ impl Storage {
             }
         }
         Ok((due, None))
+    }
+}
+
+/// Abandons the rebuild it guards unless it finished, so that a rebuild
+/// that fails or panics part way leaves the trees not ready and records no
+/// more changes for it.
+struct AbandonUnlessFinished<'a> {
+    trees: &'a ReplicaTrees,
+    finished: bool,
+}
+
+impl Drop for AbandonUnlessFinished<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.trees.abandon_rebuild();
+        }
     }
 }
 

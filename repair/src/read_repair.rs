@@ -128,7 +128,7 @@ impl ReadRepairQueue {
     }
 
     /// A permit to wait for a read's late answers, if fewer than
-    /// [`COLLECTING_MAX`] reads are already waiting; `None` means skip repair.
+    /// `COLLECTING_MAX` reads are already waiting; `None` means skip repair.
     pub fn begin_collecting(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let permit = self.collecting.clone().try_acquire_owned().ok();
         if permit.is_none() {

@@ -54,9 +54,10 @@ impl PreferenceList {
 
 /// A ring of virtual nodes with a replication factor.
 ///
-/// Two rings are equal when they place every key alike: the same members
-/// with the same virtual node counts, and the same N. (Placement depends
-/// on nothing else; members' addresses are not part of a ring.)
+/// Two rings are equal when they have the same members with the same
+/// virtual node counts, and the same N; equal rings place every key alike.
+/// (Placement depends on nothing else; members' addresses are not part of
+/// a ring.)
 #[derive(Clone)]
 pub struct Ring {
     inner: consistent_hash_ring::Ring<RingNode, BuildStableHasher>,
