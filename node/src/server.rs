@@ -1145,6 +1145,20 @@ mod tests {
         }
     }
 
+    /// A node `id` of a two-replica cluster in `dir`, on a free loopback
+    /// port, joining through `seed` if given.
+    async fn start_in_pair(
+        id: &str,
+        dir: &std::path::Path,
+        seed: Option<SocketAddr>,
+    ) -> NodeHandle {
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut config = NodeConfig::new(NodeId::new(id).unwrap(), listen, dir.into());
+        config.replicas = Some(2);
+        config.seeds = seed.into_iter().collect();
+        Node::start(config).await.unwrap()
+    }
+
     /// A member that comes back at another address changes the cluster
     /// record but not where keys go: the other nodes keep their trees, in
     /// service, instead of rebuilding them.
@@ -1152,13 +1166,8 @@ mod tests {
     async fn a_member_at_a_new_address_costs_no_tree_rebuild() {
         use std::sync::atomic::Ordering::SeqCst;
         let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let mut first = NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir1.path().into());
-        first.replicas = Some(2);
-        let n1 = Node::start(first).await.unwrap();
-        let mut second = NodeConfig::new(NodeId::new("n2").unwrap(), listen, dir2.path().into());
-        second.seeds = vec![n1.addr()];
-        let n2 = Node::start(second).await.unwrap();
+        let n1 = start_in_pair("n1", dir1.path(), None).await;
+        let n2 = start_in_pair("n2", dir2.path(), Some(n1.addr())).await;
         let trees = n1.inner.anti_entropy.trees().clone();
         let two_nodes = |n1: &NodeHandle| {
             let ring = n1.inner.ring_tx.borrow().clone().unwrap();
@@ -1179,13 +1188,7 @@ mod tests {
             n1.inner.rings_considered.load(SeqCst),
         );
         // Port 0: n2 comes back at another port, and tells n1.
-        let n2 = Node::start(NodeConfig::new(
-            NodeId::new("n2").unwrap(),
-            listen,
-            dir2.path().into(),
-        ))
-        .await
-        .unwrap();
+        let n2 = start_in_pair("n2", dir2.path(), None).await;
         assert_ne!(n2.addr(), old_addr);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while n1.inner.rings_considered.load(SeqCst) == considered {
@@ -1207,10 +1210,7 @@ mod tests {
     async fn a_failed_tree_rebuild_is_retried_until_it_succeeds() {
         use std::sync::atomic::Ordering::SeqCst;
         let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let mut first = NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir1.path().into());
-        first.replicas = Some(2);
-        let n1 = Node::start(first).await.unwrap();
+        let n1 = start_in_pair("n1", dir1.path(), None).await;
         let trees = n1.inner.anti_entropy.trees().clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !trees.is_ready() {
@@ -1219,9 +1219,7 @@ mod tests {
         }
         // The rebuild for the ring with n2 fails twice before one succeeds.
         n1.inner.storage.failing_rebuilds.store(2, SeqCst);
-        let mut second = NodeConfig::new(NodeId::new("n2").unwrap(), listen, dir2.path().into());
-        second.seeds = vec![n1.addr()];
-        let n2 = Node::start(second).await.unwrap();
+        let n2 = start_in_pair("n2", dir2.path(), Some(n1.addr())).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let ring = n1.inner.ring_tx.borrow().clone().unwrap();
