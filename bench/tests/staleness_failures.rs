@@ -2,7 +2,6 @@
 //! dropping them: here every write fails (W=2 on a one-node cluster), so
 //! every probe is `failed`, none is a probe, and none is called fresh.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ringkv_bench::workload::Workload;
@@ -13,14 +12,8 @@ use ringkv_node::{Node, NodeConfig};
 #[tokio::test]
 async fn probes_that_cannot_write_are_counted_as_failed() {
     let dir = tempfile::tempdir().unwrap();
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let node = Node::start(NodeConfig::new(
-        NodeId::new("n1").unwrap(),
-        listen,
-        dir.path().into(),
-    ))
-    .await
-    .unwrap();
+    let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    let node = Node::start(config).await.unwrap();
     let config = YcsbConfig {
         targets: vec![node.addr(), node.addr()],
         workload: Workload::A,

@@ -184,6 +184,15 @@ mod tests {
         }
     }
 
+    /// Waits for a spawned commit, failing with `why` if it takes 10 s.
+    async fn finishes(commit: tokio::task::JoinHandle<Result<(), &'static str>>, why: &str) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), commit)
+            .await
+            .expect(why)
+            .unwrap()
+            .unwrap();
+    }
+
     /// A commit on its own task, flushing into `wal`.
     fn spawn_commit(
         group: &Arc<GroupCommit>,
@@ -255,11 +264,7 @@ mod tests {
         );
         finish_tx.send(()).unwrap();
         writer.join().unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(10), reader)
-            .await
-            .expect("the commit ends once the write does")
-            .unwrap()
-            .unwrap();
+        finishes(reader, "the commit ends once the write does").await;
         assert_eq!(wal.kernel.lock().unwrap().as_slice(), &[1]);
     }
 
@@ -317,11 +322,7 @@ mod tests {
         );
         leader.abort();
         let follower = spawn_commit(&group, &wal);
-        tokio::time::timeout(std::time::Duration::from_secs(10), follower)
-            .await
-            .expect("the follower must not wait forever")
-            .unwrap()
-            .unwrap();
+        finishes(follower, "the follower must not wait forever").await;
         assert_eq!(wal.kernel.lock().unwrap().as_slice(), &[1]);
     }
 }

@@ -1,8 +1,9 @@
 //! Who is in the cluster, remembered across restarts.
 //!
-//! A new node joins by sending [`Request::Join`](ringkv_core::wire::Request::Join) to a seed; the seed checks
-//! that the node's id is not taken by another address and that it agrees on
-//! N, adds it, and answers with the whole member list and the cluster id. The
+//! A new node joins by sending
+//! [`Request::Join`](ringkv_core::wire::Request::Join) to a seed; the seed
+//! checks that the node's id is not taken by another address and that it
+//! agrees on N, adds it, and answers with the whole member list and the cluster id. The
 //! new node then announces itself to every member it learned of, so all of
 //! them add it (a seed serialises joins, so of two nodes joining at once the
 //! second learns of the first and announces to it). Every node stores the

@@ -609,14 +609,8 @@ mod tests {
     #[tokio::test]
     async fn the_peer_pool_shares_one_connection_and_batches_frames() {
         let dir = tempfile::tempdir().unwrap();
-        let listen = "127.0.0.1:0".parse().unwrap();
-        let node = Node::start(NodeConfig::new(
-            NodeId::new("n1").unwrap(),
-            listen,
-            dir.path().into(),
-        ))
-        .await
-        .unwrap();
+        let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+        let node = Node::start(config).await.unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(tls::client_config());
         let pool = Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));

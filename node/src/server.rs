@@ -82,6 +82,12 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// A config with defaults for everything but identity and place.
+    /// A node serving on a port of 127.0.0.1 that the OS picks, with the
+    /// defaults of [`new`](Self::new): for tests and in-process clusters.
+    pub fn on_loopback(id: NodeId, data_dir: PathBuf) -> Self {
+        Self::new(id, SocketAddr::from(([127, 0, 0, 1], 0)), data_dir)
+    }
+
     pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf) -> Self {
         NodeConfig {
             id,
@@ -1152,11 +1158,26 @@ mod tests {
         dir: &std::path::Path,
         seed: Option<SocketAddr>,
     ) -> NodeHandle {
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let mut config = NodeConfig::new(NodeId::new(id).unwrap(), listen, dir.into());
+        let mut config = NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into());
         config.replicas = Some(2);
         config.seeds = seed.into_iter().collect();
         Node::start(config).await.unwrap()
+    }
+
+    /// Polls `done` every 20 ms; fails naming `what` if it is still false
+    /// after 20 s.
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether `node`'s trees are ready for its current ring of two nodes.
+    fn trees_follow_pair(node: &NodeHandle) -> bool {
+        let ring = node.inner.ring_tx.borrow().clone().unwrap();
+        ring.len() == 2 && node.inner.anti_entropy.trees().is_current_for(&ring)
     }
 
     /// A member that comes back at another address changes the cluster
@@ -1168,19 +1189,7 @@ mod tests {
         let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let n1 = start_in_pair("n1", dir1.path(), None).await;
         let n2 = start_in_pair("n2", dir2.path(), Some(n1.addr())).await;
-        let trees = n1.inner.anti_entropy.trees().clone();
-        let two_nodes = |n1: &NodeHandle| {
-            let ring = n1.inner.ring_tx.borrow().clone().unwrap();
-            ring.len() == 2 && trees.is_current_for(&ring)
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !two_nodes(&n1) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no trees for n1 and n2"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("no trees for n1 and n2", || trees_follow_pair(&n1)).await;
         let old_addr = n2.addr();
         n2.shutdown().await;
         let (rebuilds, considered) = (
@@ -1190,16 +1199,12 @@ mod tests {
         // Port 0: n2 comes back at another port, and tells n1.
         let n2 = start_in_pair("n2", dir2.path(), None).await;
         assert_ne!(n2.addr(), old_addr);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while n1.inner.rings_considered.load(SeqCst) == considered {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "n1 never installed n2's new address"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("n1 never installed n2's new address", || {
+            n1.inner.rings_considered.load(SeqCst) != considered
+        })
+        .await;
         assert_eq!(n1.inner.storage.rebuilds_started.load(SeqCst), rebuilds);
-        assert!(two_nodes(&n1), "the trees stayed in service");
+        assert!(trees_follow_pair(&n1), "the trees stayed in service");
         n2.shutdown().await;
         n1.shutdown().await;
     }
@@ -1212,27 +1217,11 @@ mod tests {
         let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let n1 = start_in_pair("n1", dir1.path(), None).await;
         let trees = n1.inner.anti_entropy.trees().clone();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !trees.is_ready() {
-            assert!(tokio::time::Instant::now() < deadline, "no first rebuild");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("no first rebuild", || trees.is_ready()).await;
         // The rebuild for the ring with n2 fails twice before one succeeds.
         n1.inner.storage.failing_rebuilds.store(2, SeqCst);
         let n2 = start_in_pair("n2", dir2.path(), Some(n1.addr())).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let ring = n1.inner.ring_tx.borrow().clone().unwrap();
-            if ring.len() == 2 && trees.is_current_for(&ring) {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the trees never recovered ({} injected failures left)",
-                n1.inner.storage.failing_rebuilds.load(SeqCst)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until("the trees never recovered", || trees_follow_pair(&n1)).await;
         assert_eq!(n1.inner.storage.failing_rebuilds.load(SeqCst), 0);
         n2.shutdown().await;
         n1.shutdown().await;
@@ -1243,8 +1232,7 @@ mod tests {
     #[tokio::test]
     async fn an_acknowledged_put_is_in_the_log_file() {
         let dir = tempfile::tempdir().unwrap();
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let config = NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir.path().into());
+        let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
         assert!(!config.sync, "the test is about the default, buffered WAL");
         let node = Node::start(config).await.unwrap();
         let client = crate::Client::connect(node.addr(), Duration::from_secs(5))

@@ -7,11 +7,11 @@
 //!   `stable_hash64(key)` (8 bytes, big-endian) then the key. A Merkle leaf
 //!   is a range of hash prefixes, so listing a leaf is one range read of the
 //!   index, then a read of each key's stored clock, whose bytes hash to its
-//!   [`version_digest`](ringkv_repair::trees::version_digest). The entry only says that the key exists: it is
-//!   written when the key is first stored and removed with it, so an
-//!   overwrite, the common write, leaves it alone. (Data dirs from before
-//!   kept the digest as the entry's value; it is ignored.) Rebuilding the
-//!   trees reads all of `data`;
+//!   [`version_digest`](ringkv_repair::trees::version_digest). The entry
+//!   only says that the key exists: it is written when the key is first
+//!   stored and removed with it, so an overwrite, the common write, leaves
+//!   it alone. (Data dirs from before kept the digest as the entry's value;
+//!   it is ignored.) Rebuilding the trees reads all of `data`;
 //! - `tombstones` maps each key whose clock holds only tombstones to when it
 //!   was stored (ms since the Unix epoch), so tombstone collection finds
 //!   them without a scan of `data`;
@@ -88,8 +88,9 @@ fn whole_key(key: &[u8]) -> &[u8] {
 ///
 /// `data` is only ever read by key (the read before every write, every
 /// replica read), and listed in full only by tree rebuilds, the
-/// re-indexing at startup and each memtable flush (which sorts a copy). So its memtable is a
-/// hash of per-key skip lists instead of one skip list of every version:
+/// re-indexing at startup and each memtable flush (which sorts a copy). So
+/// its memtable is a hash of per-key skip lists instead of one skip list of
+/// every version:
 /// with one skip list, finding a key (to read it, or where to insert its
 /// new version) took a cache miss per level, and under YCSB-A those two
 /// searches were 13% of all CPU. Full listings must then ask for total
@@ -308,6 +309,13 @@ fn index_key(key: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The [`version_digest`](ringkv_repair::trees::version_digest) of a
+/// stored clock, from its stored bytes: they are the clock's one encoding,
+/// which is what the digest hashes.
+fn stored_digest(stored: &[u8]) -> u64 {
+    stable_hash64(stored)
+}
+
 /// A stored little-endian u64 (a time); `None` if malformed.
 fn le_u64(bytes: &[u8]) -> Option<u64> {
     bytes.try_into().ok().map(u64::from_le_bytes)
@@ -407,22 +415,7 @@ impl Storage {
             finished: false,
         };
         #[cfg(test)]
-        self.rebuilds_started
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        #[cfg(test)]
-        {
-            use std::sync::atomic::Ordering::SeqCst;
-            let take = |n: u32| n.checked_sub(1);
-            if self
-                .failing_rebuilds
-                .fetch_update(SeqCst, SeqCst, take)
-                .is_ok()
-            {
-                return Err(NodeError::StorageIo {
-                    reason: "injected read error".to_string(),
-                });
-            }
-        }
+        self.test_rebuild_begins()?;
         let snapshot = self.db.snapshot();
         let cf = self.cf(CF_DATA);
         let mut failed = None;
@@ -436,7 +429,7 @@ impl Storage {
                     None
                 }
             })
-            .map(|(key, stored)| (key.into_vec(), stable_hash64(&stored)))
+            .map(|(key, stored)| (key.into_vec(), stored_digest(&stored)))
             .inspect(|_| scanned += 1);
         let fresh = trees.build(ring, items);
         if let Some(e) = failed {
@@ -444,13 +437,27 @@ impl Storage {
         }
         trees
             .finish_rebuild(fresh, |key| {
-                let then = snapshot.get_pinned_cf(cf, key)?.map(|b| stable_hash64(&b));
-                let now = self.db.get_pinned_cf(cf, key)?.map(|b| stable_hash64(&b));
+                let then = snapshot.get_pinned_cf(cf, key)?.map(|b| stored_digest(&b));
+                let now = self.db.get_pinned_cf(cf, key)?.map(|b| stored_digest(&b));
                 Ok((then, now))
             })
             .map_err(io)?;
         guard.finished = true;
         Ok(scanned)
+    }
+
+    /// Tests: counts a rebuild, and fails it if `failing_rebuilds` says so.
+    #[cfg(test)]
+    fn test_rebuild_begins(&self) -> Result<(), NodeError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.rebuilds_started.fetch_add(1, SeqCst);
+        let take = |n: u32| n.checked_sub(1);
+        match self.failing_rebuilds.fetch_update(SeqCst, SeqCst, take) {
+            Ok(_) => Err(NodeError::StorageIo {
+                reason: "injected read error".to_string(),
+            }),
+            Err(_) => Ok(()),
+        }
     }
 
     /// When `key`'s current tombstone was stored (ms since the Unix epoch);
@@ -559,8 +566,7 @@ impl LeafSource for Storage {
             else {
                 continue;
             };
-            // The bytes `version_digest` hashes: the clock's one encoding.
-            out.push((key.to_vec(), stable_hash64(&stored)));
+            out.push((key.to_vec(), stored_digest(&stored)));
         }
         Ok(out)
     }

@@ -2,7 +2,6 @@
 //! keeps serving. Frames are `[u32 length][u64 id][body]` (see
 //! `ringkv_node::frame`).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use ringkv_core::wire::{decode_response, encode_request, ErrorKind, Request, Response};
@@ -53,14 +52,8 @@ fn assert_malformed(answer: &(u64, Response), id: u64, case: &str) {
 #[tokio::test]
 async fn truncated_and_garbage_frames_are_answered_with_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let node = Node::start(NodeConfig::new(
-        NodeId::new("n1").unwrap(),
-        listen,
-        dir.path().into(),
-    ))
-    .await
-    .unwrap();
+    let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    let node = Node::start(config).await.unwrap();
     let client = Client::connect(node.addr(), Duration::from_secs(5))
         .await
         .unwrap();

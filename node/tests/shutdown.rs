@@ -1,7 +1,6 @@
 //! A node that has shut down has closed its database: the data dir can be
 //! opened again at once, by a new node in the same process.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use ringkv_core::dvv::Payload;
@@ -10,8 +9,7 @@ use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{Client, Node, NodeConfig, NodeHandle};
 
 fn config(dir: &std::path::Path) -> NodeConfig {
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir.into())
+    NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.into())
 }
 
 /// Starts a node in `dir` and writes one key through a client, which

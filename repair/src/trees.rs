@@ -12,7 +12,8 @@
 //! [`ReplicaTrees::changed`] (through [`ChangeObserver`]) under the key's
 //! lock, with the old and new clock, so a key's updates reach its trees in
 //! the order they reached the store. After a restart or a change of
-//! placement (see [`ReplicaTrees::is_current_for`]) the trees are rebuilt from a scan of a store snapshot while writes go on
+//! placement (see [`ReplicaTrees::is_current_for`]) the trees are rebuilt
+//! from a scan of a store snapshot while writes go on
 //! ([`ReplicaTrees::begin_rebuild`], [`build`](ReplicaTrees::build),
 //! [`finish_rebuild`](ReplicaTrees::finish_rebuild)): keys changed during the
 //! scan are remembered, and corrected from the snapshot's and the current

@@ -140,11 +140,7 @@ impl Ring {
 
     /// Every node on the ring, sorted by id.
     pub fn nodes(&self) -> Vec<NodeId> {
-        // Any key's preference list walks the whole ring once.
-        let list = self.preference_list(b"");
-        let mut nodes: Vec<NodeId> = list.replicas.into_iter().chain(list.fallbacks).collect();
-        nodes.sort();
-        nodes
+        self.members.iter().map(|(node, _)| node.clone()).collect()
     }
 
     /// The first node of the key's preference list.
