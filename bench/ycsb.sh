@@ -42,7 +42,9 @@ ops = sum(o["ops"] for o in s["ops"].values())
 # The client's CPU covers the load phase too; count the load's writes.
 total_ops = ops + report["config"]["records"]
 cpu = node_s + float(user) + float(system)
-print(f"   {s['ops_per_sec']:.0f} ops/s; CPU {cpu:.1f} s over {total_ops} ops (load + run) = {cpu / total_ops * 1e6:.0f} us/op")
+client = float(user) + float(system)
+print(f"   {s['ops_per_sec']:.0f} ops/s; CPU {cpu:.1f} s over {total_ops} ops (load + run) = {cpu / total_ops * 1e6:.0f} us/op"
+      f" (nodes {node_s / total_ops * 1e6:.0f}, client {client / total_ops * 1e6:.0f})")
 PY
   done
 done
