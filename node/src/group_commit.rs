@@ -70,6 +70,25 @@ impl Drop for Leadership<'_> {
     }
 }
 
+/// Counts a commit in `awaiting_writes` while it sleeps on a write under
+/// way, and uncounts it however the sleep ends, including when the commit's
+/// future is dropped (a request timed out): a count left behind would make
+/// every later write pay a spare wake-up.
+struct AwaitingWrite<'a>(&'a GroupCommit);
+
+impl<'a> AwaitingWrite<'a> {
+    fn register(group: &'a GroupCommit) -> Self {
+        group.awaiting_writes.fetch_add(1, Ordering::SeqCst);
+        AwaitingWrite(group)
+    }
+}
+
+impl Drop for AwaitingWrite<'_> {
+    fn drop(&mut self) {
+        self.0.awaiting_writes.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl GroupCommit {
     pub fn new() -> Self {
         Self::default()
@@ -95,11 +114,10 @@ impl GroupCommit {
             let finished = self.write_finished.notified();
             tokio::pin!(finished);
             finished.as_mut().enable();
-            self.awaiting_writes.fetch_add(1, Ordering::SeqCst);
+            let _awaiting = AwaitingWrite::register(self);
             if self.finished.load(Ordering::SeqCst) < target {
                 finished.await;
             }
-            self.awaiting_writes.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -262,10 +280,25 @@ mod tests {
             1,
             "the commit sleeps until the write finishes (no spinning)"
         );
+        // A second commit that gives up while it waits (its request timed
+        // out) stops counting as a waiter.
+        let quitter = spawn_commit(&group, &wal);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(group.awaiting_writes.load(Ordering::SeqCst), 2);
+        quitter.abort();
+        assert!(quitter.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            group.awaiting_writes.load(Ordering::SeqCst),
+            1,
+            "a cancelled commit still counted as waiting"
+        );
         finish_tx.send(()).unwrap();
         writer.join().unwrap();
         finishes(reader, "the commit ends once the write does").await;
         assert_eq!(wal.kernel.lock().unwrap().as_slice(), &[1]);
+        assert_eq!(group.awaiting_writes.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
