@@ -32,4 +32,6 @@ pub enum NodeError {
     Config { reason: String },
     #[error("TLS setup failed: {reason}")]
     Tls { reason: String },
+    #[error(transparent)]
+    TreeRebuildOverrun(#[from] ringkv_repair::trees::RebuildOverrun),
 }

@@ -435,13 +435,14 @@ impl Storage {
         if let Some(e) = failed {
             return Err(io(e));
         }
-        trees
-            .finish_rebuild(fresh, |key| {
-                let then = snapshot.get_pinned_cf(cf, key)?.map(|b| stored_digest(&b));
-                let now = self.db.get_pinned_cf(cf, key)?.map(|b| stored_digest(&b));
-                Ok((then, now))
-            })
-            .map_err(io)?;
+        trees.finish_rebuild(fresh, |key| {
+            let read = |db_get: Result<Option<rocksdb::DBPinnableSlice>, rocksdb::Error>| {
+                db_get.map(|b| b.map(|b| stored_digest(&b))).map_err(io)
+            };
+            let then = read(snapshot.get_pinned_cf(cf, key))?;
+            let now = read(self.db.get_pinned_cf(cf, key))?;
+            Ok::<_, NodeError>((then, now))
+        })?;
         guard.finished = true;
         Ok(scanned)
     }
@@ -994,7 +995,9 @@ mod tests {
         });
         let fresh = by_hand.build(ring(), items);
         by_hand
-            .finish_rebuild(fresh, |_| Ok::<_, ()>((None, None)))
+            .finish_rebuild(fresh, |_| {
+                Ok::<_, ringkv_repair::trees::RebuildOverrun>((None, None))
+            })
             .unwrap();
         for peer in ["n2", "n3", "n4"] {
             let peer = NodeId::new(peer).unwrap();

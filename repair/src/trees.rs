@@ -20,6 +20,11 @@
 //! version when the new trees are swapped in. Until the first rebuild is done
 //! the trees are not [ready](ReplicaTrees::is_ready) and take no part in an
 //! exchange.
+//!
+//! Remembering changed keys costs memory in proportion to the writes a scan
+//! overlaps, so it is capped ([`DEFAULT_TOUCHED_MAX_BYTES`]): a rebuild that
+//! would remember more is abandoned ([`RebuildOverrun`]) the moment it
+//! passes the cap, its keys forgotten, and the caller retries it later.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -31,6 +36,40 @@ use ringkv_core::NodeId;
 use ringkv_ring::Ring;
 
 use crate::merkle::{item_hash, MerkleError, MerkleTree};
+
+/// How many bytes of changed keys a rebuild may remember while it scans:
+/// about a million keys of 30 bytes. A scan that overlaps more writes than
+/// that is abandoned and retried rather than allowed to grow without bound.
+pub const DEFAULT_TOUCHED_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// What remembering one changed key costs besides its bytes (the set's
+/// slot and the `Vec` header), so that many short keys count too.
+const TOUCHED_KEY_OVERHEAD_BYTES: usize = 48;
+
+/// A rebuild abandoned because more keys changed during its scan than it
+/// may remember.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "at least {changed_keys} keys changed during the Merkle tree rebuild, more than \
+     the {max_bytes} bytes of keys it may remember; it will be retried"
+)]
+pub struct RebuildOverrun {
+    pub changed_keys: usize,
+    pub max_bytes: usize,
+}
+
+/// The keys changed since a rebuild began, as far as it remembers them.
+enum Touched {
+    /// No rebuild under way.
+    Idle,
+    Recording {
+        keys: HashSet<Vec<u8>>,
+        bytes: usize,
+    },
+    /// Past the cap (when `changed_keys` distinct keys had changed): the
+    /// keys are forgotten, the rebuild cannot finish.
+    Overrun { changed_keys: usize },
+}
 
 /// A digest of a stored version that two replicas holding the same clock
 /// agree on: clocks are canonical (entries sorted, values in dot order), so
@@ -78,7 +117,9 @@ pub struct ReplicaTrees {
     ring: RwLock<Arc<Ring>>,
     trees: RwLock<HashMap<NodeId, Mutex<MerkleTree>>>,
     /// While a rebuild scans: the keys changed since it began.
-    touched: Mutex<Option<HashSet<Vec<u8>>>>,
+    touched: Mutex<Touched>,
+    /// The most bytes of changed keys one rebuild remembers.
+    touched_max_bytes: usize,
     /// Whether the trees cover the whole store (false until the first
     /// rebuild finishes, and during any rebuild).
     ready: std::sync::atomic::AtomicBool,
@@ -98,9 +139,17 @@ impl ReplicaTrees {
             rebuild_lock: RwLock::new(()),
             ring: RwLock::new(ring),
             trees: RwLock::new(HashMap::new()),
-            touched: Mutex::new(None),
+            touched: Mutex::new(Touched::Idle),
+            touched_max_bytes: DEFAULT_TOUCHED_MAX_BYTES,
             ready: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Caps the bytes of changed keys a rebuild remembers (default
+    /// [`DEFAULT_TOUCHED_MAX_BYTES`]).
+    pub fn with_touched_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.touched_max_bytes = max_bytes;
+        self
     }
 
     pub fn me(&self) -> &NodeId {
@@ -159,7 +208,10 @@ impl ReplicaTrees {
         let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
         self.ready
             .store(false, std::sync::atomic::Ordering::Release);
-        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Some(HashSet::new());
+        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Touched::Recording {
+            keys: HashSet::new(),
+            bytes: 0,
+        };
     }
 
     /// Builds trees for `ring` from `(key, version digest)` pairs: the
@@ -191,18 +243,29 @@ impl ReplicaTrees {
     /// store write.
     /// If `versions` fails the rebuild is abandoned (the trees stay not
     /// ready) and the error returned: a guessed version would corrupt a tree.
-    pub fn finish_rebuild<E>(
+    /// So it is if more keys changed than it could remember
+    /// ([`RebuildOverrun`]).
+    pub fn finish_rebuild<E: From<RebuildOverrun>>(
         &self,
         mut fresh: FreshTrees,
         versions: impl Fn(&[u8]) -> Result<(Option<u64>, Option<u64>), E>,
     ) -> Result<(), E> {
         let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
-        let touched = self
-            .touched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_default();
+        let touched = std::mem::replace(
+            &mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()),
+            Touched::Idle,
+        );
+        let touched = match touched {
+            Touched::Recording { keys, .. } => keys,
+            Touched::Overrun { changed_keys } => {
+                return Err(RebuildOverrun {
+                    changed_keys,
+                    max_bytes: self.touched_max_bytes,
+                }
+                .into())
+            }
+            Touched::Idle => HashSet::new(),
+        };
         for key in touched {
             let (scanned, now) = versions(&key)?;
             let (scanned, now) = (
@@ -224,7 +287,7 @@ impl ReplicaTrees {
     /// Abandons a rebuild (its scan failed); the trees stay not ready.
     pub fn abandon_rebuild(&self) {
         let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
-        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Touched::Idle;
     }
 
     /// Rebuilds from `items`, the store's whole content, with changes
@@ -278,6 +341,39 @@ impl ReplicaTrees {
     }
 }
 
+impl ReplicaTrees {
+    /// Remembers `key` for the rebuild under way, if any; past the cap,
+    /// forgets every key (freeing the memory now) and marks the rebuild
+    /// overrun.
+    fn remember_touched(&self, key: &[u8]) {
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *touched {
+            Touched::Idle | Touched::Overrun { .. } => {}
+            Touched::Recording { keys, bytes } => {
+                if keys.contains(key) {
+                    return;
+                }
+                *bytes += key.len() + TOUCHED_KEY_OVERHEAD_BYTES;
+                if *bytes > self.touched_max_bytes {
+                    let changed_keys = keys.len() + 1;
+                    *touched = Touched::Overrun { changed_keys };
+                } else {
+                    keys.insert(key.to_vec());
+                }
+            }
+        }
+    }
+
+    /// Keys the rebuild under way remembers (tests).
+    #[cfg(test)]
+    fn remembered_keys(&self) -> usize {
+        match &*self.touched.lock().unwrap() {
+            Touched::Recording { keys, .. } => keys.len(),
+            _ => 0,
+        }
+    }
+}
+
 impl ChangeObserver for ReplicaTrees {
     fn begin_change(&self) -> ChangeGuard<'_> {
         ChangeGuard(Some(
@@ -286,14 +382,7 @@ impl ChangeObserver for ReplicaTrees {
     }
 
     fn changed(&self, key: &[u8], old: Option<&Clock>, new: Option<&Clock>) {
-        if let Some(touched) = self
-            .touched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            touched.insert(key.to_vec());
-        }
+        self.remember_touched(key);
         let peers = self.sharing_on(&self.ring(), key);
         if peers.is_empty() {
             return;
@@ -397,6 +486,73 @@ mod tests {
             .tree_for(b)
             .differing_leaves(&trees[idx(b)].tree_for(a))
             .is_empty());
+    }
+
+    /// A scan that overlaps more changed keys than the cap allows is
+    /// abandoned the moment it passes the cap, its keys forgotten at once;
+    /// the retry, with fewer changes, finishes and matches incremental
+    /// maintenance.
+    #[test]
+    fn a_rebuild_that_must_remember_too_many_changes_is_abandoned_then_retried() {
+        let ring = ring(3);
+        let me = n("n1");
+        // Room for ten 3-byte keys.
+        let cap = 10 * (3 + TOUCHED_KEY_OVERHEAD_BYTES);
+        let trees = ReplicaTrees::new(me.clone(), ring.clone(), 8)
+            .unwrap()
+            .with_touched_max_bytes(cap);
+        let clock = write("n2", "v");
+        let key = |k: usize| format!("k{k:02}").into_bytes();
+
+        trees.begin_rebuild();
+        let fresh = trees.build(ring.clone(), std::iter::empty());
+        for k in 0..10 {
+            trees.changed(&key(k), None, Some(&clock));
+        }
+        trees.changed(&key(0), Some(&clock), Some(&clock));
+        assert_eq!(
+            trees.remembered_keys(),
+            10,
+            "a key changed twice counts once"
+        );
+        trees.changed(&key(10), None, Some(&clock));
+        assert_eq!(
+            trees.remembered_keys(),
+            0,
+            "forgotten as soon as over the cap"
+        );
+        let overrun = trees
+            .finish_rebuild(fresh, |_| Ok::<_, RebuildOverrun>((None, None)))
+            .unwrap_err();
+        assert_eq!(
+            overrun,
+            RebuildOverrun {
+                changed_keys: 11,
+                max_bytes: cap
+            }
+        );
+        assert!(!trees.is_ready(), "an overrun rebuild installs nothing");
+
+        // The retry scans keys 0..=10 and sees one more change meanwhile.
+        trees.begin_rebuild();
+        let digest = version_digest(&clock);
+        let fresh = trees.build(ring.clone(), (0..=10).map(|k| (key(k), digest)));
+        trees.changed(&key(11), None, Some(&clock));
+        trees
+            .finish_rebuild(fresh, |k| {
+                assert_eq!(k, key(11), "only the key changed during the scan");
+                Ok::<_, RebuildOverrun>((None, Some(digest)))
+            })
+            .unwrap();
+        assert!(trees.is_ready());
+        let live = ReplicaTrees::new(me, ring.clone(), 8).unwrap();
+        for k in 0..=11 {
+            live.changed(&key(k), None, Some(&clock));
+        }
+        for peer in ["n2", "n3"] {
+            assert_eq!(trees.tree_for(&n(peer)), live.tree_for(&n(peer)));
+            assert_eq!(trees.tree_for(&n(peer)).len(), 12);
+        }
     }
 
     #[test]
