@@ -73,7 +73,7 @@ impl Drop for Leadership<'_> {
 /// Counts a commit in `awaiting_writes` while it sleeps on a write under
 /// way, and uncounts it however the sleep ends, including when the commit's
 /// future is dropped (a request timed out): a count left behind would make
-/// every later write pay a spare wake-up.
+/// every later write pay a spare `notify_waiters` call.
 struct AwaitingWrite<'a>(&'a GroupCommit);
 
 impl<'a> AwaitingWrite<'a> {

@@ -532,10 +532,10 @@ const REBUILD_RETRY_MOST: Duration = Duration::from_secs(60);
 /// Rebuilds the Merkle trees from the store for every ring an install puts
 /// in effect that places keys differently (several installs in quick
 /// succession give one rebuild), on the blocking pool, until shutdown. A
-/// rebuild that fails (a read error, or a panic) is tried again after a
-/// wait that doubles, from 1 s up to a minute, or at once for a new ring:
-/// until one succeeds the trees are not ready and anti-entropy skips this
-/// node.
+/// rebuild that fails (a read error, a panic, or more keys written during
+/// the scan than it may remember) is tried again after a wait that
+/// doubles, from 1 s up to a minute, or at once for a new ring: until one
+/// succeeds the trees are not ready and anti-entropy skips this node.
 async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut rings = inner.ring_tx.subscribe();
     // An install may have come before this task first ran: treat the
@@ -567,22 +567,29 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
         let started = std::time::Instant::now();
         let rebuilt =
             tokio::task::spawn_blocking(move || storage.rebuild_trees(&trees, ring)).await;
-        let failure = match rebuilt {
+        let wait = retry_in.map_or(REBUILD_RETRY_FIRST, |w| (w * 2).min(REBUILD_RETRY_MOST));
+        let error = match rebuilt {
             Ok(Ok(keys)) => {
                 let seconds = started.elapsed().as_secs_f64();
                 metrics::histogram!("ringkv_merkle_rebuild_seconds").record(seconds);
                 tracing::info!(keys, seconds, "Merkle trees rebuilt");
-                None
+                retry_in = None;
+                continue;
             }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(format!("the rebuild panicked: {e}")),
+            Ok(Err(NodeError::TreeRebuildOverrun(overrun))) => {
+                // A load condition, not a fault: the scan overlapped more
+                // writes than it could remember.
+                metrics::counter!("ringkv_merkle_rebuild_overruns_total").increment(1);
+                tracing::warn!(%overrun, retry_in_s = wait.as_secs(), "Merkle tree rebuild overran; anti-entropy skips this node until a rebuild succeeds");
+                retry_in = Some(wait);
+                continue;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("the rebuild panicked: {e}"),
         };
-        retry_in = failure.map(|error| {
-            let wait = retry_in.map_or(REBUILD_RETRY_FIRST, |w| (w * 2).min(REBUILD_RETRY_MOST));
-            metrics::counter!("ringkv_merkle_rebuild_failures_total").increment(1);
-            tracing::error!(%error, retry_in_s = wait.as_secs(), "Merkle tree rebuild failed; anti-entropy skips this node until a rebuild succeeds");
-            wait
-        });
+        metrics::counter!("ringkv_merkle_rebuild_failures_total").increment(1);
+        tracing::error!(%error, retry_in_s = wait.as_secs(), "Merkle tree rebuild failed; anti-entropy skips this node until a rebuild succeeds");
+        retry_in = Some(wait);
     }
 }
 

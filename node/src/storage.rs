@@ -430,7 +430,12 @@ impl Storage {
                 }
             })
             .map(|(key, stored)| (key.into_vec(), stored_digest(&stored)))
-            .inspect(|_| scanned += 1);
+            // Past its cap of changed keys the rebuild cannot finish: stop
+            // reading the store for it (finish_rebuild reports the overrun).
+            .take_while(|_| {
+                scanned += 1;
+                !scanned.is_multiple_of(OVERRUN_CHECK_EVERY) || !trees.is_overrun()
+            });
         let fresh = trees.build(ring, items);
         if let Some(e) = failed {
             return Err(io(e));
@@ -501,6 +506,10 @@ impl Storage {
         Ok((due, None))
     }
 }
+
+/// How many scanned keys a tree rebuild reads between two checks of
+/// whether it has overrun its cap of changed keys.
+const OVERRUN_CHECK_EVERY: u64 = 4096;
 
 /// Abandons the rebuild it guards unless it finished, so that a rebuild
 /// that fails or panics part way leaves the trees not ready and records no
@@ -934,6 +943,74 @@ mod tests {
             s.tombstones_due(u64::MAX, None, 100).unwrap().0.is_empty(),
             "written again"
         );
+    }
+
+    /// A rebuild whose scan overlaps more changed keys than its trees may
+    /// remember (here: any) fails with the overrun and leaves the trees not
+    /// ready; once writes pause, the next one succeeds.
+    #[test]
+    fn a_rebuild_overrun_by_writes_fails_and_a_quiet_one_succeeds() {
+        use ringkv_coordinator::replica::ReplicaService;
+        use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Storage::open(dir.path(), false).unwrap());
+        let me = NodeId::new("n1").unwrap();
+        let trees = std::sync::Arc::new(
+            ReplicaTrees::new(me.clone(), ring(), DEFAULT_LEAF_BITS)
+                .unwrap()
+                .with_touched_max_bytes(0),
+        );
+        let replica = std::sync::Arc::new(
+            ReplicaService::new(me, s.clone(), 10).with_observer(trees.clone()),
+        );
+        let write = |i: u64| {
+            replica
+                .update(
+                    format!("k{}", i % 2000).as_bytes(),
+                    &Default::default(),
+                    Payload::Value(b"v".to_vec()),
+                )
+                .unwrap();
+        };
+        (0..2000).for_each(write);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (replica, stop) = (replica.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let key = format!("k{}", i % 2000);
+                    let current = replica.read(key.as_bytes()).unwrap().unwrap_or_default();
+                    replica
+                        .update(
+                            key.as_bytes(),
+                            &current.context(),
+                            Payload::Value(b"w".to_vec()),
+                        )
+                        .unwrap();
+                    i += 1;
+                }
+            })
+        };
+        // Writes never stop meanwhile, so some rebuild overlaps one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let overrun = loop {
+            match s.rebuild_trees(&trees, ring()) {
+                Err(NodeError::TreeRebuildOverrun(overrun)) => break overrun,
+                Ok(_) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "no rebuild overlapped a write"
+                ),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(overrun.changed_keys >= 1 && overrun.max_bytes == 0);
+        assert!(!trees.is_ready(), "an overrun rebuild installs nothing");
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        s.rebuild_trees(&trees, ring()).unwrap();
+        assert!(trees.is_ready());
     }
 
     #[test]

@@ -21,10 +21,12 @@
 //! the trees are not [ready](ReplicaTrees::is_ready) and take no part in an
 //! exchange.
 //!
-//! Remembering changed keys costs memory in proportion to the writes a scan
-//! overlaps, so it is capped ([`DEFAULT_TOUCHED_MAX_BYTES`]): a rebuild that
-//! would remember more is abandoned ([`RebuildOverrun`]) the moment it
-//! passes the cap, its keys forgotten, and the caller retries it later.
+//! Remembering changed keys costs memory in proportion to the distinct keys
+//! written while the scan runs, so it is capped
+//! ([`DEFAULT_TOUCHED_MAX_BYTES`]): a rebuild that would remember more stops
+//! remembering at the cap, is marked overrun ([`ReplicaTrees::is_overrun`],
+//! so the scan can stop early), and its finish fails with
+//! [`RebuildOverrun`]; the caller may try again later.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -51,7 +53,7 @@ const TOUCHED_KEY_OVERHEAD_BYTES: usize = 48;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "at least {changed_keys} keys changed during the Merkle tree rebuild, more than \
-     the {max_bytes} bytes of keys it may remember; it will be retried"
+     the {max_bytes} bytes of keys it may remember"
 )]
 pub struct RebuildOverrun {
     pub changed_keys: usize,
@@ -62,13 +64,20 @@ pub struct RebuildOverrun {
 enum Touched {
     /// No rebuild under way.
     Idle,
+    /// A rebuild under way: the keys changed so far and what they cost.
     Recording {
         keys: HashSet<Vec<u8>>,
         bytes: usize,
     },
-    /// Past the cap (when `changed_keys` distinct keys had changed): the
-    /// keys are forgotten, the rebuild cannot finish.
-    Overrun { changed_keys: usize },
+    /// Past the cap (when `changed_keys` distinct keys had changed): no
+    /// more keys are remembered and the rebuild cannot finish. The keys
+    /// already remembered are kept (bounded by the cap) until the rebuild
+    /// ends, to be freed by the rebuild's thread outside the locks: freeing
+    /// a million keys here would stall the write that passed the cap.
+    Overrun {
+        changed_keys: usize,
+        remembered: HashSet<Vec<u8>>,
+    },
 }
 
 /// A digest of a stored version that two replicas holding the same clock
@@ -250,21 +259,30 @@ impl ReplicaTrees {
         mut fresh: FreshTrees,
         versions: impl Fn(&[u8]) -> Result<(Option<u64>, Option<u64>), E>,
     ) -> Result<(), E> {
-        let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
+        let exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
         let touched = std::mem::replace(
             &mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()),
             Touched::Idle,
         );
         let touched = match touched {
             Touched::Recording { keys, .. } => keys,
-            Touched::Overrun { changed_keys } => {
+            Touched::Overrun {
+                changed_keys,
+                remembered,
+            } => {
+                // Writes go on before the keys are freed.
+                drop(exclusive);
+                drop(remembered);
                 return Err(RebuildOverrun {
                     changed_keys,
                     max_bytes: self.touched_max_bytes,
                 }
-                .into())
+                .into());
             }
-            Touched::Idle => HashSet::new(),
+            Touched::Idle => {
+                debug_assert!(false, "finish_rebuild without begin_rebuild");
+                HashSet::new()
+            }
         };
         for key in touched {
             let (scanned, now) = versions(&key)?;
@@ -286,8 +304,23 @@ impl ReplicaTrees {
 
     /// Abandons a rebuild (its scan failed); the trees stay not ready.
     pub fn abandon_rebuild(&self) {
-        let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
-        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Touched::Idle;
+        let exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
+        let touched = std::mem::replace(
+            &mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()),
+            Touched::Idle,
+        );
+        // Writes go on before the remembered keys are freed.
+        drop(exclusive);
+        drop(touched);
+    }
+
+    /// Whether the rebuild under way has passed its cap of remembered keys,
+    /// so that its finish will fail: a scan may stop early.
+    pub fn is_overrun(&self) -> bool {
+        matches!(
+            *self.touched.lock().unwrap_or_else(|p| p.into_inner()),
+            Touched::Overrun { .. }
+        )
     }
 
     /// Rebuilds from `items`, the store's whole content, with changes
@@ -339,32 +372,31 @@ impl ReplicaTrees {
             .get(peer)
             .map_or(0, |t| t.lock().unwrap_or_else(|p| p.into_inner()).len())
     }
-}
 
-impl ReplicaTrees {
     /// Remembers `key` for the rebuild under way, if any; past the cap,
-    /// forgets every key (freeing the memory now) and marks the rebuild
-    /// overrun.
+    /// marks the rebuild overrun and remembers no more.
     fn remember_touched(&self, key: &[u8]) {
         let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
-        match &mut *touched {
-            Touched::Idle | Touched::Overrun { .. } => {}
-            Touched::Recording { keys, bytes } => {
-                if keys.contains(key) {
-                    return;
-                }
-                *bytes += key.len() + TOUCHED_KEY_OVERHEAD_BYTES;
-                if *bytes > self.touched_max_bytes {
-                    let changed_keys = keys.len() + 1;
-                    *touched = Touched::Overrun { changed_keys };
-                } else {
-                    keys.insert(key.to_vec());
-                }
-            }
+        let Touched::Recording { keys, bytes } = &mut *touched else {
+            return;
+        };
+        if keys.contains(key) {
+            return;
         }
+        *bytes += key.len() + TOUCHED_KEY_OVERHEAD_BYTES;
+        if *bytes <= self.touched_max_bytes {
+            keys.insert(key.to_vec());
+            return;
+        }
+        let changed_keys = keys.len() + 1;
+        let remembered = std::mem::take(keys);
+        *touched = Touched::Overrun {
+            changed_keys,
+            remembered,
+        };
     }
 
-    /// Keys the rebuild under way remembers (tests).
+    /// Keys the rebuild under way remembers and will correct (tests).
     #[cfg(test)]
     fn remembered_keys(&self) -> usize {
         match &*self.touched.lock().unwrap() {
@@ -515,12 +547,10 @@ mod tests {
             10,
             "a key changed twice counts once"
         );
+        assert!(!trees.is_overrun());
         trees.changed(&key(10), None, Some(&clock));
-        assert_eq!(
-            trees.remembered_keys(),
-            0,
-            "forgotten as soon as over the cap"
-        );
+        assert!(trees.is_overrun(), "over the cap");
+        trees.changed(&key(11), None, Some(&clock));
         let overrun = trees
             .finish_rebuild(fresh, |_| Ok::<_, RebuildOverrun>((None, None)))
             .unwrap_err();
@@ -532,6 +562,7 @@ mod tests {
             }
         );
         assert!(!trees.is_ready(), "an overrun rebuild installs nothing");
+        assert!(!trees.is_overrun(), "the next rebuild starts afresh");
 
         // The retry scans keys 0..=10 and sees one more change meanwhile.
         trees.begin_rebuild();
