@@ -129,6 +129,17 @@ fn metrics_endpoint_counts_requests() {
         body.contains("ringkv_requests_total")
     });
     assert!(body.contains("op=\"put\""), "{body}");
+    // Latencies are Prometheus histograms (they add up across nodes), not
+    // summaries.
+    c.eventually(
+        Duration::from_secs(10),
+        "the put's latency is in a bucket",
+        || {
+            body = scrape(&metrics);
+            sample(&body, "ringkv_request_seconds_bucket{op=\"put\",le=\"60\"}") == Some(1.0)
+        },
+    );
+    assert!(!body.contains("quantile="), "{body}");
 }
 
 #[test]
