@@ -72,6 +72,9 @@ pub struct Storage {
     /// Tests: tree rebuilds begun.
     #[cfg(test)]
     pub(crate) rebuilds_started: std::sync::atomic::AtomicU32,
+    /// Tests: the keys the last rebuild's scan read before it ended.
+    #[cfg(test)]
+    keys_scanned: std::sync::atomic::AtomicU64,
 }
 
 /// Buckets of the `data` memtable's hash table (RocksDB's default): 8 MiB
@@ -165,6 +168,8 @@ impl Storage {
             failing_rebuilds: Default::default(),
             #[cfg(test)]
             rebuilds_started: Default::default(),
+            #[cfg(test)]
+            keys_scanned: Default::default(),
         };
         storage.index_existing_data()?;
         Ok(storage)
@@ -437,6 +442,9 @@ impl Storage {
                 !scanned.is_multiple_of(OVERRUN_CHECK_EVERY) || !trees.is_overrun()
             });
         let fresh = trees.build(ring, items);
+        #[cfg(test)]
+        self.keys_scanned
+            .store(scanned, std::sync::atomic::Ordering::SeqCst);
         if let Some(e) = failed {
             return Err(io(e));
         }
@@ -946,13 +954,22 @@ mod tests {
     }
 
     /// A rebuild whose scan overlaps more changed keys than its trees may
-    /// remember (here: any) fails with the overrun and leaves the trees not
-    /// ready; once writes pause, the next one succeeds.
+    /// remember (here: any) stops reading at its next check, fails with
+    /// the overrun and leaves the trees not ready; once writes pause, the
+    /// next one succeeds.
     #[test]
-    fn a_rebuild_overrun_by_writes_fails_and_a_quiet_one_succeeds() {
+    fn a_rebuild_overrun_by_writes_stops_early_fails_and_a_quiet_one_succeeds() {
         use ringkv_coordinator::replica::ReplicaService;
         use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        /// Stops the writer however the test ends.
+        struct StopOnDrop(std::sync::Arc<AtomicBool>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, SeqCst);
+            }
+        }
+        const KEYS: u64 = 3 * OVERRUN_CHECK_EVERY;
         let dir = tempfile::tempdir().unwrap();
         let s = std::sync::Arc::new(Storage::open(dir.path(), false).unwrap());
         let me = NodeId::new("n1").unwrap();
@@ -964,52 +981,52 @@ mod tests {
         let replica = std::sync::Arc::new(
             ReplicaService::new(me, s.clone(), 10).with_observer(trees.clone()),
         );
-        let write = |i: u64| {
+        for k in 0..KEYS {
+            let value = Payload::Value(b"v".to_vec());
             replica
-                .update(
-                    format!("k{}", i % 2000).as_bytes(),
-                    &Default::default(),
-                    Payload::Value(b"v".to_vec()),
-                )
+                .update(format!("k{k}").as_bytes(), &Default::default(), value)
                 .unwrap();
-        };
-        (0..2000).for_each(write);
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        }
+        let stop = StopOnDrop(std::sync::Arc::new(AtomicBool::new(false)));
         let writer = {
-            let (replica, stop) = (replica.clone(), stop.clone());
+            let (replica, stop) = (replica.clone(), stop.0.clone());
             std::thread::spawn(move || {
                 let mut i = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    let key = format!("k{}", i % 2000);
+                while !stop.load(SeqCst) {
+                    let key = format!("k{}", i % KEYS);
                     let current = replica.read(key.as_bytes()).unwrap().unwrap_or_default();
+                    let value = Payload::Value(b"w".to_vec());
                     replica
-                        .update(
-                            key.as_bytes(),
-                            &current.context(),
-                            Payload::Value(b"w".to_vec()),
-                        )
+                        .update(key.as_bytes(), &current.context(), value)
                         .unwrap();
                     i += 1;
                 }
             })
         };
-        // Writes never stop meanwhile, so some rebuild overlaps one.
+        // Writes never stop meanwhile, so some rebuild overlaps one early
+        // in its scan, and that scan stops at its next check.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let overrun = loop {
+            assert!(!writer.is_finished(), "the writer stopped");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no rebuild overran early in its scan"
+            );
             match s.rebuild_trees(&trees, ring()) {
-                Err(NodeError::TreeRebuildOverrun(overrun)) => break overrun,
-                Ok(_) => assert!(
-                    std::time::Instant::now() < deadline,
-                    "no rebuild overlapped a write"
-                ),
+                Err(NodeError::TreeRebuildOverrun(overrun)) => {
+                    assert!(!trees.is_ready(), "an overrun rebuild installs nothing");
+                    if s.keys_scanned.load(SeqCst) < KEYS {
+                        break overrun;
+                    }
+                }
+                Ok(_) => {}
                 Err(e) => panic!("{e}"),
             }
         };
         assert!(overrun.changed_keys >= 1 && overrun.max_bytes == 0);
-        assert!(!trees.is_ready(), "an overrun rebuild installs nothing");
-        stop.store(true, Ordering::SeqCst);
+        drop(stop);
         writer.join().unwrap();
-        s.rebuild_trees(&trees, ring()).unwrap();
+        assert_eq!(s.rebuild_trees(&trees, ring()).unwrap(), KEYS);
         assert!(trees.is_ready());
     }
 
