@@ -507,7 +507,7 @@ pub async fn run_setting(
     // Inserts take numbers from one counter, so clients never insert the
     // same key, and every client's chooser learns of the others' inserts.
     let next_record = Arc::new(std::sync::atomic::AtomicU64::new(records));
-    // Every client's histograms exist before the clock starts: each is a
+    // Every client's histograms exist before the clock starts: each is
     // 136 KiB to allocate and zero, and creating them on a client's
     // first request of each kind charged those requests (all clients' at
     // once, at the start of the run) milliseconds of latency.

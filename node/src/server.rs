@@ -81,13 +81,13 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// A config with defaults for everything but identity and place.
     /// A node serving on a port of 127.0.0.1 that the OS picks, with the
     /// defaults of [`new`](Self::new): for tests and in-process clusters.
     pub fn on_loopback(id: NodeId, data_dir: PathBuf) -> Self {
         Self::new(id, SocketAddr::from(([127, 0, 0, 1], 0)), data_dir)
     }
 
+    /// A config with defaults for everything but identity and place.
     pub fn new(id: NodeId, listen: SocketAddr, data_dir: PathBuf) -> Self {
         NodeConfig {
             id,

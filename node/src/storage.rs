@@ -448,6 +448,8 @@ impl Storage {
         if let Some(e) = failed {
             return Err(io(e));
         }
+        // However it ends, finishing clears the record of changed keys.
+        guard.finished = true;
         trees.finish_rebuild(fresh, |key| {
             let read = |db_get: Result<Option<rocksdb::DBPinnableSlice>, rocksdb::Error>| {
                 db_get.map(|b| b.map(|b| stored_digest(&b))).map_err(io)
@@ -456,7 +458,6 @@ impl Storage {
             let now = read(self.db.get_pinned_cf(cf, key))?;
             Ok::<_, NodeError>((then, now))
         })?;
-        guard.finished = true;
         Ok(scanned)
     }
 
@@ -519,9 +520,9 @@ impl Storage {
 /// whether it has overrun its cap of changed keys.
 const OVERRUN_CHECK_EVERY: u64 = 4096;
 
-/// Abandons the rebuild it guards unless it finished, so that a rebuild
-/// that fails or panics part way leaves the trees not ready and records no
-/// more changes for it.
+/// Abandons the rebuild it guards unless it reached its finish, so that a
+/// rebuild that fails or panics part way leaves the trees not ready and
+/// records no more changes for it.
 struct AbandonUnlessFinished<'a> {
     trees: &'a ReplicaTrees,
     finished: bool,

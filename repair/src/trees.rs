@@ -29,7 +29,7 @@
 //! [`RebuildOverrun`]; the caller may try again later.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ringkv_core::dvv::Clock;
 use ringkv_core::hash::stable_hash64;
@@ -259,11 +259,7 @@ impl ReplicaTrees {
         mut fresh: FreshTrees,
         versions: impl Fn(&[u8]) -> Result<(Option<u64>, Option<u64>), E>,
     ) -> Result<(), E> {
-        let exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
-        let touched = std::mem::replace(
-            &mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()),
-            Touched::Idle,
-        );
+        let (exclusive, touched) = self.end_touched();
         let touched = match touched {
             Touched::Recording { keys, .. } => keys,
             Touched::Overrun {
@@ -304,14 +300,21 @@ impl ReplicaTrees {
 
     /// Abandons a rebuild (its scan failed); the trees stay not ready.
     pub fn abandon_rebuild(&self) {
+        let (exclusive, touched) = self.end_touched();
+        // Writes go on before the remembered keys are freed.
+        drop(exclusive);
+        drop(touched);
+    }
+
+    /// Ends the record of changed keys, returning it with the exclusive
+    /// hold on changes that the caller releases before freeing it.
+    fn end_touched(&self) -> (RwLockWriteGuard<'_, ()>, Touched) {
         let exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
         let touched = std::mem::replace(
             &mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()),
             Touched::Idle,
         );
-        // Writes go on before the remembered keys are freed.
-        drop(exclusive);
-        drop(touched);
+        (exclusive, touched)
     }
 
     /// Whether the rebuild under way has passed its cap of remembered keys,
