@@ -188,19 +188,7 @@ impl<S: Store> ReplicaService<S> {
             });
         }
         clock.update(context, payload, &self.id);
-        if clock.entry_count() > CLOCK_ENTRIES_MAX {
-            return Err(ReplicaError::TooManyActors {
-                actors: clock.entry_count(),
-                limit: CLOCK_ENTRIES_MAX,
-            });
-        }
-        let bytes = clock.approx_size();
-        if bytes > CLOCK_MAX_BYTES {
-            return Err(ReplicaError::TooLarge {
-                bytes,
-                limit: CLOCK_MAX_BYTES,
-            });
-        }
+        check_limits(&clock)?;
         let _change = self.observer.as_ref().map(|o| o.begin_change());
         self.store.put(key, old.as_ref(), &clock)?;
         if let Some(observer) = &self.observer {
@@ -210,6 +198,13 @@ impl<S: Store> ReplicaService<S> {
     }
 
     /// Merges a clock from another replica. Returns whether anything changed.
+    ///
+    /// A merge past the per-key limits is refused and stores nothing: two
+    /// replicas may each hold siblings under the limit that together exceed
+    /// it, and a stored clock past it could never be read back (reads refuse
+    /// it as corrupt), so the key would be lost on this replica for good.
+    /// Refused, the replicas keep their own versions until a client write
+    /// with a read's context supersedes the siblings.
     pub fn sync(&self, key: &[u8], incoming: &Clock) -> Result<bool, ReplicaError> {
         let _guard = self.lock(key);
         let current = self.store.get(key)?;
@@ -218,6 +213,7 @@ impl<S: Store> ReplicaService<S> {
         if current.as_ref() == Some(&merged) {
             return Ok(false);
         }
+        check_limits(&merged)?;
         let _change = self.observer.as_ref().map(|o| o.begin_change());
         self.store.put(key, current.as_ref(), &merged)?;
         if let Some(observer) = &self.observer {
@@ -404,6 +400,24 @@ impl LeafSource for MemStore {
     }
 }
 
+/// What a stored clock may hold: reads refuse anything larger as corrupt.
+fn check_limits(clock: &Clock) -> Result<(), ReplicaError> {
+    if clock.entry_count() > CLOCK_ENTRIES_MAX {
+        return Err(ReplicaError::TooManyActors {
+            actors: clock.entry_count(),
+            limit: CLOCK_ENTRIES_MAX,
+        });
+    }
+    let bytes = clock.approx_size();
+    if bytes > CLOCK_MAX_BYTES {
+        return Err(ReplicaError::TooLarge {
+            bytes,
+            limit: CLOCK_MAX_BYTES,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,6 +504,39 @@ mod tests {
             "{result:?}"
         );
         assert!(s.read(b"k").unwrap().unwrap().approx_size() <= CLOCK_MAX_BYTES);
+    }
+
+    /// Two replicas each under the size limit whose siblings together exceed
+    /// it: the merge is refused, and both keys stay readable as they were.
+    #[test]
+    fn a_merge_past_the_size_limit_is_refused_and_stores_nothing() {
+        let a = service(1000);
+        let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 1000);
+        let big = Payload::Value(vec![0u8; 4 * 1024 * 1024]);
+        for _ in 0..9 {
+            a.update(b"k", &VersionVector::new(), big.clone()).unwrap();
+            b.update(b"k", &VersionVector::new(), big.clone()).unwrap();
+        }
+        let (mine, theirs) = (
+            a.read(b"k").unwrap().unwrap(),
+            b.read(b"k").unwrap().unwrap(),
+        );
+        let mut merged = mine.clone();
+        merged.sync(&theirs);
+        assert!(
+            merged.approx_size() > CLOCK_MAX_BYTES,
+            "the test needs an oversized merge"
+        );
+
+        let err = a.sync(b"k", &theirs).unwrap_err();
+        assert!(matches!(err, ReplicaError::TooLarge { .. }), "{err}");
+        assert_eq!(a.read(b"k").unwrap(), Some(mine), "nothing stored");
+        // A merge within the limit still goes through.
+        let small = ReplicaService::new(NodeId::new("c").unwrap(), MemStore::default(), 1000);
+        small
+            .update(b"k", &VersionVector::new(), Payload::Value(b"v".to_vec()))
+            .unwrap();
+        assert!(a.sync(b"k", &small.read(b"k").unwrap().unwrap()).unwrap());
     }
 
     /// One change as an observer is told it: key, old and new version.
