@@ -76,26 +76,18 @@ pub struct Membership {
 
 impl Membership {
     /// Loads what `storage` remembers and checks it against this start's
-    /// flags: the data dir must belong to this node id, and an explicit
-    /// `--replicas` must match the cluster's N.
+    /// flags: the data dir of a cluster member must belong to this node id,
+    /// and an explicit `--replicas` must match the cluster's N.
+    ///
+    /// The id is bound to the data dir with the first cluster record (see
+    /// [`persist`](Self::persist)), not before: a start that never joined
+    /// stored no data, so it must not keep the next start, perhaps with the
+    /// other `--id` a seed asked for, from using the dir.
     pub fn load(
         storage: Arc<Storage>,
         me: Member,
         replicas_flag: Option<usize>,
     ) -> Result<Self, NodeError> {
-        match storage.meta_get(META_NODE_ID)? {
-            Some(stored) => {
-                let stored = String::from_utf8_lossy(&stored).into_owned();
-                if stored != me.id.as_str() {
-                    return Err(NodeError::IdMismatch {
-                        path: storage.path().to_path_buf(),
-                        stored,
-                        given: me.id.to_string(),
-                    });
-                }
-            }
-            None => storage.meta_put(META_NODE_ID, me.id.as_str().as_bytes())?,
-        }
         let mut record = match storage.meta_get(META_CLUSTER)? {
             None if storage.meta_get(META_CLUSTER_V1)?.is_some() => {
                 return Err(NodeError::Storage {
@@ -114,6 +106,16 @@ impl Membership {
                 }
             },
         };
+        if let (Some(stored), Some(_)) = (storage.meta_get(META_NODE_ID)?, &record) {
+            let stored = String::from_utf8_lossy(&stored).into_owned();
+            if stored != me.id.as_str() {
+                return Err(NodeError::IdMismatch {
+                    path: storage.path().to_path_buf(),
+                    stored,
+                    given: me.id.to_string(),
+                });
+            }
+        }
         if let (Some(r), Some(given)) = (&record, replicas_flag) {
             if r.replicas != given {
                 return Err(NodeError::ReplicasMismatch {
@@ -294,7 +296,11 @@ impl Membership {
         }
     }
 
+    /// Stores the record, and this node's id first: a record on disk always
+    /// names whose data dir it is.
     fn persist(&self, record: &ClusterRecord) -> Result<(), NodeError> {
+        self.storage
+            .meta_put(META_NODE_ID, self.me.id.as_str().as_bytes())?;
         self.storage
             .meta_put(META_CLUSTER, &encode_cluster_record(&record.reply()))
     }
@@ -343,6 +349,30 @@ mod tests {
                 .as_deref(),
             Some("eu-west")
         );
+    }
+
+    /// A start that never got into a cluster does not claim the data dir;
+    /// one that did, does.
+    #[test]
+    fn the_data_dir_is_bound_to_an_id_by_its_first_cluster_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        let named = |id: &str| Member {
+            id: NodeId::new(id).unwrap(),
+            ..me(None)
+        };
+        // n1's start failed to join: nothing formed, nothing persisted.
+        drop(Membership::load(storage.clone(), named("n1"), None).unwrap());
+        // So the dir may be used as n2, which forms a cluster...
+        let m = Membership::load(storage.clone(), named("n2"), None).unwrap();
+        m.form(5, 3).unwrap();
+        drop(m);
+        // ...after which it is n2's.
+        let err = Membership::load(storage.clone(), named("n1"), None)
+            .err()
+            .expect("refused");
+        assert!(matches!(err, NodeError::IdMismatch { .. }), "{err}");
+        assert!(Membership::load(storage, named("n2"), None).is_ok());
     }
 
     #[test]
