@@ -86,6 +86,9 @@ pub struct BenchArgs {
     /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). Default: closed loop.
     #[arg(long, value_name = "OPS", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
+    /// Threads running the bench's clients (and, without --cluster, the embedded nodes). Default: one per core. With the cluster on the same machine, 1 leaves more of the cores to the nodes: in an open loop a second thread mostly wakes up to find nothing to do.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// How long each setting runs (putget: each phase).
     #[arg(long, value_name = "SECONDS", default_value_t = 6)]
     pub duration_s: u64,
@@ -143,7 +146,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "FILE|preset:NAME", requires = "region")]
     pub latency_matrix: Option<String>,
     /// Virtual nodes on the ring; more spread load more evenly.
-    #[arg(long, value_name = "V", default_value_t = ringkv_ring::DEFAULT_VNODES)]
+    #[arg(long, value_name = "V", default_value_t = ringkv_ring::DEFAULT_VNODES, value_parser = clap::value_parser!(u32).range(1..=i64::from(ringkv_ring::VNODES_MAX)))]
     pub vnodes: u32,
     /// Fsync the write-ahead log before acknowledging each write (group commit). Without it, writes survive a process crash but not power loss.
     #[arg(long)]

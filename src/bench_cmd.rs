@@ -2,6 +2,7 @@
 //! side, against an embedded cluster spread over emulated regions or a
 //! running one; and the older put-then-get phases (`--workload putget`).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ringkv_bench::workload::Workload;
 use ringkv_bench::ycsb::{self, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{LoadConfig, PhaseReport};
-use ringkv_core::wire::{Request, Response};
+use ringkv_core::wire::{Request, Response, CLOCK_MAX_BYTES};
 use ringkv_core::Consistency;
 use ringkv_node::Client;
 use serde_json::json;
@@ -33,11 +34,30 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if args.duration_s == 0 {
         return Err(Failure::new(Exit::Usage, "--duration-s must be at least 1"));
     }
+    if args.value_bytes > CLOCK_MAX_BYTES {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "--value-bytes must be at most {CLOCK_MAX_BYTES} (64 MiB, the most a key may hold)"
+            ),
+        ));
+    }
+    check_output_path("--plot", args.plot.as_deref())?;
+    if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
+        check_output_path("--json", Some(Path::new(path)))?;
+    }
     if args.workload == "putget" {
-        if args.rate.is_some() {
+        // putget is the older phase benchmark: ringkv only, no settings.
+        let ycsb_only = [
+            ("--rate", args.rate.is_some()),
+            ("--target", args.target.is_some()),
+            ("--plot", args.plot.is_some()),
+            ("--consistency", !args.consistency.is_empty()),
+        ];
+        if let Some((flag, _)) = ycsb_only.iter().find(|(_, given)| *given) {
             return Err(Failure::new(
                 Exit::Usage,
-                "--rate works with YCSB workloads, not putget",
+                format!("{flag} works with YCSB workloads, not putget"),
             ));
         }
         return putget(args).await;
@@ -76,6 +96,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             &embedded_dir,
             false,
             |i, config| {
+                config.max_value_bytes = config.max_value_bytes.max(args.value_bytes);
                 if let Some(m) = &matrix {
                     config.region = Some(regions[i % regions.len()].clone());
                     config.latency_matrix = Some(m.clone());
@@ -301,20 +322,27 @@ async fn run_all(
     } else {
         "this process: the embedded nodes and the bench's clients"
     };
-    if let Some(path) = &args.plot {
-        ringkv_bench::plot::write_svg(path, &reports)
-            .map_err(|e| Failure::new(Exit::Usage, format!("--plot: {e}")))?;
-    }
+    // The results first: a plot that cannot be written must not lose them.
     let out = report_json(config, args, replicas, &reports, cpu_scope);
     match args.json.as_deref() {
         Some("-") => println!("{out}"),
         Some(path) => {
-            std::fs::write(path, format!("{out:#}\n")).map_err(|e| {
+            print_table(&reports, cpu_scope);
+            write_whole(Path::new(path), format!("{out:#}\n").as_bytes()).map_err(|e| {
                 Failure::new(Exit::Usage, format!("--json {path}: cannot write it: {e}"))
             })?;
-            print_table(&reports, cpu_scope);
         }
         None => print_table(&reports, cpu_scope),
+    }
+    if let Some(path) = &args.plot {
+        let svg = ringkv_bench::plot::render_svg(&reports)
+            .map_err(|e| Failure::new(Exit::Internal, format!("--plot: {e}")))?;
+        write_whole(path, svg.as_bytes()).map_err(|e| {
+            Failure::new(
+                Exit::Usage,
+                format!("--plot {}: cannot write it: {e}", path.display()),
+            )
+        })?;
     }
     Ok(Exit::Ok)
 }
@@ -433,6 +461,9 @@ fn report_json(
             "target": args.target,
             "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions) } else { json!(null) },
             "cpu_scope": cpu_scope,
+            // What the runtime has, not what was asked: the check that
+            // --worker-threads took effect.
+            "worker_threads": tokio::runtime::Handle::current().metrics().num_workers(),
         },
         "settings": reports.iter().map(|r| json!({
             "setting": r.setting.to_string(),
@@ -471,6 +502,41 @@ fn resolve_cluster(cluster: &[String]) -> Result<Vec<std::net::SocketAddr>, Fail
 }
 
 /// The older benchmark: a put phase of new keys, then a get phase of them.
+/// Refuses, before anything runs, an output file that could not be written
+/// at the end: its directory is missing, or the path is a directory.
+fn check_output_path(flag: &str, path: Option<&Path>) -> Result<(), Failure> {
+    let Some(path) = path else { return Ok(()) };
+    let usage = |problem: String| {
+        Err(Failure::new(
+            Exit::Usage,
+            format!("{flag} {}: {problem}", path.display()),
+        ))
+    };
+    if path.is_dir() {
+        return usage("is a directory".into());
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return usage(format!("directory {} does not exist", dir.display()));
+    }
+    Ok(())
+}
+
+/// Writes a file whole or not at all: into a temporary file beside it, then
+/// renamed over it, so a failure leaves no half-written report.
+fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let partial = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
+    let written = std::fs::write(&partial, bytes).and_then(|()| std::fs::rename(&partial, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
+
 async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
     let (targets, embedded) = if args.cluster.is_empty() {

@@ -56,12 +56,13 @@ fn main() {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Node(args::NodeArgs {
-        worker_threads: Some(n),
-        ..
-    }) = &cli.command
-    {
-        builder.worker_threads(usize::from(*n));
+    let worker_threads = match &cli.command {
+        Command::Node(a) => a.worker_threads,
+        Command::Bench(a) => a.worker_threads,
+        _ => None,
+    };
+    if let Some(n) = worker_threads {
+        builder.worker_threads(usize::from(n));
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -127,20 +127,62 @@ fn bad_node_starts_are_refused() {
     let o = node("n9", &c.dir.path().join("zero"), &["--replicas", "0"]);
     assert_exit(&o, 2);
     assert!(
-        stderr(&o).contains("--replicas must be at least 1"),
+        stderr(&o).contains("--replicas must be from 1 to 64"),
         "{}",
         stderr(&o)
     );
 
+    // Values past the limits: refused before anything is stored, rather than
+    // cut to 32 bits (--replicas), overflowing a time (--join-timeout-s) or
+    // wrapping to a few hundred milliseconds (--tombstone-grace-s).
     for (flag, value, says) in [
         ("--read-repair-chance", "1.5", "outside 0..=1"),
         ("--read-repair-chance", "often", "not a number"),
         ("--worker-threads", "0", "--worker-threads"),
+        ("--vnodes", "1025", "--vnodes"),
+        (
+            "--replicas",
+            "4294967297",
+            "--replicas must be from 1 to 64",
+        ),
+        (
+            "--anti-entropy-interval-s",
+            "18446744073709551615",
+            "--anti-entropy-interval-s must be at most",
+        ),
+        (
+            "--tombstone-grace-s",
+            "18446744073709552",
+            "--tombstone-grace-s must be at most",
+        ),
+        (
+            "--hint-ttl-s",
+            "18446744073709552",
+            "--hint-ttl-s must be at most",
+        ),
     ] {
         let o = node("n9", &c.dir.path().join("flags"), &[flag, value]);
         assert_exit(&o, 2);
         assert!(stderr(&o).contains(says), "{flag} {value}: {}", stderr(&o));
     }
+
+    // (`node` gives --join-timeout-s itself.)
+    let listen = format!("{ip}:{}", free_port(ip));
+    let o = run(ringkv()
+        .args(["node", "--id", "n9", "--listen", &listen, "--data-dir"])
+        .arg(c.dir.path().join("forever"))
+        .args([
+            "--seed",
+            &c.addr(0),
+            "--join-timeout-s",
+            "18446744073709551615",
+        ]));
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("--join-timeout-s must be at most"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = node("bad id", &c.dir.path().join("badid"), &[]);
     assert_exit(&o, 2);
@@ -152,6 +194,20 @@ fn bad_node_starts_are_refused() {
     assert_exit(&o, 2);
     assert!(
         stderr(&o).contains("node id n2 is already a member at"),
+        "{}",
+        stderr(&o)
+    );
+    // Following the advice (another --id) on the same dir: the refused start
+    // did not claim the dir, so this start gets as far as the seed (which
+    // refuses it for its own reason).
+    let o = node(
+        "n8",
+        &c.dir.path().join("dup"),
+        &["--seed", &seed, "--replicas", "5"],
+    );
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("replicates every key 2 times"),
         "{}",
         stderr(&o)
     );

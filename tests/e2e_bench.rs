@@ -120,6 +120,23 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--rate", "0"], 2, "--rate"),
         (&["--updates", "blind"], 2, "unknown update mode"),
         (&["--connections", "0"], 2, "--connections"),
+        (&["--worker-threads", "0"], 2, "--worker-threads"),
+        (
+            &["--value-bytes", "67108865"],
+            2,
+            "--value-bytes must be at most",
+        ),
+        (
+            &["--plot", "/nonexistent-dir/x.svg"],
+            2,
+            "directory /nonexistent-dir does not exist",
+        ),
+        (&["--json", "/"], 2, "is a directory"),
+        (
+            &["--workload", "putget", "--target", "resp://127.0.0.1:1"],
+            2,
+            "--target works with YCSB workloads, not putget",
+        ),
         (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
     ];
     for (args, code, message) in cases {
@@ -149,12 +166,15 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
         "quorum",
         "--rate",
         "100",
+        "--worker-threads",
+        "1",
         "--json",
     ]));
     assert_exit(&out, 0);
     let report = json(&out);
     assert_eq!(report["config"]["loop"], "open");
     assert_eq!(report["config"]["rate_per_s"], 100);
+    assert_eq!(report["config"]["worker_threads"], 1);
     let s = &report["settings"][0];
     let ops: u64 = s["ops"]
         .as_object()

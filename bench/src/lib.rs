@@ -63,8 +63,8 @@ pub enum BenchError {
     NoConcurrency,
     #[error("cannot reach {addr}: {reason}")]
     Unreachable { addr: SocketAddr, reason: String },
-    #[error("{failed} writes of the load phase failed; is every node up?")]
-    LoadFailed { failed: u64 },
+    #[error("{failed} writes of the load phase failed, the first with: {first}")]
+    LoadFailed { failed: u64, first: String },
     #[error("cannot start the open loop's pacer thread: {source}")]
     Pacer { source: std::io::Error },
 }

@@ -2,17 +2,14 @@
 //! operation) and the staleness curve (share of fresh reads against the
 //! wait after a write), side by side in one SVG.
 
-use std::path::Path;
-
 use plotters::prelude::*;
 
 use crate::ycsb::SettingReport;
 
-/// Why the plot could not be written.
+/// Why the plot could not be drawn.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot draw {path}: {reason}")]
+#[error("cannot draw the plot: {reason}")]
 pub struct PlotError {
-    pub path: String,
     pub reason: String,
 }
 
@@ -48,13 +45,18 @@ where
         .draw()
 }
 
-/// Draws `reports` to `path` as SVG.
-pub fn write_svg(path: &Path, reports: &[SettingReport]) -> Result<(), PlotError> {
+/// Draws `reports` as an SVG document (the caller writes it out whole).
+pub fn render_svg(reports: &[SettingReport]) -> Result<String, PlotError> {
+    let mut svg = String::new();
+    draw(&mut svg, reports)?;
+    Ok(svg)
+}
+
+fn draw(svg: &mut String, reports: &[SettingReport]) -> Result<(), PlotError> {
     let fail = |e: &dyn std::fmt::Display| PlotError {
-        path: path.display().to_string(),
         reason: e.to_string(),
     };
-    let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
+    let root = SVGBackend::with_string(svg, (1200, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let (left, right) = root.split_horizontally(720);
 

@@ -302,7 +302,10 @@ enum Outcome {
     },
     /// R or W replicas did not answer in time.
     Timeout,
-    Error,
+    /// Refused or failed, and why (the load phase reports the first).
+    Error {
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -314,7 +317,9 @@ impl Outcome {
 impl Conn {
     async fn call(&self, request: &Request, delay: Duration) -> Outcome {
         let Conn::Ringkv(client) = self else {
-            return Outcome::Error;
+            return Outcome::Error {
+                reason: "not a ringkv connection".into(),
+            };
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -338,7 +343,13 @@ impl Conn {
                 context: Some(p.context),
             },
             Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => Outcome::Timeout,
-            _ => Outcome::Error,
+            Ok(Response::Error(e)) => Outcome::Error { reason: e.message },
+            Ok(other) => Outcome::Error {
+                reason: format!("unexpected answer {other:?}"),
+            },
+            Err(e) => Outcome::Error {
+                reason: e.to_string(),
+            },
         }
     }
 
@@ -359,7 +370,9 @@ impl Conn {
                         values: value.into_iter().collect(),
                         context: None,
                     },
-                    Ok(Err(_)) => Outcome::Error,
+                    Ok(Err(e)) => Outcome::Error {
+                        reason: e.to_string(),
+                    },
                     Err(_) => Outcome::Timeout,
                 }
             }
@@ -391,7 +404,9 @@ impl Conn {
                 let mut conn = conn.lock().await;
                 match tokio::time::timeout(limit, conn.set(key.as_bytes(), value)).await {
                     Ok(Ok(())) => Outcome::Written { context: None },
-                    Ok(Err(_)) => Outcome::Error,
+                    Ok(Err(e)) => Outcome::Error {
+                        reason: e.to_string(),
+                    },
                     Err(_) => Outcome::Timeout,
                 }
             }
@@ -439,10 +454,13 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
     let conns = connect_all(config, config.concurrency.max(1)).await?;
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Why the first failed write failed: the likeliest cause of the rest.
+    let first_failure = Arc::new(std::sync::OnceLock::new());
     let mut tasks = tokio::task::JoinSet::new();
     let step = conns.len() as u64;
     for (w, conn) in conns.iter().enumerate() {
         let (conn, done, failed) = (conn.clone(), done.clone(), failed.clone());
+        let first_failure = first_failure.clone();
         let prefix = config.key_prefix.clone();
         let (records, value, timeout_ms) = (
             config.records,
@@ -465,6 +483,10 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
                     .await;
                 if !outcome.is_ok() {
                     failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = first_failure.set(match outcome {
+                        Outcome::Error { reason } => reason,
+                        _ => "timed out".to_string(),
+                    });
                 }
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -480,7 +502,10 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
     close_all(conns).await;
     match failed.load(std::sync::atomic::Ordering::Relaxed) {
         0 => Ok(()),
-        n => Err(BenchError::LoadFailed { failed: n }),
+        n => Err(BenchError::LoadFailed {
+            failed: n,
+            first: first_failure.get().cloned().unwrap_or_default(),
+        }),
     }
 }
 
@@ -616,7 +641,7 @@ pub async fn run_setting(
                             .saturating_record(answered.duration_since(sent).as_micros() as u64);
                     }
                     Outcome::Timeout => report.timeouts += 1,
-                    Outcome::Error => report.errors += 1,
+                    Outcome::Error { .. } => report.errors += 1,
                 }
                 // Bounded: a context per record up to 100,000 records (past
                 // that, forgetting makes later updates blind: more siblings).

@@ -23,6 +23,15 @@ pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
 /// writes that would exceed it are refused.
 pub const CLOCK_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// The most replicas per key (N) a cluster may have. Far above any real
+/// deployment's; it bounds every request's fan-out, and a record from a peer
+/// or the disk that claims more is refused rather than obeyed.
+pub const REPLICAS_MAX: u32 = 64;
+/// The most virtual nodes one member may have. Building a ring costs time
+/// quadratic in its total virtual nodes (the ring inserts into a sorted
+/// list), so one `Join` claiming millions would hang every node that
+/// installs it, and again at each restart.
+pub const VNODES_MAX: u32 = 1024;
 /// The largest frame read off a stream: a whole clock plus room for the
 /// envelope. Bounds memory per request.
 pub const FRAME_MAX_BYTES: usize = CLOCK_MAX_BYTES + 1024 * 1024;
@@ -464,9 +473,7 @@ pub fn encode_cluster_record(record: &JoinReply) -> AlignedVec {
 /// Checks and decodes a stored cluster record.
 pub fn decode_cluster_record(bytes: &[u8]) -> Result<JoinReply, DecodeError> {
     let record: JoinReply = decode(bytes)?;
-    if record.replicas == 0 {
-        return Err(InvalidInput::new("cluster record has replicas = 0").into());
-    }
+    validate_replicas(record.replicas, "cluster record")?;
     record.members.iter().try_for_each(validate_member)?;
     Ok(record)
 }
@@ -504,8 +511,8 @@ impl Request {
             Request::Get(g) => validate_key(&g.key),
             Request::Status | Request::Ping | Request::Stats | Request::Repair => Ok(()),
             Request::Join(j) => {
-                if j.replicas == Some(0) {
-                    return Err(InvalidInput::new("join request has replicas = 0"));
+                if let Some(replicas) = j.replicas {
+                    validate_replicas(replicas, "join request")?;
                 }
                 validate_member(&j.member)
             }
@@ -569,9 +576,7 @@ impl Response {
             Response::Items(items) => items.iter().try_for_each(|i| validate_key(&i.key)),
             Response::Clocks(clocks) => clocks.iter().flatten().try_for_each(validate_clock),
             Response::Joined(j) => {
-                if j.replicas == 0 {
-                    return Err(InvalidInput::new("join reply has replicas = 0"));
-                }
+                validate_replicas(j.replicas, "join reply")?;
                 j.members.iter().try_for_each(validate_member)
             }
             _ => Ok(()),
@@ -608,13 +613,25 @@ pub fn validate_region(region: &str) -> Result<(), InvalidInput> {
     }
 }
 
+fn validate_replicas(replicas: u32, what: &str) -> Result<(), InvalidInput> {
+    if replicas == 0 || replicas > REPLICAS_MAX {
+        return Err(InvalidInput::new(format!(
+            "{what} has replicas = {replicas}; 1 to {REPLICAS_MAX} are allowed"
+        )));
+    }
+    Ok(())
+}
+
 fn validate_member(m: &Member) -> Result<(), InvalidInput> {
     validate_node_id(&m.id)?;
     if let Some(region) = &m.region {
         validate_region(region)?;
     }
-    if m.vnodes == 0 {
-        return Err(InvalidInput::new(format!("member {} has 0 vnodes", m.id)));
+    if m.vnodes == 0 || m.vnodes > VNODES_MAX {
+        return Err(InvalidInput::new(format!(
+            "member {} has {} vnodes; 1 to {VNODES_MAX} are allowed",
+            m.id, m.vnodes
+        )));
     }
     m.addr
         .parse::<std::net::SocketAddr>()
@@ -676,6 +693,43 @@ mod tests {
         }
         let err = decode_request(&encode_request(&p)).unwrap_err();
         assert!(err.to_string().contains("key is empty"), "{err}");
+    }
+
+    /// A peer's (or the disk's) claims about the cluster's shape are
+    /// bounded before anything builds a ring from them.
+    #[test]
+    fn membership_beyond_the_limits_is_refused() {
+        let member = |vnodes| Member {
+            id: NodeId::new("n1").unwrap(),
+            addr: "127.0.0.1:7000".into(),
+            vnodes,
+            region: None,
+        };
+        let join = |vnodes, replicas| {
+            Request::Join(JoinRequest {
+                member: member(vnodes),
+                replicas,
+                cluster_id: None,
+            })
+        };
+        assert!(join(VNODES_MAX, Some(REPLICAS_MAX)).validate().is_ok());
+        let too_many = join(VNODES_MAX + 1, None).validate().unwrap_err();
+        assert!(too_many.to_string().contains("1025 vnodes"), "{too_many}");
+        assert!(join(0, None).validate().is_err());
+        let n = join(64, Some(REPLICAS_MAX + 1)).validate().unwrap_err();
+        assert!(n.to_string().contains("replicas = 65"), "{n}");
+        assert!(join(64, Some(0)).validate().is_err());
+
+        let record = |replicas, vnodes| JoinReply {
+            cluster_id: 7,
+            replicas,
+            members: vec![member(vnodes)],
+        };
+        assert!(decode_cluster_record(&encode_cluster_record(&record(3, 64))).is_ok());
+        for bad in [record(0, 64), record(u32::MAX, 64), record(3, u32::MAX)] {
+            assert!(decode_cluster_record(&encode_cluster_record(&bad)).is_err());
+            assert!(Response::Joined(bad).validate().is_err());
+        }
     }
 
     proptest! {

@@ -36,13 +36,17 @@ use tokio::task::JoinHandle;
 use crate::error::NodeError;
 use crate::membership::{ClusterRecord, Membership};
 use crate::quic::{serve_connection, CallError, PeerPool};
-use crate::storage::{unix_ms, Storage};
+use crate::storage::{millis, unix_ms, Storage};
 use crate::tls;
 
 /// The default N for a new cluster.
 pub const DEFAULT_REPLICAS: usize = 3;
 /// How long a node keeps trying to reach its seeds before giving up.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest any of a node's durations may be set to (about ten years):
+/// far beyond any sensible setting, and small enough that adding it to the
+/// current time or counting it in milliseconds cannot overflow.
+pub const CONFIG_DURATION_MAX: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// How long to wait for a peer's QUIC handshake.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -120,11 +124,29 @@ impl NodeConfig {
                 reason: reason.to_string(),
             })
         };
-        if self.replicas == Some(0) {
-            return bad("--replicas must be at least 1");
+        let replicas_max = ringkv_ring::REPLICAS_MAX as usize;
+        if self.replicas.is_some_and(|n| n == 0 || n > replicas_max) {
+            return bad(&format!("--replicas must be from 1 to {replicas_max}"));
         }
-        if self.vnodes == 0 {
-            return bad("--vnodes must be at least 1");
+        if self.vnodes == 0 || self.vnodes > ringkv_ring::VNODES_MAX {
+            return bad(&format!(
+                "--vnodes must be from 1 to {}",
+                ringkv_ring::VNODES_MAX
+            ));
+        }
+        let durations = [
+            ("--join-timeout-s", Some(self.join_timeout)),
+            ("--hint-ttl-s", Some(self.hint_ttl)),
+            ("--tombstone-grace-s", Some(self.tombstone_grace)),
+            ("--anti-entropy-interval-s", self.anti_entropy_interval),
+        ];
+        for (flag, duration) in durations {
+            if duration.is_some_and(|d| d > CONFIG_DURATION_MAX) {
+                return bad(&format!(
+                    "{flag} must be at most {} (about ten years)",
+                    CONFIG_DURATION_MAX.as_secs()
+                ));
+            }
         }
         if self.max_siblings == 0 {
             return bad("--max-siblings must be at least 1");
@@ -642,7 +664,7 @@ async fn tombstone_loop(
         let Some(coordinator) = inner.coordinator.get() else {
             continue;
         };
-        let cutoff = unix_ms().saturating_sub(grace.as_millis() as u64);
+        let cutoff = unix_ms().saturating_sub(millis(grace));
         // Up to TOMBSTONE_PAGES_PER_TICK pages a tick, then resume there.
         for _ in 0..TOMBSTONE_PAGES_PER_TICK {
             let storage = inner.storage.clone();
@@ -822,7 +844,7 @@ impl Node {
             HintBook::open(
                 storage.clone(),
                 HintConfig {
-                    ttl_ms: config.hint_ttl.as_millis() as u64,
+                    ttl_ms: millis(config.hint_ttl),
                     max_per_target: config.max_hints_per_target,
                 },
                 Arc::new(unix_ms),

@@ -330,7 +330,13 @@ fn le_u64(bytes: &[u8]) -> Option<u64> {
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, millis)
+}
+
+/// A duration in whole milliseconds, saturating (rather than wrapping) past
+/// `u64::MAX`.
+pub(crate) fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn io(e: rocksdb::Error) -> NodeError {

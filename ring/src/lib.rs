@@ -21,6 +21,7 @@
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use ringkv_core::hash::StableHasher;
+pub use ringkv_core::wire::{REPLICAS_MAX, VNODES_MAX};
 use ringkv_core::NodeId;
 
 /// The default number of virtual nodes per node.
@@ -35,6 +36,10 @@ pub enum RingError {
     ZeroVnodes { node: NodeId },
     #[error("node {node} appears twice in the member list")]
     DuplicateNode { node: NodeId },
+    #[error("replication factor N = {replicas} is above the limit of {REPLICAS_MAX}")]
+    TooManyReplicas { replicas: usize },
+    #[error("node {node} has {vnodes} virtual nodes, above the limit of {VNODES_MAX}")]
+    TooManyVnodes { node: NodeId, vnodes: u32 },
 }
 
 /// The nodes responsible for one key, in ring order.
@@ -95,11 +100,17 @@ impl Ring {
         if replicas == 0 {
             return Err(RingError::ZeroReplicas);
         }
+        if replicas > REPLICAS_MAX as usize {
+            return Err(RingError::TooManyReplicas { replicas });
+        }
         let mut inner = consistent_hash_ring::RingBuilder::new(BuildStableHasher).build();
         let mut placed = Vec::new();
         for (node, vnodes) in members {
             if vnodes == 0 {
                 return Err(RingError::ZeroVnodes { node });
+            }
+            if vnodes > VNODES_MAX {
+                return Err(RingError::TooManyVnodes { node, vnodes });
             }
             if !inner.insert_weight(RingNode(node.clone()), vnodes as usize) {
                 return Err(RingError::DuplicateNode { node });

@@ -139,6 +139,15 @@ fn bad_rings_are_refused() {
         Ring::new(ids(&["a"]).into_iter().map(|n| (n, 0)), 1),
         Err(RingError::ZeroVnodes { .. })
     ));
+    assert!(Ring::new(ids(&["a"]).into_iter().map(|n| (n, VNODES_MAX)), 1).is_ok());
+    assert!(matches!(
+        Ring::new(ids(&["a"]).into_iter().map(|n| (n, VNODES_MAX + 1)), 1),
+        Err(RingError::TooManyVnodes { vnodes: 1025, .. })
+    ));
+    assert_eq!(
+        Ring::new(ids(&["a"]).into_iter().map(|n| (n, 8)), 65).unwrap_err(),
+        RingError::TooManyReplicas { replicas: 65 }
+    );
 }
 
 proptest! {
