@@ -34,4 +34,6 @@ pub enum NodeError {
     Tls { reason: String },
     #[error(transparent)]
     TreeRebuildOverrun(#[from] ringkv_repair::trees::RebuildOverrun),
+    #[error("the Merkle tree rebuild was stopped: the node is shutting down")]
+    TreeRebuildStopped,
 }

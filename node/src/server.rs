@@ -587,8 +587,21 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
             continue;
         }
         let started = std::time::Instant::now();
-        let rebuilt =
-            tokio::task::spawn_blocking(move || storage.rebuild_trees(&trees, ring)).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut rebuild = tokio::task::spawn_blocking({
+            let stop = stop.clone();
+            move || storage.rebuild_trees(&trees, ring, &stop)
+        });
+        let rebuilt = tokio::select! {
+            rebuilt = &mut rebuild => rebuilt,
+            _ = shutdown.changed() => {
+                // The scan ends at its next check and installs nothing;
+                // shutdown waits that long, not for the whole store.
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let _ = rebuild.await;
+                break;
+            }
+        };
         let wait = retry_in.map_or(REBUILD_RETRY_FIRST, |w| (w * 2).min(REBUILD_RETRY_MOST));
         let error = match rebuilt {
             Ok(Ok(keys)) => {

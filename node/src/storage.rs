@@ -415,10 +415,16 @@ impl Storage {
     ///
     /// It reads every stored clock, values included: the digests are not
     /// kept apart, which would cost every overwrite a second write.
+    ///
+    /// Setting `stop` (at shutdown) ends the scan at its next check, every
+    /// [`OVERRUN_CHECK_EVERY`] keys, with [`NodeError::TreeRebuildStopped`]
+    /// and nothing installed: a scan of a large store takes minutes, and
+    /// shutdown waits for it.
     pub fn rebuild_trees(
         &self,
         trees: &ReplicaTrees,
         ring: std::sync::Arc<Ring>,
+        stop: &std::sync::atomic::AtomicBool,
     ) -> Result<u64, NodeError> {
         trees.begin_rebuild();
         let mut guard = AbandonUnlessFinished {
@@ -443,9 +449,11 @@ impl Storage {
             .map(|(key, stored)| (key.into_vec(), stored_digest(&stored)))
             // Past its cap of changed keys the rebuild cannot finish: stop
             // reading the store for it (finish_rebuild reports the overrun).
+            // Likewise once shutdown asks it to stop.
             .take_while(|_| {
                 scanned += 1;
-                !scanned.is_multiple_of(OVERRUN_CHECK_EVERY) || !trees.is_overrun()
+                !scanned.is_multiple_of(OVERRUN_CHECK_EVERY)
+                    || !(trees.is_overrun() || stop.load(std::sync::atomic::Ordering::Relaxed))
             });
         let fresh = trees.build(ring, items);
         #[cfg(test)]
@@ -453,6 +461,10 @@ impl Storage {
             .store(scanned, std::sync::atomic::Ordering::SeqCst);
         if let Some(e) = failed {
             return Err(io(e));
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // The guard abandons the rebuild.
+            return Err(NodeError::TreeRebuildStopped);
         }
         // However it ends, finishing clears the record of changed keys.
         guard.finished = true;
@@ -960,6 +972,36 @@ mod tests {
         );
     }
 
+    /// The `stop` flag of rebuilds that run to the end.
+    static GO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// A rebuild told to stop (shutdown) ends at its next check, fails and
+    /// installs nothing; the next one, not told, succeeds.
+    #[test]
+    fn a_stopped_rebuild_ends_early_and_installs_nothing() {
+        use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        const KEYS: u64 = 3 * OVERRUN_CHECK_EVERY;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        for k in 0..KEYS {
+            let clock = value("v", &Clock::new(), "n1");
+            Store::put(&s, format!("k{k}").as_bytes(), None, &clock).unwrap();
+        }
+        let trees =
+            ReplicaTrees::new(NodeId::new("n1").unwrap(), ring(), DEFAULT_LEAF_BITS).unwrap();
+        let stop = AtomicBool::new(true);
+        assert!(matches!(
+            s.rebuild_trees(&trees, ring(), &stop),
+            Err(NodeError::TreeRebuildStopped)
+        ));
+        assert_eq!(s.keys_scanned.load(SeqCst), OVERRUN_CHECK_EVERY);
+        assert!(!trees.is_ready());
+        stop.store(false, SeqCst);
+        assert_eq!(s.rebuild_trees(&trees, ring(), &stop).unwrap(), KEYS);
+        assert!(trees.is_ready());
+    }
+
     /// A rebuild whose scan overlaps more changed keys than its trees may
     /// remember (here: any) stops reading at its next check, fails with
     /// the overrun and leaves the trees not ready; once writes pause, the
@@ -1019,7 +1061,7 @@ mod tests {
                 std::time::Instant::now() < deadline,
                 "no rebuild overran early in its scan"
             );
-            match s.rebuild_trees(&trees, ring()) {
+            match s.rebuild_trees(&trees, ring(), &GO) {
                 Err(NodeError::TreeRebuildOverrun(overrun)) => {
                     assert!(!trees.is_ready(), "an overrun rebuild installs nothing");
                     if s.keys_scanned.load(SeqCst) < KEYS {
@@ -1033,7 +1075,7 @@ mod tests {
         assert!(overrun.changed_keys >= 1 && overrun.max_bytes == 0);
         drop(stop);
         writer.join().unwrap();
-        assert_eq!(s.rebuild_trees(&trees, ring()).unwrap(), KEYS);
+        assert_eq!(s.rebuild_trees(&trees, ring(), &GO).unwrap(), KEYS);
         assert!(trees.is_ready());
     }
 
@@ -1078,13 +1120,13 @@ mod tests {
         };
         let mut rebuilds = 0;
         while !writer.is_finished() || rebuilds == 0 {
-            s.rebuild_trees(&trees, ring()).unwrap();
+            s.rebuild_trees(&trees, ring(), &GO).unwrap();
             rebuilds += 1;
         }
         writer.join().unwrap();
         assert!(trees.is_ready());
         let quiet = ReplicaTrees::new(me.clone(), ring(), DEFAULT_LEAF_BITS).unwrap();
-        s.rebuild_trees(&quiet, ring()).unwrap();
+        s.rebuild_trees(&quiet, ring(), &GO).unwrap();
         // And by hand, from each key's clock: the digests a rebuild reads
         // from the stored bytes are the ones replicas compute from clocks.
         let by_hand = ReplicaTrees::new(me, ring(), DEFAULT_LEAF_BITS).unwrap();
