@@ -66,13 +66,15 @@ fn replica_latencies_follow_the_latency_matrix() {
     to_c.sort_by(f64::total_cmp);
     let (b, c3) = (to_b[2], to_c[2]);
     // Round trips a→b 80 ms and a→c 120 ms. Generous bounds for CI: the
-    // emulated delay is a floor, and two busy cores add a little.
+    // emulated delay is a floor, and two busy cores (compiling, other
+    // tests) add to it; the upper bounds still catch a lost delay or a
+    // doubled one.
     assert!(
-        (80.0..80.0 * 1.25 + 10.0).contains(&b),
+        (80.0..80.0 * 1.5 + 10.0).contains(&b),
         "n2 median {b} ms: {to_b:?}"
     );
     assert!(
-        (120.0..120.0 * 1.25 + 10.0).contains(&c3),
+        (120.0..120.0 * 1.5 + 10.0).contains(&c3),
         "n3 median {c3} ms: {to_c:?}"
     );
     assert!(latency_of(&json(&c.cli(0, &["get", "k0", "-r", "1", "--json"])), "n1") < 40.0);
@@ -152,11 +154,11 @@ fn each_consistency_settings_median_is_the_round_trip_the_matrix_predicts() {
     // the tight figures.
     assert!(one < 10.0, "R=1 is local: {one} ms");
     assert!(
-        (68.0..68.0 * 1.25).contains(&two),
+        (68.0..68.0 * 1.5).contains(&two),
         "R=2: {two} ms, predicted 68"
     );
     assert!(
-        (74.0..74.0 * 1.25).contains(&three),
+        (74.0..74.0 * 1.5).contains(&three),
         "R=3: {three} ms, predicted 74"
     );
 }

@@ -764,12 +764,17 @@ mod tests {
         let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
         let gave_up = tokio::time::timeout(Duration::from_millis(20), client.call(&get("k"))).await;
         assert!(gave_up.is_err());
+        // Forgotten at once, by the abandoned call's guard: the answer (due
+        // at 300 ms) has not come yet.
+        let channel = client.channel.lock().await.clone().unwrap();
+        assert!(channel.waiting.state.lock().unwrap().callers.is_empty());
+        // Once the late answer has arrived (and been dropped), the stream
+        // still serves.
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(matches!(
             client.call(&Request::Ping).await,
             Ok(Response::Pong)
         ));
-        let channel = client.channel.lock().await.clone().unwrap();
         assert!(channel.waiting.state.lock().unwrap().callers.is_empty());
     }
 }

@@ -286,6 +286,20 @@ pub fn eventually(deadline: Duration, what: &str, mut check: impl FnMut() -> boo
     panic!("not within {deadline:?}: {what}");
 }
 
+/// Waits for `child` to exit; kills it and fails the test after `deadline`
+/// (a shutdown that hangs must fail the test, not hang the suite).
+pub fn wait_within(
+    child: &mut std::process::Child,
+    deadline: Duration,
+) -> std::process::ExitStatus {
+    let mut status = None;
+    eventually(deadline, "the process exits", || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
