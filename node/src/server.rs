@@ -729,6 +729,18 @@ async fn collect_if_held_everywhere(
         Ok(Some(stored)) if stored <= cutoff => {}
         _ => return,
     }
+    // A replica believed down cannot confirm, and asking it would cost a
+    // connect timeout per due key (a page of them a tick): try again once
+    // it is back.
+    let someone_down = ring
+        .preference_list(&key)
+        .replicas
+        .iter()
+        .any(|r| *r != inner.id && !inner.detector.is_up(r));
+    if someone_down {
+        metrics::counter!("ringkv_tombstones_deferred_total").increment(1);
+        return;
+    }
     let may = tombstones::confirm_collectable(
         &*inner.transport,
         ring,

@@ -271,6 +271,7 @@ impl<T: Transport> AntiEntropy<T> {
                 self.exchange(peer, &tally).await
             };
             if let Err(e) = outcome {
+                counter!("ringkv_anti_entropy_exchange_failures_total").increment(1);
                 tracing::info!(%peer, error = %e, "anti-entropy exchange did not finish");
                 report.failures.push(PeerFailure {
                     peer: peer.clone(),

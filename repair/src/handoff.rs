@@ -168,6 +168,8 @@ pub fn start<T: Transport, B: HintBackend>(
                     }
                     Err(reason) => {
                         schedule.failed(&owner, Instant::now());
+                        metrics::counter!("ringkv_hint_delivery_failures_total", "target" => owner.to_string())
+                            .increment(1);
                         tracing::debug!(%owner, %reason, "hint delivery failed; backing off");
                     }
                 }
