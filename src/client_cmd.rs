@@ -5,7 +5,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{validate_key, ErrorKind, GetRequest, PutRequest, Request, Response};
+use ringkv_core::wire::{
+    validate_key, ErrorKind, GetRequest, PutRequest, Request, Response, CLOCK_MAX_BYTES,
+};
 use ringkv_core::Consistency;
 use ringkv_node::Client;
 
@@ -17,13 +19,25 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
     validate_key(args.key.as_bytes()).map_err(|e| Failure::new(Exit::Usage, e.message))?;
     let value = match args.value.as_deref() {
         None | Some("-") => {
+            // One byte past the most a key may hold is enough to refuse it,
+            // without reading (or sending) an endless stdin.
             let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).map_err(|e| {
-                Failure::new(
+            let limit = CLOCK_MAX_BYTES as u64 + 1;
+            std::io::stdin()
+                .take(limit)
+                .read_to_end(&mut buf)
+                .map_err(|e| {
+                    Failure::new(
+                        Exit::Usage,
+                        format!("cannot read the value from stdin: {e}"),
+                    )
+                })?;
+            if buf.len() > CLOCK_MAX_BYTES {
+                return Err(Failure::new(
                     Exit::Usage,
-                    format!("cannot read the value from stdin: {e}"),
-                )
-            })?;
+                    format!("the value on stdin is larger than {CLOCK_MAX_BYTES} bytes (64 MiB), the most a key may hold"),
+                ));
+            }
             buf
         }
         Some(v) => v.as_bytes().to_vec(),

@@ -108,8 +108,13 @@ fn restore_sigpipe() {
 }
 
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = match tracing_subscriber::EnvFilter::try_new(filter) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("error: --log (or RINGKV_LOG) {filter:?} is not a log filter: {e}");
+            std::process::exit(Exit::Usage as i32);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -34,6 +34,19 @@ fn bad_requests_exit_2_and_write_nothing() {
         stderr(&o)
     );
     assert_exit(&c.cli(1, &["get", "big", "-r", "all"]), 1);
+    // Past what any key may hold: refused by the CLI after reading one byte
+    // more than that, before anything is sent.
+    let o = c.cli_stdin(0, &["put", "huge"], &vec![b'x'; 64 * 1024 * 1024 + 1]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("larger than 67108864 bytes"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = c.cli(0, &["get", "k", "--log", "ringkv=[nonsense"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("is not a log filter"), "{}", stderr(&o));
 
     for (flag, level, needle) in [
         ("-w", "0", "0 would wait for no replica"),
@@ -140,6 +153,11 @@ fn bad_node_starts_are_refused() {
         ("--read-repair-chance", "often", "not a number"),
         ("--worker-threads", "0", "--worker-threads"),
         ("--vnodes", "1025", "--vnodes"),
+        (
+            "--max-value-bytes",
+            "0",
+            "--max-value-bytes must be from 1 to",
+        ),
         (
             "--replicas",
             "4294967297",

@@ -19,7 +19,7 @@ use ringkv_coordinator::replica::ReplicaService;
 use ringkv_core::regions::LatencyMatrix;
 use ringkv_core::wire::{
     ErrorKind, JoinRequest, Member, NodeStats, NodeStatus, ReplicaRequest, Request, Response,
-    StatusReply,
+    StatusReply, CLOCK_MAX_BYTES,
 };
 use ringkv_core::{NodeId, Transport};
 use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
@@ -147,6 +147,11 @@ impl NodeConfig {
                     CONFIG_DURATION_MAX.as_secs()
                 ));
             }
+        }
+        if self.max_value_bytes == 0 || self.max_value_bytes > CLOCK_MAX_BYTES {
+            return bad(&format!(
+                "--max-value-bytes must be from 1 to {CLOCK_MAX_BYTES} (64 MiB, the most a key may hold)"
+            ));
         }
         if self.max_siblings == 0 {
             return bad("--max-siblings must be at least 1");
@@ -372,6 +377,16 @@ impl NodeInner {
                     .unwrap_or_else(|| Response::error(ErrorKind::Internal, "tree answer failed"));
                 // Like every replica answer, it may reflect buffered writes.
                 once_durable(&self.storage, &self.id, answer).await
+            }
+            Request::Replica(ReplicaRequest::Update { .. }) => {
+                // A coordinator mints versions on itself only, never over
+                // the network (see `QuicTransport::call`); taking one from a
+                // connection would skip the put's checks (value size, the
+                // context token's cluster and key).
+                Response::error(
+                    ErrorKind::InvalidRequest,
+                    "Update is a coordinator's request to itself; send a Put",
+                )
             }
             Request::Replica(r) => self.local.handle(r).await,
             Request::Repair => self.repair_on_request().await,

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use ringkv_core::wire::{decode_response, encode_request, ErrorKind, Request, Response};
+use ringkv_core::dvv::{Payload, VersionVector};
+use ringkv_core::wire::{
+    decode_response, encode_request, ErrorKind, ReplicaRequest, Request, Response,
+};
 use ringkv_core::NodeId;
 use ringkv_node::frame::{put_frame, FRAME_HEADER_BYTES};
 use ringkv_node::{Client, Node, NodeConfig};
@@ -133,6 +136,41 @@ async fn truncated_and_garbage_frames_are_answered_with_errors() {
     assert!(matches!(
         client.call(&Request::Status).await.unwrap(),
         Response::Status(_)
+    ));
+    client.close().await;
+    node.shutdown().await;
+}
+
+/// Well-formed, but not for the network: a coordinator's request to itself
+/// sent over a connection is refused, and nothing is written.
+#[tokio::test]
+async fn a_coordinators_update_from_a_connection_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    let node = Node::start(config).await.unwrap();
+    let client = Client::connect(node.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let update = Request::Replica(ReplicaRequest::Update {
+        key: b"k".to_vec(),
+        context: VersionVector::new(),
+        payload: Payload::Value(vec![b'v'; 16]),
+        overwrite: false,
+    });
+    match client.call(&update).await.unwrap() {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert!(e.message.contains("send a Put"), "{}", e.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let read = Request::Replica(ReplicaRequest::Read {
+        key: b"k".to_vec(),
+        hint_for: None,
+    });
+    assert!(matches!(
+        client.call(&read).await.unwrap(),
+        Response::Clock(None)
     ));
     client.close().await;
     node.shutdown().await;
