@@ -684,21 +684,24 @@ impl HintBackend for Storage {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
         let cf = self.cf(CF_HINTS);
         let from = after.unwrap_or(prefix);
         let mut out = Vec::new();
+        let mut bytes = 0;
         let iter = self
             .db
             .iterator_cf(cf, IteratorMode::From(from, Direction::Forward));
         for item in iter {
             let (id, value) = item.map_err(hint_io)?;
-            if !id.starts_with(prefix) || out.len() == limit {
+            if !id.starts_with(prefix) || out.len() == limit || bytes >= max_bytes {
                 break;
             }
             if Some(&id[..]) == after {
                 continue;
             }
+            bytes += value.len();
             out.push((id.into_vec(), value.into_vec()));
         }
         Ok(out)
@@ -836,15 +839,20 @@ mod tests {
         let ids =
             |page: Vec<(Vec<u8>, Vec<u8>)>| page.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
         assert_eq!(
-            ids(s.scan(b"\x01a", None, 10).unwrap()),
+            ids(s.scan(b"\x01a", None, 10, usize::MAX).unwrap()),
             [b"\x01a1".to_vec(), b"\x01a2".to_vec(), b"\x01a3".to_vec()]
         );
         assert_eq!(
-            ids(s.scan(b"\x01a", Some(b"\x01a1"), 1).unwrap()),
+            ids(s.scan(b"\x01a", Some(b"\x01a1"), 1, usize::MAX).unwrap()),
             [b"\x01a2".to_vec()]
         );
+        // One-byte values: a page ends with the entry that reaches 2 bytes.
+        assert_eq!(
+            ids(s.scan(b"\x01a", None, 10, 2).unwrap()),
+            [b"\x01a1".to_vec(), b"\x01a2".to_vec()]
+        );
         HintBackend::delete(&s, b"\x01a2").unwrap();
-        assert_eq!(ids(s.scan(b"", None, 100).unwrap()).len(), 4);
+        assert_eq!(ids(s.scan(b"", None, 100, usize::MAX).unwrap()).len(), 4);
         assert_eq!(HintBackend::get(&s, b"\x01a2").unwrap(), None);
     }
 

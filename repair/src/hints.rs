@@ -59,6 +59,11 @@ pub enum HintError {
     TooLarge { reason: String },
 }
 
+/// The values one hint scan reads at most (past the entry that reaches it,
+/// the page ends): bounds the memory of a delivery batch and of counting
+/// hints at startup.
+pub const HINT_SCAN_MAX_BYTES: usize = 8 * 1024 * 1024;
+
 /// Ordered storage for hint entries: byte keys, byte values. Like the
 /// coordinator's `Store`: a write is in the write-ahead log when the call
 /// returns, and made durable before the hint is acknowledged.
@@ -67,13 +72,17 @@ pub trait HintBackend: Send + Sync + 'static {
     fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError>;
     fn delete(&self, id: &[u8]) -> Result<(), HintError>;
     /// Up to `limit` entries whose id starts with `prefix` and sorts after
-    /// `after` (from the start of the prefix when `None`), in id order.
+    /// `after` (from the start of the prefix when `None`), in id order,
+    /// ending early with the entry that brings their values to `max_bytes`
+    /// or more (a hint's clock may be up to 64 MiB: a count alone would not
+    /// bound memory).
     #[allow(clippy::type_complexity)]
     fn scan(
         &self,
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError>;
 }
 
@@ -92,8 +101,9 @@ impl<B: HintBackend> HintBackend for Arc<B> {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
-        (**self).scan(prefix, after, limit)
+        (**self).scan(prefix, after, limit, max_bytes)
     }
 }
 
@@ -196,7 +206,7 @@ impl<B: HintBackend> HintBook<B> {
         let mut pending: HashMap<NodeId, u64> = HashMap::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = backend.scan(&[], after.as_deref(), 1024)?;
+            let page = backend.scan(&[], after.as_deref(), 1024, HINT_SCAN_MAX_BYTES)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             for (id, _) in &page {
@@ -277,7 +287,8 @@ impl<B: HintBackend> HintBook<B> {
         targets
     }
 
-    /// Up to `limit` of `owner`'s hints whose key sorts after `after`.
+    /// Up to `limit` of `owner`'s hints whose key sorts after `after`, and
+    /// fewer once they hold [`HINT_SCAN_MAX_BYTES`].
     pub fn batch(
         &self,
         owner: &NodeId,
@@ -287,7 +298,10 @@ impl<B: HintBackend> HintBook<B> {
         let prefix = owner_prefix(owner);
         let after = after.map(|key| entry_id(owner, key));
         let mut hints = Vec::new();
-        for (id, value) in self.backend.scan(&prefix, after.as_deref(), limit)? {
+        let page = self
+            .backend
+            .scan(&prefix, after.as_deref(), limit, HINT_SCAN_MAX_BYTES)?;
+        for (id, value) in page {
             match decode_hint(&value) {
                 Ok((clock, stored_at_ms)) => hints.push(Hint {
                     key: id[prefix.len()..].to_vec(),
@@ -530,6 +544,7 @@ impl HintBackend for MemHintBackend {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
         use std::ops::Bound;
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -537,10 +552,16 @@ impl HintBackend for MemHintBackend {
             Some(a) => Bound::Excluded(a.to_vec()),
             None => Bound::Included(prefix.to_vec()),
         };
+        let mut bytes = 0;
         Ok(map
             .range((start, Bound::Unbounded))
             .take_while(|(id, _)| id.starts_with(prefix))
             .take(limit)
+            .take_while(|(_, v)| {
+                let more = bytes < max_bytes;
+                bytes += v.len();
+                more
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }

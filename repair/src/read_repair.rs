@@ -10,6 +10,7 @@
 //! read, or anti-entropy, will find the difference again), so a burst of
 //! reads can never pile up unbounded background work.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,11 @@ use tokio::task::JoinHandle;
 
 /// Repairs waiting to be sent, at most.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
+/// The bytes of keys and clocks that queued repairs may hold at once: each
+/// job carries a whole merged clock, values included (up to 64 MiB), so a
+/// count alone would not bound memory. Past it, offers are dropped and
+/// counted like a full queue's.
+pub const DEFAULT_QUEUE_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Reads whose late answers may be awaited at once for repair; a read that
 /// finds none free skips repair (and counts it).
 const COLLECTING_MAX: usize = 1024;
@@ -91,6 +97,14 @@ pub struct RepairJob {
 pub struct ReadRepairQueue {
     tx: mpsc::Sender<RepairJob>,
     collecting: Arc<tokio::sync::Semaphore>,
+    /// Bytes held by queued jobs and the one being sent (see [`job_bytes`]).
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// What a job holds in memory, for the byte budget.
+fn job_bytes(job: &RepairJob) -> usize {
+    job.key.len() + job.clock.approx_size()
 }
 
 impl ReadRepairQueue {
@@ -100,9 +114,22 @@ impl ReadRepairQueue {
     pub fn start<T: Transport>(
         transport: Arc<T>,
         capacity: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> (ReadRepairQueue, JoinHandle<()>) {
+        Self::start_with_max_bytes(transport, capacity, DEFAULT_QUEUE_MAX_BYTES, shutdown)
+    }
+
+    /// [`start`](Self::start) with a byte budget other than
+    /// [`DEFAULT_QUEUE_MAX_BYTES`].
+    pub fn start_with_max_bytes<T: Transport>(
+        transport: Arc<T>,
+        capacity: usize,
+        max_bytes: usize,
         mut shutdown: watch::Receiver<bool>,
     ) -> (ReadRepairQueue, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<RepairJob>(capacity.max(1));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let held = queued_bytes.clone();
         let worker = tokio::spawn(async move {
             loop {
                 // Shutdown first: once asked to stop, queued repairs are left
@@ -119,12 +146,19 @@ impl ReadRepairQueue {
                             _ = shutdown.changed() => break,
                             _ = repair_now(&transport, &job) => {}
                         }
+                        held.fetch_sub(job_bytes(&job), Ordering::Relaxed);
                     }
                 }
             }
         });
         let collecting = Arc::new(tokio::sync::Semaphore::new(COLLECTING_MAX));
-        (ReadRepairQueue { tx, collecting }, worker)
+        let queue = ReadRepairQueue {
+            tx,
+            collecting,
+            queued_bytes,
+            max_bytes,
+        };
+        (queue, worker)
     }
 
     /// A permit to wait for a read's late answers, if fewer than
@@ -142,12 +176,25 @@ impl ReadRepairQueue {
         if job.targets.is_empty() {
             return true;
         }
+        let bytes = job_bytes(&job);
+        let reserved = self
+            .queued_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(bytes)
+                    .filter(|&total| total <= self.max_bytes)
+            })
+            .is_ok();
+        if !reserved {
+            counter!("ringkv_read_repairs_dropped_total").increment(1);
+            return false;
+        }
         match self.tx.try_send(job) {
             Ok(()) => {
                 counter!("ringkv_read_repairs_queued_total").increment(1);
                 true
             }
             Err(_) => {
+                self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 counter!("ringkv_read_repairs_dropped_total").increment(1);
                 false
             }
@@ -192,6 +239,53 @@ mod tests {
             (n("b"), Some(both.clone())),
         ];
         assert_eq!(stale_replicas(&both, &replies), vec![n("a")]);
+    }
+
+    /// Answers every call once `open` lets it through.
+    struct GatedTransport {
+        open: tokio::sync::Semaphore,
+    }
+
+    impl Transport for GatedTransport {
+        async fn call(
+            &self,
+            _to: &NodeId,
+            _request: Request,
+        ) -> Result<Response, ringkv_core::TransportError> {
+            self.open.acquire().await.unwrap().forget();
+            Ok(Response::Clock(None))
+        }
+    }
+
+    /// Jobs past the byte budget are refused even when the queue has room,
+    /// and the budget frees up as jobs are sent.
+    #[tokio::test]
+    async fn the_queue_refuses_jobs_past_its_byte_budget() {
+        let transport = Arc::new(GatedTransport {
+            open: tokio::sync::Semaphore::new(0),
+        });
+        let job = |value: &str| RepairJob {
+            key: b"k".to_vec(),
+            clock: written(value, "a"),
+            targets: vec![n("b")],
+        };
+        let one = job_bytes(&job(&"x".repeat(1000)));
+        let (_stop, shutdown) = watch::channel(false);
+        let (queue, _worker) =
+            ReadRepairQueue::start_with_max_bytes(transport.clone(), 100, 2 * one, shutdown);
+        assert!(queue.offer(job(&"x".repeat(1000))));
+        assert!(queue.offer(job(&"y".repeat(1000))));
+        // Room for 98 more jobs, but not for their bytes.
+        assert!(!queue.offer(job(&"z".repeat(1000))));
+        // Nor a small one: the budget is spent.
+        assert!(!queue.offer(job("s")));
+        transport.open.add_permits(2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while queue.queued_bytes.load(Ordering::Relaxed) > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "jobs never sent");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(queue.offer(job(&"z".repeat(1000))));
     }
 
     #[test]

@@ -130,6 +130,29 @@ fn batches_page_through_one_owner_only() {
     assert_eq!(keys, ["k0", "k1", "k2", "k3", "k4"]);
 }
 
+/// Large hints come in smaller batches: a page ends once its values reach
+/// `HINT_SCAN_MAX_BYTES`, and paging still visits every hint.
+#[test]
+fn batches_of_large_hints_are_cut_by_bytes() {
+    let f = fixture(HintConfig::default());
+    let big = "x".repeat(HINT_SCAN_MAX_BYTES / 2 + 1);
+    for i in 0..5 {
+        f.book
+            .store(&n("c"), format!("k{i}").as_bytes(), &write("a", &big))
+            .unwrap();
+    }
+    let mut pages = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = f.book.batch(&n("c"), after.as_deref(), 64).unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        pages.push(page.len());
+    }
+    // Two of them pass the cap: pages of 2, 2 and the last one.
+    assert_eq!(pages, [2, 2, 1]);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Store { owner: u8, key: u8, actor: u8 },
