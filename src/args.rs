@@ -204,6 +204,9 @@ pub struct LimitArgs {
     /// Most concurrent values (siblings) a key may hold; further blind writes are refused until a write with a context resolves them.
     #[arg(long, value_name = "COUNT", default_value_t = ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS)]
     pub max_siblings: usize,
+    /// Most connections (clients and peers) served at once; further ones are refused. Leave room for the other nodes.
+    #[arg(long, value_name = "COUNT", default_value_t = ringkv_node::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 #[derive(Args, Debug)]

@@ -34,6 +34,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.sync = args.sync;
     config.max_value_bytes = args.limits.max_value_bytes;
     config.max_siblings = args.limits.max_siblings;
+    config.max_connections = args.limits.max_connections;
     config.join_timeout = Duration::from_secs(args.join_timeout_s);
     config.hints = !args.hints.no_hints;
     config.hint_ttl = Duration::from_secs(args.hints.hint_ttl_s);

@@ -160,6 +160,14 @@ fn a_delete_missed_by_a_replica_never_comes_back() {
     assert!(total(&endpoints, "ringkv_anti_entropy_exchange_failures_total") >= 1.0);
 
     c.restart(2);
+    // The restarted node announced itself to the others, and counted it.
+    let announced = |outcome: &str| {
+        let name = format!("ringkv_membership_announces_total{{outcome=\"{outcome}\"}}");
+        sample(&scrape(&endpoints[2]), &name).unwrap_or(0.0)
+    };
+    c.eventually(Duration::from_secs(10), "n3's announces counted", || {
+        announced("same") + announced("learned") >= 2.0
+    });
     for k in ["by-repair", "by-read"] {
         assert_eq!(values(&c.cli(2, &["get", k, "--local", "--json"])), ["old"]);
     }

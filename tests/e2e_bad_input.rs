@@ -153,6 +153,7 @@ fn bad_node_starts_are_refused() {
         ("--read-repair-chance", "often", "not a number"),
         ("--worker-threads", "0", "--worker-threads"),
         ("--vnodes", "1025", "--vnodes"),
+        ("--max-connections", "0", "--max-connections"),
         (
             "--max-value-bytes",
             "0",

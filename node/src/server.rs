@@ -47,6 +47,9 @@ pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// far beyond any sensible setting, and small enough that adding it to the
 /// current time or counting it in milliseconds cannot overflow.
 pub const CONFIG_DURATION_MAX: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// Connections a node serves at once by default: each may carry 256
+/// streams of 1,024 requests, so an unbounded number would bound nothing.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// How long to wait for a peer's QUIC handshake.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -63,6 +66,8 @@ pub struct NodeConfig {
     pub sync: bool,
     pub max_value_bytes: usize,
     pub max_siblings: usize,
+    /// Client and peer connections served at once; further ones are refused.
+    pub max_connections: usize,
     pub join_timeout: Duration,
     /// Store hints for other nodes and send writes to fallbacks (`--no-hints` turns it off).
     pub hints: bool,
@@ -103,6 +108,7 @@ impl NodeConfig {
             sync: false,
             max_value_bytes: ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES,
             max_siblings: ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             hints: true,
             hint_ttl: Duration::from_secs(hints::DEFAULT_HINT_TTL_S),
@@ -152,6 +158,9 @@ impl NodeConfig {
             return bad(&format!(
                 "--max-value-bytes must be from 1 to {CLOCK_MAX_BYTES} (64 MiB, the most a key may hold)"
             ));
+        }
+        if self.max_connections == 0 {
+            return bad("--max-connections must be at least 1");
         }
         if self.max_siblings == 0 {
             return bad("--max-siblings must be at least 1");
@@ -993,7 +1002,12 @@ impl Node {
             shutdown_rx.clone(),
         );
 
-        let accept_loop = tokio::spawn(accept_loop(endpoint.clone(), inner.clone(), shutdown_rx));
+        let accept_loop = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            inner.clone(),
+            config.max_connections,
+            shutdown_rx,
+        ));
         let handle = NodeHandle {
             id: config.id.clone(),
             addr,
@@ -1019,19 +1033,50 @@ impl Node {
     }
 }
 
+/// Counts a served connection in the `ringkv_connections` gauge while it
+/// lives, however its task ends.
+struct ConnectionCounted;
+
+impl ConnectionCounted {
+    fn new() -> Self {
+        metrics::gauge!("ringkv_connections").increment(1.0);
+        ConnectionCounted
+    }
+}
+
+impl Drop for ConnectionCounted {
+    fn drop(&mut self) {
+        metrics::gauge!("ringkv_connections").decrement(1.0);
+    }
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     inner: Arc<NodeInner>,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Refused at once, so the client hears it (and need not
+                    // wait for a handshake timeout).
+                    metrics::counter!("ringkv_connections_refused_total").increment(1);
+                    tracing::warn!(remote = %incoming.remote_address(), max_connections, "connection refused: at --max-connections");
+                    incoming.refuse();
+                    continue;
+                };
                 let inner = inner.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match incoming.await {
-                        Ok(conn) => serve_connection(conn, move |request| inner.clone().handle(request)).await,
+                        Ok(conn) => {
+                            let _counted = ConnectionCounted::new();
+                            serve_connection(conn, move |request| inner.clone().handle(request)).await;
+                        }
                         Err(e) => tracing::debug!(error = %e, "handshake failed"),
                     }
                 });
@@ -1121,22 +1166,37 @@ async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Me
     let Ok(addr) = member.addr.parse::<SocketAddr>() else {
         return;
     };
-    match tokio::time::timeout(ANNOUNCE_TIMEOUT, inner.transport.call_addr(addr, &request)).await {
-        Ok(Ok(Response::Joined(reply))) => match inner.membership.adopt(reply) {
-            Ok(true) => {
-                tracing::info!(peer = %member.id, "learned new members");
-                inner.install();
+    let outcome =
+        match tokio::time::timeout(ANNOUNCE_TIMEOUT, inner.transport.call_addr(addr, &request))
+            .await
+        {
+            Ok(Ok(Response::Joined(reply))) => match inner.membership.adopt(reply) {
+                Ok(true) => {
+                    tracing::info!(peer = %member.id, "learned new members");
+                    inner.install();
+                    "learned"
+                }
+                Ok(false) => "same",
+                Err(e) => {
+                    tracing::warn!(peer = %member.id, error = %e, "announce refused");
+                    "refused"
+                }
+            },
+            Ok(Ok(Response::Error(e))) => {
+                tracing::warn!(peer = %member.id, error = %e.message, "announce refused");
+                "refused"
             }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(peer = %member.id, error = %e, "announce refused"),
-        },
-        Ok(Ok(Response::Error(e))) => {
-            tracing::warn!(peer = %member.id, error = %e.message, "announce refused")
-        }
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?"),
-        Err(_) => tracing::debug!(peer = %member.id, "announce timed out"),
-    }
+            Ok(Ok(_)) => "same",
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?");
+                "failed"
+            }
+            Err(_) => {
+                tracing::debug!(peer = %member.id, "announce timed out");
+                "failed"
+            }
+        };
+    metrics::counter!("ringkv_membership_announces_total", "outcome" => outcome).increment(1);
 }
 
 /// One round of the membership exchange: announce to one random member
