@@ -153,6 +153,17 @@ pub async fn start_local_cluster_with(
                 for n in nodes {
                     n.shutdown().await;
                 }
+                // Every node here is given N: "restart without --replicas"
+                // would not help. The cluster in the dir decides.
+                if let NodeError::ReplicasMismatch { cluster, given } = e {
+                    return Err(Failure::new(
+                        Exit::Usage,
+                        format!(
+                            "the cluster kept in {} replicates every key {cluster} times, but --replicas {given} was given; use --replicas {cluster}, or another --data-dir for a new cluster",
+                            data_dir.display()
+                        ),
+                    ));
+                }
                 return Err(node_failure(e));
             }
         }

@@ -99,6 +99,25 @@ fn cluster_command_serves_until_terminated() {
         .success());
     let status = wait_within(&mut child, Duration::from_secs(30));
     assert_eq!(status.code(), Some(0));
+
+    // The same dir with another N: the advice names the N that works.
+    let o = run(ringkv()
+        .args([
+            "cluster",
+            "--base-port",
+            &base.to_string(),
+            "--replicas",
+            "2",
+            "--data-dir",
+        ])
+        .arg(dir.path()));
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o)
+            .contains("replicates every key 3 times, but --replicas 2 was given; use --replicas 3"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
