@@ -300,6 +300,8 @@ pub struct SimOptions {
     /// Whether writes may go to fallbacks as hints.
     pub hinted_handoff: bool,
     pub hint_ttl: Duration,
+    /// How often expired hints are swept; `None`: the default for `hint_ttl`.
+    pub hint_sweep_interval: Option<Duration>,
     /// Run each node's failure-detector probe loop. Off, a node learns of
     /// failures only from request outcomes, and unanswered requests do not
     /// count, so nothing is ever judged down.
@@ -314,6 +316,7 @@ impl Default for SimOptions {
             max_siblings: 100,
             hinted_handoff: true,
             hint_ttl: Duration::from_secs(ringkv_repair::hints::DEFAULT_HINT_TTL_S),
+            hint_sweep_interval: None,
             probes: false,
             read_repair_chance: crate::coordinator::DEFAULT_READ_REPAIR_CHANCE,
         }
@@ -395,7 +398,12 @@ impl SimCluster {
                     hints.clone(),
                     transport.clone(),
                     Arc::new(move |n: &NodeId| up.is_up(n)),
-                    HandoffConfig::for_ttl(options.hint_ttl),
+                    HandoffConfig {
+                        sweep_interval: options
+                            .hint_sweep_interval
+                            .unwrap_or(HandoffConfig::for_ttl(options.hint_ttl).sweep_interval),
+                        ..HandoffConfig::for_ttl(options.hint_ttl)
+                    },
                     shutdown.subscribe(),
                 );
                 if options.probes {

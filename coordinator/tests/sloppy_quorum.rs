@@ -337,6 +337,31 @@ async fn hints_past_the_window_are_dropped_and_never_delivered() {
     );
 }
 
+/// An expired hint that no sweep has removed yet is not delivered either:
+/// delivery checks the window itself.
+#[tokio::test(start_paused = true)]
+async fn an_expired_hint_not_yet_swept_is_dropped_at_delivery() {
+    let s = story(SimOptions {
+        hint_ttl: Duration::from_secs(10),
+        hint_sweep_interval: Some(Duration::from_secs(3600)),
+        ..with_probes()
+    });
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(s.c.hints_pending(), 1, "expired, but no sweep has run");
+    s.c.net.up(&s.id(dead));
+    s.until_seen(coordinator, dead, true).await;
+    s.until_no_hints(Duration::from_secs(10)).await;
+    assert!(
+        s.c.local_values(dead, KEY).is_empty(),
+        "the expired hint was dropped, not delivered"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_hints_writes_need_the_preference_list() {
     let s = story(SimOptions {
