@@ -10,14 +10,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ringkv_bench::workload::Workload;
 use ringkv_bench::ycsb::{self, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{LoadConfig, PhaseReport};
-use ringkv_core::wire::{Request, Response, CLOCK_MAX_BYTES};
+use ringkv_core::wire::{Request, Response, VALUE_MAX_BYTES};
 use ringkv_core::Consistency;
 use ringkv_node::Client;
 use serde_json::json;
 
 use crate::args::BenchArgs;
 use crate::client_cmd::resolve;
-use crate::server_cmd::{load_matrix, start_local_cluster, start_local_cluster_with};
+use crate::server_cmd::{load_matrix, start_local_cluster_with};
 use crate::{Exit, Failure};
 
 /// Nodes and N of the embedded cluster.
@@ -34,11 +34,11 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if args.duration_s == 0 {
         return Err(Failure::new(Exit::Usage, "--duration-s must be at least 1"));
     }
-    if args.value_bytes > CLOCK_MAX_BYTES {
+    if args.value_bytes > VALUE_MAX_BYTES {
         return Err(Failure::new(
             Exit::Usage,
             format!(
-                "--value-bytes must be at most {CLOCK_MAX_BYTES} (64 MiB, the most a key may hold)"
+                "--value-bytes must be at most {VALUE_MAX_BYTES} (64 MiB less room for a key's bookkeeping)"
             ),
         ));
     }
@@ -541,7 +541,10 @@ async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
     let (targets, embedded) = if args.cluster.is_empty() {
         let _ = std::fs::remove_dir_all(&embedded_dir);
-        let nodes = start_local_cluster(3, 3, 0, &embedded_dir, false).await?;
+        let nodes = start_local_cluster_with(3, 3, 0, &embedded_dir, false, |_, config| {
+            config.max_value_bytes = config.max_value_bytes.max(args.value_bytes);
+        })
+        .await?;
         (nodes.iter().map(|n| n.addr()).collect(), nodes)
     } else {
         (resolve_cluster(&args.cluster)?, Vec::new())
@@ -577,14 +580,9 @@ async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
     let _ = std::fs::remove_dir_all(&embedded_dir);
     let report = result.map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
     let out = json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes});
-    match args.json.as_deref() {
-        Some("-") => println!("{out}"),
-        Some(path) => std::fs::write(path, format!("{out:#}\n")).map_err(|e| {
-            Failure::new(Exit::Usage, format!("--json {path}: cannot write it: {e}"))
-        })?,
-        None => {}
-    }
-    if args.json.as_deref() != Some("-") {
+    if args.json.as_deref() == Some("-") {
+        println!("{out}");
+    } else {
         println!(
             "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
             "op", "ops/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
@@ -602,6 +600,11 @@ async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
                 p.errors
             );
         }
+    }
+    if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
+        write_whole(Path::new(path), format!("{out:#}\n").as_bytes()).map_err(|e| {
+            Failure::new(Exit::Usage, format!("--json {path}: cannot write it: {e}"))
+        })?;
     }
     Ok(Exit::Ok)
 }

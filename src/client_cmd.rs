@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{
-    validate_key, ErrorKind, GetRequest, PutRequest, Request, Response, CLOCK_MAX_BYTES,
+    validate_key, ErrorKind, GetRequest, PutRequest, Request, Response, VALUE_MAX_BYTES,
 };
 use ringkv_core::Consistency;
 use ringkv_node::Client;
@@ -22,7 +22,7 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
             // One byte past the most a key may hold is enough to refuse it,
             // without reading (or sending) an endless stdin.
             let mut buf = Vec::new();
-            let limit = CLOCK_MAX_BYTES as u64 + 1;
+            let limit = VALUE_MAX_BYTES as u64 + 1;
             std::io::stdin()
                 .take(limit)
                 .read_to_end(&mut buf)
@@ -32,10 +32,10 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
                         format!("cannot read the value from stdin: {e}"),
                     )
                 })?;
-            if buf.len() > CLOCK_MAX_BYTES {
+            if buf.len() > VALUE_MAX_BYTES {
                 return Err(Failure::new(
                     Exit::Usage,
-                    format!("the value on stdin is larger than {CLOCK_MAX_BYTES} bytes (64 MiB), the most a key may hold"),
+                    format!("the value on stdin is larger than {VALUE_MAX_BYTES} bytes, the most any node accepts"),
                 ));
             }
             buf

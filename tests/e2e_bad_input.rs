@@ -39,7 +39,7 @@ fn bad_requests_exit_2_and_write_nothing() {
     let o = c.cli_stdin(0, &["put", "huge"], &vec![b'x'; 64 * 1024 * 1024 + 1]);
     assert_exit(&o, 2);
     assert!(
-        stderr(&o).contains("larger than 67108864 bytes"),
+        stderr(&o).contains("larger than 67043328 bytes"),
         "{}",
         stderr(&o)
     );
@@ -155,6 +155,11 @@ fn bad_node_starts_are_refused() {
         ("--vnodes", "1025", "--vnodes"),
         ("--max-connections", "0", "--max-connections"),
         (
+            "--max-connections",
+            "1048577",
+            "--max-connections must be at most",
+        ),
+        (
             "--max-value-bytes",
             "0",
             "--max-value-bytes must be from 1 to",
@@ -216,32 +221,22 @@ fn bad_node_starts_are_refused() {
         "{}",
         stderr(&o)
     );
-    // Following the advice (another --id) on the same dir: the refused start
-    // did not claim the dir, so this start gets as far as the seed (which
-    // refuses it for its own reason).
-    let o = node(
-        "n8",
-        &c.dir.path().join("dup"),
-        &["--seed", &seed, "--replicas", "5"],
-    );
-    assert_exit(&o, 2);
-    assert!(
-        stderr(&o).contains("replicates every key 2 times"),
-        "{}",
-        stderr(&o)
-    );
-
-    let o = node(
-        "n7",
-        &c.dir.path().join("n7"),
-        &["--seed", &seed, "--replicas", "5"],
-    );
-    assert_exit(&o, 2);
-    assert!(
-        stderr(&o).contains("replicates every key 2 times"),
-        "{}",
-        stderr(&o)
-    );
+    // Another N than the cluster's: refused by the seed. n8 also follows
+    // the advice above (another --id) on the same dir: the refused start
+    // did not claim it, so this start gets as far as the seed.
+    for (id, dir) in [("n7", "n7"), ("n8", "dup")] {
+        let o = node(
+            id,
+            &c.dir.path().join(dir),
+            &["--seed", &seed, "--replicas", "5"],
+        );
+        assert_exit(&o, 2);
+        assert!(
+            stderr(&o).contains("replicates every key 2 times"),
+            "{id}: {}",
+            stderr(&o)
+        );
+    }
 
     // n1's data dir while n1 runs.
     let held = c.nodes[0].data_dir.clone();

@@ -122,9 +122,9 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--connections", "0"], 2, "--connections"),
         (&["--worker-threads", "0"], 2, "--worker-threads"),
         (
-            &["--value-bytes", "67108865"],
+            &["--value-bytes", "67043329"],
             2,
-            "--value-bytes must be at most",
+            "--value-bytes must be at most 67043328",
         ),
         (
             &["--plot", "/nonexistent-dir/x.svg"],

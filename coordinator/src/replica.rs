@@ -296,10 +296,20 @@ impl<S: Store> ReplicaService<S> {
                 self.hint(&owner, &key, &clock).map(|()| None)
             }
             ReplicaRequest::ReadBatch { keys } => return self.read_batch(&keys),
-            ReplicaRequest::SyncBatch { items } => items
-                .iter()
-                .try_for_each(|i| self.sync(&i.key, &i.clock).map(|_| ()))
-                .map(|()| None),
+            ReplicaRequest::SyncBatch { items } => {
+                items.iter().try_for_each(|i| match self.sync(&i.key, &i.clock) {
+                    // A merge past the limits is refused for its key only:
+                    // the batch's other keys must not wait, every round,
+                    // for a client to resolve that one's siblings.
+                    Err(e @ (ReplicaError::TooLarge { .. } | ReplicaError::TooManyActors { .. })) => {
+                        metrics::counter!("ringkv_merges_refused_total").increment(1);
+                        tracing::warn!(key = %String::from_utf8_lossy(&i.key), error = %e, "anti-entropy merge refused");
+                        Ok(())
+                    }
+                    other => other.map(|_| ()),
+                })
+                .map(|()| None)
+            }
             ReplicaRequest::TreeHashes { .. } | ReplicaRequest::LeafItems { .. } => {
                 return Response::error(
                     ErrorKind::Unavailable,
@@ -530,7 +540,32 @@ mod tests {
 
         let err = a.sync(b"k", &theirs).unwrap_err();
         assert!(matches!(err, ReplicaError::TooLarge { .. }), "{err}");
-        assert_eq!(a.read(b"k").unwrap(), Some(mine), "nothing stored");
+        assert_eq!(a.read(b"k").unwrap(), Some(mine.clone()), "nothing stored");
+        // In an anti-entropy batch the refused key holds up no other.
+        let other = {
+            let mut c = Clock::new();
+            c.update(
+                &VersionVector::new(),
+                Payload::Value(b"j".to_vec()),
+                &NodeId::new("b").unwrap(),
+            );
+            c
+        };
+        let batch = ReplicaRequest::SyncBatch {
+            items: vec![
+                ringkv_core::wire::KeyClock {
+                    key: b"k".to_vec(),
+                    clock: theirs.clone(),
+                },
+                ringkv_core::wire::KeyClock {
+                    key: b"j".to_vec(),
+                    clock: other.clone(),
+                },
+            ],
+        };
+        assert_eq!(a.handle(batch), Response::Clock(None));
+        assert_eq!(a.read(b"j").unwrap(), Some(other));
+        assert_eq!(a.read(b"k").unwrap(), Some(mine), "still nothing stored");
         // A merge within the limit still goes through.
         let small = ReplicaService::new(NodeId::new("c").unwrap(), MemStore::default(), 1000);
         small

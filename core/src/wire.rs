@@ -32,6 +32,10 @@ pub const REPLICAS_MAX: u32 = 64;
 /// list), so one `Join` claiming millions would hang every node that
 /// installs it, and again at each restart.
 pub const VNODES_MAX: u32 = 1024;
+/// The largest value any node accepts: a key's versions must fit in
+/// [`CLOCK_MAX_BYTES`] with their bookkeeping (dots, the version vector),
+/// so a value of exactly that size could never be stored.
+pub const VALUE_MAX_BYTES: usize = CLOCK_MAX_BYTES - 64 * 1024;
 /// The largest frame read off a stream: a whole clock plus room for the
 /// envelope. Bounds memory per request.
 pub const FRAME_MAX_BYTES: usize = CLOCK_MAX_BYTES + 1024 * 1024;

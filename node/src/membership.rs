@@ -101,7 +101,7 @@ impl Membership {
                 Err(e) => {
                     return Err(NodeError::Storage {
                         path: storage.path().to_path_buf(),
-                        reason: format!("the stored cluster record is corrupt: {e}"),
+                        reason: format!("the stored cluster record is corrupt or past this version's limits: {e}"),
                     })
                 }
             },

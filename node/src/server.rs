@@ -19,7 +19,7 @@ use ringkv_coordinator::replica::ReplicaService;
 use ringkv_core::regions::LatencyMatrix;
 use ringkv_core::wire::{
     ErrorKind, JoinRequest, Member, NodeStats, NodeStatus, ReplicaRequest, Request, Response,
-    StatusReply, CLOCK_MAX_BYTES,
+    StatusReply, VALUE_MAX_BYTES,
 };
 use ringkv_core::{NodeId, Transport};
 use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
@@ -50,6 +50,9 @@ pub const CONFIG_DURATION_MAX: Duration = Duration::from_secs(10 * 365 * 86_400)
 /// Connections a node serves at once by default: each may carry 256
 /// streams of 1,024 requests, so an unbounded number would bound nothing.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// The most `--max-connections` may be: far more than a node can serve,
+/// and well within what a semaphore can count.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 /// How long to wait for a peer's QUIC handshake.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -154,9 +157,14 @@ impl NodeConfig {
                 ));
             }
         }
-        if self.max_value_bytes == 0 || self.max_value_bytes > CLOCK_MAX_BYTES {
+        if self.max_value_bytes == 0 || self.max_value_bytes > VALUE_MAX_BYTES {
             return bad(&format!(
-                "--max-value-bytes must be from 1 to {CLOCK_MAX_BYTES} (64 MiB, the most a key may hold)"
+                "--max-value-bytes must be from 1 to {VALUE_MAX_BYTES} (64 MiB less room for a key's bookkeeping)"
+            ));
+        }
+        if self.max_connections > MAX_CONNECTIONS_LIMIT {
+            return bad(&format!(
+                "--max-connections must be at most {MAX_CONNECTIONS_LIMIT}"
             ));
         }
         if self.max_connections == 0 {

@@ -10,7 +10,7 @@ use ringkv_core::wire::{
 };
 use ringkv_core::NodeId;
 use ringkv_node::frame::{put_frame, FRAME_HEADER_BYTES};
-use ringkv_node::{Client, Node, NodeConfig};
+use ringkv_node::{Client, Node, NodeConfig, NodeHandle};
 
 /// Sends `bytes` on a stream of their own and returns every answer frame
 /// (id and response) the node writes before finishing the stream.
@@ -52,14 +52,20 @@ fn assert_malformed(answer: &(u64, Response), id: u64, case: &str) {
     }
 }
 
-#[tokio::test]
-async fn truncated_and_garbage_frames_are_answered_with_errors() {
+/// A one-node cluster in a temporary dir, and a client connected to it.
+async fn node_and_client() -> (tempfile::TempDir, NodeHandle, Client) {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
     let node = Node::start(config).await.unwrap();
     let client = Client::connect(node.addr(), Duration::from_secs(5))
         .await
         .unwrap();
+    (dir, node, client)
+}
+
+#[tokio::test]
+async fn truncated_and_garbage_frames_are_answered_with_errors() {
+    let (_dir, node, client) = node_and_client().await;
 
     let valid = encode_request(&Request::Ping);
     // Bodies that do not decode: each gets its own error, and the frames
@@ -145,12 +151,7 @@ async fn truncated_and_garbage_frames_are_answered_with_errors() {
 /// sent over a connection is refused, and nothing is written.
 #[tokio::test]
 async fn a_coordinators_update_from_a_connection_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
-    let node = Node::start(config).await.unwrap();
-    let client = Client::connect(node.addr(), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let (_dir, node, client) = node_and_client().await;
     let update = Request::Replica(ReplicaRequest::Update {
         key: b"k".to_vec(),
         context: VersionVector::new(),

@@ -247,6 +247,7 @@ impl<T: Transport> AntiEntropy<T> {
         let mut report = RepairReport::default();
         if !self.trees.is_ready() {
             // Until the first rebuild the trees know no ring, hence no peers.
+            counter!("ringkv_anti_entropy_exchange_failures_total").increment(1);
             report.failures.push(PeerFailure {
                 peer: self.trees.me().clone(),
                 reason: AntiEntropyError::NotReady {
