@@ -35,6 +35,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.max_value_bytes = args.limits.max_value_bytes;
     config.max_siblings = args.limits.max_siblings;
     config.max_connections = args.limits.max_connections;
+    config.low_background_priority = args.limits.background_priority == "low";
     config.join_timeout = Duration::from_secs(args.join_timeout_s);
     config.hints = !args.hints.no_hints;
     config.hint_ttl = Duration::from_secs(args.hints.hint_ttl_s);

@@ -71,6 +71,9 @@ pub struct NodeConfig {
     pub max_siblings: usize,
     /// Client and peer connections served at once; further ones are refused.
     pub max_connections: usize,
+    /// Run RocksDB's flushes and compactions at the lowest CPU priority
+    /// (see `storage::lower_background_priority`); process-wide.
+    pub low_background_priority: bool,
     pub join_timeout: Duration,
     /// Store hints for other nodes and send writes to fallbacks (`--no-hints` turns it off).
     pub hints: bool,
@@ -112,6 +115,7 @@ impl NodeConfig {
             max_value_bytes: ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES,
             max_siblings: ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            low_background_priority: true,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             hints: true,
             hint_ttl: Duration::from_secs(hints::DEFAULT_HINT_TTL_S),
@@ -874,6 +878,9 @@ impl Node {
     /// Starts a node and returns once it is serving and in a cluster.
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         config.validate()?;
+        if config.low_background_priority {
+            crate::storage::lower_background_priority()?;
+        }
         let storage = Arc::new(Storage::open(&config.data_dir, config.sync)?);
 
         let mut endpoint =

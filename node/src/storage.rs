@@ -326,6 +326,24 @@ fn le_u64(bytes: &[u8]) -> Option<u64> {
     bytes.try_into().ok().map(u64::from_le_bytes)
 }
 
+/// Runs RocksDB's flush and compaction threads at the lowest CPU priority
+/// (nice 19), for every database of the process (they share RocksDB's
+/// default thread pools; each thread lowers itself at its next job).
+///
+/// A memtable flush takes tens of milliseconds of CPU, and the replicas of
+/// a key flush at nearly the same moment since they take the same writes:
+/// at normal priority three flushes took the cores from the request
+/// workers and multiplied the open-loop p99 (`bench/RESULTS.md`, step 6).
+/// At nice 19 they run on the cores' idle time instead. A node whose cores
+/// never idle would fall behind on flushes until RocksDB stalls writes;
+/// `--background-priority normal` keeps the default.
+pub fn lower_background_priority() -> Result<(), NodeError> {
+    let mut env = rocksdb::Env::new().map_err(io)?;
+    env.lower_high_priority_thread_pool_cpu_priority();
+    env.lower_thread_pool_cpu_priority();
+    Ok(())
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 before 1970).
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -978,6 +996,33 @@ mod tests {
             s.tombstones_due(u64::MAX, None, 100).unwrap().0.is_empty(),
             "written again"
         );
+    }
+
+    /// After `lower_background_priority`, the thread that ran a flush runs
+    /// at nice 19.
+    #[test]
+    fn a_flush_runs_at_the_lowest_cpu_priority_once_lowered() {
+        lower_background_priority().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        Store::put(&s, b"k", None, &value("v", &Clock::new(), "n1")).unwrap();
+        s.db.flush_cf(s.cf(CF_DATA)).unwrap();
+        let nice_of_flushers: Vec<i64> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| {
+                let t = t.ok()?.path();
+                let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+                if comm.trim() != "rocksdb:high" {
+                    return None;
+                }
+                // Field 19 of stat is the nice value; the command name
+                // (field 2, in parentheses) comes before it.
+                let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+                let after_name = &stat[stat.rfind(')')? + 2..];
+                after_name.split(' ').nth(16)?.parse().ok()
+            })
+            .collect();
+        assert!(nice_of_flushers.contains(&19), "{nice_of_flushers:?}");
     }
 
     /// The `stop` flag of rebuilds that run to the end.
