@@ -19,8 +19,8 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
     validate_key(args.key.as_bytes()).map_err(|e| Failure::new(Exit::Usage, e.message))?;
     let value = match args.value.as_deref() {
         None | Some("-") => {
-            // One byte past the most a key may hold is enough to refuse it,
-            // without reading (or sending) an endless stdin.
+            // One byte past the most any node accepts is enough to refuse
+            // it, without reading (or sending) an endless stdin.
             let mut buf = Vec::new();
             let limit = VALUE_MAX_BYTES as u64 + 1;
             std::io::stdin()

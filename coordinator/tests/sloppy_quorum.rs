@@ -311,10 +311,12 @@ async fn hints_are_handed_to_the_owner_when_it_returns_and_then_deleted() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn hints_past_the_window_are_dropped_and_never_delivered() {
+/// A 10 s hint window (sweeps every `sweep`, or the default), and one write
+/// at W=all hinted for the third owner (`owners[2]`), which is down.
+async fn one_hinted_write(sweep: Option<Duration>) -> Story {
     let s = story(SimOptions {
         hint_ttl: Duration::from_secs(10),
+        hint_sweep_interval: sweep,
         ..with_probes()
     });
     let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
@@ -323,6 +325,13 @@ async fn hints_past_the_window_are_dropped_and_never_delivered() {
     let put = s.c.put(coordinator, KEY, "v", All, None).await;
     assert!(matches!(put, Response::Put(_)), "{put:?}");
     assert_eq!(s.c.hints_pending(), 1);
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn hints_past_the_window_are_dropped_and_never_delivered() {
+    let s = one_hinted_write(None).await;
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
     // Still held inside the window...
     tokio::time::sleep(Duration::from_secs(9)).await;
     assert_eq!(s.c.hints_pending(), 1);
@@ -341,16 +350,8 @@ async fn hints_past_the_window_are_dropped_and_never_delivered() {
 /// delivery checks the window itself.
 #[tokio::test(start_paused = true)]
 async fn an_expired_hint_not_yet_swept_is_dropped_at_delivery() {
-    let s = story(SimOptions {
-        hint_ttl: Duration::from_secs(10),
-        hint_sweep_interval: Some(Duration::from_secs(3600)),
-        ..with_probes()
-    });
+    let s = one_hinted_write(Some(Duration::from_secs(3600))).await;
     let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
-    s.c.net.down(&s.id(dead));
-    s.until_seen(coordinator, dead, false).await;
-    let put = s.c.put(coordinator, KEY, "v", All, None).await;
-    assert!(matches!(put, Response::Put(_)), "{put:?}");
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(s.c.hints_pending(), 1, "expired, but no sweep has run");
     s.c.net.up(&s.id(dead));

@@ -1078,9 +1078,10 @@ async fn accept_loop(
                 let Some(incoming) = incoming else { break };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     // Refused at once, so the client hears it (and need not
-                    // wait for a handshake timeout).
+                    // wait for a handshake timeout). Counted, and logged at
+                    // debug only: a flood of them must not flood the log.
                     metrics::counter!("ringkv_connections_refused_total").increment(1);
-                    tracing::warn!(remote = %incoming.remote_address(), max_connections, "connection refused: at --max-connections");
+                    tracing::debug!(remote = %incoming.remote_address(), max_connections, "connection refused: at --max-connections");
                     incoming.refuse();
                     continue;
                 };
