@@ -148,6 +148,12 @@ fn metrics_endpoint_counts_requests() {
         body.contains("ringkv_requests_total")
     });
     assert!(body.contains("op=\"put\""), "{body}");
+    // The default: RocksDB's flushes and compactions at the lowest priority.
+    assert_eq!(
+        sample(&body, "ringkv_background_priority_low"),
+        Some(1.0),
+        "{body}"
+    );
     // Latencies are Prometheus histograms (they add up across nodes), not
     // summaries.
     c.eventually(

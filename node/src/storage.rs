@@ -341,6 +341,8 @@ pub fn lower_background_priority() -> Result<(), NodeError> {
     let mut env = rocksdb::Env::new().map_err(io)?;
     env.lower_high_priority_thread_pool_cpu_priority();
     env.lower_thread_pool_cpu_priority();
+    // What is in effect, for operators (absent: normal priority).
+    metrics::gauge!("ringkv_background_priority_low").set(1.0);
     Ok(())
 }
 
