@@ -9,10 +9,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use ringkv_core::dvv::{Clock, Payload, VersionVector, CLOCK_ENTRIES_MAX};
+use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::hash::stable_hash64;
+use ringkv_core::wire::{clock_over_limit, ClockOverLimit, READ_BATCH_REPLY_BYTES};
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
-use ringkv_core::wire::{CLOCK_MAX_BYTES, READ_BATCH_REPLY_BYTES};
 use ringkv_core::NodeId;
 use ringkv_repair::anti_entropy::LeafSource;
 use ringkv_repair::hints::{HintError, HintStore};
@@ -412,25 +412,21 @@ impl LeafSource for MemStore {
 
 /// What a stored clock may hold: reads refuse anything larger as corrupt.
 fn check_limits(clock: &Clock) -> Result<(), ReplicaError> {
-    if clock.entry_count() > CLOCK_ENTRIES_MAX {
-        return Err(ReplicaError::TooManyActors {
-            actors: clock.entry_count(),
-            limit: CLOCK_ENTRIES_MAX,
-        });
+    match clock_over_limit(clock) {
+        None => Ok(()),
+        Some(ClockOverLimit::Actors { actors, limit }) => {
+            Err(ReplicaError::TooManyActors { actors, limit })
+        }
+        Some(ClockOverLimit::Bytes { bytes, limit }) => {
+            Err(ReplicaError::TooLarge { bytes, limit })
+        }
     }
-    let bytes = clock.approx_size();
-    if bytes > CLOCK_MAX_BYTES {
-        return Err(ReplicaError::TooLarge {
-            bytes,
-            limit: CLOCK_MAX_BYTES,
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ringkv_core::wire::CLOCK_MAX_BYTES;
 
     fn service(max_siblings: usize) -> ReplicaService<MemStore> {
         ReplicaService::new(NodeId::new("a").unwrap(), MemStore::default(), max_siblings)

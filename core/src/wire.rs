@@ -32,6 +32,34 @@ pub const REPLICAS_MAX: u32 = 64;
 /// list), so one `Join` claiming millions would hang every node that
 /// installs it, and again at each restart.
 pub const VNODES_MAX: u32 = 1024;
+/// How a clock breaks the per-key limits, which no replica may store past:
+/// reads would refuse such a clock as corrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockOverLimit {
+    /// It names more than [`CLOCK_ENTRIES_MAX`](crate::dvv::CLOCK_ENTRIES_MAX) actors.
+    Actors { actors: usize, limit: usize },
+    /// It takes more than [`CLOCK_MAX_BYTES`].
+    Bytes { bytes: usize, limit: usize },
+}
+
+/// Whether `clock` may be stored: `None`, or the limit it breaks.
+pub fn clock_over_limit(clock: &Clock) -> Option<ClockOverLimit> {
+    let (actors, bytes) = (clock.entry_count(), clock.approx_size());
+    if actors > crate::dvv::CLOCK_ENTRIES_MAX {
+        Some(ClockOverLimit::Actors {
+            actors,
+            limit: crate::dvv::CLOCK_ENTRIES_MAX,
+        })
+    } else if bytes > CLOCK_MAX_BYTES {
+        Some(ClockOverLimit::Bytes {
+            bytes,
+            limit: CLOCK_MAX_BYTES,
+        })
+    } else {
+        None
+    }
+}
+
 /// The largest value any node accepts: a key's versions must fit in
 /// [`CLOCK_MAX_BYTES`] with their bookkeeping (dots, the version vector),
 /// so a value of exactly that size could never be stored.

@@ -28,9 +28,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use metrics::{counter, gauge};
-use ringkv_core::dvv::{Clock, CLOCK_ENTRIES_MAX};
+use ringkv_core::dvv::Clock;
 use ringkv_core::hash::stable_hash64;
-use ringkv_core::wire::{decode_clock, encode_clock, CLOCK_MAX_BYTES};
+use ringkv_core::wire::{clock_over_limit, decode_clock, encode_clock};
 use ringkv_core::NodeId;
 
 /// Milliseconds since the Unix epoch, from whatever clock the caller trusts.
@@ -475,7 +475,7 @@ impl<B: HintBackend> HintStore for HintBook<B> {
         };
         // The owner would refuse a clock past the per-key limits; better
         // to refuse it now than to hold a hint that can never be delivered.
-        if merged.entry_count() > CLOCK_ENTRIES_MAX || merged.approx_size() > CLOCK_MAX_BYTES {
+        if clock_over_limit(&merged).is_some() {
             return Err(HintError::TooLarge {
                 reason: format!(
                     "{} actors, about {} bytes",
