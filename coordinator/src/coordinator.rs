@@ -28,6 +28,15 @@
 //! error naming who answered and who did not. Dynamo does not roll a write
 //! back: the replicas that did acknowledge keep it, and the error says so.
 //!
+//! **Shutdown.** The coordinator keeps count of the tasks its requests leave
+//! running: the sends that outlive their answer, the late hints and the
+//! read-repair collection. [`Coordinator::close`] stops them at their next
+//! await and waits until the last has ended, so the transport (and through
+//! it the node's database) is let go of when the node's shutdown returns,
+//! not at some request's deadline. A send stopped this way answers its
+//! request as a transport failure, so a request still under way ends at
+//! once too; a request that arrives later is refused as unavailable.
+//!
 //! Time comes from tokio's clock, which scenario tests pause and advance, and
 //! the network is the [`Transport`] trait; the counting itself is the
 //! sans-I/O [`QuorumTracker`].
@@ -47,7 +56,7 @@ use ringkv_core::wire::{
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_repair::read_repair::{repair_now, stale_replicas, ReadRepairQueue, RepairJob};
 use ringkv_ring::Ring;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 /// One node's answer in a fan-out (or why there is none), and its latency
@@ -114,6 +123,10 @@ pub struct Coordinator<T> {
     latency: Arc<ReplicaLatency>,
     /// Quorum reads so far, to pick every `1/read_repair_chance`-th as a full read.
     reads: AtomicU64,
+    /// Every task a request leaves behind (sends, late hints, repair
+    /// collection) holds a receiver: their count is the tasks still
+    /// running, and [`Coordinator::close`] sets it to tell them to stop.
+    closing: watch::Sender<bool>,
 }
 
 impl<T: Transport> Coordinator<T> {
@@ -147,7 +160,41 @@ impl<T: Transport> Coordinator<T> {
             late_hint_tasks: Arc::new(tokio::sync::Semaphore::new(LATE_HINT_TASKS_MAX)),
             latency: Arc::new(ReplicaLatency::new()),
             reads: AtomicU64::new(0),
+            closing: watch::Sender::new(false),
         }
+    }
+
+    /// Stops every task a request left running (see the module docs) and
+    /// waits until they have all ended and dropped their transport. Requests
+    /// still under way fail their outstanding sends at once; later ones are
+    /// refused.
+    pub async fn close(&self) {
+        self.closing.send_replace(true);
+        self.closing.closed().await;
+    }
+
+    /// Tasks still running that a request started; 0 once [`Self::close`] returns.
+    pub fn tasks_running(&self) -> usize {
+        self.closing.receiver_count()
+    }
+
+    /// Runs `task` unless or until [`Self::close`] is called, whichever
+    /// comes first; `stopped` is run instead of the rest of `task` then.
+    fn spawn_detached<F, S>(&self, task: F, stopped: S)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+        S: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut closing = self.closing.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                // Not when the coordinator is dropped: only close() stops them.
+                true = async { closing.wait_for(|closing| *closing).await.is_ok() } => stopped.await,
+                () = task => {}
+            }
+            // `closing` drops here, after `task`: close() waits for that.
+        });
     }
 
     pub fn id(&self) -> &NodeId {
@@ -175,7 +222,10 @@ impl<T: Transport> Coordinator<T> {
         } else {
             "put"
         };
-        let response = self.put_inner(request, start).await;
+        let response = match self.refuse_if_closed() {
+            Some(refused) => refused,
+            None => self.put_inner(request, start).await,
+        };
         record_metrics(op, &response, start);
         response
     }
@@ -183,9 +233,19 @@ impl<T: Transport> Coordinator<T> {
     /// Serves a client's get.
     pub async fn get(&self, request: GetRequest) -> Response {
         let start = Instant::now();
-        let response = self.get_inner(request, start).await;
+        let response = match self.refuse_if_closed() {
+            Some(refused) => refused,
+            None => self.get_inner(request, start).await,
+        };
         record_metrics("get", &response, start);
         response
+    }
+
+    /// Once [`Self::close`] was called: a request is refused before it
+    /// writes anything, so the client can try another node.
+    fn refuse_if_closed(&self) -> Option<Response> {
+        let closed = *self.closing.borrow();
+        closed.then(|| unavailable(format!("{} is shutting down; ask another node", self.id)))
     }
 
     async fn put_inner(&self, request: PutRequest, start: Instant) -> Response {
@@ -483,10 +543,13 @@ impl<T: Transport> Coordinator<T> {
             })
             .await;
         } else if let Some(permit) = queue.begin_collecting() {
-            tokio::spawn(async move {
-                queue.offer(finish.await);
-                drop(permit);
-            });
+            self.spawn_detached(
+                async move {
+                    queue.offer(finish.await);
+                    drop(permit);
+                },
+                async {},
+            );
         }
     }
 
@@ -649,7 +712,19 @@ impl<T: Transport> Coordinator<T> {
             let tx = tx.clone();
             let transport = self.transport.clone();
             let latency = (node != self.id).then(|| self.latency.clone());
-            tokio::spawn(async move {
+            // Stopped by close(): the request sees a transport failure, at once.
+            let stopped = {
+                let (tx, node) = (tx.clone(), node.clone());
+                async move {
+                    let reason = "this node is shutting down".to_string();
+                    let failed = Err(TransportError::Unreachable {
+                        node: node.clone(),
+                        reason,
+                    });
+                    let _ = tx.send((node, Ok(failed), elapsed_us(start))).await;
+                }
+            };
+            let send = async move {
                 let sent = Instant::now();
                 let result =
                     tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
@@ -661,7 +736,8 @@ impl<T: Transport> Coordinator<T> {
                 let latency_us = elapsed_us(start);
                 // The receiver is gone once the quorum is decided; that is fine.
                 let _ = tx.send((node, result, latency_us)).await;
-            });
+            };
+            self.spawn_detached(send, stopped);
         };
         for (node, request) in targets {
             dispatch(node, request);
@@ -759,71 +835,74 @@ impl<T: Transport> Coordinator<T> {
         };
         let transport = self.transport.clone();
         let detector = self.detector.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            while let Some((node, result, latency_us)) = late.recv().await {
-                if let (Some(detector), Ok(outcome)) = (&detector, &result) {
-                    detector.record(&node, outcome.is_ok(), Instant::now());
-                }
-                let (answer, replaceable) = match &result {
-                    Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
-                    Ok(Ok(response @ Response::Error(e))) => (
-                        ReplicaAnswer::Error {
-                            latency_us,
-                            reason: e.message.clone(),
-                        },
-                        !is_final_refusal(response),
-                    ),
-                    Ok(Ok(other)) => (
-                        ReplicaAnswer::Error {
-                            latency_us,
-                            reason: format!("unexpected reply {other:?}"),
-                        },
-                        true,
-                    ),
-                    Err(_) | Ok(Err(_)) => (
-                        ReplicaAnswer::Error {
-                            latency_us,
-                            reason: "failed after the quorum".to_string(),
-                        },
-                        true,
-                    ),
-                };
-                let owner = tracker.owner_of(&node).cloned();
-                if let (true, Some(owner)) = (replaceable, owner) {
-                    if tracker.slot_uncovered_without(&owner, &node, true) {
-                        let hint = Request::Replica(ReplicaRequest::Hint {
-                            owner: owner.clone(),
-                            key: key.clone(),
-                            clock: clock.clone(),
-                        });
-                        while let Some(candidate) = candidates.pop_front() {
-                            if !tracker.add_stand_in(&owner, candidate.clone()) {
-                                continue;
+        self.spawn_detached(
+            async move {
+                let _permit = permit;
+                while let Some((node, result, latency_us)) = late.recv().await {
+                    if let (Some(detector), Ok(outcome)) = (&detector, &result) {
+                        detector.record(&node, outcome.is_ok(), Instant::now());
+                    }
+                    let (answer, replaceable) = match &result {
+                        Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
+                        Ok(Ok(response @ Response::Error(e))) => (
+                            ReplicaAnswer::Error {
+                                latency_us,
+                                reason: e.message.clone(),
+                            },
+                            !is_final_refusal(response),
+                        ),
+                        Ok(Ok(other)) => (
+                            ReplicaAnswer::Error {
+                                latency_us,
+                                reason: format!("unexpected reply {other:?}"),
+                            },
+                            true,
+                        ),
+                        Err(_) | Ok(Err(_)) => (
+                            ReplicaAnswer::Error {
+                                latency_us,
+                                reason: "failed after the quorum".to_string(),
+                            },
+                            true,
+                        ),
+                    };
+                    let owner = tracker.owner_of(&node).cloned();
+                    if let (true, Some(owner)) = (replaceable, owner) {
+                        if tracker.slot_uncovered_without(&owner, &node, true) {
+                            let hint = Request::Replica(ReplicaRequest::Hint {
+                                owner: owner.clone(),
+                                key: key.clone(),
+                                clock: clock.clone(),
+                            });
+                            while let Some(candidate) = candidates.pop_front() {
+                                if !tracker.add_stand_in(&owner, candidate.clone()) {
+                                    continue;
+                                }
+                                counter!("ringkv_late_stand_ins_total").increment(1);
+                                let sent = tokio::time::timeout(
+                                    LATE_HINT_TIMEOUT,
+                                    transport.call(&candidate, hint.clone()),
+                                )
+                                .await;
+                                if matches!(sent, Ok(Ok(Response::Clock(_)))) {
+                                    tracker.record(&candidate, ReplicaAnswer::Ok { latency_us });
+                                    break;
+                                }
+                                tracker.record(
+                                    &candidate,
+                                    ReplicaAnswer::Error {
+                                        latency_us,
+                                        reason: "late hint failed".to_string(),
+                                    },
+                                );
                             }
-                            counter!("ringkv_late_stand_ins_total").increment(1);
-                            let sent = tokio::time::timeout(
-                                LATE_HINT_TIMEOUT,
-                                transport.call(&candidate, hint.clone()),
-                            )
-                            .await;
-                            if matches!(sent, Ok(Ok(Response::Clock(_)))) {
-                                tracker.record(&candidate, ReplicaAnswer::Ok { latency_us });
-                                break;
-                            }
-                            tracker.record(
-                                &candidate,
-                                ReplicaAnswer::Error {
-                                    latency_us,
-                                    reason: "late hint failed".to_string(),
-                                },
-                            );
                         }
                     }
+                    tracker.record(&node, answer);
                 }
-                tracker.record(&node, answer);
-            }
-        });
+            },
+            async {},
+        );
     }
 
     /// Hands a request to the first replica that answers.

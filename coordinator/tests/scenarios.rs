@@ -278,3 +278,34 @@ async fn overwrites_on_both_sides_of_a_partition_survive_as_siblings() {
     // Neither coordinator had seen the other's write: both survive.
     assert_eq!(values(&c.get("n3", KEY, All).await), ["left", "right"]);
 }
+
+/// `close` (a node's shutdown) stops what a write left running after its
+/// answer: the send to a slow replica and the late-hint task waiting for it.
+/// It returns without waiting for that replica, and the coordinator then
+/// holds no task, so the transport (a node's database) is free. A write
+/// after `close` is refused before it is stored anywhere.
+#[tokio::test(start_paused = true)]
+async fn close_stops_the_sends_a_write_left_running() {
+    let c = SimCluster::new(3, 3, 1);
+    c.net
+        .delay(&c.id("n1"), &c.id("n3"), Duration::from_secs(3));
+    ok_context(&c.put("n1", KEY, "v", Count(2), None).await);
+    let coordinator = &c.node("n1").coordinator;
+    assert!(
+        coordinator.tasks_running() >= 1,
+        "the send to n3 is still under way"
+    );
+
+    let before = tokio::time::Instant::now();
+    coordinator.close().await;
+    assert_eq!(coordinator.tasks_running(), 0);
+    // On the paused clock, waiting for n3 would have moved time by 3 s.
+    assert_eq!(before.elapsed(), Duration::ZERO);
+    assert!(c.local_values("n3", KEY).is_empty(), "the send was stopped");
+
+    let after = c.put("n1", "other", "v", Count(2), None).await;
+    let (kind, message) = error(&after);
+    assert_eq!(kind, ErrorKind::Unavailable, "{message}");
+    assert!(message.contains("n1 is shutting down"), "{message}");
+    assert!(c.local_values("n1", "other").is_empty());
+}

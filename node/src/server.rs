@@ -839,12 +839,20 @@ impl NodeHandle {
         self.addr
     }
 
-    /// Stops accepting requests, closes every connection, waits for the
-    /// background loops, and closes the database once the last request
-    /// handler has let go of it (so the data dir can be removed or reopened
-    /// as soon as this returns).
+    /// Stops accepting requests, stops what earlier requests left running,
+    /// closes every connection, waits for the background loops, and closes
+    /// the database once the last request handler has let go of it (so the
+    /// data dir can be removed or reopened as soon as this returns).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        if let Some(coordinator) = self.inner.coordinator.get() {
+            // First, so that requests still arriving are refused as
+            // "shutting down" (the client tries another node), and so that
+            // the sends and hints requests left behind let go of the
+            // transport, and with it the database, now rather than at their
+            // deadline.
+            coordinator.close().await;
+        }
         self.endpoint.close(0u32.into(), b"shutting down");
         let _ = self.accept_loop.await;
         let _ = self.repair_worker.await;

@@ -158,3 +158,69 @@ async fn a_repair_round_under_way_stops_at_shutdown() {
     n1.shutdown().await;
     to_n1.close().await;
 }
+
+/// A write's send to a slow replica outlives the write's answer, until the
+/// write's deadline. Shutdown stops it: the data dir is free at once, not
+/// when a 30 s deadline has passed.
+#[tokio::test]
+async fn shutdown_stops_the_sends_a_write_left_running() {
+    use ringkv_core::regions::LatencyMatrix;
+    use std::sync::Arc;
+    let matrix = Arc::new(
+        LatencyMatrix::parse_toml(
+            "regions = [\"near\", \"far\"]\n[[link]]\nbetween = [\"near\", \"far\"]\ndelay_ms = 20000\n",
+        )
+        .unwrap(),
+    );
+    let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let in_region = |id: &str, dir: &std::path::Path, region: &str| {
+        let mut c = config(dir);
+        c.id = NodeId::new(id).unwrap();
+        c.replicas = Some(2);
+        c.hints = false;
+        c.anti_entropy_interval = None;
+        c.read_repair_chance = 0.0;
+        c.region = Some(region.to_string());
+        c.latency_matrix = Some(matrix.clone());
+        c
+    };
+    let n1 = Node::start(in_region("n1", dir1.path(), "near"))
+        .await
+        .unwrap();
+    let mut second = in_region("n2", dir2.path(), "far");
+    second.seeds = vec![n1.addr()];
+    let n2 = Node::start(second).await.unwrap();
+
+    let client = Client::connect(n1.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    // n1 places keys on n2 too once it knows of it (joins skip the emulation).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Response::Status(s) = client.call(&Request::Status).await.unwrap() {
+            if s.nodes.len() == 2 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "n2 never joined n1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut put = PutRequest::new(
+        b"k".to_vec(),
+        Payload::Value(b"v".to_vec()),
+        Consistency::One,
+        None,
+    );
+    put.timeout_ms = 30_000;
+    let answer = client.call(&Request::Put(put)).await.unwrap();
+    assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+
+    // The send to n2 is 20 s away from arriving.
+    n1.shutdown().await;
+    let again = Node::start(in_region("n1", dir1.path(), "near"))
+        .await
+        .expect("the data dir is free once shutdown returns");
+    again.shutdown().await;
+    n2.shutdown().await;
+    client.close().await;
+}
