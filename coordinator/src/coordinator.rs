@@ -28,14 +28,14 @@
 //! error naming who answered and who did not. Dynamo does not roll a write
 //! back: the replicas that did acknowledge keep it, and the error says so.
 //!
-//! **Shutdown.** The coordinator keeps count of the tasks its requests leave
-//! running: the sends that outlive their answer, the late hints and the
-//! read-repair collection. [`Coordinator::close`] stops them at their next
-//! await and waits until the last has ended, so the transport (and through
-//! it the node's database) is let go of when the node's shutdown returns,
-//! not at some request's deadline. A send stopped this way answers its
-//! request as a transport failure, so a request still under way ends at
-//! once too; a request that arrives later is refused as unavailable.
+//! **Shutdown.** The coordinator keeps count of its requests under way and
+//! of the tasks they leave running: the sends that outlive their answer,
+//! the late hints and the read-repair collection. [`Coordinator::close`]
+//! stops them all at their next await and waits until the last has ended,
+//! so the transport (and through it the node's database) is let go of when
+//! the node's shutdown returns, not at some request's deadline. A request
+//! under way answers "unavailable" (a write may be stored on this node); one
+//! that arrives later is refused the same way, before it writes anything.
 //!
 //! Time comes from tokio's clock, which scenario tests pause and advance, and
 //! the network is the [`Transport`] trait; the counting itself is the
@@ -123,9 +123,10 @@ pub struct Coordinator<T> {
     latency: Arc<ReplicaLatency>,
     /// Quorum reads so far, to pick every `1/read_repair_chance`-th as a full read.
     reads: AtomicU64,
-    /// Every task a request leaves behind (sends, late hints, repair
-    /// collection) holds a receiver: their count is the tasks still
-    /// running, and [`Coordinator::close`] sets it to tell them to stop.
+    /// Every request under way, and every task a request leaves behind
+    /// (sends, late hints, repair collection), holds a receiver: their count
+    /// is what is still running, and [`Coordinator::close`] sets the value
+    /// to tell them all to stop.
     closing: watch::Sender<bool>,
 }
 
@@ -164,33 +165,52 @@ impl<T: Transport> Coordinator<T> {
         }
     }
 
-    /// Stops every task a request left running (see the module docs) and
-    /// waits until they have all ended and dropped their transport. Requests
-    /// still under way fail their outstanding sends at once; later ones are
-    /// refused.
+    /// Stops every request under way and every task a request left running
+    /// (see the module docs), and waits until they have all ended and
+    /// dropped their transport. Requests that arrive later are refused.
     pub async fn close(&self) {
         self.closing.send_replace(true);
         self.closing.closed().await;
     }
 
-    /// Tasks still running that a request started; 0 once [`Self::close`] returns.
+    /// Requests under way and tasks they left running; 0 once
+    /// [`Self::close`] has returned, for good.
     pub fn tasks_running(&self) -> usize {
         self.closing.receiver_count()
     }
 
-    /// Runs `task` unless or until [`Self::close`] is called, whichever
-    /// comes first; `stopped` is run instead of the rest of `task` then.
-    fn spawn_detached<F, S>(&self, task: F, stopped: S)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-        S: std::future::Future<Output = ()> + Send + 'static,
-    {
+    /// Runs `request` unless [`Self::close`] was called, and stops it if
+    /// `close` is called while it runs.
+    async fn unless_closed(
+        &self,
+        request: impl std::future::Future<Output = Response>,
+    ) -> Response {
         let mut closing = self.closing.subscribe();
+        if *closing.borrow_and_update() {
+            return unavailable(format!("{} is shutting down; ask another node", self.id));
+        }
+        tokio::select! {
+            biased;
+            true = async { closing.wait_for(|closing| *closing).await.is_ok() } => unavailable(format!(
+                "{} shut down while serving the request; ask another node (a write may be stored on {})",
+                self.id, self.id
+            )),
+            response = request => response,
+        }
+        // `closing` drops after `request`: close() waits for that.
+    }
+
+    /// Runs `task` unless or until [`Self::close`] is called.
+    fn spawn_detached(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut closing = self.closing.subscribe();
+        if *closing.borrow_and_update() {
+            return;
+        }
         tokio::spawn(async move {
             tokio::select! {
                 biased;
                 // Not when the coordinator is dropped: only close() stops them.
-                true = async { closing.wait_for(|closing| *closing).await.is_ok() } => stopped.await,
+                true = async { closing.wait_for(|closing| *closing).await.is_ok() } => {}
                 () = task => {}
             }
             // `closing` drops here, after `task`: close() waits for that.
@@ -222,10 +242,7 @@ impl<T: Transport> Coordinator<T> {
         } else {
             "put"
         };
-        let response = match self.refuse_if_closed() {
-            Some(refused) => refused,
-            None => self.put_inner(request, start).await,
-        };
+        let response = self.unless_closed(self.put_inner(request, start)).await;
         record_metrics(op, &response, start);
         response
     }
@@ -233,19 +250,9 @@ impl<T: Transport> Coordinator<T> {
     /// Serves a client's get.
     pub async fn get(&self, request: GetRequest) -> Response {
         let start = Instant::now();
-        let response = match self.refuse_if_closed() {
-            Some(refused) => refused,
-            None => self.get_inner(request, start).await,
-        };
+        let response = self.unless_closed(self.get_inner(request, start)).await;
         record_metrics("get", &response, start);
         response
-    }
-
-    /// Once [`Self::close`] was called: a request is refused before it
-    /// writes anything, so the client can try another node.
-    fn refuse_if_closed(&self) -> Option<Response> {
-        let closed = *self.closing.borrow();
-        closed.then(|| unavailable(format!("{} is shutting down; ask another node", self.id)))
     }
 
     async fn put_inner(&self, request: PutRequest, start: Instant) -> Response {
@@ -543,13 +550,10 @@ impl<T: Transport> Coordinator<T> {
             })
             .await;
         } else if let Some(permit) = queue.begin_collecting() {
-            self.spawn_detached(
-                async move {
-                    queue.offer(finish.await);
-                    drop(permit);
-                },
-                async {},
-            );
+            self.spawn_detached(async move {
+                queue.offer(finish.await);
+                drop(permit);
+            });
         }
     }
 
@@ -692,8 +696,8 @@ impl<T: Transport> Coordinator<T> {
     /// the request itself) and leaves its slot uncovered gets a stand-in
     /// from `stand_ins`; for writes (`replace_silent`), so do owners that
     /// have not answered at all by `stand_ins.after`. Each send runs in its own task, bounded by the
-    /// deadline, so sends still running when the quorum is decided still
-    /// reach their nodes. Returns the answers still to come, for callers
+    /// deadline (or by [`Self::close`]), so sends still running when the
+    /// quorum is decided still reach their nodes. Returns the answers still to come, for callers
     /// that want them, and the fallbacks not used.
     async fn fan_out(
         &self,
@@ -706,25 +710,13 @@ impl<T: Transport> Coordinator<T> {
     ) -> (LateReplies, VecDeque<NodeId>) {
         // Even when the tracker is already decided (W=1 met by the local
         // write), every target still gets the request.
-        let capacity = targets.len() + stand_ins.candidates.len();
+        let capacity = targets.len() + stand_ins.candidates.len() + stand_ins.spares.len();
         let (tx, mut rx) = mpsc::channel(capacity.max(1));
         let dispatch = |node: NodeId, request: Request| {
             let tx = tx.clone();
             let transport = self.transport.clone();
             let latency = (node != self.id).then(|| self.latency.clone());
-            // Stopped by close(): the request sees a transport failure, at once.
-            let stopped = {
-                let (tx, node) = (tx.clone(), node.clone());
-                async move {
-                    let reason = "this node is shutting down".to_string();
-                    let failed = Err(TransportError::Unreachable {
-                        node: node.clone(),
-                        reason,
-                    });
-                    let _ = tx.send((node, Ok(failed), elapsed_us(start))).await;
-                }
-            };
-            let send = async move {
+            self.spawn_detached(async move {
                 let sent = Instant::now();
                 let result =
                     tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
@@ -736,8 +728,7 @@ impl<T: Transport> Coordinator<T> {
                 let latency_us = elapsed_us(start);
                 // The receiver is gone once the quorum is decided; that is fine.
                 let _ = tx.send((node, result, latency_us)).await;
-            };
-            self.spawn_detached(send, stopped);
+            });
         };
         for (node, request) in targets {
             dispatch(node, request);
@@ -818,7 +809,7 @@ impl<T: Transport> Coordinator<T> {
     /// died before anyone noticed still receives the write by handoff. Runs
     /// in a task that ends once the write's last send has answered (at the
     /// deadline at most) and its hints are placed: fallbacks are tried in
-    /// turn, each for at most [`LATE_HINT_TIMEOUT`]. At most
+    /// turn, each for at most [`LATE_HINT_TIMEOUT`]; or at [`Self::close`]. At most
     /// [`LATE_HINT_TASKS_MAX`] such tasks run at once; past that a write
     /// skips them (counted), leaving the replica to read repair.
     fn hint_late_failures(
@@ -835,74 +826,71 @@ impl<T: Transport> Coordinator<T> {
         };
         let transport = self.transport.clone();
         let detector = self.detector.clone();
-        self.spawn_detached(
-            async move {
-                let _permit = permit;
-                while let Some((node, result, latency_us)) = late.recv().await {
-                    if let (Some(detector), Ok(outcome)) = (&detector, &result) {
-                        detector.record(&node, outcome.is_ok(), Instant::now());
-                    }
-                    let (answer, replaceable) = match &result {
-                        Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
-                        Ok(Ok(response @ Response::Error(e))) => (
-                            ReplicaAnswer::Error {
-                                latency_us,
-                                reason: e.message.clone(),
-                            },
-                            !is_final_refusal(response),
-                        ),
-                        Ok(Ok(other)) => (
-                            ReplicaAnswer::Error {
-                                latency_us,
-                                reason: format!("unexpected reply {other:?}"),
-                            },
-                            true,
-                        ),
-                        Err(_) | Ok(Err(_)) => (
-                            ReplicaAnswer::Error {
-                                latency_us,
-                                reason: "failed after the quorum".to_string(),
-                            },
-                            true,
-                        ),
-                    };
-                    let owner = tracker.owner_of(&node).cloned();
-                    if let (true, Some(owner)) = (replaceable, owner) {
-                        if tracker.slot_uncovered_without(&owner, &node, true) {
-                            let hint = Request::Replica(ReplicaRequest::Hint {
-                                owner: owner.clone(),
-                                key: key.clone(),
-                                clock: clock.clone(),
-                            });
-                            while let Some(candidate) = candidates.pop_front() {
-                                if !tracker.add_stand_in(&owner, candidate.clone()) {
-                                    continue;
-                                }
-                                counter!("ringkv_late_stand_ins_total").increment(1);
-                                let sent = tokio::time::timeout(
-                                    LATE_HINT_TIMEOUT,
-                                    transport.call(&candidate, hint.clone()),
-                                )
-                                .await;
-                                if matches!(sent, Ok(Ok(Response::Clock(_)))) {
-                                    tracker.record(&candidate, ReplicaAnswer::Ok { latency_us });
-                                    break;
-                                }
-                                tracker.record(
-                                    &candidate,
-                                    ReplicaAnswer::Error {
-                                        latency_us,
-                                        reason: "late hint failed".to_string(),
-                                    },
-                                );
+        self.spawn_detached(async move {
+            let _permit = permit;
+            while let Some((node, result, latency_us)) = late.recv().await {
+                if let (Some(detector), Ok(outcome)) = (&detector, &result) {
+                    detector.record(&node, outcome.is_ok(), Instant::now());
+                }
+                let (answer, replaceable) = match &result {
+                    Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
+                    Ok(Ok(response @ Response::Error(e))) => (
+                        ReplicaAnswer::Error {
+                            latency_us,
+                            reason: e.message.clone(),
+                        },
+                        !is_final_refusal(response),
+                    ),
+                    Ok(Ok(other)) => (
+                        ReplicaAnswer::Error {
+                            latency_us,
+                            reason: format!("unexpected reply {other:?}"),
+                        },
+                        true,
+                    ),
+                    Err(_) | Ok(Err(_)) => (
+                        ReplicaAnswer::Error {
+                            latency_us,
+                            reason: "failed after the quorum".to_string(),
+                        },
+                        true,
+                    ),
+                };
+                let owner = tracker.owner_of(&node).cloned();
+                if let (true, Some(owner)) = (replaceable, owner) {
+                    if tracker.slot_uncovered_without(&owner, &node, true) {
+                        let hint = Request::Replica(ReplicaRequest::Hint {
+                            owner: owner.clone(),
+                            key: key.clone(),
+                            clock: clock.clone(),
+                        });
+                        while let Some(candidate) = candidates.pop_front() {
+                            if !tracker.add_stand_in(&owner, candidate.clone()) {
+                                continue;
                             }
+                            counter!("ringkv_late_stand_ins_total").increment(1);
+                            let sent = tokio::time::timeout(
+                                LATE_HINT_TIMEOUT,
+                                transport.call(&candidate, hint.clone()),
+                            )
+                            .await;
+                            if matches!(sent, Ok(Ok(Response::Clock(_)))) {
+                                tracker.record(&candidate, ReplicaAnswer::Ok { latency_us });
+                                break;
+                            }
+                            tracker.record(
+                                &candidate,
+                                ReplicaAnswer::Error {
+                                    latency_us,
+                                    reason: "late hint failed".to_string(),
+                                },
+                            );
                         }
                     }
-                    tracker.record(&node, answer);
                 }
-            },
-            async {},
-        );
+                tracker.record(&node, answer);
+            }
+        });
     }
 
     /// Hands a request to the first replica that answers.

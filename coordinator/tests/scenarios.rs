@@ -309,3 +309,51 @@ async fn close_stops_the_sends_a_write_left_running() {
     assert!(message.contains("n1 is shutting down"), "{message}");
     assert!(c.local_values("n1", "other").is_empty());
 }
+
+/// A request still waiting for its quorum when `close` is called answers
+/// "unavailable" at once; the replica it was waiting for is not blamed
+/// (the failure detector still has it up) and no stand-in is tried.
+#[tokio::test(start_paused = true)]
+async fn close_ends_a_request_under_way_without_blaming_its_replicas() {
+    use ringkv_core::dvv::Payload;
+    use ringkv_core::wire::PutRequest;
+    let c = SimCluster::new(3, 3, 1);
+    c.net
+        .delay(&c.id("n1"), &c.id("n3"), Duration::from_secs(3));
+    let coordinator = c.node("n1").coordinator.clone();
+    let put = tokio::spawn({
+        let coordinator = coordinator.clone();
+        async move {
+            let value = Payload::Value(b"v".to_vec());
+            coordinator
+                .put(PutRequest::new(KEY, value, All, None))
+                .await
+        }
+    });
+    // Under way: the request and at least its send to n3.
+    for _ in 0..10_000 {
+        if coordinator.tasks_running() >= 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        coordinator.tasks_running() >= 2,
+        "the put never got under way"
+    );
+    c.net.take_log();
+
+    let before = tokio::time::Instant::now();
+    coordinator.close().await;
+    assert_eq!(before.elapsed(), Duration::ZERO);
+    assert_eq!(coordinator.tasks_running(), 0);
+    let (kind, message) = error(&put.await.unwrap());
+    assert_eq!(kind, ErrorKind::Unavailable, "{message}");
+    assert!(message.contains("n1 shut down while serving"), "{message}");
+    assert!(c.node("n1").detector.is_up(&c.id("n3")));
+    assert_eq!(
+        c.net.take_log(),
+        Vec::<String>::new(),
+        "no stand-in was tried"
+    );
+}

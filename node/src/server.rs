@@ -829,6 +829,9 @@ pub struct NodeHandle {
     inner: Arc<NodeInner>,
 }
 
+/// The longest `NodeHandle::shutdown` waits for any one thing to let go.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 impl NodeHandle {
     pub fn id(&self) -> &NodeId {
         &self.id
@@ -846,12 +849,17 @@ impl NodeHandle {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         if let Some(coordinator) = self.inner.coordinator.get() {
-            // First, so that requests still arriving are refused as
+            // First, so that requests under way or still arriving answer
             // "shutting down" (the client tries another node), and so that
-            // the sends and hints requests left behind let go of the
+            // they and the sends and hints they left behind let go of the
             // transport, and with it the database, now rather than at their
-            // deadline.
-            coordinator.close().await;
+            // deadline. Each stops at its next await.
+            if tokio::time::timeout(SHUTDOWN_WAIT, coordinator.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!("requests still running at shutdown after {SHUTDOWN_WAIT:?}");
+            }
         }
         self.endpoint.close(0u32.into(), b"shutting down");
         let _ = self.accept_loop.await;
@@ -878,6 +886,18 @@ impl NodeHandle {
             // The mark is an fsynced write: it flushes every buffered
             // record before it.
             tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
+        }
+        // A storage call on the blocking pool (an fsync with --sync, a hint
+        // batch) runs to its end even when the future that waited for it was
+        // dropped, and holds the database until then: moments.
+        let storage = Arc::downgrade(&self.inner.storage);
+        drop(self.inner);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+        while storage.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if storage.strong_count() > 0 {
+            tracing::warn!("the database is still in use after {SHUTDOWN_WAIT:?}; it closes when its last user ends");
         }
     }
 }

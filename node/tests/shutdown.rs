@@ -160,10 +160,12 @@ async fn a_repair_round_under_way_stops_at_shutdown() {
 }
 
 /// A write's send to a slow replica outlives the write's answer, until the
-/// write's deadline. Shutdown stops it: the data dir is free at once, not
-/// when a 30 s deadline has passed.
+/// write's deadline; a write waiting for that replica holds its request
+/// until then. Shutdown stops both: the waiting client is told at once, and
+/// the data dir is free when shutdown returns, not when a 30 s deadline has
+/// passed.
 #[tokio::test]
-async fn shutdown_stops_the_sends_a_write_left_running() {
+async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
     use ringkv_core::regions::LatencyMatrix;
     use std::sync::Arc;
     let matrix = Arc::new(
@@ -191,9 +193,11 @@ async fn shutdown_stops_the_sends_a_write_left_running() {
     second.seeds = vec![n1.addr()];
     let n2 = Node::start(second).await.unwrap();
 
-    let client = Client::connect(n1.addr(), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let client = std::sync::Arc::new(
+        Client::connect(n1.addr(), Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
     // n1 places keys on n2 too once it knows of it (joins skip the emulation).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -205,22 +209,42 @@ async fn shutdown_stops_the_sends_a_write_left_running() {
         assert!(tokio::time::Instant::now() < deadline, "n2 never joined n1");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut put = PutRequest::new(
-        b"k".to_vec(),
-        Payload::Value(b"v".to_vec()),
-        Consistency::One,
-        None,
-    );
-    put.timeout_ms = 30_000;
-    let answer = client.call(&Request::Put(put)).await.unwrap();
+    let put = |key: &str, w: Consistency| {
+        let mut put = PutRequest::new(
+            key.as_bytes().to_vec(),
+            Payload::Value(b"v".to_vec()),
+            w,
+            None,
+        );
+        put.timeout_ms = 30_000;
+        Request::Put(put)
+    };
+    // Waits for n2, 20 s away.
+    let waiting = tokio::spawn({
+        let (client, put) = (client.clone(), put("all", Consistency::All));
+        async move { client.call(&put).await }
+    });
+    // Answered by n1 alone; its send to n2 goes on.
+    let answer = client.call(&put("one", Consistency::One)).await.unwrap();
     assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    // Only a ring of both nodes keeps a W=all put waiting: so n1 did send to n2.
+    assert!(!waiting.is_finished(), "{:?}", waiting.await);
 
-    // The send to n2 is 20 s away from arriving.
     n1.shutdown().await;
     let again = Node::start(in_region("n1", dir1.path(), "near"))
         .await
         .expect("the data dir is free once shutdown returns");
+    // The waiting client was told, long before its 30 s deadline.
+    let told = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("answered at shutdown")
+        .unwrap();
+    match told {
+        Ok(Response::Error(e)) => assert!(e.message.contains("shut down"), "{e:?}"),
+        // Or the connection closed before the answer got out.
+        Err(e) => eprintln!("the waiting put saw {e}"),
+        Ok(other) => panic!("{other:?}"),
+    }
     again.shutdown().await;
     n2.shutdown().await;
-    client.close().await;
 }
