@@ -48,6 +48,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Run one anti-entropy round on a node now: compare its Merkle trees with every peer's and repair the keys that differ.
     Repair(RepairArgs),
+    /// Take a node out of the cluster for good (a dead machine, say): its key ranges pass to the next nodes on the ring.
+    Remove(RemoveArgs),
     /// Measure put and get latency and throughput (closed loop).
     Bench(BenchArgs),
 }
@@ -338,6 +340,27 @@ pub struct StatusArgs {
     Exits 0 when every peer was compared, 4 when some could not be (they are listed)."
 )]
 pub struct RepairArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Any member can do it (not the node being removed): it drops the node from its member list, \
+    tells every other member at once, and answers with the members left. Members it could not reach learn of \
+    the removal at their next membership exchange (every 5 s). Hints held for the node are dropped.\n\n\
+    The node's key ranges pass to the next nodes on the ring; run `ringkv repair` on each member (or wait \
+    for the periodic anti-entropy rounds) to copy the keys onto them. A write that only the removed node \
+    held (W=1 while the others were down) is lost with it.\n\n\
+    A removed node still running stops at its next membership exchange; started again it refuses to run. \
+    To bring the machine back, start it with a new --id and an empty --data-dir. Removal cannot be undone.\n\n\
+    Exits 0 once removed (or if it already was), 2 if refused (an unknown id, the node asked being the one \
+    to remove, or too few members left for N), 4 if the node cannot be reached."
+)]
+pub struct RemoveArgs {
+    /// The id of the node to remove (as `ringkv status` lists it).
+    #[arg(value_name = "ID")]
+    pub id: String,
     #[command(flatten)]
     pub target: Target,
 }

@@ -8,10 +8,10 @@ use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{
     validate_key, ErrorKind, GetRequest, PutRequest, Request, Response, VALUE_MAX_BYTES,
 };
-use ringkv_core::Consistency;
+use ringkv_core::{Consistency, NodeId};
 use ringkv_node::Client;
 
-use crate::args::{DeleteArgs, GetArgs, PutArgs, RepairArgs, StatusArgs, Target};
+use crate::args::{DeleteArgs, GetArgs, PutArgs, RemoveArgs, RepairArgs, StatusArgs, Target};
 use crate::output;
 use crate::{Exit, Failure};
 
@@ -167,6 +167,22 @@ pub async fn repair(args: RepairArgs) -> Result<Exit, Failure> {
             } else {
                 Exit::Unreachable
             })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn remove(args: RemoveArgs) -> Result<Exit, Failure> {
+    let node = NodeId::new(args.id.as_str())
+        .map_err(|e| Failure::new(Exit::Usage, format!("ID {:?}: {e}", args.id)))?;
+    let request = Request::Remove {
+        node: node.clone(),
+        tell_others: true,
+    };
+    match send(&args.target, &request).await? {
+        Response::Joined(reply) => {
+            output::removed(&node, &reply, args.target.json);
+            Ok(Exit::Ok)
         }
         other => Err(unexpected(other)),
     }

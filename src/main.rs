@@ -81,6 +81,7 @@ fn main() {
             Command::Delete(a) => client_cmd::delete(a).await,
             Command::Status(a) => client_cmd::status(a).await,
             Command::Repair(a) => client_cmd::repair(a).await,
+            Command::Remove(a) => client_cmd::remove(a).await,
             Command::Bench(a) => bench_cmd::bench(a).await,
         }
     });

@@ -2,7 +2,8 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use ringkv_core::wire::{GetReply, PutReply, Receipt, RepairReport, StatusReply};
+use ringkv_core::wire::{GetReply, JoinReply, PutReply, Receipt, RepairReport, StatusReply};
+use ringkv_core::NodeId;
 use serde_json::{json, Value};
 
 pub fn print_json(value: &Value) {
@@ -148,6 +149,26 @@ pub fn status(reply: &StatusReply, json: bool) {
 }
 
 /// `repair`: what one anti-entropy round did.
+/// The answer to `ringkv remove`: the members left.
+pub fn removed(node: &NodeId, reply: &JoinReply, json: bool) {
+    let members: Vec<String> = reply.members.iter().map(|m| m.id.to_string()).collect();
+    if json {
+        print_json(&json!({
+            "removed": node.to_string(),
+            "members": members,
+            "replicas": reply.replicas,
+            "all_removed": reply.removed.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!(
+            "{node} is removed; {} members remain: {}",
+            members.len(),
+            members.join(", ")
+        );
+        println!("run `ringkv repair` on each of them to copy {node}'s keys to their new replicas");
+    }
+}
+
 pub fn repair(report: &RepairReport, json: bool) {
     if json {
         print_json(&json!({

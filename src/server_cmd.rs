@@ -49,9 +49,16 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.read_repair_chance = args.anti_entropy.read_repair_chance;
     let handle = Node::start(config).await.map_err(node_failure)?;
     println!("node {} serving on {}", handle.id(), handle.addr());
-    wait_for_signal().await;
+    let removed = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = handle.removed() => true,
+    };
     eprintln!("shutting down");
+    let id = handle.id().to_string();
     handle.shutdown().await;
+    if removed {
+        return Err(node_failure(NodeError::Removed { id }));
+    }
     Ok(Exit::Ok)
 }
 

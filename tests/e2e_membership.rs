@@ -28,3 +28,75 @@ fn a_member_frozen_during_a_join_learns_of_the_new_node() {
         members_seen_by(&c, 1) == 3
     });
 }
+
+/// `ringkv remove` takes a node out for good. Every member drops it at once;
+/// the node, still running, learns of it at its next membership exchange
+/// and stops; a strict W=all write no longer needs it; a repair round
+/// copies its keys to their new replicas; and it refuses to start again.
+#[test]
+fn a_removed_node_stops_is_replaced_on_the_ring_and_cannot_come_back() {
+    let mut c = Cluster::start("a_removed_node_stops", 4, 3, &[]);
+    let key = |i: usize| format!("rm{i}");
+    let rt = runtime();
+    rt.block_on(write_keys(
+        c.nodes[0].addr,
+        200,
+        key,
+        ringkv_core::Consistency::All,
+        4,
+    ));
+
+    // Refused: an unknown id, and a node asked to remove itself.
+    let unknown = c.cli(0, &["remove", "n9"]);
+    assert_exit(&unknown, 2);
+    assert!(
+        stderr(&unknown).contains("n9 is not a member"),
+        "{}",
+        stderr(&unknown)
+    );
+    let itself = c.cli(3, &["remove", "n4"]);
+    assert_exit(&itself, 2);
+    assert!(
+        stderr(&itself).contains("ask another member"),
+        "{}",
+        stderr(&itself)
+    );
+
+    let out = c.cli(0, &["remove", "n4", "--json"]);
+    assert_exit(&out, 0);
+    assert_eq!(json(&out)["members"], serde_json::json!(["n1", "n2", "n3"]));
+    for i in 0..3 {
+        assert_eq!(members_seen_by(&c, i), 3, "n{} was told", i + 1);
+    }
+    // The exchange runs every 5 s with one random member; all know by now.
+    let (status, err) = c.wait_exit(3, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("n4 was removed from the cluster"), "{err}");
+
+    // With n4 gone, every key's preference list is n1..n3.
+    assert_exit(
+        &c.cli(1, &["put", "after", "v", "-w", "all", "--strict"]),
+        0,
+    );
+    // Each of n1..n3 holds every key once repair has copied n4's share.
+    let missing = |c: &Cluster| -> usize {
+        (0..3)
+            .map(|i| {
+                rt.block_on(missing_locally(c.nodes[i].addr, 0..200, key))
+                    .len()
+            })
+            .sum()
+    };
+    let before = missing(&c);
+    assert!(before > 0, "n4 held keys that one of n1..n3 lacked");
+    c.eventually(Duration::from_secs(60), "repair copies n4's keys", || {
+        for i in 0..3 {
+            c.cli(i, &["repair"]);
+        }
+        missing(&c) == 0
+    });
+
+    let refused = c.launch(3, &[]).expect_err("a removed node does not start");
+    assert!(refused.contains("was removed"), "{refused}");
+    assert!(refused.contains("new --id"), "{refused}");
+}

@@ -188,6 +188,7 @@ fn label(request: &Request) -> String {
         Request::Replica(ReplicaRequest::ReadBatch { .. }) => "ReadBatch".into(),
         Request::Replica(ReplicaRequest::SyncBatch { .. }) => "SyncBatch".into(),
         Request::Repair => "Repair".into(),
+        Request::Remove { node, .. } => format!("Remove {node}"),
     }
 }
 

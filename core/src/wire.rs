@@ -85,6 +85,13 @@ pub enum Request {
     Stats,
     /// Run one anti-entropy round against every peer now (`ringkv repair`).
     Repair,
+    /// Take a member out of the cluster for good (`ringkv remove`). The
+    /// answer is the member list afterwards (`Joined`). With `tell_others`
+    /// (a client's request) the node passes it on to every other member.
+    Remove {
+        node: NodeId,
+        tell_others: bool,
+    },
 }
 
 /// Anti-entropy asks a peer for at most this many tree hashes at once.
@@ -392,6 +399,17 @@ pub struct JoinReply {
     pub cluster_id: u64,
     pub replicas: u32,
     pub members: Vec<Member>,
+    /// Ids taken out of the cluster for good: never members again.
+    pub removed: Vec<NodeId>,
+}
+
+/// The cluster record as ringkv stored it before removal existed (data
+/// dirs written by it keep it under `cluster_record_v2`).
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JoinReplyV2 {
+    pub cluster_id: u64,
+    pub replicas: u32,
+    pub members: Vec<Member>,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -505,9 +523,37 @@ pub fn encode_cluster_record(record: &JoinReply) -> AlignedVec {
 /// Checks and decodes a stored cluster record.
 pub fn decode_cluster_record(bytes: &[u8]) -> Result<JoinReply, DecodeError> {
     let record: JoinReply = decode(bytes)?;
-    validate_replicas(record.replicas, "cluster record")?;
-    record.members.iter().try_for_each(validate_member)?;
+    validate_record(&record, "cluster record")?;
     Ok(record)
+}
+
+/// Checks and decodes a cluster record stored by a ringkv without removal
+/// ([`JoinReplyV2`]), as today's record: nobody removed.
+pub fn decode_cluster_record_v2(bytes: &[u8]) -> Result<JoinReply, DecodeError> {
+    let old: JoinReplyV2 = decode(bytes)?;
+    let record = JoinReply {
+        cluster_id: old.cluster_id,
+        replicas: old.replicas,
+        members: old.members,
+        removed: Vec::new(),
+    };
+    validate_record(&record, "cluster record")?;
+    Ok(record)
+}
+
+/// N in range, every member valid, every removed id valid and no longer a member.
+fn validate_record(record: &JoinReply, what: &str) -> Result<(), InvalidInput> {
+    validate_replicas(record.replicas, what)?;
+    record.members.iter().try_for_each(validate_member)?;
+    for id in &record.removed {
+        validate_node_id(id)?;
+        if record.members.iter().any(|m| m.id == *id) {
+            return Err(InvalidInput::new(format!(
+                "{what} lists {id} both as a member and as removed"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks and decodes a stored clock.
@@ -542,6 +588,7 @@ impl Request {
             Request::Put(p) => validate_key(&p.key),
             Request::Get(g) => validate_key(&g.key),
             Request::Status | Request::Ping | Request::Stats | Request::Repair => Ok(()),
+            Request::Remove { node, .. } => validate_node_id(node),
             Request::Join(j) => {
                 if let Some(replicas) = j.replicas {
                     validate_replicas(replicas, "join request")?;
@@ -607,10 +654,7 @@ impl Response {
             Response::Clock(Some(clock)) => validate_clock(clock),
             Response::Items(items) => items.iter().try_for_each(|i| validate_key(&i.key)),
             Response::Clocks(clocks) => clocks.iter().flatten().try_for_each(validate_clock),
-            Response::Joined(j) => {
-                validate_replicas(j.replicas, "join reply")?;
-                j.members.iter().try_for_each(validate_member)
-            }
+            Response::Joined(j) => validate_record(j, "join reply"),
             _ => Ok(()),
         }
     }
@@ -756,12 +800,43 @@ mod tests {
             cluster_id: 7,
             replicas,
             members: vec![member(vnodes)],
+            removed: vec![NodeId::new("gone").unwrap()],
         };
-        assert!(decode_cluster_record(&encode_cluster_record(&record(3, 64))).is_ok());
-        for bad in [record(0, 64), record(u32::MAX, 64), record(3, u32::MAX)] {
+        assert_eq!(
+            decode_cluster_record(&encode_cluster_record(&record(3, 64))).unwrap(),
+            record(3, 64)
+        );
+        let mut both = record(3, 64);
+        both.removed.push(both.members[0].id.clone());
+        for bad in [
+            record(0, 64),
+            record(u32::MAX, 64),
+            record(3, u32::MAX),
+            both,
+        ] {
             assert!(decode_cluster_record(&encode_cluster_record(&bad)).is_err());
             assert!(Response::Joined(bad).validate().is_err());
         }
+    }
+
+    /// A record stored before removal existed reads as one with nobody removed.
+    #[test]
+    fn a_cluster_record_from_before_removal_still_reads() {
+        let old = JoinReplyV2 {
+            cluster_id: 7,
+            replicas: 3,
+            members: vec![Member {
+                id: NodeId::new("n1").unwrap(),
+                addr: "127.0.0.1:7000".into(),
+                vnodes: 64,
+                region: None,
+            }],
+        };
+        let bytes = rkyv::to_bytes::<rancor::Error>(&old).unwrap();
+        let record = decode_cluster_record_v2(&bytes).unwrap();
+        assert_eq!((record.cluster_id, record.replicas), (7, 3));
+        assert_eq!(record.members, old.members);
+        assert!(record.removed.is_empty());
     }
 
     proptest! {

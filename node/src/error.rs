@@ -28,6 +28,8 @@ pub enum NodeError {
     Join { reason: String },
     #[error("the cluster refused this node: {reason}")]
     JoinRefused { reason: String },
+    #[error("node {id} was removed from the cluster (`ringkv remove`) and cannot serve in it again; to bring this machine back, start it with a new --id and an empty --data-dir")]
+    Removed { id: String },
     #[error("invalid configuration: {reason}")]
     Config { reason: String },
     #[error("TLS setup failed: {reason}")]

@@ -14,16 +14,25 @@
 //! Every 5 s each node also announces itself to one random live member and
 //! merges that member's list into its own (see `server::exchange_membership`),
 //! so a member that was unreachable while another node joined still learns of
-//! it. Data movement on membership change, and leaving, come with later work;
-//! for now the member list only grows.
+//! it.
+//!
+//! **Removal** (`ringkv remove`, Riak's force-remove, Cassandra's
+//! `removenode`): any member takes a node out of its list and tells the
+//! others. The record keeps the removed ids for good, a grow-only set beside
+//! the member list, so the exchange merges two records by union and a
+//! member list from before the removal cannot bring the node back. A
+//! removed node that is still running learns of it from its next exchange
+//! and stops; started again it refuses to run. Its key ranges pass to the
+//! next nodes on the ring, which anti-entropy then fills from the other
+//! replicas.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use ringkv_core::wire::{
-    decode_cluster_record, encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member,
-    Response,
+    decode_cluster_record, decode_cluster_record_v2, encode_cluster_record, ErrorKind, JoinReply,
+    JoinRequest, Member, Response,
 };
 use ringkv_core::NodeId;
 use ringkv_ring::Ring;
@@ -34,7 +43,10 @@ use crate::storage::Storage;
 const META_NODE_ID: &str = "node_id";
 /// Where the cluster record lives. Bump the version with any change to
 /// `JoinReply` or `Member`: an archive of another layout cannot be read.
-const META_CLUSTER: &str = "cluster_record_v2";
+const META_CLUSTER: &str = "cluster_record_v3";
+/// Where ringkv versions before removal kept it (`JoinReplyV2`); read once
+/// and rewritten under [`META_CLUSTER`].
+const META_CLUSTER_V2: &str = "cluster_record_v2";
 /// Where ringkv versions before 0.1's regions kept it (as a `Response`).
 const META_CLUSTER_V1: &str = "cluster";
 
@@ -44,6 +56,8 @@ pub struct ClusterRecord {
     pub cluster_id: u64,
     pub replicas: usize,
     pub members: BTreeMap<NodeId, Member>,
+    /// Ids removed for good; none of them is in `members`.
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl ClusterRecord {
@@ -62,7 +76,22 @@ impl ClusterRecord {
             cluster_id: self.cluster_id,
             replicas: self.replicas as u32,
             members: self.members.values().cloned().collect(),
+            removed: self.removed.iter().cloned().collect(),
         }
+    }
+
+    /// Adds what `reply` knows: its removals, and its members that are not
+    /// removed. The union is the same whatever order records meet in.
+    fn absorb(&mut self, reply: JoinReply, me: &NodeId) {
+        self.removed.extend(reply.removed);
+        for m in reply.members {
+            // Our own entry is authoritative about ourselves.
+            if m.id != *me {
+                self.members.insert(m.id.clone(), m);
+            }
+        }
+        let removed = &self.removed;
+        self.members.retain(|id, _| !removed.contains(id));
     }
 }
 
@@ -88,7 +117,13 @@ impl Membership {
         me: Member,
         replicas_flag: Option<usize>,
     ) -> Result<Self, NodeError> {
-        let mut record = match storage.meta_get(META_CLUSTER)? {
+        let stored = match storage.meta_get(META_CLUSTER)? {
+            Some(bytes) => Some(decode_cluster_record(&bytes)),
+            None => storage
+                .meta_get(META_CLUSTER_V2)?
+                .map(|bytes| decode_cluster_record_v2(&bytes)),
+        };
+        let mut record = match stored {
             None if storage.meta_get(META_CLUSTER_V1)?.is_some() => {
                 return Err(NodeError::Storage {
                     path: storage.path().to_path_buf(),
@@ -96,7 +131,7 @@ impl Membership {
                 })
             }
             None => None,
-            Some(bytes) => match decode_cluster_record(&bytes) {
+            Some(decoded) => match decoded {
                 Ok(reply) => Some(record_from(reply)),
                 Err(e) => {
                     return Err(NodeError::Storage {
@@ -115,6 +150,11 @@ impl Membership {
                     given: me.id.to_string(),
                 });
             }
+        }
+        if record.as_ref().is_some_and(|r| r.removed.contains(&me.id)) {
+            return Err(NodeError::Removed {
+                id: me.id.to_string(),
+            });
         }
         if let (Some(r), Some(given)) = (&record, replicas_flag) {
             if r.replicas != given {
@@ -157,6 +197,7 @@ impl Membership {
             cluster_id,
             replicas,
             members: BTreeMap::from([(self.me.id.clone(), self.me.clone())]),
+            removed: BTreeSet::new(),
         };
         self.persist(&record)?;
         *self.record.write().unwrap_or_else(|p| p.into_inner()) = Some(record);
@@ -164,7 +205,9 @@ impl Membership {
     }
 
     /// Adopts what a seed (or an announced-to member) answered. Returns
-    /// whether the member list changed.
+    /// whether the member list changed, or [`NodeError::Removed`] if the
+    /// answer says this node was removed; the record then keeps that, so
+    /// that the next start refuses at once.
     pub fn adopt(&self, reply: JoinReply) -> Result<bool, NodeError> {
         let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
         let mut record = match guard.clone() {
@@ -181,15 +224,22 @@ impl Membership {
                 cluster_id: reply.cluster_id,
                 replicas: reply.replicas as usize,
                 members: BTreeMap::new(),
+                removed: BTreeSet::new(),
             },
         };
-        let before = record.clone();
-        for m in reply.members {
-            // Our own entry is authoritative about ourselves.
-            if m.id != self.me.id {
-                record.members.insert(m.id.clone(), m);
+        if reply.removed.contains(&self.me.id) {
+            let removed = NodeError::Removed {
+                id: self.me.id.to_string(),
+            };
+            if guard.is_some() {
+                record.absorb(reply, &self.me.id);
+                self.persist(&record)?;
+                *guard = Some(record);
             }
+            return Err(removed);
         }
+        let before = record.clone();
+        record.absorb(reply, &self.me.id);
         record.members.insert(self.me.id.clone(), self.me.clone());
         let changed = before != record;
         if changed {
@@ -240,6 +290,11 @@ impl Membership {
                 );
             }
         }
+        if record.removed.contains(&join.member.id) {
+            // Not an error: the answer lists it as removed, which is how a
+            // removed node still running learns that it must stop.
+            return (Response::Joined(record.reply()), false);
+        }
         if let Some(existing) = record.members.get(&join.member.id) {
             if existing.addr != join.member.addr && join.cluster_id.is_none() {
                 return (
@@ -265,6 +320,58 @@ impl Membership {
         }
         let reply = Response::Joined(record.reply());
         (reply, changed)
+    }
+
+    /// Takes `id` out of the cluster for good. Returns the member list
+    /// afterwards and whether it changed (removing a removed node again
+    /// changes nothing), or why the removal was refused: `id` is not a
+    /// member, is this node (another member must do it, so that a node
+    /// never acts on its own removal), or would leave fewer members than N.
+    pub fn remove(&self, id: &NodeId) -> Result<(JoinReply, bool), (ErrorKind, String)> {
+        let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
+        let Some(record) = guard.as_mut() else {
+            return Err((
+                ErrorKind::Unavailable,
+                format!("{} is not in a cluster yet", self.me.id),
+            ));
+        };
+        if record.removed.contains(id) {
+            return Ok((record.reply(), false));
+        }
+        if !record.members.contains_key(id) {
+            let members: Vec<&str> = record.members.keys().map(NodeId::as_str).collect();
+            return Err((
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{id} is not a member; the members are {}",
+                    members.join(", ")
+                ),
+            ));
+        }
+        if *id == self.me.id {
+            return Err((
+                ErrorKind::Refused,
+                format!("{id} cannot remove itself; ask another member"),
+            ));
+        }
+        if record.members.len() - 1 < record.replicas {
+            return Err((
+                ErrorKind::Refused,
+                format!(
+                    "the cluster replicates every key {} times and has {} members; removing {id} would leave too few",
+                    record.replicas,
+                    record.members.len()
+                ),
+            ));
+        }
+        let mut next = record.clone();
+        next.members.remove(id);
+        next.removed.insert(id.clone());
+        if let Err(e) = self.persist(&next) {
+            return Err((ErrorKind::Internal, e.to_string()));
+        }
+        *record = next;
+        Ok((record.reply(), true))
     }
 
     /// The region `id` was started with, if any.
@@ -315,6 +422,7 @@ fn record_from(reply: JoinReply) -> ClusterRecord {
             .into_iter()
             .map(|m| (m.id.clone(), m))
             .collect(),
+        removed: reply.removed.into_iter().collect(),
     }
 }
 
@@ -373,6 +481,143 @@ mod tests {
             .expect("refused");
         assert!(matches!(err, NodeError::IdMismatch { .. }), "{err}");
         assert!(Membership::load(storage, named("n2"), None).is_ok());
+    }
+
+    fn member(id: &str, port: u16) -> Member {
+        Member {
+            id: NodeId::new(id).unwrap(),
+            addr: format!("127.0.0.1:{port}"),
+            vnodes: 8,
+            region: None,
+        }
+    }
+
+    fn ids(reply: &JoinReply) -> Vec<String> {
+        reply.members.iter().map(|m| m.id.to_string()).collect()
+    }
+
+    /// `me` in a cluster of n1..=n`count` (N=2), each in its own data dir.
+    fn cluster_of(count: u16, me: &str) -> (Membership, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        let port = me[1..].parse::<u16>().unwrap();
+        let m = Membership::load(storage, member(me, port), None).unwrap();
+        m.adopt(JoinReply {
+            cluster_id: 9,
+            replicas: 2,
+            members: (1..=count).map(|i| member(&format!("n{i}"), i)).collect(),
+            removed: vec![],
+        })
+        .unwrap();
+        (m, dir)
+    }
+
+    #[test]
+    fn a_removed_node_leaves_the_list_and_a_stale_list_cannot_bring_it_back() {
+        let (m, _dir) = cluster_of(3, "n1");
+        let n3 = NodeId::new("n3").unwrap();
+        let (reply, changed) = m.remove(&n3).unwrap();
+        assert!(changed);
+        assert_eq!(ids(&reply), ["n1", "n2"]);
+        assert_eq!(reply.removed, std::slice::from_ref(&n3));
+        // Again: nothing changes, and it is not an error.
+        assert!(!m.remove(&n3).unwrap().1);
+        // A member that has not heard of it yet still lists n3; adopting
+        // its list keeps n3 out.
+        let stale = JoinReply {
+            cluster_id: 9,
+            replicas: 2,
+            members: (1..=3).map(|i| member(&format!("n{i}"), i)).collect(),
+            removed: vec![],
+        };
+        assert!(!m.adopt(stale).unwrap());
+        assert_eq!(ids(&m.record().unwrap().reply()), ["n1", "n2"]);
+        // n3 announcing itself is not added back; the answer tells it.
+        let (answer, changed) = m.handle_join(JoinRequest {
+            member: member("n3", 3),
+            replicas: Some(2),
+            cluster_id: Some(9),
+        });
+        assert!(!changed);
+        let Response::Joined(told) = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(told.removed, [n3]);
+    }
+
+    #[test]
+    fn a_member_learns_of_a_removal_from_another_members_list() {
+        let (m, _dir) = cluster_of(3, "n2");
+        let (other, _dir1) = cluster_of(3, "n1");
+        let (told, _) = other.remove(&NodeId::new("n3").unwrap()).unwrap();
+        assert!(m.adopt(told).unwrap(), "the removal is a change");
+        let record = m.record().unwrap();
+        assert_eq!(ids(&record.reply()), ["n1", "n2"]);
+        assert!(record.removed.contains(&NodeId::new("n3").unwrap()));
+    }
+
+    #[test]
+    fn a_removed_node_learns_it_and_refuses_to_start_again() {
+        let (n3, dir) = cluster_of(3, "n3");
+        let (other, _dir1) = cluster_of(3, "n1");
+        let (told, _) = other.remove(&NodeId::new("n3").unwrap()).unwrap();
+        let err = n3.adopt(told.clone()).unwrap_err();
+        assert!(matches!(err, NodeError::Removed { .. }), "{err}");
+        // It keeps the news, so that the next start refuses at once.
+        assert!(n3
+            .record()
+            .unwrap()
+            .removed
+            .contains(&NodeId::new("n3").unwrap()));
+        drop(n3);
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        let err = Membership::load(storage, member("n3", 3), None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("was removed"), "{err}");
+        assert!(err.to_string().contains("new --id"), "{err}");
+    }
+
+    #[test]
+    fn removal_is_refused_for_strangers_for_oneself_and_below_n() {
+        let (m, _dir) = cluster_of(3, "n1");
+        let (kind, message) = m.remove(&NodeId::new("n9").unwrap()).unwrap_err();
+        assert_eq!(kind, ErrorKind::InvalidRequest);
+        assert!(
+            message.contains("n9 is not a member; the members are n1, n2, n3"),
+            "{message}"
+        );
+        let (kind, message) = m.remove(&NodeId::new("n1").unwrap()).unwrap_err();
+        assert_eq!(kind, ErrorKind::Refused);
+        assert!(message.contains("ask another member"), "{message}");
+        m.remove(&NodeId::new("n3").unwrap()).unwrap();
+        // Two members left and N=2: removing another would leave one.
+        let (kind, message) = m.remove(&NodeId::new("n2").unwrap()).unwrap_err();
+        assert_eq!(kind, ErrorKind::Refused);
+        assert!(message.contains("too few"), "{message}");
+    }
+
+    /// A data dir written before removal existed keeps its cluster, and is
+    /// rewritten in the new format.
+    #[test]
+    fn a_record_from_before_removal_is_read_and_rewritten() {
+        use ringkv_core::wire::JoinReplyV2;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        let old = JoinReplyV2 {
+            cluster_id: 4,
+            replicas: 3,
+            members: vec![me(None), member("n2", 2)],
+        };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&old).unwrap();
+        storage.meta_put(META_CLUSTER_V2, &bytes).unwrap();
+        storage.meta_put(META_NODE_ID, b"n1").unwrap();
+        let m = Membership::load(storage.clone(), me(None), None).unwrap();
+        let record = m.record().unwrap();
+        assert_eq!((record.cluster_id, record.replicas), (4, 3));
+        assert_eq!(record.members.len(), 2);
+        assert!(record.removed.is_empty());
+        assert!(storage.meta_get(META_CLUSTER).unwrap().is_some());
     }
 
     #[test]

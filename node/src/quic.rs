@@ -77,7 +77,11 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
             | ReplicaRequest::Read { .. }
             | ReplicaRequest::Hint { .. },
         ) => Lane::Leaf,
-        Request::Replica(_) | Request::Join(_) | Request::Stats | Request::Repair => Lane::Own,
+        Request::Replica(_)
+        | Request::Join(_)
+        | Request::Stats
+        | Request::Repair
+        | Request::Remove { .. } => Lane::Own,
     };
     if encoded_bytes > SHARED_REQUEST_MAX_BYTES {
         Lane::Own

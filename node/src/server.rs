@@ -360,6 +360,8 @@ struct NodeInner {
     ring_tx: watch::Sender<Option<Arc<Ring>>>,
     /// Becomes true when the node shuts down.
     shutdown: watch::Receiver<bool>,
+    /// Becomes true when this node learns it was removed from the cluster.
+    removed: watch::Sender<bool>,
     /// Tests: rings the tree rebuilder has taken up (rebuilt or skipped).
     #[cfg(test)]
     rings_considered: std::sync::atomic::AtomicU32,
@@ -419,6 +421,7 @@ impl NodeInner {
                 }
                 response
             }
+            Request::Remove { node, tell_others } => self.remove_member(node, tell_others).await,
             Request::Status => self.status().await,
             Request::Stats => Response::Stats(self.stats()),
         }
@@ -454,6 +457,53 @@ impl NodeInner {
             .await
     }
 
+    /// Serves `ringkv remove`: takes `node` out of the cluster and, for a
+    /// client (`tell_others`), tells every other member at once rather than
+    /// leave it to the membership exchange. The answer is the member list
+    /// afterwards, even if some member could not be told (it learns at its
+    /// next exchange).
+    async fn remove_member(&self, node: NodeId, tell_others: bool) -> Response {
+        let (reply, changed) = match self.membership.remove(&node) {
+            Ok(done) => done,
+            Err((kind, message)) => return Response::error(kind, message),
+        };
+        if changed {
+            tracing::warn!(%node, "removed from the cluster");
+            self.install();
+        }
+        if tell_others {
+            let mut tells = tokio::task::JoinSet::new();
+            for member in reply.members.iter().filter(|m| m.id != self.id) {
+                let Ok(addr) = member.addr.parse::<SocketAddr>() else {
+                    continue;
+                };
+                let (transport, peer) = (self.transport.clone(), member.id.clone());
+                let request = Request::Remove {
+                    node: node.clone(),
+                    tell_others: false,
+                };
+                tells.spawn(async move {
+                    let told =
+                        tokio::time::timeout(ANNOUNCE_TIMEOUT, transport.call_addr(addr, &request))
+                            .await;
+                    (peer, told)
+                });
+            }
+            while let Some(Ok((peer, told))) = tells.join_next().await {
+                match told {
+                    Ok(Ok(Response::Joined(_))) => {}
+                    Ok(Ok(Response::Error(e))) => {
+                        tracing::warn!(%peer, error = %e.message, "a member refused the removal")
+                    }
+                    _ => {
+                        tracing::info!(%peer, "could not tell a member of the removal; it learns at its next membership exchange")
+                    }
+                }
+            }
+        }
+        Response::Joined(reply)
+    }
+
     /// Puts the newest cluster record into effect. Whoever calls, the ring
     /// is built from membership's current record under a lock, so two
     /// concurrent installs cannot leave an older ring in place.
@@ -470,6 +520,7 @@ impl NodeInner {
             }
         };
         metrics::gauge!("ringkv_members").set(record.members.len() as f64);
+        self.drop_hints_for_removed(&record);
         self.ring_tx.send_replace(Some(ring.clone()));
         match self.coordinator.get() {
             Some(c) => c.set_ring(ring),
@@ -488,6 +539,37 @@ impl NodeInner {
                 // Installs are serialised, so nobody else can have set it.
                 let _ = self.coordinator.set(coordinator);
             }
+        }
+    }
+
+    /// Hints held for removed nodes will never be taken: drop them, on the
+    /// blocking pool (they may be many).
+    fn drop_hints_for_removed(&self, record: &ClusterRecord) {
+        for owner in self.hints.targets() {
+            if !record.removed.contains(&owner) {
+                continue;
+            }
+            let hints = self.hints.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut after: Option<Vec<u8>> = None;
+                let mut dropped = 0;
+                loop {
+                    match hints.drop_owner_page(&owner, after.as_deref(), 1024) {
+                        Ok((n, next)) => {
+                            dropped += n;
+                            match next {
+                                Some(next) => after = Some(next),
+                                None => break,
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%owner, error = %e, "could not drop the hints of a removed node");
+                            break;
+                        }
+                    }
+                }
+                tracing::info!(%owner, dropped, "dropped the hints held for a removed node");
+            });
         }
     }
 
@@ -842,6 +924,16 @@ impl NodeHandle {
         self.addr
     }
 
+    /// Returns once this node has learned that it was removed from the
+    /// cluster (`ringkv remove` on another member): it must then stop, as
+    /// `ringkv node` does. Never returns otherwise.
+    pub async fn removed(&self) {
+        let mut removed = self.inner.removed.subscribe();
+        if removed.wait_for(|removed| *removed).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Stops accepting requests, stops what earlier requests left running,
     /// closes every connection, waits for the background loops, and closes
     /// the database once the last request handler has let go of it (so the
@@ -1010,6 +1102,7 @@ impl Node {
             )),
             ring_tx: watch::channel(None).0,
             shutdown: shutdown_rx.clone(),
+            removed: watch::Sender::new(false),
             #[cfg(test)]
             rings_considered: Default::default(),
         });
@@ -1137,6 +1230,12 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
     if let Some(record) = membership.record() {
         inner.install();
         announce(inner, &record).await;
+        // Removed while it was away: a member's answer said so.
+        if *inner.removed.borrow() {
+            return Err(NodeError::Removed {
+                id: inner.id.to_string(),
+            });
+        }
         return Ok(());
     }
     if config.seeds.is_empty() {
@@ -1210,36 +1309,43 @@ async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Me
     let Ok(addr) = member.addr.parse::<SocketAddr>() else {
         return;
     };
-    let outcome =
-        match tokio::time::timeout(ANNOUNCE_TIMEOUT, inner.transport.call_addr(addr, &request))
-            .await
-        {
-            Ok(Ok(Response::Joined(reply))) => match inner.membership.adopt(reply) {
-                Ok(true) => {
-                    tracing::info!(peer = %member.id, "learned new members");
-                    inner.install();
-                    "learned"
-                }
-                Ok(false) => "same",
-                Err(e) => {
-                    tracing::warn!(peer = %member.id, error = %e, "announce refused");
-                    "refused"
-                }
-            },
-            Ok(Ok(Response::Error(e))) => {
-                tracing::warn!(peer = %member.id, error = %e.message, "announce refused");
+    let outcome = match tokio::time::timeout(
+        ANNOUNCE_TIMEOUT,
+        inner.transport.call_addr(addr, &request),
+    )
+    .await
+    {
+        Ok(Ok(Response::Joined(reply))) => match inner.membership.adopt(reply) {
+            Ok(true) => {
+                tracing::info!(peer = %member.id, "learned new members");
+                inner.install();
+                "learned"
+            }
+            Ok(false) => "same",
+            Err(e @ NodeError::Removed { .. }) => {
+                tracing::error!(peer = %member.id, error = %e, "this node was removed from the cluster");
+                inner.removed.send_replace(true);
+                "removed"
+            }
+            Err(e) => {
+                tracing::warn!(peer = %member.id, error = %e, "announce refused");
                 "refused"
             }
-            Ok(Ok(_)) => "same",
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?");
-                "failed"
-            }
-            Err(_) => {
-                tracing::debug!(peer = %member.id, "announce timed out");
-                "failed"
-            }
-        };
+        },
+        Ok(Ok(Response::Error(e))) => {
+            tracing::warn!(peer = %member.id, error = %e.message, "announce refused");
+            "refused"
+        }
+        Ok(Ok(_)) => "same",
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?");
+            "failed"
+        }
+        Err(_) => {
+            tracing::debug!(peer = %member.id, "announce timed out");
+            "failed"
+        }
+    };
     metrics::counter!("ringkv_membership_announces_total", "outcome" => outcome).increment(1);
 }
 

@@ -431,6 +431,26 @@ impl<B: HintBackend> HintBook<B> {
         Ok((dropped, page.last().map(|h| h.key.clone())))
     }
 
+    /// Drops up to `limit` of `owner`'s hints after `after`, expired or
+    /// not: the owner was removed from the cluster and will never take
+    /// them. Returns how many were dropped and where the next page starts
+    /// (`None`: none left).
+    pub fn drop_owner_page(
+        &self,
+        owner: &NodeId,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(u64, Option<Vec<u8>>), HintError> {
+        let page = self.batch(owner, after, limit)?;
+        let mut dropped = 0;
+        for hint in &page {
+            if self.drop_counted(owner, &hint.key, "removed", |_| true)? {
+                dropped += 1;
+            }
+        }
+        Ok((dropped, page.last().map(|h| h.key.clone())))
+    }
+
     /// Drops every hint past the window, for owners that may stay away for
     /// long. Returns how many were dropped. (The handoff worker does the
     /// same page by page, so that it can stop in between.)

@@ -212,6 +212,23 @@ impl Cluster {
         }
     }
 
+    /// Waits (until `deadline`) for node `i` to exit by itself; its exit
+    /// status and what it wrote to stderr.
+    pub fn wait_exit(
+        &mut self,
+        i: usize,
+        deadline: Duration,
+    ) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let mut child = self.nodes[i].child.take().expect("running");
+        let status = wait_within(&mut child, deadline);
+        let mut err = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            let _ = stderr.read_to_string(&mut err);
+        }
+        (status, err)
+    }
+
     /// Restarts node `i` with no seeds: it must remember its cluster.
     pub fn restart(&mut self, i: usize) {
         self.launch(i, &[]).expect("node restarts");
