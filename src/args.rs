@@ -32,7 +32,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run one node (a replica and coordinator) until Ctrl-C.
+    /// Run one node (a replica and coordinator) until Ctrl-C, SIGTERM, or its removal from the cluster.
     Node(NodeArgs),
     /// Run a local development cluster in this process until Ctrl-C.
     Cluster(ClusterArgs),
@@ -355,7 +355,8 @@ pub struct RepairArgs {
     A removed node still running stops at its next membership exchange; started again it refuses to run. \
     To bring the machine back, start it with a new --id and an empty --data-dir. Removal cannot be undone.\n\n\
     Exits 0 once removed (or if it already was), 2 if refused (an unknown id, the node asked being the one \
-    to remove, or too few members left for N), 4 if the node cannot be reached."
+    to remove, or too few members left for N: add the replacement first), 3 if the node asked is not in a \
+    cluster yet, 4 if it cannot be reached."
 )]
 pub struct RemoveArgs {
     /// The id of the node to remove (as `ringkv status` lists it).

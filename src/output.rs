@@ -148,7 +148,6 @@ pub fn status(reply: &StatusReply, json: bool) {
     }
 }
 
-/// `repair`: what one anti-entropy round did.
 /// The answer to `ringkv remove`: the members left.
 pub fn removed(node: &NodeId, reply: &JoinReply, json: bool) {
     let members: Vec<String> = reply.members.iter().map(|m| m.id.to_string()).collect();
@@ -169,6 +168,7 @@ pub fn removed(node: &NodeId, reply: &JoinReply, json: bool) {
     }
 }
 
+/// `repair`: what one anti-entropy round did.
 pub fn repair(report: &RepairReport, json: bool) {
     if json {
         print_json(&json!({

@@ -233,7 +233,10 @@ impl Membership {
             };
             if guard.is_some() {
                 record.absorb(reply, &self.me.id);
-                self.persist(&record)?;
+                // Stop all the same: the next start learns it again.
+                if let Err(e) = self.persist(&record) {
+                    tracing::warn!(error = %e, "could not store this node's removal");
+                }
                 *guard = Some(record);
             }
             return Err(removed);
@@ -326,8 +329,15 @@ impl Membership {
     /// afterwards and whether it changed (removing a removed node again
     /// changes nothing), or why the removal was refused: `id` is not a
     /// member, is this node (another member must do it, so that a node
-    /// never acts on its own removal), or would leave fewer members than N.
-    pub fn remove(&self, id: &NodeId) -> Result<(JoinReply, bool), (ErrorKind, String)> {
+    /// never acts on its own removal), or, with `enforce_n`, would leave
+    /// fewer members than N. A removal passed on by another member skips
+    /// that last check: it was made there, and the exchange would bring it
+    /// here anyway.
+    pub fn remove(
+        &self,
+        id: &NodeId,
+        enforce_n: bool,
+    ) -> Result<(JoinReply, bool), (ErrorKind, String)> {
         let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
         let Some(record) = guard.as_mut() else {
             return Err((
@@ -354,11 +364,11 @@ impl Membership {
                 format!("{id} cannot remove itself; ask another member"),
             ));
         }
-        if record.members.len() - 1 < record.replicas {
+        if enforce_n && record.members.len() - 1 < record.replicas {
             return Err((
                 ErrorKind::Refused,
                 format!(
-                    "the cluster replicates every key {} times and has {} members; removing {id} would leave too few",
+                    "the cluster replicates every key {} times and has {} members; removing {id} would leave too few (add its replacement first, then remove it)",
                     record.replicas,
                     record.members.len()
                 ),
@@ -516,12 +526,12 @@ mod tests {
     fn a_removed_node_leaves_the_list_and_a_stale_list_cannot_bring_it_back() {
         let (m, _dir) = cluster_of(3, "n1");
         let n3 = NodeId::new("n3").unwrap();
-        let (reply, changed) = m.remove(&n3).unwrap();
+        let (reply, changed) = m.remove(&n3, true).unwrap();
         assert!(changed);
         assert_eq!(ids(&reply), ["n1", "n2"]);
         assert_eq!(reply.removed, std::slice::from_ref(&n3));
         // Again: nothing changes, and it is not an error.
-        assert!(!m.remove(&n3).unwrap().1);
+        assert!(!m.remove(&n3, true).unwrap().1);
         // A member that has not heard of it yet still lists n3; adopting
         // its list keeps n3 out.
         let stale = JoinReply {
@@ -549,7 +559,7 @@ mod tests {
     fn a_member_learns_of_a_removal_from_another_members_list() {
         let (m, _dir) = cluster_of(3, "n2");
         let (other, _dir1) = cluster_of(3, "n1");
-        let (told, _) = other.remove(&NodeId::new("n3").unwrap()).unwrap();
+        let (told, _) = other.remove(&NodeId::new("n3").unwrap(), true).unwrap();
         assert!(m.adopt(told).unwrap(), "the removal is a change");
         let record = m.record().unwrap();
         assert_eq!(ids(&record.reply()), ["n1", "n2"]);
@@ -560,7 +570,7 @@ mod tests {
     fn a_removed_node_learns_it_and_refuses_to_start_again() {
         let (n3, dir) = cluster_of(3, "n3");
         let (other, _dir1) = cluster_of(3, "n1");
-        let (told, _) = other.remove(&NodeId::new("n3").unwrap()).unwrap();
+        let (told, _) = other.remove(&NodeId::new("n3").unwrap(), true).unwrap();
         let err = n3.adopt(told.clone()).unwrap_err();
         assert!(matches!(err, NodeError::Removed { .. }), "{err}");
         // It keeps the news, so that the next start refuses at once.
@@ -581,41 +591,50 @@ mod tests {
     #[test]
     fn removal_is_refused_for_strangers_for_oneself_and_below_n() {
         let (m, _dir) = cluster_of(3, "n1");
-        let (kind, message) = m.remove(&NodeId::new("n9").unwrap()).unwrap_err();
+        let (kind, message) = m.remove(&NodeId::new("n9").unwrap(), true).unwrap_err();
         assert_eq!(kind, ErrorKind::InvalidRequest);
         assert!(
             message.contains("n9 is not a member; the members are n1, n2, n3"),
             "{message}"
         );
-        let (kind, message) = m.remove(&NodeId::new("n1").unwrap()).unwrap_err();
+        let (kind, message) = m.remove(&NodeId::new("n1").unwrap(), true).unwrap_err();
         assert_eq!(kind, ErrorKind::Refused);
         assert!(message.contains("ask another member"), "{message}");
-        m.remove(&NodeId::new("n3").unwrap()).unwrap();
+        m.remove(&NodeId::new("n3").unwrap(), true).unwrap();
         // Two members left and N=2: removing another would leave one.
-        let (kind, message) = m.remove(&NodeId::new("n2").unwrap()).unwrap_err();
+        let (kind, message) = m.remove(&NodeId::new("n2").unwrap(), true).unwrap_err();
         assert_eq!(kind, ErrorKind::Refused);
         assert!(message.contains("too few"), "{message}");
+        // Passed on by the member that made it, it is taken as made: two
+        // removals made at once on different members both stand.
+        let (reply, changed) = m.remove(&NodeId::new("n2").unwrap(), false).unwrap();
+        assert!(changed);
+        assert_eq!(ids(&reply), ["n1"]);
     }
 
     /// A data dir written before removal existed keeps its cluster, and is
-    /// rewritten in the new format.
+    /// rewritten in the new format. The bytes are what fd13b04 (the last
+    /// version without removal) stored for n1 and n2 (eu-west), N=3.
     #[test]
     fn a_record_from_before_removal_is_read_and_rewritten() {
-        use ringkv_core::wire::JoinReplyV2;
+        const V2_RECORD_HEX: &str = "3132372e302e302e313a373030303132372e302e302e313a320000006e31ffffffffffff8e000000dcffffff080000000000000000000000000000006e32ffffffffffff8b000000caffffff080000000100000065752d77657374ff00000000040000000000000003000000b0ffffff0200000000000000";
+        let bytes: Vec<u8> = (0..V2_RECORD_HEX.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&V2_RECORD_HEX[i..i + 2], 16).unwrap())
+            .collect();
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
-        let old = JoinReplyV2 {
-            cluster_id: 4,
-            replicas: 3,
-            members: vec![me(None), member("n2", 2)],
-        };
-        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&old).unwrap();
         storage.meta_put(META_CLUSTER_V2, &bytes).unwrap();
         storage.meta_put(META_NODE_ID, b"n1").unwrap();
         let m = Membership::load(storage.clone(), me(None), None).unwrap();
         let record = m.record().unwrap();
         assert_eq!((record.cluster_id, record.replicas), (4, 3));
-        assert_eq!(record.members.len(), 2);
+        assert_eq!(ids(&record.reply()), ["n1", "n2"]);
+        let n2 = &record.members[&NodeId::new("n2").unwrap()];
+        assert_eq!(
+            (n2.addr.as_str(), n2.region.as_deref()),
+            ("127.0.0.1:2", Some("eu-west"))
+        );
         assert!(record.removed.is_empty());
         assert!(storage.meta_get(META_CLUSTER).unwrap().is_some());
     }

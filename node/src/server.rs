@@ -362,6 +362,13 @@ struct NodeInner {
     shutdown: watch::Receiver<bool>,
     /// Becomes true when this node learns it was removed from the cluster.
     removed: watch::Sender<bool>,
+    /// The same, read on every request.
+    is_removed: std::sync::atomic::AtomicBool,
+    /// The node's stop signal (the sender `NodeHandle::shutdown` uses):
+    /// a removed node stops its background loops at once.
+    stop: Arc<watch::Sender<bool>>,
+    /// Removed owners whose hints are being dropped.
+    dropping_hints: Arc<std::sync::Mutex<std::collections::HashSet<NodeId>>>,
     /// Tests: rings the tree rebuilder has taken up (rebuilt or skipped).
     #[cfg(test)]
     rings_considered: std::sync::atomic::AtomicU32,
@@ -369,6 +376,16 @@ struct NodeInner {
 
 impl NodeInner {
     async fn handle(self: Arc<Self>, request: Request) -> Response {
+        if self.is_removed.load(std::sync::atomic::Ordering::Relaxed)
+            && !matches!(request, Request::Ping | Request::Status | Request::Stats)
+        {
+            // Its ring is stale and its data may be: it must not coordinate,
+            // serve as a replica or push repairs any more.
+            return Response::error(
+                ErrorKind::Unavailable,
+                format!("{} was removed from the cluster; ask another node", self.id),
+            );
+        }
         match request {
             Request::Put(p) => match self.coordinator.get() {
                 Some(c) => c.put(p).await,
@@ -457,13 +474,23 @@ impl NodeInner {
             .await
     }
 
+    /// This node learned that it was removed: it refuses every request but
+    /// status, stops its background loops and tells `NodeHandle::removed`.
+    fn on_removed(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.is_removed.swap(true, Ordering::Relaxed) {
+            self.removed.send_replace(true);
+            self.stop.send_replace(true);
+        }
+    }
+
     /// Serves `ringkv remove`: takes `node` out of the cluster and, for a
     /// client (`tell_others`), tells every other member at once rather than
     /// leave it to the membership exchange. The answer is the member list
     /// afterwards, even if some member could not be told (it learns at its
     /// next exchange).
     async fn remove_member(&self, node: NodeId, tell_others: bool) -> Response {
-        let (reply, changed) = match self.membership.remove(&node) {
+        let (reply, changed) = match self.membership.remove(&node, tell_others) {
             Ok(done) => done,
             Err((kind, message)) => return Response::error(kind, message),
         };
@@ -489,7 +516,8 @@ impl NodeInner {
                     (peer, told)
                 });
             }
-            while let Some(Ok((peer, told))) = tells.join_next().await {
+            while let Some(joined) = tells.join_next().await {
+                let Ok((peer, told)) = joined else { continue };
                 match told {
                     Ok(Ok(Response::Joined(_))) => {}
                     Ok(Ok(Response::Error(e))) => {
@@ -543,17 +571,28 @@ impl NodeInner {
     }
 
     /// Hints held for removed nodes will never be taken: drop them, on the
-    /// blocking pool (they may be many).
+    /// blocking pool (they may be many), one task per owner at a time, page
+    /// by page until done or the node shuts down.
     fn drop_hints_for_removed(&self, record: &ClusterRecord) {
         for owner in self.hints.targets() {
             if !record.removed.contains(&owner) {
                 continue;
             }
-            let hints = self.hints.clone();
+            let mut dropping = self
+                .dropping_hints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !dropping.insert(owner.clone()) {
+                continue;
+            }
+            drop(dropping);
+            let (hints, shutdown) = (self.hints.clone(), self.shutdown.clone());
+            let dropping = self.dropping_hints_done(owner.clone());
             tokio::task::spawn_blocking(move || {
+                let _done = dropping;
                 let mut after: Option<Vec<u8>> = None;
                 let mut dropped = 0;
-                loop {
+                while !*shutdown.borrow() {
                     match hints.drop_owner_page(&owner, after.as_deref(), 1024) {
                         Ok((n, next)) => {
                             dropped += n;
@@ -571,6 +610,21 @@ impl NodeInner {
                 tracing::info!(%owner, dropped, "dropped the hints held for a removed node");
             });
         }
+    }
+
+    /// Takes `owner` off the owners being dropped when the returned guard goes.
+    fn dropping_hints_done(&self, owner: NodeId) -> impl Drop + Send + 'static {
+        type Owners = std::sync::Mutex<std::collections::HashSet<NodeId>>;
+        struct Done(Arc<Owners>, NodeId);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&self.1);
+            }
+        }
+        Done(self.dropping_hints.clone(), owner)
     }
 
     /// The members, whether this node's failure detector believes each is
@@ -902,7 +956,7 @@ pub struct NodeHandle {
     id: NodeId,
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
-    shutdown: watch::Sender<bool>,
+    shutdown: Arc<watch::Sender<bool>>,
     accept_loop: JoinHandle<()>,
     repair_worker: JoinHandle<()>,
     prober: JoinHandle<()>,
@@ -1069,6 +1123,7 @@ impl Node {
         });
         let transport_for_repair = transport.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown = Arc::new(shutdown);
         let (read_repair, repair_worker) = ReadRepairQueue::start(
             transport.clone(),
             read_repair::DEFAULT_QUEUE_CAPACITY,
@@ -1103,6 +1158,9 @@ impl Node {
             ring_tx: watch::channel(None).0,
             shutdown: shutdown_rx.clone(),
             removed: watch::Sender::new(false),
+            is_removed: Default::default(),
+            stop: shutdown.clone(),
+            dropping_hints: Default::default(),
             #[cfg(test)]
             rings_considered: Default::default(),
         });
@@ -1228,14 +1286,15 @@ async fn accept_loop(
 async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(), NodeError> {
     let membership = &inner.membership;
     if let Some(record) = membership.record() {
-        inner.install();
+        // Announce first: a node removed while it was away must learn it
+        // before it serves a request with its stale ring.
         announce(inner, &record).await;
-        // Removed while it was away: a member's answer said so.
-        if *inner.removed.borrow() {
+        if inner.is_removed.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(NodeError::Removed {
                 id: inner.id.to_string(),
             });
         }
+        inner.install();
         return Ok(());
     }
     if config.seeds.is_empty() {
@@ -1287,6 +1346,9 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
 /// membership exchange.
 async fn announce(inner: &Arc<NodeInner>, record: &ClusterRecord) {
     for member in record.members.values() {
+        if inner.is_removed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if member.id != inner.id {
             announce_to(inner, record, member).await;
         }
@@ -1324,7 +1386,7 @@ async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Me
             Ok(false) => "same",
             Err(e @ NodeError::Removed { .. }) => {
                 tracing::error!(peer = %member.id, error = %e, "this node was removed from the cluster");
-                inner.removed.send_replace(true);
+                inner.on_removed();
                 "removed"
             }
             Err(e) => {

@@ -1,10 +1,12 @@
-//! A node removed while it was down learns of it from the first member it
-//! announces itself to, and refuses to start.
+//! A node removed while it was down: the hints held for it are dropped, and
+//! it learns of its removal from the first member it announces itself to,
+//! and refuses to start.
 
 use std::time::Duration;
 
-use ringkv_core::wire::{Request, Response};
-use ringkv_core::NodeId;
+use ringkv_core::dvv::Payload;
+use ringkv_core::wire::{PutRequest, Request, Response};
+use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{Client, Node, NodeConfig, NodeError};
 
 fn config(id: &str, dir: &std::path::Path) -> NodeConfig {
@@ -30,6 +32,34 @@ async fn a_node_removed_while_down_refuses_to_start() {
     let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
         .await
         .unwrap();
+    // With n3 down, writes to its keys leave hints for it on n1 or n2.
+    for i in 0..20 {
+        let put = PutRequest::new(
+            format!("k{i}").into_bytes(),
+            Payload::Value(b"v".to_vec()),
+            Consistency::All,
+            None,
+        );
+        let answer = client.call(&Request::Put(put)).await.unwrap();
+        assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    }
+    let hints_held = |addrs: Vec<std::net::SocketAddr>| async move {
+        let mut held = 0;
+        for addr in addrs {
+            let c = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
+            if let Response::Stats(s) = c.call(&Request::Stats).await.unwrap() {
+                held += s.hints_pending;
+            }
+            c.close().await;
+        }
+        held
+    };
+    let addrs: Vec<_> = nodes.iter().map(|n| n.addr()).collect();
+    assert!(
+        hints_held(addrs.clone()).await > 0,
+        "the writes left hints for n3"
+    );
+
     let remove = Request::Remove {
         node: NodeId::new("n3").unwrap(),
         tell_others: true,
@@ -39,6 +69,12 @@ async fn a_node_removed_while_down_refuses_to_start() {
         panic!("{answer:?}")
     };
     assert_eq!(reply.members.len(), 2);
+    // Both members drop the hints they held for n3 (n2 was told by n1).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while hints_held(addrs.clone()).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "hints for n3 kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let err = Node::start(config("n3", dirs[2].path()))
         .await

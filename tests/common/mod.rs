@@ -221,7 +221,18 @@ impl Cluster {
     ) -> (std::process::ExitStatus, String) {
         use std::io::Read;
         let mut child = self.nodes[i].child.take().expect("running");
-        let status = wait_within(&mut child, deadline);
+        let until = Instant::now() + deadline;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {} did not exit within {deadline:?}", self.nodes[i].id);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         let mut err = String::new();
         if let Some(mut stderr) = child.stderr.take() {
             let _ = stderr.read_to_string(&mut err);
