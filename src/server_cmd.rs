@@ -172,6 +172,16 @@ pub async fn start_local_cluster_with(
                         ),
                     ));
                 }
+                // Nor would "a new --id": the cluster names its nodes.
+                if let NodeError::Removed { id } = &e {
+                    return Err(Failure::new(
+                        Exit::Usage,
+                        format!(
+                            "{id} of the cluster kept in {} was removed from it (`ringkv remove`); use another --data-dir for a new cluster",
+                            data_dir.display()
+                        ),
+                    ));
+                }
                 return Err(node_failure(e));
             }
         }

@@ -45,14 +45,21 @@ fn demo_shows_levels_siblings_resolution_and_delete() {
 fn cluster_command_serves_until_terminated() {
     let _serial = serial();
     let ip = std::net::Ipv4Addr::LOCALHOST;
-    // Three consecutive free ports; retry a few bases if one is taken.
+    // Four consecutive free ports; retry a few bases if one is taken.
     let base = (0..20)
         .map(|_| free_port(ip))
-        .find(|&p| p < 65000 && (1..3).all(|i| std::net::UdpSocket::bind((ip, p + i)).is_ok()))
-        .expect("three free ports");
+        .find(|&p| p < 65000 && (1..4).all(|i| std::net::UdpSocket::bind((ip, p + i)).is_ok()))
+        .expect("four free ports");
     let dir = tempfile::tempdir().unwrap();
     let mut child = ringkv()
-        .args(["cluster", "--base-port", &base.to_string(), "--data-dir"])
+        .args([
+            "cluster",
+            "--nodes",
+            "4",
+            "--base-port",
+            &base.to_string(),
+            "--data-dir",
+        ])
         .arg(dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -77,7 +84,7 @@ fn cluster_command_serves_until_terminated() {
     assert!(
         banner
             .iter()
-            .any(|l| l.contains(&format!("127.0.0.1:{}", base + 2))),
+            .any(|l| l.contains(&format!("127.0.0.1:{}", base + 3))),
         "{banner:?}"
     );
     let node = format!("127.0.0.1:{}", base + 1);
@@ -89,6 +96,16 @@ fn cluster_command_serves_until_terminated() {
         .args(["get", "k", "--json"])
         .env("RINGKV_NODE", format!("127.0.0.1:{base}")));
     assert_eq!(values(&got), ["v"]);
+    // Four nodes and N=3: one can go, a second cannot.
+    let remove = |id: &str| run(ringkv().args(["remove", id, "--node", &node]));
+    assert_exit(&remove("n4"), 0);
+    let refused = remove("n3");
+    assert_exit(&refused, 2);
+    assert!(
+        stderr(&refused).contains("would leave too few (add its replacement first"),
+        "{}",
+        stderr(&refused)
+    );
 
     // SIGTERM: a clean shutdown with exit 0.
     let pid = child.id().to_string();
@@ -115,6 +132,24 @@ fn cluster_command_serves_until_terminated() {
     assert!(
         stderr(&o)
             .contains("replicates every key 3 times, but --replicas 2 was given; use --replicas 3"),
+        "{}",
+        stderr(&o)
+    );
+    // n4 was removed: this dir's cluster cannot start it again.
+    let o = run(ringkv()
+        .args([
+            "cluster",
+            "--nodes",
+            "4",
+            "--base-port",
+            &base.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path()));
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("n4 of the cluster kept in")
+            && stderr(&o).contains("was removed from it (`ringkv remove`); use another --data-dir"),
         "{}",
         stderr(&o)
     );
