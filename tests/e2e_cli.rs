@@ -51,15 +51,17 @@ fn cluster_command_serves_until_terminated() {
         .find(|&p| p < 65000 && (1..4).all(|i| std::net::UdpSocket::bind((ip, p + i)).is_ok()))
         .expect("four free ports");
     let dir = tempfile::tempdir().unwrap();
+    let base_port = base.to_string();
+    let four_nodes = [
+        "cluster",
+        "--nodes",
+        "4",
+        "--base-port",
+        &base_port,
+        "--data-dir",
+    ];
     let mut child = ringkv()
-        .args([
-            "cluster",
-            "--nodes",
-            "4",
-            "--base-port",
-            &base.to_string(),
-            "--data-dir",
-        ])
+        .args(four_nodes)
         .arg(dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -136,16 +138,7 @@ fn cluster_command_serves_until_terminated() {
         stderr(&o)
     );
     // n4 was removed: this dir's cluster cannot start it again.
-    let o = run(ringkv()
-        .args([
-            "cluster",
-            "--nodes",
-            "4",
-            "--base-port",
-            &base.to_string(),
-            "--data-dir",
-        ])
-        .arg(dir.path()));
+    let o = run(ringkv().args(four_nodes).arg(dir.path()));
     assert_exit(&o, 2);
     assert!(
         stderr(&o).contains("n4 of the cluster kept in")

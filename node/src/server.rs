@@ -590,24 +590,14 @@ impl NodeInner {
             let dropping = self.dropping_hints_done(owner.clone());
             tokio::task::spawn_blocking(move || {
                 let _done = dropping;
-                let mut after: Option<Vec<u8>> = None;
-                let mut dropped = 0;
-                while !*shutdown.borrow() {
-                    match hints.drop_owner_page(&owner, after.as_deref(), 1024) {
-                        Ok((n, next)) => {
-                            dropped += n;
-                            match next {
-                                Some(next) => after = Some(next),
-                                None => break,
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(%owner, error = %e, "could not drop the hints of a removed node");
-                            break;
-                        }
+                match hints.drop_owner(&owner, || *shutdown.borrow()) {
+                    Ok(dropped) => {
+                        tracing::info!(%owner, dropped, "dropped the hints held for a removed node")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%owner, error = %e, "could not drop the hints of a removed node")
                     }
                 }
-                tracing::info!(%owner, dropped, "dropped the hints held for a removed node");
             });
         }
     }

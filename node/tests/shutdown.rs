@@ -12,6 +12,18 @@ fn config(dir: &std::path::Path) -> NodeConfig {
     NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.into())
 }
 
+/// Node `id` of a two-node cluster (N=2) that does nothing in the
+/// background: no hints, no periodic anti-entropy, no read repair.
+fn quiet(id: &str, dir: &std::path::Path) -> NodeConfig {
+    let mut c = config(dir);
+    c.id = NodeId::new(id).unwrap();
+    c.replicas = Some(2);
+    c.hints = false;
+    c.anti_entropy_interval = None;
+    c.read_repair_chance = 0.0;
+    c
+}
+
 /// Starts a node in `dir` and writes one key through a client, which
 /// leaves a connection handler behind that holds the node.
 async fn start_and_put(dir: &std::path::Path) -> (NodeHandle, Client) {
@@ -75,20 +87,15 @@ fn assert_next_start_keeps_the_epoch(dir: &std::path::Path) {
 async fn a_repair_round_under_way_stops_at_shutdown() {
     use ringkv_core::wire::ReplicaRequest;
     let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let quiet = |id: &str, dir: &std::path::Path| {
-        let mut c = config(dir);
-        c.id = NodeId::new(id).unwrap();
-        c.replicas = Some(2);
-        c.hints = false;
-        c.anti_entropy_interval = None;
-        c.read_repair_chance = 0.0;
+    let paced = |id: &str, dir: &std::path::Path| {
+        let mut c = quiet(id, dir);
         // One key a second: after its first batch of 64 keys the round
         // waits a minute for the next.
         c.repair_keys_per_s = 1;
         c
     };
-    let n1 = Node::start(quiet("n1", dir1.path())).await.unwrap();
-    let mut second = quiet("n2", dir2.path());
+    let n1 = Node::start(paced("n1", dir1.path())).await.unwrap();
+    let mut second = paced("n2", dir2.path());
     second.seeds = vec![n1.addr()];
     let n2 = Node::start(second).await.unwrap();
     n2.shutdown().await;
@@ -109,7 +116,7 @@ async fn a_repair_round_under_way_stops_at_shutdown() {
         assert!(matches!(answer, Response::Put(_)), "{answer:?}");
     }
 
-    let n2 = Node::start(quiet("n2", dir2.path())).await.unwrap();
+    let n2 = Node::start(paced("n2", dir2.path())).await.unwrap();
     let to_n2 = Client::connect(n2.addr(), Duration::from_secs(5))
         .await
         .unwrap();
@@ -176,12 +183,7 @@ async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
     );
     let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let in_region = |id: &str, dir: &std::path::Path, region: &str| {
-        let mut c = config(dir);
-        c.id = NodeId::new(id).unwrap();
-        c.replicas = Some(2);
-        c.hints = false;
-        c.anti_entropy_interval = None;
-        c.read_repair_chance = 0.0;
+        let mut c = quiet(id, dir);
         c.region = Some(region.to_string());
         c.latency_matrix = Some(matrix.clone());
         c

@@ -451,6 +451,23 @@ impl<B: HintBackend> HintBook<B> {
         Ok((dropped, page.last().map(|h| h.key.clone())))
     }
 
+    /// Drops every hint held for `owner` (see [`Self::drop_owner_page`]),
+    /// a page at a time, until none is left or `stop()` says to stop
+    /// between two pages. Returns how many were dropped.
+    pub fn drop_owner(&self, owner: &NodeId, stop: impl Fn() -> bool) -> Result<u64, HintError> {
+        let mut after: Option<Vec<u8>> = None;
+        let mut dropped = 0;
+        while !stop() {
+            let (n, next) = self.drop_owner_page(owner, after.as_deref(), 1024)?;
+            dropped += n;
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        Ok(dropped)
+    }
+
     /// Drops every hint past the window, for owners that may stay away for
     /// long. Returns how many were dropped. (The handoff worker does the
     /// same page by page, so that it can stop in between.)

@@ -257,4 +257,10 @@ fn a_removed_owners_hints_are_dropped_page_by_page() {
     );
     assert_eq!(f.book.pending(&n("gone")), 0);
     assert_eq!(f.book.pending(&n("kept")), 1);
+
+    // All at once, and not at all when told to stop first.
+    f.book.store(&n("gone"), b"k", &write("a", "1")).unwrap();
+    assert_eq!(f.book.drop_owner(&n("gone"), || true).unwrap(), 0);
+    assert_eq!(f.book.drop_owner(&n("gone"), || false).unwrap(), 1);
+    assert_eq!(f.book.pending(&n("gone")), 0);
 }
