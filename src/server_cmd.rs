@@ -110,9 +110,32 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
         println!("  {:<4} {}", n.id().as_str(), n.addr());
     }
     println!("try: ringkv put hello world && ringkv get hello   (Ctrl-C stops the cluster)");
-    wait_for_signal().await;
+    // A node removed from the cluster (`ringkv remove`) stops, as `ringkv
+    // node` would; the others go on.
+    let mut removals = tokio::task::JoinSet::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let removed = n.removed();
+        removals.spawn(async move {
+            removed.await;
+            i
+        });
+    }
+    let mut nodes: Vec<Option<NodeHandle>> = nodes.into_iter().map(Some).collect();
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => break,
+            Some(Ok(i)) = removals.join_next() => {
+                if let Some(node) = nodes[i].take() {
+                    let id = node.id().to_string();
+                    node.shutdown().await;
+                    eprintln!("{id} was removed from the cluster and has stopped");
+                }
+            }
+        }
+    }
+    removals.abort_all();
     eprintln!("shutting down");
-    for n in nodes {
+    for n in nodes.into_iter().flatten() {
         n.shutdown().await;
     }
     Ok(Exit::Ok)

@@ -99,8 +99,25 @@ fn cluster_command_serves_until_terminated() {
         .env("RINGKV_NODE", format!("127.0.0.1:{base}")));
     assert_eq!(values(&got), ["v"]);
     // Four nodes and N=3: one can go, a second cannot.
+    let (err_tx, err_rx) = mpsc::channel();
+    let stderr_pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            let _ = err_tx.send(line);
+        }
+    });
     let remove = |id: &str| run(ringkv().args(["remove", id, "--node", &node]));
     assert_exit(&remove("n4"), 0);
+    // n4 learns at its next membership exchange (every 5 s), and stops.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match err_rx.recv_timeout(left) {
+            Ok(line) if line.contains("n4 was removed from the cluster and has stopped") => break,
+            Ok(_) => {}
+            Err(_) => panic!("the cluster never stopped n4"),
+        }
+    }
     let refused = remove("n3");
     assert_exit(&refused, 2);
     assert!(

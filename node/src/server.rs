@@ -367,6 +367,10 @@ struct NodeInner {
     /// The node's stop signal (the sender `NodeHandle::shutdown` uses):
     /// a removed node stops its background loops at once.
     stop: Arc<watch::Sender<bool>>,
+    /// Set once `form_or_join` is done: until then a change of the member
+    /// list is stored but not installed, so that a restarted node does not
+    /// coordinate with its old ring before it knows it is still a member.
+    started: std::sync::atomic::AtomicBool,
     /// Removed owners whose hints are being dropped.
     dropping_hints: Arc<std::sync::Mutex<std::collections::HashSet<NodeId>>>,
     /// Tests: rings the tree rebuilder has taken up (rebuilt or skipped).
@@ -434,7 +438,7 @@ impl NodeInner {
             Request::Join(j) => {
                 let (response, changed) = self.membership.handle_join(j);
                 if changed {
-                    self.install();
+                    self.install_if_started();
                 }
                 response
             }
@@ -475,7 +479,8 @@ impl NodeInner {
     }
 
     /// This node learned that it was removed: it refuses every request but
-    /// status, stops its background loops and tells `NodeHandle::removed`.
+    /// status, stops its background loops (it still accepts connections,
+    /// to say so) and tells `NodeHandle::removed`.
     fn on_removed(&self) {
         use std::sync::atomic::Ordering;
         if !self.is_removed.swap(true, Ordering::Relaxed) {
@@ -530,6 +535,13 @@ impl NodeInner {
             }
         }
         Response::Joined(reply)
+    }
+
+    /// [`Self::install`], once the node is started (see `started`).
+    fn install_if_started(&self) {
+        if self.started.load(std::sync::atomic::Ordering::Acquire) {
+            self.install();
+        }
     }
 
     /// Puts the newest cluster record into effect. Whoever calls, the ring
@@ -947,6 +959,7 @@ pub struct NodeHandle {
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
     shutdown: Arc<watch::Sender<bool>>,
+    stop_accepting: watch::Sender<bool>,
     accept_loop: JoinHandle<()>,
     repair_worker: JoinHandle<()>,
     prober: JoinHandle<()>,
@@ -971,10 +984,12 @@ impl NodeHandle {
     /// Returns once this node has learned that it was removed from the
     /// cluster (`ringkv remove` on another member): it must then stop, as
     /// `ringkv node` does. Never returns otherwise.
-    pub async fn removed(&self) {
+    pub fn removed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut removed = self.inner.removed.subscribe();
-        if removed.wait_for(|removed| *removed).await.is_err() {
-            std::future::pending::<()>().await;
+        async move {
+            if removed.wait_for(|removed| *removed).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -984,6 +999,7 @@ impl NodeHandle {
     /// data dir can be removed or reopened as soon as this returns).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        let _ = self.stop_accepting.send(true);
         if let Some(coordinator) = self.inner.coordinator.get() {
             // First, so that requests under way or still arriving answer
             // "shutting down" (the client tries another node), and so that
@@ -1149,6 +1165,7 @@ impl Node {
             shutdown: shutdown_rx.clone(),
             removed: watch::Sender::new(false),
             is_removed: Default::default(),
+            started: Default::default(),
             stop: shutdown.clone(),
             dropping_hints: Default::default(),
             #[cfg(test)]
@@ -1186,17 +1203,21 @@ impl Node {
             shutdown_rx.clone(),
         );
 
+        // Its own signal: a removed node stops its loops but still answers
+        // (status, and "removed" to everything else) until it shuts down.
+        let (stop_accepting, accepting) = watch::channel(false);
         let accept_loop = tokio::spawn(accept_loop(
             endpoint.clone(),
             inner.clone(),
             config.max_connections,
-            shutdown_rx,
+            accepting,
         ));
         let handle = NodeHandle {
             id: config.id.clone(),
             addr,
             endpoint,
             shutdown,
+            stop_accepting,
             accept_loop,
             repair_worker,
             prober,
@@ -1274,23 +1295,32 @@ async fn accept_loop(
 /// Puts the node in a cluster: the one it remembers, the one its seeds are
 /// in, or a new one.
 async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(), NodeError> {
+    enter_cluster(inner, config).await?;
+    // Removed while it was away: a member's answer to its announce said so.
+    // Nothing was installed yet, so it never served with its stale ring.
+    if inner.is_removed.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(NodeError::Removed {
+            id: inner.id.to_string(),
+        });
+    }
+    inner
+        .started
+        .store(true, std::sync::atomic::Ordering::Release);
+    inner.install();
+    Ok(())
+}
+
+/// Gets the node a cluster record: the remembered one (announced to every
+/// member), a new one, or its seeds' (then announced to every member).
+async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(), NodeError> {
     let membership = &inner.membership;
     if let Some(record) = membership.record() {
-        // Announce first: a node removed while it was away must learn it
-        // before it serves a request with its stale ring.
         announce(inner, &record).await;
-        if inner.is_removed.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(NodeError::Removed {
-                id: inner.id.to_string(),
-            });
-        }
-        inner.install();
         return Ok(());
     }
     if config.seeds.is_empty() {
         let replicas = config.replicas.unwrap_or(DEFAULT_REPLICAS);
         membership.form(rand::random(), replicas)?;
-        inner.install();
         return Ok(());
     }
     let deadline = tokio::time::Instant::now() + config.join_timeout;
@@ -1303,7 +1333,6 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
             match inner.transport.call_addr(*seed, &request).await {
                 Ok(Response::Joined(reply)) => {
                     membership.adopt(reply)?;
-                    inner.install();
                     if let Some(record) = membership.record() {
                         announce(inner, &record).await;
                     }
@@ -1335,14 +1364,15 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
 /// Best effort: a member that misses it learns of us from the periodic
 /// membership exchange.
 async fn announce(inner: &Arc<NodeInner>, record: &ClusterRecord) {
+    // All at once: a start waits for the slowest member, not for the sum.
+    let mut announces = tokio::task::JoinSet::new();
     for member in record.members.values() {
-        if inner.is_removed.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
-        }
         if member.id != inner.id {
-            announce_to(inner, record, member).await;
+            let (inner, record, member) = (inner.clone(), record.clone(), member.clone());
+            announces.spawn(async move { announce_to(&inner, &record, &member).await });
         }
     }
+    while announces.join_next().await.is_some() {}
 }
 
 /// How long one announcement may take.
@@ -1370,7 +1400,7 @@ async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Me
         Ok(Ok(Response::Joined(reply))) => match inner.membership.adopt(reply) {
             Ok(true) => {
                 tracing::info!(peer = %member.id, "learned new members");
-                inner.install();
+                inner.install_if_started();
                 "learned"
             }
             Ok(false) => "same",

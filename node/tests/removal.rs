@@ -92,3 +92,60 @@ async fn a_node_removed_while_down_refuses_to_start() {
     assert!(matches!(err, NodeError::Removed { .. }), "{err}");
     client.close().await;
 }
+
+/// A node removed while running learns it at its next membership exchange:
+/// it then answers status but refuses everything else, even on new
+/// connections, with advice.
+#[tokio::test]
+async fn a_running_node_learns_of_its_removal_and_refuses_requests() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let n1 = Node::start(config("n1", dirs[0].path())).await.unwrap();
+    let mut nodes = vec![n1];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        let mut c = config(&format!("n{}", i + 1), dir.path());
+        c.seeds = vec![nodes[0].addr()];
+        nodes.push(Node::start(c).await.unwrap());
+    }
+    let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let remove = Request::Remove {
+        node: NodeId::new("n3").unwrap(),
+        tell_others: true,
+    };
+    assert!(matches!(
+        client.call(&remove).await.unwrap(),
+        Response::Joined(_)
+    ));
+    // The exchange runs every 5 s with a random member; both know.
+    tokio::time::timeout(Duration::from_secs(30), nodes[2].removed())
+        .await
+        .expect("n3 learns of its removal");
+
+    let to_n3 = Client::connect(nodes[2].addr(), Duration::from_secs(5))
+        .await
+        .expect("a removed node still accepts connections, to say so");
+    assert!(matches!(
+        to_n3.call(&Request::Status).await.unwrap(),
+        Response::Status(_)
+    ));
+    let put = PutRequest::new(
+        b"k".to_vec(),
+        Payload::Value(b"v".to_vec()),
+        Consistency::One,
+        None,
+    );
+    match to_n3.call(&Request::Put(put)).await.unwrap() {
+        Response::Error(e) => assert!(
+            e.message
+                .contains("n3 was removed from the cluster; ask another node"),
+            "{e:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    to_n3.close().await;
+    client.close().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
