@@ -347,8 +347,8 @@ pub struct RepairArgs {
 #[derive(Args, Debug)]
 #[command(
     after_help = "Any member can do it (not the node being removed): it drops the node from its member list, \
-    tells every other member at once, and answers with the members left. Members it could not reach learn of \
-    the removal at their next membership exchange (every 5 s). Hints held for the node are dropped.\n\n\
+    tells every other member at once, and answers with the members left and any it could not tell. Those learn \
+    of the removal at their next membership exchange (every 5 s). Hints held for the node are dropped.\n\n\
     The node's key ranges pass to the next nodes on the ring; run `ringkv repair` on each member (or wait \
     for the periodic anti-entropy rounds) to copy the keys onto them. A write that only the removed node \
     held (W=1 while the others were down) is lost with it.\n\n\

@@ -180,7 +180,7 @@ pub async fn remove(args: RemoveArgs) -> Result<Exit, Failure> {
         tell_others: true,
     };
     match send(&args.target, &request).await? {
-        Response::Joined(reply) => {
+        Response::Removed(reply) => {
             output::removed(&node, &reply, args.target.json);
             Ok(Exit::Ok)
         }

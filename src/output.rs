@@ -2,7 +2,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use ringkv_core::wire::{GetReply, JoinReply, PutReply, Receipt, RepairReport, StatusReply};
+use ringkv_core::wire::{GetReply, PutReply, Receipt, RemoveReply, RepairReport, StatusReply};
 use ringkv_core::NodeId;
 use serde_json::{json, Value};
 
@@ -149,14 +149,19 @@ pub fn status(reply: &StatusReply, json: bool) {
 }
 
 /// The answer to `ringkv remove`: the members left.
-pub fn removed(node: &NodeId, reply: &JoinReply, json: bool) {
-    let members: Vec<String> = reply.members.iter().map(|m| m.id.to_string()).collect();
+pub fn removed(node: &NodeId, reply: &RemoveReply, json: bool) {
+    let record = &reply.record;
+    let members: Vec<String> = record.members.iter().map(|m| m.id.to_string()).collect();
     if json {
         print_json(&json!({
             "removed": node.to_string(),
             "members": members,
-            "replicas": reply.replicas,
-            "all_removed": reply.removed.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "replicas": record.replicas,
+            "all_removed": record.removed.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "not_told": reply.not_told.iter().map(|f| json!({
+                "peer": f.peer.to_string(),
+                "reason": f.reason,
+            })).collect::<Vec<_>>(),
         }));
     } else {
         println!(
@@ -164,6 +169,12 @@ pub fn removed(node: &NodeId, reply: &JoinReply, json: bool) {
             members.len(),
             members.join(", ")
         );
+        for f in &reply.not_told {
+            println!(
+                "  {} not told ({}); it learns at its next membership exchange",
+                f.peer, f.reason
+            );
+        }
         println!("run `ringkv repair` on each of them to copy {node}'s keys to their new replicas");
     }
 }

@@ -86,7 +86,7 @@ pub enum Request {
     /// Run one anti-entropy round against every peer now (`ringkv repair`).
     Repair,
     /// Take a member out of the cluster for good (`ringkv remove`). The
-    /// answer is the member list afterwards (`Joined`). With `tell_others`
+    /// answer is [`Response::Removed`]. With `tell_others`
     /// (a client's request) the node passes it on to every other member.
     Remove {
         node: NodeId,
@@ -280,7 +280,19 @@ pub enum Response {
     Clocks(Vec<Option<Clock>>),
     Items(Vec<KeyDigest>),
     Repair(RepairReport),
+    /// The answer to [`Request::Remove`].
+    Removed(RemoveReply),
     Error(ErrorReply),
+}
+
+/// What `ringkv remove` did.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RemoveReply {
+    /// The cluster record afterwards.
+    pub record: JoinReply,
+    /// Members the node asked could not tell, and why; they learn at their
+    /// next membership exchange. Empty for a removal passed on by a member.
+    pub not_told: Vec<PeerFailure>,
 }
 
 /// A node's own counters.
@@ -655,6 +667,12 @@ impl Response {
             Response::Items(items) => items.iter().try_for_each(|i| validate_key(&i.key)),
             Response::Clocks(clocks) => clocks.iter().flatten().try_for_each(validate_clock),
             Response::Joined(j) => validate_record(j, "join reply"),
+            Response::Removed(r) => {
+                validate_record(&r.record, "remove reply")?;
+                r.not_told
+                    .iter()
+                    .try_for_each(|f| validate_node_id(&f.peer))
+            }
             _ => Ok(()),
         }
     }

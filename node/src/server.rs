@@ -492,13 +492,14 @@ impl NodeInner {
     /// Serves `ringkv remove`: takes `node` out of the cluster and, for a
     /// client (`tell_others`), tells every other member at once rather than
     /// leave it to the membership exchange. The answer is the member list
-    /// afterwards, even if some member could not be told (it learns at its
-    /// next exchange).
+    /// afterwards and the members that could not be told (they learn at
+    /// their next exchange).
     async fn remove_member(&self, node: NodeId, tell_others: bool) -> Response {
         let (reply, changed) = match self.membership.remove(&node, tell_others) {
             Ok(done) => done,
             Err((kind, message)) => return Response::error(kind, message),
         };
+        let mut not_told = Vec::new();
         if changed {
             tracing::warn!(%node, "removed from the cluster");
             self.install();
@@ -523,18 +524,22 @@ impl NodeInner {
             }
             while let Some(joined) = tells.join_next().await {
                 let Ok((peer, told)) = joined else { continue };
-                match told {
-                    Ok(Ok(Response::Joined(_))) => {}
-                    Ok(Ok(Response::Error(e))) => {
-                        tracing::warn!(%peer, error = %e.message, "a member refused the removal")
-                    }
-                    _ => {
-                        tracing::info!(%peer, "could not tell a member of the removal; it learns at its next membership exchange")
-                    }
-                }
+                let reason = match told {
+                    Ok(Ok(Response::Removed(_))) => continue,
+                    Ok(Ok(Response::Error(e))) => format!("refused: {}", e.message),
+                    Ok(Ok(other)) => format!("unexpected answer {other:?}"),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer in time".to_string(),
+                };
+                tracing::warn!(%peer, %reason, "could not tell a member of the removal; it learns at its next membership exchange");
+                not_told.push(ringkv_core::wire::PeerFailure { peer, reason });
             }
         }
-        Response::Joined(reply)
+        not_told.sort_by(|a, b| a.peer.cmp(&b.peer));
+        Response::Removed(ringkv_core::wire::RemoveReply {
+            record: reply,
+            not_told,
+        })
     }
 
     /// [`Self::install`], once the node is started (see `started`).

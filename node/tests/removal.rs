@@ -65,10 +65,11 @@ async fn a_node_removed_while_down_refuses_to_start() {
         tell_others: true,
     };
     let answer = client.call(&remove).await.unwrap();
-    let Response::Joined(reply) = answer else {
+    let Response::Removed(reply) = answer else {
         panic!("{answer:?}")
     };
-    assert_eq!(reply.members.len(), 2);
+    assert_eq!(reply.record.members.len(), 2);
+    assert_eq!(reply.not_told, [], "n2 was told");
     // Both members drop the hints they held for n3 (n2 was told by n1).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while hints_held(addrs.clone()).await > 0 {
@@ -115,7 +116,7 @@ async fn a_running_node_learns_of_its_removal_and_refuses_requests() {
     };
     assert!(matches!(
         client.call(&remove).await.unwrap(),
-        Response::Joined(_)
+        Response::Removed(_)
     ));
     // The exchange runs every 5 s with a random member; both know.
     tokio::time::timeout(Duration::from_secs(30), nodes[2].removed())
@@ -144,6 +145,44 @@ async fn a_running_node_learns_of_its_removal_and_refuses_requests() {
         other => panic!("{other:?}"),
     }
     to_n3.close().await;
+    client.close().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// A member that cannot be told of a removal is named in the answer.
+#[tokio::test]
+async fn the_answer_names_members_that_could_not_be_told() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let one_copy = |id: &str, dir: &std::path::Path| {
+        let mut c = config(id, dir);
+        c.replicas = Some(1);
+        c
+    };
+    let n1 = Node::start(one_copy("n1", dirs[0].path())).await.unwrap();
+    let mut nodes = vec![n1];
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        let mut c = one_copy(&format!("n{}", i + 1), dir.path());
+        c.seeds = vec![nodes[0].addr()];
+        nodes.push(Node::start(c).await.unwrap());
+    }
+    let n2 = nodes.remove(1);
+    n2.shutdown().await;
+
+    let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let remove = Request::Remove {
+        node: NodeId::new("n3").unwrap(),
+        tell_others: true,
+    };
+    let answer = client.call(&remove).await.unwrap();
+    let Response::Removed(reply) = answer else {
+        panic!("{answer:?}")
+    };
+    let not_told: Vec<&str> = reply.not_told.iter().map(|f| f.peer.as_str()).collect();
+    assert_eq!(not_told, ["n2"], "{:?}", reply.not_told);
     client.close().await;
     for node in nodes {
         node.shutdown().await;

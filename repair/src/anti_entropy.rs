@@ -636,6 +636,7 @@ fn answer_kind(answer: &Response) -> &'static str {
         Response::Clocks(_) => "Clocks",
         Response::Items(_) => "Items",
         Response::Repair(_) => "Repair",
+        Response::Removed(_) => "Removed",
         Response::Error(_) => "Error",
     }
 }
