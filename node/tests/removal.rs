@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{PutRequest, Request, Response};
+use ringkv_core::wire::{PutRequest, RemoveReply, Request, Response};
 use ringkv_core::{Consistency, NodeId};
-use ringkv_node::{Client, Node, NodeConfig, NodeError};
+use ringkv_node::{Client, Node, NodeConfig, NodeError, NodeHandle};
 
 fn config(id: &str, dir: &std::path::Path) -> NodeConfig {
     let mut c = NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into());
@@ -16,16 +16,40 @@ fn config(id: &str, dir: &std::path::Path) -> NodeConfig {
     c
 }
 
-#[tokio::test]
-async fn a_node_removed_while_down_refuses_to_start() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let n1 = Node::start(config("n1", dirs[0].path())).await.unwrap();
-    let mut nodes = vec![n1];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
+fn data_dirs() -> Vec<tempfile::TempDir> {
+    (0..3).map(|_| tempfile::tempdir().unwrap()).collect()
+}
+
+/// n1, n2 and n3 in `dirs`, replicating each key `replicas` times.
+async fn start_three(dirs: &[tempfile::TempDir], replicas: usize) -> Vec<NodeHandle> {
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
         let mut c = config(&format!("n{}", i + 1), dir.path());
-        c.seeds = vec![nodes[0].addr()];
+        c.replicas = Some(replicas);
+        if let Some(first) = nodes.first() {
+            c.seeds = vec![first.addr()];
+        }
         nodes.push(Node::start(c).await.unwrap());
     }
+    nodes
+}
+
+/// Asks the node `client` is connected to to remove n3, as `ringkv remove` does.
+async fn remove_n3(client: &Client) -> RemoveReply {
+    let remove = Request::Remove {
+        node: NodeId::new("n3").unwrap(),
+        tell_others: true,
+    };
+    match client.call(&remove).await.unwrap() {
+        Response::Removed(reply) => reply,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_node_removed_while_down_refuses_to_start() {
+    let dirs = data_dirs();
+    let mut nodes = start_three(&dirs, 2).await;
     let n3 = nodes.pop().unwrap();
     n3.shutdown().await;
 
@@ -60,14 +84,7 @@ async fn a_node_removed_while_down_refuses_to_start() {
         "the writes left hints for n3"
     );
 
-    let remove = Request::Remove {
-        node: NodeId::new("n3").unwrap(),
-        tell_others: true,
-    };
-    let answer = client.call(&remove).await.unwrap();
-    let Response::Removed(reply) = answer else {
-        panic!("{answer:?}")
-    };
+    let reply = remove_n3(&client).await;
     assert_eq!(reply.record.members.len(), 2);
     assert_eq!(reply.not_told, [], "n2 was told");
     // Both members drop the hints they held for n3 (n2 was told by n1).
@@ -99,25 +116,12 @@ async fn a_node_removed_while_down_refuses_to_start() {
 /// connections, with advice.
 #[tokio::test]
 async fn a_running_node_learns_of_its_removal_and_refuses_requests() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let n1 = Node::start(config("n1", dirs[0].path())).await.unwrap();
-    let mut nodes = vec![n1];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
-        let mut c = config(&format!("n{}", i + 1), dir.path());
-        c.seeds = vec![nodes[0].addr()];
-        nodes.push(Node::start(c).await.unwrap());
-    }
+    let dirs = data_dirs();
+    let nodes = start_three(&dirs, 2).await;
     let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
         .await
         .unwrap();
-    let remove = Request::Remove {
-        node: NodeId::new("n3").unwrap(),
-        tell_others: true,
-    };
-    assert!(matches!(
-        client.call(&remove).await.unwrap(),
-        Response::Removed(_)
-    ));
+    remove_n3(&client).await;
     // The exchange runs every 5 s with a random member; both know.
     tokio::time::timeout(Duration::from_secs(30), nodes[2].removed())
         .await
@@ -154,33 +158,15 @@ async fn a_running_node_learns_of_its_removal_and_refuses_requests() {
 /// A member that cannot be told of a removal is named in the answer.
 #[tokio::test]
 async fn the_answer_names_members_that_could_not_be_told() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let one_copy = |id: &str, dir: &std::path::Path| {
-        let mut c = config(id, dir);
-        c.replicas = Some(1);
-        c
-    };
-    let n1 = Node::start(one_copy("n1", dirs[0].path())).await.unwrap();
-    let mut nodes = vec![n1];
-    for (i, dir) in dirs.iter().enumerate().skip(1) {
-        let mut c = one_copy(&format!("n{}", i + 1), dir.path());
-        c.seeds = vec![nodes[0].addr()];
-        nodes.push(Node::start(c).await.unwrap());
-    }
+    let dirs = data_dirs();
+    let mut nodes = start_three(&dirs, 1).await;
     let n2 = nodes.remove(1);
     n2.shutdown().await;
 
     let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
         .await
         .unwrap();
-    let remove = Request::Remove {
-        node: NodeId::new("n3").unwrap(),
-        tell_others: true,
-    };
-    let answer = client.call(&remove).await.unwrap();
-    let Response::Removed(reply) = answer else {
-        panic!("{answer:?}")
-    };
+    let reply = remove_n3(&client).await;
     let not_told: Vec<&str> = reply.not_told.iter().map(|f| f.peer.as_str()).collect();
     assert_eq!(not_told, ["n2"], "{:?}", reply.not_told);
     client.close().await;
