@@ -34,6 +34,8 @@ pub enum NodeError {
     Config { reason: String },
     #[error("TLS setup failed: {reason}")]
     Tls { reason: String },
+    #[error("cluster key file {path}: {reason}")]
+    ClusterKey { path: PathBuf, reason: String },
     #[error(transparent)]
     TreeRebuildOverrun(#[from] ringkv_repair::trees::RebuildOverrun),
     #[error("the Merkle tree rebuild was stopped: the node is shutting down")]

@@ -43,6 +43,10 @@ pub enum FrameError {
     /// The stream failed (reset by the peer, or the connection died).
     #[error("stream failed: {reason}")]
     Stream { reason: String },
+    /// The connection under the stream ended (closed, timed out, or refused
+    /// at the handshake).
+    #[error("connection lost: {error}")]
+    ConnectionLost { error: quinn::ConnectionError },
 }
 
 /// Appends one frame to `buf`.
@@ -106,6 +110,9 @@ async fn read_full(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<usize
         match recv.read(&mut buf[filled..]).await {
             Ok(Some(n)) => filled += n,
             Ok(None) => break,
+            Err(quinn::ReadError::ConnectionLost(error)) => {
+                return Err(FrameError::ConnectionLost { error })
+            }
             Err(e) => {
                 return Err(FrameError::Stream {
                     reason: e.to_string(),

@@ -2,6 +2,7 @@
 //!
 //! - [`storage`]: RocksDB, the durable store of clocks and metadata.
 //! - [`group_commit`]: one WAL flush for the writes of many requests.
+//! - [`cluster_key`]: the shared secret that admits nodes and clients.
 //! - [`tls`]: certificates and QUIC/TLS configuration, in one place.
 //! - [`frame`]: request/response frames on a QUIC stream and the batching
 //!   writer.
@@ -16,6 +17,7 @@
 //! merging, placement) are made in `coordinator`, `core` and `ring`; the code
 //! here moves bytes and stores them.
 
+pub mod cluster_key;
 pub mod error;
 pub mod frame;
 pub mod group_commit;
@@ -25,6 +27,7 @@ pub mod server;
 pub mod storage;
 pub mod tls;
 
+pub use cluster_key::ClusterKey;
 pub use error::NodeError;
 pub use quic::{CallError, Client};
 pub use server::{Node, NodeConfig, NodeHandle};

@@ -30,6 +30,7 @@ use ringkv_core::wire::{
 };
 use tokio::sync::{oneshot, Semaphore};
 
+use crate::cluster_key::ClusterKey;
 use crate::frame::{put_frame, read_frame, FrameError, FrameQueue};
 use crate::tls;
 
@@ -312,6 +313,10 @@ pub enum CallError {
     Protocol(String),
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// The TLS handshake failed: one end lacks the cluster key or holds
+    /// another, or they run different releases. Trying again will not help.
+    #[error("cannot connect: {0}")]
+    Refused(String),
 }
 
 impl From<FrameError> for CallError {
@@ -320,6 +325,7 @@ impl From<FrameError> for CallError {
     fn from(e: FrameError) -> Self {
         match e {
             FrameError::Stream { reason } => CallError::Stream(reason),
+            FrameError::ConnectionLost { error } => CallError::connection(error),
             e => CallError::Protocol(e.to_string()),
         }
     }
@@ -327,7 +333,10 @@ impl From<FrameError> for CallError {
 
 impl CallError {
     fn connection(e: quinn::ConnectionError) -> Self {
-        CallError::Connection(e.to_string())
+        match tls::handshake_failure(&e) {
+            Some(reason) => CallError::Refused(reason),
+            None => CallError::Connection(e.to_string()),
+        }
     }
 }
 
@@ -380,7 +389,7 @@ where
                 break;
             }
             // Reset by the sender, or the connection died: nothing to read.
-            Err(FrameError::Stream { .. }) => break,
+            Err(FrameError::Stream { .. } | FrameError::ConnectionLost { .. }) => break,
         };
         let permit = in_flight
             .clone()
@@ -533,7 +542,10 @@ async fn connect(
         .map_err(|e| CallError::Connect(e.to_string()))?;
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(CallError::Connect(e.to_string())),
+        Ok(Err(e)) => Err(match tls::handshake_failure(&e) {
+            Some(reason) => CallError::Refused(reason),
+            None => CallError::Connect(e.to_string()),
+        }),
         Err(_) => Err(CallError::Connect(format!(
             "no answer within {} ms",
             timeout.as_millis()
@@ -550,8 +562,20 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the node at `addr`, giving up after `timeout`.
+    /// Connects to the node at `addr` of a cluster without a key, giving up
+    /// after `timeout`.
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Client, CallError> {
+        Client::connect_with_key(addr, timeout, None).await
+    }
+
+    /// Connects to the node at `addr`, presenting a certificate signed by the
+    /// authority of `cluster_key` and accepting only a node whose certificate
+    /// is (see `cluster_key`).
+    pub async fn connect_with_key(
+        addr: SocketAddr,
+        timeout: Duration,
+        cluster_key: Option<&ClusterKey>,
+    ) -> Result<Client, CallError> {
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0".parse().expect("valid")
         } else {
@@ -559,7 +583,9 @@ impl Client {
         };
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| CallError::Connect(e.to_string()))?;
-        endpoint.set_default_client_config(tls::client_config());
+        let config =
+            tls::client_config(cluster_key).map_err(|e| CallError::Connect(e.to_string()))?;
+        endpoint.set_default_client_config(config);
         let conn = connect(&endpoint, addr, timeout).await?;
         Ok(Client {
             endpoint,
@@ -616,7 +642,7 @@ mod tests {
         let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
         let node = Node::start(config).await.unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(tls::client_config());
+        endpoint.set_default_client_config(tls::client_config(None).unwrap());
         let pool = Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
         let (conn, channel) = pool.peer(node.addr(), Lane::Leaf).await.unwrap();
         let (first, datagrams_before) = (conn.stable_id(), conn.stats().udp_tx.datagrams);
@@ -655,7 +681,7 @@ mod tests {
     /// A server whose handler answers gets slowly and pings at once.
     async fn slow_get_server() -> (quinn::Endpoint, SocketAddr) {
         let endpoint = quinn::Endpoint::server(
-            tls::server_config().unwrap(),
+            tls::server_config(None).unwrap(),
             "127.0.0.1:0".parse().unwrap(),
         )
         .unwrap();

@@ -33,6 +33,7 @@ use ringkv_ring::Ring;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cluster_key::ClusterKey;
 use crate::error::NodeError;
 use crate::membership::{ClusterRecord, Membership};
 use crate::quic::{serve_connection, CallError, PeerPool};
@@ -93,6 +94,9 @@ pub struct NodeConfig {
     /// Emulated delays between regions, applied to this node's calls to
     /// peers (`--latency-matrix`); needs `region`.
     pub latency_matrix: Option<Arc<LatencyMatrix>>,
+    /// The cluster's shared secret (`--cluster-key-file`): with one, only
+    /// processes holding the same key can connect (see `cluster_key`).
+    pub cluster_key: Option<ClusterKey>,
 }
 
 impl NodeConfig {
@@ -128,6 +132,7 @@ impl NodeConfig {
             read_repair_chance: ringkv_coordinator::coordinator::DEFAULT_READ_REPAIR_CHANCE,
             region: None,
             latency_matrix: None,
+            cluster_key: None,
         }
     }
 
@@ -1068,14 +1073,15 @@ impl Node {
         }
         let storage = Arc::new(Storage::open(&config.data_dir, config.sync)?);
 
-        let mut endpoint =
-            quinn::Endpoint::server(tls::server_config()?, config.listen).map_err(|e| {
-                NodeError::Listen {
-                    addr: config.listen.to_string(),
-                    reason: e.to_string(),
-                }
-            })?;
-        endpoint.set_default_client_config(tls::client_config());
+        let mut endpoint = quinn::Endpoint::server(
+            tls::server_config(config.cluster_key.as_ref())?,
+            config.listen,
+        )
+        .map_err(|e| NodeError::Listen {
+            addr: config.listen.to_string(),
+            reason: e.to_string(),
+        })?;
+        endpoint.set_default_client_config(tls::client_config(config.cluster_key.as_ref())?);
         let addr = endpoint.local_addr().map_err(|e| NodeError::Listen {
             addr: config.listen.to_string(),
             reason: e.to_string(),
@@ -1334,6 +1340,7 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
     let mut backoff = Duration::from_millis(100);
     loop {
         failures = Vec::new();
+        let mut refused = 0;
         for seed in &config.seeds {
             match inner.transport.call_addr(*seed, &request).await {
                 Ok(Response::Joined(reply)) => {
@@ -1348,8 +1355,18 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
                 }
                 Ok(Response::Error(e)) => failures.push(format!("{seed}: {}", e.message)),
                 Ok(other) => failures.push(format!("{seed}: unexpected answer {other:?}")),
-                Err(e) => failures.push(format!("{seed}: {e}")),
+                Err(e) => {
+                    refused += usize::from(matches!(e, CallError::Refused(_)));
+                    failures.push(format!("{seed}: {e}"));
+                }
             }
+        }
+        // Every seed refused the handshake: a key (or release) that differs
+        // does not change by waiting.
+        if refused == config.seeds.len() {
+            return Err(NodeError::Join {
+                reason: failures.join("; "),
+            });
         }
         if tokio::time::Instant::now() + backoff > deadline {
             return Err(NodeError::Join {

@@ -1,23 +1,35 @@
 //! Every TLS decision in one place.
 //!
-//! QUIC requires TLS 1.3. For now each node generates a self-signed
-//! certificate at start-up and peers do not check who signed it (signatures
-//! on the handshake itself are still verified, so the channel is encrypted
-//! and integrity-protected, but not authenticated). Mutual TLS with a cluster
-//! CA replaces [`client_config`]'s verifier and adds client authentication to
-//! [`server_config`]; nothing outside this file needs to change.
+//! QUIC requires TLS 1.3. How a connection is authenticated depends on
+//! whether the cluster has a key (`--cluster-key-file`, see
+//! [`crate::cluster_key`]):
+//!
+//! - **With a key**, every process makes a certificate of its own, signed by
+//!   the certificate authority derived from the key, and both ends verify the
+//!   other's against that authority (mutual TLS). A node refuses a
+//!   connection from any process that does not hold the key, and a client
+//!   refuses a node that does not: before any request is read or sent.
+//! - **Without one**, each node makes a self-signed certificate and peers do
+//!   not check who signed it. The handshake's signatures are still verified,
+//!   so the channel is encrypted and integrity-protected, but anyone who
+//!   reaches the port can talk to the node. That is the default, for a
+//!   cluster on one machine or a trusted network.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use ringkv_core::wire::ALPN;
 
+use crate::cluster_key::ClusterKey;
 use crate::error::NodeError;
 
 /// The name every node's certificate carries and every client asks for.
@@ -48,47 +60,143 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// The server side: a fresh self-signed certificate.
-pub fn server_config() -> Result<quinn::ServerConfig, NodeError> {
-    let tls_err = |e: &dyn std::fmt::Display| NodeError::Tls {
+/// This process's certificate and key: signed by the cluster's authority
+/// when there is a key, self-signed otherwise.
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// The cluster's authority, which peers' certificates must chain to.
+    roots: Option<Arc<RootCertStore>>,
+}
+
+impl Identity {
+    fn new(cluster_key: Option<&ClusterKey>) -> Result<Identity, NodeError> {
+        let key_pair = KeyPair::generate().map_err(tls_err)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
+        let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(tls_err)?;
+        let Some(cluster_key) = cluster_key else {
+            let cert = params.self_signed(&key_pair).map_err(tls_err)?;
+            return Ok(Identity {
+                chain: vec![cert.der().clone()],
+                key,
+                roots: None,
+            });
+        };
+        // One certificate for both ends of a connection: nodes are servers to
+        // their clients and clients of their peers.
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let authority = cluster_key.authority().map_err(tls_err)?;
+        let cert = params
+            .signed_by(&key_pair, &authority.cert, &authority.key)
+            .map_err(tls_err)?;
+        let mut roots = RootCertStore::empty();
+        roots.add(authority.cert.der().clone()).map_err(tls_err)?;
+        Ok(Identity {
+            chain: vec![cert.der().clone()],
+            key,
+            roots: Some(Arc::new(roots)),
+        })
+    }
+}
+
+fn tls_err(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Tls {
         reason: e.to_string(),
-    };
-    let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
-        .map_err(|e| tls_err(&e))?;
-    let cert = CertificateDer::from(certified.cert.der().to_vec());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    }
+}
+
+/// The server side. With a cluster key, clients must present a certificate
+/// signed by the cluster's authority.
+pub fn server_config(cluster_key: Option<&ClusterKey>) -> Result<quinn::ServerConfig, NodeError> {
+    let provider = provider();
+    let identity = Identity::new(cluster_key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_err(&e))?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .map_err(|e| tls_err(&e))?;
+        .map_err(tls_err)?;
+    let builder = match identity.roots {
+        Some(roots) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(tls_err)?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(tls_err)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let quic = QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
+    let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport_config());
     Ok(config)
 }
 
-/// The client side, used by peers and by the `ringkv` client commands.
-pub fn client_config() -> quinn::ClientConfig {
+/// The client side, used by peers and by the `ringkv` client commands. With
+/// a cluster key, the node's certificate must be signed by the cluster's
+/// authority, and this side presents one of its own.
+pub fn client_config(cluster_key: Option<&ClusterKey>) -> Result<quinn::ClientConfig, NodeError> {
     let provider = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let identity = Identity::new(cluster_key)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("the ring provider supports TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate { provider }))
-        .with_no_client_auth();
+        .map_err(tls_err)?;
+    let mut tls = match identity.roots {
+        Some(roots) => builder
+            .with_webpki_verifier(
+                WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(tls_err)?,
+            )
+            .with_client_auth_cert(identity.chain, identity.key)
+            .map_err(tls_err)?,
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate { provider }))
+            .with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(tls).expect("TLS 1.3 with an initial cipher suite");
+    let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport_config());
-    config
+    Ok(config)
+}
+
+/// A TLS alert's code inside a QUIC error code (RFC 9001 §4.8).
+const CRYPTO_ERROR_FIRST: u64 = 0x100;
+const ALERT_CERTIFICATE_REQUIRED: u64 = 116;
+const ALERT_NO_APPLICATION_PROTOCOL: u64 = 120;
+
+/// When a TLS alert ended the connection, says so and what to do about it:
+/// the usual cause is a cluster key that one end lacks or holds differently.
+/// `None` for every other way a connection ends.
+pub fn handshake_failure(e: &quinn::ConnectionError) -> Option<String> {
+    let (code, we_refused) = match e {
+        quinn::ConnectionError::TransportError(t) => (u64::from(t.code), true),
+        quinn::ConnectionError::ConnectionClosed(c) => (u64::from(c.error_code), false),
+        _ => return None,
+    };
+    let alert = code
+        .checked_sub(CRYPTO_ERROR_FIRST)
+        .filter(|alert| *alert <= 0xff)?;
+    let advice = match (alert, we_refused) {
+        (ALERT_NO_APPLICATION_PROTOCOL, _) => format!(
+            "the other end speaks another version of the ringkv protocol (this one speaks {}); run one ringkv release throughout the cluster",
+            String::from_utf8_lossy(ALPN)
+        ),
+        (_, true) => "the node's certificate is not signed by this cluster key: it runs without --cluster-key-file, or with another key".into(),
+        (ALERT_CERTIFICATE_REQUIRED, false) => "the node requires the cluster key: give the cluster's key file with --cluster-key-file (or RINGKV_CLUSTER_KEY_FILE)".into(),
+        (_, false) => "the node refused this process's certificate: it was made from another cluster key".into(),
+    };
+    Some(format!("{e}; {advice}"))
 }
 
 /// Accepts any server certificate but still checks the handshake signature
-/// against it. To be replaced by verification against the cluster CA.
+/// against it: a cluster without a key.
 #[derive(Debug)]
 struct AnyCertificate {
     provider: Arc<CryptoProvider>,
