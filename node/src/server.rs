@@ -1067,6 +1067,22 @@ impl NodeHandle {
 impl Node {
     /// Starts a node and returns once it is serving and in a cluster.
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+        let (handle, inner) = Node::assemble(&config).await?;
+        let result = form_or_join(&inner, &config).await;
+        // Shutdown waits for every holder of the node and of its database
+        // but the handle; `assemble`'s locals are gone with its frame.
+        drop(inner);
+        if let Err(e) = result {
+            handle.shutdown().await;
+            return Err(e);
+        }
+        tracing::info!(node = %config.id, addr = %handle.addr, "serving");
+        Ok(handle)
+    }
+
+    /// Opens the store, binds the endpoint and starts every loop: a node
+    /// that serves but is in no cluster yet.
+    async fn assemble(config: &NodeConfig) -> Result<(NodeHandle, Arc<NodeInner>), NodeError> {
         config.validate()?;
         if config.low_background_priority {
             crate::storage::lower_background_priority()?;
@@ -1236,16 +1252,7 @@ impl Node {
             background,
             inner: inner.clone(),
         };
-
-        let result = form_or_join(&inner, &config).await;
-        if let Err(e) = result {
-            // Shutdown waits for every holder of the node but the handle.
-            drop(inner);
-            handle.shutdown().await;
-            return Err(e);
-        }
-        tracing::info!(node = %config.id, %addr, "serving");
-        Ok(handle)
+        Ok((handle, inner))
     }
 }
 

@@ -250,3 +250,51 @@ async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
     again.shutdown().await;
     n2.shutdown().await;
 }
+
+/// Log lines, for a test that asserts a warning was not given.
+#[derive(Clone, Default)]
+struct Logged(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A start whose join fails shuts the half-started node down. Before, the
+/// start's own locals still held the database while shutdown waited for it
+/// to close, so every failed start took 5 s longer and warned that the
+/// database was in use. The runtime is single-threaded so that the
+/// subscriber set here sees every task's events.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_join_closes_the_database_before_it_returns() {
+    let logged = Logged::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logged = logged.clone();
+            move || logged.clone()
+        })
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().unwrap();
+    // A seed nobody answers on: a port just bound and released.
+    let nobody = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut c = quiet("n2", dir.path());
+    c.seeds = vec![nobody];
+    c.join_timeout = Duration::from_millis(200);
+    let e = Node::start(c).await.err().expect("nobody answers the join");
+    assert!(e.to_string().contains("could not join"), "{e}");
+    let log = String::from_utf8(logged.0.lock().unwrap().clone()).unwrap();
+    assert!(!log.contains("still in use"), "{log}");
+    // And the data dir opens again at once.
+    let node = Node::start(quiet("n2", dir.path())).await.unwrap();
+    node.shutdown().await;
+}
