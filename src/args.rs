@@ -52,6 +52,27 @@ pub enum Command {
     Remove(RemoveArgs),
     /// Measure put and get latency and throughput (closed loop).
     Bench(BenchArgs),
+    /// Make a new cluster key: give the same file to every node and client with --cluster-key-file.
+    Keygen(KeygenArgs),
+}
+
+/// The cluster key, for every command that talks to nodes.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KeyArgs {
+    /// The cluster's key file (made by `ringkv keygen`). With a key, nodes and clients prove to each other that they hold it (mutual TLS) and refuse anyone who does not: give every node and every client the same file. Without one, anyone who can reach a node's port can use it.
+    #[arg(long, value_name = "FILE", env = "RINGKV_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "A key is 32 random bytes as 64 hex digits. Keep the file private (mode 600): whoever holds it can \
+    read, write and remove nodes. To change a cluster's key, restart every node and client with the new file."
+)]
+pub struct KeygenArgs {
+    /// Write the key to this file, readable by its owner only. An existing file is never overwritten. Without --out the key goes to stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -119,6 +140,9 @@ pub struct BenchArgs {
     /// Write every number and the configuration as JSON to FILE (`-` or no FILE: stdout, instead of the table).
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     pub json: Option<String>,
+    // With --cluster, the cluster's key; without, the bench's own nodes use it too.
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +189,8 @@ pub struct NodeArgs {
     pub hints: HintArgs,
     #[command(flatten)]
     pub anti_entropy: AntiEntropyArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 /// Read repair, anti-entropy and tombstone collection.
@@ -234,6 +260,9 @@ pub struct ClusterArgs {
     /// Serve Prometheus metrics (of all nodes together) on this address.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    // Every node of this cluster uses the key.
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -259,6 +288,8 @@ pub struct Target {
     /// Give up on reaching the node after this long.
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     pub connect_timeout_ms: u64,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 /// Options every key request takes.

@@ -12,7 +12,7 @@ use ringkv_bench::ycsb::{self, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{LoadConfig, PhaseReport};
 use ringkv_core::wire::{Request, Response, VALUE_MAX_BYTES};
 use ringkv_core::Consistency;
-use ringkv_node::Client;
+use ringkv_node::{Client, ClusterKey};
 use serde_json::json;
 
 use crate::args::BenchArgs;
@@ -46,6 +46,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
         check_output_path("--json", Some(Path::new(path)))?;
     }
+    let cluster_key = crate::key_cmd::load(&args.key)?;
     if args.workload == "putget" {
         // putget is the older phase benchmark: ringkv only, no settings.
         let ycsb_only = [
@@ -60,7 +61,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
                 format!("{flag} works with YCSB workloads, not putget"),
             ));
         }
-        return putget(args).await;
+        return putget(args, cluster_key).await;
     }
     let workload: Workload =
         args.workload
@@ -97,6 +98,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             false,
             |i, config| {
                 config.max_value_bytes = config.max_value_bytes.max(args.value_bytes);
+                config.cluster_key = cluster_key.clone();
                 if let Some(m) = &matrix {
                     config.region = Some(regions[i % regions.len()].clone());
                     config.latency_matrix = Some(m.clone());
@@ -111,7 +113,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         )
     } else {
         let targets = resolve_cluster(&args.cluster)?;
-        let replicas = cluster_replicas(targets[0]).await?;
+        let replicas = cluster_replicas(targets[0], cluster_key.as_ref()).await?;
         check_settings(&settings, replicas)?;
         (targets, Vec::new(), replicas)
     };
@@ -127,6 +129,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         });
     let config = YcsbConfig {
         client_delay,
+        cluster_key,
         ..ycsb_config(&args, workload, targets, settings, false)
     };
     let result = run_all(
@@ -151,9 +154,12 @@ async fn resp_bench(workload: Workload, target: &str, args: &BenchArgs) -> Resul
     let Some(addr) = target.strip_prefix("resp://") else {
         return Err(bad("only resp://HOST:PORT targets are supported"));
     };
-    if !args.cluster.is_empty() || !args.consistency.is_empty() {
+    if !args.cluster.is_empty()
+        || !args.consistency.is_empty()
+        || args.key.cluster_key_file.is_some()
+    {
         return Err(bad(
-            "--target replaces --cluster, and a RESP store has no --consistency",
+            "--target replaces --cluster, and a RESP store has no --consistency or --cluster-key-file",
         ));
     }
     let addr = resolve(addr)?;
@@ -185,6 +191,7 @@ fn ycsb_config(
         rate_per_s: args.rate,
         resp,
         updates: args.updates,
+        cluster_key: None,
     }
 }
 
@@ -248,10 +255,13 @@ fn check_settings(settings: &[Setting], replicas: usize) -> Result<(), Failure> 
 }
 
 /// N of a running cluster, from its `status`; an unreachable node is an error.
-async fn cluster_replicas(addr: std::net::SocketAddr) -> Result<usize, Failure> {
+async fn cluster_replicas(
+    addr: std::net::SocketAddr,
+    cluster_key: Option<&ClusterKey>,
+) -> Result<usize, Failure> {
     let unreachable =
         |e: String| Failure::new(Exit::Unreachable, format!("cannot reach {addr}: {e}"));
-    let client = Client::connect(addr, Duration::from_secs(3))
+    let client = Client::connect_with_key(addr, Duration::from_secs(3), cluster_key)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     let answer = client.call(&Request::Status).await;
@@ -537,12 +547,13 @@ fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
-async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
+async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit, Failure> {
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
     let (targets, embedded) = if args.cluster.is_empty() {
         let _ = std::fs::remove_dir_all(&embedded_dir);
         let nodes = start_local_cluster_with(3, 3, 0, &embedded_dir, false, |_, config| {
             config.max_value_bytes = config.max_value_bytes.max(args.value_bytes);
+            config.cluster_key = cluster_key.clone();
         })
         .await?;
         (nodes.iter().map(|n| n.addr()).collect(), nodes)
@@ -557,6 +568,7 @@ async fn putget(args: BenchArgs) -> Result<Exit, Failure> {
         r: args.r,
         w: args.w,
         request_timeout_ms: 2000,
+        cluster_key,
     };
     if args.json.is_none() {
         eprintln!(

@@ -9,7 +9,7 @@ use ringkv_core::wire::{
     validate_key, ErrorKind, GetRequest, PutRequest, Request, Response, VALUE_MAX_BYTES,
 };
 use ringkv_core::{Consistency, NodeId};
-use ringkv_node::Client;
+use ringkv_node::{CallError, Client};
 
 use crate::args::{DeleteArgs, GetArgs, PutArgs, RemoveArgs, RepairArgs, StatusArgs, Target};
 use crate::output;
@@ -227,23 +227,30 @@ async fn send(target: &Target, request: &Request) -> Result<Response, Failure> {
 
 pub async fn connect(target: &Target) -> Result<Client, Failure> {
     let addr = resolve(&target.node)?;
-    Client::connect(addr, Duration::from_millis(target.connect_timeout_ms))
-        .await
-        .map_err(|e| {
-            Failure::new(
-                Exit::Unreachable,
-                format!("cannot reach node {}: {e}", target.node),
-            )
-        })
+    let key = crate::key_cmd::load(&target.key)?;
+    Client::connect_with_key(
+        addr,
+        Duration::from_millis(target.connect_timeout_ms),
+        key.as_ref(),
+    )
+    .await
+    .map_err(|e| {
+        Failure::new(
+            Exit::Unreachable,
+            format!("cannot reach node {}: {e}", target.node),
+        )
+    })
 }
 
 /// Sends a request and turns error replies into failures.
 async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
-    let response = client.call(request).await.map_err(|e| {
-        Failure::new(
+    let response = client.call(request).await.map_err(|e| match e {
+        // Refused at the handshake (the cluster key): nothing was sent.
+        CallError::Refused(_) => Failure::new(Exit::Unreachable, e.to_string()),
+        e => Failure::new(
             Exit::Unreachable,
             format!("the node dropped the request: {e}"),
-        )
+        ),
     })?;
     match response {
         Response::Error(e) => {

@@ -7,6 +7,7 @@
 mod args;
 mod bench_cmd;
 mod client_cmd;
+mod key_cmd;
 mod output;
 mod server_cmd;
 
@@ -83,6 +84,7 @@ fn main() {
             Command::Repair(a) => client_cmd::repair(a).await,
             Command::Remove(a) => client_cmd::remove(a).await,
             Command::Bench(a) => bench_cmd::bench(a).await,
+            Command::Keygen(a) => key_cmd::keygen(a),
         }
     });
     // Background tasks (connections being closed) must not hold the exit.

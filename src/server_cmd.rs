@@ -15,6 +15,7 @@ use crate::{Exit, Failure};
 pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     let id = NodeId::new(args.id).map_err(|e| Failure::new(Exit::Usage, format!("--id: {e}")))?;
     let listen = resolve("--listen", &args.listen)?;
+    let cluster_key = crate::key_cmd::load(&args.key)?;
     let seeds = args
         .seeds
         .iter()
@@ -47,6 +48,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.tombstone_grace = Duration::from_secs(args.anti_entropy.tombstone_grace_s);
     config.repair_keys_per_s = args.anti_entropy.repair_keys_per_s;
     config.read_repair_chance = args.anti_entropy.read_repair_chance;
+    config.cluster_key = cluster_key;
     let handle = Node::start(config).await.map_err(node_failure)?;
     println!("node {} serving on {}", handle.id(), handle.addr());
     let removed = tokio::select! {
@@ -86,18 +88,20 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
             "--base-port + --nodes runs past port 65535",
         ));
     }
+    let cluster_key = crate::key_cmd::load(&args.key)?;
     if let Some(addr) = &args.metrics {
         install_metrics(addr)?;
     }
     let data_dir = args
         .data_dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("ringkv-cluster-{}", args.base_port)));
-    let nodes = start_local_cluster(
+    let nodes = start_local_cluster_with(
         args.nodes,
         args.replicas,
         args.base_port,
         &data_dir,
         args.sync,
+        |_, config| config.cluster_key = cluster_key.clone(),
     )
     .await?;
     println!(
@@ -109,7 +113,15 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
     for n in &nodes {
         println!("  {:<4} {}", n.id().as_str(), n.addr());
     }
-    println!("try: ringkv put hello world && ringkv get hello   (Ctrl-C stops the cluster)");
+    match &args.key.cluster_key_file {
+        None => println!(
+            "try: ringkv put hello world && ringkv get hello   (Ctrl-C stops the cluster)"
+        ),
+        Some(file) => println!(
+            "try: ringkv put hello world --cluster-key-file {f} && ringkv get hello --cluster-key-file {f}   (Ctrl-C stops the cluster)",
+            f = file.display()
+        ),
+    }
     // A node removed from the cluster (`ringkv remove`) stops, as `ringkv
     // node` would; the others go on.
     let mut removals = tokio::task::JoinSet::new();

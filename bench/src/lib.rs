@@ -25,7 +25,7 @@ use hdrhistogram::Histogram;
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
-use ringkv_node::Client;
+use ringkv_node::{Client, ClusterKey};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -38,6 +38,8 @@ pub struct LoadConfig {
     pub r: Consistency,
     pub w: Consistency,
     pub request_timeout_ms: u32,
+    /// The cluster's key, if it has one.
+    pub cluster_key: Option<ClusterKey>,
 }
 
 /// User plus system CPU time of this process so far, all threads
@@ -107,7 +109,12 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
     if config.concurrency == 0 {
         return Err(BenchError::NoConcurrency);
     }
-    let clients = connect_clients(&config.targets, config.concurrency).await?;
+    let clients = connect_clients(
+        &config.targets,
+        config.concurrency,
+        config.cluster_key.as_ref(),
+    )
+    .await?;
     let run_id: u32 = rand_run_id();
     let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await;
     let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await;
@@ -119,6 +126,7 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
 pub(crate) async fn connect_clients(
     targets: &[SocketAddr],
     count: usize,
+    cluster_key: Option<&ClusterKey>,
 ) -> Result<Vec<std::sync::Arc<Client>>, BenchError> {
     if targets.is_empty() {
         return Err(BenchError::NoTargets);
@@ -126,7 +134,7 @@ pub(crate) async fn connect_clients(
     let mut clients = Vec::with_capacity(count);
     for i in 0..count {
         let addr = targets[i % targets.len()];
-        let client = Client::connect(addr, Duration::from_secs(3))
+        let client = Client::connect_with_key(addr, Duration::from_secs(3), cluster_key)
             .await
             .map_err(|e| BenchError::Unreachable {
                 addr,

@@ -47,7 +47,7 @@ use rand::{Rng, SeedableRng};
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
-use ringkv_node::Client;
+use ringkv_node::{Client, ClusterKey};
 
 use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
@@ -118,6 +118,8 @@ pub struct YcsbConfig {
     pub resp: bool,
     /// How updates and inserts treat the values they replace.
     pub updates: UpdateMode,
+    /// The cluster's key, if it has one (`--cluster-key-file`).
+    pub cluster_key: Option<ClusterKey>,
 }
 
 /// How YCSB updates and inserts write (see the module docs).
@@ -428,7 +430,12 @@ async fn connect_all(config: &YcsbConfig, count: usize) -> Result<Vec<Arc<Conn>>
         // Connections go round-robin over the targets, and client i uses
         // connection i mod their number: clients still spread evenly.
         let wanted = config.targets.len() * config.connections_per_target.max(1);
-        let clients = crate::connect_clients(&config.targets, wanted.min(count)).await?;
+        let clients = crate::connect_clients(
+            &config.targets,
+            wanted.min(count),
+            config.cluster_key.as_ref(),
+        )
+        .await?;
         let conns: Vec<Arc<Conn>> = clients
             .into_iter()
             .map(|c| Arc::new(Conn::Ringkv(Arc::into_inner(c).expect("not shared yet"))))
@@ -729,9 +736,10 @@ pub async fn probe_staleness(
     else {
         return out;
     };
+    let key = config.cluster_key.as_ref();
     let (Ok(writer), Ok(reader)) = (
-        Client::connect(*writer_addr, Duration::from_secs(3)).await,
-        Client::connect(*reader_addr, Duration::from_secs(3)).await,
+        Client::connect_with_key(*writer_addr, Duration::from_secs(3), key).await,
+        Client::connect_with_key(*reader_addr, Duration::from_secs(3), key).await,
     ) else {
         return out;
     };

@@ -28,6 +28,7 @@ async fn probes_that_cannot_write_are_counted_as_failed() {
         client_delay: Duration::ZERO,
         key_prefix: "t:".into(),
         rate_per_s: None,
+        cluster_key: None,
         resp: false,
         updates: UpdateMode::Overwrite,
     };

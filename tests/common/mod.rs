@@ -29,7 +29,9 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 
 pub fn ringkv() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringkv"));
-    cmd.env_remove("RINGKV_NODE").env("RINGKV_LOG", "warn");
+    cmd.env_remove("RINGKV_NODE")
+        .env_remove("RINGKV_CLUSTER_KEY_FILE")
+        .env("RINGKV_LOG", "warn");
     cmd
 }
 

@@ -1,0 +1,58 @@
+//! `keygen`, and reading the `--cluster-key-file` every networked command
+//! takes (see `ringkv_node::cluster_key`).
+
+use std::io::Write;
+
+use ringkv_node::ClusterKey;
+
+use crate::args::{KeyArgs, KeygenArgs};
+use crate::{Exit, Failure};
+
+pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
+    let key = ClusterKey::generate().map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
+    let Some(path) = args.out else {
+        println!("{key}");
+        return Ok(Exit::Ok);
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&path).map_err(|e| {
+        let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
+            "it already exists, and a key file is never overwritten (a cluster's nodes would stop \
+             recognising each other); remove it first to replace the key"
+                .to_string()
+        } else {
+            e.to_string()
+        };
+        Failure::new(Exit::Usage, format!("--out {}: {why}", path.display()))
+    })?;
+    if let Err(e) = writeln!(file, "{key}").and_then(|()| file.sync_all()) {
+        // Leave no half-written key behind for a node to trip on.
+        let _ = std::fs::remove_file(&path);
+        return Err(Failure::new(
+            Exit::Internal,
+            format!("--out {}: cannot write the key: {e}", path.display()),
+        ));
+    }
+    eprintln!(
+        "wrote a new cluster key to {}; start every node and client with --cluster-key-file {}",
+        path.display(),
+        path.display()
+    );
+    Ok(Exit::Ok)
+}
+
+/// The key named by `--cluster-key-file` (or `RINGKV_CLUSTER_KEY_FILE`), if
+/// any: read and checked before anything starts or connects.
+pub fn load(args: &KeyArgs) -> Result<Option<ClusterKey>, Failure> {
+    args.cluster_key_file
+        .as_deref()
+        .map(ClusterKey::from_file)
+        .transpose()
+        .map_err(|e| Failure::new(Exit::Usage, format!("--cluster-key-file: {e}")))
+}
