@@ -78,7 +78,7 @@ impl ClusterKey {
                 at + 1
             ));
         }
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err(format!(
                 "expected an even number of hex digits, found {}",
                 hex.len()
