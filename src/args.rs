@@ -182,7 +182,7 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
-    /// How long to keep trying the seeds before giving up.
+    /// How long to keep trying the seeds before giving up (at once if every seed refuses this node at the handshake: another cluster key).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub join_timeout_s: u64,
     #[command(flatten)]

@@ -81,6 +81,8 @@ fn a_keyed_cluster_serves_key_holders_and_refuses_others() {
         "{}",
         stderr(&o)
     );
+    let o = c.cli(1, &["put", "k", "x", "-w", "1"]);
+    assert_exit(&o, 4);
     let o = c.cli(
         0,
         &[
@@ -103,7 +105,7 @@ fn a_keyed_cluster_serves_key_holders_and_refuses_others() {
         "{}",
         stderr(&o)
     );
-    // The refused put wrote nothing.
+    // The refused puts wrote nothing.
     let o = c.cli(
         1,
         &[
@@ -118,8 +120,33 @@ fn a_keyed_cluster_serves_key_holders_and_refuses_others() {
     );
     assert_eq!(values(&o), vec!["v".to_string()]);
 
-    // The bench checks it can reach the cluster before it loads anything.
+    // The bench's clients and its staleness prober hold the key too.
     let cluster = format!("{},{}", c.addr(0), c.addr(1));
+    let o = run(ringkv()
+        .args([
+            "bench",
+            "--cluster",
+            &cluster,
+            "--workload",
+            "c",
+            "--records",
+            "20",
+        ])
+        .args([
+            "--duration-s",
+            "1",
+            "--consistency",
+            "1",
+            "--concurrency",
+            "2",
+        ])
+        .args(["--json", "-", "--cluster-key-file", key_s]));
+    assert_exit(&o, 0);
+    let report = json(&o);
+    let read = &report["settings"][0]["ops"]["read"];
+    assert!(read["ops"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(read["errors"], 0, "{report}");
+    // With another key it stops before it loads anything.
     let o = run(ringkv()
         .args([
             "bench",

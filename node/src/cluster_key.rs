@@ -72,9 +72,10 @@ impl ClusterKey {
         if hex.is_empty() {
             return Err("it is empty; make a key with `ringkv keygen`".into());
         }
-        if let Some((at, c)) = hex.char_indices().find(|(_, c)| !c.is_ascii_hexdigit()) {
+        // The position only: the file may hold some other secret by mistake.
+        if let Some(at) = hex.chars().position(|c| !c.is_ascii_hexdigit()) {
             return Err(format!(
-                "expected hex digits only, found {c:?} at character {}; make a key with `ringkv keygen`",
+                "expected hex digits only, found something else at character {}; make a key with `ringkv keygen`",
                 at + 1
             ));
         }
@@ -196,6 +197,11 @@ mod tests {
     use super::*;
 
     const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    /// The authority's Ed25519 public key for `KEY`, computed apart from this
+    /// code: HKDF-SHA256 (RFC 5869) with Python's `hmac`, and the public key
+    /// of that seed with Python's `cryptography` package.
+    const PINNED_PUBLIC_KEY: &str =
+        "a0c67e7717021817dceaaf92dc0e4d24328121b6827ec0b0464c941110cd08e7";
 
     #[test]
     fn a_generated_key_parses_and_differs_from_the_next() {
@@ -228,7 +234,7 @@ mod tests {
             (&KEY[..63], "even number"),
             (
                 "correct horse battery staple correct horse battery staple x",
-                "hex digits only, found 'o' at character 2",
+                "hex digits only, found something else at character 2",
             ),
         ];
         for (text, expected) in cases {
@@ -243,6 +249,19 @@ mod tests {
             format!("{:?}", ClusterKey::parse(KEY).unwrap()),
             "ClusterKey(<secret>)"
         );
+    }
+
+    /// Every release must derive the same authority from a key, or nodes of
+    /// two releases would refuse each other: the public key is pinned (the
+    /// name is a constant).
+    #[test]
+    fn the_derivation_is_pinned() {
+        let authority = ClusterKey::parse(KEY).unwrap().authority().unwrap();
+        let public: String = rcgen::PublicKeyData::der_bytes(&authority.key)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(public, PINNED_PUBLIC_KEY);
     }
 
     /// Two processes with one key must derive the same authority (a peer's

@@ -282,6 +282,20 @@ async fn read_answers(mut recv: quinn::RecvStream, waiting: Arc<Waiting>, queue:
 
 /// Sends one encoded request on a stream of its own and reads its response.
 async fn call_on_own_stream(conn: &quinn::Connection, body: &[u8]) -> Result<Response, CallError> {
+    exchange_on_own_stream(conn, body).await.map_err(|e| {
+        // A stream error says only "connection lost"; the connection knows
+        // why, and a refused handshake must show as one (see `CallError`).
+        match (&e, conn.close_reason()) {
+            (CallError::Stream(_), Some(reason)) => CallError::connection(reason),
+            _ => e,
+        }
+    })
+}
+
+async fn exchange_on_own_stream(
+    conn: &quinn::Connection,
+    body: &[u8],
+) -> Result<Response, CallError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(CallError::connection)?;
     let mut frame = Vec::new();
     put_frame(&mut frame, 0, body);

@@ -1333,7 +1333,17 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
 async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(), NodeError> {
     let membership = &inner.membership;
     if let Some(record) = membership.record() {
-        announce(inner, &record).await;
+        let (asked, refusals) = announce(inner, &record).await;
+        // Restarted with another cluster key (or none), the node would serve
+        // cut off from every peer: say so instead of starting.
+        if asked > 0 && refusals.len() == asked {
+            return Err(NodeError::Join {
+                reason: format!(
+                    "every other member refused this node at the handshake: {}",
+                    refusals.join("; ")
+                ),
+            });
+        }
         return Ok(());
     }
     if config.seeds.is_empty() {
@@ -1353,7 +1363,7 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
                 Ok(Response::Joined(reply)) => {
                     membership.adopt(reply)?;
                     if let Some(record) = membership.record() {
-                        announce(inner, &record).await;
+                        let _ = announce(inner, &record).await;
                     }
                     return Ok(());
                 }
@@ -1392,7 +1402,10 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
 /// Tells every other member about this node (and learns whom they know).
 /// Best effort: a member that misses it learns of us from the periodic
 /// membership exchange.
-async fn announce(inner: &Arc<NodeInner>, record: &ClusterRecord) {
+///
+/// Returns how many members it asked and, for each that refused the TLS
+/// handshake, why (see `cluster_key`).
+async fn announce(inner: &Arc<NodeInner>, record: &ClusterRecord) -> (usize, Vec<String>) {
     // All at once: a start waits for the slowest member, not for the sum.
     let mut announces = tokio::task::JoinSet::new();
     for member in record.members.values() {
@@ -1401,7 +1414,14 @@ async fn announce(inner: &Arc<NodeInner>, record: &ClusterRecord) {
             announces.spawn(async move { announce_to(&inner, &record, &member).await });
         }
     }
-    while announces.join_next().await.is_some() {}
+    let (mut asked, mut refusals) = (0, Vec::new());
+    while let Some(refused) = announces.join_next().await {
+        asked += 1;
+        if let Ok(Some(reason)) = refused {
+            refusals.push(reason);
+        }
+    }
+    (asked, refusals)
 }
 
 /// How long one announcement may take.
@@ -1411,15 +1431,21 @@ const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(1);
 const MEMBERSHIP_EXCHANGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Announces this node to `member` and adopts whatever members it knows.
-async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Member) {
+/// Returns why, if `member` refused the TLS handshake.
+async fn announce_to(
+    inner: &Arc<NodeInner>,
+    record: &ClusterRecord,
+    member: &Member,
+) -> Option<String> {
     let request = Request::Join(JoinRequest {
         member: inner.membership.me().clone(),
         replicas: Some(record.replicas as u32),
         cluster_id: Some(record.cluster_id),
     });
     let Ok(addr) = member.addr.parse::<SocketAddr>() else {
-        return;
+        return None;
     };
+    let mut refused = None;
     let outcome = match tokio::time::timeout(
         ANNOUNCE_TIMEOUT,
         inner.transport.call_addr(addr, &request),
@@ -1448,6 +1474,12 @@ async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Me
             "refused"
         }
         Ok(Ok(_)) => "same",
+        Ok(Err(e @ CallError::Refused(_))) => {
+            // Not a peer that is down: one of the two holds another key.
+            tracing::warn!(peer = %member.id, error = %e, "the peer refused this node at the handshake");
+            refused = Some(format!("{} ({}): {e}", member.id, member.addr));
+            "handshake_refused"
+        }
         Ok(Err(e)) => {
             tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?");
             "failed"
@@ -1458,6 +1490,7 @@ async fn announce_to(inner: &Arc<NodeInner>, record: &ClusterRecord, member: &Me
         }
     };
     metrics::counter!("ringkv_membership_announces_total", "outcome" => outcome).increment(1);
+    refused
 }
 
 /// One round of the membership exchange: announce to one random member
@@ -1475,7 +1508,7 @@ async fn exchange_membership(inner: &Arc<NodeInner>) {
         return;
     }
     let pick = peers[rand::random::<usize>() % peers.len()];
-    announce_to(inner, &record, pick).await;
+    let _ = announce_to(inner, &record, pick).await;
 }
 
 #[cfg(test)]

@@ -170,6 +170,9 @@ pub fn client_config(cluster_key: Option<&ClusterKey>) -> Result<quinn::ClientCo
 const CRYPTO_ERROR_FIRST: u64 = 0x100;
 const ALERT_CERTIFICATE_REQUIRED: u64 = 116;
 const ALERT_NO_APPLICATION_PROTOCOL: u64 = 120;
+/// The alerts a failed certificate check sends (RFC 8446 §6.2): bad,
+/// unknown, or from an unknown CA, or a signature that does not verify.
+const CERTIFICATE_ALERTS: [u64; 4] = [42, 46, 48, 51];
 
 /// When a TLS alert ended the connection, says so and what to do about it:
 /// the usual cause is a cluster key that one end lacks or holds differently.
@@ -183,14 +186,18 @@ pub fn handshake_failure(e: &quinn::ConnectionError) -> Option<String> {
     let alert = code
         .checked_sub(CRYPTO_ERROR_FIRST)
         .filter(|alert| *alert <= 0xff)?;
+    let certificate = CERTIFICATE_ALERTS.contains(&alert);
     let advice = match (alert, we_refused) {
         (ALERT_NO_APPLICATION_PROTOCOL, _) => format!(
             "the other end speaks another version of the ringkv protocol (this one speaks {}); run one ringkv release throughout the cluster",
             String::from_utf8_lossy(ALPN)
         ),
-        (_, true) => "the node's certificate is not signed by this cluster key: it runs without --cluster-key-file, or with another key".into(),
         (ALERT_CERTIFICATE_REQUIRED, false) => "the node requires the cluster key: give the cluster's key file with --cluster-key-file (or RINGKV_CLUSTER_KEY_FILE)".into(),
-        (_, false) => "the node refused this process's certificate: it was made from another cluster key".into(),
+        // Without a key this end accepts any certificate, so a failed check
+        // here means it has one that the node's certificate does not match.
+        (_, true) if certificate => "the node's certificate is not signed by this cluster key: it runs without --cluster-key-file, or with another key".into(),
+        (_, false) if certificate => "the node refused this process's certificate: it was made from another cluster key".into(),
+        _ => "check that both ends run the same ringkv release with the same cluster key".into(),
     };
     Some(format!("{e}; {advice}"))
 }

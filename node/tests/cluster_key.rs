@@ -142,3 +142,31 @@ async fn a_node_with_another_key_cannot_join() {
         node.shutdown().await;
     }
 }
+
+/// A member restarted with another key, or none, would serve cut off from
+/// every peer; its start fails instead, and says why.
+#[tokio::test]
+async fn a_member_restarted_without_its_clusters_key_refuses_to_start() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = start_two(&dirs).await;
+    let n2 = nodes.pop().unwrap();
+    n2.shutdown().await;
+    for wrong in [Some(key(OTHER_KEY)), None] {
+        let e = Node::start(config("n2", dirs[1].path(), wrong.clone()))
+            .await
+            .err()
+            .expect("the restart must fail");
+        assert!(matches!(e, NodeError::Join { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("refused this node at the handshake"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("cluster key"), "{e}");
+    }
+    // With its key it comes back.
+    let n2 = Node::start(config("n2", dirs[1].path(), Some(key(KEY))))
+        .await
+        .unwrap();
+    n2.shutdown().await;
+    nodes.pop().unwrap().shutdown().await;
+}

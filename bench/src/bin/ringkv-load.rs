@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use ringkv_core::wire::{PutRequest, Request, Response};
 use ringkv_core::{Consistency, Payload};
-use ringkv_node::Client;
+use ringkv_node::{Client, ClusterKey};
 
 #[derive(Parser, Debug)]
 #[command(about = "Write keys {prefix}{start}..{start+count} into a running ringkv cluster")]
@@ -36,6 +36,9 @@ struct Args {
     w: String,
     #[arg(long, default_value_t = 32)]
     concurrency: u64,
+    /// The cluster's key file, if it has one (see `ringkv node --help`).
+    #[arg(long, value_name = "FILE", env = "RINGKV_CLUSTER_KEY_FILE")]
+    cluster_key_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -48,12 +51,20 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let cluster_key = match args.cluster_key_file.as_deref().map(ClusterKey::from_file) {
+        None => None,
+        Some(Ok(key)) => Some(key),
+        Some(Err(e)) => {
+            eprintln!("error: --cluster-key-file: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let failed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..args.concurrency.max(1) {
         let addr = args.cluster[worker as usize % args.cluster.len()];
-        let (prefix, failed) = (args.prefix.clone(), failed.clone());
+        let (prefix, failed, key) = (args.prefix.clone(), failed.clone(), cluster_key.clone());
         let (start, count, step, bytes) = (
             args.start,
             args.count,
@@ -61,14 +72,15 @@ async fn main() -> ExitCode {
             args.value_bytes,
         );
         tasks.spawn(async move {
-            let client = match Client::connect(addr, Duration::from_secs(5)).await {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: cannot reach {addr}: {e}");
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            };
+            let client =
+                match Client::connect_with_key(addr, Duration::from_secs(5), key.as_ref()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("error: cannot reach {addr}: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
             let value = vec![b'v'; bytes];
             for i in (start + worker..start + count).step_by(step as usize) {
                 let put = Request::Put(PutRequest::new(
