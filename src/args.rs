@@ -59,15 +59,20 @@ pub enum Command {
 /// The cluster key, for every command that talks to nodes.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KeyArgs {
-    /// The cluster's key file (made by `ringkv keygen`). With a key, nodes and clients prove to each other that they hold it (mutual TLS) and refuse anyone who does not: give every node and every client the same file. Without one, anyone who can reach a node's port can use it.
-    #[arg(long, value_name = "FILE", env = "RINGKV_CLUSTER_KEY_FILE")]
-    pub cluster_key_file: Option<PathBuf>,
+    /// The cluster's key file (made by `ringkv keygen`). With a key, nodes and clients prove to each other that they hold it (mutual TLS) and refuse anyone who does not: give every node and every client the same file. Without one, anyone who can reach a node's port can use it. Given more than once (or comma-separated in the variable), the first key is the one this process proves it holds and every one is accepted from others: to change keys without stopping the cluster, restart every process with `--cluster-key-file old --cluster-key-file new`, then with `new` before `old`, then with `new` alone.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "RINGKV_CLUSTER_KEY_FILE",
+        value_delimiter = ','
+    )]
+    pub cluster_key_file: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 #[command(
     after_help = "A key is 32 random bytes as 64 hex digits. Keep the file private (mode 600): whoever holds it can \
-    read, write and remove nodes. To change a cluster's key, restart every node and client with the new file."
+    read, write and remove nodes. To change a cluster's key without stopping it, see --cluster-key-file in `ringkv node --help`."
 )]
 pub struct KeygenArgs {
     /// Write the key to this file, readable by its owner only. An existing file is never overwritten. Without --out the key goes to stdout.

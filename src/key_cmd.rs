@@ -50,9 +50,6 @@ pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
 /// The key named by `--cluster-key-file` (or `RINGKV_CLUSTER_KEY_FILE`), if
 /// any: read and checked before anything starts or connects.
 pub fn load(args: &KeyArgs) -> Result<Option<ClusterKey>, Failure> {
-    args.cluster_key_file
-        .as_deref()
-        .map(ClusterKey::from_file)
-        .transpose()
+    ClusterKey::from_files(&args.cluster_key_file)
         .map_err(|e| Failure::new(Exit::Usage, format!("--cluster-key-file: {e}")))
 }

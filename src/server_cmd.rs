@@ -113,7 +113,7 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
     for n in &nodes {
         println!("  {:<4} {}", n.id().as_str(), n.addr());
     }
-    match &args.key.cluster_key_file {
+    match args.key.cluster_key_file.first() {
         None => println!(
             "try: ringkv put hello world && ringkv get hello   (Ctrl-C stops the cluster)"
         ),

@@ -73,6 +73,18 @@ fn a_keyed_cluster_serves_key_holders_and_refuses_others() {
         .args(["status", "--node", &c.addr(0)])
         .env("RINGKV_CLUSTER_KEY_FILE", &key));
     assert_exit(&o, 0);
+    // Several keys: the first is presented, every one accepted. So the
+    // cluster's key first works, and another key first does not.
+    let o = run(ringkv()
+        .args(["status", "--node", &c.addr(0), "--cluster-key-file", key_s])
+        .arg("--cluster-key-file")
+        .arg(&other));
+    assert_exit(&o, 0);
+    let o = run(ringkv().args(["status", "--node", &c.addr(0)]).env(
+        "RINGKV_CLUSTER_KEY_FILE",
+        format!("{},{key_s}", other.display()),
+    ));
+    assert_exit(&o, 4);
 
     let o = c.cli(0, &["get", "k"]);
     assert_exit(&o, 4);

@@ -16,8 +16,12 @@
 //! and a process without the key (or with another) fails the handshake
 //! before any request is read.
 //!
-//! Rotating the key means restarting every node and client with the new one;
-//! the two halves of a cluster cannot talk meanwhile.
+//! A process may hold more than one key: it proves that it holds the first
+//! and accepts others that prove any of them. That is how a key is changed
+//! without stopping the cluster: restart every process with `new` accepted
+//! after its `old` key, then with `new` first and `old` after it, then with
+//! `new` alone (`ringkv node --help` spells it out). At every step each
+//! process accepts the key every other one presents.
 
 use std::fmt;
 use std::path::Path;
@@ -46,10 +50,12 @@ const ED25519_PKCS8_PREFIX: [u8; 16] = [
 /// certificate names its issuer by it.
 const AUTHORITY_NAME: &str = "ringkv cluster authority";
 
-/// A cluster's shared secret. `Debug` does not print it.
+/// A cluster's shared secret, or several while the key is being changed:
+/// the first is presented, all are accepted. `Debug` does not print them.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterKey {
-    secret: Arc<[u8]>,
+    /// Never empty.
+    secrets: Arc<[Arc<[u8]>]>,
 }
 
 impl fmt::Debug for ClusterKey {
@@ -103,8 +109,38 @@ impl ClusterKey {
             .map(|pair| (hex_value(pair[0]) << 4) | hex_value(pair[1]))
             .collect();
         Ok(ClusterKey {
-            secret: secret.into(),
+            secrets: Arc::new([Arc::from(secret)]),
         })
+    }
+
+    /// This key, accepting `other`'s processes too (while a cluster changes
+    /// from one key to the other). `self` stays the key presented.
+    pub fn also_accepting(&self, other: &ClusterKey) -> ClusterKey {
+        let mut secrets: Vec<Arc<[u8]>> = self.secrets.to_vec();
+        for secret in other.secrets.iter() {
+            if !secrets.contains(secret) {
+                secrets.push(secret.clone());
+            }
+        }
+        ClusterKey {
+            secrets: secrets.into(),
+        }
+    }
+
+    /// Reads key files: the first is presented, all are accepted. `None`
+    /// when `paths` is empty.
+    pub fn from_files(
+        paths: &[std::path::PathBuf],
+    ) -> Result<Option<ClusterKey>, crate::NodeError> {
+        let mut key: Option<ClusterKey> = None;
+        for path in paths {
+            let next = ClusterKey::from_file(path)?;
+            key = Some(match key {
+                None => next,
+                Some(key) => key.also_accepting(&next),
+            });
+        }
+        Ok(key)
     }
 
     /// Reads and parses a key file. A file that others can read is used, with
@@ -154,33 +190,38 @@ impl ClusterKey {
         Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
     }
 
-    /// The cluster's certificate authority: the same certificate and key
-    /// for every holder of this key.
-    pub(crate) fn authority(&self) -> Result<Authority, rcgen::Error> {
-        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVATION_SALT);
-        let mut seed = [0u8; 32];
-        salt.extract(&self.secret)
-            .expand(&[DERIVATION_INFO], ring::hkdf::HKDF_SHA256)
-            .and_then(|okm| okm.fill(&mut seed))
-            .expect("32 bytes is HKDF-SHA256's own length");
-        let mut pkcs8 = ED25519_PKCS8_PREFIX.to_vec();
-        pkcs8.extend_from_slice(&seed);
-        let key = KeyPair::from_pkcs8_der_and_sign_algo(
-            &PrivatePkcs8KeyDer::from(pkcs8),
-            &rcgen::PKCS_ED25519,
-        )?;
-        let mut params = CertificateParams::default();
-        let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, AUTHORITY_NAME);
-        params.distinguished_name = name;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key)?;
-        Ok(Authority { cert, key })
+    /// The certificate authority of each key held, the presented key's
+    /// first: the same certificate and key for every holder of a key.
+    pub(crate) fn authorities(&self) -> Result<Vec<Authority>, rcgen::Error> {
+        self.secrets.iter().map(|s| authority(s)).collect()
     }
+}
+
+/// The certificate authority derived from one secret.
+fn authority(secret: &[u8]) -> Result<Authority, rcgen::Error> {
+    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVATION_SALT);
+    let mut seed = [0u8; 32];
+    salt.extract(secret)
+        .expand(&[DERIVATION_INFO], ring::hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut seed))
+        .expect("32 bytes is HKDF-SHA256's own length");
+    let mut pkcs8 = ED25519_PKCS8_PREFIX.to_vec();
+    pkcs8.extend_from_slice(&seed);
+    let key = KeyPair::from_pkcs8_der_and_sign_algo(
+        &PrivatePkcs8KeyDer::from(pkcs8),
+        &rcgen::PKCS_ED25519,
+    )?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, AUTHORITY_NAME);
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?;
+    Ok(Authority { cert, key })
 }
 
 /// The value of one ASCII hex digit (checked by the caller).
@@ -221,8 +262,8 @@ mod tests {
             ClusterKey::parse(&format!("  {}\n", KEY.to_uppercase())).unwrap(),
             plain
         );
-        assert_eq!(plain.secret[..3], [0x00, 0x11, 0x22]);
-        assert_eq!(plain.secret.len(), 32);
+        assert_eq!(plain.secrets[0][..3], [0x00, 0x11, 0x22]);
+        assert_eq!(plain.secrets[0].len(), 32);
     }
 
     #[test]
@@ -256,7 +297,7 @@ mod tests {
     /// name is a constant).
     #[test]
     fn the_derivation_is_pinned() {
-        let authority = ClusterKey::parse(KEY).unwrap().authority().unwrap();
+        let authority = authority(&ClusterKey::parse(KEY).unwrap().secrets[0]).unwrap();
         let public: String = rcgen::PublicKeyData::der_bytes(&authority.key)
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -270,13 +311,35 @@ mod tests {
     #[test]
     fn one_key_derives_one_authority() {
         let key = ClusterKey::parse(KEY).unwrap();
-        let (a, b) = (key.authority().unwrap(), key.authority().unwrap());
+        let (a, b) = (
+            authority(&key.secrets[0]).unwrap(),
+            authority(&key.secrets[0]).unwrap(),
+        );
         assert_eq!(a.key.public_key_raw(), b.key.public_key_raw());
         let other = ClusterKey::parse(&KEY.replace("ff", "fe")).unwrap();
         assert_ne!(
-            other.authority().unwrap().key.public_key_raw(),
+            authority(&other.secrets[0]).unwrap().key.public_key_raw(),
             a.key.public_key_raw()
         );
+    }
+
+    #[test]
+    fn a_key_accepting_another_presents_itself_and_accepts_both() {
+        let (a, b) = (
+            ClusterKey::parse(KEY).unwrap(),
+            ClusterKey::parse(&KEY.replace("ff", "fe")).unwrap(),
+        );
+        let both = a.also_accepting(&b);
+        assert_eq!(both.secrets.len(), 2);
+        assert_eq!(both.secrets[0], a.secrets[0]);
+        let presented = &both.authorities().unwrap()[0];
+        assert_eq!(
+            presented.key.public_key_raw(),
+            authority(&a.secrets[0]).unwrap().key.public_key_raw()
+        );
+        // Accepting a key already held adds nothing.
+        assert_eq!(both.also_accepting(&a), both);
+        assert_ne!(b.also_accepting(&a), both);
     }
 
     #[test]
@@ -296,6 +359,20 @@ mod tests {
         );
         let e = ClusterKey::from_file(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+        let other = dir.path().join("other.key");
+        std::fs::write(&other, KEY.replace("ff", "fe")).unwrap();
+        let both = ClusterKey::from_files(&[path.clone(), other.clone()])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            both,
+            ClusterKey::from_file(&path)
+                .unwrap()
+                .also_accepting(&ClusterKey::from_file(&other).unwrap())
+        );
+        assert_eq!(ClusterKey::from_files(&[]).unwrap(), None);
+        let e = ClusterKey::from_files(&[path.clone(), missing.clone()]).unwrap_err();
+        assert!(e.to_string().contains("missing.key"), "{e}");
         std::fs::write(&path, "x".repeat(5000)).unwrap();
         let e = ClusterKey::from_file(&path).unwrap_err().to_string();
         assert!(e.contains("5000 bytes long"), "{e}");

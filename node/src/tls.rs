@@ -89,12 +89,15 @@ impl Identity {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
-        let authority = cluster_key.authority().map_err(tls_err)?;
+        let authorities = cluster_key.authorities().map_err(tls_err)?;
+        let presented = &authorities[0];
         let cert = params
-            .signed_by(&key_pair, &authority.cert, &authority.key)
+            .signed_by(&key_pair, &presented.cert, &presented.key)
             .map_err(tls_err)?;
         let mut roots = RootCertStore::empty();
-        roots.add(authority.cert.der().clone()).map_err(tls_err)?;
+        for authority in &authorities {
+            roots.add(authority.cert.der().clone()).map_err(tls_err)?;
+        }
         Ok(Identity {
             chain: vec![cert.der().clone()],
             key,

@@ -170,3 +170,48 @@ async fn a_member_restarted_without_its_clusters_key_refuses_to_start() {
     n2.shutdown().await;
     nodes.pop().unwrap().shutdown().await;
 }
+
+/// The key changes without stopping the cluster: every process is restarted
+/// accepting the new key after the old, then presenting the new before the
+/// old, then holding the new alone. At every restart the restarted node
+/// must be accepted by its peer (a restart that every member refuses fails)
+/// and a W=all write through it must reach both nodes.
+#[tokio::test]
+async fn the_key_changes_without_stopping_the_cluster() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = start_two(&dirs).await;
+    let (old, new) = (key(KEY), key(OTHER_KEY));
+    let steps = [
+        old.also_accepting(&new),
+        new.also_accepting(&old),
+        new.clone(),
+    ];
+    for (step, held) in steps.iter().enumerate() {
+        for i in [1, 0] {
+            nodes.remove(i).shutdown().await;
+            let c = config(&format!("n{}", i + 1), dirs[i].path(), Some(held.clone()));
+            let node = Node::start(c)
+                .await
+                .unwrap_or_else(|e| panic!("step {step}, n{}: {e}", i + 1));
+            nodes.insert(i, node);
+            let client = Client::connect_with_key(nodes[i].addr(), TIMEOUT, Some(held))
+                .await
+                .unwrap();
+            let answer = client
+                .call(&put(&format!("k{step}{i}"), "v"))
+                .await
+                .unwrap();
+            assert!(
+                matches!(answer, Response::Put(_)),
+                "step {step}: {answer:?}"
+            );
+            client.close().await;
+        }
+    }
+    // The old key is no longer accepted.
+    let e = refused(nodes[0].addr(), Some(&old)).await;
+    assert!(e.contains("cluster key"), "{e}");
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

@@ -37,8 +37,13 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     concurrency: u64,
     /// The cluster's key file, if it has one (see `ringkv node --help`).
-    #[arg(long, value_name = "FILE", env = "RINGKV_CLUSTER_KEY_FILE")]
-    cluster_key_file: Option<std::path::PathBuf>,
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "RINGKV_CLUSTER_KEY_FILE",
+        value_delimiter = ','
+    )]
+    cluster_key_file: Vec<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -51,10 +56,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cluster_key = match args.cluster_key_file.as_deref().map(ClusterKey::from_file) {
-        None => None,
-        Some(Ok(key)) => Some(key),
-        Some(Err(e)) => {
+    let cluster_key = match ClusterKey::from_files(&args.cluster_key_file) {
+        Ok(key) => key,
+        Err(e) => {
             eprintln!("error: --cluster-key-file: {e}");
             return ExitCode::from(2);
         }
