@@ -174,39 +174,30 @@ fn a_keyed_cluster_serves_key_holders_and_refuses_others() {
     assert_exit(&o, 4);
     assert!(stderr(&o).contains("cluster key"), "{}", stderr(&o));
 
-    // A node without the key cannot join, and says why.
+    // A node without the key cannot join, and says why; nor can a node start
+    // with a key file that is not there.
     let ip = loopback_for("a_keyed_cluster_serves_key_holders_and_refuses_others");
-    let o = run(ringkv()
-        .args([
-            "node",
-            "--id",
-            "n3",
-            "--listen",
-            &format!("{ip}:{}", free_port(ip)),
-            "--seed",
-            &c.addr(0),
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("n3")));
+    let n3 = |flags: &[&str]| {
+        run(ringkv()
+            .args([
+                "node",
+                "--id",
+                "n3",
+                "--listen",
+                &format!("{ip}:{}", free_port(ip)),
+            ])
+            .args(flags)
+            .arg("--data-dir")
+            .arg(dir.path().join("n3")))
+    };
+    let o = n3(&["--seed", &c.addr(0)]);
     assert_exit(&o, 4);
     assert!(
         stderr(&o).contains("requires the cluster key"),
         "{}",
         stderr(&o)
     );
-    // Nor can a node start with a key file that is not there.
-    let o = run(ringkv()
-        .args([
-            "node",
-            "--id",
-            "n3",
-            "--listen",
-            &format!("{ip}:{}", free_port(ip)),
-            "--cluster-key-file",
-            "/nonexistent/cluster.key",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("n3")));
+    let o = n3(&["--cluster-key-file", "/nonexistent/cluster.key"]);
     assert_exit(&o, 2);
     assert!(
         stderr(&o).contains("/nonexistent/cluster.key"),
