@@ -50,6 +50,8 @@ pub enum Command {
     Repair(RepairArgs),
     /// Take a node out of the cluster for good (a dead machine, say): its key ranges pass to the next nodes on the ring.
     Remove(RemoveArgs),
+    /// Take the node you ask (--node) out of the cluster gracefully: it hands every key it holds to the nodes that take over its ranges, then a member removes it.
+    Leave(LeaveArgs),
     /// Measure put and get latency and throughput (closed loop).
     Bench(BenchArgs),
     /// Make a new cluster key: give the same file to every node and client with --cluster-key-file.
@@ -398,6 +400,23 @@ pub struct RemoveArgs {
     /// The id of the node to remove (as `ringkv status` lists it).
     #[arg(value_name = "ID")]
     pub id: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Sent to the node that leaves (--node). It hands every key it stores, tombstones included, to \
+    the key's replicas under the ring without it, and only then asks another member to remove it, so no \
+    write it alone held is lost (unlike `ringkv remove`, which is for a machine that is gone). Then it hands \
+    over once more the writes that arrived meanwhile, stops serving, and keeps running until you stop it; \
+    its data dir can then be deleted. Started again, it refuses, like a removed node.\n\n\
+    Exits 0 once it has left, 2 if refused (the cluster would keep fewer than N members: add a node first; \
+    or it holds hints for members that are down), 3 if a replica could not take its keys (it is then still \
+    a member and nothing was removed: bring that replica up, or remove it, and leave again), 4 if the node \
+    cannot be reached."
+)]
+pub struct LeaveArgs {
     #[command(flatten)]
     pub target: Target,
 }

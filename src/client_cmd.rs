@@ -11,7 +11,9 @@ use ringkv_core::wire::{
 use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{CallError, Client};
 
-use crate::args::{DeleteArgs, GetArgs, PutArgs, RemoveArgs, RepairArgs, StatusArgs, Target};
+use crate::args::{
+    DeleteArgs, GetArgs, LeaveArgs, PutArgs, RemoveArgs, RepairArgs, StatusArgs, Target,
+};
 use crate::output;
 use crate::{Exit, Failure};
 
@@ -182,6 +184,16 @@ pub async fn remove(args: RemoveArgs) -> Result<Exit, Failure> {
     match send(&args.target, &request).await? {
         Response::Removed(reply) => {
             output::removed(&node, &reply, args.target.json);
+            Ok(Exit::Ok)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub async fn leave(args: LeaveArgs) -> Result<Exit, Failure> {
+    match send(&args.target, &Request::Leave).await? {
+        Response::Left(reply) => {
+            output::left(&reply, args.target.json);
             Ok(Exit::Ok)
         }
         other => Err(unexpected(other)),

@@ -83,6 +83,7 @@ fn main() {
             Command::Status(a) => client_cmd::status(a).await,
             Command::Repair(a) => client_cmd::repair(a).await,
             Command::Remove(a) => client_cmd::remove(a).await,
+            Command::Leave(a) => client_cmd::leave(a).await,
             Command::Bench(a) => bench_cmd::bench(a).await,
             Command::Keygen(a) => key_cmd::keygen(a),
         }

@@ -2,7 +2,9 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use ringkv_core::wire::{GetReply, PutReply, Receipt, RemoveReply, RepairReport, StatusReply};
+use ringkv_core::wire::{
+    GetReply, LeaveReply, PeerFailure, PutReply, Receipt, RemoveReply, RepairReport, StatusReply,
+};
 use ringkv_core::NodeId;
 use serde_json::{json, Value};
 
@@ -177,6 +179,46 @@ pub fn removed(node: &NodeId, reply: &RemoveReply, json: bool) {
         }
         println!("run `ringkv repair` on each of them to copy {node}'s keys to their new replicas");
     }
+}
+
+/// `leave`: the keys handed over and the members left.
+pub fn left(reply: &LeaveReply, json: bool) {
+    let record = &reply.record;
+    let members: Vec<String> = record.members.iter().map(|m| m.id.to_string()).collect();
+    let failures = |list: &[PeerFailure]| {
+        list.iter()
+            .map(|f| json!({"peer": f.peer.to_string(), "reason": f.reason}))
+            .collect::<Vec<_>>()
+    };
+    if json {
+        print_json(&json!({
+            "keys_handed_over": reply.keys,
+            "members": members,
+            "replicas": record.replicas,
+            "not_told": failures(&reply.not_told),
+            "late_failures": failures(&reply.late_failures),
+        }));
+        return;
+    }
+    println!(
+        "left the cluster: {} keys handed to their new replicas; {} members remain: {}",
+        reply.keys,
+        members.len(),
+        members.join(", ")
+    );
+    for f in &reply.not_told {
+        println!(
+            "  {} not told ({}); it learns at its next membership exchange",
+            f.peer, f.reason
+        );
+    }
+    for f in &reply.late_failures {
+        println!(
+            "  {} missed the writes that arrived during the hand-over ({}); anti-entropy copies them from the other replicas",
+            f.peer, f.reason
+        );
+    }
+    println!("stop the node's process; its data dir can then be deleted");
 }
 
 /// `repair`: what one anti-entropy round did.

@@ -108,3 +108,60 @@ fn a_removed_node_stops_is_replaced_on_the_ring_and_cannot_come_back() {
     assert!(refused.contains("was removed"), "{refused}");
     assert!(refused.contains("new --id"), "{refused}");
 }
+
+/// `ringkv leave` takes a live node out gracefully: it hands its keys to
+/// their new replicas first, so each remaining member holds every key
+/// without any repair round; the node then stops serving but keeps
+/// running until it is stopped, and it refuses to start again.
+#[test]
+fn a_node_that_leaves_hands_over_its_keys_and_cannot_come_back() {
+    // No periodic anti-entropy and no read repair: only the leave copies keys.
+    let mut c = Cluster::start(
+        "a_node_that_leaves",
+        4,
+        3,
+        &[
+            "--anti-entropy-interval-s",
+            "0",
+            "--read-repair-chance",
+            "0",
+        ],
+    );
+    let key = |i: usize| format!("lv{i}");
+    let rt = runtime();
+    rt.block_on(write_keys(
+        c.nodes[0].addr,
+        200,
+        key,
+        ringkv_core::Consistency::All,
+        4,
+    ));
+
+    let out = c.cli(3, &["leave", "--json"]);
+    assert_exit(&out, 0);
+    let reply = json(&out);
+    assert_eq!(reply["members"], serde_json::json!(["n1", "n2", "n3"]));
+    assert!(reply["keys_handed_over"].as_u64().unwrap() > 0, "{reply}");
+    assert_eq!(reply["late_failures"], serde_json::json!([]));
+    // Three members and N=3: each holds every key, with no repair run.
+    for i in 0..3 {
+        let missing = rt.block_on(missing_locally(c.nodes[i].addr, 0..200, key));
+        assert!(missing.is_empty(), "n{} lacks {missing:?}", i + 1);
+    }
+    // n4 refuses requests (exit 3: ask another node) but still answers status.
+    let refused = c.cli(3, &["get", "lv1"]);
+    assert_exit(&refused, 3);
+    assert!(stderr(&refused).contains("removed"), "{}", stderr(&refused));
+    assert_exit(&c.cli(3, &["status"]), 0);
+    // Now at N members: the next leave is refused.
+    let below = c.cli(0, &["leave"]);
+    assert_exit(&below, 2);
+    assert!(
+        stderr(&below).contains("add a node first"),
+        "{}",
+        stderr(&below)
+    );
+    // Stopped and started again, n4 refuses.
+    c.kill(3);
+    assert!(c.launch(3, &[]).is_err(), "a node that left must not start");
+}

@@ -189,6 +189,7 @@ fn label(request: &Request) -> String {
         Request::Replica(ReplicaRequest::SyncBatch { .. }) => "SyncBatch".into(),
         Request::Repair => "Repair".into(),
         Request::Remove { node, .. } => format!("Remove {node}"),
+        Request::Leave => "Leave".into(),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/6";
+pub const ALPN: &[u8] = b"ringkv/7";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -92,6 +92,10 @@ pub enum Request {
         node: NodeId,
         tell_others: bool,
     },
+    /// Leave the cluster gracefully (`ringkv leave`), sent to the node that
+    /// leaves: it hands its keys to their replicas under the ring without
+    /// it, then has a member remove it. The answer is [`Response::Left`].
+    Leave,
 }
 
 /// Anti-entropy asks a peer for at most this many tree hashes at once.
@@ -280,6 +284,8 @@ pub enum Response {
     Clocks(Vec<Option<Clock>>),
     Items(Vec<KeyDigest>),
     Repair(RepairReport),
+    /// The answer to [`Request::Leave`].
+    Left(LeaveReply),
     /// The answer to [`Request::Remove`].
     Removed(RemoveReply),
     Error(ErrorReply),
@@ -293,6 +299,21 @@ pub struct RemoveReply {
     /// Members the node asked could not tell, and why; they learn at their
     /// next membership exchange. Empty for a removal passed on by a member.
     pub not_told: Vec<PeerFailure>,
+}
+
+/// What `ringkv leave` did.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct LeaveReply {
+    /// The cluster record afterwards, without the node that left.
+    pub record: JoinReply,
+    /// Keys the node held and handed over.
+    pub keys: u64,
+    /// Members the removal could not be passed to (see [`RemoveReply`]).
+    pub not_told: Vec<PeerFailure>,
+    /// Members that missed the second hand-over, of writes that came in
+    /// during the first; anti-entropy copies those keys from the other
+    /// replicas.
+    pub late_failures: Vec<PeerFailure>,
 }
 
 /// A node's own counters.
@@ -599,7 +620,9 @@ impl Request {
         match self {
             Request::Put(p) => validate_key(&p.key),
             Request::Get(g) => validate_key(&g.key),
-            Request::Status | Request::Ping | Request::Stats | Request::Repair => Ok(()),
+            Request::Status | Request::Ping | Request::Stats | Request::Repair | Request::Leave => {
+                Ok(())
+            }
             Request::Remove { node, .. } => validate_node_id(node),
             Request::Join(j) => {
                 if let Some(replicas) = j.replicas {
@@ -671,6 +694,13 @@ impl Response {
                 validate_record(&r.record, "remove reply")?;
                 r.not_told
                     .iter()
+                    .try_for_each(|f| validate_node_id(&f.peer))
+            }
+            Response::Left(r) => {
+                validate_record(&r.record, "leave reply")?;
+                r.not_told
+                    .iter()
+                    .chain(&r.late_failures)
                     .try_for_each(|f| validate_node_id(&f.peer))
             }
             _ => Ok(()),

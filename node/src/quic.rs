@@ -82,7 +82,8 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
         | Request::Join(_)
         | Request::Stats
         | Request::Repair
-        | Request::Remove { .. } => Lane::Own,
+        | Request::Remove { .. }
+        | Request::Leave => Lane::Own,
     };
     if encoded_bytes > SHARED_REQUEST_MAX_BYTES {
         Lane::Own

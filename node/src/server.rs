@@ -40,6 +40,8 @@ use crate::quic::{serve_connection, CallError, PeerPool};
 use crate::storage::{millis, unix_ms, Storage};
 use crate::tls;
 
+mod leave;
+
 /// The default N for a new cluster.
 pub const DEFAULT_REPLICAS: usize = 3;
 /// How long a node keeps trying to reach its seeds before giving up.
@@ -448,6 +450,7 @@ impl NodeInner {
                 response
             }
             Request::Remove { node, tell_others } => self.remove_member(node, tell_others).await,
+            Request::Leave => self.leave().await,
             Request::Status => self.status().await,
             Request::Stats => Response::Stats(self.stats()),
         }
@@ -487,11 +490,22 @@ impl NodeInner {
     /// status, stops its background loops (it still accepts connections,
     /// to say so) and tells `NodeHandle::removed`.
     fn on_removed(&self) {
-        use std::sync::atomic::Ordering;
-        if !self.is_removed.swap(true, Ordering::Relaxed) {
+        if self.stop_serving() {
             self.removed.send_replace(true);
-            self.stop.send_replace(true);
         }
+    }
+
+    /// Refuses every request but status from now on and stops the
+    /// background loops; true the first time. A node that left
+    /// (`ringkv leave`) does only this: it stays up until its operator
+    /// stops it, so that its answer reaches the client.
+    fn stop_serving(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.is_removed.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        self.stop.send_replace(true);
+        true
     }
 
     /// Serves `ringkv remove`: takes `node` out of the cluster and, for a

@@ -513,6 +513,45 @@ impl Storage {
         }
     }
 
+    /// Stored keys and their clocks (tombstones included) in key order,
+    /// starting after `after`: at most `limit` keys, and no more once
+    /// `max_bytes` of clocks are in (at least one key, if any is left).
+    /// Each page reads the store as it is then (`ringkv leave`).
+    pub fn data_page(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(Vec<u8>, Clock)>, NodeError> {
+        let mode = match after {
+            Some(key) => IteratorMode::From(key, Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_DATA), total_order(), mode)
+        {
+            let (key, stored) = item.map_err(io)?;
+            if Some(&key[..]) == after {
+                continue;
+            }
+            if page.len() == limit || (bytes >= max_bytes && !page.is_empty()) {
+                break;
+            }
+            let clock = decode_clock(&stored).map_err(|e| NodeError::StorageIo {
+                reason: format!(
+                    "the stored versions of key {:?} are corrupt: {e}",
+                    String::from_utf8_lossy(&key)
+                ),
+            })?;
+            bytes += stored.len();
+            page.push((key.into_vec(), clock));
+        }
+        Ok(page)
+    }
+
     /// When `key`'s current tombstone was stored (ms since the Unix epoch);
     /// `None` if the key holds no tombstone-only clock.
     pub fn tombstone_stored_at(&self, key: &[u8]) -> Result<Option<u64>, NodeError> {

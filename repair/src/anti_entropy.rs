@@ -637,6 +637,7 @@ fn answer_kind(answer: &Response) -> &'static str {
         Response::Items(_) => "Items",
         Response::Repair(_) => "Repair",
         Response::Removed(_) => "Removed",
+        Response::Left(_) => "Left",
         Response::Error(_) => "Error",
     }
 }
