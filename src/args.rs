@@ -406,15 +406,17 @@ pub struct RemoveArgs {
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Sent to the node that leaves (--node). It hands every key it stores, tombstones included, to \
-    the key's replicas under the ring without it, and only then asks another member to remove it, so no \
-    write it alone held is lost (unlike `ringkv remove`, which is for a machine that is gone). Then it hands \
-    over once more the writes that arrived meanwhile, stops serving, and keeps running until you stop it; \
-    its data dir can then be deleted. Started again, it refuses, like a removed node.\n\n\
-    Exits 0 once it has left, 2 if refused (the cluster would keep fewer than N members: add a node first; \
-    or it holds hints for members that are down), 3 if a replica could not take its keys (it is then still \
-    a member and nothing was removed: bring that replica up, or remove it, and leave again), 4 if the node \
-    cannot be reached."
+    after_help = "Sent to the node that leaves (--node). It hands every key it replicates, tombstones included, \
+    to the key's replicas under the ring without it, and only then asks another member to remove it (unlike \
+    `ringkv remove`, which is for a machine that is gone and loses what only it held). Then it stops serving, \
+    waits for the requests under way, and hands over once more the writes that arrived meanwhile. It keeps \
+    running until you stop it; unless the answer names a member that missed that last hand-over, its data dir \
+    can then be deleted. Started again, it refuses, like a removed node. Hints other members hold for it are \
+    dropped, as with `ringkv remove`.\n\n\
+    Exits 0 once it has left, 2 if refused (the cluster would keep fewer than N members: add a node first; it \
+    holds hints for members that are down; or it is already leaving), 3 if a replica could not take its keys \
+    (it is then still a member and nothing was removed: bring that replica up, or remove it, and leave again) \
+    or no member confirmed the removal, 4 if the node cannot be reached."
 )]
 pub struct LeaveArgs {
     #[command(flatten)]

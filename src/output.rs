@@ -214,11 +214,16 @@ pub fn left(reply: &LeaveReply, json: bool) {
     }
     for f in &reply.late_failures {
         println!(
-            "  {} missed the writes that arrived during the hand-over ({}); anti-entropy copies them from the other replicas",
+            "  {} missed the writes that arrived during the hand-over ({}); anti-entropy copies them from the key's other replicas, \
+             but one that only this node held is still only here: keep its data dir",
             f.peer, f.reason
         );
     }
-    println!("stop the node's process; its data dir can then be deleted");
+    if reply.late_failures.is_empty() {
+        println!("stop the node's process; its data dir can then be deleted");
+    } else {
+        println!("stop the node's process");
+    }
 }
 
 /// `repair`: what one anti-entropy round did.

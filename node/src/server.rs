@@ -371,6 +371,11 @@ struct NodeInner {
     removed: watch::Sender<bool>,
     /// The same, read on every request.
     is_removed: std::sync::atomic::AtomicBool,
+    /// Set while `ringkv leave` runs (see `server/leave.rs`).
+    leaving: std::sync::atomic::AtomicBool,
+    /// Requests past the removal check and not yet answered: a leave waits
+    /// for them before its last hand-over.
+    in_flight: std::sync::atomic::AtomicUsize,
     /// The node's stop signal (the sender `NodeHandle::shutdown` uses):
     /// a removed node stops its background loops at once.
     stop: Arc<watch::Sender<bool>>,
@@ -397,6 +402,7 @@ impl NodeInner {
                 format!("{} was removed from the cluster; ask another node", self.id),
             );
         }
+        let _in_flight = InFlight::count(&self.in_flight);
         match request {
             Request::Put(p) => match self.coordinator.get() {
                 Some(c) => c.put(p).await,
@@ -406,6 +412,15 @@ impl NodeInner {
                 Some(c) => c.get(g).await,
                 None => joining(&self.id),
             },
+            Request::Replica(ReplicaRequest::Hint { .. })
+                if self.leaving.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                // Its hints would leave with it.
+                Response::error(
+                    ErrorKind::Unavailable,
+                    format!("{} is leaving the cluster and keeps no hints", self.id),
+                )
+            }
             Request::Replica(ReplicaRequest::Hint { owner, .. })
                 if self.membership.addr_of(&owner).is_none() =>
             {
@@ -490,7 +505,9 @@ impl NodeInner {
     /// status, stops its background loops (it still accepts connections,
     /// to say so) and tells `NodeHandle::removed`.
     fn on_removed(&self) {
-        if self.stop_serving() {
+        // During a leave the removal is expected; the leave still has its
+        // last hand-over to do and its answer to give.
+        if self.stop_serving() && !self.leaving.load(std::sync::atomic::Ordering::Relaxed) {
             self.removed.send_replace(true);
         }
     }
@@ -1206,6 +1223,8 @@ impl Node {
             shutdown: shutdown_rx.clone(),
             removed: watch::Sender::new(false),
             is_removed: Default::default(),
+            leaving: Default::default(),
+            in_flight: Default::default(),
             started: Default::default(),
             stop: shutdown.clone(),
             dropping_hints: Default::default(),
@@ -1267,6 +1286,22 @@ impl Node {
             inner: inner.clone(),
         };
         Ok((handle, inner))
+    }
+}
+
+/// Counts a request in `NodeInner::in_flight` while it runs, however it ends.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn count(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

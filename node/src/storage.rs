@@ -514,8 +514,8 @@ impl Storage {
     }
 
     /// Stored keys and their clocks (tombstones included) in key order,
-    /// starting after `after`: at most `limit` keys, and no more once
-    /// `max_bytes` of clocks are in (at least one key, if any is left).
+    /// starting after `after`: at most `limit` keys and `max_bytes` of
+    /// stored clocks (a larger clock comes alone in a page of its own).
     /// Each page reads the store as it is then (`ringkv leave`).
     pub fn data_page(
         &self,
@@ -537,7 +537,9 @@ impl Storage {
             if Some(&key[..]) == after {
                 continue;
             }
-            if page.len() == limit || (bytes >= max_bytes && !page.is_empty()) {
+            // Stop before a key that would pass the cap (one large clock
+            // still goes alone), so that a batch of the page fits a frame.
+            if page.len() == limit || (bytes + stored.len() > max_bytes && !page.is_empty()) {
                 break;
             }
             let clock = decode_clock(&stored).map_err(|e| NodeError::StorageIo {

@@ -1,7 +1,8 @@
-//! `ringkv leave`: a live node hands every key it holds to the replicas
-//! that take over its ranges before a member removes it, so even a write
-//! that it alone held survives; and it refuses to leave when that cannot be
-//! done safely.
+//! `ringkv leave`: a live node hands every key it replicates to the
+//! replicas that take over its ranges before a member removes it, so even a
+//! write that it alone held survives; it leaves behind the stray copies it
+//! does not replicate; and it refuses to leave when that cannot be done
+//! safely.
 
 use std::time::Duration;
 
@@ -9,23 +10,24 @@ use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::wire::{GetRequest, PutRequest, ReplicaRequest, Request, Response};
 use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{Client, Node, NodeConfig, NodeError, NodeHandle};
+use ringkv_ring::Ring;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Node `id` that does nothing in the background that could copy keys for
-/// it: no anti-entropy, no read repair.
-fn config(id: &str, dir: &std::path::Path) -> NodeConfig {
+/// Node `id`, N=`replicas`, with nothing in the background that could copy
+/// keys for it: no anti-entropy, no read repair.
+fn config(id: &str, dir: &std::path::Path, replicas: usize) -> NodeConfig {
     let mut c = NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into());
-    c.replicas = Some(3);
+    c.replicas = Some(replicas);
     c.anti_entropy_interval = None;
     c.read_repair_chance = 0.0;
     c
 }
 
-async fn start(count: usize, dirs: &[tempfile::TempDir]) -> Vec<NodeHandle> {
+async fn start(dirs: &[tempfile::TempDir], replicas: usize) -> Vec<NodeHandle> {
     let mut nodes: Vec<NodeHandle> = Vec::new();
-    for (i, dir) in dirs.iter().enumerate().take(count) {
-        let mut c = config(&format!("n{}", i + 1), dir.path());
+    for (i, dir) in dirs.iter().enumerate() {
+        let mut c = config(&format!("n{}", i + 1), dir.path(), replicas);
         if let Some(first) = nodes.first() {
             c.seeds = vec![first.addr()];
         }
@@ -34,15 +36,32 @@ async fn start(count: usize, dirs: &[tempfile::TempDir]) -> Vec<NodeHandle> {
     nodes
 }
 
+fn data_dirs(count: usize) -> Vec<tempfile::TempDir> {
+    (0..count).map(|_| tempfile::tempdir().unwrap()).collect()
+}
+
 async fn client(node: &NodeHandle) -> Client {
     Client::connect(node.addr(), TIMEOUT).await.unwrap()
 }
 
-async fn put_all(client: &Client, keys: impl Iterator<Item = String>) {
+fn id(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+/// The ring of nodes `ids` (default virtual nodes), N=`replicas`.
+fn ring(ids: &[&str], replicas: usize) -> Ring {
+    Ring::new(
+        ids.iter().map(|i| (id(i), ringkv_ring::DEFAULT_VNODES)),
+        replicas,
+    )
+    .unwrap()
+}
+
+async fn put_all(client: &Client, keys: &[String]) {
     for key in keys {
         let put = PutRequest::new(
             key.clone(),
-            Payload::Value(key.into_bytes()),
+            Payload::Value(key.clone().into_bytes()),
             Consistency::All,
             None,
         );
@@ -51,7 +70,27 @@ async fn put_all(client: &Client, keys: impl Iterator<Item = String>) {
     }
 }
 
-/// Whether `node` itself stores `key` with the value `key`.
+/// Stores `key` (value: the key) on the node `client` is connected to and
+/// nowhere else, as a W=1 write does while the key's other replicas are
+/// unreachable, or as a copy left from an older ring.
+async fn store_only_here(client: &Client, key: &str) {
+    let mut clock = Clock::new();
+    clock.update(
+        &VersionVector::new(),
+        Payload::Value(key.as_bytes().to_vec()),
+        &id("n5"),
+    );
+    let sync = Request::Replica(ReplicaRequest::Sync {
+        key: key.as_bytes().to_vec(),
+        clock,
+    });
+    assert!(matches!(
+        client.call(&sync).await.unwrap(),
+        Response::Clock(None)
+    ));
+}
+
+/// Whether the node `client` is connected to stores `key` itself.
 async fn held_locally(client: &Client, key: &str) -> bool {
     let get = Request::Get(GetRequest {
         local: true,
@@ -60,86 +99,95 @@ async fn held_locally(client: &Client, key: &str) -> bool {
     matches!(client.call(&get).await, Ok(Response::Get(g)) if g.values == [key.as_bytes().to_vec()])
 }
 
+async fn leave(client: &Client) -> Response {
+    client.call(&Request::Leave).await.unwrap()
+}
+
+/// Five nodes and N=2, so that placement matters: n5 leaves, and each of
+/// its keys must end up on exactly the replicas the ring without n5 gives.
 #[tokio::test]
-async fn a_leaving_node_hands_every_key_to_the_replicas_that_take_its_ranges() {
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = start(4, &dirs).await;
+async fn a_leaving_node_hands_its_keys_to_the_replicas_that_take_its_ranges() {
+    let dirs = data_dirs(5);
+    let mut nodes = start(&dirs, 2).await;
+    let (before, after) = (
+        ring(&["n1", "n2", "n3", "n4", "n5"], 2),
+        ring(&["n1", "n2", "n3", "n4"], 2),
+    );
+    let replicates = |key: &str| before.preference_list(key.as_bytes()).contains(&id("n5"));
+    let shared: Vec<String> = (0..60).map(|i| format!("shared{i}")).collect();
     let c1 = client(&nodes[0]).await;
-    put_all(&c1, (0..100).map(|i| format!("shared{i}"))).await;
-    // Writes that only n4 holds (as after a W=1 write while its peers were
-    // unreachable): merged into n4 alone.
-    let c4 = client(&nodes[3]).await;
-    let solo: Vec<String> = (0..40).map(|i| format!("solo{i}")).collect();
-    for key in &solo {
-        let mut clock = Clock::new();
-        clock.update(
-            &VersionVector::new(),
-            Payload::Value(key.clone().into_bytes()),
-            &NodeId::new("n4").unwrap(),
-        );
-        let sync = Request::Replica(ReplicaRequest::Sync {
-            key: key.clone().into_bytes(),
-            clock,
-        });
-        assert!(matches!(
-            c4.call(&sync).await.unwrap(),
-            Response::Clock(None)
-        ));
-    }
-    for node in &nodes[..3] {
-        let c = client(node).await;
-        assert!(
-            !held_locally(&c, "solo0").await,
-            "only n4 holds the solo keys"
-        );
-        c.close().await;
+    put_all(&c1, &shared).await;
+    // Keys that only n5 holds though it replicates them (a W=1 write), and
+    // one it holds though it does not (a stray copy from an older ring).
+    let solo: Vec<String> = (0..200)
+        .map(|i| format!("solo{i}"))
+        .filter(|k| replicates(k))
+        .take(20)
+        .collect();
+    let stray = (0..)
+        .map(|i| format!("stray{i}"))
+        .find(|k| !replicates(k))
+        .unwrap();
+    let c5 = client(&nodes[4]).await;
+    for key in solo.iter().chain([&stray]) {
+        store_only_here(&c5, key).await;
     }
 
-    let reply = match c4.call(&Request::Leave).await.unwrap() {
+    let reply = match leave(&c5).await {
         Response::Left(reply) => reply,
         other => panic!("{other:?}"),
     };
-    assert!(reply.keys >= solo.len() as u64, "{reply:?}");
+    let expected = shared.iter().filter(|k| replicates(k)).count() + solo.len();
+    assert_eq!(reply.keys, expected as u64, "{reply:?}");
     assert!(reply.late_failures.is_empty(), "{reply:?}");
     let members: Vec<&str> = reply.record.members.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(members, ["n1", "n2", "n3"]);
+    assert_eq!(members, ["n1", "n2", "n3", "n4"]);
 
-    // Three members and N=3: each now stores every key, n4's solo ones too.
-    for node in &nodes[..3] {
-        let c = client(node).await;
-        for key in solo
-            .iter()
-            .cloned()
-            .chain((0..100).map(|i| format!("shared{i}")))
-        {
-            assert!(held_locally(&c, &key).await, "{} lacks {key}", node.id());
+    // Every key n5 replicated is on each of its replicas under the new ring.
+    let clients = [
+        client(&nodes[0]).await,
+        client(&nodes[1]).await,
+        client(&nodes[2]).await,
+        client(&nodes[3]).await,
+    ];
+    for key in solo.iter().chain(shared.iter().filter(|k| replicates(k))) {
+        for replica in after.preference_list(key.as_bytes()).replicas {
+            let i = replica.as_str()[1..].parse::<usize>().unwrap() - 1;
+            assert!(
+                held_locally(&clients[i], key).await,
+                "{replica} lacks {key}"
+            );
         }
-        c.close().await;
     }
-    // n4 serves no more, but answers status; n1 knows it left.
+    // The stray copy stayed behind.
+    for c in &clients {
+        assert!(!held_locally(c, &stray).await, "{stray} was handed over");
+    }
+    // n5 serves no more but answers status; the others know it left.
     let put = PutRequest::new(
         "late",
         Payload::Value(b"v".to_vec()),
         Consistency::One,
         None,
     );
-    match c4.call(&Request::Put(put)).await.unwrap() {
+    match c5.call(&Request::Put(put)).await.unwrap() {
         Response::Error(e) => assert!(e.message.contains("removed"), "{e:?}"),
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        c4.call(&Request::Status).await.unwrap(),
+        c5.call(&Request::Status).await.unwrap(),
         Response::Status(_)
     ));
     match c1.call(&Request::Status).await.unwrap() {
-        Response::Status(s) => assert_eq!(s.nodes.len(), 3, "{s:?}"),
+        Response::Status(s) => assert_eq!(s.nodes.len(), 4, "{s:?}"),
         other => panic!("{other:?}"),
     }
-    c1.close().await;
-    c4.close().await;
+    for c in clients.into_iter().chain([c1, c5]) {
+        c.close().await;
+    }
     // Started again, it refuses.
     nodes.pop().unwrap().shutdown().await;
-    let e = Node::start(config("n4", dirs[3].path()))
+    let e = Node::start(config("n5", dirs[4].path(), 2))
         .await
         .err()
         .unwrap();
@@ -151,26 +199,26 @@ async fn a_leaving_node_hands_every_key_to_the_replicas_that_take_its_ranges() {
 
 #[tokio::test]
 async fn leaving_is_refused_below_n_and_stops_at_a_replica_that_is_down() {
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = start(3, &dirs).await;
+    let dirs = data_dirs(4);
+    let mut nodes = start(&dirs[..3], 3).await;
     let c3 = client(&nodes[2]).await;
-    match c3.call(&Request::Leave).await.unwrap() {
+    match leave(&c3).await {
         Response::Error(e) => assert!(e.message.contains("fewer than N=3"), "{e:?}"),
         other => panic!("{other:?}"),
     }
     c3.close().await;
 
-    let mut c = config("n4", dirs[3].path());
+    let mut c = config("n4", dirs[3].path(), 3);
     c.seeds = vec![nodes[0].addr()];
     nodes.push(Node::start(c).await.unwrap());
     let c1 = client(&nodes[0]).await;
-    put_all(&c1, (0..20).map(|i| format!("k{i}"))).await;
+    put_all(&c1, &(0..20).map(|i| format!("k{i}")).collect::<Vec<_>>()).await;
     c1.close().await;
     // With n2 down, the keys n4 must hand to n2 have nowhere to go: the
     // leave stops, and n4 stays a member.
     nodes.remove(1).shutdown().await;
     let c4 = client(&nodes[2]).await;
-    match c4.call(&Request::Leave).await.unwrap() {
+    match leave(&c4).await {
         Response::Error(e) => {
             assert!(e.message.contains("could not hand keys to n2"), "{e:?}");
             assert!(e.message.contains("nothing was removed"), "{e:?}");
@@ -192,6 +240,43 @@ async fn leaving_is_refused_below_n_and_stops_at_a_replica_that_is_down() {
         other => panic!("{other:?}"),
     }
     c4.close().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// Hints a node holds for a member that is down would leave with it.
+#[tokio::test]
+async fn a_node_holding_hints_is_refused() {
+    let dirs = data_dirs(4);
+    let mut nodes = start(&dirs, 2).await;
+    nodes.pop().unwrap().shutdown().await;
+    let c1 = client(&nodes[0]).await;
+    // W=all with n4 down: each of n4's writes goes to a fallback as a hint.
+    put_all(&c1, &(0..40).map(|i| format!("h{i}")).collect::<Vec<_>>()).await;
+    c1.close().await;
+    let mut refused = 0;
+    for node in &nodes {
+        let c = client(node).await;
+        let held = match c.call(&Request::Stats).await.unwrap() {
+            Response::Stats(s) => s.hints_pending,
+            other => panic!("{other:?}"),
+        };
+        if held > 0 {
+            match leave(&c).await {
+                Response::Error(e) => {
+                    assert!(
+                        e.message.contains("hints for members that are down"),
+                        "{e:?}"
+                    );
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        c.close().await;
+    }
+    assert!(refused > 0, "no node held a hint");
     for node in nodes {
         node.shutdown().await;
     }

@@ -6,24 +6,33 @@
 //! lost with it. A node that is still up can do better, because it holds
 //! those keys. Asked to leave, it
 //!
-//! 1. refuses if the cluster would keep fewer than N members, or if it
-//!    holds hints for members that are down (they would be lost with it);
-//! 2. hands every key it stores (tombstones too) to the key's replicas
+//! 1. refuses if the cluster would keep fewer than N members, if it is
+//!    already leaving, or if it holds hints for members that are down (they
+//!    would be lost with it); from then on it takes no new hints;
+//! 2. hands every key it replicates (tombstones too) to the key's replicas
 //!    under the ring without it: one `SyncBatch` per replica per page of
-//!    keys, merged there and durable before they answer. Any failure stops
-//!    the leave with the node still a member and nothing removed;
+//!    keys, merged there and durable before they answer. Keys it holds but
+//!    does not replicate stay behind (see [`NodeInner::hand_over`]). Any
+//!    failure stops the leave with the node still a member and nothing
+//!    removed;
 //! 3. asks another member to remove it (`Request::Remove`, which that member
-//!    passes on to every other one), stores the new record and stops serving:
-//!    from then on no coordinator sends it writes;
-//! 4. hands over its keys once more, for the writes that arrived during the
-//!    first pass. A replica that misses this second pass is named in the
-//!    answer; anti-entropy copies those keys from the key's other replicas.
+//!    passes on to every other one), stores the new record and stops
+//!    serving: a coordinator that has learned of the removal sends it
+//!    nothing, and one that has not yet is refused;
+//! 4. waits for the requests already under way, then hands over once more
+//!    (trying up to three times), for the writes that arrived during the
+//!    first pass. A replica that still misses it is named in the answer.
 //!
 //! The node keeps running, refusing every request but status, until its
 //! operator stops it (like a decommissioned Cassandra node); started again,
 //! it refuses, as a removed node does.
+//!
+//! Not covered: hints that other members hold for the leaving node are
+//! dropped once it is removed (as for `ringkv remove`), and a key whose
+//! merge a replica refuses (past the per-key limits) is skipped there.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,10 +51,28 @@ const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the member asked may take to remove this node and tell the
 /// others (it tells them all at once, each within a second).
 const REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the last pass waits for requests already under way.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
+/// Tries of the last pass, a second apart and then two.
+const LATE_PASS_ATTEMPTS: u32 = 3;
 
 /// Keys handed over in one pass.
 struct HandedOver {
     keys: u64,
+}
+
+/// Clears `NodeInner::leaving` when a leave ends without the node leaving.
+struct LeavingGuard<'a> {
+    flag: &'a std::sync::atomic::AtomicBool,
+    left: bool,
+}
+
+impl Drop for LeavingGuard<'_> {
+    fn drop(&mut self) {
+        if !self.left {
+            self.flag.store(false, Ordering::SeqCst);
+        }
+    }
 }
 
 impl NodeInner {
@@ -63,23 +90,42 @@ impl NodeInner {
                 record.replicas
             ));
         }
-        let hints = self.hints.pending_total();
-        if hints > 0 {
-            return refuse(format!(
-                "{} holds {hints} hints for members that are down, which would be lost with it; \
-                 leave once they are delivered (`ringkv status` shows them), or remove those members first",
-                self.id
-            ));
+        if self
+            .leaving
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return refuse(format!("{} is already leaving", self.id));
+        }
+        // From here on it takes no new hints (see `handle`).
+        let mut guard = LeavingGuard {
+            flag: &self.leaving,
+            left: false,
+        };
+        if let Some(refusal) = self.hints_held() {
+            return refuse(refusal);
         }
         let mut after = record.clone();
         after.members.remove(&self.id);
-        let ring = match after.ring() {
-            Ok(ring) => ring,
-            Err(e) => return Response::error(ErrorKind::Internal, e.to_string()),
+        let (before, ring_after) = match (record.ring(), after.ring()) {
+            (Ok(before), Ok(ring_after)) => (before, ring_after),
+            (Err(e), _) | (_, Err(e)) => {
+                return Response::error(ErrorKind::Internal, e.to_string())
+            }
         };
 
-        let first = match self.hand_over(&ring, true).await {
+        let first = match self.hand_over(&before, &ring_after, true).await {
             Ok(done) => done,
+            Err(failure) if self.is_removed.load(Ordering::Relaxed) => {
+                return Response::error(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "{} was removed from the cluster while it handed over its keys (by `ringkv remove`?); \
+                         {} did not take them: keep its data dir, and run `ringkv repair` on the members",
+                        self.id, failure.peer
+                    ),
+                )
+            }
             Err(failure) => {
                 return Response::error(
                     ErrorKind::Unavailable,
@@ -90,13 +136,18 @@ impl NodeInner {
                 )
             }
         };
+        metrics::counter!("ringkv_leave_keys_handed_over_total").increment(first.keys);
+        // A hint stored by a request already under way when the leave began.
+        if let Some(refusal) = self.hints_held() {
+            return refuse(refusal);
+        }
         let removal = match self.ask_removal(&after).await {
             Ok(removal) => removal,
             Err(reasons) => {
                 return Response::error(
                     ErrorKind::Unavailable,
                     format!(
-                        "every key was handed over, but no member could remove {} ({}); it is still a member: leave again, or `ringkv remove {}` on another member",
+                        "every key was handed over, but no member confirmed removing {} ({}); check `ringkv status` on a member: leave again if it still lists {}, or stop it if not",
                         self.id,
                         reasons.join("; "),
                         self.id
@@ -104,6 +155,7 @@ impl NodeInner {
                 )
             }
         };
+        guard.left = true;
         match self.membership.adopt(removal.record.clone()) {
             Err(NodeError::Removed { .. }) => {}
             other => tracing::warn!(
@@ -112,15 +164,37 @@ impl NodeInner {
             ),
         }
         self.stop_serving();
-        tracing::warn!(node = %self.id, keys = first.keys, "left the cluster; stop this process");
 
-        // The node's stop signal is set now (it stopped serving), so this
-        // pass cannot watch it; a shutdown ends it anyway, by closing the
-        // transport under it.
-        let late_failures = match self.hand_over(&ring, false).await {
-            Ok(_) => Vec::new(),
-            Err(failure) => vec![failure],
-        };
+        // Requests that passed the removal check before it was set may still
+        // write; the last pass must come after them.
+        let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
+        while self.in_flight.load(Ordering::SeqCst) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The cluster as it is now (another change may have come meanwhile).
+        let ring_now = self
+            .membership
+            .record()
+            .and_then(|r| r.ring().ok())
+            .unwrap_or(ring_after);
+        let mut late_failures = Vec::new();
+        for attempt in 1..=LATE_PASS_ATTEMPTS {
+            // The node's stop signal is set now (it stopped serving), so this
+            // pass cannot watch it; a shutdown ends it anyway, by closing the
+            // transport under it.
+            match self.hand_over(&before, &ring_now, false).await {
+                Ok(_) => {
+                    late_failures.clear();
+                    break;
+                }
+                Err(failure) => {
+                    tracing::warn!(peer = %failure.peer, reason = %failure.reason, attempt, "the last hand-over failed");
+                    late_failures = vec![failure];
+                    tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+                }
+            }
+        }
+        tracing::warn!(node = %self.id, keys = first.keys, "left the cluster; stop this process");
         Response::Left(LeaveReply {
             record: removal.record,
             keys: first.keys,
@@ -129,15 +203,31 @@ impl NodeInner {
         })
     }
 
-    /// Sends every stored key to its replicas under `ring`, a page at a
-    /// time; stops at the first replica that does not take a batch, and, if
-    /// `watch_shutdown`, when the node shuts down.
+    /// Why the node cannot leave while it holds hints, if it does.
+    fn hints_held(&self) -> Option<String> {
+        let hints = self.hints.pending_total();
+        (hints > 0).then(|| {
+            format!(
+                "{} holds {hints} hints for members that are down, which would be lost with it; \
+                 leave once they are delivered (`ringkv status` shows them), or remove those members first",
+                self.id
+            )
+        })
+    }
+
+    /// Sends every stored key that this node replicates under `before` to
+    /// its replicas under `after`, a page at a time. Keys it holds but does
+    /// not replicate (left from an older ring) stay: their tombstones may
+    /// have been collected on the replicas, and a stale copy would bring a
+    /// deleted value back. Stops at the first replica that does not take a
+    /// batch, and, if `watch_shutdown`, when the node shuts down.
     async fn hand_over(
         &self,
-        ring: &Ring,
+        before: &Ring,
+        after: &Ring,
         watch_shutdown: bool,
     ) -> Result<HandedOver, PeerFailure> {
-        let mut after: Option<Vec<u8>> = None;
+        let mut from: Option<Vec<u8>> = None;
         let mut keys = 0u64;
         loop {
             if watch_shutdown && *self.shutdown.borrow() {
@@ -147,9 +237,9 @@ impl NodeInner {
                 });
             }
             let storage = self.storage.clone();
-            let from = after.clone();
+            let start = from.clone();
             let page = tokio::task::spawn_blocking(move || {
-                storage.data_page(from.as_deref(), REPAIR_BATCH_MAX, READ_BATCH_REPLY_BYTES)
+                storage.data_page(start.as_deref(), REPAIR_BATCH_MAX, READ_BATCH_REPLY_BYTES)
             })
             .await
             .map_err(|e| e.to_string())
@@ -161,12 +251,14 @@ impl NodeInner {
             let Some((last, _)) = page.last() else {
                 return Ok(HandedOver { keys });
             };
-            after = Some(last.clone());
-            let page_keys = page.len() as u64;
-            keys += page_keys;
+            from = Some(last.clone());
             let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
             for (key, clock) in page {
-                for replica in ring.preference_list(&key).replicas {
+                if !before.preference_list(&key).contains(&self.id) {
+                    continue;
+                }
+                keys += 1;
+                for replica in after.preference_list(&key).replicas {
                     batches.entry(replica).or_default().push(KeyClock {
                         key: key.clone(),
                         clock: clock.clone(),
@@ -206,7 +298,6 @@ impl NodeInner {
                     }
                 }
             }
-            metrics::counter!("ringkv_leave_keys_handed_over_total").increment(page_keys);
         }
     }
 
