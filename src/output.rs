@@ -160,10 +160,7 @@ pub fn removed(node: &NodeId, reply: &RemoveReply, json: bool) {
             "members": members,
             "replicas": record.replicas,
             "all_removed": record.removed.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-            "not_told": reply.not_told.iter().map(|f| json!({
-                "peer": f.peer.to_string(),
-                "reason": f.reason,
-            })).collect::<Vec<_>>(),
+            "not_told": failures_json(&reply.not_told),
         }));
     } else {
         println!(
@@ -171,13 +168,25 @@ pub fn removed(node: &NodeId, reply: &RemoveReply, json: bool) {
             members.len(),
             members.join(", ")
         );
-        for f in &reply.not_told {
-            println!(
-                "  {} not told ({}); it learns at its next membership exchange",
-                f.peer, f.reason
-            );
-        }
+        print_not_told(&reply.not_told);
         println!("run `ringkv repair` on each of them to copy {node}'s keys to their new replicas");
+    }
+}
+
+fn failures_json(failures: &[PeerFailure]) -> Vec<Value> {
+    failures
+        .iter()
+        .map(|f| json!({"peer": f.peer.to_string(), "reason": f.reason}))
+        .collect()
+}
+
+/// Members a removal could not be passed to.
+fn print_not_told(not_told: &[PeerFailure]) {
+    for f in not_told {
+        println!(
+            "  {} not told ({}); it learns at its next membership exchange",
+            f.peer, f.reason
+        );
     }
 }
 
@@ -185,18 +194,13 @@ pub fn removed(node: &NodeId, reply: &RemoveReply, json: bool) {
 pub fn left(reply: &LeaveReply, json: bool) {
     let record = &reply.record;
     let members: Vec<String> = record.members.iter().map(|m| m.id.to_string()).collect();
-    let failures = |list: &[PeerFailure]| {
-        list.iter()
-            .map(|f| json!({"peer": f.peer.to_string(), "reason": f.reason}))
-            .collect::<Vec<_>>()
-    };
     if json {
         print_json(&json!({
             "keys_handed_over": reply.keys,
             "members": members,
             "replicas": record.replicas,
-            "not_told": failures(&reply.not_told),
-            "late_failures": failures(&reply.late_failures),
+            "not_told": failures_json(&reply.not_told),
+            "late_failures": failures_json(&reply.late_failures),
         }));
         return;
     }
@@ -206,12 +210,7 @@ pub fn left(reply: &LeaveReply, json: bool) {
         members.len(),
         members.join(", ")
     );
-    for f in &reply.not_told {
-        println!(
-            "  {} not told ({}); it learns at its next membership exchange",
-            f.peer, f.reason
-        );
-    }
+    print_not_told(&reply.not_told);
     for f in &reply.late_failures {
         println!(
             "  {} missed the writes that arrived during the hand-over ({}); anti-entropy copies them from the key's other replicas, \

@@ -7,6 +7,25 @@ use std::time::Duration;
 
 use common::*;
 
+/// Four nodes with N=3 and `extra` flags, and 200 keys `key(i)` written at
+/// W=all through n1.
+fn four_nodes_with_keys(
+    test: &str,
+    extra: &[&str],
+    key: fn(usize) -> String,
+) -> (Cluster, tokio::runtime::Runtime) {
+    let c = Cluster::start(test, 4, 3, extra);
+    let rt = runtime();
+    rt.block_on(write_keys(
+        c.nodes[0].addr,
+        200,
+        key,
+        ringkv_core::Consistency::All,
+        4,
+    ));
+    (c, rt)
+}
+
 fn members_seen_by(c: &Cluster, i: usize) -> usize {
     json(&c.cli(i, &["status", "--json"]))["nodes"]
         .as_array()
@@ -36,21 +55,12 @@ fn a_member_frozen_during_a_join_learns_of_the_new_node() {
 #[test]
 fn a_removed_node_stops_is_replaced_on_the_ring_and_cannot_come_back() {
     // No periodic anti-entropy: only the repair below copies n4's keys.
-    let mut c = Cluster::start(
-        "a_removed_node_stops",
-        4,
-        3,
-        &["--anti-entropy-interval-s", "0"],
-    );
     let key = |i: usize| format!("rm{i}");
-    let rt = runtime();
-    rt.block_on(write_keys(
-        c.nodes[0].addr,
-        200,
+    let (mut c, rt) = four_nodes_with_keys(
+        "a_removed_node_stops",
+        &["--anti-entropy-interval-s", "0"],
         key,
-        ringkv_core::Consistency::All,
-        4,
-    ));
+    );
 
     // Refused: an unknown id, and a node asked to remove itself.
     let unknown = c.cli(0, &["remove", "n9"]);
@@ -116,26 +126,17 @@ fn a_removed_node_stops_is_replaced_on_the_ring_and_cannot_come_back() {
 #[test]
 fn a_node_that_leaves_hands_over_its_keys_and_cannot_come_back() {
     // No periodic anti-entropy and no read repair: only the leave copies keys.
-    let mut c = Cluster::start(
+    let key = |i: usize| format!("lv{i}");
+    let (mut c, rt) = four_nodes_with_keys(
         "a_node_that_leaves",
-        4,
-        3,
         &[
             "--anti-entropy-interval-s",
             "0",
             "--read-repair-chance",
             "0",
         ],
-    );
-    let key = |i: usize| format!("lv{i}");
-    let rt = runtime();
-    rt.block_on(write_keys(
-        c.nodes[0].addr,
-        200,
         key,
-        ringkv_core::Consistency::All,
-        4,
-    ));
+    );
 
     let out = c.cli(3, &["leave", "--json"]);
     assert_exit(&out, 0);
