@@ -513,34 +513,34 @@ impl Storage {
         }
     }
 
-    /// Stored keys and their clocks (tombstones included) in key order,
-    /// starting after `after`: at most `limit` keys and `max_bytes` of
-    /// stored clocks (a larger clock comes alone in a page of its own).
-    /// Each page reads the store as it is then (`ringkv leave`).
-    pub fn data_page(
+    /// Reads every stored key and its clock (tombstones included) in key
+    /// order, in pages of at most `limit` keys and `max_bytes` of stored
+    /// clocks (a larger clock comes alone), handing each page to `page`
+    /// until it returns false (`ringkv leave`).
+    ///
+    /// One iterator for the whole scan: a total-order iterator over the
+    /// hash memtable copies the memtable first, so an iterator per page
+    /// made a scan quadratic (35 s of CPU for 100,000 keys).
+    pub fn data_pages(
         &self,
-        after: Option<&[u8]>,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<(Vec<u8>, Clock)>, NodeError> {
-        let mode = match after {
-            Some(key) => IteratorMode::From(key, Direction::Forward),
-            None => IteratorMode::Start,
-        };
-        let mut page = Vec::new();
+        mut page: impl FnMut(Vec<(Vec<u8>, Clock)>) -> bool,
+    ) -> Result<(), NodeError> {
+        let mut current = Vec::new();
         let mut bytes = 0;
-        for item in self
+        let iter = self
             .db
-            .iterator_cf_opt(self.cf(CF_DATA), total_order(), mode)
-        {
+            .iterator_cf_opt(self.cf(CF_DATA), total_order(), IteratorMode::Start);
+        for item in iter {
             let (key, stored) = item.map_err(io)?;
-            if Some(&key[..]) == after {
-                continue;
-            }
-            // Stop before a key that would pass the cap (one large clock
-            // still goes alone), so that a batch of the page fits a frame.
-            if page.len() == limit || (bytes + stored.len() > max_bytes && !page.is_empty()) {
-                break;
+            // Hand the page over before a key that would pass the cap (one
+            // large clock still goes alone), so that its batches fit a frame.
+            if current.len() == limit || (bytes + stored.len() > max_bytes && !current.is_empty()) {
+                if !page(std::mem::take(&mut current)) {
+                    return Ok(());
+                }
+                bytes = 0;
             }
             let clock = decode_clock(&stored).map_err(|e| NodeError::StorageIo {
                 reason: format!(
@@ -549,9 +549,12 @@ impl Storage {
                 ),
             })?;
             bytes += stored.len();
-            page.push((key.into_vec(), clock));
+            current.push((key.into_vec(), clock));
         }
-        Ok(page)
+        if !current.is_empty() {
+            page(current);
+        }
+        Ok(())
     }
 
     /// When `key`'s current tombstone was stored (ms since the Unix epoch);
@@ -941,6 +944,54 @@ mod tests {
     fn ring() -> std::sync::Arc<Ring> {
         let ids = ["n1", "n2", "n3", "n4"].map(|n| (NodeId::new(n).unwrap(), 16));
         std::sync::Arc::new(Ring::new(ids, 3).unwrap())
+    }
+
+    /// One scan in pages: by count, by bytes (a clock above the cap alone),
+    /// in key order, and stopping when told to.
+    #[test]
+    fn data_pages_cover_every_key_once_in_bounded_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        for i in 0..10 {
+            let size = if i == 5 { 5000 } else { 10 };
+            Store::put(
+                &s,
+                format!("k{i}").as_bytes(),
+                None,
+                &value(&"x".repeat(size), &Clock::new(), "a"),
+            )
+            .unwrap();
+        }
+        let pages = |limit: usize, max_bytes: usize| {
+            let mut pages: Vec<Vec<String>> = Vec::new();
+            s.data_pages(limit, max_bytes, |page| {
+                pages.push(
+                    page.into_iter()
+                        .map(|(k, _)| String::from_utf8(k).unwrap())
+                        .collect(),
+                );
+                true
+            })
+            .unwrap();
+            pages
+        };
+        let by_count = pages(4, usize::MAX);
+        assert_eq!(by_count.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        assert_eq!(
+            by_count.concat(),
+            (0..10).map(|i| format!("k{i}")).collect::<Vec<_>>()
+        );
+        // With a 1 KiB cap the 5,000-byte clock of k5 comes alone.
+        let by_bytes = pages(100, 1024);
+        assert!(by_bytes.contains(&vec!["k5".to_string()]), "{by_bytes:?}");
+        assert_eq!(by_bytes.concat().len(), 10);
+        let mut calls = 0;
+        s.data_pages(3, usize::MAX, |_| {
+            calls += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(calls, 1);
     }
 
     fn value(v: &str, context: &Clock, actor: &str) -> Clock {

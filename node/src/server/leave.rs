@@ -51,6 +51,9 @@ const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the member asked may take to remove this node and tell the
 /// others (it tells them all at once, each within a second).
 const REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Batches (one per replica per page of keys) sent and not yet answered,
+/// at most: a few pages' worth, each at most `READ_BATCH_REPLY_BYTES`.
+const BATCHES_IN_FLIGHT: usize = 8;
 /// How long the last pass waits for requests already under way.
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
 /// Tries of the last pass, a second apart and then two.
@@ -227,8 +230,18 @@ impl NodeInner {
         after: &Ring,
         watch_shutdown: bool,
     ) -> Result<HandedOver, PeerFailure> {
-        let mut from: Option<Vec<u8>> = None;
         let mut keys = 0u64;
+        // The store is read on the blocking pool, a few pages ahead.
+        let (pages_tx, mut pages) = tokio::sync::mpsc::channel(2);
+        let storage = self.storage.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            storage.data_pages(REPAIR_BATCH_MAX, READ_BATCH_REPLY_BYTES, |page| {
+                pages_tx.blocking_send(page).is_ok()
+            })
+        });
+        // Batches of several pages travel at once: one page at a time spent
+        // most of its time waiting for the slowest replica's answer.
+        let mut sends = tokio::task::JoinSet::new();
         loop {
             if watch_shutdown && *self.shutdown.borrow() {
                 return Err(PeerFailure {
@@ -236,22 +249,20 @@ impl NodeInner {
                     reason: "this node is shutting down".into(),
                 });
             }
-            let storage = self.storage.clone();
-            let start = from.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                storage.data_page(start.as_deref(), REPAIR_BATCH_MAX, READ_BATCH_REPLY_BYTES)
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|page| page.map_err(|e| e.to_string()))
-            .map_err(|reason| PeerFailure {
-                peer: self.id.clone(),
-                reason: format!("reading its own store: {reason}"),
-            })?;
-            let Some((last, _)) = page.last() else {
-                return Ok(HandedOver { keys });
+            let Some(page) = pages.recv().await else {
+                while let Some(sent) = sends.join_next().await {
+                    self.check_sent(sent)?;
+                }
+                return match reader.await {
+                    Ok(Ok(())) => Ok(HandedOver { keys }),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+                .map_err(|reason| PeerFailure {
+                    peer: self.id.clone(),
+                    reason: format!("reading its own store: {reason}"),
+                });
             };
-            from = Some(last.clone());
             let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
             for (key, clock) in page {
                 if !before.preference_list(&key).contains(&self.id) {
@@ -265,7 +276,6 @@ impl NodeInner {
                     });
                 }
             }
-            let mut sends = tokio::task::JoinSet::new();
             for (replica, items) in batches {
                 let transport = self.transport.clone();
                 sends.spawn(async move {
@@ -286,18 +296,24 @@ impl NodeInner {
                     })
                 });
             }
-            while let Some(sent) = sends.join_next().await {
-                match sent {
-                    Ok(Ok(())) => {}
-                    Ok(Err(failure)) => return Err(failure),
-                    Err(e) => {
-                        return Err(PeerFailure {
-                            peer: self.id.clone(),
-                            reason: format!("a hand-over task failed: {e}"),
-                        })
-                    }
-                }
+            while sends.len() > BATCHES_IN_FLIGHT {
+                let sent = sends.join_next().await.expect("the set is not empty");
+                self.check_sent(sent)?;
             }
+        }
+    }
+
+    /// The outcome of one batch sent by [`Self::hand_over`].
+    fn check_sent(
+        &self,
+        sent: Result<Result<(), PeerFailure>, tokio::task::JoinError>,
+    ) -> Result<(), PeerFailure> {
+        match sent {
+            Ok(result) => result,
+            Err(e) => Err(PeerFailure {
+                peer: self.id.clone(),
+                reason: format!("a hand-over task failed: {e}"),
+            }),
         }
     }
 
