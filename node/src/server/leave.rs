@@ -193,7 +193,9 @@ impl NodeInner {
                 Err(failure) => {
                     tracing::warn!(peer = %failure.peer, reason = %failure.reason, attempt, "the last hand-over failed");
                     late_failures = vec![failure];
-                    tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+                    if attempt < LATE_PASS_ATTEMPTS {
+                        tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                    }
                 }
             }
         }
