@@ -373,8 +373,8 @@ struct NodeInner {
     is_removed: std::sync::atomic::AtomicBool,
     /// Set while `ringkv leave` runs (see `server/leave.rs`).
     leaving: std::sync::atomic::AtomicBool,
-    /// Requests past the removal check and not yet answered: a leave waits
-    /// for them before its last hand-over.
+    /// Requests being handled: a leave waits for those under way when it
+    /// stopped serving before its last hand-over.
     in_flight: std::sync::atomic::AtomicUsize,
     /// The node's stop signal (the sender `NodeHandle::shutdown` uses):
     /// a removed node stops its background loops at once.
@@ -392,7 +392,11 @@ struct NodeInner {
 
 impl NodeInner {
     async fn handle(self: Arc<Self>, request: Request) -> Response {
-        if self.is_removed.load(std::sync::atomic::Ordering::Relaxed)
+        // Counted before the removal check, and both SeqCst (as is the
+        // store in `stop_serving`): a leave that sees no request in flight
+        // after it stopped serving knows every later one sees it stopped.
+        let _in_flight = InFlight::count(&self.in_flight);
+        if self.is_removed.load(std::sync::atomic::Ordering::SeqCst)
             && !matches!(request, Request::Ping | Request::Status | Request::Stats)
         {
             // Its ring is stale and its data may be: it must not coordinate,
@@ -402,7 +406,6 @@ impl NodeInner {
                 format!("{} was removed from the cluster; ask another node", self.id),
             );
         }
-        let _in_flight = InFlight::count(&self.in_flight);
         match request {
             Request::Put(p) => match self.coordinator.get() {
                 Some(c) => c.put(p).await,
@@ -518,7 +521,7 @@ impl NodeInner {
     /// stops it, so that its answer reaches the client.
     fn stop_serving(&self) -> bool {
         use std::sync::atomic::Ordering;
-        if self.is_removed.swap(true, Ordering::Relaxed) {
+        if self.is_removed.swap(true, Ordering::SeqCst) {
             return false;
         }
         self.stop.send_replace(true);

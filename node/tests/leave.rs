@@ -281,3 +281,88 @@ async fn a_node_holding_hints_is_refused() {
         node.shutdown().await;
     }
 }
+
+/// Writes that reach the leaving node while it hands over its keys (here:
+/// merges sent to it alone, as a W=1 write it coordinates would be) are
+/// either refused, once it has stopped serving, or handed over too: the
+/// first pass reads the store as it was when it began, so the last pass
+/// must carry the rest. Every write it accepted ends up on its new replicas.
+#[tokio::test]
+async fn writes_that_arrive_during_a_leave_are_handed_over_too() {
+    let dirs = data_dirs(4);
+    let nodes = start(&dirs, 2).await;
+    let before = ring(&["n1", "n2", "n3", "n4"], 2);
+    let after = ring(&["n1", "n2", "n3"], 2);
+    // Enough keys that the first pass takes a while.
+    let c1 = client(&nodes[0]).await;
+    put_all(
+        &c1,
+        &(0..1500).map(|i| format!("pre{i}")).collect::<Vec<_>>(),
+    )
+    .await;
+    c1.close().await;
+
+    let (done_tx, done) = tokio::sync::watch::channel(false);
+    let writer = {
+        let addr = nodes[3].addr();
+        let replicates = move |k: &str| before.preference_list(k.as_bytes()).contains(&id("n4"));
+        tokio::spawn(async move {
+            let c = Client::connect(addr, TIMEOUT).await.unwrap();
+            let mut accepted = Vec::new();
+            for i in 0.. {
+                if *done.borrow() {
+                    break;
+                }
+                let key = format!("during{i}");
+                if !replicates(&key) {
+                    continue;
+                }
+                let mut clock = Clock::new();
+                clock.update(
+                    &VersionVector::new(),
+                    Payload::Value(key.clone().into_bytes()),
+                    &id("n4"),
+                );
+                let sync = Request::Replica(ReplicaRequest::Sync {
+                    key: key.clone().into_bytes(),
+                    clock,
+                });
+                if let Ok(Response::Clock(None)) = c.call(&sync).await {
+                    accepted.push(key);
+                }
+            }
+            c.close().await;
+            accepted
+        })
+    };
+    let c4 = client(&nodes[3]).await;
+    let reply = leave(&c4).await;
+    done_tx.send_replace(true);
+    let accepted = writer.await.unwrap();
+    assert!(
+        matches!(reply, Response::Left(ref r) if r.late_failures.is_empty()),
+        "{reply:?}"
+    );
+    assert!(!accepted.is_empty(), "no write reached n4 during its leave");
+    let clients = [
+        client(&nodes[0]).await,
+        client(&nodes[1]).await,
+        client(&nodes[2]).await,
+    ];
+    for key in &accepted {
+        for replica in after.preference_list(key.as_bytes()).replicas {
+            let i = replica.as_str()[1..].parse::<usize>().unwrap() - 1;
+            assert!(
+                held_locally(&clients[i], key).await,
+                "{replica} lacks {key}, which n4 accepted during its leave ({} accepted)",
+                accepted.len()
+            );
+        }
+    }
+    for c in clients.into_iter().chain([c4]) {
+        c.close().await;
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
