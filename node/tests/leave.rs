@@ -70,22 +70,26 @@ async fn put_all(client: &Client, keys: &[String]) {
     }
 }
 
-/// Stores `key` (value: the key) on the node `client` is connected to and
-/// nowhere else, as a W=1 write does while the key's other replicas are
-/// unreachable, or as a copy left from an older ring.
-async fn store_only_here(client: &Client, key: &str) {
+/// A merge of a new version of `key` (value: the key) into the one node
+/// it is sent to, and nowhere else: as a W=1 write does while the key's
+/// other replicas are unreachable, or as a copy left from an older ring.
+fn merge_here(key: &str) -> Request {
     let mut clock = Clock::new();
     clock.update(
         &VersionVector::new(),
         Payload::Value(key.as_bytes().to_vec()),
-        &id("n5"),
+        &id("direct"),
     );
-    let sync = Request::Replica(ReplicaRequest::Sync {
+    Request::Replica(ReplicaRequest::Sync {
         key: key.as_bytes().to_vec(),
         clock,
-    });
+    })
+}
+
+/// Stores `key` on the node `client` is connected to only (see [`merge_here`]).
+async fn store_only_here(client: &Client, key: &str) {
     assert!(matches!(
-        client.call(&sync).await.unwrap(),
+        client.call(&merge_here(key)).await.unwrap(),
         Response::Clock(None)
     ));
 }
@@ -317,17 +321,7 @@ async fn writes_that_arrive_during_a_leave_are_handed_over_too() {
                 if !replicates(&key) {
                     continue;
                 }
-                let mut clock = Clock::new();
-                clock.update(
-                    &VersionVector::new(),
-                    Payload::Value(key.clone().into_bytes()),
-                    &id("n4"),
-                );
-                let sync = Request::Replica(ReplicaRequest::Sync {
-                    key: key.clone().into_bytes(),
-                    clock,
-                });
-                if let Ok(Response::Clock(None)) = c.call(&sync).await {
+                if let Ok(Response::Clock(None)) = c.call(&merge_here(&key)).await {
                     accepted.push(key);
                 }
             }
