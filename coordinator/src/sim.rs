@@ -25,7 +25,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::failure::{probe_round, DetectorConfig, FailureDetector};
 use crate::replica::{MemStore, ReplicaService};
 use ringkv_repair::anti_entropy::{AntiEntropy, AntiEntropyConfig};
-use ringkv_repair::handoff::{self, HandoffConfig};
+use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
 use ringkv_repair::hints::{HintBook, HintConfig, HintError, MemHintBackend, WallClock};
 use ringkv_repair::read_repair::{ReadRepairQueue, DEFAULT_QUEUE_CAPACITY};
 use ringkv_repair::trees::ReplicaTrees;
@@ -399,7 +399,7 @@ impl SimCluster {
                 handoff::start(
                     hints.clone(),
                     transport.clone(),
-                    Arc::new(move |n: &NodeId| up.is_up(n)),
+                    HintRouting::to_owners(Arc::new(move |n: &NodeId| up.is_up(n))),
                     HandoffConfig {
                         sweep_interval: options
                             .hint_sweep_interval

@@ -191,6 +191,15 @@ impl Membership {
             .clone()
     }
 
+    /// Whether `id` has been removed from the cluster, as this node knows it.
+    pub fn is_removed(&self, id: &NodeId) -> bool {
+        self.record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|r| r.removed.contains(id))
+    }
+
     /// Forms a new one-node cluster.
     pub fn form(&self, cluster_id: u64, replicas: usize) -> Result<(), NodeError> {
         let record = ClusterRecord {

@@ -23,7 +23,7 @@ use ringkv_core::wire::{
 };
 use ringkv_core::{NodeId, Transport};
 use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
-use ringkv_repair::handoff::{self, HandoffConfig};
+use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
 use ringkv_repair::hints::{self, HintBook, HintConfig};
 use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
 use ringkv_repair::read_repair::{self, ReadRepairQueue};
@@ -383,8 +383,6 @@ struct NodeInner {
     /// list is stored but not installed, so that a restarted node does not
     /// coordinate with its old ring before it knows it is still a member.
     started: std::sync::atomic::AtomicBool,
-    /// Removed owners whose hints are being dropped.
-    dropping_hints: Arc<std::sync::Mutex<std::collections::HashSet<NodeId>>>,
     /// Tests: rings the tree rebuilder has taken up (rebuilt or skipped).
     #[cfg(test)]
     rings_considered: std::sync::atomic::AtomicU32,
@@ -604,7 +602,6 @@ impl NodeInner {
             }
         };
         metrics::gauge!("ringkv_members").set(record.members.len() as f64);
-        self.drop_hints_for_removed(&record);
         self.ring_tx.send_replace(Some(ring.clone()));
         match self.coordinator.get() {
             Some(c) => c.set_ring(ring),
@@ -624,53 +621,6 @@ impl NodeInner {
                 let _ = self.coordinator.set(coordinator);
             }
         }
-    }
-
-    /// Hints held for removed nodes will never be taken: drop them, on the
-    /// blocking pool (they may be many), one task per owner at a time, page
-    /// by page until done or the node shuts down.
-    fn drop_hints_for_removed(&self, record: &ClusterRecord) {
-        for owner in self.hints.targets() {
-            if !record.removed.contains(&owner) {
-                continue;
-            }
-            let mut dropping = self
-                .dropping_hints
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if !dropping.insert(owner.clone()) {
-                continue;
-            }
-            drop(dropping);
-            let (hints, shutdown) = (self.hints.clone(), self.shutdown.clone());
-            let dropping = self.dropping_hints_done(owner.clone());
-            tokio::task::spawn_blocking(move || {
-                let _done = dropping;
-                match hints.drop_owner(&owner, || *shutdown.borrow()) {
-                    Ok(dropped) => {
-                        tracing::info!(%owner, dropped, "dropped the hints held for a removed node")
-                    }
-                    Err(e) => {
-                        tracing::warn!(%owner, error = %e, "could not drop the hints of a removed node")
-                    }
-                }
-            });
-        }
-    }
-
-    /// Takes `owner` off the owners being dropped when the returned guard goes.
-    fn dropping_hints_done(&self, owner: NodeId) -> impl Drop + Send + 'static {
-        type Owners = std::sync::Mutex<std::collections::HashSet<NodeId>>;
-        struct Done(Arc<Owners>, NodeId);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                self.0
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&self.1);
-            }
-        }
-        Done(self.dropping_hints.clone(), owner)
     }
 
     /// The members, whether this node's failure detector believes each is
@@ -1230,7 +1180,6 @@ impl Node {
             in_flight: Default::default(),
             started: Default::default(),
             stop: shutdown.clone(),
-            dropping_hints: Default::default(),
             #[cfg(test)]
             rings_considered: Default::default(),
         });
@@ -1258,10 +1207,20 @@ impl Node {
         // Hints already held are delivered even with --no-hints: that flag
         // only stops new ones being stored.
         let detector = inner.detector.clone();
+        let membership = inner.membership.clone();
+        let rings = inner.ring_tx.subscribe();
+        let routing = HintRouting::to_owners(Arc::new(move |n: &NodeId| detector.is_up(n)))
+            .rerouting_removed(
+                Arc::new(move |n: &NodeId| membership.is_removed(n)),
+                Arc::new(move |key: &[u8]| match &*rings.borrow() {
+                    Some(ring) => ring.preference_list(key).replicas,
+                    None => Vec::new(),
+                }),
+            );
         let handoff = handoff::start(
             hints,
             inner.transport.clone(),
-            Arc::new(move |n: &NodeId| detector.is_up(n)),
+            routing,
             HandoffConfig::for_ttl(config.hint_ttl),
             shutdown_rx.clone(),
         );

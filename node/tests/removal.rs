@@ -1,19 +1,30 @@
-//! A node removed while it was down: the hints held for it are dropped, and
-//! it learns of its removal from the first member it announces itself to,
-//! and refuses to start.
+//! A node removed while it was down: the hints held for it go to the
+//! replicas that take over its keys, and it learns of its removal from the
+//! first member it announces itself to, and refuses to start.
 
 use std::time::Duration;
 
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{PutRequest, RemoveReply, Request, Response};
+use ringkv_core::wire::{GetRequest, PutRequest, RemoveReply, Request, Response};
 use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{Client, Node, NodeConfig, NodeError, NodeHandle};
 
 fn config(id: &str, dir: &std::path::Path) -> NodeConfig {
     let mut c = NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into());
     c.replicas = Some(2);
+    // Nothing in the background that could copy a key but the handoff.
     c.anti_entropy_interval = None;
+    c.read_repair_chance = 0.0;
     c
+}
+
+/// Whether the node `client` is connected to stores `key` (value: the key) itself.
+async fn held_locally(client: &Client, key: &str) -> bool {
+    let get = Request::Get(GetRequest {
+        local: true,
+        ..GetRequest::new(key, Consistency::One)
+    });
+    matches!(client.call(&get).await, Ok(Response::Get(g)) if g.values == [key.as_bytes().to_vec()])
 }
 
 fn data_dirs() -> Vec<tempfile::TempDir> {
@@ -56,11 +67,13 @@ async fn a_node_removed_while_down_refuses_to_start() {
     let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
         .await
         .unwrap();
-    // With n3 down, writes to its keys leave hints for it on n1 or n2.
-    for i in 0..20 {
+    // With n3 down, writes to its keys leave hints for it on n1 or n2: the
+    // sloppy quorum counts a hint towards W=all.
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    for key in &keys {
         let put = PutRequest::new(
-            format!("k{i}").into_bytes(),
-            Payload::Value(b"v".to_vec()),
+            key.clone().into_bytes(),
+            Payload::Value(key.clone().into_bytes()),
             Consistency::All,
             None,
         );
@@ -87,12 +100,23 @@ async fn a_node_removed_while_down_refuses_to_start() {
     let reply = remove_n3(&client).await;
     assert_eq!(reply.record.members.len(), 2);
     assert_eq!(reply.not_told, [], "n2 was told");
-    // Both members drop the hints they held for n3 (n2 was told by n1).
+    // Both members hand on the hints they held for n3 (n2 was told by n1)
+    // to the keys' replicas under the ring without n3: with N=2, both of
+    // them. So every write is on the two copies W=all promised, although
+    // one of those was a hint for a node that will never come back.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while hints_held(addrs.clone()).await > 0 {
         assert!(tokio::time::Instant::now() < deadline, "hints for n3 kept");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let to_n2 = Client::connect(nodes[1].addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    for key in &keys {
+        assert!(held_locally(&client, key).await, "{key} on n1");
+        assert!(held_locally(&to_n2, key).await, "{key} on n2");
+    }
+    to_n2.close().await;
 
     let err = Node::start(config("n3", dirs[2].path()))
         .await

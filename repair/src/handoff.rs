@@ -11,6 +11,14 @@
 //! is not flooded while it also serves clients. Every so often the worker
 //! also drops hints past the window, for owners that stay away.
 //!
+//! An owner removed from the cluster never comes back, yet its hints may hold
+//! the only copy of a write beyond the replicas that took it: a sloppy
+//! quorum counted the hint towards W. So a removed owner's hints are not
+//! dropped but *rerouted*: each goes, as a `Sync`, to every replica of its
+//! key under the current ring ([`HintRouting`]), and is removed once all of
+//! them have made it durable. The ring without the owner gives the key new
+//! replicas, so this restores the copies the write was acknowledged with.
+//!
 //! The worker is bounded (one batch in flight), observable (the hint metrics
 //! of [`HintBook`]) and stops at shutdown between two batches. Its storage
 //! calls run on tokio's blocking pool. A hint the owner refuses as invalid
@@ -31,6 +39,48 @@ use crate::hints::{HintBackend, HintBook, HintError};
 
 /// Whether the failure detector believes a node is up.
 pub type IsUp = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
+
+/// Whether a node has been removed from the cluster.
+pub type IsRemoved = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
+
+/// The replicas of a key under the current ring (empty before there is one).
+pub type ReplicasOf = Arc<dyn Fn(&[u8]) -> Vec<NodeId> + Send + Sync>;
+
+/// Where the worker sends the hints it holds: to their owner while the
+/// owner is a member and believed up; once the owner has been removed, to
+/// the replicas of each hint's key under the current ring.
+#[derive(Clone)]
+pub struct HintRouting {
+    is_up: IsUp,
+    reroute: Option<(IsRemoved, ReplicasOf)>,
+}
+
+impl HintRouting {
+    /// Hints go to their owners only (a fixed membership, as in the
+    /// simulator).
+    pub fn to_owners(is_up: IsUp) -> Self {
+        HintRouting {
+            is_up,
+            reroute: None,
+        }
+    }
+
+    /// Also reroute the hints of owners `is_removed` says are gone, to
+    /// `replicas_of` their keys.
+    pub fn rerouting_removed(mut self, is_removed: IsRemoved, replicas_of: ReplicasOf) -> Self {
+        self.reroute = Some((is_removed, replicas_of));
+        self
+    }
+
+    /// The replicas to send `owner`'s hints to instead of `owner`, if
+    /// `owner` has been removed.
+    fn rerouted(&self, owner: &NodeId) -> Option<&ReplicasOf> {
+        match &self.reroute {
+            Some((is_removed, replicas_of)) if is_removed(owner) => Some(replicas_of),
+            _ => None,
+        }
+    }
+}
 
 /// Tuning of the delivery worker.
 #[derive(Debug, Clone)]
@@ -125,7 +175,7 @@ async fn blocking<B: HintBackend, R: Send + 'static>(
 pub fn start<T: Transport, B: HintBackend>(
     book: Arc<HintBook<B>>,
     transport: Arc<T>,
-    is_up: IsUp,
+    routing: HintRouting,
     config: HandoffConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -150,10 +200,15 @@ pub fn start<T: Transport, B: HintBackend>(
                 next_sweep = Instant::now() + config.sweep_interval;
             }
             for owner in book.targets() {
-                if !is_up(&owner) || !schedule.is_due(&owner, Instant::now()) {
+                let rerouted = routing.rerouted(&owner);
+                // A rerouted hint's replicas are tried whether up or not: a
+                // failure backs the removed owner off like any other.
+                if (rerouted.is_none() && !(routing.is_up)(&owner))
+                    || !schedule.is_due(&owner, Instant::now())
+                {
                     continue;
                 }
-                let round = deliver_to(&book, &transport, &owner, &config);
+                let round = deliver_to(&book, &transport, &owner, rerouted, &config);
                 let outcome = tokio::select! {
                     biased;
                     _ = shutdown.changed() => return,
@@ -162,7 +217,9 @@ pub fn start<T: Transport, B: HintBackend>(
                 match outcome {
                     Ok(delivered) => {
                         schedule.succeeded(&owner);
-                        if delivered > 0 {
+                        if delivered > 0 && rerouted.is_some() {
+                            tracing::info!(%owner, delivered, "handed the hints of a removed node to its keys' replicas");
+                        } else if delivered > 0 {
                             tracing::info!(%owner, delivered, "handed off hints");
                         }
                     }
@@ -206,13 +263,16 @@ async fn sweep<B: HintBackend>(book: &Arc<HintBook<B>>, page: usize) {
     }
 }
 
-/// Delivers every hint held for `owner`, batch by batch. Returns how many
-/// were delivered, or why the round stopped. A hint the owner refuses as
-/// invalid (it never will take it) is dropped and counted, not retried.
+/// Delivers every hint held for `owner`, batch by batch: to `owner`, or,
+/// if it was removed, to the replicas `rerouted` gives for each key. Returns
+/// how many were delivered, or why the round stopped. A hint the owner (or
+/// one of the replicas) refuses as invalid (it never will take it) is
+/// dropped and counted, not retried.
 async fn deliver_to<T: Transport, B: HintBackend>(
     book: &Arc<HintBook<B>>,
     transport: &Arc<T>,
     owner: &NodeId,
+    rerouted: Option<&ReplicasOf>,
     config: &HandoffConfig,
 ) -> Result<u64, String> {
     let mut delivered = 0;
@@ -233,22 +293,39 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 blocking(book, move |b| b.drop_if_expired(&o, &key)).await?;
                 continue;
             }
+            let targets = match rerouted {
+                Some(replicas_of) => replicas_of(&hint.key),
+                None => vec![owner.clone()],
+            };
+            if targets.is_empty() {
+                return Err("no ring to reroute a removed node's hints by".to_string());
+            }
             let transport = transport.clone();
-            let owner = owner.clone();
             let timeout = config.send_timeout;
             sends.spawn(async move {
                 let request = Request::Replica(ReplicaRequest::Sync {
                     key: hint.key.clone(),
                     clock: hint.clock.clone(),
                 });
-                let result = tokio::time::timeout(timeout, transport.call(&owner, request)).await;
-                (hint, result)
+                // At most N targets: one after the other is simple, and
+                // the batch's hints still go in parallel.
+                let mut outcome = Sent::Taken;
+                for target in &targets {
+                    let call = transport.call(target, request.clone());
+                    let sent = match tokio::time::timeout(timeout, call).await {
+                        Ok(Ok(answer)) => Sent::from(answer),
+                        Ok(Err(e)) => Sent::Failed(format!("{target}: {e}")),
+                        Err(_) => Sent::Failed(format!("{target}: timed out")),
+                    };
+                    outcome = outcome.and(sent);
+                }
+                (hint, outcome)
             });
         }
         let sent = sends.len();
         let mut failure = None;
         while let Some(joined) = sends.join_next().await {
-            let (hint, result) = match joined {
+            let (hint, outcome) = match joined {
                 Ok(done) => done,
                 Err(e) => {
                     failure = Some(format!("send task failed: {e}"));
@@ -256,20 +333,20 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 }
             };
             let (o, key, clock) = (owner.clone(), hint.key, hint.clock);
-            match result {
-                Ok(Ok(Response::Clock(_))) => {
+            match outcome {
+                Sent::Taken => {
                     if blocking(book, move |b| b.remove_delivered(&o, &key, &clock)).await? {
                         delivered += 1;
+                        if rerouted.is_some() {
+                            metrics::counter!("ringkv_hints_rerouted_total").increment(1);
+                        }
                     }
                 }
-                Ok(Ok(Response::Error(e))) if e.kind == ErrorKind::InvalidRequest => {
-                    tracing::warn!(%owner, error = %e.message, "owner refused a hint; dropping it");
+                Sent::Refused(reason) => {
+                    tracing::warn!(%owner, error = %reason, "a hint was refused; dropping it");
                     blocking(book, move |b| b.drop_refused(&o, &key, &clock)).await?;
                 }
-                Ok(Ok(Response::Error(e))) => failure = Some(e.message),
-                Ok(Ok(other)) => failure = Some(format!("unexpected answer {other:?}")),
-                Ok(Err(e)) => failure = Some(e.to_string()),
-                Err(_) => failure = Some("timed out".to_string()),
+                Sent::Failed(reason) => failure = Some(reason),
             }
         }
         if let Some(reason) = failure {
@@ -281,9 +358,58 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     }
 }
 
+/// What became of one hint sent to each of its targets.
+#[derive(Debug, PartialEq)]
+enum Sent {
+    /// Every target made it durable.
+    Taken,
+    /// A target refused it for good (it will never take it).
+    Refused(String),
+    /// A target did not take it this time: keep it and try again.
+    Failed(String),
+}
+
+impl Sent {
+    /// The outcome over two sets of targets: a failure wins (the hint is
+    /// kept and retried), then a refusal.
+    fn and(self, other: Sent) -> Sent {
+        match (self, other) {
+            (Sent::Failed(r), _) | (_, Sent::Failed(r)) => Sent::Failed(r),
+            (Sent::Refused(r), _) | (_, Sent::Refused(r)) => Sent::Refused(r),
+            (Sent::Taken, Sent::Taken) => Sent::Taken,
+        }
+    }
+}
+
+impl From<Response> for Sent {
+    fn from(answer: Response) -> Sent {
+        match answer {
+            Response::Clock(_) => Sent::Taken,
+            Response::Error(e) if e.kind == ErrorKind::InvalidRequest => Sent::Refused(e.message),
+            Response::Error(e) => Sent::Failed(e.message),
+            other => Sent::Failed(format!("unexpected answer {other:?}")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hint_is_taken_only_if_every_target_took_it_and_kept_if_any_failed() {
+        let (t, r, f) = (
+            || Sent::Taken,
+            || Sent::Refused("r".into()),
+            || Sent::Failed("f".into()),
+        );
+        assert_eq!(t().and(t()), t());
+        assert_eq!(t().and(r()), r());
+        assert_eq!(r().and(t()), r());
+        assert_eq!(r().and(f()), f(), "a failure is retried, not dropped");
+        assert_eq!(f().and(r()), f());
+        assert_eq!(t().and(f()), f());
+    }
 
     #[test]
     fn back_off_doubles_to_the_maximum_and_resets_on_success() {

@@ -431,43 +431,6 @@ impl<B: HintBackend> HintBook<B> {
         Ok((dropped, page.last().map(|h| h.key.clone())))
     }
 
-    /// Drops up to `limit` of `owner`'s hints after `after`, expired or
-    /// not: the owner was removed from the cluster and will never take
-    /// them. Returns how many were dropped and where the next page starts
-    /// (`None`: none left).
-    pub fn drop_owner_page(
-        &self,
-        owner: &NodeId,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<(u64, Option<Vec<u8>>), HintError> {
-        let page = self.batch(owner, after, limit)?;
-        let mut dropped = 0;
-        for hint in &page {
-            if self.drop_counted(owner, &hint.key, "removed", |_| true)? {
-                dropped += 1;
-            }
-        }
-        Ok((dropped, page.last().map(|h| h.key.clone())))
-    }
-
-    /// Drops every hint held for `owner` (see [`Self::drop_owner_page`]),
-    /// a page at a time, until none is left or `stop()` says to stop
-    /// between two pages. Returns how many were dropped.
-    pub fn drop_owner(&self, owner: &NodeId, stop: impl Fn() -> bool) -> Result<u64, HintError> {
-        let mut after: Option<Vec<u8>> = None;
-        let mut dropped = 0;
-        while !stop() {
-            let (n, next) = self.drop_owner_page(owner, after.as_deref(), 1024)?;
-            dropped += n;
-            match next {
-                Some(next) => after = Some(next),
-                None => break,
-            }
-        }
-        Ok(dropped)
-    }
-
     /// Drops every hint past the window, for owners that may stay away for
     /// long. Returns how many were dropped. (The handoff worker does the
     /// same page by page, so that it can stop in between.)

@@ -16,7 +16,7 @@ use metrics::{
 use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::wire::{ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport, TransportError};
-use ringkv_repair::handoff::{self, HandoffConfig};
+use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
 use ringkv_repair::hints::{HintConfig, MemHintBackend};
 use ringkv_repair::{HintBook, HintStore};
 
@@ -132,7 +132,7 @@ async fn a_failed_delivery_is_counted_backs_off_and_keeps_the_hint() {
     let worker = handoff::start(
         book.clone(),
         transport.clone(),
-        Arc::new(|_: &NodeId| true),
+        HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
         config,
         shutdown,
     );

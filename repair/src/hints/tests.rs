@@ -230,37 +230,3 @@ fn a_refused_hint_is_dropped_only_if_unchanged() {
     assert!(f.book.drop_refused(&n("c"), b"k", &held).unwrap());
     assert_eq!(f.book.pending(&n("c")), 0);
 }
-
-/// A removed owner's hints go, page by page, expired or not; other owners'
-/// stay.
-#[test]
-fn a_removed_owners_hints_are_dropped_page_by_page() {
-    let f = fixture(HintConfig::default());
-    for i in 0..5 {
-        f.book
-            .store(&n("gone"), format!("k{i}").as_bytes(), &write("a", "1"))
-            .unwrap();
-    }
-    f.book.store(&n("kept"), b"k", &write("a", "1")).unwrap();
-    let (dropped, next) = f.book.drop_owner_page(&n("gone"), None, 3).unwrap();
-    assert_eq!(dropped, 3);
-    let (dropped, next) = f
-        .book
-        .drop_owner_page(&n("gone"), next.as_deref(), 3)
-        .unwrap();
-    assert_eq!(dropped, 2);
-    assert_eq!(
-        f.book
-            .drop_owner_page(&n("gone"), next.as_deref(), 3)
-            .unwrap(),
-        (0, None)
-    );
-    assert_eq!(f.book.pending(&n("gone")), 0);
-    assert_eq!(f.book.pending(&n("kept")), 1);
-
-    // All at once, and not at all when told to stop first.
-    f.book.store(&n("gone"), b"k", &write("a", "1")).unwrap();
-    assert_eq!(f.book.drop_owner(&n("gone"), || true).unwrap(), 0);
-    assert_eq!(f.book.drop_owner(&n("gone"), || false).unwrap(), 1);
-    assert_eq!(f.book.pending(&n("gone")), 0);
-}

@@ -1,0 +1,136 @@
+//! The hints held for an owner removed from the cluster are not dropped:
+//! the handoff worker sends each to every replica of its key under the
+//! current ring, and removes it only once all of them have taken it. While
+//! the owner is merely down, its hints wait for it as before.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ringkv_core::dvv::{Clock, Payload, VersionVector};
+use ringkv_core::wire::{ReplicaRequest, Request, Response};
+use ringkv_core::{NodeId, Transport, TransportError};
+use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
+use ringkv_repair::hints::{HintConfig, MemHintBackend};
+use ringkv_repair::{HintBook, HintStore};
+
+fn n(id: &str) -> NodeId {
+    NodeId::new(id).unwrap()
+}
+
+/// Replicas that take every `Sync` except those sent to a node in `down`,
+/// and remember which node took which key.
+#[derive(Default)]
+struct Replicas {
+    down: Mutex<HashSet<NodeId>>,
+    taken: Mutex<BTreeSet<(String, String)>>,
+}
+
+impl Transport for Replicas {
+    async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
+        if self.down.lock().unwrap().contains(to) {
+            return Err(TransportError::Unreachable {
+                node: to.clone(),
+                reason: "connection refused".to_string(),
+            });
+        }
+        match request {
+            Request::Replica(ReplicaRequest::Sync { key, clock }) => {
+                let key = String::from_utf8(key).unwrap();
+                self.taken.lock().unwrap().insert((to.to_string(), key));
+                Ok(Response::Clock(Some(clock)))
+            }
+            other => panic!("a handoff sends only Sync, not {other:?}"),
+        }
+    }
+}
+
+impl Replicas {
+    fn taken(&self) -> Vec<(String, String)> {
+        self.taken.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+fn write(value: &str) -> Clock {
+    let mut clock = Clock::new();
+    clock.update(
+        &VersionVector::new(),
+        Payload::Value(value.as_bytes().to_vec()),
+        &n("writer"),
+    );
+    clock
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
+    let book = Arc::new(
+        HintBook::open(
+            MemHintBackend::default(),
+            HintConfig::default(),
+            Arc::new(|| 1_000_000),
+        )
+        .unwrap(),
+    );
+    for key in ["k1", "k2", "k3"] {
+        book.store(&n("gone"), key.as_bytes(), &write(key)).unwrap();
+    }
+    book.store(&n("member"), b"m", &write("m")).unwrap();
+
+    let transport = Arc::new(Replicas::default());
+    transport.down.lock().unwrap().insert(n("b"));
+    let removed = Arc::new(AtomicBool::new(false));
+    let is_removed = removed.clone();
+    let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| node.as_str() != "gone"))
+        .rerouting_removed(
+            Arc::new(move |node: &NodeId| {
+                node.as_str() == "gone" && is_removed.load(Ordering::SeqCst)
+            }),
+            // k1's replicas are a and b, the others' a and c.
+            Arc::new(|key: &[u8]| match key {
+                b"k1" => vec![n("a"), n("b")],
+                _ => vec![n("a"), n("c")],
+            }),
+        );
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(1),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
+
+    // Down but a member: its hints wait for it; a member that is up gets its own.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(book.pending(&n("gone")), 3);
+    assert_eq!(book.pending(&n("member")), 0);
+    assert_eq!(transport.taken(), [("member".into(), "m".into())]);
+
+    // Removed: each hint goes to its key's replicas. k1's stays while b,
+    // one of its replicas, cannot take it.
+    removed.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(book.pending(&n("gone")), 1, "k1 is kept until b has it");
+    assert!(book.read(&n("gone"), b"k1").unwrap().is_some());
+
+    transport.down.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(book.pending(&n("gone")), 0);
+    let expected: Vec<(String, String)> = [
+        ("a", "k1"),
+        ("a", "k2"),
+        ("a", "k3"),
+        ("b", "k1"),
+        ("c", "k2"),
+        ("c", "k3"),
+        ("member", "m"),
+    ]
+    .iter()
+    .map(|(to, key)| (to.to_string(), key.to_string()))
+    .collect();
+    assert_eq!(transport.taken(), expected, "each on exactly its replicas");
+
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
