@@ -192,6 +192,9 @@ pub struct NodeArgs {
     /// How long to keep trying the seeds before giving up (at once if every seed refuses this node at the handshake: another cluster key).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub join_timeout_s: u64,
+    /// At shutdown (Ctrl-C or SIGTERM), how long requests already under way may finish while new ones are refused ("shutting down; ask another node"). A second signal stops the node at once. 0 stops them at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_node::server::DEFAULT_DRAIN_TIMEOUT.as_secs())]
+    pub drain_timeout_s: u64,
     #[command(flatten)]
     pub hints: HintArgs,
     #[command(flatten)]

@@ -38,6 +38,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.max_connections = args.limits.max_connections;
     config.low_background_priority = args.limits.background_priority == "low";
     config.join_timeout = Duration::from_secs(args.join_timeout_s);
+    config.drain_timeout = Duration::from_secs(args.drain_timeout_s);
     config.hints = !args.hints.no_hints;
     config.hint_ttl = Duration::from_secs(args.hints.hint_ttl_s);
     config.max_hints_per_target = args.hints.max_hints_per_target;
@@ -55,14 +56,26 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
         _ = wait_for_signal() => false,
         _ = handle.removed() => true,
     };
-    eprintln!("shutting down");
+    eprintln!("shutting down (a second Ctrl-C stops at once)");
     let id = handle.id().to_string();
-    handle.shutdown().await;
+    tokio::select! {
+        () = handle.shutdown() => {}
+        _ = wait_for_signal() => {
+            // Acknowledged writes are in the WAL already: this is a crash as
+            // far as the store goes, and the next start begins a new epoch.
+            eprintln!("stopped at once on a second signal: requests under way were cut off");
+            std::process::exit(FORCED_STOP_EXIT);
+        }
+    }
     if removed {
         return Err(node_failure(NodeError::Removed { id }));
     }
     Ok(Exit::Ok)
 }
+
+/// `ringkv node`'s exit status when a second signal cuts its drain short:
+/// 128 + SIGINT, as shells report an interrupted command.
+const FORCED_STOP_EXIT: i32 = 130;
 
 /// A latency matrix from `preset:NAME` or a TOML file.
 pub fn load_matrix(source: &str) -> Result<ringkv_core::regions::LatencyMatrix, Failure> {

@@ -223,19 +223,21 @@ impl FrameQueue {
     }
 
     /// Writes batches to `send` until the queue is closed and drained, then
-    /// finishes the stream. Stops early (closing the queue) if the stream
-    /// fails.
-    pub async fn write_to(&self, mut send: quinn::SendStream) {
+    /// finishes the stream and returns it (to wait for the peer's
+    /// acknowledgement, if the caller cares). Stops early (closing the
+    /// queue, returning `None`) if the stream fails.
+    pub async fn write_to(&self, mut send: quinn::SendStream) -> Option<quinn::SendStream> {
         let (mut batch, mut held) = (Vec::new(), Vec::new());
         while self.next_batch(&mut batch, &mut held).await {
             if send.write_all(&batch).await.is_err() {
                 self.close();
-                return;
+                return None;
             }
             batch.clear();
             held.clear();
         }
-        let _ = send.finish();
+        send.finish().ok()?;
+        Some(send)
     }
 }
 

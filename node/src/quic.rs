@@ -28,7 +28,7 @@ use ringkv_core::wire::{
     decode_request, decode_response, encode_request, encode_response, ErrorKind, ReplicaRequest,
     Request, Response, FRAME_MAX_BYTES,
 };
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::cluster_key::ClusterKey;
 use crate::frame::{put_frame, read_frame, FrameError, FrameQueue};
@@ -226,7 +226,9 @@ impl Channel {
         let waiting = Arc::new(Waiting::default());
         tokio::spawn({
             let queue = queue.clone();
-            async move { queue.write_to(send).await }
+            async move {
+                queue.write_to(send).await;
+            }
         });
         tokio::spawn(read_answers(recv, waiting.clone(), queue.clone()));
         Ok(Channel {
@@ -355,35 +357,70 @@ impl CallError {
     }
 }
 
-/// Serves every stream of one accepted connection with `handle`.
-pub async fn serve_connection<H, F>(conn: quinn::Connection, handle: H)
-where
+/// Serves every stream of one accepted connection with `handle`, until
+/// `finish` turns true (see [`serve_stream`]). Every task serving the
+/// connection holds a clone of `finish`, so its sender's
+/// [`closed`](watch::Sender::closed) tells when all have ended.
+pub async fn serve_connection<H, F>(
+    conn: quinn::Connection,
+    handle: H,
+    mut finish: watch::Receiver<bool>,
+) where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response> + Send + 'static,
 {
     // Streams per connection are capped by the transport config
     // (MAX_CONCURRENT_STREAMS), and requests per stream by
     // STREAM_IN_FLIGHT_MAX, which bounds the tasks spawned here.
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(send, recv, handle.clone()));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            // A dropped sender never asks to finish.
+            true = async { finish.wait_for(|finish| *finish).await.is_ok() } => return,
+            accepted = conn.accept_bi() => accepted,
+        };
+        let Ok((send, recv)) = accepted else { return };
+        tokio::spawn(serve_stream(send, recv, handle.clone(), finish.clone()));
     }
 }
 
+/// The longest a finished stream waits for its peer to acknowledge the
+/// answers on it.
+const FINISH_ACK_WAIT: Duration = Duration::from_secs(1);
+
 /// Reads request frames until the stream ends, runs each in a task of its
-/// own, and writes each answer as it is ready.
-async fn serve_stream<H, F>(send: quinn::SendStream, mut recv: quinn::RecvStream, handle: H)
-where
+/// own, and writes each answer as it is ready. Once `finish` turns true (a
+/// node shutting down, once its requests under way have answered), it reads
+/// no more, answers what it has read, finishes the stream and waits (up to
+/// [`FINISH_ACK_WAIT`]) until the peer has acknowledged every byte: closing
+/// the connection earlier could discard answers not yet sent.
+async fn serve_stream<H, F>(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    handle: H,
+    mut finish: watch::Receiver<bool>,
+) where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response> + Send + 'static,
 {
     let queue = Arc::new(FrameQueue::new());
     let writer = tokio::spawn({
         let queue = queue.clone();
-        async move { queue.write_to(send).await }
+        async move {
+            if let Some(send) = queue.write_to(send).await {
+                let _ = tokio::time::timeout(FINISH_ACK_WAIT, send.stopped()).await;
+            }
+        }
     });
     let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT_MAX as usize));
     loop {
-        let (id, body) = match read_frame(&mut recv, FRAME_MAX_BYTES).await {
+        // A frame cut off here is never answered; it was never run either.
+        let read = tokio::select! {
+            biased;
+            true = async { finish.wait_for(|finish| *finish).await.is_ok() } => break,
+            read = read_frame(&mut recv, FRAME_MAX_BYTES) => read,
+        };
+        let (id, body) = match read {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             // The rest of the stream cannot be framed: answer this request
@@ -705,16 +742,20 @@ mod tests {
         tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
                 let Ok(conn) = incoming.await else { continue };
-                tokio::spawn(serve_connection(conn, |request| async move {
-                    match request {
-                        Request::Get(_) => {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            Response::error(ErrorKind::Internal, "slow")
+                tokio::spawn(serve_connection(
+                    conn,
+                    |request| async move {
+                        match request {
+                            Request::Get(_) => {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                Response::error(ErrorKind::Internal, "slow")
+                            }
+                            Request::Put(_) => panic!("a handler bug"),
+                            _ => Response::Pong,
                         }
-                        Request::Put(_) => panic!("a handler bug"),
-                        _ => Response::Pong,
-                    }
-                }));
+                    },
+                    watch::channel(false).1,
+                ));
             }
         });
         (endpoint, addr)

@@ -3,8 +3,10 @@
 //!
 //! [`Node::start`] opens the store, binds the endpoint, serves requests and
 //! forms or joins the cluster; it returns a [`NodeHandle`] whose
-//! [`shutdown`](NodeHandle::shutdown) stops accepting work, closes
-//! connections and waits for the accept loop to end. The router is thin:
+//! [`shutdown`](NodeHandle::shutdown) drains the node (new requests are
+//! refused, those under way may finish and their answers reach the
+//! client), then stops what is left, closes connections and waits for
+//! every loop to end. The router is thin:
 //! client requests go to the [`Coordinator`], replica requests to the local
 //! [`ReplicaService`], membership requests to [`Membership`].
 
@@ -46,6 +48,9 @@ mod leave;
 pub const DEFAULT_REPLICAS: usize = 3;
 /// How long a node keeps trying to reach its seeds before giving up.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a shutdown lets requests under way finish, by default: past
+/// the default request deadline (2 s), so those end on their own.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest any of a node's durations may be set to (about ten years):
 /// far beyond any sensible setting, and small enough that adding it to the
 /// current time or counting it in milliseconds cannot overflow.
@@ -78,6 +83,9 @@ pub struct NodeConfig {
     /// (see `storage::lower_background_priority`); process-wide.
     pub low_background_priority: bool,
     pub join_timeout: Duration,
+    /// How long [`NodeHandle::shutdown`] lets requests under way finish
+    /// before it stops them (`--drain-timeout-s`; zero stops them at once).
+    pub drain_timeout: Duration,
     /// Store hints for other nodes and send writes to fallbacks (`--no-hints` turns it off).
     pub hints: bool,
     /// The hint window: hints whose newest write is older are dropped.
@@ -123,6 +131,7 @@ impl NodeConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             low_background_priority: true,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             hints: true,
             hint_ttl: Duration::from_secs(hints::DEFAULT_HINT_TTL_S),
             max_hints_per_target: hints::DEFAULT_MAX_HINTS_PER_TARGET,
@@ -156,6 +165,7 @@ impl NodeConfig {
         }
         let durations = [
             ("--join-timeout-s", Some(self.join_timeout)),
+            ("--drain-timeout-s", Some(self.drain_timeout)),
             ("--hint-ttl-s", Some(self.hint_ttl)),
             ("--tombstone-grace-s", Some(self.tombstone_grace)),
             ("--anti-entropy-interval-s", self.anti_entropy_interval),
@@ -376,6 +386,10 @@ struct NodeInner {
     /// Requests being handled: a leave waits for those under way when it
     /// stopped serving before its last hand-over.
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Set when shutdown begins: new requests are refused, those in flight
+    /// go on (up to `drain_timeout`).
+    draining: std::sync::atomic::AtomicBool,
+    drain_timeout: Duration,
     /// The node's stop signal (the sender `NodeHandle::shutdown` uses):
     /// a removed node stops its background loops at once.
     stop: Arc<watch::Sender<bool>>,
@@ -394,6 +408,16 @@ impl NodeInner {
         // store in `stop_serving`): a leave that sees no request in flight
         // after it stopped serving knows every later one sees it stopped.
         let _in_flight = InFlight::count(&self.in_flight);
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst)
+            && !matches!(request, Request::Ping | Request::Status | Request::Stats)
+        {
+            // Refused before anything ran, so the client may safely send it
+            // to another node.
+            return Response::error(
+                ErrorKind::Unavailable,
+                format!("{} is shutting down; ask another node", self.id),
+            );
+        }
         if self.is_removed.load(std::sync::atomic::Ordering::SeqCst)
             && !matches!(request, Request::Ping | Request::Status | Request::Stats)
         {
@@ -954,6 +978,9 @@ pub struct NodeHandle {
     endpoint: quinn::Endpoint,
     shutdown: Arc<watch::Sender<bool>>,
     stop_accepting: watch::Sender<bool>,
+    /// Tells every served stream to answer what it has read and finish;
+    /// each holds a receiver until it has (see `quic::serve_stream`).
+    finish_streams: watch::Sender<bool>,
     accept_loop: JoinHandle<()>,
     repair_worker: JoinHandle<()>,
     prober: JoinHandle<()>,
@@ -987,19 +1014,41 @@ impl NodeHandle {
         }
     }
 
-    /// Stops accepting requests, stops what earlier requests left running,
-    /// closes every connection, waits for the background loops, and closes
-    /// the database once the last request handler has let go of it (so the
-    /// data dir can be removed or reopened as soon as this returns).
+    /// Drains the node and stops it: stops the background loops and
+    /// accepting connections; refuses new requests ("shutting down; ask
+    /// another node": nothing ran, so a client may resend) while those under
+    /// way finish, for up to the drain timeout; stops what is still running
+    /// and what earlier requests left behind; lets every connection's
+    /// answers reach the client; closes the connections; waits for the
+    /// loops; and closes the database once the last request handler has let
+    /// go of it (so the data dir can be removed or reopened as soon as this
+    /// returns).
     pub async fn shutdown(self) {
+        use std::sync::atomic::Ordering;
         let _ = self.shutdown.send(true);
         let _ = self.stop_accepting.send(true);
+        // The drain: a rolling restart should cost clients no request that
+        // was already running.
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + self.inner.drain_timeout;
+        while self.inner.in_flight.load(Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let running = self.inner.in_flight.load(Ordering::SeqCst);
+        if running > 0 {
+            tracing::info!(
+                running,
+                drain_timeout_s = self.inner.drain_timeout.as_secs_f64(),
+                "requests still under way after the drain timeout; stopping them"
+            );
+        }
         if let Some(coordinator) = self.inner.coordinator.get() {
-            // First, so that requests under way or still arriving answer
-            // "shutting down" (the client tries another node), and so that
-            // they and the sends and hints they left behind let go of the
-            // transport, and with it the database, now rather than at their
-            // deadline. Each stops at its next await.
+            // Requests still under way answer "shut down while serving",
+            // and they and the sends and hints they left behind let go of
+            // the transport, and with it the database, now rather than at
+            // their deadline. Each stops at its next await.
             if tokio::time::timeout(SHUTDOWN_WAIT, coordinator.close())
                 .await
                 .is_err()
@@ -1007,6 +1056,10 @@ impl NodeHandle {
                 tracing::warn!("requests still running at shutdown after {SHUTDOWN_WAIT:?}");
             }
         }
+        // Closing a connection discards what it has not sent yet: first let
+        // each stream send its answers and hear them acknowledged.
+        let _ = self.finish_streams.send(true);
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, self.finish_streams.closed()).await;
         self.endpoint.close(0u32.into(), b"shutting down");
         let _ = self.accept_loop.await;
         let _ = self.repair_worker.await;
@@ -1178,6 +1231,8 @@ impl Node {
             is_removed: Default::default(),
             leaving: Default::default(),
             in_flight: Default::default(),
+            draining: Default::default(),
+            drain_timeout: config.drain_timeout,
             started: Default::default(),
             stop: shutdown.clone(),
             #[cfg(test)]
@@ -1228,11 +1283,13 @@ impl Node {
         // Its own signal: a removed node stops its loops but still answers
         // (status, and "removed" to everything else) until it shuts down.
         let (stop_accepting, accepting) = watch::channel(false);
+        let (finish_streams, finish) = watch::channel(false);
         let accept_loop = tokio::spawn(accept_loop(
             endpoint.clone(),
             inner.clone(),
             config.max_connections,
             accepting,
+            finish,
         ));
         let handle = NodeHandle {
             id: config.id.clone(),
@@ -1240,6 +1297,7 @@ impl Node {
             endpoint,
             shutdown,
             stop_accepting,
+            finish_streams,
             accept_loop,
             repair_worker,
             prober,
@@ -1289,6 +1347,7 @@ async fn accept_loop(
     inner: Arc<NodeInner>,
     max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
+    finish: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
@@ -1304,13 +1363,13 @@ async fn accept_loop(
                     incoming.refuse();
                     continue;
                 };
-                let inner = inner.clone();
+                let (inner, finish) = (inner.clone(), finish.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
                     match incoming.await {
                         Ok(conn) => {
                             let _counted = ConnectionCounted::new();
-                            serve_connection(conn, move |request| inner.clone().handle(request)).await;
+                            serve_connection(conn, move |request| inner.clone().handle(request), finish).await;
                         }
                         Err(e) => tracing::debug!(error = %e, "handshake failed"),
                     }

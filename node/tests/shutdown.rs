@@ -1,5 +1,6 @@
 //! A node that has shut down has closed its database: the data dir can be
-//! opened again at once, by a new node in the same process.
+//! opened again at once, by a new node in the same process. Before that it
+//! drains: requests under way may finish, and new ones are refused.
 
 use std::time::Duration;
 
@@ -166,36 +167,42 @@ async fn a_repair_round_under_way_stops_at_shutdown() {
     to_n1.close().await;
 }
 
-/// A write's send to a slow replica outlives the write's answer, until the
-/// write's deadline; a write waiting for that replica holds its request
-/// until then. Shutdown stops both: the waiting client is told at once, and
-/// the data dir is free when shutdown returns, not when a 30 s deadline has
-/// passed.
-#[tokio::test]
-async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
+/// n1 ("near") and n2 ("far", `delay_ms` away from n1 each way) in one
+/// cluster with N=2, n1 with the given drain timeout, and a client of n1
+/// once n1 places keys on both. Returns the nodes' dirs too, to restart n1.
+async fn near_and_far(
+    delay_ms: u64,
+    drain_timeout: Duration,
+) -> (
+    [NodeHandle; 2],
+    std::sync::Arc<Client>,
+    [tempfile::TempDir; 2],
+    impl Fn(&str, &std::path::Path, &str) -> NodeConfig,
+) {
     use ringkv_core::regions::LatencyMatrix;
     use std::sync::Arc;
     let matrix = Arc::new(
-        LatencyMatrix::parse_toml(
-            "regions = [\"near\", \"far\"]\n[[link]]\nbetween = [\"near\", \"far\"]\ndelay_ms = 20000\n",
-        )
+        LatencyMatrix::parse_toml(&format!(
+            "regions = [\"near\", \"far\"]\n[[link]]\nbetween = [\"near\", \"far\"]\ndelay_ms = {delay_ms}\n"
+        ))
         .unwrap(),
     );
-    let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let in_region = |id: &str, dir: &std::path::Path, region: &str| {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let in_region = move |id: &str, dir: &std::path::Path, region: &str| {
         let mut c = quiet(id, dir);
         c.region = Some(region.to_string());
         c.latency_matrix = Some(matrix.clone());
+        c.drain_timeout = drain_timeout;
         c
     };
-    let n1 = Node::start(in_region("n1", dir1.path(), "near"))
+    let n1 = Node::start(in_region("n1", dirs[0].path(), "near"))
         .await
         .unwrap();
-    let mut second = in_region("n2", dir2.path(), "far");
+    let mut second = in_region("n2", dirs[1].path(), "far");
     second.seeds = vec![n1.addr()];
     let n2 = Node::start(second).await.unwrap();
 
-    let client = std::sync::Arc::new(
+    let client = Arc::new(
         Client::connect(n1.addr(), Duration::from_secs(5))
             .await
             .unwrap(),
@@ -211,16 +218,30 @@ async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
         assert!(tokio::time::Instant::now() < deadline, "n2 never joined n1");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let put = |key: &str, w: Consistency| {
-        let mut put = PutRequest::new(
-            key.as_bytes().to_vec(),
-            Payload::Value(b"v".to_vec()),
-            w,
-            None,
-        );
-        put.timeout_ms = 30_000;
-        Request::Put(put)
-    };
+    ([n1, n2], client, dirs, in_region)
+}
+
+/// A put of `key` at `w`, with a deadline of 30 s.
+fn put(key: &str, w: Consistency) -> Request {
+    let mut put = PutRequest::new(
+        key.as_bytes().to_vec(),
+        Payload::Value(b"v".to_vec()),
+        w,
+        None,
+    );
+    put.timeout_ms = 30_000;
+    Request::Put(put)
+}
+
+/// A write's send to a slow replica outlives the write's answer, until the
+/// write's deadline; a write waiting for that replica holds its request
+/// until then. Shutdown stops both once its drain timeout has passed: the
+/// waiting client is told why at once, and the data dir is free when
+/// shutdown returns, not when a 30 s deadline has passed.
+#[tokio::test]
+async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
+    let ([n1, n2], client, dirs, in_region) =
+        near_and_far(20_000, Duration::from_millis(200)).await;
     // Waits for n2, 20 s away.
     let waiting = tokio::spawn({
         let (client, put) = (client.clone(), put("all", Consistency::All));
@@ -233,21 +254,73 @@ async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
     assert!(!waiting.is_finished(), "{:?}", waiting.await);
 
     n1.shutdown().await;
-    let again = Node::start(in_region("n1", dir1.path(), "near"))
+    let again = Node::start(in_region("n1", dirs[0].path(), "near"))
         .await
         .expect("the data dir is free once shutdown returns");
-    // The waiting client was told, long before its 30 s deadline.
+    // The waiting client was told, long before its 30 s deadline, and the
+    // answer got out before the connection closed.
     let told = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
         .expect("answered at shutdown")
         .unwrap();
     match told {
-        Ok(Response::Error(e)) => assert!(e.message.contains("shut down"), "{e:?}"),
-        // Or the connection closed before the answer got out.
-        Err(e) => eprintln!("the waiting put saw {e}"),
-        Ok(other) => panic!("{other:?}"),
+        Ok(Response::Error(e)) => assert!(
+            e.message.contains("shut down while serving the request"),
+            "{e:?}"
+        ),
+        other => panic!("{other:?}"),
     }
     again.shutdown().await;
+    n2.shutdown().await;
+}
+
+/// A rolling restart costs no request already under way: shutdown refuses
+/// new requests ("shutting down; ask another node": nothing ran) while one
+/// that was waiting for a replica 500 ms away finishes, and its answer
+/// reaches the client before the connection closes.
+#[tokio::test]
+async fn shutdown_drains_the_requests_under_way_and_refuses_new_ones() {
+    let ([n1, n2], client, _dirs, _) = near_and_far(500, Duration::from_secs(10)).await;
+    let waiting = tokio::spawn({
+        let (client, put) = (client.clone(), put("all", Consistency::All));
+        async move { client.call(&put).await }
+    });
+    let answer = client.call(&put("one", Consistency::One)).await.unwrap();
+    assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    assert!(!waiting.is_finished(), "{:?}", waiting.await);
+
+    let shutdown = tokio::spawn(n1.shutdown());
+    // Until the drain begins n1 answers; then it refuses.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        match client.call(&put("new", Consistency::One)).await.unwrap() {
+            Response::Put(_) => {}
+            Response::Error(e) => break e,
+            other => panic!("{other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        refusal
+            .message
+            .contains("n1 is shutting down; ask another node"),
+        "{refusal:?}"
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the W=all put was still waiting for n2 when the drain began: {:?}",
+        waiting.await
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("answered within the drain")
+        .unwrap();
+    assert!(matches!(answer, Ok(Response::Put(_))), "{answer:?}");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown ends once the drain is done")
+        .unwrap();
     n2.shutdown().await;
 }
 

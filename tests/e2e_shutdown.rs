@@ -1,0 +1,128 @@
+//! Stopping a real `ringkv node`: SIGTERM drains it (a request already under
+//! way finishes and its answer reaches the client, while new requests are
+//! refused with advice), and a second signal stops it at once, exit 130.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringkv_core::wire::{ErrorReply, PutRequest, Request, Response};
+use ringkv_core::{Consistency, Payload};
+use ringkv_node::Client;
+
+/// n1 is "near", n2 "far": every call between them takes 600 ms each way.
+const MATRIX: &str = r#"
+regions = ["near", "far"]
+[[link]]
+between = ["near", "far"]
+delay_ms = 600
+"#;
+
+fn put(key: &str, w: Consistency) -> Request {
+    let mut put = PutRequest::new(
+        key.as_bytes().to_vec(),
+        Payload::Value(b"v".to_vec()),
+        w,
+        None,
+    );
+    put.timeout_ms = 20_000;
+    Request::Put(put)
+}
+
+/// Starts a W=all put through `client`, which waits for n2 (1.2 s away);
+/// sends node 0 `signal`; and returns the first refusal n1 gives a new
+/// request, once the drain has begun, and the put still waiting then.
+async fn put_under_way_then_signal(
+    c: &Cluster,
+    client: &Arc<Client>,
+) -> (
+    ErrorReply,
+    tokio::task::JoinHandle<Result<Response, ringkv_node::CallError>>,
+) {
+    let waiting = tokio::spawn({
+        let (client, put) = (client.clone(), put("all", Consistency::All));
+        async move { client.call(&put).await }
+    });
+    // n1 answers a W=1 put at once; the W=all one is still waiting after.
+    let answer = client.call(&put("one", Consistency::One)).await.unwrap();
+    assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    assert!(!waiting.is_finished(), "{:?}", waiting.await);
+
+    c.signal(0, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        match client.call(&put("new", Consistency::One)).await.unwrap() {
+            Response::Put(_) => {}
+            Response::Error(e) => break e,
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "n1 never began to drain");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        !waiting.is_finished(),
+        "the W=all put was still under way when the drain began: {:?}",
+        waiting.await
+    );
+    (refusal, waiting)
+}
+
+#[test]
+fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let matrix = dir.path().join("matrix.toml");
+    std::fs::write(&matrix, MATRIX).unwrap();
+    let matrix = matrix.to_string_lossy().into_owned();
+    let mut c = Cluster::start_each("sigterm_drains", 2, 2, |i, _| {
+        let region = ["near", "far"][i];
+        [
+            "--region",
+            region,
+            "--latency-matrix",
+            &matrix,
+            "--no-hints",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let addr: std::net::SocketAddr = c.addr(0).parse().unwrap();
+    let rt = runtime();
+    let connect =
+        || async move { Arc::new(Client::connect(addr, Duration::from_secs(5)).await.unwrap()) };
+
+    // One signal: the put under way is answered, new requests are refused.
+    rt.block_on(async {
+        let client = connect().await;
+        let (refusal, waiting) = put_under_way_then_signal(&c, &client).await;
+        assert!(
+            refusal
+                .message
+                .contains("n1 is shutting down; ask another node"),
+            "{refusal:?}"
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("answered within the drain")
+            .unwrap();
+        assert!(matches!(answer, Ok(Response::Put(_))), "{answer:?}");
+    });
+    let (status, stderr) = c.wait_exit(0, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    // Two signals: the second cuts the drain short, without waiting for
+    // the put under way (which will hear of it at its connection's idle
+    // timeout: the process is gone).
+    c.restart(0);
+    let client = rt.block_on(connect());
+    let (_, waiting) = rt.block_on(put_under_way_then_signal(&c, &client));
+    c.signal(0, "TERM");
+    let (status, stderr) = c.wait_exit(0, Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("stopped at once on a second signal"),
+        "{stderr}"
+    );
+    waiting.abort();
+}
