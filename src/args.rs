@@ -284,10 +284,10 @@ pub struct DemoArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// The node to send the request to; any node will do, it forwards to the key's replicas.
+    /// The node to send the request to; any node will do, it forwards to the key's replicas. Several, comma-separated, are tried in turn while one cannot be reached or serves nothing now (shutting down, removed, still joining): nothing ran there, so nothing is sent twice. `repair` and `leave` act on the node named, and take one.
     #[arg(
         long,
-        value_name = "HOST:PORT",
+        value_name = "HOST:PORT[,…]",
         env = "RINGKV_NODE",
         default_value = "127.0.0.1:7000"
     )]
@@ -300,6 +300,24 @@ pub struct Target {
     pub connect_timeout_ms: u64,
     #[command(flatten)]
     pub key: KeyArgs,
+}
+
+impl Target {
+    /// The addresses `--node` lists, in order, each with its text; an
+    /// error names the first that is not one.
+    pub fn nodes(&self) -> Result<Vec<(String, std::net::SocketAddr)>, String> {
+        let nodes: Vec<&str> = self.node.split(',').map(str::trim).collect();
+        if nodes.iter().any(|n| n.is_empty()) {
+            return Err(format!(
+                "--node {:?} has an empty entry; list HOST:PORT addresses separated by commas",
+                self.node
+            ));
+        }
+        nodes
+            .into_iter()
+            .map(|n| Ok((n.to_string(), crate::client_cmd::resolve_node(n)?)))
+            .collect()
+    }
 }
 
 /// Options every key request takes.

@@ -1,4 +1,7 @@
-//! `put`, `get`, `delete` and `status`: one request to one node.
+//! `put`, `get`, `delete`, `status`, `repair`, `remove` and `leave`: one
+//! request to one node. For the requests any node can serve, `--node` may
+//! list several: they are tried in turn while one cannot be reached or
+//! serves nothing now, since nothing of the request ran there.
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -54,7 +57,10 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
         timeout_ms: args.request.timeout_ms,
         forwarded: false,
     });
-    let response = send(&args.request.target, &request).await?;
+    let response = on_first_serving(&args.request.target, async |client| {
+        call(client, &request).await
+    })
+    .await?;
     match response {
         Response::Put(reply) => {
             output::written(&reply, args.request.target.json, "stored");
@@ -66,21 +72,17 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
 
 pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
     validate_key(args.key.as_bytes()).map_err(|e| Failure::new(Exit::Usage, e.message))?;
-    let client = connect(&args.request.target).await?;
-    let reply = read(
-        &client,
-        args.key.as_bytes(),
-        ReadOpts {
-            r: args.r,
-            strict: args.strict,
-            local: args.local,
-            wait_repair: args.wait_repair,
-            timeout_ms: args.request.timeout_ms,
-        },
-    )
-    .await;
-    client.close().await;
-    let reply = reply?;
+    let opts = ReadOpts {
+        r: args.r,
+        strict: args.strict,
+        local: args.local,
+        wait_repair: args.wait_repair,
+        timeout_ms: args.request.timeout_ms,
+    };
+    let reply = on_first_serving(&args.request.target, async |client| {
+        read(client, args.key.as_bytes(), &opts).await
+    })
+    .await?;
     let found = !reply.values.is_empty();
     if args.request.target.json {
         output::print_json(&output::get_json(&reply));
@@ -107,28 +109,22 @@ pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
 
 pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
     validate_key(args.key.as_bytes()).map_err(|e| Failure::new(Exit::Usage, e.message))?;
-    let client = connect(&args.request.target).await?;
-    let result = async {
-        let context = match args.context {
-            Some(token) => token,
+    let result = on_first_serving(&args.request.target, async |client| {
+        let context = match &args.context {
+            Some(token) => token.clone(),
             None => {
-                read(
-                    &client,
-                    args.key.as_bytes(),
-                    ReadOpts {
-                        r: Consistency::Quorum,
-                        strict: args.strict,
-                        local: false,
-                        wait_repair: false,
-                        timeout_ms: args.request.timeout_ms,
-                    },
-                )
-                .await?
-                .context
+                let opts = ReadOpts {
+                    r: Consistency::Quorum,
+                    strict: args.strict,
+                    local: false,
+                    wait_repair: false,
+                    timeout_ms: args.request.timeout_ms,
+                };
+                read(client, args.key.as_bytes(), &opts).await?.context
             }
         };
         let request = Request::Put(PutRequest {
-            key: args.key.into_bytes(),
+            key: args.key.as_bytes().to_vec(),
             payload: Payload::Tombstone,
             context: Some(context),
             overwrite: false,
@@ -137,10 +133,9 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
             timeout_ms: args.request.timeout_ms,
             forwarded: false,
         });
-        call(&client, &request).await
-    }
+        call(client, &request).await
+    })
     .await;
-    client.close().await;
     match result? {
         Response::Put(reply) => {
             output::written(&reply, args.request.target.json, "deleted");
@@ -151,7 +146,11 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
 }
 
 pub async fn status(args: StatusArgs) -> Result<Exit, Failure> {
-    match send(&args.target, &Request::Status).await? {
+    let status = on_first_serving(&args.target, async |client| {
+        call(client, &Request::Status).await
+    })
+    .await?;
+    match status {
         Response::Status(reply) => {
             output::status(&reply, args.target.json);
             Ok(Exit::Ok)
@@ -161,7 +160,7 @@ pub async fn status(args: StatusArgs) -> Result<Exit, Failure> {
 }
 
 pub async fn repair(args: RepairArgs) -> Result<Exit, Failure> {
-    match send(&args.target, &Request::Repair).await? {
+    match send_to_the_node(&args.target, "repair", &Request::Repair).await? {
         Response::Repair(report) => {
             output::repair(&report, args.target.json);
             Ok(if report.failures.is_empty() {
@@ -181,7 +180,10 @@ pub async fn remove(args: RemoveArgs) -> Result<Exit, Failure> {
         node: node.clone(),
         tell_others: true,
     };
-    match send(&args.target, &request).await? {
+    // Any member can remove a node.
+    let removed =
+        on_first_serving(&args.target, async |client| call(client, &request).await).await?;
+    match removed {
         Response::Removed(reply) => {
             output::removed(&node, &reply, args.target.json);
             Ok(Exit::Ok)
@@ -191,7 +193,7 @@ pub async fn remove(args: RemoveArgs) -> Result<Exit, Failure> {
 }
 
 pub async fn leave(args: LeaveArgs) -> Result<Exit, Failure> {
-    match send(&args.target, &Request::Leave).await? {
+    match send_to_the_node(&args.target, "leave", &Request::Leave).await? {
         Response::Left(reply) => {
             output::left(&reply, args.target.json);
             Ok(Exit::Ok)
@@ -212,7 +214,7 @@ struct ReadOpts {
 async fn read(
     client: &Client,
     key: &[u8],
-    opts: ReadOpts,
+    opts: &ReadOpts,
 ) -> Result<ringkv_core::wire::GetReply, Failure> {
     let request = Request::Get(GetRequest {
         key: key.to_vec(),
@@ -229,29 +231,83 @@ async fn read(
     }
 }
 
-/// Connects, sends one request and closes.
-async fn send(target: &Target, request: &Request) -> Result<Response, Failure> {
-    let client = connect(target).await?;
+/// Runs `op` on the first node `--node` lists that can be reached and
+/// serves requests, and closes the connection after. A node that cannot be
+/// reached, or that answers it serves nothing now (shutting down, removed,
+/// still joining), ran nothing of the request, so the next one is tried.
+/// Any other failure is final: part of the request may have run, and sending
+/// a write again elsewhere could store it twice.
+async fn on_first_serving<T>(
+    target: &Target,
+    op: impl AsyncFn(&Client) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let nodes = target.nodes().map_err(|e| Failure::new(Exit::Usage, e))?;
+    let key = crate::key_cmd::load(&target.key)?;
+    let mut skipped: Vec<(String, Failure)> = Vec::new();
+    for (node, addr) in &nodes {
+        let result = match connect(node, *addr, target, key.as_ref()).await {
+            Ok(client) => {
+                let result = op(&client).await;
+                client.close().await;
+                result
+            }
+            Err(failure) => Err(failure),
+        };
+        match result {
+            Err(failure) if failure.ran_nothing && nodes.len() > 1 => {
+                tracing::info!(%node, reason = %failure.message, "trying the next node");
+                skipped.push((node.clone(), failure));
+            }
+            other => return other,
+        }
+    }
+    // Every node was tried: the last one's exit status, every node's reason.
+    let exit = skipped.last().map_or(Exit::Unreachable, |(_, f)| f.exit);
+    let reasons: Vec<String> = skipped
+        .iter()
+        .map(|(node, f)| format!("{node}: {}", f.message))
+        .collect();
+    Err(Failure::new(
+        exit,
+        format!("no node could serve the request; {}", reasons.join("; ")),
+    ))
+}
+
+/// Sends `request` to the one node `--node` names, for an operation on that
+/// node itself (`what`), and closes.
+async fn send_to_the_node(
+    target: &Target,
+    what: &str,
+    request: &Request,
+) -> Result<Response, Failure> {
+    let nodes = target.nodes().map_err(|e| Failure::new(Exit::Usage, e))?;
+    let [(node, addr)] = nodes.as_slice() else {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "`{what}` acts on the node --node names: give one address, not {}",
+                nodes.len()
+            ),
+        ));
+    };
+    let key = crate::key_cmd::load(&target.key)?;
+    let client = connect(node, *addr, target, key.as_ref()).await?;
     let result = call(&client, request).await;
     client.close().await;
     result
 }
 
-pub async fn connect(target: &Target) -> Result<Client, Failure> {
-    let addr = resolve(&target.node)?;
-    let key = crate::key_cmd::load(&target.key)?;
-    Client::connect_with_key(
-        addr,
-        Duration::from_millis(target.connect_timeout_ms),
-        key.as_ref(),
-    )
-    .await
-    .map_err(|e| {
-        Failure::new(
-            Exit::Unreachable,
-            format!("cannot reach node {}: {e}", target.node),
-        )
-    })
+async fn connect(
+    node: &str,
+    addr: SocketAddr,
+    target: &Target,
+    key: Option<&ringkv_node::ClusterKey>,
+) -> Result<Client, Failure> {
+    Client::connect_with_key(addr, Duration::from_millis(target.connect_timeout_ms), key)
+        .await
+        .map_err(|e| {
+            Failure::ran_nothing(Exit::Unreachable, format!("cannot reach node {node}: {e}"))
+        })
 }
 
 /// Sends a request and turns error replies into failures.
@@ -265,28 +321,30 @@ async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
         ),
     })?;
     match response {
-        Response::Error(e) => {
-            let exit = match e.kind {
-                ErrorKind::InvalidRequest | ErrorKind::Refused => Exit::Usage,
-                ErrorKind::QuorumNotReached | ErrorKind::Unavailable => Exit::Quorum,
-                ErrorKind::Internal => Exit::Internal,
-            };
-            Err(Failure::new(exit, e.message))
-        }
+        Response::Error(e) => Err(match e.kind {
+            ErrorKind::InvalidRequest | ErrorKind::Refused => Failure::new(Exit::Usage, e.message),
+            ErrorKind::QuorumNotReached | ErrorKind::Unavailable => {
+                Failure::new(Exit::Quorum, e.message)
+            }
+            ErrorKind::NotServing => Failure::ran_nothing(Exit::Quorum, e.message),
+            ErrorKind::Internal => Failure::new(Exit::Internal, e.message),
+        }),
         ok => Ok(ok),
     }
 }
 
 /// Parses `HOST:PORT`, resolving a host name.
 pub fn resolve(node: &str) -> Result<SocketAddr, Failure> {
+    resolve_node(node).map_err(|e| Failure::new(Exit::Usage, e))
+}
+
+/// Parses `HOST:PORT`, resolving a host name; the error names the problem.
+pub fn resolve_node(node: &str) -> Result<SocketAddr, String> {
     node.to_socket_addrs()
         .ok()
         .and_then(|mut addrs| addrs.next())
         .ok_or_else(|| {
-            Failure::new(
-                Exit::Usage,
-                format!("--node {node:?} is not an address; use HOST:PORT, e.g. 127.0.0.1:7000"),
-            )
+            format!("--node {node:?} is not an address; use HOST:PORT, e.g. 127.0.0.1:7000")
         })
 }
 

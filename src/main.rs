@@ -41,6 +41,9 @@ pub enum Exit {
 pub struct Failure {
     pub exit: Exit,
     pub message: String,
+    /// Nothing of the request ran (the node could not be reached, or serves
+    /// nothing now): another node may be asked.
+    pub ran_nothing: bool,
 }
 
 impl Failure {
@@ -48,6 +51,15 @@ impl Failure {
         Failure {
             exit,
             message: message.into(),
+            ran_nothing: false,
+        }
+    }
+
+    /// A failure after which the request may go to another node as it is.
+    pub fn ran_nothing(exit: Exit, message: impl Into<String>) -> Self {
+        Failure {
+            ran_nothing: true,
+            ..Failure::new(exit, message)
         }
     }
 }

@@ -119,6 +119,38 @@ fn unreachable_or_malformed_node_addresses() {
         "{}",
         stderr(&o)
     );
+
+    // A list: every entry is checked before anything is sent, and when no
+    // node answers, each one's reason is given.
+    let o = run(ringkv().args(["put", "k", "v", "--node", &format!("{nobody},,{nobody}")]));
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("has an empty entry"), "{}", stderr(&o));
+    let o = run(ringkv().args(["put", "k", "v", "--node", &format!("{nobody},nowhere")]));
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("\"nowhere\" is not an address"),
+        "{}",
+        stderr(&o)
+    );
+    let other = format!("{ip}:{}", free_port(ip));
+    let both = format!("{nobody},{other}");
+    let o = run(ringkv().args([
+        "put",
+        "k",
+        "v",
+        "--node",
+        &both,
+        "--connect-timeout-ms",
+        "300",
+    ]));
+    assert_exit(&o, 4);
+    for node in [&nobody, &other] {
+        assert!(
+            stderr(&o).contains(&format!("{node}: cannot reach node {node}")),
+            "{}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]

@@ -154,6 +154,23 @@ fn a_node_that_leaves_hands_over_its_keys_and_cannot_come_back() {
     assert_exit(&refused, 3);
     assert!(stderr(&refused).contains("removed"), "{}", stderr(&refused));
     assert_exit(&c.cli(3, &["status"]), 0);
+    // Listed first with a member after it, n4 is passed over: it ran nothing.
+    let both = format!("{},{}", c.addr(3), c.addr(0));
+    let got = run(ringkv().args(["get", "lv1", "--json", "--log", "info", "--node", &both]));
+    assert_eq!(values(&got), ["v1"]);
+    assert!(
+        stderr(&got).contains("n4 was removed from the cluster; ask another node"),
+        "{}",
+        stderr(&got)
+    );
+    // Operations on the node named take one address.
+    let two = run(ringkv().args(["repair", "--node", &both]));
+    assert_exit(&two, 2);
+    assert!(
+        stderr(&two).contains("give one address"),
+        "{}",
+        stderr(&two)
+    );
     // Now at N members: the next leave is refused.
     let below = c.cli(0, &["leave"]);
     assert_exit(&below, 2);

@@ -1,6 +1,8 @@
 //! Stopping a real `ringkv node`: SIGTERM drains it (a request already under
 //! way finishes and its answer reaches the client, while new requests are
 //! refused with advice), and a second signal stops it at once, exit 130.
+//! The CLI, given several nodes, goes on to the next while one is
+//! unreachable or draining.
 
 mod common;
 
@@ -102,6 +104,7 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
                 .contains("n1 is shutting down; ask another node"),
             "{refusal:?}"
         );
+        assert_eq!(refusal.kind, ringkv_core::wire::ErrorKind::NotServing);
         let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
             .await
             .expect("answered within the drain")
@@ -111,12 +114,46 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
     let (status, stderr) = c.wait_exit(0, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "{stderr}");
 
+    // n1 is down: the CLI goes on to n2.
+    let both = format!("{},{}", c.addr(0), c.addr(1));
+    let out = run(ringkv().args([
+        "put",
+        "after",
+        "v",
+        "-w",
+        "1",
+        "--node",
+        &both,
+        "--connect-timeout-ms",
+        "500",
+        "--log",
+        "info",
+    ]));
+    assert_exit(&out, 0);
+    assert!(
+        common::stderr(&out).contains("cannot reach node"),
+        "{}",
+        common::stderr(&out)
+    );
+
     // Two signals: the second cuts the drain short, without waiting for
     // the put under way (which will hear of it at its connection's idle
     // timeout: the process is gone).
     c.restart(0);
     let client = rt.block_on(connect());
     let (_, waiting) = rt.block_on(put_under_way_then_signal(&c, &client));
+    // n1 drains (for about a second more): it refuses new connections at
+    // once, so the CLI sends the write to n2 instead without waiting out
+    // its connect timeout (3 s).
+    let out = run(ringkv().args([
+        "put", "during", "v", "-w", "1", "--node", &both, "--log", "info",
+    ]));
+    assert_exit(&out, 0);
+    assert!(
+        common::stderr(&out).contains("the server refused to accept a new connection"),
+        "{}",
+        common::stderr(&out)
+    );
     c.signal(0, "TERM");
     let (status, stderr) = c.wait_exit(0, Duration::from_secs(5));
     assert_eq!(status.code(), Some(130), "{stderr}");
@@ -125,4 +162,10 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
         "{stderr}"
     );
     waiting.abort();
+
+    // Both writes are on n2, which coordinated them.
+    for key in ["after", "during"] {
+        let out = c.cli(1, &["get", key, "--local", "--json"]);
+        assert_eq!(values(&out), ["v"], "{key}");
+    }
 }

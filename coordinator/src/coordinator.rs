@@ -187,7 +187,10 @@ impl<T: Transport> Coordinator<T> {
     ) -> Response {
         let mut closing = self.closing.subscribe();
         if *closing.borrow_and_update() {
-            return unavailable(format!("{} is shutting down; ask another node", self.id));
+            return Response::error(
+                ErrorKind::NotServing,
+                format!("{} is shutting down; ask another node", self.id),
+            );
         }
         tokio::select! {
             biased;
@@ -919,6 +922,10 @@ impl<T: Transport> Coordinator<T> {
             let remaining_ms = share.saturating_sub(FORWARD_MARGIN).as_millis().max(1);
             set_timeout_ms(&mut request, remaining_ms.min(u128::from(u32::MAX)) as u32);
             match self.call(node, request.clone(), attempt_deadline).await {
+                // Nothing ran there: the next replica may take it.
+                Ok(Response::Error(e)) if e.kind == ErrorKind::NotServing => {
+                    failures.push(format!("{node} ({})", e.message))
+                }
                 Ok(response) => return response,
                 Err(reason) => failures.push(format!("{node} ({reason})")),
             }

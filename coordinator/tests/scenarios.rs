@@ -196,6 +196,22 @@ async fn a_non_replica_forwards_to_the_preference_list() {
     );
 }
 
+/// A replica that serves nothing (shutting down) ran nothing of a forwarded
+/// request, so the forwarding node hands it to the next replica instead of
+/// passing the refusal on.
+#[tokio::test(start_paused = true)]
+async fn a_forward_passes_over_a_replica_that_serves_nothing() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    c.node(pref.replicas[0].as_str()).coordinator.close().await;
+    let receipt = match c.put(outsider.as_str(), KEY, "v", Quorum, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
+}
+
 #[tokio::test(start_paused = true)]
 async fn invalid_requests_are_refused_before_anything_is_written() {
     let c = SimCluster::with_limits(3, 3, 1, 2);
@@ -305,7 +321,7 @@ async fn close_stops_the_sends_a_write_left_running() {
 
     let after = c.put("n1", "other", "v", Count(2), None).await;
     let (kind, message) = error(&after);
-    assert_eq!(kind, ErrorKind::Unavailable, "{message}");
+    assert_eq!(kind, ErrorKind::NotServing, "{message}");
     assert!(message.contains("n1 is shutting down"), "{message}");
     assert!(c.local_values("n1", "other").is_empty());
 }

@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/7";
+pub const ALPN: &[u8] = b"ringkv/8";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -462,10 +462,15 @@ pub enum ErrorKind {
     /// Fewer replicas than required answered in time.
     QuorumNotReached,
     /// The node cannot serve the request now (e.g. no replica reachable).
+    /// Part of it may have run: a write may be stored somewhere.
     Unavailable,
     /// A join that would break the cluster (id taken, N differs).
     Refused,
     Internal,
+    /// The node serves no requests at all now: it is shutting down, was
+    /// removed, or has not joined a cluster yet. Nothing of the request ran,
+    /// so a client may send it to another node as it is.
+    NotServing,
 }
 
 impl Response {

@@ -414,7 +414,7 @@ impl NodeInner {
             // Refused before anything ran, so the client may safely send it
             // to another node.
             return Response::error(
-                ErrorKind::Unavailable,
+                ErrorKind::NotServing,
                 format!("{} is shutting down; ask another node", self.id),
             );
         }
@@ -424,7 +424,7 @@ impl NodeInner {
             // Its ring is stale and its data may be: it must not coordinate,
             // serve as a replica or push repairs any more.
             return Response::error(
-                ErrorKind::Unavailable,
+                ErrorKind::NotServing,
                 format!("{} was removed from the cluster; ask another node", self.id),
             );
         }
@@ -963,7 +963,7 @@ const TOMBSTONE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn joining(id: &NodeId) -> Response {
     Response::error(
-        ErrorKind::Unavailable,
+        ErrorKind::NotServing,
         format!("{id} is still joining the cluster; retry shortly"),
     )
 }
@@ -1342,6 +1342,10 @@ impl Drop for ConnectionCounted {
     }
 }
 
+/// Accepts connections and serves each, up to `max_connections` at once,
+/// until `shutdown`; from then on it refuses every new one at once (so a
+/// client hears it and tries another node rather than wait out its connect
+/// timeout) until the endpoint closes.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     inner: Arc<NodeInner>,
@@ -1353,7 +1357,7 @@ async fn accept_loop(
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
+                let Some(incoming) = incoming else { return };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     // Refused at once, so the client hears it (and need not
                     // wait for a handshake timeout). Counted, and logged at
@@ -1377,6 +1381,12 @@ async fn accept_loop(
             }
             _ = shutdown.changed() => break,
         }
+    }
+    // Shutdown waits for every holder of `finish` before it closes the
+    // endpoint.
+    drop(finish);
+    while let Some(incoming) = endpoint.accept().await {
+        incoming.refuse();
     }
 }
 

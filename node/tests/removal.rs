@@ -165,11 +165,14 @@ async fn a_running_node_learns_of_its_removal_and_refuses_requests() {
         None,
     );
     match to_n3.call(&Request::Put(put)).await.unwrap() {
-        Response::Error(e) => assert!(
-            e.message
-                .contains("n3 was removed from the cluster; ask another node"),
-            "{e:?}"
-        ),
+        Response::Error(e) => {
+            assert!(
+                e.message
+                    .contains("n3 was removed from the cluster; ask another node"),
+                "{e:?}"
+            );
+            assert_eq!(e.kind, ringkv_core::wire::ErrorKind::NotServing);
+        }
         other => panic!("{other:?}"),
     }
     to_n3.close().await;

@@ -307,6 +307,8 @@ async fn shutdown_drains_the_requests_under_way_and_refuses_new_ones() {
             .contains("n1 is shutting down; ask another node"),
         "{refusal:?}"
     );
+    // Nothing ran: a client may send it elsewhere as it is.
+    assert_eq!(refusal.kind, ringkv_core::wire::ErrorKind::NotServing);
     assert!(
         !waiting.is_finished(),
         "the W=all put was still waiting for n2 when the drain began: {:?}",
