@@ -303,9 +303,10 @@ pub struct Target {
 }
 
 impl Target {
-    /// The addresses `--node` lists, in order, each with its text; an
-    /// error names the first that is not one.
-    pub fn nodes(&self) -> Result<Vec<(String, std::net::SocketAddr)>, String> {
+    /// The addresses `--node` lists, in order; an error names the first
+    /// that is not `HOST:PORT`. Names are looked up only when their turn
+    /// comes, so one that no longer resolves does not stop the others.
+    pub fn nodes(&self) -> Result<Vec<String>, String> {
         let nodes: Vec<&str> = self.node.split(',').map(str::trim).collect();
         if nodes.iter().any(|n| n.is_empty()) {
             return Err(format!(
@@ -313,10 +314,17 @@ impl Target {
                 self.node
             ));
         }
-        nodes
-            .into_iter()
-            .map(|n| Ok((n.to_string(), crate::client_cmd::resolve_node(n)?)))
-            .collect()
+        for node in &nodes {
+            let well_formed = node
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !well_formed {
+                return Err(format!(
+                    "--node {node:?} is not an address; use HOST:PORT, e.g. 127.0.0.1:7000"
+                ));
+            }
+        }
+        Ok(nodes.into_iter().map(String::from).collect())
     }
 }
 

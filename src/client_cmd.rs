@@ -244,8 +244,8 @@ async fn on_first_serving<T>(
     let nodes = target.nodes().map_err(|e| Failure::new(Exit::Usage, e))?;
     let key = crate::key_cmd::load(&target.key)?;
     let mut skipped: Vec<(String, Failure)> = Vec::new();
-    for (node, addr) in &nodes {
-        let result = match connect(node, *addr, target, key.as_ref()).await {
+    for node in &nodes {
+        let result = match connect(node, target, key.as_ref()).await {
             Ok(client) => {
                 let result = op(&client).await;
                 client.close().await;
@@ -281,7 +281,7 @@ async fn send_to_the_node(
     request: &Request,
 ) -> Result<Response, Failure> {
     let nodes = target.nodes().map_err(|e| Failure::new(Exit::Usage, e))?;
-    let [(node, addr)] = nodes.as_slice() else {
+    let [node] = nodes.as_slice() else {
         return Err(Failure::new(
             Exit::Usage,
             format!(
@@ -291,18 +291,19 @@ async fn send_to_the_node(
         ));
     };
     let key = crate::key_cmd::load(&target.key)?;
-    let client = connect(node, *addr, target, key.as_ref()).await?;
+    let client = connect(node, target, key.as_ref()).await?;
     let result = call(&client, request).await;
     client.close().await;
     result
 }
 
+/// Looks `node` up and connects to it. Either failure ran nothing.
 async fn connect(
     node: &str,
-    addr: SocketAddr,
     target: &Target,
     key: Option<&ringkv_node::ClusterKey>,
 ) -> Result<Client, Failure> {
+    let addr = resolve_node(node).map_err(|e| Failure::ran_nothing(Exit::Usage, e))?;
     Client::connect_with_key(addr, Duration::from_millis(target.connect_timeout_ms), key)
         .await
         .map_err(|e| {

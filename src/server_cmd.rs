@@ -51,22 +51,20 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.read_repair_chance = args.anti_entropy.read_repair_chance;
     config.cluster_key = cluster_key;
     let handle = Node::start(config).await.map_err(node_failure)?;
+    // After the start: a signal during it ends the process (nothing to drain).
+    let mut signals = Signals::new()?;
     println!("node {} serving on {}", handle.id(), handle.addr());
     let removed = tokio::select! {
-        _ = wait_for_signal() => false,
-        _ = handle.removed() => true,
+        () = signals.next() => false,
+        () = handle.removed() => true,
     };
-    eprintln!("shutting down (a second Ctrl-C stops at once)");
-    let id = handle.id().to_string();
-    tokio::select! {
-        () = handle.shutdown() => {}
-        _ = wait_for_signal() => {
-            // Acknowledged writes are in the WAL already: this is a crash as
-            // far as the store goes, and the next start begins a new epoch.
-            eprintln!("stopped at once on a second signal: requests under way were cut off");
-            std::process::exit(FORCED_STOP_EXIT);
-        }
+    if removed {
+        eprintln!("shutting down");
+    } else {
+        eprintln!("shutting down (a second Ctrl-C stops at once)");
     }
+    let id = handle.id().to_string();
+    stop_or_exit_on_signal(handle.shutdown(), &mut signals).await;
     if removed {
         return Err(node_failure(NodeError::Removed { id }));
     }
@@ -76,6 +74,23 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
 /// `ringkv node`'s exit status when a second signal cuts its drain short:
 /// 128 + SIGINT, as shells report an interrupted command.
 const FORCED_STOP_EXIT: i32 = 130;
+
+/// Runs `shutdown` (nodes draining), unless a signal comes first: then the
+/// process exits at once.
+async fn stop_or_exit_on_signal(
+    shutdown: impl std::future::Future<Output = ()>,
+    signals: &mut Signals,
+) {
+    tokio::select! {
+        () = shutdown => {}
+        () = signals.next() => {
+            // Acknowledged writes are in the WAL already: this is a crash as
+            // far as the store goes, and the next start begins a new epoch.
+            eprintln!("stopped at once on a second signal: requests under way were cut off");
+            std::process::exit(FORCED_STOP_EXIT);
+        }
+    }
+}
 
 /// A latency matrix from `preset:NAME` or a TOML file.
 pub fn load_matrix(source: &str) -> Result<ringkv_core::regions::LatencyMatrix, Failure> {
@@ -117,6 +132,7 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
         |_, config| config.cluster_key = cluster_key.clone(),
     )
     .await?;
+    let mut signals = Signals::new()?;
     println!(
         "ringkv cluster: {} nodes, N={}, data in {}",
         nodes.len(),
@@ -148,7 +164,7 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
     let mut nodes: Vec<Option<NodeHandle>> = nodes.into_iter().map(Some).collect();
     loop {
         tokio::select! {
-            _ = wait_for_signal() => break,
+            () = signals.next() => break,
             Some(Ok(i)) = removals.join_next() => {
                 if let Some(node) = nodes[i].take() {
                     let id = node.id().to_string();
@@ -159,10 +175,17 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
         }
     }
     removals.abort_all();
-    eprintln!("shutting down");
+    eprintln!("shutting down (a second Ctrl-C stops at once)");
+    // All at once: each drains for up to its drain timeout.
+    let mut stopping = tokio::task::JoinSet::new();
     for n in nodes.into_iter().flatten() {
-        n.shutdown().await;
+        stopping.spawn(n.shutdown());
     }
+    stop_or_exit_on_signal(
+        async { while stopping.join_next().await.is_some() {} },
+        &mut signals,
+    )
+    .await;
     Ok(Exit::Ok)
 }
 
@@ -540,23 +563,43 @@ fn node_failure(e: NodeError) -> Failure {
     Failure::new(exit, e.to_string())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Ctrl-C and SIGTERM, each listened for from creation on: a signal that
+/// arrives between two waits is kept for the next, not lost (once a handler
+/// is installed the default action, ending the process, no longer applies).
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, Failure> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind: SignalKind, name: &str| {
+                signal(kind).map_err(|e| {
+                    Failure::new(Exit::Internal, format!("cannot listen for {name}: {e}"))
+                })
             };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            Ok(Signals {
+                interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
+                terminate: listen(SignalKind::terminate(), "SIGTERM")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+    /// Returns at the next Ctrl-C or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -14,12 +14,14 @@ use ringkv_core::wire::{ErrorReply, PutRequest, Request, Response};
 use ringkv_core::{Consistency, Payload};
 use ringkv_node::Client;
 
-/// n1 is "near", n2 "far": every call between them takes 600 ms each way.
+/// n1 is "near", n2 "far": every call between them takes 1.5 s each way,
+/// so a W=all put through n1 is under way for 3 s: time enough, on a busy
+/// machine, for a signal to arrive and a CLI process to start meanwhile.
 const MATRIX: &str = r#"
 regions = ["near", "far"]
 [[link]]
 between = ["near", "far"]
-delay_ms = 600
+delay_ms = 1500
 "#;
 
 fn put(key: &str, w: Consistency) -> Request {
@@ -33,7 +35,7 @@ fn put(key: &str, w: Consistency) -> Request {
     Request::Put(put)
 }
 
-/// Starts a W=all put through `client`, which waits for n2 (1.2 s away);
+/// Starts a W=all put through `client`, which waits for n2 (3 s away);
 /// sends node 0 `signal`; and returns the first refusal n1 gives a new
 /// request, once the drain has begun, and the put still waiting then.
 async fn put_under_way_then_signal(
@@ -85,6 +87,8 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
             "--latency-matrix",
             &matrix,
             "--no-hints",
+            "--drain-timeout-s",
+            "20",
         ]
         .map(String::from)
         .to_vec()
@@ -142,7 +146,7 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
     c.restart(0);
     let client = rt.block_on(connect());
     let (_, waiting) = rt.block_on(put_under_way_then_signal(&c, &client));
-    // n1 drains (for about a second more): it refuses new connections at
+    // n1 drains (for up to 3 s more): it refuses new connections at
     // once, so the CLI sends the write to n2 instead without waiting out
     // its connect timeout (3 s).
     let out = run(ringkv().args([

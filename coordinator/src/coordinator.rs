@@ -35,7 +35,8 @@
 //! so the transport (and through it the node's database) is let go of when
 //! the node's shutdown returns, not at some request's deadline. A request
 //! under way answers "unavailable" (a write may be stored on this node); one
-//! that arrives later is refused the same way, before it writes anything.
+//! that arrives later is refused as "not serving", before it writes
+//! anything, so the client may send it elsewhere as it is.
 //!
 //! Time comes from tokio's clock, which scenario tests pause and advance, and
 //! the network is the [`Transport`] trait; the counting itself is the
@@ -195,7 +196,7 @@ impl<T: Transport> Coordinator<T> {
         tokio::select! {
             biased;
             true = async { closing.wait_for(|closing| *closing).await.is_ok() } => unavailable(format!(
-                "{} shut down while serving the request; ask another node (a write may be stored on {})",
+                "{} shut down while serving the request; a write may be stored on {}: read the key through another node before writing it again",
                 self.id, self.id
             )),
             response = request => response,

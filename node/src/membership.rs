@@ -268,7 +268,7 @@ impl Membership {
         let Some(record) = guard.as_mut() else {
             return (
                 Response::error(
-                    ErrorKind::Unavailable,
+                    ErrorKind::NotServing,
                     format!("{} is not in a cluster yet", self.me.id),
                 ),
                 false,
@@ -350,7 +350,7 @@ impl Membership {
         let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
         let Some(record) = guard.as_mut() else {
             return Err((
-                ErrorKind::Unavailable,
+                ErrorKind::NotServing,
                 format!("{} is not in a cluster yet", self.me.id),
             ));
         };

@@ -409,10 +409,12 @@ impl NodeInner {
         // after it stopped serving knows every later one sees it stopped.
         let _in_flight = InFlight::count(&self.in_flight);
         if self.draining.load(std::sync::atomic::Ordering::SeqCst)
-            && !matches!(request, Request::Ping | Request::Status | Request::Stats)
+            && !matches!(request, Request::Status | Request::Stats)
         {
             // Refused before anything ran, so the client may safely send it
-            // to another node.
+            // to another node. Pings too: peers' failure detectors then
+            // count this node down and send its writes to stand-ins rather
+            // than have each refused.
             return Response::error(
                 ErrorKind::NotServing,
                 format!("{} is shutting down; ask another node", self.id),
@@ -1030,18 +1032,24 @@ impl NodeHandle {
         // The drain: a rolling restart should cost clients no request that
         // was already running.
         self.inner.draining.store(true, Ordering::SeqCst);
+        // Requests, and the sends, late hints and read-repair collection
+        // they left running (an acknowledged W=1 write still on its way to
+        // the other replicas).
+        let coordinator = self.inner.coordinator.get();
+        let running = || {
+            self.inner.in_flight.load(Ordering::SeqCst)
+                + coordinator.map_or(0, |c| c.tasks_running())
+        };
         let deadline = tokio::time::Instant::now() + self.inner.drain_timeout;
-        while self.inner.in_flight.load(Ordering::SeqCst) > 0
-            && tokio::time::Instant::now() < deadline
-        {
+        while running() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let running = self.inner.in_flight.load(Ordering::SeqCst);
+        let running = running();
         if running > 0 {
             tracing::info!(
                 running,
                 drain_timeout_s = self.inner.drain_timeout.as_secs_f64(),
-                "requests still under way after the drain timeout; stopping them"
+                "requests (or tasks they left) still under way after the drain timeout; stopping them"
             );
         }
         if let Some(coordinator) = self.inner.coordinator.get() {
@@ -1266,6 +1274,7 @@ impl Node {
         let rings = inner.ring_tx.subscribe();
         let routing = HintRouting::to_owners(Arc::new(move |n: &NodeId| detector.is_up(n)))
             .rerouting_removed(
+                inner.id.clone(),
                 Arc::new(move |n: &NodeId| membership.is_removed(n)),
                 Arc::new(move |key: &[u8]| match &*rings.borrow() {
                     Some(ring) => ring.preference_list(key).replicas,

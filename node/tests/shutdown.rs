@@ -276,11 +276,11 @@ async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
 
 /// A rolling restart costs no request already under way: shutdown refuses
 /// new requests ("shutting down; ask another node": nothing ran) while one
-/// that was waiting for a replica 500 ms away finishes, and its answer
+/// that was waiting for a replica 1 s away finishes, and its answer
 /// reaches the client before the connection closes.
 #[tokio::test]
 async fn shutdown_drains_the_requests_under_way_and_refuses_new_ones() {
-    let ([n1, n2], client, _dirs, _) = near_and_far(500, Duration::from_secs(10)).await;
+    let ([n1, n2], client, _dirs, _) = near_and_far(1_000, Duration::from_secs(10)).await;
     let waiting = tokio::spawn({
         let (client, put) = (client.clone(), put("all", Consistency::All));
         async move { client.call(&put).await }
@@ -309,6 +309,11 @@ async fn shutdown_drains_the_requests_under_way_and_refuses_new_ones() {
     );
     // Nothing ran: a client may send it elsewhere as it is.
     assert_eq!(refusal.kind, ringkv_core::wire::ErrorKind::NotServing);
+    // Pings are refused too, so peers count n1 down and use stand-ins.
+    match client.call(&Request::Ping).await.unwrap() {
+        Response::Error(e) => assert_eq!(e.kind, ringkv_core::wire::ErrorKind::NotServing),
+        other => panic!("{other:?}"),
+    }
     assert!(
         !waiting.is_finished(),
         "the W=all put was still waiting for n2 when the drain began: {:?}",
@@ -323,6 +328,30 @@ async fn shutdown_drains_the_requests_under_way_and_refuses_new_ones() {
         .await
         .expect("shutdown ends once the drain is done")
         .unwrap();
+    n2.shutdown().await;
+}
+
+/// The drain waits for what requests left running too: a W=1 put is
+/// answered at once, but its send to n2, 1 s away, is still under way when
+/// shutdown begins; it reaches n2 before n1 stops.
+#[tokio::test]
+async fn shutdown_drains_the_sends_a_write_left_running() {
+    let ([n1, n2], client, _dirs, _) = near_and_far(1_000, Duration::from_secs(10)).await;
+    let answer = client.call(&put("one", Consistency::One)).await.unwrap();
+    assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    n1.shutdown().await;
+    let to_n2 = Client::connect(n2.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let get = Request::Get(ringkv_core::wire::GetRequest {
+        local: true,
+        ..ringkv_core::wire::GetRequest::new("one", Consistency::One)
+    });
+    match to_n2.call(&get).await.unwrap() {
+        Response::Get(g) => assert_eq!(g.values, [b"v".to_vec()], "the send reached n2"),
+        other => panic!("{other:?}"),
+    }
+    to_n2.close().await;
     n2.shutdown().await;
 }
 

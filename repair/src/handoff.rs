@@ -15,9 +15,12 @@
 //! the only copy of a write beyond the replicas that took it: a sloppy
 //! quorum counted the hint towards W. So a removed owner's hints are not
 //! dropped but *rerouted*: each goes, as a `Sync`, to every replica of its
-//! key under the current ring ([`HintRouting`]), and is removed once all of
-//! them have made it durable. The ring without the owner gives the key new
-//! replicas, so this restores the copies the write was acknowledged with.
+//! key under the current ring ([`HintRouting`]). A replica that cannot take
+//! it now gets a hint of its own instead, as old as this one (a member's
+//! hint waits for it like any other), and only then is the removed owner's
+//! hint removed, so one replica that is down cannot hold up the rest. The
+//! ring without the owner gives the key new replicas, so this restores the
+//! copies the write was acknowledged with.
 //!
 //! The worker is bounded (one batch in flight), observable (the hint metrics
 //! of [`HintBook`]) and stops at shutdown between two batches. Its storage
@@ -52,7 +55,16 @@ pub type ReplicasOf = Arc<dyn Fn(&[u8]) -> Vec<NodeId> + Send + Sync>;
 #[derive(Clone)]
 pub struct HintRouting {
     is_up: IsUp,
-    reroute: Option<(IsRemoved, ReplicasOf)>,
+    reroute: Option<Reroute>,
+}
+
+/// How a removed owner's hints are rerouted (see the module docs).
+#[derive(Clone)]
+struct Reroute {
+    /// This node: a send to itself that fails is not turned into a hint.
+    me: NodeId,
+    is_removed: IsRemoved,
+    replicas_of: ReplicasOf,
 }
 
 impl HintRouting {
@@ -66,19 +78,26 @@ impl HintRouting {
     }
 
     /// Also reroute the hints of owners `is_removed` says are gone, to
-    /// `replicas_of` their keys.
-    pub fn rerouting_removed(mut self, is_removed: IsRemoved, replicas_of: ReplicasOf) -> Self {
-        self.reroute = Some((is_removed, replicas_of));
+    /// `replicas_of` their keys; `me` is this node.
+    pub fn rerouting_removed(
+        mut self,
+        me: NodeId,
+        is_removed: IsRemoved,
+        replicas_of: ReplicasOf,
+    ) -> Self {
+        self.reroute = Some(Reroute {
+            me,
+            is_removed,
+            replicas_of,
+        });
         self
     }
 
-    /// The replicas to send `owner`'s hints to instead of `owner`, if
-    /// `owner` has been removed.
-    fn rerouted(&self, owner: &NodeId) -> Option<&ReplicasOf> {
-        match &self.reroute {
-            Some((is_removed, replicas_of)) if is_removed(owner) => Some(replicas_of),
-            _ => None,
-        }
+    /// How to reroute `owner`'s hints, if `owner` has been removed.
+    fn rerouted(&self, owner: &NodeId) -> Option<&Reroute> {
+        self.reroute
+            .as_ref()
+            .filter(|reroute| (reroute.is_removed)(owner))
     }
 }
 
@@ -201,8 +220,8 @@ pub fn start<T: Transport, B: HintBackend>(
             }
             for owner in book.targets() {
                 let rerouted = routing.rerouted(&owner);
-                // A rerouted hint's replicas are tried whether up or not: a
-                // failure backs the removed owner off like any other.
+                // A rerouted hint's replicas are tried whether up or not:
+                // one that does not take it gets a hint of its own.
                 if (rerouted.is_none() && !(routing.is_up)(&owner))
                     || !schedule.is_due(&owner, Instant::now())
                 {
@@ -264,15 +283,16 @@ async fn sweep<B: HintBackend>(book: &Arc<HintBook<B>>, page: usize) {
 }
 
 /// Delivers every hint held for `owner`, batch by batch: to `owner`, or,
-/// if it was removed, to the replicas `rerouted` gives for each key. Returns
-/// how many were delivered, or why the round stopped. A hint the owner (or
-/// one of the replicas) refuses as invalid (it never will take it) is
-/// dropped and counted, not retried.
+/// if it was removed, to the replicas `rerouted` gives for each key (a
+/// replica that cannot take it gets a hint of its own). Returns how many
+/// were delivered, or why the round stopped. A hint the owner (or one of the
+/// replicas) refuses as invalid (it never will take it) is dropped and
+/// counted, not retried.
 async fn deliver_to<T: Transport, B: HintBackend>(
     book: &Arc<HintBook<B>>,
     transport: &Arc<T>,
     owner: &NodeId,
-    rerouted: Option<&ReplicasOf>,
+    rerouted: Option<&Reroute>,
     config: &HandoffConfig,
 ) -> Result<u64, String> {
     let mut delivered = 0;
@@ -294,7 +314,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 continue;
             }
             let targets = match rerouted {
-                Some(replicas_of) => replicas_of(&hint.key),
+                Some(reroute) => (reroute.replicas_of)(&hint.key),
                 None => vec![owner.clone()],
             };
             if targets.is_empty() {
@@ -309,44 +329,72 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 });
                 // At most N targets: one after the other is simple, and
                 // the batch's hints still go in parallel.
-                let mut outcome = Sent::Taken;
-                for target in &targets {
-                    let call = transport.call(target, request.clone());
+                let mut outcomes = Vec::with_capacity(targets.len());
+                for target in targets {
+                    let call = transport.call(&target, request.clone());
                     let sent = match tokio::time::timeout(timeout, call).await {
                         Ok(Ok(answer)) => Sent::from(answer),
-                        Ok(Err(e)) => Sent::Failed(format!("{target}: {e}")),
-                        Err(_) => Sent::Failed(format!("{target}: timed out")),
+                        Ok(Err(e)) => Sent::Failed(e.to_string()),
+                        Err(_) => Sent::Failed("timed out".to_string()),
                     };
-                    outcome = outcome.and(sent);
+                    outcomes.push((target, sent));
                 }
-                (hint, outcome)
+                (hint, outcomes)
             });
         }
         let sent = sends.len();
         let mut failure = None;
         while let Some(joined) = sends.join_next().await {
-            let (hint, outcome) = match joined {
+            let (hint, outcomes) = match joined {
                 Ok(done) => done,
                 Err(e) => {
                     failure = Some(format!("send task failed: {e}"));
                     continue;
                 }
             };
-            let (o, key, clock) = (owner.clone(), hint.key, hint.clock);
-            match outcome {
-                Sent::Taken => {
-                    if blocking(book, move |b| b.remove_delivered(&o, &key, &clock)).await? {
-                        delivered += 1;
-                        if rerouted.is_some() {
-                            metrics::counter!("ringkv_hints_rerouted_total").increment(1);
-                        }
-                    }
+            let refused = outcomes.iter().find_map(|(target, sent)| match sent {
+                Sent::Refused(reason) => Some(format!("{target}: {reason}")),
+                _ => None,
+            });
+            let failed: Vec<(NodeId, String)> = outcomes
+                .into_iter()
+                .filter_map(|(target, sent)| match sent {
+                    Sent::Failed(reason) => Some((target, reason)),
+                    _ => None,
+                })
+                .collect();
+            let o = owner.clone();
+            if let Some(reason) = refused {
+                tracing::warn!(%owner, error = %reason, "a hint was refused; dropping it");
+                blocking(book, move |b| b.drop_refused(&o, &hint.key, &hint.clock)).await?;
+                continue;
+            }
+            // A removed owner's hint: a replica that did not take it gets a
+            // hint of its own, as old as this one (its age bounds how long a
+            // tombstone must outlive it), unless that replica is this node.
+            let rehint = match rerouted {
+                Some(reroute) if !failed.iter().any(|(t, _)| *t == reroute.me) => {
+                    failed.iter().map(|(t, _)| t.clone()).collect()
                 }
-                Sent::Refused(reason) => {
-                    tracing::warn!(%owner, error = %reason, "a hint was refused; dropping it");
-                    blocking(book, move |b| b.drop_refused(&o, &key, &clock)).await?;
+                _ if failed.is_empty() => Vec::new(),
+                _ => {
+                    let (target, reason) = &failed[0];
+                    failure = Some(format!("{target}: {reason}"));
+                    continue;
                 }
-                Sent::Failed(reason) => failure = Some(reason),
+            };
+            let handed = blocking(book, move |b| {
+                for target in &rehint {
+                    b.store_aged(target, &hint.key, &hint.clock, hint.stored_at_ms)?;
+                }
+                b.remove_delivered(&o, &hint.key, &hint.clock)
+            })
+            .await?;
+            if handed {
+                delivered += 1;
+                if rerouted.is_some() {
+                    metrics::counter!("ringkv_hints_rerouted_total").increment(1);
+                }
             }
         }
         if let Some(reason) = failure {
@@ -358,27 +406,15 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     }
 }
 
-/// What became of one hint sent to each of its targets.
+/// What became of one hint sent to one target.
 #[derive(Debug, PartialEq)]
 enum Sent {
-    /// Every target made it durable.
+    /// The target made it durable.
     Taken,
-    /// A target refused it for good (it will never take it).
+    /// The target refused it for good (it will never take it).
     Refused(String),
-    /// A target did not take it this time: keep it and try again.
+    /// The target did not take it this time.
     Failed(String),
-}
-
-impl Sent {
-    /// The outcome over two sets of targets: a failure wins (the hint is
-    /// kept and retried), then a refusal.
-    fn and(self, other: Sent) -> Sent {
-        match (self, other) {
-            (Sent::Failed(r), _) | (_, Sent::Failed(r)) => Sent::Failed(r),
-            (Sent::Refused(r), _) | (_, Sent::Refused(r)) => Sent::Refused(r),
-            (Sent::Taken, Sent::Taken) => Sent::Taken,
-        }
-    }
 }
 
 impl From<Response> for Sent {
@@ -395,21 +431,6 @@ impl From<Response> for Sent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_hint_is_taken_only_if_every_target_took_it_and_kept_if_any_failed() {
-        let (t, r, f) = (
-            || Sent::Taken,
-            || Sent::Refused("r".into()),
-            || Sent::Failed("f".into()),
-        );
-        assert_eq!(t().and(t()), t());
-        assert_eq!(t().and(r()), r());
-        assert_eq!(r().and(t()), r());
-        assert_eq!(r().and(f()), f(), "a failure is retried, not dropped");
-        assert_eq!(f().and(r()), f());
-        assert_eq!(t().and(f()), f());
-    }
 
     #[test]
     fn back_off_doubles_to_the_maximum_and_resets_on_success() {

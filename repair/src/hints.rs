@@ -454,6 +454,29 @@ impl<B: HintBackend> HintBook<B> {
 impl<B: HintBackend> HintStore for HintBook<B> {
     /// Holds `clock` for `owner`, merged into any hint already held for the key.
     fn store(&self, owner: &NodeId, key: &[u8], clock: &Clock) -> Result<(), HintError> {
+        self.store_aged(owner, key, clock, self.now_ms())
+    }
+
+    fn read(&self, owner: &NodeId, key: &[u8]) -> Result<Option<Clock>, HintError> {
+        match self.backend.get(&entry_id(owner, key))? {
+            Some(value) => Ok(Some(decode_hint(&value)?.0)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<B: HintBackend> HintBook<B> {
+    /// Stores a hint for `owner` as [`HintStore::store`] does, but as
+    /// written at `written_at_ms` rather than now: a hint moved from one
+    /// owner to another keeps its age, which bounds how long a tombstone
+    /// must outlive it. Merged into a held hint, the newer time wins.
+    pub fn store_aged(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        clock: &Clock,
+        written_at_ms: u64,
+    ) -> Result<(), HintError> {
         let id = entry_id(owner, key);
         let _guard = self.lock(&id);
         let existing = match self.backend.get(&id)? {
@@ -461,17 +484,17 @@ impl<B: HintBackend> HintStore for HintBook<B> {
             None => None,
         };
         let is_new = existing.is_none();
-        let merged = match existing {
-            Some((mut held, _)) => {
+        let (merged, written_at_ms) = match existing {
+            Some((mut held, held_at_ms)) => {
                 let before = held.clone();
                 held.sync(clock);
                 if held == before {
                     // Nothing new, so the hint's age stays that of its newest write.
                     return Ok(());
                 }
-                held
+                (held, written_at_ms.max(held_at_ms))
             }
-            None => clock.clone(),
+            None => (clock.clone(), written_at_ms),
         };
         // The owner would refuse a clock past the per-key limits; better
         // to refuse it now than to hold a hint that can never be delivered.
@@ -492,7 +515,7 @@ impl<B: HintBackend> HintStore for HintBook<B> {
                 limit: self.config.max_per_target,
             });
         }
-        if let Err(e) = self.backend.put(&id, &encode_hint(&merged, self.now_ms())) {
+        if let Err(e) = self.backend.put(&id, &encode_hint(&merged, written_at_ms)) {
             if is_new {
                 self.adjust(owner, -1);
             }
@@ -500,13 +523,6 @@ impl<B: HintBackend> HintStore for HintBook<B> {
         }
         counter!("ringkv_hints_stored_total", "target" => owner.to_string()).increment(1);
         Ok(())
-    }
-
-    fn read(&self, owner: &NodeId, key: &[u8]) -> Result<Option<Clock>, HintError> {
-        match self.backend.get(&entry_id(owner, key))? {
-            Some(value) => Ok(Some(decode_hint(&value)?.0)),
-            None => Ok(None),
-        }
     }
 }
 

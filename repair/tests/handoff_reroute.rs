@@ -1,10 +1,11 @@
 //! The hints held for an owner removed from the cluster are not dropped:
 //! the handoff worker sends each to every replica of its key under the
-//! current ring, and removes it only once all of them have taken it. While
-//! the owner is merely down, its hints wait for it as before.
+//! current ring; a replica that cannot take it gets a hint of its own, as
+//! old as the first, and only then is the removed owner's hint removed.
+//! While the owner is merely down, its hints wait for it as before.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,12 +65,12 @@ fn write(value: &str) -> Clock {
 
 #[tokio::test(start_paused = true)]
 async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
+    let now_ms = Arc::new(AtomicU64::new(1_000_000));
     let book = Arc::new(
-        HintBook::open(
-            MemHintBackend::default(),
-            HintConfig::default(),
-            Arc::new(|| 1_000_000),
-        )
+        HintBook::open(MemHintBackend::default(), HintConfig::default(), {
+            let now_ms = now_ms.clone();
+            Arc::new(move || now_ms.load(Ordering::SeqCst))
+        })
         .unwrap(),
     );
     for key in ["k1", "k2", "k3"] {
@@ -83,6 +84,7 @@ async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
     let is_removed = removed.clone();
     let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| node.as_str() != "gone"))
         .rerouting_removed(
+            n("me"),
             Arc::new(move |node: &NodeId| {
                 node.as_str() == "gone" && is_removed.load(Ordering::SeqCst)
             }),
@@ -107,16 +109,22 @@ async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
     assert_eq!(book.pending(&n("member")), 0);
     assert_eq!(transport.taken(), [("member".into(), "m".into())]);
 
-    // Removed: each hint goes to its key's replicas. k1's stays while b,
-    // one of its replicas, cannot take it.
+    // Removed: each hint goes to its key's replicas. b, one of k1's, cannot
+    // take it: it gets a hint of its own, as old as the first (written an
+    // hour before now), and the removed owner's are all gone.
+    now_ms.store(1_000_000 + 3_600_000, Ordering::SeqCst);
     removed.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(book.pending(&n("gone")), 1, "k1 is kept until b has it");
-    assert!(book.read(&n("gone"), b"k1").unwrap().is_some());
+    assert_eq!(book.pending(&n("gone")), 0);
+    let for_b = book.batch(&n("b"), None, 10).unwrap();
+    assert_eq!(for_b.len(), 1);
+    assert_eq!(for_b[0].key, b"k1");
+    assert_eq!(for_b[0].stored_at_ms, 1_000_000, "the hint keeps its age");
 
+    // b is a member: once it answers, its hint is handed off as any other.
     transport.down.lock().unwrap().clear();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(book.pending(&n("gone")), 0);
+    assert_eq!(book.pending(&n("b")), 0);
     let expected: Vec<(String, String)> = [
         ("a", "k1"),
         ("a", "k2"),

@@ -35,6 +35,24 @@ fn a_second_hint_for_a_key_merges_into_the_first() {
     assert_eq!(f.book.read(&n("d"), b"k").unwrap(), None, "per owner");
 }
 
+/// A hint moved to another owner keeps the age it had; merged into a hint
+/// already held, the newer of the two times stands.
+#[test]
+fn a_hint_stored_with_its_age_keeps_it() {
+    let f = fixture(HintConfig::default());
+    let age_of = |owner: &str| f.book.batch(&n(owner), None, 10).unwrap()[0].stored_at_ms;
+    f.book
+        .store_aged(&n("c"), b"k", &write("a", "1"), 400_000)
+        .unwrap();
+    assert_eq!(age_of("c"), 400_000, "not now (1,000,000)");
+    f.book
+        .store_aged(&n("c"), b"k", &write("b", "2"), 300_000)
+        .unwrap();
+    assert_eq!(age_of("c"), 400_000, "the newer write's time");
+    f.book.store(&n("c"), b"k", &write("d", "3")).unwrap();
+    assert_eq!(age_of("c"), 1_000_000);
+}
+
 #[test]
 fn a_hint_is_removed_only_if_unchanged_since_delivery() {
     let f = fixture(HintConfig::default());
