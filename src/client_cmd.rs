@@ -316,6 +316,8 @@ async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
     let response = client.call(request).await.map_err(|e| match e {
         // Refused at the handshake (the cluster key): nothing was sent.
         CallError::Refused(_) => Failure::new(Exit::Unreachable, e.to_string()),
+        // The node stopped before it read the request: nothing ran.
+        CallError::Unread(_) => Failure::ran_nothing(Exit::Quorum, e.to_string()),
         e => Failure::new(
             Exit::Unreachable,
             format!("the node dropped the request: {e}"),

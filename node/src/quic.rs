@@ -252,7 +252,9 @@ impl Channel {
             id,
         };
         if !self.queue.push(id, body) {
-            return Err(CallError::Stream("the stream has ended".into()));
+            return Err(CallError::Unread(
+                "the stream ended before the request was sent; it did not run".into(),
+            ));
         }
         answer
             .await
@@ -275,7 +277,11 @@ async fn read_answers(mut recv: quinn::RecvStream, waiting: Arc<Waiting>, queue:
                 id,
                 decode_response(&body).map_err(|e| CallError::Protocol(e.to_string())),
             ),
-            Ok(None) => break CallError::Stream("the node ended the stream".into()),
+            Ok(None) => {
+                break CallError::Unread(
+                    "the node ended the stream before it read the request (shutting down?); the request did not run".into(),
+                )
+            }
             Err(e) => break e.into(),
         }
     };
@@ -311,8 +317,8 @@ async fn exchange_on_own_stream(
         Ok(Some((_, body))) => {
             decode_response(&body).map_err(|e| CallError::Protocol(e.to_string()))
         }
-        Ok(None) => Err(CallError::Stream(
-            "the node ended the stream unanswered".into(),
+        Ok(None) => Err(CallError::Unread(
+            "the node ended the stream before it read the request (shutting down?); the request did not run".into(),
         )),
         Err(e) => Err(e.into()),
     }
@@ -334,6 +340,12 @@ pub enum CallError {
     /// another, or they run different releases. Trying again will not help.
     #[error("cannot connect: {0}")]
     Refused(String),
+    /// The node ended the stream without reading the request: a node
+    /// answers every request it reads before it ends a stream, so nothing
+    /// of it ran, and it may be sent to another node as it is. (A draining
+    /// node ends its streams this way.)
+    #[error("{0}")]
+    Unread(String),
 }
 
 impl From<FrameError> for CallError {
@@ -360,7 +372,10 @@ impl CallError {
 /// Serves every stream of one accepted connection with `handle`, until
 /// `finish` turns true (see [`serve_stream`]). Every task serving the
 /// connection holds a clone of `finish`, so its sender's
-/// [`closed`](watch::Sender::closed) tells when all have ended.
+/// [`closed`](watch::Sender::closed) tells when all have ended. Streams the
+/// client opens after that are ended at once, unread, until the connection
+/// closes: the client learns that its request did not run
+/// ([`CallError::Unread`]) rather than that the connection was lost.
 pub async fn serve_connection<H, F>(
     conn: quinn::Connection,
     handle: H,
@@ -376,11 +391,16 @@ pub async fn serve_connection<H, F>(
         let accepted = tokio::select! {
             biased;
             // A dropped sender never asks to finish.
-            true = async { finish.wait_for(|finish| *finish).await.is_ok() } => return,
+            true = async { finish.wait_for(|finish| *finish).await.is_ok() } => break,
             accepted = conn.accept_bi() => accepted,
         };
         let Ok((send, recv)) = accepted else { return };
         tokio::spawn(serve_stream(send, recv, handle.clone(), finish.clone()));
+    }
+    drop(finish);
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let _ = recv.stop(0u32.into());
+        let _ = send.finish();
     }
 }
 
@@ -732,6 +752,14 @@ mod tests {
 
     /// A server whose handler answers gets slowly and pings at once.
     async fn slow_get_server() -> (quinn::Endpoint, SocketAddr) {
+        slow_get_server_finishing_on(watch::channel(false).1).await
+    }
+
+    /// [`slow_get_server`], whose streams finish when `finish` says so, as
+    /// a draining node's do.
+    async fn slow_get_server_finishing_on(
+        finish: watch::Receiver<bool>,
+    ) -> (quinn::Endpoint, SocketAddr) {
         let endpoint = quinn::Endpoint::server(
             tls::server_config(None).unwrap(),
             "127.0.0.1:0".parse().unwrap(),
@@ -754,7 +782,7 @@ mod tests {
                             _ => Response::Pong,
                         }
                     },
-                    watch::channel(false).1,
+                    finish.clone(),
                 ));
             }
         });
@@ -815,6 +843,39 @@ mod tests {
         assert!(!slow.is_finished(), "the ping was answered after the get");
         assert!(matches!(slow.await.unwrap(), Ok(Response::Error(_))));
         assert!(ping_took < Duration::from_millis(300));
+    }
+
+    /// A server that finishes its streams (a draining node) answers what it
+    /// has read, and the requests it has not read fail as `Unread` (they did
+    /// not run, so they may go elsewhere), on the old stream and on a new one.
+    #[tokio::test]
+    async fn requests_a_finishing_server_did_not_read_fail_as_unread() {
+        let (finish_tx, finish) = watch::channel(false);
+        let (_server, addr) = slow_get_server_finishing_on(finish).await;
+        let client = Arc::new(Client::connect(addr, Duration::from_secs(5)).await.unwrap());
+        let slow = tokio::spawn({
+            let client = client.clone();
+            async move { client.call(&get("k")).await }
+        });
+        tokio::task::yield_now().await;
+        // Answered after the get was read: the two share a stream, in order.
+        assert!(matches!(
+            client.call(&Request::Ping).await,
+            Ok(Response::Pong)
+        ));
+        finish_tx.send_replace(true);
+        let unread = client.call(&Request::Ping).await;
+        assert!(matches!(unread, Err(CallError::Unread(_))), "{unread:?}");
+        let answered = slow.await.unwrap();
+        assert!(matches!(answered, Ok(Response::Error(_))), "{answered:?}");
+        let on_a_new_stream =
+            tokio::time::timeout(Duration::from_secs(5), client.call(&Request::Ping))
+                .await
+                .expect("a stream opened after the finish is ended at once");
+        assert!(
+            matches!(on_a_new_stream, Err(CallError::Unread(_))),
+            "{on_a_new_stream:?}"
+        );
     }
 
     /// A handler that panics still answers its caller (with an internal
