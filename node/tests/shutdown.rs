@@ -233,6 +233,23 @@ fn put(key: &str, w: Consistency) -> Request {
     Request::Put(put)
 }
 
+/// Starts a W=all put of "all" through `client`, which waits for n2, and
+/// checks that it is still waiting once a W=1 put ("one"), which n1
+/// answers alone, is done: only a ring of both nodes keeps a W=all put
+/// waiting, so n1 did send to n2.
+async fn put_waiting_for_n2(
+    client: &std::sync::Arc<Client>,
+) -> tokio::task::JoinHandle<Result<Response, ringkv_node::CallError>> {
+    let waiting = tokio::spawn({
+        let (client, put) = (client.clone(), put("all", Consistency::All));
+        async move { client.call(&put).await }
+    });
+    let answer = client.call(&put("one", Consistency::One)).await.unwrap();
+    assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    assert!(!waiting.is_finished(), "{:?}", waiting.await);
+    waiting
+}
+
 /// A write's send to a slow replica outlives the write's answer, until the
 /// write's deadline; a write waiting for that replica holds its request
 /// until then. Shutdown stops both once its drain timeout has passed: the
@@ -242,16 +259,8 @@ fn put(key: &str, w: Consistency) -> Request {
 async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
     let ([n1, n2], client, dirs, in_region) =
         near_and_far(20_000, Duration::from_millis(200)).await;
-    // Waits for n2, 20 s away.
-    let waiting = tokio::spawn({
-        let (client, put) = (client.clone(), put("all", Consistency::All));
-        async move { client.call(&put).await }
-    });
-    // Answered by n1 alone; its send to n2 goes on.
-    let answer = client.call(&put("one", Consistency::One)).await.unwrap();
-    assert!(matches!(answer, Response::Put(_)), "{answer:?}");
-    // Only a ring of both nodes keeps a W=all put waiting: so n1 did send to n2.
-    assert!(!waiting.is_finished(), "{:?}", waiting.await);
+    // Waits for n2, 20 s away; the W=1 put's send to n2 goes on too.
+    let waiting = put_waiting_for_n2(&client).await;
 
     n1.shutdown().await;
     let again = Node::start(in_region("n1", dirs[0].path(), "near"))
@@ -281,13 +290,7 @@ async fn shutdown_stops_the_requests_under_way_and_the_sends_they_left() {
 #[tokio::test]
 async fn shutdown_drains_the_requests_under_way_and_refuses_new_ones() {
     let ([n1, n2], client, _dirs, _) = near_and_far(1_000, Duration::from_secs(10)).await;
-    let waiting = tokio::spawn({
-        let (client, put) = (client.clone(), put("all", Consistency::All));
-        async move { client.call(&put).await }
-    });
-    let answer = client.call(&put("one", Consistency::One)).await.unwrap();
-    assert!(matches!(answer, Response::Put(_)), "{answer:?}");
-    assert!(!waiting.is_finished(), "{:?}", waiting.await);
+    let waiting = put_waiting_for_n2(&client).await;
 
     let shutdown = tokio::spawn(n1.shutdown());
     // Until the drain begins n1 answers; then it refuses.
