@@ -52,7 +52,13 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.cluster_key = cluster_key;
     let handle = Node::start(config).await.map_err(node_failure)?;
     // After the start: a signal during it ends the process (nothing to drain).
-    let mut signals = Signals::new()?;
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(failure) => {
+            handle.shutdown().await;
+            return Err(failure);
+        }
+    };
     println!("node {} serving on {}", handle.id(), handle.addr());
     let removed = tokio::select! {
         () = signals.next() => false,
@@ -132,7 +138,15 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
         |_, config| config.cluster_key = cluster_key.clone(),
     )
     .await?;
-    let mut signals = Signals::new()?;
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(failure) => {
+            for n in nodes {
+                n.shutdown().await;
+            }
+            return Err(failure);
+        }
+    };
     println!(
         "ringkv cluster: {} nodes, N={}, data in {}",
         nodes.len(),

@@ -308,11 +308,12 @@ async fn exchange_on_own_stream(
     let (mut send, mut recv) = conn.open_bi().await.map_err(CallError::connection)?;
     let mut frame = Vec::new();
     put_frame(&mut frame, 0, body);
-    send.write_all(&frame)
-        .await
-        .map_err(|e| CallError::Stream(e.to_string()))?;
-    send.finish()
-        .map_err(|e| CallError::Stream(e.to_string()))?;
+    // A draining node stops the stream unread: the write then fails, and
+    // the stream's clean end says why.
+    let written = match send.write_all(&frame).await {
+        Ok(()) => send.finish().map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     match read_frame(&mut recv, FRAME_MAX_BYTES).await {
         Ok(Some((_, body))) => {
             decode_response(&body).map_err(|e| CallError::Protocol(e.to_string()))
@@ -320,7 +321,10 @@ async fn exchange_on_own_stream(
         Ok(None) => Err(CallError::Unread(
             "the node ended the stream before it read the request (shutting down?); the request did not run".into(),
         )),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(match written {
+            Err(write_error) => CallError::Stream(write_error),
+            Ok(()) => e.into(),
+        }),
     }
 }
 
@@ -876,6 +880,23 @@ mod tests {
             matches!(on_a_new_stream, Err(CallError::Unread(_))),
             "{on_a_new_stream:?}"
         );
+        // And requests on a stream of their own: stats, and a put too large
+        // to share one, whose write the node stops before it is all sent.
+        let big_put = Request::Put(ringkv_core::wire::PutRequest::new(
+            b"k".to_vec(),
+            ringkv_core::dvv::Payload::Value(vec![0; 4 << 20]),
+            ringkv_core::Consistency::One,
+            None,
+        ));
+        for request in [Request::Stats, big_put] {
+            let on_its_own = tokio::time::timeout(Duration::from_secs(5), client.call(&request))
+                .await
+                .expect("ended at once");
+            assert!(
+                matches!(on_its_own, Err(CallError::Unread(_))),
+                "{on_its_own:?}"
+            );
+        }
     }
 
     /// A handler that panics still answers its caller (with an internal

@@ -982,7 +982,7 @@ pub struct NodeHandle {
     stop_accepting: watch::Sender<bool>,
     /// Tells every served stream to answer what it has read and finish;
     /// each holds a receiver until it has (see `quic::serve_stream`).
-    finish_streams: watch::Sender<bool>,
+    finish_streams: Arc<watch::Sender<bool>>,
     accept_loop: JoinHandle<()>,
     repair_worker: JoinHandle<()>,
     prober: JoinHandle<()>,
@@ -1066,7 +1066,9 @@ impl NodeHandle {
         }
         // Closing a connection discards what it has not sent yet: first let
         // each stream send its answers and hear them acknowledged.
-        let _ = self.finish_streams.send(true);
+        // `send_replace`: stored even with no stream to tell, so that a
+        // connection whose handshake ends later is told too.
+        self.finish_streams.send_replace(true);
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, self.finish_streams.closed()).await;
         self.endpoint.close(0u32.into(), b"shutting down");
         let _ = self.accept_loop.await;
@@ -1292,13 +1294,13 @@ impl Node {
         // Its own signal: a removed node stops its loops but still answers
         // (status, and "removed" to everything else) until it shuts down.
         let (stop_accepting, accepting) = watch::channel(false);
-        let (finish_streams, finish) = watch::channel(false);
+        let finish_streams = Arc::new(watch::channel(false).0);
         let accept_loop = tokio::spawn(accept_loop(
             endpoint.clone(),
             inner.clone(),
             config.max_connections,
             accepting,
-            finish,
+            finish_streams.clone(),
         ));
         let handle = NodeHandle {
             id: config.id.clone(),
@@ -1360,7 +1362,7 @@ async fn accept_loop(
     inner: Arc<NodeInner>,
     max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
-    finish: watch::Receiver<bool>,
+    finish: Arc<watch::Sender<bool>>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
@@ -1382,6 +1384,10 @@ async fn accept_loop(
                     match incoming.await {
                         Ok(conn) => {
                             let _counted = ConnectionCounted::new();
+                            // Subscribed only now: a handshake that stalls
+                            // does not hold up the shutdown's wait for the
+                            // streams (one ending after it is told at once).
+                            let finish = finish.subscribe();
                             serve_connection(conn, move |request| inner.clone().handle(request), finish).await;
                         }
                         Err(e) => tracing::debug!(error = %e, "handshake failed"),
@@ -1391,9 +1397,6 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         }
     }
-    // Shutdown waits for every holder of `finish` before it closes the
-    // endpoint.
-    drop(finish);
     while let Some(incoming) = endpoint.accept().await {
         incoming.refuse();
     }

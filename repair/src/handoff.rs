@@ -297,11 +297,18 @@ async fn deliver_to<T: Transport, B: HintBackend>(
 ) -> Result<u64, String> {
     let mut delivered = 0;
     let mut after: Option<Vec<u8>> = None;
+    // A removed owner's round goes on past a hint it cannot hand on yet (it
+    // never comes back, so nothing is gained by waiting); an owner's round
+    // stops at the first failure, since the owner is likely down.
+    let mut round_failure = None;
     loop {
         let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
         let batch = blocking(book, move |b| b.batch(&o, a.as_deref(), limit)).await?;
         let Some(last) = batch.last() else {
-            return Ok(delivered);
+            return match round_failure {
+                Some(reason) => Err(reason),
+                None => Ok(delivered),
+            };
         };
         after = Some(last.key.clone());
         let started = Instant::now();
@@ -363,15 +370,10 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                     _ => None,
                 })
                 .collect();
-            let o = owner.clone();
-            if let Some(reason) = refused {
-                tracing::warn!(%owner, error = %reason, "a hint was refused; dropping it");
-                blocking(book, move |b| b.drop_refused(&o, &hint.key, &hint.clock)).await?;
-                continue;
-            }
             // A removed owner's hint: a replica that did not take it gets a
             // hint of its own, as old as this one (its age bounds how long a
             // tombstone must outlive it), unless that replica is this node.
+            // An owner's hint that it did not take is kept for next time.
             let rehint = match rerouted {
                 Some(reroute) if !failed.iter().any(|(t, _)| *t == reroute.me) => {
                     failed.iter().map(|(t, _)| t.clone()).collect()
@@ -383,22 +385,42 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                     continue;
                 }
             };
+            let o = owner.clone();
+            let refusal = refused.clone();
             let handed = blocking(book, move |b| {
                 for target in &rehint {
                     b.store_aged(target, &hint.key, &hint.clock, hint.stored_at_ms)?;
                 }
-                b.remove_delivered(&o, &hint.key, &hint.clock)
-            })
-            .await?;
-            if handed {
-                delivered += 1;
-                if rerouted.is_some() {
-                    metrics::counter!("ringkv_hints_rerouted_total").increment(1);
+                // A replica that refused it will never take it: counted as
+                // dropped, once the others have it or a hint of their own.
+                match refusal {
+                    Some(_) => b.drop_refused(&o, &hint.key, &hint.clock),
+                    None => b.remove_delivered(&o, &hint.key, &hint.clock),
                 }
+            })
+            .await;
+            match handed {
+                Ok(true) if refused.is_some() => {
+                    let reason = refused.unwrap_or_default();
+                    tracing::warn!(%owner, error = %reason, "a hint was refused; dropped it");
+                }
+                Ok(true) => {
+                    delivered += 1;
+                    if rerouted.is_some() {
+                        metrics::counter!("ringkv_hints_rerouted_total").increment(1);
+                    }
+                }
+                Ok(false) => {}
+                // Say a replica's own hints are at their cap: keep this one,
+                // and go on with the rest.
+                Err(reason) => failure = Some(reason),
             }
         }
         if let Some(reason) = failure {
-            return Err(reason);
+            if rerouted.is_none() {
+                return Err(reason);
+            }
+            round_failure = Some(reason);
         }
         // Pace: `sent` hints may take no less than sent / rate seconds.
         let budget = Duration::from_secs_f64(sent as f64 / f64::from(config.max_rate_per_s.max(1)));

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ringkv_core::dvv::{Clock, Payload, VersionVector};
-use ringkv_core::wire::{ReplicaRequest, Request, Response};
+use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
 use ringkv_repair::hints::{HintConfig, MemHintBackend};
@@ -20,11 +20,13 @@ fn n(id: &str) -> NodeId {
     NodeId::new(id).unwrap()
 }
 
-/// Replicas that take every `Sync` except those sent to a node in `down`,
-/// and remember which node took which key.
+/// Replicas that take every `Sync` except those sent to a node in `down`
+/// (unreachable) or `refusing` (refused as invalid, for good), and remember
+/// which node took which key.
 #[derive(Default)]
 struct Replicas {
     down: Mutex<HashSet<NodeId>>,
+    refusing: HashSet<NodeId>,
     taken: Mutex<BTreeSet<(String, String)>>,
 }
 
@@ -35,6 +37,12 @@ impl Transport for Replicas {
                 node: to.clone(),
                 reason: "connection refused".to_string(),
             });
+        }
+        if self.refusing.contains(to) {
+            return Ok(Response::error(
+                ErrorKind::InvalidRequest,
+                "too many siblings",
+            ));
         }
         match request {
             Request::Replica(ReplicaRequest::Sync { key, clock }) => {
@@ -138,6 +146,90 @@ async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
     .map(|(to, key)| (to.to_string(), key.to_string()))
     .collect();
     assert_eq!(transport.taken(), expected, "each on exactly its replicas");
+
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
+
+/// A removed owner's round goes on past the hints it cannot hand on yet,
+/// batch after batch: one a replica refused for good is dropped once the
+/// replica that was down has a hint of its own; one that this node itself
+/// failed to take is kept; one whose down replica is at its hint cap is
+/// kept; and the next is handed on in the same round.
+#[tokio::test(start_paused = true)]
+async fn a_reroute_goes_on_past_the_hints_it_cannot_hand_on_yet() {
+    let book = Arc::new(
+        HintBook::open(
+            MemHintBackend::default(),
+            HintConfig {
+                max_per_target: 4,
+                ..HintConfig::default()
+            },
+            Arc::new(|| 1_000_000),
+        )
+        .unwrap(),
+    );
+    for key in ["z1", "z2", "z3", "z4"] {
+        book.store(&n("full"), key.as_bytes(), &write(key)).unwrap();
+    }
+    for key in ["k1", "k2", "k3", "k4"] {
+        book.store(&n("gone"), key.as_bytes(), &write(key)).unwrap();
+    }
+    let transport = Arc::new(Replicas {
+        refusing: HashSet::from([n("r")]),
+        ..Replicas::default()
+    });
+    transport
+        .down
+        .lock()
+        .unwrap()
+        .extend([n("b"), n("me"), n("full")]);
+    let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| node.as_str() != "gone"))
+        .rerouting_removed(
+            n("me"),
+            Arc::new(|node: &NodeId| node.as_str() == "gone"),
+            Arc::new(|key: &[u8]| match key {
+                b"k1" => vec![n("a"), n("r"), n("b")],
+                b"k2" => vec![n("me"), n("a")],
+                b"k3" => vec![n("a"), n("full")],
+                _ => vec![n("a"), n("c")],
+            }),
+        );
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        batch_size: 1,
+        backoff_initial: Duration::from_secs(60),
+        backoff_max: Duration::from_secs(60),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
+    // One round (the next is a minute away).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let left: Vec<Vec<u8>> = book
+        .batch(&n("gone"), None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.key)
+        .collect();
+    assert_eq!(
+        left,
+        [b"k2".to_vec(), b"k3".to_vec()],
+        "kept: this node failed, and full is at its cap"
+    );
+    assert!(
+        book.read(&n("b"), b"k1").unwrap().is_some(),
+        "b, down, has its own hint"
+    );
+    assert_eq!(book.pending(&n("full")), 4, "nothing past the cap");
+    assert!(
+        transport
+            .taken()
+            .contains(&("c".to_string(), "k4".to_string())),
+        "k4 was handed on in the same round: {:?}",
+        transport.taken()
+    );
 
     stop.send(true).unwrap();
     worker.await.unwrap();
