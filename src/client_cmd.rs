@@ -193,12 +193,60 @@ pub async fn remove(args: RemoveArgs) -> Result<Exit, Failure> {
 }
 
 pub async fn leave(args: LeaveArgs) -> Result<Exit, Failure> {
-    match send_to_the_node(&args.target, "leave", &Request::Leave).await? {
+    let leaving = send_to_the_node(&args.target, "leave", &Request::Leave);
+    let answer = if args.target.json || !std::io::stderr().is_terminal() {
+        leaving.await
+    } else {
+        with_leave_progress(&args.target, leaving).await
+    };
+    match answer? {
         Response::Left(reply) => {
             output::left(&reply, args.target.json);
             Ok(Exit::Ok)
         }
         other => Err(unexpected(other)),
+    }
+}
+
+/// Runs `leaving` (a leave, which may take minutes on a large store) with a
+/// spinner on stderr that shows how many keys the node has sent to their
+/// new replicas so far, over both its passes: its `Stats`, asked every half
+/// second on a connection of its own. Without that connection it just
+/// waits.
+async fn with_leave_progress<T>(
+    target: &Target,
+    leaving: impl std::future::Future<Output = T>,
+) -> T {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .expect("a valid template"),
+    );
+    spinner.set_message("handing over keys");
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    tokio::pin!(leaving);
+    let result = tokio::select! {
+        result = &mut leaving => result,
+        _ = show_leave_progress(target, &spinner) => leaving.await,
+    };
+    spinner.finish_and_clear();
+    result
+}
+
+/// Keeps `spinner`'s message up to date with the node's `Stats`; returns
+/// only if it cannot reach the node.
+async fn show_leave_progress(target: &Target, spinner: &indicatif::ProgressBar) -> Option<()> {
+    let node = target.nodes().ok()?.into_iter().next()?;
+    let key = crate::key_cmd::load(&target.key).ok()?;
+    let client = connect(&node, target, key.as_ref()).await.ok()?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Ok(Response::Stats(stats)) = client.call(&Request::Stats).await {
+            spinner.set_message(format!(
+                "handing over keys: {} sent so far (each pass sends them all)",
+                stats.leave_keys_sent
+            ));
+        }
     }
 }
 

@@ -268,6 +268,7 @@ impl SimHandler for SimNode {
                     hints_pending: self.hints.pending_total(),
                     last_exchange_unix_ms: self.anti_entropy.last_round_unix_ms(),
                     keys_repaired: self.anti_entropy.keys_repaired(),
+                    leave_keys_sent: 0,
                 }),
                 Request::Repair => {
                     let up = self.detector.clone();

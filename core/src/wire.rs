@@ -326,6 +326,9 @@ pub struct NodeStats {
     pub last_exchange_unix_ms: Option<u64>,
     /// Keys anti-entropy has repaired since the node started.
     pub keys_repaired: u64,
+    /// Keys a leave (`ringkv leave`) has sent to their new replicas so far,
+    /// over all its passes; 0 on a node not asked to leave since it started.
+    pub leave_keys_sent: u64,
 }
 
 /// What one anti-entropy round did (`ringkv repair`).

@@ -390,6 +390,9 @@ struct NodeInner {
     /// go on (up to `drain_timeout`).
     draining: std::sync::atomic::AtomicBool,
     drain_timeout: Duration,
+    /// Keys a leave has sent to their new replicas so far (in `Stats`, for
+    /// the CLI's progress).
+    leave_keys_sent: std::sync::atomic::AtomicU64,
     /// The node's stop signal (the sender `NodeHandle::shutdown` uses):
     /// a removed node stops its background loops at once.
     stop: Arc<watch::Sender<bool>>,
@@ -503,6 +506,9 @@ impl NodeInner {
             hints_pending: self.hints.pending_total(),
             last_exchange_unix_ms: self.anti_entropy.last_round_unix_ms(),
             keys_repaired: self.anti_entropy.keys_repaired(),
+            leave_keys_sent: self
+                .leave_keys_sent
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -1243,6 +1249,7 @@ impl Node {
             in_flight: Default::default(),
             draining: Default::default(),
             drain_timeout: config.drain_timeout,
+            leave_keys_sent: Default::default(),
             started: Default::default(),
             stop: shutdown.clone(),
             #[cfg(test)]

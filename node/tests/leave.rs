@@ -103,6 +103,14 @@ async fn held_locally(client: &Client, key: &str) -> bool {
     matches!(client.call(&get).await, Ok(Response::Get(g)) if g.values == [key.as_bytes().to_vec()])
 }
 
+/// The keys the node `client` is connected to has sent on a leave so far.
+async fn leave_keys_sent(client: &Client) -> u64 {
+    match client.call(&Request::Stats).await.unwrap() {
+        Response::Stats(s) => s.leave_keys_sent,
+        other => panic!("{other:?}"),
+    }
+}
+
 async fn leave(client: &Client) -> Response {
     client.call(&Request::Leave).await.unwrap()
 }
@@ -137,12 +145,15 @@ async fn a_leaving_node_hands_its_keys_to_the_replicas_that_take_its_ranges() {
         store_only_here(&c5, key).await;
     }
 
+    assert_eq!(leave_keys_sent(&c5).await, 0, "not asked to leave yet");
     let reply = match leave(&c5).await {
         Response::Left(reply) => reply,
         other => panic!("{other:?}"),
     };
     let expected = shared.iter().filter(|k| replicates(k)).count() + solo.len();
     assert_eq!(reply.keys, expected as u64, "{reply:?}");
+    // Its progress (for the CLI): the first pass, and the last one again.
+    assert_eq!(leave_keys_sent(&c5).await, 2 * reply.keys);
     assert!(reply.late_failures.is_empty(), "{reply:?}");
     let members: Vec<&str> = reply.record.members.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(members, ["n1", "n2", "n3", "n4"]);

@@ -266,6 +266,7 @@ impl NodeInner {
                 });
             };
             let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
+            let keys_before = keys;
             for (key, clock) in page {
                 if !before.preference_list(&key).contains(&self.id) {
                     continue;
@@ -278,6 +279,8 @@ impl NodeInner {
                     });
                 }
             }
+            self.leave_keys_sent
+                .fetch_add(keys - keys_before, Ordering::Relaxed);
             for (replica, items) in batches {
                 let transport = self.transport.clone();
                 sends.spawn(async move {
