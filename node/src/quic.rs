@@ -291,14 +291,27 @@ async fn read_answers(mut recv: quinn::RecvStream, waiting: Arc<Waiting>, queue:
 
 /// Sends one encoded request on a stream of its own and reads its response.
 async fn call_on_own_stream(conn: &quinn::Connection, body: &[u8]) -> Result<Response, CallError> {
-    exchange_on_own_stream(conn, body).await.map_err(|e| {
-        // A stream error says only "connection lost"; the connection knows
-        // why, and a refused handshake must show as one (see `CallError`).
-        match (&e, conn.close_reason()) {
-            (CallError::Stream(_), Some(reason)) => CallError::connection(reason),
-            _ => e,
-        }
-    })
+    exchange_on_own_stream(conn, body)
+        .await
+        .map_err(|e| explained(e, conn))
+}
+
+/// A stream's error, with the reason the connection gives if it has closed.
+/// A stream error says only "connection lost", and a request that never got
+/// onto its stream only that it did not run; the connection knows why, and
+/// a refused handshake must show as one (see `CallError::Refused`).
+fn explained(e: CallError, conn: &quinn::Connection) -> CallError {
+    let Some(reason) = conn.close_reason() else {
+        return e;
+    };
+    match e {
+        CallError::Stream(_) => CallError::connection(reason),
+        CallError::Unread(_) => match tls::handshake_failure(&reason) {
+            Some(refused) => CallError::Refused(refused),
+            None => e,
+        },
+        e => e,
+    }
 }
 
 async fn exchange_on_own_stream(
@@ -540,7 +553,7 @@ impl PeerPool {
         let body = encode_request(request);
         let (conn, channel) = self.peer(addr, lane(request, body.len())).await?;
         let result = match channel {
-            Some(channel) => channel.call(&body).await,
+            Some(channel) => channel.call(&body).await.map_err(|e| explained(e, &conn)),
             None => call_on_own_stream(&conn, &body).await,
         };
         if conn.close_reason().is_some() {
@@ -678,7 +691,10 @@ impl Client {
             return call_on_own_stream(&self.conn, &body).await;
         }
         let channel = open_channel(&mut *self.channel.lock().await, &self.conn).await?;
-        channel.call(&body).await
+        channel
+            .call(&body)
+            .await
+            .map_err(|e| explained(e, &self.conn))
     }
 
     /// The raw connection, for tests that send malformed frames.
