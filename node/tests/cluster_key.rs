@@ -46,17 +46,20 @@ fn put(k: &str, v: &str) -> Request {
     ))
 }
 
-/// The first call on a connection the node refused fails: with TLS 1.3 the
-/// client may finish its half of the handshake before the node checks its
-/// certificate, so the refusal can arrive with the first request.
+/// The first call on a connection the node refused fails, as refused:
+/// with TLS 1.3 the client may finish its half of the handshake before the
+/// node checks its certificate, so the refusal can arrive with the first
+/// request, before or after it is on its stream.
 async fn refused(addr: std::net::SocketAddr, cluster_key: Option<&ClusterKey>) -> String {
     let e = match Client::connect_with_key(addr, TIMEOUT, cluster_key).await {
-        Err(e) => e.to_string(),
+        Err(e) => e,
         Ok(client) => match client.call(&Request::Ping).await {
-            Err(e) => e.to_string(),
+            Err(e) => e,
             Ok(answer) => panic!("the node answered {answer:?}"),
         },
     };
+    assert!(matches!(e, ringkv_node::CallError::Refused(_)), "{e:?}");
+    let e = e.to_string();
     eprintln!("refused: {e}");
     e
 }
