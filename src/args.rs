@@ -415,7 +415,8 @@ pub struct RepairArgs {
 #[command(
     after_help = "Any member can do it (not the node being removed): it drops the node from its member list, \
     tells every other member at once, and answers with the members left and any it could not tell. Those learn \
-    of the removal at their next membership exchange (every 5 s). Hints held for the node are dropped.\n\n\
+    of the removal at their next membership exchange (every 5 s). Hints held for the node go to the replicas \
+    of their keys under the ring without it.\n\n\
     The node's key ranges pass to the next nodes on the ring; run `ringkv repair` on each member (or wait \
     for the periodic anti-entropy rounds) to copy the keys onto them. A write that only the removed node \
     held (W=1 while the others were down) is lost with it.\n\n\
@@ -440,8 +441,8 @@ pub struct RemoveArgs {
     `ringkv remove`, which is for a machine that is gone and loses what only it held). Then it stops serving, \
     waits for the requests under way, and hands over once more the writes that arrived meanwhile. It keeps \
     running until you stop it; unless the answer names a member that missed that last hand-over, its data dir \
-    can then be deleted. Started again, it refuses, like a removed node. Hints other members hold for it are \
-    dropped, as with `ringkv remove`.\n\n\
+    can then be deleted. Started again, it refuses, like a removed node. Hints other members hold for it go to \
+    the replicas of their keys, as with `ringkv remove`. On a terminal a spinner counts the keys sent.\n\n\
     Exits 0 once it has left, 2 if refused (the cluster would keep fewer than N members: add a node first; it \
     holds hints for members that are down; or it is already leaving), 3 if a replica could not take its keys \
     (it is then still a member and nothing was removed: bring that replica up, or remove it, and leave again) \

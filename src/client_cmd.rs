@@ -57,11 +57,7 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
         timeout_ms: args.request.timeout_ms,
         forwarded: false,
     });
-    let response = on_first_serving(&args.request.target, async |client| {
-        call(client, &request).await
-    })
-    .await?;
-    match response {
+    match send(&args.request.target, &request).await? {
         Response::Put(reply) => {
             output::written(&reply, args.request.target.json, "stored");
             Ok(Exit::Ok)
@@ -146,11 +142,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
 }
 
 pub async fn status(args: StatusArgs) -> Result<Exit, Failure> {
-    let status = on_first_serving(&args.target, async |client| {
-        call(client, &Request::Status).await
-    })
-    .await?;
-    match status {
+    match send(&args.target, &Request::Status).await? {
         Response::Status(reply) => {
             output::status(&reply, args.target.json);
             Ok(Exit::Ok)
@@ -181,9 +173,7 @@ pub async fn remove(args: RemoveArgs) -> Result<Exit, Failure> {
         tell_others: true,
     };
     // Any member can remove a node.
-    let removed =
-        on_first_serving(&args.target, async |client| call(client, &request).await).await?;
-    match removed {
+    match send(&args.target, &request).await? {
         Response::Removed(reply) => {
             output::removed(&node, &reply, args.target.json);
             Ok(Exit::Ok)
@@ -321,15 +311,21 @@ async fn on_first_serving<T>(
     ))
 }
 
+/// Sends `request` to the first node `--node` lists that serves it (see
+/// [`on_first_serving`]).
+async fn send(target: &Target, request: &Request) -> Result<Response, Failure> {
+    on_first_serving(target, async |client| call(client, request).await).await
+}
+
 /// Sends `request` to the one node `--node` names, for an operation on that
-/// node itself (`what`), and closes.
+/// node itself (`what`).
 async fn send_to_the_node(
     target: &Target,
     what: &str,
     request: &Request,
 ) -> Result<Response, Failure> {
     let nodes = target.nodes().map_err(|e| Failure::new(Exit::Usage, e))?;
-    let [node] = nodes.as_slice() else {
+    if nodes.len() != 1 {
         return Err(Failure::new(
             Exit::Usage,
             format!(
@@ -337,12 +333,8 @@ async fn send_to_the_node(
                 nodes.len()
             ),
         ));
-    };
-    let key = crate::key_cmd::load(&target.key)?;
-    let client = connect(node, target, key.as_ref()).await?;
-    let result = call(&client, request).await;
-    client.close().await;
-    result
+    }
+    send(target, request).await
 }
 
 /// Looks `node` up and connects to it. Either failure ran nothing.

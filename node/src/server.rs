@@ -1058,7 +1058,7 @@ impl NodeHandle {
                 "requests (or tasks they left) still under way after the drain timeout; stopping them"
             );
         }
-        if let Some(coordinator) = self.inner.coordinator.get() {
+        if let Some(coordinator) = coordinator {
             // Requests still under way answer "shut down while serving",
             // and they and the sends and hints they left behind let go of
             // the transport, and with it the database, now rather than at

@@ -27,9 +27,10 @@
 //! operator stops it (like a decommissioned Cassandra node); started again,
 //! it refuses, as a removed node does.
 //!
-//! Not covered: hints that other members hold for the leaving node are
-//! dropped once it is removed (as for `ringkv remove`), and a key whose
-//! merge a replica refuses (past the per-key limits) is skipped there.
+//! Hints that other members hold for the leaving node go, once it is
+//! removed, to their keys' replicas (`ringkv_repair::handoff`, as for
+//! `ringkv remove`). Not covered: a key whose merge a replica refuses (past
+//! the per-key limits) is skipped there.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
