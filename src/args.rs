@@ -92,7 +92,7 @@ pub struct KeygenArgs {
     --workload putget is the older put-then-get phase benchmark (bench/loopback.sh uses it)."
 )]
 pub struct BenchArgs {
-    /// Nodes of a running cluster, comma-separated. Default: start an embedded 5-node cluster (N=3) across emulated regions.
+    /// Nodes of a running cluster, comma-separated. Default: start an embedded cluster in this process (5 nodes, N=3, see --nodes) across emulated regions.
     #[arg(long, value_name = "ADDR,...", value_delimiter = ',')]
     pub cluster: Vec<String>,
     /// Run the workload against a Redis-protocol store instead (resp://HOST:PORT, e.g. redis-server or Dynomite), for a side-by-side figure; GET and SET, no consistency settings.
@@ -128,7 +128,10 @@ pub struct BenchArgs {
     /// How YCSB updates write: overwrite (replace what the coordinating replica holds, like SET; only writes coordinated concurrently by different nodes become siblings) or context (write with the context of the last version this client saw; concurrent updates of hot keys pile up siblings).
     #[arg(long, value_name = "MODE", default_value = "overwrite", value_parser = ringkv_bench::ycsb::UpdateMode::parse)]
     pub updates: ringkv_bench::ycsb::UpdateMode,
-    /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none; its five nodes go round-robin over the matrix's regions. Ignored with --cluster (those nodes emulate regions themselves with `ringkv node --latency-matrix`).
+    /// How many nodes the embedded cluster starts (N=3, so at least 3). Default: 5 for YCSB workloads, spread over the matrix's regions; 3 for putget. Not with --cluster or --target, which bring their own nodes.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(3..=64), conflicts_with_all = ["cluster", "target"])]
+    pub nodes: Option<u16>,
+    /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none; its nodes go round-robin over the matrix's regions. Ignored with --cluster (those nodes emulate regions themselves with `ringkv node --latency-matrix`).
     #[arg(
         long,
         value_name = "preset:NAME|FILE|none",

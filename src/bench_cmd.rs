@@ -20,8 +20,11 @@ use crate::client_cmd::resolve;
 use crate::server_cmd::{load_matrix, start_local_cluster_with};
 use crate::{Exit, Failure};
 
-/// Nodes and N of the embedded cluster.
+/// Nodes of the embedded cluster without --nodes: YCSB workloads spread
+/// five over the matrix's regions; putget, the older benchmark, keeps three.
 const EMBEDDED_NODES: usize = 5;
+const PUTGET_NODES: usize = 3;
+/// N of the embedded cluster.
 const EMBEDDED_REPLICAS: usize = 3;
 
 pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
@@ -91,7 +94,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             .map(|m| m.regions().to_vec())
             .unwrap_or_default();
         let nodes = start_local_cluster_with(
-            EMBEDDED_NODES,
+            embedded_nodes(&args, EMBEDDED_NODES),
             EMBEDDED_REPLICAS,
             0,
             &embedded_dir,
@@ -132,14 +135,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         cluster_key,
         ..ycsb_config(&args, workload, targets, settings, false)
     };
-    let result = run_all(
-        &config,
-        &args,
-        embedded.is_empty(),
-        replicas,
-        matrix.is_some(),
-    )
-    .await;
+    let result = run_all(&config, &args, embedded.len(), replicas, matrix.is_some()).await;
     for n in embedded {
         n.shutdown().await;
     }
@@ -163,7 +159,7 @@ async fn resp_bench(workload: Workload, target: &str, args: &BenchArgs) -> Resul
     }
     let addr = resolve(addr)?;
     let config = ycsb_config(args, workload, vec![addr], vec![Setting::RESP], true);
-    run_all(&config, args, true, 1, false).await
+    run_all(&config, args, 0, 1, false).await
 }
 
 /// The run the arguments describe, with no client delay and a fresh key space.
@@ -286,7 +282,7 @@ fn bar(len: u64, message: String) -> ProgressBar {
 async fn run_all(
     config: &YcsbConfig,
     args: &BenchArgs,
-    external: bool,
+    embedded_nodes: usize,
     replicas: usize,
     regions: bool,
 ) -> Result<Exit, Failure> {
@@ -295,7 +291,7 @@ async fn run_all(
         eprintln!(
             "bench: YCSB-{} on {}, N={replicas}, {} records of {} B, {} clients{}, {} s per setting{}",
             config.workload,
-            if external { "the given cluster".to_string() } else { format!("an embedded {EMBEDDED_NODES}-node cluster") },
+            if embedded_nodes == 0 { "the given cluster".to_string() } else { format!("an embedded {embedded_nodes}-node cluster") },
             config.records,
             config.value_bytes,
             config.concurrency,
@@ -326,13 +322,13 @@ async fn run_all(
     // What the CPU time of this process covers: with an embedded cluster
     // the nodes run here too, so it is the whole cost of an operation;
     // against a cluster elsewhere it is the clients' share only.
-    let cpu_scope = if external {
+    let cpu_scope = if embedded_nodes == 0 {
         "this process: the bench's clients"
     } else {
         "this process: the embedded nodes and the bench's clients"
     };
     // The results first: a plot that cannot be written must not lose them.
-    let out = report_json(config, args, replicas, &reports, cpu_scope);
+    let out = report_json(config, args, embedded_nodes, replicas, &reports, cpu_scope);
     match args.json.as_deref() {
         Some("-") => println!("{out}"),
         Some(path) => {
@@ -450,6 +446,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
 fn report_json(
     config: &YcsbConfig,
     args: &BenchArgs,
+    embedded_nodes: usize,
     replicas: usize,
     reports: &[SettingReport],
     cpu_scope: &str,
@@ -467,6 +464,8 @@ fn report_json(
             "loop": if config.rate_per_s.is_some() { "open" } else { "closed" },
             "replicas": replicas,
             "cluster": if args.cluster.is_empty() { json!(null) } else { json!(args.cluster) },
+            // The nodes this process started (none against --cluster).
+            "embedded_nodes": embedded_nodes,
             "target": args.target,
             "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions) } else { json!(null) },
             "cpu_scope": cpu_scope,
@@ -503,6 +502,11 @@ fn report_json(
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// How many nodes the embedded cluster starts: `--nodes`, else `default`.
+fn embedded_nodes(args: &BenchArgs, default: usize) -> usize {
+    args.nodes.map_or(default, usize::from)
 }
 
 /// The addresses of `--cluster`.
@@ -550,10 +554,17 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
     let (targets, embedded) = if args.cluster.is_empty() {
         let _ = std::fs::remove_dir_all(&embedded_dir);
-        let nodes = start_local_cluster_with(3, 3, 0, &embedded_dir, false, |_, config| {
-            config.max_value_bytes = config.max_value_bytes.max(args.value_bytes);
-            config.cluster_key = cluster_key.clone();
-        })
+        let nodes = start_local_cluster_with(
+            embedded_nodes(&args, PUTGET_NODES),
+            EMBEDDED_REPLICAS,
+            0,
+            &embedded_dir,
+            false,
+            |_, config| {
+                config.max_value_bytes = config.max_value_bytes.max(args.value_bytes);
+                config.cluster_key = cluster_key.clone();
+            },
+        )
         .await?;
         (nodes.iter().map(|n| n.addr()).collect(), nodes)
     } else {
@@ -578,19 +589,20 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
             config.value_bytes,
             args.duration_s,
             if embedded.is_empty() {
-                "the given cluster"
+                "the given cluster".to_string()
             } else {
-                "an embedded 3-node cluster"
+                format!("an embedded {}-node cluster", embedded.len())
             }
         );
     }
     let result = ringkv_bench::run(&config).await;
+    let embedded_count = embedded.len();
     for n in embedded {
         n.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&embedded_dir);
     let report = result.map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
-    let out = json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes});
+    let out = json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes, "embedded_nodes": embedded_count});
     if args.json.as_deref() == Some("-") {
         println!("{out}");
     } else {

@@ -56,6 +56,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(json["config"]["workload"], "C");
     assert_eq!(json["config"]["replicas"], 3);
+    assert_eq!(json["config"]["embedded_nodes"], 5);
     assert_eq!(json["config"]["regions"], "preset:cloud3");
     assert_eq!(json["config"]["updates"], "overwrite");
     assert_eq!(json["config"]["connections_per_node"], 1);
@@ -121,6 +122,12 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--updates", "blind"], 2, "unknown update mode"),
         (&["--connections", "0"], 2, "--connections"),
         (&["--worker-threads", "0"], 2, "--worker-threads"),
+        (&["--nodes", "2"], 2, "--nodes"),
+        (
+            &["--nodes", "3", "--cluster", "127.0.0.1:1"],
+            2,
+            "'--nodes <N>' cannot be used with '--cluster",
+        ),
         (
             &["--value-bytes", "67043329"],
             2,
@@ -168,11 +175,14 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
         "100",
         "--worker-threads",
         "1",
+        "--nodes",
+        "3",
         "--json",
     ]));
     assert_exit(&out, 0);
     let report = json(&out);
     assert_eq!(report["config"]["loop"], "open");
+    assert_eq!(report["config"]["embedded_nodes"], 3);
     assert_eq!(report["config"]["rate_per_s"], 100);
     assert_eq!(report["config"]["worker_threads"], 1);
     let s = &report["settings"][0];
@@ -195,6 +205,33 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     assert!(ops > 0, "{s}");
     // Whatever came due and was not sent is reported, not lost.
     assert_eq!(ops + s["unsent"].as_u64().unwrap(), 200, "{s}");
+}
+
+#[test]
+fn putget_runs_on_an_embedded_cluster_of_the_size_asked() {
+    let out = run(ringkv().args([
+        "bench",
+        "--workload",
+        "putget",
+        "--nodes",
+        "4",
+        "--duration-s",
+        "1",
+        "--concurrency",
+        "2",
+        "-w",
+        "all",
+        "--json",
+    ]));
+    assert_exit(&out, 0);
+    let report = json(&out);
+    assert_eq!(report["embedded_nodes"], 4);
+    assert_eq!(report["w"], "all");
+    for phase in ["put", "get"] {
+        let p = &report[phase];
+        assert!(p["ops"].as_u64().unwrap() > 0, "{phase}: {p}");
+        assert_eq!(p["errors"], 0, "{phase}: {p}");
+    }
 }
 
 /// A toy Redis: GET and SET over RESP on a background thread, enough for
@@ -273,6 +310,7 @@ fn the_same_workload_runs_against_a_resp_store() {
     assert_exit(&out, 0);
     let report = json(&out);
     assert_eq!(report["config"]["target"], format!("resp://{addr}"));
+    assert_eq!(report["config"]["embedded_nodes"], 0);
     // Each RESP client has its own TCP connection: no shared pool.
     assert!(report["config"]["connections_per_node"].is_null());
     assert_eq!(
