@@ -447,8 +447,9 @@ pub struct RemoveArgs {
     can then be deleted. Started again, it refuses, like a removed node. Hints other members hold for it go to \
     the replicas of their keys, as with `ringkv remove`. On a terminal a spinner counts the keys sent.\n\n\
     Exits 0 once it has left, 2 if refused (the cluster would keep fewer than N members: add a node first; it \
-    holds hints for members that are down; or it is already leaving), 3 if a replica could not take its keys \
-    (it is then still a member and nothing was removed: bring that replica up, or remove it, and leave again) \
+    holds hints for members that are down; it is already leaving; or another member is: nodes leave one at a \
+    time), 3 if a member could not be asked whether it is leaving, or a replica could not take its keys \
+    (it is then still a member and nothing was removed: bring that member up, or remove it, and leave again) \
     or no member confirmed the removal, 4 if the node cannot be reached."
 )]
 pub struct LeaveArgs {

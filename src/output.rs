@@ -3,7 +3,8 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ringkv_core::wire::{
-    GetReply, LeaveReply, PeerFailure, PutReply, Receipt, RemoveReply, RepairReport, StatusReply,
+    GetReply, LeaveReply, NodeStatus, PeerFailure, PutReply, Receipt, RemoveReply, RepairReport,
+    StatusReply,
 };
 use ringkv_core::NodeId;
 use serde_json::{json, Value};
@@ -119,12 +120,13 @@ pub fn status(reply: &StatusReply, json: bool) {
                 "hints_pending": n.hints_pending,
                 "last_exchange_unix_ms": n.last_exchange_unix_ms,
                 "keys_repaired": n.keys_repaired,
+                "leaving": n.leaving,
             })).collect::<Vec<_>>(),
         }));
     } else {
         println!("cluster seen from {} (N={})", reply.node, reply.replicas);
         println!(
-            "  {:<12} {:<22} {:<5} {:<13} {:<19} keys repaired",
+            "  {:<12} {:<22} {:<7} {:<13} {:<19} keys repaired",
             "node", "address", "state", "hints pending", "last anti-entropy"
         );
         let now_ms = std::time::SystemTime::now()
@@ -138,15 +140,25 @@ pub fn status(reply: &StatusReply, json: bool) {
                 (None, None) => "?".to_string(),
             };
             println!(
-                "  {:<12} {:<22} {:<5} {:<13} {:<19} {}",
+                "  {:<12} {:<22} {:<7} {:<13} {:<19} {}",
                 n.id.as_str(),
                 n.addr,
-                if n.up { "up" } else { "down" },
+                state(n),
                 known(n.hints_pending),
                 last,
                 known(n.keys_repaired),
             );
         }
+    }
+}
+
+/// A member's state column: what the failure detector believes, and
+/// whether the member said it is leaving.
+fn state(n: &NodeStatus) -> &'static str {
+    match (n.up, n.leaving) {
+        (false, _) => "down",
+        (true, Some(true)) => "leaving",
+        (true, _) => "up",
     }
 }
 
@@ -253,5 +265,28 @@ pub fn repair(report: &RepairReport, json: bool) {
         for f in &report.failures {
             println!("  {} not compared: {}", f.peer, f.reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_shows_as_leaving_only_while_up_and_saying_so() {
+        let node = |up, leaving| NodeStatus {
+            id: NodeId::new("n1").unwrap(),
+            addr: "127.0.0.1:7000".into(),
+            up,
+            region: None,
+            hints_pending: None,
+            last_exchange_unix_ms: None,
+            keys_repaired: None,
+            leaving,
+        };
+        assert_eq!(state(&node(true, Some(true))), "leaving");
+        assert_eq!(state(&node(true, Some(false))), "up");
+        assert_eq!(state(&node(true, None)), "up");
+        assert_eq!(state(&node(false, Some(true))), "down");
     }
 }

@@ -269,6 +269,7 @@ impl SimHandler for SimNode {
                     last_exchange_unix_ms: self.anti_entropy.last_round_unix_ms(),
                     keys_repaired: self.anti_entropy.keys_repaired(),
                     leave_keys_sent: 0,
+                    leaving: false,
                 }),
                 Request::Repair => {
                     let up = self.detector.clone();

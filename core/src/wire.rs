@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/8";
+pub const ALPN: &[u8] = b"ringkv/9";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -329,6 +329,10 @@ pub struct NodeStats {
     /// Keys a leave (`ringkv leave`) has sent to their new replicas so far,
     /// over all its passes; 0 on a node not asked to leave since it started.
     pub leave_keys_sent: u64,
+    /// Whether this node is leaving: a `ringkv leave` is under way, or done
+    /// (the node then refuses everything but status until it is stopped).
+    /// A member asked to leave checks that no other is (one at a time).
+    pub leaving: bool,
 }
 
 /// What one anti-entropy round did (`ringkv repair`).
@@ -428,6 +432,8 @@ pub struct NodeStatus {
     pub last_exchange_unix_ms: Option<u64>,
     /// Keys its anti-entropy rounds repaired since it started.
     pub keys_repaired: Option<u64>,
+    /// Whether it is leaving (`ringkv leave`); `None` if it could not be asked.
+    pub leaving: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

@@ -509,6 +509,7 @@ impl NodeInner {
             leave_keys_sent: self
                 .leave_keys_sent
                 .load(std::sync::atomic::Ordering::Relaxed),
+            leaving: self.leaving.load(std::sync::atomic::Ordering::SeqCst),
         }
     }
 
@@ -698,6 +699,7 @@ impl NodeInner {
                     hints_pending: stats.get(&m.id).map(|s| s.hints_pending),
                     last_exchange_unix_ms: stats.get(&m.id).and_then(|s| s.last_exchange_unix_ms),
                     keys_repaired: stats.get(&m.id).map(|s| s.keys_repaired),
+                    leaving: stats.get(&m.id).map(|s| s.leaving),
                 })
                 .collect(),
         })

@@ -213,7 +213,7 @@ async fn a_leaving_node_hands_its_keys_to_the_replicas_that_take_its_ranges() {
 }
 
 #[tokio::test]
-async fn leaving_is_refused_below_n_and_stops_at_a_replica_that_is_down() {
+async fn leaving_is_refused_below_n_and_while_a_member_is_down() {
     let dirs = data_dirs(4);
     let mut nodes = start(&dirs[..3], 3).await;
     let c3 = client(&nodes[2]).await;
@@ -229,17 +229,23 @@ async fn leaving_is_refused_below_n_and_stops_at_a_replica_that_is_down() {
     let c1 = client(&nodes[0]).await;
     put_all(&c1, &(0..20).map(|i| format!("k{i}")).collect::<Vec<_>>()).await;
     c1.close().await;
-    // With n2 down, the keys n4 must hand to n2 have nowhere to go: the
-    // leave stops, and n4 stays a member.
+    // With n2 down, n4 cannot learn whether n2 is leaving too (and the
+    // keys it must hand to n2 would have nowhere to go): the leave is
+    // refused before anything is handed over, and n4 stays a member.
     nodes.remove(1).shutdown().await;
     let c4 = client(&nodes[2]).await;
     match leave(&c4).await {
         Response::Error(e) => {
-            assert!(e.message.contains("could not hand keys to n2"), "{e:?}");
-            assert!(e.message.contains("nothing was removed"), "{e:?}");
+            assert!(
+                e.message
+                    .contains("could not check that no other member is leaving (n2:"),
+                "{e:?}"
+            );
+            assert!(e.message.contains("nothing was handed over"), "{e:?}");
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(leave_keys_sent(&c4).await, 0);
     let put = PutRequest::new(
         "after",
         Payload::Value(b"v".to_vec()),
@@ -365,6 +371,70 @@ async fn writes_that_arrive_during_a_leave_are_handed_over_too() {
         }
     }
     for c in clients.into_iter().chain([c4]) {
+        c.close().await;
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+async fn stats(client: &Client) -> ringkv_core::wire::NodeStats {
+    match client.call(&Request::Stats).await.unwrap() {
+        Response::Stats(s) => s,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Two leaves at once could together leave keys on fewer than N replicas,
+/// and each pass the "at least N members" check: five nodes and N=3, so
+/// that without the check both would succeed. Started together, at least
+/// one is refused, naming the other; one after the other, both succeed.
+#[tokio::test]
+async fn members_leave_one_at_a_time() {
+    let dirs = data_dirs(5);
+    let nodes = start(&dirs, 3).await;
+    // Enough keys that a hand-over outlasts the other leave's check.
+    let c1 = client(&nodes[0]).await;
+    put_all(&c1, &(0..1500).map(|i| format!("k{i}")).collect::<Vec<_>>()).await;
+    let (c4, c5) = (client(&nodes[3]).await, client(&nodes[4]).await);
+    assert!(!stats(&c4).await.leaving);
+    let (r4, r5) = tokio::join!(leave(&c4), leave(&c5));
+    let mut refused = Vec::new();
+    for (me, other, reply, c) in [("n4", "n5", &r4, &c4), ("n5", "n4", &r5, &c5)] {
+        match reply {
+            Response::Left(_) => assert!(stats(c).await.leaving, "{me} left"),
+            Response::Error(e) => {
+                assert!(
+                    e.message
+                        .contains(&format!("{me} cannot leave while {other} is leaving too")),
+                    "{e:?}"
+                );
+                assert!(!stats(c).await.leaving, "{me}'s refused leave is over");
+                refused.push((me, c));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        !refused.is_empty(),
+        "both leaves went ahead together: {r4:?} {r5:?}"
+    );
+    // Once the other is gone (or was refused too), each leaves in turn.
+    for (me, c) in refused {
+        assert!(
+            matches!(leave(c).await, Response::Left(_)),
+            "{me}'s second leave"
+        );
+    }
+    match c1.call(&Request::Status).await.unwrap() {
+        Response::Status(s) => {
+            let ids: Vec<&str> = s.nodes.iter().map(|n| n.id.as_str()).collect();
+            assert_eq!(ids, ["n1", "n2", "n3"], "{s:?}");
+            assert!(s.nodes.iter().all(|n| n.leaving == Some(false)), "{s:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    for c in [c1, c4, c5] {
         c.close().await;
     }
     for node in nodes {

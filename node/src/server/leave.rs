@@ -7,8 +7,9 @@
 //! those keys. Asked to leave, it
 //!
 //! 1. refuses if the cluster would keep fewer than N members, if it is
-//!    already leaving, or if it holds hints for members that are down (they
-//!    would be lost with it); from then on it takes no new hints;
+//!    already leaving, if it holds hints for members that are down (they
+//!    would be lost with it), or if another member is leaving or cannot be
+//!    asked; from then on it takes no new hints;
 //! 2. hands every key it replicates (tombstones too) to the key's replicas
 //!    under the ring without it: one `SyncBatch` per replica per page of
 //!    keys, merged there and durable before they answer. Keys it holds but
@@ -22,6 +23,18 @@
 //! 4. waits for the requests already under way, then hands over once more
 //!    (trying up to three times), for the writes that arrived during the
 //!    first pass. A replica that still misses it is named in the answer.
+//!
+//! **One leave at a time**, as Cassandra allows one range movement at a
+//! time. Two concurrent leaves would each hand their keys to replicas under
+//! a ring that still holds the other, so a key could end with fewer than N
+//! copies until anti-entropy ran, and two removals asked of different
+//! members could each pass the "at least N members" check. So the node
+//! marks itself leaving first and only then asks every other member whether
+//! it is leaving (`Stats`). Of two leaves started together, at least one
+//! sees the other: each mark comes before its own questions, so the one
+//! whose question is answered last finds the other's mark. Both may refuse;
+//! neither goes ahead unseen. A member that cannot be asked refuses the
+//! leave too: it might be leaving, and the hand-over would need it anyway.
 //!
 //! The node keeps running, refusing every request but status, until its
 //! operator stops it (like a decommissioned Cassandra node); started again,
@@ -59,6 +72,8 @@ const BATCHES_IN_FLIGHT: usize = 8;
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
 /// Tries of the last pass, a second apart and then two.
 const LATE_PASS_ATTEMPTS: u32 = 3;
+/// How long a member may take to say whether it is leaving.
+const LEAVING_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Keys handed over in one pass.
 struct HandedOver {
@@ -108,6 +123,10 @@ impl NodeInner {
         };
         if let Some(refusal) = self.hints_held() {
             return refuse(refusal);
+        }
+        // Only after our own mark is set (see the module docs).
+        if let Some(refusal) = self.another_leaving(&record).await {
+            return refusal;
         }
         let mut after = record.clone();
         after.members.remove(&self.id);
@@ -219,6 +238,68 @@ impl NodeInner {
                 self.id
             )
         })
+    }
+
+    /// The refusal of a leave while another member is leaving, or cannot say
+    /// whether it is: every other member is asked at once.
+    async fn another_leaving(&self, record: &crate::membership::ClusterRecord) -> Option<Response> {
+        let mut asks = tokio::task::JoinSet::new();
+        for member in record.members.values().filter(|m| m.id != self.id) {
+            let (id, transport) = (member.id.clone(), self.transport.clone());
+            asks.spawn(async move {
+                let answer = tokio::time::timeout(
+                    LEAVING_CHECK_TIMEOUT,
+                    transport.call(&id, Request::Stats),
+                )
+                .await;
+                let answer = match answer {
+                    Ok(Ok(Response::Stats(stats))) => Ok(stats.leaving),
+                    Ok(Ok(Response::Error(e))) => Err(e.message),
+                    Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "no answer within {} s",
+                        LEAVING_CHECK_TIMEOUT.as_secs()
+                    )),
+                };
+                (id, answer)
+            });
+        }
+        let (mut leaving, mut unasked) = (Vec::new(), Vec::new());
+        while let Some(joined) = asks.join_next().await {
+            match joined {
+                Ok((id, Ok(true))) => leaving.push(id.to_string()),
+                Ok((_, Ok(false))) => {}
+                Ok((id, Err(reason))) => unasked.push(format!("{id}: {reason}")),
+                Err(e) => unasked.push(format!("a check failed: {e}")),
+            }
+        }
+        leaving.sort();
+        unasked.sort();
+        if !leaving.is_empty() {
+            let names = leaving.join(", ");
+            return Some(Response::error(
+                ErrorKind::Refused,
+                format!(
+                    "{} cannot leave while {names} {} leaving too: members leave one at a time; \
+                     leave again once `ringkv status` no longer shows {names} as leaving",
+                    self.id,
+                    if leaving.len() == 1 { "is" } else { "are" },
+                ),
+            ));
+        }
+        if !unasked.is_empty() {
+            return Some(Response::error(
+                ErrorKind::Unavailable,
+                format!(
+                    "{} cannot leave: it could not check that no other member is leaving ({}); \
+                     nothing was handed over: bring those members up (or remove them) and leave again",
+                    self.id,
+                    unasked.join("; "),
+                ),
+            ));
+        }
+        None
     }
 
     /// Sends every stored key that this node replicates under `before` to
