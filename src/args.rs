@@ -128,7 +128,7 @@ pub struct BenchArgs {
     /// How YCSB updates write: overwrite (replace what the coordinating replica holds, like SET; only writes coordinated concurrently by different nodes become siblings) or context (write with the context of the last version this client saw; concurrent updates of hot keys pile up siblings).
     #[arg(long, value_name = "MODE", default_value = "overwrite", value_parser = ringkv_bench::ycsb::UpdateMode::parse)]
     pub updates: ringkv_bench::ycsb::UpdateMode,
-    /// How many nodes the embedded cluster starts (N=3, so at least 3). Default: 5 for YCSB workloads, spread over the matrix's regions; 3 for putget. Not with --cluster or --target, which bring their own nodes.
+    /// How many nodes the embedded cluster starts (N=3, so 3 to 64). Default: 5 for YCSB workloads, spread over the matrix's regions; 3 for putget. Not with --cluster or --target, which bring their own nodes.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(3..=64), conflicts_with_all = ["cluster", "target"])]
     pub nodes: Option<u16>,
     /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none; its nodes go round-robin over the matrix's regions. Ignored with --cluster (those nodes emulate regions themselves with `ringkv node --latency-matrix`).
@@ -447,8 +447,8 @@ pub struct RemoveArgs {
     can then be deleted. Started again, it refuses, like a removed node. Hints other members hold for it go to \
     the replicas of their keys, as with `ringkv remove`. On a terminal a spinner counts the keys sent.\n\n\
     Exits 0 once it has left, 2 if refused (the cluster would keep fewer than N members: add a node first; it \
-    holds hints for members that are down; it is already leaving; or another member is: nodes leave one at a \
-    time), 3 if a member could not be asked whether it is leaving, or a replica could not take its keys \
+    holds hints for members that are down; it is already leaving; or another member is, or has left and this \
+    node has not learned it yet: nodes leave one at a time, so run it again once that leave has returned), 3 if a member could not be asked whether it is leaving, or a replica could not take its keys \
     (it is then still a member and nothing was removed: bring that member up, or remove it, and leave again) \
     or no member confirmed the removal, 4 if the node cannot be reached."
 )]

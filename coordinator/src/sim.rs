@@ -270,6 +270,7 @@ impl SimHandler for SimNode {
                     keys_repaired: self.anti_entropy.keys_repaired(),
                     leave_keys_sent: 0,
                     leaving: false,
+                    removed: false,
                 }),
                 Request::Repair => {
                     let up = self.detector.clone();

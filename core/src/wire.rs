@@ -329,10 +329,13 @@ pub struct NodeStats {
     /// Keys a leave (`ringkv leave`) has sent to their new replicas so far,
     /// over all its passes; 0 on a node not asked to leave since it started.
     pub leave_keys_sent: u64,
-    /// Whether this node is leaving: a `ringkv leave` is under way, or done
-    /// (the node then refuses everything but status until it is stopped).
-    /// A member asked to leave checks that no other is (one at a time).
+    /// Whether a `ringkv leave` of this node is under way and the node is
+    /// not yet removed. A member asked to leave checks that no other is (one
+    /// at a time).
     pub leaving: bool,
+    /// Whether this node knows it was removed from the cluster (`ringkv
+    /// remove`, or its own leave): it then refuses everything but status.
+    pub removed: bool,
 }
 
 /// What one anti-entropy round did (`ringkv repair`).
@@ -432,7 +435,8 @@ pub struct NodeStatus {
     pub last_exchange_unix_ms: Option<u64>,
     /// Keys its anti-entropy rounds repaired since it started.
     pub keys_repaired: Option<u64>,
-    /// Whether it is leaving (`ringkv leave`); `None` if it could not be asked.
+    /// Whether it is leaving (`ringkv leave` under way, not yet removed);
+    /// `None` if it could not be asked.
     pub leaving: Option<bool>,
 }
 

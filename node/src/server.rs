@@ -509,7 +509,10 @@ impl NodeInner {
             leave_keys_sent: self
                 .leave_keys_sent
                 .load(std::sync::atomic::Ordering::Relaxed),
-            leaving: self.leaving.load(std::sync::atomic::Ordering::SeqCst),
+            // Once removed it is no longer leaving but gone (see `removed`).
+            leaving: self.leaving.load(std::sync::atomic::Ordering::SeqCst)
+                && !self.is_removed.load(std::sync::atomic::Ordering::SeqCst),
+            removed: self.is_removed.load(std::sync::atomic::Ordering::SeqCst),
         }
     }
 

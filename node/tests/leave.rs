@@ -402,14 +402,22 @@ async fn members_leave_one_at_a_time() {
     let mut refused = Vec::new();
     for (me, other, reply, c) in [("n4", "n5", &r4, &c4), ("n5", "n4", &r5, &c5)] {
         match reply {
-            Response::Left(_) => assert!(stats(c).await.leaving, "{me} left"),
+            Response::Left(_) => {
+                let after = stats(c).await;
+                assert!(after.removed && !after.leaving, "{me} left: {after:?}");
+            }
             Response::Error(e) => {
+                // Refused before it handed anything over: the other was
+                // leaving, or (had this request come late) had just left.
                 assert!(
                     e.message
-                        .contains(&format!("{me} cannot leave while {other} is leaving too")),
+                        .contains(&format!("{me} cannot leave while {other} is leaving too"))
+                        || e.message.contains(&format!("{other} left the cluster")),
                     "{e:?}"
                 );
-                assert!(!stats(c).await.leaving, "{me}'s refused leave is over");
+                let after = stats(c).await;
+                assert!(!after.leaving, "{me}'s refused leave is over");
+                assert_eq!(after.leave_keys_sent, 0, "{me} handed keys over");
                 refused.push((me, c));
             }
             other => panic!("{other:?}"),
@@ -419,20 +427,37 @@ async fn members_leave_one_at_a_time() {
         !refused.is_empty(),
         "both leaves went ahead together: {r4:?} {r5:?}"
     );
-    // Once the other is gone (or was refused too), each leaves in turn.
+    // Once the other has left (or was refused too), each leaves in turn:
+    // at once, or as soon as it has learned of the other's removal.
     for (me, c) in refused {
-        assert!(
-            matches!(leave(c).await, Response::Left(_)),
-            "{me}'s second leave"
-        );
-    }
-    match c1.call(&Request::Status).await.unwrap() {
-        Response::Status(s) => {
-            let ids: Vec<&str> = s.nodes.iter().map(|n| n.id.as_str()).collect();
-            assert_eq!(ids, ["n1", "n2", "n3"], "{s:?}");
-            assert!(s.nodes.iter().all(|n| n.leaving == Some(false)), "{s:?}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match leave(c).await {
+                Response::Left(_) => break,
+                Response::Error(e)
+                    if e.message.contains("left the cluster")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                other => panic!("{me}'s second leave: {other:?}"),
+            }
         }
-        other => panic!("{other:?}"),
+    }
+    // The members that stay, none of them leaving (once each answers).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = match c1.call(&Request::Status).await.unwrap() {
+            Response::Status(s) => s,
+            other => panic!("{other:?}"),
+        };
+        let ids: Vec<&str> = status.nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["n1", "n2", "n3"], "{status:?}");
+        if status.nodes.iter().all(|n| n.leaving == Some(false)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for c in [c1, c4, c5] {
         c.close().await;

@@ -30,11 +30,19 @@
 //! copies until anti-entropy ran, and two removals asked of different
 //! members could each pass the "at least N members" check. So the node
 //! marks itself leaving first and only then asks every other member whether
-//! it is leaving (`Stats`). Of two leaves started together, at least one
-//! sees the other: each mark comes before its own questions, so the one
-//! whose question is answered last finds the other's mark. Both may refuse;
-//! neither goes ahead unseen. A member that cannot be asked refuses the
-//! leave too: it might be leaving, and the hand-over would need it anyway.
+//! it is leaving or already removed (`Stats`). Of two leaves started
+//! together, at least one sees the other: each mark comes before its own
+//! questions, and a mark is only cleared by a leave that stopped before the
+//! removal, so the one whose question is answered last finds the other
+//! leaving, or removed. Both may refuse; neither goes ahead unseen. A member
+//! that cannot be asked refuses the leave too: it might be leaving, and the
+//! hand-over would need it anyway.
+//!
+//! The guarantee ends at the removal: a member that has learned of it asks
+//! the removed node nothing, while that node may still be in its last pass
+//! (up to about 15 s, see below), which then cannot reach a replica that
+//! has left meanwhile (named in its answer's `late_failures`). So the next
+//! leave should wait until the previous `ringkv leave` has returned.
 //!
 //! The node keeps running, refusing every request but status, until its
 //! operator stops it (like a decommissioned Cassandra node); started again,
@@ -253,7 +261,7 @@ impl NodeInner {
                 )
                 .await;
                 let answer = match answer {
-                    Ok(Ok(Response::Stats(stats))) => Ok(stats.leaving),
+                    Ok(Ok(Response::Stats(stats))) => Ok(stats),
                     Ok(Ok(Response::Error(e))) => Err(e.message),
                     Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
                     Ok(Err(e)) => Err(e.to_string()),
@@ -265,16 +273,18 @@ impl NodeInner {
                 (id, answer)
             });
         }
-        let (mut leaving, mut unasked) = (Vec::new(), Vec::new());
+        let (mut leaving, mut gone, mut unasked) = (Vec::new(), Vec::new(), Vec::new());
         while let Some(joined) = asks.join_next().await {
             match joined {
-                Ok((id, Ok(true))) => leaving.push(id.to_string()),
-                Ok((_, Ok(false))) => {}
+                Ok((id, Ok(stats))) if stats.removed => gone.push(id.to_string()),
+                Ok((id, Ok(stats))) if stats.leaving => leaving.push(id.to_string()),
+                Ok((_, Ok(_))) => {}
                 Ok((id, Err(reason))) => unasked.push(format!("{id}: {reason}")),
                 Err(e) => unasked.push(format!("a check failed: {e}")),
             }
         }
         leaving.sort();
+        gone.sort();
         unasked.sort();
         if !leaving.is_empty() {
             let names = leaving.join(", ");
@@ -288,12 +298,24 @@ impl NodeInner {
                 ),
             ));
         }
+        if !gone.is_empty() {
+            let names = gone.join(", ");
+            return Some(Response::error(
+                ErrorKind::Refused,
+                format!(
+                    "{} cannot leave yet: {names} left the cluster, and {} has not learned it yet; \
+                     leave again in a few seconds (members exchange their lists every few seconds)",
+                    self.id, self.id,
+                ),
+            ));
+        }
         if !unasked.is_empty() {
             return Some(Response::error(
                 ErrorKind::Unavailable,
                 format!(
                     "{} cannot leave: it could not check that no other member is leaving ({}); \
-                     nothing was handed over: bring those members up (or remove them) and leave again",
+                     nothing was handed over: bring those members up, or remove them (one removed \
+                     already is dropped from this node's list within seconds), and leave again",
                     self.id,
                     unasked.join("; "),
                 ),
