@@ -8,8 +8,8 @@
 //!
 //! 1. refuses if the cluster would keep fewer than N members, if it is
 //!    already leaving, if it holds hints for members that are down (they
-//!    would be lost with it), or if another member is leaving or cannot be
-//!    asked; from then on it takes no new hints;
+//!    would be lost with it), or if another member is leaving, has left
+//!    unknown to it, or cannot be asked; from then on it takes no new hints;
 //! 2. hands every key it replicates (tombstones too) to the key's replicas
 //!    under the ring without it: one `SyncBatch` per replica per page of
 //!    keys, merged there and durable before they answer. Keys it holds but
@@ -248,8 +248,9 @@ impl NodeInner {
         })
     }
 
-    /// The refusal of a leave while another member is leaving, or cannot say
-    /// whether it is: every other member is asked at once.
+    /// The refusal of a leave while another member is leaving, has left
+    /// without this node knowing yet, or cannot say which: every other
+    /// member is asked at once.
     async fn another_leaving(&self, record: &crate::membership::ClusterRecord) -> Option<Response> {
         let mut asks = tokio::task::JoinSet::new();
         for member in record.members.values().filter(|m| m.id != self.id) {
