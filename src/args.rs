@@ -52,6 +52,8 @@ pub enum Command {
     Remove(RemoveArgs),
     /// Take the node you ask (--node) out of the cluster gracefully: it hands every key it holds to the nodes that take over its ranges, then a member removes it.
     Leave(LeaveArgs),
+    /// Drop the stray copies a node (--node) keeps of keys it no longer replicates, once a current replica holds them: run it on the old members after adding a node.
+    Cleanup(CleanupArgs),
     /// Measure put and get latency and throughput (closed loop).
     Bench(BenchArgs),
     /// Make a new cluster key: give the same file to every node and client with --cluster-key-file.
@@ -287,7 +289,7 @@ pub struct DemoArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// The node to send the request to; any node will do, it forwards to the key's replicas. Several, comma-separated, are tried in turn while one cannot be reached or serves nothing now (shutting down, removed, still joining): nothing ran there, so nothing is sent twice. `repair` and `leave` act on the node named, and take one.
+    /// The node to send the request to; any node will do, it forwards to the key's replicas. Several, comma-separated, are tried in turn while one cannot be reached or serves nothing now (shutting down, removed, still joining): nothing ran there, so nothing is sent twice. `repair`, `leave` and `cleanup` act on the node named, and take one.
     #[arg(
         long,
         value_name = "HOST:PORT[,…]",
@@ -453,6 +455,27 @@ pub struct RemoveArgs {
     or no member confirmed the removal, 4 if the node cannot be reached."
 )]
 pub struct LeaveArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "When a node joins, it takes over ranges of keys from the members after it on the ring, and each \
+    of those ranges drops one of its former replicas. Anti-entropy fills the new node from the other replicas; the \
+    former replica keeps its copies, which then take disk space and could bring a deleted value back if the ring \
+    changed back after the key's tombstone was collected. Run `ringkv cleanup --node ADDR` on each old member \
+    after adding nodes (one at a time, or all: each reads only its own store), like Cassandra's `nodetool cleanup`.\n\n\
+    The node reads every key it stores, asks the key's current replicas for their versions, and removes its copy \
+    if one of them holds that version or a newer one. A copy no replica holds is kept and counted: it is either a \
+    write only this node received or a value deleted since whose tombstone the replicas no longer keep, and the \
+    node cannot tell which. Keys it replicates are never touched. It can be stopped and run again at any time. \
+    On a terminal a spinner counts the keys read.\n\n\
+    Exits 0 when every replica needed could be asked, 2 if refused (a cleanup is already running there, or the \
+    node is leaving), 3 if the node is not in a cluster yet or stopped during the cleanup, 4 if the node cannot \
+    be reached or some replicas could not be asked (listed; their copies were kept: run it again once they are up)."
+)]
+pub struct CleanupArgs {
     #[command(flatten)]
     pub target: Target,
 }

@@ -1,4 +1,4 @@
-//! `put`, `get`, `delete`, `status`, `repair`, `remove` and `leave`: one
+//! `put`, `get`, `delete`, `status`, `repair`, `remove`, `leave` and `cleanup`: one
 //! request to one node. For the requests any node can serve, `--node` may
 //! list several: they are tried in turn while one cannot be reached or
 //! serves nothing now, since nothing of the request ran there.
@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{
-    validate_key, ErrorKind, GetRequest, PutRequest, Request, Response, VALUE_MAX_BYTES,
+    validate_key, ErrorKind, GetRequest, NodeStats, PutRequest, Request, Response, VALUE_MAX_BYTES,
 };
 use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{CallError, Client};
 
 use crate::args::{
-    DeleteArgs, GetArgs, LeaveArgs, PutArgs, RemoveArgs, RepairArgs, StatusArgs, Target,
+    CleanupArgs, DeleteArgs, GetArgs, LeaveArgs, PutArgs, RemoveArgs, RepairArgs, StatusArgs,
+    Target,
 };
 use crate::output;
 use crate::{Exit, Failure};
@@ -184,11 +185,13 @@ pub async fn remove(args: RemoveArgs) -> Result<Exit, Failure> {
 
 pub async fn leave(args: LeaveArgs) -> Result<Exit, Failure> {
     let leaving = send_to_the_node(&args.target, "leave", &Request::Leave);
-    let answer = if args.target.json || !std::io::stderr().is_terminal() {
-        leaving.await
-    } else {
-        with_leave_progress(&args.target, leaving).await
-    };
+    let answer = with_progress(&args.target, leaving, "handing over keys", |stats| {
+        format!(
+            "handing over keys: {} sent so far (each pass sends them all)",
+            stats.leave_keys_sent
+        )
+    })
+    .await;
     match answer? {
         Response::Left(reply) => {
             output::left(&reply, args.target.json);
@@ -198,26 +201,50 @@ pub async fn leave(args: LeaveArgs) -> Result<Exit, Failure> {
     }
 }
 
-/// Runs `leaving` (a leave, which may take minutes on a large store) with a
-/// spinner on stderr that shows how many keys the node has sent to their
-/// new replicas so far, over both its passes: its `Stats`, asked every half
-/// second on a connection of its own. Without that connection it just
-/// waits.
-async fn with_leave_progress<T>(
+pub async fn cleanup(args: CleanupArgs) -> Result<Exit, Failure> {
+    let cleaning = send_to_the_node(&args.target, "cleanup", &Request::Cleanup);
+    let answer = with_progress(&args.target, cleaning, "reading keys", |stats| {
+        format!("reading keys: {} so far", stats.cleanup_keys_scanned)
+    })
+    .await;
+    match answer? {
+        Response::Cleaned(report) => {
+            output::cleaned(&report, args.target.json);
+            Ok(if report.failures.is_empty() {
+                Exit::Ok
+            } else {
+                Exit::Unreachable
+            })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Runs `work` (a leave or a cleanup, which may take minutes on a large
+/// store) with a spinner on stderr showing `progress` of the node's
+/// `Stats`, asked every half second on a connection of its own. Without
+/// that connection, with `--json`, or when stderr is not a terminal, it
+/// just waits.
+async fn with_progress<T>(
     target: &Target,
-    leaving: impl std::future::Future<Output = T>,
+    work: impl std::future::Future<Output = T>,
+    first: &str,
+    progress: impl Fn(&NodeStats) -> String,
 ) -> T {
+    if target.json || !std::io::stderr().is_terminal() {
+        return work.await;
+    }
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
             .expect("a valid template"),
     );
-    spinner.set_message("handing over keys");
+    spinner.set_message(first.to_string());
     spinner.enable_steady_tick(Duration::from_millis(100));
-    tokio::pin!(leaving);
+    tokio::pin!(work);
     let result = tokio::select! {
-        result = &mut leaving => result,
-        _ = show_leave_progress(target, &spinner) => leaving.await,
+        result = &mut work => result,
+        _ = show_progress(target, &spinner, &progress) => work.await,
     };
     spinner.finish_and_clear();
     result
@@ -225,17 +252,18 @@ async fn with_leave_progress<T>(
 
 /// Keeps `spinner`'s message up to date with the node's `Stats`; returns
 /// only if it cannot reach the node.
-async fn show_leave_progress(target: &Target, spinner: &indicatif::ProgressBar) -> Option<()> {
+async fn show_progress(
+    target: &Target,
+    spinner: &indicatif::ProgressBar,
+    progress: &impl Fn(&NodeStats) -> String,
+) -> Option<()> {
     let node = target.nodes().ok()?.into_iter().next()?;
     let key = crate::key_cmd::load(&target.key).ok()?;
     let client = connect(&node, target, key.as_ref()).await.ok()?;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Ok(Response::Stats(stats)) = client.call(&Request::Stats).await {
-            spinner.set_message(format!(
-                "handing over keys: {} sent so far (each pass sends them all)",
-                stats.leave_keys_sent
-            ));
+            spinner.set_message(progress(&stats));
         }
     }
 }

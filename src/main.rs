@@ -96,6 +96,7 @@ fn main() {
             Command::Repair(a) => client_cmd::repair(a).await,
             Command::Remove(a) => client_cmd::remove(a).await,
             Command::Leave(a) => client_cmd::leave(a).await,
+            Command::Cleanup(a) => client_cmd::cleanup(a).await,
             Command::Bench(a) => bench_cmd::bench(a).await,
             Command::Keygen(a) => key_cmd::keygen(a),
         }

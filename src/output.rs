@@ -3,8 +3,8 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ringkv_core::wire::{
-    GetReply, LeaveReply, NodeStatus, PeerFailure, PutReply, Receipt, RemoveReply, RepairReport,
-    StatusReply,
+    CleanupReport, GetReply, LeaveReply, NodeStatus, PeerFailure, PutReply, Receipt, RemoveReply,
+    RepairReport, StatusReply,
 };
 use ringkv_core::NodeId;
 use serde_json::{json, Value};
@@ -265,6 +265,38 @@ pub fn repair(report: &RepairReport, json: bool) {
         for f in &report.failures {
             println!("  {} not compared: {}", f.peer, f.reason);
         }
+    }
+}
+
+/// `cleanup`: the stray copies a node removed and kept.
+pub fn cleaned(report: &CleanupReport, json: bool) {
+    if json {
+        print_json(&json!({
+            "keys_scanned": report.keys_scanned,
+            "stray_keys": report.stray_keys,
+            "removed": report.removed,
+            "kept": report.kept,
+            "duration_ms": report.duration_ms,
+            "failures": failures_json(&report.failures),
+        }));
+        return;
+    }
+    println!(
+        "read {} keys in {} ms: {} are not this node's to replicate; {} removed, {} kept",
+        report.keys_scanned, report.duration_ms, report.stray_keys, report.removed, report.kept
+    );
+    for f in &report.failures {
+        println!("  {} could not be asked: {}", f.peer, f.reason);
+    }
+    if report.kept > 0 {
+        println!(
+            "kept copies are held by no replica that answered{}",
+            if report.failures.is_empty() {
+                ": each is a write only this node received, or a value deleted since; see the node's log"
+            } else {
+                "; run it again once every replica is up"
+            }
+        );
     }
 }
 

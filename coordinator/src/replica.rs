@@ -222,10 +222,11 @@ impl<S: Store> ReplicaService<S> {
         Ok(true)
     }
 
-    /// Removes `key` if it still holds exactly `expected` (a tombstone that
-    /// every replica was seen to hold; see `ringkv_repair::tombstones`).
+    /// Removes `key` if it still holds exactly `expected`: a tombstone that
+    /// every replica was seen to hold (`ringkv_repair::tombstones`), or a
+    /// stray copy that a current replica covers (`ringkv_repair::cleanup`).
     /// Returns whether it was removed: a write since the check keeps it.
-    pub fn collect_tombstone(&self, key: &[u8], expected: &Clock) -> Result<bool, ReplicaError> {
+    pub fn remove_if_unchanged(&self, key: &[u8], expected: &Clock) -> Result<bool, ReplicaError> {
         let _lock = self.lock(key);
         let current = self.store.get(key)?;
         if current.as_ref() != Some(expected) {
@@ -606,10 +607,10 @@ mod tests {
             .update(b"k", &second.context(), Payload::Tombstone)
             .unwrap();
         assert!(
-            !a.collect_tombstone(b"k", &second).unwrap(),
+            !a.remove_if_unchanged(b"k", &second).unwrap(),
             "not the current version: kept"
         );
-        assert!(a.collect_tombstone(b"k", &deleted).unwrap());
+        assert!(a.remove_if_unchanged(b"k", &deleted).unwrap());
         assert_eq!(a.read(b"k").unwrap(), None);
         let seen = changes.0.lock().unwrap().clone();
         assert_eq!(

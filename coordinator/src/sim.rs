@@ -190,6 +190,7 @@ fn label(request: &Request) -> String {
         Request::Repair => "Repair".into(),
         Request::Remove { node, .. } => format!("Remove {node}"),
         Request::Leave => "Leave".into(),
+        Request::Cleanup => "Cleanup".into(),
     }
 }
 
@@ -271,6 +272,7 @@ impl SimHandler for SimNode {
                     leave_keys_sent: 0,
                     leaving: false,
                     removed: false,
+                    cleanup_keys_scanned: 0,
                 }),
                 Request::Repair => {
                     let up = self.detector.clone();

@@ -135,7 +135,7 @@ async fn a_delete_missed_by_a_replica_stays_deleted_through_repair_and_collectio
         assert!(c
             .node(node)
             .replica
-            .collect_tombstone(b"gone", &ours)
+            .remove_if_unchanged(b"gone", &ours)
             .unwrap());
     }
     for node in ["n1", "n2", "n3"] {
@@ -158,7 +158,11 @@ async fn a_bare_tombstone_is_not_copied_to_a_replica_that_collected_it() {
     let delete = PutRequest::new("k", Payload::Tombstone, Count(3), Some(read.context));
     assert_ok(&c.node("n1").coordinator.put(delete).await);
     let tomb = c.node("n1").replica.read(b"k").unwrap().unwrap();
-    assert!(c.node("n1").replica.collect_tombstone(b"k", &tomb).unwrap());
+    assert!(c
+        .node("n1")
+        .replica
+        .remove_if_unchanged(b"k", &tomb)
+        .unwrap());
     let report = c.repair("n2").await;
     assert_eq!(report.keys_repaired, 0, "{report:?}");
     assert_eq!(c.node("n1").replica.read(b"k").unwrap(), None);

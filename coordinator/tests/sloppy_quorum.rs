@@ -459,7 +459,7 @@ async fn a_delete_hinted_for_a_dead_owner_is_handed_off_and_stays_deleted_after_
             .c
             .node(owner)
             .replica
-            .collect_tombstone(KEY.as_bytes(), &ours)
+            .remove_if_unchanged(KEY.as_bytes(), &ours)
             .unwrap());
     }
     for owner in &s.owners {

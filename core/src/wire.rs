@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/9";
+pub const ALPN: &[u8] = b"ringkv/10";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -96,6 +96,10 @@ pub enum Request {
     /// leaves: it hands its keys to their replicas under the ring without
     /// it, then has a member remove it. The answer is [`Response::Left`].
     Leave,
+    /// Remove the stray copies this node stores of keys it no longer
+    /// replicates (`ringkv cleanup`), sent to that node. The answer is
+    /// [`Response::Cleaned`].
+    Cleanup,
 }
 
 /// Anti-entropy asks a peer for at most this many tree hashes at once.
@@ -288,6 +292,8 @@ pub enum Response {
     Left(LeaveReply),
     /// The answer to [`Request::Remove`].
     Removed(RemoveReply),
+    /// The answer to [`Request::Cleanup`].
+    Cleaned(CleanupReport),
     Error(ErrorReply),
 }
 
@@ -316,6 +322,28 @@ pub struct LeaveReply {
     pub late_failures: Vec<PeerFailure>,
 }
 
+/// What `ringkv cleanup` did on one node.
+#[derive(Debug, Clone, PartialEq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct CleanupReport {
+    /// Keys the node stores (tombstones included), all of which it read.
+    pub keys_scanned: u64,
+    /// Of those, keys it does not replicate under its current ring: copies
+    /// left from an older ring (before a member joined, say).
+    pub stray_keys: u64,
+    /// Stray copies removed: a current replica holds that version or a
+    /// newer one.
+    pub removed: u64,
+    /// Stray copies kept: no current replica that answered holds them. Such
+    /// a copy is either a write that only this node has, or a value deleted
+    /// since whose tombstone the replicas have collected; the node cannot
+    /// tell which, so it neither removes nor hands it on.
+    pub kept: u64,
+    pub duration_ms: u64,
+    /// Replicas that could not be asked, and why; only their keys that
+    /// another replica holds were removed.
+    pub failures: Vec<PeerFailure>,
+}
+
 /// A node's own counters.
 #[derive(Debug, Clone, PartialEq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct NodeStats {
@@ -336,6 +364,9 @@ pub struct NodeStats {
     /// Whether this node knows it was removed from the cluster (`ringkv
     /// remove`, or its own leave): it then refuses everything but status.
     pub removed: bool,
+    /// Keys the running (or last) `ringkv cleanup` of this node has read so
+    /// far; 0 if none ran since it started.
+    pub cleanup_keys_scanned: u64,
 }
 
 /// What one anti-entropy round did (`ringkv repair`).
@@ -638,9 +669,12 @@ impl Request {
         match self {
             Request::Put(p) => validate_key(&p.key),
             Request::Get(g) => validate_key(&g.key),
-            Request::Status | Request::Ping | Request::Stats | Request::Repair | Request::Leave => {
-                Ok(())
-            }
+            Request::Status
+            | Request::Ping
+            | Request::Stats
+            | Request::Repair
+            | Request::Leave
+            | Request::Cleanup => Ok(()),
             Request::Remove { node, .. } => validate_node_id(node),
             Request::Join(j) => {
                 if let Some(replicas) = j.replicas {
@@ -721,6 +755,10 @@ impl Response {
                     .chain(&r.late_failures)
                     .try_for_each(|f| validate_node_id(&f.peer))
             }
+            Response::Cleaned(r) => r
+                .failures
+                .iter()
+                .try_for_each(|f| validate_node_id(&f.peer)),
             _ => Ok(()),
         }
     }

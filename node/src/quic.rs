@@ -83,7 +83,8 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
         | Request::Stats
         | Request::Repair
         | Request::Remove { .. }
-        | Request::Leave => Lane::Own,
+        | Request::Leave
+        | Request::Cleanup => Lane::Own,
     };
     if encoded_bytes > SHARED_REQUEST_MAX_BYTES {
         Lane::Own

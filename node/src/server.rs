@@ -42,6 +42,7 @@ use crate::quic::{serve_connection, CallError, PeerPool};
 use crate::storage::{millis, unix_ms, Storage};
 use crate::tls;
 
+mod cleanup;
 mod leave;
 
 /// The default N for a new cluster.
@@ -238,6 +239,9 @@ impl NodeConfig {
     }
 }
 
+/// A page of stored keys with their versions (see `NodeInner::stored_pages`).
+type StoredPage = Vec<(Vec<u8>, ringkv_core::dvv::Clock)>;
+
 /// The local replica, as the transport and the router call it.
 pub struct LocalReplica {
     replica: Arc<ReplicaService<Arc<Storage>>>,
@@ -393,6 +397,10 @@ struct NodeInner {
     /// Keys a leave has sent to their new replicas so far (in `Stats`, for
     /// the CLI's progress).
     leave_keys_sent: std::sync::atomic::AtomicU64,
+    /// Set while `ringkv cleanup` runs (see `server/cleanup.rs`).
+    cleaning: std::sync::atomic::AtomicBool,
+    /// Keys the running or last cleanup has read (in `Stats`).
+    cleanup_keys_scanned: std::sync::atomic::AtomicU64,
     /// The node's stop signal (the sender `NodeHandle::shutdown` uses):
     /// a removed node stops its background loops at once.
     stop: Arc<watch::Sender<bool>>,
@@ -496,6 +504,7 @@ impl NodeInner {
             }
             Request::Remove { node, tell_others } => self.remove_member(node, tell_others).await,
             Request::Leave => self.leave().await,
+            Request::Cleanup => self.cleanup().await,
             Request::Status => self.status().await,
             Request::Stats => Response::Stats(self.stats()),
         }
@@ -513,7 +522,33 @@ impl NodeInner {
             leaving: self.leaving.load(std::sync::atomic::Ordering::SeqCst)
                 && !self.is_removed.load(std::sync::atomic::Ordering::SeqCst),
             removed: self.is_removed.load(std::sync::atomic::Ordering::SeqCst),
+            cleanup_keys_scanned: self
+                .cleanup_keys_scanned
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
+    }
+
+    /// Every key this node stores with its versions, a page at a time (at
+    /// most `REPAIR_BATCH_MAX` keys and about `READ_BATCH_REPLY_BYTES`),
+    /// read on the blocking pool a few pages ahead. The task ends with the
+    /// read's outcome once the pages are taken, or once the receiver is
+    /// dropped.
+    fn stored_pages(
+        &self,
+    ) -> (
+        tokio::sync::mpsc::Receiver<StoredPage>,
+        JoinHandle<Result<(), NodeError>>,
+    ) {
+        let (pages_tx, pages) = tokio::sync::mpsc::channel(2);
+        let storage = self.storage.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            storage.data_pages(
+                ringkv_core::wire::REPAIR_BATCH_MAX,
+                ringkv_core::wire::READ_BATCH_REPLY_BYTES,
+                |page| pages_tx.blocking_send(page).is_ok(),
+            )
+        });
+        (pages, reader)
     }
 
     /// A round asked for by a client (`ringkv repair`). Like the periodic
@@ -929,7 +964,7 @@ async fn collect_if_held_everywhere(
     };
     // Read after `ours`: a newer tombstone written since the page was
     // listed has a newer time and waits for its own grace, and one written
-    // after this read fails collect_tombstone's "unchanged" check.
+    // after this read fails remove_if_unchanged's "unchanged" check.
     match inner.storage.tombstone_stored_at(&key) {
         Ok(Some(stored)) if stored <= cutoff => {}
         _ => return,
@@ -960,7 +995,7 @@ async fn collect_if_held_everywhere(
         return;
     }
     let collected =
-        tokio::task::spawn_blocking(move || replica.collect_tombstone(&key, &ours)).await;
+        tokio::task::spawn_blocking(move || replica.remove_if_unchanged(&key, &ours)).await;
     if let Ok(Ok(true)) = collected {
         // Nobody waits on this deletion, but it should not sit in the WAL
         // buffer until the next client write.
@@ -1255,6 +1290,8 @@ impl Node {
             draining: Default::default(),
             drain_timeout: config.drain_timeout,
             leave_keys_sent: Default::default(),
+            cleaning: Default::default(),
+            cleanup_keys_scanned: Default::default(),
             started: Default::default(),
             stop: shutdown.clone(),
             #[cfg(test)]

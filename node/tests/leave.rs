@@ -6,102 +6,13 @@
 
 use std::time::Duration;
 
-use ringkv_core::dvv::{Clock, Payload, VersionVector};
-use ringkv_core::wire::{GetRequest, PutRequest, ReplicaRequest, Request, Response};
-use ringkv_core::{Consistency, NodeId};
-use ringkv_node::{Client, Node, NodeConfig, NodeError, NodeHandle};
-use ringkv_ring::Ring;
+use ringkv_core::dvv::Payload;
+use ringkv_core::wire::{PutRequest, Request, Response};
+use ringkv_core::Consistency;
+use ringkv_node::{Client, Node, NodeError};
 
-const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Node `id`, N=`replicas`, with nothing in the background that could copy
-/// keys for it: no anti-entropy, no read repair.
-fn config(id: &str, dir: &std::path::Path, replicas: usize) -> NodeConfig {
-    let mut c = NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into());
-    c.replicas = Some(replicas);
-    c.anti_entropy_interval = None;
-    c.read_repair_chance = 0.0;
-    c
-}
-
-async fn start(dirs: &[tempfile::TempDir], replicas: usize) -> Vec<NodeHandle> {
-    let mut nodes: Vec<NodeHandle> = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        let mut c = config(&format!("n{}", i + 1), dir.path(), replicas);
-        if let Some(first) = nodes.first() {
-            c.seeds = vec![first.addr()];
-        }
-        nodes.push(Node::start(c).await.unwrap());
-    }
-    nodes
-}
-
-fn data_dirs(count: usize) -> Vec<tempfile::TempDir> {
-    (0..count).map(|_| tempfile::tempdir().unwrap()).collect()
-}
-
-async fn client(node: &NodeHandle) -> Client {
-    Client::connect(node.addr(), TIMEOUT).await.unwrap()
-}
-
-fn id(s: &str) -> NodeId {
-    NodeId::new(s).unwrap()
-}
-
-/// The ring of nodes `ids` (default virtual nodes), N=`replicas`.
-fn ring(ids: &[&str], replicas: usize) -> Ring {
-    Ring::new(
-        ids.iter().map(|i| (id(i), ringkv_ring::DEFAULT_VNODES)),
-        replicas,
-    )
-    .unwrap()
-}
-
-async fn put_all(client: &Client, keys: &[String]) {
-    for key in keys {
-        let put = PutRequest::new(
-            key.clone(),
-            Payload::Value(key.clone().into_bytes()),
-            Consistency::All,
-            None,
-        );
-        let answer = client.call(&Request::Put(put)).await.unwrap();
-        assert!(matches!(answer, Response::Put(_)), "{answer:?}");
-    }
-}
-
-/// A merge of a new version of `key` (value: the key) into the one node
-/// it is sent to, and nowhere else: as a W=1 write does while the key's
-/// other replicas are unreachable, or as a copy left from an older ring.
-fn merge_here(key: &str) -> Request {
-    let mut clock = Clock::new();
-    clock.update(
-        &VersionVector::new(),
-        Payload::Value(key.as_bytes().to_vec()),
-        &id("direct"),
-    );
-    Request::Replica(ReplicaRequest::Sync {
-        key: key.as_bytes().to_vec(),
-        clock,
-    })
-}
-
-/// Stores `key` on the node `client` is connected to only (see [`merge_here`]).
-async fn store_only_here(client: &Client, key: &str) {
-    assert!(matches!(
-        client.call(&merge_here(key)).await.unwrap(),
-        Response::Clock(None)
-    ));
-}
-
-/// Whether the node `client` is connected to stores `key` itself.
-async fn held_locally(client: &Client, key: &str) -> bool {
-    let get = Request::Get(GetRequest {
-        local: true,
-        ..GetRequest::new(key, Consistency::One)
-    });
-    matches!(client.call(&get).await, Ok(Response::Get(g)) if g.values == [key.as_bytes().to_vec()])
-}
+mod support;
+use support::*;
 
 /// The keys the node `client` is connected to has sent on a leave so far.
 async fn leave_keys_sent(client: &Client) -> u64 {

@@ -623,7 +623,8 @@ fn unexpected(peer: &NodeId, answer: &Response) -> AntiEntropyError {
     }
 }
 
-fn answer_kind(answer: &Response) -> &'static str {
+/// The name of `answer`'s variant, for errors (the whole answer may be large).
+pub(crate) fn answer_kind(answer: &Response) -> &'static str {
     match answer {
         Response::Put(_) => "Put",
         Response::Get(_) => "Get",
@@ -638,6 +639,7 @@ fn answer_kind(answer: &Response) -> &'static str {
         Response::Repair(_) => "Repair",
         Response::Removed(_) => "Removed",
         Response::Left(_) => "Left",
+        Response::Cleaned(_) => "Cleaned",
         Response::Error(_) => "Error",
     }
 }

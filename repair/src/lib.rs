@@ -11,6 +11,7 @@
 //! - [`anti_entropy`]: the exchange of trees between replicas and the
 //!   repair of the keys they disagree on.
 //! - [`tombstones`]: when a delete's tombstone may be collected.
+//! - [`cleanup`]: which stray copies, left from an older ring, may go.
 //!
 //! Like `coordinator`, this crate decides in plain code and acts only through
 //! the `Transport` trait; the node wires it to QUIC and RocksDB. Every
@@ -18,6 +19,7 @@
 //! flight, a per-send timeout), observable (metrics) and stops when told to.
 
 pub mod anti_entropy;
+pub mod cleanup;
 pub mod handoff;
 pub mod hints;
 pub mod merkle;

@@ -60,7 +60,6 @@ use std::time::Duration;
 
 use ringkv_core::wire::{
     ErrorKind, KeyClock, LeaveReply, PeerFailure, RemoveReply, ReplicaRequest, Request, Response,
-    READ_BATCH_REPLY_BYTES, REPAIR_BATCH_MAX,
 };
 use ringkv_core::{NodeId, Transport};
 use ringkv_ring::Ring;
@@ -338,14 +337,7 @@ impl NodeInner {
         watch_shutdown: bool,
     ) -> Result<HandedOver, PeerFailure> {
         let mut keys = 0u64;
-        // The store is read on the blocking pool, a few pages ahead.
-        let (pages_tx, mut pages) = tokio::sync::mpsc::channel(2);
-        let storage = self.storage.clone();
-        let reader = tokio::task::spawn_blocking(move || {
-            storage.data_pages(REPAIR_BATCH_MAX, READ_BATCH_REPLY_BYTES, |page| {
-                pages_tx.blocking_send(page).is_ok()
-            })
-        });
+        let (mut pages, reader) = self.stored_pages();
         // Batches of several pages travel at once: one page at a time spent
         // most of its time waiting for the slowest replica's answer.
         let mut sends = tokio::task::JoinSet::new();

@@ -1,0 +1,148 @@
+//! `ringkv cleanup`: after a node joins, the members whose ranges it took
+//! drop their stray copies of those keys once a current replica holds
+//! them, keep the ones no replica holds, never touch keys they still
+//! replicate, and name a replica they could not ask.
+
+use std::time::{Duration, Instant};
+
+use ringkv_core::wire::{CleanupReport, Request, Response};
+use ringkv_node::{Client, Node, NodeHandle};
+
+mod support;
+use support::*;
+
+async fn cleanup(client: &Client) -> CleanupReport {
+    match client.call(&Request::Cleanup).await.unwrap() {
+        Response::Cleaned(report) => report,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Waits until every node in `nodes` lists `members` members.
+async fn wait_for_members(nodes: &[NodeHandle], members: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in nodes {
+        let c = client(node).await;
+        loop {
+            if let Ok(Response::Status(s)) = c.call(&Request::Status).await {
+                if s.nodes.len() == members {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never saw {members} members",
+                node.id()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.close().await;
+    }
+}
+
+/// Three nodes with N=2, then n4 joins: each key whose preference list
+/// gained n4 lost one of its old replicas, which keeps a stray copy.
+#[tokio::test]
+async fn a_member_drops_the_stray_copies_a_replica_holds_and_keeps_the_rest() {
+    let dirs = data_dirs(4);
+    let mut nodes = start(&dirs[..3], 2).await;
+    let keys: Vec<String> = (0..120).map(|i| format!("k{i}")).collect();
+    let c1 = client(&nodes[0]).await;
+    put_all(&c1, &keys).await;
+    let mut c4 = config("n4", dirs[3].path(), 2);
+    c4.seeds = vec![nodes[0].addr()];
+    nodes.push(Node::start(c4).await.unwrap());
+    wait_for_members(&nodes, 4).await;
+
+    let (before, after) = (
+        ring(&["n1", "n2", "n3"], 2),
+        ring(&["n1", "n2", "n3", "n4"], 2),
+    );
+    let on = |r: &ringkv_ring::Ring, key: &str, node: &str| {
+        r.preference_list(key.as_bytes()).contains(&id(node))
+    };
+    let strays_of = |node: &str| -> Vec<&String> {
+        keys.iter()
+            .filter(|k| on(&before, k, node) && !on(&after, k, node))
+            .collect()
+    };
+    let n1_strays = strays_of("n1");
+    assert!(!n1_strays.is_empty(), "n4 took none of n1's keys");
+    // A copy on n1 of a key it does not replicate that no replica holds (a
+    // write only it received, or a value deleted since): it must stay.
+    let orphan = (0..)
+        .map(|i| format!("orphan{i}"))
+        .find(|k| !on(&after, k, "n1"))
+        .unwrap();
+    store_only_here(&c1, &orphan).await;
+
+    let held = keys.iter().filter(|k| on(&before, k, "n1")).count() as u64 + 1;
+    let report = cleanup(&c1).await;
+    assert_eq!(report.keys_scanned, held, "{report:?}");
+    assert_eq!(report.stray_keys, n1_strays.len() as u64 + 1, "{report:?}");
+    assert_eq!(report.removed, n1_strays.len() as u64, "{report:?}");
+    assert_eq!(report.kept, 1, "{report:?}");
+    assert!(report.failures.is_empty(), "{report:?}");
+    for key in &keys {
+        let expected = on(&after, key, "n1");
+        assert_eq!(held_locally(&c1, key).await, expected, "{key} on n1");
+    }
+    // Each removed copy is still on its old replica that stays one (n4 was
+    // never filled: no anti-entropy or read repair here).
+    let old_clients = [c1, client(&nodes[1]).await, client(&nodes[2]).await];
+    for key in &n1_strays {
+        let stays = after.preference_list(key.as_bytes()).replicas;
+        let stays = stays.iter().find(|r| r.as_str() != "n4").unwrap();
+        let i = stays.as_str()[1..].parse::<usize>().unwrap() - 1;
+        assert!(held_locally(&old_clients[i], key).await, "{key} lost");
+    }
+    let [c1, c2, c3] = old_clients;
+    c3.close().await;
+    assert!(
+        held_locally(&c1, &orphan).await,
+        "the orphan copy was dropped"
+    );
+    // Its progress counter (for the CLI's spinner).
+    match c1.call(&Request::Stats).await.unwrap() {
+        Response::Stats(s) => assert_eq!(s.cleanup_keys_scanned, held),
+        other => panic!("{other:?}"),
+    }
+    // Run again, it finds only the orphan.
+    let again = cleanup(&c1).await;
+    assert_eq!(
+        (again.stray_keys, again.removed, again.kept),
+        (1, 0, 1),
+        "{again:?}"
+    );
+
+    // With n3 down, n2's strays whose other old replica is n3 have no
+    // replica to vouch for them (n4 was never filled: no anti-entropy
+    // here): they stay, and n3 is named.
+    let n2_strays = strays_of("n2");
+    let only_n3: Vec<&&String> = n2_strays.iter().filter(|k| on(&after, k, "n3")).collect();
+    assert!(!only_n3.is_empty(), "no key of n2's went to n3 and n4");
+    nodes.remove(2).shutdown().await;
+    let report = cleanup(&c2).await;
+    assert_eq!(report.stray_keys, n2_strays.len() as u64, "{report:?}");
+    assert_eq!(report.kept, only_n3.len() as u64, "{report:?}");
+    assert_eq!(
+        report.removed,
+        (n2_strays.len() - only_n3.len()) as u64,
+        "{report:?}"
+    );
+    let failed: Vec<&str> = report.failures.iter().map(|f| f.peer.as_str()).collect();
+    assert_eq!(failed, ["n3"], "{report:?}");
+    for key in &n2_strays {
+        assert_eq!(
+            held_locally(&c2, key).await,
+            on(&after, key, "n3"),
+            "{key} on n2"
+        );
+    }
+    for c in [c1, c2] {
+        c.close().await;
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

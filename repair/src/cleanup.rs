@@ -1,0 +1,140 @@
+//! Cleanup: which stray copies a node may drop (`ringkv cleanup`,
+//! Cassandra's `nodetool cleanup`).
+//!
+//! When a member joins, each range it takes over drops one of its former
+//! replicas from the preference list (Dynamo §4.2: the new node takes keys
+//! from its successors). ringkv does not move those keys off the former
+//! replica: anti-entropy fills the new one from the key's other replicas.
+//! So the former replica keeps a *stray copy*: disk it no longer needs, and
+//! a hazard. Tombstone collection asks only the current replicas, so a
+//! stray copy can outlive its key's tombstone; should the ring change back
+//! (the new member leaves), the old value would come back as a live one.
+//!
+//! A stray copy may go once some current replica holds that version or a
+//! newer one ([`Clock::descends`]): its data is then not lost, and
+//! anti-entropy brings the key's other replicas up to that replica. A copy
+//! that no replica covers is kept: it is either a write that only this node
+//! received, which must not be lost, or a value deleted since whose
+//! tombstone the replicas have collected, which must not come back. The
+//! node cannot tell the two apart, so it neither drops the copy nor hands it
+//! on, and reports it (see `CleanupReport::kept`).
+//!
+//! The node drops a copy under the key's lock, and only if it is still the
+//! version that was checked: a write since (the ring changed back, say)
+//! keeps it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ringkv_core::dvv::Clock;
+use ringkv_core::wire::{PeerFailure, ReplicaRequest, Request, Response};
+use ringkv_core::{NodeId, Transport};
+use ringkv_ring::Ring;
+
+use crate::anti_entropy::answer_kind;
+
+/// Whether `ours` may be dropped, given what the key's current replicas
+/// that answered hold: one of them has seen every version in it.
+pub fn covered(ours: &Clock, theirs: &[Option<Clock>]) -> bool {
+    theirs.iter().flatten().any(|t| t.descends(ours))
+}
+
+/// What the current replicas said of a page of stray copies.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Per copy, in order: whether a current replica covers it.
+    pub covered: Vec<bool>,
+    /// Replicas that could not be asked on this page, and why.
+    pub failures: Vec<PeerFailure>,
+}
+
+/// Asks the current replicas (on `ring`) of each stray copy in `strays`
+/// for their versions, one `ReadBatch` per replica, and decides with
+/// [`covered`]. Replicas in `skip` (down, or failed earlier in the same
+/// cleanup) are not asked, and count as failed with the reason given there
+/// if a copy needed them. A replica that fails is in the verdict's failures.
+pub async fn check_page<T: Transport>(
+    transport: &T,
+    ring: &Ring,
+    strays: &[(Vec<u8>, Clock)],
+    skip: &BTreeMap<NodeId, String>,
+    timeout: Duration,
+) -> Verdict {
+    let mut by_replica: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+    for (i, (key, _)) in strays.iter().enumerate() {
+        for replica in ring.preference_list(key).replicas {
+            by_replica.entry(replica).or_default().push(i);
+        }
+    }
+    let mut verdict = Verdict {
+        covered: vec![false; strays.len()],
+        failures: Vec::new(),
+    };
+    // Replicas that will not be asked come last, so that they are
+    // reported only for copies no other replica covered.
+    let mut by_replica: Vec<(NodeId, Vec<usize>)> = by_replica.into_iter().collect();
+    by_replica.sort_by_key(|(replica, _)| skip.contains_key(replica));
+    for (replica, indices) in by_replica {
+        // Copies another replica already covers need no second opinion.
+        let indices: Vec<usize> = indices
+            .into_iter()
+            .filter(|&i| !verdict.covered[i])
+            .collect();
+        if indices.is_empty() {
+            continue;
+        }
+        if let Some(reason) = skip.get(&replica) {
+            verdict.failures.push(PeerFailure {
+                peer: replica,
+                reason: reason.clone(),
+            });
+            continue;
+        }
+        let keys: Vec<Vec<u8>> = indices.iter().map(|&i| strays[i].0.clone()).collect();
+        match read_clocks(transport, &replica, &keys, timeout).await {
+            Ok(clocks) => {
+                for (&i, theirs) in indices.iter().zip(clocks) {
+                    if covered(&strays[i].1, std::slice::from_ref(&theirs)) {
+                        verdict.covered[i] = true;
+                    }
+                }
+            }
+            Err(reason) => verdict.failures.push(PeerFailure {
+                peer: replica,
+                reason,
+            }),
+        }
+    }
+    verdict
+}
+
+/// `node`'s versions of `keys`, in order, asked again for any the answer
+/// left out for size.
+async fn read_clocks<T: Transport>(
+    transport: &T,
+    node: &NodeId,
+    keys: &[Vec<u8>],
+    timeout: Duration,
+) -> Result<Vec<Option<Clock>>, String> {
+    let mut clocks = Vec::with_capacity(keys.len());
+    while clocks.len() < keys.len() {
+        let request = Request::Replica(ReplicaRequest::ReadBatch {
+            keys: keys[clocks.len()..].to_vec(),
+        });
+        match tokio::time::timeout(timeout, transport.call(node, request)).await {
+            Ok(Ok(Response::Clocks(got)))
+                if !got.is_empty() && got.len() <= keys.len() - clocks.len() =>
+            {
+                clocks.extend(got)
+            }
+            Ok(Ok(Response::Error(e))) => return Err(e.message),
+            Ok(Ok(other)) => return Err(format!("unexpected answer {}", answer_kind(&other))),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no answer within {} s", timeout.as_secs())),
+        }
+    }
+    Ok(clocks)
+}
+
+#[cfg(test)]
+mod tests;
