@@ -465,7 +465,8 @@ pub struct LeaveArgs {
     of those ranges drops one of its former replicas. Anti-entropy fills the new node from the other replicas; the \
     former replica keeps its copies, which then take disk space and could bring a deleted value back if the ring \
     changed back after the key's tombstone was collected. Run `ringkv cleanup --node ADDR` on each old member \
-    after adding nodes (one at a time, or all: each reads only its own store), like Cassandra's `nodetool cleanup`.\n\n\
+    after adding nodes (one at a time, or all: each reads only its own store), like Cassandra's `nodetool cleanup`, \
+    and within the nodes' --tombstone-grace-s (a day by default): a copy whose tombstone is gone can no longer be told from a lone write, and stays.\n\n\
     The node reads every key it stores, asks the key's current replicas for their versions, and removes its copy \
     if one of them holds that version or a newer one. A copy no replica holds is kept and counted: it is either a \
     write only this node received or a value deleted since whose tombstone the replicas no longer keep, and the \

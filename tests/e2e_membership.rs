@@ -183,3 +183,84 @@ fn a_node_that_leaves_hands_over_its_keys_and_cannot_come_back() {
     c.kill(3);
     assert!(c.launch(3, &[]).is_err(), "a node that left must not start");
 }
+
+/// `ringkv cleanup` after a join: the old members drop the copies of the
+/// keys the new node took over (their other replica still holds them), and
+/// every key stays readable.
+#[test]
+fn cleanup_after_a_join_drops_the_copies_the_old_members_no_longer_need() {
+    // No anti-entropy and no read repair, so the new node stays empty and
+    // the old copies are all that can vouch for the keys.
+    let mut c = Cluster::start(
+        "cleanup_after_a_join",
+        3,
+        2,
+        &[
+            "--anti-entropy-interval-s",
+            "0",
+            "--read-repair-chance",
+            "0",
+        ],
+    );
+    let key = |i: usize| format!("cl{i}");
+    let rt = runtime();
+    rt.block_on(write_keys(
+        c.nodes[0].addr,
+        150,
+        key,
+        ringkv_core::Consistency::All,
+        4,
+    ));
+    let seed = c.addr(0);
+    c.add_node(&[seed]);
+    c.eventually(Duration::from_secs(20), "n1 learns of n4", || {
+        members_seen_by(&c, 0) == 4
+    });
+    let missing_before = rt.block_on(missing_locally(c.nodes[0].addr, 0..150, key));
+
+    let out = c.cli(0, &["cleanup", "--json"]);
+    assert_exit(&out, 0);
+    let report = json(&out);
+    let stray = report["stray_keys"].as_u64().unwrap();
+    assert!(stray > 0, "n4 took none of n1's keys: {report}");
+    assert_eq!(report["removed"].as_u64(), Some(stray), "{report}");
+    assert_eq!(report["kept"].as_u64(), Some(0), "{report}");
+    assert_eq!(
+        report["keys_scanned"].as_u64(),
+        Some(150 - missing_before.len() as u64),
+        "{report}"
+    );
+    assert_eq!(report["failures"], serde_json::json!([]));
+    let missing_after = rt.block_on(missing_locally(c.nodes[0].addr, 0..150, key));
+    assert_eq!(
+        missing_after.len() - missing_before.len(),
+        stray as usize,
+        "n1 dropped exactly its stray copies"
+    );
+    // Each key is still on one of its replicas: a W=all write's other
+    // replica kept its copy.
+    for i in 0..150 {
+        let held = (0..3).any(|n| {
+            rt.block_on(missing_locally(c.nodes[n].addr, [i], key))
+                .is_empty()
+        });
+        assert!(held, "{} lost", key(i));
+    }
+    // Run again, nothing is left to drop; the human output says so.
+    let again = c.cli(0, &["cleanup"]);
+    assert_exit(&again, 0);
+    assert!(
+        stdout(&again).contains("0 are not this node's to replicate; 0 removed, 0 kept"),
+        "{}",
+        stdout(&again)
+    );
+    // It acts on the node named, one address.
+    let both = format!("{},{}", c.addr(0), c.addr(1));
+    let two = run(ringkv().args(["cleanup", "--node", &both]));
+    assert_exit(&two, 2);
+    assert!(
+        stderr(&two).contains("give one address"),
+        "{}",
+        stderr(&two)
+    );
+}
