@@ -320,17 +320,23 @@ impl Target {
             ));
         }
         for node in &nodes {
-            let well_formed = node
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !well_formed {
-                return Err(format!(
-                    "--node {node:?} is not an address; use HOST:PORT, e.g. 127.0.0.1:7000"
-                ));
+            if !is_host_port(node) {
+                return Err(not_an_address("--node", node));
             }
         }
         Ok(nodes.into_iter().map(String::from).collect())
     }
+}
+
+/// Whether `addr` has the form `HOST:PORT` (the host not yet resolved).
+pub fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// The error for a `flag` value that is not `HOST:PORT`.
+pub fn not_an_address(flag: &str, addr: &str) -> String {
+    format!("{flag} {addr:?} is not an address; use HOST:PORT, e.g. 127.0.0.1:7000")
 }
 
 /// Options every key request takes.

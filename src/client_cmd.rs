@@ -411,12 +411,23 @@ pub fn resolve(node: &str) -> Result<SocketAddr, Failure> {
 
 /// Parses `HOST:PORT`, resolving a host name; the error names the problem.
 pub fn resolve_node(node: &str) -> Result<SocketAddr, String> {
-    node.to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| {
-            format!("--node {node:?} is not an address; use HOST:PORT, e.g. 127.0.0.1:7000")
-        })
+    resolve_addr("--node", node)
+}
+
+/// Parses `flag`'s value `addr`, `HOST:PORT`, resolving a host name. The
+/// error tells a malformed address from a name that does not resolve.
+pub fn resolve_addr(flag: &str, addr: &str) -> Result<SocketAddr, String> {
+    if !crate::args::is_host_port(addr) {
+        return Err(crate::args::not_an_address(flag, addr));
+    }
+    match addr.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{flag} {addr:?}: the host name has no address")),
+        Err(e) => Err(format!(
+            "{flag} {addr:?}: cannot resolve the host name ({e})"
+        )),
+    }
 }
 
 fn unexpected(response: Response) -> Failure {

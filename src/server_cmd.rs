@@ -1,6 +1,6 @@
 //! `node`, `cluster` and `demo`: commands that run nodes in this process.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ringkv_core::dvv::Payload;
@@ -512,15 +512,7 @@ fn pct(samples: &mut [u64], p: usize) -> f64 {
 }
 
 fn resolve(flag: &str, addr: &str) -> Result<SocketAddr, Failure> {
-    addr.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            Failure::new(
-                Exit::Usage,
-                format!("{flag} {addr:?} is not an address; use HOST:PORT"),
-            )
-        })
+    crate::client_cmd::resolve_addr(flag, addr).map_err(|e| Failure::new(Exit::Usage, e))
 }
 
 /// Buckets of every `*_seconds` histogram: 50 µs to a minute, finer
