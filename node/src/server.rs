@@ -511,6 +511,7 @@ impl NodeInner {
     }
 
     fn stats(&self) -> NodeStats {
+        let removed = self.is_removed.load(std::sync::atomic::Ordering::SeqCst);
         NodeStats {
             hints_pending: self.hints.pending_total(),
             last_exchange_unix_ms: self.anti_entropy.last_round_unix_ms(),
@@ -519,9 +520,8 @@ impl NodeInner {
                 .leave_keys_sent
                 .load(std::sync::atomic::Ordering::Relaxed),
             // Once removed it is no longer leaving but gone (see `removed`).
-            leaving: self.leaving.load(std::sync::atomic::Ordering::SeqCst)
-                && !self.is_removed.load(std::sync::atomic::Ordering::SeqCst),
-            removed: self.is_removed.load(std::sync::atomic::Ordering::SeqCst),
+            leaving: self.leaving.load(std::sync::atomic::Ordering::SeqCst) && !removed,
+            removed,
             cleanup_keys_scanned: self
                 .cleanup_keys_scanned
                 .load(std::sync::atomic::Ordering::Relaxed),

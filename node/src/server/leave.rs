@@ -255,20 +255,12 @@ impl NodeInner {
         for member in record.members.values().filter(|m| m.id != self.id) {
             let (id, transport) = (member.id.clone(), self.transport.clone());
             asks.spawn(async move {
-                let answer = tokio::time::timeout(
-                    LEAVING_CHECK_TIMEOUT,
-                    transport.call(&id, Request::Stats),
-                )
-                .await;
+                let answer =
+                    answer_within(LEAVING_CHECK_TIMEOUT, transport.call(&id, Request::Stats)).await;
                 let answer = match answer {
-                    Ok(Ok(Response::Stats(stats))) => Ok(stats),
-                    Ok(Ok(Response::Error(e))) => Err(e.message),
-                    Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!(
-                        "no answer within {} s",
-                        LEAVING_CHECK_TIMEOUT.as_secs()
-                    )),
+                    Ok(Response::Stats(stats)) => Ok(stats),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(reason) => Err(reason),
                 };
                 (id, answer)
             });
@@ -383,14 +375,11 @@ impl NodeInner {
                 sends.spawn(async move {
                     let request = Request::Replica(ReplicaRequest::SyncBatch { items });
                     let answer =
-                        tokio::time::timeout(HAND_OVER_TIMEOUT, transport.call(&replica, request))
-                            .await;
+                        answer_within(HAND_OVER_TIMEOUT, transport.call(&replica, request)).await;
                     let reason = match answer {
-                        Ok(Ok(Response::Clock(None))) => return Ok(()),
-                        Ok(Ok(Response::Error(e))) => e.message,
-                        Ok(Ok(other)) => format!("unexpected answer {other:?}"),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => format!("no answer within {} s", HAND_OVER_TIMEOUT.as_secs()),
+                        Ok(Response::Clock(None)) => return Ok(()),
+                        Ok(other) => format!("unexpected answer {other:?}"),
+                        Err(reason) => reason,
                     };
                     Err(PeerFailure {
                         peer: replica,
@@ -435,17 +424,29 @@ impl NodeInner {
                 continue;
             };
             let answer =
-                tokio::time::timeout(REMOVAL_TIMEOUT, self.transport.call_addr(addr, &request))
-                    .await;
+                answer_within(REMOVAL_TIMEOUT, self.transport.call_addr(addr, &request)).await;
             let reason = match answer {
-                Ok(Ok(Response::Removed(reply))) => return Ok(reply),
-                Ok(Ok(Response::Error(e))) => e.message,
-                Ok(Ok(other)) => format!("unexpected answer {other:?}"),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {} s", REMOVAL_TIMEOUT.as_secs()),
+                Ok(Response::Removed(reply)) => return Ok(reply),
+                Ok(other) => format!("unexpected answer {other:?}"),
+                Err(reason) => reason,
             };
             reasons.push(format!("{}: {reason}", member.id));
         }
         Err(reasons)
+    }
+}
+
+/// `call`'s answer if it comes within `timeout` and is not an error;
+/// otherwise why not (the error answer, the transport's failure or the
+/// timeout), as a reason to show the operator.
+async fn answer_within<E: std::fmt::Display>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<Response, E>>,
+) -> Result<Response, String> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(Response::Error(e))) => Err(e.message),
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", timeout.as_secs())),
     }
 }
