@@ -7,7 +7,7 @@
 //! key through one node never lose a sibling: the second writer reads what the
 //! first wrote.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::hash::stable_hash64;
@@ -92,9 +92,17 @@ pub enum ReplicaError {
 }
 
 /// Applies replica operations to a [`Store`].
+///
+/// Invariant: this replica stores every dot it has minted under its current
+/// actor, in the key's clock. A mint reads the key's clock and adds the dot
+/// after the highest of its own there, so a replica that had forgotten one
+/// (removed the copy holding it) would mint it again, and the replicas that
+/// know the old one would take the new write for it and drop it. Whoever
+/// removes copies holding such dots changes the actor first
+/// ([`Self::replace_actor`]).
 pub struct ReplicaService<S> {
     /// The actor this replica mints dots under (see [`NodeId::actor`]).
-    id: NodeId,
+    actor: RwLock<NodeId>,
     store: S,
     locks: Box<[Mutex<()>]>,
     max_siblings: usize,
@@ -107,7 +115,7 @@ pub struct ReplicaService<S> {
 impl<S: Store> ReplicaService<S> {
     pub fn new(id: NodeId, store: S, max_siblings: usize) -> Self {
         ReplicaService {
-            id,
+            actor: RwLock::new(id),
             store,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             max_siblings,
@@ -129,8 +137,35 @@ impl<S: Store> ReplicaService<S> {
         self
     }
 
-    pub fn id(&self) -> &NodeId {
-        &self.id
+    /// The actor this replica mints dots under now.
+    pub fn id(&self) -> NodeId {
+        self.actor().clone()
+    }
+
+    fn actor(&self) -> std::sync::RwLockReadGuard<'_, NodeId> {
+        self.actor
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Mints every later dot under `actor`, a new one (the caller has made
+    /// its epoch durable), so that this replica may forget the dots of the
+    /// current one. Returns once no mint under the old actor is under way.
+    pub fn replace_actor(&self, actor: NodeId) {
+        // Every stripe: a mint holds its key's stripe from reading the actor
+        // until its dot is stored. Stripes are taken one per operation
+        // elsewhere, so taking them all in order cannot deadlock.
+        let _all: Vec<_> = (0..LOCK_STRIPES)
+            .map(|i| {
+                self.locks[i]
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+            })
+            .collect();
+        *self
+            .actor
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = actor;
     }
 
     pub fn store(&self) -> &S {
@@ -162,6 +197,7 @@ impl<S: Store> ReplicaService<S> {
         context_of: impl FnOnce(&Clock) -> VersionVector,
     ) -> Result<Clock, ReplicaError> {
         let _guard = self.lock(key);
+        let actor = self.actor();
         let current = self.store.get(key)?;
         // The store (its tombstone index) and the observer need the old
         // version once the new one exists.
@@ -172,10 +208,10 @@ impl<S: Store> ReplicaService<S> {
         // dots first, and a node that may have lost some runs as a new
         // actor), so a context claiming more of our writes is not a context
         // of this key's history; obeying it would supersede our future writes.
-        let (claimed, made) = (context.get(&self.id), clock.counter(&self.id));
+        let (claimed, made) = (context.get(&actor), clock.counter(&actor));
         if claimed > made {
             return Err(ReplicaError::ImpossibleContext {
-                actor: self.id.clone(),
+                actor: actor.clone(),
                 claimed,
                 made,
             });
@@ -187,7 +223,7 @@ impl<S: Store> ReplicaService<S> {
                 limit: self.max_siblings,
             });
         }
-        clock.update(context, payload, &self.id);
+        clock.update(context, payload, &actor);
         check_limits(&clock)?;
         let _change = self.observer.as_ref().map(|o| o.begin_change());
         self.store.put(key, old.as_ref(), &clock)?;
@@ -314,18 +350,18 @@ impl<S: Store> ReplicaService<S> {
             ReplicaRequest::TreeHashes { .. } | ReplicaRequest::LeafItems { .. } => {
                 return Response::error(
                     ErrorKind::Unavailable,
-                    format!("{} does not take part in anti-entropy", self.id),
+                    format!("{} does not take part in anti-entropy", self.id()),
                 )
             }
         };
         match result {
             Ok(clock) => Response::Clock(clock),
             Err(e @ ReplicaError::Store(_)) => {
-                Response::error(ErrorKind::Internal, format!("{}: {e}", self.id))
+                Response::error(ErrorKind::Internal, format!("{}: {e}", self.id()))
             }
             // The coordinator may ask another fallback.
             Err(e @ ReplicaError::Hint(_)) => {
-                Response::error(ErrorKind::Unavailable, format!("{}: {e}", self.id))
+                Response::error(ErrorKind::Unavailable, format!("{}: {e}", self.id()))
             }
             Err(e) => Response::error(ErrorKind::InvalidRequest, e.to_string()),
         }
@@ -348,7 +384,9 @@ impl<S: Store> ReplicaService<S> {
                     bytes += size;
                     clocks.push(clock);
                 }
-                Err(e) => return Response::error(ErrorKind::Internal, format!("{}: {e}", self.id)),
+                Err(e) => {
+                    return Response::error(ErrorKind::Internal, format!("{}: {e}", self.id()))
+                }
             }
         }
         Response::Clocks(clocks)
@@ -634,5 +672,41 @@ mod tests {
         let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
         assert!(b.sync(b"k", &clock).unwrap());
         assert!(!b.sync(b"k", &clock).unwrap());
+    }
+
+    /// A replica that removed its copy (a stray one, say) and later writes
+    /// the key again: under the same actor it mints the same dot again, and
+    /// a replica that knows the first takes the new write for it; under a
+    /// new actor the write survives.
+    #[test]
+    fn a_replica_that_forgets_its_dots_must_mint_under_a_new_actor() {
+        let blind = VersionVector::new();
+        let a = service(10);
+        let first = a
+            .update(b"k", &blind, Payload::Value(b"old".to_vec()))
+            .unwrap();
+        let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
+        b.sync(b"k", &first).unwrap();
+        assert!(a.remove_if_unchanged(b"k", &first).unwrap());
+
+        let again = a
+            .update(b"k", &blind, Payload::Value(b"new".to_vec()))
+            .unwrap();
+        assert!(
+            !b.sync(b"k", &again).unwrap(),
+            "the same dot again: b drops the new write"
+        );
+
+        assert!(a.remove_if_unchanged(b"k", &again).unwrap());
+        a.replace_actor(NodeId::new("a2").unwrap());
+        assert_eq!(a.id(), NodeId::new("a2").unwrap());
+        let fresh = a
+            .update(b"k", &blind, Payload::Value(b"new".to_vec()))
+            .unwrap();
+        assert!(b.sync(b"k", &fresh).unwrap());
+        let held = b.read(b"k").unwrap().unwrap();
+        let values: Vec<&[u8]> = held.values().collect();
+        // A blind write beside the value b held: both, as siblings.
+        assert_eq!(values, [&b"old"[..], &b"new"[..]]);
     }
 }

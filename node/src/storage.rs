@@ -286,6 +286,15 @@ impl Storage {
         Ok(epoch)
     }
 
+    /// Chooses a new epoch for the rest of this run (and the next, if it
+    /// shuts down cleanly), durably: for a node about to forget dots it
+    /// minted under the current one (see `ReplicaService::replace_actor`).
+    pub fn new_epoch(&self) -> Result<u32, NodeError> {
+        let epoch = rand::random();
+        self.meta_put(META_EPOCH, &u32::to_le_bytes(epoch))?;
+        Ok(epoch)
+    }
+
     /// Makes every acknowledged write durable and records a clean shutdown,
     /// so the next run may keep this epoch.
     pub fn mark_clean_shutdown(&self) -> Result<(), NodeError> {

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use ringkv_core::wire::{CleanupReport, Request, Response};
+use ringkv_core::dvv::Payload;
+use ringkv_core::wire::{CleanupReport, GetRequest, PutRequest, Request, Response};
+use ringkv_core::Consistency;
 use ringkv_node::{Client, Node, NodeHandle};
 
 mod support;
@@ -142,6 +144,81 @@ async fn a_member_drops_the_stray_copies_a_replica_holds_and_keeps_the_rest() {
     for c in [c1, c2] {
         c.close().await;
     }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// A member that dropped its copies may replicate those keys again (the
+/// node that took them is removed) and coordinate a write to one before
+/// anti-entropy refills it. Its dots for the key are gone from its store,
+/// so under its old actor it would mint one of them again, and the other
+/// replica, which knows that dot, would drop the write. Cleanup changed
+/// its actor first, so the write is kept.
+#[tokio::test]
+async fn writes_after_a_cleanup_and_a_ring_change_back_are_not_lost() {
+    let dirs = data_dirs(4);
+    let mut nodes = start(&dirs[..3], 2).await;
+    let keys: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
+    let c1 = client(&nodes[0]).await;
+    // Written through n1, so n1 minted the dots of the keys it replicates.
+    put_all(&c1, &keys).await;
+    let mut c4 = config("n4", dirs[3].path(), 2);
+    c4.seeds = vec![nodes[0].addr()];
+    nodes.push(Node::start(c4).await.unwrap());
+    wait_for_members(&nodes, 4).await;
+    let (before, after) = (
+        ring(&["n1", "n2", "n3"], 2),
+        ring(&["n1", "n2", "n3", "n4"], 2),
+    );
+    let key = keys
+        .iter()
+        .find(|k| {
+            let (was, is) = (
+                before.preference_list(k.as_bytes()),
+                after.preference_list(k.as_bytes()),
+            );
+            was.contains(&id("n1")) && !is.contains(&id("n1"))
+        })
+        .expect("n4 took one of n1's keys");
+    let report = cleanup(&c1).await;
+    assert!(report.removed > 0, "{report:?}");
+    assert!(!held_locally(&c1, key).await);
+
+    // n4 goes; n1 replicates the key again, holding nothing of it.
+    nodes.pop().unwrap().shutdown().await;
+    let remove = Request::Remove {
+        node: id("n4"),
+        tell_others: true,
+    };
+    assert!(matches!(
+        c1.call(&remove).await.unwrap(),
+        Response::Removed(_)
+    ));
+    wait_for_members(&nodes, 3).await;
+    let put = PutRequest::new(
+        key.clone(),
+        Payload::Value(b"again".to_vec()),
+        Consistency::All,
+        None,
+    );
+    assert!(matches!(
+        c1.call(&Request::Put(put)).await.unwrap(),
+        Response::Put(_)
+    ));
+    let get = Request::Get(GetRequest::new(key.as_str(), Consistency::All));
+    match c1.call(&get).await.unwrap() {
+        Response::Get(g) => {
+            // A blind write beside the value the other replica kept.
+            assert!(
+                g.values.contains(&b"again".to_vec()),
+                "the write was lost: {g:?}"
+            );
+            assert!(g.values.contains(&key.clone().into_bytes()), "{g:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    c1.close().await;
     for node in nodes {
         node.shutdown().await;
     }

@@ -140,18 +140,32 @@ impl NodeInner {
                 covered.into_iter().map(|(stray, _)| stray).collect();
             let strays_here = report.stray_keys - report.removed - report.kept;
             let replica = self.local.replica.clone();
+            let (storage, id) = (self.storage.clone(), self.id.clone());
             let removed = tokio::task::spawn_blocking(move || {
+                // This node must keep every dot of its current actor (see
+                // `ReplicaService`): before it forgets one, it changes actor.
+                let actor = replica.id();
+                if covered.iter().any(|(_, ours)| ours.counter(&actor) > 0) {
+                    let epoch = storage
+                        .new_epoch()
+                        .map_err(|e| format!("could not begin a new epoch: {e}"))?;
+                    replica.replace_actor(id.actor(epoch));
+                    metrics::counter!("ringkv_actor_changes_total").increment(1);
+                    tracing::info!(old = %actor, new = %replica.id(), "cleanup: new dots go under a new actor, as copies holding the old one's are removed");
+                }
                 let mut removed = 0u64;
                 for (key, ours) in &covered {
-                    if replica.remove_if_unchanged(key, ours)? {
+                    if replica
+                        .remove_if_unchanged(key, ours)
+                        .map_err(|e| e.to_string())?
+                    {
                         removed += 1;
                     }
                 }
-                Ok::<_, ringkv_coordinator::replica::ReplicaError>(removed)
+                Ok::<_, String>(removed)
             })
             .await
-            .map_err(|e| format!("a removal task failed: {e}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("a removal task failed: {e}"))??;
             report.removed += removed;
             report.kept += strays_here - removed;
             // Nobody waits on these removals, but they should not sit in the
