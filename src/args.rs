@@ -455,8 +455,8 @@ pub struct RemoveArgs {
     can then be deleted. Started again, it refuses, like a removed node. Hints other members hold for it go to \
     the replicas of their keys, as with `ringkv remove`. On a terminal a spinner counts the keys sent.\n\n\
     Exits 0 once it has left, 2 if refused (the cluster would keep fewer than N members: add a node first; it \
-    holds hints for members that are down; it is already leaving; or another member is, or has left and this \
-    node has not learned it yet: nodes leave one at a time, so run it again once that leave has returned), 3 if a member could not be asked whether it is leaving, or a replica could not take its keys \
+    holds hints for members that are down; it is already leaving; or another member is, or is running a cleanup, or \
+    has left and this node has not learned it yet: nodes leave one at a time, so run it again once that leave has returned), 3 if a member could not be asked whether it is leaving, or a replica could not take its keys \
     (it is then still a member and nothing was removed: bring that member up, or remove it, and leave again) \
     or no member confirmed the removal, 4 if the node cannot be reached."
 )]
@@ -476,11 +476,18 @@ pub struct LeaveArgs {
     The node reads every key it stores, asks the key's current replicas for their versions, and removes its copy \
     if one of them holds that version or a newer one. A copy no replica holds is kept and counted: it is either a \
     write only this node received or a value deleted since whose tombstone the replicas no longer keep, and the \
-    node cannot tell which. Keys it replicates are never touched. It can be stopped and run again at any time. \
-    On a terminal a spinner counts the keys read.\n\n\
-    Exits 0 when every replica needed could be asked, 2 if refused (a cleanup is already running there, or the \
-    node is leaving), 3 if the node is not in a cluster yet or stopped during the cleanup, 4 if the node cannot \
-    be reached or some replicas could not be asked (listed; their copies were kept: run it again once they are up)."
+    node cannot tell which. Keys it replicates are never touched. Before it removes a copy of a key it wrote \
+    itself, the node starts minting versions under a new actor id, so that a later write to that key is not \
+    mistaken for the old one. Running it again is safe: it looks at what is left. Only the node's shutdown stops \
+    it once started. On a terminal a spinner counts the keys read.\n\n\
+    Like a leave, it needs every member up and none leaving: it is refused while a member is leaving (run it \
+    once that leave has returned), and a leave is refused while a cleanup runs.\n\n\
+    Exits 0 when every replica needed could be asked, 2 if refused (a cleanup is already running there, this \
+    node or another member is leaving, or one has left unknown to this node: run it again shortly), 3 if a \
+    member could not be asked whether it is leaving (nothing was removed), the node is not in a cluster yet, or \
+    it stopped during the cleanup, 4 if the node cannot be reached or some replicas could not be asked during \
+    the cleanup (listed; the copies only they could vouch for were kept: run it again once they are up), 5 if \
+    the node failed to read or write its store."
 )]
 pub struct CleanupArgs {
     #[command(flatten)]

@@ -290,9 +290,9 @@ pub fn cleaned(report: &CleanupReport, json: bool) {
     }
     if report.kept > 0 {
         println!(
-            "kept copies are held by no replica that answered{}",
+            "kept copies are held by no replica that answered (or changed while checked){}",
             if report.failures.is_empty() {
-                ": each is a write only this node received, or a value deleted since; see the node's log"
+                ": each is a write only this node received, or a value deleted since; the node's log names the first few"
             } else {
                 "; run it again once every replica is up"
             }

@@ -273,6 +273,7 @@ impl SimHandler for SimNode {
                     leaving: false,
                     removed: false,
                     cleanup_keys_scanned: 0,
+                    cleaning: false,
                 }),
                 Request::Repair => {
                     let up = self.detector.clone();

@@ -333,10 +333,12 @@ pub struct CleanupReport {
     /// Stray copies removed: a current replica holds that version or a
     /// newer one.
     pub removed: u64,
-    /// Stray copies kept: no current replica that answered holds them. Such
-    /// a copy is either a write that only this node has, or a value deleted
-    /// since whose tombstone the replicas have collected; the node cannot
-    /// tell which, so it neither removes nor hands it on.
+    /// Stray copies kept: mostly those no current replica that answered
+    /// holds. Such a copy is either a write that only this node has, or a
+    /// value deleted since whose tombstone the replicas have collected; the
+    /// node cannot tell which, so it neither removes nor hands it on. Also
+    /// counted: copies written, or whose ring changed, while they were
+    /// checked (a later cleanup looks at them again).
     pub kept: u64,
     pub duration_ms: u64,
     /// Replicas that could not be asked, and why; only their keys that
@@ -367,6 +369,9 @@ pub struct NodeStats {
     /// Keys the running (or last) `ringkv cleanup` of this node has read so
     /// far; 0 if none ran since it started.
     pub cleanup_keys_scanned: u64,
+    /// Whether a `ringkv cleanup` of this node is under way. A member asked
+    /// to leave refuses while another cleans up, and the other way round.
+    pub cleaning: bool,
 }
 
 /// What one anti-entropy round did (`ringkv repair`).

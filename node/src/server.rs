@@ -525,6 +525,7 @@ impl NodeInner {
             cleanup_keys_scanned: self
                 .cleanup_keys_scanned
                 .load(std::sync::atomic::Ordering::Relaxed),
+            cleaning: self.cleaning.load(std::sync::atomic::Ordering::SeqCst) && !removed,
         }
     }
 

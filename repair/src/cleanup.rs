@@ -20,8 +20,9 @@
 //! on, and reports it (see `CleanupReport::kept`).
 //!
 //! The node drops a copy under the key's lock, and only if it is still the
-//! version that was checked: a write since (the ring changed back, say)
-//! keeps it.
+//! version that was checked: a write since keeps it. What else it must do
+//! around that (no leave at the same time, the ring unchanged, a new actor
+//! before it forgets its own dots) is in the node's `server/cleanup.rs`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -51,8 +52,9 @@ pub struct Verdict {
 /// Asks the current replicas (on `ring`) of each stray copy in `strays`
 /// for their versions, one `ReadBatch` per replica, and decides with
 /// [`covered`]. Replicas in `skip` (down, or failed earlier in the same
-/// cleanup) are not asked, and count as failed with the reason given there
-/// if a copy needed them. A replica that fails is in the verdict's failures.
+/// cleanup) are not asked. A replica that is skipped or fails is in the
+/// verdict's failures only if a copy it could have covered is left
+/// uncovered.
 pub async fn check_page<T: Transport>(
     transport: &T,
     ring: &Ring,
@@ -66,46 +68,49 @@ pub async fn check_page<T: Transport>(
             by_replica.entry(replica).or_default().push(i);
         }
     }
-    let mut verdict = Verdict {
-        covered: vec![false; strays.len()],
-        failures: Vec::new(),
-    };
-    // Replicas that will not be asked come last, so that they are
-    // reported only for copies no other replica covered.
-    let mut by_replica: Vec<(NodeId, Vec<usize>)> = by_replica.into_iter().collect();
-    by_replica.sort_by_key(|(replica, _)| skip.contains_key(replica));
+    let mut covered_by_some = vec![false; strays.len()];
+    let mut unanswered: Vec<(PeerFailure, Vec<usize>)> = Vec::new();
     for (replica, indices) in by_replica {
         // Copies another replica already covers need no second opinion.
         let indices: Vec<usize> = indices
             .into_iter()
-            .filter(|&i| !verdict.covered[i])
+            .filter(|&i| !covered_by_some[i])
             .collect();
         if indices.is_empty() {
             continue;
         }
-        if let Some(reason) = skip.get(&replica) {
-            verdict.failures.push(PeerFailure {
-                peer: replica,
-                reason: reason.clone(),
-            });
-            continue;
-        }
-        let keys: Vec<Vec<u8>> = indices.iter().map(|&i| strays[i].0.clone()).collect();
-        match read_clocks(transport, &replica, &keys, timeout).await {
-            Ok(clocks) => {
-                for (&i, theirs) in indices.iter().zip(clocks) {
-                    if covered(&strays[i].1, std::slice::from_ref(&theirs)) {
-                        verdict.covered[i] = true;
+        let reason = match skip.get(&replica) {
+            Some(reason) => reason.clone(),
+            None => {
+                let keys: Vec<Vec<u8>> = indices.iter().map(|&i| strays[i].0.clone()).collect();
+                match read_clocks(transport, &replica, &keys, timeout).await {
+                    Ok(clocks) => {
+                        for (&i, theirs) in indices.iter().zip(clocks) {
+                            if covered(&strays[i].1, std::slice::from_ref(&theirs)) {
+                                covered_by_some[i] = true;
+                            }
+                        }
+                        continue;
                     }
+                    Err(reason) => reason,
                 }
             }
-            Err(reason) => verdict.failures.push(PeerFailure {
-                peer: replica,
-                reason,
-            }),
-        }
+        };
+        let failure = PeerFailure {
+            peer: replica,
+            reason,
+        };
+        unanswered.push((failure, indices));
     }
-    verdict
+    let failures = unanswered
+        .into_iter()
+        .filter(|(_, indices)| indices.iter().any(|&i| !covered_by_some[i]))
+        .map(|(failure, _)| failure)
+        .collect();
+    Verdict {
+        covered: covered_by_some,
+        failures,
+    }
 }
 
 /// `node`'s versions of `keys`, in order, asked again for any the answer

@@ -6,13 +6,30 @@
 //! a current replica covers. This module reads the store a page at a time,
 //! picks the keys the node's current ring does not place on it, asks their
 //! replicas, and removes the covered ones under each key's lock if they are
-//! unchanged. One cleanup runs at a time per node; it stops at shutdown,
-//! and what it removed by then stays removed, so running it again picks up
-//! where it stopped (the copies removed are simply no longer there).
+//! unchanged. Around that:
 //!
-//! A replica that cannot be asked (down, or failing once in the cleanup)
-//! is not asked again in the same cleanup: every key it would have had to
-//! cover stays, and the answer names it.
+//! - **No leave at the same time.** A leave hands keys to the replicas of
+//!   the ring without the leaver, counting on the copies there; a removal
+//!   changes which node replicates what. So, like a leave, the node marks
+//!   itself (`Stats.cleaning`) and only then asks every other member, and
+//!   refuses if one is leaving, has left unknown to it, or cannot be
+//!   asked; a leave refuses while a member is cleaning. Of a leave and a
+//!   cleanup begun together at least one sees the other (the argument in
+//!   `server/leave.rs`).
+//! - **The ring unchanged.** A page whose ring changed while its replicas
+//!   were asked is judged again under the new ring; removals stop at a
+//!   ring installed after the verdict.
+//! - **A new actor first.** The node must keep every dot it minted under
+//!   its current actor (see `ReplicaService`). Before it removes a copy
+//!   holding one, it begins a new epoch and mints under a new actor from
+//!   then on, so a later write to that key (once it replicates it again)
+//!   cannot repeat a dot the other replicas know and be dropped.
+//!
+//! One cleanup runs at a time per node; it stops at shutdown, and what it
+//! removed by then stays removed. A replica that cannot be asked (down,
+//! or failing once in the cleanup) is not asked again in the same
+//! cleanup: the copies only it could vouch for stay, and the answer names
+//! it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,14 +38,17 @@ use std::time::{Duration, Instant};
 
 use ringkv_coordinator::coordinator::Coordinator;
 use ringkv_core::dvv::Clock;
-use ringkv_core::wire::{CleanupReport, ErrorKind, PeerFailure, Response};
+use ringkv_core::wire::{CleanupReport, ErrorKind, NodeStats, PeerFailure, Response};
 use ringkv_core::NodeId;
 use ringkv_repair::cleanup;
+use ringkv_ring::Ring;
 
 use super::{NodeInner, QuicTransport};
 
 /// How long a replica may take to answer one page's `ReadBatch`.
 const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Times a page is judged while the ring keeps changing under it.
+const JUDGE_ATTEMPTS: usize = 3;
 /// Kept copies named in the log per cleanup, at most (the answer counts
 /// them all).
 const KEPT_LOGGED_MAX: usize = 10;
@@ -48,17 +68,26 @@ impl NodeInner {
         let Some(coordinator) = self.coordinator.get().cloned() else {
             return super::joining(&self.id);
         };
+        let Some(record) = self.membership.record() else {
+            return super::joining(&self.id);
+        };
         let refuse = |message: String| Response::error(ErrorKind::Refused, message);
+        // The mark first, then the checks (as a leave does; see
+        // `server/leave.rs`): of a leave and a cleanup begun together, at
+        // least one sees the other.
+        if self.cleaning.swap(true, Ordering::SeqCst) {
+            return refuse(format!("a cleanup of {} is already running", self.id));
+        }
+        let _guard = CleaningGuard(&self.cleaning);
         if self.leaving.load(Ordering::SeqCst) {
             return refuse(format!(
                 "{} is leaving the cluster; its keys go with the leave",
                 self.id
             ));
         }
-        if self.cleaning.swap(true, Ordering::SeqCst) {
-            return refuse(format!("a cleanup of {} is already running", self.id));
+        if let Some(refusal) = self.member_moving(&record).await {
+            return refusal;
         }
-        let _guard = CleaningGuard(&self.cleaning);
         self.cleanup_keys_scanned.store(0, Ordering::Relaxed);
         let mut shutdown = self.shutdown.clone();
         tokio::select! {
@@ -72,18 +101,71 @@ impl NodeInner {
             _ = shutdown.wait_for(|stop| *stop) => Response::error(
                 ErrorKind::Unavailable,
                 format!(
-                    "{} is shutting down; the cleanup stopped (what it removed stays removed)",
-                    self.id
+                    "{} {}; the cleanup stopped (what it removed stays removed)",
+                    self.id,
+                    if self.is_removed.load(Ordering::SeqCst) {
+                        "was removed from the cluster"
+                    } else {
+                        "is shutting down"
+                    }
                 ),
             ),
         }
+    }
+
+    /// The refusal of a cleanup while another member is leaving or has left
+    /// unknown to this node (the ring is about to change, and a replica
+    /// that covers a copy now may be gone), or cannot be asked which.
+    async fn member_moving(&self, record: &crate::membership::ClusterRecord) -> Option<Response> {
+        let (answered, unasked) = self.members_stats(record).await;
+        let named = |pick: fn(&NodeStats) -> bool| -> Vec<String> {
+            answered
+                .iter()
+                .filter(|(_, stats)| pick(stats))
+                .map(|(id, _)| id.to_string())
+                .collect()
+        };
+        let (leaving, gone) = (named(|s| s.leaving && !s.removed), named(|s| s.removed));
+        let refuse = |why: String| {
+            Some(Response::error(
+                ErrorKind::Refused,
+                format!(
+                    "{} cannot clean up now: {why}; nothing was removed",
+                    self.id
+                ),
+            ))
+        };
+        if !leaving.is_empty() {
+            return refuse(format!(
+                "{} is leaving; run it again once that `ringkv leave` has returned",
+                leaving.join(", ")
+            ));
+        }
+        if !gone.is_empty() {
+            return refuse(format!(
+                "{} left the cluster and this node has not learned it yet; run it again in a few seconds",
+                gone.join(", ")
+            ));
+        }
+        if !unasked.is_empty() {
+            return Some(Response::error(
+                ErrorKind::Unavailable,
+                format!(
+                    "{} cannot clean up: it could not check that no member is leaving ({}); \
+                     nothing was removed: bring those members up, or remove them, and run it again",
+                    self.id,
+                    unasked.join("; ")
+                ),
+            ));
+        }
+        None
     }
 
     /// Reads every stored key and removes the stray copies a current
     /// replica covers.
     async fn clean(
         &self,
-        coordinator: &Coordinator<QuicTransport>,
+        coordinator: &Arc<Coordinator<QuicTransport>>,
     ) -> Result<CleanupReport, String> {
         let began = Instant::now();
         let mut report = CleanupReport::default();
@@ -105,18 +187,18 @@ impl NodeInner {
             report.keys_scanned += page.len() as u64;
             self.cleanup_keys_scanned
                 .fetch_add(page.len() as u64, Ordering::Relaxed);
-            // The ring may change during a long cleanup: read it per page.
-            let ring = coordinator.ring();
-            let strays: Vec<(Vec<u8>, Clock)> = page
-                .into_iter()
-                .filter(|(key, _)| !ring.preference_list(key).contains(&self.id))
-                .collect();
-            if strays.is_empty() {
+            let Some((ring, strays, verdict)) = self.judge(coordinator, &page, &skip).await else {
+                // The ring kept changing: the page's copies stay this time.
+                let ring = coordinator.ring();
+                let strays = page
+                    .iter()
+                    .filter(|(key, _)| !ring.preference_list(key).contains(&self.id))
+                    .count() as u64;
+                report.stray_keys += strays;
+                report.kept += strays;
                 continue;
-            }
+            };
             report.stray_keys += strays.len() as u64;
-            let verdict =
-                cleanup::check_page(&*self.transport, &ring, &strays, &skip, ASK_TIMEOUT).await;
             for failure in verdict.failures {
                 skip.entry(failure.peer.clone())
                     .or_insert_with(|| failure.reason.clone());
@@ -138,36 +220,10 @@ impl NodeInner {
             }
             let covered: Vec<(Vec<u8>, Clock)> =
                 covered.into_iter().map(|(stray, _)| stray).collect();
-            let strays_here = report.stray_keys - report.removed - report.kept;
-            let replica = self.local.replica.clone();
-            let (storage, id) = (self.storage.clone(), self.id.clone());
-            let removed = tokio::task::spawn_blocking(move || {
-                // This node must keep every dot of its current actor (see
-                // `ReplicaService`): before it forgets one, it changes actor.
-                let actor = replica.id();
-                if covered.iter().any(|(_, ours)| ours.counter(&actor) > 0) {
-                    let epoch = storage
-                        .new_epoch()
-                        .map_err(|e| format!("could not begin a new epoch: {e}"))?;
-                    replica.replace_actor(id.actor(epoch));
-                    metrics::counter!("ringkv_actor_changes_total").increment(1);
-                    tracing::info!(old = %actor, new = %replica.id(), "cleanup: new dots go under a new actor, as copies holding the old one's are removed");
-                }
-                let mut removed = 0u64;
-                for (key, ours) in &covered {
-                    if replica
-                        .remove_if_unchanged(key, ours)
-                        .map_err(|e| e.to_string())?
-                    {
-                        removed += 1;
-                    }
-                }
-                Ok::<_, String>(removed)
-            })
-            .await
-            .map_err(|e| format!("a removal task failed: {e}"))??;
+            let candidates = covered.len() as u64;
+            let removed = self.remove(coordinator, ring, covered).await?;
             report.removed += removed;
-            report.kept += strays_here - removed;
+            report.kept += uncovered.len() as u64 + (candidates - removed);
             // Nobody waits on these removals, but they should not sit in the
             // WAL buffer until the next client write.
             self.storage.commit().await.map_err(|e| e.to_string())?;
@@ -193,5 +249,83 @@ impl NodeInner {
             "cleanup done"
         );
         Ok(report)
+    }
+
+    /// The stray copies of `page` under the current ring, and what their
+    /// replicas said of them. A ring change while they were asked makes the
+    /// answers moot (a replica may no longer be one), so the page is judged
+    /// again under the new ring; `None` if the ring changed every time.
+    async fn judge(
+        &self,
+        coordinator: &Arc<Coordinator<QuicTransport>>,
+        page: &[(Vec<u8>, Clock)],
+        skip: &BTreeMap<NodeId, String>,
+    ) -> Option<(Arc<Ring>, Vec<(Vec<u8>, Clock)>, cleanup::Verdict)> {
+        for _ in 0..JUDGE_ATTEMPTS {
+            let ring = coordinator.ring();
+            let strays: Vec<(Vec<u8>, Clock)> = page
+                .iter()
+                .filter(|(key, _)| !ring.preference_list(key).contains(&self.id))
+                .cloned()
+                .collect();
+            let verdict = if strays.is_empty() {
+                cleanup::Verdict::default()
+            } else {
+                cleanup::check_page(&*self.transport, &ring, &strays, skip, ASK_TIMEOUT).await
+            };
+            if Arc::ptr_eq(&ring, &coordinator.ring()) {
+                return Some((ring, strays, verdict));
+            }
+        }
+        None
+    }
+
+    /// Removes the `covered` copies that are unchanged, while the ring is
+    /// still `ring`; returns how many it removed.
+    async fn remove(
+        &self,
+        coordinator: &Arc<Coordinator<QuicTransport>>,
+        ring: Arc<Ring>,
+        covered: Vec<(Vec<u8>, Clock)>,
+    ) -> Result<u64, String> {
+        if covered.is_empty() {
+            return Ok(0);
+        }
+        let replica = self.local.replica.clone();
+        let (storage, id, coordinator) =
+            (self.storage.clone(), self.id.clone(), coordinator.clone());
+        tokio::task::spawn_blocking(move || {
+            // This node must keep every dot of its current actor (see
+            // `ReplicaService`): before it forgets one, it changes actor.
+            let actor = replica.id();
+            if covered.iter().any(|(_, ours)| ours.counter(&actor) > 0) {
+                let epoch = storage
+                    .new_epoch()
+                    .map_err(|e| format!("could not begin a new epoch: {e}"))?;
+                replica.replace_actor(id.actor(epoch));
+                metrics::counter!("ringkv_actor_changes_total").increment(1);
+                tracing::info!(
+                    old = %actor,
+                    new = %replica.id(),
+                    "cleanup: new dots go under a new actor, as copies holding the old one's are removed"
+                );
+            }
+            let mut removed = 0u64;
+            for (key, ours) in &covered {
+                // A ring installed since the verdict stops the page here.
+                if !Arc::ptr_eq(&ring, &coordinator.ring()) {
+                    break;
+                }
+                if replica
+                    .remove_if_unchanged(key, ours)
+                    .map_err(|e| e.to_string())?
+                {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| format!("a removal task failed: {e}"))?
     }
 }

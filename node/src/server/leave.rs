@@ -59,7 +59,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringkv_core::wire::{
-    ErrorKind, KeyClock, LeaveReply, PeerFailure, RemoveReply, ReplicaRequest, Request, Response,
+    ErrorKind, KeyClock, LeaveReply, NodeStats, PeerFailure, RemoveReply, ReplicaRequest, Request,
+    Response,
 };
 use ringkv_core::{NodeId, Transport};
 use ringkv_ring::Ring;
@@ -131,6 +132,12 @@ impl NodeInner {
         if let Some(refusal) = self.hints_held() {
             return refuse(refusal);
         }
+        if self.cleaning.load(Ordering::SeqCst) {
+            return refuse(format!(
+                "{} is running a cleanup; leave once it has returned",
+                self.id
+            ));
+        }
         // Only after our own mark is set (see the module docs).
         if let Some(refusal) = self.another_leaving(&record).await {
             return refusal;
@@ -170,6 +177,12 @@ impl NodeInner {
         // A hint stored by a request already under way when the leave began.
         if let Some(refusal) = self.hints_held() {
             return refuse(refusal);
+        }
+        if self.cleaning.load(Ordering::SeqCst) {
+            return refuse(format!(
+                "{} is running a cleanup; leave once it has returned",
+                self.id
+            ));
         }
         let removal = match self.ask_removal(&after).await {
             Ok(removal) => removal,
@@ -247,10 +260,14 @@ impl NodeInner {
         })
     }
 
-    /// The refusal of a leave while another member is leaving, has left
-    /// without this node knowing yet, or cannot say which: every other
-    /// member is asked at once.
-    async fn another_leaving(&self, record: &crate::membership::ClusterRecord) -> Option<Response> {
+    /// What every other member of `record` says of itself (`Stats`), asked
+    /// at once, and the members that could not be asked, with why (sorted).
+    /// A leave and a cleanup ask this after setting their own mark, so of
+    /// two begun together at least one sees the other (see the module docs).
+    pub(super) async fn members_stats(
+        &self,
+        record: &crate::membership::ClusterRecord,
+    ) -> (Vec<(NodeId, NodeStats)>, Vec<String>) {
         let mut asks = tokio::task::JoinSet::new();
         for member in record.members.values().filter(|m| m.id != self.id) {
             let (id, transport) = (member.id.clone(), self.transport.clone());
@@ -265,19 +282,35 @@ impl NodeInner {
                 (id, answer)
             });
         }
-        let (mut leaving, mut gone, mut unasked) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut answered, mut unasked) = (Vec::new(), Vec::new());
         while let Some(joined) = asks.join_next().await {
             match joined {
-                Ok((id, Ok(stats))) if stats.removed => gone.push(id.to_string()),
-                Ok((id, Ok(stats))) if stats.leaving => leaving.push(id.to_string()),
-                Ok((_, Ok(_))) => {}
+                Ok((id, Ok(stats))) => answered.push((id, stats)),
                 Ok((id, Err(reason))) => unasked.push(format!("{id}: {reason}")),
                 Err(e) => unasked.push(format!("a check failed: {e}")),
             }
         }
-        leaving.sort();
-        gone.sort();
+        answered.sort_by(|a, b| a.0.cmp(&b.0));
         unasked.sort();
+        (answered, unasked)
+    }
+
+    /// The refusal of a leave while another member is leaving or cleaning
+    /// up, has left without this node knowing yet, or cannot say which.
+    async fn another_leaving(&self, record: &crate::membership::ClusterRecord) -> Option<Response> {
+        let (answered, unasked) = self.members_stats(record).await;
+        let names = |pick: fn(&NodeStats) -> bool| -> Vec<String> {
+            answered
+                .iter()
+                .filter(|(_, stats)| pick(stats))
+                .map(|(id, _)| id.to_string())
+                .collect()
+        };
+        let (gone, leaving, cleaning) = (
+            names(|s| s.removed),
+            names(|s| s.leaving && !s.removed),
+            names(|s| s.cleaning && !s.removed),
+        );
         if !leaving.is_empty() {
             let names = leaving.join(", ");
             return Some(Response::error(
@@ -287,6 +320,18 @@ impl NodeInner {
                      leave again once `ringkv status` no longer shows {names} as leaving",
                     self.id,
                     if leaving.len() == 1 { "is" } else { "are" },
+                ),
+            ));
+        }
+        if !cleaning.is_empty() {
+            let names = cleaning.join(", ");
+            return Some(Response::error(
+                ErrorKind::Refused,
+                format!(
+                    "{} cannot leave while {names} {} running a cleanup, which could drop copies \
+                     the leave counts on; leave again once that `ringkv cleanup` has returned",
+                    self.id,
+                    if cleaning.len() == 1 { "is" } else { "are" },
                 ),
             ));
         }

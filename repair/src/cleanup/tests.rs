@@ -178,4 +178,15 @@ async fn a_replica_that_cannot_be_asked_covers_nothing_and_is_reported() {
         verdict.failures.is_empty(),
         "n2 covered it: n1 was not needed"
     );
+    // The same when n1 is asked first and fails.
+    let verdict = check_page(
+        &replicas,
+        &ring,
+        &only_on_n2,
+        &BTreeMap::new(),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(verdict.covered, [true]);
+    assert!(verdict.failures.is_empty(), "{:?}", verdict.failures);
 }
