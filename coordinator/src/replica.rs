@@ -91,15 +91,69 @@ pub enum ReplicaError {
     TooManyActors { actors: usize, limit: usize },
 }
 
+/// The actor of the epoch of `epoch_actor` that has dots in `clock` (the
+/// epoch actor itself, or one of its per-key actors `epoch_actor.k`); the
+/// one with the most if several do.
+fn epoch_actor_in(clock: &Clock, epoch_actor: &NodeId) -> Option<NodeId> {
+    clock
+        .context()
+        .iter()
+        .filter(|(node, counter)| *counter > 0 && in_epoch(node, epoch_actor))
+        .max_by_key(|(node, counter)| (*counter, (*node).clone()))
+        .map(|(node, _)| node.clone())
+}
+
+/// Whether `actor` is `epoch_actor` or one of its per-key actors.
+fn in_epoch(actor: &NodeId, epoch_actor: &NodeId) -> bool {
+    let (name, family) = (actor.as_str(), epoch_actor.as_str());
+    name == family
+        || name
+            .strip_prefix(family)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(is_key_actor_suffix)
+}
+
+/// A per-key actor's suffix: eight lowercase hex digits.
+fn is_key_actor_suffix(suffix: &str) -> bool {
+    suffix.len() == 8
+        && suffix
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A new per-key actor of `epoch_actor`'s epoch, one `clock` does not name.
+/// Random rather than counted, so that a restart in the same epoch cannot
+/// hand out one an earlier run gave the same key.
+fn new_key_actor(clock: &Clock, epoch_actor: &NodeId) -> NodeId {
+    loop {
+        let id = NodeId::new(format!("{epoch_actor}.{:08x}", rand::random::<u32>()))
+            .expect("an actor id with an 8-digit suffix is a valid id");
+        if clock.counter(&id) == 0 {
+            return id;
+        }
+    }
+}
+
 /// Applies replica operations to a [`Store`].
 ///
-/// Invariant: this replica stores every dot it has minted under its current
-/// actor, in the key's clock. A mint reads the key's clock and adds the dot
-/// after the highest of its own there, so a replica that had forgotten one
-/// (removed the copy holding it) would mint it again, and the replicas that
-/// know the old one would take the new write for it and drop it. Whoever
-/// removes copies holding such dots changes the actor first
-/// ([`Self::replace_actor`]).
+/// **Actors.** A mint adds the dot after the highest its actor has in the
+/// key's clock, so a dot stays unique only while this replica stores every
+/// dot it minted under that actor for the key. A replica that forgot one
+/// (removed the copy holding it) and minted under the same actor again would
+/// repeat it, and the replicas that know the old dot would take the new
+/// write for it and drop it. So:
+///
+/// - Each key gets its own actor, `epoch_actor.k` for a random `k`, the
+///   first time this replica mints for it while holding no dot of any actor
+///   of the epoch (a key new to it, or one whose copy it removed: a
+///   collected tombstone, a stray copy). Later mints continue the actor of
+///   the epoch the clock holds. A collected tombstone therefore cannot make
+///   a later write repeat one of its dots.
+/// - A copy that comes back after being removed may lack the latest dots of
+///   its actor (sent by a replica that missed them). Whoever removes copies
+///   holding dots of the epoch's actors while the key may come back (a
+///   cleanup, whose ring may change back) first moves the replica to a new
+///   epoch ([`Self::replace_actor`]), whose actors no old copy holds.
 pub struct ReplicaService<S> {
     /// The actor this replica mints dots under (see [`NodeId::actor`]).
     actor: RwLock<NodeId>,
@@ -137,9 +191,15 @@ impl<S: Store> ReplicaService<S> {
         self
     }
 
-    /// The actor this replica mints dots under now.
+    /// The actor of this replica's epoch (see [`NodeId::actor`]); its
+    /// per-key actors extend it (see the type's docs).
     pub fn id(&self) -> NodeId {
         self.actor().clone()
+    }
+
+    /// Whether `clock` holds a dot of one of this epoch's actors.
+    pub fn holds_own_dots(&self, clock: &Clock) -> bool {
+        epoch_actor_in(clock, &self.actor()).is_some()
     }
 
     fn actor(&self) -> std::sync::RwLockReadGuard<'_, NodeId> {
@@ -197,24 +257,33 @@ impl<S: Store> ReplicaService<S> {
         context_of: impl FnOnce(&Clock) -> VersionVector,
     ) -> Result<Clock, ReplicaError> {
         let _guard = self.lock(key);
-        let actor = self.actor();
         let current = self.store.get(key)?;
         // The store (its tombstone index) and the observer need the old
         // version once the new one exists.
         let old = current.clone();
         let mut clock = current.unwrap_or_default();
+        let actor = {
+            let epoch_actor = self.actor();
+            epoch_actor_in(&clock, &epoch_actor)
+                .unwrap_or_else(|| new_key_actor(&clock, &epoch_actor))
+        };
         let context = &context_of(&clock);
-        // This node holds every dot it minted for the key (it writes its own
-        // dots first, and a node that may have lost some runs as a new
-        // actor), so a context claiming more of our writes is not a context
-        // of this key's history; obeying it would supersede our future writes.
-        let (claimed, made) = (context.get(&actor), clock.counter(&actor));
-        if claimed > made {
-            return Err(ReplicaError::ImpossibleContext {
-                actor: actor.clone(),
-                claimed,
-                made,
-            });
+        // This node holds every dot it minted for the key under its epoch's
+        // actors (see the type's docs), so a context claiming more of them
+        // is not a context of this key's history; obeying it would
+        // supersede our future writes.
+        {
+            let epoch_actor = self.actor();
+            for (node, claimed) in context.iter() {
+                let made = clock.counter(node);
+                if claimed > made && in_epoch(node, &epoch_actor) {
+                    return Err(ReplicaError::ImpossibleContext {
+                        actor: node.clone(),
+                        claimed,
+                        made,
+                    });
+                }
+            }
         }
         let siblings = clock.sibling_count_after_update(context);
         if siblings > self.max_siblings {
@@ -674,12 +743,11 @@ mod tests {
         assert!(!b.sync(b"k", &clock).unwrap());
     }
 
-    /// A replica that removed its copy (a stray one, say) and later writes
-    /// the key again: under the same actor it mints the same dot again, and
-    /// a replica that knows the first takes the new write for it; under a
-    /// new actor the write survives.
+    /// A replica that removed its copy (a collected tombstone, a stray
+    /// copy) and writes the key again mints under a new per-key actor, so
+    /// a replica that knows its old dots keeps the new write.
     #[test]
-    fn a_replica_that_forgets_its_dots_must_mint_under_a_new_actor() {
+    fn a_write_after_the_copy_was_removed_mints_a_new_dot() {
         let blind = VersionVector::new();
         let a = service(10);
         let first = a
@@ -688,25 +756,59 @@ mod tests {
         let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
         b.sync(b"k", &first).unwrap();
         assert!(a.remove_if_unchanged(b"k", &first).unwrap());
-
         let again = a
             .update(b"k", &blind, Payload::Value(b"new".to_vec()))
             .unwrap();
-        assert!(
-            !b.sync(b"k", &again).unwrap(),
-            "the same dot again: b drops the new write"
-        );
-
-        assert!(a.remove_if_unchanged(b"k", &again).unwrap());
-        a.replace_actor(NodeId::new("a2").unwrap());
-        assert_eq!(a.id(), NodeId::new("a2").unwrap());
-        let fresh = a
-            .update(b"k", &blind, Payload::Value(b"new".to_vec()))
-            .unwrap();
-        assert!(b.sync(b"k", &fresh).unwrap());
+        assert!(b.sync(b"k", &again).unwrap(), "b took the new write");
         let held = b.read(b"k").unwrap().unwrap();
         let values: Vec<&[u8]> = held.values().collect();
         // A blind write beside the value b held: both, as siblings.
-        assert_eq!(values, [&b"old"[..], &b"new"[..]]);
+        assert_eq!(values.len(), 2, "{held:?}");
+        assert!(values.contains(&&b"new"[..]) && values.contains(&&b"old"[..]));
+    }
+
+    /// A removed copy that comes back without its latest dot (from a
+    /// replica that missed it): the next mint would repeat that dot under
+    /// the same actor; a new epoch's actor does not.
+    #[test]
+    fn a_copy_that_comes_back_short_needs_a_new_epoch() {
+        let blind = VersionVector::new();
+        let setup = || {
+            let a = service(10);
+            let v1 = a
+                .update(b"k", &blind, Payload::Value(b"v1".to_vec()))
+                .unwrap();
+            let v2 = a
+                .update(b"k", &v1.context(), Payload::Value(b"v2".to_vec()))
+                .unwrap();
+            // b missed v2; c has it.
+            let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
+            b.sync(b"k", &v1).unwrap();
+            let c = ReplicaService::new(NodeId::new("c").unwrap(), MemStore::default(), 10);
+            c.sync(b"k", &v2).unwrap();
+            (a, v1, v2, c)
+        };
+        let write_after_a_short_copy_comes_back =
+            |a: &ReplicaService<MemStore>, v1: &Clock, v2: &Clock| {
+                assert!(a.remove_if_unchanged(b"k", v2).unwrap());
+                a.sync(b"k", v1).unwrap();
+                a.update(b"k", &blind, Payload::Value(b"v3".to_vec()))
+                    .unwrap()
+            };
+
+        let (a, v1, v2, c) = setup();
+        let v3 = write_after_a_short_copy_comes_back(&a, &v1, &v2);
+        assert!(
+            !c.sync(b"k", &v3).unwrap(),
+            "the same dot again: c drops v3"
+        );
+
+        let (a, v1, v2, c) = setup();
+        a.replace_actor(NodeId::new("a2").unwrap());
+        assert!(!a.holds_own_dots(&v2), "v2 is the old epoch's");
+        let v3 = write_after_a_short_copy_comes_back(&a, &v1, &v2);
+        assert!(c.sync(b"k", &v3).unwrap());
+        let held = c.read(b"k").unwrap().unwrap();
+        assert!(held.values().any(|v| v == b"v3"), "{held:?}");
     }
 }

@@ -58,7 +58,9 @@ impl NodeId {
     /// A node's dots are unique only while it remembers every dot it minted.
     /// A node whose data dir was wiped, or that may have lost the tail of an
     /// unsynced WAL, starts a new epoch, so its new dots can never collide
-    /// with dots it minted before (the scheme Riak uses for vnode ids).
+    /// with dots it minted before (the scheme Riak uses for vnode ids). Keys
+    /// get per-key actors of the epoch, `name.epoch.k` (Riak's key epochs;
+    /// see `ReplicaService` in the coordinator).
     pub fn actor(&self, epoch: u32) -> NodeId {
         debug_assert!(self.0.len() <= NODE_NAME_MAX_BYTES);
         NodeId(format!("{}.{epoch:08x}", self.0))

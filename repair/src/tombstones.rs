@@ -19,16 +19,10 @@
 //! tombstone for a later pass. The node removes it under the key's lock and
 //! only if it is still the version that was checked.
 //!
-//! **Known gap.** Collecting a tombstone forgets the dots in its clock,
-//! this node's own among them, while a mint continues from the highest of
-//! its own dots the key's clock holds (see `ReplicaService`). A write to
-//! the key coordinated here after this replica collected, but before every
-//! other replica has, mints one of those dots again; a replica still
-//! holding the tombstone takes it for the old one and drops it, and
-//! anti-entropy then drops it here too. The window is the time between the
-//! first and the last replica's collection (about one tick of the
-//! collector). Cleanup avoids the same hazard by changing actor first,
-//! which would cost one actor per collected tombstone here.
+//! Collecting a tombstone forgets the dots in its clock, this node's own
+//! among them. A later write to the key coordinated here therefore mints
+//! under a new per-key actor (see `ReplicaService`), so it cannot repeat a
+//! dot that a replica still holding the tombstone knows.
 
 use std::time::Duration;
 

@@ -298,7 +298,7 @@ impl NodeInner {
             // This node must keep every dot of its current actor (see
             // `ReplicaService`): before it forgets one, it changes actor.
             let actor = replica.id();
-            if covered.iter().any(|(_, ours)| ours.counter(&actor) > 0) {
+            if covered.iter().any(|(_, ours)| replica.holds_own_dots(ours)) {
                 let epoch = storage
                     .new_epoch()
                     .map_err(|e| format!("could not begin a new epoch: {e}"))?;
