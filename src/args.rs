@@ -476,9 +476,7 @@ pub struct LeaveArgs {
     The node reads every key it stores, asks the key's current replicas for their versions, and removes its copy \
     if one of them holds that version or a newer one. A copy no replica holds is kept and counted: it is either a \
     write only this node received or a value deleted since whose tombstone the replicas no longer keep, and the \
-    node cannot tell which. Keys it replicates are never touched. Before it removes a copy of a key it wrote \
-    itself, the node starts minting versions under a new actor id, so that a later write to that key is not \
-    mistaken for the old one. Running it again is safe: it looks at what is left. Only the node's shutdown stops \
+    node cannot tell which. Keys it replicates are never touched. Running it again is safe: it looks at what is left. Only the node's shutdown stops \
     it once started. On a terminal a spinner counts the keys read.\n\n\
     Like a leave, it needs every member up and none leaving: it is refused while a member is leaving (run it \
     once that leave has returned), and a leave is refused while a cleanup runs.\n\n\

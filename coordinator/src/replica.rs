@@ -7,7 +7,7 @@
 //! key through one node never lose a sibling: the second writer reads what the
 //! first wrote.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::hash::stable_hash64;
@@ -36,7 +36,21 @@ pub trait Store: Send + Sync + 'static {
     /// skip index upkeep that the change does not need. It must be exact:
     /// the node's key index is written only when `previous` is `None`.
     fn put(&self, key: &[u8], previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError>;
-    /// Removes the key (a collected tombstone), durably like `put`.
+    /// Like `put`, and records `actor` as the actor this replica mints the
+    /// key's dots under from now on (a new one; see [`ReplicaService`]).
+    /// `put` leaves the recorded actor as it is.
+    fn put_with_actor(
+        &self,
+        key: &[u8],
+        previous: Option<&Clock>,
+        clock: &Clock,
+        actor: &NodeId,
+    ) -> Result<(), StoreError>;
+    /// The actor recorded for `key` by the last `put_with_actor` since the
+    /// key was last removed, if any.
+    fn key_actor(&self, key: &[u8]) -> Result<Option<NodeId>, StoreError>;
+    /// Removes the key and its recorded actor (a collected tombstone, a
+    /// stray copy), durably like `put`.
     fn delete(&self, key: &[u8]) -> Result<(), StoreError>;
 }
 
@@ -46,6 +60,18 @@ impl<S: Store> Store for std::sync::Arc<S> {
     }
     fn put(&self, key: &[u8], previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError> {
         (**self).put(key, previous, clock)
+    }
+    fn put_with_actor(
+        &self,
+        key: &[u8],
+        previous: Option<&Clock>,
+        clock: &Clock,
+        actor: &NodeId,
+    ) -> Result<(), StoreError> {
+        (**self).put_with_actor(key, previous, clock, actor)
+    }
+    fn key_actor(&self, key: &[u8]) -> Result<Option<NodeId>, StoreError> {
+        (**self).key_actor(key)
     }
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
         (**self).delete(key)
@@ -91,27 +117,17 @@ pub enum ReplicaError {
     TooManyActors { actors: usize, limit: usize },
 }
 
-/// The actor of the epoch of `epoch_actor` that has dots in `clock` (the
-/// epoch actor itself, or one of its per-key actors `epoch_actor.k`); the
-/// one with the most if several do.
-fn epoch_actor_in(clock: &Clock, epoch_actor: &NodeId) -> Option<NodeId> {
-    clock
-        .context()
-        .iter()
-        .filter(|(node, counter)| *counter > 0 && in_epoch(node, epoch_actor))
-        .max_by_key(|(node, counter)| (*counter, (*node).clone()))
-        .map(|(node, _)| node.clone())
+/// Whether `actor` is one of `epoch_actor`'s per-key actors.
+fn is_key_actor_of(actor: &NodeId, epoch_actor: &NodeId) -> bool {
+    actor
+        .as_str()
+        .strip_prefix(epoch_actor.as_str())
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(is_key_actor_suffix)
 }
 
-/// Whether `actor` is `epoch_actor` or one of its per-key actors.
-fn in_epoch(actor: &NodeId, epoch_actor: &NodeId) -> bool {
-    let (name, family) = (actor.as_str(), epoch_actor.as_str());
-    name == family
-        || name
-            .strip_prefix(family)
-            .and_then(|rest| rest.strip_prefix('.'))
-            .is_some_and(is_key_actor_suffix)
-}
+/// A per-key actor's suffix, `.` and eight hex digits, in bytes.
+const KEY_ACTOR_SUFFIX_BYTES: usize = 9;
 
 /// A per-key actor's suffix: eight lowercase hex digits.
 fn is_key_actor_suffix(suffix: &str) -> bool {
@@ -138,25 +154,24 @@ fn new_key_actor(clock: &Clock, epoch_actor: &NodeId) -> NodeId {
 ///
 /// **Actors.** A mint adds the dot after the highest its actor has in the
 /// key's clock, so a dot stays unique only while this replica stores every
-/// dot it minted under that actor for the key. A replica that forgot one
-/// (removed the copy holding it) and minted under the same actor again would
-/// repeat it, and the replicas that know the old dot would take the new
-/// write for it and drop it. So:
+/// dot it minted under that actor for the key. A replica that forgot some
+/// (removed its copy: a collected tombstone, a stray copy) and minted under
+/// the same actor again would repeat one, and the replicas that know the
+/// old dot would take the new write for it and drop it. A copy that comes
+/// back (anti-entropy, a late hint) may lack the newest of them.
 ///
-/// - Each key gets its own actor, `epoch_actor.k` for a random `k`, the
-///   first time this replica mints for it while holding no dot of any actor
-///   of the epoch (a key new to it, or one whose copy it removed: a
-///   collected tombstone, a stray copy). Later mints continue the actor of
-///   the epoch the clock holds. A collected tombstone therefore cannot make
-///   a later write repeat one of its dots.
-/// - A copy that comes back after being removed may lack the latest dots of
-///   its actor (sent by a replica that missed them). Whoever removes copies
-///   holding dots of the epoch's actors while the key may come back (a
-///   cleanup, whose ring may change back) first moves the replica to a new
-///   epoch ([`Self::replace_actor`]), whose actors no old copy holds.
+/// So each key gets its own actor, `epoch_actor.k` for a random `k`, the
+/// first time this replica mints for it, recorded beside the key
+/// ([`Store::put_with_actor`]) and removed with it. Later mints continue the
+/// recorded actor if it is of the current epoch; with none recorded (a new
+/// key, or one whose copy was removed since) the mint takes a new one. A
+/// recorded actor has every one of its dots in the stored clock, since the
+/// record and the copy are only ever removed together and merges only add.
+/// (Riak's per-key epochs solve the same problem.)
 pub struct ReplicaService<S> {
-    /// The actor this replica mints dots under (see [`NodeId::actor`]).
-    actor: RwLock<NodeId>,
+    /// The epoch's actor (see [`NodeId::actor`]); keys get actors of their
+    /// own that extend it (see the type's docs).
+    actor: NodeId,
     store: S,
     locks: Box<[Mutex<()>]>,
     max_siblings: usize,
@@ -167,9 +182,16 @@ pub struct ReplicaService<S> {
 }
 
 impl<S: Store> ReplicaService<S> {
+    /// `id` is the epoch's actor; its per-key actors add 9 bytes to it, so
+    /// it must be at most `NODE_ID_MAX_BYTES - 9` long (a node name of at
+    /// most `NODE_NAME_MAX_BYTES` with its epoch is).
     pub fn new(id: NodeId, store: S, max_siblings: usize) -> Self {
+        assert!(
+            id.as_str().len() + KEY_ACTOR_SUFFIX_BYTES <= ringkv_core::node_id::NODE_ID_MAX_BYTES,
+            "actor id {id} leaves no room for a per-key suffix"
+        );
         ReplicaService {
-            actor: RwLock::new(id),
+            actor: id,
             store,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             max_siblings,
@@ -193,39 +215,8 @@ impl<S: Store> ReplicaService<S> {
 
     /// The actor of this replica's epoch (see [`NodeId::actor`]); its
     /// per-key actors extend it (see the type's docs).
-    pub fn id(&self) -> NodeId {
-        self.actor().clone()
-    }
-
-    /// Whether `clock` holds a dot of one of this epoch's actors.
-    pub fn holds_own_dots(&self, clock: &Clock) -> bool {
-        epoch_actor_in(clock, &self.actor()).is_some()
-    }
-
-    fn actor(&self) -> std::sync::RwLockReadGuard<'_, NodeId> {
-        self.actor
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Mints every later dot under `actor`, a new one (the caller has made
-    /// its epoch durable), so that this replica may forget the dots of the
-    /// current one. Returns once no mint under the old actor is under way.
-    pub fn replace_actor(&self, actor: NodeId) {
-        // Every stripe: a mint holds its key's stripe from reading the actor
-        // until its dot is stored. Stripes are taken one per operation
-        // elsewhere, so taking them all in order cannot deadlock.
-        let _all: Vec<_> = (0..LOCK_STRIPES)
-            .map(|i| {
-                self.locks[i]
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-            })
-            .collect();
-        *self
-            .actor
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = actor;
+    pub fn id(&self) -> &NodeId {
+        &self.actor
     }
 
     pub fn store(&self) -> &S {
@@ -262,28 +253,26 @@ impl<S: Store> ReplicaService<S> {
         // version once the new one exists.
         let old = current.clone();
         let mut clock = current.unwrap_or_default();
-        let actor = {
-            let epoch_actor = self.actor();
-            epoch_actor_in(&clock, &epoch_actor)
-                .unwrap_or_else(|| new_key_actor(&clock, &epoch_actor))
+        let recorded = self
+            .store
+            .key_actor(key)?
+            .filter(|actor| is_key_actor_of(actor, &self.actor));
+        let (actor, is_new) = match recorded {
+            Some(actor) => (actor, false),
+            None => (new_key_actor(&clock, &self.actor), true),
         };
         let context = &context_of(&clock);
-        // This node holds every dot it minted for the key under its epoch's
-        // actors (see the type's docs), so a context claiming more of them
-        // is not a context of this key's history; obeying it would
-        // supersede our future writes.
-        {
-            let epoch_actor = self.actor();
-            for (node, claimed) in context.iter() {
-                let made = clock.counter(node);
-                if claimed > made && in_epoch(node, &epoch_actor) {
-                    return Err(ReplicaError::ImpossibleContext {
-                        actor: node.clone(),
-                        claimed,
-                        made,
-                    });
-                }
-            }
+        // This node holds every dot it minted for the key under `actor`
+        // (see the type's docs), so a context claiming more of them is not a
+        // context of this key's history; obeying it would supersede our
+        // future writes.
+        let (claimed, made) = (context.get(&actor), clock.counter(&actor));
+        if claimed > made {
+            return Err(ReplicaError::ImpossibleContext {
+                actor,
+                claimed,
+                made,
+            });
         }
         let siblings = clock.sibling_count_after_update(context);
         if siblings > self.max_siblings {
@@ -295,7 +284,12 @@ impl<S: Store> ReplicaService<S> {
         clock.update(context, payload, &actor);
         check_limits(&clock)?;
         let _change = self.observer.as_ref().map(|o| o.begin_change());
-        self.store.put(key, old.as_ref(), &clock)?;
+        if is_new {
+            self.store
+                .put_with_actor(key, old.as_ref(), &clock, &actor)?;
+        } else {
+            self.store.put(key, old.as_ref(), &clock)?;
+        }
         if let Some(observer) = &self.observer {
             observer.changed(key, old.as_ref(), Some(&clock));
         }
@@ -475,6 +469,7 @@ impl<S: Store> ReplicaService<S> {
 #[derive(Default)]
 pub struct MemStore {
     map: dashmap::DashMap<Vec<u8>, Clock>,
+    actors: dashmap::DashMap<Vec<u8>, NodeId>,
 }
 
 impl Store for MemStore {
@@ -485,8 +480,22 @@ impl Store for MemStore {
         self.map.insert(key.to_vec(), clock.clone());
         Ok(())
     }
+    fn put_with_actor(
+        &self,
+        key: &[u8],
+        previous: Option<&Clock>,
+        clock: &Clock,
+        actor: &NodeId,
+    ) -> Result<(), StoreError> {
+        self.actors.insert(key.to_vec(), actor.clone());
+        self.put(key, previous, clock)
+    }
+    fn key_actor(&self, key: &[u8]) -> Result<Option<NodeId>, StoreError> {
+        Ok(self.actors.get(key).map(|a| a.clone()))
+    }
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
         self.map.remove(key);
+        self.actors.remove(key);
         Ok(())
     }
 }
@@ -590,16 +599,26 @@ mod tests {
         assert_eq!(s.read(b"k").unwrap().unwrap().sibling_count(), 400);
     }
 
+    /// The key's actor here.
+    fn key_actor(clock: &Clock) -> NodeId {
+        let context = clock.context();
+        let (actor, _) = context.iter().next().expect("one actor");
+        actor.clone()
+    }
+
     #[test]
     fn a_context_claiming_writes_this_actor_never_made_is_refused() {
         let s = service(10);
-        let forged = VersionVector::from_pairs([(NodeId::new("a").unwrap(), u64::MAX / 2)]);
+        let first = s
+            .update(b"k", &VersionVector::new(), Payload::Value(b"v".to_vec()))
+            .unwrap();
+        let forged = VersionVector::from_pairs([(key_actor(&first), u64::MAX / 2)]);
         let err = s.update(b"k", &forged, Payload::Tombstone).unwrap_err();
         assert!(
-            matches!(err, ReplicaError::ImpossibleContext { made: 0, .. }),
+            matches!(err, ReplicaError::ImpossibleContext { made: 1, .. }),
             "{err}"
         );
-        assert!(s.read(b"k").unwrap().is_none(), "nothing written");
+        assert_eq!(s.read(b"k").unwrap(), Some(first), "nothing written");
     }
 
     #[test]
@@ -707,7 +726,7 @@ mod tests {
         assert!(!a.sync(b"k", &first).unwrap(), "already known: no change");
         let _ = a.update(
             b"k",
-            &VersionVector::from_pairs([(NodeId::new("a").unwrap(), 99)]),
+            &VersionVector::from_pairs([(key_actor(&first), 99)]),
             Payload::Tombstone,
         );
         let deleted = a
@@ -768,47 +787,54 @@ mod tests {
     }
 
     /// A removed copy that comes back without its latest dot (from a
-    /// replica that missed it): the next mint would repeat that dot under
-    /// the same actor; a new epoch's actor does not.
+    /// replica that missed it) records no actor: the next mint takes a new
+    /// one instead of repeating that dot.
     #[test]
-    fn a_copy_that_comes_back_short_needs_a_new_epoch() {
+    fn a_copy_that_comes_back_short_gets_a_new_actor() {
         let blind = VersionVector::new();
-        let setup = || {
-            let a = service(10);
-            let v1 = a
-                .update(b"k", &blind, Payload::Value(b"v1".to_vec()))
-                .unwrap();
-            let v2 = a
-                .update(b"k", &v1.context(), Payload::Value(b"v2".to_vec()))
-                .unwrap();
-            // b missed v2; c has it.
-            let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
-            b.sync(b"k", &v1).unwrap();
-            let c = ReplicaService::new(NodeId::new("c").unwrap(), MemStore::default(), 10);
-            c.sync(b"k", &v2).unwrap();
-            (a, v1, v2, c)
-        };
-        let write_after_a_short_copy_comes_back =
-            |a: &ReplicaService<MemStore>, v1: &Clock, v2: &Clock| {
-                assert!(a.remove_if_unchanged(b"k", v2).unwrap());
-                a.sync(b"k", v1).unwrap();
-                a.update(b"k", &blind, Payload::Value(b"v3".to_vec()))
-                    .unwrap()
-            };
-
-        let (a, v1, v2, c) = setup();
-        let v3 = write_after_a_short_copy_comes_back(&a, &v1, &v2);
-        assert!(
-            !c.sync(b"k", &v3).unwrap(),
-            "the same dot again: c drops v3"
+        let a = service(10);
+        let v1 = a
+            .update(b"k", &blind, Payload::Value(b"v1".to_vec()))
+            .unwrap();
+        let v2 = a
+            .update(b"k", &v1.context(), Payload::Value(b"v2".to_vec()))
+            .unwrap();
+        assert_eq!(
+            v2.entry_count(),
+            1,
+            "one actor per key while the copy stays"
         );
-
-        let (a, v1, v2, c) = setup();
-        a.replace_actor(NodeId::new("a2").unwrap());
-        assert!(!a.holds_own_dots(&v2), "v2 is the old epoch's");
-        let v3 = write_after_a_short_copy_comes_back(&a, &v1, &v2);
-        assert!(c.sync(b"k", &v3).unwrap());
+        // c has v2; a's copy goes and comes back as v1.
+        let c = ReplicaService::new(NodeId::new("c").unwrap(), MemStore::default(), 10);
+        c.sync(b"k", &v2).unwrap();
+        assert!(a.remove_if_unchanged(b"k", &v2).unwrap());
+        a.sync(b"k", &v1).unwrap();
+        let v3 = a
+            .update(b"k", &blind, Payload::Value(b"v3".to_vec()))
+            .unwrap();
+        assert_eq!(v3.entry_count(), 2, "{v3:?}");
+        assert!(c.sync(b"k", &v3).unwrap(), "c dropped v3");
         let held = c.read(b"k").unwrap().unwrap();
-        assert!(held.values().any(|v| v == b"v3"), "{held:?}");
+        let mut values: Vec<&[u8]> = held.values().collect();
+        values.sort();
+        assert_eq!(values, [&b"v2"[..], &b"v3"[..]]);
+    }
+
+    #[test]
+    fn only_the_epochs_own_per_key_actors_are_continued() {
+        let n = |s: &str| NodeId::new(s).unwrap();
+        let a = n("a.0000abcd");
+        assert!(is_key_actor_of(&n("a.0000abcd.12345678"), &a));
+        assert!(
+            !is_key_actor_of(&n("a.0000abcd"), &a),
+            "the epoch actor itself"
+        );
+        assert!(
+            !is_key_actor_of(&n("a.0000abce.12345678"), &a),
+            "another epoch"
+        );
+        assert!(!is_key_actor_of(&n("a.0000abcd.1234567"), &a), "7 digits");
+        assert!(!is_key_actor_of(&n("a.0000abcd.1234567g"), &a));
+        assert!(!is_key_actor_of(&n("a.0000abcd.12345678.9"), &a));
     }
 }

@@ -264,7 +264,7 @@ impl LocalReplica {
         } else {
             self.replica.handle(request)
         };
-        once_durable(self.replica.store(), &self.replica.id(), response).await
+        once_durable(self.replica.store(), self.replica.id(), response).await
     }
 }
 

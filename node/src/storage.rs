@@ -41,6 +41,7 @@ use ringkv_coordinator::replica::{Store, StoreError};
 use ringkv_core::dvv::Clock;
 use ringkv_core::hash::stable_hash64;
 use ringkv_core::wire::{decode_clock, encode_clock};
+use ringkv_core::NodeId;
 use ringkv_repair::anti_entropy::{is_deleted, LeafSource};
 use ringkv_repair::hints::{HintBackend, HintError};
 use ringkv_repair::trees::ReplicaTrees;
@@ -58,6 +59,10 @@ const CF_META: &str = "meta";
 const CF_HINTS: &str = "hints";
 const CF_MERKLE: &str = "merkle";
 const CF_TOMBSTONES: &str = "tombstones";
+/// Key → the per-key actor this replica mints the key's dots under (see
+/// `ReplicaService`); written with the key's first mint here, removed with
+/// the key.
+const CF_ACTORS: &str = "actors";
 
 /// A node's RocksDB database.
 pub struct Storage {
@@ -145,8 +150,15 @@ impl Storage {
         // Without fsync, writes only buffer their WAL records and
         // `commit` flushes them for many writes at once.
         opts.set_manual_wal_flush(!sync);
-        let cfs = [CF_DATA, CF_META, CF_HINTS, CF_MERKLE, CF_TOMBSTONES]
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
+        let cfs = [
+            CF_DATA,
+            CF_META,
+            CF_HINTS,
+            CF_MERKLE,
+            CF_TOMBSTONES,
+            CF_ACTORS,
+        ]
+        .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
             let reason = e.to_string();
             if reason.contains("LOCK") || reason.contains("lock") {
@@ -283,15 +295,6 @@ impl Storage {
         self.meta_put(META_EPOCH, &epoch.to_le_bytes())?;
         self.meta_put(META_LAST_RUN_SYNCED, &[u8::from(self.is_sync())])?;
         self.meta_put(META_CLEAN_SHUTDOWN, &[0])?;
-        Ok(epoch)
-    }
-
-    /// Chooses a new epoch for the rest of this run (and the next, if it
-    /// shuts down cleanly), durably: for a node about to forget dots it
-    /// minted under the current one (see `ReplicaService::replace_actor`).
-    pub fn new_epoch(&self) -> Result<u32, NodeError> {
-        let epoch = rand::random();
-        self.meta_put(META_EPOCH, &u32::to_le_bytes(epoch))?;
         Ok(epoch)
     }
 
@@ -704,11 +707,47 @@ impl Store for Storage {
         self.write_data(batch)
     }
 
+    fn put_with_actor(
+        &self,
+        key: &[u8],
+        previous: Option<&Clock>,
+        clock: &Clock,
+        actor: &NodeId,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        self.batch_put(&mut batch, key, clock, &encode_clock(clock), previous);
+        batch.put_cf(self.cf(CF_ACTORS), key, actor.as_str());
+        self.write_data(batch)
+    }
+
+    fn key_actor(&self, key: &[u8]) -> Result<Option<NodeId>, StoreError> {
+        let stored = self
+            .db
+            .get_pinned_cf(self.cf(CF_ACTORS), key)
+            .map_err(|e| StoreError::Io {
+                reason: e.to_string(),
+            })?;
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        std::str::from_utf8(&stored)
+            .ok()
+            .and_then(|s| NodeId::new(s).ok())
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                reason: format!(
+                    "the recorded actor of key {:?} is not an actor id",
+                    String::from_utf8_lossy(key)
+                ),
+            })
+    }
+
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_DATA), key);
         batch.delete_cf(self.cf(CF_MERKLE), index_key(key));
         batch.delete_cf(self.cf(CF_TOMBSTONES), key);
+        batch.delete_cf(self.cf(CF_ACTORS), key);
         self.write_data(batch)
     }
 }
@@ -900,6 +939,37 @@ mod tests {
         let s = Storage::open(dir.path(), true).unwrap();
         assert_eq!(Store::get(&s, b"k").unwrap(), Some(clock));
         assert_eq!(Store::get(&s, b"missing").unwrap(), None);
+    }
+
+    /// A key's recorded actor stays through merges and restarts and goes
+    /// with the key (see `ReplicaService`).
+    #[test]
+    fn a_keys_actor_lives_and_dies_with_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let actor = NodeId::new("a.00000001.0000000f").unwrap();
+        let mut clock = Clock::new();
+        clock.update(&VersionVector::new(), Payload::Value(b"v".to_vec()), &actor);
+        {
+            let s = Storage::open(dir.path(), false).unwrap();
+            assert_eq!(s.key_actor(b"k").unwrap(), None);
+            s.put_with_actor(b"k", None, &clock, &actor).unwrap();
+            let mut merged = clock.clone();
+            merged.update(
+                &VersionVector::new(),
+                Payload::Tombstone,
+                &NodeId::new("b").unwrap(),
+            );
+            Store::put(&s, b"k", Some(&clock), &merged).unwrap();
+            assert_eq!(
+                s.key_actor(b"k").unwrap(),
+                Some(actor.clone()),
+                "a merge keeps it"
+            );
+        }
+        let s = Storage::open(dir.path(), false).unwrap();
+        assert_eq!(s.key_actor(b"k").unwrap(), Some(actor), "reopened");
+        Store::delete(&s, b"k").unwrap();
+        assert_eq!(s.key_actor(b"k").unwrap(), None, "removed with the key");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! drop their stray copies of those keys once a current replica holds
 //! them, keep the ones no replica holds, never touch keys they still
 //! replicate, refuse while a member cannot be asked whether it is leaving,
-//! and change actor so that later writes to those keys are not lost.
+//! and take the key's actor with the copy so later writes are not lost.
 
 use std::time::{Duration, Instant};
 
@@ -152,9 +152,10 @@ async fn a_member_drops_the_stray_copies_a_replica_holds_and_keeps_the_rest() {
 /// A member that dropped its copies may replicate those keys again (the
 /// node that took them is removed) and coordinate a write to one before
 /// anti-entropy refills it. Its dots for the key are gone from its store,
-/// so under its old actor it would mint one of them again, and the other
-/// replica, which knows that dot, would drop the write. Cleanup changed
-/// its actor first, so the write is kept.
+/// so under the key's old actor it would mint one of them again, and the
+/// other replica, which knows that dot, would drop a value. The removed
+/// copy took its recorded actor with it, so the write goes under a new one
+/// (fails if the removal keeps the record, checked).
 #[tokio::test]
 async fn writes_after_a_cleanup_and_a_ring_change_back_are_not_lost() {
     let dirs = data_dirs(4);

@@ -45,8 +45,12 @@ pub fn covered(ours: &Clock, theirs: &[Option<Clock>]) -> bool {
 pub struct Verdict {
     /// Per copy, in order: whether a current replica covers it.
     pub covered: Vec<bool>,
-    /// Replicas that could not be asked on this page, and why.
+    /// Replicas that could not be asked (or were skipped) and that a copy
+    /// left uncovered needed, and why: to report.
     pub failures: Vec<PeerFailure>,
+    /// Every replica asked on this page that failed, needed or not: not
+    /// to ask again.
+    pub unreachable: Vec<PeerFailure>,
 }
 
 /// Asks the current replicas (on `ring`) of each stray copy in `strays`
@@ -70,6 +74,7 @@ pub async fn check_page<T: Transport>(
     }
     let mut covered_by_some = vec![false; strays.len()];
     let mut unanswered: Vec<(PeerFailure, Vec<usize>)> = Vec::new();
+    let mut unreachable = Vec::new();
     for (replica, indices) in by_replica {
         // Copies another replica already covers need no second opinion.
         let indices: Vec<usize> = indices
@@ -92,7 +97,13 @@ pub async fn check_page<T: Transport>(
                         }
                         continue;
                     }
-                    Err(reason) => reason,
+                    Err(reason) => {
+                        unreachable.push(PeerFailure {
+                            peer: replica.clone(),
+                            reason: reason.clone(),
+                        });
+                        reason
+                    }
                 }
             }
         };
@@ -110,6 +121,7 @@ pub async fn check_page<T: Transport>(
     Verdict {
         covered: covered_by_some,
         failures,
+        unreachable,
     }
 }
 

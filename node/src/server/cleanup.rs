@@ -14,16 +14,16 @@
 //!   itself (`Stats.cleaning`) and only then asks every other member, and
 //!   refuses if one is leaving, has left unknown to it, or cannot be
 //!   asked; a leave refuses while a member is cleaning. Of a leave and a
-//!   cleanup begun together at least one sees the other (the argument in
+//!   cleanup begun together at least one sees the other, provided each
+//!   knows the other as a member (the argument and its condition are in
 //!   `server/leave.rs`).
 //! - **The ring unchanged.** A page whose ring changed while its replicas
 //!   were asked is judged again under the new ring; removals stop at a
 //!   ring installed after the verdict.
-//! - **A new actor first.** The node must keep every dot it minted under
-//!   its current actor (see `ReplicaService`). Before it removes a copy
-//!   holding one, it begins a new epoch and mints under a new actor from
-//!   then on, so a later write to that key (once it replicates it again)
-//!   cannot repeat a dot the other replicas know and be dropped.
+//! - **No dot minted twice.** A removed copy takes the key's recorded
+//!   actor with it (see `ReplicaService`), so a later write to that key
+//!   here, once the node replicates it again, goes under a new actor and
+//!   cannot repeat a dot the other replicas know.
 //!
 //! One cleanup runs at a time per node; it stops at shutdown, and what it
 //! removed by then stays removed. A replica that cannot be asked (down,
@@ -199,9 +199,10 @@ impl NodeInner {
                 continue;
             };
             report.stray_keys += strays.len() as u64;
+            for failure in verdict.unreachable {
+                skip.entry(failure.peer).or_insert(failure.reason);
+            }
             for failure in verdict.failures {
-                skip.entry(failure.peer.clone())
-                    .or_insert_with(|| failure.reason.clone());
                 failed.entry(failure.peer).or_insert(failure.reason);
             }
             let (covered, uncovered): (Vec<_>, Vec<_>) = strays
@@ -291,25 +292,8 @@ impl NodeInner {
         if covered.is_empty() {
             return Ok(0);
         }
-        let replica = self.local.replica.clone();
-        let (storage, id, coordinator) =
-            (self.storage.clone(), self.id.clone(), coordinator.clone());
+        let (replica, coordinator) = (self.local.replica.clone(), coordinator.clone());
         tokio::task::spawn_blocking(move || {
-            // This node must keep every dot of its current actor (see
-            // `ReplicaService`): before it forgets one, it changes actor.
-            let actor = replica.id();
-            if covered.iter().any(|(_, ours)| replica.holds_own_dots(ours)) {
-                let epoch = storage
-                    .new_epoch()
-                    .map_err(|e| format!("could not begin a new epoch: {e}"))?;
-                replica.replace_actor(id.actor(epoch));
-                metrics::counter!("ringkv_actor_changes_total").increment(1);
-                tracing::info!(
-                    old = %actor,
-                    new = %replica.id(),
-                    "cleanup: new dots go under a new actor, as copies holding the old one's are removed"
-                );
-            }
             let mut removed = 0u64;
             for (key, ours) in &covered {
                 // A ring installed since the verdict stops the page here.

@@ -38,6 +38,13 @@
 //! that cannot be asked refuses the leave too: it might be leaving, and the
 //! hand-over would need it anyway.
 //!
+//! The argument needs each to know the other as a member: a node that
+//! joined moments ago, and that a member has not learned of yet, is not
+//! asked by it. Leave only once a new node shows in every member's
+//! `ringkv status`. Cleanups (`server/cleanup.rs`) take part in the same
+//! exclusion: a leave refuses while a member is cleaning up, and the
+//! other way round.
+//!
 //! The guarantee ends at the removal: a member that has learned of it asks
 //! the removed node nothing, while that node may still be in its last pass
 //! (up to about 15 s, see below), which then cannot reach a replica that

@@ -189,4 +189,7 @@ async fn a_replica_that_cannot_be_asked_covers_nothing_and_is_reported() {
     .await;
     assert_eq!(verdict.covered, [true]);
     assert!(verdict.failures.is_empty(), "{:?}", verdict.failures);
+    // Not reported, but not to be asked again either.
+    let unreachable: Vec<&NodeId> = verdict.unreachable.iter().map(|f| &f.peer).collect();
+    assert_eq!(unreachable, [&n("n1")]);
 }
