@@ -43,24 +43,41 @@ async fn wait_for_members(nodes: &[NodeHandle], members: usize) {
     }
 }
 
+/// Starts n1..n3 with N=2, writes `keys` through n1 at W=all (n1 mints the
+/// dots of those it replicates), then starts n4 and waits until every node
+/// knows it. Returns the nodes, a client of n1, and the rings before and
+/// after n4.
+async fn three_then_n4(
+    dirs: &[tempfile::TempDir],
+    keys: &[String],
+) -> (
+    Vec<NodeHandle>,
+    Client,
+    ringkv_ring::Ring,
+    ringkv_ring::Ring,
+) {
+    let mut nodes = start(&dirs[..3], 2).await;
+    let c1 = client(&nodes[0]).await;
+    put_all(&c1, keys).await;
+    let mut c4 = config("n4", dirs[3].path(), 2);
+    c4.seeds = vec![nodes[0].addr()];
+    nodes.push(Node::start(c4).await.unwrap());
+    wait_for_members(&nodes, 4).await;
+    (
+        nodes,
+        c1,
+        ring(&["n1", "n2", "n3"], 2),
+        ring(&["n1", "n2", "n3", "n4"], 2),
+    )
+}
+
 /// Three nodes with N=2, then n4 joins: each key whose preference list
 /// gained n4 lost one of its old replicas, which keeps a stray copy.
 #[tokio::test]
 async fn a_member_drops_the_stray_copies_a_replica_holds_and_keeps_the_rest() {
     let dirs = data_dirs(4);
-    let mut nodes = start(&dirs[..3], 2).await;
     let keys: Vec<String> = (0..120).map(|i| format!("k{i}")).collect();
-    let c1 = client(&nodes[0]).await;
-    put_all(&c1, &keys).await;
-    let mut c4 = config("n4", dirs[3].path(), 2);
-    c4.seeds = vec![nodes[0].addr()];
-    nodes.push(Node::start(c4).await.unwrap());
-    wait_for_members(&nodes, 4).await;
-
-    let (before, after) = (
-        ring(&["n1", "n2", "n3"], 2),
-        ring(&["n1", "n2", "n3", "n4"], 2),
-    );
+    let (mut nodes, c1, before, after) = three_then_n4(&dirs, &keys).await;
     let on = |r: &ringkv_ring::Ring, key: &str, node: &str| {
         r.preference_list(key.as_bytes()).contains(&id(node))
     };
@@ -159,19 +176,8 @@ async fn a_member_drops_the_stray_copies_a_replica_holds_and_keeps_the_rest() {
 #[tokio::test]
 async fn writes_after_a_cleanup_and_a_ring_change_back_are_not_lost() {
     let dirs = data_dirs(4);
-    let mut nodes = start(&dirs[..3], 2).await;
     let keys: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
-    let c1 = client(&nodes[0]).await;
-    // Written through n1, so n1 minted the dots of the keys it replicates.
-    put_all(&c1, &keys).await;
-    let mut c4 = config("n4", dirs[3].path(), 2);
-    c4.seeds = vec![nodes[0].addr()];
-    nodes.push(Node::start(c4).await.unwrap());
-    wait_for_members(&nodes, 4).await;
-    let (before, after) = (
-        ring(&["n1", "n2", "n3"], 2),
-        ring(&["n1", "n2", "n3", "n4"], 2),
-    );
+    let (mut nodes, c1, before, after) = three_then_n4(&dirs, &keys).await;
     let key = keys
         .iter()
         .find(|k| {
