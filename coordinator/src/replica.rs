@@ -47,7 +47,8 @@ pub trait Store: Send + Sync + 'static {
         actor: &NodeId,
     ) -> Result<(), StoreError>;
     /// The actor recorded for `key` by the last `put_with_actor` since the
-    /// key was last removed, if any.
+    /// key was last removed, if any. (After a crash without `--sync` it may
+    /// be stale; the caller trusts only the current epoch's actors.)
     fn key_actor(&self, key: &[u8]) -> Result<Option<NodeId>, StoreError>;
     /// Removes the key and its recorded actor (a collected tombstone, a
     /// stray copy), durably like `put`.
@@ -137,18 +138,21 @@ fn is_key_actor_suffix(suffix: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// A new per-key actor of `epoch_actor`'s epoch, one `clock` does not name.
-/// Random rather than counted, so that a restart in the same epoch cannot
-/// hand out one an earlier run gave the same key.
-fn new_key_actor(clock: &Clock, epoch_actor: &NodeId) -> NodeId {
+/// A new per-key actor of `epoch_actor`'s epoch, one `clock` does not name,
+/// from the suffixes `suffix` draws.
+fn new_key_actor(clock: &Clock, epoch_actor: &NodeId, mut suffix: u32) -> NodeId {
     loop {
-        let id = NodeId::new(format!("{epoch_actor}.{:08x}", rand::random::<u32>()))
-            .expect("an actor id with an 8-digit suffix is a valid id");
+        let id = NodeId::new(format!("{epoch_actor}.{suffix:08x}"))
+            .expect("ReplicaService::new checked the room for the suffix");
         if clock.counter(&id) == 0 {
             return id;
         }
+        suffix = suffix.wrapping_add(1);
     }
 }
+
+/// Where per-key actor suffixes come from (see [`ReplicaService`]).
+pub type KeyActorSource = Arc<dyn Fn() -> u32 + Send + Sync>;
 
 /// Applies replica operations to a [`Store`].
 ///
@@ -165,9 +169,13 @@ fn new_key_actor(clock: &Clock, epoch_actor: &NodeId) -> NodeId {
 /// ([`Store::put_with_actor`]) and removed with it. Later mints continue the
 /// recorded actor if it is of the current epoch; with none recorded (a new
 /// key, or one whose copy was removed since) the mint takes a new one. A
-/// recorded actor has every one of its dots in the stored clock, since the
-/// record and the copy are only ever removed together and merges only add.
-/// (Riak's per-key epochs solve the same problem.)
+/// recorded actor of the current epoch has every one of its dots in the
+/// stored clock, since the record and the copy are only ever removed
+/// together and merges only add; a crash that may have lost the newest of
+/// them (a WAL tail) begins a new epoch, whose actors no older record
+/// names. (Riak's per-key epochs solve the same problem.) Suffixes are
+/// random: two re-creations of one key in one epoch draw the same suffix
+/// with probability 2^-32, which we accept as we accept random epochs.
 pub struct ReplicaService<S> {
     /// The epoch's actor (see [`NodeId::actor`]); keys get actors of their
     /// own that extend it (see the type's docs).
@@ -179,6 +187,9 @@ pub struct ReplicaService<S> {
     hints: Option<Arc<dyn HintStore>>,
     /// Told of every stored change, under the key's lock (the anti-entropy trees).
     observer: Option<Arc<dyn ChangeObserver>>,
+    /// Draws the suffix of a new per-key actor: random, so that a restart in
+    /// the same epoch cannot give a key one an earlier run gave it.
+    key_actors: KeyActorSource,
 }
 
 impl<S: Store> ReplicaService<S> {
@@ -197,7 +208,15 @@ impl<S: Store> ReplicaService<S> {
             max_siblings,
             hints: None,
             observer: None,
+            key_actors: Arc::new(rand::random::<u32>),
         }
+    }
+
+    /// Draws per-key actor suffixes from `source` instead of at random: for
+    /// the simulator, whose runs must replay exactly.
+    pub fn with_key_actors(mut self, source: KeyActorSource) -> Self {
+        self.key_actors = source;
+        self
     }
 
     /// Tells `observer` of every change to a stored key, with the old and
@@ -253,13 +272,26 @@ impl<S: Store> ReplicaService<S> {
         // version once the new one exists.
         let old = current.clone();
         let mut clock = current.unwrap_or_default();
-        let recorded = self
-            .store
-            .key_actor(key)?
-            .filter(|actor| is_key_actor_of(actor, &self.actor));
+        // A recorded actor of this epoch is always in the clock it was
+        // recorded with (merges only add), so a clock naming none has no
+        // such record: no need to look.
+        let names_one = clock
+            .context()
+            .iter()
+            .any(|(node, _)| is_key_actor_of(node, &self.actor));
+        let recorded = if names_one {
+            self.store
+                .key_actor(key)?
+                .filter(|actor| is_key_actor_of(actor, &self.actor))
+        } else {
+            None
+        };
         let (actor, is_new) = match recorded {
             Some(actor) => (actor, false),
-            None => (new_key_actor(&clock, &self.actor), true),
+            None => (
+                new_key_actor(&clock, &self.actor, (self.key_actors)()),
+                true,
+            ),
         };
         let context = &context_of(&clock);
         // This node holds every dot it minted for the key under `actor`

@@ -288,6 +288,14 @@ impl SimHandler for SimNode {
     }
 }
 
+/// Per-key actor suffixes 1, 2, 3, … rather than random ones, so that a
+/// simulated run replays exactly (no node restarts here, so a counter from
+/// 1 cannot repeat one).
+fn counted_key_actors() -> crate::replica::KeyActorSource {
+    let next = Arc::new(std::sync::atomic::AtomicU32::new(1));
+    Arc::new(move || next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
 /// N simulated nodes `n1..` on one ring and one network.
 pub struct SimCluster {
     pub net: SimNetwork,
@@ -440,7 +448,8 @@ impl SimCluster {
                     replica: Arc::new(
                         ReplicaService::new(id.clone(), store, options.max_siblings)
                             .with_hints(hints.clone())
-                            .with_observer(trees),
+                            .with_observer(trees)
+                            .with_key_actors(counted_key_actors()),
                     ),
                     anti_entropy,
                     coordinator: Arc::new(coordinator),

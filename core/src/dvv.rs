@@ -43,9 +43,11 @@ use crate::node_id::NodeId;
 
 /// The most entries (actors) a clock or context may have. A node adds one
 /// actor to a key per epoch, and one each time it writes the key again
-/// after removing its copy (see `ReplicaService` in the coordinator); a key
-/// whose history names more actors than this is refused rather than allowed
-/// to grow every token and frame without bound.
+/// after removing its copy (see `ReplicaService` in the coordinator; so a
+/// key written before per-key actors gains one more from each node that
+/// writes it after); a key whose history names more actors than this is
+/// refused rather than allowed to grow every token and frame without
+/// bound.
 pub const CLOCK_ENTRIES_MAX: usize = 1024;
 /// Counters above this are refused as implausible, so `counter + 1` can never
 /// overflow whatever a peer or a token claims.

@@ -12,7 +12,8 @@ use crate::error::InvalidInput;
 /// The longest id accepted anywhere, in bytes (node names and actor ids).
 pub const NODE_ID_MAX_BYTES: usize = 64;
 /// The longest name a node may be started with: leaves room for the
-/// `.epoch` suffix of its actor id.
+/// `.epoch` suffix of its actor id and the `.k` of its per-key actors
+/// (40 + 9 + 9 = 58 bytes).
 pub const NODE_NAME_MAX_BYTES: usize = 40;
 
 /// The name of one ringkv node, e.g. `n1`.
