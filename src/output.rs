@@ -121,6 +121,7 @@ pub fn status(reply: &StatusReply, json: bool) {
                 "last_exchange_unix_ms": n.last_exchange_unix_ms,
                 "keys_repaired": n.keys_repaired,
                 "leaving": n.leaving,
+                "cleaning": n.cleaning,
             })).collect::<Vec<_>>(),
         }));
     } else {
@@ -155,10 +156,11 @@ pub fn status(reply: &StatusReply, json: bool) {
 /// A member's state column: what the failure detector believes, and
 /// whether the member said it is leaving.
 fn state(n: &NodeStatus) -> &'static str {
-    match (n.up, n.leaving) {
-        (false, _) => "down",
-        (true, Some(true)) => "leaving",
-        (true, _) => "up",
+    match (n.up, n.leaving, n.cleaning) {
+        (false, _, _) => "down",
+        (true, Some(true), _) => "leaving",
+        (true, _, Some(true)) => "cleaning",
+        (true, _, _) => "up",
     }
 }
 
@@ -305,8 +307,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_member_shows_as_leaving_only_while_up_and_saying_so() {
-        let node = |up, leaving| NodeStatus {
+    fn a_member_shows_as_leaving_or_cleaning_only_while_up_and_saying_so() {
+        let node = |up, leaving, cleaning| NodeStatus {
             id: NodeId::new("n1").unwrap(),
             addr: "127.0.0.1:7000".into(),
             up,
@@ -315,10 +317,13 @@ mod tests {
             last_exchange_unix_ms: None,
             keys_repaired: None,
             leaving,
+            cleaning,
         };
-        assert_eq!(state(&node(true, Some(true))), "leaving");
-        assert_eq!(state(&node(true, Some(false))), "up");
-        assert_eq!(state(&node(true, None)), "up");
-        assert_eq!(state(&node(false, Some(true))), "down");
+        assert_eq!(state(&node(true, Some(true), Some(false))), "leaving");
+        assert_eq!(state(&node(true, Some(false), Some(false))), "up");
+        assert_eq!(state(&node(true, None, None)), "up");
+        assert_eq!(state(&node(false, Some(true), None)), "down");
+        assert_eq!(state(&node(true, Some(false), Some(true))), "cleaning");
+        assert_eq!(state(&node(false, None, Some(true))), "down");
     }
 }

@@ -258,6 +258,11 @@ fn cleanup_after_a_join_drops_the_copies_the_old_members_no_longer_need() {
             }
         }
     }
+    // Done, no member shows as cleaning.
+    let status = json(&c.cli(0, &["status", "--json"]));
+    for node in status["nodes"].as_array().unwrap() {
+        assert_eq!(node["cleaning"], serde_json::json!(false), "{status}");
+    }
     // Run again, nothing is left to drop; the human output says so.
     let again = c.cli(0, &["cleanup"]);
     assert_exit(&again, 0);

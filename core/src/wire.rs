@@ -474,6 +474,9 @@ pub struct NodeStatus {
     /// Whether it is leaving (`ringkv leave` under way, not yet removed);
     /// `None` if it could not be asked.
     pub leaving: Option<bool>,
+    /// Whether a `ringkv cleanup` of it is under way (a leave is refused
+    /// meanwhile); `None` if it could not be asked.
+    pub cleaning: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

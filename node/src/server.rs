@@ -739,6 +739,7 @@ impl NodeInner {
                     last_exchange_unix_ms: stats.get(&m.id).and_then(|s| s.last_exchange_unix_ms),
                     keys_repaired: stats.get(&m.id).map(|s| s.keys_repaired),
                     leaving: stats.get(&m.id).map(|s| s.leaving),
+                    cleaning: stats.get(&m.id).map(|s| s.cleaning),
                 })
                 .collect(),
         })
