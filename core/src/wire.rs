@@ -369,7 +369,8 @@ pub struct NodeStats {
     /// Keys the running (or last) `ringkv cleanup` of this node has read so
     /// far; 0 if none ran since it started.
     pub cleanup_keys_scanned: u64,
-    /// Whether a `ringkv cleanup` of this node is under way. A member asked
+    /// Whether a `ringkv cleanup` of this node is under way (false once it
+    /// knows it was removed, like `leaving`). A member asked
     /// to leave refuses while another cleans up, and the other way round.
     pub cleaning: bool,
 }

@@ -38,11 +38,12 @@ use std::time::{Duration, Instant};
 
 use ringkv_coordinator::coordinator::Coordinator;
 use ringkv_core::dvv::Clock;
-use ringkv_core::wire::{CleanupReport, ErrorKind, NodeStats, PeerFailure, Response};
+use ringkv_core::wire::{CleanupReport, ErrorKind, PeerFailure, Response};
 use ringkv_core::NodeId;
 use ringkv_repair::cleanup;
 use ringkv_ring::Ring;
 
+use super::leave::named;
 use super::{NodeInner, QuicTransport};
 
 /// How long a replica may take to answer one page's `ReadBatch`.
@@ -118,14 +119,10 @@ impl NodeInner {
     /// that covers a copy now may be gone), or cannot be asked which.
     async fn member_moving(&self, record: &crate::membership::ClusterRecord) -> Option<Response> {
         let (answered, unasked) = self.members_stats(record).await;
-        let named = |pick: fn(&NodeStats) -> bool| -> Vec<String> {
-            answered
-                .iter()
-                .filter(|(_, stats)| pick(stats))
-                .map(|(id, _)| id.to_string())
-                .collect()
-        };
-        let (leaving, gone) = (named(|s| s.leaving && !s.removed), named(|s| s.removed));
+        let (leaving, gone) = (
+            named(&answered, |s| s.leaving),
+            named(&answered, |s| s.removed),
+        );
         let refuse = |why: String| {
             Some(Response::error(
                 ErrorKind::Refused,

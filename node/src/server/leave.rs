@@ -306,17 +306,10 @@ impl NodeInner {
     /// up, has left without this node knowing yet, or cannot say which.
     async fn another_leaving(&self, record: &crate::membership::ClusterRecord) -> Option<Response> {
         let (answered, unasked) = self.members_stats(record).await;
-        let names = |pick: fn(&NodeStats) -> bool| -> Vec<String> {
-            answered
-                .iter()
-                .filter(|(_, stats)| pick(stats))
-                .map(|(id, _)| id.to_string())
-                .collect()
-        };
         let (gone, leaving, cleaning) = (
-            names(|s| s.removed),
-            names(|s| s.leaving && !s.removed),
-            names(|s| s.cleaning && !s.removed),
+            named(&answered, |s| s.removed),
+            named(&answered, |s| s.leaving),
+            named(&answered, |s| s.cleaning),
         );
         if !leaving.is_empty() {
             let names = leaving.join(", ");
@@ -486,6 +479,15 @@ impl NodeInner {
         }
         Err(reasons)
     }
+}
+
+/// The members among `answered` whose `Stats` satisfy `pick`, by name.
+pub(super) fn named(answered: &[(NodeId, NodeStats)], pick: fn(&NodeStats) -> bool) -> Vec<String> {
+    answered
+        .iter()
+        .filter(|(_, stats)| pick(stats))
+        .map(|(id, _)| id.to_string())
+        .collect()
 }
 
 /// `call`'s answer if it comes within `timeout` and is not an error;
