@@ -116,7 +116,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         )
     } else {
         let targets = resolve_cluster(&args.cluster)?;
-        let replicas = cluster_replicas(targets[0], cluster_key.as_ref()).await?;
+        let replicas = cluster_replicas(&targets, cluster_key.as_ref()).await?;
         check_settings(&settings, replicas)?;
         (targets, Vec::new(), replicas)
     };
@@ -249,23 +249,31 @@ fn check_settings(settings: &[Setting], replicas: usize) -> Result<(), Failure> 
     Ok(())
 }
 
-/// N of a running cluster, from its `status`; an unreachable node is an error.
+/// N of a running cluster, from the `status` of each of its `targets`:
+/// every address must answer before anything is loaded (the bench's
+/// clients move between them later, when one stops).
 async fn cluster_replicas(
-    addr: std::net::SocketAddr,
+    targets: &[std::net::SocketAddr],
     cluster_key: Option<&ClusterKey>,
 ) -> Result<usize, Failure> {
-    let unreachable =
-        |e: String| Failure::new(Exit::Unreachable, format!("cannot reach {addr}: {e}"));
-    let client = Client::connect_with_key(addr, Duration::from_secs(3), cluster_key)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let answer = client.call(&Request::Status).await;
-    client.close().await;
-    match answer {
-        Ok(Response::Status(s)) => Ok(s.replicas as usize),
-        Ok(other) => Err(unreachable(format!("unexpected answer {other:?}"))),
-        Err(e) => Err(unreachable(e.to_string())),
+    let mut replicas = None;
+    for addr in targets {
+        let unreachable =
+            |e: String| Failure::new(Exit::Unreachable, format!("cannot reach {addr}: {e}"));
+        let client = Client::connect_with_key(*addr, Duration::from_secs(3), cluster_key)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let answer = client.call(&Request::Status).await;
+        client.close().await;
+        match answer {
+            Ok(Response::Status(s)) => {
+                replicas.get_or_insert(s.replicas as usize);
+            }
+            Ok(other) => return Err(unreachable(format!("unexpected answer {other:?}"))),
+            Err(e) => return Err(unreachable(e.to_string())),
+        }
     }
+    replicas.ok_or_else(|| Failure::new(Exit::Usage, "--cluster names no node"))
 }
 
 fn bar(len: u64, message: String) -> ProgressBar {
@@ -397,6 +405,12 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
                 r.setting
             );
         }
+        if r.failovers > 0 {
+            println!(
+                "{}: connections moved to another node {} times (a node stopped, drained or could not be reached; requests under way on it count as errors or timeouts)",
+                r.setting, r.failovers
+            );
+        }
     }
     println!();
     let header: Vec<String> = ycsb::STALENESS_T_MS
@@ -482,6 +496,7 @@ fn report_json(
             "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
             "cpu_us_per_op": r.cpu_us_per_op(),
             "unsent": r.unsent,
+            "failovers": r.failovers,
             "ops": r.ops.iter().map(|(op, o)| (op.as_str().to_string(), json!({
                 "ops": o.ops,
                 "errors": o.errors,
@@ -568,7 +583,9 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         .await?;
         (nodes.iter().map(|n| n.addr()).collect(), nodes)
     } else {
-        (resolve_cluster(&args.cluster)?, Vec::new())
+        let targets = resolve_cluster(&args.cluster)?;
+        cluster_replicas(&targets, cluster_key.as_ref()).await?;
+        (targets, Vec::new())
     };
     let config = LoadConfig {
         targets,

@@ -25,7 +25,7 @@ use hdrhistogram::Histogram;
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
-use ringkv_node::{Client, ClusterKey};
+use ringkv_node::{ClusterClient, ClusterKey};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -118,28 +118,32 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
     let run_id: u32 = rand_run_id();
     let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await;
     let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await;
-    Client::close_all(clients.into_iter().filter_map(std::sync::Arc::into_inner)).await;
+    ClusterClient::close_all(clients.into_iter().filter_map(std::sync::Arc::into_inner)).await;
     Ok(Report { put, get })
 }
 
 /// `count` clients, each with its own connection, round-robin over `targets`.
+/// Each moves to the next target while its own cannot take requests (see
+/// `ringkv_node::cluster_client`), so a node stopped mid-run costs only the
+/// requests under way on it.
 pub(crate) async fn connect_clients(
     targets: &[SocketAddr],
     count: usize,
     cluster_key: Option<&ClusterKey>,
-) -> Result<Vec<std::sync::Arc<Client>>, BenchError> {
+) -> Result<Vec<std::sync::Arc<ClusterClient>>, BenchError> {
     if targets.is_empty() {
         return Err(BenchError::NoTargets);
     }
     let mut clients = Vec::with_capacity(count);
     for i in 0..count {
         let addr = targets[i % targets.len()];
-        let client = Client::connect_with_key(addr, Duration::from_secs(3), cluster_key)
-            .await
-            .map_err(|e| BenchError::Unreachable {
-                addr,
-                reason: e.to_string(),
-            })?;
+        let client =
+            ClusterClient::connect(targets.to_vec(), i, Duration::from_secs(3), cluster_key)
+                .await
+                .map_err(|e| BenchError::Unreachable {
+                    addr,
+                    reason: e.to_string(),
+                })?;
         clients.push(std::sync::Arc::new(client));
     }
     Ok(clients)
@@ -157,7 +161,7 @@ fn rand_run_id() -> u32 {
 /// and report how many each worker wrote; gets cycle through those keys.
 async fn phase(
     config: &LoadConfig,
-    clients: &[std::sync::Arc<Client>],
+    clients: &[std::sync::Arc<ClusterClient>],
     op: Op,
     run_id: u32,
     written: &[u64],

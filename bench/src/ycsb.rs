@@ -47,7 +47,7 @@ use rand::{Rng, SeedableRng};
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
-use ringkv_node::{Client, ClusterKey};
+use ringkv_node::{ClusterClient, ClusterKey};
 
 use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
@@ -259,6 +259,9 @@ pub struct SettingReport {
     pub staleness: Vec<Visibility>,
     /// Records that exist after the run (the load's plus every insert).
     pub records_after: u64,
+    /// Times a connection moved to another node because its own could not
+    /// take requests (stopped, draining, unreachable), or moved back.
+    pub failovers: u64,
 }
 
 impl SettingReport {
@@ -289,7 +292,7 @@ fn new_histogram() -> Histogram<u64> {
 /// A connection to the store under test: a ringkv node, or a RESP server
 /// (Redis, Dynomite) for comparison.
 pub(crate) enum Conn {
-    Ringkv(Client),
+    Ringkv(ClusterClient),
     Resp(tokio::sync::Mutex<RespConn>),
 }
 
@@ -516,8 +519,21 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
     }
 }
 
+/// Failovers over the distinct connections (clients share them).
+fn failovers(conns: &[Arc<Conn>]) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    conns
+        .iter()
+        .filter(|c| seen.insert(Arc::as_ptr(c)))
+        .map(|c| match c.as_ref() {
+            Conn::Ringkv(client) => client.failovers(),
+            Conn::Resp(_) => 0,
+        })
+        .sum()
+}
+
 async fn close_all(conns: Vec<Arc<Conn>>) {
-    Client::close_all(conns.into_iter().filter_map(|c| match Arc::into_inner(c) {
+    ClusterClient::close_all(conns.into_iter().filter_map(|c| match Arc::into_inner(c) {
         Some(Conn::Ringkv(client)) => Some(client),
         _ => None,
     }))
@@ -693,6 +709,7 @@ pub async fn run_setting(
         Some(p) => p.await.unwrap_or_default(),
         None => Vec::new(),
     };
+    let failovers = failovers(&clients);
     close_all(clients).await;
     let mut ops: Vec<(Op, OpReport)> = merged.into_iter().collect();
     ops.sort_by_key(|(op, _)| op.as_str());
@@ -708,6 +725,7 @@ pub async fn run_setting(
         max_siblings: read_stats.max_values,
         staleness,
         records_after: next_record.load(std::sync::atomic::Ordering::Relaxed),
+        failovers,
     };
     report.unsent = config
         .rate_per_s
@@ -737,9 +755,11 @@ pub async fn probe_staleness(
         return out;
     };
     let key = config.cluster_key.as_ref();
+    // One node each, no failover: staleness is measured between two
+    // coordinators.
     let (Ok(writer), Ok(reader)) = (
-        Client::connect_with_key(*writer_addr, Duration::from_secs(3), key).await,
-        Client::connect_with_key(*reader_addr, Duration::from_secs(3), key).await,
+        ClusterClient::connect(vec![*writer_addr], 0, Duration::from_secs(3), key).await,
+        ClusterClient::connect(vec![*reader_addr], 0, Duration::from_secs(3), key).await,
     ) else {
         return out;
     };

@@ -8,6 +8,8 @@
 //!   writer.
 //! - [`quic`]: requests multiplexed on QUIC connections, the peer connection
 //!   pool and the client connection.
+//! - [`cluster_client`]: a client that moves to another node when its node
+//!   cannot take a request.
 //! - [`membership`]: joining, announcing and remembering the cluster.
 //! - [`server`]: starting a node and routing requests to the coordinator,
 //!   the local replica and membership.
@@ -17,6 +19,7 @@
 //! merging, placement) are made in `coordinator`, `core` and `ring`; the code
 //! here moves bytes and stores them.
 
+pub mod cluster_client;
 pub mod cluster_key;
 pub mod error;
 pub mod frame;
@@ -27,6 +30,7 @@ pub mod server;
 pub mod storage;
 pub mod tls;
 
+pub use cluster_client::ClusterClient;
 pub use cluster_key::ClusterKey;
 pub use error::NodeError;
 pub use quic::{CallError, Client};

@@ -1,0 +1,538 @@
+//! A client of a whole cluster: requests go to one node at a time, and move
+//! to the next when that node cannot take them.
+//!
+//! In a Dynamo-style store any node coordinates any request, so a client
+//! given several nodes can survive losing one. [`ClusterClient`] sends every
+//! request to its current node over one shared connection ([`Client`]) and
+//! moves on to the next node, in the order given, when the current one
+//! cannot be reached or answers that it serves nothing now (draining,
+//! removed, still joining). A request whose node may have run it is never
+//! sent again: a write sent twice could be stored twice, as siblings. So:
+//!
+//! - **Resent elsewhere** ([`ran_nothing`]): the connection was already
+//!   closed before the request was sent; the node ended the stream unread
+//!   (`CallError::Unread`); it answered `NotServing`.
+//! - **Returned to the caller**, who alone knows whether the request is safe
+//!   to repeat: a connection lost or a stream broken mid-request, a
+//!   timeout, any other answer. A lost connection still moves the client on,
+//!   so the *next* request goes to a node that answers.
+//!
+//! A connection to a node killed outright dies when QUIC's idle timeout
+//! (10 s) passes without a packet from it; until then requests on it go
+//! unanswered, and the caller's own timeout decides.
+//!
+//! A client that has moved away from its preferred node (the first it was
+//! given) dials that node again in the background every [`RETURN_PROBE`]
+//! and goes back once it answers, so after a rolling restart every client
+//! is back where it started and the load stays spread.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ringkv_core::wire::{ErrorKind, Request, Response};
+
+use crate::cluster_key::ClusterKey;
+use crate::quic::{CallError, Client};
+
+/// How often a client away from its preferred node tries to go back.
+pub const RETURN_PROBE: Duration = Duration::from_secs(1);
+
+/// A connection to a cluster that fails over between its nodes (see the
+/// module docs). Cheap to share: concurrent callers use one connection.
+pub struct ClusterClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    nodes: Vec<SocketAddr>,
+    /// Index in `nodes` of the node this client prefers.
+    preferred: usize,
+    connect_timeout: Duration,
+    cluster_key: Option<ClusterKey>,
+    /// Invariant: `current.at < nodes.len()`; `client`, when set, is
+    /// connected to `nodes[at]`. Never held across an await: every request
+    /// takes it, and it must not wait for a dial.
+    current: std::sync::Mutex<Current>,
+    /// Held while dialling, so that callers who find no connection make one
+    /// between them, not one each.
+    dialling: tokio::sync::Mutex<()>,
+    /// Times the client moved to another node.
+    failovers: AtomicU64,
+    /// Whether a task is probing the preferred node (at most one).
+    probing: std::sync::atomic::AtomicBool,
+}
+
+struct Current {
+    at: usize,
+    client: Option<Arc<Client>>,
+}
+
+/// Whether a call's outcome shows that its node ran nothing of the request,
+/// so it may be sent to another node as it is.
+pub fn ran_nothing(outcome: &Result<Response, CallError>) -> bool {
+    match outcome {
+        Err(CallError::Unread(_) | CallError::Connect(_)) => true,
+        Ok(Response::Error(e)) => e.kind == ErrorKind::NotServing,
+        _ => false,
+    }
+}
+
+impl ClusterClient {
+    /// Connects to `nodes[preferred]` or, if it does not answer within
+    /// `connect_timeout`, to the first after it that does; the error of the
+    /// preferred node if none answers. (So a client made while a node is
+    /// down works; one that must reach a given node checks it first.)
+    pub async fn connect(
+        nodes: Vec<SocketAddr>,
+        preferred: usize,
+        connect_timeout: Duration,
+        cluster_key: Option<&ClusterKey>,
+    ) -> Result<ClusterClient, CallError> {
+        if nodes.is_empty() {
+            return Err(CallError::Connect("no node address given".to_string()));
+        }
+        let preferred = preferred % nodes.len();
+        let mut first_error = None;
+        for step in 0..nodes.len() {
+            let at = (preferred + step) % nodes.len();
+            match Client::connect_with_key(nodes[at], connect_timeout, cluster_key).await {
+                Ok(client) => {
+                    return Ok(ClusterClient {
+                        inner: Arc::new(Inner {
+                            nodes,
+                            preferred,
+                            connect_timeout,
+                            cluster_key: cluster_key.cloned(),
+                            current: std::sync::Mutex::new(Current {
+                                at,
+                                client: Some(Arc::new(client)),
+                            }),
+                            dialling: tokio::sync::Mutex::new(()),
+                            failovers: AtomicU64::new(u64::from(at != preferred)),
+                            probing: std::sync::atomic::AtomicBool::new(false),
+                        }),
+                    })
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("at least one node was tried"))
+    }
+
+    /// Sends `request` to the current node, moving on to the next while a
+    /// node ran nothing of it (see the module docs); at most one try per
+    /// node. The last node's outcome if none could take it.
+    pub async fn call(&self, request: &Request) -> Result<Response, CallError> {
+        let mut outcome = Err(CallError::Connect("no node tried".to_string()));
+        for _ in 0..self.inner.nodes.len() {
+            let client = match self.inner.client().await {
+                Ok(client) => client,
+                Err(e) => {
+                    outcome = Err(e);
+                    continue;
+                }
+            };
+            outcome = client.call(request).await;
+            if ran_nothing(&outcome) {
+                self.inner.move_on(&client);
+                continue;
+            }
+            if matches!(outcome, Err(CallError::Connection(_))) {
+                // It may have run: the caller decides; the next request
+                // goes to a node that answers.
+                self.inner.move_on(&client);
+            }
+            break;
+        }
+        self.probe_preferred_if_away();
+        outcome
+    }
+
+    /// The address of the node requests go to now.
+    pub fn current_node(&self) -> SocketAddr {
+        self.inner.nodes[self.inner.lock().at]
+    }
+
+    /// How many times this client has moved to another node.
+    pub fn failovers(&self) -> u64 {
+        self.inner.failovers.load(Ordering::Relaxed)
+    }
+
+    /// Closes the connection politely so the node frees it at once.
+    pub async fn close(self) {
+        let client = self.inner.lock().client.take();
+        if let Some(client) = client.and_then(Arc::into_inner) {
+            client.close().await;
+        }
+    }
+
+    /// Closes many clients at once (see [`Client::close_all`]).
+    pub async fn close_all(clients: impl IntoIterator<Item = ClusterClient>) {
+        let mut closing = tokio::task::JoinSet::new();
+        for client in clients {
+            closing.spawn(client.close());
+        }
+        while closing.join_next().await.is_some() {}
+    }
+
+    fn probe_preferred_if_away(&self) {
+        let away = self.inner.lock().at != self.inner.preferred;
+        if away && !self.inner.probing.swap(true, Ordering::AcqRel) {
+            tokio::spawn(probe_preferred(Arc::downgrade(&self.inner)));
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        // Every critical section leaves `Current` whole: a panic elsewhere
+        // cannot have left it half-changed.
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current node's connection, dialling it if there is none: a node
+    /// that cannot be dialled moves the client on, and the error is returned.
+    async fn client(&self) -> Result<Arc<Client>, CallError> {
+        if let Some(found) = self.open_client() {
+            return found;
+        }
+        let _dialling = self.dialling.lock().await;
+        // Another caller may have dialled (or moved on) meanwhile.
+        if let Some(found) = self.open_client() {
+            return found;
+        }
+        let at = self.lock().at;
+        let dialled = Client::connect_with_key(
+            self.nodes[at],
+            self.connect_timeout,
+            self.cluster_key.as_ref(),
+        )
+        .await;
+        let mut current = self.lock();
+        if current.at != at || current.client.is_some() {
+            // The probe went back to the preferred node while we dialled.
+            return current.client.clone().ok_or_else(|| {
+                CallError::Connect("the client changed node while dialling".to_string())
+            });
+        }
+        match dialled {
+            Ok(client) => {
+                let client = Arc::new(client);
+                current.client = Some(client.clone());
+                Ok(client)
+            }
+            Err(e) => {
+                self.advance(&mut current);
+                Err(e)
+            }
+        }
+    }
+
+    /// The current connection if there is one: itself if open; if closed
+    /// (before this request was sent: nothing ran), the client moves on and
+    /// says so. `None` when there is none, to be dialled.
+    fn open_client(&self) -> Option<Result<Arc<Client>, CallError>> {
+        let mut current = self.lock();
+        let client = current.client.clone()?;
+        if client.connection().close_reason().is_none() {
+            return Some(Ok(client));
+        }
+        current.client = None;
+        let closed = self.nodes[current.at];
+        self.advance(&mut current);
+        Some(Err(CallError::Connect(format!(
+            "the connection to {closed} had closed"
+        ))))
+    }
+
+    /// Moves on from the node `failed` is connected to, unless another
+    /// caller already has.
+    fn move_on(&self, failed: &Arc<Client>) {
+        let mut current = self.lock();
+        if current
+            .client
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, failed))
+        {
+            current.client = None;
+            self.advance(&mut current);
+        }
+    }
+
+    fn advance(&self, current: &mut Current) {
+        current.at = (current.at + 1) % self.nodes.len();
+        self.failovers.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node = %self.nodes[current.at], "client moved to the next node");
+    }
+}
+
+/// Dials the preferred node every [`RETURN_PROBE`] until it answers, then
+/// makes it current again. Ends early once the client is dropped, or back
+/// on its preferred node by other means.
+async fn probe_preferred(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(RETURN_PROBE).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let (addr, timeout, key) = (
+            strong.nodes[strong.preferred],
+            strong.connect_timeout,
+            strong.cluster_key.clone(),
+        );
+        if strong.lock().at == strong.preferred {
+            strong.probing.store(false, Ordering::Release);
+            return;
+        }
+        // Not holding the client alive while dialling: a dropped client's
+        // probe should not outlive it by a connect timeout.
+        drop(strong);
+        let dialled = Client::connect_with_key(addr, timeout, key.as_ref()).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if let Ok(client) = dialled {
+            // A ping shows the node is up and not draining. (One still
+            // joining, or removed, answers it too, and then refuses the
+            // next request as `NotServing`: that request moves on unharmed,
+            // and the probe starts again.)
+            if matches!(client.call(&Request::Ping).await, Ok(Response::Pong)) {
+                let mut current = strong.lock();
+                current.at = strong.preferred;
+                current.client = Some(Arc::new(client));
+                strong.failovers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(node = %addr, "client back on its preferred node");
+                strong.probing.store(false, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::read_frame;
+    use crate::tls;
+    use ringkv_core::wire::FRAME_MAX_BYTES;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::sync::watch;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A server that counts the requests it reads and answers each with
+    /// `answer`.
+    fn answering(answer: Response) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+        let endpoint = quinn::Endpoint::server(
+            tls::server_config(None).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let (addr, seen) = (
+            endpoint.local_addr().unwrap(),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (accepting, counted) = (endpoint.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                let (answer, counted) = (answer.clone(), counted.clone());
+                tokio::spawn(crate::quic::serve_connection(
+                    conn,
+                    move |_request| {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let answer = answer.clone();
+                        async move { answer }
+                    },
+                    watch::channel(false).1,
+                ));
+            }
+        });
+        (endpoint, addr, seen)
+    }
+
+    /// A server that reads one request, counts it, and closes the connection
+    /// without answering: the request may have run.
+    fn closing_after_read() -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+        let endpoint = quinn::Endpoint::server(
+            tls::server_config(None).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let (addr, seen) = (
+            endpoint.local_addr().unwrap(),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (accepting, counted) = (endpoint.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let Ok((_send, mut recv)) = conn.accept_bi().await else {
+                        return;
+                    };
+                    if let Ok(Some(_)) = read_frame(&mut recv, FRAME_MAX_BYTES).await {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        conn.close(0u32.into(), b"gone mid-request");
+                    }
+                });
+            }
+        });
+        (endpoint, addr, seen)
+    }
+
+    fn not_serving() -> Response {
+        Response::error(ErrorKind::NotServing, "shutting down; ask another node")
+    }
+
+    #[test]
+    fn only_outcomes_that_ran_nothing_may_be_sent_elsewhere() {
+        assert!(ran_nothing(&Err(CallError::Unread("ended".into()))));
+        assert!(ran_nothing(&Err(CallError::Connect("refused".into()))));
+        assert!(ran_nothing(&Ok(not_serving())));
+        assert!(!ran_nothing(&Err(CallError::Connection("lost".into()))));
+        assert!(!ran_nothing(&Err(CallError::Stream("reset".into()))));
+        assert!(!ran_nothing(&Err(CallError::Protocol("garbled".into()))));
+        assert!(!ran_nothing(&Ok(Response::Pong)));
+        for kind in [
+            ErrorKind::QuorumNotReached,
+            ErrorKind::Unavailable,
+            ErrorKind::Internal,
+            ErrorKind::InvalidRequest,
+            ErrorKind::Refused,
+        ] {
+            assert!(!ran_nothing(&Ok(Response::error(kind, "x"))), "{kind:?}");
+        }
+    }
+
+    /// A node that refuses a request unrun passes it to the next node; the
+    /// caller sees only the answer. The client does not go back to a node
+    /// that still refuses.
+    #[tokio::test]
+    async fn a_request_refused_unrun_goes_to_the_next_node() {
+        let (_e1, draining, refused) = answering(not_serving());
+        let (_e2, serving, served) = answering(Response::Pong);
+        let client = ClusterClient::connect(vec![draining, serving], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            client.call(&Request::Ping).await,
+            Ok(Response::Pong)
+        ));
+        assert_eq!(refused.load(Ordering::SeqCst), 1);
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        assert_eq!(client.current_node(), serving);
+        assert_eq!(client.failovers(), 1);
+        // The probe pings the preferred node, which refuses: the client stays.
+        let deadline = tokio::time::Instant::now() + 3 * RETURN_PROBE;
+        while refused.load(Ordering::SeqCst) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no probe reached the preferred node"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(matches!(
+            client.call(&Request::Ping).await,
+            Ok(Response::Pong)
+        ));
+        assert_eq!(client.current_node(), serving);
+        client.close().await;
+    }
+
+    /// When every node refuses, the caller gets the last refusal, after one
+    /// try per node.
+    #[tokio::test]
+    async fn a_request_every_node_refuses_comes_back_refused() {
+        let (_e1, a, seen_a) = answering(not_serving());
+        let (_e2, b, seen_b) = answering(not_serving());
+        let client = ClusterClient::connect(vec![a, b], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        let outcome = client.call(&Request::Ping).await;
+        assert!(
+            matches!(&outcome, Ok(Response::Error(e)) if e.kind == ErrorKind::NotServing),
+            "{outcome:?}"
+        );
+        assert_eq!(seen_a.load(Ordering::SeqCst), 1);
+        assert_eq!(seen_b.load(Ordering::SeqCst), 1);
+        client.close().await;
+    }
+
+    /// A request whose node may have run it is not sent again (a write
+    /// could be stored twice); the next request goes to the next node.
+    #[tokio::test]
+    async fn a_request_that_may_have_run_is_not_sent_again() {
+        let (_e1, vanishing, read_by_first) = closing_after_read();
+        let (_e2, serving, served) = answering(Response::Pong);
+        let client = ClusterClient::connect(vec![vanishing, serving], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        let outcome = client.call(&Request::Ping).await;
+        assert!(
+            matches!(outcome, Err(CallError::Connection(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(read_by_first.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            served.load(Ordering::SeqCst),
+            0,
+            "the request was sent twice"
+        );
+        assert_eq!(client.current_node(), serving);
+        assert!(matches!(
+            client.call(&Request::Ping).await,
+            Ok(Response::Pong)
+        ));
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        client.close().await;
+    }
+
+    /// A connection found closed moves the client on before the request is
+    /// sent, and a node that cannot be dialled is skipped: the request
+    /// reaches the third node, within one try per node.
+    #[tokio::test]
+    async fn closed_connections_and_dead_nodes_are_skipped_before_sending() {
+        let (first_endpoint, first, _) = answering(Response::Pong);
+        let dead = {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.local_addr().unwrap()
+        };
+        let (_e3, third, served) = answering(Response::Pong);
+        let client = ClusterClient::connect(
+            vec![first, dead, third],
+            0,
+            Duration::from_millis(300),
+            None,
+        )
+        .await
+        .unwrap();
+        first_endpoint.close(0u32.into(), b"gone");
+        let closed = tokio::time::Instant::now() + TIMEOUT;
+        let first_closed = || {
+            let current = client.inner.lock();
+            let conn = current.client.as_ref().unwrap().connection();
+            conn.close_reason().is_some()
+        };
+        while !first_closed() {
+            assert!(
+                tokio::time::Instant::now() < closed,
+                "the connection did not close"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(
+            client.call(&Request::Ping).await,
+            Ok(Response::Pong)
+        ));
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        assert_eq!(client.current_node(), third);
+        assert_eq!(client.failovers(), 2);
+        client.close().await;
+    }
+}
