@@ -259,8 +259,9 @@ pub struct SettingReport {
     pub staleness: Vec<Visibility>,
     /// Records that exist after the run (the load's plus every insert).
     pub records_after: u64,
-    /// Times a connection moved to another node because its own could not
-    /// take requests (stopped, draining, unreachable), or moved back.
+    /// Times a connection moved away to another node because its own could
+    /// not take requests (stopped, draining, unreachable), as
+    /// `ClusterClient::failovers` counts them; going back is not counted.
     pub failovers: u64,
 }
 

@@ -23,8 +23,14 @@
 //!
 //! A client that has moved away from its preferred node (the first it was
 //! given) dials that node again in the background every [`RETURN_PROBE`]
-//! and goes back once it answers, so after a rolling restart every client
-//! is back where it started and the load stays spread.
+//! and goes back once it serves (a read of its own copy of a key succeeds;
+//! a ping would not do, since a node still joining or removed answers
+//! pings), so after a rolling restart every client is back where it
+//! started and the load stays spread.
+//!
+//! Requests that find no connection wait for one dial at a time: while
+//! the next node is dialled (up to the connect timeout when it is down too)
+//! they queue, and the caller's own timeout may end them first.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +73,8 @@ struct Inner {
 struct Current {
     at: usize,
     client: Option<Arc<Client>>,
+    /// Set by `close`: the probe installs nothing after it.
+    closed: bool,
 }
 
 /// Whether a call's outcome shows that its node ran nothing of the request,
@@ -108,6 +116,7 @@ impl ClusterClient {
                             current: std::sync::Mutex::new(Current {
                                 at,
                                 client: Some(Arc::new(client)),
+                                closed: false,
                             }),
                             dialling: tokio::sync::Mutex::new(()),
                             failovers: AtomicU64::new(u64::from(at != preferred)),
@@ -157,14 +166,20 @@ impl ClusterClient {
         self.inner.nodes[self.inner.lock().at]
     }
 
-    /// How many times this client has moved to another node.
+    /// How many times this client has moved to another node because its
+    /// node could not take requests (including, when it was made, past a
+    /// preferred node that did not answer). Going back is not counted.
     pub fn failovers(&self) -> u64 {
         self.inner.failovers.load(Ordering::Relaxed)
     }
 
     /// Closes the connection politely so the node frees it at once.
     pub async fn close(self) {
-        let client = self.inner.lock().client.take();
+        let client = {
+            let mut current = self.inner.lock();
+            current.closed = true;
+            current.client.take()
+        };
         if let Some(client) = client.and_then(Arc::into_inner) {
             client.close().await;
         }
@@ -180,8 +195,13 @@ impl ClusterClient {
     }
 
     fn probe_preferred_if_away(&self) {
-        let away = self.inner.lock().at != self.inner.preferred;
-        if away && !self.inner.probing.swap(true, Ordering::AcqRel) {
+        // Under the lock, as the probe's own ending is: a move away after
+        // the probe found the client back starts a new one.
+        let current = self.inner.lock();
+        if current.at != self.inner.preferred
+            && !current.closed
+            && !self.inner.probing.swap(true, Ordering::AcqRel)
+        {
             tokio::spawn(probe_preferred(Arc::downgrade(&self.inner)));
         }
     }
@@ -264,54 +284,89 @@ impl Inner {
     }
 
     fn advance(&self, current: &mut Current) {
-        current.at = (current.at + 1) % self.nodes.len();
-        self.failovers.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(node = %self.nodes[current.at], "client moved to the next node");
+        let next = (current.at + 1) % self.nodes.len();
+        if next != current.at {
+            current.at = next;
+            self.failovers.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(node = %self.nodes[next], "client moved to the next node");
+        }
     }
 }
 
-/// Dials the preferred node every [`RETURN_PROBE`] until it answers, then
-/// makes it current again. Ends early once the client is dropped, or back
-/// on its preferred node by other means.
+/// Dials the preferred node every [`RETURN_PROBE`] until it serves, then
+/// makes it current again. Ends once the client is dropped or closed, or
+/// is back on its preferred node by other means.
 async fn probe_preferred(inner: Weak<Inner>) {
     loop {
         tokio::time::sleep(RETURN_PROBE).await;
         let Some(strong) = inner.upgrade() else {
             return;
         };
+        if strong.stop_probing_if_back() {
+            return;
+        }
         let (addr, timeout, key) = (
             strong.nodes[strong.preferred],
             strong.connect_timeout,
             strong.cluster_key.clone(),
         );
-        if strong.lock().at == strong.preferred {
-            strong.probing.store(false, Ordering::Release);
-            return;
-        }
-        // Not holding the client alive while dialling: a dropped client's
-        // probe should not outlive it by a connect timeout.
+        // Not holding the client alive meanwhile: a dropped client's probe
+        // should not outlive it by a connect timeout.
         drop(strong);
-        let dialled = Client::connect_with_key(addr, timeout, key.as_ref()).await;
+        let Some(client) = serving(addr, timeout, key.as_ref()).await else {
+            continue;
+        };
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        if let Ok(client) = dialled {
-            // A ping shows the node is up and not draining. (One still
-            // joining, or removed, answers it too, and then refuses the
-            // next request as `NotServing`: that request moves on unharmed,
-            // and the probe starts again.)
-            if matches!(client.call(&Request::Ping).await, Ok(Response::Pong)) {
-                let mut current = strong.lock();
-                current.at = strong.preferred;
-                current.client = Some(Arc::new(client));
-                strong.failovers.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(node = %addr, "client back on its preferred node");
-                strong.probing.store(false, Ordering::Release);
-                return;
-            }
+        let mut current = strong.lock();
+        if current.closed || current.at == strong.preferred {
+            strong.probing.store(false, Ordering::Release);
+            return;
+        }
+        current.at = strong.preferred;
+        current.client = Some(Arc::new(client));
+        strong.probing.store(false, Ordering::Release);
+        tracing::info!(node = %addr, "client back on its preferred node");
+        return;
+    }
+}
+
+impl Inner {
+    /// Clears `probing` and says so if the client is closed or back on its
+    /// preferred node (under the lock: see `probe_preferred_if_away`).
+    fn stop_probing_if_back(&self) -> bool {
+        let current = self.lock();
+        let back = current.closed || current.at == self.preferred;
+        if back {
+            self.probing.store(false, Ordering::Release);
+        }
+        back
+    }
+}
+
+/// A connection to the node at `addr` if it serves requests now. A ping
+/// would not show it: a node still joining, or removed, answers pings and
+/// refuses the rest. A read of its own copy of a key (`local`, no quorum,
+/// one store lookup) goes through the same checks as any request.
+async fn serving(addr: SocketAddr, timeout: Duration, key: Option<&ClusterKey>) -> Option<Client> {
+    let client = Client::connect_with_key(addr, timeout, key).await.ok()?;
+    let probe = Request::Get(ringkv_core::wire::GetRequest {
+        local: true,
+        timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        ..ringkv_core::wire::GetRequest::new(PROBE_KEY.to_vec(), ringkv_core::Consistency::One)
+    });
+    match tokio::time::timeout(timeout, client.call(&probe)).await {
+        Ok(Ok(Response::Get(_))) => Some(client),
+        _ => {
+            client.close().await;
+            None
         }
     }
 }
+
+/// The key the return probe reads (it need not exist).
+const PROBE_KEY: &[u8] = b"ringkv:client-probe";
 
 #[cfg(test)]
 mod tests {
@@ -324,9 +379,13 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(5);
 
-    /// A server that counts the requests it reads and answers each with
-    /// `answer`.
-    fn answering(answer: Response) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+    /// A stand-in node on loopback: `serve` gets each connection and the
+    /// count of requests read, which it keeps.
+    fn fake_node<F, Fut>(serve: F) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(quinn::Connection, Arc<AtomicUsize>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let endpoint = quinn::Endpoint::server(
             tls::server_config(None).unwrap(),
             "127.0.0.1:0".parse().unwrap(),
@@ -340,50 +399,47 @@ mod tests {
         tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
                 let Ok(conn) = incoming.await else { continue };
-                let (answer, counted) = (answer.clone(), counted.clone());
-                tokio::spawn(crate::quic::serve_connection(
-                    conn,
-                    move |_request| {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        let answer = answer.clone();
-                        async move { answer }
-                    },
-                    watch::channel(false).1,
-                ));
+                tokio::spawn(serve(conn, counted.clone()));
             }
         });
         (endpoint, addr, seen)
     }
 
-    /// A server that reads one request, counts it, and closes the connection
+    /// A node that answers every request it reads with `answer(request)`.
+    fn answering_with(
+        answer: impl Fn(&Request) -> Response + Clone + Send + Sync + 'static,
+    ) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+        fake_node(move |conn, counted| {
+            let answer = answer.clone();
+            crate::quic::serve_connection(
+                conn,
+                move |request| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let answer = answer(&request);
+                    async move { answer }
+                },
+                watch::channel(false).1,
+            )
+        })
+    }
+
+    /// A node that answers every request with `answer`.
+    fn answering(answer: Response) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+        answering_with(move |_| answer.clone())
+    }
+
+    /// A node that reads one request, counts it, and closes the connection
     /// without answering: the request may have run.
     fn closing_after_read() -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
-        let endpoint = quinn::Endpoint::server(
-            tls::server_config(None).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
-        let (addr, seen) = (
-            endpoint.local_addr().unwrap(),
-            Arc::new(AtomicUsize::new(0)),
-        );
-        let (accepting, counted) = (endpoint.clone(), seen.clone());
-        tokio::spawn(async move {
-            while let Some(incoming) = accepting.accept().await {
-                let Ok(conn) = incoming.await else { continue };
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let Ok((_send, mut recv)) = conn.accept_bi().await else {
-                        return;
-                    };
-                    if let Ok(Some(_)) = read_frame(&mut recv, FRAME_MAX_BYTES).await {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        conn.close(0u32.into(), b"gone mid-request");
-                    }
-                });
+        fake_node(|conn, counted| async move {
+            let Ok((_send, mut recv)) = conn.accept_bi().await else {
+                return;
+            };
+            if let Ok(Some(_)) = read_frame(&mut recv, FRAME_MAX_BYTES).await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                conn.close(0u32.into(), b"gone mid-request");
             }
-        });
-        (endpoint, addr, seen)
+        })
     }
 
     fn not_serving() -> Response {
@@ -410,37 +466,91 @@ mod tests {
         }
     }
 
+    /// A node that answers `NotServing` while `refusing` is set, and
+    /// otherwise serves: a found-nothing read for gets, a pong for the rest.
+    fn switchable(
+        refusing: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+        answering_with(move |request| {
+            if refusing.load(Ordering::SeqCst) {
+                not_serving()
+            } else if let Request::Get(_) = request {
+                Response::Get(ringkv_core::wire::GetReply {
+                    values: vec![],
+                    context: String::new(),
+                    receipt: Default::default(),
+                })
+            } else {
+                Response::Pong
+            }
+        })
+    }
+
+    async fn assert_pong(client: &ClusterClient) {
+        let outcome = client.call(&Request::Ping).await;
+        assert!(matches!(outcome, Ok(Response::Pong)), "{outcome:?}");
+    }
+
+    /// Polls `done` for up to 10 s.
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A node that refuses a request unrun passes it to the next node; the
-    /// caller sees only the answer. The client does not go back to a node
-    /// that still refuses.
+    /// caller sees only the answer. The client does not go back while its
+    /// node refuses, and goes back once it serves.
     #[tokio::test]
-    async fn a_request_refused_unrun_goes_to_the_next_node() {
-        let (_e1, draining, refused) = answering(not_serving());
+    async fn a_request_refused_unrun_goes_to_the_next_node_and_back_later() {
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (_e1, first, seen_first) = switchable(refusing.clone());
         let (_e2, serving, served) = answering(Response::Pong);
-        let client = ClusterClient::connect(vec![draining, serving], 0, TIMEOUT, None)
+        let client = ClusterClient::connect(vec![first, serving], 0, TIMEOUT, None)
             .await
             .unwrap();
-        assert!(matches!(
-            client.call(&Request::Ping).await,
-            Ok(Response::Pong)
-        ));
-        assert_eq!(refused.load(Ordering::SeqCst), 1);
+        assert_pong(&client).await;
+        assert_eq!(seen_first.load(Ordering::SeqCst), 1);
         assert_eq!(served.load(Ordering::SeqCst), 1);
         assert_eq!(client.current_node(), serving);
         assert_eq!(client.failovers(), 1);
-        // The probe pings the preferred node, which refuses: the client stays.
-        let deadline = tokio::time::Instant::now() + 3 * RETURN_PROBE;
-        while refused.load(Ordering::SeqCst) < 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no probe reached the preferred node"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(matches!(
-            client.call(&Request::Ping).await,
-            Ok(Response::Pong)
-        ));
+
+        // Probes reach the first node, which refuses them: the client stays,
+        // and requests keep going to the second node, with no move back
+        // and forth.
+        wait_until("two probes", || seen_first.load(Ordering::SeqCst) >= 3).await;
+        assert_pong(&client).await;
+        assert_eq!(served.load(Ordering::SeqCst), 2);
+        assert_eq!(client.current_node(), serving);
+        assert_eq!(client.failovers(), 1);
+
+        // Once it serves, the next probe takes the client back.
+        refusing.store(false, Ordering::SeqCst);
+        wait_until("back on the first node", || client.current_node() == first).await;
+        assert_pong(&client).await;
+        assert_eq!(served.load(Ordering::SeqCst), 2);
+        assert_eq!(client.failovers(), 1, "going back is not a failover");
+        client.close().await;
+    }
+
+    /// A node that ends the stream without reading the request (as a
+    /// draining one does) ran nothing: the request goes to the next node.
+    #[tokio::test]
+    async fn a_request_left_unread_goes_to_the_next_node() {
+        let (_e1, unread, _) = fake_node(|conn, _| async move {
+            while let Ok((mut send, _recv)) = conn.accept_bi().await {
+                let _ = send.finish();
+            }
+        });
+        let (_e2, serving, served) = answering(Response::Pong);
+        let client = ClusterClient::connect(vec![unread, serving], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        let outcome = client.call(&Request::Ping).await;
+        assert!(matches!(outcome, Ok(Response::Pong)), "{outcome:?}");
+        assert_eq!(served.load(Ordering::SeqCst), 1);
         assert_eq!(client.current_node(), serving);
         client.close().await;
     }
@@ -485,10 +595,7 @@ mod tests {
             "the request was sent twice"
         );
         assert_eq!(client.current_node(), serving);
-        assert!(matches!(
-            client.call(&Request::Ping).await,
-            Ok(Response::Pong)
-        ));
+        assert_pong(&client).await;
         assert_eq!(served.load(Ordering::SeqCst), 1);
         client.close().await;
     }
@@ -513,23 +620,13 @@ mod tests {
         .await
         .unwrap();
         first_endpoint.close(0u32.into(), b"gone");
-        let closed = tokio::time::Instant::now() + TIMEOUT;
         let first_closed = || {
             let current = client.inner.lock();
             let conn = current.client.as_ref().unwrap().connection();
             conn.close_reason().is_some()
         };
-        while !first_closed() {
-            assert!(
-                tokio::time::Instant::now() < closed,
-                "the connection did not close"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(matches!(
-            client.call(&Request::Ping).await,
-            Ok(Response::Pong)
-        ));
+        wait_until("the first connection closes", first_closed).await;
+        assert_pong(&client).await;
         assert_eq!(served.load(Ordering::SeqCst), 1);
         assert_eq!(client.current_node(), third);
         assert_eq!(client.failovers(), 2);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{PutRequest, Request, Response};
+use ringkv_core::wire::{GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
 use ringkv_node::{ClusterClient, Node};
 use support::{config, data_dirs, start, TIMEOUT};
@@ -56,6 +56,7 @@ async fn a_client_moves_on_while_its_node_restarts_and_then_goes_back() {
                 };
                 i += 1;
             }
+            (w, i)
         });
     }
     wait_until("writes flow", || written.load(Ordering::Relaxed) >= 50).await;
@@ -87,14 +88,32 @@ async fn a_client_moves_on_while_its_node_restarts_and_then_goes_back() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let back = written.load(Ordering::Relaxed);
+    let (back, moves) = (written.load(Ordering::Relaxed), client.failovers());
     wait_until("writes flow through the node again", || {
         written.load(Ordering::Relaxed) >= back + 50
     })
     .await;
+    // Back for good: no move away and back again.
+    assert_eq!(client.current_node(), addrs[0]);
+    assert_eq!(client.failovers(), moves);
     stop.store(true, Ordering::Relaxed);
-    while writers.join_next().await.is_some() {}
+    let mut keys = Vec::new();
+    while let Some(done) = writers.join_next().await {
+        let (w, count) = done.unwrap();
+        keys.extend((0..count).map(|i| format!("w{w}-{i}")));
+    }
     assert!(failed.load(Ordering::Relaxed) <= WRITERS);
+
+    // Each key was written once, without a context: a request sent to a
+    // second node after the first may have run it would show as two
+    // siblings.
+    for key in &keys {
+        let get = Request::Get(GetRequest::new(key.as_bytes().to_vec(), Consistency::All));
+        match client.call(&get).await.unwrap() {
+            Response::Get(g) => assert!(g.values.len() <= 1, "{key} was written twice"),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
 
     Arc::into_inner(client).unwrap().close().await;
     restarted.shutdown().await;
