@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# What a rolling restart costs `ringkv bench --cluster` (bench/RESULTS.md,
+# "The bench across a rolling restart"): three local `ringkv node`s, a
+# closed-loop YCSB-A run (R=W=2, 1 KiB, 50 clients, one connection per node)
+# of DURATION_S seconds; STOP_AT_S seconds in, n1 gets SIGTERM, stays down
+# DOWN_S seconds and starts again on its data dir. Prints the run's
+# throughput, errors, timeouts, failovers and latency percentiles.
+#
+#   bench/rolling.sh [DURATION_S] [STOP_AT_S] [DOWN_S]    # defaults 20 5 4
+#
+# Needs a release build: cargo build --release --bin ringkv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${1:-20}
+stop_at=${2:-5}
+down=${3:-4}
+. bench/nodes.sh
+start_three
+"$bin" bench --cluster "$cluster" --regions none --workload a --records 10000 --consistency 2 \
+  --concurrency 50 --duration-s "$duration" --json "$dir/r.json" > /dev/null 2> "$dir/bench.err" &
+bench_pid=$!
+# The load of 10,000 records takes about a second: wait for the run phase.
+sleep $((stop_at + 1))
+kill -TERM "${pids[0]}"
+while kill -0 "${pids[0]}" 2>/dev/null; do sleep 0.05; done
+sleep "$down"
+rm -f "$dir/n1.out"
+start n1 7300
+wait "$bench_pid" || { echo "bench failed:"; cat "$dir/bench.err"; exit 1; }
+python3 - "$dir/r.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))["settings"][0]
+ops = s["ops"]
+errors = sum(o["errors"] for o in ops.values())
+timeouts = sum(o["timeouts"] for o in ops.values())
+r, u = ops["read"], ops["update"]
+print(f"{s['ops_per_sec']:.0f} ops/s, errors {errors}, timeouts {timeouts}, failovers {s.get('failovers', '-')}; "
+      f"read p50/p99/max {r['p50_ms']:.2f}/{r['p99_ms']:.2f}/{r['max_ms']:.1f} ms, "
+      f"update p50/p99/max {u['p50_ms']:.2f}/{u['p99_ms']:.2f}/{u['max_ms']:.1f} ms")
+PY
