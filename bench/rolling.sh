@@ -2,11 +2,12 @@
 # What a rolling restart costs `ringkv bench --cluster` (bench/RESULTS.md,
 # "The bench across a rolling restart"): three local `ringkv node`s, a
 # closed-loop YCSB-A run (R=W=2, 1 KiB, 50 clients, one connection per node)
-# of DURATION_S seconds; STOP_AT_S seconds in, n1 gets SIGTERM, stays down
+# of DURATION_S seconds; STOP_AT_S seconds in, n1 gets SIGTERM (or SIGNAL), stays down
 # DOWN_S seconds and starts again on its data dir. Prints the run's
 # throughput, errors, timeouts, failovers and latency percentiles.
 #
 #   bench/rolling.sh [DURATION_S] [STOP_AT_S] [DOWN_S]    # defaults 20 5 4
+#   SIGNAL=KILL bench/rolling.sh ...    # kill -9 instead of a drain
 #
 # Needs a release build: cargo build --release --bin ringkv
 set -euo pipefail
@@ -21,7 +22,7 @@ start_three
 bench_pid=$!
 # The load of 10,000 records takes about a second: wait for the run phase.
 sleep $((stop_at + 1))
-kill -TERM "${pids[0]}"
+kill -"${SIGNAL:-TERM}" "${pids[0]}"
 while kill -0 "${pids[0]}" 2>/dev/null; do sleep 0.05; done
 sleep "$down"
 rm -f "$dir/n1.out"

@@ -196,7 +196,9 @@ async fn phase(
                     }),
                 };
                 let sent = Instant::now();
-                match client.call(&request).await {
+                // As in the YCSB clients: the request's deadline and a second.
+                let limit = Duration::from_millis(u64::from(config.request_timeout_ms) + 1000);
+                match client.call_within(&request, limit).await {
                     Ok(Response::Put(_)) | Ok(Response::Get(_)) => {
                         ops += 1;
                         let _ = hist.record(sent.elapsed().as_micros() as u64);

@@ -47,7 +47,7 @@ use rand::{Rng, SeedableRng};
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
-use ringkv_node::{ClusterClient, ClusterKey};
+use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
 use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
@@ -331,11 +331,12 @@ impl Conn {
             tokio::time::sleep(delay).await;
         }
         // The node answers by its request deadline; a second more, and the
-        // client gives up on it (a dead connection, a hung node).
+        // client gives up on it (a dead connection, a hung node), and moves
+        // on from a node that sent nothing meanwhile.
         let limit = Duration::from_millis(u64::from(request_timeout(request)) + 1000);
-        let answer = match tokio::time::timeout(limit, client.call(request)).await {
-            Ok(answer) => answer,
-            Err(_) => return Outcome::Timeout,
+        let answer = match client.call_within(request, limit).await {
+            Err(CallError::TimedOut(_)) => return Outcome::Timeout,
+            answer => answer,
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;

@@ -17,9 +17,12 @@
 //!   timeout, any other answer. A lost connection still moves the client on,
 //!   so the *next* request goes to a node that answers.
 //!
-//! A connection to a node killed outright dies when QUIC's idle timeout
-//! (10 s) passes without a packet from it; until then requests on it go
-//! unanswered, and the caller's own timeout decides.
+//! A node killed outright (or frozen, or cut off) answers nothing and
+//! refuses nothing. QUIC notices after its idle timeout (10 s without a
+//! packet); [`ClusterClient::call_within`] notices sooner: a request that
+//! times out while the node sent nothing at all, not even the
+//! acknowledgement QUIC sends within milliseconds for any packet, moves
+//! the client on. That request is returned as timed out: it may have run.
 //!
 //! A client that has moved away from its preferred node (the first it was
 //! given) dials that node again in the background every [`RETURN_PROBE`]
@@ -159,6 +162,38 @@ impl ClusterClient {
         }
         self.probe_preferred_if_away();
         outcome
+    }
+
+    /// [`call`](Self::call), giving up after `limit` with
+    /// `CallError::TimedOut` (the request may still run). A node that sent
+    /// nothing at all over the connection meanwhile, not even the
+    /// acknowledgement QUIC sends for any packet within milliseconds, is
+    /// taken for dead (killed, frozen, cut off) and the client moves on at
+    /// once, rather than after QUIC's 10 s idle timeout. A node that is
+    /// merely slow acknowledges the request and keeps the client.
+    pub async fn call_within(
+        &self,
+        request: &Request,
+        limit: Duration,
+    ) -> Result<Response, CallError> {
+        let before = self.inner.lock().client.clone().map(|c| {
+            let received = c.connection().stats().udp_rx.datagrams;
+            (c, received)
+        });
+        match tokio::time::timeout(limit, self.call(request)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                if let Some((client, received)) = before {
+                    let conn = client.connection();
+                    if conn.stats().udp_rx.datagrams == received {
+                        tracing::info!(node = %conn.remote_address(), "node silent: moving on");
+                        conn.close(0u32.into(), b"silent");
+                        self.inner.move_on(&client);
+                    }
+                }
+                Err(CallError::TimedOut(limit))
+            }
+        }
     }
 
     /// The address of the node requests go to now.
@@ -442,6 +477,34 @@ mod tests {
         })
     }
 
+    /// A node that freezes once it has read a request, as a process stopped
+    /// with SIGSTOP or cut off does: it runs on a thread of its own, which
+    /// then blocks until the returned sender is dropped, so its QUIC stack
+    /// sends nothing more, acknowledgements included.
+    fn freezing_node() -> (SocketAddr, std::sync::mpsc::Sender<()>) {
+        let (thaw, frozen) = std::sync::mpsc::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let endpoint = quinn::Endpoint::server(
+                    tls::server_config(None).unwrap(),
+                    "127.0.0.1:0".parse().unwrap(),
+                )
+                .unwrap();
+                addr_tx.send(endpoint.local_addr().unwrap()).unwrap();
+                let conn = endpoint.accept().await.unwrap().await.unwrap();
+                let (_send, mut recv) = conn.accept_bi().await.unwrap();
+                let _ = read_frame(&mut recv, FRAME_MAX_BYTES).await;
+                let _ = frozen.recv();
+            });
+        });
+        (addr_rx.recv().unwrap(), thaw)
+    }
+
     fn not_serving() -> Response {
         Response::error(ErrorKind::NotServing, "shutting down; ask another node")
     }
@@ -630,6 +693,67 @@ mod tests {
         assert_eq!(served.load(Ordering::SeqCst), 1);
         assert_eq!(client.current_node(), third);
         assert_eq!(client.failovers(), 2);
+        client.close().await;
+    }
+
+    /// A node that sends nothing while a request waits, not even QUIC's
+    /// acknowledgement, is left after that request's limit instead of after
+    /// QUIC's 10 s idle timeout. (The first request may have been
+    /// acknowledged just before the node froze; the second cannot be.)
+    #[tokio::test]
+    async fn a_silent_node_is_left_after_one_timed_out_request() {
+        let (frozen, _thaw) = freezing_node();
+        let (_e2, serving, served) = answering(Response::Pong);
+        let client = ClusterClient::connect(vec![frozen, serving], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        let limit = Duration::from_millis(300);
+        let mut timed_out = 0;
+        loop {
+            match client.call_within(&Request::Ping, limit).await {
+                Err(CallError::TimedOut(_)) => timed_out += 1,
+                Ok(Response::Pong) => break,
+                other => panic!("{other:?}"),
+            }
+            assert!(timed_out <= 2, "still on the silent node");
+        }
+        assert!(timed_out >= 1);
+        assert_eq!(client.current_node(), serving);
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        client.close().await;
+    }
+
+    /// A node that is only slow acknowledges the request at once: the
+    /// request times out, and the client stays.
+    #[tokio::test]
+    async fn a_slow_node_keeps_the_client() {
+        let (_e1, slow, _) = fake_node(|conn, counted| {
+            crate::quic::serve_connection(
+                conn,
+                move |_request| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        Response::Pong
+                    }
+                },
+                watch::channel(false).1,
+            )
+        });
+        let (_e2, other, served) = answering(Response::Pong);
+        let client = ClusterClient::connect(vec![slow, other], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        let outcome = client
+            .call_within(&Request::Ping, Duration::from_millis(300))
+            .await;
+        assert!(
+            matches!(outcome, Err(CallError::TimedOut(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(client.current_node(), slow);
+        assert_eq!(client.failovers(), 0);
+        assert_eq!(served.load(Ordering::SeqCst), 0);
         client.close().await;
     }
 }

@@ -364,6 +364,10 @@ pub enum CallError {
     /// node ends its streams this way.)
     #[error("{0}")]
     Unread(String),
+    /// No answer within the caller's limit ([`crate::ClusterClient::call_within`]):
+    /// the request may still run.
+    #[error("no answer within {} ms", .0.as_millis())]
+    TimedOut(Duration),
 }
 
 impl From<FrameError> for CallError {
