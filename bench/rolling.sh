@@ -4,7 +4,8 @@
 # closed-loop YCSB-A run (R=W=2, 1 KiB, 50 clients, one connection per node)
 # of DURATION_S seconds; STOP_AT_S seconds in, n1 gets SIGTERM (or SIGNAL), stays down
 # DOWN_S seconds and starts again on its data dir. Prints the run's
-# throughput, errors, timeouts, failovers and latency percentiles.
+# throughput, errors, timeouts, failovers and latency percentiles, and the
+# first error of each operation type.
 #
 #   bench/rolling.sh [DURATION_S] [STOP_AT_S] [DOWN_S]    # defaults 20 5 4
 #   SIGNAL=KILL bench/rolling.sh ...    # kill -9 instead of a drain
@@ -38,4 +39,7 @@ r, u = ops["read"], ops["update"]
 print(f"{s['ops_per_sec']:.0f} ops/s, errors {errors}, timeouts {timeouts}, failovers {s.get('failovers', '-')}; "
       f"read p50/p99/max {r['p50_ms']:.2f}/{r['p99_ms']:.2f}/{r['max_ms']:.1f} ms, "
       f"update p50/p99/max {u['p50_ms']:.2f}/{u['p99_ms']:.2f}/{u['max_ms']:.1f} ms")
+for name, o in ops.items():
+    if o.get("first_error"):
+        print(f"  {name}: first error: {o['first_error']}")
 PY

@@ -405,6 +405,16 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
                 r.setting
             );
         }
+        for (op, o) in &r.ops {
+            if let Some(reason) = &o.first_error {
+                println!(
+                    "{} {}: {} errors; the first: {reason}",
+                    r.setting,
+                    op.as_str(),
+                    o.errors
+                );
+            }
+        }
         if r.failovers > 0 {
             println!(
                 "{}: connections moved to another node {} times (a node stopped, drained or could not be reached; requests under way on it count as errors or timeouts)",
@@ -501,6 +511,7 @@ fn report_json(
                 "ops": o.ops,
                 "errors": o.errors,
                 "timeouts": o.timeouts,
+                "first_error": o.first_error,
                 "p50_ms": o.latency_ms(0.5),
                 "p95_ms": o.latency_ms(0.95),
                 "p99_ms": o.latency_ms(0.99),

@@ -79,6 +79,12 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         ] {
             assert!(!read[field].is_null(), "{field} in {s}");
         }
+        // A reason exactly when something failed.
+        assert_eq!(
+            read["first_error"].is_string(),
+            read["errors"].as_u64() != Some(0),
+            "{s}"
+        );
         assert_eq!(s["staleness"].as_array().unwrap().len(), 6, "{s}");
         // Every read of a loaded record returns at least its one value.
         let (reads, values) = (

@@ -156,6 +156,9 @@ pub struct OpReport {
     pub ops: u64,
     pub errors: u64,
     pub timeouts: u64,
+    /// Why the first failed request failed (of one client, when merged):
+    /// the likeliest cause of the rest.
+    pub first_error: Option<String>,
     /// Microseconds, successful operations only.
     pub latency_us: Histogram<u64>,
 }
@@ -166,6 +169,7 @@ impl OpReport {
             ops: 0,
             errors: 0,
             timeouts: 0,
+            first_error: None,
             latency_us: new_histogram(),
         }
     }
@@ -179,6 +183,9 @@ impl OpReport {
         self.ops += other.ops;
         self.errors += other.errors;
         self.timeouts += other.timeouts;
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&other.first_error);
+        }
         let _ = self.latency_us.add(&other.latency_us);
     }
 
@@ -666,7 +673,10 @@ pub async fn run_setting(
                             .saturating_record(answered.duration_since(sent).as_micros() as u64);
                     }
                     Outcome::Timeout => report.timeouts += 1,
-                    Outcome::Error { .. } => report.errors += 1,
+                    Outcome::Error { reason } => {
+                        report.errors += 1;
+                        report.first_error.get_or_insert(reason);
+                    }
                 }
                 // Bounded: a context per record up to 100,000 records (past
                 // that, forgetting makes later updates blind: more siblings).

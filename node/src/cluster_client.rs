@@ -20,13 +20,16 @@
 //! A node killed outright (or frozen, or cut off) answers nothing and
 //! refuses nothing. QUIC notices after its idle timeout (10 s without a
 //! packet); [`ClusterClient::call_within`] notices sooner: a request that
-//! times out while the node sent nothing at all, not even the
-//! acknowledgement QUIC sends within milliseconds for any packet, moves
+//! times out while the node sent nothing at all since it went out, not even
+//! the acknowledgement a live node's QUIC stack sends within 25 ms, moves
 //! the client on. That request is returned as timed out: it may have run.
+//! A request already under way when the node died may have got its
+//! acknowledgement first, so the client leaves within about two limits.
 //!
 //! A client that has moved away from its preferred node (the first it was
-//! given) dials that node again in the background every [`RETURN_PROBE`]
-//! and goes back once it serves (a read of its own copy of a key succeeds;
+//! given) dials that node again in the background, after [`RETURN_PROBE`]
+//! and then backing off to every [`RETURN_PROBE_MAX`], and goes back once
+//! it serves (a read of its own copy of a key succeeds;
 //! a ping would not do, since a node still joining or removed answers
 //! pings), so after a rolling restart every client is back where it
 //! started and the load stays spread.
@@ -45,8 +48,13 @@ use ringkv_core::wire::{ErrorKind, Request, Response};
 use crate::cluster_key::ClusterKey;
 use crate::quic::{CallError, Client};
 
-/// How often a client away from its preferred node tries to go back.
+/// How soon a client away from its preferred node first tries to go back;
+/// each failed try doubles the wait, up to [`RETURN_PROBE_MAX`].
 pub const RETURN_PROBE: Duration = Duration::from_secs(1);
+/// The longest wait between two tries to go back: a preferred node that
+/// stays down (or was removed but still runs) costs each client a dial
+/// this often.
+pub const RETURN_PROBE_MAX: Duration = Duration::from_secs(30);
 
 /// A connection to a cluster that fails over between its nodes (see the
 /// module docs). Cheap to share: concurrent callers use one connection.
@@ -65,8 +73,9 @@ struct Inner {
     /// takes it, and it must not wait for a dial.
     current: std::sync::Mutex<Current>,
     /// Held while dialling, so that callers who find no connection make one
-    /// between them, not one each.
-    dialling: tokio::sync::Mutex<()>,
+    /// between them, not one each. Owned by the dial's task, which
+    /// finishes even when the caller that started it gives up.
+    dialling: Arc<tokio::sync::Mutex<()>>,
     /// Times the client moved to another node.
     failovers: AtomicU64,
     /// Whether a task is probing the preferred node (at most one).
@@ -121,7 +130,7 @@ impl ClusterClient {
                                 client: Some(Arc::new(client)),
                                 closed: false,
                             }),
-                            dialling: tokio::sync::Mutex::new(()),
+                            dialling: Arc::new(tokio::sync::Mutex::new(())),
                             failovers: AtomicU64::new(u64::from(at != preferred)),
                             probing: std::sync::atomic::AtomicBool::new(false),
                         }),
@@ -139,6 +148,53 @@ impl ClusterClient {
     /// node ran nothing of it (see the module docs); at most one try per
     /// node. The last node's outcome if none could take it.
     pub async fn call(&self, request: &Request) -> Result<Response, CallError> {
+        self.call_noting(request, &std::sync::Mutex::new(None))
+            .await
+    }
+
+    /// [`call`](Self::call), giving up after `limit` with
+    /// `CallError::TimedOut` (the request may still run).
+    ///
+    /// A node that sent nothing at all on the connection since the request
+    /// went out is taken for dead (killed, frozen, cut off), and the client
+    /// moves on at once rather than after QUIC's 10 s idle timeout: a live
+    /// node's QUIC stack acknowledges every request within its
+    /// `max_ack_delay` (25 ms). So does a node that is merely slow to
+    /// answer, and it keeps the client. A node so stalled that its QUIC
+    /// stack cannot run for all of `limit` looks dead too; the client then
+    /// moves on but leaves the connection open, so the requests under way
+    /// on it still get their answers. Limits under a second or so would
+    /// take ordinary stalls (a busy machine, a long flush) for deaths.
+    pub async fn call_within(
+        &self,
+        request: &Request,
+        limit: Duration,
+    ) -> Result<Response, CallError> {
+        let sent_on = std::sync::Mutex::new(None);
+        match tokio::time::timeout(limit, self.call_noting(request, &sent_on)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let last = sent_on.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some((client, received)) = last {
+                    let conn = client.connection();
+                    if conn.stats().udp_rx.datagrams == received {
+                        tracing::info!(node = %conn.remote_address(), "node silent: moving on");
+                        self.inner.move_on(&client);
+                    }
+                }
+                self.probe_preferred_if_away();
+                Err(CallError::TimedOut(limit))
+            }
+        }
+    }
+
+    /// [`call`](Self::call), noting in `sent_on` the connection each try goes
+    /// out on and the datagrams it had received by then.
+    async fn call_noting(
+        &self,
+        request: &Request,
+        sent_on: &std::sync::Mutex<Option<(Arc<Client>, u64)>>,
+    ) -> Result<Response, CallError> {
         let mut outcome = Err(CallError::Connect("no node tried".to_string()));
         for _ in 0..self.inner.nodes.len() {
             let client = match self.inner.client().await {
@@ -148,6 +204,8 @@ impl ClusterClient {
                     continue;
                 }
             };
+            let received = client.connection().stats().udp_rx.datagrams;
+            *sent_on.lock().unwrap_or_else(|p| p.into_inner()) = Some((client.clone(), received));
             outcome = client.call(request).await;
             if ran_nothing(&outcome) {
                 self.inner.move_on(&client);
@@ -162,38 +220,6 @@ impl ClusterClient {
         }
         self.probe_preferred_if_away();
         outcome
-    }
-
-    /// [`call`](Self::call), giving up after `limit` with
-    /// `CallError::TimedOut` (the request may still run). A node that sent
-    /// nothing at all over the connection meanwhile, not even the
-    /// acknowledgement QUIC sends for any packet within milliseconds, is
-    /// taken for dead (killed, frozen, cut off) and the client moves on at
-    /// once, rather than after QUIC's 10 s idle timeout. A node that is
-    /// merely slow acknowledges the request and keeps the client.
-    pub async fn call_within(
-        &self,
-        request: &Request,
-        limit: Duration,
-    ) -> Result<Response, CallError> {
-        let before = self.inner.lock().client.clone().map(|c| {
-            let received = c.connection().stats().udp_rx.datagrams;
-            (c, received)
-        });
-        match tokio::time::timeout(limit, self.call(request)).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                if let Some((client, received)) = before {
-                    let conn = client.connection();
-                    if conn.stats().udp_rx.datagrams == received {
-                        tracing::info!(node = %conn.remote_address(), "node silent: moving on");
-                        conn.close(0u32.into(), b"silent");
-                        self.inner.move_on(&client);
-                    }
-                }
-                Err(CallError::TimedOut(limit))
-            }
-        }
     }
 
     /// The address of the node requests go to now.
@@ -251,15 +277,31 @@ impl Inner {
 
     /// The current node's connection, dialling it if there is none: a node
     /// that cannot be dialled moves the client on, and the error is returned.
-    async fn client(&self) -> Result<Arc<Client>, CallError> {
+    async fn client(self: &Arc<Self>) -> Result<Arc<Client>, CallError> {
         if let Some(found) = self.open_client() {
             return found;
         }
-        let _dialling = self.dialling.lock().await;
+        let dialling = self.dialling.clone().lock_owned().await;
         // Another caller may have dialled (or moved on) meanwhile.
         if let Some(found) = self.open_client() {
             return found;
         }
+        // In a task of its own: a caller's time limit (often no longer than
+        // the connect timeout) must not cancel the dial before it either
+        // connects or moves the client on, or a client whose next node is
+        // down would dial it, and give up, forever.
+        let inner = self.clone();
+        let dial = tokio::spawn(async move {
+            let _dialling = dialling;
+            inner.dial().await
+        });
+        dial.await
+            .unwrap_or_else(|e| Err(CallError::Connect(format!("the dial failed: {e}"))))
+    }
+
+    /// Dials the current node and makes the connection current, or moves
+    /// on if it cannot be dialled. Called holding `dialling`.
+    async fn dial(&self) -> Result<Arc<Client>, CallError> {
         let at = self.lock().at;
         let dialled = Client::connect_with_key(
             self.nodes[at],
@@ -268,8 +310,8 @@ impl Inner {
         )
         .await;
         let mut current = self.lock();
-        if current.at != at || current.client.is_some() {
-            // The probe went back to the preferred node while we dialled.
+        if current.at != at || current.client.is_some() || current.closed {
+            // The probe went back to the preferred node meanwhile.
             return current.client.clone().ok_or_else(|| {
                 CallError::Connect("the client changed node while dialling".to_string())
             });
@@ -328,12 +370,15 @@ impl Inner {
     }
 }
 
-/// Dials the preferred node every [`RETURN_PROBE`] until it serves, then
+/// Dials the preferred node, after [`RETURN_PROBE`] and then less and less
+/// often, until it serves, then
 /// makes it current again. Ends once the client is dropped or closed, or
 /// is back on its preferred node by other means.
 async fn probe_preferred(inner: Weak<Inner>) {
+    let mut wait = RETURN_PROBE;
     loop {
-        tokio::time::sleep(RETURN_PROBE).await;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETURN_PROBE_MAX);
         let Some(strong) = inner.upgrade() else {
             return;
         };
@@ -554,6 +599,13 @@ mod tests {
         assert!(matches!(outcome, Ok(Response::Pong)), "{outcome:?}");
     }
 
+    /// Whether the client's current connection has closed.
+    fn current_closed(client: &ClusterClient) -> bool {
+        let current = client.inner.lock();
+        let conn = current.client.as_ref().unwrap().connection();
+        conn.close_reason().is_some()
+    }
+
     /// Polls `done` for up to 10 s.
     async fn wait_until(what: &str, done: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -674,21 +726,12 @@ mod tests {
             socket.local_addr().unwrap()
         };
         let (_e3, third, served) = answering(Response::Pong);
-        let client = ClusterClient::connect(
-            vec![first, dead, third],
-            0,
-            Duration::from_millis(300),
-            None,
-        )
-        .await
-        .unwrap();
+        let client =
+            ClusterClient::connect(vec![first, dead, third], 0, Duration::from_secs(1), None)
+                .await
+                .unwrap();
         first_endpoint.close(0u32.into(), b"gone");
-        let first_closed = || {
-            let current = client.inner.lock();
-            let conn = current.client.as_ref().unwrap().connection();
-            conn.close_reason().is_some()
-        };
-        wait_until("the first connection closes", first_closed).await;
+        wait_until("the first connection closes", || current_closed(&client)).await;
         assert_pong(&client).await;
         assert_eq!(served.load(Ordering::SeqCst), 1);
         assert_eq!(client.current_node(), third);
@@ -701,25 +744,26 @@ mod tests {
     /// QUIC's 10 s idle timeout. (The first request may have been
     /// acknowledged just before the node froze; the second cannot be.)
     #[tokio::test]
-    async fn a_silent_node_is_left_after_one_timed_out_request() {
+    async fn a_silent_node_is_left_after_a_timed_out_request() {
         let (frozen, _thaw) = freezing_node();
         let (_e2, serving, served) = answering(Response::Pong);
         let client = ClusterClient::connect(vec![frozen, serving], 0, TIMEOUT, None)
             .await
             .unwrap();
-        let limit = Duration::from_millis(300);
+        let limit = Duration::from_millis(500);
         let mut timed_out = 0;
-        loop {
-            match client.call_within(&Request::Ping, limit).await {
-                Err(CallError::TimedOut(_)) => timed_out += 1,
-                Ok(Response::Pong) => break,
-                other => panic!("{other:?}"),
-            }
-            assert!(timed_out <= 2, "still on the silent node");
+        while client.current_node() == frozen {
+            assert!(timed_out < 2, "still on the silent node");
+            let outcome = client.call_within(&Request::Ping, limit).await;
+            assert!(
+                matches!(outcome, Err(CallError::TimedOut(_))),
+                "{outcome:?}"
+            );
+            timed_out += 1;
         }
-        assert!(timed_out >= 1);
-        assert_eq!(client.current_node(), serving);
+        assert_pong(&client).await;
         assert_eq!(served.load(Ordering::SeqCst), 1);
+        assert_eq!(client.failovers(), 1);
         client.close().await;
     }
 
@@ -727,13 +771,16 @@ mod tests {
     /// request times out, and the client stays.
     #[tokio::test]
     async fn a_slow_node_keeps_the_client() {
+        // Answers the first request at once, the others after 2 s.
         let (_e1, slow, _) = fake_node(|conn, counted| {
             crate::quic::serve_connection(
                 conn,
                 move |_request| {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    async {
-                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        if !first {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
                         Response::Pong
                     }
                 },
@@ -744,8 +791,11 @@ mod tests {
         let client = ClusterClient::connect(vec![slow, other], 0, TIMEOUT, None)
             .await
             .unwrap();
+        // Done with the handshake's last packets: only the request's own
+        // acknowledgement can arrive during the next call.
+        assert_pong(&client).await;
         let outcome = client
-            .call_within(&Request::Ping, Duration::from_millis(300))
+            .call_within(&Request::Ping, Duration::from_millis(500))
             .await;
         assert!(
             matches!(outcome, Err(CallError::TimedOut(_))),
@@ -754,6 +804,40 @@ mod tests {
         assert_eq!(client.current_node(), slow);
         assert_eq!(client.failovers(), 0);
         assert_eq!(served.load(Ordering::SeqCst), 0);
+        client.close().await;
+    }
+
+    /// Callers whose limit is shorter than the connect timeout give up
+    /// while the next node, which is down, is dialled; the dial still ends
+    /// and moves the client on, so a later caller reaches the third node.
+    #[tokio::test]
+    async fn a_caller_that_gives_up_does_not_cancel_the_dial() {
+        let (first_endpoint, first, _) = answering(Response::Pong);
+        let dead = {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.local_addr().unwrap()
+        };
+        let (_e3, third, served) = answering(Response::Pong);
+        let client =
+            ClusterClient::connect(vec![first, dead, third], 0, Duration::from_secs(1), None)
+                .await
+                .unwrap();
+        first_endpoint.close(0u32.into(), b"gone");
+        wait_until("the first connection closes", || current_closed(&client)).await;
+        let limit = Duration::from_millis(200);
+        for _ in 0..25 {
+            match client.call_within(&Request::Ping, limit).await {
+                Ok(Response::Pong) => break,
+                Err(CallError::TimedOut(_) | CallError::Connect(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            client.current_node(),
+            third,
+            "the dial was given up with its callers"
+        );
+        assert_eq!(served.load(Ordering::SeqCst), 1);
         client.close().await;
     }
 }
