@@ -715,23 +715,38 @@ mod tests {
         client.close().await;
     }
 
-    /// A connection found closed moves the client on before the request is
-    /// sent, and a node that cannot be dialled is skipped: the request
-    /// reaches the third node, within one try per node.
-    #[tokio::test]
-    async fn closed_connections_and_dead_nodes_are_skipped_before_sending() {
+    /// A client of three nodes whose first node has just closed its
+    /// connection (and serves no more), whose second is down (nothing
+    /// listens; a dial takes the 1 s connect timeout) and whose third
+    /// serves: the client, the third's address and its request count, and
+    /// the endpoints to keep alive.
+    async fn first_gone_second_dead() -> (
+        ClusterClient,
+        SocketAddr,
+        Arc<AtomicUsize>,
+        Vec<quinn::Endpoint>,
+    ) {
         let (first_endpoint, first, _) = answering(Response::Pong);
         let dead = {
             let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             socket.local_addr().unwrap()
         };
-        let (_e3, third, served) = answering(Response::Pong);
+        let (third_endpoint, third, served) = answering(Response::Pong);
         let client =
             ClusterClient::connect(vec![first, dead, third], 0, Duration::from_secs(1), None)
                 .await
                 .unwrap();
         first_endpoint.close(0u32.into(), b"gone");
         wait_until("the first connection closes", || current_closed(&client)).await;
+        (client, third, served, vec![first_endpoint, third_endpoint])
+    }
+
+    /// A connection found closed moves the client on before the request is
+    /// sent, and a node that cannot be dialled is skipped: the request
+    /// reaches the third node, within one try per node.
+    #[tokio::test]
+    async fn closed_connections_and_dead_nodes_are_skipped_before_sending() {
+        let (client, third, served, _endpoints) = first_gone_second_dead().await;
         assert_pong(&client).await;
         assert_eq!(served.load(Ordering::SeqCst), 1);
         assert_eq!(client.current_node(), third);
@@ -812,18 +827,7 @@ mod tests {
     /// and moves the client on, so a later caller reaches the third node.
     #[tokio::test]
     async fn a_caller_that_gives_up_does_not_cancel_the_dial() {
-        let (first_endpoint, first, _) = answering(Response::Pong);
-        let dead = {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket.local_addr().unwrap()
-        };
-        let (_e3, third, served) = answering(Response::Pong);
-        let client =
-            ClusterClient::connect(vec![first, dead, third], 0, Duration::from_secs(1), None)
-                .await
-                .unwrap();
-        first_endpoint.close(0u32.into(), b"gone");
-        wait_until("the first connection closes", || current_closed(&client)).await;
+        let (client, third, served, _endpoints) = first_gone_second_dead().await;
         let limit = Duration::from_millis(200);
         for _ in 0..25 {
             match client.call_within(&Request::Ping, limit).await {

@@ -1,0 +1,93 @@
+//! Runs whose requests fail report it: the staleness prober counts the
+//! probes it could not make, and each operation keeps the reason of its
+//! first failure.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ringkv_bench::workload::{Op, Workload};
+use ringkv_bench::ycsb::{probe_staleness, run_setting, Setting, UpdateMode, YcsbConfig};
+use ringkv_core::{Consistency, NodeId};
+use ringkv_node::{Node, NodeConfig};
+
+/// YCSB-A for half a second, one client, 16-byte values, against `targets`.
+fn ycsb_config(targets: Vec<SocketAddr>) -> YcsbConfig {
+    YcsbConfig {
+        targets,
+        workload: Workload::A,
+        records: 10,
+        value_bytes: 16,
+        concurrency: 1,
+        connections_per_target: 1,
+        duration: Duration::from_millis(500),
+        settings: Vec::new(),
+        request_timeout_ms: 2_000,
+        seed: 1,
+        client_delay: Duration::ZERO,
+        key_prefix: "t:".into(),
+        rate_per_s: None,
+        cluster_key: None,
+        resp: false,
+        updates: UpdateMode::Overwrite,
+    }
+}
+
+/// Every write fails here (W=2 on a one-node cluster), so every probe is
+/// `failed`, none is a probe, and none is called fresh.
+#[tokio::test]
+async fn probes_that_cannot_write_are_counted_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    let node = Node::start(config).await.unwrap();
+    let config = ycsb_config(vec![node.addr(), node.addr()]);
+    // W=2 of N=3 with one node: no write can reach its quorum.
+    let setting = Setting {
+        r: Consistency::One,
+        w: Consistency::Count(2),
+        resp: false,
+    };
+    // Long enough for the prober's two QUIC handshakes and a failed write
+    // on a busy machine (each write fails at once: W exceeds the nodes).
+    let until = Instant::now() + Duration::from_secs(3);
+    let visibility = probe_staleness(&config, &setting, until).await;
+    let failed: u64 = visibility.iter().map(|v| v.failed).sum();
+    assert!(failed > 0, "{visibility:?}");
+    assert!(
+        visibility.iter().all(|v| v.probes == 0 && v.fresh == 0),
+        "a failed write is no probe: {visibility:?}"
+    );
+    node.shutdown().await;
+}
+
+/// Every update is refused here: its value is over the node's
+/// `--max-value-bytes`.
+#[tokio::test]
+async fn a_failed_operation_reports_its_first_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    config.replicas = Some(1);
+    config.max_value_bytes = 8;
+    let node = Node::start(config).await.unwrap();
+    let config = ycsb_config(vec![node.addr()]);
+    let setting = Setting {
+        r: Consistency::One,
+        w: Consistency::One,
+        resp: false,
+    };
+    let report = run_setting(&config, &setting, 10, &|_| {}).await.unwrap();
+    let op = |wanted: Op| {
+        report
+            .ops
+            .iter()
+            .find(|(o, _)| *o == wanted)
+            .map(|(_, r)| r)
+    };
+    let updates = op(Op::Update).expect("the run drew updates");
+    assert!(updates.errors > 0 && updates.ops == 0, "{updates:?}");
+    let reason = updates.first_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("--max-value-bytes"), "{reason}");
+    // Reads of keys never loaded succeed (found nothing): no reason.
+    let reads = op(Op::Read).expect("the run drew reads");
+    assert_eq!((reads.errors, reads.first_error.as_deref()), (0, None));
+    node.shutdown().await;
+}
