@@ -125,7 +125,9 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
 /// `count` clients, each with its own connection, round-robin over `targets`.
 /// Each moves to the next target while its own cannot take requests (see
 /// `ringkv_node::cluster_client`), so a node stopped mid-run costs only the
-/// requests under way on it.
+/// requests under way on it. They connect at once, not one after another:
+/// those whose node is down wait out a connect timeout before they settle
+/// on the next, and one at a time that would add up.
 pub(crate) async fn connect_clients(
     targets: &[SocketAddr],
     count: usize,
@@ -134,19 +136,47 @@ pub(crate) async fn connect_clients(
     if targets.is_empty() {
         return Err(BenchError::NoTargets);
     }
-    let mut clients = Vec::with_capacity(count);
+    let mut connecting = tokio::task::JoinSet::new();
     for i in 0..count {
-        let addr = targets[i % targets.len()];
-        let client =
-            ClusterClient::connect(targets.to_vec(), i, Duration::from_secs(3), cluster_key)
-                .await
-                .map_err(|e| BenchError::Unreachable {
+        let (targets, key) = (targets.to_vec(), cluster_key.cloned());
+        connecting.spawn(async move {
+            let addr = targets[i % targets.len()];
+            let connected =
+                ClusterClient::connect(targets, i, Duration::from_secs(3), key.as_ref()).await;
+            (i, addr, connected)
+        });
+    }
+    let mut clients: Vec<Option<std::sync::Arc<ClusterClient>>> =
+        (0..count).map(|_| None).collect();
+    let mut failure = None;
+    while let Some(done) = connecting.join_next().await {
+        let (i, addr, connected) = done.map_err(|e| BenchError::Unreachable {
+            addr: targets[0],
+            reason: format!("a connecting task failed: {e}"),
+        })?;
+        match connected {
+            Ok(client) => clients[i] = Some(std::sync::Arc::new(client)),
+            Err(e) => {
+                failure.get_or_insert(BenchError::Unreachable {
                     addr,
                     reason: e.to_string(),
-                })?;
-        clients.push(std::sync::Arc::new(client));
+                });
+            }
+        }
     }
-    Ok(clients)
+    match failure {
+        Some(e) => {
+            ClusterClient::close_all(
+                clients
+                    .into_iter()
+                    .flatten()
+                    .filter_map(std::sync::Arc::into_inner),
+            )
+            .await;
+            Err(e)
+        }
+        None => Ok(clients.into_iter().flatten().collect()),
+    }
 }
 
 /// A run id from the clock: distinct between runs against one cluster.
