@@ -742,28 +742,7 @@ impl<T: Transport> Coordinator<T> {
             tokio::select! {
                 message = rx.recv() => {
                     let Some((node, result, latency_us)) = message else { break };
-                    if let Some(detector) = &self.detector {
-                        // Any answer, even an error reply, shows the node is
-                        // alive; a transport failure counts against it. A
-                        // timeout does not: the deadline is the client's
-                        // choice, and the probes judge slowness fairly.
-                        match &result {
-                            Ok(Ok(_)) => { detector.record(&node, true, Instant::now()); }
-                            Ok(Err(_)) => { detector.record(&node, false, Instant::now()); }
-                            Err(_) => {}
-                        }
-                    }
-                    let (answer, replaceable) = match result {
-                        Err(_elapsed) => (ReplicaAnswer::Timeout { latency_us }, false),
-                        Ok(Err(e)) => (ReplicaAnswer::Error { latency_us, reason: transport_reason(&e) }, true),
-                        Ok(Ok(response)) => {
-                            let replaceable = !is_final_refusal(&response);
-                            match on_reply(&node, response) {
-                                Ok(()) => (ReplicaAnswer::Ok { latency_us }, false),
-                                Err(reason) => (ReplicaAnswer::Error { latency_us, reason }, replaceable),
-                            }
-                        }
-                    };
+                    let (answer, replaceable) = self.judge(&node, result, latency_us, &mut on_reply);
                     if replaceable && !stand_ins.spares.is_empty() {
                         // A spare owner first: it holds the data, a fallback likely not.
                         if let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "failure") {
@@ -805,7 +784,65 @@ impl<T: Transport> Coordinator<T> {
                 }
             }
         }
+        // Out of reach (say R=all with a replica down, which fails at once):
+        // the answers already on their way still go in the receipt for a
+        // moment, so the error names who answered rather than calling a
+        // healthy replica silent.
+        let settle_until = deadline.min(Instant::now() + FAILED_SETTLE);
+        while tracker.state() == QuorumState::Failed && tracker.any_pending() {
+            let Ok(Some((node, result, latency_us))) =
+                tokio::time::timeout_at(settle_until, rx.recv()).await
+            else {
+                break;
+            };
+            let (answer, _) = self.judge(&node, result, latency_us, &mut on_reply);
+            tracker.record(&node, answer);
+        }
         (rx, stand_ins.candidates)
+    }
+
+    /// What an answer to a fan-out counts as, and whether a stand-in may
+    /// replace a node that failed this way; the failure detector hears of
+    /// it first.
+    fn judge(
+        &self,
+        node: &NodeId,
+        result: Result<Result<Response, TransportError>, tokio::time::error::Elapsed>,
+        latency_us: u64,
+        on_reply: &mut impl FnMut(&NodeId, Response) -> Result<(), String>,
+    ) -> (ReplicaAnswer, bool) {
+        if let Some(detector) = &self.detector {
+            // Any answer, even an error reply, shows the node is alive; a
+            // transport failure counts against it. A timeout does not: the
+            // deadline is the client's choice, and the probes judge
+            // slowness fairly.
+            match &result {
+                Ok(Ok(_)) => {
+                    detector.record(node, true, Instant::now());
+                }
+                Ok(Err(_)) => {
+                    detector.record(node, false, Instant::now());
+                }
+                Err(_) => {}
+            }
+        }
+        match result {
+            Err(_elapsed) => (ReplicaAnswer::Timeout { latency_us }, false),
+            Ok(Err(e)) => (
+                ReplicaAnswer::Error {
+                    latency_us,
+                    reason: transport_reason(&e),
+                },
+                true,
+            ),
+            Ok(Ok(response)) => {
+                let replaceable = !is_final_refusal(&response);
+                match on_reply(node, response) {
+                    Ok(()) => (ReplicaAnswer::Ok { latency_us }, false),
+                    Err(reason) => (ReplicaAnswer::Error { latency_us, reason }, replaceable),
+                }
+            }
+        }
     }
 
     /// After a write's quorum: a replica that then fails (or never answers
@@ -1045,6 +1082,10 @@ const LATE_HINT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Writes whose late answers may be watched at once for late hints.
 const LATE_HINT_TASKS_MAX: usize = 1024;
+
+/// How long a fan-out whose quorum is out of reach still records the
+/// answers on their way, for the error's receipt.
+const FAILED_SETTLE: Duration = Duration::from_millis(250);
 
 /// How long a read keeps listening for answers after its quorum, so that
 /// slower replicas can be judged for read repair.

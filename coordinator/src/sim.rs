@@ -42,6 +42,9 @@ pub trait SimHandler: Send + Sync + 'static {
 struct SimState {
     handlers: HashMap<NodeId, Arc<dyn SimHandler>>,
     down: HashSet<NodeId>,
+    /// Down nodes whose calls fail at once, as a real transport's do once
+    /// a dial to them has failed, rather than go unanswered.
+    refusing: HashSet<NodeId>,
     partitions: HashSet<(NodeId, NodeId)>,
     /// One-way delay per directed link.
     delays: HashMap<(NodeId, NodeId), Duration>,
@@ -81,6 +84,12 @@ impl SimNetwork {
     }
 
     /// Crashes `node`: it neither receives nor answers until [`up`](Self::up).
+    /// Takes `node` down so that calls to it fail at once (a transport
+    /// error) instead of going unanswered as with [`Self::down`].
+    pub fn refuse(&self, node: &NodeId) {
+        self.with(|s| s.refusing.insert(node.clone()));
+    }
+
     pub fn down(&self, node: &NodeId) {
         self.with(|s| s.down.insert(node.clone()));
     }
@@ -204,6 +213,16 @@ pub struct SimTransport {
 impl Transport for SimTransport {
     async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
         let what = label(&request);
+        if self.net.with(|s| s.refusing.contains(to)) {
+            self.net.with(|s| {
+                s.log
+                    .push(format!("{} -> {to} {what} (refused)", self.from))
+            });
+            return Err(TransportError::Unreachable {
+                node: to.clone(),
+                reason: "refused".to_string(),
+            });
+        }
         let Ok(delay) = self.net.route(&self.from, to, &what) else {
             return std::future::pending().await;
         };

@@ -108,6 +108,40 @@ async fn write_all_fails_and_read_all_fails_with_one_replica_down() {
     );
 }
 
+/// With a replica that fails at once, R=all and W=all are out of reach
+/// before the others answer; the error still counts the answers already on
+/// their way, and names only the replica that failed.
+#[tokio::test(start_paused = true)]
+async fn an_early_failure_still_counts_the_answers_on_their_way() {
+    let c = SimCluster::new(3, 3, 1);
+    ok_context(&c.put("n1", KEY, "v", Quorum, None).await);
+    c.net.refuse(&c.id("n3"));
+    // The others answer after 5 ms, long after n3's failure.
+    for peer in ["n1", "n2"] {
+        c.net
+            .delay(&c.id("n1"), &c.id(peer), Duration::from_millis(5));
+    }
+    let started = tokio::time::Instant::now();
+    let (kind, message) = error(&c.get("n1", KEY, All).await);
+    assert_eq!(kind, ErrorKind::QuorumNotReached);
+    assert!(
+        message.starts_with("read quorum not reached: 2 of 3 required replicas answered; failed: n3 (unreachable: refused)"),
+        "{message}"
+    );
+    let (kind, message) = error(&c.put("n1", KEY, "w", All, None).await);
+    assert_eq!(kind, ErrorKind::QuorumNotReached);
+    assert!(
+        message.starts_with("write quorum not reached: 2 of 3 required replicas answered"),
+        "{message}"
+    );
+    // Failed as soon as the answers were in, not at the deadline.
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_reply_after_the_deadline_changes_nothing() {
     let c = SimCluster::new(3, 3, 1);

@@ -517,9 +517,28 @@ async fn serve_stream<H, F>(
 /// with the shared [`Channel`] on it.
 pub struct PeerPool {
     endpoint: quinn::Endpoint,
-    peers: DashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Peer>>>>,
+    peers: DashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>,
     connect_timeout: Duration,
+    /// Dials started, for the tests (the metric counts them by outcome).
+    dials: AtomicU64,
 }
+
+/// A peer's place in the pool: its connection, if any, and the last dial
+/// that failed since.
+#[derive(Default)]
+struct Slot {
+    peer: Option<Peer>,
+    /// When a dial last failed, and why. For [`DIAL_RETRY_AFTER`] after it,
+    /// calls fail at once instead of dialling again: a peer that is down
+    /// would otherwise cost a handshake attempt (and a connect timeout of
+    /// waiting) for every request that names it.
+    dial_failed: Option<(std::time::Instant, String)>,
+}
+
+/// How long after a failed dial a peer's calls fail without dialling. The
+/// failure detector, hints and stand-ins deal with a peer that is down; a
+/// peer back up is reached at most this much later.
+pub const DIAL_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 struct Peer {
     conn: quinn::Connection,
@@ -550,6 +569,7 @@ impl PeerPool {
             endpoint,
             peers: DashMap::new(),
             connect_timeout,
+            dials: AtomicU64::new(0),
         }
     }
 
@@ -577,23 +597,59 @@ impl PeerPool {
         let slot = self
             .peers
             .entry(addr)
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Slot::default())))
             .clone();
         // Holding the slot's lock while connecting makes concurrent callers
         // share one connection attempt instead of racing several.
-        let mut slot = slot.lock().await;
+        let mut slot = slot.lock_owned().await;
         let live = slot
+            .peer
             .as_ref()
             .is_some_and(|peer| peer.conn.close_reason().is_none());
         if !live {
-            let conn = connect(&self.endpoint, addr, self.connect_timeout).await?;
-            *slot = Some(Peer {
-                conn,
-                leaf: None,
-                coordinated: None,
+            if let Some((failed_at, reason)) = &slot.dial_failed {
+                if failed_at.elapsed() < DIAL_RETRY_AFTER {
+                    metrics::counter!("ringkv_peer_dials_total", "outcome" => "skipped")
+                        .increment(1);
+                    return Err(CallError::Connect(format!(
+                        "{reason} (a dial failed {} ms ago)",
+                        failed_at.elapsed().as_millis()
+                    )));
+                }
+            }
+            self.dials.fetch_add(1, Ordering::Relaxed);
+            // In a task of its own, holding the lock: a caller that gives up
+            // (its deadline is often near the connect timeout) must not
+            // cancel the dial, or the next caller would start another, and
+            // a peer that is down would be dialled over and over.
+            let (endpoint, timeout) = (self.endpoint.clone(), self.connect_timeout);
+            let dial = tokio::spawn(async move {
+                let dialled = connect(&endpoint, addr, timeout).await;
+                let outcome = match &dialled {
+                    Ok(conn) => {
+                        slot.peer = Some(Peer {
+                            conn: conn.clone(),
+                            leaf: None,
+                            coordinated: None,
+                        });
+                        slot.dial_failed = None;
+                        "ok"
+                    }
+                    Err(e) => {
+                        slot.dial_failed = Some((std::time::Instant::now(), e.to_string()));
+                        "failed"
+                    }
+                };
+                metrics::counter!("ringkv_peer_dials_total", "outcome" => outcome).increment(1);
+                (slot, dialled.map(|_| ()))
             });
+            let (dialled_slot, dialled) = dial
+                .await
+                .map_err(|e| CallError::Connect(format!("the dial failed: {e}")))?;
+            slot = dialled_slot;
+            dialled?;
         }
-        let peer = slot.as_mut().expect("set above");
+        let peer = slot.peer.as_mut().expect("set above");
         let channel = match lane {
             Lane::Leaf => Some(open_channel(&mut peer.leaf, &peer.conn).await?),
             Lane::Coordinated => Some(open_channel(&mut peer.coordinated, &peer.conn).await?),
@@ -607,7 +663,7 @@ impl PeerPool {
     /// reached over its predecessor's connection.
     pub async fn disconnect(&self, addr: SocketAddr) {
         if let Some(slot) = self.peers.get(&addr).map(|s| s.clone()) {
-            if let Some(peer) = slot.lock().await.take() {
+            if let Some(peer) = slot.lock().await.peer.take() {
                 peer.conn.close(0u32.into(), b"peer judged down");
             }
         }
@@ -617,10 +673,11 @@ impl PeerPool {
         if let Some(slot) = self.peers.get(&addr).map(|s| s.clone()) {
             let mut slot = slot.lock().await;
             if slot
+                .peer
                 .as_ref()
                 .is_some_and(|peer| peer.conn.stable_id() == dead.stable_id())
             {
-                *slot = None;
+                slot.peer = None;
             }
         }
     }
@@ -773,6 +830,41 @@ mod tests {
             Ok(Response::Stats(_))
         ));
         node.shutdown().await;
+    }
+
+    /// A peer that is down is dialled once per [`DIAL_RETRY_AFTER`],
+    /// however many requests name it, and a dial goes on when the callers
+    /// waiting for it give up.
+    #[tokio::test]
+    async fn a_down_peer_is_dialled_once_per_retry_window() {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(None).unwrap());
+        let pool = Arc::new(PeerPool::new(endpoint, Duration::from_millis(300)));
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        // Callers that give up well before the connect timeout.
+        for _ in 0..5 {
+            let call = pool.call(dead, &Request::Ping);
+            assert!(tokio::time::timeout(Duration::from_millis(40), call)
+                .await
+                .is_err());
+        }
+        // Many at once, while that dial is still under way or just failed.
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let pool = pool.clone();
+            calls.spawn(async move { pool.call(dead, &Request::Ping).await });
+        }
+        while let Some(outcome) = calls.join_next().await {
+            assert!(matches!(outcome.unwrap(), Err(CallError::Connect(_))));
+        }
+        assert_eq!(pool.dials.load(Ordering::Relaxed), 1);
+        // Once the window is over, the next call dials again.
+        tokio::time::sleep(DIAL_RETRY_AFTER).await;
+        assert!(pool.call(dead, &Request::Ping).await.is_err());
+        assert_eq!(pool.dials.load(Ordering::Relaxed), 2);
     }
 
     /// A server whose handler answers gets slowly and pings at once.
