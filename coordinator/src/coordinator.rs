@@ -716,7 +716,10 @@ impl<T: Transport> Coordinator<T> {
         // write), every target still gets the request.
         let capacity = targets.len() + stand_ins.candidates.len() + stand_ins.spares.len();
         let (tx, mut rx) = mpsc::channel(capacity.max(1));
+        // Requests sent and answers taken: the ones still on their way.
+        let (sent, mut taken) = (std::sync::atomic::AtomicUsize::new(0), 0usize);
         let dispatch = |node: NodeId, request: Request| {
+            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let tx = tx.clone();
             let transport = self.transport.clone();
             let latency = (node != self.id).then(|| self.latency.clone());
@@ -742,6 +745,7 @@ impl<T: Transport> Coordinator<T> {
             tokio::select! {
                 message = rx.recv() => {
                     let Some((node, result, latency_us)) = message else { break };
+                    taken += 1;
                     let (answer, replaceable) = self.judge(&node, result, latency_us, &mut on_reply);
                     if replaceable && !stand_ins.spares.is_empty() {
                         // A spare owner first: it holds the data, a fallback likely not.
@@ -789,12 +793,15 @@ impl<T: Transport> Coordinator<T> {
         // moment, so the error names who answered rather than calling a
         // healthy replica silent.
         let settle_until = deadline.min(Instant::now() + FAILED_SETTLE);
-        while tracker.state() == QuorumState::Failed && tracker.any_pending() {
+        while tracker.state() == QuorumState::Failed
+            && taken < sent.load(std::sync::atomic::Ordering::Relaxed)
+        {
             let Ok(Some((node, result, latency_us))) =
                 tokio::time::timeout_at(settle_until, rx.recv()).await
             else {
                 break;
             };
+            taken += 1;
             let (answer, _) = self.judge(&node, result, latency_us, &mut on_reply);
             tracker.record(&node, answer);
         }

@@ -196,13 +196,6 @@ impl QuorumTracker {
         self.slot_counts().0
     }
 
-    /// Whether someone asked has not answered yet.
-    pub fn any_pending(&self) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.answer == ReplicaAnswer::Pending)
-    }
-
     pub fn state(&self) -> QuorumState {
         let (ok, pending) = self.slot_counts();
         if ok >= self.required {

@@ -83,19 +83,23 @@ impl SimNetwork {
         }
     }
 
-    /// Crashes `node`: it neither receives nor answers until [`up`](Self::up).
     /// Takes `node` down so that calls to it fail at once (a transport
-    /// error) instead of going unanswered as with [`Self::down`].
+    /// error) instead of going unanswered as with [`Self::down`], until
+    /// [`up`](Self::up).
     pub fn refuse(&self, node: &NodeId) {
         self.with(|s| s.refusing.insert(node.clone()));
     }
 
+    /// Crashes `node`: it neither receives nor answers until [`up`](Self::up).
     pub fn down(&self, node: &NodeId) {
         self.with(|s| s.down.insert(node.clone()));
     }
 
     pub fn up(&self, node: &NodeId) {
-        self.with(|s| s.down.remove(node));
+        self.with(|s| {
+            s.down.remove(node);
+            s.refusing.remove(node);
+        });
     }
 
     /// Cuts the link between `a` and `b` both ways.

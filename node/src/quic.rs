@@ -528,16 +528,19 @@ pub struct PeerPool {
 #[derive(Default)]
 struct Slot {
     peer: Option<Peer>,
-    /// When a dial last failed, and why. For [`DIAL_RETRY_AFTER`] after it,
-    /// calls fail at once instead of dialling again: a peer that is down
+    /// When a dial last failed, and its error. For [`DIAL_RETRY_AFTER`]
+    /// after it, calls fail at once with that error (a refused handshake
+    /// stays `Refused`) instead of dialling again: a peer that is down
     /// would otherwise cost a handshake attempt (and a connect timeout of
     /// waiting) for every request that names it.
-    dial_failed: Option<(std::time::Instant, String)>,
+    dial_failed: Option<(std::time::Instant, CallError)>,
 }
 
 /// How long after a failed dial a peer's calls fail without dialling. The
-/// failure detector, hints and stand-ins deal with a peer that is down; a
-/// peer back up is reached at most this much later.
+/// failure detector, hints and stand-ins deal with a peer that is down. A
+/// dial to a peer that is down lasts the connect timeout, so such a peer
+/// costs one dial per connect timeout plus this; a peer back up is reached
+/// at most that much later.
 pub const DIAL_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 struct Peer {
@@ -607,14 +610,17 @@ impl PeerPool {
             .as_ref()
             .is_some_and(|peer| peer.conn.close_reason().is_none());
         if !live {
-            if let Some((failed_at, reason)) = &slot.dial_failed {
+            if let Some((failed_at, error)) = &slot.dial_failed {
                 if failed_at.elapsed() < DIAL_RETRY_AFTER {
                     metrics::counter!("ringkv_peer_dials_total", "outcome" => "skipped")
                         .increment(1);
-                    return Err(CallError::Connect(format!(
-                        "{reason} (a dial failed {} ms ago)",
-                        failed_at.elapsed().as_millis()
-                    )));
+                    return Err(match error {
+                        CallError::Connect(reason) => CallError::Connect(format!(
+                            "{reason} (the last dial, {} ms ago)",
+                            failed_at.elapsed().as_millis()
+                        )),
+                        other => other.clone(),
+                    });
                 }
             }
             self.dials.fetch_add(1, Ordering::Relaxed);
@@ -636,7 +642,7 @@ impl PeerPool {
                         "ok"
                     }
                     Err(e) => {
-                        slot.dial_failed = Some((std::time::Instant::now(), e.to_string()));
+                        slot.dial_failed = Some((std::time::Instant::now(), e.clone()));
                         "failed"
                     }
                 };
@@ -865,6 +871,33 @@ mod tests {
         tokio::time::sleep(DIAL_RETRY_AFTER).await;
         assert!(pool.call(dead, &Request::Ping).await.is_err());
         assert_eq!(pool.dials.load(Ordering::Relaxed), 2);
+    }
+
+    /// A handshake refused (a cluster key here, none there) stays a
+    /// refusal while calls fail without dialling: callers that tell the two
+    /// apart (a restart refused by its cluster) still can.
+    #[tokio::test]
+    async fn a_refused_dial_fails_fast_as_a_refusal() {
+        let key = ClusterKey::parse(&ClusterKey::generate().unwrap()).unwrap();
+        let server = quinn::Endpoint::server(
+            tls::server_config(None).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                let _ = incoming.await;
+            }
+        });
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(Some(&key)).unwrap());
+        let pool = PeerPool::new(endpoint, Duration::from_secs(5));
+        for _ in 0..2 {
+            let outcome = pool.call(addr, &Request::Ping).await;
+            assert!(matches!(outcome, Err(CallError::Refused(_))), "{outcome:?}");
+        }
+        assert_eq!(pool.dials.load(Ordering::Relaxed), 1);
     }
 
     /// A server whose handler answers gets slowly and pings at once.
