@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/nodes.sh; start_three
 b() { "$bin" bench --cluster 127.0.0.1:7300,127.0.0.1:7301 --regions none --workload a --records 10000 --consistency quorum \
-  --concurrency 50 --duration-s 8 --json "$dir/r.json" > /dev/null 2> "$dir/bench.err"; python3 -c "
+  --concurrency 50 --duration-s 8 --json "$dir/r.json" > /dev/null 2> "$dir/bench.err" \
+  || { echo "bench failed:"; cat "$dir/bench.err"; exit 1; }; python3 -c "
 import json; s=json.load(open('$dir/r.json'))['settings'][0]; print('$1', round(s['ops_per_sec']), s['cpu_us_per_op'], {k:(v['errors'],v['timeouts'],v['p50_ms'],v['p99_ms']) for k,v in s['ops'].items()})"; }
 b alive
 kill -KILL "${pids[2]}"; sleep 12

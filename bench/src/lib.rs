@@ -1,7 +1,8 @@
 //! Load generation and latency measurement against a ringkv cluster.
 //!
 //! [`run`] drives a closed loop: `concurrency` clients, each with its own QUIC
-//! connection to one of the target nodes (round-robin), each issuing its next
+//! connection to one of the target nodes (round-robin; a `ClusterClient`
+//! that moves to another target while its own cannot serve), each issuing its next
 //! request as soon as the previous one is answered. A put phase inserts new
 //! keys (unique to the run and the client, so no put ever creates a sibling
 //! and the figures measure quorum writes, not sibling growth), then a get
@@ -150,10 +151,16 @@ pub(crate) async fn connect_clients(
         (0..count).map(|_| None).collect();
     let mut failure = None;
     while let Some(done) = connecting.join_next().await {
-        let (i, addr, connected) = done.map_err(|e| BenchError::Unreachable {
-            addr: targets[0],
-            reason: format!("a connecting task failed: {e}"),
-        })?;
+        let (i, addr, connected) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                failure.get_or_insert(BenchError::Unreachable {
+                    addr: targets[0],
+                    reason: format!("a connecting task failed: {e}"),
+                });
+                continue;
+            }
+        };
         match connected {
             Ok(client) => clients[i] = Some(std::sync::Arc::new(client)),
             Err(e) => {

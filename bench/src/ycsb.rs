@@ -6,7 +6,9 @@
 //! They share `connections_per_target` QUIC connections to each target, as
 //! the users of one client driver share its connection pool, so requests of
 //! concurrent clients leave in the same packets (RESP clients each have a
-//! TCP connection of their own). In a closed loop a client sends its next
+//! TCP connection of their own). Each connection is a `ClusterClient`
+//! preferring its target: while that target cannot serve (stopped,
+//! draining, silent) it moves to the next, and the report counts the moves. In a closed loop a client sends its next
 //! request when the last is answered. In an open loop (`rate_per_s`)
 //! requests come due on a fixed schedule ([`crate::pacer`]) and a free
 //! client takes the next; a request's latency counts from when it was due,
@@ -342,7 +344,7 @@ impl Conn {
         // on from a node that sent nothing meanwhile.
         let limit = Duration::from_millis(u64::from(request_timeout(request)) + 1000);
         let answer = match client.call_within(request, limit).await {
-            Err(CallError::TimedOut(_)) => return Outcome::Timeout,
+            Err(CallError::TimedOut { .. }) => return Outcome::Timeout,
             answer => answer,
         };
         if !delay.is_zero() {

@@ -43,7 +43,7 @@
 //! sans-I/O [`QuorumTracker`].
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -717,9 +717,9 @@ impl<T: Transport> Coordinator<T> {
         let capacity = targets.len() + stand_ins.candidates.len() + stand_ins.spares.len();
         let (tx, mut rx) = mpsc::channel(capacity.max(1));
         // Requests sent and answers taken: the ones still on their way.
-        let (sent, mut taken) = (std::sync::atomic::AtomicUsize::new(0), 0usize);
+        let (sent, mut taken) = (AtomicUsize::new(0), 0usize);
         let dispatch = |node: NodeId, request: Request| {
-            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            sent.fetch_add(1, Ordering::Relaxed);
             let tx = tx.clone();
             let transport = self.transport.clone();
             let latency = (node != self.id).then(|| self.latency.clone());
@@ -793,9 +793,7 @@ impl<T: Transport> Coordinator<T> {
         // moment, so the error names who answered rather than calling a
         // healthy replica silent.
         let settle_until = deadline.min(Instant::now() + FAILED_SETTLE);
-        while tracker.state() == QuorumState::Failed
-            && taken < sent.load(std::sync::atomic::Ordering::Relaxed)
-        {
+        while tracker.state() == QuorumState::Failed && taken < sent.load(Ordering::Relaxed) {
             let Ok(Some((node, result, latency_us))) =
                 tokio::time::timeout_at(settle_until, rx.recv()).await
             else {

@@ -42,8 +42,9 @@ pub trait SimHandler: Send + Sync + 'static {
 struct SimState {
     handlers: HashMap<NodeId, Arc<dyn SimHandler>>,
     down: HashSet<NodeId>,
-    /// Down nodes whose calls fail at once, as a real transport's do once
-    /// a dial to them has failed, rather than go unanswered.
+    /// Nodes that calls *to* fail at once, as a real transport's do once a
+    /// dial to them has failed, rather than go unanswered. (They still send
+    /// and coordinate themselves.)
     refusing: HashSet<NodeId>,
     partitions: HashSet<(NodeId, NodeId)>,
     /// One-way delay per directed link.
@@ -83,9 +84,8 @@ impl SimNetwork {
         }
     }
 
-    /// Takes `node` down so that calls to it fail at once (a transport
-    /// error) instead of going unanswered as with [`Self::down`], until
-    /// [`up`](Self::up).
+    /// Makes calls *to* `node` fail at once (a transport error), where
+    /// [`Self::down`] leaves them unanswered, until [`up`](Self::up).
     pub fn refuse(&self, node: &NodeId) {
         self.with(|s| s.refusing.insert(node.clone()));
     }

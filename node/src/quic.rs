@@ -13,7 +13,8 @@
 //! is done, and finishes once every answer is written.
 //!
 //! [`PeerPool`] keeps one connection (and its channels) per peer address and
-//! reconnects when a connection dies; [`Client`] is the single connection a
+//! reconnects when a connection dies, dialling a peer that is down at most
+//! once per connect timeout and [`DIAL_RETRY_AFTER`]; [`Client`] is the single connection a
 //! command-line client or benchmark uses, shared by any number of
 //! concurrent callers.
 
@@ -366,8 +367,8 @@ pub enum CallError {
     Unread(String),
     /// No answer within the caller's limit ([`crate::ClusterClient::call_within`]):
     /// the request may still run.
-    #[error("no answer within {} ms", .0.as_millis())]
-    TimedOut(Duration),
+    #[error("no answer within {} ms", limit.as_millis())]
+    TimedOut { limit: Duration },
 }
 
 impl From<FrameError> for CallError {
