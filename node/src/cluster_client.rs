@@ -9,9 +9,10 @@
 //! removed, still joining). A request whose node may have run it is never
 //! sent again: a write sent twice could be stored twice, as siblings. So:
 //!
-//! - **Resent elsewhere** ([`ran_nothing`]): the connection was already
-//!   closed before the request was sent; the node ended the stream unread
-//!   (`CallError::Unread`); it answered `NotServing`.
+//! - **Resent elsewhere** ([`ran_nothing`]): the node could not be dialled,
+//!   or its connection had closed before the request was sent; the node
+//!   ended the stream unread (`CallError::Unread`); it answered
+//!   `NotServing`.
 //! - **Returned to the caller**, who alone knows whether the request is safe
 //!   to repeat: a connection lost or a stream broken mid-request, a
 //!   timeout, any other answer. A lost connection still moves the client on,
@@ -27,12 +28,12 @@
 //! acknowledgement first, so the client leaves within about two limits.
 //!
 //! A client that has moved away from its preferred node (`preferred` in
-//! [`ClusterClient::connect`]) dials that node again in the background, after [`RETURN_PROBE`]
-//! and then backing off to every [`RETURN_PROBE_MAX`], and goes back once
-//! it serves (a read of its own copy of a key succeeds;
-//! a ping would not do, since a node still joining or removed answers
-//! pings), so after a rolling restart every client is back where it
-//! started and the load stays spread.
+//! [`ClusterClient::connect`]) dials that node again in the background,
+//! after [`RETURN_PROBE`] and then backing off to every
+//! [`RETURN_PROBE_MAX`], and goes back once it serves: a read of its own
+//! copy of a key succeeds. (A ping would not do: a node still joining, or
+//! removed, answers pings.) So after a rolling restart every client is back
+//! where it started, and the load stays spread.
 //!
 //! Requests that find no connection wait for one dial at a time: while
 //! the next node is dialled (up to the connect timeout when it is down too)

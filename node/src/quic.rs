@@ -14,9 +14,9 @@
 //!
 //! [`PeerPool`] keeps one connection (and its channels) per peer address and
 //! reconnects when a connection dies, dialling a peer that is down at most
-//! once per connect timeout and [`DIAL_RETRY_AFTER`]; [`Client`] is the single connection a
-//! command-line client or benchmark uses, shared by any number of
-//! concurrent callers.
+//! once per connect timeout and [`DIAL_RETRY_AFTER`]. [`Client`] is the
+//! single connection a command-line client or benchmark uses, shared by any
+//! number of concurrent callers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
