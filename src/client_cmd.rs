@@ -379,29 +379,32 @@ async fn connect(
         })
 }
 
-/// Sends a request and turns error replies into failures.
+/// Sends a request and turns error replies into failures. Whether another
+/// node may be asked follows the rule `ClusterClient` follows
+/// (`ran_nothing`): only when nothing of the request ran.
 async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
-    let response = client.call(request).await.map_err(|e| match e {
+    let outcome = client.call(request).await;
+    let ran_nothing = ringkv_node::cluster_client::ran_nothing(&outcome);
+    let mut failure = match outcome {
+        Ok(Response::Error(e)) => match e.kind {
+            ErrorKind::InvalidRequest | ErrorKind::Refused => Failure::new(Exit::Usage, e.message),
+            ErrorKind::QuorumNotReached | ErrorKind::Unavailable | ErrorKind::NotServing => {
+                Failure::new(Exit::Quorum, e.message)
+            }
+            ErrorKind::Internal => Failure::new(Exit::Internal, e.message),
+        },
+        Ok(ok) => return Ok(ok),
         // Refused at the handshake (the cluster key): nothing was sent.
-        CallError::Refused(_) => Failure::new(Exit::Unreachable, e.to_string()),
+        Err(e @ CallError::Refused(_)) => Failure::new(Exit::Unreachable, e.to_string()),
         // The node stopped before it read the request: nothing ran.
-        CallError::Unread(_) => Failure::ran_nothing(Exit::Quorum, e.to_string()),
-        e => Failure::new(
+        Err(e @ CallError::Unread(_)) => Failure::new(Exit::Quorum, e.to_string()),
+        Err(e) => Failure::new(
             Exit::Unreachable,
             format!("the node dropped the request: {e}"),
         ),
-    })?;
-    match response {
-        Response::Error(e) => Err(match e.kind {
-            ErrorKind::InvalidRequest | ErrorKind::Refused => Failure::new(Exit::Usage, e.message),
-            ErrorKind::QuorumNotReached | ErrorKind::Unavailable => {
-                Failure::new(Exit::Quorum, e.message)
-            }
-            ErrorKind::NotServing => Failure::ran_nothing(Exit::Quorum, e.message),
-            ErrorKind::Internal => Failure::new(Exit::Internal, e.message),
-        }),
-        ok => Ok(ok),
-    }
+    };
+    failure.ran_nothing = ran_nothing;
+    Err(failure)
 }
 
 /// Parses `HOST:PORT`, resolving a host name.
