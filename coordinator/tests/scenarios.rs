@@ -247,6 +247,46 @@ async fn a_forward_passes_over_a_replica_that_serves_nothing() {
     assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
 }
 
+/// A forwarded write whose replica does not answer in time goes on to the
+/// next replica, so a crashed replica costs no writes while the failure
+/// detector has not yet seen it down (ARCHITECTURE, request flow, step 3).
+#[tokio::test(start_paused = true)]
+async fn a_forward_moves_on_past_a_replica_that_crashed() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    c.net.down(&pref.replicas[0]);
+    let receipt = match c.put(outsider.as_str(), KEY, "v", Quorum, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
+    assert_eq!(c.local_values(pref.replicas[1].as_str(), KEY), ["v"]);
+}
+
+/// The price of moving on: a replica that ran the write but whose answer
+/// came too late leaves the one write stored twice, as two siblings with
+/// the same value under two coordinators' dots. Nothing is lost, and the
+/// next write with a read's context supersedes both.
+#[tokio::test(start_paused = true)]
+async fn a_forwarded_write_answered_too_late_is_stored_twice_until_the_next_write() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    let first = pref.replicas[0].clone();
+    c.net.delay(&first, &outsider, Duration::from_secs(60));
+    let receipt = match c.put(outsider.as_str(), KEY, "v", All, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
+    c.net.delay(&first, &outsider, Duration::ZERO);
+    let read = c.get("n1", KEY, All).await;
+    assert_eq!(values(&read), ["v", "v"]);
+    ok_context(&c.put("n1", KEY, "w", All, Some(ok_context(&read))).await);
+    assert_eq!(values(&c.get("n2", KEY, All).await), ["w"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn invalid_requests_are_refused_before_anything_is_written() {
     let c = SimCluster::with_limits(3, 3, 1, 2);
