@@ -416,10 +416,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
             }
         }
         if r.failovers > 0 {
-            println!(
-                "{}: connections moved to another node {} times (a node stopped, drained or could not be reached; requests under way on it count as errors or timeouts)",
-                r.setting, r.failovers
-            );
+            println!("{}: {}", r.setting, failovers_note(r.failovers));
         }
     }
     println!();
@@ -630,17 +627,17 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
     }
     let _ = std::fs::remove_dir_all(&embedded_dir);
     let report = result.map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
-    let out = json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes, "embedded_nodes": embedded_count});
+    let out = json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "failovers": report.failovers, "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes, "embedded_nodes": embedded_count});
     if args.json.as_deref() == Some("-") {
         println!("{out}");
     } else {
         println!(
-            "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-            "op", "ops/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+            "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}",
+            "op", "ops/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors", "timeouts"
         );
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
             println!(
-                "{:<4} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+                "{:<4} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>8}",
                 name,
                 p.ops_per_sec(),
                 p.latency_ms(0.5),
@@ -648,8 +645,17 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
                 p.latency_ms(0.99),
                 p.latency_ms(0.999),
                 p.latency_us.max() as f64 / 1000.0,
-                p.errors
+                p.errors,
+                p.timeouts
             );
+        }
+        for (name, p) in [("put", &report.put), ("get", &report.get)] {
+            if let Some(reason) = &p.first_error {
+                println!("{name}: {} errors; the first: {reason}", p.errors);
+            }
+        }
+        if report.failovers > 0 {
+            println!("{}", failovers_note(report.failovers));
         }
     }
     if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
@@ -660,10 +666,19 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
     Ok(Exit::Ok)
 }
 
+/// What a count of failovers means, for the table's footer.
+fn failovers_note(failovers: u64) -> String {
+    format!(
+        "connections moved to another node {failovers} times (a node stopped, drained or could not be reached; requests under way on it count as errors or timeouts)"
+    )
+}
+
 fn phase_json(p: &PhaseReport) -> serde_json::Value {
     json!({
         "ops": p.ops,
         "errors": p.errors,
+        "timeouts": p.timeouts,
+        "first_error": p.first_error,
         "ops_per_sec": p.ops_per_sec(),
         "p50_ms": p.latency_ms(0.5),
         "p95_ms": p.latency_ms(0.95),

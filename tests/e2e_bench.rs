@@ -238,7 +238,10 @@ fn putget_runs_on_an_embedded_cluster_of_the_size_asked() {
         let p = &report[phase];
         assert!(p["ops"].as_u64().unwrap() > 0, "{phase}: {p}");
         assert_eq!(p["errors"], 0, "{phase}: {p}");
+        assert_eq!(p["timeouts"], 0, "{phase}: {p}");
+        assert!(p["first_error"].is_null(), "{phase}: {p}");
     }
+    assert_eq!(report["failovers"], 0);
 }
 
 /// A toy Redis: GET and SET over RESP on a background thread, enough for

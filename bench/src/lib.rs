@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{GetRequest, PutRequest, Request, Response};
+use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
 use ringkv_core::Consistency;
-use ringkv_node::{ClusterClient, ClusterKey};
+use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -76,7 +76,13 @@ pub enum BenchError {
 #[derive(Debug, Clone)]
 pub struct PhaseReport {
     pub ops: u64,
+    /// Requests answered with an error, or whose connection failed.
     pub errors: u64,
+    /// Requests with no answer within their deadline and a second.
+    pub timeouts: u64,
+    /// Why the first failed request failed (errors, not timeouts): the
+    /// likeliest cause of the rest.
+    pub first_error: Option<String>,
     pub elapsed: Duration,
     /// Latency of successful requests, in microseconds.
     pub latency_us: Histogram<u64>,
@@ -97,6 +103,9 @@ impl PhaseReport {
 pub struct Report {
     pub put: PhaseReport,
     pub get: PhaseReport,
+    /// Times a client moved to another node because its own could not take
+    /// requests (`ClusterClient::failovers`), over both phases.
+    pub failovers: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -119,8 +128,13 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
     let run_id: u32 = rand_run_id();
     let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await;
     let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await;
+    let failovers = clients.iter().map(|c| c.failovers()).sum();
     ClusterClient::close_all(clients.into_iter().filter_map(std::sync::Arc::into_inner)).await;
-    Ok(Report { put, get })
+    Ok(Report {
+        put,
+        get,
+        failovers,
+    })
 }
 
 /// `count` clients, each with its own connection, round-robin over `targets`.
@@ -212,7 +226,8 @@ async fn phase(
         let readable = written.get(worker).copied().unwrap_or(0).max(1);
         workers.spawn(async move {
             let mut hist = new_histogram();
-            let (mut ops, mut errors) = (0u64, 0u64);
+            let (mut ops, mut errors, mut timeouts) = (0u64, 0u64, 0u64);
+            let mut first_error = None;
             let value = vec![b'v'; config.value_bytes];
             let mut next = 0u64;
             while Instant::now() < deadline {
@@ -240,22 +255,43 @@ async fn phase(
                         ops += 1;
                         let _ = hist.record(sent.elapsed().as_micros() as u64);
                     }
-                    _ => errors += 1,
+                    // As YCSB counts them: a quorum not reached by the
+                    // deadline is a timeout too.
+                    Err(CallError::TimedOut { .. }) => timeouts += 1,
+                    Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => {
+                        timeouts += 1
+                    }
+                    failed => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| match failed {
+                            Ok(Response::Error(e)) => e.message,
+                            Ok(other) => format!("unexpected answer {other:?}"),
+                            Err(e) => e.to_string(),
+                        });
+                    }
                 }
             }
-            (worker, ops, errors, hist)
+            (worker, ops, errors, timeouts, first_error, hist)
         });
     }
     let mut report = PhaseReport {
         ops: 0,
         errors: 0,
+        timeouts: 0,
+        first_error: None,
         elapsed: Duration::ZERO,
         latency_us: new_histogram(),
     };
     let mut written_now = vec![0u64; clients.len()];
-    while let Some(Ok((worker, ops, errors, hist))) = workers.join_next().await {
+    while let Some(Ok((worker, ops, errors, timeouts, first_error, hist))) =
+        workers.join_next().await
+    {
         report.ops += ops;
         report.errors += errors;
+        report.timeouts += timeouts;
+        if report.first_error.is_none() {
+            report.first_error = first_error;
+        }
         written_now[worker] = ops;
         let _ = report.latency_us.add(&hist);
     }

@@ -91,3 +91,38 @@ async fn a_failed_operation_reports_its_first_reason() {
     assert_eq!((reads.errors, reads.first_error.as_deref()), (0, None));
     node.shutdown().await;
 }
+
+/// The put-then-get benchmark reports failures as YCSB does: every put is
+/// refused (over `--max-value-bytes`) and says why; the gets, of keys never
+/// written, succeed.
+#[tokio::test]
+async fn putget_reports_the_first_reason_of_its_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    config.replicas = Some(1);
+    config.max_value_bytes = 8;
+    let node = Node::start(config).await.unwrap();
+    let config = ringkv_bench::LoadConfig {
+        targets: vec![node.addr()],
+        concurrency: 1,
+        phase_duration: Duration::from_millis(300),
+        value_bytes: 16,
+        r: Consistency::One,
+        w: Consistency::One,
+        request_timeout_ms: 2_000,
+        cluster_key: None,
+    };
+    let report = ringkv_bench::run(&config).await.unwrap();
+    let put = &report.put;
+    assert!(
+        put.errors > 0 && put.ops == 0 && put.timeouts == 0,
+        "{put:?}"
+    );
+    let reason = put.first_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("--max-value-bytes"), "{reason}");
+    let get = &report.get;
+    assert!(get.ops > 0, "{get:?}");
+    assert_eq!((get.errors, get.first_error.as_deref()), (0, None));
+    assert_eq!(report.failovers, 0);
+    node.shutdown().await;
+}
