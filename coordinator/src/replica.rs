@@ -375,21 +375,16 @@ impl<S: Store> ReplicaService<S> {
         Ok(self.store.get(key)?)
     }
 
-    /// A fallback's read for `owner`: its own copy merged with the hint it
-    /// holds for the owner.
+    /// A fallback's read for `owner`: the hint it holds for the owner, and
+    /// nothing else. A copy of the key in its own store is a stray left
+    /// from an older ring (a fallback does not replicate the key), which
+    /// may have outlived the key's tombstone on the replicas; handed on,
+    /// read repair would bring a deleted value back.
     pub fn read_for(&self, key: &[u8], owner: &NodeId) -> Result<Option<Clock>, ReplicaError> {
-        let own = self.store.get(key)?;
-        let hinted = match &self.hints {
-            Some(hints) => hints.read(owner, key)?,
-            None => None,
-        };
-        Ok(match (own, hinted) {
-            (Some(mut own), Some(hinted)) => {
-                own.sync(&hinted);
-                Some(own)
-            }
-            (own, hinted) => own.or(hinted),
-        })
+        match &self.hints {
+            Some(hints) => Ok(hints.read(owner, key)?),
+            None => Ok(None),
+        }
     }
 
     /// Holds a write for `owner`, which is down (sloppy quorum).

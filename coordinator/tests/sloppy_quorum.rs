@@ -141,6 +141,47 @@ async fn a_write_goes_to_the_first_healthy_fallback_with_a_hint() {
     assert_eq!(stand_ins(&get), [(s.fallbacks[0].clone(), dead.clone())]);
 }
 
+/// A stand-in answers a read with its hint only. A copy of the key in its
+/// own store is a stray from an older ring, which may have outlived the
+/// key's tombstone on the replicas: handed on, read repair would bring a
+/// deleted value back (ARCHITECTURE: a stray copy is never handed on).
+#[tokio::test(start_paused = true)]
+async fn a_stand_in_reads_its_hint_never_its_own_stray_copy() {
+    use ringkv_core::dvv::{Payload, VersionVector};
+    use ringkv_core::wire::ReplicaRequest;
+    let s = story(with_probes());
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    // The key was deleted (nothing left on its replicas), but the first
+    // fallback still holds an old copy of its own.
+    let stray =
+        s.c.node(&s.fallbacks[0])
+            .replica
+            .handle(ReplicaRequest::Update {
+                key: KEY.as_bytes().to_vec(),
+                context: VersionVector::new(),
+                payload: Payload::Value(b"deleted long ago".to_vec()),
+                overwrite: false,
+            });
+    assert!(matches!(stray, Response::Clock(Some(_))), "{stray:?}");
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+
+    let get = s.c.get_with(coordinator, KEY, All, true).await;
+    assert_eq!(stand_ins(&get), [(s.fallbacks[0].clone(), dead.clone())]);
+    assert!(values(&get).is_empty(), "{get:?}");
+    for owner in &s.owners[..2] {
+        assert!(
+            s.c.local_values(owner, KEY).is_empty(),
+            "repaired onto {owner}"
+        );
+    }
+
+    // A write held for the owner is what the stand-in reads.
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(values(&s.c.get(coordinator, KEY, All).await), ["v"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replica_not_yet_known_to_be_down_is_covered_once_it_stays_silent() {
     // No probes: nothing is judged down, so the coordinator first tries the
