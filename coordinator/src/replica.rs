@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use ringkv_core::dvv::{Clock, Payload, VersionVector};
+use ringkv_core::dvv::{Clock, Payload, VersionVector, COUNTER_MAX};
 use ringkv_core::hash::stable_hash64;
 use ringkv_core::wire::{clock_over_limit, ClockOverLimit, READ_BATCH_REPLY_BYTES};
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
@@ -287,8 +287,13 @@ impl<S: Store> ReplicaService<S> {
             None
         };
         let (actor, is_new) = match recorded {
-            Some(actor) => (actor, false),
-            None => (
+            // A context may name this actor with any counter up to the
+            // limit (a coordinator cannot check another node's actors, and
+            // a merge brings it here): minting past it would store a clock
+            // that every later read refuses as corrupt, so a saturated
+            // actor is retired for a new one.
+            Some(actor) if clock.counter(&actor) < COUNTER_MAX => (actor, false),
+            _ => (
                 new_key_actor(&clock, &self.actor, (self.key_actors)()),
                 true,
             ),
@@ -646,6 +651,40 @@ mod tests {
             "{err}"
         );
         assert_eq!(s.read(b"k").unwrap(), Some(first), "nothing written");
+    }
+
+    /// A context naming another replica's actor with a counter at the limit
+    /// passes every check where it is written, and a merge carries it to
+    /// that replica. Its next write must not mint past the limit.
+    #[test]
+    fn a_saturated_key_actor_is_retired_for_a_new_one() {
+        let s = service(10);
+        let first = s
+            .update(b"k", &VersionVector::new(), Payload::Value(b"v".to_vec()))
+            .unwrap();
+        let actor = key_actor(&first);
+        // What another coordinator stored for a put with such a context.
+        let mut theirs = Clock::new();
+        let forged = VersionVector::from_pairs([(actor.clone(), COUNTER_MAX)]);
+        theirs.update(
+            &forged,
+            Payload::Value(b"w".to_vec()),
+            &NodeId::new("b.1.7").unwrap(),
+        );
+        assert!(s.sync(b"k", &theirs).unwrap());
+        let context = s.read(b"k").unwrap().unwrap().context();
+        let next = s
+            .update(b"k", &context, Payload::Value(b"x".to_vec()))
+            .unwrap();
+        next.validate().expect("a clock later reads accept");
+        assert_eq!(
+            next.counter(&actor),
+            COUNTER_MAX,
+            "the old actor minted no more"
+        );
+        let values: Vec<_> = next.values().collect();
+        assert_eq!(values, [b"x".as_slice()]);
+        assert_eq!(s.read(b"k").unwrap(), Some(next));
     }
 
     #[test]
