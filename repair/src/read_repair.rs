@@ -38,14 +38,21 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// answered with no clock, or with a clock that merging `merged` into would
 /// change. Replicas that did not answer are not in `replies` and are not
 /// judged.
+///
+/// A replica with nothing is not sent a bare tombstone (`merged` holding
+/// no live value), as anti-entropy sends none
+/// ([`crate::anti_entropy::merge_for_repair`]): it has most likely
+/// collected that tombstone, and a copy would start its grace period
+/// again, so a deleted key read often would keep its tombstone for ever.
 pub fn stale_replicas(merged: &Clock, replies: &[(NodeId, Option<Clock>)]) -> Vec<NodeId> {
     if merged == &Clock::new() {
         return Vec::new();
     }
+    let deleted = crate::anti_entropy::is_deleted(merged);
     replies
         .iter()
         .filter(|(_, clock)| match clock {
-            None => true,
+            None => !deleted,
             Some(clock) => !clock.descends(merged),
         })
         .map(|(node, _)| node.clone())
@@ -286,6 +293,19 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(queue.offer(job(&"z".repeat(1000))));
+    }
+
+    #[test]
+    fn a_bare_tombstone_goes_to_older_copies_not_to_replicas_with_nothing() {
+        let old = written("v1", "a");
+        let mut deleted = old.clone();
+        deleted.update(&old.context(), Payload::Tombstone, &n("a"));
+        let replies = vec![
+            (n("a"), Some(deleted.clone())),
+            (n("b"), Some(old)),
+            (n("c"), None),
+        ];
+        assert_eq!(stale_replicas(&deleted, &replies), vec![n("b")]);
     }
 
     #[test]
