@@ -44,6 +44,7 @@ use crate::tls;
 
 mod cleanup;
 mod leave;
+mod tombstone_gc;
 
 /// The default N for a new cluster.
 pub const DEFAULT_REPLICAS: usize = 3;
@@ -895,122 +896,6 @@ async fn anti_entropy_loop(
     }
 }
 
-/// Tombstones looked at per page, and pages per tick at most: a bounded
-/// pass, resumed at the next tick.
-const TOMBSTONE_PAGE: usize = 256;
-const TOMBSTONE_PAGES_PER_TICK: usize = 16;
-
-/// Collects tombstones past `grace` that every replica holds (see
-/// `ringkv_repair::tombstones`): a page of them every tick, until shutdown.
-async fn tombstone_loop(
-    inner: Arc<NodeInner>,
-    grace: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let tick_every = (grace / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
-    let mut tick = tokio::time::interval(tick_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut resume: Option<Vec<u8>> = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => break,
-        }
-        let Some(coordinator) = inner.coordinator.get() else {
-            continue;
-        };
-        let cutoff = unix_ms().saturating_sub(millis(grace));
-        // Up to TOMBSTONE_PAGES_PER_TICK pages a tick, then resume there.
-        for _ in 0..TOMBSTONE_PAGES_PER_TICK {
-            let storage = inner.storage.clone();
-            let after = resume.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                storage.tombstones_due(cutoff, after.as_deref(), TOMBSTONE_PAGE)
-            })
-            .await;
-            let (due, next) = match page {
-                Ok(Ok(page)) => page,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "listing tombstones failed");
-                    break;
-                }
-                Err(_) => break,
-            };
-            resume = next;
-            for key in due {
-                if *shutdown.borrow() {
-                    return;
-                }
-                // The ring may change during a long page: read it per key.
-                let ring = coordinator.ring();
-                collect_if_held_everywhere(&inner, &ring, key, cutoff).await;
-            }
-            if resume.is_none() {
-                break;
-            }
-        }
-    }
-}
-
-/// Removes `key`'s tombstone if it was stored at or before `cutoff` and
-/// every other replica holds it or nothing.
-async fn collect_if_held_everywhere(
-    inner: &Arc<NodeInner>,
-    ring: &Ring,
-    key: Vec<u8>,
-    cutoff: u64,
-) {
-    let replica = inner.local.replica.clone();
-    let Ok(Some(ours)) = replica.read(&key) else {
-        return;
-    };
-    // Read after `ours`: a newer tombstone written since the page was
-    // listed has a newer time and waits for its own grace, and one written
-    // after this read fails remove_if_unchanged's "unchanged" check.
-    match inner.storage.tombstone_stored_at(&key) {
-        Ok(Some(stored)) if stored <= cutoff => {}
-        _ => return,
-    }
-    // A replica believed down cannot confirm, and asking it would cost a
-    // connect timeout per due key (a page of them a tick): try again once
-    // it is back.
-    let someone_down = ring
-        .preference_list(&key)
-        .replicas
-        .iter()
-        .any(|r| *r != inner.id && !inner.detector.is_up(r));
-    if someone_down {
-        metrics::counter!("ringkv_tombstones_deferred_total").increment(1);
-        return;
-    }
-    let may = tombstones::confirm_collectable(
-        &*inner.transport,
-        ring,
-        &inner.id,
-        &key,
-        &ours,
-        TOMBSTONE_CHECK_TIMEOUT,
-    )
-    .await;
-    metrics::counter!("ringkv_tombstones_checked_total").increment(1);
-    if !may {
-        return;
-    }
-    let collected =
-        tokio::task::spawn_blocking(move || replica.remove_if_unchanged(&key, &ours)).await;
-    if let Ok(Ok(true)) = collected {
-        // Nobody waits on this deletion, but it should not sit in the WAL
-        // buffer until the next client write.
-        if let Err(e) = inner.storage.commit().await {
-            tracing::warn!(error = %e, "could not flush a collected tombstone");
-        }
-        metrics::counter!("ringkv_tombstones_collected_total").increment(1);
-    }
-}
-
-/// How long a tombstone check waits for each replica.
-const TOMBSTONE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
 fn joining(id: &NodeId) -> Response {
     Response::error(
         ErrorKind::NotServing,
@@ -1306,7 +1191,7 @@ impl Node {
                 config.anti_entropy_interval,
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(tombstone_loop(
+            tokio::spawn(tombstone_gc::tombstone_loop(
                 inner.clone(),
                 config.tombstone_grace,
                 shutdown_rx.clone(),
