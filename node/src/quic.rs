@@ -108,9 +108,29 @@ impl OwedAnswer {
     fn send(mut self, response: &Response) {
         if let Some(permit) = self.permit.take() {
             self.queue
-                .push_holding(self.id, &encode_response(response), permit);
+                .push_holding(self.id, &answer_frame(response, FRAME_MAX_BYTES), permit);
         }
     }
+}
+
+/// `response` encoded or, if it would not fit a frame of `max_bytes`, an
+/// error saying so. A reader refuses a longer frame and cannot find the
+/// next one, so it ends the stream, failing every other request on it. (A
+/// quorum read can merge replicas' siblings past what one replica stores.)
+fn answer_frame(response: &Response, max_bytes: usize) -> rkyv::util::AlignedVec {
+    let encoded = encode_response(response);
+    if encoded.len() <= max_bytes {
+        return encoded;
+    }
+    metrics::counter!("ringkv_oversized_answers_total").increment(1);
+    encode_response(&Response::error(
+        ErrorKind::Unavailable,
+        format!(
+            "the answer would take {} bytes, over the {max_bytes}-byte frame limit; a read of \
+             one replica (-r 1) or an overwrite gets past siblings this large",
+            encoded.len()
+        ),
+    ))
 }
 
 impl Drop for OwedAnswer {
@@ -793,7 +813,28 @@ impl Client {
 mod tests {
     use super::*;
     use crate::server::{Node, NodeConfig};
+    use ringkv_core::wire::GetReply;
     use ringkv_core::NodeId;
+
+    #[test]
+    fn an_answer_too_large_for_a_frame_becomes_an_error_that_fits() {
+        let reply = Response::Get(GetReply {
+            values: vec![vec![7u8; 4096]],
+            context: String::new(),
+            receipt: Default::default(),
+        });
+        let fits = answer_frame(&reply, 8192);
+        assert_eq!(decode_response(&fits).unwrap(), reply);
+        let refused = answer_frame(&reply, 1024);
+        assert!(refused.len() <= 1024);
+        match decode_response(&refused).unwrap() {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::Unavailable);
+                assert!(e.message.contains("1024-byte frame limit"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// Many requests to one peer share one connection and one stream: 50
     /// concurrent pings leave in far fewer than 50 packets.
