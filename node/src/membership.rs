@@ -252,6 +252,14 @@ impl Membership {
         }
         let before = record.clone();
         record.absorb(reply, &self.me.id);
+        if record.removed.contains(&self.me.id) {
+            // An earlier answer said so; this one has not heard yet. Putting
+            // this node back among the members would store a record that
+            // names it both ways, which the next start refuses as corrupt.
+            return Err(NodeError::Removed {
+                id: self.me.id.to_string(),
+            });
+        }
         record.members.insert(self.me.id.clone(), self.me.clone());
         let changed = before != record;
         if changed {
@@ -588,6 +596,14 @@ mod tests {
             .unwrap()
             .removed
             .contains(&NodeId::new("n3").unwrap()));
+        // An answer from a member that has not heard of the removal yet
+        // (announces go out to all at once) does not put n3 back.
+        let (stale, _dir2) = cluster_of(3, "n2");
+        let stale = stale.record().unwrap().reply();
+        let err = n3.adopt(stale).unwrap_err();
+        assert!(matches!(err, NodeError::Removed { .. }), "{err}");
+        let record = n3.record().unwrap();
+        assert!(!record.members.contains_key(&NodeId::new("n3").unwrap()));
         drop(n3);
         let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
         let err = Membership::load(storage, member("n3", 3), None)
