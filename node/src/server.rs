@@ -581,7 +581,8 @@ impl NodeInner {
     fn on_removed(&self) {
         // During a leave the removal is expected; the leave still has its
         // last hand-over to do and its answer to give.
-        if self.stop_serving() && !self.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+        // (SeqCst: see `LeavingGuard`, which tells if the leave fails.)
+        if self.stop_serving() && !self.leaving.load(std::sync::atomic::Ordering::SeqCst) {
             self.removed.send_replace(true);
         }
     }

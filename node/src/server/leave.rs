@@ -61,7 +61,7 @@
 //! the per-key limits) is skipped there.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,15 +96,25 @@ struct HandedOver {
 }
 
 /// Clears `NodeInner::leaving` when a leave ends without the node leaving.
+/// If the node was removed meanwhile (`ringkv remove` from a member), it
+/// tells `NodeHandle::removed` as a removal outside a leave does, since
+/// `NodeInner::on_removed` left that to the leave. Both sides store their
+/// flag before they read the other's (sequentially consistent), so at
+/// least one of them sees both and tells.
 struct LeavingGuard<'a> {
-    flag: &'a std::sync::atomic::AtomicBool,
+    leaving: &'a AtomicBool,
+    is_removed: &'a AtomicBool,
+    removed: &'a tokio::sync::watch::Sender<bool>,
     left: bool,
 }
 
 impl Drop for LeavingGuard<'_> {
     fn drop(&mut self) {
         if !self.left {
-            self.flag.store(false, Ordering::SeqCst);
+            self.leaving.store(false, Ordering::SeqCst);
+            if self.is_removed.load(Ordering::SeqCst) {
+                self.removed.send_replace(true);
+            }
         }
     }
 }
@@ -133,7 +143,9 @@ impl NodeInner {
         }
         // From here on it takes no new hints (see `handle`).
         let mut guard = LeavingGuard {
-            flag: &self.leaving,
+            leaving: &self.leaving,
+            is_removed: &self.is_removed,
+            removed: &self.removed,
             left: false,
         };
         if let Some(refusal) = self.hints_held() {
@@ -502,5 +514,41 @@ async fn answer_within<E: std::fmt::Display>(
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {} s", timeout.as_secs())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leave that fails after a member removed the node tells
+    /// `NodeHandle::removed` (the removal itself did not, the node being
+    /// busy leaving); one that fails otherwise, or succeeds, does not.
+    #[test]
+    fn a_failed_leave_tells_of_a_removal_that_came_meanwhile() {
+        for (removed_meanwhile, left, told) in [
+            (true, false, true),
+            (false, false, false),
+            (true, true, false),
+        ] {
+            let (leaving, is_removed) = (AtomicBool::new(true), AtomicBool::new(removed_meanwhile));
+            let removed = tokio::sync::watch::Sender::new(false);
+            drop(LeavingGuard {
+                leaving: &leaving,
+                is_removed: &is_removed,
+                removed: &removed,
+                left,
+            });
+            assert_eq!(
+                *removed.borrow(),
+                told,
+                "removed {removed_meanwhile}, left {left}"
+            );
+            assert_eq!(
+                leaving.load(Ordering::SeqCst),
+                left,
+                "a leave that failed is over"
+            );
+        }
     }
 }
