@@ -56,7 +56,7 @@ use ringkv_core::wire::{
 };
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_repair::read_repair::{repair_now, stale_replicas, ReadRepairQueue, RepairJob};
-use ringkv_ring::Ring;
+use ringkv_ring::{PreferenceList, Ring};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -289,6 +289,9 @@ impl<T: Transport> Coordinator<T> {
             },
         };
         let pref = ring.preference_list(&request.key);
+        if let Some(refusal) = too_few_members("w", required, &pref, "nothing was written") {
+            return refusal;
+        }
         let is_replica = pref.contains(&self.id);
         if !is_replica && !request.forwarded {
             let mut forwarded = request;
@@ -426,6 +429,9 @@ impl<T: Transport> Coordinator<T> {
             Err(e) => return invalid(format!("r: {e}")),
         };
         let pref = ring.preference_list(&request.key);
+        if let Some(refusal) = too_few_members("r", required, &pref, "nothing was read") {
+            return refusal;
+        }
         if !pref.contains(&self.id) && !request.forwarded {
             let mut forwarded = request;
             forwarded.forwarded = true;
@@ -1127,6 +1133,26 @@ fn transport_reason(e: &TransportError) -> String {
         TransportError::UnknownNode { .. } => "not a known member".to_string(),
         TransportError::Protocol { reason, .. } => format!("protocol error: {reason}"),
     }
+}
+
+/// An error if the cluster has fewer members than `required` replicas: with
+/// fewer members than N every member is a replica and none is a fallback,
+/// so no quorum of that size can form. Said before anything is sent, so a
+/// write that cannot succeed is not stored on the members there are.
+fn too_few_members(
+    which: &str,
+    required: usize,
+    pref: &PreferenceList,
+    nothing_done: &str,
+) -> Option<Response> {
+    let members = pref.replicas.len() + pref.fallbacks.len();
+    (required > members).then(|| {
+        unavailable(format!(
+            "{which}={required} needs {required} replicas, but the cluster has only {members} \
+             member{}; {nothing_done}",
+            if members == 1 { "" } else { "s" }
+        ))
+    })
 }
 
 /// A refusal of the request itself: a stand-in would refuse it too, so it

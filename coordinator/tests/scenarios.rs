@@ -287,6 +287,28 @@ async fn a_forwarded_write_answered_too_late_is_stored_twice_until_the_next_writ
     assert_eq!(values(&c.get("n2", KEY, All).await), ["w"]);
 }
 
+/// With fewer members than N, a quorum larger than the members can never
+/// form: it is refused before the write is stored anywhere.
+#[tokio::test(start_paused = true)]
+async fn a_quorum_larger_than_the_cluster_is_refused_before_anything_is_written() {
+    let c = SimCluster::new(2, 3, 1);
+    let (kind, message) = error(&c.put("n1", KEY, "v", All, None).await);
+    assert_eq!(kind, ErrorKind::Unavailable);
+    assert!(message.contains("w=3 needs 3 replicas"), "{message}");
+    assert!(
+        message.contains("only 2 members; nothing was written"),
+        "{message}"
+    );
+    assert!(c.net.take_log().is_empty(), "nothing sent");
+    for node in ["n1", "n2"] {
+        assert!(c.local_values(node, KEY).is_empty(), "{node} stored it");
+    }
+    ok_context(&c.put("n1", KEY, "v", Count(2), None).await);
+    let (_, message) = error(&c.get("n2", KEY, All).await);
+    assert!(message.contains("r=3 needs 3 replicas"), "{message}");
+    assert_eq!(values(&c.get("n2", KEY, Count(2)).await), ["v"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn invalid_requests_are_refused_before_anything_is_written() {
     let c = SimCluster::with_limits(3, 3, 1, 2);
