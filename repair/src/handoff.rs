@@ -298,8 +298,11 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     let mut delivered = 0;
     let mut after: Option<Vec<u8>> = None;
     // A removed owner's round goes on past a hint it cannot hand on yet (it
-    // never comes back, so nothing is gained by waiting); an owner's round
-    // stops at the first failure, since the owner is likely down.
+    // never comes back, so nothing is gained by waiting). An owner's round
+    // stops at a batch of which the owner took nothing, since it is likely
+    // down; one it took some of shows it up, and the round goes on past the
+    // hints it failed, so that one hint it keeps failing (a clock it cannot
+    // read, say) cannot hold back all the others.
     let mut round_failure = None;
     loop {
         let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
@@ -351,6 +354,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         }
         let sent = sends.len();
         let mut failure = None;
+        let mut taken = 0;
         while let Some(joined) = sends.join_next().await {
             let (hint, outcomes) = match joined {
                 Ok(done) => done,
@@ -359,6 +363,9 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                     continue;
                 }
             };
+            if outcomes.iter().any(|(_, sent)| *sent == Sent::Taken) {
+                taken += 1;
+            }
             let refused = outcomes.iter().find_map(|(target, sent)| match sent {
                 Sent::Refused(reason) => Some(format!("{target}: {reason}")),
                 _ => None,
@@ -417,7 +424,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             }
         }
         if let Some(reason) = failure {
-            if rerouted.is_none() {
+            if rerouted.is_none() && taken == 0 {
                 return Err(reason);
             }
             round_failure = Some(reason);

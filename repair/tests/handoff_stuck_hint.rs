@@ -1,0 +1,86 @@
+//! One hint its owner keeps failing (it answers, but does not take that
+//! one: say a clock it cannot read) must not hold back the owner's other
+//! hints: a round goes on while the owner takes some of a batch, and stops
+//! early only when it takes none, as a node that is down takes none.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringkv_core::dvv::{Clock, Payload, VersionVector};
+use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response};
+use ringkv_core::{NodeId, Transport, TransportError};
+use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
+use ringkv_repair::hints::{HintConfig, MemHintBackend};
+use ringkv_repair::{HintBook, HintStore};
+
+/// An owner that fails every hint of key `a-bad` and takes the rest.
+#[derive(Default)]
+struct Owner {
+    bad_sends: AtomicU64,
+}
+
+impl Transport for Owner {
+    async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
+        match request {
+            Request::Replica(ReplicaRequest::Sync { key, .. }) if key == b"a-bad" => {
+                self.bad_sends.fetch_add(1, Ordering::SeqCst);
+                Ok(Response::error(
+                    ErrorKind::Internal,
+                    "stored clock is corrupt",
+                ))
+            }
+            Request::Replica(ReplicaRequest::Sync { clock, .. }) => {
+                Ok(Response::Clock(Some(clock)))
+            }
+            other => panic!("a handoff sends only Sync, not {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_the_owner_keeps_failing_does_not_hold_back_the_others() {
+    let owner = NodeId::new("owner").unwrap();
+    let book = Arc::new(
+        HintBook::open(
+            MemHintBackend::default(),
+            HintConfig::default(),
+            Arc::new(|| 1_000_000),
+        )
+        .unwrap(),
+    );
+    let mut clock = Clock::new();
+    clock.update(
+        &VersionVector::new(),
+        Payload::Value(b"v".to_vec()),
+        &NodeId::new("writer").unwrap(),
+    );
+    // The bad key sorts first, so it is in every round's first batch.
+    book.store(&owner, b"a-bad", &clock).unwrap();
+    for i in 0..300 {
+        book.store(&owner, format!("k{i:03}").as_bytes(), &clock)
+            .unwrap();
+    }
+    let transport = Arc::new(Owner::default());
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        batch_size: 16,
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(30),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(
+        book.clone(),
+        transport.clone(),
+        HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
+        config,
+        shutdown,
+    );
+    // One round (300 hints at 5,000/s take 60 ms), well before a retry.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(book.pending(&owner), 1, "only the bad hint is left");
+    assert_eq!(transport.bad_sends.load(Ordering::SeqCst), 1);
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
