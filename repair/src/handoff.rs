@@ -330,6 +330,14 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             if targets.is_empty() {
                 return Err("no ring to reroute a removed node's hints by".to_string());
             }
+            if rerouted.is_some() && targets.contains(owner) {
+                // The removal is recorded but the ring without the owner is
+                // not installed yet: a send to the owner would fail, and the
+                // re-hint onto it would leave the replica replacing it
+                // without a copy. Keep the hint for the next round.
+                round_failure = Some(format!("the ring still places keys on {owner}"));
+                continue;
+            }
             let transport = transport.clone();
             let timeout = config.send_timeout;
             sends.spawn(async move {

@@ -234,3 +234,61 @@ async fn a_reroute_goes_on_past_the_hints_it_cannot_hand_on_yet() {
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
+
+/// Between a removal being recorded and the ring without the removed owner
+/// being installed, the ring still places its keys on it. Its hints are
+/// then kept, not "handed on" to itself and dropped, and go to the keys'
+/// replicas once the new ring is in.
+#[tokio::test(start_paused = true)]
+async fn a_removed_owners_hints_wait_for_the_ring_without_it() {
+    let book = Arc::new(
+        HintBook::open(
+            MemHintBackend::default(),
+            HintConfig::default(),
+            Arc::new(|| 1_000_000),
+        )
+        .unwrap(),
+    );
+    book.store(&n("gone"), b"k1", &write("k1")).unwrap();
+    let transport = Arc::new(Replicas::default());
+    transport.down.lock().unwrap().insert(n("gone"));
+    let installed = Arc::new(AtomicBool::new(false));
+    let ring_is_new = installed.clone();
+    let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| node.as_str() != "gone"))
+        .rerouting_removed(
+            n("me"),
+            Arc::new(|node: &NodeId| node.as_str() == "gone"),
+            Arc::new(move |_key: &[u8]| {
+                if ring_is_new.load(Ordering::SeqCst) {
+                    vec![n("a"), n("c")]
+                } else {
+                    vec![n("a"), n("gone")]
+                }
+            }),
+        );
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        backoff_initial: Duration::from_millis(500),
+        backoff_max: Duration::from_millis(500),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(book.pending(&n("gone")), 1, "kept while the ring names it");
+    assert_eq!(book.pending(&n("a")) + book.pending(&n("gone")), 1);
+    assert!(transport.taken().is_empty(), "{:?}", transport.taken());
+
+    installed.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(book.pending(&n("gone")), 0);
+    let expected: Vec<(String, String)> = [("a", "k1"), ("c", "k1")]
+        .iter()
+        .map(|(to, key)| (to.to_string(), key.to_string()))
+        .collect();
+    assert_eq!(transport.taken(), expected);
+
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
