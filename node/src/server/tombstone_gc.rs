@@ -11,7 +11,12 @@
 //! 68 a second), and a node taking more deletes than that would never catch
 //! up. A pass costs a scan of the tombstones plus one round of questions
 //! to the replicas per due key, which their answers pace; one that outlasts
-//! the tick delays the next. Shutdown stops a pass between two keys.
+//! the tick delays the next. Shutdown stops a pass between two pages or two
+//! checks.
+//!
+//! The column family is keyed by key, not by time, so a pass reads every
+//! tombstone still in its grace too: one page read per 256 of them a tick.
+//! An index by time would let a pass read only the due ones.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,8 +49,11 @@ pub(super) async fn tombstone_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            // A pass that outlasted the tick finds it due at once: shutdown
+            // must win over starting another.
+            biased;
             _ = shutdown.changed() => break,
+            _ = tick.tick() => {}
         }
         let Some(coordinator) = inner.coordinator.get().cloned() else {
             continue;
@@ -117,6 +125,12 @@ where
     let mut after = None;
     let mut checks = tokio::task::JoinSet::new();
     loop {
+        // Most pages hold no due tombstone (the grace is long): look before
+        // each page, not only before each check.
+        if *shutdown.borrow() {
+            checks.shutdown().await;
+            return Ok(pass);
+        }
         let (due, next) = list(after.take()).await?;
         pass.pages += 1;
         for key in due {
@@ -274,6 +288,27 @@ mod tests {
         .await
         .unwrap();
         assert!(!pass.finished && pass.due == 15, "{pass:?}");
+
+        // Pages with nothing due: shutdown still stops the pass between them.
+        let (tx, shutdown) = watch::channel(false);
+        let mut listed = 0;
+        let nothing_due = |after: Option<Vec<u8>>| {
+            listed += 1;
+            if listed == 3 {
+                tx.send_replace(true);
+            }
+            let next = format!("{:06}", after.map_or(0, |a| a.len()) + listed);
+            std::future::ready(Ok((Vec::new(), Some(next.into_bytes()))))
+        };
+        let pass = walk(nothing_due, |_key| async {}, &shutdown).await.unwrap();
+        assert_eq!(
+            pass,
+            Pass {
+                pages: 3,
+                due: 0,
+                finished: false
+            }
+        );
 
         let (_tx, shutdown) = watch::channel(false);
         let failing = |_after: Option<Vec<u8>>| async { Err("disk gone".to_string()) };
