@@ -299,10 +299,10 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     let mut after: Option<Vec<u8>> = None;
     // A removed owner's round goes on past a hint it cannot hand on yet (it
     // never comes back, so nothing is gained by waiting). An owner's round
-    // stops at a batch of which the owner took nothing, since it is likely
-    // down; one it took some of shows it up, and the round goes on past the
-    // hints it failed, so that one hint it keeps failing (a clock it cannot
-    // read, say) cannot hold back all the others.
+    // stops at a batch the owner answered none of, since it is likely down;
+    // one it answered shows it up, and the round goes on past the hints it
+    // declined, so that hints it keeps declining (a clock it cannot read,
+    // say) cannot hold back the others.
     let mut round_failure = None;
     loop {
         let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
@@ -362,7 +362,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         }
         let sent = sends.len();
         let mut failure = None;
-        let mut taken = 0;
+        let mut answered = 0;
         while let Some(joined) = sends.join_next().await {
             let (hint, outcomes) = match joined {
                 Ok(done) => done,
@@ -371,8 +371,11 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                     continue;
                 }
             };
-            if outcomes.iter().any(|(_, sent)| *sent == Sent::Taken) {
-                taken += 1;
+            if outcomes
+                .iter()
+                .any(|(_, sent)| !matches!(sent, Sent::Failed(_)))
+            {
+                answered += 1;
             }
             let refused = outcomes.iter().find_map(|(target, sent)| match sent {
                 Sent::Refused(reason) => Some(format!("{target}: {reason}")),
@@ -381,7 +384,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             let failed: Vec<(NodeId, String)> = outcomes
                 .into_iter()
                 .filter_map(|(target, sent)| match sent {
-                    Sent::Failed(reason) => Some((target, reason)),
+                    Sent::Failed(reason) | Sent::Declined(reason) => Some((target, reason)),
                     _ => None,
                 })
                 .collect();
@@ -432,7 +435,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             }
         }
         if let Some(reason) = failure {
-            if rerouted.is_none() && taken == 0 {
+            if rerouted.is_none() && answered == 0 {
                 return Err(reason);
             }
             round_failure = Some(reason);
@@ -450,7 +453,9 @@ enum Sent {
     Taken,
     /// The target refused it for good (it will never take it).
     Refused(String),
-    /// The target did not take it this time.
+    /// The target answered, but did not take it this time.
+    Declined(String),
+    /// No answer: the target could not be reached, or took too long.
     Failed(String),
 }
 
@@ -459,8 +464,8 @@ impl From<Response> for Sent {
         match answer {
             Response::Clock(_) => Sent::Taken,
             Response::Error(e) if e.kind == ErrorKind::InvalidRequest => Sent::Refused(e.message),
-            Response::Error(e) => Sent::Failed(e.message),
-            other => Sent::Failed(format!("unexpected answer {other:?}")),
+            Response::Error(e) => Sent::Declined(e.message),
+            other => Sent::Declined(format!("unexpected answer {other:?}")),
         }
     }
 }
