@@ -502,10 +502,17 @@ impl<S: Store> ReplicaService<S> {
 pub struct MemStore {
     map: dashmap::DashMap<Vec<u8>, Clock>,
     actors: dashmap::DashMap<Vec<u8>, NodeId>,
+    /// Keys whose reads fail, as a corrupt stored clock's would.
+    unreadable: dashmap::DashSet<Vec<u8>>,
 }
 
 impl Store for MemStore {
     fn get(&self, key: &[u8]) -> Result<Option<Clock>, StoreError> {
+        if self.unreadable.contains(key) {
+            return Err(StoreError::Corrupt {
+                reason: "made unreadable by the test".into(),
+            });
+        }
         Ok(self.map.get(key).map(|c| c.clone()))
     }
     fn put(&self, key: &[u8], _previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError> {
@@ -533,6 +540,12 @@ impl Store for MemStore {
 }
 
 impl MemStore {
+    /// From now on every read of `key` fails as corrupt (for tests of what
+    /// one bad key does to the rest).
+    pub fn make_unreadable(&self, key: &[u8]) {
+        self.unreadable.insert(key.to_vec());
+    }
+
     /// Every stored key and its clock (for tree rebuilds in tests).
     pub fn items(&self) -> Vec<(Vec<u8>, Clock)> {
         self.map

@@ -168,6 +168,33 @@ async fn a_bare_tombstone_is_not_copied_to_a_replica_that_collected_it() {
     assert_eq!(c.node("n1").replica.read(b"k").unwrap(), None);
 }
 
+/// A key that cannot be read fails its repair batch; the batch's other
+/// keys are repaired one at a time instead of waiting with it, round after
+/// round, and only that key is reported skipped.
+#[tokio::test(start_paused = true)]
+async fn one_unreadable_key_does_not_hold_back_its_batch() {
+    let c = cluster();
+    c.net.down(&c.id("n3"));
+    for k in 0..50 {
+        assert_ok(
+            &c.put("n1", &format!("k{k}"), &format!("v{k}"), Quorum, None)
+                .await,
+        );
+    }
+    c.net.up(&c.id("n3"));
+    c.node("n3").replica.store().make_unreadable(b"k7");
+
+    let report = c.repair("n3").await;
+    assert_eq!(report.keys_repaired, 49, "{report:?}");
+    assert_eq!(report.failures.len(), 2, "one per peer: {report:?}");
+    for failure in &report.failures {
+        assert!(failure.reason.contains("1 differing keys"), "{failure:?}");
+    }
+    for k in (0..50).filter(|k| *k != 7) {
+        assert_eq!(c.local_values("n3", &format!("k{k}")), [format!("v{k}")]);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn malformed_tree_requests_are_refused_without_harm() {
     use ringkv_coordinator::sim::SimHandler;

@@ -537,15 +537,35 @@ impl<T: Transport> AntiEntropy<T> {
                     + Duration::from_secs_f64(
                         batch.len() as f64 / self.config.keys_per_s.max(1) as f64,
                     );
-                match self.repair_batch(peer, batch, tally).await {
-                    Ok(()) => {}
+                let failed = match self.repair_batch(peer, batch, tally).await {
+                    Ok(()) => continue,
                     Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, keys = batch.len(), "anti-entropy batch skipped");
-                        skipped += batch.len() as u64;
-                        first_error.get_or_insert(e);
+                    Err(e) if batch.len() == 1 => e,
+                    // One key that cannot be read or merged (a corrupt
+                    // stored clock, say) fails its whole batch, every
+                    // round: try its keys one at a time, so that only that
+                    // key waits for an operator.
+                    Err(_) => {
+                        for key in batch {
+                            match self
+                                .repair_batch(peer, std::slice::from_ref(key), tally)
+                                .await
+                            {
+                                Ok(()) => {}
+                                Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
+                                Err(e) => {
+                                    tracing::warn!(%peer, key = %String::from_utf8_lossy(key), error = %e, "anti-entropy key skipped");
+                                    skipped += 1;
+                                    first_error.get_or_insert(e);
+                                }
+                            }
+                        }
+                        continue;
                     }
-                }
+                };
+                tracing::warn!(%peer, key = %String::from_utf8_lossy(&batch[0]), error = %failed, "anti-entropy key skipped");
+                skipped += 1;
+                first_error.get_or_insert(failed);
             }
         }
         match first_error {
