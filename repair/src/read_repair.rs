@@ -1,5 +1,6 @@
 //! Read repair: after a read, replicas that answered with an older version
-//! (or nothing) are sent the merged version.
+//! (or nothing, unless the merge is a bare tombstone) are sent the merged
+//! version.
 //!
 //! Dynamo (§5) and Riak repair on the read path because reads already have
 //! every replica's version in hand: the coordinator merges them, and any
