@@ -23,9 +23,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 /// Bytes before a frame's body: its length and its request id.
 pub const FRAME_HEADER_BYTES: usize = 12;
-/// A body's buffer grows by at most this much before the bytes for it have
-/// arrived.
-const READ_STEP_BYTES: usize = 64 * 1024;
 
 /// Why a frame could not be read off a stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,20 +81,21 @@ pub async fn read_frame(
             max: max_body_bytes,
         });
     }
-    // Grow the body as bytes arrive rather than trusting the header with
-    // one allocation: a peer announcing 65 MiB frames on many streams and
-    // sending nothing must not cost 65 MiB a stream.
-    let mut body = AlignedVec::with_capacity(len.min(READ_STEP_BYTES));
+    // The body grows with the bytes that arrive, never ahead of them: a
+    // peer announcing 65 MiB frames on many streams and sending nothing must
+    // cost nothing a stream, whatever the headers say.
+    let mut body = AlignedVec::new();
     while body.len() < len {
-        let filled = body.len();
-        body.resize(len.min(filled + READ_STEP_BYTES), 0);
-        let read = read_full(recv, &mut body[filled..]).await?;
-        if filled + read < body.len() {
-            return Err(FrameError::Truncated {
-                id,
-                read: filled + read,
-                len,
-            });
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(FrameError::Truncated {
+                    id,
+                    read: body.len(),
+                    len,
+                })
+            }
+            Err(e) => return Err(read_error(e)),
         }
     }
     Ok(Some((id, body)))
@@ -110,17 +108,19 @@ async fn read_full(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<usize
         match recv.read(&mut buf[filled..]).await {
             Ok(Some(n)) => filled += n,
             Ok(None) => break,
-            Err(quinn::ReadError::ConnectionLost(error)) => {
-                return Err(FrameError::ConnectionLost { error })
-            }
-            Err(e) => {
-                return Err(FrameError::Stream {
-                    reason: e.to_string(),
-                })
-            }
+            Err(e) => return Err(read_error(e)),
         }
     }
     Ok(filled)
+}
+
+fn read_error(e: quinn::ReadError) -> FrameError {
+    match e {
+        quinn::ReadError::ConnectionLost(error) => FrameError::ConnectionLost { error },
+        e => FrameError::Stream {
+            reason: e.to_string(),
+        },
+    }
 }
 
 /// Frames waiting to be written to one stream, by one writer task.
