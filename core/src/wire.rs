@@ -205,6 +205,33 @@ pub struct Member {
     pub vnodes: u32,
     /// The node's (possibly emulated) region, if it was given one.
     pub region: Option<String>,
+    /// How many times the node has started (its own count, kept in its data
+    /// dir). Lists merge entry by entry, and a higher incarnation wins: a
+    /// list from a member that missed a restart at a new address cannot
+    /// put the old address back.
+    pub incarnation: u64,
+}
+
+/// A member as cluster records stored it before incarnations (the
+/// `cluster_record_v2` and `_v3` layouts); it reads as incarnation 0.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct MemberV3 {
+    pub id: NodeId,
+    pub addr: String,
+    pub vnodes: u32,
+    pub region: Option<String>,
+}
+
+impl From<MemberV3> for Member {
+    fn from(old: MemberV3) -> Member {
+        Member {
+            id: old.id,
+            addr: old.addr,
+            vnodes: old.vnodes,
+            region: old.region,
+            incarnation: 0,
+        }
+    }
 }
 
 /// What a coordinator asks of each replica.
@@ -495,7 +522,17 @@ pub struct JoinReply {
 pub struct JoinReplyV2 {
     pub cluster_id: u64,
     pub replicas: u32,
-    pub members: Vec<Member>,
+    pub members: Vec<MemberV3>,
+}
+
+/// The cluster record as ringkv stored it before incarnations (under
+/// `cluster_record_v3`).
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JoinReplyV3 {
+    pub cluster_id: u64,
+    pub replicas: u32,
+    pub members: Vec<MemberV3>,
+    pub removed: Vec<NodeId>,
 }
 
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -625,8 +662,23 @@ pub fn decode_cluster_record_v2(bytes: &[u8]) -> Result<JoinReply, DecodeError> 
     let record = JoinReply {
         cluster_id: old.cluster_id,
         replicas: old.replicas,
-        members: old.members,
+        members: old.members.into_iter().map(Member::from).collect(),
         removed: Vec::new(),
+    };
+    validate_record(&record, "cluster record")?;
+    Ok(record)
+}
+
+/// Checks and decodes a cluster record stored by a ringkv without
+/// incarnations ([`JoinReplyV3`]), as today's record: every member at
+/// incarnation 0.
+pub fn decode_cluster_record_v3(bytes: &[u8]) -> Result<JoinReply, DecodeError> {
+    let old: JoinReplyV3 = decode(bytes)?;
+    let record = JoinReply {
+        cluster_id: old.cluster_id,
+        replicas: old.replicas,
+        members: old.members.into_iter().map(Member::from).collect(),
+        removed: old.removed,
     };
     validate_record(&record, "cluster record")?;
     Ok(record)
@@ -893,6 +945,7 @@ mod tests {
             addr: "127.0.0.1:7000".into(),
             vnodes,
             region: None,
+            incarnation: 1,
         };
         let join = |vnodes, replicas| {
             Request::Join(JoinRequest {
@@ -932,24 +985,46 @@ mod tests {
         }
     }
 
+    fn old_member() -> MemberV3 {
+        MemberV3 {
+            id: NodeId::new("n1").unwrap(),
+            addr: "127.0.0.1:7000".into(),
+            vnodes: 64,
+            region: Some("eu-west".into()),
+        }
+    }
+
     /// A record stored before removal existed reads as one with nobody removed.
     #[test]
     fn a_cluster_record_from_before_removal_still_reads() {
         let old = JoinReplyV2 {
             cluster_id: 7,
             replicas: 3,
-            members: vec![Member {
-                id: NodeId::new("n1").unwrap(),
-                addr: "127.0.0.1:7000".into(),
-                vnodes: 64,
-                region: None,
-            }],
+            members: vec![old_member()],
         };
         let bytes = rkyv::to_bytes::<rancor::Error>(&old).unwrap();
         let record = decode_cluster_record_v2(&bytes).unwrap();
         assert_eq!((record.cluster_id, record.replicas), (7, 3));
-        assert_eq!(record.members, old.members);
+        assert_eq!(record.members, [Member::from(old_member())]);
         assert!(record.removed.is_empty());
+    }
+
+    /// A record stored before incarnations reads with every member at 0.
+    #[test]
+    fn a_cluster_record_from_before_incarnations_still_reads() {
+        let old = JoinReplyV3 {
+            cluster_id: 7,
+            replicas: 3,
+            members: vec![old_member()],
+            removed: vec![NodeId::new("gone").unwrap()],
+        };
+        let bytes = rkyv::to_bytes::<rancor::Error>(&old).unwrap();
+        let record = decode_cluster_record_v3(&bytes).unwrap();
+        assert_eq!(record.members[0].incarnation, 0);
+        assert_eq!(record.members[0].region.as_deref(), Some("eu-west"));
+        assert_eq!(record.removed, old.removed);
+        // Today's layout is another: the old bytes do not pass for it.
+        assert!(decode_cluster_record(&bytes).is_err());
     }
 
     proptest! {

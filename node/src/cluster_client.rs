@@ -843,7 +843,10 @@ mod tests {
             third,
             "the dial was given up with its callers"
         );
-        assert_eq!(served.load(Ordering::SeqCst), 1);
+        // At least the last call was answered there. (On a loaded machine
+        // an earlier one may reach it too and still time out: the dial and
+        // the handshake can take longer than the 200 ms limit.)
+        assert!(served.load(Ordering::SeqCst) >= 1);
         client.close().await;
     }
 }

@@ -31,8 +31,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use ringkv_core::wire::{
-    decode_cluster_record, decode_cluster_record_v2, encode_cluster_record, ErrorKind, JoinReply,
-    JoinRequest, Member, Response,
+    decode_cluster_record, decode_cluster_record_v2, decode_cluster_record_v3,
+    encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member, Response,
 };
 use ringkv_core::NodeId;
 use ringkv_ring::Ring;
@@ -43,7 +43,10 @@ use crate::storage::Storage;
 const META_NODE_ID: &str = "node_id";
 /// Where the cluster record lives. Bump the version with any change to
 /// `JoinReply` or `Member`: an archive of another layout cannot be read.
-const META_CLUSTER: &str = "cluster_record_v3";
+const META_CLUSTER: &str = "cluster_record_v4";
+/// Where ringkv versions before incarnations kept it (`JoinReplyV3`); read
+/// once and rewritten under [`META_CLUSTER`].
+const META_CLUSTER_V3: &str = "cluster_record_v3";
 /// Where ringkv versions before removal kept it (`JoinReplyV2`); read once
 /// and rewritten under [`META_CLUSTER`].
 const META_CLUSTER_V2: &str = "cluster_record_v2";
@@ -81,13 +84,22 @@ impl ClusterRecord {
     }
 
     /// Adds what `reply` knows: its removals, and its members that are not
-    /// removed. The union is the same whatever order records meet in.
+    /// removed, an entry replacing ours only if of a later incarnation (a
+    /// member's entry changes only when it restarts, so a list from one
+    /// that missed the restart cannot bring the old address back). The
+    /// result is the same whatever order records meet in.
     fn absorb(&mut self, reply: JoinReply, me: &NodeId) {
         self.removed.extend(reply.removed);
         for m in reply.members {
             // Our own entry is authoritative about ourselves.
-            if m.id != *me {
-                self.members.insert(m.id.clone(), m);
+            if m.id == *me {
+                continue;
+            }
+            match self.members.get(&m.id) {
+                Some(ours) if ours.incarnation >= m.incarnation => {}
+                _ => {
+                    self.members.insert(m.id.clone(), m);
+                }
             }
         }
         let removed = &self.removed;
@@ -119,9 +131,12 @@ impl Membership {
     ) -> Result<Self, NodeError> {
         let stored = match storage.meta_get(META_CLUSTER)? {
             Some(bytes) => Some(decode_cluster_record(&bytes)),
-            None => storage
-                .meta_get(META_CLUSTER_V2)?
-                .map(|bytes| decode_cluster_record_v2(&bytes)),
+            None => match storage.meta_get(META_CLUSTER_V3)? {
+                Some(bytes) => Some(decode_cluster_record_v3(&bytes)),
+                None => storage
+                    .meta_get(META_CLUSTER_V2)?
+                    .map(|bytes| decode_cluster_record_v2(&bytes)),
+            },
         };
         let mut record = match stored {
             None if storage.meta_get(META_CLUSTER_V1)?.is_some() => {
@@ -329,7 +344,11 @@ impl Membership {
                 );
             }
         }
-        let changed = record.members.get(&join.member.id) != Some(&join.member);
+        // An announce that arrives after a newer one from the same node (a
+        // restart) is stale; the answer still tells the announcer the list.
+        let changed = record.members.get(&join.member.id).is_none_or(|existing| {
+            existing != &join.member && existing.incarnation <= join.member.incarnation
+        });
         if changed {
             let mut next = record.clone();
             next.members.insert(join.member.id.clone(), join.member);
@@ -463,6 +482,7 @@ mod tests {
             addr: "127.0.0.1:7000".into(),
             vnodes: 8,
             region: region.map(String::from),
+            incarnation: 1,
         }
     }
 
@@ -516,6 +536,7 @@ mod tests {
             addr: format!("127.0.0.1:{port}"),
             vnodes: 8,
             region: None,
+            incarnation: 1,
         }
     }
 
@@ -570,6 +591,42 @@ mod tests {
             panic!("{answer:?}")
         };
         assert_eq!(told.removed, [n3]);
+    }
+
+    /// n2 restarts at a new address while n3 is cut off. n3's list, with
+    /// n2's old address, must not replace what n1 learned from n2 itself;
+    /// and n3 learns the new address from n1's list.
+    #[test]
+    fn a_list_that_missed_a_restart_cannot_bring_an_old_address_back() {
+        let (n1, _d1) = cluster_of(3, "n1");
+        let (n3, _d3) = cluster_of(3, "n3");
+        let moved = Member {
+            addr: "127.0.0.1:9002".into(),
+            incarnation: 2,
+            ..member("n2", 2)
+        };
+        let (_, changed) = n1.handle_join(JoinRequest {
+            member: moved.clone(),
+            replicas: Some(2),
+            cluster_id: Some(9),
+        });
+        assert!(changed);
+        let n2_at = |m: &Membership| m.record().unwrap().members[&moved.id].addr.clone();
+        assert!(
+            !n1.adopt(n3.record().unwrap().reply()).unwrap(),
+            "nothing new"
+        );
+        assert_eq!(n2_at(&n1), "127.0.0.1:9002");
+        assert!(n3.adopt(n1.record().unwrap().reply()).unwrap());
+        assert_eq!(n2_at(&n3), "127.0.0.1:9002");
+        // A late announce from before the restart changes nothing either.
+        let (_, changed) = n1.handle_join(JoinRequest {
+            member: member("n2", 2),
+            replicas: Some(2),
+            cluster_id: Some(9),
+        });
+        assert!(!changed);
+        assert_eq!(n2_at(&n1), "127.0.0.1:9002");
     }
 
     #[test]
@@ -635,6 +692,36 @@ mod tests {
         let (reply, changed) = m.remove(&NodeId::new("n2").unwrap(), false).unwrap();
         assert!(changed);
         assert_eq!(ids(&reply), ["n1"]);
+    }
+
+    /// A data dir written before incarnations keeps its cluster (members at
+    /// incarnation 0, this node at its own), rewritten in the new format.
+    #[test]
+    fn a_record_from_before_incarnations_is_read_and_rewritten() {
+        use ringkv_core::wire::{JoinReplyV3, MemberV3};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        let old = |id: &str, port: u16| MemberV3 {
+            id: NodeId::new(id).unwrap(),
+            addr: format!("127.0.0.1:{port}"),
+            vnodes: 8,
+            region: None,
+        };
+        let record = JoinReplyV3 {
+            cluster_id: 9,
+            replicas: 2,
+            members: vec![old("n1", 1), old("n2", 2)],
+            removed: vec![NodeId::new("n3").unwrap()],
+        };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&record).unwrap();
+        storage.meta_put(META_CLUSTER_V3, &bytes).unwrap();
+        storage.meta_put(META_NODE_ID, b"n1").unwrap();
+        let m = Membership::load(storage.clone(), member("n1", 1), None).unwrap();
+        let record = m.record().unwrap();
+        assert_eq!(record.members[&NodeId::new("n2").unwrap()].incarnation, 0);
+        assert_eq!(record.members[&NodeId::new("n1").unwrap()].incarnation, 1);
+        assert!(record.removed.contains(&NodeId::new("n3").unwrap()));
+        assert!(storage.meta_get(META_CLUSTER).unwrap().is_some());
     }
 
     /// A data dir written before removal existed keeps its cluster, and is

@@ -1089,6 +1089,7 @@ impl Node {
             addr: addr.to_string(),
             vnodes: config.vnodes,
             region: config.region.clone(),
+            incarnation: storage.next_incarnation()?,
         };
         let membership = Arc::new(Membership::load(storage.clone(), me, config.replicas)?);
         let epoch = storage.begin_epoch()?;

@@ -290,6 +290,7 @@ impl Storage {
 
 const META_EPOCH: &str = "epoch";
 const META_CLEAN_SHUTDOWN: &str = "clean_shutdown";
+const META_INCARNATION: &str = "incarnation";
 const META_LAST_RUN_SYNCED: &str = "last_run_synced";
 
 impl Storage {
@@ -316,6 +317,19 @@ impl Storage {
         self.meta_put(META_LAST_RUN_SYNCED, &[u8::from(self.is_sync())])?;
         self.meta_put(META_CLEAN_SHUTDOWN, &[0])?;
         Ok(epoch)
+    }
+
+    /// This start's incarnation: one more than the last start's (1 for a
+    /// new data dir), stored before it is used, so a restart never reuses
+    /// one (see `Member::incarnation`).
+    pub fn next_incarnation(&self) -> Result<u64, NodeError> {
+        let last = self
+            .meta_get(META_INCARNATION)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        let next = last.saturating_add(1);
+        self.meta_put(META_INCARNATION, &next.to_le_bytes())?;
+        Ok(next)
     }
 
     /// Makes every acknowledged write durable and records a clean shutdown,
