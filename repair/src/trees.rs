@@ -48,6 +48,14 @@ pub const DEFAULT_TOUCHED_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// slot and the `Vec` header), so that many short keys count too.
 const TOUCHED_KEY_OVERHEAD_BYTES: usize = 48;
 
+/// Changed keys a rebuild corrects while writes wait, at most (unless its
+/// catch-up rounds run out): see [`ReplicaTrees::finish_rebuild`].
+pub const SWAP_KEYS_MAX: usize = 1024;
+/// Rounds of correcting changed keys with writes going on, at most, before
+/// the rest is corrected while they wait: under writes faster than the
+/// corrections, rounds would not shrink.
+const CATCH_UP_ROUNDS_MAX: usize = 8;
+
 /// A rebuild abandoned because more keys changed during its scan than it
 /// may remember.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,10 +254,17 @@ impl ReplicaTrees {
 
     /// Swaps `fresh` in, after correcting every key changed since
     /// [`begin_rebuild`](Self::begin_rebuild): `versions(key)` returns the
-    /// key's digest in the scanned snapshot and its digest now. Changes
-    /// wait meanwhile (for as long as the few touched keys take); none can
-    /// be half done, as each holds its [`ChangeGuard`] from before its
-    /// store write.
+    /// key's digest in the scanned snapshot and its digest now.
+    ///
+    /// Changes must wait while the last keys are corrected and the trees
+    /// swapped, so that none is half done ([`ChangeGuard`]). A long scan
+    /// under heavy writes can leave hundreds of thousands of changed keys,
+    /// whose two reads each would stall every write for seconds; so while
+    /// more than [`SWAP_KEYS_MAX`] changed, they are corrected with writes
+    /// going on, the changes meanwhile recorded for the next round (each
+    /// key from the digest the fresh trees hold for it by then), and only
+    /// the last few under the exclusive hold.
+    ///
     /// If `versions` fails the rebuild is abandoned (the trees stay not
     /// ready) and the error returned: a guessed version would corrupt a tree.
     /// So it is if more keys changed than it could remember
@@ -259,43 +274,78 @@ impl ReplicaTrees {
         mut fresh: FreshTrees,
         versions: impl Fn(&[u8]) -> Result<(Option<u64>, Option<u64>), E>,
     ) -> Result<(), E> {
-        let (exclusive, touched) = self.end_touched();
-        let touched = match touched {
-            Touched::Recording { keys, .. } => keys,
-            Touched::Overrun {
-                changed_keys,
-                remembered,
-            } => {
-                // Writes go on before the keys are freed.
-                drop(exclusive);
-                drop(remembered);
-                return Err(RebuildOverrun {
+        // The digest the fresh trees hold for each key corrected in an
+        // earlier round, and what those keys cost to remember.
+        let mut applied: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
+        let mut applied_bytes = 0;
+        for round in 0.. {
+            let (exclusive, touched) = self.end_touched();
+            let keys = match touched {
+                Touched::Recording { keys, .. } => keys,
+                Touched::Overrun {
                     changed_keys,
-                    max_bytes: self.touched_max_bytes,
+                    remembered,
+                } => {
+                    // Writes go on before the keys are freed.
+                    drop(exclusive);
+                    drop(remembered);
+                    return Err(RebuildOverrun {
+                        changed_keys,
+                        max_bytes: self.touched_max_bytes,
+                    }
+                    .into());
                 }
-                .into());
+                Touched::Idle => {
+                    debug_assert!(false, "finish_rebuild without begin_rebuild");
+                    HashSet::new()
+                }
+            };
+            let last = keys.len() <= SWAP_KEYS_MAX
+                || round >= CATCH_UP_ROUNDS_MAX
+                || applied_bytes > self.touched_max_bytes;
+            let exclusive = if last {
+                Some(exclusive)
+            } else {
+                *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Touched::Recording {
+                    keys: HashSet::new(),
+                    bytes: 0,
+                };
+                drop(exclusive);
+                None
+            };
+            for key in keys {
+                let (scanned, now) = match versions(&key) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        if exclusive.is_none() {
+                            self.abandon_rebuild();
+                        }
+                        return Err(e);
+                    }
+                };
+                let held = applied.get(&key).copied().unwrap_or(scanned);
+                let (held, now_hash) = (
+                    held.map(|d| item_hash(&key, d)),
+                    now.map(|d| item_hash(&key, d)),
+                );
+                for peer in self.sharing_on(&fresh.ring, &key) {
+                    fresh
+                        .trees
+                        .entry(peer)
+                        .or_insert_with(|| self.empty.clone())
+                        .replace(&key, held, now_hash);
+                }
+                if !last {
+                    applied_bytes += key.len() + TOUCHED_KEY_OVERHEAD_BYTES;
+                    applied.insert(key, now);
+                }
             }
-            Touched::Idle => {
-                debug_assert!(false, "finish_rebuild without begin_rebuild");
-                HashSet::new()
-            }
-        };
-        for key in touched {
-            let (scanned, now) = versions(&key)?;
-            let (scanned, now) = (
-                scanned.map(|d| item_hash(&key, d)),
-                now.map(|d| item_hash(&key, d)),
-            );
-            for peer in self.sharing_on(&fresh.ring, &key) {
-                fresh
-                    .trees
-                    .entry(peer)
-                    .or_insert_with(|| self.empty.clone())
-                    .replace(&key, scanned, now);
+            if last {
+                self.install(fresh);
+                return Ok(());
             }
         }
-        self.install(fresh);
-        Ok(())
+        unreachable!("the rounds end with the last")
     }
 
     /// Abandons a rebuild (its scan failed); the trees stay not ready.
@@ -586,6 +636,66 @@ mod tests {
         for peer in ["n2", "n3"] {
             assert_eq!(trees.tree_for(&n(peer)), live.tree_for(&n(peer)));
             assert_eq!(trees.tree_for(&n(peer)).len(), 12);
+        }
+    }
+
+    /// Many keys changed during the scan: the first rounds correct them
+    /// with writes going on (a writer may take its change guard), changes
+    /// made meanwhile are corrected in a later round from the digest the
+    /// fresh trees hold by then, and the result equals trees maintained
+    /// write by write.
+    #[test]
+    fn many_changed_keys_are_corrected_with_writes_going_on() {
+        let ring = ring(3);
+        let me = n("n1");
+        let key = |k: usize| format!("k{k:05}").into_bytes();
+        let (v1, v2, v3) = (write("n2", "v1"), write("n2", "v2"), write("n2", "v3"));
+        let trees = ReplicaTrees::new(me.clone(), ring.clone(), 8).unwrap();
+        let live = ReplicaTrees::new(me, ring.clone(), 8).unwrap();
+        let keys = 3 * SWAP_KEYS_MAX;
+        // The snapshot: every key at v1.
+        let snapshot: HashMap<Vec<u8>, Clock> = (0..keys).map(|k| (key(k), v1.clone())).collect();
+        for (k, clock) in &snapshot {
+            live.changed(k, None, Some(clock));
+        }
+        trees.begin_rebuild();
+        let fresh = trees.build(
+            ring.clone(),
+            snapshot.iter().map(|(k, c)| (k.clone(), version_digest(c))),
+        );
+        // During the scan every key is rewritten to v2.
+        let store = Mutex::new(HashMap::new());
+        for k in 0..keys {
+            store.lock().unwrap().insert(key(k), v2.clone());
+            trees.changed(&key(k), Some(&v1), Some(&v2));
+            live.changed(&key(k), Some(&v1), Some(&v2));
+        }
+        let free_rounds = std::sync::atomic::AtomicUsize::new(0);
+        trees
+            .finish_rebuild(fresh, |k| {
+                if trees.rebuild_lock.try_read().is_ok() {
+                    free_rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // A write made now, to a key of this round: corrected
+                    // again in the next one.
+                    if k == key(7).as_slice() {
+                        let _guard = trees.begin_change();
+                        store.lock().unwrap().insert(key(7), v3.clone());
+                        trees.changed(&key(7), Some(&v2), Some(&v3));
+                        live.changed(&key(7), Some(&v2), Some(&v3));
+                    }
+                }
+                let now = store.lock().unwrap().get(k).map(version_digest);
+                Ok::<_, RebuildOverrun>((snapshot.get(k).map(version_digest), now))
+            })
+            .unwrap();
+        assert_eq!(
+            free_rounds.into_inner(),
+            keys,
+            "the first round ran with writes going on"
+        );
+        assert!(trees.is_ready());
+        for peer in ["n2", "n3"] {
+            assert_eq!(trees.tree_for(&n(peer)), live.tree_for(&n(peer)));
         }
     }
 
