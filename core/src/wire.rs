@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/10";
+pub const ALPN: &[u8] = b"ringkv/11";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);

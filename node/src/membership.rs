@@ -28,6 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ringkv_core::wire::{
@@ -95,11 +96,12 @@ impl ClusterRecord {
             if m.id == *me {
                 continue;
             }
-            match self.members.get(&m.id) {
-                Some(ours) if ours.incarnation >= m.incarnation => {}
-                _ => {
-                    self.members.insert(m.id.clone(), m);
-                }
+            if self
+                .members
+                .get(&m.id)
+                .is_none_or(|ours| supersedes(&m, ours))
+            {
+                self.members.insert(m.id.clone(), m);
             }
         }
         let removed = &self.removed;
@@ -109,7 +111,11 @@ impl ClusterRecord {
 
 /// Membership state, shared by the server and the transport.
 pub struct Membership {
+    /// This node's entry; its incarnation is `incarnation`'s.
     me: Member,
+    /// This node's incarnation: the start's, raised past any a member still
+    /// holds for an earlier life of this id (a data dir started afresh).
+    incarnation: AtomicU64,
     storage: Arc<Storage>,
     /// `None` until this node has formed or joined a cluster.
     record: RwLock<Option<ClusterRecord>>,
@@ -184,6 +190,7 @@ impl Membership {
             r.members.insert(me.id.clone(), me.clone());
         }
         let membership = Membership {
+            incarnation: AtomicU64::new(me.incarnation),
             me,
             storage,
             record: RwLock::new(record),
@@ -194,8 +201,12 @@ impl Membership {
         Ok(membership)
     }
 
-    pub fn me(&self) -> &Member {
-        &self.me
+    /// This node's entry as it announces it.
+    pub fn me(&self) -> Member {
+        Member {
+            incarnation: self.incarnation.load(Ordering::SeqCst),
+            ..self.me.clone()
+        }
     }
 
     /// The cluster record, once this node is in a cluster.
@@ -220,7 +231,7 @@ impl Membership {
         let record = ClusterRecord {
             cluster_id,
             replicas,
-            members: BTreeMap::from([(self.me.id.clone(), self.me.clone())]),
+            members: BTreeMap::from([(self.me.id.clone(), self.me())]),
             removed: BTreeSet::new(),
         };
         self.persist(&record)?;
@@ -265,6 +276,19 @@ impl Membership {
             }
             return Err(removed);
         }
+        // A member still holding an entry for an earlier life of this id
+        // (its data dir started afresh) would ignore this one's entries
+        // until its incarnation passed that one's: pass it now.
+        if let Some(old) = reply.members.iter().find(|m| m.id == self.me.id) {
+            let mine = self.me();
+            if old.incarnation > mine.incarnation
+                || (old.incarnation == mine.incarnation && *old != mine)
+            {
+                let raised = old.incarnation.saturating_add(1);
+                self.storage.raise_incarnation(raised)?;
+                self.incarnation.store(raised, Ordering::SeqCst);
+            }
+        }
         let before = record.clone();
         record.absorb(reply, &self.me.id);
         if record.removed.contains(&self.me.id) {
@@ -275,7 +299,7 @@ impl Membership {
                 id: self.me.id.to_string(),
             });
         }
-        record.members.insert(self.me.id.clone(), self.me.clone());
+        record.members.insert(self.me.id.clone(), self.me());
         let changed = before != record;
         if changed {
             self.persist(&record)?;
@@ -346,9 +370,10 @@ impl Membership {
         }
         // An announce that arrives after a newer one from the same node (a
         // restart) is stale; the answer still tells the announcer the list.
-        let changed = record.members.get(&join.member.id).is_none_or(|existing| {
-            existing != &join.member && existing.incarnation <= join.member.incarnation
-        });
+        let changed = record
+            .members
+            .get(&join.member.id)
+            .is_none_or(|existing| supersedes(&join.member, existing));
         if changed {
             let mut next = record.clone();
             next.members.insert(join.member.id.clone(), join.member);
@@ -440,7 +465,7 @@ impl Membership {
     pub fn join_request(&self, replicas_flag: Option<usize>) -> JoinRequest {
         let record = self.record();
         JoinRequest {
-            member: self.me.clone(),
+            member: self.me(),
             replicas: record
                 .as_ref()
                 .map(|r| r.replicas as u32)
@@ -457,6 +482,16 @@ impl Membership {
         self.storage
             .meta_put(META_CLUSTER, &encode_cluster_record(&record.reply()))
     }
+}
+
+/// Whether entry `new` replaces `held` for the same node: a later
+/// incarnation does; at the same one (only a data dir started afresh gives
+/// two entries one, until the node raises its count) the greater content
+/// wins, so that every member picks the same whatever order they meet in.
+fn supersedes(new: &Member, held: &Member) -> bool {
+    let content = |m: &Member| (m.addr.clone(), m.vnodes, m.region.clone());
+    new.incarnation > held.incarnation
+        || (new.incarnation == held.incarnation && content(new) > content(held))
 }
 
 fn record_from(reply: JoinReply) -> ClusterRecord {
@@ -627,6 +662,36 @@ mod tests {
         });
         assert!(!changed);
         assert_eq!(n2_at(&n1), "127.0.0.1:9002");
+    }
+
+    /// n2's data dir started afresh: its incarnation counts from 1 again,
+    /// while the others hold 5 from its earlier life. Its first answer
+    /// raises it past that, so its later entries (a new address, say)
+    /// are taken, and the next start continues above.
+    #[test]
+    fn a_node_started_afresh_takes_up_its_count_above_its_earlier_life() {
+        let (n1, _d1) = cluster_of(3, "n1");
+        let earlier = Member {
+            incarnation: 5,
+            ..member("n2", 2)
+        };
+        n1.handle_join(JoinRequest {
+            member: earlier,
+            replicas: Some(2),
+            cluster_id: Some(9),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        let n2 = Membership::load(storage.clone(), member("n2", 2), None).unwrap();
+        n2.adopt(n1.record().unwrap().reply()).unwrap();
+        assert_eq!(n2.me().incarnation, 6);
+        let (_, changed) = n1.handle_join(n2.join_request(None));
+        assert!(changed, "its entry is newer than the one held");
+        assert_eq!(n1.record().unwrap().members[&n2.me().id].incarnation, 6);
+        // Held at its own count, it stays there.
+        n2.adopt(n1.record().unwrap().reply()).unwrap();
+        assert_eq!(n2.me().incarnation, 6);
+        assert_eq!(storage.next_incarnation().unwrap(), 7);
     }
 
     #[test]

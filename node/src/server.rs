@@ -1468,7 +1468,7 @@ async fn announce_to(
     member: &Member,
 ) -> Option<String> {
     let request = Request::Join(JoinRequest {
-        member: inner.membership.me().clone(),
+        member: inner.membership.me(),
         replicas: Some(record.replicas as u32),
         cluster_id: Some(record.cluster_id),
     });
