@@ -332,6 +332,19 @@ impl Storage {
         Ok(next)
     }
 
+    /// Raises the stored incarnation to `at_least` (if lower), so that the
+    /// next start continues above it.
+    pub fn raise_incarnation(&self, at_least: u64) -> Result<(), NodeError> {
+        let stored = self
+            .meta_get(META_INCARNATION)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        if stored < at_least {
+            self.meta_put(META_INCARNATION, &at_least.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
     /// Makes every acknowledged write durable and records a clean shutdown,
     /// so the next run may keep this epoch.
     pub fn mark_clean_shutdown(&self) -> Result<(), NodeError> {
@@ -535,6 +548,11 @@ impl Storage {
         // However it ends, finishing clears the record of changed keys.
         guard.finished = true;
         trees.finish_rebuild(fresh, |key| {
+            // Its catch-up rounds can read a million keys: shutdown need
+            // not wait for them.
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(NodeError::TreeRebuildStopped);
+            }
             let read = |db_get: Result<Option<rocksdb::DBPinnableSlice>, rocksdb::Error>| {
                 db_get.map(|b| b.map(|b| stored_digest(&b))).map_err(io)
             };

@@ -118,6 +118,26 @@ pub trait ChangeObserver: Send + Sync {
     fn changed(&self, key: &[u8], old: Option<&Clock>, new: Option<&Clock>);
 }
 
+/// Ends the record of changed keys when dropped armed: a catch-up round of
+/// [`ReplicaTrees::finish_rebuild`] that unwinds must not leave writes
+/// recording for a rebuild that will not finish.
+struct StopRecordingOnDrop<'a> {
+    trees: &'a ReplicaTrees,
+    armed: bool,
+}
+
+impl Drop for StopRecordingOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let touched = std::mem::replace(
+                &mut *self.trees.touched.lock().unwrap_or_else(|p| p.into_inner()),
+                Touched::Idle,
+            );
+            drop(touched);
+        }
+    }
+}
+
 /// Trees built from a scan, waiting for [`ReplicaTrees::finish_rebuild`].
 pub struct FreshTrees {
     ring: Arc<Ring>,
@@ -306,17 +326,28 @@ impl ReplicaTrees {
             let exclusive = if last {
                 Some(exclusive)
             } else {
+                // The keys corrected so far count against the cap too, so
+                // that all the rounds together remember at most that much.
                 *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Touched::Recording {
                     keys: HashSet::new(),
-                    bytes: 0,
+                    bytes: applied_bytes
+                        + keys.len() * TOUCHED_KEY_OVERHEAD_BYTES
+                        + keys.iter().map(Vec::len).sum::<usize>(),
                 };
                 drop(exclusive);
                 None
+            };
+            // Should `versions` panic with writes going on, they must stop
+            // recording for a rebuild that will not finish.
+            let mut unfinished = StopRecordingOnDrop {
+                trees: self,
+                armed: exclusive.is_none(),
             };
             for key in keys {
                 let (scanned, now) = match versions(&key) {
                     Ok(found) => found,
                     Err(e) => {
+                        unfinished.armed = false;
                         if exclusive.is_none() {
                             self.abandon_rebuild();
                         }
@@ -340,6 +371,7 @@ impl ReplicaTrees {
                     applied.insert(key, now);
                 }
             }
+            unfinished.armed = false;
             if last {
                 self.install(fresh);
                 return Ok(());
