@@ -302,8 +302,11 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     // stops at a batch the owner answered none of, since it is likely down;
     // one it answered shows it up, and the round goes on past the hints it
     // declined, so that hints it keeps declining (a clock it cannot read,
-    // say) cannot hold back the others.
+    // say) cannot hold back the others. But not for ever: an owner that
+    // declines everything (its disk failing) stops the round after
+    // `DECLINED_BATCHES_MAX` batches in a row of which it took nothing.
     let mut round_failure = None;
+    let mut batches_taking_nothing = 0;
     loop {
         let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
         let batch = blocking(book, move |b| b.batch(&o, a.as_deref(), limit)).await?;
@@ -362,7 +365,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         }
         let sent = sends.len();
         let mut failure = None;
-        let mut answered = 0;
+        let (mut answered, mut taken) = (0, 0);
         while let Some(joined) = sends.join_next().await {
             let (hint, outcomes) = match joined {
                 Ok(done) => done,
@@ -376,6 +379,9 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 .any(|(_, sent)| !matches!(sent, Sent::Failed(_)))
             {
                 answered += 1;
+            }
+            if outcomes.iter().any(|(_, sent)| *sent == Sent::Taken) {
+                taken += 1;
             }
             let refused = outcomes.iter().find_map(|(target, sent)| match sent {
                 Sent::Refused(reason) => Some(format!("{target}: {reason}")),
@@ -434,8 +440,15 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 Err(reason) => failure = Some(reason),
             }
         }
+        batches_taking_nothing = if taken == 0 {
+            batches_taking_nothing + 1
+        } else {
+            0
+        };
         if let Some(reason) = failure {
-            if rerouted.is_none() && answered == 0 {
+            if rerouted.is_none()
+                && (answered == 0 || batches_taking_nothing >= DECLINED_BATCHES_MAX)
+            {
                 return Err(reason);
             }
             round_failure = Some(reason);
@@ -445,6 +458,10 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         tokio::time::sleep_until(started + budget).await;
     }
 }
+
+/// Batches in a row of which an owner took nothing, though it answered,
+/// after which its round stops (see `deliver_to`).
+const DECLINED_BATCHES_MAX: usize = 4;
 
 /// What became of one hint sent to one target.
 #[derive(Debug, PartialEq)]
@@ -464,6 +481,8 @@ impl From<Response> for Sent {
         match answer {
             Response::Clock(_) => Sent::Taken,
             Response::Error(e) if e.kind == ErrorKind::InvalidRequest => Sent::Refused(e.message),
+            // Serving nothing (draining, or removed): as good as down.
+            Response::Error(e) if e.kind == ErrorKind::NotServing => Sent::Failed(e.message),
             Response::Error(e) => Sent::Declined(e.message),
             other => Sent::Declined(format!("unexpected answer {other:?}")),
         }

@@ -20,12 +20,16 @@ use ringkv_repair::{HintBook, HintStore};
 #[derive(Default)]
 struct Owner {
     bad_sends: AtomicU64,
+    /// Declines every hint (a failing disk, say).
+    declines_all: bool,
 }
 
 impl Transport for Owner {
     async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
         match request {
-            Request::Replica(ReplicaRequest::Sync { key, .. }) if key.starts_with(b"a-bad") => {
+            Request::Replica(ReplicaRequest::Sync { key, .. })
+                if self.declines_all || key.starts_with(b"a-bad") =>
+            {
                 self.bad_sends.fetch_add(1, Ordering::SeqCst);
                 Ok(Response::error(
                     ErrorKind::Internal,
@@ -40,8 +44,15 @@ impl Transport for Owner {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn hints_the_owner_keeps_declining_do_not_hold_back_the_others() {
+/// A book of 20 hints the owner declines (`a-badNN`, first in key order)
+/// and 300 it takes, delivered in batches of 16 with a 1 s back-off.
+fn book_and_worker(
+    transport: Arc<Owner>,
+) -> (
+    Arc<HintBook<MemHintBackend>>,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     let owner = NodeId::new("owner").unwrap();
     let book = Arc::new(
         HintBook::open(
@@ -67,7 +78,6 @@ async fn hints_the_owner_keeps_declining_do_not_hold_back_the_others() {
         book.store(&owner, format!("k{i:03}").as_bytes(), &clock)
             .unwrap();
     }
-    let transport = Arc::new(Owner::default());
     let config = HandoffConfig {
         tick: Duration::from_millis(100),
         batch_size: 16,
@@ -78,11 +88,19 @@ async fn hints_the_owner_keeps_declining_do_not_hold_back_the_others() {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let worker = handoff::start(
         book.clone(),
-        transport.clone(),
+        transport,
         HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
         config,
         shutdown,
     );
+    (book, stop, worker)
+}
+
+#[tokio::test(start_paused = true)]
+async fn hints_the_owner_keeps_declining_do_not_hold_back_the_others() {
+    let owner = NodeId::new("owner").unwrap();
+    let transport = Arc::new(Owner::default());
+    let (book, stop, worker) = book_and_worker(transport.clone());
     // One round (300 hints at 5,000/s take 60 ms), well before a retry.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(book.pending(&owner), 20, "only the bad hints are left");
@@ -91,6 +109,24 @@ async fn hints_the_owner_keeps_declining_do_not_hold_back_the_others() {
         20,
         "each sent once"
     );
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
+
+/// An owner that answers but declines everything is not sent every hint
+/// it holds, round after round: a round stops after 4 batches in a row of
+/// which it took nothing, then backs off.
+#[tokio::test(start_paused = true)]
+async fn an_owner_that_declines_everything_stops_the_round() {
+    let owner = NodeId::new("owner").unwrap();
+    let transport = Arc::new(Owner {
+        declines_all: true,
+        ..Owner::default()
+    });
+    let (book, stop, worker) = book_and_worker(transport.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(transport.bad_sends.load(Ordering::SeqCst), 4 * 16);
+    assert_eq!(book.pending(&owner), 320);
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
