@@ -195,6 +195,44 @@ async fn one_unreadable_key_does_not_hold_back_its_batch() {
     }
 }
 
+/// When every key fails alone too, the trouble is not one key's: after a
+/// few single-key tries the rest of the batch is skipped, not sent key by
+/// key.
+#[tokio::test(start_paused = true)]
+async fn a_batch_whose_keys_all_fail_is_not_split_to_the_end() {
+    let c = cluster();
+    c.net.down(&c.id("n3"));
+    for k in 0..50 {
+        assert_ok(
+            &c.put("n1", &format!("k{k}"), &format!("v{k}"), Quorum, None)
+                .await,
+        );
+    }
+    c.net.up(&c.id("n3"));
+    for k in 0..50 {
+        c.node("n3")
+            .replica
+            .store()
+            .make_unreadable(format!("k{k}").as_bytes());
+    }
+    c.net.take_log();
+    let report = c.repair("n3").await;
+    assert_eq!(report.keys_repaired, 0, "{report:?}");
+    for failure in &report.failures {
+        assert!(
+            failure.reason.starts_with("50 differing keys"),
+            "{failure:?}"
+        );
+    }
+    let reads = c
+        .net
+        .take_log()
+        .iter()
+        .filter(|l| l.contains("ReadBatch"))
+        .count();
+    assert!(reads < 50, "{reads} reads: split key by key");
+}
+
 #[tokio::test(start_paused = true)]
 async fn malformed_tree_requests_are_refused_without_harm() {
     use ringkv_coordinator::sim::SimHandler;
