@@ -240,6 +240,7 @@ async fn malformed_tree_requests_are_refused_without_harm() {
     let c = cluster();
     let ask = |r: ReplicaRequest| c.node("n1").handle(Request::Replica(r));
     let peer = c.id("n2");
+    let ring = c.ring.fingerprint();
     let refused = |r: Response, what: &str| match r {
         Response::Error(e) => {
             assert_eq!(e.kind, ErrorKind::InvalidRequest, "{what}: {}", e.message);
@@ -250,6 +251,7 @@ async fn malformed_tree_requests_are_refused_without_harm() {
     let wrong_shape = ask(ReplicaRequest::TreeHashes {
         peer: peer.clone(),
         leaf_bits: 12,
+        ring,
         level: 0,
         indexes: vec![0],
     })
@@ -258,6 +260,7 @@ async fn malformed_tree_requests_are_refused_without_harm() {
     let too_deep = ask(ReplicaRequest::TreeHashes {
         peer: peer.clone(),
         leaf_bits: 8,
+        ring,
         level: 9,
         indexes: vec![0],
     })
@@ -266,6 +269,7 @@ async fn malformed_tree_requests_are_refused_without_harm() {
     let no_such_leaf = ask(ReplicaRequest::LeafItems {
         peer: peer.clone(),
         leaf_bits: 8,
+        ring,
         leaves: vec![256],
     })
     .await;
@@ -274,9 +278,36 @@ async fn malformed_tree_requests_are_refused_without_harm() {
     let past_end = ask(ReplicaRequest::TreeHashes {
         peer,
         leaf_bits: 8,
+        ring,
         level: 1,
         indexes: vec![u32::MAX],
     })
     .await;
     assert_eq!(past_end, Response::Hashes(vec![0]));
+    // Trees split by another ring are not compared.
+    for other_ring in [
+        ask(ReplicaRequest::TreeHashes {
+            peer: c.id("n2"),
+            leaf_bits: 8,
+            ring: ring ^ 1,
+            level: 0,
+            indexes: vec![0],
+        })
+        .await,
+        ask(ReplicaRequest::LeafItems {
+            peer: c.id("n2"),
+            leaf_bits: 8,
+            ring: ring ^ 1,
+            leaves: vec![0],
+        })
+        .await,
+    ] {
+        match other_ring {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::Unavailable);
+                assert!(e.message.contains("another ring"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

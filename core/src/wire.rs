@@ -268,6 +268,9 @@ pub enum ReplicaRequest {
     TreeHashes {
         peer: NodeId,
         leaf_bits: u32,
+        /// The asker's ring (`Ring::fingerprint`): trees split by another
+        /// ring would not compare.
+        ring: u64,
         level: u32,
         indexes: Vec<u32>,
     },
@@ -276,6 +279,8 @@ pub enum ReplicaRequest {
     LeafItems {
         peer: NodeId,
         leaf_bits: u32,
+        /// As for `TreeHashes`.
+        ring: u64,
         leaves: Vec<u32>,
     },
     /// The local clocks of several keys, in order (anti-entropy). Replies

@@ -186,10 +186,24 @@ impl<T: Transport> AntiEntropy<T> {
                 format!("Merkle trees of 2^{theirs} leaves asked of a node that keeps 2^{bits}"),
             )
         };
+        // Trees split by another ring do not compare: a key one side shares
+        // with the other may be in neither's tree, or the repairs would copy
+        // keys to nodes that no longer replicate them.
+        let other_ring = |theirs: u64| {
+            (theirs != self.trees.ring().fingerprint()).then(|| {
+                Response::error(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "{me} places keys by another ring than the asker (a membership change is still spreading); try again later"
+                    ),
+                )
+            })
+        };
         Some(match request {
             ReplicaRequest::TreeHashes {
                 peer,
                 leaf_bits,
+                ring,
                 level,
                 indexes,
             } => {
@@ -198,6 +212,9 @@ impl<T: Transport> AntiEntropy<T> {
                 }
                 if !self.trees.is_ready() {
                     return Some(not_ready());
+                }
+                if let Some(refusal) = other_ring(*ring) {
+                    return Some(refusal);
                 }
                 let depth = bits / FANOUT_BITS;
                 if *level > depth {
@@ -212,6 +229,7 @@ impl<T: Transport> AntiEntropy<T> {
             ReplicaRequest::LeafItems {
                 peer,
                 leaf_bits,
+                ring,
                 leaves,
             } => {
                 if *leaf_bits != bits {
@@ -219,6 +237,9 @@ impl<T: Transport> AntiEntropy<T> {
                 }
                 if !self.trees.is_ready() {
                     return Some(not_ready());
+                }
+                if let Some(refusal) = other_ring(*ring) {
+                    return Some(refusal);
                 }
                 if let Some(bad) = leaves.iter().find(|l| (**l as u64) >> bits != 0) {
                     return Some(Response::error(
@@ -464,6 +485,7 @@ impl<T: Transport> AntiEntropy<T> {
             let request = Request::Replica(ReplicaRequest::TreeHashes {
                 peer: self.trees.me().clone(),
                 leaf_bits: self.trees.leaf_bits(),
+                ring: self.trees.ring().fingerprint(),
                 level: level as u32,
                 indexes: chunk.iter().map(|i| *i as u32).collect(),
             });
@@ -524,6 +546,7 @@ impl<T: Transport> AntiEntropy<T> {
             let request = Request::Replica(ReplicaRequest::LeafItems {
                 peer: self.trees.me().clone(),
                 leaf_bits: self.trees.leaf_bits(),
+                ring: self.trees.ring().fingerprint(),
                 leaves: chunk.clone(),
             });
             let theirs = match self.call(peer, request, tally).await? {

@@ -125,6 +125,20 @@ impl Ring {
         })
     }
 
+    /// A digest of what placement depends on (members, their virtual node
+    /// counts, N): equal rings have equal fingerprints, and two nodes whose
+    /// fingerprints differ may place a key differently.
+    pub fn fingerprint(&self) -> u64 {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(self.replicas as u64).to_le_bytes());
+        for (node, vnodes) in &self.members {
+            bytes.extend_from_slice(&(node.as_str().len() as u64).to_le_bytes());
+            bytes.extend_from_slice(node.as_str().as_bytes());
+            bytes.extend_from_slice(&vnodes.to_le_bytes());
+        }
+        ringkv_core::hash::stable_hash64(&bytes)
+    }
+
     /// The replication factor N.
     pub fn replicas(&self) -> usize {
         self.replicas

@@ -163,3 +163,30 @@ proptest! {
         prop_assert_eq!(all.len(), 5);
     }
 }
+
+/// Equal rings (whatever order members were given in) share a
+/// fingerprint; a member, a virtual node count or N more or less changes it.
+#[test]
+fn the_fingerprint_follows_placement() {
+    let ring = |members: &[(&str, u32)], n: usize| {
+        Ring::new(
+            members
+                .iter()
+                .map(|(id, vnodes)| (NodeId::new(*id).unwrap(), *vnodes)),
+            n,
+        )
+        .unwrap()
+        .fingerprint()
+    };
+    let base = ring(&[("n1", 8), ("n2", 8), ("n3", 8)], 3);
+    assert_eq!(base, ring(&[("n3", 8), ("n1", 8), ("n2", 8)], 3));
+    for other in [
+        ring(&[("n1", 8), ("n2", 8)], 2),
+        ring(&[("n1", 8), ("n2", 8), ("n3", 8), ("n4", 8)], 3),
+        ring(&[("n1", 8), ("n2", 8), ("n3", 9)], 3),
+        ring(&[("n1", 8), ("n2", 8), ("n3", 8)], 2),
+        ring(&[("n1", 8), ("n2", 8), ("n33", 8)], 3),
+    ] {
+        assert_ne!(base, other);
+    }
+}
