@@ -27,8 +27,9 @@ fn cluster() -> SimCluster {
     )
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
+/// The cluster after n3 missed 50 writes (`k0..k49` = `v0..v49`) while
+/// down, and came back.
+async fn n3_missed_50_writes() -> SimCluster {
     let c = cluster();
     c.net.down(&c.id("n3"));
     for k in 0..50 {
@@ -38,6 +39,12 @@ async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
         );
     }
     c.net.up(&c.id("n3"));
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
+    let c = n3_missed_50_writes().await;
     assert!(c.local_values("n3", "k0").is_empty());
     c.net.take_log();
 
@@ -173,15 +180,7 @@ async fn a_bare_tombstone_is_not_copied_to_a_replica_that_collected_it() {
 /// round, and only that key is reported skipped.
 #[tokio::test(start_paused = true)]
 async fn one_unreadable_key_does_not_hold_back_its_batch() {
-    let c = cluster();
-    c.net.down(&c.id("n3"));
-    for k in 0..50 {
-        assert_ok(
-            &c.put("n1", &format!("k{k}"), &format!("v{k}"), Quorum, None)
-                .await,
-        );
-    }
-    c.net.up(&c.id("n3"));
+    let c = n3_missed_50_writes().await;
     c.node("n3").replica.store().make_unreadable(b"k7");
 
     let report = c.repair("n3").await;
@@ -200,15 +199,7 @@ async fn one_unreadable_key_does_not_hold_back_its_batch() {
 /// key.
 #[tokio::test(start_paused = true)]
 async fn a_batch_whose_keys_all_fail_is_not_split_to_the_end() {
-    let c = cluster();
-    c.net.down(&c.id("n3"));
-    for k in 0..50 {
-        assert_ok(
-            &c.put("n1", &format!("k{k}"), &format!("v{k}"), Quorum, None)
-                .await,
-        );
-    }
-    c.net.up(&c.id("n3"));
+    let c = n3_missed_50_writes().await;
     for k in 0..50 {
         c.node("n3")
             .replica

@@ -13,12 +13,13 @@ use std::time::Duration;
 use metrics::{
     Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
-use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::wire::{ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
-use ringkv_repair::hints::{HintConfig, MemHintBackend};
-use ringkv_repair::{HintBook, HintStore};
+use ringkv_repair::HintStore;
+
+mod support;
+use support::{book, write};
 
 /// Counter totals by name and `target` label.
 static COUNTS: Mutex<BTreeMap<(String, String), u64>> = Mutex::new(BTreeMap::new());
@@ -105,21 +106,8 @@ impl Transport for Owner {
 async fn a_failed_delivery_is_counted_backs_off_and_keeps_the_hint() {
     metrics::set_global_recorder(Counting).expect("the only recorder in this binary");
     let owner = NodeId::new("owner").unwrap();
-    let book = Arc::new(
-        HintBook::open(
-            MemHintBackend::default(),
-            HintConfig::default(),
-            Arc::new(|| 1_000_000),
-        )
-        .unwrap(),
-    );
-    let mut clock = Clock::new();
-    clock.update(
-        &VersionVector::new(),
-        Payload::Value(b"v".to_vec()),
-        &NodeId::new("writer").unwrap(),
-    );
-    book.store(&owner, b"k", &clock).unwrap();
+    let book = book();
+    book.store(&owner, b"k", &write("v")).unwrap();
 
     let transport = Arc::new(Owner::default());
     let config = HandoffConfig {

@@ -9,12 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
 use ringkv_repair::hints::{HintConfig, MemHintBackend};
 use ringkv_repair::{HintBook, HintStore};
+
+mod support;
+use support::write;
 
 fn n(id: &str) -> NodeId {
     NodeId::new(id).unwrap()
@@ -59,16 +61,6 @@ impl Replicas {
     fn taken(&self) -> Vec<(String, String)> {
         self.taken.lock().unwrap().iter().cloned().collect()
     }
-}
-
-fn write(value: &str) -> Clock {
-    let mut clock = Clock::new();
-    clock.update(
-        &VersionVector::new(),
-        Payload::Value(value.as_bytes().to_vec()),
-        &n("writer"),
-    );
-    clock
 }
 
 #[tokio::test(start_paused = true)]
@@ -241,14 +233,7 @@ async fn a_reroute_goes_on_past_the_hints_it_cannot_hand_on_yet() {
 /// replicas once the new ring is in.
 #[tokio::test(start_paused = true)]
 async fn a_removed_owners_hints_wait_for_the_ring_without_it() {
-    let book = Arc::new(
-        HintBook::open(
-            MemHintBackend::default(),
-            HintConfig::default(),
-            Arc::new(|| 1_000_000),
-        )
-        .unwrap(),
-    );
+    let book = support::book();
     book.store(&n("gone"), b"k1", &write("k1")).unwrap();
     let transport = Arc::new(Replicas::default());
     transport.down.lock().unwrap().insert(n("gone"));

@@ -8,12 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
-use ringkv_repair::hints::{HintConfig, MemHintBackend};
+use ringkv_repair::hints::MemHintBackend;
 use ringkv_repair::{HintBook, HintStore};
+
+mod support;
+use support::{book, write};
 
 /// An owner that declines every hint of a key starting `a-bad` and takes
 /// the rest.
@@ -54,20 +56,8 @@ fn book_and_worker(
     tokio::task::JoinHandle<()>,
 ) {
     let owner = NodeId::new("owner").unwrap();
-    let book = Arc::new(
-        HintBook::open(
-            MemHintBackend::default(),
-            HintConfig::default(),
-            Arc::new(|| 1_000_000),
-        )
-        .unwrap(),
-    );
-    let mut clock = Clock::new();
-    clock.update(
-        &VersionVector::new(),
-        Payload::Value(b"v".to_vec()),
-        &NodeId::new("writer").unwrap(),
-    );
+    let book = book();
+    let clock = write("v");
     // The bad keys sort first: more than a batch of them (16) leads every
     // round.
     for i in 0..20 {
