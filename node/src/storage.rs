@@ -496,9 +496,10 @@ impl Storage {
     /// kept apart, which would cost every overwrite a second write.
     ///
     /// Setting `stop` (at shutdown) ends the scan at its next check, every
-    /// [`OVERRUN_CHECK_EVERY`] keys, with [`NodeError::TreeRebuildStopped`]
-    /// and nothing installed: a scan of a large store takes minutes, and
-    /// shutdown waits for it.
+    /// [`OVERRUN_CHECK_EVERY`] keys, or the correction of changed keys at its
+    /// next key, with [`NodeError::TreeRebuildStopped`] and nothing
+    /// installed: a scan of a large store takes minutes, and shutdown waits
+    /// for it.
     pub fn rebuild_trees(
         &self,
         trees: &ReplicaTrees,

@@ -326,13 +326,17 @@ impl ReplicaTrees {
             let exclusive = if last {
                 Some(exclusive)
             } else {
-                // The keys corrected so far count against the cap too, so
-                // that all the rounds together remember at most that much.
+                // The keys corrected so far count against the cap too (each
+                // once, however often it comes back), so that all the rounds
+                // together remember at most that much.
+                applied_bytes += keys
+                    .iter()
+                    .filter(|k| !applied.contains_key(*k))
+                    .map(|k| k.len() + TOUCHED_KEY_OVERHEAD_BYTES)
+                    .sum::<usize>();
                 *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Touched::Recording {
                     keys: HashSet::new(),
-                    bytes: applied_bytes
-                        + keys.len() * TOUCHED_KEY_OVERHEAD_BYTES
-                        + keys.iter().map(Vec::len).sum::<usize>(),
+                    bytes: applied_bytes,
                 };
                 drop(exclusive);
                 None
@@ -367,7 +371,6 @@ impl ReplicaTrees {
                         .replace(&key, held, now_hash);
                 }
                 if !last {
-                    applied_bytes += key.len() + TOUCHED_KEY_OVERHEAD_BYTES;
                     applied.insert(key, now);
                 }
             }
@@ -726,6 +729,66 @@ mod tests {
             "the first round ran with writes going on"
         );
         assert!(trees.is_ready());
+        for peer in ["n2", "n3"] {
+            assert_eq!(trees.tree_for(&n(peer)), live.tree_for(&n(peer)));
+        }
+    }
+
+    /// A hot set rewritten during every round: the rounds run out and the
+    /// last corrects the set under the exclusive hold. The keys counted
+    /// against the cap are counted once, so the rebuild fits a cap of a
+    /// few times the set and finishes, equal to trees maintained write by
+    /// write.
+    #[test]
+    fn a_hot_set_rewritten_every_round_still_finishes_within_the_cap() {
+        let ring = ring(3);
+        let me = n("n1");
+        let key = |k: usize| format!("k{k:05}").into_bytes();
+        let hot = 2 * SWAP_KEYS_MAX;
+        let per_key = key(0).len() + TOUCHED_KEY_OVERHEAD_BYTES;
+        let trees = ReplicaTrees::new(me.clone(), ring.clone(), 8)
+            .unwrap()
+            .with_touched_max_bytes(hot * per_key * 5 / 2);
+        let live = ReplicaTrees::new(me, ring.clone(), 8).unwrap();
+        let (v1, v2, v3) = (write("n2", "v1"), write("n2", "v2"), write("n2", "v3"));
+        let store = Mutex::new(HashMap::new());
+        for k in 0..hot {
+            store.lock().unwrap().insert(key(k), v1.clone());
+            live.changed(&key(k), None, Some(&v1));
+        }
+        trees.begin_rebuild();
+        let fresh = trees.build(
+            ring.clone(),
+            (0..hot).map(|k| (key(k), version_digest(&v1))),
+        );
+        let rewrite = |k: &[u8]| {
+            let _guard = trees.begin_change();
+            let mut store = store.lock().unwrap();
+            let old = store[k].clone();
+            let new = if old == v2 { v3.clone() } else { v2.clone() };
+            store.insert(k.to_vec(), new.clone());
+            trees.changed(k, Some(&old), Some(&new));
+            live.changed(k, Some(&old), Some(&new));
+        };
+        for k in 0..hot {
+            rewrite(&key(k));
+        }
+        let rounds_with_writes = std::sync::atomic::AtomicUsize::new(0);
+        trees
+            .finish_rebuild(fresh, |k| {
+                if trees.rebuild_lock.try_read().is_ok() {
+                    rounds_with_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    rewrite(k);
+                }
+                let now = store.lock().unwrap().get(k).map(version_digest);
+                Ok::<_, RebuildOverrun>((Some(version_digest(&v1)), now))
+            })
+            .expect("within the cap");
+        assert_eq!(
+            rounds_with_writes.into_inner(),
+            CATCH_UP_ROUNDS_MAX * hot,
+            "every round but the last ran with writes going on"
+        );
         for peer in ["n2", "n3"] {
             assert_eq!(trees.tree_for(&n(peer)), live.tree_for(&n(peer)));
         }
