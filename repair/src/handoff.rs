@@ -5,8 +5,9 @@
 //! detector believes up and whose back-off has passed, it sends that owner's
 //! hints in batches (each hint a `Sync` that the owner writes through its
 //! WAL before answering, so an answer is a durable acknowledgement) and
-//! removes a hint only if it is unchanged since it was read. A failed send
-//! ends the owner's round and doubles its back-off ([`DeliverySchedule`]);
+//! removes a hint only if it is unchanged since it was read. A batch the
+//! owner answers none of ends its round and doubles its back-off
+//! ([`DeliverySchedule`]); hints it answers but declines are passed over;
 //! sends are paced to [`HandoffConfig::max_rate_per_s`] so a returning node
 //! is not flooded while it also serves clients. Every so often the worker
 //! also drops hints past the window, for owners that stay away.
@@ -200,6 +201,9 @@ pub fn start<T: Transport, B: HintBackend>(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut schedule = DeliverySchedule::new(config.backoff_initial, config.backoff_max);
+        // Where each owner's next round starts (after a round stopped by
+        // hints it declined); from the first hint if absent.
+        let mut resume: HashMap<NodeId, Vec<u8>> = HashMap::new();
         let mut tick = tokio::time::interval(config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_sweep = Instant::now() + config.sweep_interval;
@@ -227,12 +231,16 @@ pub fn start<T: Transport, B: HintBackend>(
                 {
                     continue;
                 }
-                let round = deliver_to(&book, &transport, &owner, rerouted, &config);
+                let mut start = resume.remove(&owner);
+                let round = deliver_to(&book, &transport, &owner, rerouted, &config, &mut start);
                 let outcome = tokio::select! {
                     biased;
                     _ = shutdown.changed() => return,
                     outcome = round => outcome,
                 };
+                if let Some(after) = start {
+                    resume.insert(owner.clone(), after);
+                }
                 match outcome {
                     Ok(delivered) => {
                         schedule.succeeded(&owner);
@@ -294,9 +302,10 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     owner: &NodeId,
     rerouted: Option<&Reroute>,
     config: &HandoffConfig,
+    resume: &mut Option<Vec<u8>>,
 ) -> Result<u64, String> {
     let mut delivered = 0;
-    let mut after: Option<Vec<u8>> = None;
+    let mut after: Option<Vec<u8>> = resume.clone();
     // A removed owner's round goes on past a hint it cannot hand on yet (it
     // never comes back, so nothing is gained by waiting). An owner's round
     // stops at a batch the owner answered none of, since it is likely down;
@@ -304,13 +313,17 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     // declined, so that hints it keeps declining (a clock it cannot read,
     // say) cannot hold back the others. But not for ever: an owner that
     // declines everything (its disk failing) stops the round after
-    // `DECLINED_BATCHES_MAX` batches in a row of which it took nothing.
+    // `DECLINED_BATCHES_MAX` batches in a row of which it took nothing, and
+    // the next round resumes after them (`resume`), so a long run of hints
+    // it declines delays the rest by a few rounds, never for good. A round
+    // that reaches the end starts the next from the first hint again.
     let mut round_failure = None;
     let mut batches_taking_nothing = 0;
     loop {
         let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
         let batch = blocking(book, move |b| b.batch(&o, a.as_deref(), limit)).await?;
         let Some(last) = batch.last() else {
+            *resume = None;
             return match round_failure {
                 Some(reason) => Err(reason),
                 None => Ok(delivered),
@@ -446,9 +459,11 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             0
         };
         if let Some(reason) = failure {
-            if rerouted.is_none()
-                && (answered == 0 || batches_taking_nothing >= DECLINED_BATCHES_MAX)
-            {
+            if rerouted.is_none() && answered == 0 {
+                return Err(reason);
+            }
+            if rerouted.is_none() && batches_taking_nothing >= DECLINED_BATCHES_MAX {
+                resume.clone_from(&after);
                 return Err(reason);
             }
             round_failure = Some(reason);

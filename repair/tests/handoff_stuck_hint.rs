@@ -1,8 +1,9 @@
 //! Hints their owner keeps declining (it answers, but does not take them:
 //! say clocks it cannot read) must not hold back the owner's other hints,
-//! even a whole batch of them: a round goes on while the owner answers, and
-//! stops early only at a batch it answered none of, as a node that is down
-//! answers none.
+//! however many: a round goes on while the owner answers and takes some,
+//! stops after 4 batches in a row it took nothing of (and the next round
+//! resumes after them), and stops at once at a batch it answered none of,
+//! as a node that is down answers none.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,10 +47,11 @@ impl Transport for Owner {
     }
 }
 
-/// A book of 20 hints the owner declines (`a-badNN`, first in key order)
-/// and 300 it takes, delivered in batches of 16 with a 1 s back-off.
+/// A book of `bad` hints the owner declines (`a-badNNN`, first in key
+/// order) and 300 it takes, delivered in batches of 16 with a 1 s back-off.
 fn book_and_worker(
     transport: Arc<Owner>,
+    bad: usize,
 ) -> (
     Arc<HintBook<MemHintBackend>>,
     tokio::sync::watch::Sender<bool>,
@@ -58,10 +60,9 @@ fn book_and_worker(
     let owner = NodeId::new("owner").unwrap();
     let book = book();
     let clock = write("v");
-    // The bad keys sort first: more than a batch of them (16) leads every
-    // round.
-    for i in 0..20 {
-        book.store(&owner, format!("a-bad{i:02}").as_bytes(), &clock)
+    // The bad keys sort first, so they lead every round.
+    for i in 0..bad {
+        book.store(&owner, format!("a-bad{i:03}").as_bytes(), &clock)
             .unwrap();
     }
     for i in 0..300 {
@@ -90,7 +91,8 @@ fn book_and_worker(
 async fn hints_the_owner_keeps_declining_do_not_hold_back_the_others() {
     let owner = NodeId::new("owner").unwrap();
     let transport = Arc::new(Owner::default());
-    let (book, stop, worker) = book_and_worker(transport.clone());
+    // More than a batch of them (16).
+    let (book, stop, worker) = book_and_worker(transport.clone(), 20);
     // One round (300 hints at 5,000/s take 60 ms), well before a retry.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(book.pending(&owner), 20, "only the bad hints are left");
@@ -113,10 +115,26 @@ async fn an_owner_that_declines_everything_stops_the_round() {
         declines_all: true,
         ..Owner::default()
     });
-    let (book, stop, worker) = book_and_worker(transport.clone());
+    let (book, stop, worker) = book_and_worker(transport.clone(), 20);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(transport.bad_sends.load(Ordering::SeqCst), 4 * 16);
     assert_eq!(book.pending(&owner), 320);
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
+
+/// More declined hints than 4 batches hold: the first round stops after 4
+/// batches, and the next resumes after them and delivers the rest.
+#[tokio::test(start_paused = true)]
+async fn a_long_run_of_declined_hints_delays_the_rest_by_a_round() {
+    let owner = NodeId::new("owner").unwrap();
+    let transport = Arc::new(Owner::default());
+    let (book, stop, worker) = book_and_worker(transport.clone(), 70);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(book.pending(&owner), 370, "the first round took nothing");
+    // The back-off is 1 s; the second round reaches the good hints.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(book.pending(&owner), 70, "only the declined hints are left");
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
