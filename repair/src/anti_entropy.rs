@@ -109,10 +109,6 @@ pub enum AntiEntropyError {
     Skipped { keys: u64, first: String },
 }
 
-/// Keys of a failed repair batch tried alone, at most, before the rest of
-/// the batch is skipped because every one of them failed too.
-const SPLIT_TRIES_MAX: usize = 3;
-
 /// A node's anti-entropy: answers peers' tree questions and runs rounds.
 pub struct AntiEntropy<T> {
     trees: Arc<ReplicaTrees>,
@@ -572,16 +568,11 @@ impl<T: Transport> AntiEntropy<T> {
                     // stored clock, say) fails its whole batch, every
                     // round: try its keys one at a time, so that only that
                     // key waits for an operator.
-                    // (If the first few keys fail alone too, the trouble is
-                    // not one key's: the rest of the batch is skipped rather
-                    // than sent one by one.)
+                    // (Corrupt keys can sit next to each other, so every key
+                    // is tried: a peer failing as a whole costs two small
+                    // requests per differing key, no more.)
                     Err(_) => {
-                        let mut failed_alone = 0;
-                        for (i, key) in batch.iter().enumerate() {
-                            if failed_alone == i && failed_alone == SPLIT_TRIES_MAX {
-                                skipped += (batch.len() - i) as u64;
-                                break;
-                            }
+                        for key in batch {
                             match self
                                 .repair_batch(peer, std::slice::from_ref(key), tally)
                                 .await
@@ -590,7 +581,6 @@ impl<T: Transport> AntiEntropy<T> {
                                 Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
                                 Err(e) => {
                                     tracing::warn!(%peer, key = %String::from_utf8_lossy(key), error = %e, "anti-entropy key skipped");
-                                    failed_alone += 1;
                                     skipped += 1;
                                     first_error.get_or_insert(e);
                                 }
