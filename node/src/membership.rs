@@ -85,10 +85,11 @@ impl ClusterRecord {
     }
 
     /// Adds what `reply` knows: its removals, and its members that are not
-    /// removed, an entry replacing ours only if of a later incarnation (a
-    /// member's entry changes only when it restarts, so a list from one
-    /// that missed the restart cannot bring the old address back). The
-    /// result is the same whatever order records meet in.
+    /// removed, an entry replacing ours only if it [supersedes](supersedes)
+    /// it (a later incarnation: a member's entry changes only when it
+    /// restarts, so a list from one that missed the restart cannot bring
+    /// the old address back). The result is the same whatever order
+    /// records meet in.
     fn absorb(&mut self, reply: JoinReply, me: &NodeId) {
         self.removed.extend(reply.removed);
         for m in reply.members {
@@ -116,6 +117,8 @@ pub struct Membership {
     /// This node's incarnation: the start's, raised past any a member still
     /// holds for an earlier life of this id (a data dir started afresh).
     incarnation: AtomicU64,
+    /// Whether `incarnation` was raised in this life (once is expected).
+    raised: std::sync::atomic::AtomicBool,
     storage: Arc<Storage>,
     /// `None` until this node has formed or joined a cluster.
     record: RwLock<Option<ClusterRecord>>,
@@ -191,6 +194,7 @@ impl Membership {
         }
         let membership = Membership {
             incarnation: AtomicU64::new(me.incarnation),
+            raised: Default::default(),
             me,
             storage,
             record: RwLock::new(record),
@@ -281,9 +285,14 @@ impl Membership {
         // until its incarnation passed that one's: pass it now.
         if let Some(old) = reply.members.iter().find(|m| m.id == self.me.id) {
             let mine = self.me();
-            if old.incarnation > mine.incarnation
-                || (old.incarnation == mine.incarnation && *old != mine)
-            {
+            let passed = old.incarnation > mine.incarnation
+                || (old.incarnation == mine.incarnation && *old != mine);
+            if passed && self.raised.swap(true, Ordering::SeqCst) {
+                // Raised once already in this life, and passed again: another
+                // process runs under this id (a copied data dir?). Raising
+                // in turn, the two would flip the cluster's entry for it.
+                tracing::error!(id = %self.me.id, held = old.incarnation, "another node seems to run under this node's id");
+            } else if passed {
                 let raised = old.incarnation.saturating_add(1);
                 self.storage.raise_incarnation(raised)?;
                 self.incarnation.store(raised, Ordering::SeqCst);
@@ -348,6 +357,20 @@ impl Membership {
                     false,
                 );
             }
+        }
+        if join.member.id == self.me.id {
+            // Only a second process under this id would announce it; taking
+            // its entry would put another address in for this node.
+            return (
+                Response::error(
+                    ErrorKind::Refused,
+                    format!(
+                        "node id {} is this node's own; give the new node another --id",
+                        join.member.id
+                    ),
+                ),
+                false,
+            );
         }
         if record.removed.contains(&join.member.id) {
             // Not an error: the answer lists it as removed, which is how a
@@ -691,6 +714,26 @@ mod tests {
         // Held at its own count, it stays there.
         n2.adopt(n1.record().unwrap().reply()).unwrap();
         assert_eq!(n2.me().incarnation, 6);
+        // Passed again in the same life, it is another process under its
+        // id: it does not raise in turn (the two would flip its entry).
+        let mut other = n1.record().unwrap().reply();
+        for m in other.members.iter_mut().filter(|m| m.id == n2.me().id) {
+            m.incarnation = 9;
+            m.addr = "127.0.0.1:9999".into();
+        }
+        n2.adopt(other).unwrap();
+        assert_eq!(n2.me().incarnation, 6);
+        // And a node takes no announce of its own id.
+        let (answer, changed) = n2.handle_join(JoinRequest {
+            member: Member {
+                incarnation: 10,
+                ..member("n2", 9)
+            },
+            replicas: Some(2),
+            cluster_id: Some(9),
+        });
+        assert!(!changed);
+        assert!(matches!(answer, Response::Error(e) if e.message.contains("own")));
         assert_eq!(storage.next_incarnation().unwrap(), 7);
     }
 
