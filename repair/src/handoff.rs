@@ -222,7 +222,9 @@ pub fn start<T: Transport, B: HintBackend>(
                 }
                 next_sweep = Instant::now() + config.sweep_interval;
             }
-            for owner in book.targets() {
+            let targets = book.targets();
+            resume.retain(|owner, _| targets.contains(owner));
+            for owner in targets {
                 let rerouted = routing.rerouted(&owner);
                 // A rerouted hint's replicas are tried whether up or not:
                 // one that does not take it gets a hint of its own.
@@ -296,6 +298,12 @@ async fn sweep<B: HintBackend>(book: &Arc<HintBook<B>>, page: usize) {
 /// were delivered, or why the round stopped. A hint the owner (or one of the
 /// replicas) refuses as invalid (it never will take it) is dropped and
 /// counted, not retried.
+///
+/// A round starts after `resume` (where the last one stopped early), goes
+/// to the last hint and wraps round to the first, so that it visits every
+/// hint once; it sets `resume` to where it stops early, and clears it when
+/// it went all the way round. So no batch, whatever it holds, can keep the
+/// hints after it (or before it) waiting for good.
 async fn deliver_to<T: Transport, B: HintBackend>(
     book: &Arc<HintBook<B>>,
     transport: &Arc<T>,
@@ -305,7 +313,10 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     resume: &mut Option<Vec<u8>>,
 ) -> Result<u64, String> {
     let mut delivered = 0;
-    let mut after: Option<Vec<u8>> = resume.clone();
+    let started_after = resume.clone();
+    let mut after = started_after.clone();
+    // After wrapping round: the hints up to where the round started.
+    let mut second_leg = false;
     // A removed owner's round goes on past a hint it cannot hand on yet (it
     // never comes back, so nothing is gained by waiting). An owner's round
     // stops at a batch the owner answered none of, since it is likely down;
@@ -314,15 +325,21 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     // say) cannot hold back the others. But not for ever: an owner that
     // declines everything (its disk failing) stops the round after
     // `DECLINED_BATCHES_MAX` batches in a row of which it took nothing, and
-    // the next round resumes after them (`resume`), so a long run of hints
-    // it declines delays the rest by a few rounds, never for good. A round
-    // that reaches the end starts the next from the first hint again.
+    // the next round resumes after them, so a long run of hints it declines
+    // delays the rest by a few rounds, never for good.
     let mut round_failure = None;
     let mut batches_taking_nothing = 0;
     loop {
         let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
-        let batch = blocking(book, move |b| b.batch(&o, a.as_deref(), limit)).await?;
+        let mut batch = blocking(book, move |b| b.batch(&o, a.as_deref(), limit)).await?;
+        if let (true, Some(end)) = (second_leg, &started_after) {
+            batch.retain(|hint| hint.key <= *end);
+        }
         let Some(last) = batch.last() else {
+            if !second_leg && started_after.is_some() {
+                second_leg = true;
+                continue;
+            }
             *resume = None;
             return match round_failure {
                 Some(reason) => Err(reason),
@@ -459,10 +476,9 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             0
         };
         if let Some(reason) = failure {
-            if rerouted.is_none() && answered == 0 {
-                return Err(reason);
-            }
-            if rerouted.is_none() && batches_taking_nothing >= DECLINED_BATCHES_MAX {
+            if rerouted.is_none()
+                && (answered == 0 || batches_taking_nothing >= DECLINED_BATCHES_MAX)
+            {
                 resume.clone_from(&after);
                 return Err(reason);
             }

@@ -5,7 +5,7 @@
 //! resumes after them), and stops at once at a batch it answered none of,
 //! as a node that is down answers none.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,13 +25,16 @@ struct Owner {
     bad_sends: AtomicU64,
     /// Declines every hint (a failing disk, say).
     declines_all: bool,
+    /// Takes the `a-bad` hints too (its trouble is over).
+    recovered: AtomicBool,
 }
 
 impl Transport for Owner {
     async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
         match request {
             Request::Replica(ReplicaRequest::Sync { key, .. })
-                if self.declines_all || key.starts_with(b"a-bad") =>
+                if self.declines_all
+                    || (key.starts_with(b"a-bad") && !self.recovered.load(Ordering::SeqCst)) =>
             {
                 self.bad_sends.fetch_add(1, Ordering::SeqCst);
                 Ok(Response::error(
@@ -119,6 +122,10 @@ async fn an_owner_that_declines_everything_stops_the_round() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(transport.bad_sends.load(Ordering::SeqCst), 4 * 16);
     assert_eq!(book.pending(&owner), 320);
+    // Each round takes up where the last stopped, and the back-off grows:
+    // rounds at 0, 1, 3 and 7 s (1 s doubling), not one every tick.
+    tokio::time::sleep(Duration::from_millis(9_500)).await;
+    assert_eq!(transport.bad_sends.load(Ordering::SeqCst), 4 * 4 * 16);
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
@@ -135,6 +142,11 @@ async fn a_long_run_of_declined_hints_delays_the_rest_by_a_round() {
     // The back-off is 1 s; the second round reaches the good hints.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(book.pending(&owner), 70, "only the declined hints are left");
+    // Once the owner takes them, later rounds reach every one of them,
+    // those the stopped rounds passed over included.
+    transport.recovered.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(book.pending(&owner), 0);
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
