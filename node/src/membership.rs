@@ -717,8 +717,8 @@ mod tests {
         // Held at its own count, it stays there.
         n2.adopt(n1.record().unwrap().reply()).unwrap();
         assert_eq!(n2.me().incarnation, 6);
-        // A member that missed the raise (its entry for n2 is at 6 with the
-        // earlier address) is passed again: same count, other content.
+        // A member that knew yet another earlier life of n2 at 6 (another
+        // address) passes it again: same count, other content.
         let mut missed = n1.record().unwrap().reply();
         for m in missed.members.iter_mut().filter(|m| m.id == n2.me().id) {
             m.addr = "127.0.0.1:9999".into();

@@ -201,8 +201,8 @@ pub fn start<T: Transport, B: HintBackend>(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut schedule = DeliverySchedule::new(config.backoff_initial, config.backoff_max);
-        // Where each owner's next round starts (after a round stopped by
-        // hints it declined); from the first hint if absent.
+        // Where each owner's next round starts (after a round that stopped
+        // early, either way); from the first hint if absent.
         let mut resume: HashMap<NodeId, Vec<u8>> = HashMap::new();
         let mut tick = tokio::time::interval(config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -470,7 +470,11 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 Err(reason) => failure = Some(reason),
             }
         }
-        batches_taking_nothing = if taken == 0 {
+        // (A batch whose hints had all expired sent nothing, and says
+        // nothing of the owner.)
+        batches_taking_nothing = if sent == 0 {
+            batches_taking_nothing
+        } else if taken == 0 {
             batches_taking_nothing + 1
         } else {
             0

@@ -126,6 +126,11 @@ async fn an_owner_that_declines_everything_stops_the_round() {
     // rounds at 0, 1, 3 and 7 s (1 s doubling), not one every tick.
     tokio::time::sleep(Duration::from_millis(9_500)).await;
     assert_eq!(transport.bad_sends.load(Ordering::SeqCst), 4 * 4 * 16);
+    // The fifth round (at 15 s) ends on the last hint; the sixth (at 31 s)
+    // finds nothing after it, wraps round and stops again: still a failure,
+    // so the back-off goes on growing (30 s), with no round in between.
+    tokio::time::sleep(Duration::from_secs(23)).await;
+    assert_eq!(transport.bad_sends.load(Ordering::SeqCst), 6 * 4 * 16);
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
