@@ -794,6 +794,51 @@ mod tests {
         }
     }
 
+    /// A catch-up round that fails (shutdown stops it, or a read fails) or
+    /// panics leaves the trees not ready and writes no longer recording.
+    #[test]
+    fn a_catch_up_round_that_fails_or_panics_stops_the_recording() {
+        let ring = ring(3);
+        let key = |k: usize| format!("k{k:05}").into_bytes();
+        let clock = write("n2", "v");
+        let start = |trees: &ReplicaTrees| {
+            trees.begin_rebuild();
+            let fresh = trees.build(ring.clone(), std::iter::empty());
+            for k in 0..2 * SWAP_KEYS_MAX {
+                trees.changed(&key(k), None, Some(&clock));
+            }
+            fresh
+        };
+        let recording = |trees: &ReplicaTrees| {
+            trees.changed(b"later", None, Some(&clock));
+            trees.remembered_keys() > 0
+        };
+
+        let trees = ReplicaTrees::new(n("n1"), ring.clone(), 8).unwrap();
+        let fresh = start(&trees);
+        let stopped = trees.finish_rebuild(fresh, |_| {
+            assert!(trees.rebuild_lock.try_read().is_ok(), "a catch-up round");
+            Err(RebuildOverrun {
+                changed_keys: 0,
+                max_bytes: 0,
+            })
+        });
+        assert!(stopped.is_err());
+        assert!(!trees.is_ready());
+        assert!(!recording(&trees), "the record ended with the rebuild");
+
+        let trees = ReplicaTrees::new(n("n1"), ring.clone(), 8).unwrap();
+        let fresh = start(&trees);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            trees.finish_rebuild(fresh, |_| -> Result<_, RebuildOverrun> {
+                panic!("a read that panics")
+            })
+        }));
+        assert!(panicked.is_err());
+        assert!(!trees.is_ready());
+        assert!(!recording(&trees), "the record ended with the rebuild");
+    }
+
     #[test]
     fn a_rebuild_equals_incremental_maintenance_and_skips_keys_not_replicated() {
         let ring = ring(5);
