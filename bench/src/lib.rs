@@ -24,9 +24,11 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
+use ringkv_core::wire::{GetRequest, PutRequest, Request};
 use ringkv_core::Consistency;
-use ringkv_node::{CallError, ClusterClient, ClusterKey};
+use ringkv_node::{ClusterClient, ClusterKey};
+
+use crate::ycsb::Outcome;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -248,26 +250,19 @@ async fn phase(
                     }),
                 };
                 let sent = Instant::now();
-                // As in the YCSB clients: the request's deadline and a second.
-                let limit = Duration::from_millis(u64::from(config.request_timeout_ms) + 1000);
-                match client.call_within(&request, limit).await {
-                    Ok(Response::Put(_)) | Ok(Response::Get(_)) => {
+                // Counted as the YCSB runs count them.
+                let answer = client
+                    .call_within(&request, ycsb::answer_limit(&request))
+                    .await;
+                match ycsb::outcome_of(answer) {
+                    Outcome::Read { .. } | Outcome::Written { .. } => {
                         ops += 1;
                         let _ = hist.record(sent.elapsed().as_micros() as u64);
                     }
-                    // As YCSB counts them: a quorum not reached by the
-                    // deadline is a timeout too.
-                    Err(CallError::TimedOut { .. }) => timeouts += 1,
-                    Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => {
-                        timeouts += 1
-                    }
-                    failed => {
+                    Outcome::Timeout => timeouts += 1,
+                    Outcome::Error { reason } => {
                         errors += 1;
-                        first_error.get_or_insert_with(|| match failed {
-                            Ok(Response::Error(e)) => e.message,
-                            Ok(other) => format!("unexpected answer {other:?}"),
-                            Err(e) => e.to_string(),
-                        });
+                        first_error.get_or_insert(reason);
                     }
                 }
             }

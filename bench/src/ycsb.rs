@@ -307,7 +307,7 @@ pub(crate) enum Conn {
 }
 
 /// What a call came to.
-enum Outcome {
+pub(crate) enum Outcome {
     Read {
         values: Vec<Vec<u8>>,
         context: Option<String>,
@@ -339,34 +339,11 @@ impl Conn {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        // The node answers by its request deadline; a second more, and the
-        // client gives up on it (a dead connection, a hung node), and moves
-        // on from a node that sent nothing meanwhile.
-        let limit = Duration::from_millis(u64::from(request_timeout(request)) + 1000);
-        let answer = match client.call_within(request, limit).await {
-            Err(CallError::TimedOut { .. }) => return Outcome::Timeout,
-            answer => answer,
-        };
-        if !delay.is_zero() {
+        let answer = client.call_within(request, answer_limit(request)).await;
+        if !delay.is_zero() && !matches!(answer, Err(CallError::TimedOut { .. })) {
             tokio::time::sleep(delay).await;
         }
-        match answer {
-            Ok(Response::Get(g)) => Outcome::Read {
-                values: g.values,
-                context: Some(g.context),
-            },
-            Ok(Response::Put(p)) => Outcome::Written {
-                context: Some(p.context),
-            },
-            Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => Outcome::Timeout,
-            Ok(Response::Error(e)) => Outcome::Error { reason: e.message },
-            Ok(other) => Outcome::Error {
-                reason: format!("unexpected answer {other:?}"),
-            },
-            Err(e) => Outcome::Error {
-                reason: e.to_string(),
-            },
-        }
+        outcome_of(answer)
     }
 
     async fn get(&self, key: &str, r: Consistency, timeout_ms: u32, delay: Duration) -> Outcome {
@@ -431,6 +408,36 @@ impl Conn {
 }
 
 /// The deadline a request carries, in ms.
+/// How long a client waits for an answer: the node answers by the request's
+/// deadline; a second more, and the client gives up on it (a dead
+/// connection, a hung node), and moves on from a node that sent nothing
+/// meanwhile.
+pub(crate) fn answer_limit(request: &Request) -> Duration {
+    Duration::from_millis(u64::from(request_timeout(request)) + 1000)
+}
+
+/// What a ringkv answer, or its absence, counts as.
+pub(crate) fn outcome_of(answer: Result<Response, CallError>) -> Outcome {
+    match answer {
+        Ok(Response::Get(g)) => Outcome::Read {
+            values: g.values,
+            context: Some(g.context),
+        },
+        Ok(Response::Put(p)) => Outcome::Written {
+            context: Some(p.context),
+        },
+        Err(CallError::TimedOut { .. }) => Outcome::Timeout,
+        Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => Outcome::Timeout,
+        Ok(Response::Error(e)) => Outcome::Error { reason: e.message },
+        Ok(other) => Outcome::Error {
+            reason: format!("unexpected answer {other:?}"),
+        },
+        Err(e) => Outcome::Error {
+            reason: e.to_string(),
+        },
+    }
+}
+
 fn request_timeout(request: &Request) -> u32 {
     match request {
         Request::Get(g) => g.timeout_ms,

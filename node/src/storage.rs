@@ -323,11 +323,7 @@ impl Storage {
     /// new data dir), stored before it is used, so a restart never reuses
     /// one (see `Member::incarnation`).
     pub fn next_incarnation(&self) -> Result<u64, NodeError> {
-        let last = self
-            .meta_get(META_INCARNATION)?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_le_bytes);
-        let next = last.saturating_add(1);
+        let next = self.stored_incarnation()?.saturating_add(1);
         self.meta_put(META_INCARNATION, &next.to_le_bytes())?;
         Ok(next)
     }
@@ -335,14 +331,18 @@ impl Storage {
     /// Raises the stored incarnation to `at_least` (if lower), so that the
     /// next start continues above it.
     pub fn raise_incarnation(&self, at_least: u64) -> Result<(), NodeError> {
-        let stored = self
-            .meta_get(META_INCARNATION)?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_le_bytes);
-        if stored < at_least {
+        if self.stored_incarnation()? < at_least {
             self.meta_put(META_INCARNATION, &at_least.to_le_bytes())?;
         }
         Ok(())
+    }
+
+    /// The last incarnation stored (0 for a new data dir).
+    fn stored_incarnation(&self) -> Result<u64, NodeError> {
+        Ok(self
+            .meta_get(META_INCARNATION)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes))
     }
 
     /// Makes every acknowledged write durable and records a clean shutdown,

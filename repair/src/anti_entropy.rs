@@ -560,38 +560,36 @@ impl<T: Transport> AntiEntropy<T> {
                     + Duration::from_secs_f64(
                         batch.len() as f64 / self.config.keys_per_s.max(1) as f64,
                     );
-                let failed = match self.repair_batch(peer, batch, tally).await {
-                    Ok(()) => continue,
-                    Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
-                    Err(e) if batch.len() == 1 => e,
-                    // One key that cannot be read or merged (a corrupt
-                    // stored clock, say) fails its whole batch, every
-                    // round: try its keys one at a time, so that only that
-                    // key waits for an operator.
-                    // (Corrupt keys can sit next to each other, so every key
-                    // is tried: a peer failing as a whole costs two small
-                    // requests per differing key, no more.)
-                    Err(_) => {
-                        for key in batch {
-                            match self
-                                .repair_batch(peer, std::slice::from_ref(key), tally)
-                                .await
-                            {
-                                Ok(()) => {}
-                                Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
-                                Err(e) => {
-                                    tracing::warn!(%peer, key = %String::from_utf8_lossy(key), error = %e, "anti-entropy key skipped");
-                                    skipped += 1;
-                                    first_error.get_or_insert(e);
+                let failed: Vec<(&Vec<u8>, AntiEntropyError)> =
+                    match self.repair_batch(peer, batch, tally).await {
+                        Ok(()) => continue,
+                        Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
+                        Err(e) if batch.len() == 1 => vec![(&batch[0], e)],
+                        // One key that cannot be read or merged (a corrupt
+                        // stored clock, say) fails its whole batch, every
+                        // round: try its keys one at a time, so that only
+                        // the bad keys wait for an operator. Corrupt keys
+                        // can sit next to each other, so every key is tried:
+                        // a peer failing as a whole costs two small requests
+                        // per differing key, no more.
+                        Err(_) => {
+                            let mut failed = Vec::new();
+                            for key in batch {
+                                let alone = std::slice::from_ref(key);
+                                match self.repair_batch(peer, alone, tally).await {
+                                    Ok(()) => {}
+                                    Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
+                                    Err(e) => failed.push((key, e)),
                                 }
                             }
+                            failed
                         }
-                        continue;
-                    }
-                };
-                tracing::warn!(%peer, key = %String::from_utf8_lossy(&batch[0]), error = %failed, "anti-entropy key skipped");
-                skipped += 1;
-                first_error.get_or_insert(failed);
+                    };
+                for (key, e) in failed {
+                    tracing::warn!(%peer, key = %String::from_utf8_lossy(key), error = %e, "anti-entropy key skipped");
+                    skipped += 1;
+                    first_error.get_or_insert(e);
+                }
             }
         }
         match first_error {

@@ -119,8 +119,8 @@ pub trait ChangeObserver: Send + Sync {
 }
 
 /// Ends the record of changed keys when dropped armed: a catch-up round of
-/// [`ReplicaTrees::finish_rebuild`] that unwinds must not leave writes
-/// recording for a rebuild that will not finish.
+/// [`ReplicaTrees::finish_rebuild`] that fails or unwinds must not leave
+/// writes recording for a rebuild that will not finish.
 struct StopRecordingOnDrop<'a> {
     trees: &'a ReplicaTrees,
     armed: bool,
@@ -320,9 +320,9 @@ impl ReplicaTrees {
                     HashSet::new()
                 }
             };
-            let last = keys.len() <= SWAP_KEYS_MAX
-                || round >= CATCH_UP_ROUNDS_MAX
-                || applied_bytes > self.touched_max_bytes;
+            // (The keys corrected so far count against the cap, so the
+            // cap also bounds `applied`: past it the record overruns.)
+            let last = keys.len() <= SWAP_KEYS_MAX || round >= CATCH_UP_ROUNDS_MAX;
             let exclusive = if last {
                 Some(exclusive)
             } else {
@@ -341,23 +341,14 @@ impl ReplicaTrees {
                 drop(exclusive);
                 None
             };
-            // Should `versions` panic with writes going on, they must stop
-            // recording for a rebuild that will not finish.
+            // Should `versions` fail or panic with writes going on, they
+            // must stop recording for a rebuild that will not finish.
             let mut unfinished = StopRecordingOnDrop {
                 trees: self,
                 armed: exclusive.is_none(),
             };
             for key in keys {
-                let (scanned, now) = match versions(&key) {
-                    Ok(found) => found,
-                    Err(e) => {
-                        unfinished.armed = false;
-                        if exclusive.is_none() {
-                            self.abandon_rebuild();
-                        }
-                        return Err(e);
-                    }
-                };
+                let (scanned, now) = versions(&key)?;
                 let held = applied.get(&key).copied().unwrap_or(scanned);
                 let (held, now_hash) = (
                     held.map(|d| item_hash(&key, d)),
