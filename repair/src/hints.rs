@@ -288,7 +288,10 @@ impl<B: HintBackend> HintBook<B> {
     }
 
     /// Up to `limit` of `owner`'s hints whose key sorts after `after`, and
-    /// fewer once they hold [`HINT_SCAN_MAX_BYTES`].
+    /// fewer once they hold [`HINT_SCAN_MAX_BYTES`]. Empty only when the
+    /// owner has no hints after `after`: callers take an empty batch as
+    /// the end of the owner's hints, so a page of nothing but corrupt
+    /// records (dropped here) is read past, not returned.
     pub fn batch(
         &self,
         owner: &NodeId,
@@ -296,11 +299,30 @@ impl<B: HintBackend> HintBook<B> {
         limit: usize,
     ) -> Result<Vec<Hint>, HintError> {
         let prefix = owner_prefix(owner);
-        let after = after.map(|key| entry_id(owner, key));
+        let mut after = after.map(|key| entry_id(owner, key));
+        loop {
+            let page = self
+                .backend
+                .scan(&prefix, after.as_deref(), limit, HINT_SCAN_MAX_BYTES)?;
+            let last = page.last().map(|(id, _)| id.clone());
+            let hints = self.decode_page(owner, &prefix, page)?;
+            // Each round starts past the last, so this ends.
+            match last {
+                Some(last) if hints.is_empty() => after = Some(last),
+                _ => return Ok(hints),
+            }
+        }
+    }
+
+    /// The hints of one scanned page of `owner`'s records, dropping those
+    /// that do not decode.
+    fn decode_page(
+        &self,
+        owner: &NodeId,
+        prefix: &[u8],
+        page: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Vec<Hint>, HintError> {
         let mut hints = Vec::new();
-        let page = self
-            .backend
-            .scan(&prefix, after.as_deref(), limit, HINT_SCAN_MAX_BYTES)?;
         for (id, value) in page {
             match decode_hint(&value) {
                 Ok((clock, stored_at_ms)) => hints.push(Hint {

@@ -237,6 +237,23 @@ fn a_corrupt_record_is_dropped_without_blocking_the_others() {
     assert_eq!(book.pending(&n("c")), 2, "the corrupt one is gone");
 }
 
+/// A page of nothing but corrupt records does not end the owner's hints:
+/// callers (delivery, expiry) take an empty batch as the end.
+#[test]
+fn a_page_of_corrupt_records_is_read_past() {
+    let f = fixture(HintConfig::default());
+    for key in [b"a", b"b", b"c"] {
+        f.backend.put(&entry_id(&n("c"), key), b"garbage").unwrap();
+    }
+    f.book.store(&n("c"), b"d", &write("a", "1")).unwrap();
+    let book = HintBook::open(f.backend.clone(), HintConfig::default(), Arc::new(|| 0)).unwrap();
+    let batch = book.batch(&n("c"), None, 2).unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].key, b"d");
+    assert_eq!(book.pending(&n("c")), 1, "the corrupt ones are gone");
+    assert!(book.batch(&n("c"), Some(b"d"), 2).unwrap().is_empty());
+}
+
 #[test]
 fn a_refused_hint_is_dropped_only_if_unchanged() {
     let f = fixture(HintConfig::default());
