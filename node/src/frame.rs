@@ -19,7 +19,7 @@
 use std::sync::Mutex;
 
 use rkyv::util::AlignedVec;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::Notify;
 
 /// Bytes before a frame's body: its length and its request id.
 pub const FRAME_HEADER_BYTES: usize = 12;
@@ -131,25 +131,39 @@ fn read_error(e: quinn::ReadError) -> FrameError {
 /// batch, so tasks that are ready to run get to add their frames first:
 /// an idle node sends at once, a busy one sends fewer, fuller packets.
 ///
+/// A frame may hold something of type `H` until it is written (a server's
+/// answer holds its request's place in the in-flight budgets, see
+/// `quic::AnswerHold`): a reader that does not read holds up the server's
+/// budgets, not just its memory.
+///
 /// Invariant: once closed, `push` refuses and `next_batch` hands out what
 /// was queued before the close, then `None`.
-#[derive(Default)]
-pub struct FrameQueue {
-    state: Mutex<QueueState>,
+pub struct FrameQueue<H = ()> {
+    state: Mutex<QueueState<H>>,
     ready: Notify,
 }
 
-#[derive(Default)]
-struct QueueState {
+struct QueueState<H> {
     buf: Vec<u8>,
-    /// Permits of the frames in `buf`, released once they are written: a
-    /// reader that does not read holds up the server's request budget, not
-    /// just its memory.
-    held: Vec<OwnedSemaphorePermit>,
+    /// What the frames in `buf` hold, dropped once they are written.
+    held: Vec<H>,
     closed: bool,
 }
 
-impl FrameQueue {
+impl<H> Default for FrameQueue<H> {
+    fn default() -> Self {
+        FrameQueue {
+            state: Mutex::new(QueueState {
+                buf: Vec::new(),
+                held: Vec::new(),
+                closed: false,
+            }),
+            ready: Notify::new(),
+        }
+    }
+}
+
+impl<H> FrameQueue<H> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -159,19 +173,19 @@ impl FrameQueue {
         self.push_frame(id, body, None)
     }
 
-    /// Queues one frame that keeps `permit` until it has been written.
-    pub fn push_holding(&self, id: u64, body: &[u8], permit: OwnedSemaphorePermit) -> bool {
-        self.push_frame(id, body, Some(permit))
+    /// Queues one frame that keeps `hold` until it has been written.
+    pub fn push_holding(&self, id: u64, body: &[u8], hold: H) -> bool {
+        self.push_frame(id, body, Some(hold))
     }
 
-    fn push_frame(&self, id: u64, body: &[u8], permit: Option<OwnedSemaphorePermit>) -> bool {
+    fn push_frame(&self, id: u64, body: &[u8], hold: Option<H>) -> bool {
         {
             let mut state = self.state.lock().expect("frame queue lock poisoned");
             if state.closed {
                 return false;
             }
             put_frame(&mut state.buf, id, body);
-            state.held.extend(permit);
+            state.held.extend(hold);
         }
         self.ready.notify_one();
         true
@@ -183,18 +197,28 @@ impl FrameQueue {
         self.ready.notify_one();
     }
 
+    /// Closes the queue and drops what it holds: the stream has failed, so
+    /// nothing queued will be written, and what the frames hold (a server's
+    /// in-flight places and answer bytes) must not wait for it.
+    fn abandon(&self) {
+        let dropped = {
+            let mut state = self.state.lock().expect("frame queue lock poisoned");
+            state.closed = true;
+            state.buf = Vec::new();
+            std::mem::take(&mut state.held)
+        };
+        drop(dropped);
+        self.ready.notify_one();
+    }
+
     pub fn is_closed(&self) -> bool {
         self.state.lock().expect("frame queue lock poisoned").closed
     }
 
     /// Waits for queued frames and swaps them into `batch` (which must be
-    /// empty; its capacity is reused), and their permits into `held`.
+    /// empty; its capacity is reused), and what they hold into `held`.
     /// `false` once closed and drained.
-    pub async fn next_batch(
-        &self,
-        batch: &mut Vec<u8>,
-        held: &mut Vec<OwnedSemaphorePermit>,
-    ) -> bool {
+    pub async fn next_batch(&self, batch: &mut Vec<u8>, held: &mut Vec<H>) -> bool {
         debug_assert!(batch.is_empty());
         let mut yielded = false;
         loop {
@@ -224,13 +248,13 @@ impl FrameQueue {
 
     /// Writes batches to `send` until the queue is closed and drained, then
     /// finishes the stream and returns it (to wait for the peer's
-    /// acknowledgement, if the caller cares). Stops early (closing the
+    /// acknowledgement, if the caller cares). Stops early (abandoning the
     /// queue, returning `None`) if the stream fails.
     pub async fn write_to(&self, mut send: quinn::SendStream) -> Option<quinn::SendStream> {
         let (mut batch, mut held) = (Vec::new(), Vec::new());
         while self.next_batch(&mut batch, &mut held).await {
             if send.write_all(&batch).await.is_err() {
-                self.close();
+                self.abandon();
                 return None;
             }
             batch.clear();
@@ -259,7 +283,7 @@ mod tests {
     /// Frames pushed while the writer is busy leave together, in order.
     #[tokio::test]
     async fn frames_queued_together_leave_in_one_batch_in_order() {
-        let queue = FrameQueue::new();
+        let queue = FrameQueue::<()>::new();
         assert!(queue.push(1, b"one"));
         assert!(queue.push(2, b""));
         assert!(queue.push(3, b"three"));
@@ -276,7 +300,7 @@ mod tests {
     #[tokio::test]
     async fn a_frames_permit_is_held_until_its_batch_is_written() {
         let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
-        let queue = FrameQueue::new();
+        let queue = FrameQueue::<tokio::sync::OwnedSemaphorePermit>::new();
         let permit = budget.clone().try_acquire_owned().unwrap();
         assert!(queue.push_holding(4, b"answer", permit));
         assert_eq!(budget.available_permits(), 0);
@@ -290,7 +314,7 @@ mod tests {
     /// A frame pushed by another task wakes a waiting writer.
     #[tokio::test]
     async fn a_waiting_writer_is_woken_by_a_push() {
-        let queue = std::sync::Arc::new(FrameQueue::new());
+        let queue = std::sync::Arc::new(FrameQueue::<()>::new());
         let writer = {
             let queue = queue.clone();
             tokio::spawn(async move {
@@ -311,7 +335,7 @@ mod tests {
     /// writer is told to stop.
     #[tokio::test]
     async fn close_drains_what_was_queued_then_stops() {
-        let queue = FrameQueue::new();
+        let queue = FrameQueue::<()>::new();
         queue.push(1, b"a");
         queue.close();
         assert!(!queue.push(2, b"b"));

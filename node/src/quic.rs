@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use ringkv_core::wire::{
     decode_request, decode_response, encode_request, encode_response, ErrorKind, ReplicaRequest,
     Request, Response, FRAME_MAX_BYTES,
 };
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster_key::ClusterKey;
 use crate::frame::{put_frame, read_frame, FrameError, FrameQueue};
@@ -41,6 +41,22 @@ pub const SHARED_REQUEST_MAX_BYTES: usize = 64 * 1024;
 /// Requests one stream may have in flight at a node. Beyond it the node stops
 /// reading the stream, and QUIC flow control pushes back on the sender.
 const STREAM_IN_FLIGHT_MAX: u32 = 1024;
+/// Requests one connection may have in flight across all its streams. A
+/// peer that pipelines on many streams would otherwise run 256 × 1,024
+/// requests at once. A well-behaved peer never reaches it (two shared
+/// streams, and one request on each other stream, checked below), so it
+/// cannot bring back the cycle that [`Lane`] keeps shared streams out of.
+pub const CONNECTION_IN_FLIGHT_MAX: usize = 4096;
+const _: () = assert!(
+    CONNECTION_IN_FLIGHT_MAX
+        >= 2 * STREAM_IN_FLIGHT_MAX as usize + tls::MAX_CONCURRENT_STREAMS as usize
+);
+/// Bytes of answers one connection may have waiting to be handed to QUIC
+/// before its streams stop reading requests. They wait when the peer does
+/// not read them (its flow-control window is full), so without this a
+/// client that sends gets and never reads would make the node keep the
+/// answers of every request it is allowed in flight.
+pub const CONNECTION_UNWRITTEN_MAX_BYTES: usize = 16 << 20;
 
 /// How long opening a shared stream may wait for the peer's stream credit.
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -94,21 +110,125 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
     }
 }
 
-/// The one answer a server owes a request frame. Its permit (the stream's
-/// in-flight budget) is held until the answer is written, and a handler
-/// that panics still answers, with an internal error: on a shared stream
-/// nothing else would ever tell the caller.
+/// What one connection's requests may take of the node at once: places
+/// in flight, and bytes of answers not yet handed to QUIC. Kept per
+/// connection, so a slow or hostile peer stalls only itself.
+///
+/// Invariant: `unwritten_bytes` is the sum of the [`Charge`]s of the
+/// answers queued on the connection's streams and not yet written, and a
+/// stream reads a request only while it is below `unwritten_max_bytes`. So
+/// the node keeps at most that many bytes of answers for the connection,
+/// plus the answers of requests already read (at most `in_flight`'s
+/// permits), plus what QUIC buffers unacknowledged (its send window, 10 MB
+/// by default).
+pub struct ConnectionBudget {
+    in_flight: Arc<Semaphore>,
+    unwritten_bytes: AtomicUsize,
+    unwritten_max_bytes: usize,
+    /// Woken when `unwritten_bytes` falls below the maximum.
+    drained: Notify,
+    /// Times a stream stopped reading for want of room, for the tests (the
+    /// metric counts them too).
+    paused_reads: AtomicU64,
+}
+
+impl ConnectionBudget {
+    pub fn new(in_flight_max: usize, unwritten_max_bytes: usize) -> Arc<ConnectionBudget> {
+        Arc::new(ConnectionBudget {
+            in_flight: Arc::new(Semaphore::new(in_flight_max)),
+            unwritten_bytes: AtomicUsize::new(0),
+            unwritten_max_bytes,
+            drained: Notify::new(),
+            paused_reads: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts `bytes` of an answer queued until the returned charge drops.
+    fn charge(self: &Arc<Self>, bytes: usize) -> Charge {
+        self.unwritten_bytes.fetch_add(bytes, Ordering::SeqCst);
+        Charge {
+            budget: self.clone(),
+            bytes,
+        }
+    }
+
+    /// Returns once the connection's unwritten answers are below the
+    /// maximum: at once, unless its peer has stopped reading them.
+    async fn room_to_read(&self) {
+        if self.unwritten_bytes.load(Ordering::SeqCst) < self.unwritten_max_bytes {
+            return;
+        }
+        self.paused_reads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("ringkv_paused_reads_total").increment(1);
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the check: SeqCst on both sides means either
+            // the check sees a release, or that release wakes this.
+            drained.as_mut().enable();
+            if self.unwritten_bytes.load(Ordering::SeqCst) < self.unwritten_max_bytes {
+                return;
+            }
+            drained.await;
+        }
+    }
+}
+
+/// An answer's bytes in its connection's [`ConnectionBudget`], given back
+/// when the answer has been written (or dropped unwritten).
+struct Charge {
+    budget: Arc<ConnectionBudget>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let budget = &self.budget;
+        let before = budget
+            .unwritten_bytes
+            .fetch_sub(self.bytes, Ordering::SeqCst);
+        if before >= budget.unwritten_max_bytes && before - self.bytes < budget.unwritten_max_bytes
+        {
+            budget.drained.notify_waiters();
+        }
+    }
+}
+
+/// What a queued answer keeps until it is written: its request's places in
+/// the stream's and the connection's in-flight budgets, and its bytes.
+struct AnswerHold {
+    _stream: OwnedSemaphorePermit,
+    _connection: OwnedSemaphorePermit,
+    _bytes: Charge,
+}
+
+/// The one answer a server owes a request frame. Its places in flight are
+/// held until the answer is written, and a handler that panics still
+/// answers, with an internal error: on a shared stream nothing else would
+/// ever tell the caller.
 struct OwedAnswer {
-    queue: Arc<FrameQueue>,
+    queue: Arc<FrameQueue<AnswerHold>>,
     id: u64,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The stream's and the connection's permits, until answered.
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    budget: Arc<ConnectionBudget>,
 }
 
 impl OwedAnswer {
     fn send(mut self, response: &Response) {
-        if let Some(permit) = self.permit.take() {
-            self.queue
-                .push_holding(self.id, &answer_frame(response, FRAME_MAX_BYTES), permit);
+        self.push(&answer_frame(response, FRAME_MAX_BYTES));
+    }
+
+    fn push(&mut self, frame: &[u8]) {
+        if let Some((stream, connection)) = self.permits.take() {
+            let hold = AnswerHold {
+                _stream: stream,
+                _connection: connection,
+                _bytes: self
+                    .budget
+                    .charge(frame.len() + crate::frame::FRAME_HEADER_BYTES),
+            };
+            self.queue.push_holding(self.id, frame, hold);
         }
     }
 }
@@ -135,11 +255,10 @@ fn answer_frame(response: &Response, max_bytes: usize) -> rkyv::util::AlignedVec
 
 impl Drop for OwedAnswer {
     fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
+        if self.permits.is_some() {
             metrics::counter!("ringkv_failed_handlers_total").increment(1);
             let error = Response::error(ErrorKind::Internal, "the request's handler failed");
-            self.queue
-                .push_holding(self.id, &encode_response(&error), permit);
+            self.push(&encode_response(&error));
         }
     }
 }
@@ -422,14 +541,28 @@ impl CallError {
 pub async fn serve_connection<H, F>(
     conn: quinn::Connection,
     handle: H,
+    finish: watch::Receiver<bool>,
+) where
+    H: Fn(Request) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response> + Send + 'static,
+{
+    let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, CONNECTION_UNWRITTEN_MAX_BYTES);
+    serve_connection_within(conn, handle, finish, budget).await;
+}
+
+/// [`serve_connection`] within `budget`.
+async fn serve_connection_within<H, F>(
+    conn: quinn::Connection,
+    handle: H,
     mut finish: watch::Receiver<bool>,
+    budget: Arc<ConnectionBudget>,
 ) where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response> + Send + 'static,
 {
     // Streams per connection are capped by the transport config
-    // (MAX_CONCURRENT_STREAMS), and requests per stream by
-    // STREAM_IN_FLIGHT_MAX, which bounds the tasks spawned here.
+    // (MAX_CONCURRENT_STREAMS), and the requests in flight on them by
+    // `budget`, which bounds the tasks spawned here.
     loop {
         let accepted = tokio::select! {
             biased;
@@ -438,7 +571,13 @@ pub async fn serve_connection<H, F>(
             accepted = conn.accept_bi() => accepted,
         };
         let Ok((send, recv)) = accepted else { return };
-        tokio::spawn(serve_stream(send, recv, handle.clone(), finish.clone()));
+        tokio::spawn(serve_stream(
+            send,
+            recv,
+            handle.clone(),
+            finish.clone(),
+            budget.clone(),
+        ));
     }
     drop(finish);
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
@@ -452,7 +591,8 @@ pub async fn serve_connection<H, F>(
 const FINISH_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// Reads request frames until the stream ends, runs each in a task of its
-/// own, and writes each answer as it is ready. Once `finish` turns true (a
+/// own, and writes each answer as it is ready. It reads a request only when
+/// the stream and its connection's `budget` have room for it. Once `finish` turns true (a
 /// node shutting down, once its requests under way have answered), it reads
 /// no more, answers what it has read, finishes the stream and waits (up to
 /// [`FINISH_ACK_WAIT`]) until the peer has acknowledged every byte: closing
@@ -462,11 +602,12 @@ async fn serve_stream<H, F>(
     mut recv: quinn::RecvStream,
     handle: H,
     mut finish: watch::Receiver<bool>,
+    budget: Arc<ConnectionBudget>,
 ) where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response> + Send + 'static,
 {
-    let queue = Arc::new(FrameQueue::new());
+    let queue = Arc::new(FrameQueue::<AnswerHold>::new());
     let writer = tokio::spawn({
         let queue = queue.clone();
         async move {
@@ -481,7 +622,10 @@ async fn serve_stream<H, F>(
         let read = tokio::select! {
             biased;
             true = async { finish.wait_for(|finish| *finish).await.is_ok() } => break,
-            read = read_frame(&mut recv, FRAME_MAX_BYTES) => read,
+            read = async {
+                budget.room_to_read().await;
+                read_frame(&mut recv, FRAME_MAX_BYTES).await
+            } => read,
         };
         let (id, body) = match read {
             Ok(Some(frame)) => frame,
@@ -506,7 +650,13 @@ async fn serve_stream<H, F>(
             // Reset by the sender, or the connection died: nothing to read.
             Err(FrameError::Stream { .. } | FrameError::ConnectionLost { .. }) => break,
         };
-        let permit = in_flight
+        let on_stream = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let on_connection = budget
+            .in_flight
             .clone()
             .acquire_owned()
             .await
@@ -514,7 +664,8 @@ async fn serve_stream<H, F>(
         let answer = OwedAnswer {
             queue: queue.clone(),
             id,
-            permit: Some(permit),
+            permits: Some((on_stream, on_connection)),
+            budget: budget.clone(),
         };
         let handle = handle.clone();
         tokio::spawn(async move {
@@ -1110,6 +1261,153 @@ mod tests {
             client.call(&Request::Ping).await,
             Ok(Response::Pong)
         ));
+    }
+
+    /// A server serving one connection within `budget`, whose handler
+    /// counts the requests it runs and answers each with `answer_bytes`
+    /// bytes once `go` has a permit for it; and a raw connection to it.
+    async fn budgeted_server(
+        budget: Arc<ConnectionBudget>,
+        answer_bytes: usize,
+        go: Arc<Semaphore>,
+    ) -> (quinn::Endpoint, quinn::Connection, Arc<AtomicU64>) {
+        let server = quinn::Endpoint::server(
+            tls::server_config(None).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let handled = Arc::new(AtomicU64::new(0));
+        tokio::spawn({
+            let (server, handled) = (server.clone(), handled.clone());
+            async move {
+                let conn = server.accept().await.unwrap().await.unwrap();
+                let handle = move |_request| {
+                    let (handled, go) = (handled.clone(), go.clone());
+                    async move {
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        go.acquire().await.unwrap().forget();
+                        Response::Get(GetReply {
+                            values: vec![vec![7u8; answer_bytes]],
+                            context: String::new(),
+                            receipt: Default::default(),
+                        })
+                    }
+                };
+                serve_connection_within(conn, handle, watch::channel(false).1, budget).await;
+            }
+        });
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(None).unwrap());
+        let conn = connect(&endpoint, addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        (endpoint, conn, handled)
+    }
+
+    /// Sends `count` gets on a new stream of `conn`, without reading.
+    async fn send_gets(conn: &quinn::Connection, count: u64) -> quinn::RecvStream {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let mut frames = Vec::new();
+        for id in 0..count {
+            put_frame(&mut frames, id, &encode_request(&get("k")));
+        }
+        send.write_all(&frames).await.unwrap();
+        recv
+    }
+
+    /// Polls `done` every 10 ms until it holds, failing after 10 s.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A client that sends gets and does not read their answers makes the
+    /// node stop reading its requests once the connection's unwritten
+    /// answers pass their budget, instead of keeping the answers of every
+    /// request a stream may have in flight (1,024 of 32 KiB here). Once
+    /// the client reads, every request is answered and the budget empties.
+    #[tokio::test]
+    async fn a_client_that_does_not_read_its_answers_stops_the_node_reading() {
+        const REQUESTS: u64 = 1000;
+        let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, 256 * 1024);
+        let go = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
+        let (_endpoint, conn, handled) = budgeted_server(budget.clone(), 32 * 1024, go).await;
+        assert!(REQUESTS < u64::from(STREAM_IN_FLIGHT_MAX));
+        let mut recv = send_gets(&conn, REQUESTS).await;
+        eventually("the node stops reading", || {
+            budget.paused_reads.load(Ordering::Relaxed) > 0
+        })
+        .await;
+        let run = handled.load(Ordering::SeqCst);
+        assert!(run < REQUESTS, "all {run} requests ran");
+        assert!(budget.unwritten_bytes.load(Ordering::SeqCst) >= 256 * 1024);
+        let mut answered = 0;
+        while answered < REQUESTS {
+            let (_, body) = read_frame(&mut recv, FRAME_MAX_BYTES)
+                .await
+                .unwrap()
+                .expect("an answer per request");
+            assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
+            answered += 1;
+        }
+        assert_eq!(handled.load(Ordering::SeqCst), REQUESTS);
+        eventually("the budget empties", || {
+            budget.unwritten_bytes.load(Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+
+    /// Answers queued on a stream whose client stops reading it
+    /// (STOP_SENDING) will never be written: they give their room back,
+    /// those queued behind the blocked write included, so the connection's
+    /// other streams are not kept from reading.
+    #[tokio::test]
+    async fn a_stopped_streams_answers_give_their_room_back() {
+        const ANSWER_BYTES: usize = 32 * 1024;
+        let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, usize::MAX);
+        let go = Arc::new(Semaphore::new(40));
+        let (_endpoint, conn, handled) =
+            budgeted_server(budget.clone(), ANSWER_BYTES, go.clone()).await;
+        let mut unread = send_gets(&conn, 200).await;
+        eventually("every request runs", || {
+            handled.load(Ordering::SeqCst) == 200
+        })
+        .await;
+        // 40 answers (1.3 MB) overfill the client's stream window (1.25 MB),
+        // so the writer is stuck; the other 160 queue behind it.
+        go.add_permits(160);
+        let unwritten = || budget.unwritten_bytes.load(Ordering::SeqCst);
+        eventually("160 answers queue", || unwritten() >= 160 * ANSWER_BYTES).await;
+        unread.stop(0u32.into()).unwrap();
+        eventually("the room comes back", || unwritten() == 0).await;
+    }
+
+    /// Requests on many streams of one connection share its in-flight
+    /// budget: with room for 8, the ninth waits until one is answered.
+    #[tokio::test]
+    async fn a_connections_streams_share_its_in_flight_budget() {
+        let budget = ConnectionBudget::new(8, CONNECTION_UNWRITTEN_MAX_BYTES);
+        let go = Arc::new(Semaphore::new(0));
+        let (_endpoint, conn, handled) = budgeted_server(budget.clone(), 16, go.clone()).await;
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            streams.push(send_gets(&conn, 4).await);
+        }
+        eventually("8 requests run", || handled.load(Ordering::SeqCst) >= 8).await;
+        assert_eq!(handled.load(Ordering::SeqCst), 8);
+        assert_eq!(budget.in_flight.available_permits(), 0);
+        go.add_permits(16);
+        for recv in &mut streams {
+            for _ in 0..4 {
+                let (_, body) = read_frame(recv, FRAME_MAX_BYTES).await.unwrap().unwrap();
+                assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
+            }
+        }
+        assert_eq!(handled.load(Ordering::SeqCst), 16);
     }
 
     /// A caller that gives up (a timeout) is forgotten; its late answer is

@@ -41,7 +41,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Concurrent requests one connection may carry: bounds a peer's load (and
 /// the frames buffered for it) on us.
-const MAX_CONCURRENT_STREAMS: u32 = 256;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
