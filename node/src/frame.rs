@@ -137,7 +137,8 @@ fn read_error(e: quinn::ReadError) -> FrameError {
 /// budgets, not just its memory.
 ///
 /// Invariant: once closed, `push` refuses and `next_batch` hands out what
-/// was queued before the close, then `None`.
+/// was queued before the close (nothing, if the writer abandoned the queue
+/// on a failed write), then `None`.
 pub struct FrameQueue<H = ()> {
     state: Mutex<QueueState<H>>,
     ready: Notify,

@@ -54,8 +54,13 @@ const _: () = assert!(
 /// Bytes of answers one connection may have waiting to be handed to QUIC
 /// before its streams stop reading requests. They wait when the peer does
 /// not read them (its flow-control window is full), so without this a
-/// client that sends gets and never reads would make the node keep the
-/// answers of every request it is allowed in flight.
+/// client that sends gets and never reads would have every request it is
+/// allowed in flight answered and kept, again and again. It bounds what
+/// waits, not a burst: answers count once their request has run, so the
+/// requests read before the pause (up to the in-flight limits) are still
+/// answered. Answers also wait when QUIC's send window is full on a slow
+/// link; then the connection's leaf requests wait behind its coordinated
+/// answers too (no cycle: draining needs only the peer to read).
 pub const CONNECTION_UNWRITTEN_MAX_BYTES: usize = 16 << 20;
 
 /// How long opening a shared stream may wait for the peer's stream credit.
@@ -134,6 +139,8 @@ pub struct ConnectionBudget {
 
 impl ConnectionBudget {
     pub fn new(in_flight_max: usize, unwritten_max_bytes: usize) -> Arc<ConnectionBudget> {
+        // Nothing falls below 0, so a paused stream would never resume.
+        assert!(unwritten_max_bytes > 0, "an answer budget of 0 bytes");
         Arc::new(ConnectionBudget {
             in_flight: Arc::new(Semaphore::new(in_flight_max)),
             unwritten_bytes: AtomicUsize::new(0),
@@ -591,8 +598,11 @@ async fn serve_connection_within<H, F>(
 const FINISH_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// Reads request frames until the stream ends, runs each in a task of its
-/// own, and writes each answer as it is ready. It reads a request only when
-/// the stream and its connection's `budget` have room for it. Once `finish` turns true (a
+/// own, and writes each answer as it is ready. It reads the next request
+/// only while its connection's unwritten answers are under their budget,
+/// and runs it once the stream and the connection have a place in flight
+/// for it. It stops reading once its answers cannot be written (the peer
+/// stopped the stream). Once `finish` turns true (a
 /// node shutting down, once its requests under way have answered), it reads
 /// no more, answers what it has read, finishes the stream and waits (up to
 /// [`FINISH_ACK_WAIT`]) until the peer has acknowledged every byte: closing
@@ -618,6 +628,12 @@ async fn serve_stream<H, F>(
     });
     let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT_MAX as usize));
     loop {
+        // The writer gave up (the peer stopped the stream): no answer can
+        // reach the peer, so run nothing more of what it sends.
+        if queue.is_closed() {
+            let _ = recv.stop(0u32.into());
+            break;
+        }
         // A frame cut off here is never answered; it was never run either.
         let read = tokio::select! {
             biased;
@@ -1316,6 +1332,14 @@ mod tests {
         recv
     }
 
+    /// `future`'s output, failing the test if it takes over 10 s (a lost
+    /// wake-up fails rather than hangs).
+    async fn within_10_s<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .expect("done within 10 s")
+    }
+
     /// Polls `done` every 10 ms until it holds, failing after 10 s.
     async fn eventually(what: &str, done: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1347,7 +1371,7 @@ mod tests {
         assert!(budget.unwritten_bytes.load(Ordering::SeqCst) >= 256 * 1024);
         let mut answered = 0;
         while answered < REQUESTS {
-            let (_, body) = read_frame(&mut recv, FRAME_MAX_BYTES)
+            let (_, body) = within_10_s(read_frame(&mut recv, FRAME_MAX_BYTES))
                 .await
                 .unwrap()
                 .expect("an answer per request");
@@ -1368,7 +1392,7 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_streams_answers_give_their_room_back() {
         const ANSWER_BYTES: usize = 32 * 1024;
-        let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, usize::MAX);
+        let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, 2 << 20);
         let go = Arc::new(Semaphore::new(40));
         let (_endpoint, conn, handled) =
             budgeted_server(budget.clone(), ANSWER_BYTES, go.clone()).await;
@@ -1382,8 +1406,25 @@ mod tests {
         go.add_permits(160);
         let unwritten = || budget.unwritten_bytes.load(Ordering::SeqCst);
         eventually("160 answers queue", || unwritten() >= 160 * ANSWER_BYTES).await;
+        // Past the budget: a request on another stream is not read...
+        go.add_permits(1);
+        let mut other = send_gets(&conn, 1).await;
+        eventually("the node stops reading", || {
+            budget.paused_reads.load(Ordering::Relaxed) > 0
+        })
+        .await;
+        // ...until the stuck stream is stopped and its answers dropped.
         unread.stop(0u32.into()).unwrap();
+        let (_, body) = within_10_s(read_frame(&mut other, FRAME_MAX_BYTES))
+            .await
+            .unwrap()
+            .expect("the other stream is answered");
+        assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
         eventually("the room comes back", || unwritten() == 0).await;
+        eventually("the places in flight come back", || {
+            budget.in_flight.available_permits() == CONNECTION_IN_FLIGHT_MAX
+        })
+        .await;
     }
 
     /// Requests on many streams of one connection share its in-flight
@@ -1403,7 +1444,10 @@ mod tests {
         go.add_permits(16);
         for recv in &mut streams {
             for _ in 0..4 {
-                let (_, body) = read_frame(recv, FRAME_MAX_BYTES).await.unwrap().unwrap();
+                let (_, body) = within_10_s(read_frame(recv, FRAME_MAX_BYTES))
+                    .await
+                    .unwrap()
+                    .unwrap();
                 assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
             }
         }
