@@ -16,6 +16,7 @@
 //! This is the multiplexing Cassandra's native protocol does with stream ids
 //! on one connection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use rkyv::util::AlignedVec;
@@ -142,6 +143,8 @@ fn read_error(e: quinn::ReadError) -> FrameError {
 pub struct FrameQueue<H = ()> {
     state: Mutex<QueueState<H>>,
     ready: Notify,
+    /// Set by `abandon`; read without the lock, once per request read.
+    abandoned: AtomicBool,
 }
 
 struct QueueState<H> {
@@ -160,6 +163,7 @@ impl<H> Default for FrameQueue<H> {
                 closed: false,
             }),
             ready: Notify::new(),
+            abandoned: AtomicBool::new(false),
         }
     }
 }
@@ -202,6 +206,7 @@ impl<H> FrameQueue<H> {
     /// nothing queued will be written, and what the frames hold (a server's
     /// in-flight places and answer bytes) must not wait for it.
     fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
         let dropped = {
             let mut state = self.state.lock().expect("frame queue lock poisoned");
             state.closed = true;
@@ -210,6 +215,12 @@ impl<H> FrameQueue<H> {
         };
         drop(dropped);
         self.ready.notify_one();
+    }
+
+    /// Whether the writer gave up on a failed write: nothing queued from
+    /// now on reaches the peer.
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
     }
 
     pub fn is_closed(&self) -> bool {

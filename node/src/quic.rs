@@ -119,15 +119,17 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
 /// in flight, and bytes of answers not yet handed to QUIC. Kept per
 /// connection, so a slow or hostile peer stalls only itself.
 ///
-/// Invariant: `unwritten_bytes` is the sum of the [`Charge`]s of the
-/// answers queued on the connection's streams and not yet written, and a
+/// Invariant: `unwritten_bytes` is the sum of the bytes of the [`Share`]s
+/// of answers queued on the connection's streams and not yet written, and a
 /// stream reads a request only while it is below `unwritten_max_bytes`. So
 /// the node keeps at most that many bytes of answers for the connection,
 /// plus the answers of requests already read (at most `in_flight`'s
 /// permits), plus what QUIC buffers unacknowledged (its send window, 10 MB
 /// by default).
 pub struct ConnectionBudget {
-    in_flight: Arc<Semaphore>,
+    /// Places for requests read and not yet answered in writing; a
+    /// [`Share`] holds one (taken with `forget`, given back on drop).
+    in_flight: Semaphore,
     unwritten_bytes: AtomicUsize,
     unwritten_max_bytes: usize,
     /// Woken when `unwritten_bytes` falls below the maximum.
@@ -142,7 +144,7 @@ impl ConnectionBudget {
         // Nothing falls below 0, so a paused stream would never resume.
         assert!(unwritten_max_bytes > 0, "an answer budget of 0 bytes");
         Arc::new(ConnectionBudget {
-            in_flight: Arc::new(Semaphore::new(in_flight_max)),
+            in_flight: Semaphore::new(in_flight_max),
             unwritten_bytes: AtomicUsize::new(0),
             unwritten_max_bytes,
             drained: Notify::new(),
@@ -150,12 +152,16 @@ impl ConnectionBudget {
         })
     }
 
-    /// Counts `bytes` of an answer queued until the returned charge drops.
-    fn charge(self: &Arc<Self>, bytes: usize) -> Charge {
-        self.unwritten_bytes.fetch_add(bytes, Ordering::SeqCst);
-        Charge {
+    /// Takes a place in flight for one request, waiting for one if need be.
+    async fn share(self: &Arc<Self>) -> Share {
+        self.in_flight
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
+            .forget();
+        Share {
             budget: self.clone(),
-            bytes,
+            bytes: 0,
         }
     }
 
@@ -181,32 +187,46 @@ impl ConnectionBudget {
     }
 }
 
-/// An answer's bytes in its connection's [`ConnectionBudget`], given back
-/// when the answer has been written (or dropped unwritten).
-struct Charge {
+/// One request's share of its connection's [`ConnectionBudget`], from when
+/// it is read until its answer is written (or dropped unwritten): a place
+/// in flight, and the answer's bytes once it is queued.
+struct Share {
     budget: Arc<ConnectionBudget>,
     bytes: usize,
 }
 
-impl Drop for Charge {
-    fn drop(&mut self) {
-        let budget = &self.budget;
-        let before = budget
+impl Share {
+    /// Counts the `bytes` of the queued answer.
+    fn charge(&mut self, bytes: usize) {
+        self.budget
             .unwritten_bytes
-            .fetch_sub(self.bytes, Ordering::SeqCst);
-        if before >= budget.unwritten_max_bytes && before - self.bytes < budget.unwritten_max_bytes
-        {
-            budget.drained.notify_waiters();
-        }
+            .fetch_add(bytes, Ordering::SeqCst);
+        self.bytes += bytes;
     }
 }
 
-/// What a queued answer keeps until it is written: its request's places in
-/// the stream's and the connection's in-flight budgets, and its bytes.
+impl Drop for Share {
+    fn drop(&mut self) {
+        let budget = &self.budget;
+        if self.bytes > 0 {
+            let before = budget
+                .unwritten_bytes
+                .fetch_sub(self.bytes, Ordering::SeqCst);
+            if before >= budget.unwritten_max_bytes
+                && before - self.bytes < budget.unwritten_max_bytes
+            {
+                budget.drained.notify_waiters();
+            }
+        }
+        budget.in_flight.add_permits(1);
+    }
+}
+
+/// What a queued answer keeps until it is written: its request's place in
+/// the stream's in-flight budget, and its share of the connection's.
 struct AnswerHold {
     _stream: OwnedSemaphorePermit,
-    _connection: OwnedSemaphorePermit,
-    _bytes: Charge,
+    _share: Share,
 }
 
 /// The one answer a server owes a request frame. Its places in flight are
@@ -216,9 +236,8 @@ struct AnswerHold {
 struct OwedAnswer {
     queue: Arc<FrameQueue<AnswerHold>>,
     id: u64,
-    /// The stream's and the connection's permits, until answered.
-    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
-    budget: Arc<ConnectionBudget>,
+    /// The stream's permit and the connection's share, until answered.
+    places: Option<(OwnedSemaphorePermit, Share)>,
 }
 
 impl OwedAnswer {
@@ -227,13 +246,11 @@ impl OwedAnswer {
     }
 
     fn push(&mut self, frame: &[u8]) {
-        if let Some((stream, connection)) = self.permits.take() {
+        if let Some((stream, mut share)) = self.places.take() {
+            share.charge(frame.len() + crate::frame::FRAME_HEADER_BYTES);
             let hold = AnswerHold {
                 _stream: stream,
-                _connection: connection,
-                _bytes: self
-                    .budget
-                    .charge(frame.len() + crate::frame::FRAME_HEADER_BYTES),
+                _share: share,
             };
             self.queue.push_holding(self.id, frame, hold);
         }
@@ -262,7 +279,7 @@ fn answer_frame(response: &Response, max_bytes: usize) -> rkyv::util::AlignedVec
 
 impl Drop for OwedAnswer {
     fn drop(&mut self) {
-        if self.permits.is_some() {
+        if self.places.is_some() {
             metrics::counter!("ringkv_failed_handlers_total").increment(1);
             let error = Response::error(ErrorKind::Internal, "the request's handler failed");
             self.push(&encode_response(&error));
@@ -630,7 +647,7 @@ async fn serve_stream<H, F>(
     loop {
         // The writer gave up (the peer stopped the stream): no answer can
         // reach the peer, so run nothing more of what it sends.
-        if queue.is_closed() {
+        if queue.is_abandoned() {
             let _ = recv.stop(0u32.into());
             break;
         }
@@ -671,17 +688,10 @@ async fn serve_stream<H, F>(
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let on_connection = budget
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let answer = OwedAnswer {
             queue: queue.clone(),
             id,
-            permits: Some((on_stream, on_connection)),
-            budget: budget.clone(),
+            places: Some((on_stream, budget.share().await)),
         };
         let handle = handle.clone();
         tokio::spawn(async move {
