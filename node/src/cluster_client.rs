@@ -454,6 +454,7 @@ const PROBE_KEY: &[u8] = b"ringkv:client-probe";
 mod tests {
     use super::*;
     use crate::frame::read_frame;
+    use crate::test_support::wait_until;
     use crate::tls;
     use ringkv_core::wire::FRAME_MAX_BYTES;
     use std::sync::atomic::AtomicUsize;
@@ -606,15 +607,6 @@ mod tests {
         let current = client.inner.lock();
         let conn = current.client.as_ref().unwrap().connection();
         conn.close_reason().is_some()
-    }
-
-    /// Polls `done` for up to 10 s.
-    async fn wait_until(what: &str, done: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// A node that refuses a request unrun passes it to the next node; the

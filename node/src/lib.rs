@@ -28,6 +28,8 @@ pub mod membership;
 pub mod quic;
 pub mod server;
 pub mod storage;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 
 pub use cluster_client::ClusterClient;

@@ -990,6 +990,7 @@ impl Client {
 mod tests {
     use super::*;
     use crate::server::{Node, NodeConfig};
+    use crate::test_support::wait_until;
     use ringkv_core::wire::GetReply;
     use ringkv_core::NodeId;
 
@@ -1350,15 +1351,6 @@ mod tests {
             .expect("done within 10 s")
     }
 
-    /// Polls `done` every 10 ms until it holds, failing after 10 s.
-    async fn eventually(what: &str, done: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     /// A client that sends gets and does not read their answers makes the
     /// node stop reading its requests once the connection's unwritten
     /// answers pass their budget, instead of keeping the answers of every
@@ -1372,7 +1364,7 @@ mod tests {
         let (_endpoint, conn, handled) = budgeted_server(budget.clone(), 32 * 1024, go).await;
         assert!(REQUESTS < u64::from(STREAM_IN_FLIGHT_MAX));
         let mut recv = send_gets(&conn, REQUESTS).await;
-        eventually("the node stops reading", || {
+        wait_until("the node stops reading", || {
             budget.paused_reads.load(Ordering::Relaxed) > 0
         })
         .await;
@@ -1389,7 +1381,7 @@ mod tests {
             answered += 1;
         }
         assert_eq!(handled.load(Ordering::SeqCst), REQUESTS);
-        eventually("the budget empties", || {
+        wait_until("the budget empties", || {
             budget.unwritten_bytes.load(Ordering::SeqCst) == 0
         })
         .await;
@@ -1407,7 +1399,7 @@ mod tests {
         let (_endpoint, conn, handled) =
             budgeted_server(budget.clone(), ANSWER_BYTES, go.clone()).await;
         let mut unread = send_gets(&conn, 200).await;
-        eventually("every request runs", || {
+        wait_until("every request runs", || {
             handled.load(Ordering::SeqCst) == 200
         })
         .await;
@@ -1415,11 +1407,11 @@ mod tests {
         // so the writer is stuck; the other 160 queue behind it.
         go.add_permits(160);
         let unwritten = || budget.unwritten_bytes.load(Ordering::SeqCst);
-        eventually("160 answers queue", || unwritten() >= 160 * ANSWER_BYTES).await;
+        wait_until("160 answers queue", || unwritten() >= 160 * ANSWER_BYTES).await;
         // Past the budget: a request on another stream is not read...
         go.add_permits(1);
         let mut other = send_gets(&conn, 1).await;
-        eventually("the node stops reading", || {
+        wait_until("the node stops reading", || {
             budget.paused_reads.load(Ordering::Relaxed) > 0
         })
         .await;
@@ -1430,8 +1422,8 @@ mod tests {
             .unwrap()
             .expect("the other stream is answered");
         assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
-        eventually("the room comes back", || unwritten() == 0).await;
-        eventually("the places in flight come back", || {
+        wait_until("the room comes back", || unwritten() == 0).await;
+        wait_until("the places in flight come back", || {
             budget.in_flight.available_permits() == CONNECTION_IN_FLIGHT_MAX
         })
         .await;
@@ -1448,7 +1440,7 @@ mod tests {
         for _ in 0..4 {
             streams.push(send_gets(&conn, 4).await);
         }
-        eventually("8 requests run", || handled.load(Ordering::SeqCst) >= 8).await;
+        wait_until("8 requests run", || handled.load(Ordering::SeqCst) >= 8).await;
         assert_eq!(handled.load(Ordering::SeqCst), 8);
         assert_eq!(budget.in_flight.available_permits(), 0);
         go.add_permits(16);

@@ -1545,6 +1545,7 @@ async fn exchange_membership(inner: &Arc<NodeInner>) {
 mod tests {
     use super::*;
     use crate::storage::wal_bytes;
+    use crate::test_support::wait_until;
     use ringkv_coordinator::replica::Store;
     use ringkv_core::dvv::{Clock, Payload, VersionVector};
     use ringkv_core::wire::PutRequest;
@@ -1615,16 +1616,6 @@ mod tests {
         config.replicas = Some(2);
         config.seeds = seed.into_iter().collect();
         Node::start(config).await.unwrap()
-    }
-
-    /// Polls `done` every 20 ms; fails naming `what` if it is still false
-    /// after 20 s.
-    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !done() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// Whether `node`'s trees are ready for its current ring of two nodes.
