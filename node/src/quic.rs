@@ -120,12 +120,14 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
 /// connection, so a slow or hostile peer stalls only itself.
 ///
 /// Invariant: `unwritten_bytes` is the sum of the bytes of the [`Share`]s
-/// of answers queued on the connection's streams and not yet written, and a
-/// stream reads a request only while it is below `unwritten_max_bytes`. So
-/// the node keeps at most that many bytes of answers for the connection,
-/// plus the answers of requests already read (at most `in_flight`'s
-/// permits), plus what QUIC buffers unacknowledged (its send window, 10 MB
-/// by default).
+/// of answers queued on the connection's streams and not yet written (each
+/// counted up to half of `unwritten_max_bytes`), and a stream reads a
+/// request only while it is below `unwritten_max_bytes`. So a peer that
+/// does not read stops the node reading its requests once it holds that
+/// many bytes of answers, or two answers too large to count whole; besides
+/// them the node keeps the answers of requests already read (at most
+/// `in_flight`'s permits) and what QUIC buffers unacknowledged (its send
+/// window, 10 MB by default).
 pub struct ConnectionBudget {
     /// Places for requests read and not yet answered in writing; a
     /// [`Share`] holds one (taken with `forget`, given back on drop).
@@ -196,8 +198,12 @@ struct Share {
 }
 
 impl Share {
-    /// Counts the `bytes` of the queued answer.
+    /// Counts the `bytes` of the queued answer, up to half the budget: an
+    /// answer larger than the whole budget (a get of a 20 MiB value) would
+    /// otherwise stop the connection's reading by itself, however fast its
+    /// peer reads, until QUIC had taken all but the budget of it.
     fn charge(&mut self, bytes: usize) {
+        let bytes = bytes.min((self.budget.unwritten_max_bytes / 2).max(1));
         self.budget
             .unwritten_bytes
             .fetch_add(bytes, Ordering::SeqCst);
@@ -1427,6 +1433,37 @@ mod tests {
             budget.in_flight.available_permits() == CONNECTION_IN_FLIGHT_MAX
         })
         .await;
+    }
+
+    /// One answer larger than the whole budget does not stop the node
+    /// reading by itself (its peer may be reading it as fast as it can); a
+    /// second one, waiting behind it, does.
+    #[tokio::test]
+    async fn one_answer_larger_than_the_budget_does_not_pause_reading() {
+        // Over the client's stream window (1.25 MB), so the first answer
+        // waits, unwritten, while the client does not read.
+        const ANSWER_BYTES: usize = 1536 * 1024;
+        let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, 1 << 20);
+        let go = Arc::new(Semaphore::new(1));
+        let (_endpoint, conn, handled) =
+            budgeted_server(budget.clone(), ANSWER_BYTES, go.clone()).await;
+        let unwritten = || budget.unwritten_bytes.load(Ordering::SeqCst);
+        let _first = send_gets(&conn, 1).await;
+        wait_until("the first answer waits", || unwritten() > 0).await;
+        let _second = send_gets(&conn, 1).await;
+        wait_until("the second request runs", || {
+            handled.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        assert_eq!(budget.paused_reads.load(Ordering::Relaxed), 0);
+        go.add_permits(1);
+        wait_until("the second answer waits", || unwritten() >= 1 << 20).await;
+        let _third = send_gets(&conn, 1).await;
+        wait_until("the node stops reading", || {
+            budget.paused_reads.load(Ordering::Relaxed) > 0
+        })
+        .await;
+        assert_eq!(handled.load(Ordering::SeqCst), 2);
     }
 
     /// Requests on many streams of one connection share its in-flight
