@@ -52,7 +52,8 @@ const _: () = assert!(
         >= 2 * STREAM_IN_FLIGHT_MAX as usize + tls::MAX_CONCURRENT_STREAMS as usize
 );
 /// Bytes of answers one connection may have waiting to be handed to QUIC
-/// before its streams stop reading requests. They wait when the peer does
+/// before its streams stop reading requests, each answer counting up to
+/// half of it (see [`ConnectionBudget`]). Answers wait when the peer does
 /// not read them (its flow-control window is full), so without this a
 /// client that sends gets and never reads would have every request it is
 /// allowed in flight answered and kept, again and again. It bounds what
@@ -119,15 +120,16 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
 /// in flight, and bytes of answers not yet handed to QUIC. Kept per
 /// connection, so a slow or hostile peer stalls only itself.
 ///
-/// Invariant: `unwritten_bytes` is the sum of the bytes of the [`Share`]s
-/// of answers queued on the connection's streams and not yet written (each
-/// counted up to half of `unwritten_max_bytes`), and a stream reads a
-/// request only while it is below `unwritten_max_bytes`. So a peer that
-/// does not read stops the node reading its requests once it holds that
-/// many bytes of answers, or two answers too large to count whole; besides
-/// them the node keeps the answers of requests already read (at most
-/// `in_flight`'s permits) and what QUIC buffers unacknowledged (its send
-/// window, 10 MB by default).
+/// Invariant: `unwritten_bytes` is the sum, over the answers queued on the
+/// connection's streams and not yet written, of each answer's bytes capped
+/// at half of `unwritten_max_bytes` (the [`Share`]s' counts), and a stream
+/// reads a request only while that sum is below `unwritten_max_bytes`. So
+/// the node reads a connection's next request only while fewer than
+/// `unwritten_max_bytes` of answers wait for its peer, or fewer than half
+/// of that plus one answer (of up to `FRAME_MAX_BYTES`). On top of what
+/// waits come the answers of requests already read (at most `in_flight`'s
+/// permits) and what QUIC buffers unacknowledged (its send window, 10 MB by
+/// default).
 pub struct ConnectionBudget {
     /// Places for requests read and not yet answered in writing; a
     /// [`Share`] holds one (taken with `forget`, given back on drop).
@@ -143,8 +145,9 @@ pub struct ConnectionBudget {
 
 impl ConnectionBudget {
     pub fn new(in_flight_max: usize, unwritten_max_bytes: usize) -> Arc<ConnectionBudget> {
-        // Nothing falls below 0, so a paused stream would never resume.
-        assert!(unwritten_max_bytes > 0, "an answer budget of 0 bytes");
+        // Nothing falls below 0, so a paused stream would never resume; and
+        // with 1, one answer (counted up to half, rounded up) would pause it.
+        assert!(unwritten_max_bytes >= 2, "an answer budget under 2 bytes");
         Arc::new(ConnectionBudget {
             in_flight: Semaphore::new(in_flight_max),
             unwritten_bytes: AtomicUsize::new(0),
@@ -201,9 +204,9 @@ impl Share {
     /// Counts the `bytes` of the queued answer, up to half the budget: an
     /// answer larger than the whole budget (a get of a 20 MiB value) would
     /// otherwise stop the connection's reading by itself, however fast its
-    /// peer reads, until QUIC had taken all but the budget of it.
+    /// peer reads, until its batch had been handed to QUIC.
     fn charge(&mut self, bytes: usize) {
-        let bytes = bytes.min((self.budget.unwritten_max_bytes / 2).max(1));
+        let bytes = bytes.min(self.budget.unwritten_max_bytes.div_ceil(2));
         self.budget
             .unwritten_bytes
             .fetch_add(bytes, Ordering::SeqCst);
@@ -689,6 +692,11 @@ async fn serve_stream<H, F>(
             // Reset by the sender, or the connection died: nothing to read.
             Err(FrameError::Stream { .. } | FrameError::ConnectionLost { .. }) => break,
         };
+        // Also after a read: the writer may have given up while this waited.
+        if queue.is_abandoned() {
+            let _ = recv.stop(0u32.into());
+            break;
+        }
         let on_stream = in_flight
             .clone()
             .acquire_owned()
@@ -1448,7 +1456,7 @@ mod tests {
         let (_endpoint, conn, handled) =
             budgeted_server(budget.clone(), ANSWER_BYTES, go.clone()).await;
         let unwritten = || budget.unwritten_bytes.load(Ordering::SeqCst);
-        let _first = send_gets(&conn, 1).await;
+        let mut first = send_gets(&conn, 1).await;
         wait_until("the first answer waits", || unwritten() > 0).await;
         let _second = send_gets(&conn, 1).await;
         wait_until("the second request runs", || {
@@ -1464,6 +1472,17 @@ mod tests {
         })
         .await;
         assert_eq!(handled.load(Ordering::SeqCst), 2);
+        // Once the client takes the first answer, the third request is read.
+        go.add_permits(1);
+        let (_, body) = within_10_s(read_frame(&mut first, FRAME_MAX_BYTES))
+            .await
+            .unwrap()
+            .expect("the first answer");
+        assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
+        wait_until("the third request runs", || {
+            handled.load(Ordering::SeqCst) == 3
+        })
+        .await;
     }
 
     /// Requests on many streams of one connection share its in-flight
