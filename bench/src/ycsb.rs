@@ -407,7 +407,6 @@ impl Conn {
     }
 }
 
-/// The deadline a request carries, in ms.
 /// How long a client waits for an answer: the node answers by the request's
 /// deadline; a second more, and the client gives up on it (a dead
 /// connection, a hung node), and moves on from a node that sent nothing
@@ -438,6 +437,7 @@ pub(crate) fn outcome_of(answer: Result<Response, CallError>) -> Outcome {
     }
 }
 
+/// The deadline a request carries, in ms.
 fn request_timeout(request: &Request) -> u32 {
     match request {
         Request::Get(g) => g.timeout_ms,

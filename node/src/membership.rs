@@ -112,14 +112,12 @@ impl ClusterRecord {
 
 /// Membership state, shared by the server and the transport.
 pub struct Membership {
-    /// This node's entry; its incarnation is `incarnation`'s.
+    /// This node's entry as it started (`me()` gives it with the current
+    /// incarnation).
     me: Member,
     /// This node's incarnation: the start's, raised past any a member still
     /// holds for an earlier life of this id (a data dir started afresh).
     incarnation: AtomicU64,
-    /// Whether `incarnation` was raised in this life (once is expected;
-    /// more often is worth a warning).
-    raised: std::sync::atomic::AtomicBool,
     storage: Arc<Storage>,
     /// `None` until this node has formed or joined a cluster.
     record: RwLock<Option<ClusterRecord>>,
@@ -195,7 +193,6 @@ impl Membership {
         }
         let membership = Membership {
             incarnation: AtomicU64::new(me.incarnation),
-            raised: Default::default(),
             me,
             storage,
             record: RwLock::new(record),
@@ -291,12 +288,12 @@ impl Membership {
             if passed {
                 let raised = old.incarnation.saturating_add(1);
                 self.storage.raise_incarnation(raised)?;
-                self.incarnation.store(raised, Ordering::SeqCst);
+                let was = self.incarnation.swap(raised, Ordering::SeqCst);
                 // Once is the rule (a member that missed a restart can make
                 // it twice). Again and again, another process runs under
                 // this id (a copied data dir?), and the two keep passing each
                 // other: say so, as the cluster's entry for it flips.
-                if self.raised.swap(true, Ordering::SeqCst) {
+                if was != self.me.incarnation {
                     tracing::warn!(id = %self.me.id, incarnation = raised, "raised this node's incarnation again: if this repeats, another node runs under this node's id");
                 }
             }
@@ -515,7 +512,11 @@ impl Membership {
 /// two entries one, until the node raises its count) the greater content
 /// wins, so that every member picks the same whatever order they meet in.
 fn supersedes(new: &Member, held: &Member) -> bool {
-    let content = |m: &Member| (m.addr.clone(), m.vnodes, m.region.clone());
+    // Borrowed: compared on every gossip merge, and a &str or Option<&str>
+    // orders as its owned form does.
+    fn content(m: &Member) -> (&str, u32, Option<&str>) {
+        (&m.addr, m.vnodes, m.region.as_deref())
+    }
     new.incarnation > held.incarnation
         || (new.incarnation == held.incarnation && content(new) > content(held))
 }

@@ -320,8 +320,6 @@ impl ReplicaTrees {
                     HashSet::new()
                 }
             };
-            // (The keys corrected so far count against the cap, so the
-            // cap also bounds `applied`: past it the record overruns.)
             let last = keys.len() <= SWAP_KEYS_MAX || round >= CATCH_UP_ROUNDS_MAX;
             let exclusive = if last {
                 Some(exclusive)
