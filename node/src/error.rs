@@ -12,6 +12,8 @@ pub enum NodeError {
     DataDirInUse { path: PathBuf },
     #[error("cannot open the store in {path}: {reason}")]
     Storage { path: PathBuf, reason: String },
+    #[error("data dir {path} holds files but no ringkv store (such as {entry:?}); give an empty or new directory, so that nothing of yours is mixed with the store")]
+    ForeignDataDir { path: PathBuf, entry: String },
     #[error("storage failed: {reason}")]
     StorageIo { reason: String },
     #[error("data dir {path} belongs to node {stored:?}, not {given:?}; start it with --id {stored} or use another --data-dir")]

@@ -1046,10 +1046,24 @@ impl NodeHandle {
 }
 
 impl Node {
-    /// Starts a node and returns once it is serving and in a cluster.
+    /// Starts a node and returns once it is serving and in a cluster. A
+    /// start that fails leaves the data dir as it found it (see
+    /// [`FreshDataDir`](crate::storage::FreshDataDir)); one that holds
+    /// files but no store is refused before anything is written.
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
-        let (handle, inner) = Node::assemble(&config).await?;
-        let result = form_or_join(&inner, &config).await;
+        let data_dir = crate::storage::FreshDataDir::inspect(&config.data_dir)?;
+        let started = Node::start_in(&config).await;
+        if started.is_err() {
+            // The store is closed by now: `assemble` dropped it on its
+            // error, and a failed join shut the node down.
+            data_dir.undo();
+        }
+        started
+    }
+
+    async fn start_in(config: &NodeConfig) -> Result<NodeHandle, NodeError> {
+        let (handle, inner) = Node::assemble(config).await?;
+        let result = form_or_join(&inner, config).await;
         // Shutdown waits for every holder of the node and of its database
         // but the handle; `assemble`'s locals are gone with its frame.
         drop(inner);

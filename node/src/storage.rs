@@ -148,6 +148,101 @@ fn total_order() -> ReadOptions {
     opts
 }
 
+/// A data directory a start may create the store in, and must then leave as
+/// it found it if the start fails: absent (with the ancestors it creates),
+/// or empty. A directory that already holds a store is never touched.
+///
+/// A failed start (the address in use, the cluster refusing the node, a
+/// seed that never answers) would otherwise leave a fresh RocksDB store
+/// behind, and a retry under another `--id` would meet a directory bound
+/// to nobody's cluster.
+#[derive(Debug)]
+pub(crate) enum FreshDataDir {
+    /// Nothing to undo: the directory holds a store already (or cannot be
+    /// read, which opening the store reports).
+    Kept,
+    /// It existed, empty (but for `lost+found`, as at the root of a mounted
+    /// disk): empty it again.
+    Empty { path: PathBuf },
+    /// It did not exist: remove `topmost`, the first of its missing
+    /// ancestors (the directory itself if its parent exists).
+    Absent { topmost: PathBuf },
+}
+
+/// What a RocksDB store always holds: the name of its current manifest.
+const STORE_MARKER: &str = "CURRENT";
+
+/// Left alone in a data directory: the file system's own, at a mount point.
+const MOUNT_POINT_ENTRY: &str = "lost+found";
+
+impl FreshDataDir {
+    /// How `path` is before a start; refuses a directory holding files but
+    /// no store, whose files the store would be mixed with.
+    pub(crate) fn inspect(path: &Path) -> Result<Self, NodeError> {
+        let entries = match std::fs::read_dir(path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut topmost = path.to_path_buf();
+                while let Some(parent) = topmost.parent() {
+                    if parent.as_os_str().is_empty() || parent.exists() {
+                        break;
+                    }
+                    topmost = parent.to_path_buf();
+                }
+                return Ok(FreshDataDir::Absent { topmost });
+            }
+            // Not a directory, unreadable: opening the store says why.
+            Err(_) => return Ok(FreshDataDir::Kept),
+        };
+        let mut foreign = None;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == STORE_MARKER {
+                return Ok(FreshDataDir::Kept);
+            }
+            if name != MOUNT_POINT_ENTRY {
+                foreign.get_or_insert(name);
+            }
+        }
+        match foreign {
+            None => Ok(FreshDataDir::Empty {
+                path: path.to_path_buf(),
+            }),
+            Some(entry) => Err(NodeError::ForeignDataDir {
+                path: path.to_path_buf(),
+                entry,
+            }),
+        }
+    }
+
+    /// After a failed start, once its store is closed: removes what the
+    /// start created. Best effort: a failure is logged, not reported over
+    /// the start's own error.
+    pub(crate) fn undo(&self) {
+        let removed = match self {
+            FreshDataDir::Kept => return,
+            FreshDataDir::Absent { topmost } => std::fs::remove_dir_all(topmost),
+            FreshDataDir::Empty { path } => std::fs::read_dir(path).and_then(|entries| {
+                for entry in entries.flatten() {
+                    if entry.file_name() == MOUNT_POINT_ENTRY {
+                        continue;
+                    }
+                    let path = entry.path();
+                    if entry.file_type()?.is_dir() {
+                        std::fs::remove_dir_all(&path)?;
+                    } else {
+                        std::fs::remove_file(&path)?;
+                    }
+                }
+                Ok(())
+            }),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(?self, "cannot remove the store a failed start created: {e}");
+        }
+    }
+}
+
 impl Storage {
     /// Opens (creating if needed) the database in `path`. `sync` makes every
     /// data write fsync the WAL before returning.
