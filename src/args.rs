@@ -54,7 +54,17 @@ pub enum Command {
     Leave(LeaveArgs),
     /// Drop the stray copies a node (--node) keeps of keys it no longer replicates, once a current replica holds them: run it on the old members after adding a node.
     Cleanup(CleanupArgs),
-    /// Measure put and get latency and throughput (closed loop).
+    /// Measure quorum latency, throughput and staleness per consistency setting (YCSB workloads, closed or open loop)
+    ///
+    /// With no flags: starts 5 nodes in this process across 3 emulated regions (preset:cloud3), loads 1,000 records, runs YCSB-A at one, quorum and all, and prints a table per setting: ops/s, latency percentiles, errors, siblings, and staleness (the share of reads issued t ms after a write was acknowledged through another node that see it).
+    ///
+    /// Examples:
+    ///   ringkv bench                                              # the default comparison, under a minute
+    ///   ringkv bench --consistency r=1:w=1 --consistency r=2:w=2 --json out.json --plot out.svg
+    ///   ringkv bench --cluster 10.0.0.1:7000,10.0.0.2:7000 --workload c --concurrency 50
+    ///   ringkv bench --cluster 127.0.0.1:7000 --rate 5000          # open loop: latency counts from when each request was due
+    ///   ringkv bench --target resp://127.0.0.1:6379 --workload a    # the same workload against Redis, for a ratio
+    #[command(verbatim_doc_comment)]
     Bench(BenchArgs),
     /// Make a new cluster key: give the same file to every node and client with --cluster-key-file.
     Keygen(KeygenArgs),
@@ -106,8 +116,8 @@ pub struct BenchArgs {
     /// Records loaded before the run phase.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub records: u64,
-    /// A consistency setting to run (repeatable, comma-separated): one, quorum, all, or r=R,w=W as one setting with a colon, e.g. r=1:w=2. Default: one, quorum and all.
-    #[arg(long, value_name = "SETTING", value_delimiter = ',')]
+    /// Consistency settings to run, each reported side by side (repeatable, comma-separated): one, quorum, all, a count (R = W), or a pair r=R,w=W (also r=R:w=W). E.g. --consistency one,quorum --consistency r=1,w=2. Default: one, quorum and all.
+    #[arg(long, value_name = "SETTING")]
     pub consistency: Vec<String>,
     /// Concurrent clients, spread over the nodes.
     #[arg(long, value_name = "C", default_value_t = 16)]
@@ -130,6 +140,9 @@ pub struct BenchArgs {
     /// How YCSB updates write: overwrite (replace what the coordinating replica holds, like SET; only writes coordinated concurrently by different nodes become siblings) or context (write with the context of the last version this client saw; concurrent updates of hot keys pile up siblings).
     #[arg(long, value_name = "MODE", default_value = "overwrite", value_parser = ringkv_bench::ycsb::UpdateMode::parse)]
     pub updates: ringkv_bench::ycsb::UpdateMode,
+    /// Which records reads and updates choose (YCSB's requestdistribution): zipfian (constant 0.99, scrambled over the records), latest (the newest records most often) or uniform. Default: the workload's own (latest for d, zipfian for the rest).
+    #[arg(long, value_name = "zipfian|latest|uniform")]
+    pub request_distribution: Option<String>,
     /// How many nodes the embedded cluster starts (N=3, so 3 to 64). Default: 5 for YCSB workloads, spread over the matrix's regions; 3 for putget. Not with --cluster or --target, which bring their own nodes.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(3..=64), conflicts_with_all = ["cluster", "target"])]
     pub nodes: Option<u16>,
@@ -174,7 +187,9 @@ pub struct NodeArgs {
     /// A running member to join through (repeatable). Not needed on restart: the node remembers its cluster.
     #[arg(long = "seed", value_name = "HOST:PORT")]
     pub seeds: Vec<String>,
-    /// Replicas per key (N) for a new cluster. Joining nodes adopt the cluster's N; giving a different one is an error.
+    /// Replicas per key (N) for a new cluster; default 3. Joining nodes adopt the cluster's N; giving a different one is an error.
+    // No `default_value_t`: not giving it is what lets a joining or
+    // restarting node adopt the N its cluster already has.
     #[arg(long, value_name = "N")]
     pub replicas: Option<usize>,
     /// The region this node is in (a name such as us-east), shown by `status`.
@@ -289,23 +304,26 @@ pub struct DemoArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// The node to send the request to; any node will do, it forwards to the key's replicas. Several, comma-separated, are tried in turn while one cannot be reached or serves nothing now (shutting down, removed, still joining): nothing ran there, so nothing is sent twice. `repair`, `leave` and `cleanup` act on the node named, and take one.
+    /// The node to send the request to; any node will do, it forwards to the key's replicas. Several, comma-separated, are tried in turn while one cannot be reached or serves nothing now (shutting down, removed, still joining): nothing ran there, so nothing is sent twice.
     #[arg(
         long,
         value_name = "HOST:PORT[,…]",
         env = "RINGKV_NODE",
-        default_value = "127.0.0.1:7000"
+        default_value = DEFAULT_NODE
     )]
     pub node: String,
     /// Print the result as JSON (for scripts).
     #[arg(long)]
     pub json: bool,
-    /// Give up on reaching the node after this long.
-    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    /// Give up on reaching the node after this long: 1 to 10000 ms, since the QUIC idle timeout (10 s) ends any handshake that takes longer.
+    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=ringkv_node::tls::IDLE_TIMEOUT_MS))]
     pub connect_timeout_ms: u64,
     #[command(flatten)]
     pub key: KeyArgs,
 }
+
+/// The node a request goes to without `--node`: the first of `ringkv cluster`'s.
+pub const DEFAULT_NODE: &str = "127.0.0.1:7000";
 
 impl Target {
     /// The addresses `--node` lists, in order; an error names the first
@@ -320,9 +338,7 @@ impl Target {
             ));
         }
         for node in &nodes {
-            if !is_host_port(node) {
-                return Err(not_an_address("--node", node));
-            }
+            check_node_addr("--node", node)?;
         }
         Ok(nodes.into_iter().map(String::from).collect())
     }
@@ -332,6 +348,37 @@ impl Target {
 pub fn is_host_port(addr: &str) -> bool {
     addr.rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// Checks that `addr`, `flag`'s value, has the form `HOST:PORT`; the error
+/// says what is wrong with it.
+pub fn check_host_port(flag: &str, addr: &str) -> Result<(), String> {
+    // `http://host:7000` splits into a "host" and a port, and would fail
+    // only at lookup, as a name that cannot be resolved: point at the scheme.
+    if addr.contains("://") {
+        return Err(format!(
+            "{flag} {addr:?} has a scheme; give HOST:PORT without one, e.g. 127.0.0.1:7000"
+        ));
+    }
+    if !is_host_port(addr) {
+        return Err(not_an_address(flag, addr));
+    }
+    Ok(())
+}
+
+/// Checks that `addr`, `flag`'s value, is another node's `HOST:PORT`. Port 0
+/// only means "any free port" to a listener: no node can be reached on it.
+pub fn check_node_addr(flag: &str, addr: &str) -> Result<(), String> {
+    check_host_port(flag, addr)?;
+    if addr
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| matches!(port.parse::<u16>(), Ok(0)))
+    {
+        return Err(format!(
+            "{flag} {addr:?} has port 0, on which no node can be reached; give the port the node serves on"
+        ));
+    }
+    Ok(())
 }
 
 /// The error for a `flag` value that is not `HOST:PORT`.
@@ -351,6 +398,7 @@ pub struct RequestOpts {
 
 #[derive(Args, Debug)]
 pub struct PutArgs {
+    /// The key: any text up to 1024 bytes.
     pub key: String,
     /// The value; `-` or absent reads it from stdin (binary-safe).
     pub value: Option<String>,
@@ -372,6 +420,7 @@ pub struct PutArgs {
 
 #[derive(Args, Debug)]
 pub struct GetArgs {
+    /// The key: any text up to 1024 bytes.
     pub key: String,
     /// Replicas that must answer: 1..=N, one, quorum or all.
     #[arg(short = 'r', long = "r", value_name = "R", default_value = "quorum", value_parser = parse_consistency)]
@@ -391,6 +440,7 @@ pub struct GetArgs {
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
+    /// The key: any text up to 1024 bytes.
     pub key: String,
     /// Replicas that must acknowledge the tombstone.
     #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
@@ -406,6 +456,7 @@ pub struct DeleteArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(mut_arg("node", |a| a.help(STATUS_NODE_HELP)))]
 pub struct StatusArgs {
     #[command(flatten)]
     pub target: Target,
@@ -413,6 +464,7 @@ pub struct StatusArgs {
 
 #[derive(Args, Debug)]
 #[command(
+    mut_arg("node", |a| a.help(REPAIR_NODE_HELP)),
     after_help = "The round runs on the node given by --node, against every other member; \
     each side gets the merge of both versions (concurrent siblings are kept). \
     Exits 0 when every peer was compared, 4 when some could not be (they are listed)."
@@ -424,6 +476,7 @@ pub struct RepairArgs {
 
 #[derive(Args, Debug)]
 #[command(
+    mut_arg("node", |a| a.help(REMOVE_NODE_HELP)),
     after_help = "Any member can do it (not the node being removed): it drops the node from its member list, \
     tells every other member at once, and answers with the members left and any it could not tell. Those learn \
     of the removal at their next membership exchange (every 5 s). Hints held for the node go to the replicas \
@@ -447,6 +500,7 @@ pub struct RemoveArgs {
 
 #[derive(Args, Debug)]
 #[command(
+    mut_arg("node", |a| a.help(LEAVE_NODE_HELP)),
     after_help = "Sent to the node that leaves (--node). It hands every key it replicates, tombstones included, \
     to the key's replicas under the ring without it, and only then asks another member to remove it (unlike \
     `ringkv remove`, which is for a machine that is gone and loses what only it held). Then it stops serving, \
@@ -467,6 +521,7 @@ pub struct LeaveArgs {
 
 #[derive(Args, Debug)]
 #[command(
+    mut_arg("node", |a| a.help(CLEANUP_NODE_HELP)),
     after_help = "When a node joins, it takes over ranges of keys from the members after it on the ring, and each \
     of those ranges drops one of its former replicas. Anti-entropy fills the new node from the other replicas; the \
     former replica keeps its copies, which then take disk space and could bring a deleted value back if the ring \
@@ -492,6 +547,15 @@ pub struct CleanupArgs {
     pub target: Target,
 }
 
+// `--node` help for the commands that are not key requests: `Target`'s own
+// help speaks of forwarding to the key's replicas, which they do not do.
+const STATUS_NODE_HELP: &str = "The node to ask; it lists the members as it sees them (a member's news reaches the others at their next membership exchange). Several, comma-separated, are tried in turn while one cannot be reached or serves nothing now (shutting down, removed, still joining).";
+const REPAIR_NODE_HELP: &str = "The node that runs the anti-entropy round, comparing its trees with every other member's. One address.";
+const REMOVE_NODE_HELP: &str = "A member to carry out the removal (any but the node being removed): it drops the node and tells the other members. Several, comma-separated, are tried in turn while one cannot be reached or serves nothing now (shutting down, removed, still joining).";
+const LEAVE_NODE_HELP: &str = "The node that leaves the cluster: it hands its keys over, then has another member remove it. One address.";
+const CLEANUP_NODE_HELP: &str =
+    "The node whose stray copies to drop (an old member, after nodes were added). One address.";
+
 fn parse_consistency(s: &str) -> Result<Consistency, String> {
     s.parse::<Consistency>().map_err(|e| e.message)
 }
@@ -505,5 +569,97 @@ fn parse_share(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("{v} is outside 0..=1"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    /// The `--node` list `ringkv status --node LIST` would use.
+    fn nodes(list: &str) -> Result<Vec<String>, String> {
+        match Cli::try_parse_from(["ringkv", "status", "--node", list])
+            .unwrap()
+            .command
+        {
+            Command::Status(a) => a.target.nodes(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    /// The help line of `command`'s argument `arg`.
+    fn help_of(command: &str, arg: &str) -> String {
+        let cli = Cli::command();
+        let command = cli.find_subcommand(command).unwrap();
+        let arg = command.get_arguments().find(|a| a.get_id() == arg).unwrap();
+        arg.get_help().unwrap().to_string()
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn node_addresses_are_host_port_without_scheme_or_port_0() {
+        assert_eq!(
+            nodes("127.0.0.1:7000, localhost:7001"),
+            Ok(vec![
+                "127.0.0.1:7000".to_string(),
+                "localhost:7001".to_string()
+            ])
+        );
+        let err = nodes("127.0.0.1:7000,127.0.0.5:0").unwrap_err();
+        assert!(err.contains("--node \"127.0.0.5:0\" has port 0"), "{err}");
+        let err = nodes("http://127.0.0.1:7000").unwrap_err();
+        assert!(err.contains("without") && err.contains("scheme"), "{err}");
+        assert!(nodes("127.0.0.1")
+            .unwrap_err()
+            .contains("is not an address"));
+        assert!(nodes("127.0.0.1:7000,")
+            .unwrap_err()
+            .contains("empty entry"));
+        // A listener may take port 0 (any free port); only a peer may not.
+        assert_eq!(check_host_port("--listen", "127.0.0.1:0"), Ok(()));
+        let err = check_node_addr("--seed", "[::1]:0").unwrap_err();
+        assert!(err.starts_with("--seed"), "{err}");
+    }
+
+    #[test]
+    fn connect_timeout_is_within_the_quic_idle_timeout() {
+        let parse = |ms: &str| {
+            Cli::try_parse_from(["ringkv", "status", "--connect-timeout-ms", ms]).map(|_| ())
+        };
+        assert!(parse("0").is_err());
+        assert!(parse("1").is_ok());
+        let cap_ms = ringkv_node::tls::IDLE_TIMEOUT_MS;
+        assert!(parse(cap_ms.to_string().as_str()).is_ok());
+        assert!(parse((cap_ms + 1).to_string().as_str()).is_err());
+        let help = help_of("status", "connect_timeout_ms");
+        assert!(help.contains(&cap_ms.to_string()), "{help}");
+    }
+
+    #[test]
+    fn help_states_the_limits_and_defaults_it_cannot_show() {
+        let key_max = ringkv_core::wire::KEY_MAX_BYTES.to_string();
+        for command in ["put", "get", "delete"] {
+            assert!(help_of(command, "key").contains(&key_max), "{command}");
+        }
+        let default_replicas = format!("default {}", ringkv_node::server::DEFAULT_REPLICAS);
+        assert!(help_of("node", "replicas").contains(&default_replicas));
+    }
+
+    #[test]
+    fn node_help_says_what_each_command_does_with_the_node() {
+        for command in ["put", "get", "delete"] {
+            assert!(help_of(command, "node").contains("forwards to the key's replicas"));
+        }
+        for command in ["status", "repair", "remove", "leave", "cleanup"] {
+            let help = help_of(command, "node");
+            assert!(!help.contains("forwards"), "{command}: {help}");
+        }
+        assert!(help_of("repair", "node").contains("One address"));
     }
 }

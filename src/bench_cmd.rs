@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use ringkv_bench::workload::Workload;
+use ringkv_bench::workload::{KeyDistribution, Workload};
 use ringkv_bench::ycsb::{self, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{LoadConfig, PhaseReport};
 use ringkv_core::wire::{Request, Response, VALUE_MAX_BYTES};
@@ -16,7 +16,7 @@ use ringkv_node::{Client, ClusterKey};
 use serde_json::json;
 
 use crate::args::BenchArgs;
-use crate::client_cmd::resolve;
+use crate::client_cmd::resolve_addr;
 use crate::server_cmd::{load_matrix, start_local_cluster_with};
 use crate::{Exit, Failure};
 
@@ -26,6 +26,9 @@ const EMBEDDED_NODES: usize = 5;
 const PUTGET_NODES: usize = 3;
 /// N of the embedded cluster.
 const EMBEDDED_REPLICAS: usize = 3;
+/// The longest `--duration-s`: past it a typo, not a run (and a deadline
+/// that far off would overflow the clock).
+const DURATION_MAX_S: u64 = 86_400;
 
 pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if args.concurrency == 0 {
@@ -36,6 +39,12 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     }
     if args.duration_s == 0 {
         return Err(Failure::new(Exit::Usage, "--duration-s must be at least 1"));
+    }
+    if args.duration_s > DURATION_MAX_S {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!("--duration-s must be at most {DURATION_MAX_S} (a day)"),
+        ));
     }
     if args.value_bytes > VALUE_MAX_BYTES {
         return Err(Failure::new(
@@ -49,6 +58,20 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
         check_output_path("--json", Some(Path::new(path)))?;
     }
+    // Checked whatever else is asked, so a mistyped matrix is never
+    // silently ignored (--cluster and putget do not use it).
+    let matrix = match args.regions.as_str() {
+        "none" => None,
+        source => Some(Arc::new(load_matrix(source).map_err(|e| {
+            Failure::new(e.exit, e.message.replace("--latency-matrix", "--regions"))
+        })?)),
+    };
+    let distribution = args
+        .request_distribution
+        .as_deref()
+        .map(str::parse::<KeyDistribution>)
+        .transpose()
+        .map_err(|e| Failure::new(Exit::Usage, format!("--request-distribution: {e}")))?;
     let cluster_key = crate::key_cmd::load(&args.key)?;
     if args.workload == "putget" {
         // putget is the older phase benchmark: ringkv only, no settings.
@@ -57,6 +80,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             ("--target", args.target.is_some()),
             ("--plot", args.plot.is_some()),
             ("--consistency", !args.consistency.is_empty()),
+            ("--request-distribution", distribution.is_some()),
         ];
         if let Some((flag, _)) = ycsb_only.iter().find(|(_, given)| *given) {
             return Err(Failure::new(
@@ -78,16 +102,10 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     let settings = parse_settings(&args.consistency)?;
     // --regions shapes the embedded cluster only: an external cluster's
     // nodes emulate regions themselves (ringkv node --latency-matrix).
-    let matrix = match args.regions.as_str() {
-        _ if !args.cluster.is_empty() => None,
-        "none" => None,
-        source => Some(Arc::new(load_matrix(source).map_err(|e| {
-            Failure::new(e.exit, e.message.replace("--latency-matrix", "--regions"))
-        })?)),
-    };
+    let matrix = matrix.filter(|_| args.cluster.is_empty());
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
     let (targets, embedded, replicas) = if args.cluster.is_empty() {
-        check_settings(&settings, EMBEDDED_REPLICAS)?;
+        check_settings(&settings, EMBEDDED_REPLICAS, "--consistency")?;
         let _ = std::fs::remove_dir_all(&embedded_dir);
         let regions: Vec<String> = matrix
             .as_ref()
@@ -117,7 +135,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     } else {
         let targets = resolve_cluster(&args.cluster)?;
         let replicas = cluster_replicas(&targets, cluster_key.as_ref()).await?;
-        check_settings(&settings, replicas)?;
+        check_settings(&settings, replicas, "--consistency")?;
         (targets, Vec::new(), replicas)
     };
     // A client sits in its coordinator's region: the matrix's local delay.
@@ -133,6 +151,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     let config = YcsbConfig {
         client_delay,
         cluster_key,
+        distribution,
         ..ycsb_config(&args, workload, targets, settings, false)
     };
     let result = run_all(&config, &args, embedded.len(), replicas, matrix.is_some()).await;
@@ -157,8 +176,18 @@ async fn resp_bench(workload: Workload, target: &str, args: &BenchArgs) -> Resul
             "--target replaces --cluster, and a RESP store has no --consistency",
         ));
     }
-    let addr = resolve(addr)?;
-    let config = ycsb_config(args, workload, vec![addr], vec![Setting::RESP], true);
+    let addr = resolve_addr("--target", addr).map_err(|e| Failure::new(Exit::Usage, e))?;
+    let distribution = match args.request_distribution.as_deref() {
+        Some(d) => Some(
+            d.parse::<KeyDistribution>()
+                .map_err(|e| Failure::new(Exit::Usage, format!("--request-distribution: {e}")))?,
+        ),
+        None => None,
+    };
+    let config = YcsbConfig {
+        distribution,
+        ..ycsb_config(args, workload, vec![addr], vec![Setting::RESP], true)
+    };
     run_all(&config, args, 0, 1, false).await
 }
 
@@ -187,10 +216,15 @@ fn ycsb_config(
         resp,
         updates: args.updates,
         cluster_key: None,
+        distribution: None,
     }
 }
 
-/// Parses `--consistency`: one, quorum, all, a count, or `r=R:w=W`.
+/// Parses `--consistency`. Each value holds settings separated by commas:
+/// one, quorum, all, a count (R = W), or a pair `r=R,w=W` (also written
+/// `r=R:w=W`, and in either order). So `--consistency one,quorum` is two
+/// settings and `--consistency r=1,w=2` one: a pair's two halves are read
+/// together, as a setting prints itself.
 fn parse_settings(raw: &[String]) -> Result<Vec<Setting>, Failure> {
     if raw.is_empty() {
         return Ok([Consistency::One, Consistency::Quorum, Consistency::All]
@@ -206,41 +240,62 @@ fn parse_settings(raw: &[String]) -> Result<Vec<Setting>, Failure> {
         s.parse::<Consistency>()
             .map_err(|e| Failure::new(Exit::Usage, format!("--consistency {s:?}: {}", e.message)))
     };
-    raw.iter()
-        .map(|item| {
-            if let Some((r, w)) = item.split_once(':') {
-                let (Some(r), Some(w)) = (r.strip_prefix("r="), w.strip_prefix("w=")) else {
-                    return Err(Failure::new(
-                        Exit::Usage,
-                        format!("--consistency {item:?}: write a pair as r=R:w=W, e.g. r=1:w=2"),
-                    ));
-                };
-                Ok(Setting {
-                    r: level(r)?,
-                    w: level(w)?,
-                    resp: false,
-                })
-            } else {
-                let c = level(item)?;
-                Ok(Setting {
-                    r: c,
-                    w: c,
-                    resp: false,
-                })
+    let mut settings = Vec::new();
+    for value in raw {
+        let bad = |why: &str| Failure::new(Exit::Usage, format!("--consistency {value:?}: {why}"));
+        let mut parts = value.split([',', ':']).map(str::trim);
+        while let Some(part) = parts.next() {
+            if part.is_empty() {
+                return Err(bad("has an empty setting"));
             }
-        })
-        .collect()
+            let setting = match half(part) {
+                None => {
+                    let c = level(part)?;
+                    Setting {
+                        r: c,
+                        w: c,
+                        resp: false,
+                    }
+                }
+                Some((which, first)) => {
+                    let other = parts.next().and_then(half);
+                    let (r, w) =
+                        match (which, other) {
+                            ('r', Some(('w', w))) => (first, w),
+                            ('w', Some(('r', r))) => (r, first),
+                            _ => return Err(bad(
+                                "a pair needs both halves, r= then w= (e.g. r=1,w=2 or r=1:w=2)",
+                            )),
+                        };
+                    Setting {
+                        r: level(r)?,
+                        w: level(w)?,
+                        resp: false,
+                    }
+                }
+            };
+            settings.push(setting);
+        }
+    }
+    Ok(settings)
+}
+
+/// One half of a pair setting: `r=R` or `w=W`, as ('r', "R") or ('w', "W").
+fn half(part: &str) -> Option<(char, &str)> {
+    part.strip_prefix("r=")
+        .map(|r| ('r', r))
+        .or_else(|| part.strip_prefix("w=").map(|w| ('w', w)))
 }
 
 /// R and W above N cannot be met: refuse before loading anything.
-fn check_settings(settings: &[Setting], replicas: usize) -> Result<(), Failure> {
+fn check_settings(settings: &[Setting], replicas: usize, flag: &str) -> Result<(), Failure> {
     for s in settings {
         for (name, c) in [("R", s.r), ("W", s.w)] {
             if let Consistency::Count(n) = c {
                 if n as usize > replicas {
                     return Err(Failure::new(
                         Exit::Usage,
-                        format!("--consistency {s}: {name}={n} is above N={replicas}"),
+                        format!("{flag} {s}: {name}={n} is above N={replicas}"),
                     ));
                 }
             }
@@ -401,7 +456,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
     for r in reports {
         if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
             println!(
-                "{}: {unsent} requests came due but were never sent (every client was busy to the end): the store fell behind --rate, and the latencies above leave them out",
+                "{}: {unsent} requests came due but were never sent (every client stayed busy until a request timeout past the end): the store fell far behind --rate, and the latencies above leave them out",
                 r.setting
             );
         }
@@ -418,6 +473,18 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
         if r.failovers > 0 {
             println!("{}: {}", r.setting, failovers_note(r.failovers));
         }
+        if r.reads_not_found > 0 {
+            println!(
+                "{}: {} of {} reads found no value (records whose load or insert failed)",
+                r.setting, r.reads_not_found, r.reads
+            );
+        }
+    }
+    if reports
+        .iter()
+        .any(|r| r.ops.iter().any(|(_, o)| o.timeouts > 0))
+    {
+        println!("Latencies include timed-out requests, at the time the client gave up.");
     }
     println!();
     let header: Vec<String> = ycsb::STALENESS_T_MS
@@ -462,6 +529,11 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
             r.max_siblings
         );
     }
+    for r in reports {
+        if let Some(why) = &r.staleness_skipped {
+            println!("{}: staleness not measured: {why}", r.setting);
+        }
+    }
 }
 
 fn report_json(
@@ -478,6 +550,9 @@ fn report_json(
             "records": config.records,
             "value_bytes": config.value_bytes,
             "updates": config.updates.as_str(),
+            "request_distribution": config.distribution.unwrap_or_else(|| config.workload.distribution()).as_str(),
+            "seed": config.seed,
+            "request_timeout_ms": config.request_timeout_ms,
             "concurrency": config.concurrency,
             "connections_per_node": if config.resp { json!(null) } else { json!(config.connections_per_target) },
             "duration_s": config.duration.as_secs(),
@@ -496,8 +571,8 @@ fn report_json(
         },
         "settings": reports.iter().map(|r| json!({
             "setting": r.setting.to_string(),
-            "r": r.setting.r.to_string(),
-            "w": r.setting.w.to_string(),
+            "r": if r.setting.resp { json!(null) } else { json!(r.setting.r.to_string()) },
+            "w": if r.setting.resp { json!(null) } else { json!(r.setting.w.to_string()) },
             "elapsed_s": r.elapsed.as_secs_f64(),
             "ops_per_sec": r.ops_per_sec(),
             "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
@@ -516,13 +591,17 @@ fn report_json(
                 "max_ms": o.latency_us.max() as f64 / 1000.0,
             }))).collect::<serde_json::Map<_, _>>(),
             "reads": r.reads,
+            "reads_not_found": r.reads_not_found,
+            "records_after": r.records_after,
             "sibling_reads": r.sibling_reads,
             "values_read": r.values_read,
             "max_siblings": r.max_siblings,
             "staleness": r.staleness.iter().map(|v| json!({
                 "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh, "failed": v.failed,
                 "fresh_share": if v.probes == 0 { json!(null) } else { json!(v.fresh_share()) },
+                "mean_gap_ms": v.mean_gap_ms(),
             })).collect::<Vec<_>>(),
+            "staleness_skipped": r.staleness_skipped,
         })).collect::<Vec<_>>(),
     })
 }
@@ -534,10 +613,16 @@ fn embedded_nodes(args: &BenchArgs, default: usize) -> usize {
 
 /// The addresses of `--cluster`.
 fn resolve_cluster(cluster: &[String]) -> Result<Vec<std::net::SocketAddr>, Failure> {
-    cluster.iter().map(|a| resolve(a)).collect()
+    cluster
+        .iter()
+        .map(|a| {
+            crate::args::check_node_addr("--cluster", a)
+                .and_then(|()| resolve_addr("--cluster", a))
+                .map_err(|e| Failure::new(Exit::Usage, e))
+        })
+        .collect()
 }
 
-/// The older benchmark: a put phase of new keys, then a get phase of them.
 /// Refuses, before anything runs, an output file that could not be written
 /// at the end: its directory is missing, or the path is a directory.
 fn check_output_path(flag: &str, path: Option<&Path>) -> Result<(), Failure> {
@@ -573,9 +658,16 @@ fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// The older benchmark: a put phase of new keys, then a get phase of them.
 async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit, Failure> {
+    let setting = [Setting {
+        r: args.r,
+        w: args.w,
+        resp: false,
+    }];
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
     let (targets, embedded) = if args.cluster.is_empty() {
+        check_settings(&setting, EMBEDDED_REPLICAS, "-r/-w")?;
         let _ = std::fs::remove_dir_all(&embedded_dir);
         let nodes = start_local_cluster_with(
             embedded_nodes(&args, PUTGET_NODES),
@@ -592,7 +684,8 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         (nodes.iter().map(|n| n.addr()).collect(), nodes)
     } else {
         let targets = resolve_cluster(&args.cluster)?;
-        cluster_replicas(&targets, cluster_key.as_ref()).await?;
+        let replicas = cluster_replicas(&targets, cluster_key.as_ref()).await?;
+        check_settings(&setting, replicas, "-r/-w")?;
         (targets, Vec::new())
     };
     let config = LoadConfig {
@@ -686,4 +779,45 @@ fn phase_json(p: &PhaseReport) -> serde_json::Value {
         "p999_ms": p.latency_ms(0.999),
         "max_ms": p.latency_us.max() as f64 / 1000.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(values: &[&str]) -> Result<Vec<String>, String> {
+        let raw: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        parse_settings(&raw)
+            .map(|settings| settings.iter().map(ToString::to_string).collect())
+            .map_err(|f| f.message)
+    }
+
+    /// The issue's own syntax (`r=2,w=2`) is one setting, words and counts
+    /// separated by commas are several, and every setting parses back from
+    /// how the table prints it.
+    #[test]
+    fn consistency_settings_read_pairs_words_and_their_own_printing() {
+        assert_eq!(parsed(&[]).unwrap(), ["one", "quorum", "all"]);
+        assert_eq!(parsed(&["r=2,w=2"]).unwrap(), ["2"]);
+        assert_eq!(parsed(&["r=1:w=2"]).unwrap(), ["r=1,w=2"]);
+        assert_eq!(parsed(&["w=3,r=1"]).unwrap(), ["r=1,w=3"]);
+        assert_eq!(
+            parsed(&["one,r=1,w=all,quorum", "2"]).unwrap(),
+            ["one", "r=1,w=all", "quorum", "2"]
+        );
+        for printed in ["r=1,w=all", "r=quorum,w=1", "one", "3"] {
+            assert_eq!(parsed(&[printed]).unwrap(), [printed]);
+        }
+        for (bad, why) in [
+            ("r=1", "a pair needs both halves"),
+            ("r=1,r=2", "a pair needs both halves"),
+            ("w=1,one", "a pair needs both halves"),
+            ("one,,all", "empty setting"),
+            ("r=1,w=most", "most"),
+            ("", "empty setting"),
+        ] {
+            let err = parsed(&[bad]).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
 }

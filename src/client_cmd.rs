@@ -29,6 +29,10 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
             // it, without reading (or sending) an endless stdin.
             let mut buf = Vec::new();
             let limit = VALUE_MAX_BYTES as u64 + 1;
+            // A forgotten value would otherwise look like a hang.
+            if std::io::stdin().is_terminal() {
+                eprintln!("reading the value from stdin; end with Ctrl-D");
+            }
             std::io::stdin()
                 .take(limit)
                 .read_to_end(&mut buf)
@@ -407,22 +411,17 @@ async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
     Err(failure)
 }
 
-/// Parses `HOST:PORT`, resolving a host name.
-pub fn resolve(node: &str) -> Result<SocketAddr, Failure> {
-    resolve_node(node).map_err(|e| Failure::new(Exit::Usage, e))
-}
-
-/// Parses `HOST:PORT`, resolving a host name; the error names the problem.
+/// Parses a node's `HOST:PORT` (not port 0), resolving a host name; the
+/// error names the problem.
 pub fn resolve_node(node: &str) -> Result<SocketAddr, String> {
+    crate::args::check_node_addr("--node", node)?;
     resolve_addr("--node", node)
 }
 
 /// Parses `flag`'s value `addr`, `HOST:PORT`, resolving a host name. The
 /// error tells a malformed address from a name that does not resolve.
 pub fn resolve_addr(flag: &str, addr: &str) -> Result<SocketAddr, String> {
-    if !crate::args::is_host_port(addr) {
-        return Err(crate::args::not_an_address(flag, addr));
-    }
+    crate::args::check_host_port(flag, addr)?;
     match addr.to_socket_addrs() {
         Ok(mut addrs) => addrs
             .next()
@@ -438,4 +437,26 @@ fn unexpected(response: Response) -> Failure {
         Exit::Internal,
         format!("the node gave an unexpected answer: {response:?}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Only IP literals: looking them up needs no resolver or network.
+    #[test]
+    fn addresses_are_refused_for_what_is_wrong_with_them() {
+        let err = resolve_node("127.0.0.5:0").unwrap_err();
+        assert!(err.contains("--node") && err.contains("port 0"), "{err}");
+        let err = resolve_addr("--metrics", "http://127.0.0.1:9100").unwrap_err();
+        assert!(err.contains("scheme") && !err.contains("resolve"), "{err}");
+        assert_eq!(
+            resolve_addr("--listen", "127.0.0.1:0"),
+            Ok("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(
+            resolve_node("127.0.0.1:7000"),
+            Ok("127.0.0.1:7000".parse().unwrap())
+        );
+    }
 }

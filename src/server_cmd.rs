@@ -19,7 +19,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     let seeds = args
         .seeds
         .iter()
-        .map(|s| resolve("--seed", s))
+        .map(|s| resolve_peer("--seed", s))
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(addr) = &args.metrics {
         install_metrics(addr)?;
@@ -110,18 +110,7 @@ pub fn load_matrix(source: &str) -> Result<ringkv_core::regions::LatencyMatrix, 
 }
 
 pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
-    if args.nodes == 0 {
-        return Err(Failure::new(Exit::Usage, "--nodes must be at least 1"));
-    }
-    if args.replicas == 0 {
-        return Err(Failure::new(Exit::Usage, "--replicas must be at least 1"));
-    }
-    if args.base_port as usize + args.nodes > usize::from(u16::MAX) + 1 {
-        return Err(Failure::new(
-            Exit::Usage,
-            "--base-port + --nodes runs past port 65535",
-        ));
-    }
+    check_cluster_args(&args)?;
     let cluster_key = crate::key_cmd::load(&args.key)?;
     if let Some(addr) = &args.metrics {
         install_metrics(addr)?;
@@ -156,15 +145,16 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
     for n in &nodes {
         println!("  {:<4} {}", n.id().as_str(), n.addr());
     }
-    match args.key.cluster_key_file.first() {
-        None => println!(
-            "try: ringkv put hello world && ringkv get hello   (Ctrl-C stops the cluster)"
-        ),
-        Some(file) => println!(
-            "try: ringkv put hello world --cluster-key-file {f} && ringkv get hello --cluster-key-file {f}   (Ctrl-C stops the cluster)",
-            f = file.display()
-        ),
-    }
+    println!(
+        "{}",
+        try_hint(
+            nodes[0].addr(),
+            args.key
+                .cluster_key_file
+                .first()
+                .map(std::path::PathBuf::as_path)
+        )
+    );
     // A node removed from the cluster (`ringkv remove`) stops, as `ringkv
     // node` would; the others go on.
     let mut removals = tokio::task::JoinSet::new();
@@ -201,6 +191,49 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
     )
     .await;
     Ok(Exit::Ok)
+}
+
+/// Refuses, before anything starts, a cluster that could not serve.
+fn check_cluster_args(args: &ClusterArgs) -> Result<(), Failure> {
+    if args.nodes == 0 {
+        return Err(Failure::new(Exit::Usage, "--nodes must be at least 1"));
+    }
+    if args.replicas == 0 {
+        return Err(Failure::new(Exit::Usage, "--replicas must be at least 1"));
+    }
+    // Each key's N replicas are distinct nodes: with fewer nodes every
+    // write at the default W=quorum would fail.
+    if args.replicas > args.nodes {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "--replicas {} is more than --nodes {}: each key needs N distinct nodes; lower --replicas or raise --nodes",
+                args.replicas, args.nodes
+            ),
+        ));
+    }
+    if args.base_port as usize + args.nodes > usize::from(u16::MAX) + 1 {
+        return Err(Failure::new(
+            Exit::Usage,
+            "--base-port + --nodes runs past port 65535",
+        ));
+    }
+    Ok(())
+}
+
+/// The commands `cluster` suggests, given its first node's address and the
+/// cluster key file: they name the node unless `--node`'s default reaches it.
+fn try_hint(first: SocketAddr, key_file: Option<&std::path::Path>) -> String {
+    let mut flags = String::new();
+    if first.to_string() != crate::args::DEFAULT_NODE {
+        flags.push_str(&format!(" --node {first}"));
+    }
+    if let Some(file) = key_file {
+        flags.push_str(&format!(" --cluster-key-file {}", file.display()));
+    }
+    format!(
+        "try: ringkv put hello world{flags} && ringkv get hello{flags}   (Ctrl-C stops the cluster)"
+    )
 }
 
 /// Starts `count` nodes `n1..` on 127.0.0.1; port 0 picks free ports.
@@ -515,6 +548,13 @@ fn resolve(flag: &str, addr: &str) -> Result<SocketAddr, Failure> {
     crate::client_cmd::resolve_addr(flag, addr).map_err(|e| Failure::new(Exit::Usage, e))
 }
 
+/// As [`resolve`], for another node's address (a seed): port 0, which a
+/// listener may take, reaches no node.
+fn resolve_peer(flag: &str, addr: &str) -> Result<SocketAddr, Failure> {
+    crate::args::check_node_addr(flag, addr).map_err(|e| Failure::new(Exit::Usage, e))?;
+    resolve(flag, addr)
+}
+
 /// Buckets of every `*_seconds` histogram: 50 µs to a minute, finer
 /// around the millisecond a quorum request takes on a LAN. A histogram
 /// whose name matches no bucket rule would be exported as a summary again.
@@ -607,5 +647,56 @@ impl Signals {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn cluster_args(flags: &[&str]) -> ClusterArgs {
+        let mut argv = vec!["ringkv", "cluster"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Cluster(a) => a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cluster_needs_at_least_n_nodes() {
+        let failure =
+            check_cluster_args(&cluster_args(&["--nodes", "1", "--replicas", "3"])).unwrap_err();
+        assert_eq!(failure.exit, Exit::Usage);
+        assert!(
+            failure
+                .message
+                .contains("--replicas 3 is more than --nodes 1"),
+            "{}",
+            failure.message
+        );
+        assert!(check_cluster_args(&cluster_args(&[])).is_ok());
+        assert!(check_cluster_args(&cluster_args(&["--nodes", "3", "--replicas", "3"])).is_ok());
+        assert!(check_cluster_args(&cluster_args(&["--nodes", "0", "--replicas", "0"])).is_err());
+    }
+
+    #[test]
+    fn the_try_hint_names_the_first_node_unless_it_is_the_default() {
+        let default: SocketAddr = crate::args::DEFAULT_NODE.parse().unwrap();
+        assert!(!try_hint(default, None).contains("--node"));
+        let hint = try_hint("127.0.0.1:7100".parse().unwrap(), None);
+        assert!(
+            hint.contains("ringkv put hello world --node 127.0.0.1:7100 && ringkv get hello --node 127.0.0.1:7100 "),
+            "{hint}"
+        );
+        let key = std::path::Path::new("cluster.key");
+        let hint = try_hint("127.0.0.1:7100".parse().unwrap(), Some(key));
+        assert!(
+            hint.contains("ringkv get hello --node 127.0.0.1:7100 --cluster-key-file cluster.key"),
+            "{hint}"
+        );
     }
 }

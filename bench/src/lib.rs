@@ -72,6 +72,10 @@ pub enum BenchError {
     LoadFailed { failed: u64, first: String },
     #[error("cannot start the open loop's pacer thread: {source}")]
     Pacer { source: std::io::Error },
+    /// A client task ended without its report (it panicked): the figures
+    /// would silently leave its requests out.
+    #[error("a bench client failed: {reason}")]
+    ClientFailed { reason: String },
 }
 
 /// The outcome of one phase.
@@ -212,6 +216,8 @@ fn rand_run_id() -> u32 {
 
 /// Runs one phase. Puts insert `bench:{run}:{worker}:{i}` for i = 0, 1, …
 /// and report how many each worker wrote; gets cycle through those keys.
+/// A failed put's key is tried again by the worker's next put, so the keys
+/// a worker reports written are exactly its first ones.
 async fn phase(
     config: &LoadConfig,
     clients: &[std::sync::Arc<ClusterClient>],
@@ -234,7 +240,7 @@ async fn phase(
             let mut next = 0u64;
             while Instant::now() < deadline {
                 let i = match op {
-                    Op::Put => next,
+                    Op::Put => ops,
                     Op::Get => next % readable,
                 };
                 let key = format!("bench:{run_id:08x}:{worker}:{i}").into_bytes();
@@ -278,9 +284,16 @@ async fn phase(
         latency_us: new_histogram(),
     };
     let mut written_now = vec![0u64; clients.len()];
-    while let Some(Ok((worker, ops, errors, timeouts, first_error, hist))) =
-        workers.join_next().await
-    {
+    while let Some(joined) = workers.join_next().await {
+        let (worker, ops, errors, timeouts, first_error, hist) = match joined {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Its requests are lost to the figures: say so.
+                report.errors += 1;
+                report.first_error = Some(format!("a bench client failed: {e}"));
+                continue;
+            }
+        };
         report.ops += ops;
         report.errors += errors;
         report.timeouts += timeouts;

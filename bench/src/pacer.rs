@@ -166,6 +166,8 @@ mod tests {
         for t in tasks {
             all.extend(t.await.unwrap());
         }
+        // 50 due times in all, and no two alike: none went to two clients.
+        assert_eq!(all.len(), 50);
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 50);

@@ -14,11 +14,15 @@
 //! Workload E (short range scans) is not offered: keys are placed by hash,
 //! so ringkv has no range scans to measure.
 //!
-//! The zipfian distribution is YCSB's: constant 0.99, generated with Gray
-//! et al.'s method ("Quickly generating billion-record synthetic databases",
-//! SIGMOD 1994), and *scrambled* (each rank hashed to a key), so that the
-//! hot keys are spread over the key space and the ring instead of being
-//! keys 0, 1, 2… "Latest" picks recently inserted keys most often: the
+//! The zipfian distribution is YCSB's `ScrambledZipfianGenerator`: ranks
+//! drawn with constant 0.99 by Gray et al.'s method ("Quickly generating
+//! billion-record synthetic databases", SIGMOD 1994) over a fixed 10^10
+//! items, each rank hashed (FNV-1a) onto the records. The hot keys are so
+//! spread over the key space and the ring instead of being keys 0, 1, 2…,
+//! and, as in YCSB, the skew does not depend on the record count: the
+//! hottest key gets about 4% of requests (1/ζ(10^10)). A zipfian over just
+//! the records would give it 13% at 1,000 records and overstate hot-key
+//! contention. "Latest" picks recently inserted keys most often: the
 //! newest key is rank 0 of a zipfian over the current record count.
 //!
 //! Everything here is plain code over a caller's RNG, so a seed gives the
@@ -31,6 +35,15 @@ use rand::Rng;
 
 /// YCSB's zipfian constant.
 pub const ZIPFIAN_CONSTANT: f64 = 0.99;
+
+/// The items a scrambled zipfian draws its ranks over, whatever the record
+/// count (YCSB's `ScrambledZipfianGenerator.ITEM_COUNT`).
+pub const SCRAMBLED_ITEM_COUNT: u64 = 10_000_000_000;
+
+/// ζ(10^10) for constant 0.99, precomputed as YCSB does
+/// (`ScrambledZipfianGenerator.ZETAN`): summing 10^10 terms would take
+/// minutes.
+const SCRAMBLED_ZETAN: f64 = 26.469_028_201_783_02;
 
 /// What one request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,6 +76,38 @@ pub enum KeyDistribution {
     /// Zipfian over recency: the newest keys are the hottest.
     Latest,
     Uniform,
+}
+
+/// A request distribution name that is not zipfian, latest or uniform.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown request distribution {name:?}; use zipfian, latest or uniform")]
+pub struct UnknownDistribution {
+    pub name: String,
+}
+
+impl FromStr for KeyDistribution {
+    type Err = UnknownDistribution;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "zipfian" => Ok(KeyDistribution::Zipfian),
+            "latest" => Ok(KeyDistribution::Latest),
+            "uniform" => Ok(KeyDistribution::Uniform),
+            _ => Err(UnknownDistribution {
+                name: s.to_string(),
+            }),
+        }
+    }
+}
+
+impl KeyDistribution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyDistribution::Zipfian => "zipfian",
+            KeyDistribution::Latest => "latest",
+            KeyDistribution::Uniform => "uniform",
+        }
+    }
 }
 
 /// One of YCSB's core workloads.
@@ -168,17 +213,34 @@ impl Zipfian {
     /// Ranks over `0..n` (n ≥ 1) with constant `theta` (0 < theta < 1).
     pub fn new(n: u64, theta: f64) -> Self {
         let n = n.max(1);
-        let zeta2 = zeta(0, 2, theta, 0.0);
-        let mut z = Zipfian {
+        let mut z = Self::empty(theta);
+        z.grow_to(n);
+        z
+    }
+
+    /// Ranks over `0..n` whose ζ(n) is known (`zetan`): `n` may then be far
+    /// too large to sum.
+    pub fn with_zetan(n: u64, theta: f64, zetan: f64) -> Self {
+        let mut z = Self::empty(theta);
+        z.n = n.max(1);
+        z.zetan = zetan;
+        z.eta = z.eta_for(z.n);
+        z
+    }
+
+    fn empty(theta: f64) -> Self {
+        Zipfian {
             n: 0,
             theta,
             alpha: 1.0 / (1.0 - theta),
             zetan: 0.0,
-            zeta2,
+            zeta2: zeta(0, 2, theta, 0.0),
             eta: 0.0,
-        };
-        z.grow_to(n);
-        z
+        }
+    }
+
+    fn eta_for(&self, n: u64) -> f64 {
+        (1.0 - (2.0 / n as f64).powf(1.0 - self.theta)) / (1.0 - self.zeta2 / self.zetan)
     }
 
     pub fn n(&self) -> u64 {
@@ -192,8 +254,7 @@ impl Zipfian {
         }
         self.zetan = zeta(self.n, n, self.theta, self.zetan);
         self.n = n;
-        self.eta =
-            (1.0 - (2.0 / n as f64).powf(1.0 - self.theta)) / (1.0 - self.zeta2 / self.zetan);
+        self.eta = self.eta_for(n);
     }
 
     /// The next rank, in `0..n`.
@@ -239,10 +300,18 @@ impl KeyChooser {
     /// Over `records` existing records (at least 1).
     pub fn new(distribution: KeyDistribution, records: u64) -> Self {
         let records = records.max(1);
+        let zipf = match distribution {
+            KeyDistribution::Latest => Zipfian::new(records, ZIPFIAN_CONSTANT),
+            // Uniform draws no ranks; the zipfian's are over a fixed
+            // count, so inserts do not change them.
+            KeyDistribution::Zipfian | KeyDistribution::Uniform => {
+                Zipfian::with_zetan(SCRAMBLED_ITEM_COUNT, ZIPFIAN_CONSTANT, SCRAMBLED_ZETAN)
+            }
+        };
         KeyChooser {
             distribution,
             records,
-            zipf: Zipfian::new(records, ZIPFIAN_CONSTANT),
+            zipf,
         }
     }
 
@@ -308,6 +377,15 @@ mod tests {
         assert_eq!("e".parse::<Workload>(), Err(WorkloadError::Scans));
         let err = "z".parse::<Workload>().unwrap_err();
         assert!(err.to_string().contains("unknown workload \"z\""), "{err}");
+        for d in [
+            KeyDistribution::Zipfian,
+            KeyDistribution::Latest,
+            KeyDistribution::Uniform,
+        ] {
+            assert_eq!(d.as_str().parse::<KeyDistribution>(), Ok(d));
+        }
+        let err = "hotspot".parse::<KeyDistribution>().unwrap_err();
+        assert!(err.to_string().contains("\"hotspot\""), "{err}");
     }
 
     #[test]
@@ -356,6 +434,38 @@ mod tests {
         assert!(counts[0] > counts[1] && counts[1] > counts[10] && counts[10] > counts[500]);
     }
 
+    /// The precomputed ζ(10^10) is YCSB's and right: an exact sum to 10^6
+    /// plus the tail's integral with the trapezoid correction
+    /// (Euler–Maclaurin) agrees to better than 1e-6.
+    #[test]
+    fn the_scrambled_zipfians_zeta_is_that_of_ten_billion_items() {
+        let (m, n, theta) = (1_000_000u64, SCRAMBLED_ITEM_COUNT as f64, ZIPFIAN_CONSTANT);
+        let head = zeta(0, m, theta, 0.0);
+        let m = m as f64;
+        let tail = (n.powf(1.0 - theta) - m.powf(1.0 - theta)) / (1.0 - theta)
+            + (n.powf(-theta) - m.powf(-theta)) / 2.0;
+        assert!(
+            (head + tail - SCRAMBLED_ZETAN).abs() < 1e-6,
+            "{}",
+            head + tail
+        );
+    }
+
+    /// Scrambled, every record is read now and then: most of the zipfian's
+    /// mass lies past its first thousand ranks and hashes evenly over the
+    /// records. Ranks over the records alone left a third of them unread.
+    #[test]
+    fn a_scrambled_zipfian_reaches_every_record() {
+        let mut rng = rng();
+        let chooser = KeyChooser::new(KeyDistribution::Zipfian, 1000);
+        let mut seen = vec![false; 1000];
+        for _ in 0..50_000 {
+            seen[chooser.next_existing(&mut rng) as usize] = true;
+        }
+        let unread = seen.iter().filter(|s| !**s).count();
+        assert_eq!(unread, 0, "records never chosen");
+    }
+
     #[test]
     fn growing_a_zipfian_equals_building_it_at_the_larger_size() {
         let mut grown = Zipfian::new(100, ZIPFIAN_CONSTANT);
@@ -377,7 +487,14 @@ mod tests {
         }
         let mut hot: Vec<(u64, u32)> = counts.into_iter().collect();
         hot.sort_by_key(|(_, c)| std::cmp::Reverse(*c));
-        assert!(hot[0].1 > 2_000, "skewed: {:?}", &hot[..3]);
+        // YCSB's skew: the hottest key is rank 0's, 1/ζ(10^10) = 3.8% of
+        // draws, whatever the record count (a zipfian over the 10,000
+        // records alone would give it 9.6%).
+        assert!(
+            (1_500..2_500).contains(&hot[0].1),
+            "skewed: {:?}",
+            &hot[..3]
+        );
         assert!(
             hot[..5].iter().any(|(k, _)| *k > 100),
             "hot keys are not just the first records: {:?}",

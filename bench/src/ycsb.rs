@@ -53,7 +53,7 @@ use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
 use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
-use crate::workload::{record_key, KeyChooser, Op, Workload};
+use crate::workload::{record_key, KeyChooser, KeyDistribution, Op, Workload};
 use crate::BenchError;
 
 /// The waits after a write's acknowledgement at which staleness is probed, in ms.
@@ -122,6 +122,9 @@ pub struct YcsbConfig {
     pub updates: UpdateMode,
     /// The cluster's key, if it has one (`--cluster-key-file`).
     pub cluster_key: Option<ClusterKey>,
+    /// Overrides the workload's request distribution (YCSB's
+    /// `requestdistribution`); `None`: the workload's own.
+    pub distribution: Option<KeyDistribution>,
 }
 
 /// How YCSB updates and inserts write (see the module docs).
@@ -161,7 +164,10 @@ pub struct OpReport {
     /// Why the first failed request failed (of one client, when merged):
     /// the likeliest cause of the rest.
     pub first_error: Option<String>,
-    /// Microseconds, successful operations only.
+    /// Microseconds: successful operations, and timed-out ones at the time
+    /// the client gave up (a lower bound, but the worst a user waited: left
+    /// out, an overloaded store's percentiles would look better than its
+    /// service). Failures the store answered are not in it.
     pub latency_us: Histogram<u64>,
 }
 
@@ -207,9 +213,17 @@ pub struct Visibility {
     pub fresh: u64,
     /// Probes left out because the write or the read failed or timed out.
     pub failed: u64,
+    /// Microseconds from each probe's acknowledgement to its read's send,
+    /// summed: at least `t_ms`, and more by the timer's lateness.
+    pub gap_us: u64,
 }
 
 impl Visibility {
+    /// The mean measured wait between acknowledgement and read, in ms.
+    pub fn mean_gap_ms(&self) -> Option<f64> {
+        (self.probes > 0).then(|| self.gap_us as f64 / 1000.0 / self.probes as f64)
+    }
+
     /// The share of reads that saw the write (1 when nothing was probed).
     pub fn fresh_share(&self) -> f64 {
         if self.probes == 0 {
@@ -224,6 +238,8 @@ impl Visibility {
 #[derive(Debug, Clone, Copy, Default)]
 struct ReadStats {
     reads: u64,
+    /// Reads that found no value.
+    not_found: u64,
     sibling_reads: u64,
     values: u64,
     max_values: u64,
@@ -232,6 +248,7 @@ struct ReadStats {
 impl ReadStats {
     fn record(&mut self, values: u64) {
         self.reads += 1;
+        self.not_found += u64::from(values == 0);
         self.sibling_reads += u64::from(values > 1);
         self.values += values;
         self.max_values = self.max_values.max(values);
@@ -239,6 +256,7 @@ impl ReadStats {
 
     fn merge(&mut self, other: &ReadStats) {
         self.reads += other.reads;
+        self.not_found += other.not_found;
         self.sibling_reads += other.sibling_reads;
         self.values += other.values;
         self.max_values = self.max_values.max(other.max_values);
@@ -254,11 +272,17 @@ pub struct SettingReport {
     /// [`crate::process_cpu`]); `None` where it cannot be read.
     pub cpu: Option<Duration>,
     /// Open loop only: requests that came due but were never sent because
-    /// every client was busy until the end. The latency figures leave them
-    /// out, so any number here means the store fell behind the rate.
+    /// every client was busy until the end, and then for a request timeout
+    /// more (clients go on taking requests that came due before the end).
+    /// The latency figures leave them out, so any number here means the
+    /// store fell far behind the rate.
     pub unsent: Option<u64>,
     pub ops: Vec<(Op, OpReport)>,
     pub reads: u64,
+    /// Reads that found no value: every record is loaded, and an insert's
+    /// record is read only once the insert is over, so these are records
+    /// whose load or insert failed.
+    pub reads_not_found: u64,
     /// Reads that returned more than one value.
     pub sibling_reads: u64,
     /// Values returned over all reads (siblings count one each).
@@ -266,6 +290,8 @@ pub struct SettingReport {
     /// The most values one read returned.
     pub max_siblings: u64,
     pub staleness: Vec<Visibility>,
+    /// Why staleness was not measured, if it was not.
+    pub staleness_skipped: Option<String>,
     /// Records that exist after the run (the load's plus every insert).
     pub records_after: u64,
     /// Times a connection moved away to another node because its own could
@@ -558,6 +584,68 @@ async fn close_all(conns: Vec<Arc<Conn>>) {
     .await;
 }
 
+/// The record numbers of a run's inserts, as YCSB's
+/// `AcknowledgedCounterGenerator` hands them out: numbers are taken in
+/// order, and reads choose only among records below [`acknowledged`], the
+/// first number whose insert is not over. Under "latest" the newest record
+/// is the likeliest read, and reading one whose insert is still under way
+/// would find nothing and count as a read.
+///
+/// Invariant: `acknowledged <= taken`, and every number below
+/// `acknowledged` has been [`finish`]ed (successful or not).
+///
+/// [`acknowledged`]: Inserts::acknowledged
+/// [`finish`]: Inserts::finish
+#[derive(Debug)]
+struct Inserts {
+    next: std::sync::atomic::AtomicU64,
+    acknowledged: std::sync::atomic::AtomicU64,
+    /// Numbers finished above `acknowledged`, waiting for the ones below.
+    finished_ahead: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+}
+
+impl Inserts {
+    /// After a load of `records` (numbers `0..records`, all over).
+    fn new(records: u64) -> Self {
+        Inserts {
+            next: records.into(),
+            acknowledged: records.into(),
+            finished_ahead: Default::default(),
+        }
+    }
+
+    /// A new record number to insert.
+    fn take(&self) -> u64 {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Numbers taken so far: the records there are once every insert is over.
+    fn taken(&self) -> u64 {
+        self.next.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The insert of `record` (a number [`take`](Inserts::take)n) is over.
+    fn finish(&self, record: u64) {
+        use std::sync::atomic::Ordering::Release;
+        let mut ahead = self
+            .finished_ahead
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ahead.insert(record);
+        // Only changed under the lock, so this load is the latest value.
+        let mut below = self.acknowledged.load(std::sync::atomic::Ordering::Relaxed);
+        while ahead.remove(&below) {
+            below += 1;
+        }
+        self.acknowledged.store(below, Release);
+    }
+
+    /// Records that may be read: every insert below this is over.
+    fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// Runs `setting` for the configured duration; `progress(elapsed share)`
 /// is called every 100 ms.
 pub async fn run_setting(
@@ -569,10 +657,14 @@ pub async fn run_setting(
     let clients = connect_all(config, config.concurrency.max(1)).await?;
     // Built once, outside the timed window: a zipfian over many records
     // takes a while to set up.
-    let chooser = KeyChooser::new(config.workload.distribution(), records);
+    let distribution = config
+        .distribution
+        .unwrap_or_else(|| config.workload.distribution());
+    let chooser = KeyChooser::new(distribution, records);
     // Inserts take numbers from one counter, so clients never insert the
-    // same key, and every client's chooser learns of the others' inserts.
-    let next_record = Arc::new(std::sync::atomic::AtomicU64::new(records));
+    // same key, and every client's chooser learns of the others' inserts
+    // once they are over.
+    let inserts = Arc::new(Inserts::new(records));
     // Every client's histograms exist before the clock starts: each is
     // 136 KiB to allocate and zero, and creating them on a client's
     // first request of each kind charged those requests (all clients' at
@@ -590,6 +682,14 @@ pub async fn run_setting(
     let started = Instant::now();
     let cpu_at_start = crate::process_cpu();
     let deadline = started + config.duration;
+    // An open loop's clients go on taking requests that came due before the
+    // deadline for up to a request timeout past it: stopping at the
+    // deadline would leave out the requests queued longest, the worst of
+    // its latencies.
+    let last_send = match config.rate_per_s {
+        Some(_) => deadline + Duration::from_millis(u64::from(config.request_timeout_ms)),
+        None => deadline,
+    };
     let pacer = match config.rate_per_s {
         Some(rate) => Some(
             Pacer::start(rate, started, deadline).map_err(|source| BenchError::Pacer { source })?,
@@ -600,7 +700,7 @@ pub async fn run_setting(
     for (w, client) in clients.iter().enumerate() {
         let (client, pacer) = (client.clone(), pacer.clone());
         let (config, setting) = (config.clone(), setting.clone());
-        let (mut chooser, next_record) = (chooser.clone(), next_record.clone());
+        let (mut chooser, inserts) = (chooser.clone(), inserts.clone());
         let mut reports = fresh_reports.pop().unwrap_or_default();
         tasks.spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ ((w as u64) << 32));
@@ -617,14 +717,14 @@ pub async fn run_setting(
                     },
                     None => None,
                 };
-                if Instant::now() >= deadline {
+                if Instant::now() >= last_send {
                     break;
                 }
                 let op = config.workload.next_op(&mut rng);
                 let record = match op {
-                    Op::Insert => next_record.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    Op::Insert => inserts.take(),
                     _ => {
-                        chooser.grow_to(next_record.load(std::sync::atomic::Ordering::Relaxed));
+                        chooser.grow_to(inserts.acknowledged());
                         chooser.next_existing(&mut rng)
                     }
                 };
@@ -671,17 +771,24 @@ pub async fn run_setting(
                         contexts.insert(record, context.clone());
                     }
                 }
+                if op == Op::Insert {
+                    // Over, whether or not it succeeded (as in YCSB): a
+                    // failed insert must not keep later ones from being read.
+                    inserts.finish(record);
+                }
                 let report = reports.entry(op).or_insert_with(OpReport::new);
+                // Beyond the histogram's 60 s bound, count it at the bound
+                // rather than losing the worst of the tail.
+                let latency_us = answered.duration_since(sent).as_micros() as u64;
                 match outcome {
                     Outcome::Read { .. } | Outcome::Written { .. } => {
                         report.ops += 1;
-                        // Beyond the histogram's 60 s bound, count it at the bound
-                        // rather than losing the worst of the tail.
-                        report
-                            .latency_us
-                            .saturating_record(answered.duration_since(sent).as_micros() as u64);
+                        report.latency_us.saturating_record(latency_us);
                     }
-                    Outcome::Timeout => report.timeouts += 1,
+                    Outcome::Timeout => {
+                        report.timeouts += 1;
+                        report.latency_us.saturating_record(latency_us);
+                    }
                     Outcome::Error { reason } => {
                         report.errors += 1;
                         report.first_error.get_or_insert(reason);
@@ -698,24 +805,30 @@ pub async fn run_setting(
             (reports, read_stats)
         });
     }
-    let prober = if config.targets.len() >= 2 && !config.resp {
+    let prober = if config.resp {
+        Err("a RESP store has no coordinators to compare".to_string())
+    } else if config.targets.len() < 2 {
+        Err("it needs two coordinators: give --cluster two or more addresses".to_string())
+    } else {
         let (config, setting) = (config.clone(), setting.clone());
-        Some(tokio::spawn(async move {
+        Ok(tokio::spawn(async move {
             probe_staleness(&config, &setting, deadline).await
         }))
-    } else {
-        None
     };
     let mut merged: HashMap<Op, OpReport> = HashMap::new();
     let mut read_stats = ReadStats::default();
     while !tasks.is_empty() {
         tokio::select! {
             done = tasks.join_next() => {
-                if let Some(Ok((reports, stats))) = done {
-                    for (op, report) in reports {
-                        merged.entry(op).or_insert_with(OpReport::new).merge(&report);
+                match done {
+                    Some(Ok((reports, stats))) => {
+                        for (op, report) in reports {
+                            merged.entry(op).or_insert_with(OpReport::new).merge(&report);
+                        }
+                        read_stats.merge(&stats);
                     }
-                    read_stats.merge(&stats);
+                    Some(Err(e)) => return Err(BenchError::ClientFailed { reason: e.to_string() }),
+                    None => {}
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -726,9 +839,13 @@ pub async fn run_setting(
     let cpu = cpu_at_start
         .zip(crate::process_cpu())
         .map(|(before, after)| after.saturating_sub(before));
-    let staleness = match prober {
-        Some(p) => p.await.unwrap_or_default(),
-        None => Vec::new(),
+    let (staleness, staleness_skipped) = match prober {
+        Ok(p) => match p.await {
+            Ok(Ok(staleness)) => (staleness, None),
+            Ok(Err(why)) => (Vec::new(), Some(why)),
+            Err(e) => (Vec::new(), Some(format!("the prober failed: {e}"))),
+        },
+        Err(why) => (Vec::new(), Some(why)),
     };
     let failovers = failovers(&clients);
     close_all(clients).await;
@@ -741,11 +858,13 @@ pub async fn run_setting(
         elapsed,
         ops,
         reads: read_stats.reads,
+        reads_not_found: read_stats.not_found,
         sibling_reads: read_stats.sibling_reads,
         values_read: read_stats.values,
         max_siblings: read_stats.max_values,
         staleness,
-        records_after: next_record.load(std::sync::atomic::Ordering::Relaxed),
+        staleness_skipped,
+        records_after: inserts.taken(),
         failovers,
     };
     report.unsent = config
@@ -759,11 +878,15 @@ const PROBE_FAILURE_PAUSE: Duration = Duration::from_millis(50);
 
 /// The staleness prober (see the module docs): writes through the first
 /// target, reads through the second, cycling through [`STALENESS_T_MS`].
+/// At t = 0 the read is sent as soon as the write is acknowledged; at
+/// larger t, once t has passed since (the timer may be up to a millisecond
+/// late, and `gap_us` records what it was). Fails, with the reason, if it
+/// cannot connect to both coordinators.
 pub async fn probe_staleness(
     config: &YcsbConfig,
     setting: &Setting,
     until: Instant,
-) -> Vec<Visibility> {
+) -> Result<Vec<Visibility>, String> {
     let mut out: Vec<Visibility> = STALENESS_T_MS
         .iter()
         .map(|t| Visibility {
@@ -773,17 +896,18 @@ pub async fn probe_staleness(
         .collect();
     let (Some(writer_addr), Some(reader_addr)) = (config.targets.first(), config.targets.get(1))
     else {
-        return out;
+        return Err("it needs two coordinators".to_string());
     };
     let key = config.cluster_key.as_ref();
     // One node each, no failover: staleness is measured between two
     // coordinators.
-    let (Ok(writer), Ok(reader)) = (
-        ClusterClient::connect(vec![*writer_addr], 0, Duration::from_secs(3), key).await,
-        ClusterClient::connect(vec![*reader_addr], 0, Duration::from_secs(3), key).await,
-    ) else {
-        return out;
+    let connect = |addr: SocketAddr| async move {
+        ClusterClient::connect(vec![addr], 0, Duration::from_secs(3), key)
+            .await
+            .map_err(|e| format!("the prober could not connect to {addr}: {e}"))
     };
+    let writer = connect(*writer_addr).await?;
+    let reader = connect(*reader_addr).await?;
     let (writer, reader) = (Conn::Ringkv(writer), Conn::Ringkv(reader));
     let (timeout_ms, delay) = (config.request_timeout_ms, config.client_delay);
     let run: u32 = rand::thread_rng().gen();
@@ -796,15 +920,23 @@ pub async fn probe_staleness(
         let written = writer
             .put(&key, &value, setting.w, None, false, timeout_ms, delay)
             .await;
+        let acknowledged = Instant::now();
         let read = if written.is_ok() {
-            tokio::time::sleep(Duration::from_millis(out[slot].t_ms)).await;
-            Some(reader.get(&key, setting.r, timeout_ms, delay).await)
+            // tokio's timer fires on whole milliseconds, even for a zero
+            // wait: t = 0 must not wait at all.
+            let t = Duration::from_millis(out[slot].t_ms);
+            if !t.is_zero() {
+                tokio::time::sleep_until((acknowledged + t).into()).await;
+            }
+            let gap = acknowledged.elapsed();
+            Some((gap, reader.get(&key, setting.r, timeout_ms, delay).await))
         } else {
             None
         };
         match read {
-            Some(Outcome::Read { values, .. }) => {
+            Some((gap, Outcome::Read { values, .. })) => {
                 out[slot].probes += 1;
+                out[slot].gap_us += gap.as_micros() as u64;
                 if values.contains(&value) {
                     out[slot].fresh += 1;
                 }
@@ -818,5 +950,55 @@ pub async fn probe_staleness(
         }
     }
     close_all(vec![Arc::new(writer), Arc::new(reader)]).await;
-    out
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads reach a record only once every insert up to it is over, failed
+    /// or not, whatever order the inserts end in.
+    #[test]
+    fn inserted_records_are_readable_once_every_earlier_insert_is_over() {
+        let inserts = Inserts::new(10);
+        let (a, b, c) = (inserts.take(), inserts.take(), inserts.take());
+        assert_eq!((a, b, c, inserts.taken()), (10, 11, 12, 13));
+        assert_eq!(inserts.acknowledged(), 10);
+        inserts.finish(b);
+        assert_eq!(inserts.acknowledged(), 10, "11 is over, but 10 is not");
+        inserts.finish(a);
+        assert_eq!(inserts.acknowledged(), 12);
+        inserts.finish(c);
+        assert_eq!(inserts.acknowledged(), 13);
+    }
+
+    /// Many clients inserting at once: in the end every number is readable,
+    /// and at no point is one readable whose insert was not over.
+    #[test]
+    fn concurrent_inserts_never_expose_a_record_still_being_inserted() {
+        let inserts = Arc::new(Inserts::new(0));
+        let over: Arc<Vec<std::sync::atomic::AtomicBool>> =
+            Arc::new((0..4000).map(|_| false.into()).collect());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (inserts, over) = (inserts.clone(), over.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        let record = inserts.take();
+                        over[record as usize].store(true, std::sync::atomic::Ordering::Release);
+                        inserts.finish(record);
+                        let readable = inserts.acknowledged();
+                        for r in readable.saturating_sub(8)..readable {
+                            assert!(over[r as usize].load(std::sync::atomic::Ordering::Acquire));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(inserts.acknowledged(), 4000);
+    }
 }

@@ -29,6 +29,7 @@ fn ycsb_config(targets: Vec<SocketAddr>) -> YcsbConfig {
         cluster_key: None,
         resp: false,
         updates: UpdateMode::Overwrite,
+        distribution: None,
     }
 }
 
@@ -49,7 +50,7 @@ async fn probes_that_cannot_write_are_counted_as_failed() {
     // Long enough for the prober's two QUIC handshakes and a failed write
     // on a busy machine (each write fails at once: W exceeds the nodes).
     let until = Instant::now() + Duration::from_secs(3);
-    let visibility = probe_staleness(&config, &setting, until).await;
+    let visibility = probe_staleness(&config, &setting, until).await.unwrap();
     let failed: u64 = visibility.iter().map(|v| v.failed).sum();
     assert!(failed > 0, "{visibility:?}");
     assert!(
@@ -89,6 +90,13 @@ async fn a_failed_operation_reports_its_first_reason() {
     // Reads of keys never loaded succeed (found nothing): no reason.
     let reads = op(Op::Read).expect("the run drew reads");
     assert_eq!((reads.errors, reads.first_error.as_deref()), (0, None));
+    // Counted as reads that found nothing, not as siblings or values.
+    assert!(report.reads > 0 && report.reads_not_found == report.reads);
+    assert_eq!(report.values_read, 0);
+    // One coordinator: no staleness, and the report says why.
+    assert!(report.staleness.is_empty());
+    let skipped = report.staleness_skipped.as_deref().unwrap_or_default();
+    assert!(skipped.contains("two coordinators"), "{skipped:?}");
     node.shutdown().await;
 }
 

@@ -61,6 +61,10 @@ pub enum RegionError {
     DuplicateRegion { region: String },
     #[error("region name {region:?} must be 1-64 characters of letters, digits, '-', '_' or '.'")]
     BadName { region: String },
+    #[error("a link's `between` lists {} regions ({between:?}); it takes exactly 2", .between.len())]
+    LinkNotAPair { between: Vec<String> },
+    #[error("link between {region:?} and itself: set the delay between nodes of one region in the `[local]` table")]
+    SelfLink { region: String },
     #[error("link between {a:?} and {b:?} names a region not in `regions`")]
     UnknownRegionInLink { a: String, b: String },
     #[error("the link between {a:?} and {b:?} is given twice")]
@@ -92,7 +96,9 @@ struct MatrixFile {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LinkEntry {
-    between: [String; 2],
+    // A `Vec` rather than `[String; 2]`: serde reads the first two of a
+    // longer array and ignores the rest, so the length is checked here.
+    between: Vec<String>,
     #[serde(flatten)]
     link: Link,
 }
@@ -165,7 +171,15 @@ impl LatencyMatrix {
         check_link("local", "local", &local)?;
         let mut links = BTreeMap::new();
         for entry in file.link {
-            let [a, b] = entry.between;
+            let [a, b] = match <[String; 2]>::try_from(entry.between) {
+                Ok(ends) => ends,
+                Err(between) => return Err(RegionError::LinkNotAPair { between }),
+            };
+            // `link` answers a region's own pairs from `[local]`, so such a
+            // link would be ignored without a word.
+            if a == b {
+                return Err(RegionError::SelfLink { region: a });
+            }
             if !file.regions.contains(&a) || !file.regions.contains(&b) {
                 return Err(RegionError::UnknownRegionInLink { a, b });
             }
@@ -355,6 +369,38 @@ loss = 0.25
             .unwrap_err()
             .to_string()
             .contains("unknown region \"z\"; the matrix has a, b"));
+    }
+
+    #[test]
+    fn a_link_joins_exactly_two_distinct_regions() {
+        let parse = |between: &str| {
+            LatencyMatrix::parse_toml(&format!(
+                "regions = [\"a\", \"b\", \"c\"]\n[[link]]\nbetween = {between}\ndelay_ms = 1"
+            ))
+        };
+        assert_eq!(
+            parse("[\"a\", \"b\", \"c\"]").unwrap_err(),
+            RegionError::LinkNotAPair {
+                between: vec!["a".into(), "b".into(), "c".into()]
+            }
+        );
+        assert_eq!(
+            parse("[\"a\"]").unwrap_err(),
+            RegionError::LinkNotAPair {
+                between: vec!["a".into()]
+            }
+        );
+        let err = parse("[\"a\", \"b\", \"c\"]").unwrap_err().to_string();
+        assert!(
+            err.contains("lists 3 regions") && err.contains("exactly 2"),
+            "{err}"
+        );
+        assert_eq!(
+            parse("[\"a\", \"a\"]").unwrap_err(),
+            RegionError::SelfLink { region: "a".into() }
+        );
+        let err = parse("[\"a\", \"a\"]").unwrap_err().to_string();
+        assert!(err.contains("`[local]`"), "{err}");
     }
 
     #[test]

@@ -36,8 +36,11 @@ use crate::error::NodeError;
 pub const SERVER_NAME: &str = "ringkv";
 
 /// How long a connection may stay silent before it is considered dead. Keep-
-/// alives keep healthy idle connections open well inside this.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// alives keep healthy idle connections open well inside this. It also bounds
+/// a handshake: a connect timeout longer than this never takes effect, so the
+/// CLI caps `--connect-timeout-ms` at it.
+pub const IDLE_TIMEOUT_MS: u64 = 10_000;
+const IDLE_TIMEOUT: Duration = Duration::from_millis(IDLE_TIMEOUT_MS);
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Concurrent requests one connection may carry: bounds a peer's load (and
 /// the frames buffered for it) on us.
