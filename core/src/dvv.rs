@@ -402,6 +402,14 @@ impl Clock {
         }
         for e in &self.entries {
             NodeId::new(e.node.as_str())?;
+            // `update` adds an entry only with the event it counts, and
+            // contexts name no counter 0: such an entry came from outside.
+            if e.counter == 0 {
+                return Err(InvalidInput::new(format!(
+                    "clock entry for {} has counter 0 (no events)",
+                    e.node
+                )));
+            }
             if e.counter > COUNTER_MAX {
                 return Err(InvalidInput::new(format!(
                     "clock entry for {} has an implausible counter {}",

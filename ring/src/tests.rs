@@ -164,6 +164,78 @@ proptest! {
     }
 }
 
+/// Members `m0..m{count}`, each with its own virtual node count.
+fn members(vnodes: &[u32]) -> Vec<(NodeId, u32)> {
+    vnodes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (NodeId::new(format!("m{i}")).unwrap(), *v))
+        .collect()
+}
+
+/// The key's full walk of the ring: replicas, then fallbacks.
+fn walk(ring: &Ring, key: &[u8]) -> Vec<NodeId> {
+    let list = ring.preference_list(key);
+    list.replicas.into_iter().chain(list.fallbacks).collect()
+}
+
+proptest! {
+    /// Whatever the members, their virtual nodes and N: a key's replicas
+    /// are min(N, members) distinct nodes, the first its primary, and
+    /// replicas and fallbacks together name every member exactly once, in
+    /// an order that does not depend on the order members were given in.
+    #[test]
+    fn preference_lists_hold_for_any_ring(
+        vnodes in prop::collection::vec(1u32..=64, 1..=12),
+        n in 1usize..=5,
+        key in prop::collection::vec(any::<u8>(), 0..32),
+    ) {
+        let given = members(&vnodes);
+        let ring = Ring::new(given.clone(), n).unwrap();
+        let list = ring.preference_list(&key);
+        prop_assert_eq!(list.replicas.len(), n.min(vnodes.len()));
+        prop_assert_eq!(Some(&list.replicas[0]), ring.primary(&key));
+        let mut all = walk(&ring, &key);
+        all.sort();
+        let mut expected: Vec<NodeId> = given.iter().map(|(id, _)| id.clone()).collect();
+        expected.sort();
+        prop_assert_eq!(all, expected);
+        let reversed = Ring::new(given.into_iter().rev(), n).unwrap();
+        prop_assert_eq!(walk(&reversed, &key), walk(&ring, &key));
+    }
+
+    /// Consistent hashing moves only what it must (Dynamo §4.2). The walk
+    /// draws a fresh point per candidate (see the crate docs), so a
+    /// newcomer can reorder the others; what holds is that, for every k,
+    /// the first k candidates after it joins, less the newcomer, are among
+    /// the first k before. So each key's N replicas change by at most the
+    /// one slot the newcomer takes, and not at all when it takes none.
+    #[test]
+    fn a_new_member_takes_at_most_one_replica_slot_of_a_key(
+        vnodes in prop::collection::vec(1u32..=64, 1..=8),
+        newcomer_vnodes in 1u32..=64,
+        keys in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..16), 1..20),
+    ) {
+        let before = Ring::new(members(&vnodes), 1).unwrap();
+        let newcomer = NodeId::new("new").unwrap();
+        let after = Ring::new(
+            members(&vnodes).into_iter().chain([(newcomer.clone(), newcomer_vnodes)]),
+            1,
+        )
+        .unwrap();
+        for key in &keys {
+            let (old, new) = (walk(&before, key), walk(&after, key));
+            for k in 1..=old.len() {
+                let kept: Vec<&NodeId> = new[..k].iter().filter(|m| **m != newcomer).collect();
+                prop_assert!(
+                    kept.iter().all(|m| old[..k].contains(m)),
+                    "first {} after {:?} not among {:?}", k, &new[..k], &old[..k]
+                );
+            }
+        }
+    }
+}
+
 /// Equal rings (whatever order members were given in) share a
 /// fingerprint; a member, a virtual node count or N more or less changes it.
 #[test]

@@ -251,3 +251,17 @@ fn validate_rejects_more_siblings_than_events() {
     };
     assert!(clock.validate().unwrap_err().message.contains("2 siblings"));
 }
+
+/// An entry that saw no event of its node is never stored (the same as no
+/// entry); from outside it would only take room under the actor limit.
+#[test]
+fn validate_rejects_an_entry_without_events() {
+    let clock = Clock {
+        entries: vec![Entry {
+            node: node(0),
+            counter: 0,
+            payloads: vec![],
+        }],
+    };
+    assert!(clock.validate().unwrap_err().message.contains("counter 0"));
+}
