@@ -184,7 +184,7 @@ pub struct NodeArgs {
     /// Threads serving requests. Default: one per core. When several nodes share a machine's cores (a test cluster), 1 each avoids threads of different nodes preempting one another.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
-    /// A running member to join through (repeatable). Not needed on restart: the node remembers its cluster.
+    /// A running member to join through (repeatable). Not needed on restart: the node remembers its cluster. A seed list shared by every node may name this node too: its own --listen address is skipped.
     #[arg(long = "seed", value_name = "HOST:PORT")]
     pub seeds: Vec<String>,
     /// Replicas per key (N) for a new cluster; default 3. Joining nodes adopt the cluster's N; giving a different one is an error.

@@ -1395,6 +1395,23 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
         membership.form(rand::random(), replicas)?;
         return Ok(());
     }
+    // A seed list shared by every node names each of them (as in
+    // Cassandra): a node does not ask itself, and one whose only seed is
+    // itself would wait out the join timeout doing so.
+    let seeds: Vec<SocketAddr> = config
+        .seeds
+        .iter()
+        .copied()
+        .filter(|seed| *seed != config.listen)
+        .collect();
+    if seeds.is_empty() {
+        return Err(NodeError::Config {
+            reason: format!(
+                "the only seed given, {}, is this node's own address; give a running member, or no seed to start a new cluster",
+                config.listen
+            ),
+        });
+    }
     let deadline = tokio::time::Instant::now() + config.join_timeout;
     let request = Request::Join(membership.join_request(config.replicas));
     let mut failures: Vec<String>;
@@ -1402,7 +1419,7 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
     loop {
         failures = Vec::new();
         let mut refused = 0;
-        for seed in &config.seeds {
+        for seed in &seeds {
             match inner.transport.call_addr(*seed, &request).await {
                 Ok(Response::Joined(reply)) => {
                     membership.adopt(reply)?;
@@ -1424,7 +1441,7 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
         }
         // Every seed refused the handshake: a key (or release) that differs
         // does not change by waiting.
-        if refused == config.seeds.len() {
+        if refused == seeds.len() {
             return Err(NodeError::Join {
                 reason: failures.join("; "),
             });

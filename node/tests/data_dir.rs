@@ -90,3 +90,45 @@ async fn a_directory_of_other_files_is_refused_untouched() {
     );
     assert_eq!(names(root.path()), ["notes.toml"]);
 }
+
+/// A loopback address whose UDP port was free a moment ago.
+fn free_addr() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A seed list shared by every node names each of them: a node skips its
+/// own address, and one whose only seed is itself is refused at once
+/// (rather than after the join timeout), leaving no store behind.
+#[tokio::test]
+async fn a_node_does_not_seed_itself() {
+    let root = tempfile::tempdir().unwrap();
+    let me = free_addr();
+    let mut alone = NodeConfig::new(NodeId::new("n2").unwrap(), me, root.path().join("n2"));
+    alone.seeds = vec![me];
+    let started = std::time::Instant::now();
+    let err = start_fails(alone).await;
+    assert!(
+        matches!(&err, NodeError::Config { reason } if reason.contains("own address")),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(!root.path().join("n2").exists());
+
+    let first = Node::start(NodeConfig::on_loopback(
+        NodeId::new("n1").unwrap(),
+        root.path().join("n1"),
+    ))
+    .await
+    .unwrap();
+    // Another port: the failed start's socket closes only once its
+    // endpoint's driver task has run.
+    let me = free_addr();
+    let mut second = NodeConfig::new(NodeId::new("n2").unwrap(), me, root.path().join("n2"));
+    second.seeds = vec![me, first.addr()];
+    let second = Node::start(second).await.unwrap();
+    second.shutdown().await;
+    first.shutdown().await;
+}
