@@ -427,7 +427,7 @@ mod tests {
         for _ in 0..draws {
             counts[z.next(&mut rng) as usize] += 1;
         }
-        // P(rank 0) = 1 / zeta(n): about 13.4% for n = 1000, theta 0.99.
+        // P(rank 0) = 1 / zeta(n): about 12.9% for n = 1000, theta 0.99.
         let p0 = counts[0] as f64 / draws as f64;
         let expected = 1.0 / zeta(0, n, ZIPFIAN_CONSTANT, 0.0);
         assert!((p0 - expected).abs() < 0.01, "rank 0: {p0} vs {expected}");
@@ -489,7 +489,7 @@ mod tests {
         hot.sort_by_key(|(_, c)| std::cmp::Reverse(*c));
         // YCSB's skew: the hottest key is rank 0's, 1/ζ(10^10) = 3.8% of
         // draws, whatever the record count (a zipfian over the 10,000
-        // records alone would give it 9.6%).
+        // records alone would give it 9.8%).
         assert!(
             (1_500..2_500).contains(&hot[0].1),
             "skewed: {:?}",
