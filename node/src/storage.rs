@@ -148,25 +148,29 @@ fn total_order() -> ReadOptions {
     opts
 }
 
-/// A data directory a start may create the store in, and must then leave as
-/// it found it if the start fails: absent (with the ancestors it creates),
-/// or empty. A directory that already holds a store is never touched.
+/// A data directory a start may create its store in, and must then leave
+/// as it found it if the start fails.
 ///
 /// A failed start (the address in use, the cluster refusing the node, a
 /// seed that never answers) would otherwise leave a fresh RocksDB store
-/// behind, and a retry under another `--id` would meet a directory bound
-/// to nobody's cluster.
+/// behind. What it removes is only ever what this start made:
+/// - directories it created itself, one level at a time, each removed only
+///   while empty (so a parent other nodes' dirs went into meanwhile stays);
+/// - the store's files, only if this start opened the store (held its
+///   lock), in a directory that was absent or empty before it.
+///
+/// A path that is (or passes through) a symbolic link is never removed: a
+/// link to a disk that is not mounted must not be replaced by a store on
+/// the wrong disk, nor deleted.
 #[derive(Debug)]
-pub(crate) enum FreshDataDir {
-    /// Nothing to undo: the directory holds a store already (or cannot be
-    /// read, which opening the store reports).
-    Kept,
-    /// It existed, empty (but for `lost+found`, as at the root of a mounted
-    /// disk): empty it again.
-    Empty { path: PathBuf },
-    /// It did not exist: remove `topmost`, the first of its missing
-    /// ancestors (the directory itself if its parent exists).
-    Absent { topmost: PathBuf },
+pub(crate) struct FreshDataDir {
+    /// The data dir, if it was absent or empty before the start.
+    fresh: Option<PathBuf>,
+    /// Directories this start created, outermost first (the data dir last,
+    /// if it created that).
+    created: Vec<PathBuf>,
+    /// Set once this start opened the store: its files are then its own.
+    opened: std::sync::atomic::AtomicBool,
 }
 
 /// What a RocksDB store always holds: the name of its current manifest.
@@ -176,53 +180,95 @@ const STORE_MARKER: &str = "CURRENT";
 const MOUNT_POINT_ENTRY: &str = "lost+found";
 
 impl FreshDataDir {
-    /// How `path` is before a start; refuses a directory holding files but
-    /// no store, whose files the store would be mixed with.
-    pub(crate) fn inspect(path: &Path) -> Result<Self, NodeError> {
-        let entries = match std::fs::read_dir(path) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut topmost = path.to_path_buf();
-                while let Some(parent) = topmost.parent() {
-                    if parent.as_os_str().is_empty() || parent.exists() {
-                        break;
-                    }
-                    topmost = parent.to_path_buf();
-                }
-                return Ok(FreshDataDir::Absent { topmost });
-            }
-            // Not a directory, unreadable: opening the store says why.
-            Err(_) => return Ok(FreshDataDir::Kept),
+    /// Looks at `path` before a start and creates it (and any missing
+    /// ancestors) if absent. Refuses a directory holding files but no
+    /// store, whose files the store would be mixed with.
+    pub(crate) fn prepare(path: &Path) -> Result<Self, NodeError> {
+        let mut guard = FreshDataDir {
+            fresh: None,
+            created: Vec::new(),
+            opened: false.into(),
         };
-        let mut foreign = None;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name == STORE_MARKER {
-                return Ok(FreshDataDir::Kept);
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => {
+                let entries = std::fs::read_dir(path).map_err(|e| NodeError::Storage {
+                    path: path.to_path_buf(),
+                    reason: format!("cannot list the directory: {e}"),
+                })?;
+                let mut foreign = None;
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name == STORE_MARKER {
+                        return Ok(guard);
+                    }
+                    if name != MOUNT_POINT_ENTRY {
+                        foreign.get_or_insert(name);
+                    }
+                }
+                if let Some(entry) = foreign {
+                    return Err(NodeError::ForeignDataDir {
+                        path: path.to_path_buf(),
+                        entry,
+                    });
+                }
+                guard.fresh = Some(path.to_path_buf());
             }
-            if name != MOUNT_POINT_ENTRY {
-                foreign.get_or_insert(name);
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                guard.create(path)?;
+                guard.fresh = Some(path.to_path_buf());
+            }
+            // A link (dangling or not), a file: opening the store says
+            // what is wrong, and nothing here is ever removed.
+            _ => {}
+        }
+        Ok(guard)
+    }
+
+    /// Creates `path` and its missing ancestors, recording the ones this
+    /// call made. An ancestor that is a link, or that another process
+    /// creates meanwhile, is not recorded.
+    fn create(&mut self, path: &Path) -> Result<(), NodeError> {
+        let mut missing = Vec::new();
+        let mut at = path;
+        loop {
+            match std::fs::symlink_metadata(at) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(at),
+                _ => break,
+            }
+            match at.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+                _ => break,
             }
         }
-        match foreign {
-            None => Ok(FreshDataDir::Empty {
-                path: path.to_path_buf(),
-            }),
-            Some(entry) => Err(NodeError::ForeignDataDir {
-                path: path.to_path_buf(),
-                entry,
-            }),
+        for dir in missing.into_iter().rev() {
+            match std::fs::create_dir(dir) {
+                Ok(()) => self.created.push(dir.to_path_buf()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    self.undo();
+                    return Err(NodeError::Storage {
+                        path: path.to_path_buf(),
+                        reason: format!("cannot create {}: {e}", dir.display()),
+                    });
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// This start opened the store: its files are this start's.
+    pub(crate) fn opened(&self) {
+        self.opened
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// After a failed start, once its store is closed: removes what the
-    /// start created. Best effort: a failure is logged, not reported over
-    /// the start's own error.
+    /// start made (see the type's docs). Best effort: a failure is logged,
+    /// not reported over the start's own error.
     pub(crate) fn undo(&self) {
-        let removed = match self {
-            FreshDataDir::Kept => return,
-            FreshDataDir::Absent { topmost } => std::fs::remove_dir_all(topmost),
-            FreshDataDir::Empty { path } => std::fs::read_dir(path).and_then(|entries| {
+        let opened = self.opened.load(std::sync::atomic::Ordering::Relaxed);
+        if let (Some(dir), true) = (&self.fresh, opened) {
+            let emptied = std::fs::read_dir(dir).and_then(|entries| {
                 for entry in entries.flatten() {
                     if entry.file_name() == MOUNT_POINT_ENTRY {
                         continue;
@@ -235,10 +281,15 @@ impl FreshDataDir {
                     }
                 }
                 Ok(())
-            }),
-        };
-        if let Err(e) = removed {
-            tracing::warn!(?self, "cannot remove the store a failed start created: {e}");
+            });
+            if let Err(e) = emptied {
+                tracing::warn!(dir = %dir.display(), "cannot remove the store a failed start created: {e}");
+            }
+        }
+        // Innermost first; one that is not empty (another node's dir went
+        // in, or the store could not be removed) stays.
+        for dir in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
@@ -986,6 +1037,36 @@ mod tests {
     use super::*;
     use ringkv_core::dvv::{Payload, VersionVector};
     use ringkv_core::NodeId;
+
+    /// Two starts whose data dirs share a parent that neither found: the
+    /// one that created the parent fails, after the other put its dir in
+    /// it. Only the failed start's own dir goes, and the parent stays.
+    #[test]
+    fn undoing_a_start_removes_only_what_it_made() {
+        let root = tempfile::tempdir().unwrap();
+        let mine = root.path().join("data/n3");
+        let guard = FreshDataDir::prepare(&mine).unwrap();
+        assert!(mine.is_dir());
+        // Another node's start, meanwhile, in the parent this one created.
+        let theirs = root.path().join("data/n1");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::write(theirs.join(STORE_MARKER), "theirs").unwrap();
+        // This start opened its store, then failed.
+        std::fs::write(mine.join(STORE_MARKER), "mine").unwrap();
+        guard.opened();
+        guard.undo();
+        assert!(!mine.exists());
+        assert!(theirs.join(STORE_MARKER).exists());
+
+        // A start whose store another process held (its open refused)
+        // removes none of the files it found in an empty dir.
+        let empty = root.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let guard = FreshDataDir::prepare(&empty).unwrap();
+        std::fs::write(empty.join(STORE_MARKER), "the holder's").unwrap();
+        guard.undo();
+        assert!(empty.join(STORE_MARKER).exists());
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_write_reaches_the_log_file_when_committed_and_not_before() {

@@ -51,6 +51,46 @@ async fn a_failed_start_removes_the_store_and_directories_it_created() {
     assert_eq!(names(&mounted), ["lost+found"]);
 }
 
+/// Nodes whose dirs share a parent the first of them created: one that
+/// fails removes its own dir only, never the parent the others serve from.
+#[tokio::test]
+async fn a_failed_start_leaves_the_dirs_of_other_nodes_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let shared = root.path().join("data");
+    let first = Node::start(NodeConfig::on_loopback(
+        NodeId::new("n1").unwrap(),
+        shared.join("n1"),
+    ))
+    .await
+    .unwrap();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    start_fails(config_on_taken_port(&shared.join("n3"), &taken)).await;
+    assert_eq!(names(&shared), ["n1"]);
+    assert!(names(&shared.join("n1")).contains(&"CURRENT".to_string()));
+    first.shutdown().await;
+}
+
+/// A data dir that is a link to a disk not mounted (a dangling link) is
+/// neither replaced by a store elsewhere nor removed.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_dangling_link_is_refused_and_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let link = root.path().join("data");
+    std::os::unix::fs::symlink(root.path().join("unmounted/ringkv"), &link).unwrap();
+    let err = start_fails(NodeConfig::on_loopback(
+        NodeId::new("n1").unwrap(),
+        link.clone(),
+    ))
+    .await;
+    assert!(matches!(err, NodeError::Storage { .. }), "{err}");
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!root.path().join("unmounted").exists());
+}
+
 #[tokio::test]
 async fn a_failed_start_keeps_a_store_that_was_there() {
     let root = tempfile::tempdir().unwrap();
