@@ -70,6 +70,27 @@ pub enum Command {
     Keygen(KeygenArgs),
 }
 
+impl Command {
+    /// Whether the command writes its result to stdout as JSON: then a
+    /// failure goes there as JSON too (as well as to stderr), so a script
+    /// reading stdout always gets an object.
+    pub fn json_on_stdout(&self) -> bool {
+        match self {
+            Command::Put(a) => a.request.target.json,
+            Command::Get(a) => a.request.target.json,
+            Command::Delete(a) => a.request.target.json,
+            Command::Status(a) => a.target.json,
+            Command::Repair(a) => a.target.json,
+            Command::Remove(a) => a.target.json,
+            Command::Leave(a) => a.target.json,
+            Command::Cleanup(a) => a.target.json,
+            Command::Demo(a) => a.json,
+            Command::Bench(a) => a.json.as_deref() == Some("-"),
+            Command::Node(_) | Command::Cluster(_) | Command::Keygen(_) => false,
+        }
+    }
+}
+
 /// The cluster key, for every command that talks to nodes.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KeyArgs {
@@ -184,7 +205,7 @@ pub struct NodeArgs {
     /// Threads serving requests. Default: one per core. When several nodes share a machine's cores (a test cluster), 1 each avoids threads of different nodes preempting one another.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
-    /// A running member to join through (repeatable). Not needed on restart: the node remembers its cluster. A seed list shared by every node may name this node too: its own --listen address is skipped.
+    /// A running member to join through (repeatable). Not needed on restart: the node remembers its cluster. A seed list shared by every node may name this node too, if by the address given as its --listen: that one is skipped.
     #[arg(long = "seed", value_name = "HOST:PORT")]
     pub seeds: Vec<String>,
     /// Replicas per key (N) for a new cluster; default 3. Joining nodes adopt the cluster's N; giving a different one is an error.

@@ -403,14 +403,22 @@ async fn run_all(
         None => print_table(&reports, cpu_scope),
     }
     if let Some(path) = &args.plot {
-        let svg = ringkv_bench::plot::render_svg(&reports)
-            .map_err(|e| Failure::new(Exit::Internal, format!("--plot: {e}")))?;
-        write_whole(path, svg.as_bytes()).map_err(|e| {
-            Failure::new(
-                Exit::Usage,
-                format!("--plot {}: cannot write it: {e}", path.display()),
-            )
-        })?;
+        let plotted = ringkv_bench::plot::render_svg(&reports)
+            .map_err(|e| Failure::new(Exit::Internal, format!("--plot: {e}")))
+            .and_then(|svg| {
+                write_whole(path, svg.as_bytes()).map_err(|e| {
+                    Failure::new(
+                        Exit::Usage,
+                        format!("--plot {}: cannot write it: {e}", path.display()),
+                    )
+                })
+            });
+        if let Err(failure) = plotted {
+            return Err(match args.json.as_deref() {
+                Some("-") => failure.after_json(),
+                _ => failure,
+            });
+        }
     }
     Ok(Exit::Ok)
 }

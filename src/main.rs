@@ -36,6 +36,29 @@ pub enum Exit {
     Internal = 5,
 }
 
+impl Exit {
+    /// The status's name in JSON errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Exit::Ok => "ok",
+            Exit::NotFound => "not_found",
+            Exit::Usage => "usage",
+            Exit::Quorum => "quorum",
+            Exit::Unreachable => "unreachable",
+            Exit::Internal => "internal",
+        }
+    }
+}
+
+/// A failure as the JSON object `--json` prints on stdout.
+fn failure_json(f: &Failure) -> serde_json::Value {
+    serde_json::json!({
+        "error": f.message,
+        "exit": f.exit as i32,
+        "status": f.exit.name(),
+    })
+}
+
 /// A failure with the exit status it maps to.
 #[derive(Debug)]
 pub struct Failure {
@@ -44,6 +67,9 @@ pub struct Failure {
     /// Nothing of the request ran (the node could not be reached, or serves
     /// nothing now): another node may be asked.
     pub ran_nothing: bool,
+    /// The command's JSON result is on stdout already: a JSON error object
+    /// after it would make two documents.
+    pub after_json: bool,
 }
 
 impl Failure {
@@ -52,6 +78,15 @@ impl Failure {
             exit,
             message: message.into(),
             ran_nothing: false,
+            after_json: false,
+        }
+    }
+
+    /// A failure once the JSON result has been printed (see `after_json`).
+    pub fn after_json(self) -> Self {
+        Failure {
+            after_json: true,
+            ..self
         }
     }
 
@@ -84,6 +119,7 @@ fn main() {
             std::process::exit(Exit::Internal as i32);
         }
     };
+    let json_on_stdout = cli.command.json_on_stdout();
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Node(a) => server_cmd::node(a).await,
@@ -107,6 +143,9 @@ fn main() {
         Ok(Exit::Ok) => {}
         Ok(exit) => std::process::exit(exit as i32),
         Err(f) => {
+            if json_on_stdout && !f.after_json {
+                println!("{}", failure_json(&f));
+            }
             eprintln!("error: {}", f.message.replace('\n', " "));
             std::process::exit(f.exit as i32);
         }

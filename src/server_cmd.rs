@@ -201,14 +201,16 @@ fn check_cluster_args(args: &ClusterArgs) -> Result<(), Failure> {
     if args.replicas == 0 {
         return Err(Failure::new(Exit::Usage, "--replicas must be at least 1"));
     }
-    // Each key's N replicas are distinct nodes: with fewer nodes every
-    // write at the default W=quorum would fail.
-    if args.replicas > args.nodes {
+    // Requests count members, so fewer nodes than N still serve while a
+    // quorum of N are there; below that, every put and get at the default
+    // (quorum) would fail.
+    let quorum = args.replicas / 2 + 1;
+    if args.nodes < quorum {
         return Err(Failure::new(
             Exit::Usage,
             format!(
-                "--replicas {} is more than --nodes {}: each key needs N distinct nodes; lower --replicas or raise --nodes",
-                args.replicas, args.nodes
+                "--nodes {} is below a quorum of --replicas {} ({quorum}): every request at the default consistency would fail; lower --replicas or raise --nodes",
+                args.nodes, args.replicas
             ),
         ));
     }
@@ -667,17 +669,19 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_needs_at_least_n_nodes() {
+    fn a_cluster_needs_a_quorum_of_n_nodes() {
         let failure =
             check_cluster_args(&cluster_args(&["--nodes", "1", "--replicas", "3"])).unwrap_err();
         assert_eq!(failure.exit, Exit::Usage);
         assert!(
             failure
                 .message
-                .contains("--replicas 3 is more than --nodes 1"),
+                .contains("--nodes 1 is below a quorum of --replicas 3 (2)"),
             "{}",
             failure.message
         );
+        // Two of three replicas are a quorum: it serves.
+        assert!(check_cluster_args(&cluster_args(&["--nodes", "2", "--replicas", "3"])).is_ok());
         assert!(check_cluster_args(&cluster_args(&[])).is_ok());
         assert!(check_cluster_args(&cluster_args(&["--nodes", "3", "--replicas", "3"])).is_ok());
         assert!(check_cluster_args(&cluster_args(&["--nodes", "0", "--replicas", "0"])).is_err());

@@ -128,6 +128,34 @@ fn unreachable_or_malformed_node_addresses() {
         "{}",
         stderr(&o)
     );
+    assert_eq!(stdout(&o), "", "without --json, errors go to stderr only");
+    // With --json a script reading stdout gets an object either way.
+    let o = run(ringkv().args([
+        "get",
+        "k",
+        "--node",
+        &nobody,
+        "--connect-timeout-ms",
+        "500",
+        "--json",
+    ]));
+    assert_exit(&o, 4);
+    let error: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (error["exit"].as_i64(), error["status"].as_str()),
+        (Some(4), Some("unreachable"))
+    );
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach node"),
+        "{error}"
+    );
+    let o = run(ringkv().args(["status", "--node", "not an address", "--json"]));
+    assert_exit(&o, 2);
+    let error: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(error["status"], "usage", "{error}");
 
     // A list: every entry is checked before anything is sent, and when no
     // node answers, each one's reason is given.

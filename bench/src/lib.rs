@@ -132,8 +132,8 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
     )
     .await?;
     let run_id: u32 = rand_run_id();
-    let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await;
-    let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await;
+    let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await?;
+    let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await?;
     let failovers = clients.iter().map(|c| c.failovers()).sum();
     ClusterClient::close_all(clients.into_iter().filter_map(std::sync::Arc::into_inner)).await;
     Ok(Report {
@@ -224,7 +224,7 @@ async fn phase(
     op: Op,
     run_id: u32,
     written: &[u64],
-) -> (PhaseReport, Vec<u64>) {
+) -> Result<(PhaseReport, Vec<u64>), BenchError> {
     let started = Instant::now();
     let deadline = started + config.phase_duration;
     let mut workers = tokio::task::JoinSet::new();
@@ -285,15 +285,12 @@ async fn phase(
     };
     let mut written_now = vec![0u64; clients.len()];
     while let Some(joined) = workers.join_next().await {
-        let (worker, ops, errors, timeouts, first_error, hist) = match joined {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                // Its requests are lost to the figures: say so.
-                report.errors += 1;
-                report.first_error = Some(format!("a bench client failed: {e}"));
-                continue;
-            }
-        };
+        // A client that panicked took its requests with it: the figures
+        // would silently leave them out.
+        let (worker, ops, errors, timeouts, first_error, hist) =
+            joined.map_err(|e| BenchError::ClientFailed {
+                reason: e.to_string(),
+            })?;
         report.ops += ops;
         report.errors += errors;
         report.timeouts += timeouts;
@@ -304,7 +301,7 @@ async fn phase(
         let _ = report.latency_us.add(&hist);
     }
     report.elapsed = started.elapsed();
-    (report, written_now)
+    Ok((report, written_now))
 }
 
 fn new_histogram() -> Histogram<u64> {

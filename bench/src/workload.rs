@@ -19,10 +19,11 @@
 //! billion-record synthetic databases", SIGMOD 1994) over a fixed 10^10
 //! items, each rank hashed (FNV-1a) onto the records. The hot keys are so
 //! spread over the key space and the ring instead of being keys 0, 1, 2…,
-//! and, as in YCSB, the skew does not depend on the record count: the
-//! hottest key gets about 4% of requests (1/ζ(10^10)). A zipfian over just
-//! the records would give it 13% at 1,000 records and overstate hot-key
-//! contention. "Latest" picks recently inserted keys most often: the
+//! and, as in YCSB, the skew hardly depends on the record count: from a few
+//! thousand records on, the hottest key gets about 4% of requests
+//! (1/ζ(10^10); with fewer records, ranks share keys and it gets more). A
+//! zipfian over just the records would give it 13% at 1,000 records and
+//! overstate hot-key contention. "Latest" picks recently inserted keys most often: the
 //! newest key is rank 0 of a zipfian over the current record count.
 //!
 //! Everything here is plain code over a caller's RNG, so a seed gives the
