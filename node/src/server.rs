@@ -1047,30 +1047,14 @@ impl NodeHandle {
 
 impl Node {
     /// Starts a node and returns once it is serving and in a cluster. A
-    /// start that fails removes what it made of the data dir (see
-    /// [`FreshDataDir`](crate::storage::FreshDataDir)); a dir that holds
-    /// files but no store is refused before anything is written. A start
-    /// cut short (its future dropped, the process interrupted) removes
-    /// nothing: its store holds no cluster record yet, so the next start
-    /// may use it under any id.
+    /// data dir that holds files no store has is refused before anything
+    /// is written (see [`check_data_dir`](crate::storage::check_data_dir),
+    /// which also says why a failed start leaves its store).
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         config.validate()?;
-        let data_dir = crate::storage::FreshDataDir::prepare(&config.data_dir)?;
-        let started = Node::start_in(&config, &data_dir).await;
-        if started.is_err() {
-            // The store is closed by now: `assemble` dropped it on its
-            // error, and a failed join shut the node down.
-            data_dir.undo();
-        }
-        started
-    }
-
-    async fn start_in(
-        config: &NodeConfig,
-        data_dir: &crate::storage::FreshDataDir,
-    ) -> Result<NodeHandle, NodeError> {
-        let (handle, inner) = Node::assemble(config, data_dir).await?;
-        let result = form_or_join(&inner, config).await;
+        crate::storage::check_data_dir(&config.data_dir)?;
+        let (handle, inner) = Node::assemble(&config).await?;
+        let result = form_or_join(&inner, &config).await;
         // Shutdown waits for every holder of the node and of its database
         // but the handle; `assemble`'s locals are gone with its frame.
         drop(inner);
@@ -1084,18 +1068,11 @@ impl Node {
 
     /// Opens the store, binds the endpoint and starts every loop: a node
     /// that serves but is in no cluster yet.
-    async fn assemble(
-        config: &NodeConfig,
-        data_dir: &crate::storage::FreshDataDir,
-    ) -> Result<(NodeHandle, Arc<NodeInner>), NodeError> {
-        config.validate()?;
+    async fn assemble(config: &NodeConfig) -> Result<(NodeHandle, Arc<NodeInner>), NodeError> {
         if config.low_background_priority {
             crate::storage::lower_background_priority()?;
         }
         let storage = Arc::new(Storage::open(&config.data_dir, config.sync)?);
-        // Only now are the store's files this start's: an open refused
-        // (another node holds the lock) must leave them alone.
-        data_dir.opened();
 
         let mut endpoint = quinn::Endpoint::server(
             tls::server_config(config.cluster_key.as_ref())?,

@@ -148,150 +148,47 @@ fn total_order() -> ReadOptions {
     opts
 }
 
-/// A data directory a start may create its store in, and must then leave
-/// as it found it if the start fails.
-///
-/// A failed start (the address in use, the cluster refusing the node, a
-/// seed that never answers) would otherwise leave a fresh RocksDB store
-/// behind. What it removes is only ever what this start made:
-/// - directories it created itself, one level at a time, each removed only
-///   while empty (so a parent other nodes' dirs went into meanwhile stays);
-/// - the store's files, only if this start opened the store (held its
-///   lock), in a directory that was absent or empty before it.
-///
-/// A path that is (or passes through) a symbolic link is never removed: a
-/// link to a disk that is not mounted must not be replaced by a store on
-/// the wrong disk, nor deleted.
-#[derive(Debug)]
-pub(crate) struct FreshDataDir {
-    /// The data dir, if it was absent or empty before the start.
-    fresh: Option<PathBuf>,
-    /// Directories this start created, outermost first (the data dir last,
-    /// if it created that).
-    created: Vec<PathBuf>,
-    /// Set once this start opened the store: its files are then its own.
-    opened: std::sync::atomic::AtomicBool,
+/// Whether `name` is a file RocksDB keeps in a store's directory (or the
+/// file system's own `lost+found`, at a mount point). A directory of only
+/// these is a store, or one whose creation was cut short, never a user's.
+fn is_store_entry(name: &str) -> bool {
+    const NAMES: [&str; 4] = ["CURRENT", "IDENTITY", "LOCK", "lost+found"];
+    const PREFIXES: [&str; 3] = ["LOG", "MANIFEST-", "OPTIONS-"];
+    const SUFFIXES: [&str; 4] = [".log", ".sst", ".blob", ".dbtmp"];
+    NAMES.contains(&name)
+        || PREFIXES.iter().any(|p| name.starts_with(p))
+        || SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
-/// What a RocksDB store always holds: the name of its current manifest.
-const STORE_MARKER: &str = "CURRENT";
-
-/// Left alone in a data directory: the file system's own, at a mount point.
-const MOUNT_POINT_ENTRY: &str = "lost+found";
-
-impl FreshDataDir {
-    /// Looks at `path` before a start and creates it (and any missing
-    /// ancestors) if absent. Refuses a directory holding files but no
-    /// store, whose files the store would be mixed with.
-    pub(crate) fn prepare(path: &Path) -> Result<Self, NodeError> {
-        let mut guard = FreshDataDir {
-            fresh: None,
-            created: Vec::new(),
-            opened: false.into(),
-        };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.is_dir() => {
-                let entries = std::fs::read_dir(path).map_err(|e| NodeError::Storage {
-                    path: path.to_path_buf(),
-                    reason: format!("cannot list the directory: {e}"),
-                })?;
-                let mut foreign = None;
-                for entry in entries.flatten() {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if name == STORE_MARKER {
-                        return Ok(guard);
-                    }
-                    if name != MOUNT_POINT_ENTRY {
-                        foreign.get_or_insert(name);
-                    }
-                }
-                if let Some(entry) = foreign {
-                    return Err(NodeError::ForeignDataDir {
-                        path: path.to_path_buf(),
-                        entry,
-                    });
-                }
-                guard.fresh = Some(path.to_path_buf());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                guard.create(path)?;
-                guard.fresh = Some(path.to_path_buf());
-            }
-            // A link (dangling or not), a file: opening the store says
-            // what is wrong, and nothing here is ever removed.
-            _ => {}
-        }
-        Ok(guard)
-    }
-
-    /// Creates `path` and its missing ancestors, recording the ones this
-    /// call made. An ancestor that is a link, or that another process
-    /// creates meanwhile, is not recorded.
-    fn create(&mut self, path: &Path) -> Result<(), NodeError> {
-        let mut missing = Vec::new();
-        let mut at = path;
-        loop {
-            match std::fs::symlink_metadata(at) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(at),
-                _ => break,
-            }
-            match at.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => at = parent,
-                _ => break,
-            }
-        }
-        for dir in missing.into_iter().rev() {
-            match std::fs::create_dir(dir) {
-                Ok(()) => self.created.push(dir.to_path_buf()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    self.undo();
-                    return Err(NodeError::Storage {
-                        path: path.to_path_buf(),
-                        reason: format!("cannot create {}: {e}", dir.display()),
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// This start opened the store: its files are this start's.
-    pub(crate) fn opened(&self) {
-        self.opened
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// After a failed start, once its store is closed: removes what the
-    /// start made (see the type's docs). Best effort: a failure is logged,
-    /// not reported over the start's own error.
-    pub(crate) fn undo(&self) {
-        let opened = self.opened.load(std::sync::atomic::Ordering::Relaxed);
-        if let (Some(dir), true) = (&self.fresh, opened) {
-            let emptied = std::fs::read_dir(dir).and_then(|entries| {
-                for entry in entries.flatten() {
-                    if entry.file_name() == MOUNT_POINT_ENTRY {
-                        continue;
-                    }
-                    let path = entry.path();
-                    if entry.file_type()?.is_dir() {
-                        std::fs::remove_dir_all(&path)?;
-                    } else {
-                        std::fs::remove_file(&path)?;
-                    }
-                }
-                Ok(())
+/// Refuses a data dir that holds files no store has, before anything is
+/// written there: a mistyped `--data-dir` pointing at someone's folder
+/// must not get a store mixed into it. An absent or empty dir, or a store
+/// (whole or cut short), passes; one that cannot be listed is left to
+/// opening the store to report.
+///
+/// A start that fails later leaves the store it created. Removing it is
+/// not safe: peers may have had replica writes acknowledged by it while it
+/// joined, and another process may open the directory the moment this one
+/// closes it. Such a store holds no cluster record, so the next start uses
+/// it under any id.
+pub(crate) fn check_data_dir(path: &Path) -> Result<(), NodeError> {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| NodeError::Storage {
+            path: path.to_path_buf(),
+            reason: format!("cannot list the directory: {e}"),
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_store_entry(&name) {
+            return Err(NodeError::ForeignDataDir {
+                path: path.to_path_buf(),
+                entry: name,
             });
-            if let Err(e) = emptied {
-                tracing::warn!(dir = %dir.display(), "cannot remove the store a failed start created: {e}");
-            }
-        }
-        // Innermost first; one that is not empty (another node's dir went
-        // in, or the store could not be removed) stays.
-        for dir in self.created.iter().rev() {
-            let _ = std::fs::remove_dir(dir);
         }
     }
+    Ok(())
 }
 
 impl Storage {
@@ -1037,36 +934,6 @@ mod tests {
     use super::*;
     use ringkv_core::dvv::{Payload, VersionVector};
     use ringkv_core::NodeId;
-
-    /// Two starts whose data dirs share a parent that neither found: the
-    /// one that created the parent fails, after the other put its dir in
-    /// it. Only the failed start's own dir goes, and the parent stays.
-    #[test]
-    fn undoing_a_start_removes_only_what_it_made() {
-        let root = tempfile::tempdir().unwrap();
-        let mine = root.path().join("data/n3");
-        let guard = FreshDataDir::prepare(&mine).unwrap();
-        assert!(mine.is_dir());
-        // Another node's start, meanwhile, in the parent this one created.
-        let theirs = root.path().join("data/n1");
-        std::fs::create_dir(&theirs).unwrap();
-        std::fs::write(theirs.join(STORE_MARKER), "theirs").unwrap();
-        // This start opened its store, then failed.
-        std::fs::write(mine.join(STORE_MARKER), "mine").unwrap();
-        guard.opened();
-        guard.undo();
-        assert!(!mine.exists());
-        assert!(theirs.join(STORE_MARKER).exists());
-
-        // A start whose store another process held (its open refused)
-        // removes none of the files it found in an empty dir.
-        let empty = root.path().join("empty");
-        std::fs::create_dir(&empty).unwrap();
-        let guard = FreshDataDir::prepare(&empty).unwrap();
-        std::fs::write(empty.join(STORE_MARKER), "the holder's").unwrap();
-        guard.undo();
-        assert!(empty.join(STORE_MARKER).exists());
-    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_write_reaches_the_log_file_when_committed_and_not_before() {

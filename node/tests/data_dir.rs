@@ -1,16 +1,11 @@
-//! A start that fails leaves the data dir as it found it, and a directory
-//! holding someone else's files is refused before anything is written.
+//! A data dir holding someone else's files is refused before anything is
+//! written; a store, or one whose creation was cut short, is not. And a
+//! seed list may name the node itself.
 
 use std::path::Path;
 
 use ringkv_core::NodeId;
 use ringkv_node::{Node, NodeConfig, NodeError};
-
-/// A node whose start fails after its store is open: its UDP port is taken.
-fn config_on_taken_port(dir: &Path, taken: &std::net::UdpSocket) -> NodeConfig {
-    let listen = taken.local_addr().unwrap();
-    NodeConfig::new(NodeId::new("n1").unwrap(), listen, dir.into())
-}
 
 /// The error of a start that must fail.
 async fn start_fails(config: NodeConfig) -> NodeError {
@@ -32,103 +27,60 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
-#[tokio::test]
-async fn a_failed_start_removes_the_store_and_directories_it_created() {
-    let root = tempfile::tempdir().unwrap();
-    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-
-    // Absent, two levels deep: both levels go.
-    let deep = root.path().join("a/b");
-    let err = start_fails(config_on_taken_port(&deep, &taken)).await;
-    assert!(matches!(err, NodeError::Listen { .. }), "{err}");
-    assert!(!root.path().join("a").exists(), "{:?}", names(root.path()));
-
-    // Empty but for lost+found (a mount point): emptied again, and
-    // lost+found kept.
-    let mounted = root.path().join("mounted");
-    std::fs::create_dir_all(mounted.join("lost+found")).unwrap();
-    start_fails(config_on_taken_port(&mounted, &taken)).await;
-    assert_eq!(names(&mounted), ["lost+found"]);
-}
-
-/// Nodes whose dirs share a parent the first of them created: one that
-/// fails removes its own dir only, never the parent the others serve from.
-#[tokio::test]
-async fn a_failed_start_leaves_the_dirs_of_other_nodes_alone() {
-    let root = tempfile::tempdir().unwrap();
-    let shared = root.path().join("data");
-    let first = Node::start(NodeConfig::on_loopback(
-        NodeId::new("n1").unwrap(),
-        shared.join("n1"),
-    ))
-    .await
-    .unwrap();
-    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    start_fails(config_on_taken_port(&shared.join("n3"), &taken)).await;
-    assert_eq!(names(&shared), ["n1"]);
-    assert!(names(&shared.join("n1")).contains(&"CURRENT".to_string()));
-    first.shutdown().await;
-}
-
-/// A data dir that is a link to a disk not mounted (a dangling link) is
-/// neither replaced by a store elsewhere nor removed.
-#[cfg(unix)]
-#[tokio::test]
-async fn a_dangling_link_is_refused_and_kept() {
-    let root = tempfile::tempdir().unwrap();
-    let link = root.path().join("data");
-    std::os::unix::fs::symlink(root.path().join("unmounted/ringkv"), &link).unwrap();
-    let err = start_fails(NodeConfig::on_loopback(
-        NodeId::new("n1").unwrap(),
-        link.clone(),
-    ))
-    .await;
-    assert!(matches!(err, NodeError::Storage { .. }), "{err}");
-    assert!(std::fs::symlink_metadata(&link)
-        .unwrap()
-        .file_type()
-        .is_symlink());
-    assert!(!root.path().join("unmounted").exists());
-}
-
-#[tokio::test]
-async fn a_failed_start_keeps_a_store_that_was_there() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("store");
-    let node = Node::start(NodeConfig::on_loopback(
-        NodeId::new("n1").unwrap(),
-        dir.clone(),
-    ))
-    .await
-    .unwrap();
-    node.shutdown().await;
-    let before = names(&dir);
-    assert!(before.contains(&"CURRENT".to_string()), "{before:?}");
-
-    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    start_fails(config_on_taken_port(&dir, &taken)).await;
-    assert!(names(&dir).contains(&"CURRENT".to_string()));
-    // And it still opens, as the node it was.
-    let node = Node::start(NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir))
-        .await
-        .unwrap();
-    node.shutdown().await;
+fn on_loopback(id: &str, dir: &Path) -> NodeConfig {
+    NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into())
 }
 
 #[tokio::test]
 async fn a_directory_of_other_files_is_refused_untouched() {
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("notes.toml"), "mine").unwrap();
-    let err = start_fails(NodeConfig::on_loopback(
-        NodeId::new("n1").unwrap(),
-        root.path().into(),
-    ))
-    .await;
+    let err = start_fails(on_loopback("n1", root.path())).await;
     assert!(
         matches!(&err, NodeError::ForeignDataDir { entry, .. } if entry == "notes.toml"),
         "{err}"
     );
     assert_eq!(names(root.path()), ["notes.toml"]);
+}
+
+/// A mount point's lost+found, a store, and a store whose creation was cut
+/// short (RocksDB's files but no CURRENT yet) are no one else's files.
+#[tokio::test]
+async fn stores_and_mount_points_are_not_foreign() {
+    let root = tempfile::tempdir().unwrap();
+    let mounted = root.path().join("mounted");
+    std::fs::create_dir_all(mounted.join("lost+found")).unwrap();
+    let node = Node::start(on_loopback("n1", &mounted)).await.unwrap();
+    node.shutdown().await;
+    assert!(names(&mounted).contains(&"CURRENT".to_string()));
+    // Restarted, it is the same store.
+    let node = Node::start(on_loopback("n1", &mounted)).await.unwrap();
+    node.shutdown().await;
+
+    let cut_short = root.path().join("cut-short");
+    std::fs::create_dir(&cut_short).unwrap();
+    for name in ["LOCK", "LOG", "IDENTITY"] {
+        std::fs::write(cut_short.join(name), "").unwrap();
+    }
+    let node = Node::start(on_loopback("n1", &cut_short)).await.unwrap();
+    node.shutdown().await;
+}
+
+/// A data dir that is a link to a disk not mounted (a dangling link) gets
+/// no store anywhere, and the link stays.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_dangling_link_is_refused_and_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let link = root.path().join("data");
+    std::os::unix::fs::symlink(root.path().join("unmounted/ringkv"), &link).unwrap();
+    let err = start_fails(on_loopback("n1", &link)).await;
+    assert!(matches!(err, NodeError::Storage { .. }), "{err}");
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!root.path().join("unmounted").exists());
 }
 
 /// A loopback address whose UDP port was free a moment ago.
@@ -141,12 +93,12 @@ fn free_addr() -> std::net::SocketAddr {
 
 /// A seed list shared by every node names each of them: a node skips its
 /// own address, and one whose only seed is itself is refused at once
-/// (rather than after the join timeout), leaving no store behind.
+/// (rather than after the join timeout).
 #[tokio::test]
 async fn a_node_does_not_seed_itself() {
     let root = tempfile::tempdir().unwrap();
     let me = free_addr();
-    let mut alone = NodeConfig::new(NodeId::new("n2").unwrap(), me, root.path().join("n2"));
+    let mut alone = NodeConfig::new(NodeId::new("n2").unwrap(), me, root.path().join("alone"));
     alone.seeds = vec![me];
     let started = std::time::Instant::now();
     let err = start_fails(alone).await;
@@ -155,14 +107,10 @@ async fn a_node_does_not_seed_itself() {
         "{err}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
-    assert!(!root.path().join("n2").exists());
 
-    let first = Node::start(NodeConfig::on_loopback(
-        NodeId::new("n1").unwrap(),
-        root.path().join("n1"),
-    ))
-    .await
-    .unwrap();
+    let first = Node::start(on_loopback("n1", &root.path().join("n1")))
+        .await
+        .unwrap();
     // Another port: the failed start's socket closes only once its
     // endpoint's driver task has run.
     let me = free_addr();
