@@ -165,7 +165,18 @@ impl VersionVector {
 }
 
 /// What a write stored: a value, or the tombstone a delete leaves.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub enum Payload {
     Value(Vec<u8>),
     Tombstone,
@@ -439,7 +450,20 @@ impl Clock {
 fn merge_entry(a: Entry, b: &Entry) -> Entry {
     let a_floor = a.counter - a.payloads.len() as u64;
     let b_floor = b.counter - b.payloads.len() as u64;
-    if a.counter >= b.counter {
+    if a.counter == b.counter {
+        // The same events, live where live on both. Each dot names one
+        // write, so the payloads agree; should a dot ever carry two (a dot
+        // minted twice), both sides keep the greater, so they still
+        // converge and anti-entropy does not repair the key every round.
+        let live = a.payloads.len().min(b.payloads.len());
+        let mut a = a;
+        a.payloads.truncate(live);
+        if b.payloads[..live] > a.payloads[..] {
+            a.payloads = b.payloads[..live].to_vec();
+        }
+        return a;
+    }
+    if a.counter > b.counter {
         if a_floor >= b_floor {
             a
         } else {
