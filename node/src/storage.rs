@@ -162,9 +162,10 @@ fn is_store_entry(name: &str) -> bool {
 
 /// Refuses a data dir that holds files no store has, before anything is
 /// written there: a mistyped `--data-dir` pointing at someone's folder
-/// must not get a store mixed into it. An absent or empty dir, or a store
-/// (whole or cut short), passes; one that cannot be listed is left to
-/// opening the store to report.
+/// must not get a store mixed into it. An absent or empty dir passes, as
+/// do a whole store (whatever else lies beside it) and one whose creation
+/// was cut short (only RocksDB's files); one that cannot be listed is left
+/// to opening the store to report.
 ///
 /// A start that fails later leaves the store it created. Removing it is
 /// not safe: peers may have had replica writes acknowledged by it while it
@@ -175,21 +176,34 @@ pub(crate) fn check_data_dir(path: &Path) -> Result<(), NodeError> {
     let Ok(entries) = std::fs::read_dir(path) else {
         return Ok(());
     };
+    let mut foreign = None;
     for entry in entries {
         let entry = entry.map_err(|e| NodeError::Storage {
             path: path.to_path_buf(),
             reason: format!("cannot list the directory: {e}"),
         })?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        // A whole store starts whatever else was put beside it: a restart
+        // must not be refused for an operator's note in its directory.
+        if name == STORE_MARKER {
+            return Ok(());
+        }
         if !is_store_entry(&name) {
-            return Err(NodeError::ForeignDataDir {
-                path: path.to_path_buf(),
-                entry: name,
-            });
+            foreign.get_or_insert(name);
         }
     }
-    Ok(())
+    match foreign {
+        None => Ok(()),
+        Some(entry) => Err(NodeError::ForeignDataDir {
+            path: path.to_path_buf(),
+            entry,
+        }),
+    }
 }
+
+/// What a whole RocksDB store always holds: the name of its current
+/// manifest.
+const STORE_MARKER: &str = "CURRENT";
 
 impl Storage {
     /// Opens (creating if needed) the database in `path`. `sync` makes every

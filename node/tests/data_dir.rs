@@ -53,7 +53,8 @@ async fn stores_and_mount_points_are_not_foreign() {
     let node = Node::start(on_loopback("n1", &mounted)).await.unwrap();
     node.shutdown().await;
     assert!(names(&mounted).contains(&"CURRENT".to_string()));
-    // Restarted, it is the same store.
+    // Restarted, it is the same store, whatever was put beside it.
+    std::fs::write(mounted.join("NOTES.txt"), "an operator's").unwrap();
     let node = Node::start(on_loopback("n1", &mounted)).await.unwrap();
     node.shutdown().await;
 
