@@ -449,8 +449,8 @@ pub struct GetArgs {
     /// Count only the key's own preference-list nodes toward R (Riak's PR): no fallback stands in for a node that is down, so the request fails rather than use a sloppy quorum.
     #[arg(long)]
     pub strict: bool,
-    /// Read only the contacted node's own copy, without a quorum (for operators and tests).
-    #[arg(long)]
+    /// Read only the contacted node's own copy, without a quorum (for operators and tests). Asks no other replica, so -r, --strict and --wait-repair do not apply.
+    #[arg(long, conflicts_with_all = ["r", "strict", "wait_repair"])]
     pub local: bool,
     /// Answer only after replicas this read found stale have been repaired. Read repair otherwise runs in the background after the answer.
     #[arg(long)]
@@ -621,6 +621,23 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// A local read asks no other replica: flags about the others are
+    /// refused with it rather than ignored (their defaults are not).
+    #[test]
+    fn a_local_read_takes_no_quorum_flags() {
+        assert!(Cli::try_parse_from(["ringkv", "get", "k", "--local"]).is_ok());
+        for flag in [&["-r", "all"][..], &["--strict"], &["--wait-repair"]] {
+            let mut argv = vec!["ringkv", "get", "k", "--local"];
+            argv.extend_from_slice(flag);
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flag:?}"
+            );
+        }
     }
 
     #[test]
