@@ -97,7 +97,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
                 Failure::new(Exit::Usage, format!("--workload: {e}"))
             })?;
     if let Some(target) = &args.target {
-        return resp_bench(workload, target, &args).await;
+        return resp_bench(workload, target, &args, distribution).await;
     }
     let settings = parse_settings(&args.consistency)?;
     // --regions shapes the embedded cluster only: an external cluster's
@@ -164,7 +164,12 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
 
 /// The same workload against a RESP server (`--target resp://HOST:PORT`):
 /// the no-replication baseline for comparison with peers.
-async fn resp_bench(workload: Workload, target: &str, args: &BenchArgs) -> Result<Exit, Failure> {
+async fn resp_bench(
+    workload: Workload,
+    target: &str,
+    args: &BenchArgs,
+    distribution: Option<KeyDistribution>,
+) -> Result<Exit, Failure> {
     let bad = |why: &str| Failure::new(Exit::Usage, format!("--target {target:?}: {why}"));
     let Some(addr) = target.strip_prefix("resp://") else {
         return Err(bad("only resp://HOST:PORT targets are supported"));
@@ -177,13 +182,6 @@ async fn resp_bench(workload: Workload, target: &str, args: &BenchArgs) -> Resul
         ));
     }
     let addr = resolve_addr("--target", addr).map_err(|e| Failure::new(Exit::Usage, e))?;
-    let distribution = match args.request_distribution.as_deref() {
-        Some(d) => Some(
-            d.parse::<KeyDistribution>()
-                .map_err(|e| Failure::new(Exit::Usage, format!("--request-distribution: {e}")))?,
-        ),
-        None => None,
-    };
     let config = YcsbConfig {
         distribution,
         ..ycsb_config(args, workload, vec![addr], vec![Setting::RESP], true)
