@@ -32,12 +32,15 @@
 //! with the context of its own read.
 //!
 //! **Staleness (PBS, Bailis et al., "Probabilistically Bounded Staleness
-//! for Practical Partial Quorums", VLDB 2012).** Besides the clients, one
-//! prober writes a fresh value through one coordinator, waits `t` after the
-//! acknowledgement, and reads through *another* coordinator with the
-//! setting's R. The read is fresh if it returns the value just written (or
-//! a newer one: there is none, each probe key is written once). The share of
-//! fresh reads per `t` is the t-visibility curve.
+//! for Practical Partial Quorums", VLDB 2012).** Besides the clients, a few
+//! probers (at once, for more samples) each write a fresh value through one
+//! coordinator, wait `t` after the acknowledgement, and read through
+//! *another* coordinator with the setting's R. The read is fresh if it
+//! returns the value just written (or a newer one: there is none, each
+//! probe key is written once). The share of fresh reads per `t` is the
+//! t-visibility curve. tokio's timer fires on whole milliseconds, so a wait
+//! of t > 0 is up to a millisecond longer; the JSON gives the mean measured
+//! wait of each t (`mean_gap_ms`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -908,15 +911,61 @@ pub async fn probe_staleness(
     };
     let writer = connect(*writer_addr).await?;
     let reader = connect(*reader_addr).await?;
-    let (writer, reader) = (Conn::Ringkv(writer), Conn::Ringkv(reader));
-    let (timeout_ms, delay) = (config.request_timeout_ms, config.client_delay);
+    let (writer, reader) = (
+        Arc::new(Conn::Ringkv(writer)),
+        Arc::new(Conn::Ringkv(reader)),
+    );
     let run: u32 = rand::thread_rng().gen();
-    let mut probe = 0u64;
+    let mut probers = tokio::task::JoinSet::new();
+    for prober in 0..PROBERS {
+        let (writer, reader) = (writer.clone(), reader.clone());
+        let (config, setting, out) = (config.clone(), setting.clone(), out.clone());
+        probers.spawn(async move {
+            let keys = format!("pbs:{run:08x}:{prober}");
+            probe(
+                &config, &setting, &writer, &reader, &keys, prober, until, out,
+            )
+            .await
+        });
+    }
+    while let Some(done) = probers.join_next().await {
+        let theirs = done.map_err(|e| format!("a prober failed: {e}"))?;
+        for (total, v) in out.iter_mut().zip(theirs) {
+            total.probes += v.probes;
+            total.fresh += v.fresh;
+            total.failed += v.failed;
+            total.gap_us += v.gap_us;
+        }
+    }
+    close_all(vec![writer, reader]).await;
+    Ok(out)
+}
+
+/// Staleness probers running at once. Each probe waits for a write, t and a
+/// read, across regions a few hundred ms in all, so one prober alone took
+/// only a handful of probes per t in a short run.
+const PROBERS: usize = 4;
+
+/// One prober's loop (see [`probe_staleness`]): writes keys `{keys}:{i}`
+/// once each, cycling through the waits from `first_slot` on, until `until`.
+#[allow(clippy::too_many_arguments)]
+async fn probe(
+    config: &YcsbConfig,
+    setting: &Setting,
+    writer: &Conn,
+    reader: &Conn,
+    keys: &str,
+    first_slot: usize,
+    until: Instant,
+    mut out: Vec<Visibility>,
+) -> Vec<Visibility> {
+    let (timeout_ms, delay) = (config.request_timeout_ms, config.client_delay);
+    let mut i = 0u64;
     while Instant::now() < until {
-        let slot = (probe as usize) % out.len();
-        let key = format!("pbs:{run:08x}:{probe}");
-        let value = format!("v{probe}").into_bytes();
-        probe += 1;
+        let slot = (first_slot + i as usize) % out.len();
+        let key = format!("{keys}:{i}");
+        let value = format!("v{i}").into_bytes();
+        i += 1;
         let written = writer
             .put(&key, &value, setting.w, None, false, timeout_ms, delay)
             .await;
@@ -949,8 +998,7 @@ pub async fn probe_staleness(
             }
         }
     }
-    close_all(vec![Arc::new(writer), Arc::new(reader)]).await;
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
