@@ -101,7 +101,20 @@ impl Failure {
 
 fn main() {
     restore_sigpipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Refused arguments are a failure too: a script that asked for
+            // JSON gets its object (help and --version are not errors).
+            if e.use_stderr() && asks_json_on_stdout(std::env::args().skip(1)) {
+                let message = e.render().to_string();
+                let first = message.lines().next().unwrap_or_default();
+                let failure = Failure::new(Exit::Usage, first.trim_start_matches("error: "));
+                println!("{}", failure_json(&failure));
+            }
+            e.exit()
+        }
+    };
     init_logging(&cli.log);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let worker_threads = match &cli.command {
@@ -152,6 +165,20 @@ fn main() {
     }
 }
 
+/// Whether arguments clap refused asked for JSON on stdout: `--json`, save
+/// that `bench --json FILE` writes its JSON to a file. Read from the raw
+/// arguments, since they did not parse.
+fn asks_json_on_stdout(args: impl Iterator<Item = String>) -> bool {
+    let args: Vec<String> = args.collect();
+    let bench = args.iter().any(|a| a == "bench");
+    args.iter().enumerate().any(|(i, a)| match a.as_str() {
+        "--json=-" => true,
+        "--json" if bench => args.get(i + 1).is_none_or(|next| next.starts_with('-')),
+        "--json" => true,
+        _ => false,
+    })
+}
+
 /// Lets a closed stdout end the process quietly, as for any Unix tool
 /// (`ringkv bench --json | head`): Rust ignores SIGPIPE, and `println!`
 /// then panics on the broken pipe instead.
@@ -177,4 +204,25 @@ fn init_logging(filter: &str) {
         // Colour codes only help a terminal; in a log file they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asks(args: &str) -> bool {
+        asks_json_on_stdout(args.split_whitespace().map(String::from))
+    }
+
+    #[test]
+    fn refused_arguments_that_asked_for_json_on_stdout_are_told_apart() {
+        assert!(asks("get --json"));
+        assert!(asks("get --json k --connect-timeout-ms 0"));
+        assert!(asks("bench --json"));
+        assert!(asks("bench --json - --rate 0"));
+        assert!(asks("bench --json --rate 0"));
+        assert!(asks("bench --json=-"));
+        assert!(!asks("bench --json out.json --rate 0"));
+        assert!(!asks("get k --node x"));
+    }
 }

@@ -156,6 +156,19 @@ fn unreachable_or_malformed_node_addresses() {
     assert_exit(&o, 2);
     let error: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(error["status"], "usage", "{error}");
+    // Arguments clap itself refuses, too; its message stays on stderr.
+    let o = run(ringkv().args(["status", "--connect-timeout-ms", "0", "--json"]));
+    assert_exit(&o, 2);
+    let error: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(error["status"], "usage", "{error}");
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("--connect-timeout-ms"),
+        "{error}"
+    );
+    assert!(stderr(&o).contains("try '--help'"), "{}", stderr(&o));
 
     // A list: every entry is checked before anything is sent, and when no
     // node answers, each one's reason is given.
