@@ -23,8 +23,9 @@
 //! thousand records on, the hottest key gets about 4% of requests
 //! (1/ζ(10^10); with fewer records, ranks share keys and it gets more). A
 //! zipfian over just the records would give it 13% at 1,000 records and
-//! overstate hot-key contention. "Latest" picks recently inserted keys most often: the
-//! newest key is rank 0 of a zipfian over the current record count.
+//! overstate hot-key contention. "Latest" picks recently inserted keys
+//! most often: the newest key is rank 0 of a zipfian over the current
+//! record count.
 //!
 //! Everything here is plain code over a caller's RNG, so a seed gives the
 //! same sequence of operations every time.

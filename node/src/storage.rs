@@ -148,11 +148,15 @@ fn total_order() -> ReadOptions {
     opts
 }
 
+/// What a whole RocksDB store always holds: the name of its current
+/// manifest.
+const STORE_MARKER: &str = "CURRENT";
+
 /// Whether `name` is a file RocksDB keeps in a store's directory (or the
 /// file system's own `lost+found`, at a mount point). A directory of only
 /// these is a store, or one whose creation was cut short, never a user's.
 fn is_store_entry(name: &str) -> bool {
-    const NAMES: [&str; 4] = ["CURRENT", "IDENTITY", "LOCK", "lost+found"];
+    const NAMES: [&str; 4] = [STORE_MARKER, "IDENTITY", "LOCK", "lost+found"];
     const PREFIXES: [&str; 3] = ["LOG", "MANIFEST-", "OPTIONS-"];
     const SUFFIXES: [&str; 4] = [".log", ".sst", ".blob", ".dbtmp"];
     NAMES.contains(&name)
@@ -200,10 +204,6 @@ pub(crate) fn check_data_dir(path: &Path) -> Result<(), NodeError> {
         }),
     }
 }
-
-/// What a whole RocksDB store always holds: the name of its current
-/// manifest.
-const STORE_MARKER: &str = "CURRENT";
 
 impl Storage {
     /// Opens (creating if needed) the database in `path`. `sync` makes every
