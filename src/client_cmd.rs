@@ -392,9 +392,10 @@ async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
     let mut failure = match outcome {
         Ok(Response::Error(e)) => match e.kind {
             ErrorKind::InvalidRequest | ErrorKind::Refused => Failure::new(Exit::Usage, e.message),
-            ErrorKind::QuorumNotReached | ErrorKind::Unavailable | ErrorKind::NotServing => {
-                Failure::new(Exit::Quorum, e.message)
-            }
+            ErrorKind::QuorumNotReached
+            | ErrorKind::Unavailable
+            | ErrorKind::NotServing
+            | ErrorKind::Overloaded => Failure::new(Exit::Quorum, e.message),
             ErrorKind::Internal => Failure::new(Exit::Internal, e.message),
         },
         Ok(ok) => return Ok(ok),

@@ -36,6 +36,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.max_value_bytes = args.limits.max_value_bytes;
     config.max_siblings = args.limits.max_siblings;
     config.max_connections = args.limits.max_connections;
+    config.max_request_memory_mb = args.limits.max_request_memory_mb;
     config.low_background_priority = args.limits.background_priority == "low";
     config.join_timeout = Duration::from_secs(args.join_timeout_s);
     config.drain_timeout = Duration::from_secs(args.drain_timeout_s);

@@ -242,6 +242,16 @@ fn bad_node_starts_are_refused() {
             "--max-connections must be at most",
         ),
         (
+            "--max-request-memory-mb",
+            "64",
+            "--max-request-memory-mb must be from 65 (the largest request must fit)",
+        ),
+        (
+            "--max-request-memory-mb",
+            "18446744073709551615",
+            "--max-request-memory-mb must be from 65",
+        ),
+        (
             "--max-value-bytes",
             "0",
             "--max-value-bytes must be from 1 to",

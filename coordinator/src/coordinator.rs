@@ -972,7 +972,9 @@ impl<T: Transport> Coordinator<T> {
             set_timeout_ms(&mut request, remaining_ms.min(u128::from(u32::MAX)) as u32);
             match self.call(node, request.clone(), attempt_deadline).await {
                 // Nothing ran there: the next replica may take it.
-                Ok(Response::Error(e)) if e.kind == ErrorKind::NotServing => {
+                Ok(Response::Error(e))
+                    if matches!(e.kind, ErrorKind::NotServing | ErrorKind::Overloaded) =>
+                {
                     failures.push(format!("{node} ({})", e.message))
                 }
                 Ok(response) => return response,

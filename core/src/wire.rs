@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/11";
+pub const ALPN: &[u8] = b"ringkv/12";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -566,6 +566,10 @@ pub enum ErrorKind {
     /// removed, or has not joined a cluster yet. Nothing of the request ran,
     /// so a client may send it to another node as it is.
     NotServing,
+    /// The node had no memory to spare for the request (its request-memory
+    /// budget, or its connection's share, was in use): nothing of it ran,
+    /// so a client may retry after a pause or send it to another node.
+    Overloaded,
 }
 
 impl Response {

@@ -95,7 +95,7 @@ struct Current {
 pub fn ran_nothing(outcome: &Result<Response, CallError>) -> bool {
     match outcome {
         Err(CallError::Unread(_) | CallError::Connect(_)) => true,
-        Ok(Response::Error(e)) => e.kind == ErrorKind::NotServing,
+        Ok(Response::Error(e)) => matches!(e.kind, ErrorKind::NotServing | ErrorKind::Overloaded),
         _ => false,
     }
 }
@@ -502,6 +502,7 @@ mod tests {
                     async move { answer }
                 },
                 watch::channel(false).1,
+                crate::request_memory::RequestMemory::new(1 << 30),
             )
         })
     }
@@ -794,6 +795,7 @@ mod tests {
                     }
                 },
                 watch::channel(false).1,
+                crate::request_memory::RequestMemory::new(1 << 30),
             )
         });
         let (_e2, other, served) = answering(Response::Pong);

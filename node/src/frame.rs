@@ -65,6 +65,27 @@ pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     max_body_bytes: usize,
 ) -> Result<Option<(u64, AlignedVec)>, FrameError> {
+    let Some(header) = read_header(recv, max_body_bytes).await? else {
+        return Ok(None);
+    };
+    Ok(Some((header.id, read_body(recv, header).await?)))
+}
+
+/// What a frame's header announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub id: u64,
+    /// The body's length, at most the reader's maximum.
+    pub len: usize,
+}
+
+/// Reads the next frame's header: `Ok(None)` when the stream ended cleanly
+/// between frames. Its body must be read ([`read_body`]) or skipped
+/// ([`skip_body`]) before the next header.
+pub async fn read_header(
+    recv: &mut quinn::RecvStream,
+    max_body_bytes: usize,
+) -> Result<Option<FrameHeader>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     let read = read_full(recv, &mut header).await?;
     if read == 0 {
@@ -82,24 +103,53 @@ pub async fn read_frame(
             max: max_body_bytes,
         });
     }
+    Ok(Some(FrameHeader { id, len }))
+}
+
+/// Reads the body `header` announced.
+pub async fn read_body(
+    recv: &mut quinn::RecvStream,
+    header: FrameHeader,
+) -> Result<AlignedVec, FrameError> {
     // The body grows with the bytes that arrive, never ahead of them: a
     // peer announcing 65 MiB frames on many streams and sending nothing must
     // cost nothing a stream, whatever the headers say.
     let mut body = AlignedVec::new();
-    while body.len() < len {
-        match recv.read_chunk(len - body.len(), true).await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
-            Ok(None) => {
-                return Err(FrameError::Truncated {
-                    id,
-                    read: body.len(),
-                    len,
-                })
-            }
-            Err(e) => return Err(read_error(e)),
-        }
+    while body.len() < header.len {
+        let chunk = next_chunk(recv, header, body.len()).await?;
+        body.extend_from_slice(&chunk);
     }
-    Ok(Some((id, body)))
+    Ok(body)
+}
+
+/// Reads the body `header` announced and drops it as it arrives, so the
+/// stream's next frame can be read without keeping this one.
+pub async fn skip_body(
+    recv: &mut quinn::RecvStream,
+    header: FrameHeader,
+) -> Result<(), FrameError> {
+    let mut read = 0;
+    while read < header.len {
+        read += next_chunk(recv, header, read).await?.len();
+    }
+    Ok(())
+}
+
+/// The next chunk of `header`'s body, of which `read` bytes are in.
+async fn next_chunk(
+    recv: &mut quinn::RecvStream,
+    header: FrameHeader,
+    read: usize,
+) -> Result<bytes::Bytes, FrameError> {
+    match recv.read_chunk(header.len - read, true).await {
+        Ok(Some(chunk)) => Ok(chunk.bytes),
+        Ok(None) => Err(FrameError::Truncated {
+            id: header.id,
+            read,
+            len: header.len,
+        }),
+        Err(e) => Err(read_error(e)),
+    }
 }
 
 /// Fills `buf` unless the stream ends first; returns how much was read.

@@ -8,6 +8,8 @@
 //!   writer.
 //! - [`quic`]: requests multiplexed on QUIC connections, the peer connection
 //!   pool and the client connection.
+//! - [`request_memory`]: the bytes of requests a node holds, and shedding
+//!   the requests beyond them.
 //! - [`cluster_client`]: a client that moves to another node when its node
 //!   cannot take a request.
 //! - [`membership`]: joining, announcing and remembering the cluster.
@@ -26,6 +28,7 @@ pub mod frame;
 pub mod group_commit;
 pub mod membership;
 pub mod quic;
+pub mod request_memory;
 pub mod server;
 pub mod storage;
 #[cfg(test)]

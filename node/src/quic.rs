@@ -32,7 +32,10 @@ use ringkv_core::wire::{
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster_key::ClusterKey;
-use crate::frame::{put_frame, read_frame, FrameError, FrameQueue};
+use crate::frame::{
+    put_frame, read_body, read_frame, read_header, skip_body, FrameError, FrameQueue,
+};
+use crate::request_memory::{charge_body, BodyCharge, Refused, RequestMemory};
 use crate::tls;
 
 /// The largest request that rides the shared stream; a larger one (a big
@@ -63,6 +66,11 @@ const _: () = assert!(
 /// link; then the connection's leaf requests wait behind its coordinated
 /// answers too (no cycle: draining needs only the peer to read).
 pub const CONNECTION_UNWRITTEN_MAX_BYTES: usize = 16 << 20;
+
+/// Bytes of request bodies one connection may have in memory at once (see
+/// [`crate::request_memory`]): two of the largest frames, so one client's
+/// largest puts are not shed while it has one other in flight.
+pub const CONNECTION_REQUEST_MAX_BYTES: usize = 2 * FRAME_MAX_BYTES;
 
 /// How long opening a shared stream may wait for the peer's stream credit.
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -141,10 +149,19 @@ pub struct ConnectionBudget {
     /// Times a stream stopped reading for want of room, for the tests (the
     /// metric counts them too).
     paused_reads: AtomicU64,
+    /// Bytes of this connection's request bodies in memory...
+    request_memory: Arc<RequestMemory>,
+    /// ...and of all the node's.
+    node_memory: Arc<RequestMemory>,
 }
 
 impl ConnectionBudget {
-    pub fn new(in_flight_max: usize, unwritten_max_bytes: usize) -> Arc<ConnectionBudget> {
+    pub fn new(
+        in_flight_max: usize,
+        unwritten_max_bytes: usize,
+        request_max_bytes: usize,
+        node_memory: Arc<RequestMemory>,
+    ) -> Arc<ConnectionBudget> {
         // Nothing falls below 0, so a paused stream would never resume; and
         // with 1, one answer (counted up to half, rounded up) would pause it.
         assert!(unwritten_max_bytes >= 2, "an answer budget under 2 bytes");
@@ -154,6 +171,8 @@ impl ConnectionBudget {
             unwritten_max_bytes,
             drained: Notify::new(),
             paused_reads: AtomicU64::new(0),
+            request_memory: RequestMemory::new(request_max_bytes),
+            node_memory,
         })
     }
 
@@ -565,7 +584,8 @@ impl CallError {
 }
 
 /// Serves every stream of one accepted connection with `handle`, until
-/// `finish` turns true (see [`serve_stream`]). Every task serving the
+/// `finish` turns true (see [`serve_stream`]), its request bodies charged to
+/// `node_memory` (see [`crate::request_memory`]). Every task serving the
 /// connection holds a clone of `finish`, so its sender's
 /// [`closed`](watch::Sender::closed) tells when all have ended. Streams the
 /// client opens after that are ended at once, unread, until the connection
@@ -575,11 +595,17 @@ pub async fn serve_connection<H, F>(
     conn: quinn::Connection,
     handle: H,
     finish: watch::Receiver<bool>,
+    node_memory: Arc<RequestMemory>,
 ) where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response> + Send + 'static,
 {
-    let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, CONNECTION_UNWRITTEN_MAX_BYTES);
+    let budget = ConnectionBudget::new(
+        CONNECTION_IN_FLIGHT_MAX,
+        CONNECTION_UNWRITTEN_MAX_BYTES,
+        CONNECTION_REQUEST_MAX_BYTES,
+        node_memory,
+    );
     serve_connection_within(conn, handle, finish, budget).await;
 }
 
@@ -627,7 +653,9 @@ const FINISH_ACK_WAIT: Duration = Duration::from_secs(1);
 /// own, and writes each answer as it is ready. It reads the next request
 /// only while its connection's unwritten answers are under their budget,
 /// and runs it once the stream and the connection have a place in flight
-/// for it. It stops reading once its answers cannot be written (the peer
+/// for it. A request whose body does not fit in the connection's or the
+/// node's request memory is shed: its body is read and dropped, and it is
+/// answered `Overloaded` (see [`crate::request_memory`]). It stops reading once its answers cannot be written (the peer
 /// stopped the stream). Once `finish` turns true (a
 /// node shutting down, once its requests under way have answered), it reads
 /// no more, answers what it has read, finishes the stream and waits (up to
@@ -666,10 +694,10 @@ async fn serve_stream<H, F>(
             true = async { finish.wait_for(|finish| *finish).await.is_ok() } => break,
             read = async {
                 budget.room_to_read().await;
-                read_frame(&mut recv, FRAME_MAX_BYTES).await
+                read_request(&mut recv, &budget).await
             } => read,
         };
-        let (id, body) = match read {
+        let (id, admitted) = match read {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             // The rest of the stream cannot be framed: answer this request
@@ -707,15 +735,34 @@ async fn serve_stream<H, F>(
             id,
             places: Some((on_stream, budget.share().await)),
         };
+        let (body, charge) = match admitted {
+            Admitted::Body { body, charge } => (body, charge),
+            Admitted::Shed { len, refused } => {
+                metrics::counter!("ringkv_requests_shed_total").increment(1);
+                answer.send(&Response::error(
+                    ErrorKind::Overloaded,
+                    format!(
+                        "overloaded: a request of {len} bytes was not run because {refused}; \
+                         retry later or ask another node"
+                    ),
+                ));
+                continue;
+            }
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
             let response = match decode_request(&body) {
-                Ok(request) => handle(request).await,
+                Ok(request) => {
+                    // The decoded request owns copies of what it needs.
+                    drop(body);
+                    handle(request).await
+                }
                 Err(e) => {
                     metrics::counter!("ringkv_malformed_frames_total").increment(1);
                     Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}"))
                 }
             };
+            drop(charge);
             answer.send(&response);
         });
     }
@@ -723,6 +770,45 @@ async fn serve_stream<H, F>(
     let _ = in_flight.acquire_many(STREAM_IN_FLIGHT_MAX).await;
     queue.close();
     let _ = writer.await;
+}
+
+/// A request frame's body, as [`read_request`] took it.
+enum Admitted {
+    /// Read, and charged to the request memory until its request has run.
+    Body {
+        body: rkyv::util::AlignedVec,
+        charge: BodyCharge,
+    },
+    /// Read and dropped: `refused` had no room for its `len` bytes.
+    Shed { len: usize, refused: Refused },
+}
+
+/// Reads the next request frame off a server's stream, keeping its body
+/// only if the connection's and the node's request memory have room for
+/// it: `Ok(None)` when the stream ended cleanly between frames.
+async fn read_request(
+    recv: &mut quinn::RecvStream,
+    budget: &ConnectionBudget,
+) -> Result<Option<(u64, Admitted)>, FrameError> {
+    let Some(header) = read_header(recv, FRAME_MAX_BYTES).await? else {
+        return Ok(None);
+    };
+    // Charged before the body arrives, at the length announced: a body
+    // that stalls half-way holds its place as much as a whole one.
+    let admitted = match charge_body(&budget.request_memory, &budget.node_memory, header.len) {
+        Ok(charge) => Admitted::Body {
+            body: read_body(recv, header).await?,
+            charge,
+        },
+        Err(refused) => {
+            skip_body(recv, header).await?;
+            Admitted::Shed {
+                len: header.len,
+                refused,
+            }
+        }
+    };
+    Ok(Some((header.id, admitted)))
 }
 
 /// One connection per peer, opened on first use and replaced when it dies,
@@ -1167,6 +1253,7 @@ mod tests {
                         }
                     },
                     finish.clone(),
+                    RequestMemory::new(1 << 30),
                 ));
             }
         });
@@ -1304,6 +1391,18 @@ mod tests {
         ));
     }
 
+    /// A connection's budget with `in_flight_max` places and
+    /// `unwritten_max_bytes` of answers, the default request memory, and a
+    /// node of its own.
+    fn test_budget(in_flight_max: usize, unwritten_max_bytes: usize) -> Arc<ConnectionBudget> {
+        ConnectionBudget::new(
+            in_flight_max,
+            unwritten_max_bytes,
+            CONNECTION_REQUEST_MAX_BYTES,
+            RequestMemory::new(1 << 30),
+        )
+    }
+
     /// A server serving one connection within `budget`, whose handler
     /// counts the requests it runs and answers each with `answer_bytes`
     /// bytes once `go` has a permit for it; and a raw connection to it.
@@ -1373,7 +1472,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_does_not_read_its_answers_stops_the_node_reading() {
         const REQUESTS: u64 = 1000;
-        let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, 256 * 1024);
+        let budget = test_budget(CONNECTION_IN_FLIGHT_MAX, 256 * 1024);
         let go = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
         let (_endpoint, conn, handled) = budgeted_server(budget.clone(), 32 * 1024, go).await;
         assert!(REQUESTS < u64::from(STREAM_IN_FLIGHT_MAX));
@@ -1408,7 +1507,7 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_streams_answers_give_their_room_back() {
         const ANSWER_BYTES: usize = 32 * 1024;
-        let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, 2 << 20);
+        let budget = test_budget(CONNECTION_IN_FLIGHT_MAX, 2 << 20);
         let go = Arc::new(Semaphore::new(40));
         let (_endpoint, conn, handled) =
             budgeted_server(budget.clone(), ANSWER_BYTES, go.clone()).await;
@@ -1451,7 +1550,7 @@ mod tests {
         // Over the client's stream window (1.25 MB), so the first answer
         // waits, unwritten, while the client does not read.
         const ANSWER_BYTES: usize = 1536 * 1024;
-        let budget = ConnectionBudget::new(CONNECTION_IN_FLIGHT_MAX, 1 << 20);
+        let budget = test_budget(CONNECTION_IN_FLIGHT_MAX, 1 << 20);
         let go = Arc::new(Semaphore::new(1));
         let (_endpoint, conn, handled) =
             budgeted_server(budget.clone(), ANSWER_BYTES, go.clone()).await;
@@ -1489,7 +1588,7 @@ mod tests {
     /// budget: with room for 8, the ninth waits until one is answered.
     #[tokio::test]
     async fn a_connections_streams_share_its_in_flight_budget() {
-        let budget = ConnectionBudget::new(8, CONNECTION_UNWRITTEN_MAX_BYTES);
+        let budget = test_budget(8, CONNECTION_UNWRITTEN_MAX_BYTES);
         let go = Arc::new(Semaphore::new(0));
         let (_endpoint, conn, handled) = budgeted_server(budget.clone(), 16, go.clone()).await;
         let mut streams = Vec::new();
@@ -1510,6 +1609,140 @@ mod tests {
             }
         }
         assert_eq!(handled.load(Ordering::SeqCst), 16);
+    }
+
+    /// A put of `value_bytes` bytes.
+    fn put_of(value_bytes: usize) -> Request {
+        Request::Put(ringkv_core::wire::PutRequest::new(
+            b"k".to_vec(),
+            ringkv_core::dvv::Payload::Value(vec![1; value_bytes]),
+            ringkv_core::Consistency::One,
+            None,
+        ))
+    }
+
+    /// A request whose body does not fit in the node's request memory is
+    /// shed: answered `Overloaded` without running, its body read past so
+    /// the stream goes on. A body is charged from its header on, so one
+    /// that is only half sent holds its bytes; they come back once its
+    /// request has run.
+    #[tokio::test]
+    async fn a_request_past_the_nodes_request_memory_is_shed_and_the_stream_goes_on() {
+        let stalled = encode_request(&put_of(60 * 1024));
+        let node_memory = RequestMemory::new(stalled.len() + 8 * 1024);
+        let budget = ConnectionBudget::new(
+            CONNECTION_IN_FLIGHT_MAX,
+            CONNECTION_UNWRITTEN_MAX_BYTES,
+            CONNECTION_REQUEST_MAX_BYTES,
+            node_memory.clone(),
+        );
+        let go = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
+        let (_endpoint, conn, handled) = budgeted_server(budget, 16, go).await;
+
+        // Stream A announces its put and sends a sixth of it.
+        let (mut send_a, mut recv_a) = conn.open_bi().await.unwrap();
+        let mut frame_a = Vec::new();
+        put_frame(&mut frame_a, 1, &stalled);
+        let cut = crate::frame::FRAME_HEADER_BYTES + stalled.len() / 6;
+        send_a.write_all(&frame_a[..cut]).await.unwrap();
+        wait_until("the half-sent put is charged", || {
+            node_memory.in_use() == stalled.len()
+        })
+        .await;
+
+        // Stream B: a put that does not fit in what is left, then a get.
+        let (mut send_b, mut recv_b) = conn.open_bi().await.unwrap();
+        let mut frames_b = Vec::new();
+        put_frame(&mut frames_b, 10, &encode_request(&put_of(16 * 1024)));
+        put_frame(&mut frames_b, 11, &encode_request(&get("k")));
+        send_b.write_all(&frames_b).await.unwrap();
+        let mut answers = HashMap::new();
+        for _ in 0..2 {
+            let (id, body) = within_10_s(read_frame(&mut recv_b, FRAME_MAX_BYTES))
+                .await
+                .unwrap()
+                .expect("an answer");
+            answers.insert(id, decode_response(&body).unwrap());
+        }
+        match &answers[&10] {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::Overloaded);
+                assert!(
+                    e.message.contains("--max-request-memory-mb"),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("the put past the budget ran: {other:?}"),
+        }
+        assert!(
+            matches!(answers[&11], Response::Get(_)),
+            "the get after it was read in step: {:?}",
+            answers[&11]
+        );
+        assert_eq!(handled.load(Ordering::SeqCst), 1, "only the get ran");
+
+        // The rest of A's put arrives: it runs, and its bytes come back.
+        send_a.write_all(&frame_a[cut..]).await.unwrap();
+        let (id, body) = within_10_s(read_frame(&mut recv_a, FRAME_MAX_BYTES))
+            .await
+            .unwrap()
+            .expect("an answer");
+        assert_eq!(id, 1);
+        assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
+        wait_until("the put's bytes come back", || node_memory.in_use() == 0).await;
+        assert_eq!(handled.load(Ordering::SeqCst), 2);
+    }
+
+    /// One connection cannot take all of a node's request memory: past its
+    /// own share, its requests are shed though the node has room.
+    #[tokio::test]
+    async fn a_connection_past_its_share_is_shed() {
+        let share = 100 * 1024;
+        let node_memory = RequestMemory::new(1 << 30);
+        let budget = ConnectionBudget::new(
+            CONNECTION_IN_FLIGHT_MAX,
+            CONNECTION_UNWRITTEN_MAX_BYTES,
+            share,
+            node_memory.clone(),
+        );
+        // The handler holds every request until `go` lets it answer.
+        let go = Arc::new(Semaphore::new(0));
+        let (_endpoint, conn, handled) = budgeted_server(budget, 16, go.clone()).await;
+        let body = encode_request(&put_of(30 * 1024));
+        let fit = share / body.len();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut frames = Vec::new();
+        for id in 0..=fit as u64 {
+            put_frame(&mut frames, id, &body);
+        }
+        send.write_all(&frames).await.unwrap();
+        let (id, answer) = within_10_s(read_frame(&mut recv, FRAME_MAX_BYTES))
+            .await
+            .unwrap()
+            .expect("the shed request's answer");
+        assert_eq!(id, fit as u64, "the first past the share");
+        match decode_response(&answer).unwrap() {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::Overloaded);
+                assert!(e.message.contains("this connection's"), "{}", e.message);
+            }
+            other => panic!("expected Overloaded, got {other:?}"),
+        }
+        wait_until("the others run", || {
+            handled.load(Ordering::SeqCst) == fit as u64
+        })
+        .await;
+        assert_eq!(node_memory.in_use(), fit * body.len());
+        go.add_permits(Semaphore::MAX_PERMITS);
+        for _ in 0..fit {
+            let (_, answer) = within_10_s(read_frame(&mut recv, FRAME_MAX_BYTES))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(matches!(decode_response(&answer), Ok(Response::Get(_))));
+        }
+        wait_until("every byte comes back", || node_memory.in_use() == 0).await;
     }
 
     /// A caller that gives up (a timeout) is forgotten; its late answer is

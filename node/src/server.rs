@@ -21,7 +21,7 @@ use ringkv_coordinator::replica::ReplicaService;
 use ringkv_core::regions::LatencyMatrix;
 use ringkv_core::wire::{
     ErrorKind, JoinRequest, Member, NodeStats, NodeStatus, ReplicaRequest, Request, Response,
-    StatusReply, VALUE_MAX_BYTES,
+    StatusReply, FRAME_MAX_BYTES, VALUE_MAX_BYTES,
 };
 use ringkv_core::{NodeId, Transport};
 use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
@@ -39,6 +39,7 @@ use crate::cluster_key::ClusterKey;
 use crate::error::NodeError;
 use crate::membership::{ClusterRecord, Membership};
 use crate::quic::{serve_connection, CallError, PeerPool};
+use crate::request_memory::RequestMemory;
 use crate::storage::{millis, unix_ms, Storage};
 use crate::tls;
 
@@ -63,6 +64,15 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// The most `--max-connections` may be: far more than a node can serve,
 /// and well within what a semaphore can count.
 pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
+/// Request bytes a node keeps in memory at once by default, in MiB (see
+/// `request_memory`); requests beyond it are shed.
+pub const DEFAULT_MAX_REQUEST_MEMORY_MB: usize = 1024;
+/// The least `--max-request-memory-mb` may be: the largest request frame
+/// must fit, or a put of the largest value could never run.
+pub const MIN_REQUEST_MEMORY_MB: usize = FRAME_MAX_BYTES.div_ceil(1 << 20);
+/// The most `--max-request-memory-mb` may be (1 TiB): far beyond any
+/// machine's memory, and far from overflowing a count of bytes.
+pub const MAX_REQUEST_MEMORY_MB: usize = 1 << 20;
 /// How long to wait for a peer's QUIC handshake.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -81,6 +91,9 @@ pub struct NodeConfig {
     pub max_siblings: usize,
     /// Client and peer connections served at once; further ones are refused.
     pub max_connections: usize,
+    /// MiB of request bodies held at once, across all connections; requests
+    /// that would take more are answered `Overloaded` unrun.
+    pub max_request_memory_mb: usize,
     /// Run RocksDB's flushes and compactions at the lowest CPU priority
     /// (see `storage::lower_background_priority`); process-wide.
     pub low_background_priority: bool,
@@ -131,6 +144,7 @@ impl NodeConfig {
             max_value_bytes: ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES,
             max_siblings: ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_request_memory_mb: DEFAULT_MAX_REQUEST_MEMORY_MB,
             low_background_priority: true,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
@@ -192,6 +206,11 @@ impl NodeConfig {
         }
         if self.max_connections == 0 {
             return bad("--max-connections must be at least 1");
+        }
+        if !(MIN_REQUEST_MEMORY_MB..=MAX_REQUEST_MEMORY_MB).contains(&self.max_request_memory_mb) {
+            return bad(&format!(
+                "--max-request-memory-mb must be from {MIN_REQUEST_MEMORY_MB} (the largest request must fit) to {MAX_REQUEST_MEMORY_MB}"
+            ));
         }
         if self.max_siblings == 0 {
             return bad("--max-siblings must be at least 1");
@@ -1241,6 +1260,7 @@ impl Node {
             endpoint.clone(),
             inner.clone(),
             config.max_connections,
+            RequestMemory::for_node(config.max_request_memory_mb << 20),
             accepting,
             finish_streams.clone(),
         ));
@@ -1303,6 +1323,7 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     inner: Arc<NodeInner>,
     max_connections: usize,
+    request_memory: Arc<RequestMemory>,
     mut shutdown: watch::Receiver<bool>,
     finish: Arc<watch::Sender<bool>>,
 ) {
@@ -1320,7 +1341,7 @@ async fn accept_loop(
                     incoming.refuse();
                     continue;
                 };
-                let (inner, finish) = (inner.clone(), finish.clone());
+                let (inner, finish, request_memory) = (inner.clone(), finish.clone(), request_memory.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
                     match incoming.await {
@@ -1330,7 +1351,7 @@ async fn accept_loop(
                             // does not hold up the shutdown's wait for the
                             // streams (one ending after it is told at once).
                             let finish = finish.subscribe();
-                            serve_connection(conn, move |request| inner.clone().handle(request), finish).await;
+                            serve_connection(conn, move |request| inner.clone().handle(request), finish, request_memory).await;
                         }
                         Err(e) => tracing::debug!(error = %e, "handshake failed"),
                     }
