@@ -957,6 +957,9 @@ impl<T: Transport> Coordinator<T> {
         deadline: Instant,
     ) -> Response {
         let mut failures = Vec::new();
+        // Whether every replica asked ran nothing, and one of them for want
+        // of memory: then the client is told so, and may retry later.
+        let (mut ran_nothing, mut overloaded) = (true, false);
         // Nodes believed down go last (stable: ring order otherwise).
         let mut replicas = replicas.to_vec();
         replicas.sort_by_key(|n| !self.is_healthy(n));
@@ -964,6 +967,7 @@ impl<T: Transport> Coordinator<T> {
             let now = Instant::now();
             if now >= deadline {
                 failures.push(format!("{node} (no time left)"));
+                ran_nothing = false;
                 continue;
             }
             let share = (deadline - now) / (replicas.len() - i) as u32;
@@ -975,17 +979,29 @@ impl<T: Transport> Coordinator<T> {
                 Ok(Response::Error(e))
                     if matches!(e.kind, ErrorKind::NotServing | ErrorKind::Overloaded) =>
                 {
+                    overloaded |= e.kind == ErrorKind::Overloaded;
                     failures.push(format!("{node} ({})", e.message))
                 }
                 Ok(response) => return response,
-                Err(reason) => failures.push(format!("{node} ({reason})")),
+                Err(reason) => {
+                    ran_nothing = false;
+                    failures.push(format!("{node} ({reason})"))
+                }
             }
         }
         counter!("ringkv_forward_failures_total").increment(1);
-        unavailable(format!(
-            "no replica of this key could be reached to coordinate it: {}",
-            failures.join(", ")
-        ))
+        let kind = if ran_nothing && overloaded {
+            ErrorKind::Overloaded
+        } else {
+            ErrorKind::Unavailable
+        };
+        Response::error(
+            kind,
+            format!(
+                "no replica of this key could be reached to coordinate it: {}",
+                failures.join(", ")
+            ),
+        )
     }
 
     async fn call(

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use ringkv_core::consistency::Consistency;
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{GetRequest, NodeStats, PutRequest, ReplicaRequest, Request, Response};
+use ringkv_core::wire::{
+    ErrorKind, GetRequest, NodeStats, PutRequest, ReplicaRequest, Request, Response,
+};
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_ring::Ring;
 
@@ -46,6 +48,9 @@ struct SimState {
     /// dial to them has failed, rather than go unanswered. (They still send
     /// and coordinate themselves.)
     refusing: HashSet<NodeId>,
+    /// Nodes that shed every request (`Overloaded`), as a node whose
+    /// request memory is full does.
+    overloaded: HashSet<NodeId>,
     partitions: HashSet<(NodeId, NodeId)>,
     /// One-way delay per directed link.
     delays: HashMap<(NodeId, NodeId), Duration>,
@@ -90,6 +95,12 @@ impl SimNetwork {
         self.with(|s| s.refusing.insert(node.clone()));
     }
 
+    /// Makes `node` answer every call `Overloaded`, running nothing, as a
+    /// node whose request memory is full does, until [`up`](Self::up).
+    pub fn overload(&self, node: &NodeId) {
+        self.with(|s| s.overloaded.insert(node.clone()));
+    }
+
     /// Crashes `node`: it neither receives nor answers until [`up`](Self::up).
     pub fn down(&self, node: &NodeId) {
         self.with(|s| s.down.insert(node.clone()));
@@ -99,6 +110,7 @@ impl SimNetwork {
         self.with(|s| {
             s.down.remove(node);
             s.refusing.remove(node);
+            s.overloaded.remove(node);
         });
     }
 
@@ -239,7 +251,11 @@ impl Transport for SimTransport {
         if self.net.with(|s| s.down.contains(to)) {
             return std::future::pending().await;
         }
-        let response = handler.handle(request).await;
+        let response = if self.net.with(|s| s.overloaded.contains(to)) {
+            Response::error(ErrorKind::Overloaded, format!("{to} is overloaded"))
+        } else {
+            handler.handle(request).await
+        };
         let Ok(back) = self.net.route(to, &self.from, &format!("{what} reply")) else {
             return std::future::pending().await;
         };

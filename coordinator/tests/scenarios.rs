@@ -247,6 +247,35 @@ async fn a_forward_passes_over_a_replica_that_serves_nothing() {
     assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
 }
 
+/// A replica that sheds the request (its request memory is full) ran
+/// nothing of it either: the next replica takes it. When every replica
+/// sheds it, the client hears `Overloaded`, so it knows that nothing ran
+/// and may retry later.
+#[tokio::test(start_paused = true)]
+async fn a_forward_passes_over_an_overloaded_replica_and_says_when_all_are() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    c.net.overload(&pref.replicas[0]);
+    let receipt = match c.put(outsider.as_str(), KEY, "v", Quorum, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
+
+    for replica in &pref.replicas {
+        c.net.overload(replica);
+    }
+    let (kind, message) = error(&c.put(outsider.as_str(), KEY, "w", Quorum, None).await);
+    assert_eq!(kind, ErrorKind::Overloaded, "{message}");
+    assert!(message.contains("is overloaded"), "{message}");
+    // One replica that may have run it (it crashed) makes it "unavailable".
+    c.net.up(&pref.replicas[2]);
+    c.net.down(&pref.replicas[2]);
+    let (kind, message) = error(&c.put(outsider.as_str(), KEY, "w", Quorum, None).await);
+    assert_eq!(kind, ErrorKind::Unavailable, "{message}");
+}
+
 /// A forwarded write whose replica does not answer in time goes on to the
 /// next replica, so a crashed replica costs no writes while the failure
 /// detector has not yet seen it down (ARCHITECTURE, request flow, step 3).

@@ -95,7 +95,10 @@ struct Current {
 pub fn ran_nothing(outcome: &Result<Response, CallError>) -> bool {
     match outcome {
         Err(CallError::Unread(_) | CallError::Connect(_)) => true,
-        Ok(Response::Error(e)) => matches!(e.kind, ErrorKind::NotServing | ErrorKind::Overloaded),
+        // Not `Overloaded`: nothing ran either, but moving every request
+        // to the next node would carry the load there (and dodge a
+        // connection's share by opening another); the caller retries later.
+        Ok(Response::Error(e)) => e.kind == ErrorKind::NotServing,
         _ => false,
     }
 }

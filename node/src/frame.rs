@@ -107,7 +107,7 @@ pub async fn read_header(
 }
 
 /// Reads the body `header` announced.
-pub async fn read_body(
+async fn read_body(
     recv: &mut quinn::RecvStream,
     header: FrameHeader,
 ) -> Result<AlignedVec, FrameError> {
@@ -122,17 +122,35 @@ pub async fn read_body(
     Ok(body)
 }
 
-/// Reads the body `header` announced and drops it as it arrives, so the
-/// stream's next frame can be read without keeping this one.
-pub async fn skip_body(
+/// Reads the body `header` announced, asking `admit` for each allocation
+/// of the buffer before it is made. Once `admit` refuses, it drops what it
+/// read, reads the rest of the body past (so the stream's next frame can be
+/// read), and returns the refusal.
+pub async fn read_body_admitted<E>(
     recv: &mut quinn::RecvStream,
     header: FrameHeader,
-) -> Result<(), FrameError> {
-    let mut read = 0;
-    while read < header.len {
-        read += next_chunk(recv, header, read).await?.len();
+    mut admit: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Result<AlignedVec, E>, FrameError> {
+    let mut body = AlignedVec::new();
+    while body.len() < header.len {
+        let chunk = next_chunk(recv, header, body.len()).await?;
+        let needed = body.len() + chunk.len();
+        if needed > body.capacity() {
+            // Doubling, as a Vec grows, but never past the announced length.
+            let capacity = needed.max(body.capacity() * 2).min(header.len);
+            if let Err(refused) = admit(capacity - body.capacity()) {
+                drop(body);
+                let mut read = needed;
+                while read < header.len {
+                    read += next_chunk(recv, header, read).await?.len();
+                }
+                return Ok(Err(refused));
+            }
+            body.reserve_exact(capacity - body.len());
+        }
+        body.extend_from_slice(&chunk);
     }
-    Ok(())
+    Ok(Ok(body))
 }
 
 /// The next chunk of `header`'s body, of which `read` bytes are in.

@@ -33,9 +33,9 @@ use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster_key::ClusterKey;
 use crate::frame::{
-    put_frame, read_body, read_frame, read_header, skip_body, FrameError, FrameQueue,
+    put_frame, read_body_admitted, read_frame, read_header, FrameError, FrameQueue,
 };
-use crate::request_memory::{charge_body, BodyCharge, Refused, RequestMemory};
+use crate::request_memory::{BodyCharge, Refused, RequestMemory};
 use crate::tls;
 
 /// The largest request that rides the shared stream; a larger one (a big
@@ -654,9 +654,9 @@ const FINISH_ACK_WAIT: Duration = Duration::from_secs(1);
 /// only while its connection's unwritten answers are under their budget,
 /// and runs it once the stream and the connection have a place in flight
 /// for it. A request whose body does not fit in the connection's or the
-/// node's request memory is shed: its body is read and dropped, and it is
-/// answered `Overloaded` (see [`crate::request_memory`]). It stops reading once its answers cannot be written (the peer
-/// stopped the stream). Once `finish` turns true (a
+/// node's request memory is shed: its body is read past, and it is
+/// answered `Overloaded` (see [`crate::request_memory`]). It stops reading
+/// once its answers cannot be written (the peer stopped the stream). Once `finish` turns true (a
 /// node shutting down, once its requests under way have answered), it reads
 /// no more, answers what it has read, finishes the stream and waits (up to
 /// [`FINISH_ACK_WAIT`]) until the peer has acknowledged every byte: closing
@@ -779,12 +779,12 @@ enum Admitted {
         body: rkyv::util::AlignedVec,
         charge: BodyCharge,
     },
-    /// Read and dropped: `refused` had no room for its `len` bytes.
+    /// Dropped as it was read: `refused` had no room for its `len` bytes.
     Shed { len: usize, refused: Refused },
 }
 
 /// Reads the next request frame off a server's stream, keeping its body
-/// only if the connection's and the node's request memory have room for
+/// only while the connection's and the node's request memory have room for
 /// it: `Ok(None)` when the stream ended cleanly between frames.
 async fn read_request(
     recv: &mut quinn::RecvStream,
@@ -793,20 +793,21 @@ async fn read_request(
     let Some(header) = read_header(recv, FRAME_MAX_BYTES).await? else {
         return Ok(None);
     };
-    // Charged before the body arrives, at the length announced: a body
-    // that stalls half-way holds its place as much as a whole one.
-    let admitted = match charge_body(&budget.request_memory, &budget.node_memory, header.len) {
-        Ok(charge) => Admitted::Body {
-            body: read_body(recv, header).await?,
-            charge,
+    // Charged as the body's buffer grows, not at the length announced: a
+    // header costs its sender nothing, and a few stalled 65 MiB frames
+    // would otherwise hold the node's whole budget.
+    let mut charge = BodyCharge::new(
+        &budget.request_memory,
+        &budget.node_memory,
+        header.len,
+        SHARED_REQUEST_MAX_BYTES,
+    );
+    let admitted = match read_body_admitted(recv, header, |bytes| charge.try_grow(bytes)).await? {
+        Ok(body) => Admitted::Body { body, charge },
+        Err(refused) => Admitted::Shed {
+            len: header.len,
+            refused,
         },
-        Err(refused) => {
-            skip_body(recv, header).await?;
-            Admitted::Shed {
-                len: header.len,
-                refused,
-            }
-        }
     };
     Ok(Some((header.id, admitted)))
 }
@@ -1623,13 +1624,12 @@ mod tests {
 
     /// A request whose body does not fit in the node's request memory is
     /// shed: answered `Overloaded` without running, its body read past so
-    /// the stream goes on. A body is charged from its header on, so one
-    /// that is only half sent holds its bytes; they come back once its
-    /// request has run.
+    /// the stream goes on. A body is charged for what has arrived of it,
+    /// not for what its header announces, and large bodies leave the last
+    /// quarter of the budget to small requests.
     #[tokio::test]
     async fn a_request_past_the_nodes_request_memory_is_shed_and_the_stream_goes_on() {
-        let stalled = encode_request(&put_of(60 * 1024));
-        let node_memory = RequestMemory::new(stalled.len() + 8 * 1024);
+        let node_memory = RequestMemory::new(256 * 1024);
         let budget = ConnectionBudget::new(
             CONNECTION_IN_FLIGHT_MAX,
             CONNECTION_UNWRITTEN_MAX_BYTES,
@@ -1639,25 +1639,32 @@ mod tests {
         let go = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
         let (_endpoint, conn, handled) = budgeted_server(budget, 16, go).await;
 
-        // Stream A announces its put and sends a sixth of it.
+        // Stream A announces a put of 150 KiB and sends 100 KiB of it.
+        let stalled = encode_request(&put_of(150 * 1024));
         let (mut send_a, mut recv_a) = conn.open_bi().await.unwrap();
         let mut frame_a = Vec::new();
         put_frame(&mut frame_a, 1, &stalled);
-        let cut = crate::frame::FRAME_HEADER_BYTES + stalled.len() / 6;
+        let sent = 100 * 1024;
+        let cut = crate::frame::FRAME_HEADER_BYTES + sent;
         send_a.write_all(&frame_a[..cut]).await.unwrap();
-        wait_until("the half-sent put is charged", || {
-            node_memory.in_use() == stalled.len()
-        })
-        .await;
+        wait_until("what arrived is charged", || node_memory.in_use() >= sent).await;
+        assert!(
+            node_memory.in_use() < stalled.len(),
+            "charged {} bytes, the announced length",
+            node_memory.in_use()
+        );
 
-        // Stream B: a put that does not fit in what is left, then a get.
+        // Stream B: a large put that does not fit in the three quarters
+        // large bodies may take, a get, and a small put that fits in the
+        // last quarter.
         let (mut send_b, mut recv_b) = conn.open_bi().await.unwrap();
         let mut frames_b = Vec::new();
-        put_frame(&mut frames_b, 10, &encode_request(&put_of(16 * 1024)));
+        put_frame(&mut frames_b, 10, &encode_request(&put_of(100 * 1024)));
         put_frame(&mut frames_b, 11, &encode_request(&get("k")));
+        put_frame(&mut frames_b, 12, &encode_request(&put_of(50 * 1024)));
         send_b.write_all(&frames_b).await.unwrap();
         let mut answers = HashMap::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             let (id, body) = within_10_s(read_frame(&mut recv_b, FRAME_MAX_BYTES))
                 .await
                 .unwrap()
@@ -1675,12 +1682,18 @@ mod tests {
             }
             other => panic!("the put past the budget ran: {other:?}"),
         }
-        assert!(
-            matches!(answers[&11], Response::Get(_)),
-            "the get after it was read in step: {:?}",
-            answers[&11]
+        for id in [11, 12] {
+            assert!(
+                matches!(answers[&id], Response::Get(_)),
+                "request {id} after the shed one was read in step and ran: {:?}",
+                answers[&id]
+            );
+        }
+        assert_eq!(
+            handled.load(Ordering::SeqCst),
+            2,
+            "the shed put did not run"
         );
-        assert_eq!(handled.load(Ordering::SeqCst), 1, "only the get ran");
 
         // The rest of A's put arrives: it runs, and its bytes come back.
         send_a.write_all(&frame_a[cut..]).await.unwrap();
@@ -1691,7 +1704,7 @@ mod tests {
         assert_eq!(id, 1);
         assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
         wait_until("the put's bytes come back", || node_memory.in_use() == 0).await;
-        assert_eq!(handled.load(Ordering::SeqCst), 2);
+        assert_eq!(handled.load(Ordering::SeqCst), 3);
     }
 
     /// One connection cannot take all of a node's request memory: past its

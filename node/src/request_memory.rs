@@ -3,27 +3,34 @@
 //!
 //! A request frame's body is read into memory and kept until its handler is
 //! done with it. Without a bound, a client pipelining large puts faster than
-//! the node stores them (a bulk loader, or a hostile peer announcing 65 MiB
-//! frames on every stream) would grow the node's memory until the kernel
-//! kills it. So every body is charged, from the moment its header announces
-//! its length until its request has run, against two budgets: its
-//! connection's (so one client cannot take everything) and the node's
-//! (`--max-request-memory-mb`).
+//! the node stores them (a bulk loader, or a hostile peer) would grow the
+//! node's memory until the kernel kills it. So every body is charged, as
+//! its bytes arrive and until its request has run, against two budgets: its
+//! connection's, so that one connection cannot take everything, and the
+//! node's (`--max-request-memory-mb`). A body is charged for what has
+//! arrived, not for the length its header announces: a header costs a
+//! sender nothing to write, so charging it would let a few stalled frames
+//! hold the whole budget.
 //!
-//! A frame that does not fit is *shed*, not waited for: the node reads its
-//! body off the stream and drops it, and answers `Overloaded` (nothing of
-//! the request ran, so the client may retry, or ask another node). Waiting
-//! for room instead would be a cycle hazard: a coordinated request holding
-//! memory while it waits for a peer whose memory is held by requests that
-//! wait for this node. Shedding keeps every request moving and is what
-//! Cassandra's native protocol does when its in-flight request bytes are
-//! used up (`OverloadedException`).
+//! A large body (over `quic::SHARED_REQUEST_MAX_BYTES`) may take the node's
+//! budget only up to [`LARGE_SHARE`] of it. The rest is kept for the small
+//! requests of the data path (most replica writes, hints, reads), so a bulk
+//! load of large values does not shed the replica traffic of small ones.
+//!
+//! A frame that does not fit is *shed*, not waited for: the node drops what
+//! it read of the body, reads the rest past, and answers `Overloaded`
+//! (nothing of the request ran; the client may retry it after a pause).
+//! Waiting for room instead would be a cycle hazard: a coordinated request
+//! holding memory while it waits for a peer whose memory is held by
+//! requests that wait for this node. (Cassandra's native protocol can do
+//! either; its `OverloadedException` is this choice.)
 //!
 //! What the charge does not cover: a request's decoded copy and what its
-//! handler allocates (so the peak is about twice the charge), answers
-//! (bounded by `quic::ConnectionBudget`), and what QUIC buffers for streams
-//! the node is not reading (bounded per connection by its flow-control
-//! windows).
+//! handler allocates (about as much again for a value; more for a frame of
+//! many tiny items), copies a coordinator still sends to slow replicas after
+//! it has answered (each until the request's deadline), answers (bounded
+//! by `quic::ConnectionBudget`), and what QUIC buffers for streams the node
+//! is not reading (bounded per connection by its flow-control windows).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -82,24 +89,40 @@ impl RequestMemory {
 
     /// Takes `bytes` if they fit under the maximum, all or nothing.
     pub fn try_charge(self: &Arc<Self>, bytes: usize) -> Option<MemoryCharge> {
+        let mut charge = MemoryCharge {
+            memory: self.clone(),
+            bytes: 0,
+        };
+        charge.try_grow(bytes, self.max_bytes).then_some(charge)
+    }
+
+    /// Adds `bytes` if the total stays within `limit` (at most the maximum).
+    fn try_take(&self, bytes: usize, limit: usize) -> bool {
+        let limit = limit.min(self.max_bytes);
         let mut now = self.in_use.load(Ordering::Relaxed);
         loop {
-            let after = now.checked_add(bytes).filter(|&a| a <= self.max_bytes)?;
+            let Some(after) = now.checked_add(bytes).filter(|&a| a <= limit) else {
+                return false;
+            };
             match self
                 .in_use
                 .compare_exchange_weak(now, after, Ordering::AcqRel, Ordering::Relaxed)
             {
                 Ok(_) => {
                     if let Some(gauge) = &self.gauge {
-                        gauge.set(after as f64);
+                        gauge.increment(bytes as f64);
                     }
-                    return Some(MemoryCharge {
-                        memory: self.clone(),
-                        bytes,
-                    });
+                    return true;
                 }
                 Err(seen) => now = seen,
             }
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.in_use.fetch_sub(bytes, Ordering::AcqRel);
+        if let Some(gauge) = &self.gauge {
+            gauge.decrement(bytes as f64);
         }
     }
 }
@@ -108,14 +131,44 @@ impl MemoryCharge {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Adds `bytes` to the charge if its budget stays within `limit` (at
+    /// most its maximum); false, changing nothing, if not.
+    pub fn try_grow(&mut self, bytes: usize, limit: usize) -> bool {
+        let taken = self.memory.try_take(bytes, limit);
+        if taken {
+            self.bytes += bytes;
+        }
+        taken
+    }
+
+    /// Gives `bytes` of the charge back (at most all of it).
+    fn shrink(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.bytes);
+        self.memory.give_back(bytes);
+        self.bytes -= bytes;
+    }
 }
 
 impl Drop for MemoryCharge {
     fn drop(&mut self) {
-        let before = self.memory.in_use.fetch_sub(self.bytes, Ordering::AcqRel);
-        if let Some(gauge) = &self.memory.gauge {
-            gauge.set((before - self.bytes) as f64);
+        if self.bytes > 0 {
+            self.memory.give_back(self.bytes);
         }
+    }
+}
+
+/// The share of a node's request memory that large bodies may take
+/// together, in quarters: the last quarter is for small requests.
+pub const LARGE_SHARE: (usize, usize) = (3, 4);
+
+/// The most of `max_bytes` a body of `len` bytes may take it to: all of it
+/// for a small body, [`LARGE_SHARE`] for a large one.
+fn node_limit(max_bytes: usize, len: usize, small_max_bytes: usize) -> usize {
+    if len <= small_max_bytes {
+        max_bytes
+    } else {
+        max_bytes / LARGE_SHARE.1 * LARGE_SHARE.0
     }
 }
 
@@ -145,30 +198,60 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// A request body's charge against its connection's budget and its node's.
+/// A request body's charge against its connection's budget and its
+/// node's, grown as the body arrives.
+///
+/// Invariant: both charges hold the same bytes: what has arrived of the body.
 #[derive(Debug)]
 pub struct BodyCharge {
-    _connection: MemoryCharge,
-    _node: MemoryCharge,
+    connection: MemoryCharge,
+    node: MemoryCharge,
+    /// How far the node's budget may go for this body (see [`node_limit`]).
+    node_limit: usize,
 }
 
-/// Charges `bytes` to `connection` and `node`, or to neither.
-pub fn charge_body(
-    connection: &Arc<RequestMemory>,
-    node: &Arc<RequestMemory>,
-    bytes: usize,
-) -> Result<BodyCharge, Refused> {
-    let on_connection = connection.try_charge(bytes).ok_or(Refused::Connection {
-        max_bytes: connection.max_bytes,
-    })?;
-    // Dropping `on_connection` on the way out gives its bytes back.
-    let on_node = node.try_charge(bytes).ok_or(Refused::Node {
-        max_bytes: node.max_bytes,
-    })?;
-    Ok(BodyCharge {
-        _connection: on_connection,
-        _node: on_node,
-    })
+impl BodyCharge {
+    /// A charge of nothing yet for a body of `len` bytes; a body of at
+    /// most `small_max_bytes` counts as small.
+    pub fn new(
+        connection: &Arc<RequestMemory>,
+        node: &Arc<RequestMemory>,
+        len: usize,
+        small_max_bytes: usize,
+    ) -> BodyCharge {
+        BodyCharge {
+            connection: MemoryCharge {
+                memory: connection.clone(),
+                bytes: 0,
+            },
+            node: MemoryCharge {
+                memory: node.clone(),
+                bytes: 0,
+            },
+            node_limit: node_limit(node.max_bytes, len, small_max_bytes),
+        }
+    }
+
+    /// Charges `bytes` more to both budgets, or to neither.
+    pub fn try_grow(&mut self, bytes: usize) -> Result<(), Refused> {
+        let connection_max = self.connection.memory.max_bytes;
+        if !self.connection.try_grow(bytes, connection_max) {
+            return Err(Refused::Connection {
+                max_bytes: connection_max,
+            });
+        }
+        if !self.node.try_grow(bytes, self.node_limit) {
+            self.connection.shrink(bytes);
+            return Err(Refused::Node {
+                max_bytes: self.node.memory.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.node.bytes
+    }
 }
 
 #[cfg(test)]
@@ -199,24 +282,58 @@ mod tests {
     fn a_body_is_charged_to_both_budgets_or_neither() {
         let connection = RequestMemory::new(100);
         let node = RequestMemory::new(150);
-        let first = charge_body(&connection, &node, 80).expect("fits both");
+        let mut first = BodyCharge::new(&connection, &node, 80, 1000);
+        first.try_grow(50).expect("fits both");
+        first.try_grow(30).expect("fits both");
+        assert_eq!(first.bytes(), 80);
+        let mut second = BodyCharge::new(&connection, &node, 30, 1000);
         assert_eq!(
-            charge_body(&connection, &node, 30).unwrap_err(),
+            second.try_grow(30).unwrap_err(),
             Refused::Connection { max_bytes: 100 }
         );
         let other_connection = RequestMemory::new(100);
+        let mut third = BodyCharge::new(&other_connection, &node, 80, 1000);
+        third.try_grow(70).expect("fits both");
         assert_eq!(
-            charge_body(&other_connection, &node, 80).unwrap_err(),
+            third.try_grow(1).unwrap_err(),
             Refused::Node { max_bytes: 150 }
         );
         assert_eq!(
             other_connection.in_use(),
-            0,
-            "the node's refusal gave the connection's bytes back"
+            70,
+            "the node's refusal gave the connection's byte back"
         );
-        assert_eq!(node.in_use(), 80);
-        drop(first);
-        assert_eq!((connection.in_use(), node.in_use()), (0, 0));
+        assert_eq!(node.in_use(), 150);
+        drop((first, second, third));
+        assert_eq!(
+            (
+                connection.in_use(),
+                other_connection.in_use(),
+                node.in_use()
+            ),
+            (0, 0, 0)
+        );
+    }
+
+    /// Large bodies together take at most three quarters of the node's
+    /// budget; small ones may use the rest.
+    #[test]
+    fn the_last_quarter_of_the_nodes_budget_is_for_small_requests() {
+        let node = RequestMemory::new(400);
+        let connection = RequestMemory::new(1000);
+        let mut large = BodyCharge::new(&connection, &node, 500, 10);
+        large.try_grow(300).expect("up to three quarters");
+        assert_eq!(
+            large.try_grow(1).unwrap_err(),
+            Refused::Node { max_bytes: 400 }
+        );
+        let mut small = BodyCharge::new(&connection, &node, 10, 10);
+        small
+            .try_grow(10)
+            .expect("a small body may use the last quarter");
+        let mut other_large = BodyCharge::new(&connection, &node, 11, 10);
+        assert!(other_large.try_grow(1).is_err(), "over three quarters");
+        assert_eq!(node.in_use(), 310);
     }
 
     /// Concurrent charges never take the budget past its maximum, and all

@@ -516,8 +516,13 @@ impl From<Response> for Sent {
         match answer {
             Response::Clock(_) => Sent::Taken,
             Response::Error(e) if e.kind == ErrorKind::InvalidRequest => Sent::Refused(e.message),
-            // Serving nothing (draining, or removed): as good as down.
-            Response::Error(e) if e.kind == ErrorKind::NotServing => Sent::Failed(e.message),
+            // Serving nothing (draining, or removed), or shedding load: as
+            // good as down for this round.
+            Response::Error(e)
+                if matches!(e.kind, ErrorKind::NotServing | ErrorKind::Overloaded) =>
+            {
+                Sent::Failed(e.message)
+            }
             Response::Error(e) => Sent::Declined(e.message),
             other => Sent::Declined(format!("unexpected answer {other:?}")),
         }
@@ -547,5 +552,20 @@ mod tests {
         );
         s.succeeded(&owner);
         assert!(s.is_due(&owner, t0));
+    }
+
+    /// An owner that serves nothing or sheds load has not taken the hint
+    /// and is not asked again this round (`Failed`); one that refuses the
+    /// hint itself never will take it (`Refused`).
+    #[test]
+    fn an_owner_that_ran_nothing_failed_this_round() {
+        for kind in [ErrorKind::NotServing, ErrorKind::Overloaded] {
+            let sent = Sent::from(Response::error(kind, "busy"));
+            assert!(matches!(sent, Sent::Failed(_)), "{kind:?}: {sent:?}");
+        }
+        let refused = Sent::from(Response::error(ErrorKind::InvalidRequest, "bad"));
+        assert!(matches!(refused, Sent::Refused(_)), "{refused:?}");
+        let declined = Sent::from(Response::error(ErrorKind::Internal, "disk"));
+        assert!(matches!(declined, Sent::Declined(_)), "{declined:?}");
     }
 }
