@@ -276,3 +276,21 @@ async fn malformed_tree_requests_are_refused_without_harm() {
         }
     }
 }
+
+/// A round in which no exchange finished does not count as the last
+/// exchange (`status` would show anti-entropy as working while it makes no
+/// progress); the next round that reaches a peer does.
+#[tokio::test(start_paused = true)]
+async fn a_round_whose_every_exchange_failed_is_not_the_last_exchange() {
+    let c = cluster();
+    c.net.refuse(&c.id("n1"));
+    c.net.refuse(&c.id("n2"));
+    let report = c.repair("n3").await;
+    assert_eq!(report.failures.len(), 2, "{report:?}");
+    assert_eq!(c.node("n3").anti_entropy.last_round_unix_ms(), None);
+
+    c.net.up(&c.id("n1"));
+    let report = c.repair("n3").await;
+    assert_eq!(report.failures.len(), 1, "n2 still refuses: {report:?}");
+    assert!(c.node("n3").anti_entropy.last_round_unix_ms().is_some());
+}

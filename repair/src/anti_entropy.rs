@@ -118,7 +118,10 @@ pub struct AntiEntropy<T> {
     now_ms: WallClock,
     round_lock: tokio::sync::Mutex<()>,
     keys_repaired: AtomicU64,
-    /// 0: no round finished yet.
+    /// When the last round that exchanged with a peer (or had none to
+    /// exchange with) finished; 0: none yet. A round whose every exchange
+    /// failed leaves it, so `status` does not show a recent exchange while
+    /// anti-entropy makes no progress.
     last_round_unix_ms: AtomicU64,
 }
 
@@ -160,7 +163,8 @@ impl<T: Transport> AntiEntropy<T> {
         self.keys_repaired.load(Ordering::Relaxed)
     }
 
-    /// When this node's last round finished, if one has.
+    /// When this node's last round that exchanged with a peer finished, if
+    /// one has (see `last_round_unix_ms`).
     pub fn last_round_unix_ms(&self) -> Option<u64> {
         Some(self.last_round_unix_ms.load(Ordering::Relaxed)).filter(|t| *t != 0)
     }
@@ -308,8 +312,10 @@ impl<T: Transport> AntiEntropy<T> {
         report.duration_ms = started.elapsed().as_millis() as u64;
         self.keys_repaired
             .fetch_add(report.keys_repaired, Ordering::Relaxed);
-        self.last_round_unix_ms
-            .store((self.now_ms)().max(1), Ordering::Relaxed);
+        if report.failures.len() < peers.len() || peers.is_empty() {
+            self.last_round_unix_ms
+                .store((self.now_ms)().max(1), Ordering::Relaxed);
+        }
         counter!("ringkv_anti_entropy_rounds_total").increment(1);
         counter!("ringkv_anti_entropy_keys_repaired_total").increment(report.keys_repaired);
         counter!("ringkv_anti_entropy_bytes_total", "direction" => "sent")

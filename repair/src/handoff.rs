@@ -234,7 +234,15 @@ pub fn start<T: Transport, B: HintBackend>(
                     continue;
                 }
                 let mut start = resume.remove(&owner);
-                let round = deliver_to(&book, &transport, &owner, rerouted, &config, &mut start);
+                let round = deliver_to(
+                    &book,
+                    &transport,
+                    &owner,
+                    routing.reroute.as_ref(),
+                    rerouted.is_some(),
+                    &config,
+                    &mut start,
+                );
                 let outcome = tokio::select! {
                     biased;
                     _ = shutdown.changed() => return,
@@ -293,8 +301,12 @@ async fn sweep<B: HintBackend>(book: &Arc<HintBook<B>>, page: usize) {
 }
 
 /// Delivers every hint held for `owner`, batch by batch: to `owner`, or,
-/// if it was removed, to the replicas `rerouted` gives for each key (a
-/// replica that cannot take it gets a hint of its own). Returns how many
+/// if it was removed (`removed`), to the replicas `reroute` gives for each
+/// key (a replica that cannot take it gets a hint of its own). So goes a
+/// hint whose key the ring no longer places on its owner (a node joined
+/// and took the owner's place): the owner would store a copy that reads,
+/// anti-entropy and tombstone collection never look at, while the write's
+/// acknowledged copies would be one short where they are looked for. Returns how many
 /// were delivered, or why the round stopped. A hint the owner (or one of the
 /// replicas) refuses as invalid (it never will take it) is dropped and
 /// counted, not retried.
@@ -308,7 +320,8 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     book: &Arc<HintBook<B>>,
     transport: &Arc<T>,
     owner: &NodeId,
-    rerouted: Option<&Reroute>,
+    reroute: Option<&Reroute>,
+    removed: bool,
     config: &HandoffConfig,
     resume: &mut Option<Vec<u8>>,
 ) -> Result<u64, String> {
@@ -356,9 +369,15 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 blocking(book, move |b| b.drop_if_expired(&o, &key)).await?;
                 continue;
             }
-            let targets = match rerouted {
-                Some(reroute) => (reroute.replicas_of)(&hint.key),
-                None => vec![owner.clone()],
+            let replicas = reroute.map(|reroute| (reroute.replicas_of)(&hint.key));
+            let moved_away = !removed
+                && replicas
+                    .as_ref()
+                    .is_some_and(|replicas| !replicas.is_empty() && !replicas.contains(owner));
+            let rerouted = reroute.filter(|_| removed || moved_away);
+            let targets = match (rerouted, replicas) {
+                (Some(_), Some(replicas)) => replicas,
+                _ => vec![owner.clone()],
             };
             if targets.is_empty() {
                 return Err("no ring to reroute a removed node's hints by".to_string());
@@ -373,6 +392,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             }
             let transport = transport.clone();
             let timeout = config.send_timeout;
+            let is_rerouted = rerouted.is_some();
             sends.spawn(async move {
                 let request = Request::Replica(ReplicaRequest::Sync {
                     key: hint.key.clone(),
@@ -390,14 +410,14 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                     };
                     outcomes.push((target, sent));
                 }
-                (hint, outcomes)
+                (hint, outcomes, is_rerouted)
             });
         }
         let sent = sends.len();
         let mut failure = None;
         let (mut answered, mut taken) = (0, 0);
         while let Some(joined) = sends.join_next().await {
-            let (hint, outcomes) = match joined {
+            let (hint, outcomes, is_rerouted) = match joined {
                 Ok(done) => done,
                 Err(e) => {
                     failure = Some(format!("send task failed: {e}"));
@@ -424,11 +444,12 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                     _ => None,
                 })
                 .collect();
-            // A removed owner's hint: a replica that did not take it gets a
-            // hint of its own, as old as this one (its age bounds how long a
-            // tombstone must outlive it), unless that replica is this node.
-            // An owner's hint that it did not take is kept for next time.
-            let rehint = match rerouted {
+            // A rerouted hint (its owner removed, or its key moved away): a
+            // replica that did not take it gets a hint of its own, as old as
+            // this one (its age bounds how long a tombstone must outlive it),
+            // unless that replica is this node. An owner's hint that it did
+            // not take is kept for next time.
+            let rehint = match reroute.filter(|_| is_rerouted) {
                 Some(reroute) if !failed.iter().any(|(t, _)| *t == reroute.me) => {
                     failed.iter().map(|(t, _)| t.clone()).collect()
                 }
@@ -460,7 +481,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 }
                 Ok(true) => {
                     delivered += 1;
-                    if rerouted.is_some() {
+                    if is_rerouted {
                         metrics::counter!("ringkv_hints_rerouted_total").increment(1);
                     }
                 }
@@ -480,9 +501,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             0
         };
         if let Some(reason) = failure {
-            if rerouted.is_none()
-                && (answered == 0 || batches_taking_nothing >= DECLINED_BATCHES_MAX)
-            {
+            if !removed && (answered == 0 || batches_taking_nothing >= DECLINED_BATCHES_MAX) {
                 resume.clone_from(&after);
                 return Err(reason);
             }

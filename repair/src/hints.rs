@@ -210,7 +210,18 @@ impl<B: HintBackend> HintBook<B> {
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             for (id, _) in &page {
-                *pending.entry(split_id(id)?.0).or_default() += 1;
+                match split_id(id) {
+                    Ok((owner, _)) => *pending.entry(owner).or_default() += 1,
+                    // One entry whose id cannot be read must not stop the
+                    // node: nothing could deliver it anyway (anti-entropy
+                    // repairs what it held).
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dropping a hint whose id is corrupt");
+                        backend.delete(id)?;
+                        counter!("ringkv_hints_dropped_total", "target" => "unknown", "reason" => "corrupt")
+                            .increment(1);
+                    }
+                }
             }
         }
         for (owner, count) in &pending {
@@ -347,7 +358,11 @@ impl<B: HintBackend> HintBook<B> {
 
     /// Whether `hint` is past the hint window at `now_ms`.
     pub fn is_expired(&self, hint: &Hint, now_ms: u64) -> bool {
-        now_ms.saturating_sub(hint.stored_at_ms) > self.config.ttl_ms
+        self.is_past_window(hint.stored_at_ms, now_ms)
+    }
+
+    fn is_past_window(&self, stored_at_ms: u64, now_ms: u64) -> bool {
+        now_ms.saturating_sub(stored_at_ms) > self.config.ttl_ms
     }
 
     /// Removes `owner`'s hint for `key` if it still holds exactly
@@ -479,9 +494,15 @@ impl<B: HintBackend> HintStore for HintBook<B> {
         self.store_aged(owner, key, clock, self.now_ms())
     }
 
+    /// A hint past the window reads as none, swept or not: it may hold a
+    /// value whose tombstone has since been collected, which a read
+    /// answered from it would bring back.
     fn read(&self, owner: &NodeId, key: &[u8]) -> Result<Option<Clock>, HintError> {
         match self.backend.get(&entry_id(owner, key))? {
-            Some(value) => Ok(Some(decode_hint(&value)?.0)),
+            Some(value) => {
+                let (clock, stored_at_ms) = decode_hint(&value)?;
+                Ok((!self.is_past_window(stored_at_ms, self.now_ms())).then_some(clock))
+            }
             None => Ok(None),
         }
     }
@@ -491,7 +512,10 @@ impl<B: HintBackend> HintBook<B> {
     /// Stores a hint for `owner` as [`HintStore::store`] does, but as
     /// written at `written_at_ms` rather than now: a hint moved from one
     /// owner to another keeps its age, which bounds how long a tombstone
-    /// must outlive it. Merged into a held hint, the newer time wins.
+    /// must outlive it. Merged into a held hint, the newer time wins. A held
+    /// hint past the window is replaced, not merged into: merging would
+    /// give its old values a new age, and they may have outlived their
+    /// tombstones.
     pub fn store_aged(
         &self,
         owner: &NodeId,
@@ -506,6 +530,15 @@ impl<B: HintBackend> HintBook<B> {
             None => None,
         };
         let is_new = existing.is_none();
+        let now_ms = self.now_ms();
+        let existing = existing.filter(|(_, held_at_ms)| {
+            let expired = self.is_past_window(*held_at_ms, now_ms);
+            if expired {
+                counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
+                    .increment(1);
+            }
+            !expired
+        });
         let (merged, written_at_ms) = match existing {
             Some((mut held, held_at_ms)) => {
                 let before = held.clone();

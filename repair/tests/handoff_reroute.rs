@@ -88,9 +88,10 @@ async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
             Arc::new(move |node: &NodeId| {
                 node.as_str() == "gone" && is_removed.load(Ordering::SeqCst)
             }),
-            // k1's replicas are a and b, the others' a and c.
+            // k1's replicas are a and b, m's member and a, the others' a and c.
             Arc::new(|key: &[u8]| match key {
                 b"k1" => vec![n("a"), n("b")],
+                b"m" => vec![n("member"), n("a")],
                 _ => vec![n("a"), n("c")],
             }),
         );
@@ -143,6 +144,50 @@ async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
     worker.await.unwrap();
 }
 
+/// A member's hint for a key the ring no longer places on it (a node joined
+/// and took its place) goes to the key's replicas, not to the member, which
+/// would store a copy nothing looks at; a replica that cannot take it gets
+/// a hint of its own. The member's hints for keys it still holds go to it.
+#[tokio::test(start_paused = true)]
+async fn a_hint_whose_key_moved_away_goes_to_the_keys_replicas() {
+    let book = support::book();
+    for key in ["moved", "kept"] {
+        book.store(&n("owner"), key.as_bytes(), &write(key))
+            .unwrap();
+    }
+    let transport = Arc::new(Replicas::default());
+    transport.down.lock().unwrap().insert(n("b"));
+    let routing = HintRouting::to_owners(Arc::new(|_: &NodeId| true)).rerouting_removed(
+        n("me"),
+        Arc::new(|_: &NodeId| false),
+        Arc::new(|key: &[u8]| match key {
+            b"moved" => vec![n("a"), n("joiner"), n("b")],
+            _ => vec![n("owner"), n("a")],
+        }),
+    );
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    assert_eq!(book.pending(&n("owner")), 0);
+    let expected: Vec<(String, String)> = [("a", "moved"), ("joiner", "moved"), ("owner", "kept")]
+        .iter()
+        .map(|(to, key)| (to.to_string(), key.to_string()))
+        .collect();
+    assert_eq!(transport.taken(), expected);
+    assert!(
+        book.read(&n("b"), b"moved").unwrap().is_some(),
+        "b, down, has its own hint"
+    );
+
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
+
 /// A removed owner's round goes on past the hints it cannot hand on yet,
 /// batch after batch: one a replica refused for good is dropped once the
 /// replica that was down has a hint of its own; one that this node itself
@@ -184,6 +229,7 @@ async fn a_reroute_goes_on_past_the_hints_it_cannot_hand_on_yet() {
                 b"k1" => vec![n("a"), n("r"), n("b")],
                 b"k2" => vec![n("me"), n("a")],
                 b"k3" => vec![n("a"), n("full")],
+                z if z.starts_with(b"z") => vec![n("full"), n("a")],
                 _ => vec![n("a"), n("c")],
             }),
         );

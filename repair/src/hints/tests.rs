@@ -111,6 +111,30 @@ fn hints_past_the_window_are_dropped_and_a_new_write_renews_one() {
     assert_eq!(f.book.pending(&n("c")), 1);
 }
 
+/// A hint past the window, not yet swept, is as good as gone: a stand-in's
+/// read does not see it, and a new write for its key replaces it rather
+/// than merging into it (which would give its old values a new age).
+#[test]
+fn a_hint_past_the_window_is_neither_read_nor_merged_into() {
+    let f = fixture(HintConfig {
+        ttl_ms: 10_000,
+        ..HintConfig::default()
+    });
+    f.book.store(&n("c"), b"k", &write("a", "old")).unwrap();
+    f.now.fetch_add(10_001, Ordering::SeqCst);
+    assert_eq!(
+        f.book.read(&n("c"), b"k").unwrap(),
+        None,
+        "expired, unswept"
+    );
+    f.book.store(&n("c"), b"k", &write("b", "new")).unwrap();
+    let held = f.book.read(&n("c"), b"k").unwrap().expect("the new write");
+    assert_eq!(held, write("b", "new"), "the old value is not carried on");
+    assert_eq!(f.book.pending(&n("c")), 1, "replaced, not added");
+    let hint = &f.book.batch(&n("c"), None, 10).unwrap()[0];
+    assert_eq!(hint.stored_at_ms, 1_010_001);
+}
+
 #[test]
 fn reopening_counts_the_hints_already_stored() {
     let f = fixture(HintConfig::default());
@@ -235,6 +259,26 @@ fn a_corrupt_record_is_dropped_without_blocking_the_others() {
         .collect();
     assert_eq!(keys, [b"a".to_vec(), b"z".to_vec()]);
     assert_eq!(book.pending(&n("c")), 2, "the corrupt one is gone");
+}
+
+/// An entry whose id names no owner (a corrupt write, a bad disk) does not
+/// stop the book from opening, and so the node from starting: it is
+/// dropped, and the others are counted.
+#[test]
+fn an_entry_with_a_corrupt_id_is_dropped_at_open() {
+    let f = fixture(HintConfig::default());
+    f.book.store(&n("c"), b"a", &write("a", "1")).unwrap();
+    f.backend.put(b"\xff-not-an-owner", b"garbage").unwrap();
+    f.backend.put(b"", b"empty id").unwrap();
+    let book = HintBook::open(f.backend.clone(), HintConfig::default(), Arc::new(|| 0)).unwrap();
+    assert_eq!(book.targets(), vec![n("c")]);
+    assert_eq!(book.pending(&n("c")), 1);
+    assert_eq!(
+        f.backend.get(b"\xff-not-an-owner").unwrap(),
+        None,
+        "dropped"
+    );
+    assert_eq!(f.backend.get(b"").unwrap(), None, "dropped");
 }
 
 /// A page of nothing but corrupt records does not end the owner's hints:
