@@ -163,6 +163,13 @@ impl NodeConfig {
         }
     }
 
+    /// Whether a hint could outlive a collected tombstone and bring its
+    /// value back (warned about at start). With `--no-hints` too: hints
+    /// already held are still delivered.
+    fn grace_is_shorter_than_the_hint_window(&self) -> bool {
+        self.tombstone_grace < self.hint_ttl
+    }
+
     fn validate(&self) -> Result<(), NodeError> {
         let bad = |reason: &str| {
             Err(NodeError::Config {
@@ -1222,7 +1229,7 @@ impl Node {
                 shutdown_rx.clone(),
             )),
         ];
-        if config.hints && config.tombstone_grace < config.hint_ttl {
+        if config.grace_is_shorter_than_the_hint_window() {
             tracing::warn!(
                 grace_s = config.tombstone_grace.as_secs(),
                 hint_ttl_s = config.hint_ttl.as_secs(),
@@ -1585,6 +1592,22 @@ async fn exchange_membership(inner: &Arc<NodeInner>) {
 
 #[cfg(test)]
 mod tests {
+    /// The warning about the grace and the hint window stands with
+    /// `--no-hints` too, which stops new hints but not the delivery of those
+    /// held.
+    #[test]
+    fn a_grace_shorter_than_the_hint_window_is_flagged_with_or_without_hints() {
+        let mut config = super::NodeConfig::on_loopback(
+            ringkv_core::NodeId::new("n1").unwrap(),
+            std::path::PathBuf::from("/nonexistent"),
+        );
+        assert!(!config.grace_is_shorter_than_the_hint_window(), "defaults");
+        config.tombstone_grace = config.hint_ttl / 2;
+        assert!(config.grace_is_shorter_than_the_hint_window());
+        config.hints = false;
+        assert!(config.grace_is_shorter_than_the_hint_window());
+    }
+
     use super::*;
     use crate::storage::wal_bytes;
     use crate::test_support::wait_until;
