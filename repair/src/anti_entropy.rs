@@ -535,15 +535,14 @@ impl<T: Transport> AntiEntropy<T> {
     /// bad key cannot stop the keys after it from being repaired; the
     /// exchange then ends with an error naming how many keys were skipped.
     async fn exchange(&self, peer: &NodeId, tally: &Tally) -> Result<(), AntiEntropyError> {
-        tally
-            .keys_compared
-            .store(self.trees.shared_keys(peer), Ordering::Relaxed);
+        let shared_keys = self.trees.shared_keys(peer);
+        tally.keys_compared.store(shared_keys, Ordering::Relaxed);
         let leaves = self.differing_leaves(peer, tally).await?;
         // Each batch is due batch.len() / keys_per_s after the previous one;
         // time spent listing is not saved up as credit for a burst.
         let mut next_batch_at = Instant::now();
         let (mut skipped, mut first_error) = (0u64, None);
-        for chunk in leaves.chunks(LEAVES_PER_REQUEST_MAX) {
+        for chunk in leaves.chunks(leaves_per_request(shared_keys, self.trees.leaf_bits())) {
             let chunk: Vec<u32> = chunk.iter().map(|l| *l as u32).collect();
             let request = Request::Replica(ReplicaRequest::LeafItems {
                 peer: self.trees.me().clone(),
@@ -626,6 +625,23 @@ impl<T: Transport> AntiEntropy<T> {
 }
 
 /// The keys in `leaves` that `trees`' node shares with `peer`.
+/// Keys one `LeafItems` answer should list, on average: at the 1 KiB key
+/// limit that is 16 MiB, well within a frame, and the peer reads it well
+/// within a call's timeout.
+const LEAF_ITEMS_KEYS_TARGET: u64 = 16_384;
+
+/// Leaves to ask for at once when `shared_keys` keys spread over 2^`leaf_bits`
+/// leaves: as many as keep the answer near [`LEAF_ITEMS_KEYS_TARGET`] keys,
+/// from 1 to [`LEAVES_PER_REQUEST_MAX`]. Keys are placed in leaves by hash,
+/// so leaves hold about the same number. A fixed count would fail on a
+/// large store: the answer for the same chunk would pass the frame limit
+/// (or the timeout) every round, and the leaves after it would never be
+/// repaired.
+fn leaves_per_request(shared_keys: u64, leaf_bits: u32) -> usize {
+    let per_leaf = (shared_keys >> leaf_bits.min(63)).max(1);
+    (LEAF_ITEMS_KEYS_TARGET / per_leaf).clamp(1, LEAVES_PER_REQUEST_MAX as u64) as usize
+}
+
 fn shared_items(
     trees: &ReplicaTrees,
     source: &dyn LeafSource,
@@ -699,6 +715,25 @@ mod tests {
     use super::*;
     use crate::test_support::{n, write};
     use ringkv_core::dvv::Payload;
+
+    /// A leaf listing asks for as many leaves as keep its answer near the
+    /// target: all 256 for a small store, fewer as the store grows, one
+    /// leaf at the least.
+    #[test]
+    fn a_leaf_listing_asks_for_fewer_leaves_as_the_store_grows() {
+        let bits = 16;
+        assert_eq!(leaves_per_request(0, bits), LEAVES_PER_REQUEST_MAX);
+        assert_eq!(leaves_per_request(1_000_000, bits), LEAVES_PER_REQUEST_MAX);
+        // 100 M keys: about 1,525 a leaf, so 10 leaves, 15,250 keys.
+        assert_eq!(leaves_per_request(100_000_000, bits), 10);
+        for keys in [10_000_000u64, 100_000_000, 1_000_000_000] {
+            let leaves = leaves_per_request(keys, bits) as u64;
+            let per_answer = leaves * (keys >> bits);
+            assert!(per_answer <= LEAF_ITEMS_KEYS_TARGET, "{keys}: {per_answer}");
+        }
+        assert_eq!(leaves_per_request(u64::MAX, bits), 1);
+        assert_eq!(leaves_per_request(u64::MAX, 0), 1);
+    }
 
     #[test]
     fn a_repair_merges_siblings_and_never_spreads_a_bare_tombstone() {
