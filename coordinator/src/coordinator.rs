@@ -346,7 +346,9 @@ impl<T: Transport> Coordinator<T> {
             candidates: self.healthy_fallbacks(&pref.fallbacks),
             request_for: sloppy.then_some(&hint as &(dyn Fn(&NodeId) -> Request + Sync)),
             replace_silent: true,
-            after: stand_in_after(start, deadline),
+            // From now, when the sends go out, not from the request's start:
+            // a slow local write must not use up the owners' time to answer.
+            after: stand_in_after(Instant::now(), deadline),
             spares: VecDeque::new(),
             speculate_at: None,
         };
@@ -733,10 +735,20 @@ impl<T: Transport> Coordinator<T> {
                 let sent = Instant::now();
                 let result =
                     tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
-                // Answers and timeouts (as their full wait) rank the peer;
-                // a transport failure says nothing about its speed.
-                if let (Some(latency), Ok(Ok(_)) | Err(_)) = (&latency, &result) {
-                    latency.record(&node, elapsed_us(sent));
+                // Answers and timeouts (as their full wait) rank the peer; a
+                // transport failure says nothing about its speed. An error
+                // reply ranks it as a timeout would: a node shedding load or
+                // draining answers at once, and would otherwise rank fastest.
+                let sample_us = match &result {
+                    Ok(Ok(Response::Error(_))) => Some(
+                        u64::try_from(deadline.saturating_duration_since(sent).as_micros())
+                            .unwrap_or(u64::MAX),
+                    ),
+                    Ok(Ok(_)) | Err(_) => Some(elapsed_us(sent)),
+                    Ok(Err(_)) => None,
+                };
+                if let (Some(latency), Some(sample_us)) = (&latency, sample_us) {
+                    latency.record(&node, sample_us);
                 }
                 let latency_us = elapsed_us(start);
                 // The receiver is gone once the quorum is decided; that is fine.
@@ -749,6 +761,9 @@ impl<T: Transport> Coordinator<T> {
         let mut waited_for_silent = stand_ins.request_for.is_none() || !stand_ins.replace_silent;
         while tracker.state() == QuorumState::Waiting {
             tokio::select! {
+                // Answers already in count before a timer judges their
+                // senders silent or the deadline passed.
+                biased;
                 message = rx.recv() => {
                     let Some((node, result, latency_us)) = message else { break };
                     taken += 1;

@@ -384,11 +384,13 @@ impl<S: Store> ReplicaService<S> {
     /// nothing else. A copy of the key in its own store is a stray left
     /// from an older ring (a fallback does not replicate the key), which
     /// may have outlived the key's tombstone on the replicas; handed on,
-    /// read repair would bring a deleted value back.
+    /// read repair would bring a deleted value back. A node that holds no
+    /// hints (`--no-hints`) refuses, as it refuses to take one: its "nothing"
+    /// would count toward R for an owner it can never stand in for.
     pub fn read_for(&self, key: &[u8], owner: &NodeId) -> Result<Option<Clock>, ReplicaError> {
         match &self.hints {
             Some(hints) => Ok(hints.read(owner, key)?),
-            None => Ok(None),
+            None => Err(HintError::Disabled.into()),
         }
     }
 
@@ -592,6 +594,36 @@ mod tests {
 
     fn service(max_siblings: usize) -> ReplicaService<MemStore> {
         ReplicaService::new(NodeId::new("a").unwrap(), MemStore::default(), max_siblings)
+    }
+
+    /// A node without a hint store cannot stand in for an owner, for a
+    /// read as for a write: it refuses both (and the coordinator asks the
+    /// next fallback) rather than answer "nothing" toward R.
+    #[test]
+    fn a_node_without_hints_refuses_to_stand_in_for_a_read() {
+        let s = service(10);
+        let owner = NodeId::new("b").unwrap();
+        for request in [
+            ReplicaRequest::Read {
+                key: b"k".to_vec(),
+                hint_for: Some(owner.clone()),
+            },
+            ReplicaRequest::Hint {
+                owner: owner.clone(),
+                key: b"k".to_vec(),
+                clock: Clock::new(),
+            },
+        ] {
+            match s.handle(request) {
+                Response::Error(e) => assert_eq!(e.kind, ErrorKind::Unavailable, "{}", e.message),
+                other => panic!("a node without hints stood in: {other:?}"),
+            }
+        }
+        let own = s.handle(ReplicaRequest::Read {
+            key: b"k".to_vec(),
+            hint_for: None,
+        });
+        assert!(matches!(own, Response::Clock(None)), "{own:?}");
     }
 
     #[test]

@@ -89,6 +89,26 @@ async fn a_silent_replica_is_replaced_by_the_spare_replica_not_a_fallback() {
     );
 }
 
+/// A replica that answers at once with an error (shedding load, or
+/// draining) is not ranked fastest for it: its error counts as a timeout
+/// would, so the next read asks the other peer first.
+#[tokio::test(start_paused = true)]
+async fn a_replica_answering_errors_is_not_ranked_fastest() {
+    let c = cluster(0.0);
+    n2_slow_for_n1(&c, 3).await;
+    c.net.overload(&c.id("n3"));
+    assert_eq!(get_values(&c.get("n1", KEY, Quorum).await), ["v3"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        reads_sent(&c.net.take_log()),
+        ["n1 -> n3 Read", "n1 -> n2 Read"],
+        "n3, measured fastest, is asked; its error brings in the spare"
+    );
+    assert_eq!(get_values(&c.get("n1", KEY, Quorum).await), ["v3"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(reads_sent(&c.net.take_log()), ["n1 -> n2 Read"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_late_replica_gets_a_speculative_spare() {
     let c = cluster(0.0);
