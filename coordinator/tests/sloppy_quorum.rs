@@ -202,6 +202,29 @@ async fn a_replica_not_yet_known_to_be_down_is_covered_once_it_stays_silent() {
     );
 }
 
+/// The wait for silent owners starts when the write goes out to them, not
+/// when the request came in: a coordinator whose own write took longer
+/// than that wait (a disk stall) still gives the owners their time, and
+/// asks no fallback for owners that answer at once.
+#[tokio::test(start_paused = true)]
+async fn a_slow_local_write_does_not_make_the_owners_look_silent() {
+    let s = story(SimOptions::default());
+    let coordinator = s.id(&s.owners[0]);
+    // The coordinator's write to itself takes 600 ms, past the 500 ms wait.
+    s.c.net
+        .delay(&coordinator, &coordinator, Duration::from_millis(300));
+    s.c.net.take_log();
+    let put = s.c.put(&s.owners[0], KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert!(stand_ins(&put).is_empty(), "{put:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = s.c.net.take_log();
+    assert!(
+        !log.iter().any(|l| l.contains("Hint for")),
+        "no fallback was asked: {log:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replica_that_fails_after_the_quorum_still_gets_a_hint() {
     // No probes: nobody knows the owner is dead. W=quorum is met without
