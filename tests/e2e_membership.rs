@@ -281,3 +281,43 @@ fn cleanup_after_a_join_drops_the_copies_the_old_members_no_longer_need() {
         stderr(&two)
     );
 }
+
+/// Whether node `i`'s status shows `peer` up at `addr`.
+fn sees_up_at(c: &Cluster, i: usize, peer: &str, addr: &str) -> bool {
+    let status = json(&c.cli(i, &["status", "--json"]));
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["id"] == peer && n["addr"] == addr && n["state"] == "up")
+}
+
+/// Every member restarted at a new address at once (machines replaced,
+/// pods rescheduled): each remembers only the old addresses, so it finds
+/// the cluster again through its `--seed`, and the cluster serves its data
+/// as before.
+#[test]
+fn a_cluster_whose_every_address_changed_finds_itself_through_its_seeds() {
+    let mut c = Cluster::start("every_address_changed", 2, 2, &[]);
+    assert_exit(&c.cli(0, &["put", "k", "v", "-w", "all"]), 0);
+    c.kill(0);
+    c.kill(1);
+    let ip = match c.nodes[0].addr.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("{other}"),
+    };
+    for node in &mut c.nodes {
+        node.addr = std::net::SocketAddr::from((ip, free_port(ip)));
+    }
+    let (a0, a1) = (c.addr(0), c.addr(1));
+    c.launch(0, std::slice::from_ref(&a1)).expect("n1 restarts");
+    c.launch(1, std::slice::from_ref(&a0)).expect("n2 restarts");
+    c.eventually(
+        Duration::from_secs(30),
+        "each sees the other up at its new address",
+        || sees_up_at(&c, 0, "n2", &a1) && sees_up_at(&c, 1, "n1", &a0),
+    );
+    let get = c.cli(1, &["get", "k", "-r", "all", "--json"]);
+    assert_exit(&get, 0);
+    assert_eq!(values(&get), ["v"]);
+}

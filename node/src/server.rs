@@ -431,6 +431,11 @@ struct NodeInner {
     /// The node's stop signal (the sender `NodeHandle::shutdown` uses):
     /// a removed node stops its background loops at once.
     stop: Arc<watch::Sender<bool>>,
+    /// `--seed` addresses other than this node's own: a restarted node
+    /// announces to them too, and the membership exchange asks one while no
+    /// member is believed up, so a cluster whose every address changed at
+    /// once (machines replaced, pods rescheduled) finds itself again.
+    seeds: Vec<SocketAddr>,
     /// Set once `form_or_join` is done: until then a change of the member
     /// list is stored but not installed, so that a restarted node does not
     /// coordinate with its old ring before it knows it is still a member.
@@ -639,7 +644,9 @@ impl NodeInner {
         let mut not_told = Vec::new();
         if changed {
             tracing::warn!(%node, "removed from the cluster");
-            self.install();
+            // Not before start-up has settled whether this node is still a
+            // member (its announce window): it then installs the record.
+            self.install_if_started();
         }
         if tell_others {
             let mut tells = tokio::task::JoinSet::new();
@@ -1211,6 +1218,12 @@ impl Node {
             leave_keys_sent: Default::default(),
             cleaning: Default::default(),
             cleanup_keys_scanned: Default::default(),
+            seeds: config
+                .seeds
+                .iter()
+                .copied()
+                .filter(|seed| *seed != config.listen)
+                .collect(),
             started: Default::default(),
             stop: shutdown.clone(),
             #[cfg(test)]
@@ -1396,6 +1409,16 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
     let membership = &inner.membership;
     if let Some(record) = membership.record() {
         let (asked, refusals) = announce(inner, &record).await;
+        // The members' addresses may all have changed while it was away;
+        // the seeds are how an operator tells it where the cluster is now.
+        let mut seeds = tokio::task::JoinSet::new();
+        for seed in unknown_seeds(inner, &record) {
+            let (inner, record) = (inner.clone(), record.clone());
+            seeds.spawn(
+                async move { announce_to_addr(&inner, &record, seed, &seed.to_string()).await },
+            );
+        }
+        while seeds.join_next().await.is_some() {}
         // Restarted with another cluster key (or none), the node would serve
         // cut off from every peer: say so instead of starting.
         if asked > 0 && refusals.len() == asked {
@@ -1509,6 +1532,21 @@ const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(1);
 /// member that missed a join (unreachable at the time) still learns of it.
 const MEMBERSHIP_EXCHANGE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The node's seeds that no member of `record` is at.
+fn unknown_seeds(inner: &NodeInner, record: &ClusterRecord) -> Vec<SocketAddr> {
+    inner
+        .seeds
+        .iter()
+        .copied()
+        .filter(|seed| {
+            !record
+                .members
+                .values()
+                .any(|m| m.addr.parse::<SocketAddr>().ok() == Some(*seed))
+        })
+        .collect()
+}
+
 /// Announces this node to `member` and adopts whatever members it knows.
 /// Returns why, if `member` refused the TLS handshake.
 async fn announce_to(
@@ -1516,14 +1554,29 @@ async fn announce_to(
     record: &ClusterRecord,
     member: &Member,
 ) -> Option<String> {
+    let Ok(addr) = member.addr.parse::<SocketAddr>() else {
+        return None;
+    };
+    announce_to_addr(inner, record, addr, member.id.as_str())
+        .await
+        .map(|e| format!("{} ({}): {e}", member.id, member.addr))
+}
+
+/// Announces this node to whoever serves at `addr` (named `peer` in logs)
+/// and adopts whatever members it knows; a node of another cluster refuses
+/// (the cluster id is in the request). Returns why, if it refused the TLS
+/// handshake.
+async fn announce_to_addr(
+    inner: &Arc<NodeInner>,
+    record: &ClusterRecord,
+    addr: SocketAddr,
+    peer: &str,
+) -> Option<String> {
     let request = Request::Join(JoinRequest {
         member: inner.membership.me(),
         replicas: Some(record.replicas as u32),
         cluster_id: Some(record.cluster_id),
     });
-    let Ok(addr) = member.addr.parse::<SocketAddr>() else {
-        return None;
-    };
     let mut refused = None;
     let outcome = match tokio::time::timeout(
         ANNOUNCE_TIMEOUT,
@@ -1533,38 +1586,38 @@ async fn announce_to(
     {
         Ok(Ok(Response::Joined(reply))) => match inner.membership.adopt(reply) {
             Ok(true) => {
-                tracing::info!(peer = %member.id, "learned new members");
+                tracing::info!(peer = %peer, "learned new members");
                 inner.install_if_started();
                 "learned"
             }
             Ok(false) => "same",
             Err(e @ NodeError::Removed { .. }) => {
-                tracing::error!(peer = %member.id, error = %e, "this node was removed from the cluster");
+                tracing::error!(peer = %peer, error = %e, "this node was removed from the cluster");
                 inner.on_removed();
                 "removed"
             }
             Err(e) => {
-                tracing::warn!(peer = %member.id, error = %e, "announce refused");
+                tracing::warn!(peer = %peer, error = %e, "announce refused");
                 "refused"
             }
         },
         Ok(Ok(Response::Error(e))) => {
-            tracing::warn!(peer = %member.id, error = %e.message, "announce refused");
+            tracing::warn!(peer = %peer, error = %e.message, "announce refused");
             "refused"
         }
         Ok(Ok(_)) => "same",
         Ok(Err(e @ CallError::Refused(_))) => {
             // Not a peer that is down: one of the two holds another key.
-            tracing::warn!(peer = %member.id, error = %e, "the peer refused this node at the handshake");
-            refused = Some(format!("{} ({}): {e}", member.id, member.addr));
+            tracing::warn!(peer = %peer, error = %e, "the peer refused this node at the handshake");
+            refused = Some(e.to_string());
             "handshake_refused"
         }
         Ok(Err(e)) => {
-            tracing::debug!(peer = %member.id, error = %e, "announce failed; peer down?");
+            tracing::debug!(peer = %peer, error = %e, "announce failed; peer down?");
             "failed"
         }
         Err(_) => {
-            tracing::debug!(peer = %member.id, "announce timed out");
+            tracing::debug!(peer = %peer, "announce timed out");
             "failed"
         }
     };
@@ -1573,7 +1626,7 @@ async fn announce_to(
 }
 
 /// One round of the membership exchange: announce to one random member
-/// believed up.
+/// believed up, or, while none is, to one random seed no member is at.
 async fn exchange_membership(inner: &Arc<NodeInner>) {
     let Some(record) = inner.membership.record() else {
         return;
@@ -1584,6 +1637,11 @@ async fn exchange_membership(inner: &Arc<NodeInner>) {
         .filter(|m| m.id != inner.id && inner.detector.is_up(&m.id))
         .collect();
     if peers.is_empty() {
+        let seeds = unknown_seeds(inner, &record);
+        if !seeds.is_empty() {
+            let seed = seeds[rand::random::<usize>() % seeds.len()];
+            let _ = announce_to_addr(inner, &record, seed, &seed.to_string()).await;
+        }
         return;
     }
     let pick = peers[rand::random::<usize>() % peers.len()];

@@ -205,6 +205,13 @@ pub(crate) fn check_data_dir(path: &Path) -> Result<(), NodeError> {
     }
 }
 
+/// Whether RocksDB's open error `reason` says another process holds the
+/// store's LOCK file ("While lock file: …/LOCK: Resource temporarily
+/// unavailable") or this one does ("lock hold by current process").
+fn is_lock_held(reason: &str) -> bool {
+    reason.contains("While lock file") || reason.contains("lock hold by")
+}
+
 impl Storage {
     /// Opens (creating if needed) the database in `path`. `sync` makes every
     /// data write fsync the WAL before returning.
@@ -238,7 +245,7 @@ impl Storage {
         .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
             let reason = e.to_string();
-            if reason.contains("LOCK") || reason.contains("lock") {
+            if is_lock_held(&reason) {
                 NodeError::DataDirInUse {
                     path: path.to_path_buf(),
                 }
@@ -1493,6 +1500,21 @@ mod tests {
             );
             assert_eq!(quiet.tree_for(&peer), by_hand.tree_for(&peer), "{peer}");
         }
+    }
+
+    /// Only RocksDB's words for a held LOCK file mean another node: a
+    /// corrupt block's message has "lock" in it too, and must be shown.
+    #[test]
+    fn only_a_held_lock_file_reads_as_a_dir_in_use() {
+        assert!(is_lock_held(
+            "IO error: While lock file: /d/LOCK: Resource temporarily unavailable"
+        ));
+        assert!(is_lock_held(
+            "IO error: lock hold by current process, acquire time 1 acquiring thread 2: /d/LOCK: No locks available"
+        ));
+        assert!(!is_lock_held(
+            "Corruption: block checksum mismatch: stored = 1, computed = 2 in /d/000012.sst"
+        ));
     }
 
     #[test]
