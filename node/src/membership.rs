@@ -416,7 +416,10 @@ impl Membership {
     /// never acts on its own removal), or, with `enforce_n`, would leave
     /// fewer members than N. A removal passed on by another member skips
     /// that last check: it was made there, and the exchange would bring it
-    /// here anyway.
+    /// here anyway. For the same reason it is recorded even if `id` is not a
+    /// member here yet (it joined through that member): otherwise the
+    /// removed node, still running, could announce itself here and be
+    /// taken in until the exchange brought the removal.
     pub fn remove(
         &self,
         id: &NodeId,
@@ -432,7 +435,7 @@ impl Membership {
         if record.removed.contains(id) {
             return Ok((record.reply(), false));
         }
-        if !record.members.contains_key(id) {
+        if !record.members.contains_key(id) && enforce_n {
             let members: Vec<&str> = record.members.keys().map(NodeId::as_str).collect();
             return Err((
                 ErrorKind::InvalidRequest,
@@ -803,6 +806,12 @@ mod tests {
         let (reply, changed) = m.remove(&NodeId::new("n2").unwrap(), false).unwrap();
         assert!(changed);
         assert_eq!(ids(&reply), ["n1"]);
+        // So is one of a node this member has not heard of yet: it is
+        // recorded, and that node cannot join here afterwards.
+        let stranger = NodeId::new("n9").unwrap();
+        let (_, changed) = m.remove(&stranger, false).unwrap();
+        assert!(changed);
+        assert!(m.is_removed(&stranger));
     }
 
     /// A data dir written before incarnations keeps its cluster (members at

@@ -158,7 +158,7 @@ where
 /// every other replica holds it or nothing.
 async fn collect_if_held_everywhere(
     inner: &Arc<NodeInner>,
-    ring: &Ring,
+    ring: &Arc<Ring>,
     key: Vec<u8>,
     cutoff: u64,
 ) {
@@ -195,6 +195,14 @@ async fn collect_if_held_everywhere(
     .await;
     metrics::counter!("ringkv_tombstones_checked_total").increment(1);
     if !may {
+        return;
+    }
+    // The replicas asked are those of the ring the check began with; one
+    // installed since (a join) may place the key on a node that was not
+    // asked and still holds the value. The next pass asks under it.
+    let ring_now = inner.coordinator.get().map(|c| c.ring());
+    if !ring_now.is_some_and(|now| Arc::ptr_eq(ring, &now)) {
+        metrics::counter!("ringkv_tombstones_deferred_total").increment(1);
         return;
     }
     let collected =
