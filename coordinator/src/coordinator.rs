@@ -380,6 +380,7 @@ impl<T: Transport> Coordinator<T> {
                 candidates,
                 request.key.clone(),
                 clock.clone(),
+                deadline,
             );
         }
 
@@ -685,6 +686,7 @@ impl<T: Transport> Coordinator<T> {
                 return send;
             }
         }
+        tracker.mark_asked(owner);
         (owner.clone(), request)
     }
 
@@ -876,7 +878,10 @@ impl<T: Transport> Coordinator<T> {
     /// died before anyone noticed still receives the write by handoff. Runs
     /// in a task that ends once the write's last send has answered (at the
     /// deadline at most) and its hints are placed: fallbacks are tried in
-    /// turn, each for at most [`LATE_HINT_TIMEOUT`]; or at [`Self::close`]. At most
+    /// turn, each for at most [`LATE_HINT_TIMEOUT`], and all of it ends
+    /// [`LATE_HINT_TIMEOUT`] after the deadline at the latest (a partition
+    /// not yet detected could otherwise make one write try every fallback
+    /// for every failed slot, one after another); or at [`Self::close`]. At most
     /// [`LATE_HINT_TASKS_MAX`] such tasks run at once; past that a write
     /// skips them (counted), leaving the replica to read repair.
     fn hint_late_failures(
@@ -886,6 +891,7 @@ impl<T: Transport> Coordinator<T> {
         mut candidates: VecDeque<NodeId>,
         key: Vec<u8>,
         clock: Clock,
+        deadline: Instant,
     ) {
         let Ok(permit) = self.late_hint_tasks.clone().try_acquire_owned() else {
             counter!("ringkv_late_hint_tasks_skipped_total").increment(1);
@@ -895,68 +901,71 @@ impl<T: Transport> Coordinator<T> {
         let detector = self.detector.clone();
         self.spawn_detached(async move {
             let _permit = permit;
-            while let Some((node, result, latency_us)) = late.recv().await {
-                if let (Some(detector), Ok(outcome)) = (&detector, &result) {
-                    detector.record(&node, outcome.is_ok(), Instant::now());
-                }
-                let (answer, replaceable) = match &result {
-                    Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
-                    Ok(Ok(response @ Response::Error(e))) => (
-                        ReplicaAnswer::Error {
-                            latency_us,
-                            reason: e.message.clone(),
-                        },
-                        !is_final_refusal(response),
-                    ),
-                    Ok(Ok(other)) => (
-                        ReplicaAnswer::Error {
-                            latency_us,
-                            reason: format!("unexpected reply {other:?}"),
-                        },
-                        true,
-                    ),
-                    Err(_) | Ok(Err(_)) => (
-                        ReplicaAnswer::Error {
-                            latency_us,
-                            reason: "failed after the quorum".to_string(),
-                        },
-                        true,
-                    ),
-                };
-                let owner = tracker.owner_of(&node).cloned();
-                if let (true, Some(owner)) = (replaceable, owner) {
-                    if tracker.slot_uncovered_without(&owner, &node, true) {
-                        let hint = Request::Replica(ReplicaRequest::Hint {
-                            owner: owner.clone(),
-                            key: key.clone(),
-                            clock: clock.clone(),
-                        });
-                        while let Some(candidate) = candidates.pop_front() {
-                            if !tracker.add_stand_in(&owner, candidate.clone()) {
-                                continue;
+            let _ = tokio::time::timeout_at(deadline + LATE_HINT_TIMEOUT, async move {
+                while let Some((node, result, latency_us)) = late.recv().await {
+                    if let (Some(detector), Ok(outcome)) = (&detector, &result) {
+                        detector.record(&node, outcome.is_ok(), Instant::now());
+                    }
+                    let (answer, replaceable) = match &result {
+                        Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
+                        Ok(Ok(response @ Response::Error(e))) => (
+                            ReplicaAnswer::Error {
+                                latency_us,
+                                reason: e.message.clone(),
+                            },
+                            !is_final_refusal(response),
+                        ),
+                        Ok(Ok(other)) => (
+                            ReplicaAnswer::Error {
+                                latency_us,
+                                reason: format!("unexpected reply {other:?}"),
+                            },
+                            true,
+                        ),
+                        Err(_) | Ok(Err(_)) => (
+                            ReplicaAnswer::Error {
+                                latency_us,
+                                reason: "failed after the quorum".to_string(),
+                            },
+                            true,
+                        ),
+                    };
+                    let owner = tracker.owner_of(&node).cloned();
+                    if let (true, Some(owner)) = (replaceable, owner) {
+                        if tracker.slot_uncovered_without(&owner, &node, true) {
+                            let hint = Request::Replica(ReplicaRequest::Hint {
+                                owner: owner.clone(),
+                                key: key.clone(),
+                                clock: clock.clone(),
+                            });
+                            while let Some(candidate) = candidates.pop_front() {
+                                if !tracker.add_stand_in(&owner, candidate.clone()) {
+                                    continue;
+                                }
+                                counter!("ringkv_late_stand_ins_total").increment(1);
+                                let sent = tokio::time::timeout(
+                                    LATE_HINT_TIMEOUT,
+                                    transport.call(&candidate, hint.clone()),
+                                )
+                                .await;
+                                if matches!(sent, Ok(Ok(Response::Clock(_)))) {
+                                    tracker.record(&candidate, ReplicaAnswer::Ok { latency_us });
+                                    break;
+                                }
+                                tracker.record(
+                                    &candidate,
+                                    ReplicaAnswer::Error {
+                                        latency_us,
+                                        reason: "late hint failed".to_string(),
+                                    },
+                                );
                             }
-                            counter!("ringkv_late_stand_ins_total").increment(1);
-                            let sent = tokio::time::timeout(
-                                LATE_HINT_TIMEOUT,
-                                transport.call(&candidate, hint.clone()),
-                            )
-                            .await;
-                            if matches!(sent, Ok(Ok(Response::Clock(_)))) {
-                                tracker.record(&candidate, ReplicaAnswer::Ok { latency_us });
-                                break;
-                            }
-                            tracker.record(
-                                &candidate,
-                                ReplicaAnswer::Error {
-                                    latency_us,
-                                    reason: "late hint failed".to_string(),
-                                },
-                            );
                         }
                     }
+                    tracker.record(&node, answer);
                 }
-                tracker.record(&node, answer);
-            }
+            })
+            .await;
         });
     }
 

@@ -38,6 +38,10 @@ struct Entry {
     /// Set for a fallback standing in for that slot's owner.
     hint_for: Option<NodeId>,
     answer: ReplicaAnswer,
+    /// Whether the node was sent the request (or answered). A read asks
+    /// only R owners at first; the others are spares, which a failed read
+    /// must not report as timed out.
+    asked: bool,
 }
 
 /// Tracks the answers for the preference list's nodes until `required` of
@@ -70,6 +74,7 @@ impl QuorumTracker {
                 slot,
                 hint_for: None,
                 answer: ReplicaAnswer::Pending,
+                asked: false,
             })
             .collect();
         QuorumTracker {
@@ -95,8 +100,16 @@ impl QuorumTracker {
             slot,
             hint_for: Some(owner.clone()),
             answer: ReplicaAnswer::Pending,
+            asked: true,
         });
         true
+    }
+
+    /// Notes that `node` was sent the request.
+    pub fn mark_asked(&mut self, node: &NodeId) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.node == *node) {
+            e.asked = true;
+        }
     }
 
     /// The owner `node` answers for: itself, or the node it stands in for.
@@ -152,17 +165,19 @@ impl QuorumTracker {
             if let Some(e) = self.entries.iter_mut().find(|e| e.node == *node) {
                 if e.answer == ReplicaAnswer::Pending {
                     e.answer = answer;
+                    e.asked = true;
                 }
             }
         }
         self.state()
     }
 
-    /// The deadline passed: every pending node timed out.
+    /// The deadline passed: every node asked and still pending timed out
+    /// (one never asked stays out of the receipt).
     pub fn expire(&mut self, latency_us: u64) -> QuorumState {
         if !self.expired {
             for e in &mut self.entries {
-                if e.answer == ReplicaAnswer::Pending {
+                if e.answer == ReplicaAnswer::Pending && e.asked {
                     e.answer = ReplicaAnswer::Timeout { latency_us };
                 }
             }
@@ -171,7 +186,9 @@ impl QuorumTracker {
         self.state()
     }
 
-    /// Satisfied slots, and slots still pending (not satisfied, someone asked).
+    /// Satisfied slots, and slots still pending (not satisfied, and someone
+    /// in them pending: asked, or an owner still to be asked before the
+    /// deadline).
     fn slot_counts(&self) -> (usize, usize) {
         let mut ok = 0;
         let mut pending = 0;
@@ -179,7 +196,9 @@ impl QuorumTracker {
             let answers = || self.entries.iter().filter(|e| e.slot == slot);
             if answers().any(|e| matches!(e.answer, ReplicaAnswer::Ok { .. })) {
                 ok += 1;
-            } else if answers().any(|e| e.answer == ReplicaAnswer::Pending) {
+            } else if !self.expired && answers().any(|e| e.answer == ReplicaAnswer::Pending) {
+                // (After the deadline an owner never asked is still
+                // pending, but can no longer be asked.)
                 pending += 1;
             }
         }
@@ -260,6 +279,7 @@ impl QuorumTracker {
                 };
                 match &e.answer {
                     ReplicaAnswer::Ok { .. } => None,
+                    ReplicaAnswer::Pending if !e.asked => Some(format!("{n} (not asked)")),
                     ReplicaAnswer::Pending => Some(format!("{n} (no answer)")),
                     ReplicaAnswer::Timeout { .. } => Some(format!("{n} (timed out)")),
                     ReplicaAnswer::Error { reason, .. } => Some(format!("{n} ({reason})")),
@@ -316,6 +336,7 @@ mod tests {
     #[test]
     fn fails_as_soon_as_quorum_is_impossible() {
         let mut t = tracker(2);
+        t.mark_asked(&n("c"));
         assert_eq!(t.record(&n("a"), err()), QuorumState::Waiting);
         assert_eq!(t.record(&n("b"), err()), QuorumState::Failed);
         let summary = t.failure_summary();
@@ -327,9 +348,27 @@ mod tests {
         assert!(summary.contains("c (no answer)"), "{summary}");
     }
 
+    /// A spare owner a read never asked is neither "no answer" in a failed
+    /// read's summary nor "timed out" in its receipt.
+    #[test]
+    fn an_owner_never_asked_is_not_reported_as_silent() {
+        let mut t = tracker(2);
+        t.mark_asked(&n("a"));
+        t.mark_asked(&n("b"));
+        t.record(&n("a"), err());
+        assert_eq!(t.expire(2_000_000), QuorumState::Failed);
+        let summary = t.failure_summary();
+        assert!(summary.contains("b (timed out)"), "{summary}");
+        assert!(summary.contains("c (not asked)"), "{summary}");
+        let receipt = t.receipt(&n("a"));
+        let in_receipt: Vec<&str> = receipt.replicas.iter().map(|r| r.node.as_str()).collect();
+        assert_eq!(in_receipt, ["a", "b"], "c was never asked");
+    }
+
     #[test]
     fn late_and_duplicate_answers_change_nothing() {
         let mut t = tracker(3);
+        t.mark_asked(&n("b"));
         t.record(&n("a"), OK);
         t.record(&n("a"), err());
         assert_eq!(t.expire(2_000_000), QuorumState::Failed);

@@ -225,6 +225,31 @@ async fn a_slow_local_write_does_not_make_the_owners_look_silent() {
     );
 }
 
+/// The hints a write places after its quorum end soon after its deadline:
+/// with a replica and every fallback silent (a partition not yet
+/// detected), trying each fallback for its full hint timeout, one after
+/// another, would keep the write's task running long after.
+#[tokio::test(start_paused = true)]
+async fn the_late_hints_of_a_write_end_soon_after_its_deadline() {
+    let s = story(SimOptions::default());
+    s.c.net.down(&s.id(&s.owners[2]));
+    for fallback in &s.fallbacks {
+        s.c.net.down(&s.id(fallback));
+    }
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(&s.owners[0], KEY, "v", Quorum, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    let coordinator = &s.c.node(&s.owners[0]).coordinator;
+    assert!(
+        coordinator.tasks_running() >= 1,
+        "the send to the silent owner"
+    );
+    // The deadline is 2 s; its late hints may take 2 s more, no longer
+    // (each of the two fallbacks would take 2 s on its own).
+    tokio::time::sleep_until(started + Duration::from_millis(4_001)).await;
+    assert_eq!(coordinator.tasks_running(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replica_that_fails_after_the_quorum_still_gets_a_hint() {
     // No probes: nobody knows the owner is dead. W=quorum is met without
