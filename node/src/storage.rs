@@ -645,7 +645,9 @@ impl Storage {
     /// Reads every stored key and its clock (tombstones included) in key
     /// order, in pages of at most `limit` keys and `max_bytes` of stored
     /// clocks (a larger clock comes alone), handing each page to `page`
-    /// until it returns false (`ringkv leave`).
+    /// until it returns false (`ringkv leave`, `ringkv cleanup`). A key
+    /// whose stored versions are corrupt is skipped, logged and counted
+    /// (`ringkv_corrupt_keys_skipped_total`).
     ///
     /// One iterator for the whole scan: a total-order iterator over the
     /// hash memtable copies the memtable first, so an iterator per page
@@ -671,12 +673,17 @@ impl Storage {
                 }
                 bytes = 0;
             }
-            let clock = decode_clock(&stored).map_err(|e| NodeError::StorageIo {
-                reason: format!(
-                    "the stored versions of key {:?} are corrupt: {e}",
-                    String::from_utf8_lossy(&key)
-                ),
-            })?;
+            // Nothing can be handed on from a key whose versions cannot be
+            // read, and it must not stop a leave or a cleanup for good: its
+            // other replicas hold their own copies.
+            let clock = match decode_clock(&stored) {
+                Ok(clock) => clock,
+                Err(e) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e, "skipping a key whose stored versions are corrupt");
+                    metrics::counter!("ringkv_corrupt_keys_skipped_total").increment(1);
+                    continue;
+                }
+            };
             bytes += stored.len();
             current.push((key.into_vec(), clock));
         }
@@ -1194,6 +1201,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(calls, 1);
+    }
+
+    /// A key whose stored versions cannot be read is skipped, so one bad
+    /// key does not stop a leave or a cleanup for good.
+    #[test]
+    fn data_pages_skip_a_corrupt_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        for key in ["a", "c"] {
+            Store::put(&s, key.as_bytes(), None, &value("v", &Clock::new(), "n1")).unwrap();
+        }
+        s.db.put_cf(s.cf(CF_DATA), b"b", [0xde, 0xad]).unwrap();
+        let mut keys = Vec::new();
+        s.data_pages(10, usize::MAX, |page| {
+            keys.extend(page.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()));
+            true
+        })
+        .unwrap();
+        assert_eq!(keys, ["a", "c"]);
     }
 
     fn value(v: &str, context: &Clock, actor: &str) -> Clock {
