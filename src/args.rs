@@ -286,7 +286,7 @@ pub struct LimitArgs {
     /// Most connections (clients and peers) served at once; further ones are refused. Leave room for the other nodes.
     #[arg(long, value_name = "COUNT", default_value_t = ringkv_node::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
-    /// Most MiB of requests held in memory at once, across all connections (each connection may hold up to 130 MiB of it). Requests past it are not run: they are answered "overloaded", and clients retry later or elsewhere. At least 65, so the largest value fits.
+    /// Most MiB of request bodies held in memory at once, across all connections (each connection may hold up to 130 MiB of it). Requests past it are not run: they are answered "overloaded", and clients retry later or elsewhere. At least 87, so the largest value fits in the three quarters large requests may take.
     #[arg(long, value_name = "MIB", default_value_t = ringkv_node::server::DEFAULT_MAX_REQUEST_MEMORY_MB)]
     pub max_request_memory_mb: usize,
     /// CPU priority of RocksDB's flushes and compactions: low (nice 19, so they use idle time and leave the cores to requests) or normal (use normal if the node is CPU-bound for long and RocksDB starts stalling writes).

@@ -243,13 +243,13 @@ fn bad_node_starts_are_refused() {
         ),
         (
             "--max-request-memory-mb",
-            "64",
-            "--max-request-memory-mb must be from 65 (the largest request must fit)",
+            "86",
+            "--max-request-memory-mb must be from 87 (the largest request must fit)",
         ),
         (
             "--max-request-memory-mb",
             "18446744073709551615",
-            "--max-request-memory-mb must be from 65",
+            "--max-request-memory-mb must be from 87",
         ),
         (
             "--max-value-bytes",

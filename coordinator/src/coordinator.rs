@@ -738,14 +738,16 @@ impl<T: Transport> Coordinator<T> {
                 let result =
                     tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
                 // Answers and timeouts (as their full wait) rank the peer; a
-                // transport failure says nothing about its speed. An error
-                // reply ranks it as a timeout would: a node shedding load or
-                // draining answers at once, and would otherwise rank fastest.
+                // transport failure says nothing about its speed. A refusal
+                // to serve (a node shedding load, or draining) comes at once
+                // and would rank a failing peer fastest: it counts as
+                // `STAND_IN_AFTER_MAX`, about what a silent peer costs.
                 let sample_us = match &result {
-                    Ok(Ok(Response::Error(_))) => Some(
-                        u64::try_from(deadline.saturating_duration_since(sent).as_micros())
-                            .unwrap_or(u64::MAX),
-                    ),
+                    Ok(Ok(Response::Error(e)))
+                        if matches!(e.kind, ErrorKind::Overloaded | ErrorKind::NotServing) =>
+                    {
+                        Some(STAND_IN_AFTER_MAX.as_micros() as u64)
+                    }
                     Ok(Ok(_)) | Err(_) => Some(elapsed_us(sent)),
                     Ok(Err(_)) => None,
                 };

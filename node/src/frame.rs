@@ -124,13 +124,14 @@ async fn read_body(
 
 /// Reads the body `header` announced, asking `admit` for each allocation
 /// of the buffer before it is made. Once `admit` refuses, it drops what it
-/// read, reads the rest of the body past (so the stream's next frame can be
-/// read), and returns the refusal.
+/// read and returns the refusal with how many bytes of the body it has
+/// taken off the stream: the caller reads the rest past ([`skip_rest`])
+/// before the stream's next frame.
 pub async fn read_body_admitted<E>(
     recv: &mut quinn::RecvStream,
     header: FrameHeader,
     mut admit: impl FnMut(usize) -> Result<(), E>,
-) -> Result<Result<AlignedVec, E>, FrameError> {
+) -> Result<Result<AlignedVec, (E, usize)>, FrameError> {
     let mut body = AlignedVec::new();
     while body.len() < header.len {
         let chunk = next_chunk(recv, header, body.len()).await?;
@@ -139,18 +140,26 @@ pub async fn read_body_admitted<E>(
             // Doubling, as a Vec grows, but never past the announced length.
             let capacity = needed.max(body.capacity() * 2).min(header.len);
             if let Err(refused) = admit(capacity - body.capacity()) {
-                drop(body);
-                let mut read = needed;
-                while read < header.len {
-                    read += next_chunk(recv, header, read).await?.len();
-                }
-                return Ok(Err(refused));
+                return Ok(Err((refused, needed)));
             }
             body.reserve_exact(capacity - body.len());
         }
         body.extend_from_slice(&chunk);
     }
     Ok(Ok(body))
+}
+
+/// Reads the rest of the body `header` announced, of which `read` bytes
+/// are already off the stream, and drops it as it arrives.
+pub async fn skip_rest(
+    recv: &mut quinn::RecvStream,
+    header: FrameHeader,
+    mut read: usize,
+) -> Result<(), FrameError> {
+    while read < header.len {
+        read += next_chunk(recv, header, read).await?.len();
+    }
+    Ok(())
 }
 
 /// The next chunk of `header`'s body, of which `read` bytes are in.

@@ -68,8 +68,12 @@ pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 /// `request_memory`); requests beyond it are shed.
 pub const DEFAULT_MAX_REQUEST_MEMORY_MB: usize = 1024;
 /// The least `--max-request-memory-mb` may be: the largest request frame
-/// must fit, or a put of the largest value could never run.
-pub const MIN_REQUEST_MEMORY_MB: usize = FRAME_MAX_BYTES.div_ceil(1 << 20);
+/// must fit in the share large bodies may take (`request_memory::LARGE_SHARE`),
+/// or a put of the largest value could never run.
+pub const MIN_REQUEST_MEMORY_MB: usize = (FRAME_MAX_BYTES / crate::request_memory::LARGE_SHARE.0
+    * crate::request_memory::LARGE_SHARE.1)
+    .div_ceil(1 << 20);
+const _: () = assert!(MIN_REQUEST_MEMORY_MB == 87);
 /// The most `--max-request-memory-mb` may be (1 TiB): far beyond any
 /// machine's memory, and far from overflowing a count of bytes.
 pub const MAX_REQUEST_MEMORY_MB: usize = 1 << 20;
@@ -1263,7 +1267,11 @@ impl Node {
                     Some(ring) => ring.preference_list(key).replicas,
                     None => Vec::new(),
                 }),
-            );
+            )
+            .with_ring_members({
+                let rings = inner.ring_tx.subscribe();
+                Arc::new(move |n: &NodeId| rings.borrow().as_ref().is_some_and(|r| r.has_node(n)))
+            });
         let handoff = handoff::start(
             hints,
             inner.transport.clone(),
@@ -1408,9 +1416,9 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
 async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(), NodeError> {
     let membership = &inner.membership;
     if let Some(record) = membership.record() {
-        let (asked, refusals) = announce(inner, &record).await;
         // The members' addresses may all have changed while it was away;
         // the seeds are how an operator tells it where the cluster is now.
+        // Asked alongside the members, so a start waits for neither.
         let mut seeds = tokio::task::JoinSet::new();
         for seed in unknown_seeds(inner, &record) {
             let (inner, record) = (inner.clone(), record.clone());
@@ -1418,6 +1426,7 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
                 async move { announce_to_addr(&inner, &record, seed, &seed.to_string()).await },
             );
         }
+        let (asked, refusals) = announce(inner, &record).await;
         while seeds.join_next().await.is_some() {}
         // Restarted with another cluster key (or none), the node would serve
         // cut off from every peer: say so instead of starting.

@@ -624,7 +624,6 @@ impl<T: Transport> AntiEntropy<T> {
     }
 }
 
-/// The keys in `leaves` that `trees`' node shares with `peer`.
 /// Keys one `LeafItems` answer should list, on average: at the 1 KiB key
 /// limit that is 16 MiB, well within a frame, and the peer reads it well
 /// within a call's timeout.
@@ -642,6 +641,7 @@ fn leaves_per_request(shared_keys: u64, leaf_bits: u32) -> usize {
     (LEAF_ITEMS_KEYS_TARGET / per_leaf).clamp(1, LEAVES_PER_REQUEST_MAX as u64) as usize
 }
 
+/// The keys in `leaves` that `trees`' node shares with `peer`.
 fn shared_items(
     trees: &ReplicaTrees,
     source: &dyn LeafSource,

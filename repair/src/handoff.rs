@@ -50,6 +50,9 @@ pub type IsRemoved = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
 /// The replicas of a key under the current ring (empty before there is one).
 pub type ReplicasOf = Arc<dyn Fn(&[u8]) -> Vec<NodeId> + Send + Sync>;
 
+/// Whether a node is on this node's current ring.
+pub type IsMember = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
+
 /// Where the worker sends the hints it holds: to their owner while the
 /// owner is a member and believed up; once the owner has been removed, to
 /// the replicas of each hint's key under the current ring.
@@ -66,6 +69,9 @@ struct Reroute {
     me: NodeId,
     is_removed: IsRemoved,
     replicas_of: ReplicasOf,
+    /// Whether a node is on this node's ring; `None`: owners' hints are
+    /// never rerouted for their keys having moved (see `with_ring_members`).
+    on_ring: Option<IsMember>,
 }
 
 impl HintRouting {
@@ -90,7 +96,20 @@ impl HintRouting {
             me,
             is_removed,
             replicas_of,
+            on_ring: None,
         });
+        self
+    }
+
+    /// Also reroute a member's hint whose key `replicas_of` no longer
+    /// places on it (a node joined in its place), but only while `on_ring`
+    /// says the owner is on this node's ring: an owner missing from it
+    /// may have just joined, this node's ring being the older one, and its
+    /// hint must wait for it. Needs [`Self::rerouting_removed`] first.
+    pub fn with_ring_members(mut self, on_ring: IsMember) -> Self {
+        if let Some(reroute) = &mut self.reroute {
+            reroute.on_ring = Some(on_ring);
+        }
         self
     }
 
@@ -370,7 +389,11 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 continue;
             }
             let replicas = reroute.map(|reroute| (reroute.replicas_of)(&hint.key));
+            let owner_on_ring = reroute
+                .and_then(|r| r.on_ring.as_ref())
+                .is_some_and(|on_ring| on_ring(owner));
             let moved_away = !removed
+                && owner_on_ring
                 && replicas
                     .as_ref()
                     .is_some_and(|replicas| !replicas.is_empty() && !replicas.contains(owner));

@@ -147,7 +147,9 @@ async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
 /// A member's hint for a key the ring no longer places on it (a node joined
 /// and took its place) goes to the key's replicas, not to the member, which
 /// would store a copy nothing looks at; a replica that cannot take it gets
-/// a hint of its own. The member's hints for keys it still holds go to it.
+/// a hint of its own. The member's hints for keys it still holds go to it,
+/// and so do the hints of an owner this node's ring does not have yet (it
+/// just joined): this node's ring is the older one.
 #[tokio::test(start_paused = true)]
 async fn a_hint_whose_key_moved_away_goes_to_the_keys_replicas() {
     let book = support::book();
@@ -157,14 +159,19 @@ async fn a_hint_whose_key_moved_away_goes_to_the_keys_replicas() {
     }
     let transport = Arc::new(Replicas::default());
     transport.down.lock().unwrap().insert(n("b"));
-    let routing = HintRouting::to_owners(Arc::new(|_: &NodeId| true)).rerouting_removed(
-        n("me"),
-        Arc::new(|_: &NodeId| false),
-        Arc::new(|key: &[u8]| match key {
-            b"moved" => vec![n("a"), n("joiner"), n("b")],
-            _ => vec![n("owner"), n("a")],
-        }),
-    );
+    let routing = HintRouting::to_owners(Arc::new(|_: &NodeId| true))
+        .rerouting_removed(
+            n("me"),
+            Arc::new(|_: &NodeId| false),
+            Arc::new(|key: &[u8]| match key {
+                b"moved" => vec![n("a"), n("joiner"), n("b")],
+                b"new" => vec![n("a"), n("b")],
+                _ => vec![n("owner"), n("a")],
+            }),
+        )
+        // "newcomer" joined, but this node's ring does not have it yet.
+        .with_ring_members(Arc::new(|node: &NodeId| node.as_str() != "newcomer"));
+    book.store(&n("newcomer"), b"new", &write("new")).unwrap();
     let config = HandoffConfig {
         tick: Duration::from_millis(100),
         ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
@@ -174,10 +181,20 @@ async fn a_hint_whose_key_moved_away_goes_to_the_keys_replicas() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     assert_eq!(book.pending(&n("owner")), 0);
-    let expected: Vec<(String, String)> = [("a", "moved"), ("joiner", "moved"), ("owner", "kept")]
-        .iter()
-        .map(|(to, key)| (to.to_string(), key.to_string()))
-        .collect();
+    assert_eq!(
+        book.pending(&n("newcomer")),
+        0,
+        "delivered to the newcomer itself, not rerouted"
+    );
+    let expected: Vec<(String, String)> = [
+        ("a", "moved"),
+        ("joiner", "moved"),
+        ("newcomer", "new"),
+        ("owner", "kept"),
+    ]
+    .iter()
+    .map(|(to, key)| (to.to_string(), key.to_string()))
+    .collect();
     assert_eq!(transport.taken(), expected);
     assert!(
         book.read(&n("b"), b"moved").unwrap().is_some(),

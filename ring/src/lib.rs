@@ -163,6 +163,11 @@ impl Ring {
         }
     }
 
+    /// Whether `node` is on the ring.
+    pub fn has_node(&self, node: &NodeId) -> bool {
+        self.members.iter().any(|(member, _)| member == node)
+    }
+
     /// Every node on the ring, sorted by id.
     pub fn nodes(&self) -> Vec<NodeId> {
         self.members.iter().map(|(node, _)| node.clone()).collect()

@@ -262,3 +262,12 @@ fn the_fingerprint_follows_placement() {
         assert_ne!(base, other);
     }
 }
+
+#[test]
+fn has_node_says_which_nodes_are_on_the_ring() {
+    let ring = five_node_ring(8);
+    for node in ids(&["n1", "n5"]) {
+        assert!(ring.has_node(&node), "{node}");
+    }
+    assert!(!ring.has_node(&NodeId::new("n6").unwrap()));
+}

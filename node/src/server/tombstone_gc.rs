@@ -200,8 +200,10 @@ async fn collect_if_held_everywhere(
     // The replicas asked are those of the ring the check began with; one
     // installed since (a join) may place the key on a node that was not
     // asked and still holds the value. The next pass asks under it.
+    // (By fingerprint: an install that changes no placement, a repeated
+    // record, builds a new ring equal to this one.)
     let ring_now = inner.coordinator.get().map(|c| c.ring());
-    if !ring_now.is_some_and(|now| Arc::ptr_eq(ring, &now)) {
+    if ring_now.is_none_or(|now| now.fingerprint() != ring.fingerprint()) {
         metrics::counter!("ringkv_tombstones_deferred_total").increment(1);
         return;
     }
