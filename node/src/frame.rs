@@ -68,7 +68,11 @@ pub async fn read_frame(
     let Some(header) = read_header(recv, max_body_bytes).await? else {
         return Ok(None);
     };
-    Ok(Some((header.id, read_body(recv, header).await?)))
+    let admit_all = |_| Ok::<(), std::convert::Infallible>(());
+    match read_body_admitted(recv, header, admit_all).await? {
+        Ok(body) => Ok(Some((header.id, body))),
+        Err((never, _)) => match never {},
+    }
 }
 
 /// What a frame's header announces.
@@ -106,22 +110,6 @@ pub async fn read_header(
     Ok(Some(FrameHeader { id, len }))
 }
 
-/// Reads the body `header` announced.
-async fn read_body(
-    recv: &mut quinn::RecvStream,
-    header: FrameHeader,
-) -> Result<AlignedVec, FrameError> {
-    // The body grows with the bytes that arrive, never ahead of them: a
-    // peer announcing 65 MiB frames on many streams and sending nothing must
-    // cost nothing a stream, whatever the headers say.
-    let mut body = AlignedVec::new();
-    while body.len() < header.len {
-        let chunk = next_chunk(recv, header, body.len()).await?;
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
 /// Reads the body `header` announced, asking `admit` for each allocation
 /// of the buffer before it is made. Once `admit` refuses, it drops what it
 /// read and returns the refusal with how many bytes of the body it has
@@ -132,6 +120,9 @@ pub async fn read_body_admitted<E>(
     header: FrameHeader,
     mut admit: impl FnMut(usize) -> Result<(), E>,
 ) -> Result<Result<AlignedVec, (E, usize)>, FrameError> {
+    // The body grows with the bytes that arrive, never ahead of them: a
+    // peer announcing 65 MiB frames on many streams and sending nothing must
+    // cost nothing a stream, whatever the headers say.
     let mut body = AlignedVec::new();
     while body.len() < header.len {
         let chunk = next_chunk(recv, header, body.len()).await?;

@@ -1410,6 +1410,20 @@ mod tests {
         )
     }
 
+    /// A connection's budget with the default places and answer bytes, a
+    /// share of `request_max_bytes` and the node's `node_memory`.
+    fn memory_budget(
+        request_max_bytes: usize,
+        node_memory: &Arc<RequestMemory>,
+    ) -> Arc<ConnectionBudget> {
+        ConnectionBudget::new(
+            CONNECTION_IN_FLIGHT_MAX,
+            CONNECTION_UNWRITTEN_MAX_BYTES,
+            request_max_bytes,
+            node_memory.clone(),
+        )
+    }
+
     /// A server serving one connection within `budget`, whose handler
     /// counts the requests it runs and answers each with `answer_bytes`
     /// bytes once `go` has a permit for it; and a raw connection to it.
@@ -1637,12 +1651,7 @@ mod tests {
     async fn a_request_past_the_nodes_request_memory_is_shed_and_the_stream_goes_on() {
         // Large bodies may take 768 KiB of it.
         let node_memory = RequestMemory::new(1 << 20);
-        let budget = ConnectionBudget::new(
-            CONNECTION_IN_FLIGHT_MAX,
-            CONNECTION_UNWRITTEN_MAX_BYTES,
-            CONNECTION_REQUEST_MAX_BYTES,
-            node_memory.clone(),
-        );
+        let budget = memory_budget(CONNECTION_REQUEST_MAX_BYTES, &node_memory);
         let go = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
         let (_endpoint, conn, handled) = budgeted_server(budget, 16, go).await;
 
@@ -1722,12 +1731,7 @@ mod tests {
     async fn a_connection_past_its_share_is_shed() {
         let share = 100 * 1024;
         let node_memory = RequestMemory::new(1 << 30);
-        let budget = ConnectionBudget::new(
-            CONNECTION_IN_FLIGHT_MAX,
-            CONNECTION_UNWRITTEN_MAX_BYTES,
-            share,
-            node_memory.clone(),
-        );
+        let budget = memory_budget(share, &node_memory);
         // The handler holds every request until `go` lets it answer.
         let go = Arc::new(Semaphore::new(0));
         let (_endpoint, conn, handled) = budgeted_server(budget, 16, go.clone()).await;

@@ -78,10 +78,6 @@ impl RequestMemory {
         })
     }
 
-    pub fn max_bytes(&self) -> usize {
-        self.max_bytes
-    }
-
     /// Bytes charged now.
     pub fn in_use(&self) -> usize {
         self.in_use.load(Ordering::Acquire)
@@ -89,10 +85,7 @@ impl RequestMemory {
 
     /// Takes `bytes` if they fit under the maximum, all or nothing.
     pub fn try_charge(self: &Arc<Self>, bytes: usize) -> Option<MemoryCharge> {
-        let mut charge = MemoryCharge {
-            memory: self.clone(),
-            bytes: 0,
-        };
+        let mut charge = MemoryCharge::nothing(self);
         charge.try_grow(bytes, self.max_bytes).then_some(charge)
     }
 
@@ -128,8 +121,12 @@ impl RequestMemory {
 }
 
 impl MemoryCharge {
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    /// A charge of no bytes yet against `memory`.
+    fn nothing(memory: &Arc<RequestMemory>) -> MemoryCharge {
+        MemoryCharge {
+            memory: memory.clone(),
+            bytes: 0,
+        }
     }
 
     /// Adds `bytes` to the charge if its budget stays within `limit` (at
@@ -220,14 +217,8 @@ impl BodyCharge {
         small_max_bytes: usize,
     ) -> BodyCharge {
         BodyCharge {
-            connection: MemoryCharge {
-                memory: connection.clone(),
-                bytes: 0,
-            },
-            node: MemoryCharge {
-                memory: node.clone(),
-                bytes: 0,
-            },
+            connection: MemoryCharge::nothing(connection),
+            node: MemoryCharge::nothing(node),
             node_limit: node_limit(node.max_bytes, len, small_max_bytes),
         }
     }

@@ -1446,14 +1446,10 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
         return Ok(());
     }
     // A seed list shared by every node names each of them (as in
-    // Cassandra): a node does not ask itself, and one whose only seed is
-    // itself would wait out the join timeout doing so.
-    let seeds: Vec<SocketAddr> = config
-        .seeds
-        .iter()
-        .copied()
-        .filter(|seed| *seed != config.listen)
-        .collect();
+    // Cassandra): a node does not ask itself (`NodeInner::seeds` leaves its
+    // own address out), and one whose only seed is itself would wait out
+    // the join timeout doing so.
+    let seeds = &inner.seeds;
     if seeds.is_empty() {
         return Err(NodeError::Config {
             reason: format!(
@@ -1469,7 +1465,7 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
     loop {
         failures = Vec::new();
         let mut refused = 0;
-        for seed in &seeds {
+        for seed in seeds {
             match inner.transport.call_addr(*seed, &request).await {
                 Ok(Response::Joined(reply)) => {
                     membership.adopt(reply)?;
