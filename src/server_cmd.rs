@@ -92,7 +92,7 @@ async fn stop_or_exit_on_signal(
         () = shutdown => {}
         () = signals.next() => {
             // Acknowledged writes are in the WAL already: this is a crash as
-            // far as the store goes, and the next start begins a new epoch.
+            // far as the store goes (see `Storage::begin_epoch`).
             eprintln!("stopped at once on a second signal: requests under way were cut off");
             std::process::exit(FORCED_STOP_EXIT);
         }

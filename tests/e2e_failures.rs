@@ -83,4 +83,20 @@ fn every_node_killed_after_write_all_restarts_with_every_value() {
         c.cli(1, &["get", "durable-0", "-r", "all"]).status.code() == Some(0)
     });
     assert_exit(&c.cli(2, &["put", "after-restart", "v", "-w", "all"]), 0);
+
+    // The machine did not restart, so every run kept its epoch: a key
+    // written again through the node that wrote it before continues that
+    // node's actor instead of adding one (which a new epoch per crash did,
+    // until a hot key's clock was full).
+    assert_exit(
+        &c.cli(0, &["put", &keys[0], "again", "--overwrite", "-w", "all"]),
+        0,
+    );
+    let read = c.cli(0, &["get", &keys[0], "-r", "all", "--json"]);
+    assert_exit(&read, 0);
+    assert_eq!(values(&read), vec!["again"]);
+    let actors = ringkv_core::context::CausalContext::decode(&context(&read))
+        .unwrap()
+        .version_vector;
+    assert_eq!(actors.len(), 1, "one actor, n1's: {actors:?}");
 }

@@ -273,6 +273,56 @@ impl NodeConfig {
 /// A page of stored keys with their versions (see `NodeInner::stored_pages`).
 type StoredPage = Vec<(Vec<u8>, ringkv_core::dvv::Clock)>;
 
+/// The pages of a scan of this node's store (`NodeInner::stored_pages`),
+/// for hand-overs that send them to other nodes.
+///
+/// A page is handed out only once every write it may reflect is in the
+/// kernel ([`Storage::commit`]), as replicas answer only then: a version
+/// read from the WAL buffer and sent on, then lost with it in a `kill -9`,
+/// would let the next run, which keeps the epoch (see
+/// [`Storage::begin_epoch`]), mint one of its dots again.
+struct StoredPages {
+    pages: tokio::sync::mpsc::Receiver<StoredPage>,
+    /// Ends with the read's outcome once the pages are taken, or once
+    /// `pages` is dropped.
+    reader: JoinHandle<Result<(), NodeError>>,
+    storage: Arc<Storage>,
+    /// Why the scan stopped early, if a commit failed.
+    failed: Option<String>,
+}
+
+impl StoredPages {
+    /// The next page; `None` at the end of the store, or once a commit
+    /// failed ([`StoredPages::finish`] says which).
+    async fn next(&mut self) -> Option<StoredPage> {
+        if self.failed.is_some() {
+            return None;
+        }
+        let page = self.pages.recv().await?;
+        match self.storage.commit().await {
+            Ok(()) => Some(page),
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// How the scan ended: `Err` with the reason if the store could not be
+    /// read or its WAL flushed.
+    async fn finish(self) -> Result<(), String> {
+        if let Some(reason) = self.failed {
+            // Dropping the receiver ends the reader at its next page.
+            return Err(reason);
+        }
+        match self.reader.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
 /// The local replica, as the transport and the router call it.
 pub struct LocalReplica {
     replica: Arc<ReplicaService<Arc<Storage>>>,
@@ -567,15 +617,8 @@ impl NodeInner {
 
     /// Every key this node stores with its versions, a page at a time (at
     /// most `REPAIR_BATCH_MAX` keys and about `READ_BATCH_REPLY_BYTES`),
-    /// read on the blocking pool a few pages ahead. The task ends with the
-    /// read's outcome once the pages are taken, or once the receiver is
-    /// dropped.
-    fn stored_pages(
-        &self,
-    ) -> (
-        tokio::sync::mpsc::Receiver<StoredPage>,
-        JoinHandle<Result<(), NodeError>>,
-    ) {
+    /// read on the blocking pool a few pages ahead (see [`StoredPages`]).
+    fn stored_pages(&self) -> StoredPages {
         let (pages_tx, pages) = tokio::sync::mpsc::channel(2);
         let storage = self.storage.clone();
         let reader = tokio::task::spawn_blocking(move || {
@@ -585,7 +628,12 @@ impl NodeInner {
                 |page| pages_tx.blocking_send(page).is_ok(),
             )
         });
-        (pages, reader)
+        StoredPages {
+            pages,
+            reader,
+            storage: self.storage.clone(),
+            failed: None,
+        }
     }
 
     /// A round asked for by a client (`ringkv repair`). Like the periodic
@@ -1058,14 +1106,15 @@ impl NodeHandle {
         }
         if Arc::strong_count(&self.inner) > 1 {
             // A handler may still mint a dot, and its record may never be
-            // flushed: the next start must not reuse this epoch.
+            // fsynced: not a clean shutdown (the next start keeps the epoch
+            // only if the machine has not restarted meanwhile).
             tracing::warn!(
-                "request handlers still running at shutdown; the database closes when they end, and the next start begins a new epoch"
+                "request handlers still running at shutdown; the database closes when they end, and the shutdown is not recorded as clean"
             );
         } else if let Err(e) = self.inner.storage.mark_clean_shutdown() {
             // The mark is an fsynced write: it flushes every buffered
             // record before it.
-            tracing::warn!(error = %e, "could not record a clean shutdown; the next start begins a new epoch");
+            tracing::warn!(error = %e, "could not record a clean shutdown");
         }
         // A storage call on the blocking pool (an fsync with --sync, a hint
         // batch) runs to its end even when the future that waited for it was
@@ -1133,7 +1182,7 @@ impl Node {
             incarnation: storage.next_incarnation()?,
         };
         let membership = Arc::new(Membership::load(storage.clone(), me, config.replicas)?);
-        let epoch = storage.begin_epoch()?;
+        let epoch = storage.begin_epoch(crate::storage::current_boot_id().as_deref())?;
         let hints = Arc::new(
             HintBook::open(
                 storage.clone(),

@@ -25,9 +25,12 @@
 //!
 //! Invariant: `merkle`, `tombstones` and `actors` always match `data`: every
 //! change to a key writes what it changes of them in one atomic
-//! `WriteBatch`. (A crash without `--sync` may lose a tail of such batches
-//! from some column families and not others; the run after it then begins
-//! a new epoch, whose actors no surviving `actors` entry names.)
+//! `WriteBatch`. (A reboot after a crash without `--sync` may lose a tail of
+//! such batches from some column families and not others; the run after it
+//! then begins a new epoch, whose actors no surviving `actors` entry names.
+//! A crash of the process alone loses only batches still in RocksDB's WAL
+//! buffer, all of a batch together, and nothing read from them has left
+//! the process: see [`Storage::begin_epoch`].)
 //!
 //! ## Durability
 //! Every `put` appends to RocksDB's write-ahead log, and a replica
@@ -356,29 +359,72 @@ const META_EPOCH: &str = "epoch";
 const META_CLEAN_SHUTDOWN: &str = "clean_shutdown";
 const META_INCARNATION: &str = "incarnation";
 const META_LAST_RUN_SYNCED: &str = "last_run_synced";
+/// The kernel boot the last run started in (see [`current_boot_id`]).
+const META_BOOT_ID: &str = "boot_id";
+
+/// Where Linux gives the id of the running boot: a random UUID drawn at each
+/// boot, the same for every process (and container) on that kernel.
+const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The id of the kernel boot this process runs in; `None` where the kernel
+/// does not say (not Linux), which [`Storage::begin_epoch`] treats as a
+/// new boot.
+pub fn current_boot_id() -> Option<Vec<u8>> {
+    let id = std::fs::read(BOOT_ID_PATH).ok()?;
+    let id = id.trim_ascii();
+    (!id.is_empty()).then(|| id.to_vec())
+}
 
 impl Storage {
     /// Chooses the epoch this run mints dots under (see `NodeId::actor`) and
-    /// marks the run as started.
+    /// marks the run as started, in the kernel boot `boot_id`
+    /// ([`current_boot_id`]).
     ///
     /// The previous epoch is kept only if every dot minted under it is
-    /// certainly on disk: the last run shut down cleanly (and flushed its
-    /// WAL), or it fsynced every write. A fresh data dir, or a crash of a run
-    /// without `--sync` (whose WAL tail a power loss could have taken), starts
-    /// a new epoch.
-    pub fn begin_epoch(&self) -> Result<u32, NodeError> {
+    /// certainly still here:
+    /// - the last run shut down cleanly (and fsynced its WAL);
+    /// - it fsynced every write (`--sync`);
+    /// - or it crashed in this same boot of the kernel. No version leaves
+    ///   the process before its WAL record has been handed to the kernel
+    ///   (replicas answer after [`Storage::commit`], and hand-overs commit
+    ///   each page they read), and the kernel's page cache outlives a
+    ///   process (`kill -9`, a panic, the OOM killer): every dot another
+    ///   node or a client may know is in the WAL this run recovers. Only a
+    ///   reboot (a power loss, a kernel crash) may take an unsynced tail.
+    ///
+    /// A fresh data dir, or a run after a reboot that followed a crash of a
+    /// run without `--sync`, starts a new epoch. Keeping the epoch matters:
+    /// each new one gives every key this node writes afterwards one more
+    /// actor, and a key's clock holds at most `CLOCK_ENTRIES_MAX`.
+    pub fn begin_epoch(&self, boot_id: Option<&[u8]>) -> Result<u32, NodeError> {
         let previous = self
             .meta_get(META_EPOCH)?
             .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
             .map(u32::from_le_bytes);
         let clean = self.meta_get(META_CLEAN_SHUTDOWN)?.as_deref() == Some(&[1]);
         let synced = self.meta_get(META_LAST_RUN_SYNCED)?.as_deref() == Some(&[1]);
+        let same_boot = boot_id.is_some() && self.meta_get(META_BOOT_ID)?.as_deref() == boot_id;
         let epoch = match previous {
-            Some(e) if clean || synced => e,
-            _ => rand::random(),
+            Some(e) if clean || synced || same_boot => {
+                if !(clean || synced) {
+                    tracing::info!(
+                        "the last run did not shut down cleanly, but the machine has not restarted since: keeping its epoch"
+                    );
+                }
+                e
+            }
+            Some(_) => {
+                tracing::info!(
+                    "the last run did not shut down cleanly and the machine restarted since: beginning a new epoch"
+                );
+                rand::random()
+            }
+            None => rand::random(),
         };
         self.meta_put(META_EPOCH, &epoch.to_le_bytes())?;
         self.meta_put(META_LAST_RUN_SYNCED, &[u8::from(self.is_sync())])?;
+        // A boot that cannot be told must not match one stored before it.
+        self.meta_put(META_BOOT_ID, boot_id.unwrap_or_default())?;
         self.meta_put(META_CLEAN_SHUTDOWN, &[0])?;
         Ok(epoch)
     }
@@ -1130,24 +1176,53 @@ mod tests {
     }
 
     #[test]
-    fn the_epoch_survives_only_clean_or_synced_runs() {
+    fn the_epoch_survives_clean_synced_or_same_boot_runs() {
         let dir = tempfile::tempdir().unwrap();
+        let (boot_a, boot_b) = (Some(&b"boot-a"[..]), Some(&b"boot-b"[..]));
         let first = Storage::open(dir.path(), false)
             .unwrap()
-            .begin_epoch()
+            .begin_epoch(boot_a)
             .unwrap();
-        // That run crashed (no clean shutdown) without --sync: new epoch.
+        // That run crashed (no clean shutdown) without --sync, and the
+        // machine rebooted since: new epoch.
         let s = Storage::open(dir.path(), false).unwrap();
-        let second = s.begin_epoch().unwrap();
+        let second = s.begin_epoch(boot_b).unwrap();
         assert_ne!(first, second);
+        drop(s);
+        // It crashed too, but the kernel (and its page cache) is the same.
+        let s = Storage::open(dir.path(), false).unwrap();
+        assert_eq!(s.begin_epoch(boot_b).unwrap(), second, "same boot keeps it");
+        drop(s);
+        // A kernel that does not say which boot it is counts as a new one,
+        // and so does the next known boot after it.
+        let s = Storage::open(dir.path(), false).unwrap();
+        let third = s.begin_epoch(None).unwrap();
+        assert_ne!(third, second);
+        drop(s);
+        let s = Storage::open(dir.path(), false).unwrap();
+        let fourth = s.begin_epoch(boot_b).unwrap();
+        assert_ne!(fourth, third, "an unknown boot matches nothing");
         s.mark_clean_shutdown().unwrap();
         drop(s);
         let s = Storage::open(dir.path(), true).unwrap();
-        assert_eq!(s.begin_epoch().unwrap(), second, "clean shutdown keeps it");
+        assert_eq!(
+            s.begin_epoch(boot_a).unwrap(),
+            fourth,
+            "clean shutdown keeps it"
+        );
         drop(s);
-        // A crashed --sync run lost nothing: same epoch.
+        // A crashed --sync run lost nothing: same epoch after a reboot.
         let s = Storage::open(dir.path(), false).unwrap();
-        assert_eq!(s.begin_epoch().unwrap(), second);
+        assert_eq!(s.begin_epoch(boot_b).unwrap(), fourth);
+    }
+
+    #[test]
+    fn this_machine_names_its_boot() {
+        // The e2e tests' kill -9 restarts rely on it (Linux only).
+        if cfg!(target_os = "linux") {
+            let id = current_boot_id().expect("Linux gives a boot id");
+            assert_eq!(current_boot_id(), Some(id), "stable within a boot");
+        }
     }
 
     fn ring() -> std::sync::Arc<Ring> {

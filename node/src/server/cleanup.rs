@@ -179,8 +179,8 @@ impl NodeInner {
         }
         let mut failed: BTreeMap<NodeId, String> = BTreeMap::new();
         let mut kept_logged = 0;
-        let (mut pages, reader) = self.stored_pages();
-        while let Some(page) = pages.recv().await {
+        let mut pages = self.stored_pages();
+        while let Some(page) = pages.next().await {
             report.keys_scanned += page.len() as u64;
             self.cleanup_keys_scanned
                 .fetch_add(page.len() as u64, Ordering::Relaxed);
@@ -226,10 +226,8 @@ impl NodeInner {
             // WAL buffer until the next client write.
             self.storage.commit().await.map_err(|e| e.to_string())?;
         }
-        match reader.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(format!("reading its own store: {e}")),
-            Err(e) => return Err(format!("reading its own store: {e}")),
+        if let Err(e) = pages.finish().await {
+            return Err(format!("reading its own store: {e}"));
         }
         report.failures = failed
             .into_iter()

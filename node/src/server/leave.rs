@@ -386,7 +386,7 @@ impl NodeInner {
         watch_shutdown: bool,
     ) -> Result<HandedOver, PeerFailure> {
         let mut keys = 0u64;
-        let (mut pages, reader) = self.stored_pages();
+        let mut pages = self.stored_pages();
         // Batches of several pages travel at once: one page at a time spent
         // most of its time waiting for the slowest replica's answer.
         let mut sends = tokio::task::JoinSet::new();
@@ -397,19 +397,18 @@ impl NodeInner {
                     reason: "this node is shutting down".into(),
                 });
             }
-            let Some(page) = pages.recv().await else {
+            let Some(page) = pages.next().await else {
                 while let Some(sent) = sends.join_next().await {
                     self.check_sent(sent)?;
                 }
-                return match reader.await {
-                    Ok(Ok(())) => Ok(HandedOver { keys }),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
-                .map_err(|reason| PeerFailure {
-                    peer: self.id.clone(),
-                    reason: format!("reading its own store: {reason}"),
-                });
+                return pages
+                    .finish()
+                    .await
+                    .map(|()| HandedOver { keys })
+                    .map_err(|reason| PeerFailure {
+                        peer: self.id.clone(),
+                        reason: format!("reading its own store: {reason}"),
+                    });
             };
             let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
             let keys_before = keys;
