@@ -24,7 +24,7 @@ ended=$(date +%s.%N)
 python3 - "$dir/r.json" "$started" "$ended" <<'PY'
 import json, sys
 for s in json.load(open(sys.argv[1]))["settings"]:
-    failed = {k: (v["errors"], v["timeouts"]) for k, v in s["ops"].items()}
-    print(f"{s['setting']}: {s['ops_per_sec']:.0f} ops/s, failovers {s['failovers']}, (errors, timeouts) {failed}")
+    failed = {k: (v["errors"], v["timeouts"], v["shed"]) for k, v in s["ops"].items()}
+    print(f"{s['setting']}: {s['ops_per_sec']:.0f} ops/s, failovers {s['failovers']}, (errors, timeouts, shed) {failed}")
 print(f"wall time {float(sys.argv[3]) - float(sys.argv[2]):.1f} s")
 PY

@@ -35,8 +35,9 @@ s = json.load(open(sys.argv[1]))["settings"][0]
 ops = s["ops"]
 errors = sum(o["errors"] for o in ops.values())
 timeouts = sum(o["timeouts"] for o in ops.values())
+shed = sum(o["shed"] for o in ops.values())
 r, u = ops["read"], ops["update"]
-print(f"{s['ops_per_sec']:.0f} ops/s, errors {errors}, timeouts {timeouts}, failovers {s.get('failovers', '-')}; "
+print(f"{s['ops_per_sec']:.0f} ops/s, errors {errors}, timeouts {timeouts}, shed {shed}, failovers {s.get('failovers', '-')}; "
       f"read p50/p99/max {r['p50_ms']:.2f}/{r['p99_ms']:.2f}/{r['max_ms']:.1f} ms, "
       f"update p50/p99/max {u['p50_ms']:.2f}/{u['p99_ms']:.2f}/{u['max_ms']:.1f} ms")
 for name, o in ops.items():

@@ -423,7 +423,7 @@ async fn run_all(
 
 fn print_table(reports: &[SettingReport], cpu_scope: &str) {
     println!(
-        "{:<16} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8}",
+        "{:<16} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}",
         "setting",
         "op",
         "ops/s",
@@ -433,12 +433,13 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
         "p99.9 ms",
         "max ms",
         "errors",
-        "timeouts"
+        "timeouts",
+        "shed"
     );
     for r in reports {
         for (op, o) in &r.ops {
             println!(
-                "{:<16} {:<7} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>7} {:>8}",
+                "{:<16} {:<7} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>7} {:>8} {:>6}",
                 r.setting.to_string(),
                 op.as_str(),
                 o.ops as f64 / r.elapsed.as_secs_f64(),
@@ -448,7 +449,8 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
                 o.latency_ms(0.999),
                 o.latency_us.max() as f64 / 1000.0,
                 o.errors,
-                o.timeouts
+                o.timeouts,
+                o.shed
             );
         }
     }
@@ -491,6 +493,12 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
         .any(|r| r.ops.iter().any(|(_, o)| o.timeouts > 0))
     {
         println!("Latencies include timed-out requests, at the time the client gave up.");
+    }
+    if reports
+        .iter()
+        .any(|r| r.ops.iter().any(|(_, o)| o.shed > 0))
+    {
+        println!("{SHED_NOTE}");
     }
     println!();
     let header: Vec<String> = ycsb::STALENESS_T_MS
@@ -589,6 +597,7 @@ fn report_json(
                 "ops": o.ops,
                 "errors": o.errors,
                 "timeouts": o.timeouts,
+                "shed": o.shed,
                 "first_error": o.first_error,
                 "p50_ms": o.latency_ms(0.5),
                 "p95_ms": o.latency_ms(0.95),
@@ -731,12 +740,21 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         println!("{out}");
     } else {
         println!(
-            "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8}",
-            "op", "ops/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors", "timeouts"
+            "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6}",
+            "op",
+            "ops/s",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "errors",
+            "timeouts",
+            "shed"
         );
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
             println!(
-                "{:<4} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>8}",
+                "{:<4} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>8} {:>6}",
                 name,
                 p.ops_per_sec(),
                 p.latency_ms(0.5),
@@ -745,7 +763,8 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
                 p.latency_ms(0.999),
                 p.latency_us.max() as f64 / 1000.0,
                 p.errors,
-                p.timeouts
+                p.timeouts,
+                p.shed
             );
         }
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
@@ -756,6 +775,9 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         if report.failovers > 0 {
             println!("{}", failovers_note(report.failovers));
         }
+        if report.put.shed + report.get.shed > 0 {
+            println!("{SHED_NOTE}");
+        }
     }
     if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
         write_whole(Path::new(path), format!("{out:#}\n").as_bytes()).map_err(|e| {
@@ -764,6 +786,9 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
     }
     Ok(Exit::Ok)
 }
+
+/// What the "shed" column means, for the table's footer.
+const SHED_NOTE: &str = "Shed requests were refused unrun by a node out of memory for requests (--max-request-memory-mb): the load passed what the nodes take in at once; they are not in the latencies.";
 
 /// What a count of failovers means, for the table's footer.
 fn failovers_note(failovers: u64) -> String {
@@ -777,6 +802,7 @@ fn phase_json(p: &PhaseReport) -> serde_json::Value {
         "ops": p.ops,
         "errors": p.errors,
         "timeouts": p.timeouts,
+        "shed": p.shed,
         "first_error": p.first_error,
         "ops_per_sec": p.ops_per_sec(),
         "p50_ms": p.latency_ms(0.5),

@@ -75,7 +75,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         let read = &s["ops"]["read"];
         assert!(read["ops"].as_u64().unwrap() > 0, "{s}");
         for field in [
-            "p50_ms", "p95_ms", "p99_ms", "p999_ms", "max_ms", "errors", "timeouts",
+            "p50_ms", "p95_ms", "p99_ms", "p999_ms", "max_ms", "errors", "timeouts", "shed",
         ] {
             assert!(!read[field].is_null(), "{field} in {s}");
         }
@@ -203,6 +203,7 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
             o["ops"].as_u64().unwrap()
                 + o["errors"].as_u64().unwrap()
                 + o["timeouts"].as_u64().unwrap()
+                + o["shed"].as_u64().unwrap()
         })
         .sum();
     // 100/s for 2 s: at most 200 requests were due, however fast the
@@ -420,7 +421,9 @@ fn the_bench_moves_its_clients_off_a_node_that_stops_mid_run() {
     let (mut ok, mut failed) = (0, 0);
     for o in s["ops"].as_object().unwrap().values() {
         ok += o["ops"].as_u64().unwrap();
-        failed += o["errors"].as_u64().unwrap() + o["timeouts"].as_u64().unwrap();
+        failed += o["errors"].as_u64().unwrap()
+            + o["timeouts"].as_u64().unwrap()
+            + o["shed"].as_u64().unwrap();
     }
     assert!(ok > 100, "{s}");
     // The 6 clients share 3 connections, one per node: only the 2 on n3's

@@ -86,6 +86,9 @@ pub struct PhaseReport {
     pub errors: u64,
     /// Requests with no answer within their deadline and a second.
     pub timeouts: u64,
+    /// Requests a node refused unrun, out of memory for requests (see
+    /// `ycsb::OpReport::shed`).
+    pub shed: u64,
     /// Why the first failed request failed (errors, not timeouts): the
     /// likeliest cause of the rest.
     pub first_error: Option<String>,
@@ -234,7 +237,7 @@ async fn phase(
         let readable = written.get(worker).copied().unwrap_or(0).max(1);
         workers.spawn(async move {
             let mut hist = new_histogram();
-            let (mut ops, mut errors, mut timeouts) = (0u64, 0u64, 0u64);
+            let (mut ops, mut errors, mut timeouts, mut shed) = (0u64, 0u64, 0u64, 0u64);
             let mut first_error = None;
             let value = vec![b'v'; config.value_bytes];
             let mut next = 0u64;
@@ -266,19 +269,21 @@ async fn phase(
                         let _ = hist.record(sent.elapsed().as_micros() as u64);
                     }
                     Outcome::Timeout => timeouts += 1,
+                    Outcome::Shed => shed += 1,
                     Outcome::Error { reason } => {
                         errors += 1;
                         first_error.get_or_insert(reason);
                     }
                 }
             }
-            (worker, ops, errors, timeouts, first_error, hist)
+            (worker, ops, errors, timeouts, shed, first_error, hist)
         });
     }
     let mut report = PhaseReport {
         ops: 0,
         errors: 0,
         timeouts: 0,
+        shed: 0,
         first_error: None,
         elapsed: Duration::ZERO,
         latency_us: new_histogram(),
@@ -287,13 +292,14 @@ async fn phase(
     while let Some(joined) = workers.join_next().await {
         // A client that panicked took its requests with it: the figures
         // would silently leave them out.
-        let (worker, ops, errors, timeouts, first_error, hist) =
+        let (worker, ops, errors, timeouts, shed, first_error, hist) =
             joined.map_err(|e| BenchError::ClientFailed {
                 reason: e.to_string(),
             })?;
         report.ops += ops;
         report.errors += errors;
         report.timeouts += timeouts;
+        report.shed += shed;
         if report.first_error.is_none() {
             report.first_error = first_error;
         }

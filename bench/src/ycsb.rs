@@ -164,6 +164,10 @@ pub struct OpReport {
     pub ops: u64,
     pub errors: u64,
     pub timeouts: u64,
+    /// Requests a node refused unrun, out of memory for requests
+    /// (`ErrorKind::Overloaded`): not failures of the store, but work it
+    /// declined, so they are counted apart from `errors`.
+    pub shed: u64,
     /// Why the first failed request failed (of one client, when merged):
     /// the likeliest cause of the rest.
     pub first_error: Option<String>,
@@ -180,20 +184,22 @@ impl OpReport {
             ops: 0,
             errors: 0,
             timeouts: 0,
+            shed: 0,
             first_error: None,
             latency_us: new_histogram(),
         }
     }
 
-    /// Requests made: answered, failed or timed out.
+    /// Requests made: answered, failed, timed out or shed.
     pub fn attempts(&self) -> u64 {
-        self.ops + self.errors + self.timeouts
+        self.ops + self.errors + self.timeouts + self.shed
     }
 
     fn merge(&mut self, other: &OpReport) {
         self.ops += other.ops;
         self.errors += other.errors;
         self.timeouts += other.timeouts;
+        self.shed += other.shed;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
         }
@@ -346,6 +352,9 @@ pub(crate) enum Outcome {
     },
     /// R or W replicas did not answer in time.
     Timeout,
+    /// The node had no memory left for the request and refused it unrun
+    /// (`ErrorKind::Overloaded`): load shed, to be retried later.
+    Shed,
     /// Refused or failed, and why (the load phase reports the first).
     Error {
         reason: String,
@@ -456,6 +465,7 @@ pub(crate) fn outcome_of(answer: Result<Response, CallError>) -> Outcome {
         },
         Err(CallError::TimedOut { .. }) => Outcome::Timeout,
         Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => Outcome::Timeout,
+        Ok(Response::Error(e)) if e.kind == ErrorKind::Overloaded => Outcome::Shed,
         Ok(Response::Error(e)) => Outcome::Error { reason: e.message },
         Ok(other) => Outcome::Error {
             reason: format!("unexpected answer {other:?}"),
@@ -542,6 +552,9 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
                     failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = first_failure.set(match outcome {
                         Outcome::Error { reason } => reason,
+                        Outcome::Shed => {
+                            "shed: the node was out of memory for requests".to_string()
+                        }
                         _ => "timed out".to_string(),
                     });
                 }
@@ -792,6 +805,7 @@ pub async fn run_setting(
                         report.timeouts += 1;
                         report.latency_us.saturating_record(latency_us);
                     }
+                    Outcome::Shed => report.shed += 1,
                     Outcome::Error { reason } => {
                         report.errors += 1;
                         report.first_error.get_or_insert(reason);
@@ -1048,5 +1062,21 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(inserts.acknowledged(), 4000);
+    }
+
+    /// Each kind of answer lands in its own column: a node shedding load
+    /// is neither a failure nor a timeout.
+    #[test]
+    fn answers_are_counted_by_kind() {
+        let error = |kind| outcome_of(Ok(Response::error(kind, "why")));
+        assert!(matches!(error(ErrorKind::Overloaded), Outcome::Shed));
+        assert!(matches!(
+            error(ErrorKind::QuorumNotReached),
+            Outcome::Timeout
+        ));
+        assert!(matches!(
+            error(ErrorKind::Refused),
+            Outcome::Error { reason } if reason == "why"
+        ));
     }
 }
