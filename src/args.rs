@@ -225,6 +225,9 @@ pub struct NodeArgs {
     /// Fsync the write-ahead log before acknowledging each write (group commit). Without it, writes survive a process crash but not power loss.
     #[arg(long)]
     pub sync: bool,
+    /// Mint new writes under a new epoch of this node's version-vector actor, whatever the last run was. Needed once when the data dir was restored from a copy, backup or snapshot: its store may be older than what the node last wrote, and reusing the epoch could give a new write the version of one the other replicas already hold (it would be lost).
+    #[arg(long)]
+    pub new_epoch: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9100).

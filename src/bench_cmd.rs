@@ -464,7 +464,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
     for r in reports {
         if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
             println!(
-                "{}: {unsent} requests came due but were never sent (every client stayed busy until a request timeout past the end): the store fell far behind --rate, and the latencies above leave them out",
+                "{}: {unsent} requests came due but were never sent (every client stayed busy until a request timeout past the end): the store fell far behind --rate; they count as timeouts above, at what they had waited by then",
                 r.setting
             );
         }

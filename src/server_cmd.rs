@@ -33,6 +33,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
         config.latency_matrix = Some(std::sync::Arc::new(load_matrix(source)?));
     }
     config.sync = args.sync;
+    config.new_epoch = args.new_epoch;
     config.max_value_bytes = args.limits.max_value_bytes;
     config.max_siblings = args.limits.max_siblings;
     config.max_connections = args.limits.max_connections;

@@ -99,4 +99,24 @@ fn every_node_killed_after_write_all_restarts_with_every_value() {
         .unwrap()
         .version_vector;
     assert_eq!(actors.len(), 1, "one actor, n1's: {actors:?}");
+
+    // A data dir restored from a copy is started with --new-epoch: n1's
+    // next write of the key is under a new actor.
+    c.kill(0);
+    c.nodes[0].extra.push("--new-epoch".into());
+    c.restart(0);
+    assert_exit(
+        &c.cli(
+            0,
+            &["put", &keys[0], "restored", "--overwrite", "-w", "all"],
+        ),
+        0,
+    );
+    let read = c.cli(0, &["get", &keys[0], "-r", "all", "--json"]);
+    assert_exit(&read, 0);
+    assert_eq!(values(&read), vec!["restored"]);
+    let actors = ringkv_core::context::CausalContext::decode(&context(&read))
+        .unwrap()
+        .version_vector;
+    assert_eq!(actors.len(), 2, "a new actor of n1: {actors:?}");
 }

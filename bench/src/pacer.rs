@@ -36,7 +36,7 @@ const PACER_QUEUE_MAX: usize = 65_536;
 
 /// When the `i`th request is due, after the start: i / rate, computed
 /// afresh for each i so that rounding never accumulates.
-fn due_after(i: u64, rate_per_s: u64) -> Duration {
+pub fn due_after(i: u64, rate_per_s: u64) -> Duration {
     let nanos = u128::from(i) * 1_000_000_000 / u128::from(rate_per_s.max(1));
     Duration::from_nanos(nanos as u64)
 }

@@ -283,8 +283,11 @@ pub struct SettingReport {
     /// Open loop only: requests that came due but were never sent because
     /// every client was busy until the end, and then for a request timeout
     /// more (clients go on taking requests that came due before the end).
-    /// The latency figures leave them out, so any number here means the
-    /// store fell far behind the rate.
+    /// They are counted as timeouts of the operations the mix would have
+    /// drawn, at what they had waited when the clients stopped (a lower
+    /// bound): left out, the requests queued longest would leave the
+    /// percentiles. Any number here means the store fell far behind the
+    /// rate.
     pub unsent: Option<u64>,
     pub ops: Vec<(Op, OpReport)>,
     pub reads: u64,
@@ -377,11 +380,13 @@ impl Conn {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        let sent = Instant::now();
         let answer = client.call_within(request, answer_limit(request)).await;
+        let waited = sent.elapsed();
         if !delay.is_zero() && !matches!(answer, Err(CallError::TimedOut { .. })) {
             tokio::time::sleep(delay).await;
         }
-        outcome_of(answer)
+        outcome_of(request, answer, waited)
     }
 
     async fn get(&self, key: &str, r: Consistency, timeout_ms: u32, delay: Duration) -> Outcome {
@@ -453,8 +458,19 @@ pub(crate) fn answer_limit(request: &Request) -> Duration {
     Duration::from_millis(u64::from(request_timeout(request)) + 1000)
 }
 
-/// What a ringkv answer, or its absence, counts as.
-pub(crate) fn outcome_of(answer: Result<Response, CallError>) -> Outcome {
+/// What a ringkv answer to `request`, or its absence, counts as, the
+/// answer having taken `waited`.
+///
+/// A quorum not reached by the request's deadline is a timeout; one the
+/// coordinator gave up on sooner (too many replicas failed outright: a
+/// node down, refusing) is an error, so that it neither shows as a timeout
+/// nor puts a fast failure's latency among the answers'.
+pub(crate) fn outcome_of(
+    request: &Request,
+    answer: Result<Response, CallError>,
+    waited: Duration,
+) -> Outcome {
+    let deadline = Duration::from_millis(u64::from(request_timeout(request)));
     match answer {
         Ok(Response::Get(g)) => Outcome::Read {
             values: g.values,
@@ -464,7 +480,9 @@ pub(crate) fn outcome_of(answer: Result<Response, CallError>) -> Outcome {
             context: Some(p.context),
         },
         Err(CallError::TimedOut { .. }) => Outcome::Timeout,
-        Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached => Outcome::Timeout,
+        Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached && waited >= deadline => {
+            Outcome::Timeout
+        }
         Ok(Response::Error(e)) if e.kind == ErrorKind::Overloaded => Outcome::Shed,
         Ok(Response::Error(e)) => Outcome::Error { reason: e.message },
         Ok(other) => Outcome::Error {
@@ -884,11 +902,60 @@ pub async fn run_setting(
         records_after: inserts.taken(),
         failovers,
     };
-    report.unsent = config
-        .rate_per_s
-        .map(|rate| pacer::due_count(rate, config.duration).saturating_sub(report.attempts()));
+    if let Some(rate) = config.rate_per_s {
+        let due = pacer::due_count(rate, config.duration);
+        let unsent = due.saturating_sub(report.attempts());
+        let never_sent = due - unsent..due;
+        let gave_up_after = last_send - started;
+        let seed = config.seed ^ UNSENT_SEED;
+        charge_unsent(
+            &mut report.ops,
+            config.workload,
+            rate,
+            seed,
+            never_sent,
+            gave_up_after,
+        );
+        report.unsent = Some(unsent);
+    }
     Ok(report)
 }
+
+/// Counts the open loop's requests `never_sent` (their indexes in the
+/// schedule at `rate_per_s`) as timeouts, each of an operation drawn from
+/// `workload`'s mix, with the time from when it was due to `gave_up_after`
+/// (both from the start) as its latency.
+fn charge_unsent(
+    ops: &mut Vec<(Op, OpReport)>,
+    workload: Workload,
+    rate_per_s: u64,
+    seed: u64,
+    never_sent: std::ops::Range<u64>,
+    gave_up_after: Duration,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in never_sent {
+        let op = workload.next_op(&mut rng);
+        let waited = gave_up_after.saturating_sub(pacer::due_after(i, rate_per_s));
+        let at = match ops.iter().position(|(o, _)| *o == op) {
+            Some(at) => at,
+            None => {
+                ops.push((op, OpReport::new()));
+                ops.sort_by_key(|(op, _)| op.as_str());
+                ops.iter().position(|(o, _)| *o == op).expect("just added")
+            }
+        };
+        let report = &mut ops[at].1;
+        report.timeouts += 1;
+        report
+            .latency_us
+            .saturating_record(waited.as_micros() as u64);
+    }
+}
+
+/// Seeds the draw of the unsent requests' operations, apart from the
+/// clients' draws.
+const UNSENT_SEED: u64 = 0x756e_7365_6e74;
 
 /// How long the staleness prober waits after a probe failed.
 const PROBE_FAILURE_PAUSE: Duration = Duration::from_millis(50);
@@ -1064,18 +1131,63 @@ mod tests {
         assert_eq!(inserts.acknowledged(), 4000);
     }
 
+    /// The open loop's requests never sent count as timeouts of the mix's
+    /// operations, each at what it had waited when the clients stopped.
+    #[test]
+    fn unsent_requests_count_as_timeouts_at_their_wait() {
+        let mut ops = vec![(Op::Read, OpReport::new())];
+        ops[0].1.ops = 5;
+        // 1,000/s: requests 990..1000 were due at 0.990..0.999 s; the
+        // clients stopped taking them at 1.5 s.
+        charge_unsent(
+            &mut ops,
+            Workload::A,
+            1000,
+            7,
+            990..1000,
+            Duration::from_millis(1500),
+        );
+        let timeouts: u64 = ops.iter().map(|(_, o)| o.timeouts).sum();
+        assert_eq!(timeouts, 10);
+        assert_eq!(ops[0].1.ops, 5, "answers untouched");
+        let names: Vec<&str> = ops.iter().map(|(op, _)| op.as_str()).collect();
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted: {names:?}");
+        for (op, o) in &ops {
+            assert_eq!(o.latency_us.len(), o.timeouts, "{op:?}");
+            if o.timeouts > 0 {
+                assert!(o.latency_us.min() >= 500_000, "{op:?}");
+                assert!(o.latency_us.max() <= 511_000, "{op:?}");
+            }
+        }
+    }
+
     /// Each kind of answer lands in its own column: a node shedding load
-    /// is neither a failure nor a timeout.
+    /// is neither a failure nor a timeout, and a quorum is a timeout only
+    /// if it failed at the deadline.
     #[test]
     fn answers_are_counted_by_kind() {
-        let error = |kind| outcome_of(Ok(Response::error(kind, "why")));
-        assert!(matches!(error(ErrorKind::Overloaded), Outcome::Shed));
+        let request = Request::Get(GetRequest {
+            timeout_ms: 100,
+            ..GetRequest::new("k", Consistency::Quorum)
+        });
+        let error = |kind, waited_ms| {
+            outcome_of(
+                &request,
+                Ok(Response::error(kind, "why")),
+                Duration::from_millis(waited_ms),
+            )
+        };
+        assert!(matches!(error(ErrorKind::Overloaded, 1), Outcome::Shed));
         assert!(matches!(
-            error(ErrorKind::QuorumNotReached),
+            error(ErrorKind::QuorumNotReached, 100),
             Outcome::Timeout
         ));
         assert!(matches!(
-            error(ErrorKind::Refused),
+            error(ErrorKind::QuorumNotReached, 3),
+            Outcome::Error { reason } if reason == "why"
+        ));
+        assert!(matches!(
+            error(ErrorKind::Refused, 1),
             Outcome::Error { reason } if reason == "why"
         ));
     }

@@ -45,7 +45,10 @@ use crate::tls;
 
 mod cleanup;
 mod leave;
+mod stored_pages;
 mod tombstone_gc;
+
+use stored_pages::StoredPages;
 
 /// The default N for a new cluster.
 pub const DEFAULT_REPLICAS: usize = 3;
@@ -91,6 +94,10 @@ pub struct NodeConfig {
     pub replicas: Option<usize>,
     pub vnodes: u32,
     pub sync: bool,
+    /// Begin a new epoch whatever the last run was (`--new-epoch`): for a
+    /// data dir restored from a copy or snapshot, whose store may be older
+    /// than what its last run wrote (see `Storage::begin_epoch`).
+    pub new_epoch: bool,
     pub max_value_bytes: usize,
     pub max_siblings: usize,
     /// Client and peer connections served at once; further ones are refused.
@@ -145,6 +152,7 @@ impl NodeConfig {
             replicas: None,
             vnodes: ringkv_ring::DEFAULT_VNODES,
             sync: false,
+            new_epoch: false,
             max_value_bytes: ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES,
             max_siblings: ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -267,59 +275,6 @@ impl NodeConfig {
             return bad("--listen needs the address peers reach this node at, not 0.0.0.0 or [::]");
         }
         Ok(())
-    }
-}
-
-/// A page of stored keys with their versions (see `NodeInner::stored_pages`).
-type StoredPage = Vec<(Vec<u8>, ringkv_core::dvv::Clock)>;
-
-/// The pages of a scan of this node's store (`NodeInner::stored_pages`),
-/// for hand-overs that send them to other nodes.
-///
-/// A page is handed out only once every write it may reflect is in the
-/// kernel ([`Storage::commit`]), as replicas answer only then: a version
-/// read from the WAL buffer and sent on, then lost with it in a `kill -9`,
-/// would let the next run, which keeps the epoch (see
-/// [`Storage::begin_epoch`]), mint one of its dots again.
-struct StoredPages {
-    pages: tokio::sync::mpsc::Receiver<StoredPage>,
-    /// Ends with the read's outcome once the pages are taken, or once
-    /// `pages` is dropped.
-    reader: JoinHandle<Result<(), NodeError>>,
-    storage: Arc<Storage>,
-    /// Why the scan stopped early, if a commit failed.
-    failed: Option<String>,
-}
-
-impl StoredPages {
-    /// The next page; `None` at the end of the store, or once a commit
-    /// failed ([`StoredPages::finish`] says which).
-    async fn next(&mut self) -> Option<StoredPage> {
-        if self.failed.is_some() {
-            return None;
-        }
-        let page = self.pages.recv().await?;
-        match self.storage.commit().await {
-            Ok(()) => Some(page),
-            Err(e) => {
-                self.failed = Some(e.to_string());
-                None
-            }
-        }
-    }
-
-    /// How the scan ended: `Err` with the reason if the store could not be
-    /// read or its WAL flushed.
-    async fn finish(self) -> Result<(), String> {
-        if let Some(reason) = self.failed {
-            // Dropping the receiver ends the reader at its next page.
-            return Err(reason);
-        }
-        match self.reader.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
     }
 }
 
@@ -615,25 +570,10 @@ impl NodeInner {
         }
     }
 
-    /// Every key this node stores with its versions, a page at a time (at
-    /// most `REPAIR_BATCH_MAX` keys and about `READ_BATCH_REPLY_BYTES`),
-    /// read on the blocking pool a few pages ahead (see [`StoredPages`]).
+    /// Every key this node stores with its versions, a page at a time (see
+    /// [`StoredPages`]).
     fn stored_pages(&self) -> StoredPages {
-        let (pages_tx, pages) = tokio::sync::mpsc::channel(2);
-        let storage = self.storage.clone();
-        let reader = tokio::task::spawn_blocking(move || {
-            storage.data_pages(
-                ringkv_core::wire::REPAIR_BATCH_MAX,
-                ringkv_core::wire::READ_BATCH_REPLY_BYTES,
-                |page| pages_tx.blocking_send(page).is_ok(),
-            )
-        });
-        StoredPages {
-            pages,
-            reader,
-            storage: self.storage.clone(),
-            failed: None,
-        }
+        StoredPages::scan(self.storage.clone())
     }
 
     /// A round asked for by a client (`ringkv repair`). Like the periodic
@@ -1182,7 +1122,12 @@ impl Node {
             incarnation: storage.next_incarnation()?,
         };
         let membership = Arc::new(Membership::load(storage.clone(), me, config.replicas)?);
-        let epoch = storage.begin_epoch(crate::storage::current_boot_id().as_deref())?;
+        let boot_id = crate::storage::current_boot_id();
+        let epoch = if config.new_epoch {
+            storage.begin_new_epoch(boot_id.as_deref())?
+        } else {
+            storage.begin_epoch(boot_id.as_deref())?
+        };
         let hints = Arc::new(
             HintBook::open(
                 storage.clone(),

@@ -396,7 +396,23 @@ impl Storage {
     /// run without `--sync`, starts a new epoch. Keeping the epoch matters:
     /// each new one gives every key this node writes afterwards one more
     /// actor, and a key's clock holds at most `CLOCK_ENTRIES_MAX`.
+    ///
+    /// What this cannot see is a store rolled back under it: a data dir
+    /// restored from a copy or snapshot holds the meta of the run it was
+    /// taken from, which may be clean, synced or of this boot, and the
+    /// next run would mint again dots that run minted after the copy. Such
+    /// a start must call [`Storage::begin_new_epoch`] (`--new-epoch`).
     pub fn begin_epoch(&self, boot_id: Option<&[u8]>) -> Result<u32, NodeError> {
+        self.begin_epoch_with(boot_id, false)
+    }
+
+    /// Begins a new epoch whatever the last run was, in the kernel boot
+    /// `boot_id` (see [`Storage::begin_epoch`]).
+    pub fn begin_new_epoch(&self, boot_id: Option<&[u8]>) -> Result<u32, NodeError> {
+        self.begin_epoch_with(boot_id, true)
+    }
+
+    fn begin_epoch_with(&self, boot_id: Option<&[u8]>, fresh: bool) -> Result<u32, NodeError> {
         let previous = self
             .meta_get(META_EPOCH)?
             .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
@@ -405,6 +421,10 @@ impl Storage {
         let synced = self.meta_get(META_LAST_RUN_SYNCED)?.as_deref() == Some(&[1]);
         let same_boot = boot_id.is_some() && self.meta_get(META_BOOT_ID)?.as_deref() == boot_id;
         let epoch = match previous {
+            Some(_) if fresh => {
+                tracing::info!("beginning a new epoch, as asked (--new-epoch)");
+                rand::random()
+            }
             Some(e) if clean || synced || same_boot => {
                 if !(clean || synced) {
                     tracing::info!(
@@ -415,7 +435,7 @@ impl Storage {
             }
             Some(_) => {
                 tracing::info!(
-                    "the last run did not shut down cleanly and the machine restarted since: beginning a new epoch"
+                    "the last run did not shut down cleanly, and the machine may have restarted since: beginning a new epoch"
                 );
                 rand::random()
             }
@@ -1214,6 +1234,14 @@ mod tests {
         // A crashed --sync run lost nothing: same epoch after a reboot.
         let s = Storage::open(dir.path(), false).unwrap();
         assert_eq!(s.begin_epoch(boot_b).unwrap(), fourth);
+        drop(s);
+        // A restored copy may be older than its meta says: asked, a new one.
+        let s = Storage::open(dir.path(), false).unwrap();
+        let fifth = s.begin_new_epoch(boot_b).unwrap();
+        assert_ne!(fifth, fourth);
+        drop(s);
+        let s = Storage::open(dir.path(), false).unwrap();
+        assert_eq!(s.begin_epoch(boot_b).unwrap(), fifth, "and it is kept");
     }
 
     #[test]
