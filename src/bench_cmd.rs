@@ -29,12 +29,24 @@ const EMBEDDED_REPLICAS: usize = 3;
 /// The longest `--duration-s`: past it a typo, not a run (and a deadline
 /// that far off would overflow the clock).
 const DURATION_MAX_S: u64 = 86_400;
+/// The most clients: each keeps latency histograms of its own (about
+/// 140 KiB per operation type), so past this a typo would fill memory.
+const CONCURRENCY_MAX: usize = 10_000;
+/// The most the clients' values may take together (`--value-bytes` ×
+/// `--concurrency`; each client holds its value and a copy per request).
+const CLIENT_VALUES_MAX_BYTES: usize = 4 << 30;
 
 pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if args.concurrency == 0 {
         return Err(Failure::new(
             Exit::Usage,
             "--concurrency must be at least 1",
+        ));
+    }
+    if args.concurrency > CONCURRENCY_MAX {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!("--concurrency must be at most {CONCURRENCY_MAX}"),
         ));
     }
     if args.duration_s == 0 {
@@ -51,6 +63,18 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             Exit::Usage,
             format!(
                 "--value-bytes must be at most {VALUE_MAX_BYTES} (64 MiB less room for a key's bookkeeping)"
+            ),
+        ));
+    }
+    if args.value_bytes.saturating_mul(2 * args.concurrency) > CLIENT_VALUES_MAX_BYTES {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "--value-bytes {} with --concurrency {} would hold {} MiB of values in the clients; the limit is {} MiB: lower one of them",
+                args.value_bytes,
+                args.concurrency,
+                args.value_bytes.saturating_mul(2 * args.concurrency) >> 20,
+                CLIENT_VALUES_MAX_BYTES >> 20
             ),
         ));
     }
@@ -439,15 +463,15 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
     for r in reports {
         for (op, o) in &r.ops {
             println!(
-                "{:<16} {:<7} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>7} {:>8} {:>6}",
+                "{:<16} {:<7} {:>9.0} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}",
                 r.setting.to_string(),
                 op.as_str(),
                 o.ops as f64 / r.elapsed.as_secs_f64(),
-                o.latency_ms(0.5),
-                o.latency_ms(0.95),
-                o.latency_ms(0.99),
-                o.latency_ms(0.999),
-                o.latency_us.max() as f64 / 1000.0,
+                ms(o.latency_ms(0.5), 2),
+                ms(o.latency_ms(0.95), 2),
+                ms(o.latency_ms(0.99), 2),
+                ms(o.latency_ms(0.999), 2),
+                ms(o.latency_ms(1.0), 2),
                 o.errors,
                 o.timeouts,
                 o.shed
@@ -603,7 +627,7 @@ fn report_json(
                 "p95_ms": o.latency_ms(0.95),
                 "p99_ms": o.latency_ms(0.99),
                 "p999_ms": o.latency_ms(0.999),
-                "max_ms": o.latency_us.max() as f64 / 1000.0,
+                "max_ms": o.latency_ms(1.0),
             }))).collect::<serde_json::Map<_, _>>(),
             "reads": r.reads,
             "reads_not_found": r.reads_not_found,
@@ -754,14 +778,14 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         );
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
             println!(
-                "{:<4} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>8} {:>6}",
+                "{:<4} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6}",
                 name,
                 p.ops_per_sec(),
-                p.latency_ms(0.5),
-                p.latency_ms(0.95),
-                p.latency_ms(0.99),
-                p.latency_ms(0.999),
-                p.latency_us.max() as f64 / 1000.0,
+                ms(p.latency_ms(0.5), 3),
+                ms(p.latency_ms(0.95), 3),
+                ms(p.latency_ms(0.99), 3),
+                ms(p.latency_ms(0.999), 3),
+                ms(p.latency_ms(1.0), 3),
                 p.errors,
                 p.timeouts,
                 p.shed
@@ -787,6 +811,11 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
     Ok(Exit::Ok)
 }
 
+/// A latency for a table: `-` where none was recorded.
+fn ms(latency_ms: Option<f64>, decimals: usize) -> String {
+    latency_ms.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
+}
+
 /// What the "shed" column means, for the table's footer.
 const SHED_NOTE: &str = "Shed requests were refused unrun by a node out of memory for requests (--max-request-memory-mb): the load passed what the nodes take in at once; they are not in the latencies.";
 
@@ -809,7 +838,7 @@ fn phase_json(p: &PhaseReport) -> serde_json::Value {
         "p95_ms": p.latency_ms(0.95),
         "p99_ms": p.latency_ms(0.99),
         "p999_ms": p.latency_ms(0.999),
-        "max_ms": p.latency_us.max() as f64 / 1000.0,
+        "max_ms": p.latency_ms(1.0),
     })
 }
 

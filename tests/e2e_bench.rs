@@ -131,6 +131,21 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--updates", "blind"], 2, "unknown update mode"),
         (&["--connections", "0"], 2, "--connections"),
         (&["--worker-threads", "0"], 2, "--worker-threads"),
+        (
+            &["--concurrency", "0"],
+            2,
+            "--concurrency must be at least 1",
+        ),
+        (
+            &["--concurrency", "10001"],
+            2,
+            "--concurrency must be at most 10000",
+        ),
+        (
+            &["--concurrency", "1000", "--value-bytes", "67000000"],
+            2,
+            "would hold 127792 MiB of values in the clients",
+        ),
         (&["--nodes", "2"], 2, "--nodes"),
         (
             &["--nodes", "3", "--cluster", "127.0.0.1:1"],

@@ -102,10 +102,18 @@ impl PhaseReport {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
 
-    /// The `q` quantile (0..=1) of latency, in milliseconds.
-    pub fn latency_ms(&self, q: f64) -> f64 {
-        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    /// The `q` quantile (0..=1) of latency, in milliseconds; `None` with
+    /// none recorded.
+    pub fn latency_ms(&self, q: f64) -> Option<f64> {
+        quantile_ms(&self.latency_us, q)
     }
+}
+
+/// The `q` quantile (0..=1; 1 is the maximum) of a histogram of
+/// microseconds, in milliseconds; `None` if it is empty, where a quantile
+/// would read as 0 ms.
+pub fn quantile_ms(latency_us: &Histogram<u64>, q: f64) -> Option<f64> {
+    (!latency_us.is_empty()).then(|| latency_us.value_at_quantile(q) as f64 / 1000.0)
 }
 
 #[derive(Debug, Clone)]
@@ -310,6 +318,23 @@ async fn phase(
     Ok((report, written_now))
 }
 
-fn new_histogram() -> Histogram<u64> {
+/// Latencies in microseconds, from 1 µs to 60 s at 3 significant digits.
+pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No latency recorded reads as none, not as 0 ms.
+    #[test]
+    fn an_empty_histogram_has_no_quantiles() {
+        let mut h = new_histogram();
+        assert_eq!(quantile_ms(&h, 0.5), None);
+        h.record(1000).unwrap();
+        h.record(2000).unwrap();
+        assert_eq!(quantile_ms(&h, 0.5), Some(1.0));
+        assert_eq!(quantile_ms(&h, 1.0), Some(2.0));
+    }
 }

@@ -57,7 +57,7 @@ use ringkv_node::{CallError, ClusterClient, ClusterKey};
 use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
 use crate::workload::{record_key, KeyChooser, KeyDistribution, Op, Workload};
-use crate::BenchError;
+use crate::{new_histogram, BenchError};
 
 /// The waits after a write's acknowledgement at which staleness is probed, in ms.
 pub const STALENESS_T_MS: &[u64] = &[0, 1, 5, 10, 50, 100];
@@ -206,9 +206,10 @@ impl OpReport {
         let _ = self.latency_us.add(&other.latency_us);
     }
 
-    /// The `q` quantile (0..=1), in milliseconds.
-    pub fn latency_ms(&self, q: f64) -> f64 {
-        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    /// The `q` quantile (0..=1), in milliseconds; `None` with no latency
+    /// recorded (every request failed or was shed).
+    pub fn latency_ms(&self, q: f64) -> Option<f64> {
+        crate::quantile_ms(&self.latency_us, q)
     }
 }
 
@@ -331,10 +332,6 @@ impl SettingReport {
         let (cpu, attempts) = (self.cpu?, self.attempts());
         (attempts > 0).then(|| cpu.as_secs_f64() * 1e6 / attempts as f64)
     }
-}
-
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
 /// A connection to the store under test: a ringkv node, or a RESP server
