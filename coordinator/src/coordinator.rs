@@ -1189,6 +1189,8 @@ fn too_few_members(
     pref: &PreferenceList,
     nothing_done: &str,
 ) -> Option<Response> {
+    // Exact whenever it matters: a key's fallbacks are every other member
+    // up to at least N of them, and `required` is at most N.
     let members = pref.replicas.len() + pref.fallbacks.len();
     (required > members).then(|| {
         unavailable(format!(

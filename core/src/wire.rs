@@ -32,6 +32,11 @@ pub const REPLICAS_MAX: u32 = 64;
 /// list), so one `Join` claiming millions would hang every node that
 /// installs it, and again at each restart.
 pub const VNODES_MAX: u32 = 1024;
+/// The most virtual nodes a cluster's members may have together: a ring of
+/// 65,536 takes about half a second to build, at every membership change
+/// and every start, and twice as many four times that. A join past it is
+/// refused (records already past it, from older versions, still load).
+pub const RING_VNODES_MAX: u64 = 65_536;
 /// How a clock breaks the per-key limits, which no replica may store past:
 /// reads would refuse such a clock as corrupt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -33,7 +33,7 @@ use std::sync::{Arc, RwLock};
 
 use ringkv_core::wire::{
     decode_cluster_record, decode_cluster_record_v2, decode_cluster_record_v3,
-    encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member, Response,
+    encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member, Response, RING_VNODES_MAX,
 };
 use ringkv_core::NodeId;
 use ringkv_ring::Ring;
@@ -377,6 +377,26 @@ impl Membership {
             // removed node still running learns that it must stop.
             return (Response::Joined(record.reply()), false);
         }
+        let vnodes_now: u64 = record.members.values().map(|m| u64::from(m.vnodes)).sum();
+        let vnodes_after = vnodes_now
+            - record
+                .members
+                .get(&join.member.id)
+                .map_or(0, |m| u64::from(m.vnodes))
+            + u64::from(join.member.vnodes);
+        if vnodes_after > RING_VNODES_MAX && vnodes_after > vnodes_now {
+            return (
+                Response::error(
+                    ErrorKind::Refused,
+                    format!(
+                        "with {} the cluster would have {vnodes_after} virtual nodes, above the limit of {RING_VNODES_MAX} \
+                         (building a ring that large takes seconds, at every change); start it with fewer --vnodes",
+                        join.member.id
+                    ),
+                ),
+                false,
+            );
+        }
         if let Some(existing) = record.members.get(&join.member.id) {
             if existing.addr != join.member.addr && join.cluster_id.is_none() {
                 return (
@@ -623,6 +643,44 @@ mod tests {
         })
         .unwrap();
         (m, dir)
+    }
+
+    /// Joins stop where the cluster's virtual nodes would pass
+    /// `RING_VNODES_MAX`; a member announcing itself again always gets in.
+    #[test]
+    fn joins_stop_at_the_rings_virtual_node_limit() {
+        use ringkv_core::wire::VNODES_MAX;
+        let (m, _dir) = cluster_of(3, "n1");
+        let join = |id: &str, port: u16, vnodes: u32| {
+            m.handle_join(JoinRequest {
+                member: Member {
+                    vnodes,
+                    ..member(id, port)
+                },
+                replicas: None,
+                cluster_id: None,
+            })
+        };
+        // 3 × 8 and 63 × 1,024 make 64,536: 1,000 short of the limit.
+        for i in 0..63u16 {
+            let (answer, changed) = join(&format!("big{i}"), 1000 + i, VNODES_MAX);
+            assert!(changed, "{answer:?}");
+        }
+        let (answer, changed) = join("one-too-many", 2000, 1001);
+        let Response::Error(e) = answer else {
+            panic!("refused: {answer:?}")
+        };
+        assert!(!changed);
+        assert!(
+            e.message
+                .contains("65537 virtual nodes, above the limit of 65536"),
+            "{}",
+            e.message
+        );
+        assert!(join("just-fits", 2001, 1000).1, "exactly at the limit");
+        // At the limit, a member's own announce (a restart) still counts.
+        let (answer, _) = join("big0", 1000, VNODES_MAX);
+        assert!(matches!(answer, Response::Joined(_)), "{answer:?}");
     }
 
     #[test]

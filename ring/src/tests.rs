@@ -179,11 +179,40 @@ fn walk(ring: &Ring, key: &[u8]) -> Vec<NodeId> {
     list.replicas.into_iter().chain(list.fallbacks).collect()
 }
 
+/// A large cluster's preference list stops after `max(N, FALLBACKS_MIN)`
+/// fallbacks: distinct, none a replica, and the start of the same walk
+/// whatever N is.
+#[test]
+fn a_large_clusters_fallbacks_are_bounded() {
+    let big = members(&[8; 100]);
+    let ring = Ring::new(big.clone(), 3).unwrap();
+    let wide = Ring::new(big, 20).unwrap();
+    for key in ["a", "b", "c"] {
+        let list = ring.preference_list(key.as_bytes());
+        assert_eq!(list.fallbacks.len(), crate::FALLBACKS_MIN);
+        let mut all = walk(&ring, key.as_bytes());
+        assert!(all
+            .iter()
+            .all(|n| list.replicas.contains(n) == !list.fallbacks.contains(n)));
+        let wide_walk = walk(&wide, key.as_bytes());
+        assert_eq!(
+            wide.preference_list(key.as_bytes()).fallbacks.len(),
+            20,
+            "N of them"
+        );
+        assert_eq!(wide_walk[..all.len()], all[..], "one walk");
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 3 + crate::FALLBACKS_MIN);
+    }
+}
+
 proptest! {
     /// Whatever the members, their virtual nodes and N: a key's replicas
     /// are min(N, members) distinct nodes, the first its primary, and
-    /// replicas and fallbacks together name every member exactly once, in
-    /// an order that does not depend on the order members were given in.
+    /// replicas and fallbacks together name every member exactly once (up
+    /// to 12 members, so fewer than `FALLBACKS_MIN` fallbacks), in an
+    /// order that does not depend on the order members were given in.
     #[test]
     fn preference_lists_hold_for_any_ring(
         vnodes in prop::collection::vec(1u32..=64, 1..=12),
