@@ -193,7 +193,7 @@ fn a_large_clusters_fallbacks_are_bounded() {
         let mut all = walk(&ring, key.as_bytes());
         assert!(all
             .iter()
-            .all(|n| list.replicas.contains(n) == !list.fallbacks.contains(n)));
+            .all(|n| list.replicas.contains(n) != list.fallbacks.contains(n)));
         let wide_walk = walk(&wide, key.as_bytes());
         assert_eq!(
             wide.preference_list(key.as_bytes()).fallbacks.len(),
