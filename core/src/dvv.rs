@@ -49,6 +49,11 @@ use crate::node_id::NodeId;
 /// refused rather than allowed to grow every token and frame without
 /// bound.
 pub const CLOCK_ENTRIES_MAX: usize = 1024;
+/// The most live siblings a clock from the network may hold, all actors
+/// together. A replica keeps far fewer (`--max-siblings`, at most this); the
+/// limit is checked on the archived bytes, before decoding, since a frame
+/// of tiny siblings would decode to several times its size in memory.
+pub const CLOCK_PAYLOADS_MAX: usize = 65_536;
 /// Counters above this are refused as implausible, so `counter + 1` can never
 /// overflow whatever a peer or a token claims.
 pub const COUNTER_MAX: u64 = u64::MAX / 2;
@@ -441,6 +446,56 @@ impl Clock {
 
     fn find(&self, node: &NodeId) -> Result<usize, usize> {
         self.entries.binary_search_by(|e| e.node.cmp(node))
+    }
+}
+
+impl Clock {
+    /// A clock of `siblings` concurrent tombstones of `node` (tests of the
+    /// limits, which `update` would take quadratic time to reach).
+    #[cfg(test)]
+    pub(crate) fn of_tombstones(node: &NodeId, siblings: usize) -> Clock {
+        Clock {
+            entries: vec![Entry {
+                node: node.clone(),
+                counter: siblings as u64,
+                payloads: vec![Payload::Tombstone; siblings],
+            }],
+        }
+    }
+}
+
+impl ArchivedClock {
+    /// Checks the counts a network clock may have ([`CLOCK_ENTRIES_MAX`]
+    /// actors, [`CLOCK_PAYLOADS_MAX`] siblings) on its archived form,
+    /// before decoding allocates for each.
+    pub fn check_counts(&self) -> Result<(), InvalidInput> {
+        if self.entries.len() > CLOCK_ENTRIES_MAX {
+            return Err(InvalidInput::new(format!(
+                "clock names {} actors; the limit is {CLOCK_ENTRIES_MAX}",
+                self.entries.len()
+            )));
+        }
+        let payloads: usize = self.entries.iter().map(|e| e.payloads.len()).sum();
+        if payloads > CLOCK_PAYLOADS_MAX {
+            return Err(InvalidInput::new(format!(
+                "clock holds {payloads} siblings; the limit is {CLOCK_PAYLOADS_MAX}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl ArchivedVersionVector {
+    /// Checks the number of actors ([`CLOCK_ENTRIES_MAX`]) on the archived
+    /// form, before decoding allocates for each.
+    pub fn check_counts(&self) -> Result<(), InvalidInput> {
+        if self.entries.len() > CLOCK_ENTRIES_MAX {
+            return Err(InvalidInput::new(format!(
+                "version vector names {} actors; the limit is {CLOCK_ENTRIES_MAX}",
+                self.entries.len()
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -608,11 +608,53 @@ pub fn encode_response(response: &Response) -> AlignedVec {
     rkyv::to_bytes::<rancor::Error>(response).expect("serialising to memory cannot fail")
 }
 
-/// Checks and decodes a request frame.
+/// Checks and decodes a request frame. The counts of its lists are
+/// checked before it is decoded (see [`ArchivedRequest::check_counts`]).
 pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
-    let request: Request = decode(bytes)?;
+    let request: Request = decode_checked(bytes, ArchivedRequest::check_counts)?;
     request.validate()?;
     Ok(request)
+}
+
+impl ArchivedRequest {
+    /// Checks the lengths of a request's lists against their limits on the
+    /// archived bytes, before decoding: decoding allocates for every item,
+    /// so a frame of millions of tiny keys or siblings would take several
+    /// times its size in memory (which the request memory budget, charged
+    /// by frame bytes, does not see) only to be refused by
+    /// [`Request::validate`].
+    pub fn check_counts(&self) -> Result<(), InvalidInput> {
+        use ArchivedReplicaRequest as R;
+        let ArchivedRequest::Replica(replica) = self else {
+            return Ok(());
+        };
+        match replica {
+            R::Update { context, .. } => context.check_counts(),
+            R::Sync { clock, .. } | R::Hint { clock, .. } => clock.check_counts(),
+            R::ReadBatch { keys } => check_batch(keys.len()),
+            R::SyncBatch { items } => {
+                check_batch(items.len())?;
+                items.iter().try_for_each(|item| item.clock.check_counts())
+            }
+            R::TreeHashes { indexes, .. } => {
+                check_count(indexes.len(), TREE_HASHES_MAX, "tree hashes")
+            }
+            R::LeafItems { leaves, .. } => {
+                check_count(leaves.len(), LEAVES_PER_REQUEST_MAX, "leaves")
+            }
+            R::Read { .. } => Ok(()),
+        }
+    }
+}
+
+/// An error if a request asks for more than `max` of `what`.
+fn check_count(len: usize, max: usize, what: &str) -> Result<(), InvalidInput> {
+    if len > max {
+        return Err(InvalidInput::new(format!(
+            "asks for {len} {what}; the limit is {max}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks and decodes a response frame.
@@ -623,6 +665,20 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
 }
 
 fn decode<T>(bytes: &[u8]) -> Result<T, DecodeError>
+where
+    T: rkyv::Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    decode_checked(bytes, |_| Ok(()))
+}
+
+/// Checks `bytes` as an archive of `T`, then `check` on the archive, and
+/// only then decodes it.
+fn decode_checked<T>(
+    bytes: &[u8],
+    check: impl FnOnce(&T::Archived) -> Result<(), InvalidInput>,
+) -> Result<T, DecodeError>
 where
     T: rkyv::Archive,
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
@@ -645,9 +701,12 @@ where
         aligned = copy;
         &aligned[..]
     };
-    rkyv::from_bytes::<T, rancor::Error>(bytes).map_err(|e| DecodeError::Malformed {
+    let malformed = |e: rancor::Error| DecodeError::Malformed {
         reason: e.to_string(),
-    })
+    };
+    let archived = rkyv::access::<T::Archived, rancor::Error>(bytes).map_err(malformed)?;
+    check(archived)?;
+    rkyv::deserialize::<T, rancor::Error>(archived).map_err(malformed)
 }
 
 /// Encodes a clock for storage (the same rkyv format as on the wire).
@@ -776,13 +835,7 @@ impl Request {
             }
             Request::Replica(ReplicaRequest::TreeHashes { peer, indexes, .. }) => {
                 validate_node_id(peer)?;
-                if indexes.len() > TREE_HASHES_MAX {
-                    return Err(InvalidInput::new(format!(
-                        "asks for {} tree hashes; the limit is {TREE_HASHES_MAX}",
-                        indexes.len()
-                    )));
-                }
-                Ok(())
+                check_count(indexes.len(), TREE_HASHES_MAX, "tree hashes")
             }
             Request::Replica(ReplicaRequest::ReadBatch { keys }) => {
                 check_batch(keys.len())?;
@@ -797,11 +850,13 @@ impl Request {
             }
             Request::Replica(ReplicaRequest::LeafItems { peer, leaves, .. }) => {
                 validate_node_id(peer)?;
-                if leaves.len() > LEAVES_PER_REQUEST_MAX {
-                    return Err(InvalidInput::new(format!(
-                        "asks for {} leaves; the limit is {LEAVES_PER_REQUEST_MAX}",
-                        leaves.len()
-                    )));
+                check_count(leaves.len(), LEAVES_PER_REQUEST_MAX, "leaves")?;
+                // Each leaf once, in order: a repeated one would only
+                // repeat its items in an answer built in memory.
+                if leaves.windows(2).any(|pair| pair[0] >= pair[1]) {
+                    return Err(InvalidInput::new(
+                        "asks for leaves out of order or more than once",
+                    ));
                 }
                 Ok(())
             }
@@ -948,6 +1003,65 @@ mod tests {
         }
         let err = decode_request(&encode_request(&p)).unwrap_err();
         assert!(err.to_string().contains("key is empty"), "{err}");
+    }
+
+    /// Lists longer than their limits are refused from the archived bytes,
+    /// before decoding allocates for each item; leaves must come in order.
+    #[test]
+    fn long_lists_are_refused_before_decoding() {
+        let refused = |request: Request, expected: &str| {
+            let err = decode_request(&encode_request(&request)).unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+        };
+        let node = NodeId::new("n1.00000001").unwrap();
+        refused(
+            Request::Replica(ReplicaRequest::ReadBatch {
+                keys: vec![b"k".to_vec(); REPAIR_BATCH_MAX + 1],
+            }),
+            "batch of 257 keys; the limit is 256",
+        );
+        // Validation after decoding does not count siblings: only the
+        // check on the archive does.
+        let clock = Clock::of_tombstones(&node, crate::dvv::CLOCK_PAYLOADS_MAX + 1);
+        assert!(clock.validate().is_ok());
+        refused(
+            Request::Replica(ReplicaRequest::Sync {
+                key: b"k".to_vec(),
+                clock: clock.clone(),
+            }),
+            "clock holds 65537 siblings; the limit is 65536",
+        );
+        refused(
+            Request::Replica(ReplicaRequest::SyncBatch {
+                items: vec![KeyClock {
+                    key: b"k".to_vec(),
+                    clock,
+                }],
+            }),
+            "clock holds 65537 siblings",
+        );
+        let ok = Clock::of_tombstones(&node, crate::dvv::CLOCK_PAYLOADS_MAX);
+        let sync = Request::Replica(ReplicaRequest::Sync {
+            key: b"k".to_vec(),
+            clock: ok,
+        });
+        assert_eq!(decode_request(&encode_request(&sync)).unwrap(), sync);
+        let leaves = |leaves: Vec<u32>| {
+            Request::Replica(ReplicaRequest::LeafItems {
+                peer: NodeId::new("n2").unwrap(),
+                leaf_bits: 8,
+                ring: 1,
+                leaves,
+            })
+        };
+        refused(leaves(vec![3, 3]), "out of order or more than once");
+        refused(leaves(vec![4, 3]), "out of order or more than once");
+        refused(
+            leaves((0..LEAVES_PER_REQUEST_MAX as u32 + 1).collect()),
+            "asks for 257 leaves",
+        );
+        let fine = leaves(vec![1, 3, 200]);
+        assert_eq!(decode_request(&encode_request(&fine)).unwrap(), fine);
     }
 
     /// A peer's (or the disk's) claims about the cluster's shape are
