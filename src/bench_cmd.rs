@@ -759,7 +759,19 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
     }
     let _ = std::fs::remove_dir_all(&embedded_dir);
     let report = result.map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
-    let out = json!({"put": phase_json(&report.put), "get": phase_json(&report.get), "failovers": report.failovers, "concurrency": config.concurrency, "r": config.r.to_string(), "w": config.w.to_string(), "value_bytes": config.value_bytes, "embedded_nodes": embedded_count});
+    let out = json!({
+        "put": phase_json(&report.put),
+        "get": phase_json(&report.get),
+        "failovers": report.failovers,
+        "concurrency": config.concurrency,
+        "r": config.r.to_string(),
+        "w": config.w.to_string(),
+        "value_bytes": config.value_bytes,
+        "phase_duration_s": config.phase_duration.as_secs_f64(),
+        "request_timeout_ms": config.request_timeout_ms,
+        "cluster": config.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+        "embedded_nodes": embedded_count,
+    });
     if args.json.as_deref() == Some("-") {
         println!("{out}");
     } else {

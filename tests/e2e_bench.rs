@@ -260,6 +260,10 @@ fn putget_runs_on_an_embedded_cluster_of_the_size_asked() {
     let report = json(&out);
     assert_eq!(report["embedded_nodes"], 4);
     assert_eq!(report["w"], "all");
+    // The configuration is in the report, as for the YCSB workloads.
+    assert_eq!(report["cluster"].as_array().unwrap().len(), 4, "{report}");
+    assert_eq!(report["phase_duration_s"], 1.0);
+    assert_eq!(report["request_timeout_ms"], 2000);
     for phase in ["put", "get"] {
         let p = &report[phase];
         assert!(p["ops"].as_u64().unwrap() > 0, "{phase}: {p}");

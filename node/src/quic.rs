@@ -295,11 +295,17 @@ fn answer_frame(response: &Response, max_bytes: usize) -> rkyv::util::AlignedVec
         return encoded;
     }
     metrics::counter!("ringkv_oversized_answers_total").increment(1);
+    // Only a client's read can be helped; a peer's answers are sized by
+    // the node that asks.
+    let advice = if matches!(response, Response::Get(_)) {
+        "; a read of one replica (-r 1) or an overwrite gets past siblings this large"
+    } else {
+        ""
+    };
     encode_response(&Response::error(
         ErrorKind::Unavailable,
         format!(
-            "the answer would take {} bytes, over the {max_bytes}-byte frame limit; a read of \
-             one replica (-r 1) or an overwrite gets past siblings this large",
+            "the answer would take {} bytes, over the {max_bytes}-byte frame limit{advice}",
             encoded.len()
         ),
     ))
@@ -1116,7 +1122,14 @@ mod tests {
             Response::Error(e) => {
                 assert_eq!(e.kind, ErrorKind::Unavailable);
                 assert!(e.message.contains("1024-byte frame limit"), "{}", e.message);
+                assert!(e.message.contains("-r 1"), "a client's read is told how");
             }
+            other => panic!("{other:?}"),
+        }
+        // A peer's answer gets no advice meant for clients.
+        let clocks = Response::Clocks(vec![None; 4096]);
+        match decode_response(&answer_frame(&clocks, 1024)).unwrap() {
+            Response::Error(e) => assert!(e.message.ends_with("frame limit"), "{}", e.message),
             other => panic!("{other:?}"),
         }
     }

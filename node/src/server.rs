@@ -296,7 +296,11 @@ impl LocalReplica {
             let replica = self.replica.clone();
             tokio::task::spawn_blocking(move || replica.handle(request))
                 .await
-                .unwrap_or_else(|e| Response::error(ErrorKind::Internal, e.to_string()))
+                .unwrap_or_else(|e| {
+                    // The panic's message is for the log, not for the peer.
+                    tracing::error!(error = %e, "a replica request's handler failed");
+                    Response::error(ErrorKind::Internal, "the request's handler failed")
+                })
         } else {
             self.replica.handle(request)
         };
