@@ -26,7 +26,9 @@ r = json.load(open(sys.argv[1]))
 for s, predicted in zip(r["settings"], [None, 68.0, 74.0]):
     p50 = s["ops"]["read"]["p50_ms"]
     r_ = s["r"]
-    if predicted is None:
+    if p50 is None:
+        print(f"   R={r_}: no read answered")
+    elif predicted is None:
         print(f"   R={r_}: read p50 {p50:.2f} ms, predicted: local, no emulated delay")
     else:
         print(f"   R={r_}: read p50 {p50:.2f} ms, predicted {predicted} ms ({(p50 / predicted - 1) * 100:+.1f}%)")

@@ -37,9 +37,10 @@ errors = sum(o["errors"] for o in ops.values())
 timeouts = sum(o["timeouts"] for o in ops.values())
 shed = sum(o["shed"] for o in ops.values())
 r, u = ops["read"], ops["update"]
+ms = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # null: nothing answered
 print(f"{s['ops_per_sec']:.0f} ops/s, errors {errors}, timeouts {timeouts}, shed {shed}, failovers {s.get('failovers', '-')}; "
-      f"read p50/p99/max {r['p50_ms']:.2f}/{r['p99_ms']:.2f}/{r['max_ms']:.1f} ms, "
-      f"update p50/p99/max {u['p50_ms']:.2f}/{u['p99_ms']:.2f}/{u['max_ms']:.1f} ms")
+      f"read p50/p99/max {ms(r['p50_ms'])}/{ms(r['p99_ms'])}/{ms(r['max_ms'], 1)} ms, "
+      f"update p50/p99/max {ms(u['p50_ms'])}/{ms(u['p99_ms'])}/{ms(u['max_ms'], 1)} ms")
 for name, o in ops.items():
     if o.get("first_error"):
         print(f"  {name}: first error: {o['first_error']}")

@@ -284,7 +284,7 @@ pub struct LimitArgs {
     #[arg(long, value_name = "BYTES", default_value_t = ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,
     /// Most concurrent values (siblings) a key may hold; further blind writes are refused until a write with a context resolves them.
-    #[arg(long, value_name = "COUNT", default_value_t = ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=ringkv_core::dvv::CLOCK_PAYLOADS_MAX as u64))]
+    #[arg(long, value_name = "COUNT", default_value_t = ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=ringkv_core::dvv::SIBLINGS_CONFIG_MAX as u64))]
     pub max_siblings: usize,
     /// Most connections (clients and peers) served at once; further ones are refused. Leave room for the other nodes.
     #[arg(long, value_name = "COUNT", default_value_t = ringkv_node::server::DEFAULT_MAX_CONNECTIONS)]

@@ -271,7 +271,7 @@ async fn phase(
                 let answer = client
                     .call_within(&request, ycsb::answer_limit(&request))
                     .await;
-                match ycsb::outcome_of(&request, answer, sent.elapsed()) {
+                match ycsb::outcome_of(answer) {
                     Outcome::Read { .. } | Outcome::Written { .. } => {
                         ops += 1;
                         let _ = hist.record(sent.elapsed().as_micros() as u64);

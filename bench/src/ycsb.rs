@@ -50,7 +50,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use ringkv_core::dvv::Payload;
-use ringkv_core::wire::{ErrorKind, GetRequest, PutRequest, Request, Response};
+use ringkv_core::wire::{
+    ErrorKind, ErrorReply, GetRequest, Outcome as ReplicaAnswer, PutRequest, Request, Response,
+};
 use ringkv_core::Consistency;
 use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
@@ -327,9 +329,11 @@ impl SettingReport {
         self.ops.iter().map(|(_, o)| o.attempts()).sum()
     }
 
-    /// CPU microseconds of this process per request attempted.
+    /// CPU microseconds of this process per request attempted (sent: the
+    /// open loop's requests never sent cost nothing).
     pub fn cpu_us_per_op(&self) -> Option<f64> {
-        let (cpu, attempts) = (self.cpu?, self.attempts());
+        let sent = self.attempts().saturating_sub(self.unsent.unwrap_or(0));
+        let (cpu, attempts) = (self.cpu?, sent);
         (attempts > 0).then(|| cpu.as_secs_f64() * 1e6 / attempts as f64)
     }
 }
@@ -377,13 +381,11 @@ impl Conn {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let sent = Instant::now();
         let answer = client.call_within(request, answer_limit(request)).await;
-        let waited = sent.elapsed();
         if !delay.is_zero() && !matches!(answer, Err(CallError::TimedOut { .. })) {
             tokio::time::sleep(delay).await;
         }
-        outcome_of(request, answer, waited)
+        outcome_of(answer)
     }
 
     async fn get(&self, key: &str, r: Consistency, timeout_ms: u32, delay: Duration) -> Outcome {
@@ -455,19 +457,15 @@ pub(crate) fn answer_limit(request: &Request) -> Duration {
     Duration::from_millis(u64::from(request_timeout(request)) + 1000)
 }
 
-/// What a ringkv answer to `request`, or its absence, counts as, the
-/// answer having taken `waited`.
+/// What a ringkv answer, or its absence, counts as.
 ///
-/// A quorum not reached by the request's deadline is a timeout; one the
-/// coordinator gave up on sooner (too many replicas failed outright: a
-/// node down, refusing) is an error, so that it neither shows as a timeout
-/// nor puts a fast failure's latency among the answers'.
-pub(crate) fn outcome_of(
-    request: &Request,
-    answer: Result<Response, CallError>,
-    waited: Duration,
-) -> Outcome {
-    let deadline = Duration::from_millis(u64::from(request_timeout(request)));
+/// A quorum not reached because replicas did not answer in time is a
+/// timeout; one the coordinator gave up on because replicas failed
+/// outright (down, refusing), as its receipt says, is an error, so that a
+/// fast failure neither shows as a timeout nor puts its latency among the
+/// answers'. (Not the time the client waited: a request forwarded to a
+/// replica gives that replica only part of its deadline.)
+pub(crate) fn outcome_of(answer: Result<Response, CallError>) -> Outcome {
     match answer {
         Ok(Response::Get(g)) => Outcome::Read {
             values: g.values,
@@ -477,7 +475,7 @@ pub(crate) fn outcome_of(
             context: Some(p.context),
         },
         Err(CallError::TimedOut { .. }) => Outcome::Timeout,
-        Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached && waited >= deadline => {
+        Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached && some_timed_out(&e) => {
             Outcome::Timeout
         }
         Ok(Response::Error(e)) if e.kind == ErrorKind::Overloaded => Outcome::Shed,
@@ -489,6 +487,17 @@ pub(crate) fn outcome_of(
             reason: e.to_string(),
         },
     }
+}
+
+/// Whether a quorum failure's receipt names a replica that did not answer
+/// in time (or there is no receipt to tell).
+fn some_timed_out(error: &ErrorReply) -> bool {
+    error.receipt.as_ref().is_none_or(|receipt| {
+        receipt
+            .replicas
+            .iter()
+            .any(|r| r.outcome == ReplicaAnswer::Timeout)
+    })
 }
 
 /// The deadline a request carries, in ms.
@@ -1159,32 +1168,50 @@ mod tests {
     }
 
     /// Each kind of answer lands in its own column: a node shedding load
-    /// is neither a failure nor a timeout, and a quorum is a timeout only
-    /// if it failed at the deadline.
+    /// is neither a failure nor a timeout, and a quorum failure is a
+    /// timeout only if a replica did not answer in time.
     #[test]
     fn answers_are_counted_by_kind() {
-        let request = Request::Get(GetRequest {
-            timeout_ms: 100,
-            ..GetRequest::new("k", Consistency::Quorum)
-        });
-        let error = |kind, waited_ms| {
-            outcome_of(
-                &request,
-                Ok(Response::error(kind, "why")),
-                Duration::from_millis(waited_ms),
-            )
+        use ringkv_core::wire::{Receipt, ReplicaOutcome};
+        let error = |kind, receipt: Option<Vec<ReplicaAnswer>>| {
+            let receipt = receipt.map(|outcomes| Receipt {
+                coordinator: None,
+                replicas: outcomes
+                    .into_iter()
+                    .map(|outcome| ReplicaOutcome {
+                        node: ringkv_core::NodeId::new("n1").unwrap(),
+                        outcome,
+                        latency_us: 0,
+                        detail: None,
+                        hint_for: None,
+                    })
+                    .collect(),
+            });
+            outcome_of(Ok(Response::Error(ErrorReply {
+                kind,
+                message: "why".into(),
+                receipt,
+            })))
         };
-        assert!(matches!(error(ErrorKind::Overloaded, 1), Outcome::Shed));
+        use ReplicaAnswer::{Error as Failed, Ok as Answered, Timeout as Late};
+        assert!(matches!(error(ErrorKind::Overloaded, None), Outcome::Shed));
         assert!(matches!(
-            error(ErrorKind::QuorumNotReached, 100),
+            error(
+                ErrorKind::QuorumNotReached,
+                Some(vec![Answered, Late, Failed])
+            ),
             Outcome::Timeout
         ));
         assert!(matches!(
-            error(ErrorKind::QuorumNotReached, 3),
+            error(ErrorKind::QuorumNotReached, None),
+            Outcome::Timeout
+        ));
+        assert!(matches!(
+            error(ErrorKind::QuorumNotReached, Some(vec![Answered, Failed, Failed])),
             Outcome::Error { reason } if reason == "why"
         ));
         assert!(matches!(
-            error(ErrorKind::Refused, 1),
+            error(ErrorKind::Refused, None),
             Outcome::Error { reason } if reason == "why"
         ));
     }

@@ -584,6 +584,9 @@ fn check_limits(clock: &Clock) -> Result<(), ReplicaError> {
         Some(ClockOverLimit::Bytes { bytes, limit }) => {
             Err(ReplicaError::TooLarge { bytes, limit })
         }
+        Some(ClockOverLimit::Siblings { siblings, limit }) => {
+            Err(ReplicaError::TooManySiblings { siblings, limit })
+        }
     }
 }
 

@@ -49,11 +49,18 @@ use crate::node_id::NodeId;
 /// refused rather than allowed to grow every token and frame without
 /// bound.
 pub const CLOCK_ENTRIES_MAX: usize = 1024;
-/// The most live siblings a clock from the network may hold, all actors
-/// together. A replica keeps far fewer (`--max-siblings`, at most this); the
-/// limit is checked on the archived bytes, before decoding, since a frame
-/// of tiny siblings would decode to several times its size in memory.
+/// The most live siblings a clock may hold, all actors together: past it a
+/// write or a merge is refused (`wire::clock_over_limit`), as past the
+/// actor or byte limits, so no stored clock is one that no request could
+/// carry. Requests are checked on their archived bytes, before decoding,
+/// since a frame of tiny siblings would decode to several times its size
+/// in memory. A replica's own writes stop far sooner (`--max-siblings`, at
+/// most `SIBLINGS_CONFIG_MAX`), so only merges of many replicas' blind
+/// writes could come near it.
 pub const CLOCK_PAYLOADS_MAX: usize = 65_536;
+/// The highest `--max-siblings`: N replicas' worth of it, merged, stays
+/// under [`CLOCK_PAYLOADS_MAX`] for N up to 6.
+pub const SIBLINGS_CONFIG_MAX: usize = 10_000;
 /// Counters above this are refused as implausible, so `counter + 1` can never
 /// overflow whatever a peer or a token claims.
 pub const COUNTER_MAX: u64 = u64::MAX / 2;

@@ -45,6 +45,9 @@ pub enum ClockOverLimit {
     Actors { actors: usize, limit: usize },
     /// It takes more than [`CLOCK_MAX_BYTES`].
     Bytes { bytes: usize, limit: usize },
+    /// It holds more than [`CLOCK_PAYLOADS_MAX`](crate::dvv::CLOCK_PAYLOADS_MAX)
+    /// siblings, which no request could carry to another node.
+    Siblings { siblings: usize, limit: usize },
 }
 
 /// Whether `clock` may be stored: `None`, or the limit it breaks.
@@ -59,6 +62,11 @@ pub fn clock_over_limit(clock: &Clock) -> Option<ClockOverLimit> {
         Some(ClockOverLimit::Bytes {
             bytes,
             limit: CLOCK_MAX_BYTES,
+        })
+    } else if clock.sibling_count() > crate::dvv::CLOCK_PAYLOADS_MAX {
+        Some(ClockOverLimit::Siblings {
+            siblings: clock.sibling_count(),
+            limit: crate::dvv::CLOCK_PAYLOADS_MAX,
         })
     } else {
         None
@@ -1014,12 +1022,15 @@ mod tests {
             assert!(err.to_string().contains(expected), "{err}");
         };
         let node = NodeId::new("n1.00000001").unwrap();
-        refused(
-            Request::Replica(ReplicaRequest::ReadBatch {
-                keys: vec![b"k".to_vec(); REPAIR_BATCH_MAX + 1],
-            }),
-            "batch of 257 keys; the limit is 256",
-        );
+        // The check on the archive itself, apart from decoding.
+        let batch = Request::Replica(ReplicaRequest::ReadBatch {
+            keys: vec![b"k".to_vec(); REPAIR_BATCH_MAX + 1],
+        });
+        let bytes = encode_request(&batch);
+        let archived = rkyv::access::<ArchivedRequest, rancor::Error>(&bytes).unwrap();
+        let err = archived.check_counts().unwrap_err();
+        assert!(err.to_string().contains("batch of 257 keys"), "{err}");
+        refused(batch, "batch of 257 keys; the limit is 256");
         // Validation after decoding does not count siblings: only the
         // check on the archive does.
         let clock = Clock::of_tombstones(&node, crate::dvv::CLOCK_PAYLOADS_MAX + 1);
@@ -1040,7 +1051,19 @@ mod tests {
             }),
             "clock holds 65537 siblings",
         );
+        // No replica stores a clock that no request could carry.
+        assert!(matches!(
+            clock_over_limit(&Clock::of_tombstones(
+                &node,
+                crate::dvv::CLOCK_PAYLOADS_MAX + 1
+            )),
+            Some(ClockOverLimit::Siblings {
+                siblings: 65537,
+                limit: 65536
+            })
+        ));
         let ok = Clock::of_tombstones(&node, crate::dvv::CLOCK_PAYLOADS_MAX);
+        assert_eq!(clock_over_limit(&ok), None);
         let sync = Request::Replica(ReplicaRequest::Sync {
             key: b"k".to_vec(),
             clock: ok,

@@ -189,6 +189,12 @@ impl Membership {
         }
         // A restart may come with a new address (e.g. port 0 in tests).
         if let Some(r) = &mut record {
+            // Or more --vnodes, which its peers would refuse past the limit.
+            if let Some(total) = vnodes_past_limit(r, &me) {
+                return Err(NodeError::Config {
+                    reason: vnodes_refusal(&me, total),
+                });
+            }
             r.members.insert(me.id.clone(), me.clone());
         }
         let membership = Membership {
@@ -377,26 +383,7 @@ impl Membership {
             // removed node still running learns that it must stop.
             return (Response::Joined(record.reply()), false);
         }
-        let vnodes_now: u64 = record.members.values().map(|m| u64::from(m.vnodes)).sum();
-        let vnodes_after = vnodes_now
-            - record
-                .members
-                .get(&join.member.id)
-                .map_or(0, |m| u64::from(m.vnodes))
-            + u64::from(join.member.vnodes);
-        if vnodes_after > RING_VNODES_MAX && vnodes_after > vnodes_now {
-            return (
-                Response::error(
-                    ErrorKind::Refused,
-                    format!(
-                        "with {} the cluster would have {vnodes_after} virtual nodes, above the limit of {RING_VNODES_MAX} \
-                         (building a ring that large takes seconds, at every change); start it with fewer --vnodes",
-                        join.member.id
-                    ),
-                ),
-                false,
-            );
-        }
+
         if let Some(existing) = record.members.get(&join.member.id) {
             if existing.addr != join.member.addr && join.cluster_id.is_none() {
                 return (
@@ -417,6 +404,15 @@ impl Membership {
             .members
             .get(&join.member.id)
             .is_none_or(|existing| supersedes(&join.member, existing));
+        if let Some(total) = changed
+            .then(|| vnodes_past_limit(record, &join.member))
+            .flatten()
+        {
+            return (
+                Response::error(ErrorKind::Refused, vnodes_refusal(&join.member, total)),
+                false,
+            );
+        }
         if changed {
             let mut next = record.clone();
             next.members.insert(join.member.id.clone(), join.member);
@@ -534,6 +530,29 @@ impl Membership {
 /// incarnation does; at the same one (only a data dir started afresh gives
 /// two entries one, until the node raises its count) the greater content
 /// wins, so that every member picks the same whatever order they meet in.
+/// The cluster's virtual nodes with `member` in `record` (in place of its
+/// entry there, if any), if that passes `RING_VNODES_MAX` and is more than
+/// now: a member may always come back as it was.
+fn vnodes_past_limit(record: &ClusterRecord, member: &Member) -> Option<u64> {
+    let now: u64 = record.members.values().map(|m| u64::from(m.vnodes)).sum();
+    let held = record
+        .members
+        .get(&member.id)
+        .map_or(0, |m| u64::from(m.vnodes));
+    let after = now - held + u64::from(member.vnodes);
+    (after > RING_VNODES_MAX && after > now).then_some(after)
+}
+
+/// Why `member` cannot join with its virtual nodes, the cluster then
+/// having `total`.
+fn vnodes_refusal(member: &Member, total: u64) -> String {
+    format!(
+        "with {} the cluster would have {total} virtual nodes, above the limit of {RING_VNODES_MAX} \
+         (a ring that large takes seconds to build, at every change); start it with fewer --vnodes",
+        member.id
+    )
+}
+
 fn supersedes(new: &Member, held: &Member) -> bool {
     // Borrowed: compared on every gossip merge, and a &str or Option<&str>
     // orders as its owned form does.
@@ -678,9 +697,65 @@ mod tests {
             e.message
         );
         assert!(join("just-fits", 2001, 1000).1, "exactly at the limit");
-        // At the limit, a member's own announce (a restart) still counts.
+        // At the limit, a member's own announce (a restart) still counts,
+        // and so does a stale one; one with more virtual nodes does not.
         let (answer, _) = join("big0", 1000, VNODES_MAX);
         assert!(matches!(answer, Response::Joined(_)), "{answer:?}");
+        let restarted = |vnodes| {
+            m.handle_join(JoinRequest {
+                member: Member {
+                    vnodes,
+                    incarnation: 2,
+                    ..member("n2", 2)
+                },
+                replicas: None,
+                cluster_id: Some(9),
+            })
+        };
+        assert!(matches!(restarted(9).0, Response::Error(_)), "8 before");
+        let (answer, changed) = restarted(7);
+        assert!(
+            changed && matches!(answer, Response::Joined(_)),
+            "{answer:?}"
+        );
+    }
+
+    /// A member restarted with more virtual nodes than the cluster has
+    /// room for refuses to start, rather than put them in its own record.
+    #[test]
+    fn a_restart_past_the_virtual_node_limit_is_refused() {
+        let (m, dir) = cluster_of(2, "n1");
+        let big: Vec<Member> = (0..63u16)
+            .map(|i| Member {
+                vnodes: ringkv_core::wire::VNODES_MAX,
+                ..member(&format!("big{i}"), 100 + i)
+            })
+            .collect();
+        for b in &big {
+            assert!(
+                m.handle_join(JoinRequest {
+                    member: b.clone(),
+                    replicas: None,
+                    cluster_id: None,
+                })
+                .1
+            );
+        }
+        drop(m);
+        let storage = Arc::new(Storage::open(dir.path(), false).unwrap());
+        // 2 × 8 and 63 × 1,024 make 64,528: n1 at 1,024 would pass 65,536.
+        let more = Member {
+            vnodes: ringkv_core::wire::VNODES_MAX,
+            ..member("n1", 1)
+        };
+        let err = Membership::load(storage.clone(), more, None)
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("above the limit of 65536"),
+            "{err}"
+        );
+        assert!(Membership::load(storage, member("n1", 1), None).is_ok());
     }
 
     #[test]

@@ -165,9 +165,16 @@ impl Ring {
         self.inner.is_empty()
     }
 
-    /// The key's replicas and fallbacks.
+    /// The key's whole walk of the ring: every member once, replicas
+    /// first. Lazy, since each further node costs more than the one before
+    /// (see [`FALLBACKS_MIN`]).
+    pub fn walk<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = &'a NodeId> + 'a {
+        self.inner.replicas(RingKey(key)).map(|n| &n.0)
+    }
+
+    /// The key's replicas and fallbacks: the start of its [`Ring::walk`].
     pub fn preference_list(&self, key: &[u8]) -> PreferenceList {
-        let mut all = self.inner.replicas(RingKey(key)).map(|n| n.0.clone());
+        let mut all = self.walk(key).cloned();
         let replicas: Vec<NodeId> = all.by_ref().take(self.replicas).collect();
         PreferenceList {
             replicas,
