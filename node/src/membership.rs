@@ -28,8 +28,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use ringkv_core::wire::{
     decode_cluster_record, decode_cluster_record_v2, decode_cluster_record_v3,
@@ -119,8 +120,48 @@ pub struct Membership {
     /// holds for an earlier life of this id (a data dir started afresh).
     incarnation: AtomicU64,
     storage: Arc<Storage>,
-    /// `None` until this node has formed or joined a cluster.
+    /// `None` until this node has formed or joined a cluster. Replaced
+    /// only once the new record is stored (see [`RecordChange`]).
     record: RwLock<Option<ClusterRecord>>,
+    /// Held by the one change of `record` under way.
+    changes: Mutex<()>,
+}
+
+/// A change of the record in progress: it holds `Membership::changes`, so
+/// changes run one at a time, and works on a copy of the record, which it
+/// puts in place when dropped (if it was borrowed mutably). A change
+/// stores the new record (two fsyncs) before it writes the copy, as before;
+/// what differs is that the readers of the record (every request's
+/// address lookup, on the async workers) wait only for the swap, not for
+/// the fsyncs.
+struct RecordChange<'a> {
+    _one_at_a_time: MutexGuard<'a, ()>,
+    published: &'a RwLock<Option<ClusterRecord>>,
+    record: Option<ClusterRecord>,
+    touched: bool,
+}
+
+impl Deref for RecordChange<'_> {
+    type Target = Option<ClusterRecord>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.record
+    }
+}
+
+impl DerefMut for RecordChange<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.touched = true;
+        &mut self.record
+    }
+}
+
+impl Drop for RecordChange<'_> {
+    fn drop(&mut self) {
+        if self.touched {
+            *self.published.write().unwrap_or_else(|p| p.into_inner()) = self.record.take();
+        }
+    }
 }
 
 impl Membership {
@@ -202,6 +243,7 @@ impl Membership {
             me,
             storage,
             record: RwLock::new(record),
+            changes: Mutex::new(()),
         };
         if let Some(r) = membership.record() {
             membership.persist(&r)?;
@@ -242,9 +284,21 @@ impl Membership {
             members: BTreeMap::from([(self.me.id.clone(), self.me())]),
             removed: BTreeSet::new(),
         };
+        let mut change = self.change();
         self.persist(&record)?;
-        *self.record.write().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        *change = Some(record);
         Ok(())
+    }
+
+    /// Begins a change of the record (see [`RecordChange`]).
+    fn change(&self) -> RecordChange<'_> {
+        let one_at_a_time = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        RecordChange {
+            _one_at_a_time: one_at_a_time,
+            published: &self.record,
+            record: self.record(),
+            touched: false,
+        }
     }
 
     /// Adopts what a seed (or an announced-to member) answered. Returns
@@ -252,7 +306,7 @@ impl Membership {
     /// answer says this node was removed; the record then keeps that, so
     /// that the next start refuses at once.
     pub fn adopt(&self, reply: JoinReply) -> Result<bool, NodeError> {
-        let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.change();
         let mut record = match guard.clone() {
             Some(mine) if mine.cluster_id != reply.cluster_id => {
                 return Err(NodeError::JoinRefused {
@@ -326,7 +380,7 @@ impl Membership {
     /// Serves another node's join or announcement. Returns the answer and
     /// whether the member list changed.
     pub fn handle_join(&self, join: JoinRequest) -> (Response, bool) {
-        let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.change();
         let Some(record) = guard.as_mut() else {
             return (
                 Response::error(
@@ -441,7 +495,7 @@ impl Membership {
         id: &NodeId,
         enforce_n: bool,
     ) -> Result<(JoinReply, bool), (ErrorKind, String)> {
-        let mut guard = self.record.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.change();
         let Some(record) = guard.as_mut() else {
             return Err((
                 ErrorKind::NotServing,
@@ -526,10 +580,6 @@ impl Membership {
     }
 }
 
-/// Whether entry `new` replaces `held` for the same node: a later
-/// incarnation does; at the same one (only a data dir started afresh gives
-/// two entries one, until the node raises its count) the greater content
-/// wins, so that every member picks the same whatever order they meet in.
 /// The cluster's virtual nodes with `member` in `record` (in place of its
 /// entry there, if any), if that passes `RING_VNODES_MAX` and is more than
 /// now: a member may always come back as it was.
@@ -553,6 +603,10 @@ fn vnodes_refusal(member: &Member, total: u64) -> String {
     )
 }
 
+/// Whether entry `new` replaces `held` for the same node: a later
+/// incarnation does; at the same one (only a data dir started afresh gives
+/// two entries one, until the node raises its count) the greater content
+/// wins, so that every member picks the same whatever order they meet in.
 fn supersedes(new: &Member, held: &Member) -> bool {
     // Borrowed: compared on every gossip merge, and a &str or Option<&str>
     // orders as its owned form does.
@@ -662,6 +716,30 @@ mod tests {
         })
         .unwrap();
         (m, dir)
+    }
+
+    /// A change under way (storing the record: two fsyncs) does not hold
+    /// up address lookups, which every request makes; the change is seen
+    /// once it is over, not before.
+    #[test]
+    fn lookups_do_not_wait_for_a_change_under_way() {
+        let (m, _dir) = cluster_of(3, "n1");
+        let m = Arc::new(m);
+        let n3 = NodeId::new("n3").unwrap();
+        let mut change = m.change();
+        change.as_mut().unwrap().members.remove(&n3);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lookup = {
+            let (m, n3) = (m.clone(), n3.clone());
+            std::thread::spawn(move || tx.send(m.addr_of(&n3)).unwrap())
+        };
+        let seen = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the lookup did not wait for the change");
+        assert!(seen.is_some(), "the change is not seen before it is over");
+        lookup.join().unwrap();
+        drop(change);
+        assert_eq!(m.addr_of(&n3), None, "and is once it is");
     }
 
     /// Joins stop where the cluster's virtual nodes would pass
