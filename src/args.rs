@@ -134,7 +134,7 @@ pub struct BenchArgs {
     /// YCSB core workload: a (50% read, 50% update), b (95/5), c (read only), d (read latest, 5% insert), f (read-modify-write); or putget.
     #[arg(long, value_name = "NAME", default_value = "a")]
     pub workload: String,
-    /// Records loaded before the run phase.
+    /// Records loaded before the run phase (YCSB workloads; putget writes its own keys).
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub records: u64,
     /// Consistency settings to run, each reported side by side (repeatable, comma-separated): one, quorum, all, a count (R = W), or a pair r=R,w=W (also r=R:w=W). E.g. --consistency one,quorum --consistency r=1,w=2. Default: one, quorum and all.
@@ -143,7 +143,7 @@ pub struct BenchArgs {
     /// Concurrent clients, spread over the nodes.
     #[arg(long, value_name = "C", default_value_t = 16)]
     pub concurrency: usize,
-    /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C or more to give every client its own. Not used with --target resp://, where each client has its own TCP connection.
+    /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C or more to give every client its own. Not used with --target resp://, where each client has its own TCP connection, nor by putget.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: u32,
     /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). Default: closed loop.
@@ -158,7 +158,7 @@ pub struct BenchArgs {
     /// Size of each written value.
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     pub value_bytes: usize,
-    /// How YCSB updates write: overwrite (replace what the coordinating replica holds, like SET; only writes coordinated concurrently by different nodes become siblings) or context (write with the context of the last version this client saw; concurrent updates of hot keys pile up siblings).
+    /// How YCSB updates write: overwrite (replace what the coordinating replica holds, like SET; only writes coordinated concurrently by different nodes become siblings) or context (write with the context of the last version this client saw; concurrent updates of hot keys pile up siblings). YCSB workloads only.
     #[arg(long, value_name = "MODE", default_value = "overwrite", value_parser = ringkv_bench::ycsb::UpdateMode::parse)]
     pub updates: ringkv_bench::ycsb::UpdateMode,
     /// Which records reads and updates choose (YCSB's requestdistribution): zipfian (constant 0.99, scrambled over the records), latest (the newest records most often) or uniform. Default: the workload's own (latest for d, zipfian for the rest).
@@ -174,12 +174,12 @@ pub struct BenchArgs {
         default_value = "preset:cloud3"
     )]
     pub regions: String,
-    /// Read consistency for --workload putget (for YCSB workloads, use --consistency).
-    #[arg(short = 'r', long = "r", value_name = "R", default_value = "quorum", value_parser = parse_consistency)]
-    pub r: Consistency,
-    /// Write consistency for --workload putget.
-    #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
-    pub w: Consistency,
+    /// Read consistency for --workload putget (default quorum); YCSB workloads take --consistency instead.
+    #[arg(short = 'r', long = "r", value_name = "R", value_parser = parse_consistency)]
+    pub r: Option<Consistency>,
+    /// Write consistency for --workload putget (default quorum).
+    #[arg(short = 'w', long = "w", value_name = "W", value_parser = parse_consistency)]
+    pub w: Option<Consistency>,
     /// Draw latency CDFs (one curve per setting and operation) and the staleness curve to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<std::path::PathBuf>,

@@ -96,7 +96,13 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         .map(str::parse::<KeyDistribution>)
         .transpose()
         .map_err(|e| Failure::new(Exit::Usage, format!("--request-distribution: {e}")))?;
-    let cluster_key = crate::key_cmd::load(&args.key)?;
+    // A RESP target takes no cluster key: one named by the environment
+    // for the ringkv cluster must not stop a Redis run.
+    let cluster_key = if args.target.is_some() {
+        None
+    } else {
+        crate::key_cmd::load(&args.key)?
+    };
     if args.workload == "putget" {
         // putget is the older phase benchmark: ringkv only, no settings.
         let ycsb_only = [
@@ -113,6 +119,17 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             ));
         }
         return putget(args, cluster_key).await;
+    }
+    if let Some(flag) = [("-r", args.r.is_some()), ("-w", args.w.is_some())]
+        .iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "{flag} sets --workload putget's consistency; YCSB workloads take --consistency (e.g. --consistency r=2,w=2, or quorum)"
+            ),
+        ));
     }
     let workload: Workload =
         args.workload
@@ -415,11 +432,11 @@ async fn run_all(
     // The results first: a plot that cannot be written must not lose them.
     let out = report_json(config, args, embedded_nodes, replicas, &reports, cpu_scope);
     match args.json.as_deref() {
-        Some("-") => println!("{out}"),
+        Some("-") => outln!("{out}"),
         Some(path) => {
             print_table(&reports, cpu_scope);
             write_whole(Path::new(path), format!("{out:#}\n").as_bytes()).map_err(|e| {
-                Failure::new(Exit::Usage, format!("--json {path}: cannot write it: {e}"))
+                Failure::new(Exit::Output, format!("--json {path}: cannot write it: {e}"))
             })?;
         }
         None => print_table(&reports, cpu_scope),
@@ -430,7 +447,7 @@ async fn run_all(
             .and_then(|svg| {
                 write_whole(path, svg.as_bytes()).map_err(|e| {
                     Failure::new(
-                        Exit::Usage,
+                        Exit::Output,
                         format!("--plot {}: cannot write it: {e}", path.display()),
                     )
                 })
@@ -446,7 +463,7 @@ async fn run_all(
 }
 
 fn print_table(reports: &[SettingReport], cpu_scope: &str) {
-    println!(
+    outln!(
         "{:<16} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}",
         "setting",
         "op",
@@ -462,7 +479,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
     );
     for r in reports {
         for (op, o) in &r.ops {
-            println!(
+            outln!(
                 "{:<16} {:<7} {:>9.0} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}",
                 r.setting.to_string(),
                 op.as_str(),
@@ -483,18 +500,18 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
         .filter_map(|r| Some(format!("{} {:.0} µs", r.setting, r.cpu_us_per_op()?)))
         .collect();
     if !per_op.is_empty() {
-        println!("CPU per operation ({cpu_scope}): {}", per_op.join(", "));
+        outln!("CPU per operation ({cpu_scope}): {}", per_op.join(", "));
     }
     for r in reports {
         if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
-            println!(
+            outln!(
                 "{}: {unsent} requests came due but were never sent (every client stayed busy until a request timeout past the end): the store fell far behind --rate; they count as timeouts above, at what they had waited by then",
                 r.setting
             );
         }
         for (op, o) in &r.ops {
             if let Some(reason) = &o.first_error {
-                println!(
+                outln!(
                     "{} {}: {} errors; the first: {reason}",
                     r.setting,
                     op.as_str(),
@@ -503,12 +520,14 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
             }
         }
         if r.failovers > 0 {
-            println!("{}: {}", r.setting, failovers_note(r.failovers));
+            outln!("{}: {}", r.setting, failovers_note(r.failovers));
         }
         if r.reads_not_found > 0 {
-            println!(
+            outln!(
                 "{}: {} of {} reads found no value (records whose load or insert failed)",
-                r.setting, r.reads_not_found, r.reads
+                r.setting,
+                r.reads_not_found,
+                r.reads
             );
         }
     }
@@ -516,20 +535,20 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
         .iter()
         .any(|r| r.ops.iter().any(|(_, o)| o.timeouts > 0))
     {
-        println!("Latencies include timed-out requests, at the time the client gave up.");
+        outln!("Latencies include timed-out requests, at the time the client gave up.");
     }
     if reports
         .iter()
         .any(|r| r.ops.iter().any(|(_, o)| o.shed > 0))
     {
-        println!("{SHED_NOTE}");
+        outln!("{SHED_NOTE}");
     }
-    println!();
+    outln!();
     let header: Vec<String> = ycsb::STALENESS_T_MS
         .iter()
         .map(|t| format!("fresh@{t}ms"))
         .collect();
-    println!(
+    outln!(
         "{:<16} {:>10} {:>9} {:>9} {}",
         "setting",
         "siblings",
@@ -560,7 +579,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
                 }
             })
             .collect();
-        println!(
+        outln!(
             "{:<16} {:>9.2}% {mean:>9.2} {:>9} {fresh}",
             r.setting.to_string(),
             siblings * 100.0,
@@ -569,7 +588,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
     }
     for r in reports {
         if let Some(why) = &r.staleness_skipped {
-            println!("{}: staleness not measured: {why}", r.setting);
+            outln!("{}: staleness not measured: {why}", r.setting);
         }
     }
 }
@@ -672,8 +691,17 @@ fn check_output_path(flag: &str, path: Option<&Path>) -> Result<(), Failure> {
             format!("{flag} {}: {problem}", path.display()),
         ))
     };
+    if path.as_os_str().is_empty() {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!("{flag}: the path is empty"),
+        ));
+    }
     if path.is_dir() {
         return usage("is a directory".into());
+    }
+    if path.as_os_str().to_string_lossy().ends_with('/') {
+        return usage("ends in '/': give a file name".into());
     }
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -700,8 +728,8 @@ fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The older benchmark: a put phase of new keys, then a get phase of them.
 async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit, Failure> {
     let setting = [Setting {
-        r: args.r,
-        w: args.w,
+        r: args.r.unwrap_or(Consistency::Quorum),
+        w: args.w.unwrap_or(Consistency::Quorum),
         resp: false,
     }];
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
@@ -732,8 +760,8 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         concurrency: args.concurrency,
         phase_duration: Duration::from_secs(args.duration_s),
         value_bytes: args.value_bytes,
-        r: args.r,
-        w: args.w,
+        r: args.r.unwrap_or(Consistency::Quorum),
+        w: args.w.unwrap_or(Consistency::Quorum),
         request_timeout_ms: 2000,
         cluster_key,
     };
@@ -773,9 +801,9 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         "embedded_nodes": embedded_count,
     });
     if args.json.as_deref() == Some("-") {
-        println!("{out}");
+        outln!("{out}");
     } else {
-        println!(
+        outln!(
             "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6}",
             "op",
             "ops/s",
@@ -789,7 +817,7 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
             "shed"
         );
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
-            println!(
+            outln!(
                 "{:<4} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6}",
                 name,
                 p.ops_per_sec(),
@@ -805,19 +833,19 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         }
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
             if let Some(reason) = &p.first_error {
-                println!("{name}: {} errors; the first: {reason}", p.errors);
+                outln!("{name}: {} errors; the first: {reason}", p.errors);
             }
         }
         if report.failovers > 0 {
-            println!("{}", failovers_note(report.failovers));
+            outln!("{}", failovers_note(report.failovers));
         }
         if report.put.shed + report.get.shed > 0 {
-            println!("{SHED_NOTE}");
+            outln!("{SHED_NOTE}");
         }
     }
     if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
         write_whole(Path::new(path), format!("{out:#}\n").as_bytes()).map_err(|e| {
-            Failure::new(Exit::Usage, format!("--json {path}: cannot write it: {e}"))
+            Failure::new(Exit::Output, format!("--json {path}: cannot write it: {e}"))
         })?;
     }
     Ok(Exit::Ok)

@@ -95,10 +95,21 @@ pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
                 reply.values.len()
             );
         }
+        // A value cut short (a full disk) must not pass for the value.
+        let newline = std::io::stdout().is_terminal() || reply.values.len() > 1;
         for value in &reply.values {
-            let _ = stdout.write_all(value);
-            if std::io::stdout().is_terminal() || reply.values.len() > 1 {
-                let _ = stdout.write_all(b"\n");
+            let written = stdout
+                .write_all(value)
+                .and_then(|()| {
+                    if newline {
+                        stdout.write_all(b"\n")
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| stdout.flush());
+            if let Err(e) = written {
+                crate::output_failed(&e);
             }
         }
         eprintln!("context: {}", reply.context);
@@ -387,7 +398,11 @@ async fn connect(
 /// node may be asked follows the rule `ClusterClient` follows
 /// (`ran_nothing`): only when nothing of the request ran.
 async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
-    let outcome = client.call(request).await;
+    answer_or_failure(client.call(request).await)
+}
+
+/// A call's answer, or the failure it comes to (see [`call`]).
+fn answer_or_failure(outcome: Result<Response, CallError>) -> Result<Response, Failure> {
     let ran_nothing = ringkv_node::cluster_client::ran_nothing(&outcome);
     let mut failure = match outcome {
         Ok(Response::Error(e)) => match e.kind {
@@ -403,9 +418,17 @@ async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
         Err(e @ CallError::Refused(_)) => Failure::new(Exit::Unreachable, e.to_string()),
         // The node stopped before it read the request: nothing ran.
         Err(e @ CallError::Unread(_)) => Failure::new(Exit::Quorum, e.to_string()),
+        Err(e @ CallError::Protocol(_)) => Failure::new(
+            Exit::Internal,
+            format!("the node's answer could not be read: {e}"),
+        ),
+        Err(e) if ran_nothing => {
+            Failure::new(Exit::Unreachable, format!("cannot reach the node: {e}"))
+        }
+        // Exit 4 tells a script that retrying is safe; this is not.
         Err(e) => Failure::new(
-            Exit::Unreachable,
-            format!("the node dropped the request: {e}"),
+            Exit::Quorum,
+            format!("the node dropped the request, which may have run: {e}"),
         ),
     };
     failure.ran_nothing = ran_nothing;
@@ -434,15 +457,48 @@ pub fn resolve_addr(flag: &str, addr: &str) -> Result<SocketAddr, String> {
 }
 
 fn unexpected(response: Response) -> Failure {
+    // Its start says what it was; the rest may be a whole value's bytes.
+    let text: String = format!("{response:?}")
+        .chars()
+        .take(UNEXPECTED_SHOWN_CHARS)
+        .collect();
     Failure::new(
         Exit::Internal,
-        format!("the node gave an unexpected answer: {response:?}"),
+        format!("the node gave an unexpected answer: {text}…"),
     )
 }
+
+/// How much of an unexpected answer an error shows.
+const UNEXPECTED_SHOWN_CHARS: usize = 120;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection lost under a request may have run it: not exit 4,
+    /// which tells a script that a retry is safe. One never made is 4; an
+    /// answer that cannot be read is the node's failure.
+    #[test]
+    fn lost_requests_are_told_apart_from_unreached_nodes() {
+        let exit = |e| answer_or_failure(Err(e)).unwrap_err();
+        let lost = exit(CallError::Connection("reset".into()));
+        assert_eq!((lost.exit, lost.ran_nothing), (Exit::Quorum, false));
+        assert!(lost.message.contains("may have run"), "{}", lost.message);
+        let late = exit(CallError::TimedOut {
+            limit: Duration::from_secs(1),
+        });
+        assert_eq!(late.exit, Exit::Quorum);
+        let never = exit(CallError::Connect("refused".into()));
+        assert_eq!((never.exit, never.ran_nothing), (Exit::Unreachable, true));
+        assert_eq!(
+            exit(CallError::Protocol("garbage".into())).exit,
+            Exit::Internal
+        );
+        assert_eq!(
+            exit(CallError::Refused("no key".into())).exit,
+            Exit::Unreachable
+        );
+    }
 
     // Only IP literals: looking them up needs no resolver or network.
     #[test]

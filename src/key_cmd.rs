@@ -11,7 +11,7 @@ use crate::{Exit, Failure};
 pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
     let key = ClusterKey::generate().map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
     let Some(path) = args.out else {
-        println!("{key}");
+        outln!("{key}");
         return Ok(Exit::Ok);
     };
     let mut options = std::fs::OpenOptions::new();

@@ -4,6 +4,18 @@
 //! become one `error:` line on stderr and an exit status that scripts can
 //! rely on (see [`Exit`]).
 
+/// `println!`, except that a failed write (a full disk, a closed
+/// terminal) ends the process with an error and exit status 6 rather than
+/// a panic. (A closed pipe ends it quietly: see `restore_sigpipe`.)
+macro_rules! outln {
+    () => {
+        $crate::write_stdout(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod args;
 mod bench_cmd;
 mod client_cmd;
@@ -34,6 +46,9 @@ pub enum Exit {
     Unreachable = 4,
     /// The node failed internally.
     Internal = 5,
+    /// The output could not be written (stdout, or a `--json`/`--plot`
+    /// file): a full disk, a closed terminal.
+    Output = 6,
 }
 
 impl Exit {
@@ -46,6 +61,7 @@ impl Exit {
             Exit::Quorum => "quorum",
             Exit::Unreachable => "unreachable",
             Exit::Internal => "internal",
+            Exit::Output => "output",
         }
     }
 }
@@ -106,16 +122,26 @@ fn main() {
         Err(e) => {
             // Refused arguments are a failure too: a script that asked for
             // JSON gets its object (help and --version are not errors).
-            if e.use_stderr() && asks_json_on_stdout(std::env::args().skip(1)) {
-                let message = e.render().to_string();
-                let first = message.lines().next().unwrap_or_default();
-                let failure = Failure::new(Exit::Usage, first.trim_start_matches("error: "));
-                println!("{}", failure_json(&failure));
+            let args = std::env::args_os()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned());
+            if e.use_stderr() && asks_json_on_stdout(args) {
+                let failure = Failure::new(Exit::Usage, clap_error_text(&e.render().to_string()));
+                outln!("{}", failure_json(&failure));
             }
             e.exit()
         }
     };
-    init_logging(&cli.log);
+    if let Err(message) = init_logging(&cli.log) {
+        if cli.command.json_on_stdout() {
+            outln!(
+                "{}",
+                failure_json(&Failure::new(Exit::Usage, message.clone()))
+            );
+        }
+        eprintln!("error: {message}");
+        std::process::exit(Exit::Usage as i32);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let worker_threads = match &cli.command {
         Command::Node(a) => a.worker_threads,
@@ -157,7 +183,7 @@ fn main() {
         Ok(exit) => std::process::exit(exit as i32),
         Err(f) => {
             if json_on_stdout && !f.after_json {
-                println!("{}", failure_json(&f));
+                outln!("{}", failure_json(&f));
             }
             eprintln!("error: {}", f.message.replace('\n', " "));
             std::process::exit(f.exit as i32);
@@ -190,20 +216,46 @@ fn restore_sigpipe() {
     }
 }
 
-fn init_logging(filter: &str) {
-    let filter = match tracing_subscriber::EnvFilter::try_new(filter) {
-        Ok(filter) => filter,
-        Err(e) => {
-            eprintln!("error: --log (or RINGKV_LOG) {filter:?} is not a log filter: {e}");
-            std::process::exit(Exit::Usage as i32);
-        }
-    };
+fn init_logging(filter: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("--log (or RINGKV_LOG) {filter:?} is not a log filter: {e}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour codes only help a terminal; in a log file they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    Ok(())
+}
+
+/// Writes one line to stdout (see `outln!`).
+pub fn write_stdout(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(line)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    if let Err(e) = written {
+        output_failed(&e);
+    }
+}
+
+/// Ends the process on output that could not be written.
+pub fn output_failed(error: &std::io::Error) -> ! {
+    eprintln!("error: cannot write the output to stdout: {error}");
+    std::process::exit(Exit::Output as i32)
+}
+
+/// A clap error as one line: its message and the arguments it names,
+/// without the usage and help hints that follow them.
+fn clap_error_text(rendered: &str) -> String {
+    rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(|line| line.trim().trim_start_matches("error: "))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -212,6 +264,17 @@ mod tests {
 
     fn asks(args: &str) -> bool {
         asks_json_on_stdout(args.split_whitespace().map(String::from))
+    }
+
+    /// A refusal keeps the arguments it names (a missing one is listed on
+    /// the lines after the first), not the usage hint.
+    #[test]
+    fn a_clap_error_becomes_one_line_naming_the_arguments() {
+        let rendered = "error: the following required arguments were not provided:\n  <KEY>\n\nUsage: ringkv get <KEY>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_error_text(rendered),
+            "the following required arguments were not provided: <KEY>"
+        );
     }
 
     #[test]

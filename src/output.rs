@@ -10,7 +10,7 @@ use ringkv_core::NodeId;
 use serde_json::{json, Value};
 
 pub fn print_json(value: &Value) {
-    println!("{value}");
+    outln!("{value}");
 }
 
 /// The quorum receipt: the coordinator and each replica's outcome and latency.
@@ -71,14 +71,14 @@ pub fn written(reply: &PutReply, json: bool, verb: &str) {
             "receipt": receipt_json(&reply.receipt),
         }));
     } else {
-        println!("{verb} ({})", receipt_line(&reply.receipt));
+        outln!("{verb} ({})", receipt_line(&reply.receipt));
         if reply.siblings > 1 {
-            println!(
+            outln!(
                 "the key now has {} concurrent values; get it to see and resolve them",
                 reply.siblings
             );
         }
-        println!("context: {}", reply.context);
+        outln!("context: {}", reply.context);
     }
 }
 
@@ -125,10 +125,14 @@ pub fn status(reply: &StatusReply, json: bool) {
             })).collect::<Vec<_>>(),
         }));
     } else {
-        println!("cluster seen from {} (N={})", reply.node, reply.replicas);
-        println!(
+        outln!("cluster seen from {} (N={})", reply.node, reply.replicas);
+        outln!(
             "  {:<12} {:<22} {:<7} {:<13} {:<19} keys repaired",
-            "node", "address", "state", "hints pending", "last anti-entropy"
+            "node",
+            "address",
+            "state",
+            "hints pending",
+            "last anti-entropy"
         );
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -140,7 +144,7 @@ pub fn status(reply: &StatusReply, json: bool) {
                 (None, Some(_)) => "never".to_string(),
                 (None, None) => "?".to_string(),
             };
-            println!(
+            outln!(
                 "  {:<12} {:<22} {:<7} {:<13} {:<19} {}",
                 n.id.as_str(),
                 n.addr,
@@ -177,13 +181,13 @@ pub fn removed(node: &NodeId, reply: &RemoveReply, json: bool) {
             "not_told": failures_json(&reply.not_told),
         }));
     } else {
-        println!(
+        outln!(
             "{node} is removed; {} members remain: {}",
             members.len(),
             members.join(", ")
         );
         print_not_told(&reply.not_told);
-        println!("run `ringkv repair` on each of them to copy {node}'s keys to their new replicas");
+        outln!("run `ringkv repair` on each of them to copy {node}'s keys to their new replicas");
     }
 }
 
@@ -197,9 +201,10 @@ fn failures_json(failures: &[PeerFailure]) -> Vec<Value> {
 /// Members a removal could not be passed to.
 fn print_not_told(not_told: &[PeerFailure]) {
     for f in not_told {
-        println!(
+        outln!(
             "  {} not told ({}); it learns at its next membership exchange",
-            f.peer, f.reason
+            f.peer,
+            f.reason
         );
     }
 }
@@ -218,7 +223,7 @@ pub fn left(reply: &LeaveReply, json: bool) {
         }));
         return;
     }
-    println!(
+    outln!(
         "left the cluster: {} keys handed to their new replicas; {} members remain: {}",
         reply.keys,
         members.len(),
@@ -226,16 +231,16 @@ pub fn left(reply: &LeaveReply, json: bool) {
     );
     print_not_told(&reply.not_told);
     for f in &reply.late_failures {
-        println!(
+        outln!(
             "  {} missed the writes that arrived during the hand-over ({}); anti-entropy copies them from the key's other replicas, \
              but one that only this node held is still only here: keep its data dir",
             f.peer, f.reason
         );
     }
     if reply.late_failures.is_empty() {
-        println!("stop the node's process; its data dir can then be deleted");
+        outln!("stop the node's process; its data dir can then be deleted");
     } else {
-        println!("stop the node's process");
+        outln!("stop the node's process");
     }
 }
 
@@ -255,7 +260,7 @@ pub fn repair(report: &RepairReport, json: bool) {
             })).collect::<Vec<_>>(),
         }));
     } else {
-        println!(
+        outln!(
             "compared {} keys with {} peers in {} ms: {} repaired, {} bytes sent, {} received",
             report.keys_compared,
             report.peers,
@@ -265,7 +270,7 @@ pub fn repair(report: &RepairReport, json: bool) {
             report.bytes_received
         );
         for f in &report.failures {
-            println!("  {} not compared: {}", f.peer, f.reason);
+            outln!("  {} not compared: {}", f.peer, f.reason);
         }
     }
 }
@@ -283,15 +288,19 @@ pub fn cleaned(report: &CleanupReport, json: bool) {
         }));
         return;
     }
-    println!(
+    outln!(
         "read {} keys in {} ms: {} are not this node's to replicate; {} removed, {} kept",
-        report.keys_scanned, report.duration_ms, report.stray_keys, report.removed, report.kept
+        report.keys_scanned,
+        report.duration_ms,
+        report.stray_keys,
+        report.removed,
+        report.kept
     );
     for f in &report.failures {
-        println!("  {} could not be asked: {}", f.peer, f.reason);
+        outln!("  {} could not be asked: {}", f.peer, f.reason);
     }
     if report.kept > 0 {
-        println!(
+        outln!(
             "kept copies are held by no replica that answered (or changed while checked){}",
             if report.failures.is_empty() {
                 ": each is a write only this node received, or a value deleted since; the node's log names the first few"

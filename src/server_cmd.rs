@@ -61,7 +61,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
             return Err(failure);
         }
     };
-    println!("node {} serving on {}", handle.id(), handle.addr());
+    outln!("node {} serving on {}", handle.id(), handle.addr());
     let removed = tokio::select! {
         () = signals.next() => false,
         () = handle.removed() => true,
@@ -138,16 +138,16 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
             return Err(failure);
         }
     };
-    println!(
+    outln!(
         "ringkv cluster: {} nodes, N={}, data in {}",
         nodes.len(),
         args.replicas,
         data_dir.display()
     );
     for n in &nodes {
-        println!("  {:<4} {}", n.id().as_str(), n.addr());
+        outln!("  {:<4} {}", n.id().as_str(), n.addr());
     }
-    println!(
+    outln!(
         "{}",
         try_hint(
             nodes[0].addr(),
@@ -362,7 +362,7 @@ const DEMO_OPS: usize = 300;
 async fn run_demo(nodes: &[NodeHandle], json_out: bool) -> Result<Exit, Failure> {
     let say = |line: String| {
         if !json_out {
-            println!("{line}");
+            outln!("{line}");
         }
     };
     say(format!(
@@ -485,7 +485,7 @@ async fn run_demo(nodes: &[NodeHandle], json_out: bool) -> Result<Exit, Failure>
 
     Client::close_all(clients).await;
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({"levels": levels, "siblings": siblings, "resolved": resolved, "after_delete": after_delete})
         );

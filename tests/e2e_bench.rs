@@ -169,6 +169,18 @@ fn bad_bench_input_is_refused_before_loading() {
             "--target works with YCSB workloads, not putget",
         ),
         (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
+        (&["-r", "2"], 2, "-r sets --workload putget's consistency"),
+        // A RESP store takes no cluster key: a stale one is not read.
+        (
+            &[
+                "--target",
+                "resp://127.0.0.1:1",
+                "--cluster-key-file",
+                "/nonexistent",
+            ],
+            4,
+            "cannot reach 127.0.0.1:1",
+        ),
     ];
     for (args, code, message) in cases {
         let mut cmd = ringkv();

@@ -212,6 +212,67 @@ fn metrics_endpoint_counts_requests() {
     assert!(!body.contains("quantile="), "{body}");
 }
 
+/// Output that cannot be written, and arguments that are not text, end
+/// with an error and a status of their own, never a panic; refusals asked
+/// for as JSON say what they refuse.
+#[test]
+fn unwritable_output_and_odd_arguments_are_errors_not_panics() {
+    use std::os::unix::ffi::OsStrExt;
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    // A full disk: keygen's key, and (no node needed to refuse) JSON.
+    let o = ringkv().arg("keygen").stdout(full()).output().unwrap();
+    assert_exit(&o, 6);
+    assert!(
+        stderr(&o).contains("cannot write the output to stdout"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ringkv()
+        .args(["get", "--json"])
+        .stdout(full())
+        .output()
+        .unwrap();
+    assert_exit(&o, 6);
+    // Not UTF-8: a usage error.
+    let o = run(ringkv()
+        .arg("get")
+        .arg(std::ffi::OsStr::from_bytes(b"\xff"))
+        .arg("--json"));
+    assert_exit(&o, 2);
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("invalid UTF-8"), "{}", stderr(&o));
+    // A missing argument is named in the JSON too.
+    let o = run(ringkv().args(["get", "--json"]));
+    assert_exit(&o, 2);
+    assert!(
+        json(&o)["error"].as_str().unwrap().contains("<KEY>"),
+        "{}",
+        stdout(&o)
+    );
+    // So is a log filter that is not one.
+    let o = run(ringkv().args(["get", "k", "--json", "--log", "x["]));
+    assert_exit(&o, 2);
+    assert!(
+        json(&o)["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a log filter"),
+        "{}",
+        stdout(&o)
+    );
+    // An empty or directory-like output path is refused before the run.
+    for (path, says) in [("", "the path is empty"), ("no-such-dir/", "ends in '/'")] {
+        let o = run(ringkv().args(["bench", "--json", path]));
+        assert_exit(&o, 2);
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+    }
+}
+
 #[test]
 fn a_closed_stdout_ends_the_cli_quietly() {
     // The reader (`true`) has exited long before ringkv writes, so the
