@@ -213,7 +213,7 @@ pub struct NodeArgs {
     // restarting node adopt the N its cluster already has.
     #[arg(long, value_name = "N")]
     pub replicas: Option<usize>,
-    /// The region this node is in (a name such as us-east), shown by `status`.
+    /// The region this node is in (a name such as us-east), shown by `status --json`.
     #[arg(long, value_name = "NAME")]
     pub region: Option<String>,
     /// Emulate network distance between regions: delay (with jitter and loss) every call to a peer by this matrix, a TOML file or `preset:cloud4` / `preset:cloud3` (AWS inter-region medians). Needs --region; every node of a cluster should get the same matrix.

@@ -372,7 +372,7 @@ async fn send_to_the_node(
         return Err(Failure::new(
             Exit::Usage,
             format!(
-                "`{what}` acts on the node --node names: give one address, not {}",
+                "`{what}` acts on the one node --node (or RINGKV_NODE) names: give one address, not {}",
                 nodes.len()
             ),
         ));

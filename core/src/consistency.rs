@@ -53,6 +53,13 @@ impl FromStr for Consistency {
                     "consistency 0 would wait for no replica; use 1..=N, one, quorum or all",
                 )),
                 Ok(k) => Ok(Consistency::Count(k)),
+                // All digits, too many of them: a count, just far past any N.
+                Err(_) if !other.is_empty() && other.bytes().all(|b| b.is_ascii_digit()) => {
+                    Err(InvalidInput::new(format!(
+                        "consistency {s} is above any N (at most {})",
+                        crate::wire::REPLICAS_MAX
+                    )))
+                }
                 Err(_) => Err(InvalidInput::new(format!(
                     "consistency {s:?} is not a number or one of one, quorum, all"
                 ))),
@@ -99,5 +106,8 @@ mod tests {
             .contains("\"most\""));
         let err = Consistency::Count(4).required(3).unwrap_err();
         assert!(err.message.contains("N=3"), "{err}");
+        // Too many digits for a count is still a count, just too high.
+        let err = "99999999999".parse::<Consistency>().unwrap_err();
+        assert!(err.message.contains("above any N"), "{err}");
     }
 }
