@@ -363,7 +363,10 @@ async fn cluster_replicas(
             Ok(Response::Status(s)) => {
                 replicas.get_or_insert(s.replicas as usize);
             }
-            Ok(other) => return Err(unreachable(format!("unexpected answer {other:?}"))),
+            Ok(other) => {
+                let text = crate::output::debug_capped(&other, 120);
+                return Err(unreachable(format!("unexpected answer {text}")));
+            }
             Err(e) => return Err(unreachable(e.to_string())),
         }
     }
@@ -390,7 +393,7 @@ async fn run_all(
 ) -> Result<Exit, Failure> {
     let to_stdout = args.json.as_deref() == Some("-");
     if !to_stdout {
-        eprintln!(
+        errln!(
             "bench: YCSB-{} on {}, N={replicas}, {} records of {} B, {} clients{}, {} s per setting{}",
             config.workload,
             if embedded_nodes == 0 { "the given cluster".to_string() } else { format!("an embedded {embedded_nodes}-node cluster") },
@@ -766,7 +769,7 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         cluster_key,
     };
     if args.json.is_none() {
-        eprintln!(
+        errln!(
             "bench: {} clients, r={} w={}, {} B values, {} s per phase against {}",
             config.concurrency,
             config.r,

@@ -31,7 +31,7 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
             let limit = VALUE_MAX_BYTES as u64 + 1;
             // A forgotten value would otherwise look like a hang.
             if std::io::stdin().is_terminal() {
-                eprintln!("reading the value from stdin; end with Ctrl-D");
+                errln!("reading the value from stdin; end with Ctrl-D");
             }
             std::io::stdin()
                 .take(limit)
@@ -90,7 +90,7 @@ pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
     } else if found {
         let mut stdout = std::io::stdout().lock();
         if reply.values.len() > 1 {
-            eprintln!(
+            errln!(
                 "{} concurrent values (siblings); write with --context to resolve them",
                 reply.values.len()
             );
@@ -112,9 +112,9 @@ pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
                 crate::output_failed(&e);
             }
         }
-        eprintln!("context: {}", reply.context);
+        errln!("context: {}", reply.context);
     } else {
-        eprintln!("not found");
+        errln!("not found");
     }
     Ok(if found { Exit::Ok } else { Exit::NotFound })
 }
@@ -458,13 +458,10 @@ pub fn resolve_addr(flag: &str, addr: &str) -> Result<SocketAddr, String> {
 
 fn unexpected(response: Response) -> Failure {
     // Its start says what it was; the rest may be a whole value's bytes.
-    let text: String = format!("{response:?}")
-        .chars()
-        .take(UNEXPECTED_SHOWN_CHARS)
-        .collect();
+    let text = crate::output::debug_capped(&response, UNEXPECTED_SHOWN_CHARS);
     Failure::new(
         Exit::Internal,
-        format!("the node gave an unexpected answer: {text}…"),
+        format!("the node gave an unexpected answer: {text}"),
     )
 }
 

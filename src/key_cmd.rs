@@ -39,7 +39,7 @@ pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
             format!("--out {}: cannot write the key: {e}", path.display()),
         ));
     }
-    eprintln!(
+    errln!(
         "wrote a new cluster key to {}; start every node and client with --cluster-key-file {}",
         path.display(),
         path.display()

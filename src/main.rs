@@ -16,6 +16,16 @@ macro_rules! outln {
     };
 }
 
+/// `eprintln!`, except that a stderr that cannot be written (a full disk
+/// behind `2>&1`) is ignored rather than a panic: there is nowhere left to
+/// say anything, and the exit status still tells.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod args;
 mod bench_cmd;
 mod client_cmd;
@@ -139,7 +149,7 @@ fn main() {
                 failure_json(&Failure::new(Exit::Usage, message.clone()))
             );
         }
-        eprintln!("error: {message}");
+        errln!("error: {message}");
         std::process::exit(Exit::Usage as i32);
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -154,7 +164,7 @@ fn main() {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             std::process::exit(Exit::Internal as i32);
         }
     };
@@ -185,7 +195,7 @@ fn main() {
             if json_on_stdout && !f.after_json {
                 outln!("{}", failure_json(&f));
             }
-            eprintln!("error: {}", f.message.replace('\n', " "));
+            errln!("error: {}", f.message.replace('\n', " "));
             std::process::exit(f.exit as i32);
         }
     }
@@ -243,7 +253,7 @@ pub fn write_stdout(line: std::fmt::Arguments) {
 
 /// Ends the process on output that could not be written.
 pub fn output_failed(error: &std::io::Error) -> ! {
-    eprintln!("error: cannot write the output to stdout: {error}");
+    errln!("error: cannot write the output to stdout: {error}");
     std::process::exit(Exit::Output as i32)
 }
 

@@ -311,6 +311,40 @@ pub fn cleaned(report: &CleanupReport, json: bool) {
     }
 }
 
+/// `value`'s `Debug` text, at most `max_chars` of it (then `…`), formatted
+/// no further than that: an unexpected answer may hold a whole value.
+pub fn debug_capped(value: &impl std::fmt::Debug, max_chars: usize) -> String {
+    struct Capped {
+        text: String,
+        room: usize,
+        cut: bool,
+    }
+    impl std::fmt::Write for Capped {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            for c in s.chars() {
+                if self.room == 0 {
+                    self.cut = true;
+                    // Stops the formatting: the rest is not wanted.
+                    return Err(std::fmt::Error);
+                }
+                self.text.push(c);
+                self.room -= 1;
+            }
+            Ok(())
+        }
+    }
+    let mut capped = Capped {
+        text: String::new(),
+        room: max_chars,
+        cut: false,
+    };
+    let _ = std::fmt::Write::write_fmt(&mut capped, format_args!("{value:?}"));
+    if capped.cut {
+        capped.text.push('…');
+    }
+    capped.text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,5 +368,14 @@ mod tests {
         assert_eq!(state(&node(false, Some(true), None)), "down");
         assert_eq!(state(&node(true, Some(false), Some(true))), "cleaning");
         assert_eq!(state(&node(false, None, Some(true))), "down");
+    }
+
+    /// A long answer is cut (and says so); a short one is whole.
+    #[test]
+    fn debug_text_is_capped() {
+        let long = vec![7u8; 100_000];
+        let text = debug_capped(&long, 10);
+        assert_eq!(text, "[7, 7, 7, …");
+        assert_eq!(debug_capped(&"ok", 10), "\"ok\"");
     }
 }

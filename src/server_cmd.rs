@@ -67,9 +67,9 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
         () = handle.removed() => true,
     };
     if removed {
-        eprintln!("shutting down");
+        errln!("shutting down");
     } else {
-        eprintln!("shutting down (a second Ctrl-C stops at once)");
+        errln!("shutting down (a second Ctrl-C stops at once)");
     }
     let id = handle.id().to_string();
     stop_or_exit_on_signal(handle.shutdown(), &mut signals).await;
@@ -94,7 +94,7 @@ async fn stop_or_exit_on_signal(
         () = signals.next() => {
             // Acknowledged writes are in the WAL already: this is a crash as
             // far as the store goes (see `Storage::begin_epoch`).
-            eprintln!("stopped at once on a second signal: requests under way were cut off");
+            errln!("stopped at once on a second signal: requests under way were cut off");
             std::process::exit(FORCED_STOP_EXIT);
         }
     }
@@ -175,13 +175,13 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
                 if let Some(node) = nodes[i].take() {
                     let id = node.id().to_string();
                     node.shutdown().await;
-                    eprintln!("{id} was removed from the cluster and has stopped");
+                    errln!("{id} was removed from the cluster and has stopped");
                 }
             }
         }
     }
     removals.abort_all();
-    eprintln!("shutting down (a second Ctrl-C stops at once)");
+    errln!("shutting down (a second Ctrl-C stops at once)");
     // All at once: each drains for up to its drain timeout.
     let mut stopping = tokio::task::JoinSet::new();
     for n in nodes.into_iter().flatten() {
@@ -526,7 +526,10 @@ async fn read_values(client: &Client, key: &str) -> Result<(Vec<String>, String)
         }
         other => Err(Failure::new(
             Exit::Internal,
-            format!("unexpected answer {other:?}"),
+            format!(
+                "unexpected answer {}",
+                crate::output::debug_capped(&other, 120)
+            ),
         )),
     }
 }

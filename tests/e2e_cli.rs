@@ -238,6 +238,15 @@ fn unwritable_output_and_odd_arguments_are_errors_not_panics() {
         .output()
         .unwrap();
     assert_exit(&o, 6);
+    // Stderr on the full disk too (`>out 2>&1`): no message can be
+    // written, but the status still says what happened, with no panic.
+    let o = ringkv()
+        .arg("keygen")
+        .stdout(full())
+        .stderr(full())
+        .output()
+        .unwrap();
+    assert_exit(&o, 6);
     // Not UTF-8: a usage error.
     let o = run(ringkv()
         .arg("get")
