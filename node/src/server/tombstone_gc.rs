@@ -325,4 +325,44 @@ mod tests {
         let error = walk(failing, |_key| async {}, &shutdown).await.unwrap_err();
         assert_eq!(error, "disk gone");
     }
+
+    /// A tombstone is removed only under the ring its check asked: if
+    /// another was installed meanwhile (a join), a node it did not ask may
+    /// hold the value, and the next pass asks again.
+    #[tokio::test]
+    async fn a_tombstone_stays_if_the_ring_changed_since_its_check() {
+        use ringkv_core::dvv::{Payload, VersionVector};
+        use ringkv_core::NodeId;
+
+        use crate::server::{Node, NodeConfig};
+
+        let dir = tempfile::tempdir().unwrap();
+        let id = NodeId::new("n1").unwrap();
+        let mut config = NodeConfig::on_loopback(id.clone(), dir.path().into());
+        config.replicas = Some(1);
+        let node = Node::start(config).await.unwrap();
+        let inner = node.inner.clone();
+        let replica = inner.local.replica.clone();
+        let key = b"gone".to_vec();
+        replica
+            .update(&key, &VersionVector::new(), Payload::Tombstone)
+            .unwrap();
+        let current = inner.coordinator.get().expect("in a cluster").ring();
+        // The same member with other virtual nodes: another placement.
+        let other = Arc::new(Ring::new([(id, 7)], 1).unwrap());
+        assert_ne!(other.fingerprint(), current.fingerprint());
+        collect_if_held_everywhere(&inner, &other, key.clone(), u64::MAX).await;
+        assert!(
+            replica.read(&key).unwrap().is_some(),
+            "kept: checked under a ring no longer installed"
+        );
+        collect_if_held_everywhere(&inner, &current, key.clone(), u64::MAX).await;
+        assert!(
+            replica.read(&key).unwrap().is_none(),
+            "collected under the ring it was checked by"
+        );
+        drop(inner);
+        drop(replica);
+        node.shutdown().await;
+    }
 }
