@@ -119,9 +119,9 @@ pub struct AntiEntropy<T> {
     round_lock: tokio::sync::Mutex<()>,
     keys_repaired: AtomicU64,
     /// When the last round that exchanged with a peer (or had none to
-    /// exchange with) finished; 0: none yet. A round whose every exchange
-    /// failed leaves it, so `status` does not show a recent exchange while
-    /// anti-entropy makes no progress.
+    /// exchange with) finished, keys skipped or not; 0: none yet. A round
+    /// whose every exchange failed leaves it, so `status` does not show a
+    /// recent exchange while anti-entropy makes no progress.
     last_round_unix_ms: AtomicU64,
 }
 
@@ -285,6 +285,8 @@ impl<T: Transport> AntiEntropy<T> {
         }
         let peers = self.trees.peers();
         report.peers = peers.len() as u32;
+        // Exchanges that went to the end, some keys skipped or not.
+        let mut finished = 0usize;
         for peer in &peers {
             let tally = Tally::default();
             let outcome = if !self.trees.is_ready() {
@@ -296,6 +298,9 @@ impl<T: Transport> AntiEntropy<T> {
             } else {
                 self.exchange(peer, &tally).await
             };
+            if matches!(outcome, Ok(()) | Err(AntiEntropyError::Skipped { .. })) {
+                finished += 1;
+            }
             if let Err(e) = outcome {
                 counter!("ringkv_anti_entropy_exchange_failures_total").increment(1);
                 tracing::info!(%peer, error = %e, "anti-entropy exchange did not finish");
@@ -312,7 +317,9 @@ impl<T: Transport> AntiEntropy<T> {
         report.duration_ms = started.elapsed().as_millis() as u64;
         self.keys_repaired
             .fetch_add(report.keys_repaired, Ordering::Relaxed);
-        if report.failures.len() < peers.len() || peers.is_empty() {
+        // A key that cannot be read (corrupt) is skipped in every round
+        // until it is fixed; the rest of the exchange still happened.
+        if finished > 0 || peers.is_empty() {
             self.last_round_unix_ms
                 .store((self.now_ms)().max(1), Ordering::Relaxed);
         }
