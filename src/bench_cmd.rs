@@ -364,7 +364,7 @@ async fn cluster_replicas(
                 replicas.get_or_insert(s.replicas as usize);
             }
             Ok(other) => {
-                let text = crate::output::debug_capped(&other, 120);
+                let text = crate::output::debug_capped(&other, crate::output::ANSWER_SHOWN_CHARS);
                 return Err(unreachable(format!("unexpected answer {text}")));
             }
             Err(e) => return Err(unreachable(e.to_string())),

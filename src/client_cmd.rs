@@ -458,15 +458,12 @@ pub fn resolve_addr(flag: &str, addr: &str) -> Result<SocketAddr, String> {
 
 fn unexpected(response: Response) -> Failure {
     // Its start says what it was; the rest may be a whole value's bytes.
-    let text = crate::output::debug_capped(&response, UNEXPECTED_SHOWN_CHARS);
+    let text = crate::output::debug_capped(&response, crate::output::ANSWER_SHOWN_CHARS);
     Failure::new(
         Exit::Internal,
         format!("the node gave an unexpected answer: {text}"),
     )
 }
-
-/// How much of an unexpected answer an error shows.
-const UNEXPECTED_SHOWN_CHARS: usize = 120;
 
 #[cfg(test)]
 mod tests {

@@ -311,6 +311,9 @@ pub fn cleaned(report: &CleanupReport, json: bool) {
     }
 }
 
+/// How much of an unexpected answer an error shows.
+pub const ANSWER_SHOWN_CHARS: usize = 120;
+
 /// `value`'s `Debug` text, at most `max_chars` of it (then `…`), formatted
 /// no further than that: an unexpected answer may hold a whole value.
 pub fn debug_capped(value: &impl std::fmt::Debug, max_chars: usize) -> String {

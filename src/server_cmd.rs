@@ -528,7 +528,7 @@ async fn read_values(client: &Client, key: &str) -> Result<(Vec<String>, String)
             Exit::Internal,
             format!(
                 "unexpected answer {}",
-                crate::output::debug_capped(&other, 120)
+                crate::output::debug_capped(&other, crate::output::ANSWER_SHOWN_CHARS)
             ),
         )),
     }

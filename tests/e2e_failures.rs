@@ -88,16 +88,19 @@ fn every_node_killed_after_write_all_restarts_with_every_value() {
     // written again through the node that wrote it before continues that
     // node's actor instead of adding one (which a new epoch per crash did,
     // until a hot key's clock was full).
-    assert_exit(
-        &c.cli(0, &["put", &keys[0], "again", "--overwrite", "-w", "all"]),
-        0,
-    );
-    let read = c.cli(0, &["get", &keys[0], "-r", "all", "--json"]);
-    assert_exit(&read, 0);
-    assert_eq!(values(&read), vec!["again"]);
-    let actors = ringkv_core::context::CausalContext::decode(&context(&read))
-        .unwrap()
-        .version_vector;
+    let rewrite = |c: &Cluster, value: &str| {
+        assert_exit(
+            &c.cli(0, &["put", &keys[0], value, "--overwrite", "-w", "all"]),
+            0,
+        );
+        let read = c.cli(0, &["get", &keys[0], "-r", "all", "--json"]);
+        assert_exit(&read, 0);
+        assert_eq!(values(&read), vec![value]);
+        ringkv_core::context::CausalContext::decode(&context(&read))
+            .unwrap()
+            .version_vector
+    };
+    let actors = rewrite(&c, "again");
     assert_eq!(actors.len(), 1, "one actor, n1's: {actors:?}");
 
     // A data dir restored from a copy is started with --new-epoch: n1's
@@ -105,18 +108,6 @@ fn every_node_killed_after_write_all_restarts_with_every_value() {
     c.kill(0);
     c.nodes[0].extra.push("--new-epoch".into());
     c.restart(0);
-    assert_exit(
-        &c.cli(
-            0,
-            &["put", &keys[0], "restored", "--overwrite", "-w", "all"],
-        ),
-        0,
-    );
-    let read = c.cli(0, &["get", &keys[0], "-r", "all", "--json"]);
-    assert_exit(&read, 0);
-    assert_eq!(values(&read), vec!["restored"]);
-    let actors = ringkv_core::context::CausalContext::decode(&context(&read))
-        .unwrap()
-        .version_vector;
+    let actors = rewrite(&c, "restored");
     assert_eq!(actors.len(), 2, "a new actor of n1: {actors:?}");
 }

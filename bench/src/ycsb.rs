@@ -943,12 +943,12 @@ fn charge_unsent(
     for i in never_sent {
         let op = workload.next_op(&mut rng);
         let waited = gave_up_after.saturating_sub(pacer::due_after(i, rate_per_s));
-        let at = match ops.iter().position(|(o, _)| *o == op) {
-            Some(at) => at,
-            None => {
-                ops.push((op, OpReport::new()));
-                ops.sort_by_key(|(op, _)| op.as_str());
-                ops.iter().position(|(o, _)| *o == op).expect("just added")
+        // Kept sorted by name, as the run's reports are.
+        let at = match ops.binary_search_by(|(o, _)| o.as_str().cmp(op.as_str())) {
+            Ok(at) => at,
+            Err(at) => {
+                ops.insert(at, (op, OpReport::new()));
+                at
             }
         };
         let report = &mut ops[at].1;

@@ -61,6 +61,17 @@ pub const CLOCK_PAYLOADS_MAX: usize = 65_536;
 /// The highest `--max-siblings`: N replicas' worth of it, merged, stays
 /// under [`CLOCK_PAYLOADS_MAX`] for N up to 6.
 pub const SIBLINGS_CONFIG_MAX: usize = 10_000;
+/// An error if a `what` (clock, version vector) names more than
+/// [`CLOCK_ENTRIES_MAX`] actors.
+fn check_actors(actors: usize, what: &str) -> Result<(), InvalidInput> {
+    if actors > CLOCK_ENTRIES_MAX {
+        return Err(InvalidInput::new(format!(
+            "{what} names {actors} actors; the limit is {CLOCK_ENTRIES_MAX}"
+        )));
+    }
+    Ok(())
+}
+
 /// Counters above this are refused as implausible, so `counter + 1` can never
 /// overflow whatever a peer or a token claims.
 pub const COUNTER_MAX: u64 = u64::MAX / 2;
@@ -163,12 +174,7 @@ impl VersionVector {
                 "version vector has a zero or implausibly large counter",
             ));
         }
-        if self.entries.len() > CLOCK_ENTRIES_MAX {
-            return Err(InvalidInput::new(format!(
-                "version vector names {} actors; the limit is {CLOCK_ENTRIES_MAX}",
-                self.entries.len()
-            )));
-        }
+        check_actors(self.entries.len(), "version vector")?;
         for (node, _) in &self.entries {
             NodeId::new(node.as_str())?;
         }
@@ -417,12 +423,7 @@ impl Clock {
                 return Err(InvalidInput::new("clock entries are not sorted and unique"));
             }
         }
-        if self.entries.len() > CLOCK_ENTRIES_MAX {
-            return Err(InvalidInput::new(format!(
-                "clock names {} actors; the limit is {CLOCK_ENTRIES_MAX}",
-                self.entries.len()
-            )));
-        }
+        check_actors(self.entries.len(), "clock")?;
         for e in &self.entries {
             NodeId::new(e.node.as_str())?;
             // `update` adds an entry only with the event it counts, and
@@ -476,12 +477,7 @@ impl ArchivedClock {
     /// actors, [`CLOCK_PAYLOADS_MAX`] siblings) on its archived form,
     /// before decoding allocates for each.
     pub fn check_counts(&self) -> Result<(), InvalidInput> {
-        if self.entries.len() > CLOCK_ENTRIES_MAX {
-            return Err(InvalidInput::new(format!(
-                "clock names {} actors; the limit is {CLOCK_ENTRIES_MAX}",
-                self.entries.len()
-            )));
-        }
+        check_actors(self.entries.len(), "clock")?;
         let payloads: usize = self.entries.iter().map(|e| e.payloads.len()).sum();
         if payloads > CLOCK_PAYLOADS_MAX {
             return Err(InvalidInput::new(format!(
@@ -496,13 +492,7 @@ impl ArchivedVersionVector {
     /// Checks the number of actors ([`CLOCK_ENTRIES_MAX`]) on the archived
     /// form, before decoding allocates for each.
     pub fn check_counts(&self) -> Result<(), InvalidInput> {
-        if self.entries.len() > CLOCK_ENTRIES_MAX {
-            return Err(InvalidInput::new(format!(
-                "version vector names {} actors; the limit is {CLOCK_ENTRIES_MAX}",
-                self.entries.len()
-            )));
-        }
-        Ok(())
+        check_actors(self.entries.len(), "version vector")
     }
 }
 
