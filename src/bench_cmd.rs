@@ -783,7 +783,13 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
             }
         );
     }
-    let result = ringkv_bench::run(&config).await;
+    let running = bar(100, "put".into());
+    let result = ringkv_bench::run(&config, &|phase, share| {
+        running.set_message(phase.to_string());
+        running.set_position((share * 100.0) as u64);
+    })
+    .await;
+    running.finish_and_clear();
     let embedded_count = embedded.len();
     for n in embedded {
         n.shutdown().await;

@@ -125,14 +125,22 @@ pub struct Report {
     pub failovers: u64,
 }
 
+/// How often a phase reports its progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
 #[derive(Clone, Copy)]
 enum Op {
     Put,
     Get,
 }
 
-/// Runs the put phase, then the get phase.
-pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
+/// Runs the put phase, then the get phase. `progress(phase, share)` is told,
+/// about ten times a second, which phase runs ("put", "get") and how much of
+/// its duration has passed (0.0 to 1.0).
+pub async fn run(
+    config: &LoadConfig,
+    progress: &(dyn Fn(&str, f64) + Sync),
+) -> Result<Report, BenchError> {
     if config.concurrency == 0 {
         return Err(BenchError::NoConcurrency);
     }
@@ -143,8 +151,8 @@ pub async fn run(config: &LoadConfig) -> Result<Report, BenchError> {
     )
     .await?;
     let run_id: u32 = rand_run_id();
-    let (put, written) = phase(config, &clients, Op::Put, run_id, &[]).await?;
-    let (get, _) = phase(config, &clients, Op::Get, run_id, &written).await?;
+    let (put, written) = phase(config, &clients, Op::Put, run_id, &[], progress).await?;
+    let (get, _) = phase(config, &clients, Op::Get, run_id, &written, progress).await?;
     let failovers = clients.iter().map(|c| c.failovers()).sum();
     ClusterClient::close_all(clients.into_iter().filter_map(std::sync::Arc::into_inner)).await;
     Ok(Report {
@@ -235,6 +243,7 @@ async fn phase(
     op: Op,
     run_id: u32,
     written: &[u64],
+    progress: &(dyn Fn(&str, f64) + Sync),
 ) -> Result<(PhaseReport, Vec<u64>), BenchError> {
     let started = Instant::now();
     let deadline = started + config.phase_duration;
@@ -297,7 +306,24 @@ async fn phase(
         latency_us: new_histogram(),
     };
     let mut written_now = vec![0u64; clients.len()];
-    while let Some(joined) = workers.join_next().await {
+    let name = match op {
+        Op::Put => "put",
+        Op::Get => "get",
+    };
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let joined = tokio::select! {
+            joined = workers.join_next() => match joined {
+                Some(joined) => joined,
+                None => break,
+            },
+            _ = tick.tick() => {
+                let share = started.elapsed().as_secs_f64() / config.phase_duration.as_secs_f64();
+                progress(name, share.min(1.0));
+                continue;
+            }
+        };
         // A client that panicked took its requests with it: the figures
         // would silently leave them out.
         let (worker, ops, errors, timeouts, shed, first_error, hist) =

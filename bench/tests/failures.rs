@@ -120,7 +120,34 @@ async fn putget_reports_the_first_reason_of_its_failures() {
         request_timeout_ms: 2_000,
         cluster_key: None,
     };
-    let report = ringkv_bench::run(&config).await.unwrap();
+    let told = std::sync::Mutex::new(Vec::new());
+    let report = ringkv_bench::run(&config, &|phase, share| {
+        told.lock().unwrap().push((phase.to_string(), share))
+    })
+    .await
+    .unwrap();
+    // The progress bar's feed: each phase in turn, its share of the time
+    // never going back and never past the whole.
+    let told = told.into_inner().unwrap();
+    let phases: Vec<&str> = told.iter().map(|(p, _)| p.as_str()).collect();
+    let first_get = phases.iter().position(|p| *p == "get");
+    assert!(
+        phases.first() == Some(&"put") && first_get.is_some(),
+        "{told:?}"
+    );
+    assert!(
+        phases[first_get.unwrap()..].iter().all(|p| *p == "get"),
+        "{told:?}"
+    );
+    assert!(
+        told.iter().all(|(_, s)| (0.0..=1.0).contains(s)),
+        "{told:?}"
+    );
+    assert!(
+        told.windows(2)
+            .all(|w| w[0].0 != w[1].0 || w[0].1 <= w[1].1),
+        "{told:?}"
+    );
     let put = &report.put;
     assert!(
         put.errors > 0 && put.ops == 0 && put.timeouts == 0,
