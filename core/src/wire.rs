@@ -645,29 +645,72 @@ impl ArchivedRequest {
                 items.iter().try_for_each(|item| item.clock.check_counts())
             }
             R::TreeHashes { indexes, .. } => {
-                check_count(indexes.len(), TREE_HASHES_MAX, "tree hashes")
+                check_count(indexes.len(), TREE_HASHES_MAX, "asks for", "tree hashes")
             }
             R::LeafItems { leaves, .. } => {
-                check_count(leaves.len(), LEAVES_PER_REQUEST_MAX, "leaves")
+                check_count(leaves.len(), LEAVES_PER_REQUEST_MAX, "asks for", "leaves")
             }
             R::Read { .. } => Ok(()),
         }
     }
 }
 
-/// An error if a request asks for more than `max` of `what`.
-fn check_count(len: usize, max: usize, what: &str) -> Result<(), InvalidInput> {
+impl ArchivedResponse {
+    /// Checks the lengths of an answer's lists on the archived bytes, as
+    /// [`ArchivedRequest::check_counts`] does for requests: no answer a node
+    /// sends is longer than the request it answers allows (a `Clocks` has
+    /// one entry per key asked, a `Hashes` one per index), nor than what a
+    /// node stores (a key's siblings, a cluster's members).
+    ///
+    /// `Items` (a leaf's keys) has no count to check: a leaf holds as many
+    /// keys as hash there. Each takes at least 17 archived bytes, so the
+    /// frame limit bounds it.
+    pub fn check_counts(&self) -> Result<(), InvalidInput> {
+        const MEMBERS_MAX: usize = RING_VNODES_MAX as usize;
+        match self {
+            ArchivedResponse::Clock(rkyv::option::ArchivedOption::Some(clock)) => {
+                clock.check_counts()
+            }
+            ArchivedResponse::Clocks(clocks) => {
+                check_count(clocks.len(), REPAIR_BATCH_MAX, "answers with", "clocks")?;
+                clocks.iter().flatten().try_for_each(|c| c.check_counts())
+            }
+            ArchivedResponse::Hashes(hashes) => {
+                check_count(hashes.len(), TREE_HASHES_MAX, "answers with", "tree hashes")
+            }
+            ArchivedResponse::Get(reply) => check_count(
+                reply.values.len(),
+                crate::dvv::CLOCK_PAYLOADS_MAX,
+                "answers with",
+                "values",
+            ),
+            // Every member has at least one virtual node.
+            ArchivedResponse::Joined(record) => {
+                check_count(record.members.len(), MEMBERS_MAX, "answers with", "members")
+            }
+            ArchivedResponse::Status(status) => {
+                check_count(status.nodes.len(), MEMBERS_MAX, "answers with", "members")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An error if a message `verb` ("asks for", "answers with") more than
+/// `max` of `what`.
+fn check_count(len: usize, max: usize, verb: &str, what: &str) -> Result<(), InvalidInput> {
     if len > max {
         return Err(InvalidInput::new(format!(
-            "asks for {len} {what}; the limit is {max}"
+            "{verb} {len} {what}; the limit is {max}"
         )));
     }
     Ok(())
 }
 
-/// Checks and decodes a response frame.
+/// Checks and decodes a response frame. The counts of its lists are
+/// checked before it is decoded (see [`ArchivedResponse::check_counts`]).
 pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
-    let response: Response = decode(bytes)?;
+    let response: Response = decode_checked(bytes, ArchivedResponse::check_counts)?;
     response.validate()?;
     Ok(response)
 }
@@ -843,7 +886,7 @@ impl Request {
             }
             Request::Replica(ReplicaRequest::TreeHashes { peer, indexes, .. }) => {
                 validate_node_id(peer)?;
-                check_count(indexes.len(), TREE_HASHES_MAX, "tree hashes")
+                check_count(indexes.len(), TREE_HASHES_MAX, "asks for", "tree hashes")
             }
             Request::Replica(ReplicaRequest::ReadBatch { keys }) => {
                 check_batch(keys.len())?;
@@ -858,7 +901,7 @@ impl Request {
             }
             Request::Replica(ReplicaRequest::LeafItems { peer, leaves, .. }) => {
                 validate_node_id(peer)?;
-                check_count(leaves.len(), LEAVES_PER_REQUEST_MAX, "leaves")?;
+                check_count(leaves.len(), LEAVES_PER_REQUEST_MAX, "asks for", "leaves")?;
                 // Each leaf once, in order: a repeated one would only
                 // repeat its items in an answer built in memory.
                 if leaves.windows(2).any(|pair| pair[0] >= pair[1]) {
@@ -1085,6 +1128,77 @@ mod tests {
         );
         let fine = leaves(vec![1, 3, 200]);
         assert_eq!(decode_request(&encode_request(&fine)).unwrap(), fine);
+    }
+
+    /// A peer's answers are held to the same counts as requests, on the
+    /// archive, before decoding: no answer is longer than what it answers.
+    #[test]
+    fn long_answers_are_refused_before_decoding() {
+        let refused = |response: Response, expected: &str| {
+            let bytes = encode_response(&response);
+            let archived = rkyv::access::<ArchivedResponse, rancor::Error>(&bytes).unwrap();
+            let err = archived.check_counts().unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+            let err = decode_response(&bytes).unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+        };
+        let accepted = |response: Response| {
+            assert_eq!(
+                decode_response(&encode_response(&response)).unwrap(),
+                response
+            );
+        };
+        let node = NodeId::new("n1.00000001").unwrap();
+        refused(
+            Response::Clocks(vec![None; REPAIR_BATCH_MAX + 1]),
+            "answers with 257 clocks; the limit is 256",
+        );
+        accepted(Response::Clocks(vec![None; REPAIR_BATCH_MAX]));
+        let many = Clock::of_tombstones(&node, crate::dvv::CLOCK_PAYLOADS_MAX + 1);
+        refused(Response::Clocks(vec![Some(many.clone())]), "65537 siblings");
+        refused(Response::Clock(Some(many)), "65537 siblings");
+        refused(
+            Response::Hashes(vec![0; TREE_HASHES_MAX + 1]),
+            "answers with 4097 tree hashes",
+        );
+        accepted(Response::Hashes(vec![0; TREE_HASHES_MAX]));
+        let get = |values: usize| {
+            Response::Get(GetReply {
+                values: vec![Vec::new(); values],
+                context: String::new(),
+                receipt: Receipt::default(),
+            })
+        };
+        refused(
+            get(crate::dvv::CLOCK_PAYLOADS_MAX + 1),
+            "answers with 65537 values",
+        );
+        accepted(get(2));
+        let status = |nodes: usize| {
+            Response::Status(StatusReply {
+                node: node.clone(),
+                replicas: 3,
+                nodes: vec![
+                    NodeStatus {
+                        id: node.clone(),
+                        addr: "127.0.0.1:7000".into(),
+                        up: true,
+                        region: None,
+                        hints_pending: None,
+                        last_exchange_unix_ms: None,
+                        keys_repaired: None,
+                        leaving: None,
+                        cleaning: None,
+                    };
+                    nodes
+                ],
+            })
+        };
+        refused(
+            status(RING_VNODES_MAX as usize + 1),
+            "answers with 65537 members",
+        );
+        accepted(status(3));
     }
 
     /// A peer's (or the disk's) claims about the cluster's shape are
