@@ -539,7 +539,8 @@ pub struct RemoveArgs {
     holds hints for members that are down; it is already leaving; or another member is, or is running a cleanup, or \
     has left and this node has not learned it yet: nodes leave one at a time, so run it again once that leave has returned), 3 if a member could not be asked whether it is leaving, or a replica could not take its keys \
     (it is then still a member and nothing was removed: bring that member up, or remove it, and leave again) \
-    or no member confirmed the removal, 4 if the node cannot be reached."
+    or no member confirmed the removal and none had removed it 10 s later (run `ringkv status` on a member: \
+    leave again if it still lists the node), 4 if the node cannot be reached."
 )]
 pub struct LeaveArgs {
     #[command(flatten)]

@@ -76,7 +76,7 @@ impl ClusterRecord {
         })
     }
 
-    fn reply(&self) -> JoinReply {
+    pub(crate) fn reply(&self) -> JoinReply {
         JoinReply {
             cluster_id: self.cluster_id,
             replicas: self.replicas as u32,

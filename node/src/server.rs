@@ -109,6 +109,9 @@ pub struct NodeConfig {
     /// (see `storage::lower_background_priority`); process-wide.
     pub low_background_priority: bool,
     pub join_timeout: Duration,
+    /// How long a leave waits for the member it asks to remove the node
+    /// before it asks the next (default 5 s; see `server/leave.rs`).
+    pub removal_timeout: Duration,
     /// How long [`NodeHandle::shutdown`] lets requests under way finish
     /// before it stops them (`--drain-timeout-s`; zero stops them at once).
     pub drain_timeout: Duration,
@@ -159,6 +162,7 @@ impl NodeConfig {
             max_request_memory_mb: DEFAULT_MAX_REQUEST_MEMORY_MB,
             low_background_priority: true,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
+            removal_timeout: leave::DEFAULT_REMOVAL_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             hints: true,
             hint_ttl: Duration::from_secs(hints::DEFAULT_HINT_TTL_S),
@@ -434,6 +438,8 @@ struct NodeInner {
     /// go on (up to `drain_timeout`).
     draining: std::sync::atomic::AtomicBool,
     drain_timeout: Duration,
+    /// How long a leave waits for each member it asks to remove the node.
+    removal_timeout: Duration,
     /// Keys a leave has sent to their new replicas so far (in `Stats`, for
     /// the CLI's progress).
     leave_keys_sent: std::sync::atomic::AtomicU64,
@@ -1217,6 +1223,7 @@ impl Node {
             in_flight: Default::default(),
             draining: Default::default(),
             drain_timeout: config.drain_timeout,
+            removal_timeout: config.removal_timeout,
             leave_keys_sent: Default::default(),
             cleaning: Default::default(),
             cleanup_keys_scanned: Default::default(),

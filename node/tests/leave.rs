@@ -123,6 +123,66 @@ async fn a_leaving_node_hands_its_keys_to_the_replicas_that_take_its_ranges() {
     }
 }
 
+/// A leave whose removal no member confirms in time (here the node waits
+/// for no answer at all, as if every one were lost) looks for the removal
+/// itself: the members did remove it, so it goes on to its last pass and
+/// answers as a leave that was confirmed. Before, it gave up and stopped at
+/// the next membership exchange, leaving the writes that came in after its
+/// first pass behind.
+#[tokio::test]
+async fn a_leave_whose_removal_is_not_confirmed_finishes_once_it_finds_it() {
+    let dirs = data_dirs(4);
+    let mut nodes = start(&dirs[..3], 2).await;
+    let mut leaver = config("n4", dirs[3].path(), 2);
+    leaver.seeds = vec![nodes[0].addr()];
+    leaver.removal_timeout = Duration::ZERO;
+    nodes.push(Node::start(leaver).await.unwrap());
+    let (before, after) = (
+        ring(&["n1", "n2", "n3", "n4"], 2),
+        ring(&["n1", "n2", "n3"], 2),
+    );
+    let solo: Vec<String> = (0..200)
+        .map(|i| format!("solo{i}"))
+        .filter(|k| before.preference_list(k.as_bytes()).contains(&id("n4")))
+        .take(10)
+        .collect();
+    let c4 = client(&nodes[3]).await;
+    for key in &solo {
+        store_only_here(&c4, key).await;
+    }
+
+    let reply = match leave(&c4).await {
+        Response::Left(reply) => reply,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reply.keys, solo.len() as u64, "{reply:?}");
+    assert!(reply.late_failures.is_empty(), "{reply:?}");
+    let members: Vec<&str> = reply.record.members.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(members, ["n1", "n2", "n3"]);
+    assert!(reply.record.removed.contains(&id("n4")), "{reply:?}");
+    assert!(stats(&c4).await.removed);
+    let clients = [
+        client(&nodes[0]).await,
+        client(&nodes[1]).await,
+        client(&nodes[2]).await,
+    ];
+    for key in &solo {
+        for replica in after.preference_list(key.as_bytes()).replicas {
+            let i = replica.as_str()[1..].parse::<usize>().unwrap() - 1;
+            assert!(
+                held_locally(&clients[i], key).await,
+                "{replica} lacks {key}"
+            );
+        }
+    }
+    for c in clients.into_iter().chain([c4]) {
+        c.close().await;
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn leaving_is_refused_below_n_and_while_a_member_is_down() {
     let dirs = data_dirs(4);

@@ -19,7 +19,11 @@
 //! 3. asks another member to remove it (`Request::Remove`, which that member
 //!    passes on to every other one), stores the new record and stops
 //!    serving: a coordinator that has learned of the removal sends it
-//!    nothing, and one that has not yet is refused;
+//!    nothing, and one that has not yet is refused. If no member confirms
+//!    in time, it asks the members for their record for a while: a removal
+//!    whose answer was lost goes on to the last pass all the same, since
+//!    the node would otherwise stop at the next membership exchange with
+//!    the writes of the first pass's time not handed over;
 //! 4. waits for the requests already under way, then hands over once more
 //!    (trying up to three times), for the writes that arrived during the
 //!    first pass. A replica that still misses it is named in the answer.
@@ -74,12 +78,19 @@ use ringkv_ring::Ring;
 
 use super::NodeInner;
 use crate::error::NodeError;
+use crate::quic::CallError;
 
 /// How long one batch of keys may take to reach a replica.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the member asked may take to remove this node and tell the
-/// others (it tells them all at once, each within a second).
-const REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// others (it tells them all at once, each within a second), by default
+/// (`NodeConfig::removal_timeout`).
+pub(super) const DEFAULT_REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a leave whose removal no member confirmed looks for one that
+/// happened all the same (its answer lost or late).
+const REMOVAL_LEARN_WAIT: Duration = Duration::from_secs(10);
+/// The pause between two rounds of that search.
+const REMOVAL_LEARN_PAUSE: Duration = Duration::from_millis(200);
 /// Batches (one per replica per page of keys) sent and not yet answered,
 /// at most: a few pages' worth, each at most `READ_BATCH_REPLY_BYTES`.
 const BATCHES_IN_FLIGHT: usize = 8;
@@ -205,17 +216,29 @@ impl NodeInner {
         }
         let removal = match self.ask_removal(&after).await {
             Ok(removal) => removal,
-            Err(reasons) => {
-                return Response::error(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "every key was handed over, but no member confirmed removing {} ({}); check `ringkv status` on a member: leave again if it still lists {}, or stop it if not",
-                        self.id,
-                        reasons.join("; "),
-                        self.id
-                    ),
-                )
-            }
+            Err(reasons) => match self.removal_learned(&after).await {
+                // Removed all the same: the writes that came in since the
+                // first pass still need the last one.
+                Some(record) => {
+                    tracing::warn!(node = %self.id, reasons = ?reasons, "no member confirmed removing this node, but one did; handing over once more");
+                    RemoveReply {
+                        record,
+                        not_told: Vec::new(),
+                    }
+                }
+                None => {
+                    return Response::error(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "every key was handed over, but no member confirmed removing {} ({}), and none had removed it {} s later; check `ringkv status` on a member: leave again if it still lists {}",
+                            self.id,
+                            reasons.join("; "),
+                            REMOVAL_LEARN_WAIT.as_secs(),
+                            self.id
+                        ),
+                    )
+                }
+            },
         };
         guard.left = true;
         match self.membership.adopt(removal.record.clone()) {
@@ -479,8 +502,16 @@ impl NodeInner {
             let Ok(addr) = member.addr.parse() else {
                 continue;
             };
-            let answer =
-                answer_within(REMOVAL_TIMEOUT, self.transport.call_addr(addr, &request)).await;
+            // Its own task: a request that timed out here still goes out
+            // and may yet remove the node, which `removal_learned` looks
+            // for; dropped halfway, it might or might not.
+            let (transport, request) = (self.transport.clone(), request.clone());
+            let call = tokio::spawn(async move { transport.call_addr(addr, &request).await });
+            let answer = answer_within(self.removal_timeout, async move {
+                call.await
+                    .unwrap_or_else(|e| Err(CallError::Unread(format!("the call failed: {e}"))))
+            })
+            .await;
             let reason = match answer {
                 Ok(Response::Removed(reply)) => return Ok(reply),
                 Ok(other) => format!("unexpected answer {other:?}"),
@@ -489,6 +520,34 @@ impl NodeInner {
             reasons.push(format!("{}: {reason}", member.id));
         }
         Err(reasons)
+    }
+}
+
+impl NodeInner {
+    /// The record that removed this node, if a member did although none
+    /// confirmed it to [`ask_removal`](Self::ask_removal) (its answer lost,
+    /// or later than the timeout). Announces this node to the members of
+    /// `after` in turn, as the membership exchange does, until one's
+    /// answer names it removed (which marks it removed, see
+    /// `announce_to_addr`) or [`REMOVAL_LEARN_WAIT`] has passed.
+    async fn removal_learned(
+        self: &Arc<Self>,
+        after: &crate::membership::ClusterRecord,
+    ) -> Option<ringkv_core::wire::JoinReply> {
+        let deadline = tokio::time::Instant::now() + REMOVAL_LEARN_WAIT;
+        loop {
+            for member in after.members.values() {
+                if self.is_removed.load(Ordering::SeqCst) {
+                    return self.membership.record().map(|r| r.reply());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return None;
+                }
+                let record = self.membership.record()?;
+                super::announce_to(self, &record, member).await;
+            }
+            tokio::time::sleep(REMOVAL_LEARN_PAUSE).await;
+        }
     }
 }
 
