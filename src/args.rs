@@ -94,14 +94,57 @@ impl Command {
 /// The cluster key, for every command that talks to nodes.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KeyArgs {
-    /// The cluster's key file (made by `ringkv keygen`). With a key, nodes and clients prove to each other that they hold it (mutual TLS) and refuse anyone who does not: give every node and every client the same file. Without one, anyone who can reach a node's port can use it. Given more than once (or comma-separated in the variable), the first key is the one this process proves it holds and every one is accepted from others: to change keys without stopping the cluster, restart every process with `--cluster-key-file old --cluster-key-file new`, then with `new` before `old`, then with `new` alone.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "RINGKV_CLUSTER_KEY_FILE",
-        value_delimiter = ','
-    )]
+    /// The cluster's key file (made by `ringkv keygen`). With a key, nodes and clients prove to each other that they hold it (mutual TLS) and refuse anyone who does not: give every node and every client the same file. Without one, anyone who can reach a node's port can use it. Given more than once, the first key is the one this process proves it holds and every one is accepted from others: to change keys without stopping the cluster, restart every process with `--cluster-key-file old --cluster-key-file new`, then with `new` before `old`, then with `new` alone. Without the flag, the files come from RINGKV_CLUSTER_KEY_FILE, comma-separated (a path with a comma in it takes the flag).
+    #[arg(long, value_name = "FILE")]
     pub cluster_key_file: Vec<PathBuf>,
+}
+
+/// The variable that names the key files when `--cluster-key-file` is not
+/// given.
+pub const CLUSTER_KEY_FILE_ENV: &str = "RINGKV_CLUSTER_KEY_FILE";
+
+impl KeyArgs {
+    /// The key files to read, and what named them (for errors): the flag's
+    /// values, as given, or else [`CLUSTER_KEY_FILE_ENV`]'s, split at
+    /// commas. The variable set but empty, or naming an empty path, is an
+    /// error rather than no key: a deployment whose template left it blank
+    /// must not run open by accident.
+    pub fn files(&self) -> Result<(Vec<PathBuf>, &'static str), String> {
+        key_files(
+            &self.cluster_key_file,
+            std::env::var_os(CLUSTER_KEY_FILE_ENV),
+        )
+    }
+}
+
+/// [`KeyArgs::files`], with the variable's value passed in.
+pub fn key_files(
+    flags: &[PathBuf],
+    variable: Option<std::ffi::OsString>,
+) -> Result<(Vec<PathBuf>, &'static str), String> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    if !flags.is_empty() {
+        return Ok((flags.to_vec(), "--cluster-key-file"));
+    }
+    let Some(value) = variable else {
+        return Ok((Vec::new(), CLUSTER_KEY_FILE_ENV));
+    };
+    if value.is_empty() {
+        return Err(format!(
+            "{CLUSTER_KEY_FILE_ENV} is set but empty: name the key file, or unset it to run without a key"
+        ));
+    }
+    let mut files = Vec::new();
+    for part in value.as_bytes().split(|b| *b == b',') {
+        if part.is_empty() {
+            return Err(format!(
+                "{CLUSTER_KEY_FILE_ENV} ({}) names an empty path: separate key files with single commas",
+                value.to_string_lossy()
+            ));
+        }
+        files.push(PathBuf::from(std::ffi::OsString::from_vec(part.to_vec())));
+    }
+    Ok((files, CLUSTER_KEY_FILE_ENV))
 }
 
 #[derive(Args, Debug)]
@@ -605,6 +648,51 @@ mod tests {
     use clap::{CommandFactory, Parser};
 
     use super::*;
+
+    /// Key files come from the flag as given (a comma is part of a path),
+    /// or else from the variable split at commas; the variable set but
+    /// blank, or with an empty item, is refused naming the variable.
+    #[test]
+    fn key_files_come_from_the_flag_or_the_variable() {
+        let paths = |list: &[&str]| list.iter().map(PathBuf::from).collect::<Vec<_>>();
+        let var = |v: &str| Some(std::ffi::OsString::from(v));
+        let flagged = match Cli::try_parse_from([
+            "ringkv",
+            "status",
+            "--cluster-key-file",
+            "/keys/a,b.key",
+            "--cluster-key-file",
+            "/keys/c",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Status(a) => a.target.key.cluster_key_file,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(flagged, paths(&["/keys/a,b.key", "/keys/c"]));
+        assert_eq!(
+            key_files(&flagged, var("/elsewhere")).unwrap(),
+            (flagged.clone(), "--cluster-key-file")
+        );
+        assert_eq!(
+            key_files(&[], var("/keys/new,/keys/old")).unwrap(),
+            (paths(&["/keys/new", "/keys/old"]), CLUSTER_KEY_FILE_ENV)
+        );
+        assert_eq!(
+            key_files(&[], None).unwrap(),
+            (Vec::new(), CLUSTER_KEY_FILE_ENV)
+        );
+        let empty = key_files(&[], var("")).unwrap_err();
+        assert!(
+            empty.starts_with("RINGKV_CLUSTER_KEY_FILE is set but empty"),
+            "{empty}"
+        );
+        for bad in ["/keys/a,", ",/keys/a", "/keys/a,,/keys/b"] {
+            let e = key_files(&[], var(bad)).unwrap_err();
+            assert!(e.contains("names an empty path"), "{bad}: {e}");
+        }
+    }
 
     /// The `--node` list `ringkv status --node LIST` would use.
     fn nodes(list: &str) -> Result<Vec<String>, String> {

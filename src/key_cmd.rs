@@ -50,6 +50,7 @@ pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
 /// The key named by `--cluster-key-file` (or `RINGKV_CLUSTER_KEY_FILE`), if
 /// any: read and checked before anything starts or connects.
 pub fn load(args: &KeyArgs) -> Result<Option<ClusterKey>, Failure> {
-    ClusterKey::from_files(&args.cluster_key_file)
-        .map_err(|e| Failure::new(Exit::Usage, format!("--cluster-key-file: {e}")))
+    let (files, named_by) = args.files().map_err(|e| Failure::new(Exit::Usage, e))?;
+    ClusterKey::from_files(&files)
+        .map_err(|e| Failure::new(Exit::Usage, format!("{named_by}: {e}")))
 }

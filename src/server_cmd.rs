@@ -152,9 +152,10 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
         try_hint(
             nodes[0].addr(),
             args.key
-                .cluster_key_file
-                .first()
-                .map(std::path::PathBuf::as_path)
+                .files()
+                .ok()
+                .and_then(|(files, _)| files.into_iter().next())
+                .as_deref()
         )
     );
     // A node removed from the cluster (`ringkv remove`) stops, as `ringkv

@@ -73,6 +73,16 @@ fn a_keyed_cluster_serves_key_holders_and_refuses_others() {
         .args(["status", "--node", &c.addr(0)])
         .env("RINGKV_CLUSTER_KEY_FILE", &key));
     assert_exit(&o, 0);
+    // Set but blank, it is an error naming it, not a run without a key.
+    let o = run(ringkv()
+        .args(["status", "--node", &c.addr(0)])
+        .env("RINGKV_CLUSTER_KEY_FILE", ""));
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("RINGKV_CLUSTER_KEY_FILE is set but empty"),
+        "{}",
+        stderr(&o)
+    );
     // Several keys: the first is presented, every one accepted. So the
     // cluster's key first works, and another key first does not.
     let o = run(ringkv()
