@@ -678,14 +678,20 @@ impl ArchivedResponse {
             ArchivedResponse::Hashes(hashes) => {
                 check_count(hashes.len(), TREE_HASHES_MAX, "answers with", "tree hashes")
             }
+            // A read merges the clocks of up to N replicas, each within
+            // the sibling limit.
             ArchivedResponse::Get(reply) => check_count(
                 reply.values.len(),
-                crate::dvv::CLOCK_PAYLOADS_MAX,
+                crate::dvv::CLOCK_PAYLOADS_MAX * REPLICAS_MAX as usize,
                 "answers with",
                 "values",
             ),
             // Every member has at least one virtual node.
             ArchivedResponse::Joined(record) => {
+                check_count(record.members.len(), MEMBERS_MAX, "answers with", "members")
+            }
+            ArchivedResponse::Removed(ArchivedRemoveReply { record, .. })
+            | ArchivedResponse::Left(ArchivedLeaveReply { record, .. }) => {
                 check_count(record.members.len(), MEMBERS_MAX, "answers with", "members")
             }
             ArchivedResponse::Status(status) => {
@@ -1169,9 +1175,10 @@ mod tests {
                 receipt: Receipt::default(),
             })
         };
+        let values_max = crate::dvv::CLOCK_PAYLOADS_MAX * REPLICAS_MAX as usize;
         refused(
-            get(crate::dvv::CLOCK_PAYLOADS_MAX + 1),
-            "answers with 65537 values",
+            get(values_max + 1),
+            &format!("answers with {} values", values_max + 1),
         );
         accepted(get(2));
         let status = |nodes: usize| {

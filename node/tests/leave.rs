@@ -128,7 +128,9 @@ async fn a_leaving_node_hands_its_keys_to_the_replicas_that_take_its_ranges() {
 /// itself: the members did remove it, so it goes on to its last pass and
 /// answers as a leave that was confirmed. Before, it gave up and stopped at
 /// the next membership exchange, leaving the writes that came in after its
-/// first pass behind.
+/// first pass behind. (A zero wait ends at tokio's next timer tick, about
+/// 1 ms; a member's answer takes its two fsyncs and those of the members
+/// it tells first, so it comes later.)
 #[tokio::test]
 async fn a_leave_whose_removal_is_not_confirmed_finishes_once_it_finds_it() {
     let dirs = data_dirs(4);
@@ -156,6 +158,8 @@ async fn a_leave_whose_removal_is_not_confirmed_finishes_once_it_finds_it() {
         other => panic!("{other:?}"),
     };
     assert_eq!(reply.keys, solo.len() as u64, "{reply:?}");
+    // The last pass ran: every key went twice.
+    assert_eq!(leave_keys_sent(&c4).await, 2 * reply.keys);
     assert!(reply.late_failures.is_empty(), "{reply:?}");
     let members: Vec<&str> = reply.record.members.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(members, ["n1", "n2", "n3"]);

@@ -20,10 +20,14 @@
 //!    passes on to every other one), stores the new record and stops
 //!    serving: a coordinator that has learned of the removal sends it
 //!    nothing, and one that has not yet is refused. If no member confirms
-//!    in time, it asks the members for their record for a while: a removal
-//!    whose answer was lost goes on to the last pass all the same, since
-//!    the node would otherwise stop at the next membership exchange with
-//!    the writes of the first pass's time not handed over;
+//!    in time and one may have removed it all the same (a request timed
+//!    out, or a connection was lost under it), it looks for that removal
+//!    for 10 s (30 s while a request is still unanswered): in the members'
+//!    records and in late answers. Found, the leave goes on to the last
+//!    pass; otherwise the node would stop at the next membership exchange
+//!    with the writes of the first pass's time not handed over. Meanwhile
+//!    it still serves, with the ring that holds it, and those writes are
+//!    handed over too;
 //! 4. waits for the requests already under way, then hands over once more
 //!    (trying up to three times), for the writes that arrived during the
 //!    first pass. A replica that still misses it is named in the answer.
@@ -50,8 +54,9 @@
 //! other way round.
 //!
 //! The guarantee ends at the removal: a member that has learned of it asks
-//! the removed node nothing, while that node may still be in its last pass
-//! (up to about 15 s, see below), which then cannot reach a replica that
+//! the removed node nothing, while that node may still be looking for its
+//! removal (up to 30 s, above) or in its last pass (up to about 15 s more,
+//! see below), which then cannot reach a replica that
 //! has left meanwhile (named in its answer's `late_failures`). So the next
 //! leave should wait until the previous `ringkv leave` has returned.
 //!
@@ -87,8 +92,10 @@ const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`NodeConfig::removal_timeout`).
 pub(super) const DEFAULT_REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a leave whose removal no member confirmed looks for one that
-/// happened all the same (its answer lost or late).
+/// happened all the same (its answer lost or late)...
 const REMOVAL_LEARN_WAIT: Duration = Duration::from_secs(10);
+/// ... and, while a removal request is still unanswered, at most.
+const REMOVAL_PENDING_WAIT: Duration = Duration::from_secs(30);
 /// The pause between two rounds of that search.
 const REMOVAL_LEARN_PAUSE: Duration = Duration::from_millis(200);
 /// Batches (one per replica per page of keys) sent and not yet answered,
@@ -215,30 +222,47 @@ impl NodeInner {
             ));
         }
         let removal = match self.ask_removal(&after).await {
-            Ok(removal) => removal,
-            Err(reasons) => match self.removal_learned(&after).await {
-                // Removed all the same: the writes that came in since the
-                // first pass still need the last one.
-                Some(record) => {
-                    tracing::warn!(node = %self.id, reasons = ?reasons, "no member confirmed removing this node, but one did; handing over once more");
-                    RemoveReply {
-                        record,
-                        not_told: Vec::new(),
+            RemovalAsked::Confirmed(removal) => removal,
+            RemovalAsked::Unconfirmed {
+                reasons,
+                pending,
+                unknown,
+            } => {
+                let found = match unknown {
+                    true => self.removal_learned(&after, pending).await,
+                    false => None,
+                };
+                match found {
+                    // Removed all the same: the writes that came in since
+                    // the first pass still need the last one.
+                    Some(record) => {
+                        tracing::warn!(node = %self.id, reasons = ?reasons, "no member confirmed removing this node in time, but one removed it; handing over once more");
+                        RemoveReply {
+                            record,
+                            not_told: Vec::new(),
+                        }
+                    }
+                    None => {
+                        let since = if unknown {
+                            format!(
+                                ", nor had one removed it {} s later",
+                                REMOVAL_LEARN_WAIT.as_secs()
+                            )
+                        } else {
+                            String::new()
+                        };
+                        return Response::error(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "every key was handed over, but no member confirmed removing {} ({}){since}; check `ringkv status` on a member: leave again if it still lists {}",
+                                self.id,
+                                reasons.join("; "),
+                                self.id
+                            ),
+                        );
                     }
                 }
-                None => {
-                    return Response::error(
-                        ErrorKind::Unavailable,
-                        format!(
-                            "every key was handed over, but no member confirmed removing {} ({}), and none had removed it {} s later; check `ringkv status` on a member: leave again if it still lists {}",
-                            self.id,
-                            reasons.join("; "),
-                            REMOVAL_LEARN_WAIT.as_secs(),
-                            self.id
-                        ),
-                    )
-                }
-            },
+            }
         };
         guard.left = true;
         match self.membership.adopt(removal.record.clone()) {
@@ -489,66 +513,118 @@ impl NodeInner {
 
     /// Asks the members of `after` (the cluster without this node), one at
     /// a time, to remove this node and tell the others.
-    async fn ask_removal(
-        &self,
-        after: &crate::membership::ClusterRecord,
-    ) -> Result<RemoveReply, Vec<String>> {
+    async fn ask_removal(&self, after: &crate::membership::ClusterRecord) -> RemovalAsked {
         let request = Request::Remove {
             node: self.id.clone(),
             tell_others: true,
         };
-        let mut reasons = Vec::new();
+        let (mut reasons, mut pending, mut unknown) = (Vec::new(), Vec::new(), false);
         for member in after.members.values() {
             let Ok(addr) = member.addr.parse() else {
                 continue;
             };
-            // Its own task: a request that timed out here still goes out
-            // and may yet remove the node, which `removal_learned` looks
-            // for; dropped halfway, it might or might not.
+            // Its own task: a request that timed out here goes on, and its
+            // late answer settles whether it removed the node (see
+            // `removal_learned`); dropped halfway, it might or might not.
             let (transport, request) = (self.transport.clone(), request.clone());
-            let call = tokio::spawn(async move { transport.call_addr(addr, &request).await });
-            let answer = answer_within(self.removal_timeout, async move {
-                call.await
-                    .unwrap_or_else(|e| Err(CallError::Unread(format!("the call failed: {e}"))))
-            })
-            .await;
-            let reason = match answer {
-                Ok(Response::Removed(reply)) => return Ok(reply),
-                Ok(other) => format!("unexpected answer {other:?}"),
-                Err(reason) => reason,
+            let mut call: RemovalCall =
+                tokio::spawn(async move { transport.call_addr(addr, &request).await });
+            let reason = match tokio::time::timeout(self.removal_timeout, &mut call).await {
+                Ok(Ok(Ok(Response::Removed(reply)))) => return RemovalAsked::Confirmed(reply),
+                // Refused, or nothing of it ran: settled.
+                Ok(Ok(Ok(Response::Error(e)))) => e.message,
+                Ok(Ok(Ok(_))) => "an answer other than Removed".to_string(),
+                Ok(Ok(Err(
+                    e @ (CallError::Unread(_) | CallError::Connect(_) | CallError::Refused(_)),
+                ))) => e.to_string(),
+                // It may have run.
+                Ok(Ok(Err(e))) => {
+                    unknown = true;
+                    e.to_string()
+                }
+                Ok(Err(e)) => {
+                    unknown = true;
+                    format!("the call's task failed: {e}")
+                }
+                Err(_) => {
+                    unknown = true;
+                    pending.push(call);
+                    format!("no answer within {} ms", self.removal_timeout.as_millis())
+                }
             };
             reasons.push(format!("{}: {reason}", member.id));
         }
-        Err(reasons)
+        RemovalAsked::Unconfirmed {
+            reasons,
+            pending,
+            unknown,
+        }
     }
-}
 
-impl NodeInner {
     /// The record that removed this node, if a member did although none
-    /// confirmed it to [`ask_removal`](Self::ask_removal) (its answer lost,
-    /// or later than the timeout). Announces this node to the members of
-    /// `after` in turn, as the membership exchange does, until one's
-    /// answer names it removed (which marks it removed, see
-    /// `announce_to_addr`) or [`REMOVAL_LEARN_WAIT`] has passed.
+    /// confirmed it to [`ask_removal`](Self::ask_removal) in time (its
+    /// answer lost or late). Announces this node to the members of `after`
+    /// in turn, as the membership exchange does, until one's answer names
+    /// it removed (which marks it removed, see `announce_to_addr`) or a
+    /// late answer to one of the `pending` requests confirms it; for
+    /// [`REMOVAL_LEARN_WAIT`], and while requests are pending for up to
+    /// [`REMOVAL_PENDING_WAIT`]. Those still pending then are aborted. Not
+    /// after the node begins to shut down.
     async fn removal_learned(
         self: &Arc<Self>,
         after: &crate::membership::ClusterRecord,
+        mut pending: Vec<RemovalCall>,
     ) -> Option<ringkv_core::wire::JoinReply> {
-        let deadline = tokio::time::Instant::now() + REMOVAL_LEARN_WAIT;
-        loop {
+        let began = tokio::time::Instant::now();
+        let found = 'search: loop {
             for member in after.members.values() {
                 if self.is_removed.load(Ordering::SeqCst) {
-                    return self.membership.record().map(|r| r.reply());
+                    break 'search self.membership.record().map(|r| r.reply());
                 }
-                if tokio::time::Instant::now() >= deadline {
-                    return None;
+                let mut i = 0;
+                while i < pending.len() {
+                    if !pending[i].is_finished() {
+                        i += 1;
+                        continue;
+                    }
+                    if let Ok(Ok(Response::Removed(reply))) = pending.swap_remove(i).await {
+                        break 'search Some(reply.record);
+                    }
                 }
-                let record = self.membership.record()?;
+                let waited = began.elapsed();
+                let over = waited >= REMOVAL_PENDING_WAIT
+                    || (waited >= REMOVAL_LEARN_WAIT && pending.is_empty());
+                if over || *self.shutdown.borrow() {
+                    break 'search None;
+                }
+                let Some(record) = self.membership.record() else {
+                    break 'search None;
+                };
                 super::announce_to(self, &record, member).await;
             }
             tokio::time::sleep(REMOVAL_LEARN_PAUSE).await;
+        };
+        for call in pending {
+            call.abort();
         }
+        found
     }
+}
+
+/// A removal request's call, in a task of its own.
+type RemovalCall = tokio::task::JoinHandle<Result<Response, CallError>>;
+
+/// What the members asked to remove this node said.
+enum RemovalAsked {
+    Confirmed(RemoveReply),
+    /// None confirmed: why, member by member; the calls still unanswered
+    /// when their wait ended; and whether any may have removed the node
+    /// (those, or a connection lost under a request).
+    Unconfirmed {
+        reasons: Vec<String>,
+        pending: Vec<RemovalCall>,
+        unknown: bool,
+    },
 }
 
 /// The members among `answered` whose `Stats` satisfy `pick`, by name.
