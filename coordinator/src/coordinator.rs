@@ -292,8 +292,22 @@ impl<T: Transport> Coordinator<T> {
         if let Some(refusal) = too_few_members("w", required, &pref, "nothing was written") {
             return refusal;
         }
-        let is_replica = pref.contains(&self.id);
-        if !is_replica && !request.forwarded {
+        if !pref.contains(&self.id) {
+            if request.forwarded {
+                // Sent here by a node whose ring says this one replicates
+                // the key; this node's ring says not. Minting here would
+                // build on whatever copy it holds from an older ring (maybe
+                // a value whose tombstone the replicas have since
+                // collected) and hand that on to them. Nothing ran: the
+                // forwarder asks the next replica.
+                return Response::error(
+                    ErrorKind::NotServing,
+                    format!(
+                        "{} does not replicate this key under its ring; ask one of its replicas",
+                        self.id
+                    ),
+                );
+            }
             let mut forwarded = request;
             forwarded.forwarded = true;
             return self
@@ -322,14 +336,12 @@ impl<T: Transport> Coordinator<T> {
             }
         };
         let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
-        if is_replica {
-            tracker.record(
-                &self.id,
-                ReplicaAnswer::Ok {
-                    latency_us: elapsed_us(start),
-                },
-            );
-        }
+        tracker.record(
+            &self.id,
+            ReplicaAnswer::Ok {
+                latency_us: elapsed_us(start),
+            },
+        );
         let sync = Request::Replica(ReplicaRequest::Sync {
             key: request.key.clone(),
             clock: clock.clone(),

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use ringkv_coordinator::sim::{get_values as values, SimCluster};
-use ringkv_core::wire::{ErrorKind, Outcome, Response};
+use ringkv_core::dvv::{Payload, VersionVector};
+use ringkv_core::wire::{ErrorKind, Outcome, PutRequest, Response};
 use ringkv_core::Consistency::{self, All, Count, One, Quorum};
 
 /// A key whose preference list in a 3-node cluster is every node; which node
@@ -245,6 +246,47 @@ async fn a_forward_passes_over_a_replica_that_serves_nothing() {
         other => panic!("{other:?}"),
     };
     assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
+}
+
+/// A node that a forwarder believes replicates a key, but whose own ring
+/// says it does not (the rings disagree during a membership change), runs
+/// nothing of a forwarded put: minting there would build on its stray copy
+/// from an older ring (here "old", which may be a value whose tombstone the
+/// replicas have collected) and hand it on to the replicas.
+#[tokio::test(start_paused = true)]
+async fn a_forwarded_put_to_a_node_that_does_not_replicate_the_key_runs_nothing() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    c.node(outsider.as_str())
+        .replica
+        .update(
+            KEY.as_bytes(),
+            &VersionVector::new(),
+            Payload::Value(b"old".to_vec()),
+        )
+        .unwrap();
+    let forwarded = PutRequest {
+        forwarded: true,
+        ..PutRequest::new(KEY, Payload::Value(b"new".to_vec()), Quorum, None)
+    };
+    let (kind, message) = error(&c.node(outsider.as_str()).coordinator.put(forwarded).await);
+    assert_eq!(kind, ErrorKind::NotServing, "{message}");
+    assert!(message.contains("does not replicate this key"), "{message}");
+    assert_eq!(c.local_values(outsider.as_str(), KEY), ["old"]);
+    for replica in &pref.replicas {
+        assert!(
+            c.local_values(replica.as_str(), KEY).is_empty(),
+            "{replica}"
+        );
+    }
+    // A client's put through it is forwarded to a replica, which
+    // coordinates it without the stray copy.
+    ok_context(&c.put(outsider.as_str(), KEY, "new", Quorum, None).await);
+    assert_eq!(
+        values(&c.get(pref.replicas[0].as_str(), KEY, All).await),
+        ["new"]
+    );
 }
 
 /// A replica that sheds the request (its request memory is full) ran
