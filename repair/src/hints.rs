@@ -525,11 +525,21 @@ impl<B: HintBackend> HintBook<B> {
     ) -> Result<(), HintError> {
         let id = entry_id(owner, key);
         let _guard = self.lock(&id);
-        let existing = match self.backend.get(&id)? {
-            Some(value) => Some(decode_hint(&value)?),
-            None => None,
+        let (existing, is_new) = match self.backend.get(&id)? {
+            Some(value) => match decode_hint(&value) {
+                Ok(held) => (Some(held), false),
+                // Replaced, not merged into: until the sweep reached it, a
+                // corrupt record would refuse every new hint for its key.
+                // It was counted when stored, so the count stays.
+                Err(e) => {
+                    tracing::warn!(%owner, error = %e, "replacing a corrupt hint");
+                    counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "corrupt")
+                        .increment(1);
+                    (None, false)
+                }
+            },
+            None => (None, true),
         };
-        let is_new = existing.is_none();
         let now_ms = self.now_ms();
         let existing = existing.filter(|(_, held_at_ms)| {
             let expired = self.is_past_window(*held_at_ms, now_ms);

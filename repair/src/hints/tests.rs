@@ -261,6 +261,29 @@ fn a_corrupt_record_is_dropped_without_blocking_the_others() {
     assert_eq!(book.pending(&n("c")), 2, "the corrupt one is gone");
 }
 
+/// A new hint for a key whose held record is corrupt replaces it (before,
+/// every store for the key failed until the sweep dropped the record), and
+/// the owner's count, which counted the corrupt record, stays.
+#[test]
+fn a_new_hint_replaces_a_corrupt_one() {
+    let f = fixture(HintConfig::default());
+    f.book.store(&n("c"), b"a", &write("a", "1")).unwrap();
+    f.backend.put(&entry_id(&n("c"), b"m"), b"garbage").unwrap();
+    let book = HintBook::open(f.backend.clone(), HintConfig::default(), Arc::new(|| 0)).unwrap();
+    assert_eq!(book.pending(&n("c")), 2);
+    assert!(book.read(&n("c"), b"m").is_err(), "still corrupt");
+    book.store(&n("c"), b"m", &write("b", "2")).unwrap();
+    assert_eq!(book.read(&n("c"), b"m").unwrap(), Some(write("b", "2")));
+    assert_eq!(book.pending(&n("c")), 2);
+    let keys: Vec<Vec<u8>> = book
+        .batch(&n("c"), None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.key)
+        .collect();
+    assert_eq!(keys, [b"a".to_vec(), b"m".to_vec()]);
+}
+
 /// An entry whose id names no owner (a corrupt write, a bad disk) does not
 /// stop the book from opening, and so the node from starting: it is
 /// dropped, and the others are counted.
