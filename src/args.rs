@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use ringkv_core::Consistency;
+use ringkv_node::cluster_key::{key_files, CLUSTER_KEY_FILE_ENV};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -99,52 +100,15 @@ pub struct KeyArgs {
     pub cluster_key_file: Vec<PathBuf>,
 }
 
-/// The variable that names the key files when `--cluster-key-file` is not
-/// given.
-pub const CLUSTER_KEY_FILE_ENV: &str = "RINGKV_CLUSTER_KEY_FILE";
-
 impl KeyArgs {
-    /// The key files to read, and what named them (for errors): the flag's
-    /// values, as given, or else [`CLUSTER_KEY_FILE_ENV`]'s, split at
-    /// commas. The variable set but empty, or naming an empty path, is an
-    /// error rather than no key: a deployment whose template left it blank
-    /// must not run open by accident.
+    /// The key files to read, and what named them (for errors): see
+    /// [`key_files`].
     pub fn files(&self) -> Result<(Vec<PathBuf>, &'static str), String> {
         key_files(
             &self.cluster_key_file,
             std::env::var_os(CLUSTER_KEY_FILE_ENV),
         )
     }
-}
-
-/// [`KeyArgs::files`], with the variable's value passed in.
-pub fn key_files(
-    flags: &[PathBuf],
-    variable: Option<std::ffi::OsString>,
-) -> Result<(Vec<PathBuf>, &'static str), String> {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    if !flags.is_empty() {
-        return Ok((flags.to_vec(), "--cluster-key-file"));
-    }
-    let Some(value) = variable else {
-        return Ok((Vec::new(), CLUSTER_KEY_FILE_ENV));
-    };
-    if value.is_empty() {
-        return Err(format!(
-            "{CLUSTER_KEY_FILE_ENV} is set but empty: name the key file, or unset it to run without a key"
-        ));
-    }
-    let mut files = Vec::new();
-    for part in value.as_bytes().split(|b| *b == b',') {
-        if part.is_empty() {
-            return Err(format!(
-                "{CLUSTER_KEY_FILE_ENV} ({}) names an empty path: separate key files with single commas",
-                value.to_string_lossy()
-            ));
-        }
-        files.push(PathBuf::from(std::ffi::OsString::from_vec(part.to_vec())));
-    }
-    Ok((files, CLUSTER_KEY_FILE_ENV))
 }
 
 #[derive(Args, Debug)]
@@ -582,8 +546,9 @@ pub struct RemoveArgs {
     holds hints for members that are down; it is already leaving; or another member is, or is running a cleanup, or \
     has left and this node has not learned it yet: nodes leave one at a time, so run it again once that leave has returned), 3 if a member could not be asked whether it is leaving, or a replica could not take its keys \
     (it is then still a member and nothing was removed: bring that member up, or remove it, and leave again) \
-    or no member confirmed the removal and none had removed it 10 s later (run `ringkv status` on a member: \
-    leave again if it still lists the node), 4 if the node cannot be reached."
+    or no member confirmed the removal and none turned out to have removed it (it looks for 10 s, 30 s while a \
+    request is unanswered; run `ringkv status` on a member: leave again if it still lists the node), 4 if the node \
+    cannot be reached."
 )]
 pub struct LeaveArgs {
     #[command(flatten)]

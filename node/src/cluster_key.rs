@@ -70,6 +70,48 @@ pub(crate) struct Authority {
     pub key: KeyPair,
 }
 
+/// The variable that names the key files when `--cluster-key-file` is not
+/// given.
+pub const CLUSTER_KEY_FILE_ENV: &str = "RINGKV_CLUSTER_KEY_FILE";
+
+/// The key files a command reads, and what named them (for errors): the
+/// `--cluster-key-file` values (`flags`) as given, a comma being part of a
+/// path, or else the value of [`CLUSTER_KEY_FILE_ENV`] (`variable`) split
+/// at commas. The variable set but empty, naming an empty path, or not
+/// UTF-8 is an error rather than no key: a deployment whose template left
+/// it blank must not run open by accident.
+pub fn key_files(
+    flags: &[std::path::PathBuf],
+    variable: Option<std::ffi::OsString>,
+) -> Result<(Vec<std::path::PathBuf>, &'static str), String> {
+    if !flags.is_empty() {
+        return Ok((flags.to_vec(), "--cluster-key-file"));
+    }
+    let Some(value) = variable else {
+        return Ok((Vec::new(), CLUSTER_KEY_FILE_ENV));
+    };
+    let Some(value) = value.to_str() else {
+        return Err(format!(
+            "{CLUSTER_KEY_FILE_ENV} is not UTF-8: give a key file whose path is not with --cluster-key-file"
+        ));
+    };
+    if value.is_empty() {
+        return Err(format!(
+            "{CLUSTER_KEY_FILE_ENV} is set but empty: name the key file, or unset it to run without a key"
+        ));
+    }
+    let mut files = Vec::new();
+    for part in value.split(',') {
+        if part.is_empty() {
+            return Err(format!(
+                "{CLUSTER_KEY_FILE_ENV} ({value}) names an empty path: separate key files with single commas"
+            ));
+        }
+        files.push(std::path::PathBuf::from(part));
+    }
+    Ok((files, CLUSTER_KEY_FILE_ENV))
+}
+
 impl ClusterKey {
     /// Parses a key as `ringkv keygen` writes it: hex digits, surrounding
     /// white space ignored. The error says what is wrong, never the key.

@@ -525,6 +525,7 @@ impl<B: HintBackend> HintBook<B> {
     ) -> Result<(), HintError> {
         let id = entry_id(owner, key);
         let _guard = self.lock(&id);
+        let mut replaces_corrupt = false;
         let (existing, is_new) = match self.backend.get(&id)? {
             Some(value) => match decode_hint(&value) {
                 Ok(held) => (Some(held), false),
@@ -533,8 +534,7 @@ impl<B: HintBackend> HintBook<B> {
                 // It was counted when stored, so the count stays.
                 Err(e) => {
                     tracing::warn!(%owner, error = %e, "replacing a corrupt hint");
-                    counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "corrupt")
-                        .increment(1);
+                    replaces_corrupt = true;
                     (None, false)
                 }
             },
@@ -585,6 +585,12 @@ impl<B: HintBackend> HintBook<B> {
                 self.adjust(owner, -1);
             }
             return Err(e);
+        }
+        if replaces_corrupt {
+            // Counted only once it is gone: otherwise the sweep drops and
+            // counts it.
+            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "corrupt")
+                .increment(1);
         }
         counter!("ringkv_hints_stored_total", "target" => owner.to_string()).increment(1);
         Ok(())

@@ -36,13 +36,9 @@ struct Args {
     w: String,
     #[arg(long, default_value_t = 32)]
     concurrency: u64,
-    /// The cluster's key file, if it has one (see `ringkv node --help`).
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "RINGKV_CLUSTER_KEY_FILE",
-        value_delimiter = ','
-    )]
+    /// The cluster's key file, if it has one (see `ringkv node --help`);
+    /// without the flag, RINGKV_CLUSTER_KEY_FILE's files, comma-separated.
+    #[arg(long, value_name = "FILE")]
     cluster_key_file: Vec<std::path::PathBuf>,
 }
 
@@ -56,7 +52,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cluster_key = match ClusterKey::from_files(&args.cluster_key_file) {
+    let files = ringkv_node::cluster_key::key_files(
+        &args.cluster_key_file,
+        std::env::var_os(ringkv_node::cluster_key::CLUSTER_KEY_FILE_ENV),
+    );
+    let files = match files {
+        Ok((files, _)) => files,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cluster_key = match ClusterKey::from_files(&files) {
         Ok(key) => key,
         Err(e) => {
             eprintln!("error: --cluster-key-file: {e}");
