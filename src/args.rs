@@ -283,6 +283,9 @@ pub struct HintArgs {
     /// Most hints held for any one node; past it, writes for that node go to the next fallback.
     #[arg(long, value_name = "COUNT", default_value_t = ringkv_repair::hints::DEFAULT_MAX_HINTS_PER_TARGET, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_hints_per_target: u64,
+    /// Most MiB of hints this node holds for all others together (values and their bookkeeping); past it, writes that would need a hint here go to the next fallback. Bounds the disk hints take while nodes are down for long under large values.
+    #[arg(long, value_name = "MIB", default_value_t = ringkv_repair::hints::DEFAULT_MAX_HINT_MB, value_parser = clap::value_parser!(u64).range(1..=ringkv_node::server::MAX_HINT_MB_LIMIT))]
+    pub max_hint_mb: u64,
 }
 
 #[derive(Args, Debug, Clone)]

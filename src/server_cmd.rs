@@ -44,6 +44,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.hints = !args.hints.no_hints;
     config.hint_ttl = Duration::from_secs(args.hints.hint_ttl_s);
     config.max_hints_per_target = args.hints.max_hints_per_target;
+    config.max_hint_mb = args.hints.max_hint_mb;
     config.anti_entropy_interval = match args.anti_entropy.anti_entropy_interval_s {
         0 => None,
         s => Some(Duration::from_secs(s)),

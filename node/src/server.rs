@@ -70,6 +70,9 @@ pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 /// Request bytes a node keeps in memory at once by default, in MiB (see
 /// `request_memory`); requests beyond it are shed.
 pub const DEFAULT_MAX_REQUEST_MEMORY_MB: usize = 1024;
+/// The largest `--max-hint-mb`: 1 PiB, far past any disk, so that the
+/// bytes it stands for fit in a u64.
+pub const MAX_HINT_MB_LIMIT: u64 = 1 << 30;
 /// The least `--max-request-memory-mb` may be: the largest request frame
 /// must fit in the share large bodies may take (`request_memory::LARGE_SHARE`),
 /// or a put of the largest value could never run.
@@ -120,6 +123,9 @@ pub struct NodeConfig {
     /// The hint window: hints whose newest write is older are dropped.
     pub hint_ttl: Duration,
     pub max_hints_per_target: u64,
+    /// The stored bytes of all hints this node holds, at most, in MiB
+    /// (`--max-hint-mb`).
+    pub max_hint_mb: u64,
     /// Time between anti-entropy rounds; `None` runs them only on demand.
     pub anti_entropy_interval: Option<Duration>,
     /// How long a tombstone is kept at least (see `ringkv_repair::tombstones`).
@@ -167,6 +173,7 @@ impl NodeConfig {
             hints: true,
             hint_ttl: Duration::from_secs(hints::DEFAULT_HINT_TTL_S),
             max_hints_per_target: hints::DEFAULT_MAX_HINTS_PER_TARGET,
+            max_hint_mb: hints::DEFAULT_MAX_HINT_MB,
             anti_entropy_interval: Some(Duration::from_secs(
                 anti_entropy::DEFAULT_ANTI_ENTROPY_INTERVAL_S,
             )),
@@ -243,6 +250,11 @@ impl NodeConfig {
         }
         if self.max_hints_per_target == 0 {
             return bad("--max-hints-per-target must be at least 1 (use --no-hints to store none)");
+        }
+        if self.max_hint_mb == 0 || self.max_hint_mb > MAX_HINT_MB_LIMIT {
+            return bad(&format!(
+                "--max-hint-mb must be 1 to {MAX_HINT_MB_LIMIT} (use --no-hints to store none)"
+            ));
         }
         if self.id.as_str().len() > ringkv_core::node_id::NODE_NAME_MAX_BYTES {
             return Err(NodeError::Config {
@@ -1144,6 +1156,7 @@ impl Node {
                 HintConfig {
                     ttl_ms: millis(config.hint_ttl),
                     max_per_target: config.max_hints_per_target,
+                    max_bytes: config.max_hint_mb * 1024 * 1024,
                 },
                 Arc::new(unix_ms),
             )

@@ -41,6 +41,9 @@ pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub const DEFAULT_HINT_TTL_S: u64 = 3 * 60 * 60;
 /// The default cap on hints held for one owner.
 pub const DEFAULT_MAX_HINTS_PER_TARGET: u64 = 1_000_000;
+/// The default cap on the bytes of all hints a node holds, in MiB: a
+/// count cap alone lets hints of large values fill the disk.
+pub const DEFAULT_MAX_HINT_MB: u64 = 4096;
 
 const LOCK_STRIPES: usize = 256;
 
@@ -53,6 +56,12 @@ pub enum HintError {
     Corrupt { reason: String },
     #[error("already holding {limit} hints for {owner}, the per-target limit")]
     TargetFull { owner: NodeId, limit: u64 },
+    #[error("holding {held_bytes} bytes of hints; {more_bytes} more would pass this node's limit of {limit_bytes} (--max-hint-mb)")]
+    BytesFull {
+        held_bytes: u64,
+        more_bytes: u64,
+        limit_bytes: u64,
+    },
     #[error("this node does not store hints (--no-hints)")]
     Disabled,
     #[error("the hint for this key would exceed the per-key limits: {reason}")]
@@ -127,6 +136,8 @@ pub struct Hint {
 pub struct HintConfig {
     pub ttl_ms: u64,
     pub max_per_target: u64,
+    /// The stored bytes of all hints together, at most.
+    pub max_bytes: u64,
 }
 
 impl Default for HintConfig {
@@ -134,6 +145,7 @@ impl Default for HintConfig {
         HintConfig {
             ttl_ms: DEFAULT_HINT_TTL_S * 1000,
             max_per_target: DEFAULT_MAX_HINTS_PER_TARGET,
+            max_bytes: DEFAULT_MAX_HINT_MB * 1024 * 1024,
         }
     }
 }
@@ -145,6 +157,10 @@ pub struct HintBook<B> {
     now_ms: WallClock,
     locks: Box<[Mutex<()>]>,
     pending: Mutex<HashMap<NodeId, u64>>,
+    /// The stored bytes of every entry (ids and values). Invariant, as for
+    /// the counts: it changes with each put and delete, under the entry's
+    /// lock, by the difference in the entry's size.
+    bytes: Mutex<u64>,
 }
 
 /// An entry's id: the owner's length and name, then the key, so one owner's
@@ -178,6 +194,11 @@ fn split_id(id: &[u8]) -> Result<(NodeId, &[u8]), HintError> {
     Ok((owner, &rest[len..]))
 }
 
+/// What an entry counts against the byte cap: its id and value.
+fn entry_bytes(id: &[u8], value: &[u8]) -> u64 {
+    (id.len() + value.len()) as u64
+}
+
 fn encode_hint(clock: &Clock, stored_at_ms: u64) -> Vec<u8> {
     let clock = encode_clock(clock);
     let mut value = Vec::with_capacity(8 + clock.len());
@@ -204,14 +225,18 @@ impl<B: HintBackend> HintBook<B> {
     /// Opens the book over `backend`, counting the hints already there.
     pub fn open(backend: B, config: HintConfig, now_ms: WallClock) -> Result<Self, HintError> {
         let mut pending: HashMap<NodeId, u64> = HashMap::new();
+        let mut bytes = 0u64;
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = backend.scan(&[], after.as_deref(), 1024, HINT_SCAN_MAX_BYTES)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
-            for (id, _) in &page {
+            for (id, value) in &page {
                 match split_id(id) {
-                    Ok((owner, _)) => *pending.entry(owner).or_default() += 1,
+                    Ok((owner, _)) => {
+                        *pending.entry(owner).or_default() += 1;
+                        bytes += entry_bytes(id, value);
+                    }
                     // One entry whose id cannot be read must not stop the
                     // node: nothing could deliver it anyway (anti-entropy
                     // repairs what it held).
@@ -227,13 +252,38 @@ impl<B: HintBackend> HintBook<B> {
         for (owner, count) in &pending {
             gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(*count as f64);
         }
+        gauge!("ringkv_hints_bytes").set(bytes as f64);
         Ok(HintBook {
             backend,
             config,
             now_ms,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             pending: Mutex::new(pending),
+            bytes: Mutex::new(bytes),
         })
+    }
+
+    /// The stored bytes of all hints.
+    pub fn bytes(&self) -> u64 {
+        *self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts `more` bytes (or gives back `-more`) against the cap: the
+    /// check and the change are one step, so concurrent stores cannot
+    /// overshoot it. Giving back always succeeds.
+    fn charge_bytes(&self, more: i64) -> Result<(), HintError> {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let after = bytes.saturating_add_signed(more);
+        if more > 0 && after > self.config.max_bytes {
+            return Err(HintError::BytesFull {
+                held_bytes: *bytes,
+                more_bytes: more as u64,
+                limit_bytes: self.config.max_bytes,
+            });
+        }
+        *bytes = after;
+        gauge!("ringkv_hints_bytes").set(after as f64);
+        Ok(())
     }
 
     pub fn config(&self) -> &HintConfig {
@@ -429,6 +479,7 @@ impl<B: HintBackend> HintBook<B> {
         }
         self.backend.delete(&id)?;
         self.adjust(owner, -1);
+        let _ = self.charge_bytes(-(entry_bytes(&id, &value) as i64));
         Ok(true)
     }
 
@@ -526,7 +577,9 @@ impl<B: HintBackend> HintBook<B> {
         let id = entry_id(owner, key);
         let _guard = self.lock(&id);
         let mut replaces_corrupt = false;
-        let (existing, is_new) = match self.backend.get(&id)? {
+        let held = self.backend.get(&id)?;
+        let held_bytes = held.as_ref().map_or(0, |value| entry_bytes(&id, value));
+        let (existing, is_new) = match held {
             Some(value) => match decode_hint(&value) {
                 Ok(held) => (Some(held), false),
                 // Replaced, not merged into: until the sweep reached it, a
@@ -572,7 +625,15 @@ impl<B: HintBackend> HintBook<B> {
                 ),
             });
         }
+        let value = encode_hint(&merged, written_at_ms);
+        let more = entry_bytes(&id, &value) as i64 - held_bytes as i64;
+        if let Err(e) = self.charge_bytes(more) {
+            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
+                .increment(1);
+            return Err(e);
+        }
         if is_new && !self.reserve(owner) {
+            let _ = self.charge_bytes(-more);
             counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
                 .increment(1);
             return Err(HintError::TargetFull {
@@ -580,10 +641,11 @@ impl<B: HintBackend> HintBook<B> {
                 limit: self.config.max_per_target,
             });
         }
-        if let Err(e) = self.backend.put(&id, &encode_hint(&merged, written_at_ms)) {
+        if let Err(e) = self.backend.put(&id, &value) {
             if is_new {
                 self.adjust(owner, -1);
             }
+            let _ = self.charge_bytes(-more);
             return Err(e);
         }
         if replaces_corrupt {

@@ -91,6 +91,45 @@ fn the_per_target_cap_refuses_new_keys_but_merges_known_ones() {
     assert_eq!(f.book.pending_total(), 3);
 }
 
+/// The byte cap refuses a new hint, and a merge that would grow one, past
+/// it; what a delivery frees is counted back.
+#[test]
+fn the_byte_cap_refuses_what_would_pass_it_and_frees_what_is_delivered() {
+    let one = {
+        let f = fixture(HintConfig::default());
+        f.book.store(&n("c"), b"k1", &write("a", "1")).unwrap();
+        f.book.bytes()
+    };
+    assert!(one > 0);
+    let f = fixture(HintConfig {
+        max_bytes: 2 * one,
+        ..HintConfig::default()
+    });
+    f.book.store(&n("c"), b"k1", &write("a", "1")).unwrap();
+    f.book.store(&n("d"), b"k2", &write("a", "1")).unwrap();
+    assert_eq!(f.book.bytes(), 2 * one);
+    match f.book.store(&n("c"), b"k3", &write("a", "1")).unwrap_err() {
+        HintError::BytesFull {
+            held_bytes,
+            limit_bytes,
+            ..
+        } => assert_eq!((held_bytes, limit_bytes), (2 * one, 2 * one)),
+        other => panic!("{other:?}"),
+    }
+    // A sibling would grow k1's hint: refused too, and nothing changed.
+    assert!(matches!(
+        f.book.store(&n("c"), b"k1", &write("b", "2")),
+        Err(HintError::BytesFull { .. })
+    ));
+    assert_eq!(f.book.read(&n("c"), b"k1").unwrap(), Some(write("a", "1")));
+    assert_eq!((f.book.pending_total(), f.book.bytes()), (2, 2 * one));
+    let held = f.book.read(&n("c"), b"k1").unwrap().unwrap();
+    assert!(f.book.remove_delivered(&n("c"), b"k1", &held).unwrap());
+    assert_eq!(f.book.bytes(), one);
+    f.book.store(&n("c"), b"k3", &write("a", "1")).unwrap();
+    assert_eq!(f.book.bytes(), 2 * one);
+}
+
 #[test]
 fn hints_past_the_window_are_dropped_and_a_new_write_renews_one() {
     let f = fixture(HintConfig {
@@ -213,11 +252,15 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    /// `pending` always equals what the backend holds, and every stored
-    /// write is either still held (merged) or was delivered or expired.
+    /// `pending` always equals what the backend holds, and `bytes` the
+    /// size of its entries, within the caps (a book opened over the same
+    /// entries counts the same); every stored write is either still held
+    /// (merged) or was delivered or expired.
     #[test]
     fn pending_counts_match_the_stored_entries(ops in prop::collection::vec(op(), 1..60)) {
-        let f = fixture(HintConfig { ttl_ms: 5_000, max_per_target: 4 });
+        const MAX_BYTES: u64 = 400;
+        let config = HintConfig { ttl_ms: 5_000, max_per_target: 4, max_bytes: MAX_BYTES };
+        let f = fixture(config.clone());
         let owners = [n("x"), n("y"), n("z")];
         for op in ops {
             match op {
@@ -239,7 +282,13 @@ proptest! {
                 prop_assert_eq!(f.book.pending(owner), stored);
                 prop_assert!(stored <= 4, "the cap holds");
             }
+            let entries = f.backend.scan(&[], None, 10_000, usize::MAX).unwrap();
+            let held: u64 = entries.iter().map(|(id, value)| entry_bytes(id, value)).sum();
+            prop_assert_eq!(f.book.bytes(), held);
+            prop_assert!(held <= MAX_BYTES, "the byte cap holds");
         }
+        let reopened = HintBook::open(f.backend.clone(), config, Arc::new(|| 0)).unwrap();
+        prop_assert_eq!(reopened.bytes(), f.book.bytes());
     }
 }
 
