@@ -17,9 +17,11 @@
 //! quorum counted the hint towards W. So a removed owner's hints are not
 //! dropped but *rerouted*: each goes, as a `Sync`, to every replica of its
 //! key under the current ring ([`HintRouting`]). A replica that cannot take
-//! it now gets a hint of its own instead, as old as this one (a member's
-//! hint waits for it like any other), and only then is the removed owner's
-//! hint removed, so one replica that is down cannot hold up the rest. The
+//! it now, or that the failure detector believes down (it is not tried, so
+//! a hung one cannot hold every batch for the send timeout), gets a hint of
+//! its own instead, as old as this one (a member's hint waits for it like
+//! any other), and only then is the removed owner's hint removed, so one
+//! replica that is down cannot hold up the rest. The
 //! ring without the owner gives the key new replicas, so this restores the
 //! copies the write was acknowledged with.
 //!
@@ -257,6 +259,7 @@ pub fn start<T: Transport, B: HintBackend>(
                     &book,
                     &transport,
                     &owner,
+                    &routing.is_up,
                     routing.reroute.as_ref(),
                     rerouted.is_some(),
                     &config,
@@ -339,6 +342,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     book: &Arc<HintBook<B>>,
     transport: &Arc<T>,
     owner: &NodeId,
+    is_up: &IsUp,
     reroute: Option<&Reroute>,
     removed: bool,
     config: &HandoffConfig,
@@ -416,6 +420,17 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             let transport = transport.clone();
             let timeout = config.send_timeout;
             let is_rerouted = rerouted.is_some();
+            // A rerouted hint's replica believed down gets a hint of its own
+            // without being tried: a hung one would hold the round (and the
+            // other owners' rounds behind it) for the send timeout.
+            let believed_down: Vec<NodeId> = match rerouted {
+                Some(r) => targets
+                    .iter()
+                    .filter(|t| **t != r.me && !is_up(t))
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
             sends.spawn(async move {
                 let request = Request::Replica(ReplicaRequest::Sync {
                     key: hint.key.clone(),
@@ -425,6 +440,10 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 // the batch's hints still go in parallel.
                 let mut outcomes = Vec::with_capacity(targets.len());
                 for target in targets {
+                    if believed_down.contains(&target) {
+                        outcomes.push((target, Sent::Failed("believed down".to_string())));
+                        continue;
+                    }
                     let call = transport.call(&target, request.clone());
                     let sent = match tokio::time::timeout(timeout, call).await {
                         Ok(Ok(answer)) => Sent::from(answer),

@@ -28,12 +28,17 @@ fn n(id: &str) -> NodeId {
 #[derive(Default)]
 struct Replicas {
     down: Mutex<HashSet<NodeId>>,
+    /// Never answer (a hung process, a partition that drops silently).
+    hung: HashSet<NodeId>,
     refusing: HashSet<NodeId>,
     taken: Mutex<BTreeSet<(String, String)>>,
 }
 
 impl Transport for Replicas {
     async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
+        if self.hung.contains(to) {
+            std::future::pending::<()>().await;
+        }
         if self.down.lock().unwrap().contains(to) {
             return Err(TransportError::Unreachable {
                 node: to.clone(),
@@ -337,6 +342,43 @@ async fn a_removed_owners_hints_wait_for_the_ring_without_it() {
         .collect();
     assert_eq!(transport.taken(), expected);
 
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
+
+/// A removed owner's hint whose replica the failure detector believes down
+/// gives that replica a hint of its own without trying it: a hung replica
+/// would otherwise hold every batch for the send timeout (2 s), and the
+/// other owners' rounds with it.
+#[tokio::test(start_paused = true)]
+async fn a_replica_believed_down_gets_its_hint_without_being_tried() {
+    let book = support::book();
+    for i in 0..40 {
+        book.store(&n("gone"), format!("k{i:02}").as_bytes(), &write("v"))
+            .unwrap();
+    }
+    let transport = Arc::new(Replicas {
+        hung: [n("hung")].into_iter().collect(),
+        ..Replicas::default()
+    });
+    let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| node.as_str() != "hung"))
+        .rerouting_removed(
+            n("me"),
+            Arc::new(|node: &NodeId| node.as_str() == "gone"),
+            Arc::new(|_: &[u8]| vec![n("a"), n("hung")]),
+        );
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        batch_size: 16,
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
+    // Three batches; with each held for a 2 s timeout this would take 6 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(book.pending(&n("gone")), 0);
+    assert_eq!(book.pending(&n("hung")), 40, "each a hint of its own");
+    assert_eq!(transport.taken().len(), 40, "a took every one");
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
