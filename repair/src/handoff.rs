@@ -259,8 +259,7 @@ pub fn start<T: Transport, B: HintBackend>(
                     &book,
                     &transport,
                     &owner,
-                    &routing.is_up,
-                    routing.reroute.as_ref(),
+                    &routing,
                     rerouted.is_some(),
                     &config,
                     &mut start,
@@ -323,8 +322,8 @@ async fn sweep<B: HintBackend>(book: &Arc<HintBook<B>>, page: usize) {
 }
 
 /// Delivers every hint held for `owner`, batch by batch: to `owner`, or,
-/// if it was removed (`removed`), to the replicas `reroute` gives for each
-/// key (a replica that cannot take it gets a hint of its own). So goes a
+/// if it was removed (`removed`), to the replicas `routing` gives for each
+/// key (a replica that cannot take it, or is believed down, gets a hint of its own). So goes a
 /// hint whose key the ring no longer places on its owner (a node joined
 /// and took the owner's place): the owner would store a copy that reads,
 /// anti-entropy and tombstone collection never look at, while the write's
@@ -342,12 +341,12 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     book: &Arc<HintBook<B>>,
     transport: &Arc<T>,
     owner: &NodeId,
-    is_up: &IsUp,
-    reroute: Option<&Reroute>,
+    routing: &HintRouting,
     removed: bool,
     config: &HandoffConfig,
     resume: &mut Option<Vec<u8>>,
 ) -> Result<u64, String> {
+    let (is_up, reroute) = (&routing.is_up, routing.reroute.as_ref());
     let mut delivered = 0;
     let started_after = resume.clone();
     let mut after = started_after.clone();
