@@ -196,6 +196,12 @@ impl DeliverySchedule {
     pub fn succeeded(&mut self, owner: &NodeId) {
         self.waiting.remove(owner);
     }
+
+    /// Forgets the owners not in `owners` (their hints are gone: swept,
+    /// rerouted), so that the schedule holds only owners with hints.
+    pub fn keep_only(&mut self, owners: &[NodeId]) {
+        self.waiting.retain(|owner, _| owners.contains(owner));
+    }
 }
 
 /// Runs a hint-book call on the blocking pool: each is a RocksDB read or
@@ -245,6 +251,7 @@ pub fn start<T: Transport, B: HintBackend>(
             }
             let targets = book.targets();
             resume.retain(|owner, _| targets.contains(owner));
+            schedule.keep_only(&targets);
             for owner in targets {
                 let rerouted = routing.rerouted(&owner);
                 // A rerouted hint's replicas are tried whether up or not:
@@ -612,6 +619,13 @@ mod tests {
         );
         s.succeeded(&owner);
         assert!(s.is_due(&owner, t0));
+        // An owner whose hints are gone is forgotten with its back-off.
+        let other = NodeId::new("d").unwrap();
+        s.failed(&owner, t0);
+        s.failed(&other, t0);
+        s.keep_only(std::slice::from_ref(&other));
+        assert_eq!(s.waiting.len(), 1);
+        assert!(s.is_due(&owner, t0) && !s.is_due(&other, t0));
     }
 
     /// An owner that serves nothing or sheds load has not taken the hint
