@@ -51,6 +51,9 @@ struct SimState {
     /// Nodes that shed every request (`Overloaded`), as a node whose
     /// request memory is full does.
     overloaded: HashSet<NodeId>,
+    /// Nodes whose leaf listings of more than this many leaves fail as a
+    /// real node's do when the answer passes the frame limit.
+    leaf_listing_max: HashMap<NodeId, usize>,
     partitions: HashSet<(NodeId, NodeId)>,
     /// One-way delay per directed link.
     delays: HashMap<(NodeId, NodeId), Duration>,
@@ -99,6 +102,13 @@ impl SimNetwork {
     /// node whose request memory is full does, until [`up`](Self::up).
     pub fn overload(&self, node: &NodeId) {
         self.with(|s| s.overloaded.insert(node.clone()));
+    }
+
+    /// Makes `node` answer a leaf listing (`LeafItems`) of more than
+    /// `leaves` leaves `Unavailable`, as a node holding more keys there than
+    /// one answer may carry does.
+    pub fn limit_leaf_listings(&self, node: &NodeId, leaves: usize) {
+        self.with(|s| s.leaf_listing_max.insert(node.clone(), leaves));
     }
 
     /// Crashes `node`: it neither receives nor answers until [`up`](Self::up).
@@ -251,8 +261,20 @@ impl Transport for SimTransport {
         if self.net.with(|s| s.down.contains(to)) {
             return std::future::pending().await;
         }
+        let listing_max = self.net.with(|s| s.leaf_listing_max.get(to).copied());
+        let too_many_leaves = match (&request, listing_max) {
+            (Request::Replica(ReplicaRequest::LeafItems { leaves, .. }), Some(max)) => {
+                leaves.len() > max
+            }
+            _ => false,
+        };
         let response = if self.net.with(|s| s.overloaded.contains(to)) {
             Response::error(ErrorKind::Overloaded, format!("{to} is overloaded"))
+        } else if too_many_leaves {
+            Response::error(
+                ErrorKind::Unavailable,
+                "the answer would pass the frame limit",
+            )
         } else {
             handler.handle(request).await
         };

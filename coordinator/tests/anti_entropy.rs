@@ -42,6 +42,24 @@ async fn n3_missed_50_writes() -> SimCluster {
     c
 }
 
+/// A peer whose leaf listings come back too large (it holds more keys in
+/// those leaves than this side estimated from its own) is asked for fewer
+/// leaves at once, down to one, and the exchange still repairs every key;
+/// before, the same chunk failed every round.
+#[tokio::test(start_paused = true)]
+async fn a_leaf_listing_too_large_for_one_answer_is_asked_for_in_halves() {
+    let c = n3_missed_50_writes().await;
+    for peer in ["n1", "n2"] {
+        c.net.limit_leaf_listings(&c.id(peer), 1);
+    }
+    let report = c.repair("n3").await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.keys_repaired, 50, "{report:?}");
+    for k in 0..50 {
+        assert_eq!(c.local_values("n3", &format!("k{k}")), [format!("v{k}")]);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
     let c = n3_missed_50_writes().await;

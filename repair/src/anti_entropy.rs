@@ -99,8 +99,15 @@ pub enum AntiEntropyError {
     NotReady { node: NodeId },
     #[error("{peer} did not answer: {reason}")]
     Unreachable { peer: NodeId, reason: String },
+    #[error("{peer} did not answer within {after_ms} ms")]
+    TimedOut { peer: NodeId, after_ms: u64 },
     #[error("{peer} refused: {reason}")]
-    Refused { peer: NodeId, reason: String },
+    Refused {
+        peer: NodeId,
+        /// The peer's error kind; `None` for an answer of the wrong kind.
+        kind: Option<ErrorKind>,
+        reason: String,
+    },
     #[error("{peer} is believed down; skipped")]
     Down { peer: NodeId },
     #[error("reading this node's keys failed: {reason}")]
@@ -350,12 +357,9 @@ impl<T: Transport> AntiEntropy<T> {
         let answer =
             tokio::time::timeout(self.config.call_timeout, self.transport.call(peer, request))
                 .await
-                .map_err(|_| AntiEntropyError::Unreachable {
+                .map_err(|_| AntiEntropyError::TimedOut {
                     peer: peer.clone(),
-                    reason: format!(
-                        "no answer within {} ms",
-                        self.config.call_timeout.as_millis()
-                    ),
+                    after_ms: self.config.call_timeout.as_millis() as u64,
                 })?
                 .map_err(|e| AntiEntropyError::Unreachable {
                     peer: peer.clone(),
@@ -369,6 +373,7 @@ impl<T: Transport> AntiEntropy<T> {
         match answer {
             Response::Error(e) => Err(AntiEntropyError::Refused {
                 peer: peer.clone(),
+                kind: Some(e.kind),
                 reason: e.message,
             }),
             answer => Ok(answer),
@@ -542,14 +547,17 @@ impl<T: Transport> AntiEntropy<T> {
     /// bad key cannot stop the keys after it from being repaired; the
     /// exchange then ends with an error naming how many keys were skipped.
     async fn exchange(&self, peer: &NodeId, tally: &Tally) -> Result<(), AntiEntropyError> {
-        let shared_keys = self.trees.shared_keys(peer);
+        let (shared_keys, occupied_leaves) = self.trees.shared_keys_and_leaves(peer);
         tally.keys_compared.store(shared_keys, Ordering::Relaxed);
         let leaves = self.differing_leaves(peer, tally).await?;
         // Each batch is due batch.len() / keys_per_s after the previous one;
         // time spent listing is not saved up as credit for a burst.
         let mut next_batch_at = Instant::now();
         let (mut skipped, mut first_error) = (0u64, None);
-        for chunk in leaves.chunks(leaves_per_request(shared_keys, self.trees.leaf_bits())) {
+        let mut per_request = leaves_per_request(shared_keys, occupied_leaves);
+        let mut rest = &leaves[..];
+        while !rest.is_empty() {
+            let (chunk, after) = rest.split_at(per_request.min(rest.len()));
             let chunk: Vec<u32> = chunk.iter().map(|l| *l as u32).collect();
             let request = Request::Replica(ReplicaRequest::LeafItems {
                 peer: self.trees.me().clone(),
@@ -557,10 +565,19 @@ impl<T: Transport> AntiEntropy<T> {
                 ring: self.trees.ring().fingerprint(),
                 leaves: chunk.clone(),
             });
-            let theirs = match self.call(peer, request, tally).await? {
-                Response::Items(items) => items,
-                other => return Err(unexpected(peer, &other)),
+            let theirs = match self.call(peer, request, tally).await {
+                Ok(Response::Items(items)) => items,
+                Ok(other) => return Err(unexpected(peer, &other)),
+                // The peer holds more keys in these leaves than this side's
+                // estimate (it has keys this side lacks): ask for fewer.
+                Err(e) if chunk.len() > 1 && answer_too_big(&e) => {
+                    per_request = chunk.len() / 2;
+                    tracing::info!(%peer, error = %e, leaves = per_request, "asking for fewer leaves at once");
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
+            rest = after;
             let mine = self.list_shared(peer, chunk).await?;
             let pairs = |items: Vec<KeyDigest>| -> Vec<(Vec<u8>, u64)> {
                 items.into_iter().map(|i| (i.key, i.digest)).collect()
@@ -575,7 +592,7 @@ impl<T: Transport> AntiEntropy<T> {
                 let failed: Vec<(&Vec<u8>, AntiEntropyError)> =
                     match self.repair_batch(peer, batch, tally).await {
                         Ok(()) => continue,
-                        Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
+                        Err(e) if peer_unavailable(&e) => return Err(e),
                         Err(e) if batch.len() == 1 => vec![(&batch[0], e)],
                         // One key that cannot be read or merged (a corrupt
                         // stored clock, say) fails its whole batch, every
@@ -590,7 +607,7 @@ impl<T: Transport> AntiEntropy<T> {
                                 let alone = std::slice::from_ref(key);
                                 match self.repair_batch(peer, alone, tally).await {
                                     Ok(()) => {}
-                                    Err(e @ AntiEntropyError::Unreachable { .. }) => return Err(e),
+                                    Err(e) if peer_unavailable(&e) => return Err(e),
                                     Err(e) => failed.push((key, e)),
                                 }
                             }
@@ -631,20 +648,51 @@ impl<T: Transport> AntiEntropy<T> {
     }
 }
 
+/// Whether `e` says the peer as a whole cannot go on now (unreachable,
+/// too slow, shutting down, out of memory): the exchange ends, rather than
+/// try each key of a batch alone, which would fail too.
+fn peer_unavailable(e: &AntiEntropyError) -> bool {
+    match e {
+        AntiEntropyError::Unreachable { .. } | AntiEntropyError::TimedOut { .. } => true,
+        AntiEntropyError::Refused { kind, .. } => matches!(
+            kind,
+            Some(ErrorKind::NotServing | ErrorKind::Overloaded | ErrorKind::Unavailable)
+        ),
+        _ => false,
+    }
+}
+
+/// Whether a leaf listing failed for its size: the peer took longer than
+/// the timeout, or its answer passed the frame limit (`Unavailable`).
+fn answer_too_big(e: &AntiEntropyError) -> bool {
+    matches!(
+        e,
+        AntiEntropyError::TimedOut { .. }
+            | AntiEntropyError::Refused {
+                kind: Some(ErrorKind::Unavailable),
+                ..
+            }
+    )
+}
+
 /// Keys one `LeafItems` answer should list, on average: at the 1 KiB key
 /// limit that is 16 MiB, well within a frame, and the peer reads it well
 /// within a call's timeout.
 const LEAF_ITEMS_KEYS_TARGET: u64 = 16_384;
 
-/// Leaves to ask for at once when `shared_keys` keys spread over 2^`leaf_bits`
-/// leaves: as many as keep the answer near [`LEAF_ITEMS_KEYS_TARGET`] keys,
-/// from 1 to [`LEAVES_PER_REQUEST_MAX`]. Keys are placed in leaves by hash,
-/// so leaves hold about the same number. A fixed count would fail on a
-/// large store: the answer for the same chunk would pass the frame limit
-/// (or the timeout) every round, and the leaves after it would never be
-/// repaired.
-fn leaves_per_request(shared_keys: u64, leaf_bits: u32) -> usize {
-    let per_leaf = (shared_keys >> leaf_bits.min(63)).max(1);
+/// Leaves to ask for at once when `shared_keys` keys occupy
+/// `occupied_leaves` leaves: as many as keep the answer near
+/// [`LEAF_ITEMS_KEYS_TARGET`] keys, from 1 to [`LEAVES_PER_REQUEST_MAX`].
+/// Keys shared with one peer sit only in the leaves of the ring arcs the two
+/// share (the ring and the tree place keys by the same hash), so it is the
+/// occupied leaves that count, not all of them: with 12 nodes and N=3,
+/// about one leaf in twenty. A fixed count would fail on a large store:
+/// the answer for the same chunk would pass the frame limit (or the
+/// timeout) every round, and the leaves after it would never be repaired.
+/// Where the peer holds more than this side (it lost keys), the exchange
+/// halves the count on such a failure.
+fn leaves_per_request(shared_keys: u64, occupied_leaves: u64) -> usize {
+    let per_leaf = shared_keys.div_ceil(occupied_leaves.max(1)).max(1);
     (LEAF_ITEMS_KEYS_TARGET / per_leaf).clamp(1, LEAVES_PER_REQUEST_MAX as u64) as usize
 }
 
@@ -692,6 +740,7 @@ pub fn is_deleted(clock: &Clock) -> bool {
 fn unexpected(peer: &NodeId, answer: &Response) -> AntiEntropyError {
     AntiEntropyError::Refused {
         peer: peer.clone(),
+        kind: None,
         reason: format!("unexpected answer {}", answer_kind(answer)),
     }
 }
@@ -723,22 +772,74 @@ mod tests {
     use crate::test_support::{n, write};
     use ringkv_core::dvv::Payload;
 
+    /// A peer that cannot go on (unreachable, too slow, draining, out of
+    /// memory) ends the exchange; a refusal of one batch (a corrupt clock,
+    /// a merge past the limits) is tried key by key. A listing is asked in
+    /// halves only when its answer was too big.
+    #[test]
+    fn failures_of_the_peer_end_the_exchange_and_big_answers_are_halved() {
+        let peer = NodeId::new("p").unwrap();
+        let refused = |kind| AntiEntropyError::Refused {
+            peer: peer.clone(),
+            kind,
+            reason: "no".into(),
+        };
+        let timed_out = AntiEntropyError::TimedOut {
+            peer: peer.clone(),
+            after_ms: 5000,
+        };
+        let unreachable = AntiEntropyError::Unreachable {
+            peer: peer.clone(),
+            reason: "connection lost".into(),
+        };
+        for e in [
+            &timed_out,
+            &unreachable,
+            &refused(Some(ErrorKind::NotServing)),
+            &refused(Some(ErrorKind::Overloaded)),
+            &refused(Some(ErrorKind::Unavailable)),
+        ] {
+            assert!(peer_unavailable(e), "{e}");
+        }
+        for e in [
+            &refused(Some(ErrorKind::Internal)),
+            &refused(Some(ErrorKind::InvalidRequest)),
+            &refused(None),
+        ] {
+            assert!(!peer_unavailable(e), "{e}");
+        }
+        assert!(answer_too_big(&timed_out));
+        assert!(answer_too_big(&refused(Some(ErrorKind::Unavailable))));
+        assert!(!answer_too_big(&unreachable));
+        assert!(!answer_too_big(&refused(Some(ErrorKind::NotServing))));
+    }
+
     /// A leaf listing asks for as many leaves as keep its answer near the
     /// target: all 256 for a small store, fewer as the store grows, one
     /// leaf at the least.
     #[test]
     fn a_leaf_listing_asks_for_fewer_leaves_as_the_store_grows() {
-        let bits = 16;
-        assert_eq!(leaves_per_request(0, bits), LEAVES_PER_REQUEST_MAX);
-        assert_eq!(leaves_per_request(1_000_000, bits), LEAVES_PER_REQUEST_MAX);
-        // 100 M keys: about 1,525 a leaf, so 10 leaves, 15,250 keys.
-        assert_eq!(leaves_per_request(100_000_000, bits), 10);
-        for keys in [10_000_000u64, 100_000_000, 1_000_000_000] {
-            let leaves = leaves_per_request(keys, bits) as u64;
-            let per_answer = leaves * (keys >> bits);
-            assert!(per_answer <= LEAF_ITEMS_KEYS_TARGET, "{keys}: {per_answer}");
+        let all = 1u64 << 16;
+        assert_eq!(leaves_per_request(0, 0), LEAVES_PER_REQUEST_MAX);
+        assert_eq!(leaves_per_request(1_000_000, all), LEAVES_PER_REQUEST_MAX);
+        // 100 M keys over every leaf: about 1,526 a leaf, so 10 leaves.
+        assert_eq!(leaves_per_request(100_000_000, all), 10);
+        // The same keys on a twentieth of the leaves (12 nodes, N=3): 20
+        // times as many a leaf, so one leaf at a time.
+        assert_eq!(leaves_per_request(100_000_000, all / 20), 1);
+        for (keys, occupied) in [
+            (10_000_000u64, all),
+            (10_000_000, all / 20),
+            (1_000_000_000, all),
+        ] {
+            let leaves = leaves_per_request(keys, occupied) as u64;
+            let per_answer = leaves * keys.div_ceil(occupied);
+            assert!(
+                per_answer <= LEAF_ITEMS_KEYS_TARGET || leaves == 1,
+                "{keys}: {per_answer}"
+            );
         }
-        assert_eq!(leaves_per_request(u64::MAX, bits), 1);
+        assert_eq!(leaves_per_request(u64::MAX, all), 1);
         assert_eq!(leaves_per_request(u64::MAX, 0), 1);
     }
 

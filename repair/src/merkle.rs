@@ -120,6 +120,13 @@ impl MerkleTree {
         self.len == 0
     }
 
+    /// Leaves holding at least one item (an empty leaf hashes to 0, and a
+    /// full one to 0 only by a 2^-64 chance).
+    pub fn occupied_leaves(&self) -> u64 {
+        let leaves = self.levels.last().expect("a tree has a leaf level");
+        leaves.iter().filter(|hash| **hash != 0).count() as u64
+    }
+
     /// Records that `key` changed from `old` to `new` item hash (`None`:
     /// absent). Every write, delete, hint delivery and repair calls this.
     pub fn replace(&mut self, key: &[u8], old: Option<u64>, new: Option<u64>) {

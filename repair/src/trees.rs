@@ -442,6 +442,15 @@ impl ReplicaTrees {
         }
     }
 
+    /// Keys in `peer`'s tree, and the leaves they occupy.
+    pub fn shared_keys_and_leaves(&self, peer: &NodeId) -> (u64, u64) {
+        let trees = self.trees.read().unwrap_or_else(|p| p.into_inner());
+        trees.get(peer).map_or((0, 0), |t| {
+            let tree = t.lock().unwrap_or_else(|p| p.into_inner());
+            (tree.len(), tree.occupied_leaves())
+        })
+    }
+
     /// Keys in `peer`'s tree.
     pub fn shared_keys(&self, peer: &NodeId) -> u64 {
         let trees = self.trees.read().unwrap_or_else(|p| p.into_inner());
