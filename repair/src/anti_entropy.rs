@@ -124,6 +124,10 @@ pub struct AntiEntropy<T> {
     config: AntiEntropyConfig,
     now_ms: WallClock,
     round_lock: tokio::sync::Mutex<()>,
+    /// Leaves per listing that a peer's answers were found to need, below
+    /// the estimate (see `exchange`): kept across rounds, doubled back after
+    /// each exchange that went through.
+    listing_leaves: std::sync::Mutex<std::collections::HashMap<NodeId, usize>>,
     keys_repaired: AtomicU64,
     /// When the last round that exchanged with a peer (or had none to
     /// exchange with) finished, keys skipped or not; 0: none yet. A round
@@ -156,6 +160,7 @@ impl<T: Transport> AntiEntropy<T> {
             config,
             now_ms,
             round_lock: tokio::sync::Mutex::new(()),
+            listing_leaves: Default::default(),
             keys_repaired: AtomicU64::new(0),
             last_round_unix_ms: AtomicU64::new(0),
         }
@@ -554,7 +559,9 @@ impl<T: Transport> AntiEntropy<T> {
         // time spent listing is not saved up as credit for a burst.
         let mut next_batch_at = Instant::now();
         let (mut skipped, mut first_error) = (0u64, None);
-        let mut per_request = leaves_per_request(shared_keys, occupied_leaves);
+        let learned = self.learned_listing_leaves(peer);
+        let mut per_request = leaves_per_request(shared_keys, occupied_leaves).min(learned);
+        let mut timeouts = 0;
         let mut rest = &leaves[..];
         while !rest.is_empty() {
             let (chunk, after) = rest.split_at(per_request.min(rest.len()));
@@ -569,9 +576,20 @@ impl<T: Transport> AntiEntropy<T> {
                 Ok(Response::Items(items)) => items,
                 Ok(other) => return Err(unexpected(peer, &other)),
                 // The peer holds more keys in these leaves than this side's
-                // estimate (it has keys this side lacks): ask for fewer.
-                Err(e) if chunk.len() > 1 && answer_too_big(&e) => {
+                // estimate (it has keys this side lacks): ask for fewer, and
+                // remember it for the next rounds. A timeout may also be a
+                // peer that hangs, so at most two are taken per exchange.
+                Err(e)
+                    if chunk.len() > 1 && answer_too_big(&e) && timeouts < LISTING_TIMEOUTS_MAX =>
+                {
+                    if matches!(e, AntiEntropyError::TimedOut { .. }) {
+                        timeouts += 1;
+                    }
                     per_request = chunk.len() / 2;
+                    self.listing_leaves
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(peer.clone(), per_request);
                     tracing::info!(%peer, error = %e, leaves = per_request, "asking for fewer leaves at once");
                     continue;
                 }
@@ -621,12 +639,39 @@ impl<T: Transport> AntiEntropy<T> {
                 }
             }
         }
+        self.listing_went_through(peer);
         match first_error {
             None => Ok(()),
             Some(e) => Err(AntiEntropyError::Skipped {
                 keys: skipped,
                 first: e.to_string(),
             }),
+        }
+    }
+
+    /// Leaves per listing `peer`'s answers were found to need, if fewer
+    /// than the most.
+    fn learned_listing_leaves(&self, peer: &NodeId) -> usize {
+        let learned = self
+            .listing_leaves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        learned.get(peer).copied().unwrap_or(LEAVES_PER_REQUEST_MAX)
+    }
+
+    /// An exchange with `peer` listed every differing leaf: its learned
+    /// listing size doubles back towards the estimate (the keys that made
+    /// its answers large may have been repaired since).
+    fn listing_went_through(&self, peer: &NodeId) {
+        let mut learned = self
+            .listing_leaves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(leaves) = learned.get_mut(peer) {
+            *leaves *= 2;
+            if *leaves >= LEAVES_PER_REQUEST_MAX {
+                learned.remove(peer);
+            }
         }
     }
 
@@ -661,6 +706,9 @@ fn peer_unavailable(e: &AntiEntropyError) -> bool {
         _ => false,
     }
 }
+
+/// Listing timeouts one exchange takes as "too big" before it gives up.
+const LISTING_TIMEOUTS_MAX: u32 = 2;
 
 /// Whether a leaf listing failed for its size: the peer took longer than
 /// the timeout, or its answer passed the frame limit (`Unavailable`).
