@@ -1282,7 +1282,7 @@ impl Node {
                 inner.id.clone(),
                 Arc::new(move |n: &NodeId| membership.is_removed(n)),
                 Arc::new(move |key: &[u8]| match &*rings.borrow() {
-                    Some(ring) => ring.preference_list(key).replicas,
+                    Some(ring) => ring.replicas_of(key),
                     None => Vec::new(),
                 }),
             )

@@ -68,7 +68,7 @@ pub async fn check_page<T: Transport>(
 ) -> Verdict {
     let mut by_replica: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
     for (i, (key, _)) in strays.iter().enumerate() {
-        for replica in ring.preference_list(key).replicas {
+        for replica in ring.replicas_of(key) {
             by_replica.entry(replica).or_default().push(i);
         }
     }

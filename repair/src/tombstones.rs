@@ -58,7 +58,7 @@ pub async fn confirm_collectable<T: Transport>(
         return false;
     }
     let mut others = Vec::new();
-    for replica in ring.preference_list(key).replicas {
+    for replica in ring.replicas_of(key) {
         if replica == *me {
             continue;
         }

@@ -217,7 +217,7 @@ impl ReplicaTrees {
 
     /// The peers that hold `key` with this node on `ring` (none if this node does not).
     fn sharing_on(&self, ring: &Ring, key: &[u8]) -> Vec<NodeId> {
-        let replicas = ring.preference_list(key).replicas;
+        let replicas = ring.replicas_of(key);
         if !replicas.contains(&self.me) {
             return Vec::new();
         }
@@ -565,7 +565,7 @@ mod tests {
         for k in 0..200 {
             let key = format!("k{k}").into_bytes();
             let clock = write("n1", &format!("v{k}"));
-            for r in ring.preference_list(&key).replicas {
+            for r in ring.replicas_of(&key) {
                 let i: usize = r.as_str()[1..].parse().unwrap();
                 trees[i - 1].changed(&key, None, Some(&clock));
             }
@@ -586,7 +586,7 @@ mod tests {
         }
         // One replica misses an overwrite of one key.
         let key = b"k7".to_vec();
-        let replicas = ring.preference_list(&key).replicas;
+        let replicas = ring.replicas_of(&key);
         let (old, new) = (write("n1", "v7"), write("n2", "w"));
         let mut merged = old.clone();
         merged.sync(&new);

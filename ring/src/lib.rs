@@ -172,6 +172,13 @@ impl Ring {
         self.inner.replicas(RingKey(key)).map(|n| &n.0)
     }
 
+    /// The key's N replicas alone: the start of its [`Ring::walk`], without
+    /// the fallbacks [`Ring::preference_list`] also walks to (for callers
+    /// that ask of every key, such as tree updates and scans).
+    pub fn replicas_of(&self, key: &[u8]) -> Vec<NodeId> {
+        self.walk(key).take(self.replicas).cloned().collect()
+    }
+
     /// The key's replicas and fallbacks: the start of its [`Ring::walk`].
     pub fn preference_list(&self, key: &[u8]) -> PreferenceList {
         let mut all = self.walk(key).cloned();

@@ -157,6 +157,7 @@ proptest! {
         let list = ring.preference_list(&key);
         prop_assert_eq!(list.replicas.len(), 3);
         prop_assert_eq!(Some(&list.replicas[0]), ring.primary(&key));
+        prop_assert_eq!(&ring.replicas_of(&key), &list.replicas, "the same replicas without the fallbacks");
         let mut all: Vec<NodeId> = list.replicas.iter().chain(&list.fallbacks).cloned().collect();
         all.sort();
         all.dedup();

@@ -464,7 +464,7 @@ impl NodeInner {
                     continue;
                 }
                 keys += 1;
-                for replica in after.preference_list(&key).replicas {
+                for replica in after.replicas_of(&key) {
                     batches.entry(replica).or_default().push(KeyClock {
                         key: key.clone(),
                         clock: clock.clone(),

@@ -176,8 +176,7 @@ async fn collect_if_held_everywhere(
     // A replica believed down cannot confirm, and asking it would cost a
     // connect timeout per due key: try again once it is back.
     let someone_down = ring
-        .preference_list(&key)
-        .replicas
+        .replicas_of(&key)
         .iter()
         .any(|r| *r != inner.id && !inner.detector.is_up(r));
     if someone_down {
