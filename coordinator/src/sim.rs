@@ -54,6 +54,8 @@ struct SimState {
     /// Nodes whose leaf listings of more than this many leaves fail as a
     /// real node's do when the answer passes the frame limit.
     leaf_listing_max: HashMap<NodeId, usize>,
+    /// Leaf listings refused so by any node.
+    leaf_listings_refused: u64,
     partitions: HashSet<(NodeId, NodeId)>,
     /// One-way delay per directed link.
     delays: HashMap<(NodeId, NodeId), Duration>,
@@ -109,6 +111,11 @@ impl SimNetwork {
     /// one answer may carry does.
     pub fn limit_leaf_listings(&self, node: &NodeId, leaves: usize) {
         self.with(|s| s.leaf_listing_max.insert(node.clone(), leaves));
+    }
+
+    /// Leaf listings refused under [`Self::limit_leaf_listings`] so far.
+    pub fn leaf_listings_refused(&self) -> u64 {
+        self.with(|s| s.leaf_listings_refused)
     }
 
     /// Crashes `node`: it neither receives nor answers until [`up`](Self::up).
@@ -271,9 +278,13 @@ impl Transport for SimTransport {
         let response = if self.net.with(|s| s.overloaded.contains(to)) {
             Response::error(ErrorKind::Overloaded, format!("{to} is overloaded"))
         } else if too_many_leaves {
+            self.net.with(|s| s.leaf_listings_refused += 1);
             Response::error(
                 ErrorKind::Unavailable,
-                "the answer would pass the frame limit",
+                format!(
+                    "the answer would pass the {}",
+                    ringkv_core::wire::OVER_FRAME_LIMIT
+                ),
             )
         } else {
             handler.handle(request).await

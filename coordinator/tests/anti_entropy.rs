@@ -58,6 +58,23 @@ async fn a_leaf_listing_too_large_for_one_answer_is_asked_for_in_halves() {
     for k in 0..50 {
         assert_eq!(c.local_values("n3", &format!("k{k}")), [format!("v{k}")]);
     }
+    assert!(c.net.leaf_listings_refused() > 0);
+
+    // The size that worked is kept for the next round: no listing is
+    // refused again.
+    let refused = c.net.leaf_listings_refused();
+    c.net.down(&c.id("n3"));
+    for k in 50..60 {
+        assert_ok(
+            &c.put("n1", &format!("k{k}"), &format!("v{k}"), Quorum, None)
+                .await,
+        );
+    }
+    c.net.up(&c.id("n3"));
+    let report = c.repair("n3").await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.keys_repaired, 10, "{report:?}");
+    assert_eq!(c.net.leaf_listings_refused(), refused);
 }
 
 #[tokio::test(start_paused = true)]

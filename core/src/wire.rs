@@ -77,6 +77,10 @@ pub fn clock_over_limit(clock: &Clock) -> Option<ClockOverLimit> {
 /// [`CLOCK_MAX_BYTES`] with their bookkeeping (dots, the version vector),
 /// so a value of exactly that size could never be stored.
 pub const VALUE_MAX_BYTES: usize = CLOCK_MAX_BYTES - 64 * 1024;
+/// Words every refusal of an answer too large for one frame contains
+/// (an `Unavailable` error), so a peer can tell it from other refusals and
+/// ask for less.
+pub const OVER_FRAME_LIMIT: &str = "frame limit";
 /// The largest frame read off a stream: a whole clock plus room for the
 /// envelope. Bounds memory per request.
 pub const FRAME_MAX_BYTES: usize = CLOCK_MAX_BYTES + 1024 * 1024;

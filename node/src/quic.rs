@@ -305,8 +305,9 @@ fn answer_frame(response: &Response, max_bytes: usize) -> rkyv::util::AlignedVec
     encode_response(&Response::error(
         ErrorKind::Unavailable,
         format!(
-            "the answer would take {} bytes, over the {max_bytes}-byte frame limit{advice}",
-            encoded.len()
+            "the answer would take {} bytes, over the {max_bytes}-byte {}{advice}",
+            encoded.len(),
+            ringkv_core::wire::OVER_FRAME_LIMIT
         ),
     ))
 }

@@ -561,7 +561,7 @@ impl<T: Transport> AntiEntropy<T> {
         let (mut skipped, mut first_error) = (0u64, None);
         let learned = self.learned_listing_leaves(peer);
         let mut per_request = leaves_per_request(shared_keys, occupied_leaves).min(learned);
-        let mut timeouts = 0;
+        let (mut timeouts, mut halved) = (0, false);
         let mut rest = &leaves[..];
         while !rest.is_empty() {
             let (chunk, after) = rest.split_at(per_request.min(rest.len()));
@@ -585,6 +585,7 @@ impl<T: Transport> AntiEntropy<T> {
                     if matches!(e, AntiEntropyError::TimedOut { .. }) {
                         timeouts += 1;
                     }
+                    halved = true;
                     per_request = chunk.len() / 2;
                     self.listing_leaves
                         .lock()
@@ -639,7 +640,9 @@ impl<T: Transport> AntiEntropy<T> {
                 }
             }
         }
-        self.listing_went_through(peer);
+        if !halved {
+            self.listing_went_through(peer);
+        }
         match first_error {
             None => Ok(()),
             Some(e) => Err(AntiEntropyError::Skipped {
@@ -659,9 +662,9 @@ impl<T: Transport> AntiEntropy<T> {
         learned.get(peer).copied().unwrap_or(LEAVES_PER_REQUEST_MAX)
     }
 
-    /// An exchange with `peer` listed every differing leaf: its learned
-    /// listing size doubles back towards the estimate (the keys that made
-    /// its answers large may have been repaired since).
+    /// An exchange with `peer` listed every differing leaf at its learned
+    /// size, none too big: that size doubles back towards the estimate (the
+    /// keys that made its answers large may have been repaired since).
     fn listing_went_through(&self, peer: &NodeId) {
         let mut learned = self
             .listing_leaves
@@ -693,9 +696,11 @@ impl<T: Transport> AntiEntropy<T> {
     }
 }
 
-/// Whether `e` says the peer as a whole cannot go on now (unreachable,
-/// too slow, shutting down, out of memory): the exchange ends, rather than
-/// try each key of a batch alone, which would fail too.
+/// Whether `e` says the peer as a whole cannot go on now: unreachable,
+/// too slow, shutting down (`NotServing`), out of request memory
+/// (`Overloaded`), or `Unavailable` (its ring differs, its trees are not
+/// ready, or an answer would pass the frame limit). The exchange ends,
+/// rather than try each key of a batch alone, which would fail too.
 fn peer_unavailable(e: &AntiEntropyError) -> bool {
     match e {
         AntiEntropyError::Unreachable { .. } | AntiEntropyError::TimedOut { .. } => true,
@@ -711,16 +716,19 @@ fn peer_unavailable(e: &AntiEntropyError) -> bool {
 const LISTING_TIMEOUTS_MAX: u32 = 2;
 
 /// Whether a leaf listing failed for its size: the peer took longer than
-/// the timeout, or its answer passed the frame limit (`Unavailable`).
+/// the timeout, or its answer would pass the frame limit (an `Unavailable`
+/// that says so; the others, another ring or trees not ready, are not
+/// about size).
 fn answer_too_big(e: &AntiEntropyError) -> bool {
-    matches!(
-        e,
-        AntiEntropyError::TimedOut { .. }
-            | AntiEntropyError::Refused {
-                kind: Some(ErrorKind::Unavailable),
-                ..
-            }
-    )
+    match e {
+        AntiEntropyError::TimedOut { .. } => true,
+        AntiEntropyError::Refused {
+            kind: Some(ErrorKind::Unavailable),
+            reason,
+            ..
+        } => reason.contains(ringkv_core::wire::OVER_FRAME_LIMIT),
+        _ => false,
+    }
 }
 
 /// Keys one `LeafItems` answer should list, on average: at the 1 KiB key
@@ -857,7 +865,19 @@ mod tests {
             assert!(!peer_unavailable(e), "{e}");
         }
         assert!(answer_too_big(&timed_out));
-        assert!(answer_too_big(&refused(Some(ErrorKind::Unavailable))));
+        let over_limit = AntiEntropyError::Refused {
+            peer: peer.clone(),
+            kind: Some(ErrorKind::Unavailable),
+            reason: format!(
+                "the answer would take 70000000 bytes, over the 67108864-byte {}",
+                ringkv_core::wire::OVER_FRAME_LIMIT
+            ),
+        };
+        assert!(answer_too_big(&over_limit));
+        assert!(
+            !answer_too_big(&refused(Some(ErrorKind::Unavailable))),
+            "another ring, not ready"
+        );
         assert!(!answer_too_big(&unreachable));
         assert!(!answer_too_big(&refused(Some(ErrorKind::NotServing))));
     }

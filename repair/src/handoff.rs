@@ -254,8 +254,9 @@ pub fn start<T: Transport, B: HintBackend>(
             schedule.keep_only(&targets);
             for owner in targets {
                 let rerouted = routing.rerouted(&owner);
-                // A rerouted hint's replicas are tried whether up or not:
-                // one that does not take it gets a hint of its own.
+                // A removed owner's hints are rerouted whether it is up or
+                // not: a replica that does not take one (or is believed
+                // down) gets a hint of its own.
                 if (rerouted.is_none() && !(routing.is_up)(&owner))
                     || !schedule.is_due(&owner, Instant::now())
                 {

@@ -286,6 +286,15 @@ impl<B: HintBackend> HintBook<B> {
         Ok(())
     }
 
+    /// Changes the byte count by `delta` without the cap: for what was
+    /// deleted, and to undo a charge whose write failed (which, for an
+    /// entry that shrank, adds bytes back, and must not be refused).
+    fn adjust_bytes(&self, delta: i64) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        *bytes = bytes.saturating_add_signed(delta);
+        gauge!("ringkv_hints_bytes").set(*bytes as f64);
+    }
+
     pub fn config(&self) -> &HintConfig {
         &self.config
     }
@@ -479,7 +488,7 @@ impl<B: HintBackend> HintBook<B> {
         }
         self.backend.delete(&id)?;
         self.adjust(owner, -1);
-        let _ = self.charge_bytes(-(entry_bytes(&id, &value) as i64));
+        self.adjust_bytes(-(entry_bytes(&id, &value) as i64));
         Ok(true)
     }
 
@@ -633,7 +642,7 @@ impl<B: HintBackend> HintBook<B> {
             return Err(e);
         }
         if is_new && !self.reserve(owner) {
-            let _ = self.charge_bytes(-more);
+            self.adjust_bytes(-more);
             counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
                 .increment(1);
             return Err(HintError::TargetFull {
@@ -645,7 +654,7 @@ impl<B: HintBackend> HintBook<B> {
             if is_new {
                 self.adjust(owner, -1);
             }
-            let _ = self.charge_bytes(-more);
+            self.adjust_bytes(-more);
             return Err(e);
         }
         if replaces_corrupt {
