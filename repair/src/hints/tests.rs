@@ -292,6 +292,15 @@ proptest! {
     }
 }
 
+/// The keys of `owner`'s first batch of hints (up to 10).
+fn batch_keys(book: &HintBook<Arc<MemHintBackend>>, owner: &str) -> Vec<Vec<u8>> {
+    book.batch(&n(owner), None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.key)
+        .collect()
+}
+
 #[test]
 fn a_corrupt_record_is_dropped_without_blocking_the_others() {
     let f = fixture(HintConfig::default());
@@ -300,12 +309,7 @@ fn a_corrupt_record_is_dropped_without_blocking_the_others() {
     f.backend.put(&entry_id(&n("c"), b"m"), b"garbage").unwrap();
     let book = HintBook::open(f.backend.clone(), HintConfig::default(), Arc::new(|| 0)).unwrap();
     assert_eq!(book.pending(&n("c")), 3);
-    let keys: Vec<Vec<u8>> = book
-        .batch(&n("c"), None, 10)
-        .unwrap()
-        .into_iter()
-        .map(|h| h.key)
-        .collect();
+    let keys = batch_keys(&book, "c");
     assert_eq!(keys, [b"a".to_vec(), b"z".to_vec()]);
     assert_eq!(book.pending(&n("c")), 2, "the corrupt one is gone");
 }
@@ -324,12 +328,7 @@ fn a_new_hint_replaces_a_corrupt_one() {
     book.store(&n("c"), b"m", &write("b", "2")).unwrap();
     assert_eq!(book.read(&n("c"), b"m").unwrap(), Some(write("b", "2")));
     assert_eq!(book.pending(&n("c")), 2);
-    let keys: Vec<Vec<u8>> = book
-        .batch(&n("c"), None, 10)
-        .unwrap()
-        .into_iter()
-        .map(|h| h.key)
-        .collect();
+    let keys = batch_keys(&book, "c");
     assert_eq!(keys, [b"a".to_vec(), b"m".to_vec()]);
 }
 
