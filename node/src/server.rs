@@ -1100,6 +1100,7 @@ impl Node {
     /// which also says why a failed start leaves its store).
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         config.validate()?;
+        crate::storage::check_wall_clock(crate::storage::unix_ms())?;
         crate::storage::check_data_dir(&config.data_dir)?;
         let (handle, inner) = Node::assemble(&config).await?;
         let result = form_or_join(&inner, &config).await;

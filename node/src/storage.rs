@@ -535,6 +535,28 @@ pub fn lower_background_priority() -> Result<(), NodeError> {
     Ok(())
 }
 
+/// The earliest wall time a node accepts: 2026-01-01T00:00:00Z. A clock
+/// before it is wrong (a machine without a real-time clock, before its
+/// time sync), and tombstone stamps and hint ages taken from it would make
+/// everything written meanwhile look decades old once the clock is set:
+/// tombstones collected without their grace, hints dropped at once.
+pub const CLOCK_FLOOR_UNIX_MS: u64 = 1_767_225_600_000;
+
+/// An error if the wall clock, reading `now_ms`, is before
+/// [`CLOCK_FLOOR_UNIX_MS`].
+pub fn check_wall_clock(now_ms: u64) -> Result<(), NodeError> {
+    if now_ms < CLOCK_FLOOR_UNIX_MS {
+        return Err(NodeError::Config {
+            reason: format!(
+                "the wall clock reads {} s after 1970, before 2026-01-01: tombstone and hint times \
+                 taken from it would be wrong once it is set; fix the clock (NTP) and start again",
+                now_ms / 1000
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Wall-clock milliseconds since the Unix epoch (0 before 1970).
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -1028,6 +1050,18 @@ mod tests {
     use super::*;
     use ringkv_core::dvv::{Payload, VersionVector};
     use ringkv_core::NodeId;
+
+    /// A node refuses to start on a wall clock before 2026 (one not yet
+    /// set), naming the clock; today's clock passes.
+    #[test]
+    fn a_wall_clock_before_the_floor_is_refused() {
+        let e = check_wall_clock(86_400_000).unwrap_err().to_string();
+        assert!(e.contains("wall clock reads 86400 s after 1970"), "{e}");
+        assert!(e.contains("fix the clock"), "{e}");
+        assert!(check_wall_clock(CLOCK_FLOOR_UNIX_MS - 1).is_err());
+        check_wall_clock(CLOCK_FLOOR_UNIX_MS).unwrap();
+        check_wall_clock(unix_ms()).unwrap();
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_write_reaches_the_log_file_when_committed_and_not_before() {
