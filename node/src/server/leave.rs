@@ -228,6 +228,7 @@ impl NodeInner {
                 pending,
                 unknown,
             } => {
+                let looked = tokio::time::Instant::now();
                 let found = match unknown {
                     true => self.removal_learned(&after, pending).await,
                     false => None,
@@ -246,7 +247,7 @@ impl NodeInner {
                         let since = if unknown {
                             format!(
                                 ", nor had one removed it {} s later",
-                                REMOVAL_LEARN_WAIT.as_secs()
+                                looked.elapsed().as_secs()
                             )
                         } else {
                             String::new()
@@ -518,7 +519,8 @@ impl NodeInner {
             node: self.id.clone(),
             tell_others: true,
         };
-        let (mut reasons, mut pending, mut unknown) = (Vec::new(), Vec::new(), false);
+        let (mut reasons, mut pending, mut unknown) =
+            (Vec::new(), Vec::<RemovalCall>::new(), false);
         for member in after.members.values() {
             let Ok(addr) = member.addr.parse() else {
                 continue;
@@ -530,7 +532,14 @@ impl NodeInner {
             let mut call: RemovalCall =
                 tokio::spawn(async move { transport.call_addr(addr, &request).await });
             let reason = match tokio::time::timeout(self.removal_timeout, &mut call).await {
-                Ok(Ok(Ok(Response::Removed(reply)))) => return RemovalAsked::Confirmed(reply),
+                Ok(Ok(Ok(Response::Removed(reply)))) => {
+                    // Those still unanswered need not go on (a removal is
+                    // idempotent, so they would do no harm).
+                    for call in pending {
+                        call.abort();
+                    }
+                    return RemovalAsked::Confirmed(reply);
+                }
                 // Refused, or nothing of it ran: settled.
                 Ok(Ok(Ok(Response::Error(e)))) => e.message,
                 Ok(Ok(Ok(_))) => "an answer other than Removed".to_string(),
