@@ -451,14 +451,6 @@ impl ReplicaTrees {
         })
     }
 
-    /// Keys in `peer`'s tree.
-    pub fn shared_keys(&self, peer: &NodeId) -> u64 {
-        let trees = self.trees.read().unwrap_or_else(|p| p.into_inner());
-        trees
-            .get(peer)
-            .map_or(0, |t| t.lock().unwrap_or_else(|p| p.into_inner()).len())
-    }
-
     /// Remembers `key` for the rebuild under way, if any; past the cap,
     /// marks the rebuild overrun and remembers no more.
     fn remember_touched(&self, key: &[u8]) {
