@@ -390,6 +390,8 @@ pub struct SimOptions {
     pub hint_ttl: Duration,
     /// How often expired hints are swept; `None`: the default for `hint_ttl`.
     pub hint_sweep_interval: Option<Duration>,
+    /// Hints a node holds for one owner at most.
+    pub hint_max_per_target: u64,
     /// Run each node's failure-detector probe loop. Off, a node learns of
     /// failures only from request outcomes, and unanswered requests do not
     /// count, so nothing is ever judged down.
@@ -405,6 +407,7 @@ impl Default for SimOptions {
             hinted_handoff: true,
             hint_ttl: Duration::from_secs(ringkv_repair::hints::DEFAULT_HINT_TTL_S),
             hint_sweep_interval: None,
+            hint_max_per_target: ringkv_repair::hints::DEFAULT_MAX_HINTS_PER_TARGET,
             probes: false,
             read_repair_chance: crate::coordinator::DEFAULT_READ_REPAIR_CHANCE,
         }
@@ -462,6 +465,7 @@ impl SimCluster {
                         MemHintBackend::default(),
                         HintConfig {
                             ttl_ms: options.hint_ttl.as_millis() as u64,
+                            max_per_target: options.hint_max_per_target,
                             ..HintConfig::default()
                         },
                         now_ms.clone(),

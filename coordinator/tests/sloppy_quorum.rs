@@ -12,7 +12,7 @@ use ringkv_coordinator::sim::{get_values as values, SimCluster, SimOptions};
 use ringkv_core::wire::{ErrorKind, Outcome, Receipt, Response};
 use ringkv_core::Consistency::{All, Quorum};
 use ringkv_core::NodeId;
-use ringkv_repair::HintStore;
+use ringkv_repair::{HintError, HintStore};
 
 const KEY: &str = "user:42";
 
@@ -450,6 +450,46 @@ async fn an_expired_hint_not_yet_swept_is_dropped_at_delivery() {
         s.c.local_values(dead, KEY).is_empty(),
         "the expired hint was dropped, not delivered"
     );
+}
+
+/// A hint refused for want of room brings the next sweep forward (here an
+/// hour away): hints past the window may hold that room, and until the
+/// sweep every new hint for the owner would be refused.
+#[tokio::test(start_paused = true)]
+async fn a_hint_refused_for_room_brings_the_sweep_forward() {
+    let s = story(SimOptions {
+        hint_ttl: Duration::from_secs(10),
+        hint_sweep_interval: Some(Duration::from_secs(3600)),
+        hint_max_per_target: 1,
+        ..with_probes()
+    });
+    let (coordinator, dead) = (&s.owners[0], s.id(&s.owners[2]));
+    s.c.net.down(&dead);
+    s.until_seen(coordinator, dead.as_str(), false).await;
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    let holder = &s.c.node(&s.fallbacks[0]).hints;
+    assert_eq!(
+        holder.pending(&dead),
+        1,
+        "the first fallback holds the hint"
+    );
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(holder.pending(&dead), 1, "past the window, not swept yet");
+    let held = holder.batch(&dead, None, 1).unwrap().remove(0);
+    assert!(
+        matches!(
+            holder.store(&dead, b"another key", &held.clock),
+            Err(HintError::TargetFull { .. })
+        ),
+        "the per-owner cap of 1 is reached"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while holder.pending(&dead) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not swept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder.store(&dead, b"another key", &held.clock).unwrap();
 }
 
 #[tokio::test(start_paused = true)]

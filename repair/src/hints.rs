@@ -17,14 +17,21 @@
 //! - at most `max_per_target` hints per owner: past that a new hint is refused
 //!   (the coordinator then tries the next fallback);
 //! - a hint whose newest write is older than the hint window (`ttl_ms`) is
-//!   dropped and counted; anti-entropy repairs what it would have.
+//!   dropped and counted; anti-entropy repairs what it would have. The
+//!   sweep that drops them reads only the owners that may hold one: the
+//!   book keeps, per owner, a time no hint of its is older than, so an
+//!   owner whose hints are all within the window costs the sweep nothing.
 //!
 //! Time comes from a [`WallClock`] passed in, so tests move it by hand.
 //!
-//! Invariant: `pending(owner)` equals the number of entries stored for that
-//! owner (counted at [`open`](HintBook::open), kept by every change).
+//! Invariants: `pending(owner)` equals the number of entries stored for
+//! that owner (counted at [`open`](HintBook::open), kept by every change);
+//! no stored hint of an owner's is older than the owner's `oldest_ms` (set
+//! at open, lowered by every store, raised only by a sweep pass over all of
+//! the owner's hints that no other pass overlapped).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 use metrics::{counter, gauge};
@@ -156,11 +163,68 @@ pub struct HintBook<B> {
     config: HintConfig,
     now_ms: WallClock,
     locks: Box<[Mutex<()>]>,
-    pending: Mutex<HashMap<NodeId, u64>>,
+    owners: Mutex<HashMap<NodeId, OwnerHints>>,
+    /// Sweep passes begun, over all owners.
+    passes_begun: AtomicU64,
+    /// Set when a store was refused for want of room: the worker then
+    /// sweeps before its next scheduled sweep.
+    refused_for_room: AtomicBool,
     /// The stored bytes of every entry (ids and values). Invariant, as for
     /// the counts: it changes with each put and delete, under the entry's
     /// lock, by the difference in the entry's size.
     bytes: Mutex<u64>,
+}
+
+/// What the book keeps in memory of one owner's hints.
+#[derive(Debug, Clone, Copy)]
+struct OwnerHints {
+    /// Entries stored for the owner.
+    count: u64,
+    /// No hint of the owner's was stored at (ms since the epoch) before
+    /// this: a lower bound, so while it is within the window, so is every
+    /// hint, and the sweep need not read them.
+    oldest_ms: u64,
+    /// The oldest time stored since the latest pass began (`u64::MAX`:
+    /// none), which that pass's scan may have missed.
+    stored_since_ms: u64,
+    /// The latest pass begun over the owner (0: none since the entry was
+    /// made): a pass's finding stands only if no other began after it
+    /// (that one reset `stored_since_ms`). Numbered across the book, so a
+    /// pass that outlived the owner's entry cannot pass for one over the
+    /// entry made after it.
+    latest_pass: u64,
+}
+
+impl OwnerHints {
+    fn new() -> Self {
+        OwnerHints {
+            count: 0,
+            oldest_ms: u64::MAX,
+            stored_since_ms: u64::MAX,
+            latest_pass: 0,
+        }
+    }
+
+    fn stored_at(&mut self, at_ms: u64) {
+        self.oldest_ms = self.oldest_ms.min(at_ms);
+        self.stored_since_ms = self.stored_since_ms.min(at_ms);
+    }
+}
+
+/// One sweep pass over an owner's hints, page by page (see
+/// [`HintBook::begin_expiry`]).
+#[derive(Debug)]
+pub struct ExpiryPass {
+    owner: NodeId,
+    /// Which pass this is (`OwnerHints::latest_pass`).
+    token: u64,
+    after: Option<Vec<u8>>,
+    /// The oldest time among the hints read and kept so far.
+    kept_oldest_ms: u64,
+    /// Hints dropped so far.
+    pub dropped: u64,
+    /// Hints read so far.
+    pub read: u64,
 }
 
 /// An entry's id: the owner's length and name, then the key, so one owner's
@@ -194,6 +258,15 @@ fn split_id(id: &[u8]) -> Result<(NodeId, &[u8]), HintError> {
     Ok((owner, &rest[len..]))
 }
 
+/// When a stored entry's hint was written, without decoding its clock; 0
+/// (so past any window) for a record too short to say, which the sweep
+/// then reads and drops as corrupt.
+fn stored_at_of(value: &[u8]) -> u64 {
+    value
+        .get(..8)
+        .map_or(0, |at| u64::from_le_bytes(at.try_into().expect("8 bytes")))
+}
+
 /// What an entry counts against the byte cap: its id and value.
 fn entry_bytes(id: &[u8], value: &[u8]) -> u64 {
     (id.len() + value.len()) as u64
@@ -224,7 +297,7 @@ fn decode_hint(value: &[u8]) -> Result<(Clock, u64), HintError> {
 impl<B: HintBackend> HintBook<B> {
     /// Opens the book over `backend`, counting the hints already there.
     pub fn open(backend: B, config: HintConfig, now_ms: WallClock) -> Result<Self, HintError> {
-        let mut pending: HashMap<NodeId, u64> = HashMap::new();
+        let mut owners: HashMap<NodeId, OwnerHints> = HashMap::new();
         let mut bytes = 0u64;
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -234,7 +307,9 @@ impl<B: HintBackend> HintBook<B> {
             for (id, value) in &page {
                 match split_id(id) {
                     Ok((owner, _)) => {
-                        *pending.entry(owner).or_default() += 1;
+                        let hints = owners.entry(owner).or_insert_with(OwnerHints::new);
+                        hints.count += 1;
+                        hints.stored_at(stored_at_of(value));
                         bytes += entry_bytes(id, value);
                     }
                     // One entry whose id cannot be read must not stop the
@@ -249,8 +324,8 @@ impl<B: HintBackend> HintBook<B> {
                 }
             }
         }
-        for (owner, count) in &pending {
-            gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(*count as f64);
+        for (owner, hints) in &owners {
+            gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(hints.count as f64);
         }
         gauge!("ringkv_hints_bytes").set(bytes as f64);
         Ok(HintBook {
@@ -258,7 +333,9 @@ impl<B: HintBackend> HintBook<B> {
             config,
             now_ms,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            pending: Mutex::new(pending),
+            owners: Mutex::new(owners),
+            passes_begun: AtomicU64::new(0),
+            refused_for_room: AtomicBool::new(false),
             bytes: Mutex::new(bytes),
         })
     }
@@ -310,13 +387,26 @@ impl<B: HintBackend> HintBook<B> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, OwnerHints>> {
+        self.owners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn adjust(&self, owner: &NodeId, delta: i64) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let count = pending.entry(owner.clone()).or_default();
-        *count = count.saturating_add_signed(delta);
-        gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(*count as f64);
-        if *count == 0 {
-            pending.remove(owner);
+        let mut owners = self.owners();
+        let hints = owners.entry(owner.clone()).or_insert_with(OwnerHints::new);
+        hints.count = hints.count.saturating_add_signed(delta);
+        gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(hints.count as f64);
+        if hints.count == 0 {
+            owners.remove(owner);
+        }
+    }
+
+    /// Notes that a hint of `owner`'s was stored as written at `at_ms`.
+    /// Called under the entry's lock, after the write: a pass that began
+    /// before it hears of it here, one that begins after it reads it.
+    fn note_stored(&self, owner: &NodeId, at_ms: u64) {
+        if let Some(hints) = self.owners().get_mut(owner) {
+            hints.stored_at(at_ms);
         }
     }
 
@@ -324,37 +414,59 @@ impl<B: HintBackend> HintBook<B> {
     /// check and the increment are one step, so concurrent stores of
     /// different keys cannot overshoot it.
     fn reserve(&self, owner: &NodeId) -> bool {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let count = pending.entry(owner.clone()).or_default();
-        if *count >= self.config.max_per_target {
-            if *count == 0 {
-                pending.remove(owner);
+        let mut owners = self.owners();
+        let hints = owners.entry(owner.clone()).or_insert_with(OwnerHints::new);
+        if hints.count >= self.config.max_per_target {
+            if hints.count == 0 {
+                owners.remove(owner);
             }
             return false;
         }
-        *count += 1;
-        gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(*count as f64);
+        hints.count += 1;
+        gauge!("ringkv_hints_pending", "target" => owner.to_string()).set(hints.count as f64);
         true
     }
 
     /// Hints held for `owner`.
     pub fn pending(&self, owner: &NodeId) -> u64 {
-        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.get(owner).copied().unwrap_or(0)
+        self.owners().get(owner).map_or(0, |hints| hints.count)
     }
 
     /// Hints held for anyone.
     pub fn pending_total(&self) -> u64 {
-        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.values().sum()
+        self.owners().values().map(|hints| hints.count).sum()
     }
 
     /// The owners this node holds hints for.
     pub fn targets(&self) -> Vec<NodeId> {
-        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let mut targets: Vec<NodeId> = pending.keys().cloned().collect();
+        let mut targets: Vec<NodeId> = self.owners().keys().cloned().collect();
         targets.sort();
         targets
+    }
+
+    /// The owners that may hold a hint past the window now, in order: the
+    /// only ones a sweep needs to read.
+    pub fn owners_to_sweep(&self) -> Vec<NodeId> {
+        let now = self.now_ms();
+        let mut due: Vec<NodeId> = self
+            .owners()
+            .iter()
+            .filter(|(_, hints)| self.is_past_window(hints.oldest_ms, now))
+            .map(|(owner, _)| owner.clone())
+            .collect();
+        due.sort();
+        due
+    }
+
+    /// The time no hint of `owner`'s is older than, if it has hints.
+    pub fn oldest_bound_ms(&self, owner: &NodeId) -> Option<u64> {
+        self.owners().get(owner).map(|hints| hints.oldest_ms)
+    }
+
+    /// Whether a store was refused for want of room since the last call:
+    /// hints past the window may hold that room.
+    pub fn take_refused_for_room(&self) -> bool {
+        self.refused_for_room.swap(false, AtomicOrdering::Relaxed)
     }
 
     /// Up to `limit` of `owner`'s hints whose key sorts after `after`, and
@@ -508,41 +620,68 @@ impl<B: HintBackend> HintBook<B> {
         Ok(dropped)
     }
 
-    /// Drops the hints past the window among up to `limit` of `owner`'s
-    /// hints after `after`. Returns how many were dropped and where the next
-    /// page starts (`None`: this owner is done).
-    pub fn expire_page(
-        &self,
-        owner: &NodeId,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<(u64, Option<Vec<u8>>), HintError> {
-        let now = self.now_ms();
-        let page = self.batch(owner, after, limit)?;
-        let mut dropped = 0;
-        for hint in page.iter().filter(|h| self.is_expired(h, now)) {
-            if self.drop_if_expired(owner, &hint.key)? {
-                dropped += 1;
-            }
+    /// Starts a sweep pass over `owner`'s hints: [`expire_page`](Self::expire_page)
+    /// until it returns `false`. A pass left unfinished changes nothing
+    /// but the hints it dropped.
+    pub fn begin_expiry(&self, owner: &NodeId) -> ExpiryPass {
+        let mut owners = self.owners();
+        let token = self.passes_begun.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+        if let Some(hints) = owners.get_mut(owner) {
+            hints.latest_pass = token;
+            hints.stored_since_ms = u64::MAX;
         }
-        Ok((dropped, page.last().map(|h| h.key.clone())))
+        ExpiryPass {
+            owner: owner.clone(),
+            token,
+            after: None,
+            kept_oldest_ms: u64::MAX,
+            dropped: 0,
+            read: 0,
+        }
     }
 
-    /// Drops every hint past the window, for owners that may stay away for
-    /// long. Returns how many were dropped. (The handoff worker does the
-    /// same page by page, so that it can stop in between.)
+    /// Drops the hints past the window among the next `limit` of the
+    /// pass's owner's. Returns whether more remain. At the end of the
+    /// owner's hints it sets the owner's `oldest_ms` to the oldest hint it
+    /// kept or that was stored since it began, unless another pass began
+    /// since (which reset what this one needed).
+    pub fn expire_page(&self, pass: &mut ExpiryPass, limit: usize) -> Result<bool, HintError> {
+        let now = self.now_ms();
+        let page = self.batch(&pass.owner, pass.after.as_deref(), limit)?;
+        pass.read += page.len() as u64;
+        counter!("ringkv_hint_sweep_read_total").increment(page.len() as u64);
+        for hint in &page {
+            // A hint the drop passes over was renewed (its store is in
+            // `stored_since_ms`) or removed since the page was read.
+            if self.is_expired(hint, now) {
+                if self.drop_if_expired(&pass.owner, &hint.key)? {
+                    pass.dropped += 1;
+                }
+            } else {
+                pass.kept_oldest_ms = pass.kept_oldest_ms.min(hint.stored_at_ms);
+            }
+        }
+        if let Some(last) = page.last() {
+            pass.after = Some(last.key.clone());
+            return Ok(true);
+        }
+        if let Some(hints) = self.owners().get_mut(&pass.owner) {
+            if hints.latest_pass == pass.token {
+                hints.oldest_ms = pass.kept_oldest_ms.min(hints.stored_since_ms);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Drops every hint past the window, reading only the owners that may
+    /// hold one. Returns how many were dropped. (The handoff worker does
+    /// the same page by page, so that it can stop in between.)
     pub fn expire_all(&self) -> Result<u64, HintError> {
         let mut dropped = 0;
-        for owner in self.targets() {
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let (n, next) = self.expire_page(&owner, after.as_deref(), 1024)?;
-                dropped += n;
-                match next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
-            }
+        for owner in self.owners_to_sweep() {
+            let mut pass = self.begin_expiry(&owner);
+            while self.expire_page(&mut pass, 1024)? {}
+            dropped += pass.dropped;
         }
         Ok(dropped)
     }
@@ -639,10 +778,12 @@ impl<B: HintBackend> HintBook<B> {
         if let Err(e) = self.charge_bytes(more) {
             counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
                 .increment(1);
+            self.refused_for_room.store(true, AtomicOrdering::Relaxed);
             return Err(e);
         }
         if is_new && !self.reserve(owner) {
             self.adjust_bytes(-more);
+            self.refused_for_room.store(true, AtomicOrdering::Relaxed);
             counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
                 .increment(1);
             return Err(HintError::TargetFull {
@@ -657,6 +798,7 @@ impl<B: HintBackend> HintBook<B> {
             self.adjust_bytes(-more);
             return Err(e);
         }
+        self.note_stored(owner, written_at_ms);
         if replaces_corrupt {
             // Counted only once it is gone: otherwise the sweep drops and
             // counts it.

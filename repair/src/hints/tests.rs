@@ -236,18 +236,46 @@ fn batches_of_large_hints_are_cut_by_bytes() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Store { owner: u8, key: u8, actor: u8 },
-    Deliver { owner: u8, key: u8 },
-    Tick { ms: u16 },
+    /// A store as written `age_ms` ago (a moved hint keeps its age).
+    Store {
+        owner: u8,
+        key: u8,
+        actor: u8,
+        age_ms: u16,
+    },
+    Deliver {
+        owner: u8,
+        key: u8,
+    },
+    Tick {
+        ms: u16,
+    },
     Expire,
+    /// Begins a sweep pass over an owner, beside those in flight.
+    BeginPass {
+        owner: u8,
+    },
+    /// The next page (of 2) of one of the passes in flight.
+    PassPage {
+        pass: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u8..3, 0u8..6, 0u8..3).prop_map(|(owner, key, actor)| Op::Store { owner, key, actor }),
+        (0u8..3, 0u8..6, 0u8..3, prop_oneof![Just(0u16), 0u16..7000]).prop_map(
+            |(owner, key, actor, age_ms)| Op::Store {
+                owner,
+                key,
+                actor,
+                age_ms
+            }
+        ),
         (0u8..3, 0u8..6).prop_map(|(owner, key)| Op::Deliver { owner, key }),
         (0u16..4000).prop_map(|ms| Op::Tick { ms }),
         Just(Op::Expire),
+        (0u8..3).prop_map(|owner| Op::BeginPass { owner }),
+        any::<u8>().prop_map(|pass| Op::PassPage { pass }),
     ]
 }
 
@@ -255,18 +283,23 @@ proptest! {
     /// `pending` always equals what the backend holds, and `bytes` the
     /// size of its entries, within the caps (a book opened over the same
     /// entries counts the same); every stored write is either still held
-    /// (merged) or was delivered or expired.
+    /// (merged) or was delivered or expired. No owner's stored hint is
+    /// older than the owner's `oldest_bound_ms`, whatever sweep passes
+    /// overlap the stores, so a sweep that reads only the owners past the
+    /// window leaves no hint past it.
     #[test]
     fn pending_counts_match_the_stored_entries(ops in prop::collection::vec(op(), 1..60)) {
         const MAX_BYTES: u64 = 400;
         let config = HintConfig { ttl_ms: 5_000, max_per_target: 4, max_bytes: MAX_BYTES };
         let f = fixture(config.clone());
         let owners = [n("x"), n("y"), n("z")];
+        let mut passes: Vec<ExpiryPass> = Vec::new();
         for op in ops {
             match op {
-                Op::Store { owner, key, actor } => {
+                Op::Store { owner, key, actor, age_ms } => {
                     let clock = write(["a", "b", "c"][actor as usize], "v");
-                    let _ = f.book.store(&owners[owner as usize], &[key], &clock);
+                    let at = f.book.now_ms() - u64::from(age_ms);
+                    let _ = f.book.store_aged(&owners[owner as usize], &[key], &clock, at);
                 }
                 Op::Deliver { owner, key } => {
                     let owner = &owners[owner as usize];
@@ -275,12 +308,31 @@ proptest! {
                     }
                 }
                 Op::Tick { ms } => { f.now.fetch_add(u64::from(ms), Ordering::SeqCst); }
-                Op::Expire => { f.book.expire_all().unwrap(); }
+                Op::Expire => {
+                    f.book.expire_all().unwrap();
+                    let now = f.book.now_ms();
+                    for owner in &owners {
+                        let hints = f.book.batch(owner, None, 100).unwrap();
+                        prop_assert!(hints.iter().all(|h| !f.book.is_expired(h, now)), "swept");
+                    }
+                }
+                Op::BeginPass { owner } => passes.push(f.book.begin_expiry(&owners[owner as usize])),
+                Op::PassPage { pass } if !passes.is_empty() => {
+                    let at = pass as usize % passes.len();
+                    if !f.book.expire_page(&mut passes[at], 2).unwrap() {
+                        passes.remove(at);
+                    }
+                }
+                Op::PassPage { .. } => {}
             }
             for owner in &owners {
-                let stored = f.book.batch(owner, None, 100).unwrap().len() as u64;
-                prop_assert_eq!(f.book.pending(owner), stored);
-                prop_assert!(stored <= 4, "the cap holds");
+                let hints = f.book.batch(owner, None, 100).unwrap();
+                prop_assert_eq!(f.book.pending(owner), hints.len() as u64);
+                prop_assert!(hints.len() <= 4, "the cap holds");
+                if let Some(oldest) = hints.iter().map(|h| h.stored_at_ms).min() {
+                    let bound = f.book.oldest_bound_ms(owner);
+                    prop_assert!(bound.is_some_and(|b| b <= oldest), "{:?} > {}", bound, oldest);
+                }
             }
             let entries = f.backend.scan(&[], None, 10_000, usize::MAX).unwrap();
             let held: u64 = entries.iter().map(|(id, value)| entry_bytes(id, value)).sum();
@@ -379,4 +431,49 @@ fn a_refused_hint_is_dropped_only_if_unchanged() {
     let held = f.book.read(&n("c"), b"k").unwrap().unwrap();
     assert!(f.book.drop_refused(&n("c"), b"k", &held).unwrap());
     assert_eq!(f.book.pending(&n("c")), 0);
+}
+
+/// The sweep reads only the owners that may hold a hint past the window:
+/// the book keeps a time no hint of each owner's is older than, lowered by
+/// every store (a moved hint's old age too) and raised by a pass that read
+/// them all.
+#[test]
+fn a_sweep_reads_only_the_owners_that_may_hold_a_hint_past_the_window() {
+    let f = fixture(HintConfig {
+        ttl_ms: 10_000,
+        ..HintConfig::default()
+    });
+    let start = f.book.now_ms();
+    f.book.store(&n("c"), b"k1", &write("a", "1")).unwrap();
+    f.now.fetch_add(6_000, Ordering::SeqCst);
+    f.book.store(&n("c"), b"k2", &write("a", "1")).unwrap();
+    f.book.store(&n("d"), b"k1", &write("a", "1")).unwrap();
+    f.now.fetch_add(3_000, Ordering::SeqCst);
+    assert!(f.book.owners_to_sweep().is_empty(), "all within the window");
+    f.now.fetch_add(2_000, Ordering::SeqCst);
+    assert_eq!(f.book.owners_to_sweep(), [n("c")]);
+    let mut pass = f.book.begin_expiry(&n("c"));
+    while f.book.expire_page(&mut pass, 1).unwrap() {}
+    assert_eq!((pass.read, pass.dropped), (2, 1));
+    assert_eq!(f.book.oldest_bound_ms(&n("c")), Some(start + 6_000));
+    assert!(f.book.owners_to_sweep().is_empty(), "k2 is 5 s old");
+    f.book
+        .store_aged(&n("d"), b"moved", &write("b", "2"), start)
+        .unwrap();
+    assert_eq!(f.book.owners_to_sweep(), [n("d")], "an old moved hint");
+}
+
+/// A store refused for want of room (either cap) says so once, so that
+/// the handoff worker can sweep early.
+#[test]
+fn a_store_refused_for_room_is_reported_once() {
+    let f = fixture(HintConfig {
+        max_per_target: 1,
+        ..HintConfig::default()
+    });
+    f.book.store(&n("c"), b"k1", &write("a", "1")).unwrap();
+    assert!(!f.book.take_refused_for_room());
+    assert!(f.book.store(&n("c"), b"k2", &write("a", "1")).is_err());
+    assert!(f.book.take_refused_for_room());
+    assert!(!f.book.take_refused_for_room(), "once");
 }
