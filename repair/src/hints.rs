@@ -258,15 +258,6 @@ fn split_id(id: &[u8]) -> Result<(NodeId, &[u8]), HintError> {
     Ok((owner, &rest[len..]))
 }
 
-/// When a stored entry's hint was written, without decoding its clock; 0
-/// (so past any window) for a record too short to say, which the sweep
-/// then reads and drops as corrupt.
-fn stored_at_of(value: &[u8]) -> u64 {
-    value
-        .get(..8)
-        .map_or(0, |at| u64::from_le_bytes(at.try_into().expect("8 bytes")))
-}
-
 /// What an entry counts against the byte cap: its id and value.
 fn entry_bytes(id: &[u8], value: &[u8]) -> u64 {
     (id.len() + value.len()) as u64
@@ -309,7 +300,9 @@ impl<B: HintBackend> HintBook<B> {
                     Ok((owner, _)) => {
                         let hints = owners.entry(owner).or_insert_with(OwnerHints::new);
                         hints.count += 1;
-                        hints.stored_at(stored_at_of(value));
+                        // A record that does not decode counts as past any
+                        // window, so that the first sweep reads and drops it.
+                        hints.stored_at(decode_hint(value).map_or(0, |(_, at)| at));
                         bytes += entry_bytes(id, value);
                     }
                     // One entry whose id cannot be read must not stop the
@@ -463,10 +456,17 @@ impl<B: HintBackend> HintBook<B> {
         self.owners().get(owner).map(|hints| hints.oldest_ms)
     }
 
-    /// Whether a store was refused for want of room since the last call:
-    /// hints past the window may hold that room.
-    pub fn take_refused_for_room(&self) -> bool {
-        self.refused_for_room.swap(false, AtomicOrdering::Relaxed)
+    /// Whether a store was refused for want of room since the last
+    /// [`begin_sweep`](Self::begin_sweep): hints past the window may hold
+    /// that room.
+    pub fn refused_for_room(&self) -> bool {
+        self.refused_for_room.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Notes that a sweep starts, which answers the refusals before it;
+    /// then use [`owners_to_sweep`](Self::owners_to_sweep).
+    pub fn begin_sweep(&self) {
+        self.refused_for_room.store(false, AtomicOrdering::Relaxed);
     }
 
     /// Up to `limit` of `owner`'s hints whose key sorts after `after`, and
@@ -651,12 +651,11 @@ impl<B: HintBackend> HintBook<B> {
         pass.read += page.len() as u64;
         counter!("ringkv_hint_sweep_read_total").increment(page.len() as u64);
         for hint in &page {
-            // A hint the drop passes over was renewed (its store is in
-            // `stored_since_ms`) or removed since the page was read.
-            if self.is_expired(hint, now) {
-                if self.drop_if_expired(&pass.owner, &hint.key)? {
-                    pass.dropped += 1;
-                }
+            // A hint the drop passes over was renewed or removed since the
+            // page was read, or the wall clock stepped back: counted as kept
+            // all the same, so that the bound stays below it.
+            if self.is_expired(hint, now) && self.drop_if_expired(&pass.owner, &hint.key)? {
+                pass.dropped += 1;
             } else {
                 pass.kept_oldest_ms = pass.kept_oldest_ms.min(hint.stored_at_ms);
             }
@@ -678,6 +677,7 @@ impl<B: HintBackend> HintBook<B> {
     /// the same page by page, so that it can stop in between.)
     pub fn expire_all(&self) -> Result<u64, HintError> {
         let mut dropped = 0;
+        self.begin_sweep();
         for owner in self.owners_to_sweep() {
             let mut pass = self.begin_expiry(&owner);
             while self.expire_page(&mut pass, 1024)? {}

@@ -341,6 +341,10 @@ proptest! {
         }
         let reopened = HintBook::open(f.backend.clone(), config, Arc::new(|| 0)).unwrap();
         prop_assert_eq!(reopened.bytes(), f.book.bytes());
+        for owner in &owners {
+            let oldest = f.book.batch(owner, None, 100).unwrap().iter().map(|h| h.stored_at_ms).min();
+            prop_assert_eq!(reopened.oldest_bound_ms(owner), oldest, "exact at open");
+        }
     }
 }
 
@@ -463,8 +467,8 @@ fn a_sweep_reads_only_the_owners_that_may_hold_a_hint_past_the_window() {
     assert_eq!(f.book.owners_to_sweep(), [n("d")], "an old moved hint");
 }
 
-/// A store refused for want of room (either cap) says so once, so that
-/// the handoff worker can sweep early.
+/// A store refused for want of room (either cap) says so until the next
+/// sweep begins, so that the handoff worker can sweep early.
 #[test]
 fn a_store_refused_for_room_is_reported_once() {
     let f = fixture(HintConfig {
@@ -472,8 +476,35 @@ fn a_store_refused_for_room_is_reported_once() {
         ..HintConfig::default()
     });
     f.book.store(&n("c"), b"k1", &write("a", "1")).unwrap();
-    assert!(!f.book.take_refused_for_room());
+    assert!(!f.book.refused_for_room());
     assert!(f.book.store(&n("c"), b"k2", &write("a", "1")).is_err());
-    assert!(f.book.take_refused_for_room());
-    assert!(!f.book.take_refused_for_room(), "once");
+    assert!(f.book.refused_for_room());
+    f.book.begin_sweep();
+    assert!(!f.book.refused_for_room(), "answered by the sweep");
+}
+
+/// A record that does not decode counts as past any window at open, so the
+/// first sweep reads its owner and drops it, whatever its first 8 bytes
+/// (which would otherwise read as its time) say.
+#[test]
+fn a_corrupt_record_found_at_open_is_swept() {
+    let config = HintConfig {
+        ttl_ms: 10_000,
+        ..HintConfig::default()
+    };
+    let f = fixture(config.clone());
+    f.book.store(&n("c"), b"a", &write("a", "1")).unwrap();
+    f.backend
+        .put(&entry_id(&n("c"), b"m"), &[0xff; 40])
+        .unwrap();
+    let now = f.book.now_ms();
+    let book = HintBook::open(f.backend.clone(), config, Arc::new(move || now)).unwrap();
+    assert_eq!(
+        book.owners_to_sweep(),
+        [n("c")],
+        "the corrupt record is due"
+    );
+    book.expire_all().unwrap();
+    assert_eq!(book.pending(&n("c")), 1, "the corrupt one is gone");
+    assert!(book.owners_to_sweep().is_empty());
 }
