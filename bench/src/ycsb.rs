@@ -38,9 +38,10 @@
 //! *another* coordinator with the setting's R. The read is fresh if it
 //! returns the value just written (or a newer one: there is none, each
 //! probe key is written once). The share of fresh reads per `t` is the
-//! t-visibility curve. tokio's timer fires on whole milliseconds, so a wait
-//! of t > 0 is up to a millisecond longer; the JSON gives the mean measured
-//! wait of each t (`mean_gap_ms`).
+//! t-visibility curve. The wait is `link_delay`'s, precise to tens of
+//! microseconds (tokio's timer fires on whole milliseconds, which made each
+//! t > 0 about a millisecond longer); the JSON gives the mean measured wait
+//! of each t (`mean_gap_ms`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -379,11 +380,11 @@ impl Conn {
             };
         };
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            ringkv_node::link_delay::sleep(delay).await;
         }
         let answer = client.call_within(request, answer_limit(request)).await;
         if !delay.is_zero() && !matches!(answer, Err(CallError::TimedOut { .. })) {
-            tokio::time::sleep(delay).await;
+            ringkv_node::link_delay::sleep(delay).await;
         }
         outcome_of(answer)
     }
@@ -1058,11 +1059,10 @@ async fn probe(
             .await;
         let acknowledged = Instant::now();
         let read = if written.is_ok() {
-            // tokio's timer fires on whole milliseconds, even for a zero
-            // wait: t = 0 must not wait at all.
+            // t = 0 must not wait at all.
             let t = Duration::from_millis(out[slot].t_ms);
             if !t.is_zero() {
-                tokio::time::sleep_until((acknowledged + t).into()).await;
+                ringkv_node::link_delay::sleep_until(acknowledged + t).await;
             }
             let gap = acknowledged.elapsed();
             Some((gap, reader.get(&key, setting.r, timeout_ms, delay).await))

@@ -8,6 +8,8 @@
 //!   writer.
 //! - [`quic`]: requests multiplexed on QUIC connections, the peer connection
 //!   pool and the client connection.
+//! - [`link_delay`]: waiting out an emulated region link's delay to the
+//!   microsecond.
 //! - [`request_memory`]: the bytes of requests a node holds, and shedding
 //!   the requests beyond them.
 //! - [`cluster_client`]: a client that moves to another node when its node
@@ -26,6 +28,7 @@ pub mod cluster_key;
 pub mod error;
 pub mod frame;
 pub mod group_commit;
+pub mod link_delay;
 pub mod membership;
 pub mod quic;
 pub mod request_memory;

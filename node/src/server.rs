@@ -409,7 +409,7 @@ impl QuicTransport {
         };
         let (jitter_u, loss_u): (f64, f64) = (rand::random(), rand::random());
         match matrix.sample(from, to, jitter_u, loss_u) {
-            Ok(Some(delay)) if !delay.is_zero() => tokio::time::sleep(delay).await,
+            Ok(Some(delay)) if !delay.is_zero() => crate::link_delay::sleep(delay).await,
             Ok(Some(_)) => {}
             Ok(None) => std::future::pending::<()>().await,
             // A peer in a region the matrix lacks: no emulated delay.
