@@ -38,8 +38,8 @@
 //! *another* coordinator with the setting's R. The read is fresh if it
 //! returns the value just written (or a newer one: there is none, each
 //! probe key is written once). The share of fresh reads per `t` is the
-//! t-visibility curve. The wait is `link_delay`'s, precise to tens of
-//! microseconds (tokio's timer fires on whole milliseconds, which made each
+//! t-visibility curve. The wait is `link_delay`'s, about 0.1 ms late on
+//! this VM (tokio's timer fires on whole milliseconds, which made each
 //! t > 0 about a millisecond longer); the JSON gives the mean measured wait
 //! of each t (`mean_gap_ms`).
 

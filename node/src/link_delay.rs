@@ -4,16 +4,20 @@
 //! Region emulation (`ringkv_core::regions`) holds every message between
 //! nodes in different emulated regions, and a client's messages to its
 //! node in the embedded bench, for the link's one-way delay. tokio's timer
-//! fires on whole milliseconds, so a 0.25 ms leg inside a region took up to
-//! 1.25 ms, and each 34 ms leg between regions up to 35: the recorded
-//! medians ran 4% over what the matrix predicts, and a setting served
-//! within one region several times over.
+//! fires on whole milliseconds, so each leg ended 1–2 ms late, whether it
+//! was a 0.25 ms leg inside a region or a 34 ms one between regions: the
+//! recorded medians ran 4% over what the matrix predicts, and a setting
+//! served within one region several times over.
 //!
 //! Here one thread per process keeps the pending wake-ups in a heap and
 //! sleeps with the OS's high-resolution timer (a condition variable's
-//! timed wait, tens of microseconds late on a VM). A long delay first
-//! sleeps on tokio's timer until [`COARSE_MARGIN`] before its end, so the
-//! thread only ever holds the last stretch of each.
+//! timed wait, about 0.1 ms late on this VM). A long delay first sleeps on
+//! tokio's timer until [`COARSE_MARGIN`] before its end, so the thread only
+//! ever holds the last stretch of each.
+//!
+//! The last stretch is real time even under tokio's paused test clock, so
+//! code run on a paused clock must not come here (none does: the simulated
+//! network has delays of its own).
 //!
 //! Invariant: [`sleep_until`] never returns before its deadline.
 
@@ -31,7 +35,11 @@ pub const COARSE_MARGIN: Duration = Duration::from_millis(3);
 
 /// Waits for `delay`, precisely (see the module docs).
 pub async fn sleep(delay: Duration) {
-    sleep_until(Instant::now() + delay).await
+    match Instant::now().checked_add(delay) {
+        Some(deadline) => sleep_until(deadline).await,
+        // Past what an `Instant` can hold: it never ends.
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits until `deadline`, precisely (see the module docs).
@@ -47,6 +55,8 @@ pub async fn sleep_until(deadline: Instant) {
     let (tx, rx) = oneshot::channel();
     match timer() {
         Some(timer) => {
+            #[cfg(test)]
+            tests::PRECISE_WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             timer.add(deadline, tx);
             // The sender is dropped only once the deadline passed.
             let _ = rx.await;
@@ -135,13 +145,24 @@ impl Timer {
     /// Wakes each waiter once its deadline has passed, for ever. A waiter
     /// that gave up (its future was dropped) is simply not there to hear.
     fn run(&self) {
+        // Every wait in the process would hang without this thread.
+        let _abort = AbortIfUnwinding;
+        let mut due = Vec::new();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let now = Instant::now();
             while state.heap.peek().is_some_and(|(at, _, _)| at.0 <= now) {
-                if let Some((_, _, Waiter(tx))) = state.heap.pop() {
+                due.extend(state.heap.pop().map(|(_, _, waiter)| waiter));
+            }
+            if !due.is_empty() {
+                // Woken outside the lock: a wake-up may take a system call,
+                // and the tasks adding wait-ups must not wait for it.
+                drop(state);
+                for Waiter(tx) in due.drain(..) {
                     let _ = tx.send(());
                 }
+                state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
             }
             state = match state.heap.peek().map(|(at, _, _)| at.0 - now) {
                 Some(wait) => {
@@ -156,9 +177,25 @@ impl Timer {
     }
 }
 
+/// Ends the process if the timer thread unwinds.
+struct AbortIfUnwinding;
+
+impl Drop for AbortIfUnwinding {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("ringkv: the link-delay thread panicked; every emulated delay would hang");
+            std::process::abort();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits that went to the timer thread.
+    pub(super) static PRECISE_WAITS: std::sync::atomic::AtomicU64 =
+        std::sync::atomic::AtomicU64::new(0);
 
     /// Delays short and long, many at once and out of order: each ends, and
     /// none before its deadline.
@@ -185,6 +222,10 @@ mod tests {
         .await
         .expect("every wait ends");
         assert_eq!(all, 200);
+        assert!(
+            PRECISE_WAITS.load(std::sync::atomic::Ordering::Relaxed) >= 150,
+            "the waits' last stretch went to the timer thread, not tokio's timer"
+        );
     }
 
     /// A waiter that gave up before its deadline does not stop the thread
