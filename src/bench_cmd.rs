@@ -659,6 +659,7 @@ fn report_json(
             "max_siblings": r.max_siblings,
             "staleness": r.staleness.iter().map(|v| json!({
                 "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh, "failed": v.failed,
+                "same_coordinator": v.same_coordinator,
                 "fresh_share": if v.probes == 0 { json!(null) } else { json!(v.fresh_share()) },
                 "mean_gap_ms": v.mean_gap_ms(),
             })).collect::<Vec<_>>(),

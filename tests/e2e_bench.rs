@@ -114,6 +114,9 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         assert_eq!(v["failed"], 0, "every node is up: {v}");
     }
     assert!(settings[1]["staleness"][0]["probes"].as_u64().unwrap() > 0);
+    // Probes that one node coordinated (both requests forwarded to the same
+    // replica) are counted apart, never as fresh.
+    assert!(one["same_coordinator"].as_u64().is_some(), "{one}");
 }
 
 #[test]

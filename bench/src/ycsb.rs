@@ -37,8 +37,11 @@
 //! coordinator, wait `t` after the acknowledgement, and read through
 //! *another* coordinator with the setting's R. The read is fresh if it
 //! returns the value just written (or a newer one: there is none, each
-//! probe key is written once). The share of fresh reads per `t` is the
-//! t-visibility curve. The wait is `link_delay`'s, about 0.1 ms late on
+//! probe key is written once). A node that holds no copy of a key passes
+//! the request on to the first replica that does, so the two addresses may
+//! still reach one coordinator; the receipts tell, and such a probe is left
+//! out (`same_coordinator`): it would always be fresh. The share of fresh
+//! reads per `t` is the t-visibility curve. The wait is `link_delay`'s, about 0.1 ms late on
 //! this VM (tokio's timer fires on whole milliseconds, which made each
 //! t > 0 about a millisecond longer); the JSON gives the mean measured wait
 //! of each t (`mean_gap_ms`).
@@ -54,7 +57,7 @@ use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{
     ErrorKind, ErrorReply, GetRequest, Outcome as ReplicaAnswer, PutRequest, Request, Response,
 };
-use ringkv_core::Consistency;
+use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
 use crate::pacer::{self, Pacer};
@@ -226,6 +229,11 @@ pub struct Visibility {
     pub fresh: u64,
     /// Probes left out because the write or the read failed or timed out.
     pub failed: u64,
+    /// Probes left out because one node coordinated both the write and the
+    /// read: a node that holds no copy of a key passes a request on to the
+    /// first replica that does, so the two coordinators may forward to the
+    /// same one, which has the write by the time it acknowledged it.
+    pub same_coordinator: u64,
     /// Microseconds from each probe's acknowledgement to its read's send,
     /// summed: at least `t_ms`, and more by the timer's lateness.
     pub gap_us: u64,
@@ -348,12 +356,15 @@ pub(crate) enum Conn {
 
 /// What a call came to.
 pub(crate) enum Outcome {
+    /// `coordinator`: the node that coordinated it (from its receipt).
     Read {
         values: Vec<Vec<u8>>,
         context: Option<String>,
+        coordinator: Option<NodeId>,
     },
     Written {
         context: Option<String>,
+        coordinator: Option<NodeId>,
     },
     /// R or W replicas did not answer in time.
     Timeout,
@@ -361,9 +372,7 @@ pub(crate) enum Outcome {
     /// (`ErrorKind::Overloaded`): load shed, to be retried later.
     Shed,
     /// Refused or failed, and why (the load phase reports the first).
-    Error {
-        reason: String,
-    },
+    Error { reason: String },
 }
 
 impl Outcome {
@@ -405,6 +414,7 @@ impl Conn {
                     Ok(Ok(value)) => Outcome::Read {
                         values: value.into_iter().collect(),
                         context: None,
+                        coordinator: None,
                     },
                     Ok(Err(e)) => Outcome::Error {
                         reason: e.to_string(),
@@ -439,7 +449,10 @@ impl Conn {
                 let limit = Duration::from_millis(u64::from(timeout_ms));
                 let mut conn = conn.lock().await;
                 match tokio::time::timeout(limit, conn.set(key.as_bytes(), value)).await {
-                    Ok(Ok(())) => Outcome::Written { context: None },
+                    Ok(Ok(())) => Outcome::Written {
+                        context: None,
+                        coordinator: None,
+                    },
                     Ok(Err(e)) => Outcome::Error {
                         reason: e.to_string(),
                     },
@@ -471,9 +484,11 @@ pub(crate) fn outcome_of(answer: Result<Response, CallError>) -> Outcome {
         Ok(Response::Get(g)) => Outcome::Read {
             values: g.values,
             context: Some(g.context),
+            coordinator: g.receipt.coordinator,
         },
         Ok(Response::Put(p)) => Outcome::Written {
             context: Some(p.context),
+            coordinator: p.receipt.coordinator,
         },
         Err(CallError::TimedOut { .. }) => Outcome::Timeout,
         Ok(Response::Error(e)) if e.kind == ErrorKind::QuorumNotReached && some_timed_out(&e) => {
@@ -775,14 +790,20 @@ pub async fn run_setting(
                 // omission); from the send in a closed loop.
                 let sent = due.unwrap_or_else(Instant::now);
                 let (timeout_ms, delay) = (config.request_timeout_ms, config.client_delay);
-                let mut outcome = Outcome::Written { context: None };
+                let mut outcome = Outcome::Written {
+                    context: None,
+                    coordinator: None,
+                };
                 // When the last answer came: the bookkeeping after it is
                 // the client's, not the store's.
                 let mut answered = sent;
                 if matches!(op, Op::Read | Op::ReadModifyWrite) {
                     outcome = client.get(&key, setting.r, timeout_ms, delay).await;
                     answered = Instant::now();
-                    if let Outcome::Read { values, context } = &outcome {
+                    if let Outcome::Read {
+                        values, context, ..
+                    } = &outcome
+                    {
                         read_stats.record(values.len() as u64);
                         if let Some(context) = context {
                             contexts.insert(record, context.clone());
@@ -807,6 +828,7 @@ pub async fn run_setting(
                     answered = Instant::now();
                     if let Outcome::Written {
                         context: Some(context),
+                        ..
                     } = &outcome
                     {
                         contexts.insert(record, context.clone());
@@ -1023,6 +1045,7 @@ pub async fn probe_staleness(
             total.fresh += v.fresh;
             total.failed += v.failed;
             total.gap_us += v.gap_us;
+            total.same_coordinator += v.same_coordinator;
         }
     }
     close_all(vec![writer, reader]).await;
@@ -1069,15 +1092,22 @@ async fn probe(
         } else {
             None
         };
-        match read {
-            Some((gap, Outcome::Read { values, .. })) => {
+        let verdict = match &read {
+            Some((_, read)) => verdict(&written, read, &value),
+            None => Verdict::Failed,
+        };
+        match verdict {
+            Verdict::Fresh | Verdict::Stale => {
                 out[slot].probes += 1;
-                out[slot].gap_us += gap.as_micros() as u64;
-                if values.contains(&value) {
+                if let Some((gap, _)) = &read {
+                    out[slot].gap_us += gap.as_micros() as u64;
+                }
+                if verdict == Verdict::Fresh {
                     out[slot].fresh += 1;
                 }
             }
-            _ => {
+            Verdict::SameCoordinator => out[slot].same_coordinator += 1,
+            Verdict::Failed => {
                 out[slot].failed += 1;
                 // A cluster refusing requests at once must not make the
                 // prober spin (and load it further).
@@ -1088,9 +1118,94 @@ async fn probe(
     out
 }
 
+/// What one staleness probe shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The read, coordinated elsewhere, saw the write.
+    Fresh,
+    /// It did not.
+    Stale,
+    /// One node coordinated both: not a probe of staleness between two.
+    SameCoordinator,
+    /// The write or the read failed.
+    Failed,
+}
+
+fn verdict(written: &Outcome, read: &Outcome, value: &[u8]) -> Verdict {
+    match (written, read) {
+        (
+            Outcome::Written {
+                coordinator: by_writer,
+                ..
+            },
+            Outcome::Read {
+                values,
+                coordinator: by_reader,
+                ..
+            },
+        ) => {
+            if by_writer.is_some() && by_writer == by_reader {
+                Verdict::SameCoordinator
+            } else if values.iter().any(|v| v == value) {
+                Verdict::Fresh
+            } else {
+                Verdict::Stale
+            }
+        }
+        _ => Verdict::Failed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A probe counts only if two nodes coordinated it: a read that the
+    /// write's coordinator served (both requests forwarded to one replica)
+    /// would always be fresh.
+    #[test]
+    fn a_probe_counts_only_between_two_coordinators() {
+        let node = |n: &str| Some(NodeId::new(n).unwrap());
+        let written = |by| Outcome::Written {
+            context: None,
+            coordinator: by,
+        };
+        let read = |values: &[&str], by| Outcome::Read {
+            values: values.iter().map(|v| v.as_bytes().to_vec()).collect(),
+            context: None,
+            coordinator: by,
+        };
+        let v = b"v1";
+        assert_eq!(
+            verdict(&written(node("a")), &read(&["v1"], node("b")), v),
+            Verdict::Fresh
+        );
+        assert_eq!(
+            verdict(&written(node("a")), &read(&["v0"], node("b")), v),
+            Verdict::Stale
+        );
+        assert_eq!(
+            verdict(&written(node("a")), &read(&[], node("b")), v),
+            Verdict::Stale
+        );
+        assert_eq!(
+            verdict(&written(node("a")), &read(&["v1"], node("a")), v),
+            Verdict::SameCoordinator
+        );
+        assert_eq!(
+            verdict(&written(None), &read(&["v1"], None), v),
+            Verdict::Fresh,
+            "no receipts"
+        );
+        assert_eq!(
+            verdict(&Outcome::Timeout, &read(&["v1"], node("b")), v),
+            Verdict::Failed
+        );
+        assert_eq!(
+            verdict(&written(node("a")), &Outcome::Timeout, v),
+            Verdict::Failed
+        );
+    }
 
     /// Reads reach a record only once every insert up to it is over, failed
     /// or not, whatever order the inserts end in.
