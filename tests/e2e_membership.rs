@@ -321,3 +321,39 @@ fn a_cluster_whose_every_address_changed_finds_itself_through_its_seeds() {
     assert_exit(&get, 0);
     assert_eq!(values(&get), ["v"]);
 }
+
+/// A member whose data dir was wiped and that was started again without a
+/// seed forms a cluster of its own at the member's address. The others ask
+/// who answers over each new connection, so they never take its answers
+/// for the member's: a write at W=all, which needs all three, is not
+/// acknowledged, and the member counts as down.
+#[test]
+fn a_member_wiped_and_started_without_a_seed_does_not_answer_for_itself() {
+    let mut c = Cluster::start("wiped_member", 3, 3, &[]);
+    assert_exit(&c.cli(0, &["put", "before", "v", "-w", "all"]), 0);
+    c.kill(2);
+    std::fs::remove_dir_all(&c.nodes[2].data_dir).unwrap();
+    c.restart(2);
+    // n1's first tries may still go out over its connection to the killed
+    // process and time out; once it dials the new one, the write must
+    // still fail, now because n3 is not counted.
+    c.eventually(
+        Duration::from_secs(30),
+        "n1 dials n3's address again",
+        || {
+            let put = c.cli(0, &["put", "k", "v", "-w", "all"]);
+            assert_exit(&put, 3);
+            !stderr(&put).contains("n3 (timed out)")
+        },
+    );
+    c.eventually(Duration::from_secs(20), "n1 counts n3 down", || {
+        let status = json(&c.cli(0, &["status", "--json"]));
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == "n3" && n["state"] == "down")
+    });
+    // Nothing meant for n3 reached the node at its address.
+    assert_exit(&c.cli(2, &["get", "k", "--local"]), 1);
+}

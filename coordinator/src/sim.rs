@@ -215,6 +215,7 @@ fn label(request: &Request) -> String {
         Request::Stats => "Stats".into(),
         Request::Join(_) => "Join".into(),
         Request::Ping => "Ping".into(),
+        Request::Identify => "Identify".into(),
         Request::Replica(ReplicaRequest::Update { .. }) => "Update".into(),
         Request::Replica(ReplicaRequest::Sync { .. }) => "Sync".into(),
         Request::Replica(ReplicaRequest::Read { hint_for: None, .. }) => "Read".into(),

@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/12";
+pub const ALPN: &[u8] = b"ringkv/13";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -109,6 +109,12 @@ pub enum Request {
         node: NodeId,
         tell_others: bool,
     },
+    /// Who answers at this address: a node asks before it sends a member
+    /// anything over a new connection, so that another node at that
+    /// member's address (one started afresh that formed a cluster of its
+    /// own, or a new node given a member's address) is not taken for it.
+    /// The answer is [`Response::Identity`].
+    Identify,
     /// Leave the cluster gracefully (`ringkv leave`), sent to the node that
     /// leaves: it hands its keys to their replicas under the ring without
     /// it, then has a member remove it. The answer is [`Response::Left`].
@@ -344,6 +350,35 @@ pub enum Response {
     /// The answer to [`Request::Cleanup`].
     Cleaned(CleanupReport),
     Error(ErrorReply),
+    /// The answer to [`Request::Identify`].
+    Identity(Identity),
+}
+
+/// Who a node is: its id, and its cluster's id once it is in one.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Identity {
+    pub node: NodeId,
+    pub cluster_id: Option<u64>,
+}
+
+impl Identity {
+    /// Why a node answering as `self` is not the member `expected` of
+    /// cluster `cluster_id`, if it is not. A node in no cluster yet may be
+    /// the member still joining.
+    pub fn mismatch(&self, expected: &NodeId, cluster_id: Option<u64>) -> Option<String> {
+        let theirs = match self.cluster_id {
+            Some(id) => format!("of cluster {id:016x}"),
+            None => "in no cluster yet".to_string(),
+        };
+        let ours = cluster_id.map_or(String::new(), |id| format!(" of cluster {id:016x}"));
+        let other_cluster = matches!((self.cluster_id, cluster_id), (Some(a), Some(b)) if a != b);
+        (self.node != *expected || other_cluster).then(|| {
+            format!(
+                "the node there is {} {theirs}, not {expected}{ours}",
+                self.node
+            )
+        })
+    }
 }
 
 /// What `ringkv remove` did.
@@ -866,6 +901,7 @@ impl Request {
             Request::Get(g) => validate_key(&g.key),
             Request::Status
             | Request::Ping
+            | Request::Identify
             | Request::Stats
             | Request::Repair
             | Request::Leave
@@ -950,6 +986,7 @@ impl Response {
                 .failures
                 .iter()
                 .try_for_each(|f| validate_node_id(&f.peer)),
+            Response::Identity(i) => validate_node_id(&i.node),
             _ => Ok(()),
         }
     }

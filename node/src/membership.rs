@@ -267,6 +267,15 @@ impl Membership {
             .clone()
     }
 
+    /// The cluster's id, once this node is in one.
+    pub fn cluster_id(&self) -> Option<u64> {
+        self.record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|record| record.cluster_id)
+    }
+
     /// Whether `id` has been removed from the cluster, as this node knows it.
     pub fn is_removed(&self, id: &NodeId) -> bool {
         self.record
@@ -446,6 +455,26 @@ impl Membership {
                         format!(
                             "node id {} is already a member at {}; give the new node another --id",
                             join.member.id, existing.addr
+                        ),
+                    ),
+                    false,
+                );
+            }
+        }
+        if join.cluster_id.is_none() {
+            // A new node at a member's address would answer for it (its
+            // pings, its replica writes): the member must be removed first.
+            if let Some(holder) = record
+                .members
+                .values()
+                .find(|m| m.addr == join.member.addr && m.id != join.member.id)
+            {
+                return (
+                    Response::error(
+                        ErrorKind::Refused,
+                        format!(
+                            "{} is member {}'s address; start {} there again, or take it out first (ringkv remove {}), or give the new node another --listen address",
+                            holder.addr, holder.id, holder.id, holder.id
                         ),
                     ),
                     false,
@@ -740,6 +769,33 @@ mod tests {
         lookup.join().unwrap();
         drop(change);
         assert_eq!(m.addr_of(&n3), None, "and is once it is");
+    }
+
+    /// A new node cannot join at a member's address (it would answer for
+    /// that member); the member itself, started afresh there, can.
+    #[test]
+    fn a_new_node_cannot_join_at_a_members_address() {
+        let (m, _dir) = cluster_of(3, "n1");
+        let join = |id: &str, port: u16| {
+            m.handle_join(JoinRequest {
+                member: member(id, port),
+                replicas: None,
+                cluster_id: None,
+            })
+        };
+        let (answer, changed) = join("n4", 2);
+        let Response::Error(e) = answer else {
+            panic!("refused: {answer:?}")
+        };
+        assert!(!changed);
+        assert!(
+            e.message.contains("127.0.0.1:2 is member n2's address")
+                && e.message.contains("ringkv remove n2"),
+            "{}",
+            e.message
+        );
+        assert!(matches!(join("n2", 2).0, Response::Joined(_)));
+        assert!(join("n4", 4).1, "another address");
     }
 
     /// Joins stop where the cluster's virtual nodes would pass

@@ -26,9 +26,10 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use ringkv_core::wire::{
-    decode_request, decode_response, encode_request, encode_response, ErrorKind, ReplicaRequest,
-    Request, Response, FRAME_MAX_BYTES,
+    decode_request, decode_response, encode_request, encode_response, ErrorKind, Identity,
+    ReplicaRequest, Request, Response, FRAME_MAX_BYTES,
 };
+use ringkv_core::NodeId;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster_key::ClusterKey;
@@ -102,7 +103,7 @@ enum Lane {
 fn lane(request: &Request, encoded_bytes: usize) -> Lane {
     let lane = match request {
         Request::Put(_) | Request::Get(_) | Request::Status => Lane::Coordinated,
-        Request::Ping => Lane::Leaf,
+        Request::Ping | Request::Identify => Lane::Leaf,
         Request::Replica(
             ReplicaRequest::Update { .. }
             | ReplicaRequest::Sync { .. }
@@ -857,6 +858,9 @@ pub const DIAL_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 struct Peer {
     conn: quinn::Connection,
+    /// Who answered [`Request::Identify`] on this connection, once asked:
+    /// a connection reaches one process, so once is enough.
+    identity: Option<Identity>,
     /// The shared streams of the two lanes, each opened on its first
     /// request and reopened if it ends while the connection lives on.
     leaf: Option<Arc<Channel>>,
@@ -890,8 +894,35 @@ impl PeerPool {
 
     /// Sends `request` to the node at `addr`.
     pub async fn call(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
+        self.call_checked(addr, None, request).await
+    }
+
+    /// Sends `request` to the member `node` of cluster `cluster_id`, at
+    /// `addr`, once the node there has said it is that member (asked once
+    /// per connection). Another node at the address is refused
+    /// ([`CallError::Refused`]), so that a node started afresh there, or a
+    /// new node given that address, is never taken for the member: its
+    /// answers would count toward the member's quorums, and hints for the
+    /// member would be handed to it.
+    pub async fn call_member(
+        &self,
+        addr: SocketAddr,
+        node: &NodeId,
+        cluster_id: Option<u64>,
+        request: &Request,
+    ) -> Result<Response, CallError> {
+        self.call_checked(addr, Some((node, cluster_id)), request)
+            .await
+    }
+
+    async fn call_checked(
+        &self,
+        addr: SocketAddr,
+        member: Option<(&NodeId, Option<u64>)>,
+        request: &Request,
+    ) -> Result<Response, CallError> {
         let body = encode_request(request);
-        let (conn, channel) = self.peer(addr, lane(request, body.len())).await?;
+        let (conn, channel) = self.peer(addr, lane(request, body.len()), member).await?;
         let result = match channel {
             Some(channel) => channel.call(&body).await.map_err(|e| explained(e, &conn)),
             None => call_on_own_stream(&conn, &body).await,
@@ -903,11 +934,13 @@ impl PeerPool {
     }
 
     /// The live connection to `addr` (dialled if need be) and the channel
-    /// of `lane` on it (none for [`Lane::Own`]).
+    /// of `lane` on it (none for [`Lane::Own`]), once the node there has
+    /// said it is `member` (if given).
     async fn peer(
         &self,
         addr: SocketAddr,
         lane: Lane,
+        member: Option<(&NodeId, Option<u64>)>,
     ) -> Result<(quinn::Connection, Option<Arc<Channel>>), CallError> {
         let slot = self
             .peers
@@ -947,6 +980,7 @@ impl PeerPool {
                     Ok(conn) => {
                         slot.peer = Some(Peer {
                             conn: conn.clone(),
+                            identity: None,
                             leaf: None,
                             coordinated: None,
                         });
@@ -968,6 +1002,31 @@ impl PeerPool {
             dialled?;
         }
         let peer = slot.peer.as_mut().expect("set above");
+        if let Some((node, cluster_id)) = member {
+            if peer.identity.is_none() {
+                let leaf = open_channel(&mut peer.leaf, &peer.conn).await?;
+                match leaf.call(&encode_request(&Request::Identify)).await {
+                    Ok(Response::Identity(identity)) => {
+                        if let Some(reason) = identity.mismatch(node, cluster_id) {
+                            tracing::error!(%addr, %reason, "a member's address is answered by another node; it counts as down until the member is back there");
+                            metrics::counter!("ringkv_peer_identity_mismatches_total").increment(1);
+                        }
+                        peer.identity = Some(identity);
+                    }
+                    // No answer to go by (a node draining refuses it, as it
+                    // refuses the request itself): ask again next time.
+                    Ok(_) => {}
+                    Err(e) => return Err(explained(e, &peer.conn)),
+                }
+            }
+            if let Some(reason) = peer
+                .identity
+                .as_ref()
+                .and_then(|identity| identity.mismatch(node, cluster_id))
+            {
+                return Err(CallError::Refused(format!("{addr}: {reason}")));
+            }
+        }
         let channel = match lane {
             Lane::Leaf => Some(open_channel(&mut peer.leaf, &peer.conn).await?),
             Lane::Coordinated => Some(open_channel(&mut peer.coordinated, &peer.conn).await?),
@@ -1145,7 +1204,7 @@ mod tests {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(tls::client_config(None).unwrap());
         let pool = Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
-        let (conn, channel) = pool.peer(node.addr(), Lane::Leaf).await.unwrap();
+        let (conn, channel) = pool.peer(node.addr(), Lane::Leaf, None).await.unwrap();
         let (first, datagrams_before) = (conn.stable_id(), conn.stats().udp_tx.datagrams);
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..50 {
@@ -1158,12 +1217,15 @@ mod tests {
         let sent = conn.stats().udp_tx.datagrams - datagrams_before;
         assert!(sent < 25, "50 pings took {sent} datagrams");
         assert_eq!(pool.peers.len(), 1);
-        let (again, same_channel) = pool.peer(node.addr(), Lane::Leaf).await.unwrap();
+        let (again, same_channel) = pool.peer(node.addr(), Lane::Leaf, None).await.unwrap();
         assert_eq!(again.stable_id(), first);
         let channel = channel.unwrap();
         assert!(Arc::ptr_eq(&channel, &same_channel.unwrap()));
         // Coordinated requests share the connection but not the stream.
-        let (conn, coordinated) = pool.peer(node.addr(), Lane::Coordinated).await.unwrap();
+        let (conn, coordinated) = pool
+            .peer(node.addr(), Lane::Coordinated, None)
+            .await
+            .unwrap();
         assert_eq!(conn.stable_id(), first);
         assert!(!Arc::ptr_eq(&channel, &coordinated.unwrap()));
         assert!(matches!(
@@ -1239,6 +1301,113 @@ mod tests {
             assert!(matches!(outcome, Err(CallError::Refused(_))), "{outcome:?}");
         }
         assert_eq!(pool.dials.load(Ordering::Relaxed), 1);
+    }
+
+    /// A server that says it is node `n9` of cluster 7, counting the
+    /// requests it answers by kind (identify, other).
+    async fn identified_server(asked: Arc<[AtomicUsize; 2]>) -> (quinn::Endpoint, SocketAddr) {
+        let endpoint = quinn::Endpoint::server(
+            tls::server_config(None).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let accepting = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                let asked = asked.clone();
+                tokio::spawn(serve_connection(
+                    conn,
+                    move |request| {
+                        let asked = asked.clone();
+                        async move {
+                            match request {
+                                Request::Identify => {
+                                    asked[0].fetch_add(1, Ordering::SeqCst);
+                                    Response::Identity(Identity {
+                                        node: NodeId::new("n9").unwrap(),
+                                        cluster_id: Some(7),
+                                    })
+                                }
+                                _ => {
+                                    asked[1].fetch_add(1, Ordering::SeqCst);
+                                    Response::Pong
+                                }
+                            }
+                        }
+                    },
+                    watch::channel(false).1,
+                    RequestMemory::new(1 << 30),
+                ));
+            }
+        });
+        (endpoint, addr)
+    }
+
+    /// A call meant for a member reaches the node at its address only if
+    /// that node says it is the member, of the same cluster (a node in no
+    /// cluster yet may be one still joining); it is asked once per
+    /// connection, and a call not meant for a member is not checked.
+    #[tokio::test]
+    async fn a_member_call_goes_only_to_the_member_itself() {
+        let asked: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let (_server, addr) = identified_server(asked.clone()).await;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(None).unwrap());
+        let pool = PeerPool::new(endpoint, Duration::from_secs(5));
+        let (n9, n2) = (NodeId::new("n9").unwrap(), NodeId::new("n2").unwrap());
+        for cluster_id in [Some(7), None, Some(7)] {
+            let outcome = pool
+                .call_member(addr, &n9, cluster_id, &Request::Ping)
+                .await;
+            assert!(matches!(outcome, Ok(Response::Pong)), "{outcome:?}");
+        }
+        let other_node = pool.call_member(addr, &n2, Some(7), &Request::Ping).await;
+        match other_node {
+            Err(CallError::Refused(reason)) => {
+                assert!(
+                    reason.contains("n9 of cluster") && reason.contains("not n2"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let other_cluster = pool.call_member(addr, &n9, Some(8), &Request::Ping).await;
+        assert!(
+            matches!(other_cluster, Err(CallError::Refused(_))),
+            "{other_cluster:?}"
+        );
+        assert!(matches!(
+            pool.call(addr, &Request::Ping).await,
+            Ok(Response::Pong)
+        ));
+        assert_eq!(
+            asked[0].load(Ordering::SeqCst),
+            1,
+            "asked once on the connection"
+        );
+        assert_eq!(
+            asked[1].load(Ordering::SeqCst),
+            4,
+            "only the member's calls and the unchecked one ran"
+        );
+    }
+
+    #[test]
+    fn an_identity_matches_its_member_of_its_cluster_or_of_none_yet() {
+        let me = |cluster_id| Identity {
+            node: NodeId::new("a").unwrap(),
+            cluster_id,
+        };
+        let a = NodeId::new("a").unwrap();
+        assert_eq!(me(Some(1)).mismatch(&a, Some(1)), None);
+        assert_eq!(me(None).mismatch(&a, Some(1)), None, "still joining");
+        assert_eq!(me(Some(1)).mismatch(&a, None), None, "the asker is joining");
+        assert!(me(Some(2)).mismatch(&a, Some(1)).is_some());
+        assert!(me(Some(1))
+            .mismatch(&NodeId::new("b").unwrap(), Some(1))
+            .is_some());
     }
 
     /// A server whose handler answers gets slowly and pings at once.

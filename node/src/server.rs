@@ -20,8 +20,8 @@ use ringkv_coordinator::failure::{probe_round, DetectorConfig, FailureDetector};
 use ringkv_coordinator::replica::ReplicaService;
 use ringkv_core::regions::LatencyMatrix;
 use ringkv_core::wire::{
-    ErrorKind, JoinRequest, Member, NodeStats, NodeStatus, ReplicaRequest, Request, Response,
-    StatusReply, FRAME_MAX_BYTES, VALUE_MAX_BYTES,
+    ErrorKind, Identity, JoinRequest, Member, NodeStats, NodeStatus, ReplicaRequest, Request,
+    Response, StatusReply, FRAME_MAX_BYTES, VALUE_MAX_BYTES,
 };
 use ringkv_core::{NodeId, Transport};
 use ringkv_repair::anti_entropy::{self, AntiEntropy, AntiEntropyConfig};
@@ -381,12 +381,15 @@ impl Transport for QuicTransport {
         if let Some(region) = &peer_region {
             self.emulate_link(region, true).await;
         }
-        let answer = self.pool.call(addr, &request).await.map_err(|e| {
-            ringkv_core::TransportError::Unreachable {
+        let cluster_id = self.membership.cluster_id();
+        let answer = self
+            .pool
+            .call_member(addr, to, cluster_id, &request)
+            .await
+            .map_err(|e| ringkv_core::TransportError::Unreachable {
                 node: to.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         if let Some(region) = &peer_region {
             self.emulate_link(region, false).await;
         }
@@ -495,7 +498,10 @@ impl NodeInner {
             );
         }
         if self.is_removed.load(std::sync::atomic::Ordering::SeqCst)
-            && !matches!(request, Request::Ping | Request::Status | Request::Stats)
+            && !matches!(
+                request,
+                Request::Ping | Request::Identify | Request::Status | Request::Stats
+            )
         {
             // Its ring is stale and its data may be: it must not coordinate,
             // serve as a replica or push repairs any more.
@@ -558,6 +564,10 @@ impl NodeInner {
             Request::Replica(r) => self.local.handle(r).await,
             Request::Repair => self.repair_on_request().await,
             Request::Ping => Response::Pong,
+            Request::Identify => Response::Identity(Identity {
+                node: self.id.clone(),
+                cluster_id: self.membership.cluster_id(),
+            }),
             Request::Join(j) => {
                 let (response, changed) = self.membership.handle_join(j);
                 if changed {

@@ -819,6 +819,7 @@ pub(crate) fn answer_kind(answer: &Response) -> &'static str {
         Response::Left(_) => "Left",
         Response::Cleaned(_) => "Cleaned",
         Response::Error(_) => "Error",
+        Response::Identity(_) => "Identity",
     }
 }
 
