@@ -849,6 +849,9 @@ struct Slot {
     dial_failed: Option<(std::time::Instant, CallError)>,
 }
 
+/// How long a node may take to say who it is on a new connection.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long after a failed dial a peer's calls fail without dialling. The
 /// failure detector, hints and stand-ins deal with a peer that is down. A
 /// dial to a peer that is down lasts the connect timeout, so such a peer
@@ -922,7 +925,13 @@ impl PeerPool {
         request: &Request,
     ) -> Result<Response, CallError> {
         let body = encode_request(request);
-        let (conn, channel) = self.peer(addr, lane(request, body.len()), member).await?;
+        let (conn, channel) = match self.peer(addr, lane(request, body.len()), member).await? {
+            Ok(ready) => ready,
+            // The node answered the identity question with what it would
+            // answer the request (draining, out of memory): that answer
+            // stands, and the request is not sent unchecked.
+            Err(answer) => return Ok(answer),
+        };
         let result = match channel {
             Some(channel) => channel.call(&body).await.map_err(|e| explained(e, &conn)),
             None => call_on_own_stream(&conn, &body).await,
@@ -935,13 +944,14 @@ impl PeerPool {
 
     /// The live connection to `addr` (dialled if need be) and the channel
     /// of `lane` on it (none for [`Lane::Own`]), once the node there has
-    /// said it is `member` (if given).
+    /// said it is `member` (if given); or the node's answer to that
+    /// question if it was no identity (a refusal).
     async fn peer(
         &self,
         addr: SocketAddr,
         lane: Lane,
         member: Option<(&NodeId, Option<u64>)>,
-    ) -> Result<(quinn::Connection, Option<Arc<Channel>>), CallError> {
+    ) -> Result<Result<(quinn::Connection, Option<Arc<Channel>>), Response>, CallError> {
         let slot = self
             .peers
             .entry(addr)
@@ -1003,27 +1013,40 @@ impl PeerPool {
         }
         let peer = slot.peer.as_mut().expect("set above");
         if let Some((node, cluster_id)) = member {
-            if peer.identity.is_none() {
-                let leaf = open_channel(&mut peer.leaf, &peer.conn).await?;
-                match leaf.call(&encode_request(&Request::Identify)).await {
-                    Ok(Response::Identity(identity)) => {
-                        if let Some(reason) = identity.mismatch(node, cluster_id) {
-                            tracing::error!(%addr, %reason, "a member's address is answered by another node; it counts as down until the member is back there");
-                            metrics::counter!("ringkv_peer_identity_mismatches_total").increment(1);
+            let identity = match &peer.identity {
+                Some(known) => known.clone(),
+                None => {
+                    let leaf = open_channel(&mut peer.leaf, &peer.conn).await?;
+                    // Bounded: other callers wait on this slot meanwhile.
+                    let asked = tokio::time::timeout(
+                        IDENTIFY_TIMEOUT,
+                        leaf.call(&encode_request(&Request::Identify)),
+                    )
+                    .await;
+                    let identity = match asked {
+                        Ok(Ok(Response::Identity(identity))) => identity,
+                        Ok(Ok(other)) => return Ok(Err(other)),
+                        Ok(Err(e)) => return Err(explained(e, &peer.conn)),
+                        Err(_) => {
+                            return Err(CallError::Connection(format!(
+                                "no answer to who it is within {} ms",
+                                IDENTIFY_TIMEOUT.as_millis()
+                            )))
                         }
-                        peer.identity = Some(identity);
+                    };
+                    if let Some(reason) = identity.mismatch(node, cluster_id) {
+                        tracing::error!(%addr, %reason, "a member's address is answered by another node; it counts as down until the member is back there");
+                        metrics::counter!("ringkv_peer_identity_mismatches_total").increment(1);
                     }
-                    // No answer to go by (a node draining refuses it, as it
-                    // refuses the request itself): ask again next time.
-                    Ok(_) => {}
-                    Err(e) => return Err(explained(e, &peer.conn)),
+                    // A node in no cluster yet may join one, another one
+                    // even: it is asked again until it says which.
+                    if identity.cluster_id.is_some() {
+                        peer.identity = Some(identity.clone());
+                    }
+                    identity
                 }
-            }
-            if let Some(reason) = peer
-                .identity
-                .as_ref()
-                .and_then(|identity| identity.mismatch(node, cluster_id))
-            {
+            };
+            if let Some(reason) = identity.mismatch(node, cluster_id) {
                 return Err(CallError::Refused(format!("{addr}: {reason}")));
             }
         }
@@ -1032,7 +1055,7 @@ impl PeerPool {
             Lane::Coordinated => Some(open_channel(&mut peer.coordinated, &peer.conn).await?),
             Lane::Own => None,
         };
-        Ok((peer.conn.clone(), channel))
+        Ok(Ok((peer.conn.clone(), channel)))
     }
 
     /// Closes and drops the connection to `addr`, so the next call dials
@@ -1204,7 +1227,11 @@ mod tests {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(tls::client_config(None).unwrap());
         let pool = Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
-        let (conn, channel) = pool.peer(node.addr(), Lane::Leaf, None).await.unwrap();
+        let (conn, channel) = pool
+            .peer(node.addr(), Lane::Leaf, None)
+            .await
+            .unwrap()
+            .unwrap();
         let (first, datagrams_before) = (conn.stable_id(), conn.stats().udp_tx.datagrams);
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..50 {
@@ -1217,7 +1244,11 @@ mod tests {
         let sent = conn.stats().udp_tx.datagrams - datagrams_before;
         assert!(sent < 25, "50 pings took {sent} datagrams");
         assert_eq!(pool.peers.len(), 1);
-        let (again, same_channel) = pool.peer(node.addr(), Lane::Leaf, None).await.unwrap();
+        let (again, same_channel) = pool
+            .peer(node.addr(), Lane::Leaf, None)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(again.stable_id(), first);
         let channel = channel.unwrap();
         assert!(Arc::ptr_eq(&channel, &same_channel.unwrap()));
@@ -1225,6 +1256,7 @@ mod tests {
         let (conn, coordinated) = pool
             .peer(node.addr(), Lane::Coordinated, None)
             .await
+            .unwrap()
             .unwrap();
         assert_eq!(conn.stable_id(), first);
         assert!(!Arc::ptr_eq(&channel, &coordinated.unwrap()));
@@ -1306,6 +1338,21 @@ mod tests {
     /// A server that says it is node `n9` of cluster 7, counting the
     /// requests it answers by kind (identify, other).
     async fn identified_server(asked: Arc<[AtomicUsize; 2]>) -> (quinn::Endpoint, SocketAddr) {
+        identified_server_answering(asked, |_| {
+            Response::Identity(Identity {
+                node: NodeId::new("n9").unwrap(),
+                cluster_id: Some(7),
+            })
+        })
+        .await
+    }
+
+    /// A server that answers its `i`th `Identify` with `identify(i)`,
+    /// counting the requests it answers by kind (identify, other).
+    async fn identified_server_answering(
+        asked: Arc<[AtomicUsize; 2]>,
+        identify: fn(usize) -> Response,
+    ) -> (quinn::Endpoint, SocketAddr) {
         let endpoint = quinn::Endpoint::server(
             tls::server_config(None).unwrap(),
             "127.0.0.1:0".parse().unwrap(),
@@ -1324,11 +1371,7 @@ mod tests {
                         async move {
                             match request {
                                 Request::Identify => {
-                                    asked[0].fetch_add(1, Ordering::SeqCst);
-                                    Response::Identity(Identity {
-                                        node: NodeId::new("n9").unwrap(),
-                                        cluster_id: Some(7),
-                                    })
+                                    identify(asked[0].fetch_add(1, Ordering::SeqCst))
                                 }
                                 _ => {
                                     asked[1].fetch_add(1, Ordering::SeqCst);
@@ -1391,6 +1434,50 @@ mod tests {
             asked[1].load(Ordering::SeqCst),
             4,
             "only the member's calls and the unchecked one ran"
+        );
+    }
+
+    /// A node in no cluster yet is asked again on every call until it
+    /// names one (it may join another cluster); a node that answers the
+    /// question with a refusal (draining) gets that refusal back as the
+    /// call's answer, and the request is not sent.
+    #[tokio::test]
+    async fn a_node_in_no_cluster_is_asked_again_and_a_refusal_stands() {
+        let asked: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let (_server, addr) = identified_server_answering(asked.clone(), |i| match i {
+            0 | 1 => Response::Identity(Identity {
+                node: NodeId::new("n9").unwrap(),
+                cluster_id: None,
+            }),
+            2 => Response::error(ErrorKind::NotServing, "draining"),
+            _ => Response::Identity(Identity {
+                node: NodeId::new("n9").unwrap(),
+                cluster_id: Some(8),
+            }),
+        })
+        .await;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(None).unwrap());
+        let pool = PeerPool::new(endpoint, Duration::from_secs(5));
+        let n9 = NodeId::new("n9").unwrap();
+        let call = || pool.call_member(addr, &n9, Some(7), &Request::Ping);
+        assert!(matches!(call().await, Ok(Response::Pong)), "joining");
+        assert!(matches!(call().await, Ok(Response::Pong)), "asked again");
+        let refused = call().await;
+        assert!(
+            matches!(&refused, Ok(Response::Error(e)) if e.kind == ErrorKind::NotServing),
+            "{refused:?}"
+        );
+        let joined_another = call().await;
+        assert!(
+            matches!(joined_another, Err(CallError::Refused(_))),
+            "{joined_another:?}"
+        );
+        assert_eq!(asked[0].load(Ordering::SeqCst), 4);
+        assert_eq!(
+            asked[1].load(Ordering::SeqCst),
+            2,
+            "the refused and the refusing call did not run"
         );
     }
 
