@@ -38,12 +38,7 @@ fn one_node_killed_quorum_succeeds_and_all_fails_with_exit_3() {
 
     // The failure detector needs a moment; the issue allows 5 s.
     c.eventually(Duration::from_secs(5), "n3 seen as down", || {
-        let status = json(&c.cli(0, &["status", "--json"]));
-        status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["id"] == "n3" && n["state"] == "down")
+        c.state_seen_by(0, "n3") == "down"
     });
 }
 

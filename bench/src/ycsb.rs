@@ -1081,27 +1081,22 @@ async fn probe(
             .put(&key, &value, setting.w, None, false, timeout_ms, delay)
             .await;
         let acknowledged = Instant::now();
-        let read = if written.is_ok() {
+        let (verdict, gap) = if written.is_ok() {
             // t = 0 must not wait at all.
             let t = Duration::from_millis(out[slot].t_ms);
             if !t.is_zero() {
                 ringkv_node::link_delay::sleep_until(acknowledged + t).await;
             }
             let gap = acknowledged.elapsed();
-            Some((gap, reader.get(&key, setting.r, timeout_ms, delay).await))
+            let read = reader.get(&key, setting.r, timeout_ms, delay).await;
+            (verdict(&written, &read, &value), gap)
         } else {
-            None
-        };
-        let verdict = match &read {
-            Some((_, read)) => verdict(&written, read, &value),
-            None => Verdict::Failed,
+            (Verdict::Failed, Duration::ZERO)
         };
         match verdict {
             Verdict::Fresh | Verdict::Stale => {
                 out[slot].probes += 1;
-                if let Some((gap, _)) = &read {
-                    out[slot].gap_us += gap.as_micros() as u64;
-                }
+                out[slot].gap_us += gap.as_micros() as u64;
                 if verdict == Verdict::Fresh {
                     out[slot].fresh += 1;
                 }

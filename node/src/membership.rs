@@ -578,12 +578,16 @@ impl Membership {
 
     /// The address of member `id`.
     pub fn addr_of(&self, id: &NodeId) -> Option<SocketAddr> {
+        self.route_to(id).map(|(addr, _)| addr)
+    }
+
+    /// The address of member `id` and the cluster's id: what every call to
+    /// a member needs, read under one lock.
+    pub fn route_to(&self, id: &NodeId) -> Option<(SocketAddr, u64)> {
         let guard = self.record.read().unwrap_or_else(|p| p.into_inner());
-        guard
-            .as_ref()?
-            .members
-            .get(id)
-            .and_then(|m| m.addr.parse().ok())
+        let record = guard.as_ref()?;
+        let addr = record.members.get(id)?.addr.parse().ok()?;
+        Some((addr, record.cluster_id))
     }
 
     /// A join request describing this node.

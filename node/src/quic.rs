@@ -1013,41 +1013,8 @@ impl PeerPool {
         }
         let peer = slot.peer.as_mut().expect("set above");
         if let Some((node, cluster_id)) = member {
-            let identity = match &peer.identity {
-                Some(known) => known.clone(),
-                None => {
-                    let leaf = open_channel(&mut peer.leaf, &peer.conn).await?;
-                    // Bounded: other callers wait on this slot meanwhile.
-                    let asked = tokio::time::timeout(
-                        IDENTIFY_TIMEOUT,
-                        leaf.call(&encode_request(&Request::Identify)),
-                    )
-                    .await;
-                    let identity = match asked {
-                        Ok(Ok(Response::Identity(identity))) => identity,
-                        Ok(Ok(other)) => return Ok(Err(other)),
-                        Ok(Err(e)) => return Err(explained(e, &peer.conn)),
-                        Err(_) => {
-                            return Err(CallError::Connection(format!(
-                                "no answer to who it is within {} ms",
-                                IDENTIFY_TIMEOUT.as_millis()
-                            )))
-                        }
-                    };
-                    if let Some(reason) = identity.mismatch(node, cluster_id) {
-                        tracing::error!(%addr, %reason, "a member's address is answered by another node; it counts as down until the member is back there");
-                        metrics::counter!("ringkv_peer_identity_mismatches_total").increment(1);
-                    }
-                    // A node in no cluster yet may join one, another one
-                    // even: it is asked again until it says which.
-                    if identity.cluster_id.is_some() {
-                        peer.identity = Some(identity.clone());
-                    }
-                    identity
-                }
-            };
-            if let Some(reason) = identity.mismatch(node, cluster_id) {
-                return Err(CallError::Refused(format!("{addr}: {reason}")));
+            if let Err(answer) = identify(peer, addr, node, cluster_id).await? {
+                return Ok(Err(answer));
             }
         }
         let channel = match lane {
@@ -1080,6 +1047,59 @@ impl PeerPool {
                 slot.peer = None;
             }
         }
+    }
+}
+
+/// Whether the node on `peer`'s connection is member `node` of cluster
+/// `cluster_id` (see [`PeerPool::call_member`]): it is asked once per
+/// connection, and again on every call while it names no cluster (it may
+/// join one, another one even). `Err(answer)` if it answered the question
+/// with a refusal, which then stands for the call's answer.
+async fn identify(
+    peer: &mut Peer,
+    addr: SocketAddr,
+    node: &NodeId,
+    cluster_id: Option<u64>,
+) -> Result<Result<(), Response>, CallError> {
+    let known = peer
+        .identity
+        .as_ref()
+        .map(|identity| identity.mismatch(node, cluster_id));
+    let mismatch = match known {
+        Some(mismatch) => mismatch,
+        None => {
+            let leaf = open_channel(&mut peer.leaf, &peer.conn).await?;
+            // Bounded: other callers wait on this peer's slot meanwhile.
+            let asked = tokio::time::timeout(
+                IDENTIFY_TIMEOUT,
+                leaf.call(&encode_request(&Request::Identify)),
+            )
+            .await;
+            let identity = match asked {
+                Ok(Ok(Response::Identity(identity))) => identity,
+                Ok(Ok(other)) => return Ok(Err(other)),
+                Ok(Err(e)) => return Err(explained(e, &peer.conn)),
+                Err(_) => {
+                    return Err(CallError::Connection(format!(
+                        "no answer to who it is within {} ms",
+                        IDENTIFY_TIMEOUT.as_millis()
+                    )))
+                }
+            };
+            let mismatch = identity.mismatch(node, cluster_id);
+            if let Some(reason) = &mismatch {
+                tracing::error!(%addr, %reason, "a member's address is answered by another node; it counts as down until the member is back there");
+                metrics::counter!("ringkv_peer_identity_mismatches_total").increment(1);
+            }
+            if identity.cluster_id.is_some() {
+                peer.identity = Some(identity);
+            }
+            mismatch
+        }
+    };
+    match mismatch {
+        Some(reason) => Err(CallError::Refused(format!("{addr}: {reason}"))),
+        None => Ok(Ok(())),
     }
 }
 
@@ -1353,39 +1373,19 @@ mod tests {
         asked: Arc<[AtomicUsize; 2]>,
         identify: fn(usize) -> Response,
     ) -> (quinn::Endpoint, SocketAddr) {
-        let endpoint = quinn::Endpoint::server(
-            tls::server_config(None).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
-        let addr = endpoint.local_addr().unwrap();
-        let accepting = endpoint.clone();
-        tokio::spawn(async move {
-            while let Some(incoming) = accepting.accept().await {
-                let Ok(conn) = incoming.await else { continue };
-                let asked = asked.clone();
-                tokio::spawn(serve_connection(
-                    conn,
-                    move |request| {
-                        let asked = asked.clone();
-                        async move {
-                            match request {
-                                Request::Identify => {
-                                    identify(asked[0].fetch_add(1, Ordering::SeqCst))
-                                }
-                                _ => {
-                                    asked[1].fetch_add(1, Ordering::SeqCst);
-                                    Response::Pong
-                                }
-                            }
-                        }
-                    },
-                    watch::channel(false).1,
-                    RequestMemory::new(1 << 30),
-                ));
+        let handle = move |request| {
+            let asked = asked.clone();
+            async move {
+                match request {
+                    Request::Identify => identify(asked[0].fetch_add(1, Ordering::SeqCst)),
+                    _ => {
+                        asked[1].fetch_add(1, Ordering::SeqCst);
+                        Response::Pong
+                    }
+                }
             }
-        });
-        (endpoint, addr)
+        };
+        server_answering(handle, watch::channel(false).1)
     }
 
     /// A call meant for a member reaches the node at its address only if
@@ -1507,6 +1507,29 @@ mod tests {
     async fn slow_get_server_finishing_on(
         finish: watch::Receiver<bool>,
     ) -> (quinn::Endpoint, SocketAddr) {
+        let handle = |request| async move {
+            match request {
+                Request::Get(_) => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Response::error(ErrorKind::Internal, "slow")
+                }
+                Request::Put(_) => panic!("a handler bug"),
+                _ => Response::Pong,
+            }
+        };
+        server_answering(handle, finish)
+    }
+
+    /// A server on a loopback port that serves every connection with
+    /// `handle`, its streams finishing when `finish` says so.
+    fn server_answering<H, F>(
+        handle: H,
+        finish: watch::Receiver<bool>,
+    ) -> (quinn::Endpoint, SocketAddr)
+    where
+        H: Fn(Request) -> F + Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = Response> + Send + 'static,
+    {
         let endpoint = quinn::Endpoint::server(
             tls::server_config(None).unwrap(),
             "127.0.0.1:0".parse().unwrap(),
@@ -1519,16 +1542,7 @@ mod tests {
                 let Ok(conn) = incoming.await else { continue };
                 tokio::spawn(serve_connection(
                     conn,
-                    |request| async move {
-                        match request {
-                            Request::Get(_) => {
-                                tokio::time::sleep(Duration::from_millis(300)).await;
-                                Response::error(ErrorKind::Internal, "slow")
-                            }
-                            Request::Put(_) => panic!("a handler bug"),
-                            _ => Response::Pong,
-                        }
-                    },
+                    handle.clone(),
                     finish.clone(),
                     RequestMemory::new(1 << 30),
                 ));

@@ -370,9 +370,9 @@ impl Transport for QuicTransport {
                 _ => Response::error(ErrorKind::Internal, "only replica requests go to self"),
             });
         }
-        let addr = self
+        let (addr, cluster_id) = self
             .membership
-            .addr_of(to)
+            .route_to(to)
             .ok_or_else(|| ringkv_core::TransportError::UnknownNode { node: to.clone() })?;
         let peer_region = self
             .regions
@@ -381,10 +381,9 @@ impl Transport for QuicTransport {
         if let Some(region) = &peer_region {
             self.emulate_link(region, true).await;
         }
-        let cluster_id = self.membership.cluster_id();
         let answer = self
             .pool
-            .call_member(addr, to, cluster_id, &request)
+            .call_member(addr, to, Some(cluster_id), &request)
             .await
             .map_err(|e| ringkv_core::TransportError::Unreachable {
                 node: to.clone(),

@@ -297,8 +297,8 @@ impl<T: Transport> AntiEntropy<T> {
         }
         let peers = self.trees.peers();
         report.peers = peers.len() as u32;
-        // Exchanges that went to the end, some keys skipped or not.
-        let mut finished = 0usize;
+        // Whether an exchange went to the end, some keys skipped or not.
+        let mut finished = false;
         for peer in &peers {
             let tally = Tally::default();
             let outcome = if !self.trees.is_ready() {
@@ -311,7 +311,7 @@ impl<T: Transport> AntiEntropy<T> {
                 self.exchange(peer, &tally).await
             };
             if matches!(outcome, Ok(()) | Err(AntiEntropyError::Skipped { .. })) {
-                finished += 1;
+                finished = true;
             }
             if let Err(e) = outcome {
                 counter!("ringkv_anti_entropy_exchange_failures_total").increment(1);
@@ -331,7 +331,7 @@ impl<T: Transport> AntiEntropy<T> {
             .fetch_add(report.keys_repaired, Ordering::Relaxed);
         // A key that cannot be read (corrupt) is skipped in every round
         // until it is fixed; the rest of the exchange still happened.
-        if finished > 0 || peers.is_empty() {
+        if finished || peers.is_empty() {
             self.last_round_unix_ms
                 .store((self.now_ms)().max(1), Ordering::Relaxed);
         }

@@ -179,6 +179,12 @@ impl Ring {
         self.walk(key).take(self.replicas).cloned().collect()
     }
 
+    /// Whether `node` is one of the key's N replicas: [`Ring::replicas_of`]
+    /// without building the list, for checks made of every key scanned.
+    pub fn is_replica(&self, key: &[u8], node: &NodeId) -> bool {
+        self.walk(key).take(self.replicas).any(|n| n == node)
+    }
+
     /// The key's replicas and fallbacks: the start of its [`Ring::walk`].
     pub fn preference_list(&self, key: &[u8]) -> PreferenceList {
         let mut all = self.walk(key).cloned();

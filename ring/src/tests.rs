@@ -158,6 +158,9 @@ proptest! {
         prop_assert_eq!(list.replicas.len(), 3);
         prop_assert_eq!(Some(&list.replicas[0]), ring.primary(&key));
         prop_assert_eq!(&ring.replicas_of(&key), &list.replicas, "the same replicas without the fallbacks");
+        for node in list.replicas.iter().chain(&list.fallbacks) {
+            prop_assert_eq!(ring.is_replica(&key, node), list.contains(node));
+        }
         let mut all: Vec<NodeId> = list.replicas.iter().chain(&list.fallbacks).cloned().collect();
         all.sort();
         all.dedup();

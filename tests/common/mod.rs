@@ -275,6 +275,19 @@ impl Cluster {
     pub fn eventually(&self, deadline: Duration, what: &str, check: impl FnMut() -> bool) {
         eventually(deadline, what, check)
     }
+
+    /// How node `observer` sees member `peer` ("up" or "down"), from its
+    /// `status --json`.
+    pub fn state_seen_by(&self, observer: usize, peer: &str) -> String {
+        let s = json(&self.cli(observer, &["status", "--json"]));
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == peer)
+            .map(|n| n["state"].as_str().unwrap().to_string())
+            .unwrap()
+    }
 }
 
 /// The Prometheus text a `--metrics` endpoint serves, or "" if it cannot

@@ -189,7 +189,7 @@ impl NodeInner {
                 let ring = coordinator.ring();
                 let strays = page
                     .iter()
-                    .filter(|(key, _)| !ring.replicas_of(key).contains(&self.id))
+                    .filter(|(key, _)| !ring.is_replica(key, &self.id))
                     .count() as u64;
                 report.stray_keys += strays;
                 report.kept += strays;
@@ -261,7 +261,7 @@ impl NodeInner {
             let ring = coordinator.ring();
             let strays: Vec<(Vec<u8>, Clock)> = page
                 .iter()
-                .filter(|(key, _)| !ring.replicas_of(key).contains(&self.id))
+                .filter(|(key, _)| !ring.is_replica(key, &self.id))
                 .cloned()
                 .collect();
             let verdict = if strays.is_empty() {

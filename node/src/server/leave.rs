@@ -461,7 +461,7 @@ impl NodeInner {
             let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
             let keys_before = keys;
             for (key, clock) in page {
-                if !before.preference_list(&key).contains(&self.id) {
+                if !before.is_replica(&key, &self.id) {
                     continue;
                 }
                 keys += 1;
