@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use ringkv_bench::workload::{KeyDistribution, Workload};
-use ringkv_bench::ycsb::{self, Setting, SettingReport, YcsbConfig};
+use ringkv_bench::ycsb::{self, OpReport, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{LoadConfig, PhaseReport};
+use ringkv_core::regions::{LatencyMatrix, Link};
 use ringkv_core::wire::{Request, Response, VALUE_MAX_BYTES};
 use ringkv_core::Consistency;
 use ringkv_node::{Client, ClusterKey};
@@ -195,7 +196,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         distribution,
         ..ycsb_config(&args, workload, targets, settings, false)
     };
-    let result = run_all(&config, &args, embedded.len(), replicas, matrix.is_some()).await;
+    let result = run_all(&config, &args, embedded.len(), replicas, matrix.as_deref()).await;
     for n in embedded {
         n.shutdown().await;
     }
@@ -227,7 +228,7 @@ async fn resp_bench(
         distribution,
         ..ycsb_config(args, workload, vec![addr], vec![Setting::RESP], true)
     };
-    run_all(&config, args, 0, 1, false).await
+    run_all(&config, args, 0, 1, None).await
 }
 
 /// The run the arguments describe, with no client delay and a fresh key space.
@@ -389,7 +390,7 @@ async fn run_all(
     args: &BenchArgs,
     embedded_nodes: usize,
     replicas: usize,
-    regions: bool,
+    matrix: Option<&LatencyMatrix>,
 ) -> Result<Exit, Failure> {
     let to_stdout = args.json.as_deref() == Some("-");
     if !to_stdout {
@@ -402,7 +403,7 @@ async fn run_all(
             config.concurrency,
             if config.resp { String::new() } else { format!(" on {} connection(s) per node", config.connections_per_target) },
             config.duration.as_secs(),
-            if regions { format!(", emulated regions ({})", args.regions) } else { String::new() },
+            if matrix.is_some() { format!(", emulated regions ({})", args.regions) } else { String::new() },
         );
     }
     let loading = bar(config.records, "load".into());
@@ -433,7 +434,15 @@ async fn run_all(
         "this process: the embedded nodes and the bench's clients"
     };
     // The results first: a plot that cannot be written must not lose them.
-    let out = report_json(config, args, embedded_nodes, replicas, &reports, cpu_scope);
+    let out = report_json(
+        config,
+        args,
+        embedded_nodes,
+        matrix,
+        replicas,
+        &reports,
+        cpu_scope,
+    );
     match args.json.as_deref() {
         Some("-") => outln!("{out}"),
         Some(path) => {
@@ -466,35 +475,14 @@ async fn run_all(
 }
 
 fn print_table(reports: &[SettingReport], cpu_scope: &str) {
-    outln!(
-        "{:<16} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}",
-        "setting",
-        "op",
-        "ops/s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "max ms",
-        "errors",
-        "timeouts",
-        "shed"
-    );
+    outln!("{:<16} {:<7} {}", "setting", "op", op_columns_header());
     for r in reports {
         for (op, o) in &r.ops {
             outln!(
-                "{:<16} {:<7} {:>9.0} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}",
+                "{:<16} {:<7} {}",
                 r.setting.to_string(),
                 op.as_str(),
-                o.ops as f64 / r.elapsed.as_secs_f64(),
-                ms(o.latency_ms(0.5), 2),
-                ms(o.latency_ms(0.95), 2),
-                ms(o.latency_ms(0.99), 2),
-                ms(o.latency_ms(0.999), 2),
-                ms(o.latency_ms(1.0), 2),
-                o.errors,
-                o.timeouts,
-                o.shed
+                op_columns(o, o.ops as f64 / r.elapsed.as_secs_f64(), 2)
             );
         }
     }
@@ -538,7 +526,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
         .iter()
         .any(|r| r.ops.iter().any(|(_, o)| o.timeouts > 0))
     {
-        outln!("Latencies include timed-out requests, at the time the client gave up.");
+        outln!("{TIMEOUTS_NOTE}");
     }
     if reports
         .iter()
@@ -600,10 +588,31 @@ fn report_json(
     config: &YcsbConfig,
     args: &BenchArgs,
     embedded_nodes: usize,
+    matrix: Option<&LatencyMatrix>,
     replicas: usize,
     reports: &[SettingReport],
     cpu_scope: &str,
 ) -> serde_json::Value {
+    // The matrix itself, not only where it came from: a file may change
+    // after the run, and a report must say what was measured.
+    let link = |l: Link| json!({"delay_ms": l.delay_ms, "jitter_ms": l.jitter_ms, "loss": l.loss});
+    let latency_matrix = matrix.map(|m| {
+        json!({
+            "regions": m.regions(),
+            "local": link(m.local()),
+            "links": m.links().map(|(a, b, l)| {
+                let mut entry = link(l);
+                entry["between"] = json!([a, b]);
+                entry
+            }).collect::<Vec<_>>(),
+        })
+    });
+    // The embedded nodes go round-robin over the regions (see `bench`).
+    let node_regions = matrix.map(|m| {
+        (0..embedded_nodes)
+            .map(|i| m.regions()[i % m.regions().len()].clone())
+            .collect::<Vec<_>>()
+    });
     json!({
         "config": {
             "workload": config.workload.to_string(),
@@ -624,6 +633,10 @@ fn report_json(
             "embedded_nodes": embedded_nodes,
             "target": args.target,
             "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions) } else { json!(null) },
+            "latency_matrix": latency_matrix,
+            "node_regions": node_regions,
+            // Each way between a client and its coordinator.
+            "client_delay_ms": config.client_delay.as_secs_f64() * 1000.0,
             "cpu_scope": cpu_scope,
             // What the runtime has, not what was asked: the check that
             // --worker-threads took effect.
@@ -639,18 +652,8 @@ fn report_json(
             "cpu_us_per_op": r.cpu_us_per_op(),
             "unsent": r.unsent,
             "failovers": r.failovers,
-            "ops": r.ops.iter().map(|(op, o)| (op.as_str().to_string(), json!({
-                "ops": o.ops,
-                "errors": o.errors,
-                "timeouts": o.timeouts,
-                "shed": o.shed,
-                "first_error": o.first_error,
-                "p50_ms": o.latency_ms(0.5),
-                "p95_ms": o.latency_ms(0.95),
-                "p99_ms": o.latency_ms(0.99),
-                "p999_ms": o.latency_ms(0.999),
-                "max_ms": o.latency_ms(1.0),
-            }))).collect::<serde_json::Map<_, _>>(),
+            "ops": r.ops.iter().map(|(op, o)| (op.as_str().to_string(), op_json(o)))
+                .collect::<serde_json::Map<_, _>>(),
             "reads": r.reads,
             "reads_not_found": r.reads_not_found,
             "records_after": r.records_after,
@@ -813,43 +816,22 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
     if args.json.as_deref() == Some("-") {
         outln!("{out}");
     } else {
-        outln!(
-            "{:<4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6}",
-            "op",
-            "ops/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "p99.9 ms",
-            "max ms",
-            "errors",
-            "timeouts",
-            "shed"
-        );
+        outln!("{:<4} {}", "op", op_columns_header());
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
-            outln!(
-                "{:<4} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6}",
-                name,
-                p.ops_per_sec(),
-                ms(p.latency_ms(0.5), 3),
-                ms(p.latency_ms(0.95), 3),
-                ms(p.latency_ms(0.99), 3),
-                ms(p.latency_ms(0.999), 3),
-                ms(p.latency_ms(1.0), 3),
-                p.errors,
-                p.timeouts,
-                p.shed
-            );
+            outln!("{:<4} {}", name, op_columns(&p.counts, p.ops_per_sec(), 3));
         }
         for (name, p) in [("put", &report.put), ("get", &report.get)] {
-            if let Some(reason) = &p.first_error {
-                outln!("{name}: {} errors; the first: {reason}", p.errors);
+            if let Some(reason) = &p.counts.first_error {
+                outln!("{name}: {} errors; the first: {reason}", p.counts.errors);
             }
         }
         if report.failovers > 0 {
             outln!("{}", failovers_note(report.failovers));
         }
-        if report.put.shed + report.get.shed > 0 {
+        if report.put.counts.timeouts + report.get.counts.timeouts > 0 {
+            outln!("{TIMEOUTS_NOTE}");
+        }
+        if report.put.counts.shed + report.get.counts.shed > 0 {
             outln!("{SHED_NOTE}");
         }
     }
@@ -866,6 +848,9 @@ fn ms(latency_ms: Option<f64>, decimals: usize) -> String {
     latency_ms.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
 }
 
+/// Why latencies may reach the request timeout, for the table's footer.
+const TIMEOUTS_NOTE: &str = "Latencies include timed-out requests, at the time the client gave up.";
+
 /// What the "shed" column means, for the table's footer.
 const SHED_NOTE: &str = "Shed requests were refused unrun by a node out of memory for requests (--max-request-memory-mb): the load passed what the nodes take in at once; they are not in the latencies.";
 
@@ -877,19 +862,49 @@ fn failovers_note(failovers: u64) -> String {
 }
 
 fn phase_json(p: &PhaseReport) -> serde_json::Value {
+    let mut out = op_json(&p.counts);
+    out["ops_per_sec"] = json!(p.ops_per_sec());
+    out
+}
+
+/// One operation type's counts and latency percentiles, as every report
+/// gives them.
+fn op_json(o: &OpReport) -> serde_json::Value {
     json!({
-        "ops": p.ops,
-        "errors": p.errors,
-        "timeouts": p.timeouts,
-        "shed": p.shed,
-        "first_error": p.first_error,
-        "ops_per_sec": p.ops_per_sec(),
-        "p50_ms": p.latency_ms(0.5),
-        "p95_ms": p.latency_ms(0.95),
-        "p99_ms": p.latency_ms(0.99),
-        "p999_ms": p.latency_ms(0.999),
-        "max_ms": p.latency_ms(1.0),
+        "ops": o.ops,
+        "errors": o.errors,
+        "timeouts": o.timeouts,
+        "shed": o.shed,
+        "first_error": o.first_error,
+        "p50_ms": o.latency_ms(0.5),
+        "p95_ms": o.latency_ms(0.95),
+        "p99_ms": o.latency_ms(0.99),
+        "p999_ms": o.latency_ms(0.999),
+        "max_ms": o.latency_ms(1.0),
     })
+}
+
+/// The columns every table row gives after its labels, and their header.
+fn op_columns_header() -> String {
+    format!(
+        "{:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}",
+        "ops/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors", "timeouts", "shed"
+    )
+}
+
+fn op_columns(o: &OpReport, ops_per_s: f64, decimals: usize) -> String {
+    format!(
+        "{:>9.0} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>6}",
+        ops_per_s,
+        ms(o.latency_ms(0.5), decimals),
+        ms(o.latency_ms(0.95), decimals),
+        ms(o.latency_ms(0.99), decimals),
+        ms(o.latency_ms(0.999), decimals),
+        ms(o.latency_ms(1.0), decimals),
+        o.errors,
+        o.timeouts,
+        o.shed
+    )
 }
 
 #[cfg(test)]

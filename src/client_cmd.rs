@@ -91,7 +91,7 @@ pub async fn get(args: GetArgs) -> Result<Exit, Failure> {
         let mut stdout = std::io::stdout().lock();
         if reply.values.len() > 1 {
             errln!(
-                "{} concurrent values (siblings); write with --context to resolve them",
+                "{} concurrent values (siblings), one per line below (--json keeps values with newlines apart); write with --context to resolve them",
                 reply.values.len()
             );
         }

@@ -59,6 +59,27 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     assert_eq!(json["config"]["replicas"], 3);
     assert_eq!(json["config"]["embedded_nodes"], 5);
     assert_eq!(json["config"]["regions"], "preset:cloud3");
+    // The matrix itself and where each node sat, so a report stands alone.
+    let matrix = &json["config"]["latency_matrix"];
+    assert_eq!(
+        matrix["regions"],
+        serde_json::json!(["us-east", "us-west", "eu-west"])
+    );
+    let links = matrix["links"].as_array().unwrap();
+    assert_eq!(links.len(), 3, "{matrix}");
+    let us = links
+        .iter()
+        .find(|l| l["between"] == serde_json::json!(["us-east", "us-west"]))
+        .unwrap_or_else(|| panic!("{matrix}"));
+    assert!(us["delay_ms"].as_f64().unwrap() > 10.0, "{us}");
+    assert_eq!(
+        json["config"]["node_regions"],
+        serde_json::json!(["us-east", "us-west", "eu-west", "us-east", "us-west"])
+    );
+    assert_eq!(
+        json["config"]["client_delay_ms"], matrix["local"]["delay_ms"],
+        "a client sits in its coordinator's region"
+    );
     assert_eq!(json["config"]["updates"], "overwrite");
     assert_eq!(json["config"]["connections_per_node"], 1);
     assert_eq!(

@@ -28,8 +28,6 @@ use ringkv_core::wire::{GetRequest, PutRequest, Request};
 use ringkv_core::Consistency;
 use ringkv_node::{ClusterClient, ClusterKey};
 
-use crate::ycsb::Outcome;
-
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -78,34 +76,23 @@ pub enum BenchError {
     ClientFailed { reason: String },
 }
 
-/// The outcome of one phase.
+/// The outcome of one phase: its requests counted as the YCSB runs count
+/// them (timeouts in the latencies, see [`ycsb::OpReport`]).
 #[derive(Debug, Clone)]
 pub struct PhaseReport {
-    pub ops: u64,
-    /// Requests answered with an error, or whose connection failed.
-    pub errors: u64,
-    /// Requests with no answer within their deadline and a second.
-    pub timeouts: u64,
-    /// Requests a node refused unrun, out of memory for requests (see
-    /// `ycsb::OpReport::shed`).
-    pub shed: u64,
-    /// Why the first failed request failed (errors, not timeouts): the
-    /// likeliest cause of the rest.
-    pub first_error: Option<String>,
+    pub counts: ycsb::OpReport,
     pub elapsed: Duration,
-    /// Latency of successful requests, in microseconds.
-    pub latency_us: Histogram<u64>,
 }
 
 impl PhaseReport {
     pub fn ops_per_sec(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64()
+        self.counts.ops as f64 / self.elapsed.as_secs_f64()
     }
 
     /// The `q` quantile (0..=1) of latency, in milliseconds; `None` with
     /// none recorded.
     pub fn latency_ms(&self, q: f64) -> Option<f64> {
-        quantile_ms(&self.latency_us, q)
+        self.counts.latency_ms(q)
     }
 }
 
@@ -253,14 +240,12 @@ async fn phase(
         let config = config.clone();
         let readable = written.get(worker).copied().unwrap_or(0).max(1);
         workers.spawn(async move {
-            let mut hist = new_histogram();
-            let (mut ops, mut errors, mut timeouts, mut shed) = (0u64, 0u64, 0u64, 0u64);
-            let mut first_error = None;
+            let mut counts = ycsb::OpReport::new();
             let value = vec![b'v'; config.value_bytes];
             let mut next = 0u64;
             while Instant::now() < deadline {
                 let i = match op {
-                    Op::Put => ops,
+                    Op::Put => counts.ops,
                     Op::Get => next % readable,
                 };
                 let key = format!("bench:{run_id:08x}:{worker}:{i}").into_bytes();
@@ -276,34 +261,17 @@ async fn phase(
                     }),
                 };
                 let sent = Instant::now();
-                // Counted as the YCSB runs count them.
                 let answer = client
                     .call_within(&request, ycsb::answer_limit(&request))
                     .await;
-                match ycsb::outcome_of(answer) {
-                    Outcome::Read { .. } | Outcome::Written { .. } => {
-                        ops += 1;
-                        let _ = hist.record(sent.elapsed().as_micros() as u64);
-                    }
-                    Outcome::Timeout => timeouts += 1,
-                    Outcome::Shed => shed += 1,
-                    Outcome::Error { reason } => {
-                        errors += 1;
-                        first_error.get_or_insert(reason);
-                    }
-                }
+                counts.count(ycsb::outcome_of(answer), sent.elapsed().as_micros() as u64);
             }
-            (worker, ops, errors, timeouts, shed, first_error, hist)
+            (worker, counts)
         });
     }
     let mut report = PhaseReport {
-        ops: 0,
-        errors: 0,
-        timeouts: 0,
-        shed: 0,
-        first_error: None,
+        counts: ycsb::OpReport::new(),
         elapsed: Duration::ZERO,
-        latency_us: new_histogram(),
     };
     let mut written_now = vec![0u64; clients.len()];
     let name = match op {
@@ -326,19 +294,13 @@ async fn phase(
         };
         // A client that panicked took its requests with it: the figures
         // would silently leave them out.
-        let (worker, ops, errors, timeouts, shed, first_error, hist) =
-            joined.map_err(|e| BenchError::ClientFailed {
-                reason: e.to_string(),
-            })?;
-        report.ops += ops;
-        report.errors += errors;
-        report.timeouts += timeouts;
-        report.shed += shed;
-        if report.first_error.is_none() {
-            report.first_error = first_error;
-        }
-        written_now[worker] = ops;
-        let _ = report.latency_us.add(&hist);
+        let (worker, counts) = joined.map_err(|e| BenchError::ClientFailed {
+            reason: e.to_string(),
+        })?;
+        // Puts write keys 0, 1, … and retry a failed one: a worker's
+        // successes are exactly its first keys.
+        written_now[worker] = counts.ops;
+        report.counts.merge(&counts);
     }
     report.elapsed = started.elapsed();
     Ok((report, written_now))

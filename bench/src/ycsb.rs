@@ -185,7 +185,7 @@ pub struct OpReport {
 }
 
 impl OpReport {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         OpReport {
             ops: 0,
             errors: 0,
@@ -201,7 +201,29 @@ impl OpReport {
         self.ops + self.errors + self.timeouts + self.shed
     }
 
-    fn merge(&mut self, other: &OpReport) {
+    /// Counts one request's `outcome`, which took `latency_us` from its
+    /// (intended) start to the client's answer or giving up. Beyond the
+    /// histogram's 60 s bound it is counted at the bound rather than losing
+    /// the worst of the tail.
+    pub(crate) fn count(&mut self, outcome: Outcome, latency_us: u64) {
+        match outcome {
+            Outcome::Read { .. } | Outcome::Written { .. } => {
+                self.ops += 1;
+                self.latency_us.saturating_record(latency_us);
+            }
+            Outcome::Timeout => {
+                self.timeouts += 1;
+                self.latency_us.saturating_record(latency_us);
+            }
+            Outcome::Shed => self.shed += 1,
+            Outcome::Error { reason } => {
+                self.errors += 1;
+                self.first_error.get_or_insert(reason);
+            }
+        }
+    }
+
+    pub(crate) fn merge(&mut self, other: &OpReport) {
         self.ops += other.ops;
         self.errors += other.errors;
         self.timeouts += other.timeouts;
@@ -839,25 +861,11 @@ pub async fn run_setting(
                     // failed insert must not keep later ones from being read.
                     inserts.finish(record);
                 }
-                let report = reports.entry(op).or_insert_with(OpReport::new);
-                // Beyond the histogram's 60 s bound, count it at the bound
-                // rather than losing the worst of the tail.
                 let latency_us = answered.duration_since(sent).as_micros() as u64;
-                match outcome {
-                    Outcome::Read { .. } | Outcome::Written { .. } => {
-                        report.ops += 1;
-                        report.latency_us.saturating_record(latency_us);
-                    }
-                    Outcome::Timeout => {
-                        report.timeouts += 1;
-                        report.latency_us.saturating_record(latency_us);
-                    }
-                    Outcome::Shed => report.shed += 1,
-                    Outcome::Error { reason } => {
-                        report.errors += 1;
-                        report.first_error.get_or_insert(reason);
-                    }
-                }
+                reports
+                    .entry(op)
+                    .or_insert_with(OpReport::new)
+                    .count(outcome, latency_us);
                 // Bounded: a context per record up to 100,000 records (past
                 // that, forgetting makes later updates blind: more siblings).
                 if contexts.len() > 100_000 {
@@ -1154,6 +1162,44 @@ fn verdict(written: &Outcome, read: &Outcome, value: &[u8]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A timed-out request is in the latencies at the time the client gave
+    /// up (the worst a user waited); one the store refused or shed is not.
+    #[test]
+    fn timeouts_count_in_the_latencies_and_refusals_do_not() {
+        let mut report = OpReport::new();
+        let written = || Outcome::Written {
+            context: None,
+            coordinator: None,
+        };
+        report.count(written(), 1_000);
+        report.count(Outcome::Timeout, 3_000_000);
+        report.count(Outcome::Shed, 5);
+        report.count(
+            Outcome::Error {
+                reason: "first".into(),
+            },
+            7,
+        );
+        report.count(
+            Outcome::Error {
+                reason: "second".into(),
+            },
+            7,
+        );
+        assert_eq!(
+            (report.ops, report.timeouts, report.shed, report.errors),
+            (1, 1, 1, 2)
+        );
+        assert_eq!(report.first_error.as_deref(), Some("first"));
+        assert_eq!(report.latency_us.len(), 2);
+        assert!(report.latency_ms(1.0).unwrap() >= 2_990.0);
+        assert!(report.latency_ms(0.0).unwrap() <= 1.01);
+        // Past the histogram's bound: counted at the bound, not lost.
+        report.count(written(), u64::MAX);
+        assert_eq!(report.latency_us.len(), 3);
+        assert_eq!(report.attempts(), 6);
+    }
 
     /// A probe counts only if two nodes coordinated it: a read that the
     /// write's coordinator served (both requests forwarded to one replica)

@@ -148,14 +148,16 @@ async fn putget_reports_the_first_reason_of_its_failures() {
             .all(|w| w[0].0 != w[1].0 || w[0].1 <= w[1].1),
         "{told:?}"
     );
-    let put = &report.put;
+    let put = &report.put.counts;
     assert!(
         put.errors > 0 && put.ops == 0 && put.timeouts == 0,
         "{put:?}"
     );
+    // Refusals are not latencies.
+    assert_eq!(report.put.latency_ms(0.5), None);
     let reason = put.first_error.as_deref().unwrap_or_default();
     assert!(reason.contains("--max-value-bytes"), "{reason}");
-    let get = &report.get;
+    let get = &report.get.counts;
     assert!(get.ops > 0, "{get:?}");
     assert_eq!((get.errors, get.first_error.as_deref()), (0, None));
     assert_eq!(report.failovers, 0);

@@ -231,6 +231,19 @@ impl LatencyMatrix {
         &self.regions
     }
 
+    /// The link between two nodes of one region (`[local]`).
+    pub fn local(&self) -> Link {
+        self.local
+    }
+
+    /// Every link between two distinct regions, once per pair (links are
+    /// symmetric), the pair's names in sorted order.
+    pub fn links(&self) -> impl Iterator<Item = (&str, &str, Link)> {
+        self.links
+            .iter()
+            .map(|((a, b), link)| (a.as_str(), b.as_str(), *link))
+    }
+
     /// Fails with the list of known regions if `region` is not one.
     pub fn check_region(&self, region: &str) -> Result<(), RegionError> {
         if self.regions.iter().any(|r| r == region) {
@@ -413,5 +426,22 @@ loss = 0.25
         assert_eq!(m.link("ap-south", "us-east").unwrap().delay_ms, 94.0);
         let err = LatencyMatrix::preset("mars").unwrap_err().to_string();
         assert!(err.contains("presets: cloud4, cloud3"), "{err}");
+    }
+
+    #[test]
+    fn links_lists_each_pair_once_as_link_answers_it() {
+        let m = LatencyMatrix::preset("cloud3").unwrap();
+        let links: Vec<_> = m.links().collect();
+        assert_eq!(links.len(), 3, "three regions, three pairs");
+        for (a, b, link) in &links {
+            assert!(a < b, "{a} {b}");
+            assert_eq!(m.link(b, a).unwrap(), *link);
+        }
+        let m = LatencyMatrix::parse_toml(&format!("{TWO}\n[local]\ndelay_ms = 0.5")).unwrap();
+        assert_eq!(m.local().delay_ms, 0.5);
+        assert_eq!(
+            m.links().map(|(a, b, _)| (a, b)).collect::<Vec<_>>(),
+            [("a", "b")]
+        );
     }
 }

@@ -1041,15 +1041,21 @@ fn validate_member(m: &Member) -> Result<(), InvalidInput> {
             m.id, m.vnodes
         )));
     }
-    m.addr
-        .parse::<std::net::SocketAddr>()
-        .map(|_| ())
-        .map_err(|_| {
-            InvalidInput::new(format!(
-                "member {} has address {:?}, not IP:PORT",
-                m.id, m.addr
-            ))
-        })
+    let addr = m.addr.parse::<std::net::SocketAddr>().map_err(|_| {
+        InvalidInput::new(format!(
+            "member {} has address {:?}, not IP:PORT",
+            m.id, m.addr
+        ))
+    })?;
+    // A node records the address it bound, so these come only from a bad
+    // peer or file; every call to such a member would go nowhere.
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(InvalidInput::new(format!(
+            "member {} has address {addr}, which no peer can reach (an unspecified IP or port 0)",
+            m.id
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1274,6 +1280,18 @@ mod tests {
         let n = join(64, Some(REPLICAS_MAX + 1)).validate().unwrap_err();
         assert!(n.to_string().contains("replicas = 65"), "{n}");
         assert!(join(64, Some(0)).validate().is_err());
+        for addr in ["0.0.0.0:7000", "[::]:7000", "127.0.0.1:0", "n1:7000"] {
+            let join = Request::Join(JoinRequest {
+                member: Member {
+                    addr: addr.into(),
+                    ..member(64)
+                },
+                replicas: None,
+                cluster_id: None,
+            });
+            let refused = join.validate().unwrap_err().to_string();
+            assert!(refused.contains(addr), "{addr}: {refused}");
+        }
 
         let record = |replicas, vnodes| JoinReply {
             cluster_id: 7,
