@@ -153,8 +153,8 @@ pub struct BenchArgs {
     /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C or more to give every client its own. Not used with --target resp://, where each client has its own TCP connection, nor by putget.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: u32,
-    /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). Default: closed loop.
-    #[arg(long, value_name = "OPS", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). At most 10000000. Default: closed loop.
+    #[arg(long, value_name = "OPS", value_parser = clap::value_parser!(u64).range(1..=RATE_MAX))]
     pub rate: Option<u64>,
     /// Threads running the bench's clients (and, without --cluster, the embedded nodes). Default: one per core. With the cluster on the same machine, 1 leaves more of the cores to the nodes: in an open loop a second thread mostly wakes up to find nothing to do.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -361,6 +361,11 @@ pub struct Target {
 
 /// The node a request goes to without `--node`: the first of `ringkv cluster`'s.
 pub const DEFAULT_NODE: &str = "127.0.0.1:7000";
+
+/// The highest `--rate`: far beyond what one bench process sends (its
+/// pacer thread hands out one request at a time), and low enough that a
+/// day's schedule is counted without overflow.
+pub const RATE_MAX: u64 = 10_000_000;
 
 impl Target {
     /// The addresses `--node` lists, in order; an error names the first

@@ -152,6 +152,11 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--regions", "preset:mars"], 2, "unknown preset"),
         (&["--records", "0"], 2, "records"),
         (&["--rate", "0"], 2, "--rate"),
+        (
+            &["--rate", "10000001"],
+            2,
+            "10000001 is not in 1..=10000000",
+        ),
         (&["--updates", "blind"], 2, "unknown update mode"),
         (&["--connections", "0"], 2, "--connections"),
         (&["--worker-threads", "0"], 2, "--worker-threads"),
