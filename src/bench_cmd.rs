@@ -27,6 +27,8 @@ const EMBEDDED_NODES: usize = 5;
 const PUTGET_NODES: usize = 3;
 /// N of the embedded cluster.
 const EMBEDDED_REPLICAS: usize = 3;
+/// The embedded cluster's latency matrix without --regions.
+const DEFAULT_REGIONS: &str = "preset:cloud3";
 /// The longest `--duration-s`: past it a typo, not a run (and a deadline
 /// that far off would overflow the clock).
 const DURATION_MAX_S: u64 = 86_400;
@@ -83,9 +85,28 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
         check_output_path("--json", Some(Path::new(path)))?;
     }
-    // Checked whatever else is asked, so a mistyped matrix is never
-    // silently ignored (--cluster and putget do not use it).
-    let matrix = match args.regions.as_str() {
+    // Only the embedded cluster emulates regions from here: a matrix given
+    // for anything else would be silently ignored.
+    if let Some(source) = args.regions.as_deref().filter(|r| *r != "none") {
+        let other = if !args.cluster.is_empty() {
+            Some("--cluster: those nodes emulate regions themselves (ringkv node --latency-matrix)")
+        } else if args.target.is_some() {
+            Some("--target: the store there has no emulated regions")
+        } else if args.workload == "putget" {
+            Some("--workload putget, which runs without emulated regions")
+        } else {
+            None
+        };
+        if let Some(other) = other {
+            return Err(Failure::new(
+                Exit::Usage,
+                format!("--regions {source} shapes the embedded cluster only, not with {other}"),
+            ));
+        }
+    }
+    // Read before anything starts, so a bad matrix costs no load.
+    let regions = args.regions.as_deref().unwrap_or(DEFAULT_REGIONS);
+    let matrix = match regions {
         "none" => None,
         source => Some(Arc::new(load_matrix(source).map_err(|e| {
             Failure::new(e.exit, e.message.replace("--latency-matrix", "--regions"))
@@ -403,7 +424,7 @@ async fn run_all(
             config.concurrency,
             if config.resp { String::new() } else { format!(" on {} connection(s) per node", config.connections_per_target) },
             config.duration.as_secs(),
-            if matrix.is_some() { format!(", emulated regions ({})", args.regions) } else { String::new() },
+            if matrix.is_some() { format!(", emulated regions ({})", args.regions.as_deref().unwrap_or(DEFAULT_REGIONS)) } else { String::new() },
         );
     }
     let loading = bar(config.records, "load".into());
@@ -632,7 +653,7 @@ fn report_json(
             // The nodes this process started (none against --cluster).
             "embedded_nodes": embedded_nodes,
             "target": args.target,
-            "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions) } else { json!(null) },
+            "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions.as_deref().unwrap_or(DEFAULT_REGIONS)) } else { json!(null) },
             "latency_matrix": latency_matrix,
             "node_regions": node_regions,
             // Each way between a client and its coordinator.

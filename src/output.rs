@@ -73,12 +73,16 @@ pub fn written(reply: &PutReply, json: bool, verb: &str) {
     } else {
         outln!("{verb} ({})", receipt_line(&reply.receipt));
         if reply.siblings > 1 {
+            // The reply's context is then the one the write was sent with
+            // (it cannot cover values nobody read): printed, it would pass
+            // for one that resolves them.
             outln!(
-                "the key now has {} concurrent values; get it to see and resolve them",
+                "the key now has {} concurrent values; get it to see them and for a context that resolves them",
                 reply.siblings
             );
+        } else {
+            outln!("context: {}", reply.context);
         }
-        outln!("context: {}", reply.context);
     }
 }
 

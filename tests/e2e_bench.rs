@@ -150,6 +150,23 @@ fn bad_bench_input_is_refused_before_loading() {
         (&["--consistency", "r=1,w=4"], 2, "W=4 is above N=3"),
         (&["--consistency", "one,,all"], 2, "empty setting"),
         (&["--regions", "preset:mars"], 2, "unknown preset"),
+        (
+            &["--regions", "preset:cloud4", "--cluster", "127.0.0.1:1"],
+            2,
+            "--regions preset:cloud4 shapes the embedded cluster only, not with --cluster",
+        ),
+        (
+            &["--workload", "putget", "--regions", "preset:cloud3"],
+            2,
+            "not with --workload putget",
+        ),
+        // None is what those runs have: accepted (and the address then
+        // refused as unreachable).
+        (
+            &["--regions", "none", "--cluster", "127.0.0.1:1"],
+            4,
+            "cannot reach",
+        ),
         (&["--records", "0"], 2, "records"),
         (&["--rate", "0"], 2, "--rate"),
         (

@@ -306,9 +306,18 @@ fn a_closed_stdout_ends_the_cli_quietly() {
 #[test]
 fn put_overwrite_replaces_the_siblings_its_node_holds() {
     let c = Cluster::start("put_overwrite", 3, 3, &[]);
-    for v in ["a", "b"] {
-        assert_exit(&c.cli(0, &["put", "k", v, "-w", "all"]), 0);
-    }
+    let first = c.cli(0, &["put", "k", "a", "-w", "all"]);
+    assert_exit(&first, 0);
+    assert!(stdout(&first).contains("context: "), "{}", stdout(&first));
+    // The second leaves siblings: its reply's context covers only what it
+    // was sent with, so none is printed as if it resolved them.
+    let second = c.cli(0, &["put", "k", "b", "-w", "all"]);
+    assert_exit(&second, 0);
+    let out = stdout(&second);
+    assert!(
+        out.contains("2 concurrent values") && !out.contains("context: "),
+        "{out}"
+    );
     let mut seen = values(&c.cli(1, &["get", "k", "-r", "all", "--json"]));
     seen.sort();
     assert_eq!(seen, ["a", "b"], "two blind writes are siblings");

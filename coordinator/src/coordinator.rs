@@ -415,6 +415,11 @@ impl<T: Transport> Coordinator<T> {
                 let stored: Vec<&str> = tracker.succeeded().map(|n| n.as_str()).collect();
                 let mut message =
                     format!("write quorum not reached: {}", tracker.failure_summary());
+                if let Some(why) = no_stand_in(request.strict, self.config.hinted_handoff, &pref) {
+                    message.push_str(&format!(
+                        "; no stand-in took a failed replica's place: {why}"
+                    ));
+                }
                 if !stored.is_empty() {
                     message.push_str(&format!(
                         "; the value may be stored on {} (writes are not rolled back)",
@@ -628,12 +633,17 @@ impl<T: Transport> Coordinator<T> {
     }
 
     /// Splits a read's owners into those asked at once and spares: itself
-    /// first (no network hop), then healthy peers fastest first, R in all;
-    /// every owner on a full read (R = N, or a `read_repair_chance` turn).
+    /// first (no network hop), then healthy peers fastest first, R in all.
+    /// Every owner when R = N. A `read_repair_chance` turn asks every owner
+    /// believed up, so that read repair judges them all; one believed down
+    /// stays a spare, asked (through a stand-in) only if an asked owner
+    /// fails: a stand-in asked up front would race the healthy owners for
+    /// R with an answer that may lack the latest write.
     fn read_order(&self, owners: &[NodeId], required: usize) -> (Vec<NodeId>, Vec<NodeId>) {
-        if required >= owners.len() || self.full_read_turn() {
+        if required >= owners.len() {
             return (owners.to_vec(), Vec::new());
         }
+        let full = self.full_read_turn();
         let mut order: Vec<NodeId> = owners.iter().filter(|n| **n != self.id).cloned().collect();
         self.latency.rank(&mut order);
         // Stable: peers believed down go last, otherwise fastest first.
@@ -641,7 +651,16 @@ impl<T: Transport> Coordinator<T> {
         if owners.contains(&self.id) {
             order.insert(0, self.id.clone());
         }
-        let spares = order.split_off(required);
+        let asked = if full {
+            let up = order
+                .iter()
+                .filter(|n| **n == self.id || self.is_healthy(n))
+                .count();
+            required.max(up)
+        } else {
+            required
+        };
+        let spares = order.split_off(asked);
         (order, spares)
     }
 
@@ -750,16 +769,13 @@ impl<T: Transport> Coordinator<T> {
                 let result =
                     tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
                 // Answers and timeouts (as their full wait) rank the peer; a
-                // transport failure says nothing about its speed. A refusal
-                // to serve (a node shedding load, or draining) comes at once
-                // and would rank a failing peer fastest: it counts as
-                // `STAND_IN_AFTER_MAX`, about what a silent peer costs.
+                // transport failure says nothing about its speed. An error
+                // (a node shedding load, draining, or failing its storage)
+                // comes at once and would rank a failing peer fastest: it
+                // counts as `STAND_IN_AFTER_MAX`, about what a silent peer
+                // costs.
                 let sample_us = match &result {
-                    Ok(Ok(Response::Error(e)))
-                        if matches!(e.kind, ErrorKind::Overloaded | ErrorKind::NotServing) =>
-                    {
-                        Some(STAND_IN_AFTER_MAX.as_micros() as u64)
-                    }
+                    Ok(Ok(Response::Error(_))) => Some(STAND_IN_AFTER_MAX.as_micros() as u64),
                     Ok(Ok(_)) | Err(_) => Some(elapsed_us(sent)),
                     Ok(Err(_)) => None,
                 };
@@ -774,7 +790,11 @@ impl<T: Transport> Coordinator<T> {
         for (node, request) in targets {
             dispatch(node, request);
         }
-        let mut waited_for_silent = stand_ins.request_for.is_none() || !stand_ins.replace_silent;
+        // At `after`, a write gives its silent owners stand-ins; a read
+        // still short asks its spares believed down, through stand-ins:
+        // silent that long, an asked owner is failing rather than slow.
+        let mut waited_for_silent = stand_ins.request_for.is_none()
+            || (!stand_ins.replace_silent && stand_ins.spares.is_empty());
         while tracker.state() == QuorumState::Waiting {
             tokio::select! {
                 // Answers already in count before a timer judges their
@@ -803,17 +823,32 @@ impl<T: Transport> Coordinator<T> {
                 }
                 _ = tokio::time::sleep_until(stand_ins.after), if !waited_for_silent => {
                     waited_for_silent = true;
-                    for owner in tracker.silent_owners() {
-                        if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
-                            dispatch(stand_in, request);
+                    if stand_ins.replace_silent {
+                        for owner in tracker.silent_owners() {
+                            if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
+                                dispatch(stand_in, request);
+                            }
+                        }
+                    } else {
+                        let needed = tracker.required().saturating_sub(tracker.satisfied());
+                        for _ in 0..needed {
+                            let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "silent") else { break };
+                            dispatch(node, request);
                         }
                     }
                 }
                 _ = tokio::time::sleep_until(stand_ins.speculate_at.unwrap_or(deadline)),
                     if stand_ins.speculate_at.is_some() && !stand_ins.spares.is_empty() => {
                     // Speculative retry: one spare per answer still needed.
+                    // Only spares believed up (they come first): a stand-in
+                    // for one believed down would put an answer that may
+                    // lack the latest write in place of a healthy owner that
+                    // is merely slow. Those wait for a failure.
                     let needed = tracker.required().saturating_sub(tracker.satisfied());
                     for _ in 0..needed {
+                        if !stand_ins.spares.front().is_some_and(|(owner, _)| self.is_healthy(owner)) {
+                            break;
+                        }
                         let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "late") else { break };
                         dispatch(node, request);
                     }
@@ -1108,11 +1143,13 @@ struct StandIns<'a> {
     /// Whether owners silent until `after` get a stand-in (writes) or are
     /// waited for (reads).
     replace_silent: bool,
-    /// When owners that have not answered at all get a stand-in too.
+    /// When owners that have not answered at all get a stand-in too
+    /// (writes), or a read still short of R asks its remaining spares,
+    /// those believed down through stand-ins.
     after: Instant,
     /// Owners not asked at first (reads), with their request: asked when an
-    /// asked one fails, or at `speculate_at` (once; `None` for writes) when
-    /// answers are still missing.
+    /// asked one fails, at `speculate_at` (once; `None` for writes; only
+    /// those believed up) when answers are still missing, and at `after`.
     spares: VecDeque<(NodeId, Request)>,
     speculate_at: Option<Instant>,
 }
@@ -1188,6 +1225,20 @@ fn transport_reason(e: &TransportError) -> String {
         TransportError::Unreachable { reason, .. } => format!("unreachable: {reason}"),
         TransportError::UnknownNode { .. } => "not a known member".to_string(),
         TransportError::Protocol { reason, .. } => format!("protocol error: {reason}"),
+    }
+}
+
+/// Why a write's sloppy quorum could not use stand-ins at all, for its
+/// failure message; `None` when it could (they failed or were used up).
+fn no_stand_in(strict: bool, hinted_handoff: bool, pref: &PreferenceList) -> Option<&'static str> {
+    if strict {
+        Some("--strict counts only the key's own replicas")
+    } else if !hinted_handoff {
+        Some("this node runs with --no-hints")
+    } else if pref.fallbacks.is_empty() {
+        Some("every member holds a replica of this key (stand-ins need more members than N)")
+    } else {
+        None
     }
 }
 

@@ -48,9 +48,9 @@ struct SimState {
     /// dial to them has failed, rather than go unanswered. (They still send
     /// and coordinate themselves.)
     refusing: HashSet<NodeId>,
-    /// Nodes that shed every request (`Overloaded`), as a node whose
-    /// request memory is full does.
-    overloaded: HashSet<NodeId>,
+    /// Nodes that answer every call with this error, running nothing
+    /// (`Overloaded`: as a node whose request memory is full does).
+    failing: HashMap<NodeId, ErrorKind>,
     /// Nodes whose leaf listings of more than this many leaves fail as a
     /// real node's do when the answer passes the frame limit.
     leaf_listing_max: HashMap<NodeId, usize>,
@@ -103,7 +103,14 @@ impl SimNetwork {
     /// Makes `node` answer every call `Overloaded`, running nothing, as a
     /// node whose request memory is full does, until [`up`](Self::up).
     pub fn overload(&self, node: &NodeId) {
-        self.with(|s| s.overloaded.insert(node.clone()));
+        self.fail_with(node, ErrorKind::Overloaded);
+    }
+
+    /// Makes `node` answer every call with an error of `kind` at once,
+    /// running nothing (a node whose storage fails answers `Internal`),
+    /// until [`up`](Self::up).
+    pub fn fail_with(&self, node: &NodeId, kind: ErrorKind) {
+        self.with(|s| s.failing.insert(node.clone(), kind));
     }
 
     /// Makes `node` answer a leaf listing (`LeafItems`) of more than
@@ -127,7 +134,7 @@ impl SimNetwork {
         self.with(|s| {
             s.down.remove(node);
             s.refusing.remove(node);
-            s.overloaded.remove(node);
+            s.failing.remove(node);
         });
     }
 
@@ -276,8 +283,12 @@ impl Transport for SimTransport {
             }
             _ => false,
         };
-        let response = if self.net.with(|s| s.overloaded.contains(to)) {
-            Response::error(ErrorKind::Overloaded, format!("{to} is overloaded"))
+        let response = if let Some(kind) = self.net.with(|s| s.failing.get(to).copied()) {
+            let what = match kind {
+                ErrorKind::Overloaded => "is overloaded".to_string(),
+                other => format!("answers {other:?}"),
+            };
+            Response::error(kind, format!("{to} {what}"))
         } else if too_many_leaves {
             self.net.with(|s| s.leaf_listings_refused += 1);
             Response::error(

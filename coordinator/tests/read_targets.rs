@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ringkv_coordinator::sim::{get_values, SimCluster, SimOptions};
-use ringkv_core::wire::Response;
+use ringkv_core::wire::{ErrorKind, Response};
 use ringkv_core::Consistency::{All, Count, Quorum};
 
 const KEY: &str = "user:42";
@@ -89,14 +89,24 @@ async fn a_silent_replica_is_replaced_by_the_spare_replica_not_a_fallback() {
     );
 }
 
-/// A replica that answers at once with an error (shedding load, or
-/// draining) is not ranked fastest for it: its error counts as a timeout
-/// would, so the next read asks the other peer first.
+/// A replica that answers at once with an error (shedding load, draining,
+/// or a failing disk) is not ranked fastest for it: its error counts as a
+/// timeout would, so the next read asks the other peer first.
 #[tokio::test(start_paused = true)]
 async fn a_replica_answering_errors_is_not_ranked_fastest() {
+    for kind in [
+        ErrorKind::Overloaded,
+        ErrorKind::Internal,
+        ErrorKind::Unavailable,
+    ] {
+        replica_answering(kind).await;
+    }
+}
+
+async fn replica_answering(kind: ErrorKind) {
     let c = cluster(0.0);
     n2_slow_for_n1(&c, 3).await;
-    c.net.overload(&c.id("n3"));
+    c.net.fail_with(&c.id("n3"), kind);
     assert_eq!(get_values(&c.get("n1", KEY, Quorum).await), ["v3"]);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(

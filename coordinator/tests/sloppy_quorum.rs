@@ -350,6 +350,12 @@ async fn strict_requests_count_only_the_preference_list() {
     };
     assert_eq!(e.kind, ErrorKind::QuorumNotReached);
     assert!(e.message.contains("2 of 3 required"), "{}", e.message);
+    assert!(
+        e.message
+            .contains("no stand-in took a failed replica's place: --strict"),
+        "{}",
+        e.message
+    );
     assert!(stand_ins(&put).is_empty());
     assert_eq!(s.c.hints_pending(), 0, "no hint was stored");
     // A strict quorum write still succeeds with two of three.
@@ -502,12 +508,47 @@ async fn without_hints_writes_need_the_preference_list() {
     s.c.net.down(&s.id(dead));
     s.until_seen(coordinator, dead, false).await;
     let put = s.c.put(coordinator, KEY, "v", All, None).await;
-    assert!(matches!(put, Response::Error(_)), "{put:?}");
+    let Response::Error(e) = &put else {
+        panic!("{put:?}")
+    };
+    assert!(e.message.contains("--no-hints"), "{}", e.message);
     assert!(matches!(
         s.c.put(coordinator, KEY, "v", Quorum, None).await,
         Response::Put(_)
     ));
     assert_eq!(s.c.hints_pending(), 0);
+}
+
+/// With N members every member is a replica: a write at W=all with one
+/// down fails, and says that no node was left to stand in.
+#[tokio::test(start_paused = true)]
+async fn with_n_members_no_node_can_stand_in() {
+    let c = SimCluster::with_options(3, 3, 7, with_probes());
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    assert!(pref.fallbacks.is_empty());
+    let (coordinator, dead) = (pref.replicas[0].to_string(), pref.replicas[2].clone());
+    c.net.down(&dead);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.node(&coordinator).detector.is_up(&dead) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{dead} never seen down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let put = c.put(&coordinator, KEY, "v", All, None).await;
+    let Response::Error(e) = &put else {
+        panic!("{put:?}")
+    };
+    assert_eq!(e.kind, ErrorKind::QuorumNotReached);
+    assert!(
+        e.message
+            .contains("every member holds a replica of this key"),
+        "{}",
+        e.message
+    );
+    // With a stand-in available the note is not given (see
+    // a_write_goes_to_the_first_healthy_fallback_with_a_hint).
 }
 
 #[tokio::test(start_paused = true)]
@@ -601,8 +642,10 @@ async fn a_delete_hinted_for_a_dead_owner_is_handed_off_and_stays_deleted_after_
 }
 
 /// A read asks R owners; when one of them goes silent, the spare it turns
-/// to is believed down, so the spare's slot goes to a fallback at once
-/// rather than to a node known not to answer.
+/// to is believed down, so the spare's slot goes to a fallback rather than
+/// to a node known not to answer: once the silent owner has been silent
+/// for the stand-in delay (the speculative retry asks only spares believed
+/// up: the silent owner may merely be slow, and hold the latest write).
 #[tokio::test(start_paused = true)]
 async fn a_spare_believed_down_is_read_through_a_stand_in() {
     let s = story(SimOptions::default());
@@ -623,10 +666,11 @@ async fn a_spare_believed_down_is_read_through_a_stand_in() {
     let started = tokio::time::Instant::now();
     let r = s.c.get(coord, KEY, Quorum).await;
     assert_eq!(values(&r), ["v"], "{r:?}");
+    // At the stand-in delay: a quarter of the 2 s deadline, at most 500 ms.
+    let took = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_millis(100),
-        "{:?}",
-        started.elapsed()
+        took >= Duration::from_millis(500) && took < Duration::from_millis(600),
+        "{took:?}"
     );
     assert_eq!(stand_ins(&r), [(s.fallbacks[0].clone(), b.clone())]);
     let log = s.c.net.take_log();
@@ -635,4 +679,55 @@ async fn a_spare_believed_down_is_read_through_a_stand_in() {
             .any(|l| l.starts_with(&format!("{coord} -> {b} Read"))),
         "the owner believed down was not asked: {log:?}"
     );
+}
+
+/// v2 is on owners `b` and `c` but not on the coordinator `a`, which
+/// believes `b` down; `c` is slow. `a` must wait for `c`, not let a
+/// fallback's empty answer for `b` fill R beside its own stale v1: neither
+/// by a speculative retry nor, on a full-read turn, by asking the fallback
+/// up front.
+async fn a_slow_owner_is_waited_for_rather_than_replaced(read_repair_chance: f64) {
+    let s = story(SimOptions {
+        read_repair_chance,
+        ..SimOptions::default()
+    });
+    let (a, b, c) = (&s.owners[0], &s.owners[1], &s.owners[2]);
+    let put = s.c.put(a, KEY, "v1", All, None).await;
+    let Response::Put(put) = put else {
+        panic!("{put:?}")
+    };
+    // v2 through c, which cannot reach a; strict, so no hint for a exists.
+    s.c.net.partition(&s.id(a), &s.id(c));
+    let mut request = ringkv_core::wire::PutRequest::new(
+        KEY,
+        ringkv_core::dvv::Payload::Value(b"v2".to_vec()),
+        Quorum,
+        Some(put.context),
+    );
+    request.strict = true;
+    let put = s.c.node(c).coordinator.put(request).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    s.c.net.heal();
+    assert_eq!(s.c.local_values(a, KEY), ["v1"]);
+    let now = tokio::time::Instant::now();
+    let node = s.c.node(a);
+    node.detector.record(&s.id(b), false, now);
+    node.detector.record(&s.id(b), false, now);
+    s.c.net.down(&s.id(b));
+    // Slow, but well within the stand-in delay (500 ms).
+    s.c.net.delay(&s.id(a), &s.id(c), Duration::from_millis(40));
+    s.c.net.delay(&s.id(c), &s.id(a), Duration::from_millis(40));
+    let r = s.c.get(a, KEY, Quorum).await;
+    assert_eq!(values(&r), ["v2"], "{r:?}");
+    assert!(stand_ins(&r).is_empty(), "{r:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_speculative_retry_does_not_replace_a_slow_owner_by_a_stand_in() {
+    a_slow_owner_is_waited_for_rather_than_replaced(0.0).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_read_turn_asks_no_stand_in_for_an_owner_believed_down() {
+    a_slow_owner_is_waited_for_rather_than_replaced(1.0).await;
 }

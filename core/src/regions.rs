@@ -112,6 +112,21 @@ pub struct LatencyMatrix {
     links: BTreeMap<(String, String), Link>,
 }
 
+/// A TOML error on one line: where it is, then what (the parser's own
+/// text draws the line with a caret over several lines).
+fn syntax_reason(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what,
+    }
+}
+
 fn pair(a: &str, b: &str) -> (String, String) {
     if a <= b {
         (a.to_string(), b.to_string())
@@ -150,7 +165,7 @@ impl LatencyMatrix {
     /// Parses and checks a matrix (see the module docs for the format).
     pub fn parse_toml(text: &str) -> Result<Self, RegionError> {
         let file: MatrixFile = toml::from_str(text).map_err(|e| RegionError::Syntax {
-            reason: e.to_string().trim().replace('\n', " "),
+            reason: syntax_reason(text, &e),
         })?;
         if file.regions.is_empty() {
             return Err(RegionError::NoRegions);
@@ -376,6 +391,12 @@ loss = 0.25
             .contains("given twice"));
         assert!(err("regions = [\"a\"]\ndelay = 3").contains("not valid TOML"));
         assert!(err("regions = ").contains("not valid TOML"));
+        let syntax = err("regions = [\"a\"]\nthis is [not toml");
+        assert!(
+            syntax.starts_with("latency matrix is not valid TOML: line 2, column ")
+                && !syntax.contains('|'),
+            "{syntax}"
+        );
         let m = LatencyMatrix::parse_toml(TWO).unwrap();
         assert!(m
             .link("a", "z")

@@ -479,6 +479,27 @@ struct NodeInner {
 }
 
 impl NodeInner {
+    /// Why this node keeps no hint for `owner` now (and so answers no read
+    /// for it); `None` if it does.
+    fn keeps_no_hints_for(&self, owner: &NodeId) -> Option<String> {
+        if self.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+            // Its hints would leave with it.
+            Some(format!(
+                "{} is leaving the cluster and keeps no hints",
+                self.id
+            ))
+        } else if self.membership.addr_of(owner).is_none() {
+            // Unavailable, not invalid: this node may just not have learned
+            // of a new member yet; the coordinator tries another.
+            Some(format!(
+                "{owner} is not a member of this cluster as {} knows it; no hint is kept for it",
+                self.id
+            ))
+        } else {
+            None
+        }
+    }
+
     async fn handle(self: Arc<Self>, request: Request) -> Response {
         // Counted before the removal check, and both SeqCst (as is the
         // store in `stop_serving`): a leave that sees no request in flight
@@ -509,6 +530,21 @@ impl NodeInner {
                 format!("{} was removed from the cluster; ask another node", self.id),
             );
         }
+        if let Request::Replica(
+            ReplicaRequest::Hint { owner, .. }
+            | ReplicaRequest::Read {
+                hint_for: Some(owner),
+                ..
+            },
+        ) = &request
+        {
+            // A read for an owner is answered only where a hint for it
+            // would be kept: elsewhere its "nothing" would count toward R
+            // although the owner's hint went to another fallback.
+            if let Some(why) = self.keeps_no_hints_for(owner) {
+                return Response::error(ErrorKind::Unavailable, why);
+            }
+        }
         match request {
             Request::Put(p) => match self.coordinator.get() {
                 Some(c) => c.put(p).await,
@@ -518,25 +554,6 @@ impl NodeInner {
                 Some(c) => c.get(g).await,
                 None => joining(&self.id),
             },
-            Request::Replica(ReplicaRequest::Hint { .. })
-                if self.leaving.load(std::sync::atomic::Ordering::Relaxed) =>
-            {
-                // Its hints would leave with it.
-                Response::error(
-                    ErrorKind::Unavailable,
-                    format!("{} is leaving the cluster and keeps no hints", self.id),
-                )
-            }
-            Request::Replica(ReplicaRequest::Hint { owner, .. })
-                if self.membership.addr_of(&owner).is_none() =>
-            {
-                // Unavailable, not invalid: this node may just not have
-                // learned of a new member yet; the coordinator tries another.
-                Response::error(
-                    ErrorKind::Unavailable,
-                    format!("{owner} is not a member of this cluster as {} knows it; no hint is kept for it", self.id),
-                )
-            }
             Request::Replica(
                 r @ (ReplicaRequest::TreeHashes { .. } | ReplicaRequest::LeafItems { .. }),
             ) => {

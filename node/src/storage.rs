@@ -219,10 +219,26 @@ impl Storage {
     /// Opens (creating if needed) the database in `path`. `sync` makes every
     /// data write fsync the WAL before returning.
     pub fn open(path: &Path, sync: bool) -> Result<Self, NodeError> {
-        std::fs::create_dir_all(path).map_err(|e| NodeError::Storage {
+        let refuse = |reason: String| NodeError::Storage {
             path: path.to_path_buf(),
-            reason: format!("cannot create the directory: {e}"),
-        })?;
+            reason,
+        };
+        match (std::fs::symlink_metadata(path), std::fs::metadata(path)) {
+            (_, Ok(meta)) if !meta.is_dir() => {
+                return Err(refuse("it is a file, not a directory".into()))
+            }
+            (Ok(link), Err(_)) if link.file_type().is_symlink() => {
+                let target = std::fs::read_link(path)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                return Err(refuse(format!(
+                    "it is a link to {target}, which does not exist (a disk not mounted?)"
+                )));
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(path)
+            .map_err(|e| refuse(format!("cannot create the directory: {e}")))?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);

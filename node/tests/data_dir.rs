@@ -77,11 +77,26 @@ async fn a_dangling_link_is_refused_and_kept() {
     std::os::unix::fs::symlink(root.path().join("unmounted/ringkv"), &link).unwrap();
     let err = start_fails(on_loopback("n1", &link)).await;
     assert!(matches!(err, NodeError::Storage { .. }), "{err}");
+    assert!(err.to_string().contains("which does not exist"), "{err}");
     assert!(std::fs::symlink_metadata(&link)
         .unwrap()
         .file_type()
         .is_symlink());
     assert!(!root.path().join("unmounted").exists());
+}
+
+/// A data dir that is a file is refused as such, and the file kept.
+#[tokio::test]
+async fn a_file_is_no_data_dir() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("data");
+    std::fs::write(&file, "mine").unwrap();
+    let err = start_fails(on_loopback("n1", &file)).await;
+    assert!(
+        err.to_string().contains("it is a file, not a directory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 }
 
 /// A loopback address whose UDP port was free a moment ago.

@@ -176,3 +176,32 @@ async fn a_coordinators_update_from_a_connection_is_refused() {
     client.close().await;
     node.shutdown().await;
 }
+
+/// A fallback answers a read for an owner only where it would keep a hint
+/// for it: for a node that is no member it refuses both, so its "nothing"
+/// cannot count toward a read's R.
+#[tokio::test]
+async fn a_read_for_an_owner_it_keeps_no_hints_for_is_refused_like_the_hint() {
+    let (_dir, node, client) = node_and_client().await;
+    let ghost = ringkv_core::NodeId::new("ghost").unwrap();
+    let read = Request::Replica(ReplicaRequest::Read {
+        key: b"k".to_vec(),
+        hint_for: Some(ghost.clone()),
+    });
+    let hint = Request::Replica(ReplicaRequest::Hint {
+        owner: ghost,
+        key: b"k".to_vec(),
+        clock: ringkv_core::dvv::Clock::default(),
+    });
+    for request in [read, hint] {
+        match client.call(&request).await.unwrap() {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::Unavailable);
+                assert!(e.message.contains("ghost is not a member"), "{}", e.message);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    client.close().await;
+    node.shutdown().await;
+}
