@@ -21,7 +21,8 @@ use ringkv_node::cluster_key::{key_files, CLUSTER_KEY_FILE_ENV};
         Quick start:\n  ringkv cluster                 # 3 nodes on 127.0.0.1:7000-7002, N=3\n  \
         ringkv put greeting hello      # in another terminal\n  ringkv get greeting -r all\n\n\
         Exit status: 0 ok, 1 key not found, 2 bad usage or input, 3 quorum not reached or \
-        timed out, 4 node unreachable, 5 internal node error."
+        timed out, 4 node unreachable, 5 internal node error, 6 output not written, 130 \
+        stopped by a second Ctrl-C (see the README for details)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -142,7 +143,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "NAME", default_value = "a")]
     pub workload: String,
     /// Records loaded before the run phase (YCSB workloads; putget writes its own keys).
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = bounded::<u64>(1, u64::MAX))]
     pub records: u64,
     /// Consistency settings to run, each reported side by side (repeatable, comma-separated): one, quorum, all, a count (R = W), or a pair r=R,w=W (also r=R:w=W). E.g. --consistency one,quorum --consistency r=1,w=2. Default: one, quorum and all.
     #[arg(long, value_name = "SETTING")]
@@ -151,13 +152,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "C", default_value_t = 16)]
     pub concurrency: usize,
     /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C or more to give every client its own. Not used with --target resp://, where each client has its own TCP connection, nor by putget.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = bounded::<u32>(1, u32::MAX.into()))]
     pub connections: u32,
     /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). At most 10000000. Default: closed loop.
-    #[arg(long, value_name = "OPS", value_parser = clap::value_parser!(u64).range(1..=RATE_MAX))]
+    #[arg(long, value_name = "OPS", value_parser = bounded::<u64>(1, RATE_MAX))]
     pub rate: Option<u64>,
     /// Threads running the bench's clients (and, without --cluster, the embedded nodes). Default: one per core. With the cluster on the same machine, 1 leaves more of the cores to the nodes: in an open loop a second thread mostly wakes up to find nothing to do.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, value_name = "N", value_parser = bounded::<u16>(1, 1024))]
     pub worker_threads: Option<u16>,
     /// How long each setting runs (putget: each phase).
     #[arg(long, value_name = "SECONDS", default_value_t = 6)]
@@ -172,7 +173,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "zipfian|latest|uniform")]
     pub request_distribution: Option<String>,
     /// How many nodes the embedded cluster starts (N=3, so 3 to 64). Default: 5 for YCSB workloads, spread over the matrix's regions; 3 for putget. Not with --cluster or --target, which bring their own nodes.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(3..=64), conflicts_with_all = ["cluster", "target"])]
+    #[arg(long, value_name = "N", value_parser = bounded::<u16>(3, 64), conflicts_with_all = ["cluster", "target"])]
     pub nodes: Option<u16>,
     /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none; its nodes go round-robin over the matrix's regions. Default: preset:cloud3. Only none with --cluster (those nodes emulate regions themselves: `ringkv node --latency-matrix`), --target or putget.
     #[arg(long, value_name = "preset:NAME|FILE|none")]
@@ -206,7 +207,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
     /// Threads serving requests. Default: one per core. When several nodes share a machine's cores (a test cluster), 1 each avoids threads of different nodes preempting one another.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, value_name = "N", value_parser = bounded::<u16>(1, 1024))]
     pub worker_threads: Option<u16>,
     /// A running member to join through (repeatable). Not needed on restart: the node remembers its cluster. A seed list shared by every node may name this node too, if by the address given as its --listen: that one is skipped.
     #[arg(long = "seed", value_name = "HOST:PORT")]
@@ -223,7 +224,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "FILE|preset:NAME", requires = "region")]
     pub latency_matrix: Option<String>,
     /// Virtual nodes on the ring; more spread load more evenly.
-    #[arg(long, value_name = "V", default_value_t = ringkv_ring::DEFAULT_VNODES, value_parser = clap::value_parser!(u32).range(1..=i64::from(ringkv_ring::VNODES_MAX)))]
+    #[arg(long, value_name = "V", default_value_t = ringkv_ring::DEFAULT_VNODES, value_parser = bounded::<u32>(1, u64::from(ringkv_ring::VNODES_MAX)))]
     pub vnodes: u32,
     /// Fsync the write-ahead log before acknowledging each write (group commit). Without it, writes survive a process crash but not power loss.
     #[arg(long)]
@@ -260,10 +261,10 @@ pub struct AntiEntropyArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_ANTI_ENTROPY_INTERVAL_S)]
     pub anti_entropy_interval_s: u64,
     /// Most keys anti-entropy repairs per second, so that a large repair does not crowd out client requests.
-    #[arg(long, value_name = "KEYS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_REPAIR_KEYS_PER_S, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "KEYS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_REPAIR_KEYS_PER_S, value_parser = bounded::<u32>(1, u32::MAX.into()))]
     pub repair_keys_per_s: u32,
-    /// Keep a delete's tombstone at least this long, and until every replica of the key holds it; then it is collected. Keep it longer than --hint-ttl-s, or an old hint could bring a deleted value back. Default: 1 day.
-    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::tombstones::DEFAULT_TOMBSTONE_GRACE_S, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Keep a delete's tombstone at least this long, and until every replica of the key holds it; then it is collected. Keep it longer than --hint-ttl-s, or an old hint could bring a deleted value back. The default is 1 day.
+    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::tombstones::DEFAULT_TOMBSTONE_GRACE_S, value_parser = bounded::<u64>(1, u64::MAX))]
     pub tombstone_grace_s: u64,
 }
 
@@ -273,14 +274,14 @@ pub struct HintArgs {
     /// Store no hints for other nodes, and do not send writes to fallbacks when a replica is down: writes then need W of the key's own replicas. Hints already held are still delivered.
     #[arg(long)]
     pub no_hints: bool,
-    /// The hint window: a hint whose newest write is older than this is dropped (and counted); anti-entropy repairs what it would have. Default: 3 hours.
-    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::hints::DEFAULT_HINT_TTL_S, value_parser = clap::value_parser!(u64).range(1..))]
+    /// The hint window: a hint whose newest write is older than this is dropped (and counted); anti-entropy repairs what it would have. The default is 3 hours.
+    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::hints::DEFAULT_HINT_TTL_S, value_parser = bounded::<u64>(1, u64::MAX))]
     pub hint_ttl_s: u64,
     /// Most hints held for any one node; past it, writes for that node go to the next fallback.
-    #[arg(long, value_name = "COUNT", default_value_t = ringkv_repair::hints::DEFAULT_MAX_HINTS_PER_TARGET, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "COUNT", default_value_t = ringkv_repair::hints::DEFAULT_MAX_HINTS_PER_TARGET, value_parser = bounded::<u64>(1, u64::MAX))]
     pub max_hints_per_target: u64,
     /// Most MiB of hints this node holds for all others together (values and their bookkeeping); past it, writes that would need a hint here go to the next fallback. Bounds the disk hints take while nodes are down for long under large values.
-    #[arg(long, value_name = "MIB", default_value_t = ringkv_repair::hints::DEFAULT_MAX_HINT_MB, value_parser = clap::value_parser!(u64).range(1..=ringkv_node::server::MAX_HINT_MB_LIMIT))]
+    #[arg(long, value_name = "MIB", default_value_t = ringkv_repair::hints::DEFAULT_MAX_HINT_MB, value_parser = bounded::<u64>(1, ringkv_node::server::MAX_HINT_MB_LIMIT))]
     pub max_hint_mb: u64,
 }
 
@@ -290,7 +291,7 @@ pub struct LimitArgs {
     #[arg(long, value_name = "BYTES", default_value_t = ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,
     /// Most concurrent values (siblings) a key may hold; further blind writes are refused until a write with a context resolves them.
-    #[arg(long, value_name = "COUNT", default_value_t = ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=ringkv_core::dvv::SIBLINGS_CONFIG_MAX as u64))]
+    #[arg(long, value_name = "COUNT", default_value_t = ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS, value_parser = bounded::<usize>(1, ringkv_core::dvv::SIBLINGS_CONFIG_MAX as u64))]
     pub max_siblings: usize,
     /// Most connections (clients and peers) served at once; further ones are refused. Leave room for the other nodes.
     #[arg(long, value_name = "COUNT", default_value_t = ringkv_node::server::DEFAULT_MAX_CONNECTIONS)]
@@ -349,7 +350,7 @@ pub struct Target {
     #[arg(long)]
     pub json: bool,
     /// Give up on reaching the node after this long: 1 to 10000 ms, since the QUIC idle timeout (10 s) ends any handshake that takes longer.
-    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=ringkv_node::tls::IDLE_TIMEOUT_MS))]
+    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = bounded::<u64>(1, ringkv_node::tls::IDLE_TIMEOUT_MS))]
     pub connect_timeout_ms: u64,
     #[command(flatten)]
     pub key: KeyArgs,
@@ -428,7 +429,7 @@ pub fn not_an_address(flag: &str, addr: &str) -> String {
 #[derive(Args, Debug, Clone)]
 pub struct RequestOpts {
     /// Deadline for the whole request, replicas included.
-    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    #[arg(long, value_name = "MS", default_value_t = ringkv_coordinator::coordinator::DEFAULT_REQUEST_TIMEOUT_MS, value_parser = bounded::<u32>(1, 60_000))]
     pub timeout_ms: u32,
     #[command(flatten)]
     pub target: Target,
@@ -440,7 +441,7 @@ pub struct PutArgs {
     pub key: String,
     /// The value; `-` or absent reads it from stdin (binary-safe).
     pub value: Option<String>,
-    /// Replicas that must acknowledge: 1..=N, one, quorum or all.
+    /// Replicas that must acknowledge: a count from 1 to N, one, quorum or all.
     #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
     pub w: Consistency,
     /// The context token from a previous get: the write replaces the values that read saw. Without it the write is blind and may add a sibling.
@@ -460,7 +461,7 @@ pub struct PutArgs {
 pub struct GetArgs {
     /// The key: any text up to 1024 bytes.
     pub key: String,
-    /// Replicas that must answer: 1..=N, one, quorum or all.
+    /// Replicas that must answer: a count from 1 to N, one, quorum or all.
     #[arg(short = 'r', long = "r", value_name = "R", default_value = "quorum", value_parser = parse_consistency)]
     pub r: Consistency,
     /// Count only the key's own preference-list nodes toward R (Riak's PR): no fallback stands in for a node that is down, so the request fails rather than use a sloppy quorum.
@@ -480,7 +481,7 @@ pub struct GetArgs {
 pub struct DeleteArgs {
     /// The key: any text up to 1024 bytes.
     pub key: String,
-    /// Replicas that must acknowledge the tombstone.
+    /// Replicas that must acknowledge the tombstone: a count from 1 to N, one, quorum or all.
     #[arg(short = 'w', long = "w", value_name = "W", default_value = "quorum", value_parser = parse_consistency)]
     pub w: Consistency,
     /// The context token from a previous get. Without it, ringkv first reads the key (R=quorum) and deletes what that read saw; the read and the delete each get --timeout-ms.
@@ -595,6 +596,31 @@ const REMOVE_NODE_HELP: &str = "A member to carry out the removal (any but the n
 const LEAVE_NODE_HELP: &str = "The node that leaves the cluster: it hands its keys over, then has another member remove it. One address.";
 const CLEANUP_NODE_HELP: &str =
     "The node whose stray copies to drop (an old member, after nodes were added). One address.";
+
+/// A parser of whole numbers from `lo` to `hi` whose errors say so in
+/// words (clap's own reads "0 is not in 1..18446744073709551615").
+fn bounded<T>(
+    lo: u64,
+    hi: u64,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+{
+    move |s: &str| {
+        let value: u64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a whole number"))?;
+        if value < lo || value > hi {
+            return Err(if hi == u64::MAX || hi == u64::from(u32::MAX) {
+                format!("must be at least {lo}")
+            } else {
+                format!("must be {lo} to {hi}")
+            });
+        }
+        T::try_from(value).map_err(|_| format!("must be {lo} to {hi}"))
+    }
+}
 
 fn parse_consistency(s: &str) -> Result<Consistency, String> {
     s.parse::<Consistency>().map_err(|e| e.message)

@@ -598,6 +598,19 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
             r.max_siblings
         );
     }
+    // A share over few probes says little (a short run makes only a few
+    // per column): the counts behind them.
+    let probed: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.staleness.is_empty())
+        .map(|r| {
+            let counts: Vec<String> = r.staleness.iter().map(|v| v.probes.to_string()).collect();
+            format!("{} {}", r.setting, counts.join("/"))
+        })
+        .collect();
+    if !probed.is_empty() {
+        outln!("Probes behind each fresh@ share: {}", probed.join(", "));
+    }
     for r in reports {
         if let Some(why) = &r.staleness_skipped {
             outln!("{}: staleness not measured: {why}", r.setting);

@@ -132,7 +132,13 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
                     wait_repair: false,
                     timeout_ms: args.request.timeout_ms,
                 };
-                read(client, args.key.as_bytes(), &opts).await?.context
+                let seen = read(client, args.key.as_bytes(), &opts).await?;
+                if seen.values.is_empty() {
+                    // A tombstone with what that read saw would delete
+                    // nothing: no write, as Riak answers 404.
+                    return Ok(Response::Get(seen));
+                }
+                seen.context
             }
         };
         let request = Request::Put(PutRequest {
@@ -152,6 +158,14 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
         Response::Put(reply) => {
             output::written(&reply, args.request.target.json, "deleted");
             Ok(Exit::Ok)
+        }
+        Response::Get(seen) => {
+            if args.request.target.json {
+                output::print_json(&output::get_json(&seen));
+            } else {
+                errln!("not found: a quorum read saw no value, so nothing was written");
+            }
+            Ok(Exit::NotFound)
         }
         other => Err(unexpected(other)),
     }

@@ -15,6 +15,17 @@ use crate::{Exit, Failure};
 pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     let id = NodeId::new(args.id).map_err(|e| Failure::new(Exit::Usage, format!("--id: {e}")))?;
     let listen = resolve("--listen", &args.listen)?;
+    if listen.port() == 0 {
+        // A port the OS picks changes every start: peers would follow, but
+        // clients and the operator's --seed lists would not.
+        return Err(Failure::new(
+            Exit::Usage,
+            format!(
+                "--listen {} has port 0; give the port this node serves on at every start",
+                args.listen
+            ),
+        ));
+    }
     let cluster_key = crate::key_cmd::load(&args.key)?;
     let seeds = args
         .seeds

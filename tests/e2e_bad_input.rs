@@ -74,7 +74,7 @@ fn bad_requests_exit_2_and_write_nothing() {
     let o = c.cli(0, &["put", "k", "v", "--context", "%%%not-base64"]);
     assert_exit(&o, 2);
     assert!(
-        stderr(&o).contains("context token is not base64url"),
+        stderr(&o).contains("context token is not one ringkv issued"),
         "{}",
         stderr(&o)
     );
@@ -235,8 +235,8 @@ fn bad_node_starts_are_refused() {
         ("--read-repair-chance", "often", "not a number"),
         ("--worker-threads", "0", "--worker-threads"),
         ("--vnodes", "1025", "--vnodes"),
-        ("--max-siblings", "10001", "10001 is not in 1..=10000"),
-        ("--max-siblings", "0", "0 is not in 1..=10000"),
+        ("--max-siblings", "10001", "must be 1 to 10000"),
+        ("--max-siblings", "0", "must be 1 to 10000"),
         ("--max-connections", "0", "--max-connections"),
         (
             "--max-connections",
@@ -283,6 +283,20 @@ fn bad_node_starts_are_refused() {
         assert_exit(&o, 2);
         assert!(stderr(&o).contains(says), "{flag} {value}: {}", stderr(&o));
     }
+
+    let o = run(ringkv()
+        .args([
+            "node",
+            "--id",
+            "n9",
+            "--listen",
+            &format!("{ip}:0"),
+            "--data-dir",
+        ])
+        .arg(c.dir.path().join("port0")));
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("has port 0"), "{}", stderr(&o));
+    assert!(!c.dir.path().join("port0").exists(), "nothing created");
 
     // (`node` gives --join-timeout-s itself.)
     let listen = format!("{ip}:{}", free_port(ip));

@@ -49,6 +49,10 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         "{table}"
     );
     assert!(
+        table.contains("Probes behind each fresh@ share: one "),
+        "{table}"
+    );
+    assert!(
         table.contains("CPU per operation (this process: the embedded nodes"),
         "{table}"
     );
@@ -167,12 +171,13 @@ fn bad_bench_input_is_refused_before_loading() {
             4,
             "cannot reach",
         ),
-        (&["--records", "0"], 2, "records"),
+        (&["--records", "0"], 2, "--records <N>': must be at least 1"),
+        (&["--records", "ten"], 2, "\"ten\" is not a whole number"),
         (&["--rate", "0"], 2, "--rate"),
         (
             &["--rate", "10000001"],
             2,
-            "10000001 is not in 1..=10000000",
+            "--rate <OPS>': must be 1 to 10000000",
         ),
         (&["--updates", "blind"], 2, "unknown update mode"),
         (&["--connections", "0"], 2, "--connections"),

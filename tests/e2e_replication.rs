@@ -85,6 +85,24 @@ fn delete_without_context_removes_what_a_quorum_read_sees() {
     assert_exit(&c.cli(1, &["put", "k", "b", "-w", "all"]), 0);
     assert_exit(&c.cli(2, &["delete", "k", "-w", "all"]), 0);
     assert_exit(&c.cli(0, &["get", "k", "-r", "all"]), 1);
+    // Again, or of a key never written: nothing seen, nothing written (a
+    // tombstone would change the key's context).
+    let before = context(&c.cli(0, &["get", "never-written", "-r", "all", "--json"]));
+    for key in ["k", "never-written"] {
+        let again = c.cli(1, &["delete", key, "-w", "all", "--json"]);
+        assert_exit(&again, 1);
+        assert_eq!(json(&again)["values"], serde_json::json!([]), "{key}");
+        let human = c.cli(1, &["delete", key]);
+        assert_exit(&human, 1);
+        assert!(
+            stderr(&human).contains("nothing was written"),
+            "{}",
+            stderr(&human)
+        );
+    }
+    let after = c.cli(0, &["get", "never-written", "-r", "all", "--json"]);
+    assert_exit(&after, 1);
+    assert_eq!(context(&after), before);
 }
 
 #[test]

@@ -50,7 +50,7 @@ impl FromStr for Consistency {
             "all" => Ok(Consistency::All),
             other => match other.parse::<u32>() {
                 Ok(0) => Err(InvalidInput::new(
-                    "consistency 0 would wait for no replica; use 1..=N, one, quorum or all",
+                    "consistency 0 would wait for no replica; use a count from 1 to N, one, quorum or all",
                 )),
                 Ok(k) => Ok(Consistency::Count(k)),
                 // All digits, too many of them: a count, just far past any N.

@@ -57,9 +57,16 @@ impl CausalContext {
 
     /// Parses a token without checking whom it belongs to.
     pub fn decode(token: &str) -> Result<Self, InvalidInput> {
-        let bytes = URL_SAFE_NO_PAD
-            .decode(token.trim())
-            .map_err(|e| InvalidInput::new(format!("context token is not base64url: {e}")))?;
+        if token.trim().is_empty() {
+            return Err(InvalidInput::new(
+                "context token is empty; pass the `context:` a get printed",
+            ));
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(token.trim()).map_err(|_| {
+            InvalidInput::new(
+                "context token is not one ringkv issued (not base64url); pass the `context:` a get printed, whole",
+            )
+        })?;
         let mut r = Reader { bytes: &bytes };
         let version = r.u8()?;
         if version != TOKEN_VERSION {
@@ -186,6 +193,12 @@ mod tests {
             .unwrap_err()
             .message
             .contains("truncated"));
+        for empty in ["", "  "] {
+            assert!(CausalContext::decode(empty)
+                .unwrap_err()
+                .message
+                .contains("context token is empty"));
+        }
         let v9 = URL_SAFE_NO_PAD.encode([9u8; 19]);
         assert!(CausalContext::decode(&v9)
             .unwrap_err()
