@@ -607,18 +607,31 @@ where
     T: TryFrom<u64> + Clone + Send + Sync + 'static,
 {
     move |s: &str| {
-        let value: u64 = s
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not a whole number"))?;
-        if value < lo || value > hi {
-            return Err(if hi == u64::MAX || hi == u64::from(u32::MAX) {
+        let digits = s.trim();
+        let in_range = if hi == u64::MAX || hi == u64::from(u32::MAX) {
+            format!("must be at least {lo} (and at most {hi})")
+        } else {
+            format!("must be {lo} to {hi}")
+        };
+        let value: u64 = match digits.parse() {
+            Ok(value) => value,
+            // All digits, yet no u64: too large for any range here.
+            Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(in_range)
+            }
+            Err(_) => return Err(format!("{s:?} is not a whole number")),
+        };
+        if value < lo {
+            return Err(if in_range.starts_with("must be at least") {
                 format!("must be at least {lo}")
             } else {
-                format!("must be {lo} to {hi}")
+                in_range
             });
         }
-        T::try_from(value).map_err(|_| format!("must be {lo} to {hi}"))
+        if value > hi {
+            return Err(in_range);
+        }
+        T::try_from(value).map_err(|_| in_range)
     }
 }
 
@@ -643,6 +656,36 @@ mod tests {
     use clap::{CommandFactory, Parser};
 
     use super::*;
+
+    /// Out-of-range numbers are refused in words, whatever the type.
+    #[test]
+    fn bounded_numbers_say_their_range() {
+        let small = bounded::<u16>(1, 1024);
+        assert_eq!(small("7"), Ok(7));
+        assert_eq!(small(" 1024 "), Ok(1024));
+        assert_eq!(small("0"), Err("must be 1 to 1024".to_string()));
+        assert_eq!(small("1025"), Err("must be 1 to 1024".to_string()));
+        assert_eq!(small("-1"), Err("\"-1\" is not a whole number".to_string()));
+        assert_eq!(
+            small("99999999999999999999999"),
+            Err("must be 1 to 1024".to_string())
+        );
+        let wide = bounded::<u32>(1, u32::MAX.into());
+        assert_eq!(wide("0"), Err("must be at least 1".to_string()));
+        assert_eq!(
+            wide("5000000000"),
+            Err("must be at least 1 (and at most 4294967295)".to_string())
+        );
+        let widest = bounded::<u64>(1, u64::MAX);
+        assert_eq!(widest("18446744073709551615"), Ok(u64::MAX));
+        assert!(widest("18446744073709551616")
+            .unwrap_err()
+            .contains("at most"));
+        assert_eq!(
+            widest("ten"),
+            Err("\"ten\" is not a whole number".to_string())
+        );
+    }
 
     /// Key files come from the flag as given (a comma is part of a path),
     /// or else from the variable split at commas; the variable set but

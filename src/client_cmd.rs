@@ -133,7 +133,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
                     timeout_ms: args.request.timeout_ms,
                 };
                 let seen = read(client, args.key.as_bytes(), &opts).await?;
-                if seen.values.is_empty() {
+                if saw_nothing(&seen) {
                     // A tombstone with what that read saw would delete
                     // nothing: no write, as Riak answers 404.
                     return Ok(Response::Get(seen));
@@ -163,12 +163,24 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
             if args.request.target.json {
                 output::print_json(&output::get_json(&seen));
             } else {
-                errln!("not found: a quorum read saw no value, so nothing was written");
+                errln!(
+                    "not found: a quorum read saw no version of the key, so nothing was written"
+                );
             }
             Ok(Exit::NotFound)
         }
         other => Err(unexpected(other)),
     }
+}
+
+/// Whether a read saw no version at all, not even a tombstone. One that
+/// saw only tombstones still gets a delete: a retry of a delete that was
+/// stored on too few replicas must spread its tombstone, or a replica it
+/// missed would keep serving the value.
+fn saw_nothing(seen: &ringkv_core::wire::GetReply) -> bool {
+    seen.values.is_empty()
+        && ringkv_core::context::CausalContext::decode(&seen.context)
+            .is_ok_and(|c| c.version_vector.is_empty())
 }
 
 pub async fn status(args: StatusArgs) -> Result<Exit, Failure> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringkv_core::wire::{ErrorReply, PutRequest, Request, Response};
+use ringkv_core::wire::{ErrorReply, GetRequest, PutRequest, Request, Response};
 use ringkv_core::{Consistency, Payload};
 use ringkv_node::Client;
 
@@ -49,6 +49,21 @@ async fn put_under_way_then_signal(
         let (client, put) = (client.clone(), put("all", Consistency::All));
         async move { client.call(&put).await }
     });
+    // The W=all put is under way once n1 holds it: n1 writes it first,
+    // then waits 3 s for n2. (A request sent after it is no sign: the
+    // spawned task may not have sent it yet.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut local = GetRequest::new(b"all".to_vec(), Consistency::One);
+        local.local = true;
+        match client.call(&Request::Get(local)).await.unwrap() {
+            Response::Get(g) if !g.values.is_empty() => break,
+            Response::Get(_) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the W=all put never reached n1");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // n1 answers a W=1 put at once; the W=all one is still waiting after.
     let answer = client.call(&put("one", Consistency::One)).await.unwrap();
     assert!(matches!(answer, Response::Put(_)), "{answer:?}");

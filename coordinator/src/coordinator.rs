@@ -769,13 +769,20 @@ impl<T: Transport> Coordinator<T> {
                 let result =
                     tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
                 // Answers and timeouts (as their full wait) rank the peer; a
-                // transport failure says nothing about its speed. An error
-                // (a node shedding load, draining, or failing its storage)
-                // comes at once and would rank a failing peer fastest: it
-                // counts as `STAND_IN_AFTER_MAX`, about what a silent peer
-                // costs.
+                // transport failure says nothing about its speed. A failure
+                // to serve (a node shedding load, draining, or failing its
+                // storage) comes at once and would rank a failing peer
+                // fastest: it counts as `STAND_IN_AFTER_MAX`, about what a
+                // silent peer costs. A refusal of the request itself (a
+                // fallback's full hint store, a merge past the limits) says
+                // nothing about the peer's speed as an owner.
                 let sample_us = match &result {
-                    Ok(Ok(Response::Error(_))) => Some(STAND_IN_AFTER_MAX.as_micros() as u64),
+                    Ok(Ok(Response::Error(e))) => match e.kind {
+                        ErrorKind::Overloaded | ErrorKind::NotServing | ErrorKind::Internal => {
+                            Some(STAND_IN_AFTER_MAX.as_micros() as u64)
+                        }
+                        _ => None,
+                    },
                     Ok(Ok(_)) | Err(_) => Some(elapsed_us(sent)),
                     Ok(Err(_)) => None,
                 };
@@ -835,6 +842,9 @@ impl<T: Transport> Coordinator<T> {
                             let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "silent") else { break };
                             dispatch(node, request);
                         }
+                        // Due at the same moment (slow peers put it at the
+                        // cap), a speculative retry would ask as many again.
+                        stand_ins.speculate_at = None;
                     }
                 }
                 _ = tokio::time::sleep_until(stand_ins.speculate_at.unwrap_or(deadline)),
@@ -846,7 +856,10 @@ impl<T: Transport> Coordinator<T> {
                     // is merely slow. Those wait for a failure.
                     let needed = tracker.required().saturating_sub(tracker.satisfied());
                     for _ in 0..needed {
-                        if !stand_ins.spares.front().is_some_and(|(owner, _)| self.is_healthy(owner)) {
+                        let stand_in_next = stand_ins.spares.front().is_some_and(|(owner, _)| {
+                            !self.is_healthy(owner) && stand_ins.would_stand_in()
+                        });
+                        if stand_in_next {
                             break;
                         }
                         let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "late") else { break };
@@ -1155,6 +1168,12 @@ struct StandIns<'a> {
 }
 
 impl StandIns<'_> {
+    /// Whether an owner believed down would be read through a stand-in
+    /// (stand-ins are allowed and one is left) rather than asked itself.
+    fn would_stand_in(&self) -> bool {
+        self.request_for.is_some() && !self.candidates.is_empty()
+    }
+
     /// The next fallback for `owner`, registered with `tracker`, and its request.
     fn next_for(
         &mut self,

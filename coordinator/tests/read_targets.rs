@@ -96,8 +96,8 @@ async fn a_silent_replica_is_replaced_by_the_spare_replica_not_a_fallback() {
 async fn a_replica_answering_errors_is_not_ranked_fastest() {
     for kind in [
         ErrorKind::Overloaded,
+        ErrorKind::NotServing,
         ErrorKind::Internal,
-        ErrorKind::Unavailable,
     ] {
         replica_answering(kind).await;
     }

@@ -731,3 +731,33 @@ async fn a_speculative_retry_does_not_replace_a_slow_owner_by_a_stand_in() {
 async fn a_full_read_turn_asks_no_stand_in_for_an_owner_believed_down() {
     a_slow_owner_is_waited_for_rather_than_replaced(1.0).await;
 }
+
+/// A strict read uses no stand-ins, so its speculative retry asks a spare
+/// believed down itself (the detector may be wrong) rather than wait for
+/// the silent owner until the deadline.
+#[tokio::test(start_paused = true)]
+async fn a_strict_read_asks_a_spare_believed_down_itself() {
+    let s = story(SimOptions::default());
+    let (a, b, c) = (&s.owners[0], &s.owners[1], &s.owners[2]);
+    assert!(matches!(
+        s.c.put(a, KEY, "v", All, None).await,
+        Response::Put(_)
+    ));
+    // a wrongly believes b down; c goes silent.
+    let now = tokio::time::Instant::now();
+    let node = s.c.node(a);
+    node.detector.record(&s.id(b), false, now);
+    node.detector.record(&s.id(b), false, now);
+    s.c.net.down(&s.id(c));
+    let mut request = ringkv_core::wire::GetRequest::new(KEY, Quorum);
+    request.strict = true;
+    let started = tokio::time::Instant::now();
+    let r = node.coordinator.get(request).await;
+    assert_eq!(values(&r), ["v"], "{r:?}");
+    assert!(stand_ins(&r).is_empty(), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+}

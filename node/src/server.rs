@@ -1511,7 +1511,19 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
         failures = Vec::new();
         let mut refused = 0;
         for seed in seeds {
-            match inner.transport.call_addr(*seed, &request).await {
+            // Bounded by the join timeout, which the operator gave as the
+            // whole wait (a dial to a silent seed takes seconds).
+            let answer =
+                match tokio::time::timeout_at(deadline, inner.transport.call_addr(*seed, &request))
+                    .await
+                {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        failures.push(format!("{seed}: no answer before the join timeout"));
+                        break;
+                    }
+                };
+            match answer {
                 Ok(Response::Joined(reply)) => {
                     membership.adopt(reply)?;
                     if let Some(record) = membership.record() {
