@@ -985,7 +985,8 @@ fn charge_unsent(
     for i in never_sent.step_by(stride as usize) {
         let count = stride.min(end - i);
         let op = workload.next_op(&mut rng);
-        let waited = gave_up_after.saturating_sub(pacer::due_after(i, rate_per_s));
+        // A run is charged at its middle request's wait.
+        let waited = gave_up_after.saturating_sub(pacer::due_after(i + count / 2, rate_per_s));
         // Kept sorted by name, as the run's reports are.
         let at = match ops.binary_search_by(|(o, _)| o.as_str().cmp(op.as_str())) {
             Ok(at) => at,
