@@ -37,6 +37,12 @@ pub const VNODES_MAX: u32 = 1024;
 /// and every start, and twice as many four times that. A join past it is
 /// refused (records already past it, from older versions, still load).
 pub const RING_VNODES_MAX: u64 = 65_536;
+/// The most virtual nodes any cluster record may hold: `RING_VNODES_MAX`
+/// with room for 16 joins of the largest members accepted at once by
+/// different seeds (each seed checks only what it knows), whose announces
+/// every member then takes. A record past it (a faulty or hostile peer)
+/// is refused alike by every node, before any ring is built from it.
+pub const RING_VNODES_HARD_MAX: u64 = RING_VNODES_MAX + 16 * VNODES_MAX as u64;
 /// How a clock breaks the per-key limits, which no replica may store past:
 /// reads would refuse such a clock as corrupt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -857,6 +863,12 @@ pub fn decode_cluster_record_v3(bytes: &[u8]) -> Result<JoinReply, DecodeError> 
 fn validate_record(record: &JoinReply, what: &str) -> Result<(), InvalidInput> {
     validate_replicas(record.replicas, what)?;
     record.members.iter().try_for_each(validate_member)?;
+    let vnodes: u64 = record.members.iter().map(|m| u64::from(m.vnodes)).sum();
+    if vnodes > RING_VNODES_HARD_MAX {
+        return Err(InvalidInput::new(format!(
+            "{what} has {vnodes} virtual nodes, more than any cluster may ({RING_VNODES_HARD_MAX})"
+        )));
+    }
     for id in &record.removed {
         validate_node_id(id)?;
         if record.members.iter().any(|m| m.id == *id) {
@@ -1303,6 +1315,18 @@ mod tests {
             decode_cluster_record(&encode_cluster_record(&record(3, 64))).unwrap(),
             record(3, 64)
         );
+        // Past the hard limit of virtual nodes in all.
+        let mut crowded = record(3, VNODES_MAX);
+        crowded.members = (0..=RING_VNODES_HARD_MAX / u64::from(VNODES_MAX))
+            .map(|i| Member {
+                id: NodeId::new(&format!("n{i}")).unwrap(),
+                ..member(VNODES_MAX)
+            })
+            .collect();
+        let refused = Response::Joined(crowded.clone()).validate().unwrap_err();
+        assert!(refused.to_string().contains("virtual nodes"), "{refused}");
+        crowded.members.pop();
+        assert!(Response::Joined(crowded).validate().is_ok());
         let mut both = record(3, 64);
         both.removed.push(both.members[0].id.clone());
         for bad in [

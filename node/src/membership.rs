@@ -34,7 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use ringkv_core::wire::{
     decode_cluster_record, decode_cluster_record_v2, decode_cluster_record_v3,
-    encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member, Response, RING_VNODES_MAX,
+    encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member, Response,
+    RING_VNODES_HARD_MAX, RING_VNODES_MAX,
 };
 use ringkv_core::NodeId;
 use ringkv_ring::Ring;
@@ -91,7 +92,30 @@ impl ClusterRecord {
     /// restarts, so a list from one that missed the restart cannot bring
     /// the old address back). The result is the same whatever order
     /// records meet in.
-    fn absorb(&mut self, reply: JoinReply, me: &NodeId) {
+    ///
+    /// Refused whole (returning false, `self` unchanged) if the union would
+    /// pass `RING_VNODES_HARD_MAX`: each record is checked on arrival, but
+    /// two within it can still add up past it.
+    fn absorb(&mut self, reply: JoinReply, me: &NodeId) -> bool {
+        let mut merged = self.clone();
+        merged.absorb_unchecked(reply, me);
+        if merged.vnodes() > RING_VNODES_HARD_MAX {
+            tracing::warn!(
+                vnodes = merged.vnodes(),
+                "refused a peer's member list: with ours it would pass the cluster's virtual node limit"
+            );
+            return false;
+        }
+        *self = merged;
+        true
+    }
+
+    /// The cluster's virtual nodes.
+    fn vnodes(&self) -> u64 {
+        self.members.values().map(|m| u64::from(m.vnodes)).sum()
+    }
+
+    fn absorb_unchecked(&mut self, reply: JoinReply, me: &NodeId) {
         self.removed.extend(reply.removed);
         for m in reply.members {
             // Our own entry is authoritative about ourselves.
@@ -231,7 +255,7 @@ impl Membership {
         // A restart may come with a new address (e.g. port 0 in tests).
         if let Some(r) = &mut record {
             // Or more --vnodes, which its peers would refuse past the limit.
-            if let Some(total) = vnodes_past_limit(r, &me) {
+            if let Some(total) = vnodes_past_limit(r, &me, RING_VNODES_MAX) {
                 return Err(NodeError::Config {
                     reason: vnodes_refusal(&me, total),
                 });
@@ -338,7 +362,11 @@ impl Membership {
                 id: self.me.id.to_string(),
             };
             if guard.is_some() {
-                record.absorb(reply, &self.me.id);
+                // The removal holds even if the rest of the list is refused.
+                if !record.absorb(reply.clone(), &self.me.id) {
+                    record.removed.insert(self.me.id.clone());
+                    record.members.remove(&self.me.id);
+                }
                 // Stop all the same: the next start learns it again.
                 if let Err(e) = self.persist(&record) {
                     tracing::warn!(error = %e, "could not store this node's removal");
@@ -368,7 +396,13 @@ impl Membership {
             }
         }
         let before = record.clone();
-        record.absorb(reply, &self.me.id);
+        if !record.absorb(reply, &self.me.id) {
+            return Err(NodeError::JoinRefused {
+                reason: format!(
+                    "the member list answered would give the cluster more than {RING_VNODES_HARD_MAX} virtual nodes"
+                ),
+            });
+        }
         if record.removed.contains(&self.me.id) {
             // An earlier answer said so; this one has not heard yet. Putting
             // this node back among the members would store a record that
@@ -487,8 +521,18 @@ impl Membership {
             .members
             .get(&join.member.id)
             .is_none_or(|existing| supersedes(&join.member, existing));
+        // The limit stops new nodes. A member's announce always gets in
+        // (under the hard limit every record is checked against): two
+        // seeds may each have let in a new node the other did not count,
+        // and refusing their announces would leave members with different
+        // rings until the exchange brought both in anyway.
+        let limit = if join.cluster_id.is_none() {
+            RING_VNODES_MAX
+        } else {
+            RING_VNODES_HARD_MAX
+        };
         if let Some(total) = changed
-            .then(|| vnodes_past_limit(record, &join.member))
+            .then(|| vnodes_past_limit(record, &join.member, limit))
             .flatten()
         {
             return (
@@ -614,23 +658,28 @@ impl Membership {
 }
 
 /// The cluster's virtual nodes with `member` in `record` (in place of its
-/// entry there, if any), if that passes `RING_VNODES_MAX` and is more than
-/// now: a member may always come back as it was.
-fn vnodes_past_limit(record: &ClusterRecord, member: &Member) -> Option<u64> {
-    let now: u64 = record.members.values().map(|m| u64::from(m.vnodes)).sum();
+/// entry there, if any), if that passes `limit` and is more than now: a
+/// member may always come back as it was.
+fn vnodes_past_limit(record: &ClusterRecord, member: &Member, limit: u64) -> Option<u64> {
+    let now = record.vnodes();
     let held = record
         .members
         .get(&member.id)
         .map_or(0, |m| u64::from(m.vnodes));
     let after = now - held + u64::from(member.vnodes);
-    (after > RING_VNODES_MAX && after > now).then_some(after)
+    (after > limit && after > now).then_some(after)
 }
 
 /// Why `member` cannot join with its virtual nodes, the cluster then
 /// having `total`.
 fn vnodes_refusal(member: &Member, total: u64) -> String {
+    let limit = if total > RING_VNODES_HARD_MAX {
+        RING_VNODES_HARD_MAX
+    } else {
+        RING_VNODES_MAX
+    };
     format!(
-        "with {} the cluster would have {total} virtual nodes, above the limit of {RING_VNODES_MAX} \
+        "with {} the cluster would have {total} virtual nodes, above the limit of {limit} \
          (a ring that large takes seconds to build, at every change); start it with fewer --vnodes",
         member.id
     )
@@ -836,26 +885,68 @@ mod tests {
         );
         assert!(join("just-fits", 2001, 1000).1, "exactly at the limit");
         // At the limit, a member's own announce (a restart) still counts,
-        // and so does a stale one; one with more virtual nodes does not.
+        // and so does a stale one, and one with more virtual nodes: another
+        // seed may have let it in, and refusing it here would leave the
+        // members with different rings. Only the hard limit stops those.
         let (answer, _) = join("big0", 1000, VNODES_MAX);
         assert!(matches!(answer, Response::Joined(_)), "{answer:?}");
-        let restarted = |vnodes| {
+        let announced = |id: &str, port: u16, vnodes: u32, incarnation: u64| {
             m.handle_join(JoinRequest {
                 member: Member {
                     vnodes,
-                    incarnation: 2,
-                    ..member("n2", 2)
+                    incarnation,
+                    ..member(id, port)
                 },
                 replicas: None,
                 cluster_id: Some(9),
             })
         };
-        assert!(matches!(restarted(9).0, Response::Error(_)), "8 before");
-        let (answer, changed) = restarted(7);
+        let (answer, changed) = announced("n2", 2, 9, 2);
         assert!(
             changed && matches!(answer, Response::Joined(_)),
             "{answer:?}"
         );
+        // 16 members that joined elsewhere fill the room above the limit
+        // (one virtual node short of it), and the next is refused.
+        for i in 0..16u16 {
+            let vnodes = if i == 0 { VNODES_MAX - 2 } else { VNODES_MAX };
+            let (answer, changed) = announced(&format!("elsewhere{i}"), 3000 + i, vnodes, 1);
+            assert!(changed, "{i}: {answer:?}");
+        }
+        let Response::Error(e) = announced("one-more", 4000, 2, 1).0 else {
+            panic!("refused past the hard limit")
+        };
+        assert!(
+            e.message
+                .contains(&format!("above the limit of {RING_VNODES_HARD_MAX}")),
+            "{}",
+            e.message
+        );
+    }
+
+    /// A peer's list that would take the cluster past the hard limit
+    /// together with ours is refused whole: each list alone passed its
+    /// checks, and no node builds a ring from the union.
+    #[test]
+    fn a_union_past_the_hard_limit_is_refused_whole() {
+        use ringkv_core::wire::VNODES_MAX;
+        let (m, _dir) = cluster_of(2, "n1");
+        let many = |prefix: &str, count: u16, port: u16| JoinReply {
+            cluster_id: 9,
+            replicas: 2,
+            members: (0..count)
+                .map(|i| Member {
+                    vnodes: VNODES_MAX,
+                    ..member(&format!("{prefix}{i}"), port + i)
+                })
+                .collect(),
+            removed: vec![],
+        };
+        assert!(m.adopt(many("a", 60, 1000)).unwrap());
+        let before = m.record().unwrap();
+        let err = m.adopt(many("b", 30, 2000)).unwrap_err();
+        assert!(err.to_string().contains("virtual nodes"), "{err}");
+        assert_eq!(m.record().unwrap(), before, "nothing of it taken");
     }
 
     /// A member restarted with more virtual nodes than the cluster has
