@@ -61,6 +61,22 @@ pub struct GroupCommit {
 
 /// Clears `leading` and wakes the waiters however the leader's turn ends,
 /// including when its future is dropped mid-yield.
+/// Counts a write as finished when dropped, and wakes commits waiting
+/// for it.
+struct WriteFinished<'a>(&'a GroupCommit);
+
+impl Drop for WriteFinished<'_> {
+    fn drop(&mut self) {
+        let group = self.0;
+        // SeqCst here and in `wait_for_writes`: either the waiter sees this
+        // write finished, or this sees the waiter and wakes it.
+        group.finished.fetch_add(1, Ordering::SeqCst);
+        if group.awaiting_writes.load(Ordering::SeqCst) > 0 {
+            group.write_finished.notify_waiters();
+        }
+    }
+}
+
 struct Leadership<'a>(&'a GroupCommit);
 
 impl Drop for Leadership<'_> {
@@ -94,17 +110,13 @@ impl GroupCommit {
         Self::default()
     }
 
-    /// Runs one write, counted before and after (whatever its outcome).
+    /// Runs one write, counted before and after (whatever its outcome,
+    /// even a panic: a write counted as started but never as finished
+    /// would hold every later commit for good).
     pub fn write<T>(&self, write: impl FnOnce() -> T) -> T {
         self.started.fetch_add(1, Ordering::AcqRel);
-        let outcome = write();
-        // SeqCst here and in `wait_for_writes`: either the waiter sees this
-        // write finished, or this sees the waiter and wakes it.
-        self.finished.fetch_add(1, Ordering::SeqCst);
-        if self.awaiting_writes.load(Ordering::SeqCst) > 0 {
-            self.write_finished.notify_waiters();
-        }
-        outcome
+        let _finished = WriteFinished(self);
+        write()
     }
 
     /// Waits until `target` writes have finished (a write under way on
@@ -299,6 +311,21 @@ mod tests {
         finishes(reader, "the commit ends once the write does").await;
         assert_eq!(wal.kernel.lock().unwrap().as_slice(), &[1]);
         assert_eq!(group.awaiting_writes.load(Ordering::SeqCst), 0);
+    }
+
+    /// A write that panics still counts as finished: later commits are
+    /// not held for it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_that_panics_does_not_hold_later_commits() {
+        let group = Arc::new(GroupCommit::new());
+        let wal = Arc::new(Wal::default());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            group.write(|| panic!("a write's bug"))
+        }));
+        assert!(panicked.is_err());
+        wal.append(&group, 1);
+        finishes(spawn_commit(&group, &wal), "a commit after the panic").await;
+        assert_eq!(*wal.kernel.lock().unwrap(), [1]);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -742,14 +742,21 @@ impl<B: HintBackend> HintBook<B> {
             None => (None, true),
         };
         let now_ms = self.now_ms();
+        // Counted once it is replaced: a store that fails leaves it for the
+        // sweep, which counts it then.
+        let mut replaces_expired = false;
         let existing = existing.filter(|(_, held_at_ms)| {
-            let expired = self.is_past_window(*held_at_ms, now_ms);
-            if expired {
-                counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
-                    .increment(1);
-            }
-            !expired
+            replaces_expired = self.is_past_window(*held_at_ms, now_ms);
+            !replaces_expired
         });
+        if existing.is_none() && self.is_past_window(written_at_ms, now_ms) {
+            // A hint handed on with its first age (`HintBook::store_aged`)
+            // that expired on the way: it would never be delivered, only
+            // take room until a sweep. Dropped as expiry drops it.
+            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
+                .increment(1);
+            return Ok(());
+        }
         let (merged, written_at_ms) = match existing {
             Some((mut held, held_at_ms)) => {
                 let before = held.clone();
@@ -799,6 +806,10 @@ impl<B: HintBackend> HintBook<B> {
             return Err(e);
         }
         self.note_stored(owner, written_at_ms);
+        if replaces_expired {
+            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
+                .increment(1);
+        }
         if replaces_corrupt {
             // Counted only once it is gone: otherwise the sweep drops and
             // counts it.

@@ -53,6 +53,28 @@ fn a_hint_stored_with_its_age_keeps_it() {
     assert_eq!(age_of("c"), 1_000_000);
 }
 
+/// A hint handed on with an age already past the window is not stored:
+/// it would never be delivered, only take room until a sweep.
+#[test]
+fn a_hint_handed_on_already_expired_is_dropped() {
+    let f = fixture(HintConfig {
+        ttl_ms: 5_000,
+        ..HintConfig::default()
+    });
+    let now = f.book.now_ms();
+    f.book
+        .store_aged(&n("c"), b"k", &write("a", "1"), now - 5_001)
+        .unwrap();
+    assert_eq!(f.book.pending(&n("c")), 0);
+    assert_eq!(f.book.read(&n("c"), b"k").unwrap(), None);
+    assert!(f.backend.map.lock().unwrap().is_empty());
+    // Just inside the window, it is.
+    f.book
+        .store_aged(&n("c"), b"k", &write("a", "1"), now - 5_000)
+        .unwrap();
+    assert_eq!(f.book.pending(&n("c")), 1);
+}
+
 #[test]
 fn a_hint_is_removed_only_if_unchanged_since_delivery() {
     let f = fixture(HintConfig::default());
@@ -461,9 +483,12 @@ fn a_sweep_reads_only_the_owners_that_may_hold_a_hint_past_the_window() {
     assert_eq!((pass.read, pass.dropped), (2, 1));
     assert_eq!(f.book.oldest_bound_ms(&n("c")), Some(start + 6_000));
     assert!(f.book.owners_to_sweep().is_empty(), "k2 is 5 s old");
+    // A moved hint 9 s old (one older than the window is not stored).
     f.book
-        .store_aged(&n("d"), b"moved", &write("b", "2"), start)
+        .store_aged(&n("d"), b"moved", &write("b", "2"), start + 2_000)
         .unwrap();
+    assert!(f.book.owners_to_sweep().is_empty());
+    f.now.fetch_add(1_500, Ordering::SeqCst);
     assert_eq!(f.book.owners_to_sweep(), [n("d")], "an old moved hint");
 }
 
