@@ -234,12 +234,18 @@ pub fn left(reply: &LeaveReply, json: bool) {
         members.join(", ")
     );
     print_not_told(&reply.not_told);
+    let members_left: Vec<&NodeId> = reply.record.members.iter().map(|m| &m.id).collect();
     for f in &reply.late_failures {
-        outln!(
-            "  {} missed the writes that arrived during the hand-over ({}); anti-entropy copies them from the key's other replicas, \
-             but one that only this node held is still only here: keep its data dir",
-            f.peer, f.reason
-        );
+        if members_left.contains(&&f.peer) {
+            outln!(
+                "  {} missed the writes that arrived during the hand-over ({}); anti-entropy copies them from the key's other replicas, \
+                 but one that only this node held is still only here: keep its data dir",
+                f.peer, f.reason
+            );
+        } else {
+            // The leaving node's own note.
+            outln!("  {}: {}", f.peer, f.reason);
+        }
     }
     if reply.late_failures.is_empty() {
         outln!("stop the node's process; its data dir can then be deleted");

@@ -269,7 +269,9 @@ impl NodeInner {
             } else {
                 cleanup::check_page(&*self.transport, &ring, &strays, skip, ASK_TIMEOUT).await
             };
-            if Arc::ptr_eq(&ring, &coordinator.ring()) {
+            // The same placement, not the same install: an address change
+            // installs a new ring that places every key as before.
+            if ring.fingerprint() == coordinator.ring().fingerprint() {
                 return Some((ring, strays, verdict));
             }
         }
@@ -288,11 +290,12 @@ impl NodeInner {
             return Ok(0);
         }
         let (replica, coordinator) = (self.local.replica.clone(), coordinator.clone());
+        let placement = ring.fingerprint();
         tokio::task::spawn_blocking(move || {
             let mut removed = 0u64;
             for (key, ours) in &covered {
-                // A ring installed since the verdict stops the page here.
-                if !Arc::ptr_eq(&ring, &coordinator.ring()) {
+                // A placement changed since the verdict stops the page here.
+                if coordinator.ring().fingerprint() != placement {
                     break;
                 }
                 if replica

@@ -306,6 +306,18 @@ impl NodeInner {
                 }
             }
         }
+        // What only this node may still hold, said rather than lost: a hint
+        // whose store began before the leave was marked (with `--sync`, on
+        // a busy blocking pool, it can land after the check above).
+        let hints = self.hints.pending_total();
+        if hints > 0 {
+            late_failures.push(PeerFailure {
+                peer: self.id.clone(),
+                reason: format!(
+                    "{hints} hints stored while it left are only in its data dir: keep it, and run `ringkv repair` on the members"
+                ),
+            });
+        }
         tracing::warn!(node = %self.id, keys = first.keys, "left the cluster; stop this process");
         Response::Left(LeaveReply {
             record: removal.record,
