@@ -424,7 +424,28 @@ async fn connect(
 /// node may be asked follows the rule `ClusterClient` follows
 /// (`ran_nothing`): only when nothing of the request ran.
 async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
-    answer_or_failure(client.call(request).await)
+    let outcome = match answer_limit(request) {
+        // A node that froze after the handshake would otherwise hold the
+        // command until QUIC's idle timeout, whatever --timeout-ms says.
+        Some(limit) => match tokio::time::timeout(limit, client.call(request)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(CallError::TimedOut { limit }),
+        },
+        // Status, repair, leave, cleanup: as long as their work takes.
+        None => client.call(request).await,
+    };
+    answer_or_failure(outcome)
+}
+
+/// How long a key request waits for its answer: the node answers by the
+/// request's deadline; a second more covers the way back.
+fn answer_limit(request: &Request) -> Option<Duration> {
+    let timeout_ms = match request {
+        Request::Get(g) => g.timeout_ms,
+        Request::Put(p) => p.timeout_ms,
+        _ => return None,
+    };
+    Some(Duration::from_millis(u64::from(timeout_ms) + 1000))
 }
 
 /// A call's answer, or the failure it comes to (see [`call`]).
@@ -494,6 +515,30 @@ fn unexpected(response: Response) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Key requests wait for their deadline and a second, the rest (a
+    /// leave, a repair) for as long as their work takes.
+    #[test]
+    fn key_requests_wait_for_their_deadline_and_a_second() {
+        let mut get = GetRequest::new(b"k".to_vec(), Consistency::One);
+        get.timeout_ms = 200;
+        assert_eq!(
+            answer_limit(&Request::Get(get)),
+            Some(Duration::from_millis(1200))
+        );
+        let put = PutRequest::new(
+            b"k".to_vec(),
+            Payload::Value(vec![]),
+            Consistency::One,
+            None,
+        );
+        assert_eq!(
+            answer_limit(&Request::Put(put.clone())),
+            Some(Duration::from_millis(u64::from(put.timeout_ms) + 1000))
+        );
+        assert_eq!(answer_limit(&Request::Status), None);
+        assert_eq!(answer_limit(&Request::Repair), None);
+    }
 
     /// A connection lost under a request may have run it: not exit 4,
     /// which tells a script that a retry is safe. One never made is 4; an

@@ -88,7 +88,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     assert_eq!(json["config"]["connections_per_node"], 1);
     assert_eq!(
         json["config"]["cpu_scope"],
-        "this process: the embedded nodes and the bench's clients"
+        "this process: the embedded nodes, the bench's clients and its staleness probes"
     );
     let settings = json["settings"].as_array().unwrap();
     let names: Vec<&str> = settings

@@ -1058,7 +1058,10 @@ impl<T: Transport> Coordinator<T> {
             }
             let share = (deadline - now) / (replicas.len() - i) as u32;
             let attempt_deadline = now + share;
-            let remaining_ms = share.saturating_sub(FORWARD_MARGIN).as_millis().max(1);
+            let remaining_ms = share
+                .saturating_sub(self.forward_margin(node, share))
+                .as_millis()
+                .max(1);
             set_timeout_ms(&mut request, remaining_ms.min(u128::from(u32::MAX)) as u32);
             match self.call(node, request.clone(), attempt_deadline).await {
                 // Nothing ran there: the next replica may take it.
@@ -1088,6 +1091,25 @@ impl<T: Transport> Coordinator<T> {
                 failures.join(", ")
             ),
         )
+    }
+
+    /// How much of a forward's `share` of the time the replica does not
+    /// get: room for its answer to come back before this node gives up on
+    /// it. An answer later than that (the replica used its whole deadline,
+    /// say for a quorum it could not reach) would be taken for silence, and
+    /// the next replica would store the write again. So the margin covers
+    /// a round trip: the peer's measured latency when known, and at least a
+    /// quarter of the share (an emulated or distant region), but no more
+    /// than half of it.
+    fn forward_margin(&self, node: &NodeId, share: Duration) -> Duration {
+        let measured = self
+            .latency
+            .average_us(node)
+            .map_or(Duration::ZERO, |us| Duration::from_micros(us as u64));
+        FORWARD_MARGIN
+            .max(share / 4)
+            .max(measured + FORWARD_MARGIN)
+            .min(share / 2)
     }
 
     async fn call(

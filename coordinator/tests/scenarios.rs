@@ -358,6 +358,46 @@ async fn a_forwarded_write_answered_too_late_is_stored_twice_until_the_next_writ
     assert_eq!(values(&c.get("n2", KEY, All).await), ["w"]);
 }
 
+/// A replica that uses its whole deadline (a quorum it cannot reach) still
+/// answers the forwarding node in time across a link of 50 ms each way: the
+/// forward leaves room for the round trip, so the write is not handed to
+/// the next replica and stored twice, and the client gets the quorum error.
+#[tokio::test(start_paused = true)]
+async fn a_forward_leaves_room_for_the_answer_of_a_replica_that_used_its_deadline() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    let (first, silent) = (&pref.replicas[0], &pref.replicas[2]);
+    let link = Duration::from_millis(50);
+    c.net.delay(&outsider, first, link);
+    c.net.delay(first, &outsider, link);
+    // Silent, and not known down: the first replica waits for it until its
+    // deadline. Strict, so no stand-in covers it.
+    c.net.down(silent);
+    c.net.take_log();
+    let mut request = ringkv_core::wire::PutRequest::new(
+        KEY,
+        ringkv_core::dvv::Payload::Value(b"v".to_vec()),
+        All,
+        None,
+    );
+    request.strict = true;
+    let answer = c.node(outsider.as_str()).coordinator.put(request).await;
+    let (kind, message) = error(&answer);
+    assert_eq!(kind, ErrorKind::QuorumNotReached, "{message}");
+    let log = c.net.take_log();
+    assert!(
+        !log.iter()
+            .any(|l| l.starts_with(&format!("{outsider} -> {}", pref.replicas[1]))),
+        "not forwarded again: {log:?}"
+    );
+    assert_eq!(
+        c.local_values(pref.replicas[1].as_str(), KEY),
+        ["v"],
+        "once"
+    );
+}
+
 /// With fewer members than N, a quorum larger than the members can never
 /// form: it is refused before the write is stored anywhere.
 #[tokio::test(start_paused = true)]

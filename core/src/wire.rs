@@ -1319,7 +1319,7 @@ mod tests {
         let mut crowded = record(3, VNODES_MAX);
         crowded.members = (0..=RING_VNODES_HARD_MAX / u64::from(VNODES_MAX))
             .map(|i| Member {
-                id: NodeId::new(&format!("n{i}")).unwrap(),
+                id: NodeId::new(format!("n{i}")).unwrap(),
                 ..member(VNODES_MAX)
             })
             .collect();
