@@ -424,7 +424,7 @@ async fn connect(
 /// node may be asked follows the rule `ClusterClient` follows
 /// (`ran_nothing`): only when nothing of the request ran.
 async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
-    let outcome = match answer_limit(request) {
+    let outcome = match request.answer_limit() {
         // A node that froze after the handshake would otherwise hold the
         // command until QUIC's idle timeout, whatever --timeout-ms says.
         Some(limit) => match tokio::time::timeout(limit, client.call(request)).await {
@@ -435,17 +435,6 @@ async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
         None => client.call(request).await,
     };
     answer_or_failure(outcome)
-}
-
-/// How long a key request waits for its answer: the node answers by the
-/// request's deadline; a second more covers the way back.
-fn answer_limit(request: &Request) -> Option<Duration> {
-    let timeout_ms = match request {
-        Request::Get(g) => g.timeout_ms,
-        Request::Put(p) => p.timeout_ms,
-        _ => return None,
-    };
-    Some(Duration::from_millis(u64::from(timeout_ms) + 1000))
 }
 
 /// A call's answer, or the failure it comes to (see [`call`]).
@@ -523,7 +512,7 @@ mod tests {
         let mut get = GetRequest::new(b"k".to_vec(), Consistency::One);
         get.timeout_ms = 200;
         assert_eq!(
-            answer_limit(&Request::Get(get)),
+            Request::Get(get).answer_limit(),
             Some(Duration::from_millis(1200))
         );
         let put = PutRequest::new(
@@ -533,11 +522,11 @@ mod tests {
             None,
         );
         assert_eq!(
-            answer_limit(&Request::Put(put.clone())),
+            Request::Put(put.clone()).answer_limit(),
             Some(Duration::from_millis(u64::from(put.timeout_ms) + 1000))
         );
-        assert_eq!(answer_limit(&Request::Status), None);
-        assert_eq!(answer_limit(&Request::Repair), None);
+        assert_eq!(Request::Status.answer_limit(), None);
+        assert_eq!(Request::Repair.answer_limit(), None);
     }
 
     /// A connection lost under a request may have run it: not exit 4,

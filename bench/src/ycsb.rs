@@ -490,7 +490,10 @@ impl Conn {
 /// connection, a hung node), and moves on from a node that sent nothing
 /// meanwhile.
 pub(crate) fn answer_limit(request: &Request) -> Duration {
-    Duration::from_millis(u64::from(request_timeout(request)) + 1000)
+    request.answer_limit().unwrap_or(Duration::from_millis(
+        u64::from(ringkv_core::wire::DEFAULT_REQUEST_TIMEOUT_MS)
+            + ringkv_core::wire::ANSWER_SLACK_MS,
+    ))
 }
 
 /// What a ringkv answer, or its absence, counts as.
@@ -536,15 +539,6 @@ fn some_timed_out(error: &ErrorReply) -> bool {
             .iter()
             .any(|r| r.outcome == ReplicaAnswer::Timeout)
     })
-}
-
-/// The deadline a request carries, in ms.
-fn request_timeout(request: &Request) -> u32 {
-    match request {
-        Request::Get(g) => g.timeout_ms,
-        Request::Put(p) => p.timeout_ms,
-        _ => ringkv_core::wire::DEFAULT_REQUEST_TIMEOUT_MS,
-    }
 }
 
 async fn connect_all(config: &YcsbConfig, count: usize) -> Result<Vec<Arc<Conn>>, BenchError> {

@@ -637,8 +637,9 @@ impl<T: Transport> Coordinator<T> {
     /// Every owner when R = N. A `read_repair_chance` turn asks every owner
     /// believed up, so that read repair judges them all; one believed down
     /// stays a spare, asked (through a stand-in) only if an asked owner
-    /// fails: a stand-in asked up front would race the healthy owners for
-    /// R with an answer that may lack the latest write.
+    /// fails or stays silent until the stand-in delay: a stand-in asked up
+    /// front would race the healthy owners for R with an answer that may
+    /// lack the latest write.
     fn read_order(&self, owners: &[NodeId], required: usize) -> (Vec<NodeId>, Vec<NodeId>) {
         if required >= owners.len() {
             return (owners.to_vec(), Vec::new());

@@ -163,6 +163,9 @@ pub struct PutRequest {
 
 /// The deadline a request gets when the client does not choose one.
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u32 = 2000;
+/// What a client waits past a key request's deadline before it gives up on
+/// the answer ([`Request::answer_limit`]).
+pub const ANSWER_SLACK_MS: u64 = 1000;
 
 impl PutRequest {
     /// A client's write with the default deadline (a delete when `payload`
@@ -906,6 +909,21 @@ fn validate_node_id(id: &NodeId) -> Result<(), InvalidInput> {
 }
 
 impl Request {
+    /// How long a client waits for the answer to a key request: the node
+    /// answers by the request's deadline, and a second more covers the way
+    /// back (a node that froze, a dead connection). `None` for the others,
+    /// which take as long as their work (a leave, a repair).
+    pub fn answer_limit(&self) -> Option<std::time::Duration> {
+        let timeout_ms = match self {
+            Request::Get(g) => g.timeout_ms,
+            Request::Put(p) => p.timeout_ms,
+            _ => return None,
+        };
+        Some(std::time::Duration::from_millis(
+            u64::from(timeout_ms) + ANSWER_SLACK_MS,
+        ))
+    }
+
     /// Checks what bytecheck cannot: lengths, syntax, clock invariants.
     pub fn validate(&self) -> Result<(), InvalidInput> {
         match self {

@@ -257,7 +257,7 @@ impl Membership {
             // Or more --vnodes, which its peers would refuse past the limit.
             if let Some(total) = vnodes_past_limit(r, &me, RING_VNODES_MAX) {
                 return Err(NodeError::Config {
-                    reason: vnodes_refusal(&me, total),
+                    reason: vnodes_refusal(&me, total, RING_VNODES_MAX),
                 });
             }
             r.members.insert(me.id.clone(), me.clone());
@@ -536,7 +536,10 @@ impl Membership {
             .flatten()
         {
             return (
-                Response::error(ErrorKind::Refused, vnodes_refusal(&join.member, total)),
+                Response::error(
+                    ErrorKind::Refused,
+                    vnodes_refusal(&join.member, total, limit),
+                ),
                 false,
             );
         }
@@ -671,13 +674,8 @@ fn vnodes_past_limit(record: &ClusterRecord, member: &Member, limit: u64) -> Opt
 }
 
 /// Why `member` cannot join with its virtual nodes, the cluster then
-/// having `total`.
-fn vnodes_refusal(member: &Member, total: u64) -> String {
-    let limit = if total > RING_VNODES_HARD_MAX {
-        RING_VNODES_HARD_MAX
-    } else {
-        RING_VNODES_MAX
-    };
+/// having `total`, past `limit`.
+fn vnodes_refusal(member: &Member, total: u64, limit: u64) -> String {
     format!(
         "with {} the cluster would have {total} virtual nodes, above the limit of {limit} \
          (a ring that large takes seconds to build, at every change); start it with fewer --vnodes",
