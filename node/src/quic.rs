@@ -417,12 +417,12 @@ impl Channel {
         let (send, recv) = tokio::time::timeout(OPEN_STREAM_TIMEOUT, conn.open_bi())
             .await
             .map_err(|_| {
-                CallError::Stream(format!(
+                not_sent(CallError::Stream(format!(
                     "no stream credit from the node within {} ms",
                     OPEN_STREAM_TIMEOUT.as_millis()
-                ))
+                )))
             })?
-            .map_err(CallError::connection)?;
+            .map_err(|e| not_sent(CallError::connection(e)))?;
         let queue = Arc::new(FrameQueue::new());
         let waiting = Arc::new(Waiting::default());
         tokio::spawn({
@@ -447,7 +447,8 @@ impl Channel {
     /// Sends one encoded request and waits for its response.
     pub async fn call(&self, body: &[u8]) -> Result<Response, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let answer = self.waiting.register(id)?;
+        // The stream had ended: this request never went out.
+        let answer = self.waiting.register(id).map_err(not_sent)?;
         let _guard = WaitGuard {
             waiting: &self.waiting,
             id,
@@ -497,6 +498,17 @@ async fn call_on_own_stream(conn: &quinn::Connection, body: &[u8]) -> Result<Res
         .map_err(|e| explained(e, conn))
 }
 
+/// The error of a request that failed before any of it was sent (no
+/// stream could be opened, or the shared one had ended): it did not run,
+/// so it may go to another node ([`CallError::Unread`]). A refused
+/// handshake stays one.
+fn not_sent(e: CallError) -> CallError {
+    match e {
+        CallError::Refused(_) | CallError::Unread(_) => e,
+        e => CallError::Unread(format!("{e}; the request was not sent, so it did not run")),
+    }
+}
+
 /// A stream's error, with the reason the connection gives if it has closed.
 /// A stream error says only "connection lost", and a request that never got
 /// onto its stream only that it did not run; the connection knows why, and
@@ -519,7 +531,10 @@ async fn exchange_on_own_stream(
     conn: &quinn::Connection,
     body: &[u8],
 ) -> Result<Response, CallError> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(CallError::connection)?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| not_sent(CallError::connection(e)))?;
     let mut frame = Vec::new();
     put_frame(&mut frame, 0, body);
     // A draining node stops the stream unread: the write then fails, and
@@ -1655,6 +1670,39 @@ mod tests {
                 "{on_its_own:?}"
             );
         }
+    }
+
+    /// A request on a connection the node has already closed never goes
+    /// out: it fails as not run (`Unread`), so a client may send it to
+    /// another node, where one lost after it was sent may have run.
+    #[tokio::test]
+    async fn a_request_on_a_closed_connection_fails_as_not_sent() {
+        let endpoint = quinn::Endpoint::server(
+            tls::server_config(None).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let accepting = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                if let Ok(conn) = incoming.await {
+                    conn.close(0u32.into(), b"going away");
+                }
+            }
+        });
+        let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while client.connection().close_reason().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "never closed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let outcome = client.call(&Request::Ping).await;
+        match &outcome {
+            Err(CallError::Unread(why)) => assert!(why.contains("not sent"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(crate::cluster_client::ran_nothing(&outcome));
     }
 
     /// A handler that panics still answers its caller (with an internal
