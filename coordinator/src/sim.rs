@@ -598,6 +598,21 @@ impl SimCluster {
             .await
     }
 
+    /// A `--strict` put (Riak's PW: no stand-ins) sent by a client to `via`.
+    pub async fn put_strict(
+        &self,
+        via: &str,
+        key: &str,
+        value: &str,
+        w: Consistency,
+        context: Option<String>,
+    ) -> Response {
+        let mut request =
+            PutRequest::new(key, Payload::Value(value.as_bytes().to_vec()), w, context);
+        request.strict = true;
+        self.node(via).coordinator.put(request).await
+    }
+
     pub async fn get(&self, via: &str, key: &str, r: Consistency) -> Response {
         self.get_with(via, key, r, false).await
     }

@@ -375,14 +375,7 @@ async fn a_forward_leaves_room_for_the_answer_of_a_replica_that_used_its_deadlin
     // deadline. Strict, so no stand-in covers it.
     c.net.down(silent);
     c.net.take_log();
-    let mut request = ringkv_core::wire::PutRequest::new(
-        KEY,
-        ringkv_core::dvv::Payload::Value(b"v".to_vec()),
-        All,
-        None,
-    );
-    request.strict = true;
-    let answer = c.node(outsider.as_str()).coordinator.put(request).await;
+    let answer = c.put_strict(outsider.as_str(), KEY, "v", All, None).await;
     let (kind, message) = error(&answer);
     assert_eq!(kind, ErrorKind::QuorumNotReached, "{message}");
     let log = c.net.take_log();

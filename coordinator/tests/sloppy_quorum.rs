@@ -337,14 +337,7 @@ async fn strict_requests_count_only_the_preference_list() {
     let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
     s.c.net.down(&s.id(dead));
     s.until_seen(coordinator, dead, false).await;
-    let mut request = ringkv_core::wire::PutRequest::new(
-        KEY,
-        ringkv_core::dvv::Payload::Value(b"v".to_vec()),
-        All,
-        None,
-    );
-    request.strict = true;
-    let put = s.c.node(coordinator).coordinator.put(request).await;
+    let put = s.c.put_strict(coordinator, KEY, "v", All, None).await;
     let Response::Error(e) = &put else {
         panic!("{put:?}")
     };
@@ -359,15 +352,8 @@ async fn strict_requests_count_only_the_preference_list() {
     assert!(stand_ins(&put).is_empty());
     assert_eq!(s.c.hints_pending(), 0, "no hint was stored");
     // A strict quorum write still succeeds with two of three.
-    let mut request = ringkv_core::wire::PutRequest::new(
-        KEY,
-        ringkv_core::dvv::Payload::Value(b"w".to_vec()),
-        Quorum,
-        None,
-    );
-    request.strict = true;
     assert!(matches!(
-        s.c.node(coordinator).coordinator.put(request).await,
+        s.c.put_strict(coordinator, KEY, "w", Quorum, None).await,
         Response::Put(_)
     ));
 }
@@ -698,14 +684,9 @@ async fn a_slow_owner_is_waited_for_rather_than_replaced(read_repair_chance: f64
     };
     // v2 through c, which cannot reach a; strict, so no hint for a exists.
     s.c.net.partition(&s.id(a), &s.id(c));
-    let mut request = ringkv_core::wire::PutRequest::new(
-        KEY,
-        ringkv_core::dvv::Payload::Value(b"v2".to_vec()),
-        Quorum,
-        Some(put.context),
-    );
-    request.strict = true;
-    let put = s.c.node(c).coordinator.put(request).await;
+    let put =
+        s.c.put_strict(c, KEY, "v2", Quorum, Some(put.context))
+            .await;
     assert!(matches!(put, Response::Put(_)), "{put:?}");
     s.c.net.heal();
     assert_eq!(s.c.local_values(a, KEY), ["v1"]);

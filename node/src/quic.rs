@@ -1545,6 +1545,20 @@ mod tests {
         H: Fn(Request) -> F + Clone + Send + Sync + 'static,
         F: std::future::Future<Output = Response> + Send + 'static,
     {
+        server_serving(move |conn| {
+            tokio::spawn(serve_connection(
+                conn,
+                handle.clone(),
+                finish.clone(),
+                RequestMemory::new(1 << 30),
+            ));
+        })
+    }
+
+    /// A server on a loopback port that hands every connection to `serve`.
+    fn server_serving(
+        serve: impl Fn(quinn::Connection) + Send + 'static,
+    ) -> (quinn::Endpoint, SocketAddr) {
         let endpoint = quinn::Endpoint::server(
             tls::server_config(None).unwrap(),
             "127.0.0.1:0".parse().unwrap(),
@@ -1554,13 +1568,9 @@ mod tests {
         let accepting = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
-                let Ok(conn) = incoming.await else { continue };
-                tokio::spawn(serve_connection(
-                    conn,
-                    handle.clone(),
-                    finish.clone(),
-                    RequestMemory::new(1 << 30),
-                ));
+                if let Ok(conn) = incoming.await {
+                    serve(conn);
+                }
             }
         });
         (endpoint, addr)
@@ -1677,20 +1687,7 @@ mod tests {
     /// another node, where one lost after it was sent may have run.
     #[tokio::test]
     async fn a_request_on_a_closed_connection_fails_as_not_sent() {
-        let endpoint = quinn::Endpoint::server(
-            tls::server_config(None).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
-        let addr = endpoint.local_addr().unwrap();
-        let accepting = endpoint.clone();
-        tokio::spawn(async move {
-            while let Some(incoming) = accepting.accept().await {
-                if let Ok(conn) = incoming.await {
-                    conn.close(0u32.into(), b"going away");
-                }
-            }
-        });
+        let (_endpoint, addr) = server_serving(|conn| conn.close(0u32.into(), b"going away"));
         let client = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while client.connection().close_reason().is_none() {
