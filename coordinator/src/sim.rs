@@ -587,15 +587,8 @@ impl SimCluster {
         w: Consistency,
         context: Option<String>,
     ) -> Response {
-        self.node(via)
-            .coordinator
-            .put(PutRequest::new(
-                key,
-                Payload::Value(value.as_bytes().to_vec()),
-                w,
-                context,
-            ))
-            .await
+        let request = PutRequest::new(key, Payload::Value(value.as_bytes().to_vec()), w, context);
+        self.node(via).coordinator.put(request).await
     }
 
     /// A `--strict` put (Riak's PW: no stand-ins) sent by a client to `via`.
@@ -607,9 +600,10 @@ impl SimCluster {
         w: Consistency,
         context: Option<String>,
     ) -> Response {
-        let mut request =
-            PutRequest::new(key, Payload::Value(value.as_bytes().to_vec()), w, context);
-        request.strict = true;
+        let request = PutRequest {
+            strict: true,
+            ..PutRequest::new(key, Payload::Value(value.as_bytes().to_vec()), w, context)
+        };
         self.node(via).coordinator.put(request).await
     }
 
