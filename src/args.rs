@@ -356,6 +356,14 @@ pub struct Target {
     pub key: KeyArgs,
 }
 
+impl BenchArgs {
+    /// The embedded cluster's latency matrix: `--regions`, else the
+    /// default preset.
+    pub fn regions_source(&self) -> &str {
+        self.regions.as_deref().unwrap_or("preset:cloud3")
+    }
+}
+
 /// The node a request goes to without `--node`: the first of `ringkv cluster`'s.
 pub const DEFAULT_NODE: &str = "127.0.0.1:7000";
 

@@ -27,8 +27,6 @@ const EMBEDDED_NODES: usize = 5;
 const PUTGET_NODES: usize = 3;
 /// N of the embedded cluster.
 const EMBEDDED_REPLICAS: usize = 3;
-/// The embedded cluster's latency matrix without --regions.
-const DEFAULT_REGIONS: &str = "preset:cloud3";
 /// The longest `--duration-s`: past it a typo, not a run (and a deadline
 /// that far off would overflow the clock).
 const DURATION_MAX_S: u64 = 86_400;
@@ -105,8 +103,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         }
     }
     // Read before anything starts, so a bad matrix costs no load.
-    let regions = args.regions.as_deref().unwrap_or(DEFAULT_REGIONS);
-    let matrix = match regions {
+    let matrix = match args.regions_source() {
         "none" => None,
         source => Some(Arc::new(load_matrix(source).map_err(|e| {
             Failure::new(e.exit, e.message.replace("--latency-matrix", "--regions"))
@@ -424,7 +421,7 @@ async fn run_all(
             config.concurrency,
             if config.resp { String::new() } else { format!(" on {} connection(s) per node", config.connections_per_target) },
             config.duration.as_secs(),
-            if matrix.is_some() { format!(", emulated regions ({})", args.regions.as_deref().unwrap_or(DEFAULT_REGIONS)) } else { String::new() },
+            if matrix.is_some() { format!(", emulated regions ({})", args.regions_source()) } else { String::new() },
         );
     }
     let loading = bar(config.records, "load".into());
@@ -672,7 +669,7 @@ fn report_json(
             // The nodes this process started (none against --cluster).
             "embedded_nodes": embedded_nodes,
             "target": args.target,
-            "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions.as_deref().unwrap_or(DEFAULT_REGIONS)) } else { json!(null) },
+            "regions": if args.cluster.is_empty() && args.target.is_none() { json!(args.regions_source()) } else { json!(null) },
             "latency_matrix": latency_matrix,
             "node_regions": node_regions,
             // Each way between a client and its coordinator.
