@@ -4,10 +4,13 @@
 //! context, or with a stale context remembered from earlier) and random
 //! one-way syncs between three replicas. After every step each replica's live
 //! siblings must be exactly the writes it knows of that no write it knows
-//! supersedes. That is the statement "a value is dropped only if causally
-//! dominated", and its converse "nothing dominated lingers".
+//! supersedes, each with the value written under its dot. That is the
+//! statement "a value is dropped only if causally dominated", and its
+//! converse "nothing dominated lingers"; the values catch a clock that keeps
+//! the right number of siblings but the wrong ones (its dots are derived
+//! from positions, so the dots alone cannot tell).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
 
@@ -56,8 +59,9 @@ fn ctx_source() -> impl Strategy<Value = CtxSource> {
 /// Three replicas plus what really happened.
 struct Model {
     replicas: [Clock; 3],
-    /// Every write ever made: its dot and the context it superseded.
-    writes: HashMap<Dot, VersionVector>,
+    /// Every write ever made: its dot, the context it superseded and the
+    /// value it wrote.
+    writes: HashMap<Dot, (VersionVector, Payload)>,
     past_contexts: Vec<VersionVector>,
 }
 
@@ -86,9 +90,9 @@ impl Model {
                 // a coordinator only coordinates after reading its own state,
                 // which is what `update` does.
                 let value = Payload::Value(format!("w{}", self.writes.len()).into_bytes());
-                let dot = self.replicas[*at].update(&ctx, value, &node(*at));
+                let dot = self.replicas[*at].update(&ctx, value.clone(), &node(*at));
                 assert!(
-                    self.writes.insert(dot.clone(), ctx).is_none(),
+                    self.writes.insert(dot.clone(), (ctx, value)).is_none(),
                     "dot {dot:?} minted twice"
                 );
                 self.past_contexts.push(self.replicas[*at].context());
@@ -100,23 +104,27 @@ impl Model {
         }
     }
 
-    /// The siblings replica `i` must hold according to the oracle.
-    fn expected_live(&self, i: usize) -> BTreeSet<Dot> {
+    /// The siblings replica `i` must hold according to the oracle, each
+    /// with the value written under its dot.
+    fn expected_live(&self, i: usize) -> BTreeMap<Dot, Payload> {
         let known = self.replicas[i].context();
-        let known_writes: Vec<(&Dot, &VersionVector)> = self
+        let known_writes: Vec<(&Dot, &(VersionVector, Payload))> = self
             .writes
             .iter()
             .filter(|(d, _)| known.covers(d))
             .collect();
         known_writes
             .iter()
-            .filter(|(d, _)| !known_writes.iter().any(|(_, ctx)| ctx.covers(d)))
-            .map(|(d, _)| (*d).clone())
+            .filter(|(d, _)| !known_writes.iter().any(|(_, (ctx, _))| ctx.covers(d)))
+            .map(|(d, (_, value))| ((*d).clone(), value.clone()))
             .collect()
     }
 
-    fn live(&self, i: usize) -> BTreeSet<Dot> {
-        self.replicas[i].siblings().map(|s| s.dot).collect()
+    fn live(&self, i: usize) -> BTreeMap<Dot, Payload> {
+        self.replicas[i]
+            .siblings()
+            .map(|s| (s.dot, s.payload.clone()))
+            .collect()
     }
 }
 
