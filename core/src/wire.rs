@@ -43,6 +43,12 @@ pub const RING_VNODES_MAX: u64 = 65_536;
 /// every member then takes. A record past it (a faulty or hostile peer)
 /// is refused alike by every node, before any ring is built from it.
 pub const RING_VNODES_HARD_MAX: u64 = RING_VNODES_MAX + 16 * VNODES_MAX as u64;
+/// The most removed ids a cluster record may hold. Every removal
+/// (`ringkv remove`, a leave) adds one for good, so that the id cannot
+/// come back; a cluster would have to replace a node every hour for seven
+/// years to reach it. A removal past it is refused, and so is a record
+/// that holds more (a faulty or hostile peer), before it costs memory.
+pub const REMOVED_IDS_MAX: usize = 65_536;
 /// How a clock breaks the per-key limits, which no replica may store past:
 /// reads would refuse such a clock as corrupt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -740,7 +746,13 @@ impl ArchivedResponse {
             ArchivedResponse::Joined(record)
             | ArchivedResponse::Removed(ArchivedRemoveReply { record, .. })
             | ArchivedResponse::Left(ArchivedLeaveReply { record, .. }) => {
-                check_count(record.members.len(), MEMBERS_MAX, "answers with", "members")
+                check_count(record.members.len(), MEMBERS_MAX, "answers with", "members")?;
+                check_count(
+                    record.removed.len(),
+                    REMOVED_IDS_MAX,
+                    "answers with",
+                    "removed ids",
+                )
             }
             ArchivedResponse::Status(status) => {
                 check_count(status.nodes.len(), MEMBERS_MAX, "answers with", "members")
@@ -862,19 +874,33 @@ pub fn decode_cluster_record_v3(bytes: &[u8]) -> Result<JoinReply, DecodeError> 
     Ok(record)
 }
 
-/// N in range, every member valid, every removed id valid and no longer a member.
+/// N in range, every member valid and listed once, every removed id valid
+/// and no longer a member, and no more of them than [`REMOVED_IDS_MAX`].
 fn validate_record(record: &JoinReply, what: &str) -> Result<(), InvalidInput> {
     validate_replicas(record.replicas, what)?;
     record.members.iter().try_for_each(validate_member)?;
+    let mut members = std::collections::HashSet::with_capacity(record.members.len());
+    if let Some(twice) = record.members.iter().find(|m| !members.insert(&m.id)) {
+        return Err(InvalidInput::new(format!(
+            "{what} lists member {} twice",
+            twice.id
+        )));
+    }
     let vnodes: u64 = record.members.iter().map(|m| u64::from(m.vnodes)).sum();
     if vnodes > RING_VNODES_HARD_MAX {
         return Err(InvalidInput::new(format!(
             "{what} has {vnodes} virtual nodes, more than any cluster may ({RING_VNODES_HARD_MAX})"
         )));
     }
+    if record.removed.len() > REMOVED_IDS_MAX {
+        return Err(InvalidInput::new(format!(
+            "{what} lists {} removed ids; the limit is {REMOVED_IDS_MAX}",
+            record.removed.len()
+        )));
+    }
     for id in &record.removed {
         validate_node_id(id)?;
-        if record.members.iter().any(|m| m.id == *id) {
+        if members.contains(id) {
             return Err(InvalidInput::new(format!(
                 "{what} lists {id} both as a member and as removed"
             )));
@@ -1347,7 +1373,27 @@ mod tests {
         assert!(Response::Joined(crowded).validate().is_ok());
         let mut both = record(3, 64);
         both.removed.push(both.members[0].id.clone());
+        let mut twice = record(3, 64);
+        twice.members.push(twice.members[0].clone());
+        let refused = Response::Joined(twice.clone()).validate().unwrap_err();
+        assert!(refused.to_string().contains("twice"), "{refused}");
+        // Past the limit of removed ids; refused on the archived bytes too.
+        let mut many_removed = record(3, 64);
+        many_removed.removed = (0..=REMOVED_IDS_MAX)
+            .map(|i| NodeId::new(format!("r{i}")).unwrap())
+            .collect();
+        let refused = Response::Joined(many_removed.clone())
+            .validate()
+            .unwrap_err();
+        assert!(refused.to_string().contains("removed ids"), "{refused}");
+        let bytes = encode_response(&Response::Joined(many_removed.clone()));
+        let archived = rkyv::access::<ArchivedResponse, rancor::Error>(&bytes).unwrap();
+        let refused = archived.check_counts().unwrap_err();
+        assert!(refused.to_string().contains("removed ids"), "{refused}");
+        many_removed.removed.pop();
+        assert!(Response::Joined(many_removed).validate().is_ok());
         for bad in [
+            twice,
             record(0, 64),
             record(u32::MAX, 64),
             record(3, u32::MAX),

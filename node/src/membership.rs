@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use ringkv_core::wire::{
     decode_cluster_record, decode_cluster_record_v2, decode_cluster_record_v3,
-    encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member, Response,
+    encode_cluster_record, ErrorKind, JoinReply, JoinRequest, Member, Response, REMOVED_IDS_MAX,
     RING_VNODES_HARD_MAX, RING_VNODES_MAX,
 };
 use ringkv_core::NodeId;
@@ -93,21 +93,28 @@ impl ClusterRecord {
     /// the old address back). The result is the same whatever order
     /// records meet in.
     ///
-    /// Refused whole (returning false, `self` unchanged) if the union would
-    /// pass `RING_VNODES_HARD_MAX`: each record is checked on arrival, but
-    /// two within it can still add up past it.
-    fn absorb(&mut self, reply: JoinReply, me: &NodeId) -> bool {
+    /// Refused whole (`self` unchanged; the error says why) if the union
+    /// would pass `RING_VNODES_HARD_MAX` or `REMOVED_IDS_MAX`: each record
+    /// is checked on arrival, but two within it can still add up past them.
+    fn absorb(&mut self, reply: JoinReply, me: &NodeId) -> Result<(), String> {
         let mut merged = self.clone();
         merged.absorb_unchecked(reply, me);
-        if merged.vnodes() > RING_VNODES_HARD_MAX {
-            tracing::warn!(
-                vnodes = merged.vnodes(),
-                "refused a peer's member list: with ours it would pass the cluster's virtual node limit"
-            );
-            return false;
-        }
-        *self = merged;
-        true
+        let past = if merged.vnodes() > RING_VNODES_HARD_MAX {
+            format!(
+                "the member list answered would give the cluster {} virtual nodes, more than {RING_VNODES_HARD_MAX}",
+                merged.vnodes()
+            )
+        } else if merged.removed.len() > REMOVED_IDS_MAX {
+            format!(
+                "the member list answered would give the cluster {} removed ids, more than {REMOVED_IDS_MAX}",
+                merged.removed.len()
+            )
+        } else {
+            *self = merged;
+            return Ok(());
+        };
+        tracing::warn!("refused a peer's member list: {past}");
+        Err(past)
     }
 
     /// The cluster's virtual nodes.
@@ -363,7 +370,7 @@ impl Membership {
             };
             if guard.is_some() {
                 // The removal holds even if the rest of the list is refused.
-                if !record.absorb(reply.clone(), &self.me.id) {
+                if record.absorb(reply.clone(), &self.me.id).is_err() {
                     record.removed.insert(self.me.id.clone());
                     record.members.remove(&self.me.id);
                 }
@@ -396,12 +403,8 @@ impl Membership {
             }
         }
         let before = record.clone();
-        if !record.absorb(reply, &self.me.id) {
-            return Err(NodeError::JoinRefused {
-                reason: format!(
-                    "the member list answered would give the cluster more than {RING_VNODES_HARD_MAX} virtual nodes"
-                ),
-            });
+        if let Err(reason) = record.absorb(reply, &self.me.id) {
+            return Err(NodeError::JoinRefused { reason });
         }
         if record.removed.contains(&self.me.id) {
             // An earlier answer said so; this one has not heard yet. Putting
@@ -604,6 +607,16 @@ impl Membership {
                     "the cluster replicates every key {} times and has {} members; removing {id} would leave too few (add its replacement first, then remove it)",
                     record.replicas,
                     record.members.len()
+                ),
+            ));
+        }
+        if record.removed.len() >= REMOVED_IDS_MAX {
+            // Every node would refuse the record that held one more.
+            return Err((
+                ErrorKind::Refused,
+                format!(
+                    "this cluster has removed {} ids, the most a cluster may; {id} stays a member",
+                    record.removed.len()
                 ),
             ));
         }
@@ -945,6 +958,34 @@ mod tests {
         let err = m.adopt(many("b", 30, 2000)).unwrap_err();
         assert!(err.to_string().contains("virtual nodes"), "{err}");
         assert_eq!(m.record().unwrap(), before, "nothing of it taken");
+    }
+
+    /// Likewise for removed ids: two lists within the limit each whose
+    /// union passes it are refused whole, and a removal that would pass it
+    /// is refused with the member kept.
+    #[test]
+    fn removed_ids_past_the_limit_are_refused() {
+        let (m, _dir) = cluster_of(3, "n1");
+        let removed = |prefix: &str, count: usize| JoinReply {
+            cluster_id: 9,
+            replicas: 2,
+            members: vec![],
+            removed: (0..count)
+                .map(|i| NodeId::new(format!("{prefix}{i}")).unwrap())
+                .collect(),
+        };
+        assert!(m.adopt(removed("a", REMOVED_IDS_MAX - 1)).unwrap());
+        let before = m.record().unwrap();
+        let err = m.adopt(removed("b", 2)).unwrap_err();
+        assert!(err.to_string().contains("removed ids"), "{err}");
+        assert_eq!(m.record().unwrap(), before, "nothing of it taken");
+        // One more removal fills the set; the next is refused.
+        assert!(m.adopt(removed("b", 1)).unwrap());
+        let n2 = NodeId::new("n2").unwrap();
+        let (kind, message) = m.remove(&n2, false).expect_err("the set is full");
+        assert_eq!(kind, ErrorKind::Refused);
+        assert!(message.contains("n2 stays a member"), "{message}");
+        assert!(m.record().unwrap().members.contains_key(&n2));
     }
 
     /// A member restarted with more virtual nodes than the cluster has
