@@ -1388,10 +1388,46 @@ impl Drop for ConnectionCounted {
     }
 }
 
+/// How long a connection may take over its handshake before it is dropped
+/// and its slot given back. Without it a handshake that stalls (a client
+/// that sent its first packet and nothing more) holds a slot for the whole
+/// idle timeout, and a few hundred such packets a second hold them all. Two
+/// round trips on the slowest link take far less.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the accept loop does with a new connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Take a slot and run the handshake.
+    Accept,
+    /// Ask the client to prove it owns its address first (QUIC's stateless
+    /// Retry, one round trip, no slot taken): under pressure, so that
+    /// packets with forged source addresses cannot hold slots.
+    Retry,
+    /// Refuse at once: every slot is taken.
+    Refuse,
+}
+
+/// Admission of a connection attempt when `free` of `max` slots are free.
+/// Past half of them in use, an address not yet validated (`validated`:
+/// it came back with a Retry token) is sent a Retry if it may be
+/// (`may_retry`: not already retried).
+fn admission(free: usize, max: usize, validated: bool, may_retry: bool) -> Admission {
+    if free == 0 {
+        Admission::Refuse
+    } else if !validated && may_retry && free * 2 <= max {
+        Admission::Retry
+    } else {
+        Admission::Accept
+    }
+}
+
 /// Accepts connections and serves each, up to `max_connections` at once,
 /// until `shutdown`; from then on it refuses every new one at once (so a
 /// client hears it and tries another node rather than wait out its connect
-/// timeout) until the endpoint closes.
+/// timeout) until the endpoint closes. A handshake gets
+/// [`HANDSHAKE_TIMEOUT`]; past half the slots, a client must first
+/// validate its address (see [`Admission`]).
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     inner: Arc<NodeInner>,
@@ -1405,19 +1441,42 @@ async fn accept_loop(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    // Refused at once, so the client hears it (and need not
-                    // wait for a handshake timeout). Counted, and logged at
-                    // debug only: a flood of them must not flood the log.
-                    metrics::counter!("ringkv_connections_refused_total").increment(1);
-                    tracing::debug!(remote = %incoming.remote_address(), max_connections, "connection refused: at --max-connections");
-                    incoming.refuse();
+                let admitted = admission(
+                    slots.available_permits(),
+                    max_connections,
+                    incoming.remote_address_validated(),
+                    incoming.may_retry(),
+                );
+                if admitted == Admission::Retry {
+                    metrics::counter!("ringkv_connections_retried_total").increment(1);
+                    // Fails only if it may not retry, which was checked.
+                    let _ = incoming.retry();
                     continue;
+                }
+                let slot = match slots.clone().try_acquire_owned() {
+                    Ok(slot) if admitted == Admission::Accept => slot,
+                    _ => {
+                        // Refused at once, so the client hears it (and need
+                        // not wait for a handshake timeout). Counted, and
+                        // logged at debug only: a flood of them must not
+                        // flood the log.
+                        metrics::counter!("ringkv_connections_refused_total").increment(1);
+                        tracing::debug!(remote = %incoming.remote_address(), max_connections, "connection refused: at --max-connections");
+                        incoming.refuse();
+                        continue;
+                    }
                 };
                 let (inner, finish, request_memory) = (inner.clone(), finish.clone(), request_memory.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    match incoming.await {
+                    // Dropped on timeout, which closes it.
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, std::future::IntoFuture::into_future(incoming));
+                    let Ok(handshake) = handshake.await else {
+                        metrics::counter!("ringkv_handshakes_timed_out_total").increment(1);
+                        tracing::debug!("handshake timed out");
+                        return;
+                    };
+                    match handshake {
                         Ok(conn) => {
                             let _counted = ConnectionCounted::new();
                             // Subscribed only now: a handshake that stalls
@@ -1726,6 +1785,22 @@ mod tests {
         assert!(config.grace_is_shorter_than_the_hint_window());
         config.hints = false;
         assert!(config.grace_is_shorter_than_the_hint_window());
+    }
+
+    /// Slots are taken while any are free; past half of them in use an
+    /// unvalidated address is sent a Retry once, and none are taken when
+    /// none are free.
+    #[test]
+    fn past_half_the_slots_a_client_validates_its_address_first() {
+        use super::{admission, Admission::*};
+        assert_eq!(admission(4096, 4096, false, true), Accept);
+        assert_eq!(admission(2049, 4096, false, true), Accept);
+        assert_eq!(admission(2048, 4096, false, true), Retry);
+        assert_eq!(admission(2048, 4096, true, true), Accept, "validated");
+        assert_eq!(admission(1, 4096, false, false), Accept, "retried once");
+        assert_eq!(admission(0, 4096, true, false), Refuse);
+        // One slot in all: the only client is never made to retry.
+        assert_eq!(admission(1, 1, false, true), Accept);
     }
 
     use super::*;

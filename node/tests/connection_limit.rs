@@ -48,3 +48,121 @@ async fn connections_past_the_limit_are_refused_until_one_ends() {
     third.close().await;
     node.shutdown().await;
 }
+
+/// A client's certificate check that never returns: its handshake stalls
+/// after its first flight, holding the server's slot, as a client that sent
+/// one packet and went away would.
+#[derive(Debug)]
+struct Stalls;
+
+impl rustls::client::danger::ServerCertVerifier for Stalls {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        // Holds this client's only thread, and with it every packet it
+        // would send, well past the test.
+        std::thread::sleep(Duration::from_secs(60));
+        Err(rustls::Error::General("stalled".into()))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("stalled".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("stalled".into()))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Starts a handshake with `addr` that stalls once the server has answered
+/// its first packet, on a thread of its own (left behind, asleep).
+fn stall_a_handshake(addr: std::net::SocketAddr) {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(Stalls))
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![ringkv_core::wire::ALPN.to_vec()];
+            let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+            let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let config = quinn::ClientConfig::new(std::sync::Arc::new(quic));
+            let connecting = endpoint
+                .connect_with(config, addr, ringkv_node::tls::SERVER_NAME)
+                .unwrap();
+            let _ = connecting.await;
+        });
+    });
+}
+
+/// A handshake that stalls gives its slot back after the handshake timeout,
+/// well before the connection's idle timeout would end it: otherwise a few
+/// hundred stalled handshakes a second hold every slot.
+#[tokio::test]
+async fn a_stalled_handshake_gives_its_slot_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    config.max_connections = 1;
+    let node = Node::start(config).await.unwrap();
+    let started = Instant::now();
+    stall_a_handshake(node.addr());
+    // The stalled handshake takes the one slot: connections are refused.
+    let deadline = started + Duration::from_secs(4);
+    while Client::connect(node.addr(), Duration::from_secs(1))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled handshake took no slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Given back after the handshake timeout, before the idle timeout.
+    let limit = ringkv_node::server::HANDSHAKE_TIMEOUT + Duration::from_secs(3);
+    assert!(limit < Duration::from_millis(ringkv_node::tls::IDLE_TIMEOUT_MS));
+    let client = loop {
+        match Client::connect(node.addr(), Duration::from_secs(1)).await {
+            Ok(client) => break client,
+            Err(e) => assert!(
+                started.elapsed() < limit,
+                "the slot was not given back: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(matches!(
+        client.call(&Request::Ping).await.unwrap(),
+        Response::Pong
+    ));
+    client.close().await;
+    node.shutdown().await;
+}
