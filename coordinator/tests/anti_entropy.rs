@@ -77,6 +77,43 @@ async fn a_leaf_listing_too_large_for_one_answer_is_asked_for_in_halves() {
     assert_eq!(c.net.leaf_listings_refused(), refused);
 }
 
+/// Keys whose clocks do not fit one answer are repaired in steps of what
+/// one answer holds: each step's merges are sent before the next clocks are
+/// read, so a batch of large values is never held whole.
+#[tokio::test(start_paused = true)]
+async fn a_batch_of_large_values_is_repaired_a_step_at_a_time() {
+    let c = cluster();
+    c.net.down(&c.id("n3"));
+    let value = "x".repeat(1 << 20);
+    for k in 0..20 {
+        assert_ok(&c.put("n1", &format!("big{k}"), &value, Quorum, None).await);
+    }
+    c.net.up(&c.id("n3"));
+    c.net.take_log();
+    let report = c.repair("n1").await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.keys_repaired, 20, "{report:?}");
+    for k in 0..20 {
+        assert_eq!(
+            c.local_values("n3", &format!("big{k}")),
+            std::slice::from_ref(&value)
+        );
+    }
+    // 20 MiB of clocks on n1's side, at most 8 MiB an answer.
+    let to_n3: Vec<String> = c
+        .net
+        .take_log()
+        .into_iter()
+        .filter(|l| l == "n1 -> n3 ReadBatch" || l == "n1 -> n3 SyncBatch")
+        .collect();
+    let last_read = to_n3.iter().rposition(|l| l.ends_with("ReadBatch"));
+    let first_sync = to_n3.iter().position(|l| l.ends_with("SyncBatch"));
+    assert!(
+        first_sync < last_read && to_n3.len() >= 6,
+        "merges sent between reads: {to_n3:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
     let c = n3_missed_50_writes().await;

@@ -385,29 +385,22 @@ impl<T: Transport> AntiEntropy<T> {
         }
     }
 
-    /// `node`'s clocks of `keys`, in order, asked again for any the answer
-    /// left out for size.
-    async fn read_batch(
+    /// `node`'s clocks of the first of `keys`, in order: as many as one
+    /// answer holds (at least one; the answer stops at
+    /// `READ_BATCH_REPLY_BYTES`, or after one larger clock).
+    async fn read_some(
         &self,
         node: &NodeId,
         keys: &[Vec<u8>],
         tally: &Tally,
     ) -> Result<Vec<Option<Clock>>, AntiEntropyError> {
-        let mut clocks = Vec::with_capacity(keys.len());
-        while clocks.len() < keys.len() {
-            let request = Request::Replica(ReplicaRequest::ReadBatch {
-                keys: keys[clocks.len()..].to_vec(),
-            });
-            match self.call(node, request, tally).await? {
-                Response::Clocks(got)
-                    if !got.is_empty() && got.len() <= keys.len() - clocks.len() =>
-                {
-                    clocks.extend(got)
-                }
-                other => return Err(unexpected(node, &other)),
-            }
+        let request = Request::Replica(ReplicaRequest::ReadBatch {
+            keys: keys.to_vec(),
+        });
+        match self.call(node, request, tally).await? {
+            Response::Clocks(got) if !got.is_empty() && got.len() <= keys.len() => Ok(got),
+            other => Err(unexpected(node, &other)),
         }
-        Ok(clocks)
     }
 
     /// Merges `items` into `node`'s store, in requests of bounded size.
@@ -440,7 +433,10 @@ impl<T: Transport> AntiEntropy<T> {
         Ok(())
     }
 
-    /// Sends each side the merge of both versions of `keys`, where it differs.
+    /// Sends each side the merge of both versions of `keys`, where it
+    /// differs: in steps of as many keys as one answer from each side
+    /// holds, so that a step holds about two answers' worth of clocks
+    /// (and their merges), however large the values of a batch's keys.
     async fn repair_batch(
         &self,
         peer: &NodeId,
@@ -448,8 +444,31 @@ impl<T: Transport> AntiEntropy<T> {
         tally: &Tally,
     ) -> Result<(), AntiEntropyError> {
         let me = self.trees.me();
-        let mine = self.read_batch(me, keys, tally).await?;
-        let theirs = self.read_batch(peer, keys, tally).await?;
+        let mut done = 0;
+        while done < keys.len() {
+            let rest = &keys[done..];
+            let mut mine = self.read_some(me, rest, tally).await?;
+            let theirs = self.read_some(peer, &rest[..mine.len()], tally).await?;
+            // Mine past theirs are asked again in the next step.
+            mine.truncate(theirs.len());
+            let step = &rest[..theirs.len()];
+            self.repair_step(peer, step, mine, theirs, tally).await?;
+            done += step.len();
+        }
+        Ok(())
+    }
+
+    /// Sends each side the merge of `mine` and `theirs`, the two sides'
+    /// clocks of `keys`, where it differs.
+    async fn repair_step(
+        &self,
+        peer: &NodeId,
+        keys: &[Vec<u8>],
+        mine: Vec<Option<Clock>>,
+        theirs: Vec<Option<Clock>>,
+        tally: &Tally,
+    ) -> Result<(), AntiEntropyError> {
+        let me = self.trees.me();
         let (mut to_me, mut to_peer, mut repaired) = (Vec::new(), Vec::new(), 0);
         for ((key, mine), theirs) in keys.iter().zip(mine).zip(theirs) {
             let Some(merged) = merge_for_repair(mine.as_ref(), theirs.as_ref()) else {
