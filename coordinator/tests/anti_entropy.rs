@@ -114,6 +114,50 @@ async fn a_batch_of_large_values_is_repaired_a_step_at_a_time() {
     );
 }
 
+/// Siblings written on both sides of a partition whose merge would pass
+/// the per-key size limit: no replica could store it, so anti-entropy sends
+/// nothing for that key, does not count it repaired, and names it as
+/// skipped, every round, until a client resolves the siblings.
+#[tokio::test(start_paused = true)]
+async fn a_merge_past_the_limits_is_skipped_not_sent() {
+    let c = cluster();
+    let (n1, n2, n3) = (c.id("n1"), c.id("n2"), c.id("n3"));
+    c.net.partition(&n1, &n2);
+    c.net.partition(&n1, &n3);
+    // 9 siblings of 4 MiB on each side: 36 MiB each, 72 merged (limit 64).
+    let value = "x".repeat(ringkv_coordinator::coordinator::DEFAULT_MAX_VALUE_BYTES);
+    // n2's reach n3 too (W=2), so n1's exchanges with both must skip it.
+    for (node, w) in [("n1", 1), ("n2", 2)] {
+        for i in 0..9 {
+            let v = format!("{node}.{i}{}", &value[8..]);
+            assert_ok(&c.put(node, "huge", &v, Count(w), None).await);
+        }
+    }
+    c.net.heal();
+    c.net.take_log();
+    for _ in 0..2 {
+        let report = c.repair("n1").await;
+        assert_eq!(report.keys_repaired, 0, "{report:?}");
+        for peer in [&n2, &n3] {
+            let failure = report
+                .failures
+                .iter()
+                .find(|f| f.peer == *peer)
+                .unwrap_or_else(|| panic!("{report:?}"));
+            assert!(
+                failure.reason.contains("resolve the key's siblings"),
+                "{failure:?}"
+            );
+        }
+        let log = c.net.take_log();
+        assert!(
+            !log.iter().any(|l| l.contains("SyncBatch")),
+            "nothing sent: {log:?}"
+        );
+    }
+    assert_eq!(c.local_values("n1", "huge").len(), 9);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replica_that_missed_writes_is_repaired_without_any_read() {
     let c = n3_missed_50_writes().await;

@@ -51,14 +51,17 @@ pub const RING_VNODES_HARD_MAX: u64 = RING_VNODES_MAX + 16 * VNODES_MAX as u64;
 pub const REMOVED_IDS_MAX: usize = 65_536;
 /// How a clock breaks the per-key limits, which no replica may store past:
 /// reads would refuse such a clock as corrupt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ClockOverLimit {
     /// It names more than [`CLOCK_ENTRIES_MAX`](crate::dvv::CLOCK_ENTRIES_MAX) actors.
+    #[error("{actors} actors, over the limit of {limit}")]
     Actors { actors: usize, limit: usize },
     /// It takes more than [`CLOCK_MAX_BYTES`].
+    #[error("{bytes} bytes, over the limit of {limit}")]
     Bytes { bytes: usize, limit: usize },
     /// It holds more than [`CLOCK_PAYLOADS_MAX`](crate::dvv::CLOCK_PAYLOADS_MAX)
     /// siblings, which no request could carry to another node.
+    #[error("{siblings} siblings, over the limit of {limit}")]
     Siblings { siblings: usize, limit: usize },
 }
 

@@ -37,9 +37,9 @@ use std::time::Duration;
 use metrics::{counter, histogram};
 use ringkv_core::dvv::Clock;
 use ringkv_core::wire::{
-    encode_request, encode_response, ErrorKind, KeyClock, KeyDigest, PeerFailure, RepairReport,
-    ReplicaRequest, Request, Response, LEAVES_PER_REQUEST_MAX, READ_BATCH_REPLY_BYTES,
-    TREE_HASHES_MAX,
+    clock_over_limit, encode_request, encode_response, ClockOverLimit, ErrorKind, KeyClock,
+    KeyDigest, PeerFailure, RepairReport, ReplicaRequest, Request, Response,
+    LEAVES_PER_REQUEST_MAX, READ_BATCH_REPLY_BYTES, TREE_HASHES_MAX,
 };
 use ringkv_core::{NodeId, Transport};
 use tokio::time::Instant;
@@ -114,6 +114,11 @@ pub enum AntiEntropyError {
     Local { reason: String },
     #[error("{keys} differing keys could not be repaired; the first failure: {first}")]
     Skipped { keys: u64, first: String },
+    /// Both sides' versions merged would break the per-key limits, which
+    /// every replica refuses to store: a client must resolve the key's
+    /// siblings (a write with its context).
+    #[error("the merge of both replicas' versions would hold {over}; resolve the key's siblings with a write that carries its context")]
+    MergeOverLimit { over: ClockOverLimit },
 }
 
 /// A node's anti-entropy: answers peers' tree questions and runs rounds.
@@ -437,14 +442,16 @@ impl<T: Transport> AntiEntropy<T> {
     /// differs: in steps of as many keys as one answer from each side
     /// holds, so that a step holds about two answers' worth of clocks
     /// (and their merges), however large the values of a batch's keys.
+    /// Returns the keys whose merge neither side could store
+    /// ([`AntiEntropyError::MergeOverLimit`]), which are not sent.
     async fn repair_batch(
         &self,
         peer: &NodeId,
         keys: &[Vec<u8>],
         tally: &Tally,
-    ) -> Result<(), AntiEntropyError> {
+    ) -> Result<Vec<(Vec<u8>, AntiEntropyError)>, AntiEntropyError> {
         let me = self.trees.me();
-        let mut done = 0;
+        let (mut done, mut refused) = (0, Vec::new());
         while done < keys.len() {
             let rest = &keys[done..];
             let mut mine = self.read_some(me, rest, tally).await?;
@@ -452,14 +459,15 @@ impl<T: Transport> AntiEntropy<T> {
             // Mine past theirs are asked again in the next step.
             mine.truncate(theirs.len());
             let step = &rest[..theirs.len()];
-            self.repair_step(peer, step, mine, theirs, tally).await?;
+            refused.extend(self.repair_step(peer, step, mine, theirs, tally).await?);
             done += step.len();
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// Sends each side the merge of `mine` and `theirs`, the two sides'
-    /// clocks of `keys`, where it differs.
+    /// clocks of `keys`, where it differs; returns the keys whose merge
+    /// breaks the per-key limits, not sent (see [`Self::repair_batch`]).
     async fn repair_step(
         &self,
         peer: &NodeId,
@@ -467,13 +475,20 @@ impl<T: Transport> AntiEntropy<T> {
         mine: Vec<Option<Clock>>,
         theirs: Vec<Option<Clock>>,
         tally: &Tally,
-    ) -> Result<(), AntiEntropyError> {
+    ) -> Result<Vec<(Vec<u8>, AntiEntropyError)>, AntiEntropyError> {
         let me = self.trees.me();
         let (mut to_me, mut to_peer, mut repaired) = (Vec::new(), Vec::new(), 0);
+        let mut refused = Vec::new();
         for ((key, mine), theirs) in keys.iter().zip(mine).zip(theirs) {
             let Some(merged) = merge_for_repair(mine.as_ref(), theirs.as_ref()) else {
                 continue;
             };
+            // Either side would refuse it: sending it would only cost its
+            // bytes, every round, and count a repair that did not happen.
+            if let Some(over) = clock_over_limit(&merged) {
+                refused.push((key.clone(), AntiEntropyError::MergeOverLimit { over }));
+                continue;
+            }
             let (me_stale, peer_stale) = (
                 mine.as_ref() != Some(&merged),
                 theirs.as_ref() != Some(&merged),
@@ -507,7 +522,7 @@ impl<T: Transport> AntiEntropy<T> {
             self.sync_batch(peer, to_peer, tally).await?;
         }
         tally.keys_repaired.fetch_add(repaired, Ordering::Relaxed);
-        Ok(())
+        Ok(refused)
     }
 
     /// `peer`'s hashes of `indexes` at `level`, asked in bounded chunks.
@@ -627,11 +642,11 @@ impl<T: Transport> AntiEntropy<T> {
                     + Duration::from_secs_f64(
                         batch.len() as f64 / self.config.keys_per_s.max(1) as f64,
                     );
-                let failed: Vec<(&Vec<u8>, AntiEntropyError)> =
+                let failed: Vec<(Vec<u8>, AntiEntropyError)> =
                     match self.repair_batch(peer, batch, tally).await {
-                        Ok(()) => continue,
+                        Ok(refused) => refused,
                         Err(e) if peer_unavailable(&e) => return Err(e),
-                        Err(e) if batch.len() == 1 => vec![(&batch[0], e)],
+                        Err(e) if batch.len() == 1 => vec![(batch[0].clone(), e)],
                         // One key that cannot be read or merged (a corrupt
                         // stored clock, say) fails its whole batch, every
                         // round: try its keys one at a time, so that only
@@ -644,16 +659,16 @@ impl<T: Transport> AntiEntropy<T> {
                             for key in batch {
                                 let alone = std::slice::from_ref(key);
                                 match self.repair_batch(peer, alone, tally).await {
-                                    Ok(()) => {}
+                                    Ok(refused) => failed.extend(refused),
                                     Err(e) if peer_unavailable(&e) => return Err(e),
-                                    Err(e) => failed.push((key, e)),
+                                    Err(e) => failed.push((key.clone(), e)),
                                 }
                             }
                             failed
                         }
                     };
                 for (key, e) in failed {
-                    tracing::warn!(%peer, key = %String::from_utf8_lossy(key), error = %e, "anti-entropy key skipped");
+                    tracing::warn!(%peer, key = %String::from_utf8_lossy(&key), error = %e, "anti-entropy key skipped");
                     skipped += 1;
                     first_error.get_or_insert(e);
                 }
