@@ -22,6 +22,12 @@ use crate::node_id::NodeId;
 const TOKEN_VERSION: u8 = 1;
 /// Bounds what a token can make us allocate; a clock never has more entries.
 const TOKEN_ENTRIES_MAX: usize = crate::dvv::CLOCK_ENTRIES_MAX;
+/// The longest token a node issues: a header of 19 bytes and the most
+/// entries of the longest ids, in base64 (4 characters per 3 bytes). A
+/// longer one is refused before it is decoded, which would allocate in
+/// proportion to it.
+pub const TOKEN_CHARS_MAX: usize =
+    (19 + TOKEN_ENTRIES_MAX * (1 + crate::node_id::NODE_ID_MAX_BYTES + 8)).div_ceil(3) * 4;
 
 /// A decoded context token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +48,8 @@ impl CausalContext {
 
     /// The opaque token handed to clients.
     pub fn encode(&self) -> String {
+        // A clock names at most CLOCK_ENTRIES_MAX actors, so the count fits.
+        debug_assert!(self.version_vector.len() <= TOKEN_ENTRIES_MAX);
         let mut out = Vec::with_capacity(19 + self.version_vector.len() * 16);
         out.push(TOKEN_VERSION);
         out.extend_from_slice(&self.cluster_id.to_le_bytes());
@@ -61,6 +69,12 @@ impl CausalContext {
             return Err(InvalidInput::new(
                 "context token is empty; pass the `context:` a get printed",
             ));
+        }
+        if token.trim().len() > TOKEN_CHARS_MAX {
+            return Err(InvalidInput::new(format!(
+                "context token is {} characters long, longer than any ringkv issues ({TOKEN_CHARS_MAX}); pass the `context:` a get printed",
+                token.trim().len()
+            )));
         }
         let bytes = URL_SAFE_NO_PAD.decode(token.trim()).map_err(|_| {
             InvalidInput::new(
@@ -210,6 +224,26 @@ mod tests {
         long.push(0);
         let err = CausalContext::decode(&URL_SAFE_NO_PAD.encode(long)).unwrap_err();
         assert!(err.message.contains("trailing"), "{err}");
+    }
+
+    /// The largest token a node can issue decodes; one character more is
+    /// refused for its length before anything is decoded.
+    #[test]
+    fn tokens_longer_than_any_issued_are_refused_before_decoding() {
+        let id = |i: usize| format!("{i:0>width$}", width = crate::node_id::NODE_ID_MAX_BYTES);
+        let largest = CausalContext::new(
+            1,
+            b"k",
+            VersionVector::from_pairs(
+                (0..TOKEN_ENTRIES_MAX).map(|i| (NodeId::new(id(i)).unwrap(), u64::MAX >> 1)),
+            ),
+        );
+        let token = largest.encode();
+        assert!(token.len() <= TOKEN_CHARS_MAX);
+        assert_eq!(CausalContext::decode(&token).unwrap(), largest);
+        let over = "A".repeat(TOKEN_CHARS_MAX + 1);
+        let err = CausalContext::decode(&over).unwrap_err();
+        assert!(err.message.contains("longer than any"), "{err}");
     }
 
     proptest! {

@@ -327,6 +327,10 @@ impl Clock {
     /// The new counter is above every event of `coordinator` this replica or
     /// the client has seen; since a coordinator always applies its own writes
     /// locally first, dots of one node are minted contiguously.
+    ///
+    /// The caller must not mint past [`COUNTER_MAX`] (a replica retires an
+    /// actor that reaches it): the result would fail
+    /// [`validate`](Self::validate).
     pub fn update(
         &mut self,
         context: &VersionVector,
@@ -368,6 +372,7 @@ impl Clock {
             }
         };
         let entry = &mut self.entries[i];
+        debug_assert!(entry.counter < COUNTER_MAX, "minted past COUNTER_MAX");
         entry.counter += 1;
         entry.payloads.insert(0, payload);
         Dot {
