@@ -1149,14 +1149,18 @@ impl Node {
         }
         let storage = Arc::new(Storage::open(&config.data_dir, config.sync)?);
 
-        let mut endpoint = quinn::Endpoint::server(
-            tls::server_config(config.cluster_key.as_ref())?,
-            config.listen,
-        )
-        .map_err(|e| NodeError::Listen {
+        let listen_err = |e: std::io::Error| NodeError::Listen {
             addr: config.listen.to_string(),
             reason: e.to_string(),
-        })?;
+        };
+        let mut endpoint = quinn::Endpoint::new(
+            endpoint_config(&storage.reset_secret()?),
+            Some(tls::server_config(config.cluster_key.as_ref())?),
+            std::net::UdpSocket::bind(config.listen).map_err(listen_err)?,
+            quinn::default_runtime()
+                .ok_or_else(|| listen_err(std::io::Error::other("no async runtime")))?,
+        )
+        .map_err(listen_err)?;
         endpoint.set_default_client_config(tls::client_config(config.cluster_key.as_ref())?);
         let addr = endpoint.local_addr().map_err(|e| NodeError::Listen {
             addr: config.listen.to_string(),
@@ -1386,6 +1390,22 @@ impl Drop for ConnectionCounted {
     fn drop(&mut self) {
         metrics::gauge!("ringkv_connections").decrement(1.0);
     }
+}
+
+/// What `quinn::Endpoint::server` would use, but with the keys that make
+/// stateless resets work across a restart derived from `secret` (kept in
+/// the data dir, see `Storage::reset_secret`): the key of the reset tokens,
+/// and that of the connection ids, which the new run must recognise as its
+/// own before it answers a packet for one with a reset.
+fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let cid_key = ring::hmac::sign(&reset_key, b"ringkv connection ids");
+    let cid_key = u64::from_le_bytes(cid_key.as_ref()[..8].try_into().expect("32 bytes"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 /// How long a connection may take over its handshake before it is dropped

@@ -372,6 +372,11 @@ impl Storage {
 }
 
 const META_EPOCH: &str = "epoch";
+/// The secret behind this node's QUIC stateless resets (see
+/// [`Storage::reset_secret`]).
+const META_RESET_SECRET: &str = "reset_secret";
+/// Its length, in bytes: an HMAC-SHA256 key of the hash's block size.
+const RESET_SECRET_BYTES: usize = 64;
 const META_CLEAN_SHUTDOWN: &str = "clean_shutdown";
 const META_INCARNATION: &str = "incarnation";
 const META_LAST_RUN_SYNCED: &str = "last_run_synced";
@@ -392,6 +397,32 @@ pub fn current_boot_id() -> Option<Vec<u8>> {
 }
 
 impl Storage {
+    /// The secret this node derives its QUIC stateless-reset tokens from,
+    /// drawn at the first start and kept: a node restarted at its address
+    /// then resets at once the connections its peers and clients still hold
+    /// to its previous run, which would otherwise wait out their idle
+    /// timeout, as packets the new run cannot answer.
+    pub fn reset_secret(&self) -> Result<Vec<u8>, NodeError> {
+        if let Some(secret) = self.meta_get(META_RESET_SECRET)? {
+            if secret.len() == RESET_SECRET_BYTES {
+                return Ok(secret);
+            }
+            tracing::warn!(
+                bytes = secret.len(),
+                "the stored stateless-reset secret has the wrong length; drawing a new one"
+            );
+        }
+        use ring::rand::SecureRandom;
+        let mut secret = vec![0u8; RESET_SECRET_BYTES];
+        ring::rand::SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| NodeError::StorageIo {
+                reason: "the system's random source failed".into(),
+            })?;
+        self.meta_put(META_RESET_SECRET, &secret)?;
+        Ok(secret)
+    }
+
     /// Chooses the epoch this run mints dots under (see `NodeId::actor`) and
     /// marks the run as started, in the kernel boot `boot_id`
     /// ([`current_boot_id`]).
