@@ -51,9 +51,10 @@ async fn connections_past_the_limit_are_refused_until_one_ends() {
 
 /// A client's certificate check that never returns: its handshake stalls
 /// after its first flight, holding the server's slot, as a client that sent
-/// one packet and went away would.
+/// one packet and went away would. It says when it got there: the server
+/// has then taken the handshake, and its slot.
 #[derive(Debug)]
-struct Stalls;
+struct Stalls(std::sync::Mutex<std::sync::mpsc::Sender<()>>);
 
 impl rustls::client::danger::ServerCertVerifier for Stalls {
     fn verify_server_cert(
@@ -64,6 +65,7 @@ impl rustls::client::danger::ServerCertVerifier for Stalls {
         _: &[u8],
         _: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let _ = self.0.lock().unwrap().send(());
         // Holds this client's only thread, and with it every packet it
         // would send, well past the test.
         std::thread::sleep(Duration::from_secs(60));
@@ -96,8 +98,10 @@ impl rustls::client::danger::ServerCertVerifier for Stalls {
 }
 
 /// Starts a handshake with `addr` that stalls once the server has answered
-/// its first packet, on a thread of its own (left behind, asleep).
-fn stall_a_handshake(addr: std::net::SocketAddr) {
+/// its first packet, on a thread of its own (left behind, asleep); returns
+/// once it has.
+async fn stall_a_handshake(addr: std::net::SocketAddr) {
+    let (stalled, told) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -109,7 +113,9 @@ fn stall_a_handshake(addr: std::net::SocketAddr) {
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .unwrap()
                 .dangerous()
-                .with_custom_certificate_verifier(std::sync::Arc::new(Stalls))
+                .with_custom_certificate_verifier(std::sync::Arc::new(Stalls(
+                    std::sync::Mutex::new(stalled),
+                )))
                 .with_no_client_auth();
             tls.alpn_protocols = vec![ringkv_core::wire::ALPN.to_vec()];
             let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
@@ -121,6 +127,10 @@ fn stall_a_handshake(addr: std::net::SocketAddr) {
             let _ = connecting.await;
         });
     });
+    tokio::task::spawn_blocking(move || told.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the handshake reached the certificate check");
 }
 
 /// A handshake that stalls gives its slot back after the handshake timeout,
@@ -133,19 +143,14 @@ async fn a_stalled_handshake_gives_its_slot_back() {
     config.max_connections = 1;
     let node = Node::start(config).await.unwrap();
     let started = Instant::now();
-    stall_a_handshake(node.addr());
-    // The stalled handshake takes the one slot: connections are refused.
-    let deadline = started + Duration::from_secs(4);
-    while Client::connect(node.addr(), Duration::from_secs(1))
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the stalled handshake took no slot"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stall_a_handshake(node.addr()).await;
+    // The stalled handshake holds the one slot: a connection is refused.
+    assert!(
+        Client::connect(node.addr(), Duration::from_secs(1))
+            .await
+            .is_err(),
+        "the stalled handshake took no slot"
+    );
     // Given back after the handshake timeout, before the idle timeout.
     let limit = ringkv_node::server::HANDSHAKE_TIMEOUT + Duration::from_secs(3);
     assert!(limit < Duration::from_millis(ringkv_node::tls::IDLE_TIMEOUT_MS));
@@ -164,5 +169,31 @@ async fn a_stalled_handshake_gives_its_slot_back() {
         Response::Pong
     ));
     client.close().await;
+    node.shutdown().await;
+}
+
+/// Once half the slots are in use, a new client is first sent a Retry
+/// (it proves its address with the token) and still connects.
+#[tokio::test]
+async fn a_client_sent_a_retry_still_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    config.max_connections = 2;
+    let node = Node::start(config).await.unwrap();
+    let first = Client::connect(node.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    // One of two slots in use: the next client is retried.
+    let second = Client::connect(node.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    for client in [&first, &second] {
+        assert!(matches!(
+            client.call(&Request::Ping).await.unwrap(),
+            Response::Pong
+        ));
+    }
+    first.close().await;
+    second.close().await;
     node.shutdown().await;
 }
