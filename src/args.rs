@@ -349,7 +349,7 @@ pub struct Target {
     /// Print the result as JSON (for scripts).
     #[arg(long)]
     pub json: bool,
-    /// Give up on reaching the node after this long: 1 to 10000 ms, since the QUIC idle timeout (10 s) ends any handshake that takes longer.
+    /// Give up on reaching the node after this long: 1 to 10000 ms, since the QUIC idle timeout (10 s) ends any handshake that takes longer. (A node gives a handshake 5 s from the first packet it hears; the rest covers packets lost on the way.)
     #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = bounded::<u64>(1, ringkv_node::tls::IDLE_TIMEOUT_MS))]
     pub connect_timeout_ms: u64,
     #[command(flatten)]

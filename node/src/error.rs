@@ -34,6 +34,8 @@ pub enum NodeError {
     Removed { id: String },
     #[error("invalid configuration: {reason}")]
     Config { reason: String },
+    #[error("another process answers as node {id} at {addr}, this node's address in its cluster record: was this data dir copied? Stop that process, or start this one with a new --id and an empty --data-dir")]
+    Twin { id: String, addr: String },
     #[error("TLS setup failed: {reason}")]
     Tls { reason: String },
     #[error("cluster key file {path}: {reason}")]

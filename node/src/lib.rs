@@ -4,6 +4,8 @@
 //! - [`group_commit`]: one WAL flush for the writes of many requests.
 //! - [`cluster_key`]: the shared secret that admits nodes and clients.
 //! - [`tls`]: certificates and QUIC/TLS configuration, in one place.
+//! - [`endpoint_keys`]: the stateless-reset and connection-id keys, kept
+//!   across restarts.
 //! - [`frame`]: request/response frames on a QUIC stream and the batching
 //!   writer.
 //! - [`quic`]: requests multiplexed on QUIC connections, the peer connection
@@ -25,6 +27,7 @@
 
 pub mod cluster_client;
 pub mod cluster_key;
+pub mod endpoint_keys;
 pub mod error;
 pub mod frame;
 pub mod group_commit;

@@ -150,6 +150,8 @@ pub struct Membership {
     /// This node's incarnation: the start's, raised past any a member still
     /// holds for an earlier life of this id (a data dir started afresh).
     incarnation: AtomicU64,
+    /// See [`Membership::previous_addr`].
+    previous_addr: Option<String>,
     storage: Arc<Storage>,
     /// `None` until this node has formed or joined a cluster. Replaced
     /// only once the new record is stored (see [`RecordChange`]).
@@ -260,6 +262,11 @@ impl Membership {
             }
         }
         // A restart may come with a new address (e.g. port 0 in tests).
+        let previous_addr = record
+            .as_ref()
+            .and_then(|r| r.members.get(&me.id))
+            .map(|m| m.addr.clone())
+            .filter(|addr| *addr != me.addr);
         if let Some(r) = &mut record {
             // Or more --vnodes, which its peers would refuse past the limit.
             if let Some(total) = vnodes_past_limit(r, &me, RING_VNODES_MAX) {
@@ -271,6 +278,7 @@ impl Membership {
         }
         let membership = Membership {
             incarnation: AtomicU64::new(me.incarnation),
+            previous_addr,
             me,
             storage,
             record: RwLock::new(record),
@@ -280,6 +288,12 @@ impl Membership {
             membership.persist(&r)?;
         }
         Ok(membership)
+    }
+
+    /// The address the stored record gave this node before this start, if
+    /// it was another than this run's.
+    pub fn previous_addr(&self) -> Option<&str> {
+        self.previous_addr.as_deref()
     }
 
     /// This node's entry as it announces it.
@@ -371,7 +385,11 @@ impl Membership {
             if guard.is_some() {
                 // The removal holds even if the rest of the list is refused.
                 if record.absorb(reply.clone(), &self.me.id).is_err() {
-                    record.removed.insert(self.me.id.clone());
+                    // Not past the limit, or the next start would refuse
+                    // the record as corrupt rather than as a removal.
+                    if record.removed.len() < REMOVED_IDS_MAX {
+                        record.removed.insert(self.me.id.clone());
+                    }
                     record.members.remove(&self.me.id);
                 }
                 // Stop all the same: the next start learns it again.

@@ -1154,7 +1154,7 @@ impl Node {
             reason: e.to_string(),
         };
         let mut endpoint = quinn::Endpoint::new(
-            endpoint_config(&storage.reset_secret()?),
+            crate::endpoint_keys::endpoint_config(&storage.reset_secret()?),
             Some(tls::server_config(config.cluster_key.as_ref())?),
             std::net::UdpSocket::bind(config.listen).map_err(listen_err)?,
             quinn::default_runtime()
@@ -1392,22 +1392,6 @@ impl Drop for ConnectionCounted {
     }
 }
 
-/// What `quinn::Endpoint::server` would use, but with the keys that make
-/// stateless resets work across a restart derived from `secret` (kept in
-/// the data dir, see `Storage::reset_secret`): the key of the reset tokens,
-/// and that of the connection ids, which the new run must recognise as its
-/// own before it answers a packet for one with a reset.
-fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
-    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    let cid_key = ring::hmac::sign(&reset_key, b"ringkv connection ids");
-    let cid_key = u64::from_le_bytes(cid_key.as_ref()[..8].try_into().expect("32 bytes"));
-    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
-    config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
-    config
-}
-
 /// How long a connection may take over its handshake before it is dropped
 /// and its slot given back. Without it a handshake that stalls (a client
 /// that sent its first packet and nothing more) holds a slot for the whole
@@ -1429,9 +1413,9 @@ enum Admission {
 }
 
 /// Admission of a connection attempt when `free` of `max` slots are free.
-/// Past half of them in use, an address not yet validated (`validated`:
-/// it came back with a Retry token) is sent a Retry if it may be
-/// (`may_retry`: not already retried).
+/// Once half of them are in use, an address not yet validated
+/// (`validated`: it came with a token from a Retry or an earlier
+/// connection) is sent a Retry if it may be (`may_retry`).
 fn admission(free: usize, max: usize, validated: bool, may_retry: bool) -> Admission {
     if free == 0 {
         Admission::Refuse
@@ -1535,11 +1519,63 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
     Ok(())
 }
 
+/// How long a start waits for the address its record last gave it to say
+/// who answers there (see [`check_no_twin`]).
+const TWIN_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Refuses to start when another process answers as this node at the
+/// address its remembered record gives it, and that address is not this
+/// process's: the data dir was copied (a cloned machine, say). Started, the
+/// two would take each other's place in every member's list in turn, each
+/// restart of one passing the other's incarnation. A node that moved to a
+/// new address finds nothing there, or another node, and starts.
+async fn check_no_twin(inner: &Arc<NodeInner>, record: &ClusterRecord) -> Result<(), NodeError> {
+    let Some(previous) = inner.membership.previous_addr() else {
+        return Ok(());
+    };
+    // This run's own entry holds the address its endpoint is bound to.
+    let (Ok(addr), Ok(bound)) = (
+        previous.parse::<SocketAddr>(),
+        inner.membership.me().addr.parse::<SocketAddr>(),
+    ) else {
+        return Ok(());
+    };
+    if is_this_process(addr, bound) {
+        return Ok(());
+    }
+    let asked = tokio::time::timeout(
+        TWIN_CHECK_TIMEOUT,
+        inner.transport.call_addr(addr, &Request::Identify),
+    )
+    .await;
+    match asked {
+        Ok(Ok(Response::Identity(identity)))
+            if identity.node == inner.id && identity.cluster_id == Some(record.cluster_id) =>
+        {
+            Err(NodeError::Twin {
+                id: inner.id.to_string(),
+                addr: addr.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `addr` reaches this process, which serves on `bound`: the same
+/// port on an address of this host (a node listening on 0.0.0.0 answers
+/// on every one). Binding a socket succeeds only on an address of this host.
+fn is_this_process(addr: SocketAddr, bound: SocketAddr) -> bool {
+    addr.port() == bound.port()
+        && (bound.ip().is_unspecified() || bound.ip() == addr.ip())
+        && std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0)).is_ok()
+}
+
 /// Gets the node a cluster record: the remembered one (announced to every
 /// member), a new one, or its seeds' (then announced to every member).
 async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(), NodeError> {
     let membership = &inner.membership;
     if let Some(record) = membership.record() {
+        check_no_twin(inner, &record).await?;
         // The members' addresses may all have changed while it was away;
         // the seeds are how an operator tells it where the cluster is now.
         // Asked alongside the members, so a start waits for neither.
@@ -1807,9 +1843,9 @@ mod tests {
         assert!(config.grace_is_shorter_than_the_hint_window());
     }
 
-    /// Slots are taken while any are free; past half of them in use an
-    /// unvalidated address is sent a Retry once, and none are taken when
-    /// none are free.
+    /// Slots are taken while any are free; once half of them are in use an
+    /// unvalidated address is sent a Retry, and none are taken when none
+    /// are free.
     #[test]
     fn past_half_the_slots_a_client_validates_its_address_first() {
         use super::{admission, Admission::*};
@@ -1817,7 +1853,7 @@ mod tests {
         assert_eq!(admission(2049, 4096, false, true), Accept);
         assert_eq!(admission(2048, 4096, false, true), Retry);
         assert_eq!(admission(2048, 4096, true, true), Accept, "validated");
-        assert_eq!(admission(1, 4096, false, false), Accept, "retried once");
+        assert_eq!(admission(1, 4096, true, false), Accept, "retried once");
         assert_eq!(admission(0, 4096, true, false), Refuse);
         // One slot in all: the only client is never made to retry.
         assert_eq!(admission(1, 1, false, true), Accept);

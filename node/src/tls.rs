@@ -38,7 +38,8 @@ pub const SERVER_NAME: &str = "ringkv";
 /// How long a connection may stay silent before it is considered dead. Keep-
 /// alives keep healthy idle connections open well inside this. It also bounds
 /// a handshake: a connect timeout longer than this never takes effect, so the
-/// CLI caps `--connect-timeout-ms` at it.
+/// CLI caps `--connect-timeout-ms` at it. (A node's side of a handshake is
+/// cut shorter still, at `server::HANDSHAKE_TIMEOUT` from its first packet.)
 pub const IDLE_TIMEOUT_MS: u64 = 10_000;
 const IDLE_TIMEOUT: Duration = Duration::from_millis(IDLE_TIMEOUT_MS);
 const KEEP_ALIVE: Duration = Duration::from_secs(2);

@@ -136,3 +136,61 @@ async fn a_node_does_not_seed_itself() {
     second.shutdown().await;
     first.shutdown().await;
 }
+
+/// Copies the store in `from` (files and directories) to `to`.
+fn copy_store(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_store(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Starts `config`'s node at its address, which the run before it, shut
+/// down in this process, may hold a moment longer.
+async fn start_again(config: NodeConfig) -> ringkv_node::NodeHandle {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Node::start(config.clone()).await {
+            Ok(node) => return node,
+            Err(e @ NodeError::Listen { .. }) => {
+                assert!(std::time::Instant::now() < deadline, "{e}")
+            }
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A copy of a node's data dir started beside the node it was copied from
+/// refuses to start, naming the address where its twin answers; once that
+/// node is gone, the copy starts (a node that moved to another address).
+#[tokio::test]
+async fn a_copied_data_dir_does_not_start_while_its_original_runs() {
+    let (original, copy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut config = on_loopback("n1", original.path());
+    let first = Node::start(config.clone()).await.unwrap();
+    config.listen = first.addr();
+    first.shutdown().await;
+    copy_store(original.path(), copy.path());
+
+    let node = start_again(config.clone()).await;
+    let twin = start_fails(on_loopback("n1", copy.path())).await;
+    assert!(matches!(twin, NodeError::Twin { .. }), "{twin}");
+    assert!(
+        twin.to_string().contains(&config.listen.to_string()),
+        "{twin}"
+    );
+    // The original, restarted at its address, is not taken for a twin.
+    node.shutdown().await;
+    let again = start_again(config).await;
+    again.shutdown().await;
+
+    let moved = Node::start(on_loopback("n1", copy.path())).await.unwrap();
+    moved.shutdown().await;
+}

@@ -452,12 +452,18 @@ impl<T: Transport> AntiEntropy<T> {
     ) -> Result<Vec<(Vec<u8>, AntiEntropyError)>, AntiEntropyError> {
         let me = self.trees.me();
         let (mut done, mut refused) = (0, Vec::new());
+        // My clocks read but not yet used: those past the last step's.
+        let mut mine_ahead = Vec::new();
         while done < keys.len() {
             let rest = &keys[done..];
-            let mut mine = self.read_some(me, rest, tally).await?;
-            let theirs = self.read_some(peer, &rest[..mine.len()], tally).await?;
-            // Mine past theirs are asked again in the next step.
-            mine.truncate(theirs.len());
+            if mine_ahead.is_empty() {
+                mine_ahead = self.read_some(me, rest, tally).await?;
+            }
+            let theirs = self
+                .read_some(peer, &rest[..mine_ahead.len()], tally)
+                .await?;
+            let later = mine_ahead.split_off(theirs.len());
+            let mine = std::mem::replace(&mut mine_ahead, later);
             let step = &rest[..theirs.len()];
             refused.extend(self.repair_step(peer, step, mine, theirs, tally).await?);
             done += step.len();
