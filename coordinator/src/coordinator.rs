@@ -903,18 +903,10 @@ impl<T: Transport> Coordinator<T> {
         on_reply: &mut impl FnMut(&NodeId, Response) -> Result<(), String>,
     ) -> (ReplicaAnswer, bool) {
         if let Some(detector) = &self.detector {
-            // Any answer, even an error reply, shows the node is alive; a
-            // transport failure counts against it. A timeout does not: the
-            // deadline is the client's choice, and the probes judge
-            // slowness fairly.
-            match &result {
-                Ok(Ok(_)) => {
-                    detector.record(node, true, Instant::now());
-                }
-                Ok(Err(_)) => {
-                    detector.record(node, false, Instant::now());
-                }
-                Err(_) => {}
+            // A timeout says nothing: the deadline is the client's choice,
+            // and the probes judge slowness fairly.
+            if let Some(alive) = result.as_ref().ok().and_then(health_of) {
+                detector.record(node, alive, Instant::now());
             }
         }
         match result {
@@ -966,8 +958,10 @@ impl<T: Transport> Coordinator<T> {
             let _permit = permit;
             let _ = tokio::time::timeout_at(deadline + LATE_HINT_TIMEOUT, async move {
                 while let Some((node, result, latency_us)) = late.recv().await {
-                    if let (Some(detector), Ok(outcome)) = (&detector, &result) {
-                        detector.record(&node, outcome.is_ok(), Instant::now());
+                    if let (Some(detector), Some(alive)) =
+                        (&detector, result.as_ref().ok().and_then(health_of))
+                    {
+                        detector.record(&node, alive, Instant::now());
                     }
                     let (answer, replaceable) = match &result {
                         Ok(Ok(Response::Clock(_))) => (ReplicaAnswer::Ok { latency_us }, false),
@@ -1344,6 +1338,18 @@ fn record_metrics(op: &'static str, response: &Response, start: Instant) {
     histogram!("ringkv_request_seconds", "op" => op).record(start.elapsed().as_secs_f64());
 }
 
+/// What a replica's answer says of its health to the failure detector:
+/// alive for any answer, even an error reply; failed for a transport
+/// failure. Nothing for `NotServing`: the process runs but does not serve
+/// (a draining node refuses pings so that peers count it down, and its
+/// every refusal must not count it up again), and the probes judge it.
+fn health_of(outcome: &Result<Response, TransportError>) -> Option<bool> {
+    match outcome {
+        Ok(Response::Error(e)) if e.kind == ErrorKind::NotServing => None,
+        Ok(_) => Some(true),
+        Err(_) => Some(false),
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -435,7 +435,11 @@ impl<S: Store> ReplicaService<S> {
                     // A merge past the limits is refused for its key only:
                     // the batch's other keys must not wait, every round,
                     // for a client to resolve that one's siblings.
-                    Err(e @ (ReplicaError::TooLarge { .. } | ReplicaError::TooManyActors { .. })) => {
+                    Err(
+                        e @ (ReplicaError::TooLarge { .. }
+                        | ReplicaError::TooManyActors { .. }
+                        | ReplicaError::TooManySiblings { .. }),
+                    ) => {
                         metrics::counter!("ringkv_merges_refused_total").increment(1);
                         tracing::warn!(key = %String::from_utf8_lossy(&i.key), error = %e, "anti-entropy merge refused");
                         Ok(())

@@ -171,7 +171,8 @@ impl SimNetwork {
                 Some(format!("{from} is down"))
             } else if s.partitions.contains(&ordered(from, to)) {
                 Some("partitioned".to_string())
-            } else if s.drop_per_million > 0
+            } else if from != to
+                && s.drop_per_million > 0
                 && next_random(&mut s.rng) % 1_000_000 < u64::from(s.drop_per_million)
             {
                 Some("random drop".to_string())
@@ -254,7 +255,9 @@ pub struct SimTransport {
 impl Transport for SimTransport {
     async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
         let what = label(&request);
-        if self.net.with(|s| s.refusing.contains(to)) {
+        // A node serves its own calls directly, as a real one does: they
+        // are neither refused at a handshake nor dropped on the way.
+        if *to != self.from && self.net.with(|s| s.refusing.contains(to)) {
             self.net.with(|s| {
                 s.log
                     .push(format!("{} -> {to} {what} (refused)", self.from))

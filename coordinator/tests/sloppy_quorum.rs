@@ -742,3 +742,40 @@ async fn a_strict_read_asks_a_spare_believed_down_itself() {
         started.elapsed()
     );
 }
+
+/// A node that is draining answers every request `NotServing` and every
+/// probe too. The probes count it down even while writes keep going to
+/// it: its refusals prove the process runs, not that it serves, so they
+/// must not count it up again (before, each one reset the probes' misses
+/// and it was never seen down under traffic).
+#[tokio::test(start_paused = true)]
+async fn a_draining_owner_is_seen_down_under_traffic() {
+    let s = story(with_probes());
+    let (coordinator, draining) = (s.owners[0].clone(), s.id(&s.owners[1]));
+    s.c.net.fail_with(&draining, ErrorKind::NotServing);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut i, mut context) = (0, None);
+    while s.c.node(&coordinator).detector.is_up(&draining) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{draining} never seen down"
+        );
+        // Writes keep coming: a put every 20 ms, each to the draining owner
+        // (each superseding the last, so no siblings pile up).
+        let put =
+            s.c.put(&coordinator, KEY, &format!("v{i}"), Quorum, context)
+                .await;
+        let Response::Put(reply) = put else {
+            panic!("{put:?}")
+        };
+        context = Some(reply.context);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Down, the next write goes to a stand-in instead.
+    let put = s.c.put(&coordinator, KEY, "after", Quorum, None).await;
+    assert!(
+        stand_ins(&put).contains(&(s.fallbacks[0].clone(), s.owners[1].clone())),
+        "{put:?}"
+    );
+}
