@@ -67,17 +67,19 @@ fn repair_brings_a_restarted_replica_every_key_without_any_read() {
     rt.block_on(write_all(c.nodes[0].addr));
     // A put answers at W=2 while its coordinator still tries n3 until the
     // request deadline (2 s); let those attempts end before n3 returns.
+    // (A late one may still land on a busy machine: the repair is checked
+    // against what n3 lacks once it is back.)
     std::thread::sleep(Duration::from_millis(2500));
     c.restart(2);
-    assert_eq!(
-        rt.block_on(missing_on(c.nodes[2].addr)),
-        KEYS,
-        "n3 missed every write"
+    let missed = rt.block_on(missing_on(c.nodes[2].addr));
+    assert!(
+        missed > KEYS / 2,
+        "n3 missed the writes: {missed} of {KEYS}"
     );
 
     let first = repair(&c, 2);
     assert_eq!(first["peers"], 2, "{first}");
-    assert_eq!(first["keys_repaired"], KEYS, "{first}");
+    assert_eq!(first["keys_repaired"], missed, "{first}");
     assert_eq!(rt.block_on(missing_on(c.nodes[2].addr)), 0);
 
     let second = repair(&c, 2);

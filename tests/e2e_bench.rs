@@ -9,6 +9,8 @@ use std::time::Duration;
 
 #[test]
 fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
+    // Its embedded nodes must not share the 2 cores with another cluster.
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("bench.json");
     let plot = dir.path().join("bench.svg");
@@ -244,6 +246,8 @@ fn bad_bench_input_is_refused_before_loading() {
 
 #[test]
 fn an_open_loop_never_sends_faster_than_its_rate() {
+    // Its embedded nodes must not share the 2 cores with another cluster.
+    let _serial = serial();
     let out = run(ringkv().args([
         "bench",
         "--regions",
@@ -303,6 +307,8 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
 
 #[test]
 fn putget_runs_on_an_embedded_cluster_of_the_size_asked() {
+    // Its embedded nodes must not share the 2 cores with another cluster.
+    let _serial = serial();
     let out = run(ringkv().args([
         "bench",
         "--workload",
@@ -393,6 +399,8 @@ fn toy_redis() -> std::net::SocketAddr {
 
 #[test]
 fn the_same_workload_runs_against_a_resp_store() {
+    // Its embedded nodes must not share the 2 cores with another cluster.
+    let _serial = serial();
     let addr = toy_redis();
     let out = run(ringkv().args([
         "bench",

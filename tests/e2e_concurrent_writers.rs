@@ -156,7 +156,7 @@ async fn scenario(test: &str, nodes: usize, w: Consistency) {
     if nodes > 3 {
         // Whatever was hinted reaches the restarted node.
         tokio::task::block_in_place(|| {
-            c.eventually(Duration::from_secs(10), "every hint delivered", || {
+            c.eventually(Duration::from_secs(60), "every hint delivered", || {
                 let status = json(&c.cli(0, &["status", "--json"]));
                 status["nodes"]
                     .as_array()

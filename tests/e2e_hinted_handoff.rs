@@ -83,7 +83,7 @@ fn kill_n5_and_write(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Vec<usize
     let n5 = pending.iter().find(|(id, _)| id == "n5").unwrap();
     assert_eq!(n5.1, None, "n5 is down and cannot be asked: {pending:?}");
     // Polled: on a busy machine a peer may answer `status` too late once.
-    c.eventually(Duration::from_secs(5), "one hint per key n5 owns", || {
+    c.eventually(Duration::from_secs(30), "one hint per key n5 owns", || {
         let pending = hints_pending(c, 0);
         let live_all_answered = pending.iter().all(|(id, h)| id == "n5" || h.is_some());
         live_all_answered && total_hints(c, 0) == owned.len() as u64
@@ -95,8 +95,10 @@ fn kill_n5_and_write(c: &mut Cluster, rt: &tokio::runtime::Runtime) -> Vec<usize
 /// holds every key it owns.
 fn restart_n5_and_check(c: &mut Cluster, rt: &tokio::runtime::Runtime, owned: &[usize]) {
     c.restart(4);
+    // n5 is seen up within a few seconds, then its hints go; the deadline
+    // is for a busy machine, not a claim on speed.
     c.eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "hints_pending 0 on every node",
         || {
             let pending = hints_pending(c, 0);

@@ -14,14 +14,14 @@ use ringkv_core::wire::{ErrorReply, GetRequest, PutRequest, Request, Response};
 use ringkv_core::{Consistency, Payload};
 use ringkv_node::Client;
 
-/// n1 is "near", n2 "far": every call between them takes 1.5 s each way,
-/// so a W=all put through n1 is under way for 3 s: time enough, on a busy
+/// n1 is "near", n2 "far": every call between them takes 4 s each way,
+/// so a W=all put through n1 is under way for 8 s: time enough, on a busy
 /// machine, for a signal to arrive and a CLI process to start meanwhile.
 const MATRIX: &str = r#"
 regions = ["near", "far"]
 [[link]]
 between = ["near", "far"]
-delay_ms = 1500
+delay_ms = 4000
 "#;
 
 fn put(key: &str, w: Consistency) -> Request {
@@ -35,7 +35,7 @@ fn put(key: &str, w: Consistency) -> Request {
     Request::Put(put)
 }
 
-/// Starts a W=all put through `client`, which waits for n2 (3 s away);
+/// Starts a W=all put through `client`, which waits for n2 (8 s away);
 /// sends node 0 `signal`; and returns the first refusal n1 gives a new
 /// request, once the drain has begun, and the put still waiting then.
 async fn put_under_way_then_signal(
@@ -50,7 +50,7 @@ async fn put_under_way_then_signal(
         async move { client.call(&put).await }
     });
     // The W=all put is under way once n1 holds it: n1 writes it first,
-    // then waits 3 s for n2. (A request sent after it is no sign: the
+    // then waits 8 s for n2. (A request sent after it is no sign: the
     // spawned task may not have sent it yet.)
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -103,7 +103,7 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
             &matrix,
             "--no-hints",
             "--drain-timeout-s",
-            "20",
+            "30",
         ]
         .map(String::from)
         .to_vec()
@@ -124,13 +124,13 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
             "{refusal:?}"
         );
         assert_eq!(refusal.kind, ringkv_core::wire::ErrorKind::NotServing);
-        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+        let answer = tokio::time::timeout(Duration::from_secs(30), waiting)
             .await
             .expect("answered within the drain")
             .unwrap();
         assert!(matches!(answer, Ok(Response::Put(_))), "{answer:?}");
     });
-    let (status, stderr) = c.wait_exit(0, Duration::from_secs(15));
+    let (status, stderr) = c.wait_exit(0, Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{stderr}");
 
     // n1 is down: the CLI goes on to n2.
@@ -161,7 +161,7 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
     c.restart(0);
     let client = rt.block_on(connect());
     let (_, waiting) = rt.block_on(put_under_way_then_signal(&c, &client));
-    // n1 drains (for up to 3 s more): it refuses new connections at
+    // n1 drains (for up to 8 s more): it refuses new connections at
     // once, so the CLI sends the write to n2 instead without waiting out
     // its connect timeout (3 s).
     let out = run(ringkv().args([

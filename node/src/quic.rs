@@ -1315,11 +1315,13 @@ mod tests {
     async fn a_down_peer_is_dialled_once_per_retry_window() {
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(tls::client_config(None).unwrap());
-        let pool = Arc::new(PeerPool::new(endpoint, Duration::from_millis(300)));
-        let dead = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // A connect timeout far above the callers' 5 × 40 ms, even when a
+        // busy machine runs their timers late.
+        let pool = Arc::new(PeerPool::new(endpoint, Duration::from_millis(1000)));
+        // Held for the whole test, so no one else takes the port; it reads
+        // nothing, so a dial to it times out.
+        let dead_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dead = dead_socket.local_addr().unwrap();
         // Callers that give up well before the connect timeout.
         for _ in 0..5 {
             let call = pool.call(dead, &Request::Ping);
@@ -1513,6 +1515,10 @@ mod tests {
     }
 
     /// A server whose handler answers gets slowly and pings at once.
+    /// How long [`slow_get_server`] takes over a get: long enough that a
+    /// busy machine answers a ping sent after it first.
+    const SLOW_GET: Duration = Duration::from_millis(1000);
+
     async fn slow_get_server() -> (quinn::Endpoint, SocketAddr) {
         slow_get_server_finishing_on(watch::channel(false).1).await
     }
@@ -1525,7 +1531,7 @@ mod tests {
         let handle = |request| async move {
             match request {
                 Request::Get(_) => {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tokio::time::sleep(SLOW_GET).await;
                     Response::error(ErrorKind::Internal, "slow")
                 }
                 Request::Put(_) => panic!("a handler bug"),
@@ -1629,7 +1635,7 @@ mod tests {
         let ping_took = started.elapsed();
         assert!(!slow.is_finished(), "the ping was answered after the get");
         assert!(matches!(slow.await.unwrap(), Ok(Response::Error(_))));
-        assert!(ping_took < Duration::from_millis(300));
+        assert!(ping_took < SLOW_GET);
     }
 
     /// A server that finishes its streams (a draining node) answers what it
@@ -2109,12 +2115,12 @@ mod tests {
         let gave_up = tokio::time::timeout(Duration::from_millis(20), client.call(&get("k"))).await;
         assert!(gave_up.is_err());
         // Forgotten at once, by the abandoned call's guard: the answer (due
-        // at 300 ms) has not come yet.
+        // after SLOW_GET) has not come yet.
         let channel = client.channel.lock().await.clone().unwrap();
         assert!(channel.waiting.state.lock().unwrap().callers.is_empty());
         // Once the late answer has arrived (and been dropped), the stream
         // still serves.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(SLOW_GET + Duration::from_millis(100)).await;
         assert!(matches!(
             client.call(&Request::Ping).await,
             Ok(Response::Pong)

@@ -61,8 +61,10 @@ fn a_restarted_node_resets_connections_to_its_previous_run() {
             ),
             "{outcome:?}"
         );
-        // The idle timeout is 10 s; a reset comes back in one round trip.
-        assert!(waited < Duration::from_secs(2), "waited {waited:?}");
+        // A reset comes back in one round trip; without one the call would
+        // wait out the 10 s idle timeout. Half of that leaves room for a
+        // busy machine.
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
         second.shutdown().await;
     });
 }
