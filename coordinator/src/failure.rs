@@ -8,7 +8,9 @@
 //! touch.
 //!
 //! - A peer is **down** after [`DetectorConfig::failures_to_down`] consecutive
-//!   failures (probe or request), and **up** again after any success. A peer
+//!   failures (probe or request), and **up** again after any success (a
+//!   request answered `NotServing` is neither: a draining node answers so,
+//!   and only the probes judge it). A peer
 //!   that failed once but is not down yet is a suspect and is re-probed after
 //!   a quarter interval, so one lost probe costs little time to confirm.
 //! - An up peer is probed every `probe_interval`; a down one with back-off,
