@@ -208,7 +208,14 @@ fn strict_writes_do_not_count_fallbacks() {
             .any(|r| r["hint_for"] == "n5" && r["outcome"] == "ok"),
         "{replicas}"
     );
-    // Strict reads refuse fallbacks too.
+    // Strict reads refuse fallbacks too. A read asks a stand-in only for
+    // an owner believed down, not for one that is merely silent (it may
+    // hold a newer version than any stand-in): wait until n1's probes
+    // have seen n5 down (from a connection made before the kill, only they
+    // tell, within about 2.3 s).
+    c.eventually(Duration::from_secs(30), "n5 seen down by n1", || {
+        c.state_seen_by(0, "n5") == "down"
+    });
     assert_exit(&c.cli(0, &["get", &k, "-r", "all", "--strict"]), 3);
     assert_exit(&c.cli(0, &["get", &k, "-r", "all"]), 0);
 }

@@ -119,7 +119,39 @@ impl Cluster {
             };
             cluster.launch(i - 1, &seeds).expect("node starts");
         }
+        cluster.wait_until_every_node_lists_all();
         cluster
+    }
+
+    /// Waits until every node's `status` lists every node as a member. A
+    /// node serves once it has joined and told the others, but telling is
+    /// best effort (1 s each): on a busy machine a member may learn of a
+    /// new one only at the next membership exchange, seconds later.
+    fn wait_until_every_node_lists_all(&self) {
+        for i in 0..self.nodes.len() {
+            let key = self.key_args(i);
+            let mut args = vec!["status", "--json"];
+            args.extend(key.iter().map(String::as_str));
+            self.eventually(START_DEADLINE, "every node lists every member", || {
+                let out = self.cli(i, &args);
+                out.status.success()
+                    && json(&out)["nodes"]
+                        .as_array()
+                        .is_some_and(|nodes| nodes.len() == self.nodes.len())
+            });
+        }
+    }
+
+    /// The `--cluster-key-file` flag node `i` was started with, if any,
+    /// for the CLI to present the same key.
+    fn key_args(&self, i: usize) -> Vec<String> {
+        let extra = &self.nodes[i].extra;
+        extra
+            .iter()
+            .position(|a| a == "--cluster-key-file")
+            .and_then(|at| extra.get(at..at + 2))
+            .map(<[String]>::to_vec)
+            .unwrap_or_default()
     }
 
     /// Starts node `i` (0-based) with `seeds`; waits until it serves.
