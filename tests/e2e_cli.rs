@@ -284,6 +284,9 @@ fn unwritable_output_and_odd_arguments_are_errors_not_panics() {
 
 #[test]
 fn a_closed_stdout_ends_the_cli_quietly() {
+    // `demo` starts embedded nodes on loopback ports: not beside another
+    // test's cluster, whose ports it could take.
+    let _serial = serial();
     // The reader (`true`) has exited long before ringkv writes, so the
     // write meets a closed pipe, as in `ringkv bench --json | head`.
     let out = std::process::Command::new("sh")

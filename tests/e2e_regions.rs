@@ -77,7 +77,12 @@ fn replica_latencies_follow_the_latency_matrix() {
         (120.0..120.0 * 1.5 + 10.0).contains(&c3),
         "n3 median {c3} ms: {to_c:?}"
     );
-    assert!(latency_of(&json(&c.cli(0, &["get", "k0", "-r", "1", "--json"])), "n1") < 40.0);
+    // A local read takes no emulated delay: the quickest of three (one may
+    // meet a busy core) is far below the 40 ms of the nearest link.
+    let local = (0..3)
+        .map(|_| latency_of(&json(&c.cli(0, &["get", "k0", "-r", "1", "--json"])), "n1"))
+        .fold(f64::INFINITY, f64::min);
+    assert!(local < 40.0, "local read {local} ms");
 
     // A bad matrix, or a region it lacks, is refused before the node starts.
     std::fs::write(dir.path().join("bad.toml"), "regions = [\"a\", \"b\"]\n").unwrap();
