@@ -256,7 +256,8 @@ impl Transport for SimTransport {
     async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
         let what = label(&request);
         // A node serves its own calls directly, as a real one does: they
-        // are neither refused at a handshake nor dropped on the way.
+        // are neither refused at a handshake nor dropped on the way. (A
+        // node made to fail, `fail_with`, fails its own calls too.)
         if *to != self.from && self.net.with(|s| s.refusing.contains(to)) {
             self.net.with(|s| {
                 s.log

@@ -284,10 +284,24 @@ impl Membership {
             record: RwLock::new(record),
             changes: Mutex::new(()),
         };
-        if let Some(r) = membership.record() {
+        // A new address is stored only once the start has checked that no
+        // other process answers at the old one (`confirm_address`): stored
+        // now, a refused twin's next start would find no old address to ask.
+        if let (Some(r), None) = (membership.record(), &membership.previous_addr) {
             membership.persist(&r)?;
         }
         Ok(membership)
+    }
+
+    /// Stores this node's entry at its new address (see
+    /// [`Membership::previous_addr`]), once the start has found that no
+    /// other process answers as this node at the old one.
+    pub fn confirm_address(&self) -> Result<(), NodeError> {
+        let _one_at_a_time = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        match self.record() {
+            Some(r) => self.persist(&r),
+            None => Ok(()),
+        }
     }
 
     /// The address the stored record gave this node before this start, if

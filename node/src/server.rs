@@ -1524,25 +1524,20 @@ async fn form_or_join(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<(),
 const TWIN_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Refuses to start when another process answers as this node at the
-/// address its remembered record gives it, and that address is not this
-/// process's: the data dir was copied (a cloned machine, say). Started, the
-/// two would take each other's place in every member's list in turn, each
-/// restart of one passing the other's incarnation. A node that moved to a
-/// new address finds nothing there, or another node, and starts.
+/// address its remembered record gives it, another than this run's: the
+/// data dir was copied (a cloned machine, say). Started, the two would take
+/// each other's place in every member's list in turn, each restart of one
+/// passing the other's incarnation. A node that moved to a new address
+/// finds nothing there, or another node, and stores its new address. (The
+/// check covers a copy started while its original runs; an original
+/// started after its copy has moved the cluster's entry is not caught.)
 async fn check_no_twin(inner: &Arc<NodeInner>, record: &ClusterRecord) -> Result<(), NodeError> {
     let Some(previous) = inner.membership.previous_addr() else {
         return Ok(());
     };
-    // This run's own entry holds the address its endpoint is bound to.
-    let (Ok(addr), Ok(bound)) = (
-        previous.parse::<SocketAddr>(),
-        inner.membership.me().addr.parse::<SocketAddr>(),
-    ) else {
-        return Ok(());
+    let Ok(addr) = previous.parse::<SocketAddr>() else {
+        return inner.membership.confirm_address();
     };
-    if is_this_process(addr, bound) {
-        return Ok(());
-    }
     let asked = tokio::time::timeout(
         TWIN_CHECK_TIMEOUT,
         inner.transport.call_addr(addr, &Request::Identify),
@@ -1557,17 +1552,8 @@ async fn check_no_twin(inner: &Arc<NodeInner>, record: &ClusterRecord) -> Result
                 addr: addr.to_string(),
             })
         }
-        _ => Ok(()),
+        _ => inner.membership.confirm_address(),
     }
-}
-
-/// Whether `addr` reaches this process, which serves on `bound`: the same
-/// port on an address of this host (a node listening on 0.0.0.0 answers
-/// on every one). Binding a socket succeeds only on an address of this host.
-fn is_this_process(addr: SocketAddr, bound: SocketAddr) -> bool {
-    addr.port() == bound.port()
-        && (bound.ip().is_unspecified() || bound.ip() == addr.ip())
-        && std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0)).is_ok()
 }
 
 /// Gets the node a cluster record: the remembered one (announced to every
