@@ -1457,18 +1457,15 @@ async fn accept_loop(
                     let _ = incoming.retry();
                     continue;
                 }
-                let slot = match slots.clone().try_acquire_owned() {
-                    Ok(slot) if admitted == Admission::Accept => slot,
-                    _ => {
-                        // Refused at once, so the client hears it (and need
-                        // not wait for a handshake timeout). Counted, and
-                        // logged at debug only: a flood of them must not
-                        // flood the log.
-                        metrics::counter!("ringkv_connections_refused_total").increment(1);
-                        tracing::debug!(remote = %incoming.remote_address(), max_connections, "connection refused: at --max-connections");
-                        incoming.refuse();
-                        continue;
-                    }
+                // `Refuse` means no slot was free: the slot itself decides.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Refused at once, so the client hears it (and need not
+                    // wait for a handshake timeout). Counted, and logged at
+                    // debug only: a flood of them must not flood the log.
+                    metrics::counter!("ringkv_connections_refused_total").increment(1);
+                    tracing::debug!(remote = %incoming.remote_address(), max_connections, "connection refused: at --max-connections");
+                    incoming.refuse();
+                    continue;
                 };
                 let (inner, finish, request_memory) = (inner.clone(), finish.clone(), request_memory.clone());
                 tokio::spawn(async move {

@@ -6,6 +6,9 @@ use std::path::Path;
 
 use ringkv_core::NodeId;
 use ringkv_node::{Node, NodeConfig, NodeError};
+use support::start_again;
+
+mod support;
 
 /// The error of a start that must fail.
 async fn start_fails(config: NodeConfig) -> NodeError {
@@ -148,22 +151,6 @@ fn copy_store(from: &Path, to: &Path) {
         } else {
             std::fs::copy(entry.path(), target).unwrap();
         }
-    }
-}
-
-/// Starts `config`'s node at its address, which the run before it, shut
-/// down in this process, may hold a moment longer.
-async fn start_again(config: NodeConfig) -> ringkv_node::NodeHandle {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Node::start(config.clone()).await {
-            Ok(node) => return node,
-            Err(e @ NodeError::Listen { .. }) => {
-                assert!(std::time::Instant::now() < deadline, "{e}")
-            }
-            Err(e) => panic!("{e}"),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -10,6 +10,8 @@ use ringkv_core::wire::{Request, Response};
 use ringkv_core::NodeId;
 use ringkv_node::{CallError, Client, Node, NodeConfig};
 
+mod support;
+
 #[test]
 fn a_restarted_node_resets_connections_to_its_previous_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -41,16 +43,8 @@ fn a_restarted_node_resets_connections_to_its_previous_run() {
     drop(first);
 
     runtime.block_on(async {
-        // Started again at the same address, in the same data dir (which a
-        // blocking task of the first run may hold a moment longer).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let second = loop {
-            match Node::start(config.clone()).await {
-                Ok(node) => break node,
-                Err(e) => assert!(Instant::now() < deadline, "no restart: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        // Started again at the same address, in the same data dir.
+        let second = support::start_again(config.clone()).await;
         let asked = Instant::now();
         let outcome = client.call(&Request::Ping).await;
         let waited = asked.elapsed();

@@ -1,5 +1,5 @@
-//! Helpers the node tests that start several in-process nodes share
-//! (`leave`, `cleanup`).
+//! Helpers the node tests that start in-process nodes share (`leave`,
+//! `cleanup`, `cluster_client`, and restarts in one process).
 
 // Each test crate that includes this module uses only some helpers.
 #![allow(dead_code)]
@@ -101,4 +101,25 @@ pub async fn held_locally(client: &Client, key: &str) -> bool {
         ..GetRequest::new(key, Consistency::One)
     });
     matches!(client.call(&get).await, Ok(Response::Get(g)) if g.values == [key.as_bytes().to_vec()])
+}
+
+/// Starts `config`'s node again, at the address and in the data dir a run
+/// in this process just gave up: its socket and store may be held a moment
+/// longer (by a task still ending), so the start is tried again until it
+/// gets them, for up to 10 s.
+pub async fn start_again(config: NodeConfig) -> NodeHandle {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Node::start(config.clone()).await {
+            Ok(node) => return node,
+            Err(
+                e @ (ringkv_node::NodeError::Listen { .. }
+                | ringkv_node::NodeError::DataDirInUse { .. }),
+            ) => {
+                assert!(std::time::Instant::now() < deadline, "no restart: {e}")
+            }
+            Err(e) => panic!("no restart: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
