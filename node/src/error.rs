@@ -41,7 +41,7 @@ pub enum NodeError {
     #[error("cluster key file {path}: {reason}")]
     ClusterKey { path: PathBuf, reason: String },
     #[error(transparent)]
-    TreeRebuildOverrun(#[from] ringkv_repair::trees::RebuildOverrun),
+    NoTreeRebuild(#[from] ringkv_repair::trees::NoRebuildUnderWay),
     #[error("the Merkle tree rebuild was stopped: the node is shutting down")]
     TreeRebuildStopped,
 }

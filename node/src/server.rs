@@ -871,8 +871,7 @@ const REBUILD_RETRY_MOST: Duration = Duration::from_secs(60);
 /// Rebuilds the Merkle trees from the store for every ring an install puts
 /// in effect that places keys differently (several installs in quick
 /// succession give one rebuild), on the blocking pool, until shutdown. A
-/// rebuild that fails (a read error, a panic, or more keys written during
-/// the scan than it may remember) is tried again after a wait that
+/// rebuild that fails (a read error, a panic) is tried again after a wait that
 /// doubles, from 1 s up to a minute, or at once for a new ring: until one
 /// succeeds the trees are not ready and anti-entropy skips this node.
 async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
@@ -926,14 +925,6 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
                 metrics::histogram!("ringkv_merkle_rebuild_seconds").record(seconds);
                 tracing::info!(keys, seconds, "Merkle trees rebuilt");
                 retry_in = None;
-                continue;
-            }
-            Ok(Err(NodeError::TreeRebuildOverrun(overrun))) => {
-                // A load condition, not a fault: the scan overlapped more
-                // writes than it could remember.
-                metrics::counter!("ringkv_merkle_rebuild_overruns_total").increment(1);
-                tracing::warn!(%overrun, retry_in_s = wait.as_secs(), "Merkle tree rebuild overran; anti-entropy skips this node until a rebuild succeeds");
-                retry_in = Some(wait);
                 continue;
             }
             Ok(Err(e)) => e.to_string(),

@@ -688,31 +688,29 @@ impl Storage {
     }
 
     /// Rebuilds `trees` for `ring` from a snapshot of `data` while writes go
-    /// on (see `ReplicaTrees::finish_rebuild`). Returns the number of keys
+    /// on (see `ReplicaTrees::begin_rebuild`). Returns the number of keys
     /// scanned.
     ///
     /// It reads every stored clock, values included: the digests are not
     /// kept apart, which would cost every overwrite a second write.
     ///
     /// Setting `stop` (at shutdown) ends the scan at its next check, every
-    /// [`OVERRUN_CHECK_EVERY`] keys, or the correction of changed keys at its
-    /// next key, with [`NodeError::TreeRebuildStopped`] and nothing
-    /// installed: a scan of a large store takes minutes, and shutdown waits
-    /// for it.
+    /// [`STOP_CHECK_EVERY`] keys, with [`NodeError::TreeRebuildStopped`]
+    /// and nothing installed: a scan of a large store takes minutes, and
+    /// shutdown waits for it.
     pub fn rebuild_trees(
         &self,
         trees: &ReplicaTrees,
         ring: std::sync::Arc<Ring>,
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<u64, NodeError> {
-        trees.begin_rebuild();
         let mut guard = AbandonUnlessFinished {
             trees,
             finished: false,
         };
+        let snapshot = trees.begin_rebuild(ring.clone(), || self.db.snapshot());
         #[cfg(test)]
         self.test_rebuild_begins()?;
-        let snapshot = self.db.snapshot();
         let cf = self.cf(CF_DATA);
         let mut failed = None;
         let mut scanned = 0u64;
@@ -726,13 +724,10 @@ impl Storage {
                 }
             })
             .map(|(key, stored)| (key.into_vec(), stored_digest(&stored)))
-            // Past its cap of changed keys the rebuild cannot finish: stop
-            // reading the store for it (finish_rebuild reports the overrun).
-            // Likewise once shutdown asks it to stop.
             .take_while(|_| {
                 scanned += 1;
-                !scanned.is_multiple_of(OVERRUN_CHECK_EVERY)
-                    || !(trees.is_overrun() || stop.load(std::sync::atomic::Ordering::Relaxed))
+                !scanned.is_multiple_of(STOP_CHECK_EVERY)
+                    || !stop.load(std::sync::atomic::Ordering::Relaxed)
             });
         let fresh = trees.build(ring, items);
         #[cfg(test)]
@@ -745,21 +740,8 @@ impl Storage {
             // The guard abandons the rebuild.
             return Err(NodeError::TreeRebuildStopped);
         }
-        // However it ends, finishing clears the record of changed keys.
+        trees.finish_rebuild(fresh)?;
         guard.finished = true;
-        trees.finish_rebuild(fresh, |key| {
-            // Its catch-up rounds can read a million keys: shutdown need
-            // not wait for them.
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(NodeError::TreeRebuildStopped);
-            }
-            let read = |db_get: Result<Option<rocksdb::DBPinnableSlice>, rocksdb::Error>| {
-                db_get.map(|b| b.map(|b| stored_digest(&b))).map_err(io)
-            };
-            let then = read(snapshot.get_pinned_cf(cf, key))?;
-            let now = read(self.db.get_pinned_cf(cf, key))?;
-            Ok::<_, NodeError>((then, now))
-        })?;
         Ok(scanned)
     }
 
@@ -870,8 +852,8 @@ impl Storage {
 }
 
 /// How many scanned keys a tree rebuild reads between two checks of
-/// whether it has overrun its cap of changed keys.
-const OVERRUN_CHECK_EVERY: u64 = 4096;
+/// whether shutdown asked it to stop.
+const STOP_CHECK_EVERY: u64 = 4096;
 
 /// Abandons the rebuild it guards unless it reached its finish, so that a
 /// rebuild that fails or panics part way leaves the trees not ready and
@@ -1540,7 +1522,7 @@ mod tests {
     fn a_stopped_rebuild_ends_early_and_installs_nothing() {
         use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
         use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-        const KEYS: u64 = 3 * OVERRUN_CHECK_EVERY;
+        const KEYS: u64 = 3 * STOP_CHECK_EVERY;
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::open(dir.path(), false).unwrap();
         for k in 0..KEYS {
@@ -1554,87 +1536,10 @@ mod tests {
             s.rebuild_trees(&trees, ring(), &stop),
             Err(NodeError::TreeRebuildStopped)
         ));
-        assert_eq!(s.keys_scanned.load(SeqCst), OVERRUN_CHECK_EVERY);
+        assert_eq!(s.keys_scanned.load(SeqCst), STOP_CHECK_EVERY);
         assert!(!trees.is_ready());
         stop.store(false, SeqCst);
         assert_eq!(s.rebuild_trees(&trees, ring(), &stop).unwrap(), KEYS);
-        assert!(trees.is_ready());
-    }
-
-    /// A rebuild whose scan overlaps more changed keys than its trees may
-    /// remember (here: any) stops reading at its next check, fails with
-    /// the overrun and leaves the trees not ready; once writes pause, the
-    /// next one succeeds.
-    #[test]
-    fn a_rebuild_overrun_by_writes_stops_early_fails_and_a_quiet_one_succeeds() {
-        use ringkv_coordinator::replica::ReplicaService;
-        use ringkv_repair::merkle::DEFAULT_LEAF_BITS;
-        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-        /// Stops the writer however the test ends.
-        struct StopOnDrop(std::sync::Arc<AtomicBool>);
-        impl Drop for StopOnDrop {
-            fn drop(&mut self) {
-                self.0.store(true, SeqCst);
-            }
-        }
-        const KEYS: u64 = 3 * OVERRUN_CHECK_EVERY;
-        let dir = tempfile::tempdir().unwrap();
-        let s = std::sync::Arc::new(Storage::open(dir.path(), false).unwrap());
-        let me = NodeId::new("n1").unwrap();
-        let trees = std::sync::Arc::new(
-            ReplicaTrees::new(me.clone(), ring(), DEFAULT_LEAF_BITS)
-                .unwrap()
-                .with_touched_max_bytes(0),
-        );
-        let replica = std::sync::Arc::new(
-            ReplicaService::new(me, s.clone(), 10).with_observer(trees.clone()),
-        );
-        for k in 0..KEYS {
-            let value = Payload::Value(b"v".to_vec());
-            replica
-                .update(format!("k{k}").as_bytes(), &Default::default(), value)
-                .unwrap();
-        }
-        let stop = StopOnDrop(std::sync::Arc::new(AtomicBool::new(false)));
-        let writer = {
-            let (replica, stop) = (replica.clone(), stop.0.clone());
-            std::thread::spawn(move || {
-                let mut i = 0u64;
-                while !stop.load(SeqCst) {
-                    let key = format!("k{}", i % KEYS);
-                    let current = replica.read(key.as_bytes()).unwrap().unwrap_or_default();
-                    let value = Payload::Value(b"w".to_vec());
-                    replica
-                        .update(key.as_bytes(), &current.context(), value)
-                        .unwrap();
-                    i += 1;
-                }
-            })
-        };
-        // Writes never stop meanwhile, so some rebuild overlaps one early
-        // in its scan, and that scan stops at its next check.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let overrun = loop {
-            assert!(!writer.is_finished(), "the writer stopped");
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no rebuild overran early in its scan"
-            );
-            match s.rebuild_trees(&trees, ring(), &GO) {
-                Err(NodeError::TreeRebuildOverrun(overrun)) => {
-                    assert!(!trees.is_ready(), "an overrun rebuild installs nothing");
-                    if s.keys_scanned.load(SeqCst) < KEYS {
-                        break overrun;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => panic!("{e}"),
-            }
-        };
-        assert!(overrun.changed_keys >= 1 && overrun.max_bytes == 0);
-        drop(stop);
-        writer.join().unwrap();
-        assert_eq!(s.rebuild_trees(&trees, ring(), &GO).unwrap(), KEYS);
         assert!(trees.is_ready());
     }
 
@@ -1666,7 +1571,15 @@ mod tests {
             std::thread::spawn(move || {
                 for i in 0..3000 {
                     let key = format!("k{}", (i * 7) % 600);
-                    let current = replica.read(key.as_bytes()).unwrap().unwrap_or_default();
+                    let current = replica.read(key.as_bytes()).unwrap();
+                    // Some keys go away (as a collected tombstone does).
+                    if let Some(current) = current.as_ref().filter(|_| i % 5 == 0) {
+                        assert!(replica
+                            .remove_if_unchanged(key.as_bytes(), current)
+                            .unwrap());
+                        continue;
+                    }
+                    let current = current.unwrap_or_default();
                     replica
                         .update(
                             key.as_bytes(),
@@ -1689,18 +1602,14 @@ mod tests {
         // And by hand, from each key's clock: the digests a rebuild reads
         // from the stored bytes are the ones replicas compute from clocks.
         let by_hand = ReplicaTrees::new(me, ring(), DEFAULT_LEAF_BITS).unwrap();
-        by_hand.begin_rebuild();
+        by_hand.begin_rebuild(ring(), || ());
         let items = (0..600).filter_map(|k| {
             let key = format!("k{k}").into_bytes();
             let clock = Store::get(&*s, &key).unwrap()?;
             Some((key, ringkv_repair::trees::version_digest(&clock)))
         });
         let fresh = by_hand.build(ring(), items);
-        by_hand
-            .finish_rebuild(fresh, |_| {
-                Ok::<_, ringkv_repair::trees::RebuildOverrun>((None, None))
-            })
-            .unwrap();
+        by_hand.finish_rebuild(fresh).unwrap();
         for peer in ["n2", "n3", "n4"] {
             let peer = NodeId::new(peer).unwrap();
             assert_eq!(

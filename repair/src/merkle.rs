@@ -148,6 +148,46 @@ impl MerkleTree {
         }
     }
 
+    /// Folds in changes gathered apart from the tree: `leaf_xor[i]` is the
+    /// XOR of the item hashes added to and removed from leaf `i`, and
+    /// `len_change` the items added less those removed. A leaf is the XOR
+    /// of its items, so the result is the tree the changes would give one
+    /// by one, in any order relative to the tree's own items. Only the
+    /// inner nodes above a changed leaf are hashed again.
+    pub fn apply_leaf_changes(&mut self, leaf_xor: &[u64], len_change: i64) {
+        let depth = self.depth();
+        debug_assert_eq!(
+            leaf_xor.len(),
+            self.levels[depth].len(),
+            "one delta per leaf"
+        );
+        let mut dirty: Vec<usize> = Vec::new();
+        for (i, (leaf, xor)) in self.levels[depth].iter_mut().zip(leaf_xor).enumerate() {
+            if *xor != 0 {
+                *leaf ^= xor;
+                dirty.push(i);
+            }
+        }
+        for level in (0..depth).rev() {
+            for index in &mut dirty {
+                *index >>= FANOUT_BITS;
+            }
+            // Still ascending, so equal parents are neighbours.
+            dirty.dedup();
+            for &index in &dirty {
+                self.levels[level][index] = self.combine(level + 1, index);
+            }
+        }
+        self.len = self.len.checked_add_signed(len_change).unwrap_or_else(|| {
+            debug_assert!(
+                false,
+                "{len_change} items folded into a tree of {}",
+                self.len
+            );
+            0
+        });
+    }
+
     /// Adds a key that was absent.
     pub fn insert(&mut self, key: &[u8], item: u64) {
         self.replace(key, None, Some(item));
