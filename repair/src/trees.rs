@@ -52,8 +52,9 @@ pub fn version_digest(clock: &Clock) -> u64 {
 }
 
 /// Held by a replica from just before it stores a change until it has
-/// reported it, so that a rebuild never sees a change stored but not yet
-/// reported (see [`ReplicaTrees::finish_rebuild`]).
+/// reported it, so that a rebuild never takes its snapshot or swaps its
+/// trees in while a change is stored but not yet reported (see
+/// [`ReplicaTrees::begin_rebuild`] and [`ReplicaTrees::finish_rebuild`]).
 pub struct ChangeGuard<'a>(#[allow(dead_code)] Option<RwLockReadGuard<'a, ()>>);
 
 impl ChangeGuard<'_> {
@@ -225,11 +226,17 @@ impl ReplicaTrees {
     /// gathered during the scan with writes going on, then, with writes
     /// waiting, only those made during that first fold.
     ///
-    /// Fails, installing nothing, if no rebuild for `fresh`'s ring is under
-    /// way.
+    /// Fails if no rebuild for `fresh`'s ring is under way; it then
+    /// installs nothing and ends any other rebuild, which the trees that
+    /// were to finish it do not belong to.
     pub fn finish_rebuild(&self, mut fresh: FreshTrees) -> Result<(), NoRebuildUnderWay> {
-        self.fold_deltas_so_far(&mut fresh)?;
-        self.swap_in(fresh)
+        let finished = self
+            .fold_deltas_so_far(&mut fresh)
+            .and_then(|()| self.swap_in(fresh));
+        if finished.is_err() {
+            self.abandon_rebuild();
+        }
+        finished
     }
 
     /// The first step of [`finish_rebuild`](Self::finish_rebuild): folds
@@ -253,12 +260,16 @@ impl ReplicaTrees {
     /// `fresh` and installs it.
     fn swap_in(&self, mut fresh: FreshTrees) -> Result<(), NoRebuildUnderWay> {
         let _exclusive = self.rebuild_lock.write().unwrap_or_else(|p| p.into_inner());
-        let building = self
-            .building
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or(NoRebuildUnderWay)?;
+        let building = {
+            let mut building = self.building.lock().unwrap_or_else(|p| p.into_inner());
+            match building.take() {
+                Some(b) if *b.ring == *fresh.ring => b,
+                other => {
+                    *building = other;
+                    return Err(NoRebuildUnderWay);
+                }
+            }
+        };
         self.fold(&mut fresh, building.deltas);
         self.install(fresh);
         Ok(())
@@ -430,7 +441,12 @@ mod tests {
         trees.rebuild(ring(5), std::iter::empty());
         assert!(trees.is_current_for(&ring(5)), "an equal ring, built anew");
         assert!(!trees.is_current_for(&ring(4)));
-        trees.begin_rebuild(ring(5), || ());
+        trees.begin_rebuild(ring(5), || {
+            assert!(
+                trees.rebuild_lock.try_read().is_err(),
+                "no change can be under way while the snapshot is taken"
+            );
+        });
         assert!(!trees.is_current_for(&ring(5)), "a rebuild under way");
     }
 
@@ -609,24 +625,45 @@ mod tests {
         }
     }
 
-    /// A rebuild abandoned, or finished for another placement than it
-    /// began with, installs nothing and leaves the trees not ready; an
-    /// abandoned one folds no more changes.
+    /// A rebuild abandoned, or finished with trees for another placement
+    /// than it began with, installs nothing, leaves the trees not ready and
+    /// folds no more changes.
     #[test]
     fn a_rebuild_abandoned_or_for_another_ring_installs_nothing() {
         let trees = ReplicaTrees::new(n("n1"), ring(3), 8).unwrap();
         let store: Mutex<BTreeMap<Vec<u8>, Clock>> = Mutex::new(BTreeMap::new());
+        let change = |k: &str| store_and_report(&trees, &store, k.as_bytes(), Some(write("n2", k)));
+
         trees.begin_rebuild(ring(3), || ());
         let fresh = trees.build(ring(4), std::iter::empty());
         assert_eq!(trees.finish_rebuild(fresh), Err(NoRebuildUnderWay));
         assert!(!trees.is_ready());
+        change("a");
+        assert_eq!(trees.peers_with_deltas(), 0, "the failed finish ended it");
 
+        trees.begin_rebuild(ring(3), || ());
         let fresh = trees.build(ring(3), std::iter::empty());
         trees.abandon_rebuild();
-        store_and_report(&trees, &store, b"k", Some(write("n2", "v")));
+        change("b");
         assert_eq!(trees.peers_with_deltas(), 0, "no rebuild under way");
         assert_eq!(trees.finish_rebuild(fresh), Err(NoRebuildUnderWay));
         assert!(!trees.is_ready());
+
+        // Another rebuild began between the two folds: the swap refuses
+        // the first one's trees and leaves the other under way.
+        trees.begin_rebuild(ring(3), || ());
+        let mut fresh = trees.build(ring(3), std::iter::empty());
+        trees.fold_deltas_so_far(&mut fresh).unwrap();
+        trees.begin_rebuild(ring(4), || ());
+        assert_eq!(trees.swap_in(fresh), Err(NoRebuildUnderWay));
+        assert!(!trees.is_ready());
+        let under_way = trees
+            .building
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|b| b.ring.clone());
+        assert_eq!(under_way, Some(ring(4)), "the other rebuild goes on");
     }
 
     #[test]
