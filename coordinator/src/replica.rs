@@ -53,6 +53,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the key and its recorded actor (a collected tombstone, a
     /// stray copy), durably like `put`.
     fn delete(&self, key: &[u8]) -> Result<(), StoreError>;
+    /// Runs `wait`, which may block for long: taking a key's lock while
+    /// another request holds it through a stalled write. A store whose
+    /// calls run on an async runtime's workers hands the worker's other
+    /// tasks to another thread meanwhile (the node's `Storage`).
+    fn wait(&self, wait: &mut dyn FnMut()) {
+        wait()
+    }
 }
 
 impl<S: Store> Store for std::sync::Arc<S> {
@@ -76,6 +83,9 @@ impl<S: Store> Store for std::sync::Arc<S> {
     }
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
         (**self).delete(key)
+    }
+    fn wait(&self, wait: &mut dyn FnMut()) {
+        (**self).wait(wait)
     }
 }
 
@@ -494,12 +504,23 @@ impl<S: Store> ReplicaService<S> {
     }
 
     fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
-        let stripe = (stable_hash64(key) % LOCK_STRIPES as u64) as usize;
+        let stripe = &self.locks[(stable_hash64(key) % LOCK_STRIPES as u64) as usize];
         // A poisoned stripe only means another request panicked while holding
         // it; the store itself is still consistent, so keep serving.
-        self.locks[stripe]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        match stripe.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Its holder may be waiting out a write stall: wait as the
+                // store says long waits go.
+                let mut guard = None;
+                self.store.wait(&mut || {
+                    guard = Some(stripe.lock().unwrap_or_else(|p| p.into_inner()));
+                });
+                // (A store that did not run it leaves the plain wait.)
+                guard.unwrap_or_else(|| stripe.lock().unwrap_or_else(|p| p.into_inner()))
+            }
+        }
     }
 }
 

@@ -92,6 +92,9 @@ pub struct Storage {
     /// Tests: the keys the last rebuild's scan read before it ended.
     #[cfg(test)]
     keys_scanned: std::sync::atomic::AtomicU64,
+    /// Tests: writes that met a write stall.
+    #[cfg(test)]
+    write_stalls: std::sync::atomic::AtomicU64,
 }
 
 /// Buckets of the `data` memtable's hash table (RocksDB's default): 8 MiB
@@ -219,6 +222,16 @@ impl Storage {
     /// Opens (creating if needed) the database in `path`. `sync` makes every
     /// data write fsync the WAL before returning.
     pub fn open(path: &Path, sync: bool) -> Result<Self, NodeError> {
+        Self::open_tuned(path, sync, |_, _| {})
+    }
+
+    /// [`open`](Self::open), with each column family's options passed
+    /// through `tune` (tests: a database that stalls its writes).
+    fn open_tuned(
+        path: &Path,
+        sync: bool,
+        tune: fn(&str, &mut Options),
+    ) -> Result<Self, NodeError> {
         let refuse = |reason: String| NodeError::Storage {
             path: path.to_path_buf(),
             reason,
@@ -261,7 +274,11 @@ impl Storage {
             CF_TOMBSTONES,
             CF_ACTORS,
         ]
-        .map(|name| ColumnFamilyDescriptor::new(name, cf_options(name)));
+        .map(|name| {
+            let mut opts = cf_options(name);
+            tune(name, &mut opts);
+            ColumnFamilyDescriptor::new(name, opts)
+        });
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
             let reason = e.to_string();
             if is_lock_held(&reason) {
@@ -285,6 +302,8 @@ impl Storage {
             rebuilds_started: Default::default(),
             #[cfg(test)]
             keys_scanned: Default::default(),
+            #[cfg(test)]
+            write_stalls: Default::default(),
         };
         storage.index_existing_data()?;
         Ok(storage)
@@ -317,12 +336,41 @@ impl Storage {
     }
 
     /// Writes a batch of data changes through the WAL (see
-    /// [`commit`](Self::commit)).
-    fn write_data(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.counted(|| self.db.write_opt(batch, &self.data_write_options()))
+    /// [`commit`](Self::commit)). `batch` is called again if the first
+    /// try meets a write stall (see [`write_through_stalls`](Self::write_through_stalls)).
+    fn write_data(&self, batch: impl Fn() -> WriteBatch) -> Result<(), StoreError> {
+        self.write_through_stalls(|opts| self.db.write_opt(batch(), opts))
             .map_err(|e| StoreError::Io {
                 reason: e.to_string(),
             })
+    }
+
+    /// Runs a data or hint write (`write`, with the options to use). These
+    /// run on the async workers (without `--sync`), and a RocksDB write
+    /// stall (its flushes or compactions far behind) must not hold a
+    /// worker: every task on it would wait, pings included, until peers
+    /// count the node down. So the write is first tried with
+    /// `no_slowdown`, which fails at once where RocksDB would delay or stop
+    /// it; it is then counted (`ringkv_write_stalls_total`) and run again,
+    /// allowed to wait, with the worker's other tasks handed to another
+    /// thread ([`off_the_worker`]). A request whose write waits still takes
+    /// as long: the stall is what slows writes down.
+    fn write_through_stalls(
+        &self,
+        write: impl Fn(&WriteOptions) -> Result<(), rocksdb::Error>,
+    ) -> Result<(), rocksdb::Error> {
+        let mut opts = self.data_write_options();
+        opts.set_no_slowdown(true);
+        match self.counted(|| write(&opts)) {
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {}
+            done => return done,
+        }
+        metrics::counter!("ringkv_write_stalls_total").increment(1);
+        #[cfg(test)]
+        self.write_stalls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        opts.set_no_slowdown(false);
+        off_the_worker(|| self.counted(|| write(&opts)))
     }
 
     /// Returns once every data and hint write begun before this call is in
@@ -943,9 +991,12 @@ impl Store for Storage {
     }
 
     fn put(&self, key: &[u8], previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        self.batch_put(&mut batch, key, clock, &encode_clock(clock), previous);
-        self.write_data(batch)
+        let encoded = encode_clock(clock);
+        self.write_data(|| {
+            let mut batch = WriteBatch::default();
+            self.batch_put(&mut batch, key, clock, &encoded, previous);
+            batch
+        })
     }
 
     fn put_with_actor(
@@ -955,10 +1006,13 @@ impl Store for Storage {
         clock: &Clock,
         actor: &NodeId,
     ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        self.batch_put(&mut batch, key, clock, &encode_clock(clock), previous);
-        batch.put_cf(self.cf(CF_ACTORS), key, actor.as_str());
-        self.write_data(batch)
+        let encoded = encode_clock(clock);
+        self.write_data(|| {
+            let mut batch = WriteBatch::default();
+            self.batch_put(&mut batch, key, clock, &encoded, previous);
+            batch.put_cf(self.cf(CF_ACTORS), key, actor.as_str());
+            batch
+        })
     }
 
     fn key_actor(&self, key: &[u8]) -> Result<Option<NodeId>, StoreError> {
@@ -986,12 +1040,31 @@ impl Store for Storage {
     }
 
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_DATA), key);
-        batch.delete_cf(self.cf(CF_MERKLE), index_key(key));
-        batch.delete_cf(self.cf(CF_TOMBSTONES), key);
-        batch.delete_cf(self.cf(CF_ACTORS), key);
-        self.write_data(batch)
+        self.write_data(|| {
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(self.cf(CF_DATA), key);
+            batch.delete_cf(self.cf(CF_MERKLE), index_key(key));
+            batch.delete_cf(self.cf(CF_TOMBSTONES), key);
+            batch.delete_cf(self.cf(CF_ACTORS), key);
+            batch
+        })
+    }
+
+    fn wait(&self, wait: &mut dyn FnMut()) {
+        off_the_worker(wait)
+    }
+}
+
+/// Runs `f`, which may block for long, without holding an async worker:
+/// on a multi-threaded runtime's worker its other tasks move to another
+/// thread meanwhile (`block_in_place`). Elsewhere (a blocking thread, a
+/// current-thread runtime, no runtime) `f` just runs.
+fn off_the_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
@@ -1022,15 +1095,13 @@ impl HintBackend for Storage {
 
     fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError> {
         let cf = self.cf(CF_HINTS);
-        let opts = self.data_write_options();
-        self.counted(|| self.db.put_cf_opt(cf, id, value, &opts))
+        self.write_through_stalls(|opts| self.db.put_cf_opt(cf, id, value, opts))
             .map_err(hint_io)
     }
 
     fn delete(&self, id: &[u8]) -> Result<(), HintError> {
         let cf = self.cf(CF_HINTS);
-        let opts = self.data_write_options();
-        self.counted(|| self.db.delete_cf_opt(cf, id, &opts))
+        self.write_through_stalls(|opts| self.db.delete_cf_opt(cf, id, opts))
             .map_err(hint_io)
     }
 
@@ -1511,6 +1582,113 @@ mod tests {
             })
             .collect();
         assert!(nice_of_flushers.contains(&19), "{nice_of_flushers:?}");
+    }
+
+    /// Polls `done` until it holds, failing the test at a 10 s deadline.
+    fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// A write that meets a RocksDB write stall does not hold its async
+    /// worker: on a runtime of one worker, a second write to the same key
+    /// (waiting for the key's lock) and then an unrelated task still run
+    /// while the first waits; once a compaction ends the stall, both
+    /// writes finish and both values are kept.
+    #[test]
+    fn a_stalled_write_does_not_hold_its_worker() {
+        use ringkv_coordinator::replica::ReplicaService;
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        // Writes stop at two level-0 files of `data`, and no count of
+        // files starts a compaction (RocksDB: a trigger below 0). Memtables
+        // are small, so that writes soon fill and flush them.
+        let s = std::sync::Arc::new(
+            Storage::open_tuned(dir.path(), false, |name, opts| {
+                if name == CF_DATA {
+                    opts.set_level_zero_file_num_compaction_trigger(-1);
+                    opts.set_level_zero_slowdown_writes_trigger(2);
+                    opts.set_level_zero_stop_writes_trigger(2);
+                    opts.set_write_buffer_size(1 << 20);
+                }
+            })
+            .unwrap(),
+        );
+        // (A manual flush would wait for good rather than cause the stall.)
+        let mut no_slowdown = WriteOptions::default();
+        no_slowdown.set_no_slowdown(true);
+        let level0_files = || {
+            s.db.property_int_value_cf(s.cf(CF_DATA), "rocksdb.num-files-at-level0")
+                .unwrap()
+                .unwrap_or(0)
+        };
+        let mut filler = 0u32;
+        poll_until("writes stop at two level-0 files", || {
+            filler += 1;
+            let key = format!("filler{filler}");
+            match s
+                .db
+                .put_cf_opt(s.cf(CF_DATA), key, [0u8; 64 << 10], &no_slowdown)
+            {
+                Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => level0_files() >= 2,
+                written => {
+                    written.unwrap();
+                    false
+                }
+            }
+        });
+        let replica = std::sync::Arc::new(ReplicaService::new(
+            NodeId::new("n1").unwrap(),
+            s.clone(),
+            10,
+        ));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        /// Ends the stall however the test ends (before the runtime is
+        /// dropped, which waits for its workers): a manual compaction
+        /// would wait for good too, as it flushes first.
+        struct EndStall<'a>(&'a Storage);
+        impl Drop for EndStall<'_> {
+            fn drop(&mut self) {
+                let triggers = [
+                    ("level0_slowdown_writes_trigger", "100"),
+                    ("level0_stop_writes_trigger", "100"),
+                ];
+                let ended = self.0.db.set_options_cf(self.0.cf(CF_DATA), &triggers);
+                ended.expect("the stall ends");
+            }
+        }
+        let end_stall = EndStall(&s);
+        let write = |v: &'static str| {
+            let replica = replica.clone();
+            runtime.spawn(async move {
+                replica.update(b"k", &Default::default(), Payload::Value(v.into()))
+            })
+        };
+        let first = write("1");
+        poll_until("the first write meets the stall", || {
+            s.write_stalls.load(SeqCst) == 1
+        });
+        let second = write("2");
+        let other = runtime.spawn(async {});
+        poll_until("a task behind the stalled writes runs", || {
+            other.is_finished()
+        });
+        assert!(!first.is_finished() && !second.is_finished(), "both wait");
+        drop(end_stall);
+        runtime.block_on(first).unwrap().unwrap();
+        runtime.block_on(second).unwrap().unwrap();
+        let stored = Store::get(&*s, b"k").unwrap().unwrap();
+        assert_eq!(
+            stored.values().count(),
+            2,
+            "concurrent writes, two siblings"
+        );
     }
 
     /// The `stop` flag of rebuilds that run to the end.
