@@ -330,7 +330,10 @@ impl<S: Store> ReplicaService<S> {
         }
         clock.update(context, payload, &actor);
         check_limits(&clock)?;
-        let _change = self.observer.as_ref().map(|o| o.begin_change());
+        let _change = self
+            .observer
+            .as_ref()
+            .map(|o| o.begin_change(&|wait| self.store.wait(wait)));
         if is_new {
             self.store
                 .put_with_actor(key, old.as_ref(), &clock, &actor)?;
@@ -360,7 +363,10 @@ impl<S: Store> ReplicaService<S> {
             return Ok(false);
         }
         check_limits(&merged)?;
-        let _change = self.observer.as_ref().map(|o| o.begin_change());
+        let _change = self
+            .observer
+            .as_ref()
+            .map(|o| o.begin_change(&|wait| self.store.wait(wait)));
         self.store.put(key, current.as_ref(), &merged)?;
         if let Some(observer) = &self.observer {
             observer.changed(key, current.as_ref(), Some(&merged));
@@ -378,7 +384,10 @@ impl<S: Store> ReplicaService<S> {
         if current.as_ref() != Some(expected) {
             return Ok(false);
         }
-        let _change = self.observer.as_ref().map(|o| o.begin_change());
+        let _change = self
+            .observer
+            .as_ref()
+            .map(|o| o.begin_change(&|wait| self.store.wait(wait)));
         self.store.delete(key)?;
         if let Some(observer) = &self.observer {
             observer.changed(key, current.as_ref(), None);
@@ -505,22 +514,9 @@ impl<S: Store> ReplicaService<S> {
 
     fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
         let stripe = &self.locks[(stable_hash64(key) % LOCK_STRIPES as u64) as usize];
-        // A poisoned stripe only means another request panicked while holding
-        // it; the store itself is still consistent, so keep serving.
-        match stripe.try_lock() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                // Its holder may be waiting out a write stall: wait as the
-                // store says long waits go.
-                let mut guard = None;
-                self.store.wait(&mut || {
-                    guard = Some(stripe.lock().unwrap_or_else(|p| p.into_inner()));
-                });
-                // (A store that did not run it leaves the plain wait.)
-                guard.unwrap_or_else(|| stripe.lock().unwrap_or_else(|p| p.into_inner()))
-            }
-        }
+        // Its holder may be waiting out a write stall: a taken stripe is
+        // waited for as the store says long waits go.
+        ringkv_core::long_wait::lock(stripe, &|wait| self.store.wait(wait))
     }
 }
 

@@ -10,12 +10,14 @@
 //! - [`wire`]: the messages, and their validated rkyv encoding.
 //! - [`transport`]: the network trait protocol code is written against.
 //! - [`hash`]: the stable hash placement and tokens rely on.
+//! - [`long_wait`]: taking a lock whose holder may be stalled.
 
 pub mod consistency;
 pub mod context;
 pub mod dvv;
 pub mod error;
 pub mod hash;
+pub mod long_wait;
 pub mod node_id;
 pub mod regions;
 pub mod transport;

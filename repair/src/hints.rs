@@ -100,6 +100,12 @@ pub trait HintBackend: Send + Sync + 'static {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError>;
+    /// Runs `wait`, which may block for long: taking a hint's lock while
+    /// another request holds it through a stalled write (like the
+    /// coordinator's `Store::wait`).
+    fn wait(&self, wait: &mut dyn FnMut()) {
+        wait()
+    }
 }
 
 impl<B: HintBackend> HintBackend for Arc<B> {
@@ -120,6 +126,9 @@ impl<B: HintBackend> HintBackend for Arc<B> {
         max_bytes: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
         (**self).scan(prefix, after, limit, max_bytes)
+    }
+    fn wait(&self, wait: &mut dyn FnMut()) {
+        (**self).wait(wait)
     }
 }
 
@@ -374,10 +383,9 @@ impl<B: HintBackend> HintBook<B> {
     }
 
     fn lock(&self, id: &[u8]) -> std::sync::MutexGuard<'_, ()> {
-        let stripe = (stable_hash64(id) % LOCK_STRIPES as u64) as usize;
-        self.locks[stripe]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        let stripe = &self.locks[(stable_hash64(id) % LOCK_STRIPES as u64) as usize];
+        // Its holder may be waiting out a write stall (see `HintBackend::wait`).
+        ringkv_core::long_wait::lock(stripe, &|wait| self.backend.wait(wait))
     }
 
     fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, OwnerHints>> {

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use ringkv_core::dvv::Clock;
 use ringkv_core::hash::stable_hash64;
+use ringkv_core::long_wait::{self, LongWait};
 use ringkv_core::wire::encode_clock;
 use ringkv_core::NodeId;
 use ringkv_ring::Ring;
@@ -67,8 +68,10 @@ impl ChangeGuard<'_> {
 /// Told of every change to a stored key, under the key's lock.
 pub trait ChangeObserver: Send + Sync {
     /// Called before the store is written; the guard is dropped after
-    /// [`changed`](Self::changed).
-    fn begin_change(&self) -> ChangeGuard<'_> {
+    /// [`changed`](Self::changed). Blocking for long (a rebuild waits for
+    /// a change held up by a write stall) goes through `wait`.
+    fn begin_change(&self, wait: LongWait<'_>) -> ChangeGuard<'_> {
+        let _ = wait;
         ChangeGuard::none()
     }
     /// `new` is `None` when the key was removed (a collected tombstone).
@@ -385,10 +388,10 @@ impl ReplicaTrees {
 }
 
 impl ChangeObserver for ReplicaTrees {
-    fn begin_change(&self) -> ChangeGuard<'_> {
-        ChangeGuard(Some(
-            self.rebuild_lock.read().unwrap_or_else(|p| p.into_inner()),
-        ))
+    fn begin_change(&self, wait: LongWait<'_>) -> ChangeGuard<'_> {
+        // A rebuild waiting for a change under way (a write that may be
+        // stalled) bars new ones: wait for it the long way.
+        ChangeGuard(Some(long_wait::read(&self.rebuild_lock, wait)))
     }
 
     fn changed(&self, key: &[u8], old: Option<&Clock>, new: Option<&Clock>) {
@@ -509,7 +512,7 @@ mod tests {
         key: &[u8],
         value: Option<Clock>,
     ) {
-        let _guard = trees.begin_change();
+        let _guard = trees.begin_change(&|wait| wait());
         let mut store = store.lock().unwrap();
         let old = match &value {
             Some(clock) => store.insert(key.to_vec(), clock.clone()),
