@@ -163,6 +163,9 @@ pub struct BenchArgs {
     /// How long each setting runs (putget: each phase).
     #[arg(long, value_name = "SECONDS", default_value_t = 6)]
     pub duration_s: u64,
+    /// How long each setting's clients run before it is measured (YCSB workloads): connections, caches and the nodes' memtables warm up, and the first requests' costs stay out of the figures. 0 measures from the first request. Default: 1.
+    #[arg(long, value_name = "SECONDS")]
+    pub warmup_s: Option<u64>,
     /// Size of each written value.
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     pub value_bytes: usize,

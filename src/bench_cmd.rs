@@ -30,6 +30,10 @@ const EMBEDDED_REPLICAS: usize = 3;
 /// The longest `--duration-s`: past it a typo, not a run (and a deadline
 /// that far off would overflow the clock).
 const DURATION_MAX_S: u64 = 86_400;
+
+/// `--warmup-s` when not given: long enough for connections, caches and a
+/// first memtable, short against the default six-second settings.
+const WARMUP_DEFAULT_S: u64 = 1;
 /// The most clients: each keeps latency histograms of its own (about
 /// 140 KiB per operation type), so past this a typo would fill memory.
 const CONCURRENCY_MAX: usize = 10_000;
@@ -57,6 +61,12 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         return Err(Failure::new(
             Exit::Usage,
             format!("--duration-s must be at most {DURATION_MAX_S} (a day)"),
+        ));
+    }
+    if args.warmup_s.is_some_and(|w| w > DURATION_MAX_S) {
+        return Err(Failure::new(
+            Exit::Usage,
+            format!("--warmup-s must be at most {DURATION_MAX_S} (a day)"),
         ));
     }
     if args.value_bytes > VALUE_MAX_BYTES {
@@ -130,6 +140,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             ("--plot", args.plot.is_some()),
             ("--consistency", !args.consistency.is_empty()),
             ("--request-distribution", distribution.is_some()),
+            ("--warmup-s", args.warmup_s.is_some()),
         ];
         if let Some((flag, _)) = ycsb_only.iter().find(|(_, given)| *given) {
             return Err(Failure::new(
@@ -265,6 +276,7 @@ fn ycsb_config(
         concurrency: args.concurrency,
         connections_per_target: args.connections as usize,
         duration: Duration::from_secs(args.duration_s),
+        warmup: Duration::from_secs(args.warmup_s.unwrap_or(WARMUP_DEFAULT_S)),
         settings,
         request_timeout_ms: 2000,
         seed: 0x5eed,
@@ -413,7 +425,7 @@ async fn run_all(
     let to_stdout = args.json.as_deref() == Some("-");
     if !to_stdout {
         errln!(
-            "bench: YCSB-{} on {}, N={replicas}, {} records of {} B, {} clients{}, {} s per setting{}",
+            "bench: YCSB-{} on {}, N={replicas}, {} records of {} B, {} clients{}, {} s per setting after {} s of warm-up{}",
             config.workload,
             if embedded_nodes == 0 { "the given cluster".to_string() } else { format!("an embedded {embedded_nodes}-node cluster") },
             config.records,
@@ -421,6 +433,7 @@ async fn run_all(
             config.concurrency,
             if config.resp { String::new() } else { format!(" on {} connection(s) per node", config.connections_per_target) },
             config.duration.as_secs(),
+            config.warmup.as_secs(),
             if matrix.is_some() { format!(", emulated regions ({})", args.regions_source()) } else { String::new() },
         );
     }
@@ -662,6 +675,7 @@ fn report_json(
             "concurrency": config.concurrency,
             "connections_per_node": if config.resp { json!(null) } else { json!(config.connections_per_target) },
             "duration_s": config.duration.as_secs(),
+            "warmup_s": config.warmup.as_secs(),
             "rate_per_s": config.rate_per_s,
             "loop": if config.rate_per_s.is_some() { "open" } else { "closed" },
             "replicas": replicas,

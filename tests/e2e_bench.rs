@@ -62,6 +62,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(json["config"]["workload"], "C");
+    assert_eq!(json["config"]["warmup_s"], 1, "the default warm-up");
     assert_eq!(json["config"]["replicas"], 3);
     assert_eq!(json["config"]["embedded_nodes"], 5);
     assert_eq!(json["config"]["regions"], "preset:cloud3");
@@ -221,6 +222,17 @@ fn bad_bench_input_is_refused_before_loading() {
             2,
             "--target works with YCSB workloads, not putget",
         ),
+        (
+            &["--workload", "putget", "--warmup-s", "1"],
+            2,
+            "--warmup-s works with YCSB workloads, not putget",
+        ),
+        (
+            &["--warmup-s", "86401"],
+            2,
+            "--warmup-s must be at most 86400 (a day)",
+        ),
+        (&["--warmup-s", "ten"], 2, "--warmup-s"),
         (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
         (&["-r", "2"], 2, "-r sets --workload putget's consistency"),
         // A RESP store takes no cluster key: a stale one is not read.

@@ -112,8 +112,12 @@ pub struct YcsbConfig {
     /// At `concurrency` or more, each client has a connection of its own.
     /// RESP clients always have their own.
     pub connections_per_target: usize,
-    /// How long each setting's run phase lasts.
+    /// How long each setting's run phase lasts, measured.
     pub duration: Duration,
+    /// How long each setting's clients run before that, unmeasured:
+    /// connections, caches and the store's memtables warm up, and the
+    /// first requests' costs do not land in the latencies.
+    pub warmup: Duration,
     pub settings: Vec<Setting>,
     pub request_timeout_ms: u32,
     pub seed: u64,
@@ -752,8 +756,13 @@ pub async fn run_setting(
         })
         .collect();
     let started = Instant::now();
-    let cpu_at_start = crate::process_cpu();
-    let deadline = started + config.duration;
+    // Requests sent before this are not counted (the warm-up).
+    let measured_from = started + config.warmup;
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measured_from.into()).await;
+        crate::process_cpu()
+    });
+    let deadline = measured_from + config.duration;
     // An open loop's clients go on taking requests that came due before the
     // deadline for up to a request timeout past it: stopping at the
     // deadline would leave out the requests queued longest, the worst of
@@ -820,7 +829,9 @@ pub async fn run_setting(
                         values, context, ..
                     } = &outcome
                     {
-                        read_stats.record(values.len() as u64);
+                        if sent >= measured_from {
+                            read_stats.record(values.len() as u64);
+                        }
                         if let Some(context) = context {
                             contexts.insert(record, context.clone());
                         }
@@ -855,11 +866,13 @@ pub async fn run_setting(
                     // failed insert must not keep later ones from being read.
                     inserts.finish(record);
                 }
-                let latency_us = answered.duration_since(sent).as_micros() as u64;
-                reports
-                    .entry(op)
-                    .or_insert_with(OpReport::new)
-                    .count(outcome, latency_us);
+                if sent >= measured_from {
+                    let latency_us = answered.duration_since(sent).as_micros() as u64;
+                    reports
+                        .entry(op)
+                        .or_insert_with(OpReport::new)
+                        .count(outcome, latency_us);
+                }
                 // Bounded: a context per record up to 100,000 records (past
                 // that, forgetting makes later updates blind: more siblings).
                 if contexts.len() > 100_000 {
@@ -878,6 +891,7 @@ pub async fn run_setting(
     } else {
         let (config, setting) = (config.clone(), setting.clone());
         Ok(tokio::spawn(async move {
+            tokio::time::sleep_until(measured_from.into()).await;
             probe_staleness(&config, &setting, deadline).await
         }))
     };
@@ -899,10 +913,14 @@ pub async fn run_setting(
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
-        progress((started.elapsed().as_secs_f64() / config.duration.as_secs_f64()).min(1.0));
+        let whole = (config.warmup + config.duration).as_secs_f64();
+        progress((started.elapsed().as_secs_f64() / whole).min(1.0));
     }
-    let elapsed = started.elapsed();
+    let elapsed = measured_from.elapsed();
     let cpu = cpu_at_start
+        .await
+        .ok()
+        .flatten()
         .zip(crate::process_cpu())
         .map(|(before, after)| after.saturating_sub(before));
     let (staleness, staleness_skipped) = match prober {
@@ -934,8 +952,11 @@ pub async fn run_setting(
         failovers,
     };
     if let Some(rate) = config.rate_per_s {
-        let due = pacer::due_count(rate, config.duration);
-        let unsent = due.saturating_sub(report.attempts());
+        // Requests due during the warm-up are neither counted nor charged:
+        // those never sent are the schedule's last.
+        let due = pacer::due_count(rate, config.warmup + config.duration);
+        let measured = due - pacer::due_count(rate, config.warmup);
+        let unsent = measured.saturating_sub(report.attempts());
         let never_sent = due - unsent..due;
         let gave_up_after = last_send - started;
         let seed = config.seed ^ UNSENT_SEED;

@@ -1,6 +1,6 @@
 //! Runs whose requests fail report it: the staleness prober counts the
 //! probes it could not make, and each operation keeps the reason of its
-//! first failure.
+//! first failure. And a run's warm-up stays out of its figures.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ fn ycsb_config(targets: Vec<SocketAddr>) -> YcsbConfig {
         concurrency: 1,
         connections_per_target: 1,
         duration: Duration::from_millis(500),
+        warmup: Duration::ZERO,
         settings: Vec::new(),
         request_timeout_ms: 2_000,
         seed: 1,
@@ -97,6 +98,33 @@ async fn a_failed_operation_reports_its_first_reason() {
     assert!(report.staleness.is_empty());
     let skipped = report.staleness_skipped.as_deref().unwrap_or_default();
     assert!(skipped.contains("two coordinators"), "{skipped:?}");
+    node.shutdown().await;
+}
+
+/// An open loop at 200 requests a second, with a second of warm-up and
+/// one measured: the requests it counts, sent or charged as never sent,
+/// are exactly the 200 due in the measured second, however fast the
+/// machine answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_loop_counts_exactly_the_requests_due_after_its_warmup() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    config.replicas = Some(1);
+    let node = Node::start(config).await.unwrap();
+    let config = YcsbConfig {
+        concurrency: 4,
+        rate_per_s: Some(200),
+        warmup: Duration::from_secs(1),
+        duration: Duration::from_secs(1),
+        ..ycsb_config(vec![node.addr()])
+    };
+    let setting = Setting {
+        r: Consistency::One,
+        w: Consistency::One,
+        resp: false,
+    };
+    let report = run_setting(&config, &setting, 10, &|_| {}).await.unwrap();
+    assert_eq!(report.attempts(), 200, "{:?}", report.ops);
     node.shutdown().await;
 }
 
