@@ -758,10 +758,16 @@ pub async fn run_setting(
     let started = Instant::now();
     // Requests sent before this are not counted (the warm-up).
     let measured_from = started + config.warmup;
-    let cpu_at_start = tokio::spawn(async move {
-        tokio::time::sleep_until(measured_from.into()).await;
-        crate::process_cpu()
-    });
+    let cpu_at_start = if config.warmup.is_zero() {
+        // Before the clients start, as a timer could be late.
+        let now = crate::process_cpu();
+        tokio::spawn(async move { now })
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measured_from.into()).await;
+            crate::process_cpu()
+        })
+    };
     let deadline = measured_from + config.duration;
     // An open loop's clients go on taking requests that came due before the
     // deadline for up to a request timeout past it: stopping at the

@@ -385,7 +385,7 @@ impl Storage {
             }
             opts.set_no_slowdown(false);
             let window_ns = STALL_WINDOW.as_nanos() as u64;
-            self.stalled_until_ns.store(now_ns + window_ns, Relaxed);
+            self.stalled_until_ns.fetch_max(now_ns + window_ns, Relaxed);
         }
         metrics::counter!("ringkv_write_stalls_total").increment(1);
         #[cfg(test)]
