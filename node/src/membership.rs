@@ -360,7 +360,11 @@ impl Membership {
 
     /// Begins a change of the record (see [`RecordChange`]).
     fn change(&self) -> RecordChange<'_> {
-        let one_at_a_time = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        // The holder may be persisting through a write stall (`meta_put`
+        // waits it out off its worker): wait the same way.
+        let one_at_a_time = ringkv_core::long_wait::lock(&self.changes, &|wait| {
+            crate::storage::off_the_worker(wait)
+        });
         RecordChange {
             _one_at_a_time: one_at_a_time,
             published: &self.record,

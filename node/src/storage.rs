@@ -1082,7 +1082,7 @@ impl Store for Storage {
 /// on a multi-threaded runtime's worker its other tasks move to another
 /// thread meanwhile (`block_in_place`). Elsewhere (a blocking thread, a
 /// current-thread runtime, no runtime) `f` just runs.
-fn off_the_worker<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn off_the_worker<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)
