@@ -1028,9 +1028,13 @@ impl<T: Transport> Coordinator<T> {
 
     /// Hands a request to the first replica that answers.
     ///
-    /// Each attempt gets an equal share of the time left, so a dead first
-    /// replica cannot use up the deadline, and the forwarded request carries
-    /// the remaining time so the replica gives up before we do.
+    /// Each attempt but the last gets [`FORWARD_SHARE_PERCENT`] of the time
+    /// left: most of it, as the replica asked is the one expected to
+    /// coordinate (a slow quorum needs the client's time, not a third of
+    /// it), and a replica that died unnoticed still leaves the rest to the
+    /// next. One whose later replicas are all believed down gets all of it:
+    /// they would not take over. The forwarded request carries its share
+    /// (less a margin) so the replica gives up before we do.
     async fn forward(
         &self,
         replicas: &[NodeId],
@@ -1051,7 +1055,13 @@ impl<T: Transport> Coordinator<T> {
                 ran_nothing = false;
                 continue;
             }
-            let share = (deadline - now) / (replicas.len() - i) as u32;
+            let left = deadline - now;
+            let last_hope = replicas[i + 1..].iter().all(|n| !self.is_healthy(n));
+            let share = if last_hope {
+                left
+            } else {
+                left * FORWARD_SHARE_PERCENT / 100
+            };
             let attempt_deadline = now + share;
             let remaining_ms = share
                 .saturating_sub(self.forward_margin(node, share))
@@ -1234,6 +1244,11 @@ const REPAIR_COLLECT_GRACE: Duration = Duration::from_millis(500);
 /// Time kept back from a forwarded request's deadline so its answer (even a
 /// quorum error) can travel back before the forwarder gives up.
 const FORWARD_MARGIN: Duration = Duration::from_millis(20);
+
+/// The share of the time left that a forward gives a replica when others
+/// could still take over (see `Coordinator::forward`): twice what an equal
+/// split among three gave the first, and a third left for the rest.
+const FORWARD_SHARE_PERCENT: u32 = 67;
 
 fn set_timeout_ms(request: &mut Request, timeout_ms: u32) {
     match request {

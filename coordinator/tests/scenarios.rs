@@ -391,6 +391,55 @@ async fn a_forward_leaves_room_for_the_answer_of_a_replica_that_used_its_deadlin
     );
 }
 
+/// A forwarded request gives its first replica most of the client's time,
+/// not an equal share with replicas asked only if it stays silent: here
+/// the first needs 800 ms of the 2 s for a strict W=all (its third replica
+/// is 400 ms away each way), which a third of the time (and less the
+/// forward's margin) would not cover.
+#[tokio::test(start_paused = true)]
+async fn a_forward_gives_its_first_replica_most_of_the_time() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    let (first, far) = (&pref.replicas[0], &pref.replicas[2]);
+    let link = Duration::from_millis(400);
+    c.net.delay(first, far, link);
+    c.net.delay(far, first, link);
+    let receipt = match c.put_strict(outsider.as_str(), KEY, "v", All, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(first));
+    assert_eq!(receipt.replicas.len(), 3);
+}
+
+/// When the replicas after the one asked are all believed down, it gets
+/// all the time left: they would not take over. Here the forwarder
+/// believes two replicas down (they are up), and the third needs 1.4 s of
+/// the 2 s for a strict W=all.
+#[tokio::test(start_paused = true)]
+async fn a_forward_whose_other_replicas_are_down_gives_the_one_left_all_the_time() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    let (first, second, third) = (&pref.replicas[0], &pref.replicas[1], &pref.replicas[2]);
+    let detector = &c.node(outsider.as_str()).detector;
+    for down in [first, third] {
+        let now = tokio::time::Instant::now();
+        detector.record(down, false, now);
+        detector.record(down, false, now);
+        assert!(!detector.is_up(down));
+    }
+    let link = Duration::from_millis(700);
+    c.net.delay(second, third, link);
+    c.net.delay(third, second, link);
+    let receipt = match c.put_strict(outsider.as_str(), KEY, "v", All, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(second));
+}
+
 /// With fewer members than N, a quorum larger than the members can never
 /// form: it is refused before the write is stored anywhere.
 #[tokio::test(start_paused = true)]
