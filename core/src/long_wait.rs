@@ -9,7 +9,7 @@
 //! provides (the node hands the worker's other tasks to another thread
 //! meanwhile; tests and the simulator just wait).
 
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, TryLockError};
 
 /// Runs a wait that may block for long (the closure it is given).
 pub type LongWait<'a> = &'a dyn Fn(&mut dyn FnMut());
@@ -17,27 +17,28 @@ pub type LongWait<'a> = &'a dyn Fn(&mut dyn FnMut());
 /// Locks `mutex`, through `wait` if it is taken. Poison is ignored: a
 /// holder that panicked leaves nothing half done that these locks guard.
 pub fn lock<'a, T>(mutex: &'a Mutex<T>, wait: LongWait<'_>) -> MutexGuard<'a, T> {
-    match mutex.try_lock() {
-        Ok(guard) => guard,
-        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-        Err(TryLockError::WouldBlock) => {
-            let mut guard = None;
-            wait(&mut || guard = Some(mutex.lock().unwrap_or_else(|p| p.into_inner())));
-            // A wait that did not run the closure leaves the plain one.
-            guard.unwrap_or_else(|| mutex.lock().unwrap_or_else(|p| p.into_inner()))
-        }
-    }
+    take(mutex.try_lock(), || mutex.lock(), wait)
 }
 
 /// Takes `lock` shared, through `wait` if that cannot be done at once.
 pub fn read<'a, T>(lock: &'a RwLock<T>, wait: LongWait<'_>) -> RwLockReadGuard<'a, T> {
-    match lock.try_read() {
+    take(lock.try_read(), || lock.read(), wait)
+}
+
+/// The guard `tried` holds, or else the one `blocking` takes inside `wait`.
+fn take<G>(
+    tried: Result<G, TryLockError<G>>,
+    blocking: impl Fn() -> Result<G, PoisonError<G>>,
+    wait: LongWait<'_>,
+) -> G {
+    match tried {
         Ok(guard) => guard,
         Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
         Err(TryLockError::WouldBlock) => {
             let mut guard = None;
-            wait(&mut || guard = Some(lock.read().unwrap_or_else(|p| p.into_inner())));
-            guard.unwrap_or_else(|| lock.read().unwrap_or_else(|p| p.into_inner()))
+            wait(&mut || guard = Some(blocking().unwrap_or_else(PoisonError::into_inner)));
+            // A wait that did not run the closure leaves the plain one.
+            guard.unwrap_or_else(|| blocking().unwrap_or_else(PoisonError::into_inner))
         }
     }
 }
