@@ -160,7 +160,7 @@ pub struct BenchArgs {
     /// Threads running the bench's clients (and, without --cluster, the embedded nodes). Default: one per core. With the cluster on the same machine, 1 leaves more of the cores to the nodes: in an open loop a second thread mostly wakes up to find nothing to do.
     #[arg(long, value_name = "N", value_parser = bounded::<u16>(1, 1024))]
     pub worker_threads: Option<u16>,
-    /// How long each setting runs (putget: each phase).
+    /// How long each setting is measured, after its --warmup-s (putget: each phase, with no warm-up).
     #[arg(long, value_name = "SECONDS", default_value_t = 6)]
     pub duration_s: u64,
     /// How long each setting's clients run before it is measured (YCSB workloads): connections, caches and the nodes' memtables warm up, and the first requests' costs stay out of the figures. 0 measures from the first request. Default: 1.

@@ -1032,8 +1032,8 @@ impl<T: Transport> Coordinator<T> {
     /// left: most of it, as the replica asked is the one expected to
     /// coordinate (a slow quorum needs the client's time, not a third of
     /// it), and a replica that died unnoticed still leaves the rest to the
-    /// next. One whose later replicas are all believed down gets all of it:
-    /// they would not take over. The forwarded request carries its share
+    /// next. One believed up whose later replicas are all believed down
+    /// gets all of it: they are unlikely to take over. The forwarded request carries its share
     /// (less a margin) so the replica gives up before we do.
     async fn forward(
         &self,
@@ -1056,7 +1056,10 @@ impl<T: Transport> Coordinator<T> {
                 continue;
             }
             let left = deadline - now;
-            let last_hope = replicas[i + 1..].iter().all(|n| !self.is_healthy(n));
+            // Only a replica believed up: when all are believed down (the
+            // forwarder's own view may be what failed), the split stands.
+            let last_hope =
+                self.is_healthy(node) && replicas[i + 1..].iter().all(|n| !self.is_healthy(n));
             let share = if last_hope {
                 left
             } else {

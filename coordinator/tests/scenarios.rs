@@ -414,7 +414,7 @@ async fn a_forward_gives_its_first_replica_most_of_the_time() {
 }
 
 /// When the replicas after the one asked are all believed down, it gets
-/// all the time left: they would not take over. Here the forwarder
+/// all the time left: they are unlikely to take over. Here the forwarder
 /// believes two replicas down (they are up), and the third needs 1.4 s of
 /// the 2 s for a strict W=all.
 #[tokio::test(start_paused = true)]
@@ -438,6 +438,28 @@ async fn a_forward_whose_other_replicas_are_down_gives_the_one_left_all_the_time
         other => panic!("{other:?}"),
     };
     assert_eq!(receipt.coordinator.as_ref(), Some(second));
+}
+
+/// A forwarder that believes every replica down (its own view may be
+/// what failed) keeps the split: the first, dead in fact, does not take
+/// all the time, and the second coordinates.
+#[tokio::test(start_paused = true)]
+async fn a_forward_that_believes_every_replica_down_still_moves_on() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    let detector = &c.node(outsider.as_str()).detector;
+    for replica in &pref.replicas {
+        let now = tokio::time::Instant::now();
+        detector.record(replica, false, now);
+        detector.record(replica, false, now);
+    }
+    c.net.down(&pref.replicas[0]);
+    let receipt = match c.put(outsider.as_str(), KEY, "v", Quorum, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
 }
 
 /// With fewer members than N, a quorum larger than the members can never
