@@ -1056,10 +1056,12 @@ impl<T: Transport> Coordinator<T> {
                 continue;
             }
             let left = deadline - now;
-            // Only a replica believed up: when all are believed down (the
+            // The last replica gets what is left. Before it, only one
+            // believed up gets all of it: when all are believed down (the
             // forwarder's own view may be what failed), the split stands.
-            let last_hope =
-                self.is_healthy(node) && replicas[i + 1..].iter().all(|n| !self.is_healthy(n));
+            let later = &replicas[i + 1..];
+            let last_hope = later.is_empty()
+                || (self.is_healthy(node) && later.iter().all(|n| !self.is_healthy(n)));
             let share = if last_hope {
                 left
             } else {

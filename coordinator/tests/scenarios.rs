@@ -462,6 +462,33 @@ async fn a_forward_that_believes_every_replica_down_still_moves_on() {
     assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
 }
 
+/// Believed down or not, the last replica tried gets all the time left:
+/// here the first two are silent, and the last needs 180 ms of the 218
+/// left of the 2 s (its answer comes from 90 ms away each way).
+#[tokio::test(start_paused = true)]
+async fn a_forward_gives_the_last_replica_all_that_is_left() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    let detector = &c.node(outsider.as_str()).detector;
+    for replica in &pref.replicas {
+        let now = tokio::time::Instant::now();
+        detector.record(replica, false, now);
+        detector.record(replica, false, now);
+    }
+    for silent in &pref.replicas[..2] {
+        c.net.down(silent);
+    }
+    let link = Duration::from_millis(90);
+    c.net.delay(&outsider, &pref.replicas[2], link);
+    c.net.delay(&pref.replicas[2], &outsider, link);
+    let receipt = match c.put(outsider.as_str(), KEY, "w", One, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[2]));
+}
+
 /// With fewer members than N, a quorum larger than the members can never
 /// form: it is refused before the write is stored anywhere.
 #[tokio::test(start_paused = true)]
