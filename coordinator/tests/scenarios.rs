@@ -31,6 +31,30 @@ fn error(r: &Response) -> (ErrorKind, String) {
     }
 }
 
+/// Who coordinated a successful put.
+fn coordinator_of(r: Response) -> Option<ringkv_core::NodeId> {
+    match r {
+        Response::Put(p) => p.receipt.coordinator,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Makes `observer`'s failure detector believe `nodes` down (they are not
+/// told, and may be up).
+fn believe_down<'a>(
+    c: &SimCluster,
+    observer: &str,
+    nodes: impl IntoIterator<Item = &'a ringkv_core::NodeId>,
+) {
+    let detector = &c.node(observer).detector;
+    for node in nodes {
+        let now = tokio::time::Instant::now();
+        detector.record(node, false, now);
+        detector.record(node, false, now);
+        assert!(!detector.is_up(node));
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn every_r_and_w_succeeds_when_all_replicas_are_up() {
     let c = SimCluster::new(3, 3, 1);
@@ -423,21 +447,12 @@ async fn a_forward_whose_other_replicas_are_down_gives_the_one_left_all_the_time
     let pref = c.ring.preference_list(KEY.as_bytes());
     let outsider = pref.fallbacks[0].clone();
     let (first, second, third) = (&pref.replicas[0], &pref.replicas[1], &pref.replicas[2]);
-    let detector = &c.node(outsider.as_str()).detector;
-    for down in [first, third] {
-        let now = tokio::time::Instant::now();
-        detector.record(down, false, now);
-        detector.record(down, false, now);
-        assert!(!detector.is_up(down));
-    }
+    believe_down(&c, outsider.as_str(), [first, third]);
     let link = Duration::from_millis(700);
     c.net.delay(second, third, link);
     c.net.delay(third, second, link);
-    let receipt = match c.put_strict(outsider.as_str(), KEY, "v", All, None).await {
-        Response::Put(p) => p.receipt,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(receipt.coordinator.as_ref(), Some(second));
+    let coordinator = coordinator_of(c.put_strict(outsider.as_str(), KEY, "v", All, None).await);
+    assert_eq!(coordinator.as_ref(), Some(second));
 }
 
 /// A forwarder that believes every replica down (its own view may be
@@ -448,18 +463,10 @@ async fn a_forward_that_believes_every_replica_down_still_moves_on() {
     let c = SimCluster::new(5, 3, 1);
     let pref = c.ring.preference_list(KEY.as_bytes());
     let outsider = pref.fallbacks[0].clone();
-    let detector = &c.node(outsider.as_str()).detector;
-    for replica in &pref.replicas {
-        let now = tokio::time::Instant::now();
-        detector.record(replica, false, now);
-        detector.record(replica, false, now);
-    }
+    believe_down(&c, outsider.as_str(), &pref.replicas);
     c.net.down(&pref.replicas[0]);
-    let receipt = match c.put(outsider.as_str(), KEY, "v", Quorum, None).await {
-        Response::Put(p) => p.receipt,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
+    let coordinator = coordinator_of(c.put(outsider.as_str(), KEY, "v", Quorum, None).await);
+    assert_eq!(coordinator.as_ref(), Some(&pref.replicas[1]));
 }
 
 /// Believed down or not, the last replica tried gets all the time left:
@@ -470,23 +477,15 @@ async fn a_forward_gives_the_last_replica_all_that_is_left() {
     let c = SimCluster::new(5, 3, 1);
     let pref = c.ring.preference_list(KEY.as_bytes());
     let outsider = pref.fallbacks[0].clone();
-    let detector = &c.node(outsider.as_str()).detector;
-    for replica in &pref.replicas {
-        let now = tokio::time::Instant::now();
-        detector.record(replica, false, now);
-        detector.record(replica, false, now);
-    }
+    believe_down(&c, outsider.as_str(), &pref.replicas);
     for silent in &pref.replicas[..2] {
         c.net.down(silent);
     }
     let link = Duration::from_millis(90);
     c.net.delay(&outsider, &pref.replicas[2], link);
     c.net.delay(&pref.replicas[2], &outsider, link);
-    let receipt = match c.put(outsider.as_str(), KEY, "w", One, None).await {
-        Response::Put(p) => p.receipt,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[2]));
+    let coordinator = coordinator_of(c.put(outsider.as_str(), KEY, "w", One, None).await);
+    assert_eq!(coordinator.as_ref(), Some(&pref.replicas[2]));
 }
 
 /// With fewer members than N, a quorum larger than the members can never
