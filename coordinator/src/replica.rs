@@ -17,7 +17,7 @@ use ringkv_core::NodeId;
 use ringkv_repair::anti_entropy::LeafSource;
 use ringkv_repair::hints::{HintError, HintStore};
 use ringkv_repair::merkle::leaf_of;
-use ringkv_repair::trees::{version_digest, ChangeObserver};
+use ringkv_repair::trees::{version_digest, ChangeGuard, ChangeObserver};
 
 /// Number of lock stripes. More stripes, less false sharing between keys;
 /// each is one word of memory.
@@ -330,10 +330,7 @@ impl<S: Store> ReplicaService<S> {
         }
         clock.update(context, payload, &actor);
         check_limits(&clock)?;
-        let _change = self
-            .observer
-            .as_ref()
-            .map(|o| o.begin_change(&|wait| self.store.wait(wait)));
+        let _change = self.begin_change();
         if is_new {
             self.store
                 .put_with_actor(key, old.as_ref(), &clock, &actor)?;
@@ -363,10 +360,7 @@ impl<S: Store> ReplicaService<S> {
             return Ok(false);
         }
         check_limits(&merged)?;
-        let _change = self
-            .observer
-            .as_ref()
-            .map(|o| o.begin_change(&|wait| self.store.wait(wait)));
+        let _change = self.begin_change();
         self.store.put(key, current.as_ref(), &merged)?;
         if let Some(observer) = &self.observer {
             observer.changed(key, current.as_ref(), Some(&merged));
@@ -384,10 +378,7 @@ impl<S: Store> ReplicaService<S> {
         if current.as_ref() != Some(expected) {
             return Ok(false);
         }
-        let _change = self
-            .observer
-            .as_ref()
-            .map(|o| o.begin_change(&|wait| self.store.wait(wait)));
+        let _change = self.begin_change();
         self.store.delete(key)?;
         if let Some(observer) = &self.observer {
             observer.changed(key, current.as_ref(), None);
@@ -517,6 +508,13 @@ impl<S: Store> ReplicaService<S> {
         // Its holder may be waiting out a write stall: a taken stripe is
         // waited for as the store says long waits go.
         ringkv_core::long_wait::lock(stripe, &|wait| self.store.wait(wait))
+    }
+
+    /// Tells the observer, if any, that a change is about to be stored
+    /// (see `ChangeObserver::begin_change`); long waits go as the store says.
+    fn begin_change(&self) -> Option<ChangeGuard<'_>> {
+        let observer = self.observer.as_ref()?;
+        Some(observer.begin_change(&|wait| self.store.wait(wait)))
     }
 }
 

@@ -95,7 +95,8 @@ pub struct Storage {
     /// When the database was opened: the origin of `stalled_until_ns`.
     opened: std::time::Instant,
     /// Until when (ns after `opened`) writes go straight off the worker,
-    /// after one met a write stall (see `write_through_stalls`).
+    /// after one met a write stall (see `write_through_stalls`); 0 when no
+    /// such window is open.
     stalled_until_ns: std::sync::atomic::AtomicU64,
     /// Tests: writes run off the worker because of a write stall.
     #[cfg(test)]
@@ -376,16 +377,27 @@ impl Storage {
     ) -> Result<(), rocksdb::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let mut opts = self.data_write_options();
-        let now_ns = self.opened.elapsed().as_nanos() as u64;
-        if now_ns >= self.stalled_until_ns.load(Relaxed) {
+        let elapsed_ns = || self.opened.elapsed().as_nanos() as u64;
+        // 0: no window open, and no clock read on the usual path.
+        let until_ns = self.stalled_until_ns.load(Relaxed);
+        if until_ns == 0 || elapsed_ns() >= until_ns {
             opts.set_no_slowdown(true);
             match self.counted(|| write(&opts)) {
                 Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {}
-                done => return done,
+                done => {
+                    if until_ns != 0 {
+                        // The window is over (unless a later one opened).
+                        let _ = self
+                            .stalled_until_ns
+                            .compare_exchange(until_ns, 0, Relaxed, Relaxed);
+                    }
+                    return done;
+                }
             }
             opts.set_no_slowdown(false);
             let window_ns = STALL_WINDOW.as_nanos() as u64;
-            self.stalled_until_ns.fetch_max(now_ns + window_ns, Relaxed);
+            self.stalled_until_ns
+                .fetch_max(elapsed_ns() + window_ns, Relaxed);
         }
         metrics::counter!("ringkv_write_stalls_total").increment(1);
         #[cfg(test)]

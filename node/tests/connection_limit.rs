@@ -6,22 +6,32 @@ use std::time::{Duration, Instant};
 
 use ringkv_core::wire::{Request, Response};
 use ringkv_core::NodeId;
-use ringkv_node::{Client, Node, NodeConfig};
+use ringkv_node::{Client, Node, NodeConfig, NodeHandle};
+
+/// A node on loopback that serves at most `slots` connections.
+async fn node_with_slots(dir: &std::path::Path, slots: usize) -> NodeHandle {
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.into());
+    config.max_connections = slots;
+    Node::start(config).await.unwrap()
+}
+
+/// Asserts that `client` is served.
+async fn assert_served(client: &Client) {
+    assert!(matches!(
+        client.call(&Request::Ping).await.unwrap(),
+        Response::Pong
+    ));
+}
 
 #[tokio::test]
 async fn connections_past_the_limit_are_refused_until_one_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
-    config.max_connections = 1;
-    let node = Node::start(config).await.unwrap();
+    let node = node_with_slots(dir.path(), 1).await;
 
     let first = Client::connect(node.addr(), Duration::from_secs(5))
         .await
         .unwrap();
-    assert!(matches!(
-        first.call(&Request::Ping).await.unwrap(),
-        Response::Pong
-    ));
+    assert_served(&first).await;
     let started = Instant::now();
     let second = Client::connect(node.addr(), Duration::from_secs(5)).await;
     assert!(second.is_err(), "a second connection was served");
@@ -41,10 +51,7 @@ async fn connections_past_the_limit_are_refused_until_one_ends() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(matches!(
-        third.call(&Request::Ping).await.unwrap(),
-        Response::Pong
-    ));
+    assert_served(&third).await;
     third.close().await;
     node.shutdown().await;
 }
@@ -139,9 +146,7 @@ async fn stall_a_handshake(addr: std::net::SocketAddr) {
 #[tokio::test]
 async fn a_stalled_handshake_gives_its_slot_back() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
-    config.max_connections = 1;
-    let node = Node::start(config).await.unwrap();
+    let node = node_with_slots(dir.path(), 1).await;
     let started = Instant::now();
     stall_a_handshake(node.addr()).await;
     // The stalled handshake holds the one slot: a connection is refused.
@@ -166,10 +171,7 @@ async fn a_stalled_handshake_gives_its_slot_back() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(matches!(
-        client.call(&Request::Ping).await.unwrap(),
-        Response::Pong
-    ));
+    assert_served(&client).await;
     client.close().await;
     node.shutdown().await;
 }
@@ -179,9 +181,7 @@ async fn a_stalled_handshake_gives_its_slot_back() {
 #[tokio::test]
 async fn a_client_sent_a_retry_still_connects() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
-    config.max_connections = 2;
-    let node = Node::start(config).await.unwrap();
+    let node = node_with_slots(dir.path(), 2).await;
     let first = Client::connect(node.addr(), Duration::from_secs(5))
         .await
         .unwrap();
@@ -190,10 +190,7 @@ async fn a_client_sent_a_retry_still_connects() {
         .await
         .unwrap();
     for client in [&first, &second] {
-        assert!(matches!(
-            client.call(&Request::Ping).await.unwrap(),
-            Response::Pong
-        ));
+        assert_served(client).await;
     }
     first.close().await;
     second.close().await;
