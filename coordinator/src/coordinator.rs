@@ -22,7 +22,11 @@
 //! deadline: the write goes to it as a hint ([`ReplicaRequest::Hint`]), the
 //! read asks it for its hinted copy. A write acknowledged before a replica
 //! failed still gets a stand-in for it, after the answer, until the deadline.
-//! `strict` requests (PW/PR) use no stand-ins.
+//! `strict` requests (PW/PR) use no stand-ins. An owner believed down is not
+//! asked while a stand-in is left for it; when its last one fails, it is
+//! asked after all (the failure detector can be wrong, say just after the
+//! owner came back), for at most the stand-in delay, so that a slot with no
+//! one left still fails well before the deadline.
 //!
 //! When W (or R) cannot be met before the deadline the answer is a quorum
 //! error naming who answered and who did not. Dynamo does not roll a write
@@ -363,6 +367,7 @@ impl<T: Transport> Coordinator<T> {
             after: stand_in_after(Instant::now(), deadline),
             spares: VecDeque::new(),
             speculate_at: None,
+            held_back: Vec::new(),
         };
         // The coordinator's own write is already done.
         let others: Vec<NodeId> = pref
@@ -486,6 +491,7 @@ impl<T: Transport> Coordinator<T> {
             after,
             spares: spares.into_iter().map(|n| (n, read.clone())).collect(),
             speculate_at: Some(start + self.latency.speculate_after(&peers_first, after - start)),
+            held_back: Vec::new(),
         };
         let targets = self.plan(&first, &read, &mut stand_ins, &mut tracker);
         let owners = &pref.replicas;
@@ -698,7 +704,10 @@ impl<T: Transport> Coordinator<T> {
     }
 
     /// Where `owner`'s `request` goes: to the owner, or to a stand-in when
-    /// the owner is believed down and one is left.
+    /// the owner is believed down and one is left. An owner so replaced is
+    /// held back with its request, to be asked after all if its stand-ins
+    /// all fail: the failure detector may be wrong, and an owner it wrongly
+    /// believes down is better than no write.
     fn route(
         &self,
         owner: &NodeId,
@@ -708,13 +717,8 @@ impl<T: Transport> Coordinator<T> {
     ) -> (NodeId, Request) {
         if !self.is_healthy(owner) {
             if let Some(send) = stand_ins.next_for(owner, tracker) {
-                tracker.record(
-                    owner,
-                    ReplicaAnswer::Error {
-                        latency_us: 0,
-                        reason: "believed down; not contacted".to_string(),
-                    },
-                );
+                tracker.hold_back(owner);
+                stand_ins.held_back.push((owner.clone(), request));
                 return send;
             }
         }
@@ -760,15 +764,16 @@ impl<T: Transport> Coordinator<T> {
         let (tx, mut rx) = mpsc::channel(capacity.max(1));
         // Requests sent and answers taken: the ones still on their way.
         let (sent, mut taken) = (AtomicUsize::new(0), 0usize);
-        let dispatch = |node: NodeId, request: Request| {
+        // `until`: when a send gives up; the deadline, but sooner for an
+        // owner asked after all, believed down.
+        let dispatch_until = |node: NodeId, request: Request, until: Instant| {
             sent.fetch_add(1, Ordering::Relaxed);
             let tx = tx.clone();
             let transport = self.transport.clone();
             let latency = (node != self.id).then(|| self.latency.clone());
             self.spawn_detached(async move {
                 let sent = Instant::now();
-                let result =
-                    tokio::time::timeout_at(deadline, transport.call(&node, request)).await;
+                let result = tokio::time::timeout_at(until, transport.call(&node, request)).await;
                 // Answers and timeouts (as their full wait) rank the peer; a
                 // transport failure says nothing about its speed. A failure
                 // to serve (a node shedding load, draining, or failing its
@@ -795,6 +800,7 @@ impl<T: Transport> Coordinator<T> {
                 let _ = tx.send((node, result, latency_us)).await;
             });
         };
+        let dispatch = |node: NodeId, request: Request| dispatch_until(node, request, deadline);
         for (node, request) in targets {
             dispatch(node, request);
         }
@@ -823,6 +829,13 @@ impl<T: Transport> Coordinator<T> {
                             if tracker.slot_uncovered_without(&owner, &node, owner_gave_up) {
                                 if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
                                     dispatch(stand_in, request);
+                                } else if let Some(request) = stand_ins.ask_held_back(&owner, tracker) {
+                                    // Likely down after all: it gets what a
+                                    // silent owner gets before a stand-in, so a
+                                    // slot with no one left fails soon, not at
+                                    // the deadline.
+                                    counter!("ringkv_held_back_owners_asked_total").increment(1);
+                                    dispatch_until(owner, request, stand_in_after(Instant::now(), deadline));
                                 }
                             }
                         }
@@ -1197,6 +1210,9 @@ struct StandIns<'a> {
     /// those believed up) when answers are still missing, and at `after`.
     spares: VecDeque<(NodeId, Request)>,
     speculate_at: Option<Instant>,
+    /// Owners believed down that got a stand-in instead, with their own
+    /// request: asked after all when their last stand-in fails.
+    held_back: Vec<(NodeId, Request)>,
 }
 
 impl StandIns<'_> {
@@ -1219,6 +1235,16 @@ impl StandIns<'_> {
             }
         }
         None
+    }
+
+    /// `owner`'s own request, if it was held back and the tracker agrees to
+    /// ask it now (its slot is still open).
+    fn ask_held_back(&mut self, owner: &NodeId, tracker: &mut QuorumTracker) -> Option<Request> {
+        let at = self.held_back.iter().position(|(o, _)| o == owner)?;
+        if !tracker.ask_held_back(owner) {
+            return None;
+        }
+        Some(self.held_back.swap_remove(at).1)
     }
 }
 

@@ -9,6 +9,9 @@
 use ringkv_core::wire::{Outcome, Receipt, ReplicaOutcome};
 use ringkv_core::NodeId;
 
+/// How receipts and failures describe an owner held back.
+const HELD_BACK: &str = "believed down; not contacted";
+
 /// Where a request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuorumState {
@@ -42,6 +45,11 @@ struct Entry {
     /// only R owners at first; the others are spares, which a failed read
     /// must not report as timed out.
     asked: bool,
+    /// An owner believed down whose slot went to a stand-in: not asked, and
+    /// not counted as pending, unless [`QuorumTracker::ask_held_back`] asks
+    /// it after all (its stand-ins failed, and the failure detector may be
+    /// wrong). Reported as "believed down; not contacted".
+    held_back: bool,
 }
 
 /// Tracks the answers for the preference list's nodes until `required` of
@@ -54,7 +62,8 @@ struct Entry {
 /// [`add_stand_in`](Self::add_stand_in).
 ///
 /// Invariants: each node's answer is recorded at most once (the first wins);
-/// once expired, nothing changes; a node is in at most one slot.
+/// once expired, nothing changes; a node is in at most one slot; a node held
+/// back is pending, never asked, and covers nothing until asked.
 #[derive(Debug, Clone)]
 pub struct QuorumTracker {
     required: usize,
@@ -75,6 +84,7 @@ impl QuorumTracker {
                 hint_for: None,
                 answer: ReplicaAnswer::Pending,
                 asked: false,
+                held_back: false,
             })
             .collect();
         QuorumTracker {
@@ -101,8 +111,59 @@ impl QuorumTracker {
             hint_for: Some(owner.clone()),
             answer: ReplicaAnswer::Pending,
             asked: true,
+            held_back: false,
         });
         true
+    }
+
+    /// Notes that `owner`, believed down, is not asked: its slot went to a
+    /// stand-in. Until [`Self::ask_held_back`], the owner neither keeps its
+    /// slot pending nor covers it, so the slot fails with its stand-ins.
+    /// Does nothing for a node that is not an owner not yet asked.
+    pub fn hold_back(&mut self, owner: &NodeId) {
+        if self.expired {
+            return;
+        }
+        if let Some(e) = self.owner_entry_mut(owner) {
+            if e.answer == ReplicaAnswer::Pending && !e.asked {
+                e.held_back = true;
+            }
+        }
+    }
+
+    /// Asks `owner` after all, if it was held back and its slot is not yet
+    /// satisfied; returns whether it was. From then on it is an owner asked
+    /// like any other.
+    pub fn ask_held_back(&mut self, owner: &NodeId) -> bool {
+        if self.expired {
+            return false;
+        }
+        let Some(slot) = self.slot_of_owner(owner) else {
+            return false;
+        };
+        if self.slot_satisfied(slot) {
+            return false;
+        }
+        match self.owner_entry_mut(owner) {
+            Some(e) if e.held_back => {
+                e.held_back = false;
+                e.asked = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn owner_entry_mut(&mut self, owner: &NodeId) -> Option<&mut Entry> {
+        self.entries
+            .iter_mut()
+            .find(|e| e.node == *owner && e.hint_for.is_none())
+    }
+
+    fn slot_satisfied(&self, slot: usize) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.slot == slot && matches!(e.answer, ReplicaAnswer::Ok { .. }))
     }
 
     /// Notes that `node` was sent the request.
@@ -135,6 +196,7 @@ impl QuorumTracker {
             e.slot == slot
                 && (matches!(e.answer, ReplicaAnswer::Ok { .. })
                     || (e.answer == ReplicaAnswer::Pending
+                        && !e.held_back
                         && e.node != *except
                         && !(owner_gave_up && e.node == *owner)))
         })
@@ -166,6 +228,7 @@ impl QuorumTracker {
                 if e.answer == ReplicaAnswer::Pending {
                     e.answer = answer;
                     e.asked = true;
+                    e.held_back = false;
                 }
             }
         }
@@ -196,7 +259,9 @@ impl QuorumTracker {
             let answers = || self.entries.iter().filter(|e| e.slot == slot);
             if answers().any(|e| matches!(e.answer, ReplicaAnswer::Ok { .. })) {
                 ok += 1;
-            } else if !self.expired && answers().any(|e| e.answer == ReplicaAnswer::Pending) {
+            } else if !self.expired
+                && answers().any(|e| e.answer == ReplicaAnswer::Pending && !e.held_back)
+            {
                 // (After the deadline an owner never asked is still
                 // pending, but can no longer be asked.)
                 pending += 1;
@@ -244,6 +309,9 @@ impl QuorumTracker {
                 .iter()
                 .filter_map(|e| {
                     let (outcome, latency_us, detail) = match &e.answer {
+                        ReplicaAnswer::Pending if e.held_back => {
+                            (Outcome::Error, 0, Some(HELD_BACK.to_string()))
+                        }
                         ReplicaAnswer::Pending => return None,
                         ReplicaAnswer::Ok { latency_us } => (Outcome::Ok, *latency_us, None),
                         ReplicaAnswer::Error { latency_us, reason } => {
@@ -279,6 +347,7 @@ impl QuorumTracker {
                 };
                 match &e.answer {
                     ReplicaAnswer::Ok { .. } => None,
+                    ReplicaAnswer::Pending if e.held_back => Some(format!("{n} ({HELD_BACK})")),
                     ReplicaAnswer::Pending if !e.asked => Some(format!("{n} (not asked)")),
                     ReplicaAnswer::Pending => Some(format!("{n} (no answer)")),
                     ReplicaAnswer::Timeout { .. } => Some(format!("{n} (timed out)")),
@@ -432,6 +501,47 @@ mod tests {
             !t.slot_uncovered_without(&n("a"), &n("a"), true),
             "a succeeded"
         );
+    }
+
+    /// An owner held back neither keeps its slot open nor covers it: the
+    /// slot fails with its stand-ins, unless the owner is asked after all.
+    #[test]
+    fn an_owner_held_back_counts_only_once_asked() {
+        let mut t = tracker(3);
+        t.record(&n("a"), OK);
+        t.record(&n("b"), OK);
+        assert!(t.add_stand_in(&n("c"), n("d")));
+        t.hold_back(&n("c"));
+        assert!(t.slot_uncovered_without(&n("c"), &n("d"), false));
+        let mut failed = t.clone();
+        assert_eq!(failed.record(&n("d"), err()), QuorumState::Failed);
+        assert!(
+            failed
+                .failure_summary()
+                .contains("c (believed down; not contacted)"),
+            "{}",
+            failed.failure_summary()
+        );
+        let receipt = failed.receipt(&n("a"));
+        let c = receipt.replicas.iter().find(|r| r.node == n("c")).unwrap();
+        assert_eq!(c.outcome, Outcome::Error);
+
+        assert!(t.ask_held_back(&n("c")));
+        assert!(!t.ask_held_back(&n("c")), "asked once");
+        assert!(!t.ask_held_back(&n("d")), "d is no owner");
+        assert_eq!(t.record(&n("d"), err()), QuorumState::Waiting, "c asked");
+        assert_eq!(t.record(&n("c"), OK), QuorumState::Reached);
+    }
+
+    #[test]
+    fn an_owner_is_not_asked_after_all_once_its_slot_is_satisfied() {
+        let mut t = tracker(2);
+        t.add_stand_in(&n("c"), n("d"));
+        t.hold_back(&n("c"));
+        t.record(&n("d"), OK);
+        assert!(!t.ask_held_back(&n("c")));
+        t.expire(1);
+        assert!(!t.ask_held_back(&n("a")), "a was never held back");
     }
 
     #[test]

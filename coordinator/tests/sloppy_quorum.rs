@@ -779,3 +779,98 @@ async fn a_draining_owner_is_seen_down_under_traffic() {
         "{put:?}"
     );
 }
+
+/// The coordinator believes `owners[2]` down, but it is up; both fallbacks
+/// answer `Overloaded`. A story for the tests below, which read or write
+/// at `All` through `owners[0]`.
+async fn an_owner_wrongly_believed_down_and_failing_fallbacks(owner_really_down: bool) -> Story {
+    let s = story(SimOptions::default());
+    let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
+    let put = s.c.put(coordinator, KEY, "v1", All, None).await;
+    assert!(stand_ins(&put).is_empty(), "{put:?}");
+    let node = s.c.node(coordinator);
+    let now = tokio::time::Instant::now();
+    node.detector.record(&s.id(owner), false, now);
+    node.detector.record(&s.id(owner), false, now);
+    assert!(!node.detector.is_up(&s.id(owner)));
+    if owner_really_down {
+        s.c.net.down(&s.id(owner));
+    }
+    for fallback in &s.fallbacks {
+        s.c.net.overload(&s.id(fallback));
+    }
+    s.c.net.take_log();
+    s
+}
+
+/// Stand-ins first, as the owner is believed down; when they all fail, the
+/// owner itself, since the failure detector may be wrong.
+#[tokio::test(start_paused = true)]
+async fn a_write_whose_stand_ins_fail_asks_the_owner_believed_down() {
+    let s = an_owner_wrongly_believed_down_and_failing_fallbacks(false).await;
+    let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
+    let put = s.c.put(coordinator, KEY, "v2", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert!(stand_ins(&put).is_empty(), "{put:?}");
+    let owner_outcome = receipt(&put)
+        .replicas
+        .iter()
+        .find(|o| o.node.as_str() == owner.as_str())
+        .map(|o| o.outcome);
+    assert_eq!(owner_outcome, Some(Outcome::Ok), "{put:?}");
+    assert_eq!(
+        s.c.local_values(owner, KEY),
+        ["v1", "v2"],
+        "v2 has no context"
+    );
+    let log = s.c.net.take_log();
+    let first_owner_send = log
+        .iter()
+        .position(|l| l.starts_with(&format!("{coordinator} -> {owner} Sync")))
+        .unwrap_or_else(|| panic!("the owner was never asked: {log:?}"));
+    for fallback in &s.fallbacks {
+        let hint = log
+            .iter()
+            .position(|l| l.starts_with(&format!("{coordinator} -> {fallback} Hint for {owner}")));
+        assert!(
+            hint.is_some_and(|h| h < first_owner_send),
+            "{fallback} was tried first: {log:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_read_whose_stand_ins_fail_asks_the_owner_believed_down() {
+    let s = an_owner_wrongly_believed_down_and_failing_fallbacks(false).await;
+    let get = s.c.get(&s.owners[0], KEY, All).await;
+    assert_eq!(values(&get), ["v1"], "{get:?}");
+    assert!(stand_ins(&get).is_empty(), "{get:?}");
+}
+
+/// An owner that is really down gets what a silent owner gets before a
+/// stand-in, a quarter of the 2 s deadline, so the write fails then rather
+/// than at the deadline; the error names each failure.
+#[tokio::test(start_paused = true)]
+async fn an_owner_asked_after_its_stand_ins_failed_is_waited_for_briefly() {
+    let s = an_owner_wrongly_believed_down_and_failing_fallbacks(true).await;
+    let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(coordinator, KEY, "v2", All, None).await;
+    assert_eq!(started.elapsed(), Duration::from_millis(500), "{put:?}");
+    let Response::Error(e) = &put else {
+        panic!("{put:?}")
+    };
+    assert_eq!(e.kind, ErrorKind::QuorumNotReached);
+    assert!(
+        e.message.contains(&format!("{owner} (timed out)")),
+        "{}",
+        e.message
+    );
+    for fallback in &s.fallbacks {
+        assert!(
+            e.message.contains(&format!("{fallback} for {owner} (")),
+            "{}",
+            e.message
+        );
+    }
+}
