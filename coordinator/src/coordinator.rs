@@ -760,7 +760,10 @@ impl<T: Transport> Coordinator<T> {
     ) -> (LateReplies, VecDeque<NodeId>) {
         // Even when the tracker is already decided (W=1 met by the local
         // write), every target still gets the request.
-        let capacity = targets.len() + stand_ins.candidates.len() + stand_ins.spares.len();
+        // Each owner (a target or a spare) may also be asked after all,
+        // once held back.
+        let owners = targets.len() + stand_ins.spares.len();
+        let capacity = 2 * owners + stand_ins.candidates.len();
         let (tx, mut rx) = mpsc::channel(capacity.max(1));
         // Requests sent and answers taken: the ones still on their way.
         let (sent, mut taken) = (AtomicUsize::new(0), 0usize);
@@ -801,6 +804,16 @@ impl<T: Transport> Coordinator<T> {
             });
         };
         let dispatch = |node: NodeId, request: Request| dispatch_until(node, request, deadline);
+        // An owner held back whose last stand-in failed: likely down after
+        // all, it gets what a silent owner gets before a stand-in, so that a
+        // slot with no one left fails soon, not at the deadline.
+        let ask_after_all =
+            |owner: NodeId, stand_ins: &mut StandIns<'_>, tracker: &mut QuorumTracker| {
+                if let Some(request) = stand_ins.ask_held_back(&owner, tracker) {
+                    counter!("ringkv_held_back_owners_asked_total").increment(1);
+                    dispatch_until(owner, request, stand_in_after(Instant::now(), deadline));
+                }
+            };
         for (node, request) in targets {
             dispatch(node, request);
         }
@@ -820,8 +833,15 @@ impl<T: Transport> Coordinator<T> {
                     let (answer, replaceable) = self.judge(&node, result, latency_us, &mut on_reply);
                     if replaceable && !stand_ins.spares.is_empty() {
                         // A spare owner first: it holds the data, a fallback likely not.
-                        if let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "failure") {
-                            dispatch(node, request);
+                        if let Some((spare, request)) = self.next_spare(&mut stand_ins, tracker, "failure") {
+                            dispatch(spare, request);
+                        }
+                        // If `node` was the last stand-in for an owner held
+                        // back, that owner is asked after all, as below.
+                        if let Some(owner) = tracker.owner_of(&node).filter(|o| **o != node).cloned() {
+                            if !stand_ins.would_stand_in() && tracker.slot_uncovered_without(&owner, &node, false) {
+                                ask_after_all(owner, &mut stand_ins, tracker);
+                            }
                         }
                     } else if replaceable {
                         if let Some(owner) = tracker.owner_of(&node).cloned() {
@@ -829,13 +849,8 @@ impl<T: Transport> Coordinator<T> {
                             if tracker.slot_uncovered_without(&owner, &node, owner_gave_up) {
                                 if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
                                     dispatch(stand_in, request);
-                                } else if let Some(request) = stand_ins.ask_held_back(&owner, tracker) {
-                                    // Likely down after all: it gets what a
-                                    // silent owner gets before a stand-in, so a
-                                    // slot with no one left fails soon, not at
-                                    // the deadline.
-                                    counter!("ringkv_held_back_owners_asked_total").increment(1);
-                                    dispatch_until(owner, request, stand_in_after(Instant::now(), deadline));
+                                } else {
+                                    ask_after_all(owner, &mut stand_ins, tracker);
                                 }
                             }
                         }

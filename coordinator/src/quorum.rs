@@ -538,10 +538,15 @@ mod tests {
         let mut t = tracker(2);
         t.add_stand_in(&n("c"), n("d"));
         t.hold_back(&n("c"));
+        assert!(!t.ask_held_back(&n("a")), "a was never held back");
         t.record(&n("d"), OK);
         assert!(!t.ask_held_back(&n("c")));
-        t.expire(1);
-        assert!(!t.ask_held_back(&n("a")), "a was never held back");
+
+        let mut late = tracker(2);
+        late.add_stand_in(&n("c"), n("d"));
+        late.hold_back(&n("c"));
+        late.expire(1);
+        assert!(!late.ask_held_back(&n("c")), "past the deadline");
     }
 
     #[test]

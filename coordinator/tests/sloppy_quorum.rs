@@ -874,3 +874,33 @@ async fn an_owner_asked_after_its_stand_ins_failed_is_waited_for_briefly() {
         );
     }
 }
+
+/// R=2 with both peers believed down: `owners[1]` wrongly, `owners[2]`
+/// rightly. The read asks `owners[1]` through the first fallback and keeps
+/// `owners[2]` as a spare; when the fallback fails, the spare goes to the
+/// second fallback, the last, so `owners[1]` is asked after all as well,
+/// and answers.
+#[tokio::test(start_paused = true)]
+async fn a_read_asks_an_owner_held_back_even_when_a_spare_took_its_stand_ins_place() {
+    let s = an_owner_wrongly_believed_down_and_failing_fallbacks(false).await;
+    let (coordinator, wrongly, rightly) = (&s.owners[0], &s.owners[1], &s.owners[2]);
+    let node = s.c.node(coordinator);
+    let now = tokio::time::Instant::now();
+    node.detector.record(&s.id(wrongly), false, now);
+    node.detector.record(&s.id(wrongly), false, now);
+    s.c.net.down(&s.id(rightly));
+    let started = tokio::time::Instant::now();
+    let get = s.c.get(coordinator, KEY, Quorum).await;
+    assert_eq!(values(&get), ["v1"], "{get:?}");
+    assert_eq!(started.elapsed(), Duration::ZERO, "{get:?}");
+    let log = s.c.net.take_log();
+    let first_read_for = |owner: &str| {
+        log.iter()
+            .position(|l| l.contains(&format!("Read for {owner}")))
+            .unwrap_or_else(|| panic!("no stand-in read for {owner}: {log:?}"))
+    };
+    assert!(
+        first_read_for(wrongly) < first_read_for(rightly),
+        "the spare took the first stand-in's place: {log:?}"
+    );
+}
