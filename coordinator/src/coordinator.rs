@@ -214,6 +214,9 @@ impl<T: Transport> Coordinator<T> {
         if *closing.borrow_and_update() {
             return;
         }
+        // Boxed so that the task's future, moved into the task and rewritten
+        // at each stage change, stays small (a send's is about 1.7 KiB).
+        let task = Box::pin(task);
         tokio::spawn(async move {
             tokio::select! {
                 biased;
