@@ -26,7 +26,9 @@
 //! Bounds: one round at a time per node; tree hashes, leaves, reads and
 //! merges are asked for in bounded chunks, one request at a time, and key
 //! repairs are paced to [`AntiEntropyConfig::keys_per_s`] so that repair
-//! never starves client requests. Every call has a timeout. Time for
+//! never starves client requests: a key written counts in full, one read
+//! and found to need nothing at an eighth (a tombstone facing an absent key
+//! stays a difference every round until it is collected). Every call has a timeout. Time for
 //! "last round" comes from a [`WallClock`] passed in; durations from tokio's
 //! clock, so tests can pause it.
 
@@ -56,6 +58,23 @@ pub const DEFAULT_ANTI_ENTROPY_INTERVAL_S: u64 = 60;
 pub const DEFAULT_REPAIR_KEYS_PER_S: u32 = 1_000;
 /// Keys read and merged per request pair.
 const REPAIR_BATCH: usize = 64;
+/// How many keys read but found to need nothing cost as much of the repair
+/// pace as one key written.
+const EXAMINED_PER_REPAIR: usize = 8;
+
+/// What a batch of `examined` keys, `repaired` of them written, counts
+/// against [`AntiEntropyConfig::keys_per_s`]: a key written in full, one
+/// only read at [`EXAMINED_PER_REPAIR`] to one. A difference repair never
+/// writes (a tombstone on one side, nothing on the other: see the module
+/// docs) stays listed until the tombstone is collected, a day by default,
+/// and comes back every round: after a join, every key deleted in the last
+/// day is one. Charged in full, such keys used the pace of real repairs
+/// (at 100 deletes/s, hours per peer per round); not charged at all, their
+/// reads would run unpaced.
+fn pacing_charge(examined: usize, repaired: u64) -> f64 {
+    let repaired = (repaired as usize).min(examined);
+    repaired as f64 + (examined - repaired) as f64 / EXAMINED_PER_REPAIR as f64
+}
 
 /// The `(key, version digest)` pairs a replica stores, by Merkle leaf.
 pub trait LeafSource: Send + Sync + 'static {
@@ -595,8 +614,9 @@ impl<T: Transport> AntiEntropy<T> {
         let (shared_keys, occupied_leaves) = self.trees.shared_keys_and_leaves(peer);
         tally.keys_compared.store(shared_keys, Ordering::Relaxed);
         let leaves = self.differing_leaves(peer, tally).await?;
-        // Each batch is due batch.len() / keys_per_s after the previous one;
-        // time spent listing is not saved up as credit for a burst.
+        // Each batch is due its charge (see `pacing_charge`) / keys_per_s
+        // after the previous one; time spent listing is not saved up as
+        // credit for a burst.
         let mut next_batch_at = Instant::now();
         let (mut skipped, mut first_error) = (0u64, None);
         let learned = self.learned_listing_leaves(peer);
@@ -644,10 +664,8 @@ impl<T: Transport> AntiEntropy<T> {
             let keys = differing_keys(&pairs(mine), &pairs(theirs));
             for batch in keys.chunks(REPAIR_BATCH) {
                 tokio::time::sleep_until(next_batch_at).await;
-                next_batch_at = next_batch_at.max(Instant::now())
-                    + Duration::from_secs_f64(
-                        batch.len() as f64 / self.config.keys_per_s.max(1) as f64,
-                    );
+                let started_at = next_batch_at.max(Instant::now());
+                let repaired_before = tally.keys_repaired.load(Ordering::Relaxed);
                 let failed: Vec<(Vec<u8>, AntiEntropyError)> =
                     match self.repair_batch(peer, batch, tally).await {
                         Ok(refused) => refused,
@@ -673,6 +691,11 @@ impl<T: Transport> AntiEntropy<T> {
                             failed
                         }
                     };
+                let repaired = tally.keys_repaired.load(Ordering::Relaxed) - repaired_before;
+                next_batch_at = started_at
+                    + Duration::from_secs_f64(
+                        pacing_charge(batch.len(), repaired) / self.config.keys_per_s.max(1) as f64,
+                    );
                 for (key, e) in failed {
                     tracing::warn!(%peer, key = %String::from_utf8_lossy(&key), error = %e, "anti-entropy key skipped");
                     skipped += 1;
@@ -868,6 +891,15 @@ mod tests {
     use super::*;
     use crate::test_support::{n, write};
     use ringkv_core::dvv::Payload;
+
+    #[test]
+    fn a_key_read_for_nothing_costs_an_eighth_of_one_written() {
+        assert_eq!(pacing_charge(64, 64), 64.0);
+        assert_eq!(pacing_charge(64, 0), 8.0);
+        assert_eq!(pacing_charge(64, 8), 8.0 + 56.0 / 8.0);
+        // Never more than the keys examined.
+        assert_eq!(pacing_charge(1, 2), 1.0);
+    }
 
     /// A peer that cannot go on (unreachable, too slow, draining, out of
     /// memory) ends the exchange; a refusal of one batch (a corrupt clock,

@@ -245,24 +245,30 @@ pub fn start<T: Transport, B: HintBackend>(
         let mut resume: HashMap<NodeId, Vec<u8>> = HashMap::new();
         let mut tick = tokio::time::interval(config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_sweep = Instant::now();
+        // None until the first sweep, which runs at the first tick: hints
+        // that passed the window while the node was down (a long outage)
+        // would otherwise hold room for a whole sweep interval, refusing
+        // new hints.
+        let mut last_sweep: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => {}
             }
-            let since = last_sweep.elapsed();
-            if since >= config.sweep_interval
-                || (book.refused_for_room() && since >= config.sweep_when_full_interval)
-            {
+            let due = last_sweep.is_none_or(|at| {
+                let since = at.elapsed();
+                since >= config.sweep_interval
+                    || (book.refused_for_room() && since >= config.sweep_when_full_interval)
+            });
+            if due {
                 let sweep = sweep(&book, config.batch_size);
                 tokio::select! {
                     biased;
                     _ = shutdown.changed() => return,
                     _ = sweep => {}
                 }
-                last_sweep = Instant::now();
+                last_sweep = Some(Instant::now());
             }
             let targets = book.targets();
             resume.retain(|owner, _| targets.contains(owner));

@@ -227,3 +227,53 @@ async fn a_hint_rewritten_during_its_delivery_is_kept_and_delivered_later() {
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
+
+/// A node back from an outage longer than the hint window sweeps the hints
+/// past it at its first tick, not a sweep interval (here an hour) later:
+/// until swept they hold room, and a full book refuses new hints.
+#[tokio::test(start_paused = true)]
+async fn hints_past_the_window_at_start_are_swept_at_the_first_tick() {
+    use ringkv_repair::hints::HintConfig;
+    let owner = NodeId::new("owner").unwrap();
+    let now_ms = Arc::new(AtomicU64::new(1_000_000));
+    let wall = now_ms.clone();
+    let book = Arc::new(
+        HintBook::open(
+            MemHintBackend::default(),
+            HintConfig {
+                ttl_ms: 10_000,
+                ..HintConfig::default()
+            },
+            Arc::new(move || wall.load(Ordering::SeqCst)),
+        )
+        .unwrap(),
+    );
+    book.store(&owner, b"k", &write("v")).unwrap();
+    // Down for a minute: past the 10 s window.
+    now_ms.fetch_add(60_000, Ordering::SeqCst);
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        sweep_interval: Duration::from_secs(3600),
+        sweep_when_full_interval: Duration::from_secs(900),
+        ..HandoffConfig::for_ttl(Duration::from_secs(10))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    // The owner is down: nothing is delivered, only swept.
+    let worker = handoff::start(
+        book.clone(),
+        Arc::new(Owner::default()),
+        HintRouting::to_owners(Arc::new(|_: &NodeId| false)),
+        config,
+        shutdown,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while book.pending(&owner) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not swept within a second of starting"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
