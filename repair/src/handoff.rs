@@ -134,7 +134,8 @@ pub struct HandoffConfig {
     pub max_rate_per_s: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// How long one send may take before it counts as failed.
+    /// How long one send may take before it counts as failed, for a small
+    /// hint; a large one gets its bytes at 64 Mbit/s more.
     pub send_timeout: Duration,
     /// How often hints past the window are swept out.
     pub sweep_interval: Duration,
@@ -322,6 +323,18 @@ pub fn start<T: Transport, B: HintBackend>(
     })
 }
 
+/// The slowest link a hint's bytes are expected to cross, for its send
+/// timeout: 64 Mbit/s.
+const SEND_BYTES_PER_S_MIN: f64 = 8.0 * 1024.0 * 1024.0;
+
+/// How long the send of a hint of `bytes` may take: `base` plus its bytes
+/// at [`SEND_BYTES_PER_S_MIN`]. A fixed timeout failed a large hint (a clock
+/// may be up to 64 MiB) on every retry over a slow link, shipping it each
+/// time, until it expired; the largest now gets 8 s more.
+fn send_timeout_for(base: Duration, bytes: usize) -> Duration {
+    base + Duration::from_secs_f64(bytes as f64 / SEND_BYTES_PER_S_MIN)
+}
+
 /// Drops hints past the window, page by page, from the owners that may
 /// hold one (the others' hints are not read); a failure with one owner does
 /// not stop the others.
@@ -450,7 +463,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 continue;
             }
             let transport = transport.clone();
-            let timeout = config.send_timeout;
+            let timeout = send_timeout_for(config.send_timeout, hint.clock.approx_size());
             let is_rerouted = rerouted.is_some();
             // A rerouted hint's replica believed down gets a hint of its own
             // without being tried: a hung one would hold the round (and the

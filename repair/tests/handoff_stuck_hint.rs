@@ -277,3 +277,60 @@ async fn hints_past_the_window_at_start_are_swept_at_the_first_tick() {
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
+
+/// An owner across a 4 MiB/s link: it answers a hint once its bytes have
+/// crossed.
+struct SlowLink {
+    taken: AtomicU64,
+}
+
+impl Transport for SlowLink {
+    async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
+        let Request::Replica(ReplicaRequest::Sync { clock, .. }) = request else {
+            panic!("a handoff sends only Sync");
+        };
+        let secs = clock.approx_size() as f64 / (4.0 * 1024.0 * 1024.0);
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        self.taken.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::Clock(Some(clock)))
+    }
+}
+
+/// A 12 MiB hint takes 3 s to cross a 4 MiB/s link: past the 2 s send
+/// timeout, which a fixed timeout made it fail on every retry. Its bytes
+/// earn it 1.5 s more, and it is delivered on the first try.
+#[tokio::test(start_paused = true)]
+async fn a_large_hint_gets_time_for_its_bytes() {
+    let owner = NodeId::new("owner").unwrap();
+    let book = book();
+    let big = "x".repeat(12 * 1024 * 1024);
+    book.store(&owner, b"big", &write(&big)).unwrap();
+    let transport = Arc::new(SlowLink {
+        taken: AtomicU64::new(0),
+    });
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    assert_eq!(config.send_timeout, Duration::from_secs(2));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(
+        book.clone(),
+        transport.clone(),
+        HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
+        config,
+        shutdown,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while book.pending(&owner) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        transport.taken.load(Ordering::SeqCst),
+        1,
+        "on the first try"
+    );
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
