@@ -323,6 +323,12 @@ pub fn start<T: Transport, B: HintBackend>(
     })
 }
 
+/// The longest one owner's round runs before the worker turns to the other
+/// owners and the sweep (50,000 hints at the default pace): a million hints
+/// for one owner took 200 s, longer over a slow link, while hints for every
+/// other owner, even one just back, waited.
+const ROUND_TURN_MAX: Duration = Duration::from_secs(10);
+
 /// The slowest link a hint's bytes are expected to cross, for its send
 /// timeout: 64 Mbit/s.
 const SEND_BYTES_PER_S_MIN: f64 = 8.0 * 1024.0 * 1024.0;
@@ -378,9 +384,9 @@ async fn sweep<B: HintBackend>(book: &Arc<HintBook<B>>, page: usize) {
 /// replicas) refuses as invalid (it never will take it) is dropped and
 /// counted, not retried.
 ///
-/// A round starts after `resume` (where the last one stopped early), goes
-/// to the last hint and wraps round to the first, so that it visits every
-/// hint once; it sets `resume` to where it stops early, and clears it when
+/// A round starts after `resume` (where the last one stopped early, at a
+/// failure or at the end of its turn, [`ROUND_TURN_MAX`]), goes to the last
+/// hint and wraps round to the first, so that it visits every hint once; it sets `resume` to where it stops early, and clears it when
 /// it went all the way round. So no batch, whatever it holds, can keep the
 /// hints after it (or before it) waiting for good.
 async fn deliver_to<T: Transport, B: HintBackend>(
@@ -410,6 +416,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     // delays the rest by a few rounds, never for good.
     let mut round_failure = None;
     let mut batches_taking_nothing = 0;
+    let round_started = Instant::now();
     loop {
         let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
         let mut batch = blocking(book, move |b| b.batch(&o, a.as_deref(), limit)).await?;
@@ -597,6 +604,15 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         // Pace: `sent` hints may take no less than sent / rate seconds.
         let budget = Duration::from_secs_f64(sent as f64 / f64::from(config.max_rate_per_s.max(1)));
         tokio::time::sleep_until(started + budget).await;
+        // Owners are served one at a time, and the sweep waits too: a turn
+        // ends after `ROUND_TURN_MAX`, and the next resumes after it.
+        if round_started.elapsed() >= ROUND_TURN_MAX {
+            resume.clone_from(&after);
+            return match round_failure {
+                Some(reason) => Err(reason),
+                None => Ok(delivered),
+            };
+        }
     }
 }
 

@@ -334,3 +334,54 @@ async fn a_large_hint_gets_time_for_its_bytes() {
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
+
+/// Owners are served one at a time: owner `a`'s 300 hints at 10 hints/s
+/// would take 30 s, but its round gives way after 10 s, so `b`'s one hint
+/// goes before `a`'s round is done; `a`'s next round resumes where it
+/// stopped, and every hint is delivered once.
+#[tokio::test(start_paused = true)]
+async fn a_long_round_gives_way_to_the_other_owners() {
+    let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+    let book = book();
+    let clock = write("v");
+    for i in 0..300 {
+        book.store(&a, format!("k{i:03}").as_bytes(), &clock)
+            .unwrap();
+    }
+    book.store(&b, b"k", &clock).unwrap();
+    let transport = Arc::new(Owner::default());
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        batch_size: 10,
+        max_rate_per_s: 10,
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(
+        book.clone(),
+        transport,
+        HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
+        config,
+        shutdown,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    while book.pending(&b) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b waited for a's whole round"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = book.pending(&a);
+    assert!(left > 100 && left < 250, "{left} of a's hints left");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while book.pending(&a) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a's round never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
