@@ -23,7 +23,10 @@
 //! any other), and only then is the removed owner's hint removed, so one
 //! replica that is down cannot hold up the rest. The
 //! ring without the owner gives the key new replicas, so this restores the
-//! copies the write was acknowledged with.
+//! copies the write was acknowledged with. So goes a member's hint whose key
+//! the ring has moved away from it (a node joined in its place): at once
+//! while the owner is up, and at each sweep while it is believed down, as a
+//! node that a joiner replaces may never come back.
 //!
 //! The worker is bounded (one batch in flight), observable (the hint metrics
 //! of [`HintBook`]) and stops at shutdown between two batches. Its storage
@@ -113,6 +116,11 @@ impl HintRouting {
             reroute.on_ring = Some(on_ring);
         }
         self
+    }
+
+    /// Whether a member's hints whose keys moved away are rerouted.
+    fn reroutes_moved_keys(&self) -> bool {
+        self.reroute.as_ref().is_some_and(|r| r.on_ring.is_some())
     }
 
     /// How to reroute `owner`'s hints, if `owner` has been removed.
@@ -262,6 +270,7 @@ pub fn start<T: Transport, B: HintBackend>(
                 since >= config.sweep_interval
                     || (book.refused_for_room() && since >= config.sweep_when_full_interval)
             });
+            let mut swept = false;
             if due {
                 let sweep = sweep(&book, config.batch_size);
                 tokio::select! {
@@ -270,6 +279,7 @@ pub fn start<T: Transport, B: HintBackend>(
                     _ = sweep => {}
                 }
                 last_sweep = Some(Instant::now());
+                swept = true;
             }
             let targets = book.targets();
             resume.retain(|owner, _| targets.contains(owner));
@@ -278,21 +288,25 @@ pub fn start<T: Transport, B: HintBackend>(
                 let rerouted = routing.rerouted(&owner);
                 // A removed owner's hints are rerouted whether it is up or
                 // not: a replica that does not take one (or is believed
-                // down) gets a hint of its own.
-                if (rerouted.is_none() && !(routing.is_up)(&owner))
-                    || !schedule.is_due(&owner, Instant::now())
-                {
+                // down) gets a hint of its own. An owner believed down keeps
+                // its hints, except those whose key moved away (a node
+                // joined in its place), which go to the key's replicas at
+                // each sweep: the owner may never come back to take them.
+                let kind = if rerouted.is_some() {
+                    Round::Removed
+                } else if (routing.is_up)(&owner) {
+                    Round::Owner
+                } else if swept && routing.reroutes_moved_keys() {
+                    Round::MovedOnly
+                } else {
+                    continue;
+                };
+                if !schedule.is_due(&owner, Instant::now()) {
                     continue;
                 }
                 let mut start = resume.remove(&owner);
                 let round = deliver_to(
-                    &book,
-                    &transport,
-                    &owner,
-                    &routing,
-                    rerouted.is_some(),
-                    &config,
-                    &mut start,
+                    &book, &transport, &owner, &routing, kind, &config, &mut start,
                 );
                 let outcome = tokio::select! {
                     biased;
@@ -303,6 +317,15 @@ pub fn start<T: Transport, B: HintBackend>(
                     resume.insert(owner.clone(), after);
                 }
                 match outcome {
+                    // The owner was not asked: its back-off stands.
+                    Ok(delivered) if kind == Round::MovedOnly => {
+                        if delivered > 0 {
+                            tracing::info!(%owner, delivered, "handed the hints of keys that moved away from a node believed down to their replicas");
+                        }
+                    }
+                    Err(reason) if kind == Round::MovedOnly => {
+                        tracing::debug!(%owner, %reason, "rerouting the hints of moved keys stopped");
+                    }
                     Ok(delivered) => {
                         schedule.succeeded(&owner);
                         if delivered > 0 && rerouted.is_some() {
@@ -373,6 +396,19 @@ async fn sweep<B: HintBackend>(book: &Arc<HintBook<B>>, page: usize) {
     }
 }
 
+/// Which of an owner's hints a round hands on, and to whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// A member believed up: its hints go to it, but those whose key moved
+    /// away go to the key's replicas.
+    Owner,
+    /// A removed owner: every hint goes to its key's replicas.
+    Removed,
+    /// A member believed down: only the hints whose key moved away are
+    /// handed on (to the key's replicas); the others wait for it.
+    MovedOnly,
+}
+
 /// Delivers every hint held for `owner`, batch by batch: to `owner`, or,
 /// if it was removed (`removed`), to the replicas `routing` gives for each
 /// key (a replica that cannot take it, or is believed down, gets a hint of its own). So goes a
@@ -394,11 +430,12 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     transport: &Arc<T>,
     owner: &NodeId,
     routing: &HintRouting,
-    removed: bool,
+    kind: Round,
     config: &HandoffConfig,
     resume: &mut Option<Vec<u8>>,
 ) -> Result<u64, String> {
     let (is_up, reroute) = (&routing.is_up, routing.reroute.as_ref());
+    let removed = kind == Round::Removed;
     let mut delivered = 0;
     let started_after = resume.clone();
     let mut after = started_after.clone();
@@ -453,6 +490,9 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 && replicas
                     .as_ref()
                     .is_some_and(|replicas| !replicas.is_empty() && !replicas.contains(owner));
+            if kind == Round::MovedOnly && !moved_away {
+                continue;
+            }
             let rerouted = reroute.filter(|_| removed || moved_away);
             let targets = match (rerouted, replicas) {
                 (Some(_), Some(replicas)) => replicas,
@@ -595,7 +635,9 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             0
         };
         if let Some(reason) = failure {
-            if !removed && (answered == 0 || batches_taking_nothing >= DECLINED_BATCHES_MAX) {
+            if kind == Round::Owner
+                && (answered == 0 || batches_taking_nothing >= DECLINED_BATCHES_MAX)
+            {
                 resume.clone_from(&after);
                 return Err(reason);
             }

@@ -2,7 +2,8 @@
 //! the handoff worker sends each to every replica of its key under the
 //! current ring; a replica that cannot take it gets a hint of its own, as
 //! old as the first, and only then is the removed owner's hint removed.
-//! While the owner is merely down, its hints wait for it as before.
+//! While the owner is merely down, its hints wait for it as before, except
+//! those whose key moved away from it, which go to the key's replicas.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -379,6 +380,57 @@ async fn a_replica_believed_down_gets_its_hint_without_being_tried() {
     assert_eq!(book.pending(&n("gone")), 0);
     assert_eq!(book.pending(&n("hung")), 40, "each a hint of its own");
     assert_eq!(transport.taken().len(), 40, "a took every one");
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
+
+/// An owner believed down keeps its hints, except one whose key a joiner
+/// took over: that goes to the key's replicas at the worker's first tick
+/// (its first sweep), since the owner may never come back for it (the
+/// joiner replaces it); a replica that is down gets a hint of its own.
+#[tokio::test(start_paused = true)]
+async fn a_hint_whose_key_moved_away_from_an_owner_believed_down_goes_to_the_keys_replicas() {
+    let book = support::book();
+    for key in ["moved", "kept"] {
+        book.store(&n("owner"), key.as_bytes(), &write(key))
+            .unwrap();
+    }
+    let transport = Arc::new(Replicas::default());
+    transport.down.lock().unwrap().insert(n("b"));
+    let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| {
+        !["owner", "b"].contains(&node.as_str())
+    }))
+    .rerouting_removed(
+        n("me"),
+        Arc::new(|_: &NodeId| false),
+        Arc::new(|key: &[u8]| match key {
+            b"moved" => vec![n("a"), n("joiner"), n("b")],
+            _ => vec![n("owner"), n("a")],
+        }),
+    )
+    .with_ring_members(Arc::new(|_: &NodeId| true));
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let expected: Vec<(String, String)> = [("a", "moved"), ("joiner", "moved")]
+        .iter()
+        .map(|(to, key)| (to.to_string(), key.to_string()))
+        .collect();
+    assert_eq!(transport.taken(), expected);
+    assert_eq!(book.read(&n("owner"), b"moved").unwrap(), None);
+    assert!(
+        book.read(&n("owner"), b"kept").unwrap().is_some(),
+        "waits for its owner"
+    );
+    assert!(
+        book.read(&n("b"), b"moved").unwrap().is_some(),
+        "b, down, has its own hint"
+    );
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
