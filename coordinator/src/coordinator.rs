@@ -26,7 +26,10 @@
 //! asked while a stand-in is left for it; when its last one fails, it is
 //! asked after all (the failure detector can be wrong, say just after the
 //! owner came back), for at most the stand-in delay, so that a slot with no
-//! one left still fails well before the deadline.
+//! one left still fails well before the deadline; after a write's answer,
+//! by the task that places its late hints. A stand-in that stays silent
+//! rather than failing is waited for until the deadline, and its owner is
+//! not asked.
 //!
 //! When W (or R) cannot be met before the deadline the answer is a quorum
 //! error naming who answered and who did not. Dynamo does not roll a write
@@ -380,7 +383,7 @@ impl<T: Transport> Coordinator<T> {
             .cloned()
             .collect();
         let targets = self.plan(&others, &sync, &mut stand_ins, &mut tracker);
-        let (late, candidates) = self
+        let (late, unused) = self
             .fan_out(
                 targets,
                 stand_ins,
@@ -397,7 +400,7 @@ impl<T: Transport> Coordinator<T> {
             self.hint_late_failures(
                 late,
                 tracker.clone(),
-                candidates,
+                unused,
                 request.key.clone(),
                 clock.clone(),
                 deadline,
@@ -692,7 +695,7 @@ impl<T: Transport> Coordinator<T> {
     /// Chooses who first gets `request`: each of `replicas`, except that a
     /// node believed down is replaced up front by a stand-in (when stand-ins
     /// are allowed and one is left). The tracker learns of stand-ins before
-    /// the owner's slot is marked as not contacted.
+    /// the owner is held back.
     fn plan(
         &self,
         replicas: &[NodeId],
@@ -751,7 +754,7 @@ impl<T: Transport> Coordinator<T> {
     /// have not answered at all by `stand_ins.after`. Each send runs in its own task, bounded by the
     /// deadline (or by [`Self::close`]), so sends still running when the
     /// quorum is decided still reach their nodes. Returns the answers still to come, for callers
-    /// that want them, and the fallbacks not used.
+    /// that want them, and the fallbacks and held-back owners not used.
     async fn fan_out(
         &self,
         targets: Vec<(NodeId, Request)>,
@@ -760,7 +763,7 @@ impl<T: Transport> Coordinator<T> {
         start: Instant,
         deadline: Instant,
         mut on_reply: impl FnMut(&NodeId, Response) -> Result<(), String>,
-    ) -> (LateReplies, VecDeque<NodeId>) {
+    ) -> (LateReplies, Unused) {
         // Even when the tracker is already decided (W=1 met by the local
         // write), every target still gets the request.
         // Each owner (a target or a spare) may also be asked after all,
@@ -920,7 +923,11 @@ impl<T: Transport> Coordinator<T> {
             let (answer, _) = self.judge(&node, result, latency_us, &mut on_reply);
             tracker.record(&node, answer);
         }
-        (rx, stand_ins.candidates)
+        let unused = Unused {
+            candidates: stand_ins.candidates,
+            held_back: stand_ins.held_back,
+        };
+        (rx, unused)
     }
 
     /// What an answer to a fan-out counts as, and whether a stand-in may
@@ -974,7 +981,7 @@ impl<T: Transport> Coordinator<T> {
         &self,
         mut late: LateReplies,
         mut tracker: QuorumTracker,
-        mut candidates: VecDeque<NodeId>,
+        unused: Unused,
         key: Vec<u8>,
         clock: Clock,
         deadline: Instant,
@@ -985,6 +992,10 @@ impl<T: Transport> Coordinator<T> {
         };
         let transport = self.transport.clone();
         let detector = self.detector.clone();
+        let Unused {
+            mut candidates,
+            mut held_back,
+        } = unused;
         self.spawn_detached(async move {
             let _permit = permit;
             let _ = tokio::time::timeout_at(deadline + LATE_HINT_TIMEOUT, async move {
@@ -1047,6 +1058,31 @@ impl<T: Transport> Coordinator<T> {
                                         reason: "late hint failed".to_string(),
                                     },
                                 );
+                            }
+                            // No fallback left: the owner itself, if it was
+                            // held back as believed down (the detector may be
+                            // wrong).
+                            if tracker.slot_uncovered_without(&owner, &node, true) {
+                                if let Some(request) =
+                                    take_held_back(&mut held_back, &owner, &mut tracker)
+                                {
+                                    counter!("ringkv_held_back_owners_asked_total").increment(1);
+                                    let sent = tokio::time::timeout(
+                                        LATE_HINT_TIMEOUT,
+                                        transport.call(&owner, request),
+                                    )
+                                    .await;
+                                    let answer = match sent {
+                                        Ok(Ok(Response::Clock(_))) => {
+                                            ReplicaAnswer::Ok { latency_us }
+                                        }
+                                        _ => ReplicaAnswer::Error {
+                                            latency_us,
+                                            reason: "failed after the quorum".to_string(),
+                                        },
+                                    };
+                                    tracker.record(&owner, answer);
+                                }
                             }
                         }
                     }
@@ -1230,7 +1266,7 @@ struct StandIns<'a> {
     speculate_at: Option<Instant>,
     /// Owners believed down that got a stand-in instead, with their own
     /// request: asked after all when their last stand-in fails.
-    held_back: Vec<(NodeId, Request)>,
+    held_back: HeldBack,
 }
 
 impl StandIns<'_> {
@@ -1258,12 +1294,33 @@ impl StandIns<'_> {
     /// `owner`'s own request, if it was held back and the tracker agrees to
     /// ask it now (its slot is still open).
     fn ask_held_back(&mut self, owner: &NodeId, tracker: &mut QuorumTracker) -> Option<Request> {
-        let at = self.held_back.iter().position(|(o, _)| o == owner)?;
-        if !tracker.ask_held_back(owner) {
-            return None;
-        }
-        Some(self.held_back.swap_remove(at).1)
+        take_held_back(&mut self.held_back, owner, tracker)
     }
+}
+
+/// Owners believed down that got a stand-in instead, with their own request.
+type HeldBack = Vec<(NodeId, Request)>;
+
+/// What a fan-out left unused, for the stand-ins after a write's answer.
+struct Unused {
+    /// Fallbacks believed up, not yet used.
+    candidates: VecDeque<NodeId>,
+    /// Owners held back and not asked.
+    held_back: HeldBack,
+}
+
+/// Takes `owner`'s request out of `held_back` if the tracker agrees to ask
+/// it now (it was held back, and its slot is still open).
+fn take_held_back(
+    held_back: &mut HeldBack,
+    owner: &NodeId,
+    tracker: &mut QuorumTracker,
+) -> Option<Request> {
+    let at = held_back.iter().position(|(o, _)| o == owner)?;
+    if !tracker.ask_held_back(owner) {
+        return None;
+    }
+    Some(held_back.swap_remove(at).1)
 }
 
 /// When a replica that has not answered at all gets a stand-in: a quarter

@@ -155,9 +155,15 @@ impl QuorumTracker {
     }
 
     fn owner_entry_mut(&mut self, owner: &NodeId) -> Option<&mut Entry> {
+        let at = self.owner_index(owner)?;
+        Some(&mut self.entries[at])
+    }
+
+    /// Where `owner`'s own entry (not a stand-in's) is.
+    fn owner_index(&self, owner: &NodeId) -> Option<usize> {
         self.entries
-            .iter_mut()
-            .find(|e| e.node == *owner && e.hint_for.is_none())
+            .iter()
+            .position(|e| e.node == *owner && e.hint_for.is_none())
     }
 
     fn slot_satisfied(&self, slot: usize) -> bool {
@@ -214,10 +220,7 @@ impl QuorumTracker {
     }
 
     fn slot_of_owner(&self, owner: &NodeId) -> Option<usize> {
-        self.entries
-            .iter()
-            .find(|e| e.node == *owner && e.hint_for.is_none())
-            .map(|e| e.slot)
+        self.owner_index(owner).map(|at| self.entries[at].slot)
     }
 
     /// Records `node`'s answer. Answers from unknown nodes, second answers

@@ -496,3 +496,30 @@ async fn tombstones_facing_absent_keys_cost_little_of_the_repair_pace() {
         "{took:?}"
     );
 }
+
+/// A batch that fails as a whole is tried a key at a time (two requests a
+/// key), and its keys count in full against the repair pace: a replica
+/// that fails every read is not asked faster than one that takes writes.
+/// 640 failing keys per peer take 9 waits of 64 ms each at the default
+/// 1,000 keys/s; charged as keys that needed nothing, they took an eighth.
+#[tokio::test(start_paused = true)]
+async fn keys_that_fail_count_in_full_against_the_repair_pace() {
+    let c = cluster();
+    c.net.down(&c.id("n3"));
+    for k in 0..640 {
+        assert_ok(&c.put("n1", &format!("k{k}"), "v", Quorum, None).await);
+    }
+    c.net.up(&c.id("n3"));
+    for k in 0..640 {
+        c.node("n3")
+            .replica
+            .store()
+            .make_unreadable(format!("k{k}").as_bytes());
+    }
+    let started = tokio::time::Instant::now();
+    let report = c.repair("n3").await;
+    let took = started.elapsed();
+    assert_eq!(report.keys_repaired, 0, "{report:?}");
+    assert_eq!(report.failures.len(), 2, "one per peer: {report:?}");
+    assert!(took >= Duration::from_millis(1_100), "{took:?}");
+}

@@ -904,3 +904,34 @@ async fn a_read_asks_an_owner_held_back_even_when_a_spare_took_its_stand_ins_pla
         "the spare took the first stand-in's place: {log:?}"
     );
 }
+
+/// W=2 is met by the coordinator and `owners[1]` before the stand-ins for
+/// `owners[2]` (wrongly believed down) fail; after the answer, the late
+/// task tries the fallback left, then the owner itself, which takes it.
+#[tokio::test(start_paused = true)]
+async fn after_the_quorum_an_owner_held_back_is_asked_when_its_stand_ins_fail() {
+    let s = an_owner_wrongly_believed_down_and_failing_fallbacks(false).await;
+    let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
+    for fallback in &s.fallbacks {
+        s.c.net.delay(
+            &s.id(coordinator),
+            &s.id(fallback),
+            Duration::from_millis(10),
+        );
+    }
+    let put = s.c.put(coordinator, KEY, "v2", Quorum, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert!(
+        !s.c.local_values(owner, KEY).contains(&"v2".to_string()),
+        "not asked before the answer"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !s.c.local_values(owner, KEY).contains(&"v2".to_string()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the owner never got the write: {:?}",
+            s.c.net.take_log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

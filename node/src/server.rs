@@ -1311,6 +1311,10 @@ impl Node {
             .with_ring_members({
                 let rings = inner.ring_tx.subscribe();
                 Arc::new(move |n: &NodeId| rings.borrow().as_ref().is_some_and(|r| r.has_node(n)))
+            })
+            .with_ring_fingerprint({
+                let rings = inner.ring_tx.subscribe();
+                Arc::new(move || rings.borrow().as_ref().map_or(0, |r| r.fingerprint()))
             });
         let handoff = handoff::start(
             hints,

@@ -26,8 +26,8 @@
 //! Bounds: one round at a time per node; tree hashes, leaves, reads and
 //! merges are asked for in bounded chunks, one request at a time, and key
 //! repairs are paced to [`AntiEntropyConfig::keys_per_s`] so that repair
-//! never starves client requests: a key written counts in full, one read
-//! and found to need nothing at an eighth (a tombstone facing an absent key
+//! never starves client requests: a key written (or failed) counts in
+//! full, one read and found to need nothing at an eighth (a tombstone facing an absent key
 //! stays a difference every round until it is collected). Every call has a timeout. Time for
 //! "last round" comes from a [`WallClock`] passed in; durations from tokio's
 //! clock, so tests can pause it.
@@ -62,9 +62,10 @@ const REPAIR_BATCH: usize = 64;
 /// pace as one key written.
 const EXAMINED_PER_REPAIR: usize = 8;
 
-/// What a batch of `examined` keys, `repaired` of them written, counts
-/// against [`AntiEntropyConfig::keys_per_s`]: a key written in full, one
-/// only read at [`EXAMINED_PER_REPAIR`] to one. A difference repair never
+/// What a batch of `examined` keys, `repaired` of them written (or failed),
+/// counts against [`AntiEntropyConfig::keys_per_s`]: a key written in
+/// full, one only read and found to need nothing at [`EXAMINED_PER_REPAIR`]
+/// to one. A difference repair never
 /// writes (a tombstone on one side, nothing on the other: see the module
 /// docs) stays listed until the tombstone is collected, a day by default,
 /// and comes back every round: after a join, every key deleted in the last
@@ -666,6 +667,7 @@ impl<T: Transport> AntiEntropy<T> {
                 tokio::time::sleep_until(next_batch_at).await;
                 let started_at = next_batch_at.max(Instant::now());
                 let repaired_before = tally.keys_repaired.load(Ordering::Relaxed);
+                let mut one_at_a_time = false;
                 let failed: Vec<(Vec<u8>, AntiEntropyError)> =
                     match self.repair_batch(peer, batch, tally).await {
                         Ok(refused) => refused,
@@ -679,6 +681,7 @@ impl<T: Transport> AntiEntropy<T> {
                         // a peer failing as a whole costs two small requests
                         // per differing key, no more.
                         Err(_) => {
+                            one_at_a_time = true;
                             let mut failed = Vec::new();
                             for key in batch {
                                 let alone = std::slice::from_ref(key);
@@ -691,11 +694,17 @@ impl<T: Transport> AntiEntropy<T> {
                             failed
                         }
                     };
-                let repaired = tally.keys_repaired.load(Ordering::Relaxed) - repaired_before;
+                // Keys that failed, and every key of a batch tried one at a
+                // time (two requests each), count in full: a failing peer
+                // is not asked faster.
+                let charge = if one_at_a_time {
+                    batch.len() as f64
+                } else {
+                    let written = tally.keys_repaired.load(Ordering::Relaxed) - repaired_before;
+                    pacing_charge(batch.len(), written + failed.len() as u64)
+                };
                 next_batch_at = started_at
-                    + Duration::from_secs_f64(
-                        pacing_charge(batch.len(), repaired) / self.config.keys_per_s.max(1) as f64,
-                    );
+                    + Duration::from_secs_f64(charge / self.config.keys_per_s.max(1) as f64);
                 for (key, e) in failed {
                     tracing::warn!(%peer, key = %String::from_utf8_lossy(&key), error = %e, "anti-entropy key skipped");
                     skipped += 1;

@@ -58,6 +58,9 @@ pub type ReplicasOf = Arc<dyn Fn(&[u8]) -> Vec<NodeId> + Send + Sync>;
 /// Whether a node is on this node's current ring.
 pub type IsMember = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
 
+/// The fingerprint of this node's current ring (0 before there is one).
+pub type RingFingerprint = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// Where the worker sends the hints it holds: to their owner while the
 /// owner is a member and believed up; once the owner has been removed, to
 /// the replicas of each hint's key under the current ring.
@@ -77,6 +80,9 @@ struct Reroute {
     /// Whether a node is on this node's ring; `None`: owners' hints are
     /// never rerouted for their keys having moved (see `with_ring_members`).
     on_ring: Option<IsMember>,
+    /// The ring's fingerprint; `None`: the hints of an owner believed down
+    /// wait for it, moved keys or not (see `with_ring_fingerprint`).
+    fingerprint: Option<RingFingerprint>,
 }
 
 impl HintRouting {
@@ -102,7 +108,19 @@ impl HintRouting {
             is_removed,
             replicas_of,
             on_ring: None,
+            fingerprint: None,
         });
+        self
+    }
+
+    /// Also hand on the hints of an owner believed down whose keys moved
+    /// away, once per ring (`fingerprint` tells rings apart), since an owner
+    /// that a joiner replaced may never come back for them. Needs
+    /// [`Self::with_ring_members`] first.
+    pub fn with_ring_fingerprint(mut self, fingerprint: RingFingerprint) -> Self {
+        if let Some(reroute) = &mut self.reroute {
+            reroute.fingerprint = Some(fingerprint);
+        }
         self
     }
 
@@ -118,9 +136,14 @@ impl HintRouting {
         self
     }
 
-    /// Whether a member's hints whose keys moved away are rerouted.
-    fn reroutes_moved_keys(&self) -> bool {
-        self.reroute.as_ref().is_some_and(|r| r.on_ring.is_some())
+    /// The ring's fingerprint, if the hints of an owner believed down
+    /// whose keys moved away are handed on.
+    fn moved_keys_ring(&self) -> Option<u64> {
+        let reroute = self.reroute.as_ref().filter(|r| r.on_ring.is_some())?;
+        reroute
+            .fingerprint
+            .as_ref()
+            .map(|fingerprint| fingerprint())
     }
 
     /// How to reroute `owner`'s hints, if `owner` has been removed.
@@ -252,6 +275,11 @@ pub fn start<T: Transport, B: HintBackend>(
         // Where each owner's next round starts (after a round that stopped
         // early, either way); from the first hint if absent.
         let mut resume: HashMap<NodeId, Vec<u8>> = HashMap::new();
+        // For owners believed down: the ring under which a pass over their
+        // hints for moved keys last went all the way round, and where an
+        // unfinished pass resumes.
+        let mut moved_checked: HashMap<NodeId, u64> = HashMap::new();
+        let mut moved_resume: HashMap<NodeId, Vec<u8>> = HashMap::new();
         let mut tick = tokio::time::interval(config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // None until the first sweep, which runs at the first tick: hints
@@ -283,6 +311,8 @@ pub fn start<T: Transport, B: HintBackend>(
             }
             let targets = book.targets();
             resume.retain(|owner, _| targets.contains(owner));
+            moved_checked.retain(|owner, _| targets.contains(owner));
+            moved_resume.retain(|owner, _| targets.contains(owner));
             schedule.keep_only(&targets);
             for owner in targets {
                 let rerouted = routing.rerouted(&owner);
@@ -290,21 +320,32 @@ pub fn start<T: Transport, B: HintBackend>(
                 // not: a replica that does not take one (or is believed
                 // down) gets a hint of its own. An owner believed down keeps
                 // its hints, except those whose key moved away (a node
-                // joined in its place), which go to the key's replicas at
-                // each sweep: the owner may never come back to take them.
+                // joined in its place), which go to the key's replicas, in
+                // one pass per ring (begun at a sweep, resumed at each tick
+                // until done): the owner may never come back to take them.
+                let moved_ring = routing.moved_keys_ring();
                 let kind = if rerouted.is_some() {
                     Round::Removed
                 } else if (routing.is_up)(&owner) {
                     Round::Owner
-                } else if swept && routing.reroutes_moved_keys() {
+                } else if moved_ring.is_some_and(|ring| moved_checked.get(&owner) != Some(&ring))
+                    && (swept || moved_resume.contains_key(&owner))
+                {
                     Round::MovedOnly
                 } else {
                     continue;
                 };
-                if !schedule.is_due(&owner, Instant::now()) {
+                // The owner is not asked in a MovedOnly pass: its back-off
+                // does not apply.
+                if kind != Round::MovedOnly && !schedule.is_due(&owner, Instant::now()) {
                     continue;
                 }
-                let mut start = resume.remove(&owner);
+                let resumes = if kind == Round::MovedOnly {
+                    &mut moved_resume
+                } else {
+                    &mut resume
+                };
+                let mut start = resumes.remove(&owner);
                 let round = deliver_to(
                     &book, &transport, &owner, &routing, kind, &config, &mut start,
                 );
@@ -313,12 +354,16 @@ pub fn start<T: Transport, B: HintBackend>(
                     _ = shutdown.changed() => return,
                     outcome = round => outcome,
                 };
+                let went_round = start.is_none();
                 if let Some(after) = start {
-                    resume.insert(owner.clone(), after);
+                    resumes.insert(owner.clone(), after);
                 }
                 match outcome {
                     // The owner was not asked: its back-off stands.
                     Ok(delivered) if kind == Round::MovedOnly => {
+                        if let (true, Some(ring)) = (went_round, moved_ring) {
+                            moved_checked.insert(owner.clone(), ring);
+                        }
                         if delivered > 0 {
                             tracing::info!(%owner, delivered, "handed the hints of keys that moved away from a node believed down to their replicas");
                         }
@@ -356,10 +401,11 @@ const ROUND_TURN_MAX: Duration = Duration::from_secs(10);
 /// timeout: 64 Mbit/s.
 const SEND_BYTES_PER_S_MIN: f64 = 8.0 * 1024.0 * 1024.0;
 
-/// How long the send of a hint of `bytes` may take: `base` plus its bytes
-/// at [`SEND_BYTES_PER_S_MIN`]. A fixed timeout failed a large hint (a clock
-/// may be up to 64 MiB) on every retry over a slow link, shipping it each
-/// time, until it expired; the largest now gets 8 s more.
+/// How long a send of a batch of `bytes` may take: `base` plus the bytes at
+/// [`SEND_BYTES_PER_S_MIN`]. A fixed timeout failed a large hint (a clock
+/// may be up to 64 MiB) or a batch of medium ones on every retry over a
+/// slow link, shipping them each time, until they expired. A batch holds
+/// 8 MiB and one larger hint at most, so this adds 9 s at most.
 fn send_timeout_for(base: Duration, bytes: usize) -> Duration {
     base + Duration::from_secs_f64(bytes as f64 / SEND_BYTES_PER_S_MIN)
 }
@@ -409,8 +455,9 @@ enum Round {
     MovedOnly,
 }
 
-/// Delivers every hint held for `owner`, batch by batch: to `owner`, or,
-/// if it was removed (`removed`), to the replicas `routing` gives for each
+/// Delivers the hints held for `owner` that `kind` hands on (all of them
+/// but in a [`Round::MovedOnly`] pass), batch by batch: to `owner`, or, if
+/// it was removed, to the replicas `routing` gives for each
 /// key (a replica that cannot take it, or is believed down, gets a hint of its own). So goes a
 /// hint whose key the ring no longer places on its owner (a node joined
 /// and took the owner's place): the owner would store a copy that reads,
@@ -466,15 +513,16 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 continue;
             }
             *resume = None;
-            return match round_failure {
-                Some(reason) => Err(reason),
-                None => Ok(delivered),
-            };
+            return round_failure.map_or(Ok(delivered), Err);
         };
         after = Some(last.key.clone());
         let started = Instant::now();
         let now_ms = book.now_ms();
         let mut sends = tokio::task::JoinSet::new();
+        // The batch's sends run at once and share the link: each may take
+        // as long as all their bytes need.
+        let batch_bytes: usize = batch.iter().map(|hint| hint.clock.approx_size()).sum();
+        let send_timeout = send_timeout_for(config.send_timeout, batch_bytes);
         for hint in batch {
             if book.is_expired(&hint, now_ms) {
                 let (o, key) = (owner.clone(), hint.key);
@@ -510,7 +558,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 continue;
             }
             let transport = transport.clone();
-            let timeout = send_timeout_for(config.send_timeout, hint.clock.approx_size());
+            let timeout = send_timeout;
             let is_rerouted = rerouted.is_some();
             // A rerouted hint's replica believed down gets a hint of its own
             // without being tried: a hung one would hold the round (and the
@@ -650,10 +698,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         // ends after `ROUND_TURN_MAX`, and the next resumes after it.
         if round_started.elapsed() >= ROUND_TURN_MAX {
             resume.clone_from(&after);
-            return match round_failure {
-                Some(reason) => Err(reason),
-                None => Ok(delivered),
-            };
+            return round_failure.map_or(Ok(delivered), Err);
         }
     }
 }

@@ -387,7 +387,9 @@ async fn a_replica_believed_down_gets_its_hint_without_being_tried() {
 /// An owner believed down keeps its hints, except one whose key a joiner
 /// took over: that goes to the key's replicas at the worker's first tick
 /// (its first sweep), since the owner may never come back for it (the
-/// joiner replaces it); a replica that is down gets a hint of its own.
+/// joiner replaces it); a replica that is down gets a hint of its own. One
+/// pass per ring: a later sweep under the same ring leaves the owner's
+/// hints alone, and one under a new ring looks again.
 #[tokio::test(start_paused = true)]
 async fn a_hint_whose_key_moved_away_from_an_owner_believed_down_goes_to_the_keys_replicas() {
     let book = support::book();
@@ -397,6 +399,7 @@ async fn a_hint_whose_key_moved_away_from_an_owner_believed_down_goes_to_the_key
     }
     let transport = Arc::new(Replicas::default());
     transport.down.lock().unwrap().insert(n("b"));
+    let ring = Arc::new(AtomicU64::new(7));
     let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| {
         !["owner", "b"].contains(&node.as_str())
     }))
@@ -404,24 +407,33 @@ async fn a_hint_whose_key_moved_away_from_an_owner_believed_down_goes_to_the_key
         n("me"),
         Arc::new(|_: &NodeId| false),
         Arc::new(|key: &[u8]| match key {
-            b"moved" => vec![n("a"), n("joiner"), n("b")],
+            b"moved" | b"moved2" => vec![n("a"), n("joiner"), n("b")],
             _ => vec![n("owner"), n("a")],
         }),
     )
-    .with_ring_members(Arc::new(|_: &NodeId| true));
+    .with_ring_members(Arc::new(|_: &NodeId| true))
+    .with_ring_fingerprint({
+        let ring = ring.clone();
+        Arc::new(move || ring.load(Ordering::SeqCst))
+    });
     let config = HandoffConfig {
         tick: Duration::from_millis(100),
+        sweep_interval: Duration::from_secs(60),
         ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
     };
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let expected: Vec<(String, String)> = [("a", "moved"), ("joiner", "moved")]
-        .iter()
-        .map(|(to, key)| (to.to_string(), key.to_string()))
-        .collect();
-    assert_eq!(transport.taken(), expected);
+    let taken = |keys: &[(&str, &str)]| -> Vec<(String, String)> {
+        keys.iter()
+            .map(|(to, key)| (to.to_string(), key.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        transport.taken(),
+        taken(&[("a", "moved"), ("joiner", "moved")])
+    );
     assert_eq!(book.read(&n("owner"), b"moved").unwrap(), None);
     assert!(
         book.read(&n("owner"), b"kept").unwrap().is_some(),
@@ -431,6 +443,19 @@ async fn a_hint_whose_key_moved_away_from_an_owner_believed_down_goes_to_the_key
         book.read(&n("b"), b"moved").unwrap().is_some(),
         "b, down, has its own hint"
     );
+
+    // Held under the same ring (a coordinator with an older one, say):
+    // the next sweep does not look again.
+    book.store(&n("owner"), b"moved2", &write("moved2"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert!(book.read(&n("owner"), b"moved2").unwrap().is_some());
+    ring.store(8, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(book.read(&n("owner"), b"moved2").unwrap(), None);
+    assert!(transport
+        .taken()
+        .contains(&("joiner".to_string(), "moved2".to_string())));
     stop.send(true).unwrap();
     worker.await.unwrap();
 }

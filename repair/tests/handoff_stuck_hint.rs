@@ -278,10 +278,12 @@ async fn hints_past_the_window_at_start_are_swept_at_the_first_tick() {
     worker.await.unwrap();
 }
 
-/// An owner across a 4 MiB/s link: it answers a hint once its bytes have
-/// crossed.
+/// An owner across a 4 MiB/s link that its sends share: each is answered
+/// once its bytes, after those sent before it, have crossed.
 struct SlowLink {
-    taken: AtomicU64,
+    free_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Sends begun, answered or not.
+    sends: AtomicU64,
 }
 
 impl Transport for SlowLink {
@@ -289,24 +291,39 @@ impl Transport for SlowLink {
         let Request::Replica(ReplicaRequest::Sync { clock, .. }) = request else {
             panic!("a handoff sends only Sync");
         };
-        let secs = clock.approx_size() as f64 / (4.0 * 1024.0 * 1024.0);
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        self.taken.fetch_add(1, Ordering::SeqCst);
+        self.sends.fetch_add(1, Ordering::SeqCst);
+        let crossing =
+            Duration::from_secs_f64(clock.approx_size() as f64 / (4.0 * 1024.0 * 1024.0));
+        let done = {
+            let mut free_at = self.free_at.lock().unwrap();
+            let now = tokio::time::Instant::now();
+            let done = free_at.map_or(now, |at| at.max(now)) + crossing;
+            *free_at = Some(done);
+            done
+        };
+        tokio::time::sleep_until(done).await;
         Ok(Response::Clock(Some(clock)))
     }
 }
 
-/// A 12 MiB hint takes 3 s to cross a 4 MiB/s link: past the 2 s send
-/// timeout, which a fixed timeout made it fail on every retry. Its bytes
-/// earn it 1.5 s more, and it is delivered on the first try.
+/// Eight hints of 1.5 MiB take 3 s to cross a 4 MiB/s link one after
+/// another. A batch holds six of them (it ends at the hint that brings it
+/// to 8 MiB), whose last one crosses after 2.25 s: past the 2 s send
+/// timeout, which a fixed timeout (or one for each hint's own bytes) made
+/// it fail on every retry. The batch's 9 MiB earn each of its sends 1.1 s
+/// more, and every hint is delivered on the first try.
 #[tokio::test(start_paused = true)]
-async fn a_large_hint_gets_time_for_its_bytes() {
+async fn a_batch_of_large_hints_gets_time_for_its_bytes() {
     let owner = NodeId::new("owner").unwrap();
     let book = book();
-    let big = "x".repeat(12 * 1024 * 1024);
-    book.store(&owner, b"big", &write(&big)).unwrap();
+    let value = "x".repeat(3 * 512 * 1024);
+    for i in 0..8 {
+        book.store(&owner, format!("big{i}").as_bytes(), &write(&value))
+            .unwrap();
+    }
     let transport = Arc::new(SlowLink {
-        taken: AtomicU64::new(0),
+        free_at: std::sync::Mutex::new(None),
+        sends: AtomicU64::new(0),
     });
     let config = HandoffConfig {
         tick: Duration::from_millis(100),
@@ -327,9 +344,9 @@ async fn a_large_hint_gets_time_for_its_bytes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        transport.taken.load(Ordering::SeqCst),
-        1,
-        "on the first try"
+        transport.sends.load(Ordering::SeqCst),
+        8,
+        "each on the first try"
     );
     stop.send(true).unwrap();
     worker.await.unwrap();
@@ -337,8 +354,8 @@ async fn a_large_hint_gets_time_for_its_bytes() {
 
 /// Owners are served one at a time: owner `a`'s 300 hints at 10 hints/s
 /// would take 30 s, but its round gives way after 10 s, so `b`'s one hint
-/// goes before `a`'s round is done; `a`'s next round resumes where it
-/// stopped, and every hint is delivered once.
+/// goes before `a`'s round is done, and `a`'s later rounds deliver the
+/// rest.
 #[tokio::test(start_paused = true)]
 async fn a_long_round_gives_way_to_the_other_owners() {
     let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
