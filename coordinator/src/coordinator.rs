@@ -28,8 +28,8 @@
 //! owner came back), for at most the stand-in delay, so that a slot with no
 //! one left still fails well before the deadline; after a write's answer,
 //! by the task that places its late hints. A stand-in that stays silent
-//! rather than failing is waited for until the deadline, and its owner is
-//! not asked.
+//! rather than failing is waited for until the deadline (after a write's
+//! answer, its owner is asked then).
 //!
 //! When W (or R) cannot be met before the deadline the answer is a quorum
 //! error naming who answered and who did not. Dynamo does not roll a write
@@ -1072,6 +1072,13 @@ impl<T: Transport> Coordinator<T> {
                                         transport.call(&owner, request),
                                     )
                                     .await;
+                                    // Its answer tells the detector, as
+                                    // any replica's does: it may be up.
+                                    if let (Some(detector), Some(alive)) =
+                                        (&detector, sent.as_ref().ok().and_then(health_of))
+                                    {
+                                        detector.record(&owner, alive, Instant::now());
+                                    }
                                     let answer = match sent {
                                         Ok(Ok(Response::Clock(_))) => {
                                             ReplicaAnswer::Ok { latency_us }

@@ -907,7 +907,8 @@ async fn a_read_asks_an_owner_held_back_even_when_a_spare_took_its_stand_ins_pla
 
 /// W=2 is met by the coordinator and `owners[1]` before the stand-ins for
 /// `owners[2]` (wrongly believed down) fail; after the answer, the late
-/// task tries the fallback left, then the owner itself, which takes it.
+/// task tries the fallback left, then the owner itself, which takes it,
+/// and whose answer shows the failure detector that it is up.
 #[tokio::test(start_paused = true)]
 async fn after_the_quorum_an_owner_held_back_is_asked_when_its_stand_ins_fail() {
     let s = an_owner_wrongly_believed_down_and_failing_fallbacks(false).await;
@@ -934,4 +935,8 @@ async fn after_the_quorum_an_owner_held_back_is_asked_when_its_stand_ins_fail() 
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(
+        s.c.node(coordinator).detector.is_up(&s.id(owner)),
+        "its answer told the detector it is up"
+    );
 }

@@ -25,8 +25,10 @@
 //! ring without the owner gives the key new replicas, so this restores the
 //! copies the write was acknowledged with. So goes a member's hint whose key
 //! the ring has moved away from it (a node joined in its place): at once
-//! while the owner is up, and at each sweep while it is believed down, as a
-//! node that a joiner replaces may never come back.
+//! while the owner is up, and while it is believed down in a pass over its
+//! hints once per ring (begun at a sweep, at least [`RING_SETTLE`] after
+//! the ring came, so that hints from coordinators still on the old ring are
+//! in), as a node that a joiner replaces may never come back.
 //!
 //! The worker is bounded (one batch in flight), observable (the hint metrics
 //! of [`HintBook`]) and stops at shutdown between two batches. Its storage
@@ -116,7 +118,8 @@ impl HintRouting {
     /// Also hand on the hints of an owner believed down whose keys moved
     /// away, once per ring (`fingerprint` tells rings apart), since an owner
     /// that a joiner replaced may never come back for them. Needs
-    /// [`Self::with_ring_members`] first.
+    /// [`Self::rerouting_removed`] first, and does nothing without
+    /// [`Self::with_ring_members`].
     pub fn with_ring_fingerprint(mut self, fingerprint: RingFingerprint) -> Self {
         if let Some(reroute) = &mut self.reroute {
             reroute.fingerprint = Some(fingerprint);
@@ -165,8 +168,8 @@ pub struct HandoffConfig {
     pub max_rate_per_s: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// How long one send may take before it counts as failed, for a small
-    /// hint; a large one gets its bytes at 64 Mbit/s more.
+    /// How long one send may take before it counts as failed, for a batch
+    /// of small hints; a larger batch gets its bytes at 64 Mbit/s more.
     pub send_timeout: Duration,
     /// How often hints past the window are swept out.
     pub sweep_interval: Duration,
@@ -280,6 +283,11 @@ pub fn start<T: Transport, B: HintBackend>(
         // unfinished pass resumes.
         let mut moved_checked: HashMap<NodeId, u64> = HashMap::new();
         let mut moved_resume: HashMap<NodeId, Vec<u8>> = HashMap::new();
+        // When the unfinished pass began, and the current ring and when it
+        // was first seen: a pass counts for its ring only if it began
+        // `RING_SETTLE` after.
+        let mut moved_began: HashMap<NodeId, Instant> = HashMap::new();
+        let mut ring_seen: Option<(u64, Instant)> = None;
         let mut tick = tokio::time::interval(config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // None until the first sweep, which runs at the first tick: hints
@@ -313,6 +321,11 @@ pub fn start<T: Transport, B: HintBackend>(
             resume.retain(|owner, _| targets.contains(owner));
             moved_checked.retain(|owner, _| targets.contains(owner));
             moved_resume.retain(|owner, _| targets.contains(owner));
+            moved_began.retain(|owner, _| targets.contains(owner));
+            let moved_ring = routing.moved_keys_ring();
+            if let Some(ring) = moved_ring.filter(|ring| ring_seen.map(|(r, _)| r) != Some(*ring)) {
+                ring_seen = Some((ring, Instant::now()));
+            }
             schedule.keep_only(&targets);
             for owner in targets {
                 let rerouted = routing.rerouted(&owner);
@@ -323,7 +336,6 @@ pub fn start<T: Transport, B: HintBackend>(
                 // joined in its place), which go to the key's replicas, in
                 // one pass per ring (begun at a sweep, resumed at each tick
                 // until done): the owner may never come back to take them.
-                let moved_ring = routing.moved_keys_ring();
                 let kind = if rerouted.is_some() {
                     Round::Removed
                 } else if (routing.is_up)(&owner) {
@@ -346,6 +358,9 @@ pub fn start<T: Transport, B: HintBackend>(
                     &mut resume
                 };
                 let mut start = resumes.remove(&owner);
+                if kind == Round::MovedOnly && start.is_none() {
+                    moved_began.insert(owner.clone(), Instant::now());
+                }
                 let round = deliver_to(
                     &book, &transport, &owner, &routing, kind, &config, &mut start,
                 );
@@ -361,8 +376,11 @@ pub fn start<T: Transport, B: HintBackend>(
                 match outcome {
                     // The owner was not asked: its back-off stands.
                     Ok(delivered) if kind == Round::MovedOnly => {
-                        if let (true, Some(ring)) = (went_round, moved_ring) {
-                            moved_checked.insert(owner.clone(), ring);
+                        let began = moved_began.remove(&owner).filter(|_| went_round);
+                        if let (Some(began), Some((ring, seen))) = (began, ring_seen) {
+                            if began >= seen + RING_SETTLE {
+                                moved_checked.insert(owner.clone(), ring);
+                            }
                         }
                         if delivered > 0 {
                             tracing::info!(%owner, delivered, "handed the hints of keys that moved away from a node believed down to their replicas");
@@ -390,6 +408,11 @@ pub fn start<T: Transport, B: HintBackend>(
         }
     })
 }
+
+/// How long after a ring is first seen coordinators may still hint by the
+/// ring before it (membership spreads by an exchange every 5 s): a pass for
+/// moved keys begun sooner may miss their hints, and does not count.
+pub const RING_SETTLE: Duration = Duration::from_secs(60);
 
 /// The longest one owner's round runs before the worker turns to the other
 /// owners and the sweep (50,000 hints at the default pace): a million hints
@@ -508,7 +531,10 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             batch.retain(|hint| hint.key <= *end);
         }
         let Some(last) = batch.last() else {
-            if !second_leg && started_after.is_some() {
+            // A MovedOnly pass walks forward only: each begins at the
+            // first hint, and one that wrapped round would never end for
+            // an owner whose hints (all kept) take more than a turn.
+            if !second_leg && started_after.is_some() && kind != Round::MovedOnly {
                 second_leg = true;
                 continue;
             }

@@ -257,23 +257,10 @@ async fn hints_past_the_window_at_start_are_swept_at_the_first_tick() {
         sweep_when_full_interval: Duration::from_secs(900),
         ..HandoffConfig::for_ttl(Duration::from_secs(10))
     };
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
     // The owner is down: nothing is delivered, only swept.
-    let worker = handoff::start(
-        book.clone(),
-        Arc::new(Owner::default()),
-        HintRouting::to_owners(Arc::new(|_: &NodeId| false)),
-        config,
-        shutdown,
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while book.pending(&owner) > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not swept within a second of starting"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (stop, worker) = start_worker(&book, Arc::new(Owner::default()), false, config);
+    let why = "not swept within a second of starting";
+    until_none_pending(&book, &owner, Duration::from_secs(1), why).await;
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
@@ -330,19 +317,8 @@ async fn a_batch_of_large_hints_gets_time_for_its_bytes() {
         ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
     };
     assert_eq!(config.send_timeout, Duration::from_secs(2));
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let worker = handoff::start(
-        book.clone(),
-        transport.clone(),
-        HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
-        config,
-        shutdown,
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while book.pending(&owner) > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "never delivered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (stop, worker) = start_worker(&book, transport.clone(), true, config);
+    until_none_pending(&book, &owner, Duration::from_secs(10), "never delivered").await;
     assert_eq!(
         transport.sends.load(Ordering::SeqCst),
         8,
@@ -373,32 +349,44 @@ async fn a_long_round_gives_way_to_the_other_owners() {
         max_rate_per_s: 10,
         ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
     };
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let worker = handoff::start(
-        book.clone(),
-        transport,
-        HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
-        config,
-        shutdown,
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
-    while book.pending(&b) > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "b waited for a's whole round"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (stop, worker) = start_worker(&book, transport, true, config);
+    let why = "b waited for a's whole round";
+    until_none_pending(&book, &b, Duration::from_secs(12), why).await;
     let left = book.pending(&a);
     assert!(left > 100 && left < 250, "{left} of a's hints left");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while book.pending(&a) > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a's round never resumed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_none_pending(&book, &a, Duration::from_secs(30), "a's rest never went").await;
     stop.send(true).unwrap();
     worker.await.unwrap();
+}
+
+/// Starts the delivery worker over `book`, every owner believed `up` or
+/// not; returns its stop switch and its task.
+fn start_worker<T: Transport>(
+    book: &Arc<HintBook<MemHintBackend>>,
+    transport: Arc<T>,
+    up: bool,
+    config: HandoffConfig,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let routing = HintRouting::to_owners(Arc::new(move |_: &NodeId| up));
+    let worker = handoff::start(book.clone(), transport, routing, config, shutdown);
+    (stop, worker)
+}
+
+/// Waits (on the paused clock) until `book` holds no hint for `owner`,
+/// failing with `why` after `within`.
+async fn until_none_pending(
+    book: &HintBook<MemHintBackend>,
+    owner: &NodeId,
+    within: Duration,
+    why: &str,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while book.pending(owner) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
