@@ -968,7 +968,9 @@ impl<T: Transport> Coordinator<T> {
 
     /// After a write's quorum: a replica that then fails (or never answers
     /// by the deadline) still gets a stand-in holding a hint, so a node that
-    /// died before anyone noticed still receives the write by handoff. Runs
+    /// died before anyone noticed still receives the write by handoff. When
+    /// no fallback is left for the slot of an owner held back (believed
+    /// down), that owner is sent the write itself. Runs
     /// in a task that ends once the write's last send has answered (at the
     /// deadline at most) and its hints are placed: fallbacks are tried in
     /// turn, each for at most [`LATE_HINT_TIMEOUT`], and all of it ends

@@ -348,9 +348,14 @@ pub fn start<T: Transport, B: HintBackend>(
                     continue;
                 };
                 // The owner is not asked in a MovedOnly pass: its back-off
-                // does not apply.
-                if kind != Round::MovedOnly && !schedule.is_due(&owner, Instant::now()) {
-                    continue;
+                // does not apply. A pass cut short by the owner coming up
+                // starts again from the first hint: it walks forward only.
+                if kind != Round::MovedOnly {
+                    moved_resume.remove(&owner);
+                    moved_began.remove(&owner);
+                    if !schedule.is_due(&owner, Instant::now()) {
+                        continue;
+                    }
                 }
                 let resumes = if kind == Round::MovedOnly {
                     &mut moved_resume
@@ -492,8 +497,10 @@ enum Round {
 ///
 /// A round starts after `resume` (where the last one stopped early, at a
 /// failure or at the end of its turn, [`ROUND_TURN_MAX`]), goes to the last
-/// hint and wraps round to the first, so that it visits every hint once; it sets `resume` to where it stops early, and clears it when
-/// it went all the way round. So no batch, whatever it holds, can keep the
+/// hint and wraps round to the first, so that it visits every hint once (a
+/// [`Round::MovedOnly`] pass does not wrap: each begins at the first hint);
+/// it sets `resume` to where it stops early, and clears it when it went all
+/// the way round. So no batch, whatever it holds, can keep the
 /// hints after it (or before it) waiting for good.
 async fn deliver_to<T: Transport, B: HintBackend>(
     book: &Arc<HintBook<B>>,

@@ -150,6 +150,19 @@ async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
     worker.await.unwrap();
 }
 
+/// A book holding hints for `owner` of keys `moved` and `kept`, and
+/// replicas of which `b` is down.
+fn moved_and_kept() -> (Arc<HintBook<MemHintBackend>>, Arc<Replicas>) {
+    let book = support::book();
+    for key in ["moved", "kept"] {
+        book.store(&n("owner"), key.as_bytes(), &write(key))
+            .unwrap();
+    }
+    let transport = Arc::new(Replicas::default());
+    transport.down.lock().unwrap().insert(n("b"));
+    (book, transport)
+}
+
 /// A member's hint for a key the ring no longer places on it (a node joined
 /// and took its place) goes to the key's replicas, not to the member, which
 /// would store a copy nothing looks at; a replica that cannot take it gets
@@ -158,13 +171,7 @@ async fn a_removed_owners_hints_go_to_every_replica_of_their_keys() {
 /// just joined): this node's ring is the older one.
 #[tokio::test(start_paused = true)]
 async fn a_hint_whose_key_moved_away_goes_to_the_keys_replicas() {
-    let book = support::book();
-    for key in ["moved", "kept"] {
-        book.store(&n("owner"), key.as_bytes(), &write(key))
-            .unwrap();
-    }
-    let transport = Arc::new(Replicas::default());
-    transport.down.lock().unwrap().insert(n("b"));
+    let (book, transport) = moved_and_kept();
     let routing = HintRouting::to_owners(Arc::new(|_: &NodeId| true))
         .rerouting_removed(
             n("me"),
@@ -393,13 +400,7 @@ async fn a_replica_believed_down_gets_its_hint_without_being_tried() {
 /// under a new ring looks again.
 #[tokio::test(start_paused = true)]
 async fn a_hint_whose_key_moved_away_from_an_owner_believed_down_goes_to_the_keys_replicas() {
-    let book = support::book();
-    for key in ["moved", "kept"] {
-        book.store(&n("owner"), key.as_bytes(), &write(key))
-            .unwrap();
-    }
-    let transport = Arc::new(Replicas::default());
-    transport.down.lock().unwrap().insert(n("b"));
+    let (book, transport) = moved_and_kept();
     let ring = Arc::new(AtomicU64::new(7));
     let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| {
         !["owner", "b"].contains(&node.as_str())
