@@ -96,6 +96,11 @@ pub const VALUE_MAX_BYTES: usize = CLOCK_MAX_BYTES - 64 * 1024;
 /// (an `Unavailable` error), so a peer can tell it from other refusals and
 /// ask for less.
 pub const OVER_FRAME_LIMIT: &str = "frame limit";
+/// Words that begin every refusal of a request its receiver could not
+/// decode (an `InvalidRequest`). The request may be sound and the receiver
+/// unable to read it (another version, mid-upgrade), so unlike other
+/// refusals it is no reason to drop what was sent.
+pub const MALFORMED_REQUEST: &str = "malformed request";
 /// The largest frame read off a stream: a whole clock plus room for the
 /// envelope. Bounds memory per request.
 pub const FRAME_MAX_BYTES: usize = CLOCK_MAX_BYTES + 1024 * 1024;

@@ -27,7 +27,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use ringkv_core::wire::{
     decode_request, decode_response, encode_request, encode_response, ErrorKind, Identity,
-    ReplicaRequest, Request, Response, FRAME_MAX_BYTES,
+    ReplicaRequest, Request, Response, FRAME_MAX_BYTES, MALFORMED_REQUEST,
 };
 use ringkv_core::NodeId;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -731,8 +731,10 @@ async fn serve_stream<H, F>(
                     FrameError::TooLong { id, .. } | FrameError::Truncated { id, .. } => id,
                     _ => unreachable!("matched above"),
                 };
-                let error =
-                    Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}"));
+                let error = Response::error(
+                    ErrorKind::InvalidRequest,
+                    format!("{MALFORMED_REQUEST}: {e}"),
+                );
                 queue.push(id, &encode_response(&error));
                 break;
             }
@@ -786,7 +788,10 @@ async fn serve_stream<H, F>(
                 }
                 Err(e) => {
                     metrics::counter!("ringkv_malformed_frames_total").increment(1);
-                    Response::error(ErrorKind::InvalidRequest, format!("malformed request: {e}"))
+                    Response::error(
+                        ErrorKind::InvalidRequest,
+                        format!("{MALFORMED_REQUEST}: {e}"),
+                    )
                 }
             };
             drop(charge);

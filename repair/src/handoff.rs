@@ -34,13 +34,15 @@
 //! of [`HintBook`]) and stops at shutdown between two batches. Its storage
 //! calls run on tokio's blocking pool. A hint the owner refuses as invalid
 //! is dropped and counted, so one bad hint cannot block the rest; a corrupt
-//! record likewise (see [`HintBook::batch`]).
+//! record likewise (see [`HintBook::batch`]). A refusal of a request the
+//! owner could not decode ([`MALFORMED_REQUEST`]: a version it cannot read,
+//! mid-upgrade) drops nothing; the hint is tried again later.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response};
+use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response, MALFORMED_REQUEST};
 use ringkv_core::{NodeId, Transport};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -493,7 +495,7 @@ enum Round {
 /// acknowledged copies would be one short where they are looked for. Returns how many
 /// were delivered, or why the round stopped. A hint the owner (or one of the
 /// replicas) refuses as invalid (it never will take it) is dropped and
-/// counted, not retried.
+/// counted, not retried; one it could not decode is kept.
 ///
 /// A round starts after `resume` (where the last one stopped early, at a
 /// failure or at the end of its turn, [`ROUND_TURN_MAX`]), goes to the last
@@ -757,7 +759,15 @@ impl From<Response> for Sent {
     fn from(answer: Response) -> Sent {
         match answer {
             Response::Clock(_) => Sent::Taken,
-            Response::Error(e) if e.kind == ErrorKind::InvalidRequest => Sent::Refused(e.message),
+            // Refused for good, but not when the owner could not decode the
+            // request (a version it cannot read, mid-upgrade): kept, and
+            // tried again later.
+            Response::Error(e)
+                if e.kind == ErrorKind::InvalidRequest
+                    && !e.message.starts_with(MALFORMED_REQUEST) =>
+            {
+                Sent::Refused(e.message)
+            }
             // Serving nothing (draining, or removed), or shedding load: as
             // good as down for this round.
             Response::Error(e)

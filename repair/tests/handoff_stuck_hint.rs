@@ -390,3 +390,49 @@ async fn until_none_pending(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An owner that cannot decode what it is sent (a version it cannot read,
+/// mid-upgrade).
+#[derive(Default)]
+struct CannotDecode {
+    upgraded: AtomicBool,
+}
+
+impl Transport for CannotDecode {
+    async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
+        match request {
+            Request::Replica(ReplicaRequest::Sync { clock, .. })
+                if self.upgraded.load(Ordering::SeqCst) =>
+            {
+                Ok(Response::Clock(Some(clock)))
+            }
+            _ => Ok(Response::error(
+                ErrorKind::InvalidRequest,
+                format!("{}: unknown variant", ringkv_core::wire::MALFORMED_REQUEST),
+            )),
+        }
+    }
+}
+
+/// A hint its owner could not decode is kept, not dropped as refused for
+/// good, and delivered once the owner can read it.
+#[tokio::test(start_paused = true)]
+async fn a_hint_the_owner_cannot_decode_is_kept_for_later() {
+    let owner = NodeId::new("owner").unwrap();
+    let book = book();
+    book.store(&owner, b"k", &write("v")).unwrap();
+    let transport = Arc::new(CannotDecode::default());
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(2),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, worker) = start_worker(&book, transport.clone(), true, config);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(book.pending(&owner), 1, "kept through several rounds");
+    transport.upgraded.store(true, Ordering::SeqCst);
+    until_none_pending(&book, &owner, Duration::from_secs(5), "never delivered").await;
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
