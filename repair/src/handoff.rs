@@ -553,11 +553,9 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         after = Some(last.key.clone());
         let started = Instant::now();
         let now_ms = book.now_ms();
-        let mut sends = tokio::task::JoinSet::new();
-        // The batch's sends run at once and share the link: each may take
-        // as long as all their bytes need.
-        let batch_bytes: usize = batch.iter().map(|hint| hint.clock.approx_size()).sum();
-        let send_timeout = send_timeout_for(config.send_timeout, batch_bytes);
+        // What each hint to send goes to: chosen first, so that the send
+        // timeout counts the bytes of the hints sent only.
+        let mut planned = Vec::new();
         for hint in batch {
             if book.is_expired(&hint, now_ms) {
                 let (o, key) = (owner.clone(), hint.key);
@@ -592,8 +590,6 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 round_failure = Some(format!("the ring still places keys on {owner}"));
                 continue;
             }
-            let transport = transport.clone();
-            let timeout = send_timeout;
             let is_rerouted = rerouted.is_some();
             // A rerouted hint's replica believed down gets a hint of its own
             // without being tried: a hung one would hold the round (and the
@@ -606,6 +602,18 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                     .collect(),
                 None => Vec::new(),
             };
+            planned.push((hint, targets, believed_down, is_rerouted));
+        }
+        // The batch's sends run at once and share the link: each may take
+        // as long as all their bytes need.
+        let batch_bytes: usize = planned
+            .iter()
+            .map(|(hint, ..)| hint.clock.approx_size())
+            .sum();
+        let timeout = send_timeout_for(config.send_timeout, batch_bytes);
+        let mut sends = tokio::task::JoinSet::new();
+        for (hint, targets, believed_down, is_rerouted) in planned {
+            let transport = transport.clone();
             sends.spawn(async move {
                 let request = Request::Replica(ReplicaRequest::Sync {
                     key: hint.key.clone(),
