@@ -59,7 +59,7 @@ use ringkv_core::context::CausalContext;
 use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::wire::{
     ErrorKind, ErrorReply, GetReply, GetRequest, PutReply, PutRequest, ReplicaRequest, Request,
-    Response,
+    Response, MALFORMED_REQUEST,
 };
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_repair::read_repair::{repair_now, stale_replicas, ReadRepairQueue, RepairJob};
@@ -1431,9 +1431,11 @@ fn too_few_members(
 }
 
 /// A refusal of the request itself: a stand-in would refuse it too, so it
-/// is not worth asking one.
+/// is not worth asking one. Not a node that could not decode it (another
+/// version, or a broken stream): a stand-in may well read it.
 fn is_final_refusal(response: &Response) -> bool {
-    matches!(response, Response::Error(e) if e.kind == ErrorKind::InvalidRequest)
+    matches!(response, Response::Error(e)
+        if e.kind == ErrorKind::InvalidRequest && !e.message.starts_with(MALFORMED_REQUEST))
 }
 
 fn reply_error(response: Response) -> String {
@@ -1484,6 +1486,23 @@ fn health_of(outcome: &Result<Response, TransportError>) -> Option<bool> {
 mod tests {
     use super::*;
     use ringkv_core::TransportError;
+
+    /// A stand-in would refuse what the owner refused as invalid, but may
+    /// read what the owner could not decode.
+    #[test]
+    fn a_request_the_node_could_not_decode_is_no_final_refusal() {
+        let refusal = |message: String| Response::error(ErrorKind::InvalidRequest, message);
+        assert!(is_final_refusal(&refusal(
+            "invalid request: key is empty".into()
+        )));
+        assert!(!is_final_refusal(&refusal(format!(
+            "{MALFORMED_REQUEST}: unknown variant"
+        ))));
+        assert!(!is_final_refusal(&Response::error(
+            ErrorKind::Overloaded,
+            "shedding"
+        )));
+    }
 
     /// A network that reaches nobody: this test sends nothing.
     struct NoNetwork;

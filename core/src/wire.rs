@@ -96,10 +96,12 @@ pub const VALUE_MAX_BYTES: usize = CLOCK_MAX_BYTES - 64 * 1024;
 /// (an `Unavailable` error), so a peer can tell it from other refusals and
 /// ask for less.
 pub const OVER_FRAME_LIMIT: &str = "frame limit";
-/// Words that begin every refusal of a request its receiver could not
-/// decode (an `InvalidRequest`). The request may be sound and the receiver
-/// unable to read it (another version, mid-upgrade), so unlike other
-/// refusals it is no reason to drop what was sent.
+/// Words that begin every refusal of a request whose bytes its receiver
+/// could not decode, or that came cut short (an `InvalidRequest`). The
+/// request may be sound and the receiver unable to read it (another
+/// version), or the stream broken, so unlike other refusals (a request that
+/// decodes but breaks a limit says "invalid request") it is no reason to
+/// drop what was sent.
 pub const MALFORMED_REQUEST: &str = "malformed request";
 /// The largest frame read off a stream: a whole clock plus room for the
 /// envelope. Bounds memory per request.

@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use ringkv_core::wire::{
-    decode_request, decode_response, encode_request, encode_response, ErrorKind, Identity,
-    ReplicaRequest, Request, Response, FRAME_MAX_BYTES, MALFORMED_REQUEST,
+    decode_request, decode_response, encode_request, encode_response, DecodeError, ErrorKind,
+    Identity, ReplicaRequest, Request, Response, FRAME_MAX_BYTES, MALFORMED_REQUEST,
 };
 use ringkv_core::NodeId;
 use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -786,12 +786,18 @@ async fn serve_stream<H, F>(
                     drop(body);
                     handle(request).await
                 }
-                Err(e) => {
+                // Bytes that do not decode are malformed; a request that
+                // decodes but breaks a limit is refused as invalid, for
+                // good (see MALFORMED_REQUEST).
+                Err(e @ DecodeError::Malformed { .. }) => {
                     metrics::counter!("ringkv_malformed_frames_total").increment(1);
                     Response::error(
                         ErrorKind::InvalidRequest,
                         format!("{MALFORMED_REQUEST}: {e}"),
                     )
+                }
+                Err(e) => {
+                    Response::error(ErrorKind::InvalidRequest, format!("invalid request: {e}"))
                 }
             };
             drop(charge);

@@ -97,6 +97,24 @@ async fn truncated_and_garbage_frames_are_answered_with_errors() {
     assert!(matches!(answers[0], (1, Response::Pong)));
     assert_malformed(&answers[1], 9, "stream ends inside a body");
 
+    // A request that decodes but breaks a limit (an empty key) is refused
+    // as invalid, not as malformed: a sender may retry a request the node
+    // could not read (see MALFORMED_REQUEST), never this one.
+    let empty_key = encode_request(&Request::Replica(ReplicaRequest::Read {
+        key: Vec::new(),
+        hint_for: None,
+    }));
+    let answers = raw_exchange(&client, &frame(4, &empty_key)).await;
+    assert_eq!(answers.len(), 1);
+    match &answers[0] {
+        (4, Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert!(e.message.starts_with("invalid request"), "{}", e.message);
+            assert!(e.message.contains("key is empty"), "{}", e.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
     // A large frame cut short: the body is read in steps, and the error
     // says how much of it came.
     let mut big = Vec::new();

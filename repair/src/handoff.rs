@@ -793,6 +793,22 @@ impl From<Response> for Sent {
 mod tests {
     use super::*;
 
+    /// A refusal of the hint itself drops it; a refusal of bytes the owner
+    /// could not decode keeps it for later.
+    #[test]
+    fn only_a_request_the_owner_read_is_refused_for_good() {
+        let answer =
+            |message: String| Sent::from(Response::error(ErrorKind::InvalidRequest, message));
+        assert!(matches!(
+            answer("invalid request: key is empty".into()),
+            Sent::Refused(_)
+        ));
+        assert!(matches!(
+            answer(format!("{MALFORMED_REQUEST}: unknown variant")),
+            Sent::Declined(_)
+        ));
+    }
+
     #[test]
     fn back_off_doubles_to_the_maximum_and_resets_on_success() {
         let t0 = Instant::now();
