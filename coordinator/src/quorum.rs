@@ -124,7 +124,8 @@ impl QuorumTracker {
         if self.expired {
             return;
         }
-        if let Some(e) = self.owner_entry_mut(owner) {
+        if let Some(at) = self.owner_index(owner) {
+            let e = &mut self.entries[at];
             if e.answer == ReplicaAnswer::Pending && !e.asked {
                 e.held_back = true;
             }
@@ -138,25 +139,16 @@ impl QuorumTracker {
         if self.expired {
             return false;
         }
-        let Some(slot) = self.slot_of_owner(owner) else {
+        let Some(at) = self.owner_index(owner) else {
             return false;
         };
-        if self.slot_satisfied(slot) {
+        if !self.entries[at].held_back || self.slot_satisfied(self.entries[at].slot) {
             return false;
         }
-        match self.owner_entry_mut(owner) {
-            Some(e) if e.held_back => {
-                e.held_back = false;
-                e.asked = true;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn owner_entry_mut(&mut self, owner: &NodeId) -> Option<&mut Entry> {
-        let at = self.owner_index(owner)?;
-        Some(&mut self.entries[at])
+        let e = &mut self.entries[at];
+        e.held_back = false;
+        e.asked = true;
+        true
     }
 
     /// Where `owner`'s own entry (not a stand-in's) is.
@@ -260,7 +252,7 @@ impl QuorumTracker {
         let mut pending = 0;
         for slot in 0..self.slots {
             let answers = || self.entries.iter().filter(|e| e.slot == slot);
-            if answers().any(|e| matches!(e.answer, ReplicaAnswer::Ok { .. })) {
+            if self.slot_satisfied(slot) {
                 ok += 1;
             } else if !self.expired
                 && answers().any(|e| e.answer == ReplicaAnswer::Pending && !e.held_back)
