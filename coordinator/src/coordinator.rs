@@ -751,7 +751,10 @@ impl<T: Transport> Coordinator<T> {
     /// A node that fails (unreachable, or an error other than a refusal of
     /// the request itself) and leaves its slot uncovered gets a stand-in
     /// from `stand_ins`; for writes (`replace_silent`), so do owners that
-    /// have not answered at all by `stand_ins.after`. Each send runs in its own task, bounded by the
+    /// have not answered at all by `stand_ins.after`. An owner held back
+    /// (believed down, replaced by a stand-in) is asked after all when its
+    /// last stand-in fails, or when its stand-in is still silent at
+    /// `stand_ins.after`. Each send runs in its own task, bounded by the
     /// deadline (or by [`Self::close`]), so sends still running when the
     /// quorum is decided still reach their nodes. Returns the answers still to come, for callers
     /// that want them, and the fallbacks and held-back owners not used.
@@ -825,9 +828,12 @@ impl<T: Transport> Coordinator<T> {
         }
         // At `after`, a write gives its silent owners stand-ins; a read
         // still short asks its spares believed down, through stand-ins:
-        // silent that long, an asked owner is failing rather than slow.
-        let mut waited_for_silent = stand_ins.request_for.is_none()
-            || (!stand_ins.replace_silent && stand_ins.spares.is_empty());
+        // silent that long, an asked owner is failing rather than slow. An
+        // owner held back behind a stand-in silent that long is asked after
+        // all (writes and reads).
+        let mut waited_for_silent = stand_ins.held_back.is_empty()
+            && (stand_ins.request_for.is_none()
+                || (!stand_ins.replace_silent && stand_ins.spares.is_empty()));
         while tracker.state() == QuorumState::Waiting {
             tokio::select! {
                 // Answers already in count before a timer judges their
@@ -865,6 +871,8 @@ impl<T: Transport> Coordinator<T> {
                 }
                 _ = tokio::time::sleep_until(stand_ins.after), if !waited_for_silent => {
                     waited_for_silent = true;
+                    // Before the spares below, whose stand-ins start now.
+                    let behind_silence = tracker.held_back_behind_silence();
                     if stand_ins.replace_silent {
                         for owner in tracker.silent_owners() {
                             if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
@@ -880,6 +888,9 @@ impl<T: Transport> Coordinator<T> {
                         // Due at the same moment (slow peers put it at the
                         // cap), a speculative retry would ask as many again.
                         stand_ins.speculate_at = None;
+                    }
+                    for owner in behind_silence {
+                        ask_after_all(owner, &mut stand_ins, tracker);
                     }
                 }
                 _ = tokio::time::sleep_until(stand_ins.speculate_at.unwrap_or(deadline)),

@@ -211,6 +211,25 @@ impl QuorumTracker {
             .collect()
     }
 
+    /// Owners held back whose slot is not satisfied and waits on a stand-in
+    /// still silent. The coordinator asks them after all once silence has
+    /// lasted as long as it gives a silent owner: a stand-in that hangs is
+    /// failing as surely as one that answers with an error.
+    pub fn held_back_behind_silence(&self) -> Vec<NodeId> {
+        self.entries
+            .iter()
+            .filter(|owner| owner.held_back && !self.slot_satisfied(owner.slot))
+            .filter(|owner| {
+                self.entries.iter().any(|e| {
+                    e.slot == owner.slot
+                        && e.hint_for.is_some()
+                        && e.answer == ReplicaAnswer::Pending
+                })
+            })
+            .map(|owner| owner.node.clone())
+            .collect()
+    }
+
     fn slot_of_owner(&self, owner: &NodeId) -> Option<usize> {
         self.owner_index(owner).map(|at| self.entries[at].slot)
     }
@@ -542,6 +561,31 @@ mod tests {
         late.hold_back(&n("c"));
         late.expire(1);
         assert!(!late.ask_held_back(&n("c")), "past the deadline");
+    }
+
+    #[test]
+    fn an_owner_held_back_behind_a_silent_stand_in_is_named() {
+        let mut t = tracker(3);
+        assert!(t.held_back_behind_silence().is_empty());
+        t.add_stand_in(&n("c"), n("d"));
+        t.hold_back(&n("c"));
+        t.add_stand_in(&n("b"), n("e"));
+        t.hold_back(&n("b"));
+        assert_eq!(t.held_back_behind_silence(), [n("b"), n("c")]);
+        t.record(&n("e"), OK);
+        assert_eq!(
+            t.held_back_behind_silence(),
+            [n("c")],
+            "b's slot is satisfied"
+        );
+        let mut failed = t.clone();
+        failed.record(&n("d"), err());
+        assert!(
+            failed.held_back_behind_silence().is_empty(),
+            "no stand-in left waiting: the failure path asks c"
+        );
+        assert!(t.ask_held_back(&n("c")));
+        assert!(t.held_back_behind_silence().is_empty(), "c is asked");
     }
 
     #[test]

@@ -780,10 +780,27 @@ async fn a_draining_owner_is_seen_down_under_traffic() {
     );
 }
 
+/// How the fallbacks of the stories below fail.
+#[derive(Clone, Copy)]
+enum FallbacksFail {
+    /// At once, answering `Overloaded`.
+    Overloaded,
+    /// By never answering (crashed, though believed up).
+    Silent,
+}
+
 /// The coordinator believes `owners[2]` down, but it is up; both fallbacks
 /// answer `Overloaded`. A story for the tests below, which read or write
 /// at `All` through `owners[0]`.
 async fn an_owner_wrongly_believed_down_and_failing_fallbacks(owner_really_down: bool) -> Story {
+    an_owner_wrongly_believed_down_and_fallbacks_that(FallbacksFail::Overloaded, owner_really_down)
+        .await
+}
+
+async fn an_owner_wrongly_believed_down_and_fallbacks_that(
+    fail: FallbacksFail,
+    owner_really_down: bool,
+) -> Story {
     let s = story(SimOptions::default());
     let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
     let put = s.c.put(coordinator, KEY, "v1", All, None).await;
@@ -797,10 +814,80 @@ async fn an_owner_wrongly_believed_down_and_failing_fallbacks(owner_really_down:
         s.c.net.down(&s.id(owner));
     }
     for fallback in &s.fallbacks {
-        s.c.net.overload(&s.id(fallback));
+        match fail {
+            FallbacksFail::Overloaded => s.c.net.overload(&s.id(fallback)),
+            FallbacksFail::Silent => s.c.net.down(&s.id(fallback)),
+        }
     }
     s.c.net.take_log();
     s
+}
+
+/// A stand-in that hangs fails its slot as surely as one that refuses:
+/// once it has been silent as long as a silent owner gets (a quarter of
+/// the 2 s deadline), the owner believed down is asked after all, and the
+/// write succeeds then instead of failing at the deadline.
+#[tokio::test(start_paused = true)]
+async fn a_write_whose_stand_in_is_silent_asks_the_owner_believed_down() {
+    let s = an_owner_wrongly_believed_down_and_fallbacks_that(FallbacksFail::Silent, false).await;
+    let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(coordinator, KEY, "v2", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(started.elapsed(), Duration::from_millis(500), "{put:?}");
+    assert_eq!(s.c.local_values(owner, KEY), ["v1", "v2"]);
+    let log = s.c.net.take_log();
+    let hint = log
+        .iter()
+        .position(|l| {
+            l.starts_with(&format!(
+                "{coordinator} -> {} Hint for {owner}",
+                s.fallbacks[0]
+            ))
+        })
+        .unwrap_or_else(|| panic!("the stand-in was not tried first: {log:?}"));
+    let sync = log
+        .iter()
+        .position(|l| l.starts_with(&format!("{coordinator} -> {owner} Sync")))
+        .unwrap_or_else(|| panic!("the owner was never asked: {log:?}"));
+    assert!(hint < sync, "{log:?}");
+}
+
+/// The same for a read at `All`, which has no spare to ask and so no
+/// other reason to look at the clock before its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_read_whose_stand_in_is_silent_asks_the_owner_believed_down() {
+    let s = an_owner_wrongly_believed_down_and_fallbacks_that(FallbacksFail::Silent, false).await;
+    let started = tokio::time::Instant::now();
+    let get = s.c.get(&s.owners[0], KEY, All).await;
+    assert_eq!(values(&get), ["v1"], "{get:?}");
+    assert_eq!(started.elapsed(), Duration::from_millis(500), "{get:?}");
+}
+
+/// When the owner is really down too, asking it costs what a silent owner
+/// costs: the write still fails, at its deadline as before, naming both.
+#[tokio::test(start_paused = true)]
+async fn a_silent_stand_in_and_an_owner_really_down_fail_at_the_deadline() {
+    let s = an_owner_wrongly_believed_down_and_fallbacks_that(FallbacksFail::Silent, true).await;
+    let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(coordinator, KEY, "v2", All, None).await;
+    assert_eq!(started.elapsed(), Duration::from_secs(2), "{put:?}");
+    let Response::Error(e) = &put else {
+        panic!("{put:?}")
+    };
+    assert_eq!(e.kind, ErrorKind::QuorumNotReached);
+    assert!(
+        e.message.contains(&format!("{owner} (timed out)")),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message
+            .contains(&format!("{} for {owner} (timed out)", s.fallbacks[0])),
+        "{}",
+        e.message
+    );
 }
 
 /// Stand-ins first, as the owner is believed down; when they all fail, the
