@@ -383,7 +383,13 @@ pub fn start<T: Transport, B: HintBackend>(
                 match outcome {
                     // The owner was not asked: its back-off stands.
                     Ok(delivered) if kind == Round::MovedOnly => {
-                        let began = moved_began.remove(&owner).filter(|_| went_round);
+                        // A pass that took several turns keeps the time it
+                        // began until it has gone all the way.
+                        let began = if went_round {
+                            moved_began.remove(&owner)
+                        } else {
+                            None
+                        };
                         if let (Some(began), Some((ring, seen))) = (began, ring_seen) {
                             if began >= seen + RING_SETTLE {
                                 moved_checked.insert(owner.clone(), ring);

@@ -472,3 +472,74 @@ async fn a_hint_whose_key_moved_away_from_an_owner_believed_down_goes_to_the_key
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
+
+/// A pass over the moved keys of an owner believed down that takes more
+/// than one turn (150 hints at 10 a second, turns of 10 s) resumes where
+/// its turn ended, and still counts for its ring once it has gone all the
+/// way: a hint held later under the same ring stays with its owner at the
+/// next sweep instead of starting another pass over all its hints.
+#[tokio::test(start_paused = true)]
+async fn a_pass_over_moved_keys_that_takes_several_turns_counts_for_its_ring() {
+    let book = support::book();
+    let transport = Arc::new(Replicas::default());
+    let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| node.as_str() != "owner"))
+        .rerouting_removed(
+            n("me"),
+            Arc::new(|_: &NodeId| false),
+            Arc::new(|key: &[u8]| match key.first() {
+                Some(b'm') => vec![n("a"), n("joiner")],
+                _ => vec![n("owner"), n("a")],
+            }),
+        )
+        .with_ring_members(Arc::new(|_: &NodeId| true))
+        .with_ring_fingerprint(Arc::new(|| 7));
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        batch_size: 10,
+        max_rate_per_s: 10,
+        sweep_interval: Duration::from_secs(60),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
+    // The first sweep's pass comes too soon after the ring to count; the
+    // next, at 60 s, has 150 moved hints (and a kept one) to walk.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    book.store(&n("owner"), b"kept", &write("kept")).unwrap();
+    for i in 0..150 {
+        let key = format!("m{i:03}");
+        book.store(&n("owner"), key.as_bytes(), &write(&key))
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    let left = book.pending(&n("owner")) - 1;
+    assert!(
+        (20..=120).contains(&left),
+        "{left} moved hints left after one turn"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while book.pending(&n("owner")) > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pass did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        transport.taken().len(),
+        300,
+        "each moved hint to both replicas"
+    );
+    // The pass went all the way under ring 7: the sweep at 120 s leaves
+    // the owner's hints alone.
+    book.store(&n("owner"), b"m-late", &write("m-late"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        book.read(&n("owner"), b"m-late").unwrap().is_some(),
+        "another pass under the same ring"
+    );
+    assert!(book.read(&n("owner"), b"kept").unwrap().is_some());
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
