@@ -8,8 +8,14 @@
 //! another key, would silently supersede versions the client never saw, so
 //! such tokens are rejected.
 //!
-//! Format v1 (all integers little-endian):
-//! `0x01 | cluster_id u64 | key_fingerprint u64 | count u16 | count × (id_len u8 | id | counter u64)`.
+//! Format v2 (all integers little-endian):
+//! `0x02 | cluster_id u64 | key_fingerprint u64 | count u16 | count × (id_len u8 | id | counter u64) | checksum u64`,
+//! the checksum being [`stable_hash64`] of the bytes before it. A token
+//! damaged on its way (a character changed in a copy, a truncation that
+//! still parses) is refused rather than acted on: a counter raised by
+//! damage would make the write supersede versions of other replicas that
+//! the client never saw, a lost update. v1, issued by earlier versions, is
+//! the same without the checksum, and is still read.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -19,15 +25,20 @@ use crate::error::InvalidInput;
 use crate::hash::stable_hash64;
 use crate::node_id::NodeId;
 
-const TOKEN_VERSION: u8 = 1;
+const TOKEN_VERSION: u8 = 2;
+/// The version before the checksum, still read.
+const TOKEN_VERSION_UNCHECKED: u8 = 1;
+const CHECKSUM_BYTES: usize = 8;
 /// Bounds what a token can make us allocate; a clock never has more entries.
 const TOKEN_ENTRIES_MAX: usize = crate::dvv::CLOCK_ENTRIES_MAX;
-/// The longest token a node issues: a header of 19 bytes and the most
-/// entries of the longest ids, in base64 (4 characters per 3 bytes). A
-/// longer one is refused before it is decoded, which would allocate in
-/// proportion to it.
+/// The longest token a node issues: a header of 19 bytes, the most entries
+/// of the longest ids and the checksum, in base64 (4 characters per 3
+/// bytes). A longer one is refused before it is decoded, which would
+/// allocate in proportion to it.
 pub const TOKEN_CHARS_MAX: usize =
-    (19 + TOKEN_ENTRIES_MAX * (1 + crate::node_id::NODE_ID_MAX_BYTES + 8)).div_ceil(3) * 4;
+    (19 + TOKEN_ENTRIES_MAX * (1 + crate::node_id::NODE_ID_MAX_BYTES + 8) + CHECKSUM_BYTES)
+        .div_ceil(3)
+        * 4;
 
 /// A decoded context token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +59,7 @@ impl CausalContext {
 
     /// The opaque token handed to clients.
     pub fn encode(&self) -> String {
-        let mut out = Vec::with_capacity(19 + self.version_vector.len() * 16);
+        let mut out = Vec::with_capacity(19 + self.version_vector.len() * 16 + CHECKSUM_BYTES);
         out.push(TOKEN_VERSION);
         out.extend_from_slice(&self.cluster_id.to_le_bytes());
         out.extend_from_slice(&self.key_fingerprint.to_le_bytes());
@@ -58,6 +69,8 @@ impl CausalContext {
             out.extend_from_slice(node.as_str().as_bytes());
             out.extend_from_slice(&counter.to_le_bytes());
         }
+        let checksum = stable_hash64(&out);
+        out.extend_from_slice(&checksum.to_le_bytes());
         URL_SAFE_NO_PAD.encode(out)
     }
 
@@ -79,13 +92,31 @@ impl CausalContext {
                 "context token is not one ringkv issued (not base64url); pass the `context:` a get printed, whole",
             )
         })?;
-        let mut r = Reader { bytes: &bytes };
-        let version = r.u8()?;
-        if version != TOKEN_VERSION {
-            return Err(InvalidInput::new(format!(
-                "context token has version {version}; this node understands version {TOKEN_VERSION}"
-            )));
-        }
+        let version = *bytes
+            .first()
+            .ok_or_else(|| InvalidInput::new("context token is truncated"))?;
+        let body = match version {
+            TOKEN_VERSION => {
+                let Some(at) = bytes.len().checked_sub(CHECKSUM_BYTES).filter(|at| *at > 0) else {
+                    return Err(InvalidInput::new("context token is truncated"));
+                };
+                let (body, checksum) = bytes.split_at(at);
+                let checksum = u64::from_le_bytes(checksum.try_into().expect("8 bytes"));
+                if checksum != stable_hash64(body) {
+                    return Err(InvalidInput::new(
+                        "context token is damaged (its checksum does not match); pass the `context:` a get printed, whole and unchanged",
+                    ));
+                }
+                body
+            }
+            TOKEN_VERSION_UNCHECKED => &bytes[..],
+            _ => {
+                return Err(InvalidInput::new(format!(
+                    "context token has version {version}; this node understands versions {TOKEN_VERSION_UNCHECKED} and {TOKEN_VERSION}"
+                )))
+            }
+        };
+        let mut r = Reader { bytes: &body[1..] };
         let cluster_id = r.u64()?;
         let key_fingerprint = r.u64()?;
         let count = r.u16()? as usize;
@@ -216,12 +247,50 @@ mod tests {
             .unwrap_err()
             .message
             .contains("version 9"));
-        let mut long = URL_SAFE_NO_PAD
-            .decode(CausalContext::new(1, b"k", vv(&[("n1", 1)])).encode())
-            .unwrap();
+        let mut long = v1_bytes(&CausalContext::new(1, b"k", vv(&[("n1", 1)])));
         long.push(0);
         let err = CausalContext::decode(&URL_SAFE_NO_PAD.encode(long)).unwrap_err();
         assert!(err.message.contains("trailing"), "{err}");
+    }
+
+    /// What an earlier version issued for `ctx`: v1, without the checksum.
+    fn v1_bytes(ctx: &CausalContext) -> Vec<u8> {
+        let mut bytes = URL_SAFE_NO_PAD.decode(ctx.encode()).unwrap();
+        bytes.truncate(bytes.len() - CHECKSUM_BYTES);
+        bytes[0] = TOKEN_VERSION_UNCHECKED;
+        bytes
+    }
+
+    #[test]
+    fn tokens_of_the_version_before_the_checksum_are_still_read() {
+        let ctx = CausalContext::new(7, b"k", vv(&[("n1", 3), ("n2", 1)]));
+        let v1 = URL_SAFE_NO_PAD.encode(v1_bytes(&ctx));
+        assert_eq!(CausalContext::decode(&v1).unwrap(), ctx);
+    }
+
+    /// A token changed in any one bit, or cut short, is refused: none is
+    /// read as another context (say, one with a counter raised).
+    #[test]
+    fn a_damaged_token_is_refused() {
+        let ctx = CausalContext::new(7, b"k", vv(&[("n1", 3), ("n2", 1)]));
+        let bytes = URL_SAFE_NO_PAD.decode(ctx.encode()).unwrap();
+        for bit in 0..bytes.len() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            let token = URL_SAFE_NO_PAD.encode(&damaged);
+            assert!(
+                CausalContext::decode(&token).is_err(),
+                "bit {bit} flipped was read"
+            );
+        }
+        let err =
+            CausalContext::decode(&URL_SAFE_NO_PAD.encode(&bytes[..bytes.len() - 3])).unwrap_err();
+        assert!(err.message.contains("damaged"), "{err}");
+        let mut counter_raised = bytes.clone();
+        let at = bytes.len() - CHECKSUM_BYTES - 8;
+        counter_raised[at] = 9;
+        let err = CausalContext::decode(&URL_SAFE_NO_PAD.encode(&counter_raised)).unwrap_err();
+        assert!(err.message.contains("checksum does not match"), "{err}");
     }
 
     /// The largest token a node can issue decodes; one character more is
