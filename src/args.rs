@@ -263,7 +263,7 @@ pub struct AntiEntropyArgs {
     /// Seconds between anti-entropy rounds, in which this node compares Merkle trees with every peer and repairs what differs; 0 runs them only on demand (`ringkv repair`).
     #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_ANTI_ENTROPY_INTERVAL_S)]
     pub anti_entropy_interval_s: u64,
-    /// Most keys anti-entropy repairs per second, so that a large repair does not crowd out client requests.
+    /// Most keys anti-entropy repairs per second, so that a large repair does not crowd out client requests; also the pace at which this node hands the keys of ranges it gave up (a node joined) to their new replicas.
     #[arg(long, value_name = "KEYS", default_value_t = ringkv_repair::anti_entropy::DEFAULT_REPAIR_KEYS_PER_S, value_parser = bounded::<u32>(1, u32::MAX.into()))]
     pub repair_keys_per_s: u32,
     /// Keep a delete's tombstone at least this long, and until every replica of the key holds it; then it is collected. Keep it longer than --hint-ttl-s, or an old hint could bring a deleted value back. The default is 1 day.

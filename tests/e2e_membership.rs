@@ -189,8 +189,9 @@ fn a_node_that_leaves_hands_over_its_keys_and_cannot_come_back() {
 /// every key stays readable.
 #[test]
 fn cleanup_after_a_join_drops_the_copies_the_old_members_no_longer_need() {
-    // No anti-entropy and no read repair, so the new node stays empty and
-    // the old copies are all that can vouch for the keys.
+    // No anti-entropy and no read repair: n4 holds only what the members
+    // that gave up ranges hand over, and the old replicas that stay one
+    // vouch for each stray copy.
     let mut c = Cluster::start(
         "cleanup_after_a_join",
         3,
@@ -237,8 +238,7 @@ fn cleanup_after_a_join_drops_the_copies_the_old_members_no_longer_need() {
         stray as usize,
         "n1 dropped exactly its stray copies"
     );
-    // Every old member that is still a replica of a key holds it (n4, never
-    // filled here, holds nothing yet).
+    // Every old member that is still a replica of a key holds it.
     let after = ringkv_ring::Ring::new(
         (1..=4).map(|i| {
             (
@@ -258,6 +258,21 @@ fn cleanup_after_a_join_drops_the_copies_the_old_members_no_longer_need() {
             }
         }
     }
+    // And n4 comes to hold every key it replicates: the members that gave
+    // up those ranges hand them over.
+    let n4 = ringkv_core::NodeId::new("n4").unwrap();
+    let n4_keys: Vec<usize> = (0..150)
+        .filter(|i| after.is_replica(key(*i).as_bytes(), &n4))
+        .collect();
+    assert!(!n4_keys.is_empty());
+    c.eventually(Duration::from_secs(30), "n4 is handed its keys", || {
+        rt.block_on(missing_locally(
+            c.nodes[3].addr,
+            n4_keys.iter().copied(),
+            key,
+        ))
+        .is_empty()
+    });
     // Done, no member shows as cleaning.
     let status = json(&c.cli(0, &["status", "--json"]));
     for node in status["nodes"].as_array().unwrap() {

@@ -45,6 +45,7 @@ use crate::tls;
 
 mod cleanup;
 mod leave;
+mod ring_handover;
 mod stored_pages;
 mod tombstone_gc;
 
@@ -1282,6 +1283,12 @@ impl Node {
             )),
             tokio::spawn(tombstone_gc::tombstone_loop(
                 inner.clone(),
+                config.tombstone_grace,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(ring_handover::ring_handover_loop(
+                inner.clone(),
+                config.repair_keys_per_s,
                 config.tombstone_grace,
                 shutdown_rx.clone(),
             )),

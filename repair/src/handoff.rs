@@ -442,7 +442,7 @@ const SEND_BYTES_PER_S_MIN: f64 = 8.0 * 1024.0 * 1024.0;
 /// may be up to 64 MiB) or a batch of medium ones on every retry over a
 /// slow link, shipping them each time, until they expired. A batch holds
 /// 8 MiB and one larger hint at most, so this adds 9 s at most.
-fn send_timeout_for(base: Duration, bytes: usize) -> Duration {
+pub fn send_timeout_for(base: Duration, bytes: usize) -> Duration {
     base + Duration::from_secs_f64(bytes as f64 / SEND_BYTES_PER_S_MIN)
 }
 
