@@ -236,9 +236,20 @@ pub async fn leave(args: LeaveArgs) -> Result<Exit, Failure> {
     match answer? {
         Response::Left(reply) => {
             output::left(&reply, args.target.json);
-            Ok(Exit::Ok)
+            Ok(left_exit(&reply))
         }
         other => Err(unexpected(other)),
+    }
+}
+
+/// A leave whose last pass missed a replica (or that left hints behind)
+/// exits non-zero, as a cleanup or repair that missed one does: a script
+/// must not take it for a clean leave and delete the data dir.
+fn left_exit(reply: &ringkv_core::wire::LeaveReply) -> Exit {
+    if reply.late_failures.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Unreachable
     }
 }
 
@@ -504,6 +515,27 @@ fn unexpected(response: Response) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leave_that_missed_a_replica_in_its_last_pass_exits_non_zero() {
+        let mut reply = ringkv_core::wire::LeaveReply {
+            record: ringkv_core::wire::JoinReply {
+                cluster_id: 1,
+                replicas: 3,
+                members: Vec::new(),
+                removed: Vec::new(),
+            },
+            keys: 10,
+            not_told: Vec::new(),
+            late_failures: Vec::new(),
+        };
+        assert_eq!(left_exit(&reply), Exit::Ok);
+        reply.late_failures.push(ringkv_core::wire::PeerFailure {
+            peer: ringkv_core::NodeId::new("n2").unwrap(),
+            reason: "no answer within 10 s".into(),
+        });
+        assert_eq!(left_exit(&reply), Exit::Unreachable);
+    }
 
     /// Key requests wait for their deadline and a second, the rest (a
     /// leave, a repair) for as long as their work takes.

@@ -239,7 +239,7 @@ pub fn left(reply: &LeaveReply, json: bool) {
         if members_left.contains(&&f.peer) {
             outln!(
                 "  {} missed the writes that arrived during the hand-over ({}); anti-entropy copies them from the key's other replicas, \
-                 but one that only this node held is still only here: keep its data dir",
+                 but a write that only this node held was not handed over",
                 f.peer, f.reason
             );
         } else {

@@ -12,10 +12,11 @@
 //!    unknown to it, or cannot be asked; from then on it takes no new hints;
 //! 2. hands every key it replicates (tombstones too) to the key's replicas
 //!    under the ring without it: one `SyncBatch` per replica per page of
-//!    keys, merged there and durable before they answer. Keys it holds but
-//!    does not replicate stay behind (see [`NodeInner::hand_over`]). Any
-//!    failure stops the leave with the node still a member and nothing
-//!    removed;
+//!    keys, merged there and durable before they answer, each batch tried
+//!    up to three times within a timeout that grows with its bytes. Keys
+//!    it holds but does not replicate stay behind (see
+//!    [`NodeInner::hand_over`]). A batch that still fails stops the leave
+//!    with the node still a member and nothing removed;
 //! 3. asks another member to remove it (`Request::Remove`, which that member
 //!    passes on to every other one), stores the new record and stops
 //!    serving: a coordinator that has learned of the removal sends it
@@ -29,8 +30,9 @@
 //!    it still serves, with the ring that holds it, and those writes are
 //!    handed over too;
 //! 4. waits for the requests already under way, then hands over once more
-//!    (trying up to three times), for the writes that arrived during the
-//!    first pass. A replica that still misses it is named in the answer.
+//!    (trying again for up to a minute), for the writes that arrived during
+//!    the first pass. A replica that still misses it is named in the
+//!    answer, and `ringkv leave` exits non-zero.
 //!
 //! **One leave at a time**, as Cassandra allows one range movement at a
 //! time. Two concurrent leaves would each hand their keys to replicas under
@@ -55,8 +57,8 @@
 //!
 //! The guarantee ends at the removal: a member that has learned of it asks
 //! the removed node nothing, while that node may still be looking for its
-//! removal (up to 30 s, above) or in its last pass (up to about 15 s more,
-//! see below), which then cannot reach a replica that
+//! removal (up to 30 s, above) or in its last pass (a minute or more when
+//! it fails, above), which then cannot reach a replica that
 //! has left meanwhile (named in its answer's `late_failures`). So the next
 //! leave should wait until the previous `ringkv leave` has returned.
 //!
@@ -85,8 +87,15 @@ use super::NodeInner;
 use crate::error::NodeError;
 use crate::quic::CallError;
 
-/// How long one batch of keys may take to reach a replica.
+/// How long one batch of small keys may take to reach a replica; a larger
+/// batch gets its bytes at 64 Mbit/s more (`send_timeout_for`): with up to
+/// 8 batches of 8 MiB sharing the link, a fixed 10 s failed every attempt
+/// on a slow link, at the same key.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tries of one batch before the pass fails, a second apart and then two:
+/// a replica shedding load for a moment must not end a leave that then
+/// starts again from its first key.
+const BATCH_ATTEMPTS: u32 = 3;
 /// How long the member asked may take to remove this node and tell the
 /// others (it tells them all at once, each within a second), by default
 /// (`NodeConfig::removal_timeout`).
@@ -103,8 +112,11 @@ const REMOVAL_LEARN_PAUSE: Duration = Duration::from_millis(200);
 const BATCHES_IN_FLIGHT: usize = 8;
 /// How long the last pass waits for requests already under way.
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
-/// Tries of the last pass, a second apart and then two.
-const LATE_PASS_ATTEMPTS: u32 = 3;
+/// How long the last pass is tried again (1 s apart, doubling to 16 s):
+/// the node no longer serves, so nothing is gained by giving up sooner on
+/// a replica that is restarting, and writes only it holds are at stake.
+const LATE_PASS_FOR: Duration = Duration::from_secs(60);
+const LATE_PASS_PAUSE_MAX: Duration = Duration::from_secs(16);
 /// How long a member may take to say whether it is leaving.
 const LEAVING_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -288,7 +300,11 @@ impl NodeInner {
             .and_then(|r| r.ring().ok())
             .unwrap_or(ring_after);
         let mut late_failures = Vec::new();
-        for attempt in 1..=LATE_PASS_ATTEMPTS {
+        let (give_up_at, mut pause) = (
+            tokio::time::Instant::now() + LATE_PASS_FOR,
+            Duration::from_secs(1),
+        );
+        for attempt in 1.. {
             // The node's stop signal is set now (it stopped serving), so this
             // pass cannot watch it; a shutdown ends it anyway, by closing the
             // transport under it.
@@ -300,9 +316,11 @@ impl NodeInner {
                 Err(failure) => {
                     tracing::warn!(peer = %failure.peer, reason = %failure.reason, attempt, "the last hand-over failed");
                     late_failures = vec![failure];
-                    if attempt < LATE_PASS_ATTEMPTS {
-                        tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                    if tokio::time::Instant::now() + pause > give_up_at {
+                        break;
                     }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(LATE_PASS_PAUSE_MAX);
                 }
             }
         }
@@ -314,7 +332,7 @@ impl NodeInner {
             late_failures.push(PeerFailure {
                 peer: self.id.clone(),
                 reason: format!(
-                    "{hints} hints stored while it left are only in its data dir: keep it, and run `ringkv repair` on the members"
+                    "{hints} hints stored while it left were not handed on: a replica may miss their writes; run `ringkv repair` on the members"
                 ),
             });
         }
@@ -489,18 +507,7 @@ impl NodeInner {
             for (replica, items) in batches {
                 let transport = self.transport.clone();
                 sends.spawn(async move {
-                    let request = Request::Replica(ReplicaRequest::SyncBatch { items });
-                    let answer =
-                        answer_within(HAND_OVER_TIMEOUT, transport.call(&replica, request)).await;
-                    let reason = match answer {
-                        Ok(Response::Clock(None)) => return Ok(()),
-                        Ok(other) => format!("unexpected answer {other:?}"),
-                        Err(reason) => reason,
-                    };
-                    Err(PeerFailure {
-                        peer: replica,
-                        reason,
-                    })
+                    send_batch(&*transport, replica, items, Duration::from_secs(1)).await
                 });
             }
             while sends.len() > BATCHES_IN_FLIGHT {
@@ -660,6 +667,39 @@ pub(super) fn named(answered: &[(NodeId, NodeStats)], pick: fn(&NodeStats) -> bo
 /// `call`'s answer if it comes within `timeout` and is not an error;
 /// otherwise why not (the error answer, the transport's failure or the
 /// timeout), as a reason to show the operator.
+/// Sends `items` to `replica` in one `SyncBatch`, within a timeout that
+/// grows with their bytes, trying up to [`BATCH_ATTEMPTS`] times, `pause`
+/// apart and then twice that.
+async fn send_batch<T: Transport>(
+    transport: &T,
+    replica: NodeId,
+    items: Vec<KeyClock>,
+    pause: Duration,
+) -> Result<(), PeerFailure> {
+    let bytes = items
+        .iter()
+        .map(|i| i.key.len() + i.clock.approx_size())
+        .sum();
+    let timeout = ringkv_repair::handoff::send_timeout_for(HAND_OVER_TIMEOUT, bytes);
+    let request = Request::Replica(ReplicaRequest::SyncBatch { items });
+    let mut reason = String::new();
+    for attempt in 1..=BATCH_ATTEMPTS {
+        if attempt > 1 {
+            tokio::time::sleep(pause * (attempt - 1)).await;
+        }
+        reason = match answer_within(timeout, transport.call(&replica, request.clone())).await {
+            Ok(Response::Clock(None)) => return Ok(()),
+            Ok(other) => format!("unexpected answer {other:?}"),
+            Err(reason) => reason,
+        };
+        tracing::debug!(%replica, %reason, attempt, "a hand-over batch failed");
+    }
+    Err(PeerFailure {
+        peer: replica,
+        reason,
+    })
+}
+
 async fn answer_within<E: std::fmt::Display>(
     timeout: Duration,
     call: impl std::future::Future<Output = Result<Response, E>>,
@@ -675,6 +715,58 @@ async fn answer_within<E: std::fmt::Display>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ringkv_core::TransportError;
+    use std::sync::atomic::AtomicU32;
+
+    /// A replica that sheds load for its first `overloaded` batches.
+    struct Shedding {
+        overloaded: u32,
+        calls: AtomicU32,
+    }
+
+    impl Transport for Shedding {
+        async fn call(&self, _to: &NodeId, _request: Request) -> Result<Response, TransportError> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(if call < self.overloaded {
+                Response::error(ErrorKind::Overloaded, "too many requests")
+            } else {
+                Response::Clock(None)
+            })
+        }
+    }
+
+    /// A batch a replica refuses for a moment goes through on a later try,
+    /// rather than end the leave; one it keeps refusing fails after three.
+    #[tokio::test(start_paused = true)]
+    async fn a_hand_over_batch_is_tried_again_before_the_leave_fails() {
+        let replica = NodeId::new("n2").unwrap();
+        let items = || {
+            vec![KeyClock {
+                key: b"k".to_vec(),
+                clock: ringkv_core::dvv::Clock::new(),
+            }]
+        };
+        let pause = Duration::from_secs(1);
+        let brief = Shedding {
+            overloaded: 2,
+            calls: AtomicU32::new(0),
+        };
+        let started = tokio::time::Instant::now();
+        assert!(send_batch(&brief, replica.clone(), items(), pause)
+            .await
+            .is_ok());
+        assert_eq!(brief.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(started.elapsed(), Duration::from_secs(3), "1 s, then 2 s");
+        let lasting = Shedding {
+            overloaded: u32::MAX,
+            calls: AtomicU32::new(0),
+        };
+        let failure = send_batch(&lasting, replica, items(), pause)
+            .await
+            .unwrap_err();
+        assert_eq!(lasting.calls.load(Ordering::SeqCst), BATCH_ATTEMPTS);
+        assert!(failure.reason.contains("too many requests"), "{failure:?}");
+    }
 
     /// A leave that fails after a member removed the node tells
     /// `NodeHandle::removed` (the removal itself did not, the node being
