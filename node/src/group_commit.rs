@@ -19,18 +19,29 @@
 //! driven by the async scheduler instead of a timer, so an unloaded node
 //! pays one yield and no delay.
 //!
-//! Each write is counted twice: `started` before it, `finished` after it
-//! (failed or not). A commit waits until `flushed` reaches `started` as it
-//! was when the commit began, so it covers every write that could have
-//! been visible to the request, its own and, with several worker threads,
-//! one still under way on another thread.
+//! A commit returns once a flush that *began after it was called* has
+//! succeeded. That covers every record the request could have seen: its own
+//! writes returned before it commits, and RocksDB appends a write's record
+//! to the WAL buffer before the write becomes visible (before its memtable
+//! insert and the publication of its sequence number), so any version a
+//! read saw, from this thread or another, had its record in the buffer by
+//! then. A write still under way is not waited for: one that a read could
+//! see is already in the buffer, and one held back by a RocksDB write stall
+//! (in `PreprocessWrite`, before its record is written) cannot have been
+//! seen. (An earlier version waited for every write begun before the
+//! commit to finish, so a stalled write held every read's answer on the
+//! node for as long as the stall lasted.)
 //!
-//! Invariant: `flushed` only grows, and only to a value of `finished` read
-//! before a successful flush began, so `flushed >= n` means the records of
-//! the first `n` writes to finish are in the kernel; and `flushed >=
-//! started` (as read at some moment) means every write started by then is.
-//! A failed flush advances nothing: every waiter it covered tries again
-//! (and, the WAL being broken, fails).
+//! Invariants: `flushes_done` only grows, and only to the number of a flush
+//! that succeeded (flushes are numbered as they begin, one leader at a
+//! time), so `flushes_done >= n` means flush `n` succeeded and so did every
+//! flush begun before it. A failed flush advances nothing: every waiter it
+//! would have covered tries again (and, the WAL being broken, fails).
+//! Separately, each write is counted before (`started`) and after
+//! (`finished`), and `flushed` is a value of `finished` read before a
+//! successful flush began: so `flushed >= started` (read later) means every
+//! write begun by then is in the kernel, which lets a commit with nothing
+//! new to flush return at once, and gives [`GroupCommit::pending`].
 //!
 //! The node commits after reads too (see `LocalReplica::handle`), so a
 //! replica never answers with a version whose record is still buffered.
@@ -49,59 +60,34 @@ pub struct GroupCommit {
     finished: AtomicU64,
     /// Writes whose records a successful flush has handed to the kernel.
     flushed: AtomicU64,
+    /// Flushes begun (or skipped as having nothing to flush), numbered
+    /// from 1.
+    flushes_begun: AtomicU64,
+    /// The number of the last flush that succeeded.
+    flushes_done: AtomicU64,
     /// Whether a leader is flushing (or about to).
     leading: AtomicBool,
     /// Woken when a leader is done, successful or not.
     done: Notify,
-    /// Commits waiting for a write under way on another thread to finish.
-    awaiting_writes: AtomicU64,
-    /// Woken when a write finishes while a commit is waiting for one.
-    write_finished: Notify,
 }
 
-/// Clears `leading` and wakes the waiters however the leader's turn ends,
-/// including when its future is dropped mid-yield.
-/// Counts a write as finished when dropped, and wakes commits waiting
-/// for it.
+/// Counts a write as finished when dropped.
 struct WriteFinished<'a>(&'a GroupCommit);
 
 impl Drop for WriteFinished<'_> {
     fn drop(&mut self) {
-        let group = self.0;
-        // SeqCst here and in `wait_for_writes`: either the waiter sees this
-        // write finished, or this sees the waiter and wakes it.
-        group.finished.fetch_add(1, Ordering::SeqCst);
-        if group.awaiting_writes.load(Ordering::SeqCst) > 0 {
-            group.write_finished.notify_waiters();
-        }
+        self.0.finished.fetch_add(1, Ordering::SeqCst);
     }
 }
 
+/// Clears `leading` and wakes the waiters however the leader's turn ends,
+/// including when its future is dropped mid-yield.
 struct Leadership<'a>(&'a GroupCommit);
 
 impl Drop for Leadership<'_> {
     fn drop(&mut self) {
         self.0.leading.store(false, Ordering::Release);
         self.0.done.notify_waiters();
-    }
-}
-
-/// Counts a commit in `awaiting_writes` while it sleeps on a write under
-/// way, and uncounts it however the sleep ends, including when the commit's
-/// future is dropped (a request timed out): a count left behind would make
-/// every later write pay a spare `notify_waiters` call.
-struct AwaitingWrite<'a>(&'a GroupCommit);
-
-impl<'a> AwaitingWrite<'a> {
-    fn register(group: &'a GroupCommit) -> Self {
-        group.awaiting_writes.fetch_add(1, Ordering::SeqCst);
-        AwaitingWrite(group)
-    }
-}
-
-impl Drop for AwaitingWrite<'_> {
-    fn drop(&mut self) {
-        self.0.awaiting_writes.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -112,25 +98,11 @@ impl GroupCommit {
 
     /// Runs one write, counted before and after (whatever its outcome,
     /// even a panic: a write counted as started but never as finished
-    /// would hold every later commit for good).
+    /// would keep every later commit from returning without a flush).
     pub fn write<T>(&self, write: impl FnOnce() -> T) -> T {
-        self.started.fetch_add(1, Ordering::AcqRel);
+        self.started.fetch_add(1, Ordering::SeqCst);
         let _finished = WriteFinished(self);
         write()
-    }
-
-    /// Waits until `target` writes have finished (a write under way on
-    /// another thread, which this cannot speed up).
-    async fn wait_for_writes(&self, target: u64) {
-        while self.finished.load(Ordering::SeqCst) < target {
-            let finished = self.write_finished.notified();
-            tokio::pin!(finished);
-            finished.as_mut().enable();
-            let _awaiting = AwaitingWrite::register(self);
-            if self.finished.load(Ordering::SeqCst) < target {
-                finished.await;
-            }
-        }
     }
 
     /// Writes begun but not yet flushed.
@@ -139,13 +111,18 @@ impl GroupCommit {
         started.saturating_sub(self.flushed.load(Ordering::Acquire))
     }
 
-    /// Returns once every write begun (with [`write`](Self::write)) before
-    /// this call is flushed, running `flush` itself if no flush that covers
-    /// them is under way. An error is the flush's.
+    /// Whether every write begun so far is in the kernel.
+    fn all_flushed(&self) -> bool {
+        self.flushed.load(Ordering::SeqCst) >= self.started.load(Ordering::SeqCst)
+    }
+
+    /// Returns once every record in the WAL buffer when this was called is
+    /// in the kernel (see the module docs), running `flush` itself if no
+    /// flush begun since is under way. An error is the flush's.
     pub async fn commit<E>(&self, flush: impl Fn() -> Result<(), E>) -> Result<(), E> {
-        let target = self.started.load(Ordering::Acquire);
+        let need = self.flushes_begun.load(Ordering::SeqCst) + 1;
         loop {
-            if self.flushed.load(Ordering::Acquire) >= target {
+            if self.flushes_done.load(Ordering::SeqCst) >= need || self.all_flushed() {
                 return Ok(());
             }
             // Registered before the leadership check, so a leader finishing
@@ -158,25 +135,27 @@ impl GroupCommit {
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                let leadership = Leadership(self);
+                let _leadership = Leadership(self);
                 // Requests that are already runnable write first and join
                 // this flush.
                 tokio::task::yield_now().await;
-                let upto = self.finished.load(Ordering::Acquire);
-                let before = self.flushed.load(Ordering::Acquire);
-                if upto > before {
+                // `finished` before `started`: a write that starts and ends
+                // between the two reads makes this flush, not skip it.
+                let upto = self.finished.load(Ordering::SeqCst);
+                let started = self.started.load(Ordering::SeqCst);
+                let number = self.flushes_begun.fetch_add(1, Ordering::SeqCst) + 1;
+                let before = self.flushed.load(Ordering::SeqCst);
+                // Nothing can be buffered when every write begun has
+                // finished and was flushed; a write under way may have
+                // appended its record already.
+                if upto > before || started > upto {
                     metrics::counter!("ringkv_wal_flushes_total").increment(1);
                     flush()?;
-                    self.flushed.fetch_max(upto, Ordering::AcqRel);
-                    metrics::histogram!("ringkv_wal_flush_writes").record((upto - before) as f64);
+                    self.flushed.fetch_max(upto, Ordering::SeqCst);
+                    metrics::histogram!("ringkv_wal_flush_writes")
+                        .record(upto.saturating_sub(before) as f64);
                 }
-                if upto < target {
-                    // A write begun before this commit is still under way
-                    // on another thread: let others lead meanwhile, sleep
-                    // until it finishes, then flush again.
-                    drop(leadership);
-                    self.wait_for_writes(target).await;
-                }
+                self.flushes_done.fetch_max(number, Ordering::SeqCst);
                 continue;
             }
             notified.await;
@@ -258,59 +237,64 @@ mod tests {
     }
 
     /// With several worker threads, a read can see a write that another
-    /// thread has made but not yet counted as finished; the read's commit
-    /// must wait for that write's record too.
+    /// thread has made but not yet counted as finished: its record is in
+    /// the buffer, and the read's commit flushes it. It does not wait for
+    /// that write to return: a write stalled by RocksDB (before its record
+    /// is written, so nobody can have seen it) would otherwise hold every
+    /// answer on the node until the stall ended.
     #[tokio::test(flavor = "current_thread")]
-    async fn a_commit_waits_for_a_write_still_under_way() {
+    async fn a_commit_flushes_a_write_still_under_way_without_waiting_for_it() {
+        for appended in [true, false] {
+            let group = Arc::new(GroupCommit::new());
+            let wal = Arc::new(Wal::default());
+            let (started_tx, started_rx) = std::sync::mpsc::channel();
+            let (finish_tx, finish_rx) = std::sync::mpsc::channel::<()>();
+            let writer = {
+                let (group, wal) = (group.clone(), wal.clone());
+                std::thread::spawn(move || {
+                    group.write(|| {
+                        // A write that got its record in, or one stalled
+                        // before it.
+                        if appended {
+                            wal.buffer.lock().unwrap().push(1);
+                        }
+                        started_tx.send(()).unwrap();
+                        finish_rx.recv().unwrap();
+                    })
+                })
+            };
+            started_rx.recv().unwrap();
+            let reader = spawn_commit(&group, &wal);
+            finishes(reader, "the commit waited for a write under way").await;
+            let kernel = wal.kernel.lock().unwrap().clone();
+            assert_eq!(kernel, if appended { vec![1] } else { vec![] });
+            assert_eq!(group.pending(), 1, "the write is not counted as flushed");
+            // Once it returns, the next commit flushes (and counts) it.
+            finish_tx.send(()).unwrap();
+            writer.join().unwrap();
+            wal.buffer.lock().unwrap().push(2);
+            finishes(spawn_commit(&group, &wal), "a later commit").await;
+            assert_eq!(group.pending(), 0);
+            assert!(wal.kernel.lock().unwrap().contains(&2));
+        }
+    }
+
+    /// A commit called while a flush is under way waits for the next one:
+    /// the one under way may have begun before the commit's record was in
+    /// the buffer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_waits_for_a_flush_begun_after_it() {
         let group = Arc::new(GroupCommit::new());
         let wal = Arc::new(Wal::default());
-        let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let (finish_tx, finish_rx) = std::sync::mpsc::channel::<()>();
-        let writer = {
-            let (group, wal) = (group.clone(), wal.clone());
-            std::thread::spawn(move || {
-                group.write(|| {
-                    wal.buffer.lock().unwrap().push(1);
-                    started_tx.send(()).unwrap();
-                    finish_rx.recv().unwrap();
-                })
-            })
-        };
-        started_rx.recv().unwrap();
-        // The record is in the buffer (a read could see it); the write has
-        // not returned yet.
-        let reader = spawn_commit(&group, &wal);
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
-        assert!(
-            !reader.is_finished(),
-            "answered before the write it may have seen was flushed"
-        );
-        assert_eq!(
-            group.awaiting_writes.load(Ordering::SeqCst),
-            1,
-            "the commit sleeps until the write finishes (no spinning)"
-        );
-        // A second commit that gives up while it waits (its request timed
-        // out) stops counting as a waiter.
-        let quitter = spawn_commit(&group, &wal);
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(group.awaiting_writes.load(Ordering::SeqCst), 2);
-        quitter.abort();
-        assert!(quitter.await.unwrap_err().is_cancelled());
-        assert_eq!(
-            group.awaiting_writes.load(Ordering::SeqCst),
-            1,
-            "a cancelled commit still counted as waiting"
-        );
-        finish_tx.send(()).unwrap();
-        writer.join().unwrap();
-        finishes(reader, "the commit ends once the write does").await;
-        assert_eq!(wal.kernel.lock().unwrap().as_slice(), &[1]);
-        assert_eq!(group.awaiting_writes.load(Ordering::SeqCst), 0);
+        wal.append(&group, 1);
+        // Flush 1 is begun and done, as far as the counters go, but this
+        // commit came after it began.
+        group.flushes_begun.store(1, Ordering::SeqCst);
+        let need_next = spawn_commit(&group, &wal);
+        group.flushes_done.store(1, Ordering::SeqCst);
+        finishes(need_next, "the commit leads the next flush").await;
+        assert_eq!(wal.calls.load(Ordering::SeqCst), 1, "it flushed itself");
+        assert_eq!(*wal.kernel.lock().unwrap(), [1]);
     }
 
     /// A write that panics still counts as finished: later commits are
