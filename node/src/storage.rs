@@ -406,9 +406,11 @@ impl Storage {
         off_the_worker(|| self.counted(|| write(&opts)))
     }
 
-    /// Returns once every data and hint write begun before this call is in
-    /// the kernel (with `--sync`: on disk, which each write already waited
-    /// for). Every replica answer waits for it (see `LocalReplica::handle`).
+    /// Returns once every WAL record buffered when this was called is in
+    /// the kernel: the records of every write this request made or could
+    /// have seen (see `group_commit`; with `--sync`, each write already
+    /// waited for its fsync). Every replica answer waits for it (see
+    /// `LocalReplica::handle`).
     pub async fn commit(&self) -> Result<(), StoreError> {
         match &self.group {
             Some(group) => group

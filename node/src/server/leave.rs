@@ -664,9 +664,6 @@ pub(super) fn named(answered: &[(NodeId, NodeStats)], pick: fn(&NodeStats) -> bo
         .collect()
 }
 
-/// `call`'s answer if it comes within `timeout` and is not an error;
-/// otherwise why not (the error answer, the transport's failure or the
-/// timeout), as a reason to show the operator.
 /// Sends `items` to `replica` in one `SyncBatch`, within a timeout that
 /// grows with their bytes, trying up to [`BATCH_ATTEMPTS`] times, `pause`
 /// apart and then twice that.
@@ -700,6 +697,9 @@ async fn send_batch<T: Transport>(
     })
 }
 
+/// `call`'s answer if it comes within `timeout` and is not an error;
+/// otherwise why not (the error answer, the transport's failure or the
+/// timeout), as a reason to show the operator.
 async fn answer_within<E: std::fmt::Display>(
     timeout: Duration,
     call: impl std::future::Future<Output = Result<Response, E>>,

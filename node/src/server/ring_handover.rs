@@ -31,8 +31,14 @@
 //! - **Until when.** A version handed over later than the tombstone grace
 //!   after the change could meet a replica that collected the delete of it
 //!   meanwhile, and bring it back. So a pass owed since longer than half the
-//!   grace is given up (logged and counted); what it did not send stays as
-//!   stray copies.
+//!   grace stops (at its next page; logged and counted); what it did not
+//!   send stays as stray copies. The node dates a change by when it learns
+//!   of it, which is seconds after it happened while the node is in touch
+//!   with some member. One cut off from every member for longer than half
+//!   the grace (a partition) may learn of a change long after it: it hands
+//!   over nothing for changes learned then, or within 10 minutes after, and
+//!   says so; it is then a node down past the grace (README). Not caught: a
+//!   group of members cut off together, each in touch with the others.
 //! - **Failures.** A replica that does not take its batch does not stop the
 //!   others'. The pass goes to the end, and is run again after a back-off
 //!   (merges are idempotent) until one goes through.
@@ -94,14 +100,22 @@ impl Owed {
         if old.fingerprint() == new.fingerprint() || !old.has_node(me) {
             return;
         }
-        let owed = owed.get_or_insert_with(|| Owed {
+        owed.get_or_insert_with(|| Owed {
             rings: Vec::new(),
             since: now,
-        });
-        if owed.rings.len() >= OWED_RINGS_MAX {
-            owed.rings.remove(OWED_RINGS_MAX / 2);
+        })
+        .push(vec![old.clone()]);
+    }
+
+    /// Adds `rings` to those owed, keeping the first ones and the newest
+    /// within [`OWED_RINGS_MAX`].
+    fn push(&mut self, rings: Vec<Arc<Ring>>) {
+        for ring in rings {
+            if self.rings.len() >= OWED_RINGS_MAX {
+                self.rings.remove(OWED_RINGS_MAX / 2);
+            }
+            self.rings.push(ring);
         }
-        owed.rings.push(old.clone());
     }
 
     /// Where `key` goes, given the node's newest ring: to its replicas under
@@ -120,6 +134,72 @@ impl Owed {
     }
 }
 
+/// Whether this node is in touch with its cluster: some other member is
+/// believed up (or it is the only member). A node cut off from every
+/// member cannot tell when a ring change it learns of later happened.
+fn in_touch(inner: &NodeInner) -> bool {
+    let Some(record) = inner.membership.record() else {
+        return false;
+    };
+    let mut others = record
+        .members
+        .values()
+        .filter(|m| m.id != inner.id)
+        .peekable();
+    others.peek().is_none() || others.any(|m| inner.detector.is_up(&m.id))
+}
+
+/// When this node was last cut off from every member for longer than half
+/// the tombstone grace, as seen by [`ring_handover_loop`]'s ticks.
+#[derive(Debug, Default)]
+pub(super) struct Contact {
+    /// Since when no member has been believed up, if none is now.
+    cut_off_since: Option<Instant>,
+    /// When the last long cut-off ended.
+    long_cut_off_ended: Option<Instant>,
+}
+
+impl Contact {
+    /// Notes whether the node is in touch at `now`.
+    pub(super) fn observe(&mut self, in_touch: bool, now: Instant, grace: Duration) {
+        match (in_touch, self.cut_off_since) {
+            (false, None) => self.cut_off_since = Some(now),
+            (true, Some(since)) => {
+                if now - since > grace / 2 {
+                    self.long_cut_off_ended = Some(now);
+                }
+                self.cut_off_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a ring change learned at `now` may be older than half the
+    /// grace: the node is, or was until lately, cut off for that long.
+    pub(super) fn change_may_be_old(&self, now: Instant, grace: Duration) -> bool {
+        self.cut_off_since
+            .is_some_and(|since| now - since > grace / 2)
+            || self
+                .long_cut_off_ended
+                .is_some_and(|ended| now - ended < RECENT_CONTACT)
+    }
+}
+
+/// How soon after a long cut-off ends a ring change counts as learned late:
+/// membership spreads by an exchange every 5 s, so well within this.
+const RECENT_CONTACT: Duration = Duration::from_secs(600);
+/// How often the loop looks at whether the node is in touch.
+const CONTACT_TICK: Duration = Duration::from_secs(1);
+
+/// Why a pass ended early.
+#[derive(Debug)]
+enum PassEnd {
+    /// A replica did not take a batch (the pass went on to the end).
+    Failed(String),
+    /// Half the grace passed since the change.
+    OutOfTime,
+}
+
 /// Runs the passes ring changes owe (see the module docs), until shutdown.
 pub(super) async fn ring_handover_loop(
     inner: Arc<NodeInner>,
@@ -133,6 +213,9 @@ pub(super) async fn ring_handover_loop(
     // When a failed pass runs again; `None`: as soon as one is owed.
     let mut retry_at: Option<Instant> = None;
     let mut backoff = RETRY_INITIAL;
+    let mut contact = Contact::default();
+    let mut tick = tokio::time::interval(CONTACT_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let due = async {
             match (&owed, retry_at) {
@@ -149,60 +232,83 @@ pub(super) async fn ring_handover_loop(
                     break;
                 }
                 let new = rings.borrow_and_update().clone();
-                Owed::note(&mut owed, seen.as_ref(), new.as_ref(), &inner.id, Instant::now());
+                let now = Instant::now();
+                contact.observe(in_touch(&inner), now, grace);
+                let mut noted = None;
+                Owed::note(&mut noted, seen.as_ref(), new.as_ref(), &inner.id, now);
+                if noted.is_some() && contact.change_may_be_old(now, grace) {
+                    metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "skipped")
+                        .increment(1);
+                    tracing::warn!(
+                        "the ring changed while this node was cut off from every member for longer than half the tombstone grace: not handing over the keys it gave up, since a copy could bring back a delete collected meanwhile; treat this node as one down past the grace (see README)"
+                    );
+                } else if let Some(noted) = noted {
+                    match &mut owed {
+                        Some(owed) => owed.push(noted.rings),
+                        None => owed = Some(noted),
+                    }
+                }
                 seen = new;
+                continue;
+            }
+            _ = tick.tick() => {
+                contact.observe(in_touch(&inner), Instant::now(), grace);
                 continue;
             }
             _ = due => {}
         }
         let (Some(pass), Some(latest)) = (&owed, seen.clone()) else {
+            // No ring (never the case once one was owed): nothing to do.
+            owed = None;
             continue;
         };
         metrics::gauge!("ringkv_ring_handover_owed").set(1.0);
+        let deadline = pass.since + grace / 2;
         // Removed (or leaving and now removed): a leave hands over.
-        let done = if !latest.has_node(&inner.id) {
-            true
-        } else if pass.since.elapsed() > grace / 2 {
-            metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "abandoned")
-                .increment(1);
-            tracing::error!(
-                owed_s = pass.since.elapsed().as_secs(),
-                "gave up handing over the keys a ring change took from this node: half the tombstone grace has passed, so a version handed over now could bring back a collected delete; the keys it did not send stay as stray copies (`ringkv cleanup` keeps them)"
-            );
-            true
+        let outcome = if !latest.has_node(&inner.id) {
+            Ok(0)
         } else {
-            let outcome = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                outcome = hand_over(&inner, pass, &latest, keys_per_s) => outcome,
-            };
-            match outcome {
-                Ok(keys) => {
-                    metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "done")
-                        .increment(1);
-                    if keys > 0 {
-                        tracing::info!(
-                            keys,
-                            "handed over the keys a ring change took from this node"
-                        );
-                    }
-                    backoff = RETRY_INITIAL;
-                    retry_at = None;
-                    // A change during the pass: again, under the newest ring.
-                    !rings.has_changed().unwrap_or(false)
+                outcome = hand_over(&inner, pass, &latest, keys_per_s, deadline) => outcome,
+            }
+        };
+        let done = match outcome {
+            Ok(keys) => {
+                metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "done")
+                    .increment(1);
+                if keys > 0 {
+                    tracing::info!(
+                        keys,
+                        "handed over the keys a ring change took from this node"
+                    );
                 }
-                Err(reason) => {
-                    metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "failed")
-                        .increment(1);
-                    tracing::warn!(%reason, retry_s = backoff.as_secs(), "handing over the keys a ring change took from this node failed; trying again");
-                    retry_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                    false
-                }
+                // A change during the pass: again, under the newest ring.
+                !rings.has_changed().unwrap_or(false)
+            }
+            Err(PassEnd::OutOfTime) => {
+                metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "abandoned")
+                    .increment(1);
+                tracing::error!(
+                    owed_s = pass.since.elapsed().as_secs(),
+                    "gave up handing over the keys a ring change took from this node: half the tombstone grace has passed, so a version handed over now could bring back a collected delete; the keys it did not send stay as stray copies (`ringkv cleanup` keeps them)"
+                );
+                true
+            }
+            Err(PassEnd::Failed(reason)) => {
+                metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "failed")
+                    .increment(1);
+                tracing::warn!(%reason, retry_s = backoff.as_secs(), "handing over the keys a ring change took from this node failed; trying again");
+                retry_at = Some(Instant::now() + backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
+                false
             }
         };
         if done {
             owed = None;
+            retry_at = None;
+            backoff = RETRY_INITIAL;
             metrics::gauge!("ringkv_ring_handover_owed").set(0.0);
         }
     }
@@ -216,12 +322,18 @@ async fn hand_over(
     owed: &Owed,
     latest: &Ring,
     keys_per_s: u32,
-) -> Result<u64, String> {
+    deadline: Instant,
+) -> Result<u64, PassEnd> {
     let (mut keys, mut failure) = (0u64, None);
     let mut pages = inner.stored_pages();
     let mut sends = tokio::task::JoinSet::new();
     let started = Instant::now();
     while let Some(page) = pages.next().await {
+        // Checked before every page, not only before a pass: a pass begun
+        // just in time may take hours at the pace.
+        if Instant::now() > deadline {
+            return Err(PassEnd::OutOfTime);
+        }
         let mut batches: BTreeMap<NodeId, (Vec<KeyClock>, usize)> = BTreeMap::new();
         for (key, clock) in page {
             let targets = owed.targets(latest, &inner.id, &key);
@@ -269,8 +381,8 @@ async fn hand_over(
     pages
         .finish()
         .await
-        .map_err(|reason| format!("reading this node's store: {reason}"))?;
-    failure.map_or(Ok(keys), Err)
+        .map_err(|reason| PassEnd::Failed(format!("reading this node's store: {reason}")))?;
+    failure.map_or(Ok(keys), |reason| Err(PassEnd::Failed(reason)))
 }
 
 /// Counts a batch that went through; keeps the first failure.
@@ -359,6 +471,58 @@ mod tests {
         let mut targets = owed.targets(latest, &id("a"), &all_new);
         targets.sort();
         assert_eq!(targets, [id("x"), id("y"), id("z")]);
+    }
+
+    /// A key the node held without replicating it under any owed ring (a
+    /// stray from an older ring, maybe a value deleted since) goes nowhere.
+    #[test]
+    fn a_copy_held_as_a_stray_is_not_handed_over() {
+        let before = ring(&["a", "b", "c", "d", "e"]);
+        let after = ring(&["a", "b", "c", "d", "e", "x"]);
+        let mut owed = None;
+        Owed::note(
+            &mut owed,
+            Some(&before),
+            Some(&after),
+            &id("a"),
+            Instant::now(),
+        );
+        let owed = owed.unwrap();
+        let stray = keys()
+            .find(|k| !before.is_replica(k, &id("a")) && !after.is_replica(k, &id("a")))
+            .expect("a key a never replicated");
+        assert!(owed.targets(&after, &id("a"), &stray).is_empty());
+        let given_up = keys()
+            .find(|k| before.is_replica(k, &id("a")) && !after.is_replica(k, &id("a")))
+            .expect("a key x took from a");
+        assert_eq!(owed.targets(&after, &id("a"), &given_up), [id("x")]);
+    }
+
+    /// A change learned during, or soon after, a cut-off from every member
+    /// longer than half the grace may be old; short cut-offs do not count.
+    #[test]
+    fn a_change_learned_after_a_long_cut_off_may_be_old() {
+        let grace = Duration::from_secs(3600);
+        let t0 = Instant::now();
+        let mut contact = Contact::default();
+        contact.observe(true, t0, grace);
+        assert!(!contact.change_may_be_old(t0, grace));
+        // Cut off for 10 minutes: short.
+        contact.observe(false, t0, grace);
+        contact.observe(true, t0 + Duration::from_secs(600), grace);
+        assert!(!contact.change_may_be_old(t0 + Duration::from_secs(601), grace));
+        // Cut off for 40 minutes (more than half an hour).
+        let cut = t0 + Duration::from_secs(1000);
+        contact.observe(false, cut, grace);
+        assert!(!contact.change_may_be_old(cut + Duration::from_secs(60), grace));
+        assert!(contact.change_may_be_old(cut + Duration::from_secs(2400), grace));
+        let back = cut + Duration::from_secs(2400);
+        contact.observe(true, back, grace);
+        assert!(contact.change_may_be_old(back + Duration::from_secs(5), grace));
+        assert!(
+            !contact.change_may_be_old(back + RECENT_CONTACT + Duration::from_secs(1), grace),
+            "long since back in touch"
+        );
     }
 
     /// More changes than kept still keep the first ring (whose copies are
