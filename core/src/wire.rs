@@ -1073,6 +1073,13 @@ fn validate_clock(clock: &Clock) -> Result<(), InvalidInput> {
 
 /// Checks a region name: 1-64 characters of letters, digits, '-', '_' or '.'.
 pub fn validate_region(region: &str) -> Result<(), InvalidInput> {
+    // Not echoed whole: a peer's megabytes would come back, escaped larger.
+    if region.len() > 64 {
+        return Err(InvalidInput::new(format!(
+            "region is {} bytes long; a region is 1-64 characters of letters, digits, '-', '_' or '.'",
+            region.len()
+        )));
+    }
     let valid = !region.is_empty()
         && region.len() <= 64
         && region
@@ -1096,6 +1103,10 @@ fn validate_replicas(replicas: u32, what: &str) -> Result<(), InvalidInput> {
     Ok(())
 }
 
+/// The longest member address shown in an error: a longer one cannot be
+/// an IP:PORT, and is not echoed back.
+const ADDR_SHOWN_MAX: usize = 128;
+
 fn validate_member(m: &Member) -> Result<(), InvalidInput> {
     validate_node_id(&m.id)?;
     if let Some(region) = &m.region {
@@ -1105,6 +1116,14 @@ fn validate_member(m: &Member) -> Result<(), InvalidInput> {
         return Err(InvalidInput::new(format!(
             "member {} has {} vnodes; 1 to {VNODES_MAX} are allowed",
             m.id, m.vnodes
+        )));
+    }
+    // The longest IP:PORT is 47 characters ([IPv6%scope]:port aside).
+    if m.addr.len() > ADDR_SHOWN_MAX {
+        return Err(InvalidInput::new(format!(
+            "member {} has an address of {} bytes, not IP:PORT",
+            m.id,
+            m.addr.len()
         )));
     }
     let addr = m.addr.parse::<std::net::SocketAddr>().map_err(|_| {
@@ -1357,6 +1376,28 @@ mod tests {
             });
             let refused = join.validate().unwrap_err().to_string();
             assert!(refused.contains(addr), "{addr}: {refused}");
+        }
+        // A peer's long strings are measured, not echoed back (escaped,
+        // a megabyte of control bytes would come back five times larger).
+        let junk = "\u{1}".repeat(1 << 20);
+        for (addr, region) in [(junk.clone(), None), ("127.0.0.1:7000".into(), Some(junk))] {
+            let join = Request::Join(JoinRequest {
+                member: Member {
+                    addr,
+                    region,
+                    ..member(64)
+                },
+                replicas: None,
+                cluster_id: None,
+            });
+            let refused = join.validate().unwrap_err().to_string();
+            assert!(
+                refused.len() < 200,
+                "{} bytes: {}",
+                refused.len(),
+                &refused[..200]
+            );
+            assert!(refused.contains("1048576 bytes"), "{refused}");
         }
 
         let record = |replicas, vnodes| JoinReply {
