@@ -309,8 +309,8 @@ pub struct LimitArgs {
 
 #[derive(Args, Debug)]
 pub struct ClusterArgs {
-    /// How many nodes to run.
-    #[arg(long, value_name = "K", default_value_t = 3)]
+    /// How many nodes to run (at most 1024, each on its own port from --base-port).
+    #[arg(long, value_name = "K", default_value_t = 3, value_parser = bounded::<usize>(1, 1024))]
     pub nodes: usize,
     /// Where the nodes keep their data (one subdirectory each). Default: a directory under the system temp dir, reused across runs.
     #[arg(long, value_name = "DIR")]
@@ -380,17 +380,31 @@ impl Target {
     /// that is not `HOST:PORT`. Names are looked up only when their turn
     /// comes, so one that no longer resolves does not stop the others.
     pub fn nodes(&self) -> Result<Vec<String>, String> {
+        let flag = self.node_source();
         let nodes: Vec<&str> = self.node.split(',').map(str::trim).collect();
         if nodes.iter().any(|n| n.is_empty()) {
             return Err(format!(
-                "--node {:?} has an empty entry; list HOST:PORT addresses separated by commas",
+                "{flag} {:?} has an empty entry; list HOST:PORT addresses separated by commas",
                 self.node
             ));
         }
         for node in &nodes {
-            check_node_addr("--node", node)?;
+            check_node_addr(flag, node)?;
         }
         Ok(nodes.into_iter().map(String::from).collect())
+    }
+}
+
+impl Target {
+    /// Where the node list came from, for errors about it: `RINGKV_NODE`
+    /// when that holds it (no `--node` given, or the same value), else
+    /// `--node`.
+    pub fn node_source(&self) -> &'static str {
+        if std::env::var("RINGKV_NODE").is_ok_and(|env| env == self.node) {
+            "RINGKV_NODE"
+        } else {
+            "--node"
+        }
     }
 }
 
@@ -782,6 +796,20 @@ mod tests {
                 "{flag:?}"
             );
         }
+    }
+
+    /// A node count past any port range is refused as usage, not left to
+    /// overflow the port arithmetic (a panic).
+    #[test]
+    fn cluster_node_counts_are_bounded() {
+        for nodes in ["0", "1025", "18446744073709551615"] {
+            let err = Cli::try_parse_from(["ringkv", "cluster", "--nodes", nodes]).unwrap_err();
+            assert!(
+                err.to_string().contains("must be 1 to 1024"),
+                "{nodes}: {err}"
+            );
+        }
+        assert!(Cli::try_parse_from(["ringkv", "cluster", "--nodes", "5"]).is_ok());
     }
 
     #[test]

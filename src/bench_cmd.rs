@@ -20,6 +20,7 @@ use crate::args::BenchArgs;
 use crate::client_cmd::resolve_addr;
 use crate::server_cmd::{load_matrix, start_local_cluster_with};
 use crate::{Exit, Failure};
+use ringkv_bench::BenchError;
 
 /// Nodes of the embedded cluster without --nodes: YCSB workloads spread
 /// five over the matrix's regions; putget, the older benchmark, keeps three.
@@ -394,14 +395,38 @@ async fn cluster_replicas(
             Ok(Response::Status(s)) => {
                 replicas.get_or_insert(s.replicas as usize);
             }
+            // It answered: refused, shutting down, still joining. Its
+            // error's kind picks the exit status, as for any command.
+            Ok(refused @ Response::Error(_)) => {
+                let mut failure = crate::client_cmd::answer_or_failure(Ok(refused))
+                    .expect_err("an error answer is a failure");
+                failure.message = format!("{addr}: {}", failure.message);
+                return Err(failure);
+            }
             Ok(other) => {
                 let text = crate::output::debug_capped(&other, crate::output::ANSWER_SHOWN_CHARS);
-                return Err(unreachable(format!("unexpected answer {text}")));
+                return Err(Failure::new(
+                    Exit::Internal,
+                    format!("{addr} gave an unexpected answer {text}"),
+                ));
             }
             Err(e) => return Err(unreachable(e.to_string())),
         }
     }
     replicas.ok_or_else(|| Failure::new(Exit::Usage, "--cluster names no node"))
+}
+
+/// The exit status of a bench that could not finish: 4 only when a node
+/// could not be reached (nothing was sent), as the README's table says.
+fn bench_failure(e: BenchError) -> Failure {
+    let exit = match &e {
+        BenchError::NoTargets | BenchError::NoConcurrency => Exit::Usage,
+        BenchError::Unreachable { .. } => Exit::Unreachable,
+        // Writes were sent, and failed: timed out, shed, refused.
+        BenchError::LoadFailed { .. } => Exit::Quorum,
+        BenchError::Pacer { .. } | BenchError::ClientFailed { .. } => Exit::Internal,
+    };
+    Failure::new(exit, e.to_string())
 }
 
 fn bar(len: u64, message: String) -> ProgressBar {
@@ -440,7 +465,7 @@ async fn run_all(
     let loading = bar(config.records, "load".into());
     ycsb::load(config, &|done| loading.set_position(done))
         .await
-        .map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
+        .map_err(bench_failure)?;
     loading.finish_and_clear();
     let mut reports = Vec::new();
     let mut records = config.records;
@@ -450,7 +475,7 @@ async fn run_all(
             running.set_position((share * 100.0) as u64)
         })
         .await
-        .map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
+        .map_err(bench_failure)?;
         running.finish_and_clear();
         // Inserts of workload D add records for the next setting.
         records = report.records_after;
@@ -480,35 +505,45 @@ async fn run_all(
         &reports,
         cpu_scope,
     );
-    match args.json.as_deref() {
-        Some("-") => outln!("{out}"),
-        Some(path) => {
-            print_table(&reports, cpu_scope);
-            write_whole(Path::new(path), format!("{out:#}\n").as_bytes()).map_err(|e| {
-                Failure::new(Exit::Output, format!("--json {path}: cannot write it: {e}"))
-            })?;
+    // Files before the table: a closed or full stdout (`| head`) ends the
+    // process mid-table, and must not lose the files asked for.
+    let json_written = match args.json.as_deref() {
+        Some("-") => {
+            outln!("{out}");
+            Ok(())
         }
-        None => print_table(&reports, cpu_scope),
+        Some(path) => write_whole(Path::new(path), format!("{out:#}\n").as_bytes()).map_err(|e| {
+            Failure::new(Exit::Output, format!("--json {path}: cannot write it: {e}"))
+        }),
+        None => Ok(()),
+    };
+    let plotted = plot_file(args, &reports);
+    if args.json.as_deref() != Some("-") {
+        print_table(&reports, cpu_scope);
     }
-    if let Some(path) = &args.plot {
-        let plotted = ringkv_bench::plot::render_svg(&reports)
-            .map_err(|e| Failure::new(Exit::Internal, format!("--plot: {e}")))
-            .and_then(|svg| {
-                write_whole(path, svg.as_bytes()).map_err(|e| {
-                    Failure::new(
-                        Exit::Output,
-                        format!("--plot {}: cannot write it: {e}", path.display()),
-                    )
-                })
-            });
-        if let Err(failure) = plotted {
-            return Err(match args.json.as_deref() {
-                Some("-") => failure.after_json(),
-                _ => failure,
-            });
-        }
+    json_written?;
+    if let Err(failure) = plotted {
+        return Err(match args.json.as_deref() {
+            Some("-") => failure.after_json(),
+            _ => failure,
+        });
     }
     Ok(Exit::Ok)
+}
+
+/// Writes `--plot`'s SVG, if asked for.
+fn plot_file(args: &BenchArgs, reports: &[SettingReport]) -> Result<(), Failure> {
+    let Some(path) = &args.plot else {
+        return Ok(());
+    };
+    let svg = ringkv_bench::plot::render_svg(reports)
+        .map_err(|e| Failure::new(Exit::Internal, format!("--plot: {e}")))?;
+    write_whole(path, svg.as_bytes()).map_err(|e| {
+        Failure::new(
+            Exit::Output,
+            format!("--plot {}: cannot write it: {e}", path.display()),
+        )
+    })
 }
 
 fn print_table(reports: &[SettingReport], cpu_scope: &str) {
@@ -850,7 +885,7 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         n.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&embedded_dir);
-    let report = result.map_err(|e| Failure::new(Exit::Unreachable, e.to_string()))?;
+    let report = result.map_err(bench_failure)?;
     let out = json!({
         "put": phase_json(&report.put),
         "get": phase_json(&report.get),
@@ -864,6 +899,14 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         "cluster": config.targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
         "embedded_nodes": embedded_count,
     });
+    // The file before the table (see `run_all`).
+    let json_written = match args.json.as_deref() {
+        Some(path) if path != "-" => write_whole(Path::new(path), format!("{out:#}\n").as_bytes())
+            .map_err(|e| {
+                Failure::new(Exit::Output, format!("--json {path}: cannot write it: {e}"))
+            }),
+        _ => Ok(()),
+    };
     if args.json.as_deref() == Some("-") {
         outln!("{out}");
     } else {
@@ -886,11 +929,7 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
             outln!("{SHED_NOTE}");
         }
     }
-    if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
-        write_whole(Path::new(path), format!("{out:#}\n").as_bytes()).map_err(|e| {
-            Failure::new(Exit::Output, format!("--json {path}: cannot write it: {e}"))
-        })?;
-    }
+    json_written?;
     Ok(Exit::Ok)
 }
 
@@ -961,6 +1000,25 @@ fn op_columns(o: &OpReport, ops_per_s: f64, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_unreachable_node_exits_4() {
+        let exit = |e| bench_failure(e).exit;
+        let addr = "127.0.0.1:7000".parse().unwrap();
+        let reason = String::from("refused");
+        assert_eq!(
+            exit(BenchError::Unreachable { addr, reason }),
+            Exit::Unreachable
+        );
+        let first = String::from("quorum not reached");
+        assert_eq!(
+            exit(BenchError::LoadFailed { failed: 3, first }),
+            Exit::Quorum
+        );
+        let reason = String::from("panicked");
+        assert_eq!(exit(BenchError::ClientFailed { reason }), Exit::Internal);
+        assert_eq!(exit(BenchError::NoConcurrency), Exit::Usage);
+    }
 
     fn parsed(values: &[&str]) -> Result<Vec<String>, String> {
         let raw: Vec<String> = values.iter().map(|v| v.to_string()).collect();

@@ -423,7 +423,8 @@ async fn connect(
     target: &Target,
     key: Option<&ringkv_node::ClusterKey>,
 ) -> Result<Client, Failure> {
-    let addr = resolve_node(node).map_err(|e| Failure::ran_nothing(Exit::Usage, e))?;
+    let addr = resolve_node(target.node_source(), node)
+        .map_err(|e| Failure::ran_nothing(Exit::Usage, e))?;
     Client::connect_with_key(addr, Duration::from_millis(target.connect_timeout_ms), key)
         .await
         .map_err(|e| {
@@ -449,7 +450,7 @@ async fn call(client: &Client, request: &Request) -> Result<Response, Failure> {
 }
 
 /// A call's answer, or the failure it comes to (see [`call`]).
-fn answer_or_failure(outcome: Result<Response, CallError>) -> Result<Response, Failure> {
+pub(crate) fn answer_or_failure(outcome: Result<Response, CallError>) -> Result<Response, Failure> {
     let ran_nothing = ringkv_node::cluster_client::ran_nothing(&outcome);
     let mut failure = match outcome {
         Ok(Response::Error(e)) => match e.kind {
@@ -483,10 +484,11 @@ fn answer_or_failure(outcome: Result<Response, CallError>) -> Result<Response, F
 }
 
 /// Parses a node's `HOST:PORT` (not port 0), resolving a host name; the
-/// error names the problem.
-pub fn resolve_node(node: &str) -> Result<SocketAddr, String> {
-    crate::args::check_node_addr("--node", node)?;
-    resolve_addr("--node", node)
+/// error names the problem, and `flag` (`--node` or `RINGKV_NODE`), which
+/// gave it.
+fn resolve_node(flag: &str, node: &str) -> Result<SocketAddr, String> {
+    crate::args::check_node_addr(flag, node)?;
+    resolve_addr(flag, node)
 }
 
 /// Parses `flag`'s value `addr`, `HOST:PORT`, resolving a host name. The
@@ -589,7 +591,7 @@ mod tests {
     // Only IP literals: looking them up needs no resolver or network.
     #[test]
     fn addresses_are_refused_for_what_is_wrong_with_them() {
-        let err = resolve_node("127.0.0.5:0").unwrap_err();
+        let err = resolve_node("--node", "127.0.0.5:0").unwrap_err();
         assert!(err.contains("--node") && err.contains("port 0"), "{err}");
         let err = resolve_addr("--metrics", "http://127.0.0.1:9100").unwrap_err();
         assert!(err.contains("scheme") && !err.contains("resolve"), "{err}");
@@ -598,7 +600,7 @@ mod tests {
             Ok("127.0.0.1:0".parse().unwrap())
         );
         assert_eq!(
-            resolve_node("127.0.0.1:7000"),
+            resolve_node("--node", "127.0.0.1:7000"),
             Ok("127.0.0.1:7000".parse().unwrap())
         );
     }

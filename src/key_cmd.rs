@@ -35,7 +35,7 @@ pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
         // Leave no half-written key behind for a node to trip on.
         let _ = std::fs::remove_file(&path);
         return Err(Failure::new(
-            Exit::Internal,
+            Exit::Output,
             format!("--out {}: cannot write the key: {e}", path.display()),
         ));
     }

@@ -164,7 +164,14 @@ fn main() {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            errln!("error: cannot start the async runtime: {e}");
+            let message = format!("cannot start the async runtime: {e}");
+            if cli.command.json_on_stdout() {
+                outln!(
+                    "{}",
+                    failure_json(&Failure::new(Exit::Internal, message.clone()))
+                );
+            }
+            errln!("error: {message}");
             std::process::exit(Exit::Internal as i32);
         }
     };

@@ -702,7 +702,8 @@ mod tests {
         assert!(check_cluster_args(&cluster_args(&["--nodes", "2", "--replicas", "3"])).is_ok());
         assert!(check_cluster_args(&cluster_args(&[])).is_ok());
         assert!(check_cluster_args(&cluster_args(&["--nodes", "3", "--replicas", "3"])).is_ok());
-        assert!(check_cluster_args(&cluster_args(&["--nodes", "0", "--replicas", "0"])).is_err());
+        // No nodes at all is refused as the flags are read.
+        assert!(Cli::try_parse_from(["ringkv", "cluster", "--nodes", "0"]).is_err());
     }
 
     #[test]

@@ -109,6 +109,15 @@ fn unreachable_or_malformed_node_addresses() {
     let o = run(ringkv().args(["get", "k", "--node", "not an address"]));
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("is not an address"), "{}", stderr(&o));
+    // From the environment, the error names the variable, not a flag the
+    // user never typed.
+    let o = run(ringkv().args(["get", "k"]).env("RINGKV_NODE", "localhost"));
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("RINGKV_NODE \"localhost\" is not an address"),
+        "{}",
+        stderr(&o)
+    );
     // Well formed, but the name does not resolve (.invalid never does,
     // RFC 2606): said so, not called malformed.
     let o = run(ringkv().args(["get", "k", "--node", "no-such-host.invalid:7000"]));

@@ -444,6 +444,41 @@ fn the_same_workload_runs_against_a_resp_store() {
         assert!(s["ops"][op]["ops"].as_u64().unwrap() > 0, "{op}: {s}");
         assert_eq!(s["ops"][op]["errors"], 0, "{op}: {s}");
     }
+    // Its files are written before the table: a stdout closed early (`|
+    // head -0`) ends the process at the table, with both files there.
+    let dir = tempfile::tempdir().unwrap();
+    let (json_path, plot_path) = (dir.path().join("r.json"), dir.path().join("r.svg"));
+    let mut child = ringkv()
+        .args([
+            "bench",
+            "--target",
+            &format!("resp://{addr}"),
+            "--workload",
+            "f",
+            "--records",
+            "50",
+            "--duration-s",
+            "1",
+            "--concurrency",
+            "2",
+        ])
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--plot")
+        .arg(&plot_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait().unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(written["settings"][0]["setting"], "resp");
+    assert!(std::fs::read_to_string(&plot_path)
+        .unwrap()
+        .contains("<svg"));
     let refused = run(ringkv().args(["bench", "--target", "redis://x:1"]));
     assert_exit(&refused, 2);
     assert!(
