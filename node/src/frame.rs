@@ -35,6 +35,11 @@ pub enum FrameError {
     /// The stream ended inside a frame's body.
     #[error("frame {id} truncated: {read} of {len} bytes before the stream ended")]
     Truncated { id: u64, read: usize, len: usize },
+    /// The frame's body did not all arrive within the time a body of `len`
+    /// bytes is given. The stream is not read further (its sender may be
+    /// holding request memory on purpose).
+    #[error("frame {id} stalled: its {len} bytes did not all arrive within {secs} s")]
+    Stalled { id: u64, len: usize, secs: u64 },
     /// The stream ended inside a frame's header: there is no id to answer.
     #[error("stream ended inside a frame header ({read} of {FRAME_HEADER_BYTES} bytes)")]
     TruncatedHeader { read: usize },

@@ -75,6 +75,13 @@ pub const CONNECTION_REQUEST_MAX_BYTES: usize = 2 * FRAME_MAX_BYTES;
 
 /// How long opening a shared stream may wait for the peer's stream credit.
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request's body may take to arrive once its header has: this
+/// plus its bytes at [`BODY_BYTES_PER_S_MIN`] (75 s for the largest frame).
+/// A sender that announces a body and then stalls holds the request memory
+/// charged for what it sent; past this, the stream is given up.
+const BODY_TIMEOUT_BASE: Duration = Duration::from_secs(10);
+/// The slowest rate a request body is expected to arrive at: 1 MiB/s.
+const BODY_BYTES_PER_S_MIN: f64 = 1024.0 * 1024.0;
 
 /// Which stream a request travels on.
 ///
@@ -150,6 +157,9 @@ pub struct ConnectionBudget {
     /// Times a stream stopped reading for want of room, for the tests (the
     /// metric counts them too).
     paused_reads: AtomicU64,
+    /// How long a request body of no bytes may take to arrive, once its
+    /// header has; each byte adds its time at [`BODY_BYTES_PER_S_MIN`].
+    body_timeout_base: Duration,
     /// Bytes of this connection's request bodies in memory...
     request_memory: Arc<RequestMemory>,
     /// ...and of all the node's.
@@ -172,9 +182,15 @@ impl ConnectionBudget {
             unwritten_max_bytes,
             drained: Notify::new(),
             paused_reads: AtomicU64::new(0),
+            body_timeout_base: BODY_TIMEOUT_BASE,
             request_memory: RequestMemory::new(request_max_bytes),
             node_memory,
         })
+    }
+
+    /// How long a body of `len` bytes may take to arrive.
+    fn body_timeout(&self, len: usize) -> Duration {
+        self.body_timeout_base + Duration::from_secs_f64(len as f64 / BODY_BYTES_PER_S_MIN)
     }
 
     /// Takes a place in flight for one request, waiting for one if need be.
@@ -725,10 +741,16 @@ async fn serve_stream<H, F>(
             Ok(None) => break,
             // The rest of the stream cannot be framed: answer this request
             // if it has an id, and read no further.
-            Err(e @ (FrameError::TooLong { .. } | FrameError::Truncated { .. })) => {
+            Err(
+                e @ (FrameError::TooLong { .. }
+                | FrameError::Truncated { .. }
+                | FrameError::Stalled { .. }),
+            ) => {
                 metrics::counter!("ringkv_malformed_frames_total").increment(1);
                 let id = match e {
-                    FrameError::TooLong { id, .. } | FrameError::Truncated { id, .. } => id,
+                    FrameError::TooLong { id, .. }
+                    | FrameError::Truncated { id, .. }
+                    | FrameError::Stalled { id, .. } => id,
                     _ => unreachable!("matched above"),
                 };
                 let error = Response::error(
@@ -840,20 +862,38 @@ async fn read_request(
         header.len,
         SHARED_REQUEST_MAX_BYTES,
     );
-    let admitted = match read_body_admitted(recv, header, |bytes| charge.try_grow(bytes)).await? {
-        Ok(body) => Admitted::Body { body, charge },
-        Err((refused, read)) => {
-            // The part read is freed: give its bytes back before the rest
-            // of the body trickles past.
-            drop(charge);
-            skip_rest(recv, header, read).await?;
-            Admitted::Shed {
-                len: header.len,
-                refused,
+    // Within a deadline: a body that stops arriving would otherwise hold
+    // its charge for good (keep-alives keep the connection open), and a
+    // few such streams the node's whole request memory.
+    let timeout = budget.body_timeout(header.len);
+    let read = async {
+        let admitted = read_body_admitted(recv, header, |bytes| charge.try_grow(bytes)).await?;
+        Ok::<_, FrameError>(match admitted {
+            Ok(body) => Admitted::Body { body, charge },
+            Err((refused, read)) => {
+                // The part read is freed: give its bytes back before the
+                // rest of the body trickles past.
+                drop(charge);
+                skip_rest(recv, header, read).await?;
+                Admitted::Shed {
+                    len: header.len,
+                    refused,
+                }
             }
-        }
+        })
     };
-    Ok(Some((header.id, admitted)))
+    match tokio::time::timeout(timeout, read).await {
+        Ok(admitted) => Ok(Some((header.id, admitted?))),
+        Err(_) => {
+            metrics::counter!("ringkv_stalled_frames_total").increment(1);
+            let _ = recv.stop(0u32.into());
+            Err(FrameError::Stalled {
+                id: header.id,
+                len: header.len,
+                secs: timeout.as_secs(),
+            })
+        }
+    }
 }
 
 /// One connection per peer, opened on first use and replaced when it dies,
@@ -2073,6 +2113,52 @@ mod tests {
         assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
         wait_until("the put's bytes come back", || node_memory.in_use() == 0).await;
         assert_eq!(handled.load(Ordering::SeqCst), 3);
+    }
+
+    /// A body that stops arriving holds its charge only until its deadline:
+    /// the frame is then answered as stalled under its id, the stream given
+    /// up, and the bytes charged come back.
+    #[tokio::test]
+    async fn a_body_that_stops_arriving_is_given_up_and_its_memory_comes_back() {
+        let node_memory = RequestMemory::new(1 << 20);
+        let mut budget = memory_budget(CONNECTION_REQUEST_MAX_BYTES, &node_memory);
+        Arc::get_mut(&mut budget)
+            .expect("not shared yet")
+            .body_timeout_base = Duration::from_millis(300);
+        let go = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
+        let (_endpoint, conn, handled) = budgeted_server(budget, 16, go).await;
+        let put = encode_request(&put_of(200 * 1024));
+        let mut frame = Vec::new();
+        put_frame(&mut frame, 7, &put);
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let sent = 50 * 1024;
+        send.write_all(&frame[..crate::frame::FRAME_HEADER_BYTES + sent])
+            .await
+            .unwrap();
+        wait_until("what arrived is charged", || node_memory.in_use() >= sent).await;
+        let (id, body) = within_10_s(read_frame(&mut recv, FRAME_MAX_BYTES))
+            .await
+            .unwrap()
+            .expect("an answer");
+        assert_eq!(id, 7);
+        match decode_response(&body).unwrap() {
+            Response::Error(e) => {
+                assert!(e.message.contains("stalled"), "{}", e.message);
+                assert!(e.message.starts_with(MALFORMED_REQUEST), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        wait_until("the charge comes back", || node_memory.in_use() == 0).await;
+        assert_eq!(handled.load(Ordering::SeqCst), 0, "nothing ran");
+        // A whole put on a new stream still runs.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        let (id, body) = within_10_s(read_frame(&mut recv, FRAME_MAX_BYTES))
+            .await
+            .unwrap()
+            .expect("an answer");
+        assert_eq!(id, 7);
+        assert!(matches!(decode_response(&body), Ok(Response::Get(_))));
     }
 
     /// One connection cannot take all of a node's request memory: past its
