@@ -667,7 +667,7 @@ pub(super) fn named(answered: &[(NodeId, NodeStats)], pick: fn(&NodeStats) -> bo
 /// Sends `items` to `replica` in one `SyncBatch`, within a timeout that
 /// grows with their bytes, trying up to [`BATCH_ATTEMPTS`] times, `pause`
 /// apart and then twice that.
-async fn send_batch<T: Transport>(
+pub(super) async fn send_batch<T: Transport>(
     transport: &T,
     replica: NodeId,
     items: Vec<KeyClock>,

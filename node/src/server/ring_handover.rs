@@ -40,8 +40,9 @@
 //!   says so; it is then a node down past the grace (README). Not caught: a
 //!   group of members cut off together, each in touch with the others.
 //! - **Failures.** A replica that does not take its batch does not stop the
-//!   others'. The pass goes to the end, and is run again after a back-off
-//!   (merges are idempotent) until one goes through.
+//!   others', and is sent no more in that pass (one that is down would cost
+//!   every later batch a timeout). The pass goes to the end, and is run
+//!   again after a back-off (merges are idempotent) until one goes through.
 //! - **Pace.** Keys go at the anti-entropy pace (`--repair-keys-per-s`),
 //!   a few batches in flight.
 //! - **Not covered.** What is owed lives in memory: a node restarted during a
@@ -49,12 +50,12 @@
 //!   the keys that kept one old replica). A node removed from the ring hands
 //!   over nothing here: its leave does that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringkv_core::wire::{KeyClock, ReplicaRequest, Request, Response};
-use ringkv_core::{NodeId, Transport};
+use ringkv_core::wire::KeyClock;
+use ringkv_core::NodeId;
 use ringkv_ring::Ring;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -63,9 +64,8 @@ use super::NodeInner;
 
 /// Batches (one per replica per page of keys) sent and not yet answered.
 const BATCHES_IN_FLIGHT: usize = 8;
-/// How long a batch of small keys may take to reach its replica; a larger
-/// one gets its bytes at the handoff's slowest expected link more.
-const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause before a batch's second try (twice that before its third).
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// The wait before a pass that failed runs again, doubling up to the max.
 const RETRY_INITIAL: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
@@ -325,6 +325,10 @@ async fn hand_over(
     deadline: Instant,
 ) -> Result<u64, PassEnd> {
     let (mut keys, mut failure) = (0u64, None);
+    // Replicas that failed a batch get no more in this pass: one that is
+    // down would otherwise cost every later batch a timeout. The pass
+    // then fails, and runs again after a back-off.
+    let mut failed: HashSet<NodeId> = HashSet::new();
     let mut pages = inner.stored_pages();
     let mut sends = tokio::task::JoinSet::new();
     let started = Instant::now();
@@ -334,7 +338,7 @@ async fn hand_over(
         if Instant::now() > deadline {
             return Err(PassEnd::OutOfTime);
         }
-        let mut batches: BTreeMap<NodeId, (Vec<KeyClock>, usize)> = BTreeMap::new();
+        let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
         for (key, clock) in page {
             let targets = owed.targets(latest, &inner.id, &key);
             if targets.is_empty() {
@@ -342,41 +346,39 @@ async fn hand_over(
             }
             keys += 1;
             for target in targets {
-                let (items, bytes) = batches.entry(target).or_default();
-                *bytes += key.len() + clock.approx_size();
-                items.push(KeyClock {
+                batches.entry(target).or_default().push(KeyClock {
                     key: key.clone(),
                     clock: clock.clone(),
                 });
             }
         }
-        for (target, (items, bytes)) in batches {
+        for (target, items) in batches {
+            if failed.contains(&target) {
+                continue;
+            }
             let count = items.len() as u64;
             let transport = inner.transport.clone();
-            let timeout = ringkv_repair::handoff::send_timeout_for(BATCH_TIMEOUT, bytes);
+            // As a leave sends its batches: tried three times, within a
+            // timeout that grows with their bytes.
             sends.spawn(async move {
-                let request = Request::Replica(ReplicaRequest::SyncBatch { items });
-                let reason =
-                    match tokio::time::timeout(timeout, transport.call(&target, request)).await {
-                        Ok(Ok(Response::Clock(None))) => return Ok(count),
-                        Ok(Ok(Response::Error(e))) => e.message,
-                        Ok(Ok(other)) => format!("unexpected answer {other:?}"),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => format!("no answer within {} s", timeout.as_secs()),
-                    };
-                Err(format!("{target}: {reason}"))
+                let sent =
+                    super::leave::send_batch(&*transport, target.clone(), items, RETRY_PAUSE)
+                        .await
+                        .map(|()| count)
+                        .map_err(|failure| failure.reason);
+                (target, sent)
             });
         }
         while sends.len() > BATCHES_IN_FLIGHT {
             let sent = sends.join_next().await.expect("the set is not empty");
-            note_sent(sent, &mut failure);
+            note_sent(sent, &mut failure, &mut failed);
         }
         // The pace: `keys` keys take no less than keys / keys_per_s.
         let budget = Duration::from_secs_f64(keys as f64 / f64::from(keys_per_s.max(1)));
         tokio::time::sleep_until(started + budget).await;
     }
     while let Some(sent) = sends.join_next().await {
-        note_sent(sent, &mut failure);
+        note_sent(sent, &mut failure, &mut failed);
     }
     pages
         .finish()
@@ -385,15 +387,18 @@ async fn hand_over(
     failure.map_or(Ok(keys), |reason| Err(PassEnd::Failed(reason)))
 }
 
-/// Counts a batch that went through; keeps the first failure.
+/// Counts a batch that went through; keeps the first failure, and which
+/// replicas failed.
 fn note_sent(
-    sent: Result<Result<u64, String>, tokio::task::JoinError>,
+    sent: Result<(NodeId, Result<u64, String>), tokio::task::JoinError>,
     failure: &mut Option<String>,
+    failed: &mut HashSet<NodeId>,
 ) {
     match sent {
-        Ok(Ok(keys)) => metrics::counter!("ringkv_ring_handover_keys_total").increment(keys),
-        Ok(Err(reason)) => {
-            failure.get_or_insert(reason);
+        Ok((_, Ok(keys))) => metrics::counter!("ringkv_ring_handover_keys_total").increment(keys),
+        Ok((target, Err(reason))) => {
+            failure.get_or_insert(format!("{target}: {reason}"));
+            failed.insert(target);
         }
         Err(e) => {
             failure.get_or_insert(format!("a hand-over task failed: {e}"));
