@@ -414,10 +414,11 @@ fn the_same_workload_runs_against_a_resp_store() {
     // Its embedded nodes must not share the 2 cores with another cluster.
     let _serial = serial();
     let addr = toy_redis();
-    let out = run(ringkv().args([
+    let target = format!("resp://{addr}");
+    let workload = [
         "bench",
         "--target",
-        &format!("resp://{addr}"),
+        &target,
         "--workload",
         "f",
         "--records",
@@ -426,8 +427,8 @@ fn the_same_workload_runs_against_a_resp_store() {
         "1",
         "--concurrency",
         "2",
-        "--json",
-    ]));
+    ];
+    let out = run(ringkv().args(workload).arg("--json"));
     assert_exit(&out, 0);
     let report = json(&out);
     assert_eq!(report["config"]["target"], format!("resp://{addr}"));
@@ -449,19 +450,7 @@ fn the_same_workload_runs_against_a_resp_store() {
     let dir = tempfile::tempdir().unwrap();
     let (json_path, plot_path) = (dir.path().join("r.json"), dir.path().join("r.svg"));
     let mut child = ringkv()
-        .args([
-            "bench",
-            "--target",
-            &format!("resp://{addr}"),
-            "--workload",
-            "f",
-            "--records",
-            "50",
-            "--duration-s",
-            "1",
-            "--concurrency",
-            "2",
-        ])
+        .args(workload)
         .arg("--json")
         .arg(&json_path)
         .arg("--plot")

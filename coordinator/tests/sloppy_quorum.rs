@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use ringkv_coordinator::sim::{get_values as values, SimCluster, SimOptions};
-use ringkv_core::wire::{ErrorKind, Outcome, Receipt, Response};
+use ringkv_core::wire::{ErrorKind, ErrorReply, Outcome, Receipt, Response};
 use ringkv_core::Consistency::{All, Quorum};
 use ringkv_core::NodeId;
 use ringkv_repair::{HintError, HintStore};
@@ -780,6 +780,26 @@ async fn a_draining_owner_is_seen_down_under_traffic() {
     );
 }
 
+/// Puts at `All` through `owners[0]` in a story where `owners[2]` is really
+/// down: the put fails after exactly `after`, naming `owners[2]` as timed
+/// out. Returns its error.
+async fn a_put_at_all_that_fails_after(s: &Story, after: Duration) -> ErrorReply {
+    let owner = &s.owners[2];
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(&s.owners[0], KEY, "v2", All, None).await;
+    assert_eq!(started.elapsed(), after, "{put:?}");
+    let Response::Error(e) = put else {
+        panic!("{put:?}")
+    };
+    assert_eq!(e.kind, ErrorKind::QuorumNotReached);
+    assert!(
+        e.message.contains(&format!("{owner} (timed out)")),
+        "{}",
+        e.message
+    );
+    e
+}
+
 /// How the fallbacks of the stories below fail.
 #[derive(Clone, Copy)]
 enum FallbacksFail {
@@ -869,19 +889,8 @@ async fn a_read_whose_stand_in_is_silent_asks_the_owner_believed_down() {
 #[tokio::test(start_paused = true)]
 async fn a_silent_stand_in_and_an_owner_really_down_fail_at_the_deadline() {
     let s = an_owner_wrongly_believed_down_and_fallbacks_that(FallbacksFail::Silent, true).await;
-    let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
-    let started = tokio::time::Instant::now();
-    let put = s.c.put(coordinator, KEY, "v2", All, None).await;
-    assert_eq!(started.elapsed(), Duration::from_secs(2), "{put:?}");
-    let Response::Error(e) = &put else {
-        panic!("{put:?}")
-    };
-    assert_eq!(e.kind, ErrorKind::QuorumNotReached);
-    assert!(
-        e.message.contains(&format!("{owner} (timed out)")),
-        "{}",
-        e.message
-    );
+    let owner = &s.owners[2];
+    let e = a_put_at_all_that_fails_after(&s, Duration::from_secs(2)).await;
     assert!(
         e.message
             .contains(&format!("{} for {owner} (timed out)", s.fallbacks[0])),
@@ -940,19 +949,8 @@ async fn a_read_whose_stand_ins_fail_asks_the_owner_believed_down() {
 #[tokio::test(start_paused = true)]
 async fn an_owner_asked_after_its_stand_ins_failed_is_waited_for_briefly() {
     let s = an_owner_wrongly_believed_down_and_failing_fallbacks(true).await;
-    let (coordinator, owner) = (&s.owners[0], &s.owners[2]);
-    let started = tokio::time::Instant::now();
-    let put = s.c.put(coordinator, KEY, "v2", All, None).await;
-    assert_eq!(started.elapsed(), Duration::from_millis(500), "{put:?}");
-    let Response::Error(e) = &put else {
-        panic!("{put:?}")
-    };
-    assert_eq!(e.kind, ErrorKind::QuorumNotReached);
-    assert!(
-        e.message.contains(&format!("{owner} (timed out)")),
-        "{}",
-        e.message
-    );
+    let owner = &s.owners[2];
+    let e = a_put_at_all_that_fails_after(&s, Duration::from_millis(500)).await;
     for fallback in &s.fallbacks {
         assert!(
             e.message.contains(&format!("{fallback} for {owner} (")),
