@@ -84,38 +84,29 @@ pub(super) struct Owed {
 }
 
 impl Owed {
-    /// Notes that the ring went from `old` to `new` at `now`, owing a pass
-    /// if `me` was a member of `old` (a node that just joined gave up
-    /// nothing). Equal rings (an address changed) owe nothing.
-    pub(super) fn note(
-        owed: &mut Option<Owed>,
+    /// The ring a change from `old` to `new` owes a pass for: `old`, if `me`
+    /// was a member of it (a node that just joined gave up nothing). Equal
+    /// rings (an address changed) owe nothing.
+    pub(super) fn owed_by_change(
         old: Option<&Arc<Ring>>,
         new: Option<&Arc<Ring>>,
         me: &NodeId,
-        now: Instant,
-    ) {
-        let (Some(old), Some(new)) = (old, new) else {
-            return;
-        };
-        if old.fingerprint() == new.fingerprint() || !old.has_node(me) {
-            return;
-        }
-        owed.get_or_insert_with(|| Owed {
-            rings: Vec::new(),
-            since: now,
-        })
-        .push(vec![old.clone()]);
+    ) -> Option<Arc<Ring>> {
+        let (old, new) = (old?, new?);
+        (old.fingerprint() != new.fingerprint() && old.has_node(me)).then(|| old.clone())
     }
 
-    /// Adds `rings` to those owed, keeping the first ones and the newest
-    /// within [`OWED_RINGS_MAX`].
-    fn push(&mut self, rings: Vec<Arc<Ring>>) {
-        for ring in rings {
-            if self.rings.len() >= OWED_RINGS_MAX {
-                self.rings.remove(OWED_RINGS_MAX / 2);
-            }
-            self.rings.push(ring);
+    /// Adds `ring` to what `owed` owes, owed since `now` if nothing was,
+    /// keeping the first rings and the newest within [`OWED_RINGS_MAX`].
+    pub(super) fn add(owed: &mut Option<Owed>, ring: Arc<Ring>, now: Instant) {
+        let owed = owed.get_or_insert_with(|| Owed {
+            rings: Vec::new(),
+            since: now,
+        });
+        if owed.rings.len() >= OWED_RINGS_MAX {
+            owed.rings.remove(OWED_RINGS_MAX / 2);
         }
+        owed.rings.push(ring);
     }
 
     /// Where `key` goes, given the node's newest ring: to its replicas under
@@ -234,19 +225,15 @@ pub(super) async fn ring_handover_loop(
                 let new = rings.borrow_and_update().clone();
                 let now = Instant::now();
                 contact.observe(in_touch(&inner), now, grace);
-                let mut noted = None;
-                Owed::note(&mut noted, seen.as_ref(), new.as_ref(), &inner.id, now);
-                if noted.is_some() && contact.change_may_be_old(now, grace) {
+                let given_up = Owed::owed_by_change(seen.as_ref(), new.as_ref(), &inner.id);
+                if given_up.is_some() && contact.change_may_be_old(now, grace) {
                     metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "skipped")
                         .increment(1);
                     tracing::warn!(
                         "the ring changed while this node was cut off from every member for longer than half the tombstone grace: not handing over the keys it gave up, since a copy could bring back a delete collected meanwhile; treat this node as one down past the grace (see README)"
                     );
-                } else if let Some(noted) = noted {
-                    match &mut owed {
-                        Some(owed) => owed.push(noted.rings),
-                        None => owed = Some(noted),
-                    }
+                } else if let Some(ring) = given_up {
+                    Owed::add(&mut owed, ring, now);
                 }
                 seen = new;
                 continue;
@@ -418,6 +405,19 @@ mod tests {
         Arc::new(Ring::new(ids.iter().map(|s| (id(s), 64)), 3).unwrap())
     }
 
+    /// The loop's bookkeeping of a change from `old` to `new` at `now`.
+    fn note(
+        owed: &mut Option<Owed>,
+        old: Option<&Arc<Ring>>,
+        new: Option<&Arc<Ring>>,
+        me: &NodeId,
+        now: Instant,
+    ) {
+        if let Some(ring) = Owed::owed_by_change(old, new, me) {
+            Owed::add(owed, ring, now);
+        }
+    }
+
     fn keys() -> impl Iterator<Item = Vec<u8>> {
         (0..2000).map(|i| format!("k{i}").into_bytes())
     }
@@ -430,11 +430,11 @@ mod tests {
         let (before, after) = (ring(&["a", "b", "c"]), ring(&["a", "b", "c", "x"]));
         let now = Instant::now();
         let mut owed = None;
-        Owed::note(&mut owed, Some(&before), Some(&after), &id("x"), now);
+        note(&mut owed, Some(&before), Some(&after), &id("x"), now);
         assert!(owed.is_none(), "the joiner gave up nothing");
-        Owed::note(&mut owed, Some(&before), Some(&before), &id("a"), now);
+        note(&mut owed, Some(&before), Some(&before), &id("a"), now);
         assert!(owed.is_none(), "the same ring");
-        Owed::note(&mut owed, Some(&before), Some(&after), &id("a"), now);
+        note(&mut owed, Some(&before), Some(&after), &id("a"), now);
         let owed = owed.expect("a gave up ranges to x");
         let mut moved = 0;
         for key in keys() {
@@ -463,7 +463,7 @@ mod tests {
         let now = Instant::now();
         let mut owed = None;
         for pair in rings.windows(2) {
-            Owed::note(&mut owed, Some(&pair[0]), Some(&pair[1]), &id("a"), now);
+            note(&mut owed, Some(&pair[0]), Some(&pair[1]), &id("a"), now);
         }
         let owed = owed.unwrap();
         let latest = &rings[3];
@@ -485,7 +485,7 @@ mod tests {
         let before = ring(&["a", "b", "c", "d", "e"]);
         let after = ring(&["a", "b", "c", "d", "e", "x"]);
         let mut owed = None;
-        Owed::note(
+        note(
             &mut owed,
             Some(&before),
             Some(&after),
@@ -542,7 +542,7 @@ mod tests {
         for i in 0..20 {
             names.push(format!("n{i}"));
             let new = Arc::new(Ring::new(names.iter().map(|s| (id(s), 64)), 3).unwrap());
-            Owed::note(&mut owed, Some(&old), Some(&new), &id("a"), now);
+            note(&mut owed, Some(&old), Some(&new), &id("a"), now);
             old = new;
         }
         let owed = owed.unwrap();
