@@ -10,12 +10,14 @@
 //! - [`wire`]: the messages, and their validated rkyv encoding.
 //! - [`transport`]: the network trait protocol code is written against.
 //! - [`hash`]: the stable hash placement and tokens rely on.
+//! - [`handover_record`]: the ring hand-over's state in a data dir.
 //! - [`long_wait`]: taking a lock whose holder may be stalled.
 
 pub mod consistency;
 pub mod context;
 pub mod dvv;
 pub mod error;
+pub mod handover_record;
 pub mod hash;
 pub mod long_wait;
 pub mod node_id;

@@ -791,7 +791,7 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
     Ok(response)
 }
 
-fn decode<T>(bytes: &[u8]) -> Result<T, DecodeError>
+pub(crate) fn decode<T>(bytes: &[u8]) -> Result<T, DecodeError>
 where
     T: rkyv::Archive,
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
@@ -940,7 +940,7 @@ pub fn validate_key(key: &[u8]) -> Result<(), InvalidInput> {
     Ok(())
 }
 
-fn validate_node_id(id: &NodeId) -> Result<(), InvalidInput> {
+pub(crate) fn validate_node_id(id: &NodeId) -> Result<(), InvalidInput> {
     NodeId::new(id.as_str()).map(|_| ())
 }
 
@@ -1094,7 +1094,7 @@ pub fn validate_region(region: &str) -> Result<(), InvalidInput> {
     }
 }
 
-fn validate_replicas(replicas: u32, what: &str) -> Result<(), InvalidInput> {
+pub(crate) fn validate_replicas(replicas: u32, what: &str) -> Result<(), InvalidInput> {
     if replicas == 0 || replicas > REPLICAS_MAX {
         return Err(InvalidInput::new(format!(
             "{what} has replicas = {replicas}; 1 to {REPLICAS_MAX} are allowed"

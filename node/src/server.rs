@@ -44,6 +44,7 @@ use crate::storage::{millis, unix_ms, Storage};
 use crate::tls;
 
 mod cleanup;
+mod handover_store;
 mod leave;
 mod ring_handover;
 mod stored_pages;
@@ -438,6 +439,12 @@ struct NodeInner {
     anti_entropy: Arc<AntiEntropy<QuicTransport>>,
     /// The ring each install puts in effect, for the tree rebuilder.
     ring_tx: watch::Sender<Option<Arc<Ring>>>,
+    /// When (unix ms) this node last asked a member for its list in an
+    /// exchange that answered (then merged into its record): the ring
+    /// hand-over dates a change it learns of from the last time the node
+    /// was that current, once it has taken in the ring that record gives
+    /// (`server/ring_handover.rs`).
+    exchanged_unix_ms: std::sync::atomic::AtomicU64,
     /// Becomes true when the node shuts down.
     shutdown: watch::Receiver<bool>,
     /// Becomes true when this node learns it was removed from the cluster.
@@ -1252,6 +1259,7 @@ impl Node {
                 Arc::new(unix_ms),
             )),
             ring_tx: watch::channel(None).0,
+            exchanged_unix_ms: Default::default(),
             shutdown: shutdown_rx.clone(),
             removed: watch::Sender::new(false),
             is_removed: Default::default(),
@@ -1288,6 +1296,12 @@ impl Node {
             )),
             tokio::spawn(ring_handover::ring_handover_loop(
                 inner.clone(),
+                // Taken now, before the start merges what members know.
+                inner
+                    .membership
+                    .record()
+                    .and_then(|record| record.ring().ok())
+                    .map(Arc::new),
                 config.repair_keys_per_s,
                 config.tombstone_grace,
                 shutdown_rx.clone(),
@@ -1740,6 +1754,15 @@ async fn announce_to_addr(
         cluster_id: Some(record.cluster_id),
     });
     let mut refused = None;
+    // Before asking: the answer knows at least what the peer knew then.
+    let asked_unix_ms = unix_ms();
+    let exchanged = || {
+        // After the merge (and the install, once started): a ring hand-over
+        // that sees this time checks it has taken in what it brought.
+        inner
+            .exchanged_unix_ms
+            .fetch_max(asked_unix_ms, std::sync::atomic::Ordering::Release);
+    };
     let outcome = match tokio::time::timeout(
         ANNOUNCE_TIMEOUT,
         inner.transport.call_addr(addr, &request),
@@ -1750,9 +1773,13 @@ async fn announce_to_addr(
             Ok(true) => {
                 tracing::info!(peer = %peer, "learned new members");
                 inner.install_if_started();
+                exchanged();
                 "learned"
             }
-            Ok(false) => "same",
+            Ok(false) => {
+                exchanged();
+                "same"
+            }
             Err(e @ NodeError::Removed { .. }) => {
                 tracing::error!(peer = %peer, error = %e, "this node was removed from the cluster");
                 inner.on_removed();

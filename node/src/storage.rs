@@ -18,7 +18,8 @@
 //! - `hints` holds writes kept for other nodes that were down (see
 //!   `ringkv_repair::hints`; apart from `data`, so a fallback never serves
 //!   or repairs them as its own);
-//! - `meta` holds the node's identity and its record of the cluster;
+//! - `meta` holds the node's identity, its record of the cluster, and the
+//!   ring hand-over's state (`server/handover_store.rs`);
 //! - `actors` maps a key to the per-key actor this replica mints its dots
 //!   under (see `ReplicaService` in the coordinator): written with the
 //!   key's first mint here, removed with the key.

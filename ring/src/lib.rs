@@ -200,6 +200,13 @@ impl Ring {
         self.members.iter().any(|(member, _)| member == node)
     }
 
+    /// The members and their virtual node counts, sorted by id: with
+    /// [`Ring::replicas`], all a ring is built from (`Ring::new` of them
+    /// gives an equal ring).
+    pub fn members(&self) -> &[(NodeId, u32)] {
+        &self.members
+    }
+
     /// Every node on the ring, sorted by id.
     pub fn nodes(&self) -> Vec<NodeId> {
         self.members.iter().map(|(node, _)| node.clone()).collect()

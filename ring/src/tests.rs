@@ -296,6 +296,28 @@ fn the_fingerprint_follows_placement() {
     }
 }
 
+/// A ring rebuilt from its members and N (as a node's data dir keeps
+/// one) is the same ring: it places every key alike.
+#[test]
+fn a_ring_rebuilt_from_its_members_is_equal() {
+    let ring = Ring::new(
+        [("n2", 5), ("n1", 7), ("n3", 1)].map(|(id, v)| (NodeId::new(id).unwrap(), v)),
+        2,
+    )
+    .unwrap();
+    assert_eq!(names(&ring.nodes()), ["n1", "n2", "n3"]);
+    let again = Ring::new(ring.members().iter().cloned(), ring.replicas()).unwrap();
+    assert_eq!(again, ring);
+    assert_eq!(again.fingerprint(), ring.fingerprint());
+    for i in 0..200 {
+        let key = format!("k{i}");
+        assert_eq!(
+            again.replicas_of(key.as_bytes()),
+            ring.replicas_of(key.as_bytes())
+        );
+    }
+}
+
 #[test]
 fn has_node_says_which_nodes_are_on_the_ring() {
     let ring = five_node_ring(8);

@@ -32,23 +32,31 @@
 //!   after the change could meet a replica that collected the delete of it
 //!   meanwhile, and bring it back. So a pass owed since longer than half the
 //!   grace stops (at its next page; logged and counted); what it did not
-//!   send stays as stray copies. The node dates a change by when it learns
-//!   of it, which is seconds after it happened while the node is in touch
-//!   with some member. One cut off from every member for longer than half
-//!   the grace (a partition) may learn of a change long after it: it hands
-//!   over nothing for changes learned then, or within 10 minutes after, and
-//!   says so; it is then a node down past the grace (README). Not caught: a
-//!   group of members cut off together, each in touch with the others.
+//!   send stays as stray copies. A change is dated from when the node was
+//!   last known current ([`Currency`]: its last membership exchange that
+//!   answered, once it had taken in what that brought), less a margin for
+//!   how fast membership spreads: seconds before it learns of it while it
+//!   is in touch with some member. A node cut off from every member (a
+//!   partition), or down, dates what it learns on its return from when it
+//!   was cut off; past half the grace it hands none of that over, and
+//!   says so: it is then a node down past the grace (README). Not caught:
+//!   a group of members cut off (or down) together, each in touch with
+//!   the others once back, and none with a member that kept up: each then
+//!   takes the others' answers as current. A grace under a few minutes
+//!   (tests) leaves a pass little time: the margin is a quarter of it.
 //! - **Failures.** A replica that does not take its batch does not stop the
 //!   others', and is sent no more in that pass (one that is down would cost
 //!   every later batch a timeout). The pass goes to the end, and is run
 //!   again after a back-off (merges are idempotent) until one goes through.
 //! - **Pace.** Keys go at the anti-entropy pace (`--repair-keys-per-s`),
 //!   a few batches in flight.
-//! - **Not covered.** What is owed lives in memory: a node restarted during a
-//!   pass does not resume it (anti-entropy and `ringkv repair` still fill
-//!   the keys that kept one old replica). A node removed from the ring hands
-//!   over nothing here: its leave does that.
+//! - **Restarts.** What is owed, the newest ring taken in, and when the
+//!   node was last current are kept in the data dir (`handover_store`): a
+//!   node restarted during a pass resumes it, and one that was down while
+//!   the ring changed owes the change once it is back. No pass runs before
+//!   the loop has taken in a ring installed in this run.
+//! - **Not covered.** A node removed from the ring hands over nothing here:
+//!   its leave does that.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -60,7 +68,8 @@ use ringkv_ring::Ring;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::NodeInner;
+use super::{handover_store, NodeInner};
+use crate::storage::{millis, unix_ms};
 
 /// Batches (one per replica per page of keys) sent and not yet answered.
 const BATCHES_IN_FLIGHT: usize = 8;
@@ -73,14 +82,16 @@ const RETRY_MAX: Duration = Duration::from_secs(300);
 /// completes keep the first ones and the newest (a key given up under a
 /// ring dropped here may be missed; anti-entropy still compares it with
 /// its other old replicas, if any).
-const OWED_RINGS_MAX: usize = 8;
+pub(super) const OWED_RINGS_MAX: usize = 8;
 
 /// What a pass owes: the rings this node had since the last pass that
-/// completed, and since when.
+/// completed, and since when (wall clock, as the tombstone grace is).
+///
+/// Invariant: `rings` is not empty, and holds at most [`OWED_RINGS_MAX`].
 #[derive(Debug)]
 pub(super) struct Owed {
     rings: Vec<Arc<Ring>>,
-    since: Instant,
+    since_unix_ms: u64,
 }
 
 impl Owed {
@@ -96,17 +107,36 @@ impl Owed {
         (old.fingerprint() != new.fingerprint() && old.has_node(me)).then(|| old.clone())
     }
 
-    /// Adds `ring` to what `owed` owes, owed since `now` if nothing was,
-    /// keeping the first rings and the newest within [`OWED_RINGS_MAX`].
-    pub(super) fn add(owed: &mut Option<Owed>, ring: Arc<Ring>, now: Instant) {
+    /// Adds `ring` to what `owed` owes, owed since the earlier of
+    /// `since_unix_ms` and what it was owed since, keeping the first rings
+    /// and the newest within [`OWED_RINGS_MAX`].
+    pub(super) fn add(owed: &mut Option<Owed>, ring: Arc<Ring>, since_unix_ms: u64) {
         let owed = owed.get_or_insert_with(|| Owed {
             rings: Vec::new(),
-            since: now,
+            since_unix_ms,
         });
+        owed.since_unix_ms = owed.since_unix_ms.min(since_unix_ms);
         if owed.rings.len() >= OWED_RINGS_MAX {
             owed.rings.remove(OWED_RINGS_MAX / 2);
         }
         owed.rings.push(ring);
+    }
+
+    /// What a pass kept in the data dir owes: `None` if no ring.
+    pub(super) fn from_rings(rings: Vec<Arc<Ring>>, since_unix_ms: u64) -> Option<Owed> {
+        let mut owed = None;
+        for ring in rings {
+            Owed::add(&mut owed, ring, since_unix_ms);
+        }
+        owed
+    }
+
+    pub(super) fn rings(&self) -> &[Arc<Ring>] {
+        &self.rings
+    }
+
+    pub(super) fn since_unix_ms(&self) -> u64 {
+        self.since_unix_ms
     }
 
     /// Where `key` goes, given the node's newest ring: to its replicas under
@@ -125,62 +155,123 @@ impl Owed {
     }
 }
 
-/// Whether this node is in touch with its cluster: some other member is
-/// believed up (or it is the only member). A node cut off from every
-/// member cannot tell when a ring change it learns of later happened.
-fn in_touch(inner: &NodeInner) -> bool {
-    let Some(record) = inner.membership.record() else {
-        return false;
-    };
-    let mut others = record
-        .members
-        .values()
-        .filter(|m| m.id != inner.id)
-        .peekable();
-    others.peek().is_none() || others.any(|m| inner.detector.is_up(&m.id))
+/// How long before the node was last known current a change it then
+/// learns of may have been made: a member answering an exchange may not
+/// yet know of a change made a little earlier (membership spreads by an
+/// exchange with a random member every 5 s). A quarter of the grace at
+/// most, so a short grace still leaves a pass time.
+const SPREAD_MARGIN: Duration = Duration::from_secs(600);
+/// How often the loop looks at whether the node is current.
+const CURRENCY_TICK: Duration = Duration::from_secs(1);
+
+/// Since when (unix ms) a ring change the node learns of now may have
+/// been made, given that it was last known current at `current_unix_ms`
+/// (0: unknown, which makes any pass owed for the change out of time).
+fn change_dated(current_unix_ms: u64, grace: Duration) -> u64 {
+    current_unix_ms.saturating_sub(millis(SPREAD_MARGIN.min(grace / 4)))
 }
 
-/// When this node was last cut off from every member for longer than half
-/// the tombstone grace, as seen by [`ring_handover_loop`]'s ticks.
-#[derive(Debug, Default)]
-pub(super) struct Contact {
-    /// Since when no member has been believed up, if none is now.
-    cut_off_since: Option<Instant>,
-    /// When the last long cut-off ended.
-    long_cut_off_ended: Option<Instant>,
+/// How current the node's ring is: the last time it had taken in all that
+/// a member it asked knew (an exchange that answered, see
+/// `NodeInner::exchanged_unix_ms`), or, as the only member, now (a change
+/// then comes through this node). A ring change learned later was made
+/// after that, less [`SPREAD_MARGIN`]: a node cut off for hours, by a
+/// partition or by being down, dates what it learns on its return from
+/// when it was cut off, and a pass owed for it is out of time if that is
+/// longer ago than half the grace.
+///
+/// Invariant: `current_unix_ms` only grows; past its start value (the
+/// kept one, or a new node's start), only to a time at which the loop had
+/// taken in the ring its cluster record then gave.
+#[derive(Debug)]
+pub(super) struct Currency {
+    current_unix_ms: u64,
+    /// What the data dir holds.
+    saved_unix_ms: u64,
 }
 
-impl Contact {
-    /// Notes whether the node is in touch at `now`.
-    pub(super) fn observe(&mut self, in_touch: bool, now: Instant, grace: Duration) {
-        match (in_touch, self.cut_off_since) {
-            (false, None) => self.cut_off_since = Some(now),
-            (true, Some(since)) => {
-                if now - since > grace / 2 {
-                    self.long_cut_off_ended = Some(now);
-                }
-                self.cut_off_since = None;
-            }
-            _ => {}
+impl Currency {
+    pub(super) fn restored(current_unix_ms: Option<u64>) -> Self {
+        let current_unix_ms = current_unix_ms.unwrap_or(0);
+        Currency {
+            current_unix_ms,
+            saved_unix_ms: current_unix_ms,
         }
     }
 
-    /// Whether a ring change learned at `now` may be older than half the
-    /// grace: the node is, or was until lately, cut off for that long.
-    pub(super) fn change_may_be_old(&self, now: Instant, grace: Duration) -> bool {
-        self.cut_off_since
-            .is_some_and(|since| now - since > grace / 2)
-            || self
-                .long_cut_off_ended
-                .is_some_and(|ended| now - ended < RECENT_CONTACT)
+    /// Notes that the node had, at `at_unix_ms`, all a member knew, if the
+    /// loop has taken in every ring installed since (`caught_up`).
+    pub(super) fn observe(&mut self, at_unix_ms: u64, caught_up: bool) {
+        if caught_up {
+            self.current_unix_ms = self.current_unix_ms.max(at_unix_ms);
+        }
+    }
+
+    /// The time to keep in the data dir, if it moved on by
+    /// [`handover_store::SAVE_EVERY`] since it was last kept (or at all,
+    /// with `always`).
+    fn to_save(&mut self, always: bool) -> Option<u64> {
+        let due = self
+            .saved_unix_ms
+            .saturating_add(millis(handover_store::SAVE_EVERY));
+        let moved = self.current_unix_ms > self.saved_unix_ms;
+        (moved && (always || self.current_unix_ms >= due)).then(|| {
+            self.saved_unix_ms = self.current_unix_ms;
+            self.current_unix_ms
+        })
     }
 }
 
-/// How soon after a long cut-off ends a ring change counts as learned late:
-/// membership spreads by an exchange every 5 s, so well within this.
-const RECENT_CONTACT: Duration = Duration::from_secs(600);
-/// How often the loop looks at whether the node is in touch.
-const CONTACT_TICK: Duration = Duration::from_secs(1);
+/// One look at how current the node is (see [`Currency`]), kept in the data
+/// dir now and then. `took_in` says whether the loop has taken in a ring
+/// in this run, `seen` is the newest one it has, `seen_kept` whether the
+/// data dir holds it: a time current is kept only with the ring it is
+/// current with, or a restart would date the change to the newer ring
+/// from it.
+fn track_currency(
+    inner: &NodeInner,
+    currency: &mut Currency,
+    rings: &watch::Receiver<Option<Arc<Ring>>>,
+    seen: Option<&Arc<Ring>>,
+    (took_in, seen_kept): (bool, bool),
+) {
+    let alone = seen.is_some_and(|ring| ring.len() == 1 && ring.has_node(&inner.id));
+    // Read before asking whether a ring came since: an exchange notes its
+    // time after installing what it brought.
+    let at = if alone {
+        unix_ms()
+    } else {
+        inner
+            .exchanged_unix_ms
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    // The record, too, must place keys as `seen` does: an exchange that
+    // found nothing new may have found a change another task merged and
+    // has yet to install.
+    let caught_up = took_in
+        && !rings.has_changed().unwrap_or(true)
+        && seen.is_some_and(|seen| places_alike(inner, seen));
+    currency.observe(at, caught_up);
+    if seen_kept {
+        if let Some(current) = currency.to_save(false) {
+            handover_store::save_current(&inner.storage, current);
+        }
+    }
+}
+
+/// Whether the node's cluster record places keys as `ring` does: the same
+/// members, virtual node counts and N.
+fn places_alike(inner: &NodeInner, ring: &Ring) -> bool {
+    inner.membership.record().is_some_and(|record| {
+        record.replicas == ring.replicas()
+            && record.members.len() == ring.members().len()
+            && record
+                .members
+                .values()
+                .zip(ring.members())
+                .all(|(m, (id, vnodes))| m.id == *id && m.vnodes == *vnodes)
+    })
+}
 
 /// Why a pass ended early.
 #[derive(Debug)]
@@ -192,27 +283,88 @@ enum PassEnd {
 }
 
 /// Runs the passes ring changes owe (see the module docs), until shutdown.
+/// `remembered` is the ring of the cluster record the node started with.
 pub(super) async fn ring_handover_loop(
     inner: Arc<NodeInner>,
+    remembered: Option<Arc<Ring>>,
     keys_per_s: u32,
     grace: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let restored = {
+        let storage = inner.storage.clone();
+        // Rings take a while to build from a large record.
+        match tokio::task::spawn_blocking(move || handover_store::restore(&storage)).await {
+            Ok(restored) => restored,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the ring hand-over's record failed");
+                handover_store::Restored::default()
+            }
+        }
+    };
+    // A new node (no ring kept) missed nothing: the first ring it takes in
+    // holds every change before it.
+    let new_node = restored.seen.is_none() && remembered.is_none();
+    let mut currency = Currency::restored(match new_node {
+        true => Some(unix_ms()),
+        false => restored.current_unix_ms,
+    });
+    if new_node {
+        // Kept at the first look, not a minute on.
+        currency.saved_unix_ms = 0;
+    }
+    let mut seen = restored.seen.or_else(|| remembered.clone());
+    let mut owed = restored.owed;
+    // The record kept last names the ring the last run took in; the
+    // cluster record may name a newer one (stored before a crash kept the
+    // hand-over's record): a change too.
+    if let Some(remembered) = &remembered {
+        note_change(
+            &inner,
+            &mut owed,
+            seen.as_ref(),
+            remembered,
+            change_dated(currency.current_unix_ms, grace),
+        );
+        seen = Some(remembered.clone());
+    }
+    metrics::gauge!("ringkv_ring_handover_owed").set(if owed.is_some() { 1.0 } else { 0.0 });
     let mut rings = inner.ring_tx.subscribe();
-    let mut seen = rings.borrow_and_update().clone();
-    let mut owed: Option<Owed> = None;
+    // A ring installed before the loop first ran is taken in like a change.
+    let mut arrived = rings.borrow_and_update().clone();
+    // No pass runs before the loop has taken in a ring this run: the one
+    // the data dir names may be long out of date.
+    let mut took_in = false;
+    // Whether the data dir holds `seen` (a failed write is tried again at
+    // the next ring or pass end).
+    let mut seen_kept = true;
     // When a failed pass runs again; `None`: as soon as one is owed.
     let mut retry_at: Option<Instant> = None;
     let mut backoff = RETRY_INITIAL;
-    let mut contact = Contact::default();
-    let mut tick = tokio::time::interval(CONTACT_TICK);
+    let mut tick = tokio::time::interval(CURRENCY_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    'run: loop {
+        if let Some(new) = arrived.take() {
+            let since = change_dated(currency.current_unix_ms, grace);
+            note_change(&inner, &mut owed, seen.as_ref(), &new, since);
+            seen = Some(new);
+            took_in = true;
+            seen_kept = handover_store::save(&inner.storage, seen.as_ref(), owed.as_ref());
+            // At once, not at the next tick: the only member is current
+            // from now, before a join can come through it.
+            track_currency(
+                &inner,
+                &mut currency,
+                &rings,
+                seen.as_ref(),
+                (took_in, seen_kept),
+            );
+        }
         let due = async {
-            match (&owed, retry_at) {
-                (None, _) => std::future::pending().await,
-                (Some(_), Some(at)) => tokio::time::sleep_until(at).await,
-                (Some(_), None) => {}
+            match (&owed, retry_at, took_in) {
+                (None, _, _) | (_, _, false) => std::future::pending().await,
+                (Some(_), Some(at), true) => tokio::time::sleep_until(at).await,
+                (Some(_), None, true) => {}
             }
         };
         tokio::select! {
@@ -222,24 +374,11 @@ pub(super) async fn ring_handover_loop(
                 if changed.is_err() {
                     break;
                 }
-                let new = rings.borrow_and_update().clone();
-                let now = Instant::now();
-                contact.observe(in_touch(&inner), now, grace);
-                let given_up = Owed::owed_by_change(seen.as_ref(), new.as_ref(), &inner.id);
-                if given_up.is_some() && contact.change_may_be_old(now, grace) {
-                    metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "skipped")
-                        .increment(1);
-                    tracing::warn!(
-                        "the ring changed while this node was cut off from every member for longer than half the tombstone grace: not handing over the keys it gave up, since a copy could bring back a delete collected meanwhile; treat this node as one down past the grace (see README)"
-                    );
-                } else if let Some(ring) = given_up {
-                    Owed::add(&mut owed, ring, now);
-                }
-                seen = new;
+                arrived = rings.borrow_and_update().clone();
                 continue;
             }
             _ = tick.tick() => {
-                contact.observe(in_touch(&inner), Instant::now(), grace);
+                track_currency(&inner, &mut currency, &rings, seen.as_ref(), (took_in, seen_kept));
                 continue;
             }
             _ = due => {}
@@ -249,16 +388,24 @@ pub(super) async fn ring_handover_loop(
             owed = None;
             continue;
         };
-        metrics::gauge!("ringkv_ring_handover_owed").set(1.0);
-        let deadline = pass.since + grace / 2;
+        let deadline_unix_ms = pass.since_unix_ms.saturating_add(millis(grace / 2));
         // Removed (or leaving and now removed): a leave hands over.
         let outcome = if !latest.has_node(&inner.id) {
             Ok(0)
         } else {
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => break,
-                outcome = hand_over(&inner, pass, &latest, keys_per_s, deadline) => outcome,
+            let pass = hand_over(&inner, pass, &latest, keys_per_s, deadline_unix_ms);
+            tokio::pin!(pass);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => break 'run,
+                    outcome = &mut pass => break outcome,
+                    // Still tracked during a pass, which may take hours: a
+                    // change learned meanwhile is dated from just before it.
+                    _ = tick.tick() => {
+                        track_currency(&inner, &mut currency, &rings, seen.as_ref(), (took_in, seen_kept));
+                    }
+                }
             }
         };
         let done = match outcome {
@@ -274,12 +421,20 @@ pub(super) async fn ring_handover_loop(
                 // A change during the pass: again, under the newest ring.
                 !rings.has_changed().unwrap_or(false)
             }
+            Err(PassEnd::OutOfTime) if pass.since_unix_ms == 0 => {
+                metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "abandoned")
+                    .increment(1);
+                tracing::error!(
+                    "not handing over the keys a ring change took from this node: the change was made while it was down, and when it was last current is unknown (a data dir from an older release), so a version handed over could bring back a collected delete; the keys stay as stray copies (`ringkv cleanup` keeps them)"
+                );
+                true
+            }
             Err(PassEnd::OutOfTime) => {
                 metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "abandoned")
                     .increment(1);
                 tracing::error!(
-                    owed_s = pass.since.elapsed().as_secs(),
-                    "gave up handing over the keys a ring change took from this node: half the tombstone grace has passed, so a version handed over now could bring back a collected delete; the keys it did not send stay as stray copies (`ringkv cleanup` keeps them)"
+                    owed_s = unix_ms().saturating_sub(pass.since_unix_ms) / 1000,
+                    "gave up handing over the keys a ring change took from this node: half the tombstone grace has passed since the change may have been made (a change learned after this node was down, or cut off from every member, is dated from then), so a version handed over now could bring back a collected delete; the keys it did not send stay as stray copies (`ringkv cleanup` keeps them)"
                 );
                 true
             }
@@ -297,7 +452,28 @@ pub(super) async fn ring_handover_loop(
             retry_at = None;
             backoff = RETRY_INITIAL;
             metrics::gauge!("ringkv_ring_handover_owed").set(0.0);
+            seen_kept = handover_store::save(&inner.storage, seen.as_ref(), None);
         }
+    }
+    if seen_kept {
+        if let Some(current) = currency.to_save(true) {
+            handover_store::save_current(&inner.storage, current);
+        }
+    }
+}
+
+/// Takes in a change of the node's ring from `old` to `new`, made at the
+/// earliest at `since_unix_ms` (see [`Currency`]).
+fn note_change(
+    inner: &NodeInner,
+    owed: &mut Option<Owed>,
+    old: Option<&Arc<Ring>>,
+    new: &Arc<Ring>,
+    since_unix_ms: u64,
+) {
+    if let Some(ring) = Owed::owed_by_change(old, Some(new), &inner.id) {
+        Owed::add(owed, ring, since_unix_ms);
+        metrics::gauge!("ringkv_ring_handover_owed").set(1.0);
     }
 }
 
@@ -309,7 +485,7 @@ async fn hand_over(
     owed: &Owed,
     latest: &Ring,
     keys_per_s: u32,
-    deadline: Instant,
+    deadline_unix_ms: u64,
 ) -> Result<u64, PassEnd> {
     let (mut keys, mut failure) = (0u64, None);
     // Replicas that failed a batch get no more in this pass: one that is
@@ -322,7 +498,7 @@ async fn hand_over(
     while let Some(page) = pages.next().await {
         // Checked before every page, not only before a pass: a pass begun
         // just in time may take hours at the pace.
-        if Instant::now() > deadline {
+        if unix_ms() > deadline_unix_ms {
             return Err(PassEnd::OutOfTime);
         }
         let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
@@ -397,6 +573,8 @@ fn note_sent(
 mod tests {
     use super::*;
 
+    const T0_UNIX_MS: u64 = 1_800_000_000_000;
+
     fn id(s: &str) -> NodeId {
         NodeId::new(s).unwrap()
     }
@@ -411,7 +589,7 @@ mod tests {
         old: Option<&Arc<Ring>>,
         new: Option<&Arc<Ring>>,
         me: &NodeId,
-        now: Instant,
+        now: u64,
     ) {
         if let Some(ring) = Owed::owed_by_change(old, new, me) {
             Owed::add(owed, ring, now);
@@ -428,7 +606,7 @@ mod tests {
     #[test]
     fn a_key_goes_to_the_replicas_that_took_the_slots_given_up() {
         let (before, after) = (ring(&["a", "b", "c"]), ring(&["a", "b", "c", "x"]));
-        let now = Instant::now();
+        let now = T0_UNIX_MS;
         let mut owed = None;
         note(&mut owed, Some(&before), Some(&after), &id("x"), now);
         assert!(owed.is_none(), "the joiner gave up nothing");
@@ -460,7 +638,7 @@ mod tests {
             ring(&["a", "b", "c", "x", "y"]),
             ring(&["a", "b", "c", "x", "y", "z"]),
         ];
-        let now = Instant::now();
+        let now = T0_UNIX_MS;
         let mut owed = None;
         for pair in rings.windows(2) {
             note(&mut owed, Some(&pair[0]), Some(&pair[1]), &id("a"), now);
@@ -485,13 +663,7 @@ mod tests {
         let before = ring(&["a", "b", "c", "d", "e"]);
         let after = ring(&["a", "b", "c", "d", "e", "x"]);
         let mut owed = None;
-        note(
-            &mut owed,
-            Some(&before),
-            Some(&after),
-            &id("a"),
-            Instant::now(),
-        );
+        note(&mut owed, Some(&before), Some(&after), &id("a"), T0_UNIX_MS);
         let owed = owed.unwrap();
         let stray = keys()
             .find(|k| !before.is_replica(k, &id("a")) && !after.is_replica(k, &id("a")))
@@ -503,38 +675,48 @@ mod tests {
         assert_eq!(owed.targets(&after, &id("a"), &given_up), [id("x")]);
     }
 
-    /// A change learned during, or soon after, a cut-off from every member
-    /// longer than half the grace may be old; short cut-offs do not count.
+    /// A change is dated from when the node was last known current, less
+    /// the spread margin (a quarter of a short grace at most); unknown
+    /// dates it at 0, which no pass is in time for.
     #[test]
-    fn a_change_learned_after_a_long_cut_off_may_be_old() {
-        let grace = Duration::from_secs(3600);
-        let t0 = Instant::now();
-        let mut contact = Contact::default();
-        contact.observe(true, t0, grace);
-        assert!(!contact.change_may_be_old(t0, grace));
-        // Cut off for 10 minutes: short.
-        contact.observe(false, t0, grace);
-        contact.observe(true, t0 + Duration::from_secs(600), grace);
-        assert!(!contact.change_may_be_old(t0 + Duration::from_secs(601), grace));
-        // Cut off for 40 minutes (more than half an hour).
-        let cut = t0 + Duration::from_secs(1000);
-        contact.observe(false, cut, grace);
-        assert!(!contact.change_may_be_old(cut + Duration::from_secs(60), grace));
-        assert!(contact.change_may_be_old(cut + Duration::from_secs(2400), grace));
-        let back = cut + Duration::from_secs(2400);
-        contact.observe(true, back, grace);
-        assert!(contact.change_may_be_old(back + Duration::from_secs(5), grace));
-        assert!(
-            !contact.change_may_be_old(back + RECENT_CONTACT + Duration::from_secs(1), grace),
-            "long since back in touch"
+    fn a_change_is_dated_from_when_the_node_was_last_current() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(change_dated(T0_UNIX_MS, day), T0_UNIX_MS - 600_000);
+        assert_eq!(
+            change_dated(T0_UNIX_MS, Duration::from_secs(60)),
+            T0_UNIX_MS - 15_000
         );
+        assert_eq!(change_dated(0, day), 0);
+    }
+
+    /// The node is current as of an exchange only once the loop has taken
+    /// in what it installed; the time only grows, and is kept in the data
+    /// dir once it has moved on by a minute (or at shutdown).
+    #[test]
+    fn the_node_is_current_only_once_caught_up() {
+        let mut currency = Currency::restored(Some(T0_UNIX_MS));
+        currency.observe(T0_UNIX_MS + 5_000, false);
+        assert_eq!(currency.current_unix_ms, T0_UNIX_MS, "a ring not taken in");
+        currency.observe(T0_UNIX_MS + 5_000, true);
+        assert_eq!(currency.current_unix_ms, T0_UNIX_MS + 5_000);
+        currency.observe(T0_UNIX_MS + 1_000, true);
+        assert_eq!(currency.current_unix_ms, T0_UNIX_MS + 5_000, "never back");
+        assert_eq!(currency.to_save(false), None, "moved on by 5 s only");
+        currency.observe(T0_UNIX_MS + 61_000, true);
+        assert_eq!(currency.to_save(false), Some(T0_UNIX_MS + 61_000));
+        assert_eq!(currency.to_save(true), None, "already kept");
+        currency.observe(T0_UNIX_MS + 62_000, true);
+        assert_eq!(currency.to_save(true), Some(T0_UNIX_MS + 62_000));
+        let mut unknown = Currency::restored(None);
+        assert_eq!(unknown.current_unix_ms, 0);
+        assert_eq!(unknown.to_save(true), None);
     }
 
     /// More changes than kept still keep the first ring (whose copies are
     /// the ones the node surely replicated) and the newest.
     #[test]
     fn the_rings_owed_are_bounded() {
-        let now = Instant::now();
+        let now = T0_UNIX_MS;
         let mut owed = None;
         let mut names = vec!["a".to_string(), "b".to_string(), "c".to_string()];
         let first = ring(&["a", "b", "c"]);
@@ -548,6 +730,28 @@ mod tests {
         let owed = owed.unwrap();
         assert_eq!(owed.rings.len(), OWED_RINGS_MAX);
         assert_eq!(owed.rings[0].fingerprint(), first.fingerprint());
-        assert_eq!(owed.since, now);
+        assert_eq!(owed.since_unix_ms, now);
+    }
+
+    /// A pass is owed since its earliest change: one dated from when the
+    /// node went down, taken in after a live one, brings the deadline
+    /// forward; a later one does not move it back.
+    #[test]
+    fn a_pass_is_owed_since_its_earliest_change() {
+        let mut owed = None;
+        let rings = [
+            ring(&["a", "b", "c"]),
+            ring(&["a", "b", "c", "x"]),
+            ring(&["a", "b", "c", "x", "y"]),
+        ];
+        Owed::add(&mut owed, rings[0].clone(), T0_UNIX_MS);
+        Owed::add(&mut owed, rings[1].clone(), T0_UNIX_MS - 5_000);
+        Owed::add(&mut owed, rings[2].clone(), T0_UNIX_MS + 5_000);
+        let owed = owed.unwrap();
+        assert_eq!(owed.since_unix_ms(), T0_UNIX_MS - 5_000);
+        assert_eq!(owed.rings().len(), 3);
+        let again = Owed::from_rings(owed.rings().to_vec(), owed.since_unix_ms()).unwrap();
+        assert_eq!(again.rings().len(), 3);
+        assert!(Owed::from_rings(Vec::new(), T0_UNIX_MS).is_none());
     }
 }
