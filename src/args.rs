@@ -123,13 +123,18 @@ pub struct KeygenArgs {
     pub out: Option<PathBuf>,
 }
 
+/// The most records a bench loads: a billion takes hours to load on any
+/// cluster; far past it, the load would never end (and the "latest"
+/// distribution sums a term per record before the run).
+pub const RECORDS_MAX: u64 = 1_000_000_000;
+
 #[derive(Args, Debug)]
 #[command(
     after_help = "With no --cluster, the bench starts 5 nodes in this process (N=3), spread over 3 emulated regions \
     (the cloud3 preset: us-east, us-west, eu-west, with delays from public AWS inter-region medians), \
     loads --records keys, then runs the workload once per --consistency setting and prints them side by side.\n\n\
-    Staleness (PBS t-visibility): a prober writes through one node and reads through another t ms after the \
-    acknowledgement; 'fresh@t' is the share of those reads that saw the write.\n\n\
+    Staleness (PBS t-visibility): probers write through one node and read through another t ms after the \
+    acknowledgement (several pairs of nodes); 'fresh@t' is the share of those reads that saw the write.\n\n\
     --workload putget is the older put-then-get phase benchmark (bench/loopback.sh uses it)."
 )]
 pub struct BenchArgs {
@@ -142,8 +147,8 @@ pub struct BenchArgs {
     /// YCSB core workload: a (50% read, 50% update), b (95/5), c (read only), d (read latest, 5% insert), f (read-modify-write); or putget.
     #[arg(long, value_name = "NAME", default_value = "a")]
     pub workload: String,
-    /// Records loaded before the run phase (YCSB workloads; putget writes its own keys).
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = bounded::<u64>(1, u64::MAX))]
+    /// Records loaded before the run phase (YCSB workloads; putget writes its own keys), at most 1,000,000,000.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = bounded::<u64>(1, RECORDS_MAX))]
     pub records: u64,
     /// Consistency settings to run, each reported side by side (repeatable, comma-separated): one, quorum, all, a count (R = W), or a pair r=R,w=W (also r=R:w=W). E.g. --consistency one,quorum --consistency r=1,w=2. Default: one, quorum and all.
     #[arg(long, value_name = "SETTING")]

@@ -554,7 +554,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
                 "{:<16} {:<7} {}",
                 r.setting.to_string(),
                 op.as_str(),
-                op_columns(o, o.ops as f64 / r.elapsed.as_secs_f64(), 2)
+                op_columns(o, o.ops as f64 / r.elapsed.as_secs_f64().max(1e-9), 2)
             );
         }
     }
@@ -738,7 +738,12 @@ fn report_json(
             "cpu_us_per_op": r.cpu_us_per_op(),
             "unsent": r.unsent,
             "failovers": r.failovers,
-            "ops": r.ops.iter().map(|(op, o)| (op.as_str().to_string(), op_json(o)))
+            "ops": r.ops.iter().map(|(op, o)| {
+                // As the table gives it, per operation type.
+                let mut out = op_json(o);
+                out["ops_per_sec"] = json!(o.ops as f64 / r.elapsed.as_secs_f64().max(1e-9));
+                (op.as_str().to_string(), out)
+            })
                 .collect::<serde_json::Map<_, _>>(),
             "reads": r.reads,
             "reads_not_found": r.reads_not_found,

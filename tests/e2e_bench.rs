@@ -107,6 +107,15 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         ] {
             assert!(!read[field].is_null(), "{field} in {s}");
         }
+        // Per operation, as the table gives it; together, the setting's.
+        let per_op: f64 = s["ops"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|o| o["ops_per_sec"].as_f64().unwrap())
+            .sum();
+        let total = s["ops_per_sec"].as_f64().unwrap();
+        assert!((per_op - total).abs() <= total * 1e-6 + 1e-6, "{s}");
         // A reason exactly when something failed.
         assert_eq!(
             read["first_error"].is_string(),
@@ -174,7 +183,16 @@ fn bad_bench_input_is_refused_before_loading() {
             4,
             "cannot reach",
         ),
-        (&["--records", "0"], 2, "--records <N>': must be at least 1"),
+        (
+            &["--records", "0"],
+            2,
+            "--records <N>': must be 1 to 1000000000",
+        ),
+        (
+            &["--records", "1000000001"],
+            2,
+            "--records <N>': must be 1 to 1000000000",
+        ),
         (&["--records", "ten"], 2, "\"ten\" is not a whole number"),
         (&["--rate", "0"], 2, "--rate"),
         (

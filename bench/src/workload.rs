@@ -295,13 +295,30 @@ fn fnv64(v: u64) -> u64 {
 pub struct KeyChooser {
     distribution: KeyDistribution,
     records: u64,
+    /// What the scrambled zipfian's ranks are spread over: fixed for the
+    /// run, as in YCSB, so that inserts do not move the hot keys (clients
+    /// learn of inserts at different moments; with a changing modulus
+    /// they would disagree on which keys are hot). A draw at or past
+    /// `records` is drawn again.
+    scramble_space: u64,
     zipf: Zipfian,
 }
 
+/// Draws past the existing records before a scrambled choice gives up
+/// drawing again and folds its draw onto them.
+const SCRAMBLE_REDRAWS_MAX: u32 = 64;
+
 impl KeyChooser {
-    /// Over `records` existing records (at least 1).
-    pub fn new(distribution: KeyDistribution, records: u64) -> Self {
+    /// Over `records` existing records (at least 1), and as many again for
+    /// inserts if the workload makes any (`inserts`: YCSB sizes this by
+    /// the expected inserts; a timed run does not know them).
+    pub fn new(distribution: KeyDistribution, records: u64, inserts: bool) -> Self {
         let records = records.max(1);
+        let scramble_space = if inserts {
+            records.saturating_mul(2)
+        } else {
+            records
+        };
         let zipf = match distribution {
             KeyDistribution::Latest => Zipfian::new(records, ZIPFIAN_CONSTANT),
             // Uniform draws no ranks; the zipfian's are over a fixed
@@ -313,6 +330,7 @@ impl KeyChooser {
         KeyChooser {
             distribution,
             records,
+            scramble_space,
             zipf,
         }
     }
@@ -326,7 +344,16 @@ impl KeyChooser {
     pub fn next_existing(&self, rng: &mut impl Rng) -> u64 {
         match self.distribution {
             KeyDistribution::Uniform => rng.gen_range(0..self.records),
-            KeyDistribution::Zipfian => fnv64(self.zipf.next(rng)) % self.records,
+            KeyDistribution::Zipfian => {
+                for _ in 0..SCRAMBLE_REDRAWS_MAX {
+                    let record = fnv64(self.zipf.next(rng)) % self.scramble_space;
+                    if record < self.records {
+                        return record;
+                    }
+                }
+                // Half the space exists at least, so this is next to never.
+                fnv64(self.zipf.next(rng)) % self.records
+            }
             KeyDistribution::Latest => {
                 let back = self.zipf.next(rng).min(self.records - 1);
                 self.records - 1 - back
@@ -459,7 +486,7 @@ mod tests {
     #[test]
     fn a_scrambled_zipfian_reaches_every_record() {
         let mut rng = rng();
-        let chooser = KeyChooser::new(KeyDistribution::Zipfian, 1000);
+        let chooser = KeyChooser::new(KeyDistribution::Zipfian, 1000, false);
         let mut seen = vec![false; 1000];
         for _ in 0..50_000 {
             seen[chooser.next_existing(&mut rng) as usize] = true;
@@ -477,10 +504,40 @@ mod tests {
         assert!((grown.eta - built.eta).abs() < 1e-9);
     }
 
+    /// The `count` records drawn most often from `chooser`.
+    fn hottest(chooser: &KeyChooser, count: usize) -> Vec<u64> {
+        let mut rng = rng();
+        let mut counts: HashMap<u64, u32> = HashMap::new();
+        for _ in 0..50_000 {
+            *counts.entry(chooser.next_existing(&mut rng)).or_default() += 1;
+        }
+        let mut hot: Vec<(u64, u32)> = counts.into_iter().collect();
+        hot.sort_by_key(|(k, c)| (std::cmp::Reverse(*c), *k));
+        hot.into_iter().take(count).map(|(k, _)| k).collect()
+    }
+
+    /// With inserts, the scrambled zipfian's hot keys stay where they were
+    /// as records are added (every client agrees on them whenever it
+    /// learns of the inserts), and only existing records are drawn.
+    #[test]
+    fn inserts_do_not_move_the_hot_keys() {
+        let before = KeyChooser::new(KeyDistribution::Zipfian, 1000, true);
+        let mut after = before.clone();
+        after.grow_to(1500);
+        let (hot_before, hot_after) = (hottest(&before, 5), hottest(&after, 10));
+        assert!(hot_before.iter().all(|k| *k < 1000));
+        assert!(
+            hot_before.iter().all(|k| hot_after.contains(k)),
+            "{hot_before:?} moved: {hot_after:?}"
+        );
+        let mut rng = rng();
+        assert!((0..10_000).all(|_| after.next_existing(&mut rng) < 1500));
+    }
+
     #[test]
     fn scrambling_spreads_the_hot_keys_and_latest_favours_new_inserts() {
         let mut rng = rng();
-        let chooser = KeyChooser::new(KeyDistribution::Zipfian, 10_000);
+        let chooser = KeyChooser::new(KeyDistribution::Zipfian, 10_000, false);
         let mut counts: HashMap<u64, u32> = HashMap::new();
         for _ in 0..50_000 {
             let k = chooser.next_existing(&mut rng);
@@ -503,7 +560,7 @@ mod tests {
             &hot[..5]
         );
 
-        let mut latest = KeyChooser::new(KeyDistribution::Latest, 1000);
+        let mut latest = KeyChooser::new(KeyDistribution::Latest, 1000, true);
         let newest = (0..100).map(|_| latest.next_insert()).last().unwrap();
         assert_eq!(newest, 1099);
         let recent = (0..10_000)
@@ -514,7 +571,7 @@ mod tests {
             "the 100 newest of 1,100 records get most reads: {recent}"
         );
 
-        let uniform = KeyChooser::new(KeyDistribution::Uniform, 10);
+        let uniform = KeyChooser::new(KeyDistribution::Uniform, 10, false);
         let mut seen = [0u32; 10];
         for _ in 0..10_000 {
             seen[uniform.next_existing(&mut rng) as usize] += 1;

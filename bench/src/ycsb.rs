@@ -40,7 +40,10 @@
 //! probe key is written once). A node that holds no copy of a key passes
 //! the request on to the first replica that does, so the two addresses may
 //! still reach one coordinator; the receipts tell, and such a probe is left
-//! out (`same_coordinator`): it would always be fresh. The share of fresh
+//! out (`same_coordinator`): it would always be fresh. Prober `k` writes
+//! through target `k` and reads through target `k + 1` (of the first five,
+//! round the list), so the curve spans several pairs of coordinators (in
+//! the embedded cluster, of regions), not one link. The share of fresh
 //! reads per `t` is the t-visibility curve. The wait is `link_delay`'s, about 0.1 ms late on
 //! this VM (tokio's timer fires on whole milliseconds, which made each
 //! t > 0 about a millisecond longer); the JSON gives the mean measured wait
@@ -63,7 +66,7 @@ use ringkv_node::{CallError, ClusterClient, ClusterKey};
 use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
 use crate::workload::{record_key, KeyChooser, KeyDistribution, Op, Workload};
-use crate::{new_histogram, BenchError};
+use crate::{new_histogram, record_latency, BenchError};
 
 /// The waits after a write's acknowledgement at which staleness is probed, in ms.
 pub const STALENESS_T_MS: &[u64] = &[0, 1, 5, 10, 50, 100];
@@ -213,11 +216,11 @@ impl OpReport {
         match outcome {
             Outcome::Read { .. } | Outcome::Written { .. } => {
                 self.ops += 1;
-                self.latency_us.saturating_record(latency_us);
+                record_latency(&mut self.latency_us, latency_us, 1);
             }
             Outcome::Timeout => {
                 self.timeouts += 1;
-                self.latency_us.saturating_record(latency_us);
+                record_latency(&mut self.latency_us, latency_us, 1);
             }
             Outcome::Shed => self.shed += 1,
             Outcome::Error { reason } => {
@@ -314,6 +317,9 @@ impl ReadStats {
 #[derive(Debug, Clone)]
 pub struct SettingReport {
     pub setting: Setting,
+    /// What ops/s divides by: the measured window (closed loop), or from
+    /// its start to the last answer (open loop, whose requests due in the
+    /// window are answered up to a timeout after it).
     pub elapsed: Duration,
     /// CPU time of this process during the run (see
     /// [`crate::process_cpu`]); `None` where it cannot be read.
@@ -434,9 +440,8 @@ impl Conn {
                 self.call(&get, delay).await
             }
             Conn::Resp(conn) => {
-                let limit = Duration::from_millis(u64::from(timeout_ms));
                 let mut conn = conn.lock().await;
-                match tokio::time::timeout(limit, conn.get(key.as_bytes())).await {
+                match tokio::time::timeout(resp_limit(timeout_ms), conn.get(key.as_bytes())).await {
                     Ok(Ok(value)) => Outcome::Read {
                         values: value.into_iter().collect(),
                         context: None,
@@ -472,9 +477,10 @@ impl Conn {
                 self.call(&put, delay).await
             }
             Conn::Resp(conn) => {
-                let limit = Duration::from_millis(u64::from(timeout_ms));
                 let mut conn = conn.lock().await;
-                match tokio::time::timeout(limit, conn.set(key.as_bytes(), value)).await {
+                match tokio::time::timeout(resp_limit(timeout_ms), conn.set(key.as_bytes(), value))
+                    .await
+                {
                     Ok(Ok(())) => Outcome::Written {
                         context: None,
                         coordinator: None,
@@ -487,6 +493,13 @@ impl Conn {
             }
         }
     }
+}
+
+/// How long a RESP client waits for an answer: as long as a ringkv client
+/// waits for a request with that timeout ([`answer_limit`]), so that side
+/// by side the two stores' timed-out requests count alike.
+fn resp_limit(timeout_ms: u32) -> Duration {
+    Duration::from_millis(u64::from(timeout_ms) + ringkv_core::wire::ANSWER_SLACK_MS)
 }
 
 /// How long a client waits for an answer: the node answers by the request's
@@ -736,7 +749,12 @@ pub async fn run_setting(
     let distribution = config
         .distribution
         .unwrap_or_else(|| config.workload.distribution());
-    let chooser = KeyChooser::new(distribution, records);
+    let inserts = config
+        .workload
+        .mix()
+        .iter()
+        .any(|(op, _)| *op == Op::Insert);
+    let chooser = KeyChooser::new(distribution, records, inserts);
     // Inserts take numbers from one counter, so clients never insert the
     // same key, and every client's chooser learns of the others' inserts
     // once they are over.
@@ -755,6 +773,8 @@ pub async fn run_setting(
                 .collect()
         })
         .collect();
+    // Connected before the clock starts: handshakes are not the workload's.
+    let prober_conns = connect_prober(config).await;
     let started = Instant::now();
     // Requests sent before this are not counted (the warm-up).
     let measured_from = started + config.warmup;
@@ -890,17 +910,12 @@ pub async fn run_setting(
             (reports, read_stats)
         });
     }
-    let prober = if config.resp {
-        Err("a RESP store has no coordinators to compare".to_string())
-    } else if config.targets.len() < 2 {
-        Err("it needs two coordinators: give --cluster two or more addresses".to_string())
-    } else {
+    let prober = prober_conns.map(|conns| {
         let (config, setting) = (config.clone(), setting.clone());
-        Ok(tokio::spawn(async move {
-            tokio::time::sleep_until(measured_from.into()).await;
-            probe_staleness(&config, &setting, deadline).await
-        }))
-    };
+        tokio::spawn(
+            async move { probe_with(&config, &setting, conns, measured_from, deadline).await },
+        )
+    });
     let mut merged: HashMap<Op, OpReport> = HashMap::new();
     let mut read_stats = ReadStats::default();
     while !tasks.is_empty() {
@@ -922,7 +937,15 @@ pub async fn run_setting(
         let whole = (config.warmup + config.duration).as_secs_f64();
         progress((started.elapsed().as_secs_f64() / whole).min(1.0));
     }
-    let elapsed = measured_from.elapsed();
+    // Closed loop: the requests counted are those sent in the measured
+    // window, so they are divided by it; the time to the last answer
+    // would add the slowest request's tail (seconds, for one that timed
+    // out) to a window of a few. Open loop: requests due in the window
+    // are answered up to a timeout after it, so to the last answer.
+    let elapsed = match config.rate_per_s {
+        Some(_) => measured_from.elapsed(),
+        None => config.duration,
+    };
     let cpu = cpu_at_start
         .await
         .ok()
@@ -1018,9 +1041,11 @@ fn charge_unsent(
         };
         let report = &mut ops[at].1;
         report.timeouts += count;
-        report
-            .latency_us
-            .saturating_record_n(waited.as_micros() as u64, count);
+        record_latency(
+            &mut report.latency_us,
+            u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            count,
+        );
     }
 }
 
@@ -1034,15 +1059,54 @@ const UNSENT_SEED: u64 = 0x756e_7365_6e74;
 /// How long the staleness prober waits after a probe failed.
 const PROBE_FAILURE_PAUSE: Duration = Duration::from_millis(50);
 
-/// The staleness prober (see the module docs): writes through the first
-/// target, reads through the second, cycling through [`STALENESS_T_MS`].
-/// At t = 0 the read is sent as soon as the write is acknowledged; at
-/// larger t, once t has passed since (the timer may be up to a millisecond
-/// late, and `gap_us` records what it was). Fails, with the reason, if it
-/// cannot connect to both coordinators.
+/// The staleness prober alone, from now until `until` (see [`probe_with`]).
 pub async fn probe_staleness(
     config: &YcsbConfig,
     setting: &Setting,
+    until: Instant,
+) -> Result<Vec<Visibility>, String> {
+    let conns = connect_prober(config).await?;
+    probe_with(config, setting, conns, Instant::now(), until).await
+}
+
+/// Connects the staleness prober to the coordinators it compares: the
+/// first [`PROBERS`] + 1 targets, one connection each and no failover
+/// (staleness is measured between coordinators). Fails, with the reason,
+/// with fewer than two targets or one that does not answer.
+pub(crate) async fn connect_prober(config: &YcsbConfig) -> Result<Vec<Arc<Conn>>, String> {
+    if config.resp {
+        return Err("a RESP store has no coordinators to compare".to_string());
+    }
+    if config.targets.len() < 2 {
+        return Err("it needs two coordinators: give --cluster two or more addresses".to_string());
+    }
+    let key = config.cluster_key.as_ref();
+    let mut conns = Vec::new();
+    for addr in config.targets.iter().take(PROBERS + 1) {
+        match ClusterClient::connect(vec![*addr], 0, Duration::from_secs(3), key).await {
+            Ok(conn) => conns.push(Arc::new(Conn::Ringkv(conn))),
+            Err(e) => {
+                close_all(conns).await;
+                return Err(format!("the prober could not connect to {addr}: {e}"));
+            }
+        }
+    }
+    Ok(conns)
+}
+
+/// The staleness prober (see the module docs), over `conns` (from
+/// [`connect_prober`]): prober `k` writes through `conns[k]` and reads
+/// through the next one (round the list), so the curve covers several
+/// pairs of coordinators, not one link; each cycles through
+/// [`STALENESS_T_MS`]. At t = 0 the read is sent as soon as the write is
+/// acknowledged; at larger t, once t has passed since (the timer may be up
+/// to a millisecond late, and `gap_us` records what it was). Probes begin
+/// at `from` and end at `until`.
+pub(crate) async fn probe_with(
+    config: &YcsbConfig,
+    setting: &Setting,
+    conns: Vec<Arc<Conn>>,
+    from: Instant,
     until: Instant,
 ) -> Result<Vec<Visibility>, String> {
     let mut out: Vec<Visibility> = STALENESS_T_MS
@@ -1052,28 +1116,12 @@ pub async fn probe_staleness(
             ..Visibility::default()
         })
         .collect();
-    let (Some(writer_addr), Some(reader_addr)) = (config.targets.first(), config.targets.get(1))
-    else {
-        return Err("it needs two coordinators".to_string());
-    };
-    let key = config.cluster_key.as_ref();
-    // One node each, no failover: staleness is measured between two
-    // coordinators.
-    let connect = |addr: SocketAddr| async move {
-        ClusterClient::connect(vec![addr], 0, Duration::from_secs(3), key)
-            .await
-            .map_err(|e| format!("the prober could not connect to {addr}: {e}"))
-    };
-    let writer = connect(*writer_addr).await?;
-    let reader = connect(*reader_addr).await?;
-    let (writer, reader) = (
-        Arc::new(Conn::Ringkv(writer)),
-        Arc::new(Conn::Ringkv(reader)),
-    );
+    tokio::time::sleep_until(from.into()).await;
     let run: u32 = rand::thread_rng().gen();
     let mut probers = tokio::task::JoinSet::new();
     for prober in 0..PROBERS {
-        let (writer, reader) = (writer.clone(), reader.clone());
+        let (w, r) = prober_pair(prober, conns.len());
+        let (writer, reader) = (conns[w].clone(), conns[r].clone());
         let (config, setting, out) = (config.clone(), setting.clone(), out.clone());
         probers.spawn(async move {
             let keys = format!("pbs:{run:08x}:{prober}");
@@ -1083,18 +1131,34 @@ pub async fn probe_staleness(
             .await
         });
     }
+    let mut failed = None;
     while let Some(done) = probers.join_next().await {
-        let theirs = done.map_err(|e| format!("a prober failed: {e}"))?;
-        for (total, v) in out.iter_mut().zip(theirs) {
-            total.probes += v.probes;
-            total.fresh += v.fresh;
-            total.failed += v.failed;
-            total.gap_us += v.gap_us;
-            total.same_coordinator += v.same_coordinator;
+        match done {
+            Ok(theirs) => {
+                for (total, v) in out.iter_mut().zip(theirs) {
+                    total.probes += v.probes;
+                    total.fresh += v.fresh;
+                    total.failed += v.failed;
+                    total.gap_us += v.gap_us;
+                    total.same_coordinator += v.same_coordinator;
+                }
+            }
+            Err(e) => failed = Some(e),
         }
     }
-    close_all(vec![writer, reader]).await;
-    Ok(out)
+    close_all(conns).await;
+    // A prober that panicked took its probes with it: no curve.
+    match failed {
+        Some(e) => Err(format!("a prober failed: {e}")),
+        None => Ok(out),
+    }
+}
+
+/// Which of `coordinators` connections prober `prober` writes through
+/// and reads through: consecutive ones, round the list, so probers cover
+/// different pairs (two coordinators: both directions).
+fn prober_pair(prober: usize, coordinators: usize) -> (usize, usize) {
+    (prober % coordinators, (prober + 1) % coordinators)
 }
 
 /// Staleness probers running at once. Each probe waits for a write, t and a
@@ -1102,7 +1166,7 @@ pub async fn probe_staleness(
 /// only a handful of probes per t in a short run.
 const PROBERS: usize = 4;
 
-/// One prober's loop (see [`probe_staleness`]): writes keys `{keys}:{i}`
+/// One prober's loop (see [`probe_with`]): writes keys `{keys}:{i}`
 /// once each, cycling through the waits from `first_slot` on, until `until`.
 #[allow(clippy::too_many_arguments)]
 async fn probe(
@@ -1199,6 +1263,18 @@ fn verdict(written: &Outcome, read: &Outcome, value: &[u8]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each prober writes and reads through two different coordinators, and
+    /// together they cover several pairs.
+    #[test]
+    fn probers_cover_several_pairs_of_coordinators() {
+        let pairs = |n: usize| (0..PROBERS).map(|p| prober_pair(p, n)).collect::<Vec<_>>();
+        assert_eq!(pairs(2), [(0, 1), (1, 0), (0, 1), (1, 0)]);
+        assert_eq!(pairs(5), [(0, 1), (1, 2), (2, 3), (3, 4)]);
+        for n in 2..=PROBERS + 1 {
+            assert!(pairs(n).iter().all(|(w, r)| w != r && *w < n && *r < n));
+        }
+    }
 
     /// A timed-out request is in the latencies at the time the client gave
     /// up (the worst a user waited); one the store refused or shed is not.

@@ -29,12 +29,14 @@ struct Args {
     start: u64,
     #[arg(long)]
     count: u64,
-    #[arg(long, default_value_t = 100)]
-    value_bytes: usize,
+    /// Bytes per value, at most 16 MiB.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=16 << 20))]
+    value_bytes: u32,
     /// Write consistency: 1..=N, one, quorum or all.
     #[arg(short = 'w', long = "w", default_value = "all")]
     w: String,
-    #[arg(long, default_value_t = 32)]
+    /// Writers at once, each with its own connection: 1 to 10,000.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     concurrency: u64,
     /// The cluster's key file, if it has one (see `ringkv node --help`);
     /// without the flag, RINGKV_CLUSTER_KEY_FILE's files, comma-separated.
@@ -45,6 +47,13 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let Some(end) = args.start.checked_add(args.count) else {
+        eprintln!(
+            "error: --start {} plus --count {} is past the largest key number",
+            args.start, args.count
+        );
+        return ExitCode::from(2);
+    };
     let w: Consistency = match args.w.parse() {
         Ok(w) => w,
         Err(e) => {
@@ -73,27 +82,25 @@ async fn main() -> ExitCode {
     let failed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for worker in 0..args.concurrency.max(1) {
+    for worker in 0..args.concurrency {
         let addr = args.cluster[worker as usize % args.cluster.len()];
         let (prefix, failed, key) = (args.prefix.clone(), failed.clone(), cluster_key.clone());
-        let (start, count, step, bytes) = (
-            args.start,
-            args.count,
-            args.concurrency.max(1),
-            args.value_bytes,
-        );
+        let (start, step, bytes) = (args.start, args.concurrency, args.value_bytes as usize);
+        // This worker's keys: every `step`th from `start + worker`.
+        let mine = (start + worker..end).step_by(step as usize);
         tasks.spawn(async move {
             let client =
                 match Client::connect_with_key(addr, Duration::from_secs(5), key.as_ref()).await {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("error: cannot reach {addr}: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed);
+                        // Every key of its share is unwritten.
+                        failed.fetch_add(mine.count() as u64, Ordering::Relaxed);
                         return;
                     }
                 };
             let value = vec![b'v'; bytes];
-            for i in (start + worker..start + count).step_by(step as usize) {
+            for i in mine {
                 let put = Request::Put(PutRequest::new(
                     format!("{prefix}{i}"),
                     Payload::Value(value.clone()),
@@ -110,10 +117,11 @@ async fn main() -> ExitCode {
     while tasks.join_next().await.is_some() {}
     let failed = failed.load(Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
+    let written = args.count.saturating_sub(failed);
     println!(
-        "wrote {} keys in {secs:.1} s ({:.0}/s), {failed} failed",
+        "wrote {written} of {} keys in {secs:.1} s ({:.0}/s), {failed} failed",
         args.count,
-        args.count as f64 / secs
+        written as f64 / secs
     );
     if failed == 0 {
         ExitCode::SUCCESS
