@@ -210,7 +210,7 @@ impl Currency {
     /// The time to keep in the data dir, if it moved on by
     /// [`handover_store::SAVE_EVERY`] since it was last kept (or at all,
     /// with `always`).
-    fn to_save(&mut self, always: bool) -> Option<u64> {
+    fn take_unsaved(&mut self, always: bool) -> Option<u64> {
         let due = self
             .saved_unix_ms
             .saturating_add(millis(handover_store::SAVE_EVERY));
@@ -253,7 +253,7 @@ fn track_currency(
         && seen.is_some_and(|seen| places_alike(inner, seen));
     currency.observe(at, caught_up);
     if seen_kept {
-        if let Some(current) = currency.to_save(false) {
+        if let Some(current) = currency.take_unsaved(false) {
             handover_store::save_current(&inner.storage, current);
         }
     }
@@ -456,7 +456,7 @@ pub(super) async fn ring_handover_loop(
         }
     }
     if seen_kept {
-        if let Some(current) = currency.to_save(true) {
+        if let Some(current) = currency.take_unsaved(true) {
             handover_store::save_current(&inner.storage, current);
         }
     }
@@ -701,15 +701,15 @@ mod tests {
         assert_eq!(currency.current_unix_ms, T0_UNIX_MS + 5_000);
         currency.observe(T0_UNIX_MS + 1_000, true);
         assert_eq!(currency.current_unix_ms, T0_UNIX_MS + 5_000, "never back");
-        assert_eq!(currency.to_save(false), None, "moved on by 5 s only");
+        assert_eq!(currency.take_unsaved(false), None, "moved on by 5 s only");
         currency.observe(T0_UNIX_MS + 61_000, true);
-        assert_eq!(currency.to_save(false), Some(T0_UNIX_MS + 61_000));
-        assert_eq!(currency.to_save(true), None, "already kept");
+        assert_eq!(currency.take_unsaved(false), Some(T0_UNIX_MS + 61_000));
+        assert_eq!(currency.take_unsaved(true), None, "already kept");
         currency.observe(T0_UNIX_MS + 62_000, true);
-        assert_eq!(currency.to_save(true), Some(T0_UNIX_MS + 62_000));
+        assert_eq!(currency.take_unsaved(true), Some(T0_UNIX_MS + 62_000));
         let mut unknown = Currency::restored(None);
         assert_eq!(unknown.current_unix_ms, 0);
-        assert_eq!(unknown.to_save(true), None);
+        assert_eq!(unknown.take_unsaved(true), None);
     }
 
     /// More changes than kept still keep the first ring (whose copies are
