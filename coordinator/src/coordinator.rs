@@ -753,8 +753,10 @@ impl<T: Transport> Coordinator<T> {
     /// from `stand_ins`; for writes (`replace_silent`), so do owners that
     /// have not answered at all by `stand_ins.after`. An owner held back
     /// (believed down, replaced by a stand-in) is asked after all when its
-    /// last stand-in fails, or when its stand-in is still silent at
-    /// `stand_ins.after`. Each send runs in its own task, bounded by the
+    /// last stand-in fails, when no stand-in is left for anyone and nothing
+    /// covers its slot, or when its stand-in is still silent at
+    /// `stand_ins.after` (or, sent from then on, as long after it was
+    /// sent). Each send runs in its own task, bounded by the
     /// deadline (or by [`Self::close`]), so sends still running when the
     /// quorum is decided still reach their nodes. Returns the answers still to come, for callers
     /// that want them, and the fallbacks and held-back owners not used.
@@ -834,6 +836,11 @@ impl<T: Transport> Coordinator<T> {
         let mut waited_for_silent = stand_ins.held_back.is_empty()
             && (stand_ins.request_for.is_none()
                 || (!stand_ins.replace_silent && stand_ins.spares.is_empty()));
+        // Stand-ins for held-back owners sent from `after` on, which that
+        // timer no longer judges: each gets as long as a first one did, and
+        // its owner is asked after all if it is still silent then.
+        let stand_in_wait = stand_ins.after.saturating_duration_since(start);
+        let mut silence_checks: VecDeque<(NodeId, Instant)> = VecDeque::new();
         while tracker.state() == QuorumState::Waiting {
             tokio::select! {
                 // Answers already in count before a timer judges their
@@ -846,6 +853,9 @@ impl<T: Transport> Coordinator<T> {
                     if replaceable && !stand_ins.spares.is_empty() {
                         // A spare owner first: it holds the data, a fallback likely not.
                         if let Some((spare, request)) = self.next_spare(&mut stand_ins, tracker, "failure") {
+                            if waited_for_silent {
+                                silence_checks.extend(held_back_check(&spare, &stand_ins, tracker, stand_in_wait));
+                            }
                             dispatch(spare, request);
                         }
                         // If `node` was the last stand-in for an owner held
@@ -860,6 +870,9 @@ impl<T: Transport> Coordinator<T> {
                             let owner_gave_up = waited_for_silent && stand_ins.replace_silent;
                             if tracker.slot_uncovered_without(&owner, &node, owner_gave_up) {
                                 if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
+                                    if waited_for_silent {
+                                        silence_checks.extend(held_back_check(&stand_in, &stand_ins, tracker, stand_in_wait));
+                                    }
                                     dispatch(stand_in, request);
                                 } else {
                                     ask_after_all(owner, &mut stand_ins, tracker);
@@ -868,6 +881,18 @@ impl<T: Transport> Coordinator<T> {
                         }
                     }
                     tracker.record(&node, answer);
+                    // No stand-in left for anyone: every owner held back
+                    // whose slot nothing covers any more is asked after
+                    // all, not only the one whose stand-in failed just now
+                    // (a spare may have taken the last fallbacks).
+                    if !stand_ins.would_stand_in() {
+                        let held_back: Vec<NodeId> = stand_ins.held_back.iter().map(|(o, _)| o.clone()).collect();
+                        for owner in held_back {
+                            if tracker.slot_uncovered_without(&owner, &owner, false) {
+                                ask_after_all(owner, &mut stand_ins, tracker);
+                            }
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(stand_ins.after), if !waited_for_silent => {
                     waited_for_silent = true;
@@ -883,6 +908,7 @@ impl<T: Transport> Coordinator<T> {
                         let needed = tracker.required().saturating_sub(tracker.satisfied());
                         for _ in 0..needed {
                             let Some((node, request)) = self.next_spare(&mut stand_ins, tracker, "silent") else { break };
+                            silence_checks.extend(held_back_check(&node, &stand_ins, tracker, stand_in_wait));
                             dispatch(node, request);
                         }
                         // Due at the same moment (slow peers put it at the
@@ -913,6 +939,21 @@ impl<T: Transport> Coordinator<T> {
                     }
                     // Once: later spares go only to failures.
                     stand_ins.speculate_at = None;
+                }
+                _ = tokio::time::sleep_until(silence_checks.front().map_or(deadline, |(_, due)| *due)),
+                    if !silence_checks.is_empty() => {
+                    let now = Instant::now();
+                    while let Some((owner, due)) = silence_checks.front().cloned() {
+                        if due > now {
+                            break;
+                        }
+                        silence_checks.pop_front();
+                        // A later stand-in for it has not been silent as long.
+                        let later = silence_checks.iter().any(|(o, _)| *o == owner);
+                        if !later && tracker.held_back_behind_silence().contains(&owner) {
+                            ask_after_all(owner, &mut stand_ins, tracker);
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracker.expire(elapsed_us(start));
@@ -1320,6 +1361,23 @@ impl StandIns<'_> {
 
 /// Owners believed down that got a stand-in instead, with their own request.
 type HeldBack = Vec<(NodeId, Request)>;
+
+/// If `node` was just sent as the stand-in of an owner held back, that
+/// owner and when to ask it after all should `node` stay silent: `wait`
+/// from now.
+fn held_back_check(
+    node: &NodeId,
+    stand_ins: &StandIns<'_>,
+    tracker: &QuorumTracker,
+    wait: Duration,
+) -> Option<(NodeId, Instant)> {
+    let owner = tracker.owner_of(node).filter(|owner| *owner != node)?;
+    stand_ins
+        .held_back
+        .iter()
+        .any(|(held, _)| held == owner)
+        .then(|| (owner.clone(), Instant::now() + wait))
+}
 
 /// What a fan-out left unused, for the stand-ins after a write's answer.
 struct Unused {

@@ -356,7 +356,9 @@ impl<S: Store> ReplicaService<S> {
         let current = self.store.get(key)?;
         let mut merged = current.clone().unwrap_or_default();
         merged.sync(incoming);
-        if current.as_ref() == Some(&merged) {
+        // An empty clock merged into nothing is still nothing: stored, it
+        // would read as a key held with no version, and never be collected.
+        if current.as_ref() == Some(&merged) || (current.is_none() && merged == Clock::default()) {
             return Ok(false);
         }
         check_limits(&merged)?;
@@ -893,6 +895,9 @@ mod tests {
         let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
         assert!(b.sync(b"k", &clock).unwrap());
         assert!(!b.sync(b"k", &clock).unwrap());
+        // An empty clock for a key not held stores nothing.
+        assert!(!b.sync(b"absent", &Clock::default()).unwrap());
+        assert_eq!(b.read(b"absent").unwrap(), None);
     }
 
     /// A replica that removed its copy (a collected tombstone, a stray

@@ -340,9 +340,13 @@ impl SimHandler for SimNode {
             match request {
                 Request::Put(p) => self.coordinator.put(p).await,
                 Request::Get(g) => self.coordinator.get(g).await,
-                Request::Replica(ReplicaRequest::Hint { .. })
-                    if self.refuses_hints.load(std::sync::atomic::Ordering::SeqCst) =>
-                {
+                // As a `--no-hints` node: neither hints nor reads of them.
+                Request::Replica(
+                    ReplicaRequest::Hint { .. }
+                    | ReplicaRequest::Read {
+                        hint_for: Some(_), ..
+                    },
+                ) if self.refuses_hints.load(std::sync::atomic::Ordering::SeqCst) => {
                     Response::error(
                         ringkv_core::wire::ErrorKind::Unavailable,
                         HintError::Disabled.to_string(),

@@ -34,16 +34,45 @@ fn assert_ok(r: &Response) {
     assert!(matches!(r, Response::Put(_) | Response::Get(_)), "{r:?}");
 }
 
+/// Five nodes (two fallbacks for each key), and a key that n1, n2 and n3
+/// replicate.
+fn five_nodes() -> (SimCluster, String) {
+    let c = SimCluster::with_options(
+        5,
+        3,
+        1,
+        SimOptions {
+            read_repair_chance: 0.0,
+            ..SimOptions::default()
+        },
+    );
+    let key = (0..)
+        .map(|i| format!("user:{i}"))
+        .find(|k| {
+            let replicas = c.ring.replicas_of(k.as_bytes());
+            ["n1", "n2", "n3"]
+                .iter()
+                .all(|n| replicas.contains(&c.id(n)))
+        })
+        .expect("some key is on n1, n2 and n3");
+    (c, key)
+}
+
 /// n1 has measured n2 as slow (`slow_ms` each way) and n3 as fast, from
 /// the writes it coordinated, which go to every replica.
 async fn n2_slow_for_n1(c: &SimCluster, slow_ms: u64) {
+    n2_slow_for_n1_with(c, KEY, slow_ms).await
+}
+
+/// [`n2_slow_for_n1`], with `key` written last.
+async fn n2_slow_for_n1_with(c: &SimCluster, key: &str, slow_ms: u64) {
     let slow = Duration::from_millis(slow_ms);
     c.net.delay(&c.id("n1"), &c.id("n2"), slow);
     c.net.delay(&c.id("n2"), &c.id("n1"), slow);
     for i in 0..3 {
         assert_ok(&c.put("n1", &format!("warm:{i}"), "w", All, None).await);
     }
-    assert_ok(&c.put("n1", KEY, "v3", All, None).await);
+    assert_ok(&c.put("n1", key, "v3", All, None).await);
     c.net.take_log();
 }
 
@@ -64,12 +93,13 @@ async fn a_quorum_read_asks_itself_and_the_fastest_peer_only() {
 
 #[tokio::test(start_paused = true)]
 async fn a_silent_replica_is_replaced_by_the_spare_replica_not_a_fallback() {
-    let c = cluster(0.0);
-    n2_slow_for_n1(&c, 3).await;
+    // Fallbacks exist (five nodes), so not asking one is a choice.
+    let (c, key) = five_nodes();
+    n2_slow_for_n1_with(&c, &key, 3).await;
     // n3, the fastest, crashes without anyone noticing: it never answers.
     c.net.down(&c.id("n3"));
     let started = tokio::time::Instant::now();
-    let r = c.get("n1", KEY, Quorum).await;
+    let r = c.get("n1", &key, Quorum).await;
     assert_eq!(get_values(&r), ["v3"]);
     let log = c.net.take_log();
     assert!(

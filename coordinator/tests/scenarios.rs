@@ -188,10 +188,11 @@ async fn a_reply_after_the_deadline_changes_nothing() {
         .unwrap();
     assert_eq!(n3.outcome, Outcome::Timeout);
     // The late send still lands on n3 (nothing is rolled back), but the
-    // client's answer was decided at the deadline.
+    // client's answer was decided at the deadline (the error above). The
+    // tracker ignoring an answer past the deadline is `quorum`'s unit
+    // test `late_and_duplicate_answers_change_nothing`.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(c.local_values("n3", KEY), ["v"]);
-    assert!(matches!(put, Response::Error(_)));
 }
 
 #[tokio::test(start_paused = true)]

@@ -23,7 +23,12 @@ struct Story {
 }
 
 fn story(options: SimOptions) -> Story {
-    let c = SimCluster::with_options(5, 3, 7, options);
+    story_of(5, options)
+}
+
+/// A story on `nodes` nodes (N=3): `nodes - 3` fallbacks.
+fn story_of(nodes: usize, options: SimOptions) -> Story {
+    let c = SimCluster::with_options(nodes, 3, 7, options);
     let pref = c.ring.preference_list(KEY.as_bytes());
     let names = |v: &[NodeId]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
     Story {
@@ -1024,4 +1029,55 @@ async fn after_the_quorum_an_owner_held_back_is_asked_when_its_stand_ins_fail() 
         s.c.node(coordinator).detector.is_up(&s.id(owner)),
         "its answer told the detector it is up"
     );
+}
+
+/// A read's spare, wrongly believed down, gets its stand-in only at
+/// `after`, once an asked owner has been silent that long (it crashed
+/// unnoticed); the stand-in hangs too. The spare is asked after all once
+/// its stand-in has been silent as long as a first one gets, and answers:
+/// the read succeeds at twice `after`, not failing at the deadline.
+#[tokio::test(start_paused = true)]
+async fn a_read_asks_an_owner_held_back_behind_a_stand_in_sent_late() {
+    let s = story(SimOptions::default());
+    let (coordinator, crashed, wrongly) = (&s.owners[0], &s.owners[1], &s.owners[2]);
+    let put = s.c.put(coordinator, KEY, "v1", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    let node = s.c.node(coordinator);
+    let now = tokio::time::Instant::now();
+    node.detector.record(&s.id(wrongly), false, now);
+    node.detector.record(&s.id(wrongly), false, now);
+    s.c.net.down(&s.id(crashed));
+    s.c.net.down(&s.id(&s.fallbacks[0]));
+    s.c.net.take_log();
+    let started = tokio::time::Instant::now();
+    let get = s.c.get(coordinator, KEY, Quorum).await;
+    assert_eq!(values(&get), ["v1"], "{get:?} {:?}", s.c.net.take_log());
+    assert_eq!(started.elapsed(), Duration::from_millis(1000), "{get:?}");
+}
+
+/// Six nodes: the coordinator believes `owners[1]` and `owners[2]` down;
+/// the first is up, the second down, and every fallback refuses
+/// (`Overloaded`). `owners[1]`'s stand-in fails first, while fallbacks
+/// are left, and the spare `owners[2]` takes them all; once none is left,
+/// `owners[1]` is asked after all too, and the read succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_read_asks_every_owner_held_back_once_no_stand_in_is_left() {
+    let s = story_of(6, SimOptions::default());
+    assert_eq!(s.fallbacks.len(), 3);
+    let (coordinator, up, down) = (&s.owners[0], &s.owners[1], &s.owners[2]);
+    let put = s.c.put(coordinator, KEY, "v1", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    let node = s.c.node(coordinator);
+    let now = tokio::time::Instant::now();
+    for owner in [up, down] {
+        node.detector.record(&s.id(owner), false, now);
+        node.detector.record(&s.id(owner), false, now);
+    }
+    s.c.net.down(&s.id(down));
+    for fallback in &s.fallbacks {
+        s.c.net.overload(&s.id(fallback));
+    }
+    s.c.net.take_log();
+    let get = s.c.get(coordinator, KEY, Quorum).await;
+    assert_eq!(values(&get), ["v1"], "{get:?} {:?}", s.c.net.take_log());
 }
