@@ -27,9 +27,11 @@
 //! asked after all (the failure detector can be wrong, say just after the
 //! owner came back), for at most the stand-in delay, so that a slot with no
 //! one left still fails well before the deadline; after a write's answer,
-//! by the task that places its late hints. A stand-in that stays silent
-//! rather than failing is waited for until the deadline (after a write's
-//! answer, its owner is asked then).
+//! by the task that places its late hints. It is also asked, or given the
+//! next fallback, when nothing covers its slot any more after a failure
+//! elsewhere took the fallbacks (a spare may take them), and it is asked
+//! when its stand-in stays silent as long as a silent owner gets before a
+//! stand-in.
 //!
 //! When W (or R) cannot be met before the deadline the answer is a quorum
 //! error naming who answered and who did not. Dynamo does not roll a write
@@ -815,9 +817,10 @@ impl<T: Transport> Coordinator<T> {
             });
         };
         let dispatch = |node: NodeId, request: Request| dispatch_until(node, request, deadline);
-        // An owner held back whose last stand-in failed: likely down after
-        // all, it gets what a silent owner gets before a stand-in, so that a
-        // slot with no one left fails soon, not at the deadline.
+        // An owner held back whose last stand-in failed (or hangs): likely
+        // down after all, it gets what a silent owner gets before a
+        // stand-in, so that a slot with no one left fails soon, not at the
+        // deadline.
         let ask_after_all =
             |owner: NodeId, stand_ins: &mut StandIns<'_>, tracker: &mut QuorumTracker| {
                 if let Some(request) = stand_ins.ask_held_back(&owner, tracker) {
@@ -881,14 +884,21 @@ impl<T: Transport> Coordinator<T> {
                         }
                     }
                     tracker.record(&node, answer);
-                    // No stand-in left for anyone: every owner held back
-                    // whose slot nothing covers any more is asked after
-                    // all, not only the one whose stand-in failed just now
-                    // (a spare may have taken the last fallbacks).
-                    if !stand_ins.would_stand_in() {
-                        let held_back: Vec<NodeId> = stand_ins.held_back.iter().map(|(o, _)| o.clone()).collect();
-                        for owner in held_back {
-                            if tracker.slot_uncovered_without(&owner, &owner, false) {
+                    // Every owner held back whose slot nothing covers any
+                    // more, not only the one whose stand-in failed just now
+                    // (a spare may have taken its fallback), gets the next
+                    // fallback, or is asked after all.
+                    if replaceable && tracker.state() == QuorumState::Waiting && Instant::now() < deadline {
+                        for owner in stand_ins.held_back.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>() {
+                            if !tracker.slot_uncovered_without(&owner, &owner, false) {
+                                continue;
+                            }
+                            if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
+                                if waited_for_silent {
+                                    silence_checks.extend(held_back_check(&stand_in, &stand_ins, tracker, stand_in_wait));
+                                }
+                                dispatch(stand_in, request);
+                            } else {
                                 ask_after_all(owner, &mut stand_ins, tracker);
                             }
                         }
@@ -1326,7 +1336,8 @@ struct StandIns<'a> {
     spares: VecDeque<(NodeId, Request)>,
     speculate_at: Option<Instant>,
     /// Owners believed down that got a stand-in instead, with their own
-    /// request: asked after all when their last stand-in fails.
+    /// request: asked after all when their last stand-in fails or stays
+    /// silent (see [`Coordinator::fan_out`]).
     held_back: HeldBack,
 }
 

@@ -324,7 +324,8 @@ pub struct SimNode {
 }
 
 impl SimNode {
-    /// From now on, refuse hinted writes as a node with `--no-hints` does.
+    /// From now on, refuse hinted writes, and reads of hints, as a node
+    /// with `--no-hints` does.
     pub fn refuse_hints(&self) {
         self.refuses_hints
             .store(true, std::sync::atomic::Ordering::SeqCst);

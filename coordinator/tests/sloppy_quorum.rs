@@ -1079,5 +1079,47 @@ async fn a_read_asks_every_owner_held_back_once_no_stand_in_is_left() {
     }
     s.c.net.take_log();
     let get = s.c.get(coordinator, KEY, Quorum).await;
-    assert_eq!(values(&get), ["v1"], "{get:?} {:?}", s.c.net.take_log());
+    let log = s.c.net.take_log();
+    assert_eq!(values(&get), ["v1"], "{get:?} {log:?}");
+    // The story needs `up` read first, through a stand-in, and `down` as
+    // the spare that takes the fallbacks left.
+    let first_read_for = |owner: &str| {
+        log.iter()
+            .position(|l| l.contains(&format!("Read for {owner}")))
+            .unwrap_or_else(|| panic!("no stand-in read for {owner}: {log:?}"))
+    };
+    assert!(first_read_for(up) < first_read_for(down), "{log:?}");
+}
+
+/// Six nodes, as above, but only the first fallback refuses; the second
+/// hangs and the third is healthy. `owners[1]`'s stand-in fails while the
+/// spare `owners[2]` takes the second fallback: `owners[1]`'s slot, left
+/// uncovered, gets the third at once, and the read succeeds without
+/// waiting out the hanging one.
+#[tokio::test(start_paused = true)]
+async fn an_owner_held_back_whose_stand_in_failed_gets_a_fallback_left() {
+    let s = story_of(6, SimOptions::default());
+    let (coordinator, up, down) = (&s.owners[0], &s.owners[1], &s.owners[2]);
+    let put = s.c.put(coordinator, KEY, "v1", All, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    let node = s.c.node(coordinator);
+    let now = tokio::time::Instant::now();
+    for owner in [up, down] {
+        node.detector.record(&s.id(owner), false, now);
+        node.detector.record(&s.id(owner), false, now);
+    }
+    s.c.net.down(&s.id(down));
+    s.c.net.overload(&s.id(&s.fallbacks[0]));
+    s.c.net.down(&s.id(&s.fallbacks[1]));
+    s.c.net.take_log();
+    let started = tokio::time::Instant::now();
+    let get = s.c.get(coordinator, KEY, Quorum).await;
+    let log = s.c.net.take_log();
+    assert_eq!(values(&get), ["v1"], "{get:?} {log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains(&format!("{} Read for", s.fallbacks[2]))),
+        "the third fallback stood in: {log:?}"
+    );
+    assert_eq!(started.elapsed(), Duration::ZERO, "{get:?} {log:?}");
 }
