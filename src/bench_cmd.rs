@@ -959,6 +959,7 @@ fn failovers_note(failovers: u64) -> String {
 fn phase_json(p: &PhaseReport) -> serde_json::Value {
     let mut out = op_json(&p.counts);
     out["ops_per_sec"] = json!(p.ops_per_sec());
+    out["not_found"] = json!(p.not_found);
     out
 }
 

@@ -344,6 +344,11 @@ impl KeyChooser {
     pub fn next_existing(&self, rng: &mut impl Rng) -> u64 {
         match self.distribution {
             KeyDistribution::Uniform => rng.gen_range(0..self.records),
+            // Inserts past the space (more than doubled the records): the
+            // existing records' count is the space from then on.
+            KeyDistribution::Zipfian if self.records >= self.scramble_space => {
+                fnv64(self.zipf.next(rng)) % self.records
+            }
             KeyDistribution::Zipfian => {
                 for _ in 0..SCRAMBLE_REDRAWS_MAX {
                     let record = fnv64(self.zipf.next(rng)) % self.scramble_space;

@@ -1071,8 +1071,8 @@ pub async fn probe_staleness(
 
 /// Connects the staleness prober to the coordinators it compares: the
 /// first [`PROBERS`] + 1 targets, one connection each and no failover
-/// (staleness is measured between coordinators). Fails, with the reason,
-/// with fewer than two targets or one that does not answer.
+/// (staleness is measured between coordinators), leaving out those that
+/// do not answer. Fails, with the reason, with fewer than two that do.
 pub(crate) async fn connect_prober(config: &YcsbConfig) -> Result<Vec<Arc<Conn>>, String> {
     if config.resp {
         return Err("a RESP store has no coordinators to compare".to_string());
@@ -1081,15 +1081,20 @@ pub(crate) async fn connect_prober(config: &YcsbConfig) -> Result<Vec<Arc<Conn>>
         return Err("it needs two coordinators: give --cluster two or more addresses".to_string());
     }
     let key = config.cluster_key.as_ref();
-    let mut conns = Vec::new();
+    let (mut conns, mut failures) = (Vec::new(), Vec::new());
     for addr in config.targets.iter().take(PROBERS + 1) {
         match ClusterClient::connect(vec![*addr], 0, Duration::from_secs(3), key).await {
             Ok(conn) => conns.push(Arc::new(Conn::Ringkv(conn))),
-            Err(e) => {
-                close_all(conns).await;
-                return Err(format!("the prober could not connect to {addr}: {e}"));
-            }
+            Err(e) => failures.push(format!("{addr}: {e}")),
         }
+    }
+    // The ones that answer, if at least two do.
+    if conns.len() < 2 {
+        close_all(conns).await;
+        return Err(format!(
+            "the prober could not connect to two coordinators: {}",
+            failures.join("; ")
+        ));
     }
     Ok(conns)
 }

@@ -87,7 +87,7 @@ async fn main() -> ExitCode {
         let (prefix, failed, key) = (args.prefix.clone(), failed.clone(), cluster_key.clone());
         let (start, step, bytes) = (args.start, args.concurrency, args.value_bytes as usize);
         // This worker's keys: every `step`th from `start + worker`.
-        let mine = (start + worker..end).step_by(step as usize);
+        let mine = (start.saturating_add(worker)..end).step_by(step as usize);
         tasks.spawn(async move {
             let client =
                 match Client::connect_with_key(addr, Duration::from_secs(5), key.as_ref()).await {

@@ -425,7 +425,7 @@ pub(super) async fn ring_handover_loop(
                 metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "abandoned")
                     .increment(1);
                 tracing::error!(
-                    "not handing over the keys a ring change took from this node: the change was made while it was down, and when it was last current is unknown (a data dir from an older release), so a version handed over could bring back a collected delete; the keys stay as stray copies (`ringkv cleanup` keeps them)"
+                    "not handing over the keys a ring change took from this node: the change may have been made while it was down, and when it was last current is unknown (a data dir from an older release, or a damaged record), so a version handed over could bring back a collected delete; the keys stay as stray copies (`ringkv cleanup` keeps them)"
                 );
                 true
             }
