@@ -844,6 +844,27 @@ impl<T: Transport> Coordinator<T> {
         // its owner is asked after all if it is still silent then.
         let stand_in_wait = stand_ins.after.saturating_duration_since(start);
         let mut silence_checks: VecDeque<(NodeId, Instant)> = VecDeque::new();
+        // A slot left uncovered: the next fallback for `owner`, or `owner`
+        // itself after all; a stand-in for an owner held back gets a
+        // silence check once `after` has passed (`checks`).
+        let cover = |owner: NodeId,
+                     stand_ins: &mut StandIns<'_>,
+                     tracker: &mut QuorumTracker,
+                     checks: Option<&mut VecDeque<(NodeId, Instant)>>| {
+            if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
+                if let Some(checks) = checks {
+                    checks.extend(held_back_check(
+                        &stand_in,
+                        stand_ins,
+                        tracker,
+                        stand_in_wait,
+                    ));
+                }
+                dispatch(stand_in, request);
+            } else {
+                ask_after_all(owner, stand_ins, tracker);
+            }
+        };
         while tracker.state() == QuorumState::Waiting {
             tokio::select! {
                 // Answers already in count before a timer judges their
@@ -872,14 +893,7 @@ impl<T: Transport> Coordinator<T> {
                         if let Some(owner) = tracker.owner_of(&node).cloned() {
                             let owner_gave_up = waited_for_silent && stand_ins.replace_silent;
                             if tracker.slot_uncovered_without(&owner, &node, owner_gave_up) {
-                                if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
-                                    if waited_for_silent {
-                                        silence_checks.extend(held_back_check(&stand_in, &stand_ins, tracker, stand_in_wait));
-                                    }
-                                    dispatch(stand_in, request);
-                                } else {
-                                    ask_after_all(owner, &mut stand_ins, tracker);
-                                }
+                                cover(owner, &mut stand_ins, tracker, waited_for_silent.then_some(&mut silence_checks));
                             }
                         }
                     }
@@ -890,16 +904,8 @@ impl<T: Transport> Coordinator<T> {
                     // fallback, or is asked after all.
                     if replaceable && tracker.state() == QuorumState::Waiting && Instant::now() < deadline {
                         for owner in stand_ins.held_back.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>() {
-                            if !tracker.slot_uncovered_without(&owner, &owner, false) {
-                                continue;
-                            }
-                            if let Some((stand_in, request)) = stand_ins.next_for(&owner, tracker) {
-                                if waited_for_silent {
-                                    silence_checks.extend(held_back_check(&stand_in, &stand_ins, tracker, stand_in_wait));
-                                }
-                                dispatch(stand_in, request);
-                            } else {
-                                ask_after_all(owner, &mut stand_ins, tracker);
+                            if tracker.slot_uncovered_without(&owner, &owner, false) {
+                                cover(owner, &mut stand_ins, tracker, waited_for_silent.then_some(&mut silence_checks));
                             }
                         }
                     }

@@ -1055,13 +1055,10 @@ async fn a_read_asks_an_owner_held_back_behind_a_stand_in_sent_late() {
     assert_eq!(started.elapsed(), Duration::from_millis(1000), "{get:?}");
 }
 
-/// Six nodes: the coordinator believes `owners[1]` and `owners[2]` down;
-/// the first is up, the second down, and every fallback refuses
-/// (`Overloaded`). `owners[1]`'s stand-in fails first, while fallbacks
-/// are left, and the spare `owners[2]` takes them all; once none is left,
-/// `owners[1]` is asked after all too, and the read succeeds.
-#[tokio::test(start_paused = true)]
-async fn a_read_asks_every_owner_held_back_once_no_stand_in_is_left() {
+/// Six nodes (three fallbacks), "v1" written everywhere; then
+/// `owners[0]`, the coordinator, believes `owners[1]` and `owners[2]`
+/// down; the first is up, the second is down.
+async fn six_nodes_two_owners_believed_down() -> Story {
     let s = story_of(6, SimOptions::default());
     assert_eq!(s.fallbacks.len(), 3);
     let (coordinator, up, down) = (&s.owners[0], &s.owners[1], &s.owners[2]);
@@ -1074,6 +1071,18 @@ async fn a_read_asks_every_owner_held_back_once_no_stand_in_is_left() {
         node.detector.record(&s.id(owner), false, now);
     }
     s.c.net.down(&s.id(down));
+    s
+}
+
+/// Six nodes: the coordinator believes `owners[1]` and `owners[2]` down;
+/// the first is up, the second down, and every fallback refuses
+/// (`Overloaded`). `owners[1]`'s stand-in fails first, while fallbacks
+/// are left, and the spare `owners[2]` takes them all; once none is left,
+/// `owners[1]` is asked after all too, and the read succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_read_asks_every_owner_held_back_once_no_stand_in_is_left() {
+    let s = six_nodes_two_owners_believed_down().await;
+    let (coordinator, up, down) = (&s.owners[0], &s.owners[1], &s.owners[2]);
     for fallback in &s.fallbacks {
         s.c.net.overload(&s.id(fallback));
     }
@@ -1098,17 +1107,8 @@ async fn a_read_asks_every_owner_held_back_once_no_stand_in_is_left() {
 /// waiting out the hanging one.
 #[tokio::test(start_paused = true)]
 async fn an_owner_held_back_whose_stand_in_failed_gets_a_fallback_left() {
-    let s = story_of(6, SimOptions::default());
-    let (coordinator, up, down) = (&s.owners[0], &s.owners[1], &s.owners[2]);
-    let put = s.c.put(coordinator, KEY, "v1", All, None).await;
-    assert!(matches!(put, Response::Put(_)), "{put:?}");
-    let node = s.c.node(coordinator);
-    let now = tokio::time::Instant::now();
-    for owner in [up, down] {
-        node.detector.record(&s.id(owner), false, now);
-        node.detector.record(&s.id(owner), false, now);
-    }
-    s.c.net.down(&s.id(down));
+    let s = six_nodes_two_owners_believed_down().await;
+    let coordinator = &s.owners[0];
     s.c.net.overload(&s.id(&s.fallbacks[0]));
     s.c.net.down(&s.id(&s.fallbacks[1]));
     s.c.net.take_log();
