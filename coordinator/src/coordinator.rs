@@ -27,10 +27,10 @@
 //! asked after all (the failure detector can be wrong, say just after the
 //! owner came back), for at most the stand-in delay, so that a slot with no
 //! one left still fails well before the deadline; after a write's answer,
-//! by the task that places its late hints. It is also asked, or given the
-//! next fallback, when nothing covers its slot any more after a failure
-//! elsewhere took the fallbacks (a spare may take them), and it is asked
-//! when its stand-in stays silent as long as a silent owner gets before a
+//! by the task that places its late hints. Its slot, left uncovered by a
+//! failure elsewhere (a spare may take its fallback), gets the next
+//! fallback, or the owner itself once none is left; and it is asked when
+//! its stand-in stays silent as long as a silent owner gets before a
 //! stand-in.
 //!
 //! When W (or R) cannot be met before the deadline the answer is a quorum
@@ -754,9 +754,10 @@ impl<T: Transport> Coordinator<T> {
     /// the request itself) and leaves its slot uncovered gets a stand-in
     /// from `stand_ins`; for writes (`replace_silent`), so do owners that
     /// have not answered at all by `stand_ins.after`. An owner held back
-    /// (believed down, replaced by a stand-in) is asked after all when its
-    /// last stand-in fails, when no stand-in is left for anyone and nothing
-    /// covers its slot, or when its stand-in is still silent at
+    /// (believed down, replaced by a stand-in) whose slot nothing covers
+    /// any more after a failure (its stand-in's, or one elsewhere that
+    /// took its fallback) gets the next fallback, or is asked after all if
+    /// none is left; it is asked too when its stand-in is still silent at
     /// `stand_ins.after` (or, sent from then on, as long after it was
     /// sent). Each send runs in its own task, bounded by the
     /// deadline (or by [`Self::close`]), so sends still running when the
