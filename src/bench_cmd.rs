@@ -680,7 +680,7 @@ fn report_json(
 ) -> serde_json::Value {
     // The matrix itself, not only where it came from: a file may change
     // after the run, and a report must say what was measured.
-    let link = |l: Link| json!({"delay_ms": l.delay_ms, "jitter_ms": l.jitter_ms, "loss": l.loss});
+    let link = |l: Link| json!({"delay_ms": l.delay_ms, "jitter_ms": l.jitter_ms, "loss": l.loss, "cut": l.cut});
     let latency_matrix = matrix.map(|m| {
         json!({
             "regions": m.regions(),

@@ -66,7 +66,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.cluster_key = cluster_key;
     let handle = Node::start(config).await.map_err(node_failure)?;
     // After the start: a signal during it ends the process (nothing to drain).
-    let mut signals = match Signals::new() {
+    let mut signals = match Signals::new(true) {
         Ok(signals) => signals,
         Err(failure) => {
             handle.shutdown().await;
@@ -74,9 +74,14 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
         }
     };
     outln!("node {} serving on {}", handle.id(), handle.addr());
-    let removed = tokio::select! {
-        () = signals.next() => false,
-        () = handle.removed() => true,
+    let removed = loop {
+        tokio::select! {
+            caught = signals.caught() => match caught {
+                Caught::Stop => break false,
+                Caught::Hangup => replace_matrix(&handle, args.latency_matrix.as_deref()),
+            },
+            () = handle.removed() => break true,
+        }
     };
     if removed {
         errln!("shutting down");
@@ -112,6 +117,31 @@ async fn stop_or_exit_on_signal(
     }
 }
 
+/// SIGHUP: reads the `--latency-matrix` source again and puts it in effect
+/// for the node's calls from now on (emulated partitions: a `cut` link).
+/// A matrix that does not load, or lacks the node's region, is refused with
+/// the reason, and the old one stays in effect.
+fn replace_matrix(handle: &NodeHandle, source: Option<&str>) {
+    let Some(source) = source else {
+        errln!("SIGHUP: nothing to read again: this node was started without --latency-matrix");
+        return;
+    };
+    let replaced = load_matrix(source).and_then(|matrix| {
+        handle
+            .replace_latency_matrix(matrix)
+            .map_err(|e| Failure::new(Exit::Usage, e.to_string()))
+    });
+    match replaced {
+        Ok(()) => {
+            errln!("SIGHUP: --latency-matrix {source} read again; in effect for calls from now on")
+        }
+        Err(failure) => errln!(
+            "SIGHUP: kept the latency matrix in effect: {}",
+            failure.message
+        ),
+    }
+}
+
 /// A latency matrix from `preset:NAME` or a TOML file.
 pub fn load_matrix(source: &str) -> Result<ringkv_core::regions::LatencyMatrix, Failure> {
     use ringkv_core::regions::LatencyMatrix;
@@ -141,7 +171,7 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
         |_, config| config.cluster_key = cluster_key.clone(),
     )
     .await?;
-    let mut signals = match Signals::new() {
+    let mut signals = match Signals::new(false) {
         Ok(signals) => signals,
         Err(failure) => {
             for n in nodes {
@@ -632,15 +662,20 @@ fn node_failure(e: NodeError) -> Failure {
 /// Ctrl-C and SIGTERM, each listened for from creation on: a signal that
 /// arrives between two waits is kept for the next, not lost (once a handler
 /// is installed the default action, ending the process, no longer applies).
+/// With `hangup`, SIGHUP too, which `ringkv node` takes as "read your
+/// latency matrix again", as daemons read their configuration again, rather
+/// than the default end of the process (`ringkv cluster` keeps that).
 struct Signals {
     #[cfg(unix)]
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
-    fn new() -> Result<Self, Failure> {
+    fn new(hangup: bool) -> Result<Self, Failure> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
@@ -652,22 +687,56 @@ impl Signals {
             Ok(Signals {
                 interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
                 terminate: listen(SignalKind::terminate(), "SIGTERM")?,
+                hangup: match hangup {
+                    true => Some(listen(SignalKind::hangup(), "SIGHUP")?),
+                    false => None,
+                },
             })
         }
         #[cfg(not(unix))]
-        Ok(Signals {})
+        {
+            let _ = hangup;
+            Ok(Signals {})
+        }
     }
 
-    /// Returns at the next Ctrl-C or SIGTERM.
+    /// Returns at the next Ctrl-C or SIGTERM (a SIGHUP meanwhile is
+    /// passed over).
     async fn next(&mut self) {
+        while self.caught().await != Caught::Stop {}
+    }
+
+    /// The next signal listened for.
+    async fn caught(&mut self) -> Caught {
         #[cfg(unix)]
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
+        {
+            let hangup = async {
+                match &mut self.hangup {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.interrupt.recv() => Caught::Stop,
+                _ = self.terminate.recv() => Caught::Stop,
+                _ = hangup => Caught::Hangup,
+            }
         }
         #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Caught::Stop
+        }
     }
+}
+
+/// What [`Signals::caught`] caught.
+#[derive(Debug, PartialEq, Eq)]
+enum Caught {
+    /// Ctrl-C or SIGTERM.
+    Stop,
+    /// SIGHUP.
+    Hangup,
 }
 
 #[cfg(test)]

@@ -17,7 +17,14 @@
 //! delay_ms = 38      # one-way
 //! jitter_ms = 2      # uniform in ±jitter_ms
 //! loss = 0.001       # probability a message is lost
+//! # cut = true       # a partition: nothing passes either way
 //! ```
+//!
+//! A cut link emulates a network partition between two regions (or, in
+//! `[local]`, between the nodes of each region): every message is lost,
+//! so calls across it end at their callers' deadlines, as they would with
+//! a real partition. A node re-reads its matrix file on SIGHUP, which is
+//! how a partition is made and healed while the nodes run.
 //!
 //! Every pair of distinct regions must have a link: a missing pair is an
 //! error rather than a silent zero delay. This module only describes and
@@ -40,6 +47,9 @@ pub struct Link {
     /// Probability in `[0, 1)` that a message is lost.
     #[serde(default)]
     pub loss: f64,
+    /// Every message is lost: a network partition (see the module docs).
+    #[serde(default)]
+    pub cut: bool,
 }
 
 impl Link {
@@ -47,6 +57,7 @@ impl Link {
         delay_ms: 0.0,
         jitter_ms: 0.0,
         loss: 0.0,
+        cut: false,
     };
 }
 
@@ -282,7 +293,8 @@ impl LatencyMatrix {
     }
 
     /// One message's fate from `from` to `to`, given two uniform numbers in
-    /// `[0, 1)`: `None` if it is lost, else its delay.
+    /// `[0, 1)`: `None` if it is lost (always, on a cut link), else its
+    /// delay.
     pub fn sample(
         &self,
         from: &str,
@@ -291,7 +303,7 @@ impl LatencyMatrix {
         loss_u: f64,
     ) -> Result<Option<Duration>, RegionError> {
         let link = self.link(from, to)?;
-        if loss_u < link.loss {
+        if link.cut || loss_u < link.loss {
             return Ok(None);
         }
         let ms = (link.delay_ms + link.jitter_ms * (2.0 * jitter_u - 1.0)).max(0.0);
@@ -403,6 +415,41 @@ loss = 0.25
             .unwrap_err()
             .to_string()
             .contains("unknown region \"z\"; the matrix has a, b"));
+    }
+
+    #[test]
+    fn a_cut_link_loses_every_message_both_ways_and_only_its_own() {
+        let m = LatencyMatrix::parse_toml(
+            r#"
+regions = ["a", "b", "c"]
+[[link]]
+between = ["a", "b"]
+delay_ms = 5
+cut = true
+[[link]]
+between = ["a", "c"]
+delay_ms = 5
+[[link]]
+between = ["b", "c"]
+cut = false
+"#,
+        )
+        .unwrap();
+        for u in [0.0, 0.5, 0.999_999] {
+            assert_eq!(m.sample("a", "b", 0.5, u).unwrap(), None);
+            assert_eq!(m.sample("b", "a", 0.5, u).unwrap(), None);
+            assert_eq!(
+                m.sample("a", "c", 0.5, u).unwrap(),
+                Some(Duration::from_millis(5))
+            );
+            assert_eq!(m.sample("b", "c", 0.5, u).unwrap(), Some(Duration::ZERO));
+            assert_eq!(m.sample("a", "a", 0.5, u).unwrap(), Some(Duration::ZERO));
+        }
+        assert!(m.link("a", "b").unwrap().cut && !m.link("b", "c").unwrap().cut);
+        let err = LatencyMatrix::parse_toml("regions = [\"a\"]\n[local]\ncut = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid TOML"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   pool and the client connection.
 //! - [`link_delay`]: waiting out an emulated region link's delay to the
 //!   microsecond.
+//! - [`region_links`]: a node's emulated links to the other regions, which
+//!   a new matrix (SIGHUP) changes while it runs: emulated partitions.
 //! - [`request_memory`]: the bytes of requests a node holds, and shedding
 //!   the requests beyond them.
 //! - [`cluster_client`]: a client that moves to another node when its node
@@ -34,6 +36,7 @@ pub mod group_commit;
 pub mod link_delay;
 pub mod membership;
 pub mod quic;
+pub mod region_links;
 pub mod request_memory;
 pub mod server;
 pub mod storage;

@@ -672,6 +672,19 @@ impl Membership {
         guard.as_ref()?.members.get(id)?.region.clone()
     }
 
+    /// The region of the member serving at `addr`, if one does and has a
+    /// region.
+    pub fn region_at(&self, addr: SocketAddr) -> Option<String> {
+        let guard = self.record.read().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()?
+            .members
+            .values()
+            .find(|m| m.addr.parse::<SocketAddr>().is_ok_and(|a| a == addr))?
+            .region
+            .clone()
+    }
+
     /// The address of member `id`.
     pub fn addr_of(&self, id: &NodeId) -> Option<SocketAddr> {
         self.route_to(id).map(|(addr, _)| addr)
@@ -791,6 +804,12 @@ mod tests {
                 .as_deref(),
             Some("eu-west")
         );
+        // Calls by address find the region of the member serving there.
+        assert_eq!(
+            m.region_at("127.0.0.1:7000".parse().unwrap()).as_deref(),
+            Some("eu-west")
+        );
+        assert_eq!(m.region_at("127.0.0.1:7001".parse().unwrap()), None);
     }
 
     /// A start that never got into a cluster does not claim the data dir;

@@ -39,6 +39,7 @@ use crate::cluster_key::ClusterKey;
 use crate::error::NodeError;
 use crate::membership::{ClusterRecord, Membership};
 use crate::quic::{serve_connection, CallError, PeerPool};
+use crate::region_links::RegionLinks;
 use crate::request_memory::RequestMemory;
 use crate::storage::{millis, unix_ms, Storage};
 use crate::tls;
@@ -342,8 +343,8 @@ pub struct QuicTransport {
     local: Arc<LocalReplica>,
     membership: Arc<Membership>,
     pool: PeerPool,
-    /// Emulated regions: (the matrix, this node's region).
-    regions: Option<(Arc<LatencyMatrix>, String)>,
+    /// Emulated regions: this node's region and its links to the others.
+    regions: Option<RegionLinks>,
 }
 
 impl QuicTransport {
@@ -354,8 +355,22 @@ impl QuicTransport {
         }
     }
 
+    /// A call to whoever serves at `addr` (membership exchanges, joins,
+    /// removals). A member's address meets its region's emulated link, as
+    /// calls by node id do: a partition cuts the membership exchange too.
     async fn call_addr(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
-        self.pool.call(addr, request).await
+        let peer_region = self
+            .regions
+            .as_ref()
+            .and_then(|_| self.membership.region_at(addr));
+        if let Some(region) = &peer_region {
+            self.emulate_link(region, true).await;
+        }
+        let answer = self.pool.call(addr, request).await?;
+        if let Some(region) = &peer_region {
+            self.emulate_link(region, false).await;
+        }
+        Ok(answer)
     }
 }
 
@@ -400,24 +415,10 @@ impl Transport for QuicTransport {
 
 impl QuicTransport {
     /// Waits out one emulated leg between this node and a peer in `region`
-    /// (`outbound`: the request; else the answer). A lost message never
-    /// arrives: the caller's deadline ends the wait, as with a real loss.
+    /// (`outbound`: the request; else the answer; see [`RegionLinks::leg`]).
     async fn emulate_link(&self, region: &str, outbound: bool) {
-        let Some((matrix, mine)) = &self.regions else {
-            return;
-        };
-        let (from, to) = if outbound {
-            (mine.as_str(), region)
-        } else {
-            (region, mine.as_str())
-        };
-        let (jitter_u, loss_u): (f64, f64) = (rand::random(), rand::random());
-        match matrix.sample(from, to, jitter_u, loss_u) {
-            Ok(Some(delay)) if !delay.is_zero() => crate::link_delay::sleep(delay).await,
-            Ok(Some(_)) => {}
-            Ok(None) => std::future::pending::<()>().await,
-            // A peer in a region the matrix lacks: no emulated delay.
-            Err(_) => {}
+        if let Some(links) = &self.regions {
+            links.leg(region, outbound).await;
         }
     }
 }
@@ -1010,6 +1011,26 @@ impl NodeHandle {
         self.addr
     }
 
+    /// Puts `matrix` in effect for this node's calls to peers from now on
+    /// (`ringkv node` re-reads its `--latency-matrix` file on SIGHUP): how
+    /// an emulated partition is made and healed while the cluster runs (see
+    /// `region_links`). Refused, and the old matrix kept, for a node started
+    /// without a matrix or a matrix that lacks the node's region.
+    pub fn replace_latency_matrix(&self, matrix: LatencyMatrix) -> Result<(), NodeError> {
+        let Some(links) = &self.inner.transport.regions else {
+            return Err(NodeError::Config {
+                reason: "this node was started without --latency-matrix, so it emulates no \
+                         regions; restart it with --region and --latency-matrix"
+                    .to_string(),
+            });
+        };
+        links.replace(matrix).map_err(|e| NodeError::Config {
+            reason: format!("--latency-matrix lacks this node's --region: {e}"),
+        })?;
+        metrics::counter!("ringkv_latency_matrix_replaced_total").increment(1);
+        Ok(())
+    }
+
     /// Returns once this node has learned that it was removed from the
     /// cluster (`ringkv remove` on another member): it must then stop, as
     /// `ringkv node` does. Never returns otherwise.
@@ -1222,7 +1243,16 @@ impl Node {
             local: local.clone(),
             membership: membership.clone(),
             pool: PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT),
-            regions: config.latency_matrix.clone().zip(config.region.clone()),
+            regions: match (&config.latency_matrix, &config.region) {
+                (Some(matrix), Some(region)) => Some(
+                    RegionLinks::new(matrix.clone(), region.clone()).map_err(|e| {
+                        NodeError::Config {
+                            reason: format!("--region: {e}"),
+                        }
+                    })?,
+                ),
+                _ => None,
+            },
         });
         let transport_for_repair = transport.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
