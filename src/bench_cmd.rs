@@ -554,7 +554,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
                 "{:<16} {:<7} {}",
                 r.setting.to_string(),
                 op.as_str(),
-                op_columns(o, o.ops as f64 / r.elapsed.as_secs_f64().max(1e-9), 2)
+                op_columns(o, r.op_ops_per_sec(o), 2)
             );
         }
     }
@@ -741,7 +741,7 @@ fn report_json(
             "ops": r.ops.iter().map(|(op, o)| {
                 // As the table gives it, per operation type.
                 let mut out = op_json(o);
-                out["ops_per_sec"] = json!(o.ops as f64 / r.elapsed.as_secs_f64().max(1e-9));
+                out["ops_per_sec"] = json!(r.op_ops_per_sec(o));
                 (op.as_str().to_string(), out)
             })
                 .collect::<serde_json::Map<_, _>>(),

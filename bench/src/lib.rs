@@ -88,9 +88,15 @@ pub struct PhaseReport {
     pub not_found: u64,
 }
 
+/// `count` operations over `window`, per second (0 over an empty window).
+/// Every ops/s the bench reports comes from here.
+pub fn per_second(count: u64, window: Duration) -> f64 {
+    count as f64 / window.as_secs_f64().max(1e-9)
+}
+
 impl PhaseReport {
     pub fn ops_per_sec(&self) -> f64 {
-        self.counts.ops as f64 / self.elapsed.as_secs_f64()
+        per_second(self.counts.ops, self.elapsed)
     }
 
     /// The `q` quantile (0..=1) of latency, in milliseconds; `None` with

@@ -362,7 +362,12 @@ impl SettingReport {
     }
 
     pub fn ops_per_sec(&self) -> f64 {
-        self.total_ops() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        crate::per_second(self.total_ops(), self.elapsed)
+    }
+
+    /// One operation type's ops/s over the setting's window.
+    pub fn op_ops_per_sec(&self, op: &OpReport) -> f64 {
+        crate::per_second(op.ops, self.elapsed)
     }
 
     /// Requests made in the run: answered, failed or timed out.

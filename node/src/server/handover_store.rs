@@ -67,24 +67,21 @@ pub(super) fn restore(storage: &Storage) -> Restored {
             None
         }
     };
+    // Only when this node was last current: no ring, nothing owed.
+    let nothing_kept = || Restored {
+        current_unix_ms,
+        ..Restored::default()
+    };
     let unread = |reason: String| {
         tracing::error!(
             %reason,
             "could not read the ring hand-over's record from the data dir; a pass the last run owed, or a ring change made while this node was down, may not be handed over (anti-entropy and `ringkv repair` still fill keys that kept a replica)"
         );
-        Restored {
-            current_unix_ms,
-            ..Restored::default()
-        }
+        nothing_kept()
     };
     let bytes = match storage.meta_get(META_HANDOVER) {
         Ok(Some(bytes)) => bytes,
-        Ok(None) => {
-            return Restored {
-                current_unix_ms,
-                ..Restored::default()
-            }
-        }
+        Ok(None) => return nothing_kept(),
         Err(e) => return unread(e.to_string()),
     };
     let record = match decode_handover_record(&bytes) {
