@@ -228,7 +228,7 @@ pub struct NodeArgs {
     /// The region this node is in (a name such as us-east), shown by `status --json`.
     #[arg(long, value_name = "NAME")]
     pub region: Option<String>,
-    /// Emulate network distance between regions: delay (with jitter and loss) every call to a peer by this matrix, a TOML file or `preset:cloud4` / `preset:cloud3` (AWS inter-region medians). Needs --region; every node of a cluster should get the same matrix. The node reads the file again on SIGHUP: a link with `cut = true` emulates a network partition, so send SIGHUP to every node after editing the file to make or heal one.
+    /// Emulate network distance between regions: delay (with jitter and loss) every call to a peer by this matrix, a TOML file or `preset:cloud4` / `preset:cloud3` (AWS inter-region medians). Needs --region; every node of a cluster should get the same matrix. The node reads the file again on SIGHUP (a file that does not load, or lacks a member's region, is refused and the old matrix kept): a link with `cut = true` emulates a network partition, so send SIGHUP to every node after editing the file to make or heal one.
     #[arg(long, value_name = "FILE|preset:NAME", requires = "region")]
     pub latency_matrix: Option<String>,
     /// Virtual nodes on the ring; more spread load more evenly.

@@ -64,9 +64,17 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.repair_keys_per_s = args.anti_entropy.repair_keys_per_s;
     config.read_repair_chance = args.anti_entropy.read_repair_chance;
     config.cluster_key = cluster_key;
+    // SIGHUP is listened for before the start, so one sent meanwhile (a
+    // partition healed while this node restarts) is read once it serves,
+    // not taken as the default end of the process.
+    let hangup = match args.latency_matrix.is_some() {
+        true => Some(Signals::listen_hangup()?),
+        false => None,
+    };
     let handle = Node::start(config).await.map_err(node_failure)?;
-    // After the start: a signal during it ends the process (nothing to drain).
-    let mut signals = match Signals::new(true) {
+    // After the start: Ctrl-C or SIGTERM during it ends the process
+    // (nothing to drain).
+    let mut signals = match Signals::new(hangup) {
         Ok(signals) => signals,
         Err(failure) => {
             handle.shutdown().await;
@@ -78,7 +86,11 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
         tokio::select! {
             caught = signals.caught() => match caught {
                 Caught::Stop => break false,
-                Caught::Hangup => replace_matrix(&handle, args.latency_matrix.as_deref()),
+                Caught::Hangup => {
+                    if let Some(source) = &args.latency_matrix {
+                        replace_matrix(&handle, source);
+                    }
+                }
             },
             () = handle.removed() => break true,
         }
@@ -118,28 +130,41 @@ async fn stop_or_exit_on_signal(
 }
 
 /// SIGHUP: reads the `--latency-matrix` source again and puts it in effect
-/// for the node's calls from now on (emulated partitions: a `cut` link).
-/// A matrix that does not load, or lacks the node's region, is refused with
-/// the reason, and the old one stays in effect.
-fn replace_matrix(handle: &NodeHandle, source: Option<&str>) {
-    let Some(source) = source else {
-        errln!("SIGHUP: nothing to read again: this node was started without --latency-matrix");
-        return;
-    };
+/// for the node's calls from now on (emulated partitions: a `cut` link),
+/// naming the cut links. A matrix that does not load, or lacks a member's
+/// region, is refused with the reason, and the old one stays in effect.
+/// Counted in `ringkv_latency_matrix_reads_total{result}`.
+fn replace_matrix(handle: &NodeHandle, source: &str) {
     let replaced = load_matrix(source).and_then(|matrix| {
+        let cut: Vec<String> = matrix
+            .links()
+            .filter(|(_, _, link)| link.cut)
+            .map(|(a, b, _)| format!("{a}-{b}"))
+            .chain(matrix.local().cut.then(|| "within each region".to_string()))
+            .collect();
         handle
             .replace_latency_matrix(matrix)
+            .map(|()| cut)
             .map_err(|e| Failure::new(Exit::Usage, e.to_string()))
     });
-    match replaced {
-        Ok(()) => {
-            errln!("SIGHUP: --latency-matrix {source} read again; in effect for calls from now on")
+    let result = match replaced {
+        Ok(cut) => {
+            let cut = match cut.is_empty() {
+                true => "no link cut".to_string(),
+                false => format!("cut: {}", cut.join(", ")),
+            };
+            errln!("SIGHUP: --latency-matrix {source} read again, in effect for calls from now on ({cut})");
+            "in_effect"
         }
-        Err(failure) => errln!(
-            "SIGHUP: kept the latency matrix in effect: {}",
-            failure.message
-        ),
-    }
+        Err(failure) => {
+            errln!(
+                "SIGHUP: kept the latency matrix in effect: {}",
+                failure.message
+            );
+            "refused"
+        }
+    };
+    metrics::counter!("ringkv_latency_matrix_reads_total", "result" => result).increment(1);
 }
 
 /// A latency matrix from `preset:NAME` or a TOML file.
@@ -171,7 +196,7 @@ pub async fn cluster(args: ClusterArgs) -> Result<Exit, Failure> {
         |_, config| config.cluster_key = cluster_key.clone(),
     )
     .await?;
-    let mut signals = match Signals::new(false) {
+    let mut signals = match Signals::new(None) {
         Ok(signals) => signals,
         Err(failure) => {
             for n in nodes {
@@ -662,20 +687,42 @@ fn node_failure(e: NodeError) -> Failure {
 /// Ctrl-C and SIGTERM, each listened for from creation on: a signal that
 /// arrives between two waits is kept for the next, not lost (once a handler
 /// is installed the default action, ending the process, no longer applies).
-/// With `hangup`, SIGHUP too, which `ringkv node` takes as "read your
-/// latency matrix again", as daemons read their configuration again, rather
-/// than the default end of the process (`ringkv cluster` keeps that).
+/// With `hangup`, SIGHUP too, which `ringkv node --latency-matrix` takes as
+/// "read your matrix again", as daemons read their configuration again,
+/// rather than the default end of the process (which other nodes and
+/// `ringkv cluster` keep).
 struct Signals {
     #[cfg(unix)]
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
     #[cfg(unix)]
-    hangup: Option<tokio::signal::unix::Signal>,
+    hangup: Option<Hangup>,
 }
 
+/// A SIGHUP listener (none where there is no SIGHUP).
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = std::convert::Infallible;
+
 impl Signals {
-    fn new(hangup: bool) -> Result<Self, Failure> {
+    /// Listens for SIGHUP from now on (for [`new`](Self::new)).
+    fn listen_hangup() -> Result<Hangup, Failure> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            signal(SignalKind::hangup())
+                .map_err(|e| Failure::new(Exit::Internal, format!("cannot listen for SIGHUP: {e}")))
+        }
+        #[cfg(not(unix))]
+        Err(Failure::new(
+            Exit::Usage,
+            "there is no SIGHUP on this platform",
+        ))
+    }
+
+    fn new(hangup: Option<Hangup>) -> Result<Self, Failure> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
@@ -687,10 +734,7 @@ impl Signals {
             Ok(Signals {
                 interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
                 terminate: listen(SignalKind::terminate(), "SIGTERM")?,
-                hangup: match hangup {
-                    true => Some(listen(SignalKind::hangup(), "SIGHUP")?),
-                    false => None,
-                },
+                hangup,
             })
         }
         #[cfg(not(unix))]

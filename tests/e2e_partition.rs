@@ -40,14 +40,25 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
     let path = files.path().join("matrix.toml");
     std::fs::write(&path, matrix(false)).unwrap();
     let path_arg = path.to_str().unwrap().to_string();
+    let ip = loopback_for("e2e_partition");
+    let metrics = format!("{ip}:{}", free_tcp_port(ip));
     let cluster = Cluster::start_each("e2e_partition", 3, 3, |i, _| {
-        vec![
+        let mut flags = vec![
             "--region".to_string(),
             format!("r{}", i + 1),
             "--latency-matrix".to_string(),
             path_arg.clone(),
-        ]
+        ];
+        if i == 0 {
+            flags.extend(["--metrics".to_string(), metrics.clone()]);
+        }
+        flags
     });
+    // n1's count of matrix reads with `result`, once it serves metrics.
+    let reads = |result: &str| {
+        let name = format!("ringkv_latency_matrix_reads_total{{result=\"{result}\"}}");
+        sample(&scrape(&metrics), &name).unwrap_or(0.0)
+    };
     let put = |node: usize, key: &str, value: &str, w: &str, context: Option<&str>| {
         let mut args = vec!["put", key, value, "-w", w, "--timeout-ms", "1000", "--json"];
         if let Some(c) = context {
@@ -81,10 +92,18 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
         });
     }
 
-    // A matrix that does not load is refused; the node runs on with the
-    // cut still in effect.
-    std::fs::write(&path, "regions = [").unwrap();
-    cluster.signal(0, "HUP");
+    // A matrix that does not load, or lacks a member's region, is refused;
+    // the node runs on with the cut still in effect.
+    assert_eq!(reads("in_effect"), 1.0);
+    for bad in ["regions = [", "regions = [\"r1\"]"] {
+        let refused = reads("refused");
+        std::fs::write(&path, bad).unwrap();
+        cluster.signal(0, "HUP");
+        cluster.eventually(DEADLINE, "the bad matrix is read", || {
+            reads("refused") == refused + 1.0
+        });
+    }
+    assert_eq!(reads("in_effect"), 1.0);
     assert_exit(&cluster.cli(0, &["status"]), 0);
     assert_exit(&put(0, "probe", "x", "2", None), 3);
 

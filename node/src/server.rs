@@ -355,13 +355,18 @@ impl QuicTransport {
         }
     }
 
-    /// A call to whoever serves at `addr` (membership exchanges, joins,
-    /// removals). A member's address meets its region's emulated link, as
-    /// calls by node id do: a partition cuts the membership exchange too.
+    /// A call to whoever serves at `addr` (membership exchanges, removals,
+    /// joins). A member's address meets its region's emulated link, as
+    /// calls by node id do, so a partition cuts a member's membership
+    /// exchanges too. A node not yet in a cluster knows no member's region,
+    /// so its join is not emulated; nor is the question whether another
+    /// process holds this node's old address (`Identify`), which asks about
+    /// this machine, not the network.
     async fn call_addr(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
         let peer_region = self
             .regions
             .as_ref()
+            .filter(|_| !matches!(request, Request::Identify))
             .and_then(|_| self.membership.region_at(addr));
         if let Some(region) = &peer_region {
             self.emulate_link(region, true).await;
@@ -1015,7 +1020,9 @@ impl NodeHandle {
     /// (`ringkv node` re-reads its `--latency-matrix` file on SIGHUP): how
     /// an emulated partition is made and healed while the cluster runs (see
     /// `region_links`). Refused, and the old matrix kept, for a node started
-    /// without a matrix or a matrix that lacks the node's region.
+    /// without a matrix, or a matrix that lacks the node's region or a
+    /// member's: calls to a member in a region the matrix lacks meet no
+    /// emulated link at all, so a misspelt region would quietly lift a cut.
     pub fn replace_latency_matrix(&self, matrix: LatencyMatrix) -> Result<(), NodeError> {
         let Some(links) = &self.inner.transport.regions else {
             return Err(NodeError::Config {
@@ -1024,6 +1031,18 @@ impl NodeHandle {
                     .to_string(),
             });
         };
+        let record = self.inner.membership.record();
+        let members = record.iter().flat_map(|r| r.members.values());
+        for member in members {
+            if let Some(region) = &member.region {
+                matrix.check_region(region).map_err(|e| NodeError::Config {
+                    reason: format!(
+                        "--latency-matrix lacks the region of member {}: {e}",
+                        member.id
+                    ),
+                })?;
+            }
+        }
         links.replace(matrix).map_err(|e| NodeError::Config {
             reason: format!("--latency-matrix lacks this node's --region: {e}"),
         })?;
