@@ -7,13 +7,19 @@
 //! quorum still takes W=2 writes, the lone node takes W=1 writes and
 //! refuses W=2, both sides write the same key, and after the heal neither
 //! write is lost: a read returns both as siblings, and a write with that
-//! read's context replaces them.
+//! read's context replaces them. With fallbacks on the writer's side, the
+//! sloppy quorum takes the writes for owners cut off as hints, and hands
+//! them over once the partition heals.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use ringkv_core::wire::{PutRequest, Request, Response};
+use ringkv_core::{Consistency, NodeId, Payload};
+use ringkv_ring::Ring;
 
 const REGIONS: &str = "regions = [\"r1\", \"r2\", \"r3\"]\n";
 
@@ -142,5 +148,173 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
             "n{}",
             node + 1
         );
+    }
+}
+
+/// Regions a (n1, n2) and b (n3, n4, n5), cut apart or not.
+fn two_sides(cut: bool) -> String {
+    format!("regions = [\"a\", \"b\"]\n[[link]]\nbetween = [\"a\", \"b\"]\ncut = {cut}\n")
+}
+
+fn split_key(i: usize) -> String {
+    format!("split:{i}")
+}
+
+/// Writes `v{i}` to `split_key(i)` for each of `keys` through `addr` at
+/// W=2, one at a time; panics on a failed write.
+async fn write_w2(addr: SocketAddr, keys: &[usize]) {
+    let client = ringkv_node::Client::connect(addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    for &i in keys {
+        let put = Request::Put(PutRequest {
+            timeout_ms: 5000,
+            ..PutRequest::new(
+                split_key(i),
+                Payload::Value(format!("v{i}").into_bytes()),
+                Consistency::Count(2),
+                None,
+            )
+        });
+        match client.call(&put).await {
+            Ok(Response::Put(_)) => {}
+            other => panic!("W=2 write of {} failed: {other:?}", split_key(i)),
+        }
+    }
+    client.close().await;
+}
+
+/// Each node's `hints_pending` by id, as `status --json` through node
+/// `via` shows it (`None`: that node did not answer).
+fn hints_pending(c: &Cluster, via: usize) -> Vec<(String, Option<u64>)> {
+    let status = json(&c.cli(via, &["status", "--json"]));
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let id = n["id"].as_str().unwrap().to_string();
+            (id, n["hints_pending"].as_u64())
+        })
+        .collect()
+}
+
+#[test]
+fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("matrix.toml");
+    std::fs::write(&path, two_sides(false)).unwrap();
+    let path_arg = path.to_str().unwrap().to_string();
+    let c = Cluster::start_each("e2e_partition_sloppy", 5, 3, |i, _| {
+        let region = if i < 2 { "a" } else { "b" };
+        vec![
+            "--region".to_string(),
+            region.to_string(),
+            "--latency-matrix".to_string(),
+            path_arg.clone(),
+        ]
+    });
+    // Keys n1 owns and n2 does not: their other two owners are across the
+    // cut, and n2, a fallback, is the one stand-in on n1's side.
+    let ring = Ring::new(
+        (1..=5).map(|i| {
+            (
+                NodeId::new(format!("n{i}")).unwrap(),
+                ringkv_ring::DEFAULT_VNODES,
+            )
+        }),
+        3,
+    )
+    .unwrap();
+    let (n1, n2) = (NodeId::new("n1").unwrap(), NodeId::new("n2").unwrap());
+    let keys: Vec<usize> = (0..400)
+        .filter(|i| {
+            let pref = ring.preference_list(split_key(*i).as_bytes());
+            pref.contains(&n1) && !pref.contains(&n2)
+        })
+        .take(30)
+        .collect();
+    assert_eq!(keys.len(), 30);
+
+    std::fs::write(&path, two_sides(true)).unwrap();
+    for i in 0..5 {
+        c.signal(i, "HUP");
+    }
+    for node in [0, 1] {
+        c.eventually(DEADLINE, "the cut is in effect", || {
+            c.cli(
+                node,
+                &["put", "probe", "x", "-w", "all", "--timeout-ms", "500"],
+            )
+            .status
+            .code()
+                == Some(3)
+        });
+    }
+
+    let rt = runtime();
+    rt.block_on(write_w2(c.nodes[0].addr, &keys));
+    // Each write's copy for an owner across the cut waits on n2 as a hint.
+    // Polled: on a busy machine n2 may answer `status` too late once.
+    c.eventually(DEADLINE, "a hint on n2 per write", || {
+        let pending = hints_pending(&c, 0);
+        let on_n2 = pending
+            .iter()
+            .find(|(id, _)| id == "n2")
+            .and_then(|(_, h)| *h);
+        on_n2.is_some_and(|h| h >= keys.len() as u64)
+    });
+    let owners_across = |i: usize| -> Vec<usize> {
+        ring.preference_list(split_key(i).as_bytes())
+            .replicas
+            .iter()
+            .filter(|n| **n != n1)
+            .map(|n| n.as_str()[1..].parse::<usize>().unwrap() - 1)
+            .collect()
+    };
+    // Not theirs yet: nothing crossed.
+    for &i in &keys {
+        for node in owners_across(i) {
+            assert_eq!(
+                rt.block_on(missing_locally(c.nodes[node].addr, [i], split_key)),
+                [i]
+            );
+        }
+    }
+
+    std::fs::write(&path, two_sides(false)).unwrap();
+    for i in 0..5 {
+        c.signal(i, "HUP");
+    }
+    c.eventually(DEADLINE, "every hint handed over", || {
+        hints_pending(&c, 0).iter().all(|(_, h)| *h == Some(0))
+    });
+    // Each key now has a copy on an owner across the cut too.
+    for &i in &keys {
+        let held = owners_across(i)
+            .into_iter()
+            .filter(|node| {
+                rt.block_on(missing_locally(c.nodes[*node].addr, [i], split_key))
+                    .is_empty()
+            })
+            .count();
+        assert!(
+            held >= 1,
+            "{} reached no owner across the cut",
+            split_key(i)
+        );
+    }
+    // And anti-entropy fills the rest: after a repair, every owner holds it.
+    assert_exit(&c.cli(0, &["repair"]), 0);
+    for &i in &keys {
+        for node in owners_across(i) {
+            assert_eq!(
+                rt.block_on(missing_locally(c.nodes[node].addr, [i], split_key)),
+                Vec::<usize>::new(),
+                "n{} lacks {}",
+                node + 1,
+                split_key(i)
+            );
+        }
     }
 }
