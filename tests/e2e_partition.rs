@@ -215,9 +215,7 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
         ]
     });
     // Keys n1 owns and n2 does not: their other two owners are across the
-    // cut, and n2, a fallback, is the one stand-in on n1's side. And keys
-    // neither owns, all of whose owners are across the cut: n1 stands in
-    // for the first and n2 for another (Dynamo's "always writeable").
+    // cut, and n2, a fallback, is the one stand-in on n1's side.
     let ring = Ring::new(
         (1..=5).map(|i| {
             (
@@ -229,18 +227,14 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
     )
     .unwrap();
     let (n1, n2) = (NodeId::new("n1").unwrap(), NodeId::new("n2").unwrap());
-    let keys_where = |n1_owns: bool| -> Vec<usize> {
-        (0..1000)
-            .filter(|i| {
-                let pref = ring.preference_list(split_key(*i).as_bytes());
-                pref.contains(&n1) == n1_owns && !pref.contains(&n2)
-            })
-            .take(20)
-            .collect()
-    };
-    let (near, far) = (keys_where(true), keys_where(false));
-    assert_eq!((near.len(), far.len()), (20, 20));
-    let keys: Vec<usize> = near.iter().chain(&far).copied().collect();
+    let keys: Vec<usize> = (0..400)
+        .filter(|i| {
+            let pref = ring.preference_list(split_key(*i).as_bytes());
+            pref.contains(&n1) && !pref.contains(&n2)
+        })
+        .take(30)
+        .collect();
+    assert_eq!(keys.len(), 30);
 
     std::fs::write(&path, two_sides(true)).unwrap();
     for i in 0..5 {
@@ -258,35 +252,18 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
         });
     }
 
-    // n1 stands in for every owner of a key only once it believes them
-    // all down; before, it would forward the write to one.
-    for owner in ["n3", "n4", "n5"] {
-        c.eventually(DEADLINE, "n1 sees the far side down", || {
-            c.state_seen_by(0, owner) == "down"
-        });
-    }
     let rt = runtime();
     rt.block_on(write_w2(c.nodes[0].addr, &keys));
-    // Each write's copy for an owner across the cut waits on n2 as a
-    // hint, and a far key's first owner's on n1. Polled: on a busy machine
-    // n2 may answer `status` too late once.
-    c.eventually(DEADLINE, "the writes held as hints on n1 and n2", || {
+    // Each write's copy for an owner across the cut waits on n2 as a hint.
+    // Polled: on a busy machine n2 may answer `status` too late once.
+    c.eventually(DEADLINE, "a hint on n2 per write", || {
         let pending = hints_pending(&c, 0);
-        let on = |node: &str| {
-            let held = pending.iter().find(|(id, _)| id == node);
-            held.and_then(|(_, h)| *h).unwrap_or(0)
-        };
-        on("n1") >= far.len() as u64 && on("n2") >= keys.len() as u64
+        let on_n2 = pending
+            .iter()
+            .find(|(id, _)| id == "n2")
+            .and_then(|(_, h)| *h);
+        on_n2.is_some_and(|h| h >= keys.len() as u64)
     });
-    // A stand-in holds them as hints, not as its own data.
-    assert_eq!(
-        rt.block_on(missing_locally(
-            c.nodes[0].addr,
-            far.iter().copied(),
-            split_key
-        )),
-        far
-    );
     let owners_across = |i: usize| -> Vec<usize> {
         ring.preference_list(split_key(i).as_bytes())
             .replicas
@@ -327,11 +304,8 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
             split_key(i)
         );
     }
-    // And anti-entropy fills the rest: after a round on each node (a far
-    // key's ranges are not n1's), every owner holds it.
-    for node in 0..5 {
-        assert_exit(&c.cli(node, &["repair"]), 0);
-    }
+    // And anti-entropy fills the rest: after a repair, every owner holds it.
+    assert_exit(&c.cli(0, &["repair"]), 0);
     for &i in &keys {
         for node in owners_across(i) {
             assert_eq!(

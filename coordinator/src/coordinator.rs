@@ -22,10 +22,7 @@
 //! deadline: the write goes to it as a hint ([`ReplicaRequest::Hint`]), the
 //! read asks it for its hinted copy. A write acknowledged before a replica
 //! failed still gets a stand-in for it, after the answer, until the deadline.
-//! `strict` requests (PW/PR) use no stand-ins. A node that is not a replica
-//! and believes every replica down does not forward a put: it stands in for
-//! them all, minting the version itself on no stored copy (see
-//! [`Coordinator::with_stand_in_mints`]), and sends it out as hints only. An owner believed down is not
+//! `strict` requests (PW/PR) use no stand-ins. An owner believed down is not
 //! asked while a stand-in is left for it; when its last one fails, it is
 //! asked after all (the failure detector can be wrong, say just after the
 //! owner came back), for at most the stand-in delay, so that a slot with no
@@ -86,13 +83,6 @@ type LateReplies = mpsc::Receiver<LateReply>;
 use crate::failure::FailureDetector;
 use crate::latency::ReplicaLatency;
 use crate::quorum::{QuorumState, QuorumTracker, ReplicaAnswer};
-use crate::replica::{new_key_actor, KeyActorSource, KEY_ACTOR_SUFFIX_BYTES};
-
-/// See [`Coordinator::with_stand_in_mints`].
-struct StandInMints {
-    epoch_actor: NodeId,
-    suffixes: KeyActorSource,
-}
 
 pub use ringkv_core::wire::DEFAULT_REQUEST_TIMEOUT_MS;
 /// The default largest value a node accepts.
@@ -141,10 +131,6 @@ pub struct Coordinator<T> {
     late_hint_tasks: Arc<tokio::sync::Semaphore>,
     /// Recent latency per peer: who a read asks first.
     latency: Arc<ReplicaLatency>,
-    /// Whom this node mints a key's dots as when it coordinates a put as a
-    /// stand-in (see [`Coordinator::with_stand_in_mints`]); `None`: it
-    /// never does.
-    stand_in_mints: Option<StandInMints>,
     /// Quorum reads so far, to pick every `1/read_repair_chance`-th as a full read.
     reads: AtomicU64,
     /// Every request under way, and every task a request leaves behind
@@ -158,24 +144,6 @@ impl<T: Transport> Coordinator<T> {
     /// Feeds every replica outcome to `detector`.
     pub fn with_failure_detector(mut self, detector: Arc<FailureDetector>) -> Self {
         self.detector = Some(detector);
-        self
-    }
-
-    /// Lets this node take a put for a key none of whose replicas it can
-    /// reach (Dynamo's sloppy quorum, "always writeable"): it mints the
-    /// version itself, under a new per-key actor of `epoch_actor` drawn
-    /// from `suffixes` (as the local replica's are, and from the same
-    /// source: see `ReplicaService`), and the write goes out as hints only.
-    pub fn with_stand_in_mints(mut self, epoch_actor: NodeId, suffixes: KeyActorSource) -> Self {
-        assert!(
-            epoch_actor.as_str().len() + KEY_ACTOR_SUFFIX_BYTES
-                <= ringkv_core::node_id::NODE_ID_MAX_BYTES,
-            "actor id {epoch_actor} leaves no room for a per-key suffix"
-        );
-        self.stand_in_mints = Some(StandInMints {
-            epoch_actor,
-            suffixes,
-        });
         self
     }
 
@@ -202,7 +170,6 @@ impl<T: Transport> Coordinator<T> {
             detector: None,
             late_hint_tasks: Arc::new(tokio::sync::Semaphore::new(LATE_HINT_TASKS_MAX)),
             latency: Arc::new(ReplicaLatency::new()),
-            stand_in_mints: None,
             reads: AtomicU64::new(0),
             closing: watch::Sender::new(false),
         }
@@ -337,16 +304,7 @@ impl<T: Transport> Coordinator<T> {
         if let Some(refusal) = too_few_members("w", required, &pref, "nothing was written") {
             return refusal;
         }
-        let sloppy = !request.strict && self.config.hinted_handoff;
-        // None of the key's replicas believed up: rather than forward to one
-        // that will not answer, stand in for them all (Dynamo's "always
-        // writeable"), if this node may mint.
-        let stand_in = !pref.contains(&self.id)
-            && sloppy
-            && !request.forwarded
-            && self.stand_in_mints.is_some()
-            && pref.replicas.iter().all(|n| !self.is_healthy(n));
-        if !pref.contains(&self.id) && !stand_in {
+        if !pref.contains(&self.id) {
             if request.forwarded {
                 // Sent here by a node whose ring says this one replicates
                 // the key; this node's ring says not. Minting here would
@@ -369,67 +327,33 @@ impl<T: Transport> Coordinator<T> {
                 .await;
         }
 
-        let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
-        // The slot this node's own write fills: its own as a replica, or
-        // the first owner's, as that owner's stand-in.
-        let (clock, own_slot) = if stand_in {
-            let owner = pref.replicas[0].clone();
-            let clock = match self.mint_as_stand_in(&context, request.payload) {
-                Ok(clock) => clock,
-                Err(refusal) => return refusal,
-            };
-            let hint = ReplicaRequest::Hint {
-                owner: owner.clone(),
-                key: request.key.clone(),
-                clock: clock.clone(),
-            };
-            tracker.hold_back(&owner);
-            tracker.add_stand_in(&owner, self.id.clone());
-            let answer = match self.call(&self.id, Request::Replica(hint), deadline).await {
-                Ok(Response::Clock(_)) => ReplicaAnswer::Ok {
-                    latency_us: elapsed_us(start),
-                },
-                Ok(other) => ReplicaAnswer::Error {
-                    latency_us: elapsed_us(start),
-                    reason: reply_error(other),
-                },
-                Err(reason) => ReplicaAnswer::Error {
-                    latency_us: elapsed_us(start),
-                    reason: reason.to_string(),
-                },
-            };
-            tracker.record(&self.id, answer);
-            counter!("ringkv_stand_in_puts_total").increment(1);
-            (clock, owner)
-        } else {
-            // Mint the new version locally first: the dot must come from a
-            // node that has every earlier dot of its own for this key.
-            let mint = ReplicaRequest::Update {
-                key: request.key.clone(),
-                context: context.clone(),
-                payload: request.payload,
-                overwrite: request.overwrite,
-            };
-            let clock = match self.call(&self.id, Request::Replica(mint), deadline).await {
-                Ok(Response::Clock(Some(clock))) => clock,
-                Ok(Response::Error(e)) => return Response::Error(e),
-                Ok(other) => return internal(format!("local replica answered {other:?}")),
-                Err(reason) => {
-                    return unavailable(format!(
-                        "the coordinator's own write did not complete ({reason}); \
-                         the value may be stored on {} only",
-                        self.id
-                    ))
-                }
-            };
-            tracker.record(
-                &self.id,
-                ReplicaAnswer::Ok {
-                    latency_us: elapsed_us(start),
-                },
-            );
-            (clock, self.id.clone())
+        // Mint the new version locally first: the dot must come from a node
+        // that has every earlier dot of its own for this key.
+        let mint = ReplicaRequest::Update {
+            key: request.key.clone(),
+            context: context.clone(),
+            payload: request.payload,
+            overwrite: request.overwrite,
         };
+        let clock = match self.call(&self.id, Request::Replica(mint), deadline).await {
+            Ok(Response::Clock(Some(clock))) => clock,
+            Ok(Response::Error(e)) => return Response::Error(e),
+            Ok(other) => return internal(format!("local replica answered {other:?}")),
+            Err(reason) => {
+                return unavailable(format!(
+                    "the coordinator's own write did not complete ({reason}); \
+                     the value may be stored on {} only",
+                    self.id
+                ))
+            }
+        };
+        let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
+        tracker.record(
+            &self.id,
+            ReplicaAnswer::Ok {
+                latency_us: elapsed_us(start),
+            },
+        );
         let sync = Request::Replica(ReplicaRequest::Sync {
             key: request.key.clone(),
             clock: clock.clone(),
@@ -441,6 +365,7 @@ impl<T: Transport> Coordinator<T> {
                 clock: clock.clone(),
             })
         };
+        let sloppy = !request.strict && self.config.hinted_handoff;
         let mut stand_ins = StandIns {
             candidates: self.healthy_fallbacks(&pref.fallbacks),
             request_for: sloppy.then_some(&hint as &(dyn Fn(&NodeId) -> Request + Sync)),
@@ -456,7 +381,7 @@ impl<T: Transport> Coordinator<T> {
         let others: Vec<NodeId> = pref
             .replicas
             .iter()
-            .filter(|n| **n != own_slot)
+            .filter(|n| **n != self.id)
             .cloned()
             .collect();
         let targets = self.plan(&others, &sync, &mut stand_ins, &mut tracker);
@@ -1244,33 +1169,6 @@ impl<T: Transport> Coordinator<T> {
             })
             .await;
         });
-    }
-
-    /// A put's new version, minted by this node standing in for every
-    /// replica of the key (see [`Self::with_stand_in_mints`]). It builds on
-    /// no stored copy: a copy this node holds is a stray from an older
-    /// ring, which may have outlived the key's tombstone on the replicas.
-    /// So the version is the client's context and the new value, under a
-    /// new per-key actor of this node's epoch, drawn each time since no
-    /// record of it is kept; its one dot is then this node's alone. An
-    /// overwrite is a plain write here: there is no copy to replace, and
-    /// the owners merge in what the context does not cover.
-    fn mint_as_stand_in(
-        &self,
-        context: &VersionVector,
-        payload: Payload,
-    ) -> Result<Clock, Response> {
-        let mints = self
-            .stand_in_mints
-            .as_ref()
-            .ok_or_else(|| internal("this node does not mint as a stand-in"))?;
-        let mut clock = Clock::new();
-        let actor = new_key_actor(&clock, &mints.epoch_actor, (mints.suffixes)());
-        clock.update(context, payload, &actor);
-        match ringkv_core::wire::clock_over_limit(&clock) {
-            None => Ok(clock),
-            Some(over) => Err(invalid(format!("the write's version would take {over}"))),
-        }
     }
 
     /// Hands a request to the first replica that answers.

@@ -138,7 +138,7 @@ fn is_key_actor_of(actor: &NodeId, epoch_actor: &NodeId) -> bool {
 }
 
 /// A per-key actor's suffix, `.` and eight hex digits, in bytes.
-pub(crate) const KEY_ACTOR_SUFFIX_BYTES: usize = 9;
+const KEY_ACTOR_SUFFIX_BYTES: usize = 9;
 
 /// A per-key actor's suffix: eight lowercase hex digits.
 fn is_key_actor_suffix(suffix: &str) -> bool {
@@ -150,7 +150,7 @@ fn is_key_actor_suffix(suffix: &str) -> bool {
 
 /// A new per-key actor of `epoch_actor`'s epoch, one `clock` does not name,
 /// from the suffixes `suffix` draws.
-pub(crate) fn new_key_actor(clock: &Clock, epoch_actor: &NodeId, mut suffix: u32) -> NodeId {
+fn new_key_actor(clock: &Clock, epoch_actor: &NodeId, mut suffix: u32) -> NodeId {
     loop {
         let id = NodeId::new(format!("{epoch_actor}.{suffix:08x}"))
             .expect("ReplicaService::new checked the room for the suffix");

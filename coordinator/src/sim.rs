@@ -493,9 +493,6 @@ impl SimCluster {
                     )
                     .expect("an empty in-memory book opens"),
                 );
-                // One source for the replica's per-key actors and the
-                // coordinator's stand-in mints, as one node's are drawn.
-                let key_actors = counted_key_actors();
                 let coordinator = Coordinator::new(
                     id.clone(),
                     SIM_CLUSTER_ID,
@@ -508,8 +505,7 @@ impl SimCluster {
                     },
                 )
                 .with_read_repair(queue)
-                .with_failure_detector(detector.clone())
-                .with_stand_in_mints(id.clone(), key_actors.clone());
+                .with_failure_detector(detector.clone());
                 let up = detector.clone();
                 handoff::start(
                     hints.clone(),
@@ -550,7 +546,7 @@ impl SimCluster {
                         ReplicaService::new(id.clone(), store, options.max_siblings)
                             .with_hints(hints.clone())
                             .with_observer(trees)
-                            .with_key_actors(key_actors),
+                            .with_key_actors(counted_key_actors()),
                     ),
                     anti_entropy,
                     coordinator: Arc::new(coordinator),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ringkv_coordinator::sim::{get_values as values, SimCluster, SimOptions};
 use ringkv_core::wire::{ErrorKind, ErrorReply, Outcome, Receipt, Response};
-use ringkv_core::Consistency::{All, One, Quorum};
+use ringkv_core::Consistency::{All, Quorum};
 use ringkv_core::NodeId;
 use ringkv_repair::{HintError, HintStore};
 
@@ -1122,120 +1122,4 @@ async fn an_owner_held_back_whose_stand_in_failed_gets_a_fallback_left() {
         "the third fallback stood in: {log:?}"
     );
     assert_eq!(started.elapsed(), Duration::ZERO, "{get:?} {log:?}");
-}
-
-/// The context token of a get's or put's answer.
-fn context_of(r: &Response) -> String {
-    match r {
-        Response::Get(g) => g.context.clone(),
-        Response::Put(p) => p.context.clone(),
-        other => panic!("no context in {other:?}"),
-    }
-}
-
-/// Every owner of the key down, and seen so by `outsider`, a fallback.
-async fn every_owner_down(s: &Story, outsider: &str) {
-    for owner in &s.owners {
-        s.c.net.down(&s.id(owner));
-    }
-    for owner in &s.owners {
-        s.until_seen(outsider, owner, false).await;
-    }
-}
-
-/// Dynamo's "always writeable": a put none of whose replicas can be
-/// reached is taken all the same, by a node that is not one of them, as
-/// hints for the owners (its own hint for the first, a fallback's for the
-/// others), and reaches them once they return. A strict put is refused.
-#[tokio::test(start_paused = true)]
-async fn a_put_none_of_whose_owners_is_up_is_taken_as_hints_by_a_fallback() {
-    let s = story(with_probes());
-    let outsider = &s.fallbacks[0];
-    every_owner_down(&s, outsider).await;
-
-    let strict = s.c.put_strict(outsider, KEY, "v", Quorum, None).await;
-    assert!(matches!(strict, Response::Error(_)), "{strict:?}");
-    assert_eq!(s.c.hints_pending(), 0, "a strict put stands in for no one");
-
-    let put = s.c.put(outsider, KEY, "v", Quorum, None).await;
-    assert!(matches!(put, Response::Put(_)), "{put:?}");
-    assert_eq!(
-        stand_ins(&put),
-        [
-            (outsider.clone(), s.owners[0].clone()),
-            (s.fallbacks[1].clone(), s.owners[1].clone())
-        ]
-    );
-    // As hints, not as the stand-ins' own data.
-    assert_eq!(s.hint(outsider, &s.owners[0]), Some(vec!["v".to_string()]));
-    assert_eq!(
-        s.hint(&s.fallbacks[1], &s.owners[1]),
-        Some(vec!["v".to_string()])
-    );
-    assert!(s.c.local_values(outsider, KEY).is_empty());
-
-    for owner in &s.owners {
-        s.c.net.up(&s.id(owner));
-    }
-    s.until_no_hints(Duration::from_secs(10)).await;
-    assert_eq!(s.c.local_values(&s.owners[0], KEY), ["v"]);
-    assert_eq!(s.c.local_values(&s.owners[1], KEY), ["v"]);
-}
-
-/// The version a stand-in mints carries the client's context: a
-/// read-modify-write taken while every owner is down replaces, once
-/// handed over, the value it read, rather than adding a sibling.
-#[tokio::test(start_paused = true)]
-async fn a_stand_in_put_with_a_context_replaces_what_was_read() {
-    let s = story(with_probes());
-    let outsider = &s.fallbacks[0];
-    let first = s.c.put(&s.owners[0], KEY, "a", All, None).await;
-    assert!(matches!(first, Response::Put(_)), "{first:?}");
-    let read = s.c.get(outsider, KEY, All).await;
-    assert_eq!(values(&read), ["a"]);
-    every_owner_down(&s, outsider).await;
-
-    let put =
-        s.c.put(outsider, KEY, "b", Quorum, Some(context_of(&read)))
-            .await;
-    assert!(matches!(put, Response::Put(_)), "{put:?}");
-    for owner in &s.owners {
-        s.c.net.up(&s.id(owner));
-    }
-    s.until_no_hints(Duration::from_secs(10)).await;
-    for owner in &s.owners[..2] {
-        assert_eq!(s.c.local_values(owner, KEY), ["b"], "{owner}");
-    }
-    assert_eq!(values(&s.c.get(&s.owners[2], KEY, All).await), ["b"]);
-}
-
-/// A stand-in builds on no copy of its own: one it holds is a stray from
-/// an older ring, perhaps deleted since, and must not reach the owners.
-#[tokio::test(start_paused = true)]
-async fn a_stand_in_put_does_not_build_on_its_own_stray_copy() {
-    use ringkv_core::dvv::{Payload, VersionVector};
-    use ringkv_core::wire::ReplicaRequest;
-    let s = story(with_probes());
-    let outsider = &s.fallbacks[0];
-    let stray = s.c.node(outsider).replica.handle(ReplicaRequest::Update {
-        key: KEY.as_bytes().to_vec(),
-        context: VersionVector::new(),
-        payload: Payload::Value(b"deleted long ago".to_vec()),
-        overwrite: false,
-    });
-    assert!(matches!(stray, Response::Clock(Some(_))), "{stray:?}");
-    every_owner_down(&s, outsider).await;
-
-    let put = s.c.put(outsider, KEY, "v", One, None).await;
-    assert!(matches!(put, Response::Put(_)), "{put:?}");
-    for owner in &s.owners {
-        s.c.net.up(&s.id(owner));
-    }
-    s.until_no_hints(Duration::from_secs(10)).await;
-    assert_eq!(s.c.local_values(&s.owners[0], KEY), ["v"]);
-    assert_eq!(
-        s.c.local_values(outsider, KEY),
-        ["deleted long ago"],
-        "its own copy is left alone"
-    );
 }

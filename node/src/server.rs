@@ -776,11 +776,7 @@ impl NodeInner {
                         self.coordinator_config.clone(),
                     )
                     .with_read_repair(self.read_repair.clone())
-                    .with_failure_detector(self.detector.clone())
-                    .with_stand_in_mints(
-                        self.local.replica.id().clone(),
-                        Arc::new(rand::random::<u32>),
-                    ),
+                    .with_failure_detector(self.detector.clone()),
                 );
                 // Installs are serialised, so nobody else can have set it.
                 let _ = self.coordinator.set(coordinator);
