@@ -68,7 +68,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     // partition healed while this node restarts) is read once it serves,
     // not taken as the default end of the process.
     let hangup = match args.latency_matrix.is_some() {
-        true => Some(Signals::listen_hangup()?),
+        true => Signals::listen_hangup()?,
         false => None,
     };
     let handle = Node::start(config).await.map_err(node_failure)?;
@@ -707,19 +707,19 @@ type Hangup = tokio::signal::unix::Signal;
 type Hangup = std::convert::Infallible;
 
 impl Signals {
-    /// Listens for SIGHUP from now on (for [`new`](Self::new)).
-    fn listen_hangup() -> Result<Hangup, Failure> {
+    /// Listens for SIGHUP from now on (for [`new`](Self::new)); `None`
+    /// where there is no SIGHUP.
+    fn listen_hangup() -> Result<Option<Hangup>, Failure> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
             signal(SignalKind::hangup())
+                .map(Some)
                 .map_err(|e| Failure::new(Exit::Internal, format!("cannot listen for SIGHUP: {e}")))
         }
+        // No SIGHUP: the matrix is read at the start only.
         #[cfg(not(unix))]
-        Err(Failure::new(
-            Exit::Usage,
-            "there is no SIGHUP on this platform",
-        ))
+        Ok(None)
     }
 
     fn new(hangup: Option<Hangup>) -> Result<Self, Failure> {
@@ -755,10 +755,14 @@ impl Signals {
         #[cfg(unix)]
         {
             let hangup = async {
-                match &mut self.hangup {
-                    Some(hangup) => hangup.recv().await,
-                    None => std::future::pending().await,
+                if let Some(hangup) = &mut self.hangup {
+                    // A stream that ended (it does not, while the runtime
+                    // runs) would report a SIGHUP every time it is asked.
+                    if hangup.recv().await.is_some() {
+                        return;
+                    }
                 }
+                std::future::pending::<()>().await
             };
             tokio::select! {
                 _ = self.interrupt.recv() => Caught::Stop,

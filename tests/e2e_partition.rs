@@ -14,6 +14,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
@@ -40,31 +42,61 @@ fn matrix(r1_cut_off: bool) -> String {
 /// at its deadline.
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Starts `count` nodes (N=3) in `region(i)`, all reading the matrix at
+/// `path` and serving metrics; returns them with their metrics addresses.
+fn start(
+    test: &str,
+    count: usize,
+    path: &Path,
+    region: impl Fn(usize) -> String,
+) -> (Cluster, Vec<String>) {
+    let metrics = Mutex::new(Vec::new());
+    let path = path.to_str().unwrap().to_string();
+    let cluster = Cluster::start_each(test, count, 3, |i, ip| {
+        let addr = format!("{ip}:{}", free_tcp_port(ip));
+        metrics.lock().unwrap().push(addr.clone());
+        [
+            "--region",
+            &region(i),
+            "--latency-matrix",
+            &path,
+            "--metrics",
+            &addr,
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    (cluster, metrics.into_inner().unwrap())
+}
+
+/// How many times the node serving `metrics` read its matrix with `result`
+/// (`in_effect` or `refused`).
+fn reads(metrics: &str, result: &str) -> f64 {
+    let name = format!("ringkv_latency_matrix_reads_total{{result=\"{result}\"}}");
+    sample(&scrape(metrics), &name).unwrap_or(0.0)
+}
+
+/// Writes `text` to the matrix file, sends every node SIGHUP, and waits
+/// until each has put it in effect.
+fn apply(c: &Cluster, metrics: &[String], path: &Path, text: &str) {
+    let before: Vec<f64> = metrics.iter().map(|m| reads(m, "in_effect")).collect();
+    std::fs::write(path, text).unwrap();
+    for i in 0..c.nodes.len() {
+        c.signal(i, "HUP");
+    }
+    for (m, before) in metrics.iter().zip(before) {
+        c.eventually(DEADLINE, "every node took the new matrix in", || {
+            reads(m, "in_effect") == before + 1.0
+        });
+    }
+}
+
 #[test]
 fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
     let files = tempfile::tempdir().unwrap();
     let path = files.path().join("matrix.toml");
     std::fs::write(&path, matrix(false)).unwrap();
-    let path_arg = path.to_str().unwrap().to_string();
-    let ip = loopback_for("e2e_partition");
-    let metrics = format!("{ip}:{}", free_tcp_port(ip));
-    let cluster = Cluster::start_each("e2e_partition", 3, 3, |i, _| {
-        let mut flags = vec![
-            "--region".to_string(),
-            format!("r{}", i + 1),
-            "--latency-matrix".to_string(),
-            path_arg.clone(),
-        ];
-        if i == 0 {
-            flags.extend(["--metrics".to_string(), metrics.clone()]);
-        }
-        flags
-    });
-    // n1's count of matrix reads with `result`, once it serves metrics.
-    let reads = |result: &str| {
-        let name = format!("ringkv_latency_matrix_reads_total{{result=\"{result}\"}}");
-        sample(&scrape(&metrics), &name).unwrap_or(0.0)
-    };
+    let (cluster, metrics) = start("e2e_partition", 3, &path, |i| format!("r{}", i + 1));
     let put = |node: usize, key: &str, value: &str, w: &str, context: Option<&str>| {
         let mut args = vec!["put", key, value, "-w", w, "--timeout-ms", "1000", "--json"];
         if let Some(c) = context {
@@ -85,31 +117,23 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
     assert_eq!(values(&seen), ["before"]);
     let before_context = context(&seen);
 
-    // Cut n1 off. Each node applies the cut to its own calls, so each is
-    // probed until a write that needs the far side fails there.
-    std::fs::write(&path, matrix(true)).unwrap();
-    for i in 0..3 {
-        cluster.signal(i, "HUP");
-    }
-    let probes = [(0, "2"), (1, "all"), (2, "all")];
-    for (node, w) in probes {
-        cluster.eventually(DEADLINE, "the cut is in effect", || {
-            put(node, "probe", "x", w, None).status.code() == Some(3)
-        });
+    // Cut n1 off. Each node applies the cut to its own calls.
+    apply(&cluster, &metrics, &path, &matrix(true));
+    for (node, w) in [(0, "2"), (1, "all"), (2, "all")] {
+        assert_exit(&put(node, "probe", "x", w, None), 3);
     }
 
     // A matrix that does not load, or lacks a member's region, is refused;
     // the node runs on with the cut still in effect.
-    assert_eq!(reads("in_effect"), 1.0);
     for bad in ["regions = [", "regions = [\"r1\"]"] {
-        let refused = reads("refused");
+        let refused = reads(&metrics[0], "refused");
         std::fs::write(&path, bad).unwrap();
         cluster.signal(0, "HUP");
         cluster.eventually(DEADLINE, "the bad matrix is read", || {
-            reads("refused") == refused + 1.0
+            reads(&metrics[0], "refused") == refused + 1.0
         });
     }
-    assert_eq!(reads("in_effect"), 1.0);
+    assert_eq!(reads(&metrics[0], "in_effect"), 1.0);
     assert_exit(&cluster.cli(0, &["status"]), 0);
     assert_exit(&put(0, "probe", "x", "2", None), 3);
 
@@ -120,13 +144,9 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
     assert_eq!(values(&get(0, "k", "1")), ["lone side"]);
     assert_exit(&get(0, "k", "2"), 3);
 
-    // Heal. Neither acknowledged write is lost: they come back together.
-    std::fs::write(&path, matrix(false)).unwrap();
-    for i in 0..3 {
-        cluster.signal(i, "HUP");
-    }
-    // Each node reads through its own links: each is asked until it sees
-    // both, which also shows it has taken the heal in.
+    // Heal. Neither acknowledged write is lost: they come back together,
+    // as each node reads through its own links.
+    apply(&cluster, &metrics, &path, &matrix(false));
     let mut merged = String::new();
     for node in [1, 2, 0] {
         cluster.eventually(DEADLINE, "both sides' writes as siblings", || {
@@ -204,15 +224,8 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
     let files = tempfile::tempdir().unwrap();
     let path = files.path().join("matrix.toml");
     std::fs::write(&path, two_sides(false)).unwrap();
-    let path_arg = path.to_str().unwrap().to_string();
-    let c = Cluster::start_each("e2e_partition_sloppy", 5, 3, |i, _| {
-        let region = if i < 2 { "a" } else { "b" };
-        vec![
-            "--region".to_string(),
-            region.to_string(),
-            "--latency-matrix".to_string(),
-            path_arg.clone(),
-        ]
+    let (c, metrics) = start("e2e_partition_sloppy", 5, &path, |i| {
+        (if i < 2 { "a" } else { "b" }).to_string()
     });
     // Keys n1 owns and n2 does not: their other two owners are across the
     // cut, and n2, a fallback, is the one stand-in on n1's side.
@@ -236,21 +249,7 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
         .collect();
     assert_eq!(keys.len(), 30);
 
-    std::fs::write(&path, two_sides(true)).unwrap();
-    for i in 0..5 {
-        c.signal(i, "HUP");
-    }
-    for node in [0, 1] {
-        c.eventually(DEADLINE, "the cut is in effect", || {
-            c.cli(
-                node,
-                &["put", "probe", "x", "-w", "all", "--timeout-ms", "500"],
-            )
-            .status
-            .code()
-                == Some(3)
-        });
-    }
+    apply(&c, &metrics, &path, &two_sides(true));
 
     let rt = runtime();
     rt.block_on(write_w2(c.nodes[0].addr, &keys));
@@ -282,10 +281,7 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
         }
     }
 
-    std::fs::write(&path, two_sides(false)).unwrap();
-    for i in 0..5 {
-        c.signal(i, "HUP");
-    }
+    apply(&c, &metrics, &path, &two_sides(false));
     c.eventually(DEADLINE, "every hint handed over", || {
         hints_pending(&c, 0).iter().all(|(_, h)| *h == Some(0))
     });

@@ -91,7 +91,10 @@ pub struct PhaseReport {
 /// `count` operations over `window`, per second (0 over an empty window).
 /// Every ops/s the bench reports comes from here.
 pub fn per_second(count: u64, window: Duration) -> f64 {
-    count as f64 / window.as_secs_f64().max(1e-9)
+    if window.is_zero() {
+        return 0.0;
+    }
+    count as f64 / window.as_secs_f64()
 }
 
 impl PhaseReport {

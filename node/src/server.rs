@@ -1031,6 +1031,12 @@ impl NodeHandle {
                     .to_string(),
             });
         };
+        // This node's own region first, for the plainer message.
+        matrix
+            .check_region(links.region())
+            .map_err(|e| NodeError::Config {
+                reason: format!("--latency-matrix lacks this node's --region: {e}"),
+            })?;
         let record = self.inner.membership.record();
         let members = record.iter().flat_map(|r| r.members.values());
         for member in members {
@@ -1045,9 +1051,7 @@ impl NodeHandle {
         }
         links.replace(matrix).map_err(|e| NodeError::Config {
             reason: format!("--latency-matrix lacks this node's --region: {e}"),
-        })?;
-        metrics::counter!("ringkv_latency_matrix_replaced_total").increment(1);
-        Ok(())
+        })
     }
 
     /// Returns once this node has learned that it was removed from the
