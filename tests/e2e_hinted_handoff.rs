@@ -52,22 +52,6 @@ async fn missing_keys(addr: SocketAddr, keys: &[usize]) -> Vec<usize> {
     missing_locally(addr, keys.iter().copied(), key).await
 }
 
-/// Each node's `hints_pending` as `status --json` through node `via` shows it.
-fn hints_pending(c: &Cluster, via: usize) -> Vec<(String, Option<u64>)> {
-    let status = json(&c.cli(via, &["status", "--json"]));
-    status["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["id"].as_str().unwrap().to_string(),
-                n["hints_pending"].as_u64(),
-            )
-        })
-        .collect()
-}
-
 fn total_hints(c: &Cluster, via: usize) -> u64 {
     hints_pending(c, via).iter().filter_map(|(_, h)| *h).sum()
 }

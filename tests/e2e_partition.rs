@@ -204,21 +204,6 @@ async fn write_w2(addr: SocketAddr, keys: &[usize]) {
     client.close().await;
 }
 
-/// Each node's `hints_pending` by id, as `status --json` through node
-/// `via` shows it (`None`: that node did not answer).
-fn hints_pending(c: &Cluster, via: usize) -> Vec<(String, Option<u64>)> {
-    let status = json(&c.cli(via, &["status", "--json"]));
-    status["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            let id = n["id"].as_str().unwrap().to_string();
-            (id, n["hints_pending"].as_u64())
-        })
-        .collect()
-}
-
 #[test]
 fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
     let files = tempfile::tempdir().unwrap();

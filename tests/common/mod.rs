@@ -322,6 +322,21 @@ impl Cluster {
     }
 }
 
+/// Each node's `hints_pending` by id, as `status --json` through node
+/// `via` shows it (`None`: that node did not answer).
+pub fn hints_pending(c: &Cluster, via: usize) -> Vec<(String, Option<u64>)> {
+    let status = json(&c.cli(via, &["status", "--json"]));
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let id = n["id"].as_str().unwrap().to_string();
+            (id, n["hints_pending"].as_u64())
+        })
+        .collect()
+}
+
 /// The Prometheus text a `--metrics` endpoint serves, or "" if it cannot
 /// be reached.
 pub fn scrape(addr: &str) -> String {
