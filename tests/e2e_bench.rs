@@ -108,12 +108,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
             assert!(!read[field].is_null(), "{field} in {s}");
         }
         // Per operation, as the table gives it; together, the setting's.
-        let per_op: f64 = s["ops"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|o| o["ops_per_sec"].as_f64().unwrap())
-            .sum();
+        let per_op: f64 = over_ops(s, |o| o["ops_per_sec"].as_f64().unwrap());
         let total = s["ops_per_sec"].as_f64().unwrap();
         assert!((per_op - total).abs() <= total * 1e-6 + 1e-6, "{s}");
         // A reason exactly when something failed.
@@ -307,17 +302,12 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     assert_eq!(report["config"]["rate_per_s"], 100);
     assert_eq!(report["config"]["worker_threads"], 1);
     let s = &report["settings"][0];
-    let ops: u64 = s["ops"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|o| {
-            o["ops"].as_u64().unwrap()
-                + o["errors"].as_u64().unwrap()
-                + o["timeouts"].as_u64().unwrap()
-                + o["shed"].as_u64().unwrap()
-        })
-        .sum();
+    let ops: u64 = over_ops(s, |o| {
+        o["ops"].as_u64().unwrap()
+            + o["errors"].as_u64().unwrap()
+            + o["timeouts"].as_u64().unwrap()
+            + o["shed"].as_u64().unwrap()
+    });
     // 100/s for 2 s: exactly 200 requests came due, however fast the
     // cluster answers, and each is counted once: answered, failed, timed
     // out (those never sent among them) or shed.
@@ -325,12 +315,7 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
         ops, 200,
         "{ops} requests in an open loop of 100/s for 2 s: {s}"
     );
-    let answered: u64 = s["ops"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|o| o["ops"].as_u64().unwrap())
-        .sum();
+    let answered: u64 = over_ops(s, |o| o["ops"].as_u64().unwrap());
     assert!(answered > 0, "{s}");
     assert!(s["unsent"].is_u64(), "{s}");
 }
@@ -585,4 +570,17 @@ fn the_bench_moves_its_clients_off_a_node_that_stops_mid_run() {
     // slowly: each waits out a connect timeout; the older bench client
     // failed millions, at once and to the end.)
     assert!(failed <= concurrency / 3, "{failed} requests failed: {s}");
+}
+
+/// The sum of `field` over a JSON setting's operation types.
+fn over_ops<T: std::iter::Sum>(
+    setting: &serde_json::Value,
+    field: impl Fn(&serde_json::Value) -> T,
+) -> T {
+    setting["ops"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(field)
+        .sum()
 }

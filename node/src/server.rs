@@ -1031,15 +1031,11 @@ impl NodeHandle {
                     .to_string(),
             });
         };
-        // This node's own region first, for the plainer message.
-        matrix
-            .check_region(links.region())
-            .map_err(|e| NodeError::Config {
-                reason: format!("--latency-matrix lacks this node's --region: {e}"),
-            })?;
+        // This node's own region is checked by `replace`, with the plainer
+        // message.
         let record = self.inner.membership.record();
         let members = record.iter().flat_map(|r| r.members.values());
-        for member in members {
+        for member in members.filter(|m| m.id != self.id) {
             if let Some(region) = &member.region {
                 matrix.check_region(region).map_err(|e| NodeError::Config {
                     reason: format!(

@@ -40,29 +40,17 @@ async fn keys_whose_every_slot_went_to_new_nodes_are_handed_over() {
         clients.push(client(node).await);
     }
     // Every replica under the new ring comes to hold every key it replicates.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut missing: Vec<(String, String)> = Vec::new();
-    loop {
-        missing.clear();
-        for key in &keys {
-            for replica in after.replicas_of(key.as_bytes()) {
-                let i = replica.as_str()[1..].parse::<usize>().unwrap() - 1;
-                if !held_locally(&clients[i], key).await {
-                    missing.push((replica.to_string(), key.clone()));
-                }
-            }
-        }
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} copies never arrived, e.g. {:?}",
-            missing.len(),
-            &missing[..missing.len().min(5)]
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let copies: Vec<(String, usize)> = keys
+        .iter()
+        .flat_map(|k| {
+            after
+                .replicas_of(k.as_bytes())
+                .into_iter()
+                .map(|r| (k.clone(), index_of(&r)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    copies_arrive(&clients, &copies).await;
     // And a read through a new node finds a key only new nodes replicate.
     let get = Request::Get(GetRequest::new(all_new[0].clone(), Consistency::All));
     match clients[3].call(&get).await.unwrap() {
@@ -97,10 +85,15 @@ fn given_up_copies(
                 .replicas_of(k.as_bytes())
                 .into_iter()
                 .filter(|r| !before.is_replica(k.as_bytes(), r))
-                .map(|r| (k.clone(), r.as_str()[1..].parse::<usize>().unwrap() - 1))
+                .map(|r| (k.clone(), index_of(&r)))
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// The index of node `n{i+1}`: `i`.
+fn index_of(node: &ringkv_core::NodeId) -> usize {
+    node.as_str()[1..].parse::<usize>().unwrap() - 1
 }
 
 /// Those of `copies` not yet held where they go; `clients[i]` is connected
