@@ -9,7 +9,8 @@
 //! write is lost: a read returns both as siblings, and a write with that
 //! read's context replaces them. With fallbacks on the writer's side, the
 //! sloppy quorum takes the writes for owners cut off as hints, and hands
-//! them over once the partition heals.
+//! them over once the partition heals; when every owner of a key is cut
+//! off, the coordinator itself stands in for the first of them.
 
 mod common;
 
@@ -233,11 +234,38 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
         .take(30)
         .collect();
     assert_eq!(keys.len(), 30);
+    // Keys all of whose owners are across the cut (n3, n4, n5).
+    let far: Vec<usize> = (0..400)
+        .filter(|i| {
+            let pref = ring.preference_list(split_key(*i).as_bytes());
+            !pref.contains(&n1) && !pref.contains(&n2)
+        })
+        .take(10)
+        .collect();
+    assert_eq!(far.len(), 10);
 
     apply(&c, &metrics, &path, &two_sides(true));
 
     let rt = runtime();
     rt.block_on(write_w2(c.nodes[0].addr, &keys));
+    // Once n1 and n2 know every owner of the far keys is down, the first
+    // of them after the owners in ring order takes each write as the first
+    // owner's stand-in (n1 forwards it there if that is n2), and the other
+    // holds it for the second.
+    for (observer, far_node) in [0, 1]
+        .into_iter()
+        .flat_map(|o| ["n3", "n4", "n5"].map(|f| (o, f)))
+    {
+        c.eventually(DEADLINE, "n1 and n2 see the far side down", || {
+            c.state_seen_by(observer, far_node) == "down"
+        });
+    }
+    rt.block_on(write_w2(c.nodes[0].addr, &far));
+    // And reads them back through the same stand-ins.
+    for &i in &far {
+        let read = c.cli(0, &["get", &split_key(i), "-r", "2", "--json"]);
+        assert_eq!(values(&read), [format!("v{i}")], "{}", split_key(i));
+    }
     // Each write's copy for an owner across the cut waits on n2 as a hint.
     // Polled: on a busy machine n2 may answer `status` too late once.
     c.eventually(DEADLINE, "a hint on n2 per write", || {
@@ -270,7 +298,18 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
     c.eventually(DEADLINE, "every hint handed over", || {
         hints_pending(&c, 0).iter().all(|(_, h)| *h == Some(0))
     });
-    // Each key now has a copy on an owner across the cut too.
+    // Each key now has a copy on an owner across the cut too; each far key
+    // on two of its owners (n1's hint and n2's).
+    for &i in &far {
+        let held = owners_across(i)
+            .into_iter()
+            .filter(|node| {
+                rt.block_on(missing_locally(c.nodes[*node].addr, [i], split_key))
+                    .is_empty()
+            })
+            .count();
+        assert!(held >= 2, "{} reached {held} owners", split_key(i));
+    }
     for &i in &keys {
         let held = owners_across(i)
             .into_iter()
@@ -286,8 +325,11 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
         );
     }
     // And anti-entropy fills the rest: after a repair, every owner holds it.
-    assert_exit(&c.cli(0, &["repair"]), 0);
-    for &i in &keys {
+    // (The far keys' owners are n3..n5, whose rounds n1's does not cover.)
+    for node in [0, 2, 3, 4] {
+        assert_exit(&c.cli(node, &["repair"]), 0);
+    }
+    for &i in keys.iter().chain(&far) {
         for node in owners_across(i) {
             assert_eq!(
                 rt.block_on(missing_locally(c.nodes[node].addr, [i], split_key)),

@@ -1,7 +1,8 @@
 //! Coordinating a client request (Dynamo §4.5, "Execution of get() and put()").
 //!
 //! Any node accepts a request. If it is not in the key's preference list it
-//! forwards the request to the first replica that answers; otherwise it
+//! forwards the request to the first replica that answers (or, believing
+//! them all down, stands in for them; see below); otherwise it
 //! coordinates:
 //!
 //! - **put**: apply the write locally, minting a new dot ([`ReplicaRequest::Update`]),
@@ -32,6 +33,13 @@
 //! fallback, or the owner itself once none is left; and it is asked when
 //! its stand-in stays silent as long as a silent owner gets before a
 //! stand-in.
+//!
+//! A node outside the preference list that believes every owner down does
+//! not forward (no owner would answer): it coordinates the request itself,
+//! standing in for the first owner. A put is minted on the hint it holds
+//! for that owner ([`ReplicaRequest::Update`] with `hint_for`; see
+//! [`crate::replica::ReplicaService::update_for`]) and sent on to
+//! fallbacks for the others; a get reads that hint and theirs.
 //!
 //! When W (or R) cannot be met before the deadline the answer is a quorum
 //! error naming who answered and who did not. Dynamo does not roll a write
@@ -127,6 +135,9 @@ pub struct Coordinator<T> {
     read_repair: Option<ReadRepairQueue>,
     /// Told every replica's outcome, so requests double as failure probes.
     detector: Option<Arc<FailureDetector>>,
+    /// Set while the node leaves the cluster: it then stands in for no
+    /// owner (its hints would leave with it).
+    leaving: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Bounds the tasks that place hints after a write's quorum.
     late_hint_tasks: Arc<tokio::sync::Semaphore>,
     /// Recent latency per peer: who a read asks first.
@@ -153,6 +164,13 @@ impl<T: Transport> Coordinator<T> {
         self
     }
 
+    /// While `leaving` is set, this node coordinates no request as the
+    /// owners' stand-in (see [`Self::outsider_route`]).
+    pub fn with_leaving_flag(mut self, leaving: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.leaving = Some(leaving);
+        self
+    }
+
     pub fn new(
         id: NodeId,
         cluster_id: u64,
@@ -168,6 +186,7 @@ impl<T: Transport> Coordinator<T> {
             config,
             read_repair: None,
             detector: None,
+            leaving: None,
             late_hint_tasks: Arc::new(tokio::sync::Semaphore::new(LATE_HINT_TASKS_MAX)),
             latency: Arc::new(ReplicaLatency::new()),
             reads: AtomicU64::new(0),
@@ -304,36 +323,46 @@ impl<T: Transport> Coordinator<T> {
         if let Some(refusal) = too_few_members("w", required, &pref, "nothing was written") {
             return refusal;
         }
+        let sloppy = !request.strict && self.config.hinted_handoff;
+        // The owner whose slot this node fills by minting on its hint for
+        // it, when it replicates none of the key and can reach none of
+        // those that do.
+        let mut stand_in_for = None;
         if !pref.contains(&self.id) {
-            if request.forwarded {
+            match self.outsider_route(&pref, request.strict, request.forwarded, "put") {
+                OutsiderRoute::StandIn { owner } => stand_in_for = Some(owner),
+                OutsiderRoute::Forward { to } => {
+                    let mut forwarded = request;
+                    forwarded.forwarded = true;
+                    return self.forward(&to, Request::Put(forwarded), deadline).await;
+                }
                 // Sent here by a node whose ring says this one replicates
                 // the key; this node's ring says not. Minting here would
                 // build on whatever copy it holds from an older ring (maybe
                 // a value whose tombstone the replicas have since
                 // collected) and hand that on to them. Nothing ran: the
                 // forwarder asks the next replica.
-                return Response::error(
-                    ErrorKind::NotServing,
-                    format!(
+                OutsiderRoute::Refuse => {
+                    return Response::error(
+                        ErrorKind::NotServing,
+                        format!(
                         "{} does not replicate this key under its ring; ask one of its replicas",
                         self.id
                     ),
-                );
+                    )
+                }
             }
-            let mut forwarded = request;
-            forwarded.forwarded = true;
-            return self
-                .forward(&pref.replicas, Request::Put(forwarded), deadline)
-                .await;
         }
 
         // Mint the new version locally first: the dot must come from a node
-        // that has every earlier dot of its own for this key.
+        // that has every earlier dot of its own for this key (its copy's,
+        // or as a stand-in its hint's).
         let mint = ReplicaRequest::Update {
             key: request.key.clone(),
             context: context.clone(),
             payload: request.payload,
             overwrite: request.overwrite,
+            hint_for: stand_in_for.clone(),
         };
         let clock = match self.call(&self.id, Request::Replica(mint), deadline).await {
             Ok(Response::Clock(Some(clock))) => clock,
@@ -348,6 +377,10 @@ impl<T: Transport> Coordinator<T> {
             }
         };
         let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
+        if let Some(owner) = &stand_in_for {
+            tracker.add_stand_in(owner, self.id.clone());
+            tracker.hold_back(owner);
+        }
         tracker.record(
             &self.id,
             ReplicaAnswer::Ok {
@@ -365,7 +398,6 @@ impl<T: Transport> Coordinator<T> {
                 clock: clock.clone(),
             })
         };
-        let sloppy = !request.strict && self.config.hinted_handoff;
         let mut stand_ins = StandIns {
             candidates: self.healthy_fallbacks(&pref.fallbacks),
             request_for: sloppy.then_some(&hint as &(dyn Fn(&NodeId) -> Request + Sync)),
@@ -377,11 +409,12 @@ impl<T: Transport> Coordinator<T> {
             speculate_at: None,
             held_back: Vec::new(),
         };
-        // The coordinator's own write is already done.
+        // The coordinator's own write is already done (for itself, or for
+        // the owner it stands in for).
         let others: Vec<NodeId> = pref
             .replicas
             .iter()
-            .filter(|n| **n != self.id)
+            .filter(|n| **n != self.id && Some(*n) != stand_in_for.as_ref())
             .cloned()
             .collect();
         let targets = self.plan(&others, &sync, &mut stand_ins, &mut tracker);
@@ -465,12 +498,19 @@ impl<T: Transport> Coordinator<T> {
         if let Some(refusal) = too_few_members("r", required, &pref, "nothing was read") {
             return refusal;
         }
-        if !pref.contains(&self.id) && !request.forwarded {
-            let mut forwarded = request;
-            forwarded.forwarded = true;
-            return self
-                .forward(&pref.replicas, Request::Get(forwarded), deadline)
-                .await;
+        let mut stand_in_for = None;
+        if !pref.contains(&self.id) {
+            match self.outsider_route(&pref, request.strict, request.forwarded, "get") {
+                OutsiderRoute::StandIn { owner } => stand_in_for = Some(owner),
+                OutsiderRoute::Forward { to } => {
+                    let mut forwarded = request;
+                    forwarded.forwarded = true;
+                    return self.forward(&to, Request::Get(forwarded), deadline).await;
+                }
+                // A read builds on nothing of this node's: it asks the
+                // owners its ring names.
+                OutsiderRoute::Refuse => {}
+            }
         }
         let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
         let mut merged = Clock::new();
@@ -485,7 +525,21 @@ impl<T: Transport> Coordinator<T> {
                 hint_for: Some(owner.clone()),
             })
         };
-        let (first, spares) = self.read_order(&pref.replicas, required);
+        // Standing in for the first owner, this node reads its own hint
+        // for it, and the others through stand-ins (they are believed
+        // down) in ring order, as a write through it placed their hints.
+        let (own, others): (Vec<NodeId>, Vec<NodeId>) = pref
+            .replicas
+            .iter()
+            .cloned()
+            .partition(|n| Some(n) == stand_in_for.as_ref());
+        let (first, spares) = if stand_in_for.is_some() {
+            let mut first = others;
+            let spares = first.split_off(required.saturating_sub(own.len()).min(first.len()));
+            (first, spares)
+        } else {
+            self.read_order(&others, required)
+        };
         let after = stand_in_after(start, deadline);
         let peers_first: Vec<NodeId> = first.iter().filter(|n| **n != self.id).cloned().collect();
         let mut stand_ins = StandIns {
@@ -501,7 +555,13 @@ impl<T: Transport> Coordinator<T> {
             speculate_at: Some(start + self.latency.speculate_after(&peers_first, after - start)),
             held_back: Vec::new(),
         };
-        let targets = self.plan(&first, &read, &mut stand_ins, &mut tracker);
+        let mut targets = Vec::new();
+        for owner in &own {
+            tracker.add_stand_in(owner, self.id.clone());
+            tracker.hold_back(owner);
+            targets.push((self.id.clone(), read_for(owner)));
+        }
+        targets.extend(self.plan(&first, &read, &mut stand_ins, &mut tracker));
         let owners = &pref.replicas;
         let (late, _) = self
             .fan_out(
@@ -635,6 +695,62 @@ impl<T: Transport> Coordinator<T> {
     /// without a detector).
     fn is_healthy(&self, node: &NodeId) -> bool {
         self.detector.as_ref().is_none_or(|d| d.is_up(node))
+    }
+
+    /// Where a request for a key this node does not replicate goes.
+    ///
+    /// To the owners, unless stand-ins are allowed (not `strict`, hints on,
+    /// and this node is not leaving) and the failure detector believes
+    /// every owner down (never without a detector): then Dynamo's sloppy
+    /// quorum takes it on the first healthy nodes of the preference list,
+    /// and the first of those coordinates it, standing in for the first
+    /// owner. That is this node if no fallback before it in ring order is
+    /// believed up, or if the request was forwarded here (the forwarder
+    /// chose it; sending it on could go round in circles); otherwise the
+    /// first fallback believed up, so that every coordinator on one side
+    /// of a partition places a key's writes, and reads them, alike.
+    fn outsider_route(
+        &self,
+        pref: &PreferenceList,
+        strict: bool,
+        forwarded: bool,
+        op: &'static str,
+    ) -> OutsiderRoute {
+        let owners_only = if forwarded {
+            OutsiderRoute::Refuse
+        } else {
+            OutsiderRoute::Forward {
+                to: pref.replicas.clone(),
+            }
+        };
+        let leaving = self
+            .leaving
+            .as_ref()
+            .is_some_and(|l| l.load(Ordering::SeqCst));
+        if strict
+            || !self.config.hinted_handoff
+            || leaving
+            || self.detector.is_none()
+            || pref.replicas.iter().any(|n| self.is_healthy(n))
+        {
+            return owners_only;
+        }
+        let Some(owner) = pref.replicas.first().cloned() else {
+            return owners_only;
+        };
+        let first = pref
+            .fallbacks
+            .iter()
+            .find(|n| **n == self.id || self.is_healthy(n));
+        match first {
+            Some(node) if *node != self.id && !forwarded => OutsiderRoute::Forward {
+                to: vec![node.clone()],
+            },
+            _ => {
+                counter!("ringkv_stand_in_coordinations_total", "op" => op).increment(1);
+                OutsiderRoute::StandIn { owner }
+            }
+        }
     }
 
     /// The fallbacks believed up, in ring order: the sloppy quorum's stand-ins.
@@ -1281,6 +1397,17 @@ impl<T: Transport> Coordinator<T> {
     }
 }
 
+/// Where a request for a key the coordinator does not replicate goes
+/// (see [`Coordinator::outsider_route`]).
+enum OutsiderRoute {
+    /// Coordinated here, in `owner`'s slot, on this node's hint for it.
+    StandIn { owner: NodeId },
+    /// Forwarded to the first of `to` that answers.
+    Forward { to: Vec<NodeId> },
+    /// A forwarded request this node neither stands in for nor sends on.
+    Refuse,
+}
+
 /// What a quorum read found, for read repair.
 struct ReadOutcome {
     key: Vec<u8>,
@@ -1620,5 +1747,66 @@ mod tests {
         coordinator.set_ring(ring(&["a", "b", "d"]));
         assert_eq!(coordinator.latency.average_us(&id("b")), Some(100.0));
         assert_eq!(coordinator.latency.average_us(&id("c")), None, "c left");
+    }
+
+    /// Who coordinates a request for a key this node does not replicate,
+    /// when it believes every owner down: the first fallback it believes
+    /// up, never while it leaves, nor without a detector's word, nor for
+    /// a strict request or with hints off.
+    #[tokio::test(start_paused = true)]
+    async fn an_outsider_stands_in_only_when_it_may_and_is_first() {
+        let ring = ring(&["a", "b", "c", "d", "e"]);
+        let key = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| ring.preference_list(k.as_bytes()).fallbacks.len() == 2)
+            .unwrap();
+        let pref = ring.preference_list(key.as_bytes());
+        let (me, other) = (pref.fallbacks[1].clone(), pref.fallbacks[0].clone());
+        let make = |config: CoordinatorConfig| {
+            Coordinator::new(me.clone(), 1, ring.clone(), Arc::new(NoNetwork), config)
+        };
+        let detector = Arc::new(FailureDetector::new(Default::default()));
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = make(CoordinatorConfig::default())
+            .with_failure_detector(detector.clone())
+            .with_leaving_flag(leaving.clone());
+        let route = |c: &Coordinator<NoNetwork>, strict: bool, forwarded: bool| match c
+            .outsider_route(&pref, strict, forwarded, "put")
+        {
+            OutsiderRoute::StandIn { owner } => format!("stand in for {owner}"),
+            OutsiderRoute::Forward { to } => format!("forward to {to:?}"),
+            OutsiderRoute::Refuse => "refuse".into(),
+        };
+        let owners = format!("forward to {:?}", pref.replicas);
+        assert_eq!(route(&c, false, false), owners, "owners believed up");
+        assert_eq!(route(&c, false, true), "refuse");
+        let down = |n: &NodeId| {
+            let now = Instant::now();
+            detector.record(n, false, now);
+            detector.record(n, false, now);
+            assert!(!detector.is_up(n));
+        };
+        pref.replicas.iter().for_each(down);
+        assert_eq!(route(&c, false, false), format!("forward to [{other:?}]"));
+        let first_owner = format!("stand in for {}", pref.replicas[0]);
+        assert_eq!(
+            route(&c, false, true),
+            first_owner,
+            "the forwarder chose it"
+        );
+        assert_eq!(route(&c, true, false), owners, "strict");
+        down(&other);
+        assert_eq!(route(&c, false, false), first_owner);
+        leaving.store(true, Ordering::SeqCst);
+        assert_eq!(route(&c, false, false), owners, "leaving");
+        leaving.store(false, Ordering::SeqCst);
+        let no_hints = make(CoordinatorConfig {
+            hinted_handoff: false,
+            ..CoordinatorConfig::default()
+        })
+        .with_failure_detector(detector.clone());
+        assert_eq!(route(&no_hints, false, false), owners, "--no-hints");
+        let no_detector = make(CoordinatorConfig::default());
+        assert_eq!(route(&no_detector, false, false), owners, "no detector");
     }
 }

@@ -281,7 +281,7 @@ impl<S: Store> ReplicaService<S> {
         // The store (its tombstone index) and the observer need the old
         // version once the new one exists.
         let old = current.clone();
-        let mut clock = current.unwrap_or_default();
+        let clock = current.unwrap_or_default();
         // A recorded actor of this epoch is always in the clock it was
         // recorded with (merges only add), so a clock naming none has no
         // such record: no need to look.
@@ -290,12 +290,93 @@ impl<S: Store> ReplicaService<S> {
             .iter()
             .any(|(node, _)| is_key_actor_of(node, &self.actor));
         let recorded = if names_one {
-            self.store
-                .key_actor(key)?
-                .filter(|actor| is_key_actor_of(actor, &self.actor))
+            self.store.key_actor(key)?
         } else {
             None
         };
+        let (clock, actor, is_new) = self.mint(clock, recorded, payload, context_of)?;
+        let _change = self.begin_change();
+        if is_new {
+            self.store
+                .put_with_actor(key, old.as_ref(), &clock, &actor)?;
+        } else {
+            self.store.put(key, old.as_ref(), &clock)?;
+        }
+        if let Some(observer) = &self.observer {
+            observer.changed(key, old.as_ref(), Some(&clock));
+        }
+        Ok(clock)
+    }
+
+    /// A coordinator's write as the owners' stand-in, when it replicates
+    /// none of the key and none of its replicas can be reached (Dynamo's
+    /// sloppy quorum takes the write on the first healthy nodes): minted
+    /// on the hint this node holds for `owner`, and handed over with it.
+    ///
+    /// The mint continues an actor recorded beside the hint (see
+    /// [`HintStore::mint`]) or takes a new one, as a replica does beside
+    /// its copy (see the type's docs): the actor's dots all stay in the
+    /// hint as long as the record does, since the two are only removed
+    /// together, and a delivered hint leaves the next one a new actor. An
+    /// actor per write would add an actor to the key for good at every
+    /// write taken this way. The checks are a replica's, on what the hint
+    /// holds, and an overwrite supersedes only that: the owners' values it
+    /// has not seen come back beside it, as siblings.
+    pub fn update_for(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        context: &VersionVector,
+        payload: Payload,
+        overwrite: bool,
+    ) -> Result<Clock, ReplicaError> {
+        let Some(hints) = &self.hints else {
+            return Err(HintError::Disabled.into());
+        };
+        let mut payload = Some(payload);
+        let mut outcome = None;
+        hints.mint(owner, key, &mut |held, recorded| {
+            let context_of = |clock: &Clock| {
+                if overwrite {
+                    clock.context()
+                } else {
+                    context.clone()
+                }
+            };
+            let payload = payload.take().expect("a hint's mint runs once");
+            match self.mint(held, recorded, payload, context_of) {
+                Ok((clock, actor, _)) => {
+                    outcome = Some(Ok(clock.clone()));
+                    Some((clock, actor))
+                }
+                Err(e) => {
+                    outcome = Some(Err(e));
+                    None
+                }
+            }
+        })?;
+        outcome.unwrap_or_else(|| {
+            Err(StoreError::Io {
+                reason: "the hint store wrote nothing and said nothing".into(),
+            }
+            .into())
+        })
+    }
+
+    /// Adds `payload` to `clock` under a new dot, superseding what
+    /// `context_of(clock)` covers: the mint of [`Self::update_with`] and
+    /// [`Self::update_for`]. The dot continues `recorded` (the actor
+    /// recorded beside the clock) if it is one of this epoch's and not
+    /// saturated, or is the first of a new actor. Returns the new clock,
+    /// the actor, and whether it is new (to be recorded).
+    fn mint(
+        &self,
+        mut clock: Clock,
+        recorded: Option<NodeId>,
+        payload: Payload,
+        context_of: impl FnOnce(&Clock) -> VersionVector,
+    ) -> Result<(Clock, NodeId, bool), ReplicaError> {
+        let recorded = recorded.filter(|actor| is_key_actor_of(actor, &self.actor));
         let (actor, is_new) = match recorded {
             // A context may name this actor with any counter up to the
             // limit (a coordinator cannot check another node's actors, and
@@ -330,17 +411,7 @@ impl<S: Store> ReplicaService<S> {
         }
         clock.update(context, payload, &actor);
         check_limits(&clock)?;
-        let _change = self.begin_change();
-        if is_new {
-            self.store
-                .put_with_actor(key, old.as_ref(), &clock, &actor)?;
-        } else {
-            self.store.put(key, old.as_ref(), &clock)?;
-        }
-        if let Some(observer) = &self.observer {
-            observer.changed(key, old.as_ref(), Some(&clock));
-        }
-        Ok(clock)
+        Ok((clock, actor, is_new))
     }
 
     /// Merges a clock from another replica. Returns whether anything changed.
@@ -422,6 +493,16 @@ impl<S: Store> ReplicaService<S> {
                 context,
                 payload,
                 overwrite,
+                hint_for: Some(owner),
+            } => self
+                .update_for(&owner, &key, &context, payload, overwrite)
+                .map(Some),
+            ReplicaRequest::Update {
+                key,
+                context,
+                payload,
+                overwrite,
+                hint_for: None,
             } => {
                 if overwrite {
                     self.overwrite(&key, payload).map(Some)
@@ -615,6 +696,7 @@ fn check_limits(clock: &Clock) -> Result<(), ReplicaError> {
 mod tests {
     use super::*;
     use ringkv_core::wire::CLOCK_MAX_BYTES;
+    use ringkv_repair::hints::{HintBook, MemHintBackend};
 
     fn service(max_siblings: usize) -> ReplicaService<MemStore> {
         ReplicaService::new(NodeId::new("a").unwrap(), MemStore::default(), max_siblings)
@@ -956,6 +1038,113 @@ mod tests {
         let mut values: Vec<&[u8]> = held.values().collect();
         values.sort();
         assert_eq!(values, [&b"v2"[..], &b"v3"[..]]);
+    }
+
+    /// A service of epoch actor `epoch` holding hints in `book`.
+    fn standing_in(
+        epoch: &str,
+        book: &Arc<HintBook<MemHintBackend>>,
+        max_siblings: usize,
+    ) -> ReplicaService<MemStore> {
+        ReplicaService::new(
+            NodeId::new(epoch).unwrap(),
+            MemStore::default(),
+            max_siblings,
+        )
+        .with_hints(book.clone())
+    }
+
+    fn hint_book() -> Arc<HintBook<MemHintBackend>> {
+        Arc::new(
+            HintBook::open(
+                MemHintBackend::default(),
+                Default::default(),
+                Arc::new(|| 1_000_000),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// A stand-in's mint builds on its hint for the owner, never on its own
+    /// copy, continues the hint's actor within the epoch, and draws a new
+    /// one in a new epoch (a crash may have lost the newest of its dots).
+    #[test]
+    fn a_stand_ins_write_goes_on_the_hint_under_the_hints_actor() {
+        let (book, owner) = (hint_book(), NodeId::new("o").unwrap());
+        let s = standing_in("a.0001", &book, 10);
+        let value = |v: &str| Payload::Value(v.as_bytes().to_vec());
+        s.update(b"k", &VersionVector::new(), value("own")).unwrap();
+        let first = s
+            .update_for(&owner, b"k", &VersionVector::new(), value("v1"), false)
+            .unwrap();
+        let actor = key_actor(&first);
+        assert!(is_key_actor_of(&actor, &NodeId::new("a.0001").unwrap()));
+        let second = s
+            .update_for(&owner, b"k", &first.context(), value("v2"), false)
+            .unwrap();
+        assert_eq!(second.counter(&actor), 2, "the same actor, continued");
+        assert_eq!(second.values().collect::<Vec<_>>(), [b"v2".as_slice()]);
+        assert_eq!(book.read(&owner, b"k").unwrap(), Some(second.clone()));
+        let own: Vec<Vec<u8>> = s
+            .read(b"k")
+            .unwrap()
+            .unwrap()
+            .values()
+            .map(<[u8]>::to_vec)
+            .collect();
+        assert_eq!(own, [b"own".to_vec()], "its own copy is untouched");
+
+        let after_crash = standing_in("a.0002", &book, 10);
+        let third = after_crash
+            .update_for(&owner, b"k", &second.context(), value("v3"), false)
+            .unwrap();
+        assert_eq!(
+            third.counter(&actor),
+            2,
+            "the old epoch's actor minted no more"
+        );
+        assert_eq!(third.entry_count(), 2, "{third:?}");
+    }
+
+    /// The replica's checks apply to what the hint holds: a context naming
+    /// more of the hint's actor's writes than it made, the sibling limit;
+    /// and a node without hints stands in for no one.
+    #[test]
+    fn a_stand_ins_write_is_checked_against_its_hint() {
+        let (book, owner) = (hint_book(), NodeId::new("o").unwrap());
+        let s = standing_in("a.0001", &book, 2);
+        let value = |v: &str| Payload::Value(v.as_bytes().to_vec());
+        let first = s
+            .update_for(&owner, b"k", &VersionVector::new(), value("v1"), false)
+            .unwrap();
+        let forged = VersionVector::from_pairs([(key_actor(&first), 5)]);
+        let err = s
+            .update_for(&owner, b"k", &forged, value("v2"), false)
+            .unwrap_err();
+        assert!(
+            matches!(err, ReplicaError::ImpossibleContext { made: 1, .. }),
+            "{err}"
+        );
+        s.update_for(&owner, b"k", &VersionVector::new(), value("v2"), false)
+            .unwrap();
+        let err = s
+            .update_for(&owner, b"k", &VersionVector::new(), value("v3"), false)
+            .unwrap_err();
+        assert!(
+            matches!(err, ReplicaError::TooManySiblings { limit: 2, .. }),
+            "{err}"
+        );
+        // An overwrite supersedes both: all the hint holds.
+        let over = s
+            .update_for(&owner, b"k", &VersionVector::new(), value("v4"), true)
+            .unwrap();
+        assert_eq!(over.values().collect::<Vec<_>>(), [b"v4".as_slice()]);
+        assert_eq!(book.read(&owner, b"k").unwrap(), Some(over));
+
+        let err = service(10)
+            .update_for(&owner, b"k", &VersionVector::new(), value("v"), false)
+            .unwrap_err();
+        assert_eq!(err, ReplicaError::Hint(HintError::Disabled));
     }
 
     #[test]

@@ -458,7 +458,9 @@ async fn a_forward_whose_other_replicas_are_down_gives_the_one_left_all_the_time
 
 /// A forwarder that believes every replica down (its own view may be
 /// what failed) keeps the split: the first, dead in fact, does not take
-/// all the time, and the second coordinates.
+/// all the time, and the second coordinates. (Strict: a sloppy write would
+/// not forward at all, but take the write as the owners' stand-in; see
+/// `sloppy_quorum.rs`.)
 #[tokio::test(start_paused = true)]
 async fn a_forward_that_believes_every_replica_down_still_moves_on() {
     let c = SimCluster::new(5, 3, 1);
@@ -466,13 +468,17 @@ async fn a_forward_that_believes_every_replica_down_still_moves_on() {
     let outsider = pref.fallbacks[0].clone();
     believe_down(&c, outsider.as_str(), &pref.replicas);
     c.net.down(&pref.replicas[0]);
-    let coordinator = coordinator_of(c.put(outsider.as_str(), KEY, "v", Quorum, None).await);
+    let coordinator = coordinator_of(
+        c.put_strict(outsider.as_str(), KEY, "v", Quorum, None)
+            .await,
+    );
     assert_eq!(coordinator.as_ref(), Some(&pref.replicas[1]));
 }
 
 /// Believed down or not, the last replica tried gets all the time left:
 /// here the first two are silent, and the last needs 180 ms of the 218
-/// left of the 2 s (its answer comes from 90 ms away each way).
+/// left of the 2 s (its answer comes from 90 ms away each way). Strict, as
+/// above.
 #[tokio::test(start_paused = true)]
 async fn a_forward_gives_the_last_replica_all_that_is_left() {
     let c = SimCluster::new(5, 3, 1);
@@ -485,7 +491,7 @@ async fn a_forward_gives_the_last_replica_all_that_is_left() {
     let link = Duration::from_millis(90);
     c.net.delay(&outsider, &pref.replicas[2], link);
     c.net.delay(&pref.replicas[2], &outsider, link);
-    let coordinator = coordinator_of(c.put(outsider.as_str(), KEY, "w", One, None).await);
+    let coordinator = coordinator_of(c.put_strict(outsider.as_str(), KEY, "w", One, None).await);
     assert_eq!(coordinator.as_ref(), Some(&pref.replicas[2]));
 }
 

@@ -166,6 +166,7 @@ async fn a_stand_in_reads_its_hint_never_its_own_stray_copy() {
                 context: VersionVector::new(),
                 payload: Payload::Value(b"deleted long ago".to_vec()),
                 overwrite: false,
+                hint_for: None,
             });
     assert!(matches!(stray, Response::Clock(Some(_))), "{stray:?}");
     s.c.net.down(&s.id(dead));
@@ -1122,4 +1123,244 @@ async fn an_owner_held_back_whose_stand_in_failed_gets_a_fallback_left() {
         "the third fallback stood in: {log:?}"
     );
     assert_eq!(started.elapsed(), Duration::ZERO, "{get:?} {log:?}");
+}
+
+/// Cuts `coordinator` off from every owner and waits until it knows.
+async fn cut_off_from_every_owner(s: &Story, coordinator: &str) {
+    for owner in &s.owners {
+        s.c.net.partition(&s.id(coordinator), &s.id(owner));
+    }
+    for owner in &s.owners {
+        s.until_seen(coordinator, owner, false).await;
+    }
+}
+
+/// The actors of `holder`'s clock in its hint for `owner`, with counters.
+fn hint_actors(s: &Story, holder: &str, owner: &str) -> Vec<(String, u64)> {
+    let clock =
+        s.c.node(holder)
+            .hints
+            .read(&s.id(owner), KEY.as_bytes())
+            .unwrap()
+            .expect("a hint is held");
+    clock
+        .context()
+        .iter()
+        .map(|(actor, counter)| (actor.to_string(), counter))
+        .collect()
+}
+
+fn context_of(r: &Response) -> String {
+    match r {
+        Response::Put(p) => p.context.clone(),
+        other => panic!("not a put's answer: {other:?}"),
+    }
+}
+
+/// Dynamo's sloppy quorum takes a write on the first healthy nodes of the
+/// preference list even when every owner is unreachable: the coordinator
+/// (not a replica) mints it on its hint for the first owner, and the next
+/// healthy fallback holds it for the second. Writes through it continue
+/// one actor while it holds the hint, and the owners get them after the
+/// heal beside what they held, which the client never saw.
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_cut_off_from_every_owner_takes_the_write_as_their_stand_in() {
+    let s = story(with_probes());
+    let written = s.c.put(&s.owners[0], KEY, "before", All, None).await;
+    assert!(matches!(written, Response::Put(_)), "{written:?}");
+    let coordinator = &s.fallbacks[0];
+    cut_off_from_every_owner(&s, coordinator).await;
+    // A stray copy of the coordinator's own is never built on.
+    s.c.node(coordinator)
+        .replica
+        .sync(KEY.as_bytes(), &{
+            let mut stray = ringkv_core::dvv::Clock::default();
+            stray.update(
+                &Default::default(),
+                ringkv_core::dvv::Payload::Value(b"stray".to_vec()),
+                &s.id("old-actor"),
+            );
+            stray
+        })
+        .unwrap();
+
+    let first = s.c.put(coordinator, KEY, "v1", Quorum, None).await;
+    assert!(matches!(first, Response::Put(_)), "{first:?}");
+    assert_eq!(
+        stand_ins(&first),
+        [
+            (coordinator.clone(), s.owners[0].clone()),
+            (s.fallbacks[1].clone(), s.owners[1].clone()),
+        ]
+    );
+    assert_eq!(s.hint(coordinator, &s.owners[0]), Some(vec!["v1".into()]));
+    assert_eq!(
+        s.hint(&s.fallbacks[1], &s.owners[1]),
+        Some(vec!["v1".into()])
+    );
+    assert_eq!(
+        s.c.local_values(coordinator, KEY),
+        ["stray"],
+        "its own copy is untouched"
+    );
+    // Reads go to the first healthy nodes too: the coordinator's own hint
+    // for the first owner among them.
+    let get = s.c.get(coordinator, KEY, Quorum).await;
+    assert_eq!(values(&get), ["v1"], "{get:?}");
+    assert!(
+        stand_ins(&get).contains(&(coordinator.clone(), s.owners[0].clone())),
+        "{get:?}"
+    );
+
+    // The next write, with the first's context, supersedes it under the
+    // same actor: one actor of the coordinator's per hint, not per write.
+    let second =
+        s.c.put(coordinator, KEY, "v2", Quorum, Some(context_of(&first)))
+            .await;
+    assert!(matches!(second, Response::Put(_)), "{second:?}");
+    assert_eq!(s.hint(coordinator, &s.owners[0]), Some(vec!["v2".into()]));
+    let actors = hint_actors(&s, coordinator, &s.owners[0]);
+    assert_eq!(actors.len(), 1, "{actors:?}");
+    assert!(
+        actors[0].0.starts_with(&format!("{coordinator}.")) && actors[0].1 == 2,
+        "{actors:?}"
+    );
+    // --strict counts only the owners, so it still fails.
+    let strict = s.c.put_strict(coordinator, KEY, "v3", Quorum, None).await;
+    assert!(
+        matches!(&strict, Response::Error(e) if e.kind == ErrorKind::Unavailable),
+        "{strict:?}"
+    );
+
+    s.c.net.heal();
+    s.until_no_hints(Duration::from_secs(30)).await;
+    // "before" was not in the context the stand-in was given, so it stays
+    // beside the new value; "v1" is superseded, "stray" never left.
+    for owner in &s.owners[..2] {
+        assert_eq!(s.c.local_values(owner, KEY), ["before", "v2"], "on {owner}");
+    }
+    let get = s.c.get_with(&s.owners[0], KEY, All, true).await;
+    assert_eq!(values(&get), ["before", "v2"]);
+    assert_eq!(s.c.local_values(&s.owners[2], KEY), ["before", "v2"]);
+
+    // The hint was delivered and removed with its actor: the next time,
+    // a new one.
+    cut_off_from_every_owner(&s, coordinator).await;
+    let third = s.c.put(coordinator, KEY, "v3", Quorum, None).await;
+    assert!(matches!(third, Response::Put(_)), "{third:?}");
+    let again = hint_actors(&s, coordinator, &s.owners[0]);
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!(again[0].0, actors[0].0, "a new hint, a new actor");
+    assert_eq!(again[0].1, 1);
+}
+
+/// An overwrite through a stand-in supersedes only what the stand-in
+/// holds: the owners' value it never saw comes back beside it.
+#[tokio::test(start_paused = true)]
+async fn an_overwrite_through_a_stand_in_leaves_the_owners_values_as_siblings() {
+    use ringkv_core::dvv::Payload;
+    use ringkv_core::wire::PutRequest;
+    let s = story(with_probes());
+    let written = s.c.put(&s.owners[0], KEY, "before", All, None).await;
+    assert!(matches!(written, Response::Put(_)), "{written:?}");
+    let coordinator = &s.fallbacks[0];
+    cut_off_from_every_owner(&s, coordinator).await;
+    let overwrite = |value: &str| PutRequest {
+        overwrite: true,
+        ..PutRequest::new(KEY, Payload::Value(value.as_bytes().to_vec()), Quorum, None)
+    };
+    for value in ["o1", "o2"] {
+        let put =
+            s.c.node(coordinator)
+                .coordinator
+                .put(overwrite(value))
+                .await;
+        assert!(matches!(put, Response::Put(_)), "{put:?}");
+    }
+    assert_eq!(s.hint(coordinator, &s.owners[0]), Some(vec!["o2".into()]));
+    s.c.net.heal();
+    s.until_no_hints(Duration::from_secs(30)).await;
+    assert_eq!(s.c.local_values(&s.owners[0], KEY), ["before", "o2"]);
+}
+
+/// With no failure detector's word that every owner is down, the
+/// coordinator forwards as before: one it cannot reach may still be up.
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_that_has_not_seen_the_owners_down_forwards() {
+    let s = story(SimOptions::default());
+    let coordinator = &s.fallbacks[0];
+    for owner in &s.owners {
+        s.c.net.partition(&s.id(coordinator), &s.id(owner));
+    }
+    let put = s.c.put(coordinator, KEY, "v", Quorum, None).await;
+    assert!(
+        matches!(&put, Response::Error(e) if e.kind == ErrorKind::Unavailable
+            && e.message.contains("no replica of this key could be reached")),
+        "{put:?}"
+    );
+    assert_eq!(s.c.hints_pending(), 0);
+    let get = s.c.get(coordinator, KEY, Quorum).await;
+    assert!(
+        matches!(&get, Response::Error(e) if e.kind == ErrorKind::Unavailable),
+        "{get:?}"
+    );
+}
+
+/// Every coordinator on one side of a partition places a key's writes
+/// alike, and reads them where it placed them: one that is not the first
+/// healthy fallback forwards to that one, which stands in for the first
+/// owner, and the next holds the hint for the second.
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_behind_another_fallback_forwards_to_the_first() {
+    let s = story(with_probes());
+    let (first, second) = (&s.fallbacks[0], &s.fallbacks[1]);
+    cut_off_from_every_owner(&s, first).await;
+    cut_off_from_every_owner(&s, second).await;
+    let put = s.c.put(second, KEY, "v", Quorum, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(receipt(&put).coordinator.as_ref(), Some(&s.id(first)));
+    let placed = vec![
+        (first.clone(), s.owners[0].clone()),
+        (second.clone(), s.owners[1].clone()),
+    ];
+    assert_eq!(stand_ins(&put), placed);
+    for via in [first, second] {
+        let get = s.c.get(via, KEY, Quorum).await;
+        assert_eq!(values(&get), ["v"], "via {via}");
+        assert_eq!(stand_ins(&get), placed, "via {via}");
+    }
+}
+
+/// A detector that is wrong about every owner (they are up, the
+/// coordinator's view is what failed) makes the write a hint all the same:
+/// it is acknowledged, and reaches the owners once the coordinator sees
+/// them up again (its probes do at once here).
+#[tokio::test(start_paused = true)]
+async fn owners_wrongly_believed_down_get_the_write_through_the_hint() {
+    let s = story(with_probes());
+    let written = s.c.put(&s.owners[0], KEY, "before", All, None).await;
+    let coordinator = &s.fallbacks[0];
+    for owner in &s.owners {
+        let detector = &s.c.node(coordinator).detector;
+        let now = tokio::time::Instant::now();
+        detector.record(&s.id(owner), false, now);
+        detector.record(&s.id(owner), false, now);
+        assert!(!detector.is_up(&s.id(owner)));
+    }
+    let read = s.c.get(&s.owners[0], KEY, All).await;
+    let context = match &read {
+        Response::Get(g) => g.context.clone(),
+        other => panic!("{other:?} after {written:?}"),
+    };
+    let put =
+        s.c.put(coordinator, KEY, "after", Quorum, Some(context))
+            .await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(
+        stand_ins(&put)[0],
+        (coordinator.clone(), s.owners[0].clone())
+    );
+    s.until_no_hints(Duration::from_secs(30)).await;
+    // With the read's context, "after" replaced "before" on the owners.
+    assert_eq!(s.c.local_values(&s.owners[0], KEY), ["after"]);
 }

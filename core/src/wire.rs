@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/13";
+pub const ALPN: &[u8] = b"ringkv/14";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -293,6 +293,10 @@ pub enum ReplicaRequest {
         payload: Payload,
         /// Use the local clock's whole version vector as the context.
         overwrite: bool,
+        /// The coordinator replicates none of the key and stands in for
+        /// this owner, none of whose replicas it can reach: the write is
+        /// minted on the hint it holds for the owner, not on its own copy.
+        hint_for: Option<NodeId>,
     },
     /// Merge this clock into the local one. Replies with `Clock(None)`.
     Sync { key: Vec<u8>, clock: Clock },
@@ -979,8 +983,14 @@ impl Request {
                 }
                 validate_member(&j.member)
             }
-            Request::Replica(ReplicaRequest::Update { key, context, .. }) => {
+            Request::Replica(ReplicaRequest::Update {
+                key,
+                context,
+                hint_for,
+                ..
+            }) => {
                 validate_key(key)?;
+                hint_for.as_ref().map_or(Ok(()), validate_node_id)?;
                 context.validate()
             }
             Request::Replica(ReplicaRequest::Sync { key, clock }) => {

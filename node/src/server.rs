@@ -457,8 +457,9 @@ struct NodeInner {
     removed: watch::Sender<bool>,
     /// The same, read on every request.
     is_removed: std::sync::atomic::AtomicBool,
-    /// Set while `ringkv leave` runs (see `server/leave.rs`).
-    leaving: std::sync::atomic::AtomicBool,
+    /// Set while `ringkv leave` runs (see `server/leave.rs`); shared with
+    /// the coordinator, which then stands in for no owner.
+    leaving: Arc<std::sync::atomic::AtomicBool>,
     /// Requests being handled: a leave waits for those under way when it
     /// stopped serving before its last hand-over.
     in_flight: std::sync::atomic::AtomicUsize,
@@ -776,7 +777,8 @@ impl NodeInner {
                         self.coordinator_config.clone(),
                     )
                     .with_read_repair(self.read_repair.clone())
-                    .with_failure_detector(self.detector.clone()),
+                    .with_failure_detector(self.detector.clone())
+                    .with_leaving_flag(self.leaving.clone()),
                 );
                 // Installs are serialised, so nobody else can have set it.
                 let _ = self.coordinator.set(coordinator);
@@ -1965,6 +1967,7 @@ mod tests {
                 context: VersionVector::new(),
                 payload: Payload::Value(b"u".to_vec()),
                 overwrite: false,
+                hint_for: None,
             },
         ];
         for request in requests {

@@ -175,6 +175,7 @@ async fn a_coordinators_update_from_a_connection_is_refused() {
         context: VersionVector::new(),
         payload: Payload::Value(vec![b'v'; 16]),
         overwrite: false,
+        hint_for: None,
     });
     match client.call(&update).await.unwrap() {
         Response::Error(e) => {

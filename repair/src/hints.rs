@@ -16,6 +16,13 @@
 //!   while the delivery was in flight is delivered next time, not lost;
 //! - at most `max_per_target` hints per owner: past that a new hint is refused
 //!   (the coordinator then tries the next fallback);
+//! - a coordinator standing in for a key's owners (it replicates none of
+//!   the key and can reach none of them) mints on its hint for the first
+//!   owner ([`HintStore::mint`]), under an actor recorded in the hint's
+//!   record. Merges keep the actor; it goes whenever the record goes
+//!   (delivered, dropped, moved to another owner) or is replaced (past the
+//!   window, corrupt), so every dot of a recorded actor is in the hint's
+//!   clock, and the next mint never repeats one;
 //! - a hint whose newest write is older than the hint window (`ttl_ms`) is
 //!   dropped and counted; anti-entropy repairs what it would have. The
 //!   sweep that drops them reads only the owners that may hold one: the
@@ -136,6 +143,20 @@ impl<B: HintBackend> HintBackend for Arc<B> {
 pub trait HintStore: Send + Sync {
     fn store(&self, owner: &NodeId, key: &[u8], clock: &Clock) -> Result<(), HintError>;
     fn read(&self, owner: &NodeId, key: &[u8]) -> Result<Option<Clock>, HintError>;
+    /// A stand-in coordinator's write on the hint it holds for `owner`
+    /// (`ReplicaService::update_for`), under the entry's lock: `mint` gets
+    /// the clock held (empty if none, or if the one held is past the
+    /// window) and the actor recorded beside it by an earlier mint, and
+    /// returns the new clock with the actor to record, or `None` to write
+    /// nothing. The actor is kept as long as the entry (merges keep it) and
+    /// removed with it; an entry replaced rather than merged into (past the
+    /// window, corrupt) loses it.
+    fn mint(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        mint: &mut dyn FnMut(Clock, Option<NodeId>) -> Option<(Clock, NodeId)>,
+    ) -> Result<(), HintError>;
 }
 
 /// One hinted write.
@@ -272,26 +293,70 @@ fn entry_bytes(id: &[u8], value: &[u8]) -> u64 {
     (id.len() + value.len()) as u64
 }
 
-fn encode_hint(clock: &Clock, stored_at_ms: u64) -> Vec<u8> {
-    let clock = encode_clock(clock);
-    let mut value = Vec::with_capacity(8 + clock.len());
-    value.extend_from_slice(&stored_at_ms.to_le_bytes());
+/// A hint as stored: its clock, when its newest write was hinted, and the
+/// actor a stand-in coordinator mints its dots under ([`HintStore::mint`]).
+#[derive(Debug, Clone, PartialEq)]
+struct Held {
+    clock: Clock,
+    stored_at_ms: u64,
+    actor: Option<NodeId>,
+}
+
+/// Set in a record's time when an actor follows it. Times are ms since
+/// the Unix epoch, far below 2^63, so records written before actors were
+/// recorded never have it.
+const ACTOR_FLAG: u64 = 1 << 63;
+
+/// A record is the time (8 bytes, little-endian), then, if the time has
+/// [`ACTOR_FLAG`], the actor's length (1 byte) and name, then the clock.
+fn encode_hint(held: &Held) -> Vec<u8> {
+    let clock = encode_clock(&held.clock);
+    let actor = held
+        .actor
+        .as_ref()
+        .map_or(&[][..], |a| a.as_str().as_bytes());
+    let mut value = Vec::with_capacity(9 + actor.len() + clock.len());
+    match &held.actor {
+        None => value.extend_from_slice(&held.stored_at_ms.to_le_bytes()),
+        Some(_) => {
+            value.extend_from_slice(&(held.stored_at_ms | ACTOR_FLAG).to_le_bytes());
+            // Node ids are validated to far fewer than 256 bytes.
+            value.push(actor.len() as u8);
+            value.extend_from_slice(actor);
+        }
+    }
     value.extend_from_slice(&clock);
     value
 }
 
-fn decode_hint(value: &[u8]) -> Result<(Clock, u64), HintError> {
+fn decode_hint(value: &[u8]) -> Result<Held, HintError> {
+    let corrupt = |reason: String| HintError::Corrupt { reason };
     if value.len() < 8 {
-        return Err(HintError::Corrupt {
-            reason: format!("hint record of {} bytes", value.len()),
-        });
+        return Err(corrupt(format!("hint record of {} bytes", value.len())));
     }
-    let (at, clock) = value.split_at(8);
+    let (at, mut rest) = value.split_at(8);
     let at = u64::from_le_bytes(at.try_into().expect("8 bytes"));
-    let clock = decode_clock(clock).map_err(|e| HintError::Corrupt {
-        reason: e.to_string(),
-    })?;
-    Ok((clock, at))
+    let actor = if at & ACTOR_FLAG == 0 {
+        None
+    } else {
+        let (&len, after) = rest
+            .split_first()
+            .ok_or_else(|| corrupt("hint record ends before its actor".into()))?;
+        if after.len() < usize::from(len) {
+            return Err(corrupt("hint record shorter than its actor".into()));
+        }
+        let (name, after) = after.split_at(usize::from(len));
+        rest = after;
+        let name = std::str::from_utf8(name)
+            .map_err(|_| corrupt("the hint's actor is not UTF-8".into()))?;
+        Some(NodeId::new(name).map_err(|e| corrupt(format!("the hint's actor: {}", e.message)))?)
+    };
+    let clock = decode_clock(rest).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Held {
+        clock,
+        stored_at_ms: at & !ACTOR_FLAG,
+        actor,
+    })
 }
 
 impl<B: HintBackend> HintBook<B> {
@@ -311,7 +376,7 @@ impl<B: HintBackend> HintBook<B> {
                         hints.count += 1;
                         // A record that does not decode counts as past any
                         // window, so that the first sweep reads and drops it.
-                        hints.stored_at(decode_hint(value).map_or(0, |(_, at)| at));
+                        hints.stored_at(decode_hint(value).map_or(0, |held| held.stored_at_ms));
                         bytes += entry_bytes(id, value);
                     }
                     // One entry whose id cannot be read must not stop the
@@ -515,10 +580,10 @@ impl<B: HintBackend> HintBook<B> {
         let mut hints = Vec::new();
         for (id, value) in page {
             match decode_hint(&value) {
-                Ok((clock, stored_at_ms)) => hints.push(Hint {
+                Ok(held) => hints.push(Hint {
                     key: id[prefix.len()..].to_vec(),
-                    clock,
-                    stored_at_ms,
+                    clock: held.clock,
+                    stored_at_ms: held.stored_at_ms,
                 }),
                 // One bad record must not block the owner's other hints:
                 // drop it (anti-entropy repairs what it held) and go on.
@@ -600,7 +665,7 @@ impl<B: HintBackend> HintBook<B> {
             return Ok(false);
         };
         let remove = match decode_hint(&value) {
-            Ok((clock, at)) => condition(Some((&clock, at))),
+            Ok(held) => condition(Some((&held.clock, held.stored_at_ms))),
             Err(_) => condition(None),
         };
         if !remove {
@@ -707,11 +772,33 @@ impl<B: HintBackend> HintStore for HintBook<B> {
     fn read(&self, owner: &NodeId, key: &[u8]) -> Result<Option<Clock>, HintError> {
         match self.backend.get(&entry_id(owner, key))? {
             Some(value) => {
-                let (clock, stored_at_ms) = decode_hint(&value)?;
-                Ok((!self.is_past_window(stored_at_ms, self.now_ms())).then_some(clock))
+                let held = decode_hint(&value)?;
+                Ok((!self.is_past_window(held.stored_at_ms, self.now_ms())).then_some(held.clock))
             }
             None => Ok(None),
         }
+    }
+
+    fn mint(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        mint: &mut dyn FnMut(Clock, Option<NodeId>) -> Option<(Clock, NodeId)>,
+    ) -> Result<(), HintError> {
+        self.write_entry(owner, key, |existing, now_ms| {
+            // A wall clock stepped back must not make the hint look older
+            // than a write it already holds.
+            let (clock, actor, held_at_ms) = match existing {
+                Some(held) => (held.clock, held.actor, held.stored_at_ms),
+                None => (Clock::default(), None, 0),
+            };
+            let (clock, actor) = mint(clock, actor)?;
+            Some(Held {
+                clock,
+                stored_at_ms: now_ms.max(held_at_ms),
+                actor: Some(actor),
+            })
+        })
     }
 }
 
@@ -729,6 +816,44 @@ impl<B: HintBackend> HintBook<B> {
         key: &[u8],
         clock: &Clock,
         written_at_ms: u64,
+    ) -> Result<(), HintError> {
+        self.write_entry(owner, key, |existing, now_ms| match existing {
+            Some(mut held) => {
+                let before = held.clock.clone();
+                held.clock.sync(clock);
+                if held.clock == before {
+                    // Nothing new, so the hint's age stays that of its newest write.
+                    return None;
+                }
+                held.stored_at_ms = written_at_ms.max(held.stored_at_ms);
+                Some(held)
+            }
+            None if self.is_past_window(written_at_ms, now_ms) => {
+                // A hint handed on with its first age (`HintBook::store_aged`)
+                // that expired on the way: it would never be delivered, only
+                // take room until a sweep. Dropped as expiry drops it.
+                counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
+                    .increment(1);
+                None
+            }
+            None => Some(Held {
+                clock: clock.clone(),
+                stored_at_ms: written_at_ms,
+                actor: None,
+            }),
+        })
+    }
+
+    /// Replaces the entry for (`owner`, `key`) with what `change` makes of
+    /// the one held (`None`: none, or one past the window or corrupt, which
+    /// is replaced rather than merged into) and the time now (read under
+    /// the entry's lock), keeping the counts, the bytes and the owner's
+    /// oldest time. `change` returning `None` writes nothing.
+    fn write_entry(
+        &self,
+        owner: &NodeId,
+        key: &[u8],
+        change: impl FnOnce(Option<Held>, u64) -> Option<Held>,
     ) -> Result<(), HintError> {
         let id = entry_id(owner, key);
         let _guard = self.lock(&id);
@@ -751,44 +876,29 @@ impl<B: HintBackend> HintBook<B> {
         };
         let now_ms = self.now_ms();
         // Counted once it is replaced: a store that fails leaves it for the
-        // sweep, which counts it then.
+        // sweep, which counts it then. Replaced, not merged into: merging
+        // would give its old values a new age, and they may have outlived
+        // their tombstones.
         let mut replaces_expired = false;
-        let existing = existing.filter(|(_, held_at_ms)| {
-            replaces_expired = self.is_past_window(*held_at_ms, now_ms);
+        let existing = existing.filter(|held| {
+            replaces_expired = self.is_past_window(held.stored_at_ms, now_ms);
             !replaces_expired
         });
-        if existing.is_none() && self.is_past_window(written_at_ms, now_ms) {
-            // A hint handed on with its first age (`HintBook::store_aged`)
-            // that expired on the way: it would never be delivered, only
-            // take room until a sweep. Dropped as expiry drops it.
-            counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
-                .increment(1);
+        let Some(new) = change(existing, now_ms) else {
             return Ok(());
-        }
-        let (merged, written_at_ms) = match existing {
-            Some((mut held, held_at_ms)) => {
-                let before = held.clone();
-                held.sync(clock);
-                if held == before {
-                    // Nothing new, so the hint's age stays that of its newest write.
-                    return Ok(());
-                }
-                (held, written_at_ms.max(held_at_ms))
-            }
-            None => (clock.clone(), written_at_ms),
         };
         // The owner would refuse a clock past the per-key limits; better
         // to refuse it now than to hold a hint that can never be delivered.
-        if clock_over_limit(&merged).is_some() {
+        if clock_over_limit(&new.clock).is_some() {
             return Err(HintError::TooLarge {
                 reason: format!(
                     "{} actors, about {} bytes",
-                    merged.entry_count(),
-                    merged.approx_size()
+                    new.clock.entry_count(),
+                    new.clock.approx_size()
                 ),
             });
         }
-        let value = encode_hint(&merged, written_at_ms);
+        let value = encode_hint(&new);
         let more = entry_bytes(&id, &value) as i64 - held_bytes as i64;
         if let Err(e) = self.charge_bytes(more) {
             counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "full")
@@ -813,7 +923,7 @@ impl<B: HintBackend> HintBook<B> {
             self.adjust_bytes(-more);
             return Err(e);
         }
-        self.note_stored(owner, written_at_ms);
+        self.note_stored(owner, new.stored_at_ms);
         if replaces_expired {
             counter!("ringkv_hints_dropped_total", "target" => owner.to_string(), "reason" => "expired")
                 .increment(1);

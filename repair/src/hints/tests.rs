@@ -533,3 +533,110 @@ fn a_corrupt_record_found_at_open_is_swept() {
     assert_eq!(book.pending(&n("c")), 1, "the corrupt one is gone");
     assert!(book.owners_to_sweep().is_empty());
 }
+
+/// A stand-in coordinator's mint on a hint: `write`'s value under the
+/// recorded actor if there is one, else under `fresh`. Returns the actor
+/// `mint` was given.
+fn mint_on(book: &HintBook<Arc<MemHintBackend>>, value: &str, fresh: &str) -> Option<NodeId> {
+    let mut given = None;
+    book.mint(&n("c"), b"k", &mut |mut clock, recorded| {
+        given = recorded.clone();
+        let actor = recorded.unwrap_or_else(|| n(fresh));
+        let context = clock.context();
+        clock.update(
+            &context,
+            ringkv_core::dvv::Payload::Value(value.as_bytes().to_vec()),
+            &actor,
+        );
+        Some((clock, actor))
+    })
+    .unwrap();
+    given
+}
+
+/// The actor a stand-in mints under lives as long as the hint: merges
+/// keep it, delivery removes it with the hint, and a record of the format
+/// from before actors (no flag) still reads.
+#[test]
+fn a_hints_actor_lives_and_goes_with_it() {
+    let f = fixture(HintConfig::default());
+    assert_eq!(mint_on(&f.book, "v1", "x.1"), None, "a new hint has none");
+    assert_eq!(mint_on(&f.book, "v2", "x.2"), Some(n("x.1")));
+    f.book.store(&n("c"), b"k", &write("a", "merged")).unwrap();
+    assert_eq!(
+        mint_on(&f.book, "v3", "x.3"),
+        Some(n("x.1")),
+        "kept by a merge"
+    );
+    let held = f.book.read(&n("c"), b"k").unwrap().unwrap();
+    assert_eq!(held.counter(&n("x.1")), 3);
+    assert_eq!(f.book.pending(&n("c")), 1);
+    // Its bytes are counted with the record's.
+    let stored: u64 = f
+        .backend
+        .map
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, value)| entry_bytes(id, value))
+        .sum();
+    assert_eq!(f.book.bytes(), stored);
+    assert!(f.book.remove_delivered(&n("c"), b"k", &held).unwrap());
+    assert_eq!(
+        mint_on(&f.book, "v4", "x.4"),
+        None,
+        "delivered with its hint"
+    );
+
+    // The format before actors: the time, then the clock.
+    let old = {
+        let mut value = 1_000_000u64.to_le_bytes().to_vec();
+        value.extend_from_slice(&encode_clock(&write("a", "old")));
+        value
+    };
+    let held = decode_hint(&old).unwrap();
+    assert_eq!((held.stored_at_ms, held.actor), (1_000_000, None));
+    let with_actor = Held {
+        clock: write("a", "new"),
+        stored_at_ms: 2_000_000,
+        actor: Some(n("x.9")),
+    };
+    assert_eq!(decode_hint(&encode_hint(&with_actor)).unwrap(), with_actor);
+}
+
+/// A hint replaced rather than merged into (past the window) loses its
+/// actor: its dots went with the old clock, so continuing the actor could
+/// mint one of them again.
+#[test]
+fn a_hint_replaced_past_the_window_loses_its_actor() {
+    let f = fixture(HintConfig {
+        ttl_ms: 5_000,
+        ..HintConfig::default()
+    });
+    mint_on(&f.book, "v1", "x.1");
+    f.now.fetch_add(5_001, Ordering::SeqCst);
+    assert_eq!(mint_on(&f.book, "v2", "x.2"), None);
+    let held = f.book.read(&n("c"), b"k").unwrap().unwrap();
+    assert_eq!(held.counter(&n("x.1")), 0, "the old clock was replaced");
+    assert_eq!(held.counter(&n("x.2")), 1);
+}
+
+/// A record whose actor does not fit, or is no node id, is corrupt.
+#[test]
+fn a_record_with_a_bad_actor_is_corrupt() {
+    let flagged = (1_000_000u64 | ACTOR_FLAG).to_le_bytes().to_vec();
+    for (tail, what) in [
+        (vec![], "no length"),
+        (vec![5, b'a'], "shorter than its length"),
+        (vec![1, 0xff], "not UTF-8"),
+        (vec![0], "empty name"),
+    ] {
+        let mut value = flagged.clone();
+        value.extend_from_slice(&tail);
+        value.extend_from_slice(&encode_clock(&write("a", "v")));
+        assert!(
+            matches!(decode_hint(&value), Err(HintError::Corrupt { .. })),
+            "{what}"
+        );
+    }
+}
