@@ -35,9 +35,12 @@
 //! stand-in.
 //!
 //! A node outside the preference list that believes every owner down does
-//! not forward (no owner would answer): it coordinates the request itself,
-//! standing in for the first owner. A put is minted on the hint it holds
-//! for that owner ([`ReplicaRequest::Update`] with `hint_for`; see
+//! not forward the request to them (none would answer): the first healthy
+//! fallback that takes it coordinates it, standing in for the first owner
+//! (the fallbacks before this node in ring order that it believes up, in
+//! turn, then this node; see [`Coordinator::outsider_route`]). A put is
+//! minted on the hint that node holds for the first owner
+//! ([`ReplicaRequest::Update`] with `hint_for`; see
 //! [`crate::replica::ReplicaService::update_for`]) and sent on to
 //! fallbacks for the others; a get reads that hint and theirs.
 //!
@@ -329,8 +332,27 @@ impl<T: Transport> Coordinator<T> {
         // those that do.
         let mut stand_in_for = None;
         if !pref.contains(&self.id) {
-            match self.outsider_route(&pref, request.strict, request.forwarded, "put") {
-                OutsiderRoute::StandIn { owner } => stand_in_for = Some(owner),
+            match self.outsider_route(&pref, request.strict, request.forwarded) {
+                OutsiderRoute::StandIn { owner, via, here } => {
+                    if !via.is_empty() {
+                        let mut forwarded = request.clone();
+                        forwarded.forwarded = true;
+                        let put = Request::Put(forwarded);
+                        match self.try_forward(&via, put, deadline, here).await {
+                            Ok(response) => return response,
+                            Err(failed) if !here => return failed.into_response(STAND_INS_TRIED),
+                            // None took it: this node stands in.
+                            Err(_) => {}
+                        }
+                    }
+                    let op = if request.payload == Payload::Tombstone {
+                        "delete"
+                    } else {
+                        "put"
+                    };
+                    counter!("ringkv_stand_in_coordinations_total", "op" => op).increment(1);
+                    stand_in_for = Some(owner);
+                }
                 OutsiderRoute::Forward { to } => {
                     let mut forwarded = request;
                     forwarded.forwarded = true;
@@ -346,9 +368,10 @@ impl<T: Transport> Coordinator<T> {
                     return Response::error(
                         ErrorKind::NotServing,
                         format!(
-                        "{} does not replicate this key under its ring; ask one of its replicas",
-                        self.id
-                    ),
+                            "{} does not replicate this key under its ring, nor stands in for \
+                             its replicas (it believes one up, or it is leaving); ask another node",
+                            self.id
+                        ),
                     )
                 }
             }
@@ -366,6 +389,15 @@ impl<T: Transport> Coordinator<T> {
         };
         let clock = match self.call(&self.id, Request::Replica(mint), deadline).await {
             Ok(Response::Clock(Some(clock))) => clock,
+            // A stand-in whose hints refused the write (full, say) stored
+            // nothing: the node that forwarded it here may take it instead.
+            Ok(Response::Error(e))
+                if e.kind == ErrorKind::Unavailable
+                    && stand_in_for.is_some()
+                    && request.forwarded =>
+            {
+                return Response::error(ErrorKind::NotServing, e.message)
+            }
             Ok(Response::Error(e)) => return Response::Error(e),
             Ok(other) => return internal(format!("local replica answered {other:?}")),
             Err(reason) => {
@@ -500,8 +532,21 @@ impl<T: Transport> Coordinator<T> {
         }
         let mut stand_in_for = None;
         if !pref.contains(&self.id) {
-            match self.outsider_route(&pref, request.strict, request.forwarded, "get") {
-                OutsiderRoute::StandIn { owner } => stand_in_for = Some(owner),
+            match self.outsider_route(&pref, request.strict, request.forwarded) {
+                OutsiderRoute::StandIn { owner, via, here } => {
+                    if !via.is_empty() {
+                        let mut forwarded = request.clone();
+                        forwarded.forwarded = true;
+                        let get = Request::Get(forwarded);
+                        match self.try_forward(&via, get, deadline, here).await {
+                            Ok(response) => return response,
+                            Err(failed) if !here => return failed.into_response(STAND_INS_TRIED),
+                            Err(_) => {}
+                        }
+                    }
+                    counter!("ringkv_stand_in_coordinations_total", "op" => "get").increment(1);
+                    stand_in_for = Some(owner);
+                }
                 OutsiderRoute::Forward { to } => {
                     let mut forwarded = request;
                     forwarded.forwarded = true;
@@ -699,22 +744,24 @@ impl<T: Transport> Coordinator<T> {
 
     /// Where a request for a key this node does not replicate goes.
     ///
-    /// To the owners, unless stand-ins are allowed (not `strict`, hints on,
-    /// and this node is not leaving) and the failure detector believes
-    /// every owner down (never without a detector): then Dynamo's sloppy
-    /// quorum takes it on the first healthy nodes of the preference list,
-    /// and the first of those coordinates it, standing in for the first
-    /// owner. That is this node if no fallback before it in ring order is
-    /// believed up, or if the request was forwarded here (the forwarder
-    /// chose it; sending it on could go round in circles); otherwise the
-    /// first fallback believed up, so that every coordinator on one side
-    /// of a partition places a key's writes, and reads them, alike.
+    /// To the owners, unless stand-ins are allowed (not `strict`, hints on)
+    /// and the failure detector believes every owner down (never without a
+    /// detector): then Dynamo's sloppy quorum takes it on the first healthy
+    /// nodes of the preference list, and the first of those that takes it
+    /// coordinates it, standing in for the first owner. So it goes to the
+    /// fallbacks before this node in ring order that it believes up, one
+    /// after another, and this node stands in itself if none of them takes
+    /// it (each may see the owners otherwise, be leaving, or be gone):
+    /// while their detectors agree, every coordinator on one side of a
+    /// partition places a key's writes, and reads them, alike. A request
+    /// forwarded here is taken here or refused, never sent on (that could
+    /// go round in circles). A leaving node stands in for no one (its hints
+    /// would leave with it): it tries every fallback believed up.
     fn outsider_route(
         &self,
         pref: &PreferenceList,
         strict: bool,
         forwarded: bool,
-        op: &'static str,
     ) -> OutsiderRoute {
         let owners_only = if forwarded {
             OutsiderRoute::Refuse
@@ -723,13 +770,8 @@ impl<T: Transport> Coordinator<T> {
                 to: pref.replicas.clone(),
             }
         };
-        let leaving = self
-            .leaving
-            .as_ref()
-            .is_some_and(|l| l.load(Ordering::SeqCst));
         if strict
             || !self.config.hinted_handoff
-            || leaving
             || self.detector.is_none()
             || pref.replicas.iter().any(|n| self.is_healthy(n))
         {
@@ -738,18 +780,35 @@ impl<T: Transport> Coordinator<T> {
         let Some(owner) = pref.replicas.first().cloned() else {
             return owners_only;
         };
-        let first = pref
+        let leaving = self
+            .leaving
+            .as_ref()
+            .is_some_and(|l| l.load(Ordering::SeqCst));
+        if forwarded {
+            return if leaving {
+                OutsiderRoute::Refuse
+            } else {
+                OutsiderRoute::StandIn {
+                    owner,
+                    via: Vec::new(),
+                    here: true,
+                }
+            };
+        }
+        let via: Vec<NodeId> = pref
             .fallbacks
             .iter()
-            .find(|n| **n == self.id || self.is_healthy(n));
-        match first {
-            Some(node) if *node != self.id && !forwarded => OutsiderRoute::Forward {
-                to: vec![node.clone()],
-            },
-            _ => {
-                counter!("ringkv_stand_in_coordinations_total", "op" => op).increment(1);
-                OutsiderRoute::StandIn { owner }
-            }
+            .take_while(|n| leaving || **n != self.id)
+            .filter(|n| **n != self.id && self.is_healthy(n))
+            .cloned()
+            .collect();
+        if leaving && via.is_empty() {
+            return owners_only;
+        }
+        OutsiderRoute::StandIn {
+            owner,
+            via,
+            here: !leaving,
         }
     }
 
@@ -1296,18 +1355,30 @@ impl<T: Transport> Coordinator<T> {
     /// next. One believed up whose later replicas are all believed down
     /// gets all of it: they are unlikely to take over. The forwarded request carries its share
     /// (less a margin) so the replica gives up before we do.
-    async fn forward(
+    async fn forward(&self, replicas: &[NodeId], request: Request, deadline: Instant) -> Response {
+        match self.try_forward(replicas, request, deadline, false).await {
+            Ok(response) => response,
+            Err(failed) => failed.into_response(REPLICAS_TRIED),
+        }
+    }
+
+    /// [`Self::forward`]'s attempts: the answer of the first of `nodes` that
+    /// took the request, or what each said. With `then_here` this node
+    /// takes the request itself if none does, so every attempt gets only
+    /// its share of the time, the last one included.
+    async fn try_forward(
         &self,
-        replicas: &[NodeId],
+        nodes: &[NodeId],
         mut request: Request,
         deadline: Instant,
-    ) -> Response {
+        then_here: bool,
+    ) -> Result<Response, ForwardFailed> {
         let mut failures = Vec::new();
         // Whether every replica asked ran nothing, and one of them for want
         // of memory: then the client is told so, and may retry later.
         let (mut ran_nothing, mut overloaded) = (true, false);
         // Nodes believed down go last (stable: ring order otherwise).
-        let mut replicas = replicas.to_vec();
+        let mut replicas = nodes.to_vec();
         replicas.sort_by_key(|n| !self.is_healthy(n));
         for (i, node) in replicas.iter().enumerate() {
             let now = Instant::now();
@@ -1321,8 +1392,9 @@ impl<T: Transport> Coordinator<T> {
             // believed up gets all of it: when all are believed down (the
             // forwarder's own view may be what failed), the split stands.
             let later = &replicas[i + 1..];
-            let last_hope = later.is_empty()
-                || (self.is_healthy(node) && later.iter().all(|n| !self.is_healthy(n)));
+            let last_hope = !then_here
+                && (later.is_empty()
+                    || (self.is_healthy(node) && later.iter().all(|n| !self.is_healthy(n))));
             let share = if last_hope {
                 left
             } else {
@@ -1342,26 +1414,18 @@ impl<T: Transport> Coordinator<T> {
                     overloaded |= e.kind == ErrorKind::Overloaded;
                     failures.push(format!("{node} ({})", e.message))
                 }
-                Ok(response) => return response,
+                Ok(response) => return Ok(response),
                 Err(reason) => {
                     ran_nothing = false;
                     failures.push(format!("{node} ({reason})"))
                 }
             }
         }
-        counter!("ringkv_forward_failures_total").increment(1);
-        let kind = if ran_nothing && overloaded {
-            ErrorKind::Overloaded
-        } else {
-            ErrorKind::Unavailable
-        };
-        Response::error(
-            kind,
-            format!(
-                "no replica of this key could be reached to coordinate it: {}",
-                failures.join(", ")
-            ),
-        )
+        Err(ForwardFailed {
+            failures,
+            ran_nothing,
+            overloaded,
+        })
     }
 
     /// How much of a forward's `share` of the time the replica does not
@@ -1400,12 +1464,51 @@ impl<T: Transport> Coordinator<T> {
 /// Where a request for a key the coordinator does not replicate goes
 /// (see [`Coordinator::outsider_route`]).
 enum OutsiderRoute {
-    /// Coordinated here, in `owner`'s slot, on this node's hint for it.
-    StandIn { owner: NodeId },
+    /// Coordinated in `owner`'s slot, on the coordinator's hint for it, by
+    /// the first of `via` that takes it, or else (if `here`) by this node.
+    StandIn {
+        owner: NodeId,
+        via: Vec<NodeId>,
+        here: bool,
+    },
     /// Forwarded to the first of `to` that answers.
     Forward { to: Vec<NodeId> },
     /// A forwarded request this node neither stands in for nor sends on.
     Refuse,
+}
+
+/// How the error of a forward that no node took names those it tried.
+const REPLICAS_TRIED: &str = "replica of this key";
+const STAND_INS_TRIED: &str = "stand-in for this key's replicas (all believed down)";
+
+/// Why no node a request was forwarded to took it.
+struct ForwardFailed {
+    /// Each node tried, with what it said.
+    failures: Vec<String>,
+    /// Whether every node tried ran nothing, and one of them for want of
+    /// memory: then the client is told so, and may retry later.
+    ran_nothing: bool,
+    overloaded: bool,
+}
+
+impl ForwardFailed {
+    /// The client's error; `tried` names the nodes tried ("replica of
+    /// this key").
+    fn into_response(self, tried: &str) -> Response {
+        counter!("ringkv_forward_failures_total").increment(1);
+        let kind = if self.ran_nothing && self.overloaded {
+            ErrorKind::Overloaded
+        } else {
+            ErrorKind::Unavailable
+        };
+        Response::error(
+            kind,
+            format!(
+                "no {tried} could be reached to coordinate it: {}",
+                self.failures.join(", ")
+            ),
+        )
+    }
 }
 
 /// What a quorum read found, for read repair.
@@ -1750,18 +1853,14 @@ mod tests {
     }
 
     /// Who coordinates a request for a key this node does not replicate,
-    /// when it believes every owner down: the first fallback it believes
-    /// up, never while it leaves, nor without a detector's word, nor for
-    /// a strict request or with hints off.
+    /// when it believes every owner down: the first fallback it believes up
+    /// that takes it, or itself; never itself while it leaves, and never
+    /// without a detector's word, for a strict request or with hints off.
     #[tokio::test(start_paused = true)]
-    async fn an_outsider_stands_in_only_when_it_may_and_is_first() {
+    async fn an_outsider_stands_in_only_when_it_may_and_after_those_before_it() {
         let ring = ring(&["a", "b", "c", "d", "e"]);
-        let key = (0..)
-            .map(|i| format!("k{i}"))
-            .find(|k| ring.preference_list(k.as_bytes()).fallbacks.len() == 2)
-            .unwrap();
-        let pref = ring.preference_list(key.as_bytes());
-        let (me, other) = (pref.fallbacks[1].clone(), pref.fallbacks[0].clone());
+        let pref = ring.preference_list(b"k");
+        let (before, me) = (pref.fallbacks[0].clone(), pref.fallbacks[1].clone());
         let make = |config: CoordinatorConfig| {
             Coordinator::new(me.clone(), 1, ring.clone(), Arc::new(NoNetwork), config)
         };
@@ -1771,9 +1870,11 @@ mod tests {
             .with_failure_detector(detector.clone())
             .with_leaving_flag(leaving.clone());
         let route = |c: &Coordinator<NoNetwork>, strict: bool, forwarded: bool| match c
-            .outsider_route(&pref, strict, forwarded, "put")
+            .outsider_route(&pref, strict, forwarded)
         {
-            OutsiderRoute::StandIn { owner } => format!("stand in for {owner}"),
+            OutsiderRoute::StandIn { owner, via, here } => {
+                format!("stand in for {owner} via {via:?}, here {here}")
+            }
             OutsiderRoute::Forward { to } => format!("forward to {to:?}"),
             OutsiderRoute::Refuse => "refuse".into(),
         };
@@ -1787,19 +1888,29 @@ mod tests {
             assert!(!detector.is_up(n));
         };
         pref.replicas.iter().for_each(down);
-        assert_eq!(route(&c, false, false), format!("forward to [{other:?}]"));
-        let first_owner = format!("stand in for {}", pref.replicas[0]);
+        let first = &pref.replicas[0];
         assert_eq!(
-            route(&c, false, true),
-            first_owner,
-            "the forwarder chose it"
+            route(&c, false, false),
+            format!("stand in for {first} via [{before:?}], here true")
         );
+        let alone = format!("stand in for {first} via [], here true");
+        assert_eq!(route(&c, false, true), alone, "the forwarder chose it");
         assert_eq!(route(&c, true, false), owners, "strict");
-        down(&other);
-        assert_eq!(route(&c, false, false), first_owner);
         leaving.store(true, Ordering::SeqCst);
-        assert_eq!(route(&c, false, false), owners, "leaving");
+        assert_eq!(
+            route(&c, false, false),
+            format!("stand in for {first} via [{before:?}], here false"),
+            "leaving"
+        );
+        assert_eq!(route(&c, false, true), "refuse", "leaving");
+        down(&before);
+        assert_eq!(
+            route(&c, false, false),
+            owners,
+            "leaving, no one to take it"
+        );
         leaving.store(false, Ordering::SeqCst);
+        assert_eq!(route(&c, false, false), alone);
         let no_hints = make(CoordinatorConfig {
             hinted_handoff: false,
             ..CoordinatorConfig::default()

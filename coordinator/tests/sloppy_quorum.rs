@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ringkv_coordinator::sim::{get_values as values, SimCluster, SimOptions};
 use ringkv_core::wire::{ErrorKind, ErrorReply, Outcome, Receipt, Response};
-use ringkv_core::Consistency::{All, Quorum};
+use ringkv_core::Consistency::{All, One, Quorum};
 use ringkv_core::NodeId;
 use ringkv_repair::{HintError, HintStore};
 
@@ -1363,4 +1363,78 @@ async fn owners_wrongly_believed_down_get_the_write_through_the_hint() {
     s.until_no_hints(Duration::from_secs(30)).await;
     // With the read's context, "after" replaced "before" on the owners.
     assert_eq!(s.c.local_values(&s.owners[0], KEY), ["after"]);
+}
+
+/// A fallback before the coordinator that does not take the request (it
+/// sees an owner up, so it refuses a forwarded one) leaves it to the
+/// coordinator, which stands in itself.
+#[tokio::test(start_paused = true)]
+async fn a_first_fallback_that_sees_an_owner_up_leaves_the_stand_in_to_the_next() {
+    let s = story(with_probes());
+    let (first, second) = (&s.fallbacks[0], &s.fallbacks[1]);
+    cut_off_from_every_owner(&s, second).await;
+    let put = s.c.put(second, KEY, "v", Quorum, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(receipt(&put).coordinator.as_ref(), Some(&s.id(second)));
+    assert_eq!(
+        stand_ins(&put),
+        [
+            (second.clone(), s.owners[0].clone()),
+            (first.clone(), s.owners[1].clone()),
+        ]
+    );
+    assert_eq!(s.hint(second, &s.owners[0]), Some(vec!["v".into()]));
+}
+
+/// A first fallback that died unnoticed gets a share of the time, not all
+/// of it: the coordinator still stands in with the rest.
+#[tokio::test(start_paused = true)]
+async fn a_first_fallback_gone_unnoticed_leaves_time_to_stand_in() {
+    let s = story(with_probes());
+    let (first, second) = (&s.fallbacks[0], &s.fallbacks[1]);
+    cut_off_from_every_owner(&s, second).await;
+    // Dead, and the probes have not told the coordinator yet.
+    s.c.net.down(&s.id(first));
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(second, KEY, "v", One, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    // It waited out the first fallback's share (two thirds of 2 s).
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(stand_ins(&put), [(second.clone(), s.owners[0].clone())]);
+}
+
+/// A first fallback whose hints for the first owner are full stores
+/// nothing and says so, and the coordinator stands in itself.
+#[tokio::test(start_paused = true)]
+async fn a_first_fallback_whose_hints_are_full_leaves_the_stand_in_to_the_next() {
+    let s = story(SimOptions {
+        hint_max_per_target: 1,
+        ..with_probes()
+    });
+    let (first, second) = (&s.fallbacks[0], &s.fallbacks[1]);
+    cut_off_from_every_owner(&s, first).await;
+    cut_off_from_every_owner(&s, second).await;
+    let mut other = ringkv_core::dvv::Clock::default();
+    other.update(
+        &Default::default(),
+        ringkv_core::dvv::Payload::Value(b"x".to_vec()),
+        &s.id("w"),
+    );
+    s.c.node(first)
+        .hints
+        .store(&s.id(&s.owners[0]), b"another key", &other)
+        .unwrap();
+    let put = s.c.put(second, KEY, "v", Quorum, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(
+        stand_ins(&put),
+        [
+            (second.clone(), s.owners[0].clone()),
+            (first.clone(), s.owners[1].clone()),
+        ]
+    );
 }

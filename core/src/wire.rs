@@ -294,8 +294,8 @@ pub enum ReplicaRequest {
         /// Use the local clock's whole version vector as the context.
         overwrite: bool,
         /// The coordinator replicates none of the key and stands in for
-        /// this owner, none of whose replicas it can reach: the write is
-        /// minted on the hint it holds for the owner, not on its own copy.
+        /// this owner, believing all of the key's replicas down: the write
+        /// is minted on the hint it holds for the owner, not on its own copy.
         hint_for: Option<NodeId>,
     },
     /// Merge this clock into the local one. Replies with `Clock(None)`.
