@@ -338,11 +338,11 @@ impl<T: Transport> Coordinator<T> {
                         let mut forwarded = request.clone();
                         forwarded.forwarded = true;
                         let put = Request::Put(forwarded);
-                        match self.try_forward(&via, put, deadline, here).await {
+                        match self.try_forward(&via, put, deadline, true).await {
                             Ok(response) => return response,
-                            Err(failed) if !here => return failed.into_response(STAND_INS_TRIED),
-                            // None took it: this node stands in.
-                            Err(_) => {}
+                            // Every one refused it: this node stands in.
+                            Err(failed) if here && failed.ran_nothing => {}
+                            Err(failed) => return failed.into_response(STAND_INS_TRIED),
                         }
                     }
                     let op = if request.payload == Payload::Tombstone {
@@ -538,10 +538,10 @@ impl<T: Transport> Coordinator<T> {
                         let mut forwarded = request.clone();
                         forwarded.forwarded = true;
                         let get = Request::Get(forwarded);
-                        match self.try_forward(&via, get, deadline, here).await {
+                        match self.try_forward(&via, get, deadline, true).await {
                             Ok(response) => return response,
-                            Err(failed) if !here => return failed.into_response(STAND_INS_TRIED),
-                            Err(_) => {}
+                            Err(failed) if here && failed.ran_nothing => {}
+                            Err(failed) => return failed.into_response(STAND_INS_TRIED),
                         }
                     }
                     counter!("ringkv_stand_in_coordinations_total", "op" => "get").increment(1);
@@ -749,11 +749,12 @@ impl<T: Transport> Coordinator<T> {
     /// detector): then Dynamo's sloppy quorum takes it on the first healthy
     /// nodes of the preference list, and the first of those that takes it
     /// coordinates it, standing in for the first owner. So it goes to the
-    /// fallbacks before this node in ring order that it believes up, one
-    /// after another, and this node stands in itself if none of them takes
-    /// it (each may see the owners otherwise, be leaving, or be gone):
-    /// while their detectors agree, every coordinator on one side of a
-    /// partition places a key's writes, and reads them, alike. A request
+    /// fallbacks before this node in ring order that it believes up, and
+    /// this node stands in itself if every one of them refuses it (it sees
+    /// an owner up, it is leaving, its hints are full; see
+    /// [`Self::try_forward`] for one that fails or is silent): while their
+    /// detectors agree, every coordinator on one side of a partition places
+    /// a key's writes, and reads them, alike. A request
     /// forwarded here is taken here or refused, never sent on (that could
     /// go round in circles). A leaving node stands in for no one (its hints
     /// would leave with it): it tries every fallback believed up.
@@ -1363,15 +1364,18 @@ impl<T: Transport> Coordinator<T> {
     }
 
     /// [`Self::forward`]'s attempts: the answer of the first of `nodes` that
-    /// took the request, or what each said. With `then_here` this node
-    /// takes the request itself if none does, so every attempt gets only
-    /// its share of the time, the last one included.
+    /// took the request, or what each said. With `only_refusals` (stand-ins,
+    /// after which this node may take the request itself), the next node is
+    /// tried only after one that refused it (it ran nothing), and each gets
+    /// all the time left: one that failed or stayed silent may have stored
+    /// a write, and a read through this node would not see that copy, so
+    /// nothing more is tried.
     async fn try_forward(
         &self,
         nodes: &[NodeId],
         mut request: Request,
         deadline: Instant,
-        then_here: bool,
+        only_refusals: bool,
     ) -> Result<Response, ForwardFailed> {
         let mut failures = Vec::new();
         // Whether every replica asked ran nothing, and one of them for want
@@ -1392,9 +1396,9 @@ impl<T: Transport> Coordinator<T> {
             // believed up gets all of it: when all are believed down (the
             // forwarder's own view may be what failed), the split stands.
             let later = &replicas[i + 1..];
-            let last_hope = !then_here
-                && (later.is_empty()
-                    || (self.is_healthy(node) && later.iter().all(|n| !self.is_healthy(n))));
+            let last_hope = only_refusals
+                || later.is_empty()
+                || (self.is_healthy(node) && later.iter().all(|n| !self.is_healthy(n)));
             let share = if last_hope {
                 left
             } else {
@@ -1417,7 +1421,10 @@ impl<T: Transport> Coordinator<T> {
                 Ok(response) => return Ok(response),
                 Err(reason) => {
                     ran_nothing = false;
-                    failures.push(format!("{node} ({reason})"))
+                    failures.push(format!("{node} ({reason})"));
+                    if only_refusals {
+                        break;
+                    }
                 }
             }
         }
@@ -1858,9 +1865,13 @@ mod tests {
     /// without a detector's word, for a strict request or with hints off.
     #[tokio::test(start_paused = true)]
     async fn an_outsider_stands_in_only_when_it_may_and_after_those_before_it() {
-        let ring = ring(&["a", "b", "c", "d", "e"]);
+        let ring = ring(&["a", "b", "c", "d", "e", "f"]);
         let pref = ring.preference_list(b"k");
-        let (before, me) = (pref.fallbacks[0].clone(), pref.fallbacks[1].clone());
+        let (before, me, after) = (
+            pref.fallbacks[0].clone(),
+            pref.fallbacks[1].clone(),
+            pref.fallbacks[2].clone(),
+        );
         let make = |config: CoordinatorConfig| {
             Coordinator::new(me.clone(), 1, ring.clone(), Arc::new(NoNetwork), config)
         };
@@ -1899,11 +1910,12 @@ mod tests {
         leaving.store(true, Ordering::SeqCst);
         assert_eq!(
             route(&c, false, false),
-            format!("stand in for {first} via [{before:?}], here false"),
-            "leaving"
+            format!("stand in for {first} via [{before:?}, {after:?}], here false"),
+            "leaving: every other fallback believed up"
         );
         assert_eq!(route(&c, false, true), "refuse", "leaving");
         down(&before);
+        down(&after);
         assert_eq!(
             route(&c, false, false),
             owners,

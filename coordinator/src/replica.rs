@@ -494,9 +494,18 @@ impl<S: Store> ReplicaService<S> {
                 payload,
                 overwrite,
                 hint_for: Some(owner),
-            } => self
-                .update_for(&owner, &key, &context, payload, overwrite)
-                .map(Some),
+            } => match self.update_for(&owner, &key, &context, payload, overwrite) {
+                // A storage failure may have left the dot on disk (a
+                // failed fsync, replayed at restart): not a refusal that
+                // lets the forwarder stand in and mint the write again.
+                Err(ReplicaError::Hint(HintError::Backend { reason })) => {
+                    return Response::error(
+                        ErrorKind::Internal,
+                        format!("{}: hint storage failed: {reason}", self.id()),
+                    )
+                }
+                other => other.map(Some),
+            },
             ReplicaRequest::Update {
                 key,
                 context,
