@@ -300,24 +300,21 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
     });
     // Each key now has a copy on an owner across the cut too; each far key
     // on two of its owners (n1's hint and n2's).
-    for &i in &far {
-        let held = owners_across(i)
+    let holding = |i: usize| {
+        owners_across(i)
             .into_iter()
             .filter(|node| {
                 rt.block_on(missing_locally(c.nodes[*node].addr, [i], split_key))
                     .is_empty()
             })
-            .count();
+            .count()
+    };
+    for &i in &far {
+        let held = holding(i);
         assert!(held >= 2, "{} reached {held} owners", split_key(i));
     }
     for &i in &keys {
-        let held = owners_across(i)
-            .into_iter()
-            .filter(|node| {
-                rt.block_on(missing_locally(c.nodes[*node].addr, [i], split_key))
-                    .is_empty()
-            })
-            .count();
+        let held = holding(i);
         assert!(
             held >= 1,
             "{} reached no owner across the cut",

@@ -334,16 +334,17 @@ impl<T: Transport> Coordinator<T> {
         if !pref.contains(&self.id) {
             match self.outsider_route(&pref, request.strict, request.forwarded) {
                 OutsiderRoute::StandIn { owner, via, here } => {
-                    if !via.is_empty() {
-                        let mut forwarded = request.clone();
-                        forwarded.forwarded = true;
-                        let put = Request::Put(forwarded);
-                        match self.try_forward(&via, put, deadline, true).await {
-                            Ok(response) => return response,
-                            // Every one refused it: this node stands in.
-                            Err(failed) if here && failed.ran_nothing => {}
-                            Err(failed) => return failed.into_response(STAND_INS_TRIED),
-                        }
+                    let forwarded = || {
+                        Request::Put(PutRequest {
+                            forwarded: true,
+                            ..request.clone()
+                        })
+                    };
+                    if let Some(response) = self
+                        .pass_to_stand_ins(&via, here, forwarded, deadline)
+                        .await
+                    {
+                        return response;
                     }
                     let op = if request.payload == Payload::Tombstone {
                         "delete"
@@ -534,15 +535,17 @@ impl<T: Transport> Coordinator<T> {
         if !pref.contains(&self.id) {
             match self.outsider_route(&pref, request.strict, request.forwarded) {
                 OutsiderRoute::StandIn { owner, via, here } => {
-                    if !via.is_empty() {
-                        let mut forwarded = request.clone();
-                        forwarded.forwarded = true;
-                        let get = Request::Get(forwarded);
-                        match self.try_forward(&via, get, deadline, true).await {
-                            Ok(response) => return response,
-                            Err(failed) if here && failed.ran_nothing => {}
-                            Err(failed) => return failed.into_response(STAND_INS_TRIED),
-                        }
+                    let forwarded = || {
+                        Request::Get(GetRequest {
+                            forwarded: true,
+                            ..request.clone()
+                        })
+                    };
+                    if let Some(response) = self
+                        .pass_to_stand_ins(&via, here, forwarded, deadline)
+                        .await
+                    {
+                        return response;
                     }
                     counter!("ringkv_stand_in_coordinations_total", "op" => "get").increment(1);
                     stand_in_for = Some(owner);
@@ -1360,6 +1363,27 @@ impl<T: Transport> Coordinator<T> {
         match self.try_forward(replicas, request, deadline, false).await {
             Ok(response) => response,
             Err(failed) => failed.into_response(REPLICAS_TRIED),
+        }
+    }
+
+    /// Hands a request for a key whose owners all seem down to the
+    /// stand-ins `via`, in turn (see [`Self::outsider_route`]). Returns the
+    /// client's answer, or `None` when this node is to stand in itself:
+    /// `here`, and every one of `via` refused the request (so none ran it).
+    async fn pass_to_stand_ins(
+        &self,
+        via: &[NodeId],
+        here: bool,
+        request: impl FnOnce() -> Request,
+        deadline: Instant,
+    ) -> Option<Response> {
+        if via.is_empty() {
+            return None;
+        }
+        match self.try_forward(via, request(), deadline, true).await {
+            Ok(response) => Some(response),
+            Err(failed) if here && failed.ran_nothing => None,
+            Err(failed) => Some(failed.into_response(STAND_INS_TRIED)),
         }
     }
 

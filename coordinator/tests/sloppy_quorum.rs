@@ -1150,6 +1150,14 @@ fn hint_actors(s: &Story, holder: &str, owner: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Checks that `from` forwarded a put to `to` since the log was last taken.
+fn asked_first(s: &Story, from: &str, to: &str) {
+    assert!(
+        s.c.net.take_log().contains(&format!("{from} -> {to} Put")),
+        "{from} did not ask {to} first"
+    );
+}
+
 fn context_of(r: &Response) -> String {
     match r {
         Response::Put(p) => p.context.clone(),
@@ -1376,12 +1384,7 @@ async fn a_first_fallback_that_sees_an_owner_up_leaves_the_stand_in_to_the_next(
     s.c.net.take_log();
     let put = s.c.put(second, KEY, "v", Quorum, None).await;
     assert!(matches!(put, Response::Put(_)), "{put:?}");
-    assert!(
-        s.c.net
-            .take_log()
-            .contains(&format!("{second} -> {first} Put")),
-        "the first fallback was asked first"
-    );
+    asked_first(&s, second, first);
     assert_eq!(s.hint(first, &s.owners[0]), None, "and refused");
     assert_eq!(receipt(&put).coordinator.as_ref(), Some(&s.id(second)));
     assert_eq!(
@@ -1443,12 +1446,7 @@ async fn a_first_fallback_whose_hints_are_full_leaves_the_stand_in_to_the_next()
     s.c.net.take_log();
     let put = s.c.put(second, KEY, "v", Quorum, None).await;
     assert!(matches!(put, Response::Put(_)), "{put:?}");
-    assert!(
-        s.c.net
-            .take_log()
-            .contains(&format!("{second} -> {first} Put")),
-        "the first fallback was asked first"
-    );
+    asked_first(&s, second, first);
     assert_eq!(s.hint(first, &s.owners[0]), None, "and stored nothing");
     assert_eq!(
         stand_ins(&put),
