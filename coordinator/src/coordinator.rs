@@ -1378,11 +1378,14 @@ impl<T: Transport> Coordinator<T> {
         deadline: Instant,
     ) -> Option<Response> {
         if via.is_empty() {
+            debug_assert!(here, "outsider_route leaves no one to take it");
             return None;
         }
         match self.try_forward(via, request(), deadline, true).await {
             Ok(response) => Some(response),
-            Err(failed) if here && failed.ran_nothing => None,
+            // Refused at the deadline: standing in now could only time out
+            // after storing the write.
+            Err(failed) if here && failed.ran_nothing && Instant::now() < deadline => None,
             Err(failed) => Some(failed.into_response(STAND_INS_TRIED)),
         }
     }

@@ -1115,6 +1115,60 @@ mod tests {
         assert_eq!(third.entry_count(), 2, "{third:?}");
     }
 
+    /// Hints whose storage fails.
+    struct BrokenHints;
+
+    impl HintStore for BrokenHints {
+        fn store(&self, _: &NodeId, _: &[u8], _: &Clock) -> Result<(), HintError> {
+            Err(HintError::Backend {
+                reason: "disk gone".into(),
+            })
+        }
+        fn read(&self, _: &NodeId, _: &[u8]) -> Result<Option<Clock>, HintError> {
+            Ok(None)
+        }
+        fn mint(
+            &self,
+            _: &NodeId,
+            _: &[u8],
+            _: &mut dyn FnMut(Clock, Option<NodeId>) -> Option<(Clock, NodeId)>,
+        ) -> Result<(), HintError> {
+            Err(HintError::Backend {
+                reason: "disk gone".into(),
+            })
+        }
+    }
+
+    /// A stand-in's mint that failed in storage may have left its dot on
+    /// disk, so it is an internal error, never the refusal that would let
+    /// the forwarder mint the write again; a hint that failed the same way
+    /// leaves the coordinator free to ask another fallback.
+    #[test]
+    fn a_stand_ins_storage_failure_is_no_refusal() {
+        let s = service(10).with_hints(Arc::new(BrokenHints));
+        let owner = NodeId::new("o").unwrap();
+        let mint = s.handle(ReplicaRequest::Update {
+            key: b"k".to_vec(),
+            context: VersionVector::new(),
+            payload: Payload::Value(b"v".to_vec()),
+            overwrite: false,
+            hint_for: Some(owner.clone()),
+        });
+        assert!(
+            matches!(&mint, Response::Error(e) if e.kind == ErrorKind::Internal),
+            "{mint:?}"
+        );
+        let hint = s.handle(ReplicaRequest::Hint {
+            owner,
+            key: b"k".to_vec(),
+            clock: Clock::new(),
+        });
+        assert!(
+            matches!(&hint, Response::Error(e) if e.kind == ErrorKind::Unavailable),
+            "{hint:?}"
+        );
+    }
+
     /// The replica's checks apply to what the hint holds: a context naming
     /// more of the hint's actor's writes than it made, the sibling limit;
     /// and a node without hints stands in for no one.

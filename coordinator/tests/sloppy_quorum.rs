@@ -1151,10 +1151,10 @@ fn hint_actors(s: &Story, holder: &str, owner: &str) -> Vec<(String, u64)> {
 }
 
 /// Checks that `from` forwarded a put to `to` since the log was last taken.
-fn asked_first(s: &Story, from: &str, to: &str) {
+fn forwarded(s: &Story, from: &str, to: &str) {
     assert!(
         s.c.net.take_log().contains(&format!("{from} -> {to} Put")),
-        "{from} did not ask {to} first"
+        "{from} did not forward the put to {to}"
     );
 }
 
@@ -1384,7 +1384,7 @@ async fn a_first_fallback_that_sees_an_owner_up_leaves_the_stand_in_to_the_next(
     s.c.net.take_log();
     let put = s.c.put(second, KEY, "v", Quorum, None).await;
     assert!(matches!(put, Response::Put(_)), "{put:?}");
-    asked_first(&s, second, first);
+    forwarded(&s, second, first);
     assert_eq!(s.hint(first, &s.owners[0]), None, "and refused");
     assert_eq!(receipt(&put).coordinator.as_ref(), Some(&s.id(second)));
     assert_eq!(
@@ -1399,8 +1399,9 @@ async fn a_first_fallback_that_sees_an_owner_up_leaves_the_stand_in_to_the_next(
 
 /// A first fallback that died unnoticed may have taken the write before
 /// it fell silent, and a read through the coordinator would not see that
-/// copy: the request fails, as a forward does, and stores nothing on the
-/// coordinator, until the coordinator sees the fallback down and stands in.
+/// copy: the request fails (where a forward to replicas would move on)
+/// and stores nothing on the coordinator, until the coordinator sees the
+/// fallback down and stands in.
 #[tokio::test(start_paused = true)]
 async fn a_first_fallback_gone_unnoticed_fails_the_request_until_seen_down() {
     let s = story(with_probes());
@@ -1408,7 +1409,11 @@ async fn a_first_fallback_gone_unnoticed_fails_the_request_until_seen_down() {
     cut_off_from_every_owner(&s, second).await;
     // Dead, and the probes have not told the coordinator yet.
     s.c.net.down(&s.id(first));
+    let started = tokio::time::Instant::now();
     let put = s.c.put(second, KEY, "v", One, None).await;
+    // It had all the time, not a share of it.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
     assert!(
         matches!(&put, Response::Error(e) if e.kind == ErrorKind::Unavailable
             && e.message.contains("no stand-in for this key's replicas")
@@ -1446,7 +1451,7 @@ async fn a_first_fallback_whose_hints_are_full_leaves_the_stand_in_to_the_next()
     s.c.net.take_log();
     let put = s.c.put(second, KEY, "v", Quorum, None).await;
     assert!(matches!(put, Response::Put(_)), "{put:?}");
-    asked_first(&s, second, first);
+    forwarded(&s, second, first);
     assert_eq!(s.hint(first, &s.owners[0]), None, "and stored nothing");
     assert_eq!(
         stand_ins(&put),
@@ -1460,8 +1465,7 @@ async fn a_first_fallback_whose_hints_are_full_leaves_the_stand_in_to_the_next()
 /// A delete through a stand-in removes what the client's context names,
 /// here a value written before the partition that the client had read:
 /// after the heal the owners hold the tombstone, and the key reads as
-/// deleted. One written through the stand-in and read there is deleted
-/// the same way.
+/// deleted.
 #[tokio::test(start_paused = true)]
 async fn a_delete_through_a_stand_in_removes_what_its_context_names() {
     use ringkv_core::wire::PutRequest;
@@ -1487,4 +1491,44 @@ async fn a_delete_through_a_stand_in_removes_what_its_context_names() {
     for owner in &s.owners {
         assert!(s.c.local_values(owner, KEY).is_empty(), "on {owner}");
     }
+}
+
+/// A first fallback that failed the request may have stored the write
+/// before it failed: the request fails at once, and the next fallback (up,
+/// and before the coordinator) is not asked to store it again.
+#[tokio::test(start_paused = true)]
+async fn a_failing_first_fallback_ends_the_request_before_the_next_is_asked() {
+    let s = story_of(6, with_probes());
+    let (first, next, coordinator) = (&s.fallbacks[0], &s.fallbacks[1], &s.fallbacks[2]);
+    for node in [first, next, coordinator] {
+        cut_off_from_every_owner(&s, node).await;
+    }
+    s.c.net.refuse(&s.id(first));
+    s.c.net.take_log();
+    let put = s.c.put(coordinator, KEY, "v", One, None).await;
+    assert!(
+        matches!(&put, Response::Error(e) if e.kind == ErrorKind::Unavailable
+            && e.message.contains(first.as_str())),
+        "{put:?}"
+    );
+    let not_asked = |what: &str| {
+        let log = s.c.net.take_log();
+        assert!(
+            !log.iter()
+                .any(|l| l.starts_with(&format!("{coordinator} -> {next} Put"))),
+            "{what}: {log:?}"
+        );
+        assert_eq!(s.c.hints_pending(), 0, "{what}: nothing stored");
+    };
+    not_asked("failing");
+    // Silent instead: it gets all the time, not a share with some left for
+    // the next, who is not asked either.
+    s.c.net.up(&s.id(first));
+    s.c.net.down(&s.id(first));
+    let started = tokio::time::Instant::now();
+    let put = s.c.put(coordinator, KEY, "v", One, None).await;
+    assert!(matches!(&put, Response::Error(_)), "{put:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+    not_asked("silent");
 }
