@@ -603,6 +603,19 @@ impl<T: Transport> Coordinator<T> {
             speculate_at: Some(start + self.latency.speculate_after(&peers_first, after - start)),
             held_back: Vec::new(),
         };
+        if let Some(owner) = &stand_in_for {
+            // What this node holds for the key's other owners counts too
+            // (not toward R): a write placed past a fallback that refused
+            // it (its hints were full) may have left a hint here, while
+            // that fallback still takes the reads.
+            for other in pref.replicas.iter().filter(|n| *n != owner) {
+                if let Ok(Response::Clock(Some(clock))) =
+                    self.call(&self.id, read_for(other), deadline).await
+                {
+                    merged.sync(&clock);
+                }
+            }
+        }
         let mut targets = Vec::new();
         for owner in &own {
             tracker.add_stand_in(owner, self.id.clone());

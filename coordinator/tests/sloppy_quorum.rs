@@ -1460,6 +1460,10 @@ async fn a_first_fallback_whose_hints_are_full_leaves_the_stand_in_to_the_next()
             (first.clone(), s.owners[1].clone()),
         ]
     );
+    // A read through the coordinator goes to the first fallback, which
+    // takes reads: it finds the write among its hints for the second owner.
+    let get = s.c.get(second, KEY, Quorum).await;
+    assert_eq!(values(&get), ["v"], "{get:?}");
 }
 
 /// A delete through a stand-in removes what the client's context names,
