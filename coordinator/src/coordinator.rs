@@ -575,7 +575,8 @@ impl<T: Transport> Coordinator<T> {
         };
         // Standing in for the first owner, this node reads its own hint
         // for it, and the others through stand-ins (they are believed
-        // down) in ring order, as a write through it placed their hints.
+        // down) in ring order, as a write through it placed their hints;
+        // then its own hints for the others (below).
         let (own, others): (Vec<NodeId>, Vec<NodeId>) = pref
             .replicas
             .iter()
@@ -603,19 +604,6 @@ impl<T: Transport> Coordinator<T> {
             speculate_at: Some(start + self.latency.speculate_after(&peers_first, after - start)),
             held_back: Vec::new(),
         };
-        if let Some(owner) = &stand_in_for {
-            // What this node holds for the key's other owners counts too
-            // (not toward R): a write placed past a fallback that refused
-            // it (its hints were full) may have left a hint here, while
-            // that fallback still takes the reads.
-            for other in pref.replicas.iter().filter(|n| *n != owner) {
-                if let Ok(Response::Clock(Some(clock))) =
-                    self.call(&self.id, read_for(other), deadline).await
-                {
-                    merged.sync(&clock);
-                }
-            }
-        }
         let mut targets = Vec::new();
         for owner in &own {
             tracker.add_stand_in(owner, self.id.clone());
@@ -647,6 +635,22 @@ impl<T: Transport> Coordinator<T> {
                 },
             )
             .await;
+        if let (Some(owner), QuorumState::Reached) = (&stand_in_for, tracker.state()) {
+            // What this node holds for the key's other owners counts too
+            // (not toward R, so only once R is met): a write placed past a
+            // fallback that refused it (its hints for that owner were
+            // full) may have left a hint here, while that fallback still
+            // takes the reads.
+            for other in pref.replicas.iter().filter(|n| *n != owner) {
+                match self.call(&self.id, read_for(other), deadline).await {
+                    Ok(Response::Clock(Some(clock))) => merged.sync(&clock),
+                    Ok(Response::Clock(None)) => {}
+                    failed => {
+                        tracing::debug!(?failed, %other, "reading own hint for the read failed")
+                    }
+                }
+            }
+        }
         match tracker.state() {
             QuorumState::Reached => {
                 let reply = self.get_reply(&request.key, &merged, &tracker);

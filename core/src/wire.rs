@@ -301,8 +301,8 @@ pub enum ReplicaRequest {
     /// Merge this clock into the local one. Replies with `Clock(None)`.
     Sync { key: Vec<u8>, clock: Clock },
     /// Replies with the local clock of the key, if any. With `hint_for`, the
-    /// node is a fallback standing in for that owner, and the answer also
-    /// merges the hint it holds for the owner.
+    /// node is a fallback standing in for that owner, and the answer is the
+    /// hint it holds for the owner, never its own copy.
     Read {
         key: Vec<u8>,
         hint_for: Option<NodeId>,
