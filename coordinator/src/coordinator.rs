@@ -411,8 +411,7 @@ impl<T: Transport> Coordinator<T> {
         };
         let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
         if let Some(owner) = &stand_in_for {
-            tracker.add_stand_in(owner, self.id.clone());
-            tracker.hold_back(owner);
+            take_slot_of(&mut tracker, owner, &self.id);
         }
         tracker.record(
             &self.id,
@@ -577,17 +576,18 @@ impl<T: Transport> Coordinator<T> {
         // for it, and the others through stand-ins (they are believed
         // down) in ring order, as a write through it placed their hints;
         // then its own hints for the others (below).
-        let (own, others): (Vec<NodeId>, Vec<NodeId>) = pref
-            .replicas
-            .iter()
-            .cloned()
-            .partition(|n| Some(n) == stand_in_for.as_ref());
-        let (first, spares) = if stand_in_for.is_some() {
-            let mut first = others;
-            let spares = first.split_off(required.saturating_sub(own.len()).min(first.len()));
-            (first, spares)
-        } else {
-            self.read_order(&others, required)
+        let (first, spares) = match &stand_in_for {
+            Some(owner) => {
+                let mut first: Vec<NodeId> = pref
+                    .replicas
+                    .iter()
+                    .filter(|n| *n != owner)
+                    .cloned()
+                    .collect();
+                let spares = first.split_off(required.saturating_sub(1).min(first.len()));
+                (first, spares)
+            }
+            None => self.read_order(&pref.replicas, required),
         };
         let after = stand_in_after(start, deadline);
         let peers_first: Vec<NodeId> = first.iter().filter(|n| **n != self.id).cloned().collect();
@@ -605,9 +605,8 @@ impl<T: Transport> Coordinator<T> {
             held_back: Vec::new(),
         };
         let mut targets = Vec::new();
-        for owner in &own {
-            tracker.add_stand_in(owner, self.id.clone());
-            tracker.hold_back(owner);
+        if let Some(owner) = &stand_in_for {
+            take_slot_of(&mut tracker, owner, &self.id);
             targets.push((self.id.clone(), read_for(owner)));
         }
         targets.extend(self.plan(&first, &read, &mut stand_ins, &mut tracker));
@@ -1531,6 +1530,13 @@ enum OutsiderRoute {
 /// How the error of a forward that no node took names those it tried.
 const REPLICAS_TRIED: &str = "replica of this key";
 const STAND_INS_TRIED: &str = "stand-in for this key's replicas (all believed down)";
+
+/// Gives `owner`'s slot to `me`, the coordinator standing in for it; the
+/// owner, believed down, is held back (not asked).
+fn take_slot_of(tracker: &mut QuorumTracker, owner: &NodeId, me: &NodeId) {
+    tracker.add_stand_in(owner, me.clone());
+    tracker.hold_back(owner);
+}
 
 /// Why no node a request was forwarded to took it.
 struct ForwardFailed {
