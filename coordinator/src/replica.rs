@@ -53,6 +53,12 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the key and its recorded actor (a collected tombstone, a
     /// stray copy), durably like `put`.
     fn delete(&self, key: &[u8]) -> Result<(), StoreError>;
+    /// Sets aside the stored version of `key`, which `get` found corrupt:
+    /// its bytes go where no read finds them (kept for an operator to look
+    /// at) and the key is removed with its recorded actor, durably like
+    /// `put`. Returns the digest of the bytes set aside (see
+    /// [`ChangeObserver::set_aside`]), or `None` if nothing was stored.
+    fn quarantine(&self, key: &[u8]) -> Result<Option<u64>, StoreError>;
     /// Runs `wait`, which may block for long: taking a key's lock while
     /// another request holds it through a stalled write. A store whose
     /// calls run on an async runtime's workers hands the worker's other
@@ -83,6 +89,9 @@ impl<S: Store> Store for std::sync::Arc<S> {
     }
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
         (**self).delete(key)
+    }
+    fn quarantine(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        (**self).quarantine(key)
     }
     fn wait(&self, wait: &mut dyn FnMut()) {
         (**self).wait(wait)
@@ -277,7 +286,7 @@ impl<S: Store> ReplicaService<S> {
         context_of: impl FnOnce(&Clock) -> VersionVector,
     ) -> Result<Clock, ReplicaError> {
         let _guard = self.lock(key);
-        let current = self.store.get(key)?;
+        let current = self.current(key)?;
         // The store (its tombstone index) and the observer need the old
         // version once the new one exists.
         let old = current.clone();
@@ -424,7 +433,7 @@ impl<S: Store> ReplicaService<S> {
     /// with a read's context supersedes the siblings.
     pub fn sync(&self, key: &[u8], incoming: &Clock) -> Result<bool, ReplicaError> {
         let _guard = self.lock(key);
-        let current = self.store.get(key)?;
+        let current = self.current(key)?;
         let mut merged = current.clone().unwrap_or_default();
         merged.sync(incoming);
         // An empty clock merged into nothing is still nothing: stored, it
@@ -447,7 +456,7 @@ impl<S: Store> ReplicaService<S> {
     /// Returns whether it was removed: a write since the check keeps it.
     pub fn remove_if_unchanged(&self, key: &[u8], expected: &Clock) -> Result<bool, ReplicaError> {
         let _lock = self.lock(key);
-        let current = self.store.get(key)?;
+        let current = self.current(key)?;
         if current.as_ref() != Some(expected) {
             return Ok(false);
         }
@@ -459,8 +468,49 @@ impl<S: Store> ReplicaService<S> {
         Ok(true)
     }
 
+    /// What this replica holds for `key`. A corrupt stored version is set
+    /// aside and reads as nothing (see [`Self::current`]).
     pub fn read(&self, key: &[u8]) -> Result<Option<Clock>, ReplicaError> {
-        Ok(self.store.get(key)?)
+        match self.store.get(key) {
+            Err(StoreError::Corrupt { .. }) => {
+                let _guard = self.lock(key);
+                self.current(key)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// What the store holds for `key`, read under the key's lock. A stored
+    /// version that does not decode is set aside ([`Store::quarantine`])
+    /// and the key reads as absent, as on a replica that never had it.
+    ///
+    /// Refusing it instead (as reads did) blocked the key on this replica
+    /// for good: every write, merge and repair of it failed, round after
+    /// round, and no command could clear it. Set aside, it heals the way a
+    /// missed write does: read repair, anti-entropy and hints bring the
+    /// other replicas' versions back, and a write coordinated here succeeds.
+    /// (Riak treats an object it cannot decode as not found, for the same
+    /// reason.) It is safe for dots: the recorded actor goes with the key,
+    /// so the next write here mints under a new one and cannot repeat a
+    /// dot the lost version held. What only the lost version held is lost
+    /// on this replica either way; its bytes stay for an operator.
+    fn current(&self, key: &[u8]) -> Result<Option<Clock>, ReplicaError> {
+        let reason = match self.store.get(key) {
+            Err(StoreError::Corrupt { reason }) => reason,
+            other => return Ok(other?),
+        };
+        let _change = self.begin_change();
+        let digest = self.store.quarantine(key)?;
+        if let (Some(observer), Some(digest)) = (&self.observer, digest) {
+            observer.set_aside(key, digest);
+        }
+        metrics::counter!("ringkv_corrupt_versions_set_aside_total").increment(1);
+        tracing::error!(
+            key = %String::from_utf8_lossy(key),
+            %reason,
+            "set aside a stored version that does not decode; the key's other replicas will restore it"
+        );
+        Ok(None)
     }
 
     /// A fallback's read for `owner`: the hint it holds for the owner, and
@@ -576,7 +626,7 @@ impl<S: Store> ReplicaService<S> {
         let mut clocks = Vec::with_capacity(keys.len());
         let mut bytes = 0;
         for key in keys {
-            match self.store.get(key) {
+            match self.read(key) {
                 Ok(clock) => {
                     let size = clock.as_ref().map_or(0, Clock::approx_size) + key.len();
                     // Stop before passing the cap; the first clock always
@@ -617,6 +667,10 @@ pub struct MemStore {
     actors: dashmap::DashMap<Vec<u8>, NodeId>,
     /// Keys whose reads fail, as a corrupt stored clock's would.
     unreadable: dashmap::DashSet<Vec<u8>>,
+    /// Keys whose stored versions were set aside, in order.
+    quarantined: Mutex<Vec<Vec<u8>>>,
+    /// Keys whose writes fail, as on a failing disk.
+    unwritable: dashmap::DashSet<Vec<u8>>,
 }
 
 impl Store for MemStore {
@@ -629,6 +683,11 @@ impl Store for MemStore {
         Ok(self.map.get(key).map(|c| c.clone()))
     }
     fn put(&self, key: &[u8], _previous: Option<&Clock>, clock: &Clock) -> Result<(), StoreError> {
+        if self.unwritable.contains(key) {
+            return Err(StoreError::Io {
+                reason: "made unwritable by the test".into(),
+            });
+        }
         self.map.insert(key.to_vec(), clock.clone());
         Ok(())
     }
@@ -639,8 +698,9 @@ impl Store for MemStore {
         clock: &Clock,
         actor: &NodeId,
     ) -> Result<(), StoreError> {
+        self.put(key, previous, clock)?;
         self.actors.insert(key.to_vec(), actor.clone());
-        self.put(key, previous, clock)
+        Ok(())
     }
     fn key_actor(&self, key: &[u8]) -> Result<Option<NodeId>, StoreError> {
         Ok(self.actors.get(key).map(|a| a.clone()))
@@ -650,13 +710,41 @@ impl Store for MemStore {
         self.actors.remove(key);
         Ok(())
     }
+    fn quarantine(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        self.unreadable.remove(key);
+        self.actors.remove(key);
+        let set_aside = self
+            .map
+            .remove(key)
+            .map(|(_, clock)| version_digest(&clock));
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(key.to_vec());
+        Ok(set_aside)
+    }
 }
 
 impl MemStore {
-    /// From now on every read of `key` fails as corrupt (for tests of what
-    /// one bad key does to the rest).
+    /// Every read of `key` fails as corrupt from now on, until its version
+    /// is set aside (for tests of what one bad key does to the rest). The
+    /// digest of the version set aside is that of what the key held.
     pub fn make_unreadable(&self, key: &[u8]) {
         self.unreadable.insert(key.to_vec());
+    }
+
+    /// Every write of `key` fails from now on (for tests of what one bad
+    /// key does to the rest).
+    pub fn make_unwritable(&self, key: &[u8]) {
+        self.unwritable.insert(key.to_vec());
+    }
+
+    /// The keys whose stored versions were set aside, in order.
+    pub fn quarantined(&self) -> Vec<Vec<u8>> {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every stored key and its clock (for tree rebuilds in tests).
@@ -1013,6 +1101,43 @@ mod tests {
         // A blind write beside the value b held: both, as siblings.
         assert_eq!(values.len(), 2, "{held:?}");
         assert!(values.contains(&&b"new"[..]) && values.contains(&&b"old"[..]));
+    }
+
+    /// A stored version that does not decode is set aside by whatever
+    /// meets it first, and the key reads as absent. The next write mints
+    /// under a new per-key actor: the lost version may have held dots of
+    /// the old one that other replicas know, and repeating one would make
+    /// them drop the new write. A merge into it stores what comes in, and
+    /// a tombstone collection checked against the lost version removes
+    /// nothing.
+    #[test]
+    fn a_corrupt_version_is_set_aside_and_the_next_write_gets_a_new_actor() {
+        let blind = VersionVector::new();
+        let a = service(10);
+        let first = a
+            .update(b"k", &blind, Payload::Value(b"old".to_vec()))
+            .unwrap();
+        let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
+        b.sync(b"k", &first).unwrap();
+
+        a.store().make_unreadable(b"k");
+        assert!(!a.remove_if_unchanged(b"k", &first).unwrap());
+        assert_eq!(a.store().quarantined(), [b"k".to_vec()]);
+        assert_eq!(a.read(b"k").unwrap(), None, "reads as absent");
+        let again = a
+            .update(b"k", &blind, Payload::Value(b"new".to_vec()))
+            .unwrap();
+        assert_ne!(key_actor(&again), key_actor(&first));
+        assert!(b.sync(b"k", &again).unwrap(), "b took the new write");
+        assert_eq!(b.read(b"k").unwrap().unwrap().sibling_count(), 2);
+
+        // Met by a merge (read repair, anti-entropy, a hint) or a read.
+        a.store().make_unreadable(b"k");
+        assert!(a.sync(b"k", &first).unwrap());
+        assert_eq!(a.read(b"k").unwrap(), Some(first.clone()));
+        a.store().make_unreadable(b"k");
+        assert_eq!(a.read(b"k").unwrap(), None);
+        assert_eq!(a.store().quarantined().len(), 3);
     }
 
     /// A removed copy that comes back without its latest dot (from a

@@ -291,16 +291,16 @@ async fn a_bare_tombstone_is_not_copied_to_a_replica_that_collected_it() {
     assert_eq!(c.node("n1").replica.read(b"k").unwrap(), None);
 }
 
-/// A key that cannot be read fails its repair batch; the batch's other
-/// keys are repaired one at a time instead of waiting with it, round after
-/// round, and only the bad keys are reported skipped, even several in a
-/// row (here the batch's first four, in key order).
+/// A key that cannot be written (a failing disk) fails its repair batch;
+/// the batch's other keys are repaired one at a time instead of waiting
+/// with it, round after round, and only the bad keys are reported skipped,
+/// even several in a row (here the batch's first four, in key order).
 #[tokio::test(start_paused = true)]
-async fn unreadable_keys_do_not_hold_back_their_batch() {
+async fn unwritable_keys_do_not_hold_back_their_batch() {
     let c = n3_missed_50_writes().await;
     let bad = ["k0", "k1", "k10", "k11"];
     for key in bad {
-        c.node("n3").replica.store().make_unreadable(key.as_bytes());
+        c.node("n3").replica.store().make_unwritable(key.as_bytes());
     }
 
     let report = c.repair("n3").await;
@@ -514,7 +514,7 @@ async fn keys_that_fail_count_in_full_against_the_repair_pace() {
         c.node("n3")
             .replica
             .store()
-            .make_unreadable(format!("k{k}").as_bytes());
+            .make_unwritable(format!("k{k}").as_bytes());
     }
     let started = tokio::time::Instant::now();
     let report = c.repair("n3").await;

@@ -52,6 +52,28 @@ async fn a_quorum_read_repairs_the_replica_that_missed_the_write() {
     );
 }
 
+/// A replica whose stored version of a key does not decode sets it aside
+/// and answers as one that never had the key: the read still gets the
+/// value, and its repair restores the copy. Before, the key failed on that
+/// replica for good: every read, write and repair of it there.
+#[tokio::test(start_paused = true)]
+async fn a_corrupt_copy_is_set_aside_and_restored_by_the_read() {
+    let c = full_reads();
+    assert_ok(&c.put("n1", KEY, "v", Count(3), None).await);
+    let n3 = c.node("n3").replica.store();
+    n3.make_unreadable(KEY.as_bytes());
+    let read = c.get_with("n3", KEY, Count(3), true).await;
+    match &read {
+        Response::Get(g) => assert_eq!(g.values, [b"v".to_vec()], "{read:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(n3.quarantined(), [KEY.as_bytes().to_vec()]);
+    assert_eq!(c.local_values("n3", KEY), ["v"], "restored");
+    // And writes through it go on, under a new per-key actor.
+    assert_ok(&c.put("n3", KEY, "w", Count(3), None).await);
+    assert_eq!(n3.quarantined().len(), 1, "set aside once");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replica_answering_after_the_quorum_is_repaired_too() {
     let c = cluster_with_stale_n3().await;

@@ -458,6 +458,23 @@ impl Storage {
 }
 
 const META_EPOCH: &str = "epoch";
+/// A stored version set aside as corrupt ([`Storage::quarantined`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub key: Vec<u8>,
+    /// When it was set aside.
+    pub set_aside_unix_ms: u64,
+    /// The stored bytes, as found.
+    pub bytes: Vec<u8>,
+}
+
+/// Where `meta` keeps the stored versions set aside as corrupt, by key.
+const META_QUARANTINE_PREFIX: &[u8] = b"quarantine/";
+
+/// The `meta` key of `key`'s version set aside as corrupt.
+fn quarantine_key(key: &[u8]) -> Vec<u8> {
+    [META_QUARANTINE_PREFIX, key].concat()
+}
 /// The secret behind this node's QUIC stateless resets (see
 /// [`Storage::reset_secret`]).
 const META_RESET_SECRET: &str = "reset_secret";
@@ -732,6 +749,42 @@ impl Storage {
         } else if previous.is_some_and(is_deleted) {
             batch.delete_cf(self.cf(CF_TOMBSTONES), key);
         }
+    }
+
+    /// Adds the removal of `key` to `batch`: its version and every entry
+    /// that exists only while it does.
+    fn batch_delete(&self, batch: &mut WriteBatch, key: &[u8]) {
+        batch.delete_cf(self.cf(CF_DATA), key);
+        batch.delete_cf(self.cf(CF_MERKLE), index_key(key));
+        batch.delete_cf(self.cf(CF_TOMBSTONES), key);
+        batch.delete_cf(self.cf(CF_ACTORS), key);
+    }
+
+    /// The versions set aside as corrupt ([`Store::quarantine`]), in key
+    /// order.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        let io = |e: rocksdb::Error| StoreError::Io {
+            reason: e.to_string(),
+        };
+        let mut out = Vec::new();
+        let from = quarantine_key(b"");
+        let listing = self.db.iterator_cf(
+            self.cf(CF_META),
+            IteratorMode::From(&from, rocksdb::Direction::Forward),
+        );
+        for item in listing {
+            let (id, record) = item.map_err(io)?;
+            let Some(key) = id.strip_prefix(from.as_slice()) else {
+                break;
+            };
+            let (at, bytes) = record.split_at(8.min(record.len()));
+            out.push(Quarantined {
+                key: key.to_vec(),
+                set_aside_unix_ms: le_u64(at).unwrap_or(0),
+                bytes: bytes.to_vec(),
+            });
+        }
+        Ok(out)
     }
 
     /// Builds the `merkle` and `tombstones` entries of a data dir written
@@ -1080,12 +1133,30 @@ impl Store for Storage {
     fn delete(&self, key: &[u8]) -> Result<(), StoreError> {
         self.write_data(|| {
             let mut batch = WriteBatch::default();
-            batch.delete_cf(self.cf(CF_DATA), key);
-            batch.delete_cf(self.cf(CF_MERKLE), index_key(key));
-            batch.delete_cf(self.cf(CF_TOMBSTONES), key);
-            batch.delete_cf(self.cf(CF_ACTORS), key);
+            self.batch_delete(&mut batch, key);
             batch
         })
+    }
+
+    /// Moves the stored bytes to `meta`, under [`quarantine_key`], in the
+    /// batch that removes the key: a crash keeps either the key or its
+    /// quarantined copy.
+    fn quarantine(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        let io = |e: rocksdb::Error| StoreError::Io {
+            reason: e.to_string(),
+        };
+        let Some(stored) = self.db.get_cf(self.cf(CF_DATA), key).map_err(io)? else {
+            return Ok(None);
+        };
+        let mut record = unix_ms().to_le_bytes().to_vec();
+        record.extend_from_slice(&stored);
+        self.write_data(|| {
+            let mut batch = WriteBatch::default();
+            self.batch_delete(&mut batch, key);
+            batch.put_cf(self.cf(CF_META), quarantine_key(key), &record);
+            batch
+        })?;
+        Ok(Some(stored_digest(&stored)))
     }
 
     fn wait(&self, wait: &mut dyn FnMut()) {
@@ -1480,6 +1551,54 @@ mod tests {
         })
         .unwrap();
         assert_eq!(calls, 1);
+    }
+
+    /// A stored version that does not decode is moved to `meta`, bytes and
+    /// all, in one batch with the key's removal (its index entry and actor
+    /// go too), and the replica takes writes for the key again.
+    #[test]
+    fn a_corrupt_version_is_quarantined_and_the_key_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Storage::open(dir.path(), false).unwrap());
+        let replica = ringkv_coordinator::replica::ReplicaService::new(
+            NodeId::new("n1").unwrap(),
+            s.clone(),
+            10,
+        );
+        let blind = VersionVector::new();
+        replica
+            .update(b"k", &blind, Payload::Value(b"old".to_vec()))
+            .unwrap();
+        assert!(s.key_actor(b"k").unwrap().is_some());
+        let garbage = [0xde, 0xad, 0xbe, 0xef];
+        s.db.put_cf(s.cf(CF_DATA), b"k", garbage).unwrap();
+        assert!(matches!(
+            Store::get(&*s, b"k"),
+            Err(StoreError::Corrupt { .. })
+        ));
+
+        let written = replica
+            .update(b"k", &blind, Payload::Value(b"new".to_vec()))
+            .unwrap();
+        assert_eq!(written.sibling_count(), 1, "the lost version is not in it");
+        assert_eq!(Store::get(&*s, b"k").unwrap(), Some(written));
+        let quarantined = s.quarantined().unwrap();
+        assert_eq!(quarantined.len(), 1);
+        let set_aside = &quarantined[0];
+        assert_eq!(
+            (set_aside.key.as_slice(), set_aside.bytes.as_slice()),
+            (&b"k"[..], &garbage[..])
+        );
+        assert!(set_aside.set_aside_unix_ms.abs_diff(unix_ms()) < 60_000);
+        // The key is indexed once, as the new version's.
+        let indexed =
+            s.db.iterator_cf(s.cf(CF_MERKLE), IteratorMode::Start)
+                .count();
+        assert_eq!(indexed, 1);
+
+        // Nothing stored: nothing to set aside.
+        assert_eq!(Store::quarantine(&*s, b"absent").unwrap(), None);
+        assert_eq!(s.quarantined().unwrap().len(), 1);
     }
 
     /// A key whose stored versions cannot be read is skipped, so one bad

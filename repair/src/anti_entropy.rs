@@ -673,10 +673,10 @@ impl<T: Transport> AntiEntropy<T> {
                         Ok(refused) => refused,
                         Err(e) if peer_unavailable(&e) => return Err(e),
                         Err(e) if batch.len() == 1 => vec![(batch[0].clone(), e)],
-                        // One key that cannot be read or merged (a corrupt
-                        // stored clock, say) fails its whole batch, every
-                        // round: try its keys one at a time, so that only
-                        // the bad keys wait for an operator. Corrupt keys
+                        // One key that cannot be read or written (a failing
+                        // disk, say) fails its whole batch, every round:
+                        // try its keys one at a time, so that only the bad
+                        // keys wait for an operator. Corrupt keys
                         // can sit next to each other, so every key is tried:
                         // a peer failing as a whole costs two small requests
                         // per differing key, no more.

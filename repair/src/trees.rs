@@ -76,6 +76,13 @@ pub trait ChangeObserver: Send + Sync {
     }
     /// `new` is `None` when the key was removed (a collected tombstone).
     fn changed(&self, key: &[u8], old: Option<&Clock>, new: Option<&Clock>);
+    /// The key's stored version, which did not decode, was set aside and
+    /// the key removed. `digest` is the [`version_digest`] its stored bytes
+    /// had (the one encoding of a clock, so what a tree built from a scan
+    /// holds for them). There is no clock to pass: that is the point.
+    fn set_aside(&self, key: &[u8], digest: u64) {
+        let _ = (key, digest);
+    }
 }
 
 /// The changes made to one peer's keys since a rebuild's snapshot.
@@ -397,6 +404,18 @@ impl ChangeObserver for ReplicaTrees {
     fn changed(&self, key: &[u8], old: Option<&Clock>, new: Option<&Clock>) {
         let old = old.map(|c| item_hash(key, version_digest(c)));
         let new = new.map(|c| item_hash(key, version_digest(c)));
+        self.replace_item(key, old, new);
+    }
+
+    fn set_aside(&self, key: &[u8], digest: u64) {
+        self.replace_item(key, Some(item_hash(key, digest)), None);
+    }
+}
+
+impl ReplicaTrees {
+    /// Replaces `key`'s item hash `old` by `new` (`None`: no item) in the
+    /// trees of the peers that share the key, and in the rebuild under way.
+    fn replace_item(&self, key: &[u8], old: Option<u64>, new: Option<u64>) {
         self.fold_into_rebuild(key, old, new);
         let peers = self.sharing_on(&self.ring(), key);
         for peer in peers {
@@ -567,6 +586,32 @@ mod tests {
             for peer in target.nodes() {
                 proptest::prop_assert_eq!(trees.tree_for(&peer), expected.tree_for(&peer));
             }
+        }
+    }
+
+    /// A version set aside as corrupt leaves the trees by its stored
+    /// bytes' digest (there is no clock), as if the key had been removed:
+    /// with a rebuild under way too, the result equals trees built from
+    /// the store without the key.
+    #[test]
+    fn a_version_set_aside_leaves_the_trees_as_a_removal_does() {
+        let ring = ring(3);
+        let store: Mutex<BTreeMap<Vec<u8>, Clock>> = Mutex::new(BTreeMap::new());
+        let trees = from_scratch(&ring, &store);
+        for k in ["a", "b", "c"] {
+            store_and_report(&trees, &store, k.as_bytes(), Some(write("n2", k)));
+        }
+        let snapshot = trees.begin_rebuild(ring.clone(), || store.lock().unwrap().clone());
+        let fresh = trees.build(
+            ring.clone(),
+            snapshot.iter().map(|(k, c)| (k.clone(), version_digest(c))),
+        );
+        let gone = store.lock().unwrap().remove(&b"b"[..]).unwrap();
+        trees.set_aside(b"b", version_digest(&gone));
+        trees.finish_rebuild(fresh).unwrap();
+        let expected = from_scratch(&ring, &store);
+        for peer in ring.nodes().into_iter().filter(|p| *p != n("n1")) {
+            assert_eq!(trees.tree_for(&peer), expected.tree_for(&peer), "{peer}");
         }
     }
 
