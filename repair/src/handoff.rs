@@ -32,17 +32,18 @@
 //!
 //! The worker is bounded (one batch in flight), observable (the hint metrics
 //! of [`HintBook`]) and stops at shutdown between two batches. Its storage
-//! calls run on tokio's blocking pool. A hint the owner refuses as invalid
-//! is dropped and counted, so one bad hint cannot block the rest; a corrupt
-//! record likewise (see [`HintBook::batch`]). A refusal of a request the
-//! owner could not decode ([`MALFORMED_REQUEST`]: a version it cannot read,
-//! mid-upgrade) drops nothing; the hint is tried again later.
+//! calls run on tokio's blocking pool. A hint the owner declines (a merge
+//! that would pass a per-key limit until a client resolves the key's
+//! siblings, a request it could not decode mid-upgrade, a failing disk) is
+//! kept and tried again until its window ends: it may be the only copy of
+//! its write (a stand-in's), and the hints declined do not hold back the
+//! rest. A corrupt record is dropped and counted (see [`HintBook::batch`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response, MALFORMED_REQUEST};
+use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -664,10 +665,6 @@ async fn deliver_to<T: Transport, B: HintBackend>(
             if outcomes.iter().any(|(_, sent)| *sent == Sent::Taken) {
                 taken += 1;
             }
-            let refused = outcomes.iter().find_map(|(target, sent)| match sent {
-                Sent::Refused(reason) => Some(format!("{target}: {reason}")),
-                _ => None,
-            });
             let failed: Vec<(NodeId, String)> = outcomes
                 .into_iter()
                 .filter_map(|(target, sent)| match sent {
@@ -692,24 +689,14 @@ async fn deliver_to<T: Transport, B: HintBackend>(
                 }
             };
             let o = owner.clone();
-            let refusal = refused.clone();
             let handed = blocking(book, move |b| {
                 for target in &rehint {
                     b.store_aged(target, &hint.key, &hint.clock, hint.stored_at_ms)?;
                 }
-                // A replica that refused it will never take it: counted as
-                // dropped, once the others have it or a hint of their own.
-                match refusal {
-                    Some(_) => b.drop_refused(&o, &hint.key, &hint.clock),
-                    None => b.remove_delivered(&o, &hint.key, &hint.clock),
-                }
+                b.remove_delivered(&o, &hint.key, &hint.clock)
             })
             .await;
             match handed {
-                Ok(true) if refused.is_some() => {
-                    let reason = refused.unwrap_or_default();
-                    tracing::warn!(%owner, error = %reason, "a hint was refused; dropped it");
-                }
                 Ok(true) => {
                     delivered += 1;
                     if is_rerouted {
@@ -761,8 +748,6 @@ const DECLINED_BATCHES_MAX: usize = 4;
 enum Sent {
     /// The target made it durable.
     Taken,
-    /// The target refused it for good (it will never take it).
-    Refused(String),
     /// The target answered, but did not take it this time.
     Declined(String),
     /// No answer: the target could not be reached, or took too long.
@@ -773,15 +758,6 @@ impl From<Response> for Sent {
     fn from(answer: Response) -> Sent {
         match answer {
             Response::Clock(_) => Sent::Taken,
-            // Refused for good, but not when the owner could not decode the
-            // request (a version it cannot read, mid-upgrade): kept, and
-            // tried again later.
-            Response::Error(e)
-                if e.kind == ErrorKind::InvalidRequest
-                    && !e.message.starts_with(MALFORMED_REQUEST) =>
-            {
-                Sent::Refused(e.message)
-            }
             // Serving nothing (draining, or removed), or shedding load: as
             // good as down for this round.
             Response::Error(e)
@@ -789,6 +765,12 @@ impl From<Response> for Sent {
             {
                 Sent::Failed(e.message)
             }
+            // Everything else is kept for a later try. A `Sync` is refused
+            // as invalid only when the merge would pass a per-key limit (or
+            // the owner could not decode it, mid-upgrade), which lasts
+            // until a client write resolves the key's siblings, not for
+            // good; and dropping the hint would lose a stand-in's write,
+            // which no replica holds.
             Response::Error(e) => Sent::Declined(e.message),
             other => Sent::Declined(format!("unexpected answer {other:?}")),
         }
@@ -799,20 +781,19 @@ impl From<Response> for Sent {
 mod tests {
     use super::*;
 
-    /// A refusal of the hint itself drops it; a refusal of bytes the owner
-    /// could not decode keeps it for later.
+    /// A hint refused as invalid is kept for later: its merge would pass a
+    /// per-key limit until a client resolves the key's siblings, or the
+    /// owner could not decode it (mid-upgrade).
     #[test]
-    fn only_a_request_the_owner_read_is_refused_for_good() {
+    fn a_hint_refused_as_invalid_is_kept_for_later() {
         let answer =
             |message: String| Sent::from(Response::error(ErrorKind::InvalidRequest, message));
-        assert!(matches!(
-            answer("invalid request: key is empty".into()),
-            Sent::Refused(_)
-        ));
-        assert!(matches!(
-            answer(format!("{MALFORMED_REQUEST}: unknown variant")),
-            Sent::Declined(_)
-        ));
+        for message in [
+            "the key's versions would take about 70000 bytes, over the 65536-byte limit".into(),
+            format!("{}: unknown variant", ringkv_core::wire::MALFORMED_REQUEST),
+        ] {
+            assert!(matches!(answer(message), Sent::Declined(_)));
+        }
     }
 
     #[test]
@@ -844,16 +825,14 @@ mod tests {
     }
 
     /// An owner that serves nothing or sheds load has not taken the hint
-    /// and is not asked again this round (`Failed`); one that refuses the
-    /// hint itself never will take it (`Refused`).
+    /// and is not asked again this round (`Failed`); one that answers an
+    /// error has not taken it this time (`Declined`).
     #[test]
     fn an_owner_that_ran_nothing_failed_this_round() {
         for kind in [ErrorKind::NotServing, ErrorKind::Overloaded] {
             let sent = Sent::from(Response::error(kind, "busy"));
             assert!(matches!(sent, Sent::Failed(_)), "{kind:?}: {sent:?}");
         }
-        let refused = Sent::from(Response::error(ErrorKind::InvalidRequest, "bad"));
-        assert!(matches!(refused, Sent::Refused(_)), "{refused:?}");
         let declined = Sent::from(Response::error(ErrorKind::Internal, "disk"));
         assert!(matches!(declined, Sent::Declined(_)), "{declined:?}");
     }

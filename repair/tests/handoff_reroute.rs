@@ -24,14 +24,14 @@ fn n(id: &str) -> NodeId {
 }
 
 /// Replicas that take every `Sync` except those sent to a node in `down`
-/// (unreachable) or `refusing` (refused as invalid, for good), and remember
-/// which node took which key.
+/// (unreachable) or `declining` (refused as invalid: the merge would pass a
+/// per-key limit), and remember which node took which key.
 #[derive(Default)]
 struct Replicas {
     down: Mutex<HashSet<NodeId>>,
     /// Never answer (a hung process, a partition that drops silently).
     hung: HashSet<NodeId>,
-    refusing: HashSet<NodeId>,
+    declining: HashSet<NodeId>,
     taken: Mutex<BTreeSet<(String, String)>>,
 }
 
@@ -46,10 +46,10 @@ impl Transport for Replicas {
                 reason: "connection refused".to_string(),
             });
         }
-        if self.refusing.contains(to) {
+        if self.declining.contains(to) {
             return Ok(Response::error(
                 ErrorKind::InvalidRequest,
-                "too many siblings",
+                "the key's history would name 120 actors, over the limit of 100",
             ));
         }
         match request {
@@ -219,8 +219,9 @@ async fn a_hint_whose_key_moved_away_goes_to_the_keys_replicas() {
 }
 
 /// A removed owner's round goes on past the hints it cannot hand on yet,
-/// batch after batch: one a replica refused for good is dropped once the
-/// replica that was down has a hint of its own; one that this node itself
+/// batch after batch: one that a replica declines (its merge would pass a
+/// limit, until a client resolves the key) and another cannot take (down)
+/// becomes a hint of each of theirs, not dropped; one that this node itself
 /// failed to take is kept; one whose down replica is at its hint cap is
 /// kept; and the next is handed on in the same round.
 #[tokio::test(start_paused = true)]
@@ -243,7 +244,7 @@ async fn a_reroute_goes_on_past_the_hints_it_cannot_hand_on_yet() {
         book.store(&n("gone"), key.as_bytes(), &write(key)).unwrap();
     }
     let transport = Arc::new(Replicas {
-        refusing: HashSet::from([n("r")]),
+        declining: HashSet::from([n("r")]),
         ..Replicas::default()
     });
     transport
@@ -289,6 +290,10 @@ async fn a_reroute_goes_on_past_the_hints_it_cannot_hand_on_yet() {
     assert!(
         book.read(&n("b"), b"k1").unwrap().is_some(),
         "b, down, has its own hint"
+    );
+    assert!(
+        book.read(&n("r"), b"k1").unwrap().is_some(),
+        "r, which declined it, has its own hint too"
     );
     assert_eq!(book.pending(&n("full")), 4, "nothing past the cap");
     assert!(

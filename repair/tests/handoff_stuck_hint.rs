@@ -391,54 +391,68 @@ async fn until_none_pending(
     }
 }
 
-/// An owner that cannot decode what it is sent (a version it cannot read,
-/// mid-upgrade).
-#[derive(Default)]
-struct CannotDecode {
-    upgraded: AtomicBool,
+/// An owner that refuses what it is sent as invalid (`refusal`) until it
+/// can take it (`resolved`).
+struct RefusesAsInvalid {
+    refusal: String,
+    resolved: AtomicBool,
     sends: AtomicU64,
 }
 
-impl Transport for CannotDecode {
+impl Transport for RefusesAsInvalid {
     async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
         self.sends.fetch_add(1, Ordering::SeqCst);
         match request {
             Request::Replica(ReplicaRequest::Sync { clock, .. })
-                if self.upgraded.load(Ordering::SeqCst) =>
+                if self.resolved.load(Ordering::SeqCst) =>
             {
                 Ok(Response::Clock(Some(clock)))
             }
             _ => Ok(Response::error(
                 ErrorKind::InvalidRequest,
-                format!("{}: unknown variant", ringkv_core::wire::MALFORMED_REQUEST),
+                self.refusal.clone(),
             )),
         }
     }
 }
 
-/// A hint its owner could not decode is kept, not dropped as refused for
-/// good, and delivered once the owner can read it.
+/// A hint its owner refuses as invalid is kept, not dropped, and
+/// delivered once the owner takes it: when it could not decode it (a
+/// version it cannot read, mid-upgrade), and when the merge would pass a
+/// per-key limit (until a client resolves the key's siblings). Dropped, a
+/// stand-in's write, which only the hints hold, would be lost.
 #[tokio::test(start_paused = true)]
-async fn a_hint_the_owner_cannot_decode_is_kept_for_later() {
+async fn a_hint_refused_as_invalid_is_kept_for_later() {
     let owner = NodeId::new("owner").unwrap();
-    let book = book();
-    book.store(&owner, b"k", &write("v")).unwrap();
-    let transport = Arc::new(CannotDecode::default());
-    let config = HandoffConfig {
-        tick: Duration::from_millis(100),
-        backoff_initial: Duration::from_secs(1),
-        backoff_max: Duration::from_secs(2),
-        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
-    };
-    let (stop, worker) = start_worker(&book, transport.clone(), true, config);
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(book.pending(&owner), 1, "kept");
-    assert!(
-        transport.sends.load(Ordering::SeqCst) >= 2,
-        "tried in several rounds"
-    );
-    transport.upgraded.store(true, Ordering::SeqCst);
-    until_none_pending(&book, &owner, Duration::from_secs(5), "never delivered").await;
-    stop.send(true).unwrap();
-    worker.await.unwrap();
+    for refusal in [
+        format!("{}: unknown variant", ringkv_core::wire::MALFORMED_REQUEST),
+        "the key's versions would take about 70000 bytes, over the 65536-byte limit; \
+         read it and write with the returned --context to resolve its siblings"
+            .to_string(),
+    ] {
+        let book = book();
+        book.store(&owner, b"k", &write("v")).unwrap();
+        let transport = Arc::new(RefusesAsInvalid {
+            refusal,
+            resolved: AtomicBool::new(false),
+            sends: AtomicU64::new(0),
+        });
+        let config = HandoffConfig {
+            tick: Duration::from_millis(100),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(2),
+            ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+        };
+        let (stop, worker) = start_worker(&book, transport.clone(), true, config);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(book.pending(&owner), 1, "kept: {}", transport.refusal);
+        assert!(
+            transport.sends.load(Ordering::SeqCst) >= 2,
+            "tried in several rounds"
+        );
+        transport.resolved.store(true, Ordering::SeqCst);
+        until_none_pending(&book, &owner, Duration::from_secs(5), "never delivered").await;
+        stop.send(true).unwrap();
+        worker.await.unwrap();
+    }
 }
