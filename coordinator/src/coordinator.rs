@@ -331,6 +331,11 @@ impl<T: Transport> Coordinator<T> {
         // it, when it replicates none of the key and can reach none of
         // those that do.
         let mut stand_in_for = None;
+        let op = if request.payload == Payload::Tombstone {
+            "delete"
+        } else {
+            "put"
+        };
         if !pref.contains(&self.id) {
             match self.outsider_route(&pref, request.strict, request.forwarded) {
                 OutsiderRoute::StandIn { owner, via, here } => {
@@ -346,12 +351,6 @@ impl<T: Transport> Coordinator<T> {
                     {
                         return response;
                     }
-                    let op = if request.payload == Payload::Tombstone {
-                        "delete"
-                    } else {
-                        "put"
-                    };
-                    counter!("ringkv_stand_in_coordinations_total", "op" => op).increment(1);
                     stand_in_for = Some(owner);
                 }
                 OutsiderRoute::Forward { to } => {
@@ -409,6 +408,11 @@ impl<T: Transport> Coordinator<T> {
                 ))
             }
         };
+        // Counted once it took the write: a forwarded one its hints
+        // refused goes on to be counted where it is taken.
+        if stand_in_for.is_some() {
+            counter!("ringkv_stand_in_coordinations_total", "op" => op).increment(1);
+        }
         let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
         if let Some(owner) = &stand_in_for {
             take_slot_of(&mut tracker, owner, &self.id);
@@ -800,10 +804,7 @@ impl<T: Transport> Coordinator<T> {
         let Some(owner) = pref.replicas.first().cloned() else {
             return owners_only;
         };
-        let leaving = self
-            .leaving
-            .as_ref()
-            .is_some_and(|l| l.load(Ordering::SeqCst));
+        let leaving = self.is_leaving();
         if forwarded {
             return if leaving {
                 OutsiderRoute::Refuse
@@ -830,6 +831,13 @@ impl<T: Transport> Coordinator<T> {
             via,
             here: !leaving,
         }
+    }
+
+    /// Whether this node is leaving the cluster (see [`Self::with_leaving_flag`]).
+    fn is_leaving(&self) -> bool {
+        self.leaving
+            .as_ref()
+            .is_some_and(|l| l.load(Ordering::SeqCst))
     }
 
     /// The fallbacks believed up, in ring order: the sloppy quorum's stand-ins.
@@ -1401,7 +1409,24 @@ impl<T: Transport> Coordinator<T> {
             Ok(response) => Some(response),
             // Refused at the deadline: standing in now could only time out
             // after storing the write.
-            Err(failed) if here && failed.ran_nothing && Instant::now() < deadline => None,
+            Err(failed)
+                if here
+                    && failed.ran_nothing
+                    && !failed.overloaded
+                    && Instant::now() < deadline =>
+            {
+                // A leave begun while the others were asked: its hand-over
+                // may have checked for hints already.
+                self.is_leaving().then(|| {
+                    Response::error(
+                        ErrorKind::NotServing,
+                        format!(
+                            "{} began to leave the cluster and stands in for no one; ask another node",
+                            self.id
+                        ),
+                    )
+                })
+            }
             Err(failed) => Some(failed.into_response(STAND_INS_TRIED)),
         }
     }
@@ -1459,7 +1484,14 @@ impl<T: Transport> Coordinator<T> {
                     if matches!(e.kind, ErrorKind::NotServing | ErrorKind::Overloaded) =>
                 {
                     overloaded |= e.kind == ErrorKind::Overloaded;
-                    failures.push(format!("{node} ({})", e.message))
+                    failures.push(format!("{node} ({})", e.message));
+                    // A stand-in shedding load is still the first one up:
+                    // reads through any node go to it, so one that stood
+                    // in after it would put the write where they do not
+                    // look. The client retries later instead.
+                    if only_refusals && e.kind == ErrorKind::Overloaded {
+                        break;
+                    }
                 }
                 Ok(response) => return Ok(response),
                 Err(reason) => {

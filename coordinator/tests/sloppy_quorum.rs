@@ -1466,6 +1466,34 @@ async fn a_first_fallback_whose_hints_are_full_leaves_the_stand_in_to_the_next()
     assert_eq!(values(&get), ["v"], "{get:?}");
 }
 
+/// A first fallback that sheds load is still up, and reads through any
+/// node go to it: a stand-in after it would put the write where those
+/// reads do not look. So it is not passed over: the request fails as
+/// overloaded (the client retries later), stores nothing, and goes through
+/// once the first fallback takes requests again.
+#[tokio::test(start_paused = true)]
+async fn a_first_fallback_that_sheds_load_is_not_passed_over() {
+    let s = story(with_probes());
+    let (first, second) = (&s.fallbacks[0], &s.fallbacks[1]);
+    cut_off_from_every_owner(&s, first).await;
+    cut_off_from_every_owner(&s, second).await;
+    s.c.net.overload(&s.id(first));
+    let put = s.c.put(second, KEY, "v", Quorum, None).await;
+    assert!(
+        matches!(&put, Response::Error(e) if e.kind == ErrorKind::Overloaded),
+        "{put:?}"
+    );
+    assert_eq!(s.c.hints_pending(), 0, "nothing stored");
+    s.c.net.up(&s.id(first));
+    let put = s.c.put(second, KEY, "v", Quorum, None).await;
+    assert!(matches!(put, Response::Put(_)), "{put:?}");
+    assert_eq!(receipt(&put).coordinator.as_ref(), Some(&s.id(first)));
+    for via in [first, second] {
+        let get = s.c.get(via, KEY, Quorum).await;
+        assert_eq!(values(&get), ["v"], "via {via}");
+    }
+}
+
 /// A delete through a stand-in removes what the client's context names,
 /// here a value written before the partition that the client had read:
 /// after the heal the owners hold the tombstone, and the key reads as
