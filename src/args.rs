@@ -282,7 +282,7 @@ pub struct HintArgs {
     /// Store no hints for other nodes, and do not send writes to fallbacks when a replica is down: writes then need W of the key's own replicas. Hints already held are still delivered.
     #[arg(long)]
     pub no_hints: bool,
-    /// The hint window: a hint whose oldest value is older than this is dropped (and counted); anti-entropy repairs what it would have, except a stand-in's write, which only hints hold. The default is 3 hours.
+    /// The hint window: a hint whose newest write is older than this is dropped (and counted); anti-entropy repairs what it would have, except a stand-in's write, which only hints hold. The default is 3 hours.
     #[arg(long, value_name = "SECONDS", default_value_t = ringkv_repair::hints::DEFAULT_HINT_TTL_S, value_parser = bounded::<u64>(1, u64::MAX))]
     pub hint_ttl_s: u64,
     /// Most hints held for any one node; past it, writes for that node go to the next fallback.

@@ -123,7 +123,7 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     /// Store hints for other nodes and send writes to fallbacks (`--no-hints` turns it off).
     pub hints: bool,
-    /// The hint window: hints whose oldest sibling is older are dropped.
+    /// The hint window: hints whose newest write is older are dropped.
     pub hint_ttl: Duration,
     pub max_hints_per_target: u64,
     /// The stored bytes of all hints this node holds, at most, in MiB

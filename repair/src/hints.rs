@@ -23,14 +23,12 @@
 //!   (delivered, dropped, moved to another owner) or is replaced (past the
 //!   window, corrupt), so every dot of a recorded actor is in the hint's
 //!   clock, and the next mint never repeats one;
-//! - a hint is as old as the oldest write among its siblings: a write that
-//!   leaves an older sibling beside it (a blind write, a concurrent merge)
-//!   does not make the hint younger, so the window bounds how long any
-//!   value lives in a hint, and a tombstone that outlives the window
-//!   outlives every hint of a value it deleted. One that supersedes every
-//!   sibling held starts the age afresh;
-//! - a hint older than the hint window (`ttl_ms`) is dropped and counted;
-//!   anti-entropy repairs what it would have. The
+//! - a hint whose newest write is older than the hint window (`ttl_ms`) is
+//!   dropped and counted; anti-entropy repairs what it would have, except a
+//!   stand-in's write, which only hints hold (it waits that long after it
+//!   was acknowledged). A hint handed on already past the window is
+//!   dropped, never merged into a live one, where it would live on at the
+//!   younger age. The
 //!   sweep that drops them reads only the owners that may hold one: the
 //!   book keeps, per owner, a time no hint of its is older than, so an
 //!   owner whose hints are all within the window costs the sweep nothing.
@@ -170,8 +168,7 @@ pub trait HintStore: Send + Sync {
 pub struct Hint {
     pub key: Vec<u8>,
     pub clock: Clock,
-    /// When the oldest write among `clock`'s siblings was hinted (ms since
-    /// the epoch): the hint's age (see the module docs).
+    /// When the newest write in `clock` was hinted (ms since the epoch).
     pub stored_at_ms: u64,
 }
 
@@ -300,7 +297,7 @@ fn entry_bytes(id: &[u8], value: &[u8]) -> u64 {
     (id.len() + value.len()) as u64
 }
 
-/// A hint as stored: its clock, when its oldest sibling was hinted, and the
+/// A hint as stored: its clock, when its newest write was hinted, and the
 /// actor a stand-in coordinator mints its dots under ([`HintStore::mint`]).
 #[derive(Debug, Clone, PartialEq)]
 struct Held {
@@ -779,21 +776,16 @@ impl<B: HintBackend> HintStore for HintBook<B> {
         mint: &mut dyn FnMut(Clock, Option<NodeId>) -> Option<(Clock, NodeId)>,
     ) -> Result<(), HintError> {
         self.write_entry(owner, key, |existing, now_ms| {
-            let (held, actor, held_at_ms) = match existing {
+            // A wall clock stepped back must not make the hint look older
+            // than a write it already holds.
+            let (clock, actor, held_at_ms) = match existing {
                 Some(held) => (held.clock, held.actor, held.stored_at_ms),
-                None => (Clock::default(), None, now_ms),
+                None => (Clock::default(), None, 0),
             };
-            let (clock, actor) = mint(held.clone(), actor)?;
-            // The new write is a sibling: the hint is as young as it only
-            // if it superseded every sibling held.
-            let stored_at_ms = if keeps_a_sibling_of(&clock, &held) {
-                held_at_ms.min(now_ms)
-            } else {
-                now_ms
-            };
+            let (clock, actor) = mint(clock, actor)?;
             Some(Held {
                 clock,
-                stored_at_ms,
+                stored_at_ms: now_ms.max(held_at_ms),
                 actor: Some(actor),
             })
         })
@@ -804,11 +796,10 @@ impl<B: HintBackend> HintBook<B> {
     /// Stores a hint for `owner` as [`HintStore::store`] does, but as
     /// written at `written_at_ms` rather than now: a hint moved from one
     /// owner to another keeps its age, which bounds how long a tombstone
-    /// must outlive it. Merged into a held hint, the result is as old as
-    /// the oldest of the two whose siblings it keeps. A held hint past the
-    /// window is replaced, not merged into, and a `clock` past it is
-    /// dropped: their values may have outlived their tombstones, and merged
-    /// they would live on in a hint of a younger age.
+    /// must outlive it. Merged into a held hint, the newer time wins. A held
+    /// hint past the window is replaced, not merged into, and a `clock`
+    /// past it is dropped: their values may have outlived their
+    /// tombstones, and merged they would live on at a younger age.
     pub fn store_aged(
         &self,
         owner: &NodeId,
@@ -829,17 +820,10 @@ impl<B: HintBackend> HintBook<B> {
                 let before = held.clock.clone();
                 held.clock.sync(clock);
                 if held.clock == before {
-                    // Nothing new: the hint and its age stay as they are.
+                    // Nothing new, so the hint's age stays that of its newest write.
                     return None;
                 }
-                held.stored_at_ms = match (
-                    keeps_a_sibling_of(&held.clock, &before),
-                    keeps_a_sibling_of(&held.clock, clock),
-                ) {
-                    (true, true) => held.stored_at_ms.min(written_at_ms),
-                    (true, false) => held.stored_at_ms,
-                    (false, _) => written_at_ms,
-                };
+                held.stored_at_ms = written_at_ms.max(held.stored_at_ms);
                 Some(held)
             }
             None => Some(Held {
@@ -943,13 +927,6 @@ impl<B: HintBackend> HintBook<B> {
         counter!("ringkv_hints_stored_total", "target" => owner.to_string()).increment(1);
         Ok(())
     }
-}
-
-/// Whether `merged` still holds one of `earlier`'s siblings: the same
-/// write, by its dot.
-fn keeps_a_sibling_of(merged: &Clock, earlier: &Clock) -> bool {
-    let kept: std::collections::HashSet<_> = merged.siblings().map(|s| s.dot).collect();
-    earlier.siblings().any(|s| kept.contains(&s.dot))
 }
 
 /// A [`HintBackend`] in memory, for tests and the simulator.

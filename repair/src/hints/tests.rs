@@ -4,7 +4,6 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::test_support::{n, write};
-use ringkv_core::dvv::VersionVector;
 
 struct Fixture {
     book: HintBook<Arc<MemHintBackend>>,
@@ -36,24 +35,10 @@ fn a_second_hint_for_a_key_merges_into_the_first() {
     assert_eq!(f.book.read(&n("d"), b"k").unwrap(), None, "per owner");
 }
 
-/// A write that supersedes every sibling of `clock`, by `actor`.
-fn superseding(clock: &Clock, actor: &str, value: &str) -> Clock {
-    let mut next = clock.clone();
-    next.update(
-        &clock.context(),
-        ringkv_core::dvv::Payload::Value(value.as_bytes().to_vec()),
-        &n(actor),
-    );
-    next
-}
-
-/// A hint moved to another owner keeps the age it had. Merged into a hint
-/// already held, the hint is as old as its oldest sibling: a concurrent
-/// write leaves it as old as it was, however new, and only a write that
-/// supersedes every sibling held makes it young again. So no value lives
-/// in a hint for longer than the window (see `tombstones`).
+/// A hint moved to another owner keeps the age it had; merged into a hint
+/// already held, the newer of the two times stands.
 #[test]
-fn a_hint_is_as_old_as_its_oldest_sibling() {
+fn a_hint_stored_with_its_age_keeps_it() {
     let f = fixture(HintConfig::default());
     let age_of = |owner: &str| f.book.batch(&n(owner), None, 10).unwrap()[0].stored_at_ms;
     f.book
@@ -63,65 +48,9 @@ fn a_hint_is_as_old_as_its_oldest_sibling() {
     f.book
         .store_aged(&n("c"), b"k", &write("b", "2"), 300_000)
         .unwrap();
-    assert_eq!(age_of("c"), 300_000, "the older sibling's time");
+    assert_eq!(age_of("c"), 400_000, "the newer write's time");
     f.book.store(&n("c"), b"k", &write("d", "3")).unwrap();
-    assert_eq!(age_of("c"), 300_000, "a concurrent write renews nothing");
-
-    // A write that supersedes them all: as young as it is.
-    let held = f.book.read(&n("c"), b"k").unwrap().unwrap();
-    f.book
-        .store_aged(&n("c"), b"k", &superseding(&held, "e", "4"), 900_000)
-        .unwrap();
-    assert_eq!(age_of("c"), 900_000);
-    assert_eq!(
-        f.book.read(&n("c"), b"k").unwrap().unwrap().sibling_count(),
-        1
-    );
-    // An older write that the held one supersedes changes nothing.
-    f.book
-        .store_aged(&n("c"), b"k", &write("a", "1"), 500_000)
-        .unwrap();
-    assert_eq!(age_of("c"), 900_000, "a1 is superseded: not kept");
-    // A merge whose held siblings are all superseded by what comes in takes
-    // the age of what comes in, older or not.
-    let held = f.book.read(&n("c"), b"k").unwrap().unwrap();
-    f.book
-        .store_aged(&n("c"), b"k", &superseding(&held, "f", "5"), 800_000)
-        .unwrap();
-    assert_eq!(age_of("c"), 800_000);
-}
-
-/// A stand-in's mint makes a hint young again only when it supersedes
-/// every sibling held (an overwrite): a blind write leaves the older value
-/// beside it, and the hint as old as that.
-#[test]
-fn a_mint_makes_a_hint_young_only_by_superseding_it() {
-    let f = fixture(HintConfig::default());
-    let age = || f.book.batch(&n("c"), None, 10).unwrap()[0].stored_at_ms;
-    let blind = |value: &str| {
-        f.book
-            .mint(&n("c"), b"k", &mut |mut clock, recorded| {
-                let actor = recorded.unwrap_or_else(|| n("x.1"));
-                clock.update(
-                    &VersionVector::new(),
-                    ringkv_core::dvv::Payload::Value(value.as_bytes().to_vec()),
-                    &actor,
-                );
-                Some((clock, actor))
-            })
-            .unwrap()
-    };
-    f.book.store(&n("c"), b"k", &write("a", "old")).unwrap();
-    f.now.fetch_add(1_000, Ordering::SeqCst);
-    blind("new");
-    assert_eq!(age(), 1_000_000, "the old value is still there");
-    assert_eq!(
-        f.book.read(&n("c"), b"k").unwrap().unwrap().sibling_count(),
-        2
-    );
-    f.now.fetch_add(1_000, Ordering::SeqCst);
-    mint_on(&f.book, "newest", "x.2");
-    assert_eq!(age(), 1_002_000, "an overwrite supersedes both");
+    assert_eq!(age_of("c"), 1_000_000);
 }
 
 /// A hint handed on with an age already past the window is not stored:
@@ -230,25 +159,15 @@ fn hints_past_the_window_are_dropped_and_a_new_write_renews_one() {
         ..HintConfig::default()
     });
     f.book.store(&n("c"), b"old", &write("a", "1")).unwrap();
-    f.book.store(&n("c"), b"sibling", &write("a", "1")).unwrap();
     f.book.store(&n("c"), b"renewed", &write("a", "1")).unwrap();
     f.now.fetch_add(8_000, Ordering::SeqCst);
-    f.book
-        .store(
-            &n("c"),
-            b"renewed",
-            &superseding(&write("a", "1"), "b", "2"),
-        )
-        .unwrap();
-    // Re-sending a write already held does not renew the hint, nor does a
-    // concurrent one, which keeps the old value beside it.
+    f.book.store(&n("c"), b"renewed", &write("b", "2")).unwrap();
+    // Re-sending a write already held does not renew the hint.
     f.book.store(&n("c"), b"old", &write("a", "1")).unwrap();
-    f.book.store(&n("c"), b"sibling", &write("b", "2")).unwrap();
     assert_eq!(f.book.expire_all().unwrap(), 0, "nothing is 10 s old yet");
     f.now.fetch_add(3_000, Ordering::SeqCst);
-    assert_eq!(f.book.expire_all().unwrap(), 2);
+    assert_eq!(f.book.expire_all().unwrap(), 1);
     assert_eq!(f.book.read(&n("c"), b"old").unwrap(), None);
-    assert_eq!(f.book.read(&n("c"), b"sibling").unwrap(), None);
     assert!(f.book.read(&n("c"), b"renewed").unwrap().is_some());
     assert_eq!(f.book.pending(&n("c")), 1);
 }
