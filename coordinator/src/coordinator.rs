@@ -2014,4 +2014,60 @@ mod tests {
         let no_detector = make(CoordinatorConfig::default());
         assert_eq!(route(&no_detector, false, false), owners, "no detector");
     }
+
+    /// A stand-in before this node that refuses, answering while this
+    /// node's leave begins.
+    struct RefusesAsTheLeaveBegins(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Transport for RefusesAsTheLeaveBegins {
+        async fn call(&self, _to: &NodeId, _request: Request) -> Result<Response, TransportError> {
+            self.0.store(true, Ordering::SeqCst);
+            Ok(Response::error(
+                ErrorKind::NotServing,
+                "it sees an owner up",
+            ))
+        }
+    }
+
+    /// A node whose leave began while the stand-ins before it were asked
+    /// does not stand in once they refuse: the leave's hand-over may have
+    /// checked for hints already, and this one would leave with the node.
+    /// Before the leave, the same refusals let it stand in.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_began_to_leave_meanwhile_does_not_stand_in() {
+        let ring = ring(&["a", "b", "c", "d", "e", "f"]);
+        let pref = ring.preference_list(b"k");
+        let (before, me) = (pref.fallbacks[0].clone(), pref.fallbacks[1].clone());
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = Coordinator::new(
+            me,
+            1,
+            ring.clone(),
+            Arc::new(RefusesAsTheLeaveBegins(leaving.clone())),
+            CoordinatorConfig::default(),
+        )
+        .with_leaving_flag(leaving.clone());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let ask = || Request::Ping;
+        let answer = c
+            .pass_to_stand_ins(std::slice::from_ref(&before), true, ask, deadline)
+            .await;
+        assert!(
+            matches!(&answer, Some(Response::Error(e)) if e.kind == ErrorKind::NotServing
+                && e.message.contains("began to leave")),
+            "{answer:?}"
+        );
+        let c = Coordinator::new(
+            pref.fallbacks[1].clone(),
+            1,
+            ring,
+            Arc::new(RefusesAsTheLeaveBegins(Arc::default())),
+            CoordinatorConfig::default(),
+        )
+        .with_leaving_flag(Arc::default());
+        let answer = c
+            .pass_to_stand_ins(std::slice::from_ref(&before), true, ask, deadline)
+            .await;
+        assert!(answer.is_none(), "stands in: {answer:?}");
+    }
 }

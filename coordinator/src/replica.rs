@@ -209,7 +209,19 @@ pub struct ReplicaService<S> {
     /// Draws the suffix of a new per-key actor: random, so that a restart in
     /// the same epoch cannot give a key one an earlier run gave it.
     key_actors: KeyActorSource,
+    /// How many more corrupt versions this run may set aside (see
+    /// [`Self::current`]).
+    set_aside_left: std::sync::atomic::AtomicUsize,
 }
+
+/// How many corrupt stored versions one run of a replica sets aside before
+/// it refuses them instead. A few are a disk's or a bug's damage, each
+/// healed from the other replicas; a flood is more likely a release that
+/// cannot read what an earlier one wrote, where every replica would set
+/// aside its copy of the same keys and they would read as absent
+/// everywhere. Past the budget they fail loudly, as before, for an
+/// operator to look at; a restart starts a new budget.
+pub const SET_ASIDE_MAX_PER_RUN: usize = 1_000;
 
 impl<S: Store> ReplicaService<S> {
     /// `id` is the epoch's actor; its per-key actors add 9 bytes to it, so
@@ -228,7 +240,16 @@ impl<S: Store> ReplicaService<S> {
             hints: None,
             observer: None,
             key_actors: Arc::new(rand::random::<u32>),
+            set_aside_left: SET_ASIDE_MAX_PER_RUN.into(),
         }
+    }
+
+    /// Sets aside at most `budget` corrupt versions in this run instead of
+    /// [`SET_ASIDE_MAX_PER_RUN`] (for tests).
+    pub fn with_set_aside_budget(self, budget: usize) -> Self {
+        self.set_aside_left
+            .store(budget, std::sync::atomic::Ordering::Relaxed);
+        self
     }
 
     /// Draws per-key actor suffixes from `source` instead of at random: for
@@ -499,6 +520,24 @@ impl<S: Store> ReplicaService<S> {
             Err(StoreError::Corrupt { reason }) => reason,
             other => return Ok(other?),
         };
+        let spent = self
+            .set_aside_left
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |left| left.checked_sub(1),
+            )
+            .is_err();
+        if spent {
+            metrics::counter!("ringkv_corrupt_versions_refused_total").increment(1);
+            return Err(StoreError::Corrupt {
+                reason: format!(
+                    "{reason} (not set aside: this run has set aside as many as it may, \
+                     more than damage explains; check the release and the disk)"
+                ),
+            }
+            .into());
+        }
         let _change = self.begin_change();
         let digest = self.store.quarantine(key)?;
         if let (Some(observer), Some(digest)) = (&self.observer, digest) {
@@ -1105,9 +1144,10 @@ mod tests {
 
     /// A stored version that does not decode is set aside by whatever
     /// meets it first, and the key reads as absent. The next write mints
-    /// under a new per-key actor: the lost version may have held dots of
-    /// the old one that other replicas know, and repeating one would make
-    /// them drop the new write. A merge into it stores what comes in, and
+    /// under a new per-key actor, even once the old actor's dots are back
+    /// (read repair): the lost version may have held newer dots of it that
+    /// other replicas know, and repeating one would make them drop the new
+    /// write. A merge into it stores what comes in, and
     /// a tombstone collection checked against the lost version removes
     /// nothing.
     #[test]
@@ -1117,19 +1157,24 @@ mod tests {
         let first = a
             .update(b"k", &blind, Payload::Value(b"old".to_vec()))
             .unwrap();
-        let b = ReplicaService::new(NodeId::new("b").unwrap(), MemStore::default(), 10);
-        b.sync(b"k", &first).unwrap();
-
         a.store().make_unreadable(b"k");
         assert!(!a.remove_if_unchanged(b"k", &first).unwrap());
         assert_eq!(a.store().quarantined(), [b"k".to_vec()]);
         assert_eq!(a.read(b"k").unwrap(), None, "reads as absent");
+        // The old actor's dots come back (read repair, say), but not its
+        // record: the next write must not continue it.
+        assert!(a.sync(b"k", &first).unwrap());
         let again = a
             .update(b"k", &blind, Payload::Value(b"new".to_vec()))
             .unwrap();
-        assert_ne!(key_actor(&again), key_actor(&first));
-        assert!(b.sync(b"k", &again).unwrap(), "b took the new write");
-        assert_eq!(b.read(b"k").unwrap().unwrap().sibling_count(), 2);
+        let new_actor = again
+            .context()
+            .iter()
+            .map(|(actor, _)| actor.clone())
+            .find(|actor| *actor != key_actor(&first))
+            .expect("a new actor");
+        assert_eq!(again.counter(&key_actor(&first)), 1, "not continued");
+        assert_eq!(again.counter(&new_actor), 1);
 
         // Met by a merge (read repair, anti-entropy, a hint) or a read.
         a.store().make_unreadable(b"k");
@@ -1138,6 +1183,27 @@ mod tests {
         a.store().make_unreadable(b"k");
         assert_eq!(a.read(b"k").unwrap(), None);
         assert_eq!(a.store().quarantined().len(), 3);
+    }
+
+    /// Past its budget a run refuses corrupt versions as before, rather
+    /// than set aside what may be every replica's copy of many keys (a
+    /// release that cannot read an earlier one's data).
+    #[test]
+    fn corrupt_versions_past_the_budget_are_refused() {
+        let a = service(10).with_set_aside_budget(1);
+        let blind = VersionVector::new();
+        for key in [b"k1", b"k2"] {
+            a.update(key, &blind, Payload::Value(b"v".to_vec()))
+                .unwrap();
+            a.store().make_unreadable(key);
+        }
+        assert_eq!(a.read(b"k1").unwrap(), None);
+        let refused = a.read(b"k2").unwrap_err().to_string();
+        assert!(refused.contains("not set aside"), "{refused}");
+        assert!(a
+            .update(b"k2", &blind, Payload::Value(b"w".to_vec()))
+            .is_err());
+        assert_eq!(a.store().quarantined(), [b"k1".to_vec()]);
     }
 
     /// A removed copy that comes back without its latest dot (from a

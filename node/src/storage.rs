@@ -471,9 +471,10 @@ pub struct Quarantined {
 /// Where `meta` keeps the stored versions set aside as corrupt, by key.
 const META_QUARANTINE_PREFIX: &[u8] = b"quarantine/";
 
-/// The `meta` key of `key`'s version set aside as corrupt.
-fn quarantine_key(key: &[u8]) -> Vec<u8> {
-    [META_QUARANTINE_PREFIX, key].concat()
+/// The `meta` key of `key`'s version set aside as corrupt at `unix_ms`:
+/// the time last, big-endian, so that every one is kept, in time order.
+fn quarantine_key(key: &[u8], unix_ms: u64) -> Vec<u8> {
+    [META_QUARANTINE_PREFIX, key, &unix_ms.to_be_bytes()].concat()
 }
 /// The secret behind this node's QUIC stateless resets (see
 /// [`Storage::reset_secret`]).
@@ -760,27 +761,28 @@ impl Storage {
         batch.delete_cf(self.cf(CF_ACTORS), key);
     }
 
-    /// The versions set aside as corrupt ([`Store::quarantine`]), in key
-    /// order.
+    /// The versions set aside as corrupt ([`Store::quarantine`]), every
+    /// one kept, by key and then time.
     pub fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
         let io = |e: rocksdb::Error| StoreError::Io {
             reason: e.to_string(),
         };
         let mut out = Vec::new();
-        let from = quarantine_key(b"");
         let listing = self.db.iterator_cf(
             self.cf(CF_META),
-            IteratorMode::From(&from, rocksdb::Direction::Forward),
+            IteratorMode::From(META_QUARANTINE_PREFIX, rocksdb::Direction::Forward),
         );
         for item in listing {
-            let (id, record) = item.map_err(io)?;
-            let Some(key) = id.strip_prefix(from.as_slice()) else {
+            let (id, bytes) = item.map_err(io)?;
+            let Some(rest) = id.strip_prefix(META_QUARANTINE_PREFIX) else {
                 break;
             };
-            let (at, bytes) = record.split_at(8.min(record.len()));
+            let Some((key, at)) = rest.split_at_checked(rest.len().saturating_sub(8)) else {
+                continue;
+            };
             out.push(Quarantined {
                 key: key.to_vec(),
-                set_aside_unix_ms: le_u64(at).unwrap_or(0),
+                set_aside_unix_ms: at.try_into().map_or(0, u64::from_be_bytes),
                 bytes: bytes.to_vec(),
             });
         }
@@ -1148,12 +1150,22 @@ impl Store for Storage {
         let Some(stored) = self.db.get_cf(self.cf(CF_DATA), key).map_err(io)? else {
             return Ok(None);
         };
-        let mut record = unix_ms().to_le_bytes().to_vec();
-        record.extend_from_slice(&stored);
+        // Every one is kept: a second within the same millisecond (the
+        // caller holds the key's lock) takes the next free one.
+        let mut at_ms = unix_ms();
+        while self
+            .db
+            .get_pinned_cf(self.cf(CF_META), quarantine_key(key, at_ms))
+            .map_err(io)?
+            .is_some()
+        {
+            at_ms += 1;
+        }
+        let id = quarantine_key(key, at_ms);
         self.write_data(|| {
             let mut batch = WriteBatch::default();
             self.batch_delete(&mut batch, key);
-            batch.put_cf(self.cf(CF_META), quarantine_key(key), &record);
+            batch.put_cf(self.cf(CF_META), &id, &stored);
             batch
         })?;
         Ok(Some(stored_digest(&stored)))
@@ -1599,6 +1611,16 @@ mod tests {
         // Nothing stored: nothing to set aside.
         assert_eq!(Store::quarantine(&*s, b"absent").unwrap(), None);
         assert_eq!(s.quarantined().unwrap().len(), 1);
+        // A second corruption keeps the first one's bytes too.
+        s.db.put_cf(s.cf(CF_DATA), b"k", [0xba, 0xad]).unwrap();
+        assert!(replica.read(b"k").unwrap().is_none());
+        let kept: Vec<Vec<u8>> = s
+            .quarantined()
+            .unwrap()
+            .into_iter()
+            .map(|q| q.bytes)
+            .collect();
+        assert_eq!(kept, [garbage.to_vec(), vec![0xba, 0xad]]);
     }
 
     /// A key whose stored versions cannot be read is skipped, so one bad

@@ -354,8 +354,8 @@ impl<T: Transport> AntiEntropy<T> {
         report.duration_ms = started.elapsed().as_millis() as u64;
         self.keys_repaired
             .fetch_add(report.keys_repaired, Ordering::Relaxed);
-        // A key that cannot be read (corrupt) is skipped in every round
-        // until it is fixed; the rest of the exchange still happened.
+        // A key that cannot be written (a failing disk) is skipped in every
+        // round until it is fixed; the rest of the exchange still happened.
         if finished || peers.is_empty() {
             self.last_round_unix_ms
                 .store((self.now_ms)().max(1), Ordering::Relaxed);
@@ -607,8 +607,8 @@ impl<T: Transport> AntiEntropy<T> {
 
     /// One exchange with `peer`: descend, list, repair. See the module docs.
     ///
-    /// A batch that fails for any reason but an unreachable peer (a corrupt
-    /// stored clock, a merge the peer refuses) is counted and skipped, so one
+    /// A batch that fails for any reason but an unreachable peer (a failing
+    /// disk, a merge the peer refuses) is counted and skipped, so one
     /// bad key cannot stop the keys after it from being repaired; the
     /// exchange then ends with an error naming how many keys were skipped.
     async fn exchange(&self, peer: &NodeId, tally: &Tally) -> Result<(), AntiEntropyError> {
@@ -911,7 +911,7 @@ mod tests {
     }
 
     /// A peer that cannot go on (unreachable, too slow, draining, out of
-    /// memory) ends the exchange; a refusal of one batch (a corrupt clock,
+    /// memory) ends the exchange; a refusal of one batch (a failing disk,
     /// a merge past the limits) is tried key by key. A listing is asked in
     /// halves only when its answer was too big.
     #[test]

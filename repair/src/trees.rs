@@ -79,7 +79,10 @@ pub trait ChangeObserver: Send + Sync {
     /// The key's stored version, which did not decode, was set aside and
     /// the key removed. `digest` is the [`version_digest`] its stored bytes
     /// had (the one encoding of a clock, so what a tree built from a scan
-    /// holds for them). There is no clock to pass: that is the point.
+    /// holds for them; one kept up to date since an earlier scan holds the
+    /// digest of the bytes as written, and is left with a stale item, which
+    /// only makes its leaf look different until the next rebuild). There
+    /// is no clock to pass: that is the point.
     fn set_aside(&self, key: &[u8], digest: u64) {
         let _ = (key, digest);
     }
