@@ -780,7 +780,8 @@ impl<T: Transport> Coordinator<T> {
     /// a key's writes, and reads them, alike. A request
     /// forwarded here is taken here or refused, never sent on (that could
     /// go round in circles). A leaving node stands in for no one (its hints
-    /// would leave with it): it tries every fallback believed up.
+    /// would leave with it), nor does one past the key's fallbacks (a large
+    /// ring): they try every fallback believed up.
     fn outsider_route(
         &self,
         pref: &PreferenceList,
@@ -804,32 +805,36 @@ impl<T: Transport> Coordinator<T> {
         let Some(owner) = pref.replicas.first().cloned() else {
             return owners_only;
         };
-        let leaving = self.is_leaving();
+        // Only a node of the key's fallbacks may stand in: the others'
+        // gets ask those, and a write held past them (a large ring, where
+        // the list stops at `FALLBACKS_MIN`) would be one only this node's
+        // reads find. Nor does a leaving node (its hints would leave with it).
+        let may_stand_in = !self.is_leaving() && pref.fallbacks.contains(&self.id);
         if forwarded {
-            return if leaving {
-                OutsiderRoute::Refuse
-            } else {
+            return if may_stand_in {
                 OutsiderRoute::StandIn {
                     owner,
                     via: Vec::new(),
                     here: true,
                 }
+            } else {
+                OutsiderRoute::Refuse
             };
         }
         let via: Vec<NodeId> = pref
             .fallbacks
             .iter()
-            .take_while(|n| leaving || **n != self.id)
+            .take_while(|n| !may_stand_in || **n != self.id)
             .filter(|n| **n != self.id && self.is_healthy(n))
             .cloned()
             .collect();
-        if leaving && via.is_empty() {
+        if !may_stand_in && via.is_empty() {
             return owners_only;
         }
         OutsiderRoute::StandIn {
             owner,
             via,
-            here: !leaving,
+            here: may_stand_in,
         }
     }
 
@@ -1545,6 +1550,7 @@ impl<T: Transport> Coordinator<T> {
 
 /// Where a request for a key the coordinator does not replicate goes
 /// (see [`Coordinator::outsider_route`]).
+#[derive(Debug)]
 enum OutsiderRoute {
     /// Coordinated in `owner`'s slot, on the coordinator's hint for it, by
     /// the first of `via` that takes it, or else (if `here`) by this node.
@@ -2013,6 +2019,47 @@ mod tests {
         assert_eq!(route(&no_hints, false, false), owners, "--no-hints");
         let no_detector = make(CoordinatorConfig::default());
         assert_eq!(route(&no_detector, false, false), owners, "no detector");
+    }
+
+    /// On a ring larger than N plus the fallbacks a preference list names,
+    /// a node past them never stands in, even when every fallback refuses:
+    /// other nodes' gets would not look for its hint. It only forwards.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_past_the_keys_fallbacks_never_stands_in() {
+        let names: Vec<String> = (0..40).map(|i| format!("n{i:02}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let ring = ring(&names);
+        let pref = ring.preference_list(b"k");
+        let me = ring
+            .nodes()
+            .into_iter()
+            .find(|n| !pref.replicas.contains(n) && !pref.fallbacks.contains(n))
+            .expect("a node past the fallbacks");
+        let detector = Arc::new(FailureDetector::new(Default::default()));
+        let c = Coordinator::new(
+            me,
+            1,
+            ring.clone(),
+            Arc::new(NoNetwork),
+            CoordinatorConfig::default(),
+        )
+        .with_failure_detector(detector.clone());
+        for owner in &pref.replicas {
+            let now = Instant::now();
+            detector.record(owner, false, now);
+            detector.record(owner, false, now);
+        }
+        match c.outsider_route(&pref, false, false) {
+            OutsiderRoute::StandIn { via, here, .. } => {
+                assert!(!here);
+                assert_eq!(via, pref.fallbacks, "every fallback, in ring order");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.outsider_route(&pref, false, true),
+            OutsiderRoute::Refuse
+        ));
     }
 
     /// A stand-in before this node that refuses, answering while this
