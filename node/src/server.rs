@@ -451,6 +451,10 @@ struct NodeInner {
     /// was that current, once it has taken in the ring that record gives
     /// (`server/ring_handover.rs`).
     exchanged_unix_ms: std::sync::atomic::AtomicU64,
+    /// Whether the ring hand-over owes a pass (`server/ring_handover.rs`):
+    /// a leave waits for it. True until the loop has read what it owes
+    /// from the data dir.
+    handover_owed: std::sync::atomic::AtomicBool,
     /// Becomes true when the node shuts down.
     shutdown: watch::Receiver<bool>,
     /// Becomes true when this node learns it was removed from the cluster.
@@ -1311,6 +1315,7 @@ impl Node {
             )),
             ring_tx: watch::channel(None).0,
             exchanged_unix_ms: Default::default(),
+            handover_owed: true.into(),
             shutdown: shutdown_rx.clone(),
             removed: watch::Sender::new(false),
             is_removed: Default::default(),

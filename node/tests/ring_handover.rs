@@ -192,7 +192,9 @@ async fn a_node_down_while_the_ring_changed_hands_over_once_back() {
 
 /// n1 hands over at one key a second, so its pass is still going (its
 /// first page sent, the next waiting on the pace) when it is restarted.
-/// Restarted at full pace, it resumes the pass it owed.
+/// Restarted at full pace, it resumes the pass it owed. While the pass is
+/// owed, n1 may not leave: a leave hands over only the keys it replicates
+/// now, and would leave the pass's keys behind. Once it is done, it may.
 #[tokio::test]
 async fn a_pass_cut_short_by_a_restart_is_resumed() {
     let dirs = data_dirs(6);
@@ -224,6 +226,10 @@ async fn a_pass_cut_short_by_a_restart_is_resumed() {
         assert!(Instant::now() < deadline, "n1's pass never began");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    match clients[0].call(&Request::Leave).await.unwrap() {
+        Response::Error(e) => assert!(e.message.contains("still handing over"), "{e:?}"),
+        other => panic!("a leave during the pass: {other:?}"),
+    }
     let n1 = nodes.remove(0);
     let mut again = slow;
     again.listen = n1.addr();
@@ -239,6 +245,18 @@ async fn a_pass_cut_short_by_a_restart_is_resumed() {
     nodes.insert(0, start_again(again).await);
     let clients = clients_of(&nodes).await;
     copies_arrive(&clients, &copies).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match clients[0].call(&Request::Leave).await.unwrap() {
+            Response::Left(_) => break,
+            Response::Error(e)
+                if e.message.contains("still handing over") && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => panic!("a leave once the pass is done: {other:?}"),
+        }
+    }
     for c in clients {
         c.close().await;
     }

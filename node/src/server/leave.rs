@@ -181,6 +181,9 @@ impl NodeInner {
         if let Some(refusal) = self.hints_held() {
             return refuse(refusal);
         }
+        if let Some(refusal) = self.handover_owed() {
+            return refuse(refusal);
+        }
         if self.cleaning.load(Ordering::SeqCst) {
             return refuse(format!(
                 "{} is running a cleanup; leave once it has returned",
@@ -342,6 +345,22 @@ impl NodeInner {
             keys: first.keys,
             not_told: removal.not_told,
             late_failures,
+        })
+    }
+
+    /// Why the node cannot leave while it owes the hand-over of keys an
+    /// earlier ring change (a join) took from it, if it does: the leave
+    /// hands over only the keys it replicates now, and those would be left
+    /// behind, perhaps as the only copies (several joins can take every
+    /// replica slot of a key).
+    fn handover_owed(&self) -> Option<String> {
+        self.handover_owed.load(Ordering::SeqCst).then(|| {
+            format!(
+                "{} is still handing over the keys a ring change (a join) took from it, which a leave would leave behind; \
+                 leave once that is done (its `ringkv_ring_handover_owed` metric is 0, and it logs \
+                 \"handed over the keys a ring change took from this node\")",
+                self.id
+            )
         })
     }
 

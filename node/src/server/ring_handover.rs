@@ -56,7 +56,9 @@
 //!   the ring changed owes the change once it is back. No pass runs before
 //!   the loop has taken in a ring installed in this run.
 //! - **Not covered.** A node removed from the ring hands over nothing here:
-//!   its leave does that.
+//!   its leave does that, for the keys it replicates. A leave is refused
+//!   while a pass is owed, since the keys of that pass are no longer ones
+//!   it replicates, and would be left behind.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -328,7 +330,7 @@ pub(super) async fn ring_handover_loop(
         );
         seen = Some(remembered.clone());
     }
-    metrics::gauge!("ringkv_ring_handover_owed").set(if owed.is_some() { 1.0 } else { 0.0 });
+    set_owed(&inner, owed.is_some());
     let mut rings = inner.ring_tx.subscribe();
     // A ring installed before the loop first ran is taken in like a change.
     let mut arrived = rings.borrow_and_update().clone();
@@ -451,7 +453,7 @@ pub(super) async fn ring_handover_loop(
             owed = None;
             retry_at = None;
             backoff = RETRY_INITIAL;
-            metrics::gauge!("ringkv_ring_handover_owed").set(0.0);
+            set_owed(&inner, false);
             seen_kept = handover_store::save(&inner.storage, seen.as_ref(), None);
         }
     }
@@ -460,6 +462,15 @@ pub(super) async fn ring_handover_loop(
             handover_store::save_current(&inner.storage, current);
         }
     }
+}
+
+/// Says whether a pass is owed: to the metrics, and to a leave, which
+/// refuses while one is (it hands over only what it replicates now).
+fn set_owed(inner: &NodeInner, owed: bool) {
+    inner
+        .handover_owed
+        .store(owed, std::sync::atomic::Ordering::SeqCst);
+    metrics::gauge!("ringkv_ring_handover_owed").set(if owed { 1.0 } else { 0.0 });
 }
 
 /// Takes in a change of the node's ring from `old` to `new`, made at the
@@ -473,7 +484,7 @@ fn note_change(
 ) {
     if let Some(ring) = Owed::owed_by_change(old, Some(new), &inner.id) {
         Owed::add(owed, ring, since_unix_ms);
-        metrics::gauge!("ringkv_ring_handover_owed").set(1.0);
+        set_owed(inner, true);
     }
 }
 
