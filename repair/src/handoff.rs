@@ -542,7 +542,15 @@ async fn deliver_to<T: Transport, B: HintBackend>(
     let round_started = Instant::now();
     loop {
         let (o, a, limit) = (owner.clone(), after.take(), config.batch_size);
-        let mut batch = blocking(book, move |b| b.batch(&o, a.as_deref(), limit)).await?;
+        let mut batch = blocking(book, move |b| {
+            let batch = b.batch(&o, a.as_deref(), limit)?;
+            // Nothing leaves before it is durable (see `make_durable`).
+            if !batch.is_empty() {
+                b.make_durable()?;
+            }
+            Ok(batch)
+        })
+        .await?;
         if let (true, Some(end)) = (second_leg, &started_after) {
             batch.retain(|hint| hint.key <= *end);
         }

@@ -117,6 +117,15 @@ pub trait HintBackend: Send + Sync + 'static {
     fn wait(&self, wait: &mut dyn FnMut()) {
         wait()
     }
+    /// Makes every write so far as durable as a replica's answer waits for
+    /// (a node without `--sync` buffers its write-ahead log and flushes it
+    /// for many writes at once). Hints read for delivery go out only after
+    /// this: a stand-in's mint may still be in the buffer, and a dot that
+    /// reached an owner and then vanished in a crash would be minted again
+    /// for another value, which the owner would drop as known.
+    fn make_durable(&self) -> Result<(), HintError> {
+        Ok(())
+    }
 }
 
 impl<B: HintBackend> HintBackend for Arc<B> {
@@ -140,6 +149,9 @@ impl<B: HintBackend> HintBackend for Arc<B> {
     }
     fn wait(&self, wait: &mut dyn FnMut()) {
         (**self).wait(wait)
+    }
+    fn make_durable(&self) -> Result<(), HintError> {
+        (**self).make_durable()
     }
 }
 
@@ -544,6 +556,12 @@ impl<B: HintBackend> HintBook<B> {
     /// then use [`owners_to_sweep`](Self::owners_to_sweep).
     pub fn begin_sweep(&self) {
         self.refused_for_room.store(false, AtomicOrdering::Relaxed);
+    }
+
+    /// Makes every hint written so far durable (see
+    /// [`HintBackend::make_durable`]): before hints read go out.
+    pub fn make_durable(&self) -> Result<(), HintError> {
+        self.backend.make_durable()
     }
 
     /// Up to `limit` of `owner`'s hints whose key sorts after `after`, and

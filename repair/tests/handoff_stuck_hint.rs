@@ -13,8 +13,8 @@ use std::time::Duration;
 use ringkv_core::wire::{ErrorKind, ReplicaRequest, Request, Response};
 use ringkv_core::{NodeId, Transport, TransportError};
 use ringkv_repair::handoff::{self, HandoffConfig, HintRouting};
-use ringkv_repair::hints::MemHintBackend;
-use ringkv_repair::{HintBook, HintStore};
+use ringkv_repair::hints::{HintBackend, HintConfig, MemHintBackend};
+use ringkv_repair::{HintBook, HintError, HintStore};
 
 mod support;
 use support::{book, write};
@@ -455,4 +455,108 @@ async fn a_hint_refused_as_invalid_is_kept_for_later() {
         stop.send(true).unwrap();
         worker.await.unwrap();
     }
+}
+
+/// Hint storage that buffers its writes until `make_durable`, as a node
+/// without `--sync` buffers its write-ahead log.
+#[derive(Default)]
+struct Buffered {
+    inner: MemHintBackend,
+    unflushed: AtomicBool,
+}
+
+impl HintBackend for Buffered {
+    fn get(&self, id: &[u8]) -> Result<Option<Vec<u8>>, HintError> {
+        self.inner.get(id)
+    }
+    fn put(&self, id: &[u8], value: &[u8]) -> Result<(), HintError> {
+        self.unflushed.store(true, Ordering::SeqCst);
+        self.inner.put(id, value)
+    }
+    fn delete(&self, id: &[u8]) -> Result<(), HintError> {
+        self.unflushed.store(true, Ordering::SeqCst);
+        self.inner.delete(id)
+    }
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, HintError> {
+        self.inner.scan(prefix, after, limit, max_bytes)
+    }
+    fn make_durable(&self) -> Result<(), HintError> {
+        self.unflushed.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// An owner that notes each hint it is sent while its holder's writes
+/// are still buffered.
+struct NotesUnflushedSends {
+    holder: Arc<Buffered>,
+    sends: AtomicU64,
+    unflushed_sends: AtomicU64,
+}
+
+impl Transport for NotesUnflushedSends {
+    async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
+        self.sends.fetch_add(1, Ordering::SeqCst);
+        if self.holder.unflushed.load(Ordering::SeqCst) {
+            self.unflushed_sends.fetch_add(1, Ordering::SeqCst);
+        }
+        match request {
+            Request::Replica(ReplicaRequest::Sync { clock, .. }) => {
+                Ok(Response::Clock(Some(clock)))
+            }
+            other => panic!("a handoff sends only Sync, not {other:?}"),
+        }
+    }
+}
+
+/// A hint goes out only once it is durable: a stand-in's mint still in
+/// the holder's log buffer, delivered and then lost in a crash, would be
+/// minted again for another value, which the owner would drop as known.
+#[tokio::test(start_paused = true)]
+async fn a_hint_goes_out_only_once_it_is_durable() {
+    let owner = NodeId::new("owner").unwrap();
+    let holder = Arc::new(Buffered::default());
+    let book = Arc::new(
+        HintBook::open(
+            holder.clone(),
+            HintConfig::default(),
+            Arc::new(|| 1_000_000),
+        )
+        .unwrap(),
+    );
+    for key in ["k1", "k2"] {
+        book.store(&owner, key.as_bytes(), &write("v")).unwrap();
+    }
+    assert!(holder.unflushed.load(Ordering::SeqCst));
+    let transport = Arc::new(NotesUnflushedSends {
+        holder,
+        sends: AtomicU64::new(0),
+        unflushed_sends: AtomicU64::new(0),
+    });
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(
+        book.clone(),
+        transport.clone(),
+        HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
+        HandoffConfig {
+            tick: Duration::from_millis(100),
+            ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+        },
+        shutdown,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while book.pending(&owner) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(transport.sends.load(Ordering::SeqCst), 2);
+    assert_eq!(transport.unflushed_sends.load(Ordering::SeqCst), 0);
+    stop.send(true).unwrap();
+    worker.await.unwrap();
 }
