@@ -471,7 +471,9 @@ impl NodeInner {
     }
 
     /// Sends every stored key that this node replicates under `before` to
-    /// its replicas under `after`, a page at a time. Keys it holds but does
+    /// its replicas under `after`, a page at a time, each as the node holds
+    /// it when its page goes out (the scan's view may be a day old by
+    /// then, older than a tombstone collected since). Keys it holds but does
     /// not replicate (left from an older ring) stay: their tombstones may
     /// have been collected on the replicas, and a stale copy would bring a
     /// deleted value back. Stops at the first replica that does not take a
@@ -507,12 +509,31 @@ impl NodeInner {
                         reason: format!("reading its own store: {reason}"),
                     });
             };
+            #[cfg(test)]
+            if let Some(hook) = self.leave_page_read.lock().unwrap().as_mut() {
+                hook(&page.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
+            }
             let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
             let keys_before = keys;
-            for (key, clock) in page {
+            for (key, _) in page {
                 if !before.is_replica(&key, &self.id) {
                     continue;
                 }
+                // The version held now, not the one the scan saw: a first
+                // pass over a large store can outlast the tombstone grace,
+                // and a value deleted and collected since would come back
+                // through the replicas that take over. Gone since (a
+                // collected tombstone): nothing to hand over.
+                let clock = match self.local.replica.read(&key) {
+                    Ok(Some(clock)) => clock,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        return Err(PeerFailure {
+                            peer: self.id.clone(),
+                            reason: format!("reading its own store: {e}"),
+                        })
+                    }
+                };
                 keys += 1;
                 for replica in after.replicas_of(&key) {
                     batches.entry(replica).or_default().push(KeyClock {
@@ -523,6 +544,13 @@ impl NodeInner {
             }
             self.leave_keys_sent
                 .fetch_add(keys - keys_before, Ordering::Relaxed);
+            // What was read may include writes still buffered.
+            if let Err(e) = self.storage.commit().await {
+                return Err(PeerFailure {
+                    peer: self.id.clone(),
+                    reason: format!("flushing its own write-ahead log: {e}"),
+                });
+            }
             for (replica, items) in batches {
                 let transport = self.transport.clone();
                 sends.spawn(async move {
