@@ -369,7 +369,8 @@ impl<T: Transport> Coordinator<T> {
                         ErrorKind::NotServing,
                         format!(
                             "{} does not replicate this key under its ring, nor stands in for \
-                             its replicas (it believes one up, or it is leaving); ask another node",
+                             its replicas (it believes one up, it is leaving, or it is not among \
+                             the key's fallbacks); ask another node",
                             self.id
                         ),
                     )

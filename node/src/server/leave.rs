@@ -513,27 +513,43 @@ impl NodeInner {
             if let Some(hook) = self.leave_page_read.lock().unwrap().as_mut() {
                 hook(&page.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
             }
+            // The versions held now, not the ones the scan saw: a first
+            // pass over a large store can outlast the tombstone grace, and
+            // a value deleted and collected since would come back through
+            // the replicas that take over. Read off the async workers, as
+            // the scan is. Gone since (a collected tombstone): nothing to
+            // hand over.
+            let mine: Vec<Vec<u8>> = page
+                .into_iter()
+                .map(|(key, _)| key)
+                .filter(|key| before.is_replica(key, &self.id))
+                .collect();
+            let replica = self.local.replica.clone();
+            let current = tokio::task::spawn_blocking(move || {
+                mine.into_iter()
+                    .map(|key| replica.read(&key).map(|clock| (key, clock)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await;
+            let current = match current {
+                Ok(Ok(current)) => current,
+                Ok(Err(e)) => {
+                    return Err(PeerFailure {
+                        peer: self.id.clone(),
+                        reason: format!("reading its own store: {e}"),
+                    })
+                }
+                Err(e) => {
+                    return Err(PeerFailure {
+                        peer: self.id.clone(),
+                        reason: format!("reading its own store failed: {e}"),
+                    })
+                }
+            };
             let mut batches: BTreeMap<NodeId, Vec<KeyClock>> = BTreeMap::new();
             let keys_before = keys;
-            for (key, _) in page {
-                if !before.is_replica(&key, &self.id) {
-                    continue;
-                }
-                // The version held now, not the one the scan saw: a first
-                // pass over a large store can outlast the tombstone grace,
-                // and a value deleted and collected since would come back
-                // through the replicas that take over. Gone since (a
-                // collected tombstone): nothing to hand over.
-                let clock = match self.local.replica.read(&key) {
-                    Ok(Some(clock)) => clock,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        return Err(PeerFailure {
-                            peer: self.id.clone(),
-                            reason: format!("reading its own store: {e}"),
-                        })
-                    }
-                };
+            for (key, clock) in current {
+                let Some(clock) = clock else { continue };
                 keys += 1;
                 for replica in after.replicas_of(&key) {
                     batches.entry(replica).or_default().push(KeyClock {

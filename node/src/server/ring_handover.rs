@@ -99,14 +99,22 @@ pub(super) struct Owed {
 impl Owed {
     /// The ring a change from `old` to `new` owes a pass for: `old`, if `me`
     /// was a member of it (a node that just joined gave up nothing). Equal
-    /// rings (an address changed) owe nothing.
+    /// rings (an address changed) owe nothing, and neither does a change
+    /// that only takes members away (a leave, a removal): a key's replicas
+    /// are the first N distinct nodes of its walk, and without some nodes a
+    /// node that stays comes as early in it or earlier, so it gives up
+    /// nothing. (Owing a pass there would scan the whole store to send
+    /// nothing, and hold up this node's own leave meanwhile.)
     pub(super) fn owed_by_change(
         old: Option<&Arc<Ring>>,
         new: Option<&Arc<Ring>>,
         me: &NodeId,
     ) -> Option<Arc<Ring>> {
         let (old, new) = (old?, new?);
-        (old.fingerprint() != new.fingerprint() && old.has_node(me)).then(|| old.clone())
+        let only_taken_away = new.replicas() == old.replicas()
+            && new.members().iter().all(|m| old.members().contains(m));
+        (old.fingerprint() != new.fingerprint() && old.has_node(me) && !only_taken_away)
+            .then(|| old.clone())
     }
 
     /// Adds `ring` to what `owed` owes, owed since the earlier of
@@ -388,6 +396,7 @@ pub(super) async fn ring_handover_loop(
         let (Some(pass), Some(latest)) = (&owed, seen.clone()) else {
             // No ring (never the case once one was owed): nothing to do.
             owed = None;
+            set_owed(&inner, false);
             continue;
         };
         let deadline_unix_ms = pass.since_unix_ms.saturating_add(millis(grace / 2));
@@ -623,6 +632,24 @@ mod tests {
         assert!(owed.is_none(), "the joiner gave up nothing");
         note(&mut owed, Some(&before), Some(&before), &id("a"), now);
         assert!(owed.is_none(), "the same ring");
+        note(&mut owed, Some(&after), Some(&before), &id("a"), now);
+        assert!(owed.is_none(), "x removed: a gave up nothing");
+        let reweighted = Arc::new(
+            Ring::new(
+                [("a", 64), ("b", 64), ("c", 128)].map(|(n, v)| (id(n), v)),
+                3,
+            )
+            .unwrap(),
+        );
+        let mut by_weight = None;
+        note(
+            &mut by_weight,
+            Some(&before),
+            Some(&reweighted),
+            &id("a"),
+            now,
+        );
+        assert!(by_weight.is_some(), "c's weight changed: not a removal");
         note(&mut owed, Some(&before), Some(&after), &id("a"), now);
         let owed = owed.expect("a gave up ranges to x");
         let mut moved = 0;
@@ -637,6 +664,27 @@ mod tests {
             }
         }
         assert!(moved > 0);
+    }
+
+    /// What makes a removal owe nothing: a node that stays replicates every
+    /// key it did, whichever members go.
+    #[test]
+    fn a_node_that_stays_keeps_its_keys_when_members_go() {
+        let before = ring(&["a", "b", "c", "d", "e", "f"]);
+        for gone in [&["b"][..], &["c", "e"], &["a", "d", "f"]] {
+            let kept: Vec<&str> = ["a", "b", "c", "d", "e", "f"]
+                .into_iter()
+                .filter(|n| !gone.contains(n))
+                .collect();
+            let after = ring(&kept);
+            for key in keys() {
+                for replica in before.replicas_of(&key) {
+                    if after.has_node(&replica) {
+                        assert!(after.is_replica(&key, &replica), "{replica} lost {key:?}");
+                    }
+                }
+            }
+        }
     }
 
     /// Three joins before a pass completes: a key whose every slot went to
