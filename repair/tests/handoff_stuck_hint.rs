@@ -361,8 +361,8 @@ async fn a_long_round_gives_way_to_the_other_owners() {
 
 /// Starts the delivery worker over `book`, every owner believed `up` or
 /// not; returns its stop switch and its task.
-fn start_worker<T: Transport>(
-    book: &Arc<HintBook<MemHintBackend>>,
+fn start_worker<T: Transport, B: HintBackend>(
+    book: &Arc<HintBook<B>>,
     transport: Arc<T>,
     up: bool,
     config: HandoffConfig,
@@ -378,8 +378,8 @@ fn start_worker<T: Transport>(
 
 /// Waits (on the paused clock) until `book` holds no hint for `owner`,
 /// failing with `why` after `within`.
-async fn until_none_pending(
-    book: &HintBook<MemHintBackend>,
+async fn until_none_pending<B: HintBackend>(
+    book: &HintBook<B>,
     owner: &NodeId,
     within: Duration,
     why: &str,
@@ -539,22 +539,12 @@ async fn a_hint_goes_out_only_once_it_is_durable() {
         sends: AtomicU64::new(0),
         unflushed_sends: AtomicU64::new(0),
     });
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let worker = handoff::start(
-        book.clone(),
-        transport.clone(),
-        HintRouting::to_owners(Arc::new(|_: &NodeId| true)),
-        HandoffConfig {
-            tick: Duration::from_millis(100),
-            ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
-        },
-        shutdown,
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while book.pending(&owner) > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "never delivered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, worker) = start_worker(&book, transport.clone(), true, config);
+    until_none_pending(&book, &owner, Duration::from_secs(5), "never delivered").await;
     assert_eq!(transport.sends.load(Ordering::SeqCst), 2);
     assert_eq!(transport.unflushed_sends.load(Ordering::SeqCst), 0);
     stop.send(true).unwrap();
