@@ -691,8 +691,7 @@ const FINISH_ACK_WAIT: Duration = Duration::from_secs(1);
 /// Reads request frames until the stream ends, runs each in a task of its
 /// own, and writes each answer as it is ready. It reads the next request
 /// only while its connection's unwritten answers are under their budget,
-/// and runs it once the stream and the connection have a place in flight
-/// for it. A request whose body does not fit in the connection's or the
+/// and once the stream and the connection have a place in flight for it. A request whose body does not fit in the connection's or the
 /// node's request memory is shed: its body is read past, and it is
 /// answered `Overloaded` (see [`crate::request_memory`]). It stops reading
 /// once its answers cannot be written (the peer stopped the stream). Once `finish` turns true (a
@@ -728,12 +727,25 @@ async fn serve_stream<H, F>(
             break;
         }
         // A frame cut off here is never answered; it was never run either.
-        let read = tokio::select! {
+        let (read, on_stream, share) = tokio::select! {
             biased;
             true = async { finish.wait_for(|finish| *finish).await.is_ok() } => break,
             read = async {
                 budget.room_to_read().await;
-                read_request(&mut recv, &budget).await
+                // The places first, then the body: a body read and charged
+                // before there was a place to run it would keep its charge
+                // for as long as the places stay taken (by requests whose
+                // answers the peer never reads), and a few such streams
+                // would hold the node's request memory and shed every
+                // other request. Waiting here, the node reads nothing, and
+                // QUIC's flow control holds the sender back.
+                let on_stream = in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
+                let share = budget.share().await;
+                (read_request(&mut recv, &budget).await, on_stream, share)
             } => read,
         };
         let (id, admitted) = match read {
@@ -772,15 +784,10 @@ async fn serve_stream<H, F>(
             let _ = recv.stop(0u32.into());
             break;
         }
-        let on_stream = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let answer = OwedAnswer {
             queue: queue.clone(),
             id,
-            places: Some((on_stream, budget.share().await)),
+            places: Some((on_stream, share)),
         };
         let (body, charge) = match admitted {
             Admitted::Body { body, charge } => (body, charge),
@@ -2020,6 +2027,56 @@ mod tests {
             }
         }
         assert_eq!(handled.load(Ordering::SeqCst), 16);
+    }
+
+    /// A body is read, and charged, only once a place is free to run it:
+    /// read first, it would hold its charge for as long as the places stay
+    /// taken (by requests whose answers the peer never reads), and a few
+    /// such streams would take the node's request memory and shed every
+    /// other request.
+    #[tokio::test]
+    async fn a_body_is_read_only_once_a_place_is_free_to_run_it() {
+        let node_memory = RequestMemory::new(64 << 20);
+        let budget = ConnectionBudget::new(
+            1,
+            CONNECTION_UNWRITTEN_MAX_BYTES,
+            CONNECTION_REQUEST_MAX_BYTES,
+            node_memory.clone(),
+        );
+        let go = Arc::new(Semaphore::new(0));
+        let (_endpoint, conn, handled) = budgeted_server(budget, 16, go.clone()).await;
+        // The connection's one place, taken by a get that waits for `go`.
+        let mut recv_get = send_gets(&conn, 1).await;
+        wait_until("the get runs", || handled.load(Ordering::SeqCst) == 1).await;
+        // The get's own body, held until it has run.
+        let get_bytes = node_memory.in_use();
+        assert!(get_bytes < 1024, "{get_bytes}");
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut frame = Vec::new();
+        put_frame(&mut frame, 1, &encode_request(&put_of(500 * 1024)));
+        send.write_all(&frame).await.unwrap();
+        // All of it is within the stream's window, so nothing but the
+        // missing place keeps the node from reading it (it did, at once).
+        for _ in 0..50 {
+            assert_eq!(
+                node_memory.in_use(),
+                get_bytes,
+                "read and charged without a place"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        go.add_permits(2);
+        for recv in [&mut recv_get, &mut recv] {
+            within_10_s(read_frame(recv, FRAME_MAX_BYTES))
+                .await
+                .unwrap()
+                .expect("an answer");
+        }
+        assert_eq!(handled.load(Ordering::SeqCst), 2);
+        wait_until("the put's charge is given back", || {
+            node_memory.in_use() == 0
+        })
+        .await;
     }
 
     /// A put of `value_bytes` bytes.
