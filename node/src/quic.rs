@@ -691,14 +691,16 @@ const FINISH_ACK_WAIT: Duration = Duration::from_secs(1);
 /// Reads request frames until the stream ends, runs each in a task of its
 /// own, and writes each answer as it is ready. It reads the next request
 /// only while its connection's unwritten answers are under their budget,
-/// and once the stream and the connection have a place in flight for it. A request whose body does not fit in the connection's or the
-/// node's request memory is shed: its body is read past, and it is
-/// answered `Overloaded` (see [`crate::request_memory`]). It stops reading
-/// once its answers cannot be written (the peer stopped the stream). Once `finish` turns true (a
-/// node shutting down, once its requests under way have answered), it reads
-/// no more, answers what it has read, finishes the stream and waits (up to
-/// [`FINISH_ACK_WAIT`]) until the peer has acknowledged every byte: closing
-/// the connection earlier could discard answers not yet sent.
+/// and once the stream and the connection have a place in flight for it.
+/// A request whose body does not fit in the connection's or the node's
+/// request memory is shed: its body is read past, and it is answered
+/// `Overloaded` (see [`crate::request_memory`]). It stops reading once its
+/// answers cannot be written (the peer stopped the stream). Once `finish`
+/// turns true (a node shutting down, once its requests under way have
+/// answered), it reads no more, answers what it has read, finishes the
+/// stream and waits (up to [`FINISH_ACK_WAIT`]) until the peer has
+/// acknowledged every byte: closing the connection earlier could discard
+/// answers not yet sent.
 async fn serve_stream<H, F>(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
