@@ -337,34 +337,25 @@ impl<T: Transport> Coordinator<T> {
             "put"
         };
         if !pref.contains(&self.id) {
-            match self.outsider_route(&pref, request.strict, request.forwarded) {
-                OutsiderRoute::StandIn { owner, via, here } => {
-                    let forwarded = || {
-                        Request::Put(PutRequest {
-                            forwarded: true,
-                            ..request.clone()
-                        })
-                    };
-                    if let Some(response) = self
-                        .pass_to_stand_ins(&via, here, forwarded, deadline)
-                        .await
-                    {
-                        return response;
-                    }
-                    stand_in_for = Some(owner);
-                }
-                OutsiderRoute::Forward { to } => {
-                    let mut forwarded = request;
-                    forwarded.forwarded = true;
-                    return self.forward(&to, Request::Put(forwarded), deadline).await;
-                }
+            let resend = || {
+                Request::Put(PutRequest {
+                    forwarded: true,
+                    ..request.clone()
+                })
+            };
+            match self
+                .as_outsider(&pref, request.strict, request.forwarded, resend, deadline)
+                .await
+            {
+                Outsider::Answered(response) => return response,
+                Outsider::StandIn(owner) => stand_in_for = Some(owner),
                 // Sent here by a node whose ring says this one replicates
                 // the key; this node's ring says not. Minting here would
                 // build on whatever copy it holds from an older ring (maybe
                 // a value whose tombstone the replicas have since
                 // collected) and hand that on to them. Nothing ran: the
                 // forwarder asks the next replica.
-                OutsiderRoute::Refuse => {
+                Outsider::Refused => {
                     return Response::error(
                         ErrorKind::NotServing,
                         format!(
@@ -537,31 +528,24 @@ impl<T: Transport> Coordinator<T> {
         }
         let mut stand_in_for = None;
         if !pref.contains(&self.id) {
-            match self.outsider_route(&pref, request.strict, request.forwarded) {
-                OutsiderRoute::StandIn { owner, via, here } => {
-                    let forwarded = || {
-                        Request::Get(GetRequest {
-                            forwarded: true,
-                            ..request.clone()
-                        })
-                    };
-                    if let Some(response) = self
-                        .pass_to_stand_ins(&via, here, forwarded, deadline)
-                        .await
-                    {
-                        return response;
-                    }
+            let resend = || {
+                Request::Get(GetRequest {
+                    forwarded: true,
+                    ..request.clone()
+                })
+            };
+            match self
+                .as_outsider(&pref, request.strict, request.forwarded, resend, deadline)
+                .await
+            {
+                Outsider::Answered(response) => return response,
+                Outsider::StandIn(owner) => {
                     counter!("ringkv_stand_in_coordinations_total", "op" => "get").increment(1);
                     stand_in_for = Some(owner);
                 }
-                OutsiderRoute::Forward { to } => {
-                    let mut forwarded = request;
-                    forwarded.forwarded = true;
-                    return self.forward(&to, Request::Get(forwarded), deadline).await;
-                }
                 // A read builds on nothing of this node's: it asks the
                 // owners its ring names.
-                OutsiderRoute::Refuse => {}
+                Outsider::Refused => {}
             }
         }
         let mut tracker = QuorumTracker::new(pref.replicas.iter().cloned(), required);
@@ -1396,6 +1380,32 @@ impl<T: Transport> Coordinator<T> {
         }
     }
 
+    /// A request for a key this node does not replicate, routed by
+    /// [`Self::outsider_route`]: handed to others (their answer), to be
+    /// taken here in an owner's slot, or refused. `resend` makes the
+    /// request as it goes to another node (marked forwarded).
+    async fn as_outsider(
+        &self,
+        pref: &PreferenceList,
+        strict: bool,
+        forwarded: bool,
+        resend: impl Fn() -> Request,
+        deadline: Instant,
+    ) -> Outsider {
+        match self.outsider_route(pref, strict, forwarded) {
+            OutsiderRoute::StandIn { owner, via, here } => {
+                match self.pass_to_stand_ins(&via, here, &resend, deadline).await {
+                    Some(response) => Outsider::Answered(response),
+                    None => Outsider::StandIn(owner),
+                }
+            }
+            OutsiderRoute::Forward { to } => {
+                Outsider::Answered(self.forward(&to, resend(), deadline).await)
+            }
+            OutsiderRoute::Refuse => Outsider::Refused,
+        }
+    }
+
     /// Hands a request for a key whose owners all seem down to the
     /// stand-ins `via`, in turn (see [`Self::outsider_route`]). Returns the
     /// client's answer, or `None` when this node is to stand in itself:
@@ -1564,6 +1574,16 @@ enum OutsiderRoute {
     Forward { to: Vec<NodeId> },
     /// A forwarded request this node neither stands in for nor sends on.
     Refuse,
+}
+
+/// What became of a request routed by [`Coordinator::as_outsider`].
+enum Outsider {
+    /// Another node took it, or it failed: the client's answer.
+    Answered(Response),
+    /// This node takes it, in this owner's slot.
+    StandIn(NodeId),
+    /// A forwarded request this node neither stands in for nor sends on.
+    Refused,
 }
 
 /// How the error of a forward that no node took names those it tried.
