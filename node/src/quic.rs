@@ -1156,7 +1156,15 @@ async fn identify(
             .await;
             let identity = match asked {
                 Ok(Ok(Response::Identity(identity))) => identity,
-                Ok(Ok(other)) => return Ok(Err(other)),
+                Ok(Ok(refusal @ Response::Error(_))) => return Ok(Err(refusal)),
+                // Not an answer to the question: never let it stand for the
+                // call's (it could pass for a put's or a get's).
+                Ok(Ok(other)) => {
+                    let shown: String = format!("{other:?}").chars().take(60).collect();
+                    return Err(CallError::Protocol(format!(
+                        "{addr} answered who it is with {shown}"
+                    )));
+                }
                 Ok(Err(e)) => return Err(explained(e, &peer.conn)),
                 Err(_) => {
                     return Err(CallError::Connection(format!(
@@ -1521,7 +1529,8 @@ mod tests {
     /// A node in no cluster yet is asked again on every call until it
     /// names one (it may join another cluster); a node that answers the
     /// question with a refusal (draining) gets that refusal back as the
-    /// call's answer, and the request is not sent.
+    /// call's answer, and the request is not sent; any other answer to the
+    /// question fails the call.
     #[tokio::test]
     async fn a_node_in_no_cluster_is_asked_again_and_a_refusal_stands() {
         let asked: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
@@ -1531,6 +1540,7 @@ mod tests {
                 cluster_id: None,
             }),
             2 => Response::error(ErrorKind::NotServing, "draining"),
+            3 => Response::Pong,
             _ => Response::Identity(Identity {
                 node: NodeId::new("n9").unwrap(),
                 cluster_id: Some(8),
@@ -1549,12 +1559,17 @@ mod tests {
             matches!(&refused, Ok(Response::Error(e)) if e.kind == ErrorKind::NotServing),
             "{refused:?}"
         );
+        let not_an_identity = call().await;
+        assert!(
+            matches!(&not_an_identity, Err(CallError::Protocol(reason)) if reason.contains("Pong")),
+            "an answer that is neither an identity nor a refusal is not the call's: {not_an_identity:?}"
+        );
         let joined_another = call().await;
         assert!(
             matches!(joined_another, Err(CallError::Refused(_))),
             "{joined_another:?}"
         );
-        assert_eq!(asked[0].load(Ordering::SeqCst), 4);
+        assert_eq!(asked[0].load(Ordering::SeqCst), 5);
         assert_eq!(
             asked[1].load(Ordering::SeqCst),
             2,
