@@ -355,14 +355,37 @@ impl QuicTransport {
         }
     }
 
-    /// A call to whoever serves at `addr` (membership exchanges, removals,
-    /// joins). A member's address meets its region's emulated link, as
+    /// A call to whoever serves at `addr` (membership exchanges, joins). A member's address meets its region's emulated link, as
     /// calls by node id do, so a partition cuts a member's membership
     /// exchanges too. A node not yet in a cluster knows no member's region,
     /// so its join is not emulated; nor is the question whether another
     /// process holds this node's old address (`Identify`), which asks about
     /// this machine, not the network.
     async fn call_addr(&self, addr: SocketAddr, request: &Request) -> Result<Response, CallError> {
+        self.call_at(addr, None, request).await
+    }
+
+    /// [`Self::call_addr`] for a request meant for member `member` at
+    /// `addr`, and for no other node (a removal): it goes only to a node
+    /// that says it is that member of this node's cluster (see
+    /// [`PeerPool::call_member`]). A new node given the member's old
+    /// address, of another cluster whose members have the same names,
+    /// would otherwise act on it.
+    async fn call_member_at(
+        &self,
+        member: &NodeId,
+        addr: SocketAddr,
+        request: &Request,
+    ) -> Result<Response, CallError> {
+        self.call_at(addr, Some(member), request).await
+    }
+
+    async fn call_at(
+        &self,
+        addr: SocketAddr,
+        member: Option<&NodeId>,
+        request: &Request,
+    ) -> Result<Response, CallError> {
         let peer_region = self
             .regions
             .as_ref()
@@ -371,7 +394,15 @@ impl QuicTransport {
         if let Some(region) = &peer_region {
             self.emulate_link(region, true).await;
         }
-        let answer = self.pool.call(addr, request).await?;
+        let answer = match member {
+            Some(member) => {
+                let cluster_id = self.membership.cluster_id();
+                self.pool
+                    .call_member(addr, member, cluster_id, request)
+                    .await?
+            }
+            None => self.pool.call(addr, request).await?,
+        };
         if let Some(region) = &peer_region {
             self.emulate_link(region, false).await;
         }
@@ -726,9 +757,11 @@ impl NodeInner {
                     tell_others: false,
                 };
                 tells.spawn(async move {
-                    let told =
-                        tokio::time::timeout(ANNOUNCE_TIMEOUT, transport.call_addr(addr, &request))
-                            .await;
+                    let told = tokio::time::timeout(
+                        ANNOUNCE_TIMEOUT,
+                        transport.call_member_at(&peer, addr, &request),
+                    )
+                    .await;
                     (peer, told)
                 });
             }

@@ -9,6 +9,8 @@ use ringkv_core::wire::{GetRequest, PutRequest, RemoveReply, Request, Response};
 use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{Client, Node, NodeConfig, NodeError, NodeHandle};
 
+mod support;
+
 fn config(id: &str, dir: &std::path::Path) -> NodeConfig {
     let mut c = NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into());
     c.replicas = Some(2);
@@ -211,6 +213,51 @@ async fn the_answer_names_members_that_could_not_be_told() {
     assert_eq!(not_told, ["n2"], "{:?}", reply.not_told);
     client.close().await;
     for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+/// A removal is passed on only to the members themselves: a node of
+/// another cluster that now serves at a member's old address, with members
+/// of the same names (two clusters set up alike), is not told, and its own
+/// namesake of the removed node stays a member there.
+#[tokio::test]
+async fn a_removal_is_not_passed_to_another_cluster_at_a_members_old_address() {
+    let dirs = data_dirs();
+    let mut nodes = start_three(&dirs, 1).await;
+    let n2 = nodes.remove(1);
+    let old_addr = n2.addr();
+    n2.shutdown().await;
+
+    // Cluster B: its own n2 at cluster A's n2's old address, and an n3.
+    let other_dirs = data_dirs();
+    let mut c = config("n2", other_dirs[0].path());
+    c.replicas = Some(1);
+    c.listen = old_addr;
+    let other_n2 = support::start_again(c).await;
+    let mut c = config("n3", other_dirs[1].path());
+    c.replicas = Some(1);
+    c.seeds = vec![other_n2.addr()];
+    let other_n3 = Node::start(c).await.unwrap();
+
+    let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let reply = remove_n3(&client).await;
+    let not_told: Vec<&str> = reply.not_told.iter().map(|f| f.peer.as_str()).collect();
+    assert_eq!(not_told, ["n2"], "{:?}", reply.not_told);
+    client.close().await;
+
+    let other = Client::connect(other_n2.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let Ok(Response::Status(status)) = other.call(&Request::Status).await else {
+        panic!("no status from the other cluster");
+    };
+    let members: Vec<&str> = status.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(members, ["n2", "n3"], "the other cluster's n3 stays");
+    other.close().await;
+    for node in nodes.into_iter().chain([other_n2, other_n3]) {
         node.shutdown().await;
     }
 }

@@ -611,8 +611,11 @@ impl NodeInner {
             // late answer settles whether it removed the node (see
             // `removal_learned`); dropped halfway, it might or might not.
             let (transport, request) = (self.transport.clone(), request.clone());
+            let id = member.id.clone();
+            // Only to the member itself: a node of another cluster given its
+            // address would remove its own namesake and "confirm" the leave.
             let mut call: RemovalCall =
-                tokio::spawn(async move { transport.call_addr(addr, &request).await });
+                tokio::spawn(async move { transport.call_member_at(&id, addr, &request).await });
             let reason = match tokio::time::timeout(self.removal_timeout, &mut call).await {
                 Ok(Ok(Ok(Response::Removed(reply)))) => {
                     // Those still unanswered need not go on (a removal is
