@@ -430,7 +430,7 @@ pub(super) async fn ring_handover_loop(
                     );
                 }
                 // A change during the pass: again, under the newest ring.
-                !rings.has_changed().unwrap_or(false)
+                !places_otherwise(&latest, &rings)
             }
             Err(PassEnd::OutOfTime) if pass.since_unix_ms == 0 => {
                 metrics::counter!("ringkv_ring_handover_passes_total", "outcome" => "abandoned")
@@ -471,6 +471,20 @@ pub(super) async fn ring_handover_loop(
             handover_store::save_current(&inner.storage, current);
         }
     }
+}
+
+/// Whether the newest ring installed places keys otherwise than `latest`,
+/// the ring a pass just sent under (and so the pass must run again). Most
+/// installs change nothing placement depends on: a member's restart (its
+/// incarnation) or new address. A pass that took hours must not run again
+/// for those: it would resend every key, and keep the node from leaving.
+fn places_otherwise(latest: &Ring, rings: &watch::Receiver<Option<Arc<Ring>>>) -> bool {
+    if !rings.has_changed().unwrap_or(false) {
+        return false;
+    }
+    rings.borrow().as_ref().is_some_and(|newest| {
+        newest.replicas() != latest.replicas() || newest.members() != latest.members()
+    })
 }
 
 /// Says whether a pass is owed: to the metrics, and to a leave, which
@@ -618,6 +632,27 @@ mod tests {
 
     fn keys() -> impl Iterator<Item = Vec<u8>> {
         (0..2000).map(|i| format!("k{i}").into_bytes())
+    }
+
+    /// A pass runs again only for a ring installed meanwhile that places
+    /// keys otherwise, not for every install (a member's restart).
+    #[test]
+    fn a_pass_runs_again_only_if_placement_changed_meanwhile() {
+        let latest = ring(&["a", "b", "c", "x"]);
+        let (tx, mut rings) = watch::channel(Some(latest.clone()));
+        rings.borrow_and_update();
+        assert!(!places_otherwise(&latest, &rings), "no install");
+        tx.send_replace(Some(ring(&["a", "b", "c", "x"])));
+        assert!(
+            !places_otherwise(&latest, &rings),
+            "a new ring placing keys alike"
+        );
+        tx.send_replace(Some(ring(&["a", "b", "c", "x", "y"])));
+        assert!(places_otherwise(&latest, &rings), "a member joined");
+        tx.send_replace(Some(Arc::new(
+            Ring::new(["a", "b", "c", "x"].map(|n| (id(n), 64)), 2).unwrap(),
+        )));
+        assert!(places_otherwise(&latest, &rings), "N changed");
     }
 
     /// A key goes from a node that gave up its slot, to the replicas that
