@@ -102,6 +102,9 @@ pub struct Storage {
     /// Tests: writes run off the worker because of a write stall.
     #[cfg(test)]
     write_stalls: std::sync::atomic::AtomicU64,
+    /// Tests: a key whose stored version a leaf listing cannot read.
+    #[cfg(test)]
+    unreadable: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 /// How long after a write met a write stall the next writes skip trying
@@ -317,6 +320,8 @@ impl Storage {
             keys_scanned: Default::default(),
             #[cfg(test)]
             write_stalls: Default::default(),
+            #[cfg(test)]
+            unreadable: Default::default(),
         };
         storage.index_existing_data()?;
         Ok(storage)
@@ -660,6 +665,11 @@ fn index_key(key: &[u8]) -> Vec<u8> {
 fn stored_digest(stored: &[u8]) -> u64 {
     stable_hash64(stored)
 }
+
+/// The digest a leaf listing gives a key whose stored version cannot be
+/// read (see [`Storage::leaf_items`]). A stored version's digest equals it
+/// with odds of 2^-64.
+const UNREADABLE_DIGEST: u64 = u64::MAX;
 
 /// A stored little-endian u64 (a time); `None` if malformed.
 fn le_u64(bytes: &[u8]) -> Option<u64> {
@@ -1053,13 +1063,29 @@ impl LeafSource for Storage {
             if !wanted(key) {
                 continue;
             }
-            // Removed since the index was read: nothing to list.
-            let Some(stored) = self
+            let read = self
                 .db
                 .get_pinned_cf_opt(self.cf(CF_DATA), key, &no_fill)
-                .map_err(|e| e.to_string())?
-            else {
-                continue;
+                .map_err(|e| e.to_string());
+            #[cfg(test)]
+            let read = match self.unreadable.lock().unwrap().as_deref() == Some(key) {
+                true => Err("injected read error".to_string()),
+                false => read,
+            };
+            let stored = match read {
+                Ok(Some(stored)) => stored,
+                // Removed since the index was read: nothing to list.
+                Ok(None) => continue,
+                Err(reason) => {
+                    // Listed all the same, as differing from every readable
+                    // copy: failing the listing would stop every exchange
+                    // at this leaf for good, and the keys after it would
+                    // never be compared. Repair then skips the key alone.
+                    tracing::warn!(key = %String::from_utf8_lossy(key), %reason, "a key could not be read for an anti-entropy listing");
+                    metrics::counter!("ringkv_anti_entropy_unreadable_keys_total").increment(1);
+                    out.push((key.to_vec(), UNREADABLE_DIGEST));
+                    continue;
+                }
             };
             out.push((key.to_vec(), stored_digest(&stored)));
         }
@@ -1364,6 +1390,28 @@ mod tests {
         // What `open` does for such a dir, here while every key is still in
         // the (hash) memtable, whose listing needs total order.
         s.index_existing_data().unwrap();
+        let listed: std::collections::BTreeMap<_, _> =
+            s.leaf_items(0, 0, &|_| true).unwrap().into_iter().collect();
+        assert_eq!(listed, expected);
+    }
+
+    /// A key whose stored version cannot be read is listed all the same,
+    /// with a digest no readable copy has, so that one bad key does not
+    /// fail its leaf's listing (and every exchange at that leaf).
+    #[test]
+    fn a_key_that_cannot_be_read_is_listed_as_differing() {
+        use ringkv_repair::trees::version_digest;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        let mut expected = std::collections::BTreeMap::new();
+        for k in 0..20 {
+            let key = format!("k{k}").into_bytes();
+            let clock = value("v", &Clock::new(), "a");
+            Store::put(&s, &key, None, &clock).unwrap();
+            expected.insert(key, version_digest(&clock));
+        }
+        *s.unreadable.lock().unwrap() = Some(b"k7".to_vec());
+        expected.insert(b"k7".to_vec(), UNREADABLE_DIGEST);
         let listed: std::collections::BTreeMap<_, _> =
             s.leaf_items(0, 0, &|_| true).unwrap().into_iter().collect();
         assert_eq!(listed, expected);
