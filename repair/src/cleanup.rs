@@ -88,15 +88,14 @@ pub async fn check_page<T: Transport>(
             Some(reason) => reason.clone(),
             None => {
                 let keys: Vec<Vec<u8>> = indices.iter().map(|&i| strays[i].0.clone()).collect();
-                match read_clocks(transport, &replica, &keys, timeout).await {
-                    Ok(clocks) => {
-                        for (&i, theirs) in indices.iter().zip(clocks) {
-                            if covered(&strays[i].1, std::slice::from_ref(&theirs)) {
-                                covered_by_some[i] = true;
-                            }
-                        }
-                        continue;
+                let judge = |at: usize, theirs: Option<Clock>| {
+                    let i = indices[at];
+                    if covered(&strays[i].1, std::slice::from_ref(&theirs)) {
+                        covered_by_some[i] = true;
                     }
+                };
+                match read_clocks(transport, &replica, &keys, timeout, judge).await {
+                    Ok(()) => continue,
                     Err(reason) => {
                         unreachable.push(PeerFailure {
                             peer: replica.clone(),
@@ -125,24 +124,30 @@ pub async fn check_page<T: Transport>(
     }
 }
 
-/// `node`'s versions of `keys`, in order, asked again for any the answer
-/// left out for size.
+/// Reads `node`'s versions of `keys` and hands each to `judge` with its
+/// index in `keys`, as its answer arrives, asking again for any the answer
+/// left out for size. Each answer is dropped once judged: the replicas'
+/// versions of a page have no size limit of their own (small stray
+/// tombstones of keys written since with large values), and held for the
+/// whole page they could take gigabytes.
 async fn read_clocks<T: Transport>(
     transport: &T,
     node: &NodeId,
     keys: &[Vec<u8>],
     timeout: Duration,
-) -> Result<Vec<Option<Clock>>, String> {
-    let mut clocks = Vec::with_capacity(keys.len());
-    while clocks.len() < keys.len() {
+    mut judge: impl FnMut(usize, Option<Clock>),
+) -> Result<(), String> {
+    let mut read = 0;
+    while read < keys.len() {
         let request = Request::Replica(ReplicaRequest::ReadBatch {
-            keys: keys[clocks.len()..].to_vec(),
+            keys: keys[read..].to_vec(),
         });
         match tokio::time::timeout(timeout, transport.call(node, request)).await {
-            Ok(Ok(Response::Clocks(got)))
-                if !got.is_empty() && got.len() <= keys.len() - clocks.len() =>
-            {
-                clocks.extend(got)
+            Ok(Ok(Response::Clocks(got))) if !got.is_empty() && got.len() <= keys.len() - read => {
+                for theirs in got {
+                    judge(read, theirs);
+                    read += 1;
+                }
             }
             Ok(Ok(Response::Error(e))) => return Err(e.message),
             Ok(Ok(other)) => return Err(format!("unexpected answer {}", answer_kind(&other))),
@@ -150,7 +155,7 @@ async fn read_clocks<T: Transport>(
             Err(_) => return Err(format!("no answer within {} s", timeout.as_secs())),
         }
     }
-    Ok(clocks)
+    Ok(())
 }
 
 #[cfg(test)]

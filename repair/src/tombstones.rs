@@ -45,7 +45,9 @@ pub fn may_collect(ours: &Clock, others: &[Option<Clock>]) -> bool {
 }
 
 /// Asks every other replica of `key` on `ring` what it holds, and decides
-/// with [`may_collect`]. Any failure to ask means no.
+/// with [`may_collect`], one answer at a time: the first that says no ends
+/// it, and no answer is held past its verdict (a key written again since
+/// may hold a large value). Any failure to ask means no.
 pub async fn confirm_collectable<T: Transport>(
     transport: &T,
     ring: &Ring,
@@ -57,7 +59,6 @@ pub async fn confirm_collectable<T: Transport>(
     if !is_deleted(ours) {
         return false;
     }
-    let mut others = Vec::new();
     for replica in ring.replicas_of(key) {
         if replica == *me {
             continue;
@@ -67,11 +68,15 @@ pub async fn confirm_collectable<T: Transport>(
             hint_for: None,
         });
         match tokio::time::timeout(timeout, transport.call(&replica, request)).await {
-            Ok(Ok(Response::Clock(clock))) => others.push(clock),
+            Ok(Ok(Response::Clock(theirs))) => {
+                if !may_collect(ours, &[theirs]) {
+                    return false;
+                }
+            }
             _ => return false,
         }
     }
-    may_collect(ours, &others)
+    true
 }
 
 #[cfg(test)]

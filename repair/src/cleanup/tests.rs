@@ -17,6 +17,8 @@ struct Replicas {
     down: HashSet<NodeId>,
     per_answer: usize,
     asked: Mutex<Vec<NodeId>>,
+    /// Asks answered before every replica goes down (`None`: no limit).
+    answers_left: Mutex<Option<usize>>,
 }
 
 impl Replicas {
@@ -26,6 +28,7 @@ impl Replicas {
             down: HashSet::new(),
             per_answer,
             asked: Mutex::new(Vec::new()),
+            answers_left: Mutex::new(None),
         }
     }
 
@@ -40,7 +43,15 @@ impl Replicas {
 impl Transport for Replicas {
     async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
         self.asked.lock().unwrap().push(to.clone());
-        if self.down.contains(to) {
+        let exhausted = match self.answers_left.lock().unwrap().as_mut() {
+            Some(0) => true,
+            Some(left) => {
+                *left -= 1;
+                false
+            }
+            None => false,
+        };
+        if exhausted || self.down.contains(to) {
             return Err(TransportError::Unreachable {
                 node: to.clone(),
                 reason: "down".into(),
@@ -192,4 +203,28 @@ async fn a_replica_that_cannot_be_asked_covers_nothing_and_is_reported() {
     // Not reported, but not to be asked again either.
     let unreachable: Vec<&NodeId> = verdict.unreachable.iter().map(|f| &f.peer).collect();
     assert_eq!(unreachable, [&n("n1")]);
+}
+
+/// Each answer is judged as it arrives (and its versions dropped, not held
+/// for the whole page): a replica that fails part way has still covered
+/// the copies its earlier answers covered.
+#[tokio::test]
+async fn a_replica_that_fails_part_way_covers_what_it_answered() {
+    let v = write("n3", "v");
+    let mut replicas = Replicas::new(1);
+    replicas.hold("n1", "a", &v);
+    replicas.hold("n1", "b", &v);
+    *replicas.answers_left.lock().unwrap() = Some(1);
+    let page = strays(&[("a", &v), ("b", &v)]);
+    let verdict = check_page(
+        &replicas,
+        &two_node_ring(),
+        &page,
+        &BTreeMap::new(),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(verdict.covered, [true, false]);
+    let failed: Vec<&NodeId> = verdict.failures.iter().map(|f| &f.peer).collect();
+    assert_eq!(failed, [&n("n1"), &n("n2")], "both were needed for b");
 }
