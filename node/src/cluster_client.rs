@@ -35,16 +35,23 @@
 //! removed, answers pings.) So after a rolling restart every client is back
 //! where it started, and the load stays spread.
 //!
+//! Every node dialled is asked who it is (`Identify`), and one of another
+//! cluster than the first node that named one is passed over like a node
+//! that cannot be dialled: a member that lost its data dir and, started
+//! with no seed, formed a cluster of its own at its old address would
+//! otherwise take writes nobody else ever reads (its peers already refuse
+//! it, by the same question).
+//!
 //! Requests that find no connection wait for one dial at a time: while
 //! the next node is dialled (up to the connect timeout when it is down too)
 //! they queue, and the caller's own timeout may end them first.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use ringkv_core::wire::{ErrorKind, Request, Response};
+use ringkv_core::wire::{ErrorKind, Identity, Request, Response};
 
 use crate::cluster_key::ClusterKey;
 use crate::quic::{CallError, Client};
@@ -69,6 +76,9 @@ struct Inner {
     preferred: usize,
     connect_timeout: Duration,
     cluster_key: Option<ClusterKey>,
+    /// The cluster of the first node that named one (see the module docs);
+    /// `None`: nodes are not asked (tests of fakes that answer nothing else).
+    cluster_id: Option<Arc<OnceLock<u64>>>,
     /// Invariant: `current.at < nodes.len()`; `client`, when set, is
     /// connected to `nodes[at]`. Never held across an await: every request
     /// takes it, and it must not wait for a dial.
@@ -114,14 +124,34 @@ impl ClusterClient {
         connect_timeout: Duration,
         cluster_key: Option<&ClusterKey>,
     ) -> Result<ClusterClient, CallError> {
+        Self::connect_asking(nodes, preferred, connect_timeout, cluster_key, true).await
+    }
+
+    /// [`connect`](Self::connect); `identify`: whether each node dialled is
+    /// asked who it is.
+    async fn connect_asking(
+        nodes: Vec<SocketAddr>,
+        preferred: usize,
+        connect_timeout: Duration,
+        cluster_key: Option<&ClusterKey>,
+        identify: bool,
+    ) -> Result<ClusterClient, CallError> {
         if nodes.is_empty() {
             return Err(CallError::Connect("no node address given".to_string()));
         }
         let preferred = preferred % nodes.len();
         let mut first_error = None;
+        let cluster_id = identify.then(|| Arc::new(OnceLock::new()));
         for step in 0..nodes.len() {
             let at = (preferred + step) % nodes.len();
-            match Client::connect_with_key(nodes[at], connect_timeout, cluster_key).await {
+            match dial_member(
+                nodes[at],
+                connect_timeout,
+                cluster_key,
+                cluster_id.as_deref(),
+            )
+            .await
+            {
                 Ok(client) => {
                     return Ok(ClusterClient {
                         inner: Arc::new(Inner {
@@ -129,6 +159,7 @@ impl ClusterClient {
                             preferred,
                             connect_timeout,
                             cluster_key: cluster_key.cloned(),
+                            cluster_id,
                             current: std::sync::Mutex::new(Current {
                                 at,
                                 client: Some(Arc::new(client)),
@@ -307,10 +338,11 @@ impl Inner {
     /// on if it cannot be dialled. Called holding `dialling`.
     async fn dial(&self) -> Result<Arc<Client>, CallError> {
         let at = self.lock().at;
-        let dialled = Client::connect_with_key(
+        let dialled = dial_member(
             self.nodes[at],
             self.connect_timeout,
             self.cluster_key.as_ref(),
+            self.cluster_id.as_deref(),
         )
         .await;
         let mut current = self.lock();
@@ -390,15 +422,16 @@ async fn probe_preferred(inner: Weak<Inner>) {
         if strong.stop_probing_if_back() {
             return;
         }
-        let (addr, timeout, key) = (
+        let (addr, timeout, key, cluster_id) = (
             strong.nodes[strong.preferred],
             strong.connect_timeout,
             strong.cluster_key.clone(),
+            strong.cluster_id.clone(),
         );
         // Not holding the client alive meanwhile: a dropped client's probe
         // should not outlive it by a connect timeout.
         drop(strong);
-        let Some(client) = serving(addr, timeout, key.as_ref()).await else {
+        let Some(client) = serving(addr, timeout, key.as_ref(), cluster_id.as_deref()).await else {
             continue;
         };
         let Some(strong) = inner.upgrade() else {
@@ -434,8 +467,13 @@ impl Inner {
 /// would not show it: a node still joining, or removed, answers pings and
 /// refuses the rest. A read of its own copy of a key (`local`, no quorum,
 /// one store lookup) goes through the same checks as any request.
-async fn serving(addr: SocketAddr, timeout: Duration, key: Option<&ClusterKey>) -> Option<Client> {
-    let client = Client::connect_with_key(addr, timeout, key).await.ok()?;
+async fn serving(
+    addr: SocketAddr,
+    timeout: Duration,
+    key: Option<&ClusterKey>,
+    cluster_id: Option<&OnceLock<u64>>,
+) -> Option<Client> {
+    let client = dial_member(addr, timeout, key, cluster_id).await.ok()?;
     let probe = Request::Get(ringkv_core::wire::GetRequest {
         local: true,
         timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
@@ -448,6 +486,40 @@ async fn serving(addr: SocketAddr, timeout: Duration, key: Option<&ClusterKey>) 
             None
         }
     }
+}
+
+/// Dials the node at `addr` and, given `cluster_id`, asks who it is: a
+/// node of another cluster than `cluster_id` is refused (see the module
+/// docs); the first that names its cluster sets `cluster_id`. A node that
+/// does not say (draining, or in no cluster yet) is taken on trust: it
+/// refuses what it cannot serve.
+async fn dial_member(
+    addr: SocketAddr,
+    timeout: Duration,
+    key: Option<&ClusterKey>,
+    cluster_id: Option<&OnceLock<u64>>,
+) -> Result<Client, CallError> {
+    let client = Client::connect_with_key(addr, timeout, key).await?;
+    let Some(cluster_id) = cluster_id else {
+        return Ok(client);
+    };
+    let asked = tokio::time::timeout(timeout, client.call(&Request::Identify)).await;
+    let Ok(Ok(Response::Identity(Identity {
+        cluster_id: Some(theirs),
+        ..
+    }))) = asked
+    else {
+        return Ok(client);
+    };
+    let ours = *cluster_id.get_or_init(|| theirs);
+    if theirs == ours {
+        return Ok(client);
+    }
+    client.close().await;
+    tracing::error!(node = %addr, "a node given to the client is of another cluster: passed over");
+    Err(CallError::Refused(format!(
+        "the node at {addr} is of cluster {theirs:016x}, not {ours:016x} as the client's first node (did it lose its data and start a cluster of its own?)"
+    )))
 }
 
 /// The key the return probe reads (it need not exist).
@@ -465,6 +537,17 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(5);
 
+    /// [`ClusterClient::connect`] for fake nodes that answer only the
+    /// requests a test sends (not who they are).
+    async fn unidentified(
+        nodes: Vec<SocketAddr>,
+        preferred: usize,
+        connect_timeout: Duration,
+        cluster_key: Option<&ClusterKey>,
+    ) -> Result<ClusterClient, CallError> {
+        ClusterClient::connect_asking(nodes, preferred, connect_timeout, cluster_key, false).await
+    }
+
     /// A stand-in node on loopback: `serve` gets each connection and the
     /// count of requests read, which it keeps.
     fn fake_node<F, Fut>(serve: F) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>)
@@ -472,11 +555,19 @@ mod tests {
         F: Fn(quinn::Connection, Arc<AtomicUsize>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let endpoint = quinn::Endpoint::server(
-            tls::server_config(None).unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .unwrap();
+        fake_node_at("127.0.0.1:0".parse().unwrap(), serve)
+    }
+
+    /// [`fake_node`] at `addr`.
+    fn fake_node_at<F, Fut>(
+        addr: SocketAddr,
+        serve: F,
+    ) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(quinn::Connection, Arc<AtomicUsize>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let endpoint = quinn::Endpoint::server(tls::server_config(None).unwrap(), addr).unwrap();
         let (addr, seen) = (
             endpoint.local_addr().unwrap(),
             Arc::new(AtomicUsize::new(0)),
@@ -495,7 +586,15 @@ mod tests {
     fn answering_with(
         answer: impl Fn(&Request) -> Response + Clone + Send + Sync + 'static,
     ) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
-        fake_node(move |conn, counted| {
+        answering_with_at("127.0.0.1:0".parse().unwrap(), answer)
+    }
+
+    /// [`answering_with`] at `addr`.
+    fn answering_with_at(
+        addr: SocketAddr,
+        answer: impl Fn(&Request) -> Response + Clone + Send + Sync + 'static,
+    ) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+        fake_node_at(addr, move |conn, counted| {
             let answer = answer.clone();
             crate::quic::serve_connection(
                 conn,
@@ -621,7 +720,7 @@ mod tests {
         let refusing = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (_e1, first, seen_first) = switchable(refusing.clone());
         let (_e2, serving, served) = answering(Response::Pong);
-        let client = ClusterClient::connect(vec![first, serving], 0, TIMEOUT, None)
+        let client = unidentified(vec![first, serving], 0, TIMEOUT, None)
             .await
             .unwrap();
         assert_pong(&client).await;
@@ -658,7 +757,7 @@ mod tests {
             }
         });
         let (_e2, serving, served) = answering(Response::Pong);
-        let client = ClusterClient::connect(vec![unread, serving], 0, TIMEOUT, None)
+        let client = unidentified(vec![unread, serving], 0, TIMEOUT, None)
             .await
             .unwrap();
         let outcome = client.call(&Request::Ping).await;
@@ -674,9 +773,7 @@ mod tests {
     async fn a_request_every_node_refuses_comes_back_refused() {
         let (_e1, a, seen_a) = answering(not_serving());
         let (_e2, b, seen_b) = answering(not_serving());
-        let client = ClusterClient::connect(vec![a, b], 0, TIMEOUT, None)
-            .await
-            .unwrap();
+        let client = unidentified(vec![a, b], 0, TIMEOUT, None).await.unwrap();
         let outcome = client.call(&Request::Ping).await;
         assert!(
             matches!(&outcome, Ok(Response::Error(e)) if e.kind == ErrorKind::NotServing),
@@ -693,7 +790,7 @@ mod tests {
     async fn a_request_that_may_have_run_is_not_sent_again() {
         let (_e1, vanishing, read_by_first) = closing_after_read();
         let (_e2, serving, served) = answering(Response::Pong);
-        let client = ClusterClient::connect(vec![vanishing, serving], 0, TIMEOUT, None)
+        let client = unidentified(vec![vanishing, serving], 0, TIMEOUT, None)
             .await
             .unwrap();
         let outcome = client.call(&Request::Ping).await;
@@ -730,10 +827,9 @@ mod tests {
             socket.local_addr().unwrap()
         };
         let (third_endpoint, third, served) = answering(Response::Pong);
-        let client =
-            ClusterClient::connect(vec![first, dead, third], 0, Duration::from_secs(1), None)
-                .await
-                .unwrap();
+        let client = unidentified(vec![first, dead, third], 0, Duration::from_secs(1), None)
+            .await
+            .unwrap();
         first_endpoint.close(0u32.into(), b"gone");
         wait_until("the first connection closes", || current_closed(&client)).await;
         (client, third, served, vec![first_endpoint, third_endpoint])
@@ -760,7 +856,7 @@ mod tests {
     async fn a_silent_node_is_left_after_a_timed_out_request() {
         let (frozen, _thaw) = freezing_node();
         let (_e2, serving, served) = answering(Response::Pong);
-        let client = ClusterClient::connect(vec![frozen, serving], 0, TIMEOUT, None)
+        let client = unidentified(vec![frozen, serving], 0, TIMEOUT, None)
             .await
             .unwrap();
         let limit = Duration::from_millis(500);
@@ -802,7 +898,7 @@ mod tests {
             )
         });
         let (_e2, other, served) = answering(Response::Pong);
-        let client = ClusterClient::connect(vec![slow, other], 0, TIMEOUT, None)
+        let client = unidentified(vec![slow, other], 0, TIMEOUT, None)
             .await
             .unwrap();
         // Done with the handshake's last packets: only the request's own
@@ -844,6 +940,80 @@ mod tests {
         // an earlier one may reach it too and still time out: the dial and
         // the handshake can take longer than the 200 ms limit.)
         assert!(served.load(Ordering::SeqCst) >= 1);
+        client.close().await;
+    }
+
+    /// A node of cluster `cluster_id` (named `id`) at `addr` that pongs
+    /// everything else, counting what it answers besides who it is (and,
+    /// in the third count, all it answers).
+    fn member_of(
+        id: &str,
+        cluster_id: u64,
+        addr: SocketAddr,
+    ) -> (
+        quinn::Endpoint,
+        SocketAddr,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+    ) {
+        let (served, id) = (Arc::new(AtomicUsize::new(0)), id.to_string());
+        let counted = served.clone();
+        let (endpoint, addr, answered) = answering_with_at(addr, move |request| match request {
+            Request::Identify => Response::Identity(Identity {
+                node: ringkv_core::NodeId::new(&id).unwrap(),
+                cluster_id: Some(cluster_id),
+            }),
+            _ => {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Response::Pong
+            }
+        });
+        (endpoint, addr, served, answered)
+    }
+
+    /// A node of another cluster than the client's first node (one that
+    /// lost its data and formed a cluster of its own at a member's address)
+    /// is passed over like a node that cannot be dialled, when the client
+    /// fails over and when it probes its way back to its preferred node.
+    #[tokio::test]
+    async fn a_node_of_another_cluster_is_passed_over() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (first_endpoint, first, _, _) = member_of("n1", 7, any);
+        let (_e2, stranger, stranger_served, _) = member_of("n2", 8, any);
+        let (_e3, third, served, _) = member_of("n3", 7, any);
+        let client = ClusterClient::connect(vec![first, stranger, third], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        assert_pong(&client).await;
+        first_endpoint.close(0u32.into(), b"gone");
+        wait_until("the first connection closes", || current_closed(&client)).await;
+        assert_pong(&client).await;
+        assert_eq!(client.current_node(), third);
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        assert_eq!(stranger_served.load(Ordering::SeqCst), 0);
+
+        // The preferred node's address now answers as a node of cluster 8:
+        // probes find it, and the client stays where it is.
+        drop(first_endpoint);
+        let (_e1, _, again_served, asked_again) = loop {
+            match std::panic::catch_unwind(|| member_of("n1", 8, first)) {
+                Ok(node) => break node,
+                // The old endpoint's socket may take a moment to go.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        wait_until("a probe reaches the preferred address", || {
+            asked_again.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+        assert_eq!(
+            again_served.load(Ordering::SeqCst),
+            0,
+            "not even the probe's read"
+        );
+        assert_pong(&client).await;
+        assert_eq!(client.current_node(), third);
+        assert_eq!(served.load(Ordering::SeqCst), 2);
         client.close().await;
     }
 }
