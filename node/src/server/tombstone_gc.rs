@@ -163,7 +163,13 @@ async fn collect_if_held_everywhere(
     cutoff: u64,
 ) {
     let replica = inner.local.replica.clone();
-    let Ok(Some(ours)) = replica.read(&key) else {
+    // Off the async worker: a read that meets a corrupt version sets it
+    // aside with a write (an fsync under `--sync`).
+    let read = {
+        let (replica, key) = (replica.clone(), key.clone());
+        tokio::task::spawn_blocking(move || replica.read(&key)).await
+    };
+    let Ok(Ok(Some(ours))) = read else {
         return;
     };
     // Read after `ours`: a newer tombstone written since the page was
