@@ -2,7 +2,7 @@
 //! side, against an embedded cluster spread over emulated regions or a
 //! running one; and the older put-then-get phases (`--workload putget`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -780,7 +780,8 @@ fn resolve_cluster(cluster: &[String]) -> Result<Vec<std::net::SocketAddr>, Fail
 }
 
 /// Refuses, before anything runs, an output file that could not be written
-/// at the end: its directory is missing, or the path is a directory.
+/// at the end: its directory is missing or cannot be written in, or the
+/// path is a directory.
 fn check_output_path(flag: &str, path: Option<&Path>) -> Result<(), Failure> {
     let Some(path) = path else { return Ok(()) };
     let usage = |problem: String| {
@@ -808,15 +809,60 @@ fn check_output_path(flag: &str, path: Option<&Path>) -> Result<(), Failure> {
     if !dir.is_dir() {
         return usage(format!("directory {} does not exist", dir.display()));
     }
+    // Tried now, not after a run of hours: the file written beside it.
+    if let OutputTarget::Replace(target) = output_target(path) {
+        let partial = partial_path(&target);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+        {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&partial);
+            }
+            Err(e) => return usage(format!("cannot be written: {e}")),
+        }
+    }
     Ok(())
 }
 
+/// Where a report goes.
+#[derive(Debug, PartialEq)]
+enum OutputTarget {
+    /// A regular file, or a new one: written beside and renamed over (see
+    /// [`write_whole`]). For a symbolic link, its target: the link stays.
+    Replace(PathBuf),
+    /// A device or a pipe (`/dev/stdout`, a shell's `>(jq .)`): written
+    /// to directly. Renamed over, it would be replaced by a file (as root,
+    /// for every process after).
+    InPlace(PathBuf),
+}
+
+fn output_target(path: &Path) -> OutputTarget {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => OutputTarget::InPlace(path.to_path_buf()),
+        _ => OutputTarget::Replace(
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+        ),
+    }
+}
+
+/// The temporary file [`write_whole`] writes `target`'s bytes to first.
+fn partial_path(target: &Path) -> PathBuf {
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    target.with_file_name(format!(".{name}.{}.partial", std::process::id()))
+}
+
 /// Writes a file whole or not at all: into a temporary file beside it, then
-/// renamed over it, so a failure leaves no half-written report.
+/// renamed over it, so a failure leaves no half-written report. A device
+/// or pipe is written to directly (see [`OutputTarget`]).
 fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let partial = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
-    let written = std::fs::write(&partial, bytes).and_then(|()| std::fs::rename(&partial, path));
+    let target = match output_target(path) {
+        OutputTarget::InPlace(path) => return std::fs::write(path, bytes),
+        OutputTarget::Replace(target) => target,
+    };
+    let partial = partial_path(&target);
+    let written = std::fs::write(&partial, bytes).and_then(|()| std::fs::rename(&partial, &target));
     if written.is_err() {
         let _ = std::fs::remove_file(&partial);
     }
@@ -1006,6 +1052,49 @@ fn op_columns(o: &OpReport, ops_per_s: f64, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report written through a symbolic link updates the link's target
+    /// and leaves the link; a device is written to, never replaced; a
+    /// directory that is not there is refused before the run.
+    #[test]
+    fn reports_go_through_links_and_to_devices_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, link) = (
+            dir.path().join("run42.json"),
+            dir.path().join("latest.json"),
+        );
+        std::fs::write(&target, "old").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        check_output_path("--json", Some(&link)).unwrap();
+        write_whole(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 2, "no partial file left: {left:?}");
+
+        let null = Path::new("/dev/null");
+        assert_eq!(
+            output_target(null),
+            OutputTarget::InPlace(null.to_path_buf())
+        );
+        check_output_path("--json", Some(null)).unwrap();
+        write_whole(null, b"x").unwrap();
+        assert!(
+            !std::fs::metadata(null).unwrap().is_file(),
+            "still a device"
+        );
+
+        let missing = dir.path().join("no-such-dir/out.json");
+        let refused = check_output_path("--json", Some(&missing)).unwrap_err();
+        assert!(
+            refused.message.contains("does not exist"),
+            "{}",
+            refused.message
+        );
+    }
 
     #[test]
     fn only_an_unreachable_node_exits_4() {

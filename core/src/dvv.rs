@@ -315,7 +315,8 @@ impl Clock {
             .iter()
             .map(|e| {
                 let live = e.counter.saturating_sub(context.get(&e.node));
-                e.payloads.len().min(live as usize)
+                // Clamped as `update` does (a 32-bit target).
+                e.payloads.len().min(live.min(usize::MAX as u64) as usize)
             })
             .sum();
         surviving + 1
