@@ -818,6 +818,8 @@ pub async fn run_setting(
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ ((w as u64) << 32));
             let mut contexts: HashMap<u64, String> = HashMap::new();
             let mut read_stats = ReadStats::default();
+            // When this client's last measured request succeeded.
+            let mut last_success: Option<Instant> = None;
             let value = vec![b'u'; config.value_bytes];
             loop {
                 // Open loop: wait for the next due request; closed loop:
@@ -898,6 +900,9 @@ pub async fn run_setting(
                     inserts.finish(record);
                 }
                 if sent >= measured_from {
+                    if outcome.is_ok() {
+                        last_success = last_success.max(Some(answered));
+                    }
                     let latency_us = answered.duration_since(sent).as_micros() as u64;
                     reports
                         .entry(op)
@@ -912,7 +917,7 @@ pub async fn run_setting(
             }
             // A short run may never draw a rare operation: no empty row.
             reports.retain(|_, report| report.attempts() > 0);
-            (reports, read_stats)
+            (reports, read_stats, last_success)
         });
     }
     let prober = prober_conns.map(|conns| {
@@ -923,15 +928,17 @@ pub async fn run_setting(
     });
     let mut merged: HashMap<Op, OpReport> = HashMap::new();
     let mut read_stats = ReadStats::default();
+    let mut last_success: Option<Instant> = None;
     while !tasks.is_empty() {
         tokio::select! {
             done = tasks.join_next() => {
                 match done {
-                    Some(Ok((reports, stats))) => {
+                    Some(Ok((reports, stats, last))) => {
                         for (op, report) in reports {
                             merged.entry(op).or_insert_with(OpReport::new).merge(&report);
                         }
                         read_stats.merge(&stats);
+                        last_success = last_success.max(last);
                     }
                     Some(Err(e)) => return Err(BenchError::ClientFailed { reason: e.to_string() }),
                     None => {}
@@ -946,9 +953,16 @@ pub async fn run_setting(
     // window, so they are divided by it; the time to the last answer
     // would add the slowest request's tail (seconds, for one that timed
     // out) to a window of a few. Open loop: requests due in the window
-    // are answered up to a timeout after it, so to the last answer.
+    // are answered up to a timeout after it, so to the last success (a
+    // store that fell behind took that long over them), but never less
+    // than the window. Not to the last answer: one request that timed out
+    // at the end would cut the rate by a third.
     let elapsed = match config.rate_per_s {
-        Some(_) => measured_from.elapsed(),
+        Some(_) => last_success
+            .map_or(Duration::ZERO, |last| {
+                last.saturating_duration_since(measured_from)
+            })
+            .max(config.duration),
         None => config.duration,
     };
     let cpu = cpu_at_start

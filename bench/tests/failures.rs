@@ -131,6 +131,40 @@ async fn an_open_loop_counts_exactly_the_requests_due_after_its_warmup() {
     node.shutdown().await;
 }
 
+/// An open loop's ops/s divides by the time to its last success, never
+/// by less than its window: requests that fail (or time out) after the
+/// window do not stretch it. Here every request fails (its key is over
+/// the limit), so the window is the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_loop_is_not_stretched_by_failures_after_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    config.replicas = Some(1);
+    let node = Node::start(config).await.unwrap();
+    let config = YcsbConfig {
+        concurrency: 4,
+        rate_per_s: Some(200),
+        warmup: Duration::ZERO,
+        duration: Duration::from_millis(500),
+        key_prefix: "k".repeat(ringkv_core::wire::KEY_MAX_BYTES + 1),
+        ..ycsb_config(vec![node.addr()])
+    };
+    let setting = Setting {
+        r: Consistency::One,
+        w: Consistency::One,
+        resp: false,
+    };
+    let report = run_setting(&config, &setting, 10, &|_| {}).await.unwrap();
+    assert!(report.attempts() > 0);
+    assert!(
+        report.ops.iter().all(|(_, op)| op.ops == 0),
+        "{:?}",
+        report.ops
+    );
+    assert_eq!(report.elapsed, config.duration);
+    node.shutdown().await;
+}
+
 /// The put-then-get benchmark reports failures as YCSB does: every put is
 /// refused (over `--max-value-bytes`) and says why; the gets, of keys never
 /// written, are counted as not found.
