@@ -594,6 +594,9 @@ async fn connect_all(config: &YcsbConfig, count: usize) -> Result<Vec<Arc<Conn>>
     Ok(conns)
 }
 
+/// The pauses before the tries again of a load write shed or timed out.
+const LOAD_RETRY_PAUSES_MS: [u64; 3] = [50, 250, 1000];
+
 /// Writes records `0..records` at W=quorum; `progress(done)` after each.
 pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<(), BenchError> {
     let conns = connect_all(config, config.concurrency.max(1)).await?;
@@ -615,17 +618,18 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
         tasks.spawn(async move {
             for i in (w as u64..records).step_by(step as usize) {
                 let key = record_key(&prefix, i);
-                let outcome = conn
-                    .put(
+                let outcome = with_load_retries(|retry| {
+                    conn.put(
                         &key,
                         &value,
                         Consistency::Quorum,
                         None,
-                        false,
+                        retry,
                         timeout_ms,
                         Duration::ZERO,
                     )
-                    .await;
+                })
+                .await;
                 if !outcome.is_ok() {
                     failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = first_failure.set(match outcome {
@@ -655,6 +659,27 @@ pub async fn load(config: &YcsbConfig, progress: &(dyn Fn(u64) + Sync)) -> Resul
             first: first_failure.get().cloned().unwrap_or_default(),
         }),
     }
+}
+
+/// Runs a load write (`put(retry)`) and, while it is shed or times out,
+/// tries it again after [`LOAD_RETRY_PAUSES_MS`] (a node out of request
+/// memory asks for a pause), rather than fail a load of hours. A retry
+/// (`retry` true) overwrites whatever the first try left, not add a
+/// sibling beside it. The last try's outcome.
+async fn with_load_retries<F, Fut>(mut put: F) -> Outcome
+where
+    F: FnMut(bool) -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let mut outcome = put(false).await;
+    for pause_ms in LOAD_RETRY_PAUSES_MS {
+        if !matches!(outcome, Outcome::Shed | Outcome::Timeout) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        outcome = put(true).await;
+    }
+    outcome
 }
 
 /// Failovers over the distinct connections (clients share them).
@@ -1287,6 +1312,41 @@ fn verdict(written: &Outcome, read: &Outcome, value: &[u8]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A load write shed or timed out is tried again, as an overwrite, up
+    /// to three times; one refused for another reason is not.
+    #[tokio::test]
+    async fn a_load_write_is_retried_only_while_shed_or_timed_out() {
+        let written = || Outcome::Written {
+            context: None,
+            coordinator: None,
+        };
+        let run = |answers: Vec<Outcome>| async move {
+            let (answers, tries) = (
+                std::sync::Mutex::new(answers.into_iter()),
+                std::sync::Mutex::new(Vec::new()),
+            );
+            let outcome = with_load_retries(|retry| {
+                tries.lock().unwrap().push(retry);
+                let next = answers.lock().unwrap().next().unwrap();
+                async move { next }
+            })
+            .await;
+            (outcome, tries.into_inner().unwrap())
+        };
+        let (outcome, tries) = run(vec![Outcome::Shed, Outcome::Timeout, written()]).await;
+        assert!(outcome.is_ok());
+        assert_eq!(tries, [false, true, true]);
+        let error = || Outcome::Error {
+            reason: "too big".into(),
+        };
+        let (outcome, tries) = run(vec![error()]).await;
+        assert!(matches!(outcome, Outcome::Error { .. }));
+        assert_eq!(tries, [false], "a refusal is not retried");
+        let (outcome, tries) = run((0..4).map(|_| Outcome::Shed).collect()).await;
+        assert!(matches!(outcome, Outcome::Shed));
+        assert_eq!(tries.len(), 4, "three tries again, then it fails");
+    }
 
     /// Each prober writes and reads through two different coordinators, and
     /// together they cover several pairs.
