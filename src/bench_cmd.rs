@@ -768,15 +768,28 @@ fn embedded_nodes(args: &BenchArgs, default: usize) -> usize {
 }
 
 /// The addresses of `--cluster`.
+/// The `--cluster` addresses, resolved. One node given twice (two
+/// spellings of it, say) is refused: it would take twice the clients, and
+/// staleness probes through "two" coordinators would measure nothing.
 fn resolve_cluster(cluster: &[String]) -> Result<Vec<std::net::SocketAddr>, Failure> {
-    cluster
-        .iter()
-        .map(|a| {
-            crate::args::check_node_addr("--cluster", a)
-                .and_then(|()| resolve_addr("--cluster", a))
-                .map_err(|e| Failure::new(Exit::Usage, e))
-        })
-        .collect()
+    let mut resolved: Vec<(std::net::SocketAddr, &String)> = Vec::new();
+    for given in cluster {
+        let addr = crate::args::check_node_addr("--cluster", given)
+            .and_then(|()| resolve_addr("--cluster", given))
+            .map_err(|e| Failure::new(Exit::Usage, e))?;
+        if let Some((_, first)) = resolved.iter().find(|(a, _)| *a == addr) {
+            let twice = match *first == given {
+                true => format!("{given} is given twice"),
+                false => format!("{given} and {first} are the same node ({addr})"),
+            };
+            return Err(Failure::new(
+                Exit::Usage,
+                format!("--cluster: {twice}; give each node once"),
+            ));
+        }
+        resolved.push((addr, given));
+    }
+    Ok(resolved.into_iter().map(|(addr, _)| addr).collect())
 }
 
 /// Refuses, before anything runs, an output file that could not be written
@@ -1052,6 +1065,33 @@ fn op_columns(o: &OpReport, ops_per_s: f64, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_given_twice_in_cluster_is_refused() {
+        let given = |list: &[&str]| {
+            resolve_cluster(&list.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            given(&["127.0.0.1:7000", "127.0.0.1:7001"]).unwrap().len(),
+            2
+        );
+        let refused = given(&["127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7000"]).unwrap_err();
+        assert_eq!(refused.exit, Exit::Usage);
+        assert!(
+            refused.message.contains("127.0.0.1:7000 is given twice"),
+            "{}",
+            refused.message
+        );
+        // Two spellings of one address: a host name and what it resolves to.
+        let localhost = resolve_addr("--cluster", "localhost:7000")
+            .unwrap()
+            .to_string();
+        let message = given(&[&localhost, "localhost:7000"]).unwrap_err().message;
+        assert!(
+            message.contains(&format!("localhost:7000 and {localhost} are the same node")),
+            "{message}"
+        );
+    }
 
     /// A report written through a symbolic link updates the link's target
     /// and leaves the link; a device is written to, never replaced; a
