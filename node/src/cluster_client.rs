@@ -995,11 +995,18 @@ mod tests {
         // The preferred node's address now answers as a node of cluster 8:
         // probes find it, and the client stays where it is.
         drop(first_endpoint);
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
         let (_e1, _, again_served, asked_again) = loop {
             match std::panic::catch_unwind(|| member_of("n1", 8, first)) {
                 Ok(node) => break node,
                 // The old endpoint's socket may take a moment to go.
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(_) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{first} stays taken"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
             }
         };
         wait_until("a probe reaches the preferred address", || {
