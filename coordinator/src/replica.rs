@@ -622,22 +622,43 @@ impl<S: Store> ReplicaService<S> {
             }
             ReplicaRequest::ReadBatch { keys } => return self.read_batch(&keys),
             ReplicaRequest::SyncBatch { items } => {
-                items.iter().try_for_each(|i| match self.sync(&i.key, &i.clock) {
-                    // A merge past the limits is refused for its key only:
-                    // the batch's other keys must not wait, every round,
-                    // for a client to resolve that one's siblings.
+                // A merge past the limits is refused for its key only: the
+                // batch's other keys are merged all the same, and must not
+                // wait for a client to resolve that one's siblings. But the
+                // answer says so: a leave or a ring hand-over must not count
+                // a key refused here as handed over (it may be a write only
+                // the sender holds), and anti-entropy then tries the keys
+                // one at a time, skipping only the refused.
+                let mut refused: Vec<(&[u8], ReplicaError)> = Vec::new();
+                let merged = items.iter().try_for_each(|i| match self.sync(&i.key, &i.clock) {
                     Err(
                         e @ (ReplicaError::TooLarge { .. }
                         | ReplicaError::TooManyActors { .. }
                         | ReplicaError::TooManySiblings { .. }),
                     ) => {
                         metrics::counter!("ringkv_merges_refused_total").increment(1);
-                        tracing::warn!(key = %String::from_utf8_lossy(&i.key), error = %e, "anti-entropy merge refused");
+                        tracing::warn!(key = %String::from_utf8_lossy(&i.key), error = %e, "merge refused");
+                        refused.push((&i.key, e));
                         Ok(())
                     }
                     other => other.map(|_| ()),
-                })
-                .map(|()| None)
+                });
+                match (merged, refused.first()) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), None) => Ok(None),
+                    (Ok(()), Some((key, e))) => {
+                        return Response::error(
+                            ErrorKind::InvalidRequest,
+                            format!(
+                                "{}: refused to merge {} of the batch's {} keys (the others are merged), first key {:?}: {e}",
+                                self.id(),
+                                refused.len(),
+                                items.len(),
+                                String::from_utf8_lossy(key)
+                            ),
+                        )
+                    }
+                }
             }
             ReplicaRequest::TreeHashes { .. } | ReplicaRequest::LeafItems { .. } => {
                 return Response::error(
@@ -1039,7 +1060,20 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(a.handle(batch), Response::Clock(None));
+        // But the answer names it: a leave must not count it handed over.
+        match a.handle(batch) {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::InvalidRequest);
+                assert!(
+                    e.message
+                        .contains("refused to merge 1 of the batch's 2 keys")
+                        && e.message.contains("\"k\""),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(a.read(b"j").unwrap(), Some(other));
         assert_eq!(a.read(b"k").unwrap(), Some(mine), "still nothing stored");
         // A merge within the limit still goes through.

@@ -339,8 +339,10 @@ pub enum ReplicaRequest {
     /// with `Clocks`, which may stop short of the last keys (see
     /// [`READ_BATCH_REPLY_BYTES`]).
     ReadBatch { keys: Vec<Vec<u8>> },
-    /// Merge each clock into the local one (anti-entropy). Replies with
-    /// `Clock(None)` once all are durable.
+    /// Merge each clock into the local one (anti-entropy, leave, ring
+    /// hand-over). Replies with `Clock(None)` once all are durable; with
+    /// an error naming the first refused key if a merge was refused for
+    /// the per-key limits (the other keys are merged all the same).
     SyncBatch { items: Vec<KeyClock> },
 }
 
