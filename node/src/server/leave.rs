@@ -296,6 +296,9 @@ impl NodeInner {
         while self.in_flight.load(Ordering::SeqCst) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // Said, not passed over: such a request (a write in a RocksDB
+        // write stall, say) may store a key after the pass has read it.
+        let still_running = self.in_flight.load(Ordering::SeqCst).saturating_sub(1);
         // The cluster as it is now (another change may have come meanwhile).
         let ring_now = self
             .membership
@@ -327,6 +330,7 @@ impl NodeInner {
                 }
             }
         }
+        late_failures.extend(requests_outlasting_the_wait(&self.id, still_running));
         // What only this node may still hold, said rather than lost: a hint
         // whose store began before the leave was marked (with `--sync`, on
         // a busy blocking pool, it can land after the check above).
@@ -730,6 +734,19 @@ pub(super) fn named(answered: &[(NodeId, NodeStats)], pick: fn(&NodeStats) -> bo
         .collect()
 }
 
+/// The late failure a leave reports when `still_running` requests (other
+/// than the leave) outlasted [`IN_FLIGHT_WAIT`]: a write among them may
+/// store a key after the last pass has read it.
+fn requests_outlasting_the_wait(me: &NodeId, still_running: usize) -> Option<PeerFailure> {
+    (still_running > 0).then(|| PeerFailure {
+        peer: me.clone(),
+        reason: format!(
+            "{still_running} requests were still running {} s after the node stopped serving, when the last hand-over began: a write among them may have missed it; run `ringkv repair` on the members",
+            IN_FLIGHT_WAIT.as_secs()
+        ),
+    })
+}
+
 /// Sends `items` to `replica` in one `SyncBatch`, within a timeout that
 /// grows with their bytes, trying up to [`BATCH_ATTEMPTS`] times, `pause`
 /// apart and then twice that.
@@ -832,6 +849,23 @@ mod tests {
             .unwrap_err();
         assert_eq!(lasting.calls.load(Ordering::SeqCst), BATCH_ATTEMPTS);
         assert!(failure.reason.contains("too many requests"), "{failure:?}");
+    }
+
+    /// Requests still running when the last pass begins are reported, not
+    /// passed over.
+    #[test]
+    fn requests_outlasting_the_wait_are_reported() {
+        let me = NodeId::new("n1").unwrap();
+        assert!(requests_outlasting_the_wait(&me, 0).is_none());
+        let failure = requests_outlasting_the_wait(&me, 2).unwrap();
+        assert_eq!(failure.peer, me);
+        assert!(
+            failure
+                .reason
+                .starts_with("2 requests were still running 10 s"),
+            "{}",
+            failure.reason
+        );
     }
 
     /// A leave that fails after a member removed the node tells
