@@ -4,9 +4,10 @@
 //! Blind writers add values; read-modify-write writers read a key and write
 //! with the read's context, superseding what they read. At the end every
 //! acknowledged value must be either still there, or superseded by a write
-//! that read it. Dynamo never rolls a write back, so a read-modify-write that
-//! failed its quorum may still have been stored and superseded what it read;
-//! such attempts count as superseding too.
+//! that read it and was stored: one that is still there, or itself
+//! superseded so. Dynamo never rolls a write back, so a read-modify-write
+//! that failed its quorum may still have been stored and superseded what it
+//! read; such attempts count as superseding too, if their value shows.
 
 mod common;
 
@@ -26,7 +27,32 @@ const KEYS: usize = 12;
 #[derive(Default)]
 struct Ledger {
     acknowledged: Vec<(String, String)>,
-    superseded: HashMap<String, HashSet<String>>,
+    /// Every read-modify-write tried, acknowledged or not: its key, the
+    /// values it read (and so may supersede) and the value it wrote.
+    attempts: Vec<(String, HashSet<String>, String)>,
+}
+
+/// The values of each key that a stored write superseded: those an
+/// attempt read whose own value is in `finals`, or was superseded so in
+/// turn (a chain of read-modify-writes).
+fn superseded(
+    attempts: &[(String, HashSet<String>, String)],
+    finals: &HashMap<String, HashSet<String>>,
+) -> HashSet<(String, String)> {
+    let mut gone: HashSet<(String, String)> = HashSet::new();
+    loop {
+        let before = gone.len();
+        for (key, read, written) in attempts {
+            let stored =
+                finals[key].contains(written) || gone.contains(&(key.clone(), written.clone()));
+            if stored {
+                gone.extend(read.iter().map(|v| (key.clone(), v.clone())));
+            }
+        }
+        if gone.len() == before {
+            return gone;
+        }
+    }
 }
 
 fn put(key: &str, value: String, w: Consistency, context: Option<String>) -> Request {
@@ -67,13 +93,11 @@ async fn writer(
                 continue;
             };
             // Whatever happens to the write, it may supersede what it read.
-            ledger
-                .lock()
-                .unwrap()
-                .superseded
-                .entry(key.clone())
-                .or_default()
-                .extend(strings(&read.values));
+            ledger.lock().unwrap().attempts.push((
+                key.clone(),
+                strings(&read.values),
+                value.clone(),
+            ));
             Some(read.context)
         } else {
             None
@@ -177,13 +201,11 @@ async fn scenario(test: &str, nodes: usize, w: Consistency) {
         };
         finals.insert(key, strings(&read.values));
     }
-    let empty = HashSet::new();
+    let superseded = superseded(&ledger.attempts, &finals);
     let lost: Vec<&(String, String)> = ledger
         .acknowledged
         .iter()
-        .filter(|(k, v)| {
-            !finals[k].contains(v) && !ledger.superseded.get(k).unwrap_or(&empty).contains(v)
-        })
+        .filter(|(k, v)| !finals[k].contains(v) && !superseded.contains(&(k.clone(), v.clone())))
         .collect();
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     if nodes > 3 {
@@ -205,7 +227,7 @@ async fn scenario(test: &str, nodes: usize, w: Consistency) {
             .iter()
             .filter(|(k, v)| {
                 local.get(k).is_some_and(|values| !values.contains(v))
-                    && !ledger.superseded.get(k).unwrap_or(&empty).contains(v)
+                    && !superseded.contains(&(k.clone(), v.clone()))
             })
             .collect();
         assert!(
