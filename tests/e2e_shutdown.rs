@@ -35,18 +35,21 @@ fn put(key: &str, w: Consistency) -> Request {
     Request::Put(put)
 }
 
-/// Starts a W=all put through `client`, which waits for n2 (8 s away);
+/// Starts a W=all put of `key` (one not written before: its arrival at n1
+/// is the sign the put is under way) through `client`, which waits for n2
+/// (8 s away);
 /// sends node 0 `signal`; and returns the first refusal n1 gives a new
 /// request, once the drain has begun, and the put still waiting then.
 async fn put_under_way_then_signal(
     c: &Cluster,
     client: &Arc<Client>,
+    key: &'static str,
 ) -> (
     ErrorReply,
     tokio::task::JoinHandle<Result<Response, ringkv_node::CallError>>,
 ) {
     let waiting = tokio::spawn({
-        let (client, put) = (client.clone(), put("all", Consistency::All));
+        let (client, put) = (client.clone(), put(key, Consistency::All));
         async move { client.call(&put).await }
     });
     // The W=all put is under way once n1 holds it: n1 writes it first,
@@ -54,7 +57,7 @@ async fn put_under_way_then_signal(
     // spawned task may not have sent it yet.)
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut local = GetRequest::new(b"all".to_vec(), Consistency::One);
+        let mut local = GetRequest::new(key.as_bytes().to_vec(), Consistency::One);
         local.local = true;
         match client.call(&Request::Get(local)).await.unwrap() {
             Response::Get(g) if !g.values.is_empty() => break,
@@ -116,7 +119,7 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
     // One signal: the put under way is answered, new requests are refused.
     rt.block_on(async {
         let client = connect().await;
-        let (refusal, waiting) = put_under_way_then_signal(&c, &client).await;
+        let (refusal, waiting) = put_under_way_then_signal(&c, &client, "all-1").await;
         assert!(
             refusal
                 .message
@@ -160,7 +163,7 @@ fn sigterm_drains_the_node_and_a_second_signal_stops_it_at_once() {
     // timeout: the process is gone).
     c.restart(0);
     let client = rt.block_on(connect());
-    let (_, waiting) = rt.block_on(put_under_way_then_signal(&c, &client));
+    let (_, waiting) = rt.block_on(put_under_way_then_signal(&c, &client, "all-2"));
     // n1 drains (for up to 8 s more): it refuses new connections at
     // once, so the CLI sends the write to n2 instead without waiting out
     // its connect timeout (3 s).
