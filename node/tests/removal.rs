@@ -86,8 +86,9 @@ async fn a_node_removed_while_down_refuses_to_start() {
         let mut held = 0;
         for addr in addrs {
             let c = Client::connect(addr, Duration::from_secs(5)).await.unwrap();
-            if let Response::Stats(s) = c.call(&Request::Stats).await.unwrap() {
-                held += s.hints_pending;
+            match c.call(&Request::Stats).await.unwrap() {
+                Response::Stats(s) => held += s.hints_pending,
+                other => panic!("no stats from {addr}: {other:?}"),
             }
             c.close().await;
         }
