@@ -523,7 +523,8 @@ struct NodeInner {
     /// list is stored but not installed, so that a restarted node does not
     /// coordinate with its old ring before it knows it is still a member.
     started: std::sync::atomic::AtomicBool,
-    /// Tests: rings the tree rebuilder has taken up (rebuilt or skipped).
+    /// Tests: rings the tree rebuilder has decided on (skipped, or rebuilt
+    /// and the rebuild run).
     #[cfg(test)]
     rings_considered: std::sync::atomic::AtomicU32,
     /// Tests: called with each page's keys as a leave's hand-over reads it,
@@ -952,14 +953,20 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
             continue;
         };
         let (storage, trees) = (inner.storage.clone(), inner.anti_entropy.trees().clone());
+        // Tests: counted once decided, and a rebuild once it has run, so
+        // that a test seeing the count see the rebuild too.
         #[cfg(test)]
-        inner
-            .rings_considered
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let considered = || {
+            inner
+                .rings_considered
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        };
         if trees.is_current_for(&ring) {
             // The same placement (a member only moved, say): the trees stay
             // as they are, and in service.
             retry_in = None;
+            #[cfg(test)]
+            considered();
             continue;
         }
         let started = std::time::Instant::now();
@@ -978,6 +985,8 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
                 break;
             }
         };
+        #[cfg(test)]
+        considered();
         let wait = retry_in.map_or(REBUILD_RETRY_FIRST, |w| (w * 2).min(REBUILD_RETRY_MOST));
         let error = match rebuilt {
             Ok(Ok(keys)) => {
