@@ -46,6 +46,13 @@ const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Concurrent requests one connection may carry: bounds a peer's load (and
 /// the frames buffered for it) on us.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// The most a peer may have sent on a connection that the node has not
+/// yet read, over all its streams. quinn's default is unbounded: 256
+/// streams, each with a 1.25 MB window, whose requests are held back
+/// (request memory full, answers unread) buffer 320 MB per connection,
+/// charged to nothing. Large bodies still flow: the window refills as the
+/// node reads them.
+const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -55,6 +62,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(MAX_CONCURRENT_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
+    t.receive_window(CONNECTION_RECEIVE_WINDOW_BYTES.into());
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
         IDLE_TIMEOUT
