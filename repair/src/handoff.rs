@@ -152,6 +152,18 @@ impl HintRouting {
             .map(|fingerprint| fingerprint())
     }
 
+    /// Whether the node has no ring yet this run (its fingerprint is 0): it
+    /// is still starting, and its member list may be older than the owners'
+    /// (a joiner may have taken a key from an owner meanwhile, which would
+    /// store the hint where nothing looks). Without a fingerprint (the
+    /// simulator's fixed membership) there always is one.
+    fn ring_missing(&self) -> bool {
+        self.reroute
+            .as_ref()
+            .and_then(|reroute| reroute.fingerprint.as_ref())
+            .is_some_and(|fingerprint| fingerprint() == 0)
+    }
+
     /// How to reroute `owner`'s hints, if `owner` has been removed.
     fn rerouted(&self, owner: &NodeId) -> Option<&Reroute> {
         self.reroute
@@ -319,6 +331,11 @@ pub fn start<T: Transport, B: HintBackend>(
                 }
                 last_sweep = Some(Instant::now());
                 swept = true;
+            }
+            // Nothing is delivered before the node has a ring: where a hint
+            // goes depends on it (see `HintRouting::ring_missing`).
+            if routing.ring_missing() {
+                continue;
             }
             let targets = book.targets();
             resume.retain(|owner, _| targets.contains(owner));

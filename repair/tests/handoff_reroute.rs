@@ -548,3 +548,40 @@ async fn a_pass_over_moved_keys_that_takes_several_turns_counts_for_its_ring() {
     stop.send(true).unwrap();
     worker.await.unwrap();
 }
+
+/// Nothing is delivered before the node has a ring this run (a node still
+/// starting may have an older member list than the owners): the owner's
+/// hint waits, and goes once a ring is installed.
+#[tokio::test(start_paused = true)]
+async fn no_hint_is_delivered_before_the_node_has_a_ring() {
+    let book = support::book();
+    let transport = Arc::new(Replicas::default());
+    book.store(&n("owner"), b"k", &write("k")).unwrap();
+    let ring = Arc::new(AtomicU64::new(0));
+    let routing = HintRouting::to_owners(Arc::new(|_: &NodeId| true))
+        .rerouting_removed(
+            n("me"),
+            Arc::new(|_: &NodeId| false),
+            Arc::new(|_: &[u8]| vec![n("owner"), n("a")]),
+        )
+        .with_ring_members(Arc::new(|_: &NodeId| true))
+        .with_ring_fingerprint({
+            let ring = ring.clone();
+            Arc::new(move || ring.load(Ordering::SeqCst))
+        });
+    let config = HandoffConfig {
+        tick: Duration::from_millis(100),
+        ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = handoff::start(book.clone(), transport.clone(), routing, config, shutdown);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(transport.taken().is_empty(), "delivered with no ring");
+    assert_eq!(book.pending(&n("owner")), 1);
+    ring.store(7, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(transport.taken(), [("owner".to_string(), "k".to_string())]);
+    assert_eq!(book.pending(&n("owner")), 0);
+    stop.send(true).unwrap();
+    worker.await.unwrap();
+}
