@@ -735,6 +735,11 @@ impl NodeInner {
     /// afterwards and the members that could not be told (they learn at
     /// their next exchange).
     async fn remove_member(&self, node: NodeId, tell_others: bool) -> Response {
+        if tell_others && node != self.id {
+            if let Some(refusal) = self.hints_held_by(&node).await {
+                return refusal;
+            }
+        }
         let (reply, changed) = match self.membership.remove(&node, tell_others) {
             Ok(done) => done,
             Err((kind, message)) => return Response::error(kind, message),
@@ -783,6 +788,30 @@ impl NodeInner {
         Response::Removed(ringkv_core::wire::RemoveReply {
             record: reply,
             not_told,
+        })
+    }
+
+    /// The refusal of `ringkv remove` for a member that is running and
+    /// holds hints: removed, it stops its loops, and those hints (stand-in
+    /// writes that counted toward W, perhaps their only copy) would never
+    /// be delivered. `ringkv leave` hands them on first; a member that is
+    /// down, or does not answer in time, is not asked (removal is for those).
+    async fn hints_held_by(&self, node: &NodeId) -> Option<Response> {
+        self.membership.route_to(node)?;
+        let asked =
+            tokio::time::timeout(STATS_TIMEOUT, self.transport.call(node, Request::Stats)).await;
+        let Ok(Ok(Response::Stats(stats))) = asked else {
+            return None;
+        };
+        (stats.hints_pending > 0).then(|| {
+            Response::error(
+                ErrorKind::Refused,
+                format!(
+                    "{node} is running and holds {} hints for other members, which a removal would leave undelivered; \
+                     wait for them to be delivered (its `ringkv_hints_pending` metric is 0), run `ringkv leave` on it, or stop it first",
+                    stats.hints_pending
+                ),
+            )
         })
     }
 

@@ -262,3 +262,60 @@ async fn a_removal_is_not_passed_to_another_cluster_at_a_members_old_address() {
         node.shutdown().await;
     }
 }
+
+/// A member that is running and holds hints is not removed: removed, it
+/// would stop delivering them, and they may be the only copies of writes
+/// that counted toward W. (Removal is for members that are down.)
+#[tokio::test]
+async fn a_running_member_that_holds_hints_is_not_removed() {
+    let dirs = data_dirs();
+    let mut nodes = start_three(&dirs, 2).await;
+    nodes.remove(1).shutdown().await;
+    // With n2 down, W=all writes of its keys leave hints for it on n1 or n3.
+    let client = Client::connect(nodes[1].addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let key = format!("k{i}").into_bytes();
+        let put = PutRequest::new(key.clone(), Payload::Value(key), Consistency::All, None);
+        let answer = client.call(&Request::Put(put)).await.unwrap();
+        assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    }
+    client.close().await;
+    let mut holder = None;
+    for (i, node) in nodes.iter().enumerate() {
+        let c = Client::connect(node.addr(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        match c.call(&Request::Stats).await.unwrap() {
+            Response::Stats(s) if s.hints_pending > 0 => holder = Some(i),
+            Response::Stats(_) => {}
+            other => panic!("{other:?}"),
+        }
+        c.close().await;
+    }
+    let holder = holder.expect("a node holds hints for n2");
+    let (held_by, asked) = (nodes[holder].id().clone(), &nodes[1 - holder]);
+    let client = Client::connect(asked.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let remove = Request::Remove {
+        node: held_by.clone(),
+        tell_others: true,
+    };
+    match client.call(&remove).await.unwrap() {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ringkv_core::wire::ErrorKind::Refused);
+            assert!(
+                e.message
+                    .contains(&format!("{held_by} is running and holds")),
+                "{e:?}"
+            );
+        }
+        other => panic!("removed a member holding hints: {other:?}"),
+    }
+    client.close().await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
