@@ -845,13 +845,19 @@ enum OutputTarget {
     /// A regular file, or a new one: written beside and renamed over (see
     /// [`write_whole`]). For a symbolic link, its target: the link stays.
     Replace(PathBuf),
-    /// A device or a pipe (`/dev/stdout`, a shell's `>(jq .)`): written
-    /// to directly. Renamed over, it would be replaced by a file (as root,
-    /// for every process after).
+    /// A device or a pipe (`/dev/stdout`, a shell's `>(jq .)`), or any
+    /// path under `/dev` or `/proc`: written to directly. Renamed over, it
+    /// would be replaced by a file (as root, for every process after).
     InPlace(PathBuf),
 }
 
 fn output_target(path: &Path) -> OutputTarget {
+    // `/dev/stdout` with stdout sent to a file resolves to that file:
+    // replaced, it would lose what the shell appends (`>>`) and what the
+    // bench prints after.
+    if path.starts_with("/dev") || path.starts_with("/proc") {
+        return OutputTarget::InPlace(path.to_path_buf());
+    }
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_file() && !meta.is_dir() => OutputTarget::InPlace(path.to_path_buf()),
         _ => OutputTarget::Replace(
@@ -1115,6 +1121,11 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 2, "no partial file left: {left:?}");
 
+        let stdout = Path::new("/dev/stdout");
+        assert_eq!(
+            output_target(stdout),
+            OutputTarget::InPlace(stdout.to_path_buf())
+        );
         let null = Path::new("/dev/null");
         assert_eq!(
             output_target(null),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use ringkv_core::dvv::{Clock, Payload, VersionVector, COUNTER_MAX};
 use ringkv_core::hash::stable_hash64;
 use ringkv_core::wire::{clock_over_limit, ClockOverLimit, READ_BATCH_REPLY_BYTES};
-use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response};
+use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response, MERGE_REFUSED};
 use ringkv_core::NodeId;
 use ringkv_repair::anti_entropy::LeafSource;
 use ringkv_repair::hints::{HintError, HintStore};
@@ -650,7 +650,7 @@ impl<S: Store> ReplicaService<S> {
                         return Response::error(
                             ErrorKind::InvalidRequest,
                             format!(
-                                "{}: refused to merge {} of the batch's {} keys (the others are merged), first key {:?}: {e}",
+                                "{}: {MERGE_REFUSED} {} of the batch's {} keys (the others are merged), first key {:?}: {e}",
                                 self.id(),
                                 refused.len(),
                                 items.len(),
@@ -1063,7 +1063,7 @@ mod tests {
         // But the answer names it: a leave must not count it handed over.
         match a.handle(batch) {
             Response::Error(e) => {
-                assert_eq!(e.kind, ErrorKind::InvalidRequest);
+                assert!(e.is_merge_refusal(), "{e:?}");
                 assert!(
                     e.message
                         .contains("refused to merge 1 of the batch's 2 keys")

@@ -633,6 +633,22 @@ pub struct ErrorReply {
     pub receipt: Option<Receipt>,
 }
 
+/// What a `SyncBatch` answer says when the replica refused to merge some of
+/// its keys for the per-key limits, having merged the others (see
+/// [`ErrorReply::is_merge_refusal`]).
+pub const MERGE_REFUSED: &str = "refused to merge";
+
+impl ErrorReply {
+    /// Whether this is a `SyncBatch`'s answer that the replica merged every
+    /// key but those it names, which it refused for the per-key limits: a
+    /// refusal of those keys only, which trying again does not change.
+    /// (Told apart by its message, a marker this release sets: the error
+    /// kinds are fixed by the protocol.)
+    pub fn is_merge_refusal(&self) -> bool {
+        self.kind == ErrorKind::InvalidRequest && self.message.contains(MERGE_REFUSED)
+    }
+}
+
 /// What kind of failure an [`ErrorReply`] is, so callers can react (and the
 /// CLI can choose its exit status) without parsing messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

@@ -523,10 +523,12 @@ struct NodeInner {
     /// list is stored but not installed, so that a restarted node does not
     /// coordinate with its old ring before it knows it is still a member.
     started: std::sync::atomic::AtomicBool,
-    /// Tests: rings the tree rebuilder has decided on (skipped, or rebuilt
-    /// and the rebuild run).
+    /// Tests: rings the tree rebuilder has decided on (to skip or rebuild),
+    /// and of those, to rebuild (counted together).
     #[cfg(test)]
     rings_considered: std::sync::atomic::AtomicU32,
+    #[cfg(test)]
+    rebuilds_decided: std::sync::atomic::AtomicU32,
     /// Tests: called with each page's keys as a leave's hand-over reads it,
     /// before anything of the page is sent.
     #[cfg(test)]
@@ -794,8 +796,9 @@ impl NodeInner {
     /// The refusal of `ringkv remove` for a member that is running and
     /// holds hints: removed, it stops its loops, and those hints (stand-in
     /// writes that counted toward W, perhaps their only copy) would never
-    /// be delivered. `ringkv leave` hands them on first; a member that is
-    /// down, or does not answer in time, is not asked (removal is for those).
+    /// be delivered. A member that is down, or does not answer in time, is
+    /// not asked (removal is for those). A hint stored between this check
+    /// and the removal is lost with the node, as with any removal.
     async fn hints_held_by(&self, node: &NodeId) -> Option<Response> {
         self.membership.route_to(node)?;
         let asked =
@@ -808,7 +811,7 @@ impl NodeInner {
                 ErrorKind::Refused,
                 format!(
                     "{node} is running and holds {} hints for other members, which a removal would leave undelivered; \
-                     wait for them to be delivered (its `ringkv_hints_pending` metric is 0), run `ringkv leave` on it, or stop it first",
+                     wait for them to be delivered (its `ringkv_hints_pending` metric is 0: bring their members back, or remove those first), or stop it first",
                     stats.hints_pending
                 ),
             )
@@ -982,22 +985,24 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
             continue;
         };
         let (storage, trees) = (inner.storage.clone(), inner.anti_entropy.trees().clone());
-        // Tests: counted once decided, and a rebuild once it has run, so
-        // that a test seeing the count see the rebuild too.
+        // Tests: counted once decided, a rebuild with it, so that a test
+        // that sees the count sees the decision to rebuild too.
         #[cfg(test)]
-        let considered = || {
-            inner
-                .rings_considered
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        let considered = |rebuild: bool| {
+            use std::sync::atomic::Ordering::SeqCst;
+            inner.rebuilds_decided.fetch_add(u32::from(rebuild), SeqCst);
+            inner.rings_considered.fetch_add(1, SeqCst)
         };
         if trees.is_current_for(&ring) {
             // The same placement (a member only moved, say): the trees stay
             // as they are, and in service.
             retry_in = None;
             #[cfg(test)]
-            considered();
+            considered(false);
             continue;
         }
+        #[cfg(test)]
+        considered(true);
         let started = std::time::Instant::now();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut rebuild = tokio::task::spawn_blocking({
@@ -1014,8 +1019,6 @@ async fn rebuild_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>
                 break;
             }
         };
-        #[cfg(test)]
-        considered();
         let wait = retry_in.map_or(REBUILD_RETRY_FIRST, |w| (w * 2).min(REBUILD_RETRY_MOST));
         let error = match rebuilt {
             Ok(Ok(keys)) => {
@@ -1415,6 +1418,8 @@ impl Node {
             stop: shutdown.clone(),
             #[cfg(test)]
             rings_considered: Default::default(),
+            #[cfg(test)]
+            rebuilds_decided: Default::default(),
             #[cfg(test)]
             leave_page_read: Default::default(),
         });
@@ -2163,7 +2168,7 @@ mod tests {
         let old_addr = n2.addr();
         n2.shutdown().await;
         let (rebuilds, considered) = (
-            n1.inner.storage.rebuilds_started.load(SeqCst),
+            n1.inner.rebuilds_decided.load(SeqCst),
             n1.inner.rings_considered.load(SeqCst),
         );
         // Port 0: n2 comes back at another port, and tells n1.
@@ -2173,7 +2178,7 @@ mod tests {
             n1.inner.rings_considered.load(SeqCst) != considered
         })
         .await;
-        assert_eq!(n1.inner.storage.rebuilds_started.load(SeqCst), rebuilds);
+        assert_eq!(n1.inner.rebuilds_decided.load(SeqCst), rebuilds);
         assert!(trees_follow_pair(&n1), "the trees stayed in service");
         n2.shutdown().await;
         n1.shutdown().await;

@@ -78,7 +78,7 @@ use std::time::Duration;
 
 use ringkv_core::wire::{
     ErrorKind, KeyClock, LeaveReply, NodeStats, PeerFailure, RemoveReply, ReplicaRequest, Request,
-    Response,
+    Response, MERGE_REFUSED,
 };
 use ringkv_core::{NodeId, Transport};
 use ringkv_ring::Ring;
@@ -216,11 +216,15 @@ impl NodeInner {
                 )
             }
             Err(failure) => {
+                let advice = match failure.reason.contains(MERGE_REFUSED) {
+                    true => "resolve that key's siblings (read it, and write with the context the read gave) and leave again".to_string(),
+                    false => format!("bring {} up (or remove it) and leave again", failure.peer),
+                };
                 return Response::error(
                     ErrorKind::Unavailable,
                     format!(
-                        "could not hand keys to {}: {}; {} is still a member and nothing was removed: bring {} up (or remove it) and leave again",
-                        failure.peer, failure.reason, self.id, failure.peer
+                        "could not hand keys to {}: {}; {} is still a member and nothing was removed: {advice}",
+                        failure.peer, failure.reason, self.id
                     ),
                 )
             }
@@ -298,7 +302,12 @@ impl NodeInner {
         }
         // Said, not passed over: such a request (a write in a RocksDB
         // write stall, say) may store a key after the pass has read it.
-        let still_running = self.in_flight.load(Ordering::SeqCst).saturating_sub(1);
+        // Only if the wait ran out (a request that came in since the loop
+        // looked is one the removal check refuses).
+        let still_running = match tokio::time::Instant::now() >= deadline {
+            true => self.in_flight.load(Ordering::SeqCst).saturating_sub(1),
+            false => 0,
+        };
         // The cluster as it is now (another change may have come meanwhile).
         let ring_now = self
             .membership
@@ -574,7 +583,17 @@ impl NodeInner {
             for (replica, items) in batches {
                 let transport = self.transport.clone();
                 sends.spawn(async move {
-                    send_batch(&*transport, replica, items, Duration::from_secs(1)).await
+                    let peer = replica.clone();
+                    match send_batch(&*transport, replica, items, Duration::from_secs(1)).await {
+                        Ok(None) => Ok(()),
+                        // A key only this node may hold would be left
+                        // behind: the leave fails, and says which.
+                        Ok(Some(refusal)) => Err(PeerFailure {
+                            peer,
+                            reason: refusal,
+                        }),
+                        Err(failure) => Err(failure),
+                    }
                 });
             }
             while sends.len() > BATCHES_IN_FLIGHT {
@@ -749,13 +768,16 @@ fn requests_outlasting_the_wait(me: &NodeId, still_running: usize) -> Option<Pee
 
 /// Sends `items` to `replica` in one `SyncBatch`, within a timeout that
 /// grows with their bytes, trying up to [`BATCH_ATTEMPTS`] times, `pause`
-/// apart and then twice that.
+/// apart and then twice that. `Ok(Some(refusal))`: the replica took every
+/// key but those the refusal names, whose merge would pass the per-key
+/// limits (not tried again: that does not change until a client resolves
+/// the key's siblings).
 pub(super) async fn send_batch<T: Transport>(
     transport: &T,
     replica: NodeId,
     items: Vec<KeyClock>,
     pause: Duration,
-) -> Result<(), PeerFailure> {
+) -> Result<Option<String>, PeerFailure> {
     let bytes = items
         .iter()
         .map(|i| i.key.len() + i.clock.approx_size())
@@ -767,10 +789,14 @@ pub(super) async fn send_batch<T: Transport>(
         if attempt > 1 {
             tokio::time::sleep(pause * (attempt - 1)).await;
         }
-        reason = match answer_within(timeout, transport.call(&replica, request.clone())).await {
-            Ok(Response::Clock(None)) => return Ok(()),
-            Ok(other) => format!("unexpected answer {other:?}"),
-            Err(reason) => reason,
+        let answer = tokio::time::timeout(timeout, transport.call(&replica, request.clone())).await;
+        reason = match answer {
+            Ok(Ok(Response::Clock(None))) => return Ok(None),
+            Ok(Ok(Response::Error(e))) if e.is_merge_refusal() => return Ok(Some(e.message)),
+            Ok(Ok(Response::Error(e))) => e.message,
+            Ok(Ok(other)) => format!("unexpected answer {other:?}"),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} s", timeout.as_secs()),
         };
         tracing::debug!(%replica, %reason, attempt, "a hand-over batch failed");
     }
@@ -835,9 +861,12 @@ mod tests {
             calls: AtomicU32::new(0),
         };
         let started = tokio::time::Instant::now();
-        assert!(send_batch(&brief, replica.clone(), items(), pause)
-            .await
-            .is_ok());
+        assert_eq!(
+            send_batch(&brief, replica.clone(), items(), pause)
+                .await
+                .unwrap(),
+            None
+        );
         assert_eq!(brief.calls.load(Ordering::SeqCst), 3);
         assert_eq!(started.elapsed(), Duration::from_secs(3), "1 s, then 2 s");
         let lasting = Shedding {
@@ -849,6 +878,35 @@ mod tests {
             .unwrap_err();
         assert_eq!(lasting.calls.load(Ordering::SeqCst), BATCH_ATTEMPTS);
         assert!(failure.reason.contains("too many requests"), "{failure:?}");
+    }
+
+    /// A replica that refuses to merge a key of the batch (the per-key
+    /// limits) took the others: that is said, not tried again, and not a
+    /// failure of the replica.
+    #[tokio::test]
+    async fn a_batch_whose_merge_a_replica_refuses_is_not_tried_again() {
+        struct Refusing(AtomicU32);
+        impl Transport for Refusing {
+            async fn call(&self, _: &NodeId, _: Request) -> Result<Response, TransportError> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Ok(Response::error(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "n2: {MERGE_REFUSED} 1 of the batch's 1 keys, first key \"k\": too large"
+                    ),
+                ))
+            }
+        }
+        let refusing = Refusing(AtomicU32::new(0));
+        let items = vec![KeyClock {
+            key: b"k".to_vec(),
+            clock: ringkv_core::dvv::Clock::new(),
+        }];
+        let refused = send_batch(&refusing, NodeId::new("n2").unwrap(), items, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(refused.is_some_and(|r| r.contains("first key \"k\"")));
+        assert_eq!(refusing.0.load(Ordering::SeqCst), 1);
     }
 
     /// Requests still running when the last pass begins are reported, not

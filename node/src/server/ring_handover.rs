@@ -27,7 +27,8 @@
 //! - **Changes during a pass.** The pass is owed for every ring since the
 //!   last one it completed under: a key goes if the node replicated it under
 //!   any of those rings and does not under the newest. Another change during
-//!   a pass runs it again under the newest ring.
+//!   a pass that places keys otherwise runs it again under the newest ring
+//!   (not one that only records a member's restart or new address).
 //! - **Until when.** A version handed over later than the tombstone grace
 //!   after the change could meet a replica that collected the delete of it
 //!   meanwhile, and bring it back. So a pass owed since longer than half the
@@ -561,7 +562,7 @@ async fn hand_over(
                 let sent =
                     super::leave::send_batch(&*transport, target.clone(), items, RETRY_PAUSE)
                         .await
-                        .map(|()| count)
+                        .map(|refused| (count, refused))
                         .map_err(|failure| failure.reason);
                 (target, sent)
             });
@@ -584,15 +585,30 @@ async fn hand_over(
     failure.map_or(Ok(keys), |reason| Err(PassEnd::Failed(reason)))
 }
 
+/// A batch's outcome: the keys it carried and what the replica refused of
+/// them (see [`super::leave::send_batch`]), or why it failed.
+type BatchSent = Result<(u64, Option<String>), String>;
+
 /// Counts a batch that went through; keeps the first failure, and which
-/// replicas failed.
+/// replicas failed. A batch the replica took but for keys whose merge it
+/// refused for the per-key limits went through: the replica gets the
+/// pass's other batches, and the pass does not fail for those keys, which
+/// no retry would change. They stay here as stray copies (`ringkv cleanup`
+/// keeps them, no replica covering them) and are logged, to be resolved by
+/// a write with a read's context.
 fn note_sent(
-    sent: Result<(NodeId, Result<u64, String>), tokio::task::JoinError>,
+    sent: Result<(NodeId, BatchSent), tokio::task::JoinError>,
     failure: &mut Option<String>,
     failed: &mut HashSet<NodeId>,
 ) {
     match sent {
-        Ok((_, Ok(keys))) => metrics::counter!("ringkv_ring_handover_keys_total").increment(keys),
+        Ok((target, Ok((keys, refused)))) => {
+            metrics::counter!("ringkv_ring_handover_keys_total").increment(keys);
+            if let Some(refusal) = refused {
+                metrics::counter!("ringkv_ring_handover_merges_refused_total").increment(1);
+                tracing::error!(%target, %refusal, "a replica refused keys a ring change took from this node, their merge being over the per-key limits; they stay here, where reads do not look, until a write with a read's context resolves their siblings");
+            }
+        }
         Ok((target, Err(reason))) => {
             failure.get_or_insert(format!("{target}: {reason}"));
             failed.insert(target);
@@ -632,6 +648,24 @@ mod tests {
 
     fn keys() -> impl Iterator<Item = Vec<u8>> {
         (0..2000).map(|i| format!("k{i}").into_bytes())
+    }
+
+    /// A batch whose merge a replica refused for some keys went through:
+    /// the pass does not fail, and the replica gets its later batches; a
+    /// batch that failed fails the pass and the replica's later batches.
+    #[test]
+    fn a_refused_merge_neither_fails_the_pass_nor_its_replica() {
+        let (mut failure, mut failed) = (None, HashSet::new());
+        let refused = Some("refused to merge 1 of the batch's 3 keys".to_string());
+        note_sent(Ok((id("b"), Ok((3, refused)))), &mut failure, &mut failed);
+        assert_eq!((failure.as_deref(), failed.len()), (None, 0));
+        note_sent(
+            Ok((id("c"), Err("down".to_string()))),
+            &mut failure,
+            &mut failed,
+        );
+        assert_eq!(failure.as_deref(), Some("c: down"));
+        assert!(failed.contains(&id("c")));
     }
 
     /// A pass runs again only for a ring installed meanwhile that places
