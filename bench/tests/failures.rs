@@ -11,6 +11,22 @@ use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{Node, NodeConfig};
 
 /// YCSB-A for half a second, one client, 16-byte values, against `targets`.
+/// R=1, W=1.
+const AT_ONE: Setting = Setting {
+    r: Consistency::One,
+    w: Consistency::One,
+    resp: false,
+};
+
+/// A one-node cluster (N=1) and its data dir.
+async fn one_node() -> (tempfile::TempDir, ringkv_node::NodeHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    config.replicas = Some(1);
+    let node = Node::start(config).await.unwrap();
+    (dir, node)
+}
+
 fn ycsb_config(targets: Vec<SocketAddr>) -> YcsbConfig {
     YcsbConfig {
         targets,
@@ -71,11 +87,7 @@ async fn a_failed_operation_reports_its_first_reason() {
     config.max_value_bytes = 8;
     let node = Node::start(config).await.unwrap();
     let config = ycsb_config(vec![node.addr()]);
-    let setting = Setting {
-        r: Consistency::One,
-        w: Consistency::One,
-        resp: false,
-    };
+    let setting = AT_ONE;
     let report = run_setting(&config, &setting, 10, &|_| {}).await.unwrap();
     let op = |wanted: Op| {
         report
@@ -110,10 +122,7 @@ async fn a_failed_operation_reports_its_first_reason() {
 /// machine answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_loop_counts_exactly_the_requests_due_after_its_warmup() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
-    config.replicas = Some(1);
-    let node = Node::start(config).await.unwrap();
+    let (_dir, node) = one_node().await;
     let config = YcsbConfig {
         concurrency: 4,
         rate_per_s: Some(200),
@@ -121,11 +130,7 @@ async fn an_open_loop_counts_exactly_the_requests_due_after_its_warmup() {
         duration: Duration::from_secs(1),
         ..ycsb_config(vec![node.addr()])
     };
-    let setting = Setting {
-        r: Consistency::One,
-        w: Consistency::One,
-        resp: false,
-    };
+    let setting = AT_ONE;
     let report = run_setting(&config, &setting, 10, &|_| {}).await.unwrap();
     assert_eq!(report.attempts(), 200, "{:?}", report.ops);
     node.shutdown().await;
@@ -137,10 +142,7 @@ async fn an_open_loop_counts_exactly_the_requests_due_after_its_warmup() {
 /// the limit), so the window is the time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_loop_is_not_stretched_by_failures_after_its_window() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
-    config.replicas = Some(1);
-    let node = Node::start(config).await.unwrap();
+    let (_dir, node) = one_node().await;
     let config = YcsbConfig {
         concurrency: 4,
         rate_per_s: Some(200),
@@ -149,11 +151,7 @@ async fn an_open_loop_is_not_stretched_by_failures_after_its_window() {
         key_prefix: "k".repeat(ringkv_core::wire::KEY_MAX_BYTES + 1),
         ..ycsb_config(vec![node.addr()])
     };
-    let setting = Setting {
-        r: Consistency::One,
-        w: Consistency::One,
-        resp: false,
-    };
+    let setting = AT_ONE;
     let report = run_setting(&config, &setting, 10, &|_| {}).await.unwrap();
     assert!(report.attempts() > 0);
     assert!(

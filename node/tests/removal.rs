@@ -47,6 +47,21 @@ async fn start_three(dirs: &[tempfile::TempDir], replicas: usize) -> Vec<NodeHan
     nodes
 }
 
+/// Asks `node` to remove n3, as `ringkv remove` does; the members it could
+/// not tell.
+async fn remove_n3_through(node: &NodeHandle) -> Vec<String> {
+    let client = Client::connect(node.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let reply = remove_n3(&client).await;
+    client.close().await;
+    reply
+        .not_told
+        .into_iter()
+        .map(|f| f.peer.to_string())
+        .collect()
+}
+
 /// Asks the node `client` is connected to to remove n3, as `ringkv remove` does.
 async fn remove_n3(client: &Client) -> RemoveReply {
     let remove = Request::Remove {
@@ -206,13 +221,7 @@ async fn the_answer_names_members_that_could_not_be_told() {
     let n2 = nodes.remove(1);
     n2.shutdown().await;
 
-    let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
-        .await
-        .unwrap();
-    let reply = remove_n3(&client).await;
-    let not_told: Vec<&str> = reply.not_told.iter().map(|f| f.peer.as_str()).collect();
-    assert_eq!(not_told, ["n2"], "{:?}", reply.not_told);
-    client.close().await;
+    assert_eq!(remove_n3_through(&nodes[0]).await, ["n2"]);
     for node in nodes {
         node.shutdown().await;
     }
@@ -241,13 +250,7 @@ async fn a_removal_is_not_passed_to_another_cluster_at_a_members_old_address() {
     c.seeds = vec![other_n2.addr()];
     let other_n3 = Node::start(c).await.unwrap();
 
-    let client = Client::connect(nodes[0].addr(), Duration::from_secs(5))
-        .await
-        .unwrap();
-    let reply = remove_n3(&client).await;
-    let not_told: Vec<&str> = reply.not_told.iter().map(|f| f.peer.as_str()).collect();
-    assert_eq!(not_told, ["n2"], "{:?}", reply.not_told);
-    client.close().await;
+    assert_eq!(remove_n3_through(&nodes[0]).await, ["n2"]);
 
     let other = Client::connect(other_n2.addr(), Duration::from_secs(5))
         .await

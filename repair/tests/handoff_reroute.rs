@@ -396,6 +396,20 @@ async fn a_replica_believed_down_gets_its_hint_without_being_tried() {
     worker.await.unwrap();
 }
 
+/// Routing for node "me", whose ring's fingerprint is `ring` (0: none yet),
+/// with every node on it and none removed.
+fn routing_on(
+    ring: &Arc<AtomicU64>,
+    is_up: handoff::IsUp,
+    replicas_of: handoff::ReplicasOf,
+) -> HintRouting {
+    let ring = ring.clone();
+    HintRouting::to_owners(is_up)
+        .rerouting_removed(n("me"), Arc::new(|_: &NodeId| false), replicas_of)
+        .with_ring_members(Arc::new(|_: &NodeId| true))
+        .with_ring_fingerprint(Arc::new(move || ring.load(Ordering::SeqCst)))
+}
+
 /// An owner believed down keeps its hints, except one whose key a joiner
 /// took over: that goes to the key's replicas at the worker's first tick
 /// (its first sweep), since the owner may never come back for it (the
@@ -407,22 +421,14 @@ async fn a_replica_believed_down_gets_its_hint_without_being_tried() {
 async fn a_hint_whose_key_moved_away_from_an_owner_believed_down_goes_to_the_keys_replicas() {
     let (book, transport) = moved_and_kept();
     let ring = Arc::new(AtomicU64::new(7));
-    let routing = HintRouting::to_owners(Arc::new(|node: &NodeId| {
-        !["owner", "b"].contains(&node.as_str())
-    }))
-    .rerouting_removed(
-        n("me"),
-        Arc::new(|_: &NodeId| false),
+    let routing = routing_on(
+        &ring,
+        Arc::new(|node: &NodeId| !["owner", "b"].contains(&node.as_str())),
         Arc::new(|key: &[u8]| match key {
             b"moved" | b"moved2" | b"moved3" => vec![n("a"), n("joiner"), n("b")],
             _ => vec![n("owner"), n("a")],
         }),
-    )
-    .with_ring_members(Arc::new(|_: &NodeId| true))
-    .with_ring_fingerprint({
-        let ring = ring.clone();
-        Arc::new(move || ring.load(Ordering::SeqCst))
-    });
+    );
     let config = HandoffConfig {
         tick: Duration::from_millis(100),
         sweep_interval: Duration::from_secs(60),
@@ -558,17 +564,11 @@ async fn no_hint_is_delivered_before_the_node_has_a_ring() {
     let transport = Arc::new(Replicas::default());
     book.store(&n("owner"), b"k", &write("k")).unwrap();
     let ring = Arc::new(AtomicU64::new(0));
-    let routing = HintRouting::to_owners(Arc::new(|_: &NodeId| true))
-        .rerouting_removed(
-            n("me"),
-            Arc::new(|_: &NodeId| false),
-            Arc::new(|_: &[u8]| vec![n("owner"), n("a")]),
-        )
-        .with_ring_members(Arc::new(|_: &NodeId| true))
-        .with_ring_fingerprint({
-            let ring = ring.clone();
-            Arc::new(move || ring.load(Ordering::SeqCst))
-        });
+    let routing = routing_on(
+        &ring,
+        Arc::new(|_: &NodeId| true),
+        Arc::new(|_: &[u8]| vec![n("owner"), n("a")]),
+    );
     let config = HandoffConfig {
         tick: Duration::from_millis(100),
         ..HandoffConfig::for_ttl(Duration::from_secs(3 * 3600))

@@ -111,6 +111,18 @@ fn a_copy_is_covered_only_by_a_replica_that_has_seen_all_of_it() {
     );
 }
 
+/// [`check_page`] of `page` with no replica skipped, 1 s per answer.
+async fn check(replicas: &Replicas, ring: &Ring, page: &[(Vec<u8>, Clock)]) -> Verdict {
+    check_page(
+        replicas,
+        ring,
+        page,
+        &BTreeMap::new(),
+        Duration::from_secs(1),
+    )
+    .await
+}
+
 fn two_node_ring() -> Ring {
     // Every key's replicas are n1 and n2; the stray copies are n3's.
     Ring::new([(n("n1"), 16), (n("n2"), 16)], 2).unwrap()
@@ -130,14 +142,7 @@ async fn a_page_is_checked_against_every_replica_and_answers_cut_short_are_asked
     replicas.hold("n2", "newer", &newer(&v, "n2", "w"));
     replicas.hold("n1", "older", &write("n1", "old"));
     let page = strays(&[("same", &v), ("newer", &v), ("older", &v), ("nowhere", &v)]);
-    let verdict = check_page(
-        &replicas,
-        &two_node_ring(),
-        &page,
-        &BTreeMap::new(),
-        Duration::from_secs(1),
-    )
-    .await;
+    let verdict = check(&replicas, &two_node_ring(), &page).await;
     assert_eq!(verdict.covered, [true, true, false, false]);
     assert!(verdict.failures.is_empty(), "{:?}", verdict.failures);
     let asked = replicas.asked.lock().unwrap().clone();
@@ -156,14 +161,7 @@ async fn a_replica_that_cannot_be_asked_covers_nothing_and_is_reported() {
     replicas.down.insert(n("n1"));
     let page = strays(&[("on-n2", &v), ("on-n1", &v)]);
     let ring = two_node_ring();
-    let verdict = check_page(
-        &replicas,
-        &ring,
-        &page,
-        &BTreeMap::new(),
-        Duration::from_secs(1),
-    )
-    .await;
+    let verdict = check(&replicas, &ring, &page).await;
     assert_eq!(verdict.covered, [true, false], "only n2 answered");
     assert_eq!(verdict.failures.len(), 1);
     assert_eq!(verdict.failures[0].peer, n("n1"));
@@ -190,14 +188,7 @@ async fn a_replica_that_cannot_be_asked_covers_nothing_and_is_reported() {
         "n2 covered it: n1 was not needed"
     );
     // The same when n1 is asked first and fails.
-    let verdict = check_page(
-        &replicas,
-        &ring,
-        &only_on_n2,
-        &BTreeMap::new(),
-        Duration::from_secs(1),
-    )
-    .await;
+    let verdict = check(&replicas, &ring, &only_on_n2).await;
     assert_eq!(verdict.covered, [true]);
     assert!(verdict.failures.is_empty(), "{:?}", verdict.failures);
     // Not reported, but not to be asked again either.
@@ -216,14 +207,7 @@ async fn a_replica_that_fails_part_way_covers_what_it_answered() {
     replicas.hold("n1", "b", &v);
     *replicas.answers_left.lock().unwrap() = Some(1);
     let page = strays(&[("a", &v), ("b", &v)]);
-    let verdict = check_page(
-        &replicas,
-        &two_node_ring(),
-        &page,
-        &BTreeMap::new(),
-        Duration::from_secs(1),
-    )
-    .await;
+    let verdict = check(&replicas, &two_node_ring(), &page).await;
     assert_eq!(verdict.covered, [true, false]);
     let failed: Vec<&NodeId> = verdict.failures.iter().map(|f| &f.peer).collect();
     assert_eq!(failed, [&n("n1"), &n("n2")], "both were needed for b");
