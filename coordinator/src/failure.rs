@@ -173,7 +173,10 @@ pub async fn probe_round<T: Transport>(
         });
     }
     let mut changes = Vec::new();
-    while let Some(Ok((node, ok))) = probes.join_next().await {
+    while let Some(probed) = probes.join_next().await {
+        // A probe that panicked says nothing of its peer, and must not end
+        // the round (dropping the set would abort the others' probes).
+        let Ok((node, ok)) = probed else { continue };
         if let Some(up) = detector.record(&node, ok, Instant::now()) {
             changes.push((node, up));
         }

@@ -270,6 +270,16 @@ impl LatencyMatrix {
             .map(|((a, b), link)| (a.as_str(), b.as_str(), *link))
     }
 
+    /// The longest round trip an emulated link can take, at the top of
+    /// its jitter, in milliseconds: what a timeout meant for any peer
+    /// (the failure detector's probe) must allow.
+    pub fn longest_round_trip_ms(&self) -> f64 {
+        std::iter::once(self.local)
+            .chain(self.links.values().copied())
+            .map(|link| 2.0 * (link.delay_ms + link.jitter_ms))
+            .fold(0.0, f64::max)
+    }
+
     /// Fails with the list of known regions if `region` is not one.
     pub fn check_region(&self, region: &str) -> Result<(), RegionError> {
         if self.regions.iter().any(|r| r == region) {
@@ -357,6 +367,20 @@ jitter_ms = 1.2
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The longest round trip: twice the slowest link's delay and jitter.
+    #[test]
+    fn the_longest_round_trip_is_the_slowest_links_at_the_top_of_its_jitter() {
+        let matrix = LatencyMatrix::parse_toml(
+            "regions = [\"a\", \"b\", \"c\"]\n\
+             local = { delay_ms = 1 }\n\
+             [[link]]\nbetween = [\"a\", \"b\"]\ndelay_ms = 40\njitter_ms = 5\n\
+             [[link]]\nbetween = [\"a\", \"c\"]\ndelay_ms = 30\n\
+             [[link]]\nbetween = [\"b\", \"c\"]\ndelay_ms = 20\njitter_ms = 20\n",
+        )
+        .unwrap();
+        assert_eq!(matrix.longest_round_trip_ms(), 90.0);
+    }
 
     const TWO: &str = r#"
 regions = ["a", "b"]

@@ -957,6 +957,20 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
+/// The failure detector's settings: the defaults, but with a probe timeout
+/// that allows the longest round trip an emulated latency matrix can
+/// take, plus the default's margin: a peer across a slower link would
+/// otherwise fail every probe and count as down for good. (The matrix the
+/// node starts with; one loaded later by SIGHUP does not change it.)
+fn detector_config(matrix: Option<&LatencyMatrix>) -> DetectorConfig {
+    let mut config = DetectorConfig::default();
+    if let Some(matrix) = matrix {
+        let round_trip = Duration::from_secs_f64(matrix.longest_round_trip_ms() / 1000.0);
+        config.probe_timeout += round_trip;
+    }
+    config
+}
+
 /// The wait before retrying a failed tree rebuild, doubling up to the most.
 const REBUILD_RETRY_FIRST: Duration = Duration::from_secs(1);
 const REBUILD_RETRY_MOST: Duration = Duration::from_secs(60);
@@ -1382,7 +1396,9 @@ impl Node {
             },
             coordinator: OnceLock::new(),
             read_repair,
-            detector: Arc::new(FailureDetector::new(DetectorConfig::default())),
+            detector: Arc::new(FailureDetector::new(detector_config(
+                config.latency_matrix.as_deref(),
+            ))),
             hints: hints.clone(),
             anti_entropy: Arc::new(AntiEntropy::new(
                 trees.clone(),
