@@ -2171,6 +2171,22 @@ mod tests {
         ring.len() == 2 && node.inner.anti_entropy.trees().is_current_for(&ring)
     }
 
+    /// The failure detector's probe allows an emulated matrix's longest
+    /// round trip; without a matrix it keeps its default.
+    #[test]
+    fn the_probe_timeout_allows_the_matrix_s_longest_round_trip() {
+        let default = DetectorConfig::default().probe_timeout;
+        assert_eq!(detector_config(None).probe_timeout, default);
+        let matrix = LatencyMatrix::parse_toml(
+            "regions = [\"a\", \"b\"]\n[[link]]\nbetween = [\"a\", \"b\"]\ndelay_ms = 300\n",
+        )
+        .unwrap();
+        assert_eq!(
+            detector_config(Some(&matrix)).probe_timeout,
+            default + Duration::from_millis(600)
+        );
+    }
+
     /// A member that comes back at another address changes the cluster
     /// record but not where keys go: the other nodes keep their trees, in
     /// service, instead of rebuilding them.
