@@ -72,8 +72,16 @@ impl RegionLinks {
             Ok(Some(delay)) if !delay.is_zero() => crate::link_delay::sleep(delay).await,
             Ok(Some(_)) => {}
             Ok(None) => std::future::pending::<()>().await,
-            // A peer in a region the matrix lacks: no emulated delay.
-            Err(_) => {}
+            // A peer in a region the matrix lacks (a join through a node
+            // whose matrix has it): no emulated delay, but counted, as the
+            // emulation is then not what the operator meant.
+            Err(_) => {
+                metrics::counter!("ringkv_region_links_unknown_total").increment(1);
+                tracing::debug!(
+                    region = peer_region,
+                    "a peer's region is not in the latency matrix: not delayed"
+                );
+            }
         }
     }
 }

@@ -645,6 +645,9 @@ impl NodeInner {
                 cluster_id: self.membership.cluster_id(),
             }),
             Request::Join(j) => {
+                if let Some(refusal) = self.region_unknown(j.member.region.as_deref()) {
+                    return refusal;
+                }
                 let (response, changed) = self.membership.handle_join(j);
                 if changed {
                     self.install_if_started();
@@ -657,6 +660,23 @@ impl NodeInner {
             Request::Status => self.status().await,
             Request::Stats => Response::Stats(self.stats()),
         }
+    }
+
+    /// The refusal of a join from a node in `region` when this node
+    /// emulates regions and its latency matrix lacks that one: its links to
+    /// the node would silently take no delay (nor could a partition cut it
+    /// off). The joining node tries its other seeds, and fails to start
+    /// with this reason if all refuse.
+    fn region_unknown(&self, region: Option<&str>) -> Option<Response> {
+        let (links, region) = (self.transport.regions.as_ref()?, region?);
+        let unknown = links.matrix().check_region(region).err()?;
+        Some(Response::error(
+            ErrorKind::InvalidRequest,
+            format!(
+                "{}'s latency matrix lacks the joining node's --region: {unknown}; give every node one matrix",
+                self.id
+            ),
+        ))
     }
 
     fn stats(&self) -> NodeStats {

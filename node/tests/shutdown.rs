@@ -407,3 +407,38 @@ async fn a_failed_join_closes_the_database_before_it_returns() {
     let node = Node::start(quiet("n2", dir.path())).await.unwrap();
     node.shutdown().await;
 }
+
+/// A node whose region the seed's latency matrix lacks is refused, and
+/// says why, rather than joined with links that silently take no delay.
+#[tokio::test]
+async fn a_join_from_a_region_the_seed_s_matrix_lacks_is_refused() {
+    use ringkv_core::regions::LatencyMatrix;
+    use std::sync::Arc;
+    let matrix = |other: &str| {
+        Arc::new(
+            LatencyMatrix::parse_toml(&format!(
+                "regions = [\"near\", \"{other}\"]\n[[link]]\nbetween = [\"near\", \"{other}\"]\ndelay_ms = 1\n"
+            ))
+            .unwrap(),
+        )
+    };
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut first = quiet("n1", dirs[0].path());
+    first.region = Some("near".into());
+    first.latency_matrix = Some(matrix("far"));
+    let n1 = Node::start(first).await.unwrap();
+    let mut second = quiet("n2", dirs[1].path());
+    second.region = Some("elsewhere".into());
+    second.latency_matrix = Some(matrix("elsewhere"));
+    second.seeds = vec![n1.addr()];
+    second.join_timeout = Duration::from_secs(5);
+    let refused = match Node::start(second).await {
+        Ok(_) => panic!("joined from a region n1's matrix lacks"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.contains("latency matrix lacks the joining node's --region"),
+        "{refused}"
+    );
+    n1.shutdown().await;
+}
