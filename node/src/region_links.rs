@@ -60,6 +60,14 @@ impl RegionLinks {
     /// (`outbound`: the request's; else the answer's). A lost message never
     /// arrives, so this never returns: the caller's deadline ends the wait.
     pub async fn leg(&self, peer_region: &str, outbound: bool) {
+        if !self.deliver(peer_region, outbound).await {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// [`leg`](Self::leg), saying whether the message arrives: `false`, at
+    /// once, if the link loses it.
+    pub async fn deliver(&self, peer_region: &str, outbound: bool) -> bool {
         let (from, to) = if outbound {
             (self.mine.as_str(), peer_region)
         } else {
@@ -71,7 +79,7 @@ impl RegionLinks {
         match fate {
             Ok(Some(delay)) if !delay.is_zero() => crate::link_delay::sleep(delay).await,
             Ok(Some(_)) => {}
-            Ok(None) => std::future::pending::<()>().await,
+            Ok(None) => return false,
             // A peer in a region the matrix lacks (a join through a node
             // whose matrix has it): no emulated delay, but counted, as the
             // emulation is then not what the operator meant.
@@ -83,6 +91,7 @@ impl RegionLinks {
                 );
             }
         }
+        true
     }
 }
 

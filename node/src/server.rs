@@ -342,9 +342,9 @@ pub struct QuicTransport {
     me: NodeId,
     local: Arc<LocalReplica>,
     membership: Arc<Membership>,
-    pool: PeerPool,
+    pool: Arc<PeerPool>,
     /// Emulated regions: this node's region and its links to the others.
-    regions: Option<RegionLinks>,
+    regions: Option<Arc<RegionLinks>>,
 }
 
 impl QuicTransport {
@@ -390,23 +390,59 @@ impl QuicTransport {
             .regions
             .as_ref()
             .filter(|_| !matches!(request, Request::Identify))
-            .and_then(|_| self.membership.region_at(addr));
-        if let Some(region) = &peer_region {
-            self.emulate_link(region, true).await;
-        }
-        let answer = match member {
-            Some(member) => {
-                let cluster_id = self.membership.cluster_id();
+            .and_then(|links| Some((links.clone(), self.membership.region_at(addr)?)));
+        let cluster_id = self.membership.cluster_id();
+        match (peer_region, member) {
+            (Some((links, region)), member) => {
+                let (pool, request, member) = (self.pool.clone(), request.clone(), member.cloned());
+                over_link(links, region, async move {
+                    match member {
+                        Some(member) => pool.call_member(addr, &member, cluster_id, &request).await,
+                        None => pool.call(addr, &request).await,
+                    }
+                })
+                .await
+            }
+            (None, Some(member)) => {
                 self.pool
                     .call_member(addr, member, cluster_id, request)
-                    .await?
+                    .await
             }
-            None => self.pool.call(addr, request).await?,
-        };
-        if let Some(region) = &peer_region {
-            self.emulate_link(region, false).await;
+            (None, None) => self.pool.call(addr, request).await,
         }
-        Ok(answer)
+    }
+}
+
+/// `call` (a request's sending, and its answer) over the emulated link to a
+/// peer in `region`: the request's leg, the call, the answer's leg. In a
+/// task of its own, as a real network's packets are on their own: a caller
+/// that gives up while the request is on its way (its deadline) does not
+/// take it back, and the peer still gets it. A message the link loses
+/// never comes back; the caller's deadline ends the wait, and the task
+/// ends at once.
+async fn over_link(
+    links: Arc<RegionLinks>,
+    region: String,
+    call: impl std::future::Future<Output = Result<Response, CallError>> + Send + 'static,
+) -> Result<Response, CallError> {
+    let carried = tokio::spawn(async move {
+        if !links.deliver(&region, true).await {
+            return None;
+        }
+        let answer = call.await;
+        // Only an answer travels back: a failure to reach the peer is
+        // known here.
+        if answer.is_ok() && !links.deliver(&region, false).await {
+            return None;
+        }
+        Some(answer)
+    });
+    match carried.await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => std::future::pending().await,
+        Err(e) => Err(CallError::Connection(format!(
+            "the emulated link's task failed: {e}"
+        ))),
     }
 }
 
@@ -430,32 +466,26 @@ impl Transport for QuicTransport {
         let peer_region = self
             .regions
             .as_ref()
-            .and_then(|_| self.membership.region_of(to));
-        if let Some(region) = &peer_region {
-            self.emulate_link(region, true).await;
-        }
-        let answer = self
-            .pool
-            .call_member(addr, to, Some(cluster_id), &request)
-            .await
-            .map_err(|e| ringkv_core::TransportError::Unreachable {
-                node: to.clone(),
-                reason: e.to_string(),
-            })?;
-        if let Some(region) = &peer_region {
-            self.emulate_link(region, false).await;
-        }
-        Ok(answer)
-    }
-}
-
-impl QuicTransport {
-    /// Waits out one emulated leg between this node and a peer in `region`
-    /// (`outbound`: the request; else the answer; see [`RegionLinks::leg`]).
-    async fn emulate_link(&self, region: &str, outbound: bool) {
-        if let Some(links) = &self.regions {
-            links.leg(region, outbound).await;
-        }
+            .and_then(|links| Some((links.clone(), self.membership.region_of(to)?)));
+        let answer = match peer_region {
+            Some((links, region)) => {
+                let (pool, to) = (self.pool.clone(), to.clone());
+                over_link(links, region, async move {
+                    pool.call_member(addr, &to, Some(cluster_id), &request)
+                        .await
+                })
+                .await
+            }
+            None => {
+                self.pool
+                    .call_member(addr, to, Some(cluster_id), &request)
+                    .await
+            }
+        };
+        answer.map_err(|e| ringkv_core::TransportError::Unreachable {
+            node: to.clone(),
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -1382,15 +1412,15 @@ impl Node {
             me: config.id.clone(),
             local: local.clone(),
             membership: membership.clone(),
-            pool: PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT),
+            pool: Arc::new(PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT)),
             regions: match (&config.latency_matrix, &config.region) {
-                (Some(matrix), Some(region)) => Some(
+                (Some(matrix), Some(region)) => Some(Arc::new(
                     RegionLinks::new(matrix.clone(), region.clone()).map_err(|e| {
                         NodeError::Config {
                             reason: format!("--region: {e}"),
                         }
                     })?,
-                ),
+                )),
                 _ => None,
             },
         });

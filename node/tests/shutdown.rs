@@ -442,3 +442,41 @@ async fn a_join_from_a_region_the_seed_s_matrix_lacks_is_refused() {
     );
     n1.shutdown().await;
 }
+
+/// A request on its way over an emulated link arrives even if its sender
+/// gives up meanwhile, as on a real network: a W=1 put with a deadline
+/// shorter than the link's one-way delay still reaches the far replica.
+#[tokio::test]
+async fn a_request_on_its_way_arrives_after_its_sender_gives_up() {
+    let ([n1, n2], client, _dirs, _) = near_and_far(300, Duration::from_secs(5)).await;
+    let mut quick = PutRequest::new(
+        b"k".to_vec(),
+        Payload::Value(b"v".to_vec()),
+        Consistency::One,
+        None,
+    );
+    quick.timeout_ms = 50;
+    let answer = client.call(&Request::Put(quick)).await.unwrap();
+    assert!(matches!(answer, Response::Put(_)), "{answer:?}");
+    let to_n2 = Client::connect(n2.addr(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut local = ringkv_core::wire::GetRequest::new(b"k".to_vec(), Consistency::One);
+        local.local = true;
+        match to_n2.call(&Request::Get(local)).await.unwrap() {
+            Response::Get(g) if !g.values.is_empty() => break,
+            Response::Get(_) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the far replica never got the put its coordinator gave up on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    to_n2.close().await;
+    n2.shutdown().await;
+    n1.shutdown().await;
+}
