@@ -355,7 +355,8 @@ impl QuicTransport {
         }
     }
 
-    /// A call to whoever serves at `addr` (membership exchanges, joins). A member's address meets its region's emulated link, as
+    /// A call to whoever serves at `addr` (membership exchanges, joins). A
+    /// member's address meets its region's emulated link, as
     /// calls by node id do, so a partition cuts a member's membership
     /// exchanges too. A node not yet in a cluster knows no member's region,
     /// so its join is not emulated; nor is the question whether another
