@@ -767,7 +767,6 @@ fn embedded_nodes(args: &BenchArgs, default: usize) -> usize {
     args.nodes.map_or(default, usize::from)
 }
 
-/// The addresses of `--cluster`.
 /// The `--cluster` addresses, resolved. One node given twice (two
 /// spellings of it, say) is refused: it would take twice the clients, and
 /// staleness probes through "two" coordinators would measure nothing.
