@@ -46,6 +46,69 @@ const GOLDEN: &[(&str, [&str; 3])] = &[
     ("\u{1F600}", ["n4", "n1", "n2"]),
 ];
 
+/// Golden walks, fallbacks included (where stand-ins and hints go), on the
+/// five-node ring and on one whose members have different virtual node
+/// counts: the placement lives in `consistent_hash_ring` (pinned to one
+/// version in Cargo.toml for this reason), and a change of it would move
+/// keys and hints in a rolling upgrade.
+#[test]
+fn walks_are_pinned() {
+    let even = five_node_ring(DEFAULT_VNODES);
+    let mixed = Ring::new(
+        ids(&["n1", "n2", "n3", "n4", "n5"])
+            .into_iter()
+            .zip([16, 64, 128, 256, 512]),
+        3,
+    )
+    .unwrap();
+    let golden: &[(&str, [&str; 5], [&str; 5])] = &[
+        (
+            "a",
+            ["n4", "n5", "n2", "n3", "n1"],
+            ["n3", "n5", "n4", "n2", "n1"],
+        ),
+        (
+            "b",
+            ["n4", "n1", "n5", "n2", "n3"],
+            ["n4", "n5", "n1", "n2", "n3"],
+        ),
+        (
+            "user:42",
+            ["n3", "n1", "n2", "n5", "n4"],
+            ["n5", "n4", "n3", "n2", "n1"],
+        ),
+        (
+            "key-0",
+            ["n1", "n2", "n4", "n5", "n3"],
+            ["n3", "n5", "n4", "n2", "n1"],
+        ),
+        (
+            "key-1",
+            ["n3", "n4", "n1", "n5", "n2"],
+            ["n3", "n4", "n5", "n1", "n2"],
+        ),
+        (
+            "key-999",
+            ["n5", "n1", "n3", "n2", "n4"],
+            ["n4", "n5", "n3", "n2", "n1"],
+        ),
+        (
+            "\u{1F600}",
+            ["n4", "n1", "n2", "n5", "n3"],
+            ["n4", "n1", "n5", "n2", "n3"],
+        ),
+    ];
+    for (key, on_even, on_mixed) in golden {
+        let walk = |ring: &Ring| -> Vec<String> {
+            ring.walk(key.as_bytes()).map(|n| n.to_string()).collect()
+        };
+        assert_eq!(walk(&even), on_even.to_vec(), "key {key:?}, even ring");
+        assert_eq!(walk(&mixed), on_mixed.to_vec(), "key {key:?}, mixed ring");
+        let list = even.preference_list(key.as_bytes());
+        assert_eq!(names(&list.fallbacks), on_even[3..].to_vec(), "key {key:?}");
+    }
+}
+
 #[test]
 fn longest_key_placement_is_pinned() {
     let ring = five_node_ring(DEFAULT_VNODES);
