@@ -110,7 +110,12 @@ enum Lane {
 fn lane(request: &Request, encoded_bytes: usize) -> Lane {
     let lane = match request {
         Request::Put(_) | Request::Get(_) | Request::Status => Lane::Coordinated,
-        Request::Ping | Request::Identify => Lane::Leaf,
+        // A stream of its own, as the connection keeps places for those: on
+        // the shared stream a ping would wait behind a busy peer's replica
+        // requests (every place taken during a long write stall), fail, and
+        // have the peer counted down and its connection closed, failing
+        // what was under way. A ping a second per peer costs a stream.
+        Request::Ping | Request::Identify => Lane::Own,
         Request::Replica(
             ReplicaRequest::Update { .. }
             | ReplicaRequest::Sync { .. }
@@ -1690,13 +1695,13 @@ mod tests {
             hint_for: None,
         });
         assert_eq!(lane(&read, 100), Lane::Leaf);
-        assert_eq!(lane(&Request::Ping, 10), Lane::Leaf);
+        assert_eq!(lane(&Request::Ping, 10), Lane::Own);
         assert_eq!(lane(&read, SHARED_REQUEST_MAX_BYTES + 1), Lane::Own);
         assert_eq!(lane(&Request::Stats, 10), Lane::Own);
     }
 
-    /// Answers on the shared stream come back as they are ready: a ping sent
-    /// after a slow get is answered first.
+    /// Answers on the shared stream come back as they are ready: a status
+    /// request sent after a slow get is answered first.
     #[tokio::test]
     async fn a_fast_request_is_not_held_up_behind_a_slow_one() {
         let (_server, addr) = slow_get_server().await;
@@ -1707,14 +1712,56 @@ mod tests {
         });
         tokio::task::yield_now().await;
         let started = std::time::Instant::now();
+        assert_eq!(lane(&Request::Status, 10), lane(&get("k"), 10));
         assert!(matches!(
-            client.call(&Request::Ping).await,
+            client.call(&Request::Status).await,
             Ok(Response::Pong)
         ));
         let ping_took = started.elapsed();
         assert!(!slow.is_finished(), "the ping was answered after the get");
         assert!(matches!(slow.await.unwrap(), Ok(Response::Error(_))));
         assert!(ping_took < SLOW_GET);
+    }
+
+    /// A ping is answered while every place of the shared stream is taken
+    /// by replica requests that do not end (a peer in a long write stall):
+    /// it has a stream of its own.
+    #[tokio::test]
+    async fn a_ping_is_answered_while_the_shared_stream_is_full() {
+        let held = Arc::new(AtomicUsize::new(0));
+        let handle = {
+            let held = held.clone();
+            move |request| {
+                let held = held.clone();
+                async move {
+                    if let Request::Replica(_) = request {
+                        held.fetch_add(1, Ordering::SeqCst);
+                        std::future::pending::<()>().await;
+                    }
+                    Response::Pong
+                }
+            }
+        };
+        let (_server, addr) = server_answering(handle, watch::channel(false).1);
+        let client = Arc::new(Client::connect(addr, Duration::from_secs(5)).await.unwrap());
+        let read = Request::Replica(ReplicaRequest::Read {
+            key: b"k".to_vec(),
+            hint_for: None,
+        });
+        let mut stuck = Vec::new();
+        for _ in 0..STREAM_IN_FLIGHT_MAX {
+            let (client, read) = (client.clone(), read.clone());
+            stuck.push(tokio::spawn(async move { client.call(&read).await }));
+        }
+        crate::test_support::wait_until("every place of the stream taken", || {
+            held.load(Ordering::SeqCst) == STREAM_IN_FLIGHT_MAX as usize
+        })
+        .await;
+        let ping = tokio::time::timeout(Duration::from_secs(5), client.call(&Request::Ping)).await;
+        assert!(matches!(ping, Ok(Ok(Response::Pong))), "{ping:?}");
+        for task in stuck {
+            task.abort();
+        }
     }
 
     /// A server that finishes its streams (a draining node) answers what it
