@@ -6,8 +6,8 @@
 //! every replica's version in hand: the coordinator merges them, and any
 //! replica whose clock does not already contain that merge is stale. Deciding
 //! who is stale is [`stale_replicas`], a pure function. Sending the repairs is
-//! the job of one worker per node fed by a [`ReadRepairQueue`] of fixed
-//! capacity: when the queue is full a repair is dropped and counted (the next
+//! the job of one worker per node (several sends at once) fed by a
+//! [`ReadRepairQueue`] of fixed capacity: when the queue is full a repair is dropped and counted (the next
 //! read, or anti-entropy, will find the difference again), so a burst of
 //! reads can never pile up unbounded background work.
 
@@ -34,6 +34,10 @@ pub const DEFAULT_QUEUE_MAX_BYTES: usize = 64 * 1024 * 1024;
 const COLLECTING_MAX: usize = 1024;
 /// How long one repair send may take before it counts as failed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Repairs sent at once: one at a time, a replica slow to answer (up to
+/// [`SEND_TIMEOUT`] a job) would hold up every other replica's repairs, and
+/// even healthy ones would go at one round trip each.
+const REPAIRS_IN_FLIGHT: usize = 16;
 
 /// The replicas among `replies` that lack part of `merged`: a replica that
 /// answered with no clock, or with a clock that merging `merged` into would
@@ -139,25 +143,32 @@ impl ReadRepairQueue {
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let held = queued_bytes.clone();
         let worker = tokio::spawn(async move {
+            let mut running = tokio::task::JoinSet::new();
             loop {
                 // Shutdown first: once asked to stop, queued repairs are left
-                // to the next read or to anti-entropy.
+                // to the next read or to anti-entropy, and those under way
+                // are stopped.
                 tokio::select! {
                     biased;
                     // Only `true` is ever sent; a dropped sender also means stop.
                     _ = shutdown.changed() => break,
-                    job = rx.recv() => {
-                        let Some(job) = job else { break };
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
+                    job = rx.recv(), if running.len() < REPAIRS_IN_FLIGHT => {
+                        let Some(job) = job else {
+                            // Every queue handle is gone: finish what runs.
+                            while running.join_next().await.is_some() {}
+                            break;
+                        };
                         gauge!("ringkv_read_repair_queue_depth").set(rx.len() as f64);
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.changed() => break,
-                            _ = repair_now(&transport, &job) => {}
-                        }
-                        held.fetch_sub(job_bytes(&job), Ordering::Relaxed);
+                        let (transport, held) = (transport.clone(), held.clone());
+                        running.spawn(async move {
+                            repair_now(&transport, &job).await;
+                            held.fetch_sub(job_bytes(&job), Ordering::Relaxed);
+                        });
                     }
                 }
             }
+            running.shutdown().await;
         });
         let collecting = Arc::new(tokio::sync::Semaphore::new(COLLECTING_MAX));
         let queue = ReadRepairQueue {
@@ -263,6 +274,49 @@ mod tests {
             self.open.acquire().await.unwrap().forget();
             Ok(Response::Clock(None))
         }
+    }
+
+    /// Calls to node "slow" never end; the others are answered, and counted.
+    #[derive(Default)]
+    struct OneSlowReplica {
+        answered: AtomicUsize,
+    }
+
+    impl Transport for OneSlowReplica {
+        async fn call(
+            &self,
+            to: &NodeId,
+            _request: Request,
+        ) -> Result<Response, ringkv_core::TransportError> {
+            if to.as_str() == "slow" {
+                std::future::pending::<()>().await;
+            }
+            self.answered.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::Clock(None))
+        }
+    }
+
+    /// Repairs go out several at once: those of a replica slow to answer
+    /// hold up no other replica's.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_replica_holds_up_no_other_replicas_repairs() {
+        let transport = Arc::new(OneSlowReplica::default());
+        let (_stop, shutdown) = watch::channel(false);
+        let (queue, _worker) = ReadRepairQueue::start(transport.clone(), 100, shutdown);
+        let job = |target: &str| RepairJob {
+            key: b"k".to_vec(),
+            clock: written("v", "a"),
+            targets: vec![n(target)],
+        };
+        for _ in 0..3 {
+            assert!(queue.offer(job("slow")));
+        }
+        for _ in 0..10 {
+            assert!(queue.offer(job("b")));
+        }
+        // Well inside one send's timeout.
+        tokio::time::sleep(SEND_TIMEOUT / 4).await;
+        assert_eq!(transport.answered.load(Ordering::SeqCst), 10);
     }
 
     /// Jobs past the byte budget are refused even when the queue has room,
