@@ -301,7 +301,7 @@ pub struct LimitArgs {
     /// Most concurrent values (siblings) a key may hold; further blind writes are refused until a write with a context resolves them.
     #[arg(long, value_name = "COUNT", default_value_t = ringkv_coordinator::replica::DEFAULT_MAX_SIBLINGS, value_parser = bounded::<usize>(1, ringkv_core::dvv::SIBLINGS_CONFIG_MAX as u64))]
     pub max_siblings: usize,
-    /// Most connections (clients and peers) served at once, handshakes included; further ones are refused. Leave room for the other nodes. A handshake may take 5 s; past half the slots a new client first proves its address (one more round trip).
+    /// Most connections (clients and peers) served at once, handshakes included; further ones are refused. Leave room for the other nodes. A handshake may take 5 s; past half the slots a new client first proves its address (one more round trip). One address that no member has may hold a sixteenth of them (at least 64).
     #[arg(long, value_name = "COUNT", default_value_t = ringkv_node::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Most MiB of request bodies held in memory at once, across all connections (each connection may hold up to 130 MiB of it). Requests past it are not run: they are answered "overloaded", and clients retry later or elsewhere. At least 87, so the largest value fits in the three quarters large requests may take.

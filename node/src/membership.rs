@@ -685,6 +685,17 @@ impl Membership {
             .clone()
     }
 
+    /// Whether a member serves at an address with IP `ip`.
+    pub fn has_member_at_ip(&self, ip: std::net::IpAddr) -> bool {
+        let guard = self.record.read().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().is_some_and(|record| {
+            record
+                .members
+                .values()
+                .any(|m| m.addr.parse::<SocketAddr>().is_ok_and(|a| a.ip() == ip))
+        })
+    }
+
     /// The address of member `id`.
     pub fn addr_of(&self, id: &NodeId) -> Option<SocketAddr> {
         self.route_to(id).map(|(addr, _)| addr)

@@ -45,6 +45,7 @@ use crate::storage::{millis, unix_ms, Storage};
 use crate::tls;
 
 mod cleanup;
+mod connection_sources;
 mod handover_store;
 mod leave;
 mod ring_handover;
@@ -1665,6 +1666,9 @@ async fn accept_loop(
     finish: Arc<watch::Sender<bool>>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let sources = connection_sources::ConnectionSources::new(connection_sources::per_source_max(
+        max_connections,
+    ));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -1691,9 +1695,16 @@ async fn accept_loop(
                     incoming.refuse();
                     continue;
                 };
+                let ip = incoming.remote_address().ip();
+                let Some(source_slot) = sources.admit(ip, inner.membership.has_member_at_ip(ip)) else {
+                    metrics::counter!("ringkv_connections_refused_total").increment(1);
+                    tracing::debug!(remote = %incoming.remote_address(), "connection refused: its address holds its share of --max-connections");
+                    incoming.refuse();
+                    continue;
+                };
                 let (inner, finish, request_memory) = (inner.clone(), finish.clone(), request_memory.clone());
                 tokio::spawn(async move {
-                    let _slot = slot;
+                    let _slot = (slot, source_slot);
                     // Dropped on timeout, which closes it.
                     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, std::future::IntoFuture::into_future(incoming));
                     let Ok(handshake) = handshake.await else {

@@ -196,3 +196,43 @@ async fn a_client_sent_a_retry_still_connects() {
     second.close().await;
     node.shutdown().await;
 }
+
+/// One source address that is no member's holds at most its share of the
+/// slots (a sixteenth): past it, its new connections are refused while
+/// the node still has slots for others. (The node listens on 127.0.0.2;
+/// its clients connect from 127.0.0.1, which no member has.)
+#[tokio::test]
+async fn one_address_that_is_no_members_holds_at_most_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
+    config.listen = "127.0.0.2:0".parse().unwrap();
+    config.max_connections = 1600;
+    let node = Node::start(config).await.unwrap();
+    let share = 1600 / 16;
+    let mut held = Vec::new();
+    for _ in 0..share {
+        let client = Client::connect(node.addr(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        held.push(client);
+    }
+    assert_served(held.last().unwrap()).await;
+    let refused = Client::connect(node.addr(), Duration::from_secs(5)).await;
+    assert!(
+        refused.is_err(),
+        "a connection past the address's share was served"
+    );
+    held.pop().unwrap().close().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match Client::connect(node.addr(), Duration::from_secs(5)).await {
+            Ok(client) => break client,
+            Err(e) => assert!(Instant::now() < deadline, "no slot freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_served(&again).await;
+    again.close().await;
+    Client::close_all(held).await;
+    node.shutdown().await;
+}
