@@ -15,6 +15,19 @@ async fn node_with_slots(dir: &std::path::Path, slots: usize) -> NodeHandle {
     Node::start(config).await.unwrap()
 }
 
+/// A connection to `addr` once the node has noticed a closed one and freed
+/// its slot (within 10 s).
+async fn connect_once_a_slot_frees(addr: std::net::SocketAddr) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(addr, Duration::from_secs(5)).await {
+            Ok(client) => return client,
+            Err(e) => assert!(Instant::now() < deadline, "no slot freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Asserts that `client` is served.
 async fn assert_served(client: &Client) {
     assert!(matches!(
@@ -43,14 +56,7 @@ async fn connections_past_the_limit_are_refused_until_one_ends() {
 
     first.close().await;
     // The server notices the close and frees the slot.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let third = loop {
-        match Client::connect(node.addr(), Duration::from_secs(5)).await {
-            Ok(client) => break client,
-            Err(e) => assert!(Instant::now() < deadline, "no slot freed: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let third = connect_once_a_slot_frees(node.addr()).await;
     assert_served(&third).await;
     third.close().await;
     node.shutdown().await;
@@ -223,14 +229,7 @@ async fn one_address_that_is_no_members_holds_at_most_its_share() {
         "a connection past the address's share was served"
     );
     held.pop().unwrap().close().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let again = loop {
-        match Client::connect(node.addr(), Duration::from_secs(5)).await {
-            Ok(client) => break client,
-            Err(e) => assert!(Instant::now() < deadline, "no slot freed: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let again = connect_once_a_slot_frees(node.addr()).await;
     assert_served(&again).await;
     again.close().await;
     Client::close_all(held).await;
