@@ -560,10 +560,14 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
     }
     let per_op: Vec<String> = reports
         .iter()
-        .filter_map(|r| Some(format!("{} {:.0} µs", r.setting, r.cpu_us_per_op()?)))
+        .filter_map(|r| Some(format!("{}: {:.0} µs", r.setting, r.cpu_us_per_op()?)))
         .collect();
     if !per_op.is_empty() {
-        outln!("CPU per operation ({cpu_scope}): {}", per_op.join(", "));
+        // "2: 18 µs": a numeric setting alone would read as part of the figure.
+        outln!(
+            "CPU per operation ({cpu_scope}) by setting — {}",
+            per_op.join(", ")
+        );
     }
     for r in reports {
         if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
