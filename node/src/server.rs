@@ -533,6 +533,9 @@ struct NodeInner {
     /// Set when shutdown begins: new requests are refused, those in flight
     /// go on (up to `drain_timeout`).
     draining: std::sync::atomic::AtomicBool,
+    /// Set once the drain has waited its `drain_timeout`: work still under
+    /// way stops now (a leave's last pass, `server/leave.rs`).
+    drain_over: std::sync::atomic::AtomicBool,
     drain_timeout: Duration,
     /// How long a leave waits for each member it asks to remove the node.
     removal_timeout: Duration,
@@ -1243,6 +1246,7 @@ impl NodeHandle {
         while running() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        self.inner.drain_over.store(true, Ordering::SeqCst);
         let running = running();
         if running > 0 {
             tracing::info!(
@@ -1471,6 +1475,7 @@ impl Node {
             leaving: Default::default(),
             in_flight: Default::default(),
             draining: Default::default(),
+            drain_over: Default::default(),
             drain_timeout: config.drain_timeout,
             removal_timeout: config.removal_timeout,
             leave_keys_sent: Default::default(),
@@ -2212,6 +2217,79 @@ mod tests {
         for n in [n3, n2, n1] {
             n.shutdown().await;
         }
+    }
+
+    /// A shutdown while a leave's last pass retries replicas that are down
+    /// ends that pass once the drain is over: the node lets go of its
+    /// database as shutdown returns, not a minute later, and the leave says
+    /// what its last pass did not do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_ends_a_leave_s_failing_last_pass() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let n1 = start_in_pair("n1", dirs[0].path(), None).await;
+        let n2 = start_in_pair("n2", dirs[1].path(), Some(n1.addr())).await;
+        let n3 = start_in_pair("n3", dirs[2].path(), Some(n1.addr())).await;
+        let three = |n: &NodeHandle| {
+            n.inner
+                .ring_tx
+                .borrow()
+                .as_ref()
+                .is_some_and(|r| r.len() == 3)
+        };
+        wait_until("every node has the ring of three", || {
+            three(&n1) && three(&n2) && three(&n3)
+        })
+        .await;
+        wait_until("n3's hand-over has read what it owes", || {
+            !n3.inner.handover_owed.load(SeqCst)
+        })
+        .await;
+        let ring = n3.inner.ring_tx.borrow().clone().unwrap();
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| ring.replicas_of(k).contains(&n3.inner.id))
+            .unwrap();
+        n3.inner
+            .local
+            .replica
+            .update(&key, &VersionVector::new(), Payload::Value(b"v".to_vec()))
+            .unwrap();
+        // The last pass's first page (the hook's second call) waits until
+        // the other members are down, so that every try of the pass fails.
+        let (reached, pages) = (Arc::new(AtomicBool::new(false)), AtomicUsize::new(0));
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let hook_reached = reached.clone();
+        *n3.inner.leave_page_read.lock().unwrap() = Some(Box::new(move |_: &[Vec<u8>]| {
+            if pages.fetch_add(1, SeqCst) == 1 {
+                hook_reached.store(true, SeqCst);
+                let _ = wait.recv();
+            }
+        }));
+        let leaving = tokio::spawn({
+            let inner = n3.inner.clone();
+            async move { inner.leave().await }
+        });
+        wait_until("the last pass began", || reached.load(SeqCst)).await;
+        n1.shutdown().await;
+        n2.shutdown().await;
+        go.send(()).unwrap();
+        n3.shutdown().await;
+        let left = tokio::time::timeout(Duration::from_secs(5), leaving)
+            .await
+            .expect("the leave still ran after shutdown returned")
+            .unwrap();
+        let Response::Left(reply) = left else {
+            panic!("{left:?}");
+        };
+        assert!(
+            reply.late_failures.iter().any(|f| f
+                .reason
+                .contains("shut down before its last hand-over finished")),
+            "{reply:?}"
+        );
+        // The database is closed: its lock is free.
+        crate::storage::Storage::open(dirs[2].path(), false).unwrap();
     }
 
     /// A node `id` of a two-replica cluster in `dir`, on a free loopback

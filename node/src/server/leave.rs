@@ -58,7 +58,8 @@
 //! The guarantee ends at the removal: a member that has learned of it asks
 //! the removed node nothing, while that node may still be looking for its
 //! removal (up to 30 s, above) or in its last pass (a minute or more when
-//! it fails, above), which then cannot reach a replica that
+//! it fails, above; stopping the node ends it once the shutdown's drain,
+//! `--drain-timeout-s`, has waited for it), which then cannot reach a replica that
 //! has left meanwhile (named in its answer's `late_failures`). So the next
 //! leave should wait until the previous `ringkv leave` has returned.
 //!
@@ -297,7 +298,10 @@ impl NodeInner {
         // Requests that passed the removal check before it was set may still
         // write; the last pass must come after them.
         let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
-        while self.in_flight.load(Ordering::SeqCst) > 1 && tokio::time::Instant::now() < deadline {
+        while self.in_flight.load(Ordering::SeqCst) > 1
+            && tokio::time::Instant::now() < deadline
+            && !self.drain_over.load(Ordering::SeqCst)
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Said, not passed over: such a request (a write in a RocksDB
@@ -320,10 +324,19 @@ impl NodeInner {
             Duration::from_secs(1),
         );
         for attempt in 1.. {
-            // The node's stop signal is set now (it stopped serving), so this
-            // pass cannot watch it; a shutdown ends it anyway, by closing the
-            // transport under it.
-            match self.hand_over(&before, &ring_now, false).await {
+            // The node's stop signal is set now (it stopped serving), so
+            // this pass cannot watch it. It goes on while a shutdown's drain
+            // waits for it, and stops when the drain is over: retrying a
+            // failing replica, it held the node and its database open for a
+            // minute after shutdown returned.
+            let pass = tokio::select! {
+                pass = self.hand_over(&before, &ring_now, false) => pass,
+                () = self.drain_ended() => Err(PeerFailure {
+                    peer: self.id.clone(),
+                    reason: "this node was shut down before its last hand-over finished: a replica may miss writes it took during the leave; run `ringkv repair` on the members".into(),
+                }),
+            };
+            match pass {
                 Ok(_) => {
                     late_failures.clear();
                     break;
@@ -331,10 +344,15 @@ impl NodeInner {
                 Err(failure) => {
                     tracing::warn!(peer = %failure.peer, reason = %failure.reason, attempt, "the last hand-over failed");
                     late_failures = vec![failure];
-                    if tokio::time::Instant::now() + pause > give_up_at {
+                    if tokio::time::Instant::now() + pause > give_up_at
+                        || self.drain_over.load(Ordering::SeqCst)
+                    {
                         break;
                     }
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.drain_ended() => break,
+                    }
                     pause = (pause * 2).min(LATE_PASS_PAUSE_MAX);
                 }
             }
@@ -614,6 +632,15 @@ impl NodeInner {
                 peer: self.id.clone(),
                 reason: format!("a hand-over task failed: {e}"),
             }),
+        }
+    }
+
+    /// Ends once a shutdown's drain is over (`drain_over`). Looked at
+    /// every 50 ms: it is a flag, and the shutdown's next step waits
+    /// seconds for what is still running to let go of the node.
+    async fn drain_ended(&self) {
+        while !self.drain_over.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
