@@ -61,6 +61,7 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
         strict: args.strict,
         timeout_ms: args.request.timeout_ms,
         forwarded: false,
+        not_after_unix_ms: None,
     });
     match send(&args.request.target, &request).await? {
         Response::Put(reply) => {
@@ -150,6 +151,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
             strict: args.strict,
             timeout_ms: args.request.timeout_ms,
             forwarded: false,
+            not_after_unix_ms: None,
         });
         call(client, &request).await
     })

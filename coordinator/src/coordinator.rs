@@ -152,9 +152,22 @@ pub struct Coordinator<T> {
     /// is what is still running, and [`Coordinator::close`] sets the value
     /// to tell them all to stop.
     closing: watch::Sender<bool>,
+    /// Unix ms, from the node's wall clock (or the simulation's): what a
+    /// forward's `not_after_unix_ms` is set and checked by. `None`: neither.
+    wall_clock: Option<WallClock>,
 }
 
+/// A wall clock in Unix ms, passed in so that tests can drive it.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 impl<T: Transport> Coordinator<T> {
+    /// Dates forwarded writes by `clock`, and refuses those that arrive past
+    /// their date (see [`PutRequest::not_after_unix_ms`]).
+    pub fn with_wall_clock(mut self, clock: WallClock) -> Self {
+        self.wall_clock = Some(clock);
+        self
+    }
+
     /// Feeds every replica outcome to `detector`.
     pub fn with_failure_detector(mut self, detector: Arc<FailureDetector>) -> Self {
         self.detector = Some(detector);
@@ -194,6 +207,7 @@ impl<T: Transport> Coordinator<T> {
             latency: Arc::new(ReplicaLatency::new()),
             reads: AtomicU64::new(0),
             closing: watch::Sender::new(false),
+            wall_clock: None,
         }
     }
 
@@ -369,6 +383,9 @@ impl<T: Transport> Coordinator<T> {
             }
         }
 
+        if let Some(refusal) = self.past_its_forward(&request) {
+            return refusal;
+        }
         // Mint the new version locally first: the dot must come from a node
         // that has every earlier dot of its own for this key (its copy's,
         // or as a stand-in its hint's).
@@ -1493,7 +1510,11 @@ impl<T: Transport> Coordinator<T> {
                 .saturating_sub(self.forward_margin(node, share))
                 .as_millis()
                 .max(1);
-            set_timeout_ms(&mut request, remaining_ms.min(u128::from(u32::MAX)) as u32);
+            let remaining_ms = remaining_ms.min(u128::from(u32::MAX)) as u32;
+            set_timeout_ms(&mut request, remaining_ms);
+            if let (Request::Put(put), Some(clock)) = (&mut request, &self.wall_clock) {
+                put.not_after_unix_ms = Some(clock() + u64::from(remaining_ms));
+            }
             match self.call(node, request.clone(), attempt_deadline).await {
                 // Nothing ran there: the next replica may take it.
                 Ok(Response::Error(e))
@@ -1797,6 +1818,34 @@ const FORWARD_MARGIN: Duration = Duration::from_millis(20);
 /// could still take over (see `Coordinator::forward`): twice what an equal
 /// split among three gave the first, and a third left for the rest.
 const FORWARD_SHARE_PERCENT: u32 = 67;
+
+impl<T: Transport> Coordinator<T> {
+    /// The refusal of a forwarded write that came after the forwarding node
+    /// stopped waiting for it (`not_after_unix_ms`). That node may have had
+    /// another replica mint it since, acknowledged it, and the client may
+    /// have deleted it with a read's context; minting it again here would
+    /// bring the value back. Nothing runs: the answer, if it arrives, tells
+    /// the forwarder so. Not covered: a mint that began in time and whose
+    /// write then took past the date (a RocksDB write stall) still stores
+    /// the write twice, as before this check.
+    fn past_its_forward(&self, request: &PutRequest) -> Option<Response> {
+        let (not_after, clock) = (request.not_after_unix_ms?, self.wall_clock.as_ref()?);
+        let now = clock();
+        if now <= not_after {
+            return None;
+        }
+        counter!("ringkv_forwards_refused_late_total").increment(1);
+        Some(Response::error(
+            ErrorKind::NotServing,
+            format!(
+                "{} received this forwarded write {} ms after its forwarder stopped waiting for it; \
+                 it was not run here",
+                self.id,
+                now - not_after
+            ),
+        ))
+    }
+}
 
 fn set_timeout_ms(request: &mut Request, timeout_ms: u32) {
     match request {

@@ -275,41 +275,62 @@ impl Transport for SimTransport {
             .net
             .with(|s| s.handlers.get(to).cloned())
             .ok_or_else(|| TransportError::UnknownNode { node: to.clone() })?;
-        tokio::time::sleep(delay).await;
-        // A node that crashed while the message was in flight never sees it.
-        if self.net.with(|s| s.down.contains(to)) {
-            return std::future::pending().await;
-        }
-        let listing_max = self.net.with(|s| s.leaf_listing_max.get(to).copied());
-        let too_many_leaves = match (&request, listing_max) {
-            (Request::Replica(ReplicaRequest::LeafItems { leaves, .. }), Some(max)) => {
-                leaves.len() > max
+        // Once sent, a message arrives whether or not its sender still
+        // waits for the answer: the delivery runs on its own, as a real
+        // network's does (a forward that arrives after its forwarder gave
+        // up on it still runs there).
+        let (net, to_node) = (self.net.clone(), to.clone());
+        let delivered = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            // A node that crashed while the message was in flight never sees it.
+            if net.with(|s| s.down.contains(&to_node)) {
+                return None;
             }
-            _ => false,
-        };
-        let response = if let Some(kind) = self.net.with(|s| s.failing.get(to).copied()) {
-            let what = match kind {
-                ErrorKind::Overloaded => "is overloaded".to_string(),
-                other => format!("answers {other:?}"),
-            };
-            Response::error(kind, format!("{to} {what}"))
-        } else if too_many_leaves {
-            self.net.with(|s| s.leaf_listings_refused += 1);
-            Response::error(
-                ErrorKind::Unavailable,
-                format!(
-                    "the answer would pass the {}",
-                    ringkv_core::wire::OVER_FRAME_LIMIT
-                ),
-            )
-        } else {
-            handler.handle(request).await
+            Some(deliver(&net, &to_node, handler, request).await)
+        });
+        let Ok(Some(response)) = delivered.await else {
+            return std::future::pending().await;
         };
         let Ok(back) = self.net.route(to, &self.from, &format!("{what} reply")) else {
             return std::future::pending().await;
         };
         tokio::time::sleep(back).await;
         Ok(response)
+    }
+}
+
+/// What `to`'s handler answers `request`, or the failure `net` makes it
+/// answer.
+async fn deliver(
+    net: &SimNetwork,
+    to: &NodeId,
+    handler: Arc<dyn SimHandler>,
+    request: Request,
+) -> Response {
+    let listing_max = net.with(|s| s.leaf_listing_max.get(to).copied());
+    let too_many_leaves = match (&request, listing_max) {
+        (Request::Replica(ReplicaRequest::LeafItems { leaves, .. }), Some(max)) => {
+            leaves.len() > max
+        }
+        _ => false,
+    };
+    if let Some(kind) = net.with(|s| s.failing.get(to).copied()) {
+        let what = match kind {
+            ErrorKind::Overloaded => "is overloaded".to_string(),
+            other => format!("answers {other:?}"),
+        };
+        Response::error(kind, format!("{to} {what}"))
+    } else if too_many_leaves {
+        net.with(|s| s.leaf_listings_refused += 1);
+        Response::error(
+            ErrorKind::Unavailable,
+            format!(
+                "the answer would pass the {}",
+                ringkv_core::wire::OVER_FRAME_LIMIT
+            ),
+        )
+    } else {
+        handler.handle(request).await
     }
 }
 
@@ -505,7 +526,8 @@ impl SimCluster {
                     },
                 )
                 .with_read_repair(queue)
-                .with_failure_detector(detector.clone());
+                .with_failure_detector(detector.clone())
+                .with_wall_clock(now_ms.clone());
                 let up = detector.clone();
                 handoff::start(
                     hints.clone(),

@@ -383,6 +383,38 @@ async fn a_forwarded_write_answered_too_late_is_stored_twice_until_the_next_writ
     assert_eq!(values(&c.get("n2", KEY, All).await), ["w"]);
 }
 
+/// A forward delayed in the network until after the forwarder moved on, and
+/// after the write it carried was acknowledged through the next replica and
+/// deleted with a read's context at W=all, is refused where it arrives:
+/// minted there, it brought the deleted value back.
+#[tokio::test(start_paused = true)]
+async fn a_forward_that_arrives_after_its_forwarder_moved_on_is_not_run() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let outsider = pref.fallbacks[0].clone();
+    let first = pref.replicas[0].clone();
+    c.net.delay(&outsider, &first, Duration::from_secs(60));
+    let receipt = match c.put(outsider.as_str(), KEY, "v", All, None).await {
+        Response::Put(p) => p.receipt,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(receipt.coordinator.as_ref(), Some(&pref.replicas[1]));
+    let read = c.get("n1", KEY, All).await;
+    assert_eq!(values(&read), ["v"]);
+    let delete = PutRequest::new(KEY, Payload::Tombstone, All, Some(ok_context(&read)));
+    ok_context(&c.node("n1").coordinator.put(delete).await);
+    // The forward arrives, 60 s after it was sent.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    for replica in &pref.replicas {
+        assert!(
+            c.local_values(replica.as_str(), KEY).is_empty(),
+            "{replica}: {:?}",
+            c.local_values(replica.as_str(), KEY)
+        );
+    }
+    assert!(values(&c.get("n1", KEY, All).await).is_empty());
+}
+
 /// A replica that uses its whole deadline (a quorum it cannot reach) still
 /// answers the forwarding node in time across a link of 50 ms each way: the
 /// forward leaves room for the round trip, so the write is not handed to

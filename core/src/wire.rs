@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/14";
+pub const ALPN: &[u8] = b"ringkv/15";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -175,6 +175,12 @@ pub struct PutRequest {
     /// Set by a node that forwarded the request to a replica, so that a
     /// disagreement about placement cannot forward it in circles.
     pub forwarded: bool,
+    /// Set by a forwarding node: the wall-clock time (Unix ms, its own
+    /// clock) after which it no longer waits for this node and may hand
+    /// the write to the next replica. A node that would mint the write
+    /// later refuses it instead: a forward delayed in the network past a
+    /// later delete would otherwise mint the deleted value again.
+    pub not_after_unix_ms: Option<u64>,
 }
 
 /// The deadline a request gets when the client does not choose one.
@@ -201,6 +207,7 @@ impl PutRequest {
             strict: false,
             timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             forwarded: false,
+            not_after_unix_ms: None,
         }
     }
 }
@@ -1185,7 +1192,8 @@ mod tests {
             w: Consistency::Quorum,
             strict: false,
             timeout_ms: 2000,
-            forwarded: false,
+            forwarded: true,
+            not_after_unix_ms: Some(1_800_000_000_000),
         })
     }
 

@@ -910,7 +910,8 @@ impl NodeInner {
                     )
                     .with_read_repair(self.read_repair.clone())
                     .with_failure_detector(self.detector.clone())
-                    .with_leaving_flag(self.leaving.clone()),
+                    .with_leaving_flag(self.leaving.clone())
+                    .with_wall_clock(Arc::new(crate::storage::unix_ms)),
                 );
                 // Installs are serialised, so nobody else can have set it.
                 let _ = self.coordinator.set(coordinator);
