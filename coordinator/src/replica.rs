@@ -19,6 +19,27 @@ use ringkv_repair::hints::{HintError, HintStore};
 use ringkv_repair::merkle::leaf_of;
 use ringkv_repair::trees::{version_digest, ChangeGuard, ChangeObserver};
 
+/// The refusal of a hint handed to `me` for `key` when `ring`, this node's
+/// own, does not place the key on it, or when it has no ring yet (see
+/// [`ReplicaRequest::Handoff`]).
+pub fn handoff_refusal(
+    ring: Option<&ringkv_ring::Ring>,
+    me: &NodeId,
+    key: &[u8],
+) -> Option<Response> {
+    if ring.is_some_and(|ring| ring.is_replica(key, me)) {
+        return None;
+    }
+    metrics::counter!("ringkv_handoffs_refused_total").increment(1);
+    Some(Response::error(
+        ErrorKind::NotServing,
+        format!(
+            "{me} does not replicate this key under its ring (the sender's ring is older or newer); \
+             the hint stays with the sender until their rings agree"
+        ),
+    ))
+}
+
 /// Number of lock stripes. More stripes, less false sharing between keys;
 /// each is one word of memory.
 const LOCK_STRIPES: usize = 1024;
@@ -608,7 +629,11 @@ impl<S: Store> ReplicaService<S> {
                     self.update(&key, &context, payload).map(Some)
                 }
             }
-            ReplicaRequest::Sync { key, clock } => self.sync(&key, &clock).map(|_| None),
+            // Placement is the node's to check (`handoff_refusal`), before
+            // the request gets here.
+            ReplicaRequest::Sync { key, clock } | ReplicaRequest::Handoff { key, clock } => {
+                self.sync(&key, &clock).map(|_| None)
+            }
             ReplicaRequest::Read {
                 key,
                 hint_for: None,

@@ -226,6 +226,7 @@ fn label(request: &Request) -> String {
         Request::Identify => "Identify".into(),
         Request::Replica(ReplicaRequest::Update { .. }) => "Update".into(),
         Request::Replica(ReplicaRequest::Sync { .. }) => "Sync".into(),
+        Request::Replica(ReplicaRequest::Handoff { .. }) => "Handoff".into(),
         Request::Replica(ReplicaRequest::Read { hint_for: None, .. }) => "Read".into(),
         Request::Replica(ReplicaRequest::Read {
             hint_for: Some(owner),
@@ -373,6 +374,14 @@ impl SimHandler for SimNode {
                         ringkv_core::wire::ErrorKind::Unavailable,
                         HintError::Disabled.to_string(),
                     )
+                }
+                Request::Replica(ReplicaRequest::Handoff { key, clock }) => {
+                    let ring = self.coordinator.ring();
+                    let me = self.coordinator.id();
+                    match crate::replica::handoff_refusal(Some(&ring), me, &key) {
+                        Some(refusal) => refusal,
+                        None => self.replica.handle(ReplicaRequest::Handoff { key, clock }),
+                    }
                 }
                 Request::Replica(r) => match self.anti_entropy.answer(&r) {
                     Some(answer) => answer,

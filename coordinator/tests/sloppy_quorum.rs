@@ -364,6 +364,50 @@ async fn strict_requests_count_only_the_preference_list() {
     ));
 }
 
+/// An owner whose ring no longer places the key on it (a join the hint's
+/// holder has not heard of yet) refuses the hint: taken, it would be a stray
+/// copy that no read or repair looks at. The holder keeps it, and hands it
+/// over once the rings agree again.
+#[tokio::test(start_paused = true)]
+async fn an_owner_whose_ring_moved_the_key_away_refuses_its_hint() {
+    let s = story(with_probes());
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    s.c.net.down(&s.id(dead));
+    s.until_seen(coordinator, dead, false).await;
+    let put = s.c.put(coordinator, KEY, "v", All, None).await;
+    assert_eq!(stand_ins(&put), [(s.fallbacks[0].clone(), dead.clone())]);
+    // The owner comes back with a ring that places the key elsewhere: here
+    // one without it, which places nothing on it.
+    let ring = s.c.ring.clone();
+    let without = ringkv_ring::Ring::new(
+        ring.nodes()
+            .into_iter()
+            .filter(|n| *n != s.id(dead))
+            .map(|n| (n, 16)),
+        3,
+    )
+    .unwrap();
+    s.c.node(dead)
+        .coordinator
+        .set_ring(std::sync::Arc::new(without));
+    s.c.net.take_log();
+    s.c.net.up(&s.id(dead));
+    s.until_seen(&s.fallbacks[0], dead, true).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log = s.c.net.take_log();
+    assert!(
+        log.iter()
+            .any(|l| *l == format!("{} -> {dead} Handoff", s.fallbacks[0])),
+        "the hint was offered: {log:?}"
+    );
+    assert!(s.c.local_values(dead, KEY).is_empty(), "refused");
+    assert_eq!(s.hint(&s.fallbacks[0], dead), Some(vec!["v".to_string()]));
+    // The rings agree again: it is handed over.
+    s.c.node(dead).coordinator.set_ring(ring);
+    s.until_no_hints(Duration::from_secs(10)).await;
+    assert_eq!(s.c.local_values(dead, KEY), ["v"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn hints_are_handed_to_the_owner_when_it_returns_and_then_deleted() {
     let s = story(with_probes());
@@ -393,7 +437,7 @@ async fn hints_are_handed_to_the_owner_when_it_returns_and_then_deleted() {
     let log = s.c.net.take_log();
     assert!(
         log.iter()
-            .any(|l| *l == format!("{} -> {dead} Sync", s.fallbacks[0])),
+            .any(|l| *l == format!("{} -> {dead} Handoff", s.fallbacks[0])),
         "{log:?}"
     );
 }

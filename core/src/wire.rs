@@ -307,6 +307,15 @@ pub enum ReplicaRequest {
     },
     /// Merge this clock into the local one. Replies with `Clock(None)`.
     Sync { key: Vec<u8>, clock: Clock },
+    /// Hinted handoff: merge this clock, which the sender held as a hint,
+    /// if this node replicates `key` under its own ring; otherwise refuse
+    /// with `NotServing`. A ring newer than the sender's may have moved the
+    /// key away (a join the sender has not heard of), and a copy merged
+    /// here then would be a stray that no read, anti-entropy or finished
+    /// ring hand-over looks at: refused, the sender keeps the hint until
+    /// its own ring moves the key too, and hands it to the key's replicas.
+    /// Replies with `Clock(None)`.
+    Handoff { key: Vec<u8>, clock: Clock },
     /// Replies with the local clock of the key, if any. With `hint_for`, the
     /// node is a fallback standing in for that owner, and the answer is the
     /// hint it holds for the owner, never its own copy.
@@ -733,7 +742,9 @@ impl ArchivedRequest {
         };
         match replica {
             R::Update { context, .. } => context.check_counts(),
-            R::Sync { clock, .. } | R::Hint { clock, .. } => clock.check_counts(),
+            R::Sync { clock, .. } | R::Handoff { clock, .. } | R::Hint { clock, .. } => {
+                clock.check_counts()
+            }
             R::ReadBatch { keys } => check_batch(keys.len()),
             R::SyncBatch { items } => {
                 check_batch(items.len())?;
@@ -1018,7 +1029,9 @@ impl Request {
                 hint_for.as_ref().map_or(Ok(()), validate_node_id)?;
                 context.validate()
             }
-            Request::Replica(ReplicaRequest::Sync { key, clock }) => {
+            Request::Replica(
+                ReplicaRequest::Sync { key, clock } | ReplicaRequest::Handoff { key, clock },
+            ) => {
                 validate_key(key)?;
                 validate_clock(clock)
             }

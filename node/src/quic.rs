@@ -119,6 +119,7 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
         Request::Replica(
             ReplicaRequest::Update { .. }
             | ReplicaRequest::Sync { .. }
+            | ReplicaRequest::Handoff { .. }
             | ReplicaRequest::Read { .. }
             | ReplicaRequest::Hint { .. },
         ) => Lane::Leaf,

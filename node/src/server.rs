@@ -672,6 +672,18 @@ impl NodeInner {
                     "Update is a coordinator's request to itself; send a Put",
                 )
             }
+            Request::Replica(ReplicaRequest::Handoff { key, clock }) => {
+                let ring = self.ring_tx.borrow().clone();
+                match ringkv_coordinator::replica::handoff_refusal(ring.as_deref(), &self.id, &key)
+                {
+                    Some(refusal) => refusal,
+                    None => {
+                        self.local
+                            .handle(ReplicaRequest::Handoff { key, clock })
+                            .await
+                    }
+                }
+            }
             Request::Replica(r) => self.local.handle(r).await,
             Request::Repair => self.repair_on_request().await,
             Request::Ping => Response::Pong,

@@ -3,8 +3,9 @@
 //!
 //! One worker per node walks the [`HintBook`]: for every owner the failure
 //! detector believes up and whose back-off has passed, it sends that owner's
-//! hints in batches (each hint a `Sync` that the owner writes through its
-//! WAL before answering, so an answer is a durable acknowledgement) and
+//! hints in batches (each hint a `Handoff` that the owner writes through its
+//! WAL before answering, so an answer is a durable acknowledgement, and
+//! refuses when its ring does not place the key on it) and
 //! removes a hint only if it is unchanged since it was read. A batch the
 //! owner answers none of ends its round and doubles its back-off
 //! ([`DeliverySchedule`]); hints it answers but declines are passed over;
@@ -15,7 +16,7 @@
 //! An owner removed from the cluster never comes back, yet its hints may hold
 //! the only copy of a write beyond the replicas that took it: a sloppy
 //! quorum counted the hint towards W. So a removed owner's hints are not
-//! dropped but *rerouted*: each goes, as a `Sync`, to every replica of its
+//! dropped but *rerouted*: each goes, as a `Handoff`, to every replica of its
 //! key under the current ring ([`HintRouting`]). A replica that cannot take
 //! it now, or that the failure detector believes down (it is not tried, so
 //! a hung one cannot hold every batch for the send timeout), gets a hint of
@@ -647,7 +648,7 @@ async fn deliver_to<T: Transport, B: HintBackend>(
         for (hint, targets, believed_down, is_rerouted) in planned {
             let transport = transport.clone();
             sends.spawn(async move {
-                let request = Request::Replica(ReplicaRequest::Sync {
+                let request = Request::Replica(ReplicaRequest::Handoff {
                     key: hint.key.clone(),
                     clock: hint.clock.clone(),
                 });

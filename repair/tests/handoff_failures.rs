@@ -94,7 +94,7 @@ impl Transport for Owner {
             });
         }
         match request {
-            Request::Replica(ReplicaRequest::Sync { clock, .. }) => {
+            Request::Replica(ReplicaRequest::Handoff { clock, .. }) => {
                 Ok(Response::Clock(Some(clock)))
             }
             other => panic!("a handoff sends only Sync, not {other:?}"),

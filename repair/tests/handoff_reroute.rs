@@ -53,7 +53,7 @@ impl Transport for Replicas {
             ));
         }
         match request {
-            Request::Replica(ReplicaRequest::Sync { key, clock }) => {
+            Request::Replica(ReplicaRequest::Handoff { key, clock }) => {
                 let key = String::from_utf8(key).unwrap();
                 self.taken.lock().unwrap().insert((to.to_string(), key));
                 Ok(Response::Clock(Some(clock)))

@@ -33,7 +33,7 @@ struct Owner {
 impl Transport for Owner {
     async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
         match request {
-            Request::Replica(ReplicaRequest::Sync { key, .. })
+            Request::Replica(ReplicaRequest::Handoff { key, .. })
                 if self.declines_all
                     || (key.starts_with(b"a-bad") && !self.recovered.load(Ordering::SeqCst)) =>
             {
@@ -43,7 +43,7 @@ impl Transport for Owner {
                     "stored clock is corrupt",
                 ))
             }
-            Request::Replica(ReplicaRequest::Sync { clock, .. }) => {
+            Request::Replica(ReplicaRequest::Handoff { clock, .. }) => {
                 Ok(Response::Clock(Some(clock)))
             }
             other => panic!("a handoff sends only Sync, not {other:?}"),
@@ -168,7 +168,7 @@ struct RacedOwner {
 
 impl Transport for RacedOwner {
     async fn call(&self, to: &NodeId, request: Request) -> Result<Response, TransportError> {
-        let Request::Replica(ReplicaRequest::Sync { key, clock }) = request else {
+        let Request::Replica(ReplicaRequest::Handoff { key, clock }) = request else {
             panic!("a handoff sends only Sync");
         };
         let mut delivered = self.delivered.lock().unwrap();
@@ -275,7 +275,7 @@ struct SlowLink {
 
 impl Transport for SlowLink {
     async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
-        let Request::Replica(ReplicaRequest::Sync { clock, .. }) = request else {
+        let Request::Replica(ReplicaRequest::Handoff { clock, .. }) = request else {
             panic!("a handoff sends only Sync");
         };
         self.sends.fetch_add(1, Ordering::SeqCst);
@@ -403,7 +403,7 @@ impl Transport for RefusesAsInvalid {
     async fn call(&self, _to: &NodeId, request: Request) -> Result<Response, TransportError> {
         self.sends.fetch_add(1, Ordering::SeqCst);
         match request {
-            Request::Replica(ReplicaRequest::Sync { clock, .. })
+            Request::Replica(ReplicaRequest::Handoff { clock, .. })
                 if self.resolved.load(Ordering::SeqCst) =>
             {
                 Ok(Response::Clock(Some(clock)))
@@ -507,7 +507,7 @@ impl Transport for NotesUnflushedSends {
             self.unflushed_sends.fetch_add(1, Ordering::SeqCst);
         }
         match request {
-            Request::Replica(ReplicaRequest::Sync { clock, .. }) => {
+            Request::Replica(ReplicaRequest::Handoff { clock, .. }) => {
                 Ok(Response::Clock(Some(clock)))
             }
             other => panic!("a handoff sends only Sync, not {other:?}"),
