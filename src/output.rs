@@ -64,24 +64,24 @@ fn receipt_line(receipt: &Receipt) -> String {
 
 /// Output of a successful put or delete.
 pub fn written(reply: &PutReply, json: bool, verb: &str) {
+    // With siblings, the reply's context is the one the write was sent with
+    // (it cannot cover values nobody read): given out, it would pass for one
+    // that resolves them, and a script's next write would add a sibling.
+    let context = (reply.siblings <= 1).then_some(&reply.context);
     if json {
         print_json(&json!({
-            "context": reply.context,
+            "context": context,
             "siblings": reply.siblings,
             "receipt": receipt_json(&reply.receipt),
         }));
     } else {
         outln!("{verb} ({})", receipt_line(&reply.receipt));
-        if reply.siblings > 1 {
-            // The reply's context is then the one the write was sent with
-            // (it cannot cover values nobody read): printed, it would pass
-            // for one that resolves them.
-            outln!(
+        match context {
+            Some(context) => outln!("context: {context}"),
+            None => outln!(
                 "the key now has {} concurrent values; get it to see them and for a context that resolves them",
                 reply.siblings
-            );
-        } else {
-            outln!("context: {}", reply.context);
+            ),
         }
     }
 }

@@ -321,6 +321,12 @@ fn put_overwrite_replaces_the_siblings_its_node_holds() {
         out.contains("2 concurrent values") && !out.contains("context: "),
         "{out}"
     );
+    // Nor given to scripts, as JSON.
+    let first = json(&c.cli(0, &["put", "j", "a", "-w", "all", "--json"]));
+    assert!(first["context"].is_string(), "{first}");
+    let second = json(&c.cli(0, &["put", "j", "b", "-w", "all", "--json"]));
+    assert_eq!(second["siblings"], 2, "{second}");
+    assert!(second["context"].is_null(), "{second}");
     let mut seen = values(&c.cli(1, &["get", "k", "-r", "all", "--json"]));
     seen.sort();
     assert_eq!(seen, ["a", "b"], "two blind writes are siblings");

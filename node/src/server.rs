@@ -712,13 +712,13 @@ impl NodeInner {
     /// The refusal of a join from a node in `region` when this node
     /// emulates regions and its latency matrix lacks that one: its links to
     /// the node would silently take no delay (nor could a partition cut it
-    /// off). The joining node tries its other seeds, and fails to start
-    /// with this reason if all refuse.
+    /// off). A refusal: the joining node fails to start at once with this
+    /// reason (exit 2), since waiting does not change a matrix.
     fn region_unknown(&self, region: Option<&str>) -> Option<Response> {
         let (links, region) = (self.transport.regions.as_ref()?, region?);
         let unknown = links.matrix().check_region(region).err()?;
         Some(Response::error(
-            ErrorKind::InvalidRequest,
+            ErrorKind::Refused,
             format!(
                 "{}'s latency matrix lacks the joining node's --region: {unknown}; give every node one matrix",
                 self.id

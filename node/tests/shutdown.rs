@@ -432,9 +432,11 @@ async fn a_join_from_a_region_the_seed_s_matrix_lacks_is_refused() {
     second.latency_matrix = Some(matrix("elsewhere"));
     second.seeds = vec![n1.addr()];
     second.join_timeout = Duration::from_secs(5);
+    // Refused at once, not tried again until the join timeout.
     let refused = match Node::start(second).await {
         Ok(_) => panic!("joined from a region n1's matrix lacks"),
-        Err(e) => e.to_string(),
+        Err(e @ ringkv_node::NodeError::JoinRefused { .. }) => e.to_string(),
+        Err(e) => panic!("not refused: {e}"),
     };
     assert!(
         refused.contains("latency matrix lacks the joining node's --region"),
