@@ -504,6 +504,8 @@ impl<T: Transport> Coordinator<T> {
             }),
             _ => {
                 let stored: Vec<&str> = tracker.succeeded().map(|n| n.as_str()).collect();
+                // A replica that did not answer may have stored it too.
+                let unanswered: Vec<&str> = tracker.unanswered().map(|n| n.as_str()).collect();
                 let mut message =
                     format!("write quorum not reached: {}", tracker.failure_summary());
                 if let Some(why) = no_stand_in(request.strict, self.config.hinted_handoff, &pref) {
@@ -511,10 +513,24 @@ impl<T: Transport> Coordinator<T> {
                         "; no stand-in took a failed replica's place: {why}"
                     ));
                 }
-                if !stored.is_empty() {
+                let may_be = match (stored.is_empty(), unanswered.is_empty()) {
+                    (false, true) => format!("stored on {}", stored.join(", ")),
+                    (false, false) => format!(
+                        "stored on {}, and may be on {} (no answer in time)",
+                        stored.join(", "),
+                        unanswered.join(", ")
+                    ),
+                    (true, false) => {
+                        format!(
+                            "may be stored on {} (no answer in time)",
+                            unanswered.join(", ")
+                        )
+                    }
+                    (true, true) => String::new(),
+                };
+                if !may_be.is_empty() {
                     message.push_str(&format!(
-                        "; the value may be stored on {} (writes are not rolled back)",
-                        stored.join(", ")
+                        "; the value is {may_be}: writes are not rolled back"
                     ));
                 }
                 Response::Error(ErrorReply {

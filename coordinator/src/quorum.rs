@@ -313,6 +313,19 @@ impl QuorumTracker {
             .map(|e| &e.node)
     }
 
+    /// The nodes asked that did not answer (timed out, or still pending):
+    /// each may have taken the request all the same.
+    pub fn unanswered(&self) -> impl Iterator<Item = &NodeId> {
+        self.entries
+            .iter()
+            .filter(|e| match e.answer {
+                ReplicaAnswer::Timeout { .. } => true,
+                ReplicaAnswer::Pending => e.asked && !e.held_back,
+                _ => false,
+            })
+            .map(|e| &e.node)
+    }
+
     /// The receipt clients see. Replicas still in flight when the request
     /// completed are left out: they have no outcome yet.
     pub fn receipt(&self, coordinator: &NodeId) -> Receipt {

@@ -109,7 +109,15 @@ async fn two_replicas_down_quorum_write_fails_after_the_deadline() {
         message.contains("n2 (timed out)") && message.contains("n3 (timed out)"),
         "{message}"
     );
-    assert!(message.contains("may be stored on n1"), "{message}");
+    // Those that did not answer may have stored it as well.
+    let (_, may_be) = message
+        .split_once("the value is stored on n1, and may be on ")
+        .unwrap_or_else(|| panic!("{message}"));
+    assert!(
+        may_be.starts_with("n2, n3 (no answer in time)")
+            || may_be.starts_with("n3, n2 (no answer in time)"),
+        "{message}"
+    );
     // Dynamo does not roll back: the coordinator keeps its copy.
     assert_eq!(c.local_values("n1", KEY), ["v"]);
 }
