@@ -49,6 +49,8 @@ const ED25519_PKCS8_PREFIX: [u8; 16] = [
 /// The authority's name; every process derives the same one, since a peer's
 /// certificate names its issuer by it.
 const AUTHORITY_NAME: &str = "ringkv cluster authority";
+/// What a key's fingerprint is the HMAC of.
+const FINGERPRINT_LABEL: &[u8] = b"ringkv cluster key fingerprint v1";
 
 /// A cluster's shared secret, or several while the key is being changed:
 /// the first is presented, all are accepted. `Debug` does not print them.
@@ -230,6 +232,23 @@ impl ClusterKey {
                 reason: "the operating system's random source failed".into(),
             })?;
         Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// A short, one-way fingerprint of each key held (HMAC-SHA-256 keyed by
+    /// the key, of a fixed label; 16 bytes as hex), for the data dir to
+    /// remember which keys its node ran with without holding them.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.secrets
+            .iter()
+            .map(|secret| {
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+                let tag = ring::hmac::sign(&key, FINGERPRINT_LABEL);
+                tag.as_ref()[..16]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            })
+            .collect()
     }
 
     /// The certificate authority of each key held, the presented key's

@@ -30,7 +30,7 @@ pub enum NodeError {
     Join { reason: String },
     #[error("the cluster refused this node: {reason}")]
     JoinRefused { reason: String },
-    #[error("node {id} was removed from the cluster (`ringkv remove`) and cannot serve in it again; to bring this machine back, start it with a new --id and an empty --data-dir")]
+    #[error("node {id} was removed from the cluster (`ringkv remove`, or it left with `ringkv leave`) and cannot serve in it again; to bring this machine back, start it with a new --id and an empty --data-dir")]
     Removed { id: String },
     #[error("invalid configuration: {reason}")]
     Config { reason: String },
@@ -40,6 +40,8 @@ pub enum NodeError {
     Tls { reason: String },
     #[error("cluster key file {path}: {reason}")]
     ClusterKey { path: PathBuf, reason: String },
+    #[error("this data dir's node last ran {before}, and is now started {now}: its peers and clients would refuse it, or, with no peers to ask, it would take requests its cluster's key never allowed; start it with its cluster's key (--cluster-key-file), or change keys as README.md says (both keys at once, then the new one)")]
+    ClusterKeyChanged { before: String, now: String },
     #[error(transparent)]
     NoTreeRebuild(#[from] ringkv_repair::trees::NoRebuildUnderWay),
     #[error("the Merkle tree rebuild was stopped: the node is shutting down")]

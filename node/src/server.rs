@@ -1338,7 +1338,19 @@ impl Node {
         crate::storage::check_wall_clock(crate::storage::unix_ms())?;
         crate::storage::check_data_dir(&config.data_dir)?;
         let (handle, inner) = Node::assemble(&config).await?;
-        let result = form_or_join(&inner, &config).await;
+        let keys = config.cluster_key.as_ref().map(ClusterKey::fingerprints);
+        let result = match check_cluster_key(&inner.storage, keys.as_deref()) {
+            Ok(()) => form_or_join(&inner, &config).await,
+            Err(e) => Err(e),
+        };
+        // Remembered once the node is in, with the keys it holds now (a
+        // key change moves on a step).
+        let result = result.and_then(|()| match inner.storage.cluster_keys()? {
+            before if before.as_slice() == keys.as_deref().unwrap_or_default() => Ok(()),
+            _ => inner
+                .storage
+                .set_cluster_keys(keys.as_deref().unwrap_or_default()),
+        });
         // Shutdown waits for every holder of the node and of its database
         // but the handle; `assemble`'s locals are gone with its frame.
         drop(inner);
@@ -1804,6 +1816,33 @@ async fn check_no_twin(inner: &Arc<NodeInner>, record: &ClusterRecord) -> Result
         }
         _ => inner.membership.confirm_address(),
     }
+}
+
+/// Refuses a start with none of the cluster keys (`fingerprints`) the data
+/// dir's node last started with, or with no key when it had one. Its
+/// peers would refuse its handshakes, but with none to ask (a one-node
+/// cluster, or every peer down) it would serve, to anyone, what its key
+/// kept to holders. A data dir that had no key may be given one.
+fn check_cluster_key(storage: &Storage, fingerprints: Option<&[String]>) -> Result<(), NodeError> {
+    let before = storage.cluster_keys()?;
+    let now = fingerprints.unwrap_or_default();
+    if before.is_empty() || now.iter().any(|f| before.contains(f)) {
+        return Ok(());
+    }
+    let describe = |keys: &[String]| match keys {
+        [] => "without a cluster key".to_string(),
+        keys => {
+            let short: Vec<&str> = keys.iter().map(|f| &f[..f.len().min(8)]).collect();
+            format!(
+                "with the cluster key(s) of fingerprint {}",
+                short.join(", ")
+            )
+        }
+    };
+    Err(NodeError::ClusterKeyChanged {
+        before: describe(&before),
+        now: describe(now),
+    })
 }
 
 /// Gets the node a cluster record: the remembered one (announced to every

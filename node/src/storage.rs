@@ -463,6 +463,26 @@ impl Storage {
 }
 
 const META_EPOCH: &str = "epoch";
+/// The fingerprints of the cluster keys the node last started with
+/// (`ClusterKey::fingerprints`), comma-separated; absent or empty: none.
+const META_CLUSTER_KEYS: &str = "cluster_keys";
+
+impl Storage {
+    /// The fingerprints of the cluster keys the node last started with.
+    pub fn cluster_keys(&self) -> Result<Vec<String>, NodeError> {
+        let stored = self.meta_get(META_CLUSTER_KEYS)?.unwrap_or_default();
+        Ok(String::from_utf8_lossy(&stored)
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Records the fingerprints of the keys the node started with.
+    pub fn set_cluster_keys(&self, fingerprints: &[String]) -> Result<(), NodeError> {
+        self.meta_put(META_CLUSTER_KEYS, fingerprints.join(",").as_bytes())
+    }
+}
 /// A stored version set aside as corrupt ([`Storage::quarantined`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantined {
