@@ -220,6 +220,18 @@ pub struct FrameQueue<H = ()> {
     abandoned: AtomicBool,
 }
 
+/// What [`FrameQueue::push_within`] did with a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The queue is closed: the stream is gone.
+    Closed,
+    /// Not queued: this many bytes already wait.
+    Full {
+        queued_bytes: usize,
+    },
+}
+
 struct QueueState<H> {
     buf: Vec<u8>,
     /// What the frames in `buf` hold, dropped once they are written.
@@ -249,6 +261,28 @@ impl<H> FrameQueue<H> {
     /// Queues one frame; false if the queue is closed (the stream is gone).
     pub fn push(&self, id: u64, body: &[u8]) -> bool {
         self.push_frame(id, body, None)
+    }
+
+    /// Queues one frame unless `max_queued` bytes already wait to be
+    /// written (a frame into an empty queue is always taken): a peer that
+    /// stops reading, while still answering pings, would otherwise have
+    /// every request sent to it pile up here, those whose callers gave up
+    /// included.
+    pub fn push_within(&self, id: u64, body: &[u8], max_queued: usize) -> Pushed {
+        {
+            let mut state = self.state.lock().expect("frame queue lock poisoned");
+            if state.closed {
+                return Pushed::Closed;
+            }
+            if !state.buf.is_empty() && state.buf.len() + body.len() > max_queued {
+                return Pushed::Full {
+                    queued_bytes: state.buf.len(),
+                };
+            }
+            put_frame(&mut state.buf, id, body);
+        }
+        self.ready.notify_one();
+        Pushed::Queued
     }
 
     /// Queues one frame that keeps `hold` until it has been written.
@@ -378,6 +412,31 @@ mod tests {
             frames(&batch),
             vec![(1, b"one".to_vec()), (2, vec![]), (3, b"three".to_vec())]
         );
+    }
+
+    /// A queue holds at most its bound of unwritten bytes, but always takes
+    /// one frame when empty (a frame larger than the bound still goes), and
+    /// takes frames again once the writer has the queued ones.
+    #[tokio::test]
+    async fn a_bounded_push_refuses_past_the_queued_bytes() {
+        let queue = FrameQueue::<()>::new();
+        let frame = |n: usize| vec![b'x'; n];
+        assert_eq!(queue.push_within(1, &frame(100), 50), Pushed::Queued);
+        assert_eq!(
+            queue.push_within(2, &frame(1), 50),
+            Pushed::Full { queued_bytes: 112 }
+        );
+        let mut batch = Vec::new();
+        assert!(queue.next_batch(&mut batch, &mut Vec::new()).await);
+        assert_eq!(frames(&batch), vec![(1, frame(100))]);
+        assert_eq!(queue.push_within(2, &frame(10), 50), Pushed::Queued);
+        assert_eq!(queue.push_within(3, &frame(10), 50), Pushed::Queued);
+        assert!(matches!(
+            queue.push_within(4, &frame(30), 50),
+            Pushed::Full { .. }
+        ));
+        queue.close();
+        assert_eq!(queue.push_within(5, &frame(1), 50), Pushed::Closed);
     }
 
     /// A frame's permit stays taken until the writer has the frame's batch

@@ -35,6 +35,7 @@ use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::cluster_key::ClusterKey;
 use crate::frame::{
     put_frame, read_body_admitted, read_frame, read_header, skip_rest, FrameError, FrameQueue,
+    Pushed,
 };
 use crate::request_memory::{BodyCharge, Refused, RequestMemory};
 use crate::tls;
@@ -72,6 +73,14 @@ pub const CONNECTION_UNWRITTEN_MAX_BYTES: usize = 16 << 20;
 /// [`crate::request_memory`]): two of the largest frames, so one client's
 /// largest puts are not shed while it has one other in flight.
 pub const CONNECTION_REQUEST_MAX_BYTES: usize = 2 * FRAME_MAX_BYTES;
+
+/// Bytes of requests a shared stream may have waiting to be written (its
+/// peer's flow control holds them back when the peer stops reading, as in
+/// a long write stall). Past it a call fails at once, unsent, rather than
+/// queue: nothing removes a frame whose caller gave up, so the queue would
+/// otherwise grow for as long as the peer stalls. About 256 of the largest
+/// shared requests, thousands of typical ones.
+const CHANNEL_QUEUED_MAX_BYTES: usize = 16 << 20;
 
 /// How long opening a shared stream may wait for the peer's stream credit.
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -475,10 +484,22 @@ impl Channel {
             waiting: &self.waiting,
             id,
         };
-        if !self.queue.push(id, body) {
-            return Err(CallError::Unread(
-                "the stream ended before the request was sent; it did not run".into(),
-            ));
+        match self.queue.push_within(id, body, CHANNEL_QUEUED_MAX_BYTES) {
+            Pushed::Queued => {}
+            Pushed::Closed => {
+                return Err(CallError::Unread(
+                    "the stream ended before the request was sent; it did not run".into(),
+                ))
+            }
+            Pushed::Full { queued_bytes } => {
+                metrics::counter!("ringkv_requests_unsent_total", "reason" => "queue_full")
+                    .increment(1);
+                return Err(CallError::Unread(format!(
+                    "the node is not reading its requests ({} MiB wait to be sent to it); \
+                     this one was not sent, so it did not run",
+                    queued_bytes >> 20
+                )));
+            }
         }
         answer
             .await

@@ -415,6 +415,10 @@ impl QuicTransport {
     }
 }
 
+/// How long an emulated call's task waits for its answer once its caller
+/// has stopped waiting (see [`over_link`]).
+const OVER_LINK_AFTER_CALLER: Duration = Duration::from_secs(10);
+
 /// `call` (a request's sending, and its answer) over the emulated link to a
 /// peer in `region`: the request's leg, the call, the answer's leg. In a
 /// task of its own, as a real network's packets are on their own: a caller
@@ -422,16 +426,30 @@ impl QuicTransport {
 /// take it back, and the peer still gets it. A message the link loses
 /// never comes back; the caller's deadline ends the wait, and the task
 /// ends at once.
+///
+/// Bounded: once the caller has gone, the task waits at most
+/// `OVER_LINK_AFTER_CALLER` more for the answer (time for the request to
+/// be sent; a request sent reaches the peer without its caller), so a peer
+/// that never answers does not keep a task, and a copy of the request, per
+/// call.
 async fn over_link(
     links: Arc<RegionLinks>,
     region: String,
     call: impl std::future::Future<Output = Result<Response, CallError>> + Send + 'static,
 ) -> Result<Response, CallError> {
+    let (_caller_waits, caller_gone) = tokio::sync::oneshot::channel::<()>();
     let carried = tokio::spawn(async move {
         if !links.deliver(&region, true).await {
             return None;
         }
-        let answer = call.await;
+        let gone = async move {
+            let _ = caller_gone.await;
+            tokio::time::sleep(OVER_LINK_AFTER_CALLER).await;
+        };
+        let answer = tokio::select! {
+            answer = call => answer,
+            () = gone => return None,
+        };
         // Only an answer travels back: a failure to reach the peer is
         // known here.
         if answer.is_ok() && !links.deliver(&region, false).await {
@@ -2342,6 +2360,34 @@ mod tests {
         );
         // The database is closed: its lock is free.
         crate::storage::Storage::open(dirs[2].path(), false).unwrap();
+    }
+
+    /// An emulated call whose peer never answers ends its task once its
+    /// caller has given up and `OVER_LINK_AFTER_CALLER` has passed, instead
+    /// of keeping it (and the request) until the connection dies.
+    #[tokio::test(start_paused = true)]
+    async fn an_emulated_call_nobody_answers_does_not_outlive_its_caller_for_long() {
+        let matrix = LatencyMatrix::parse_toml(
+            "regions = [\"a\", \"b\"]\n[[link]]\nbetween = [\"a\", \"b\"]\ndelay_ms = 0\n",
+        )
+        .unwrap();
+        let links = Arc::new(RegionLinks::new(Arc::new(matrix), "a".into()).unwrap());
+        let held = Arc::new(());
+        let request = held.clone();
+        let call = async move {
+            let _request = request;
+            std::future::pending::<Result<Response, CallError>>().await
+        };
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            over_link(links, "b".into(), call),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        tokio::time::sleep(OVER_LINK_AFTER_CALLER - Duration::from_secs(1)).await;
+        assert_eq!(Arc::strong_count(&held), 2, "still waiting, for a while");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(Arc::strong_count(&held), 1, "the task ended");
     }
 
     /// A node `id` of a two-replica cluster in `dir`, on a free loopback
