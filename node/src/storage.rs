@@ -161,6 +161,10 @@ fn cf_options(name: &str) -> Options {
 /// has a prefix extractor, and without total order an iterator over it
 /// would only be defined within one key. A full listing reads each block
 /// once, so it leaves the block cache to the hot keys.
+/// How long one iterator of [`Storage::data_pages`] is read before a new
+/// one takes over.
+const ITERATOR_RENEW_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn total_order() -> ReadOptions {
     let mut opts = ReadOptions::default();
     opts.set_total_order_seek(true);
@@ -933,52 +937,90 @@ impl Storage {
     /// Reads every stored key and its clock (tombstones included) in key
     /// order, in pages of at most `limit` keys and `max_bytes` of stored
     /// clocks (a larger clock comes alone), handing each page to `page`
-    /// until it returns false (`ringkv leave`, `ringkv cleanup`). A key
-    /// whose stored versions are corrupt is skipped, logged and counted
-    /// (`ringkv_corrupt_keys_skipped_total`).
-    ///
-    /// One iterator for the whole scan: a total-order iterator over the
-    /// hash memtable copies the memtable first, so an iterator per page
-    /// made a scan quadratic (35 s of CPU for 100,000 keys).
+    /// until it returns false (`ringkv leave`, `ringkv cleanup`, the ring
+    /// hand-over). A key whose stored versions are corrupt is skipped,
+    /// logged and counted (`ringkv_corrupt_keys_skipped_total`).
     pub fn data_pages(
         &self,
         limit: usize,
         max_bytes: usize,
-        mut page: impl FnMut(Vec<(Vec<u8>, Clock)>) -> bool,
+        page: impl FnMut(Vec<(Vec<u8>, Clock)>) -> bool,
     ) -> Result<(), NodeError> {
+        self.data_pages_renewing(limit, max_bytes, ITERATOR_RENEW_AFTER, page)
+            .map(|_| ())
+    }
+
+    /// [`Self::data_pages`], reading through a new iterator (from the key
+    /// after the last one read) once the current one is `renew_after` old;
+    /// returns how many iterators it used. Not one per page: a
+    /// total-order iterator over the hash memtable copies the memtable
+    /// first, and an iterator per page made a scan quadratic (35 s of CPU
+    /// for 100,000 keys). Not one for the whole scan either: a paced one
+    /// (the ring hand-over's) takes hours, and an iterator pins the SST
+    /// files it began on, which compaction then cannot delete, so the
+    /// disk would hold up to a second copy of the store meanwhile.
+    fn data_pages_renewing(
+        &self,
+        limit: usize,
+        max_bytes: usize,
+        renew_after: std::time::Duration,
+        mut page: impl FnMut(Vec<(Vec<u8>, Clock)>) -> bool,
+    ) -> Result<usize, NodeError> {
         let mut current = Vec::new();
         let mut bytes = 0;
-        let iter = self
-            .db
-            .iterator_cf_opt(self.cf(CF_DATA), total_order(), IteratorMode::Start);
-        for item in iter {
-            let (key, stored) = item.map_err(io)?;
-            // Hand the page over before a key that would pass the cap (one
-            // large clock still goes alone), so that its batches fit a frame.
-            if current.len() == limit || (bytes + stored.len() > max_bytes && !current.is_empty()) {
-                if !page(std::mem::take(&mut current)) {
-                    return Ok(());
-                }
-                bytes = 0;
-            }
-            // Nothing can be handed on from a key whose versions cannot be
-            // read, and it must not stop a leave or a cleanup for good: its
-            // other replicas hold their own copies.
-            let clock = match decode_clock(&stored) {
-                Ok(clock) => clock,
-                Err(e) => {
-                    tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e, "skipping a key whose stored versions are corrupt");
-                    metrics::counter!("ringkv_corrupt_keys_skipped_total").increment(1);
+        // The last key read: a new iterator starts after it.
+        let mut last: Option<Box<[u8]>> = None;
+        let mut iterators = 0;
+        'scan: loop {
+            let mode = match &last {
+                None => IteratorMode::Start,
+                Some(key) => IteratorMode::From(key, Direction::Forward),
+            };
+            let opened = std::time::Instant::now();
+            iterators += 1;
+            let iter = self
+                .db
+                .iterator_cf_opt(self.cf(CF_DATA), total_order(), mode);
+            for item in iter {
+                let (key, stored) = item.map_err(io)?;
+                if last.as_deref() == Some(&*key) {
                     continue;
                 }
-            };
-            bytes += stored.len();
-            current.push((key.into_vec(), clock));
+                // Hand the page over before a key that would pass the cap
+                // (one large clock still goes alone), so that its batches
+                // fit a frame.
+                if current.len() == limit
+                    || (bytes + stored.len() > max_bytes && !current.is_empty())
+                {
+                    if !page(std::mem::take(&mut current)) {
+                        return Ok(iterators);
+                    }
+                    bytes = 0;
+                }
+                // Nothing can be handed on from a key whose versions cannot
+                // be read, and it must not stop a leave or a cleanup for
+                // good: its other replicas hold their own copies.
+                match decode_clock(&stored) {
+                    Ok(clock) => {
+                        bytes += stored.len();
+                        current.push((key.to_vec(), clock));
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e, "skipping a key whose stored versions are corrupt");
+                        metrics::counter!("ringkv_corrupt_keys_skipped_total").increment(1);
+                    }
+                }
+                last = Some(key);
+                if opened.elapsed() >= renew_after {
+                    continue 'scan;
+                }
+            }
+            break;
         }
         if !current.is_empty() {
             page(current);
         }
-        Ok(())
+        Ok(iterators)
     }
 
     /// When `key`'s current tombstone was stored (ms since the Unix epoch);
@@ -1654,6 +1696,34 @@ mod tests {
         })
         .unwrap();
         assert_eq!(calls, 1);
+    }
+
+    /// A scan renews its iterator as it goes (here after every key), each
+    /// starting after the last key read: every key still comes once, in
+    /// order, and a key written after the scan began, ahead of where it is,
+    /// is seen (one iterator for the whole scan would not see it).
+    #[test]
+    fn a_scan_through_renewed_iterators_reads_every_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), false).unwrap();
+        let put = |key: &str| {
+            Store::put(&s, key.as_bytes(), None, &value("v", &Clock::new(), "a")).unwrap();
+        };
+        for i in 0..6 {
+            put(&format!("k{i}"));
+        }
+        let mut seen = Vec::new();
+        let iterators = s
+            .data_pages_renewing(2, usize::MAX, std::time::Duration::ZERO, |page| {
+                if seen.is_empty() {
+                    put("k9");
+                }
+                seen.extend(page.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()));
+                true
+            })
+            .unwrap();
+        assert_eq!(seen, ["k0", "k1", "k2", "k3", "k4", "k5", "k9"]);
+        assert!(iterators >= 7, "{iterators} iterators");
     }
 
     /// A stored version that does not decode is moved to `meta`, bytes and
