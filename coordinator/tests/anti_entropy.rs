@@ -8,7 +8,7 @@ use ringkv_coordinator::sim::{SimCluster, SimOptions};
 use ringkv_core::wire::{PutRequest, Response};
 use ringkv_core::Consistency::{Count, Quorum};
 use ringkv_core::Payload;
-use ringkv_repair::tombstones::confirm_collectable;
+use ringkv_repair::tombstones::{confirm_collectable, Confirmation};
 
 fn assert_ok(r: &Response) {
     assert!(matches!(r, Response::Put(_) | Response::Get(_)), "{r:?}");
@@ -239,10 +239,19 @@ async fn a_delete_missed_by_a_replica_stays_deleted_through_repair_and_collectio
     let tomb = c.node("n1").replica.read(b"gone").unwrap().unwrap();
     let t1 = c.net.transport(c.id("n1"));
     let timeout = Duration::from_millis(500);
-    assert!(!confirm_collectable(&t1, &c.ring, &c.id("n1"), b"gone", &tomb, timeout).await);
+    let unasked = confirm_collectable(&t1, &c.ring, &c.id("n1"), b"gone", &tomb, timeout).await;
+    assert!(
+        matches!(&unasked, Confirmation::Unconfirmed { replica, .. } if *replica == c.id("n3")),
+        "{unasked:?}"
+    );
 
     c.net.up(&c.id("n3"));
     assert_eq!(c.local_values("n3", "gone"), ["v"], "n3 missed the delete");
+    assert_eq!(
+        confirm_collectable(&t1, &c.ring, &c.id("n1"), b"gone", &tomb, timeout).await,
+        Confirmation::Kept,
+        "n3 holds the value"
+    );
     let report = c.repair("n3").await;
     assert_eq!(report.keys_repaired, 1, "{report:?}");
     assert!(c.local_values("n3", "gone").is_empty(), "the tombstone won");
@@ -252,7 +261,9 @@ async fn a_delete_missed_by_a_replica_stays_deleted_through_repair_and_collectio
         let t = c.net.transport(c.id(node));
         let ours = c.node(node).replica.read(b"gone").unwrap().unwrap();
         assert!(
-            confirm_collectable(&t, &c.ring, &c.id(node), b"gone", &ours, timeout).await,
+            confirm_collectable(&t, &c.ring, &c.id(node), b"gone", &ours, timeout)
+                .await
+                .is_collectable(),
             "{node} may collect"
         );
         assert!(c

@@ -44,10 +44,29 @@ pub fn may_collect(ours: &Clock, others: &[Option<Clock>]) -> bool {
             .all(|theirs| theirs.as_ref().is_none_or(|t| t == ours))
 }
 
+/// What the other replicas say of a tombstone ([`confirm_collectable`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmation {
+    /// Every other replica holds it or nothing: it may go.
+    Collectable,
+    /// It stays: ours is no tombstone, or a replica holds something else.
+    Kept,
+    /// A replica could not be asked (no answer in time, an error): it stays
+    /// until a later pass can ask.
+    Unconfirmed { replica: NodeId, reason: String },
+}
+
+impl Confirmation {
+    pub fn is_collectable(&self) -> bool {
+        *self == Confirmation::Collectable
+    }
+}
+
 /// Asks every other replica of `key` on `ring` what it holds, and decides
 /// with [`may_collect`], one answer at a time: the first that says no ends
 /// it, and no answer is held past its verdict (a key written again since
-/// may hold a large value). Any failure to ask means no.
+/// may hold a large value). Any failure to ask means no, and says which
+/// replica failed.
 pub async fn confirm_collectable<T: Transport>(
     transport: &T,
     ring: &Ring,
@@ -55,9 +74,9 @@ pub async fn confirm_collectable<T: Transport>(
     key: &[u8],
     ours: &Clock,
     timeout: Duration,
-) -> bool {
+) -> Confirmation {
     if !is_deleted(ours) {
-        return false;
+        return Confirmation::Kept;
     }
     for replica in ring.replicas_of(key) {
         if replica == *me {
@@ -67,16 +86,21 @@ pub async fn confirm_collectable<T: Transport>(
             key: key.to_vec(),
             hint_for: None,
         });
-        match tokio::time::timeout(timeout, transport.call(&replica, request)).await {
+        let reason = match tokio::time::timeout(timeout, transport.call(&replica, request)).await {
             Ok(Ok(Response::Clock(theirs))) => {
                 if !may_collect(ours, &[theirs]) {
-                    return false;
+                    return Confirmation::Kept;
                 }
+                continue;
             }
-            _ => return false,
-        }
+            Ok(Ok(Response::Error(e))) => e.message,
+            Ok(Ok(other)) => format!("unexpected answer {other:?}"),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} ms", timeout.as_millis()),
+        };
+        return Confirmation::Unconfirmed { replica, reason };
     }
-    true
+    Confirmation::Collectable
 }
 
 #[cfg(test)]

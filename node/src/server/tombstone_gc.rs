@@ -169,15 +169,20 @@ async fn collect_if_held_everywhere(
         let (replica, key) = (replica.clone(), key.clone());
         tokio::task::spawn_blocking(move || replica.read(&key)).await
     };
-    let Ok(Ok(Some(ours))) = read else {
-        return;
+    let ours = match read {
+        Ok(Ok(Some(ours))) => ours,
+        // Gone since the page was listed (written and collected, say).
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return tombstone_error("read", &key, e.to_string()),
+        Err(e) => return tombstone_error("read", &key, e.to_string()),
     };
     // Read after `ours`: a newer tombstone written since the page was
     // listed has a newer time and waits for its own grace, and one written
     // after this read fails remove_if_unchanged's "unchanged" check.
     match inner.storage.tombstone_stored_at(&key) {
         Ok(Some(stored)) if stored <= cutoff => {}
-        _ => return,
+        Ok(_) => return,
+        Err(e) => return tombstone_error("stored_at", &key, e.to_string()),
     }
     // A replica believed down cannot confirm, and asking it would cost a
     // connect timeout per due key: try again once it is back.
@@ -189,7 +194,7 @@ async fn collect_if_held_everywhere(
         metrics::counter!("ringkv_tombstones_deferred_total").increment(1);
         return;
     }
-    let may = tombstones::confirm_collectable(
+    let confirmation = tombstones::confirm_collectable(
         &*inner.transport,
         ring,
         &inner.id,
@@ -199,8 +204,17 @@ async fn collect_if_held_everywhere(
     )
     .await;
     metrics::counter!("ringkv_tombstones_checked_total").increment(1);
-    if !may {
-        return;
+    match confirmation {
+        tombstones::Confirmation::Collectable => {}
+        tombstones::Confirmation::Kept => return,
+        // Not a verdict: a peer whose data path is stuck while it answers
+        // pings would otherwise stop collection with no sign but a flat
+        // `collected` count.
+        tombstones::Confirmation::Unconfirmed { replica, reason } => {
+            metrics::counter!("ringkv_tombstones_unconfirmed_total").increment(1);
+            tracing::debug!(%replica, %reason, key = %String::from_utf8_lossy(&key), "a replica could not say whether a tombstone may go");
+            return;
+        }
     }
     // The replicas asked are those of the ring the check began with; one
     // installed since (a join) may place the key on a node that was not
@@ -212,16 +226,31 @@ async fn collect_if_held_everywhere(
         metrics::counter!("ringkv_tombstones_deferred_total").increment(1);
         return;
     }
+    let key_for_log = key.clone();
     let collected =
         tokio::task::spawn_blocking(move || replica.remove_if_unchanged(&key, &ours)).await;
-    if let Ok(Ok(true)) = collected {
-        // Nobody waits on this deletion, but it should not sit in the WAL
-        // buffer until the next client write.
-        if let Err(e) = inner.storage.commit().await {
-            tracing::warn!(error = %e, "could not flush a collected tombstone");
+    match collected {
+        Ok(Ok(true)) => {
+            // Nobody waits on this deletion, but it should not sit in the
+            // WAL buffer until the next client write.
+            if let Err(e) = inner.storage.commit().await {
+                tracing::warn!(error = %e, "could not flush a collected tombstone");
+            }
+            metrics::counter!("ringkv_tombstones_collected_total").increment(1);
         }
-        metrics::counter!("ringkv_tombstones_collected_total").increment(1);
+        // Written since it was read: it waits for its own grace.
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tombstone_error("remove", &key_for_log, e.to_string()),
+        Err(e) => tombstone_error("remove", &key_for_log, e.to_string()),
     }
+}
+
+/// A storage failure while collecting `key`'s tombstone: logged and counted
+/// (`ringkv_tombstone_errors_total{step}`), since a failing disk would
+/// otherwise stop collection silently. The tombstone stays.
+fn tombstone_error(step: &'static str, key: &[u8], error: String) {
+    metrics::counter!("ringkv_tombstone_errors_total", "step" => step).increment(1);
+    tracing::warn!(step, key = %String::from_utf8_lossy(key), %error, "tombstone collection failed on this node's store");
 }
 
 #[cfg(test)]
