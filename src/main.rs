@@ -180,7 +180,7 @@ fn main() {
         match cli.command {
             Command::Node(a) => server_cmd::node(a).await,
             Command::Cluster(a) => server_cmd::cluster(a).await,
-            Command::Demo(a) => server_cmd::demo(a).await,
+            Command::Demo(a) => removing_scratch_on_signal(server_cmd::demo(a)).await,
             Command::Put(a) => client_cmd::put(a).await,
             Command::Get(a) => client_cmd::get(a).await,
             Command::Delete(a) => client_cmd::delete(a).await,
@@ -189,7 +189,7 @@ fn main() {
             Command::Remove(a) => client_cmd::remove(a).await,
             Command::Leave(a) => client_cmd::leave(a).await,
             Command::Cleanup(a) => client_cmd::cleanup(a).await,
-            Command::Bench(a) => bench_cmd::bench(a).await,
+            Command::Bench(a) => removing_scratch_on_signal(bench_cmd::bench(a)).await,
             Command::Keygen(a) => key_cmd::keygen(a),
         }
     });
@@ -208,12 +208,59 @@ fn main() {
     }
 }
 
+/// Runs a command that keeps an embedded cluster in a scratch dir (`bench`,
+/// `demo`) until it ends, or until Ctrl-C or SIGTERM: then removes this
+/// process's scratch dirs and ends with 128 + the signal, as the signal's
+/// default action would. A later run sweeps the dirs of runs that died,
+/// but until then they can hold gigabytes (`--records` large).
+async fn removing_scratch_on_signal(
+    work: impl std::future::Future<Output = Result<Exit, Failure>>,
+) -> Result<Exit, Failure> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return work.await;
+        };
+        let code = tokio::select! {
+            result = work => return result,
+            _ = interrupt.recv() => 128 + libc::SIGINT,
+            _ = terminate.recv() => 128 + libc::SIGTERM,
+        };
+        for prefix in ["ringkv-bench", "ringkv-demo"] {
+            let _ = std::fs::remove_dir_all(server_cmd::scratch_dir(prefix));
+        }
+        std::process::exit(code);
+    }
+    #[cfg(not(unix))]
+    work.await
+}
+
 /// Whether arguments clap refused asked for JSON on stdout: `--json`, save
 /// that `bench --json FILE` writes its JSON to a file. Read from the raw
 /// arguments, since they did not parse.
 fn asks_json_on_stdout(args: impl Iterator<Item = String>) -> bool {
     let args: Vec<String> = args.collect();
-    let bench = args.iter().any(|a| a == "bench");
+    // The subcommand is the first argument that is not an option (nor the
+    // value of `--log`, the one global option that takes one): a key or a
+    // value named "bench" is not it.
+    let mut subcommand = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--log" => i += 1,
+            a if a.starts_with('-') => {}
+            a => {
+                subcommand = Some(a);
+                break;
+            }
+        }
+        i += 1;
+    }
+    let bench = subcommand == Some("bench");
     args.iter().enumerate().any(|(i, a)| match a.as_str() {
         "--json=-" => true,
         "--json" if bench => args.get(i + 1).is_none_or(|next| next.starts_with('-')),
@@ -304,5 +351,8 @@ mod tests {
         assert!(asks("bench --json=-"));
         assert!(!asks("bench --json out.json --rate 0"));
         assert!(!asks("get k --node x"));
+        // The subcommand decides, not a key that happens to be "bench".
+        assert!(asks("get --json bench --bogus"));
+        assert!(!asks("--log info bench --json out.json --bogus"));
     }
 }

@@ -356,6 +356,38 @@ fn putget_runs_on_an_embedded_cluster_of_the_size_asked() {
     assert_eq!(report["failovers"], 0);
 }
 
+/// A bench stopped by SIGTERM (or Ctrl-C) removes its embedded cluster's
+/// data and ends with 128 + the signal, as the signal's default would.
+#[test]
+fn a_bench_stopped_by_a_signal_removes_its_scratch_dir() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = ringkv()
+        .env("TMPDIR", tmp.path())
+        .args(["bench", "--workload", "putget", "--duration-s", "60"])
+        .args(["--concurrency", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let scratch = tmp.path().join(format!("ringkv-bench-{}", child.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Its nodes' stores are there once they serve.
+    while !scratch.join("n1").join("CURRENT").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no embedded cluster in {scratch:?}"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the bench ended early");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: a plain kill(2) of the child we spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    assert!(!scratch.exists(), "{scratch:?} was left behind");
+}
+
 /// A toy Redis: GET and SET over RESP on a background thread, enough for
 /// `ringkv bench --target resp://` without a redis-server on the machine.
 fn toy_redis() -> std::net::SocketAddr {
