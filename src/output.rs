@@ -256,9 +256,12 @@ pub fn left(reply: &LeaveReply, json: bool) {
 
 /// `repair`: what one anti-entropy round did.
 pub fn repair(report: &RepairReport, json: bool) {
+    // Each failure names one peer the round did not finish with.
+    let finished = (report.peers as usize).saturating_sub(report.failures.len());
     if json {
         print_json(&json!({
             "peers": report.peers,
+            "peers_finished": finished,
             "keys_compared": report.keys_compared,
             "keys_repaired": report.keys_repaired,
             "bytes_sent": report.bytes_sent,
@@ -271,7 +274,7 @@ pub fn repair(report: &RepairReport, json: bool) {
         }));
     } else {
         outln!(
-            "compared {} keys with {} peers in {} ms: {} repaired, {} bytes sent, {} received",
+            "compared {} keys with {finished} of {} peers in {} ms: {} repaired, {} bytes sent, {} received",
             report.keys_compared,
             report.peers,
             report.duration_ms,

@@ -41,6 +41,7 @@ fn repair(c: &Cluster, i: usize) -> serde_json::Value {
         if out.status.code() == Some(0) {
             let report = json(&out);
             assert_eq!(report["peers"], 2, "every other node compared: {report}");
+            assert_eq!(report["peers_finished"], 2, "{report}");
             return report;
         }
         assert!(
@@ -159,7 +160,13 @@ fn a_delete_missed_by_a_replica_never_comes_back() {
     // A round that cannot reach n3 says so, in its report and its counter.
     let out = c.cli(0, &["repair", "--json"]);
     assert_exit(&out, 4);
-    assert!(!json(&out)["failures"].as_array().unwrap().is_empty());
+    let report = json(&out);
+    assert_eq!(report["failures"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(
+        (&report["peers"], &report["peers_finished"]),
+        (&serde_json::json!(2), &serde_json::json!(1)),
+        "n3 is not counted as compared: {report}"
+    );
     assert!(total(&endpoints, "ringkv_anti_entropy_exchange_failures_total") >= 1.0);
 
     c.restart(2);
