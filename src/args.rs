@@ -156,7 +156,7 @@ pub struct BenchArgs {
     /// Concurrent clients, spread over the nodes.
     #[arg(long, value_name = "C", default_value_t = 16)]
     pub concurrency: usize,
-    /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C or more to give every client its own. Not used with --target resp://, where each client has its own TCP connection, nor by putget.
+    /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C to give every client its own (more than C are not opened). Not used with --target resp://, where each client has its own TCP connection, nor by putget.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = bounded::<u32>(1, u32::MAX.into()))]
     pub connections: u32,
     /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). At most 10000000. Default: closed loop.

@@ -93,6 +93,19 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     check_output_path("--plot", args.plot.as_deref())?;
     if let Some(path) = args.json.as_deref().filter(|p| *p != "-") {
         check_output_path("--json", Some(Path::new(path)))?;
+        if let Some(plot) = args
+            .plot
+            .as_deref()
+            .filter(|plot| same_file(plot, Path::new(path)))
+        {
+            return Err(Failure::new(
+                Exit::Usage,
+                format!(
+                    "--json and --plot name the same file ({}): the plot would overwrite the JSON; give two paths",
+                    plot.display()
+                ),
+            ));
+        }
     }
     // Only the embedded cluster emulates regions from here: a matrix given
     // for anything else would be silently ignored.
@@ -275,7 +288,8 @@ fn ycsb_config(
         records: args.records,
         value_bytes: args.value_bytes,
         concurrency: args.concurrency,
-        connections_per_target: args.connections as usize,
+        // More connections than clients would sit unused.
+        connections_per_target: (args.connections as usize).min(args.concurrency.max(1)),
         duration: Duration::from_secs(args.duration_s),
         warmup: Duration::from_secs(args.warmup_s.unwrap_or(WARMUP_DEFAULT_S)),
         settings,
@@ -450,9 +464,14 @@ async fn run_all(
     let to_stdout = args.json.as_deref() == Some("-");
     if !to_stdout {
         errln!(
-            "bench: YCSB-{} on {}, N={replicas}, {} records of {} B, {} clients{}, {} s per setting after {} s of warm-up{}",
+            "bench: YCSB-{} on {}{}, {} records of {} B, {} clients{}, {} s per setting after {} s of warm-up{}",
             config.workload,
-            if embedded_nodes == 0 { "the given cluster".to_string() } else { format!("an embedded {embedded_nodes}-node cluster") },
+            match (config.resp, embedded_nodes) {
+                (true, _) => "the RESP store".to_string(),
+                (false, 0) => "the given cluster".to_string(),
+                (false, n) => format!("an embedded {n}-node cluster"),
+            },
+            if config.resp { String::new() } else { format!(", N={replicas}") },
             config.records,
             config.value_bytes,
             config.concurrency,
@@ -842,6 +861,27 @@ fn check_output_path(flag: &str, path: Option<&Path>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Whether two output paths would replace one file: the same directory
+/// (after symbolic links) and name, once a link at the path itself is
+/// followed (as writing it does, [`output_target`]). Devices and pipes,
+/// written in place, may take both (`/dev/null`).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let landing = |p: &Path| {
+        let OutputTarget::Replace(p) = output_target(p) else {
+            return None;
+        };
+        let dir = match p.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Some((
+            std::fs::canonicalize(dir).ok()?,
+            p.file_name()?.to_os_string(),
+        ))
+    };
+    matches!((landing(a), landing(b)), (Some(a), Some(b)) if a == b)
+}
+
 /// Where a report goes.
 #[derive(Debug, PartialEq)]
 enum OutputTarget {
@@ -1100,6 +1140,25 @@ mod tests {
             message.contains(&format!("localhost:7000 and {localhost} are the same node")),
             "{message}"
         );
+    }
+
+    /// --json and --plot that would replace one file are told apart from
+    /// two files (and from a device, which takes both): by name, through
+    /// another spelling of the directory, and through a link.
+    #[test]
+    fn json_and_plot_that_land_in_one_file_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("r.json"), dir.path().join("r.svg"));
+        assert!(same_file(&a, &a));
+        assert!(!same_file(&a, &b));
+        let respelled = dir.path().join(".").join("r.json");
+        assert!(same_file(&a, &respelled));
+        let link = dir.path().join("latest");
+        std::fs::write(&a, "").unwrap();
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        assert!(same_file(&link, &a));
+        let null = Path::new("/dev/null");
+        assert!(!same_file(null, null));
     }
 
     /// A report written through a symbolic link updates the link's target

@@ -231,6 +231,16 @@ fn bad_bench_input_is_refused_before_loading() {
         ),
         (&["--json", "/"], 2, "is a directory"),
         (
+            &[
+                "--json",
+                "/tmp/ringkv-same.out",
+                "--plot",
+                "/tmp/ringkv-same.out",
+            ],
+            2,
+            "--json and --plot name the same file",
+        ),
+        (
             &["--workload", "putget", "--target", "resp://127.0.0.1:1"],
             2,
             "--target works with YCSB workloads, not putget",
