@@ -231,7 +231,7 @@ pub struct NodeArgs {
     /// Emulate network distance between regions: delay (with jitter and loss) every call to a peer by this matrix, a TOML file or `preset:cloud4` / `preset:cloud3` (AWS inter-region medians). Needs --region; every node of a cluster should get the same matrix. The node reads the file again on SIGHUP (a file that does not load, or lacks a member's region, is refused and the old matrix kept): a link with `cut = true` emulates a network partition, so send SIGHUP to every node after editing the file to make or heal one.
     #[arg(long, value_name = "FILE|preset:NAME", requires = "region")]
     pub latency_matrix: Option<String>,
-    /// Virtual nodes on the ring; more spread load more evenly.
+    /// Virtual nodes on the ring; more spread load more evenly, and a node's share of the keys follows its count. Changing it on a restart moves keys between the members, as a join does (the ring hand-over sends them).
     #[arg(long, value_name = "V", default_value_t = ringkv_ring::DEFAULT_VNODES, value_parser = bounded::<u32>(1, u64::from(ringkv_ring::VNODES_MAX)))]
     pub vnodes: u32,
     /// Fsync the write-ahead log before acknowledging each write (group commit). Without it, writes survive a process crash but not power loss.

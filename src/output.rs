@@ -112,9 +112,13 @@ pub fn get_json(reply: &GetReply) -> Value {
 }
 
 pub fn status(reply: &StatusReply, json: bool) {
+    // A node that left, or was removed, still answers status, from the
+    // record it was removed by: a list without itself.
+    let member = reply.nodes.iter().any(|n| n.id == reply.node);
     if json {
         print_json(&json!({
             "node": reply.node.to_string(),
+            "member": member,
             "replicas": reply.replicas,
             "nodes": reply.nodes.iter().map(|n| json!({
                 "id": n.id.to_string(),
@@ -130,6 +134,12 @@ pub fn status(reply: &StatusReply, json: bool) {
         }));
     } else {
         outln!("cluster seen from {} (N={})", reply.node, reply.replicas);
+        if !member {
+            outln!(
+                "  {} is no longer a member (it left, or was removed): it serves no requests; stop its process",
+                reply.node
+            );
+        }
         outln!(
             "  {:<12} {:<22} {:<7} {:<13} {:<19} keys repaired",
             "node",

@@ -153,7 +153,15 @@ fn a_node_that_leaves_hands_over_its_keys_and_cannot_come_back() {
     let refused = c.cli(3, &["get", "lv1"]);
     assert_exit(&refused, 3);
     assert!(stderr(&refused).contains("removed"), "{}", stderr(&refused));
-    assert_exit(&c.cli(3, &["status"]), 0);
+    let status = c.cli(3, &["status"]);
+    assert_exit(&status, 0);
+    assert!(
+        stdout(&status).contains("n4 is no longer a member"),
+        "{}",
+        stdout(&status)
+    );
+    assert_eq!(json(&c.cli(3, &["status", "--json"]))["member"], false);
+    assert_eq!(json(&c.cli(0, &["status", "--json"]))["member"], true);
     // Listed first with a member after it, n4 is passed over: it ran nothing.
     let both = format!("{},{}", c.addr(3), c.addr(0));
     let got = run(ringkv().args(["get", "lv1", "--json", "--log", "info", "--node", &both]));

@@ -1886,7 +1886,7 @@ async fn enter_cluster(inner: &Arc<NodeInner>, config: &NodeConfig) -> Result<()
         if asked > 0 && refusals.len() == asked {
             return Err(NodeError::Join {
                 reason: format!(
-                    "every other member refused this node at the handshake: {}",
+                    "the handshake failed with every other member (a cluster key differs, or the release): {}",
                     refusals.join("; ")
                 ),
             });
@@ -2091,7 +2091,7 @@ async fn announce_to_addr(
         Ok(Ok(_)) => "same",
         Ok(Err(e @ CallError::Refused(_))) => {
             // Not a peer that is down: one of the two holds another key.
-            tracing::warn!(peer = %peer, error = %e, "the peer refused this node at the handshake");
+            tracing::warn!(peer = %peer, error = %e, "the handshake with the peer failed (one of the two refused the other's certificate: a cluster key differs, or the release)");
             refused = Some(e.to_string());
             "handshake_refused"
         }
