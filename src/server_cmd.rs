@@ -284,6 +284,22 @@ fn check_cluster_args(args: &ClusterArgs) -> Result<(), Failure> {
             ),
         ));
     }
+    if args.base_port == 0 {
+        // As `node --listen` refuses port 0: the data dir, reused, keeps
+        // each node's address, and its peers would look for it there.
+        return Err(Failure::new(
+            Exit::Usage,
+            "--base-port 0 would give the nodes other ports on every run, while their data dirs keep their addresses; give a port",
+        ));
+    }
+    if args.nodes < args.replicas {
+        errln!(
+            "note: {} nodes for N={}: reads and writes at `all` cannot succeed (each key has at most {} replicas here)",
+            args.nodes,
+            args.replicas,
+            args.nodes
+        );
+    }
     if args.base_port as usize + args.nodes > usize::from(u16::MAX) + 1 {
         return Err(Failure::new(
             Exit::Usage,
@@ -821,6 +837,13 @@ mod tests {
         assert!(check_cluster_args(&cluster_args(&["--nodes", "3", "--replicas", "3"])).is_ok());
         // No nodes at all is refused as the flags are read.
         assert!(Cli::try_parse_from(["ringkv", "cluster", "--nodes", "0"]).is_err());
+        // Nor a port the system picks anew on every run.
+        let failure = check_cluster_args(&cluster_args(&["--base-port", "0"])).unwrap_err();
+        assert!(
+            failure.message.contains("--base-port 0"),
+            "{}",
+            failure.message
+        );
     }
 
     #[test]
