@@ -240,6 +240,9 @@ pub struct NodeArgs {
     /// Mint new writes under a new epoch of this node's version-vector actor, whatever the last run was. Needed once when the data dir was restored from a copy, backup or snapshot: its store may be older than what the node last wrote, and reusing the epoch could give a new write the version of one the other replicas already hold (it would be lost).
     #[arg(long)]
     pub new_epoch: bool,
+    /// Start although the data dir last ran with another cluster key, or with one and now none (a node refuses that by default: its data dir remembers the keys it ran with). For a cluster whose key was lost: stop every node and start each once with the new key (or none) and this flag.
+    #[arg(long)]
+    pub cluster_key_replaced: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9100).

@@ -230,8 +230,16 @@ async fn removing_scratch_on_signal(
             _ = interrupt.recv() => 128 + libc::SIGINT,
             _ = terminate.recv() => 128 + libc::SIGTERM,
         };
+        // The embedded nodes are still open: a flush may add a file while
+        // the dir is being removed, so try again a few times.
         for prefix in ["ringkv-bench", "ringkv-demo"] {
-            let _ = std::fs::remove_dir_all(server_cmd::scratch_dir(prefix));
+            let dir = server_cmd::scratch_dir(prefix);
+            for _ in 0..5 {
+                if std::fs::remove_dir_all(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
         std::process::exit(code);
     }

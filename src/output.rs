@@ -266,8 +266,7 @@ pub fn left(reply: &LeaveReply, json: bool) {
 
 /// `repair`: what one anti-entropy round did.
 pub fn repair(report: &RepairReport, json: bool) {
-    // Each failure names one peer the round did not finish with.
-    let finished = (report.peers as usize).saturating_sub(report.failures.len());
+    let finished = report.peers_finished;
     if json {
         print_json(&json!({
             "peers": report.peers,

@@ -45,6 +45,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     }
     config.sync = args.sync;
     config.new_epoch = args.new_epoch;
+    config.cluster_key_replaced = args.cluster_key_replaced;
     config.max_value_bytes = args.limits.max_value_bytes;
     config.max_siblings = args.limits.max_siblings;
     config.max_connections = args.limits.max_connections;

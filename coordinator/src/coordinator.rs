@@ -1847,14 +1847,15 @@ impl<T: Transport> Coordinator<T> {
     fn past_its_forward(&self, request: &PutRequest) -> Option<Response> {
         let (not_after, clock) = (request.not_after_unix_ms?, self.wall_clock.as_ref()?);
         let now = clock();
-        if now <= not_after {
+        if now <= not_after.saturating_add(FORWARD_CLOCK_SKEW_MS) {
             return None;
         }
         counter!("ringkv_forwards_refused_late_total").increment(1);
         Some(Response::error(
             ErrorKind::NotServing,
             format!(
-                "{} received this forwarded write {} ms after its forwarder stopped waiting for it; \
+                "{} received this forwarded write {} ms after its forwarder stopped waiting for it \
+                 (by the two nodes' wall clocks; if they are that far apart, sync them); \
                  it was not run here",
                 self.id,
                 now - not_after
@@ -1862,6 +1863,12 @@ impl<T: Transport> Coordinator<T> {
         ))
     }
 }
+
+/// How far past a forward's `not_after_unix_ms` a replica still takes it:
+/// the two nodes' wall clocks may disagree by that much. A coordinator
+/// whose clock is behind by more would have every forward it makes
+/// refused; one ahead lets a forward that late be minted after all.
+const FORWARD_CLOCK_SKEW_MS: u64 = 250;
 
 fn set_timeout_ms(request: &mut Request, timeout_ms: u32) {
     match request {

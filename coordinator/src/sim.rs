@@ -289,8 +289,12 @@ impl Transport for SimTransport {
             }
             Some(deliver(&net, &to_node, handler, request).await)
         });
-        let Ok(Some(response)) = delivered.await else {
-            return std::future::pending().await;
+        let response = match delivered.await {
+            Ok(Some(response)) => response,
+            // A handler's panic (a failed assertion) fails the test, as it
+            // did when the handler ran in the caller's task.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Ok(None) | Err(_) => return std::future::pending().await,
         };
         let Ok(back) = self.net.route(to, &self.from, &format!("{what} reply")) else {
             return std::future::pending().await;

@@ -176,10 +176,12 @@ pub struct PutRequest {
     /// disagreement about placement cannot forward it in circles.
     pub forwarded: bool,
     /// Set by a forwarding node: the wall-clock time (Unix ms, its own
-    /// clock) after which it no longer waits for this node and may hand
-    /// the write to the next replica. A node that would mint the write
-    /// later refuses it instead: a forward delayed in the network past a
-    /// later delete would otherwise mint the deleted value again.
+    /// clock) by which this node must begin the write for its answer to
+    /// reach the forwarder in time; later, the forwarder may hand the write
+    /// to the next replica. A node that would mint the write later refuses
+    /// it instead (allowing the two clocks some disagreement): a forward
+    /// delayed in the network past a later delete would otherwise mint the
+    /// deleted value again.
     pub not_after_unix_ms: Option<u64>,
 }
 
@@ -513,6 +515,9 @@ pub struct NodeStats {
 pub struct RepairReport {
     /// Peers the round tried to compare with.
     pub peers: u32,
+    /// Of those, the peers whose exchange went to the end (some keys
+    /// skipped or not: those are named in `failures` too).
+    pub peers_finished: u32,
     /// Keys covered by this node's trees for the peers compared (the keys
     /// it shares with each, summed over the peers).
     pub keys_compared: u64,

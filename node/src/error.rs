@@ -40,7 +40,7 @@ pub enum NodeError {
     Tls { reason: String },
     #[error("cluster key file {path}: {reason}")]
     ClusterKey { path: PathBuf, reason: String },
-    #[error("this data dir's node last ran {before}, and is now started {now}: its peers and clients would refuse it, or, with no peers to ask, it would take requests its cluster's key never allowed; start it with its cluster's key (--cluster-key-file), or change keys as README.md says (both keys at once, then the new one)")]
+    #[error("this data dir's node last ran {before}, and is now started {now}: its peers and clients would refuse it, or, with no peers to ask, it would take requests its cluster's key never allowed; start it with its cluster's key (--cluster-key-file), or change keys as README.md says (both keys at once, then the new one); if that key was lost, start every node once with the new key and --cluster-key-replaced")]
     ClusterKeyChanged { before: String, now: String },
     #[error(transparent)]
     NoTreeRebuild(#[from] ringkv_repair::trees::NoRebuildUnderWay),

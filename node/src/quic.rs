@@ -54,7 +54,7 @@ const STREAM_IN_FLIGHT_MAX: u32 = 1024;
 pub const CONNECTION_IN_FLIGHT_MAX: usize = 4096;
 const _: () = assert!(
     CONNECTION_IN_FLIGHT_MAX
-        >= 2 * STREAM_IN_FLIGHT_MAX as usize + tls::MAX_CONCURRENT_STREAMS as usize
+        >= 3 * STREAM_IN_FLIGHT_MAX as usize + tls::MAX_CONCURRENT_STREAMS as usize
 );
 /// Bytes of answers one connection may have waiting to be handed to QUIC
 /// before its streams stop reading requests, each answer counting up to
@@ -111,6 +111,13 @@ enum Lane {
     Leaf,
     /// The shared stream of requests the receiving node coordinates.
     Coordinated,
+    /// A shared stream for pings alone, opened with the connection and
+    /// kept: a ping then needs no stream credit, which a peer's large
+    /// requests (each on a stream of its own, up to the connection's
+    /// stream limit) may all hold during a write stall, nor waits behind
+    /// the other lanes' requests. Either would have the peer counted down
+    /// and its connection closed, failing what was under way.
+    Control,
     /// A stream of its own: rare or large requests.
     Own,
 }
@@ -119,12 +126,9 @@ enum Lane {
 fn lane(request: &Request, encoded_bytes: usize) -> Lane {
     let lane = match request {
         Request::Put(_) | Request::Get(_) | Request::Status => Lane::Coordinated,
-        // A stream of its own, as the connection keeps places for those: on
-        // the shared stream a ping would wait behind a busy peer's replica
-        // requests (every place taken during a long write stall), fail, and
-        // have the peer counted down and its connection closed, failing
-        // what was under way. A ping a second per peer costs a stream.
-        Request::Ping | Request::Identify => Lane::Own,
+        Request::Ping => Lane::Control,
+        // Asked once per connection, on the leaf stream (`identify`).
+        Request::Identify => Lane::Own,
         Request::Replica(
             ReplicaRequest::Update { .. }
             | ReplicaRequest::Sync { .. }
@@ -491,14 +495,21 @@ impl Channel {
                     "the stream ended before the request was sent; it did not run".into(),
                 ))
             }
+            // Back-pressure, answered as the node itself sheds load: nothing
+            // ran, and callers treat it so (a forward tries the next
+            // replica, a client retries later rather than move elsewhere,
+            // and the peer is not taken for down).
             Pushed::Full { queued_bytes } => {
                 metrics::counter!("ringkv_requests_unsent_total", "reason" => "queue_full")
                     .increment(1);
-                return Err(CallError::Unread(format!(
-                    "the node is not reading its requests ({} MiB wait to be sent to it); \
-                     this one was not sent, so it did not run",
-                    queued_bytes >> 20
-                )));
+                return Ok(Response::error(
+                    ErrorKind::Overloaded,
+                    format!(
+                        "the node is not reading its requests ({} MiB wait to be sent to it); \
+                         this one was not sent, so it did not run: retry later",
+                        queued_bytes >> 20
+                    ),
+                ));
             }
         }
         answer
@@ -970,10 +981,12 @@ struct Peer {
     /// Who answered [`Request::Identify`] on this connection, once asked:
     /// a connection reaches one process, so once is enough.
     identity: Option<Identity>,
-    /// The shared streams of the two lanes, each opened on its first
-    /// request and reopened if it ends while the connection lives on.
+    /// The shared streams of the lanes, each opened on its first request
+    /// (the control lane's with the connection) and reopened if it ends
+    /// while the connection lives on.
     leaf: Option<Arc<Channel>>,
     coordinated: Option<Arc<Channel>>,
+    control: Option<Arc<Channel>>,
 }
 
 /// The open channel in `slot`, or a new one on `conn` in its place.
@@ -1094,11 +1107,16 @@ impl PeerPool {
                 let dialled = connect(&endpoint, addr, timeout).await;
                 let outcome = match &dialled {
                     Ok(conn) => {
+                        // Now, while the connection's streams are free (see
+                        // `Lane::Control`); a failure here leaves it to the
+                        // first ping.
+                        let control = Channel::open(conn).await.ok().map(Arc::new);
                         slot.peer = Some(Peer {
                             conn: conn.clone(),
                             identity: None,
                             leaf: None,
                             coordinated: None,
+                            control,
                         });
                         slot.dial_failed = None;
                         "ok"
@@ -1126,6 +1144,7 @@ impl PeerPool {
         let channel = match lane {
             Lane::Leaf => Some(open_channel(&mut peer.leaf, &peer.conn).await?),
             Lane::Coordinated => Some(open_channel(&mut peer.coordinated, &peer.conn).await?),
+            Lane::Control => Some(open_channel(&mut peer.control, &peer.conn).await?),
             Lane::Own => None,
         };
         Ok(Ok((peer.conn.clone(), channel)))
@@ -1283,7 +1302,9 @@ impl Client {
     /// shared lanes on one stream.
     pub async fn call(&self, request: &Request) -> Result<Response, CallError> {
         let body = encode_request(request);
-        if lane(request, body.len()) == Lane::Own {
+        // A client's pings (a few, to see a node serve again) take a
+        // stream each, as its other rare requests do.
+        if matches!(lane(request, body.len()), Lane::Own | Lane::Control) {
             return call_on_own_stream(&self.conn, &body).await;
         }
         let channel = open_channel(&mut *self.channel.lock().await, &self.conn).await?;
@@ -1717,7 +1738,7 @@ mod tests {
             hint_for: None,
         });
         assert_eq!(lane(&read, 100), Lane::Leaf);
-        assert_eq!(lane(&Request::Ping, 10), Lane::Own);
+        assert_eq!(lane(&Request::Ping, 10), Lane::Control);
         assert_eq!(lane(&read, SHARED_REQUEST_MAX_BYTES + 1), Lane::Own);
         assert_eq!(lane(&Request::Stats, 10), Lane::Own);
     }
@@ -1780,6 +1801,57 @@ mod tests {
         })
         .await;
         let ping = tokio::time::timeout(Duration::from_secs(5), client.call(&Request::Ping)).await;
+        assert!(matches!(ping, Ok(Ok(Response::Pong))), "{ping:?}");
+        for task in stuck {
+            task.abort();
+        }
+    }
+
+    /// A peer's ping is answered while every stream the connection may
+    /// open is taken by large replica requests that do not end (a peer in
+    /// a long write stall): pings ride a stream opened with the connection.
+    #[tokio::test]
+    async fn a_ping_is_answered_while_large_requests_hold_every_stream() {
+        let held = Arc::new(AtomicUsize::new(0));
+        let handle = {
+            let held = held.clone();
+            move |request| {
+                let held = held.clone();
+                async move {
+                    if let Request::Replica(_) = request {
+                        held.fetch_add(1, Ordering::SeqCst);
+                        std::future::pending::<()>().await;
+                    }
+                    Response::Pong
+                }
+            }
+        };
+        let (_server, addr) = server_answering(handle, watch::channel(false).1);
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(None).unwrap());
+        let pool = Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
+        let mut clock = ringkv_core::dvv::Clock::new();
+        let actor = NodeId::new("n1").unwrap();
+        let value = ringkv_core::dvv::Payload::Value(vec![7; SHARED_REQUEST_MAX_BYTES]);
+        clock.update(&clock.context(), value, &actor);
+        let large = Request::Replica(ReplicaRequest::Sync {
+            key: b"k".to_vec(),
+            clock,
+        });
+        assert_eq!(lane(&large, encode_request(&large).len()), Lane::Own);
+        // The first call dials; then more large requests than streams.
+        let streams = tls::MAX_CONCURRENT_STREAMS as usize;
+        let mut stuck = Vec::new();
+        for _ in 0..streams + 8 {
+            let (pool, large) = (pool.clone(), large.clone());
+            stuck.push(tokio::spawn(async move { pool.call(addr, &large).await }));
+        }
+        crate::test_support::wait_until("every stream taken", || {
+            held.load(Ordering::SeqCst) >= streams - 1
+        })
+        .await;
+        let ping =
+            tokio::time::timeout(Duration::from_secs(5), pool.call(addr, &Request::Ping)).await;
         assert!(matches!(ping, Ok(Ok(Response::Pong))), "{ping:?}");
         for task in stuck {
             task.abort();

@@ -146,6 +146,9 @@ pub struct NodeConfig {
     /// The cluster's shared secret (`--cluster-key-file`): with one, only
     /// processes holding the same key can connect (see `cluster_key`).
     pub cluster_key: Option<ClusterKey>,
+    /// Start although the data dir last ran with other cluster keys
+    /// (`--cluster-key-replaced`; see `check_cluster_key`).
+    pub cluster_key_replaced: bool,
 }
 
 impl NodeConfig {
@@ -187,6 +190,7 @@ impl NodeConfig {
             region: None,
             latency_matrix: None,
             cluster_key: None,
+            cluster_key_replaced: false,
         }
     }
 
@@ -731,7 +735,8 @@ impl NodeInner {
     /// emulates regions and its latency matrix lacks that one: its links to
     /// the node would silently take no delay (nor could a partition cut it
     /// off). A refusal: the joining node fails to start at once with this
-    /// reason (exit 2), since waiting does not change a matrix.
+    /// reason (exit 2); once the matrices agree (SIGHUP reloads the seed's),
+    /// start it again.
     fn region_unknown(&self, region: Option<&str>) -> Option<Response> {
         let (links, region) = (self.transport.regions.as_ref()?, region?);
         let unknown = links.matrix().check_region(region).err()?;
@@ -1357,10 +1362,7 @@ impl Node {
         crate::storage::check_data_dir(&config.data_dir)?;
         let (handle, inner) = Node::assemble(&config).await?;
         let keys = config.cluster_key.as_ref().map(ClusterKey::fingerprints);
-        let result = match check_cluster_key(&inner.storage, keys.as_deref()) {
-            Ok(()) => form_or_join(&inner, &config).await,
-            Err(e) => Err(e),
-        };
+        let result = form_or_join(&inner, &config).await;
         // Remembered once the node is in, with the keys it holds now (a
         // key change moves on a step).
         let result = result.and_then(|()| match inner.storage.cluster_keys()? {
@@ -1387,6 +1389,11 @@ impl Node {
             crate::storage::lower_background_priority()?;
         }
         let storage = Arc::new(Storage::open(&config.data_dir, config.sync)?);
+        // Before anything is served.
+        if !config.cluster_key_replaced {
+            let keys = config.cluster_key.as_ref().map(ClusterKey::fingerprints);
+            check_cluster_key(&storage, keys.as_deref())?;
+        }
 
         let listen_err = |e: std::io::Error| NodeError::Listen {
             addr: config.listen.to_string(),
@@ -1840,7 +1847,10 @@ async fn check_no_twin(inner: &Arc<NodeInner>, record: &ClusterRecord) -> Result
 /// dir's node last started with, or with no key when it had one. Its
 /// peers would refuse its handshakes, but with none to ask (a one-node
 /// cluster, or every peer down) it would serve, to anyone, what its key
-/// kept to holders. A data dir that had no key may be given one.
+/// kept to holders. A data dir that had no key may be given one (so a dir
+/// from a release before this check, which kept no fingerprints, takes
+/// its first start without a key); `--cluster-key-replaced` skips the
+/// check, for a cluster whose key was lost.
 fn check_cluster_key(storage: &Storage, fingerprints: Option<&[String]>) -> Result<(), NodeError> {
     let before = storage.cluster_keys()?;
     let now = fingerprints.unwrap_or_default();

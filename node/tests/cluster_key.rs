@@ -213,6 +213,16 @@ async fn a_cluster_of_one_remembers_its_keys() {
         .err()
         .expect("the old key is gone");
     assert!(matches!(e, NodeError::ClusterKeyChanged { .. }), "{e:?}");
+    // The key was lost: replaced on purpose, and remembered from then on.
+    let mut replaced = solo(&[KEY]);
+    replaced.cluster_key_replaced = true;
+    Node::start(replaced).await.unwrap().shutdown().await;
+    Node::start(solo(&[KEY])).await.unwrap().shutdown().await;
+    let e = Node::start(solo(&[OTHER_KEY]))
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(e, NodeError::ClusterKeyChanged { .. }), "{e:?}");
 }
 
 /// The key changes without stopping the cluster: every process is restarted

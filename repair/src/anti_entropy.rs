@@ -337,6 +337,7 @@ impl<T: Transport> AntiEntropy<T> {
             };
             if matches!(outcome, Ok(()) | Err(AntiEntropyError::Skipped { .. })) {
                 finished = true;
+                report.peers_finished += 1;
             }
             if let Err(e) = outcome {
                 counter!("ringkv_anti_entropy_exchange_failures_total").increment(1);

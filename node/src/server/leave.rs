@@ -318,7 +318,7 @@ impl NodeInner {
             .record()
             .and_then(|r| r.ring().ok())
             .unwrap_or(ring_after);
-        let mut late_failures = Vec::new();
+        let (mut late_failures, mut passed) = (Vec::new(), false);
         let (give_up_at, mut pause) = (
             tokio::time::Instant::now() + LATE_PASS_FOR,
             Duration::from_secs(1),
@@ -331,22 +331,18 @@ impl NodeInner {
             // minute after shutdown returned.
             let pass = tokio::select! {
                 pass = self.hand_over(&before, &ring_now, false) => pass,
-                () = self.drain_ended() => Err(PeerFailure {
-                    peer: self.id.clone(),
-                    reason: "this node was shut down before its last hand-over finished: a replica may miss writes it took during the leave; run `ringkv repair` on the members".into(),
-                }),
+                () = self.drain_ended() => break,
             };
             match pass {
                 Ok(_) => {
                     late_failures.clear();
+                    passed = true;
                     break;
                 }
                 Err(failure) => {
                     tracing::warn!(peer = %failure.peer, reason = %failure.reason, attempt, "the last hand-over failed");
                     late_failures = vec![failure];
-                    if tokio::time::Instant::now() + pause > give_up_at
-                        || self.drain_over.load(Ordering::SeqCst)
-                    {
+                    if tokio::time::Instant::now() + pause > give_up_at {
                         break;
                     }
                     tokio::select! {
@@ -356,6 +352,14 @@ impl NodeInner {
                     pause = (pause * 2).min(LATE_PASS_PAUSE_MAX);
                 }
             }
+        }
+        // Ended by the shutdown, during a try or between two: said, whatever
+        // the tries before it met.
+        if !passed && self.drain_over.load(Ordering::SeqCst) {
+            late_failures.push(PeerFailure {
+                peer: self.id.clone(),
+                reason: "this node was shut down before its last hand-over finished: a replica may miss writes it took during the leave; run `ringkv repair` on the members".into(),
+            });
         }
         late_failures.extend(requests_outlasting_the_wait(&self.id, still_running));
         // What only this node may still hold, said rather than lost: a hint
