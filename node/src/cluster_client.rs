@@ -36,11 +36,13 @@
 //! where it started, and the load stays spread.
 //!
 //! Every node dialled is asked who it is (`Identify`), and one of another
-//! cluster than the first node that named one is passed over like a node
-//! that cannot be dialled: a member that lost its data dir and, started
-//! with no seed, formed a cluster of its own at its old address would
-//! otherwise take writes nobody else ever reads (its peers already refuse
-//! it, by the same question).
+//! cluster than the client's is passed over like a node that cannot be
+//! dialled: a member that lost its data dir and, started with no seed,
+//! formed a cluster of its own at its old address would otherwise take
+//! writes nobody else ever reads (its peers already refuse it, by the same
+//! question). The client's cluster is the one most of the nodes given name
+//! when it connects (all asked at once); with fewer than two answers, the
+//! first node to name one.
 //!
 //! Requests that find no connection wait for one dial at a time: while
 //! the next node is dialled (up to the connect timeout when it is down too)
@@ -142,6 +144,13 @@ impl ClusterClient {
         let preferred = preferred % nodes.len();
         let mut first_error = None;
         let cluster_id = identify.then(|| Arc::new(OnceLock::new()));
+        if let Some(cluster_id) = &cluster_id {
+            if let Some(agreed) =
+                agreed_cluster(&nodes, preferred, connect_timeout, cluster_key).await
+            {
+                let _ = cluster_id.set(agreed);
+            }
+        }
         for step in 0..nodes.len() {
             let at = (preferred + step) % nodes.len();
             match dial_member(
@@ -520,6 +529,55 @@ async fn dial_member(
     Err(CallError::Refused(format!(
         "the node at {addr} is of cluster {theirs:016x}, not {ours:016x} as the client's first node (did it lose its data and start a cluster of its own?)"
     )))
+}
+
+/// The cluster most of `nodes` say they are of (ties go to the node
+/// earliest from `preferred` on), asking them all at once; `None` with
+/// fewer than two nodes or answers. Otherwise the client's preferred node
+/// alone would decide: one that lost its data and formed a cluster of its
+/// own at a member's address would then have the client pass over every
+/// real member and write where nobody reads.
+async fn agreed_cluster(
+    nodes: &[SocketAddr],
+    preferred: usize,
+    timeout: Duration,
+    key: Option<&ClusterKey>,
+) -> Option<u64> {
+    if nodes.len() < 2 {
+        return None;
+    }
+    let mut asks = tokio::task::JoinSet::new();
+    for step in 0..nodes.len() {
+        let (addr, key) = (nodes[(preferred + step) % nodes.len()], key.cloned());
+        asks.spawn(async move {
+            let client = Client::connect_with_key(addr, timeout, key.as_ref())
+                .await
+                .ok()?;
+            let asked = tokio::time::timeout(timeout, client.call(&Request::Identify)).await;
+            client.close().await;
+            match asked {
+                Ok(Ok(Response::Identity(Identity {
+                    cluster_id: Some(theirs),
+                    ..
+                }))) => Some((step, theirs)),
+                _ => None,
+            }
+        });
+    }
+    let mut answers: Vec<(usize, u64)> = asks.join_all().await.into_iter().flatten().collect();
+    if answers.len() < 2 {
+        return None;
+    }
+    // In order from `preferred`, so that a tie keeps the earliest.
+    answers.sort_unstable();
+    let mut best: Option<(u64, usize)> = None;
+    for (_, id) in &answers {
+        let count = answers.iter().filter(|(_, a)| a == id).count();
+        if best.is_none_or(|(_, most)| count > most) {
+            best = Some((*id, count));
+        }
+    }
+    best.map(|(id, _)| id)
 }
 
 /// The key the return probe reads (it need not exist).
@@ -969,6 +1027,26 @@ mod tests {
             }
         });
         (endpoint, addr, served, answered)
+    }
+
+    /// A preferred node of another cluster than most of the nodes given
+    /// (it lost its data and formed a cluster of its own at a member's
+    /// address) does not capture the client: the client takes the cluster
+    /// most nodes name, and passes that node over.
+    #[tokio::test]
+    async fn a_preferred_node_of_another_cluster_than_most_is_passed_over() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (_e1, stranger, stranger_served, _) = member_of("n1", 8, any);
+        let (_e2, second, served, _) = member_of("n2", 7, any);
+        let (_e3, third, _, _) = member_of("n3", 7, any);
+        let client = ClusterClient::connect(vec![stranger, second, third], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        assert_pong(&client).await;
+        assert_eq!(client.current_node(), second);
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        assert_eq!(stranger_served.load(Ordering::SeqCst), 0);
+        client.close().await;
     }
 
     /// A node of another cluster than the client's first node (one that
