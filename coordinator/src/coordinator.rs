@@ -1836,9 +1836,9 @@ const FORWARD_MARGIN: Duration = Duration::from_millis(20);
 const FORWARD_SHARE_PERCENT: u32 = 67;
 
 impl<T: Transport> Coordinator<T> {
-    /// The refusal of a forwarded write that came after the forwarding node
-    /// stopped waiting for it (`not_after_unix_ms`). That node may have had
-    /// another replica mint it since, acknowledged it, and the client may
+    /// The refusal of a forwarded write that came after the time its
+    /// forwarder gave it to begin (`not_after_unix_ms`, plus the clocks'
+    /// allowance). The forwarder may have had another replica mint it since, acknowledged it, and the client may
     /// have deleted it with a read's context; minting it again here would
     /// bring the value back. Nothing runs: the answer, if it arrives, tells
     /// the forwarder so. Not covered: a mint that began in time and whose
@@ -1854,7 +1854,7 @@ impl<T: Transport> Coordinator<T> {
         Some(Response::error(
             ErrorKind::NotServing,
             format!(
-                "{} received this forwarded write {} ms after its forwarder stopped waiting for it \
+                "{} received this forwarded write {} ms after the time its forwarder gave it to begin \
                  (by the two nodes' wall clocks; if they are that far apart, sync them); \
                  it was not run here",
                 self.id,
