@@ -1771,21 +1771,7 @@ mod tests {
     /// it has a stream of its own.
     #[tokio::test]
     async fn a_ping_is_answered_while_the_shared_stream_is_full() {
-        let held = Arc::new(AtomicUsize::new(0));
-        let handle = {
-            let held = held.clone();
-            move |request| {
-                let held = held.clone();
-                async move {
-                    if let Request::Replica(_) = request {
-                        held.fetch_add(1, Ordering::SeqCst);
-                        std::future::pending::<()>().await;
-                    }
-                    Response::Pong
-                }
-            }
-        };
-        let (_server, addr) = server_answering(handle, watch::channel(false).1);
+        let (_server, addr, held) = server_stalling_replica_requests();
         let client = Arc::new(Client::connect(addr, Duration::from_secs(5)).await.unwrap());
         let read = Request::Replica(ReplicaRequest::Read {
             key: b"k".to_vec(),
@@ -1812,21 +1798,7 @@ mod tests {
     /// a long write stall): pings ride a stream opened with the connection.
     #[tokio::test]
     async fn a_ping_is_answered_while_large_requests_hold_every_stream() {
-        let held = Arc::new(AtomicUsize::new(0));
-        let handle = {
-            let held = held.clone();
-            move |request| {
-                let held = held.clone();
-                async move {
-                    if let Request::Replica(_) = request {
-                        held.fetch_add(1, Ordering::SeqCst);
-                        std::future::pending::<()>().await;
-                    }
-                    Response::Pong
-                }
-            }
-        };
-        let (_server, addr) = server_answering(handle, watch::channel(false).1);
+        let (_server, addr, held) = server_stalling_replica_requests();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(tls::client_config(None).unwrap());
         let pool = Arc::new(PeerPool::new(endpoint, Duration::from_secs(5)));
@@ -1856,6 +1828,27 @@ mod tests {
         for task in stuck {
             task.abort();
         }
+    }
+
+    /// A server that answers every request with a pong but replica requests,
+    /// which it holds for ever (a node in a long write stall), counting them.
+    fn server_stalling_replica_requests() -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+        let held = Arc::new(AtomicUsize::new(0));
+        let handle = {
+            let held = held.clone();
+            move |request| {
+                let held = held.clone();
+                async move {
+                    if let Request::Replica(_) = request {
+                        held.fetch_add(1, Ordering::SeqCst);
+                        std::future::pending::<()>().await;
+                    }
+                    Response::Pong
+                }
+            }
+        };
+        let (server, addr) = server_answering(handle, watch::channel(false).1);
+        (server, addr, held)
     }
 
     /// A server that finishes its streams (a draining node) answers what it

@@ -2246,36 +2246,8 @@ mod tests {
     #[tokio::test]
     async fn a_leave_hands_over_what_it_holds_now_not_what_its_scan_saw() {
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-        let n1 = start_in_pair("n1", dirs[0].path(), None).await;
-        let n2 = start_in_pair("n2", dirs[1].path(), Some(n1.addr())).await;
-        let n3 = start_in_pair("n3", dirs[2].path(), Some(n1.addr())).await;
-        let three = |n: &NodeHandle| {
-            n.inner
-                .ring_tx
-                .borrow()
-                .as_ref()
-                .is_some_and(|r| r.len() == 3)
-        };
-        wait_until("every node has the ring of three", || {
-            three(&n1) && three(&n2) && three(&n3)
-        })
-        .await;
-        wait_until("n3's hand-over has read what it owes", || {
-            !n3.inner
-                .handover_owed
-                .load(std::sync::atomic::Ordering::SeqCst)
-        })
-        .await;
-        let ring = n3.inner.ring_tx.borrow().clone().unwrap();
-        let key = (0..)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| ring.replicas_of(k).contains(&n3.inner.id))
-            .unwrap();
-        // On n3 only.
+        let (n1, n2, n3, key) = three_with_a_key_on_n3(&dirs).await;
         let replica = n3.inner.local.replica.clone();
-        replica
-            .update(&key, &VersionVector::new(), Payload::Value(b"v".to_vec()))
-            .unwrap();
         let (seen, removed) = (key.clone(), replica.clone());
         *n3.inner.leave_page_read.lock().unwrap() = Some(Box::new(move |keys: &[Vec<u8>]| {
             if keys.contains(&seen) {
@@ -2307,34 +2279,7 @@ mod tests {
     async fn a_shutdown_ends_a_leave_s_failing_last_pass() {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-        let n1 = start_in_pair("n1", dirs[0].path(), None).await;
-        let n2 = start_in_pair("n2", dirs[1].path(), Some(n1.addr())).await;
-        let n3 = start_in_pair("n3", dirs[2].path(), Some(n1.addr())).await;
-        let three = |n: &NodeHandle| {
-            n.inner
-                .ring_tx
-                .borrow()
-                .as_ref()
-                .is_some_and(|r| r.len() == 3)
-        };
-        wait_until("every node has the ring of three", || {
-            three(&n1) && three(&n2) && three(&n3)
-        })
-        .await;
-        wait_until("n3's hand-over has read what it owes", || {
-            !n3.inner.handover_owed.load(SeqCst)
-        })
-        .await;
-        let ring = n3.inner.ring_tx.borrow().clone().unwrap();
-        let key = (0..)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| ring.replicas_of(k).contains(&n3.inner.id))
-            .unwrap();
-        n3.inner
-            .local
-            .replica
-            .update(&key, &VersionVector::new(), Payload::Value(b"v".to_vec()))
-            .unwrap();
+        let (n1, n2, n3, _) = three_with_a_key_on_n3(&dirs).await;
         // The last pass's first page (the hook's second call) waits until
         // the other members are down, so that every try of the pass fails.
         let (reached, pages) = (Arc::new(AtomicBool::new(false)), AtomicUsize::new(0));
@@ -2398,6 +2343,45 @@ mod tests {
         assert_eq!(Arc::strong_count(&held), 2, "still waiting, for a while");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(Arc::strong_count(&held), 1, "the task ended");
+    }
+
+    /// Three nodes of a two-replica cluster in `dirs`, once each has the
+    /// ring of three and n3's hand-over has read what it owes; and a key n3
+    /// replicates, written with value "v" on n3 only.
+    async fn three_with_a_key_on_n3(
+        dirs: &[tempfile::TempDir],
+    ) -> (NodeHandle, NodeHandle, NodeHandle, Vec<u8>) {
+        let n1 = start_in_pair("n1", dirs[0].path(), None).await;
+        let n2 = start_in_pair("n2", dirs[1].path(), Some(n1.addr())).await;
+        let n3 = start_in_pair("n3", dirs[2].path(), Some(n1.addr())).await;
+        let three = |n: &NodeHandle| {
+            n.inner
+                .ring_tx
+                .borrow()
+                .as_ref()
+                .is_some_and(|r| r.len() == 3)
+        };
+        wait_until("every node has the ring of three", || {
+            three(&n1) && three(&n2) && three(&n3)
+        })
+        .await;
+        wait_until("n3's hand-over has read what it owes", || {
+            !n3.inner
+                .handover_owed
+                .load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
+        let ring = n3.inner.ring_tx.borrow().clone().unwrap();
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| ring.replicas_of(k).contains(&n3.inner.id))
+            .unwrap();
+        n3.inner
+            .local
+            .replica
+            .update(&key, &VersionVector::new(), Payload::Value(b"v".to_vec()))
+            .unwrap();
+        (n1, n2, n3, key)
     }
 
     /// A node `id` of a two-replica cluster in `dir`, on a free loopback
