@@ -76,10 +76,10 @@ pub const CONNECTION_REQUEST_MAX_BYTES: usize = 2 * FRAME_MAX_BYTES;
 
 /// Bytes of requests a shared stream may have waiting to be written (its
 /// peer's flow control holds them back when the peer stops reading, as in
-/// a long write stall). Past it a call fails at once, unsent, rather than
-/// queue: nothing removes a frame whose caller gave up, so the queue would
-/// otherwise grow for as long as the peer stalls. About 256 of the largest
-/// shared requests, thousands of typical ones.
+/// a long write stall). Past it a call is answered `Overloaded` at once,
+/// unsent, rather than queued: nothing removes a frame whose caller gave
+/// up, so the queue would otherwise grow for as long as the peer stalls.
+/// About 256 of the largest shared requests, thousands of typical ones.
 const CHANNEL_QUEUED_MAX_BYTES: usize = 16 << 20;
 
 /// How long opening a shared stream may wait for the peer's stream credit.
