@@ -144,24 +144,37 @@ impl ClusterClient {
         let preferred = preferred % nodes.len();
         let mut first_error = None;
         let cluster_id = identify.then(|| Arc::new(OnceLock::new()));
+        // Connections the cluster question opened, kept for the node chosen.
+        let mut asked = Vec::new();
         if let Some(cluster_id) = &cluster_id {
-            if let Some(agreed) =
-                agreed_cluster(&nodes, preferred, connect_timeout, cluster_key).await
-            {
+            let (agreed, answered) =
+                agreed_cluster(&nodes, preferred, connect_timeout, cluster_key).await;
+            if let Some(agreed) = agreed {
                 let _ = cluster_id.set(agreed);
             }
+            asked = answered;
         }
         for step in 0..nodes.len() {
             let at = (preferred + step) % nodes.len();
-            match dial_member(
-                nodes[at],
-                connect_timeout,
-                cluster_key,
-                cluster_id.as_deref(),
-            )
-            .await
+            let ours = cluster_id.as_deref().and_then(OnceLock::get);
+            let dialled = match asked
+                .iter()
+                .position(|(s, theirs, _)| *s == step && Some(theirs) == ours)
             {
+                Some(i) => Ok(asked.swap_remove(i).2),
+                None => {
+                    dial_member(
+                        nodes[at],
+                        connect_timeout,
+                        cluster_key,
+                        cluster_id.as_deref(),
+                    )
+                    .await
+                }
+            };
+            match dialled {
                 Ok(client) => {
+                    Client::close_all(asked.into_iter().map(|(_, _, c)| c)).await;
                     return Ok(ClusterClient {
                         inner: Arc::new(Inner {
                             nodes,
@@ -178,13 +191,14 @@ impl ClusterClient {
                             failovers: AtomicU64::new(u64::from(at != preferred)),
                             probing: std::sync::atomic::AtomicBool::new(false),
                         }),
-                    })
+                    });
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
             }
         }
+        Client::close_all(asked.into_iter().map(|(_, _, c)| c)).await;
         Err(first_error.expect("at least one node was tried"))
     }
 
@@ -533,7 +547,9 @@ async fn dial_member(
 
 /// The cluster most of `nodes` say they are of (ties go to the node
 /// earliest from `preferred` on), asking them all at once; `None` with
-/// fewer than two nodes or answers. Otherwise the client's preferred node
+/// fewer than two nodes or answers. Also the connections to the nodes that
+/// named a cluster, with their step from `preferred` and that cluster, so
+/// that the node chosen is not dialled again. Otherwise the client's preferred node
 /// alone would decide: one that lost its data and formed a cluster of its
 /// own at a member's address would then have the client pass over every
 /// real member and write where nobody reads.
@@ -542,9 +558,9 @@ async fn agreed_cluster(
     preferred: usize,
     timeout: Duration,
     key: Option<&ClusterKey>,
-) -> Option<u64> {
+) -> (Option<u64>, Vec<(usize, u64, Client)>) {
     if nodes.len() < 2 {
-        return None;
+        return (None, Vec::new());
     }
     let mut asks = tokio::task::JoinSet::new();
     for step in 0..nodes.len() {
@@ -554,30 +570,33 @@ async fn agreed_cluster(
                 .await
                 .ok()?;
             let asked = tokio::time::timeout(timeout, client.call(&Request::Identify)).await;
-            client.close().await;
             match asked {
                 Ok(Ok(Response::Identity(Identity {
                     cluster_id: Some(theirs),
                     ..
-                }))) => Some((step, theirs)),
-                _ => None,
+                }))) => Some((step, theirs, client)),
+                _ => {
+                    client.close().await;
+                    None
+                }
             }
         });
     }
-    let mut answers: Vec<(usize, u64)> = asks.join_all().await.into_iter().flatten().collect();
+    let mut answers: Vec<(usize, u64, Client)> =
+        asks.join_all().await.into_iter().flatten().collect();
     if answers.len() < 2 {
-        return None;
+        return (None, answers);
     }
     // In order from `preferred`, so that a tie keeps the earliest.
-    answers.sort_unstable();
+    answers.sort_unstable_by_key(|(step, ..)| *step);
     let mut best: Option<(u64, usize)> = None;
-    for (_, id) in &answers {
-        let count = answers.iter().filter(|(_, a)| a == id).count();
+    for (_, id, _) in &answers {
+        let count = answers.iter().filter(|(_, a, _)| a == id).count();
         if best.is_none_or(|(_, most)| count > most) {
             best = Some((*id, count));
         }
     }
-    best.map(|(id, _)| id)
+    (best.map(|(id, _)| id), answers)
 }
 
 /// The key the return probe reads (it need not exist).
