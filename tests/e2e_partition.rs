@@ -22,6 +22,8 @@ use std::time::Duration;
 use common::*;
 use ringkv_core::wire::{PutRequest, Request, Response};
 use ringkv_core::{Consistency, NodeId, Payload};
+use ringkv_node::cluster_client::reached_no_peer;
+use ringkv_node::ClusterClient;
 use ringkv_ring::Ring;
 
 const REGIONS: &str = "regions = [\"r1\", \"r2\", \"r3\"]\n";
@@ -138,6 +140,32 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
     assert_exit(&cluster.cli(0, &["status"]), 0);
     assert_exit(&put(0, "probe", "x", "2", None), 3);
 
+    // A client on n1 gets the failure of its W=2 write as it is (it may
+    // have run), then moves to a node on the quorum side, and comes back
+    // once the partition heals.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| cluster.addr(i).parse().unwrap()).collect();
+    let client = runtime
+        .block_on(ClusterClient::connect(addrs.clone(), 0, DEADLINE, None))
+        .unwrap();
+    let put_w2 = |key: &str| {
+        runtime.block_on(client.call(&Request::Put(PutRequest {
+            timeout_ms: 1000,
+            ..PutRequest::new(
+                key,
+                Payload::Value(b"x".to_vec()),
+                Consistency::Count(2),
+                None,
+            )
+        })))
+    };
+    let failed = put_w2("moved");
+    assert!(reached_no_peer(&failed), "{failed:?}");
+    cluster.eventually(DEADLINE, "the client left the cut-off node", || {
+        client.current_node() != addrs[0]
+    });
+    assert!(matches!(put_w2("moved"), Ok(Response::Put(_))));
+
     // Both sides write the same key, each from what it read before.
     assert_exit(&put(0, "k", "lone side", "1", Some(&before_context)), 0);
     assert_exit(&put(1, "k", "quorum side", "2", Some(&before_context)), 0);
@@ -159,6 +187,12 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
             both
         });
     }
+
+    cluster.eventually(DEADLINE, "the client back on n1", || {
+        client.current_node() == addrs[0]
+    });
+    assert!(matches!(put_w2("moved"), Ok(Response::Put(_))));
+    runtime.block_on(client.close());
 
     // A write with the merged context replaces both, everywhere.
     assert_exit(&put(0, "k", "resolved", "all", Some(&merged)), 0);

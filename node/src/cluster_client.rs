@@ -27,13 +27,24 @@
 //! A request already under way when the node died may have got its
 //! acknowledgement first, so the client leaves within about two limits.
 //!
+//! A node cut off from its peers (a network partition around it) still
+//! answers, but every request that needs another replica fails, with a
+//! quorum error or as unavailable, and a client that stayed would fail
+//! until the partition heals. So an answer of that kind in which no node
+//! but the coordinator took part ([`reached_no_peer`]) has the client look,
+//! in the background, for another node that serves a quorum read, and move
+//! there. The request itself is returned as it is: it may have run. When
+//! no other node serves a quorum read either (most of the cluster is down),
+//! the client stays where it is.
+//!
 //! A client that has moved away from its preferred node (`preferred` in
 //! [`ClusterClient::connect`]) dials that node again in the background,
 //! after [`RETURN_PROBE`] and then backing off to every
-//! [`RETURN_PROBE_MAX`], and goes back once it serves: a read of its own
-//! copy of a key succeeds. (A ping would not do: a node still joining, or
-//! removed, answers pings.) So after a rolling restart every client is back
-//! where it started, and the load stays spread.
+//! [`RETURN_PROBE_MAX`], and goes back once it serves: a quorum read of a
+//! key succeeds through it. (A ping would not do: a node still joining, or
+//! removed, answers pings. Nor would a read of its own copy: a node still
+//! cut off answers that.) So after a rolling restart or a partition every
+//! client is back where it started, and the load stays spread.
 //!
 //! Every node dialled is asked who it is (`Identify`), and one of another
 //! cluster than the client's is passed over like a node that cannot be
@@ -53,7 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use ringkv_core::wire::{ErrorKind, Identity, Request, Response};
+use ringkv_core::wire::{ErrorKind, Identity, Outcome, Request, Response};
 
 use crate::cluster_key::ClusterKey;
 use crate::quic::{CallError, Client};
@@ -93,6 +104,9 @@ struct Inner {
     failovers: AtomicU64,
     /// Whether a task is probing the preferred node (at most one).
     probing: std::sync::atomic::AtomicBool,
+    /// Whether a task is looking for a node to leave a cut-off one for
+    /// (at most one).
+    looking: std::sync::atomic::AtomicBool,
 }
 
 struct Current {
@@ -113,6 +127,26 @@ pub fn ran_nothing(outcome: &Result<Response, CallError>) -> bool {
         Ok(Response::Error(e)) => e.kind == ErrorKind::NotServing,
         _ => false,
     }
+}
+
+/// Whether an outcome is a quorum error, or unavailability, in which no node
+/// but the coordinator answered: what a node cut off from its peers gives.
+/// (A forward that reached no replica carries no receipt.) Such a request
+/// may have run, so it is not sent again; the client looks for another node
+/// for the next ones (see the module docs).
+pub fn reached_no_peer(outcome: &Result<Response, CallError>) -> bool {
+    let Ok(Response::Error(e)) = outcome else {
+        return false;
+    };
+    if !matches!(e.kind, ErrorKind::QuorumNotReached | ErrorKind::Unavailable) {
+        return false;
+    }
+    e.receipt.as_ref().is_none_or(|receipt| {
+        !receipt
+            .replicas
+            .iter()
+            .any(|r| r.outcome == Outcome::Ok && receipt.coordinator.as_ref() != Some(&r.node))
+    })
 }
 
 impl ClusterClient {
@@ -190,6 +224,7 @@ impl ClusterClient {
                             dialling: Arc::new(tokio::sync::Mutex::new(())),
                             failovers: AtomicU64::new(u64::from(at != preferred)),
                             probing: std::sync::atomic::AtomicBool::new(false),
+                            looking: std::sync::atomic::AtomicBool::new(false),
                         }),
                     });
                 }
@@ -254,6 +289,7 @@ impl ClusterClient {
         sent_on: &std::sync::Mutex<Option<(Arc<Client>, u64)>>,
     ) -> Result<Response, CallError> {
         let mut outcome = Err(CallError::Connect("no node tried".to_string()));
+        let mut last = None;
         for _ in 0..self.inner.nodes.len() {
             let client = match self.inner.client().await {
                 Ok(client) => client,
@@ -265,6 +301,7 @@ impl ClusterClient {
             let received = client.connection().stats().udp_rx.datagrams;
             *sent_on.lock().unwrap_or_else(|p| p.into_inner()) = Some((client.clone(), received));
             outcome = client.call(request).await;
+            last = Some(client.clone());
             if ran_nothing(&outcome) {
                 self.inner.move_on(&client);
                 continue;
@@ -276,8 +313,28 @@ impl ClusterClient {
             }
             break;
         }
+        if let Some(client) = last.filter(|_| reached_no_peer(&outcome)) {
+            self.look_elsewhere(client);
+        }
         self.probe_preferred_if_away();
         outcome
+    }
+
+    /// Starts a look for a node to leave `from`'s for (see the module docs),
+    /// unless one is under way or the client has left it already.
+    fn look_elsewhere(&self, from: Arc<Client>) {
+        let current = self.inner.lock();
+        let on_it = current
+            .client
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &from));
+        if on_it && !current.closed && !self.inner.looking.swap(true, Ordering::AcqRel) {
+            tokio::spawn(look_elsewhere(
+                Arc::downgrade(&self.inner),
+                from,
+                current.at,
+            ));
+        }
     }
 
     /// The address of the node requests go to now.
@@ -286,8 +343,9 @@ impl ClusterClient {
     }
 
     /// How many times this client has moved to another node because its
-    /// node could not take requests (including, when it was made, past a
-    /// preferred node that did not answer). Going back is not counted.
+    /// node could not take requests or reached none of its peers
+    /// (including, when it was made, past a preferred node that did not
+    /// answer). Going back is not counted.
     pub fn failovers(&self) -> u64 {
         self.inner.failovers.load(Ordering::Relaxed)
     }
@@ -473,6 +531,63 @@ async fn probe_preferred(inner: Weak<Inner>) {
     }
 }
 
+/// Asks the nodes after `at` in turn for a quorum read, and moves the client
+/// to the first that serves it if it is still on `from` (connected to
+/// `nodes[at]`, which answered as if cut off). Ends with `looking` cleared.
+async fn look_elsewhere(inner: Weak<Inner>, from: Arc<Client>, at: usize) {
+    let Some(strong) = inner.upgrade() else {
+        return;
+    };
+    let (nodes, timeout, key, cluster_id) = (
+        strong.nodes.clone(),
+        strong.connect_timeout,
+        strong.cluster_key.clone(),
+        strong.cluster_id.clone(),
+    );
+    // Not holding the client alive while dialling (see `probe_preferred`).
+    drop(strong);
+    for step in 1..nodes.len() {
+        let next = (at + step) % nodes.len();
+        let Some(client) = serving(nodes[next], timeout, key.as_ref(), cluster_id.as_deref()).await
+        else {
+            continue;
+        };
+        let Some(strong) = inner.upgrade() else {
+            client.close().await;
+            return;
+        };
+        let moved = {
+            let mut current = strong.lock();
+            let still_on_it = current
+                .client
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, &from));
+            if still_on_it && !current.closed {
+                current.at = next;
+                current.client = Some(Arc::new(client));
+                strong.failovers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    from = %nodes[at],
+                    to = %nodes[next],
+                    "client left a node that reached none of its peers"
+                );
+                None
+            } else {
+                Some(client)
+            }
+        };
+        strong.looking.store(false, Ordering::Release);
+        if let Some(unwanted) = moved {
+            unwanted.close().await;
+        }
+        return;
+    }
+    tracing::info!(node = %nodes[at], "no other node serves a quorum read: the client stays");
+    if let Some(strong) = inner.upgrade() {
+        strong.looking.store(false, Ordering::Release);
+    }
+}
+
 impl Inner {
     /// Clears `probing` and says so if the client is closed or back on its
     /// preferred node (under the lock: see `probe_preferred_if_away`).
@@ -488,8 +603,9 @@ impl Inner {
 
 /// A connection to the node at `addr` if it serves requests now. A ping
 /// would not show it: a node still joining, or removed, answers pings and
-/// refuses the rest. A read of its own copy of a key (`local`, no quorum,
-/// one store lookup) goes through the same checks as any request.
+/// refuses the rest. A quorum read of a key (which need not exist) goes
+/// through the same checks as any request, and fails on a node cut off from
+/// its peers.
 async fn serving(
     addr: SocketAddr,
     timeout: Duration,
@@ -498,9 +614,8 @@ async fn serving(
 ) -> Option<Client> {
     let client = dial_member(addr, timeout, key, cluster_id).await.ok()?;
     let probe = Request::Get(ringkv_core::wire::GetRequest {
-        local: true,
         timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-        ..ringkv_core::wire::GetRequest::new(PROBE_KEY.to_vec(), ringkv_core::Consistency::One)
+        ..ringkv_core::wire::GetRequest::new(PROBE_KEY.to_vec(), ringkv_core::Consistency::Quorum)
     });
     match tokio::time::timeout(timeout, client.call(&probe)).await {
         Ok(Ok(Response::Get(_))) => Some(client),
@@ -787,6 +902,136 @@ mod tests {
         let current = client.inner.lock();
         let conn = current.client.as_ref().unwrap().connection();
         conn.close_reason().is_some()
+    }
+
+    /// A quorum error with a receipt in which `answered` (besides the
+    /// coordinator `n1`) stored the value, and `n3` timed out.
+    fn quorum_error(answered: &[&str]) -> Response {
+        use ringkv_core::wire::{ErrorReply, Receipt, ReplicaOutcome};
+        let replica = |id: &str, outcome| ReplicaOutcome {
+            node: ringkv_core::NodeId::new(id).unwrap(),
+            outcome,
+            latency_us: 1,
+            detail: None,
+            hint_for: None,
+        };
+        let mut replicas = vec![replica("n1", Outcome::Ok), replica("n3", Outcome::Timeout)];
+        replicas.extend(answered.iter().map(|id| replica(id, Outcome::Ok)));
+        Response::Error(ErrorReply {
+            kind: ErrorKind::QuorumNotReached,
+            message: "write quorum not reached".to_string(),
+            receipt: Some(Receipt {
+                coordinator: Some(ringkv_core::NodeId::new("n1").unwrap()),
+                replicas,
+            }),
+        })
+    }
+
+    #[test]
+    fn only_failures_no_peer_took_part_in_show_a_cut_off_node() {
+        assert!(reached_no_peer(&Ok(quorum_error(&[]))));
+        assert!(!reached_no_peer(&Ok(quorum_error(&["n2"]))));
+        // A forward that reached no replica: no receipt.
+        let unreached = Response::error(ErrorKind::Unavailable, "no replica of this key");
+        assert!(reached_no_peer(&Ok(unreached)));
+        for kind in [
+            ErrorKind::InvalidRequest,
+            ErrorKind::Refused,
+            ErrorKind::Internal,
+            ErrorKind::NotServing,
+            ErrorKind::Overloaded,
+        ] {
+            assert!(
+                !reached_no_peer(&Ok(Response::error(kind, "x"))),
+                "{kind:?}"
+            );
+        }
+        assert!(!reached_no_peer(&Ok(Response::Pong)));
+        assert!(!reached_no_peer(&Err(CallError::Connection("lost".into()))));
+    }
+
+    /// A node that, while `cut_off` is set, answers as one cut off from its
+    /// peers does: a read of its own copy, but a quorum error no peer took
+    /// part in for everything else; and otherwise serves like
+    /// [`switchable`].
+    fn cut_off_while(
+        cut_off: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
+        answering_with(move |request| {
+            let local_read = matches!(request, Request::Get(get) if get.local);
+            if cut_off.load(Ordering::SeqCst) && !local_read {
+                quorum_error(&[])
+            } else if let Request::Get(_) = request {
+                Response::Get(ringkv_core::wire::GetReply {
+                    values: vec![],
+                    context: String::new(),
+                    receipt: Default::default(),
+                })
+            } else {
+                Response::Pong
+            }
+        })
+    }
+
+    /// A node that fails as if cut off keeps the failed request's answer
+    /// (it may have run, so it is not resent), but the client moves to a
+    /// node that serves a quorum read, and back once the first one does.
+    #[tokio::test]
+    async fn a_client_leaves_a_node_cut_off_from_its_peers_and_comes_back() {
+        let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (_e1, first, seen_first) = cut_off_while(cut_off.clone());
+        let (_e2, second, seen_second) = switchable(Arc::default());
+        let client = unidentified(vec![first, second], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        let outcome = client.call(&Request::Ping).await;
+        assert_eq!(
+            outcome.ok(),
+            Some(quorum_error(&[])),
+            "returned, not resent"
+        );
+        wait_until("moved to the second node", || {
+            client.current_node() == second
+        })
+        .await;
+        assert_eq!(client.failovers(), 1);
+        assert_pong(&client).await;
+
+        // Probes find the first node still cut off: the client stays.
+        let before = seen_first.load(Ordering::SeqCst);
+        wait_until("two probes", || {
+            seen_first.load(Ordering::SeqCst) >= before + 2
+        })
+        .await;
+        assert_eq!(client.current_node(), second);
+        let served = seen_second.load(Ordering::SeqCst);
+        assert_pong(&client).await;
+        assert_eq!(seen_second.load(Ordering::SeqCst), served + 1);
+
+        cut_off.store(false, Ordering::SeqCst);
+        wait_until("back on the first node", || client.current_node() == first).await;
+        assert_eq!(client.failovers(), 1, "going back is not a failover");
+        client.close().await;
+    }
+
+    /// When no other node serves a quorum read either (most of the cluster
+    /// is down or cut off), the client stays where it is.
+    #[tokio::test]
+    async fn a_client_stays_when_no_other_node_serves() {
+        let (_e1, first, _) = cut_off_while(Arc::new(true.into()));
+        let (_e2, second, seen_second) = cut_off_while(Arc::new(true.into()));
+        let client = unidentified(vec![first, second], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        let outcome = client.call(&Request::Ping).await;
+        assert!(reached_no_peer(&outcome), "{outcome:?}");
+        wait_until("the look asked the second node and ended", || {
+            seen_second.load(Ordering::SeqCst) >= 1 && !client.inner.looking.load(Ordering::SeqCst)
+        })
+        .await;
+        assert_eq!(client.current_node(), first);
+        assert_eq!(client.failovers(), 0);
+        client.close().await;
     }
 
     /// A node that refuses a request unrun passes it to the next node; the
