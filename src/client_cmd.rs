@@ -65,7 +65,7 @@ pub async fn put(args: PutArgs) -> Result<Exit, Failure> {
     });
     match send(&args.request.target, &request).await? {
         Response::Put(reply) => {
-            output::written(&reply, args.request.target.json, "stored");
+            output::written(&reply, args.request.target.json, output::Written::Value);
             Ok(Exit::Ok)
         }
         other => Err(unexpected(other)),
@@ -158,7 +158,7 @@ pub async fn delete(args: DeleteArgs) -> Result<Exit, Failure> {
     .await;
     match result? {
         Response::Put(reply) => {
-            output::written(&reply, args.request.target.json, "deleted");
+            output::written(&reply, args.request.target.json, output::Written::Tombstone);
             Ok(Exit::Ok)
         }
         Response::Get(seen) => {

@@ -63,24 +63,41 @@ fn receipt_line(receipt: &Receipt) -> String {
 }
 
 /// Output of a successful put or delete.
-pub fn written(reply: &PutReply, json: bool, verb: &str) {
+/// What a write stored: a value (`put`) or a tombstone (`delete`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Value,
+    Tombstone,
+}
+
+pub fn written(reply: &PutReply, json: bool, what: Written) {
     // With siblings, the reply's context is the one the write was sent with
     // (it cannot cover values nobody read): given out, it would pass for one
     // that resolves them, and a script's next write would add a sibling.
     let context = (reply.siblings <= 1).then_some(&reply.context);
+    // A delete's own tombstone is one of the key's versions; what a user
+    // wants to know is how many values it left (0: the key is gone).
+    let (siblings, verb) = match what {
+        Written::Value => (reply.siblings, "stored"),
+        Written::Tombstone => (reply.siblings.saturating_sub(1), "deleted"),
+    };
     if json {
         print_json(&json!({
             "context": context,
-            "siblings": reply.siblings,
+            "siblings": siblings,
             "receipt": receipt_json(&reply.receipt),
         }));
     } else {
         outln!("{verb} ({})", receipt_line(&reply.receipt));
-        match context {
-            Some(context) => outln!("context: {context}"),
-            None => outln!(
-                "the key now has {} concurrent values; get it to see them and for a context that resolves them",
-                reply.siblings
+        match (context, what) {
+            (Some(context), _) => outln!("context: {context}"),
+            (None, Written::Value) => outln!(
+                "the key now has {siblings} concurrent values; get it to see them and for a context that resolves them"
+            ),
+            (None, Written::Tombstone) => outln!(
+                "{siblings} concurrent value{} the delete did not see remain{}; get the key to see them and for a context that covers them",
+                if siblings == 1 { "" } else { "s" },
+                if siblings == 1 { "s" } else { "" },
             ),
         }
     }

@@ -335,6 +335,25 @@ fn put_overwrite_replaces_the_siblings_its_node_holds() {
         values(&c.cli(2, &["get", "k", "-r", "all", "--json"])),
         ["c"]
     );
+    // A delete with the context of a read that saw one of two siblings
+    // leaves the other, and says so: its own tombstone is not counted.
+    let ctx_a = context(&c.cli(0, &["put", "d", "a", "-w", "all", "--json"]));
+    assert_exit(&c.cli(1, &["put", "d", "b", "-w", "all"]), 0);
+    let left = json(&c.cli(
+        0,
+        &["delete", "d", "--context", &ctx_a, "-w", "all", "--json"],
+    ));
+    assert_eq!(left["siblings"], 1, "{left}");
+    assert!(left["context"].is_null(), "{left}");
+    assert_eq!(
+        values(&c.cli(2, &["get", "d", "-r", "all", "--json"])),
+        ["b"]
+    );
+    let gone = json(&c.cli(0, &["delete", "d", "-w", "all", "--json"]));
+    assert_eq!(gone["siblings"], 0, "{gone}");
+    assert!(gone["context"].is_string(), "{gone}");
+    let said = c.cli(0, &["delete", "k", "-w", "all"]);
+    assert!(stdout(&said).starts_with("deleted ("), "{}", stdout(&said));
     // An overwrite takes no context: clap refuses the pair.
     let ctx = context(&c.cli(0, &["get", "k", "--json"]));
     let o = c.cli(0, &["put", "k", "d", "--overwrite", "--context", &ctx]);
