@@ -56,6 +56,42 @@ fn shapes_are_checked() {
     assert_eq!(t, MerkleTree::new(8).unwrap(), "empty trees are equal");
 }
 
+/// The hashes as first defined, fed to a streaming hasher piece by piece:
+/// nodes compare trees, so the fast forms must give exactly these.
+fn item_hash_streamed(key: &[u8], version: u64) -> u64 {
+    let mut h = StableHasher::default();
+    h.write(&(key.len() as u64).to_le_bytes());
+    h.write(key);
+    h.write(&version.to_le_bytes());
+    h.finish() | 1
+}
+
+fn combine_streamed(children: &[u64]) -> u64 {
+    let mut h = StableHasher::default();
+    for c in children {
+        h.write(&c.to_le_bytes());
+    }
+    h.finish()
+}
+
+#[test]
+fn the_hashes_are_those_of_their_streamed_definition() {
+    for len in 0..600usize {
+        let key: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+        let version = 0x0123_4567_89ab_cdef ^ len as u64;
+        assert_eq!(
+            item_hash(&key, version),
+            item_hash_streamed(&key, version),
+            "{len}"
+        );
+    }
+    let children: Vec<u64> = (0..FANOUT as u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    assert_eq!(combine(&children), combine_streamed(&children));
+    assert_eq!(combine(&[0; FANOUT]), combine_streamed(&[0; FANOUT]));
+}
+
 #[test]
 fn identical_sets_need_no_descent_and_one_change_opens_one_leaf() {
     let items: Items = (0..1000u32)
