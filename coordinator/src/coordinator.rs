@@ -1866,8 +1866,9 @@ impl<T: Transport> Coordinator<T> {
 
 /// How far past a forward's `not_after_unix_ms` a replica still takes it:
 /// the two nodes' wall clocks may disagree by that much. A coordinator
-/// whose clock is behind by more would have every forward it makes
-/// refused; one ahead lets a forward that late be minted after all.
+/// whose clock is behind by more than the forward's share of the deadline
+/// plus this would have every forward it makes refused; one ahead lets a
+/// forward that late be minted after all.
 const FORWARD_CLOCK_SKEW_MS: u64 = 250;
 
 fn set_timeout_ms(request: &mut Request, timeout_ms: u32) {
