@@ -84,6 +84,51 @@ pub fn decode_handover_record(bytes: &[u8]) -> Result<HandoverRecord, DecodeErro
     Ok(record)
 }
 
+/// The most replaced rings a [`RecentRingsRecord`] may hold. A node keeps
+/// fewer; this bounds what a damaged record can make it build.
+pub const RECENT_RINGS_STORED_MAX: usize = 64;
+
+/// A ring that stopped being a node's, and when (the node's wall clock).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ReplacedRing {
+    pub layout: RingLayout,
+    pub replaced_at_unix_ms: u64,
+}
+
+/// The rings a node replaced lately, for its tombstone collection: a key
+/// one of them placed on a node that no longer replicates it may still be
+/// handed over from there (see node's `server/recent_rings.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RecentRingsRecord {
+    pub rings: Vec<ReplacedRing>,
+    /// Until when no tombstone is collected at all (unix ms; 0: no such
+    /// time): set when rings still in their window had to be let go.
+    pub defer_all_until_unix_ms: u64,
+}
+
+/// Encodes a recent-rings record for the data dir.
+pub fn encode_recent_rings(record: &RecentRingsRecord) -> AlignedVec {
+    rkyv::to_bytes::<rancor::Error>(record).expect("serialising to memory cannot fail")
+}
+
+/// Checks and decodes a stored recent-rings record: at most
+/// [`RECENT_RINGS_STORED_MAX`] rings, each checked as in a hand-over record.
+pub fn decode_recent_rings(bytes: &[u8]) -> Result<RecentRingsRecord, DecodeError> {
+    let record: RecentRingsRecord = decode(bytes)?;
+    if record.rings.len() > RECENT_RINGS_STORED_MAX {
+        return Err(InvalidInput::new(format!(
+            "the recent-rings record holds {} rings; at most {RECENT_RINGS_STORED_MAX} are kept",
+            record.rings.len()
+        ))
+        .into());
+    }
+    record
+        .rings
+        .iter()
+        .try_for_each(|r| validate_layout(&r.layout))?;
+    Ok(record)
+}
+
 fn validate_layout(layout: &RingLayout) -> Result<(), InvalidInput> {
     let what = "a ring in the hand-over record";
     validate_replicas(layout.replicas, what)?;
@@ -146,6 +191,31 @@ mod tests {
         };
         let bytes = encode_handover_record(&empty);
         assert_eq!(decode_handover_record(&bytes).unwrap(), empty);
+    }
+
+    #[test]
+    fn a_recent_rings_record_reads_back_or_is_refused_with_the_reason() {
+        let record = RecentRingsRecord {
+            rings: vec![ReplacedRing {
+                layout: layout(&[("a", 8), ("b", 8)], 2),
+                replaced_at_unix_ms: 1_800_000_000_000,
+            }],
+            defer_all_until_unix_ms: 7,
+        };
+        let bytes = encode_recent_rings(&record);
+        assert_eq!(decode_recent_rings(&bytes).unwrap(), record);
+        assert!(decode_recent_rings(&bytes[..bytes.len() / 2]).is_err());
+        let refused = |record: RecentRingsRecord| {
+            decode_recent_rings(&encode_recent_rings(&record))
+                .unwrap_err()
+                .to_string()
+        };
+        let mut r = record.clone();
+        r.rings[0].layout.members[1].id = NodeId::new("a").unwrap();
+        assert!(refused(r).contains("lists a twice"));
+        let mut r = record.clone();
+        r.rings = vec![r.rings[0].clone(); RECENT_RINGS_STORED_MAX + 1];
+        assert!(refused(r).contains("holds 65 rings"));
     }
 
     /// Damaged bytes, and records no node writes, are refused with what is

@@ -48,6 +48,7 @@ mod cleanup;
 mod connection_sources;
 mod handover_store;
 mod leave;
+mod recent_rings;
 mod ring_handover;
 mod stored_pages;
 mod tombstone_gc;
@@ -540,6 +541,10 @@ struct NodeInner {
     /// a leave waits for it. True until the loop has read what it owes
     /// from the data dir.
     handover_owed: std::sync::atomic::AtomicBool,
+    /// The rings this node replaced lately (`server/recent_rings.rs`);
+    /// `None` until the hand-over loop has read them from the data dir,
+    /// and meanwhile no tombstone is collected.
+    recent_rings: std::sync::Mutex<Option<recent_rings::RecentRings>>,
     /// Becomes true when the node shuts down.
     shutdown: watch::Receiver<bool>,
     /// Becomes true when this node learns it was removed from the cluster.
@@ -1519,6 +1524,7 @@ impl Node {
             ring_tx: watch::channel(None).0,
             exchanged_unix_ms: Default::default(),
             handover_owed: true.into(),
+            recent_rings: std::sync::Mutex::new(None),
             shutdown: shutdown_rx.clone(),
             removed: watch::Sender::new(false),
             is_removed: Default::default(),
@@ -2266,6 +2272,28 @@ mod tests {
                 n.inner.id
             );
         }
+        for n in [n3, n2, n1] {
+            n.shutdown().await;
+        }
+    }
+
+    /// A join that moves keys is noted for tombstone collection: on n1, a
+    /// key n3's join took from n2 keeps its tombstone for now, since n2
+    /// may still hand over a copy of it that missed the delete.
+    #[tokio::test]
+    async fn a_join_that_moves_keys_holds_their_tombstones_for_now() {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (n1, n2, n3, _) = three_with_a_key_on_n3(&dirs).await;
+        let ring = n1.inner.ring_tx.borrow().clone().unwrap();
+        wait_until("n1 holds the tombstones of keys the join moved", || {
+            let recent = n1.inner.recent_rings.lock().unwrap();
+            let Some(recent) = recent.as_ref() else {
+                return false;
+            };
+            let now = crate::storage::unix_ms();
+            (0..1000).any(|i| recent.moved_lately(format!("k{i}").as_bytes(), &ring, now))
+        })
+        .await;
         for n in [n3, n2, n1] {
             n.shutdown().await;
         }

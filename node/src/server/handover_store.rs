@@ -133,7 +133,7 @@ pub(super) fn save_current(storage: &Storage, current_unix_ms: u64) {
     }
 }
 
-fn layout_of(ring: &Ring) -> RingLayout {
+pub(super) fn layout_of(ring: &Ring) -> RingLayout {
     RingLayout {
         replicas: u32::try_from(ring.replicas()).expect("N is at most REPLICAS_MAX"),
         members: ring
@@ -147,7 +147,7 @@ fn layout_of(ring: &Ring) -> RingLayout {
     }
 }
 
-fn ring_of(layout: &RingLayout) -> Result<Ring, RingError> {
+pub(super) fn ring_of(layout: &RingLayout) -> Result<Ring, RingError> {
     Ring::new(
         layout.members.iter().map(|s| (s.id.clone(), s.vnodes)),
         layout.replicas as usize,

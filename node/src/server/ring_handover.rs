@@ -71,6 +71,7 @@ use ringkv_ring::Ring;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::recent_rings::RecentRings;
 use super::{handover_store, NodeInner};
 use crate::storage::{millis, unix_ms};
 
@@ -313,6 +314,16 @@ pub(super) async fn ring_handover_loop(
             }
         }
     };
+    let recent = {
+        let storage = inner.storage.clone();
+        tokio::task::spawn_blocking(move || RecentRings::restore(&storage, grace))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading the rings replaced lately failed");
+                RecentRings::deferring_all(grace, unix_ms())
+            })
+    };
+    *inner.recent_rings.lock().unwrap_or_else(|p| p.into_inner()) = Some(recent);
     // A new node (no ring kept) missed nothing: the first ring it takes in
     // holds every change before it.
     let new_node = restored.seen.is_none() && remembered.is_none();
@@ -330,6 +341,7 @@ pub(super) async fn ring_handover_loop(
     // cluster record may name a newer one (stored before a crash kept the
     // hand-over's record): a change too.
     if let Some(remembered) = &remembered {
+        note_replaced(&inner, seen.as_ref(), remembered);
         note_change(
             &inner,
             &mut owed,
@@ -357,6 +369,7 @@ pub(super) async fn ring_handover_loop(
     'run: loop {
         if let Some(new) = arrived.take() {
             let since = change_dated(currency.current_unix_ms, grace);
+            note_replaced(&inner, seen.as_ref(), &new);
             note_change(&inner, &mut owed, seen.as_ref(), &new, since);
             seen = Some(new);
             took_in = true;
@@ -495,6 +508,19 @@ fn set_owed(inner: &NodeInner, owed: bool) {
         .handover_owed
         .store(owed, std::sync::atomic::Ordering::SeqCst);
     metrics::gauge!("ringkv_ring_handover_owed").set(if owed { 1.0 } else { 0.0 });
+}
+
+/// Notes in the rings replaced lately (for tombstone collection) that `old`
+/// gave way to `new` now, if they place keys otherwise.
+fn note_replaced(inner: &NodeInner, old: Option<&Arc<Ring>>, new: &Arc<Ring>) {
+    let Some(old) = old.filter(|old| old.fingerprint() != new.fingerprint()) else {
+        return;
+    };
+    let mut recent = inner.recent_rings.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(recent) = recent.as_mut() {
+        recent.note_replaced(old.clone(), unix_ms());
+        recent.save(&inner.storage);
+    }
 }
 
 /// Takes in a change of the node's ring from `old` to `new`, made at the
