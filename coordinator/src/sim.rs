@@ -59,6 +59,9 @@ struct SimState {
     partitions: HashSet<(NodeId, NodeId)>,
     /// One-way delay per directed link.
     delays: HashMap<(NodeId, NodeId), Duration>,
+    /// Bytes per second of a link one way (unset: no limit); a message
+    /// takes its encoded size at that rate on top of the delay.
+    bandwidths: HashMap<(NodeId, NodeId), u64>,
     drop_per_million: u32,
     rng: u64,
     log: Vec<String>,
@@ -150,6 +153,24 @@ impl SimNetwork {
     /// Sets the one-way delay from `from` to `to`.
     pub fn delay(&self, from: &NodeId, to: &NodeId, delay: Duration) {
         self.with(|s| s.delays.insert((from.clone(), to.clone()), delay));
+    }
+
+    /// Limits the link from `from` to `to` to `bytes_per_s`: each message
+    /// then also takes its encoded size at that rate.
+    pub fn bandwidth(&self, from: &NodeId, to: &NodeId, bytes_per_s: u64) {
+        self.with(|s| {
+            s.bandwidths
+                .insert((from.clone(), to.clone()), bytes_per_s.max(1))
+        });
+    }
+
+    /// How long `bytes` (computed only if the link has a limit) take to
+    /// cross from `from` to `to` beyond its delay.
+    fn transfer(&self, from: &NodeId, to: &NodeId, bytes: impl FnOnce() -> usize) -> Duration {
+        match self.with(|s| s.bandwidths.get(&(from.clone(), to.clone())).copied()) {
+            Some(rate) => Duration::from_secs_f64(bytes() as f64 / rate as f64),
+            None => Duration::ZERO,
+        }
     }
 
     /// Drops each message with this probability, drawn from the seed.
@@ -272,6 +293,10 @@ impl Transport for SimTransport {
         let Ok(delay) = self.net.route(&self.from, to, &what) else {
             return std::future::pending().await;
         };
+        let delay = delay
+            + self.net.transfer(&self.from, to, || {
+                ringkv_core::wire::encode_request(&request).len()
+            });
         let handler = self
             .net
             .with(|s| s.handlers.get(to).cloned())
@@ -299,6 +324,10 @@ impl Transport for SimTransport {
         let Ok(back) = self.net.route(to, &self.from, &format!("{what} reply")) else {
             return std::future::pending().await;
         };
+        let back = back
+            + self.net.transfer(to, &self.from, || {
+                ringkv_core::wire::encode_response(&response).len()
+            });
         tokio::time::sleep(back).await;
         Ok(response)
     }
@@ -453,6 +482,8 @@ pub struct SimOptions {
     pub probes: bool,
     /// The share of quorum reads that ask every replica.
     pub read_repair_chance: f64,
+    /// Each anti-entropy call's base timeout (`AntiEntropyConfig`).
+    pub anti_entropy_call_timeout: Duration,
 }
 
 impl Default for SimOptions {
@@ -465,6 +496,7 @@ impl Default for SimOptions {
             hint_max_per_target: ringkv_repair::hints::DEFAULT_MAX_HINTS_PER_TARGET,
             probes: false,
             read_repair_chance: crate::coordinator::DEFAULT_READ_REPAIR_CHANCE,
+            anti_entropy_call_timeout: AntiEntropyConfig::default().call_timeout,
         }
     }
 }
@@ -573,7 +605,10 @@ impl SimCluster {
                     trees.clone(),
                     store.clone(),
                     transport.clone(),
-                    AntiEntropyConfig::default(),
+                    AntiEntropyConfig {
+                        call_timeout: options.anti_entropy_call_timeout,
+                        ..AntiEntropyConfig::default()
+                    },
                     now_ms.clone(),
                 ));
                 let node = Arc::new(SimNode {

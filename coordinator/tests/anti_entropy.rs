@@ -114,6 +114,42 @@ async fn a_batch_of_large_values_is_repaired_a_step_at_a_time() {
     );
 }
 
+/// A clock that takes longer than a call's base timeout to cross a slow
+/// link is still repaired, and so are the keys after it: each call's
+/// timeout grows with its bytes. With a fixed timeout the exchange timed
+/// out at that key every round and ended there.
+#[tokio::test(start_paused = true)]
+async fn a_clock_slower_to_send_than_the_base_timeout_is_repaired_with_the_keys_after_it() {
+    let c = SimCluster::with_options(
+        3,
+        3,
+        7,
+        SimOptions {
+            hinted_handoff: false,
+            anti_entropy_call_timeout: Duration::from_millis(500),
+            ..SimOptions::default()
+        },
+    );
+    c.net.down(&c.id("n3"));
+    // As large as a value may be by default (--max-value-bytes).
+    let value = "x".repeat(4 << 20);
+    assert_ok(&c.put("n1", "big", &value, Quorum, None).await);
+    for k in 0..50 {
+        assert_ok(&c.put("n1", &format!("k{k}"), "v", Quorum, None).await);
+    }
+    c.net.up(&c.id("n3"));
+    // 6 MiB/s: the big clock takes 0.67 s one way, past the 500 ms base.
+    for (from, to) in [("n1", "n3"), ("n3", "n1")] {
+        c.net.bandwidth(&c.id(from), &c.id(to), 6 << 20);
+    }
+    let report = c.repair("n1").await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(c.local_values("n3", "big"), [value]);
+    for k in 0..50 {
+        assert_eq!(c.local_values("n3", &format!("k{k}")), ["v"], "k{k}");
+    }
+}
+
 /// Siblings written on both sides of a partition whose merge would pass
 /// the per-key size limit: no replica could store it, so anti-entropy sends
 /// nothing for that key, does not count it repaired, and names it as

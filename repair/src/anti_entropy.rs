@@ -46,6 +46,7 @@ use ringkv_core::wire::{
 use ringkv_core::{NodeId, Transport};
 use tokio::time::Instant;
 
+use crate::handoff::send_timeout_for;
 use crate::hints::WallClock;
 use crate::merkle::{differing_keys, MerkleTree, FANOUT_BITS};
 use crate::trees::ReplicaTrees;
@@ -380,22 +381,22 @@ impl<T: Transport> AntiEntropy<T> {
         tally: &Tally,
     ) -> Result<Response, AntiEntropyError> {
         let counted = peer != self.trees.me();
+        let mut limit = self.config.call_timeout;
         if counted {
-            tally
-                .bytes_sent
-                .fetch_add(encode_request(&request).len() as u64, Ordering::Relaxed);
+            let sent = encode_request(&request).len();
+            tally.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+            limit = call_timeout_for(limit, &request, sent);
         }
-        let answer =
-            tokio::time::timeout(self.config.call_timeout, self.transport.call(peer, request))
-                .await
-                .map_err(|_| AntiEntropyError::TimedOut {
-                    peer: peer.clone(),
-                    after_ms: self.config.call_timeout.as_millis() as u64,
-                })?
-                .map_err(|e| AntiEntropyError::Unreachable {
-                    peer: peer.clone(),
-                    reason: e.to_string(),
-                })?;
+        let answer = tokio::time::timeout(limit, self.transport.call(peer, request))
+            .await
+            .map_err(|_| AntiEntropyError::TimedOut {
+                peer: peer.clone(),
+                after_ms: limit.as_millis() as u64,
+            })?
+            .map_err(|e| AntiEntropyError::Unreachable {
+                peer: peer.clone(),
+                reason: e.to_string(),
+            })?;
         if counted {
             tally
                 .bytes_received
@@ -894,6 +895,23 @@ pub(crate) fn answer_kind(answer: &Response) -> &'static str {
         Response::Error(_) => "Error",
         Response::Identity(_) => "Identity",
     }
+}
+
+/// How long a call to a peer may take: `base`, plus the bytes it sends
+/// (`sent`) and, for a `ReadBatch`, the most its answer can carry (one
+/// answer's worth and one clock past it), at the slowest link expected
+/// ([`send_timeout_for`]: 64 Mbit/s). With `base` alone, a clock that takes
+/// longer to cross the link timed out every round, and since an exchange
+/// that times out ends and the next starts at the same leaf, the keys after
+/// it were never repaired by that pair.
+fn call_timeout_for(base: Duration, request: &Request, sent: usize) -> Duration {
+    let answer = match request {
+        Request::Replica(ReplicaRequest::ReadBatch { .. }) => {
+            READ_BATCH_REPLY_BYTES + ringkv_core::wire::CLOCK_MAX_BYTES
+        }
+        _ => 0,
+    };
+    send_timeout_for(base, sent + answer)
 }
 
 #[cfg(test)]
