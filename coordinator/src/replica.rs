@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use ringkv_core::dvv::{Clock, Payload, VersionVector, COUNTER_MAX};
 use ringkv_core::hash::stable_hash64;
 use ringkv_core::wire::{clock_over_limit, ClockOverLimit, READ_BATCH_REPLY_BYTES};
-use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response, MERGE_REFUSED};
+use ringkv_core::wire::{ErrorKind, ReplicaRequest, Response, HANDOFF_MISPLACED, MERGE_REFUSED};
 use ringkv_core::NodeId;
 use ringkv_repair::anti_entropy::LeafSource;
 use ringkv_repair::hints::{HintError, HintStore};
@@ -34,7 +34,7 @@ pub fn handoff_refusal(
     Some(Response::error(
         ErrorKind::NotServing,
         format!(
-            "{me} does not replicate this key under its ring (the sender's ring is older or newer); \
+            "{HANDOFF_MISPLACED}: {me} (the sender's ring is older or newer); \
              the hint stays with the sender until their rings agree"
         ),
     ))

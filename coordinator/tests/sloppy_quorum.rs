@@ -408,6 +408,71 @@ async fn an_owner_whose_ring_moved_the_key_away_refuses_its_hint() {
     assert_eq!(s.c.local_values(dead, KEY), ["v"]);
 }
 
+/// An owner that refuses hints for its ring's placement still takes the
+/// others it is sent: the refusal says those hints alone wait, the owner
+/// serves. (Taken as a failure of the owner, each batch it refused whole
+/// ended the round and backed the owner off, doubling each time: here the
+/// hints listed after them waited 3.75 s, and longer behind more.)
+#[tokio::test(start_paused = true)]
+async fn hints_refused_for_placement_do_not_hold_back_the_owner_s_others() {
+    let s = story(with_probes());
+    let (coordinator, dead) = (&s.owners[0], &s.owners[2]);
+    let dead_id = s.id(dead);
+    // The owner comes back with fewer virtual nodes: under its ring, some
+    // of its keys moved to others.
+    let ring = s.c.ring.clone();
+    let fewer = ringkv_ring::Ring::new(
+        ring.nodes().into_iter().map(|n| {
+            let vnodes = if n == dead_id { 4 } else { 16 };
+            (n, vnodes)
+        }),
+        3,
+    )
+    .unwrap();
+    let its = |family: &str, moved: bool, count: usize| -> Vec<String> {
+        (0..)
+            .map(|i| format!("{KEY}-{family}{i}"))
+            .filter(|k| {
+                ring.is_replica(k.as_bytes(), &dead_id)
+                    && fewer.is_replica(k.as_bytes(), &dead_id) != moved
+            })
+            .take(count)
+            .collect()
+    };
+    // Hints are listed in key order: the moved keys ("a…") first, several
+    // batches of them (64 hints a batch) for each stand-in.
+    let (moved, stay) = (its("a", true, 800), its("b", false, 100));
+    s.c.net.down(&dead_id);
+    s.until_seen(coordinator, dead, false).await;
+    for key in moved.iter().chain(&stay) {
+        let put = s.c.put(coordinator, key, "v", Quorum, None).await;
+        assert!(matches!(put, Response::Put(_)), "{put:?}");
+    }
+    s.c.node(dead)
+        .coordinator
+        .set_ring(std::sync::Arc::new(fewer));
+    s.c.net.up(&dead_id);
+    s.until_seen(&s.fallbacks[0], dead, true).await;
+    // 0.3 s with the refusals declined; 3.75 s when each ended the round.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let waiting = || {
+        stay.iter()
+            .filter(|k| s.c.local_values(dead, k).is_empty())
+            .count()
+    };
+    while waiting() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} hints the owner's ring places on it were held back",
+            waiting()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for key in &moved {
+        assert!(s.c.local_values(dead, key).is_empty(), "{key} refused");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn hints_are_handed_to_the_owner_when_it_returns_and_then_deleted() {
     let s = story(with_probes());

@@ -659,6 +659,11 @@ pub struct ErrorReply {
 /// [`ErrorReply::is_merge_refusal`]).
 pub const MERGE_REFUSED: &str = "refused to merge";
 
+/// What a `Handoff` answer (`NotServing`) starts with when the owner's ring
+/// does not place the key on it: the owner serves, and only this hint waits
+/// until the two rings agree.
+pub const HANDOFF_MISPLACED: &str = "not a replica of this key under this node's ring";
+
 impl ErrorReply {
     /// Whether this is a `SyncBatch`'s answer that the replica merged every
     /// key but those it names, which it refused for the per-key limits: a

@@ -784,6 +784,15 @@ impl From<Response> for Sent {
     fn from(answer: Response) -> Sent {
         match answer {
             Response::Clock(_) => Sent::Taken,
+            // The owner serves, but its ring does not place this key on it
+            // (one of the two rings is newer): only this hint waits, and the
+            // round goes on with the owner's others.
+            Response::Error(e)
+                if e.kind == ErrorKind::NotServing
+                    && e.message.starts_with(ringkv_core::wire::HANDOFF_MISPLACED) =>
+            {
+                Sent::Declined(e.message)
+            }
             // Serving nothing (draining, or removed), or shedding load: as
             // good as down for this round.
             Response::Error(e)
@@ -861,5 +870,22 @@ mod tests {
         }
         let declined = Sent::from(Response::error(ErrorKind::Internal, "disk"));
         assert!(matches!(declined, Sent::Declined(_)), "{declined:?}");
+        // An owner whose ring does not place the key on it serves: only
+        // that hint waits, the round goes on.
+        let misplaced = misplaced_refusal();
+        assert!(matches!(Sent::from(misplaced), Sent::Declined(_)));
+    }
+
+    /// The refusal an owner sends for a hint its ring does not place on it
+    /// (`ringkv_coordinator::replica::handoff_refusal`, which this crate
+    /// cannot call: it starts with the shared prefix).
+    fn misplaced_refusal() -> Response {
+        Response::error(
+            ErrorKind::NotServing,
+            format!(
+                "{}: n3 (the sender's ring is older or newer)",
+                ringkv_core::wire::HANDOFF_MISPLACED
+            ),
+        )
     }
 }
