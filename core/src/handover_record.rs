@@ -80,7 +80,7 @@ pub fn decode_handover_record(bytes: &[u8]) -> Result<HandoverRecord, DecodeErro
         .seen
         .iter()
         .chain(&record.owed)
-        .try_for_each(validate_layout)?;
+        .try_for_each(|l| validate_layout(l, "a ring in the hand-over record"))?;
     Ok(record)
 }
 
@@ -101,6 +101,9 @@ pub struct ReplacedRing {
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RecentRingsRecord {
     pub rings: Vec<ReplacedRing>,
+    /// The fingerprint of the ring that replaced the newest of them (the
+    /// node's ring as far as this record knows; 0: none noted yet).
+    pub current_fingerprint: u64,
     /// Until when no tombstone is collected at all (unix ms; 0: no such
     /// time): set when rings still in their window had to be let go.
     pub defer_all_until_unix_ms: u64,
@@ -125,12 +128,11 @@ pub fn decode_recent_rings(bytes: &[u8]) -> Result<RecentRingsRecord, DecodeErro
     record
         .rings
         .iter()
-        .try_for_each(|r| validate_layout(&r.layout))?;
+        .try_for_each(|r| validate_layout(&r.layout, "a ring in the recent-rings record"))?;
     Ok(record)
 }
 
-fn validate_layout(layout: &RingLayout) -> Result<(), InvalidInput> {
-    let what = "a ring in the hand-over record";
+fn validate_layout(layout: &RingLayout, what: &str) -> Result<(), InvalidInput> {
     validate_replicas(layout.replicas, what)?;
     let mut ids = std::collections::HashSet::with_capacity(layout.members.len());
     let mut vnodes = 0u64;
@@ -200,6 +202,7 @@ mod tests {
                 layout: layout(&[("a", 8), ("b", 8)], 2),
                 replaced_at_unix_ms: 1_800_000_000_000,
             }],
+            current_fingerprint: 42,
             defer_all_until_unix_ms: 7,
         };
         let bytes = encode_recent_rings(&record);
@@ -212,7 +215,7 @@ mod tests {
         };
         let mut r = record.clone();
         r.rings[0].layout.members[1].id = NodeId::new("a").unwrap();
-        assert!(refused(r).contains("lists a twice"));
+        assert!(refused(r).contains("a ring in the recent-rings record lists a twice"));
         let mut r = record.clone();
         r.rings = vec![r.rings[0].clone(); RECENT_RINGS_STORED_MAX + 1];
         assert!(refused(r).contains("holds 65 rings"));

@@ -2277,23 +2277,68 @@ mod tests {
         }
     }
 
-    /// A join that moves keys is noted for tombstone collection: on n1, a
-    /// key n3's join took from n2 keeps its tombstone for now, since n2
-    /// may still hand over a copy of it that missed the delete.
+    /// A join that moves a key from a member that stays is noted for
+    /// tombstone collection: on n1, the tombstone of a key n3's join took
+    /// from n2 stays, though n3 (its other replica now) holds nothing,
+    /// since n2 may still hand over a copy that missed the delete. Once the
+    /// change is a window old, the tombstone goes.
     #[tokio::test]
-    async fn a_join_that_moves_keys_holds_their_tombstones_for_now() {
+    async fn a_tombstone_stays_while_a_member_that_lost_its_key_may_hand_it_over() {
+        use super::recent_rings::RecentRings;
+        use super::tombstone_gc::{collect_if_held_everywhere, tests::wait_for_recent_rings};
+
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
         let (n1, n2, n3, _) = three_with_a_key_on_n3(&dirs).await;
-        let ring = n1.inner.ring_tx.borrow().clone().unwrap();
-        wait_until("n1 holds the tombstones of keys the join moved", || {
+        let three = n1.inner.ring_tx.borrow().clone().unwrap();
+        let two = Arc::new(
+            Ring::new(
+                three
+                    .members()
+                    .iter()
+                    .filter(|(id, _)| *id != n3.inner.id)
+                    .map(|(id, vnodes)| (id.clone(), *vnodes)),
+                three.replicas(),
+            )
+            .unwrap(),
+        );
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| {
+                three.replicas_of(k) == [n1.inner.id.clone(), n3.inner.id.clone()]
+                    || three.replicas_of(k) == [n3.inner.id.clone(), n1.inner.id.clone()]
+            })
+            .unwrap();
+        wait_for_recent_rings(&n1.inner, &three).await;
+        crate::test_support::wait_until("n1 noted that n3's join moved keys", || {
             let recent = n1.inner.recent_rings.lock().unwrap();
-            let Some(recent) = recent.as_ref() else {
-                return false;
-            };
-            let now = crate::storage::unix_ms();
-            (0..1000).any(|i| recent.moved_lately(format!("k{i}").as_bytes(), &ring, now))
+            recent
+                .as_ref()
+                .is_some_and(|r| r.moved_lately(&key, &three, crate::storage::unix_ms()))
         })
         .await;
+        let replica = n1.inner.local.replica.clone();
+        replica
+            .update(&key, &VersionVector::new(), Payload::Tombstone)
+            .unwrap();
+        collect_if_held_everywhere(&n1.inner, &three, key.clone(), u64::MAX).await;
+        assert!(
+            replica.read(&key).unwrap().is_some(),
+            "kept: n2 may hand a copy over"
+        );
+
+        // The same change, a whole window ago.
+        let grace = Duration::from_secs(86_400);
+        let long_ago = crate::storage::unix_ms() - crate::storage::millis(grace);
+        let mut recent = RecentRings::new(grace);
+        recent.note_ring(None, &two, long_ago - 1);
+        recent.note_ring(Some(&two), &three, long_ago);
+        *n1.inner.recent_rings.lock().unwrap() = Some(recent);
+        collect_if_held_everywhere(&n1.inner, &three, key.clone(), u64::MAX).await;
+        assert!(
+            replica.read(&key).unwrap().is_none(),
+            "collected after the window"
+        );
+        drop(replica);
         for n in [n3, n2, n1] {
             n.shutdown().await;
         }

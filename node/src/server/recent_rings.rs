@@ -1,28 +1,38 @@
 //! The rings this node replaced lately, so that tombstone collection does
 //! not remove a delete that a ring hand-over could still undo.
 //!
-//! A member that replicated a key under the ring before a change hands its
-//! copy to the key's new replicas (`ring_handover`, Dynamo §4.2) for up to
-//! half the tombstone grace after the change. If that member missed the
-//! delete (it was down, and anti-entropy had not reached the key yet), its
-//! copy is the deleted value. Collection asks only the key's replicas under
-//! the current ring, which no longer include that member: a tombstone
-//! already past its grace at the change would be collected at once, the
-//! value would then arrive at a new replica with nothing there to cover
-//! it, and anti-entropy would spread it back to every replica.
+//! A member that replicated a key under the ring before a change, and
+//! stays a member, hands its copy to the key's new replicas
+//! (`ring_handover`, Dynamo §4.2) for up to half the tombstone grace after
+//! the change. If that member missed the delete (it was down, and
+//! anti-entropy had not reached the key yet), its copy is the deleted
+//! value. Collection asks only the key's replicas under the current ring,
+//! which no longer include that member: a tombstone already past its grace
+//! at the change would be collected at once, the value would then arrive
+//! at a new replica with nothing there to cover it, and anti-entropy would
+//! spread it back to every replica.
 //!
 //! So a node keeps each ring it replaced, with when (its own wall clock),
 //! for half the grace plus a margin (clock differences, how fast
 //! membership spreads), and collection leaves a tombstone in place while
-//! any of those rings placed its key on a node the current ring does not:
-//! until then the tombstone is there to cover whatever is handed over.
-//! A hand-over dates a change no later than this node learned of it, and
-//! stops half the grace after that date, so the window covers it.
+//! any of those rings placed its key on a node that is still a member but
+//! no longer a replica of it: until then the tombstone is there to cover
+//! whatever that node hands over. (A member that left handed its keys over
+//! before it went, and a removed one hands over nothing.) A hand-over
+//! dates a change no later than this node learned of it, and stops half
+//! the grace after that date, so the window covers it.
+//!
+//! The hand-over loop notes each change when it takes the new ring in,
+//! which may be later than the ring's install (a pass under way finishes
+//! first). Until then collection is deferred as a whole: the list also
+//! keeps the fingerprint of the ring it knows as current, and a check
+//! under any other ring waits.
 //!
 //! The list is kept in the data dir: a restart inside the window must not
 //! forget it. A list that cannot be read, or rings let go before their
 //! window ended (more changes than [`RECENT_RINGS_MAX`] in one window),
-//! defer every collection until the window would have ended.
+//! defer every collection until the window would have ended, and that is
+//! kept too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,15 +56,17 @@ pub(super) const RECENT_RINGS_MAX: usize = 16;
 /// hand-over's own margin, so a short grace (tests) keeps a short window.
 const WINDOW_MARGIN: Duration = Duration::from_secs(600);
 
-/// The rings replaced within the window, and until when nothing is
-/// collected. See the module docs.
+/// The rings replaced within the window, the ring known as current, and
+/// until when nothing is collected. See the module docs.
 ///
-/// Invariant: every ring kept was replaced less than `window_ms` before the
-/// last call that pruned; `rings.len() <= RECENT_RINGS_MAX`.
+/// Invariant: `rings.len() <= RECENT_RINGS_MAX`, oldest first.
 #[derive(Debug)]
 pub(crate) struct RecentRings {
     window_ms: u64,
     rings: Vec<(Arc<Ring>, u64)>,
+    /// The fingerprint of the ring the hand-over loop took in last; `None`
+    /// before it took one in (nothing is collected then).
+    current: Option<u64>,
     defer_all_until_unix_ms: u64,
 }
 
@@ -64,6 +76,7 @@ impl RecentRings {
         RecentRings {
             window_ms: millis(grace / 2 + WINDOW_MARGIN.min(grace / 4)),
             rings: Vec::new(),
+            current: None,
             defer_all_until_unix_ms: 0,
         }
     }
@@ -76,21 +89,39 @@ impl RecentRings {
         recent
     }
 
-    /// Notes that `old` stopped being this node's ring at `at_unix_ms`.
-    pub(super) fn note_replaced(&mut self, old: Arc<Ring>, at_unix_ms: u64) {
+    /// Notes that `new` is this node's ring from `at_unix_ms`, in place of
+    /// `old` (`None`: the first ring noted). Says whether the list changed
+    /// (and should be kept).
+    pub(super) fn note_ring(
+        &mut self,
+        old: Option<&Arc<Ring>>,
+        new: &Ring,
+        at_unix_ms: u64,
+    ) -> bool {
+        let fingerprint = new.fingerprint();
+        let mut changed = self.current != Some(fingerprint);
+        self.current = Some(fingerprint);
+        let before = self.rings.len();
         self.prune(at_unix_ms);
-        self.rings.push((old, at_unix_ms));
+        changed |= self.rings.len() != before;
+        if let Some(old) = old.filter(|old| old.fingerprint() != fingerprint) {
+            self.rings.push((old.clone(), at_unix_ms));
+            changed = true;
+        }
         while self.rings.len() > RECENT_RINGS_MAX {
             let (_, at) = self.rings.remove(0);
             self.defer_all_until(at.saturating_add(self.window_ms));
         }
+        changed
     }
 
-    /// Whether, at `now_unix_ms`, a tombstone of `key` must stay: every
-    /// collection is deferred, or a ring replaced within the window placed
-    /// `key` on a node that `current` does not.
+    /// Whether, at `now_unix_ms`, a tombstone of `key` checked under
+    /// `current` must stay: every collection is deferred, `current` is not
+    /// the ring noted as current, or a ring replaced within the window
+    /// placed `key` on a member that `current` no longer places it on.
     pub(crate) fn moved_lately(&self, key: &[u8], current: &Ring, now_unix_ms: u64) -> bool {
-        if now_unix_ms < self.defer_all_until_unix_ms {
+        if now_unix_ms < self.defer_all_until_unix_ms || self.current != Some(current.fingerprint())
+        {
             return true;
         }
         let mut replicas_now = None;
@@ -99,8 +130,16 @@ impl RecentRings {
             .filter(|(_, at)| now_unix_ms < at.saturating_add(self.window_ms))
             .any(|(old, _)| {
                 let now = replicas_now.get_or_insert_with(|| current.replicas_of(key));
-                old.replicas_of(key).iter().any(|r| !now.contains(r))
+                old.replicas_of(key)
+                    .iter()
+                    .any(|r| !now.contains(r) && current.has_node(r))
             })
+    }
+
+    /// Whether `ring` is the one noted as current.
+    #[cfg(test)]
+    pub(crate) fn notes_as_current(&self, ring: &Ring) -> bool {
+        self.current == Some(ring.fingerprint())
     }
 
     fn prune(&mut self, now_unix_ms: u64) {
@@ -114,49 +153,55 @@ impl RecentRings {
     }
 
     /// Reads the list the last run kept. One that cannot be read defers
-    /// every collection for a whole window from now.
+    /// every collection for a whole window from now, and is replaced by a
+    /// list that says so (or a node restarted within every window would
+    /// never collect).
     pub(super) fn restore(storage: &Storage, grace: Duration) -> Self {
-        let mut recent = RecentRings::new(grace);
         let now = unix_ms();
         let record = match storage.meta_get(META_RECENT_RINGS) {
-            Ok(None) => return recent,
+            Ok(None) => return RecentRings::new(grace),
             Ok(Some(bytes)) => decode_recent_rings(&bytes).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let record = record.and_then(|record| {
-            let rings: Result<Vec<(Arc<Ring>, u64)>, String> = record
-                .rings
-                .iter()
-                .map(|r| {
-                    let ring = ring_of(&r.layout).map_err(|e| e.to_string())?;
-                    // A clock that was ahead then must not stretch the window.
-                    Ok((Arc::new(ring), r.replaced_at_unix_ms.min(now)))
-                })
-                .collect();
-            Ok((rings?, record.defer_all_until_unix_ms))
-        });
-        match record {
-            Ok((rings, defer_all_until)) => {
-                recent.rings = rings;
-                recent.defer_all_until(defer_all_until.min(now.saturating_add(recent.window_ms)));
-                recent.prune(now);
-                recent.rings.truncate(RECENT_RINGS_MAX);
+        let restored = record.and_then(|record| {
+            let mut recent = RecentRings::new(grace);
+            for r in &record.rings {
+                let ring = ring_of(&r.layout).map_err(|e| e.to_string())?;
+                // A clock that was ahead then must not stretch the window.
+                recent
+                    .rings
+                    .push((Arc::new(ring), r.replaced_at_unix_ms.min(now)));
             }
+            recent.current =
+                (record.current_fingerprint != 0).then_some(record.current_fingerprint);
+            let until = record.defer_all_until_unix_ms;
+            recent.defer_all_until(until.min(now.saturating_add(recent.window_ms)));
+            recent.prune(now);
+            // The newest are kept; those let go defer as in `note_ring`.
+            while recent.rings.len() > RECENT_RINGS_MAX {
+                let (_, at) = recent.rings.remove(0);
+                recent.defer_all_until(at.saturating_add(recent.window_ms));
+            }
+            Ok(recent)
+        });
+        match restored {
+            Ok(recent) => recent,
             Err(reason) => {
                 tracing::error!(
                     %reason,
                     "could not read the rings this node replaced lately from its data dir; no tombstone is collected for half the grace"
                 );
-                recent = RecentRings::deferring_all(grace, now);
+                let recent = RecentRings::deferring_all(grace, now);
+                recent.record().save(storage);
+                recent
             }
         }
-        recent
     }
 
-    /// Keeps the list for the next start; a failure is logged (the list
-    /// goes on in memory, and a restart would forget it).
-    pub(super) fn save(&self, storage: &Storage) {
-        let record = RecentRingsRecord {
+    /// What [`KeptRecentRings::save`] writes: taken under the lock, saved
+    /// after it is let go.
+    pub(super) fn record(&self) -> KeptRecentRings {
+        KeptRecentRings(RecentRingsRecord {
             rings: self
                 .rings
                 .iter()
@@ -165,9 +210,20 @@ impl RecentRings {
                     replaced_at_unix_ms: *at,
                 })
                 .collect(),
+            current_fingerprint: self.current.unwrap_or(0),
             defer_all_until_unix_ms: self.defer_all_until_unix_ms,
-        };
-        if let Err(e) = storage.meta_put(META_RECENT_RINGS, &encode_recent_rings(&record)) {
+        })
+    }
+}
+
+/// A copy of the list to keep in the data dir.
+pub(super) struct KeptRecentRings(RecentRingsRecord);
+
+impl KeptRecentRings {
+    /// Keeps the list for the next start; a failure is logged (the list
+    /// goes on in memory, and a restart would forget it).
+    pub(super) fn save(&self, storage: &Storage) {
+        if let Err(e) = storage.meta_put(META_RECENT_RINGS, &encode_recent_rings(&self.0)) {
             tracing::error!(error = %e, "could not keep the rings this node replaced lately in its data dir; a restart would let tombstone collection forget them");
         }
     }
@@ -186,38 +242,78 @@ mod tests {
     const T0_UNIX_MS: u64 = 1_700_000_000_000;
     const WINDOW_MS: u64 = (43_200 + 600) * 1000;
 
-    /// A key that `before` placed on `gone`, and `after` does not.
-    fn moved_key(before: &Ring, after: &Ring) -> Vec<u8> {
-        (0..10_000)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| before.replicas_of(k) != after.replicas_of(k))
-            .expect("a join moves some keys")
+    fn keys() -> impl Iterator<Item = Vec<u8>> {
+        (0..10_000).map(|i| format!("k{i}").into_bytes())
     }
 
-    fn kept_key(before: &Ring, after: &Ring) -> Vec<u8> {
-        (0..10_000)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| before.replicas_of(k) == after.replicas_of(k))
-            .expect("a join leaves some keys")
+    /// A key whose replicas differ between the two rings, and one whose
+    /// replicas do not.
+    fn moved_and_kept(before: &Ring, after: &Ring) -> (Vec<u8>, Vec<u8>) {
+        let moved = keys().find(|k| before.replicas_of(k) != after.replicas_of(k));
+        let kept = keys().find(|k| before.replicas_of(k) == after.replicas_of(k));
+        (
+            moved.expect("a change moves some keys"),
+            kept.expect("and leaves some"),
+        )
     }
 
-    /// A key a ring replaced within the window placed elsewhere keeps its
-    /// tombstone until the window ends; a key the change did not move, and
-    /// any key after the window, may go.
+    /// A key a ring replaced within the window placed on a member that no
+    /// longer replicates it keeps its tombstone until the window ends; a key
+    /// the change did not move, and any key after the window, may go.
     #[test]
     fn only_keys_a_recent_change_moved_are_held_and_only_for_the_window() {
         let (before, after) = (
             ring(&["a", "b", "c", "d"]),
             ring(&["a", "b", "c", "d", "e"]),
         );
-        let (moved, kept) = (moved_key(&before, &after), kept_key(&before, &after));
+        let (moved, kept) = moved_and_kept(&before, &after);
         let mut recent = RecentRings::new(GRACE);
-        assert!(!recent.moved_lately(&moved, &after, T0_UNIX_MS));
-        recent.note_replaced(before, T0_UNIX_MS);
+        assert!(recent.note_ring(None, &before, T0_UNIX_MS - 1));
+        assert!(!recent.moved_lately(&moved, &before, T0_UNIX_MS));
+        assert!(recent.note_ring(Some(&before), &after, T0_UNIX_MS));
         assert!(recent.moved_lately(&moved, &after, T0_UNIX_MS));
         assert!(recent.moved_lately(&moved, &after, T0_UNIX_MS + WINDOW_MS - 1));
         assert!(!recent.moved_lately(&moved, &after, T0_UNIX_MS + WINDOW_MS));
         assert!(!recent.moved_lately(&kept, &after, T0_UNIX_MS));
+        assert!(
+            !recent.note_ring(Some(&after), &after, T0_UNIX_MS),
+            "no change"
+        );
+    }
+
+    /// A ring installed that the list has not noted yet (the hand-over
+    /// loop is busy with a pass) holds every tombstone until it is noted.
+    #[test]
+    fn a_ring_not_noted_yet_holds_every_tombstone() {
+        let (before, after) = (
+            ring(&["a", "b", "c", "d"]),
+            ring(&["a", "b", "c", "d", "e"]),
+        );
+        let (_, kept) = moved_and_kept(&before, &after);
+        let mut recent = RecentRings::new(GRACE);
+        assert!(
+            recent.moved_lately(&kept, &before, T0_UNIX_MS),
+            "none noted"
+        );
+        recent.note_ring(None, &before, T0_UNIX_MS);
+        assert!(!recent.moved_lately(&kept, &before, T0_UNIX_MS));
+        assert!(
+            recent.moved_lately(&kept, &after, T0_UNIX_MS),
+            "after not noted"
+        );
+    }
+
+    /// A member that left, or was removed, hands nothing over (its leave
+    /// did): the keys it lost keep no tombstone back.
+    #[test]
+    fn keys_taken_only_from_departed_members_are_not_held() {
+        let (before, after) = (
+            ring(&["a", "b", "c", "d", "e"]),
+            ring(&["a", "b", "c", "d"]),
+        );
+        let mut recent = RecentRings::new(GRACE);
+        recent.note_ring(Some(&before), &after, T0_UNIX_MS);
+        assert!(keys().all(|k| !recent.moved_lately(&k, &after, T0_UNIX_MS)));
     }
 
     /// More changes in one window than are kept: the oldest goes, and with
@@ -228,10 +324,10 @@ mod tests {
             ring(&["a", "b", "c", "d"]),
             ring(&["a", "b", "c", "d", "e"]),
         );
-        let kept = kept_key(&before, &after);
+        let (_, kept) = moved_and_kept(&before, &after);
         let mut recent = RecentRings::new(GRACE);
         for i in 0..=RECENT_RINGS_MAX as u64 {
-            recent.note_replaced(before.clone(), T0_UNIX_MS + i);
+            recent.note_ring(Some(&before), &after, T0_UNIX_MS + i);
         }
         assert_eq!(recent.rings.len(), RECENT_RINGS_MAX);
         assert!(recent.moved_lately(&kept, &after, T0_UNIX_MS + WINDOW_MS - 1));
@@ -239,22 +335,24 @@ mod tests {
     }
 
     /// A restart inside the window reads the list back; one whose record
-    /// is damaged defers every collection for a window from its start.
+    /// is damaged defers every collection for a window from its start, and
+    /// keeps that, so a second restart does not start the window again.
     #[test]
-    fn a_restart_keeps_the_window_and_a_damaged_list_defers_everything() {
+    fn a_restart_keeps_the_window_and_a_damaged_list_defers_everything_once() {
         let dir = tempfile::tempdir().unwrap();
         let (before, after) = (
             ring(&["a", "b", "c", "d"]),
             ring(&["a", "b", "c", "d", "e"]),
         );
-        let (moved, kept) = (moved_key(&before, &after), kept_key(&before, &after));
+        let (moved, kept) = moved_and_kept(&before, &after);
         let now = unix_ms();
         {
             let storage = Storage::open(dir.path(), false).unwrap();
             let mut recent = RecentRings::restore(&storage, GRACE);
-            assert!(!recent.moved_lately(&kept, &after, now));
-            recent.note_replaced(before, now);
-            recent.save(&storage);
+            recent.note_ring(None, &before, now);
+            assert!(!recent.moved_lately(&kept, &before, now));
+            recent.note_ring(Some(&before), &after, now);
+            recent.record().save(&storage);
         }
         let storage = Storage::open(dir.path(), false).unwrap();
         let recent = RecentRings::restore(&storage, GRACE);
@@ -262,8 +360,12 @@ mod tests {
         assert!(!recent.moved_lately(&kept, &after, now + 1));
 
         storage.meta_put(META_RECENT_RINGS, b"damaged").unwrap();
-        let recent = RecentRings::restore(&storage, GRACE);
-        assert!(recent.moved_lately(&kept, &after, unix_ms()));
-        assert!(!recent.moved_lately(&kept, &after, unix_ms() + WINDOW_MS + 1_000));
+        let first = RecentRings::restore(&storage, GRACE);
+        assert!(first.moved_lately(&kept, &after, unix_ms()));
+        let again = RecentRings::restore(&storage, GRACE);
+        assert_eq!(
+            again.defer_all_until_unix_ms, first.defer_all_until_unix_ms,
+            "the deferral was kept, not begun again"
+        );
     }
 }

@@ -341,7 +341,7 @@ pub(super) async fn ring_handover_loop(
     // cluster record may name a newer one (stored before a crash kept the
     // hand-over's record): a change too.
     if let Some(remembered) = &remembered {
-        note_replaced(&inner, seen.as_ref(), remembered);
+        note_ring(&inner, seen.as_ref(), remembered);
         note_change(
             &inner,
             &mut owed,
@@ -350,6 +350,9 @@ pub(super) async fn ring_handover_loop(
             change_dated(currency.current_unix_ms, grace),
         );
         seen = Some(remembered.clone());
+    }
+    if let Some(seen) = &seen {
+        note_ring(&inner, None, seen);
     }
     set_owed(&inner, owed.is_some());
     let mut rings = inner.ring_tx.subscribe();
@@ -369,7 +372,7 @@ pub(super) async fn ring_handover_loop(
     'run: loop {
         if let Some(new) = arrived.take() {
             let since = change_dated(currency.current_unix_ms, grace);
-            note_replaced(&inner, seen.as_ref(), &new);
+            note_ring(&inner, seen.as_ref(), &new);
             note_change(&inner, &mut owed, seen.as_ref(), &new, since);
             seen = Some(new);
             took_in = true;
@@ -510,16 +513,20 @@ fn set_owed(inner: &NodeInner, owed: bool) {
     metrics::gauge!("ringkv_ring_handover_owed").set(if owed { 1.0 } else { 0.0 });
 }
 
-/// Notes in the rings replaced lately (for tombstone collection) that `old`
-/// gave way to `new` now, if they place keys otherwise.
-fn note_replaced(inner: &NodeInner, old: Option<&Arc<Ring>>, new: &Arc<Ring>) {
-    let Some(old) = old.filter(|old| old.fingerprint() != new.fingerprint()) else {
-        return;
+/// Notes for tombstone collection that `new` is the node's ring from now,
+/// in place of `old` (see `recent_rings`), and keeps the list if that
+/// changed it (written after the lock is let go: collection checks take it).
+fn note_ring(inner: &NodeInner, old: Option<&Arc<Ring>>, new: &Arc<Ring>) {
+    let kept = {
+        let mut recent = inner.recent_rings.lock().unwrap_or_else(|p| p.into_inner());
+        recent.as_mut().and_then(|recent| {
+            recent
+                .note_ring(old, new, unix_ms())
+                .then(|| recent.record())
+        })
     };
-    let mut recent = inner.recent_rings.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(recent) = recent.as_mut() {
-        recent.note_replaced(old.clone(), unix_ms());
-        recent.save(&inner.storage);
+    if let Some(kept) = kept {
+        kept.save(&inner.storage);
     }
 }
 
