@@ -62,7 +62,6 @@ fn receipt_line(receipt: &Receipt) -> String {
     )
 }
 
-/// Output of a successful put or delete.
 /// What a write stored: a value (`put`) or a tombstone (`delete`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -70,13 +69,16 @@ pub enum Written {
     Tombstone,
 }
 
+/// Output of a successful put or delete.
 pub fn written(reply: &PutReply, json: bool, what: Written) {
     // With siblings, the reply's context is the one the write was sent with
     // (it cannot cover values nobody read): given out, it would pass for one
     // that resolves them, and a script's next write would add a sibling.
     let context = (reply.siblings <= 1).then_some(&reply.context);
     // A delete's own tombstone is one of the key's versions; what a user
-    // wants to know is how many values it left (0: the key is gone).
+    // wants to know is how many it left besides (0: the key is gone). The
+    // reply counts versions, not values: one left may be another delete's
+    // tombstone, so the line says "versions".
     let (siblings, verb) = match what {
         Written::Value => (reply.siblings, "stored"),
         Written::Tombstone => (reply.siblings.saturating_sub(1), "deleted"),
@@ -95,7 +97,7 @@ pub fn written(reply: &PutReply, json: bool, what: Written) {
                 "the key now has {siblings} concurrent values; get it to see them and for a context that resolves them"
             ),
             (None, Written::Tombstone) => outln!(
-                "{siblings} concurrent value{} the delete did not see remain{}; get the key to see them and for a context that covers them",
+                "{siblings} concurrent version{} the delete did not see remain{} (values, or other deletes); get the key to see them and for a context that covers them",
                 if siblings == 1 { "" } else { "s" },
                 if siblings == 1 { "s" } else { "" },
             ),

@@ -146,7 +146,12 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let addrs: Vec<SocketAddr> = (0..3).map(|i| cluster.addr(i).parse().unwrap()).collect();
     let client = runtime
-        .block_on(ClusterClient::connect(addrs.clone(), 0, DEADLINE, None))
+        .block_on(ClusterClient::connect(
+            addrs.clone(),
+            0,
+            Duration::from_secs(5),
+            None,
+        ))
         .unwrap();
     let put_w2 = |key: &str| {
         runtime.block_on(client.call(&Request::Put(PutRequest {

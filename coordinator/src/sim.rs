@@ -155,8 +155,9 @@ impl SimNetwork {
         self.with(|s| s.delays.insert((from.clone(), to.clone()), delay));
     }
 
-    /// Limits the link from `from` to `to` to `bytes_per_s`: each message
-    /// then also takes its encoded size at that rate.
+    /// Gives the link from `from` to `to` a bandwidth of `bytes_per_s`:
+    /// each message then also takes its encoded size at that rate
+    /// (messages in flight together do not share it).
     pub fn bandwidth(&self, from: &NodeId, to: &NodeId, bytes_per_s: u64) {
         self.with(|s| {
             s.bandwidths

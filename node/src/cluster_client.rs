@@ -30,21 +30,25 @@
 //! A node cut off from its peers (a network partition around it) still
 //! answers, but every request that needs another replica fails, with a
 //! quorum error or as unavailable, and a client that stayed would fail
-//! until the partition heals. So an answer of that kind in which no node
-//! but the coordinator took part ([`reached_no_peer`]) has the client look,
-//! in the background, for another node that serves a quorum read, and move
-//! there. The request itself is returned as it is: it may have run. When
-//! no other node serves a quorum read either (most of the cluster is down),
-//! the client stays where it is.
+//! until the partition heals. So an answer of that kind in which no peer
+//! took the request ([`reached_no_peer`]) has the client ask, in the
+//! background, whether its node sees most of the cluster's members up
+//! (`Status`); if not, it looks for a node that does, and moves there. The
+//! request itself is returned as it is: it may have run. A node that sees
+//! a majority keeps the client (the failure had another cause: a key's
+//! replicas down, say), and so does one with no better node to go to (most
+//! of the cluster is down); the client then asks again no sooner than
+//! [`LOOK_PAUSE`] later.
 //!
 //! A client that has moved away from its preferred node (`preferred` in
 //! [`ClusterClient::connect`]) dials that node again in the background,
 //! after [`RETURN_PROBE`] and then backing off to every
-//! [`RETURN_PROBE_MAX`], and goes back once it serves: a quorum read of a
-//! key succeeds through it. (A ping would not do: a node still joining, or
-//! removed, answers pings. Nor would a read of its own copy: a node still
-//! cut off answers that.) So after a rolling restart or a partition every
-//! client is back where it started, and the load stays spread.
+//! [`RETURN_PROBE_MAX`], and goes back once it serves: a read of its own
+//! copy of a key succeeds, and it sees most members up. (A ping would not
+//! do: a node still joining, or removed, answers pings. Nor would the read
+//! alone: a node still cut off answers that.) So after a rolling restart
+//! or a partition every client is back where it started, and the load
+//! stays spread.
 //!
 //! Every node dialled is asked who it is (`Identify`), and one of another
 //! cluster than the client's is passed over like a node that cannot be
@@ -76,6 +80,9 @@ pub const RETURN_PROBE: Duration = Duration::from_secs(1);
 /// stays down (or was removed but still runs) costs each client a dial
 /// this often.
 pub const RETURN_PROBE_MAX: Duration = Duration::from_secs(30);
+/// After a look for a better node than a seemingly cut-off one, how long
+/// before the next may start.
+pub const LOOK_PAUSE: Duration = Duration::from_secs(5);
 
 /// A connection to a cluster that fails over between its nodes (see the
 /// module docs). Cheap to share: concurrent callers use one connection.
@@ -107,6 +114,8 @@ struct Inner {
     /// Whether a task is looking for a node to leave a cut-off one for
     /// (at most one).
     looking: std::sync::atomic::AtomicBool,
+    /// No look starts before this (see [`LOOK_PAUSE`]).
+    next_look_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 struct Current {
@@ -129,11 +138,14 @@ pub fn ran_nothing(outcome: &Result<Response, CallError>) -> bool {
     }
 }
 
-/// Whether an outcome is a quorum error, or unavailability, in which no node
-/// but the coordinator answered: what a node cut off from its peers gives.
-/// (A forward that reached no replica carries no receipt.) Such a request
-/// may have run, so it is not sent again; the client looks for another node
-/// for the next ones (see the module docs).
+/// Whether an outcome is a quorum error, or unavailability, in which no
+/// peer of the coordinator took the request: what a node cut off from its
+/// peers gives (they time out, or are believed down and not asked; a
+/// forward that reached no replica carries no receipt). Other failures give
+/// it too (a key's replicas down, peers refusing): so it only has the
+/// client ask its node whether it sees most of its cluster (see the module
+/// docs), at most once per [`LOOK_PAUSE`]. Such a request may have run, so
+/// it is not sent again.
 pub fn reached_no_peer(outcome: &Result<Response, CallError>) -> bool {
     let Ok(Response::Error(e)) = outcome else {
         return false;
@@ -225,6 +237,7 @@ impl ClusterClient {
                             failovers: AtomicU64::new(u64::from(at != preferred)),
                             probing: std::sync::atomic::AtomicBool::new(false),
                             looking: std::sync::atomic::AtomicBool::new(false),
+                            next_look_at: std::sync::Mutex::new(None),
                         }),
                     });
                 }
@@ -321,20 +334,35 @@ impl ClusterClient {
     }
 
     /// Starts a look for a node to leave `from`'s for (see the module docs),
-    /// unless one is under way or the client has left it already.
+    /// unless one is under way, the last was too recent, there is no other
+    /// node, or the client has left it already.
     fn look_elsewhere(&self, from: Arc<Client>) {
+        if self.inner.nodes.len() < 2 {
+            return;
+        }
         let current = self.inner.lock();
         let on_it = current
             .client
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(c, &from));
-        if on_it && !current.closed && !self.inner.looking.swap(true, Ordering::AcqRel) {
-            tokio::spawn(look_elsewhere(
-                Arc::downgrade(&self.inner),
-                from,
-                current.at,
-            ));
+        if !on_it || current.closed {
+            return;
         }
+        let now = tokio::time::Instant::now();
+        let mut next = self
+            .inner
+            .next_look_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if next.is_some_and(|at| now < at) || self.inner.looking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *next = Some(now + LOOK_PAUSE);
+        tokio::spawn(look_elsewhere(
+            Arc::downgrade(&self.inner),
+            Arc::downgrade(&from),
+            current.at,
+        ));
     }
 
     /// The address of the node requests go to now.
@@ -343,7 +371,7 @@ impl ClusterClient {
     }
 
     /// How many times this client has moved to another node because its
-    /// node could not take requests or reached none of its peers
+    /// node could not take requests or was cut off from most of its cluster
     /// (including, when it was made, past a preferred node that did not
     /// answer). Going back is not counted.
     pub fn failovers(&self) -> u64 {
@@ -531,60 +559,89 @@ async fn probe_preferred(inner: Weak<Inner>) {
     }
 }
 
-/// Asks the nodes after `at` in turn for a quorum read, and moves the client
-/// to the first that serves it if it is still on `from` (connected to
-/// `nodes[at]`, which answered as if cut off). Ends with `looking` cleared.
-async fn look_elsewhere(inner: Weak<Inner>, from: Arc<Client>, at: usize) {
+/// Asks `from`'s node (`nodes[at]`, which answered as if cut off) whether
+/// it sees most members up; if not, asks the nodes after it in turn whether
+/// they serve and do, and moves the client to the first that does if it is
+/// still on `from`. Ends with `looking` cleared.
+async fn look_elsewhere(inner: Weak<Inner>, from: Weak<Client>, at: usize) {
     let Some(strong) = inner.upgrade() else {
         return;
     };
-    let (nodes, timeout, key, cluster_id) = (
+    let (nodes, preferred, timeout, key, cluster_id) = (
         strong.nodes.clone(),
+        strong.preferred,
         strong.connect_timeout,
         strong.cluster_key.clone(),
         strong.cluster_id.clone(),
     );
-    // Not holding the client alive while dialling (see `probe_preferred`).
+    // Holding neither the client nor its connection alive while asking and
+    // dialling (see `probe_preferred`): `close` must still close it.
     drop(strong);
-    for step in 1..nodes.len() {
-        let next = (at + step) % nodes.len();
-        let Some(client) = serving(nodes[next], timeout, key.as_ref(), cluster_id.as_deref()).await
-        else {
-            continue;
-        };
-        let Some(strong) = inner.upgrade() else {
-            client.close().await;
-            return;
-        };
-        let moved = {
-            let mut current = strong.lock();
-            let still_on_it = current
-                .client
-                .as_ref()
-                .is_some_and(|c| Arc::ptr_eq(c, &from));
-            if still_on_it && !current.closed {
-                current.at = next;
-                current.client = Some(Arc::new(client));
-                strong.failovers.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    from = %nodes[at],
-                    to = %nodes[next],
-                    "client left a node that reached none of its peers"
-                );
-                None
-            } else {
-                Some(client)
+    let asked = from.upgrade();
+    let fine = match &asked {
+        Some(client) => sees_a_majority(client, timeout).await,
+        None => true,
+    };
+    drop(asked);
+    let mut found = None;
+    if !fine {
+        for step in 1..nodes.len() {
+            let next = (at + step) % nodes.len();
+            if let Some(client) =
+                serving(nodes[next], timeout, key.as_ref(), cluster_id.as_deref()).await
+            {
+                found = Some((next, client));
+                break;
             }
-        };
-        strong.looking.store(false, Ordering::Release);
-        if let Some(unwanted) = moved {
-            unwanted.close().await;
+        }
+        if found.is_none() {
+            tracing::debug!(node = %nodes[at], "no node that sees most of the cluster: the client stays");
+        }
+    }
+    let Some(strong) = inner.upgrade() else {
+        if let Some((_, client)) = found {
+            client.close().await;
         }
         return;
+    };
+    let unwanted = found.and_then(|(next, client)| {
+        let mut current = strong.lock();
+        let still_on_it = current
+            .client
+            .as_ref()
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), from.as_ptr()));
+        if !still_on_it || current.closed {
+            return Some(client);
+        }
+        current.at = next;
+        current.client = Some(Arc::new(client));
+        if next != preferred {
+            strong.failovers.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(
+            from = %nodes[at],
+            to = %nodes[next],
+            "client left a node cut off from most of its cluster"
+        );
+        None
+    });
+    strong.looking.store(false, Ordering::Release);
+    drop(strong);
+    if let Some(client) = unwanted {
+        client.close().await;
     }
-    tracing::info!(node = %nodes[at], "no other node serves a quorum read: the client stays");
-    if let Some(strong) = inner.upgrade() {
-        strong.looking.store(false, Ordering::Release);
+}
+
+/// Whether the node `client` is connected to is a member and sees most of
+/// its cluster's members up (itself included), by its failure detector.
+async fn sees_a_majority(client: &Client, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, client.call(&Request::Status)).await {
+        Ok(Ok(Response::Status(status))) => {
+            let member = status.nodes.iter().any(|n| n.id == status.node);
+            let up = status.nodes.iter().filter(|n| n.up).count();
+            member && up * 2 > status.nodes.len()
+        }
+        _ => false,
     }
 }
 
@@ -601,11 +658,12 @@ impl Inner {
     }
 }
 
-/// A connection to the node at `addr` if it serves requests now. A ping
-/// would not show it: a node still joining, or removed, answers pings and
-/// refuses the rest. A quorum read of a key (which need not exist) goes
-/// through the same checks as any request, and fails on a node cut off from
-/// its peers.
+/// A connection to the node at `addr` if it serves requests now and sees
+/// most of its cluster up. A ping would not show it: a node still joining,
+/// or removed, answers pings and refuses the rest. A read of its own copy
+/// of a key (`local`, no quorum, one store lookup) goes through the same
+/// checks as any request; a node cut off from its peers answers that too,
+/// but not that it sees most members up.
 async fn serving(
     addr: SocketAddr,
     timeout: Duration,
@@ -614,16 +672,16 @@ async fn serving(
 ) -> Option<Client> {
     let client = dial_member(addr, timeout, key, cluster_id).await.ok()?;
     let probe = Request::Get(ringkv_core::wire::GetRequest {
+        local: true,
         timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-        ..ringkv_core::wire::GetRequest::new(PROBE_KEY.to_vec(), ringkv_core::Consistency::Quorum)
+        ..ringkv_core::wire::GetRequest::new(PROBE_KEY.to_vec(), ringkv_core::Consistency::One)
     });
-    match tokio::time::timeout(timeout, client.call(&probe)).await {
-        Ok(Ok(Response::Get(_))) => Some(client),
-        _ => {
-            client.close().await;
-            None
-        }
+    let read = tokio::time::timeout(timeout, client.call(&probe)).await;
+    if matches!(read, Ok(Ok(Response::Get(_)))) && sees_a_majority(&client, timeout).await {
+        return Some(client);
     }
+    client.close().await;
+    None
 }
 
 /// Dials the node at `addr` and, given `cluster_id`, asks who it is: a
@@ -872,14 +930,39 @@ mod tests {
         }
     }
 
+    /// A `Status` answer from `n1` of a cluster of three that sees `up` of
+    /// them up (itself first).
+    fn status_seeing(up: usize) -> Response {
+        use ringkv_core::wire::{NodeStatus, StatusReply};
+        let node = |i: usize| NodeStatus {
+            id: ringkv_core::NodeId::new(format!("n{i}")).unwrap(),
+            addr: String::new(),
+            up: i <= up,
+            region: None,
+            hints_pending: None,
+            last_exchange_unix_ms: None,
+            keys_repaired: None,
+            leaving: None,
+            cleaning: None,
+        };
+        Response::Status(StatusReply {
+            node: ringkv_core::NodeId::new("n1").unwrap(),
+            replicas: 3,
+            nodes: (1..=3).map(node).collect(),
+        })
+    }
+
     /// A node that answers `NotServing` while `refusing` is set, and
-    /// otherwise serves: a found-nothing read for gets, a pong for the rest.
+    /// otherwise serves: a found-nothing read for gets, a status that sees
+    /// every member up, a pong for the rest.
     fn switchable(
         refusing: Arc<std::sync::atomic::AtomicBool>,
     ) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
         answering_with(move |request| {
             if refusing.load(Ordering::SeqCst) {
                 not_serving()
+            } else if let Request::Status = request {
+                status_seeing(3)
             } else if let Request::Get(_) = request {
                 Response::Get(ringkv_core::wire::GetReply {
                     values: vec![],
@@ -907,6 +990,11 @@ mod tests {
     /// A quorum error with a receipt in which `answered` (besides the
     /// coordinator `n1`) stored the value, and `n3` timed out.
     fn quorum_error(answered: &[&str]) -> Response {
+        quorum_error_with(answered, Outcome::Ok)
+    }
+
+    /// [`quorum_error`], `answered` with `outcome`.
+    fn quorum_error_with(answered: &[&str], outcome: Outcome) -> Response {
         use ringkv_core::wire::{ErrorReply, Receipt, ReplicaOutcome};
         let replica = |id: &str, outcome| ReplicaOutcome {
             node: ringkv_core::NodeId::new(id).unwrap(),
@@ -916,7 +1004,7 @@ mod tests {
             hint_for: None,
         };
         let mut replicas = vec![replica("n1", Outcome::Ok), replica("n3", Outcome::Timeout)];
-        replicas.extend(answered.iter().map(|id| replica(id, Outcome::Ok)));
+        replicas.extend(answered.iter().map(|id| replica(id, outcome)));
         Response::Error(ErrorReply {
             kind: ErrorKind::QuorumNotReached,
             message: "write quorum not reached".to_string(),
@@ -931,6 +1019,11 @@ mod tests {
     fn only_failures_no_peer_took_part_in_show_a_cut_off_node() {
         assert!(reached_no_peer(&Ok(quorum_error(&[]))));
         assert!(!reached_no_peer(&Ok(quorum_error(&["n2"]))));
+        // Believed down and not asked, or refusing: not taken either.
+        assert!(reached_no_peer(&Ok(quorum_error_with(
+            &["n2"],
+            Outcome::Error
+        ))));
         // A forward that reached no replica: no receipt.
         let unreached = Response::error(ErrorKind::Unavailable, "no replica of this key");
         assert!(reached_no_peer(&Ok(unreached)));
@@ -951,15 +1044,18 @@ mod tests {
     }
 
     /// A node that, while `cut_off` is set, answers as one cut off from its
-    /// peers does: a read of its own copy, but a quorum error no peer took
-    /// part in for everything else; and otherwise serves like
-    /// [`switchable`].
+    /// peers does: a read of its own copy, a status that sees only itself
+    /// up, and a quorum error no peer took part in for everything else; and
+    /// otherwise serves like [`switchable`].
     fn cut_off_while(
         cut_off: Arc<std::sync::atomic::AtomicBool>,
     ) -> (quinn::Endpoint, SocketAddr, Arc<AtomicUsize>) {
         answering_with(move |request| {
+            let cut = cut_off.load(Ordering::SeqCst);
             let local_read = matches!(request, Request::Get(get) if get.local);
-            if cut_off.load(Ordering::SeqCst) && !local_read {
+            if let Request::Status = request {
+                status_seeing(if cut { 1 } else { 3 })
+            } else if cut && !local_read {
                 quorum_error(&[])
             } else if let Request::Get(_) = request {
                 Response::Get(ringkv_core::wire::GetReply {
@@ -1014,8 +1110,32 @@ mod tests {
         client.close().await;
     }
 
-    /// When no other node serves a quorum read either (most of the cluster
-    /// is down or cut off), the client stays where it is.
+    /// A quorum error no peer answered, from a node that sees most of its
+    /// cluster up (a key's replicas down, say): the client stays.
+    #[tokio::test]
+    async fn a_node_that_sees_most_of_its_cluster_keeps_the_client() {
+        let (_e1, first, seen_first) = answering_with(|request| match request {
+            Request::Status => status_seeing(2),
+            _ => quorum_error(&[]),
+        });
+        let (_e2, second, seen_second) = switchable(Arc::default());
+        let client = unidentified(vec![first, second], 0, TIMEOUT, None)
+            .await
+            .unwrap();
+        let outcome = client.call(&Request::Ping).await;
+        assert!(reached_no_peer(&outcome), "{outcome:?}");
+        wait_until("the look asked the node and ended", || {
+            seen_first.load(Ordering::SeqCst) >= 2 && !client.inner.looking.load(Ordering::SeqCst)
+        })
+        .await;
+        assert_eq!(client.current_node(), first);
+        assert_eq!(client.failovers(), 0);
+        assert_eq!(seen_second.load(Ordering::SeqCst), 0, "no other node asked");
+        client.close().await;
+    }
+
+    /// When no other node sees most of the cluster either (most of it is
+    /// down or cut off), the client stays where it is.
     #[tokio::test]
     async fn a_client_stays_when_no_other_node_serves() {
         let (_e1, first, _) = cut_off_while(Arc::new(true.into()));
