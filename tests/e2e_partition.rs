@@ -166,8 +166,14 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
     };
     let failed = put_w2("moved");
     assert!(reached_no_peer(&failed), "{failed:?}");
+    // Each failure has the client ask n1 whether it sees most members up
+    // (at most every 5 s): once n1's detector has the others down, it
+    // does not, and the client moves.
     cluster.eventually(DEADLINE, "the client left the cut-off node", || {
-        client.current_node() != addrs[0]
+        client.current_node() != addrs[0] || {
+            let _ = put_w2("moved");
+            false
+        }
     });
     assert!(matches!(put_w2("moved"), Ok(Response::Put(_))));
 
