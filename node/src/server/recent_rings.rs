@@ -242,6 +242,14 @@ mod tests {
     const T0_UNIX_MS: u64 = 1_700_000_000_000;
     const WINDOW_MS: u64 = (43_200 + 600) * 1000;
 
+    /// The rings before and after `e` joins `a`..`d`.
+    fn e_joins() -> (Arc<Ring>, Arc<Ring>) {
+        (
+            ring(&["a", "b", "c", "d"]),
+            ring(&["a", "b", "c", "d", "e"]),
+        )
+    }
+
     fn keys() -> impl Iterator<Item = Vec<u8>> {
         (0..10_000).map(|i| format!("k{i}").into_bytes())
     }
@@ -262,10 +270,7 @@ mod tests {
     /// the change did not move, and any key after the window, may go.
     #[test]
     fn only_keys_a_recent_change_moved_are_held_and_only_for_the_window() {
-        let (before, after) = (
-            ring(&["a", "b", "c", "d"]),
-            ring(&["a", "b", "c", "d", "e"]),
-        );
+        let (before, after) = e_joins();
         let (moved, kept) = moved_and_kept(&before, &after);
         let mut recent = RecentRings::new(GRACE);
         assert!(recent.note_ring(None, &before, T0_UNIX_MS - 1));
@@ -285,10 +290,7 @@ mod tests {
     /// loop is busy with a pass) holds every tombstone until it is noted.
     #[test]
     fn a_ring_not_noted_yet_holds_every_tombstone() {
-        let (before, after) = (
-            ring(&["a", "b", "c", "d"]),
-            ring(&["a", "b", "c", "d", "e"]),
-        );
+        let (before, after) = e_joins();
         let (_, kept) = moved_and_kept(&before, &after);
         let mut recent = RecentRings::new(GRACE);
         assert!(
@@ -320,10 +322,7 @@ mod tests {
     /// it every collection until its window would have ended.
     #[test]
     fn rings_let_go_early_defer_every_collection_until_their_window_ends() {
-        let (before, after) = (
-            ring(&["a", "b", "c", "d"]),
-            ring(&["a", "b", "c", "d", "e"]),
-        );
+        let (before, after) = e_joins();
         let (_, kept) = moved_and_kept(&before, &after);
         let mut recent = RecentRings::new(GRACE);
         for i in 0..=RECENT_RINGS_MAX as u64 {
@@ -340,10 +339,7 @@ mod tests {
     #[test]
     fn a_restart_keeps_the_window_and_a_damaged_list_defers_everything_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (before, after) = (
-            ring(&["a", "b", "c", "d"]),
-            ring(&["a", "b", "c", "d", "e"]),
-        );
+        let (before, after) = e_joins();
         let (moved, kept) = moved_and_kept(&before, &after);
         let now = unix_ms();
         {
