@@ -961,18 +961,24 @@ mod tests {
         answering_with(move |request| {
             if refusing.load(Ordering::SeqCst) {
                 not_serving()
-            } else if let Request::Status = request {
-                status_seeing(3)
-            } else if let Request::Get(_) = request {
-                Response::Get(ringkv_core::wire::GetReply {
-                    values: vec![],
-                    context: String::new(),
-                    receipt: Default::default(),
-                })
             } else {
-                Response::Pong
+                serving_answer(request, 3)
             }
         })
+    }
+
+    /// What a serving node that sees `up` of three members up answers: a
+    /// found-nothing read for gets, that status, a pong for the rest.
+    fn serving_answer(request: &Request, up: usize) -> Response {
+        match request {
+            Request::Status => status_seeing(up),
+            Request::Get(_) => Response::Get(ringkv_core::wire::GetReply {
+                values: vec![],
+                context: String::new(),
+                receipt: Default::default(),
+            }),
+            _ => Response::Pong,
+        }
     }
 
     async fn assert_pong(client: &ClusterClient) {
@@ -1053,18 +1059,11 @@ mod tests {
         answering_with(move |request| {
             let cut = cut_off.load(Ordering::SeqCst);
             let local_read = matches!(request, Request::Get(get) if get.local);
-            if let Request::Status = request {
-                status_seeing(if cut { 1 } else { 3 })
-            } else if cut && !local_read {
+            let status = matches!(request, Request::Status);
+            if cut && !local_read && !status {
                 quorum_error(&[])
-            } else if let Request::Get(_) = request {
-                Response::Get(ringkv_core::wire::GetReply {
-                    values: vec![],
-                    context: String::new(),
-                    receipt: Default::default(),
-                })
             } else {
-                Response::Pong
+                serving_answer(request, if cut { 1 } else { 3 })
             }
         })
     }
