@@ -54,6 +54,9 @@ struct SimState {
     /// Nodes whose leaf listings of more than this many leaves fail as a
     /// real node's do when the answer passes the frame limit.
     leaf_listing_max: HashMap<NodeId, usize>,
+    /// Per node, a leaf whose listing it fails (`Internal`), as a node
+    /// whose index is damaged there does.
+    failing_leaf: HashMap<NodeId, u32>,
     /// Leaf listings refused so by any node.
     leaf_listings_refused: u64,
     partitions: HashSet<(NodeId, NodeId)>,
@@ -121,6 +124,13 @@ impl SimNetwork {
     /// one answer may carry does.
     pub fn limit_leaf_listings(&self, node: &NodeId, leaves: usize) {
         self.with(|s| s.leaf_listing_max.insert(node.clone(), leaves));
+    }
+
+    /// Makes `node` answer `Internal` to every leaf listing that includes
+    /// `key`'s leaf, as a node whose index is damaged there does.
+    pub fn fail_leaf_listing_of(&self, node: &NodeId, key: &[u8]) {
+        let leaf = ringkv_repair::merkle::leaf_of(key, SIM_LEAF_BITS) as u32;
+        self.with(|s| s.failing_leaf.insert(node.clone(), leaf));
     }
 
     /// Leaf listings refused under [`Self::limit_leaf_listings`] so far.
@@ -349,12 +359,24 @@ async fn deliver(
         }
         _ => false,
     };
+    let failing_leaf = net.with(|s| s.failing_leaf.get(to).copied());
+    let damaged = match (&request, failing_leaf) {
+        (Request::Replica(ReplicaRequest::LeafItems { leaves, .. }), Some(bad)) => {
+            leaves.contains(&bad)
+        }
+        _ => false,
+    };
     if let Some(kind) = net.with(|s| s.failing.get(to).copied()) {
         let what = match kind {
             ErrorKind::Overloaded => "is overloaded".to_string(),
             other => format!("answers {other:?}"),
         };
         Response::error(kind, format!("{to} {what}"))
+    } else if damaged {
+        Response::error(
+            ErrorKind::Internal,
+            format!("{to} could not read its index in one leaf"),
+        )
     } else if too_many_leaves {
         net.with(|s| s.leaf_listings_refused += 1);
         Response::error(

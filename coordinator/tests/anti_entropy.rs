@@ -150,6 +150,37 @@ async fn a_clock_slower_to_send_than_the_base_timeout_is_repaired_with_the_keys_
     }
 }
 
+/// A peer that fails to list one leaf (its index damaged there) costs that
+/// leaf's keys alone: the listing is halved down to it and it is skipped,
+/// and every other differing key is repaired. Before, the exchange ended at
+/// the chunk holding that leaf, every round.
+#[tokio::test(start_paused = true)]
+async fn a_leaf_the_peer_cannot_list_is_skipped_and_the_others_repaired() {
+    let c = n3_missed_50_writes().await;
+    c.net.fail_leaf_listing_of(&c.id("n3"), b"k0");
+    let report = c.repair("n1").await;
+    let bad = ringkv_repair::merkle::leaf_of(b"k0", 8);
+    let mut repaired = 0;
+    for k in 0..50 {
+        let key = format!("k{k}");
+        if ringkv_repair::merkle::leaf_of(key.as_bytes(), 8) == bad {
+            assert!(
+                c.local_values("n3", &key).is_empty(),
+                "{key} was in the bad leaf"
+            );
+        } else {
+            assert_eq!(c.local_values("n3", &key), [format!("v{k}")], "{key}");
+            repaired += 1;
+        }
+    }
+    assert!(repaired >= 45, "{repaired}");
+    let failures: Vec<String> = report.failures.iter().map(|f| f.reason.clone()).collect();
+    assert!(
+        failures.iter().any(|r| r.contains("1 differing leaves")),
+        "{failures:?}"
+    );
+}
+
 /// Siblings written on both sides of a partition whose merge would pass
 /// the per-key size limit: no replica could store it, so anti-entropy sends
 /// nothing for that key, does not count it repaired, and names it as

@@ -133,8 +133,12 @@ pub enum AntiEntropyError {
     Down { peer: NodeId },
     #[error("reading this node's keys failed: {reason}")]
     Local { reason: String },
-    #[error("{keys} differing keys could not be repaired; the first failure: {first}")]
-    Skipped { keys: u64, first: String },
+    #[error("{keys} differing keys, and the keys of {leaves} differing leaves the peer could not list, could not be repaired; the first failure: {first}")]
+    Skipped {
+        keys: u64,
+        leaves: u64,
+        first: String,
+    },
     /// Both sides' versions merged would break the per-key limits, which
     /// every replica refuses to store: a client must resolve the key's
     /// siblings (a write with its context).
@@ -621,7 +625,7 @@ impl<T: Transport> AntiEntropy<T> {
         // after the previous one; time spent listing is not saved up as
         // credit for a burst.
         let mut next_batch_at = Instant::now();
-        let (mut skipped, mut first_error) = (0u64, None);
+        let (mut skipped, mut skipped_leaves, mut first_error) = (0u64, 0u64, None);
         let learned = self.learned_listing_leaves(peer);
         let mut per_request = leaves_per_request(shared_keys, occupied_leaves).min(learned);
         let (mut timeouts, mut halved) = (0, false);
@@ -655,6 +659,22 @@ impl<T: Transport> AntiEntropy<T> {
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(peer.clone(), per_request);
                     tracing::info!(%peer, error = %e, leaves = per_request, "asking for fewer leaves at once");
+                    continue;
+                }
+                // Any other failure of a peer that answers (a damaged index
+                // in one leaf, say) would end the exchange at the same
+                // chunk every round, and the leaves after it would never be
+                // compared: halve down to the leaf that fails, and skip it.
+                Err(e) if !peer_unavailable(&e) => {
+                    if chunk.len() > 1 {
+                        halved = true;
+                        per_request = chunk.len() / 2;
+                        continue;
+                    }
+                    tracing::warn!(%peer, leaf = chunk[0], error = %e, "anti-entropy leaf skipped");
+                    skipped_leaves += 1;
+                    first_error.get_or_insert(e);
+                    rest = after;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -721,6 +741,7 @@ impl<T: Transport> AntiEntropy<T> {
             None => Ok(()),
             Some(e) => Err(AntiEntropyError::Skipped {
                 keys: skipped,
+                leaves: skipped_leaves,
                 first: e.to_string(),
             }),
         }
