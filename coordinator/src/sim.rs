@@ -55,8 +55,8 @@ struct SimState {
     /// real node's do when the answer passes the frame limit.
     leaf_listing_max: HashMap<NodeId, usize>,
     /// Per node, a leaf whose listing it fails (`Internal`), as a node
-    /// whose index is damaged there does.
-    failing_leaf: HashMap<NodeId, u32>,
+    /// whose index is damaged there does; `None`: every leaf.
+    failing_leaf: HashMap<NodeId, Option<u32>>,
     /// Leaf listings refused so by any node.
     leaf_listings_refused: u64,
     partitions: HashSet<(NodeId, NodeId)>,
@@ -130,7 +130,13 @@ impl SimNetwork {
     /// `key`'s leaf, as a node whose index is damaged there does.
     pub fn fail_leaf_listing_of(&self, node: &NodeId, key: &[u8]) {
         let leaf = ringkv_repair::merkle::leaf_of(key, SIM_LEAF_BITS) as u32;
-        self.with(|s| s.failing_leaf.insert(node.clone(), leaf));
+        self.with(|s| s.failing_leaf.insert(node.clone(), Some(leaf)));
+    }
+
+    /// Makes `node` answer `Internal` to every leaf listing, as a node
+    /// whose index cannot be read does.
+    pub fn fail_leaf_listings(&self, node: &NodeId) {
+        self.with(|s| s.failing_leaf.insert(node.clone(), None));
     }
 
     /// Leaf listings refused under [`Self::limit_leaf_listings`] so far.
@@ -362,7 +368,7 @@ async fn deliver(
     let failing_leaf = net.with(|s| s.failing_leaf.get(to).copied());
     let damaged = match (&request, failing_leaf) {
         (Request::Replica(ReplicaRequest::LeafItems { leaves, .. }), Some(bad)) => {
-            leaves.contains(&bad)
+            bad.is_none_or(|bad| leaves.contains(&bad))
         }
         _ => false,
     };

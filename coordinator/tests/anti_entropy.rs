@@ -181,6 +181,27 @@ async fn a_leaf_the_peer_cannot_list_is_skipped_and_the_others_repaired() {
     );
 }
 
+/// A peer that fails every leaf listing (its index unreadable) ends the
+/// exchange after a few skipped leaves, not after a request per differing
+/// leaf.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_fails_every_leaf_listing_is_given_up_after_a_few() {
+    let c = n3_missed_50_writes().await;
+    c.net.fail_leaf_listings(&c.id("n3"));
+    c.net.take_log();
+    let report = c.repair("n1").await;
+    let listings = c
+        .net
+        .take_log()
+        .iter()
+        .filter(|l| *l == "n1 -> n3 LeafItems")
+        .count();
+    // About 40 leaves differ: halving down to one leaf, then 16 alone.
+    assert!((17..=24).contains(&listings), "{listings} listings");
+    assert!(!report.failures.is_empty());
+    assert!(c.local_values("n3", "k0").is_empty());
+}
+
 /// Siblings written on both sides of a partition whose merge would pass
 /// the per-key size limit: no replica could store it, so anti-entropy sends
 /// nothing for that key, does not count it repaired, and names it as

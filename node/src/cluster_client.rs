@@ -574,8 +574,9 @@ async fn look_elsewhere(inner: Weak<Inner>, from: Weak<Client>, at: usize) {
         strong.cluster_key.clone(),
         strong.cluster_id.clone(),
     );
-    // Holding neither the client nor its connection alive while asking and
-    // dialling (see `probe_preferred`): `close` must still close it.
+    // Holding neither the client nor, past the one question, its connection
+    // alive while dialling others (see `probe_preferred`): `close` must
+    // still close it.
     drop(strong);
     let asked = from.upgrade();
     let fine = match &asked {

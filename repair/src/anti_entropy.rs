@@ -665,13 +665,18 @@ impl<T: Transport> AntiEntropy<T> {
                 // in one leaf, say) would end the exchange at the same
                 // chunk every round, and the leaves after it would never be
                 // compared: halve down to the leaf that fails, and skip it.
-                Err(e) if !peer_unavailable(&e) => {
+                // A peer failing most of its leaves (its disk gone) ends
+                // the exchange after a few, rather than cost a request and
+                // a log line per differing leaf.
+                Err(e) if !peer_unavailable(&e) && skipped_leaves < SKIPPED_LEAVES_MAX => {
                     if chunk.len() > 1 {
                         halved = true;
                         per_request = chunk.len() / 2;
                         continue;
                     }
-                    tracing::warn!(%peer, leaf = chunk[0], error = %e, "anti-entropy leaf skipped");
+                    if skipped_leaves == 0 {
+                        tracing::warn!(%peer, leaf = chunk[0], error = %e, "anti-entropy leaf skipped");
+                    }
                     skipped_leaves += 1;
                     first_error.get_or_insert(e);
                     rest = after;
@@ -806,6 +811,10 @@ fn peer_unavailable(e: &AntiEntropyError) -> bool {
         _ => false,
     }
 }
+
+/// Leaves whose listing the peer failed that one exchange skips before it
+/// ends (see `exchange`).
+const SKIPPED_LEAVES_MAX: u64 = 16;
 
 /// Listing timeouts one exchange takes as "too big" before it gives up.
 const LISTING_TIMEOUTS_MAX: u32 = 2;
