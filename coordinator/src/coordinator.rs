@@ -571,6 +571,17 @@ impl<T: Transport> Coordinator<T> {
                 .as_outsider(&pref, request.strict, request.forwarded, resend, deadline)
                 .await
             {
+                // The replica it went to could not reach enough of the
+                // others, which this node may still reach (a partition
+                // that cuts that replica off from its peers but not from
+                // here): a read runs nothing that a second try would
+                // repeat, so with time left this node asks the owners
+                // itself, as below.
+                Outsider::Answered(Response::Error(e))
+                    if e.kind == ErrorKind::QuorumNotReached && Instant::now() < deadline =>
+                {
+                    counter!("ringkv_reads_retried_here_total").increment(1);
+                }
                 Outsider::Answered(response) => return response,
                 Outsider::StandIn(owner) => {
                     counter!("ringkv_stand_in_coordinations_total", "op" => "get").increment(1);

@@ -210,3 +210,33 @@ async fn a_stale_replica_among_those_asked_is_repaired() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(c.local_values("n3", KEY), ["new"]);
 }
+
+/// A read through a node that replicates none of the key goes to a
+/// replica; when that replica is cut off from the others but this node is
+/// not (a partition that is not transitive), the replica's quorum fails,
+/// and this node, with time left, asks the owners itself. (A write is not
+/// tried again: it may have run.)
+#[tokio::test(start_paused = true)]
+async fn a_read_whose_replica_is_cut_off_from_its_peers_is_asked_again_from_here() {
+    let c = SimCluster::with_options(
+        4,
+        3,
+        1,
+        SimOptions {
+            read_repair_chance: 0.0,
+            ..SimOptions::default()
+        },
+    );
+    let key = (0..)
+        .map(|i| format!("user:{i}"))
+        .find(|k| !c.ring.replicas_of(k.as_bytes()).contains(&c.id("n1")))
+        .expect("some key is not on n1");
+    assert_ok(&c.put("n1", &key, "v", All, None).await);
+    let replicas = c.ring.replicas_of(key.as_bytes());
+    // The replica the read goes to first, cut off from the other two.
+    for other in &replicas[1..] {
+        c.net.partition(&replicas[0], other);
+    }
+    let read = c.get("n1", &key, All).await;
+    assert_eq!(get_values(&read), ["v"], "{read:?}");
+}
