@@ -34,18 +34,23 @@ fn assert_ok(r: &Response) {
     assert!(matches!(r, Response::Put(_) | Response::Get(_)), "{r:?}");
 }
 
-/// Five nodes (two fallbacks for each key), and a key that n1, n2 and n3
-/// replicate.
-fn five_nodes() -> (SimCluster, String) {
-    let c = SimCluster::with_options(
-        5,
+/// `nodes` nodes, N=3, that never read every replica for read repair.
+fn without_read_repair(nodes: usize) -> SimCluster {
+    SimCluster::with_options(
+        nodes,
         3,
         1,
         SimOptions {
             read_repair_chance: 0.0,
             ..SimOptions::default()
         },
-    );
+    )
+}
+
+/// Five nodes (two fallbacks for each key), and a key that n1, n2 and n3
+/// replicate.
+fn five_nodes() -> (SimCluster, String) {
+    let c = without_read_repair(5);
     let key = (0..)
         .map(|i| format!("user:{i}"))
         .find(|k| {
@@ -218,15 +223,7 @@ async fn a_stale_replica_among_those_asked_is_repaired() {
 /// tried again: it may have run.)
 #[tokio::test(start_paused = true)]
 async fn a_read_whose_replica_is_cut_off_from_its_peers_is_asked_again_from_here() {
-    let c = SimCluster::with_options(
-        4,
-        3,
-        1,
-        SimOptions {
-            read_repair_chance: 0.0,
-            ..SimOptions::default()
-        },
-    );
+    let c = without_read_repair(4);
     let key = (0..)
         .map(|i| format!("user:{i}"))
         .find(|k| !c.ring.replicas_of(k.as_bytes()).contains(&c.id("n1")))
