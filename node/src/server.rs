@@ -2344,6 +2344,32 @@ mod tests {
         }
     }
 
+    /// A leave asked before the node's ring hand-over has taken in its
+    /// newest ring (a restart that has not installed the ring a join
+    /// changed, say) is refused: the keys that join took from it would not
+    /// be owed yet, and would be left behind. Once taken in, it goes.
+    #[tokio::test]
+    async fn a_leave_waits_until_the_hand_over_has_taken_in_the_ring() {
+        use super::recent_rings::RecentRings;
+
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (n1, n2, n3, _) = three_with_a_key_on_n3(&dirs).await;
+        let grace = Duration::from_secs(86_400);
+        let noted = n3.inner.recent_rings.lock().unwrap().take();
+        *n3.inner.recent_rings.lock().unwrap() = Some(RecentRings::new(grace));
+        let refused = n3.inner.leave().await;
+        assert!(
+            matches!(&refused, Response::Error(e) if e.message.contains("not yet taken in")),
+            "{refused:?}"
+        );
+        *n3.inner.recent_rings.lock().unwrap() = noted;
+        let left = n3.inner.leave().await;
+        assert!(matches!(left, Response::Left(_)), "{left:?}");
+        for n in [n3, n2, n1] {
+            n.shutdown().await;
+        }
+    }
+
     /// A shutdown while a leave's last pass retries replicas that are down
     /// ends that pass once the drain is over: the node lets go of its
     /// database as shutdown returns, not a minute later, and the leave says
@@ -2445,6 +2471,9 @@ mod tests {
         })
         .await;
         let ring = n3.inner.ring_tx.borrow().clone().unwrap();
+        for n in [&n1, &n2, &n3] {
+            super::tombstone_gc::tests::wait_for_recent_rings(&n.inner, &ring).await;
+        }
         let key = (0..)
             .map(|i| format!("k{i}").into_bytes())
             .find(|k| ring.replicas_of(k).contains(&n3.inner.id))

@@ -185,6 +185,9 @@ impl NodeInner {
         if let Some(refusal) = self.handover_owed() {
             return refuse(refusal);
         }
+        if let Some(refusal) = self.ring_not_taken_in(&record) {
+            return refuse(refusal);
+        }
         if self.cleaning.load(Ordering::SeqCst) {
             return refuse(format!(
                 "{} is running a cleanup; leave once it has returned",
@@ -394,6 +397,29 @@ impl NodeInner {
                 "{} is still handing over the keys a ring change (a join) took from it, which a leave would leave behind; \
                  leave once that is done (its `ringkv_ring_handover_owed` metric is 0, and it logs \
                  \"handed over the keys a ring change took from this node\")",
+                self.id
+            )
+        })
+    }
+
+    /// Why the node cannot leave yet, if its ring hand-over has not taken
+    /// in the ring `record` gives (the node is starting, so the ring is not
+    /// installed, or the loop is finishing a pass): a change since its last
+    /// one that took keys from this node is then not owed yet, and the
+    /// leave would hand over only the keys it replicates now, leaving those
+    /// behind.
+    fn ring_not_taken_in(&self, record: &crate::membership::ClusterRecord) -> Option<String> {
+        let ring = record.ring().ok()?;
+        let taken_in = self
+            .recent_rings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|recent| recent.notes_as_current(&ring));
+        (!taken_in).then(|| {
+            format!(
+                "{} has not yet taken in the cluster's newest ring (it is starting, or finishing a hand-over); \
+                 leave in a few seconds",
                 self.id
             )
         })

@@ -136,8 +136,8 @@ impl RecentRings {
             })
     }
 
-    /// Whether `ring` is the one noted as current.
-    #[cfg(test)]
+    /// Whether `ring` is the one noted as current: the hand-over loop has
+    /// taken it in.
     pub(crate) fn notes_as_current(&self, ring: &Ring) -> bool {
         self.current == Some(ring.fingerprint())
     }
