@@ -411,9 +411,7 @@ impl NodeInner {
     fn ring_not_taken_in(&self, record: &crate::membership::ClusterRecord) -> Option<String> {
         let ring = record.ring().ok()?;
         let taken_in = self
-            .recent_rings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recent_rings()
             .as_ref()
             .is_some_and(|recent| recent.notes_as_current(&ring));
         (!taken_in).then(|| {

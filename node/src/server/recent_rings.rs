@@ -108,11 +108,17 @@ impl RecentRings {
             self.rings.push((old.clone(), at_unix_ms));
             changed = true;
         }
+        self.let_go_past_max();
+        changed
+    }
+
+    /// Lets the oldest rings go past [`RECENT_RINGS_MAX`], deferring all
+    /// collection until their windows would have ended.
+    fn let_go_past_max(&mut self) {
         while self.rings.len() > RECENT_RINGS_MAX {
             let (_, at) = self.rings.remove(0);
             self.defer_all_until(at.saturating_add(self.window_ms));
         }
-        changed
     }
 
     /// Whether, at `now_unix_ms`, a tombstone of `key` checked under
@@ -177,11 +183,7 @@ impl RecentRings {
             let until = record.defer_all_until_unix_ms;
             recent.defer_all_until(until.min(now.saturating_add(recent.window_ms)));
             recent.prune(now);
-            // The newest are kept; those let go defer as in `note_ring`.
-            while recent.rings.len() > RECENT_RINGS_MAX {
-                let (_, at) = recent.rings.remove(0);
-                recent.defer_all_until(at.saturating_add(recent.window_ms));
-            }
+            recent.let_go_past_max();
             Ok(recent)
         });
         match restored {

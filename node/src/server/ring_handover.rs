@@ -323,7 +323,7 @@ pub(super) async fn ring_handover_loop(
                 RecentRings::deferring_all(grace, unix_ms())
             })
     };
-    *inner.recent_rings.lock().unwrap_or_else(|p| p.into_inner()) = Some(recent);
+    *inner.recent_rings() = Some(recent);
     // A new node (no ring kept) missed nothing: the first ring it takes in
     // holds every change before it.
     let new_node = restored.seen.is_none() && remembered.is_none();
@@ -518,7 +518,7 @@ fn set_owed(inner: &NodeInner, owed: bool) {
 /// changed it (written after the lock is let go: collection checks take it).
 fn note_ring(inner: &NodeInner, old: Option<&Arc<Ring>>, new: &Arc<Ring>) {
     let kept = {
-        let mut recent = inner.recent_rings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut recent = inner.recent_rings();
         recent.as_mut().and_then(|recent| {
             recent
                 .note_ring(old, new, unix_ms())

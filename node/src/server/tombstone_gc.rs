@@ -198,9 +198,7 @@ pub(super) async fn collect_if_held_everywhere(
     // hand over a copy that missed the delete: the tombstone must be here
     // to cover it (`server/recent_rings.rs`).
     let moved_lately = inner
-        .recent_rings
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .recent_rings()
         .as_ref()
         .is_none_or(|recent| recent.moved_lately(&key, ring, unix_ms()));
     if moved_lately {
@@ -378,9 +376,7 @@ pub(super) mod tests {
     pub(crate) async fn wait_for_recent_rings(inner: &NodeInner, ring: &Ring) {
         crate::test_support::wait_until("the hand-over loop noted the ring", || {
             inner
-                .recent_rings
-                .lock()
-                .unwrap()
+                .recent_rings()
                 .as_ref()
                 .is_some_and(|recent| recent.notes_as_current(ring))
         })
