@@ -460,7 +460,9 @@ pub(crate) fn answer_or_failure(outcome: Result<Response, CallError>) -> Result<
             ErrorKind::QuorumNotReached
             | ErrorKind::Unavailable
             | ErrorKind::NotServing
-            | ErrorKind::Overloaded => Failure::new(Exit::Quorum, e.message),
+            | ErrorKind::Overloaded
+            // Only nodes send replica requests; a client never sees it.
+            | ErrorKind::SenderRemoved => Failure::new(Exit::Quorum, e.message),
             ErrorKind::Internal => Failure::new(Exit::Internal, e.message),
         },
         Ok(ok) => return Ok(ok),

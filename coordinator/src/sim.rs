@@ -262,25 +262,35 @@ fn label(request: &Request) -> String {
         Request::Join(_) => "Join".into(),
         Request::Ping => "Ping".into(),
         Request::Identify => "Identify".into(),
-        Request::Replica(ReplicaRequest::Update { .. }) => "Update".into(),
-        Request::Replica(ReplicaRequest::Sync { .. }) => "Sync".into(),
-        Request::Replica(ReplicaRequest::Handoff { .. }) => "Handoff".into(),
-        Request::Replica(ReplicaRequest::Read { hint_for: None, .. }) => "Read".into(),
-        Request::Replica(ReplicaRequest::Read {
-            hint_for: Some(owner),
-            ..
-        }) => format!("Read for {owner}"),
-        Request::Replica(ReplicaRequest::Hint { owner, .. }) => format!("Hint for {owner}"),
-        Request::Replica(ReplicaRequest::TreeHashes { level, .. }) => {
-            format!("TreeHashes level {level}")
-        }
-        Request::Replica(ReplicaRequest::LeafItems { .. }) => "LeafItems".into(),
-        Request::Replica(ReplicaRequest::ReadBatch { .. }) => "ReadBatch".into(),
-        Request::Replica(ReplicaRequest::SyncBatch { .. }) => "SyncBatch".into(),
+        Request::Replica(replica) => replica_label(replica),
         Request::Repair => "Repair".into(),
         Request::Remove { node, .. } => format!("Remove {node}"),
         Request::Leave => "Leave".into(),
         Request::Cleanup => "Cleanup".into(),
+        // Only real nodes wrap their replica requests.
+        Request::ReplicaFrom { from, request, .. } => {
+            format!("{} from {from}", replica_label(request))
+        }
+    }
+}
+
+fn replica_label(request: &ReplicaRequest) -> String {
+    match request {
+        ReplicaRequest::Update { .. } => "Update".into(),
+        ReplicaRequest::Sync { .. } => "Sync".into(),
+        ReplicaRequest::Handoff { .. } => "Handoff".into(),
+        ReplicaRequest::Read { hint_for: None, .. } => "Read".into(),
+        ReplicaRequest::Read {
+            hint_for: Some(owner),
+            ..
+        } => format!("Read for {owner}"),
+        ReplicaRequest::Hint { owner, .. } => format!("Hint for {owner}"),
+        ReplicaRequest::TreeHashes { level, .. } => {
+            format!("TreeHashes level {level}")
+        }
+        ReplicaRequest::LeafItems { .. } => "LeafItems".into(),
+        ReplicaRequest::ReadBatch { .. } => "ReadBatch".into(),
+        ReplicaRequest::SyncBatch { .. } => "SyncBatch".into(),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/15";
+pub const ALPN: &[u8] = b"ringkv/16";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -117,8 +117,27 @@ pub enum Request {
     Status,
     /// A node asks to be added to the cluster.
     Join(JoinRequest),
-    /// Replica-level operations sent by a coordinator.
+    /// Replica-level operations sent by a coordinator. The protocol crates
+    /// address replicas this way (in-process, and over the simulated
+    /// network); between nodes they travel as [`Request::ReplicaFrom`], and
+    /// a node refuses a bare `Replica` from the network.
     Replica(ReplicaRequest),
+    /// A replica request from another node, naming it. A member refuses
+    /// every one from a node it knows was removed
+    /// ([`ErrorKind::SenderRemoved`]): a node removed while cut off (as an
+    /// operator does with a node gone past the tombstone grace) has not
+    /// heard of it, keeps running, and may hold copies older than
+    /// tombstones collected since; its anti-entropy, hints and read
+    /// repairs would bring those deleted values back once it can reach
+    /// the members again.
+    ReplicaFrom {
+        from: NodeId,
+        /// Set while `ringkv leave` runs on the sender: a leave's last
+        /// hand-over comes after the members removed it (so that no write
+        /// reaches it after that pass), and is taken.
+        leaving: bool,
+        request: ReplicaRequest,
+    },
     Ping,
     /// This node's own counters (hints held, ...), for `status`.
     Stats,
@@ -697,6 +716,11 @@ pub enum ErrorKind {
     /// budget, or its connection's share, was in use): nothing of it ran,
     /// so a client may retry after a pause or send it to another node.
     Overloaded,
+    /// The receiving member knows the sender as removed from the cluster
+    /// and refuses its replica requests ([`Request::ReplicaFrom`]). Nothing
+    /// of the request ran. The sender should ask a member for the cluster's
+    /// record: it will learn it was removed, and stop.
+    SenderRemoved,
 }
 
 impl Response {
@@ -747,7 +771,11 @@ impl ArchivedRequest {
     /// [`Request::validate`].
     pub fn check_counts(&self) -> Result<(), InvalidInput> {
         use ArchivedReplicaRequest as R;
-        let ArchivedRequest::Replica(replica) = self else {
+        let (ArchivedRequest::Replica(replica)
+        | ArchivedRequest::ReplicaFrom {
+            request: replica, ..
+        }) = self
+        else {
             return Ok(());
         };
         match replica {
@@ -1029,47 +1057,70 @@ impl Request {
                 }
                 validate_member(&j.member)
             }
-            Request::Replica(ReplicaRequest::Update {
+            Request::Replica(replica) => replica.validate(),
+            Request::ReplicaFrom { from, request, .. } => {
+                validate_node_id(from)?;
+                request.validate()
+            }
+        }
+    }
+}
+
+impl Request {
+    /// `request` as node `from` sends it to another node
+    /// ([`Request::ReplicaFrom`]), outside a leave.
+    pub fn replica_from(from: NodeId, request: ReplicaRequest) -> Request {
+        Request::ReplicaFrom {
+            from,
+            leaving: false,
+            request,
+        }
+    }
+}
+
+impl ReplicaRequest {
+    /// Checks what bytecheck cannot: lengths, syntax, clock invariants.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        match self {
+            ReplicaRequest::Update {
                 key,
                 context,
                 hint_for,
                 ..
-            }) => {
+            } => {
                 validate_key(key)?;
                 hint_for.as_ref().map_or(Ok(()), validate_node_id)?;
                 context.validate()
             }
-            Request::Replica(
-                ReplicaRequest::Sync { key, clock } | ReplicaRequest::Handoff { key, clock },
-            ) => {
+            ReplicaRequest::Sync { key, clock } | ReplicaRequest::Handoff { key, clock } => {
                 validate_key(key)?;
                 validate_clock(clock)
             }
-            Request::Replica(ReplicaRequest::Read { key, hint_for }) => {
+            ReplicaRequest::Read { key, hint_for } => {
                 validate_key(key)?;
                 hint_for.as_ref().map_or(Ok(()), validate_node_id)
             }
-            Request::Replica(ReplicaRequest::Hint { owner, key, clock }) => {
+            ReplicaRequest::Hint { owner, key, clock } => {
                 validate_node_id(owner)?;
                 validate_key(key)?;
                 validate_clock(clock)
             }
-            Request::Replica(ReplicaRequest::TreeHashes { peer, indexes, .. }) => {
+            ReplicaRequest::TreeHashes { peer, indexes, .. } => {
                 validate_node_id(peer)?;
                 check_count(indexes.len(), TREE_HASHES_MAX, "asks for", "tree hashes")
             }
-            Request::Replica(ReplicaRequest::ReadBatch { keys }) => {
+            ReplicaRequest::ReadBatch { keys } => {
                 check_batch(keys.len())?;
                 keys.iter().try_for_each(|k| validate_key(k))
             }
-            Request::Replica(ReplicaRequest::SyncBatch { items }) => {
+            ReplicaRequest::SyncBatch { items } => {
                 check_batch(items.len())?;
                 items.iter().try_for_each(|i| {
                     validate_key(&i.key)?;
                     validate_clock(&i.clock)
                 })
             }
-            Request::Replica(ReplicaRequest::LeafItems { peer, leaves, .. }) => {
+            ReplicaRequest::LeafItems { peer, leaves, .. } => {
                 validate_node_id(peer)?;
                 check_count(leaves.len(), LEAVES_PER_REQUEST_MAX, "asks for", "leaves")?;
                 // Each leaf once, in order: a repeated one would only
@@ -1251,6 +1302,44 @@ mod tests {
         }
         let err = decode_request(&encode_request(&p)).unwrap_err();
         assert!(err.to_string().contains("key is empty"), "{err}");
+    }
+
+    /// A replica request that names its sender is checked as the bare one
+    /// is, lists counted on the archive before decoding, and its sender's
+    /// id too.
+    #[test]
+    fn a_named_replica_request_is_checked_like_a_bare_one() {
+        let n1 = NodeId::new("n1").unwrap();
+        let read = |key: &[u8]| ReplicaRequest::Read {
+            key: key.to_vec(),
+            hint_for: None,
+        };
+        let named = Request::replica_from(n1.clone(), read(b"k"));
+        assert_eq!(decode_request(&encode_request(&named)).unwrap(), named);
+        let err = decode_request(&encode_request(&Request::replica_from(
+            n1.clone(),
+            read(b""),
+        )))
+        .unwrap_err();
+        assert!(err.to_string().contains("key is empty"), "{err}");
+        let batch = Request::replica_from(
+            n1,
+            ReplicaRequest::ReadBatch {
+                keys: vec![b"k".to_vec(); REPAIR_BATCH_MAX + 1],
+            },
+        );
+        let bytes = encode_request(&batch);
+        let archived = rkyv::access::<ArchivedRequest, rancor::Error>(&bytes).unwrap();
+        assert!(archived.check_counts().is_err(), "counted on the archive");
+        // An id that is no node id (made past `NodeId::new`'s check).
+        let mut bad = encode_request(&Request::replica_from(
+            NodeId::new("n1").unwrap(),
+            read(b"k"),
+        ));
+        let at = bad.windows(2).position(|w| w == b"n1").unwrap();
+        bad[at] = b' ';
+        let err = decode_request(&bad).unwrap_err();
+        assert!(err.to_string().contains("node id"), "{err}");
     }
 
     /// Lists longer than their limits are refused from the archived bytes,

@@ -129,15 +129,21 @@ fn lane(request: &Request, encoded_bytes: usize) -> Lane {
         Request::Ping => Lane::Control,
         // Asked once per connection, on the leaf stream (`identify`).
         Request::Identify => Lane::Own,
-        Request::Replica(
+        Request::Replica(replica)
+        | Request::ReplicaFrom {
+            request: replica, ..
+        } => match replica {
             ReplicaRequest::Update { .. }
             | ReplicaRequest::Sync { .. }
             | ReplicaRequest::Handoff { .. }
             | ReplicaRequest::Read { .. }
-            | ReplicaRequest::Hint { .. },
-        ) => Lane::Leaf,
-        Request::Replica(_)
-        | Request::Join(_)
+            | ReplicaRequest::Hint { .. } => Lane::Leaf,
+            ReplicaRequest::TreeHashes { .. }
+            | ReplicaRequest::LeafItems { .. }
+            | ReplicaRequest::ReadBatch { .. }
+            | ReplicaRequest::SyncBatch { .. } => Lane::Own,
+        },
+        Request::Join(_)
         | Request::Stats
         | Request::Repair
         | Request::Remove { .. }

@@ -150,6 +150,10 @@ pub struct NodeConfig {
     /// Start although the data dir last ran with other cluster keys
     /// (`--cluster-key-replaced`; see `check_cluster_key`).
     pub cluster_key_replaced: bool,
+    /// How often the node asks a member for the cluster's record (the
+    /// membership exchange). Not a flag; tests lengthen it to see what
+    /// else brings news.
+    pub membership_exchange_interval: Duration,
 }
 
 impl NodeConfig {
@@ -192,6 +196,7 @@ impl NodeConfig {
             latency_matrix: None,
             cluster_key: None,
             cluster_key_replaced: false,
+            membership_exchange_interval: MEMBERSHIP_EXCHANGE_INTERVAL,
         }
     }
 
@@ -351,6 +356,14 @@ pub struct QuicTransport {
     pool: Arc<PeerPool>,
     /// Emulated regions: this node's region and its links to the others.
     regions: Option<Arc<RegionLinks>>,
+    /// Set while `ringkv leave` runs on this node (`NodeInner::leaving`):
+    /// its replica requests say so, and members that removed it take
+    /// them (see [`Request::ReplicaFrom`]).
+    leaving: Arc<std::sync::atomic::AtomicBool>,
+    /// A member that refused a replica request as from a removed node
+    /// ([`ErrorKind::SenderRemoved`]): the probe loop asks it for the
+    /// cluster's record at its next tick rather than at the next exchange.
+    refused_as_removed_by: std::sync::Mutex<Option<NodeId>>,
 }
 
 impl QuicTransport {
@@ -488,6 +501,14 @@ impl Transport for QuicTransport {
             .membership
             .route_to(to)
             .ok_or_else(|| ringkv_core::TransportError::UnknownNode { node: to.clone() })?;
+        let request = match request {
+            Request::Replica(request) => Request::ReplicaFrom {
+                from: self.me.clone(),
+                leaving: self.leaving.load(std::sync::atomic::Ordering::SeqCst),
+                request,
+            },
+            other => other,
+        };
         let peer_region = self
             .regions
             .as_ref()
@@ -507,6 +528,14 @@ impl Transport for QuicTransport {
                     .await
             }
         };
+        if let Ok(Response::Error(e)) = &answer {
+            if e.kind == ErrorKind::SenderRemoved {
+                *self
+                    .refused_as_removed_by
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(to.clone());
+            }
+        }
         answer.map_err(|e| ringkv_core::TransportError::Unreachable {
             node: to.clone(),
             reason: e.to_string(),
@@ -564,6 +593,8 @@ struct NodeInner {
     /// way stops now (a leave's last pass, `server/leave.rs`).
     drain_over: std::sync::atomic::AtomicBool,
     drain_timeout: Duration,
+    /// See [`NodeConfig::membership_exchange_interval`].
+    membership_exchange_interval: Duration,
     /// How long a leave waits for each member it asks to remove the node.
     removal_timeout: Duration,
     /// Keys a leave has sent to their new replicas so far (in `Stats`, for
@@ -652,6 +683,32 @@ impl NodeInner {
                 format!("{} was removed from the cluster; ask another node", self.id),
             );
         }
+        let request = match request {
+            Request::ReplicaFrom {
+                from,
+                leaving,
+                request,
+            } => {
+                if !leaving && self.membership.is_removed(&from) {
+                    metrics::counter!("ringkv_requests_from_removed_total").increment(1);
+                    return Response::error(
+                        ErrorKind::SenderRemoved,
+                        format!(
+                            "{from} was removed from the cluster; {} takes no replica requests from it",
+                            self.id
+                        ),
+                    );
+                }
+                Request::Replica(request)
+            }
+            Request::Replica(_) => {
+                return Response::error(
+                    ErrorKind::InvalidRequest,
+                    "a replica request from the network names its sender (ReplicaFrom)",
+                )
+            }
+            other => other,
+        };
         if let Request::Replica(
             ReplicaRequest::Hint { owner, .. }
             | ReplicaRequest::Read {
@@ -712,6 +769,11 @@ impl NodeInner {
                 }
             }
             Request::Replica(r) => self.local.handle(r).await,
+            // Unwrapped into `Replica` above, once its sender was checked.
+            Request::ReplicaFrom { .. } => Response::error(
+                ErrorKind::Internal,
+                "a replica request reached its handler unchecked",
+            ),
             Request::Repair => self.repair_on_request().await,
             Request::Ping => Response::Pong,
             Request::Identify => Response::Identity(Identity {
@@ -1029,7 +1091,8 @@ const PROBE_TICK: Duration = Duration::from_millis(250);
 async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(PROBE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_exchange = tokio::time::Instant::now() + MEMBERSHIP_EXCHANGE_INTERVAL;
+    let interval = inner.membership_exchange_interval;
+    let mut next_exchange = tokio::time::Instant::now() + interval;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1053,9 +1116,21 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
         }
         let down = peers.iter().filter(|p| !inner.detector.is_up(p)).count();
         metrics::gauge!("ringkv_peers_down").set(down as f64);
-        if tokio::time::Instant::now() >= next_exchange {
+        let refused_by = inner
+            .transport
+            .refused_as_removed_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(member) = refused_by.and_then(|id| record.members.get(&id)) {
+            // A member refused this node as removed: ask that member for
+            // the record now, which tells this node if it was (and it then
+            // stops) rather than trusting one refusal. At most once a tick.
+            announce_to(&inner, &record, member).await;
+            next_exchange = tokio::time::Instant::now() + interval;
+        } else if tokio::time::Instant::now() >= next_exchange {
             exchange_membership(&inner).await;
-            next_exchange = tokio::time::Instant::now() + MEMBERSHIP_EXCHANGE_INTERVAL;
+            next_exchange = tokio::time::Instant::now() + interval;
         }
     }
 }
@@ -1476,8 +1551,11 @@ impl Node {
         }
         let replica = Arc::new(replica);
         let local = Arc::new(LocalReplica { replica });
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let transport = Arc::new(QuicTransport {
             me: config.id.clone(),
+            leaving: leaving.clone(),
+            refused_as_removed_by: Default::default(),
             local: local.clone(),
             membership: membership.clone(),
             pool: Arc::new(PeerPool::new(endpoint.clone(), PEER_CONNECT_TIMEOUT)),
@@ -1535,11 +1613,12 @@ impl Node {
             shutdown: shutdown_rx.clone(),
             removed: watch::Sender::new(false),
             is_removed: Default::default(),
-            leaving: Default::default(),
+            leaving,
             in_flight: Default::default(),
             draining: Default::default(),
             drain_over: Default::default(),
             drain_timeout: config.drain_timeout,
+            membership_exchange_interval: config.membership_exchange_interval,
             removal_timeout: config.removal_timeout,
             leave_keys_sent: Default::default(),
             cleaning: Default::default(),
@@ -2345,6 +2424,80 @@ mod tests {
             "collected after the window"
         );
         drop(replica);
+        for n in [n3, n2, n1] {
+            n.shutdown().await;
+        }
+    }
+
+    /// A member refuses replica requests from a node it removed that has
+    /// not heard of it (one cut off when it was removed, say): that node's
+    /// copies may be older than tombstones collected since, and its pushes
+    /// would bring deleted values back. A leave's, made after the members
+    /// removed the node, are taken. The refusal has the node ask the
+    /// refusing member for the record at once (not at its next exchange,
+    /// an hour away here), and it learns it was removed.
+    #[tokio::test]
+    async fn a_member_refuses_replica_requests_from_a_node_it_removed() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let n1 = start_in_pair("n1", dirs[0].path(), None).await;
+        let n2 = start_in_pair("n2", dirs[1].path(), Some(n1.addr())).await;
+        let mut config = NodeConfig::on_loopback(NodeId::new("n3").unwrap(), dirs[2].path().into());
+        config.seeds = vec![n1.addr()];
+        config.membership_exchange_interval = Duration::from_secs(3600);
+        let n3 = Node::start(config).await.unwrap();
+        let three = |n: &NodeHandle| {
+            n.inner
+                .ring_tx
+                .borrow()
+                .as_ref()
+                .is_some_and(|r| r.len() == 3)
+        };
+        wait_until("every node has the ring of three", || {
+            three(&n1) && three(&n2) && three(&n3)
+        })
+        .await;
+        // n1 and n2 remove n3, which is not told.
+        for n in [&n1, &n2] {
+            let removal = Request::Remove {
+                node: n3.inner.id.clone(),
+                tell_others: false,
+            };
+            let answer = n.inner.clone().handle(removal).await;
+            assert!(matches!(answer, Response::Removed(_)), "{answer:?}");
+        }
+        let sync = |key: &[u8]| {
+            let mut clock = Clock::new();
+            clock.update(
+                &VersionVector::new(),
+                Payload::Value(b"old".to_vec()),
+                &n3.inner.id,
+            );
+            Request::Replica(ReplicaRequest::Sync {
+                key: key.to_vec(),
+                clock,
+            })
+        };
+        n3.inner.leaving.store(true, SeqCst);
+        let leaving = n3.inner.transport.call(&n2.inner.id, sync(b"left")).await;
+        assert!(matches!(leaving, Ok(Response::Clock(None))), "{leaving:?}");
+        assert!(n2.inner.local.replica.read(b"left").unwrap().is_some());
+        n3.inner.leaving.store(false, SeqCst);
+        assert!(!n3.inner.is_removed.load(SeqCst));
+
+        let pushed = n3.inner.transport.call(&n1.inner.id, sync(b"stale")).await;
+        assert!(
+            matches!(&pushed, Ok(Response::Error(e)) if e.kind == ErrorKind::SenderRemoved),
+            "{pushed:?}"
+        );
+        assert!(
+            n1.inner.local.replica.read(b"stale").unwrap().is_none(),
+            "nothing merged"
+        );
+        wait_until("n3 learned it was removed", || {
+            n3.inner.is_removed.load(SeqCst)
+        })
+        .await;
         for n in [n3, n2, n1] {
             n.shutdown().await;
         }

@@ -100,10 +100,13 @@ async fn truncated_and_garbage_frames_are_answered_with_errors() {
     // A request that decodes but breaks a limit (an empty key) is refused
     // as invalid, not as malformed: a sender may retry a request the node
     // could not read (see MALFORMED_REQUEST), never this one.
-    let empty_key = encode_request(&Request::Replica(ReplicaRequest::Read {
-        key: Vec::new(),
-        hint_for: None,
-    }));
+    let empty_key = encode_request(&Request::replica_from(
+        ringkv_core::NodeId::new("tester").unwrap(),
+        ReplicaRequest::Read {
+            key: Vec::new(),
+            hint_for: None,
+        },
+    ));
     let answers = raw_exchange(&client, &frame(4, &empty_key)).await;
     assert_eq!(answers.len(), 1);
     match &answers[0] {
@@ -166,17 +169,21 @@ async fn truncated_and_garbage_frames_are_answered_with_errors() {
 }
 
 /// Well-formed, but not for the network: a coordinator's request to itself
-/// sent over a connection is refused, and nothing is written.
+/// sent over a connection is refused, and nothing is written; so is a
+/// replica request that does not name its sender.
 #[tokio::test]
 async fn a_coordinators_update_from_a_connection_is_refused() {
     let (_dir, node, client) = node_and_client().await;
-    let update = Request::Replica(ReplicaRequest::Update {
-        key: b"k".to_vec(),
-        context: VersionVector::new(),
-        payload: Payload::Value(vec![b'v'; 16]),
-        overwrite: false,
-        hint_for: None,
-    });
+    let update = Request::replica_from(
+        ringkv_core::NodeId::new("tester").unwrap(),
+        ReplicaRequest::Update {
+            key: b"k".to_vec(),
+            context: VersionVector::new(),
+            payload: Payload::Value(vec![b'v'; 16]),
+            overwrite: false,
+            hint_for: None,
+        },
+    );
     match client.call(&update).await.unwrap() {
         Response::Error(e) => {
             assert_eq!(e.kind, ErrorKind::InvalidRequest);
@@ -184,10 +191,26 @@ async fn a_coordinators_update_from_a_connection_is_refused() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    let read = Request::Replica(ReplicaRequest::Read {
+    // A replica request that does not name its sender, which is how a
+    // coordinator addresses its own replica in-process, is refused too.
+    let unnamed = Request::Replica(ReplicaRequest::Read {
         key: b"k".to_vec(),
         hint_for: None,
     });
+    match client.call(&unnamed).await.unwrap() {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert!(e.message.contains("names its sender"), "{}", e.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let read = Request::replica_from(
+        ringkv_core::NodeId::new("tester").unwrap(),
+        ReplicaRequest::Read {
+            key: b"k".to_vec(),
+            hint_for: None,
+        },
+    );
     assert!(matches!(
         client.call(&read).await.unwrap(),
         Response::Clock(None)
@@ -203,15 +226,21 @@ async fn a_coordinators_update_from_a_connection_is_refused() {
 async fn a_read_for_an_owner_it_keeps_no_hints_for_is_refused_like_the_hint() {
     let (_dir, node, client) = node_and_client().await;
     let ghost = ringkv_core::NodeId::new("ghost").unwrap();
-    let read = Request::Replica(ReplicaRequest::Read {
-        key: b"k".to_vec(),
-        hint_for: Some(ghost.clone()),
-    });
-    let hint = Request::Replica(ReplicaRequest::Hint {
-        owner: ghost,
-        key: b"k".to_vec(),
-        clock: ringkv_core::dvv::Clock::default(),
-    });
+    let read = Request::replica_from(
+        ringkv_core::NodeId::new("tester").unwrap(),
+        ReplicaRequest::Read {
+            key: b"k".to_vec(),
+            hint_for: Some(ghost.clone()),
+        },
+    );
+    let hint = Request::replica_from(
+        ringkv_core::NodeId::new("tester").unwrap(),
+        ReplicaRequest::Hint {
+            owner: ghost,
+            key: b"k".to_vec(),
+            clock: ringkv_core::dvv::Clock::default(),
+        },
+    );
     for request in [read, hint] {
         match client.call(&request).await.unwrap() {
             Response::Error(e) => {

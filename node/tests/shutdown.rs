@@ -136,10 +136,13 @@ async fn a_repair_round_under_way_stops_at_shutdown() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     'wait: loop {
         for key in &keys {
-            let read = Request::Replica(ReplicaRequest::Read {
-                key: key.clone(),
-                hint_for: None,
-            });
+            let read = Request::replica_from(
+                ringkv_core::NodeId::new("tester").unwrap(),
+                ReplicaRequest::Read {
+                    key: key.clone(),
+                    hint_for: None,
+                },
+            );
             if let Response::Clock(Some(_)) = to_n2.call(&read).await.unwrap() {
                 break 'wait;
             }

@@ -80,10 +80,13 @@ pub fn merge_here(key: &str) -> Request {
         Payload::Value(key.as_bytes().to_vec()),
         &id("direct"),
     );
-    Request::Replica(ReplicaRequest::Sync {
-        key: key.as_bytes().to_vec(),
-        clock,
-    })
+    Request::replica_from(
+        id("direct"),
+        ReplicaRequest::Sync {
+            key: key.as_bytes().to_vec(),
+            clock,
+        },
+    )
 }
 
 /// Stores `key` on the node `client` is connected to only (see [`merge_here`]).
