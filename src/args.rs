@@ -254,6 +254,9 @@ pub struct NodeArgs {
     /// At shutdown (Ctrl-C or SIGTERM), how long requests already under way may finish while new ones are refused ("shutting down; ask another node"). A second signal stops the node at once. 0 stops them at once.
     #[arg(long, value_name = "SECONDS", default_value_t = ringkv_node::server::DEFAULT_DRAIN_TIMEOUT.as_secs())]
     pub drain_timeout_s: u64,
+    /// How often this node asks one member (at random, among those up) for the cluster's member list, so that changes it was not told of directly reach it: a member that joined through another node, or its own removal while it was cut off. One small request each time.
+    #[arg(long, value_name = "SECONDS", default_value_t = ringkv_node::server::DEFAULT_MEMBERSHIP_EXCHANGE_INTERVAL.as_secs(), value_parser = bounded::<u64>(1, 3600))]
+    pub membership_exchange_interval_s: u64,
     #[command(flatten)]
     pub hints: HintArgs,
     #[command(flatten)]

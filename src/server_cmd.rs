@@ -53,6 +53,7 @@ pub async fn node(args: NodeArgs) -> Result<Exit, Failure> {
     config.low_background_priority = args.limits.background_priority == "low";
     config.join_timeout = Duration::from_secs(args.join_timeout_s);
     config.drain_timeout = Duration::from_secs(args.drain_timeout_s);
+    config.membership_exchange_interval = Duration::from_secs(args.membership_exchange_interval_s);
     config.hints = !args.hints.no_hints;
     config.hint_ttl = Duration::from_secs(args.hints.hint_ttl_s);
     config.max_hints_per_target = args.hints.max_hints_per_target;

@@ -287,6 +287,7 @@ fn bad_node_starts_are_refused() {
             "18446744073709552",
             "--hint-ttl-s must be at most",
         ),
+        ("--membership-exchange-interval-s", "0", "must be 1 to 3600"),
     ] {
         let o = node("n9", &c.dir.path().join("flags"), &[flag, value]);
         assert_exit(&o, 2);

@@ -46,12 +46,14 @@ fn matrix(r1_cut_off: bool) -> String {
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Starts `count` nodes (N=3) in `region(i)`, all reading the matrix at
-/// `path` and serving metrics; returns them with their metrics addresses.
+/// `path` and serving metrics, node `i` with the flags `extra(i)`; returns
+/// them with their metrics addresses.
 fn start(
     test: &str,
     count: usize,
     path: &Path,
     region: impl Fn(usize) -> String,
+    extra: impl Fn(usize) -> Vec<&'static str>,
 ) -> (Cluster, Vec<String>) {
     let metrics = Mutex::new(Vec::new());
     let path = path.to_str().unwrap().to_string();
@@ -66,8 +68,10 @@ fn start(
             "--metrics",
             &addr,
         ]
-        .map(String::from)
-        .to_vec()
+        .iter()
+        .chain(&extra(i))
+        .map(|s| s.to_string())
+        .collect()
     });
     (cluster, metrics.into_inner().unwrap())
 }
@@ -99,7 +103,13 @@ fn a_partition_takes_writes_on_both_sides_and_heals_to_siblings() {
     let files = tempfile::tempdir().unwrap();
     let path = files.path().join("matrix.toml");
     std::fs::write(&path, matrix(false)).unwrap();
-    let (cluster, metrics) = start("e2e_partition", 3, &path, |i| format!("r{}", i + 1));
+    let (cluster, metrics) = start(
+        "e2e_partition",
+        3,
+        &path,
+        |i| format!("r{}", i + 1),
+        |_| vec![],
+    );
     let put = |node: usize, key: &str, value: &str, w: &str, context: Option<&str>| {
         let mut args = vec!["put", key, value, "-w", w, "--timeout-ms", "1000", "--json"];
         if let Some(c) = context {
@@ -255,9 +265,13 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
     let files = tempfile::tempdir().unwrap();
     let path = files.path().join("matrix.toml");
     std::fs::write(&path, two_sides(false)).unwrap();
-    let (c, metrics) = start("e2e_partition_sloppy", 5, &path, |i| {
-        (if i < 2 { "a" } else { "b" }).to_string()
-    });
+    let (c, metrics) = start(
+        "e2e_partition_sloppy",
+        5,
+        &path,
+        |i| (if i < 2 { "a" } else { "b" }).to_string(),
+        |_| vec![],
+    );
     // Keys n1 owns and n2 does not: their other two owners are across the
     // cut, and n2, a fallback, is the one stand-in on n1's side.
     let ring = Ring::new(
@@ -380,6 +394,108 @@ fn a_sloppy_quorum_takes_writes_for_owners_cut_off_and_hands_them_over_after() {
                 node + 1,
                 split_key(i)
             );
+        }
+    }
+}
+
+/// Regions r1..r4, one per node, with r4 (n4) cut off from the others or
+/// not.
+fn r4_cut_off(cut: bool) -> String {
+    let mut text = "regions = [\"r1\", \"r2\", \"r3\", \"r4\"]\n".to_string();
+    for a in 1..=4 {
+        for b in a + 1..=4 {
+            let cut = cut && b == 4;
+            text += &format!("[[link]]\nbetween = [\"r{a}\", \"r{b}\"]\ncut = {cut}\n");
+        }
+    }
+    text
+}
+
+/// A node removed while cut off (as the README advises for one gone past
+/// the tombstone grace) keeps running, unaware, with values deleted and
+/// their tombstones collected meanwhile. Once the partition heals it
+/// brings none of them back: the members refuse its replica requests, so
+/// a read through it (whose read repair would push its old value to them)
+/// fails, and the refusal has it ask for the cluster's record, learn that
+/// it was removed, and exit.
+#[test]
+fn a_node_removed_while_cut_off_brings_no_deleted_value_back() {
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("matrix.toml");
+    std::fs::write(&path, r4_cut_off(false)).unwrap();
+    let (mut c, metrics) = start(
+        "e2e_partition_zombie",
+        4,
+        &path,
+        |i| format!("r{}", i + 1),
+        |i| {
+            let mut flags = vec![
+                "--no-hints",
+                "--anti-entropy-interval-s",
+                "0",
+                "--tombstone-grace-s",
+                "1",
+            ];
+            if i == 3 {
+                // n4 learns of its removal from a refusal, not from an
+                // exchange it happened to make first.
+                flags.extend(["--membership-exchange-interval-s", "3600"]);
+            }
+            flags
+        },
+    );
+    // Of twelve keys written everywhere, those n4 holds (three in four, at
+    // N=3 of four nodes).
+    let mut keys = Vec::new();
+    for i in 0..12 {
+        let key = format!("gone:{i}");
+        assert_exit(&c.cli(0, &["put", &key, "old", "-w", "all"]), 0);
+        if c.cli(3, &["get", &key, "--local"]).status.code() == Some(0) {
+            keys.push(key);
+        }
+    }
+    assert!(!keys.is_empty());
+
+    apply(&c, &metrics, &path, &r4_cut_off(true));
+    c.eventually(DEADLINE, "n1 sees n4 down", || {
+        c.state_seen_by(0, "n4") == "down"
+    });
+    assert_exit(&c.cli(0, &["remove", "n4"]), 0);
+    for k in &keys {
+        assert_exit(&c.cli(0, &["delete", k, "-w", "all"]), 0);
+    }
+    let collected = || -> f64 {
+        metrics[..3]
+            .iter()
+            .map(|m| sample(&scrape(m), "ringkv_tombstones_collected_total").unwrap_or(0.0))
+            .sum()
+    };
+    c.eventually(DEADLINE, "the tombstones collected on n1..n3", || {
+        collected() >= (3 * keys.len()) as f64
+    });
+
+    apply(&c, &metrics, &path, &r4_cut_off(false));
+    // Once n4 sees the others again, reads through it, which find its old
+    // values and would repair the others with them, return none of them.
+    c.eventually(DEADLINE, "n4 sees n1 up", || {
+        c.state_seen_by(3, "n1") == "up"
+    });
+    for k in &keys {
+        let read = c.cli(3, &["get", k, "--timeout-ms", "1000"]);
+        assert!(!stdout(&read).contains("old"), "{}", stdout(&read));
+    }
+    let (status, err) = c.wait_exit(3, DEADLINE);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("n4 was removed from the cluster"), "{err}");
+    let refused: f64 = metrics[..3]
+        .iter()
+        .map(|m| sample(&scrape(m), "ringkv_requests_from_removed_total").unwrap_or(0.0))
+        .sum();
+    assert!(refused >= 1.0, "n4's reads were refused");
+    for k in &keys {
+        assert_exit(&c.cli(0, &["get", k, "-r", "all"]), 1);
+        for node in 0..3 {
+            assert_exit(&c.cli(node, &["get", k, "--local"]), 1);
         }
     }
 }

@@ -132,10 +132,12 @@ pub enum Request {
     /// the members again.
     ReplicaFrom {
         from: NodeId,
-        /// Set while `ringkv leave` runs on the sender: a leave's last
-        /// hand-over comes after the members removed it (so that no write
-        /// reaches it after that pass), and is taken.
-        leaving: bool,
+        /// Set on the last hand-over of a `ringkv leave`, which comes
+        /// after the members removed the sender (so that no write reaches
+        /// it after that pass), and is taken. Not on the leave's first
+        /// pass: a node removed unawares and then asked to leave would push
+        /// its stale copies with it.
+        leave_last_pass: bool,
         request: ReplicaRequest,
     },
     Ping,
@@ -1068,11 +1070,11 @@ impl Request {
 
 impl Request {
     /// `request` as node `from` sends it to another node
-    /// ([`Request::ReplicaFrom`]), outside a leave.
+    /// ([`Request::ReplicaFrom`]), outside a leave's last pass.
     pub fn replica_from(from: NodeId, request: ReplicaRequest) -> Request {
         Request::ReplicaFrom {
             from,
-            leaving: false,
+            leave_last_pass: false,
             request,
         }
     }

@@ -151,8 +151,7 @@ pub struct NodeConfig {
     /// (`--cluster-key-replaced`; see `check_cluster_key`).
     pub cluster_key_replaced: bool,
     /// How often the node asks a member for the cluster's record (the
-    /// membership exchange). Not a flag; tests lengthen it to see what
-    /// else brings news.
+    /// membership exchange; `--membership-exchange-interval-s`).
     pub membership_exchange_interval: Duration,
 }
 
@@ -196,7 +195,7 @@ impl NodeConfig {
             latency_matrix: None,
             cluster_key: None,
             cluster_key_replaced: false,
-            membership_exchange_interval: MEMBERSHIP_EXCHANGE_INTERVAL,
+            membership_exchange_interval: DEFAULT_MEMBERSHIP_EXCHANGE_INTERVAL,
         }
     }
 
@@ -356,10 +355,10 @@ pub struct QuicTransport {
     pool: Arc<PeerPool>,
     /// Emulated regions: this node's region and its links to the others.
     regions: Option<Arc<RegionLinks>>,
-    /// Set while `ringkv leave` runs on this node (`NodeInner::leaving`):
-    /// its replica requests say so, and members that removed it take
-    /// them (see [`Request::ReplicaFrom`]).
-    leaving: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once a `ringkv leave` of this node has had the members remove
+    /// it, for its last hand-over: its replica requests say so, and the
+    /// members take them (see [`Request::ReplicaFrom`]).
+    leave_last_pass: std::sync::atomic::AtomicBool,
     /// A member that refused a replica request as from a removed node
     /// ([`ErrorKind::SenderRemoved`]): the probe loop asks it for the
     /// cluster's record at its next tick rather than at the next exchange.
@@ -504,7 +503,9 @@ impl Transport for QuicTransport {
         let request = match request {
             Request::Replica(request) => Request::ReplicaFrom {
                 from: self.me.clone(),
-                leaving: self.leaving.load(std::sync::atomic::Ordering::SeqCst),
+                leave_last_pass: self
+                    .leave_last_pass
+                    .load(std::sync::atomic::Ordering::SeqCst),
                 request,
             },
             other => other,
@@ -686,10 +687,10 @@ impl NodeInner {
         let request = match request {
             Request::ReplicaFrom {
                 from,
-                leaving,
+                leave_last_pass,
                 request,
             } => {
-                if !leaving && self.membership.is_removed(&from) {
+                if !leave_last_pass && self.membership.is_removed(&from) {
                     metrics::counter!("ringkv_requests_from_removed_total").increment(1);
                     return Response::error(
                         ErrorKind::SenderRemoved,
@@ -1125,9 +1126,10 @@ async fn probe_loop(inner: Arc<NodeInner>, mut shutdown: watch::Receiver<bool>) 
         if let Some(member) = refused_by.and_then(|id| record.members.get(&id)) {
             // A member refused this node as removed: ask that member for
             // the record now, which tells this node if it was (and it then
-            // stops) rather than trusting one refusal. At most once a tick.
+            // stops) rather than trusting one refusal. At most once a tick;
+            // the regular exchange keeps its time, so that a member that
+            // refuses but does not answer announces starves no other.
             announce_to(&inner, &record, member).await;
-            next_exchange = tokio::time::Instant::now() + interval;
         } else if tokio::time::Instant::now() >= next_exchange {
             exchange_membership(&inner).await;
             next_exchange = tokio::time::Instant::now() + interval;
@@ -1551,10 +1553,9 @@ impl Node {
         }
         let replica = Arc::new(replica);
         let local = Arc::new(LocalReplica { replica });
-        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let transport = Arc::new(QuicTransport {
             me: config.id.clone(),
-            leaving: leaving.clone(),
+            leave_last_pass: Default::default(),
             refused_as_removed_by: Default::default(),
             local: local.clone(),
             membership: membership.clone(),
@@ -1613,7 +1614,7 @@ impl Node {
             shutdown: shutdown_rx.clone(),
             removed: watch::Sender::new(false),
             is_removed: Default::default(),
-            leaving,
+            leaving: Default::default(),
             in_flight: Default::default(),
             draining: Default::default(),
             drain_over: Default::default(),
@@ -2102,7 +2103,7 @@ async fn announce(inner: &Arc<NodeInner>, record: &ClusterRecord) -> (usize, Vec
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a node exchanges its member list with one random member, so a
 /// member that missed a join (unreachable at the time) still learns of it.
-const MEMBERSHIP_EXCHANGE_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_MEMBERSHIP_EXCHANGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The node's seeds that no member of `record` is at.
 fn unknown_seeds(inner: &NodeInner, record: &ClusterRecord) -> Vec<SocketAddr> {
@@ -2432,8 +2433,9 @@ mod tests {
     /// A member refuses replica requests from a node it removed that has
     /// not heard of it (one cut off when it was removed, say): that node's
     /// copies may be older than tombstones collected since, and its pushes
-    /// would bring deleted values back. A leave's, made after the members
-    /// removed the node, are taken. The refusal has the node ask the
+    /// would bring deleted values back; so is a leave's first pass, should
+    /// it be asked to leave. A leave's last pass, made after the members
+    /// removed the node, is taken. The refusal has the node ask the
     /// refusing member for the record at once (not at its next exchange,
     /// an hour away here), and it learns it was removed.
     #[tokio::test]
@@ -2457,6 +2459,12 @@ mod tests {
             three(&n1) && three(&n2) && three(&n3)
         })
         .await;
+        wait_until("n3's hand-over has read what it owes", || {
+            !n3.inner.handover_owed.load(SeqCst)
+        })
+        .await;
+        let ring = n3.inner.ring_tx.borrow().clone().unwrap();
+        super::tombstone_gc::tests::wait_for_recent_rings(&n3.inner, &ring).await;
         // n1 and n2 remove n3, which is not told.
         for n in [&n1, &n2] {
             let removal = Request::Remove {
@@ -2465,6 +2473,25 @@ mod tests {
             };
             let answer = n.inner.clone().handle(removal).await;
             assert!(matches!(answer, Response::Removed(_)), "{answer:?}");
+        }
+        // Asked to leave, unaware, it cannot push its copies either: the
+        // members refuse its first pass (the leave's removal, which they
+        // would confirm, comes after it). The refusal has it learn of its
+        // removal: the leave says so.
+        let zombie = (0..)
+            .map(|i| format!("zombie{i}").into_bytes())
+            .find(|k| ring.replicas_of(k).contains(&n3.inner.id))
+            .unwrap();
+        let old = Payload::Value(b"old".to_vec());
+        let replica = &n3.inner.local.replica;
+        replica.update(&zombie, &VersionVector::new(), old).unwrap();
+        let left = n3.inner.leave().await;
+        assert!(
+            matches!(&left, Response::Error(e) if e.kind == ErrorKind::Unavailable),
+            "{left:?}"
+        );
+        for n in [&n1, &n2] {
+            assert!(n.inner.local.replica.read(&zombie).unwrap().is_none());
         }
         let sync = |key: &[u8]| {
             let mut clock = Clock::new();
@@ -2478,12 +2505,12 @@ mod tests {
                 clock,
             })
         };
-        n3.inner.leaving.store(true, SeqCst);
+        let last_pass = &n3.inner.transport.leave_last_pass;
+        last_pass.store(true, SeqCst);
         let leaving = n3.inner.transport.call(&n2.inner.id, sync(b"left")).await;
         assert!(matches!(leaving, Ok(Response::Clock(None))), "{leaving:?}");
         assert!(n2.inner.local.replica.read(b"left").unwrap().is_some());
-        n3.inner.leaving.store(false, SeqCst);
-        assert!(!n3.inner.is_removed.load(SeqCst));
+        last_pass.store(false, SeqCst);
 
         let pushed = n3.inner.transport.call(&n1.inner.id, sync(b"stale")).await;
         assert!(

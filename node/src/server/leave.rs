@@ -289,6 +289,9 @@ impl NodeInner {
             }
         };
         guard.left = true;
+        // The members removed this node: they take its replica requests
+        // from now on only as this leave's last pass.
+        self.transport.leave_last_pass.store(true, Ordering::SeqCst);
         match self.membership.adopt(removal.record.clone()) {
             Err(NodeError::Removed { .. }) => {}
             other => tracing::warn!(
