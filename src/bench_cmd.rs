@@ -538,14 +538,33 @@ async fn run_all(
     };
     let plotted = plot_file(args, &reports);
     if args.json.as_deref() != Some("-") {
-        print_table(&reports, cpu_scope);
+        print_table(
+            &reports,
+            cpu_scope,
+            args.rate.map(|rate| (rate, args.concurrency)),
+        );
     }
     json_written?;
+    let after_json = |failure: Failure| match args.json.as_deref() {
+        Some("-") => failure.after_json(),
+        _ => failure,
+    };
     if let Err(failure) = plotted {
-        return Err(match args.json.as_deref() {
-            Some("-") => failure.after_json(),
-            _ => failure,
-        });
+        return Err(after_json(failure));
+    }
+    if let Some(r) = reports
+        .iter()
+        .find(|r| r.attempts() > 0 && r.total_ops() == 0)
+    {
+        // A run that measured nothing is no result a script should take.
+        return Err(after_json(Failure::new(
+            Exit::Quorum,
+            format!(
+                "setting {}: none of its {} requests succeeded (see the errors above)",
+                r.setting,
+                r.attempts()
+            ),
+        )));
     }
     Ok(Exit::Ok)
 }
@@ -565,7 +584,9 @@ fn plot_file(args: &BenchArgs, reports: &[SettingReport]) -> Result<(), Failure>
     })
 }
 
-fn print_table(reports: &[SettingReport], cpu_scope: &str) {
+/// The table, and what to note about it. `open_loop`: `--rate` and
+/// `--concurrency`, for an open loop.
+fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u64, usize)>) {
     outln!("{:<16} {:<7} {}", "setting", "op", op_columns_header());
     for r in reports {
         for (op, o) in &r.ops {
@@ -589,9 +610,26 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str) {
         );
     }
     for r in reports {
-        if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
+        // Each client has one request out at a time (Little's law).
+        let too_few_clients = open_loop.and_then(|(rate, clients)| {
+            let needed = r.clients_needed(rate)?;
+            (needed > 0.9 * clients as f64).then_some((rate, clients, needed))
+        });
+        if let Some((rate, clients, needed)) = too_few_clients {
             outln!(
-                "{}: {unsent} requests came due but were never sent (every client stayed busy until a request timeout past the end): the store fell far behind --rate; they count as timeouts above, at what they had waited by then",
+                "{}: each request took {:.2} ms once sent, so --rate {rate} needs about {needed:.0} clients with one request out each, and --concurrency is {clients}: requests waited for a free client, and that wait (the bench's, not the store's) is in their latency; raise --concurrency to at least {:.0}",
+                r.setting,
+                r.mean_service_ms.unwrap_or(0.0),
+                (needed * 1.5).ceil()
+            );
+        }
+        if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
+            let why = match too_few_clients {
+                Some(_) => "there were too few clients (above)",
+                None => "the store fell far behind --rate",
+            };
+            outln!(
+                "{}: {unsent} requests came due but were never sent (every client stayed busy until a request timeout past the end): {why}; they count as timeouts above, at what they had waited by then",
                 r.setting
             );
         }
@@ -760,6 +798,8 @@ fn report_json(
             "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
             "cpu_us_per_op": r.cpu_us_per_op(),
             "unsent": r.unsent,
+            "mean_service_ms": r.mean_service_ms,
+            "clients_needed": config.rate_per_s.and_then(|rate| r.clients_needed(rate)),
             "failovers": r.failovers,
             "ops": r.ops.iter().map(|(op, o)| {
                 // As the table gives it, per operation type.

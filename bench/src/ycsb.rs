@@ -317,9 +317,9 @@ impl ReadStats {
 #[derive(Debug, Clone)]
 pub struct SettingReport {
     pub setting: Setting,
-    /// What ops/s divides by: the measured window (closed loop), or from
-    /// its start to the last answer (open loop, whose requests due in the
-    /// window are answered up to a timeout after it).
+    /// What ops/s divides by: the measured window (closed loop), or the
+    /// stretch over which the store answered the requests due in it (open
+    /// loop; see `open_loop_elapsed`).
     pub elapsed: Duration,
     /// CPU time of this process during the run (see
     /// [`crate::process_cpu`]); `None` where it cannot be read.
@@ -333,6 +333,13 @@ pub struct SettingReport {
     /// percentiles. Any number here means the store fell far behind the
     /// rate.
     pub unsent: Option<u64>,
+    /// Open loop only: the mean time from a client sending a request to
+    /// its answer (or giving up), in ms. Each client has one request out at
+    /// a time, so keeping up with a rate takes about rate × this many
+    /// clients (Little's law; [`SettingReport::clients_needed`]); with
+    /// fewer, requests wait for a free client, and that wait, which is the
+    /// bench's and not the store's, counts in their latency.
+    pub mean_service_ms: Option<f64>,
     pub ops: Vec<(Op, OpReport)>,
     pub reads: u64,
     /// Reads that found no value: every record is loaded, and an insert's
@@ -368,6 +375,12 @@ impl SettingReport {
     /// One operation type's ops/s over the setting's window.
     pub fn op_ops_per_sec(&self, op: &OpReport) -> f64 {
         crate::per_second(op.ops, self.elapsed)
+    }
+
+    /// Open loop only: how many clients keeping up with `rate_per_s`
+    /// takes at the measured mean service time (see `mean_service_ms`).
+    pub fn clients_needed(&self, rate_per_s: u64) -> Option<f64> {
+        Some(rate_per_s as f64 * self.mean_service_ms? / 1000.0)
     }
 
     /// Requests made in the run: answered, failed or timed out.
@@ -845,6 +858,7 @@ pub async fn run_setting(
             let mut read_stats = ReadStats::default();
             // When this client's last measured request succeeded.
             let mut last_success: Option<Instant> = None;
+            let mut timing = OpenLoopTiming::default();
             let value = vec![b'u'; config.value_bytes];
             loop {
                 // Open loop: wait for the next due request; closed loop:
@@ -856,6 +870,9 @@ pub async fn run_setting(
                     },
                     None => None,
                 };
+                // When this client took the request up (later than it came
+                // due if every client was busy).
+                let picked = Instant::now();
                 if Instant::now() >= last_send {
                     break;
                 }
@@ -919,6 +936,11 @@ pub async fn run_setting(
                         contexts.insert(record, context.clone());
                     }
                 }
+                if due.is_some() {
+                    // Warm-up requests too: a backlog of them can keep the
+                    // clients from sending any of the window's.
+                    timing.service(answered.saturating_duration_since(picked));
+                }
                 if op == Op::Insert {
                     // Over, whether or not it succeeded (as in YCSB): a
                     // failed insert must not keep later ones from being read.
@@ -927,6 +949,10 @@ pub async fn run_setting(
                 if sent >= measured_from {
                     if outcome.is_ok() {
                         last_success = last_success.max(Some(answered));
+                    }
+                    if due.is_some() && outcome.is_ok() {
+                        let stretch = open_loop_stretch(sent, measured_from, deadline);
+                        timing.lag(stretch, answered.saturating_duration_since(sent));
                     }
                     let latency_us = answered.duration_since(sent).as_micros() as u64;
                     reports
@@ -942,7 +968,7 @@ pub async fn run_setting(
             }
             // A short run may never draw a rare operation: no empty row.
             reports.retain(|_, report| report.attempts() > 0);
-            (reports, read_stats, last_success)
+            (reports, read_stats, last_success, timing)
         });
     }
     let prober = prober_conns.map(|conns| {
@@ -954,11 +980,13 @@ pub async fn run_setting(
     let mut merged: HashMap<Op, OpReport> = HashMap::new();
     let mut read_stats = ReadStats::default();
     let mut last_success: Option<Instant> = None;
+    let mut timing = OpenLoopTiming::default();
     while !tasks.is_empty() {
         tokio::select! {
             done = tasks.join_next() => {
                 match done {
-                    Some(Ok((reports, stats, last))) => {
+                    Some(Ok((reports, stats, last, client_timing))) => {
+                        timing.merge(&client_timing);
                         for (op, report) in reports {
                             merged.entry(op).or_insert_with(OpReport::new).merge(&report);
                         }
@@ -977,17 +1005,14 @@ pub async fn run_setting(
     // Closed loop: the requests counted are those sent in the measured
     // window, so they are divided by it; the time to the last answer
     // would add the slowest request's tail (seconds, for one that timed
-    // out) to a window of a few. Open loop: requests due in the window
-    // are answered up to a timeout after it, so to the last success (a
-    // store that fell behind took that long over them), but never less
-    // than the window. Not to the last answer: one request that timed out
-    // at the end would cut the rate by a third.
+    // out) to a window of a few. Open loop: see `open_loop_elapsed`.
     let elapsed = match config.rate_per_s {
-        Some(_) => last_success
-            .map_or(Duration::ZERO, |last| {
-                last.saturating_duration_since(measured_from)
-            })
-            .max(config.duration),
+        Some(_) => open_loop_elapsed(
+            config.duration,
+            timing.median_lag(Stretch::First),
+            timing.median_lag(Stretch::Last),
+            last_success.map(|last| last.saturating_duration_since(measured_from)),
+        ),
         None => config.duration,
     };
     let cpu = cpu_at_start
@@ -1011,6 +1036,7 @@ pub async fn run_setting(
     let mut report = SettingReport {
         cpu,
         unsent: None,
+        mean_service_ms: config.rate_per_s.and_then(|_| timing.mean_service_ms()),
         setting: setting.clone(),
         elapsed,
         ops,
@@ -1044,6 +1070,117 @@ pub async fn run_setting(
         report.unsent = Some(unsent);
     }
     Ok(report)
+}
+
+/// The part of the measured window an open-loop request came due in: its
+/// first or last tenth (at most a second each), whose answers' lags give
+/// the ops/s window ([`open_loop_elapsed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stretch {
+    First,
+    Last,
+    Middle,
+}
+
+fn open_loop_stretch(due: Instant, measured_from: Instant, deadline: Instant) -> Stretch {
+    let edge = ((deadline - measured_from) / 10).min(Duration::from_secs(1));
+    if due < measured_from + edge {
+        Stretch::First
+    } else if due + edge >= deadline {
+        Stretch::Last
+    } else {
+        Stretch::Middle
+    }
+}
+
+/// An open loop's timings, per client and merged: how long each request
+/// took once sent (the warm-up's too), and how far behind schedule the
+/// answers to the requests due in the window's first and last stretch
+/// came.
+#[derive(Debug)]
+struct OpenLoopTiming {
+    service_us: u128,
+    sent: u64,
+    first_lag_us: Histogram<u64>,
+    last_lag_us: Histogram<u64>,
+}
+
+impl Default for OpenLoopTiming {
+    fn default() -> Self {
+        OpenLoopTiming {
+            service_us: 0,
+            sent: 0,
+            first_lag_us: new_histogram(),
+            last_lag_us: new_histogram(),
+        }
+    }
+}
+
+impl OpenLoopTiming {
+    /// A request sent that took `service` from its sending to its answer
+    /// or the client giving up.
+    fn service(&mut self, service: Duration) {
+        self.service_us += service.as_micros();
+        self.sent += 1;
+    }
+
+    /// A measured request that came due in `stretch` succeeded `latency`
+    /// after it came due.
+    fn lag(&mut self, stretch: Stretch, latency: Duration) {
+        let us = latency.as_micros().max(1) as u64;
+        match stretch {
+            Stretch::First => record_latency(&mut self.first_lag_us, us, 1),
+            Stretch::Last => record_latency(&mut self.last_lag_us, us, 1),
+            Stretch::Middle => {}
+        }
+    }
+
+    fn merge(&mut self, other: &OpenLoopTiming) {
+        self.service_us += other.service_us;
+        self.sent += other.sent;
+        // Same bounds: adding cannot fail.
+        let _ = self.first_lag_us.add(&other.first_lag_us);
+        let _ = self.last_lag_us.add(&other.last_lag_us);
+    }
+
+    /// The median lag of the successes due in `stretch`, if any.
+    fn median_lag(&self, stretch: Stretch) -> Option<Duration> {
+        let h = match stretch {
+            Stretch::First => &self.first_lag_us,
+            Stretch::Last => &self.last_lag_us,
+            Stretch::Middle => return None,
+        };
+        (!h.is_empty()).then(|| Duration::from_micros(h.value_at_quantile(0.5)))
+    }
+
+    fn mean_service_ms(&self) -> Option<f64> {
+        (self.sent > 0).then(|| self.service_us as f64 / self.sent as f64 / 1000.0)
+    }
+}
+
+/// What an open loop's ops/s divides by. Its successes are those of the
+/// requests due in the window (`window` long): a store that kept up
+/// answered them over a stretch as long, shifted by its latency, and one
+/// that fell behind over a longer one: the window plus how much further
+/// behind schedule it answered at the end than at the start (`last_lag`
+/// and `first_lag`, the median latencies of the successes due in the
+/// window's last and first stretch). Medians, so that one slow answer does
+/// not stretch the window: dividing by the time to the last success did
+/// (one request stalled 1.9 s at the end of a 6 s window cut the rate by a
+/// quarter). With no success due in either stretch (the last requests all
+/// failed, or were never sent: a store far behind), `to_last_success`.
+/// Never less than the window.
+fn open_loop_elapsed(
+    window: Duration,
+    first_lag: Option<Duration>,
+    last_lag: Option<Duration>,
+    to_last_success: Option<Duration>,
+) -> Duration {
+    match (first_lag, last_lag) {
+        (Some(first), Some(last)) => window + last.saturating_sub(first),
+        _ => to_last_success.unwrap_or(Duration::ZERO),
+    }
+    .max(window)
 }
 
 /// Counts the open loop's requests `never_sent` (their indexes in the
@@ -1312,6 +1449,74 @@ fn verdict(written: &Outcome, read: &Outcome, value: &[u8]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An open loop's ops/s window: the measured window for a store that
+    /// kept up, however late one answer came; longer by how much further
+    /// behind it fell; the time to the last success when no late request
+    /// succeeded; never shorter than the window.
+    #[test]
+    fn one_late_answer_does_not_stretch_an_open_loop_s_window() {
+        let ms = Duration::from_millis;
+        let window = ms(6000);
+        // 5,000/s for 6 s, answered in 2 ms, but for one at the very end
+        // that took 1.9 s.
+        let start = Instant::now();
+        let deadline = start + window;
+        let mut timing = OpenLoopTiming::default();
+        for i in 0..30_000u64 {
+            let due = start + Duration::from_micros(200 * i);
+            let latency = if i == 29_999 { ms(1900) } else { ms(2) };
+            timing.service(latency);
+            timing.lag(open_loop_stretch(due, start, deadline), latency);
+        }
+        let first = timing.median_lag(Stretch::First);
+        let last = timing.median_lag(Stretch::Last);
+        let to_last_success = Some(ms(5999 + 1900));
+        assert_eq!(
+            open_loop_elapsed(window, first, last, to_last_success),
+            window
+        );
+        assert!((timing.mean_service_ms().unwrap() - 2.06).abs() < 0.01);
+
+        // A store falling behind: answers 10 ms late at the start, 2 s late
+        // at the end.
+        let elapsed = open_loop_elapsed(window, Some(ms(10)), Some(ms(2010)), None);
+        assert_eq!(elapsed, ms(8000));
+        // Caught up (a backlog from the warm-up): never under the window.
+        assert_eq!(
+            open_loop_elapsed(window, Some(ms(500)), Some(ms(5)), None),
+            window
+        );
+        // The last requests all failed or were never sent.
+        assert_eq!(
+            open_loop_elapsed(window, Some(ms(10)), None, Some(ms(9000))),
+            ms(9000)
+        );
+        assert_eq!(open_loop_elapsed(window, None, None, None), window);
+        // Answers due mid-window leave the lags alone, and the stretches
+        // are the first and last tenth (a second at most).
+        let mut middle = OpenLoopTiming::default();
+        middle.lag(Stretch::Middle, ms(5));
+        assert_eq!(middle.median_lag(Stretch::First), None);
+        assert_eq!(middle.median_lag(Stretch::Last), None);
+        assert_eq!(
+            open_loop_stretch(start + ms(599), start, deadline),
+            Stretch::First
+        );
+        assert_eq!(
+            open_loop_stretch(start + ms(600), start, deadline),
+            Stretch::Middle
+        );
+        assert_eq!(
+            open_loop_stretch(start + ms(5400), start, deadline),
+            Stretch::Last
+        );
+        let long = start + ms(60_000);
+        assert_eq!(
+            open_loop_stretch(start + ms(1500), start, long),
+            Stretch::Middle
+        );
+    }
 
     /// A load write shed or timed out is tried again, as an overwrite, up
     /// to three times; one refused for another reason is not.
