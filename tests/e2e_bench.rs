@@ -401,6 +401,12 @@ fn a_bench_stopped_by_a_signal_removes_its_scratch_dir() {
 /// A toy Redis: GET and SET over RESP on a background thread, enough for
 /// `ringkv bench --target resp://` without a redis-server on the machine.
 fn toy_redis() -> std::net::SocketAddr {
+    toy_redis_with(false, std::time::Duration::ZERO)
+}
+
+/// [`toy_redis`], whose GETs all fail (`get_fails`), or each take
+/// `get_delay`.
+fn toy_redis_with(get_fails: bool, get_delay: std::time::Duration) -> std::net::SocketAddr {
     use std::collections::HashMap;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::sync::{Arc, Mutex};
@@ -438,9 +444,13 @@ fn toy_redis() -> std::net::SocketAddr {
                                 .insert(args[1].clone(), args[2].clone());
                             b"+OK\r\n".to_vec()
                         }
-                        b"GET" => match store.lock().unwrap().get(&args[1]) {
+                        b"GET" if get_fails => b"-ERR broken on purpose\r\n".to_vec(),
+                        b"GET" => match {
+                            std::thread::sleep(get_delay);
+                            store.lock().unwrap().get(&args[1]).cloned()
+                        } {
                             Some(v) => {
-                                [format!("${}\r\n", v.len()).as_bytes(), v, b"\r\n"].concat()
+                                [format!("${}\r\n", v.len()).as_bytes(), &v, b"\r\n"].concat()
                             }
                             None => b"$-1\r\n".to_vec(),
                         },
@@ -519,6 +529,45 @@ fn the_same_workload_runs_against_a_resp_store() {
         stderr(&refused).contains("resp://HOST:PORT"),
         "{}",
         stderr(&refused)
+    );
+}
+
+/// A run that measured nothing (every request of a setting failed) exits
+/// 3 after its report, so a script does not take it for a result; an open
+/// loop held back by too few clients says so, and how many to use.
+#[test]
+fn a_run_with_no_success_fails_and_too_few_clients_are_named() {
+    let broken = format!("resp://{}", toy_redis_with(true, std::time::Duration::ZERO));
+    let args = ["--workload", "c", "--records", "20", "--duration-s", "1"];
+    let out = run(ringkv()
+        .args(["bench", "--target", &broken])
+        .args(args)
+        .args(["--concurrency", "2", "--json"]));
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("none of its") && stderr(&out).contains("requests succeeded"),
+        "{}",
+        stderr(&out)
+    );
+    // The report still came out whole.
+    let report = json(&out);
+    assert_eq!(report["settings"][0]["ops"]["read"]["ops"], 0);
+
+    // GETs of 20 ms at 60/s keep about 1.2 clients busy: one is too few.
+    let slow = format!(
+        "resp://{}",
+        toy_redis_with(false, std::time::Duration::from_millis(20))
+    );
+    let out = run(ringkv()
+        .args(["bench", "--target", &slow])
+        .args(args)
+        .args(["--concurrency", "1", "--rate", "60", "--warmup-s", "0"]));
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("requests waited for a free client")
+            && stdout(&out).contains("raise --concurrency to at least"),
+        "{}",
+        stdout(&out)
     );
 }
 
