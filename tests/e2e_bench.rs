@@ -445,15 +445,16 @@ fn toy_redis_with(get_fails: bool, get_delay: std::time::Duration) -> std::net::
                             b"+OK\r\n".to_vec()
                         }
                         b"GET" if get_fails => b"-ERR broken on purpose\r\n".to_vec(),
-                        b"GET" => match {
+                        b"GET" => {
                             std::thread::sleep(get_delay);
-                            store.lock().unwrap().get(&args[1]).cloned()
-                        } {
-                            Some(v) => {
-                                [format!("${}\r\n", v.len()).as_bytes(), &v, b"\r\n"].concat()
+                            let held = store.lock().unwrap().get(&args[1]).cloned();
+                            match held {
+                                Some(v) => {
+                                    [format!("${}\r\n", v.len()).as_bytes(), &v, b"\r\n"].concat()
+                                }
+                                None => b"$-1\r\n".to_vec(),
                             }
-                            None => b"$-1\r\n".to_vec(),
-                        },
+                        }
                         _ => b"-ERR unknown command\r\n".to_vec(),
                     };
                     out.write_all(&reply).unwrap();
