@@ -2442,29 +2442,11 @@ mod tests {
     async fn a_member_refuses_replica_requests_from_a_node_it_removed() {
         use std::sync::atomic::Ordering::SeqCst;
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-        let n1 = start_in_pair("n1", dirs[0].path(), None).await;
-        let n2 = start_in_pair("n2", dirs[1].path(), Some(n1.addr())).await;
-        let mut config = NodeConfig::on_loopback(NodeId::new("n3").unwrap(), dirs[2].path().into());
-        config.seeds = vec![n1.addr()];
-        config.membership_exchange_interval = Duration::from_secs(3600);
-        let n3 = Node::start(config).await.unwrap();
-        let three = |n: &NodeHandle| {
-            n.inner
-                .ring_tx
-                .borrow()
-                .as_ref()
-                .is_some_and(|r| r.len() == 3)
-        };
-        wait_until("every node has the ring of three", || {
-            three(&n1) && three(&n2) && three(&n3)
-        })
-        .await;
-        wait_until("n3's hand-over has read what it owes", || {
-            !n3.inner.handover_owed.load(SeqCst)
+        let (n1, n2, n3) = three_settled(&dirs, |config| {
+            config.membership_exchange_interval = Duration::from_secs(3600);
         })
         .await;
         let ring = n3.inner.ring_tx.borrow().clone().unwrap();
-        super::tombstone_gc::tests::wait_for_recent_rings(&n3.inner, &ring).await;
         // n1 and n2 remove n3, which is not told.
         for n in [&n1, &n2] {
             let removal = Request::Remove {
@@ -2630,15 +2612,37 @@ mod tests {
         assert_eq!(Arc::strong_count(&held), 1, "the task ended");
     }
 
-    /// Three nodes of a two-replica cluster in `dirs`, once each has the
-    /// ring of three and n3's hand-over has read what it owes; and a key n3
-    /// replicates, written with value "v" on n3 only.
+    /// Three settled nodes ([`three_settled`]) and a key n3 replicates,
+    /// written with value "v" on n3 only.
     async fn three_with_a_key_on_n3(
         dirs: &[tempfile::TempDir],
     ) -> (NodeHandle, NodeHandle, NodeHandle, Vec<u8>) {
+        let (n1, n2, n3) = three_settled(dirs, |_| {}).await;
+        let ring = n3.inner.ring_tx.borrow().clone().unwrap();
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| ring.replicas_of(k).contains(&n3.inner.id))
+            .unwrap();
+        n3.inner
+            .local
+            .replica
+            .update(&key, &VersionVector::new(), Payload::Value(b"v".to_vec()))
+            .unwrap();
+        (n1, n2, n3, key)
+    }
+
+    /// Three nodes of a two-replica cluster in `dirs` (n3 with its config
+    /// changed by `adjust_n3`), once each has the ring of three, n3's
+    /// hand-over has read what it owes, and every node noted the ring.
+    async fn three_settled(
+        dirs: &[tempfile::TempDir],
+        adjust_n3: impl FnOnce(&mut NodeConfig),
+    ) -> (NodeHandle, NodeHandle, NodeHandle) {
         let n1 = start_in_pair("n1", dirs[0].path(), None).await;
         let n2 = start_in_pair("n2", dirs[1].path(), Some(n1.addr())).await;
-        let n3 = start_in_pair("n3", dirs[2].path(), Some(n1.addr())).await;
+        let mut config = pair_config("n3", dirs[2].path(), Some(n1.addr()));
+        adjust_n3(&mut config);
+        let n3 = Node::start(config).await.unwrap();
         let three = |n: &NodeHandle| {
             n.inner
                 .ring_tx
@@ -2660,16 +2664,16 @@ mod tests {
         for n in [&n1, &n2, &n3] {
             super::tombstone_gc::tests::wait_for_recent_rings(&n.inner, &ring).await;
         }
-        let key = (0..)
-            .map(|i| format!("k{i}").into_bytes())
-            .find(|k| ring.replicas_of(k).contains(&n3.inner.id))
-            .unwrap();
-        n3.inner
-            .local
-            .replica
-            .update(&key, &VersionVector::new(), Payload::Value(b"v".to_vec()))
-            .unwrap();
-        (n1, n2, n3, key)
+        (n1, n2, n3)
+    }
+
+    /// The config of a node `id` of a two-replica cluster in `dir`, on a
+    /// free loopback port, joining through `seed` if given.
+    fn pair_config(id: &str, dir: &std::path::Path, seed: Option<SocketAddr>) -> NodeConfig {
+        let mut config = NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into());
+        config.replicas = Some(2);
+        config.seeds = seed.into_iter().collect();
+        config
     }
 
     /// A node `id` of a two-replica cluster in `dir`, on a free loopback
@@ -2679,10 +2683,7 @@ mod tests {
         dir: &std::path::Path,
         seed: Option<SocketAddr>,
     ) -> NodeHandle {
-        let mut config = NodeConfig::on_loopback(NodeId::new(id).unwrap(), dir.into());
-        config.replicas = Some(2);
-        config.seeds = seed.into_iter().collect();
-        Node::start(config).await.unwrap()
+        Node::start(pair_config(id, dir, seed)).await.unwrap()
     }
 
     /// Whether `node`'s trees are ready for its current ring of two nodes.
