@@ -330,8 +330,8 @@ pub struct SettingReport {
     /// They are counted as timeouts of the operations the mix would have
     /// drawn, at what they had waited when the clients stopped (a lower
     /// bound): left out, the requests queued longest would leave the
-    /// percentiles. Any number here means the store fell far behind the
-    /// rate.
+    /// percentiles. Any number here means the run fell far behind the
+    /// rate: the store, or too few clients (see `mean_service_ms`).
     pub unsent: Option<u64>,
     /// Open loop only: the mean time from a client sending a request to
     /// its answer (or giving up), in ms. Each client has one request out at
@@ -873,7 +873,7 @@ pub async fn run_setting(
                 // When this client took the request up (later than it came
                 // due if every client was busy).
                 let picked = Instant::now();
-                if Instant::now() >= last_send {
+                if picked >= last_send {
                     break;
                 }
                 let op = config.workload.next_op(&mut rng);

@@ -1066,9 +1066,7 @@ impl Request {
             }
         }
     }
-}
 
-impl Request {
     /// `request` as node `from` sends it to another node
     /// ([`Request::ReplicaFrom`]), outside a leave's last pass.
     pub fn replica_from(from: NodeId, request: ReplicaRequest) -> Request {
