@@ -554,12 +554,12 @@ pub struct RepairArgs {
     mut_arg("node", |a| a.help(REMOVE_NODE_HELP)),
     after_help = "Any member can do it (not the node being removed): it drops the node from its member list, \
     tells every other member at once, and answers with the members left and any it could not tell. Those learn \
-    of the removal at their next membership exchange (every 5 s). Hints held for the node go to the replicas \
+    of the removal through the membership exchange (every --membership-exchange-interval-s, 5 s by default). Hints held for the node go to the replicas \
     of their keys under the ring without it.\n\n\
     The node's key ranges pass to the next nodes on the ring; run `ringkv repair` on each member (or wait \
     for the periodic anti-entropy rounds) to copy the keys onto them. A write that only the removed node \
     held (W=1 while the others were down) is lost with it.\n\n\
-    A removed node still running stops at its next membership exchange; started again it refuses to run. \
+    A removed node still running stops once a member refuses its requests as from a removed node, or at its next membership exchange; started again it refuses to run. \
     To bring the machine back, start it with a new --id and an empty --data-dir. Removal cannot be undone.\n\n\
     Exits 0 once removed (or if it already was), 2 if refused (an unknown id, the node asked being the one \
     to remove, or too few members left for N: add the replacement first), 3 if the node asked is not in a \

@@ -49,6 +49,7 @@ mod connection_sources;
 mod handover_store;
 mod leave;
 mod recent_rings;
+mod removed_senders;
 mod ring_handover;
 mod stored_pages;
 mod tombstone_gc;
@@ -596,6 +597,9 @@ struct NodeInner {
     drain_timeout: Duration,
     /// See [`NodeConfig::membership_exchange_interval`].
     membership_exchange_interval: Duration,
+    /// Removed senders whose replica requests were refused lately, for
+    /// the log (`server/removed_senders.rs`).
+    removed_senders: std::sync::Mutex<removed_senders::RemovedSenders>,
     /// How long a leave waits for each member it asks to remove the node.
     removal_timeout: Duration,
     /// Keys a leave has sent to their new replicas so far (in `Stats`, for
@@ -692,6 +696,14 @@ impl NodeInner {
             } => {
                 if !leave_last_pass && self.membership.is_removed(&from) {
                     metrics::counter!("ringkv_requests_from_removed_total").increment(1);
+                    let log = self
+                        .removed_senders
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .should_log(&from, std::time::Instant::now());
+                    if log {
+                        tracing::warn!(%from, "refused replica requests from a node removed from the cluster: it should learn of its removal and stop by itself; if it goes on, stop it by hand");
+                    }
                     return Response::error(
                         ErrorKind::SenderRemoved,
                         format!(
@@ -1620,6 +1632,7 @@ impl Node {
             drain_over: Default::default(),
             drain_timeout: config.drain_timeout,
             membership_exchange_interval: config.membership_exchange_interval,
+            removed_senders: Default::default(),
             removal_timeout: config.removal_timeout,
             leave_keys_sent: Default::default(),
             cleaning: Default::default(),
