@@ -600,7 +600,18 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u6
     }
     let per_op: Vec<String> = reports
         .iter()
-        .filter_map(|r| Some(format!("{}: {:.0} µs", r.setting, r.cpu_us_per_op()?)))
+        .filter_map(|r| {
+            let per_op = r.cpu_us_per_op()?;
+            let mut out = format!("{}: {per_op:.0} µs", r.setting);
+            // Failures cost CPU too, but dividing by them flatters a store
+            // that refuses work: name both when they differ.
+            if r.total_ops() < r.attempts() {
+                if let Some(per_attempt) = r.cpu_us_per_attempt() {
+                    out.push_str(&format!(" ({per_attempt:.0} µs per request sent)"));
+                }
+            }
+            Some(out)
+        })
         .collect();
     if !per_op.is_empty() {
         // "2: 18 µs": a numeric setting alone would read as part of the figure.
@@ -797,6 +808,7 @@ fn report_json(
             "ops_per_sec": r.ops_per_sec(),
             "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
             "cpu_us_per_op": r.cpu_us_per_op(),
+            "cpu_us_per_attempt": r.cpu_us_per_attempt(),
             "unsent": r.unsent,
             "mean_service_ms": r.mean_service_ms,
             "clients_needed": config.rate_per_s.and_then(|rate| r.clients_needed(rate)),

@@ -388,13 +388,26 @@ impl SettingReport {
         self.ops.iter().map(|(_, o)| o.attempts()).sum()
     }
 
-    /// CPU microseconds of this process per request attempted (sent: the
-    /// open loop's requests never sent cost nothing).
+    /// CPU microseconds of this process per operation that succeeded: what
+    /// the work done cost. Divided by every attempt instead, a store that
+    /// sheds or fails requests cheaply would look cheaper per operation the
+    /// more it refused.
     pub fn cpu_us_per_op(&self) -> Option<f64> {
-        let sent = self.attempts().saturating_sub(self.unsent.unwrap_or(0));
-        let (cpu, attempts) = (self.cpu?, sent);
-        (attempts > 0).then(|| cpu.as_secs_f64() * 1e6 / attempts as f64)
+        per_op_us(self.cpu?, self.total_ops())
     }
+
+    /// CPU microseconds of this process per request sent (answered, failed,
+    /// shed or timed out; the open loop's requests never sent cost
+    /// nothing): with [`SettingReport::cpu_us_per_op`], what the failures
+    /// cost.
+    pub fn cpu_us_per_attempt(&self) -> Option<f64> {
+        let sent = self.attempts().saturating_sub(self.unsent.unwrap_or(0));
+        per_op_us(self.cpu?, sent)
+    }
+}
+
+fn per_op_us(cpu: Duration, ops: u64) -> Option<f64> {
+    (ops > 0).then(|| cpu.as_secs_f64() * 1e6 / ops as f64)
 }
 
 /// A connection to the store under test: a ringkv node, or a RESP server
@@ -1758,6 +1771,39 @@ mod tests {
             // Beyond the histogram's 60 s bound: counted at the bound.
             assert!(o.latency_ms(1.0).unwrap() >= 59_000.0);
         }
+    }
+
+    /// CPU per operation divides by what succeeded, so a store that sheds
+    /// or fails requests does not look cheaper for it; per request sent
+    /// divides by every request that left, and none that never did.
+    #[test]
+    fn cpu_per_operation_counts_only_what_succeeded() {
+        let mut read = OpReport::new();
+        (read.ops, read.errors, read.shed, read.timeouts) = (100, 50, 30, 20);
+        let mut report = SettingReport {
+            setting: Setting::RESP,
+            elapsed: Duration::from_secs(1),
+            cpu: Some(Duration::from_millis(10)),
+            unsent: Some(5),
+            mean_service_ms: None,
+            ops: vec![(Op::Read, read)],
+            reads: 100,
+            reads_not_found: 0,
+            sibling_reads: 0,
+            values_read: 100,
+            max_siblings: 1,
+            staleness: Vec::new(),
+            staleness_skipped: None,
+            records_after: 0,
+            failovers: 0,
+        };
+        assert_eq!(report.cpu_us_per_op(), Some(100.0));
+        // 200 attempts, 5 of them counted but never sent.
+        assert_eq!(report.cpu_us_per_attempt(), Some(10_000.0 / 195.0));
+        report.ops[0].1.ops = 0;
+        assert_eq!(report.cpu_us_per_op(), None, "nothing succeeded");
+        report.cpu = None;
+        assert_eq!(report.cpu_us_per_attempt(), None, "CPU unreadable");
     }
 
     /// Each kind of answer lands in its own column: a node shedding load
