@@ -22,12 +22,18 @@ pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
         options.mode(0o600);
     }
     let mut file = options.open(&path).map_err(|e| {
-        let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
-            "it already exists, and a key file is never overwritten (a cluster's nodes would stop \
-             recognising each other); remove it first to replace the key"
-                .to_string()
-        } else {
-            e.to_string()
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let why = match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                "it already exists, and a key file is never overwritten (a cluster's nodes would \
+                 stop recognising each other); remove it first to replace the key"
+                    .to_string()
+            }
+            std::io::ErrorKind::NotFound if parent.is_some_and(|p| !p.is_dir()) => format!(
+                "the directory {} does not exist; create it first (mkdir -p -m 700 {0})",
+                parent.unwrap_or(&path).display()
+            ),
+            _ => e.to_string(),
         };
         Failure::new(Exit::Usage, format!("--out {}: {why}", path.display()))
     })?;

@@ -690,7 +690,9 @@ fn install_metrics(addr: &str) -> Result<(), Failure> {
         .map_err(|e| cannot(&e))?
         .upkeep_timeout(METRICS_UPKEEP)
         .install()
-        .map_err(|e| cannot(&e))
+        .map_err(|e| cannot(&e))?;
+    ringkv_node::metrics_catalog::describe_all();
+    Ok(())
 }
 
 fn node_failure(e: NodeError) -> Failure {

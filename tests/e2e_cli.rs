@@ -193,6 +193,14 @@ fn metrics_endpoint_counts_requests() {
         body.contains("ringkv_requests_total")
     });
     assert!(body.contains("op=\"put\""), "{body}");
+    // A counter whose event never happened is exported at 0, with its help
+    // (an alert on it works from the start), as is a quorum failure count.
+    assert!(
+        body.contains("# HELP ringkv_requests_shed_total ")
+            && body.contains("\nringkv_requests_shed_total 0\n")
+            && body.contains("ringkv_requests_total{op=\"get\",result=\"quorum_failed\"} 0"),
+        "{body}"
+    );
     // The default: RocksDB's flushes and compactions at the lowest priority.
     assert_eq!(
         sample(&body, "ringkv_background_priority_low"),

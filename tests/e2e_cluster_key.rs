@@ -31,6 +31,19 @@ fn keygen_writes_a_private_key_once() {
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), key);
+    // A directory that is not there is named, with what to do.
+    let missing = dir.path().join("etc-ringkv");
+    let o = keygen(&missing.join("cluster.key"));
+    assert_exit(&o, 2);
+    let said = stderr(&o);
+    assert!(
+        said.contains(&format!(
+            "the directory {} does not exist",
+            missing.display()
+        )) && said.contains("mkdir -p"),
+        "{said}"
+    );
+    assert!(!missing.exists());
     // To stdout: a fresh key each time.
     let o = run(ringkv().arg("keygen"));
     assert_exit(&o, 0);

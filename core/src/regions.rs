@@ -323,46 +323,17 @@ impl LatencyMatrix {
 
 /// Built-in matrices, by name, and the regions of `cloud4` each keeps.
 ///
-/// `cloud4`: one-way delays between four cloud regions, half the median
-/// round-trip times between AWS us-east-1, us-west-2, eu-west-1 and
-/// ap-south-1 as published by cloudping.co (rounded to the millisecond;
-/// they drift by a few ms over time). Jitter is 2% of the delay, and a
-/// region's own nodes are 0.25 ms apart (one availability zone hop).
-/// `cloud3` is the same without ap-south.
+/// `cloud4` (`core/presets/cloud4.toml`, which cites its sources): one-way
+/// delays between four cloud regions, half the median round-trip times
+/// between AWS us-east-1, us-west-2, eu-west-1 and ap-south-1 as published
+/// by cloudping.co. `cloud3` is the same without ap-south.
 pub const PRESETS: &[(&str, &[&str])] = &[
     ("cloud4", &["us-east", "us-west", "eu-west", "ap-south"]),
     ("cloud3", &["us-east", "us-west", "eu-west"]),
 ];
 
-const CLOUD4: &str = r#"
-regions = ["us-east", "us-west", "eu-west", "ap-south"]
-[local]
-delay_ms = 0.25
-[[link]]
-between = ["us-east", "us-west"]
-delay_ms = 34
-jitter_ms = 0.7
-[[link]]
-between = ["us-east", "eu-west"]
-delay_ms = 37
-jitter_ms = 0.7
-[[link]]
-between = ["us-east", "ap-south"]
-delay_ms = 94
-jitter_ms = 1.9
-[[link]]
-between = ["us-west", "eu-west"]
-delay_ms = 62
-jitter_ms = 1.2
-[[link]]
-between = ["us-west", "ap-south"]
-delay_ms = 110
-jitter_ms = 2.2
-[[link]]
-between = ["eu-west", "ap-south"]
-delay_ms = 61
-jitter_ms = 1.2
-"#;
+/// `cloud4`, kept as a file users can copy to write their own matrix.
+const CLOUD4: &str = include_str!("../presets/cloud4.toml");
 
 #[cfg(test)]
 mod tests {

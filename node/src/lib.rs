@@ -19,6 +19,8 @@
 //! - [`cluster_client`]: a client that moves to another node when its node
 //!   cannot take a request.
 //! - [`membership`]: joining, announcing and remembering the cluster.
+//! - [`metrics_catalog`]: every metric a node exports, with its help
+//!   text; counters start at 0.
 //! - [`server`]: starting a node and routing requests to the coordinator,
 //!   the local replica and membership.
 //!
@@ -35,6 +37,7 @@ pub mod frame;
 pub mod group_commit;
 pub mod link_delay;
 pub mod membership;
+pub mod metrics_catalog;
 pub mod quic;
 pub mod region_links;
 pub mod request_memory;

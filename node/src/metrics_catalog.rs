@@ -1,0 +1,481 @@
+//! Every metric a node exports, named and explained in one place.
+//!
+//! The counters are spread over `node`, `coordinator` and `repair`, each
+//! bumped where its event happens. Prometheus sees a series only once it
+//! is first written, so a counter whose event has not happened yet (a shed
+//! request, a refused late forward) would be missing from `/metrics`
+//! rather than 0: `rate()` over it is empty instead of zero, and an alert
+//! on `increase(ringkv_requests_shed_total[5m]) > 0` cannot tell "never"
+//! from "not exported". [`describe_all`] therefore gives every metric its
+//! `# HELP` text and starts every counter whose labels are known ahead (a
+//! fixed set of outcomes, say; not the per-peer `target` of hints) at 0.
+//!
+//! Invariant: [`METRICS`] names exactly the metrics the code writes; a test
+//! reads the workspace's sources and fails on one missing or stale here.
+
+use metrics::Unit;
+
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric, as `/metrics` explains it.
+#[derive(Debug)]
+pub struct MetricDoc {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub unit: Option<Unit>,
+    pub help: &'static str,
+    /// Counters only: the label sets to start at 0 (one empty set for an
+    /// unlabelled counter; none where the labels are only known at run
+    /// time).
+    pub zeroed: &'static [&'static [(&'static str, &'static str)]],
+}
+
+use MetricKind::{Counter, Gauge, Histogram};
+
+const UNLABELLED: &[&[(&str, &str)]] = &[&[]];
+const RUNTIME_LABELS: &[&[(&str, &str)]] = &[];
+
+const fn counter(name: &'static str, help: &'static str) -> MetricDoc {
+    labelled(name, help, UNLABELLED)
+}
+
+const fn labelled(
+    name: &'static str,
+    help: &'static str,
+    zeroed: &'static [&'static [(&'static str, &'static str)]],
+) -> MetricDoc {
+    MetricDoc {
+        name,
+        kind: Counter,
+        unit: None,
+        help,
+        zeroed,
+    }
+}
+
+const fn gauge(name: &'static str, unit: Option<Unit>, help: &'static str) -> MetricDoc {
+    MetricDoc {
+        name,
+        kind: Gauge,
+        unit,
+        help,
+        zeroed: RUNTIME_LABELS,
+    }
+}
+
+const fn histogram(name: &'static str, unit: Option<Unit>, help: &'static str) -> MetricDoc {
+    MetricDoc {
+        name,
+        kind: Histogram,
+        unit,
+        help,
+        zeroed: RUNTIME_LABELS,
+    }
+}
+
+macro_rules! ops_by_result {
+    ($($op:literal),*) => {
+        &[$(
+            &[("op", $op), ("result", "ok")],
+            &[("op", $op), ("result", "quorum_failed")],
+            &[("op", $op), ("result", "invalid")],
+            &[("op", $op), ("result", "error")],
+        )*]
+    };
+}
+
+/// Every metric, by subsystem.
+pub const METRICS: &[MetricDoc] = &[
+    // Requests this node coordinated.
+    labelled(
+        "ringkv_requests_total",
+        "Client requests this node coordinated, by op (put, get, delete) and result (ok, quorum_failed, invalid, error).",
+        ops_by_result!("put", "get", "delete"),
+    ),
+    histogram(
+        "ringkv_request_seconds",
+        Some(Unit::Seconds),
+        "Time to answer a client request this node coordinated, by op.",
+    ),
+    counter(
+        "ringkv_requests_shed_total",
+        "Requests answered \"overloaded\" unrun: the node's request memory (--max-request-memory-mb) was full.",
+    ),
+    labelled(
+        "ringkv_requests_unsent_total",
+        "Requests to a peer not sent, so not run, by reason (queue_full: its send queue was full).",
+        &[&[("reason", "queue_full")]],
+    ),
+    counter(
+        "ringkv_requests_from_removed_total",
+        "Replica requests refused because their sender was removed from the cluster.",
+    ),
+    labelled(
+        "ringkv_stand_in_coordinations_total",
+        "Requests this node coordinated as the stand-in of an owner it believed down, by op.",
+        &[&[("op", "put")], &[("op", "delete")], &[("op", "get")]],
+    ),
+    labelled(
+        "ringkv_spare_reads_total",
+        "Reads sent to a spare replica beyond the first R, by reason (failure, silent, late).",
+        &[
+            &[("reason", "failure")],
+            &[("reason", "silent")],
+            &[("reason", "late")],
+        ],
+    ),
+    counter(
+        "ringkv_reads_retried_here_total",
+        "Reads forwarded to a replica that could not reach R, asked again from this node.",
+    ),
+    counter(
+        "ringkv_held_back_owners_asked_total",
+        "Owners held back from a request (believed down) asked after all, their stand-in having failed.",
+    ),
+    counter(
+        "ringkv_late_stand_ins_total",
+        "Stand-ins asked after a write's quorum to hold a hint for an owner that failed.",
+    ),
+    counter(
+        "ringkv_late_hint_tasks_skipped_total",
+        "Writes that left owners failing after the quorum unhinted (too many such tasks running): read repair covers them.",
+    ),
+    counter(
+        "ringkv_forward_failures_total",
+        "Requests for keys this node does not replicate that no replica took.",
+    ),
+    counter(
+        "ringkv_forwards_refused_late_total",
+        "Forwarded puts refused unrun because they arrived after their forwarder had moved on.",
+    ),
+    // What this node stores.
+    counter(
+        "ringkv_handoffs_refused_total",
+        "Hints handed to this node for keys its ring does not place on it, refused.",
+    ),
+    counter(
+        "ringkv_merges_refused_total",
+        "Merges refused for a key because the result would break a limit (size, actors, siblings).",
+    ),
+    counter(
+        "ringkv_corrupt_versions_refused_total",
+        "Corrupt stored versions refused, not set aside: this run set aside as many as it may.",
+    ),
+    counter(
+        "ringkv_corrupt_versions_set_aside_total",
+        "Corrupt stored versions set aside, for a replica's copy to replace.",
+    ),
+    counter(
+        "ringkv_corrupt_keys_skipped_total",
+        "Keys a scan (leave, cleanup, hand-over) skipped because their stored versions are corrupt.",
+    ),
+    counter(
+        "ringkv_write_stalls_total",
+        "Writes held back by a RocksDB write stall.",
+    ),
+    counter(
+        "ringkv_wal_flushes_total",
+        "Group-commit flushes of the write-ahead log.",
+    ),
+    histogram(
+        "ringkv_wal_flush_writes",
+        None,
+        "Writes whose log records one group-commit flush handed to the kernel.",
+    ),
+    gauge(
+        "ringkv_background_priority_low",
+        None,
+        "1 when RocksDB's flushes and compactions run at the lowest CPU priority.",
+    ),
+    // Connections and frames.
+    gauge(
+        "ringkv_connections",
+        None,
+        "Open QUIC connections from clients and peers.",
+    ),
+    counter(
+        "ringkv_connections_refused_total",
+        "Incoming connections refused at once: at --max-connections, or their address holding its share of it.",
+    ),
+    counter(
+        "ringkv_connections_retried_total",
+        "Incoming connections asked to prove their address first (QUIC retry).",
+    ),
+    counter(
+        "ringkv_handshakes_timed_out_total",
+        "Incoming connections dropped because their handshake did not finish in time.",
+    ),
+    counter(
+        "ringkv_malformed_frames_total",
+        "Frames from the network that failed validation and were refused.",
+    ),
+    counter(
+        "ringkv_stalled_frames_total",
+        "Frames whose body did not arrive in time; their stream was stopped.",
+    ),
+    counter(
+        "ringkv_paused_reads_total",
+        "Times a connection's requests stopped being read because its peer was not reading the answers.",
+    ),
+    counter(
+        "ringkv_oversized_answers_total",
+        "Answers over the frame limit, replaced by an error saying so.",
+    ),
+    counter(
+        "ringkv_failed_handlers_total",
+        "Requests whose handler ended without an answer (it failed), answered with an internal error.",
+    ),
+    gauge(
+        "ringkv_request_memory_bytes",
+        Some(Unit::Bytes),
+        "Bytes of incoming request bodies held.",
+    ),
+    gauge(
+        "ringkv_request_memory_max_bytes",
+        Some(Unit::Bytes),
+        "The limit on bytes of incoming request bodies held (--max-request-memory-mb).",
+    ),
+    // Peers and membership.
+    labelled(
+        "ringkv_peer_dials_total",
+        "Connections dialled to peers, by outcome (ok, failed, skipped: a recent dial failed).",
+        &[
+            &[("outcome", "ok")],
+            &[("outcome", "failed")],
+            &[("outcome", "skipped")],
+        ],
+    ),
+    counter(
+        "ringkv_peer_identity_mismatches_total",
+        "Peers that answered at a member's address with another node's identity.",
+    ),
+    labelled(
+        "ringkv_peer_state_changes_total",
+        "Peers the failure detector saw change state, by the state entered (up, down).",
+        &[&[("to", "up")], &[("to", "down")]],
+    ),
+    gauge(
+        "ringkv_peers_down",
+        None,
+        "Members the failure detector believes down.",
+    ),
+    gauge(
+        "ringkv_members",
+        None,
+        "Members of the cluster, as this node knows it.",
+    ),
+    labelled(
+        "ringkv_membership_announces_total",
+        "Membership exchanges with peers, by outcome (learned, same, removed, refused, handshake_refused, failed).",
+        &[
+            &[("outcome", "learned")],
+            &[("outcome", "same")],
+            &[("outcome", "removed")],
+            &[("outcome", "refused")],
+            &[("outcome", "handshake_refused")],
+            &[("outcome", "failed")],
+        ],
+    ),
+    counter(
+        "ringkv_region_links_unknown_total",
+        "Calls to a peer whose region the latency matrix lacks (no emulated delay applied).",
+    ),
+    labelled(
+        "ringkv_latency_matrix_reads_total",
+        "Latency matrices read again on SIGHUP, by result (in_effect, refused).",
+        &[&[("result", "in_effect")], &[("result", "refused")]],
+    ),
+    // Hinted handoff.
+    labelled(
+        "ringkv_hints_stored_total",
+        "Hints stored for an owner believed down, by target owner.",
+        RUNTIME_LABELS,
+    ),
+    labelled(
+        "ringkv_hints_delivered_total",
+        "Hints delivered to their owner, by target owner.",
+        RUNTIME_LABELS,
+    ),
+    labelled(
+        "ringkv_hints_dropped_total",
+        "Hints dropped undelivered, by target owner and reason (expired, full, corrupt, …).",
+        RUNTIME_LABELS,
+    ),
+    labelled(
+        "ringkv_hint_delivery_failures_total",
+        "Failed attempts to deliver hints, by target owner.",
+        RUNTIME_LABELS,
+    ),
+    counter(
+        "ringkv_hints_rerouted_total",
+        "Hints handed on to other nodes to hold for their owner.",
+    ),
+    counter(
+        "ringkv_hint_sweeps_total",
+        "Sweeps of the stored hints (delivery and expiry).",
+    ),
+    counter(
+        "ringkv_hint_sweep_read_total",
+        "Hints read by expiry sweeps.",
+    ),
+    gauge(
+        "ringkv_hints_pending",
+        None,
+        "Hints held for an owner, by target owner.",
+    ),
+    gauge(
+        "ringkv_hints_bytes",
+        Some(Unit::Bytes),
+        "Bytes of hints held.",
+    ),
+    // Read repair.
+    counter(
+        "ringkv_read_repairs_queued_total",
+        "Read repairs queued for replicas a read found stale.",
+    ),
+    counter(
+        "ringkv_read_repairs_sent_total",
+        "Read repairs sent.",
+    ),
+    counter(
+        "ringkv_read_repairs_failed_total",
+        "Read repairs a replica did not take (an error, or no answer in time).",
+    ),
+    counter(
+        "ringkv_read_repairs_dropped_total",
+        "Read repairs skipped: too many reads already waiting for late answers, or the queue full.",
+    ),
+    gauge(
+        "ringkv_read_repair_queue_depth",
+        None,
+        "Read repairs waiting to be sent.",
+    ),
+    // Anti-entropy.
+    counter(
+        "ringkv_anti_entropy_rounds_total",
+        "Anti-entropy rounds run (Merkle trees compared with every peer).",
+    ),
+    counter(
+        "ringkv_anti_entropy_keys_repaired_total",
+        "Keys anti-entropy found different and repaired.",
+    ),
+    labelled(
+        "ringkv_anti_entropy_bytes_total",
+        "Bytes of anti-entropy exchanges, by direction (sent, received).",
+        &[&[("direction", "sent")], &[("direction", "received")]],
+    ),
+    counter(
+        "ringkv_anti_entropy_exchange_failures_total",
+        "Anti-entropy exchanges with a peer that failed.",
+    ),
+    counter(
+        "ringkv_anti_entropy_unreadable_keys_total",
+        "Keys anti-entropy skipped because they could not be read.",
+    ),
+    histogram(
+        "ringkv_anti_entropy_round_seconds",
+        Some(Unit::Seconds),
+        "Time an anti-entropy round took.",
+    ),
+    histogram(
+        "ringkv_merkle_rebuild_seconds",
+        Some(Unit::Seconds),
+        "Time a rebuild of the Merkle trees from the store took (at start and after a ring change).",
+    ),
+    counter(
+        "ringkv_merkle_rebuild_failures_total",
+        "Rebuilds of the Merkle trees that failed.",
+    ),
+    // Tombstone collection.
+    counter(
+        "ringkv_tombstone_passes_total",
+        "Passes of tombstone collection over this node's keys.",
+    ),
+    counter(
+        "ringkv_tombstones_checked_total",
+        "Tombstones past the grace checked with the key's other replicas.",
+    ),
+    counter(
+        "ringkv_tombstones_collected_total",
+        "Tombstones removed, every replica having confirmed it.",
+    ),
+    counter(
+        "ringkv_tombstones_deferred_total",
+        "Tombstones past the grace kept for a later pass (a replica down, or the key moved by a recent ring change).",
+    ),
+    counter(
+        "ringkv_tombstones_unconfirmed_total",
+        "Tombstones kept because a replica could not say whether they may go.",
+    ),
+    labelled(
+        "ringkv_tombstone_errors_total",
+        "Tombstone collection errors, by step (read, stored_at, remove).",
+        &[
+            &[("step", "read")],
+            &[("step", "stored_at")],
+            &[("step", "remove")],
+        ],
+    ),
+    // Membership changes: joins, leaves, cleanup.
+    labelled(
+        "ringkv_ring_handover_passes_total",
+        "Hand-over passes of keys to their new owners after a ring change, by outcome (done, abandoned, failed).",
+        &[
+            &[("outcome", "done")],
+            &[("outcome", "abandoned")],
+            &[("outcome", "failed")],
+        ],
+    ),
+    counter(
+        "ringkv_ring_handover_keys_total",
+        "Keys handed to their new owners after a ring change.",
+    ),
+    counter(
+        "ringkv_ring_handover_merges_refused_total",
+        "Ring hand-over batches in which a new owner refused keys over the per-key limits.",
+    ),
+    gauge(
+        "ringkv_ring_handover_owed",
+        None,
+        "1 while this node owes a hand-over pass to new owners.",
+    ),
+    counter(
+        "ringkv_leave_keys_handed_over_total",
+        "Keys this node handed over while leaving the cluster.",
+    ),
+    counter(
+        "ringkv_cleanup_keys_removed_total",
+        "Stray copies removed by cleanup, a current replica holding them.",
+    ),
+    counter(
+        "ringkv_cleanup_keys_kept_total",
+        "Stray copies cleanup kept, no current replica having confirmed it holds them.",
+    ),
+];
+
+/// Gives every metric its help text and starts the counters whose labels
+/// are known ahead at 0. Call once, after the recorder is installed.
+pub fn describe_all() {
+    for m in METRICS {
+        match (m.kind, m.unit) {
+            (Counter, Some(unit)) => metrics::describe_counter!(m.name, unit, m.help),
+            (Counter, None) => metrics::describe_counter!(m.name, m.help),
+            (Gauge, Some(unit)) => metrics::describe_gauge!(m.name, unit, m.help),
+            (Gauge, None) => metrics::describe_gauge!(m.name, m.help),
+            (Histogram, Some(unit)) => metrics::describe_histogram!(m.name, unit, m.help),
+            (Histogram, None) => metrics::describe_histogram!(m.name, m.help),
+        }
+        for labels in m.zeroed {
+            metrics::counter!(m.name, *labels).increment(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
