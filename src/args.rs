@@ -30,6 +30,23 @@ pub struct Cli {
     /// Log filter (tracing syntax, e.g. `info` or `ringkv_node=debug`); logs go to stderr.
     #[arg(long, global = true, env = "RINGKV_LOG", default_value = "warn")]
     pub log: String,
+    /// How log lines are written: `text` for people, `json` for a log
+    /// collector (one object per line: timestamp, level, target, fields).
+    #[arg(
+        long,
+        global = true,
+        env = "RINGKV_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]

@@ -142,7 +142,7 @@ fn main() {
             e.exit()
         }
     };
-    if let Err(message) = init_logging(&cli.log) {
+    if let Err(message) = init_logging(&cli.log, cli.log_format) {
         if cli.command.json_on_stdout() {
             outln!(
                 "{}",
@@ -288,15 +288,20 @@ fn restore_sigpipe() {
     }
 }
 
-fn init_logging(filter: &str) -> Result<(), String> {
+fn init_logging(filter: &str, format: args::LogFormat) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| format!("--log (or RINGKV_LOG) {filter:?} is not a log filter: {e}"))?;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match format {
         // Colour codes only help a terminal; in a log file they are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        args::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Fields at the top level, where collectors index them.
+        args::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     Ok(())
 }
 

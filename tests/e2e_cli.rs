@@ -41,6 +41,70 @@ fn demo_shows_levels_siblings_resolution_and_delete() {
     assert_eq!(j["after_delete"], serde_json::json!([]));
 }
 
+/// `--log-format json`: every log line is one JSON object a collector can
+/// index (level, message, target, and the event's fields at the top).
+#[test]
+fn logs_come_as_json_lines_when_asked() {
+    let _serial = serial();
+    let ip = std::net::Ipv4Addr::LOCALHOST;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(ip).to_string();
+    let mut child = ringkv()
+        .args([
+            "cluster",
+            "--nodes",
+            "1",
+            "--replicas",
+            "1",
+            "--base-port",
+            &port,
+        ])
+        .args(["--log", "info", "--log-format", "json", "--data-dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr_pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let serving = loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("a log line saying the node serves");
+        let event: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if event["message"] == "serving" {
+            break event;
+        }
+    };
+    assert_eq!(serving["level"], "INFO", "{serving}");
+    assert_eq!(serving["node"], "n1", "{serving}");
+    assert_eq!(serving["addr"], format!("127.0.0.1:{port}"), "{serving}");
+    assert!(
+        serving["target"].as_str().unwrap().starts_with("ringkv"),
+        "{serving}"
+    );
+    assert!(serving["timestamp"].is_string(), "{serving}");
+    let _ = child.kill();
+    let _ = child.wait();
+    // An unknown format is refused, naming the ones there are.
+    let o = run(ringkv().args(["--log-format", "xml", "get", "k"]));
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("possible values: text, json"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn cluster_command_serves_until_terminated() {
     let _serial = serial();
