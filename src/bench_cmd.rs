@@ -601,16 +601,19 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u6
     let per_op: Vec<String> = reports
         .iter()
         .filter_map(|r| {
-            let per_op = r.cpu_us_per_op()?;
-            let mut out = format!("{}: {per_op:.0} µs", r.setting);
             // Failures cost CPU too, but dividing by them flatters a store
-            // that refuses work: name both when they differ.
-            if r.total_ops() < r.attempts() {
-                if let Some(per_attempt) = r.cpu_us_per_attempt() {
-                    out.push_str(&format!(" ({per_attempt:.0} µs per request sent)"));
-                }
-            }
-            Some(out)
+            // that refuses work: name both when they differ (and what was
+            // sent cost, when nothing succeeded).
+            let per_attempt = r
+                .cpu_us_per_attempt()
+                .filter(|_| r.total_ops() < r.attempts());
+            let shown = match (r.cpu_us_per_op(), per_attempt) {
+                (Some(op), None) => format!("{op:.0} µs"),
+                (Some(op), Some(sent)) => format!("{op:.0} µs ({sent:.0} µs per request sent)"),
+                (None, Some(sent)) => format!("n/a ({sent:.0} µs per request sent)"),
+                (None, None) => return None,
+            };
+            Some(format!("{}: {shown}", r.setting))
         })
         .collect();
     if !per_op.is_empty() {

@@ -29,10 +29,21 @@ pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
                  stop recognising each other); remove it first to replace the key"
                     .to_string()
             }
-            std::io::ErrorKind::NotFound if parent.is_some_and(|p| !p.is_dir()) => format!(
-                "the directory {} does not exist; create it first (mkdir -p -m 700 {0})",
-                parent.unwrap_or(&path).display()
-            ),
+            std::io::ErrorKind::NotFound if parent.is_some_and(|p| !p.is_dir()) => {
+                let dir = parent.unwrap_or(&path).display().to_string();
+                // Quoted for the shell when it has to be.
+                let plain = dir
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c));
+                let arg = if plain {
+                    dir.clone()
+                } else {
+                    format!("'{}'", dir.replace('\'', r"'\''"))
+                };
+                format!(
+                    "the directory {dir} does not exist; create it first (mkdir -p -m 700 {arg})"
+                )
+            }
             _ => e.to_string(),
         };
         Failure::new(Exit::Usage, format!("--out {}: {why}", path.display()))

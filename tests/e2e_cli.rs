@@ -49,25 +49,35 @@ fn logs_come_as_json_lines_when_asked() {
     let ip = std::net::Ipv4Addr::LOCALHOST;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port(ip).to_string();
-    let mut child = ringkv()
-        .args([
-            "cluster",
-            "--nodes",
-            "1",
-            "--replicas",
-            "1",
-            "--base-port",
-            &port,
-        ])
-        .args(["--log", "info", "--log-format", "json", "--data-dir"])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Killed however the test ends, so no cluster outlives it on the port.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(
+        ringkv()
+            .args([
+                "cluster",
+                "--nodes",
+                "1",
+                "--replicas",
+                "1",
+                "--base-port",
+                &port,
+            ])
+            .args(["--log", "info", "--log-format", "json", "--data-dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel();
-    let stderr_pipe = child.stderr.take().unwrap();
+    let stderr_pipe = child.0.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
             let _ = tx.send(line);
@@ -93,8 +103,7 @@ fn logs_come_as_json_lines_when_asked() {
         "{serving}"
     );
     assert!(serving["timestamp"].is_string(), "{serving}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     // An unknown format is refused, naming the ones there are.
     let o = run(ringkv().args(["--log-format", "xml", "get", "k"]));
     assert_exit(&o, 2);

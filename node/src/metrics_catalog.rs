@@ -95,17 +95,17 @@ pub const METRICS: &[MetricDoc] = &[
     // Requests this node coordinated.
     labelled(
         "ringkv_requests_total",
-        "Client requests this node coordinated, by op (put, get, delete) and result (ok, quorum_failed, invalid, error).",
+        "Client requests this node answered, by op (put, get, delete) and result (ok, quorum_failed, invalid, error); one it forwarded to a replica counts here and again where it was taken.",
         ops_by_result!("put", "get", "delete"),
     ),
     histogram(
         "ringkv_request_seconds",
         Some(Unit::Seconds),
-        "Time to answer a client request this node coordinated, by op.",
+        "Time to answer a client request, by op (forwarded ones included, as in ringkv_requests_total).",
     ),
     counter(
         "ringkv_requests_shed_total",
-        "Requests answered \"overloaded\" unrun: the node's request memory (--max-request-memory-mb) was full.",
+        "Requests answered \"overloaded\" unrun: the node's request memory (--max-request-memory-mb) was full, or the connection's share of it, or the share large requests may take.",
     ),
     labelled(
         "ringkv_requests_unsent_total",
@@ -148,7 +148,7 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     counter(
         "ringkv_forward_failures_total",
-        "Requests for keys this node does not replicate that no replica took.",
+        "Requests passed on (to a replica of the key, or as a stand-in) that no node took.",
     ),
     counter(
         "ringkv_forwards_refused_late_total",
@@ -161,7 +161,7 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     counter(
         "ringkv_merges_refused_total",
-        "Merges refused for a key because the result would break a limit (size, actors, siblings).",
+        "Keys of a sync batch (anti-entropy, leave, ring hand-over) refused because their merge would break a limit (size, actors, siblings).",
     ),
     counter(
         "ringkv_corrupt_versions_refused_total",
@@ -213,7 +213,7 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     counter(
         "ringkv_malformed_frames_total",
-        "Frames from the network that failed validation and were refused.",
+        "Frames from the network refused: undecodable, over a limit, or stalled (those also in ringkv_stalled_frames_total).",
     ),
     counter(
         "ringkv_stalled_frames_total",
@@ -253,7 +253,7 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     counter(
         "ringkv_peer_identity_mismatches_total",
-        "Peers that answered at a member's address with another node's identity.",
+        "Peers that answered at a member's address as another node, or as a node of another cluster.",
     ),
     labelled(
         "ringkv_peer_state_changes_total",
@@ -299,12 +299,12 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     labelled(
         "ringkv_hints_delivered_total",
-        "Hints delivered to their owner, by target owner.",
+        "Hints delivered, by target owner: to the owner, or to the key's replicas when the owner was removed or no longer replicates the key.",
         RUNTIME_LABELS,
     ),
     labelled(
         "ringkv_hints_dropped_total",
-        "Hints dropped undelivered, by target owner and reason (expired, full, corrupt, …).",
+        "Hints dropped undelivered, by target owner (\"unknown\" when unreadable) and reason (expired; full: a new hint refused, the store being full; corrupt).",
         RUNTIME_LABELS,
     ),
     labelled(
@@ -314,11 +314,11 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     counter(
         "ringkv_hints_rerouted_total",
-        "Hints handed on to other nodes to hold for their owner.",
+        "Hints delivered to the key's current replicas instead of their owner, which was removed or no longer replicates the key.",
     ),
     counter(
         "ringkv_hint_sweeps_total",
-        "Sweeps of the stored hints (delivery and expiry).",
+        "Expiry sweeps of the stored hints (dropping those past the hint window).",
     ),
     counter(
         "ringkv_hint_sweep_read_total",
@@ -337,11 +337,11 @@ pub const METRICS: &[MetricDoc] = &[
     // Read repair.
     counter(
         "ringkv_read_repairs_queued_total",
-        "Read repairs queued for replicas a read found stale.",
+        "Keys queued for read repair (a read found some replicas stale).",
     ),
     counter(
         "ringkv_read_repairs_sent_total",
-        "Read repairs sent.",
+        "Read repairs a replica took (one per stale replica).",
     ),
     counter(
         "ringkv_read_repairs_failed_total",
@@ -354,7 +354,7 @@ pub const METRICS: &[MetricDoc] = &[
     gauge(
         "ringkv_read_repair_queue_depth",
         None,
-        "Read repairs waiting to be sent.",
+        "Read repairs waiting to be sent, as of the last one taken from the queue.",
     ),
     // Anti-entropy.
     counter(
@@ -407,7 +407,7 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     counter(
         "ringkv_tombstones_deferred_total",
-        "Tombstones past the grace kept for a later pass (a replica down, or the key moved by a recent ring change).",
+        "Tombstones past the grace kept for a later pass (a replica down, the key moved by a recent ring change, or the ring changed during the check).",
     ),
     counter(
         "ringkv_tombstones_unconfirmed_total",
@@ -434,7 +434,7 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     counter(
         "ringkv_ring_handover_keys_total",
-        "Keys handed to their new owners after a ring change.",
+        "Keys handed to new owners after a ring change, once per key and owner on every pass.",
     ),
     counter(
         "ringkv_ring_handover_merges_refused_total",

@@ -1,12 +1,24 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::*;
 
-/// Every `counter!("ringkv_…")`, `gauge!(…)` and `histogram!(…)` with a
-/// literal name in the workspace's library and binary sources, with its
-/// kind and where it is.
-fn metrics_written() -> BTreeMap<String, (MetricKind, String)> {
+/// A metric as the code writes it.
+struct Written {
+    kind: MetricKind,
+    /// A file that writes it.
+    place: String,
+    /// The label keys of each place that writes it, sorted.
+    label_keys: BTreeSet<Vec<String>>,
+    /// Every file that writes it.
+    files: BTreeSet<PathBuf>,
+}
+
+/// Every `counter!`, `gauge!` and `histogram!` in the workspace's library
+/// and binary sources outside comments and this module, which must name a
+/// literal `ringkv_…` metric (a name built at run time would escape the
+/// catalog); with its kind, a place, and its label keys (`"key" =>`).
+fn metrics_written() -> BTreeMap<String, Written> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut files = Vec::new();
     for dir in [
@@ -16,42 +28,78 @@ fn metrics_written() -> BTreeMap<String, (MetricKind, String)> {
         "coordinator/src",
         "repair/src",
         "node/src",
+        "bench/src",
     ] {
         rust_files(&root.join(dir), &mut files);
     }
     assert!(files.len() > 20, "sources found: {files:?}");
-    let mut found = BTreeMap::new();
+    files.retain(|f| !f.to_string_lossy().contains("metrics_catalog"));
+    let mut found: BTreeMap<String, Written> = BTreeMap::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
+        let place = file.display().to_string();
         for (macro_name, kind) in [
-            ("counter!(", Counter),
-            ("gauge!(", Gauge),
-            ("histogram!(", Histogram),
+            ("counter!", Counter),
+            ("gauge!", Gauge),
+            ("histogram!", Histogram),
         ] {
             for (at, _) in text.match_indices(macro_name) {
-                let rest = text[at + macro_name.len()..].trim_start();
-                let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) else {
+                let line_start = text[..at].rfind('\n').map_or(0, |n| n + 1);
+                if text[line_start..at].contains("//") {
                     continue;
+                }
+                let Some(args) = text[at + macro_name.len()..].trim_start().strip_prefix('(')
+                else {
+                    panic!("{place}: {macro_name} not followed by `(`");
                 };
-                // This file's own search strings are not metrics.
-                let plain = name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-                if !name.starts_with("ringkv_") || !plain {
-                    continue;
-                }
-                let place = format!("{}", file.display());
-                if let Some((other, there)) = found.insert(name.to_string(), (kind, place.clone()))
-                {
-                    assert_eq!(
-                        other, kind,
-                        "{name} is written as two kinds: {there}, {place}"
-                    );
-                }
+                let args = macro_args(args);
+                let name = args
+                    .trim_start()
+                    .strip_prefix('"')
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or_else(|| {
+                        panic!("{place}: {macro_name}({args}) names no literal metric")
+                    });
+                assert!(name.starts_with("ringkv_"), "{place}: {name}");
+                let mut keys: Vec<String> = args
+                    .match_indices("\" =>")
+                    .map(|(end, _)| {
+                        let start = args[..end].rfind('"').unwrap() + 1;
+                        args[start..end].to_string()
+                    })
+                    .collect();
+                keys.sort();
+                let written = found.entry(name.to_string()).or_insert_with(|| Written {
+                    kind,
+                    place: place.clone(),
+                    label_keys: BTreeSet::new(),
+                    files: BTreeSet::new(),
+                });
+                assert_eq!(
+                    written.kind, kind,
+                    "{name} is written as two kinds: {}, {place}",
+                    written.place
+                );
+                written.label_keys.insert(keys);
+                written.files.insert(file.clone());
             }
         }
     }
     found
+}
+
+/// A macro call's arguments: `rest` up to its closing parenthesis.
+fn macro_args(rest: &str) -> &str {
+    let mut depth = 0usize;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' if depth == 0 => return &rest[..i],
+            ')' | ']' | '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    rest
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -79,12 +127,41 @@ fn the_catalog_names_every_metric_the_code_writes() {
             assert!(m.zeroed.is_empty(), "only counters start at 0: {}", m.name);
         }
     }
-    for (name, (kind, place)) in &written {
+    for (name, w) in &written {
         assert_eq!(
             catalog.get(name.as_str()),
-            Some(kind),
-            "{name} (written in {place}) is missing from METRICS, or listed as another kind"
+            Some(&w.kind),
+            "{name} (written in {}) is missing from METRICS, or listed as another kind",
+            w.place
         );
+    }
+    // A series started at 0 has the label keys some write of it has, and
+    // each value is a literal in a file that writes it (a value renamed
+    // there fails here): else it would sit at 0 beside the real ones.
+    for m in METRICS {
+        let sources: Vec<String> = written[m.name]
+            .files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        for labels in m.zeroed {
+            for (_, value) in *labels {
+                let literal = format!("\"{value}\"");
+                assert!(
+                    sources.iter().any(|text| text.contains(&literal)),
+                    "{} starts at 0 with the label value {literal}, which no file writing it has",
+                    m.name
+                );
+            }
+            let mut keys: Vec<String> = labels.iter().map(|(k, _)| k.to_string()).collect();
+            keys.sort();
+            let used = &written[m.name].label_keys;
+            assert!(
+                used.contains(&keys),
+                "{} starts at 0 with labels {keys:?}, but is written with {used:?}",
+                m.name
+            );
+        }
     }
     for name in catalog.keys() {
         assert!(

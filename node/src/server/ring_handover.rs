@@ -639,7 +639,7 @@ fn note_sent(
             metrics::counter!("ringkv_ring_handover_keys_total").increment(keys);
             if let Some(refusal) = refused {
                 metrics::counter!("ringkv_ring_handover_merges_refused_total").increment(1);
-                tracing::error!(%target, %refusal, "a replica refused keys a ring change took from this node, their merge being over the per-key limits; they stay here, where reads do not look, until a write with a read's context resolves their siblings");
+                tracing::error!(replica = %target, %refusal, "a replica refused keys a ring change took from this node, their merge being over the per-key limits; they stay here, where reads do not look, until a write with a read's context resolves their siblings");
             }
         }
         Ok((target, Err(reason))) => {
