@@ -42,6 +42,8 @@ pub mod quic;
 pub mod region_links;
 pub mod request_memory;
 pub mod server;
+#[cfg(test)]
+mod source_checks;
 pub mod storage;
 #[cfg(test)]
 mod test_support;

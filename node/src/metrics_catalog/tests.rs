@@ -1,7 +1,8 @@
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::*;
+use crate::test_support::{macro_calls, workspace_sources};
 
 /// A metric as the code writes it.
 struct Written {
@@ -19,40 +20,18 @@ struct Written {
 /// literal `ringkv_…` metric (a name built at run time would escape the
 /// catalog); with its kind, a place, and its label keys (`"key" =>`).
 fn metrics_written() -> BTreeMap<String, Written> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut files = Vec::new();
-    for dir in [
-        "src",
-        "core/src",
-        "ring/src",
-        "coordinator/src",
-        "repair/src",
-        "node/src",
-        "bench/src",
-    ] {
-        rust_files(&root.join(dir), &mut files);
-    }
-    assert!(files.len() > 20, "sources found: {files:?}");
-    files.retain(|f| !f.to_string_lossy().contains("metrics_catalog"));
     let mut found: BTreeMap<String, Written> = BTreeMap::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
+    for (file, text) in workspace_sources() {
+        if file.to_string_lossy().contains("metrics_catalog") {
+            continue;
+        }
         let place = file.display().to_string();
         for (macro_name, kind) in [
             ("counter!", Counter),
             ("gauge!", Gauge),
             ("histogram!", Histogram),
         ] {
-            for (at, _) in text.match_indices(macro_name) {
-                let line_start = text[..at].rfind('\n').map_or(0, |n| n + 1);
-                if text[line_start..at].contains("//") {
-                    continue;
-                }
-                let Some(args) = text[at + macro_name.len()..].trim_start().strip_prefix('(')
-                else {
-                    panic!("{place}: {macro_name} not followed by `(`");
-                };
-                let args = macro_args(args);
+            for args in macro_calls(&text, macro_name) {
                 let name = args
                     .trim_start()
                     .strip_prefix('"')
@@ -86,31 +65,6 @@ fn metrics_written() -> BTreeMap<String, Written> {
         }
     }
     found
-}
-
-/// A macro call's arguments: `rest` up to its closing parenthesis.
-fn macro_args(rest: &str) -> &str {
-    let mut depth = 0usize;
-    for (i, c) in rest.char_indices() {
-        match c {
-            '(' | '[' | '{' => depth += 1,
-            ')' | ']' | '}' if depth == 0 => return &rest[..i],
-            ')' | ']' | '}' => depth -= 1,
-            _ => {}
-        }
-    }
-    rest
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
 }
 
 /// The catalog names exactly what the code writes, each as the kind it is
