@@ -23,14 +23,14 @@ pub fn keygen(args: KeygenArgs) -> Result<Exit, Failure> {
     }
     let mut file = options.open(&path).map_err(|e| {
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        let why = match e.kind() {
-            std::io::ErrorKind::AlreadyExists => {
+        let why = match (e.kind(), parent) {
+            (std::io::ErrorKind::AlreadyExists, _) => {
                 "it already exists, and a key file is never overwritten (a cluster's nodes would \
                  stop recognising each other); remove it first to replace the key"
                     .to_string()
             }
-            std::io::ErrorKind::NotFound if parent.is_some_and(|p| !p.is_dir()) => {
-                let dir = parent.unwrap_or(&path).display().to_string();
+            (std::io::ErrorKind::NotFound, Some(parent)) if !parent.is_dir() => {
+                let dir = parent.display().to_string();
                 // Quoted for the shell when it has to be.
                 let plain = dir
                     .chars()

@@ -60,19 +60,23 @@ const fn labelled(
 }
 
 const fn gauge(name: &'static str, unit: Option<Unit>, help: &'static str) -> MetricDoc {
-    MetricDoc {
-        name,
-        kind: Gauge,
-        unit,
-        help,
-        zeroed: RUNTIME_LABELS,
-    }
+    unzeroed(Gauge, name, unit, help)
 }
 
 const fn histogram(name: &'static str, unit: Option<Unit>, help: &'static str) -> MetricDoc {
+    unzeroed(Histogram, name, unit, help)
+}
+
+/// A gauge or histogram: nothing to start at 0.
+const fn unzeroed(
+    kind: MetricKind,
+    name: &'static str,
+    unit: Option<Unit>,
+    help: &'static str,
+) -> MetricDoc {
     MetricDoc {
         name,
-        kind: Histogram,
+        kind,
         unit,
         help,
         zeroed: RUNTIME_LABELS,
@@ -463,14 +467,16 @@ pub const METRICS: &[MetricDoc] = &[
 /// are known ahead at 0. Call once, after the recorder is installed.
 pub fn describe_all() {
     for m in METRICS {
-        match (m.kind, m.unit) {
-            (Counter, Some(unit)) => metrics::describe_counter!(m.name, unit, m.help),
-            (Counter, None) => metrics::describe_counter!(m.name, m.help),
-            (Gauge, Some(unit)) => metrics::describe_gauge!(m.name, unit, m.help),
-            (Gauge, None) => metrics::describe_gauge!(m.name, m.help),
-            (Histogram, Some(unit)) => metrics::describe_histogram!(m.name, unit, m.help),
-            (Histogram, None) => metrics::describe_histogram!(m.name, m.help),
-        }
+        // The recorder takes the optional unit as is; the `describe_*!`
+        // macros would need an arm per kind and unit.
+        metrics::with_recorder(|recorder| {
+            let (name, help) = (m.name.into(), m.help.into());
+            match m.kind {
+                Counter => recorder.describe_counter(name, m.unit, help),
+                Gauge => recorder.describe_gauge(name, m.unit, help),
+                Histogram => recorder.describe_histogram(name, m.unit, help),
+            }
+        });
         for labels in m.zeroed {
             metrics::counter!(m.name, *labels).increment(0);
         }
