@@ -4,8 +4,8 @@
 # with 50 clients, a put-get loop with one client, an open loop; one bench
 # process at a time), merge the profiles, and build again with them, so
 # that the compiler lays out and inlines the code along the paths a
-# request takes. bench/RESULTS.md, "Session 38",
-# measures what it buys against the plain release build.
+# request takes. bench/RESULTS.md, "Session 38", measures what it buys
+# against the plain release build.
 #
 #   bench/pgo.sh            # prints the path of the built binary on its last line
 #   RINGKV_BIN=$(bench/pgo.sh | tail -1) bench/ycsb.sh 3 10 "a c"
