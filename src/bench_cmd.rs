@@ -802,6 +802,13 @@ fn report_json(
             // What the runtime has, not what was asked: the check that
             // --worker-threads took effect.
             "worker_threads": tokio::runtime::Handle::current().metrics().num_workers(),
+            // Likewise the scheduler slice a runtime thread has (the
+            // kernel's default without --sched-slice-us; null where the
+            // kernel has no per-thread slice).
+            "sched_slice_us": ringkv_node::sched_slice::current_thread_slice()
+                .ok()
+                .filter(|slice| !slice.is_zero())
+                .map(|slice| slice.as_micros() as u64),
         },
         "settings": reports.iter().map(|r| json!({
             "setting": r.setting.to_string(),

@@ -33,6 +33,8 @@ mod key_cmd;
 mod output;
 mod server_cmd;
 
+use std::time::Duration;
+
 use clap::Parser;
 
 /// mimalloc rather than glibc malloc: allocation was ~15% of a node's CPU
@@ -160,6 +162,15 @@ fn main() {
     };
     if let Some(n) = worker_threads {
         builder.worker_threads(usize::from(n));
+    }
+    // Before the first thread starts: threads inherit their creator's
+    // slice, so all of them (the runtime's, RocksDB's) get it. A latency
+    // preference, not a requirement: an older kernel only costs the tail.
+    if cli.sched_slice_us > 0 {
+        let slice = Duration::from_micros(cli.sched_slice_us);
+        if let Err(error) = ringkv_node::sched_slice::request_for_current_thread(slice) {
+            tracing::info!(%error, "threads keep the kernel's default scheduler slice");
+        }
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
