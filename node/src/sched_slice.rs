@@ -24,7 +24,9 @@
 //! and every thread of the process has the slice: the runtime's, the
 //! emulated links' timer, the bench's pacer, and RocksDB's background
 //! threads, which still yield to requests because they run at nice 19
-//! (a slice changes when a thread runs, its nice weight how much).
+//! (a slice changes when a thread runs, its nice weight how much). A
+//! process started with reset-on-fork set (`chrt --reset-on-fork`) gives
+//! its other threads the default instead.
 //!
 //! Not a Dynamo-paper idea; the paper's latency section (6.1) is about
 //! the same thing, though: the 99.9th percentile, not the mean.
@@ -42,22 +44,32 @@ pub const SLICE_RANGE_US: std::ops::RangeInclusive<u64> = 100..=100_000;
 /// Why a thread did not get the slice it asked for.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedSliceError {
+    /// The kernel refused the call (a seccomp filter, a thread gone).
     #[error("{call} failed: {source}")]
     Syscall {
         call: &'static str,
         source: std::io::Error,
     },
-    #[error("the kernel kept a slice of {kept_us} µs instead of the {requested_us} µs asked for (custom slices need Linux 6.12 or later)")]
-    NotKept { requested_us: u64, kept_us: u64 },
+    /// The call succeeded but the kernel reports no slice: before 6.12
+    /// it ignores the field.
+    #[error("the kernel reports no slice for the thread after {requested_us} µs was asked for (custom slices need Linux 6.12 or later)")]
+    NotKept { requested_us: u64 },
+    /// Real-time, deadline and idle threads are not scheduled by slices.
     #[error("the thread runs under scheduling policy {policy} (real-time, deadline or idle), which has no slice to shorten")]
     NotFair { policy: u32 },
+    /// A thread id beyond what the kernel's pid type holds.
+    #[error("{tid} is not a thread id")]
+    BadTid { tid: u32 },
+    /// Slices are Linux's.
     #[error("custom scheduler slices need Linux")]
     NotLinux,
 }
 
-/// Asks the kernel for `slice` for the calling thread, keeping its policy
-/// and nice value, and returns the slice the kernel then reports (the
-/// request clamped to 0.1–100 ms). Only `SCHED_OTHER` and `SCHED_BATCH`
+/// Asks the kernel for `slice` for the calling thread, keeping its policy,
+/// nice value and reset-on-fork flag, and returns the slice the kernel
+/// then reports (the request clamped to 0.1–100 ms; zero gives the
+/// kernel's default back). A thread with reset-on-fork set passes the
+/// default, not its slice, to the threads it starts. Only `SCHED_OTHER` and `SCHED_BATCH`
 /// threads have slices; a thread under another policy is left alone and
 /// reported as [`SchedSliceError::NotFair`].
 pub fn request_for_current_thread(slice: Duration) -> Result<Duration, SchedSliceError> {
@@ -73,10 +85,7 @@ pub fn current_thread_slice() -> Result<Duration, SchedSliceError> {
 /// The slice of thread `tid` (any process's, as `/proc/PID/task` lists
 /// them), as [`current_thread_slice`] reports it.
 pub fn slice_of_thread(tid: u32) -> Result<Duration, SchedSliceError> {
-    let tid = i32::try_from(tid).map_err(|_| SchedSliceError::Syscall {
-        call: "sched_getattr",
-        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-    })?;
+    let tid = i32::try_from(tid).map_err(|_| SchedSliceError::BadTid { tid })?;
     imp::slice_of(tid)
 }
 
@@ -85,8 +94,11 @@ mod imp {
     use super::SchedSliceError;
     use std::time::Duration;
 
-    /// `struct sched_attr` as of its first version (56 bytes), which every
-    /// kernel since 3.14 accepts; libc does not declare it.
+    /// `struct sched_attr` as of its first version (48 bytes,
+    /// `SCHED_ATTR_SIZE_VER0`), which every kernel since 3.14 accepts;
+    /// libc does not declare it. Its `size` field tells the kernel how
+    /// much to read and write, so the later fields (utilisation clamps)
+    /// are neither read nor written.
     #[repr(C)]
     #[derive(Default)]
     struct SchedAttr {
@@ -100,8 +112,11 @@ mod imp {
         sched_period: u64,
     }
 
+    const _: () = assert!(std::mem::size_of::<SchedAttr>() == 48);
+
     const SCHED_OTHER: u32 = libc::SCHED_OTHER as u32;
     const SCHED_BATCH: u32 = libc::SCHED_BATCH as u32;
+    const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
 
     /// The scheduling attributes of thread `tid`; 0 is the calling one.
     fn get(tid: i32) -> Result<SchedAttr, SchedSliceError> {
@@ -140,10 +155,13 @@ mod imp {
             });
         }
         // Only the slice changes: the policy and nice value read above go
-        // back as they were (sched_setattr sets them all).
+        // back as they were (sched_setattr sets them all), and so does
+        // reset-on-fork, which an unprivileged thread may not clear (the
+        // other flags read back describe the request, not the thread).
         attr.size = std::mem::size_of::<SchedAttr>() as u32;
-        attr.sched_flags = 0;
-        attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX).max(1);
+        attr.sched_flags &= SCHED_FLAG_RESET_ON_FORK;
+        // 0 asks for the kernel's default slice back.
+        attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
         // SAFETY: `attr` is a valid, initialised `sched_attr` of the size
         // it names; pid 0 is the calling thread; flags must be 0.
         let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
@@ -155,11 +173,8 @@ mod imp {
         }
         // Kernels before 6.12 accept the field and ignore it.
         let kept = slice_of(0)?;
-        if kept.is_zero() {
-            return Err(SchedSliceError::NotKept {
-                requested_us,
-                kept_us: 0,
-            });
+        if kept.is_zero() && !slice.is_zero() {
+            return Err(SchedSliceError::NotKept { requested_us });
         }
         Ok(kept)
     }
@@ -197,6 +212,7 @@ mod tests {
     #[test]
     fn a_thread_gets_its_slice_clamped_and_keeps_its_nice_value() {
         if !kernel_has_slices() {
+            eprintln!("this kernel keeps no per-thread slices (Linux < 6.12): only the refusal is checked");
             // Nothing to check on a kernel without per-thread slices but
             // that asking fails cleanly.
             let asked =
@@ -220,21 +236,40 @@ mod tests {
             .join()
             .unwrap();
         for (asked, expected) in cases {
-            let (kept, after, nice) = std::thread::spawn(move || {
-                // SAFETY: nice(2) on the calling thread only.
-                unsafe { libc::nice(3) };
+            let (kept, after, nice_before, nice_after) = std::thread::spawn(move || {
+                // SAFETY: nice(2) and getpriority(2) with PRIO_PROCESS and
+                // 0 act on the calling thread only, on Linux.
+                let nice_before = unsafe {
+                    libc::nice(3);
+                    libc::getpriority(libc::PRIO_PROCESS, 0)
+                };
                 let kept = request_for_current_thread(asked).unwrap();
-                // SAFETY: getpriority(2) with PRIO_PROCESS and 0 reads the
-                // calling thread's nice value on Linux.
-                let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-                (kept, current_thread_slice().unwrap(), nice)
+                // SAFETY: as above.
+                let nice_after = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+                (
+                    kept,
+                    current_thread_slice().unwrap(),
+                    nice_before,
+                    nice_after,
+                )
             })
             .join()
             .unwrap();
             assert_eq!(kept, expected, "asked {asked:?}");
             assert_eq!(after, expected);
-            assert_eq!(nice, 3, "the nice value must survive the slice");
+            assert_eq!(
+                nice_after, nice_before,
+                "the nice value must survive the slice"
+            );
         }
+        // Zero gives the default back.
+        let restored = std::thread::spawn(|| {
+            request_for_current_thread(Duration::from_micros(200)).unwrap();
+            request_for_current_thread(Duration::ZERO).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(restored, default);
         // A new thread starts with the default: nothing leaked.
         let fresh = std::thread::spawn(|| current_thread_slice().unwrap())
             .join()
