@@ -40,32 +40,6 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
-    /// Scheduler slice, in microseconds, that the threads carrying requests ask Linux for (6.12 or later; 100 to 100000, or 0 for the kernel's default of about 0.7 ms × (1 + log2 CPUs)). A woken thread with a short slice preempts one that runs out a longer slice instead of queueing behind it, which shortens the latency tail when nodes and clients share cores; its share of the CPU stays the same.
-    #[arg(
-        long,
-        global = true,
-        env = "RINGKV_SCHED_SLICE_US",
-        value_name = "MICROSECONDS",
-        default_value_t = ringkv_node::sched_slice::DEFAULT_SLICE_US,
-        value_parser = parse_sched_slice_us
-    )]
-    pub sched_slice_us: u64,
-}
-
-/// `--sched-slice-us`: 0, or the range the kernel keeps.
-fn parse_sched_slice_us(s: &str) -> Result<u64, String> {
-    let range = ringkv_node::sched_slice::SLICE_RANGE_US;
-    let allowed = format!(
-        "must be 0 (the kernel's default) or {} to {} microseconds, the slices Linux keeps",
-        range.start(),
-        range.end()
-    );
-    match s.trim().parse::<u64>() {
-        Ok(0) => Ok(0),
-        Ok(us) if range.contains(&us) => Ok(us),
-        Ok(_) => Err(allowed),
-        Err(_) => Err(format!("{s:?} is not a whole number; it {allowed}")),
-    }
 }
 
 /// `--log-format`.
@@ -735,28 +709,6 @@ mod tests {
     use clap::{CommandFactory, Parser};
 
     use super::*;
-
-    /// `--sched-slice-us` takes 0 or what the kernel keeps (it would
-    /// clamp anything else silently), after any subcommand.
-    #[test]
-    fn a_sched_slice_is_zero_or_one_the_kernel_keeps() {
-        assert_eq!(parse_sched_slice_us("0"), Ok(0));
-        assert_eq!(parse_sched_slice_us("100"), Ok(100));
-        assert_eq!(parse_sched_slice_us(" 100000 "), Ok(100_000));
-        for bad in ["99", "100001", "-1", "fast", ""] {
-            let error = parse_sched_slice_us(bad).unwrap_err();
-            assert!(
-                error.contains("0 (the kernel's default) or 100 to 100000"),
-                "{bad:?}: {error}"
-            );
-        }
-        assert!(parse_sched_slice_us("fast")
-            .unwrap_err()
-            .starts_with("\"fast\" is not a whole number"));
-        let cli = Cli::try_parse_from(["ringkv", "get", "k", "--sched-slice-us", "250"]).unwrap();
-        assert_eq!(cli.sched_slice_us, 250);
-        assert!(Cli::try_parse_from(["ringkv", "get", "k", "--sched-slice-us", "50"]).is_err());
-    }
 
     /// Out-of-range numbers are refused in words, whatever the type.
     #[test]

@@ -514,14 +514,6 @@ async fn run_all(
             "this process: the embedded nodes, the bench's clients and its staleness probes"
         }
     };
-    // The scheduler slice a runtime worker has (this function runs on the
-    // main thread, which asked for it): the check that the workers
-    // inherited it. None where the kernel keeps no per-thread slice.
-    let worker_slice = tokio::spawn(async { ringkv_node::sched_slice::current_thread_slice() })
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .filter(|slice| !slice.is_zero());
     // The results first: a plot that cannot be written must not lose them.
     let out = report_json(
         config,
@@ -531,7 +523,6 @@ async fn run_all(
         replicas,
         &reports,
         cpu_scope,
-        worker_slice,
     );
     // Files before the table: a closed or full stdout (`| head`) ends the
     // process mid-table, and must not lose the files asked for.
@@ -761,7 +752,6 @@ fn report_json(
     replicas: usize,
     reports: &[SettingReport],
     cpu_scope: &str,
-    worker_slice: Option<std::time::Duration>,
 ) -> serde_json::Value {
     // The matrix itself, not only where it came from: a file may change
     // after the run, and a report must say what was measured.
@@ -812,9 +802,6 @@ fn report_json(
             // What the runtime has, not what was asked: the check that
             // --worker-threads took effect.
             "worker_threads": tokio::runtime::Handle::current().metrics().num_workers(),
-            // Likewise the scheduler slice a runtime worker has (the
-            // kernel's default with --sched-slice-us 0).
-            "sched_slice_us": worker_slice.map(|slice| slice.as_micros() as u64),
         },
         "settings": reports.iter().map(|r| json!({
             "setting": r.setting.to_string(),

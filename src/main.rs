@@ -33,10 +33,7 @@ mod key_cmd;
 mod output;
 mod server_cmd;
 
-use std::time::Duration;
-
 use clap::Parser;
-use ringkv_node::sched_slice::SchedSliceError;
 
 /// mimalloc rather than glibc malloc: allocation was ~15% of a node's CPU
 /// under YCSB-A, and mimalloc measured ~10% more throughput (bench/RESULTS.md).
@@ -163,25 +160,6 @@ fn main() {
     };
     if let Some(n) = worker_threads {
         builder.worker_threads(usize::from(n));
-    }
-    // Before the first thread starts: threads inherit their creator's
-    // slice, so all of them (the runtime's, RocksDB's) get it. A latency
-    // preference, not a requirement: an older kernel only costs the tail.
-    if cli.sched_slice_us > 0 {
-        let slice = Duration::from_micros(cli.sched_slice_us);
-        match ringkv_node::sched_slice::request_for_current_thread(slice) {
-            Ok(_) => {}
-            // Expected on older kernels: not worth a warning on every
-            // command.
-            Err(
-                error @ (SchedSliceError::NotKept { .. }
-                | SchedSliceError::NotFair { .. }
-                | SchedSliceError::NotLinux),
-            ) => tracing::info!(%error, "threads keep the kernel's default scheduler slice"),
-            Err(error) => {
-                tracing::warn!(%error, "threads keep the kernel's default scheduler slice")
-            }
-        }
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -18,8 +18,6 @@
 //!   the requests beyond them.
 //! - [`cluster_client`]: a client that moves to another node when its node
 //!   cannot take a request.
-//! - [`sched_slice`]: short scheduler slices for the threads that carry
-//!   requests, so that a woken one preempts rather than queues.
 //! - [`membership`]: joining, announcing and remembering the cluster.
 //! - [`metrics_catalog`]: every metric a node exports, with its help
 //!   text; counters start at 0.
@@ -43,7 +41,6 @@ pub mod metrics_catalog;
 pub mod quic;
 pub mod region_links;
 pub mod request_memory;
-pub mod sched_slice;
 pub mod server;
 #[cfg(test)]
 mod source_checks;

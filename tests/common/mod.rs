@@ -31,7 +31,6 @@ pub fn ringkv() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringkv"));
     cmd.env_remove("RINGKV_NODE")
         .env_remove("RINGKV_CLUSTER_KEY_FILE")
-        .env_remove("RINGKV_SCHED_SLICE_US")
         .env("RINGKV_LOG", "warn");
     cmd
 }
