@@ -64,7 +64,7 @@ repair_n3() { "$bin" repair --node 127.0.0.1:7202 --json; }
 start n1 7200
 start n2 7201 127.0.0.1:7200
 start n3 7202 127.0.0.1:7200
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+. bench/machine.sh; machine_header
 echo "== load: $load --cluster 127.0.0.1:7200,127.0.0.1:7201,127.0.0.1:7202 --prefix ae: --count $keys --value-bytes 100 -w all"
 "$load" --cluster 127.0.0.1:7200,127.0.0.1:7201,127.0.0.1:7202 --prefix ae: --count "$keys" --value-bytes 100 -w all
 echo "== data set: $keys keys, about $(( keys * (100 + 9) )) bytes of keys and values per replica"

@@ -14,7 +14,7 @@ rate=${1:-5000}
 duration=${2:-10}
 . bench/nodes.sh
 start_three
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+. bench/machine.sh; machine_header
 echo "== unloaded: ringkv bench --cluster $cluster --workload putget -r 2 -w 2 --concurrency 1 --duration-s $duration"
 "$bin" bench --cluster "$cluster" --workload putget -r 2 -w 2 --concurrency 1 --duration-s "$duration" 2>/dev/null
 echo "== open loop: ringkv bench --cluster $cluster --regions none --workload a --records 10000 --consistency 2 --concurrency 50 --rate $rate --duration-s $duration"

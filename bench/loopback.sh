@@ -25,7 +25,7 @@ if [ "$mode" = handoff ]; then
   start n5 7104 127.0.0.1:7100
 fi
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+. bench/machine.sh; machine_header
 run_bench() { # label cluster concurrency [w]
   local w=${4:-2}
   for run in $(seq "$runs"); do

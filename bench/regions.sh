@@ -15,7 +15,7 @@ runs=${1:-3}
 start n1 7500 "" --region us-east --latency-matrix preset:cloud3
 start n2 7501 127.0.0.1:7500 --region us-west --latency-matrix preset:cloud3
 start n3 7502 127.0.0.1:7500 --region eu-west --latency-matrix preset:cloud3
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+. bench/machine.sh; machine_header
 for run in $(seq "$runs"); do
   echo "== run $run: ringkv bench --cluster 127.0.0.1:7500 --workload c --records 100 --concurrency 4 --duration-s 5 --consistency 1,2,3 --json"
   "$bin" bench --cluster 127.0.0.1:7500 --workload c --records 100 --concurrency 4 --duration-s 5 \

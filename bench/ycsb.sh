@@ -24,7 +24,7 @@ bench_flags=${RINGKV_BENCH_FLAGS:-}
 # CPU ticks (user + system) of the node processes.
 node_ticks() { local t=0; for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+. bench/machine.sh; machine_header
 for w in $workloads; do
   for run in $(seq "$runs"); do
     echo "== YCSB-$w run $run: ringkv bench --cluster $cluster --regions none --workload $w --records 10000 --consistency 2 --concurrency $clients --duration-s $duration $bench_flags (nodes: ${NODE_FLAGS[*]})"

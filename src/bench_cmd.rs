@@ -623,6 +623,48 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u6
             per_op.join(", ")
         );
     }
+    let pickups: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            let h = r.pickup_us.as_ref().filter(|h| !h.is_empty())?;
+            let q = |q: f64| ms(ringkv_bench::quantile_ms(h, q), 2);
+            Some(format!(
+                "{}: p50 {}, p99 {}, max {} ms",
+                r.setting,
+                q(0.5),
+                q(0.99),
+                q(1.0)
+            ))
+        })
+        .collect();
+    if !pickups.is_empty() {
+        outln!(
+            "Wait from due to sent (the load generator's part of each latency) by setting — {}",
+            pickups.join("; ")
+        );
+    }
+    let machine: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            let m = r.machine?;
+            Some(format!(
+                "{}: {:.0}% busy, {:.1}% taken by the host",
+                r.setting, m.busy_pct, m.steal_pct
+            ))
+        })
+        .collect();
+    if !machine.is_empty() {
+        outln!(
+            "This machine's CPU time (all processes) by setting — {}",
+            machine.join(", ")
+        );
+    }
+    if reports
+        .iter()
+        .any(|r| r.machine.is_some_and(|m| m.steal_pct >= STEAL_NOTE_PCT))
+    {
+        outln!("{STEAL_NOTE}");
+    }
     for r in reports {
         // Each client has one request out at a time (Little's law).
         let too_few_clients = open_loop.and_then(|(rate, clients)| {
@@ -802,6 +844,9 @@ fn report_json(
             // What the runtime has, not what was asked: the check that
             // --worker-threads took effect.
             "worker_threads": tokio::runtime::Handle::current().metrics().num_workers(),
+            // Inherited from the shell that started the bench: what its
+            // threads were scheduled with (see `sched_info`).
+            "scheduler": crate::sched_info::SchedInfo::current_thread().to_json(),
         },
         "settings": reports.iter().map(|r| json!({
             "setting": r.setting.to_string(),
@@ -810,10 +855,20 @@ fn report_json(
             "elapsed_s": r.elapsed.as_secs_f64(),
             "ops_per_sec": r.ops_per_sec(),
             "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
+            // The whole machine over the same window (see machine_cpu).
+            "machine_busy_pct": r.machine.map(|m| m.busy_pct),
+            "host_steal_pct": r.machine.map(|m| m.steal_pct),
             "cpu_us_per_op": r.cpu_us_per_op(),
             "cpu_us_per_attempt": r.cpu_us_per_attempt(),
             "unsent": r.unsent,
             "mean_service_ms": r.mean_service_ms,
+            // Open loop: from due to sent, part of every latency above.
+            "pickup_ms": r.pickup_us.as_ref().map(|h| json!({
+                "p50": ringkv_bench::quantile_ms(h, 0.5),
+                "p99": ringkv_bench::quantile_ms(h, 0.99),
+                "p999": ringkv_bench::quantile_ms(h, 0.999),
+                "max": ringkv_bench::quantile_ms(h, 1.0),
+            })),
             "clients_needed": config.rate_per_s.and_then(|rate| r.clients_needed(rate)),
             "failovers": r.failovers,
             "ops": r.ops.iter().map(|(op, o)| {
@@ -1105,6 +1160,13 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
 fn ms(latency_ms: Option<f64>, decimals: usize) -> String {
     latency_ms.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
 }
+
+/// From this share of the machine's time taken by the host, the table's
+/// footer says what that does to latencies.
+const STEAL_NOTE_PCT: f64 = 0.5;
+
+/// What a host taking CPU time means, for the table's footer.
+const STEAL_NOTE: &str = "The host took CPU time from this virtual machine (steal): it stops the vCPUs, pausing nodes and clients alike, so the requests in flight take the pause on top of their latency whatever the store does.";
 
 /// Why latencies may reach the request timeout, for the table's footer.
 const TIMEOUTS_NOTE: &str = "Latencies include timed-out requests, at the time the client gave up.";

@@ -31,6 +31,7 @@ mod bench_cmd;
 mod client_cmd;
 mod key_cmd;
 mod output;
+mod sched_info;
 mod server_cmd;
 
 use clap::Parser;

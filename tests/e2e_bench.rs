@@ -130,6 +130,14 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         let cpu_us = s["cpu_us_per_op"].as_f64().unwrap();
         assert!(cpu_us > 1.0 && cpu_us < 1e6, "{s}");
         assert!(s["cpu_s"].as_f64().unwrap() > 0.0, "{s}");
+        // A closed loop has no schedule to fall behind.
+        assert!(s["pickup_ms"].is_null(), "{s}");
+        // The machine ran the embedded cluster: busy, and the host's share
+        // (steal, 0 on bare metal) a share like any other.
+        let busy = s["machine_busy_pct"].as_f64().unwrap();
+        let steal = s["host_steal_pct"].as_f64().unwrap();
+        assert!(busy > 0.0 && busy <= 100.0, "{s}");
+        assert!((0.0..=100.0 - busy).contains(&steal), "{s}");
     }
     // R=1, W=1 across regions: a read right after the write, through
     // another node, often misses it. R+W>N never does.
@@ -311,6 +319,18 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     assert_eq!(report["config"]["embedded_nodes"], 3);
     assert_eq!(report["config"]["rate_per_s"], 100);
     assert_eq!(report["config"]["worker_threads"], 1);
+    // What the bench's threads were scheduled with: this test's own
+    // settings, which they inherited.
+    let scheduler = &report["config"]["scheduler"];
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let own_cpus = own
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(str::trim)
+        .unwrap();
+    assert_eq!(scheduler["cpus_allowed"], own_cpus, "{scheduler}");
+    assert_eq!(scheduler["policy"], 0, "{scheduler}");
+    assert!(scheduler["nice"].is_i64(), "{scheduler}");
     let s = &report["settings"][0];
     let ops: u64 = over_ops(s, |o| {
         o["ops"].as_u64().unwrap()
@@ -328,6 +348,24 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     let answered: u64 = over_ops(s, |o| o["ops"].as_u64().unwrap());
     assert!(answered > 0, "{s}");
     assert!(s["unsent"].is_u64(), "{s}");
+    // The load generator's part of the latencies: every request waited
+    // some time between due and sent, no longer than the slowest latency.
+    let pickup = &s["pickup_ms"];
+    let (p50, max) = (pickup["p50"].as_f64(), pickup["max"].as_f64());
+    assert!(p50.is_some_and(|p50| p50 <= max.unwrap()), "{s}");
+    let slowest = s["ops"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|o| o["max_ms"].as_f64())
+        .fold(0.0, f64::max);
+    // (A failed request's wait is counted, its latency is not.)
+    let failed = over_ops(s, |o| {
+        o["errors"].as_u64().unwrap() + o["shed"].as_u64().unwrap()
+    });
+    if failed == 0 {
+        assert!(max.unwrap() <= slowest * 1.002 + 0.01, "{s}");
+    }
 }
 
 #[test]

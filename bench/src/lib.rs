@@ -13,6 +13,7 @@
 //! This is the seed of `ringkv bench`; workloads, open-loop load, emulated
 //! regions and staleness measurement build on it.
 
+pub mod machine_cpu;
 pub mod pacer;
 pub mod plot;
 pub mod resp;

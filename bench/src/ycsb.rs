@@ -63,6 +63,7 @@ use ringkv_core::wire::{
 use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
+use crate::machine_cpu::{MachineCpu, MachineShare};
 use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
 use crate::workload::{record_key, KeyChooser, KeyDistribution, Op, Workload};
@@ -324,6 +325,10 @@ pub struct SettingReport {
     /// CPU time of this process during the run (see
     /// [`crate::process_cpu`]); `None` where it cannot be read.
     pub cpu: Option<Duration>,
+    /// The whole machine's CPU time over the same window: how busy it was
+    /// and how much the host took (see [`crate::machine_cpu`]); `None`
+    /// where it cannot be read.
+    pub machine: Option<MachineShare>,
     /// Open loop only: requests that came due but were never sent because
     /// every client was busy until the end, and then for a request timeout
     /// more (clients go on taking requests that came due before the end).
@@ -340,6 +345,13 @@ pub struct SettingReport {
     /// fewer, requests wait for a free client, and that wait, which is the
     /// bench's and not the store's, counts in their latency.
     pub mean_service_ms: Option<f64>,
+    /// Open loop only: how long the measured requests waited, from when
+    /// they came due to when a client took them up (the pacer's lateness,
+    /// a wait for a free client, a client task waiting for a thread). It
+    /// is part of their latency and none of it is the store's, so a
+    /// latency percentile near this one's says the load generator, not the
+    /// store, made that tail.
+    pub pickup_us: Option<Histogram<u64>>,
     pub ops: Vec<(Op, OpReport)>,
     pub reads: u64,
     /// Reads that found no value: every record is loaded, and an insert's
@@ -836,12 +848,12 @@ pub async fn run_setting(
     let measured_from = started + config.warmup;
     let cpu_at_start = if config.warmup.is_zero() {
         // Before the clients start, as a timer could be late.
-        let now = crate::process_cpu();
+        let now = (crate::process_cpu(), MachineCpu::now());
         tokio::spawn(async move { now })
     } else {
         tokio::spawn(async move {
             tokio::time::sleep_until(measured_from.into()).await;
-            crate::process_cpu()
+            (crate::process_cpu(), MachineCpu::now())
         })
     };
     let deadline = measured_from + config.duration;
@@ -963,6 +975,9 @@ pub async fn run_setting(
                     if outcome.is_ok() {
                         last_success = last_success.max(Some(answered));
                     }
+                    if let Some(due) = due {
+                        timing.pickup(due, picked);
+                    }
                     if due.is_some() && outcome.is_ok() {
                         let stretch = open_loop_stretch(sent, measured_from, deadline);
                         timing.lag(stretch, answered.saturating_duration_since(sent));
@@ -1028,12 +1043,13 @@ pub async fn run_setting(
         ),
         None => config.duration,
     };
-    let cpu = cpu_at_start
-        .await
-        .ok()
-        .flatten()
+    let (cpu_before, machine_before) = cpu_at_start.await.unwrap_or_default();
+    let cpu = cpu_before
         .zip(crate::process_cpu())
         .map(|(before, after)| after.saturating_sub(before));
+    let machine = machine_before
+        .zip(MachineCpu::now())
+        .and_then(|(before, after)| before.share_until(&after));
     let (staleness, staleness_skipped) = match prober {
         Ok(p) => match p.await {
             Ok(Ok(staleness)) => (staleness, None),
@@ -1048,8 +1064,12 @@ pub async fn run_setting(
     ops.sort_by_key(|(op, _)| op.as_str());
     let mut report = SettingReport {
         cpu,
+        machine,
         unsent: None,
         mean_service_ms: config.rate_per_s.and_then(|_| timing.mean_service_ms()),
+        pickup_us: config
+            .rate_per_s
+            .map(|_| std::mem::replace(&mut timing.pickup_us, new_histogram())),
         setting: setting.clone(),
         elapsed,
         ops,
@@ -1116,6 +1136,8 @@ struct OpenLoopTiming {
     sent: u64,
     first_lag_us: Histogram<u64>,
     last_lag_us: Histogram<u64>,
+    /// From due to picked up by a client, for the measured requests.
+    pickup_us: Histogram<u64>,
 }
 
 impl Default for OpenLoopTiming {
@@ -1125,6 +1147,7 @@ impl Default for OpenLoopTiming {
             sent: 0,
             first_lag_us: new_histogram(),
             last_lag_us: new_histogram(),
+            pickup_us: new_histogram(),
         }
     }
 }
@@ -1148,12 +1171,20 @@ impl OpenLoopTiming {
         }
     }
 
+    /// A measured request, due at `due`, that a client took up at
+    /// `picked`.
+    fn pickup(&mut self, due: Instant, picked: Instant) {
+        let us = picked.saturating_duration_since(due).as_micros() as u64;
+        record_latency(&mut self.pickup_us, us, 1);
+    }
+
     fn merge(&mut self, other: &OpenLoopTiming) {
         self.service_us += other.service_us;
         self.sent += other.sent;
         // Same bounds: adding cannot fail.
         let _ = self.first_lag_us.add(&other.first_lag_us);
         let _ = self.last_lag_us.add(&other.last_lag_us);
+        let _ = self.pickup_us.add(&other.pickup_us);
     }
 
     /// The median lag of the successes due in `stretch`, if any.
@@ -1462,6 +1493,26 @@ fn verdict(written: &Outcome, read: &Outcome, value: &[u8]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wait from due to pick-up: what each client saw, merged, and
+    /// never negative (a client that took a request up before it was due
+    /// would be a pacer bug, not a negative wait).
+    #[test]
+    fn pickup_waits_merge_across_clients() {
+        let due = Instant::now();
+        let (mut a, mut b) = (OpenLoopTiming::default(), OpenLoopTiming::default());
+        for us in [10, 20, 30] {
+            a.pickup(due, due + Duration::from_micros(us));
+        }
+        b.pickup(due, due + Duration::from_millis(5));
+        b.pickup(due + Duration::from_millis(1), due);
+        a.merge(&b);
+        let h = &a.pickup_us;
+        assert_eq!(h.len(), 5);
+        assert_eq!(h.min(), 0);
+        assert!(h.equivalent(h.max(), 5000), "{}", h.max());
+        assert!(h.equivalent(h.value_at_quantile(0.5), 20));
+    }
 
     /// An open loop's ops/s window: the measured window for a store that
     /// kept up, however late one answer came; longer by how much further
@@ -1784,8 +1835,10 @@ mod tests {
             setting: Setting::RESP,
             elapsed: Duration::from_secs(1),
             cpu: Some(Duration::from_millis(10)),
+            machine: None,
             unsent: Some(5),
             mean_service_ms: None,
+            pickup_us: None,
             ops: vec![(Op::Read, read)],
             reads: 100,
             reads_not_found: 0,

@@ -1,0 +1,18 @@
+# Sourced by the bench scripts: `machine_header` prints what the figures
+# depend on besides the code: cores, CPU model, kernel, and the scheduler
+# settings of this shell, which every process it starts inherits (policy,
+# priority, EEVDF slice, CPUs allowed). A slice or an affinity left on the
+# shell by an earlier experiment silently changes every later run (session
+# 40 of bench/RESULTS.md lost two-thirds of a session that way), so each
+# run's log says what it ran with.
+machine_header() {
+  local sched=/proc/$$/sched policy prio slice cpus
+  policy=$(awk -F: '/^policy/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null)
+  prio=$(awk -F: '/^prio/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null)
+  slice=$(awk -F: '/^se.slice/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null)
+  local slice_us="?"
+  [ -n "$slice" ] && slice_us="$((slice / 1000)) µs"
+  cpus=$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$$/status" 2>/dev/null)
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
+  echo "scheduler (this shell, inherited by every process): policy ${policy:-?}, prio ${prio:-?}, slice $slice_us, cpus ${cpus:-?}"
+}
