@@ -19,4 +19,4 @@ echo "== unloaded: ringkv bench --cluster $cluster --workload putget -r 2 -w 2 -
 "$bin" bench --cluster "$cluster" --workload putget -r 2 -w 2 --concurrency 1 --duration-s "$duration" 2>/dev/null
 echo "== open loop: ringkv bench --cluster $cluster --regions none --workload a --records 10000 --consistency 2 --concurrency 50 --rate $rate --duration-s $duration"
 "$bin" bench --cluster "$cluster" --regions none --workload a --records 10000 --consistency 2 \
-  --concurrency 50 --rate "$rate" --duration-s "$duration" 2>/dev/null | sed -n 1,3p
+  --concurrency 50 --rate "$rate" --duration-s "$duration" 2>/dev/null | sed -n '1,3p;/^Wait from due/p;/^This machine/p'

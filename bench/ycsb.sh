@@ -45,6 +45,8 @@ cpu = node_s + float(user) + float(system)
 client = float(user) + float(system)
 print(f"   {s['ops_per_sec']:.0f} ops/s; CPU {cpu:.1f} s over {total_ops} ops (load + run) = {cpu / total_ops * 1e6:.0f} us/op"
       f" (nodes {node_s / total_ops * 1e6:.0f}, client {client / total_ops * 1e6:.0f})")
+if s.get("host_steal_pct") is not None:
+    print(f"   machine {s['machine_busy_pct']:.0f}% busy, {s['host_steal_pct']:.1f}% taken by the host (steal)")
 PY
   done
 done
