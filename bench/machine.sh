@@ -7,12 +7,15 @@
 # run's log says what it ran with.
 machine_header() {
   local sched=/proc/$$/sched policy prio slice cpus
-  policy=$(awk -F: '/^policy/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null)
-  prio=$(awk -F: '/^prio/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null)
-  slice=$(awk -F: '/^se.slice/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null)
+  # `|| true`: the callers run under `set -e`, and a kernel without
+  # /proc/PID/sched (before 6.15 without CONFIG_SCHED_DEBUG) must not end
+  # them here; the fields then print as "?".
+  policy=$(awk -F: '/^policy/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null || true)
+  prio=$(awk -F: '/^prio/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null || true)
+  slice=$(awk -F: '/^se.slice/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null || true)
   local slice_us="?"
   [ -n "$slice" ] && slice_us="$((slice / 1000)) µs"
-  cpus=$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$$/status" 2>/dev/null)
+  cpus=$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$$/status" 2>/dev/null || true)
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
   echo "scheduler (this shell, inherited by every process): policy ${policy:-?}, prio ${prio:-?}, slice $slice_us, cpus ${cpus:-?}"
 }

@@ -855,14 +855,16 @@ fn report_json(
             "elapsed_s": r.elapsed.as_secs_f64(),
             "ops_per_sec": r.ops_per_sec(),
             "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
-            // The whole machine over the same window (see machine_cpu).
+            // The whole machine over the same stretch as cpu_s (see
+            // machine_cpu).
             "machine_busy_pct": r.machine.map(|m| m.busy_pct),
             "host_steal_pct": r.machine.map(|m| m.steal_pct),
             "cpu_us_per_op": r.cpu_us_per_op(),
             "cpu_us_per_attempt": r.cpu_us_per_attempt(),
             "unsent": r.unsent,
             "mean_service_ms": r.mean_service_ms,
-            // Open loop: from due to sent, part of every latency above.
+            // Open loop: from due to a client taking it up, part of every
+            // latency above.
             "pickup_ms": r.pickup_us.as_ref().map(|h| json!({
                 "p50": ringkv_bench::quantile_ms(h, 0.5),
                 "p99": ringkv_bench::quantile_ms(h, 0.99),

@@ -6,9 +6,10 @@
 //! nodes and client alike, without a trace in their output. Session 40 of
 //! `bench/RESULTS.md` compared two builds for hours with both arms on
 //! 100 µs slices that way. The report therefore says what the calling
-//! thread runs with (the bench's main thread or a runtime worker: both got
-//! theirs from the shell, as every other thread of the process did). Read from `/proc/thread-self`; every field is
-//! `None` where the kernel does not show it.
+//! thread runs with (the bench's main thread or a runtime worker: both
+//! got theirs from the shell, as every other thread of the process did).
+//! Read from `/proc/thread-self`; every field is `None` where the kernel
+//! does not show it.
 
 use serde_json::{json, Value};
 

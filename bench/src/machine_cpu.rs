@@ -8,9 +8,10 @@
 //! flight take the pause on top of their latency, and no change to the
 //! store shortens it. On the VMs of `bench/RESULTS.md` (session 41) the
 //! host took 1.8% of the CPU time during a light open loop, in pauses of
-//! 1.5–6 ms several times a second: enough on its own to put a 1,000/s
-//! loop's p99 above 2 ms. So each setting reports the steal of its
-//! measured window beside its latencies.
+//! both vCPUs of 1.5 ms and more (up to 6.4) several times a second:
+//! enough on its own to put a 1,000/s loop's p99 above 2 ms, and up to a
+//! third of the time on a busier day. So each setting reports the steal
+//! of its run beside its latencies.
 //!
 //! The figures are the machine's, not the bench's: they cover every
 //! process, which is what is wanted when the cluster under test runs on
@@ -33,7 +34,9 @@ pub struct MachineCpu {
 /// CPUs' time.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MachineShare {
+    /// Running anything, any process.
     pub busy_pct: f64,
+    /// Taken by the host.
     pub steal_pct: f64,
 }
 

@@ -325,9 +325,10 @@ pub struct SettingReport {
     /// CPU time of this process during the run (see
     /// [`crate::process_cpu`]); `None` where it cannot be read.
     pub cpu: Option<Duration>,
-    /// The whole machine's CPU time over the same window: how busy it was
-    /// and how much the host took (see [`crate::machine_cpu`]); `None`
-    /// where it cannot be read.
+    /// The whole machine's CPU time over the same stretch as `cpu` (from
+    /// the end of the warm-up to the last answer, an open loop's drain
+    /// included): how busy it was and how much the host took (see
+    /// [`crate::machine_cpu`]); `None` where it cannot be read.
     pub machine: Option<MachineShare>,
     /// Open loop only: requests that came due but were never sent because
     /// every client was busy until the end, and then for a request timeout
