@@ -6,13 +6,16 @@
 # 40 of bench/RESULTS.md lost two-thirds of a session that way), so each
 # run's log says what it ran with.
 machine_header() {
-  local sched=/proc/$$/sched policy prio slice cpus
+  local policy prio slice cpus
   # `|| true`: the callers run under `set -e`, and a kernel without
   # /proc/PID/sched (before 6.15 without CONFIG_SCHED_DEBUG) must not end
   # them here; the fields then print as "?".
-  policy=$(awk -F: '/^policy/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null || true)
-  prio=$(awk -F: '/^prio/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null || true)
-  slice=$(awk -F: '/^se.slice/ {gsub(/ /, "", $2); print $2}' "$sched" 2>/dev/null || true)
+  sched_field() {
+    awk -F: -v name="$1" '{gsub(/ /, "")} $1 == name {print $2}' "/proc/$$/sched" 2>/dev/null || true
+  }
+  policy=$(sched_field policy)
+  prio=$(sched_field prio)
+  slice=$(sched_field se.slice)
   local slice_us="?"
   [ -n "$slice" ] && slice_us="$((slice / 1000)) µs"
   cpus=$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$$/status" 2>/dev/null || true)

@@ -616,13 +616,8 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u6
             Some(format!("{}: {shown}", r.setting))
         })
         .collect();
-    if !per_op.is_empty() {
-        // "2: 18 µs": a numeric setting alone would read as part of the figure.
-        outln!(
-            "CPU per operation ({cpu_scope}) by setting — {}",
-            per_op.join(", ")
-        );
-    }
+    // "2: 18 µs": a numeric setting alone would read as part of the figure.
+    by_setting_line(&format!("CPU per operation ({cpu_scope})"), &per_op, ", ");
     let pickups: Vec<String> = reports
         .iter()
         .filter_map(|r| {
@@ -637,12 +632,11 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u6
             ))
         })
         .collect();
-    if !pickups.is_empty() {
-        outln!(
-            "Wait from due to sent (the load generator's part of each latency) by setting — {}",
-            pickups.join("; ")
-        );
-    }
+    by_setting_line(
+        "Wait from due to sent (the load generator's part of each latency)",
+        &pickups,
+        "; ",
+    );
     let machine: Vec<String> = reports
         .iter()
         .filter_map(|r| {
@@ -653,12 +647,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u6
             ))
         })
         .collect();
-    if !machine.is_empty() {
-        outln!(
-            "This machine's CPU time (all processes) by setting — {}",
-            machine.join(", ")
-        );
-    }
+    by_setting_line("This machine's CPU time (all processes)", &machine, ", ");
     if reports
         .iter()
         .any(|r| r.machine.is_some_and(|m| m.steal_pct >= STEAL_NOTE_PCT))
@@ -1161,6 +1150,13 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
 /// A latency for a table: `-` where none was recorded.
 fn ms(latency_ms: Option<f64>, decimals: usize) -> String {
     latency_ms.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
+}
+
+/// One footer line naming a figure per setting; none when no setting has it.
+fn by_setting_line(what: &str, per_setting: &[String], separator: &str) {
+    if !per_setting.is_empty() {
+        outln!("{what} by setting — {}", per_setting.join(separator));
+    }
 }
 
 /// From this share of the machine's time taken by the host, the table's

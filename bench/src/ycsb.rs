@@ -1068,9 +1068,7 @@ pub async fn run_setting(
         machine,
         unsent: None,
         mean_service_ms: config.rate_per_s.and_then(|_| timing.mean_service_ms()),
-        pickup_us: config
-            .rate_per_s
-            .map(|_| std::mem::replace(&mut timing.pickup_us, new_histogram())),
+        pickup_us: config.rate_per_s.map(|_| timing.pickup_us),
         setting: setting.clone(),
         elapsed,
         ops,
