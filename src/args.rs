@@ -82,6 +82,7 @@ pub enum Command {
     ///   ringkv bench --consistency r=1:w=1 --consistency r=2:w=2 --json out.json --plot out.svg
     ///   ringkv bench --cluster 10.0.0.1:7000,10.0.0.2:7000 --workload c --concurrency 50
     ///   ringkv bench --cluster 127.0.0.1:7000 --rate 5000          # open loop: latency counts from when each request was due
+    ///   ringkv bench --cluster 127.0.0.1:7000 --rate 50%           # the same at half the peak a closed loop measures first
     ///   ringkv bench --target resp://127.0.0.1:6379 --workload a    # the same workload against Redis, for a ratio
     #[command(verbatim_doc_comment)]
     Bench(BenchArgs),
@@ -176,9 +177,9 @@ pub struct BenchArgs {
     /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C to give every client its own (more than C are not opened). Not used with --target resp://, where each client has its own TCP connection, nor by putget.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = bounded::<u32>(1, u32::MAX.into()))]
     pub connections: u32,
-    /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). At most 10000000. Default: closed loop.
-    #[arg(long, value_name = "OPS", value_parser = bounded::<u64>(1, RATE_MAX))]
-    pub rate: Option<u64>,
+    /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). At most 10000000. Or a share of the peak, such as 50%: each setting first runs as a closed loop (same clients, warm-up and duration) to measure its peak ops/s, then as an open loop at that share of it, which is how "p99 at half the peak" is measured on any machine. Default: closed loop.
+    #[arg(long, value_name = "OPS|PERCENT%", value_parser = |s: &str| ringkv_bench::rate::Rate::parse(s, RATE_MAX))]
+    pub rate: Option<ringkv_bench::rate::Rate>,
     /// Threads running the bench's clients (and, without --cluster, the embedded nodes). Default: one per core. With the cluster on the same machine, 1 leaves more of the cores to the nodes: in an open loop a second thread mostly wakes up to find nothing to do.
     #[arg(long, value_name = "N", value_parser = bounded::<u16>(1, 1024))]
     pub worker_threads: Option<u16>,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use ringkv_bench::rate::{share_of_peak, Rate};
 use ringkv_bench::workload::{KeyDistribution, Workload};
 use ringkv_bench::ycsb::{self, OpReport, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{LoadConfig, PhaseReport};
@@ -16,7 +17,7 @@ use ringkv_core::Consistency;
 use ringkv_node::{Client, ClusterKey};
 use serde_json::json;
 
-use crate::args::BenchArgs;
+use crate::args::{BenchArgs, RATE_MAX};
 use crate::client_cmd::resolve_addr;
 use crate::server_cmd::{load_matrix, start_local_cluster_with};
 use crate::{Exit, Failure};
@@ -297,7 +298,8 @@ fn ycsb_config(
         seed: 0x5eed,
         client_delay: Duration::ZERO,
         key_prefix: format!("{:08x}:", rand::random::<u32>()),
-        rate_per_s: args.rate,
+        // A share of the peak becomes a rate per setting, in `run_all`.
+        rate_per_s: args.rate.and_then(Rate::per_second),
         resp,
         updates: args.updates,
         cluster_key: None,
@@ -443,6 +445,47 @@ fn bench_failure(e: BenchError) -> Failure {
     Failure::new(exit, e.to_string())
 }
 
+/// Runs one setting under a progress bar named `what` and the setting.
+async fn run_with_bar(
+    config: &YcsbConfig,
+    setting: &Setting,
+    records: u64,
+    what: &str,
+) -> Result<SettingReport, Failure> {
+    let running = bar(100, format!("{what} {setting}"));
+    let report = ycsb::run_setting(config, setting, records, &|share| {
+        running.set_position((share * 100.0) as u64)
+    })
+    .await
+    .map_err(bench_failure)?;
+    running.finish_and_clear();
+    Ok(report)
+}
+
+/// `--rate PERCENT%` with a peak run that got nothing through: there is no
+/// rate to take a share of, and the peak run's first error says why.
+fn no_peak(peak: &SettingReport, percent: u32) -> Failure {
+    let first_error = peak
+        .ops
+        .iter()
+        .find_map(|(op, o)| {
+            Some(format!(
+                "; the first {} error: {}",
+                op.as_str(),
+                o.first_error.as_ref()?
+            ))
+        })
+        .unwrap_or_default();
+    Failure::new(
+        Exit::Quorum,
+        format!(
+            "setting {}: the closed loop that measures its peak got none of its {} requests through, so there is no rate to run at {percent}% of it{first_error}",
+            peak.setting,
+            peak.attempts()
+        ),
+    )
+}
+
 fn bar(len: u64, message: String) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
@@ -464,7 +507,7 @@ async fn run_all(
     let to_stdout = args.json.as_deref() == Some("-");
     if !to_stdout {
         errln!(
-            "bench: YCSB-{} on {}{}, {} records of {} B, {} clients{}, {} s per setting after {} s of warm-up{}",
+            "bench: YCSB-{} on {}{}, {} records of {} B, {} clients{}, {} s per setting after {} s of warm-up{}{}",
             config.workload,
             match (config.resp, embedded_nodes) {
                 (true, _) => "the RESP store".to_string(),
@@ -479,6 +522,13 @@ async fn run_all(
             config.duration.as_secs(),
             config.warmup.as_secs(),
             if matrix.is_some() { format!(", emulated regions ({})", args.regions_source()) } else { String::new() },
+            match args.rate {
+                None => String::new(),
+                Some(Rate::PerSecond(rate)) => format!(", open loop at {rate} requests/s"),
+                Some(Rate::ShareOfPeak { percent }) => format!(
+                    ", open loop at {percent}% of each setting's peak (a closed loop measures it first)"
+                ),
+            },
         );
     }
     let loading = bar(config.records, "load".into());
@@ -489,14 +539,24 @@ async fn run_all(
     let mut reports = Vec::new();
     let mut records = config.records;
     for setting in &config.settings {
-        let running = bar(100, format!("run {setting}"));
-        let report = ycsb::run_setting(config, setting, records, &|share| {
-            running.set_position((share * 100.0) as u64)
-        })
-        .await
-        .map_err(bench_failure)?;
-        running.finish_and_clear();
-        // Inserts of workload D add records for the next setting.
+        let report = match args.rate {
+            Some(Rate::ShareOfPeak { percent }) => {
+                let peak = run_with_bar(config, setting, records, "peak").await?;
+                // Inserts of workload D add records for the next run.
+                records = peak.records_after;
+                let peak_ops_per_s = peak.ops_per_sec();
+                let rate = share_of_peak(percent, peak_ops_per_s, RATE_MAX)
+                    .ok_or_else(|| no_peak(&peak, percent))?;
+                let open_loop = YcsbConfig {
+                    rate_per_s: Some(rate),
+                    ..config.clone()
+                };
+                let mut report = run_with_bar(&open_loop, setting, records, "run").await?;
+                report.peak_ops_per_s = Some(peak_ops_per_s);
+                report
+            }
+            _ => run_with_bar(config, setting, records, "run").await?,
+        };
         records = report.records_after;
         reports.push(report);
     }
@@ -538,11 +598,7 @@ async fn run_all(
     };
     let plotted = plot_file(args, &reports);
     if args.json.as_deref() != Some("-") {
-        print_table(
-            &reports,
-            cpu_scope,
-            args.rate.map(|rate| (rate, args.concurrency)),
-        );
+        print_table(&reports, cpu_scope, args.concurrency);
     }
     json_written?;
     let after_json = |failure: Failure| match args.json.as_deref() {
@@ -584,9 +640,8 @@ fn plot_file(args: &BenchArgs, reports: &[SettingReport]) -> Result<(), Failure>
     })
 }
 
-/// The table, and what to note about it. `open_loop`: `--rate` and
-/// `--concurrency`, for an open loop.
-fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u64, usize)>) {
+/// The table, and what to note about it. `clients`: `--concurrency`.
+fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize) {
     outln!("{:<16} {:<7} {}", "setting", "op", op_columns_header());
     for r in reports {
         for (op, o) in &r.ops {
@@ -618,6 +673,20 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u6
         .collect();
     // "2: 18 µs": a numeric setting alone would read as part of the figure.
     by_setting_line(&format!("CPU per operation ({cpu_scope})"), &per_op, ", ");
+    let peaks: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            Some(format!(
+                "{}: {:.0} ops/s, so {} requests/s",
+                r.setting, r.peak_ops_per_s?, r.rate_per_s?
+            ))
+        })
+        .collect();
+    by_setting_line(
+        "Peak (a closed loop of the same setting and clients, just before) and the open loop's rate",
+        &peaks,
+        "; ",
+    );
     let pickups: Vec<String> = reports
         .iter()
         .filter_map(|r| {
@@ -656,11 +725,11 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, open_loop: Option<(u6
     }
     for r in reports {
         // Each client has one request out at a time (Little's law).
-        let too_few_clients = open_loop.and_then(|(rate, clients)| {
-            let needed = r.clients_needed(rate)?;
-            (needed > 0.9 * clients as f64).then_some((rate, clients, needed))
+        let too_few_clients = r.rate_per_s.and_then(|rate| {
+            let needed = r.clients_needed()?;
+            (needed > 0.9 * clients as f64).then_some((rate, needed))
         });
-        if let Some((rate, clients, needed)) = too_few_clients {
+        if let Some((rate, needed)) = too_few_clients {
             outln!(
                 "{}: each request took {:.2} ms once sent, so --rate {rate} needs about {needed:.0} clients with one request out each, and --concurrency is {clients}: requests waited for a free client, and that wait (the bench's, not the store's) is in their latency; raise --concurrency to at least {:.0}",
                 r.setting,
@@ -817,8 +886,11 @@ fn report_json(
             "connections_per_node": if config.resp { json!(null) } else { json!(config.connections_per_target) },
             "duration_s": config.duration.as_secs(),
             "warmup_s": config.warmup.as_secs(),
+            // As given: a number a second, or a share of each setting's
+            // peak ("50%"; each setting's rate_per_s is then its own).
+            "rate": args.rate.map(|rate| rate.to_string()),
             "rate_per_s": config.rate_per_s,
-            "loop": if config.rate_per_s.is_some() { "open" } else { "closed" },
+            "loop": if args.rate.is_some() { "open" } else { "closed" },
             "replicas": replicas,
             "cluster": if args.cluster.is_empty() { json!(null) } else { json!(args.cluster) },
             // The nodes this process started (none against --cluster).
@@ -860,7 +932,10 @@ fn report_json(
                 "p999": ringkv_bench::quantile_ms(h, 0.999),
                 "max": ringkv_bench::quantile_ms(h, 1.0),
             })),
-            "clients_needed": config.rate_per_s.and_then(|rate| r.clients_needed(rate)),
+            "rate_per_s": r.rate_per_s,
+            // With --rate PERCENT%: the closed loop's ops/s just before.
+            "peak_ops_per_sec": r.peak_ops_per_s,
+            "clients_needed": r.clients_needed(),
             "failovers": r.failovers,
             "ops": r.ops.iter().map(|(op, o)| {
                 // As the table gives it, per operation type.

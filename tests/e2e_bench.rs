@@ -201,7 +201,22 @@ fn bad_bench_input_is_refused_before_loading() {
         (
             &["--rate", "10000001"],
             2,
-            "--rate <OPS>': must be 1 to 10000000",
+            "--rate <OPS|PERCENT%>': a rate must be 1 to 10000000 requests a second",
+        ),
+        (
+            &["--rate", "0%"],
+            2,
+            "a share of the peak must be 1% to 1000%",
+        ),
+        (
+            &["--rate", "12.5%"],
+            2,
+            "nor a whole share of the peak (50%)",
+        ),
+        (
+            &["--workload", "putget", "--rate", "50%"],
+            2,
+            "--rate works with YCSB workloads, not putget",
         ),
         (&["--updates", "blind"], 2, "unknown update mode"),
         (&["--connections", "0"], 2, "--connections"),
@@ -287,6 +302,68 @@ fn bad_bench_input_is_refused_before_loading() {
     }
 }
 
+/// `--rate 10%`: the setting runs first as a closed loop, and its open loop
+/// then sends exactly a tenth of that peak a second.
+#[test]
+fn a_share_of_the_peak_runs_the_open_loop_at_that_share_of_a_measured_peak() {
+    // Its embedded nodes must not share the 2 cores with another cluster.
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("bench.json");
+    let out = run(ringkv().args([
+        "bench",
+        "--regions",
+        "none",
+        "--workload",
+        "c",
+        "--records",
+        "20",
+        "--duration-s",
+        "2",
+        "--concurrency",
+        "4",
+        "--consistency",
+        "quorum",
+        "--rate",
+        "10%",
+        "--nodes",
+        "3",
+        "--json",
+        &report.to_string_lossy(),
+    ]));
+    assert_exit(&out, 0);
+    let table = stdout(&out);
+    assert!(
+        table.contains("Peak (a closed loop of the same setting and clients, just before) and the open loop's rate by setting — quorum: "),
+        "{table}"
+    );
+    assert!(
+        stderr(&out).contains("open loop at 10% of each setting's peak"),
+        "{}",
+        stderr(&out)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["config"]["loop"], "open");
+    assert_eq!(report["config"]["rate"], "10%");
+    assert!(report["config"]["rate_per_s"].is_null(), "{report}");
+    let s = &report["settings"][0];
+    let peak = s["peak_ops_per_sec"].as_f64().unwrap();
+    assert!(peak > 0.0, "{s}");
+    let rate = s["rate_per_s"].as_u64().unwrap();
+    assert_eq!(rate, ((peak / 10.0).round() as u64).max(1), "{s}");
+    // The open loop ran at that rate: exactly rate × 2 s requests came due
+    // in its measured window, each counted once.
+    let due: u64 = over_ops(s, |o| {
+        o["ops"].as_u64().unwrap()
+            + o["errors"].as_u64().unwrap()
+            + o["timeouts"].as_u64().unwrap()
+            + o["shed"].as_u64().unwrap()
+    });
+    assert_eq!(due, 2 * rate, "{s}");
+    assert!(s["pickup_ms"]["p50"].is_f64(), "an open loop's: {s}");
+}
+
 #[test]
 fn an_open_loop_never_sends_faster_than_its_rate() {
     // Its embedded nodes must not share the 2 cores with another cluster.
@@ -318,6 +395,9 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     assert_eq!(report["config"]["loop"], "open");
     assert_eq!(report["config"]["embedded_nodes"], 3);
     assert_eq!(report["config"]["rate_per_s"], 100);
+    assert_eq!(report["config"]["rate"], "100");
+    assert!(report["settings"][0]["peak_ops_per_sec"].is_null());
+    assert_eq!(report["settings"][0]["rate_per_s"], 100);
     assert_eq!(report["config"]["worker_threads"], 1);
     // What the bench's threads were scheduled with: the settings of this
     // test's thread, which started it and which they inherited (null both

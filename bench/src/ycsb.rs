@@ -330,6 +330,12 @@ pub struct SettingReport {
     /// included): how busy it was and how much the host took (see
     /// [`crate::machine_cpu`]); `None` where it cannot be read.
     pub machine: Option<MachineShare>,
+    /// Open loop only: the requests a second that came due.
+    pub rate_per_s: Option<u64>,
+    /// With `--rate PERCENT%`: the ops/s of the closed loop of this setting
+    /// run just before, of which the rate is that share (see
+    /// [`crate::rate`]).
+    pub peak_ops_per_s: Option<f64>,
     /// Open loop only: requests that came due but were never sent because
     /// every client was busy until the end, and then for a request timeout
     /// more (clients go on taking requests that came due before the end).
@@ -390,10 +396,10 @@ impl SettingReport {
         crate::per_second(op.ops, self.elapsed)
     }
 
-    /// Open loop only: how many clients keeping up with `rate_per_s`
-    /// takes at the measured mean service time (see `mean_service_ms`).
-    pub fn clients_needed(&self, rate_per_s: u64) -> Option<f64> {
-        Some(rate_per_s as f64 * self.mean_service_ms? / 1000.0)
+    /// Open loop only: how many clients keeping up with its rate takes at
+    /// the measured mean service time (see `mean_service_ms`).
+    pub fn clients_needed(&self) -> Option<f64> {
+        Some(self.rate_per_s? as f64 * self.mean_service_ms? / 1000.0)
     }
 
     /// Requests made in the run: answered, failed or timed out.
@@ -1066,6 +1072,8 @@ pub async fn run_setting(
     let mut report = SettingReport {
         cpu,
         machine,
+        rate_per_s: config.rate_per_s,
+        peak_ops_per_s: None,
         unsent: None,
         mean_service_ms: config.rate_per_s.and_then(|_| timing.mean_service_ms()),
         pickup_us: config.rate_per_s.map(|_| timing.pickup_us),
@@ -1835,6 +1843,8 @@ mod tests {
             elapsed: Duration::from_secs(1),
             cpu: Some(Duration::from_millis(10)),
             machine: None,
+            rate_per_s: Some(200),
+            peak_ops_per_s: None,
             unsent: Some(5),
             mean_service_ms: None,
             pickup_us: None,
