@@ -756,6 +756,9 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize) {
                     o.errors
                 );
             }
+            if let Some(note) = failed_note(o) {
+                outln!("{} {}: {note}", r.setting, op.as_str());
+            }
         }
         if r.failovers > 0 {
             outln!("{}: {}", r.setting, failovers_note(r.failovers));
@@ -1207,6 +1210,9 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
             if let Some(reason) = &p.counts.first_error {
                 outln!("{name}: {} errors; the first: {reason}", p.counts.errors);
             }
+            if let Some(note) = failed_note(&p.counts) {
+                outln!("{name}: {note}");
+            }
         }
         if report.failovers > 0 {
             outln!("{}", failovers_note(report.failovers));
@@ -1245,7 +1251,7 @@ const STEAL_NOTE: &str = "The host took CPU time from this virtual machine (stea
 const TIMEOUTS_NOTE: &str = "Latencies include timed-out requests, at the time the client gave up.";
 
 /// What the "shed" column means, for the table's footer.
-const SHED_NOTE: &str = "Shed requests were refused unrun by a node out of memory for requests (--max-request-memory-mb): the load passed what the nodes take in at once; they are not in the latencies.";
+const SHED_NOTE: &str = "Shed requests were refused unrun by a node out of memory for requests (--max-request-memory-mb): the load passed what the nodes take in at once; they are not in the latency columns (their own are above, with the errors').";
 
 /// What a count of failovers means, for the table's footer.
 fn failovers_note(failovers: u64) -> String {
@@ -1259,6 +1265,20 @@ fn phase_json(p: &PhaseReport) -> serde_json::Value {
     out["ops_per_sec"] = json!(p.ops_per_sec());
     out["not_found"] = json!(p.not_found);
     out
+}
+
+/// How long the requests that failed or were shed took, for the table's
+/// footer; `None` when none did.
+fn failed_note(o: &OpReport) -> Option<String> {
+    let q = |q: f64| ms(o.failed_latency_ms(q), 2);
+    o.failed_latency_ms(0.5)?;
+    Some(format!(
+        "the {} requests that failed or were shed took p50 {}, p99 {}, max {} ms (not in the latency columns)",
+        o.errors + o.shed,
+        q(0.5),
+        q(0.99),
+        q(1.0)
+    ))
 }
 
 /// One operation type's counts and latency percentiles, as every report
@@ -1275,6 +1295,12 @@ fn op_json(o: &OpReport) -> serde_json::Value {
         "p99_ms": o.latency_ms(0.99),
         "p999_ms": o.latency_ms(0.999),
         "max_ms": o.latency_ms(1.0),
+        // Errors and shed requests, apart from the percentiles above.
+        "failed_ms": o.failed_latency_us.as_ref().map(|_| json!({
+            "p50": o.failed_latency_ms(0.5),
+            "p99": o.failed_latency_ms(0.99),
+            "max": o.failed_latency_ms(1.0),
+        })),
     })
 }
 

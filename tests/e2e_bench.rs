@@ -453,6 +453,9 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     });
     if failed == 0 {
         assert!(max.unwrap() <= slowest * 1.002 + 0.01, "{s}");
+        for (op, o) in s["ops"].as_object().unwrap() {
+            assert!(o["failed_ms"].is_null(), "{op} had no failures: {o}");
+        }
     }
 }
 
@@ -678,7 +681,17 @@ fn a_run_with_no_success_fails_and_too_few_clients_are_named() {
     );
     // The report still came out whole.
     let report = json(&out);
-    assert_eq!(report["settings"][0]["ops"]["read"]["ops"], 0);
+    let read = &report["settings"][0]["ops"]["read"];
+    assert_eq!(read["ops"], 0);
+    assert!(read["errors"].as_u64().unwrap() > 0, "{read}");
+    // The failures' latencies, apart from the percentiles (empty here).
+    assert!(read["p50_ms"].is_null(), "{read}");
+    let failed = &read["failed_ms"];
+    let (p50, max) = (failed["p50"].as_f64(), failed["max"].as_f64());
+    assert!(
+        p50.is_some_and(|p50| p50 > 0.0 && p50 <= max.unwrap()),
+        "{read}"
+    );
 
     // GETs of 20 ms at 60/s keep about 1.2 clients busy: one is too few.
     let slow = format!(
