@@ -18,8 +18,17 @@ workload=${3:-a}
 . bench/nodes.sh
 start_three
 . bench/machine.sh; machine_header
+# Runs `ringkv bench ARGS`, its progress bars kept off the log; on failure
+# prints its error (and what it reported) and stops the script.
+bench() {
+  if ! "$bin" bench "$@" > "$dir/bench.out" 2> "$dir/bench.err"; then
+    cat "$dir/bench.out"; grep -a "error" "$dir/bench.err" >&2; exit 1
+  fi
+}
 echo "== unloaded: ringkv bench --cluster $cluster --workload putget -r 2 -w 2 --concurrency 1 --duration-s $duration"
-"$bin" bench --cluster "$cluster" --workload putget -r 2 -w 2 --concurrency 1 --duration-s "$duration" 2>/dev/null
+bench --cluster "$cluster" --workload putget -r 2 -w 2 --concurrency 1 --duration-s "$duration"
+cat "$dir/bench.out"
 echo "== open loop: ringkv bench --cluster $cluster --regions none --workload $workload --records 10000 --consistency 2 --concurrency 50 --rate $rate --duration-s $duration"
-"$bin" bench --cluster "$cluster" --regions none --workload "$workload" --records 10000 --consistency 2 \
-  --concurrency 50 --rate "$rate" --duration-s "$duration" 2>/dev/null | sed -n '1,3p;/^Peak/p;/^Wait from due/p;/^This machine/p'
+bench --cluster "$cluster" --regions none --workload "$workload" --records 10000 --consistency 2 \
+  --concurrency 50 --rate "$rate" --duration-s "$duration"
+sed -n '1,3p;/^Peak/p;/^Wait from due/p;/^This machine/p' "$dir/bench.out"

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use ringkv_bench::rate::Rate;
 use ringkv_core::Consistency;
 use ringkv_node::cluster_key::{key_files, CLUSTER_KEY_FILE_ENV};
 
@@ -177,13 +178,13 @@ pub struct BenchArgs {
     /// QUIC connections to each node that the clients share, like a client driver's pool (many clients' requests then share packets). Use --connections C to give every client its own (more than C are not opened). Not used with --target resp://, where each client has its own TCP connection, nor by putget.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = bounded::<u32>(1, u32::MAX.into()))]
     pub connections: u32,
-    /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). At most 10000000. Or a share of the peak, such as 50%: each setting first runs as a closed loop (same clients, warm-up and duration) to measure its peak ops/s, then as an open loop at that share of it, which is how "p99 at half the peak" is measured on any machine. Default: closed loop.
-    #[arg(long, value_name = "OPS|PERCENT%", value_parser = |s: &str| ringkv_bench::rate::Rate::parse(s, RATE_MAX))]
-    pub rate: Option<ringkv_bench::rate::Rate>,
+    /// Open loop: requests come due at this many per second in total, on a fixed schedule; a free client sends the next one, and latency counts from when it was due, so waiting for a busy client counts too (no coordinated omission). At most 10000000. Or a share of the peak, 1% to 1000%, such as 50%: each setting first runs as a closed loop (same clients, warm-up and duration) to measure its peak ops/s, then as an open loop at that share of it, which is how "p99 at half the peak" is measured on any machine. Default: closed loop.
+    #[arg(long, value_name = "OPS|PERCENT%", value_parser = rate_arg)]
+    pub rate: Option<Rate>,
     /// Threads running the bench's clients (and, without --cluster, the embedded nodes). Default: one per core. With the cluster on the same machine, 1 leaves more of the cores to the nodes: in an open loop a second thread mostly wakes up to find nothing to do.
     #[arg(long, value_name = "N", value_parser = bounded::<u16>(1, 1024))]
     pub worker_threads: Option<u16>,
-    /// How long each setting is measured, after its --warmup-s (putget: each phase, with no warm-up).
+    /// How long each setting is measured, after its --warmup-s (twice with --rate PERCENT%: the peak, then the open loop; putget: each phase, with no warm-up).
     #[arg(long, value_name = "SECONDS", default_value_t = 6)]
     pub duration_s: u64,
     /// How long each setting's clients run before it is measured (YCSB workloads): connections, caches and the nodes' memtables warm up, and the first requests' costs stay out of the figures. 0 measures from the first request. Default: 1.
@@ -653,6 +654,16 @@ const CLEANUP_NODE_HELP: &str =
 
 /// A parser of whole numbers from `lo` to `hi` whose errors say so in
 /// words (clap's own reads "0 is not in 1..18446744073709551615").
+/// `--rate`: requests a second, or `PERCENT%` of each setting's peak.
+fn rate_arg(s: &str) -> Result<Rate, String> {
+    match s.trim().strip_suffix('%') {
+        Some(percent) => bounded::<u32>(1, Rate::PERCENT_MAX.into())(percent)
+            .map(|percent| Rate::ShareOfPeak { percent })
+            .map_err(|e| format!("a share of the peak (PERCENT%): {e}")),
+        None => bounded::<u64>(1, RATE_MAX)(s).map(Rate::PerSecond),
+    }
+}
+
 fn bounded<T>(
     lo: u64,
     hi: u64,
@@ -712,6 +723,27 @@ mod tests {
     use super::*;
 
     /// Out-of-range numbers are refused in words, whatever the type.
+    #[test]
+    fn a_rate_is_requests_a_second_or_a_share_of_the_peak() {
+        assert_eq!(rate_arg("5000"), Ok(Rate::PerSecond(5000)));
+        assert_eq!(rate_arg(" 50% "), Ok(Rate::ShareOfPeak { percent: 50 }));
+        assert_eq!(rate_arg("1000%"), Ok(Rate::ShareOfPeak { percent: 1000 }));
+        assert_eq!(rate_arg("0"), Err("must be 1 to 10000000".to_string()));
+        for (given, why) in [
+            ("0%", "must be 1 to 1000"),
+            ("1001%", "must be 1 to 1000"),
+            ("12.5%", "\"12.5\" is not a whole number"),
+            ("%", "\"\" is not a whole number"),
+        ] {
+            assert_eq!(
+                rate_arg(given),
+                Err(format!("a share of the peak (PERCENT%): {why}")),
+                "{given}"
+            );
+        }
+        assert!(rate_arg("5e3").unwrap_err().contains("not a whole number"));
+    }
+
     #[test]
     fn bounded_numbers_say_their_range() {
         let small = bounded::<u16>(1, 1024);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use ringkv_bench::rate::{share_of_peak, Rate};
 use ringkv_bench::workload::{KeyDistribution, Workload};
-use ringkv_bench::ycsb::{self, OpReport, Setting, SettingReport, YcsbConfig};
-use ringkv_bench::{LoadConfig, PhaseReport};
+use ringkv_bench::ycsb::{self, OpReport, Peak, Setting, SettingReport, YcsbConfig};
+use ringkv_bench::{Histogram, LoadConfig, PhaseReport};
 use ringkv_core::regions::{LatencyMatrix, Link};
 use ringkv_core::wire::{Request, Response, VALUE_MAX_BYTES};
 use ringkv_core::Consistency;
@@ -462,30 +462,6 @@ async fn run_with_bar(
     Ok(report)
 }
 
-/// `--rate PERCENT%` with a peak run that got nothing through: there is no
-/// rate to take a share of, and the peak run's first error says why.
-fn no_peak(peak: &SettingReport, percent: u32) -> Failure {
-    let first_error = peak
-        .ops
-        .iter()
-        .find_map(|(op, o)| {
-            Some(format!(
-                "; the first {} error: {}",
-                op.as_str(),
-                o.first_error.as_ref()?
-            ))
-        })
-        .unwrap_or_default();
-    Failure::new(
-        Exit::Quorum,
-        format!(
-            "setting {}: the closed loop that measures its peak got none of its {} requests through, so there is no rate to run at {percent}% of it{first_error}",
-            peak.setting,
-            peak.attempts()
-        ),
-    )
-}
-
 fn bar(len: u64, message: String) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
@@ -526,7 +502,7 @@ async fn run_all(
                 None => String::new(),
                 Some(Rate::PerSecond(rate)) => format!(", open loop at {rate} requests/s"),
                 Some(Rate::ShareOfPeak { percent }) => format!(
-                    ", open loop at {percent}% of each setting's peak (a closed loop measures it first)"
+                    ", open loop at {percent}% of each setting's peak (which a closed loop as long measures first)"
                 ),
             },
         );
@@ -544,16 +520,21 @@ async fn run_all(
                 let peak = run_with_bar(config, setting, records, "peak").await?;
                 // Inserts of workload D add records for the next run.
                 records = peak.records_after;
-                let peak_ops_per_s = peak.ops_per_sec();
-                let rate = share_of_peak(percent, peak_ops_per_s, RATE_MAX)
-                    .ok_or_else(|| no_peak(&peak, percent))?;
-                let open_loop = YcsbConfig {
-                    rate_per_s: Some(rate),
-                    ..config.clone()
-                };
-                let mut report = run_with_bar(&open_loop, setting, records, "run").await?;
-                report.peak_ops_per_s = Some(peak_ops_per_s);
-                report
+                match share_of_peak(percent, peak.ops_per_sec(), RATE_MAX) {
+                    Some(rate) => {
+                        let open_loop = YcsbConfig {
+                            rate_per_s: Some(rate),
+                            ..config.clone()
+                        };
+                        let mut report = run_with_bar(&open_loop, setting, records, "run").await?;
+                        report.peak = Some(Peak::of(&peak));
+                        report
+                    }
+                    // Nothing got through, so there is no rate to take a
+                    // share of: the peak run is the setting's report, and
+                    // fails the command once every report is out.
+                    None => peak,
+                }
             }
             _ => run_with_bar(config, setting, records, "run").await?,
         };
@@ -598,7 +579,7 @@ async fn run_all(
     };
     let plotted = plot_file(args, &reports);
     if args.json.as_deref() != Some("-") {
-        print_table(&reports, cpu_scope, args.concurrency);
+        print_table(&reports, cpu_scope, args.concurrency, args.rate);
     }
     json_written?;
     let after_json = |failure: Failure| match args.json.as_deref() {
@@ -613,10 +594,16 @@ async fn run_all(
         .find(|r| r.attempts() > 0 && r.total_ops() == 0)
     {
         // A run that measured nothing is no result a script should take.
+        let share = match args.rate {
+            Some(Rate::ShareOfPeak { percent }) => format!(
+                " in the closed loop that measures its peak, so there was no rate to run at {percent}% of it"
+            ),
+            _ => String::new(),
+        };
         return Err(after_json(Failure::new(
             Exit::Quorum,
             format!(
-                "setting {}: none of its {} requests succeeded (see the errors above)",
+                "setting {}: none of its {} requests succeeded{share} (see the errors above)",
                 r.setting,
                 r.attempts()
             ),
@@ -640,8 +627,9 @@ fn plot_file(args: &BenchArgs, reports: &[SettingReport]) -> Result<(), Failure>
     })
 }
 
-/// The table, and what to note about it. `clients`: `--concurrency`.
-fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize) {
+/// The table, and what to note about it. `clients`: `--concurrency`;
+/// `rate`: `--rate`, as given.
+fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate: Option<Rate>) {
     outln!("{:<16} {:<7} {}", "setting", "op", op_columns_header());
     for r in reports {
         for (op, o) in &r.ops {
@@ -676,9 +664,14 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize) {
     let peaks: Vec<String> = reports
         .iter()
         .filter_map(|r| {
+            let peak = r.peak?;
+            let failed = match peak.attempts - peak.ops {
+                0 => String::new(),
+                n => format!(" ({n} of its {} requests failed)", peak.attempts),
+            };
             Some(format!(
-                "{}: {:.0} ops/s, so {} requests/s",
-                r.setting, r.peak_ops_per_s?, r.rate_per_s?
+                "{}: {:.0} ops/s{failed}, so {} requests/s",
+                r.setting, peak.ops_per_s, r.rate_per_s?
             ))
         })
         .collect();
@@ -691,14 +684,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize) {
         .iter()
         .filter_map(|r| {
             let h = r.pickup_us.as_ref().filter(|h| !h.is_empty())?;
-            let q = |q: f64| ms(ringkv_bench::quantile_ms(h, q), 2);
-            Some(format!(
-                "{}: p50 {}, p99 {}, max {} ms",
-                r.setting,
-                q(0.5),
-                q(0.99),
-                q(1.0)
-            ))
+            Some(format!("{}: {}", r.setting, percentiles_text(h)))
         })
         .collect();
     by_setting_line(
@@ -729,18 +715,30 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize) {
             let needed = r.clients_needed()?;
             (needed > 0.9 * clients as f64).then_some((rate, needed))
         });
-        if let Some((rate, needed)) = too_few_clients {
+        if let Some((per_s, needed)) = too_few_clients {
+            let more = (needed * 1.5).ceil();
+            let (asked, advice) = match rate {
+                Some(Rate::ShareOfPeak { percent }) => (
+                    format!("{per_s} requests/s ({percent}% of the peak)"),
+                    // The peak run had the same clients: more of them
+                    // raise the peak, and so the rate, too.
+                    format!("raise --concurrency (to {more:.0} or more; the peak, and so the rate, may rise with it) or ask for a smaller share"),
+                ),
+                _ => (
+                    format!("--rate {per_s}"),
+                    format!("raise --concurrency to at least {more:.0}"),
+                ),
+            };
             outln!(
-                "{}: each request took {:.2} ms once sent, so --rate {rate} needs about {needed:.0} clients with one request out each, and --concurrency is {clients}: requests waited for a free client, and that wait (the bench's, not the store's) is in their latency; raise --concurrency to at least {:.0}",
+                "{}: each request took {:.2} ms once sent, so {asked} needs about {needed:.0} clients with one request out each, and --concurrency is {clients}: requests waited for a free client, and that wait (the bench's, not the store's) is in their latency; {advice}",
                 r.setting,
                 r.mean_service_ms.unwrap_or(0.0),
-                (needed * 1.5).ceil()
             );
         }
         if let Some(unsent) = r.unsent.filter(|u| *u > 0) {
             let why = match too_few_clients {
                 Some(_) => "there were too few clients (above)",
-                None => "the store fell far behind --rate",
+                None => "the store fell far behind the rate",
             };
             outln!(
                 "{}: {unsent} requests came due but were never sent (every client stayed busy until a request timeout past the end): {why}; they count as timeouts above, at what they had waited by then",
@@ -929,15 +927,14 @@ fn report_json(
             "mean_service_ms": r.mean_service_ms,
             // Open loop: from due to a client taking it up, part of every
             // latency above.
-            "pickup_ms": r.pickup_us.as_ref().map(|h| json!({
-                "p50": ringkv_bench::quantile_ms(h, 0.5),
-                "p99": ringkv_bench::quantile_ms(h, 0.99),
-                "p999": ringkv_bench::quantile_ms(h, 0.999),
-                "max": ringkv_bench::quantile_ms(h, 1.0),
-            })),
+            "pickup_ms": r.pickup_us.as_ref().map(percentiles_json),
             "rate_per_s": r.rate_per_s,
-            // With --rate PERCENT%: the closed loop's ops/s just before.
-            "peak_ops_per_sec": r.peak_ops_per_s,
+            // With --rate PERCENT%: the closed loop run just before.
+            "peak": r.peak.map(|p| json!({
+                "ops_per_sec": p.ops_per_s,
+                "attempts": p.attempts,
+                "ops": p.ops,
+            })),
             "clients_needed": r.clients_needed(),
             "failovers": r.failovers,
             "ops": r.ops.iter().map(|(op, o)| {
@@ -1270,15 +1267,28 @@ fn phase_json(p: &PhaseReport) -> serde_json::Value {
 /// How long the requests that failed or were shed took, for the table's
 /// footer; `None` when none did.
 fn failed_note(o: &OpReport) -> Option<String> {
-    let q = |q: f64| ms(o.failed_latency_ms(q), 2);
-    o.failed_latency_ms(0.5)?;
+    let h = o.failed_latency_us.as_ref().filter(|h| !h.is_empty())?;
     Some(format!(
-        "the {} requests that failed or were shed took p50 {}, p99 {}, max {} ms (not in the latency columns)",
+        "the {} requests that failed or were shed took {} (not in the latency columns)",
         o.errors + o.shed,
-        q(0.5),
-        q(0.99),
-        q(1.0)
+        percentiles_text(h)
     ))
+}
+
+/// A footer's summary of a histogram of microseconds.
+fn percentiles_text(h: &Histogram<u64>) -> String {
+    let q = |q: f64| ms(ringkv_bench::quantile_ms(h, q), 2);
+    format!("p50 {}, p99 {}, max {} ms", q(0.5), q(0.99), q(1.0))
+}
+
+/// The JSON's summary of a histogram of microseconds, in milliseconds.
+fn percentiles_json(h: &Histogram<u64>) -> serde_json::Value {
+    json!({
+        "p50": ringkv_bench::quantile_ms(h, 0.5),
+        "p99": ringkv_bench::quantile_ms(h, 0.99),
+        "p999": ringkv_bench::quantile_ms(h, 0.999),
+        "max": ringkv_bench::quantile_ms(h, 1.0),
+    })
 }
 
 /// One operation type's counts and latency percentiles, as every report
@@ -1296,11 +1306,7 @@ fn op_json(o: &OpReport) -> serde_json::Value {
         "p999_ms": o.latency_ms(0.999),
         "max_ms": o.latency_ms(1.0),
         // Errors and shed requests, apart from the percentiles above.
-        "failed_ms": o.failed_latency_us.as_ref().map(|_| json!({
-            "p50": o.failed_latency_ms(0.5),
-            "p99": o.failed_latency_ms(0.99),
-            "max": o.failed_latency_ms(1.0),
-        })),
+        "failed_ms": o.failed_latency_us.as_ref().map(percentiles_json),
     })
 }
 

@@ -201,17 +201,17 @@ fn bad_bench_input_is_refused_before_loading() {
         (
             &["--rate", "10000001"],
             2,
-            "--rate <OPS|PERCENT%>': a rate must be 1 to 10000000 requests a second",
+            "--rate <OPS|PERCENT%>': must be 1 to 10000000",
         ),
         (
             &["--rate", "0%"],
             2,
-            "a share of the peak must be 1% to 1000%",
+            "a share of the peak (PERCENT%): must be 1 to 1000",
         ),
         (
             &["--rate", "12.5%"],
             2,
-            "nor a whole share of the peak (50%)",
+            "a share of the peak (PERCENT%): \"12.5\" is not a whole number",
         ),
         (
             &["--workload", "putget", "--rate", "50%"],
@@ -348,8 +348,13 @@ fn a_share_of_the_peak_runs_the_open_loop_at_that_share_of_a_measured_peak() {
     assert_eq!(report["config"]["rate"], "10%");
     assert!(report["config"]["rate_per_s"].is_null(), "{report}");
     let s = &report["settings"][0];
-    let peak = s["peak_ops_per_sec"].as_f64().unwrap();
+    let peak = s["peak"]["ops_per_sec"].as_f64().unwrap();
     assert!(peak > 0.0, "{s}");
+    let (attempts, ops) = (s["peak"]["attempts"].as_u64(), s["peak"]["ops"].as_u64());
+    assert!(
+        ops.is_some_and(|ops| ops > 0 && ops <= attempts.unwrap()),
+        "{s}"
+    );
     let rate = s["rate_per_s"].as_u64().unwrap();
     assert_eq!(rate, ((peak / 10.0).round() as u64).max(1), "{s}");
     // The open loop ran at that rate: exactly rate × 2 s requests came due
@@ -396,7 +401,7 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     assert_eq!(report["config"]["embedded_nodes"], 3);
     assert_eq!(report["config"]["rate_per_s"], 100);
     assert_eq!(report["config"]["rate"], "100");
-    assert!(report["settings"][0]["peak_ops_per_sec"].is_null());
+    assert!(report["settings"][0]["peak"].is_null());
     assert_eq!(report["settings"][0]["rate_per_s"], 100);
     assert_eq!(report["config"]["worker_threads"], 1);
     // What the bench's threads were scheduled with: the settings of this
@@ -692,6 +697,24 @@ fn a_run_with_no_success_fails_and_too_few_clients_are_named() {
         p50.is_some_and(|p50| p50 > 0.0 && p50 <= max.unwrap()),
         "{read}"
     );
+    // Asked for a share of the peak, a peak run that got nothing through
+    // leaves no rate: its report still comes out whole, and the command
+    // fails after it, saying why.
+    let out = run(ringkv()
+        .args(["bench", "--target", &broken])
+        .args(args)
+        .args(["--concurrency", "2", "--rate", "50%", "--json"]));
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("so there was no rate to run at 50% of it"),
+        "{}",
+        stderr(&out)
+    );
+    let report = json(&out);
+    assert_eq!(report["config"]["rate"], "50%");
+    let s = &report["settings"][0];
+    assert_eq!(s["ops"]["read"]["ops"], 0, "{s}");
+    assert!(s["rate_per_s"].is_null() && s["peak"].is_null(), "{s}");
 
     // GETs of 20 ms at 60/s keep about 1.2 clients busy: one is too few.
     let slow = format!(

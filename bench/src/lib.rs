@@ -24,7 +24,8 @@ pub mod ycsb;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
+/// The latency histograms of every report.
+pub use hdrhistogram::Histogram;
 use ringkv_core::dvv::Payload;
 use ringkv_core::wire::{GetRequest, PutRequest, Request};
 use ringkv_core::Consistency;

@@ -29,45 +29,6 @@ impl Rate {
     /// is allowed, `5000%` is not) from queueing minutes of requests.
     pub const PERCENT_MAX: u32 = 1000;
 
-    /// Parses `OPS` (1 to `max_per_s`) or `PERCENT%` (1 to
-    /// [`Rate::PERCENT_MAX`]), saying what is wrong otherwise.
-    pub fn parse(s: &str, max_per_s: u64) -> Result<Rate, String> {
-        let given = s.trim();
-        let (digits, share) = match given.strip_suffix('%') {
-            Some(digits) => (digits.trim_end(), true),
-            None => (given, false),
-        };
-        let (what, hi) = if share {
-            ("a share of the peak", u64::from(Rate::PERCENT_MAX))
-        } else {
-            ("a rate", max_per_s)
-        };
-        let range = || {
-            if share {
-                format!("{what} must be 1% to {hi}%")
-            } else {
-                format!("{what} must be 1 to {hi} requests a second")
-            }
-        };
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!(
-                "{s:?} is neither a whole number of requests a second (5000) nor a whole share of the peak (50%)"
-            ));
-        }
-        // All digits: a number too large for u64 is out of range too.
-        let value = digits.parse::<u64>().map_err(|_| range())?;
-        if !(1..=hi).contains(&value) {
-            return Err(range());
-        }
-        Ok(if share {
-            Rate::ShareOfPeak {
-                percent: value as u32,
-            }
-        } else {
-            Rate::PerSecond(value)
-        })
-    }
-
     /// The fixed rate, if this is one.
     pub fn per_second(self) -> Option<u64> {
         match self {
@@ -103,48 +64,12 @@ pub fn share_of_peak(percent: u32, peak_ops_per_s: f64, max_per_s: u64) -> Optio
 mod tests {
     use super::*;
 
+    /// Displayed as the command line writes it (`--rate 5000`, `--rate
+    /// 50%`), for the JSON's config.
     #[test]
-    fn parses_a_rate_or_a_share_of_the_peak() {
-        assert_eq!(Rate::parse("5000", 10_000), Ok(Rate::PerSecond(5000)));
-        assert_eq!(Rate::parse(" 1 ", 10_000), Ok(Rate::PerSecond(1)));
-        assert_eq!(
-            Rate::parse("50%", 10_000),
-            Ok(Rate::ShareOfPeak { percent: 50 })
-        );
-        assert_eq!(
-            Rate::parse("1000%", 10),
-            Ok(Rate::ShareOfPeak { percent: 1000 }),
-            "a share is bounded by PERCENT_MAX, not by the rate's bound"
-        );
-        for (given, why) in [
-            ("0", "a rate must be 1 to 10000 requests a second"),
-            ("10001", "a rate must be 1 to 10000 requests a second"),
-            (
-                "99999999999999999999999",
-                "a rate must be 1 to 10000 requests a second",
-            ),
-            ("0%", "a share of the peak must be 1% to 1000%"),
-            ("1001%", "a share of the peak must be 1% to 1000%"),
-            (
-                "99999999999999999999999%",
-                "a share of the peak must be 1% to 1000%",
-            ),
-        ] {
-            assert_eq!(Rate::parse(given, 10_000), Err(why.to_string()), "{given}");
-        }
-        for given in ["", "%", "-5", "12.5%", "half", "50 %x", "5e3"] {
-            let err = Rate::parse(given, 10_000).unwrap_err();
-            assert!(err.contains("neither a whole number"), "{given}: {err}");
-        }
-    }
-
-    /// What parses prints back the same, so the JSON's config reads as
-    /// the command line gave it.
-    #[test]
-    fn displays_as_given() {
-        for given in ["5000", "50%", "1%", "1000%"] {
-            assert_eq!(Rate::parse(given, 10_000).unwrap().to_string(), given);
-        }
+    fn displays_as_the_command_line_writes_it() {
+        assert_eq!(Rate::PerSecond(5000).to_string(), "5000");
+        assert_eq!(Rate::ShareOfPeak { percent: 50 }.to_string(), "50%");
         assert_eq!(Rate::PerSecond(7).per_second(), Some(7));
         assert_eq!(Rate::ShareOfPeak { percent: 50 }.per_second(), None);
     }

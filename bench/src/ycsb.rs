@@ -342,6 +342,26 @@ impl ReadStats {
     }
 }
 
+/// What the closed loop that measured a setting's peak came to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Peak {
+    pub ops_per_s: f64,
+    /// Its requests, and of those the ones that succeeded: a peak reached
+    /// while many failed is no capacity to plan on.
+    pub attempts: u64,
+    pub ops: u64,
+}
+
+impl Peak {
+    pub fn of(report: &SettingReport) -> Peak {
+        Peak {
+            ops_per_s: report.ops_per_sec(),
+            attempts: report.attempts(),
+            ops: report.total_ops(),
+        }
+    }
+}
+
 /// One setting's results.
 #[derive(Debug, Clone)]
 pub struct SettingReport {
@@ -360,10 +380,9 @@ pub struct SettingReport {
     pub machine: Option<MachineShare>,
     /// Open loop only: the requests a second that came due.
     pub rate_per_s: Option<u64>,
-    /// With `--rate PERCENT%`: the ops/s of the closed loop of this setting
-    /// run just before, of which the rate is that share (see
-    /// [`crate::rate`]).
-    pub peak_ops_per_s: Option<f64>,
+    /// With `--rate PERCENT%`: the closed loop of this setting run just
+    /// before, of whose ops/s the rate is that share (see [`crate::rate`]).
+    pub peak: Option<Peak>,
     /// Open loop only: requests that came due but were never sent because
     /// every client was busy until the end, and then for a request timeout
     /// more (clients go on taking requests that came due before the end).
@@ -1101,7 +1120,7 @@ pub async fn run_setting(
         cpu,
         machine,
         rate_per_s: config.rate_per_s,
-        peak_ops_per_s: None,
+        peak: None,
         unsent: None,
         mean_service_ms: config.rate_per_s.and_then(|_| timing.mean_service_ms()),
         pickup_us: config.rate_per_s.map(|_| timing.pickup_us),
@@ -1883,7 +1902,7 @@ mod tests {
             cpu: Some(Duration::from_millis(10)),
             machine: None,
             rate_per_s: Some(200),
-            peak_ops_per_s: None,
+            peak: None,
             unsent: Some(5),
             mean_service_ms: None,
             pickup_us: None,
