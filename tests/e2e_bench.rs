@@ -310,27 +310,9 @@ fn a_share_of_the_peak_runs_the_open_loop_at_that_share_of_a_measured_peak() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("bench.json");
-    let out = run(ringkv().args([
-        "bench",
-        "--regions",
-        "none",
-        "--workload",
-        "c",
-        "--records",
-        "20",
-        "--duration-s",
-        "2",
-        "--concurrency",
-        "4",
-        "--consistency",
-        "quorum",
-        "--rate",
-        "10%",
-        "--nodes",
-        "3",
-        "--json",
-        &report.to_string_lossy(),
-    ]));
+    let out = run(ringkv()
+        .args(open_loop_of_three("c", "10%"))
+        .args(["--json", &report.to_string_lossy()]));
     assert_exit(&out, 0);
     let table = stdout(&out);
     assert!(
@@ -359,12 +341,7 @@ fn a_share_of_the_peak_runs_the_open_loop_at_that_share_of_a_measured_peak() {
     assert_eq!(rate, ((peak / 10.0).round() as u64).max(1), "{s}");
     // The open loop ran at that rate: exactly rate × 2 s requests came due
     // in its measured window, each counted once.
-    let due: u64 = over_ops(s, |o| {
-        o["ops"].as_u64().unwrap()
-            + o["errors"].as_u64().unwrap()
-            + o["timeouts"].as_u64().unwrap()
-            + o["shed"].as_u64().unwrap()
-    });
+    let due = requests_counted(s);
     assert_eq!(due, 2 * rate, "{s}");
     assert!(s["pickup_ms"]["p50"].is_f64(), "an open loop's: {s}");
 }
@@ -373,26 +350,9 @@ fn a_share_of_the_peak_runs_the_open_loop_at_that_share_of_a_measured_peak() {
 fn an_open_loop_never_sends_faster_than_its_rate() {
     // Its embedded nodes must not share the 2 cores with another cluster.
     let _serial = serial();
-    let out = run(ringkv().args([
-        "bench",
-        "--regions",
-        "none",
-        "--workload",
-        "b",
-        "--records",
-        "20",
-        "--duration-s",
-        "2",
-        "--concurrency",
-        "4",
-        "--consistency",
-        "quorum",
-        "--rate",
-        "100",
+    let out = run(ringkv().args(open_loop_of_three("b", "100")).args([
         "--worker-threads",
         "1",
-        "--nodes",
-        "3",
         "--json",
     ]));
     assert_exit(&out, 0);
@@ -425,12 +385,7 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
         assert_eq!(scheduler["nice"].as_i64(), own_nice, "{scheduler}");
     }
     let s = &report["settings"][0];
-    let ops: u64 = over_ops(s, |o| {
-        o["ops"].as_u64().unwrap()
-            + o["errors"].as_u64().unwrap()
-            + o["timeouts"].as_u64().unwrap()
-            + o["shed"].as_u64().unwrap()
-    });
+    let ops = requests_counted(s);
     // 100/s for 2 s: exactly 200 requests came due, however fast the
     // cluster answers, and each is counted once: answered, failed, timed
     // out (those never sent among them) or shed.
@@ -827,6 +782,42 @@ fn the_bench_moves_its_clients_off_a_node_that_stops_mid_run() {
 }
 
 /// The sum of `field` over a JSON setting's operation types.
+/// `ringkv bench` on an embedded 3-node cluster with no emulated delay:
+/// `workload` in an open loop at `rate`, quorum, 4 clients, 20 records,
+/// measured for 2 s.
+fn open_loop_of_three<'a>(workload: &'a str, rate: &'a str) -> [&'a str; 17] {
+    [
+        "bench",
+        "--regions",
+        "none",
+        "--workload",
+        workload,
+        "--records",
+        "20",
+        "--duration-s",
+        "2",
+        "--concurrency",
+        "4",
+        "--consistency",
+        "quorum",
+        "--rate",
+        rate,
+        "--nodes",
+        "3",
+    ]
+}
+
+/// A setting's requests, each counted once: answered, failed, timed out
+/// (those never sent among them) or shed.
+fn requests_counted(setting: &serde_json::Value) -> u64 {
+    over_ops(setting, |o| {
+        o["ops"].as_u64().unwrap()
+            + o["errors"].as_u64().unwrap()
+            + o["timeouts"].as_u64().unwrap()
+            + o["shed"].as_u64().unwrap()
+    })
+}
+
 fn over_ops<T: std::iter::Sum>(
     setting: &serde_json::Value,
     field: impl Fn(&serde_json::Value) -> T,
