@@ -9,7 +9,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use ringkv_bench::rate::{share_of_peak, Rate};
 use ringkv_bench::workload::{KeyDistribution, Workload};
-use ringkv_bench::ycsb::{self, OpReport, Peak, Setting, SettingReport, YcsbConfig};
+use ringkv_bench::ycsb::{self, OpReport, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{Histogram, LoadConfig, PhaseReport};
 use ringkv_core::regions::{LatencyMatrix, Link};
 use ringkv_core::wire::{Request, Response, VALUE_MAX_BYTES};
@@ -527,7 +527,7 @@ async fn run_all(
                             ..config.clone()
                         };
                         let mut report = run_with_bar(&open_loop, setting, records, "run").await?;
-                        report.peak = Some(Peak::of(&peak));
+                        report.peak = Some(Box::new(peak));
                         report
                     }
                     // Nothing got through, so there is no rate to take a
@@ -664,14 +664,22 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
     let peaks: Vec<String> = reports
         .iter()
         .filter_map(|r| {
-            let peak = r.peak?;
-            let failed = match peak.attempts - peak.ops {
+            let peak = r.peak.as_deref()?;
+            let p99: Vec<String> = peak
+                .ops
+                .iter()
+                .map(|(op, o)| format!("{} {}", op.as_str(), ms(o.latency_ms(0.99), 2)))
+                .collect();
+            let failed = match peak.attempts() - peak.total_ops() {
                 0 => String::new(),
-                n => format!(" ({n} of its {} requests failed)", peak.attempts),
+                n => format!("; {n} of its {} requests failed", peak.attempts()),
             };
             Some(format!(
-                "{}: {:.0} ops/s{failed}, so {} requests/s",
-                r.setting, peak.ops_per_s, r.rate_per_s?
+                "{}: {:.0} ops/s (p99 {} ms{failed}), so {} requests/s",
+                r.setting,
+                peak.ops_per_sec(),
+                p99.join(", "),
+                r.rate_per_s?
             ))
         })
         .collect();
@@ -910,54 +918,55 @@ fn report_json(
             // threads were scheduled with (see `sched_info`).
             "scheduler": crate::sched_info::SchedInfo::current_thread().to_json(),
         },
-        "settings": reports.iter().map(|r| json!({
-            "setting": r.setting.to_string(),
-            "r": if r.setting.resp { json!(null) } else { json!(r.setting.r.to_string()) },
-            "w": if r.setting.resp { json!(null) } else { json!(r.setting.w.to_string()) },
-            "elapsed_s": r.elapsed.as_secs_f64(),
-            "ops_per_sec": r.ops_per_sec(),
-            "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
-            // The whole machine over the same stretch as cpu_s (see
-            // machine_cpu).
-            "machine_busy_pct": r.machine.map(|m| m.busy_pct),
-            "host_steal_pct": r.machine.map(|m| m.steal_pct),
-            "cpu_us_per_op": r.cpu_us_per_op(),
-            "cpu_us_per_attempt": r.cpu_us_per_attempt(),
-            "unsent": r.unsent,
-            "mean_service_ms": r.mean_service_ms,
-            // Open loop: from due to a client taking it up, part of every
-            // latency above.
-            "pickup_ms": r.pickup_us.as_ref().map(percentiles_json),
-            "rate_per_s": r.rate_per_s,
-            // With --rate PERCENT%: the closed loop run just before.
-            "peak": r.peak.map(|p| json!({
-                "ops_per_sec": p.ops_per_s,
-                "attempts": p.attempts,
-                "ops": p.ops,
-            })),
-            "clients_needed": r.clients_needed(),
-            "failovers": r.failovers,
-            "ops": r.ops.iter().map(|(op, o)| {
-                // As the table gives it, per operation type.
-                let mut out = op_json(o);
-                out["ops_per_sec"] = json!(r.op_ops_per_sec(o));
-                (op.as_str().to_string(), out)
-            })
-                .collect::<serde_json::Map<_, _>>(),
-            "reads": r.reads,
-            "reads_not_found": r.reads_not_found,
-            "records_after": r.records_after,
-            "sibling_reads": r.sibling_reads,
-            "values_read": r.values_read,
-            "max_siblings": r.max_siblings,
-            "staleness": r.staleness.iter().map(|v| json!({
-                "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh, "failed": v.failed,
-                "same_coordinator": v.same_coordinator,
-                "fresh_share": if v.probes == 0 { json!(null) } else { json!(v.fresh_share()) },
-                "mean_gap_ms": v.mean_gap_ms(),
-            })).collect::<Vec<_>>(),
-            "staleness_skipped": r.staleness_skipped,
+        "settings": reports.iter().map(setting_json).collect::<Vec<_>>(),
+    })
+}
+
+/// One setting's results, as the JSON report gives them.
+fn setting_json(r: &SettingReport) -> serde_json::Value {
+    json!({
+        "setting": r.setting.to_string(),
+        "r": if r.setting.resp { json!(null) } else { json!(r.setting.r.to_string()) },
+        "w": if r.setting.resp { json!(null) } else { json!(r.setting.w.to_string()) },
+        "elapsed_s": r.elapsed.as_secs_f64(),
+        "ops_per_sec": r.ops_per_sec(),
+        "cpu_s": r.cpu.map(|d| d.as_secs_f64()),
+        // The whole machine over the same stretch as cpu_s (see
+        // machine_cpu).
+        "machine_busy_pct": r.machine.map(|m| m.busy_pct),
+        "host_steal_pct": r.machine.map(|m| m.steal_pct),
+        "cpu_us_per_op": r.cpu_us_per_op(),
+        "cpu_us_per_attempt": r.cpu_us_per_attempt(),
+        "unsent": r.unsent,
+        "mean_service_ms": r.mean_service_ms,
+        // Open loop: from due to a client taking it up, part of every
+        // latency above.
+        "pickup_ms": r.pickup_us.as_ref().map(percentiles_json),
+        "rate_per_s": r.rate_per_s,
+        // With --rate PERCENT%: the closed loop run just before, whole.
+        "peak": r.peak.as_deref().map(setting_json),
+        "clients_needed": r.clients_needed(),
+        "failovers": r.failovers,
+        "ops": r.ops.iter().map(|(op, o)| {
+            // As the table gives it, per operation type.
+            let mut out = op_json(o);
+            out["ops_per_sec"] = json!(r.op_ops_per_sec(o));
+            (op.as_str().to_string(), out)
+        })
+            .collect::<serde_json::Map<_, _>>(),
+        "reads": r.reads,
+        "reads_not_found": r.reads_not_found,
+        "records_after": r.records_after,
+        "sibling_reads": r.sibling_reads,
+        "values_read": r.values_read,
+        "max_siblings": r.max_siblings,
+        "staleness": r.staleness.iter().map(|v| json!({
+            "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh, "failed": v.failed,
+            "same_coordinator": v.same_coordinator,
+            "fresh_share": if v.probes == 0 { json!(null) } else { json!(v.fresh_share()) },
+            "mean_gap_ms": v.mean_gap_ms(),
         })).collect::<Vec<_>>(),
+        "staleness_skipped": r.staleness_skipped,
     })
 }
 

@@ -342,26 +342,6 @@ impl ReadStats {
     }
 }
 
-/// What the closed loop that measured a setting's peak came to.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Peak {
-    pub ops_per_s: f64,
-    /// Its requests, and of those the ones that succeeded: a peak reached
-    /// while many failed is no capacity to plan on.
-    pub attempts: u64,
-    pub ops: u64,
-}
-
-impl Peak {
-    pub fn of(report: &SettingReport) -> Peak {
-        Peak {
-            ops_per_s: report.ops_per_sec(),
-            attempts: report.attempts(),
-            ops: report.total_ops(),
-        }
-    }
-}
-
 /// One setting's results.
 #[derive(Debug, Clone)]
 pub struct SettingReport {
@@ -381,8 +361,10 @@ pub struct SettingReport {
     /// Open loop only: the requests a second that came due.
     pub rate_per_s: Option<u64>,
     /// With `--rate PERCENT%`: the closed loop of this setting run just
-    /// before, of whose ops/s the rate is that share (see [`crate::rate`]).
-    pub peak: Option<Peak>,
+    /// before, of whose ops/s the rate is that share (see [`crate::rate`]),
+    /// kept whole: its latencies are the store's at saturation, and its
+    /// failures say whether the peak is capacity to plan on.
+    pub peak: Option<Box<SettingReport>>,
     /// Open loop only: requests that came due but were never sent because
     /// every client was busy until the end, and then for a request timeout
     /// more (clients go on taking requests that came due before the end).
