@@ -269,12 +269,6 @@ impl OpReport {
     pub fn latency_ms(&self, q: f64) -> Option<f64> {
         crate::quantile_ms(&self.latency_us, q)
     }
-
-    /// The `q` quantile of the failed and shed requests' latencies, in
-    /// milliseconds; `None` when none failed.
-    pub fn failed_latency_ms(&self, q: f64) -> Option<f64> {
-        crate::quantile_ms(self.failed_latency_us.as_ref()?, q)
-    }
 }
 
 /// Fresh reads out of probes at one `t`.
@@ -1701,10 +1695,10 @@ mod tests {
         // The refusals have latencies of their own, apart.
         let failed = report.failed_latency_us.as_ref().unwrap();
         assert_eq!(failed.len(), 3, "one shed, two errors");
-        assert_eq!(report.failed_latency_ms(1.0), Some(0.007));
-        assert_eq!(report.failed_latency_ms(0.0), Some(0.005));
+        assert_eq!(crate::quantile_ms(failed, 1.0), Some(0.007));
+        assert_eq!(crate::quantile_ms(failed, 0.0), Some(0.005));
         let mut merged = OpReport::new();
-        assert_eq!(merged.failed_latency_ms(0.5), None, "none failed");
+        assert!(merged.failed_latency_us.is_none(), "none failed");
         merged.merge(&report);
         merged.merge(&OpReport::new());
         assert_eq!(merged.failed_latency_us.as_ref().map(|h| h.len()), Some(3));
