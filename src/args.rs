@@ -153,7 +153,8 @@ pub const RECORDS_MAX: u64 = 1_000_000_000;
     (the cloud3 preset: us-east, us-west, eu-west, with delays from public AWS inter-region medians), \
     loads --records keys, then runs the workload once per --consistency setting and prints them side by side.\n\n\
     Staleness (PBS t-visibility): probers write through one node and read through another t ms after the \
-    acknowledgement (several pairs of nodes); 'fresh@t' is the share of those reads that saw the write.\n\n\
+    acknowledgement (several pairs of nodes); 'fresh@t' is the share of those reads that saw the write, \
+    and the row under it that share's 95% confidence interval (a short run makes a few dozen probes per t).\n\n\
     --workload putget is the older put-then-get phase benchmark (bench/loopback.sh uses it)."
 )]
 pub struct BenchArgs {

@@ -832,6 +832,9 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
             siblings * 100.0,
             r.max_siblings
         );
+        if let Some(intervals) = interval_row(&r.staleness) {
+            outln!("{:<48}{intervals}", "  95% confidence interval");
+        }
     }
     // A share over few probes says little (a short run makes only a few
     // per column): the counts behind them.
@@ -851,6 +854,26 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
             outln!("{}: staleness not measured: {why}", r.setting);
         }
     }
+}
+
+/// The cells under a setting's fresh@ shares: each share's 95% confidence
+/// interval, so that a difference between columns inside them is not read
+/// as the store's (a short run makes a few dozen probes per column). `None`
+/// when nothing was probed.
+fn interval_row(staleness: &[ycsb::Visibility]) -> Option<String> {
+    let cells: Vec<String> = staleness
+        .iter()
+        .map(|v| match v.fresh_interval95() {
+            Some((low, high)) => {
+                format!("{:>12}", format!("{:.0}–{:.0}%", low * 100.0, high * 100.0))
+            }
+            None => format!("{:>12}", "-"),
+        })
+        .collect();
+    staleness
+        .iter()
+        .any(|v| v.probes > 0)
+        .then(|| cells.concat())
 }
 
 fn report_json(
@@ -964,6 +987,7 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
             "t_ms": v.t_ms, "probes": v.probes, "fresh": v.fresh, "failed": v.failed,
             "same_coordinator": v.same_coordinator,
             "fresh_share": if v.probes == 0 { json!(null) } else { json!(v.fresh_share()) },
+            "fresh_ci95": v.fresh_interval95().map(|(low, high)| json!({ "low": low, "high": high })),
             "mean_gap_ms": v.mean_gap_ms(),
         })).collect::<Vec<_>>(),
         "staleness_skipped": r.staleness_skipped,

@@ -54,6 +54,15 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         table.contains("Probes behind each fresh@ share: one "),
         "{table}"
     );
+    // Each setting's shares get a row of their 95% intervals (Wilson's:
+    // quorum reads, all fresh, still show an interval below 100%).
+    assert_eq!(
+        table.matches("  95% confidence interval").count(),
+        2,
+        "{table}"
+    );
+    // The plot draws them as error bars: more lines than the curves alone.
+    assert!(svg.matches("<polyline").count() > 4, "{svg}");
     assert!(
         table.contains("CPU per operation (this process: the embedded nodes"),
         "{table}"
@@ -153,6 +162,30 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         assert_eq!(v["fresh"], v["probes"], "quorum reads are never stale: {v}");
         assert_eq!(v["failed"], 0, "every node is up: {v}");
     }
+    // Every share probed comes with its 95% interval around it; all fresh
+    // is not proof of always fresh, so the interval reaches below 100%.
+    for s in settings {
+        for v in s["staleness"].as_array().unwrap() {
+            if v["probes"] == 0 {
+                assert!(v["fresh_ci95"].is_null(), "{v}");
+                continue;
+            }
+            let share = v["fresh_share"].as_f64().unwrap();
+            let (low, high) = (
+                v["fresh_ci95"]["low"].as_f64().unwrap(),
+                v["fresh_ci95"]["high"].as_f64().unwrap(),
+            );
+            assert!(
+                0.0 <= low && low <= share && share <= high && high <= 1.0,
+                "{v}"
+            );
+        }
+    }
+    let quorum_at0 = &settings[1]["staleness"][0];
+    assert!(
+        quorum_at0["fresh_ci95"]["low"].as_f64().unwrap() < 1.0,
+        "{quorum_at0}"
+    );
     assert!(settings[1]["staleness"][0]["probes"].as_u64().unwrap() > 0);
     // Probes that one node coordinated (both requests forwarded to the same
     // replica) are counted apart, never as fresh.

@@ -18,6 +18,7 @@ pub mod pacer;
 pub mod plot;
 pub mod rate;
 pub mod resp;
+pub mod share_interval;
 pub mod workload;
 pub mod ycsb;
 

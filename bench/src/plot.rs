@@ -1,6 +1,7 @@
 //! `ringkv bench --plot FILE.svg`: latency CDFs (one curve per setting and
 //! operation) and the staleness curve (share of fresh reads against the
-//! wait after a write), side by side in one SVG.
+//! wait after a write, each share with its 95% interval as an error bar),
+//! side by side in one SVG.
 
 use plotters::prelude::*;
 
@@ -135,7 +136,81 @@ fn draw(svg: &mut String, reports: &[SettingReport]) -> Result<(), PlotError> {
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
             });
+        // Each share's 95% interval: a short run makes few probes per t.
+        stale
+            .draw_series(r.staleness.iter().filter_map(|v| {
+                let (low, high) = v.fresh_interval95()?;
+                Some(ErrorBar::new_vertical(
+                    v.t_ms as f64,
+                    low,
+                    v.fresh_share(),
+                    high,
+                    color.stroke_width(1),
+                    6,
+                ))
+            }))
+            .map_err(|e| fail(&e))?;
     }
     draw_legend(&mut stale).map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::workload::Op;
+    use crate::ycsb::{OpReport, Setting, Visibility};
+
+    fn report(staleness: Vec<Visibility>) -> SettingReport {
+        let mut read = OpReport::new();
+        read.ops = 3;
+        for us in [100, 200, 300] {
+            read.latency_us.record(us).unwrap();
+        }
+        SettingReport {
+            setting: Setting::RESP,
+            elapsed: Duration::from_secs(1),
+            cpu: None,
+            machine: None,
+            rate_per_s: None,
+            peak: None,
+            unsent: None,
+            mean_service_ms: None,
+            pickup_us: None,
+            ops: vec![(Op::Read, read)],
+            reads: 3,
+            reads_not_found: 0,
+            sibling_reads: 0,
+            values_read: 3,
+            max_siblings: 1,
+            staleness,
+            staleness_skipped: None,
+            records_after: 3,
+            failovers: 0,
+        }
+    }
+
+    /// Each probed share is drawn with its interval: a vertical bar and
+    /// its two caps, three lines more per share than the same plot with
+    /// nothing probed.
+    #[test]
+    fn each_probed_share_gets_an_error_bar() {
+        let at = |t_ms, probes, fresh| Visibility {
+            t_ms,
+            probes,
+            fresh,
+            ..Visibility::default()
+        };
+        let lines = |staleness| {
+            render_svg(&[report(staleness)])
+                .unwrap()
+                .matches("<line")
+                .count()
+        };
+        let unprobed = lines(vec![at(0, 0, 0), at(10, 0, 0), at(100, 0, 0)]);
+        let probed = lines(vec![at(0, 30, 8), at(10, 30, 20), at(100, 0, 0)]);
+        assert_eq!(probed, unprobed + 2 * 3);
+    }
 }

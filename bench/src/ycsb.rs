@@ -305,6 +305,12 @@ impl Visibility {
             self.fresh as f64 / self.probes as f64
         }
     }
+
+    /// The 95% confidence interval of [`Self::fresh_share`] (Wilson's; see
+    /// [`crate::share_interval`]), `None` when nothing was probed.
+    pub fn fresh_interval95(&self) -> Option<(f64, f64)> {
+        crate::share_interval::wilson_95(self.fresh, self.probes)
+    }
 }
 
 /// What one client's reads returned.
