@@ -383,6 +383,35 @@ fn a_share_of_the_peak_runs_the_open_loop_at_that_share_of_a_measured_peak() {
     assert!(s["pickup_ms"]["p50"].is_f64(), "an open loop's: {s}");
 }
 
+/// Workload D inserts records as it runs: with `--rate PERCENT%` the open
+/// loop must go on from the records the peak run left, or its inserts
+/// would write keys that exist already and its reads of the latest
+/// records would miss the newest.
+#[test]
+fn a_share_of_the_peak_hands_the_peak_runs_inserts_on_to_the_open_loop() {
+    // Its embedded nodes must not share the 2 cores with another cluster.
+    let _serial = serial();
+    let out = run(ringkv()
+        .args(open_loop_of_three("d", "50%"))
+        .args(["--json"]));
+    assert_exit(&out, 0);
+    let report = json(&out);
+    let s = &report["settings"][0];
+    let peak = &s["peak"];
+    let inserted = |run: &serde_json::Value| run["ops"]["insert"]["ops"].as_u64().unwrap();
+    let after = |run: &serde_json::Value| run["records_after"].as_u64().unwrap();
+    // 20 records loaded; the peak run's inserts (warm-up ones too) follow.
+    assert!(inserted(peak) > 0, "{peak}");
+    assert!(after(peak) >= 20 + inserted(peak), "{peak}");
+    // The open loop's new records come after the peak run's, not over them.
+    assert!(inserted(s) > 0, "{s}");
+    assert!(after(s) >= after(peak) + inserted(s), "{s}");
+    // Every read found its record: none asked for one not yet inserted.
+    for run in [peak, s] {
+        assert_eq!(run["reads_not_found"], 0, "{run}");
+    }
+}
+
 #[test]
 fn an_open_loop_never_sends_faster_than_its_rate() {
     // Its embedded nodes must not share the 2 cores with another cluster.
