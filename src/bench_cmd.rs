@@ -704,13 +704,16 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
         .iter()
         .filter_map(|r| {
             let m = r.machine?;
+            let per_op = r
+                .machine_cpu_us_per_op()
+                .map_or(String::new(), |us| format!(" ({us:.0} µs per operation)"));
             Some(format!(
-                "{}: {:.0}% busy, {:.1}% taken by the host",
+                "{}: {:.0}% busy{per_op}, {:.1}% taken by the host",
                 r.setting, m.busy_pct, m.steal_pct
             ))
         })
         .collect();
-    by_setting_line("This machine's CPU time (all processes)", &machine, ", ");
+    by_setting_line("This machine's CPU time (all processes)", &machine, "; ");
     if reports
         .iter()
         .any(|r| r.machine.is_some_and(|m| m.steal_pct >= STEAL_NOTE_PCT))
@@ -957,6 +960,9 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
         // The whole machine over the same stretch as cpu_s (see
         // machine_cpu).
         "machine_busy_pct": r.machine.map(|m| m.busy_pct),
+        // Every process's CPU per success: with the cluster on this
+        // machine, what an operation costs in all.
+        "machine_cpu_us_per_op": r.machine_cpu_us_per_op(),
         "host_steal_pct": r.machine.map(|m| m.steal_pct),
         "cpu_us_per_op": r.cpu_us_per_op(),
         "cpu_us_per_attempt": r.cpu_us_per_attempt(),

@@ -147,6 +147,10 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         let steal = s["host_steal_pct"].as_f64().unwrap();
         assert!(busy > 0.0 && busy <= 100.0, "{s}");
         assert!((0.0..=100.0 - busy).contains(&steal), "{s}");
+        // Every process's CPU per operation includes this one's (both to
+        // the clock tick, a few hundredths of seconds of CPU).
+        let machine_us = s["machine_cpu_us_per_op"].as_f64().unwrap();
+        assert!(machine_us >= 0.9 * cpu_us && machine_us < 1e6, "{s}");
     }
     // R=1, W=1 across regions: a read right after the write, through
     // another node, often misses it. R+W>N never does.

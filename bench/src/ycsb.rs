@@ -452,6 +452,14 @@ impl SettingReport {
         let sent = self.attempts().saturating_sub(self.unsent.unwrap_or(0));
         per_op_us(self.cpu?, sent)
     }
+
+    /// CPU microseconds of the whole machine (every process and the
+    /// kernel) per successful operation, over the same stretch as
+    /// [`SettingReport::cpu_us_per_op`]: with the cluster on this machine,
+    /// what an operation costs in all.
+    pub fn machine_cpu_us_per_op(&self) -> Option<f64> {
+        per_op_us(self.machine?.busy, self.total_ops())
+    }
 }
 
 fn per_op_us(cpu: Duration, ops: u64) -> Option<f64> {
@@ -1902,6 +1910,14 @@ mod tests {
         assert_eq!(report.cpu_us_per_op(), Some(100.0));
         // 200 attempts, 5 of them counted but never sent.
         assert_eq!(report.cpu_us_per_attempt(), Some(10_000.0 / 195.0));
+        // The machine's busy time divides by the same successes.
+        assert_eq!(report.machine_cpu_us_per_op(), None, "no reading");
+        report.machine = Some(MachineShare {
+            busy_pct: 50.0,
+            steal_pct: 0.0,
+            busy: Duration::from_millis(30),
+        });
+        assert_eq!(report.machine_cpu_us_per_op(), Some(300.0));
         report.ops[0].1.ops = 0;
         assert_eq!(report.cpu_us_per_op(), None, "nothing succeeded");
         report.cpu = None;
