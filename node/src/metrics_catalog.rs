@@ -7,8 +7,13 @@
 //! rather than 0: `rate()` over it is empty instead of zero, and an alert
 //! on `increase(ringkv_requests_shed_total[5m]) > 0` cannot tell "never"
 //! from "not exported". [`describe_all`] therefore gives every metric its
-//! `# HELP` text and starts every counter whose labels are known ahead (a
-//! fixed set of outcomes, say; not the per-peer `target` of hints) at 0.
+//! `# HELP` text and registers every series whose labels are known ahead
+//! (a fixed set of outcomes, say; not the per-peer `target` of hints):
+//! counters at 0, histograms with no observations (a count of 0), and
+//! the gauges whose value at start is 0 (no connection open, no repair
+//! queued). A gauge whose first value is computed (hint bytes read from
+//! disk, say) is not started at 0: until it is set it would say 0 where
+//! the truth is unknown.
 //!
 //! Invariant: [`METRICS`] names exactly the metrics the code writes; a test
 //! reads the workspace's sources and fails on one missing or stale here.
@@ -30,9 +35,10 @@ pub struct MetricDoc {
     pub kind: MetricKind,
     pub unit: Option<Unit>,
     pub help: &'static str,
-    /// Counters only: the label sets to start at 0 (one empty set for an
-    /// unlabelled counter; none where the labels are only known at run
-    /// time).
+    /// The label sets registered at start (one empty set for an
+    /// unlabelled metric; none where the labels are only known at run
+    /// time, or, for a gauge, where 0 is not its value at start): a
+    /// counter or gauge at 0, a histogram empty.
     pub zeroed: &'static [&'static [(&'static str, &'static str)]],
 }
 
@@ -67,7 +73,29 @@ const fn histogram(name: &'static str, unit: Option<Unit>, help: &'static str) -
     unzeroed(Histogram, name, unit, help)
 }
 
-/// A gauge or histogram: nothing to start at 0.
+/// A gauge that is 0 when the node starts (nothing open, nothing queued),
+/// exported as 0 until it is first set.
+const fn gauge_from_zero(name: &'static str, unit: Option<Unit>, help: &'static str) -> MetricDoc {
+    MetricDoc {
+        zeroed: UNLABELLED,
+        ..unzeroed(Gauge, name, unit, help)
+    }
+}
+
+/// A histogram exported (empty) from the start, with each of `labels`.
+const fn histogram_from_start(
+    name: &'static str,
+    unit: Option<Unit>,
+    help: &'static str,
+    labels: &'static [&'static [(&'static str, &'static str)]],
+) -> MetricDoc {
+    MetricDoc {
+        zeroed: labels,
+        ..unzeroed(Histogram, name, unit, help)
+    }
+}
+
+/// A gauge or histogram registered when first written.
 const fn unzeroed(
     kind: MetricKind,
     name: &'static str,
@@ -102,10 +130,11 @@ pub const METRICS: &[MetricDoc] = &[
         "Client requests this node answered, by op (put, get, delete) and result (ok, quorum_failed, invalid, error); one it forwarded to a replica counts here and again where it was taken.",
         ops_by_result!("put", "get", "delete"),
     ),
-    histogram(
+    histogram_from_start(
         "ringkv_request_seconds",
         Some(Unit::Seconds),
         "Time to answer a client request, by op (forwarded ones included, as in ringkv_requests_total).",
+        &[&[("op", "put")], &[("op", "get")], &[("op", "delete")]],
     ),
     counter(
         "ringkv_requests_shed_total",
@@ -187,10 +216,11 @@ pub const METRICS: &[MetricDoc] = &[
         "ringkv_wal_flushes_total",
         "Group-commit flushes of the write-ahead log.",
     ),
-    histogram(
+    histogram_from_start(
         "ringkv_wal_flush_writes",
         None,
         "Writes whose log records one group-commit flush handed to the kernel.",
+        UNLABELLED,
     ),
     gauge(
         "ringkv_background_priority_low",
@@ -198,7 +228,7 @@ pub const METRICS: &[MetricDoc] = &[
         "1 when RocksDB's flushes and compactions run at the lowest CPU priority.",
     ),
     // Connections and frames.
-    gauge(
+    gauge_from_zero(
         "ringkv_connections",
         None,
         "Open QUIC connections from clients and peers.",
@@ -355,7 +385,7 @@ pub const METRICS: &[MetricDoc] = &[
         "ringkv_read_repairs_dropped_total",
         "Read repairs skipped: too many reads already waiting for late answers, or the queue full.",
     ),
-    gauge(
+    gauge_from_zero(
         "ringkv_read_repair_queue_depth",
         None,
         "Read repairs waiting to be sent, as of the last one taken from the queue.",
@@ -382,10 +412,11 @@ pub const METRICS: &[MetricDoc] = &[
         "ringkv_anti_entropy_unreadable_keys_total",
         "Keys anti-entropy skipped because they could not be read.",
     ),
-    histogram(
+    histogram_from_start(
         "ringkv_anti_entropy_round_seconds",
         Some(Unit::Seconds),
         "Time an anti-entropy round took.",
+        UNLABELLED,
     ),
     histogram(
         "ringkv_merkle_rebuild_seconds",
@@ -478,7 +509,15 @@ pub fn describe_all() {
             }
         });
         for labels in m.zeroed {
-            metrics::counter!(m.name, *labels).increment(0);
+            match m.kind {
+                Counter => metrics::counter!(m.name, *labels).increment(0),
+                // Added to, not set: a gauge written before this keeps
+                // its value.
+                Gauge => metrics::gauge!(m.name, *labels).increment(0.0),
+                // Registering the series is enough: it renders with a
+                // count of 0.
+                Histogram => drop(metrics::histogram!(m.name, *labels)),
+            }
         }
     }
 }
