@@ -46,7 +46,9 @@ client = float(user) + float(system)
 print(f"   {s['ops_per_sec']:.0f} ops/s; CPU {cpu:.1f} s over {total_ops} ops (load + run) = {cpu / total_ops * 1e6:.0f} us/op"
       f" (nodes {node_s / total_ops * 1e6:.0f}, client {client / total_ops * 1e6:.0f})")
 if s.get("host_steal_pct") is not None:
-    print(f"   machine {s['machine_busy_pct']:.0f}% busy ({s['machine_cpu_us_per_op']:.0f} us per operation, the run alone),"
+    per_op = s.get("machine_cpu_us_per_op")
+    per_op = "no operations" if per_op is None else f"{per_op:.0f} us per operation"
+    print(f"   machine {s['machine_busy_pct']:.0f}% busy ({per_op}, the run alone),"
           f" {s['host_steal_pct']:.1f}% taken by the host (steal)")
 PY
   done

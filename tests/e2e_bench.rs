@@ -61,8 +61,6 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         2,
         "{table}"
     );
-    // The plot draws them as error bars: more lines than the curves alone.
-    assert!(svg.matches("<polyline").count() > 4, "{svg}");
     assert!(
         table.contains("CPU per operation (this process: the embedded nodes"),
         "{table}"
@@ -147,8 +145,10 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         let steal = s["host_steal_pct"].as_f64().unwrap();
         assert!(busy > 0.0 && busy <= 100.0, "{s}");
         assert!((0.0..=100.0 - busy).contains(&steal), "{s}");
-        // Every process's CPU per operation includes this one's (both to
-        // the clock tick, a few hundredths of seconds of CPU).
+        // Every process's CPU per operation includes this one's. This
+        // process's is exact (getrusage); the machine's is wall time less
+        // idle and steal, counted in clock ticks, so it may come out a
+        // little under when the bench was nearly all the machine did.
         let machine_us = s["machine_cpu_us_per_op"].as_f64().unwrap();
         assert!(machine_us >= 0.9 * cpu_us && machine_us < 1e6, "{s}");
     }
@@ -185,12 +185,14 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
             );
         }
     }
+    // Quorum reads at t=0 were all fresh (above); the interval still
+    // reaches below 100%, which the column's interval row shows.
     let quorum_at0 = &settings[1]["staleness"][0];
+    assert!(quorum_at0["probes"].as_u64().unwrap() > 0, "{quorum_at0}");
     assert!(
         quorum_at0["fresh_ci95"]["low"].as_f64().unwrap() < 1.0,
         "{quorum_at0}"
     );
-    assert!(settings[1]["staleness"][0]["probes"].as_u64().unwrap() > 0);
     // Probes that one node coordinated (both requests forwarded to the same
     // replica) are counted apart, never as fresh.
     assert!(one["same_coordinator"].as_u64().is_some(), "{one}");

@@ -41,17 +41,23 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MachineCpu {
     /// Idle or waiting for I/O (measured exactly on a tickless kernel).
+    /// The two are summed because the kernel assigns a CPU's idle period
+    /// still running to one or the other at the moment it is read, so
+    /// either column alone can go back between readings; their sum never
+    /// does.
     pub idle_ticks: u64,
     /// Taken by the hypervisor while the guest wanted to run.
     pub steal_ticks: u64,
-    /// The `cpuN` lines: the CPUs online.
+    /// How many `cpuN` lines follow: the CPUs online when it was read.
     pub cpus: u32,
 }
 
 /// A reading of [`MachineCpu`] and when it was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MachineReading {
+    /// The counters.
     pub cpu: MachineCpu,
+    /// When they were read, for the wall time between two readings.
     pub at: Instant,
 }
 
@@ -77,15 +83,6 @@ fn ticks_per_second() -> u64 {
 }
 
 impl MachineCpu {
-    /// The machine's counters now, and the moment they were read.
-    pub fn now() -> Option<MachineReading> {
-        let cpu = Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)?;
-        Some(MachineReading {
-            cpu,
-            at: Instant::now(),
-        })
-    }
-
     /// Reads the `cpu` line out of `/proc/stat`'s text, and counts the
     /// `cpuN` lines. `None` when the line is missing or has fewer than the
     /// eight columns a kernel since 2.6.11 writes (user nice system idle
@@ -121,15 +118,18 @@ impl MachineCpu {
     /// The machine's time between `self` and a `later` reading `wall`
     /// apart, at `ticks_per_s`: all of it on every CPU, less what was idle
     /// or stolen, is busy. `None` if no time passed or the counters went
-    /// back.
+    /// back, or a CPU went offline or online in between (the capacity of
+    /// the window is then unknown).
     fn share_over(
         &self,
         later: &MachineCpu,
         wall: Duration,
         ticks_per_s: u64,
     ) -> Option<MachineShare> {
-        // A CPU taken offline meanwhile: count the ones there throughout.
-        let capacity_s = wall.as_secs_f64() * f64::from(self.cpus.min(later.cpus));
+        if self.cpus != later.cpus {
+            return None;
+        }
+        let capacity_s = wall.as_secs_f64() * f64::from(self.cpus);
         if capacity_s <= 0.0 {
             return None;
         }
@@ -151,6 +151,16 @@ impl MachineCpu {
 }
 
 impl MachineReading {
+    /// The machine's counters now, and the moment they were read; `None`
+    /// where there is no `/proc/stat` to read.
+    pub fn now() -> Option<Self> {
+        let cpu = MachineCpu::parse(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        Some(Self {
+            cpu,
+            at: Instant::now(),
+        })
+    }
+
     /// What the machine did between this reading and a `later` one;
     /// `None` if no time passed (or the counters went back).
     pub fn share_until(&self, later: &MachineReading) -> Option<MachineShare> {
@@ -205,6 +215,12 @@ mod tests {
         // No time passed, or counters that went back: no figure.
         assert_eq!(before.share_over(&after, Duration::ZERO, 100), None);
         assert_eq!(after.share_over(&before, Duration::from_secs(5), 100), None);
+        // A CPU hot-plugged in between: the window's capacity is unknown.
+        let plugged = MachineCpu { cpus: 3, ..after };
+        assert_eq!(
+            before.share_over(&plugged, Duration::from_secs(5), 100),
+            None
+        );
     }
 
     #[test]
@@ -221,11 +237,12 @@ mod tests {
         assert_eq!(share.busy_pct, 0.0);
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn readings_a_while_apart_give_a_share() {
-        let before = MachineCpu::now().expect("Linux has /proc/stat");
+        let before = MachineReading::now().expect("Linux has /proc/stat");
         std::thread::sleep(Duration::from_millis(30));
-        let share = before.share_until(&MachineCpu::now().unwrap()).unwrap();
+        let share = before.share_until(&MachineReading::now().unwrap()).unwrap();
         assert!((0.0..=100.0).contains(&share.busy_pct), "{share:?}");
         assert_eq!(before.share_until(&before), None, "no time passed");
     }

@@ -6,7 +6,7 @@
 //! t. Bailis et al. estimate t-visibility by Monte Carlo over many trials;
 //! a bench that probes a live cluster gets what its run allows, so each
 //! share comes with its 95% confidence interval. That keeps a reader from
-//! taking a dip between two columns (36% at 1 ms, 18% at 5 ms over 30
+//! taking a dip between two columns (37% at 1 ms, 17% at 5 ms over 30
 //! probes each) for a property of the store.
 //!
 //! Wilson's interval (1927), not the textbook p ± z·sqrt(p(1-p)/n): that

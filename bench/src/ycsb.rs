@@ -63,7 +63,7 @@ use ringkv_core::wire::{
 use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
-use crate::machine_cpu::{MachineCpu, MachineShare};
+use crate::machine_cpu::{MachineReading, MachineShare};
 use crate::pacer::{self, Pacer};
 use crate::resp::RespConn;
 use crate::workload::{record_key, KeyChooser, KeyDistribution, Op, Workload};
@@ -892,12 +892,12 @@ pub async fn run_setting(
     let measured_from = started + config.warmup;
     let cpu_at_start = if config.warmup.is_zero() {
         // Before the clients start, as a timer could be late.
-        let now = (crate::process_cpu(), MachineCpu::now());
+        let now = (crate::process_cpu(), MachineReading::now());
         tokio::spawn(async move { now })
     } else {
         tokio::spawn(async move {
             tokio::time::sleep_until(measured_from.into()).await;
-            (crate::process_cpu(), MachineCpu::now())
+            (crate::process_cpu(), MachineReading::now())
         })
     };
     let deadline = measured_from + config.duration;
@@ -1092,7 +1092,7 @@ pub async fn run_setting(
         .zip(crate::process_cpu())
         .map(|(before, after)| after.saturating_sub(before));
     let machine = machine_before
-        .zip(MachineCpu::now())
+        .zip(MachineReading::now())
         .and_then(|(before, after)| before.share_until(&after));
     let (staleness, staleness_skipped) = match prober {
         Ok(p) => match p.await {

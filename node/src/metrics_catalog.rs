@@ -69,10 +69,6 @@ const fn gauge(name: &'static str, unit: Option<Unit>, help: &'static str) -> Me
     unzeroed(Gauge, name, unit, help)
 }
 
-const fn histogram(name: &'static str, unit: Option<Unit>, help: &'static str) -> MetricDoc {
-    unzeroed(Histogram, name, unit, help)
-}
-
 /// A gauge that is 0 when the node starts (nothing open, nothing queued),
 /// exported as 0 until it is first set.
 const fn gauge_from_zero(name: &'static str, unit: Option<Unit>, help: &'static str) -> MetricDoc {
@@ -418,10 +414,11 @@ pub const METRICS: &[MetricDoc] = &[
         "Time an anti-entropy round took.",
         UNLABELLED,
     ),
-    histogram(
+    histogram_from_start(
         "ringkv_merkle_rebuild_seconds",
         Some(Unit::Seconds),
         "Time a rebuild of the Merkle trees from the store took (at start and after a ring change).",
+        UNLABELLED,
     ),
     counter(
         "ringkv_merkle_rebuild_failures_total",

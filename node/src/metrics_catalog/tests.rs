@@ -157,6 +157,11 @@ fn series_known_ahead_are_exported_from_the_start_with_their_help() {
     ] {
         assert!(text.contains(line), "{line:?} not in:\n{text}");
     }
+    // Every histogram, with no exception to remember.
+    for m in METRICS.iter().filter(|m| m.kind == MetricKind::Histogram) {
+        let count = format!("{}_count", m.name);
+        assert!(text.contains(&count), "{count} not in:\n{text}");
+    }
     // Per-peer series are only known at run time, and a gauge whose first
     // value is computed appears once it is.
     assert!(!text.contains("ringkv_hints_stored_total{"), "{text}");
