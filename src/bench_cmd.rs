@@ -156,6 +156,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             ("--consistency", !args.consistency.is_empty()),
             ("--request-distribution", distribution.is_some()),
             ("--warmup-s", args.warmup_s.is_some()),
+            ("--probers", args.probers.is_some()),
         ];
         if let Some((flag, _)) = ycsb_only.iter().find(|(_, given)| *given) {
             return Err(Failure::new(
@@ -238,6 +239,13 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         client_delay,
         cluster_key,
         distribution,
+        // Across emulated regions a probe takes a few hundred ms: more
+        // probers, or too few probes per t for a short run's curve.
+        probers: args.probers.unwrap_or(if matrix.is_some() {
+            ycsb::PROBERS_ACROSS_REGIONS
+        } else {
+            ycsb::PROBERS_DEFAULT
+        }),
         ..ycsb_config(&args, workload, targets, settings, false)
     };
     let result = run_all(&config, &args, embedded.len(), replicas, matrix.as_deref()).await;
@@ -304,6 +312,7 @@ fn ycsb_config(
         updates: args.updates,
         cluster_key: None,
         distribution: None,
+        probers: args.probers.unwrap_or(ycsb::PROBERS_DEFAULT),
     }
 }
 
@@ -544,8 +553,8 @@ async fn run_all(
     // What the CPU time of this process covers: with an embedded cluster
     // the nodes run here too, so it is the whole cost of an operation;
     // against a cluster elsewhere it is the clients' share only. The
-    // staleness probers (about 300 requests/s, not counted as operations)
-    // run whenever there are two coordinators to compare.
+    // staleness probers (up to about 70 requests/s each, not counted as
+    // operations) run whenever there are two coordinators to compare.
     let probing = reports.iter().any(|r| r.staleness_skipped.is_none());
     let cpu_scope = match (embedded_nodes == 0, probing) {
         (true, false) => "this process: the bench's clients",
@@ -861,7 +870,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
 
 /// The cells under a setting's fresh@ shares: each share's 95% confidence
 /// interval, so that a difference between columns inside them is not read
-/// as the store's (a short run makes a few dozen probes per column). `None`
+/// as the store's (a short run makes tens to hundreds of probes per column). `None`
 /// when nothing was probed.
 fn interval_row(staleness: &[ycsb::Visibility]) -> Option<String> {
     let cells: Vec<String> = staleness
@@ -919,6 +928,7 @@ fn report_json(
             "request_timeout_ms": config.request_timeout_ms,
             "concurrency": config.concurrency,
             "connections_per_node": if config.resp { json!(null) } else { json!(config.connections_per_target) },
+            "probers": if config.resp { json!(null) } else { json!(config.probers) },
             "duration_s": config.duration.as_secs(),
             "warmup_s": config.warmup.as_secs(),
             // As given: a number a second, or a share of each setting's

@@ -97,6 +97,10 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     assert_eq!(json["config"]["updates"], "overwrite");
     assert_eq!(json["config"]["connections_per_node"], 1);
     assert_eq!(
+        json["config"]["probers"], 16,
+        "across emulated regions a probe is slow: more probers"
+    );
+    assert_eq!(
         json["config"]["cpu_scope"],
         "this process: the embedded nodes, the bench's clients and its staleness probes"
     );
@@ -318,6 +322,17 @@ fn bad_bench_input_is_refused_before_loading() {
             "--warmup-s must be at most 86400 (a day)",
         ),
         (&["--warmup-s", "ten"], 2, "--warmup-s"),
+        (&["--probers", "65"], 2, "--probers <N>': must be 0 to 64"),
+        (
+            &["--workload", "putget", "--probers", "1"],
+            2,
+            "--probers works with YCSB workloads, not putget",
+        ),
+        (
+            &["--target", "resp://127.0.0.1:1", "--probers", "1"],
+            2,
+            "'--target <resp://HOST:PORT>' cannot be used with '--probers <N>'",
+        ),
         (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
         (&["-r", "2"], 2, "-r sets --workload putget's consistency"),
         // A RESP store takes no cluster key: a stale one is not read.
@@ -368,6 +383,10 @@ fn a_share_of_the_peak_runs_the_open_loop_at_that_share_of_a_measured_peak() {
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(report["config"]["loop"], "open");
     assert_eq!(report["config"]["rate"], "10%");
+    assert_eq!(
+        report["config"]["probers"], 4,
+        "no emulated regions: the fewer probers"
+    );
     assert!(report["config"]["rate_per_s"].is_null(), "{report}");
     let s = &report["settings"][0];
     let peak = s["peak"]["ops_per_sec"].as_f64().unwrap();
@@ -422,13 +441,24 @@ fn a_share_of_the_peak_hands_the_peak_runs_inserts_on_to_the_open_loop() {
 fn an_open_loop_never_sends_faster_than_its_rate() {
     // Its embedded nodes must not share the 2 cores with another cluster.
     let _serial = serial();
+    // No probers: nothing but the schedule's requests reaches the cluster.
     let out = run(ringkv().args(open_loop_of_three("b", "100")).args([
         "--worker-threads",
         "1",
+        "--probers",
+        "0",
         "--json",
     ]));
     assert_exit(&out, 0);
     let report = json(&out);
+    assert_eq!(report["config"]["probers"], 0);
+    let skipped = &report["settings"][0]["staleness_skipped"];
+    assert!(
+        skipped
+            .as_str()
+            .is_some_and(|why| why.contains("--probers 0")),
+        "{skipped}"
+    );
     assert_eq!(report["config"]["loop"], "open");
     assert_eq!(report["config"]["embedded_nodes"], 3);
     assert_eq!(report["config"]["rate_per_s"], 100);

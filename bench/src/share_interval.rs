@@ -2,8 +2,8 @@
 //! score interval.
 //!
 //! The staleness curve (PBS t-visibility, Bailis et al. 2012) is a share of
-//! fresh reads per wait t, and a short run makes only a few dozen probes per
-//! t. Bailis et al. estimate t-visibility by Monte Carlo over many trials;
+//! fresh reads per wait t, and a short run makes only tens to hundreds of
+//! probes per t. Bailis et al. estimate t-visibility by Monte Carlo over many trials;
 //! a bench that probes a live cluster gets what its run allows, so each
 //! share comes with its 95% confidence interval. That keeps a reader from
 //! taking a dip between two columns (37% at 1 ms, 17% at 5 ms over 30

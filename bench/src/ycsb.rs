@@ -142,6 +142,9 @@ pub struct YcsbConfig {
     /// Overrides the workload's request distribution (YCSB's
     /// `requestdistribution`); `None`: the workload's own.
     pub distribution: Option<KeyDistribution>,
+    /// Staleness probers running at once during each setting (see
+    /// [`probe_with`]); 0 measures no staleness.
+    pub probers: usize,
 }
 
 /// How YCSB updates and inserts write (see the module docs).
@@ -1339,19 +1342,23 @@ pub async fn probe_staleness(
 }
 
 /// Connects the staleness prober to the coordinators it compares: the
-/// first [`PROBERS`] + 1 targets, one connection each and no failover
+/// first `probers` + 1 targets, one connection each and no failover
 /// (staleness is measured between coordinators), leaving out those that
-/// do not answer. Fails, with the reason, with fewer than two that do.
+/// do not answer. Fails, with the reason, with fewer than two that do, or
+/// when no prober was asked for.
 pub(crate) async fn connect_prober(config: &YcsbConfig) -> Result<Vec<Arc<Conn>>, String> {
     if config.resp {
         return Err("a RESP store has no coordinators to compare".to_string());
+    }
+    if config.probers == 0 {
+        return Err("--probers 0 asks for none".to_string());
     }
     if config.targets.len() < 2 {
         return Err("it needs two coordinators: give --cluster two or more addresses".to_string());
     }
     let key = config.cluster_key.as_ref();
     let (mut conns, mut failures) = (Vec::new(), Vec::new());
-    for addr in config.targets.iter().take(PROBERS + 1) {
+    for addr in config.targets.iter().take(config.probers + 1) {
         match ClusterClient::connect(vec![*addr], 0, Duration::from_secs(3), key).await {
             Ok(conn) => conns.push(Arc::new(Conn::Ringkv(conn))),
             Err(e) => failures.push(format!("{addr}: {e}")),
@@ -1393,7 +1400,7 @@ pub(crate) async fn probe_with(
     tokio::time::sleep_until(from.into()).await;
     let run: u32 = rand::thread_rng().gen();
     let mut probers = tokio::task::JoinSet::new();
-    for prober in 0..PROBERS {
+    for prober in 0..config.probers {
         let (w, r) = prober_pair(prober, conns.len());
         let (writer, reader) = (conns[w].clone(), conns[r].clone());
         let (config, setting, out) = (config.clone(), setting.clone(), out.clone());
@@ -1435,10 +1442,23 @@ fn prober_pair(prober: usize, coordinators: usize) -> (usize, usize) {
     (prober % coordinators, (prober + 1) % coordinators)
 }
 
-/// Staleness probers running at once. Each probe waits for a write, t and a
-/// read, across regions a few hundred ms in all, so one prober alone took
-/// only a handful of probes per t in a short run.
-const PROBERS: usize = 4;
+/// Staleness probers running at once unless told: enough for a few
+/// hundred probes per t in a few seconds when requests take a fraction of
+/// a millisecond, at about 70 requests a second each (not counted as
+/// operations, so a throughput run should not carry many).
+pub const PROBERS_DEFAULT: usize = 4;
+
+/// Probers with emulated regions unless told. There a probe waits for a
+/// write, t and a read that cross regions, a few hundred ms in all, so 4
+/// probers made only 10–40 probes per t in a 10 s run, and each share's
+/// 95% interval spanned ±15–30 points. 16 probers make 4 times the probes
+/// (intervals half as wide) for about 100 requests a second.
+pub const PROBERS_ACROSS_REGIONS: usize = 16;
+
+/// The most probers `--probers` takes: each has its own key space and
+/// pair of coordinators to cycle, and past this the probes' own load
+/// starts to be the workload.
+pub const PROBERS_MAX: usize = 64;
 
 /// One prober's loop (see [`probe_with`]): writes keys `{keys}:{i}`
 /// once each, cycling through the waits from `first_slot` on, until `until`.
@@ -1665,10 +1685,10 @@ mod tests {
     /// together they cover several pairs.
     #[test]
     fn probers_cover_several_pairs_of_coordinators() {
-        let pairs = |n: usize| (0..PROBERS).map(|p| prober_pair(p, n)).collect::<Vec<_>>();
+        let pairs = |n: usize| (0..4).map(|p| prober_pair(p, n)).collect::<Vec<_>>();
         assert_eq!(pairs(2), [(0, 1), (1, 0), (0, 1), (1, 0)]);
         assert_eq!(pairs(5), [(0, 1), (1, 2), (2, 3), (3, 4)]);
-        for n in 2..=PROBERS + 1 {
+        for n in 2..=PROBERS_MAX + 1 {
             assert!(pairs(n).iter().all(|(w, r)| w != r && *w < n && *r < n));
         }
     }

@@ -47,6 +47,7 @@ fn ycsb_config(targets: Vec<SocketAddr>) -> YcsbConfig {
         resp: false,
         updates: UpdateMode::Overwrite,
         distribution: None,
+        probers: ringkv_bench::ycsb::PROBERS_DEFAULT,
     }
 }
 
@@ -228,4 +229,20 @@ async fn putget_reports_the_first_reason_of_its_failures() {
     assert_eq!((get.errors, get.first_error.as_deref()), (0, None));
     assert_eq!(report.failovers, 0);
     node.shutdown().await;
+}
+
+/// `--probers 0` asks for no staleness: the prober says so, before it
+/// connects to anything.
+#[tokio::test]
+async fn no_probers_measure_no_staleness() {
+    // Nothing listens here: a prober that tried to connect would fail
+    // with another reason.
+    let nowhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let config = YcsbConfig {
+        probers: 0,
+        ..ycsb_config(vec![nowhere, nowhere])
+    };
+    let until = Instant::now() + Duration::from_secs(1);
+    let why = probe_staleness(&config, &AT_ONE, until).await.unwrap_err();
+    assert!(why.contains("--probers 0"), "{why}");
 }
