@@ -154,7 +154,7 @@ pub const RECORDS_MAX: u64 = 1_000_000_000;
     loads --records keys, then runs the workload once per --consistency setting and prints them side by side.\n\n\
     Staleness (PBS t-visibility): probers write through one node and read through another t ms after the \
     acknowledgement (several pairs of nodes); 'fresh@t' is the share of those reads that saw the write, \
-    and the row under it that share's 95% confidence interval (--probers sets how many probes a run makes).\n\n\
+    and the row under it that share's 95% confidence interval (--probers and --duration-s set how many probes a run makes).\n\n\
     --workload putget is the older put-then-get phase benchmark (bench/loopback.sh uses it)."
 )]
 pub struct BenchArgs {
@@ -212,7 +212,7 @@ pub struct BenchArgs {
     /// Write consistency for --workload putget (default quorum).
     #[arg(short = 'w', long = "w", value_name = "W", value_parser = parse_consistency)]
     pub w: Option<Consistency>,
-    /// Staleness probers, YCSB workloads only: each writes keys of its own through one node and reads each back through the next node t ms after the acknowledgement. More probers make more probes per t (narrower intervals) and a small load of their own that is not counted as operations: about 70 requests a second each with no emulated delay, a few with cross-region delays. 0 measures no staleness. Default: 16 with the embedded cluster's emulated regions, where each probe waits for cross-region round trips; 4 otherwise. At most 64.
+    /// Staleness probers, YCSB workloads only: each writes keys of its own through one node and reads each back through the next node t ms after the acknowledgement. More probers make more probes per t (narrower intervals) and a small load of their own that is not counted as operations: up to 70 requests a second each with no emulated delay, 8 to 24 with the default cross-region delays. 0 measures no staleness. Default: 16 with the embedded cluster's emulated regions, where each probe waits for cross-region round trips; 4 otherwise (give more with --cluster nodes that emulate regions). At most 64.
     #[arg(long, value_name = "N", value_parser = bounded::<usize>(0, ringkv_bench::ycsb::PROBERS_MAX as u64), conflicts_with = "target")]
     pub probers: Option<usize>,
     /// Draw latency CDFs (one curve per setting and operation) and the staleness curve to this SVG file.

@@ -241,11 +241,13 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         distribution,
         // Across emulated regions a probe takes a few hundred ms: more
         // probers, or too few probes per t for a short run's curve.
-        probers: args.probers.unwrap_or(if matrix.is_some() {
-            ycsb::PROBERS_ACROSS_REGIONS
-        } else {
-            ycsb::PROBERS_DEFAULT
-        }),
+        probers: args.probers.unwrap_or(
+            if matrix.as_ref().is_some_and(|m| m.regions().len() > 1) {
+                ycsb::PROBERS_ACROSS_REGIONS
+            } else {
+                ycsb::PROBERS_DEFAULT
+            },
+        ),
         ..ycsb_config(&args, workload, targets, settings, false)
     };
     let result = run_all(&config, &args, embedded.len(), replicas, matrix.as_deref()).await;
@@ -312,7 +314,8 @@ fn ycsb_config(
         updates: args.updates,
         cluster_key: None,
         distribution: None,
-        probers: args.probers.unwrap_or(ycsb::PROBERS_DEFAULT),
+        // `bench` sets them; a RESP store has no coordinators to compare.
+        probers: 0,
     }
 }
 
@@ -859,7 +862,12 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
         })
         .collect();
     if !probed.is_empty() {
-        outln!("Probes behind each fresh@ share: {}", probed.join(", "));
+        // The same for every setting probed: the one --probers.
+        let probers = reports.iter().map(|r| r.probers).max().unwrap_or(0);
+        outln!(
+            "Probes behind each fresh@ share ({probers} probers): {}",
+            probed.join(", ")
+        );
     }
     for r in reports {
         if let Some(why) = &r.staleness_skipped {
@@ -1006,6 +1014,7 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
             "fresh_ci95": v.fresh_interval95().map(|(low, high)| json!({ "low": low, "high": high })),
             "mean_gap_ms": v.mean_gap_ms(),
         })).collect::<Vec<_>>(),
+        "probers": r.probers,
         "staleness_skipped": r.staleness_skipped,
     })
 }

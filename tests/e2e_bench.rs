@@ -51,7 +51,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         "{table}"
     );
     assert!(
-        table.contains("Probes behind each fresh@ share: one "),
+        table.contains("Probes behind each fresh@ share (16 probers): one "),
         "{table}"
     );
     // Each setting's shares get a row of their 95% intervals (Wilson's:
@@ -100,6 +100,9 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
         json["config"]["probers"], 16,
         "across emulated regions a probe is slow: more probers"
     );
+    for s in json["settings"].as_array().unwrap() {
+        assert_eq!(s["probers"], 16, "each setting ran them all: {s}");
+    }
     assert_eq!(
         json["config"]["cpu_scope"],
         "this process: the embedded nodes, the bench's clients and its staleness probes"
@@ -441,7 +444,6 @@ fn a_share_of_the_peak_hands_the_peak_runs_inserts_on_to_the_open_loop() {
 fn an_open_loop_never_sends_faster_than_its_rate() {
     // Its embedded nodes must not share the 2 cores with another cluster.
     let _serial = serial();
-    // No probers: nothing but the schedule's requests reaches the cluster.
     let out = run(ringkv().args(open_loop_of_three("b", "100")).args([
         "--worker-threads",
         "1",
@@ -452,6 +454,7 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     assert_exit(&out, 0);
     let report = json(&out);
     assert_eq!(report["config"]["probers"], 0);
+    assert_eq!(report["settings"][0]["probers"], 0);
     let skipped = &report["settings"][0]["staleness_skipped"];
     assert!(
         skipped

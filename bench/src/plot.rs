@@ -186,6 +186,7 @@ mod tests {
             values_read: 3,
             max_siblings: 1,
             staleness,
+            probers: 1,
             staleness_skipped: None,
             records_after: 3,
             failovers: 0,

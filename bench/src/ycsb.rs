@@ -41,8 +41,9 @@
 //! the request on to the first replica that does, so the two addresses may
 //! still reach one coordinator; the receipts tell, and such a probe is left
 //! out (`same_coordinator`): it would always be fresh. Prober `k` writes
-//! through target `k` and reads through target `k + 1` (of the first five,
-//! round the list), so the curve spans several pairs of coordinators (in
+//! through target `k` and reads through target `k + 1` (of the first
+//! `probers` + 1, round the list; with more probers than targets, several
+//! share a pair), so the curve spans several pairs of coordinators (in
 //! the embedded cluster, of regions), not one link. The share of fresh
 //! reads per `t` is the t-visibility curve. The wait is `link_delay`'s, about 0.1 ms late on
 //! this VM (tokio's timer fires on whole milliseconds, which made each
@@ -274,6 +275,16 @@ impl OpReport {
     }
 }
 
+/// What the staleness probers of one setting found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Probed {
+    /// The t-visibility curve: one entry per [`STALENESS_T_MS`].
+    pub visibility: Vec<Visibility>,
+    /// Probers that ran until the end (all that were asked for, or the
+    /// curve is an error).
+    pub probers: usize,
+}
+
 /// Fresh reads out of probes at one `t`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Visibility {
@@ -404,6 +415,8 @@ pub struct SettingReport {
     /// The most values one read returned.
     pub max_siblings: u64,
     pub staleness: Vec<Visibility>,
+    /// Staleness probers that ran (0 when staleness was not measured).
+    pub probers: usize,
     /// Why staleness was not measured, if it was not.
     pub staleness_skipped: Option<String>,
     /// Records that exist after the run (the load's plus every insert).
@@ -1097,13 +1110,13 @@ pub async fn run_setting(
     let machine = machine_before
         .zip(MachineReading::now())
         .and_then(|(before, after)| before.share_until(&after));
-    let (staleness, staleness_skipped) = match prober {
+    let (probed, staleness_skipped) = match prober {
         Ok(p) => match p.await {
-            Ok(Ok(staleness)) => (staleness, None),
-            Ok(Err(why)) => (Vec::new(), Some(why)),
-            Err(e) => (Vec::new(), Some(format!("the prober failed: {e}"))),
+            Ok(Ok(probed)) => (probed, None),
+            Ok(Err(why)) => (Probed::default(), Some(why)),
+            Err(e) => (Probed::default(), Some(format!("the prober failed: {e}"))),
         },
-        Err(why) => (Vec::new(), Some(why)),
+        Err(why) => (Probed::default(), Some(why)),
     };
     let failovers = failovers(&clients);
     close_all(clients).await;
@@ -1125,7 +1138,8 @@ pub async fn run_setting(
         sibling_reads: read_stats.sibling_reads,
         values_read: read_stats.values,
         max_siblings: read_stats.max_values,
-        staleness,
+        staleness: probed.visibility,
+        probers: probed.probers,
         staleness_skipped,
         records_after: inserts.taken(),
         failovers,
@@ -1336,7 +1350,7 @@ pub async fn probe_staleness(
     config: &YcsbConfig,
     setting: &Setting,
     until: Instant,
-) -> Result<Vec<Visibility>, String> {
+) -> Result<Probed, String> {
     let conns = connect_prober(config).await?;
     probe_with(config, setting, conns, Instant::now(), until).await
 }
@@ -1389,7 +1403,7 @@ pub(crate) async fn probe_with(
     conns: Vec<Arc<Conn>>,
     from: Instant,
     until: Instant,
-) -> Result<Vec<Visibility>, String> {
+) -> Result<Probed, String> {
     let mut out: Vec<Visibility> = STALENESS_T_MS
         .iter()
         .map(|t| Visibility {
@@ -1412,10 +1426,11 @@ pub(crate) async fn probe_with(
             .await
         });
     }
-    let mut failed = None;
+    let (mut failed, mut finished) = (None, 0);
     while let Some(done) = probers.join_next().await {
         match done {
             Ok(theirs) => {
+                finished += 1;
                 for (total, v) in out.iter_mut().zip(theirs) {
                     total.probes += v.probes;
                     total.fresh += v.fresh;
@@ -1431,7 +1446,10 @@ pub(crate) async fn probe_with(
     // A prober that panicked took its probes with it: no curve.
     match failed {
         Some(e) => Err(format!("a prober failed: {e}")),
-        None => Ok(out),
+        None => Ok(Probed {
+            visibility: out,
+            probers: finished,
+        }),
     }
 }
 
@@ -1442,17 +1460,20 @@ fn prober_pair(prober: usize, coordinators: usize) -> (usize, usize) {
     (prober % coordinators, (prober + 1) % coordinators)
 }
 
-/// Staleness probers running at once unless told: enough for a few
-/// hundred probes per t in a few seconds when requests take a fraction of
-/// a millisecond, at about 70 requests a second each (not counted as
-/// operations, so a throughput run should not carry many).
+/// Staleness probers running at once unless told. When requests take a
+/// fraction of a millisecond a probe takes about the mean of
+/// [`STALENESS_T_MS`] (28 ms), so each prober sends up to 70 requests a
+/// second (not counted as operations, so a throughput run should not carry
+/// many) and 4 make about 25 probes per t a second.
 pub const PROBERS_DEFAULT: usize = 4;
 
-/// Probers with emulated regions unless told. There a probe waits for a
-/// write, t and a read that cross regions, a few hundred ms in all, so 4
-/// probers made only 10–40 probes per t in a 10 s run, and each share's
-/// 95% interval spanned ±15–30 points. 16 probers make 4 times the probes
-/// (intervals half as wide) for about 100 requests a second.
+/// Probers with emulated regions unless told. There a probe also waits
+/// out the write's and the read's cross-region round trips, so 4 probers
+/// made only 10–35 probes per t in the default bench's 6 s per setting,
+/// and `one`'s fresh@0 interval spanned 29 points. 16 make 4 times the
+/// probes (41–140 per t), intervals about half as wide, at 8–24 requests a
+/// second each; that cost the default run 2–4% of its ops/s (see
+/// bench/RESULTS.md, session 44).
 pub const PROBERS_ACROSS_REGIONS: usize = 16;
 
 /// The most probers `--probers` takes: each has its own key space and
@@ -1682,14 +1703,26 @@ mod tests {
     }
 
     /// Each prober writes and reads through two different coordinators, and
-    /// together they cover several pairs.
+    /// together they cover several pairs; with more probers than
+    /// coordinators, every neighbouring pair round the list.
     #[test]
     fn probers_cover_several_pairs_of_coordinators() {
-        let pairs = |n: usize| (0..4).map(|p| prober_pair(p, n)).collect::<Vec<_>>();
-        assert_eq!(pairs(2), [(0, 1), (1, 0), (0, 1), (1, 0)]);
-        assert_eq!(pairs(5), [(0, 1), (1, 2), (2, 3), (3, 4)]);
-        for n in 2..=PROBERS_MAX + 1 {
-            assert!(pairs(n).iter().all(|(w, r)| w != r && *w < n && *r < n));
+        let pairs =
+            |probers: usize, n: usize| (0..probers).map(|p| prober_pair(p, n)).collect::<Vec<_>>();
+        assert_eq!(pairs(4, 2), [(0, 1), (1, 0), (0, 1), (1, 0)]);
+        assert_eq!(pairs(4, 5), [(0, 1), (1, 2), (2, 3), (3, 4)]);
+        let round: std::collections::BTreeSet<_> =
+            pairs(PROBERS_ACROSS_REGIONS, 5).into_iter().collect();
+        assert_eq!(
+            round.into_iter().collect::<Vec<_>>(),
+            [(0, 1), (1, 2), (2, 3), (3, 4), (4, 0)]
+        );
+        for probers in [1, PROBERS_DEFAULT, PROBERS_ACROSS_REGIONS, PROBERS_MAX] {
+            for n in 2..=probers + 1 {
+                let all = pairs(probers, n);
+                assert_eq!(all.len(), probers);
+                assert!(all.iter().all(|(w, r)| w != r && *w < n && *r < n));
+            }
         }
     }
 
@@ -1923,6 +1956,7 @@ mod tests {
             values_read: 100,
             max_siblings: 1,
             staleness: Vec::new(),
+            probers: 0,
             staleness_skipped: None,
             records_after: 0,
             failovers: 0,

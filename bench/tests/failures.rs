@@ -58,7 +58,11 @@ async fn probes_that_cannot_write_are_counted_as_failed() {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig::on_loopback(NodeId::new("n1").unwrap(), dir.path().into());
     let node = Node::start(config).await.unwrap();
-    let config = ycsb_config(vec![node.addr(), node.addr()]);
+    // More probers than coordinators: they share them, and all run.
+    let config = YcsbConfig {
+        probers: 3,
+        ..ycsb_config(vec![node.addr(), node.addr()])
+    };
     // W=2 of N=3 with one node: no write can reach its quorum.
     let setting = Setting {
         r: Consistency::One,
@@ -68,7 +72,9 @@ async fn probes_that_cannot_write_are_counted_as_failed() {
     // Long enough for the prober's two QUIC handshakes and a failed write
     // on a busy machine (each write fails at once: W exceeds the nodes).
     let until = Instant::now() + Duration::from_secs(3);
-    let visibility = probe_staleness(&config, &setting, until).await.unwrap();
+    let probed = probe_staleness(&config, &setting, until).await.unwrap();
+    assert_eq!(probed.probers, 3);
+    let visibility = probed.visibility;
     let failed: u64 = visibility.iter().map(|v| v.failed).sum();
     assert!(failed > 0, "{visibility:?}");
     assert!(
