@@ -1472,8 +1472,8 @@ pub const PROBERS_DEFAULT: usize = 4;
 /// made only 10–35 probes per t in the default bench's 6 s per setting,
 /// and `one`'s fresh@0 interval spanned 29 points. 16 make 4 times the
 /// probes (41–140 per t), intervals about half as wide, at 8–24 requests a
-/// second each; that cost the default run 2–4% of its ops/s (see
-/// bench/RESULTS.md, session 44).
+/// second each; that cost the default run 3–4% of its ops/s (medians;
+/// see bench/RESULTS.md, session 44).
 pub const PROBERS_ACROSS_REGIONS: usize = 16;
 
 /// The most probers `--probers` takes: each has its own key space and
