@@ -212,7 +212,7 @@ pub struct BenchArgs {
     /// Write consistency for --workload putget (default quorum).
     #[arg(short = 'w', long = "w", value_name = "W", value_parser = parse_consistency)]
     pub w: Option<Consistency>,
-    /// Staleness probers, YCSB workloads only: each writes keys of its own through one node and reads each back through the next node t ms after the acknowledgement. More probers make more probes per t (narrower intervals) and a small load of their own that is not counted as operations: up to 70 requests a second each with no emulated delay, 8 to 24 with the default cross-region delays. 0 measures no staleness. Default: 16 with the embedded cluster's emulated regions, where each probe waits for cross-region round trips; 4 otherwise (give more with --cluster nodes that emulate regions). At most 64.
+    /// Staleness probers, YCSB workloads only: each writes keys of its own through one node and reads each back through the next node t ms after the acknowledgement. More probers make more probes per t (narrower intervals) and a small load of their own that is not counted as operations: up to 70 requests a second each with no emulated delay, 8 to 24 with the default cross-region delays. 0 measures no staleness. Default: 16 when the nodes are in two or more regions (the embedded cluster's emulated ones, or --cluster members started with different --region), where each probe waits for cross-region round trips; 4 otherwise. At most 64.
     #[arg(long, value_name = "N", value_parser = bounded::<usize>(0, ringkv_bench::ycsb::PROBERS_MAX as u64), conflicts_with = "target")]
     pub probers: Option<usize>,
     /// Draw latency CDFs (one curve per setting and operation) and the staleness curve to this SVG file.
@@ -248,7 +248,7 @@ pub struct NodeArgs {
     // restarting node adopt the N its cluster already has.
     #[arg(long, value_name = "N")]
     pub replicas: Option<usize>,
-    /// The region this node is in (a name such as us-east), shown by `status --json`.
+    /// The region this node is in (a name such as us-east), shown by `status --json` (and read by `ringkv bench --cluster`, which runs more staleness probers across regions).
     #[arg(long, value_name = "NAME")]
     pub region: Option<String>,
     /// Emulate network distance between regions: delay (with jitter and loss) every call to a peer by this matrix, a TOML file or `preset:cloud4` / `preset:cloud3` (AWS inter-region medians). Needs --region; every node of a cluster should get the same matrix. The node reads the file again on SIGHUP (a file that does not load, or lacks a member's region, is refused and the old matrix kept): a link with `cut = true` emulates a network partition, so send SIGHUP to every node after editing the file to make or heal one.

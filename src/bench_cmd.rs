@@ -191,7 +191,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     // nodes emulate regions themselves (ringkv node --latency-matrix).
     let matrix = matrix.filter(|_| args.cluster.is_empty());
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
-    let (targets, embedded, replicas) = if args.cluster.is_empty() {
+    let (targets, embedded, shape) = if args.cluster.is_empty() {
         check_settings(&settings, EMBEDDED_REPLICAS, "--consistency")?;
         let _ = std::fs::remove_dir_all(&embedded_dir);
         let regions: Vec<String> = matrix
@@ -214,16 +214,20 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             },
         )
         .await?;
+        let shape = ClusterShape {
+            replicas: EMBEDDED_REPLICAS,
+            regions: regions.len().min(nodes.len()),
+        };
         (
             nodes.iter().map(|n| n.addr()).collect::<Vec<_>>(),
             nodes,
-            EMBEDDED_REPLICAS,
+            shape,
         )
     } else {
         let targets = resolve_cluster(&args.cluster)?;
-        let replicas = cluster_replicas(&targets, cluster_key.as_ref()).await?;
-        check_settings(&settings, replicas, "--consistency")?;
-        (targets, Vec::new(), replicas)
+        let shape = cluster_shape(&targets, cluster_key.as_ref()).await?;
+        check_settings(&settings, shape.replicas, "--consistency")?;
+        (targets, Vec::new(), shape)
     };
     // A client sits in its coordinator's region: the matrix's local delay.
     let client_delay = matrix
@@ -239,18 +243,23 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         client_delay,
         cluster_key,
         distribution,
-        // Across emulated regions a probe takes a few hundred ms: more
-        // probers, or too few probes per t for a short run's curve.
-        probers: args.probers.unwrap_or(
-            if matrix.as_ref().is_some_and(|m| m.regions().len() > 1) {
-                ycsb::PROBERS_ACROSS_REGIONS
-            } else {
-                ycsb::PROBERS_DEFAULT
-            },
-        ),
+        // Across regions (emulated or real) a probe takes a few hundred
+        // ms: more probers, or too few probes per t for a short run's curve.
+        probers: args.probers.unwrap_or(if shape.regions > 1 {
+            ycsb::PROBERS_ACROSS_REGIONS
+        } else {
+            ycsb::PROBERS_DEFAULT
+        }),
         ..ycsb_config(&args, workload, targets, settings, false)
     };
-    let result = run_all(&config, &args, embedded.len(), replicas, matrix.as_deref()).await;
+    let result = run_all(
+        &config,
+        &args,
+        embedded.len(),
+        shape.replicas,
+        matrix.as_deref(),
+    )
+    .await;
     for n in embedded {
         n.shutdown().await;
     }
@@ -403,14 +412,24 @@ fn check_settings(settings: &[Setting], replicas: usize, flag: &str) -> Result<(
     Ok(())
 }
 
-/// N of a running cluster, from the `status` of each of its `targets`:
-/// every address must answer before anything is loaded (the bench's
-/// clients move between them later, when one stops).
-async fn cluster_replicas(
+/// What the bench needs to know of a running cluster before it loads.
+struct ClusterShape {
+    /// N.
+    replicas: usize,
+    /// Distinct regions its members were started in (`--region`), as
+    /// the `status` answers list them.
+    regions: usize,
+}
+
+/// The shape of a running cluster, from the `status` of each of its
+/// `targets`: every address must answer before anything is loaded (the
+/// bench's clients move between them later, when one stops).
+async fn cluster_shape(
     targets: &[std::net::SocketAddr],
     cluster_key: Option<&ClusterKey>,
-) -> Result<usize, Failure> {
+) -> Result<ClusterShape, Failure> {
     let mut replicas = None;
+    let mut regions = std::collections::BTreeSet::new();
     for addr in targets {
         let unreachable =
             |e: String| Failure::new(Exit::Unreachable, format!("cannot reach {addr}: {e}"));
@@ -422,6 +441,7 @@ async fn cluster_replicas(
         match answer {
             Ok(Response::Status(s)) => {
                 replicas.get_or_insert(s.replicas as usize);
+                regions.extend(s.nodes.into_iter().filter_map(|n| n.region));
             }
             // It answered: refused, shutting down, still joining. Its
             // error's kind picks the exit status, as for any command.
@@ -441,7 +461,11 @@ async fn cluster_replicas(
             Err(e) => return Err(unreachable(e.to_string())),
         }
     }
-    replicas.ok_or_else(|| Failure::new(Exit::Usage, "--cluster names no node"))
+    let replicas = replicas.ok_or_else(|| Failure::new(Exit::Usage, "--cluster names no node"))?;
+    Ok(ClusterShape {
+        replicas,
+        regions: regions.len(),
+    })
 }
 
 /// The exit status of a bench that could not finish: 4 only when a node
@@ -1191,7 +1215,9 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
         (nodes.iter().map(|n| n.addr()).collect(), nodes)
     } else {
         let targets = resolve_cluster(&args.cluster)?;
-        let replicas = cluster_replicas(&targets, cluster_key.as_ref()).await?;
+        let replicas = cluster_shape(&targets, cluster_key.as_ref())
+            .await?
+            .replicas;
         check_settings(&setting, replicas, "-r/-w")?;
         (targets, Vec::new())
     };

@@ -1467,7 +1467,9 @@ fn prober_pair(prober: usize, coordinators: usize) -> (usize, usize) {
 /// many) and 4 make about 25 probes per t a second.
 pub const PROBERS_DEFAULT: usize = 4;
 
-/// Probers with emulated regions unless told. There a probe also waits
+/// Probers unless told when the nodes are in two or more regions (the
+/// embedded cluster's emulated ones, or a cluster's members' `--region`
+/// as their status gives it). There a probe also waits
 /// out the write's and the read's cross-region round trips, so 4 probers
 /// made only 10–35 probes per t in the default bench's 6 s per setting,
 /// and `one`'s fresh@0 interval spanned 29 points. 16 make 4 times the
