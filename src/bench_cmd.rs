@@ -2,6 +2,7 @@
 //! side, against an embedded cluster spread over emulated regions or a
 //! running one; and the older put-then-get phases (`--workload putget`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use ringkv_bench::workload::{KeyDistribution, Workload};
 use ringkv_bench::ycsb::{self, OpReport, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{Histogram, LoadConfig, PhaseReport};
 use ringkv_core::regions::{LatencyMatrix, Link};
-use ringkv_core::wire::{Request, Response, VALUE_MAX_BYTES};
+use ringkv_core::wire::{NodeStatus, Request, Response, VALUE_MAX_BYTES};
 use ringkv_core::Consistency;
 use ringkv_node::{Client, ClusterKey};
 use serde_json::json;
@@ -252,14 +253,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         }),
         ..ycsb_config(&args, workload, targets, settings, false)
     };
-    let result = run_all(
-        &config,
-        &args,
-        embedded.len(),
-        shape.replicas,
-        matrix.as_deref(),
-    )
-    .await;
+    let result = run_all(&config, &args, embedded.len(), &shape, matrix.as_deref()).await;
     for n in embedded {
         n.shutdown().await;
     }
@@ -291,7 +285,12 @@ async fn resp_bench(
         distribution,
         ..ycsb_config(args, workload, vec![addr], vec![Setting::RESP], true)
     };
-    run_all(&config, args, 0, 1, None).await
+    // A RESP store has no replicas but itself, and no regions.
+    let shape = ClusterShape {
+        replicas: 1,
+        regions: 0,
+    };
+    run_all(&config, args, 0, &shape, None).await
 }
 
 /// The run the arguments describe, with no client delay and a fresh key space.
@@ -416,9 +415,25 @@ fn check_settings(settings: &[Setting], replicas: usize, flag: &str) -> Result<(
 struct ClusterShape {
     /// N.
     replicas: usize,
-    /// Distinct regions its members were started in (`--region`), as
-    /// the `status` answers list them.
+    /// Distinct regions its serving members were started in (`--region`),
+    /// as the `status` answers list them (see [`add_serving_regions`]); the
+    /// embedded cluster's, its matrix's. Two or more: a probe crosses
+    /// regions, and the bench runs more probers.
     regions: usize,
+}
+
+/// Adds to `regions` those of the members in a `status` answer's `nodes`
+/// that serve requests: up, and not leaving. A member that is down or on
+/// its way out takes no probe, so its region must not decide how many
+/// run. A region is a name the node was given: the bench takes two names
+/// to mean two places (emulated with `--latency-matrix`, or real).
+fn add_serving_regions(regions: &mut BTreeSet<String>, nodes: Vec<NodeStatus>) {
+    regions.extend(
+        nodes
+            .into_iter()
+            .filter(|n| n.up && n.leaving != Some(true))
+            .filter_map(|n| n.region),
+    );
 }
 
 /// The shape of a running cluster, from the `status` of each of its
@@ -429,7 +444,7 @@ async fn cluster_shape(
     cluster_key: Option<&ClusterKey>,
 ) -> Result<ClusterShape, Failure> {
     let mut replicas = None;
-    let mut regions = std::collections::BTreeSet::new();
+    let mut regions = BTreeSet::new();
     for addr in targets {
         let unreachable =
             |e: String| Failure::new(Exit::Unreachable, format!("cannot reach {addr}: {e}"));
@@ -441,7 +456,7 @@ async fn cluster_shape(
         match answer {
             Ok(Response::Status(s)) => {
                 replicas.get_or_insert(s.replicas as usize);
-                regions.extend(s.nodes.into_iter().filter_map(|n| n.region));
+                add_serving_regions(&mut regions, s.nodes);
             }
             // It answered: refused, shutting down, still joining. Its
             // error's kind picks the exit status, as for any command.
@@ -513,9 +528,10 @@ async fn run_all(
     config: &YcsbConfig,
     args: &BenchArgs,
     embedded_nodes: usize,
-    replicas: usize,
+    shape: &ClusterShape,
     matrix: Option<&LatencyMatrix>,
 ) -> Result<Exit, Failure> {
+    let replicas = shape.replicas;
     let to_stdout = args.json.as_deref() == Some("-");
     if !to_stdout {
         errln!(
@@ -597,7 +613,7 @@ async fn run_all(
         args,
         embedded_nodes,
         matrix,
-        replicas,
+        shape,
         &reports,
         cpu_scope,
     );
@@ -925,7 +941,7 @@ fn report_json(
     args: &BenchArgs,
     embedded_nodes: usize,
     matrix: Option<&LatencyMatrix>,
-    replicas: usize,
+    shape: &ClusterShape,
     reports: &[SettingReport],
     cpu_scope: &str,
 ) -> serde_json::Value {
@@ -968,7 +984,9 @@ fn report_json(
             "rate": args.rate.map(|rate| rate.to_string()),
             "rate_per_s": config.rate_per_s,
             "loop": if args.rate.is_some() { "open" } else { "closed" },
-            "replicas": replicas,
+            "replicas": shape.replicas,
+            // What the probers' default follows (see `add_serving_regions`).
+            "member_regions": if config.resp { json!(null) } else { json!(shape.regions) },
             "cluster": if args.cluster.is_empty() { json!(null) } else { json!(args.cluster) },
             // The nodes this process started (none against --cluster).
             "embedded_nodes": embedded_nodes,
@@ -1420,6 +1438,45 @@ fn op_columns(o: &OpReport, ops_per_s: f64, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regions count once each however many members and answers name
+    /// them, and only those of members that serve: a member down or
+    /// leaving, or one given no region, adds none.
+    #[test]
+    fn the_probers_follow_the_distinct_regions_of_serving_members() {
+        let member = |id: &str, region: Option<&str>, up: bool, leaving: Option<bool>| NodeStatus {
+            id: ringkv_core::NodeId::new(id).unwrap(),
+            addr: "127.0.0.1:7000".into(),
+            up,
+            region: region.map(String::from),
+            hints_pending: None,
+            last_exchange_unix_ms: None,
+            keys_repaired: None,
+            leaving,
+            cleaning: None,
+        };
+        let view = || {
+            vec![
+                member("n1", Some("us-east"), true, Some(false)),
+                member("n2", Some("us-east"), true, None),
+                member("n3", Some("eu-west"), true, Some(false)),
+                member("n4", Some("ap-south"), false, None),
+                member("n5", Some("us-west"), true, Some(true)),
+                member("n6", None, true, Some(false)),
+            ]
+        };
+        let mut regions = BTreeSet::new();
+        // Two targets' answers, listing the same members.
+        add_serving_regions(&mut regions, view());
+        add_serving_regions(&mut regions, view());
+        assert_eq!(
+            regions.into_iter().collect::<Vec<_>>(),
+            ["eu-west", "us-east"]
+        );
+        let mut one = BTreeSet::new();
+        add_serving_regions(&mut one, view().into_iter().take(2).collect());
+        assert_eq!(one.len(), 1, "two members of one region: one region");
+    }
 
     #[test]
     fn a_node_given_twice_in_cluster_is_refused() {

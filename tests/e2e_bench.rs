@@ -96,6 +96,7 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     );
     assert_eq!(json["config"]["updates"], "overwrite");
     assert_eq!(json["config"]["connections_per_node"], 1);
+    assert_eq!(json["config"]["member_regions"], 3);
     assert_eq!(
         json["config"]["probers"], 16,
         "across emulated regions a probe is slow: more probers"

@@ -181,8 +181,6 @@ fn a_keyed_cluster_serves_key_holders_and_refuses_others() {
     let read = &report["settings"][0]["ops"]["read"];
     assert!(read["ops"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(read["errors"], 0, "{report}");
-    // Its nodes name no region: the probers for one.
-    assert_eq!(report["config"]["probers"], 4, "{report}");
     // With another key it stops before it loads anything.
     let o = run(ringkv()
         .args([

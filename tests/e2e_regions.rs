@@ -152,6 +152,7 @@ fn each_consistency_settings_median_is_the_round_trip_the_matrix_predicts() {
     let report = json(&out);
     // The members' status names three regions: probes cross them, so the
     // bench runs more probers (staleness itself needs a second address).
+    assert_eq!(report["config"]["member_regions"], 3, "{report}");
     assert_eq!(report["config"]["probers"], 16, "{report}");
     let (one, two, three) = (
         read_p50(&report, 0),

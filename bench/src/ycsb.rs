@@ -1468,8 +1468,8 @@ fn prober_pair(prober: usize, coordinators: usize) -> (usize, usize) {
 pub const PROBERS_DEFAULT: usize = 4;
 
 /// Probers unless told when the nodes are in two or more regions (the
-/// embedded cluster's emulated ones, or a cluster's members' `--region`
-/// as their status gives it). There a probe also waits
+/// embedded cluster's emulated ones, or the `--region` of a cluster's
+/// members that are up, as their status gives it). There a probe also waits
 /// out the write's and the read's cross-region round trips, so 4 probers
 /// made only 10–35 probes per t in the default bench's 6 s per setting,
 /// and `one`'s fresh@0 interval spanned 29 points. 16 make 4 times the
