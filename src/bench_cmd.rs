@@ -217,6 +217,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         .await?;
         let shape = ClusterShape {
             replicas: EMBEDDED_REPLICAS,
+            // Fewer nodes than the matrix has regions leave some empty.
             regions: regions.len().min(nodes.len()),
         };
         (

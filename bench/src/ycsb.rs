@@ -1110,12 +1110,14 @@ pub async fn run_setting(
     let machine = machine_before
         .zip(MachineReading::now())
         .and_then(|(before, after)| before.share_until(&after));
-    let (probed, staleness_skipped) = match prober {
-        Ok(p) => match p.await {
-            Ok(Ok(probed)) => (probed, None),
-            Ok(Err(why)) => (Probed::default(), Some(why)),
-            Err(e) => (Probed::default(), Some(format!("the prober failed: {e}"))),
-        },
+    let probed = match prober {
+        Ok(p) => p
+            .await
+            .unwrap_or_else(|e| Err(format!("the prober failed: {e}"))),
+        Err(why) => Err(why),
+    };
+    let (probed, staleness_skipped) = match probed {
+        Ok(probed) => (probed, None),
         Err(why) => (Probed::default(), Some(why)),
     };
     let failovers = failovers(&clients);
@@ -1473,7 +1475,7 @@ pub const PROBERS_DEFAULT: usize = 4;
 /// out the write's and the read's cross-region round trips, so 4 probers
 /// made only 10–35 probes per t in the default bench's 6 s per setting,
 /// and `one`'s fresh@0 interval spanned 29 points. 16 make 4 times the
-/// probes (41–140 per t), intervals about half as wide, at 8–24 requests a
+/// probes (38–140 per t), intervals about half as wide, at 8–24 requests a
 /// second each; that cost the default run 3–4% of its ops/s (medians;
 /// see bench/RESULTS.md, session 44).
 pub const PROBERS_ACROSS_REGIONS: usize = 16;
