@@ -157,11 +157,9 @@ fn draw(svg: &mut String, reports: &[SettingReport]) -> Result<(), PlotError> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::workload::Op;
-    use crate::ycsb::{OpReport, Setting, Visibility};
+    use crate::ycsb::{OpReport, Visibility};
 
     fn report(staleness: Vec<Visibility>) -> SettingReport {
         let mut read = OpReport::new();
@@ -169,28 +167,10 @@ mod tests {
         for us in [100, 200, 300] {
             read.latency_us.record(us).unwrap();
         }
-        SettingReport {
-            setting: Setting::RESP,
-            elapsed: Duration::from_secs(1),
-            cpu: None,
-            machine: None,
-            rate_per_s: None,
-            peak: None,
-            unsent: None,
-            mean_service_ms: None,
-            pickup_us: None,
-            ops: vec![(Op::Read, read)],
-            reads: 3,
-            reads_not_found: 0,
-            sibling_reads: 0,
-            values_read: 3,
-            max_siblings: 1,
-            staleness,
-            probers: 1,
-            staleness_skipped: None,
-            records_after: 3,
-            failovers: 0,
-        }
+        let mut report = SettingReport::for_tests(vec![(Op::Read, read)]);
+        (report.reads, report.values_read, report.records_after) = (3, 3, 3);
+        (report.staleness, report.probers) = (staleness, 1);
+        report
     }
 
     /// Each probed share is drawn with its interval: a vertical bar and

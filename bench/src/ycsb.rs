@@ -427,6 +427,36 @@ pub struct SettingReport {
     pub failovers: u64,
 }
 
+#[cfg(test)]
+impl SettingReport {
+    /// A one-second run of the RESP setting that measured nothing but
+    /// `ops`: each test sets the fields it checks.
+    pub(crate) fn for_tests(ops: Vec<(Op, OpReport)>) -> Self {
+        SettingReport {
+            setting: Setting::RESP,
+            elapsed: Duration::from_secs(1),
+            cpu: None,
+            machine: None,
+            rate_per_s: None,
+            peak: None,
+            unsent: None,
+            mean_service_ms: None,
+            pickup_us: None,
+            ops,
+            reads: 0,
+            reads_not_found: 0,
+            sibling_reads: 0,
+            values_read: 0,
+            max_siblings: 1,
+            staleness: Vec::new(),
+            probers: 0,
+            staleness_skipped: None,
+            records_after: 0,
+            failovers: 0,
+        }
+    }
+}
+
 impl SettingReport {
     pub fn total_ops(&self) -> u64 {
         self.ops.iter().map(|(_, r)| r.ops).sum()
@@ -1943,28 +1973,11 @@ mod tests {
     fn cpu_per_operation_counts_only_what_succeeded() {
         let mut read = OpReport::new();
         (read.ops, read.errors, read.shed, read.timeouts) = (100, 50, 30, 20);
-        let mut report = SettingReport {
-            setting: Setting::RESP,
-            elapsed: Duration::from_secs(1),
-            cpu: Some(Duration::from_millis(10)),
-            machine: None,
-            rate_per_s: Some(200),
-            peak: None,
-            unsent: Some(5),
-            mean_service_ms: None,
-            pickup_us: None,
-            ops: vec![(Op::Read, read)],
-            reads: 100,
-            reads_not_found: 0,
-            sibling_reads: 0,
-            values_read: 100,
-            max_siblings: 1,
-            staleness: Vec::new(),
-            probers: 0,
-            staleness_skipped: None,
-            records_after: 0,
-            failovers: 0,
-        };
+        let mut report = SettingReport::for_tests(vec![(Op::Read, read)]);
+        report.cpu = Some(Duration::from_millis(10));
+        report.rate_per_s = Some(200);
+        report.unsent = Some(5);
+        (report.reads, report.values_read) = (100, 100);
         assert_eq!(report.cpu_us_per_op(), Some(100.0));
         // 200 attempts, 5 of them counted but never sent.
         assert_eq!(report.cpu_us_per_attempt(), Some(10_000.0 / 195.0));
