@@ -440,6 +440,14 @@ async fn malformed_tree_requests_are_refused_without_harm() {
     })
     .await;
     assert!(refused(wrong_shape, "shape").contains("2^12 leaves"));
+    let wrong_shape = ask(ReplicaRequest::LeafItems {
+        peer: peer.clone(),
+        leaf_bits: 12,
+        ring,
+        leaves: vec![0],
+    })
+    .await;
+    assert!(refused(wrong_shape, "leaves' shape").contains("2^12 leaves"));
     let too_deep = ask(ReplicaRequest::TreeHashes {
         peer: peer.clone(),
         leaf_bits: 8,

@@ -241,6 +241,16 @@ impl<T: Transport> AntiEntropy<T> {
                 )
             })
         };
+        // Both requests ask of trees of our shape, built, by our ring.
+        let refused = |leaf_bits: u32, ring: u64| {
+            if leaf_bits != bits {
+                Some(wrong_shape(leaf_bits))
+            } else if !self.trees.is_ready() {
+                Some(not_ready())
+            } else {
+                other_ring(ring)
+            }
+        };
         Some(match request {
             ReplicaRequest::TreeHashes {
                 peer,
@@ -249,13 +259,7 @@ impl<T: Transport> AntiEntropy<T> {
                 level,
                 indexes,
             } => {
-                if *leaf_bits != bits {
-                    return Some(wrong_shape(*leaf_bits));
-                }
-                if !self.trees.is_ready() {
-                    return Some(not_ready());
-                }
-                if let Some(refusal) = other_ring(*ring) {
+                if let Some(refusal) = refused(*leaf_bits, *ring) {
                     return Some(refusal);
                 }
                 let depth = bits / FANOUT_BITS;
@@ -274,13 +278,7 @@ impl<T: Transport> AntiEntropy<T> {
                 ring,
                 leaves,
             } => {
-                if *leaf_bits != bits {
-                    return Some(wrong_shape(*leaf_bits));
-                }
-                if !self.trees.is_ready() {
-                    return Some(not_ready());
-                }
-                if let Some(refusal) = other_ring(*ring) {
+                if let Some(refusal) = refused(*leaf_bits, *ring) {
                     return Some(refusal);
                 }
                 if let Some(bad) = leaves.iter().find(|l| (**l as u64) >> bits != 0) {
