@@ -295,10 +295,7 @@ pub fn repair(report: &RepairReport, json: bool) {
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
             "duration_ms": report.duration_ms,
-            "failures": report.failures.iter().map(|f| json!({
-                "peer": f.peer.to_string(),
-                "reason": f.reason,
-            })).collect::<Vec<_>>(),
+            "failures": failures_json(&report.failures),
         }));
     } else {
         outln!(
