@@ -214,41 +214,35 @@ impl<T: Transport> AntiEntropy<T> {
     /// Answers a peer's `TreeHashes` or `LeafItems`; `None` for any other
     /// request. Reads storage: call off the async workers.
     pub fn answer(&self, request: &ReplicaRequest) -> Option<Response> {
-        let me = self.trees.me().clone();
-        let not_ready = || {
-            Response::error(
-                ErrorKind::Unavailable,
-                AntiEntropyError::NotReady { node: me.clone() }.to_string(),
-            )
-        };
         let bits = self.trees.leaf_bits();
-        let wrong_shape = |theirs: u32| {
-            Response::error(
-                ErrorKind::InvalidRequest,
-                format!("Merkle trees of 2^{theirs} leaves asked of a node that keeps 2^{bits}"),
-            )
-        };
-        // Trees split by another ring do not compare: a key one side shares
-        // with the other may be in neither's tree, or the repairs would copy
-        // keys to nodes that no longer replicate them.
-        let other_ring = |theirs: u64| {
-            (theirs != self.trees.ring().fingerprint()).then(|| {
-                Response::error(
+        // Both requests ask of trees of our shape, built, by our ring.
+        let refused = |theirs: u32, ring: u64| {
+            let me = self.trees.me();
+            if theirs != bits {
+                Some(Response::error(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "Merkle trees of 2^{theirs} leaves asked of a node that keeps 2^{bits}"
+                    ),
+                ))
+            } else if !self.trees.is_ready() {
+                Some(Response::error(
+                    ErrorKind::Unavailable,
+                    AntiEntropyError::NotReady { node: me.clone() }.to_string(),
+                ))
+            } else if ring != self.trees.ring().fingerprint() {
+                // Trees split by another ring do not compare: a key one
+                // side shares with the other may be in neither's tree, or
+                // the repairs would copy keys to nodes that no longer
+                // replicate them.
+                Some(Response::error(
                     ErrorKind::Unavailable,
                     format!(
                         "{me} places keys by another ring than the asker (a membership change is still spreading); try again later"
                     ),
-                )
-            })
-        };
-        // Both requests ask of trees of our shape, built, by our ring.
-        let refused = |leaf_bits: u32, ring: u64| {
-            if leaf_bits != bits {
-                Some(wrong_shape(leaf_bits))
-            } else if !self.trees.is_ready() {
-                Some(not_ready())
+                ))
             } else {
-                other_ring(ring)
+                None
             }
         };
         Some(match request {
