@@ -8,14 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use ringkv_bench::predict::{predict_p50, Requests, Topology};
 use ringkv_bench::rate::{share_of_peak, Rate};
 use ringkv_bench::workload::{KeyDistribution, Workload};
 use ringkv_bench::ycsb::{self, OpReport, Setting, SettingReport, YcsbConfig};
 use ringkv_bench::{Histogram, LoadConfig, PhaseReport};
 use ringkv_core::regions::{LatencyMatrix, Link};
 use ringkv_core::wire::{NodeStatus, Request, Response, VALUE_MAX_BYTES};
-use ringkv_core::Consistency;
-use ringkv_node::{Client, ClusterKey};
+use ringkv_core::{Consistency, NodeId};
+use ringkv_node::{Client, ClusterKey, NodeHandle};
 use serde_json::json;
 
 use crate::args::{BenchArgs, RATE_MAX};
@@ -191,8 +192,18 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     // --regions shapes the embedded cluster only: an external cluster's
     // nodes emulate regions themselves (ringkv node --latency-matrix).
     let matrix = matrix.filter(|_| args.cluster.is_empty());
+    // A client sits in its coordinator's region: the matrix's local delay.
+    let client_delay = matrix
+        .as_ref()
+        .and_then(|m| {
+            let r = m.regions().first()?;
+            m.link(r, r).ok()
+        })
+        .map_or(Duration::ZERO, |l| {
+            Duration::from_secs_f64(l.delay_ms / 1000.0)
+        });
     let embedded_dir = crate::server_cmd::scratch_dir("ringkv-bench");
-    let (targets, embedded, shape) = if args.cluster.is_empty() {
+    let (targets, embedded, shape, topology) = if args.cluster.is_empty() {
         check_settings(&settings, EMBEDDED_REPLICAS, "--consistency")?;
         let _ = std::fs::remove_dir_all(&embedded_dir);
         let regions: Vec<String> = matrix
@@ -220,27 +231,23 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             // Fewer nodes than the matrix has regions leave some empty.
             regions: regions.len().min(nodes.len()),
         };
+        // The model weighs clients by a closed loop's pace (see predict).
+        let topology = match &matrix {
+            Some(m) if args.rate.is_none() => embedded_topology(&nodes, &regions, m, client_delay),
+            _ => None,
+        };
         (
             nodes.iter().map(|n| n.addr()).collect::<Vec<_>>(),
             nodes,
             shape,
+            topology,
         )
     } else {
         let targets = resolve_cluster(&args.cluster)?;
         let shape = cluster_shape(&targets, cluster_key.as_ref()).await?;
         check_settings(&settings, shape.replicas, "--consistency")?;
-        (targets, Vec::new(), shape)
+        (targets, Vec::new(), shape, None)
     };
-    // A client sits in its coordinator's region: the matrix's local delay.
-    let client_delay = matrix
-        .as_ref()
-        .and_then(|m| {
-            let r = m.regions().first()?;
-            m.link(r, r).ok()
-        })
-        .map_or(Duration::ZERO, |l| {
-            Duration::from_secs_f64(l.delay_ms / 1000.0)
-        });
     let config = YcsbConfig {
         client_delay,
         cluster_key,
@@ -254,7 +261,22 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         }),
         ..ycsb_config(&args, workload, targets, settings, false)
     };
-    let result = run_all(&config, &args, embedded.len(), &shape, matrix.as_deref()).await;
+    // The embedded nodes are the targets, in order.
+    let coordinators: Vec<(NodeId, usize)> = embedded
+        .iter()
+        .map(|n| n.id().clone())
+        .zip(ycsb::clients_per_target(&config))
+        .collect();
+    let prediction = topology.as_ref().map(|t| (t, coordinators.as_slice()));
+    let result = run_all(
+        &config,
+        &args,
+        embedded.len(),
+        &shape,
+        matrix.as_deref(),
+        prediction,
+    )
+    .await;
     for n in embedded {
         n.shutdown().await;
     }
@@ -291,7 +313,7 @@ async fn resp_bench(
         replicas: 1,
         regions: 0,
     };
-    run_all(&config, args, 0, &shape, None).await
+    run_all(&config, args, 0, &shape, None, None).await
 }
 
 /// The run the arguments describe, with no client delay and a fresh key space.
@@ -531,6 +553,7 @@ async fn run_all(
     embedded_nodes: usize,
     shape: &ClusterShape,
     matrix: Option<&LatencyMatrix>,
+    prediction: Option<(&Topology, &[(NodeId, usize)])>,
 ) -> Result<Exit, Failure> {
     let replicas = shape.replicas;
     let to_stdout = args.json.as_deref() == Some("-");
@@ -568,7 +591,7 @@ async fn run_all(
     let mut reports = Vec::new();
     let mut records = config.records;
     for setting in &config.settings {
-        let report = match args.rate {
+        let mut report = match args.rate {
             Some(Rate::ShareOfPeak { percent }) => {
                 let peak = run_with_bar(config, setting, records, "peak").await?;
                 // Inserts of workload D add records for the next run.
@@ -591,6 +614,22 @@ async fn run_all(
             }
             _ => run_with_bar(config, setting, records, "run").await?,
         };
+        if let Some((topology, coordinators)) = prediction {
+            let requests = Requests {
+                coordinators,
+                workload: config.workload,
+                distribution: config
+                    .distribution
+                    .unwrap_or_else(|| config.workload.distribution()),
+                records,
+                key_prefix: &config.key_prefix,
+                seed: config.seed,
+            };
+            // Checked against N before anything ran.
+            if let (Ok(r), Ok(w)) = (setting.r.required(replicas), setting.w.required(replicas)) {
+                report.predicted_p50 = predict_p50(topology, &requests, r, w);
+            }
+        }
         records = report.records_after;
         reports.push(report);
     }
@@ -694,6 +733,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
             );
         }
     }
+    predicted_line(reports);
     let per_op: Vec<String> = reports
         .iter()
         .filter_map(|r| {
@@ -1041,6 +1081,13 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
             // As the table gives it, per operation type.
             let mut out = op_json(o);
             out["ops_per_sec"] = json!(r.op_ops_per_sec(o));
+            // What the latency matrix predicts for p50 (see predict); null
+            // without a prediction.
+            out["predicted_p50_ms"] = json!(r
+                .predicted_p50
+                .iter()
+                .find(|p| p.op == *op)
+                .map(|p| p.p50_ms));
             (op.as_str().to_string(), out)
         })
             .collect::<serde_json::Map<_, _>>(),
@@ -1060,6 +1107,39 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
         "probers": r.probers,
         "staleness_skipped": r.staleness_skipped,
     })
+}
+
+/// What the latency matrix's predictions start from for the embedded
+/// cluster: the ring, and the regions its nodes were given (round-robin,
+/// as `bench` gives them). `None`, and a warning, when no node's ring has
+/// every node yet.
+fn embedded_topology(
+    nodes: &[NodeHandle],
+    regions: &[String],
+    matrix: &LatencyMatrix,
+    client_delay: Duration,
+) -> Option<Topology> {
+    let ring = nodes
+        .iter()
+        .filter_map(|n| n.ring())
+        .max_by_key(|r| r.len());
+    let Some(ring) = ring.filter(|r| r.len() == nodes.len() && !regions.is_empty()) else {
+        tracing::warn!("no node's ring has every embedded node yet: no predicted p50");
+        return None;
+    };
+    let node_regions = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id().clone(), regions[i % regions.len()].clone()))
+        .collect();
+    let client_leg_ms = client_delay.as_secs_f64() * 1000.0;
+    match Topology::new((*ring).clone(), &node_regions, matrix, client_leg_ms) {
+        Ok(topology) => Some(topology),
+        Err(e) => {
+            tracing::warn!(error = %e, "no predicted p50");
+            None
+        }
+    }
 }
 
 /// How many nodes the embedded cluster starts: `--nodes`, else `default`.
@@ -1331,6 +1411,46 @@ async fn putget(args: BenchArgs, cluster_key: Option<ClusterKey>) -> Result<Exit
 /// A latency for a table: `-` where none was recorded.
 fn ms(latency_ms: Option<f64>, decimals: usize) -> String {
     latency_ms.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
+}
+
+/// Below this a prediction is not compared with the measured p50: the
+/// model leaves out processing, tenths of a millisecond here, which is
+/// then a large share of the whole.
+const COMPARED_FROM_MS: f64 = 5.0;
+
+/// The footer line of the latency matrix's predicted medians, each with
+/// how far the measured one is from it.
+fn predicted_line(reports: &[SettingReport]) {
+    let predicted: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.predicted_p50.is_empty())
+        .map(|r| {
+            let ops: Vec<String> = r
+                .predicted_p50
+                .iter()
+                .map(|p| {
+                    let measured = r
+                        .ops
+                        .iter()
+                        .find(|(op, _)| *op == p.op)
+                        .and_then(|(_, o)| o.latency_ms(0.5));
+                    let off = match measured {
+                        Some(m) if p.p50_ms >= COMPARED_FROM_MS => {
+                            format!(" (measured {:+.1}%)", (m / p.p50_ms - 1.0) * 100.0)
+                        }
+                        _ => String::new(),
+                    };
+                    format!("{} {}{off}", p.op.as_str(), ms(Some(p.p50_ms), 2))
+                })
+                .collect();
+            format!("{}: {}", r.setting, ops.join(", "))
+        })
+        .collect();
+    by_setting_line(
+        "p50 in ms that the latency matrix predicts (its delays alone, every node up)",
+        &predicted,
+        "; ",
+    );
 }
 
 /// One footer line naming a figure per setting; none when no setting has it.

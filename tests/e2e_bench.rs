@@ -204,6 +204,25 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     // Probes that one node coordinated (both requests forwarded to the same
     // replica) are counted apart, never as fresh.
     assert!(one["same_coordinator"].as_u64().is_some(), "{one}");
+    // Beside each measured p50, the one the latency matrix predicts from
+    // placement and the regions' delays: a quorum read waits for a round
+    // trip between regions (tens of ms), and measures within CI's generous
+    // bounds of it (bench/RESULTS.md has the tight figures).
+    assert!(
+        table.contains("p50 in ms that the latency matrix predicts (its delays alone, every node up) by setting — one: read "),
+        "{table}"
+    );
+    for s in settings {
+        assert!(s["ops"]["read"]["predicted_p50_ms"].is_f64(), "{s}");
+    }
+    let quorum = &settings[1]["ops"]["read"];
+    let predicted = quorum["predicted_p50_ms"].as_f64().unwrap();
+    let measured = quorum["p50_ms"].as_f64().unwrap();
+    assert!(predicted > 20.0, "{quorum}");
+    assert!(
+        (0.9 * predicted..1.5 * predicted).contains(&measured),
+        "{quorum}"
+    );
 }
 
 #[test]

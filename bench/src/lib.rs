@@ -16,6 +16,7 @@
 pub mod machine_cpu;
 pub mod pacer;
 pub mod plot;
+pub mod predict;
 pub mod rate;
 pub mod resp;
 pub mod share_interval;

@@ -66,6 +66,7 @@ use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
 use crate::machine_cpu::{MachineReading, MachineShare};
 use crate::pacer::{self, Pacer};
+use crate::predict::OpPrediction;
 use crate::resp::RespConn;
 use crate::workload::{record_key, KeyChooser, KeyDistribution, Op, Workload};
 use crate::{new_histogram, record_latency, BenchError};
@@ -425,6 +426,10 @@ pub struct SettingReport {
     /// not take requests (stopped, draining, unreachable), as
     /// `ClusterClient::failovers` counts them; going back is not counted.
     pub failovers: u64,
+    /// Each operation type's p50 as the latency matrix predicts it (see
+    /// [`crate::predict`]), set by the caller that knows the matrix and the
+    /// ring; empty otherwise.
+    pub predicted_p50: Vec<OpPrediction>,
 }
 
 #[cfg(test)]
@@ -453,6 +458,7 @@ impl SettingReport {
             staleness_skipped: None,
             records_after: 0,
             failovers: 0,
+            predicted_p50: Vec::new(),
         }
     }
 }
@@ -691,14 +697,43 @@ fn some_timed_out(error: &ErrorReply) -> bool {
     })
 }
 
+/// How many connections `clients` share over `targets`: one per client,
+/// up to `connections_per_target` per target.
+fn connection_count(targets: usize, connections_per_target: usize, clients: usize) -> usize {
+    (targets * connections_per_target.max(1)).min(clients)
+}
+
+/// How many of `config`'s clients send to each of its targets (in
+/// order), as [`connect_all`] spreads them: connection j goes to target j
+/// mod their number, and client i uses connection i mod theirs.
+pub fn clients_per_target(config: &YcsbConfig) -> Vec<usize> {
+    spread_clients(
+        config.targets.len(),
+        config.connections_per_target,
+        config.concurrency.max(1),
+    )
+}
+
+fn spread_clients(targets: usize, connections_per_target: usize, clients: usize) -> Vec<usize> {
+    let connections = connection_count(targets, connections_per_target, clients);
+    let mut per_target = vec![0; targets];
+    if connections == 0 {
+        return per_target;
+    }
+    for i in 0..clients {
+        per_target[(i % connections) % targets] += 1;
+    }
+    per_target
+}
+
 async fn connect_all(config: &YcsbConfig, count: usize) -> Result<Vec<Arc<Conn>>, BenchError> {
     if !config.resp {
         // Connections go round-robin over the targets, and client i uses
-        // connection i mod their number: clients still spread evenly.
-        let wanted = config.targets.len() * config.connections_per_target.max(1);
+        // connection i mod their number: clients still spread evenly
+        // (`clients_per_target` counts them so).
         let clients = crate::connect_clients(
             &config.targets,
-            wanted.min(count),
+            connection_count(config.targets.len(), config.connections_per_target, count),
             config.cluster_key.as_ref(),
         )
         .await?;
@@ -1175,6 +1210,7 @@ pub async fn run_setting(
         staleness_skipped,
         records_after: inserts.taken(),
         failovers,
+        predicted_p50: Vec::new(),
     };
     if let Some(rate) = config.rate_per_s {
         // Requests due during the warm-up are neither counted nor charged:
@@ -1611,6 +1647,21 @@ fn verdict(written: &Outcome, read: &Outcome, value: &[u8]) -> Verdict {
 
 #[cfg(test)]
 mod tests {
+    /// Clients spread over targets as their connections do: evenly when
+    /// each has its own, and by connection when they share fewer.
+    #[test]
+    fn clients_spread_over_the_targets_as_their_connections_do() {
+        use super::spread_clients;
+        assert_eq!(spread_clients(5, 1, 50), vec![10; 5]);
+        assert_eq!(spread_clients(3, 50, 4), vec![2, 1, 1]);
+        // Two connections to three targets: clients alternate between them.
+        assert_eq!(spread_clients(3, 1, 2), vec![1, 1, 0]);
+        // Four connections (two per target), seven clients: 0,2 | 1,3.
+        assert_eq!(spread_clients(2, 2, 7), vec![4, 3]);
+        assert_eq!(spread_clients(0, 1, 5), Vec::<usize>::new());
+        assert_eq!(spread_clients(3, 1, 0), vec![0, 0, 0]);
+    }
+
     use super::*;
 
     /// The wait from due to pick-up: what each client saw, merged, and

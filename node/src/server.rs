@@ -1309,6 +1309,11 @@ impl NodeHandle {
         self.addr
     }
 
+    /// The ring this node has in effect; `None` before it is in a cluster.
+    pub fn ring(&self) -> Option<Arc<Ring>> {
+        self.inner.ring_tx.borrow().clone()
+    }
+
     /// Puts `matrix` in effect for this node's calls to peers from now on
     /// (`ringkv node` re-reads its `--latency-matrix` file on SIGHUP): how
     /// an emulated partition is made and healed while the cluster runs (see

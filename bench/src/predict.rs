@@ -1,0 +1,435 @@
+//! What a latency matrix predicts a consistency setting's median latency
+//! to be, from placement alone: the check of issue 5 ("W=2 with one local
+//! and two remote replicas ≈ one round trip to the nearer remote region"),
+//! computed for whatever topology the bench runs on, so that every run
+//! shows how far the measured p50 is from the emulated network's.
+//!
+//! The model follows the coordinator (Dynamo §4.5) with every node up:
+//!
+//! - A client sits in its coordinator's region and pays the client leg
+//!   each way.
+//! - A coordinator that is one of the key's N replicas answers once the
+//!   R (reads) or W (writes) nearest of them have: itself at no cost, each
+//!   other one a round trip away. Reads ask the fastest peers, writes ask
+//!   all N, and either way the answer comes with the k-th shortest round
+//!   trip.
+//! - A coordinator that is not a replica forwards the request to the first
+//!   replica in ring order, which coordinates it as above.
+//! - A read-modify-write is a read, then a write, through one coordinator.
+//!
+//! Delays are the links' `delay_ms`, without jitter or loss, and requests
+//! cost no time to process: the prediction is the network's share, which
+//! across regions is nearly all of it.
+//!
+//! **Weights.** The median is over requests, and in a closed loop a client
+//! whose requests are slow sends fewer of them: each client's requests
+//! count in inverse proportion to its predicted mean latency (Little's
+//! law), so clients of a coordinator far from most replicas weigh less, as
+//! they do in the measured histogram. Keys are drawn as the workload
+//! draws them (an insert's are new records), and every operation type of
+//! the mix is predicted from the same draws.
+//!
+//! Plain computation over a ring and a matrix: no I/O, no clock.
+
+use std::collections::HashMap;
+
+use rand::SeedableRng;
+use ringkv_core::regions::LatencyMatrix;
+use ringkv_core::NodeId;
+use ringkv_ring::Ring;
+
+use crate::workload::{record_key, KeyChooser, KeyDistribution, Op, Workload};
+
+/// Requests drawn per prediction: enough that the median of a mix of
+/// round trips lands on the right one; each costs a preference list.
+pub const SAMPLES: usize = 4_000;
+
+/// Why no prediction could be made.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PredictError {
+    #[error("node {node} has no region: every node of an emulated cluster needs one")]
+    NoRegion { node: NodeId },
+    #[error("node {node}'s region {region:?} is not in the latency matrix")]
+    UnknownRegion { node: NodeId, region: String },
+    #[error("the ring has no members")]
+    EmptyRing,
+}
+
+/// A cluster as the matrix sees it: where each node is, and its ring.
+#[derive(Debug)]
+pub struct Topology {
+    ring: Ring,
+    /// Round trips between members, in milliseconds (0 to itself).
+    round_trip_ms: HashMap<(NodeId, NodeId), f64>,
+    /// One way between a client and its coordinator, in milliseconds.
+    client_leg_ms: f64,
+}
+
+impl Topology {
+    /// `regions` must give every member of `ring` a region of `matrix`.
+    pub fn new(
+        ring: Ring,
+        regions: &HashMap<NodeId, String>,
+        matrix: &LatencyMatrix,
+        client_leg_ms: f64,
+    ) -> Result<Self, PredictError> {
+        let nodes = ring.nodes();
+        if nodes.is_empty() {
+            return Err(PredictError::EmptyRing);
+        }
+        let region_of = |node: &NodeId| {
+            let region = regions
+                .get(node)
+                .ok_or_else(|| PredictError::NoRegion { node: node.clone() })?;
+            matrix
+                .check_region(region)
+                .map_err(|_| PredictError::UnknownRegion {
+                    node: node.clone(),
+                    region: region.clone(),
+                })?;
+            Ok(region.as_str())
+        };
+        let mut round_trip_ms = HashMap::new();
+        for a in &nodes {
+            for b in &nodes {
+                let ms = if a == b {
+                    0.0
+                } else {
+                    let link = matrix
+                        .link(region_of(a)?, region_of(b)?)
+                        .expect("both regions checked");
+                    2.0 * link.delay_ms
+                };
+                round_trip_ms.insert((a.clone(), b.clone()), ms);
+            }
+        }
+        Ok(Topology {
+            ring,
+            round_trip_ms,
+            client_leg_ms,
+        })
+    }
+
+    fn round_trip(&self, a: &NodeId, b: &NodeId) -> f64 {
+        self.round_trip_ms[&(a.clone(), b.clone())]
+    }
+
+    /// The network time of one request for `key` through `coordinator`
+    /// that needs `acks` replicas (clamped to 1..=N), client legs included.
+    pub fn request_ms(&self, coordinator: &NodeId, key: &[u8], acks: usize) -> f64 {
+        let replicas = self.ring.replicas_of(key);
+        let (at, forward_ms) = if replicas.contains(coordinator) {
+            (coordinator, 0.0)
+        } else {
+            let first = &replicas[0];
+            (first, self.round_trip(coordinator, first))
+        };
+        let mut trips: Vec<f64> = replicas.iter().map(|r| self.round_trip(at, r)).collect();
+        trips.sort_by(f64::total_cmp);
+        let k = acks.clamp(1, trips.len());
+        2.0 * self.client_leg_ms + forward_ms + trips[k - 1]
+    }
+}
+
+/// One operation's predicted p50, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OpPrediction {
+    pub op: Op,
+    pub p50_ms: f64,
+}
+
+/// What to predict for: the run's clients and requests.
+pub struct Requests<'a> {
+    /// Each coordinator, with the number of clients that send to it.
+    pub coordinators: &'a [(NodeId, usize)],
+    pub workload: Workload,
+    pub distribution: KeyDistribution,
+    pub records: u64,
+    pub key_prefix: &'a str,
+    pub seed: u64,
+}
+
+/// The predicted p50 of each operation type of the workload, at read and
+/// write quorums `r` and `w` (see the module docs for the model).
+pub fn predict_p50(
+    topology: &Topology,
+    requests: &Requests<'_>,
+    r: usize,
+    w: usize,
+) -> Vec<OpPrediction> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(requests.seed);
+    let chooser = KeyChooser::new(requests.distribution, requests.records, false);
+    let key = |record: u64| record_key(requests.key_prefix, record).into_bytes();
+    // Every operation type is evaluated on the same draws, so that a rare
+    // one (5% of workload B) is predicted from as many as a common one.
+    let existing: Vec<Vec<u8>> = (0..SAMPLES)
+        .map(|_| key(chooser.next_existing(&mut rng)))
+        .collect();
+    let fresh: Vec<Vec<u8>> = (0..SAMPLES as u64)
+        .map(|i| key(requests.records + i))
+        .collect();
+    let mix = requests.workload.mix();
+    // Per operation type of the mix: (latency, weight) of each draw
+    // through each coordinator.
+    let mut weighted: Vec<Vec<(f64, f64)>> = vec![Vec::new(); mix.len()];
+    for (coordinator, clients) in requests.coordinators {
+        if *clients == 0 {
+            continue;
+        }
+        let per_op: Vec<Vec<f64>> = mix
+            .iter()
+            .map(|(op, _)| {
+                let keys = if *op == Op::Insert { &fresh } else { &existing };
+                keys.iter()
+                    .map(|key| match op {
+                        Op::Read => topology.request_ms(coordinator, key, r),
+                        Op::Update | Op::Insert => topology.request_ms(coordinator, key, w),
+                        Op::ReadModifyWrite => {
+                            topology.request_ms(coordinator, key, r)
+                                + topology.request_ms(coordinator, key, w)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        // The client's mean request, over the mix.
+        let mean: f64 = mix
+            .iter()
+            .zip(&per_op)
+            .map(|((_, share), ms)| share * ms.iter().sum::<f64>() / ms.len() as f64)
+            .sum();
+        // A microsecond floor: a cluster with no delays at all weighs its
+        // clients alike rather than dividing by zero.
+        let weight = *clients as f64 / mean.max(0.001);
+        for (out, ms) in weighted.iter_mut().zip(per_op) {
+            out.extend(ms.into_iter().map(|ms| (ms, weight)));
+        }
+    }
+    mix.iter()
+        .zip(weighted)
+        .filter_map(|((op, _), mut of_op)| {
+            Some(OpPrediction {
+                op: *op,
+                p50_ms: weighted_median(&mut of_op)?,
+            })
+        })
+        .collect()
+}
+
+/// The smallest value at or above which half the weight lies; `None` for
+/// no values.
+fn weighted_median(values: &mut [(f64, f64)]) -> Option<f64> {
+    values.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total: f64 = values.iter().map(|(_, w)| w).sum();
+    let mut seen = 0.0;
+    for (value, weight) in values.iter() {
+        seen += weight;
+        if seen >= total / 2.0 {
+            return Some(*value);
+        }
+    }
+    values.last().map(|(v, _)| *v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    /// One-way delays: a–b 40 ms, a–c 60 ms, b–c 50 ms, 0.5 ms within a
+    /// region.
+    fn matrix() -> LatencyMatrix {
+        LatencyMatrix::parse_toml(
+            r#"
+regions = ["a", "b", "c"]
+[local]
+delay_ms = 0.5
+[[link]]
+between = ["a", "b"]
+delay_ms = 40
+[[link]]
+between = ["a", "c"]
+delay_ms = 60
+jitter_ms = 5
+[[link]]
+between = ["b", "c"]
+delay_ms = 50
+"#,
+        )
+        .unwrap()
+    }
+
+    fn topology(members: &[(&str, &str)], n: usize, client_leg_ms: f64) -> Topology {
+        let ring = Ring::new(members.iter().map(|(m, _)| (id(m), 64)), n).unwrap();
+        let regions = members
+            .iter()
+            .map(|(m, r)| (id(m), r.to_string()))
+            .collect();
+        Topology::new(ring, &regions, &matrix(), client_leg_ms).unwrap()
+    }
+
+    fn requests<'a>(coordinators: &'a [(NodeId, usize)], workload: Workload) -> Requests<'a> {
+        Requests {
+            coordinators,
+            workload,
+            distribution: KeyDistribution::Uniform,
+            records: 1000,
+            key_prefix: "p:",
+            seed: 7,
+        }
+    }
+
+    /// Every node a replica (N = 3 on three nodes): the k-th nearest
+    /// replica's round trip, itself first, plus the client legs.
+    #[test]
+    fn a_replica_coordinator_waits_for_its_kth_nearest_replica() {
+        let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 1.0);
+        let key = b"any key";
+        assert_eq!(t.request_ms(&id("n1"), key, 1), 2.0);
+        assert_eq!(t.request_ms(&id("n1"), key, 2), 2.0 + 80.0);
+        assert_eq!(t.request_ms(&id("n1"), key, 3), 2.0 + 120.0);
+        assert_eq!(t.request_ms(&id("n3"), key, 2), 2.0 + 100.0);
+        // Above N counts as N; 0 as 1.
+        assert_eq!(t.request_ms(&id("n2"), key, 9), 2.0 + 100.0);
+        assert_eq!(t.request_ms(&id("n2"), key, 0), 2.0);
+    }
+
+    /// A coordinator outside the preference list forwards to the first
+    /// replica in ring order, which coordinates.
+    #[test]
+    fn an_outsider_forwards_to_the_first_replica() {
+        let members = [("n1", "a"), ("n2", "b"), ("n3", "c"), ("n4", "a")];
+        let t = topology(&members, 2, 0.0);
+        let ring = Ring::new(members.iter().map(|(m, _)| (id(m), 64)), 2).unwrap();
+        // A key of which n4 is no replica, and its first replica.
+        let key = (0..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| !ring.replicas_of(k).contains(&id("n4")))
+            .unwrap();
+        let replicas = ring.replicas_of(&key);
+        let region = |n: &NodeId| members.iter().find(|(m, _)| id(m) == *n).unwrap().1;
+        let one_way = |a: &str, b: &str| matrix().link(a, b).unwrap().delay_ms;
+        let (first, second) = (&replicas[0], &replicas[1]);
+        let forward = 2.0 * one_way("a", region(first));
+        assert_eq!(t.request_ms(&id("n4"), &key, 1), forward);
+        assert_eq!(
+            t.request_ms(&id("n4"), &key, 2),
+            forward + 2.0 * one_way(region(first), region(second))
+        );
+    }
+
+    /// One node per region, N = 3: every read through n1 waits for b's
+    /// round trip at R=2, so that is the median; a read-modify-write adds
+    /// the write's W=3 to it.
+    #[test]
+    fn the_median_of_a_uniform_topology_is_its_one_round_trip() {
+        let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 0.5);
+        let through_n1 = [(id("n1"), 4)];
+        let c = predict_p50(&t, &requests(&through_n1, Workload::C), 2, 2);
+        assert_eq!(
+            c,
+            vec![OpPrediction {
+                op: Op::Read,
+                p50_ms: 81.0
+            }]
+        );
+        let f = predict_p50(&t, &requests(&through_n1, Workload::F), 2, 3);
+        assert_eq!(f.len(), 2);
+        assert_eq!(
+            f[0],
+            OpPrediction {
+                op: Op::Read,
+                p50_ms: 81.0
+            }
+        );
+        assert_eq!(
+            f[1],
+            OpPrediction {
+                op: Op::ReadModifyWrite,
+                p50_ms: 81.0 + 121.0
+            }
+        );
+    }
+
+    /// Workload D's inserts write new records, at W; its reads, at R=1,
+    /// stay local.
+    #[test]
+    fn inserts_are_predicted_at_w() {
+        let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 0.5);
+        let through_n2 = [(id("n2"), 2)];
+        let d = predict_p50(&t, &requests(&through_n2, Workload::D), 1, 3);
+        assert_eq!(
+            d,
+            vec![
+                OpPrediction {
+                    op: Op::Read,
+                    p50_ms: 1.0
+                },
+                OpPrediction {
+                    op: Op::Insert,
+                    p50_ms: 101.0
+                },
+            ]
+        );
+    }
+
+    /// Clients spread over the three nodes at R=2: n1's reads take 80 ms,
+    /// n2's 80 and n3's 100. Closed-loop weights: n3's clients send 80/100
+    /// as many, which keeps the median at 80; with n3 holding most of the
+    /// clients it moves to 100.
+    #[test]
+    fn slower_clients_weigh_less_in_the_median() {
+        let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 0.0);
+        let even = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 1)];
+        let p = predict_p50(&t, &requests(&even, Workload::C), 2, 2);
+        assert_eq!(p[0].p50_ms, 80.0);
+        let mostly_n3 = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 4)];
+        let p = predict_p50(&t, &requests(&mostly_n3, Workload::C), 2, 2);
+        assert_eq!(p[0].p50_ms, 100.0);
+        // The line between: 3 clients on n3 weigh 3/100 against the
+        // others' 2/80, past half, so 100; 2 weigh 2/100, short of it.
+        let three = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 3)];
+        let p = predict_p50(&t, &requests(&three, Workload::C), 2, 2);
+        assert_eq!(p[0].p50_ms, 100.0);
+        let two = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 2)];
+        let p = predict_p50(&t, &requests(&two, Workload::C), 2, 2);
+        assert_eq!(p[0].p50_ms, 80.0);
+    }
+
+    #[test]
+    fn a_node_without_a_known_region_is_refused() {
+        let ring = Ring::new([(id("n1"), 8), (id("n2"), 8)], 2).unwrap();
+        let regions: HashMap<NodeId, String> = [(id("n1"), "a".to_string())].into();
+        assert_eq!(
+            Topology::new(ring.clone(), &regions, &matrix(), 0.0).unwrap_err(),
+            PredictError::NoRegion { node: id("n2") }
+        );
+        let regions: HashMap<NodeId, String> =
+            [(id("n1"), "a".to_string()), (id("n2"), "mars".to_string())].into();
+        assert_eq!(
+            Topology::new(ring, &regions, &matrix(), 0.0).unwrap_err(),
+            PredictError::UnknownRegion {
+                node: id("n2"),
+                region: "mars".to_string()
+            }
+        );
+    }
+
+    #[test]
+    fn the_weighted_median_takes_the_value_that_crosses_half() {
+        assert_eq!(weighted_median(&mut []), None);
+        assert_eq!(weighted_median(&mut [(5.0, 1.0)]), Some(5.0));
+        assert_eq!(
+            weighted_median(&mut [(9.0, 1.0), (1.0, 1.0), (4.0, 1.0)]),
+            Some(4.0)
+        );
+        // Weight, not count: one heavy value wins.
+        assert_eq!(
+            weighted_median(&mut [(1.0, 1.0), (2.0, 1.0), (30.0, 5.0)]),
+            Some(30.0)
+        );
+    }
+}
