@@ -1081,13 +1081,13 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
             // As the table gives it, per operation type.
             let mut out = op_json(o);
             out["ops_per_sec"] = json!(r.op_ops_per_sec(o));
-            // What the latency matrix predicts for p50 (see predict); null
-            // without a prediction.
-            out["predicted_p50_ms"] = json!(r
-                .predicted_p50
-                .iter()
-                .find(|p| p.op == *op)
-                .map(|p| p.p50_ms));
+            // What the latency matrix predicts for p50, and the 45th and
+            // 55th percentiles around it (see predict); null without a
+            // prediction.
+            let predicted = r.predicted_p50.iter().find(|p| p.op == *op);
+            out["predicted_p50_ms"] = json!(predicted.map(|p| p.p50_ms));
+            out["predicted_p45_ms"] = json!(predicted.map(|p| p.p45_ms));
+            out["predicted_p55_ms"] = json!(predicted.map(|p| p.p55_ms));
             (op.as_str().to_string(), out)
         })
             .collect::<serde_json::Map<_, _>>(),
@@ -1419,7 +1419,9 @@ fn ms(latency_ms: Option<f64>, decimals: usize) -> String {
 const COMPARED_FROM_MS: f64 = 5.0;
 
 /// The footer line of the latency matrix's predicted medians, each with
-/// how far the measured one is from it.
+/// its 45th and 55th percentiles where they are different modes (a median
+/// between two, see `OpPrediction::band`) and how far the measured one is
+/// from the prediction.
 fn predicted_line(reports: &[SettingReport]) {
     let predicted: Vec<String> = reports
         .iter()
@@ -1434,13 +1436,27 @@ fn predicted_line(reports: &[SettingReport]) {
                         .iter()
                         .find(|(op, _)| *op == p.op)
                         .and_then(|(_, o)| o.latency_ms(0.5));
-                    let off = match measured {
-                        Some(m) if p.p50_ms >= COMPARED_FROM_MS => {
-                            format!(" (measured {:+.1}%)", (m / p.p50_ms - 1.0) * 100.0)
-                        }
-                        _ => String::new(),
+                    // Below COMPARED_FROM_MS processing decides which
+                    // sub-millisecond mode a request lands in.
+                    let band = p.band().filter(|(_, high)| *high >= COMPARED_FROM_MS);
+                    let compared = band.is_some() || p.p50_ms >= COMPARED_FROM_MS;
+                    let band = band.map(|(low, high)| {
+                        format!("p45–p55 {}–{}", ms(Some(low), 2), ms(Some(high), 2))
+                    });
+                    let off = measured
+                        .filter(|_| compared)
+                        .map(|m| match (p.off_by(m), &band) {
+                            (0.0, Some(_)) => "measured within them".to_string(),
+                            (off, Some(_)) => format!("measured {:+.1}% from them", off * 100.0),
+                            (off, None) => format!("measured {:+.1}%", off * 100.0),
+                        });
+                    let notes: Vec<String> = band.into_iter().chain(off).collect();
+                    let notes = if notes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", notes.join("; "))
                     };
-                    format!("{} {}{off}", p.op.as_str(), ms(Some(p.p50_ms), 2))
+                    format!("{} {}{notes}", p.op.as_str(), ms(Some(p.p50_ms), 2))
                 })
                 .collect();
             format!("{}: {}", r.setting, ops.join(", "))

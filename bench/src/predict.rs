@@ -131,11 +131,42 @@ impl Topology {
     }
 }
 
-/// One operation's predicted p50, in milliseconds.
+/// One operation's predicted p50, in milliseconds, with the 45th and
+/// 55th percentiles around it.
+///
+/// Latencies across regions come in modes, one per round trip, and a
+/// median can fall where one mode ends and the next begins: then a few
+/// requests more or less in the faster mode (a run's keys, its clients'
+/// pace) move the p50 from one mode to the next. The band says how
+/// fragile the p50 is: where `p45_ms` and `p55_ms` differ, a measured p50
+/// anywhere between them agrees with the prediction.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OpPrediction {
     pub op: Op,
     pub p50_ms: f64,
+    pub p45_ms: f64,
+    pub p55_ms: f64,
+}
+
+/// Percentiles less than this far apart (as a ratio) are one mode: the
+/// same round trip, give or take a hop within a region.
+const BAND_MIN_RATIO: f64 = 1.05;
+
+impl OpPrediction {
+    /// The 45th to 55th percentiles, where they are different modes.
+    pub fn band(&self) -> Option<(f64, f64)> {
+        (self.p55_ms > self.p45_ms * BAND_MIN_RATIO).then_some((self.p45_ms, self.p55_ms))
+    }
+
+    /// How far `measured_ms` is from the prediction, relative to it: from
+    /// the band's nearer end (0 within it), or from the p50 without one.
+    pub fn off_by(&self, measured_ms: f64) -> f64 {
+        let nearest = match self.band() {
+            Some((low, high)) => measured_ms.clamp(low, high),
+            None => self.p50_ms,
+        };
+        measured_ms / nearest - 1.0
+    }
 }
 
 /// What to predict for: the run's clients and requests.
@@ -208,27 +239,29 @@ pub fn predict_p50(
     mix.iter()
         .zip(weighted)
         .filter_map(|((op, _), mut of_op)| {
+            of_op.sort_by(|a, b| a.0.total_cmp(&b.0));
             Some(OpPrediction {
                 op: *op,
-                p50_ms: weighted_median(&mut of_op)?,
+                p50_ms: weighted_quantile(&of_op, 0.50)?,
+                p45_ms: weighted_quantile(&of_op, 0.45)?,
+                p55_ms: weighted_quantile(&of_op, 0.55)?,
             })
         })
         .collect()
 }
 
-/// The smallest value at or above which half the weight lies; `None` for
-/// no values.
-fn weighted_median(values: &mut [(f64, f64)]) -> Option<f64> {
-    values.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total: f64 = values.iter().map(|(_, w)| w).sum();
+/// The first of `sorted` (value, weight) pairs, in value order, at which
+/// the weight so far reaches `q` of the whole; `None` for no values.
+fn weighted_quantile(sorted: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total: f64 = sorted.iter().map(|(_, w)| w).sum();
     let mut seen = 0.0;
-    for (value, weight) in values.iter() {
+    for (value, weight) in sorted {
         seen += weight;
-        if seen >= total / 2.0 {
+        if seen >= total * q {
             return Some(*value);
         }
     }
-    values.last().map(|(v, _)| *v)
+    sorted.last().map(|(v, _)| *v)
 }
 
 #[cfg(test)]
@@ -269,6 +302,16 @@ delay_ms = 50
             .map(|(m, r)| (id(m), r.to_string()))
             .collect();
         Topology::new(ring, &regions, &matrix(), client_leg_ms).unwrap()
+    }
+
+    /// A prediction with no band: every percentile alike.
+    fn single(op: Op, ms: f64) -> OpPrediction {
+        OpPrediction {
+            op,
+            p50_ms: ms,
+            p45_ms: ms,
+            p55_ms: ms,
+        }
     }
 
     fn requests<'a>(coordinators: &'a [(NodeId, usize)], workload: Workload) -> Requests<'a> {
@@ -329,29 +372,11 @@ delay_ms = 50
         let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 0.5);
         let through_n1 = [(id("n1"), 4)];
         let c = predict_p50(&t, &requests(&through_n1, Workload::C), 2, 2);
-        assert_eq!(
-            c,
-            vec![OpPrediction {
-                op: Op::Read,
-                p50_ms: 81.0
-            }]
-        );
+        assert_eq!(c, vec![single(Op::Read, 81.0)]);
         let f = predict_p50(&t, &requests(&through_n1, Workload::F), 2, 3);
         assert_eq!(f.len(), 2);
-        assert_eq!(
-            f[0],
-            OpPrediction {
-                op: Op::Read,
-                p50_ms: 81.0
-            }
-        );
-        assert_eq!(
-            f[1],
-            OpPrediction {
-                op: Op::ReadModifyWrite,
-                p50_ms: 81.0 + 121.0
-            }
-        );
+        assert_eq!(f[0], single(Op::Read, 81.0));
+        assert_eq!(f[1], single(Op::ReadModifyWrite, 81.0 + 121.0));
     }
 
     /// Workload D's inserts write new records, at W; its reads, at R=1,
@@ -361,19 +386,7 @@ delay_ms = 50
         let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 0.5);
         let through_n2 = [(id("n2"), 2)];
         let d = predict_p50(&t, &requests(&through_n2, Workload::D), 1, 3);
-        assert_eq!(
-            d,
-            vec![
-                OpPrediction {
-                    op: Op::Read,
-                    p50_ms: 1.0
-                },
-                OpPrediction {
-                    op: Op::Insert,
-                    p50_ms: 101.0
-                },
-            ]
-        );
+        assert_eq!(d, vec![single(Op::Read, 1.0), single(Op::Insert, 101.0),]);
     }
 
     /// Clients spread over the three nodes at R=2: n1's reads take 80 ms,
@@ -419,17 +432,55 @@ delay_ms = 50
     }
 
     #[test]
-    fn the_weighted_median_takes_the_value_that_crosses_half() {
-        assert_eq!(weighted_median(&mut []), None);
-        assert_eq!(weighted_median(&mut [(5.0, 1.0)]), Some(5.0));
-        assert_eq!(
-            weighted_median(&mut [(9.0, 1.0), (1.0, 1.0), (4.0, 1.0)]),
-            Some(4.0)
-        );
+    fn a_weighted_quantile_takes_the_value_whose_weight_crosses_it() {
+        assert_eq!(weighted_quantile(&[], 0.5), None);
+        assert_eq!(weighted_quantile(&[(5.0, 1.0)], 0.5), Some(5.0));
+        let three = [(1.0, 1.0), (4.0, 1.0), (9.0, 1.0)];
+        assert_eq!(weighted_quantile(&three, 0.5), Some(4.0));
+        assert_eq!(weighted_quantile(&three, 0.2), Some(1.0));
+        assert_eq!(weighted_quantile(&three, 0.9), Some(9.0));
         // Weight, not count: one heavy value wins.
-        assert_eq!(
-            weighted_median(&mut [(1.0, 1.0), (2.0, 1.0), (30.0, 5.0)]),
-            Some(30.0)
+        let heavy = [(1.0, 1.0), (2.0, 1.0), (30.0, 5.0)];
+        assert_eq!(weighted_quantile(&heavy, 0.5), Some(30.0));
+    }
+
+    /// Half the requests at 10 ms and half at 50: the median is on the
+    /// line between the modes, and the band spans both; a measured p50 in
+    /// either agrees with it, one outside is off by its distance to the
+    /// nearer end.
+    #[test]
+    fn a_median_between_two_modes_has_a_band_across_both() {
+        let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 0.0);
+        // n1's reads take 80 ms (R=2), n3's 100: 4 clients on n1 and 5 on
+        // n3 send equally many (4/80 = 5/100), so the median is on the line.
+        let p = predict_p50(
+            &t,
+            &requests(&[(id("n1"), 4), (id("n3"), 5)], Workload::C),
+            2,
+            2,
         );
+        let read = p[0];
+        assert_eq!((read.p45_ms, read.p55_ms), (80.0, 100.0), "{read:?}");
+        assert_eq!(read.band(), Some((80.0, 100.0)));
+        assert_eq!(read.off_by(80.0), 0.0);
+        assert_eq!(read.off_by(100.0), 0.0);
+        assert_eq!(read.off_by(90.0), 0.0);
+        assert!((read.off_by(110.0) - 0.1).abs() < 1e-9);
+        assert!((read.off_by(72.0) + 0.1).abs() < 1e-9);
+        // One mode alone: no band.
+        let one = predict_p50(&t, &requests(&[(id("n1"), 1)], Workload::C), 2, 2)[0];
+        assert_eq!((one.p45_ms, one.p50_ms, one.p55_ms), (80.0, 80.0, 80.0));
+        assert_eq!(one.band(), None);
+        assert!((one.off_by(84.0) - 0.05).abs() < 1e-9);
+        // Percentiles a hop within a region apart are one mode too: the
+        // measured p50 is compared with the p50.
+        let near = OpPrediction {
+            p45_ms: 80.0,
+            p55_ms: 81.0,
+            ..one
+        };
+        assert_eq!(near.band(), None);
+        assert!((near.off_by(80.0) - 0.0).abs() < 1e-9);
+        assert!((near.off_by(81.0) - 1.0 / 80.0).abs() < 1e-9);
     }
 }
