@@ -203,7 +203,7 @@ pub struct BenchArgs {
     /// How many nodes the embedded cluster starts (N=3, so 3 to 64). Default: 5 for YCSB workloads, spread over the matrix's regions; 3 for putget. Not with --cluster or --target, which bring their own nodes.
     #[arg(long, value_name = "N", value_parser = bounded::<u16>(3, 64), conflicts_with_all = ["cluster", "target"])]
     pub nodes: Option<u16>,
-    /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none; its nodes go round-robin over the matrix's regions, and a closed loop's table then ends with the p50 the matrix predicts per operation (its delays alone) beside the measured one. Default: preset:cloud3. Only none with --cluster (those nodes emulate regions themselves: `ringkv node --latency-matrix`), --target or putget.
+    /// The embedded cluster's latency matrix: preset:NAME, a TOML file, or none; its nodes go round-robin over the matrix's regions, and under a closed loop's table a line gives the p50 the matrix predicts per operation (its delays alone) beside the measured one. Default: preset:cloud3. Only none with --cluster (those nodes emulate regions themselves: `ringkv node --latency-matrix`), --target or putget.
     #[arg(long, value_name = "preset:NAME|FILE|none")]
     pub regions: Option<String>,
     /// Read consistency for --workload putget (default quorum); YCSB workloads take --consistency instead.

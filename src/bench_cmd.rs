@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use ringkv_bench::predict::{predict_p50, Requests, Topology};
+use ringkv_bench::predict::{predict_p50, OpPrediction, Requests, Topology};
 use ringkv_bench::rate::{share_of_peak, Rate};
 use ringkv_bench::workload::{KeyDistribution, Workload};
 use ringkv_bench::ycsb::{self, OpReport, Setting, SettingReport, YcsbConfig};
@@ -622,12 +622,16 @@ async fn run_all(
                     .distribution
                     .unwrap_or_else(|| config.workload.distribution()),
                 records,
+                records_after: report.records_after,
                 key_prefix: &config.key_prefix,
                 seed: config.seed,
             };
             // Checked against N before anything ran.
             if let (Ok(r), Ok(w)) = (setting.r.required(replicas), setting.w.required(replicas)) {
-                report.predicted_p50 = predict_p50(topology, &requests, r, w);
+                // Thousands of preference lists (and, for `latest`, a
+                // zipfian over the records): off the nodes' event loop.
+                report.predicted_p50 =
+                    tokio::task::block_in_place(|| predict_p50(topology, &requests, r, w));
             }
         }
         records = report.records_after;
@@ -1436,27 +1440,7 @@ fn predicted_line(reports: &[SettingReport]) {
                         .iter()
                         .find(|(op, _)| *op == p.op)
                         .and_then(|(_, o)| o.latency_ms(0.5));
-                    // Below COMPARED_FROM_MS processing decides which
-                    // sub-millisecond mode a request lands in.
-                    let band = p.band().filter(|(_, high)| *high >= COMPARED_FROM_MS);
-                    let compared = band.is_some() || p.p50_ms >= COMPARED_FROM_MS;
-                    let band = band.map(|(low, high)| {
-                        format!("p45–p55 {}–{}", ms(Some(low), 2), ms(Some(high), 2))
-                    });
-                    let off = measured
-                        .filter(|_| compared)
-                        .map(|m| match (p.off_by(m), &band) {
-                            (0.0, Some(_)) => "measured within them".to_string(),
-                            (off, Some(_)) => format!("measured {:+.1}% from them", off * 100.0),
-                            (off, None) => format!("measured {:+.1}%", off * 100.0),
-                        });
-                    let notes: Vec<String> = band.into_iter().chain(off).collect();
-                    let notes = if notes.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", notes.join("; "))
-                    };
-                    format!("{} {}{notes}", p.op.as_str(), ms(Some(p.p50_ms), 2))
+                    prediction_text(p, measured)
                 })
                 .collect();
             format!("{}: {}", r.setting, ops.join(", "))
@@ -1467,6 +1451,32 @@ fn predicted_line(reports: &[SettingReport]) {
         &predicted,
         "; ",
     );
+}
+
+/// One operation's entry in [`predicted_line`]: its predicted p50, the
+/// band where there is one, and how far `measured_ms` (the measured p50)
+/// is from the prediction.
+fn prediction_text(p: &OpPrediction, measured_ms: Option<f64>) -> String {
+    // Below COMPARED_FROM_MS processing decides which sub-millisecond
+    // mode a request lands in.
+    let band = p.band().filter(|(_, high)| *high >= COMPARED_FROM_MS);
+    let compared = band.is_some() || p.p50_ms >= COMPARED_FROM_MS;
+    let band =
+        band.map(|(low, high)| format!("p45–p55 {}–{}", ms(Some(low), 2), ms(Some(high), 2)));
+    let off = measured_ms
+        .filter(|_| compared)
+        .map(|m| match (p.off_by(m), &band) {
+            (0.0, Some(_)) => "measured within them".to_string(),
+            (off, Some(_)) => format!("measured {:+.1}% from them", off * 100.0),
+            (off, None) => format!("measured {:+.1}%", off * 100.0),
+        });
+    let notes: Vec<String> = band.into_iter().chain(off).collect();
+    let notes = if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", notes.join("; "))
+    };
+    format!("{} {}{notes}", p.op.as_str(), ms(Some(p.p50_ms), 2))
 }
 
 /// One footer line naming a figure per setting; none when no setting has it.
@@ -1575,6 +1585,41 @@ fn op_columns(o: &OpReport, ops_per_s: f64, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A prediction's entry: compared where it is 5 ms or more, or has a
+    /// band reaching that far; within a band, no figure for how far.
+    #[test]
+    fn a_prediction_reads_with_its_band_and_how_far_the_measured_p50_is() {
+        use ringkv_bench::workload::Op;
+        let p = |p45_ms, p50_ms, p55_ms| OpPrediction {
+            op: Op::Read,
+            p45_ms,
+            p50_ms,
+            p55_ms,
+        };
+        let one_mode = p(68.5, 68.5, 69.0);
+        assert_eq!(
+            prediction_text(&one_mode, Some(69.63)),
+            "read 68.50 (measured +1.6%)"
+        );
+        assert_eq!(prediction_text(&one_mode, None), "read 68.50");
+        let two_modes = p(74.5, 74.5, 122.5);
+        assert_eq!(
+            prediction_text(&two_modes, Some(78.72)),
+            "read 74.50 (p45–p55 74.50–122.50; measured within them)"
+        );
+        assert_eq!(
+            prediction_text(&two_modes, Some(134.75)),
+            "read 74.50 (p45–p55 74.50–122.50; measured +10.0% from them)"
+        );
+        // Local: processing is all of it.
+        assert_eq!(prediction_text(&p(0.5, 0.5, 1.0), Some(0.92)), "read 0.50");
+        // A local median next to a remote mode: the band says so.
+        assert_eq!(
+            prediction_text(&p(0.5, 0.5, 70.0), Some(0.92)),
+            "read 0.50 (p45–p55 0.50–70.00; measured within them)"
+        );
+    }
 
     /// Regions count once each however many members and answers name
     /// them, and only those of members that serve: a member down or

@@ -218,7 +218,6 @@ fn the_bench_reports_each_setting_and_staleness_follows_quorum_overlap() {
     let quorum = &settings[1]["ops"]["read"];
     let predicted = |p: &str| quorum[format!("predicted_{p}_ms")].as_f64().unwrap();
     let measured = quorum["p50_ms"].as_f64().unwrap();
-    assert!(predicted("p45") <= predicted("p50") && predicted("p50") <= predicted("p55"));
     assert!(predicted("p45") > 20.0, "{quorum}");
     assert!(
         (0.9 * predicted("p45")..1.5 * predicted("p55")).contains(&measured),

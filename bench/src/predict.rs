@@ -25,9 +25,13 @@
 //! whose requests are slow sends fewer of them: each client's requests
 //! count in inverse proportion to its predicted mean latency (Little's
 //! law), so clients of a coordinator far from most replicas weigh less, as
-//! they do in the measured histogram. Keys are drawn as the workload
-//! draws them (an insert's are new records), and every operation type of
-//! the mix is predicted from the same draws.
+//! they do in the measured histogram. Keys are drawn as the run drew
+//! them: the workload's distribution over the records as the run's
+//! inserts added to them (for `latest`, whose hottest keys are the
+//! newest, that spreads the draws over the run's inserts), and inserts on
+//! the run's new records. The prediction is made after the run, which
+//! says how many records it inserted; every operation type of the mix is
+//! predicted from the same draws.
 //!
 //! Plain computation over a ring and a matrix: no I/O, no clock.
 
@@ -110,24 +114,29 @@ impl Topology {
         })
     }
 
-    fn round_trip(&self, a: &NodeId, b: &NodeId) -> f64 {
-        self.round_trip_ms[&(a.clone(), b.clone())]
+    /// Between two members; `None` if either is not one.
+    fn round_trip(&self, a: &NodeId, b: &NodeId) -> Option<f64> {
+        self.round_trip_ms.get(&(a.clone(), b.clone())).copied()
     }
 
     /// The network time of one request for `key` through `coordinator`
-    /// that needs `acks` replicas (clamped to 1..=N), client legs included.
-    pub fn request_ms(&self, coordinator: &NodeId, key: &[u8], acks: usize) -> f64 {
+    /// that needs `acks` replicas (clamped to 1..=N), client legs included;
+    /// `None` if `coordinator` is not a member of the ring.
+    pub fn request_ms(&self, coordinator: &NodeId, key: &[u8], acks: usize) -> Option<f64> {
         let replicas = self.ring.replicas_of(key);
         let (at, forward_ms) = if replicas.contains(coordinator) {
             (coordinator, 0.0)
         } else {
-            let first = &replicas[0];
-            (first, self.round_trip(coordinator, first))
+            let first = replicas.first()?;
+            (first, self.round_trip(coordinator, first)?)
         };
-        let mut trips: Vec<f64> = replicas.iter().map(|r| self.round_trip(at, r)).collect();
+        let mut trips = replicas
+            .iter()
+            .map(|r| self.round_trip(at, r))
+            .collect::<Option<Vec<f64>>>()?;
         trips.sort_by(f64::total_cmp);
         let k = acks.clamp(1, trips.len());
-        2.0 * self.client_leg_ms + forward_ms + trips[k - 1]
+        Some(2.0 * self.client_leg_ms + forward_ms + trips[k - 1])
     }
 }
 
@@ -175,7 +184,10 @@ pub struct Requests<'a> {
     pub coordinators: &'a [(NodeId, usize)],
     pub workload: Workload,
     pub distribution: KeyDistribution,
+    /// Records when the run began...
     pub records: u64,
+    /// ...and when it ended: its inserts are the records between.
+    pub records_after: u64,
     pub key_prefix: &'a str,
     pub seed: u64,
 }
@@ -188,37 +200,33 @@ pub fn predict_p50(
     r: usize,
     w: usize,
 ) -> Vec<OpPrediction> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(requests.seed);
-    let chooser = KeyChooser::new(requests.distribution, requests.records, false);
-    let key = |record: u64| record_key(requests.key_prefix, record).into_bytes();
-    // Every operation type is evaluated on the same draws, so that a rare
-    // one (5% of workload B) is predicted from as many as a common one.
-    let existing: Vec<Vec<u8>> = (0..SAMPLES)
-        .map(|_| key(chooser.next_existing(&mut rng)))
-        .collect();
-    let fresh: Vec<Vec<u8>> = (0..SAMPLES as u64)
-        .map(|i| key(requests.records + i))
-        .collect();
     let mix = requests.workload.mix();
+    let key = |record: &u64| record_key(requests.key_prefix, *record).into_bytes();
+    let (existing, fresh) = draw_records(requests);
+    let existing: Vec<Vec<u8>> = existing.iter().map(key).collect();
+    let fresh: Vec<Vec<u8>> = fresh.iter().map(key).collect();
     // Per operation type of the mix: (latency, weight) of each draw
     // through each coordinator.
     let mut weighted: Vec<Vec<(f64, f64)>> = vec![Vec::new(); mix.len()];
     for (coordinator, clients) in requests.coordinators {
-        if *clients == 0 {
+        // A coordinator off the ring has no requests to predict.
+        if *clients == 0 || !topology.ring.has_node(coordinator) {
             continue;
         }
         let per_op: Vec<Vec<f64>> = mix
             .iter()
             .map(|(op, _)| {
                 let keys = if *op == Op::Insert { &fresh } else { &existing };
+                let ms = |key: &[u8], acks| {
+                    topology
+                        .request_ms(coordinator, key, acks)
+                        .expect("the coordinator is a member")
+                };
                 keys.iter()
                     .map(|key| match op {
-                        Op::Read => topology.request_ms(coordinator, key, r),
-                        Op::Update | Op::Insert => topology.request_ms(coordinator, key, w),
-                        Op::ReadModifyWrite => {
-                            topology.request_ms(coordinator, key, r)
-                                + topology.request_ms(coordinator, key, w)
-                        }
+                        Op::Read => ms(key, r),
+                        Op::Update | Op::Insert => ms(key, w),
+                        Op::ReadModifyWrite => ms(key, r) + ms(key, w),
                     })
                     .collect()
             })
@@ -248,6 +256,44 @@ pub fn predict_p50(
             })
         })
         .collect()
+}
+
+/// The records the prediction draws: [`SAMPLES`] existing ones, as the
+/// run's reads and updates choose them, and as many new ones, as its
+/// inserts write them. Every operation type is evaluated on the same
+/// draws, so that a rare one (5% of workload B) is predicted from as many
+/// as a common one.
+fn draw_records(requests: &Requests<'_>) -> (Vec<u64>, Vec<u64>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(requests.seed);
+    // As the run builds its chooser: a workload that inserts spreads its
+    // zipfian over room for them.
+    let inserts = requests
+        .workload
+        .mix()
+        .iter()
+        .any(|(op, _)| *op == Op::Insert);
+    let mut chooser = KeyChooser::new(requests.distribution, requests.records, inserts);
+    // The run's inserts, spread over its course: draw i sees the records
+    // that existed i/SAMPLES of the way through. That matters for
+    // `latest`, whose hot records are the newest: a run's reads follow its
+    // inserts over many keys, not the load's last few.
+    let inserted = requests.records_after.saturating_sub(requests.records);
+    let records_at = |i: u64| requests.records + inserted * i / SAMPLES as u64;
+    let existing = (0..SAMPLES as u64)
+        .map(|i| {
+            chooser.grow_to(records_at(i));
+            chooser.next_existing(&mut rng)
+        })
+        .collect();
+    // The run's own inserts; a run that made none (they all failed)
+    // would have written the next records.
+    let fresh = (0..SAMPLES as u64)
+        .map(|i| match inserted {
+            0 => requests.records + i,
+            _ => records_at(i),
+        })
+        .collect();
+    (existing, fresh)
 }
 
 /// The first of `sorted` (value, weight) pairs, in value order, at which
@@ -304,6 +350,12 @@ delay_ms = 50
         Topology::new(ring, &regions, &matrix(), client_leg_ms).unwrap()
     }
 
+    impl Topology {
+        fn request_ms_some(&self, coordinator: &NodeId, key: &[u8], acks: usize) -> f64 {
+            self.request_ms(coordinator, key, acks).unwrap()
+        }
+    }
+
     /// A prediction with no band: every percentile alike.
     fn single(op: Op, ms: f64) -> OpPrediction {
         OpPrediction {
@@ -320,6 +372,7 @@ delay_ms = 50
             workload,
             distribution: KeyDistribution::Uniform,
             records: 1000,
+            records_after: 1000,
             key_prefix: "p:",
             seed: 7,
         }
@@ -331,35 +384,40 @@ delay_ms = 50
     fn a_replica_coordinator_waits_for_its_kth_nearest_replica() {
         let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 1.0);
         let key = b"any key";
-        assert_eq!(t.request_ms(&id("n1"), key, 1), 2.0);
-        assert_eq!(t.request_ms(&id("n1"), key, 2), 2.0 + 80.0);
-        assert_eq!(t.request_ms(&id("n1"), key, 3), 2.0 + 120.0);
-        assert_eq!(t.request_ms(&id("n3"), key, 2), 2.0 + 100.0);
+        assert_eq!(t.request_ms_some(&id("n1"), key, 1), 2.0);
+        assert_eq!(t.request_ms_some(&id("n1"), key, 2), 2.0 + 80.0);
+        assert_eq!(t.request_ms_some(&id("n1"), key, 3), 2.0 + 120.0);
+        assert_eq!(t.request_ms_some(&id("n3"), key, 2), 2.0 + 100.0);
         // Above N counts as N; 0 as 1.
-        assert_eq!(t.request_ms(&id("n2"), key, 9), 2.0 + 100.0);
-        assert_eq!(t.request_ms(&id("n2"), key, 0), 2.0);
+        assert_eq!(t.request_ms_some(&id("n2"), key, 9), 2.0 + 100.0);
+        assert_eq!(t.request_ms_some(&id("n2"), key, 0), 2.0);
     }
 
     /// A coordinator outside the preference list forwards to the first
-    /// replica in ring order, which coordinates.
+    /// replica in ring order, which coordinates: not to the nearest one,
+    /// which the key chosen here has too (n1, in n4's region).
     #[test]
     fn an_outsider_forwards_to_the_first_replica() {
         let members = [("n1", "a"), ("n2", "b"), ("n3", "c"), ("n4", "a")];
         let t = topology(&members, 2, 0.0);
         let ring = Ring::new(members.iter().map(|(m, _)| (id(m), 64)), 2).unwrap();
-        // A key of which n4 is no replica, and its first replica.
+        // A key of which n4 is no replica and n1 the second.
         let key = (0..)
             .map(|i| format!("k{i}").into_bytes())
-            .find(|k| !ring.replicas_of(k).contains(&id("n4")))
+            .find(|k| {
+                let replicas = ring.replicas_of(k);
+                !replicas.contains(&id("n4")) && replicas[1] == id("n1")
+            })
             .unwrap();
         let replicas = ring.replicas_of(&key);
         let region = |n: &NodeId| members.iter().find(|(m, _)| id(m) == *n).unwrap().1;
         let one_way = |a: &str, b: &str| matrix().link(a, b).unwrap().delay_ms;
         let (first, second) = (&replicas[0], &replicas[1]);
         let forward = 2.0 * one_way("a", region(first));
-        assert_eq!(t.request_ms(&id("n4"), &key, 1), forward);
+        assert!(forward >= 80.0, "the first replica is in another region");
+        assert_eq!(t.request_ms_some(&id("n4"), &key, 1), forward);
         assert_eq!(
-            t.request_ms(&id("n4"), &key, 2),
+            t.request_ms_some(&id("n4"), &key, 2),
             forward + 2.0 * one_way(region(first), region(second))
         );
     }
@@ -389,6 +447,43 @@ delay_ms = 50
         assert_eq!(d, vec![single(Op::Read, 1.0), single(Op::Insert, 101.0),]);
     }
 
+    /// `latest` reads follow the run's inserts: with none, the draws are
+    /// the load's newest records; with a run of inserts, they spread over
+    /// what it inserted. Inserts are the run's own records.
+    #[test]
+    fn latest_reads_follow_the_runs_inserts() {
+        let none = [];
+        let run = |records_after| Requests {
+            distribution: KeyDistribution::Latest,
+            records_after,
+            ..requests(&none, Workload::D)
+        };
+        let (existing, fresh) = draw_records(&run(1000));
+        let share_newest = |drawn: &[u64], from: u64| {
+            drawn.iter().filter(|r| **r >= from).count() as f64 / drawn.len() as f64
+        };
+        assert!(existing.iter().all(|r| *r < 1000));
+        // Zipfian back from the newest: 40% of draws in the last 10
+        // records, 70% in the last 100.
+        assert!(
+            share_newest(&existing, 990) > 0.3,
+            "latest: the newest most"
+        );
+        assert!(share_newest(&existing, 900) > 0.6);
+        assert_eq!(fresh[..3], [1000, 1001, 1002]);
+        let (existing, fresh) = draw_records(&run(3000));
+        assert!(existing.iter().all(|r| *r < 3000));
+        // Most draws are of records the run inserted, and from all along
+        // it (a quarter of the run inserted from 2500 on): no last few
+        // records draw most of them.
+        assert!(share_newest(&existing, 1000) > 0.8);
+        let late = share_newest(&existing, 2500);
+        assert!((0.1..0.3).contains(&late), "{late}");
+        assert!(share_newest(&existing, 2990) < 0.05);
+        assert!(fresh.iter().all(|r| (1000..3000).contains(r)));
+        assert_eq!(fresh[SAMPLES / 2], 2000);
+    }
+
     /// Clients spread over the three nodes at R=2: n1's reads take 80 ms,
     /// n2's 80 and n3's 100. Closed-loop weights: n3's clients send 80/100
     /// as many, which keeps the median at 80; with n3 holding most of the
@@ -410,11 +505,23 @@ delay_ms = 50
         let two = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 2)];
         let p = predict_p50(&t, &requests(&two, Workload::C), 2, 2);
         assert_eq!(p[0].p50_ms, 80.0);
+        // Only the weights tell this one: by count alone n3's 6 clients
+        // would outnumber n1's 5, but they send 6/100 against 5/80.
+        let paced = [(id("n1"), 5), (id("n3"), 6)];
+        let p = predict_p50(&t, &requests(&paced, Workload::C), 2, 2);
+        assert_eq!(p[0].p50_ms, 80.0);
     }
 
     #[test]
-    fn a_node_without_a_known_region_is_refused() {
+    fn nodes_off_the_matrix_or_the_ring_get_no_prediction() {
         let ring = Ring::new([(id("n1"), 8), (id("n2"), 8)], 2).unwrap();
+        let both: HashMap<NodeId, String> =
+            [(id("n1"), "a".to_string()), (id("n2"), "b".to_string())].into();
+        // A coordinator off the ring: no figure, and no requests counted.
+        let t = Topology::new(ring.clone(), &both, &matrix(), 0.0).unwrap();
+        assert_eq!(t.request_ms(&id("n9"), b"k", 1), None);
+        let off_ring = [(id("n9"), 3)];
+        assert!(predict_p50(&t, &requests(&off_ring, Workload::C), 1, 1).is_empty());
         let regions: HashMap<NodeId, String> = [(id("n1"), "a".to_string())].into();
         assert_eq!(
             Topology::new(ring.clone(), &regions, &matrix(), 0.0).unwrap_err(),
@@ -444,7 +551,7 @@ delay_ms = 50
         assert_eq!(weighted_quantile(&heavy, 0.5), Some(30.0));
     }
 
-    /// Half the requests at 10 ms and half at 50: the median is on the
+    /// Half the requests at 80 ms and half at 100: the median is on the
     /// line between the modes, and the band spans both; a measured p50 in
     /// either agrees with it, one outside is off by its distance to the
     /// nearer end.
