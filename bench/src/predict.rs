@@ -491,25 +491,28 @@ delay_ms = 50
     #[test]
     fn slower_clients_weigh_less_in_the_median() {
         let t = topology(&[("n1", "a"), ("n2", "b"), ("n3", "c")], 3, 0.0);
-        let even = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 1)];
-        let p = predict_p50(&t, &requests(&even, Workload::C), 2, 2);
-        assert_eq!(p[0].p50_ms, 80.0);
-        let mostly_n3 = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 4)];
-        let p = predict_p50(&t, &requests(&mostly_n3, Workload::C), 2, 2);
-        assert_eq!(p[0].p50_ms, 100.0);
-        // The line between: 3 clients on n3 weigh 3/100 against the
-        // others' 2/80, past half, so 100; 2 weigh 2/100, short of it.
-        let three = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 3)];
-        let p = predict_p50(&t, &requests(&three, Workload::C), 2, 2);
-        assert_eq!(p[0].p50_ms, 100.0);
-        let two = [(id("n1"), 1), (id("n2"), 1), (id("n3"), 2)];
-        let p = predict_p50(&t, &requests(&two, Workload::C), 2, 2);
-        assert_eq!(p[0].p50_ms, 80.0);
-        // Only the weights tell this one: by count alone n3's 6 clients
-        // would outnumber n1's 5, but they send 6/100 against 5/80.
-        let paced = [(id("n1"), 5), (id("n3"), 6)];
-        let p = predict_p50(&t, &requests(&paced, Workload::C), 2, 2);
-        assert_eq!(p[0].p50_ms, 80.0);
+        // (clients on n1, n2 and n3; the median)
+        let cases = [
+            ([1, 1, 1], 80.0),
+            ([1, 1, 4], 100.0),
+            // The line between: 3 clients on n3 weigh 3/100 against the
+            // others' 2/80, past half, so 100; 2 weigh 2/100, short of it.
+            ([1, 1, 3], 100.0),
+            ([1, 1, 2], 80.0),
+            // Only the weights tell this one: by count alone n3's 6
+            // clients would outnumber n1's 5, but they send 6/100
+            // against 5/80.
+            ([5, 0, 6], 80.0),
+        ];
+        for (clients, median) in cases {
+            let coordinators: Vec<(NodeId, usize)> = ["n1", "n2", "n3"]
+                .iter()
+                .map(|n| id(n))
+                .zip(clients)
+                .collect();
+            let p = predict_p50(&t, &requests(&coordinators, Workload::C), 2, 2);
+            assert_eq!(p[0].p50_ms, median, "{clients:?}");
+        }
     }
 
     #[test]

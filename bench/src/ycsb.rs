@@ -1647,11 +1647,12 @@ fn verdict(written: &Outcome, read: &Outcome, value: &[u8]) -> Verdict {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Clients spread over targets as their connections do: evenly when
     /// each has its own, and by connection when they share fewer.
     #[test]
     fn clients_spread_over_the_targets_as_their_connections_do() {
-        use super::spread_clients;
         assert_eq!(spread_clients(5, 1, 50), vec![10; 5]);
         assert_eq!(spread_clients(3, 50, 4), vec![2, 1, 1]);
         // Two connections to three targets: clients alternate between them.
@@ -1661,8 +1662,6 @@ mod tests {
         assert_eq!(spread_clients(0, 1, 5), Vec::<usize>::new());
         assert_eq!(spread_clients(3, 1, 0), vec![0, 0, 0]);
     }
-
-    use super::*;
 
     /// The wait from due to pick-up: what each client saw, merged, and
     /// never negative (a client that took a request up before it was due
