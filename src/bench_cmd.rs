@@ -220,7 +220,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
                 config.max_value_bytes = config.max_value_bytes.max(args.value_bytes);
                 config.cluster_key = cluster_key.clone();
                 if let Some(m) = &matrix {
-                    config.region = Some(regions[i % regions.len()].clone());
+                    config.region = Some(embedded_region(&regions, i).to_string());
                     config.latency_matrix = Some(m.clone());
                 }
             },
@@ -1007,7 +1007,7 @@ fn report_json(
     // The embedded nodes go round-robin over the regions (see `bench`).
     let node_regions = matrix.map(|m| {
         (0..embedded_nodes)
-            .map(|i| m.regions()[i % m.regions().len()].clone())
+            .map(|i| embedded_region(m.regions(), i).to_string())
             .collect::<Vec<_>>()
     });
     json!({
@@ -1134,7 +1134,7 @@ fn embedded_topology(
     let node_regions = nodes
         .iter()
         .enumerate()
-        .map(|(i, n)| (n.id().clone(), regions[i % regions.len()].clone()))
+        .map(|(i, n)| (n.id().clone(), embedded_region(regions, i).to_string()))
         .collect();
     let client_leg_ms = client_delay.as_secs_f64() * 1000.0;
     match Topology::new((*ring).clone(), &node_regions, matrix, client_leg_ms) {
@@ -1144,6 +1144,12 @@ fn embedded_topology(
             None
         }
     }
+}
+
+/// The region of embedded node `i` (0-based): the nodes go round-robin
+/// over the matrix's `regions` (never empty: a matrix has one at least).
+fn embedded_region(regions: &[String], i: usize) -> &str {
+    &regions[i % regions.len()]
 }
 
 /// How many nodes the embedded cluster starts: `--nodes`, else `default`.

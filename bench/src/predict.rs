@@ -63,8 +63,9 @@ pub enum PredictError {
 #[derive(Debug)]
 pub struct Topology {
     ring: Ring,
-    /// Round trips between members, in milliseconds (0 to itself).
-    round_trip_ms: HashMap<(NodeId, NodeId), f64>,
+    /// Round trips between members, in milliseconds (0 to itself), by
+    /// one member and then the other.
+    round_trip_ms: HashMap<NodeId, HashMap<NodeId, f64>>,
     /// One way between a client and its coordinator, in milliseconds.
     client_leg_ms: f64,
 }
@@ -93,7 +94,7 @@ impl Topology {
                 })?;
             Ok(region.as_str())
         };
-        let mut round_trip_ms = HashMap::new();
+        let mut round_trip_ms: HashMap<NodeId, HashMap<NodeId, f64>> = HashMap::new();
         for a in &nodes {
             for b in &nodes {
                 let ms = if a == b {
@@ -104,7 +105,10 @@ impl Topology {
                         .expect("both regions checked");
                     2.0 * link.delay_ms
                 };
-                round_trip_ms.insert((a.clone(), b.clone()), ms);
+                round_trip_ms
+                    .entry(a.clone())
+                    .or_default()
+                    .insert(b.clone(), ms);
             }
         }
         Ok(Topology {
@@ -116,14 +120,23 @@ impl Topology {
 
     /// Between two members; `None` if either is not one.
     fn round_trip(&self, a: &NodeId, b: &NodeId) -> Option<f64> {
-        self.round_trip_ms.get(&(a.clone(), b.clone())).copied()
+        self.round_trip_ms.get(a)?.get(b).copied()
     }
 
     /// The network time of one request for `key` through `coordinator`
     /// that needs `acks` replicas (clamped to 1..=N), client legs included;
     /// `None` if `coordinator` is not a member of the ring.
     pub fn request_ms(&self, coordinator: &NodeId, key: &[u8], acks: usize) -> Option<f64> {
-        let replicas = self.ring.replicas_of(key);
+        self.placed_request_ms(coordinator, &self.ring.replicas_of(key), acks)
+    }
+
+    /// [`Self::request_ms`] for a key whose `replicas` are known.
+    fn placed_request_ms(
+        &self,
+        coordinator: &NodeId,
+        replicas: &[NodeId],
+        acks: usize,
+    ) -> Option<f64> {
         let (at, forward_ms) = if replicas.contains(coordinator) {
             (coordinator, 0.0)
         } else {
@@ -201,10 +214,19 @@ pub fn predict_p50(
     w: usize,
 ) -> Vec<OpPrediction> {
     let mix = requests.workload.mix();
-    let key = |record: &u64| record_key(requests.key_prefix, *record).into_bytes();
+    // Each draw's replicas, placed once for every coordinator and op.
+    let placed = |records: Vec<u64>| -> Vec<Vec<NodeId>> {
+        records
+            .iter()
+            .map(|r| {
+                topology
+                    .ring
+                    .replicas_of(record_key(requests.key_prefix, *r).as_bytes())
+            })
+            .collect()
+    };
     let (existing, fresh) = draw_records(requests);
-    let existing: Vec<Vec<u8>> = existing.iter().map(key).collect();
-    let fresh: Vec<Vec<u8>> = fresh.iter().map(key).collect();
+    let (existing, fresh) = (placed(existing), placed(fresh));
     // Per operation type of the mix: (latency, weight) of each draw
     // through each coordinator.
     let mut weighted: Vec<Vec<(f64, f64)>> = vec![Vec::new(); mix.len()];
@@ -217,16 +239,16 @@ pub fn predict_p50(
             .iter()
             .map(|(op, _)| {
                 let keys = if *op == Op::Insert { &fresh } else { &existing };
-                let ms = |key: &[u8], acks| {
+                let ms = |replicas: &[NodeId], acks| {
                     topology
-                        .request_ms(coordinator, key, acks)
+                        .placed_request_ms(coordinator, replicas, acks)
                         .expect("the coordinator is a member")
                 };
                 keys.iter()
-                    .map(|key| match op {
-                        Op::Read => ms(key, r),
-                        Op::Update | Op::Insert => ms(key, w),
-                        Op::ReadModifyWrite => ms(key, r) + ms(key, w),
+                    .map(|replicas| match op {
+                        Op::Read => ms(replicas, r),
+                        Op::Update | Op::Insert => ms(replicas, w),
+                        Op::ReadModifyWrite => ms(replicas, r) + ms(replicas, w),
                     })
                     .collect()
             })
