@@ -215,6 +215,9 @@ pub struct BenchArgs {
     /// Staleness probers, YCSB workloads only: each writes keys of its own through one node and reads each back through the next node t ms after the acknowledgement. More probers make more probes per t (narrower intervals) and a small load of their own that is not counted as operations: up to 70 requests a second each with no emulated delay, 8 to 24 with the default cross-region delays. 0 measures no staleness. Default: 16 when the nodes are in two or more regions (the embedded cluster's emulated ones, or the --region names of the --cluster members that are up), where each probe waits for cross-region round trips; 4 otherwise (and with region names on one machine with no --latency-matrix, give --probers 4: probes there are fast, and 16 would add up to 1,100 requests a second). At most 64.
     #[arg(long, value_name = "N", value_parser = bounded::<usize>(0, ringkv_bench::ycsb::PROBERS_MAX as u64), conflicts_with = "target")]
     pub probers: Option<usize>,
+    /// Clients coordinate their own reads (Dynamo's client-driven coordination): each learns the ring from a node and asks the key's first R replicas at once, which saves the hop through a coordinator; replicas that disagree, refuse or fail send the read to a coordinator after all (it repairs them). Writes still go through a coordinator. The table's footer counts the reads each way. YCSB workloads on ringkv nodes without emulated regions (--regions none with the embedded cluster).
+    #[arg(long, conflicts_with = "target")]
+    pub client_reads: bool,
     /// Draw latency CDFs (one curve per setting and operation) and the staleness curve to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<std::path::PathBuf>,

@@ -159,6 +159,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             ("--request-distribution", distribution.is_some()),
             ("--warmup-s", args.warmup_s.is_some()),
             ("--probers", args.probers.is_some()),
+            ("--client-reads", args.client_reads),
         ];
         if let Some((flag, _)) = ycsb_only.iter().find(|(_, given)| *given) {
             return Err(Failure::new(
@@ -192,6 +193,13 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
     // --regions shapes the embedded cluster only: an external cluster's
     // nodes emulate regions themselves (ringkv node --latency-matrix).
     let matrix = matrix.filter(|_| args.cluster.is_empty());
+    if args.client_reads && matrix.is_some() {
+        // A leg to another region's replica would cross no emulated delay.
+        return Err(Failure::new(
+            Exit::Usage,
+            "--client-reads is measured without emulated regions: add --regions none",
+        ));
+    }
     // A client sits in its coordinator's region: the matrix's local delay.
     let client_delay = matrix
         .as_ref()
@@ -230,6 +238,7 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             replicas: EMBEDDED_REPLICAS,
             // Fewer nodes than the matrix has regions leave some empty.
             regions: regions.len().min(nodes.len()),
+            members: Vec::new(),
         };
         // The model weighs clients by a closed loop's pace (see predict).
         let topology = match &matrix {
@@ -246,6 +255,16 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         let targets = resolve_cluster(&args.cluster)?;
         let shape = cluster_shape(&targets, cluster_key.as_ref()).await?;
         check_settings(&settings, shape.replicas, "--consistency")?;
+        let unlisted = unlisted_members(&shape.members, &targets);
+        if args.client_reads && !unlisted.is_empty() {
+            return Err(Failure::new(
+                Exit::Usage,
+                format!(
+                    "--client-reads asks every replica directly, and --cluster leaves out {}: give every member",
+                    unlisted.join(", ")
+                ),
+            ));
+        }
         (targets, Vec::new(), shape, None)
     };
     let config = YcsbConfig {
@@ -312,6 +331,7 @@ async fn resp_bench(
     let shape = ClusterShape {
         replicas: 1,
         regions: 0,
+        members: Vec::new(),
     };
     run_all(&config, args, 0, &shape, None, None).await
 }
@@ -347,6 +367,7 @@ fn ycsb_config(
         distribution: None,
         // `bench` sets them; a RESP store has no coordinators to compare.
         probers: 0,
+        client_reads: args.client_reads && !resp,
     }
 }
 
@@ -443,6 +464,23 @@ struct ClusterShape {
     /// embedded cluster's, its matrix's. Two or more: a probe crosses
     /// regions, and the bench runs more probers.
     regions: usize,
+    /// The members (id, address) as the first node asked lists them;
+    /// empty for the embedded cluster, whose nodes are the targets.
+    members: Vec<(String, String)>,
+}
+
+/// The members in `members` (id, address) that none of `targets` is: a
+/// client-driven read could not reach them. Addresses compare as socket
+/// addresses, so `127.0.0.1:7000` and a target given so match.
+fn unlisted_members(members: &[(String, String)], targets: &[std::net::SocketAddr]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|(_, addr)| {
+            addr.parse::<std::net::SocketAddr>()
+                .map_or(true, |addr| !targets.contains(&addr))
+        })
+        .map(|(id, addr)| format!("{id} ({addr})"))
+        .collect()
 }
 
 /// Adds to `regions` those of the members in a `status` answer's `nodes`
@@ -468,6 +506,7 @@ async fn cluster_shape(
 ) -> Result<ClusterShape, Failure> {
     let mut replicas = None;
     let mut regions = BTreeSet::new();
+    let mut members = Vec::new();
     for addr in targets {
         let unreachable =
             |e: String| Failure::new(Exit::Unreachable, format!("cannot reach {addr}: {e}"));
@@ -479,6 +518,13 @@ async fn cluster_shape(
         match answer {
             Ok(Response::Status(s)) => {
                 replicas.get_or_insert(s.replicas as usize);
+                if members.is_empty() {
+                    members = s
+                        .nodes
+                        .iter()
+                        .map(|n| (n.id.to_string(), n.addr.clone()))
+                        .collect();
+                }
                 add_serving_regions(&mut regions, s.nodes);
             }
             // It answered: refused, shutting down, still joining. Its
@@ -503,6 +549,7 @@ async fn cluster_shape(
     Ok(ClusterShape {
         replicas,
         regions: regions.len(),
+        members,
     })
 }
 
@@ -515,6 +562,9 @@ fn bench_failure(e: BenchError) -> Failure {
         // Writes were sent, and failed: timed out, shed, refused.
         BenchError::LoadFailed { .. } => Exit::Quorum,
         BenchError::Pacer { .. } | BenchError::ClientFailed { .. } => Exit::Internal,
+        // Checked before the load (every member listed), so the ring or a
+        // member changed since, or a node answered `status` oddly.
+        BenchError::ClientReads { .. } => Exit::Internal,
     };
     Failure::new(exit, e.to_string())
 }
@@ -818,6 +868,9 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
         outln!("{STEAL_NOTE}");
     }
     for r in reports {
+        if let Some(reads) = r.client_reads {
+            outln!("{}: {}", r.setting, client_reads_note(reads));
+        }
         // Each client has one request out at a time (Little's law).
         let too_few_clients = r.rate_per_s.and_then(|rate| {
             let needed = r.clients_needed()?;
@@ -1022,6 +1075,7 @@ fn report_json(
             "concurrency": config.concurrency,
             "connections_per_node": if config.resp { json!(null) } else { json!(config.connections_per_target) },
             "probers": if config.resp { json!(null) } else { json!(config.probers) },
+            "client_reads": config.client_reads,
             "duration_s": config.duration.as_secs(),
             "warmup_s": config.warmup.as_secs(),
             // As given: a number a second, or a share of each setting's
@@ -1110,6 +1164,9 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "probers": r.probers,
         "staleness_skipped": r.staleness_skipped,
+        // With --client-reads: measured reads the replicas answered alike,
+        // and those asked of a coordinator instead.
+        "client_reads": r.client_reads.map(|c| json!({ "direct": c.direct, "fallbacks": c.fallbacks })),
     })
 }
 
@@ -1505,6 +1562,14 @@ const TIMEOUTS_NOTE: &str = "Latencies include timed-out requests, at the time t
 /// What the "shed" column means, for the table's footer.
 const SHED_NOTE: &str = "Shed requests were refused unrun by a node out of memory for requests (--max-request-memory-mb): the load passed what the nodes take in at once; they are not in the latency columns (their own are above, with the errors').";
 
+/// How a setting's client-driven reads went, for the table's footer.
+fn client_reads_note(reads: ycsb::ClientReadCounts) -> String {
+    format!(
+        "client-driven reads: {} answered alike by the replicas asked, {} asked of a coordinator instead (replicas that disagreed, which it repairs, refused or failed)",
+        reads.direct, reads.fallbacks
+    )
+}
+
 /// What a count of failovers means, for the table's footer.
 fn failovers_note(failovers: u64) -> String {
     format!(
@@ -1627,6 +1692,31 @@ mod tests {
         );
     }
 
+    /// A client-driven read needs a connection to every member: those the
+    /// targets leave out are named, an address that is no socket address
+    /// (a name) among them.
+    #[test]
+    fn members_left_out_of_the_targets_are_named() {
+        let members: Vec<(String, String)> = [
+            ("n1", "127.0.0.1:7000"),
+            ("n2", "127.0.0.2:7000"),
+            ("n3", "node3.internal:7000"),
+        ]
+        .iter()
+        .map(|(id, addr)| (id.to_string(), addr.to_string()))
+        .collect();
+        let targets: Vec<std::net::SocketAddr> = vec!["127.0.0.1:7000".parse().unwrap()];
+        assert_eq!(
+            unlisted_members(&members, &targets),
+            ["n2 (127.0.0.2:7000)", "n3 (node3.internal:7000)"]
+        );
+        let all: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.2:7000".parse().unwrap(),
+            "127.0.0.1:7000".parse().unwrap(),
+        ];
+        assert_eq!(unlisted_members(&members[..2], &all), Vec::<String>::new());
+    }
+
     /// Regions count once each however many members and answers name
     /// them, and only those of members that serve: a member down or
     /// leaving, or one given no region, adds none.
@@ -1637,6 +1727,7 @@ mod tests {
             addr: "127.0.0.1:7000".into(),
             up,
             region: region.map(String::from),
+            vnodes: 64,
             hints_pending: None,
             last_exchange_unix_ms: None,
             keys_repaired: None,

@@ -341,6 +341,7 @@ async fn read(
         r: opts.r,
         strict: opts.strict,
         local: opts.local,
+        direct: false,
         wait_repair: opts.wait_repair,
         timeout_ms: opts.timeout_ms,
         forwarded: false,

@@ -397,6 +397,7 @@ mod tests {
             addr: "127.0.0.1:7000".into(),
             up,
             region: None,
+            vnodes: 64,
             hints_pending: None,
             last_exchange_unix_ms: None,
             keys_repaired: None,

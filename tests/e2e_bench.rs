@@ -357,6 +357,21 @@ fn bad_bench_input_is_refused_before_loading() {
             "'--target <resp://HOST:PORT>' cannot be used with '--probers <N>'",
         ),
         (&["--cluster", "127.0.0.1:1"], 4, "cannot reach"),
+        (
+            &["--client-reads"],
+            2,
+            "--client-reads is measured without emulated regions: add --regions none",
+        ),
+        (
+            &["--workload", "putget", "--client-reads"],
+            2,
+            "--client-reads works with YCSB workloads, not putget",
+        ),
+        (
+            &["--target", "resp://127.0.0.1:1", "--client-reads"],
+            2,
+            "'--target <resp://HOST:PORT>' cannot be used with '--client-reads'",
+        ),
         (&["-r", "2"], 2, "-r sets --workload putget's consistency"),
         // A RESP store takes no cluster key: a stale one is not read.
         (

@@ -13,6 +13,7 @@
 //! This is the seed of `ringkv bench`; workloads, open-loop load, emulated
 //! regions and staleness measurement build on it.
 
+mod direct;
 pub mod machine_cpu;
 pub mod pacer;
 pub mod plot;
@@ -79,6 +80,9 @@ pub enum BenchError {
     /// would silently leave its requests out.
     #[error("a bench client failed: {reason}")]
     ClientFailed { reason: String },
+    /// `--client-reads` could not learn the cluster's placement.
+    #[error("client-driven reads: {reason}")]
+    ClientReads { reason: String },
 }
 
 /// The outcome of one phase: its requests counted as the YCSB runs count

@@ -64,6 +64,8 @@ use ringkv_core::wire::{
 use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
+use crate::direct::DirectReads;
+
 use crate::machine_cpu::{MachineReading, MachineShare};
 use crate::pacer::{self, Pacer};
 use crate::predict::OpPrediction;
@@ -147,6 +149,10 @@ pub struct YcsbConfig {
     /// Staleness probers running at once during each setting (see
     /// [`probe_with`]); 0 measures no staleness.
     pub probers: usize,
+    /// Clients coordinate their reads themselves, asking the key's
+    /// replicas at once (Dynamo §6.4; see [`crate::direct`]); writes still
+    /// go through a coordinator. Needs ringkv nodes and no client delay.
+    pub client_reads: bool,
 }
 
 /// How YCSB updates and inserts write (see the module docs).
@@ -430,6 +436,25 @@ pub struct SettingReport {
     /// [`crate::predict`]), set by the caller that knows the matrix and the
     /// ring; empty otherwise.
     pub predicted_p50: Vec<OpPrediction>,
+    /// With client-driven reads, how the measured reads went.
+    pub client_reads: Option<ClientReadCounts>,
+}
+
+/// How a setting's client-driven reads went (see [`crate::direct`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientReadCounts {
+    /// Reads the key's replicas answered alike, without a coordinator.
+    pub direct: u64,
+    /// Reads asked of a coordinator instead: replicas that disagreed (it
+    /// repairs them), refused or did not answer.
+    pub fallbacks: u64,
+}
+
+impl ClientReadCounts {
+    fn merge(&mut self, other: &ClientReadCounts) {
+        self.direct += other.direct;
+        self.fallbacks += other.fallbacks;
+    }
 }
 
 #[cfg(test)]
@@ -459,6 +484,7 @@ impl SettingReport {
             records_after: 0,
             failovers: 0,
             predicted_p50: Vec::new(),
+            client_reads: None,
         }
     }
 }
@@ -695,6 +721,43 @@ fn some_timed_out(error: &ErrorReply) -> bool {
             .iter()
             .any(|r| r.outcome == ReplicaAnswer::Timeout)
     })
+}
+
+/// A read that client `client` coordinates itself (see [`crate::direct`]):
+/// the key's first R replicas asked at once through `direct`, or, unless
+/// they agree, a read coordinated by `own`'s node in the time left. Also
+/// says whether it fell back.
+async fn direct_get(
+    direct: &DirectReads,
+    own: &Conn,
+    key: &str,
+    r: Consistency,
+    timeout_ms: u32,
+    client: usize,
+) -> (Outcome, bool) {
+    let started = Instant::now();
+    let legs = r
+        .required(direct.replicas())
+        .ok()
+        .and_then(|r| direct.legs(key.as_bytes(), r, client));
+    if let Some(legs) = legs {
+        let get = Request::Get(GetRequest {
+            timeout_ms,
+            direct: true,
+            ..GetRequest::new(key, r)
+        });
+        let answers = futures_util::future::join_all(
+            legs.iter().map(|(_, conn)| conn.call(&get, Duration::ZERO)),
+        )
+        .await;
+        let nodes: Vec<NodeId> = legs.into_iter().map(|(node, _)| node).collect();
+        if let Some(read) = crate::direct::agreed(&nodes, answers) {
+            return (read, false);
+        }
+    }
+    let spent_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+    let left_ms = timeout_ms.saturating_sub(spent_ms).max(1);
+    (own.get(key, r, left_ms, Duration::ZERO).await, true)
 }
 
 /// How many connections `clients` share over `targets`: one per client,
@@ -937,6 +1000,10 @@ pub async fn run_setting(
     progress: &(dyn Fn(f64) + Sync),
 ) -> Result<SettingReport, BenchError> {
     let clients = connect_all(config, config.concurrency.max(1)).await?;
+    let direct = match config.client_reads {
+        true => Some(Arc::new(DirectReads::connect(&clients).await?)),
+        false => None,
+    };
     // Built once, outside the timed window: a zipfian over many records
     // takes a while to set up.
     let distribution = config
@@ -998,7 +1065,7 @@ pub async fn run_setting(
     };
     let mut tasks = tokio::task::JoinSet::new();
     for (w, client) in clients.iter().enumerate() {
-        let (client, pacer) = (client.clone(), pacer.clone());
+        let (client, pacer, direct) = (client.clone(), pacer.clone(), direct.clone());
         let (config, setting) = (config.clone(), setting.clone());
         let (mut chooser, inserts) = (chooser.clone(), inserts.clone());
         let mut reports = fresh_reports.pop().unwrap_or_default();
@@ -1006,6 +1073,7 @@ pub async fn run_setting(
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ ((w as u64) << 32));
             let mut contexts: HashMap<u64, String> = HashMap::new();
             let mut read_stats = ReadStats::default();
+            let mut client_reads = ClientReadCounts::default();
             // When this client's last measured request succeeded.
             let mut last_success: Option<Instant> = None;
             let mut timing = OpenLoopTiming::default();
@@ -1048,7 +1116,18 @@ pub async fn run_setting(
                 // the client's, not the store's.
                 let mut answered = sent;
                 if matches!(op, Op::Read | Op::ReadModifyWrite) {
-                    outcome = client.get(&key, setting.r, timeout_ms, delay).await;
+                    outcome = match &direct {
+                        Some(direct) => {
+                            let (read, fell_back) =
+                                direct_get(direct, &client, &key, setting.r, timeout_ms, w).await;
+                            if sent >= measured_from {
+                                client_reads.fallbacks += u64::from(fell_back);
+                                client_reads.direct += u64::from(!fell_back);
+                            }
+                            read
+                        }
+                        None => client.get(&key, setting.r, timeout_ms, delay).await,
+                    };
                     answered = Instant::now();
                     if let Outcome::Read {
                         values, context, ..
@@ -1121,7 +1200,7 @@ pub async fn run_setting(
             }
             // A short run may never draw a rare operation: no empty row.
             reports.retain(|_, report| report.attempts() > 0);
-            (reports, read_stats, last_success, timing)
+            (reports, read_stats, last_success, timing, client_reads)
         });
     }
     let prober = prober_conns.map(|conns| {
@@ -1134,12 +1213,14 @@ pub async fn run_setting(
     let mut read_stats = ReadStats::default();
     let mut last_success: Option<Instant> = None;
     let mut timing = OpenLoopTiming::default();
+    let mut client_reads = ClientReadCounts::default();
     while !tasks.is_empty() {
         tokio::select! {
             done = tasks.join_next() => {
                 match done {
-                    Some(Ok((reports, stats, last, client_timing))) => {
+                    Some(Ok((reports, stats, last, client_timing, reads))) => {
                         timing.merge(&client_timing);
+                        client_reads.merge(&reads);
                         for (op, report) in reports {
                             merged.entry(op).or_insert_with(OpReport::new).merge(&report);
                         }
@@ -1211,6 +1292,7 @@ pub async fn run_setting(
         records_after: inserts.taken(),
         failovers,
         predicted_p50: Vec::new(),
+        client_reads: direct.is_some().then_some(client_reads),
     };
     if let Some(rate) = config.rate_per_s {
         // Requests due during the warm-up are neither counted nor charged:

@@ -48,6 +48,7 @@ fn ycsb_config(targets: Vec<SocketAddr>) -> YcsbConfig {
         updates: UpdateMode::Overwrite,
         distribution: None,
         probers: ringkv_bench::ycsb::PROBERS_DEFAULT,
+        client_reads: false,
     }
 }
 

@@ -551,6 +551,23 @@ impl<T: Transport> Coordinator<T> {
         if request.local {
             return self.get_local(&request.key, start, deadline).await;
         }
+        if request.direct {
+            // A client coordinates this read and counts this node as one
+            // of the key's replicas: only an owner may answer for one.
+            if !ring.is_replica(&request.key, &self.id) {
+                counter!("ringkv_direct_reads_refused_total").increment(1);
+                return Response::error(
+                    ErrorKind::NotServing,
+                    format!(
+                        "{} is not one of the key's replicas under its ring; \
+                         ask a coordinator instead",
+                        self.id
+                    ),
+                );
+            }
+            counter!("ringkv_direct_reads_total").increment(1);
+            return self.get_local(&request.key, start, deadline).await;
+        }
         let required = match request.r.required(ring.replicas()) {
             Ok(k) => k,
             Err(e) => return invalid(format!("r: {e}")),

@@ -265,6 +265,50 @@ async fn a_non_replica_forwards_to_the_preference_list() {
     );
 }
 
+/// A leg of a client-driven read (Dynamo §6.4) is answered by one of the
+/// key's replicas with its own copy, stale or not, and nothing else crosses
+/// the network; a node that is not one of them refuses it as `NotServing`
+/// (the client then asks a coordinator), and does not forward it.
+#[tokio::test(start_paused = true)]
+async fn a_direct_read_is_answered_by_a_replica_alone_and_refused_elsewhere() {
+    let c = SimCluster::new(5, 3, 1);
+    let pref = c.ring.preference_list(KEY.as_bytes());
+    let (owner, stale_owner) = (pref.replicas[0].clone(), pref.replicas[2].clone());
+    c.net.down(&stale_owner);
+    ok_context(&c.put(owner.as_str(), KEY, "v", Quorum, None).await);
+    c.net.up(&stale_owner);
+    c.net.take_log();
+    let direct = |via: &ringkv_core::NodeId| {
+        let request = ringkv_core::wire::GetRequest {
+            direct: true,
+            ..ringkv_core::wire::GetRequest::new(KEY, Quorum)
+        };
+        let coordinator = c.node(via.as_str()).coordinator.clone();
+        async move { coordinator.get(request).await }
+    };
+    let fresh = direct(&owner).await;
+    assert_eq!(values(&fresh), ["v"]);
+    match &fresh {
+        Response::Get(g) => assert_eq!(g.receipt.coordinator.as_ref(), Some(&owner)),
+        other => panic!("{other:?}"),
+    }
+    // Its own copy as it is: no quorum, no read repair.
+    assert!(values(&direct(&stale_owner).await).is_empty());
+    assert!(c.local_values(stale_owner.as_str(), KEY).is_empty());
+    let outsider = pref.fallbacks[0].clone();
+    let (kind, message) = error(&direct(&outsider).await);
+    assert_eq!(kind, ErrorKind::NotServing);
+    assert!(
+        message.contains("not one of the key's replicas"),
+        "{message}"
+    );
+    assert_eq!(
+        c.net.take_log(),
+        Vec::<String>::new(),
+        "a direct read asks no one"
+    );
+}
+
 /// A replica that serves nothing (shutting down) ran nothing of a forwarded
 /// request, so the forwarding node hands it to the next replica instead of
 /// passing the refusal on.

@@ -243,6 +243,7 @@ impl GetRequest {
             r,
             strict: false,
             local: false,
+            direct: false,
             wait_repair: false,
             timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             forwarded: false,
@@ -258,6 +259,14 @@ pub struct GetRequest {
     pub strict: bool,
     /// Read only the contacted node's own store, without a quorum.
     pub local: bool,
+    /// One leg of a client-driven read (Dynamo §6.4): the client coordinates
+    /// the read itself, asking R of the key's replicas at once, and this
+    /// node answers with its own copy, as `local` does, but only if it is
+    /// one of the key's replicas under its ring. Otherwise it refuses with
+    /// `NotServing`, and the client falls back to a read coordinated here.
+    /// The answer's receipt names this node as its coordinator, so that a
+    /// client can tell which replica answered.
+    pub direct: bool,
     /// Answer only after stale replicas this read found have been repaired
     /// (read repair normally runs after the answer).
     pub wait_repair: bool,
@@ -624,6 +633,9 @@ pub struct NodeStatus {
     pub addr: String,
     pub up: bool,
     pub region: Option<String>,
+    /// Its virtual nodes on the ring: with the members' ids and N, what a
+    /// client needs to place keys as the nodes do (client-driven reads).
+    pub vnodes: u32,
     /// Hints the node holds for others; `None` when it could not be asked.
     pub hints_pending: Option<u64>,
     /// When the node last finished an anti-entropy round (ms since the Unix
@@ -1044,7 +1056,17 @@ impl Request {
     pub fn validate(&self) -> Result<(), InvalidInput> {
         match self {
             Request::Put(p) => validate_key(&p.key),
-            Request::Get(g) => validate_key(&g.key),
+            Request::Get(g) => {
+                validate_key(&g.key)?;
+                if g.direct && (g.local || g.forwarded || g.wait_repair) {
+                    // A leg answers with one replica's copy, as it is:
+                    // there is no quorum to forward or repair after.
+                    return Err(InvalidInput::new(
+                        "a direct read takes no `local`, `forwarded` or `wait_repair`",
+                    ));
+                }
+                Ok(())
+            }
             Request::Status
             | Request::Ping
             | Request::Identify
@@ -1304,6 +1326,31 @@ mod tests {
         assert!(err.to_string().contains("key is empty"), "{err}");
     }
 
+    #[test]
+    fn a_direct_read_with_a_quorum_flag_is_refused() {
+        let get = |local, forwarded, wait_repair| {
+            Request::Get(GetRequest {
+                direct: true,
+                local,
+                forwarded,
+                wait_repair,
+                ..GetRequest::new("k", Consistency::Quorum)
+            })
+        };
+        assert!(decode_request(&encode_request(&get(false, false, false))).is_ok());
+        for flags in [
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+        ] {
+            let err = decode_request(&encode_request(&get(flags.0, flags.1, flags.2))).unwrap_err();
+            assert!(
+                err.to_string().contains("a direct read takes no"),
+                "{flags:?}: {err}"
+            );
+        }
+    }
+
     /// A replica request that names its sender is checked as the bare one
     /// is, lists counted on the archive before decoding, and its sender's
     /// id too.
@@ -1471,6 +1518,7 @@ mod tests {
                         addr: "127.0.0.1:7000".into(),
                         up: true,
                         region: None,
+                        vnodes: 64,
                         hints_pending: None,
                         last_exchange_unix_ms: None,
                         keys_repaired: None,

@@ -940,6 +940,7 @@ mod tests {
             addr: String::new(),
             up: i <= up,
             region: None,
+            vnodes: 64,
             hints_pending: None,
             last_exchange_unix_ms: None,
             keys_repaired: None,

@@ -164,6 +164,14 @@ pub const METRICS: &[MetricDoc] = &[
         "Reads forwarded to a replica that could not reach R, asked again from this node.",
     ),
     counter(
+        "ringkv_direct_reads_total",
+        "Legs of client-driven reads this node answered with its own copy, as one of the key's replicas.",
+    ),
+    counter(
+        "ringkv_direct_reads_refused_total",
+        "Legs of client-driven reads refused: this node is not one of the key's replicas under its ring.",
+    ),
+    counter(
         "ringkv_held_back_owners_asked_total",
         "Owners held back from a request (believed down) asked after all, their stand-in having failed.",
     ),

@@ -1721,6 +1721,7 @@ mod tests {
             r: ringkv_core::Consistency::One,
             strict: false,
             local: false,
+            direct: false,
             wait_repair: false,
             timeout_ms: 1000,
             forwarded: false,

@@ -1081,6 +1081,7 @@ impl NodeInner {
                     addr: m.addr.clone(),
                     up: m.id == self.id || self.detector.is_up(&m.id),
                     region: m.region.clone(),
+                    vnodes: m.vnodes,
                     hints_pending: stats.get(&m.id).map(|s| s.hints_pending),
                     last_exchange_unix_ms: stats.get(&m.id).and_then(|s| s.last_exchange_unix_ms),
                     keys_repaired: stats.get(&m.id).map(|s| s.keys_repaired),
