@@ -9,6 +9,9 @@
 #
 #   bench/latency.sh [RATE] [DURATION_S] [W]    # defaults 50% 10 a
 #
+# RINGKV_OPEN_LOOP_FLAGS adds flags to the loaded run (and so to the peak
+# measured before it), e.g. "--client-reads".
+#
 # Needs a release build: cargo build --release --bin ringkv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,8 @@ bench() {
 echo "== unloaded: ringkv bench --cluster $cluster --workload putget -r 2 -w 2 --concurrency 1 --duration-s $duration"
 bench --cluster "$cluster" --workload putget -r 2 -w 2 --concurrency 1 --duration-s "$duration"
 cat "$dir/bench.out"
-echo "== open loop: ringkv bench --cluster $cluster --regions none --workload $workload --records 10000 --consistency 2 --concurrency 50 --rate $rate --duration-s $duration"
+read -ra open_loop_flags <<< "${RINGKV_OPEN_LOOP_FLAGS:-}"
+echo "== open loop: ringkv bench --cluster $cluster --regions none --workload $workload --records 10000 --consistency 2 --concurrency 50 --rate $rate --duration-s $duration ${open_loop_flags[*]}"
 bench --cluster "$cluster" --regions none --workload "$workload" --records 10000 --consistency 2 \
-  --concurrency 50 --rate "$rate" --duration-s "$duration"
-sed -n '1,3p;/^Peak/p;/^Wait from due/p;/^This machine/p' "$dir/bench.out"
+  --concurrency 50 --rate "$rate" --duration-s "$duration" "${open_loop_flags[@]}"
+sed -n '1,3p;/^Peak/p;/^Wait from due/p;/^This machine/p;/client-driven reads/p' "$dir/bench.out"

@@ -238,7 +238,6 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
             replicas: EMBEDDED_REPLICAS,
             // Fewer nodes than the matrix has regions leave some empty.
             regions: regions.len().min(nodes.len()),
-            members: Vec::new(),
         };
         // The model weighs clients by a closed loop's pace (see predict).
         let topology = match &matrix {
@@ -255,13 +254,12 @@ pub async fn bench(args: BenchArgs) -> Result<Exit, Failure> {
         let targets = resolve_cluster(&args.cluster)?;
         let shape = cluster_shape(&targets, cluster_key.as_ref()).await?;
         check_settings(&settings, shape.replicas, "--consistency")?;
-        let unlisted = unlisted_members(&shape.members, &targets);
-        if args.client_reads && !unlisted.is_empty() {
+        if args.client_reads && shape.regions > 1 {
             return Err(Failure::new(
                 Exit::Usage,
                 format!(
-                    "--client-reads asks every replica directly, and --cluster leaves out {}: give every member",
-                    unlisted.join(", ")
+                    "--client-reads is measured within one region, and the --cluster members are in {}: a leg to another region's replica would not pay the delay a coordinator's read does",
+                    shape.regions
                 ),
             ));
         }
@@ -331,7 +329,6 @@ async fn resp_bench(
     let shape = ClusterShape {
         replicas: 1,
         regions: 0,
-        members: Vec::new(),
     };
     run_all(&config, args, 0, &shape, None, None).await
 }
@@ -464,23 +461,6 @@ struct ClusterShape {
     /// embedded cluster's, its matrix's. Two or more: a probe crosses
     /// regions, and the bench runs more probers.
     regions: usize,
-    /// The members (id, address) as the first node asked lists them;
-    /// empty for the embedded cluster, whose nodes are the targets.
-    members: Vec<(String, String)>,
-}
-
-/// The members in `members` (id, address) that none of `targets` is: a
-/// client-driven read could not reach them. Addresses compare as socket
-/// addresses, so `127.0.0.1:7000` and a target given so match.
-fn unlisted_members(members: &[(String, String)], targets: &[std::net::SocketAddr]) -> Vec<String> {
-    members
-        .iter()
-        .filter(|(_, addr)| {
-            addr.parse::<std::net::SocketAddr>()
-                .map_or(true, |addr| !targets.contains(&addr))
-        })
-        .map(|(id, addr)| format!("{id} ({addr})"))
-        .collect()
 }
 
 /// Adds to `regions` those of the members in a `status` answer's `nodes`
@@ -506,7 +486,6 @@ async fn cluster_shape(
 ) -> Result<ClusterShape, Failure> {
     let mut replicas = None;
     let mut regions = BTreeSet::new();
-    let mut members = Vec::new();
     for addr in targets {
         let unreachable =
             |e: String| Failure::new(Exit::Unreachable, format!("cannot reach {addr}: {e}"));
@@ -518,13 +497,6 @@ async fn cluster_shape(
         match answer {
             Ok(Response::Status(s)) => {
                 replicas.get_or_insert(s.replicas as usize);
-                if members.is_empty() {
-                    members = s
-                        .nodes
-                        .iter()
-                        .map(|n| (n.id.to_string(), n.addr.clone()))
-                        .collect();
-                }
                 add_serving_regions(&mut regions, s.nodes);
             }
             // It answered: refused, shutting down, still joining. Its
@@ -549,7 +521,6 @@ async fn cluster_shape(
     Ok(ClusterShape {
         replicas,
         regions: regions.len(),
-        members,
     })
 }
 
@@ -562,8 +533,8 @@ fn bench_failure(e: BenchError) -> Failure {
         // Writes were sent, and failed: timed out, shed, refused.
         BenchError::LoadFailed { .. } => Exit::Quorum,
         BenchError::Pacer { .. } | BenchError::ClientFailed { .. } => Exit::Internal,
-        // Checked before the load (every member listed), so the ring or a
-        // member changed since, or a node answered `status` oddly.
+        // The node asked for the members did not answer `status` with a
+        // ring (it answered it before the load).
         BenchError::ClientReads { .. } => Exit::Internal,
     };
     Failure::new(exit, e.to_string())
@@ -1690,31 +1661,6 @@ mod tests {
             prediction_text(&p(0.5, 0.5, 70.0), Some(0.92)),
             "read 0.50 (p45–p55 0.50–70.00; measured within them)"
         );
-    }
-
-    /// A client-driven read needs a connection to every member: those the
-    /// targets leave out are named, an address that is no socket address
-    /// (a name) among them.
-    #[test]
-    fn members_left_out_of_the_targets_are_named() {
-        let members: Vec<(String, String)> = [
-            ("n1", "127.0.0.1:7000"),
-            ("n2", "127.0.0.2:7000"),
-            ("n3", "node3.internal:7000"),
-        ]
-        .iter()
-        .map(|(id, addr)| (id.to_string(), addr.to_string()))
-        .collect();
-        let targets: Vec<std::net::SocketAddr> = vec!["127.0.0.1:7000".parse().unwrap()];
-        assert_eq!(
-            unlisted_members(&members, &targets),
-            ["n2 (127.0.0.2:7000)", "n3 (node3.internal:7000)"]
-        );
-        let all: Vec<std::net::SocketAddr> = vec![
-            "127.0.0.2:7000".parse().unwrap(),
-            "127.0.0.1:7000".parse().unwrap(),
-        ];
-        assert_eq!(unlisted_members(&members[..2], &all), Vec::<String>::new());
     }
 
     /// Regions count once each however many members and answers name

@@ -595,6 +595,57 @@ fn putget_runs_on_an_embedded_cluster_of_the_size_asked() {
     assert_eq!(report["failovers"], 0);
 }
 
+/// With `--client-reads`, a 5-node embedded cluster's clients read from
+/// the replicas themselves; the text footer and the JSON count the reads
+/// each way, and the one coordinator-free path is the one taken.
+#[test]
+fn client_driven_reads_run_and_are_counted() {
+    let _serial = serial();
+    let json_path = std::env::temp_dir().join(format!("ringkv-cr-{}.json", std::process::id()));
+    let out = run(ringkv().args([
+        "bench",
+        "--regions",
+        "none",
+        "--workload",
+        "b",
+        "--records",
+        "200",
+        "--consistency",
+        "2",
+        "--duration-s",
+        "1",
+        "--warmup-s",
+        "0",
+        "--concurrency",
+        "4",
+        "--client-reads",
+        "--json",
+        json_path.to_str().unwrap(),
+    ]));
+    assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains("2: client-driven reads: "),
+        "{}",
+        stdout(&out)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json_path);
+    assert_eq!(report["config"]["client_reads"], true, "{report}");
+    let setting = &report["settings"][0];
+    let reads = &setting["client_reads"];
+    assert!(reads["direct"].as_u64().unwrap() > 0, "{reads}");
+    // Every write was acknowledged by W=2 of 3 before the next read of it,
+    // yet the third replica may still be behind: a read that asked it and
+    // another falls back, so fallbacks are not always 0.
+    assert!(reads["fallbacks"].is_u64(), "{reads}");
+    let ops = setting["ops"].as_object().unwrap();
+    assert!(ops["read"]["ops"].as_u64().unwrap() > 0, "{setting}");
+    for op in ops.values() {
+        assert_eq!(op["errors"], 0, "{op}");
+    }
+}
+
 /// A bench stopped by SIGTERM (or Ctrl-C) removes its embedded cluster's
 /// data and ends with 128 + the signal, as the signal's default would.
 #[test]

@@ -10,73 +10,79 @@
 //!
 //! Here each leg is a `Get` with `direct` set: the node answers with its own
 //! copy only if it is one of the key's replicas under its ring (see
-//! `GetRequest::direct`). The client takes the read when the legs it sent
-//! to the first R replicas of the key's preference list were each answered
-//! by the replica it was sent to (a connection that failed over answers
-//! from another node, which must not count twice) and all agree: the same
-//! values and the same causal context, so merging them would change
-//! nothing. Anything else (replicas that disagree, a refusal, an error, a
-//! timeout) falls back to a read coordinated by the client's own node,
-//! which merges the replicas' versions and repairs the stale ones, as every
-//! read does without this. So a client-driven read answers what a
-//! coordinated one would, and leaves no more divergence behind it.
+//! `GetRequest::direct`). The client learns the members (ids, addresses,
+//! virtual nodes, N) from one node's `status`, dials each member at the
+//! address it advertises (so `--cluster` may name just one), and places
+//! keys as the nodes do. It takes the read when the legs it sent to the
+//! first R replicas of the key's preference list were each answered by the
+//! replica it was sent to and all agree: the same values and the same
+//! causal context, which names every write either copy has seen, so
+//! merging them would change nothing. Anything else (replicas that
+//! disagree, a refusal, an error, no answer within half the request's
+//! time) sends the read, with the time left, to a coordinator: the node of
+//! the client's own connection, which asks R replicas of its choosing
+//! (itself first) and repairs those it finds stale, as every read does
+//! without this. So every read is the merge of R of the key's replicas,
+//! as a coordinated read is, and R + W > N still means it sees every
+//! acknowledged write.
 //!
-//! Not covered: the ring is learnt once per setting (a ring change during
-//! it shows as refusals, hence fallbacks); the legs have no emulated
-//! delay of their own, so the bench refuses this with emulated regions;
+//! Not covered: the ring is learnt once per setting, so a member that
+//! joins during it is never asked directly (its keys' legs are refused
+//! where the ring moved them, and fall back); a member that could not be
+//! dialled has its keys' reads all fall back. The legs have no emulated
+//! delay of their own, so the bench refuses this across regions; the
 //! staleness probes still read through a coordinator.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::time::Duration;
 
 use ringkv_core::wire::{Request, Response};
 use ringkv_core::NodeId;
+use ringkv_node::{Client, ClusterKey};
 use ringkv_ring::Ring;
 
 use crate::ycsb::{Conn, Outcome};
 use crate::BenchError;
 
+/// How long a member is dialled before its keys' reads are left to fall
+/// back.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The cluster as a client-driven read needs it: the ring, and for every
 /// member the connections that go to it.
 pub(crate) struct DirectReads {
     ring: Ring,
-    /// Invariant: every member of `ring` has at least one connection, and
-    /// each connection was at that member when this was built.
-    conns: HashMap<NodeId, Vec<Arc<Conn>>>,
+    /// Each member's connections, dialled at its address; none for a
+    /// member that could not be dialled. Plain connections, which never
+    /// move to another node: a leg goes to its replica or fails.
+    conns: HashMap<NodeId, Vec<Client>>,
 }
 
 impl DirectReads {
-    /// Asks the node of `conns[0]` for the cluster's members, and groups
-    /// `conns` by the member each is at. An error names a member that none
-    /// of them reaches (a member missing from `--cluster`).
-    pub(crate) async fn connect(conns: &[Arc<Conn>]) -> Result<Self, BenchError> {
+    /// Asks the node of `asked` for the cluster's members, and dials each
+    /// `per_member` times.
+    pub(crate) async fn connect(
+        asked: &Conn,
+        per_member: usize,
+        cluster_key: Option<&ClusterKey>,
+    ) -> Result<Self, BenchError> {
         let refused = |reason: String| BenchError::ClientReads { reason };
-        let mut at: HashMap<SocketAddr, Vec<Arc<Conn>>> = HashMap::new();
-        for conn in conns {
-            let Conn::Ringkv(client) = conn.as_ref() else {
-                return Err(refused("they need ringkv nodes".into()));
-            };
-            let list = at.entry(client.current_node()).or_default();
-            if !list.iter().any(|c| Arc::ptr_eq(c, conn)) {
-                list.push(conn.clone());
-            }
-        }
-        let Some(Conn::Ringkv(first)) = conns.first().map(|c| c.as_ref()) else {
-            return Err(BenchError::NoTargets);
+        let Conn::Ringkv(asked) = asked else {
+            return Err(refused("they need ringkv nodes".into()));
         };
-        let status = match first.call(&Request::Status).await {
+        let status = match asked.call(&Request::Status).await {
             Ok(Response::Status(status)) => status,
             Ok(other) => {
                 return Err(refused(format!(
                     "{} answered `status` with {other:?}",
-                    first.current_node()
+                    asked.current_node()
                 )))
             }
             Err(e) => {
                 return Err(refused(format!(
                     "cannot ask {} for the cluster's members: {e}",
-                    first.current_node()
+                    asked.current_node()
                 )))
             }
         };
@@ -85,38 +91,38 @@ impl DirectReads {
             status.replicas as usize,
         )
         .map_err(|e| refused(format!("the members {} reported: {e}", status.node)))?;
-        let mut by_member = HashMap::new();
-        for member in &status.nodes {
-            let list = member
-                .addr
-                .parse::<SocketAddr>()
-                .ok()
-                .and_then(|addr| at.get(&addr))
-                .ok_or_else(|| {
-                    refused(format!(
-                        "member {} at {} is not among the nodes the bench connected to; \
-                         give every member to --cluster",
-                        member.id, member.addr
-                    ))
-                })?;
-            by_member.insert(member.id.clone(), list.clone());
+        let dials = status.nodes.iter().flat_map(|member| {
+            let addr = member.addr.parse::<SocketAddr>().ok();
+            (0..per_member.max(1)).map(move |_| {
+                let id = member.id.clone();
+                async move {
+                    let client = Client::connect_with_key(addr?, DIAL_TIMEOUT, cluster_key).await;
+                    Some((id, client.ok()?))
+                }
+            })
+        });
+        let mut conns: HashMap<NodeId, Vec<Client>> = HashMap::new();
+        for (id, client) in futures_util::future::join_all(dials)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            conns.entry(id).or_default().push(client);
         }
-        Ok(DirectReads {
-            ring,
-            conns: by_member,
-        })
+        Ok(DirectReads { ring, conns })
     }
 
     /// The replicas client `client` asks for a read of `key` at `r` (the
     /// first R of its preference list, in ring order, so that every
-    /// coordinator's copy is read alike), each with the connection it
-    /// goes through. `None`: R is more than the key has replicas.
+    /// client's reads of a key meet the same copies), each with the
+    /// connection it goes through. `None`: R is 0 or more than the key has
+    /// replicas, or one of those was not dialled.
     pub(crate) fn legs(
         &self,
         key: &[u8],
         r: usize,
         client: usize,
-    ) -> Option<Vec<(NodeId, Arc<Conn>)>> {
+    ) -> Option<Vec<(NodeId, &Client)>> {
         let replicas = self.ring.replicas_of(key);
         if r == 0 || r > replicas.len() {
             return None;
@@ -125,9 +131,8 @@ impl DirectReads {
             .into_iter()
             .take(r)
             .map(|node| {
-                let list = self.conns.get(&node)?;
-                let conn = list[client % list.len()].clone();
-                Some((node, conn))
+                let list = self.conns.get(&node).filter(|l| !l.is_empty())?;
+                Some((node, &list[client % list.len()]))
             })
             .collect()
     }
@@ -135,6 +140,11 @@ impl DirectReads {
     /// N, as the ring has it.
     pub(crate) fn replicas(&self) -> usize {
         self.ring.replicas()
+    }
+
+    /// Closes every connection.
+    pub(crate) async fn close(self) {
+        Client::close_all(self.conns.into_values().flatten()).await;
     }
 }
 

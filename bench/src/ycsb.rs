@@ -724,15 +724,17 @@ fn some_timed_out(error: &ErrorReply) -> bool {
 }
 
 /// A read that client `client` coordinates itself (see [`crate::direct`]):
-/// the key's first R replicas asked at once through `direct`, or, unless
-/// they agree, a read coordinated by `own`'s node in the time left. Also
-/// says whether it fell back.
+/// the key's first R replicas asked at once through `direct`, for up to
+/// half of `timeout_ms`, or, unless they agree, a read coordinated by
+/// `own`'s node in the time left. Also says whether it fell back.
+#[allow(clippy::too_many_arguments)]
 async fn direct_get(
     direct: &DirectReads,
     own: &Conn,
     key: &str,
     r: Consistency,
     timeout_ms: u32,
+    delay: Duration,
     client: usize,
 ) -> (Outcome, bool) {
     let started = Instant::now();
@@ -741,23 +743,29 @@ async fn direct_get(
         .ok()
         .and_then(|r| direct.legs(key.as_bytes(), r, client));
     if let Some(legs) = legs {
+        // Half the time for the legs: a leg that cannot answer (its node
+        // frozen, say) leaves the coordinator the other half.
+        let leg_ms = (timeout_ms / 2).max(1);
         let get = Request::Get(GetRequest {
-            timeout_ms,
+            timeout_ms: leg_ms,
             direct: true,
             ..GetRequest::new(key, r)
         });
-        let answers = futures_util::future::join_all(
-            legs.iter().map(|(_, conn)| conn.call(&get, Duration::ZERO)),
-        )
-        .await;
-        let nodes: Vec<NodeId> = legs.into_iter().map(|(node, _)| node).collect();
-        if let Some(read) = crate::direct::agreed(&nodes, answers) {
-            return (read, false);
+        let asked = futures_util::future::join_all(legs.iter().map(|(_, conn)| conn.call(&get)));
+        let limit = Duration::from_millis(u64::from(leg_ms));
+        if let Ok(answers) = tokio::time::timeout(limit, asked).await {
+            let answers = answers.into_iter().map(outcome_of).collect();
+            let nodes: Vec<NodeId> = legs.into_iter().map(|(node, _)| node).collect();
+            if let Some(read) = crate::direct::agreed(&nodes, answers) {
+                return (read, false);
+            }
         }
     }
     let spent_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-    let left_ms = timeout_ms.saturating_sub(spent_ms).max(1);
-    (own.get(key, r, left_ms, Duration::ZERO).await, true)
+    match timeout_ms.checked_sub(spent_ms).filter(|left| *left > 0) {
+        Some(left_ms) => (own.get(key, r, left_ms, delay).await, true),
+        None => (Outcome::Timeout, true),
+    }
 }
 
 /// How many connections `clients` share over `targets`: one per client,
@@ -1001,7 +1009,16 @@ pub async fn run_setting(
 ) -> Result<SettingReport, BenchError> {
     let clients = connect_all(config, config.concurrency.max(1)).await?;
     let direct = match config.client_reads {
-        true => Some(Arc::new(DirectReads::connect(&clients).await?)),
+        true => {
+            let asked = clients.first().ok_or(BenchError::NoTargets)?;
+            let direct = DirectReads::connect(
+                asked,
+                config.connections_per_target,
+                config.cluster_key.as_ref(),
+            )
+            .await?;
+            Some(Arc::new(direct))
+        }
         false => None,
     };
     // Built once, outside the timed window: a zipfian over many records
@@ -1119,7 +1136,8 @@ pub async fn run_setting(
                     outcome = match &direct {
                         Some(direct) => {
                             let (read, fell_back) =
-                                direct_get(direct, &client, &key, setting.r, timeout_ms, w).await;
+                                direct_get(direct, &client, &key, setting.r, timeout_ms, delay, w)
+                                    .await;
                             if sent >= measured_from {
                                 client_reads.fallbacks += u64::from(fell_back);
                                 client_reads.direct += u64::from(!fell_back);
@@ -1268,6 +1286,9 @@ pub async fn run_setting(
     };
     let failovers = failovers(&clients);
     close_all(clients).await;
+    if let Some(direct) = direct.clone().and_then(Arc::into_inner) {
+        direct.close().await;
+    }
     let mut ops: Vec<(Op, OpReport)> = merged.into_iter().collect();
     ops.sort_by_key(|(op, _)| op.as_str());
     let mut report = SettingReport {

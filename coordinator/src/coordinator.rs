@@ -548,9 +548,8 @@ impl<T: Transport> Coordinator<T> {
             Err(e) => return e,
         };
         let ring = self.ring();
-        if request.local {
-            return self.get_local(&request.key, start, deadline).await;
-        }
+        // Before `local`, which the wire refuses alongside it: an
+        // in-process caller that sets both still gets the owner check.
         if request.direct {
             // A client coordinates this read and counts this node as one
             // of the key's replicas: only an owner may answer for one.
@@ -566,6 +565,9 @@ impl<T: Transport> Coordinator<T> {
                 );
             }
             counter!("ringkv_direct_reads_total").increment(1);
+            return self.get_local(&request.key, start, deadline).await;
+        }
+        if request.local {
             return self.get_local(&request.key, start, deadline).await;
         }
         let required = match request.r.required(ring.replicas()) {

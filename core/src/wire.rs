@@ -17,7 +17,7 @@ use crate::error::InvalidInput;
 use crate::node_id::NodeId;
 
 /// The application protocol negotiated on every QUIC connection.
-pub const ALPN: &[u8] = b"ringkv/16";
+pub const ALPN: &[u8] = b"ringkv/17";
 /// The longest key accepted, in bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 /// The largest a key's stored versions may grow (all siblings together);
@@ -262,10 +262,11 @@ pub struct GetRequest {
     /// One leg of a client-driven read (Dynamo §6.4): the client coordinates
     /// the read itself, asking R of the key's replicas at once, and this
     /// node answers with its own copy, as `local` does, but only if it is
-    /// one of the key's replicas under its ring. Otherwise it refuses with
-    /// `NotServing`, and the client falls back to a read coordinated here.
-    /// The answer's receipt names this node as its coordinator, so that a
-    /// client can tell which replica answered.
+    /// one of the key's replicas under its ring; otherwise it refuses with
+    /// `NotServing` (and a client then asks a coordinator instead). `r` and
+    /// `strict` are the client's to apply. The answer's receipt names this
+    /// node as its coordinator, so that a client can tell which replica
+    /// answered.
     pub direct: bool,
     /// Answer only after stale replicas this read found have been repaired
     /// (read repair normally runs after the answer).
