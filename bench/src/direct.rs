@@ -151,7 +151,8 @@ impl DirectReads {
 /// What the answers to a read's legs come to: the read itself when each
 /// leg was answered by the replica it went to (`legs[i]` for
 /// `answers[i]`) and all agree on the values (in any order) and the causal
-/// context; `None` otherwise, and the read is asked of a coordinator.
+/// context (the read's values come back sorted, not in a clock's order);
+/// `None` otherwise, and the read is asked of a coordinator.
 pub(crate) fn agreed(legs: &[NodeId], answers: Vec<Outcome>) -> Option<Outcome> {
     if legs.is_empty() || legs.len() != answers.len() {
         return None;
