@@ -533,8 +533,8 @@ fn bench_failure(e: BenchError) -> Failure {
         // Writes were sent, and failed: timed out, shed, refused.
         BenchError::LoadFailed { .. } => Exit::Quorum,
         BenchError::Pacer { .. } | BenchError::ClientFailed { .. } => Exit::Internal,
-        // The node asked for the members did not answer `status` with a
-        // ring (it answered it before the load).
+        // The node asked for the members did not answer `status`, or
+        // listed members no ring can be built of.
         BenchError::ClientReads { .. } => Exit::Internal,
     };
     Failure::new(exit, e.to_string())

@@ -65,7 +65,6 @@ use ringkv_core::{Consistency, NodeId};
 use ringkv_node::{CallError, ClusterClient, ClusterKey};
 
 use crate::direct::DirectReads;
-
 use crate::machine_cpu::{MachineReading, MachineShare};
 use crate::pacer::{self, Pacer};
 use crate::predict::OpPrediction;
@@ -446,7 +445,7 @@ pub struct ClientReadCounts {
     /// Reads the key's replicas answered alike, without a coordinator.
     pub direct: u64,
     /// Reads asked of a coordinator instead: replicas that disagreed (it
-    /// repairs them), refused or did not answer.
+    /// repairs the stale ones it asks), refused or did not answer.
     pub fallbacks: u64,
 }
 
