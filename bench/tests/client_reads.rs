@@ -190,3 +190,31 @@ async fn replicas_that_disagree_send_the_read_to_a_coordinator_which_repairs_the
         n.shutdown().await;
     }
 }
+
+/// A member down when the setting starts cannot be dialled: the reads
+/// whose first two replicas include it go to a coordinator, which reads
+/// the two that are up; the others are read from the replicas directly.
+/// None fails.
+#[tokio::test]
+async fn reads_of_keys_on_a_member_that_cannot_be_dialled_go_to_a_coordinator() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = three_nodes(&dirs).await;
+    nodes.pop().expect("n3").shutdown().await;
+    let report = run_setting(&config(&nodes), &AT_TWO, RECORDS, &|_| {})
+        .await
+        .unwrap();
+    let counts = report
+        .client_reads
+        .expect("client-driven reads are counted");
+    assert!(counts.fallbacks > 0 && counts.direct > 0, "{counts:?}");
+    let (_, reads) = report
+        .ops
+        .iter()
+        .find(|(op, _)| *op == ringkv_bench::workload::Op::Read)
+        .expect("the run read");
+    assert_eq!((reads.errors, reads.timeouts), (0, 0), "{reads:?}");
+    assert_eq!(reads.ops, counts.direct + counts.fallbacks);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
