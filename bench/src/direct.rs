@@ -123,16 +123,16 @@ impl DirectReads {
         r: usize,
         client: usize,
     ) -> Option<Vec<(NodeId, &Client)>> {
-        let replicas = self.ring.replicas_of(key);
-        if r == 0 || r > replicas.len() {
+        // A key has min(N, members) replicas, the start of its walk.
+        if r == 0 || r > self.ring.replicas().min(self.ring.len()) {
             return None;
         }
-        replicas
-            .into_iter()
+        self.ring
+            .walk(key)
             .take(r)
             .map(|node| {
-                let list = self.conns.get(&node).filter(|l| !l.is_empty())?;
-                Some((node, &list[client % list.len()]))
+                let list = self.conns.get(node).filter(|l| !l.is_empty())?;
+                Some((node.clone(), &list[client % list.len()]))
             })
             .collect()
     }

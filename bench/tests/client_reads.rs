@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use ringkv_bench::workload::{record_key, KeyDistribution, Workload};
-use ringkv_bench::ycsb::{run_setting, Setting, UpdateMode, YcsbConfig};
+use ringkv_bench::ycsb::{
+    run_setting, ClientReadCounts, Setting, SettingReport, UpdateMode, YcsbConfig,
+};
 use ringkv_core::dvv::{Clock, Payload, VersionVector};
 use ringkv_core::wire::{GetRequest, ReplicaRequest, Request, Response};
 use ringkv_core::{Consistency, NodeId};
@@ -20,8 +22,10 @@ fn id(s: &str) -> NodeId {
 
 /// Three nodes, N=3, every quorum read asking all three (so that a read
 /// coordinated after a disagreement finds and repairs every stale copy),
-/// and no anti-entropy to repair anything behind the test's back.
-async fn three_nodes(dirs: &[tempfile::TempDir]) -> Vec<NodeHandle> {
+/// and no anti-entropy to repair anything behind the test's back; with
+/// their data dirs, which must outlive them.
+async fn three_nodes() -> (Vec<tempfile::TempDir>, Vec<NodeHandle>) {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut nodes: Vec<NodeHandle> = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         let mut c = NodeConfig::on_loopback(id(&format!("n{}", i + 1)), dir.path().into());
@@ -41,7 +45,7 @@ async fn three_nodes(dirs: &[tempfile::TempDir]) -> Vec<NodeHandle> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    nodes
+    (dirs, nodes)
 }
 
 fn config(nodes: &[NodeHandle]) -> YcsbConfig {
@@ -77,6 +81,17 @@ const AT_TWO: Setting = Setting {
     resp: false,
 };
 
+/// Runs `config` at R=W=2, with the counts of its client-driven reads.
+async fn run_at_two(config: &YcsbConfig) -> (SettingReport, ClientReadCounts) {
+    let report = run_setting(config, &AT_TWO, RECORDS, &|_| {})
+        .await
+        .unwrap();
+    let counts = report
+        .client_reads
+        .expect("client-driven reads are counted");
+    (report, counts)
+}
+
 /// Whether the node `client` is connected to holds a value of `key` itself.
 async fn held_locally(client: &Client, key: &str) -> bool {
     let get = Request::Get(GetRequest {
@@ -91,19 +106,13 @@ async fn held_locally(client: &Client, key: &str) -> bool {
 /// others from that node, and asks them directly too.
 #[tokio::test]
 async fn replicas_that_agree_answer_every_read_themselves() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes = three_nodes(&dirs).await;
+    let (_dirs, nodes) = three_nodes().await;
     let config = YcsbConfig {
         targets: vec![nodes[0].addr()],
         concurrency: 1,
         ..config(&nodes)
     };
-    let report = run_setting(&config, &AT_TWO, RECORDS, &|_| {})
-        .await
-        .unwrap();
-    let counts = report
-        .client_reads
-        .expect("client-driven reads are counted");
+    let (report, counts) = run_at_two(&config).await;
     assert!(counts.direct > 0, "{counts:?}");
     assert_eq!(counts.fallbacks, 0, "{counts:?}");
     assert_eq!(counts.direct, report.reads);
@@ -120,8 +129,7 @@ async fn replicas_that_agree_answer_every_read_themselves() {
 /// first two replicas leave n1 out is read as not found by both, alike.
 #[tokio::test]
 async fn replicas_that_disagree_send_the_read_to_a_coordinator_which_repairs_them() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes = three_nodes(&dirs).await;
+    let (_dirs, nodes) = three_nodes().await;
     let clients: Vec<Client> = {
         let mut clients = Vec::new();
         for n in &nodes {
@@ -160,12 +168,7 @@ async fn replicas_that_disagree_send_the_read_to_a_coordinator_which_repairs_the
         !disagreeing.is_empty(),
         "n1 is first or second for some of {RECORDS} keys"
     );
-    let report = run_setting(&config(&nodes), &AT_TWO, RECORDS, &|_| {})
-        .await
-        .unwrap();
-    let counts = report
-        .client_reads
-        .expect("client-driven reads are counted");
+    let (report, counts) = run_at_two(&config(&nodes)).await;
     assert!(counts.fallbacks >= disagreeing.len() as u64, "{counts:?}");
     assert!(counts.direct > 0, "{counts:?}");
     assert!(report.reads_not_found < report.reads, "the value was read");
@@ -197,15 +200,9 @@ async fn replicas_that_disagree_send_the_read_to_a_coordinator_which_repairs_the
 /// None fails.
 #[tokio::test]
 async fn reads_of_keys_on_a_member_that_cannot_be_dialled_go_to_a_coordinator() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes = three_nodes(&dirs).await;
+    let (_dirs, mut nodes) = three_nodes().await;
     nodes.pop().expect("n3").shutdown().await;
-    let report = run_setting(&config(&nodes), &AT_TWO, RECORDS, &|_| {})
-        .await
-        .unwrap();
-    let counts = report
-        .client_reads
-        .expect("client-driven reads are counted");
+    let (report, counts) = run_at_two(&config(&nodes)).await;
     assert!(counts.fallbacks > 0 && counts.direct > 0, "{counts:?}");
     let (_, reads) = report
         .ops
