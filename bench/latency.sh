@@ -35,4 +35,4 @@ read -ra open_loop_flags <<< "${RINGKV_OPEN_LOOP_FLAGS:-}"
 echo "== open loop: ringkv bench --cluster $cluster --regions none --workload $workload --records 10000 --consistency 2 --concurrency 50 --rate $rate --duration-s $duration ${open_loop_flags[*]}"
 bench --cluster "$cluster" --regions none --workload "$workload" --records 10000 --consistency 2 \
   --concurrency 50 --rate "$rate" --duration-s "$duration" "${open_loop_flags[@]}"
-sed -n '1,3p;/^Peak/p;/^Wait from due/p;/^This machine/p;/client-driven reads/p' "$dir/bench.out"
+sed -n '1,3p;/^Peak/p;/^Wait from due/p;/^Of that wait/p;/^This machine/p;/client-driven reads/p' "$dir/bench.out"

@@ -814,8 +814,25 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
         })
         .collect();
     by_setting_line(
-        "Wait from due to sent (the load generator's part of each latency)",
+        "Wait from due to sent (part of each latency)",
         &pickups,
+        "; ",
+    );
+    let queues: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            let h = r.client_queue_us.as_ref().filter(|h| !h.is_empty())?;
+            Some(format!(
+                "{}: {:.1}% of requests, {}",
+                r.setting,
+                100.0 * queued_share(h),
+                percentiles_text(h)
+            ))
+        })
+        .collect();
+    by_setting_line(
+        "Of that wait, queued with every client busy (answers slower than the clients could cover; the rest is the load generator's own lateness)",
+        &queues,
         "; ",
     );
     let machine: Vec<String> = reports
@@ -1101,6 +1118,8 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
         // Open loop: from due to a client taking it up, part of every
         // latency above.
         "pickup_ms": r.pickup_us.as_ref().map(percentiles_json),
+        "client_queue_ms": r.client_queue_us.as_ref().map(percentiles_json),
+        "client_queue_share": r.client_queue_us.as_ref().map(queued_share),
         "rate_per_s": r.rate_per_s,
         // With --rate PERCENT%: the closed loop run just before, whole.
         "peak": r.peak.as_deref().map(setting_json),
@@ -1570,6 +1589,15 @@ fn failed_note(o: &OpReport) -> Option<String> {
 fn percentiles_text(h: &Histogram<u64>) -> String {
     let q = |q: f64| ms(ringkv_bench::quantile_ms(h, q), 2);
     format!("p50 {}, p99 {}, max {} ms", q(0.5), q(0.99), q(1.0))
+}
+
+/// The share of an open loop's requests that queued for a free client
+/// (a wait above 0), 0 when none were measured.
+fn queued_share(queue_us: &Histogram<u64>) -> f64 {
+    match queue_us.len() {
+        0 => 0.0,
+        all => (all - queue_us.count_at(0)) as f64 / all as f64,
+    }
 }
 
 /// The JSON's summary of a histogram of microseconds, in milliseconds.

@@ -434,7 +434,7 @@ fn a_share_of_the_peak_runs_the_open_loop_at_that_share_of_a_measured_peak() {
     assert!(peak_run["peak"].is_null() && peak_run["rate_per_s"].is_null());
     assert!(peak_run["ops"]["read"]["p99_ms"].as_f64().unwrap() > 0.0);
     assert!(
-        peak_run["pickup_ms"].is_null(),
+        peak_run["pickup_ms"].is_null() && peak_run["client_queue_ms"].is_null(),
         "a closed loop's: {peak_run}"
     );
     let rate = s["rate_per_s"].as_u64().unwrap();
@@ -541,6 +541,11 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     let pickup = &s["pickup_ms"];
     let (p50, max) = (pickup["p50"].as_f64(), pickup["max"].as_f64());
     assert!(p50.is_some_and(|p50| p50 <= max.unwrap()), "{s}");
+    // Of it, the queue for a free client: never longer than the wait.
+    let queued_max = s["client_queue_ms"]["max"].as_f64().unwrap();
+    assert!(queued_max <= max.unwrap(), "{s}");
+    let share = s["client_queue_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share), "{s}");
     let slowest = s["ops"]
         .as_object()
         .unwrap()
@@ -876,6 +881,20 @@ fn a_run_with_no_success_fails_and_too_few_clients_are_named() {
         stdout(&out).contains("requests waited for a free client")
             && stdout(&out).contains("raise --concurrency to at least"),
         "{}",
+        stdout(&out)
+    );
+    // Nearly every request came due while the one client was busy, and
+    // the wait line says that it queued.
+    let queued_pct = stdout(&out)
+        .lines()
+        .find(|l| l.starts_with("Of that wait, queued with every client busy"))
+        .and_then(|l| l.split("— ").nth(1))
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|l| l.split('%').next())
+        .and_then(|pct| pct.parse::<f64>().ok());
+    assert!(
+        queued_pct.is_some_and(|pct| pct > 50.0),
+        "{queued_pct:?}: {}",
         stdout(&out)
     );
 }

@@ -404,10 +404,17 @@ pub struct SettingReport {
     /// Open loop only: how long the measured requests waited, from when
     /// they came due to when a client took them up (the pacer's lateness,
     /// a wait for a free client, a client task waiting for a thread). It
-    /// is part of their latency and none of it is the store's, so a
-    /// latency percentile near this one's says the load generator, not the
-    /// store, made that tail.
+    /// is part of their latency; how much of it was the queue for a free
+    /// client is [`SettingReport::client_queue_us`].
     pub pickup_us: Option<Histogram<u64>>,
+    /// Open loop only: the part of each measured request's pickup spent
+    /// queued because every client was busy with an earlier request (0 for
+    /// a request a client was free for when it came due). With a fixed
+    /// `--concurrency` that is the store's slowness: answers that take
+    /// more than clients ÷ rate, even for a moment, leave due requests
+    /// waiting. The rest of the pickup is the load generator's own
+    /// lateness (the pacer's wake-ups, a free client waiting for a thread).
+    pub client_queue_us: Option<Histogram<u64>>,
     pub ops: Vec<(Op, OpReport)>,
     pub reads: u64,
     /// Reads that found no value: every record is loaded, and an insert's
@@ -471,6 +478,7 @@ impl SettingReport {
             unsent: None,
             mean_service_ms: None,
             pickup_us: None,
+            client_queue_us: None,
             ops,
             reads: 0,
             reads_not_found: 0,
@@ -1097,6 +1105,7 @@ pub async fn run_setting(
             loop {
                 // Open loop: wait for the next due request; closed loop:
                 // go on at once, until the deadline.
+                let free_since = Instant::now();
                 let due = match &pacer {
                     Some(pacer) => match pacer.next().await {
                         Some(due) => Some(due),
@@ -1197,7 +1206,7 @@ pub async fn run_setting(
                         last_success = last_success.max(Some(answered));
                     }
                     if let Some(due) = due {
-                        timing.pickup(due, picked);
+                        timing.pickup(due, free_since, picked);
                     }
                     if due.is_some() && outcome.is_ok() {
                         let stretch = open_loop_stretch(sent, measured_from, deadline);
@@ -1298,6 +1307,7 @@ pub async fn run_setting(
         unsent: None,
         mean_service_ms: config.rate_per_s.and_then(|_| timing.mean_service_ms()),
         pickup_us: config.rate_per_s.map(|_| timing.pickup_us),
+        client_queue_us: config.rate_per_s.map(|_| timing.client_queue_us),
         setting: setting.clone(),
         elapsed,
         ops,
@@ -1369,6 +1379,9 @@ struct OpenLoopTiming {
     last_lag_us: Histogram<u64>,
     /// From due to picked up by a client, for the measured requests.
     pickup_us: Histogram<u64>,
+    /// The part of `pickup_us` before the client that took the request up
+    /// was free (0 when it was free first).
+    client_queue_us: Histogram<u64>,
 }
 
 impl Default for OpenLoopTiming {
@@ -1379,6 +1392,7 @@ impl Default for OpenLoopTiming {
             first_lag_us: new_histogram(),
             last_lag_us: new_histogram(),
             pickup_us: new_histogram(),
+            client_queue_us: new_histogram(),
         }
     }
 }
@@ -1402,11 +1416,16 @@ impl OpenLoopTiming {
         }
     }
 
-    /// A measured request, due at `due`, that a client took up at
-    /// `picked`.
-    fn pickup(&mut self, due: Instant, picked: Instant) {
+    /// A measured request, due at `due`, that a client free since
+    /// `free_since` took up at `picked`. The queue from the pacer is
+    /// first-in, first-out, so a request due before its client was free
+    /// found no other client free either: it waited for one from `due` to
+    /// `free_since`.
+    fn pickup(&mut self, due: Instant, free_since: Instant, picked: Instant) {
         let us = picked.saturating_duration_since(due).as_micros() as u64;
         record_latency(&mut self.pickup_us, us, 1);
+        let queued = free_since.min(picked).saturating_duration_since(due);
+        record_latency(&mut self.client_queue_us, queued.as_micros() as u64, 1);
     }
 
     fn merge(&mut self, other: &OpenLoopTiming) {
@@ -1416,6 +1435,7 @@ impl OpenLoopTiming {
         let _ = self.first_lag_us.add(&other.first_lag_us);
         let _ = self.last_lag_us.add(&other.last_lag_us);
         let _ = self.pickup_us.add(&other.pickup_us);
+        let _ = self.client_queue_us.add(&other.client_queue_us);
     }
 
     /// The median lag of the successes due in `stretch`, if any.
@@ -1773,16 +1793,46 @@ mod tests {
         let due = Instant::now();
         let (mut a, mut b) = (OpenLoopTiming::default(), OpenLoopTiming::default());
         for us in [10, 20, 30] {
-            a.pickup(due, due + Duration::from_micros(us));
+            a.pickup(due, due, due + Duration::from_micros(us));
         }
-        b.pickup(due, due + Duration::from_millis(5));
-        b.pickup(due + Duration::from_millis(1), due);
+        b.pickup(due, due, due + Duration::from_millis(5));
+        b.pickup(due + Duration::from_millis(1), due, due);
         a.merge(&b);
         let h = &a.pickup_us;
         assert_eq!(h.len(), 5);
         assert_eq!(h.min(), 0);
         assert!(h.equivalent(h.max(), 5000), "{}", h.max());
         assert!(h.equivalent(h.value_at_quantile(0.5), 20));
+        // A client free before each came due: nothing queued.
+        assert_eq!(a.client_queue_us.len(), 5);
+        assert_eq!(a.client_queue_us.max(), 0);
+    }
+
+    /// The part of a pickup queued for a free client: from due to when
+    /// the client that took it was free, never more than the pickup, and
+    /// none for a client already free when it came due.
+    #[test]
+    fn a_pickup_is_split_into_the_queue_for_a_client_and_the_rest() {
+        let due = Instant::now();
+        let us = Duration::from_micros;
+        let mut t = OpenLoopTiming::default();
+        // Due at 0; its client finished an earlier request at 3 ms and
+        // took it up at 3.2 ms.
+        t.pickup(due, due + us(3000), due + us(3200));
+        // Its client was free 1 ms before it came due, and 0.4 ms late.
+        t.pickup(due, due - us(1000), due + us(400));
+        // A clock read out of order cannot queue past the pickup.
+        t.pickup(due, due + us(900), due + us(500));
+        let q = &t.client_queue_us;
+        assert_eq!(q.len(), 3);
+        assert!(q.equivalent(q.max(), 3000), "{}", q.max());
+        assert_eq!(q.count_at(0), 1);
+        assert!(
+            q.equivalent(q.value_at_quantile(0.5), 500),
+            "{}",
+            q.value_at_quantile(0.5)
+        );
+        assert!(t.pickup_us.equivalent(t.pickup_us.max(), 3200));
     }
 
     /// An open loop's ops/s window: the measured window for a store that
