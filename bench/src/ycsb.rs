@@ -775,6 +775,18 @@ async fn direct_get(
     }
 }
 
+/// Whether a client of `workload` in `updates` mode ever writes with a
+/// context it kept: read-modify-writes always do, updates and inserts in
+/// context mode. Otherwise it keeps none, which saves a copy and a map
+/// insert per read on a CPU the nodes may share.
+fn keeps_contexts(workload: Workload, updates: UpdateMode) -> bool {
+    workload.mix().iter().any(|(op, _)| match op {
+        Op::ReadModifyWrite => true,
+        Op::Update | Op::Insert => updates == UpdateMode::Context,
+        Op::Read => false,
+    })
+}
+
 /// How many connections `clients` share over `targets`: one per client,
 /// up to `connections_per_target` per target.
 fn connection_count(targets: usize, connections_per_target: usize, clients: usize) -> usize {
@@ -1096,6 +1108,7 @@ pub async fn run_setting(
         tasks.spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ ((w as u64) << 32));
             let mut contexts: HashMap<u64, String> = HashMap::new();
+            let keep_contexts = keeps_contexts(config.workload, config.updates);
             let mut read_stats = ReadStats::default();
             let mut client_reads = ClientReadCounts::default();
             // When this client's last measured request succeeded.
@@ -1162,7 +1175,7 @@ pub async fn run_setting(
                         if sent >= measured_from {
                             read_stats.record(values.len() as u64);
                         }
-                        if let Some(context) = context {
+                        if let Some(context) = context.as_ref().filter(|_| keep_contexts) {
                             contexts.insert(record, context.clone());
                         }
                     }
@@ -1188,7 +1201,9 @@ pub async fn run_setting(
                         ..
                     } = &outcome
                     {
-                        contexts.insert(record, context.clone());
+                        if keep_contexts {
+                            contexts.insert(record, context.clone());
+                        }
                     }
                 }
                 if due.is_some() {
@@ -1783,6 +1798,30 @@ mod tests {
         assert_eq!(spread_clients(2, 2, 7), vec![4, 3]);
         assert_eq!(spread_clients(0, 1, 5), Vec::<usize>::new());
         assert_eq!(spread_clients(3, 1, 0), vec![0, 0, 0]);
+    }
+
+    /// Contexts are kept only where a later write sends one back.
+    #[test]
+    fn contexts_are_kept_only_for_the_writes_that_send_them() {
+        use UpdateMode::{Context, Overwrite};
+        for (workload, updates, kept) in [
+            (Workload::C, Context, false),
+            (Workload::C, Overwrite, false),
+            (Workload::A, Overwrite, false),
+            (Workload::B, Overwrite, false),
+            (Workload::D, Overwrite, false),
+            (Workload::A, Context, true),
+            (Workload::B, Context, true),
+            (Workload::D, Context, true),
+            (Workload::F, Overwrite, true),
+            (Workload::F, Context, true),
+        ] {
+            assert_eq!(
+                keeps_contexts(workload, updates),
+                kept,
+                "{workload} {updates:?}"
+            );
+        }
     }
 
     /// The wait from due to pick-up: what each client saw, merged, and
