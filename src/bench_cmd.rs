@@ -831,7 +831,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
         })
         .collect();
     by_setting_line(
-        "Of that wait, queued with every client busy (answers slower than the clients could cover; the rest is the load generator's own lateness)",
+        "Of that wait, queued with every client busy (on slow answers, or late to take them up), the rest being the load generator's lateness with a client free",
         &queues,
         "; ",
     );
