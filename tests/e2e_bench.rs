@@ -544,8 +544,8 @@ fn an_open_loop_never_sends_faster_than_its_rate() {
     // Of it, the queue for a free client: never longer than the wait.
     let queued_max = s["client_queue_ms"]["max"].as_f64().unwrap();
     assert!(queued_max <= max.unwrap(), "{s}");
-    // Four clients for 100 requests a second, each answered in about a
-    // millisecond: a client is nearly always free when one comes due.
+    // Four clients for 100 requests a second, each answered within a few
+    // milliseconds: a client is nearly always free when one comes due.
     let share = s["client_queue_share"].as_f64().unwrap();
     assert!((0.0..0.5).contains(&share), "{s}");
     let slowest = s["ops"]
