@@ -737,7 +737,6 @@ fn some_timed_out(error: &ErrorReply) -> bool {
 /// the key's first R replicas asked at once through `direct`, for up to
 /// half of `timeout_ms`, or, unless they agree, a read coordinated by
 /// `own`'s node in the time left. Also says whether it fell back.
-#[allow(clippy::too_many_arguments)]
 async fn direct_get(
     direct: &DirectReads,
     own: &Conn,
@@ -1031,18 +1030,17 @@ pub async fn run_setting(
     progress: &(dyn Fn(f64) + Sync),
 ) -> Result<SettingReport, BenchError> {
     let clients = connect_all(config, config.concurrency.max(1)).await?;
-    let direct = match config.client_reads {
-        true => {
-            let asked = clients.first().ok_or(BenchError::NoTargets)?;
-            let direct = DirectReads::connect(
-                asked,
-                config.connections_per_target,
-                config.cluster_key.as_ref(),
-            )
-            .await?;
-            Some(Arc::new(direct))
-        }
-        false => None,
+    let direct = if config.client_reads {
+        let asked = clients.first().ok_or(BenchError::NoTargets)?;
+        let direct = DirectReads::connect(
+            asked,
+            config.connections_per_target,
+            config.cluster_key.as_ref(),
+        )
+        .await?;
+        Some(Arc::new(direct))
+    } else {
+        None
     };
     // Built once, outside the timed window: a zipfian over many records
     // takes a while to set up.
