@@ -839,12 +839,10 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
         .iter()
         .filter_map(|r| {
             let m = r.machine?;
-            let per_op = r
-                .machine_cpu_us_per_op()
-                .map_or(String::new(), |us| format!(" ({us:.0} µs per operation)"));
             Some(format!(
-                "{}: {:.0}% busy{per_op}, {:.1}% taken by the host",
-                r.setting, m.busy_pct, m.steal_pct
+                "{}: {}",
+                r.setting,
+                machine_text(m, r.machine_cpu_us_per_op())
             ))
         })
         .collect();
@@ -854,6 +852,13 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
         .any(|r| r.machine.is_some_and(|m| m.steal_pct >= STEAL_NOTE_PCT))
     {
         outln!("{STEAL_NOTE}");
+    }
+    if reports.iter().any(|r| {
+        r.machine
+            .and_then(|m| m.idle_poll_pct)
+            .is_some_and(|p| p >= POLL_NOTE_PCT)
+    }) {
+        outln!("{POLL_NOTE}");
     }
     for r in reports {
         if let Some(reads) = r.client_reads {
@@ -1111,6 +1116,8 @@ fn setting_json(r: &SettingReport) -> serde_json::Value {
         // machine, what an operation costs in all.
         "machine_cpu_us_per_op": r.machine_cpu_us_per_op(),
         "host_steal_pct": r.machine.map(|m| m.steal_pct),
+        // Idle to machine_busy_pct, yet vCPU time (see machine_cpu).
+        "machine_idle_poll_pct": r.machine.and_then(|m| m.idle_poll_pct),
         "cpu_us_per_op": r.cpu_us_per_op(),
         "cpu_us_per_attempt": r.cpu_us_per_attempt(),
         "unsent": r.unsent,
@@ -1546,11 +1553,34 @@ const STEAL_NOTE_PCT: f64 = 0.5;
 /// What a host taking CPU time means, for the table's footer.
 const STEAL_NOTE: &str = "The host took CPU time from this virtual machine (steal): it stops the vCPUs, pausing nodes and clients alike, so the requests in flight take the pause on top of their latency whatever the store does.";
 
+/// The share of the machine's time spent polling while idle from which the
+/// machine line shows it, and the table's footer explains it: below it,
+/// the odd poll of a kernel that halts at once.
+const POLL_NOTE_PCT: f64 = 0.5;
+
+/// What polling while idle means, for the table's footer.
+const POLL_NOTE: &str = "Polling while idle: the kernel spun on idle vCPUs before halting them (on a KVM guest, cpuidle-haltpoll's guest_halt_poll_ns), so threads woken there ran at once; that time is idle to the busy figure, though the host gave it to this machine.";
+
 /// Why latencies may reach the request timeout, for the table's footer.
 const TIMEOUTS_NOTE: &str = "Latencies include timed-out requests, at the time the client gave up.";
 
 /// What the "shed" column means, for the table's footer.
 const SHED_NOTE: &str = "Shed requests were refused unrun by a node out of memory for requests (--max-request-memory-mb): the load passed what the nodes take in at once; they are not in the latency columns (their own are above, with the errors').";
+
+/// A setting's share of the machine, for the "This machine's CPU time"
+/// line: busy (and per operation, when any succeeded), the host's steal,
+/// and the polling while idle when there was enough to matter.
+fn machine_text(m: ringkv_bench::machine_cpu::MachineShare, us_per_op: Option<f64>) -> String {
+    let per_op = us_per_op.map_or(String::new(), |us| format!(" ({us:.0} µs per operation)"));
+    let polling = m
+        .idle_poll_pct
+        .filter(|p| *p >= POLL_NOTE_PCT)
+        .map_or(String::new(), |p| format!(", {p:.1}% polling while idle"));
+    format!(
+        "{:.0}% busy{per_op}, {:.1}% taken by the host{polling}",
+        m.busy_pct, m.steal_pct
+    )
+}
 
 /// How a setting's client-driven reads went, for the table's footer.
 fn client_reads_note(reads: ycsb::ClientReadCounts) -> String {
@@ -1655,6 +1685,26 @@ fn op_columns(o: &OpReport, ops_per_s: f64, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ringkv_bench::machine_cpu::MachineShare;
+
+    /// Polling shows on the machine line from half a percent, and never
+    /// where the kernel has no polling state.
+    #[test]
+    fn the_machine_line_names_polling_that_matters() {
+        let share = |idle_poll_pct| MachineShare {
+            busy_pct: 82.4,
+            steal_pct: 0.04,
+            busy: std::time::Duration::from_secs(16),
+            idle_poll_pct,
+        };
+        assert_eq!(
+            machine_text(share(Some(16.84)), Some(69.2)),
+            "82% busy (69 µs per operation), 0.0% taken by the host, 16.8% polling while idle"
+        );
+        let plain = "82% busy, 0.0% taken by the host";
+        assert_eq!(machine_text(share(Some(0.3)), None), plain);
+        assert_eq!(machine_text(share(None), None), plain);
+    }
 
     /// A prediction's entry: compared where it is 5 ms or more, or has a
     /// band reaching that far; within a band, no figure for how far.

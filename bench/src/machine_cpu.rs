@@ -33,7 +33,20 @@
 //! so is steal. Over a light embedded bench, the busy columns summed to
 //! 2.03 s while the bench process alone used 2.42 s (getrusage); the time
 //! not idle came to 2.61 s.
+//!
+//! Idle time can hide work of another kind: a guest kernel that *polls*
+//! in its idle loop before halting (cpuidle's `POLL` state, which the
+//! `cpuidle-haltpoll` driver of KVM guests uses for up to
+//! `guest_halt_poll_ns` after each wake-up) spins on the vCPU, so a thread
+//! woken on it runs within microseconds instead of after the halted vCPU's
+//! exit to the host and back. `/proc/stat` counts that spinning as idle,
+//! yet the host gives the vCPU that time. So each window also reports the
+//! share spent polling, from cpuidle's own per-state counters in sysfs: a
+//! busy figure measured with polling on is the work alone, not all the
+//! vCPU time the machine took. On the VMs of `bench/RESULTS.md` polling
+//! halved an unloaded put's latency (session 49).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The `cpu` line of `/proc/stat`: time of all CPUs since boot, in clock
@@ -50,6 +63,10 @@ pub struct MachineCpu {
     pub steal_ticks: u64,
     /// How many `cpuN` lines follow: the CPUs online when it was read.
     pub cpus: u32,
+    /// Microseconds the CPUs spent polling in the idle loop (counted as
+    /// idle above), summed over them; `None` where the kernel has no
+    /// cpuidle polling state (see [`idle_poll_us`]).
+    pub poll_us: Option<u64>,
 }
 
 /// A reading of [`MachineCpu`] and when it was taken.
@@ -72,6 +89,47 @@ pub struct MachineShare {
     /// CPU time spent running anything, summed over the CPUs (two CPUs
     /// busy for a second: two seconds).
     pub busy: Duration,
+    /// Spent polling in the idle loop, in percent: idle to `busy_pct`,
+    /// spinning to the host. `None` where there is no polling state.
+    pub idle_poll_pct: Option<f64>,
+}
+
+/// The sysfs directory of the CPUs, each with its cpuidle states.
+const CPU_SYSFS: &str = "/sys/devices/system/cpu";
+
+/// The name cpuidle gives the state in which an idle CPU polls.
+const POLL_STATE: &str = "POLL";
+
+/// Microseconds every CPU under `cpu_root` (`/sys/devices/system/cpu`)
+/// has spent in cpuidle's polling state since boot, summed: each
+/// `cpuN/cpuidle/stateM` whose `name` is `POLL` counts its `time`. `None`
+/// when no CPU has such a state (no cpuidle, or a driver without one), or
+/// a polling state's time cannot be read as a number: a sum missing a CPU
+/// would make a window's share wrong.
+pub fn idle_poll_us(cpu_root: &Path) -> Option<u64> {
+    let is_cpu = |name: &str| {
+        name.strip_prefix("cpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let mut total: Option<u64> = None;
+    for cpu in std::fs::read_dir(cpu_root).ok()?.flatten() {
+        if !cpu.file_name().to_str().is_some_and(is_cpu) {
+            continue;
+        }
+        let Ok(states) = std::fs::read_dir(cpu.path().join("cpuidle")) else {
+            continue;
+        };
+        for state in states.flatten() {
+            let name = std::fs::read_to_string(state.path().join("name")).unwrap_or_default();
+            if name.trim() != POLL_STATE {
+                continue;
+            }
+            let time = std::fs::read_to_string(state.path().join("time")).ok()?;
+            let us: u64 = time.trim().parse().ok()?;
+            total = Some(total.unwrap_or(0).checked_add(us)?);
+        }
+    }
+    total
 }
 
 /// Clock ticks a second in `/proc/stat` (USER_HZ): 100 on every Linux
@@ -112,6 +170,7 @@ impl MachineCpu {
             idle_ticks: idle + iowait,
             steal_ticks: steal,
             cpus,
+            poll_us: None,
         })
     }
 
@@ -142,10 +201,15 @@ impl MachineCpu {
         let steal_s = seconds(self.steal_ticks, later.steal_ticks)?;
         // The two clocks are read a moment apart: keep within the capacity.
         let busy_s = (capacity_s - idle_s - steal_s).clamp(0.0, capacity_s);
+        let poll_s = match (self.poll_us, later.poll_us) {
+            (Some(before), Some(after)) => after.checked_sub(before).map(|us| us as f64 / 1e6),
+            _ => None,
+        };
         Some(MachineShare {
             busy_pct: busy_s * 100.0 / capacity_s,
             steal_pct: (steal_s * 100.0 / capacity_s).min(100.0),
             busy: Duration::from_secs_f64(busy_s),
+            idle_poll_pct: poll_s.map(|s| (s * 100.0 / capacity_s).min(100.0)),
         })
     }
 }
@@ -154,7 +218,8 @@ impl MachineReading {
     /// The machine's counters now, and the moment they were read; `None`
     /// where there is no `/proc/stat` to read.
     pub fn now() -> Option<Self> {
-        let cpu = MachineCpu::parse(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        let mut cpu = MachineCpu::parse(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        cpu.poll_us = idle_poll_us(Path::new(CPU_SYSFS));
         Some(Self {
             cpu,
             at: Instant::now(),
@@ -196,6 +261,7 @@ mod tests {
             idle_ticks: before.idle_ticks + 836,
             steal_ticks: before.steal_ticks + 18,
             cpus: 2,
+            poll_us: None,
         };
         let share = before
             .share_over(&after, Duration::from_secs(5), 100)
@@ -221,6 +287,88 @@ mod tests {
             before.share_over(&plugged, Duration::from_secs(5), 100),
             None
         );
+    }
+
+    /// A sysfs tree of `cpus`, each a list of (state name, time) pairs.
+    fn cpu_tree(cpus: &[(&str, &[(&str, &str)])]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for (cpu, states) in cpus {
+            for (i, (name, time)) in states.iter().enumerate() {
+                let dir = root
+                    .path()
+                    .join(cpu)
+                    .join("cpuidle")
+                    .join(format!("state{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("name"), format!("{name}\n")).unwrap();
+                std::fs::write(dir.join("time"), format!("{time}\n")).unwrap();
+            }
+        }
+        root
+    }
+
+    #[test]
+    fn polling_is_summed_over_every_cpu_s_polling_state() {
+        let root = cpu_tree(&[
+            ("cpu0", &[("POLL", "100"), ("haltpoll idle", "999")]),
+            ("cpu1", &[("POLL", "50"), ("haltpoll idle", "7")]),
+            // Not CPUs, though they sit beside them.
+            ("cpufreq", &[("POLL", "1000")]),
+            ("cpuidle", &[("POLL", "1000")]),
+        ]);
+        // A CPU without cpuidle adds nothing.
+        std::fs::create_dir(root.path().join("cpu2")).unwrap();
+        assert_eq!(idle_poll_us(root.path()), Some(150));
+    }
+
+    #[test]
+    fn no_polling_state_or_an_unreadable_one_is_no_figure() {
+        let halts_only = cpu_tree(&[("cpu0", &[("C1", "5"), ("C2", "9")])]);
+        assert_eq!(idle_poll_us(halts_only.path()), None);
+        let garbled = cpu_tree(&[("cpu0", &[("POLL", "5")]), ("cpu1", &[("POLL", "x")])]);
+        assert_eq!(idle_poll_us(garbled.path()), None, "a sum missing cpu1");
+        let missing = tempfile::tempdir().unwrap();
+        assert_eq!(idle_poll_us(&missing.path().join("nothing")), None);
+    }
+
+    #[test]
+    fn polling_is_a_share_of_the_window_apart_from_busy() {
+        let before = MachineCpu {
+            poll_us: Some(1_000_000),
+            ..MachineCpu::parse(STAT).unwrap()
+        };
+        // 5 s on 2 CPUs: 1 s of polling is 10%, and it is idle to busy.
+        let after = MachineCpu {
+            idle_ticks: before.idle_ticks + 500,
+            poll_us: Some(2_000_000),
+            ..before
+        };
+        let share = before
+            .share_over(&after, Duration::from_secs(5), 100)
+            .unwrap();
+        assert!(
+            (share.idle_poll_pct.unwrap() - 10.0).abs() < 1e-9,
+            "{share:?}"
+        );
+        assert!((share.busy_pct - 50.0).abs() < 1e-9, "{share:?}");
+        // Unknown at either end, or gone back: no figure, the rest stands.
+        let unknown = MachineCpu {
+            poll_us: None,
+            ..after
+        };
+        let share = before
+            .share_over(&unknown, Duration::from_secs(5), 100)
+            .unwrap();
+        assert_eq!(share.idle_poll_pct, None);
+        assert!((share.busy_pct - 50.0).abs() < 1e-9, "{share:?}");
+        let back = MachineCpu {
+            poll_us: Some(10),
+            ..after
+        };
+        let share = before
+            .share_over(&back, Duration::from_secs(5), 100)
+            .unwrap();
+        assert_eq!(share.idle_poll_pct, None);
     }
 
     #[test]

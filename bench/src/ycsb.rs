@@ -2235,6 +2235,7 @@ mod tests {
             busy_pct: 50.0,
             steal_pct: 0.0,
             busy: Duration::from_millis(30),
+            idle_poll_pct: None,
         });
         assert_eq!(report.machine_cpu_us_per_op(), Some(300.0));
         report.ops[0].1.ops = 0;
