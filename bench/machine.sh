@@ -4,7 +4,10 @@
 # priority, EEVDF slice, CPUs allowed). A slice or an affinity left on the
 # shell by an earlier experiment silently changes every later run (session
 # 40 of bench/RESULTS.md lost two-thirds of a session that way), so each
-# run's log says what it ran with.
+# run's log says what it ran with. It also names the idle driver and, on a
+# KVM guest, how long an idle vCPU polls before it halts
+# (guest_halt_poll_ns): polling halved an unloaded put's latency on these
+# VMs (session 49), so figures with and without it do not compare.
 machine_header() {
   local policy prio slice cpus
   # `|| true`: the callers run under `set -e`, and a kernel without
@@ -21,4 +24,8 @@ machine_header() {
   cpus=$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$$/status" 2>/dev/null || true)
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
   echo "scheduler (this shell, inherited by every process): policy ${policy:-?}, prio ${prio:-?}, slice $slice_us, cpus ${cpus:-?}"
+  local driver poll
+  driver=$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || true)
+  poll=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || true)
+  echo "idle: driver ${driver:-none}, guest_halt_poll_ns ${poll:-n/a}"
 }
