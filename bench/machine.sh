@@ -4,10 +4,11 @@
 # priority, EEVDF slice, CPUs allowed). A slice or an affinity left on the
 # shell by an earlier experiment silently changes every later run (session
 # 40 of bench/RESULTS.md lost two-thirds of a session that way), so each
-# run's log says what it ran with. It also names the idle driver and, on a
-# KVM guest, how long an idle vCPU polls before it halts
-# (guest_halt_poll_ns): polling halved an unloaded put's latency on these
-# VMs (session 49), so figures with and without it do not compare.
+# run's log says what it ran with. It also names the idle driver and
+# governor and, on a KVM guest, how long the haltpoll governor lets an idle
+# vCPU poll before it halts (guest_halt_poll_ns): polling halved an
+# unloaded put's latency on these VMs (session 49), so figures with and
+# without it do not compare.
 machine_header() {
   local policy prio slice cpus
   # `|| true`: the callers run under `set -e`, and a kernel without
@@ -24,8 +25,9 @@ machine_header() {
   cpus=$(awk '/^Cpus_allowed_list/ {print $2}' "/proc/$$/status" 2>/dev/null || true)
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
   echo "scheduler (this shell, inherited by every process): policy ${policy:-?}, prio ${prio:-?}, slice $slice_us, cpus ${cpus:-?}"
-  local driver poll
+  local driver governor poll
   driver=$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || true)
+  governor=$(cat /sys/devices/system/cpu/cpuidle/current_governor 2>/dev/null || true)
   poll=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || true)
-  echo "idle: driver ${driver:-none}, guest_halt_poll_ns ${poll:-n/a}"
+  echo "idle: driver ${driver:-none}, governor ${governor:-none}, guest_halt_poll_ns ${poll:-n/a}"
 }

@@ -853,11 +853,7 @@ fn print_table(reports: &[SettingReport], cpu_scope: &str, clients: usize, rate:
     {
         outln!("{STEAL_NOTE}");
     }
-    if reports.iter().any(|r| {
-        r.machine
-            .and_then(|m| m.idle_poll_pct)
-            .is_some_and(|p| p >= POLL_NOTE_PCT)
-    }) {
+    if reports.iter().any(|r| r.machine.is_some_and(shows_polling)) {
         outln!("{POLL_NOTE}");
     }
     for r in reports {
@@ -1559,13 +1555,19 @@ const STEAL_NOTE: &str = "The host took CPU time from this virtual machine (stea
 const POLL_NOTE_PCT: f64 = 0.5;
 
 /// What polling while idle means, for the table's footer.
-const POLL_NOTE: &str = "Polling while idle: the kernel spun on idle vCPUs before halting them (on a KVM guest, cpuidle-haltpoll's guest_halt_poll_ns), so threads woken there ran at once; that time is idle to the busy figure, though the host gave it to this machine.";
+const POLL_NOTE: &str = "Polling while idle: the kernel spun on idle CPUs before halting them (on a KVM guest, the haltpoll governor's guest_halt_poll_ns), so threads woken there ran at once; that time is idle to the busy figure, though on a virtual machine the host gave it to this one.";
 
 /// Why latencies may reach the request timeout, for the table's footer.
 const TIMEOUTS_NOTE: &str = "Latencies include timed-out requests, at the time the client gave up.";
 
 /// What the "shed" column means, for the table's footer.
 const SHED_NOTE: &str = "Shed requests were refused unrun by a node out of memory for requests (--max-request-memory-mb): the load passed what the nodes take in at once; they are not in the latency columns (their own are above, with the errors').";
+
+/// Whether a setting polled enough while idle for the machine line to
+/// show it and the footer to explain it.
+fn shows_polling(m: ringkv_bench::machine_cpu::MachineShare) -> bool {
+    m.idle_poll_pct.is_some_and(|p| p >= POLL_NOTE_PCT)
+}
 
 /// A setting's share of the machine, for the "This machine's CPU time"
 /// line: busy (and per operation, when any succeeded), the host's steal,
@@ -1574,7 +1576,7 @@ fn machine_text(m: ringkv_bench::machine_cpu::MachineShare, us_per_op: Option<f6
     let per_op = us_per_op.map_or(String::new(), |us| format!(" ({us:.0} µs per operation)"));
     let polling = m
         .idle_poll_pct
-        .filter(|p| *p >= POLL_NOTE_PCT)
+        .filter(|_| shows_polling(m))
         .map_or(String::new(), |p| format!(", {p:.1}% polling while idle"));
     format!(
         "{:.0}% busy{per_op}, {:.1}% taken by the host{polling}",
@@ -1704,6 +1706,10 @@ mod tests {
         let plain = "82% busy, 0.0% taken by the host";
         assert_eq!(machine_text(share(Some(0.3)), None), plain);
         assert_eq!(machine_text(share(None), None), plain);
+        // The footer explains it under the same rule.
+        assert!(shows_polling(share(Some(0.5))));
+        assert!(!shows_polling(share(Some(0.49))));
+        assert!(!shows_polling(share(None)));
     }
 
     /// A prediction's entry: compared where it is 5 ms or more, or has a

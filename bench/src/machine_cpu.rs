@@ -36,14 +36,14 @@
 //!
 //! Idle time can hide work of another kind: a guest kernel that *polls*
 //! in its idle loop before halting (cpuidle's `POLL` state, which the
-//! `cpuidle-haltpoll` driver of KVM guests uses for up to
-//! `guest_halt_poll_ns` after each wake-up) spins on the vCPU, so a thread
-//! woken on it runs within microseconds instead of after the halted vCPU's
-//! exit to the host and back. `/proc/stat` counts that spinning as idle,
-//! yet the host gives the vCPU that time. So each window also reports the
-//! share spent polling, from cpuidle's own per-state counters in sysfs: a
-//! busy figure measured with polling on is the work alone, not all the
-//! vCPU time the machine took. On the VMs of `bench/RESULTS.md` polling
+//! haltpoll governor of KVM guests uses for up to `guest_halt_poll_ns`
+//! after each wake-up; bare-metal idle drivers have the state too) spins
+//! on the CPU, so a thread woken on it runs within microseconds instead
+//! of after the halted vCPU's exit to the host and back. `/proc/stat`
+//! counts that spinning as idle, yet the host gives the vCPU that time.
+//! So each window also reports the share spent polling, from cpuidle's
+//! own per-state counters in sysfs: a busy figure measured with polling on
+//! is the work alone, not all the vCPU time the machine took. On the VMs of `bench/RESULTS.md` polling
 //! halved an unloaded put's latency (session 49).
 
 use std::path::Path;
@@ -64,8 +64,9 @@ pub struct MachineCpu {
     /// How many `cpuN` lines follow: the CPUs online when it was read.
     pub cpus: u32,
     /// Microseconds the CPUs spent polling in the idle loop (counted as
-    /// idle above), summed over them; `None` where the kernel has no
-    /// cpuidle polling state (see [`idle_poll_us`]).
+    /// idle above), summed over every CPU sysfs lists, offline ones too;
+    /// `None` where the kernel has no cpuidle polling state (see
+    /// [`idle_poll_us`]).
     pub poll_us: Option<u64>,
 }
 
@@ -89,7 +90,8 @@ pub struct MachineShare {
     /// CPU time spent running anything, summed over the CPUs (two CPUs
     /// busy for a second: two seconds).
     pub busy: Duration,
-    /// Spent polling in the idle loop, in percent: idle to `busy_pct`,
+    /// Spent polling in the idle loop, in percent of all the CPUs' time
+    /// (wall time × CPUs), at most the idle share: idle to `busy_pct`,
     /// spinning to the host. `None` where there is no polling state.
     pub idle_poll_pct: Option<f64>,
 }
@@ -100,27 +102,40 @@ const CPU_SYSFS: &str = "/sys/devices/system/cpu";
 /// The name cpuidle gives the state in which an idle CPU polls.
 const POLL_STATE: &str = "POLL";
 
+/// Whether `name` is a CPU's (`cpu0`, `cpu17`), not `cpu` alone or
+/// another entry beside them (`cpufreq`, `cpuidle`).
+fn is_cpu_name(name: &str) -> bool {
+    name.strip_prefix("cpu")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Microseconds every CPU under `cpu_root` (`/sys/devices/system/cpu`)
 /// has spent in cpuidle's polling state since boot, summed: each
 /// `cpuN/cpuidle/stateM` whose `name` is `POLL` counts its `time`. `None`
 /// when no CPU has such a state (no cpuidle, or a driver without one), or
-/// a polling state's time cannot be read as a number: a sum missing a CPU
-/// would make a window's share wrong.
+/// a state's name or a polling state's time cannot be read: a sum missing
+/// a CPU would make a window's share wrong. A CPU taken offline and back
+/// may restart its counters; a window over which the sum went back has no
+/// figure ([`MachineCpu::share_over`]).
 pub fn idle_poll_us(cpu_root: &Path) -> Option<u64> {
-    let is_cpu = |name: &str| {
-        name.strip_prefix("cpu")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    };
     let mut total: Option<u64> = None;
     for cpu in std::fs::read_dir(cpu_root).ok()?.flatten() {
-        if !cpu.file_name().to_str().is_some_and(is_cpu) {
+        if !cpu.file_name().to_str().is_some_and(is_cpu_name) {
             continue;
         }
         let Ok(states) = std::fs::read_dir(cpu.path().join("cpuidle")) else {
             continue;
         };
         for state in states.flatten() {
-            let name = std::fs::read_to_string(state.path().join("name")).unwrap_or_default();
+            // Beside the states there may be a `driver` directory.
+            if !state
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("state"))
+            {
+                continue;
+            }
+            let name = std::fs::read_to_string(state.path().join("name")).ok()?;
             if name.trim() != POLL_STATE {
                 continue;
             }
@@ -158,12 +173,7 @@ impl MachineCpu {
             return None;
         };
         let cpus = words
-            .filter(|w| {
-                w.clone().next().is_some_and(|name| {
-                    name.strip_prefix("cpu")
-                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                })
-            })
+            .filter(|w| w.clone().next().is_some_and(is_cpu_name))
             .count();
         let cpus = u32::try_from(cpus).ok().filter(|n| *n > 0)?;
         Some(Self {
@@ -201,15 +211,19 @@ impl MachineCpu {
         let steal_s = seconds(self.steal_ticks, later.steal_ticks)?;
         // The two clocks are read a moment apart: keep within the capacity.
         let busy_s = (capacity_s - idle_s - steal_s).clamp(0.0, capacity_s);
+        // Polling is part of the idle time; the two counters are read a
+        // moment apart, and /proc/stat's in whole ticks: keep within it.
         let poll_s = match (self.poll_us, later.poll_us) {
-            (Some(before), Some(after)) => after.checked_sub(before).map(|us| us as f64 / 1e6),
+            (Some(before), Some(after)) => after
+                .checked_sub(before)
+                .map(|us| (us as f64 / 1e6).min(idle_s)),
             _ => None,
         };
         Some(MachineShare {
             busy_pct: busy_s * 100.0 / capacity_s,
             steal_pct: (steal_s * 100.0 / capacity_s).min(100.0),
             busy: Duration::from_secs_f64(busy_s),
-            idle_poll_pct: poll_s.map(|s| (s * 100.0 / capacity_s).min(100.0)),
+            idle_poll_pct: poll_s.map(|s| s * 100.0 / capacity_s),
         })
     }
 }
@@ -308,16 +322,22 @@ mod tests {
     }
 
     #[test]
-    fn polling_is_summed_over_every_cpu_s_polling_state() {
+    fn polling_states_are_summed_over_the_cpus() {
         let root = cpu_tree(&[
             ("cpu0", &[("POLL", "100"), ("haltpoll idle", "999")]),
             ("cpu1", &[("POLL", "50"), ("haltpoll idle", "7")]),
-            // Not CPUs, though they sit beside them.
+            // Not CPUs, though they sit beside them: entries of any shape
+            // there are skipped.
             ("cpufreq", &[("POLL", "1000")]),
             ("cpuidle", &[("POLL", "1000")]),
         ]);
-        // A CPU without cpuidle adds nothing.
+        // A CPU without cpuidle adds nothing, nor a directory beside the
+        // states that is not one.
         std::fs::create_dir(root.path().join("cpu2")).unwrap();
+        let driver = root.path().join("cpu0/cpuidle/driver");
+        std::fs::create_dir(&driver).unwrap();
+        std::fs::write(driver.join("name"), "POLL\n").unwrap();
+        std::fs::write(driver.join("time"), "1000\n").unwrap();
         assert_eq!(idle_poll_us(root.path()), Some(150));
     }
 
@@ -327,6 +347,10 @@ mod tests {
         assert_eq!(idle_poll_us(halts_only.path()), None);
         let garbled = cpu_tree(&[("cpu0", &[("POLL", "5")]), ("cpu1", &[("POLL", "x")])]);
         assert_eq!(idle_poll_us(garbled.path()), None, "a sum missing cpu1");
+        // A state whose name cannot be read might be cpu1's polling state.
+        let nameless = cpu_tree(&[("cpu0", &[("POLL", "5")]), ("cpu1", &[("C1", "5")])]);
+        std::fs::remove_file(nameless.path().join("cpu1/cpuidle/state0/name")).unwrap();
+        assert_eq!(idle_poll_us(nameless.path()), None, "cpu1's state unnamed");
         let missing = tempfile::tempdir().unwrap();
         assert_eq!(idle_poll_us(&missing.path().join("nothing")), None);
     }
@@ -369,6 +393,19 @@ mod tests {
             .share_over(&back, Duration::from_secs(5), 100)
             .unwrap();
         assert_eq!(share.idle_poll_pct, None);
+        // More polling than idle time (the counters read a moment apart):
+        // no more than the idle share, 50% here.
+        let over = MachineCpu {
+            poll_us: Some(1_000_000 + 6_000_000),
+            ..after
+        };
+        let share = before
+            .share_over(&over, Duration::from_secs(5), 100)
+            .unwrap();
+        assert!(
+            (share.idle_poll_pct.unwrap() - 50.0).abs() < 1e-9,
+            "{share:?}"
+        );
     }
 
     #[test]
@@ -392,6 +429,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         let share = before.share_until(&MachineReading::now().unwrap()).unwrap();
         assert!((0.0..=100.0).contains(&share.busy_pct), "{share:?}");
+        // Polling is reported exactly where this kernel has a polling state.
+        assert_eq!(
+            share.idle_poll_pct.is_some(),
+            idle_poll_us(Path::new(CPU_SYSFS)).is_some(),
+            "{share:?}"
+        );
         assert_eq!(before.share_until(&before), None, "no time passed");
     }
 
